@@ -1,0 +1,32 @@
+# make test   set up .venv (CPU torch where there is no GPU) and run the test suite
+# make demo   set up .venv and compile the baseline zoo model
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# torch 2.13.0 is the CPU build this machine kind serves from local files; on a machine with
+# a GPU, pip resolves the range in pyproject.toml instead.
+TORCH  ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.4,<2.15" || echo "torch==2.13.0")
+
+.PHONY: venv test demo lint clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+demo: $(STAMP)
+	$(VENV)/bin/lmc compile zoo/llama.yaml
+	$(VENV)/bin/lmc compile zoo/llama.yaml --preset tiny --print-ir | head -40
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check lmc tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

@@ -1,0 +1,144 @@
+"""The `lmc` command. Each subcommand maps to one function with a docstring.
+
+Errors in the user's input print one line, ``FILE:LINE:COL: error: MESSAGE``, and exit 2;
+tracebacks are shown only with LMC_DEBUG=1.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+from typing import List, Optional
+
+from .errors import LmcError, Loc
+
+
+def _import_blocks(paths: List[str]) -> None:
+    """Import Python files that register blocks with @lmc.block."""
+    for p in paths or []:
+        if not os.path.isfile(p):
+            raise LmcError("no such file", Loc(p, 1, 1))
+        name = "lmc_user_blocks_" + os.path.splitext(os.path.basename(p))[0]
+        spec = importlib.util.spec_from_file_location(name, p)
+        mod = importlib.util.module_from_spec(spec)
+        try:
+            spec.loader.exec_module(mod)
+        except LmcError:
+            raise
+        except SyntaxError as e:
+            raise LmcError(f"syntax error: {e.msg}", Loc(p, e.lineno or 1, e.offset or 1)) from None
+        except Exception as e:
+            tb = e.__traceback__
+            line = 1
+            while tb is not None:
+                if tb.tb_frame.f_code.co_filename == os.path.abspath(p) or \
+                        tb.tb_frame.f_code.co_filename == p:
+                    line = tb.tb_lineno
+                tb = tb.tb_next
+            raise LmcError(f"importing blocks failed: {type(e).__name__}: {e}",
+                           Loc(p, line, 1)) from None
+
+
+def _write(path: str, text: str) -> None:
+    """Atomic write: a reader never sees a half-written file."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def cmd_compile(args) -> int:
+    """Compile a model file and print a summary (or JSON, or the IR)."""
+    from .driver import compile_model
+    from .ir.printer import format_graph
+
+    _import_blocks(args.imports)
+    c = compile_model(args.file, args.preset, args.set, disable=args.disable or ())
+    s = c.summary()
+    if args.out:
+        if os.path.exists(args.out) and not os.path.isdir(args.out):
+            raise LmcError(f"-o {args.out}: exists and is not a directory")
+        os.makedirs(args.out, exist_ok=True)
+        _write(os.path.join(args.out, "ir_source.txt"), format_graph(c.source) + "\n")
+        _write(os.path.join(args.out, "ir.txt"), format_graph(c.graph) + "\n")
+        _write(os.path.join(args.out, "summary.json"), json.dumps(s, indent=2, default=str) + "\n")
+    if args.print_ir:
+        print(format_graph(c.graph))
+        return 0
+    if args.json:
+        print(json.dumps(s, default=str))
+        return 0
+    print(format_summary(s))
+    if args.out:
+        print(f"wrote       {args.out}/ir_source.txt, ir.txt, summary.json")
+    return 0
+
+
+def format_summary(s) -> str:
+    p = s["params"]
+    lines = [
+        f"model       {s['model']}  ({s['source']}" + (f", preset {s['preset']}" if s['preset'] else "")
+        + ")",
+        f"params      {p:,} ({p / 1e6:.1f}M)",
+        f"compile     {s['compile_s'] * 1000:.0f} ms (frontend {s['frontend_s'] * 1000:.0f} ms)",
+        "passes      " + ", ".join(f"{h['pass']} {h['nodes_before']}->{h['nodes_after']}"
+                                   for h in s["pass_history"]),
+        "nodes       op                before   after",
+    ]
+    ops = sorted(set(s["nodes_before"]) | set(s["nodes_after"]))
+    for op in ops:
+        lines.append(f"            {op:<16} {s['nodes_before'].get(op, 0):>7} "
+                     f"{s['nodes_after'].get(op, 0):>7}")
+    lines.append(f"            {'total':<16} {sum(s['nodes_before'].values()):>7} "
+                 f"{sum(s['nodes_after'].values()):>7}")
+    if s["fusions"]:
+        lines.append("fusions")
+        for f in s["fusions"]:
+            lines.append(f"            {f['pass']}: {f['status']} at {f['where']}"
+                         + (f" ({f['reason']})" if f.get("reason") else ""))
+    else:
+        lines.append("fusions     none (no fusion pass in the pipeline yet)")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lmc", description="A compiler for language-model "
+                                "architectures written as YAML graphs of primitive ops.")
+    sub = p.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("compile", help="compile a model file and summarise the result",
+                       description=cmd_compile.__doc__)
+    c.add_argument("file", help="model YAML file, e.g. zoo/llama.yaml")
+    c.add_argument("--preset", help="a named override set from the file's presets section")
+    c.add_argument("--set", nargs="+", action="extend", metavar="KEY=VALUE",
+                   help="override config values (after the preset), e.g. --set d=128 layers=2")
+    c.add_argument("-o", "--out", metavar="DIR", help="write the IR and summary to DIR")
+    c.add_argument("--print-ir", action="store_true", help="print the IR after all passes")
+    c.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    c.add_argument("--import", dest="imports", action="append", metavar="PY",
+                   help="a Python file defining blocks with @lmc.block (repeatable)")
+    c.add_argument("--disable", action="append", metavar="PASS", help="skip a pass")
+    c.set_defaults(fn=cmd_compile)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except LmcError as e:
+        if os.environ.get("LMC_DEBUG"):
+            raise
+        loc = e.loc or (Loc(args.file, 1, 1) if getattr(args, "file", None) else None)
+        print(e.with_loc(loc).format(), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lmc: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Triton code generation (arrives with the codegen issue)."""

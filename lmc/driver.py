@@ -1,0 +1,84 @@
+"""The compile driver: model file -> passes -> a Compiled result (and `load` -> module)."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence
+
+from . import ops as _ops  # noqa: F401
+from .frontend.model import load_graph
+from .ops import reference as _reference  # noqa: F401  (imports torch outside the timer)
+from .ir.graph import Graph
+from .passes import run_pipeline
+
+
+@dataclass
+class Compiled:
+    source: Graph              # as the frontend built it (BLOCK nodes included)
+    graph: Graph               # after the pass pipeline
+    compile_s: float
+    frontend_s: float
+    passes: List[Dict[str, Any]] = field(default_factory=list)
+
+    def summary(self) -> Dict[str, Any]:
+        g = self.graph
+        return {
+            "model": g.name,
+            "source": g.meta.get("source"),
+            "preset": g.meta.get("preset"),
+            "config": g.meta.get("config", {}),
+            "params": g.param_count(),
+            "nodes_before": _flat_counts(self.source),
+            "nodes_after": g.op_counts(),
+            "passes": [h["pass"] for h in self.passes],
+            "pass_history": self.passes,
+            "fusions": list(g.meta.get("fusions", [])),
+            "compile_s": self.compile_s,
+            "frontend_s": self.frontend_s,
+        }
+
+
+def _flat_counts(g: Graph) -> Dict[str, int]:
+    """Op counts of a graph with BLOCK bodies counted as what they contain (what the
+    frontend produced, before any pass)."""
+    from .ir.ops import Op
+
+    counts: Dict[str, int] = {}
+    stack = list(g.nodes)
+    while stack:
+        n = stack.pop()
+        if n.op is Op.BLOCK:
+            stack.extend(m for m in n.attrs["body"].nodes if m.op is not Op.INPUT)
+            continue
+        if n.op is Op.GETITEM:
+            continue
+        counts[n.op.value] = counts.get(n.op.value, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def compile_model(path: str, preset: Optional[str] = None, overrides=None, *,
+                  disable: Sequence[str] = ()) -> Compiled:
+    t0 = time.perf_counter()
+    source = load_graph(path, preset, overrides)
+    t1 = time.perf_counter()
+    graph = run_pipeline(source, disable=disable)
+    t2 = time.perf_counter()
+    return Compiled(source, graph, t2 - t0, t1 - t0, list(graph.meta["history"]))
+
+
+def load(path: str, preset: Optional[str] = None, *, backend: str = "torch", seed: int = 0,
+         device=None, **overrides):
+    """Compile a model file and return it as an `nn.Module` with initialised parameters.
+
+        model = lmc.load("zoo/llama.yaml", preset="tiny", d=128)
+        logits = model(ids)            # ids: int64 [B, T]
+    """
+    from .errors import LmcError
+    from .runtime.module import LmcModel
+
+    if backend != "torch":
+        raise LmcError(f"unknown backend {backend!r} (available: torch)")
+    compiled = compile_model(path, preset, overrides)
+    model = LmcModel(compiled.graph, seed=seed, device=device)
+    model.compiled = compiled
+    return model

@@ -1,0 +1,405 @@
+"""The graph builder shared by the YAML frontend and the Python block API.
+
+`Builder` methods create IR nodes; `Tensor` is a handle on a node with Python operators, so a
+block reads like the math (``x * rsqrt(mean(x * x, -1) + eps)``). Calling a block creates a
+BLOCK node whose body is a graph of its own (params included); the inline pass later splices
+bodies into the parent, so nothing downstream depends on block names.
+"""
+from __future__ import annotations
+
+import contextlib
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+from ..errors import LmcError, Loc
+from ..ir import init as inits
+from ..ir.dims import Dim, norm
+from ..ir.graph import Graph, Node
+from ..ir.ops import Op
+from ..ir.types import DType
+
+Number = (int, float)
+
+
+@dataclass
+class BlockDef:
+    """A reusable subgraph: `fn(builder, *tensor_args, **options) -> Tensor | tuple`."""
+    name: str
+    fn: Callable
+    args: Sequence[str]                  # tensor argument names
+    options: Dict[str, Any] = field(default_factory=dict)  # static options and defaults
+    loc: Optional[Loc] = None
+    required: Sequence[str] = ()         # options with no default (looked up in config)
+
+
+class Tensor:
+    """A handle on a graph node. Arithmetic with numbers lifts them to constants of the
+    tensor's dtype."""
+    __slots__ = ("node", "b")
+    __array_priority__ = 1000
+
+    def __init__(self, node: Node, b: "Builder"):
+        self.node, self.b = node, b
+
+    @property
+    def shape(self):
+        return self.node.type.shape
+
+    @property
+    def dtype(self) -> DType:
+        return self.node.type.dtype
+
+    @property
+    def rank(self) -> int:
+        return self.node.type.rank
+
+    def __add__(self, o): return self.b.add(self, o)
+    def __radd__(self, o): return self.b.add(o, self)
+    def __sub__(self, o): return self.b.sub(self, o)
+    def __rsub__(self, o): return self.b.sub(o, self)
+    def __mul__(self, o): return self.b.mul(self, o)
+    def __rmul__(self, o): return self.b.mul(o, self)
+    def __truediv__(self, o): return self.b.div(self, o)
+    def __rtruediv__(self, o): return self.b.div(o, self)
+    def __pow__(self, o): return self.b.pow(self, o)
+    def __rpow__(self, o): return self.b.pow(o, self)
+    def __matmul__(self, o): return self.b.matmul(self, o)
+    def __neg__(self): return self.b.neg(self)
+    def __lt__(self, o): return self.b.lt(self, o)
+    def __le__(self, o): return self.b.le(self, o)
+    def __gt__(self, o): return self.b.gt(self, o)
+    def __ge__(self, o): return self.b.ge(self, o)
+
+    def __getitem__(self, idx):
+        return self.b.index(self, idx)
+
+    def __bool__(self):
+        raise LmcError("a tensor has no truth value at compile time (use where(...))")
+
+    def __repr__(self):
+        return f"Tensor({self.node.type})"
+
+
+def _caller_loc() -> Optional[Loc]:
+    """The first stack frame outside lmc's frontend: where a Python block called us."""
+    f = sys._getframe(2)
+    here = __file__.rsplit("/", 1)[0]
+    while f is not None and f.f_code.co_filename.startswith(here):
+        f = f.f_back
+    return Loc(f.f_code.co_filename, f.f_lineno, 1) if f is not None else None
+
+
+class Builder:
+    """Creates nodes in one scope (the model, or one block instance)."""
+
+    def __init__(self, config: Dict[str, Any], blocks: Dict[str, BlockDef], scope: str = "",
+                 *, params: Optional[Dict[str, Node]] = None, stack: Sequence[str] = (),
+                 default_dtype: DType = DType.f32):
+        self.config = config
+        self.blocks = blocks
+        self.scope = scope
+        self.nodes: List[Node] = []
+        self.params = {} if params is None else params  # shared: full name -> PARAM node
+        self.stack = tuple(stack)                       # block names being built (cycles)
+        self.instances: Dict[str, int] = {}
+        self.default_dtype = default_dtype
+        self.loc: Optional[Loc] = None  # set by the YAML evaluator; else taken from the caller
+
+    @contextlib.contextmanager
+    def sub_scope(self, name: str):
+        """Nodes, params and block instances created inside are named under `name`
+        (a loop uses this for ``layers.3``)."""
+        saved = self.scope, self.instances
+        self.scope = f"{self.scope}.{name}" if self.scope else name
+        self.instances = {}
+        try:
+            yield self
+        finally:
+            self.scope, self.instances = saved
+
+    # -- node creation ---------------------------------------------------------------------
+    def _where(self) -> Optional[Loc]:
+        return self.loc if self.loc is not None else _caller_loc()
+
+    def node(self, op: Op, inputs=(), attrs=None) -> Tensor:
+        ins = [self.lift(x) for x in inputs]
+        n = Node.make(op, [i.node for i in ins], attrs, self._where(), self.scope)
+        self.nodes.append(n)
+        return Tensor(n, self)
+
+    def lift(self, x, like: Optional[Tensor] = None) -> Tensor:
+        if isinstance(x, Tensor):
+            return x
+        if isinstance(x, bool):
+            return self.const(x, DType.bool)
+        if isinstance(x, Number):
+            return self.const(x, like.dtype if like is not None else self.default_dtype)
+        raise LmcError(f"expected a tensor or a number, got {type(x).__name__} {x!r}",
+                       self._where())
+
+    def _pair(self, a, b):
+        if isinstance(a, Tensor) and not isinstance(b, Tensor):
+            return a, self.lift(b, a)
+        if isinstance(b, Tensor) and not isinstance(a, Tensor):
+            return self.lift(a, b), b
+        return self.lift(a), self.lift(b)
+
+    # -- sources -----------------------------------------------------------------------------
+    def input(self, name: str, shape, dtype="i64") -> Tensor:
+        return self.node(Op.INPUT, (), {"name": name, "shape": tuple(shape),
+                                        "dtype": DType.of(dtype)})
+
+    def param(self, name: str, shape, init: inits.Init = inits.normal(0.02), dtype=None) -> Tensor:
+        full = f"{self.scope}.{name}" if self.scope else name
+        if full in self.params:
+            raise LmcError(f"duplicate parameter name {full!r}", self._where())
+        t = self.node(Op.PARAM, (), {"name": full, "shape": tuple(shape),
+                                     "dtype": DType.of(dtype or self.default_dtype),
+                                     "init": init})
+        self.params[full] = t.node
+        return t
+
+    def const(self, value, dtype=None) -> Tensor:
+        dt = DType.of(dtype) if dtype is not None else self.default_dtype
+        return self.node(Op.CONST, (), {"value": value, "dtype": dt})
+
+    def iota(self, length, dtype="i64") -> Tensor:
+        return self.node(Op.IOTA, (), {"length": norm(length), "dtype": DType.of(dtype)})
+
+    def causal_mask(self, rows, cols=None, window: int = 0) -> Tensor:
+        return self.node(Op.CAUSAL_MASK, (), {"rows": norm(rows),
+                                              "cols": norm(rows if cols is None else cols),
+                                              "window": int(window)})
+
+    # -- pointwise -----------------------------------------------------------------------------
+    def _unary(self, op: Op, x, **attrs) -> Tensor:
+        return self.node(op, (self.lift(x),), attrs)
+
+    def _binary(self, op: Op, a, b) -> Tensor:
+        return self.node(op, self._pair(a, b))
+
+    def neg(self, x): return self._unary(Op.NEG, x)
+    def exp(self, x): return self._unary(Op.EXP, x)
+    def log(self, x): return self._unary(Op.LOG, x)
+    def sqrt(self, x): return self._unary(Op.SQRT, x)
+    def rsqrt(self, x): return self._unary(Op.RSQRT, x)
+    def sigmoid(self, x): return self._unary(Op.SIGMOID, x)
+    def tanh(self, x): return self._unary(Op.TANH, x)
+    def silu(self, x): return self._unary(Op.SILU, x)
+    def sin(self, x): return self._unary(Op.SIN, x)
+    def cos(self, x): return self._unary(Op.COS, x)
+    def abs(self, x): return self._unary(Op.ABS, x)
+    def sign(self, x): return self._unary(Op.SIGN, x)
+    def round(self, x): return self._unary(Op.ROUND, x)
+    def relu(self, x): return self._unary(Op.RELU, x)
+
+    def gelu(self, x, approximate: str = "none"):
+        if approximate not in ("none", "tanh"):
+            raise LmcError(f"gelu approximate must be 'none' or 'tanh', got {approximate!r}",
+                           self._where())
+        return self._unary(Op.GELU, x, approximate=approximate)
+
+    def clamp(self, x, lo=None, hi=None):
+        return self._unary(Op.CLAMP, x, lo=lo, hi=hi)
+
+    def cast(self, x, dtype):
+        return self._unary(Op.CAST, x, dtype=DType.of(dtype))
+
+    def add(self, a, b): return self._binary(Op.ADD, a, b)
+    def sub(self, a, b): return self._binary(Op.SUB, a, b)
+    def mul(self, a, b): return self._binary(Op.MUL, a, b)
+    def div(self, a, b): return self._binary(Op.DIV, a, b)
+    def pow(self, a, b): return self._binary(Op.POW, a, b)
+    def maximum(self, a, b): return self._binary(Op.MAX, a, b)
+    def minimum(self, a, b): return self._binary(Op.MIN, a, b)
+    def lt(self, a, b): return self._binary(Op.LT, a, b)
+    def le(self, a, b): return self._binary(Op.LE, a, b)
+    def gt(self, a, b): return self._binary(Op.GT, a, b)
+    def ge(self, a, b): return self._binary(Op.GE, a, b)
+    def eq(self, a, b): return self._binary(Op.EQ, a, b)
+    def ne(self, a, b): return self._binary(Op.NE, a, b)
+
+    def where(self, cond, a, b):
+        a, b = self._pair(a, b)
+        return self.node(Op.WHERE, (self.lift(cond), a, b))
+
+    # -- reductions ------------------------------------------------------------------------------
+    # keepdim defaults to True so that `x - mean(x, -1)` broadcasts as written
+    def sum(self, x, axis=-1, keepdim=True):
+        return self.node(Op.SUM, (x,), {"axis": axis, "keepdim": bool(keepdim)})
+
+    def mean(self, x, axis=-1, keepdim=True):
+        return self.node(Op.MEAN, (x,), {"axis": axis, "keepdim": bool(keepdim)})
+
+    def amax(self, x, axis=-1, keepdim=True):
+        return self.node(Op.AMAX, (x,), {"axis": axis, "keepdim": bool(keepdim)})
+
+    def logsumexp(self, x, axis=-1, keepdim=True):
+        return self.node(Op.LOGSUMEXP, (x,), {"axis": axis, "keepdim": bool(keepdim)})
+
+    def softmax(self, x, axis=-1):
+        return self.node(Op.SOFTMAX, (x,), {"axis": axis})
+
+    def cumsum(self, x, axis=-1):
+        return self.node(Op.CUMSUM, (x,), {"axis": axis})
+
+    def matmul(self, a, b):
+        return self.node(Op.MATMUL, (a, b))
+
+    # -- views -----------------------------------------------------------------------------------
+    def reshape(self, x, shape):
+        return self.node(Op.RESHAPE, (x,), {"shape": tuple(norm(d) for d in shape)})
+
+    def permute(self, x, perm):
+        return self.node(Op.PERMUTE, (x,), {"perm": tuple(perm)})
+
+    def transpose(self, x, a=-2, b=-1):
+        x = self.lift(x)
+        perm = list(range(x.rank))
+        a, b = a % max(x.rank, 1), b % max(x.rank, 1)
+        perm[a], perm[b] = perm[b], perm[a]
+        return self.permute(x, perm)
+
+    def expand(self, x, shape):
+        return self.node(Op.EXPAND, (x,), {"shape": tuple(norm(d) for d in shape)})
+
+    def slice(self, x, axis, start=0, stop=None, step=1):
+        return self.node(Op.SLICE, (x,), {"axis": axis, "start": norm(start),
+                                          "stop": None if stop is None else norm(stop),
+                                          "step": step})
+
+    def concat(self, xs, axis=-1):
+        return self.node(Op.CONCAT, tuple(xs), {"axis": axis})
+
+    def split(self, x, parts, axis=-1):
+        """`parts` equal pieces (an int) or pieces of the listed sizes, as slices."""
+        x = self.lift(x)
+        ax = axis % x.rank
+        size = x.shape[ax]
+        if isinstance(parts, int):
+            q = Dim.exact_div(size, parts) if isinstance(size, Dim) else (
+                size // parts if size % parts == 0 else None)
+            if q is None:
+                raise LmcError(f"split: axis {ax} of size {size} does not divide into "
+                               f"{parts} parts", self._where())
+            sizes = [q] * parts
+        else:
+            sizes = list(parts)
+        out, start = [], 0
+        for s in sizes:
+            out.append(self.slice(x, ax, start, norm(start + s)))
+            start = norm(start + s)
+        return tuple(out)
+
+    def index(self, x, idx):
+        """Basic slicing: x[..., a:b], x[:, 0:k:2] (ints index without keeping the axis)."""
+        x = self.lift(x)
+        idx = idx if isinstance(idx, tuple) else (idx,)
+        n_ell = sum(1 for i in idx if i is Ellipsis)
+        if n_ell > 1:
+            raise LmcError("only one ... in an index", self._where())
+        if n_ell:
+            k = idx.index(Ellipsis)
+            idx = idx[:k] + (slice(None),) * (x.rank - len(idx) + 1) + idx[k + 1:]
+        if len(idx) > x.rank:
+            raise LmcError(f"too many indices for a rank-{x.rank} tensor", self._where())
+        squeeze = []
+        for ax, i in enumerate(idx):
+            if isinstance(i, slice):
+                if (i.start, i.stop, i.step) != (None, None, None):
+                    x = self.slice(x, ax, 0 if i.start is None else i.start, i.stop,
+                                   1 if i.step is None else i.step)
+            elif isinstance(i, (int, Dim)):
+                i = norm(i)
+                stop = (x.shape[ax] if i == -1 else norm(i + 1))
+                x = self.slice(x, ax, i, stop)
+                squeeze.append(ax)
+            else:
+                raise LmcError(f"unsupported index {i!r}", self._where())
+        if squeeze:
+            x = self.reshape(x, [d for a, d in enumerate(x.shape) if a not in squeeze])
+        return x
+
+    # -- indexing ---------------------------------------------------------------------------------
+    def embedding(self, table, ids):
+        return self.node(Op.EMBEDDING, (table, ids))
+
+    def gather(self, x, idx, axis=-1):
+        return self.node(Op.GATHER, (x, idx), {"axis": axis})
+
+    def scatter_add(self, x, idx, src, axis=-1):
+        return self.node(Op.SCATTER_ADD, (x, idx, src), {"axis": axis})
+
+    def topk(self, x, k, axis=-1):
+        """Indices of the k largest along `axis` (ties: lower index first); values are
+        `gather(x, topk(x, k), axis)`."""
+        return self.node(Op.TOPK, (x,), {"k": k, "axis": axis})
+
+    def dropout(self, x, p, seed):
+        seed = seed if isinstance(seed, Tensor) else self.const(int(seed), DType.i64)
+        return self.node(Op.DROPOUT, (x, seed), {"p": float(p)})
+
+    # -- blocks -------------------------------------------------------------------------------------
+    def call(self, block, *args, name: Optional[str] = None, **options):
+        """Instantiate a block: its nodes go into a BLOCK node's body graph, its params are
+        named ``<scope>.<instance>.<param>``. Returns a Tensor or a tuple of them."""
+        where = self._where()
+        bdef = self.blocks.get(block) if isinstance(block, str) else getattr(block, "lmc_block", block)
+        if not isinstance(bdef, BlockDef):
+            raise LmcError(f"unknown block {block!r}", where)
+        if bdef.name in self.stack:
+            cycle = " -> ".join(self.stack[self.stack.index(bdef.name):] + (bdef.name,))
+            raise LmcError(f"cyclic block reference: {cycle}", where)
+        if len(args) != len(bdef.args):
+            raise LmcError(f"block {bdef.name} takes {len(bdef.args)} tensor argument(s) "
+                           f"({', '.join(bdef.args)}), got {len(args)}", where)
+        unknown = set(options) - set(bdef.options) - set(bdef.required)
+        if unknown:
+            raise LmcError(f"block {bdef.name} has no option {sorted(unknown)[0]!r}", where)
+        opts = {}
+        for k in list(bdef.required) + list(bdef.options):
+            if k in options:
+                opts[k] = options[k]
+            elif k in bdef.options:
+                opts[k] = bdef.options[k]
+            elif k in self.config:
+                opts[k] = self.config[k]
+            else:
+                raise LmcError(f"block {bdef.name} needs option {k!r} (not in the config "
+                               f"either)", where)
+        inst = name or bdef.name
+        n = self.instances.get(inst, 0)
+        self.instances[inst] = n + 1
+        if n and not name:
+            inst = f"{inst}_{n}"
+        elif n:
+            raise LmcError(f"duplicate block instance name {inst!r} in scope "
+                           f"{self.scope or '<model>'}", where)
+        child = Builder(self.config, self.blocks, f"{self.scope}.{inst}" if self.scope else inst,
+                        params=self.params, stack=self.stack + (bdef.name,),
+                        default_dtype=self.default_dtype)
+        ins = [self.lift(a) for a in args]
+        placeholders = []
+        for an, a in zip(bdef.args, ins):
+            child.loc = where
+            placeholders.append(child.input(an, a.shape, a.dtype))
+        child.loc = None
+        try:
+            result = bdef.fn(child, *placeholders, **opts)
+        except LmcError:
+            raise
+        except Exception as e:  # a bug in a user's Python block: say where, not a traceback
+            raise LmcError(f"block {bdef.name} raised {type(e).__name__}: {e}", where) from e
+        multi = isinstance(result, (tuple, list))
+        outs = list(result) if multi else [result]
+        for o in outs:
+            if not isinstance(o, Tensor):
+                raise LmcError(f"block {bdef.name} must return tensors, got {o!r}", where)
+        body = Graph(bdef.name, child.nodes, {str(i): o.node for i, o in enumerate(outs)})
+        self.loc, saved = where, self.loc
+        call = self.node(Op.BLOCK, ins, {"block": bdef.name, "instance": child.scope,
+                                        "body": body})
+        got = [self.node(Op.GETITEM, (call,), {"index": i}) for i in range(len(outs))]
+        self.loc = saved
+        return tuple(got) if multi else got[0]

@@ -1,0 +1,555 @@
+"""YAML model file -> primitive Graph (with BLOCK nodes; the inline pass flattens them).
+
+File layout (see docs/yaml.md):
+
+    name: llama
+    config:  {d: 768, heads: 12, head_dim: d / heads, ...}   # numbers or expressions
+    presets: {tiny: {d: 64, layers: 2}}                       # named override sets
+    blocks:                                                   # reusable subgraphs
+      rmsnorm:
+        args: [x]                  # tensor arguments
+        options: {dim: d}          # static options with defaults
+        params: {weight: {shape: [dim], init: ones}}
+        body: ["return x * rsqrt(mean(x * x, -1) + eps) * weight"]
+    model:
+      inputs: {ids: [B, T]}
+      params: {...}
+      body: [...statements, {for: i, in: layers, body: [...]}, {if: ..., then: [...]}]
+      outputs: [logits]
+"""
+from __future__ import annotations
+
+import ast
+import math
+import os
+from typing import Any, Dict, Iterable, List, Optional, Union
+
+from ..errors import LmcError, Loc
+from ..ir import init as inits
+from ..ir.dims import Dim, norm
+from ..ir.graph import Graph
+from ..ir.types import DType
+from .builder import BlockDef, Builder, Tensor
+from .expr import MATH, Evaluator, is_static, parse, text_base
+from .yamlsrc import YList, YMap, YStr, load_yaml
+
+TOP_KEYS = {"name", "description", "config", "presets", "blocks", "model"}
+BLOCK_KEYS = {"args", "options", "params", "body", "doc"}
+MODEL_KEYS = {"inputs", "params", "body", "outputs"}
+SYMBOLS = {"B": Dim.sym("B"), "T": Dim.sym("T")}
+CONSTANTS = {"inf": float("inf"), "pi": math.pi}
+
+
+# ---------------------------------------------------------------------------------------------
+# config
+# ---------------------------------------------------------------------------------------------
+def parse_overrides(items: Union[None, Dict[str, Any], Iterable[str]]) -> Dict[str, Any]:
+    """`--set k=v` strings (or a dict) -> {key: value or expression string}."""
+    if not items:
+        return {}
+    if isinstance(items, dict):
+        return dict(items)
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise LmcError(f"--set expects key=value, got {item!r}")
+        k, v = item.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def resolve_config(doc: YMap, path: str, preset: Optional[str],
+                   overrides: Dict[str, Any]) -> Dict[str, Any]:
+    cfg = doc.get("config", YMap())
+    if not isinstance(cfg, YMap):
+        raise LmcError("config must be a mapping of names to numbers or expressions",
+                       doc.val_loc("config"))
+    raw: Dict[str, Any] = {}
+    locs: Dict[str, Loc] = {}
+    for k in cfg:
+        kl = cfg.key_loc(k)
+        if not isinstance(k, str) or not k.isidentifier():
+            raise LmcError(f"config key {k!r} must be an identifier", kl)
+        if k in SYMBOLS:
+            raise LmcError(f"config key {k!r} is reserved for the symbolic batch/sequence "
+                           f"dimension", kl)
+        raw[k], locs[k] = cfg[k], cfg.val_loc(k)
+
+    def apply(source: Dict[str, Any], what: str, loc_of):
+        for k, v in source.items():
+            if k not in raw:
+                raise LmcError(f"{what} sets unknown config key {k!r} (known: "
+                               f"{', '.join(sorted(raw)) or 'none'})", loc_of(k))
+            raw[k], locs[k] = v, loc_of(k)
+
+    if preset is not None:
+        presets = doc.get("presets", YMap())
+        if not isinstance(presets, YMap) or preset not in presets:
+            names = ", ".join(presets) if isinstance(presets, YMap) else ""
+            raise LmcError(f"unknown preset {preset!r} (available: {names or 'none'})",
+                           doc.key_loc("presets") if "presets" in doc else Loc(path, 1, 1))
+        p = presets[preset]
+        if not isinstance(p, YMap):
+            raise LmcError(f"preset {preset!r} must be a mapping of config overrides",
+                           presets.val_loc(preset))
+        apply(p, f"preset {preset!r}", p.val_loc)
+    cfg_loc = doc.key_loc("config") if "config" in doc else Loc(path, 1, 1)
+    apply(overrides, "--set", lambda k: cfg_loc)
+    set_keys = set(overrides)
+
+    done: Dict[str, Any] = {}
+    active: List[str] = []
+
+    def get(name: str):
+        if name in done:
+            return done[name]
+        if name not in raw:
+            if name in CONSTANTS:
+                return CONSTANTS[name]
+            raise KeyError(name)
+        if name in active:
+            cycle = " -> ".join(active[active.index(name):] + [name])
+            raise LmcError(f"config values refer to each other in a cycle: {cycle}", locs[name])
+        active.append(name)
+        v = raw[name]
+        prefix = f"--set {name}={v}: " if name in set_keys else ""
+        try:
+            if isinstance(v, bool) or isinstance(v, (int, float)):
+                val = v
+            elif isinstance(v, str):
+                base = text_base(v) if isinstance(v, YStr) else locs[name]
+                tree = parse(v, base)
+                val = Evaluator(get, MATH, base, what="config expression").eval(tree)
+                if isinstance(val, bool) or not isinstance(val, (int, float)):
+                    raise LmcError(f"config {name!r} must be numeric, got {val!r}", locs[name])
+            else:
+                raise LmcError(f"config {name!r} must be a number or an arithmetic expression, "
+                               f"got {type(v).__name__}", locs[name])
+        except LmcError as e:
+            e.message = prefix + e.message
+            raise
+        active.pop()
+        done[name] = val
+        return val
+
+    for k in raw:
+        get(k)
+    return done
+
+
+# ---------------------------------------------------------------------------------------------
+# functions visible in bodies
+# ---------------------------------------------------------------------------------------------
+_UNARY = ["neg", "exp", "log", "sqrt", "rsqrt", "sigmoid", "tanh", "silu", "gelu", "sin", "cos",
+          "abs", "sign", "round", "relu"]
+_DIRECT = ["where", "clamp", "cast", "maximum", "minimum", "sum", "mean", "amax", "logsumexp",
+           "softmax", "cumsum", "matmul", "reshape", "permute", "transpose", "expand", "slice",
+           "concat", "split", "iota", "causal_mask", "embedding", "gather", "scatter_add", "topk",
+           "dropout", "eq", "ne", "lt", "le", "gt", "ge", "pow"]
+BUILTIN_NAMES = set(_UNARY) | set(_DIRECT) | set(MATH) | {"arange", "shape", "max", "min"}
+
+
+def body_funcs(b: Builder) -> Dict[str, Any]:
+    funcs: Dict[str, Any] = {}
+    for name in _UNARY:
+        meth, static = getattr(b, name), MATH.get(name)
+        funcs[name] = (lambda meth, static: lambda x, **kw: (
+            static(x) if static is not None and not isinstance(x, Tensor) and not kw
+            else meth(x, **kw)))(meth, static)
+    for name in _DIRECT:
+        funcs[name] = getattr(b, name)
+    for name, fn in MATH.items():
+        funcs.setdefault(name, fn)
+    funcs["arange"] = b.iota
+    funcs["shape"] = lambda x, axis: x.shape[axis]
+
+    def _max(x, *rest, **kw):
+        if isinstance(x, Tensor) and (not rest or isinstance(rest[0], int) and not
+                                      isinstance(rest[0], bool)):
+            return b.amax(x, *rest, **kw)           # max(x, axis): a reduction
+        if any(isinstance(v, Tensor) for v in (x,) + rest):
+            return b.maximum(x, *rest)               # max(a, b): elementwise
+        return max(x, *rest)
+
+    def _min(x, *rest):
+        if any(isinstance(v, Tensor) for v in (x,) + rest):
+            return b.minimum(x, *rest)
+        return min(x, *rest)
+
+    funcs["max"], funcs["min"] = _max, _min
+    for name in b.blocks:
+        funcs[name] = (lambda n: lambda *a, **k: b.call(n, *a, **k))(name)
+    return funcs
+
+
+# ---------------------------------------------------------------------------------------------
+# statements
+# ---------------------------------------------------------------------------------------------
+class _Return(Exception):
+    def __init__(self, value):
+        self.value = value
+
+
+class Scope:
+    """Name lookup for a body: locals, then block options, then config, then B and T."""
+
+    def __init__(self, config: Dict[str, Any], options: Optional[Dict[str, Any]] = None):
+        self.locals: Dict[str, Any] = {}
+        self.options = options or {}
+        self.config = config
+
+    def __call__(self, name: str):
+        for d in (self.locals, self.options, self.config, SYMBOLS, CONSTANTS):
+            if name in d:
+                return d[name]
+        raise KeyError(name)
+
+
+def run_body(stmts, b: Builder, scope: Scope, where: Loc):
+    if not isinstance(stmts, YList):
+        raise LmcError("body must be a list of statements", where)
+    funcs = body_funcs(b)
+    for item, loc in zip(stmts, stmts.locs):
+        if isinstance(item, YStr):
+            _run_statement(item, b, scope, funcs)
+        elif isinstance(item, YMap) and "for" in item:
+            _run_for(item, b, scope)
+        elif isinstance(item, YMap) and "if" in item:
+            _run_if(item, b, scope)
+        else:
+            raise LmcError("a statement is a string like 'y = f(x)', or a mapping with "
+                           "'for' or 'if'", loc)
+
+
+def _evaluator(b: Builder, scope: Scope, funcs, base: Loc) -> Evaluator:
+    def on_loc(loc):
+        b.loc = loc
+    return Evaluator(scope, funcs, base, on_loc=on_loc, what="model expression")
+
+
+def _run_statement(text: YStr, b: Builder, scope: Scope, funcs):
+    base = text_base(text)
+    tree = parse(text, base, mode="exec")
+    ev = _evaluator(b, scope, funcs, base)
+    if len(tree.body) != 1:
+        raise LmcError("one statement per list item", base)
+    st = tree.body[0]
+    b.loc = ev.loc(st)
+    try:
+        if isinstance(st, ast.Return):
+            if st.value is None:
+                raise ev.error(st, "return needs a value")
+            raise _Return(ev.eval(st.value))
+        if isinstance(st, ast.Assign):
+            if len(st.targets) != 1:
+                raise ev.error(st, "chained assignment is not supported")
+            _assign(st.targets[0], ev.eval(st.value), scope, ev)
+            return
+        if isinstance(st, ast.AugAssign):
+            if not isinstance(st.target, ast.Name):
+                raise ev.error(st, "augmented assignment needs a plain name")
+            from .expr import _BINOPS
+            cur = ev.eval(st.target)
+            _assign(st.target, ev.apply(st, _BINOPS[type(st.op)], cur, ev.eval(st.value)),
+                    scope, ev)
+            return
+        if isinstance(st, ast.Expr):
+            raise ev.error(st, "expression result is unused (assign it, or return it)")
+        raise ev.error(st, f"{type(st).__name__} statements are not allowed "
+                           f"(use 'name = expression' or 'return expression')")
+    finally:
+        b.loc = None
+
+
+def _assign(target, value, scope: Scope, ev: Evaluator):
+    if isinstance(target, ast.Name):
+        if target.id in SYMBOLS or target.id.startswith("__"):
+            raise ev.error(target, f"cannot assign to {target.id!r}")
+        scope.locals[target.id] = value
+    elif isinstance(target, (ast.Tuple, ast.List)):
+        if not isinstance(value, (tuple, list)):
+            raise ev.error(target, f"cannot unpack a single value into "
+                                   f"{len(target.elts)} names")
+        if len(value) != len(target.elts):
+            raise ev.error(target, f"cannot unpack {len(value)} values into "
+                                   f"{len(target.elts)} names")
+        for t, v in zip(target.elts, value):
+            _assign(t, v, scope, ev)
+    else:
+        raise ev.error(target, "can only assign to names")
+
+
+def static_eval(text, scope, loc: Loc, funcs=None, what="expression"):
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        return text
+    if isinstance(text, bool):
+        return text
+    if not isinstance(text, str):
+        raise LmcError(f"expected an expression, got {type(text).__name__}", loc)
+    base = text_base(text) if isinstance(text, YStr) else loc
+    return Evaluator(scope, funcs or MATH, base, what=what).eval(parse(text, base))
+
+
+def _run_for(item: YMap, b: Builder, scope: Scope):
+    extra = set(item) - {"for", "in", "scope", "body"}
+    if extra:
+        raise LmcError(f"unknown key {sorted(extra)[0]!r} in a for statement (expected for, in, "
+                       f"scope, body)", item.key_loc(sorted(extra)[0]))
+    var = item["for"]
+    if not isinstance(var, str) or not var.isidentifier():
+        raise LmcError("for: expects a loop variable name", item.val_loc("for"))
+    if "in" not in item or "body" not in item:
+        raise LmcError("a for statement needs 'in' (a count) and 'body'", item.loc)
+    count = static_eval(item["in"], scope, item.val_loc("in"))
+    if isinstance(count, float) and count.is_integer():
+        count = int(count)
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        raise LmcError(f"for ... in: expects a non-negative integer count, got {count!r}",
+                       item.val_loc("in"))
+    name = item.get("scope")
+    if name is None:
+        src = item["in"]
+        name = src if isinstance(src, str) and src.isidentifier() else var
+    for i in range(count):
+        scope.locals[var] = i
+        with b.sub_scope(f"{name}.{i}"):
+            run_body(item["body"], b, scope, item.val_loc("body"))
+    scope.locals.pop(var, None)
+
+
+def _run_if(item: YMap, b: Builder, scope: Scope):
+    extra = set(item) - {"if", "then", "else"}
+    if extra:
+        raise LmcError(f"unknown key {sorted(extra)[0]!r} in an if statement (expected if, "
+                       f"then, else)", item.key_loc(sorted(extra)[0]))
+    cond = static_eval(item["if"], scope, item.val_loc("if"))
+    if not is_static(cond):
+        raise LmcError("if: needs a static condition (config values, loop indices)",
+                       item.val_loc("if"))
+    branch = "then" if cond else "else"
+    if branch in item:
+        run_body(item[branch], b, scope, item.val_loc(branch))
+
+
+# ---------------------------------------------------------------------------------------------
+# params, blocks, model
+# ---------------------------------------------------------------------------------------------
+INIT_FUNCS = dict(MATH, **inits.INITS)
+
+
+def declare_params(spec, b: Builder, scope: Scope, where: Loc) -> Dict[str, Tensor]:
+    out: Dict[str, Tensor] = {}
+    if spec is None:
+        return out
+    if not isinstance(spec, YMap):
+        raise LmcError("params must be a mapping of name -> {shape, init}", where)
+    for name in spec:
+        s, loc = spec[name], spec.val_loc(name)
+        if not isinstance(name, str) or not name.isidentifier():
+            raise LmcError(f"parameter name {name!r} must be an identifier", spec.key_loc(name))
+        if isinstance(s, YList):
+            s = YMap({"shape": s})
+            s.loc, s.key_locs, s.val_locs = loc, {}, {"shape": loc}
+        if not isinstance(s, YMap) or "shape" not in s:
+            raise LmcError(f"parameter {name!r} needs a shape", loc)
+        extra = set(s) - {"shape", "init", "dtype"}
+        if extra:
+            raise LmcError(f"unknown key {sorted(extra)[0]!r} for parameter {name!r}", loc)
+        shape = eval_shape(s["shape"], scope, s.val_loc("shape"), allow_symbols=False)
+        init = s.get("init", "normal(0.02)")
+        if isinstance(init, str) and init.strip() in inits.INITS:
+            iv = inits.INITS[init.strip()]()   # `init: ones` is short for ones()
+        else:
+            iv = static_eval(init, scope, s.val_loc("init"), INIT_FUNCS, "init expression")
+        if not isinstance(iv, inits.Init):
+            raise LmcError(f"init must be one of {', '.join(inits.INITS)}, got {iv!r}",
+                           s.val_loc("init"))
+        b.loc = loc
+        out[name] = b.param(name, shape, iv, s.get("dtype"))
+        b.loc = None
+    return out
+
+
+def eval_shape(spec, scope, loc: Loc, *, allow_symbols=True) -> tuple:
+    if not isinstance(spec, list):
+        raise LmcError("a shape is a list of dimensions, e.g. [d, 4 * d]", loc)
+    dims = []
+    for i, d in enumerate(spec):
+        dl = spec.locs[i] if isinstance(spec, YList) else loc
+        v = static_eval(d, scope, dl, what="shape")
+        if isinstance(v, float) and v.is_integer():
+            v = int(v)
+        if isinstance(v, Dim) and not allow_symbols:
+            raise LmcError(f"parameter shapes must be concrete, got {v}", dl)
+        if isinstance(v, bool) or not isinstance(v, (int, Dim)):
+            raise LmcError(f"dimension must be an integer, got {v!r}", dl)
+        if isinstance(v, int) and v < 0:
+            raise LmcError(f"negative dimension {v}", dl)
+        dims.append(norm(v))
+    return tuple(dims)
+
+
+def yaml_block(name: str, spec: YMap, config: Dict[str, Any]) -> BlockDef:
+    if not isinstance(spec, YMap):
+        raise LmcError(f"block {name!r} must be a mapping with args/params/body", spec_loc(spec))
+    extra = set(spec) - BLOCK_KEYS
+    if extra:
+        k = sorted(extra)[0]
+        raise LmcError(f"unknown key {k!r} in block {name!r} (expected "
+                       f"{', '.join(sorted(BLOCK_KEYS))})", spec.key_loc(k))
+    args = spec.get("args", YList())
+    if not isinstance(args, list) or not all(isinstance(a, str) and a.isidentifier()
+                                             for a in args):
+        raise LmcError(f"block {name!r}: args must be a list of names", spec.val_loc("args"))
+    if len(set(args)) != len(args):
+        raise LmcError(f"block {name!r}: duplicate argument name", spec.val_loc("args"))
+    opts = spec.get("options", YMap())
+    if not isinstance(opts, YMap):
+        raise LmcError(f"block {name!r}: options must be a mapping", spec.val_loc("options"))
+    if "body" not in spec:
+        raise LmcError(f"block {name!r} has no body", spec.loc)
+    cfg_scope = Scope(config)
+    defaults = {k: static_eval(v, cfg_scope, opts.val_loc(k)) for k, v in opts.items()}
+
+    def fn(b: Builder, *tensors, **options):
+        scope = Scope(config, options)
+        scope.locals.update(zip(args, tensors))
+        scope.locals.update(declare_params(spec.get("params"), b, scope, spec.val_loc("params")))
+        try:
+            run_body(spec["body"], b, scope, spec.val_loc("body"))
+        except _Return as r:
+            return r.value
+        raise LmcError(f"block {name!r} has no return statement", spec.val_loc("body"))
+
+    return BlockDef(name, fn, list(args), defaults, spec.loc)
+
+
+def spec_loc(x) -> Optional[Loc]:
+    return getattr(x, "loc", None)
+
+
+def check_block_cycles(blocks: YMap) -> None:
+    """Refuse a YAML block that (directly or not) calls itself, at the call site."""
+    import networkx as nx
+
+    g = nx.DiGraph()
+    sites = {}
+
+    def walk(stmts, owner):
+        if not isinstance(stmts, YList):
+            return
+        for st, loc in zip(stmts, stmts.locs):
+            if isinstance(st, YStr):
+                try:
+                    tree = ast.parse(st)
+                except SyntaxError:
+                    continue  # reported with its location when the block is built
+                for node in ast.walk(tree):
+                    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and \
+                            node.func.id in blocks:
+                        g.add_edge(owner, node.func.id)
+                        sites.setdefault((owner, node.func.id), loc)
+            elif isinstance(st, YMap):
+                for k in ("body", "then", "else"):
+                    walk(st.get(k), owner)
+
+    for name, spec in blocks.items():
+        g.add_node(name)
+        if isinstance(spec, YMap):
+            walk(spec.get("body"), name)
+    try:
+        cycle = nx.find_cycle(g)
+    except nx.NetworkXNoCycle:
+        return
+    path = " -> ".join([cycle[0][0]] + [v for _, v in cycle])
+    raise LmcError(f"cyclic block reference: {path}", sites[cycle[-1]])
+
+
+def load_graph(path: str, preset: Optional[str] = None, overrides=None,
+               blocks: Optional[Dict[str, BlockDef]] = None) -> Graph:
+    """Parse a model file into a Graph of primitives and BLOCK nodes."""
+    from ..blocks import REGISTRY
+
+    path = os.fspath(path)
+    doc = load_yaml(path)
+    if not isinstance(doc, YMap):
+        raise LmcError("expected a mapping at the top of a model file (name, config, blocks, "
+                       "model)", getattr(doc, "loc", Loc(path, 1, 1)))
+    extra = set(doc) - TOP_KEYS
+    if extra:
+        k = sorted(extra, key=str)[0]
+        raise LmcError(f"unknown top-level key {k!r} (expected "
+                       f"{', '.join(sorted(TOP_KEYS))})", doc.key_loc(k))
+    if "model" not in doc:
+        raise LmcError("no 'model' section", doc.loc)
+    config = resolve_config(doc, path, preset, parse_overrides(overrides))
+
+    all_blocks: Dict[str, BlockDef] = dict(REGISTRY)
+    all_blocks.update(blocks or {})
+    yblocks = doc.get("blocks", YMap())
+    if not isinstance(yblocks, YMap):
+        raise LmcError("blocks must be a mapping of name -> block", doc.val_loc("blocks"))
+    for name in yblocks:
+        if not isinstance(name, str) or not name.isidentifier():
+            raise LmcError(f"block name {name!r} must be an identifier", yblocks.key_loc(name))
+        if name in BUILTIN_NAMES:
+            raise LmcError(f"block name {name!r} shadows a built-in function",
+                           yblocks.key_loc(name))
+    check_block_cycles(yblocks)
+    for name in yblocks:
+        all_blocks[name] = yaml_block(name, yblocks[name], config)
+
+    model = doc["model"]
+    if not isinstance(model, YMap):
+        raise LmcError("model must be a mapping with inputs, params, body, outputs",
+                       doc.val_loc("model"))
+    extra = set(model) - MODEL_KEYS
+    if extra:
+        k = sorted(extra)[0]
+        raise LmcError(f"unknown key {k!r} in model (expected "
+                       f"{', '.join(sorted(MODEL_KEYS))})", model.key_loc(k))
+    b = Builder(config, all_blocks)
+    scope = Scope(config)
+    inputs = model.get("inputs", YMap())
+    if not isinstance(inputs, YMap) or not inputs:
+        raise LmcError("model.inputs must name at least one input, e.g. {ids: [B, T]}",
+                       model.val_loc("inputs") if "inputs" in model else model.loc)
+    for name, spec in inputs.items():
+        loc = inputs.val_loc(name)
+        dtype = "i64"
+        if isinstance(spec, YMap):
+            dtype = spec.get("dtype", "i64")
+            spec = spec.get("shape")
+        shape = eval_shape(spec, scope, loc)
+        b.loc = loc
+        try:
+            scope.locals[name] = b.input(name, shape, dtype)
+        except ValueError as e:
+            raise LmcError(str(e), loc) from None
+        b.loc = None
+    scope.locals.update(declare_params(model.get("params"), b, scope, model.val_loc("params")))
+    if "body" not in model:
+        raise LmcError("model has no body", model.loc)
+    try:
+        run_body(model["body"], b, scope, model.val_loc("body"))
+    except _Return as r:
+        raise LmcError("return is for blocks; the model names its outputs under 'outputs'",
+                       b.loc or model.val_loc("body")) from None
+    outs = model.get("outputs", YList())
+    if isinstance(outs, YMap):
+        pairs = [(k, outs[k], outs.val_loc(k)) for k in outs]
+    elif isinstance(outs, YList) and outs:
+        pairs = [(o, o, loc) for o, loc in zip(outs, outs.locs)]
+    else:
+        raise LmcError("model.outputs must list at least one output, e.g. [logits]",
+                       model.val_loc("outputs") if "outputs" in model else model.loc)
+    outputs = {}
+    for name, var, loc in pairs:
+        v = scope.locals.get(var) if isinstance(var, str) else None
+        if not isinstance(v, Tensor):
+            raise LmcError(f"output {var!r} is not a tensor defined in the model body", loc)
+        outputs[str(name)] = v.node
+    meta = {"source": path, "config": config, "preset": preset,
+            "overrides": parse_overrides(overrides), "history": [], "fusions": []}
+    return Graph(str(doc.get("name", os.path.splitext(os.path.basename(path))[0])),
+                 b.nodes, outputs, meta)

@@ -1,0 +1,1 @@
+"""Per-op rule tables: shape/dtype rules (shapes.py) and torch references (reference.py)."""

@@ -1,0 +1,136 @@
+"""Graph-cleaning passes: inline, constant folding, CSE, DCE.
+
+Each is Graph -> Graph and leaves the input graph untouched. They share `rebuild`, which
+walks nodes in order and lets a callback replace each (already input-remapped) node.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Optional
+
+from ..ir.graph import Graph, Node, toposort
+from ..ir.ops import Kind, Op
+
+FOLD_MAX_ELEMENTS = 1 << 16
+
+
+def rebuild(g: Graph, fn: Callable[[Node], Optional[Node]]) -> Graph:
+    """Copy `g`, remapping inputs; `fn(node)` may return a replacement (or None to keep)."""
+    new: Dict[Node, Node] = {}
+    nodes: List[Node] = []
+    for n in g.nodes:
+        ins = tuple(new[i] for i in n.inputs)
+        cur = n if ins == n.inputs else _copy(n, ins)
+        rep = fn(cur)
+        if rep is not None and rep is not cur:
+            cur = rep
+            if rep not in nodes:
+                nodes.append(rep)
+        else:
+            nodes.append(cur)
+        new[n] = cur
+    return g.with_nodes(nodes, {k: new[v] for k, v in g.outputs.items()})
+
+
+def _copy(n: Node, inputs) -> Node:
+    # Types only depend on input types, which replacement never changes; the verify pass
+    # re-infers every type to catch a pass that breaks this.
+    return Node(n.op, inputs, n.attrs, n.type, n.loc, n.scope)
+
+
+# -- inline ------------------------------------------------------------------------------------
+def inline(g: Graph) -> Graph:
+    """Splice every BLOCK node's body into its parent; GETITEMs become the body outputs."""
+    nodes: List[Node] = []
+    new: Dict[Node, object] = {}
+    for n in g.nodes:
+        ins = tuple(new[i] for i in n.inputs)
+        if n.op is Op.BLOCK:
+            body = inline(n.attrs["body"])
+            sub: Dict[Node, Node] = {}
+            placeholders = [m for m in body.nodes if m.op is Op.INPUT]
+            for ph, actual in zip(placeholders, ins):
+                sub[ph] = actual
+            for m in body.nodes:
+                if m in sub:
+                    continue
+                m_ins = tuple(sub[i] for i in m.inputs)
+                c = m if m_ins == m.inputs else _copy(m, m_ins)
+                sub[m] = c
+                nodes.append(c)
+            new[n] = tuple(sub[o] for o in body.outputs.values())
+        elif n.op is Op.GETITEM:
+            new[n] = ins[0][n.attrs["index"]]
+        else:
+            c = n if ins == n.inputs else _copy(n, ins)
+            new[n] = c
+            nodes.append(c)
+    return g.with_nodes(nodes, {k: new[v] for k, v in g.outputs.items()})
+
+
+# -- constant folding ----------------------------------------------------------------------------
+_NO_FOLD = {Op.INPUT, Op.PARAM, Op.CONST, Op.DROPOUT, Op.BLOCK, Op.GETITEM,
+            Op.CAUSAL_MASK}  # masks stay visible as masks for the attention patterns
+
+
+def fold_constants(g: Graph) -> Graph:
+    """Evaluate nodes whose inputs are all constants (and whose shape is concrete and small)
+    with the reference implementation, replacing them by CONST nodes."""
+    from ..ops.reference import REFERENCE, RefCtx
+
+    ctx = RefCtx()
+
+    def fold(n: Node):
+        if n.op in _NO_FOLD or n.op.kind is Kind.STRUCTURAL:
+            return None
+        if not all(i.op is Op.CONST for i in n.inputs):
+            return None
+        if not n.type.is_static() or n.type.numel() > FOLD_MAX_ELEMENTS:
+            return None
+        if n.op is Op.IOTA and n.type.numel() > 4096:
+            return None
+        vals = [REFERENCE[Op.CONST](ctx, [], i.attrs) for i in n.inputs]
+        out = REFERENCE[n.op](ctx, vals, n.attrs)
+        value = out.item() if out.dim() == 0 else out.detach().clone()
+        return Node(Op.CONST, (), {"value": value, "dtype": n.type.dtype}, n.type, n.loc,
+                    n.scope)
+
+    return rebuild(g, fold)
+
+
+# -- common subexpression elimination -----------------------------------------------------------------
+def _freeze(v):
+    if isinstance(v, (list, tuple)):
+        return tuple(_freeze(x) for x in v)
+    if hasattr(v, "numpy") and hasattr(v, "shape"):  # a folded tensor constant
+        return ("tensor", tuple(v.shape), str(v.dtype), v.cpu().numpy().tobytes())
+    if isinstance(v, float) and v != v:
+        return ("nan",)
+    return v
+
+
+def cse(g: Graph) -> Graph:
+    """Merge nodes with the same op, inputs and attrs (params and inputs are never merged)."""
+    seen: Dict[tuple, Node] = {}
+
+    def merge(n: Node):
+        if n.op in (Op.INPUT, Op.PARAM, Op.BLOCK):
+            return None
+        key = (n.op, tuple(id(i) for i in n.inputs),
+               tuple(sorted((k, _freeze(v)) for k, v in n.attrs.items())))
+        try:
+            hit = seen.get(key)
+        except TypeError:  # an unhashable attr: leave the node alone
+            return None
+        if hit is not None:
+            return hit
+        seen[key] = n
+        return None
+
+    return rebuild(g, merge)
+
+
+# -- dead code elimination ------------------------------------------------------------------------
+def dce(g: Graph) -> Graph:
+    """Drop nodes no output depends on. Inputs and params are the model's interface and stay."""
+    keep = [n for n in g.nodes if n.op in (Op.INPUT, Op.PARAM)]
+    return g.with_nodes(toposort(g.outputs.values(), keep), g.outputs)

@@ -1,0 +1,1 @@
+"""Execution: graphs as torch modules (torch backend now; Triton later)."""

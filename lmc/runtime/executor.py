@@ -1,0 +1,79 @@
+"""The torch backend: run a Graph node by node with the reference implementations.
+
+This is also the oracle's engine: an unfused primitive graph run here, differentiated by
+torch autograd, is what every other stage is compared against.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Mapping
+
+import torch
+
+from ..errors import LmcError
+from ..ir.dims import Dim
+from ..ir.graph import Graph, Node
+from ..ir.ops import Op
+from ..ops.reference import REFERENCE, RefCtx
+from ..ops.shapes import shape_str
+
+
+def bind_dims(g: Graph, bound: Mapping[str, torch.Tensor]) -> Dict[str, int]:
+    """Solve the symbolic dims (B, T) from the actual shapes of the graph's inputs."""
+    env: Dict[str, int] = {}
+    for n in g.inputs:
+        name = n.attrs["name"]
+        if name not in bound:
+            continue
+        t = bound[name]
+        if t.dim() != n.type.rank:
+            raise LmcError(f"input {name!r} must have shape {shape_str(n.type.shape)}, got a "
+                           f"rank-{t.dim()} tensor {list(t.shape)}")
+        for d, actual in zip(n.type.shape, t.shape):
+            if isinstance(d, Dim) and len(d.terms) == 1:
+                (mono, coef), = d.terms.items()
+                if len(mono) == 1 and coef == 1:
+                    sym = mono[0]
+                    if env.setdefault(sym, actual) != actual:
+                        raise LmcError(f"input {name!r}: dimension {sym} is {actual} here but "
+                                       f"{env[sym]} elsewhere")
+    for n in g.inputs:
+        name = n.attrs["name"]
+        if name in bound:
+            want = [d.evaluate(env) if isinstance(d, Dim) else d for d in n.type.shape]
+            if list(bound[name].shape) != want:
+                raise LmcError(f"input {name!r} must have shape {shape_str(n.type.shape)} = "
+                               f"{want}, got {list(bound[name].shape)}")
+    return env
+
+
+def _last_uses(g: Graph) -> List[List[Node]]:
+    """For each position, the nodes whose value is not needed after it (to free early)."""
+    last: Dict[Node, int] = {}
+    for i, n in enumerate(g.nodes):
+        for x in n.inputs:
+            last[x] = i
+    outs = set(g.outputs.values())
+    free: List[List[Node]] = [[] for _ in g.nodes]
+    for x, i in last.items():
+        if x not in outs:
+            free[i].append(x)
+    return free
+
+
+def run_graph(g: Graph, bound: Mapping[str, torch.Tensor], ctx: RefCtx) -> Dict[str, torch.Tensor]:
+    """Evaluate `g` with `bound` values for its inputs and params (by name)."""
+    free = g.meta.get("_free")
+    if free is None or len(free) != len(g.nodes):
+        free = g.meta["_free"] = _last_uses(g)
+    env: Dict[Node, torch.Tensor] = {}
+    for idx, n in enumerate(g.nodes):
+        if n.op is Op.INPUT or n.op is Op.PARAM:
+            try:
+                env[n] = bound[n.attrs["name"]]
+            except KeyError:
+                raise LmcError(f"no value given for {n.op.value} {n.attrs['name']!r}") from None
+        else:
+            env[n] = REFERENCE[n.op](ctx, [env[i] for i in n.inputs], n.attrs)
+        for x in free[idx]:
+            env.pop(x, None)
+    return {k: env[v] for k, v in g.outputs.items()}

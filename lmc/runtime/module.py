@@ -1,0 +1,65 @@
+"""A compiled graph as a torch `nn.Module` with real `nn.Parameter`s.
+
+Parameter names follow the graph (``layers.3.attn.wq``) through a tree of submodules, so
+`state_dict()` keys are the familiar dotted names and any torch optimizer works.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+import torch
+from torch import nn
+
+from ..errors import LmcError
+from ..ir.graph import Graph
+from ..ops.reference import RefCtx
+from .executor import bind_dims, run_graph
+
+
+class LmcModel(nn.Module):
+    def __init__(self, graph: Graph, *, seed: int = 0, device=None):
+        super().__init__()
+        self.graph = graph
+        self.config: Dict[str, Any] = dict(graph.meta.get("config", {}))
+        self.name = graph.name
+        self._param_names = []
+        gen = torch.Generator().manual_seed(seed)
+        for p in graph.params:
+            name = p.attrs["name"]
+            shape = [int(d) for d in p.type.shape]
+            t = torch.empty(shape, dtype=p.type.dtype.torch())
+            p.attrs["init"].apply(t, gen)
+            self._register(name, nn.Parameter(t))
+            self._param_names.append(name)
+        if device is not None:
+            self.to(device)
+
+    def _register(self, dotted: str, param: nn.Parameter) -> None:
+        *path, leaf = dotted.split(".")
+        mod: nn.Module = self
+        for part in path:
+            child = mod._modules.get(part)
+            if child is None:
+                child = nn.Module()
+                mod.add_module(part, child)
+            mod = child
+        mod.register_parameter(leaf, param)
+
+    def forward(self, ids: Optional[torch.Tensor] = None, **inputs):
+        """forward(ids) -> logits (or a dict when the graph has several outputs)."""
+        if ids is not None:
+            first = self.graph.inputs[0].attrs["name"]
+            inputs[first] = ids
+        max_seq = self.config.get("max_seq")
+        bound = dict(self.named_parameters())
+        bound.update(inputs)
+        dims = bind_dims(self.graph, bound)
+        if max_seq is not None and dims.get("T", 0) > max_seq:
+            raise LmcError(f"sequence length {dims['T']} exceeds the model's max_seq {max_seq}")
+        dev = next(iter(bound.values())).device if bound else torch.device("cpu")
+        ctx = RefCtx(dims=dims, device=dev, training=self.training)
+        outs = run_graph(self.graph, bound, ctx)
+        return next(iter(outs.values())) if len(outs) == 1 else outs
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
