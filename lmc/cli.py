@@ -79,8 +79,8 @@ def cmd_compile(args) -> int:
 def format_summary(s) -> str:
     p = s["params"]
     lines = [
-        f"model       {s['model']}  ({s['source']}" + (f", preset {s['preset']}" if s['preset'] else "")
-        + ")",
+        f"model       {s['model']}  ({s['source']}"
+        + (f", preset {s['preset']}" if s["preset"] else "") + ")",
         f"params      {p:,} ({p / 1e6:.1f}M)",
         f"compile     {s['compile_s'] * 1000:.0f} ms (frontend {s['frontend_s'] * 1000:.0f} ms)",
         "passes      " + ", ".join(f"{h['pass']} {h['nodes_before']}->{h['nodes_after']}"

@@ -7,8 +7,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from . import ops as _ops  # noqa: F401
 from .frontend.model import load_graph
-from .ops import reference as _reference  # noqa: F401  (imports torch outside the timer)
 from .ir.graph import Graph
+from .ops import reference as _reference  # noqa: F401  (imports torch outside the timer)
 from .passes import run_pipeline
 
 

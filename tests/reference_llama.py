@@ -5,7 +5,6 @@ F.scaled_dot_product_attention, SwiGLU FFN, RMSNorm.
 """
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import nn

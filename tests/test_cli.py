@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 from conftest import ROOT, ZOO
+
 from lmc.cli import main
 
 LLAMA = os.path.join(ZOO, "llama.yaml")

@@ -11,9 +11,9 @@
 
 Positional parameters after the builder are tensor arguments; keyword-only parameters are
 static options. An option not passed at the call site takes its Python default; one with no
-default (like `d` and `ff` above) is taken from the model's config by the same name. The function runs once per call site, building IR
-with the same builder the YAML frontend uses, so the block inlines to primitives and nothing
-downstream knows it was a block.
+default (like `d` and `ff` above) is taken from the model's config by the same name.
+The function runs once per call site, building IR with the same builder the YAML frontend
+uses, so the block inlines to primitives and nothing downstream knows it was a block.
 """
 from __future__ import annotations
 

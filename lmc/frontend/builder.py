@@ -340,12 +340,13 @@ class Builder:
         seed = seed if isinstance(seed, Tensor) else self.const(int(seed), DType.i64)
         return self.node(Op.DROPOUT, (x, seed), {"p": float(p)})
 
-    # -- blocks -------------------------------------------------------------------------------------
+    # -- blocks ---------------------------------------------------------------------------------
     def call(self, block, *args, name: Optional[str] = None, **options):
         """Instantiate a block: its nodes go into a BLOCK node's body graph, its params are
         named ``<scope>.<instance>.<param>``. Returns a Tensor or a tuple of them."""
         where = self._where()
-        bdef = self.blocks.get(block) if isinstance(block, str) else getattr(block, "lmc_block", block)
+        bdef = (self.blocks.get(block) if isinstance(block, str)
+                else getattr(block, "lmc_block", block))
         if not isinstance(bdef, BlockDef):
             raise LmcError(f"unknown block {block!r}", where)
         if bdef.name in self.stack:

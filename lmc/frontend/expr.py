@@ -59,7 +59,8 @@ class Evaluator:
 
     def __init__(self, lookup: Callable[[str], Any], funcs: Dict[str, Callable], base: Loc,
                  *, on_loc: Optional[Callable[[Loc], None]] = None, what: str = "expression"):
-        self.lookup, self.funcs, self.base, self.on_loc, self.what = lookup, funcs, base, on_loc, what
+        self.lookup, self.funcs, self.base = lookup, funcs, base
+        self.on_loc, self.what = on_loc, what
 
     def loc(self, node) -> Loc:
         line = getattr(node, "lineno", 1)

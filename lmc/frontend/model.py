@@ -28,7 +28,6 @@ from ..errors import LmcError, Loc
 from ..ir import init as inits
 from ..ir.dims import Dim, norm
 from ..ir.graph import Graph
-from ..ir.types import DType
 from .builder import BlockDef, Builder, Tensor
 from .expr import MATH, Evaluator, is_static, parse, text_base
 from .yamlsrc import YList, YMap, YStr, load_yaml
@@ -532,7 +531,7 @@ def load_graph(path: str, preset: Optional[str] = None, overrides=None,
         raise LmcError("model has no body", model.loc)
     try:
         run_body(model["body"], b, scope, model.val_loc("body"))
-    except _Return as r:
+    except _Return:
         raise LmcError("return is for blocks; the model names its outputs under 'outputs'",
                        b.loc or model.val_loc("body")) from None
     outs = model.get("outputs", YList())

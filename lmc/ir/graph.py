@@ -12,7 +12,6 @@ from typing import Any, Dict, Iterable, List, Optional
 
 from ..errors import Loc, ShapeError
 from .ops import Op
-from .types import TensorType
 
 _ids = itertools.count()
 

@@ -34,7 +34,10 @@ def format_node(n: Node, names: Dict[Node, str], *, locs: bool = True) -> str:
     if n.op is Op.CONST:
         attrs.pop("dtype", None)
     extra = " ".join(f"{k}={_attr(v)}" for k, v in attrs.items())
-    ty = ("(" + ", ".join(str(t) for t in n.type) + ")") if isinstance(n.type, tuple) else str(n.type)
+    if isinstance(n.type, tuple):
+        ty = "(" + ", ".join(str(t) for t in n.type) + ")"
+    else:
+        ty = str(n.type)
     line = f"{names[n]} = {head}{(' ' + extra) if extra else ''} : {ty}"
     if locs and (n.scope or n.loc):
         where = "  ".join(x for x in (n.scope, _short(n.loc)) if x)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Callable, Dict, List
 
 from ..errors import ShapeError
-from ..ir.dims import Dim, DimLike, as_dim, dims_equal, evaluate, norm, product
+from ..ir.dims import Dim, DimLike, as_dim, dims_equal, norm, product
 from ..ir.ops import BINARY, COMPARISONS, REDUCTIONS, UNARY, Op
 from ..ir.types import MAX_ELEMENTS, DType, TensorType
 

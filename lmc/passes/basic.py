@@ -97,7 +97,7 @@ def fold_constants(g: Graph) -> Graph:
     return rebuild(g, fold)
 
 
-# -- common subexpression elimination -----------------------------------------------------------------
+# -- common subexpression elimination ------------------------------------------------------
 def _freeze(v):
     if isinstance(v, (list, tuple)):
         return tuple(_freeze(x) for x in v)

@@ -94,9 +94,9 @@ def test_builder_api_without_yaml():
     """The same builder builds graphs directly from Python."""
     from lmc.frontend.builder import Builder
     from lmc.ir.dims import Dim
+    from lmc.ir.graph import Graph
     from lmc.ops.reference import RefCtx
     from lmc.passes import run_pipeline
-    from lmc.ir.graph import Graph
     from lmc.runtime.executor import bind_dims, run_graph
 
     b = Builder({}, {})

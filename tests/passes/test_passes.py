@@ -3,11 +3,11 @@ import os
 
 import pytest
 import torch
+from conftest import ZOO
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import lmc
-from conftest import ZOO
 from lmc.errors import LmcError
 from lmc.frontend.builder import Builder
 from lmc.frontend.model import load_graph

@@ -3,10 +3,10 @@ import os
 
 import pytest
 import torch
-
-import lmc
 from conftest import ZOO
 from reference_llama import Llama
+
+import lmc
 
 LLAMA = os.path.join(ZOO, "llama.yaml")
 

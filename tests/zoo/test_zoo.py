@@ -4,9 +4,9 @@ import os
 
 import pytest
 import torch
+from conftest import ZOO
 
 import lmc
-from conftest import ZOO
 
 FILES = sorted(glob.glob(os.path.join(ZOO, "*.yaml")))
 
