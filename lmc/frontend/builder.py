@@ -187,6 +187,7 @@ class Builder:
     def sigmoid(self, x): return self._unary(Op.SIGMOID, x)
     def tanh(self, x): return self._unary(Op.TANH, x)
     def silu(self, x): return self._unary(Op.SILU, x)
+    def erf(self, x): return self._unary(Op.ERF, x)
     def sin(self, x): return self._unary(Op.SIN, x)
     def cos(self, x): return self._unary(Op.COS, x)
     def abs(self, x): return self._unary(Op.ABS, x)

@@ -42,7 +42,7 @@ MATH: Dict[str, Callable] = {
     "sqrt": math.sqrt, "log": math.log, "log2": math.log2, "exp": math.exp,
     "floor": math.floor, "ceil": math.ceil, "min": min, "max": max, "abs": abs,
     "int": int, "float": float, "round": round, "sin": math.sin, "cos": math.cos,
-    "tanh": math.tanh, "rsqrt": lambda x: 1.0 / math.sqrt(x),
+    "tanh": math.tanh, "erf": math.erf, "rsqrt": lambda x: 1.0 / math.sqrt(x),
     "sigmoid": lambda x: 1.0 / (1.0 + math.exp(-x)),
 }
 

@@ -50,6 +50,7 @@ class Op(enum.Enum):
     TANH = ("tanh", Kind.POINTWISE, 1)
     SILU = ("silu", Kind.POINTWISE, 1)
     GELU = ("gelu", Kind.POINTWISE, 1)
+    ERF = ("erf", Kind.POINTWISE, 1)
     SIN = ("sin", Kind.POINTWISE, 1)
     COS = ("cos", Kind.POINTWISE, 1)
     ABS = ("abs", Kind.POINTWISE, 1)

@@ -12,7 +12,7 @@ from typing import Callable, Dict
 import torch
 import torch.nn.functional as F
 
-from ..ir.dims import evaluate
+from ..ir.dims import Dim, evaluate
 from ..ir.ops import Op
 from ..ir.types import DType
 
@@ -57,6 +57,8 @@ def _const(ctx, xs, attrs):
     dt = DType.of(attrs["dtype"]).torch()
     if isinstance(v, torch.Tensor):
         return v.to(device=ctx.device, dtype=dt)
+    if isinstance(v, Dim):  # a symbolic size as a value (e.g. the divisor of a mean's VJP)
+        v = ctx.dim(v)
     return torch.tensor(v, dtype=dt, device=ctx.device)
 
 
@@ -82,6 +84,7 @@ def _causal_mask(ctx, xs, attrs):
 _UNARY = {
     Op.NEG: torch.neg, Op.EXP: torch.exp, Op.LOG: torch.log, Op.SQRT: torch.sqrt,
     Op.RSQRT: torch.rsqrt, Op.SIGMOID: torch.sigmoid, Op.TANH: torch.tanh, Op.SILU: F.silu,
+    Op.ERF: torch.erf,
     Op.SIN: torch.sin, Op.COS: torch.cos, Op.ABS: torch.abs, Op.SIGN: torch.sign,
     Op.ROUND: torch.round, Op.RELU: torch.relu,
 }

@@ -62,9 +62,13 @@ def _last_uses(g: Graph) -> List[List[Node]]:
 
 def run_graph(g: Graph, bound: Mapping[str, torch.Tensor], ctx: RefCtx) -> Dict[str, torch.Tensor]:
     """Evaluate `g` with `bound` values for its inputs and params (by name)."""
-    free = g.meta.get("_free")
-    if free is None or len(free) != len(g.nodes):
-        free = g.meta["_free"] = _last_uses(g)
+    # the plan depends on the node list and the outputs; meta is copied between graphs that
+    # share nodes (e.g. forward' adds outputs), so the cache is keyed on both
+    key = (len(g.nodes), tuple(id(o) for o in g.outputs.values()))
+    cached = g.meta.get("_free")
+    if cached is None or cached[0] != key:
+        cached = g.meta["_free"] = (key, _last_uses(g))
+    free = cached[1]
     env: Dict[Node, torch.Tensor] = {}
     for idx, n in enumerate(g.nodes):
         if n.op is Op.INPUT or n.op is Op.PARAM:

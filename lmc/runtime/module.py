@@ -14,12 +14,19 @@ from ..errors import LmcError
 from ..ir.graph import Graph
 from ..ops.reference import RefCtx
 from .executor import bind_dims, run_graph
+from .function import GraphFunction
 
 
 class LmcModel(nn.Module):
-    def __init__(self, graph: Graph, *, seed: int = 0, device=None):
+    def __init__(self, graph: Graph, *, seed: int = 0, device=None, autodiff: str = "lmc"):
         super().__init__()
+        if autodiff not in ("lmc", "torch"):
+            raise LmcError(f"autodiff must be 'lmc' (the IR pass) or 'torch', got {autodiff!r}")
         self.graph = graph
+        # "lmc": gradients come from the autodiff pass's backward graph (the default);
+        # "torch": torch autograd differentiates the op-by-op execution (the oracle)
+        self.autodiff = autodiff
+        self._program = None
         self.config: Dict[str, Any] = dict(graph.meta.get("config", {}))
         self.name = graph.name
         self._param_names = []
@@ -58,8 +65,26 @@ class LmcModel(nn.Module):
             raise LmcError(f"sequence length {dims['T']} exceeds the model's max_seq {max_seq}")
         dev = next(iter(bound.values())).device if bound else torch.device("cpu")
         ctx = RefCtx(dims=dims, device=dev, training=self.training)
-        outs = run_graph(self.graph, bound, ctx)
+        if self.autodiff == "lmc" and torch.is_grad_enabled() and any(
+                v.requires_grad for v in bound.values()):
+            names = list(bound)
+            results = GraphFunction.apply(self.program(), names, ctx,
+                                          *[bound[n] for n in names])
+            outs = dict(zip(self.graph.outputs, results))
+        else:
+            outs = run_graph(self.graph, bound, ctx)
         return next(iter(outs.values())) if len(outs) == 1 else outs
+
+    def program(self):
+        """The differentiated program (forward' + backward), built on first use."""
+        if self._program is None:
+            from ..passes import run_pipeline
+            from ..passes.autodiff import differentiate
+
+            prog = differentiate(self.graph)
+            prog.backward = run_pipeline(prog.backward)  # the backward is cleaned like any graph
+            self._program = prog
+        return self._program
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

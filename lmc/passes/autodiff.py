@@ -1,0 +1,410 @@
+"""Reverse-mode autodiff as a pass over the IR.
+
+`differentiate(g)` turns a forward graph into
+
+    forward'  the same outputs plus ``saved:<k>`` outputs: what the backward needs, made explicit
+    backward  inputs ``grad:<output>`` (cotangents) and ``saved:<k>``; outputs ``grad:<name>``
+              for every parameter and float input
+
+Both are ordinary graphs, so every later pass (fusion, codegen) applies to the backward too.
+VJP rules live in the `VJP` table keyed by op and are written with the same `Builder` the
+frontend uses. Sources with no inputs (constants, iota, masks) are recomputed in the backward
+rather than saved.
+
+Rules for ops with no useful derivative, stated once:
+  comparisons, topk (indices), iota, causal_mask, integer casts: no gradient (None);
+  sign and round: zero gradient, as torch defines them;
+  maximum/minimum: ties split the gradient in half between the operands (torch's rule);
+  amax: ties share the gradient equally; relu: zero gradient at 0.
+Straight-through estimators are explicit ops (added with the zoo), never special cases here.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence
+
+from ..errors import LmcError
+from ..frontend.builder import Builder, Tensor
+from ..ir.dims import dims_equal
+from ..ir.graph import Graph, Node
+from ..ir.ops import Op
+from ..ir.types import DType
+
+VJP: Dict[Op, Callable] = {}
+_RECOMPUTE = {Op.CONST, Op.IOTA, Op.CAUSAL_MASK}
+
+
+def vjp(*ops: Op):
+    def deco(fn):
+        for op in ops:
+            VJP[op] = fn
+        return fn
+    return deco
+
+
+@dataclass
+class Differentiated:
+    forward: Graph
+    backward: Graph
+    wrt: List[str]        # names of the params/inputs the backward returns gradients for
+    outputs: List[str]    # forward outputs that take a cotangent
+    saved: List[str]      # forward' outputs carried to the backward
+
+
+class Rule:
+    """What a VJP rule sees: the backward builder `b`, the node, its cotangent `g`, and
+    `x(i)` / `out()` to use forward values (which saves or recomputes them on demand)."""
+
+    def __init__(self, b: Builder, node: Node, g: Tensor, fwd: Callable[[Node], Tensor]):
+        self.b, self.node, self.g, self._fwd = b, node, g, fwd
+        self.attrs = node.attrs
+
+    def x(self, i: int) -> Tensor:
+        return self._fwd(self.node.inputs[i])
+
+    def out(self) -> Tensor:
+        return self._fwd(self.node)
+
+    def shape(self, i: int):
+        return self.node.inputs[i].type.shape
+
+    def zeros(self, shape, dtype: Optional[DType] = None) -> Tensor:
+        return self.b.expand(self.b.const(0.0, dtype or self.g.dtype), shape)
+
+    def unbroadcast(self, g: Tensor, shape) -> Tensor:
+        """Sum `g` over the axes broadcasting added or stretched, back to `shape`."""
+        b = self.b
+        for _ in range(g.rank - len(shape)):
+            g = b.sum(g, 0, keepdim=False)
+        for ax, d in enumerate(shape):
+            if dims_equal(d, 1) and not dims_equal(g.shape[ax], 1):
+                g = b.sum(g, ax, keepdim=True)
+        return g
+
+    def keep(self, v: Tensor) -> Tensor:
+        """A reduction's result (or cotangent) with the reduced axis restored as size 1."""
+        if self.attrs.get("keepdim", True):
+            return v
+        shape = list(v.shape)
+        shape.insert(self.attrs["axis"], 1)
+        return self.b.reshape(v, shape)
+
+
+def differentiate(g: Graph, wrt: Optional[Sequence[str]] = None) -> Differentiated:
+    by_name = {n.attrs["name"]: n for n in g.nodes if n.op in (Op.PARAM, Op.INPUT)}
+    if wrt is None:
+        wrt = [n.attrs["name"] for n in g.nodes
+               if n.op is Op.PARAM or (n.op is Op.INPUT and n.type.dtype.is_float)]
+    targets = [by_name[w] for w in wrt]
+    target_set = set(targets)
+
+    # which values depend (differentiably) on a target
+    depends: Dict[Node, bool] = {}
+    for n in g.nodes:
+        depends[n] = n in target_set or (
+            n.type.dtype.is_float and any(depends[i] for i in n.inputs)
+            and n.op not in (Op.TOPK,))
+
+    b = Builder({}, {})
+    saved_nodes: List[Node] = []
+    fwd_memo: Dict[Node, Tensor] = {}
+
+    def fwd(n: Node) -> Tensor:
+        if n not in fwd_memo:
+            if n.op in _RECOMPUTE:
+                fwd_memo[n] = b.node(n.op, (), dict(n.attrs))
+            else:
+                fwd_memo[n] = b.input(f"saved:{len(saved_nodes)}", n.type.shape, n.type.dtype)
+                saved_nodes.append(n)
+        return fwd_memo[n]
+
+    ct: Dict[Node, Tensor] = {}
+    outputs = []
+    for name, o in g.outputs.items():
+        if depends.get(o) and o.type.dtype.is_float:
+            outputs.append(name)
+            gin = b.input(f"grad:{name}", o.type.shape, o.type.dtype)
+            ct[o] = gin if o not in ct else ct[o] + gin
+
+    for n in reversed(g.nodes):
+        gn = ct.pop(n, None)
+        if gn is None or n.op in (Op.PARAM, Op.INPUT):
+            if gn is not None:
+                ct[n] = gn  # a target's gradient: kept for the outputs below
+            continue
+        rule = VJP.get(n.op)
+        if rule is None:
+            raise LmcError(f"no VJP rule for {n.op.value}", n.loc)
+        b.loc = n.loc
+        grads = rule(Rule(b, n, gn, fwd))
+        for i, gi in zip(n.inputs, grads):
+            if gi is None or not depends.get(i):
+                continue
+            if gi.shape != i.type.shape and not all(
+                    dims_equal(a, c) for a, c in zip(gi.shape, i.type.shape)):
+                raise LmcError(f"internal: VJP of {n.op.value} gave a {gi.shape} cotangent "
+                               f"for a {i.type.shape} input", n.loc)
+            ct[i] = ct[i] + gi if i in ct else gi
+    b.loc = None
+
+    grads_out = {}
+    for name, t in zip(wrt, targets):
+        gt = ct.get(t)
+        if gt is None:
+            gt = b.expand(b.const(0.0, t.type.dtype), t.type.shape)
+        grads_out[f"grad:{name}"] = gt.node
+    backward = Graph(f"{g.name}.backward", b.nodes, grads_out, {"config": g.meta.get("config")})
+    fwd_outputs = dict(g.outputs)
+    saved_names = []
+    for k, n in enumerate(saved_nodes):
+        fwd_outputs[f"saved:{k}"] = n
+        saved_names.append(f"saved:{k}")
+    forward = g.with_nodes(g.nodes, fwd_outputs)
+    return Differentiated(forward, backward, list(wrt), outputs, saved_names)
+
+
+# -- pointwise ---------------------------------------------------------------------------------
+def _un(fn):
+    return lambda r: [fn(r)]
+
+
+VJP[Op.NEG] = _un(lambda r: -r.g)
+VJP[Op.EXP] = _un(lambda r: r.g * r.out())
+VJP[Op.LOG] = _un(lambda r: r.g / r.x(0))
+VJP[Op.SQRT] = _un(lambda r: r.g / (r.out() * 2.0))
+VJP[Op.RSQRT] = _un(lambda r: r.g * (r.out() * r.out() * r.out()) * -0.5)
+VJP[Op.SIGMOID] = _un(lambda r: r.g * r.out() * (1.0 - r.out()))
+VJP[Op.TANH] = _un(lambda r: r.g * (1.0 - r.out() * r.out()))
+VJP[Op.SIN] = _un(lambda r: r.g * r.b.cos(r.x(0)))
+VJP[Op.COS] = _un(lambda r: -(r.g * r.b.sin(r.x(0))))
+VJP[Op.ABS] = _un(lambda r: r.g * r.b.sign(r.x(0)))
+VJP[Op.SIGN] = _un(lambda r: r.zeros(r.shape(0)))
+VJP[Op.ROUND] = _un(lambda r: r.zeros(r.shape(0)))
+VJP[Op.ERF] = _un(lambda r: r.g * r.b.exp(-(r.x(0) * r.x(0))) * (2.0 / math.sqrt(math.pi)))
+VJP[Op.RELU] = _un(lambda r: r.b.where(r.out() > 0.0, r.g, 0.0))
+
+
+@vjp(Op.SILU)
+def _silu(r):
+    x = r.x(0)
+    s = r.b.sigmoid(x)
+    return [r.g * s * (1.0 + x * (1.0 - s))]
+
+
+@vjp(Op.GELU)
+def _gelu(r):
+    b, x = r.b, r.x(0)
+    if r.attrs.get("approximate", "none") == "tanh":
+        k = math.sqrt(2.0 / math.pi)
+        x2 = x * x
+        t = b.tanh((x + x2 * x * 0.044715) * k)
+        d = (1.0 + t) * 0.5 + x * (1.0 - t * t) * (1.0 + x2 * (3 * 0.044715)) * (0.5 * k)
+        return [r.g * d]
+    cdf = (1.0 + b.erf(x * (1.0 / math.sqrt(2.0)))) * 0.5
+    pdf = b.exp(x * x * -0.5) * (1.0 / math.sqrt(2.0 * math.pi))
+    return [r.g * (cdf + x * pdf)]
+
+
+@vjp(Op.CLAMP)
+def _clamp(r):
+    b, x, g = r.b, r.x(0), r.g
+    lo, hi = r.attrs["lo"], r.attrs["hi"]
+    if lo is not None:
+        g = b.where(x >= lo, g, 0.0)
+    if hi is not None:
+        g = b.where(x <= hi, g, 0.0)
+    return [g]
+
+
+@vjp(Op.CAST)
+def _cast(r):
+    src = r.node.inputs[0].type.dtype
+    return [r.b.cast(r.g, src) if src.is_float else None]
+
+
+@vjp(Op.ADD)
+def _add(r):
+    return [r.unbroadcast(r.g, r.shape(0)), r.unbroadcast(r.g, r.shape(1))]
+
+
+@vjp(Op.SUB)
+def _sub(r):
+    return [r.unbroadcast(r.g, r.shape(0)), r.unbroadcast(-r.g, r.shape(1))]
+
+
+@vjp(Op.MUL)
+def _mul(r):
+    return [r.unbroadcast(r.g * r.x(1), r.shape(0)), r.unbroadcast(r.g * r.x(0), r.shape(1))]
+
+
+@vjp(Op.DIV)
+def _div(r):
+    a, c = r.x(0), r.x(1)
+    ga = r.g / c
+    return [r.unbroadcast(ga, r.shape(0)), r.unbroadcast(-(ga * a / c), r.shape(1))]
+
+
+@vjp(Op.POW)
+def _pow(r):
+    b, a, e = r.b, r.x(0), r.x(1)
+    ga = b.where(b.eq(e, 0.0), 0.0, r.g * e * b.pow(a, e - 1.0))
+    gb = None
+    if r.node.inputs[1].type.dtype.is_float:
+        ge = r.g * r.out() * b.log(a)
+        gb = b.where(b.eq(a, 0.0), b.where(e >= 0.0, 0.0, ge), ge)
+    return [r.unbroadcast(ga, r.shape(0)), None if gb is None else r.unbroadcast(gb, r.shape(1))]
+
+
+def _minmax(r, first_loses):
+    b, a, c = r.b, r.x(0), r.x(1)
+    half = b.where(b.eq(a, c), r.g * 0.5, r.g)
+    lose_a, lose_c = (a < c, a > c) if first_loses == "lt" else (a > c, a < c)
+    return [r.unbroadcast(b.where(lose_a, 0.0, half), r.shape(0)),
+            r.unbroadcast(b.where(lose_c, 0.0, half), r.shape(1))]
+
+
+VJP[Op.MAX] = lambda r: _minmax(r, "lt")
+VJP[Op.MIN] = lambda r: _minmax(r, "gt")
+for _op in (Op.LT, Op.LE, Op.GT, Op.GE, Op.EQ, Op.NE):
+    VJP[_op] = lambda r: [None, None]
+
+
+@vjp(Op.WHERE)
+def _where(r):
+    c = r.x(0)
+    return [None, r.unbroadcast(r.b.where(c, r.g, 0.0), r.shape(1)),
+            r.unbroadcast(r.b.where(c, 0.0, r.g), r.shape(2))]
+
+
+# -- reductions --------------------------------------------------------------------------------
+@vjp(Op.SUM)
+def _sum(r):
+    return [r.b.expand(r.keep(r.g), r.shape(0))]
+
+
+@vjp(Op.MEAN)
+def _mean(r):
+    n = r.shape(0)[r.attrs["axis"]]
+    return [r.b.expand(r.keep(r.g), r.shape(0)) / r.b.const(n, r.g.dtype)]
+
+
+@vjp(Op.AMAX)
+def _amax(r):
+    b, x = r.b, r.x(0)
+    mask = b.cast(b.eq(x, r.keep(r.out())), x.dtype)
+    return [r.keep(r.g) * mask / b.sum(mask, r.attrs["axis"], keepdim=True)]
+
+
+@vjp(Op.LOGSUMEXP)
+def _logsumexp(r):
+    return [r.keep(r.g) * r.b.exp(r.x(0) - r.keep(r.out()))]
+
+
+@vjp(Op.SOFTMAX)
+def _softmax(r):
+    y = r.out()
+    return [y * (r.g - r.b.sum(r.g * y, r.attrs["axis"], keepdim=True))]
+
+
+@vjp(Op.CUMSUM)
+def _cumsum(r):
+    ax = r.attrs["axis"]
+    # reversed cumulative sum, without a flip: total - inclusive prefix + own term
+    return [r.b.sum(r.g, ax, keepdim=True) - r.b.cumsum(r.g, ax) + r.g]
+
+
+# -- matmul --------------------------------------------------------------------------------------
+@vjp(Op.MATMUL)
+def _matmul(r):
+    b, a, c = r.b, r.x(0), r.x(1)
+    ga = r.g @ b.transpose(c, -2, -1)
+    gc = b.transpose(a, -2, -1) @ r.g
+    return [r.unbroadcast(ga, r.shape(0)), r.unbroadcast(gc, r.shape(1))]
+
+
+# -- views ----------------------------------------------------------------------------------------
+@vjp(Op.RESHAPE)
+def _reshape(r):
+    return [r.b.reshape(r.g, r.shape(0))]
+
+
+@vjp(Op.PERMUTE)
+def _permute(r):
+    perm = r.attrs["perm"]
+    inv = [0] * len(perm)
+    for i, p in enumerate(perm):
+        inv[p] = i
+    return [r.b.permute(r.g, inv)]
+
+
+@vjp(Op.EXPAND)
+def _expand(r):
+    return [r.unbroadcast(r.g, r.shape(0))]
+
+
+@vjp(Op.SLICE)
+def _slice(r):
+    b, ax, shape = r.b, r.attrs["axis"], r.shape(0)
+    start, stop, step = r.attrs["start"], r.attrs["stop"], r.attrs["step"]
+    if step == 1:
+        parts = []
+        if not dims_equal(start, 0):
+            parts.append(r.zeros([start if i == ax else d for i, d in enumerate(shape)]))
+        parts.append(r.g)
+        after = shape[ax] - stop
+        if not dims_equal(after, 0):
+            parts.append(r.zeros([after if i == ax else d for i, d in enumerate(shape)]))
+        return [parts[0] if len(parts) == 1 else b.concat(parts, ax)]
+    # strided: scatter the cotangent back to positions start, start+step, ...
+    n = r.g.shape[ax]
+    idx = b.iota(n) * step + start
+    idx = b.reshape(idx, [n if i == ax else 1 for i in range(len(shape))])
+    idx = b.expand(idx, r.g.shape)
+    return [b.scatter_add(r.zeros(shape), idx, r.g, ax)]
+
+
+@vjp(Op.CONCAT)
+def _concat(r):
+    ax, out, off = r.attrs["axis"], [], 0
+    for i in range(len(r.node.inputs)):
+        size = r.shape(i)[ax]
+        out.append(r.b.slice(r.g, ax, off, off + size))
+        off = off + size
+    return out
+
+
+# -- indexing -------------------------------------------------------------------------------------
+@vjp(Op.EMBEDDING)
+def _embedding(r):
+    b = r.b
+    table, ids = r.shape(0), r.x(1)
+    n = 1
+    for d in ids.shape:
+        n = d * n
+    idx = b.expand(b.reshape(ids, [n, 1]), [n, table[1]])
+    g2 = b.reshape(r.g, [n, table[1]])
+    return [b.scatter_add(r.zeros(table), idx, g2, 0), None]
+
+
+@vjp(Op.GATHER)
+def _gather(r):
+    return [r.b.scatter_add(r.zeros(r.shape(0)), r.x(1), r.g, r.attrs["axis"]), None]
+
+
+@vjp(Op.SCATTER_ADD)
+def _scatter_add(r):
+    return [r.g, None, r.b.gather(r.g, r.x(1), r.attrs["axis"])]
+
+
+VJP[Op.TOPK] = lambda r: [None]
+
+
+@vjp(Op.DROPOUT)
+def _dropout(r):
+    # the same seed draws the same mask: the VJP of dropout is dropout of the cotangent
+    return [r.b.dropout(r.g, r.attrs["p"], r.x(1)), None]
+
+
+for _op in (Op.INPUT, Op.PARAM, Op.CONST, Op.IOTA, Op.CAUSAL_MASK):
+    VJP[_op] = lambda r: []

@@ -1,0 +1,46 @@
+"""The bridge to torch autograd: one `torch.autograd.Function` runs a differentiated program.
+
+Forward runs forward' (the graph plus its ``saved:*`` outputs) and keeps the saved values;
+backward runs the backward graph produced by the autodiff pass. Torch's autograd only sees
+one node per model call, so every gradient comes from lmc's own backward graph.
+"""
+from __future__ import annotations
+
+from typing import Dict, Sequence
+
+import torch
+
+from ..ops.reference import RefCtx
+from ..passes.autodiff import Differentiated
+from .executor import run_graph
+
+
+class GraphFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, prog: Differentiated, names: Sequence[str], refctx: RefCtx, *values):
+        bound = dict(zip(names, values))
+        outs = run_graph(prog.forward, bound, refctx)
+        ctx.prog, ctx.names, ctx.refctx = prog, names, refctx
+        ctx.save_for_backward(*[outs[s] for s in prog.saved])
+        results = [v for k, v in outs.items() if not k.startswith("saved:")]
+        ctx.out_names = [k for k in outs if not k.startswith("saved:")]
+        ctx.mark_non_differentiable(*[v for v in results if not v.dtype.is_floating_point])
+        return tuple(results)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        prog: Differentiated = ctx.prog
+        bound: Dict[str, torch.Tensor] = dict(zip(prog.saved, ctx.saved_tensors))
+        by_name = dict(zip(ctx.out_names, grads))
+        for name in prog.outputs:
+            g = by_name[name]
+            if g is None:  # an output that did not reach the loss: a zero cotangent
+                node = prog.forward.outputs[name]
+                g = torch.zeros(node.type.concrete(ctx.refctx.dims), device=ctx.refctx.device,
+                                dtype=node.type.dtype.torch())
+            bound[f"grad:{name}"] = g
+        outs = run_graph(prog.backward, bound, ctx.refctx)
+        wanted = set(prog.wrt)
+        return (None, None, None) + tuple(
+            outs[f"grad:{n}"] if n in wanted and ctx.needs_input_grad[3 + i] else None
+            for i, n in enumerate(ctx.names))
