@@ -76,6 +76,45 @@ def cmd_compile(args) -> int:
     return 0
 
 
+def cmd_run(args) -> int:
+    """Train a model (--train) on the default corpus or --data."""
+    import math
+
+    from .runtime.train import TrainConfig, train
+
+    _import_blocks(args.imports)
+    if args.generate:
+        raise LmcError("--generate needs the decode mode, which is not built yet (issue 6)")
+    if not args.train:
+        raise LmcError("lmc run needs --train (or --generate)")
+    c = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
+                    grad_accum=args.grad_accum, lr=args.lr, min_lr=args.lr / 10,
+                    warmup=min(args.warmup, max(args.steps // 10, 1)),
+                    eval_every=args.eval_every, ckpt_every=args.ckpt_every,
+                    log_every=args.log_every, seed=args.seed,
+                    out=args.out, data=args.data, tokenizer=args.tokenizer,
+                    resume=args.resume, backend=args.backend, fsdp=args.fsdp,
+                    progress=not args.no_progress)
+    if args.backend != "torch":
+        raise LmcError(f"unknown backend {args.backend!r} (available: torch)")
+    s = train(args.file, args.preset, args.set, c)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    val = s.get("val_loss")
+    print(f"trained     {s['steps']} steps (from {s['start_step']}) on {s['corpus']} "
+          f"({s['train_tokens']:,} train tokens)")
+    print(f"loss        train {s.get('train_loss', float('nan')):.4f}"
+          + (f", val {val:.4f}" if val is not None else "")
+          + f"  (ln vocab = {math.log(s['vocab']):.2f})")
+    print(f"wrote       {s['out']}/metrics.jsonl, {s['out']}/loss.png"
+          + (f", {s['checkpoint']}" if s["checkpoint"] else ""))
+    if s.get("interrupted"):
+        print("interrupted: checkpoint saved; continue with --resume " + s["out"],
+              file=sys.stderr)
+        return 130
+    return 0
+
+
 def format_summary(s) -> str:
     p = s["params"]
     lines = [
@@ -120,6 +159,32 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a Python file defining blocks with @lmc.block (repeatable)")
     c.add_argument("--disable", action="append", metavar="PASS", help="skip a pass")
     c.set_defaults(fn=cmd_compile)
+
+    r = sub.add_parser("run", help="train a model (--train)", description=cmd_run.__doc__)
+    r.add_argument("file", help="model YAML file")
+    r.add_argument("--train", action="store_true", help="train")
+    r.add_argument("--generate", action="store_true", help="generate text (not built yet)")
+    r.add_argument("--preset")
+    r.add_argument("--set", nargs="+", action="extend", metavar="KEY=VALUE")
+    r.add_argument("--steps", type=int, default=200)
+    r.add_argument("--batch-size", type=int, default=8, help="global batch, in sequences")
+    r.add_argument("--seq-len", type=int, default=128)
+    r.add_argument("--grad-accum", type=int, default=1)
+    r.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (cosine to lr/10)")
+    r.add_argument("--warmup", type=int, default=20)
+    r.add_argument("--eval-every", type=int, default=50)
+    r.add_argument("--ckpt-every", type=int, default=100)
+    r.add_argument("--log-every", type=int, default=10, help="metrics.jsonl record interval")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--data", help="text file, directory of text files, or uint32 .bin tokens")
+    r.add_argument("--tokenizer", default="cl100k_base", help="tiktoken encoding name")
+    r.add_argument("--out", default="runs/train", help="run directory")
+    r.add_argument("--resume", metavar="DIR", help="continue the run in DIR exactly")
+    r.add_argument("--backend", default="torch", help="torch (triton arrives with codegen)")
+    r.add_argument("--fsdp", action="store_true", help="under torchrun: FSDP instead of DDP")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.add_argument("--import", dest="imports", action="append", metavar="PY")
+    r.set_defaults(fn=cmd_run)
     return p
 
 
@@ -130,8 +195,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     except LmcError as e:
         if os.environ.get("LMC_DEBUG"):
             raise
-        loc = e.loc or (Loc(args.file, 1, 1) if getattr(args, "file", None) else None)
-        print(e.with_loc(loc).format(), file=sys.stderr)
+        # compile errors without a finer place point at the model file; run-time errors
+        # (a NaN loss, a missing checkpoint) have no source line and say so
+        if e.loc is None and args.command == "compile":
+            e.with_loc(Loc(args.file, 1, 1))
+        print(e.format(), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("lmc: interrupted", file=sys.stderr)

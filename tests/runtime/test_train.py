@@ -1,0 +1,155 @@
+"""`lmc run --train`: metrics and checkpoints, exact resume after SIGKILL, the NaN guard,
+torchrun with gloo matching a single process, tokenizer and vocab checks."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from conftest import ZOO
+
+from lmc.cli import main
+
+LLAMA = os.path.join(ZOO, "llama.yaml")
+BIN = os.path.dirname(sys.executable)
+TINY = ["--preset", "tiny", "--set", "vocab=100352", "d=32", "heads=2", "ffn=64"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    import sysconfig
+    root = sysconfig.get_paths()["stdlib"]
+    p = tmp_path_factory.mktemp("data") / "corpus.txt"
+    p.write_text("".join(open(os.path.join(root, f)).read()
+                         for f in ("argparse.py", "textwrap.py", "heapq.py")))
+    return str(p)
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LMC_CACHE", str(tmp_path / "cache"))
+
+
+def _args(out, corpus, *extra):
+    return [LLAMA, "--train", *TINY, "--data", corpus, "--out", str(out), "--batch-size", "4",
+            "--seq-len", "16", "--no-progress", "--log-every", "1", "--lr", "1e-2", *extra]
+
+
+def _metrics(out):
+    return [json.loads(ln) for ln in open(os.path.join(out, "metrics.jsonl"))]
+
+
+def test_train_writes_metrics_curve_and_checkpoint(tmp_path, corpus, capsys):
+    out = tmp_path / "run"
+    assert main(["run", *_args(out, corpus, "--steps", "6", "--eval-every", "3",
+                               "--ckpt-every", "3")]) == 0
+    recs = _metrics(out)
+    assert [r["step"] for r in recs] == [1, 2, 3, 4, 5, 6]
+    for r in recs:
+        assert {"step", "train_loss", "lr", "tokens_per_s"} <= set(r)
+    assert "val_loss" in recs[2] and "val_loss" in recs[5]
+    assert recs[-1]["train_loss"] < recs[0]["train_loss"]
+    assert (out / "loss.png").stat().st_size > 1000
+    latest = (out / "latest").read_text().strip()
+    assert latest == "ckpt-0000006"
+    assert {"model.safetensors", "state.pt"} <= set(os.listdir(out / latest))
+    assert not [p for p in os.listdir(out) if p.startswith(".tmp")]
+    assert "val" in capsys.readouterr().out
+
+
+def test_resume_after_sigkill_is_bitwise(tmp_path, corpus):
+    steps = 10
+    full = tmp_path / "full"
+    assert main(["run", *_args(full, corpus, "--steps", str(steps), "--ckpt-every", "2")]) == 0
+    want = {r["step"]: r["train_loss"] for r in _metrics(full)}
+
+    killed = tmp_path / "killed"
+    kill_after = random.Random().randint(3, 8)
+    proc = subprocess.Popen([os.path.join(BIN, "lmc"), "run", *_args(
+        killed, corpus, "--steps", str(steps), "--ckpt-every", "2")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env=dict(os.environ))
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        path = killed / "metrics.jsonl"
+        if path.exists() and len(path.read_text().splitlines()) >= kill_after:
+            break
+        if proc.poll() is not None:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert (killed / "latest").exists(), "no checkpoint before the kill"
+    resumed_from = int((killed / "latest").read_text().split("-")[1])
+    assert 0 < resumed_from < steps
+    assert main(["run", *_args(killed, corpus, "--steps", str(steps), "--ckpt-every", "2",
+                               "--resume", str(killed))]) == 0
+    got = {r["step"]: r["train_loss"] for r in _metrics(killed)}
+    assert sorted(got) == list(range(1, steps + 1))
+    assert got == want  # bitwise: the same floats, every step
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, corpus, capsys):
+    out = tmp_path / "nan"
+    # a learning rate of 1e6 overflows the residual stream within a few steps
+    rc = main(["run", *_args(out, corpus, "--steps", "20", "--ckpt-every", "1", "--lr", "1e6")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1
+    assert "loss became nan" in err or "loss became inf" in err
+    bad_step = int(err.split(" at step ")[1].split(":")[0])
+    latest = (out / "latest").read_text().strip()
+    assert int(latest.split("-")[1]) == bad_step - 1  # the state before the bad update
+    recs = _metrics(out)
+    assert all(np.isfinite(r["train_loss"]) for r in recs)
+
+
+def test_torchrun_two_gloo_processes_match_single_process(tmp_path, corpus):
+    single = tmp_path / "single"
+    assert main(["run", *_args(single, corpus, "--steps", "3", "--batch-size", "4")]) == 0
+    ddp = tmp_path / "ddp"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([os.path.join(BIN, "torchrun"), "--nproc_per_node", "2",
+                        "--master_port", str(29500 + random.Random().randint(0, 400)),
+                        "-m", "lmc.cli", "run", *_args(ddp, corpus, "--steps", "3",
+                                                       "--batch-size", "4")],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    a, b = _metrics(single), _metrics(ddp)
+    assert [x["step"] for x in a] == [x["step"] for x in b]
+    for x, y in zip(a, b):
+        assert abs(x["train_loss"] - y["train_loss"]) < 1e-5
+
+
+def test_vocab_smaller_than_tokenizer_is_refused(tmp_path, corpus, capsys):
+    rc = main(["run", LLAMA, "--train", "--preset", "tiny", "--data", corpus, "--out",
+               str(tmp_path / "v"), "--steps", "1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "vocab (512) is smaller than tokenizer 'cl100k_base'" in err
+    assert "--set vocab=100288" in err
+
+
+def test_unavailable_tokenizer_names_the_cache_dir(tmp_path, corpus, capsys, monkeypatch):
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "empty"))
+    rc = main(["run", *_args(tmp_path / "t", corpus, "--steps", "1", "--tokenizer",
+                             "o200k_base")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "TIKTOKEN_CACHE_DIR" in err and "o200k_base" in err
+
+
+def test_pretokenized_bin_and_resume_errors(tmp_path, capsys):
+    data = tmp_path / "tokens.bin"
+    np.random.default_rng(0).integers(0, 1000, 5000).astype(np.uint32).tofile(data)
+    out = tmp_path / "b"
+    assert main(["run", *_args(out, str(data), "--steps", "2")]) == 0
+    bad = tmp_path / "bad.bin"
+    bad.write_bytes(b"abc")
+    assert main(["run", *_args(tmp_path / "c", str(bad), "--steps", "1")]) == 2
+    assert "multiple of 4" in capsys.readouterr().err
+    assert main(["run", *_args(tmp_path / "d", str(data), "--steps", "1", "--resume",
+                               str(tmp_path / "nowhere"))]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
