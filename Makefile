@@ -1,5 +1,5 @@
 # make test   set up .venv (CPU torch where there is no GPU) and run the test suite
-# make demo   set up .venv and compile the baseline zoo model
+# make demo   set up .venv, compile the baseline zoo model, train it briefly on CPU
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
@@ -22,8 +22,9 @@ test: $(STAMP)
 	$(PY) -m pytest
 
 demo: $(STAMP)
-	$(VENV)/bin/lmc compile zoo/llama.yaml
-	$(VENV)/bin/lmc compile zoo/llama.yaml --preset tiny --print-ir | head -40
+	$(VENV)/bin/lmc compile zoo/llama.yaml --preset small
+	$(VENV)/bin/lmc run zoo/llama.yaml --train --preset small --steps 60 --batch-size 4 \
+		--seq-len 64 --eval-every 20 --out runs/demo
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check lmc tests

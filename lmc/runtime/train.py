@@ -5,9 +5,9 @@
     loop   = AdamW, warmup + cosine, grad clipping, grad accumulation, periodic val loss,
              metrics.jsonl, loss-curve PNG, atomic checkpoints, exact resume, NaN guard
 
-Distributed: under torchrun (WORLD_SIZE > 1) the model is wrapped in DDP (or FSDP with
---fsdp); each rank reads its own rows of every global batch, so losses equal a single-process
-run with the same global batch.
+Distributed: under torchrun (WORLD_SIZE > 1) the model is wrapped in DDP, or with --fsdp in
+FSDP2's fully_shard (which also runs on CPU with gloo); each rank reads its own rows of every
+global batch, so losses equal a single-process run with the same global batch.
 """
 from __future__ import annotations
 
@@ -134,22 +134,25 @@ def save_checkpoint(out: str, step: int, model, opt, cfg: TrainConfig, d: Dist,
     return final
 
 
-def _model_state(model, fsdp: bool):
-    if fsdp:  # gather a full state dict on rank 0
-        from torch.distributed.fsdp import FullStateDictConfig, StateDictType
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+def _full_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-        with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT,
-                                  FullStateDictConfig(offload_to_cpu=True, rank0_only=True)):
-            return model.state_dict()
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def _model_state(model, fsdp: bool):
+    if fsdp:  # gather the sharded parameters into one full state dict
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        return get_model_state_dict(model, options=_full_options())
     return getattr(model, "module", model).state_dict()
 
 
 def _optim_state(model, opt, fsdp: bool):
     if fsdp:
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-        return FSDP.full_optim_state_dict(model, opt)
+        return get_optimizer_state_dict(model, opt, options=_full_options())
     return opt.state_dict()
 
 
@@ -202,11 +205,10 @@ def train(path: str, preset: Optional[str], overrides, c: TrainConfig) -> Dict[s
     model = LmcModel(graph, seed=c.seed).to(d.device)
     raw = model
     if d.world > 1:
-        if c.fsdp:
-            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        if c.fsdp:  # FSDP2: parameters sharded across ranks, gathered for each forward
+            from torch.distributed.fsdp import fully_shard
 
-            model = FSDP(model, use_orig_params=True,
-                         device_id=d.device if d.device.type == "cuda" else None)
+            model = fully_shard(model)
         else:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -220,14 +222,19 @@ def train(path: str, preset: Optional[str], overrides, c: TrainConfig) -> Dict[s
     start = 0
     if c.resume:
         ck = latest_checkpoint(c.resume)
-        raw.load_state_dict(load_file(os.path.join(ck, "model.safetensors"),
-                                      device=str(d.device)))
+        weights = load_file(os.path.join(ck, "model.safetensors"), device=str(d.device))
         st = torch.load(os.path.join(ck, "state.pt"), weights_only=False)
         if d.world > 1 and c.fsdp:
-            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+            from torch.distributed.checkpoint.state_dict import (
+                set_model_state_dict,
+                set_optimizer_state_dict,
+            )
 
-            st["optimizer"] = FSDP.optim_state_dict_to_load(model, opt, st["optimizer"])
-        opt.load_state_dict(st["optimizer"])
+            set_model_state_dict(model, weights, options=_full_options())
+            set_optimizer_state_dict(model, opt, st["optimizer"], options=_full_options())
+        else:
+            raw.load_state_dict(weights)
+            opt.load_state_dict(st["optimizer"])
         random.setstate(st["rng"]["python"])
         np.random.set_state(st["rng"]["numpy"])
         torch.set_rng_state(st["rng"]["torch"])
@@ -301,10 +308,7 @@ def train(path: str, preset: Optional[str], overrides, c: TrainConfig) -> Dict[s
                 raise LmcError(f"loss became {train_loss} at step {step + 1}: stopping before "
                                f"the update{where}")
             if c.grad_clip > 0:
-                if hasattr(model, "clip_grad_norm_"):
-                    model.clip_grad_norm_(c.grad_clip)
-                else:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
             step += 1

@@ -108,7 +108,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, corpus, capsys)
     assert all(np.isfinite(r["train_loss"]) for r in recs)
 
 
-def test_torchrun_two_gloo_processes_match_single_process(tmp_path, corpus):
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_torchrun_two_gloo_processes_match_single_process(tmp_path, corpus, mode):
     single = tmp_path / "single"
     assert main(["run", *_args(single, corpus, "--steps", "3", "--batch-size", "4")]) == 0
     ddp = tmp_path / "ddp"
@@ -116,7 +117,8 @@ def test_torchrun_two_gloo_processes_match_single_process(tmp_path, corpus):
     r = subprocess.run([os.path.join(BIN, "torchrun"), "--nproc_per_node", "2",
                         "--master_port", str(29500 + random.Random().randint(0, 400)),
                         "-m", "lmc.cli", "run", *_args(ddp, corpus, "--steps", "3",
-                                                       "--batch-size", "4")],
+                                                       "--batch-size", "4"),
+                        *(["--fsdp"] if mode == "fsdp" else [])],
                        capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     a, b = _metrics(single), _metrics(ddp)
