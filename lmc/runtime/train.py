@@ -248,10 +248,13 @@ def train(path: str, preset: Optional[str], overrides, c: TrainConfig) -> Dict[s
     micro_global = c.batch_size // c.grad_accum
 
     def batch(split, step, micro):
+        # the global batch of a step depends only on (seed, step): accumulation micro-step m
+        # takes its rows, and rank r its share of those, so neither changes what is trained on
         ids = corpus.train if split == "train" else corpus.val
-        x, y = get_batch(ids, micro_global, c.seq_len, seed=c.seed + (0 if split == "train"
-                                                                       else 7919),
-                         step=step, micro=micro, rows=(d.rank * local, (d.rank + 1) * local))
+        lo = micro * micro_global + d.rank * local
+        x, y = get_batch(ids, c.batch_size, c.seq_len,
+                         seed=c.seed + (0 if split == "train" else 7919), step=step, micro=0,
+                         rows=(lo, lo + local))
         return x.to(d.device), y.to(d.device)
 
     def autocast():

@@ -155,3 +155,38 @@ def test_pretokenized_bin_and_resume_errors(tmp_path, capsys):
     assert main(["run", *_args(tmp_path / "d", str(data), "--steps", "1", "--resume",
                                str(tmp_path / "nowhere"))]) == 2
     assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path, corpus):
+    out = tmp_path / "int"
+    proc = subprocess.Popen([os.path.join(BIN, "lmc"), "run", *_args(
+        out, corpus, "--steps", "500", "--ckpt-every", "1000")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "metrics.jsonl").exists():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-1000:]
+    assert "Traceback" not in stderr and "--resume" in stderr
+    step = int((out / "latest").read_text().split("-")[1])
+    assert 1 <= step < 500
+    assert _metrics(out)[-1]["step"] == step
+
+
+def test_grad_accumulation_matches_one_big_batch(tmp_path, corpus):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(["run", *_args(a, corpus, "--steps", "3")]) == 0
+    assert main(["run", *_args(b, corpus, "--steps", "3", "--grad-accum", "2")]) == 0
+    for x, y in zip(_metrics(a), _metrics(b)):
+        assert abs(x["train_loss"] - y["train_loss"]) < 1e-5
+
+
+def test_data_directory(tmp_path, corpus):
+    d = tmp_path / "texts"
+    (d / "sub").mkdir(parents=True)
+    text = open(corpus).read()
+    (d / "a.txt").write_text(text[: len(text) // 2])
+    (d / "sub" / "b.md").write_text(text[len(text) // 2:])
+    (d / "skip.bin").write_bytes(b"\0\1")
+    assert main(["run", *_args(tmp_path / "o", str(d), "--steps", "1")]) == 0
