@@ -122,9 +122,12 @@ def test_vjp_matches_torch_autograd(name, data):
         assert err / scale < 1e-5, (name, err, scale)
 
 
-@pytest.mark.parametrize("name", ["exp", "tanh", "silu", "gelu", "gelu_tanh", "div", "pow",
-                                  "logsumexp", "softmax", "cumsum", "matmul_bcast", "slice_step",
-                                  "concat", "mean", "softmax_attention", "erf"])
+# finite differences are undefined at deliberately constructed ties; every other case is
+# checked in float64 against numerical derivatives
+TIES = {"maximum_ties", "minimum_ties", "amax_ties"}
+
+
+@pytest.mark.parametrize("name", sorted(set(CASES) - TIES))
 def test_gradcheck_float64(name):
     torch.manual_seed(0)
     xs = (5, 5) if name in SQUARE else (3, 5)
