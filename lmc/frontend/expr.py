@@ -142,6 +142,11 @@ class Evaluator:
                 if op not in (operator.add, operator.sub, operator.mul):
                     raise self.error(node, f"cannot apply {_opname(op)} to symbolic dimension")
                 return norm(op(a, b))
+        elif op in (operator.truediv, operator.floordiv, operator.mod) and \
+                isinstance(b, (int, float)) and not isinstance(b, bool) and b == 0:
+            raise self.error(node, "division by zero")  # tensor / 0
+        else:
+            self._mark(node)  # tensor arithmetic: nodes and shape errors point here
         try:
             out = op(a, b)
         except LmcError as e:
@@ -209,8 +214,9 @@ class Evaluator:
 
     def _Call(self, node):
         if not isinstance(node.func, ast.Name):
-            if isinstance(node.func, ast.Attribute):
-                raise self.error(node.func, f"attribute access is not allowed in a {self.what}")
+            if type(node.func) in _REFUSED:  # x.f(), (lambda: ...)()
+                raise self.error(node.func, f"{_REFUSED[type(node.func)]} is not allowed in a "
+                                            f"{self.what}")
             raise self.error(node, "only named functions can be called")
         name = node.func.id
         fn = self.funcs.get(name)
@@ -226,11 +232,32 @@ class Evaluator:
         try:
             return fn(*args, **kwargs)
         except LmcError as e:
+            if "dimension" in e.message or "integer" in e.message:
+                e.message += self._non_integer_names(node)
             raise e.with_loc(self.loc(node))
         except TypeError as e:
-            raise self.error(node, f"{name}(): {_clean_typeerror(e)}") from None
+            msg = _clean_typeerror(e)
+            if "dimension" in msg or "integer" in msg:
+                msg += self._non_integer_names(node)
+            raise self.error(node, f"{name}(): {msg}") from None
         except (ValueError, ZeroDivisionError, OverflowError) as e:
             raise self.error(node, f"{name}(): {e}") from None
+
+    def _non_integer_names(self, node) -> str:
+        """For a dimension error: name the values in the call's arguments that are not whole
+        numbers (``head_dim = d / heads`` with d=768, heads=5), so the message says which."""
+        bad = []
+        for part in list(node.args) + [kw.value for kw in node.keywords]:
+            for n in ast.walk(part):
+                if isinstance(n, ast.Name) and not n.id.startswith("__"):
+                    try:
+                        v = self.lookup(n.id)
+                    except (KeyError, LmcError):
+                        continue
+                    if isinstance(v, float) and not v.is_integer() and \
+                            f"{n.id} = {v:g}" not in bad:
+                        bad.append(f"{n.id} = {v:g}")
+        return f" ({', '.join(bad)}: not an integer)" if bad else ""
 
     def _mark(self, node):
         if self.on_loc is not None:

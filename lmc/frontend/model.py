@@ -53,7 +53,10 @@ def parse_overrides(items: Union[None, Dict[str, Any], Iterable[str]]) -> Dict[s
         if "=" not in item:
             raise LmcError(f"--set expects key=value, got {item!r}")
         k, v = item.split("=", 1)
-        out[k.strip()] = v.strip()
+        if not k.strip() or not v.strip():
+            raise LmcError(f"--set expects key=value, got {item!r}")
+        v = v.strip()
+        out[k.strip()] = {"true": True, "false": False}.get(v, v)  # as YAML spells them
     return out
 
 
@@ -119,13 +122,14 @@ def resolve_config(doc: YMap, path: str, preset: Optional[str],
                 base = text_base(v) if isinstance(v, YStr) else locs[name]
                 tree = parse(v, base)
                 val = Evaluator(get, MATH, base, what="config expression").eval(tree)
-                if isinstance(val, bool) or not isinstance(val, (int, float)):
+                if not isinstance(val, (int, float)):  # numbers, or a bool like `d > 512`
                     raise LmcError(f"config {name!r} must be numeric, got {val!r}", locs[name])
             else:
                 raise LmcError(f"config {name!r} must be a number or an arithmetic expression, "
                                f"got {type(v).__name__}", locs[name])
         except LmcError as e:
-            e.message = prefix + e.message
+            if not e.message.startswith("--set "):  # the innermost --set value is the culprit
+                e.message = prefix + e.message
             raise
         active.pop()
         done[name] = val
@@ -292,8 +296,9 @@ def static_eval(text, scope, loc: Loc, funcs=None, what="expression"):
 def _run_for(item: YMap, b: Builder, scope: Scope):
     extra = set(item) - {"for", "in", "scope", "body"}
     if extra:
-        raise LmcError(f"unknown key {sorted(extra)[0]!r} in a for statement (expected for, in, "
-                       f"scope, body)", item.key_loc(sorted(extra)[0]))
+        k = sorted(extra, key=str)[0]
+        raise LmcError(f"unknown key {k!r} in a for statement (expected for, in, scope, body)",
+                       item.key_loc(k))
     var = item["for"]
     if not isinstance(var, str) or not var.isidentifier():
         raise LmcError("for: expects a loop variable name", item.val_loc("for"))
@@ -319,8 +324,9 @@ def _run_for(item: YMap, b: Builder, scope: Scope):
 def _run_if(item: YMap, b: Builder, scope: Scope):
     extra = set(item) - {"if", "then", "else"}
     if extra:
-        raise LmcError(f"unknown key {sorted(extra)[0]!r} in an if statement (expected if, "
-                       f"then, else)", item.key_loc(sorted(extra)[0]))
+        k = sorted(extra, key=str)[0]
+        raise LmcError(f"unknown key {k!r} in an if statement (expected if, then, else)",
+                       item.key_loc(k))
     cond = static_eval(item["if"], scope, item.val_loc("if"))
     if not is_static(cond):
         raise LmcError("if: needs a static condition (config values, loop indices)",
@@ -353,7 +359,8 @@ def declare_params(spec, b: Builder, scope: Scope, where: Loc) -> Dict[str, Tens
             raise LmcError(f"parameter {name!r} needs a shape", loc)
         extra = set(s) - {"shape", "init", "dtype"}
         if extra:
-            raise LmcError(f"unknown key {sorted(extra)[0]!r} for parameter {name!r}", loc)
+            k = sorted(extra, key=str)[0]
+            raise LmcError(f"unknown key {k!r} for parameter {name!r}", s.key_loc(k))
         shape = eval_shape(s["shape"], scope, s.val_loc("shape"), allow_symbols=False)
         init = s.get("init", "normal(0.02)")
         if isinstance(init, str) and init.strip() in inits.INITS:
@@ -381,7 +388,8 @@ def eval_shape(spec, scope, loc: Loc, *, allow_symbols=True) -> tuple:
         if isinstance(v, Dim) and not allow_symbols:
             raise LmcError(f"parameter shapes must be concrete, got {v}", dl)
         if isinstance(v, bool) or not isinstance(v, (int, Dim)):
-            raise LmcError(f"dimension must be an integer, got {v!r}", dl)
+            what = f"dimension {d}" if isinstance(d, str) and str(d) != str(v) else "dimension"
+            raise LmcError(f"{what} must be an integer, got {v!r}", dl)
         if isinstance(v, int) and v < 0:
             raise LmcError(f"negative dimension {v}", dl)
         dims.append(norm(v))
@@ -393,7 +401,7 @@ def yaml_block(name: str, spec: YMap, config: Dict[str, Any]) -> BlockDef:
         raise LmcError(f"block {name!r} must be a mapping with args/params/body", spec_loc(spec))
     extra = set(spec) - BLOCK_KEYS
     if extra:
-        k = sorted(extra)[0]
+        k = sorted(extra, key=str)[0]
         raise LmcError(f"unknown key {k!r} in block {name!r} (expected "
                        f"{', '.join(sorted(BLOCK_KEYS))})", spec.key_loc(k))
     args = spec.get("args", YList())
@@ -504,7 +512,7 @@ def load_graph(path: str, preset: Optional[str] = None, overrides=None,
                        doc.val_loc("model"))
     extra = set(model) - MODEL_KEYS
     if extra:
-        k = sorted(extra)[0]
+        k = sorted(extra, key=str)[0]
         raise LmcError(f"unknown key {k!r} in model (expected "
                        f"{', '.join(sorted(MODEL_KEYS))})", model.key_loc(k))
     b = Builder(config, all_blocks)
