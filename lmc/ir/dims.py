@@ -21,7 +21,9 @@ class Dim:
 
     def __init__(self, terms: Mapping[Monomial, int]):
         self.terms = {m: c for m, c in terms.items() if c != 0}
-        self._hash = hash(frozenset(self.terms.items()))
+        # a constant Dim equals its int (==), so it must hash like it too
+        self._hash = (hash(self.const()) if self.is_const()
+                      else hash(frozenset(self.terms.items())))
 
     @staticmethod
     def sym(name: str) -> "Dim":
@@ -48,7 +50,7 @@ class Dim:
     __radd__ = __add__
 
     def __neg__(self):
-        return Dim({m: -c for m, c in self.terms.items()})
+        return simplify(Dim({m: -c for m, c in self.terms.items()}))
 
     def __sub__(self, other):
         return self + (-as_dim(other))
@@ -68,22 +70,35 @@ class Dim:
     __rmul__ = __mul__
 
     def exact_div(self, other):
-        """self / other when the division is exact; None otherwise."""
+        """self / other when the quotient is a polynomial with integer coefficients; None
+        otherwise (a remainder, a fractional coefficient, or division by zero)."""
         o = as_dim(other)
-        if len(o.terms) != 1:
-            return 1 if o == self else None
-        (mo, co), = o.terms.items()
-        t = {}
-        for m, c in self.terms.items():
-            rest = list(m)
-            for s in mo:
-                if s not in rest:
+        if not o.terms:
+            return None
+        # polynomial long division by the leading term (graded lex order); with one divisor
+        # a leading term the divisor's does not divide means a nonzero remainder
+        lead = max(o.terms, key=_order)
+        lc = o.terms[lead]
+        rest = dict(self.terms)
+        q: dict = {}
+        while rest:
+            m = max(rest, key=_order)
+            c = rest[m]
+            left = list(m)
+            for s in lead:
+                if s not in left:
                     return None
-                rest.remove(s)
-            if c % co:
+                left.remove(s)
+            if c % lc:
                 return None
-            t[tuple(rest)] = c // co
-        return simplify(Dim(t))
+            qm, qc = tuple(left), c // lc
+            q[qm] = qc
+            for m2, c2 in o.terms.items():
+                t = tuple(sorted(qm + m2))
+                rest[t] = rest.get(t, 0) - qc * c2
+                if rest[t] == 0:
+                    del rest[t]
+        return simplify(Dim(q))
 
     # -- comparison -------------------------------------------------------------------------
     def __eq__(self, other):
@@ -129,6 +144,11 @@ class Dim:
 
 
 DimLike = Union[int, Dim]
+
+
+def _order(m: Monomial):
+    """Graded lexicographic order on monomials (a well-order, so division terminates)."""
+    return (len(m), m)
 
 
 def as_dim(x) -> Dim:

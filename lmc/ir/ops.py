@@ -23,7 +23,8 @@ class Kind(enum.Enum):
     VIEW = "view"              # data movement only: reshape, permute, expand, slice, concat
     INDEX = "index"            # data-dependent addressing: gather, scatter, embedding, topk
     RANDOM = "random"          # needs a seed: dropout
-    STRUCTURAL = "structural"  # exists only before inlining: block calls and their outputs
+    STRUCTURAL = "structural"  # holds a body graph: block calls (gone after inlining),
+                               # fused kernels, and GETITEM reading their outputs
 
 
 class Op(enum.Enum):
@@ -99,6 +100,7 @@ class Op(enum.Enum):
     # structure (removed by the inline pass)
     BLOCK = ("block", Kind.STRUCTURAL, None)
     GETITEM = ("getitem", Kind.STRUCTURAL, 1)
+    FUSED = ("fused", Kind.STRUCTURAL, None)  # a kernel group made by a fusion pass
 
 
 UNARY = [op for op in Op if op.kind is Kind.POINTWISE and op.arity == 1

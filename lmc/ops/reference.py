@@ -59,7 +59,10 @@ def _const(ctx, xs, attrs):
         return v.to(device=ctx.device, dtype=dt)
     if isinstance(v, Dim):  # a symbolic size as a value (e.g. the divisor of a mean's VJP)
         v = ctx.dim(v)
-    return torch.tensor(v, dtype=dt, device=ctx.device)
+    t = torch.tensor(v, dtype=dt, device=ctx.device)
+    if t.dim() == 0 and attrs.get("shape"):  # a scalar filling a declared shape
+        t = t.expand([ctx.dim(d) for d in attrs["shape"]])
+    return t
 
 
 @ref(Op.IOTA)
@@ -106,7 +109,12 @@ def _gelu(ctx, xs, attrs):
 
 @ref(Op.CLAMP)
 def _clamp(ctx, xs, attrs):
-    return torch.clamp(xs[0], min=attrs["lo"], max=attrs["hi"])
+    x, lo, hi = xs[0], attrs["lo"], attrs["hi"]
+    if lo is None and hi is None:
+        return x
+    if not x.is_floating_point():  # integer bounds (the shape rule checks), integer result
+        lo, hi = (None if v is None else int(v) for v in (lo, hi))
+    return torch.clamp(x, min=lo, max=hi)
 
 
 @ref(Op.CAST)
@@ -227,7 +235,7 @@ def _dropout(ctx, xs, attrs):
 
 
 # -- structure -------------------------------------------------------------------------
-@ref(Op.BLOCK)
+@ref(Op.BLOCK, Op.FUSED)
 def _block(ctx, xs, attrs):
     from ..runtime.executor import run_graph
 

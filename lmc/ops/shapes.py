@@ -24,11 +24,28 @@ def rule(*ops: Op):
     return deco
 
 
+# Ops whose result only makes sense in floating point (torch would silently return a float
+# tensor for an integer input, or has no kernel), and ops torch has no bool kernel for.
+FLOAT_ONLY = {Op.EXP, Op.LOG, Op.SQRT, Op.RSQRT, Op.SIGMOID, Op.TANH, Op.SILU, Op.GELU, Op.ERF,
+              Op.SIN, Op.COS, Op.DIV, Op.MEAN, Op.LOGSUMEXP, Op.SOFTMAX, Op.DROPOUT}
+NO_BOOL = {Op.NEG, Op.ABS, Op.ROUND, Op.RELU, Op.CLAMP, Op.SUB, Op.POW, Op.MATMUL}
+
+
+def check_dtypes(op: Op, types: List[TensorType]) -> None:
+    if op in FLOAT_ONLY and not types[0].dtype.is_float:
+        raise ShapeError(f"{op.value} needs a floating-point tensor, got {types[0]} "
+                         f"(cast it first)")
+    if op in NO_BOOL and any(t.dtype is DType.bool for t in types):
+        raise ShapeError(f"{op.value} is not defined on bool tensors, got "
+                         + ", ".join(str(t) for t in types))
+
+
 def infer(op: Op, types: List[TensorType], attrs: dict):
     try:
         fn = SHAPE_RULES[op]
     except KeyError:
         raise ShapeError(f"op {op.value} has no shape rule") from None
+    check_dtypes(op, types)
     t = fn(types, attrs)
     if isinstance(t, TensorType):
         check_shape(t.shape)
@@ -55,10 +72,12 @@ def check_shape(shape) -> None:
                          f"(more than 2^31)")
 
 
-def axis_of(axis, rank: int, what: str = "axis") -> int:
+def axis_of(axis, rank: int, what: str = "axis", scalar_ok: bool = False) -> int:
+    """A canonical (non-negative) axis. A rank-0 tensor has an axis only where `scalar_ok`
+    (reductions and scans, where torch accepts axis 0 or -1 and returns the scalar)."""
     if not isinstance(axis, int) or isinstance(axis, bool):
         raise ShapeError(f"{what} must be an integer, got {axis!r}")
-    if not -rank <= axis < max(rank, 1):
+    if not -max(rank, scalar_ok) <= axis < max(rank, scalar_ok):
         raise ShapeError(f"{what} {axis} out of range for a rank-{rank} tensor")
     return axis % rank if rank else 0
 
@@ -100,7 +119,15 @@ def _declared(types, attrs):
 @rule(Op.CONST)
 def _const(types, attrs):
     v = attrs["value"]
-    shape = tuple(v.shape) if hasattr(v, "shape") else tuple(attrs.get("shape", ()))
+    if hasattr(v, "shape"):
+        shape = tuple(v.shape)
+    elif isinstance(v, (list, tuple)):  # nested Python lists: their lengths
+        shape = ()
+        while isinstance(v, (list, tuple)):
+            shape += (len(v),)
+            v = v[0] if v else 0
+    else:
+        shape = tuple(attrs.get("shape", ()))
     return TensorType(shape, DType.of(attrs["dtype"]))
 
 
@@ -128,6 +155,10 @@ def _unary(types, attrs):
 def _clamp(types, attrs):
     attrs.setdefault("lo", None)
     attrs.setdefault("hi", None)
+    for v in (attrs["lo"], attrs["hi"]):
+        if v is not None and not types[0].dtype.is_float and not float(v).is_integer():
+            raise ShapeError(f"clamp of an integer tensor {types[0]} needs integer bounds, "
+                             f"got {v!r}")
     return types[0]
 
 
@@ -163,10 +194,12 @@ def _where(types, attrs):
 @rule(*REDUCTIONS)
 def _reduce(types, attrs):
     (t,) = types
-    ax = attrs["axis"] = axis_of(attrs["axis"], t.rank)
+    ax = attrs["axis"] = axis_of(attrs["axis"], t.rank, scalar_ok=True)
     keep = attrs.setdefault("keepdim", True)
     shape = list(t.shape)
-    if keep:
+    if not shape:  # a scalar reduces to itself
+        pass
+    elif keep:
         shape[ax] = 1
     else:
         del shape[ax]
@@ -176,7 +209,7 @@ def _reduce(types, attrs):
 @rule(Op.SOFTMAX, Op.CUMSUM)
 def _along(types, attrs):
     (t,) = types
-    attrs["axis"] = axis_of(attrs["axis"], t.rank)
+    attrs["axis"] = axis_of(attrs["axis"], t.rank, scalar_ok=True)
     return t
 
 
@@ -377,7 +410,7 @@ def _dropout(types, attrs):
 
 
 # -- structure -------------------------------------------------------------------------
-@rule(Op.BLOCK)
+@rule(Op.BLOCK, Op.FUSED)
 def _block(types, attrs):
     body = attrs["body"]
     return tuple(n.type for n in body.outputs.values())

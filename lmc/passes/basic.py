@@ -113,7 +113,7 @@ def cse(g: Graph) -> Graph:
     seen: Dict[tuple, Node] = {}
 
     def merge(n: Node):
-        if n.op in (Op.INPUT, Op.PARAM, Op.BLOCK):
+        if n.op in (Op.INPUT, Op.PARAM, Op.BLOCK, Op.FUSED):
             return None
         key = (n.op, tuple(id(i) for i in n.inputs),
                tuple(sorted((k, _freeze(v)) for k, v in n.attrs.items())))

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from ..errors import LmcError
 from ..ir.graph import Graph
-from ..ir.ops import Kind, Op
+from ..ir.ops import Op
 from ..ops.shapes import infer
 
 
@@ -21,7 +21,8 @@ def verify(g: Graph, *, inlined: bool = False) -> Graph:
         if n.op.arity is not None and len(n.inputs) != n.op.arity:
             raise LmcError(f"internal: {n} has {len(n.inputs)} inputs, expected {n.op.arity}",
                            n.loc)
-        if inlined and n.op.kind is Kind.STRUCTURAL:
+        if inlined and (n.op is Op.BLOCK or n.op is Op.GETITEM
+                        and n.inputs[0].op is not Op.FUSED):
             raise LmcError(f"internal: {n} survived inlining", n.loc)
         if n.op in (Op.INPUT, Op.PARAM):
             key = (n.op, n.attrs["name"])
