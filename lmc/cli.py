@@ -95,8 +95,8 @@ def cmd_run(args) -> int:
                     out=args.out, data=args.data, tokenizer=args.tokenizer,
                     resume=args.resume, backend=args.backend, fsdp=args.fsdp,
                     progress=not args.no_progress)
-    if args.backend != "torch":
-        raise LmcError(f"unknown backend {args.backend!r} (available: torch)")
+    if args.backend not in ("torch", "triton"):
+        raise LmcError(f"unknown backend {args.backend!r} (available: torch, triton)")
     s = train(args.file, args.preset, args.set, c)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
@@ -180,7 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--tokenizer", default="cl100k_base", help="tiktoken encoding name")
     r.add_argument("--out", default="runs/train", help="run directory")
     r.add_argument("--resume", metavar="DIR", help="continue the run in DIR exactly")
-    r.add_argument("--backend", default="torch", help="torch (triton arrives with codegen)")
+    r.add_argument("--backend", default="torch", choices=["torch", "triton"],
+                   help="triton: fused pointwise kernels (interpreter on CPU), torch for the rest")
     r.add_argument("--fsdp", action="store_true", help="under torchrun: FSDP instead of DDP")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     r.add_argument("--import", dest="imports", action="append", metavar="PY")

@@ -76,9 +76,9 @@ def load(path: str, preset: Optional[str] = None, *, backend: str = "torch", see
     from .errors import LmcError
     from .runtime.module import LmcModel
 
-    if backend != "torch":
-        raise LmcError(f"unknown backend {backend!r} (available: torch)")
+    if backend not in ("torch", "triton"):
+        raise LmcError(f"unknown backend {backend!r} (available: torch, triton)")
     compiled = compile_model(path, preset, overrides)
-    model = LmcModel(compiled.graph, seed=seed, device=device)
+    model = LmcModel(compiled.graph, seed=seed, device=device, backend=backend)
     model.compiled = compiled
     return model

@@ -50,6 +50,8 @@ class Differentiated:
     wrt: List[str]        # names of the params/inputs the backward returns gradients for
     outputs: List[str]    # forward outputs that take a cotangent
     saved: List[str]      # forward' outputs carried to the backward
+    forward_exec: object = None   # backend programs (e.g. TritonProgram) for the two graphs;
+    backward_exec: object = None  # None: run the graphs op by op with the torch references
 
 
 class Rule:

@@ -60,8 +60,11 @@ def _last_uses(g: Graph) -> List[List[Node]]:
     return free
 
 
-def run_graph(g: Graph, bound: Mapping[str, torch.Tensor], ctx: RefCtx) -> Dict[str, torch.Tensor]:
-    """Evaluate `g` with `bound` values for its inputs and params (by name)."""
+def run_graph(g: Graph, bound: Mapping[str, torch.Tensor], ctx: RefCtx,
+              impl: Mapping[Op, object] = None) -> Dict[str, torch.Tensor]:
+    """Evaluate `g` with `bound` values for its inputs and params (by name). `impl` overrides
+    the reference for some ops (the triton backend runs FUSED nodes as kernels)."""
+    table = REFERENCE if not impl else {**REFERENCE, **impl}
     # the plan depends on the node list and the outputs; meta is copied between graphs that
     # share nodes (e.g. forward' adds outputs), so the cache is keyed on both
     key = (len(g.nodes), tuple(id(o) for o in g.outputs.values()))
@@ -77,7 +80,7 @@ def run_graph(g: Graph, bound: Mapping[str, torch.Tensor], ctx: RefCtx) -> Dict[
             except KeyError:
                 raise LmcError(f"no value given for {n.op.value} {n.attrs['name']!r}") from None
         else:
-            env[n] = REFERENCE[n.op](ctx, [env[i] for i in n.inputs], n.attrs)
+            env[n] = table[n.op](ctx, [env[i] for i in n.inputs], n.attrs)
         for x in free[idx]:
             env.pop(x, None)
     return {k: env[v] for k, v in g.outputs.items()}

@@ -15,11 +15,17 @@ from ..passes.autodiff import Differentiated
 from .executor import run_graph
 
 
+def _run(graph, program, bound, ctx):
+    if program is None:
+        return run_graph(graph, bound, ctx)
+    return run_graph(program.graph, bound, ctx, program.impl)
+
+
 class GraphFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, prog: Differentiated, names: Sequence[str], refctx: RefCtx, *values):
         bound = dict(zip(names, values))
-        outs = run_graph(prog.forward, bound, refctx)
+        outs = _run(prog.forward, prog.forward_exec, bound, refctx)
         ctx.prog, ctx.names, ctx.refctx = prog, names, refctx
         ctx.save_for_backward(*[outs[s] for s in prog.saved])
         results = [v for k, v in outs.items() if not k.startswith("saved:")]
@@ -39,7 +45,7 @@ class GraphFunction(torch.autograd.Function):
                 g = torch.zeros(node.type.concrete(ctx.refctx.dims), device=ctx.refctx.device,
                                 dtype=node.type.dtype.torch())
             bound[f"grad:{name}"] = g
-        outs = run_graph(prog.backward, bound, ctx.refctx)
+        outs = _run(prog.backward, prog.backward_exec, bound, ctx.refctx)
         wanted = set(prog.wrt)
         return (None, None, None) + tuple(
             outs[f"grad:{n}"] if n in wanted and ctx.needs_input_grad[3 + i] else None

@@ -18,8 +18,13 @@ from .function import GraphFunction
 
 
 class LmcModel(nn.Module):
-    def __init__(self, graph: Graph, *, seed: int = 0, device=None, autodiff: str = "lmc"):
+    def __init__(self, graph: Graph, *, seed: int = 0, device=None, autodiff: str = "lmc",
+                 backend: str = "torch"):
         super().__init__()
+        if backend not in ("torch", "triton"):
+            raise LmcError(f"unknown backend {backend!r} (available: torch, triton)")
+        self.backend = backend
+        self._inference = None
         if autodiff not in ("lmc", "torch"):
             raise LmcError(f"autodiff must be 'lmc' (the IR pass) or 'torch', got {autodiff!r}")
         self.graph = graph
@@ -71,6 +76,9 @@ class LmcModel(nn.Module):
             results = GraphFunction.apply(self.program(), names, ctx,
                                           *[bound[n] for n in names])
             outs = dict(zip(self.graph.outputs, results))
+        elif self.backend == "triton":
+            prog = self.inference_program()
+            outs = run_graph(prog.graph, bound, ctx, prog.impl)
         else:
             outs = run_graph(self.graph, bound, ctx)
         return next(iter(outs.values())) if len(outs) == 1 else outs
@@ -83,8 +91,19 @@ class LmcModel(nn.Module):
 
             prog = differentiate(self.graph)
             prog.backward = run_pipeline(prog.backward)  # the backward is cleaned like any graph
+            if self.backend == "triton":  # both graphs are fused and code-generated alike
+                from .triton_backend import TritonProgram
+                prog.forward_exec = TritonProgram(prog.forward)
+                prog.backward_exec = TritonProgram(prog.backward)
             self._program = prog
         return self._program
+
+    def inference_program(self):
+        """The forward graph compiled for the backend (no gradients needed)."""
+        if self._inference is None:
+            from .triton_backend import TritonProgram
+            self._inference = TritonProgram(self.graph)
+        return self._inference
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -202,7 +202,7 @@ def train(path: str, preset: Optional[str], overrides, c: TrainConfig) -> Dict[s
                        f"{vocab}")
 
     graph = run_pipeline(with_loss(compiled.graph))
-    model = LmcModel(graph, seed=c.seed).to(d.device)
+    model = LmcModel(graph, seed=c.seed, backend=c.backend).to(d.device)
     raw = model
     if d.world > 1:
         if c.fsdp:  # FSDP2: parameters sharded across ranks, gathered for each forward

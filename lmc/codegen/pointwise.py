@@ -1,0 +1,148 @@
+"""Triton source for a pointwise FUSED group.
+
+One program handles BLOCK elements of the (contiguous) output. The flat index is split into
+per-axis indices with the output's sizes, and each input is read through its own strides,
+which are 0 on broadcast axes, so `x * rsqrt(m)` with m of shape [B, T, 1] needs no copy.
+Sizes and strides are kernel arguments: a new batch size or length reuses the same code.
+Floating-point values are computed in fp32 whatever they are stored as.
+
+    @triton.jit
+    def lmc_fused_add_rsqrt_2(in0_ptr, out0_ptr, N, S0, S1, S2, in0_s0, in0_s1, in0_s2,
+                              BLOCK: tl.constexpr): ...
+"""
+from __future__ import annotations
+
+from typing import Dict, List
+
+from ..errors import LmcError
+from ..ir.graph import Graph, Node
+from ..ir.ops import Op
+from ..ir.types import DType
+
+TL_DTYPE = {DType.f32: "tl.float32", DType.f16: "tl.float16", DType.bf16: "tl.bfloat16",
+            DType.i64: "tl.int64", DType.i32: "tl.int32", DType.bool: "tl.int1"}
+
+HELPERS = '''
+@triton.jit
+def _round_half_even(x):
+    # torch.round: halves go to the even neighbour
+    r = tl.floor(x + 0.5)
+    return tl.where((r - x == 0.5) & (r % 2 != 0), r - 1.0, r)
+
+
+@triton.jit
+def _tanh(x):
+    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+'''
+
+_UNARY = {
+    Op.NEG: "-({0})", Op.EXP: "tl.exp({0})", Op.LOG: "tl.log({0})", Op.SQRT: "tl.sqrt({0})",
+    Op.RSQRT: "tl.rsqrt({0})", Op.SIGMOID: "tl.sigmoid({0})", Op.TANH: "_tanh({0})",
+    Op.SILU: "({0}) * tl.sigmoid({0})", Op.ERF: "tl.erf({0})", Op.SIN: "tl.sin({0})",
+    Op.COS: "tl.cos({0})", Op.ABS: "tl.abs({0})", Op.ROUND: "_round_half_even({0})",
+    Op.RELU: "tl.where({0} > 0, {0}, 0.0)",
+}
+_BINARY = {
+    Op.ADD: "{0} + {1}", Op.SUB: "{0} - {1}", Op.MUL: "{0} * {1}", Op.DIV: "{0} / {1}",
+    Op.MAX: "tl.maximum({0}, {1})", Op.MIN: "tl.minimum({0}, {1})", Op.LT: "{0} < {1}",
+    Op.LE: "{0} <= {1}", Op.GT: "{0} > {1}", Op.GE: "{0} >= {1}", Op.EQ: "{0} == {1}",
+    Op.NE: "{0} != {1}",
+}
+
+
+def literal(n: Node) -> str:
+    v = n.attrs["value"]
+    if n.type.dtype is DType.bool:
+        return "True" if v else "False"
+    if n.type.dtype.is_int:
+        return str(int(v))
+    v = float(v)
+    if v != v:
+        return 'float("nan")'
+    if v in (float("inf"), float("-inf")):
+        return 'float("inf")' if v > 0 else 'float("-inf")'
+    return repr(v)
+
+
+def _expr(n: Node, a: List[str]) -> str:
+    op = n.op
+    if op in _UNARY:
+        return _UNARY[op].format(*a)
+    if op in _BINARY:
+        return "(" + _BINARY[op].format(*a) + ")"
+    if op is Op.WHERE:
+        return f"tl.where({a[0]}, {a[1]}, {a[2]})"
+    if op is Op.GELU:
+        if n.attrs.get("approximate", "none") == "tanh":
+            return (f"0.5 * {a[0]} * (1.0 + _tanh(0.7978845608028654 * ({a[0]} + 0.044715 * "
+                    f"{a[0]} * {a[0]} * {a[0]})))")
+        return f"0.5 * {a[0]} * (1.0 + tl.erf({a[0]} * 0.7071067811865476))"
+    if op is Op.SIGN:
+        return f"(tl.where({a[0]} > 0, 1.0, 0.0) - tl.where({a[0]} < 0, 1.0, 0.0))"
+    if op is Op.CLAMP:
+        x = a[0]
+        if n.attrs["lo"] is not None:
+            x = f"tl.maximum({x}, {float(n.attrs['lo'])!r})"
+        if n.attrs["hi"] is not None:
+            x = f"tl.minimum({x}, {float(n.attrs['hi'])!r})"
+        return x
+    if op is Op.CAST:
+        return f"({a[0]}).to({TL_DTYPE[n.type.dtype]})"
+    if op is Op.POW:
+        e = float(n.inputs[1].attrs["value"])
+        x = a[0]
+        return {2.0: f"({x} * {x})", 3.0: f"({x} * {x} * {x})", 0.5: f"tl.sqrt({x})",
+                -0.5: f"tl.rsqrt({x})", -1.0: f"(1.0 / {x})", 1.0: x}[e]
+    raise LmcError(f"internal: no Triton lowering for {op.value}")
+
+
+def generate(body: Graph, name: str) -> str:
+    """The @triton.jit kernel for one pointwise body graph, as source text."""
+    inputs = [n for n in body.nodes if n.op is Op.INPUT]
+    outputs = list(body.outputs.values())
+    rank = max(outputs[0].type.rank, 1)
+    sizes = [f"S{d}" for d in range(rank)]
+    args = [f"in{i}_ptr" for i in range(len(inputs))] + \
+        [f"out{i}_ptr" for i in range(len(outputs))] + ["N"] + sizes + \
+        [f"in{i}_s{d}" for i in range(len(inputs)) for d in range(rank)]
+    src_nodes = [m for m in body.nodes if m.op is not Op.INPUT and m.op is not Op.CONST]
+    lines = [
+        "@triton.jit",
+        f"def {name}({', '.join(args)}, BLOCK: tl.constexpr):",
+        "    # IR nodes: " + ", ".join(
+            f"{m.op.value}" + (f"@{m.loc.file.rsplit('/', 1)[-1]}:{m.loc.line}" if m.loc else "")
+            for m in src_nodes),
+        "    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # int64: large N",
+        "    mask = offs < N",
+        "    rem = offs",
+    ]
+    for d in reversed(range(1, rank)):
+        lines.append(f"    i{d} = rem % S{d}")
+        lines.append(f"    rem = rem // S{d}")
+    lines.append("    i0 = rem")
+    val: Dict[Node, str] = {}
+    for i, n in enumerate(inputs):
+        off = " + ".join(f"i{d} * in{i}_s{d}" for d in range(rank))
+        load = f"tl.load(in{i}_ptr + ({off}), mask=mask, other=0)"
+        if n.type.dtype in (DType.f16, DType.bf16):
+            load += ".to(tl.float32)"  # compute in fp32
+        lines.append(f"    v{i} = {load}")
+        val[n] = f"v{i}"
+    for k, m in enumerate(body.nodes):
+        if m.op is Op.CONST:
+            val[m] = literal(m)
+        elif m.op is not Op.INPUT:
+            lines.append(f"    t{k} = {_expr(m, [val[x] for x in m.inputs])}"
+                         f"  # {m.op.value} -> {m.type}")
+            val[m] = f"t{k}"
+    for i, o in enumerate(outputs):
+        lines.append(f"    tl.store(out{i}_ptr + offs, ({val[o]}).to({TL_DTYPE[o.type.dtype]}), "
+                     f"mask=mask)")
+    return "\n".join(lines) + "\n"
+
+
+def module_source(kernels: Dict[str, str]) -> str:
+    head = ("# Generated by lmc: Triton kernels for fused pointwise groups.\n"
+            "# Each kernel's comment lists the IR nodes (and YAML lines) it came from.\n"
+            "import triton\nimport triton.language as tl\n")
+    return head + HELPERS + "\n\n" + "\n\n".join(kernels[k] for k in sorted(kernels))

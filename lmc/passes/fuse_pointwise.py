@@ -1,0 +1,149 @@
+"""`fuse_pointwise`: group chains of same-shape elementwise ops into FUSED kernel nodes.
+
+Each group becomes one FUSED node whose body is a small graph (placeholders for the group's
+external inputs, the member ops, scalar constants copied in as literals) followed by GETITEMs
+for the values used outside the group. The torch backend runs a FUSED node by running its
+body; the triton backend runs the generated kernel (lmc/codegen/pointwise.py).
+
+Grouping rule (greedy, in topological order): a pointwise node joins the group of one of its
+pointwise inputs when their output shapes are identical and every input the node takes from
+outside that group comes before the group's first node. With that rule every edge of the
+contracted graph points forward in the original order, so fusion can never create a cycle.
+External inputs of other shapes are read with broadcasting (stride 0): `silu(x - m) * 2` with
+m of shape [B, T, 1] is one kernel. A computed [B, T, 1] value (rsqrt(mean + eps)) is its own
+group for now; folding it into its consumers, and reductions into kernels, is the next step.
+"""
+from __future__ import annotations
+
+import re
+from typing import Dict, List
+
+from ..ir.graph import Graph, Node
+from ..ir.ops import Kind, Op
+
+# pow lowers to exp2(b * log2(a)) only for a > 0; other exponents stay torch ops (declined)
+_POW_EXPONENTS = {2.0, 3.0, 0.5, -0.5, -1.0, 1.0}
+
+
+def fusible(n: Node) -> tuple:
+    """(ok, reason) for putting `n` in a pointwise kernel."""
+    if n.op.kind is not Kind.POINTWISE:
+        return False, "not pointwise"
+    if n.op is Op.POW:
+        e = n.inputs[1]
+        if not (e.op is Op.CONST and e.type.rank == 0 and not hasattr(e.attrs["value"], "shape")
+                and float(e.attrs["value"]) in _POW_EXPONENTS):
+            return False, "pow with a tensor or unusual exponent has no exact kernel lowering"
+    if n.type.dtype.value == "f64":
+        return False, "f64 is left to torch"
+    return True, ""
+
+
+def _is_scalar_const(n: Node) -> bool:
+    return n.op is Op.CONST and n.type.rank == 0 and not hasattr(n.attrs["value"], "shape")
+
+
+def fuse_pointwise(g: Graph) -> Graph:
+    order = {n: i for i, n in enumerate(g.nodes)}
+    group_of: Dict[Node, int] = {}
+    groups: List[List[Node]] = []
+    declined = []
+    for n in g.nodes:
+        ok, why = fusible(n)
+        if not ok:
+            if why != "not pointwise":
+                declined.append((n, why))
+            continue
+        chosen = None
+        for x in n.inputs:
+            gid = group_of.get(x)
+            if gid is None or groups[gid][0].type.shape != n.type.shape:
+                continue
+            first = order[groups[gid][0]]
+            # scalar constants become literals in the kernel: not edges, so exempt
+            if all(group_of.get(y) == gid or order[y] < first or _is_scalar_const(y)
+                   for y in n.inputs):
+                chosen = gid
+                break
+        if chosen is None:
+            chosen = len(groups)
+            groups.append([])
+        groups[chosen].append(n)
+        group_of[n] = chosen
+
+    used_outside = set(g.outputs.values())
+    for n in g.nodes:
+        for x in n.inputs:
+            if x in group_of and group_of.get(n) != group_of[x]:
+                used_outside.add(x)
+
+    # build the new graph: each group is emitted where its first member stood
+    new: Dict[Node, Node] = {}
+    nodes: List[Node] = []
+    first_of = {grp[0]: gid for gid, grp in enumerate(groups)}
+    for n in g.nodes:
+        if n in first_of:
+            gid = first_of[n]
+            members = groups[gid]
+            if not any(m in used_outside for m in members):
+                continue  # nothing reads the group: it is dead code, and so is its kernel
+            fused, outs = _make_fused(members, gid, used_outside, new)
+            nodes.append(fused)
+            for m, gi in outs:
+                nodes.append(gi)
+                new[m] = gi
+            continue
+        if n in group_of:
+            continue
+        ins = tuple(new[i] for i in n.inputs)
+        c = n if ins == n.inputs else Node(n.op, ins, n.attrs, n.type, n.loc, n.scope)
+        new[n] = c
+        nodes.append(c)
+    out = g.with_nodes(nodes, {k: new[v] for k, v in g.outputs.items()})
+    out.meta["fusions"] = list(g.meta.get("fusions", [])) + [
+        {"pass": "fuse_pointwise", "status": "declined", "where": _where(n), "reason": why}
+        for n, why in declined]
+    out.meta["kernels"] = list(g.meta.get("kernels", [])) + [
+        {"kernel": f.attrs["kernel"], "ops": [m.op.value for m in f.attrs["body"].nodes
+                                              if m.op is not Op.INPUT and m.op is not Op.CONST]}
+        for f in nodes if f.op is Op.FUSED]
+    return out
+
+
+def _where(n: Node) -> str:
+    loc = f" {n.loc.file.rsplit('/', 1)[-1]}:{n.loc.line}" if n.loc else ""
+    return f"{n.scope or '<model>'}{loc}"
+
+
+def _make_fused(members: List[Node], gid: int, used_outside, new: Dict[Node, Node]):
+    from ..frontend.builder import Builder
+
+    inside = set(members)
+    b = Builder({}, {})
+    body: Dict[Node, Node] = {}
+    ext: List[Node] = []
+    for m in members:
+        for x in m.inputs:
+            if x in inside or x in body:
+                continue
+            if _is_scalar_const(x):       # literals live in the kernel, not as arguments
+                body[x] = Node(x.op, (), dict(x.attrs), x.type, x.loc, x.scope)
+                b.nodes.append(body[x])
+            else:                          # b.input appends the placeholder itself
+                body[x] = b.input(f"in{len(ext)}", x.type.shape, x.type.dtype).node
+                ext.append(x)
+        c = Node(m.op, tuple(body[x] for x in m.inputs), m.attrs, m.type, m.loc, m.scope)
+        body[m] = c
+        b.nodes.append(c)
+    outputs = [m for m in members if m in used_outside]
+    ops = [m.op.value for m in members]
+    name = "lmc_fused_" + "_".join(dict.fromkeys(ops[:4])) + f"_{gid}"
+    name = re.sub(r"[^a-z0-9_]", "_", name)
+    body_graph = Graph(name, b.nodes, {str(i): body[m] for i, m in enumerate(outputs)})
+    first = members[0]
+    fused = Node.make(Op.FUSED, [new[x] for x in ext],
+                      {"kernel": name, "kind": "pointwise", "body": body_graph},
+                      first.loc, first.scope)
+    gets = [(m, Node.make(Op.GETITEM, [fused], {"index": i}, m.loc, m.scope))
+            for i, m in enumerate(outputs)]
+    return fused, gets
