@@ -57,6 +57,10 @@ def cmd_compile(args) -> int:
     _import_blocks(args.imports)
     c = compile_model(args.file, args.preset, args.set, disable=args.disable or ())
     s = c.summary()
+    k = c.kernels()
+    s["kernels"] = {g: {"count": len(k[g]["kernels"]), "torch_ops": k[g]["torch_ops"],
+                        "list": k[g]["kernels"]} for g in ("forward", "backward")}
+    s["codegen_s"] = k["codegen_s"]
     if args.out:
         if os.path.exists(args.out) and not os.path.isdir(args.out):
             raise LmcError(f"-o {args.out}: exists and is not a directory")
@@ -64,6 +68,8 @@ def cmd_compile(args) -> int:
         _write(os.path.join(args.out, "ir_source.txt"), format_graph(c.source) + "\n")
         _write(os.path.join(args.out, "ir.txt"), format_graph(c.graph) + "\n")
         _write(os.path.join(args.out, "summary.json"), json.dumps(s, indent=2, default=str) + "\n")
+        for g in ("forward", "backward"):
+            _write(os.path.join(args.out, f"kernels_{g}.py"), k[g]["source"])
     if args.print_ir:
         print(format_graph(c.graph))
         return 0
@@ -72,7 +78,8 @@ def cmd_compile(args) -> int:
         return 0
     print(format_summary(s))
     if args.out:
-        print(f"wrote       {args.out}/ir_source.txt, ir.txt, summary.json")
+        print(f"wrote       {args.out}/ir_source.txt, ir.txt, summary.json, "
+              f"kernels_forward.py, kernels_backward.py")
     return 0
 
 
@@ -132,6 +139,10 @@ def format_summary(s) -> str:
                      f"{s['nodes_after'].get(op, 0):>7}")
     lines.append(f"            {'total':<16} {sum(s['nodes_before'].values()):>7} "
                  f"{sum(s['nodes_after'].values()):>7}")
+    for g in ("forward", "backward"):
+        kk = s["kernels"][g]
+        lines.append(f"kernels     {g}: {kk['count']} fused pointwise Triton kernels, "
+                     f"{kk['torch_ops']} ops still run by torch (matmul, reductions, views)")
     if s["fusions"]:
         lines.append("fusions")
         for f in s["fusions"]:

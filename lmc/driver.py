@@ -19,6 +19,33 @@ class Compiled:
     compile_s: float
     frontend_s: float
     passes: List[Dict[str, Any]] = field(default_factory=list)
+    _kernels: Optional[Dict[str, Any]] = None
+
+    def kernels(self) -> Dict[str, Any]:
+        """The kernel plan of the forward and backward graphs: fused groups, their ops and
+        the generated Triton source (text only: nothing is compiled or imported here)."""
+        if self._kernels is None:
+            from .codegen.pointwise import generate, module_source
+            from .ir.ops import Op
+            from .passes.autodiff import differentiate
+            from .passes.fuse_pointwise import fuse_pointwise
+
+            t0 = time.perf_counter()
+            out: Dict[str, Any] = {}
+            prog = differentiate(self.graph)
+            for name, g in (("forward", self.graph), ("backward",
+                                                     run_pipeline(prog.backward))):
+                fused = fuse_pointwise(g)
+                bodies = {n.attrs["kernel"]: n.attrs["body"] for n in fused.nodes
+                          if n.op is Op.FUSED}
+                out[name] = {"kernels": fused.meta["kernels"],
+                             "torch_ops": sum(1 for n in fused.nodes if n.op not in (
+                                 Op.FUSED, Op.GETITEM, Op.INPUT, Op.PARAM, Op.CONST)),
+                             "source": module_source({k: generate(b, k)
+                                                      for k, b in bodies.items()})}
+            out["codegen_s"] = time.perf_counter() - t0
+            self._kernels = out
+        return self._kernels
 
     def summary(self) -> Dict[str, Any]:
         g = self.graph

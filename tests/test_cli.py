@@ -23,6 +23,10 @@ def test_compile_default_llama_reports_162m_params(capsys):
     assert s["nodes_after"]["matmul"] == 12 * 9 + 1  # 7 projections + 2 attention per layer
     assert s["nodes_before"]["causal_mask"] == 12 and s["nodes_after"]["causal_mask"] == 1
     assert isinstance(s["fusions"], list)
+    for g in ("forward", "backward"):
+        assert s["kernels"][g]["count"] > 0
+        assert all(k["kernel"].startswith("lmc_fused_") and k["ops"]
+                   for k in s["kernels"][g]["list"])
 
 
 def test_compile_summary_text(capsys):
@@ -49,7 +53,11 @@ def test_print_ir(capsys):
 def test_out_dir(tmp_path, capsys):
     out = tmp_path / "o"
     assert main(["compile", LLAMA, "--preset", "tiny", "-o", str(out)]) == 0
-    assert {"ir.txt", "ir_source.txt", "summary.json"} <= set(os.listdir(out))
+    assert {"ir.txt", "ir_source.txt", "summary.json", "kernels_forward.py",
+            "kernels_backward.py"} <= set(os.listdir(out))
+    src = (out / "kernels_backward.py").read_text()
+    assert "@triton.jit" in src and "# IR nodes:" in src
+    compile(src, "kernels_backward.py", "exec")  # valid Python
     assert "block" in (out / "ir_source.txt").read_text()
     assert json.loads((out / "summary.json").read_text())["model"] == "llama"
 
