@@ -6,11 +6,22 @@
 
 Define blocks in Python with `@lmc.block` and use them from YAML by name.
 """
-from .blocks import block
-from .driver import Compiled, compile_model, load
-from .errors import LmcError
-from .frontend.builder import Builder, Tensor
-from .ir import init
+import os as _os
+import sys as _sys
+
+import torch as _torch
+
+# Triton decides at import time whether its own library functions (tl.sigmoid, tl.sum, ...)
+# run in the interpreter, so on a machine without CUDA the switch must be set before anything
+# (torch._dynamo among others) imports triton. A user's explicit setting wins.
+if "triton" not in _sys.modules and not _torch.cuda.is_available():
+    _os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from .blocks import block  # noqa: E402
+from .driver import Compiled, compile_model, load  # noqa: E402
+from .errors import LmcError  # noqa: E402
+from .frontend.builder import Builder, Tensor  # noqa: E402
+from .ir import init  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["block", "compile_model", "load", "Compiled", "LmcError", "Builder", "Tensor",

@@ -188,7 +188,8 @@ def train(path: str, preset: Optional[str], overrides, c: TrainConfig) -> Dict[s
     enc = get_tokenizer(c.tokenizer)
     vocab = compiled.graph.outputs["logits"].type.shape[-1] if "logits" in \
         compiled.graph.outputs else cfg.get("vocab")
-    if vocab < enc.n_vocab:
+    pretokenized = c.data is not None and c.data.endswith(".bin")  # checked by its ids below
+    if vocab < enc.n_vocab and not pretokenized:
         raise LmcError(f"the model's vocab ({vocab}) is smaller than tokenizer "
                        f"{c.tokenizer!r} ({enc.n_vocab} tokens): use --set vocab="
                        f"{-(-enc.n_vocab // 64) * 64} or another --tokenizer")

@@ -13,6 +13,7 @@ import torch
 
 from ..codegen import cache
 from ..codegen.pointwise import generate, module_source
+from ..errors import LmcError
 from ..ir.graph import Graph
 from ..ir.ops import Op
 from ..passes.fuse_pointwise import fuse_pointwise
@@ -20,8 +21,21 @@ from ..passes.verify import verify
 
 
 def _interpret() -> bool:
+    """Whether kernels run in Triton's interpreter (always, without CUDA).
+
+    `import lmc` sets TRITON_INTERPRET=1 on such machines before triton is imported; if triton
+    was imported earlier without it, its library functions are compiled-only and every kernel
+    calling one would fail deep inside Triton, so say so now.
+    """
     if not torch.cuda.is_available():
-        os.environ["TRITON_INTERPRET"] = "1"  # before the kernels module is imported
+        os.environ["TRITON_INTERPRET"] = "1"
+        import triton.language as tl
+        from triton.runtime.interpreter import InterpretedFunction
+
+        if not isinstance(tl.sigmoid, InterpretedFunction):
+            raise LmcError("the triton backend needs Triton's interpreter on a machine without "
+                           "CUDA, but triton was imported before TRITON_INTERPRET=1 was set: "
+                           "set TRITON_INTERPRET=1 in the environment or import lmc first")
         return True
     return os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -58,7 +72,8 @@ class TritonProgram:
         for x in xs:
             v = x.expand(shape) if shape else x.reshape(1)
             strides.extend(v.stride())  # 0 on broadcast axes
-        block = min(triton.next_power_of_2(n), 4096) if self.interpret else 1024
+        # the interpreter pays per program, so it gets big blocks; a GPU gets 1024
+        block = min(triton.next_power_of_2(n), 16384) if self.interpret else 1024
         grid = (triton.cdiv(n, block),)
         self.kernels[attrs["kernel"]][grid](*xs, *results, n, *sizes, *strides, BLOCK=block)
         self.launches += 1

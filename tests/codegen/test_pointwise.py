@@ -152,3 +152,43 @@ def test_three_training_steps_match_the_torch_backend(tmp_path, monkeypatch):
         losses[backend] = [json.loads(ln)["train_loss"] for ln in open(out / "metrics.jsonl")]
     for a, b in zip(losses["torch"], losses["triton"]):
         assert abs(a - b) / abs(a) < 1e-4
+
+
+def _clean_env(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["LMC_CACHE"] = str(tmp_path / "cache")
+    return env
+
+
+def test_cli_triton_backend_in_a_fresh_process(tmp_path):
+    """The console script, with nothing set in the environment: whatever imports triton first
+    (torch._dynamo does, from the optimizer), its library functions must be interpreted."""
+    import subprocess
+    import sys
+
+    import numpy as np
+    data = tmp_path / "tokens.bin"
+    np.random.default_rng(0).integers(0, 512, 4096).astype(np.uint32).tofile(data)
+    r = subprocess.run([sys.executable, "-m", "lmc.cli", "run", LLAMA, "--train", "--preset",
+                        "tiny", "--data", str(data), "--steps", "2", "--batch-size", "2",
+                        "--seq-len", "16", "--no-progress", "--backend", "triton", "--out",
+                        str(tmp_path / "run")], capture_output=True, text=True,
+                       env=_clean_env(tmp_path))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "trained     2 steps" in r.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter is forced only without CUDA")
+def test_triton_imported_before_lmc_is_a_clear_error(tmp_path):
+    import subprocess
+    import sys
+    code = ("import triton.language, torch, lmc\n"
+            f"m = lmc.load({LLAMA!r}, preset='tiny', backend='triton')\n"
+            "try:\n"
+            "    m(torch.zeros(1, 4, dtype=torch.long))\n"
+            "except lmc.LmcError as e:\n"
+            "    print('LmcError:', e)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env=_clean_env(tmp_path))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "LmcError:" in r.stdout and "TRITON_INTERPRET=1" in r.stdout
