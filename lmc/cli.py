@@ -153,6 +153,22 @@ def format_summary(s) -> str:
     return "\n".join(lines)
 
 
+def cmd_verify(args) -> int:
+    """Check a model's invariants on small random weights; exit 1 if any check fails.
+
+    With no --preset and no --set, the file's `tiny` preset is used."""
+    from .verify import format_rows, verify
+
+    _import_blocks(args.imports)
+    rows = verify(args.file, args.preset, args.set or (), seed=args.seed, skip=args.skip or ())
+    print(f"lmc verify {args.file}")
+    print(format_rows(rows))
+    failed = [r.check for r in rows if not r.ok]
+    print(f"{len(rows) - len(failed)}/{len(rows)} checks passed"
+          + (f"; FAILED: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lmc", description="A compiler for language-model "
                                 "architectures written as YAML graphs of primitive ops.")
@@ -197,6 +213,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     r.add_argument("--import", dest="imports", action="append", metavar="PY")
     r.set_defaults(fn=cmd_run)
+
+    v = sub.add_parser("verify", help="check a model's invariants (causality, gradients, "
+                       "backends) against the oracle", description=cmd_verify.__doc__)
+    v.add_argument("file", help="model YAML file")
+    v.add_argument("--preset", help="a named override set (default: tiny, if no --set)")
+    v.add_argument("--set", nargs="+", action="extend", metavar="KEY=VALUE")
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--skip", action="append", metavar="CHECK",
+                   help="leave out a check: passes, causal, grads, triton")
+    v.add_argument("--import", dest="imports", action="append", metavar="PY")
+    v.set_defaults(fn=cmd_verify)
     return p
 
 
@@ -209,7 +236,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise
         # compile errors without a finer place point at the model file; run-time errors
         # (a NaN loss, a missing checkpoint) have no source line and say so
-        if e.loc is None and args.command == "compile":
+        if e.loc is None and args.command in ("compile", "verify"):
             e.with_loc(Loc(args.file, 1, 1))
         print(e.format(), file=sys.stderr)
         return 2

@@ -1,0 +1,243 @@
+"""`lmc verify`: the invariants every architecture must hold, checked on small random weights.
+
+Each check compares the compiled program with the oracle — the source graph (before any
+pass) run op by op in torch and differentiated by torch autograd — or tests a property of
+the model itself. A check that raises is a failure with its one-line reason; the others
+still run. Later issues append checks to CHECKS (decode = forward).
+
+    rows = verify("zoo/llama.yaml")            # the file's tiny preset
+    all(r.ok for r in rows)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from .errors import LmcError
+
+
+@dataclass
+class Row:
+    check: str
+    ok: bool
+    detail: str
+    skipped: bool = False
+
+    @property
+    def result(self) -> str:
+        return "skip" if self.skipped else "pass" if self.ok else "FAIL"
+
+
+@dataclass
+class Subject:
+    """What the checks share: the compiled model, its oracle, and test inputs."""
+    path: str
+    preset: Optional[str]
+    overrides: Sequence[str]
+    compiled: object
+    vocab: int
+    ids: torch.Tensor
+    seed: int
+
+    def model(self, *, autodiff: str = "lmc", backend: str = "torch"):
+        from .runtime.module import LmcModel
+        return LmcModel(self.compiled.graph, seed=self.seed, autodiff=autodiff, backend=backend)
+
+    def oracle(self):
+        """The source graph with blocks spliced in and no other pass, run op by op and
+        differentiated by torch autograd, holding the compiled model's weights."""
+        from .passes.basic import inline
+        from .runtime.module import LmcModel
+        ref = LmcModel(inline(self.compiled.source), seed=self.seed, autodiff="torch")
+        missing, unexpected = ref.load_state_dict(self.model().state_dict(), strict=False)
+        if unexpected:
+            raise LmcError(f"the passes invented parameters: {', '.join(unexpected[:3])}")
+        return ref  # "missing": parameters the passes removed as unused keep their init
+
+
+def _outputs(model, ids) -> Dict[str, torch.Tensor]:
+    out = model(ids)
+    return out if isinstance(out, dict) else {"logits": out}
+
+
+def _max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| relative to max |b| (1 when b is all zeros); inf on NaN/inf."""
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        return float("inf")
+    scale = max(b.abs().max().item(), 1e-30) if b.numel() else 1.0
+    return (a - b).abs().max().item() / scale if b.numel() else 0.0
+
+
+FWD_TOL = 1e-5    # fp32, relative to the largest output: reassociation-level differences only
+GRAD_TOL = 1e-4   # fp32 gradients through a whole model, relative per parameter
+
+
+def _compare_outputs(got, ref) -> float:
+    worst = 0.0
+    for name, r in ref.items():
+        if not r.is_floating_point():
+            if not torch.equal(got[name], r):
+                return float("inf")
+            continue
+        worst = max(worst, _max_rel(got[name].float(), r.float()))
+    return worst
+
+
+def check_passes(s: Subject) -> Row:
+    """The optimised graph computes what the source graph computes (eval mode)."""
+    m, o = s.model().eval(), s.oracle().eval()
+    with torch.no_grad():
+        d = _compare_outputs(_outputs(m, s.ids), _outputs(o, s.ids))
+    from .passes.basic import inline
+    return Row("passes = oracle", d <= FWD_TOL,
+               f"{len(inline(s.compiled.source).nodes)} -> {len(s.compiled.graph.nodes)} nodes; "
+               f"max rel diff {d:.1e} (tol {FWD_TOL:.0e})")
+
+
+def check_causal(s: Subject) -> Row:
+    """Perturbing token t+1 leaves every output at positions <= t unchanged, and changes t+1."""
+    m = s.model().eval()
+    T = s.ids.shape[1]
+    ts = sorted({0, T // 2 - 1, T - 2} - {-1})
+    with torch.no_grad():
+        base = _outputs(m, s.ids)["logits"]
+        for t in ts:
+            ids = s.ids.clone()
+            ids[:, t + 1] = (ids[:, t + 1] + 1 + torch.arange(ids.shape[0])) % s.vocab
+            out = _outputs(m, ids)["logits"]
+            leak = (out[:, : t + 1] - base[:, : t + 1]).abs().max().item()
+            if leak != 0.0:
+                return Row("causal", False, f"changing token {t + 1} moved logits at positions "
+                           f"<= {t} by up to {leak:.2e}")
+            if torch.equal(out[:, t + 1], base[:, t + 1]):
+                return Row("causal", False, f"changing token {t + 1} left its own logits "
+                           "unchanged: the model ignores its input")
+    return Row("causal", True, f"token t+1 changed for t in {ts}: logits <= t bitwise equal")
+
+
+def _grads(model, ids, cotangents, seed) -> Dict[str, torch.Tensor]:
+    model.train()
+    outs = _outputs(model, ids)
+    total = sum((outs[k].float() * c).sum() for k, c in cotangents.items())
+    total.backward()
+    return {n: p.grad for n, p in model.named_parameters()}
+
+
+def _cotangents(s: Subject, outs) -> Dict[str, torch.Tensor]:
+    """Random (not ones) upstream gradients for every float output."""
+    gen = torch.Generator().manual_seed(s.seed + 1)
+    return {k: torch.randn(v.shape, generator=gen, dtype=torch.float32)
+            for k, v in outs.items() if v.is_floating_point()}
+
+
+def _grad_diff(got, ref) -> Tuple[bool, str]:
+    """Whether every parameter's gradient matches, and the worst difference (or what is
+    missing)."""
+    worst, where, missing = 0.0, "", []
+    for n, r in ref.items():
+        g = got.get(n)
+        if r is None and g is None:
+            continue
+        if g is None or r is None:
+            missing.append(n)
+            continue
+        d = _max_rel(g, r)
+        if d > worst:
+            worst, where = d, n
+    if missing:
+        return False, f"gradient missing on one side for {', '.join(missing[:3])}"
+    return worst <= GRAD_TOL, (f"{len(ref)} params, random upstream gradients, max rel diff "
+                               f"{worst:.1e}{' at ' + where if where else ''} (tol {GRAD_TOL:.0e})")
+
+
+def check_grads(s: Subject) -> Row:
+    """Gradients from the autodiff pass equal torch autograd over the source graph."""
+    o = s.oracle()
+    with torch.no_grad():
+        cot = _cotangents(s, _outputs(o.train(), s.ids))
+    ref = _grads(o, s.ids, cot, s.seed)
+    got = _grads(s.model(), s.ids, cot, s.seed)
+    return Row("gradients = oracle", *_grad_diff(got, ref))
+
+
+def check_triton(s: Subject) -> Row:
+    """The triton backend (Triton's interpreter without a GPU): forward and gradients."""
+    tri, o = s.model(backend="triton").eval(), s.oracle().eval()
+    with torch.no_grad():
+        ref_out = _outputs(o, s.ids)
+        fwd = _compare_outputs(_outputs(tri, s.ids), ref_out)
+        cot = _cotangents(s, ref_out)
+    ref = _grads(o, s.ids, cot, s.seed)
+    got = _grads(tri, s.ids, cot, s.seed)
+    grads_ok, detail = _grad_diff(got, ref)
+    prog = tri.program()
+    launches = prog.forward_exec.launches + prog.backward_exec.launches
+    return Row("triton = oracle", fwd <= FWD_TOL and grads_ok,
+               f"forward max rel diff {fwd:.1e}; gradients: {detail}; {launches} launches")
+
+
+# (name for --skip, label in the table, check); the decode issue appends "decode = forward"
+CHECKS: List[Tuple[str, str, Callable[[Subject], Row]]] = [
+    ("passes", "passes = oracle", check_passes),
+    ("causal", "causal", check_causal),
+    ("grads", "gradients = oracle", check_grads),
+    ("triton", "triton = oracle", check_triton),
+]
+
+
+def _preset_names(path: str) -> List[str]:
+    from .frontend.yamlsrc import YMap, load_yaml
+    doc = load_yaml(path)
+    presets = doc.get("presets") if isinstance(doc, YMap) else None
+    return [str(k) for k in presets] if isinstance(presets, YMap) else []
+
+
+def verify(path: str, preset: Optional[str] = None, overrides: Sequence[str] = (), *,
+           seed: int = 0, batch: int = 2, seq: int = 11, skip: Sequence[str] = ()) -> List[Row]:
+    """Run every check; with no preset and no overrides, the file's `tiny` preset."""
+    from .driver import compile_model
+
+    names = [n for n, _, _ in CHECKS]
+    for name in skip:
+        if name not in names:
+            raise LmcError(f"--skip {name}: no such check (checks: {', '.join(names)})")
+    if preset is None and not overrides and "tiny" in _preset_names(path):
+        preset = "tiny"
+    compiled = compile_model(path, preset, list(overrides))
+    g = compiled.graph
+    if len(g.inputs) != 1 or g.inputs[0].type.dtype.value != "i64":
+        raise LmcError("lmc verify needs a model with one int64 token input")
+    if "logits" not in g.outputs:
+        raise LmcError(f"lmc verify needs a 'logits' output (outputs: {', '.join(g.outputs)})")
+    vocab = int(g.outputs["logits"].type.shape[-1])
+    max_seq = g.meta.get("config", {}).get("max_seq")
+    T = min(seq, int(max_seq)) if max_seq else seq
+    if T < 2:
+        raise LmcError(f"lmc verify needs max_seq >= 2, the model has {max_seq}")
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (batch, T), generator=gen)
+    s = Subject(path, preset, list(overrides), compiled, vocab, ids, seed)
+    rows = [Row("compiles", True, f"{compiled.summary()['params']:,} params"
+                f"{' (preset ' + preset + ')' if preset else ''}; B={batch} T={T}")]
+    for name, label, check in CHECKS:
+        if name in skip:
+            rows.append(Row(label, True, "--skip " + name, skipped=True))
+            continue
+        try:
+            rows.append(check(s))
+        except LmcError as e:
+            rows.append(Row(label, False, e.format()))
+        except Exception as e:  # a crash inside a check is that check's failure
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            rows.append(Row(label, False, f"{type(e).__name__}: {msg}"))
+    return rows
+
+
+def format_rows(rows: List[Row]) -> str:
+    w = max(len(r.check) for r in rows)
+    lines = [f"{'check':<{w}}  result  detail"]
+    for r in rows:
+        lines.append(f"{r.check:<{w}}  {r.result:<6}  {r.detail}")
+    return "\n".join(lines)

@@ -1,0 +1,65 @@
+"""`lmc verify`: passes on llama, and each check fails when what it guards is broken."""
+import os
+
+import pytest
+from conftest import ZOO
+
+from lmc.cli import main
+from lmc.verify import verify
+
+LLAMA = os.path.join(ZOO, "llama.yaml")
+
+
+@pytest.fixture(autouse=True)
+def kernel_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LMC_CACHE", str(tmp_path / "cache"))
+
+
+def _rows(*args, **kw):
+    return {r.check: r for r in verify(*args, **kw)}
+
+
+def test_llama_passes_every_check(capsys):
+    assert main(["verify", LLAMA]) == 0
+    out = capsys.readouterr().out
+    assert "preset tiny" in out and "5/5 checks passed" in out
+    for label in ("passes = oracle", "causal", "gradients = oracle", "triton = oracle"):
+        assert f"{label}" in out
+
+
+def test_a_model_without_its_causal_mask_fails_causality(tmp_path, capsys):
+    leaky = tmp_path / "leaky.yaml"
+    leaky.write_text(open(LLAMA).read().replace(
+        "softmax(where(causal_mask(T), scores, -inf), -1)", "softmax(scores, -1)"))
+    assert main(["verify", str(leaky), "--skip", "triton"]) == 1
+    out = capsys.readouterr().out
+    assert "causal" in out and "FAIL" in out and "moved logits at positions" in out
+    rows = _rows(str(leaky), skip=["triton"])
+    assert not rows["causal"].ok and rows["gradients = oracle"].ok
+
+
+def test_a_wrong_vjp_rule_fails_the_gradient_check(monkeypatch):
+    from lmc.ir.ops import Op
+    from lmc.passes import autodiff
+    right = autodiff.VJP[Op.SILU]
+    monkeypatch.setitem(autodiff.VJP, Op.SILU, lambda r: [g * 1.01 for g in right(r)])
+    rows = _rows(LLAMA, skip=["triton"])
+    assert not rows["gradients = oracle"].ok
+    assert rows["passes = oracle"].ok and rows["causal"].ok
+
+
+def test_a_wrong_kernel_fails_the_triton_check(monkeypatch):
+    from lmc.codegen import pointwise
+    from lmc.ir.ops import Op
+    monkeypatch.setitem(pointwise._UNARY, Op.SILU, "({0}) * tl.sigmoid(1.001 * {0})")
+    rows = _rows(LLAMA, skip=["grads"])
+    assert not rows["triton = oracle"].ok
+    assert rows["causal"].ok and rows["gradients = oracle"].skipped
+
+
+def test_sizes_from_set_and_unknown_skip(capsys):
+    rows = _rows(LLAMA, overrides=["vocab=64", "d=32", "heads=2", "ffn=48", "layers=1"],
+                 skip=["triton"])
+    assert "preset" not in rows["compiles"].detail and all(r.ok for r in rows.values())
+    assert main(["verify", LLAMA, "--skip", "nonsense"]) == 2
+    assert "no such check" in capsys.readouterr().err
