@@ -33,6 +33,19 @@ def _round_half_even(x):
 @triton.jit
 def _tanh(x):
     return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
+def _log1p(y):
+    # log(1 + y) without losing small y: correct log(u) by the rounding error of u = 1 + y
+    u = 1.0 + y
+    return tl.where(u == 1.0, y, tl.log(u) * (y / (u - 1.0)))
+
+
+@triton.jit
+def _softplus(x):
+    # max(x, 0) + log1p(exp(-|x|)): exp never overflows, never log(0)
+    return tl.maximum(x, 0.0) + _log1p(tl.exp(-tl.abs(x)))
 '''
 
 _UNARY = {
@@ -41,6 +54,7 @@ _UNARY = {
     Op.SILU: "({0}) * tl.sigmoid({0})", Op.ERF: "tl.erf({0})", Op.SIN: "tl.sin({0})",
     Op.COS: "tl.cos({0})", Op.ABS: "tl.abs({0})", Op.ROUND: "_round_half_even({0})",
     Op.RELU: "tl.where({0} > 0, {0}, 0.0)",
+    Op.SOFTPLUS: "_softplus({0})", Op.LOGSIGMOID: "(-_softplus(-({0})))",
 }
 _BINARY = {
     Op.ADD: "{0} + {1}", Op.SUB: "{0} - {1}", Op.MUL: "{0} * {1}", Op.DIV: "{0} / {1}",

@@ -194,6 +194,8 @@ class Builder:
     def sign(self, x): return self._unary(Op.SIGN, x)
     def round(self, x): return self._unary(Op.ROUND, x)
     def relu(self, x): return self._unary(Op.RELU, x)
+    def logsigmoid(self, x): return self._unary(Op.LOGSIGMOID, x)
+    def softplus(self, x): return self._unary(Op.SOFTPLUS, x)
 
     def gelu(self, x, approximate: str = "none"):
         if approximate not in ("none", "tanh"):

@@ -51,6 +51,8 @@ class Op(enum.Enum):
     TANH = ("tanh", Kind.POINTWISE, 1)
     SILU = ("silu", Kind.POINTWISE, 1)
     GELU = ("gelu", Kind.POINTWISE, 1)
+    LOGSIGMOID = ("logsigmoid", Kind.POINTWISE, 1)
+    SOFTPLUS = ("softplus", Kind.POINTWISE, 1)
     ERF = ("erf", Kind.POINTWISE, 1)
     SIN = ("sin", Kind.POINTWISE, 1)
     COS = ("cos", Kind.POINTWISE, 1)

@@ -107,6 +107,24 @@ def _gelu(ctx, xs, attrs):
     return F.gelu(xs[0], approximate=attrs.get("approximate", "none"))
 
 
+def _softplus_f32(x: torch.Tensor) -> torch.Tensor:
+    """log(1 + e^x) = max(x, 0) + log1p(e^-|x|): e^-|x| <= 1 never overflows and log1p keeps
+    the tiny values of very negative x (computed in fp32 at least)."""
+    x = _f32(x)
+    return torch.clamp_min(x, 0) + torch.log1p(torch.exp(-x.abs()))
+
+
+@ref(Op.SOFTPLUS)
+def _softplus(ctx, xs, attrs):
+    return _softplus_f32(xs[0]).to(xs[0].dtype)
+
+
+@ref(Op.LOGSIGMOID)
+def _logsigmoid(ctx, xs, attrs):
+    # log sigmoid(x) = -softplus(-x): never log(0), even where sigmoid(x) underflows
+    return (-_softplus_f32(-xs[0])).to(xs[0].dtype)
+
+
 @ref(Op.CLAMP)
 def _clamp(ctx, xs, attrs):
     x, lo, hi = xs[0], attrs["lo"], attrs["hi"]

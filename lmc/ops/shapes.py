@@ -27,7 +27,8 @@ def rule(*ops: Op):
 # Ops whose result only makes sense in floating point (torch would silently return a float
 # tensor for an integer input, or has no kernel), and ops torch has no bool kernel for.
 FLOAT_ONLY = {Op.EXP, Op.LOG, Op.SQRT, Op.RSQRT, Op.SIGMOID, Op.TANH, Op.SILU, Op.GELU, Op.ERF,
-              Op.SIN, Op.COS, Op.DIV, Op.MEAN, Op.LOGSUMEXP, Op.SOFTMAX, Op.DROPOUT}
+              Op.SIN, Op.COS, Op.DIV, Op.MEAN, Op.LOGSUMEXP, Op.SOFTMAX, Op.DROPOUT,
+              Op.LOGSIGMOID, Op.SOFTPLUS}
 NO_BOOL = {Op.NEG, Op.ABS, Op.ROUND, Op.RELU, Op.CLAMP, Op.SUB, Op.POW, Op.MATMUL}
 
 

@@ -185,6 +185,8 @@ VJP[Op.SIGN] = _un(lambda r: r.zeros(r.shape(0)))
 VJP[Op.ROUND] = _un(lambda r: r.zeros(r.shape(0)))
 VJP[Op.ERF] = _un(lambda r: r.g * r.b.exp(-(r.x(0) * r.x(0))) * (2.0 / math.sqrt(math.pi)))
 VJP[Op.RELU] = _un(lambda r: r.b.where(r.out() > 0.0, r.g, 0.0))
+VJP[Op.SOFTPLUS] = _un(lambda r: r.g * r.b.sigmoid(r.x(0)))
+VJP[Op.LOGSIGMOID] = _un(lambda r: r.g * r.b.sigmoid(-r.x(0)))  # 1 - sigmoid(x), no cancellation
 
 
 @vjp(Op.SILU)

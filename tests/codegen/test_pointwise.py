@@ -29,7 +29,7 @@ def kernel_cache(tmp_path, monkeypatch):
 
 
 _UN = ["exp", "tanh", "sigmoid", "silu", "neg", "abs", "sin", "cos", "relu", "erf", "gelu",
-       "sign", "round"]
+       "sign", "round", "softplus", "logsigmoid"]
 _BIN = ["add", "sub", "mul", "maximum", "minimum"]
 
 
@@ -192,3 +192,19 @@ def test_triton_imported_before_lmc_is_a_clear_error(tmp_path):
                        env=_clean_env(tmp_path))
     assert r.returncode == 0, r.stderr[-2000:]
     assert "LmcError:" in r.stdout and "TRITON_INTERPRET=1" in r.stdout
+
+
+def test_softplus_logsigmoid_kernels_at_extreme_inputs():
+    """fp32 in the kernel, no overflow, no log(0); tiny tails kept (log1p), as the oracle."""
+    b = Builder({}, {})
+    x = b.input("x", [Dim.sym("B"), 12], "f32")
+    g = Graph("sp", b.nodes, {"sp": b.softplus(x).node, "ls": b.logsigmoid(x * 1.0).node})
+    vals = {"x": torch.tensor([[-1e4, -200.0, -80.0, -20.0, -1e-3, 0.0, 1e-6, 1.0, 20.0, 80.0,
+                                200.0, 1e4]])}
+    ctx = RefCtx(dims=bind_dims(g, vals))
+    want = run_graph(g, vals, ctx)
+    p = TritonProgram(g)
+    got = run_graph(p.graph, vals, ctx, p.impl)
+    for k in want:
+        assert torch.isfinite(got[k]).all()
+        torch.testing.assert_close(got[k], want[k], rtol=2e-6, atol=0)

@@ -338,6 +338,15 @@ ROWS: List[Row] = [
     un(Op.SIGN, "sign", lambda x: (x > 0).long() - (x < 0).long(), "i", "int"),
     un(Op.ROUND, "round", lambda x: elementwise(lambda v: float(round(v)), x), "halves"),  # even
     un(Op.RELU, "relu", lambda x: torch.where(x > 0, x, torch.zeros(()))),
+    # "big" inputs (30 * randn) reach |x| > 80, where a naive log(1 + exp(x)) overflows in fp32
+    un(Op.SOFTPLUS, "softplus", lambda x: elementwise(lambda v: math.log(1 + math.exp(v)), x),
+       "big"),
+    un(Op.SOFTPLUS, "softplus", lambda x: elementwise(lambda v: math.log(1 + math.exp(v)), x),
+       "bf16", "bf16"),
+    un(Op.LOGSIGMOID, "logsigmoid",
+       lambda x: elementwise(lambda v: -math.log(1 + math.exp(-v)), x), "big"),
+    un(Op.LOGSIGMOID, "logsigmoid",
+       lambda x: elementwise(lambda v: -math.log(1 + math.exp(-v)), x), "f", "small_range"),
     un(Op.RELU, "relu", lambda x: x * (x > 0), "i", "int"),
     Row(Op.CLAMP, "", lambda S, p: [(S, "f")],
         lambda b, x, S, p: b.clamp(x, p["lo"], p["hi"]),

@@ -30,7 +30,7 @@ def _unary(name, **kw):
 CASES = {
     **{n: (_unary(n), None) for n in ["neg", "exp", "log", "sqrt", "rsqrt", "sigmoid", "tanh",
                                       "silu", "erf", "sin", "cos", "abs", "relu", "sign",
-                                      "round"]},
+                                      "round", "logsigmoid", "softplus"]},
     "gelu": (_unary("gelu"), None),
     "gelu_tanh": (_unary("gelu", approximate="tanh"), None),
     "clamp": (lambda b, x, y: b.clamp(x, -0.3, 0.4), None),
@@ -204,3 +204,30 @@ def test_trains_with_a_torch_optimizer():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 1.0
+
+
+def test_softplus_logsigmoid_are_stable_for_large_inputs():
+    """No overflow and no log(0) in fp32, forward and backward, far past exp's range."""
+    xs = torch.tensor([-1e4, -200.0, -80.0, -20.0, 0.0, 20.0, 80.0, 200.0, 1e4])
+    b = Builder({}, {})
+    x = b.input("x", [9], "f32")
+    g = Graph("sp", b.nodes, {"sp": b.softplus(x).node, "ls": b.logsigmoid(x).node})
+    prog = differentiate(g, ["x"])
+    ctx = RefCtx(dims={})
+    fwd = run_graph(prog.forward, {"x": xs}, ctx)
+    x64 = xs.double()
+    want_sp = torch.where(x64 > 0, x64, torch.zeros(())) + torch.log1p(torch.exp(-x64.abs()))
+    want_sp = want_sp.float().double()  # e^-200 is 0 in fp32: the correctly rounded answer
+    torch.testing.assert_close(fwd["sp"].double(), want_sp, rtol=1e-6, atol=0)
+    torch.testing.assert_close(fwd["ls"].double(), -torch.flip(want_sp, [0]), rtol=1e-6, atol=0)
+    assert fwd["sp"][2] > 0 and fwd["ls"][-3] < 0  # e^-80 survives; -e^-80 too
+    bound = {k: fwd[k] for k in prog.saved}
+    bound.update({"grad:sp": torch.ones(9), "grad:ls": torch.zeros(9)})
+    gsp = run_graph(run_pipeline(prog.backward), bound, ctx)["grad:x"]
+    bound.update({"grad:sp": torch.zeros(9), "grad:ls": torch.ones(9)})
+    gls = run_graph(run_pipeline(prog.backward), bound, ctx)["grad:x"]
+    assert torch.isfinite(gsp).all() and torch.isfinite(gls).all()
+    torch.testing.assert_close(gsp.double(), torch.sigmoid(x64).float().double(), rtol=1e-6,
+                               atol=0)
+    torch.testing.assert_close(gls.double(), torch.sigmoid(-x64).float().double(), rtol=1e-6,
+                               atol=0)
