@@ -55,6 +55,7 @@ _UNARY = {
     Op.COS: "tl.cos({0})", Op.ABS: "tl.abs({0})", Op.ROUND: "_round_half_even({0})",
     Op.RELU: "tl.where({0} > 0, {0}, 0.0)",
     Op.SOFTPLUS: "_softplus({0})", Op.LOGSIGMOID: "(-_softplus(-({0})))",
+    Op.STOP_GRADIENT: "{0}",  # the backward was derived before fusion: here it is the identity
 }
 _BINARY = {
     Op.ADD: "{0} + {1}", Op.SUB: "{0} - {1}", Op.MUL: "{0} * {1}", Op.DIV: "{0} / {1}",

@@ -196,6 +196,7 @@ class Builder:
     def relu(self, x): return self._unary(Op.RELU, x)
     def logsigmoid(self, x): return self._unary(Op.LOGSIGMOID, x)
     def softplus(self, x): return self._unary(Op.SOFTPLUS, x)
+    def stop_gradient(self, x): return self._unary(Op.STOP_GRADIENT, x)
 
     def gelu(self, x, approximate: str = "none"):
         if approximate not in ("none", "tanh"):

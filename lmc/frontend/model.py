@@ -144,7 +144,8 @@ def resolve_config(doc: YMap, path: str, preset: Optional[str],
 # functions visible in bodies
 # ---------------------------------------------------------------------------------------------
 _UNARY = ["neg", "exp", "log", "sqrt", "rsqrt", "sigmoid", "tanh", "silu", "gelu", "erf", "sin",
-          "cos", "abs", "sign", "round", "relu", "logsigmoid", "softplus"]
+          "cos", "abs", "sign", "round", "relu", "logsigmoid", "softplus",
+          "stop_gradient"]
 _DIRECT = ["where", "clamp", "cast", "maximum", "minimum", "sum", "mean", "amax", "logsumexp",
            "softmax", "cumsum", "matmul", "reshape", "permute", "transpose", "expand", "slice",
            "concat", "split", "iota", "causal_mask", "embedding", "gather", "scatter_add", "topk",

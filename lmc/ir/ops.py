@@ -53,6 +53,7 @@ class Op(enum.Enum):
     GELU = ("gelu", Kind.POINTWISE, 1)
     LOGSIGMOID = ("logsigmoid", Kind.POINTWISE, 1)
     SOFTPLUS = ("softplus", Kind.POINTWISE, 1)
+    STOP_GRADIENT = ("stop_gradient", Kind.POINTWISE, 1)  # identity forward, zero gradient
     ERF = ("erf", Kind.POINTWISE, 1)
     SIN = ("sin", Kind.POINTWISE, 1)
     COS = ("cos", Kind.POINTWISE, 1)

@@ -125,6 +125,12 @@ def _logsigmoid(ctx, xs, attrs):
     return (-_softplus_f32(-xs[0])).to(xs[0].dtype)
 
 
+@ref(Op.STOP_GRADIENT)
+def _stop_gradient(ctx, xs, attrs):
+    # detached, so that torch autograd over the oracle also sees no gradient through it
+    return xs[0].detach()
+
+
 @ref(Op.CLAMP)
 def _clamp(ctx, xs, attrs):
     x, lo, hi = xs[0], attrs["lo"], attrs["hi"]

@@ -16,7 +16,9 @@ Rules for ops with no useful derivative, stated once:
   sign and round: zero gradient, as torch defines them;
   maximum/minimum: ties split the gradient in half between the operands (torch's rule);
   amax: ties share the gradient equally; relu: zero gradient at 0.
-Straight-through estimators are explicit ops (added with the zoo), never special cases here.
+Straight-through estimators are written with the explicit `stop_gradient` op (identity
+forward, no gradient: `x + stop_gradient(q(x) - x)`); nothing flows through it, so a target
+reached only through it gets an exact zero.
 """
 from __future__ import annotations
 
@@ -106,7 +108,7 @@ def differentiate(g: Graph, wrt: Optional[Sequence[str]] = None) -> Differentiat
     for n in g.nodes:
         depends[n] = n in target_set or (
             n.type.dtype.is_float and any(depends[i] for i in n.inputs)
-            and n.op not in (Op.TOPK,))
+            and n.op not in (Op.TOPK, Op.STOP_GRADIENT))
 
     b = Builder({}, {})
     saved_nodes: List[Node] = []
@@ -402,6 +404,7 @@ def _scatter_add(r):
 
 
 VJP[Op.TOPK] = lambda r: [None]
+VJP[Op.STOP_GRADIENT] = lambda r: [None]
 
 
 @vjp(Op.DROPOUT)

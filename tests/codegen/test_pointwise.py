@@ -29,7 +29,8 @@ def kernel_cache(tmp_path, monkeypatch):
 
 
 _UN = ["exp", "tanh", "sigmoid", "silu", "neg", "abs", "sin", "cos", "relu", "erf", "gelu",
-       "sign", "round", "softplus", "logsigmoid"]
+       "sign", "round", "softplus", "logsigmoid",
+       "stop_gradient"]
 _BIN = ["add", "sub", "mul", "maximum", "minimum"]
 
 

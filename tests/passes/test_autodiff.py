@@ -32,6 +32,7 @@ CASES = {
                                       "silu", "erf", "sin", "cos", "abs", "relu", "sign",
                                       "round", "logsigmoid", "softplus"]},
     "gelu": (_unary("gelu"), None),
+    "stop_gradient": (lambda b, x, y: x * y + b.stop_gradient(x * y) * 3.0, lambda s: s),
     "gelu_tanh": (_unary("gelu", approximate="tanh"), None),
     "clamp": (lambda b, x, y: b.clamp(x, -0.3, 0.4), None),
     "clamp_lo": (lambda b, x, y: b.clamp(x, lo=0.1), None),
@@ -125,9 +126,11 @@ def test_vjp_matches_torch_autograd(name, data):
 # finite differences are undefined at deliberately constructed ties; every other case is
 # checked in float64 against numerical derivatives
 TIES = {"maximum_ties", "minimum_ties", "amax_ties"}
+# stop_gradient's VJP is zero by definition, not the numerical derivative of the identity
+NOT_NUMERICAL = {"stop_gradient"}
 
 
-@pytest.mark.parametrize("name", sorted(set(CASES) - TIES))
+@pytest.mark.parametrize("name", sorted(set(CASES) - TIES - NOT_NUMERICAL))
 def test_gradcheck_float64(name):
     torch.manual_seed(0)
     xs = (5, 5) if name in SQUARE else (3, 5)
@@ -231,3 +234,49 @@ def test_softplus_logsigmoid_are_stable_for_large_inputs():
                                atol=0)
     torch.testing.assert_close(gls.double(), torch.sigmoid(-x64).float().double(), rtol=1e-6,
                                atol=0)
+
+
+def _ste_graph():
+    b = Builder({}, {})
+    x = b.input("x", [4, 6], "f32")
+    w = b.input("w", [6], "f32")
+    # straight-through rounding: forward round(x), backward identity; and a value that only
+    # reaches the output through stop_gradient (w), whose gradient must be exactly zero
+    q = x + b.stop_gradient(b.round(x * 2.0) * 0.5 - x)
+    out = q * 3.0 + b.stop_gradient(w * w)
+    return Graph("ste", b.nodes, {"out": out.node})
+
+
+def test_stop_gradient_survives_the_passes_and_stops_exactly():
+    g = run_pipeline(_ste_graph())
+    assert sum(n.op.value == "stop_gradient" for n in g.nodes) == 2
+    vals = {"x": torch.randn(4, 6), "w": torch.randn(6)}
+    ctx = RefCtx(dims={})
+    out = run_graph(g, vals, ctx)["out"]
+    torch.testing.assert_close(out, torch.round(vals["x"] * 2) * 1.5 + vals["w"] ** 2)
+    prog = differentiate(g, ["x", "w"])
+    fwd = run_graph(prog.forward, vals, ctx)
+    bound = {s: fwd[s] for s in prog.saved}
+    gy = torch.randn(4, 6)
+    bound["grad:out"] = gy
+    got = run_graph(run_pipeline(prog.backward), bound, ctx)
+    assert torch.equal(got["grad:x"], gy * 3.0)           # straight through, exactly
+    assert torch.equal(got["grad:w"], torch.zeros(6))     # stopped, exactly zero
+    # the oracle agrees: torch autograd over the references (stop_gradient detaches)
+    leaves = {k: v.clone().requires_grad_(True) for k, v in vals.items()}
+    o = run_graph(g, leaves, ctx)["out"]
+    (gx,) = torch.autograd.grad(o, [leaves["x"]], gy)
+    assert torch.equal(gx, gy * 3.0)
+
+
+def test_stop_gradient_on_the_triton_backend(tmp_path, monkeypatch):
+    from lmc.runtime.triton_backend import TritonProgram
+
+    monkeypatch.setenv("LMC_CACHE", str(tmp_path))
+    g = run_pipeline(_ste_graph())
+    vals = {"x": torch.randn(4, 6), "w": torch.randn(6)}
+    ctx = RefCtx(dims={})
+    p = TritonProgram(g)
+    assert "stop_gradient" in p.source
+    torch.testing.assert_close(run_graph(p.graph, vals, ctx, p.impl)["out"],
+                               run_graph(g, vals, ctx)["out"])
