@@ -34,7 +34,7 @@ from .yamlsrc import YList, YMap, YStr, load_yaml
 
 TOP_KEYS = {"name", "description", "config", "presets", "blocks", "model"}
 BLOCK_KEYS = {"args", "options", "params", "body", "doc"}
-MODEL_KEYS = {"inputs", "params", "body", "outputs"}
+MODEL_KEYS = {"inputs", "params", "body", "outputs", "aux_losses"}
 SYMBOLS = {"B": Dim.sym("B"), "T": Dim.sym("T")}
 CONSTANTS = {"inf": float("inf"), "pi": math.pi}
 
@@ -473,6 +473,35 @@ def check_block_cycles(blocks: YMap) -> None:
     raise LmcError(f"cyclic block reference: {path}", sites[cycle[-1]])
 
 
+def aux_losses(model: YMap, outputs: Dict[str, Any], scope: Scope) -> Dict[str, float]:
+    """`aux_losses: {output: coefficient}`: scalar outputs the training loss adds, each times
+    its coefficient (a config expression), to the cross-entropy (lmc.passes.loss)."""
+    spec = model.get("aux_losses")
+    if spec is None:
+        return {}
+    if not isinstance(spec, YMap):
+        raise LmcError("model.aux_losses must map output names to coefficients, e.g. "
+                       "{load_balance: lb_coef}", model.val_loc("aux_losses"))
+    out: Dict[str, float] = {}
+    for name in spec:
+        kl = spec.key_loc(name)
+        if name in ("loss", "ce_loss", "targets"):
+            raise LmcError(f"aux loss {name!r}: the name is taken by the training loss", kl)
+        if name not in outputs:
+            raise LmcError(f"aux loss {name!r} is not one of the model outputs "
+                           f"({', '.join(outputs)})", kl)
+        t = outputs[name].type
+        if t.rank != 0 or not t.dtype.is_float:
+            raise LmcError(f"aux loss {name!r} must be a floating-point scalar, got {t}", kl)
+        coef = static_eval(spec[name], scope, spec.val_loc(name), what="aux loss coefficient")
+        if isinstance(coef, bool) or not isinstance(coef, (int, float)) or \
+                not math.isfinite(coef):
+            raise LmcError(f"aux loss {name!r}: the coefficient must be a finite number, got "
+                           f"{coef!r}", spec.val_loc(name))
+        out[str(name)] = float(coef)
+    return out
+
+
 def load_graph(path: str, preset: Optional[str] = None, overrides=None,
                blocks: Optional[Dict[str, BlockDef]] = None) -> Graph:
     """Parse a model file into a Graph of primitives and BLOCK nodes."""
@@ -558,6 +587,7 @@ def load_graph(path: str, preset: Optional[str] = None, overrides=None,
             raise LmcError(f"output {var!r} is not a tensor defined in the model body", loc)
         outputs[str(name)] = v.node
     meta = {"source": path, "config": config, "preset": preset,
-            "overrides": parse_overrides(overrides), "history": [], "fusions": []}
+            "overrides": parse_overrides(overrides), "history": [], "fusions": [],
+            "aux_losses": aux_losses(model, outputs, Scope(config))}
     return Graph(str(doc.get("name", os.path.splitext(os.path.basename(path))[0])),
                  b.nodes, outputs, meta)

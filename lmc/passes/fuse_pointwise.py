@@ -18,6 +18,7 @@ from __future__ import annotations
 import re
 from typing import Dict, List
 
+from ..ir.dims import Dim
 from ..ir.graph import Graph, Node
 from ..ir.ops import Kind, Op
 
@@ -40,7 +41,12 @@ def fusible(n: Node) -> tuple:
 
 
 def _is_scalar_const(n: Node) -> bool:
-    return n.op is Op.CONST and n.type.rank == 0 and not hasattr(n.attrs["value"], "shape")
+    # a symbolic size as a value (e.g. 1/(B*T) in a mean's VJP) is known only at run time:
+    # it stays a kernel input rather than a literal
+    if n.op is not Op.CONST or n.type.rank != 0:
+        return False
+    v = n.attrs["value"]
+    return not hasattr(v, "shape") and not isinstance(v, Dim)
 
 
 def fuse_pointwise(g: Graph) -> Graph:

@@ -4,6 +4,12 @@
 ``loss``: mean next-token cross-entropy over positions whose target is >= 0 (a negative target
 is ignored, e.g. padding). Written as logsumexp - gather so the autodiff pass differentiates it
 like everything else, and fused/codegen'd later like everything else.
+
+Auxiliary losses: a model file may name scalar outputs under ``model.aux_losses`` with a
+coefficient each (``{load_balance: lb_coef}``; the frontend puts them in
+``graph.meta["aux_losses"]``). Then ``loss = ce_loss + sum(coef * aux)`` is what training
+optimises, and the cross-entropy alone stays an output, ``ce_loss``, so it can be logged and
+compared with models that have no auxiliary losses. The aux outputs themselves are kept.
 """
 from __future__ import annotations
 
@@ -35,6 +41,16 @@ def with_loss(g: Graph, logits: str = "logits") -> Graph:
     count = b.maximum(b.sum(b.reshape(valid, [-1]), 0, keepdim=False), 1.0)
     loss = b.sum(b.reshape(nll, [-1]), 0, keepdim=False) / count
     outputs = dict(g.outputs)
+    aux = g.meta.get("aux_losses") or {}
+    if aux:
+        if "ce_loss" in g.outputs:
+            raise LmcError("a model with aux_losses cannot have an output named 'ce_loss' "
+                           "(the training loss adds it)")
+        outputs["ce_loss"] = loss.node
+        for name, coef in aux.items():
+            a = Tensor(g.outputs[name], b)
+            a = a if a.dtype.value == "f32" else b.cast(a, "f32")
+            loss = loss + a * float(coef)
     outputs["loss"] = loss.node
     out = g.with_nodes(b.nodes, outputs)
     out.meta["vocab"] = vocab

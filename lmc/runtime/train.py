@@ -5,6 +5,12 @@
     loop   = AdamW, warmup + cosine, grad clipping, grad accumulation, periodic val loss,
              metrics.jsonl, loss-curve PNG, atomic checkpoints, exact resume, NaN guard
 
+Auxiliary losses (model.aux_losses, e.g. an MoE load-balance loss) are already inside the
+graph's ``loss`` (lmc.passes.loss); the loop logs the cross-entropy (``ce_loss``) and each aux
+loss separately, averaged like the loss, and every output with a static shape (no B or T,
+e.g. ``expert_tokens``: tokens per expert) under ``stats``, summed over the step's global
+batch. ``val_loss`` is the cross-entropy, comparable across models with and without aux losses.
+
 Distributed: under torchrun (WORLD_SIZE > 1) the model is wrapped in DDP, or with --fsdp in
 FSDP2's fully_shard (which also runs on CPU with gloo); each rank reads its own rows of every
 global batch, so losses equal a single-process run with the same global batch.
@@ -100,6 +106,34 @@ def all_mean(x: float, d: Dist) -> float:
     t = torch.tensor([x], dtype=torch.float64)
     dist.all_reduce(t)
     return t.item() / d.world
+
+
+def all_reduce(values: Dict[str, torch.Tensor], d: Dist, mean: bool) -> Dict[str, Any]:
+    """Per-rank values (float64 tensors) -> their mean or sum over ranks, as Python
+    numbers/lists. One all_reduce for all of them."""
+    if not values:
+        return {}
+    flat = torch.cat([v.reshape(-1).double().cpu() for v in values.values()])
+    if d.world > 1:
+        import torch.distributed as dist
+
+        flat = flat.to(d.device)
+        dist.all_reduce(flat)
+        flat = flat.cpu() / (d.world if mean else 1)
+    out, i = {}, 0
+    for k, v in values.items():
+        n = v.numel()
+        part = flat[i:i + n].reshape(v.shape)
+        i += n
+        out[k] = part.item() if part.dim() == 0 else _plain(part.tolist())
+    return out
+
+
+def _plain(x):
+    """Whole-number floats as ints (token counts read as counts)."""
+    if isinstance(x, list):
+        return [_plain(v) for v in x]
+    return int(x) if float(x).is_integer() else x
 
 
 # -- checkpoints ---------------------------------------------------------------------------------
@@ -203,6 +237,13 @@ def train(path: str, preset: Optional[str], overrides, c: TrainConfig) -> Dict[s
                        f"{vocab}")
 
     graph = run_pipeline(with_loss(compiled.graph))
+    # what is logged beside the loss: the cross-entropy and each aux loss (means, like the
+    # loss), and outputs of static shape such as tokens per expert (summed over the batch)
+    aux_names = list(graph.meta.get("aux_losses") or {})
+    part_names = (["ce_loss"] if "ce_loss" in graph.outputs else []) + aux_names
+    stat_names = [k for k, n in graph.outputs.items() if k not in part_names and k != "loss"
+                  and all(isinstance(dim, int) for dim in n.type.shape)]
+    ce_name = "ce_loss" if "ce_loss" in graph.outputs else "loss"
     model = LmcModel(graph, seed=c.seed, backend=c.backend).to(d.device)
     raw = model
     if d.world > 1:
@@ -270,7 +311,7 @@ def train(path: str, preset: Optional[str], overrides, c: TrainConfig) -> Dict[s
         for i in range(c.eval_batches):
             x, y = batch("val", i, 0)
             with autocast():
-                losses.append(model(x, targets=y)["loss"].float().item())
+                losses.append(model(x, targets=y)[ce_name].float().item())
         model.train()
         return all_mean(sum(losses) / len(losses), d)
 
@@ -297,15 +338,25 @@ def train(path: str, preset: Optional[str], overrides, c: TrainConfig) -> Dict[s
             for group in opt.param_groups:
                 group["lr"] = lr
             loss_sum = 0.0
+            parts = {k: torch.zeros((), dtype=torch.float64) for k in part_names}
+            stats: Dict[str, torch.Tensor] = {}
             for micro in range(c.grad_accum):
                 x, y = batch("train", step, micro)
                 sync = micro == c.grad_accum - 1 or d.world == 1 or c.fsdp
                 ctx = model.no_sync() if not sync and hasattr(model, "no_sync") else _null()
                 with ctx, autocast():
-                    loss = model(x, targets=y)["loss"] / c.grad_accum
+                    out = model(x, targets=y)
+                    loss = out["loss"] / c.grad_accum
                     loss.backward()
                 loss_sum += loss.item()
+                for k in part_names:
+                    parts[k] += out[k].detach().double().cpu() / c.grad_accum
+                for k in stat_names:
+                    v = out[k].detach().double().cpu()
+                    stats[k] = stats[k] + v if k in stats else v
             train_loss = all_mean(loss_sum, d)
+            parts_logged = all_reduce(parts, d, mean=True)
+            stats_logged = all_reduce(stats, d, mean=False)
             if not math.isfinite(train_loss):
                 where = f"; the last good checkpoint is {last_ckpt}" if last_ckpt else \
                     " (no checkpoint was written yet)"
@@ -319,6 +370,12 @@ def train(path: str, preset: Optional[str], overrides, c: TrainConfig) -> Dict[s
             now = time.perf_counter()
             rec = {"step": step, "train_loss": train_loss, "lr": lr,
                    "tokens_per_s": tokens_per_step / max(now - t_last, 1e-9)}
+            if "ce_loss" in parts_logged:
+                rec["ce_loss"] = parts_logged["ce_loss"]
+            if aux_names:
+                rec["aux_losses"] = {k: parts_logged[k] for k in aux_names}
+            if stats_logged:
+                rec["stats"] = stats_logged
             t_last = now
             if step % c.eval_every == 0 or step == c.steps:
                 rec["val_loss"] = estimate_loss()
@@ -385,6 +442,8 @@ def plot_losses(metrics_path: str, png: str) -> None:
         return
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot([r["step"] for r in recs], [r["train_loss"] for r in recs], label="train")
+    if all("ce_loss" in r for r in recs):  # with aux losses: the cross-entropy part alone
+        ax.plot([r["step"] for r in recs], [r["ce_loss"] for r in recs], label="train CE")
     val = [r for r in recs if "val_loss" in r]
     if val:
         ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="val")
