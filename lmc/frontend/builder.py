@@ -248,6 +248,9 @@ class Builder:
     def cumsum(self, x, axis=-1):
         return self.node(Op.CUMSUM, (x,), {"axis": axis})
 
+    def cumprod(self, x, axis=-1):
+        return self.node(Op.CUMPROD, (x,), {"axis": axis})
+
     def matmul(self, a, b):
         return self.node(Op.MATMUL, (a, b))
 

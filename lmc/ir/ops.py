@@ -85,6 +85,7 @@ class Op(enum.Enum):
     LOGSUMEXP = ("logsumexp", Kind.REDUCTION, 1)
     SOFTMAX = ("softmax", Kind.REDUCTION, 1)
     CUMSUM = ("cumsum", Kind.REDUCTION, 1)
+    CUMPROD = ("cumprod", Kind.REDUCTION, 1)
     # contraction
     MATMUL = ("matmul", Kind.MATMUL, 2)
     # views / data movement

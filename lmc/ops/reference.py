@@ -187,6 +187,12 @@ def _cumsum(ctx, xs, attrs):
     return torch.cumsum(_f32(x), dim=attrs["axis"]).to(x.dtype)
 
 
+@ref(Op.CUMPROD)
+def _cumprod(ctx, xs, attrs):
+    x = xs[0]
+    return torch.cumprod(_f32(x), dim=attrs["axis"]).to(x.dtype)
+
+
 # -- matmul ----------------------------------------------------------------------------
 @ref(Op.MATMUL)
 def _matmul(ctx, xs, attrs):

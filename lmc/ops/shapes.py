@@ -207,7 +207,7 @@ def _reduce(types, attrs):
     return t.with_shape(shape)
 
 
-@rule(Op.SOFTMAX, Op.CUMSUM)
+@rule(Op.SOFTMAX, Op.CUMSUM, Op.CUMPROD)
 def _along(types, attrs):
     (t,) = types
     attrs["axis"] = axis_of(attrs["axis"], t.rank, scalar_ok=True)

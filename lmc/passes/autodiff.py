@@ -320,6 +320,36 @@ def _cumsum(r):
     return [r.b.sum(r.g, ax, keepdim=True) - r.b.cumsum(r.g, ax) + r.g]
 
 
+def _flip(b: Builder, v: Tensor, ax: int) -> Tensor:
+    """`v` reversed along `ax` (a gather with indices n-1 ... 0; n may be symbolic)."""
+    n = v.shape[ax]
+    idx = b.const(n - 1, DType.i64) - b.iota(n)
+    idx = b.reshape(idx, [n if i == ax else 1 for i in range(v.rank)])
+    return b.gather(v, b.expand(idx, v.shape), ax)
+
+
+def _reverse_cumsum(b: Builder, v: Tensor, ax: int) -> Tensor:
+    """sum_{i >= k} v_i, exactly (no total-minus-prefix cancellation: products span decades)."""
+    return _flip(b, b.cumsum(_flip(b, v, ax), ax), ax)
+
+
+@vjp(Op.CUMPROD)
+def _cumprod(r):
+    # d y_i / d x_k = prod_{j <= i, j != k} x_j for i >= k. With z the first zero of a row:
+    #   k < z: x_k != 0, so the gradient is revcumsum(g * y)_k / x_k (y_i = 0 for i >= z);
+    #   k = z: revcumsum(g * E)_z, E = cumprod of x with that zero replaced by 1;
+    #   k > z: every product includes x_z = 0, so the gradient is 0.
+    b, x, ax, g = r.b, r.x(0), r.attrs["axis"], r.g
+    zero = b.eq(x, 0.0)
+    count = b.cumsum(b.cast(zero, DType.i64), ax)   # zeros at or before each position
+    before = b.eq(count, 0)
+    first = b.where(zero, b.eq(count, 1), False)
+    g_before = _reverse_cumsum(b, g * r.out(), ax) / b.where(before, x, 1.0)
+    e = b.cumprod(b.where(first, 1.0, x), ax)
+    g_first = _reverse_cumsum(b, g * e, ax)
+    return [b.where(before, g_before, b.where(first, g_first, 0.0))]
+
+
 # -- matmul --------------------------------------------------------------------------------------
 @vjp(Op.MATMUL)
 def _matmul(r):

@@ -73,6 +73,8 @@ def make(shape, kind, env, gen):
         return torch.randint(-3, 4, shape, generator=gen)
     if kind == "ipos":
         return torch.randint(1, 4, shape, generator=gen)
+    if kind == "unit":  # -1, 0, 1 as i64: products never overflow
+        return torch.randint(-1, 2, shape, generator=gen)
     if kind == "bool":
         return torch.randint(0, 2, shape, generator=gen).bool()
     raise ValueError(kind)
@@ -81,8 +83,8 @@ def make(shape, kind, env, gen):
 def dtype_of(kind):
     if isinstance(kind, tuple):
         return {torch.int64: "i64", torch.int32: "i32"}[kind[2] if len(kind) > 2 else torch.int64]
-    return {"bool": "bool", "i": "i64", "ipos": "i64", "f16": "f16", "bf16": "bf16"}.get(kind,
-                                                                                       "f32")
+    return {"bool": "bool", "i": "i64", "ipos": "i64", "unit": "i64", "f16": "f16",
+            "bf16": "bf16"}.get(kind, "f32")
 
 
 # -- independent expectations (python floats, numpy, explicit loops) ----------------------------
@@ -128,6 +130,14 @@ def cumsum_list(v):
     out, acc = [], 0.0
     for a in v:
         acc += a
+        out.append(acc)
+    return out
+
+
+def cumprod_list(v):
+    out, acc = [], 1.0
+    for a in v:
+        acc *= a
         out.append(acc)
     return out
 
@@ -433,6 +443,13 @@ ROWS: List[Row] = [
         lambda x, s, p: scan(x, p["axis"], cumsum_list), axis_p),
     Row(Op.CUMSUM, "int", lambda S, p: [(S, "i")], lambda b, x, S, p: b.cumsum(x, p["axis"]),
         lambda x, s, p: scan(x, p["axis"], cumsum_list).long(), axis_p),
+    Row(Op.CUMPROD, "", lambda S, p: [(S, "f")], lambda b, x, S, p: b.cumprod(x, p["axis"]),
+        lambda x, s, p: scan(x, p["axis"], cumprod_list), axis_p),
+    Row(Op.CUMPROD, "zeros", lambda S, p: [(S, "small")],   # -2..2: zeros and exact products
+        lambda b, x, S, p: b.cumprod(x, p["axis"]),
+        lambda x, s, p: scan(x, p["axis"], cumprod_list), axis_p),
+    Row(Op.CUMPROD, "int", lambda S, p: [(S, "unit")], lambda b, x, S, p: b.cumprod(x, p["axis"]),
+        lambda x, s, p: scan(x, p["axis"], cumprod_list).long(), axis_p),
     # -- matmul -----------------------------------------------------------------------------------
     Row(Op.MATMUL, "", lambda S, p: [(S, "f"), ((S[-1], p["n"]), "f")],
         lambda b, x, y, S, p: x @ y, lambda x, y, s, p: matmul_ref(x, y),

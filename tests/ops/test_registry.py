@@ -131,6 +131,7 @@ def test_axes_are_checked_and_canonical():
     b = _b()
     x = b.input("x", [2, 3, 4], "f32")
     for make in (lambda a: b.sum(x, a), lambda a: b.softmax(x, a), lambda a: b.cumsum(x, a),
+                 lambda a: b.cumprod(x, a),
                  lambda a: b.slice(x, a, 0, 1), lambda a: b.concat([x, x], a),
                  lambda a: b.topk(x, 1, a)):
         assert make(-1).node.attrs["axis"] == 2 and make(-3).node.attrs["axis"] == 0
@@ -236,7 +237,7 @@ def _ops_by_dtype():
     cases += [(op.value, (lambda op: lambda b, x, y: b.node(op, (x, y), {}))(op))
               for op in BINARY]
     cases += [(op.value, (lambda op: lambda b, x, y: b.node(op, (x,), {"axis": -1}))(op))
-              for op in REDUCTIONS + [Op.SOFTMAX, Op.CUMSUM]]
+              for op in REDUCTIONS + [Op.SOFTMAX, Op.CUMSUM, Op.CUMPROD]]
     cases += [
         ("gelu_tanh", lambda b, x, y: b.gelu(x, "tanh")),
         ("clamp", lambda b, x, y: b.clamp(x, 0, 2)),

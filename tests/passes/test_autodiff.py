@@ -1,6 +1,7 @@
 """The autodiff pass: for every differentiable primitive, gradients from lmc's backward graph
 equal torch autograd on the oracle (fp32, rel err < 1e-5), and pass float64 gradcheck through
 the autograd bridge. Random upstream gradients, hypothesis-drawn ragged shapes."""
+import math
 import os
 
 import pytest
@@ -56,6 +57,10 @@ CASES = {
     "softmax": (lambda b, x, y: b.softmax(x, -1), None),
     "softmax0": (lambda b, x, y: b.softmax(x, 0), None),
     "cumsum": (lambda b, x, y: b.cumsum(x, -1), None),
+    "cumprod": (lambda b, x, y: b.cumprod(x, -1), None),
+    "cumprod0": (lambda b, x, y: b.cumprod(x, 0), None),
+    # zeros inside the scanned values (y > 0.3 picks ~40%): several per row, at any place
+    "cumprod_zeros": (lambda b, x, y: b.cumprod(b.where(y > 0.3, x, 0.0), -1), lambda s: s),
     "matmul": (lambda b, x, y: x @ y, lambda s: s[:-2] + (s[-1], 4)),
     "matmul_bcast": (lambda b, x, y: x @ y, lambda s: (s[-1], 3)),
     "reshape": (lambda b, x, y: b.reshape(x, [-1]) * 2.0, None),
@@ -280,3 +285,36 @@ def test_stop_gradient_on_the_triton_backend(tmp_path, monkeypatch):
     assert "stop_gradient" in p.source
     torch.testing.assert_close(run_graph(p.graph, vals, ctx, p.impl)["out"],
                                run_graph(g, vals, ctx)["out"])
+
+
+@pytest.mark.parametrize("row", [
+    [0.0, 1.5, -2.0, 0.5],          # first position zero
+    [1.5, 0.0, -2.0, 0.5, 3.0],     # one zero inside
+    [1.5, -0.7, 0.0, 0.0, 2.0],     # two zeros in a row
+    [2.0, 0.0, 1.1, 0.0, 0.9],      # two zeros apart
+    [0.8, -1.3, 2.0, 0.0],          # zero at the end
+    [0.0, 0.0, 0.0],
+])
+def test_cumprod_gradient_with_zeros_in_the_input(row):
+    """The leaf itself holds exact zeros: float64 gradcheck (cumprod is a polynomial, so finite
+    differences are valid at 0) and the explicit sum over products, in both axes."""
+    x = torch.tensor([row, [v * 0.5 + 0.25 for v in row]], dtype=torch.float64)
+    for axis in (-1, 0):
+        b = Builder({}, {}, default_dtype=lmc.ir.DType.f64)
+        xi = b.input("x", list(x.shape), "f64")
+        g = Graph("cp", b.nodes, {"out": b.cumprod(xi, axis).node})
+        prog = differentiate(g, ["x"])
+        ctx = RefCtx(dims={})
+        fn = lambda a: GraphFunction.apply(prog, ["x"], ctx, a)[0]  # noqa: E731
+        assert torch.autograd.gradcheck(fn, (x.clone().requires_grad_(),))
+        gy = torch.randn(x.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        xv = x.clone().requires_grad_()
+        (fn(xv) * gy).sum().backward()
+        xt, gt = x.movedim(axis, -1), gy.movedim(axis, -1)
+        want = torch.zeros_like(xt)
+        n = xt.shape[-1]
+        for r in range(xt.shape[0]):
+            for k in range(n):
+                want[r, k] = sum(gt[r, i] * math.prod(xt[r, j] for j in range(i + 1) if j != k)
+                                 for i in range(k, n))
+        torch.testing.assert_close(xv.grad, want.movedim(-1, axis), rtol=1e-12, atol=1e-12)
