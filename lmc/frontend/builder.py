@@ -347,6 +347,11 @@ class Builder:
         seed = seed if isinstance(seed, Tensor) else self.const(int(seed), DType.i64)
         return self.node(Op.DROPOUT, (x, seed), {"p": float(p)})
 
+    def gaussian_noise(self, x, std, seed):
+        """x + std * N(0, 1) in training mode (the draw fixed by seed and shape); x in eval."""
+        seed = seed if isinstance(seed, Tensor) else self.const(int(seed), DType.i64)
+        return self.node(Op.GAUSSIAN_NOISE, (x, seed), {"std": std})
+
     # -- blocks ---------------------------------------------------------------------------------
     def call(self, block, *args, name: Optional[str] = None, **options):
         """Instantiate a block: its nodes go into a BLOCK node's body graph, its params are

@@ -149,7 +149,8 @@ _UNARY = ["neg", "exp", "log", "sqrt", "rsqrt", "sigmoid", "tanh", "silu", "gelu
 _DIRECT = ["where", "clamp", "cast", "maximum", "minimum", "sum", "mean", "amax", "logsumexp",
            "softmax", "cumsum", "matmul", "reshape", "permute", "transpose", "expand", "slice",
            "concat", "split", "iota", "causal_mask", "embedding", "gather", "scatter_add", "topk",
-           "dropout", "eq", "ne", "lt", "le", "gt", "ge", "pow", "cumprod"]
+           "dropout", "eq", "ne", "lt", "le", "gt", "ge", "pow", "cumprod",
+           "gaussian_noise"]
 BUILTIN_NAMES = set(_UNARY) | set(_DIRECT) | set(MATH) | {"arange", "shape", "max", "min"}
 
 

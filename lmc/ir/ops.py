@@ -22,7 +22,7 @@ class Kind(enum.Enum):
     MATMUL = "matmul"          # contraction
     VIEW = "view"              # data movement only: reshape, permute, expand, slice, concat
     INDEX = "index"            # data-dependent addressing: gather, scatter, embedding, topk
-    RANDOM = "random"          # needs a seed: dropout
+    RANDOM = "random"          # needs a seed: dropout, gaussian_noise
     STRUCTURAL = "structural"  # holds a body graph: block calls (gone after inlining),
                                # fused kernels, and GETITEM reading their outputs
 
@@ -101,6 +101,7 @@ class Op(enum.Enum):
     TOPK = ("topk", Kind.INDEX, 1)
     # randomness with an explicit seed
     DROPOUT = ("dropout", Kind.RANDOM, 2)
+    GAUSSIAN_NOISE = ("gaussian_noise", Kind.RANDOM, 2)  # x + std * N(0, 1), training only
     # structure (removed by the inline pass)
     BLOCK = ("block", Kind.STRUCTURAL, None)
     GETITEM = ("getitem", Kind.STRUCTURAL, 1)

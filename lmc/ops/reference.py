@@ -264,6 +264,19 @@ def _dropout(ctx, xs, attrs):
     return torch.where(keep, x / (1 - p), torch.zeros((), dtype=x.dtype, device=x.device))
 
 
+@ref(Op.GAUSSIAN_NOISE)
+def _gaussian_noise(ctx, xs, attrs):
+    # like dropout: the draw depends only on (seed, shape), made on the CPU generator so that
+    # every device gets the same numbers; added in fp32
+    x, seed = xs
+    std = attrs["std"]
+    if not ctx.training or std == 0:
+        return x
+    g = torch.Generator(device="cpu").manual_seed(int(seed))
+    noise = torch.randn(x.shape, generator=g).to(x.device)
+    return (_f32(x) + std * noise).to(x.dtype)
+
+
 # -- structure -------------------------------------------------------------------------
 @ref(Op.BLOCK, Op.FUSED)
 def _block(ctx, xs, attrs):

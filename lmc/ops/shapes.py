@@ -28,7 +28,7 @@ def rule(*ops: Op):
 # tensor for an integer input, or has no kernel), and ops torch has no bool kernel for.
 FLOAT_ONLY = {Op.EXP, Op.LOG, Op.SQRT, Op.RSQRT, Op.SIGMOID, Op.TANH, Op.SILU, Op.GELU, Op.ERF,
               Op.SIN, Op.COS, Op.DIV, Op.MEAN, Op.LOGSUMEXP, Op.SOFTMAX, Op.DROPOUT,
-              Op.LOGSIGMOID, Op.SOFTPLUS}
+              Op.LOGSIGMOID, Op.SOFTPLUS, Op.GAUSSIAN_NOISE}
 NO_BOOL = {Op.NEG, Op.ABS, Op.ROUND, Op.RELU, Op.CLAMP, Op.SUB, Op.POW, Op.MATMUL}
 
 
@@ -407,6 +407,18 @@ def _dropout(types, attrs):
         raise ShapeError(f"dropout p must be in [0, 1), got {attrs['p']}")
     if seed.rank != 0 or not seed.dtype.is_int:
         raise ShapeError(f"dropout seed must be an integer scalar, got {seed}")
+    return x
+
+
+@rule(Op.GAUSSIAN_NOISE)
+def _gaussian_noise(types, attrs):
+    x, seed = types
+    std = attrs["std"]
+    if isinstance(std, bool) or not isinstance(std, (int, float)) or not 0 <= std < float("inf"):
+        raise ShapeError(f"gaussian_noise std must be a finite number >= 0, got {std!r}")
+    attrs["std"] = float(std)
+    if seed.rank != 0 or not seed.dtype.is_int:
+        raise ShapeError(f"gaussian_noise seed must be an integer scalar, got {seed}")
     return x
 
 

@@ -443,5 +443,10 @@ def _dropout(r):
     return [r.b.dropout(r.g, r.attrs["p"], r.x(1)), None]
 
 
+@vjp(Op.GAUSSIAN_NOISE)
+def _gaussian_noise(r):
+    return [r.g, None]  # the noise is additive and independent of x
+
+
 for _op in (Op.INPUT, Op.PARAM, Op.CONST, Op.IOTA, Op.CAUSAL_MASK):
     VJP[_op] = lambda r: []

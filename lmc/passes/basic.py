@@ -80,7 +80,8 @@ def fold_constants(g: Graph) -> Graph:
     ctx = RefCtx()
 
     def fold(n: Node):
-        if n.op in _NO_FOLD or n.op.kind is Kind.STRUCTURAL:
+        # random ops depend on the mode (training or not), which folding cannot know
+        if n.op in _NO_FOLD or n.op.kind in (Kind.STRUCTURAL, Kind.RANDOM):
             return None
         if not all(i.op is Op.CONST for i in n.inputs):
             return None

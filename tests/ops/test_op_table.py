@@ -531,6 +531,10 @@ ROWS: List[Row] = [
         lambda x, s, p: x),
     Row(Op.DROPOUT, "train_p0", lambda S, p: [(S, "f")], lambda b, x, S, p: b.dropout(x, 0.0, 3),
         lambda x, s, p: x, training=True),
+    Row(Op.GAUSSIAN_NOISE, "eval", lambda S, p: [(S, "f")],
+        lambda b, x, S, p: b.gaussian_noise(x, 0.5, 3), lambda x, s, p: x),
+    Row(Op.GAUSSIAN_NOISE, "train_std0", lambda S, p: [(S, "f")],
+        lambda b, x, S, p: b.gaussian_noise(x, 0.0, 3), lambda x, s, p: x, training=True),
 ]
 
 
@@ -684,6 +688,39 @@ def test_dropout_mask_depends_only_on_seed_and_shape():
     g = _dropout_graph(0.5, (4, 63))
     x1, x2 = torch.rand(4, 63) + 1, torch.rand(4, 63) + 1
     assert torch.equal(_run_dropout(g, x1, 7) == 0, _run_dropout(g, x2, 7) == 0)
+
+
+# -- gaussian noise in training mode ---------------------------------------------------------------
+def _noise_graph(std, shape=(B, T, 63)):
+    b = Builder(config={}, blocks={})
+    x = b.input("x", shape, "f32")
+    seed = b.input("seed", (), "i64")
+    return Graph("noise", b.nodes, {"out": b.gaussian_noise(x, std, seed).node})
+
+
+@settings(max_examples=10, deadline=None)
+@given(std=st.sampled_from([0.01, 0.3, 1.0, 5.0]), seed=st.integers(0, 2**31 - 1),
+       bt=st.sampled_from([(1, 65), (3, 7), (2, 64)]))
+def test_gaussian_noise_training(std, seed, bt):
+    g = _noise_graph(std)
+    x = torch.randn(bt + (63,), generator=torch.Generator().manual_seed(seed))
+    y = _run_dropout(g, x, seed)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    assert torch.equal(y, _run_dropout(g, x, seed))             # deterministic for a seed
+    assert not torch.equal(y, _run_dropout(g, x, seed + 1))     # another seed, other noise
+    z = ((y.double() - x.double()) / std).flatten()
+    n = z.numel()
+    # N(0, 1): the mean within 5 standard errors, the variance within 5 of its standard errors
+    assert abs(z.mean().item()) <= 5 / math.sqrt(n)
+    assert abs(z.var().item() - 1) <= 5 * math.sqrt(2 / (n - 1))
+    assert torch.equal(_run_dropout(g, x, seed, training=False), x)  # eval: identity
+
+
+def test_gaussian_noise_depends_only_on_seed_and_shape():
+    g = _noise_graph(0.5, (4, 63))
+    x1, x2 = torch.randn(4, 63), torch.randn(4, 63)
+    torch.testing.assert_close(_run_dropout(g, x1, 7) - x1, _run_dropout(g, x2, 7) - x2,
+                               rtol=0, atol=1e-6)
 
 
 # -- the structural ops: BLOCK and GETITEM, made by Builder.call, removed by inline ------------

@@ -185,6 +185,13 @@ def test_other_shape_errors():
         b.dropout(x, 1.0, 0)
     with pytest.raises(ShapeError, match="seed"):
         b.dropout(x, 0.5, b.input("seed", [2], "i64"))
+    for std in (-0.1, float("inf"), float("nan"), "big"):
+        with pytest.raises(ShapeError, match="gaussian_noise std"):
+            b.gaussian_noise(x, std, 0)
+    with pytest.raises(ShapeError, match="gaussian_noise seed"):
+        b.gaussian_noise(x, 0.1, b.input("seed2", [2], "i64"))
+    with pytest.raises(ShapeError, match="floating-point"):
+        b.gaussian_noise(i, 0.1, 0)
     with pytest.raises(ShapeError, match="window"):
         b.causal_mask(4, window=-1)
     with pytest.raises(ShapeError, match="takes 2 tensor input"):
@@ -256,6 +263,7 @@ def _ops_by_dtype():
         ("scatter_add", lambda b, x, y: b.scatter_add(x, b.input("ix", [2, 3], "i64"), y)),
         ("topk", lambda b, x, y: b.topk(x, 2)),
         ("dropout_train", lambda b, x, y: b.dropout(x, 0.5, 1)),
+        ("gaussian_noise_train", lambda b, x, y: b.gaussian_noise(x, 0.5, 1)),
     ]
     return cases
 

@@ -318,3 +318,25 @@ def test_cumprod_gradient_with_zeros_in_the_input(row):
                 want[r, k] = sum(gt[r, i] * math.prod(xt[r, j] for j in range(i + 1) if j != k)
                                  for i in range(k, n))
         torch.testing.assert_close(xv.grad, want.movedim(-1, axis), rtol=1e-12, atol=1e-12)
+
+
+def test_gaussian_noise_gradient_is_the_identity_in_training():
+    b = Builder({}, {})
+    x = b.input("x", [3, 5], "f32")
+    y = b.input("y", [3, 5], "f32")
+    g = Graph("noise", b.nodes, {"out": (b.gaussian_noise(x * y, 0.7, 11) * y).node})
+    vals = {"x": torch.randn(3, 5), "y": torch.randn(3, 5)}
+    gy = torch.randn(3, 5)
+    ctx = RefCtx(dims={}, training=True)
+    prog = differentiate(g, ["x", "y"])
+    fwd = run_graph(prog.forward, vals, ctx)
+    bound = {s: fwd[s] for s in prog.saved}
+    bound["grad:out"] = gy
+    got = run_graph(run_pipeline(prog.backward), bound, ctx)
+    leaves = {k: v.clone().requires_grad_(True) for k, v in vals.items()}
+    o = run_graph(g, leaves, ctx)["out"]
+    assert torch.equal(o, fwd["out"]) and not torch.equal(o, vals["x"] * vals["y"] ** 2)
+    want = torch.autograd.grad(o, [leaves["x"], leaves["y"]], gy)
+    torch.testing.assert_close(got["grad:x"], want[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got["grad:y"], want[1], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got["grad:x"], gy * vals["y"] ** 2)
