@@ -190,3 +190,70 @@ def test_data_directory(tmp_path, corpus):
     (d / "sub" / "b.md").write_text(text[len(text) // 2:])
     (d / "skip.bin").write_bytes(b"\0\1")
     assert main(["run", *_args(tmp_path / "o", str(d), "--steps", "1")]) == 0
+
+
+# -- auxiliary losses (MoE): logged beside the cross-entropy ---------------------------------
+MINIMAX = os.path.join(ZOO, "minimax.yaml")
+
+
+@pytest.fixture
+def small_ids(tmp_path):
+    """Pretokenized data with ids below the tiny preset's vocab (512)."""
+    data = tmp_path / "ids.bin"
+    np.random.default_rng(1).integers(0, 500, 8000).astype(np.uint32).tofile(data)
+    return str(data)
+
+
+def _moe_args(out, data, *extra):
+    return [MINIMAX, "--train", "--preset", "tiny", "--data", data, "--out", str(out),
+            "--batch-size", "4", "--seq-len", "16", "--no-progress", "--log-every", "1",
+            "--lr", "1e-2", *extra]
+
+
+def test_moe_training_logs_ce_aux_losses_and_expert_utilisation(tmp_path, small_ids):
+    out = tmp_path / "moe"
+    assert main(["run", *_moe_args(out, small_ids, "--steps", "4", "--eval-every", "2")]) == 0
+    recs = _metrics(out)
+    assert [r["step"] for r in recs] == [1, 2, 3, 4]
+    layers, experts = 2, 4  # the tiny preset
+    for r in recs:
+        assert {"step", "train_loss", "lr", "tokens_per_s", "ce_loss"} <= set(r)
+        aux = r["aux_losses"]
+        assert set(aux) == {"load_balance", "z_loss"}
+        # the optimised loss is the cross-entropy plus the weighted aux losses
+        want = r["ce_loss"] + 0.01 * aux["load_balance"] + 0.001 * aux["z_loss"]
+        assert abs(r["train_loss"] - want) < 1e-5
+        assert r["train_loss"] > r["ce_loss"]
+        tokens, dropped = r["stats"]["expert_tokens"], r["stats"]["expert_dropped"]
+        assert len(tokens) == layers and all(len(row) == experts for row in tokens)
+        for kept, over in zip(tokens, dropped):
+            # every token of the step's batch (4 x 16) made top-2 choices: kept or over capacity
+            assert all(isinstance(v, int) and v >= 0 for v in kept + over)
+            assert sum(kept) + sum(over) == 4 * 16 * 2
+    assert "val_loss" in recs[1] and "val_loss" in recs[3]
+    assert (out / "loss.png").stat().st_size > 1000
+
+
+def test_moe_logged_values_under_torchrun_ddp(tmp_path, small_ids):
+    """Two gloo ranks, each half of the batch: the CE and the token counts equal a single
+    process's; aux losses are averaged over ranks like the loss (each rank's load-balance
+    loss is of its own rows, as its gradient is), so the logged sum still holds."""
+    single = tmp_path / "single"
+    assert main(["run", *_moe_args(single, small_ids, "--steps", "2")]) == 0
+    ddp = tmp_path / "ddp"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([os.path.join(BIN, "torchrun"), "--nproc_per_node", "2",
+                        "--master_port", str(29500 + random.Random().randint(0, 400)),
+                        "-m", "lmc.cli", "run", *_moe_args(ddp, small_ids, "--steps", "2")],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    a, b = _metrics(single), _metrics(ddp)
+    assert [x["step"] for x in a] == [x["step"] for x in b] == [1, 2]
+    x, y = a[0], b[0]  # step 1: the same weights, so the same forward
+    assert abs(x["ce_loss"] - y["ce_loss"]) < 1e-5
+    assert x["stats"] == y["stats"]
+    for rec in b:
+        aux = rec["aux_losses"]
+        want = rec["ce_loss"] + 0.01 * aux["load_balance"] + 0.001 * aux["z_loss"]
+        assert abs(rec["train_loss"] - want) < 1e-5
+    assert abs(x["aux_losses"]["z_loss"] - y["aux_losses"]["z_loss"]) < 1e-5  # a token mean

@@ -1,0 +1,142 @@
+"""The training loss head (lmc.passes.loss): cross-entropy, and auxiliary losses declared under
+model.aux_losses that the optimised loss adds with their coefficients."""
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import ZOO
+
+import lmc
+from lmc.cli import main
+from lmc.passes import run_pipeline
+from lmc.passes.loss import with_loss
+from lmc.runtime.module import LmcModel
+
+MINIMAX = os.path.join(ZOO, "minimax.yaml")
+LLAMA = os.path.join(ZOO, "llama.yaml")
+
+
+def _trainable(path, seed=0, autodiff="lmc", **overrides):
+    g = run_pipeline(with_loss(lmc.compile_model(path, "tiny", overrides).graph))
+    return g, LmcModel(g, seed=seed, autodiff=autodiff)
+
+
+def _batch(vocab, B=2, T=12, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (B, T), generator=gen)
+    targets = torch.randint(0, vocab, (B, T), generator=gen)
+    targets[0, -3:] = -1  # ignored positions
+    return ids, targets
+
+
+def test_loss_is_ce_plus_weighted_aux_losses():
+    g, model = _trainable(MINIMAX, lb_coef=0.5, z_coef=0.25)
+    assert g.meta["aux_losses"] == {"load_balance": 0.5, "z_loss": 0.25}
+    assert {"loss", "ce_loss", "load_balance", "z_loss", "logits"} <= set(g.outputs)
+    ids, targets = _batch(model.config["vocab"])
+    with torch.no_grad():
+        out = model(ids, targets=targets)
+    ce = F.cross_entropy(out["logits"].reshape(-1, out["logits"].shape[-1]),
+                         targets.reshape(-1), ignore_index=-1)
+    assert torch.allclose(out["ce_loss"], ce, rtol=1e-6, atol=1e-6)
+    want = ce + 0.5 * out["load_balance"] + 0.25 * out["z_loss"]
+    assert torch.allclose(out["loss"], want, rtol=1e-6, atol=1e-6)
+    # the aux terms are not negligible here, so the check above can tell them apart
+    assert 0.5 * out["load_balance"].item() > 0.1 and 0.25 * out["z_loss"].item() > 0.1
+
+
+def test_load_balance_loss_has_a_gradient_on_the_router_and_is_in_the_loss_gradient():
+    g, model = _trainable(MINIMAX, lb_coef=0.5, z_coef=0.0)
+    ids, targets = _batch(model.config["vocab"])
+
+    def router_grads(name):
+        model.zero_grad(set_to_none=True)
+        model(ids, targets=targets)[name].backward()
+        return {k: p.grad.clone() for k, p in model.named_parameters()
+                if k.endswith("moe.router")}
+
+    lb = router_grads("load_balance")
+    assert len(lb) == model.config["layers"]
+    for k, v in lb.items():
+        assert v.abs().max().item() > 1e-6, f"no load-balance gradient on {k}"
+    full, ce = router_grads("loss"), router_grads("ce_loss")
+    for k in lb:
+        # d loss = d ce + 0.5 d lb (z_coef 0): the aux loss is part of what is optimised
+        assert torch.allclose(full[k], ce[k] + 0.5 * lb[k], rtol=1e-4, atol=1e-7), k
+        assert not torch.allclose(full[k], ce[k], rtol=1e-3, atol=1e-6), k
+
+
+def test_aux_gradient_matches_torch_autograd():
+    ids, targets = _batch(512)
+    grads = []
+    for autodiff in ("lmc", "torch"):
+        _, model = _trainable(MINIMAX, autodiff=autodiff)
+        model(ids, targets=targets)["loss"].backward()
+        grads.append({k: p.grad for k, p in model.named_parameters()})
+    for k in grads[0]:
+        assert torch.allclose(grads[0][k], grads[1][k], rtol=1e-4, atol=1e-6), k
+
+
+def test_a_model_without_aux_losses_is_unchanged():
+    g, model = _trainable(LLAMA)
+    assert g.meta["aux_losses"] == {} and "ce_loss" not in g.outputs
+    ids, targets = _batch(model.config["vocab"])
+    with torch.no_grad():
+        out = model(ids, targets=targets)
+    ce = F.cross_entropy(out["logits"].reshape(-1, out["logits"].shape[-1]),
+                         targets.reshape(-1), ignore_index=-1)
+    assert torch.allclose(out["loss"], ce, rtol=1e-6, atol=1e-6)
+
+
+# -- the aux_losses key: a small model file of our own ----------------------------------------
+MODEL = """\
+name: aux
+config: {vocab: 16, d: 8, coef: 0.5}
+model:
+  inputs: {ids: [B, T]}
+  params: {embed: [vocab, d], head: [d, vocab]}
+  body:
+    - x = embedding(embed, ids)
+    - logits = x @ head
+    - penalty = mean(reshape(x * x, [B * T * d]), 0, keepdim=False)
+    - per_token = sum(x, -1)
+  outputs: [logits, penalty, per_token]
+  aux_losses: {AUX}
+"""
+
+
+def _write(tmp_path, aux):
+    p = tmp_path / "aux.yaml"
+    p.write_text(MODEL.replace("{AUX}", aux))
+    return str(p)
+
+
+def test_coefficient_is_a_config_expression(tmp_path):
+    path = _write(tmp_path, "{penalty: coef * 4}")
+    g = run_pipeline(with_loss(lmc.compile_model(path).graph))
+    assert g.meta["aux_losses"] == {"penalty": 2.0}
+    model = LmcModel(g, seed=0)
+    ids = torch.randint(0, 16, (2, 5))
+    with torch.no_grad():
+        out = model(ids, targets=ids)
+    assert torch.allclose(out["loss"], out["ce_loss"] + 2.0 * out["penalty"], atol=1e-6)
+    assert torch.allclose(out["penalty"], model.embed[ids].pow(2).mean(), atol=1e-7)
+
+
+@pytest.mark.parametrize("aux,message,col", [
+    ("{nothing: 1}", "aux loss 'nothing' is not one of the model outputs", 16),
+    ("{per_token: 1}", "aux loss 'per_token' must be a floating-point scalar", 16),
+    ("{penalty: unknown_name}", "unknown_name", 25),
+    ("{penalty: inf}", "the coefficient must be a finite number", 25),
+    ("{loss: 1}", "the name is taken by the training loss", 16),
+    ("[penalty]", "model.aux_losses must map output names to coefficients", 15),
+])
+def test_bad_aux_losses_give_one_located_line(tmp_path, capsys, aux, message, col):
+    path = _write(tmp_path, aux)
+    assert main(["compile", path]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    line = MODEL.splitlines().index("  aux_losses: {AUX}") + 1
+    assert err.startswith(f"{path}:{line}:{col}: error:"), err
+    assert message in err
