@@ -352,6 +352,12 @@ class Builder:
         seed = seed if isinstance(seed, Tensor) else self.const(int(seed), DType.i64)
         return self.node(Op.GAUSSIAN_NOISE, (x, seed), {"std": std})
 
+    def scan(self, step, carry, xs, axis=1, name: Optional[str] = None, **options):
+        """A recurrence over `axis`: ``ys, carry_T = scan(step, carry0, xs, axis)``, where the
+        block `step(carry..., x_t...)` returns (new_carry..., y_t...). See lmc/ops/scan.py."""
+        from ..ops.scan import build
+        return build(self, step, carry, xs, axis, name, options)
+
     # -- blocks ---------------------------------------------------------------------------------
     def call(self, block, *args, name: Optional[str] = None, **options):
         """Instantiate a block: its nodes go into a BLOCK node's body graph, its params are

@@ -150,7 +150,7 @@ _DIRECT = ["where", "clamp", "cast", "maximum", "minimum", "sum", "mean", "amax"
            "softmax", "cumsum", "matmul", "reshape", "permute", "transpose", "expand", "slice",
            "concat", "split", "iota", "causal_mask", "embedding", "gather", "scatter_add", "topk",
            "dropout", "eq", "ne", "lt", "le", "gt", "ge", "pow", "cumprod",
-           "gaussian_noise"]
+           "gaussian_noise", "scan"]
 BUILTIN_NAMES = set(_UNARY) | set(_DIRECT) | set(MATH) | {"arange", "shape", "max", "min"}
 
 
@@ -229,7 +229,15 @@ def run_body(stmts, b: Builder, scope: Scope, where: Loc):
 def _evaluator(b: Builder, scope: Scope, funcs, base: Loc) -> Evaluator:
     def on_loc(loc):
         b.loc = loc
-    return Evaluator(scope, funcs, base, on_loc=on_loc, what="model expression")
+
+    def lookup(name):
+        try:
+            return scope(name)
+        except KeyError:
+            if name in b.blocks:  # a block named as a value: scan(step, h0, x, 1)
+                return b.blocks[name]
+            raise
+    return Evaluator(lookup, funcs, base, on_loc=on_loc, what="model expression")
 
 
 def _run_statement(text: YStr, b: Builder, scope: Scope, funcs):

@@ -24,7 +24,7 @@ class Kind(enum.Enum):
     INDEX = "index"            # data-dependent addressing: gather, scatter, embedding, topk
     RANDOM = "random"          # needs a seed: dropout, gaussian_noise
     STRUCTURAL = "structural"  # holds a body graph: block calls (gone after inlining),
-                               # fused kernels, and GETITEM reading their outputs
+                               # fused kernels, scans, and GETITEM reading their outputs
 
 
 class Op(enum.Enum):
@@ -106,6 +106,8 @@ class Op(enum.Enum):
     BLOCK = ("block", Kind.STRUCTURAL, None)
     GETITEM = ("getitem", Kind.STRUCTURAL, 1)
     FUSED = ("fused", Kind.STRUCTURAL, None)  # a kernel group made by a fusion pass
+    SCAN = ("scan", Kind.STRUCTURAL, None)    # a recurrence over T with a step body (ops/scan.py)
+    SCAN_BWD = ("scan_bwd", Kind.STRUCTURAL, None)  # its reverse loop, made by autodiff
 
 
 UNARY = [op for op in Op if op.kind is Kind.POINTWISE and op.arity == 1

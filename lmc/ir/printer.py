@@ -56,7 +56,7 @@ def format_graph(g: Graph, *, locs: bool = True, indent: str = "") -> str:
     lines = [f"{indent}graph {g.name} {{"]
     for n in g.nodes:
         lines.append(indent + "  " + format_node(n, names, locs=locs))
-        if n.op is Op.BLOCK:
+        if n.op in (Op.BLOCK, Op.SCAN):
             lines.append(format_graph(n.attrs["body"], locs=locs, indent=indent + "    "))
     outs = ", ".join(f"{k}={names.get(v, '?')}" for k, v in g.outputs.items())
     lines.append(f"{indent}  return {outs}")

@@ -212,7 +212,7 @@ def _permute(ctx, xs, attrs):
 
 @ref(Op.EXPAND)
 def _expand(ctx, xs, attrs):
-    return xs[0].expand(*[ctx.dim(d) for d in attrs["shape"]])
+    return xs[0].expand([ctx.dim(d) for d in attrs["shape"]])  # a list: [] (a scalar) too
 
 
 @ref(Op.SLICE)
@@ -287,6 +287,18 @@ def _block(ctx, xs, attrs):
     bound.update(zip([n.attrs["name"] for n in body.inputs], xs))
     outs = run_graph(body, bound, ctx)
     return tuple(outs[k] for k in body.outputs)
+
+
+@ref(Op.SCAN)
+def _scan(ctx, xs, attrs):
+    from .scan import run_forward
+    return run_forward(ctx, xs, attrs)  # a Python loop over T running the body graph
+
+
+@ref(Op.SCAN_BWD)
+def _scan_bwd(ctx, xs, attrs):
+    from .scan import run_backward
+    return run_backward(ctx, xs, attrs)
 
 
 @ref(Op.GETITEM)

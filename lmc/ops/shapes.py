@@ -429,6 +429,25 @@ def _block(types, attrs):
     return tuple(n.type for n in body.outputs.values())
 
 
+@rule(Op.SCAN)
+def _scan(types, attrs):
+    from .scan import infer as scan_infer
+    return scan_infer(types, attrs)
+
+
+@rule(Op.SCAN_BWD)
+def _scan_bwd(types, attrs):
+    # primal inputs, then one cotangent per scan output: gradients for the primal inputs
+    from .scan import infer as scan_infer
+    from .scan import same_type
+    n_in = len(attrs["body"].inputs)
+    outs = scan_infer(types[:n_in], attrs, "scan_bwd")
+    cts = types[n_in:]
+    if len(cts) != len(outs) or not all(same_type(a, b) for a, b in zip(cts, outs)):
+        raise ShapeError("scan_bwd: the cotangents must match the scan's outputs")
+    return tuple(types[:n_in])
+
+
 @rule(Op.GETITEM)
 def _getitem(types, attrs):
     return types[0][attrs["index"]]

@@ -106,8 +106,9 @@ def differentiate(g: Graph, wrt: Optional[Sequence[str]] = None) -> Differentiat
     # which values depend (differentiably) on a target
     depends: Dict[Node, bool] = {}
     for n in g.nodes:
+        multi = isinstance(n.type, tuple)  # a scan: its GETITEMs check their own dtypes
         depends[n] = n in target_set or (
-            n.type.dtype.is_float and any(depends[i] for i in n.inputs)
+            (multi or n.type.dtype.is_float) and any(depends[i] for i in n.inputs)
             and n.op not in (Op.TOPK, Op.STOP_GRADIENT))
 
     b = Builder({}, {})
@@ -136,6 +137,11 @@ def differentiate(g: Graph, wrt: Optional[Sequence[str]] = None) -> Differentiat
         if gn is None or n.op in (Op.PARAM, Op.INPUT):
             if gn is not None:
                 ct[n] = gn  # a target's gradient: kept for the outputs below
+            continue
+        if n.op is Op.GETITEM:  # one output of a scan: the cotangent goes to its slot
+            slots = ct.setdefault(n.inputs[0], {})
+            k = n.attrs["index"]
+            slots[k] = slots[k] + gn if k in slots else gn
             continue
         rule = VJP.get(n.op)
         if rule is None:
@@ -348,6 +354,30 @@ def _cumprod(r):
     e = b.cumprod(b.where(first, 1.0, x), ax)
     g_first = _reverse_cumsum(b, g * e, ax)
     return [b.where(before, g_before, b.where(first, g_first, 0.0))]
+
+
+# -- scan ------------------------------------------------------------------------------------------
+@vjp(Op.SCAN)
+def _scan(r):
+    # the body is differentiated once, like any graph; SCAN_BWD reruns the forward loop keeping
+    # each step's saved values, then runs the body's backward from the last step to the first
+    from . import run_pipeline
+
+    node, b = r.node, r.b
+    body = node.attrs["body"]
+    try:
+        prog = differentiate(body)
+    except LmcError as e:
+        raise LmcError(f"scan step {node.attrs.get('block', '')!r}: {e.message}",
+                       e.loc or node.loc) from None
+    prog.backward = run_pipeline(prog.backward)
+    cts = [r.g.get(k) for k in range(len(node.type))]  # cotangents of (ys..., carries...)
+    cts = [g if g is not None else r.zeros(t.shape, t.dtype) for g, t in zip(cts, node.type)]
+    attrs = {k: v for k, v in node.attrs.items()}
+    attrs["_vjp"] = prog
+    bwd = b.node(Op.SCAN_BWD, [r.x(i) for i in range(len(node.inputs))] + cts, attrs)
+    return [b.node(Op.GETITEM, (bwd,), {"index": i}) if x.type.dtype.is_float else None
+            for i, x in enumerate(node.inputs)]
 
 
 # -- matmul --------------------------------------------------------------------------------------

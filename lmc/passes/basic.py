@@ -58,7 +58,7 @@ def inline(g: Graph) -> Graph:
                 sub[m] = c
                 nodes.append(c)
             new[n] = tuple(sub[o] for o in body.outputs.values())
-        elif n.op is Op.GETITEM:
+        elif n.op is Op.GETITEM and n.inputs[0].op is Op.BLOCK:
             new[n] = ins[0][n.attrs["index"]]
         else:
             c = n if ins == n.inputs else _copy(n, ins)

@@ -22,8 +22,10 @@ def verify(g: Graph, *, inlined: bool = False) -> Graph:
             raise LmcError(f"internal: {n} has {len(n.inputs)} inputs, expected {n.op.arity}",
                            n.loc)
         if inlined and (n.op is Op.BLOCK or n.op is Op.GETITEM
-                        and n.inputs[0].op is not Op.FUSED):
+                        and n.inputs[0].op not in (Op.FUSED, Op.SCAN, Op.SCAN_BWD)):
             raise LmcError(f"internal: {n} survived inlining", n.loc)
+        if n.op is Op.SCAN:  # the step body is a graph of its own, kept opaque
+            verify(n.attrs["body"], inlined=True)
         if n.op in (Op.INPUT, Op.PARAM):
             key = (n.op, n.attrs["name"])
             if key in names:

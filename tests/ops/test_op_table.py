@@ -142,6 +142,31 @@ def cumprod_list(v):
     return out
 
 
+def _scan_step(b, h, x):
+    hn = b.tanh(h * 0.5 + x)
+    return hn, hn * 2.0
+
+
+SCAN_STEP = BlockDef("step", _scan_step, ["h", "x"], {})
+
+
+def _scan_build(b, x, S, p):
+    """scan of the step along the drawn axis, from a zero carry; p["out"] picks ys or carry_T."""
+    ax = p["axis"] % len(S)
+    h0 = b.expand(b.const(0.0), [d for i, d in enumerate(S) if i != ax])
+    return b.scan(SCAN_STEP, h0, x, p["axis"])[p["out"]]
+
+
+def scan_ref(x, axis, out):
+    """h_t = tanh(h_{t-1} / 2 + x_t) from h = 0; y_t = 2 h_t, stacked along `axis`."""
+    xt = x.double().movedim(axis, 0)
+    h, ys = torch.zeros(xt.shape[1:], dtype=torch.float64), []
+    for v in xt:
+        h = torch.tanh(h * 0.5 + v)
+        ys.append(h * 2)
+    return torch.stack(ys, 0).movedim(0, axis) if out == 0 else h
+
+
 def topk_ref(x, k, axis):
     """Indices of the k largest along `axis`, ties to the lower index: sort by (-value, index)."""
     xt = x.movedim(axis, -1)
@@ -450,6 +475,9 @@ ROWS: List[Row] = [
         lambda x, s, p: scan(x, p["axis"], cumprod_list), axis_p),
     Row(Op.CUMPROD, "int", lambda S, p: [(S, "unit")], lambda b, x, S, p: b.cumprod(x, p["axis"]),
         lambda x, s, p: scan(x, p["axis"], cumprod_list).long(), axis_p),
+    Row(Op.SCAN, "", lambda S, p: [(S, "f")], _scan_build,
+        lambda x, s, p: scan_ref(x, p["axis"], p["out"]),
+        lambda S: axis_p(S, out=st.sampled_from([0, 1]))),
     # -- matmul -----------------------------------------------------------------------------------
     Row(Op.MATMUL, "", lambda S, p: [(S, "f"), ((S[-1], p["n"]), "f")],
         lambda b, x, y, S, p: x @ y, lambda x, y, s, p: matmul_ref(x, y),

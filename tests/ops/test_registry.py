@@ -14,8 +14,10 @@ from lmc.ops.shapes import SHAPE_RULES
 from lmc.passes.autodiff import VJP
 from lmc.runtime.executor import bind_dims, run_graph
 
-STRUCTURAL = {Op.BLOCK, Op.GETITEM, Op.FUSED}  # BLOCK/GETITEM: via Builder.call + inline;
-# FUSED: via the fusion pass tests (tests/passes/test_fuse_pointwise.py)
+STRUCTURAL = {Op.BLOCK, Op.GETITEM, Op.FUSED, Op.SCAN_BWD}  # BLOCK/GETITEM: via Builder.call +
+# inline; FUSED: via the fusion pass tests (tests/codegen/test_pointwise.py); SCAN_BWD: made only
+# by scan's VJP and tested through it (tests/ops/test_scan.py); it has no VJP of its own (no
+# second derivatives through a scan)
 
 
 # -- the registry ----------------------------------------------------------------------------------
@@ -35,6 +37,18 @@ def test_every_op_has_a_row_in_the_op_table():
     covered = {r.op for r in ROWS}
     missing = [op.value for op in Op if op not in covered and op not in STRUCTURAL]
     assert not missing, f"ops without a row in tests/ops/test_op_table.py: {missing}"
+
+
+# the primitives added for the zoo (issue 5), each complete: shape, reference, VJP, a table row,
+# and a Triton lowering for the pointwise ones
+ZOO_OPS = [Op.LOGSIGMOID, Op.SOFTPLUS, Op.STOP_GRADIENT, Op.CUMPROD, Op.GAUSSIAN_NOISE, Op.SCAN]
+
+
+@pytest.mark.parametrize("op", ZOO_OPS, ids=[op.value for op in ZOO_OPS])
+def test_zoo_ops_are_complete(op):
+    from lmc.codegen.pointwise import _UNARY as TRITON_UNARY
+    assert op in SHAPE_RULES and op in REFERENCE and op in VJP and op in {r.op for r in ROWS}
+    assert op.kind is not Kind.POINTWISE or op in TRITON_UNARY
 
 
 def test_op_enum_is_consistent():
