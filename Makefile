@@ -1,5 +1,5 @@
 # make test   set up .venv (CPU torch where there is no GPU) and run the test suite
-# make demo   set up .venv, compile the baseline zoo model, train it briefly on CPU
+# make demo   set up .venv, compile the baseline zoo model, train it briefly on CPU, generate
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
@@ -25,6 +25,8 @@ demo: $(STAMP)
 	$(VENV)/bin/lmc compile zoo/llama.yaml --preset small
 	$(VENV)/bin/lmc run zoo/llama.yaml --train --preset small --steps 60 --batch-size 4 \
 		--seq-len 64 --eval-every 20 --out runs/demo
+	$(VENV)/bin/lmc run zoo/llama.yaml --generate --checkpoint runs/demo --prompt "import " \
+		--max-new-tokens 48 --temperature 0.8 --top-k 40
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check lmc tests

@@ -70,13 +70,24 @@ def cmd_compile(args) -> int:
         _write(os.path.join(args.out, "summary.json"), json.dumps(s, indent=2, default=str) + "\n")
         for g in ("forward", "backward"):
             _write(os.path.join(args.out, f"kernels_{g}.py"), k[g]["source"])
+    step = None
+    if args.mode == "decode":
+        from .passes.decode import decode_step
+        step = decode_step(c.graph)
+        s["decode"] = decode_summary(step, c.graph.meta.get("config", {}).get("max_seq"))
+        if args.out:
+            _write(os.path.join(args.out, "ir_decode.txt"), format_graph(step.graph) + "\n")
+            _write(os.path.join(args.out, "summary.json"),
+                   json.dumps(s, indent=2, default=str) + "\n")
     if args.print_ir:
-        print(format_graph(c.graph))
+        print(format_graph(step.graph if step else c.graph))
         return 0
     if args.json:
         print(json.dumps(s, default=str))
         return 0
     print(format_summary(s))
+    if step is not None:
+        print(format_decode(s["decode"]))
     if args.out:
         print(f"wrote       {args.out}/ir_source.txt, ir.txt, summary.json, "
               f"kernels_forward.py, kernels_backward.py")
@@ -90,16 +101,18 @@ def cmd_run(args) -> int:
     from .runtime.train import TrainConfig, train
 
     _import_blocks(args.imports)
+    if args.generate and args.train:
+        raise LmcError("lmc run takes --train or --generate, not both")
     if args.generate:
-        raise LmcError("--generate needs the decode mode, which is not built yet (issue 6)")
+        return _generate(args)
     if not args.train:
-        raise LmcError("lmc run needs --train (or --generate)")
+        raise LmcError("lmc run needs --train or --generate")
     c = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
                     grad_accum=args.grad_accum, lr=args.lr, min_lr=args.lr / 10,
                     warmup=min(args.warmup, max(args.steps // 10, 1)),
                     eval_every=args.eval_every, ckpt_every=args.ckpt_every,
                     log_every=args.log_every, seed=args.seed,
-                    out=args.out, data=args.data, tokenizer=args.tokenizer,
+                    out=args.out, data=args.data, tokenizer=args.tokenizer_given or "cl100k_base",
                     resume=args.resume, backend=args.backend, fsdp=args.fsdp,
                     progress=not args.no_progress)
     if args.backend not in ("torch", "triton"):
@@ -120,6 +133,130 @@ def cmd_run(args) -> int:
               file=sys.stderr)
         return 130
     return 0
+
+
+def _checkpoint_dir(path: str) -> str:
+    """A run directory (its `latest`) or one ckpt-* directory."""
+    if os.path.isfile(os.path.join(path, "model.safetensors")):
+        return path
+    pointer = os.path.join(path, "latest")
+    if os.path.isfile(pointer):
+        ck = os.path.join(path, open(pointer).read().strip())
+        if os.path.isfile(os.path.join(ck, "model.safetensors")):
+            return ck
+    raise LmcError(f"--checkpoint {path}: neither a run directory with a 'latest' checkpoint "
+                   "nor a ckpt-* directory holding model.safetensors")
+
+
+def _generate(args) -> int:
+    """Stream a continuation of --prompt: prefill, then one decode step per token."""
+    import codecs
+    import time
+
+    import torch
+
+    from .driver import load
+    from .runtime.data import get_tokenizer
+    from .runtime.decoder import Decoder
+
+    preset, overrides = args.preset, args.set
+    tokenizer = args.tokenizer_given or "cl100k_base"
+    ck = None
+    if args.checkpoint:
+        ck = _checkpoint_dir(args.checkpoint)
+        meta_path = os.path.join(ck, "meta.json")
+        meta = json.load(open(meta_path)) if os.path.isfile(meta_path) else {}
+        if preset is None and not overrides:  # the model the checkpoint was trained as
+            preset, overrides = meta.get("preset"), meta.get("overrides") or None
+        if args.tokenizer_given is None:
+            tokenizer = meta.get("tokenizer", tokenizer)
+    for name, v, lo in (("--max-new-tokens", args.max_new_tokens, 1), ("--top-k", args.top_k, 0)):
+        if v < lo:
+            raise LmcError(f"{name} must be >= {lo}, got {v}")
+    if args.temperature < 0 or not 0 < args.top_p <= 1:
+        raise LmcError("--temperature must be >= 0 and --top-p in (0, 1]")
+    model = load(args.file, preset, backend=args.backend, seed=args.seed,
+                 **_overrides_dict(overrides)).eval()
+    if ck is not None:
+        from safetensors.torch import load_file
+        weights = load_file(os.path.join(ck, "model.safetensors"))
+        mine = model.state_dict()
+        bad = sorted(set(mine) ^ set(weights)) or [
+            k for k in mine if tuple(mine[k].shape) != tuple(weights[k].shape)]
+        if bad:
+            k = bad[0]
+            have = tuple(weights[k].shape) if k in weights else "absent"
+            want = tuple(mine[k].shape) if k in mine else "absent"
+            raise LmcError(f"--checkpoint {ck} does not fit this model ({len(bad)} tensor(s) "
+                           f"differ; {k}: checkpoint {have}, model {want}): pass the "
+                           "--preset/--set it was trained with")
+        model.load_state_dict(weights)
+    else:
+        print("lmc: note: no --checkpoint, so the weights are random", file=sys.stderr)
+    enc = get_tokenizer(tokenizer)
+    prompt = enc.encode_ordinary(args.prompt)
+    if not prompt:
+        raise LmcError("--prompt is empty")
+    vocab = int(model.graph.outputs["logits"].type.shape[-1])
+    if max(prompt) >= vocab:
+        raise LmcError(f"the prompt holds token {max(prompt)}, outside the model's vocab {vocab}"
+                       f" (tokenizer {tokenizer!r})")
+    max_seq = model.config.get("max_seq")
+    if max_seq is not None and len(prompt) + args.max_new_tokens > max_seq:
+        raise LmcError(f"prompt ({len(prompt)} tokens) + --max-new-tokens "
+                       f"{args.max_new_tokens} exceeds the model's max_seq {max_seq}")
+    dec = Decoder(model)
+    out = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    sys.stdout.write(args.prompt)
+    sys.stdout.flush()
+    t0 = time.perf_counter()
+    n = 0
+    for tok in dec.generate(torch.tensor(prompt), args.max_new_tokens,
+                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                            seed=args.seed):
+        if tok == enc.eot_token:
+            break
+        n += 1
+        sys.stdout.write(out.decode(enc.decode_single_token_bytes(tok)))
+        sys.stdout.flush()
+    sys.stdout.write(out.decode(b"", final=True) + "\n")
+    dt = time.perf_counter() - t0
+    print(f"lmc: {n} tokens in {dt:.2f} s ({n / dt:.1f} tokens/s, {args.backend} backend, "
+          f"prompt {len(prompt)} tokens)", file=sys.stderr)
+    return 0
+
+
+def _overrides_dict(overrides):
+    from .frontend.model import parse_overrides
+    return parse_overrides(overrides)
+
+
+def decode_summary(step, max_seq) -> dict:
+    states = [{"name": st.name, "kind": st.kind, "shape": [str(d) for d in st.shape],
+               "dtype": st.dtype.value, "bytes_per_token": st.bytes_per_token(),
+               "bytes_per_sequence": st.bytes(1, 0), "from": st.source} for st in step.states]
+    per_tok = sum(x["bytes_per_token"] for x in states)
+    fixed = sum(x["bytes_per_sequence"] for x in states)
+    return {"nodes": len(step.graph.nodes), "states": states, "bytes_per_token": per_tok,
+            "bytes_per_sequence": fixed, "max_seq": max_seq,
+            "bytes_at_max_seq": per_tok * max_seq + fixed if max_seq else None}
+
+
+def format_decode(d: dict) -> str:
+    lines = [f"decode      step graph: {d['nodes']} nodes; inputs: token ids [B, T] after P "
+             "past tokens, and the state below (batch 1 sizes)"]
+    w = max([len(x["name"]) for x in d["states"]] + [4])
+    for x in d["states"]:
+        shape = "[" + ", ".join(x["shape"]) + "]"
+        grow = (f"{x['bytes_per_token']:,} B/token" if x["kind"] == "cache"
+                else f"{x['bytes_per_sequence']:,} B, constant")
+        lines.append(f"  {x['name']:<{w}}  {x['kind']:<5}  {shape:<18} {x['dtype']:<4} {grow}"
+                     f"   <- {x['from']}")
+    total = (f"state       {d['bytes_per_token']:,} B per token of context + "
+             f"{d['bytes_per_sequence']:,} B per sequence")
+    if d["bytes_at_max_seq"] is not None:
+        total += f"; {d['bytes_at_max_seq']:,} B at max_seq {d['max_seq']}"
+    return "\n".join(lines + [total])
 
 
 def format_summary(s) -> str:
@@ -185,12 +322,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--import", dest="imports", action="append", metavar="PY",
                    help="a Python file defining blocks with @lmc.block (repeatable)")
     c.add_argument("--disable", action="append", metavar="PASS", help="skip a pass")
+    c.add_argument("--mode", choices=["forward", "decode"], default="forward",
+                   help="decode: also derive the single-token step graph and report its state")
     c.set_defaults(fn=cmd_compile)
 
     r = sub.add_parser("run", help="train a model (--train)", description=cmd_run.__doc__)
     r.add_argument("file", help="model YAML file")
     r.add_argument("--train", action="store_true", help="train")
-    r.add_argument("--generate", action="store_true", help="generate text (not built yet)")
+    r.add_argument("--generate", action="store_true", help="stream a continuation of --prompt")
     r.add_argument("--preset")
     r.add_argument("--set", nargs="+", action="extend", metavar="KEY=VALUE")
     r.add_argument("--steps", type=int, default=200)
@@ -204,7 +343,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--log-every", type=int, default=10, help="metrics.jsonl record interval")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--data", help="text file, directory of text files, or uint32 .bin tokens")
-    r.add_argument("--tokenizer", default="cl100k_base", help="tiktoken encoding name")
+    r.add_argument("--tokenizer", dest="tokenizer_given", default=None,
+                   help="tiktoken encoding name (default cl100k_base, or the checkpoint's)")
+    g = r.add_argument_group("generation (--generate)")
+    g.add_argument("--prompt", default="def ", help="text to continue")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+    g.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest (0: all)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    g.add_argument("--checkpoint", metavar="DIR", help="a run directory or a ckpt-* directory")
     r.add_argument("--out", default="runs/train", help="run directory")
     r.add_argument("--resume", metavar="DIR", help="continue the run in DIR exactly")
     r.add_argument("--backend", default="torch", choices=["torch", "triton"],
@@ -221,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--set", nargs="+", action="extend", metavar="KEY=VALUE")
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--skip", action="append", metavar="CHECK",
-                   help="leave out a check: passes, causal, grads, triton")
+                   help="leave out a check: passes, causal, grads, triton, decode")
     v.add_argument("--import", dest="imports", action="append", metavar="PY")
     v.set_defaults(fn=cmd_verify)
     return p

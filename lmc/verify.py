@@ -178,12 +178,53 @@ def check_triton(s: Subject) -> Row:
                f"forward max rel diff {fwd:.1e}; gradients: {detail}; {launches} launches")
 
 
-# (name for --skip, label in the table, check); the decode issue appends "decode = forward"
+DECODE_TOL = 1e-4  # fp32 CPU, max abs difference of logits (the issue's bound)
+
+
+def _decode_diff(model, dec, ids, k: int) -> float:
+    """Prefill k tokens, then decode the rest one by one; the worst logit difference
+    against the full forward pass at every position."""
+    with torch.no_grad():
+        full = _outputs(model, ids)["logits"]
+        state = dec.init_state(ids.shape[0])
+        worst = 0.0
+        if k:
+            logits, state = dec(ids[:, :k], state)
+            worst = (logits - full[:, :k]).abs().max().item()
+        for t in range(k, ids.shape[1]):
+            logits, state = dec(ids[:, t:t + 1], state)
+            worst = max(worst, (logits[:, 0] - full[:, t]).abs().max().item())
+    return worst if worst == worst else float("inf")
+
+
+def check_decode(s: Subject) -> Row:
+    """Prefill of k tokens then token-by-token decode equals the full forward, on the torch
+    backend for several k and on the triton backend for two."""
+    from .runtime.decoder import Decoder
+    T = s.ids.shape[1]
+    m = s.model().eval()
+    dec = Decoder(m, backend="torch")
+    ks = sorted({0, 1, T // 2, T - 1})
+    worst = max(_decode_diff(m, dec, s.ids, k) for k in ks)
+    tri = s.model(backend="triton").eval()
+    tdec = Decoder(tri, backend="triton")
+    tks = sorted({1, T // 2})
+    tworst = max(_decode_diff(tri, tdec, s.ids, k) for k in tks)
+    per_tok = sum(st.bytes_per_token() for st in dec.step.states)
+    fixed = sum(st.bytes(1, 0) for st in dec.step.states)
+    return Row("decode = forward", max(worst, tworst) <= DECODE_TOL,
+               f"prefill k in {ks} then steps: max |diff| {worst:.1e}; triton k in {tks}: "
+               f"{tworst:.1e} (tol {DECODE_TOL:.0e}); state {len(dec.step.states)} tensors, "
+               f"{per_tok:,} B/token + {fixed:,} B/sequence")
+
+
+# (name for --skip, label in the table, check); later issues append theirs
 CHECKS: List[Tuple[str, str, Callable[[Subject], Row]]] = [
     ("passes", "passes = oracle", check_passes),
     ("causal", "causal", check_causal),
     ("grads", "gradients = oracle", check_grads),
     ("triton", "triton = oracle", check_triton),
+    ("decode", "decode = forward", check_decode),
 ]
 
 

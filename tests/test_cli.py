@@ -80,3 +80,57 @@ def test_console_script_runs():
                        text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     assert "params" in r.stdout
+
+
+def _tiny_run(tmp_path):
+    import numpy as np
+    data = tmp_path / "tokens.bin"
+    np.random.default_rng(0).integers(0, 512, 4096).astype(np.uint32).tofile(data)
+    out = tmp_path / "run"
+    assert main(["run", LLAMA, "--train", "--preset", "tiny", "--data", str(data), "--steps",
+                 "2", "--batch-size", "2", "--seq-len", "16", "--no-progress", "--out",
+                 str(out)]) == 0
+    return out
+
+
+def test_generate_from_a_checkpoint_is_greedy_and_reproducible(tmp_path, capsys):
+    out = _tiny_run(tmp_path)
+    capsys.readouterr()
+    args = ["run", LLAMA, "--generate", "--checkpoint", str(out), "--prompt", "a",
+            "--max-new-tokens", "6", "--temperature", "0"]
+    assert main(args) == 0  # preset tiny comes from the checkpoint's meta.json
+    first = capsys.readouterr()
+    assert first.out.startswith("a") and "tokens/s" in first.err
+    assert main(args) == 0
+    assert capsys.readouterr().out == first.out
+
+
+def test_generate_bad_input_is_one_line(tmp_path, capsys):
+    out = _tiny_run(tmp_path)
+    capsys.readouterr()
+    cases = [
+        (["--checkpoint", str(tmp_path / "nowhere")], "neither a run directory"),
+        (["--checkpoint", str(out), "--preset", "tiny", "--set", "d=32"],
+         "does not fit this model"),
+        (["--preset", "tiny", "--prompt", "zzzzzzzz qqqq"], "outside the model's vocab"),
+        (["--preset", "tiny", "--prompt", "a", "--max-new-tokens", "500"],
+         "exceeds the model's max_seq"),
+        (["--preset", "tiny", "--prompt", "a", "--top-p", "0"], "--top-p"),
+    ]
+    for extra, msg in cases:
+        assert main(["run", LLAMA, "--generate", *extra]) == 2, extra
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("lmc: error:") or ": error:" in err[-1], err
+        assert msg in err[-1], (extra, err)
+
+
+def test_compile_mode_decode_reports_the_state(tmp_path, capsys):
+    assert main(["compile", LLAMA, "--preset", "tiny", "--mode", "decode", "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    d = s["decode"]
+    assert len(d["states"]) == 4 and d["bytes_per_token"] == 2 * 2 * 64 * 4
+    assert d["bytes_at_max_seq"] == d["bytes_per_token"] * 128
+    assert main(["compile", LLAMA, "--preset", "tiny", "--mode", "decode", "-o",
+                 str(tmp_path / "o")]) == 0
+    assert "B per token of context" in capsys.readouterr().out
+    assert (tmp_path / "o" / "ir_decode.txt").exists()

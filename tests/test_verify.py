@@ -22,8 +22,9 @@ def _rows(*args, **kw):
 def test_llama_passes_every_check(capsys):
     assert main(["verify", LLAMA]) == 0
     out = capsys.readouterr().out
-    assert "preset tiny" in out and "5/5 checks passed" in out
-    for label in ("passes = oracle", "causal", "gradients = oracle", "triton = oracle"):
+    assert "preset tiny" in out and "6/6 checks passed" in out
+    for label in ("passes = oracle", "causal", "gradients = oracle", "triton = oracle",
+                  "decode = forward"):
         assert f"{label}" in out
 
 
@@ -63,3 +64,10 @@ def test_sizes_from_set_and_unknown_skip(capsys):
     assert "preset" not in rows["compiles"].detail and all(r.ok for r in rows.values())
     assert main(["verify", LLAMA, "--skip", "nonsense"]) == 2
     assert "no such check" in capsys.readouterr().err
+
+
+def test_decode_without_the_position_offset_fails_decode_check(monkeypatch):
+    from lmc.passes import decode
+    monkeypatch.setattr(decode, "P", 0)  # new tokens would get positions 0.. again
+    rows = _rows(LLAMA, skip=["triton", "grads"])
+    assert not rows["decode = forward"].ok and rows["causal"].ok

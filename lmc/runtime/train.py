@@ -153,6 +153,8 @@ def save_checkpoint(out: str, step: int, model, opt, cfg: TrainConfig, d: Dist,
     os.makedirs(tmp)
     save_file({k: v.detach().cpu().contiguous() for k, v in state.items()},
               os.path.join(tmp, "model.safetensors"))
+    with open(os.path.join(tmp, "meta.json"), "w") as f:  # readable without unpickling
+        json.dump({"step": step, **extra}, f)
     torch.save({"step": step, "optimizer": optim, "config": asdict(cfg), "extra": extra,
                 "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
                         "torch": torch.get_rng_state()}},
@@ -203,6 +205,12 @@ def latest_checkpoint(run_dir: str) -> str:
 # -- the loop ------------------------------------------------------------------------------------
 def train(path: str, preset: Optional[str], overrides, c: TrainConfig) -> Dict[str, Any]:
     from safetensors.torch import load_file
+
+    # what `lmc run --generate --checkpoint` needs to rebuild the same model
+    sets = [f"{k}={v}" for k, v in overrides.items()] if isinstance(overrides, dict) \
+        else list(overrides or [])
+    ckpt_meta = {"tokenizer": c.tokenizer, "model": os.path.abspath(path), "preset": preset,
+                 "overrides": sets}
 
     from ..driver import compile_model
     from ..passes import run_pipeline
@@ -390,12 +398,12 @@ def train(path: str, preset: Optional[str], overrides, c: TrainConfig) -> Dict[s
                 bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
             if step % c.ckpt_every == 0 or step == c.steps:
                 last_ckpt = save_checkpoint(c.out, step, model, opt, c, d,
-                                            {"tokenizer": c.tokenizer}) or last_ckpt
+                                            ckpt_meta) or last_ckpt
                 if d.main:
                     plot_losses(metrics_path, os.path.join(c.out, "loss.png"))
             if stop["signal"] is not None:
                 last_ckpt = save_checkpoint(c.out, step, model, opt, c, d,
-                                            {"tokenizer": c.tokenizer}) or last_ckpt
+                                            ckpt_meta) or last_ckpt
                 summary["interrupted"] = True
                 break
     finally:

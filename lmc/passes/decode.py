@@ -1,0 +1,410 @@
+"""The decode pass: from a forward graph, the step graph with explicit state.
+
+The step graph consumes T new tokens after P already processed ones (T = prompt length for
+prefill, 1 for a decode step: one graph serves both) and returns the logits of the new tokens
+and the new state. Symbols: B, T (new tokens), P (past tokens); keys span S = P + T positions.
+
+How it is derived, with no knowledge of blocks or model names:
+
+1. Time labels. Every axis of every tensor whose size is the symbolic T is labelled: "q" (one
+   entry per current token: everything computed position by position), "k" (one entry per
+   key position: the second time axis of a [.., T, T] tensor such as attention scores or a
+   decay mask), or "f" (time flattened into another axis, as in [B*T, d]). Sources: the token
+   input and `iota(T)` are "q"; `causal_mask(T)` is ("q", "k"); a matmul or broadcast whose
+   result has two "q" axes makes the later one "k". An edge where a "q" axis of an input lands
+   on a "k" axis of the result is a *key use*: the consumer needs the input at every position.
+2. Position-wise ops are copied as they are. `iota(T)` becomes `iota(T) + P` (absolute
+   positions); `causal_mask(T, T)` becomes `causal_mask(T, S)` (bottom-right aligned).
+3. A key use reads the key-side version of its input: recomputed over all S positions when
+   the input depends on no token (RoPE tables, fixed decays); reached through layout ops
+   (permute, reshape, expand, cast, concat off the time axis) and through a projection by a
+   parameter that widens the value (so MLA caches its latent [c_KV | k_R] and GQA its n_kv
+   heads); otherwise cached: the state holds
+   it for the P past positions and the step concatenates the new ones (a K,V cache).
+4. `cumsum` along time becomes a running sum: state + cumsum(new), and the state advances by
+   the sum of the new entries (running means, cumulative log-decays).
+5. Anything else that mixes positions (a reduction, softmax, slice or concat along time, a
+   contraction over queries) is a compile error naming the op and its YAML line. Dropout and
+   other train-only noise are the identity (generation runs in eval mode).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+from ..errors import LmcError
+from ..ir.dims import Dim, norm
+from ..ir.graph import Graph, Node
+from ..ir.ops import Kind, Op
+from ..ir.types import DType
+
+Q, K, F = "q", "k", "f"
+T = Dim.sym("T")
+P = Dim.sym("P")
+S = norm(P + T)
+
+LAYOUT = {Op.PERMUTE, Op.RESHAPE, Op.EXPAND, Op.CAST}
+TIME_REDUCE = {Op.SUM, Op.MEAN, Op.AMAX, Op.LOGSUMEXP, Op.SOFTMAX}
+
+
+@dataclass
+class StateSpec:
+    """One state tensor of the step graph: its input name, output name and layout."""
+    name: str            # the input; the output carrying its next value is name + "'"
+    kind: str            # "cache" (grows by T along `axis`) or "sum" (constant size)
+    shape: tuple         # symbolic, over B and P
+    dtype: DType
+    axis: Optional[int]  # the position axis of a cache
+    source: str          # what it holds: the op and YAML place it was taken from
+
+    @property
+    def out(self) -> str:
+        return self.name + "'"
+
+    def bytes(self, B: int = 1, P_: int = 0) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d.evaluate({"B": B, "P": P_}) if isinstance(d, Dim) else d
+        return n * self.dtype.itemsize
+
+    def bytes_per_token(self) -> int:
+        """Bytes added per token of context (0 for a constant-size state), batch 1."""
+        return self.bytes(1, 1) - self.bytes(1, 0)
+
+
+@dataclass
+class StepGraph:
+    graph: Graph
+    states: List[StateSpec] = field(default_factory=list)
+    logits: str = "logits"
+
+
+def _err(n: Node, why: str) -> LmcError:
+    return LmcError(f"cannot derive the decode step: {n.op.value} {why}", n.loc)
+
+
+def _tlabel(d) -> Optional[str]:
+    if isinstance(d, Dim) and "T" in d.symbols():
+        return Q if d == T else F
+    return None
+
+
+def _subst(d, env):
+    return norm(d.evaluate(env)) if isinstance(d, Dim) else d
+
+
+class _Labels:
+    """Time labels per node, and the key-use edges."""
+
+    def __init__(self, g: Graph):
+        self.lab: Dict[Node, Tuple] = {}
+        self.keyuse = set()      # (node, input index)
+        for n in g.nodes:
+            self.lab[n] = self._label(n)
+
+    def _label(self, n: Node) -> Tuple:
+        op, ins = n.op, n.inputs
+        shape = n.type.shape
+        if op is Op.INPUT:
+            return tuple(_tlabel(d) for d in shape)
+        if op in (Op.PARAM, Op.CONST):
+            if any(_tlabel(d) for d in shape):
+                raise _err(n, "has a sequence-length shape, which the step cannot know")
+            return (None,) * len(shape)
+        if op is Op.IOTA:
+            return (_tlabel(shape[0]),)
+        if op is Op.CAUSAL_MASK:
+            if _tlabel(shape[0]) == Q and _tlabel(shape[1]) == Q:
+                return (Q, K)
+            if any(_tlabel(d) for d in shape):
+                raise _err(n, "is not a T x T causal mask")
+            return (None, None)
+        L = [self.lab[i] for i in ins]
+        if op.kind is Kind.POINTWISE or op.kind is Kind.RANDOM:
+            return self._broadcast(n, list(range(len(ins))))
+        if op is Op.MATMUL:
+            return self._matmul(n)
+        if op in TIME_REDUCE or op is Op.CUMSUM:
+            ax = n.attrs["axis"]
+            src = L[0]
+            if src and src[ax] in (Q, F) and op is not Op.CUMSUM:
+                raise _err(n, "reduces over the sequence axis, so an early position would see "
+                           "later ones; only causal mixing can be decoded")
+            if src and src[ax] in (K, F) and op is Op.CUMSUM:
+                raise _err(n, "accumulates along a key or flattened axis")
+            if op in (Op.SOFTMAX, Op.CUMSUM) or not src:
+                return src
+            if n.attrs.get("keepdim", True):
+                return src[:ax] + (None,) + src[ax + 1:]
+            return src[:ax] + src[ax + 1:]
+        if op is Op.PERMUTE:
+            return tuple(L[0][p] for p in n.attrs["perm"])
+        if op is Op.RESHAPE:
+            return self._reshape(n)
+        if op is Op.EXPAND:
+            src, r = L[0], len(shape)
+            out = []
+            for j in range(r):
+                i = j - (r - len(src))
+                if i >= 0 and not (ins[0].type.shape[i] == 1 and shape[j] != 1):
+                    out.append(src[i])
+                else:
+                    out.append(_tlabel(shape[j]))
+            return self._two_q(n, tuple(out), [])
+        if op is Op.SLICE:
+            if L[0][n.attrs["axis"]]:
+                raise _err(n, "slices along the sequence axis (e.g. a token shift)")
+            return L[0]
+        if op is Op.CONCAT:
+            if any(lb[n.attrs["axis"]] for lb in L):
+                raise _err(n, "concatenates along the sequence axis")
+            return self._broadcast(n, list(range(len(ins))))
+        if op is Op.EMBEDDING:
+            return L[1] + (None,)
+        if op in (Op.GATHER, Op.SCATTER_ADD, Op.TOPK):
+            ax = n.attrs["axis"]
+            if any(lb and ax < len(lb) and lb[ax] for lb in L):
+                raise _err(n, "indexes along the sequence axis")
+            return self._broadcast(n, list(range(len(ins))))
+        raise _err(n, "has no single-step form yet")
+
+    def _broadcast(self, n: Node, which: List[int]) -> Tuple:
+        r = len(n.type.shape)
+        out: List[Optional[str]] = [None] * r
+        src_q = {j: [] for j in range(r)}
+        for k in which:
+            x = n.inputs[k]
+            xl = self.lab[x]
+            off = r - len(xl)
+            for i, lb in enumerate(xl):
+                if lb is None or x.type.shape[i] == 1:
+                    continue
+                j = i + off
+                if lb == Q:
+                    src_q[j].append(k)
+                if out[j] in (None, lb):
+                    out[j] = lb
+                elif {out[j], lb} == {Q, K}:
+                    out[j] = K
+                else:
+                    raise _err(n, "mixes a flattened sequence axis with a per-position one")
+        for j in range(r):  # inputs giving "q" where the result is "k" are key uses
+            if out[j] == K:
+                for k in src_q[j]:
+                    self.keyuse.add((n, k))
+        return self._two_q(n, tuple(out), [(j, src_q[j]) for j in range(r)])
+
+    def _two_q(self, n: Node, out: Tuple, sources) -> Tuple:
+        qs = [j for j, lb in enumerate(out) if lb == Q]
+        ks = [j for j, lb in enumerate(out) if lb == K]
+        if len(qs) + len(ks) > 2 or len(ks) > 1:
+            raise _err(n, "has more than two sequence axes")
+        if len(qs) == 2:  # a [.., T, T] result: the later axis runs over keys
+            if not sources:
+                raise _err(n, "makes two sequence axes in a way the decode pass cannot read")
+            out = tuple(K if j == qs[1] else lb for j, lb in enumerate(out))
+            for j, ks_ in sources:
+                if j == qs[1]:
+                    for k in ks_:
+                        self.keyuse.add((n, k))
+        return out
+
+    def _matmul(self, n: Node) -> Tuple:
+        a, b = n.inputs
+        la, lb = self.lab[a], self.lab[b]
+        r = len(n.type.shape)
+        if la[-1] == Q or la[-1] == F:
+            raise _err(n, "contracts over the query positions (a sum over the whole sequence)")
+        if la[-1] == K and lb[-2] == Q:
+            self.keyuse.add((n, 1))
+        batch: List[Optional[str]] = [None] * (r - 2)
+        for x, lx in ((a, la), (b, lb)):
+            off = (r - 2) - (len(lx) - 2)
+            for i, lab in enumerate(lx[:-2]):
+                if lab and x.type.shape[i] != 1:
+                    if batch[i + off] not in (None, lab):
+                        raise _err(n, "mixes sequence axes in its batch dimensions")
+                    batch[i + off] = lab
+        m, nn = la[-2], lb[-1]
+        if m == Q and nn == Q:  # scores: the right operand's positions are keys
+            self.keyuse.add((n, 1))
+            nn = K
+        return self._two_q(n, tuple(batch) + (m, nn), [])
+
+    def _reshape(self, n: Node) -> Tuple:
+        (x,) = n.inputs
+        src = self.lab[x]
+        out = [_tlabel(d) for d in n.type.shape]
+        times_in = [lb for lb in src if lb]
+        if K in times_in:
+            whole_in = [lb for d, lb in zip(x.type.shape, src) if lb in (Q, K) and d == T]
+            whole_out = [j for j, d in enumerate(n.type.shape) if d == T]
+            if len(whole_in) != len(times_in) or len(whole_out) != len(whole_in):
+                raise _err(n, "reshapes a query x key tensor across its sequence axes")
+            for j, lb in zip(whole_out, whole_in):
+                out[j] = lb
+        elif not times_in:
+            if any(out):
+                raise _err(n, "creates a sequence axis from a tensor without one")
+        return tuple(out)
+
+
+@dataclass
+class _Builder:
+    g: Graph
+    labels: _Labels
+    nodes: List[Node] = field(default_factory=list)
+    new: Dict[Node, Node] = field(default_factory=dict)
+    keyside: Dict[Node, Node] = field(default_factory=dict)
+    states: List[StateSpec] = field(default_factory=list)
+    state_out: Dict[str, Node] = field(default_factory=dict)
+    token_free: Dict[Node, bool] = field(default_factory=dict)
+
+    def add(self, op: Op, inputs, attrs, like: Node) -> Node:
+        n = Node.make(op, inputs, attrs, like.loc, like.scope)
+        self.nodes.append(n)
+        return n
+
+    def state(self, like: Node, kind: str, shape, axis) -> Node:
+        base = f"{like.scope or 'model'}.{'cache' if kind == 'cache' else 'sum'}"
+        name, k = base, 1
+        while any(s.name == name for s in self.states):
+            k += 1
+            name = f"{base}{k}"
+        where = f" at {like.loc}" if like.loc else ""
+        spec = StateSpec(name, kind, tuple(shape), like.type.dtype, axis,
+                         f"{like.op.value}{where}")
+        self.states.append(spec)
+        return self.add(Op.INPUT, (), {"name": name, "shape": tuple(shape),
+                                       "dtype": like.type.dtype}, like)
+
+    # -- token-free subgraphs (RoPE tables, fixed decays) are recomputed over all positions --
+    def is_token_free(self, n: Node) -> bool:
+        v = self.token_free.get(n)
+        if v is None:
+            v = n.op is not Op.INPUT and all(self.is_token_free(i) for i in n.inputs)
+            self.token_free[n] = v
+        return v
+
+    def clone_over_keys(self, n: Node) -> Node:
+        """n computed for positions 0 .. S-1 (token-free: no state needed)."""
+        got = self.keyside.get(n)
+        if got is not None:
+            return got
+        if not any(self.labels.lab[n]):
+            out = self.new[n]
+        else:
+            env = {"B": Dim.sym("B"), "T": S, "P": P}
+            attrs = {k: _subst_attr(v, env) for k, v in n.attrs.items()}
+            out = self.add(n.op, [self.clone_over_keys(i) for i in n.inputs], attrs, n)
+        self.keyside[n] = out
+        return out
+
+    def key_side(self, n: Node) -> Node:
+        """The value of n at every position 0 .. S-1 (n has one per-position axis)."""
+        got = self.keyside.get(n)
+        if got is not None:
+            return got
+        lab = self.labels.lab[n]
+        if not any(lab):
+            return self.new[n]
+        if K in lab or F in lab or lab.count(Q) != 1:
+            raise _err(n, "is needed at every position but is not a per-position tensor")
+        if self.is_token_free(n):
+            return self.clone_over_keys(n)
+        env = {"B": Dim.sym("B"), "T": S, "P": P}
+        if n.op in LAYOUT and self._timed(n.inputs[0]):
+            attrs = {k: _subst_attr(v, env) for k, v in n.attrs.items()}
+            out = self.add(n.op, [self.key_side(n.inputs[0])], attrs, n)
+        elif n.op is Op.CONCAT and self.labels.lab[n][n.attrs["axis"]] is None:
+            out = self.add(Op.CONCAT, [self.key_side(i) for i in n.inputs], dict(n.attrs), n)
+        elif n.op is Op.MATMUL and self._widening_projection(n):
+            a, w = n.inputs
+            out = self.add(Op.MATMUL, [self.key_side(a), self.new[w]], dict(n.attrs), n)
+        else:  # a cache: past positions from the state, new ones appended
+            ax = lab.index(Q)
+            shape = [_subst(d, {"B": Dim.sym("B"), "T": P, "P": P}) for d in n.type.shape]
+            past = self.state(n, "cache", shape, ax)
+            out = self.add(Op.CONCAT, [past, self.new[n]], {"axis": ax}, n)
+            self.state_out[self.states[-1].out] = out
+        self.keyside[n] = out
+        return out
+
+    def _timed(self, n: Node) -> bool:
+        return any(self.labels.lab[n])
+
+    def _widening_projection(self, n: Node) -> bool:
+        a, w = n.inputs
+        if w.op is not Op.PARAM or not self._timed(a) or self._timed(w):
+            return False
+        return _const_size(a.type.shape[-1]) < _const_size(n.type.shape[-1])
+
+    # -- the query side ------------------------------------------------------------------
+    def build(self) -> None:
+        lab, keyuse = self.labels.lab, self.labels.keyuse
+        for n in self.g.nodes:
+            if n.op is Op.INPUT:
+                self.nodes.append(n)
+                self.new[n] = n
+                continue
+            if n.op.kind is Kind.RANDOM:  # dropout, noise: eval mode
+                self.new[n] = self.new[n.inputs[0]]
+                continue
+            ins = [self.key_side(x) if (n, k) in keyuse else self.new[x]
+                   for k, x in enumerate(n.inputs)]
+            attrs = dict(n.attrs)
+            if n.op is Op.IOTA and lab[n][0] == Q:
+                io = self.add(Op.IOTA, (), attrs, n)
+                off = self.add(Op.CONST, (), {"value": P, "dtype": attrs["dtype"]}, n)
+                self.new[n] = self.add(Op.ADD, (io, off), {}, n)
+                continue
+            if n.op is Op.CAUSAL_MASK and lab[n] == (Q, K):
+                attrs["cols"] = S
+            elif n.op in (Op.RESHAPE, Op.EXPAND) and K in lab[n]:
+                shape = list(attrs["shape"])
+                shape[lab[n].index(K)] = S
+                attrs["shape"] = tuple(shape)
+            if n.op is Op.CUMSUM and lab[n] and lab[n][attrs["axis"]] == Q:
+                self.new[n] = self._running_sum(n, ins[0], attrs["axis"])
+                continue
+            self.new[n] = self.add(n.op, ins, attrs, n)
+
+    def _running_sum(self, n: Node, x: Node, ax: int) -> Node:
+        shape = list(n.type.shape)
+        shape[ax] = 1
+        carry = self.state(n, "sum", shape, None)
+        part = self.add(Op.CUMSUM, (x,), {"axis": ax}, n)
+        out = self.add(Op.ADD, (part, carry), {}, n)
+        total = self.add(Op.SUM, (x,), {"axis": ax, "keepdim": True}, n)
+        self.state_out[self.states[-1].out] = self.add(Op.ADD, (carry, total), {}, n)
+        return out
+
+
+def _const_size(d) -> float:
+    return d if isinstance(d, int) else float("inf")
+
+
+def _subst_attr(v, env):
+    if isinstance(v, Dim):
+        return _subst(v, env)
+    if isinstance(v, tuple) and any(isinstance(d, Dim) for d in v):
+        return tuple(_subst(d, env) for d in v)
+    return v
+
+
+def decode_step(g: Graph, logits: str = "logits") -> StepGraph:
+    """Derive the step graph of a forward graph (after the optimisation pipeline)."""
+    if logits not in g.outputs:
+        raise LmcError(f"decode needs a {logits!r} output (outputs: {', '.join(g.outputs)})")
+    ids = g.inputs
+    if len(ids) != 1 or ids[0].type.shape[-1] != T:
+        raise LmcError("decode needs one token input shaped [B, T]")
+    from .basic import dce
+    g = dce(g.with_nodes(g.nodes, {logits: g.outputs[logits]}))  # aux losses are not decoded
+    labels = _Labels(g)
+    b = _Builder(g, labels)
+    b.build()
+    outputs = {logits: b.new[g.outputs[logits]]}
+    outputs.update(b.state_out)
+    step = dce(Graph(g.name, b.nodes, outputs, dict(g.meta)))  # inputs stay: ids first
+    return StepGraph(step, b.states, logits)

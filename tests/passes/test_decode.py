@@ -1,0 +1,123 @@
+"""The decode pass: state layout per kind of sequence mixer, errors for what it cannot
+decode, and prefill + steps = forward (the zoo-wide check runs in tests/zoo/test_verify_zoo)."""
+import os
+
+import pytest
+import torch
+from conftest import ZOO
+
+import lmc
+from lmc.errors import LmcError
+from lmc.passes.decode import decode_step
+from lmc.runtime.decoder import Decoder, sample
+
+LLAMA = os.path.join(ZOO, "llama.yaml")
+
+
+def _states(path, **kw):
+    c = lmc.compile_model(path, "tiny", kw)
+    return decode_step(c.graph).states
+
+
+def _decode_matches(model, ids, k):
+    dec = Decoder(model)
+    with torch.no_grad():
+        full = model(ids)
+        full = full["logits"] if isinstance(full, dict) else full
+    st = dec.init_state(ids.shape[0])
+    got = []
+    if k:
+        lg, st = dec(ids[:, :k], st)
+        got.append(lg)
+    for t in range(k, ids.shape[1]):
+        lg, st = dec(ids[:, t:t + 1], st)
+        got.append(lg)
+    return (torch.cat(got, 1) - full).abs().max().item()
+
+
+def test_llama_caches_k_after_rope_and_v_per_layer():
+    states = _states(LLAMA)
+    assert [s.kind for s in states] == ["cache"] * 4  # K and V, two layers
+    d, heads = 64, 4
+    assert sum(s.bytes_per_token() for s in states) == 2 * 2 * d * 4  # 2 layers x (K+V) x f32
+    k = [s for s in states if len(s.shape) == 4]
+    assert len(k) == 2 and all(str(s.shape) == f"(B, {heads}, P, {d // heads})" for s in k)
+
+
+@pytest.mark.parametrize("B,T,k", [(1, 1, 0), (1, 7, 1), (3, 13, 4), (2, 16, 15)])
+def test_llama_prefill_then_steps_equal_forward(B, T, k):
+    m = lmc.load(LLAMA, preset="tiny", seed=3).eval()
+    ids = torch.randint(0, 512, (B, T))
+    assert _decode_matches(m, ids, k) < 1e-4
+
+
+def test_gqa_caches_only_the_kv_heads():
+    """minimax's softmax layer (layer 1 of 2 at the tiny preset) is GQA: its K cache holds
+    n_kv heads, not H."""
+    c = lmc.compile_model(os.path.join(ZOO, "minimax.yaml"), "tiny")
+    cfg = c.graph.meta["config"]
+    states = decode_step(c.graph).states
+    k_cache = [s for s in states if s.name.startswith("layers.1.") and len(s.shape) == 4]
+    assert k_cache and all(s.shape[1] == cfg["kv_heads"] for s in k_cache)
+    assert cfg["kv_heads"] < cfg["heads"]
+
+
+def test_yoco_cross_decoder_shares_one_cache():
+    states = _states(os.path.join(ZOO, "yoco.yaml"))
+    cross = [s for s in states if "cross" in s.name]
+    assert len(cross) == 2 and all(s.name.startswith("cross_kv.") for s in cross)
+
+
+def test_mla_caches_only_the_latent_and_the_shared_rope_key():
+    c = lmc.compile_model(os.path.join(ZOO, "optimus_prime.yaml"), "tiny")
+    cfg = c.graph.meta["config"]
+    states = decode_step(c.graph).states
+    per_layer = sum(s.bytes_per_token() for s in states if s.name.startswith("layers.0."))
+    assert per_layer == (cfg["latent"] + cfg["rope_dim"]) * 4  # [c_KV | k_R], f32
+
+
+def test_running_mean_state_is_constant_in_length():
+    states = _states(os.path.join(ZOO, "medit_one.yaml"))
+    assert states and all(s.kind == "sum" and s.bytes_per_token() == 0 for s in states)
+
+
+def test_a_mean_over_the_sequence_is_a_compile_error_with_its_line(tmp_path):
+    src = open(LLAMA).read().replace(
+        "- x = x + swiglu(rmsnorm(x, name='ffn_norm'), name='ffn')",
+        "- x = x + swiglu(rmsnorm(x, name='ffn_norm'), name='ffn') - mean(x, 1)")
+    bad = tmp_path / "leaky.yaml"
+    bad.write_text(src)
+    c = lmc.compile_model(str(bad), "tiny")
+    with pytest.raises(LmcError) as e:
+        decode_step(c.graph)
+    msg = e.value.format()
+    assert f"{bad}:" in msg and "mean" in msg and "sequence axis" in msg
+
+
+def test_a_token_shift_is_a_compile_error(tmp_path):
+    src = open(LLAMA).read().replace(
+        "- x = embedding(embed, ids)",
+        "- x = embedding(embed, ids)\n    - x = concat([x[:, :1], x[:, :-1]], 1)")
+    bad = tmp_path / "shift.yaml"
+    bad.write_text(src)
+    with pytest.raises(LmcError, match="sequence axis"):
+        decode_step(lmc.compile_model(str(bad), "tiny").graph)
+
+
+def test_context_past_max_seq_is_refused():
+    m = lmc.load(LLAMA, preset="tiny", max_seq=8).eval()
+    dec = Decoder(m)
+    _, st = dec(torch.zeros(1, 8, dtype=torch.long), dec.init_state(1))
+    with pytest.raises(LmcError, match="max_seq"):
+        dec(torch.zeros(1, 1, dtype=torch.long), st)
+
+
+def test_sampling_rules():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.tensor([0.0, 3.0, 1.0, 2.9])
+    assert sample(logits, 0.0, 0, 1.0, g) == 1                       # greedy
+    assert {sample(logits, 1.0, 1, 1.0, g) for _ in range(20)} == {1}  # top-1
+    assert {sample(logits, 1.0, 2, 1.0, g) for _ in range(200)} == {1, 3}
+    assert {sample(logits, 1.0, 0, 0.3, g) for _ in range(50)} == {1}  # nucleus of one
+    a = [sample(logits, 1.0, 0, 1.0, torch.Generator().manual_seed(5)) for _ in range(3)]
+    assert len(set(a)) == 1                                           # seeded: reproducible
