@@ -22,7 +22,10 @@ How it is derived, with no knowledge of blocks or model names:
    heads); otherwise cached: the state holds
    it for the P past positions and the step concatenates the new ones (a K,V cache).
 4. `cumsum` along time becomes a running sum: state + cumsum(new), and the state advances by
-   the sum of the new entries (running means, cumulative log-decays).
+   the sum of the new entries (running means).
+   Decayed linear attention in its canonical parallel form, ((q @ k^T) * D) @ v with
+   D_ts = exp(G_t - G_s) causally masked and G = cumsum(ld) (retention, lightning), becomes
+   the chunked recurrence with a d_k x d_v state per head: constant in the context length.
 5. Anything else that mixes positions (a reduction, softmax, slice or concat along time, a
    contraction over queries) is a compile error naming the op and its YAML line. Dropout and
    other train-only noise are the identity (generation runs in eval mode).
@@ -51,7 +54,7 @@ TIME_REDUCE = {Op.SUM, Op.MEAN, Op.AMAX, Op.LOGSUMEXP, Op.SOFTMAX}
 class StateSpec:
     """One state tensor of the step graph: its input name, output name and layout."""
     name: str            # the input; the output carrying its next value is name + "'"
-    kind: str            # "cache" (grows by T along `axis`) or "sum" (constant size)
+    kind: str            # "cache" (grows by T along `axis`), "sum" or "state" (constant)
     shape: tuple         # symbolic, over B and P
     dtype: DType
     axis: Optional[int]  # the position axis of a cache
@@ -250,6 +253,50 @@ class _Labels:
 
 
 @dataclass
+class _LinAttn:
+    """o = ((q @ k^T) * D) @ v with D_ts = exp(G_t - G_s) masked causally, G = cumsum(ld):
+    decayed linear attention (retention, lightning), decoded with a constant-size state."""
+    out: Node
+    q: Node
+    k: Node
+    v: Node
+    ld: Node
+
+
+def _is_last_two_swap(n: Node) -> bool:
+    r = len(n.type.shape)
+    return n.op is Op.PERMUTE and tuple(n.attrs["perm"]) == tuple(range(r - 2)) + (r - 1, r - 2)
+
+
+def _match_linear_attention(o: Node) -> Optional[_LinAttn]:
+    if o.op is not Op.MATMUL or o.inputs[0].op is not Op.MUL:
+        return None
+    a, v = o.inputs
+    for scores, dmat in (a.inputs, a.inputs[::-1]):
+        if not (scores.op is Op.MATMUL and _is_last_two_swap(scores.inputs[1])
+                and dmat.op is Op.EXP and dmat.inputs[0].op is Op.WHERE):
+            continue
+        mask, diff, neg = dmat.inputs[0].inputs
+        if not (mask.op is Op.CAUSAL_MASK and mask.attrs["rows"] == T
+                and mask.attrs["cols"] == T and not mask.attrs["window"]
+                and neg.op is Op.CONST and neg.attrs["value"] == float("-inf")
+                and diff.op is Op.SUB):
+            continue
+        gt, gs = diff.inputs
+        if not (gt.op is Op.RESHAPE and gs.op is Op.RESHAPE and gt.inputs[0] is gs.inputs[0]):
+            continue
+        g = gt.inputs[0]
+        if not (g.op is Op.CUMSUM and g.attrs["axis"] == len(g.type.shape) - 1
+                and g.type.shape[-1] == T
+                and tuple(gt.type.shape) == tuple(g.type.shape) + (1,)
+                and tuple(gs.type.shape) == tuple(g.type.shape[:-1]) + (1, T)):
+            continue
+        q, kt = scores.inputs
+        return _LinAttn(o, q, kt.inputs[0], v, g.inputs[0])
+    return None
+
+
+@dataclass
 class _Builder:
     g: Graph
     labels: _Labels
@@ -266,7 +313,7 @@ class _Builder:
         return n
 
     def state(self, like: Node, kind: str, shape, axis) -> Node:
-        base = f"{like.scope or 'model'}.{'cache' if kind == 'cache' else 'sum'}"
+        base = f"{like.scope or 'model'}.{kind}"
         name, k = base, 1
         while any(s.name == name for s in self.states):
             k += 1
@@ -340,9 +387,33 @@ class _Builder:
         return _const_size(a.type.shape[-1]) < _const_size(n.type.shape[-1])
 
     # -- the query side ------------------------------------------------------------------
+    def needed(self) -> set:
+        """Nodes the outputs depend on, reading a matched linear attention through its
+        q, k, v and log decays only (its T x T internals are not built)."""
+        self.linattn = {}
+        for n in self.g.nodes:
+            m = _match_linear_attention(n)
+            if m is not None:
+                self.linattn[n] = m
+        need, stack = set(), list(self.g.outputs.values())
+        while stack:
+            n = stack.pop()
+            if n in need:
+                continue
+            need.add(n)
+            m = self.linattn.get(n)
+            stack.extend((m.q, m.k, m.v, m.ld) if m else n.inputs)
+        return need
+
     def build(self) -> None:
         lab, keyuse = self.labels.lab, self.labels.keyuse
+        need = self.needed()
         for n in self.g.nodes:
+            if n not in need:
+                continue
+            if n in self.linattn:
+                self.new[n] = self._linear_attention_step(self.linattn[n])
+                continue
             if n.op is Op.INPUT:
                 self.nodes.append(n)
                 self.new[n] = n
@@ -369,6 +440,35 @@ class _Builder:
                 continue
             self.new[n] = self.add(n.op, ins, attrs, n)
 
+    def _linear_attention_step(self, m: _LinAttn) -> Node:
+        """T new tokens against the state S = sum_s exp(G_end - G_s) k_s^T v_s of the past:
+        o = intra-chunk masked form + (q * exp(G_t)) @ S, with G the local cumulative log decay;
+        S' = exp(G_T) S + (k * exp(G_T - G_s))^T @ v. The state is d_k x d_v per head."""
+        q, k, v, ld = (self.new[x] for x in (m.q, m.k, m.v, m.ld))
+        at = m.out
+        add = lambda op, ins, attrs=None: self.add(op, ins, attrs or {}, at)  # noqa: E731
+        batch = tuple(m.out.type.shape[:-2])
+        dk, dv = k.type.shape[-1], v.type.shape[-1]
+        state = self.state(at, "state", batch + (dk, dv), None)
+        g = add(Op.CUMSUM, (ld,), {"axis": len(ld.type.shape) - 1})          # local G
+        lead = tuple(g.type.shape[:-1])
+        gt = add(Op.RESHAPE, (g,), {"shape": lead + (T, 1)})
+        gs = add(Op.RESHAPE, (g,), {"shape": lead + (1, T)})
+        mask = add(Op.CAUSAL_MASK, (), {"rows": T, "cols": T, "window": 0})
+        neg = add(Op.CONST, (), {"value": float("-inf"), "dtype": g.type.dtype})
+        dmat = add(Op.EXP, (add(Op.WHERE, (mask, add(Op.SUB, (gt, gs)), neg)),))
+        kt = add(Op.PERMUTE, (k,), {"perm": _swap_last(len(k.type.shape))})
+        intra = add(Op.MATMUL, (add(Op.MUL, (add(Op.MATMUL, (q, kt)), dmat)), v))
+        inter = add(Op.MATMUL, (add(Op.MUL, (q, add(Op.EXP, (gt,)))), state))
+        g_end = add(Op.SLICE, (g,), {"axis": len(g.type.shape) - 1, "start": T - 1, "stop": T})
+        g_end2 = add(Op.RESHAPE, (g_end,), {"shape": lead + (1, 1)})
+        w = add(Op.EXP, (add(Op.SUB, (g_end2, gt)),))                         # [.., T, 1]
+        kw = add(Op.PERMUTE, (add(Op.MUL, (k, w)),), {"perm": _swap_last(len(k.type.shape))})
+        new_state = add(Op.ADD, (add(Op.MUL, (add(Op.EXP, (g_end2,)), state)),
+                                 add(Op.MATMUL, (kw, v))))
+        self.state_out[self.states[-1].out] = new_state
+        return add(Op.ADD, (intra, inter))
+
     def _running_sum(self, n: Node, x: Node, ax: int) -> Node:
         shape = list(n.type.shape)
         shape[ax] = 1
@@ -378,6 +478,10 @@ class _Builder:
         total = self.add(Op.SUM, (x,), {"axis": ax, "keepdim": True}, n)
         self.state_out[self.states[-1].out] = self.add(Op.ADD, (carry, total), {}, n)
         return out
+
+
+def _swap_last(r: int) -> tuple:
+    return tuple(range(r - 2)) + (r - 1, r - 2)
 
 
 def _const_size(d) -> float:

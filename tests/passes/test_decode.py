@@ -8,6 +8,7 @@ from conftest import ZOO
 
 import lmc
 from lmc.errors import LmcError
+from lmc.ir.dims import Dim
 from lmc.passes.decode import decode_step
 from lmc.runtime.decoder import Decoder, sample
 
@@ -121,3 +122,19 @@ def test_sampling_rules():
     assert {sample(logits, 1.0, 0, 0.3, g) for _ in range(50)} == {1}  # nucleus of one
     a = [sample(logits, 1.0, 0, 1.0, torch.Generator().manual_seed(5)) for _ in range(3)]
     assert len(set(a)) == 1                                           # seeded: reproducible
+
+
+@pytest.mark.parametrize("name,prefix", [("yoco.yaml", "self_layers."),
+                                         ("minimax.yaml", "layers.0.")])
+def test_decayed_linear_attention_keeps_a_constant_dk_by_dv_state(name, prefix):
+    """retention (yoco's self-decoder) and lightning (minimax layer 0): no per-token cache,
+    one d_k x d_v state per head, and prefill of a ragged chunk + steps = forward."""
+    path = os.path.join(ZOO, name)
+    states = [s for s in _states(path) if s.name.startswith(prefix)]
+    mix = [s for s in states if s.kind == "state"]
+    assert mix and all(s.bytes_per_token() == 0 for s in states)
+    assert all(len(s.shape) == 4 and s.shape[0] == Dim.sym("B") for s in mix)  # [B, H, dk, dv]
+    m = lmc.load(path, preset="tiny", seed=1).eval()
+    ids = torch.randint(0, m.config["vocab"], (2, 13))
+    for k in (0, 7, 13):
+        assert _decode_matches(m, ids, k) < 1e-4
