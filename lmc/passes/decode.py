@@ -496,7 +496,98 @@ def _subst_attr(v, env):
     return v
 
 
-def decode_step(g: Graph, logits: str = "logits") -> StepGraph:
+# -- absorbing up-projections into the query and the output (MLA) -------------------------
+def _swapped(x: Node) -> Optional[Node]:
+    return x.inputs[0] if _is_last_two_swap(x) else None
+
+
+def _heads(x: Optional[Node]):
+    """x = permute(reshape(C @ W, [B, S, H, dh]), [0, 2, 1, 3]) with W a parameter: the per-head
+    up-projection of a cached latent C. Returns (C, W, H, dh) or None."""
+    if x is None or x.op is not Op.PERMUTE or tuple(x.attrs["perm"]) != (0, 2, 1, 3):
+        return None
+    r = x.inputs[0]
+    if r.op is not Op.RESHAPE or len(r.type.shape) != 4:
+        return None
+    mm = r.inputs[0]
+    if mm.op is not Op.MATMUL or mm.inputs[1].op is not Op.PARAM or len(mm.type.shape) != 3:
+        return None
+    c, w = mm.inputs
+    _, _, heads, dh = r.type.shape
+    if r.type.shape[1] != c.type.shape[1] or heads * dh != w.type.shape[1]:
+        return None
+    return c, w, heads, dh
+
+
+def _per_head(w: Node, heads, dh, like: Node) -> Node:
+    """W [dc, H*dh] as [H, dc, dh]."""
+    dc = w.type.shape[0]
+    r = Node.make(Op.RESHAPE, (w,), {"shape": (dc, heads, dh)}, like.loc, like.scope)
+    return Node.make(Op.PERMUTE, (r,), {"perm": (1, 0, 2)}, like.loc, like.scope)
+
+
+def _latent4(c: Node, like: Node) -> Node:
+    """C [B, S, dc] as [B, 1, S, dc]: one latent shared by every head."""
+    b, s_, dc = c.type.shape
+    return Node.make(Op.RESHAPE, (c,), {"shape": (b, 1, s_, dc)}, like.loc, like.scope)
+
+
+def _absorb_matmul(n: Node) -> Optional[Node]:
+    mk = lambda op, ins, attrs=None: Node.make(op, ins, attrs or {}, n.loc, n.scope)  # noqa: E731
+    a, b = n.inputs
+    kt = _swapped(b)
+    if kt is not None and kt.op is Op.CONCAT and a.op is Op.CONCAT and \
+            kt.attrs["axis"] == len(kt.type.shape) - 1 == a.attrs["axis"] and \
+            len(a.inputs) == len(kt.inputs) and \
+            all(x.type.shape[-1] == y.type.shape[-1] for x, y in zip(a.inputs, kt.inputs)) and \
+            any(_heads(y) for y in kt.inputs):
+        # [a1 | a2] @ [k1 | k2]^T = a1 @ k1^T + a2 @ k2^T, then absorb each part
+        parts = []
+        for x, y in zip(a.inputs, kt.inputs):
+            sw = mk(Op.PERMUTE, (y,), {"perm": _swap_last(len(y.type.shape))})
+            mm = mk(Op.MATMUL, (x, sw))
+            parts.append(_absorb_matmul(mm) or mm)
+        out = parts[0]
+        for p_ in parts[1:]:
+            out = mk(Op.ADD, (out, p_))
+        return out
+    hk = _heads(kt)
+    if hk is not None:  # q @ (C W_UK,h)^T = (q @ W_UK,h^T) @ C^T: W_UK absorbed into the query
+        c, w, heads, dh = hk
+        wt = mk(Op.PERMUTE, (_per_head(w, heads, dh, n),), {"perm": (0, 2, 1)})  # [H, dh, dc]
+        qa = mk(Op.MATMUL, (a, wt))
+        ct = mk(Op.PERMUTE, (_latent4(c, n),), {"perm": (0, 1, 3, 2)})
+        return mk(Op.MATMUL, (qa, ct))
+    hv = _heads(b)
+    if hv is not None:  # p @ (C W_UV,h) = (p @ C) @ W_UV,h: values never materialised
+        c, w, heads, dh = hv
+        pc = mk(Op.MATMUL, (a, _latent4(c, n)))
+        return mk(Op.MATMUL, (pc, _per_head(w, heads, dh, n)))
+    return None
+
+
+def absorb(g: Graph) -> Tuple[Graph, int]:
+    """Rewrite attention over an up-projected cached latent so the up-projections act on the
+    query and on the attention output instead of on every cached position."""
+    new: Dict[Node, Node] = {}
+    count = 0
+    for n in g.nodes:
+        ins = tuple(new[i] for i in n.inputs)
+        cur = n if ins == n.inputs else Node(n.op, ins, n.attrs, n.type, n.loc, n.scope)
+        if cur.op is Op.MATMUL:
+            rep = _absorb_matmul(cur)
+            if rep is not None:
+                if rep.type.shape != cur.type.shape:
+                    raise LmcError(f"internal: absorbing changed a shape {cur.type} -> "
+                                   f"{rep.type}", n.loc)
+                cur, count = rep, count + 1
+        new[n] = cur
+    from .basic import dce
+    return dce(g.with_nodes(list(new.values()), {k: new[v] for k, v in g.outputs.items()})), count
+
+
+def decode_step(g: Graph, logits: str = "logits", *, absorb_projections: bool = True
+                ) -> StepGraph:
     """Derive the step graph of a forward graph (after the optimisation pipeline)."""
     if logits not in g.outputs:
         raise LmcError(f"decode needs a {logits!r} output (outputs: {', '.join(g.outputs)})")
@@ -511,4 +602,7 @@ def decode_step(g: Graph, logits: str = "logits") -> StepGraph:
     outputs = {logits: b.new[g.outputs[logits]]}
     outputs.update(b.state_out)
     step = dce(Graph(g.name, b.nodes, outputs, dict(g.meta)))  # inputs stay: ids first
+    if absorb_projections:
+        step, n_abs = absorb(step)
+        step.meta["absorbed"] = n_abs
     return StepGraph(step, b.states, logits)

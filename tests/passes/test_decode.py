@@ -138,3 +138,26 @@ def test_decayed_linear_attention_keeps_a_constant_dk_by_dv_state(name, prefix):
     ids = torch.randint(0, m.config["vocab"], (2, 13))
     for k in (0, 7, 13):
         assert _decode_matches(m, ids, k) < 1e-4
+
+
+def test_mla_absorbs_w_uk_into_the_query_and_w_uv_into_the_output():
+    """The step graph never up-projects the cached latent: W_UK multiplies the query and
+    W_UV the attention-weighted latent; equal to the unabsorbed step graph and to forward."""
+    from lmc.ir.ops import Op
+    m = lmc.load(os.path.join(ZOO, "optimus_prime.yaml"), preset="tiny", seed=2).eval()
+    absorbed = decode_step(m.graph)
+    plain = decode_step(m.graph, absorb_projections=False)
+
+    def up_projections(step):  # matmuls of something by w_uk / w_uv as written in the YAML
+        return [n for n in step.graph.nodes if n.op is Op.MATMUL and n.inputs[1].op is Op.PARAM
+                and n.inputs[1].attrs["name"].split(".")[-1] in ("w_uk", "w_uv")]
+    layers = m.config["layers"]
+    assert absorbed.graph.meta["absorbed"] == 2 * layers
+    assert up_projections(absorbed) == [] and len(up_projections(plain)) == 2 * layers
+    ids = torch.randint(0, m.config["vocab"], (2, 9))
+    assert _decode_matches(m, ids, 4) < 1e-4
+    dec_a, dec_p = Decoder(m), Decoder(m)
+    dec_p.step, dec_p.graph = plain, plain.graph
+    la, _ = dec_a(ids, dec_a.init_state(2))
+    lp, _ = dec_p(ids, dec_p.init_state(2))
+    assert (la - lp).abs().max().item() < 1e-5
