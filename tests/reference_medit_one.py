@@ -23,10 +23,9 @@ class HiddenAttention(nn.Module):
         self.w2 = nn.Linear(d, d, bias=False)
         self.w3 = nn.Linear(d, d, bias=False)
         self.w_h = nn.Linear(self.head_dim, heads, bias=False)
-        self.w_x = nn.Linear(heads * heads, d, bias=False)
 
-    def forward(self, n, hx, cx, clip):
-        """Everything here acts on each token alone: inputs [..., d]."""
+    def forward(self, n, hx, cx):
+        """Everything here acts on each token alone: inputs [..., d], output [..., H*H]."""
         H, dh = self.heads, self.head_dim
         cos, sin = rope_cos_sin(H, dh, 10000.0)  # positions are the heads 0 .. H-1
 
@@ -41,27 +40,42 @@ class HiddenAttention(nn.Module):
         v = split(self.w3(cx))
         qq, kk, vv = self.w_h(q), self.w_h(k), self.w_h(v)          # [..., H, H]
         attn = torch.softmax(qq * kk, dim=-1)
-        a = (attn * vv).flatten(-2)                                   # [..., H*H]
-        return a, self.w_x(a).clamp(-clip, clip)
+        return (attn * vv).flatten(-2)
 
 
-class HxUpdate(nn.Module):
-    def __init__(self, d, heads, eps):
+class Linear(nn.Module):
+    """One projection u -> u W (lmc's name for the weight: `w`, stored [in, out])."""
+
+    def __init__(self, din, d):
         super().__init__()
-        self.w_hx = nn.Linear(heads * heads, d, bias=False)
-        self.norm = RMSNorm(d, eps)
+        self.w = nn.Linear(din, d, bias=False)
 
-    def forward(self, hx, a, clip):
-        return self.norm(hx + self.w_hx(a).clamp(-clip, clip))
+    def forward(self, u):
+        return self.w(u)
 
 
-class CxUpdate(nn.Module):
-    def __init__(self, d):
+class Routed(nn.Module):
+    """The optional MoE projection: softmax router on u, top-k experts, renormalised."""
+
+    def __init__(self, din, d, experts, top_k, eps):
         super().__init__()
-        self.w_cx = nn.Linear(d, d, bias=False)
+        self.router = nn.Linear(din, experts, bias=False)
+        self.experts = nn.ModuleList(nn.Linear(din, d, bias=False) for _ in range(experts))
+        self.top_k, self.eps = top_k, eps
 
-    def forward(self, cx):
-        return self.w_cx(cx)
+    def forward(self, u):
+        r = u / (u.pow(2).mean(-1, keepdim=True) + self.eps).sqrt()   # scale-free choice
+        probs = torch.softmax(self.router(r), -1)
+        ranked = probs.sort(-1, descending=True).values
+        # how far the choice is from a tie (tests need it well away from rounding)
+        self.margin = (ranked[..., self.top_k - 1] - ranked[..., self.top_k]).min().item()
+        kept, idx = probs.topk(self.top_k, -1)
+        kept = kept / kept.sum(-1, keepdim=True)
+        out = torch.zeros(*u.shape[:-1], self.experts[0].out_features)
+        for e, expert in enumerate(self.experts):
+            weight = (kept * (idx == e)).sum(-1, keepdim=True)  # 0 where e is not chosen
+            out = out + weight * expert(u)
+        return out
 
 
 class FFN(nn.Module):
@@ -78,23 +92,30 @@ class FFN(nn.Module):
 class Layer(nn.Module):
     def __init__(self, cfg, top):
         super().__init__()
-        d, eps = cfg["d"], cfg["eps"]
+        d, eps, H = cfg["d"], cfg["eps"], cfg["heads"]
         self.norm, self.out_norm = RMSNorm(d, eps), RMSNorm(d, eps)
-        self.attn = HiddenAttention(d, cfg["heads"])
+        self.attn = HiddenAttention(d, H)
         self.ffn = FFN(d, cfg["ffn"])
+
+        def proj(din):
+            if cfg["moe"]:
+                return Routed(din, d, cfg["experts"], cfg["top_k"], cfg["router_eps"])
+            return Linear(din, d)
+
+        self.x_proj = proj(H * H)
         self.top = top
         if not top:  # the top layer hands no hx, cx on
-            self.hx_update = HxUpdate(d, cfg["heads"], eps)
-            self.cx_update = CxUpdate(d)
+            self.hx_proj, self.hx_norm, self.cx_proj = proj(H * H), RMSNorm(d, eps), proj(d)
         self.clip = float(cfg["clip"])
 
     def update(self, x, hx, cx, m):
         """The layer given its running mean m (position-wise from here on)."""
-        a, dx = self.attn(self.norm(x), hx, cx, self.clip)
-        o = m * dx
+        a = self.attn(self.norm(x), hx, cx)
+        o = m * self.x_proj(a).clamp(-self.clip, self.clip)
         o = self.out_norm(o + self.ffn(o))
         if not self.top:
-            hx, cx = self.hx_update(hx, a, self.clip), self.cx_update(cx)
+            hx = self.hx_norm(hx + self.hx_proj(a).clamp(-self.clip, self.clip))
+            cx = self.cx_proj(cx)
         return x + o, hx, cx
 
     def forward(self, x, hx, cx):

@@ -24,17 +24,41 @@ PATH = os.path.join(ZOO, "medit_one.yaml")
 T_DIM = Dim.sym("T")
 
 
+def _ref_tensors(ref, name):
+    """The reference's tensors behind lmc parameter `name` and how lmc lays them out:
+    "same", "T" (lmc stores [in, out], nn.Linear [out, in]) or "experts" (a routed
+    projection's experts side by side: [din, experts * d])."""
+    if name == "embed":
+        return [ref.embed.weight], "same"
+    if name.endswith(".weight"):
+        return [ref.get_parameter(name)], "same"
+    mod, _, leaf = name.rpartition(".")
+    owner = ref.get_submodule(mod) if mod else ref
+    if leaf == "w" and hasattr(owner, "experts"):
+        return [e.weight for e in owner.experts], "experts"
+    return [ref.get_parameter(name + ".weight")], "T"
+
+
+def _as_lmc(ts, kind):
+    return {"same": lambda: ts[0], "T": lambda: ts[0].T,
+            "experts": lambda: torch.cat([t.T for t in ts], 1)}[kind]()
+
+
 def _pair(seed=1, **overrides):
     model = lmc.load(PATH, preset="tiny", seed=seed, **overrides)
     ref = MeditOne(model.config)
+    assert sum(t.numel() for t in ref.parameters()) == model.num_params()
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name == "embed":
-                ref.embed.weight.copy_(p)
-            elif p.dim() == 1:
-                ref.get_parameter(name).copy_(p)
-            else:  # lmc stores [in, out], nn.Linear [out, in]
-                ref.get_parameter(name + ".weight").copy_(p.T)
+            ts, kind = _ref_tensors(ref, name)
+            if kind == "same":
+                ts[0].copy_(p)
+            elif kind == "T":
+                ts[0].copy_(p.T)
+            else:
+                for t, chunk in zip(ts, p.split(ts[0].shape[0], 1)):
+                    t.copy_(chunk.T)
+            assert torch.equal(_as_lmc(ts, kind), p), name
     return model, ref
 
 
@@ -141,12 +165,16 @@ def test_earlier_tokens_reach_t_only_through_the_running_means():
 
 
 @pytest.mark.parametrize("B,T", [(1, 1), (2, 9), (3, 16)])
-def test_forward_matches_reference(B, T):
+@pytest.mark.parametrize("moe", [0, 1])
+def test_forward_matches_reference(B, T, moe):
     torch.manual_seed(0)
-    model, ref = _pair()
+    model, ref = _pair(moe=moe)
     ids = torch.randint(0, model.config["vocab"], (B, T))
     with torch.no_grad():
         got, want = model(ids), ref(ids)
+    margins = [m.margin for m in ref.modules() if hasattr(m, "margin")]
+    # the top-k choices sit well away from ties (fp32 rounding of the probabilities is ~1e-8)
+    assert len(margins) == (4 if moe else 0) and all(g > 1e-6 for g in margins)
     assert got.shape == (B, T, model.config["vocab"])
     assert (got - want).abs().max().item() < 1e-5
 
@@ -161,18 +189,40 @@ def test_decode_with_a_running_sum_equals_the_forward():
     assert (got - stepped).abs().max().item() < 1e-4
 
 
-def test_gradients_match_torch_autograd_on_reference():
-    model, ref = _pair(seed=2)
+@pytest.mark.parametrize("moe", [0, 1])
+def test_gradients_match_torch_autograd_on_reference(moe):
+    model, ref = _pair(seed=2, moe=moe)
     assert model.autodiff == "lmc"
     ids = torch.randint(0, model.config["vocab"], (2, 10))
     g = torch.randn(2, 10, model.config["vocab"])
     (model(ids) * g).sum().backward()
     (ref(ids) * g).sum().backward()
     for name, p in model.named_parameters():
-        r = ref.embed.weight if name == "embed" else ref.get_parameter(
-            name if p.dim() == 1 else name + ".weight")
-        rg = r.grad if p.dim() == 1 or name == "embed" else r.grad.T
+        ts, kind = _ref_tensors(ref, name)
+        rg = _as_lmc([t.grad for t in ts], kind)
         assert p.grad is not None, name
         # fp32 sums over B*T*vocab terms: the error is measured against the gradient's scale
         err = (p.grad - rg).abs().max() / rg.abs().max()
         assert err < 1e-5, (name, err.item())
+
+
+def test_moe_routers_depend_on_the_input_and_learn():
+    """moe=1: each projection's router sends different tokens to different experts, and the
+    router weights get a gradient (through the kept, renormalised probabilities)."""
+    model = lmc.load(PATH, preset="tiny", seed=4, moe=1)
+    g = model.graph
+    routers = [p for p in g.params if p.attrs["name"].endswith(".router")]
+    assert {r.attrs["name"] for r in routers} == {
+        "layers.0.x_proj.router", "layers.0.hx_proj.router", "layers.0.cx_proj.router",
+        "layers.1.x_proj.router"}
+    picks = [n for n in g.nodes if n.op is Op.TOPK]
+    assert len(picks) == len(routers)
+    ids = torch.randint(0, model.config["vocab"], (2, 12))
+    chosen = _run(model, g.with_nodes(g.nodes, {f"k{i}": n for i, n in enumerate(picks)}),
+                  ids)
+    for i in range(len(picks)):
+        sets = {tuple(sorted(r.tolist())) for r in chosen[f"k{i}"].flatten(0, 1)}
+        assert len(sets) > 1  # not one fixed choice for every token
+    model(ids).square().mean().backward()
+    for r in routers:
+        assert model.get_parameter(r.attrs["name"]).grad.abs().max() > 0
