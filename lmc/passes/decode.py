@@ -26,6 +26,7 @@ How it is derived, with no knowledge of blocks or model names:
    Decayed linear attention in its canonical parallel form, ((q @ k^T) * D) @ v with
    D_ts = exp(G_t - G_s) causally masked and G = cumsum(ld) (retention, lightning), becomes
    the chunked recurrence with a d_k x d_v state per head: constant in the context length.
+   A `scan` along time runs over the new tokens from its carried state (carry0 at P = 0).
 5. Anything else that mixes positions (a reduction, softmax, slice or concat along time, a
    contraction over queries) is a compile error naming the op and its YAML line. Dropout and
    other train-only noise are the identity (generation runs in eval mode).
@@ -54,7 +55,7 @@ TIME_REDUCE = {Op.SUM, Op.MEAN, Op.AMAX, Op.LOGSUMEXP, Op.SOFTMAX}
 class StateSpec:
     """One state tensor of the step graph: its input name, output name and layout."""
     name: str            # the input; the output carrying its next value is name + "'"
-    kind: str            # "cache" (grows by T along `axis`), "sum" or "state" (constant)
+    kind: str            # "cache" (grows by T along `axis`); "sum", "state", "carry": constant
     shape: tuple         # symbolic, over B and P
     dtype: DType
     axis: Optional[int]  # the position axis of a cache
@@ -107,6 +108,14 @@ class _Labels:
 
     def _label(self, n: Node) -> Tuple:
         op, ins = n.op, n.inputs
+        if op is Op.SCAN:
+            return self._scan(n)
+        if op is Op.GETITEM and ins[0].op is Op.SCAN:
+            n_y = len(ins[0].type) - ins[0].attrs["n_carry"]
+            if n.attrs["index"] >= n_y:
+                raise _err(ins[0], "'s final carry feeds the logits: it has seen the whole "
+                           "sequence, so earlier positions would see later ones")
+            return tuple(_tlabel(d) for d in n.type.shape)
         shape = n.type.shape
         if op is Op.INPUT:
             return tuple(_tlabel(d) for d in shape)
@@ -170,6 +179,20 @@ class _Labels:
                 raise _err(n, "indexes along the sequence axis")
             return self._broadcast(n, list(range(len(ins))))
         raise _err(n, "has no single-step form yet")
+
+    def _scan(self, n: Node) -> Tuple:
+        """A scan along the per-query time axis decodes with its carry as the state."""
+        nc, nx = n.attrs["n_carry"], n.attrs["n_x"]
+        for k, x in enumerate(n.inputs):
+            lab = self.lab[x]
+            if k < nc or k >= nc + nx:
+                if any(lab):
+                    raise _err(n, "has a carry or parameter that varies along the sequence")
+                continue
+            ax = n.attrs["axis"] % len(lab)
+            if lab[ax] != Q or any(lb for j, lb in enumerate(lab) if j != ax):
+                raise _err(n, "does not run along the sequence axis of its inputs")
+        return ()
 
     def _broadcast(self, n: Node, which: List[int]) -> Tuple:
         r = len(n.type.shape)
@@ -312,18 +335,19 @@ class _Builder:
         self.nodes.append(n)
         return n
 
-    def state(self, like: Node, kind: str, shape, axis) -> Node:
+    def state(self, like: Node, kind: str, shape, axis, dtype: Optional[DType] = None) -> Node:
         base = f"{like.scope or 'model'}.{kind}"
         name, k = base, 1
         while any(s.name == name for s in self.states):
             k += 1
             name = f"{base}{k}"
         where = f" at {like.loc}" if like.loc else ""
-        spec = StateSpec(name, kind, tuple(shape), like.type.dtype, axis,
+        dtype = dtype or like.type.dtype
+        spec = StateSpec(name, kind, tuple(shape), dtype, axis,
                          f"{like.op.value}{where}")
         self.states.append(spec)
-        return self.add(Op.INPUT, (), {"name": name, "shape": tuple(shape),
-                                       "dtype": like.type.dtype}, like)
+        return self.add(Op.INPUT, (), {"name": name, "shape": tuple(shape), "dtype": dtype},
+                        like)
 
     # -- token-free subgraphs (RoPE tables, fixed decays) are recomputed over all positions --
     def is_token_free(self, n: Node) -> bool:
@@ -435,6 +459,9 @@ class _Builder:
                 shape = list(attrs["shape"])
                 shape[lab[n].index(K)] = S
                 attrs["shape"] = tuple(shape)
+            if n.op is Op.SCAN:
+                self.new[n] = self._scan_step(n, ins)
+                continue
             if n.op is Op.CUMSUM and lab[n] and lab[n][attrs["axis"]] == Q:
                 self.new[n] = self._running_sum(n, ins[0], attrs["axis"])
                 continue
@@ -468,6 +495,24 @@ class _Builder:
                                  add(Op.MATMUL, (kw, v))))
         self.state_out[self.states[-1].out] = new_state
         return add(Op.ADD, (intra, inter))
+
+    def _scan_step(self, n: Node, ins: List[Node]) -> Node:
+        """The scan over the new tokens, starting from the carried state (from carry0 when no
+        token has been seen: P == 0)."""
+        nc = n.attrs["n_carry"]
+        fresh = self.add(Op.EQ, (self.add(Op.CONST, (), {"value": P, "dtype": DType.i64}, n),
+                                 self.add(Op.CONST, (), {"value": 0, "dtype": DType.i64}, n)),
+                         {}, n)
+        starts, carries = [], []
+        for c0 in ins[:nc]:
+            st = self.state(n, "carry", tuple(c0.type.shape), None, c0.type.dtype)
+            carries.append(self.states[-1])
+            starts.append(self.add(Op.WHERE, (fresh, c0, st), {}, n))
+        scan = self.add(Op.SCAN, starts + list(ins[nc:]), dict(n.attrs), n)
+        n_y = len(scan.type) - nc
+        for j, spec in enumerate(carries):
+            self.state_out[spec.out] = self.add(Op.GETITEM, (scan,), {"index": n_y + j}, n)
+        return scan
 
     def _running_sum(self, n: Node, x: Node, ax: int) -> Node:
         shape = list(n.type.shape)

@@ -161,3 +161,32 @@ def test_mla_absorbs_w_uk_into_the_query_and_w_uv_into_the_output():
     la, _ = dec_a(ids, dec_a.init_state(2))
     lp, _ = dec_p(ids, dec_p.init_state(2))
     assert (la - lp).abs().max().item() < 1e-5
+
+
+def _rnn_yaml(tmp_path, h0="0.5", use_final=False):
+    import sys
+    sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
+    from ops.test_scan import RNN_YAML
+    src = RNN_YAML.replace("expand(cast(0, 'f32'), [B, h])", f"expand(cast({h0}, 'f32'), [B, h])")
+    if use_final:
+        src = src.replace("- return x + ys @ wo",
+                          "- return x + ys @ wo + reshape(hT @ wo, [B, 1, d])")
+    p = tmp_path / "rnn.yaml"
+    p.write_text(src)
+    return str(p)
+
+
+def test_scan_decodes_with_its_carry_as_state(tmp_path):
+    m = lmc.load(_rnn_yaml(tmp_path), seed=4).eval()
+    states = decode_step(m.graph).states
+    assert [s.kind for s in states] == ["carry", "carry"]  # one per layer, constant size
+    assert all(s.bytes_per_token() == 0 for s in states)
+    ids = torch.randint(0, 37, (2, 9))
+    for k in (0, 1, 5):  # k = 0: the first step must start from carry0 (0.5), not zeros
+        assert _decode_matches(m, ids, k) < 1e-5
+
+
+def test_a_scan_final_carry_feeding_logits_is_a_compile_error(tmp_path):
+    m = lmc.load(_rnn_yaml(tmp_path, use_final=True))
+    with pytest.raises(LmcError, match="final carry"):
+        decode_step(m.graph)
