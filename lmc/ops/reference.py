@@ -27,9 +27,15 @@ class RefCtx:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     training: bool = False
     params: Dict[str, torch.Tensor] = field(default_factory=dict)  # for BLOCK bodies
+    rng_step: int = 0  # the training loop's draw counter: random ops draw anew each step
 
     def dim(self, d) -> int:
         return evaluate(d, self.dims)
+
+    def seed(self, seed) -> int:
+        """The generator seed of a random op: its explicit seed at draw 0, mixed with the
+        draw counter after, so masks and noise differ between steps yet replay exactly."""
+        return (int(seed) + self.rng_step * 0x9E3779B97F4A7C15) % (1 << 63)
 
 
 def ref(*ops: Op):
@@ -259,20 +265,20 @@ def _dropout(ctx, xs, attrs):
     p = attrs["p"]
     if not ctx.training or p == 0:
         return x
-    g = torch.Generator(device="cpu").manual_seed(int(seed))
+    g = torch.Generator(device="cpu").manual_seed(ctx.seed(seed))
     keep = (torch.rand(x.shape, generator=g) >= p).to(x.device)
     return torch.where(keep, x / (1 - p), torch.zeros((), dtype=x.dtype, device=x.device))
 
 
 @ref(Op.GAUSSIAN_NOISE)
 def _gaussian_noise(ctx, xs, attrs):
-    # like dropout: the draw depends only on (seed, shape), made on the CPU generator so that
-    # every device gets the same numbers; added in fp32
+    # like dropout: the draw depends only on (seed, draw counter, shape), on the CPU generator so
+    # that every device gets the same numbers; added in fp32
     x, seed = xs
     std = attrs["std"]
     if not ctx.training or std == 0:
         return x
-    g = torch.Generator(device="cpu").manual_seed(int(seed))
+    g = torch.Generator(device="cpu").manual_seed(ctx.seed(seed))
     noise = torch.randn(x.shape, generator=g).to(x.device)
     return (_f32(x) + std * noise).to(x.dtype)
 

@@ -31,6 +31,7 @@ class LmcModel(nn.Module):
         # "lmc": gradients come from the autodiff pass's backward graph (the default);
         # "torch": torch autograd differentiates the op-by-op execution (the oracle)
         self.autodiff = autodiff
+        self.rng_step = 0  # set by the training loop: dropout/noise draw anew at each value
         self._program = None
         self.config: Dict[str, Any] = dict(graph.meta.get("config", {}))
         self.name = graph.name
@@ -69,7 +70,7 @@ class LmcModel(nn.Module):
         if max_seq is not None and dims.get("T", 0) > max_seq:
             raise LmcError(f"sequence length {dims['T']} exceeds the model's max_seq {max_seq}")
         dev = next(iter(bound.values())).device if bound else torch.device("cpu")
-        ctx = RefCtx(dims=dims, device=dev, training=self.training)
+        ctx = RefCtx(dims=dims, device=dev, training=self.training, rng_step=self.rng_step)
         if self.autodiff == "lmc" and torch.is_grad_enabled() and any(
                 v.requires_grad for v in bound.values()):
             names = list(bound)

@@ -350,6 +350,8 @@ def train(path: str, preset: Optional[str], overrides, c: TrainConfig) -> Dict[s
             stats: Dict[str, torch.Tensor] = {}
             for micro in range(c.grad_accum):
                 x, y = batch("train", step, micro)
+                # fresh dropout masks / router noise per micro-batch and rank, replayable on resume
+                raw.rng_step = (step * c.grad_accum + micro) * d.world + d.rank
                 sync = micro == c.grad_accum - 1 or d.world == 1 or c.fsdp
                 ctx = model.no_sync() if not sync and hasattr(model, "no_sync") else _null()
                 with ctx, autocast():
