@@ -293,7 +293,8 @@ def format_summary(s) -> str:
 def cmd_verify(args) -> int:
     """Check a model's invariants on small random weights; exit 1 if any check fails.
 
-    With no --preset and no --set, the file's `tiny` preset is used."""
+    Sizes come from the file's `tiny` preset (with --set on top) unless --preset names
+    another."""
     from .verify import format_rows, verify
 
     _import_blocks(args.imports)
@@ -364,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="check a model's invariants (causality, gradients, "
                        "backends) against the oracle", description=cmd_verify.__doc__)
     v.add_argument("file", help="model YAML file")
-    v.add_argument("--preset", help="a named override set (default: tiny, if no --set)")
+    v.add_argument("--preset", help="a named override set (default: tiny; --set applies on top)")
     v.add_argument("--set", nargs="+", action="extend", metavar="KEY=VALUE")
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--skip", action="append", metavar="CHECK",

@@ -61,7 +61,10 @@ def test_a_wrong_kernel_fails_the_triton_check(monkeypatch):
 def test_sizes_from_set_and_unknown_skip(capsys):
     rows = _rows(LLAMA, overrides=["vocab=64", "d=32", "heads=2", "ffn=48", "layers=1"],
                  skip=["triton"])
-    assert "preset" not in rows["compiles"].detail and all(r.ok for r in rows.values())
+    # --set applies on top of the tiny preset (max_seq 128 comes from it): 64*32*2 + 1 layer
+    assert "preset tiny" in rows["compiles"].detail and all(r.ok for r in rows.values())
+    params = 64 * 32 * 2 + 32 + 4 * 32 * 32 + 3 * 32 * 48 + 2 * 32
+    assert rows["compiles"].detail.startswith(f"{params:,} params")
     assert main(["verify", LLAMA, "--skip", "nonsense"]) == 2
     assert "no such check" in capsys.readouterr().err
 
