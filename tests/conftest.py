@@ -4,3 +4,31 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ZOO = os.path.join(ROOT, "zoo")
 sys.path.insert(0, os.path.join(ROOT, "tests"))
+
+
+# -- shared by the zoo's parity tests ------------------------------------------------------------
+def copy_weights(model, ref):
+    """Load an lmc model's weights into a hand-written nn.Module reference with the same
+    parameter names: `embed` into `ref.embed.weight`, vectors as they are, and matrices
+    transposed (lmc stores [in, out], nn.Linear [out, in] under `<name>.weight`)."""
+    import torch
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name == "embed":
+                ref.embed.weight.copy_(p)
+            elif p.dim() == 1:
+                ref.get_parameter(name).copy_(p)
+            else:
+                ref.get_parameter(name + ".weight").copy_(p.T)
+
+
+def weights(model, requires_grad=False):
+    """The model's parameters as a dict of detached copies (for functional references)."""
+    return {k: p.detach().clone().requires_grad_(requires_grad)
+            for k, p in model.named_parameters()}
+
+
+def layer_params(graph, layer):
+    """Names of layer `layer`'s parameters, relative to `layers.<layer>.`."""
+    pre = f"layers.{layer}."
+    return {p.attrs["name"][len(pre):] for p in graph.params if p.attrs["name"].startswith(pre)}

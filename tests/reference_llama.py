@@ -10,6 +10,10 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def rmsnorm(x, weight, eps):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
 class RMSNorm(nn.Module):
     def __init__(self, d, eps):
         super().__init__()
@@ -17,7 +21,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+        return rmsnorm(x, self.weight, self.eps)
 
 
 def rope_cos_sin(T, head_dim, base, device=None):

@@ -15,22 +15,7 @@ from fractions import Fraction
 
 import torch
 import torch.nn.functional as F
-
-
-def rmsnorm(x, weight, eps):
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
-
-
-def rotate_half(x):
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
-
-
-def rope_cos_sin(T, dim, base):
-    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2).float() / dim))
-    freqs = torch.outer(torch.arange(T).float(), inv_freq)
-    emb = torch.cat([freqs, freqs], dim=-1)
-    return emb.cos(), emb.sin()
+from reference_llama import rmsnorm, rope_cos_sin, rotate_half
 
 
 def decay_rates(layer, cfg):

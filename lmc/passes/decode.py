@@ -46,6 +46,7 @@ Q, K, F = "q", "k", "f"
 T = Dim.sym("T")
 P = Dim.sym("P")
 S = norm(P + T)
+KEY_ENV = {"B": Dim.sym("B"), "T": S, "P": P}   # a per-position shape, over all key positions
 
 LAYOUT = {Op.PERMUTE, Op.RESHAPE, Op.EXPAND, Op.CAST}
 TIME_REDUCE = {Op.SUM, Op.MEAN, Op.AMAX, Op.LOGSUMEXP, Op.SOFTMAX}
@@ -365,8 +366,7 @@ class _Builder:
         if not any(self.labels.lab[n]):
             out = self.new[n]
         else:
-            env = {"B": Dim.sym("B"), "T": S, "P": P}
-            attrs = {k: _subst_attr(v, env) for k, v in n.attrs.items()}
+            attrs = {k: _subst_attr(v, KEY_ENV) for k, v in n.attrs.items()}
             out = self.add(n.op, [self.clone_over_keys(i) for i in n.inputs], attrs, n)
         self.keyside[n] = out
         return out
@@ -383,9 +383,8 @@ class _Builder:
             raise _err(n, "is needed at every position but is not a per-position tensor")
         if self.is_token_free(n):
             return self.clone_over_keys(n)
-        env = {"B": Dim.sym("B"), "T": S, "P": P}
         if n.op in LAYOUT and self._timed(n.inputs[0]):
-            attrs = {k: _subst_attr(v, env) for k, v in n.attrs.items()}
+            attrs = {k: _subst_attr(v, KEY_ENV) for k, v in n.attrs.items()}
             out = self.add(n.op, [self.key_side(n.inputs[0])], attrs, n)
         elif n.op is Op.CONCAT and self.labels.lab[n][n.attrs["axis"]] is None:
             out = self.add(Op.CONCAT, [self.key_side(i) for i in n.inputs], dict(n.attrs), n)

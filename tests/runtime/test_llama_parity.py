@@ -3,7 +3,7 @@ import os
 
 import pytest
 import torch
-from conftest import ZOO
+from conftest import ZOO, copy_weights
 from reference_llama import Llama
 
 import lmc
@@ -14,14 +14,7 @@ LLAMA = os.path.join(ZOO, "llama.yaml")
 def _pair(**overrides):
     model = lmc.load(LLAMA, seed=1, **overrides)
     ref = Llama.from_config(model.config)
-    # the embedding param is called "embed" in both; everything else is W[in,out] vs [out,in]
-    with torch.no_grad():
-        ref.embed.weight.copy_(model.embed)
-        for name, p in model.named_parameters():
-            if name == "embed":
-                continue
-            tgt = ref.get_parameter(name if p.dim() == 1 else name + ".weight")
-            tgt.copy_(p if p.dim() == 1 else p.T)
+    copy_weights(model, ref)
     return model, ref
 
 

@@ -6,7 +6,7 @@ import os
 import pytest
 import reference_blues01 as ref
 import torch
-from conftest import ZOO
+from conftest import ZOO, layer_params, weights
 
 import lmc
 from lmc.ir.ops import Op
@@ -14,20 +14,10 @@ from lmc.ir.ops import Op
 BLUES = os.path.join(ZOO, "blues01.yaml")
 
 
-def _weights(model, requires_grad=False):
-    return {k: p.detach().clone().requires_grad_(requires_grad)
-            for k, p in model.named_parameters()}
-
-
-def _layer_params(graph, layer):
-    pre = f"layers.{layer}."
-    return {p.attrs["name"][len(pre):] for p in graph.params if p.attrs["name"].startswith(pre)}
-
-
 def test_layer_1_is_moe_and_layer_0_dense():
     g = lmc.compile_model(BLUES, "tiny", {"layers": 4}).graph
     for layer in range(4):
-        names = _layer_params(g, layer)
+        names = layer_params(g, layer)
         moe = layer % 2 == 1
         assert ("moe.router" in names) == moe, (layer, names)
         assert ("ffn.wg" in names) == (not moe), (layer, names)
@@ -63,7 +53,7 @@ def test_eval_forward_matches_handwritten_blues01(overrides):
     ids = torch.randint(0, cfg["vocab"], (2, 13), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         got = model(ids)
-        want = ref.forward(_weights(model), ids, cfg)
+        want = ref.forward(weights(model), ids, cfg)
     scale = want["logits"].abs().max().item()
     assert (got["logits"] - want["logits"]).abs().max().item() < 1e-5 * max(scale, 1.0)
     assert torch.allclose(got["load_balance"], want["load_balance"], rtol=1e-5, atol=1e-6)
@@ -74,7 +64,7 @@ def test_router_noise_only_in_training():
     model = lmc.load(BLUES, preset="tiny", seed=4)
     cfg = model.config
     ids = torch.randint(0, cfg["vocab"], (2, 16), generator=torch.Generator().manual_seed(1))
-    w = _weights(model)
+    w = weights(model)
     with torch.no_grad():
         train = model.train()(ids)
         train_again = model(ids)
@@ -100,7 +90,7 @@ def test_lmc_gradients_equal_torch_autograd_on_the_reference():
         return (out["logits"] * cot).sum() + 5.0 * out["load_balance"]
 
     objective(model(ids)).backward()
-    w = _weights(model, requires_grad=True)
+    w = weights(model, requires_grad=True)
     objective(ref.forward(w, ids, cfg, training=True)).backward()
     for name, p in model.named_parameters():
         want = w[name].grad

@@ -6,33 +6,23 @@ import os
 import pytest
 import reference_minimax as ref
 import torch
-from conftest import ZOO
+from conftest import ZOO, layer_params, weights
 
 import lmc
 
 MINIMAX = os.path.join(ZOO, "minimax.yaml")
 
 
-def _weights(model, requires_grad=False):
-    return {k: p.detach().clone().requires_grad_(requires_grad)
-            for k, p in model.named_parameters()}
-
-
-def _layer_params(graph, layer):
-    pre = f"layers.{layer}."
-    return {p.attrs["name"][len(pre):] for p in graph.params if p.attrs["name"].startswith(pre)}
-
-
 def test_layer_7_is_softmax_attention_and_layer_6_lightning():
     c = lmc.compile_model(MINIMAX, "tiny", {"layers": 8, "attn_every": 8})
     g = c.graph
     for layer in range(8):
-        names = _layer_params(g, layer)
+        names = layer_params(g, layer)
         softmax_layer = layer == 7
         assert ("attn.wq" in names) == softmax_layer, (layer, names)
         assert ("attn.wqkv" in names) == (not softmax_layer), (layer, names)
         assert {"moe.router", "moe.w1", "moe.w2", "moe.w3"} <= names
-    six, seven = _layer_params(g, 6), _layer_params(g, 7)
+    six, seven = layer_params(g, 6), layer_params(g, 7)
     assert {"attn.wqkv", "attn.wg", "attn.wo", "attn.norm.weight"} <= six
     assert {"attn.wq", "attn.wk", "attn.wv", "attn.wo"} <= seven
     # GQA: K and V are kv_heads wide; the graph's mixers are what the params say
@@ -61,7 +51,7 @@ def test_forward_matches_handwritten_minimax(overrides):
     ids = torch.randint(0, cfg["vocab"], (2, 13), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         got = model(ids)
-        want = ref.forward(_weights(model), ids, cfg)
+        want = ref.forward(weights(model), ids, cfg)
     scale = want["logits"].abs().max().item()
     assert (got["logits"] - want["logits"]).abs().max().item() < 1e-5 * max(scale, 1.0)
     for k in ("load_balance", "z_loss"):
@@ -75,7 +65,7 @@ def test_lightning_parallel_form_equals_the_recurrence():
     model = lmc.load(MINIMAX, preset="tiny", seed=5, layers=3, attn_every=8)
     cfg = model.config
     ids = torch.randint(0, cfg["vocab"], (2, 16), generator=torch.Generator().manual_seed(1))
-    w = _weights(model)
+    w = weights(model)
     with torch.no_grad():
         par = ref.forward(w, ids, cfg, lightning_mode="parallel")["logits"]
         rec = ref.forward(w, ids, cfg, lightning_mode="recurrent")["logits"]
@@ -96,7 +86,7 @@ def test_lmc_gradients_equal_torch_autograd_on_the_reference():
         return (out["logits"] * cot).sum() + 3.0 * out["load_balance"] + 2.0 * out["z_loss"]
 
     objective(model(ids)).backward()
-    w = _weights(model, requires_grad=True)
+    w = weights(model, requires_grad=True)
     objective(ref.forward(w, ids, cfg)).backward()
     for name, p in model.named_parameters():
         assert p.grad is not None, name

@@ -9,7 +9,7 @@ import os
 
 import pytest
 import torch
-from conftest import ZOO
+from conftest import ZOO, copy_weights
 from reference_optimus_prime import OptimusPrime
 
 import lmc
@@ -23,14 +23,7 @@ PATH = os.path.join(ZOO, "optimus_prime.yaml")
 def _pair(seed=1, **overrides):
     model = lmc.load(PATH, preset="tiny", seed=seed, **overrides)
     ref = OptimusPrime(model.config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name == "embed":
-                ref.embed.weight.copy_(p)
-            elif p.dim() == 1:
-                ref.get_parameter(name).copy_(p)
-            else:  # lmc stores [in, out], nn.Linear [out, in]
-                ref.get_parameter(name + ".weight").copy_(p.T)
+    copy_weights(model, ref)
     return model, ref
 
 

@@ -4,7 +4,7 @@ import os
 
 import pytest
 import torch
-from conftest import ZOO
+from conftest import ZOO, copy_weights
 from reference_llama import rope_cos_sin
 from reference_yoco import YOCO, retention_parallel, retention_recurrent
 
@@ -20,14 +20,7 @@ def _pair(seed=1, **overrides):
     """The lmc model on the tiny preset (plus overrides) and the reference with its weights."""
     model = lmc.load(PATH, preset="tiny", seed=seed, **overrides)
     ref = YOCO.from_config(model.config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name == "embed":
-                ref.embed.weight.copy_(p)
-            elif p.dim() == 1:
-                ref.get_parameter(name).copy_(p)
-            else:       # lmc stores [in, out], nn.Linear [out, in]
-                ref.get_parameter(name + ".weight").copy_(p.T)
+    copy_weights(model, ref)
     return model, ref
 
 
