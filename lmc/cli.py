@@ -61,6 +61,8 @@ def cmd_compile(args) -> int:
     s["kernels"] = {g: {"count": len(k[g]["kernels"]), "torch_ops": k[g]["torch_ops"],
                         "list": k[g]["kernels"]} for g in ("forward", "backward")}
     s["codegen_s"] = k["codegen_s"]
+    s["fusions"] = s["fusions"] + [dict(f, graph=g) for g in ("forward", "backward")
+                                   for f in k[g]["fusions"]]
     if args.out:
         if os.path.exists(args.out) and not os.path.isdir(args.out):
             raise LmcError(f"-o {args.out}: exists and is not a directory")
@@ -278,12 +280,17 @@ def format_summary(s) -> str:
                  f"{sum(s['nodes_after'].values()):>7}")
     for g in ("forward", "backward"):
         kk = s["kernels"][g]
-        lines.append(f"kernels     {g}: {kk['count']} fused pointwise Triton kernels, "
-                     f"{kk['torch_ops']} ops still run by torch (matmul, reductions, views)")
+        kinds: dict = {}
+        for kern in kk["list"]:
+            kinds[kern["kind"]] = kinds.get(kern["kind"], 0) + 1
+        lines.append(f"kernels     {g}: {kk['count']} Triton kernels ("
+                     + ", ".join(f"{v} {k}" for k, v in sorted(kinds.items()))
+                     + f"), {kk['torch_ops']} ops run by torch (views, indexing, declined)")
     if s["fusions"]:
         lines.append("fusions")
         for f in s["fusions"]:
             lines.append(f"            {f['pass']}: {f['status']} at {f['where']}"
+                         + (f" [{f['graph']}]" if f.get("graph") else "")
                          + (f" ({f['reason']})" if f.get("reason") else ""))
     else:
         lines.append("fusions     none (no fusion pass in the pipeline yet)")

@@ -25,24 +25,21 @@ class Compiled:
         """The kernel plan of the forward and backward graphs: fused groups, their ops and
         the generated Triton source (text only: nothing is compiled or imported here)."""
         if self._kernels is None:
-            from .codegen.pointwise import generate, module_source
+            from .codegen.program import fuse, kernel_list, module_source
             from .ir.ops import Op
             from .passes.autodiff import differentiate
-            from .passes.fuse_pointwise import fuse_pointwise
 
             t0 = time.perf_counter()
             out: Dict[str, Any] = {}
             prog = differentiate(self.graph)
             for name, g in (("forward", self.graph), ("backward",
                                                      run_pipeline(prog.backward))):
-                fused = fuse_pointwise(g)
-                bodies = {n.attrs["kernel"]: n.attrs["body"] for n in fused.nodes
-                          if n.op is Op.FUSED}
-                out[name] = {"kernels": fused.meta["kernels"],
+                fused = fuse(g)
+                out[name] = {"kernels": kernel_list(fused),
+                             "fusions": list(fused.meta.get("fusions", [])),
                              "torch_ops": sum(1 for n in fused.nodes if n.op not in (
                                  Op.FUSED, Op.GETITEM, Op.INPUT, Op.PARAM, Op.CONST)),
-                             "source": module_source({k: generate(b, k)
-                                                      for k, b in bodies.items()})}
+                             "source": module_source(fused)}
             out["codegen_s"] = time.perf_counter() - t0
             self._kernels = out
         return self._kernels

@@ -1,1 +1,29 @@
-"""Triton code generation (arrives with the codegen issue)."""
+"""Triton code generation: one module per kernel kind.
+
+A fusion pass (lmc/passes/fuse_*.py) turns a group of IR nodes into one FUSED node with
+attrs ``kernel`` (its name), ``kind`` and ``body`` (a small graph: INPUT placeholders for the
+group's external inputs, the member ops, literal CONSTs; outputs "0".."k-1"). Each kind's
+module provides
+
+    generate(body, name) -> str
+        the Triton source of the kernel(s) (``@triton.jit`` functions; helpers are shared)
+    launch(kernel, xs, outs, body, ctx, interpret) -> None
+        run it: ``xs`` are the external inputs in placeholder order, ``outs`` preallocated
+        contiguous tensors for the body's outputs, ``ctx`` the RefCtx (symbolic dims)
+
+and `KINDS` maps the ``kind`` attr to that module.
+"""
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+_MODULES = {"pointwise": "pointwise", "reduction": "reduction", "matmul": "matmul"}
+
+
+def kind_module(kind: str) -> ModuleType:
+    try:
+        return importlib.import_module(f"{__name__}.{_MODULES[kind]}")
+    except KeyError:
+        from ..errors import LmcError
+        raise LmcError(f"internal: no code generator for kernel kind {kind!r}") from None

@@ -93,7 +93,7 @@ def fuse_pointwise(g: Graph) -> Graph:
             members = groups[gid]
             if not any(m in used_outside for m in members):
                 continue  # nothing reads the group: it is dead code, and so is its kernel
-            fused, outs = _make_fused(members, gid, used_outside, new)
+            fused, outs = make_fused(members, f"{gid}", used_outside, new)
             nodes.append(fused)
             for m, gi in outs:
                 nodes.append(gi)
@@ -109,10 +109,6 @@ def fuse_pointwise(g: Graph) -> Graph:
     out.meta["fusions"] = list(g.meta.get("fusions", [])) + [
         {"pass": "fuse_pointwise", "status": "declined", "where": _where(n), "reason": why}
         for n, why in declined]
-    out.meta["kernels"] = list(g.meta.get("kernels", [])) + [
-        {"kernel": f.attrs["kernel"], "ops": [m.op.value for m in f.attrs["body"].nodes
-                                              if m.op is not Op.INPUT and m.op is not Op.CONST]}
-        for f in nodes if f.op is Op.FUSED]
     return out
 
 
@@ -121,7 +117,11 @@ def _where(n: Node) -> str:
     return f"{n.scope or '<model>'}{loc}"
 
 
-def _make_fused(members: List[Node], gid: int, used_outside, new: Dict[Node, Node]):
+def make_fused(members: List[Node], tag: str, used_outside, new: Dict[Node, Node],
+               kind: str = "pointwise", prefix: str = "lmc_fused_", extra=None):
+    """One FUSED node (and GETITEMs for the members used outside) for `members`, a group in
+    topological order. `new` maps original nodes outside the group to their replacements;
+    `extra` adds attrs (e.g. the reduction axis) beside kernel, kind and body."""
     from ..frontend.builder import Builder
 
     inside = set(members)
@@ -143,12 +143,12 @@ def _make_fused(members: List[Node], gid: int, used_outside, new: Dict[Node, Nod
         b.nodes.append(c)
     outputs = [m for m in members if m in used_outside]
     ops = [m.op.value for m in members]
-    name = "lmc_fused_" + "_".join(dict.fromkeys(ops[:4])) + f"_{gid}"
+    name = prefix + "_".join(dict.fromkeys(ops[:4])) + f"_{tag}"
     name = re.sub(r"[^a-z0-9_]", "_", name)
     body_graph = Graph(name, b.nodes, {str(i): body[m] for i, m in enumerate(outputs)})
     first = members[0]
     fused = Node.make(Op.FUSED, [new[x] for x in ext],
-                      {"kernel": name, "kind": "pointwise", "body": body_graph},
+                      {"kernel": name, "kind": kind, "body": body_graph, **(extra or {})},
                       first.loc, first.scope)
     gets = [(m, Node.make(Op.GETITEM, [fused], {"index": i}, m.loc, m.scope))
             for i, m in enumerate(outputs)]
