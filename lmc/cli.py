@@ -72,6 +72,7 @@ def cmd_compile(args) -> int:
         _write(os.path.join(args.out, "summary.json"), json.dumps(s, indent=2, default=str) + "\n")
         for g in ("forward", "backward"):
             _write(os.path.join(args.out, f"kernels_{g}.py"), k[g]["source"])
+            _write(os.path.join(args.out, f"program_{g}.py"), k[g]["program"])
     step = None
     if args.mode == "decode":
         from .passes.decode import decode_step
@@ -87,12 +88,12 @@ def cmd_compile(args) -> int:
     if args.json:
         print(json.dumps(s, default=str))
         return 0
-    print(format_summary(s))
+    print(format_summary(s, args.explain))
     if step is not None:
         print(format_decode(s["decode"]))
     if args.out:
         print(f"wrote       {args.out}/ir_source.txt, ir.txt, summary.json, "
-              f"kernels_forward.py, kernels_backward.py")
+              f"kernels_{{forward,backward}}.py, program_{{forward,backward}}.py")
     return 0
 
 
@@ -261,7 +262,7 @@ def format_decode(d: dict) -> str:
     return "\n".join(lines + [total])
 
 
-def format_summary(s) -> str:
+def format_summary(s, explain: bool = False) -> str:
     p = s["params"]
     lines = [
         f"model       {s['model']}  ({s['source']}"
@@ -286,15 +287,29 @@ def format_summary(s) -> str:
         lines.append(f"kernels     {g}: {kk['count']} Triton kernels ("
                      + ", ".join(f"{v} {k}" for k, v in sorted(kinds.items()))
                      + f"), {kk['torch_ops']} ops run by torch (views, indexing, declined)")
-    if s["fusions"]:
-        lines.append("fusions")
-        for f in s["fusions"]:
-            lines.append(f"            {f['pass']}: {f['status']} at {f['where']}"
-                         + (f" [{f['graph']}]" if f.get("graph") else "")
-                         + (f" ({f['reason']})" if f.get("reason") else ""))
-    else:
-        lines.append("fusions     none (no fusion pass in the pipeline yet)")
+    lines += format_fusions(s["fusions"], explain)
     return "\n".join(lines)
+
+
+def format_fusions(fusions, explain: bool = False) -> list:
+    """Fusion records: counted per pass, status and reason; every site with `explain`."""
+    if not fusions:
+        return ["fusions     none"]
+    if explain:
+        return ["fusions"] + [
+            f"            {f['pass']}: {f['status']} at {f['where']}"
+            + (f" [{f['graph']}]" if f.get("graph") else "")
+            + (f" ({f['reason']})" if f.get("reason") else "") for f in fusions]
+    counts: dict = {}
+    for f in fusions:
+        why = f.get("reason", "") if f["status"] != "fused" else ""
+        key = (f["pass"], f.get("graph", ""), f["status"], why)
+        counts[key] = counts.get(key, 0) + 1
+    lines = ["fusions     (sites per pass; --explain lists each)"]
+    for (pas, graph, status, why), k in counts.items():
+        lines.append(f"            {pas} [{graph or 'graph'}]: {k} {status}"
+                     + (f": {why}" if why else ""))
+    return lines
 
 
 def cmd_verify(args) -> int:
@@ -327,6 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--out", metavar="DIR", help="write the IR and summary to DIR")
     c.add_argument("--print-ir", action="store_true", help="print the IR after all passes")
     c.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    c.add_argument("--explain", action="store_true",
+                   help="list every fusion site: what fused, and why the rest did not")
     c.add_argument("--import", dest="imports", action="append", metavar="PY",
                    help="a Python file defining blocks with @lmc.block (repeatable)")
     c.add_argument("--disable", action="append", metavar="PASS", help="skip a pass")

@@ -19,13 +19,15 @@ class Compiled:
     compile_s: float
     frontend_s: float
     passes: List[Dict[str, Any]] = field(default_factory=list)
+    disable: Sequence[str] = ()  # passes left out, fusion passes included
     _kernels: Optional[Dict[str, Any]] = None
 
     def kernels(self) -> Dict[str, Any]:
         """The kernel plan of the forward and backward graphs: fused groups, their ops and
         the generated Triton source (text only: nothing is compiled or imported here)."""
         if self._kernels is None:
-            from .codegen.program import fuse, kernel_list, module_source
+            from .codegen import wrapper
+            from .codegen.program import fuse, fusion_names, kernel_list, module_source
             from .ir.ops import Op
             from .passes.autodiff import differentiate
 
@@ -34,12 +36,13 @@ class Compiled:
             prog = differentiate(self.graph)
             for name, g in (("forward", self.graph), ("backward",
                                                      run_pipeline(prog.backward))):
-                fused = fuse(g)
+                fused = fuse(g, [d for d in self.disable if d in fusion_names()])
                 out[name] = {"kernels": kernel_list(fused),
                              "fusions": list(fused.meta.get("fusions", [])),
                              "torch_ops": sum(1 for n in fused.nodes if n.op not in (
                                  Op.FUSED, Op.GETITEM, Op.INPUT, Op.PARAM, Op.CONST)),
-                             "source": module_source(fused)}
+                             "source": module_source(fused),
+                             "program": wrapper.generate(fused, name)}
             out["codegen_s"] = time.perf_counter() - t0
             self._kernels = out
         return self._kernels
@@ -85,9 +88,12 @@ def compile_model(path: str, preset: Optional[str] = None, overrides=None, *,
     t0 = time.perf_counter()
     source = load_graph(path, preset, overrides)
     t1 = time.perf_counter()
-    graph = run_pipeline(source, disable=disable)
+    from .codegen.program import fusion_names
+
+    graph = run_pipeline(source, disable=[d for d in disable if d not in fusion_names()])
     t2 = time.perf_counter()
-    return Compiled(source, graph, t2 - t0, t1 - t0, list(graph.meta["history"]))
+    return Compiled(source, graph, t2 - t0, t1 - t0, list(graph.meta["history"]),
+                    tuple(disable))
 
 
 def load(path: str, preset: Optional[str] = None, *, backend: str = "torch", seed: int = 0,

@@ -25,8 +25,13 @@ def test_compile_default_llama_reports_162m_params(capsys):
     assert isinstance(s["fusions"], list)
     for g in ("forward", "backward"):
         assert s["kernels"][g]["count"] > 0
-        assert all(k["kernel"].startswith("lmc_fused_") and k["ops"]
+        assert all(k["kernel"].startswith("lmc_") and k["ops"] and k["kind"]
                    for k in s["kernels"][g]["list"])
+    kinds = {k["kind"] for k in s["kernels"]["forward"]["list"]}
+    assert {"pointwise", "reduction"} <= kinds
+    # 25 RMSNorms (2 per layer + final) and 12 softmaxes are reduction kernels
+    assert sum(k["kind"] == "reduction" for k in s["kernels"]["forward"]["list"]) == 25 + 12
+    assert {f["pass"] for f in s["fusions"]} >= {"fuse_reductions"}
 
 
 def test_compile_summary_text(capsys):
@@ -54,7 +59,11 @@ def test_out_dir(tmp_path, capsys):
     out = tmp_path / "o"
     assert main(["compile", LLAMA, "--preset", "tiny", "-o", str(out)]) == 0
     assert {"ir.txt", "ir_source.txt", "summary.json", "kernels_forward.py",
-            "kernels_backward.py"} <= set(os.listdir(out))
+            "kernels_backward.py", "program_forward.py", "program_backward.py"} <= set(
+                os.listdir(out))
+    prog = (out / "program_forward.py").read_text()
+    assert "def run(ctx, env, K, LAUNCH, REF, NODES):" in prog and "LAUNCH[" in prog
+    compile(prog, "program_forward.py", "exec")
     src = (out / "kernels_backward.py").read_text()
     assert "@triton.jit" in src and "# IR nodes:" in src
     compile(src, "kernels_backward.py", "exec")  # valid Python

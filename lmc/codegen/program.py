@@ -12,12 +12,18 @@ from ..errors import LmcError
 from ..ir.graph import Graph
 from ..ir.ops import Op
 from ..passes.fuse_pointwise import fuse_pointwise
+from ..passes.fuse_reductions import fuse_reductions
 from ..passes.verify import verify
 from . import kind_module
 
 FUSION_PASSES: List[Tuple[str, object]] = [
-    ("fuse_pointwise", fuse_pointwise),   # chains of elementwise ops
+    ("fuse_reductions", fuse_reductions),  # a reduction with its prologue and epilogue
+    ("fuse_pointwise", fuse_pointwise),    # chains of elementwise ops
 ]
+
+
+def fusion_names() -> List[str]:
+    return [n for n, _ in FUSION_PASSES]
 
 
 def fuse(g: Graph, disable: Sequence[str] = ()) -> Graph:

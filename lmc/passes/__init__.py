@@ -30,9 +30,10 @@ def run_pipeline(g: Graph, passes: Optional[Sequence[Pass]] = None,
     passes = PIPELINE if passes is None else passes
     unknown = set(disable) - {name for name, _ in passes}
     if unknown:
+        from ..codegen.program import fusion_names
         from ..errors import LmcError
         raise LmcError(f"unknown pass {sorted(unknown)[0]!r} (passes: "
-                       f"{', '.join(n for n, _ in passes)})")
+                       f"{', '.join([n for n, _ in passes] + fusion_names())})")
     debug = os.environ.get("LMC_DEBUG", "") not in ("", "0")
     history = list(g.meta.get("history", []))
     inlined = False

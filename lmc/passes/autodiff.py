@@ -385,6 +385,12 @@ def _scan(r):
 def _matmul(r):
     b, a, c = r.b, r.x(0), r.x(1)
     ga = r.g @ b.transpose(c, -2, -1)
+    if c.rank == 2 and a.rank > 2:
+        # a weight shared by every batch position: one [K, M*] @ [M*, N] contraction over the
+        # flattened batch, rather than a batched product summed over the batch afterwards
+        a2 = b.reshape(a, [-1, a.shape[-1]])
+        g2 = b.reshape(r.g, [-1, r.g.shape[-1]])
+        return [r.unbroadcast(ga, r.shape(0)), b.transpose(a2, -2, -1) @ g2]
     gc = b.transpose(a, -2, -1) @ r.g
     return [r.unbroadcast(ga, r.shape(0)), r.unbroadcast(gc, r.shape(1))]
 

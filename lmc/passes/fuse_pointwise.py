@@ -66,8 +66,8 @@ def fuse_pointwise(g: Graph) -> Graph:
             if gid is None or groups[gid][0].type.shape != n.type.shape:
                 continue
             first = order[groups[gid][0]]
-            # scalar constants become literals in the kernel: not edges, so exempt
-            if all(group_of.get(y) == gid or order[y] < first or _is_scalar_const(y)
+            # sources (params, literals) can be read wherever they stood: they go first
+            if all(group_of.get(y) == gid or order[y] < first or is_source(y)
                    for y in n.inputs):
                 chosen = gid
                 break
@@ -77,23 +77,45 @@ def fuse_pointwise(g: Graph) -> Graph:
         groups[chosen].append(n)
         group_of[n] = chosen
 
+    out = contract(g, groups, lambda members, gid, used, new: make_fused(
+        members, f"{gid}", used, new))
+    out.meta["fusions"] = list(g.meta.get("fusions", [])) + [
+        {"pass": "fuse_pointwise", "status": "declined", "where": _where(n), "reason": why}
+        for n, why in declined]
+    return out
+
+
+def is_source(n: Node) -> bool:
+    """A node with no tensor inputs (input, param, constant, iota, mask): it may be moved to
+    the front of the graph, so a fusion group may read it wherever it stood."""
+    return not n.inputs and n.op is not Op.FUSED
+
+
+def contract(g: Graph, groups: List[List[Node]], build) -> Graph:
+    """`g` with each group (members in topological order) replaced by what
+    ``build(members, gid, used_outside, new)`` returns: a FUSED node and (member, GETITEM)
+    pairs for the members read outside the group. Each group is emitted where its first member
+    stood and source nodes go first, so a grouping in which every external input of a group is
+    a source or comes before the group's first member keeps the graph topologically ordered.
+    A group that nothing reads is dropped (dead code)."""
+    group_of = {m: gid for gid, grp in enumerate(groups) for m in grp}
     used_outside = set(g.outputs.values())
     for n in g.nodes:
         for x in n.inputs:
             if x in group_of and group_of.get(n) != group_of[x]:
                 used_outside.add(x)
-
-    # build the new graph: each group is emitted where its first member stood
     new: Dict[Node, Node] = {}
-    nodes: List[Node] = []
-    first_of = {grp[0]: gid for gid, grp in enumerate(groups)}
+    nodes: List[Node] = [n for n in g.nodes if is_source(n) and n not in group_of]
+    new.update({n: n for n in nodes})
+    first_of = {grp[0]: gid for gid, grp in enumerate(groups) if grp}
     for n in g.nodes:
+        if n in new:
+            continue
         if n in first_of:
-            gid = first_of[n]
-            members = groups[gid]
+            members = groups[first_of[n]]
             if not any(m in used_outside for m in members):
-                continue  # nothing reads the group: it is dead code, and so is its kernel
-            fused, outs = make_fused(members, f"{gid}", used_outside, new)
+                continue
+            fused, outs = build(members, first_of[n], used_outside, new)
             nodes.append(fused)
             for m, gi in outs:
                 nodes.append(gi)
@@ -105,11 +127,7 @@ def fuse_pointwise(g: Graph) -> Graph:
         c = n if ins == n.inputs else Node(n.op, ins, n.attrs, n.type, n.loc, n.scope)
         new[n] = c
         nodes.append(c)
-    out = g.with_nodes(nodes, {k: new[v] for k, v in g.outputs.items()})
-    out.meta["fusions"] = list(g.meta.get("fusions", [])) + [
-        {"pass": "fuse_pointwise", "status": "declined", "where": _where(n), "reason": why}
-        for n, why in declined]
-    return out
+    return g.with_nodes(nodes, {k: new[v] for k, v in g.outputs.items()})
 
 
 def _where(n: Node) -> str:

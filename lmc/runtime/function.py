@@ -18,7 +18,7 @@ from .executor import run_graph
 def _run(graph, program, bound, ctx):
     if program is None:
         return run_graph(graph, bound, ctx)
-    return run_graph(program.graph, bound, ctx, program.impl)
+    return program.run(bound, ctx)
 
 
 class GraphFunction(torch.autograd.Function):

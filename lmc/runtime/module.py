@@ -78,8 +78,7 @@ class LmcModel(nn.Module):
                                           *[bound[n] for n in names])
             outs = dict(zip(self.graph.outputs, results))
         elif self.backend == "triton":
-            prog = self.inference_program()
-            outs = run_graph(prog.graph, bound, ctx, prog.impl)
+            outs = self.inference_program().run(bound, ctx)
         else:
             outs = run_graph(self.graph, bound, ctx)
         return next(iter(outs.values())) if len(outs) == 1 else outs
@@ -94,8 +93,8 @@ class LmcModel(nn.Module):
             prog.backward = run_pipeline(prog.backward)  # the backward is cleaned like any graph
             if self.backend == "triton":  # both graphs are fused and code-generated alike
                 from .triton_backend import TritonProgram
-                prog.forward_exec = TritonProgram(prog.forward)
-                prog.backward_exec = TritonProgram(prog.backward)
+                prog.forward_exec = TritonProgram(prog.forward, label="forward")
+                prog.backward_exec = TritonProgram(prog.backward, label="backward")
             self._program = prog
         return self._program
 

@@ -7,15 +7,16 @@ tensors: slow, but the same kernels, which is how CI tests them.
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from typing import Dict, Sequence
 
 import torch
 
-from ..codegen import cache, kind_module
+from ..codegen import cache, kind_module, wrapper
 from ..codegen.program import fuse, module_source
 from ..errors import LmcError
 from ..ir.graph import Graph
 from ..ir.ops import Op
+from ..ops.reference import REFERENCE
 
 
 def _interpret() -> bool:
@@ -41,15 +42,39 @@ def _interpret() -> bool:
 class TritonProgram:
     """A graph with its fusion groups compiled to Triton kernels."""
 
-    def __init__(self, graph: Graph, disable: Sequence[str] = ()):
+    def __init__(self, graph: Graph, disable: Sequence[str] = (), label: str = "forward"):
         self.interpret = _interpret()
         self.graph = fuse(graph, disable)
         self.source = module_source(self.graph)
-        module = cache.load_module(self.source)
+        self.program_source = wrapper.generate(self.graph, label)
+        # kernels and wrapper live in one cached module: one hash covers both
+        module = cache.load_module(self.source + "\n\n" + self.program_source)
         self.kernels = {n.attrs["kernel"]: getattr(module, n.attrs["kernel"])
                         for n in self.graph.nodes if n.op is Op.FUSED}
-        self.impl = {Op.FUSED: self._run_fused}
+        self._run = module.run
+        self.impl = {Op.FUSED: self._run_fused}   # for run_graph (the node-by-node path)
+        self._ref = {i: REFERENCE[n.op] for i, n in enumerate(self.graph.nodes)
+                     if n.op is not Op.FUSED and n.op in REFERENCE}
+        self._launch = {kind: self._launcher(kind) for kind in
+                        {n.attrs["kind"] for n in self.graph.nodes if n.op is Op.FUSED}}
         self.launches = 0
+
+    def _launcher(self, kind: str):
+        launch = kind_module(kind).launch
+
+        def go(kernel, xs, outs, node, ctx):
+            launch(kernel, xs, outs, node.attrs["body"], ctx, self.interpret)
+            self.launches += 1
+        return go
+
+    def run(self, bound: Dict[str, torch.Tensor], ctx) -> Dict[str, torch.Tensor]:
+        """Run the generated wrapper program: values for the graph's inputs and params by
+        name -> its outputs by name."""
+        missing = [n.attrs["name"] for n in self.graph.nodes
+                   if n.op in (Op.INPUT, Op.PARAM) and n.attrs["name"] not in bound]
+        if missing:
+            raise LmcError(f"no value given for {missing[0]!r}")
+        return self._run(ctx, bound, self.kernels, self._launch, self._ref, self.graph.nodes)
 
     def _run_fused(self, ctx, xs, attrs):
         body = attrs["body"]

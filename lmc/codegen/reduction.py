@@ -1,0 +1,292 @@
+"""Triton source for a reduction FUSED group (lmc/passes/fuse_reductions.py).
+
+The row space S (the shape the reductions read) is viewed as R rows of N elements: N is the
+reduced axis, R the product of the other axes. One program owns BLOCK_R rows and walks
+their N elements in BLOCK_N chunks. A group may hold reductions that depend on earlier ones
+(softmax's max before its sum, RMSNorm's mean before the scale), so the kernel makes one pass
+over the row per reduction depth, recomputing the cheap row prologue rather than writing it
+out, and a last pass that computes and stores the row epilogue:
+
+    pass 1   for each chunk: load, prologue, accumulate mean(x * x)       -> [BLOCK_R]
+             per-row epilogue: rsqrt(m + eps)
+    pass 2   for each chunk: load, x * r[:, None] * w, store
+
+Every tensor is addressed through strides (0 on broadcast axes), row offsets in int64, and
+the reduced axis may be any axis (a column sum reads along a strided axis). Accumulators are
+fp32; logsumexp is computed online (running max and rescaled sum) in one pass.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Set
+
+from ..ir.graph import Graph, Node
+from ..ir.ops import Op
+from ..ir.types import DType
+from .pointwise import HELPERS, TL_DTYPE, _expr, literal  # noqa: F401  (HELPERS: the module)
+
+RED_OPS = (Op.SUM, Op.MEAN, Op.AMAX, Op.LOGSUMEXP)
+
+
+class Plan:
+    """What generate and launch agree on: the row space, the level of every body node, which
+    inputs are read per element (row level) and which once per row, and the outputs'
+    levels."""
+
+    def __init__(self, body: Graph):
+        reds = [n for n in body.nodes if n.op in RED_OPS]
+        self.space = reds[0].inputs[0].type.shape
+        self.axis = reds[0].attrs["axis"]
+        self.rank = len(self.space)
+        self.level: Dict[Node, str] = {}
+        self.depth: Dict[Node, int] = {}
+        for n in body.nodes:
+            if n.op is Op.INPUT or n.op is Op.CONST:
+                self.depth[n] = 0
+                continue
+            if n.op in RED_OPS:
+                self.level[n] = "per_row"
+                self.depth[n] = self.depth[n.inputs[0]] + 1
+            else:
+                self.level[n] = "row" if n.type.shape == self.space else "per_row"
+                self.depth[n] = max([self.depth[x] for x in n.inputs] or [0])
+        self.inputs = [n for n in body.nodes if n.op is Op.INPUT]
+        self.input_levels: Dict[Node, Set[str]] = {n: set() for n in self.inputs}
+        for n in body.nodes:
+            for x in n.inputs:
+                if x.op is Op.INPUT:
+                    # a reduction reads its input per element
+                    lvl = "row" if n.op in RED_OPS else self.level[n]
+                    self.input_levels[x].add(lvl)
+        self.outputs = list(body.outputs.values())
+        self.passes = max([self.depth[n] for n in reds]
+                          + [self.depth[o] + 1 for o in self.outputs
+                             if self.level.get(o) == "row"])
+
+    def user_shape(self, x: Node, level: str, body: Graph):
+        """The shape an input is broadcast to at a level (its users' shape there)."""
+        for n in body.nodes:
+            if x in n.inputs:
+                lvl = "row" if n.op in RED_OPS else self.level[n]
+                if lvl == level:
+                    return self.space if n.op in RED_OPS else n.type.shape
+        raise AssertionError("no user at that level")
+
+
+def _row_dims(rank: int, axis: int) -> List[int]:
+    return [d for d in range(rank) if d != axis]
+
+
+def generate(body: Graph, name: str) -> str:
+    p = Plan(body)
+    rows = _row_dims(p.rank, p.axis)
+    L = len(rows)
+    args: List[str] = []
+    args += [f"in{i}_ptr" for i in range(len(p.inputs))]
+    args += [f"out{j}_ptr" for j in range(len(p.outputs))]
+    args += ["R", "N"] + [f"RS{k}" for k in range(L)]
+    for i, x in enumerate(p.inputs):
+        for lvl in sorted(p.input_levels[x]):
+            tag = "r" if lvl == "row" else "p"
+            args += [f"in{i}_{tag}s{k}" for k in range(L)]
+            if lvl == "row":
+                args.append(f"in{i}_sax")
+    for j, o in enumerate(p.outputs):
+        args += [f"out{j}_s{k}" for k in range(L)]
+        if p.level[o] == "row":
+            args.append(f"out{j}_sax")
+    src_nodes = [m for m in body.nodes if m.op is not Op.INPUT and m.op is not Op.CONST]
+    lines = [
+        "@triton.jit",
+        f"def {name}({', '.join(args)}, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):",
+        "    # IR nodes: " + ", ".join(
+            f"{m.op.value}" + (f"@{m.loc.file.rsplit('/', 1)[-1]}:{m.loc.line}" if m.loc else "")
+            for m in src_nodes),
+        f"    # rows of the row space reduced along axis {p.axis}; {p.passes} pass(es) per row",
+        "    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)",
+        "    rmask = rows < R",
+        "    rem = rows",
+    ]
+    for k in reversed(range(1, L)):
+        lines.append(f"    i{k} = rem % RS{k}")
+        lines.append(f"    rem = rem // RS{k}")
+    if L:
+        lines.append("    i0 = rem")
+
+    def row_off(prefix: str) -> str:
+        return " + ".join(f"i{k} * {prefix}{k}" for k in range(L)) if L else "rows * 0"
+
+    val: Dict[Node, str] = {}        # per-row values and literals
+    rowval: Dict[Node, str] = {}     # element values, valid inside a pass loop
+    for i, x in enumerate(p.inputs):
+        if "row" in p.input_levels[x]:
+            lines.append(f"    in{i}_row = {row_off(f'in{i}_rs')}")
+        if "per_row" in p.input_levels[x]:
+            load = f"tl.load(in{i}_ptr + ({row_off(f'in{i}_ps')}), mask=rmask, other=0)"
+            if x.type.dtype in (DType.f16, DType.bf16):
+                load += ".to(tl.float32)"
+            lines.append(f"    p{i} = {load}")
+            val[x] = f"p{i}"
+    for j, o in enumerate(p.outputs):
+        lines.append(f"    out{j}_row = {row_off(f'out{j}_s')}")
+    for m in body.nodes:
+        if m.op is Op.CONST:
+            val[m] = literal(m)
+            rowval[m] = literal(m)
+    index = {m: k for k, m in enumerate(body.nodes)}
+    out_index = {o: j for j, o in enumerate(p.outputs)}
+
+    def store_row(o: Node, ind: str):
+        j = out_index[o]
+        lines.append(f"{ind}tl.store(out{j}_ptr + (out{j}_row[:, None] + cols[None, :] * "
+                     f"out{j}_sax), ({rowval[o]}).to({TL_DTYPE[o.type.dtype]}), mask=m2)")
+
+    def store_per_row(o: Node, ind: str):
+        j = out_index[o]
+        lines.append(f"{ind}tl.store(out{j}_ptr + out{j}_row, ({val[o]})"
+                     f".to({TL_DTYPE[o.type.dtype]}), mask=rmask)")
+
+    def emit_per_row(depth: int):
+        for m in body.nodes:
+            if p.level.get(m) != "per_row" or p.depth[m] != depth or m.op in RED_OPS:
+                continue
+            lines.append(f"    t{index[m]} = {_expr(m, [val[x] for x in m.inputs])}"
+                         f"  # {m.op.value} -> {m.type}")
+            val[m] = f"t{index[m]}"
+        for o in p.outputs:
+            if p.level.get(o) == "per_row" and p.depth[o] == depth:
+                store_per_row(o, "    ")
+
+    emit_per_row(0)
+    for k in range(1, p.passes + 1):
+        reds = [m for m in body.nodes if m.op in RED_OPS and p.depth[m] == k]
+        stores = [o for o in p.outputs if p.level.get(o) == "row" and p.depth[o] == k - 1]
+        needed: Set[Node] = set()
+        stack = [m.inputs[0] for m in reds] + stores
+        while stack:
+            m = stack.pop()
+            if m in needed or m.op is Op.CONST or (m.op is not Op.INPUT
+                                                   and p.level[m] != "row"):
+                continue
+            needed.add(m)
+            stack.extend(m.inputs if m.op is not Op.INPUT else ())
+        lines.append(f"    # pass {k}: " + (", ".join(
+            f"{m.op.value}" for m in reds) or "store the row epilogue"))
+        for m in reds:
+            t = index[m]
+            if m.op is Op.AMAX:
+                lines.append(f"    acc{t} = tl.full([BLOCK_R], float('-inf'), tl.float32)")
+            elif m.op is Op.LOGSUMEXP:
+                lines.append(f"    mx{t} = tl.full([BLOCK_R], float('-inf'), tl.float32)")
+                lines.append(f"    acc{t} = tl.zeros([BLOCK_R], tl.float32)")
+            else:
+                lines.append(f"    acc{t} = tl.zeros([BLOCK_R], tl.float32)")
+        lines += [
+            "    for c0 in range(0, N, BLOCK_N):",
+            "        cols = (c0 + tl.arange(0, BLOCK_N)).to(tl.int64)",
+            "        m2 = rmask[:, None] & (cols < N)[None, :]",
+        ]
+        ind = "        "
+        for m in body.nodes:
+            if m not in needed:
+                continue
+            if m.op is Op.INPUT:
+                i = p.inputs.index(m)
+                load = (f"tl.load(in{i}_ptr + (in{i}_row[:, None] + cols[None, :] * in{i}_sax),"
+                        f" mask=m2, other=0)")
+                if m.type.dtype in (DType.f16, DType.bf16):
+                    load += ".to(tl.float32)"
+                lines.append(f"{ind}v{i} = {load}")
+                rowval[m] = f"v{i}"
+                continue
+            a = [rowval[x] if x in rowval and (x.op is Op.CONST or x.op is Op.INPUT
+                                               or p.level[x] == "row")
+                 else f"{val[x]}[:, None]" for x in m.inputs]
+            lines.append(f"{ind}t{index[m]} = {_expr(m, a)}  # {m.op.value} -> {m.type}")
+            rowval[m] = f"t{index[m]}"
+        for m in reds:
+            t, x = index[m], rowval[m.inputs[0]]
+            if m.op in (Op.SUM, Op.MEAN):
+                lines.append(f"{ind}acc{t} += tl.sum(tl.where(m2, {x}, 0.0), axis=1)")
+            elif m.op is Op.AMAX:
+                lines.append(f"{ind}acc{t} = tl.maximum(acc{t}, tl.max(tl.where(m2, {x}, "
+                             f"float('-inf')), axis=1))")
+            else:  # online logsumexp: rescale the running sum to the new running max
+                lines += [
+                    f"{ind}xv{t} = tl.where(m2, {x}, float('-inf'))",
+                    f"{ind}new{t} = tl.maximum(mx{t}, tl.max(xv{t}, axis=1))",
+                    f"{ind}ref{t} = tl.where(new{t} == float('-inf'), 0.0, new{t})",
+                    f"{ind}acc{t} = acc{t} * tl.exp(mx{t} - ref{t}) + "
+                    f"tl.sum(tl.exp(xv{t} - ref{t}[:, None]), axis=1)",
+                    f"{ind}mx{t} = new{t}",
+                ]
+        for o in stores:
+            store_row(o, ind)
+        for m in reds:
+            t = index[m]
+            if m.op is Op.MEAN:
+                lines.append(f"    t{t} = acc{t} / N  # mean -> {m.type}")
+            elif m.op is Op.LOGSUMEXP:
+                # a row of only -inf sums to 0: its logsumexp is -inf (log(0) without the
+                # warning the interpreter would print)
+                lines.append(f"    t{t} = tl.where(acc{t} == 0.0, float('-inf'), mx{t} + "
+                             f"tl.log(tl.where(acc{t} == 0.0, 1.0, acc{t})))"
+                             f"  # logsumexp -> {m.type}")
+            else:
+                lines.append(f"    t{t} = acc{t}  # {m.op.value} -> {m.type}")
+            val[m] = f"t{t}"
+        # element values are loop-local: forget them before the next pass
+        for m in needed:
+            rowval.pop(m, None)
+        emit_per_row(k)
+    return "\n".join(lines) + "\n"
+
+
+def launch(kernel, xs, outs, body: Graph, ctx, interpret: bool) -> None:
+    import triton
+
+    p = Plan(body)
+    space = [ctx.dim(d) for d in p.space]
+    rows = _row_dims(p.rank, p.axis)
+    row_sizes = [space[d] for d in rows]
+    R = 1
+    for s in row_sizes:
+        R *= s
+    N = space[p.axis]
+    if R == 0:
+        return
+
+    def strides_in_space(t, shape):
+        """Strides of `t` broadcast to `shape`, in row-space coordinates (0 on the reduced
+        axis when `shape` lacks it)."""
+        shape = [ctx.dim(d) for d in shape]
+        st = list(t.expand(shape).stride()) if shape else []
+        if len(shape) == p.rank - 1:
+            st.insert(p.axis, 0)
+        return st
+
+    args: list = list(xs) + list(outs) + [R, N] + row_sizes
+    for x, t in zip(p.inputs, xs):
+        for lvl in sorted(p.input_levels[x]):
+            st = strides_in_space(t, p.user_shape(x, lvl, body))
+            args += [st[d] for d in rows]
+            if lvl == "row":
+                args.append(st[p.axis])
+    for o, t in zip(p.outputs, outs):
+        st = strides_in_space(t, o.type.shape)
+        args += [st[d] for d in rows]
+        if p.level[o] == "row":
+            args.append(st[p.axis])
+    # contiguous along the reduced axis: wide chunks of few rows; along another axis
+    # (a column sum): many rows per program so neighbouring rows make coalesced loads
+    along = all(st == 1 for st in [t.stride()[-1] if t.dim() else 1 for t in xs[:1]]) \
+        and p.axis == p.rank - 1
+    if interpret:  # the interpreter pays per program and per loop trip: big blocks
+        bn = min(triton.next_power_of_2(max(N, 1)), 4096)
+        br = max(1, min(triton.next_power_of_2(R), 16384 // bn))
+    elif along:
+        bn = min(triton.next_power_of_2(max(N, 1)), 2048)
+        br = max(1, min(triton.next_power_of_2(R), 2048 // bn))
+    else:
+        bn = min(triton.next_power_of_2(max(N, 1)), 32)
+        br = min(triton.next_power_of_2(R), 64)
+    kernel[(triton.cdiv(R, br),)](*args, BLOCK_R=br, BLOCK_N=bn)

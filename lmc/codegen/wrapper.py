@@ -1,0 +1,188 @@
+"""The wrapper program: one plain Python function per compiled graph that runs it.
+
+It calls the graph's kernels and torch ops in order and allocates kernel outputs from a
+memory plan made at compile time by liveness:
+
+- every kernel output gets a *slot*: a flat buffer of its (symbolic) size and dtype;
+- a slot is free again after the last use of every value that may alias it (a view or any
+  torch op's result is assumed to alias its inputs; a kernel's output never does);
+- a later kernel output of the same symbolic size and dtype reuses a free slot as a view, so
+  one forward allocates a handful of buffers rather than one per kernel;
+- slots reachable from a graph output (what the caller keeps, e.g. activations saved for the
+  backward) are never reused.
+
+Values are dropped (``del``) after their last use, as the interpreter-style executor does.
+The source is what `lmc compile -o DIR` writes as ``program_<graph>.py``.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Set
+
+from ..ir.dims import Dim
+from ..ir.graph import Graph, Node
+from ..ir.ops import Op
+
+
+def py_dim(d) -> str:
+    """A symbolic size as a Python expression over the dims' local names."""
+    if not isinstance(d, Dim):
+        return str(int(d))
+    parts = []
+    for mono, coef in sorted(d.terms.items()):
+        factors = ([str(coef)] if coef != 1 or not mono else []) + list(mono)
+        parts.append("*".join(factors))
+    return " + ".join(parts) if parts else "0"
+
+
+def _numel(shape):
+    n = 1
+    for d in shape:
+        n = n * d
+    return n
+
+
+class Plan:
+    """The memory plan of a graph: slot per kernel output, and what to free where."""
+
+    def __init__(self, g: Graph):
+        self.slot_of: Dict[Node, int] = {}         # kernel output value (GETITEM) -> slot
+        self.slot_size: List[object] = []          # symbolic numel per slot
+        self.slot_dtype: List[object] = []
+        self.free_after: Dict[int, List[Node]] = {}  # position -> values dropped after it
+        roots: Dict[Node, Set[int]] = {}
+        users_pos: Dict[Node, int] = {}
+        for i, n in enumerate(g.nodes):
+            for x in n.inputs:
+                users_pos[x] = i
+        outs = set(g.outputs.values())
+        escaping: Set[int] = set()
+        free_slots: List[int] = []
+        slot_last: Dict[int, int] = {}      # slot -> last position any alias is used
+        release_at: Dict[int, List[int]] = {}
+        # the last use of a slot is the last use of any value aliasing it; computed first
+        for i, n in enumerate(g.nodes):
+            if n.op is Op.GETITEM and n.inputs[0].op is Op.FUSED:
+                roots[n] = {("v", n)}
+            else:
+                roots[n] = set().union(*[roots.get(x, set()) for x in n.inputs]) \
+                    if n.inputs else set()
+        last_alias: Dict[object, int] = {}
+        for n in g.nodes:
+            for r in roots[n]:
+                last_alias[r] = max(last_alias.get(r, -1), users_pos.get(n, -1))
+        esc_roots = set().union(*[roots[o] for o in outs]) if outs else set()
+        # assign slots in order, reusing those whose aliases are all dead; a kernel's
+        # outputs are placed when it runs, so never in a buffer one of its inputs uses
+        gets: Dict[Node, List[Node]] = {}
+        for n in g.nodes:
+            if n.op is Op.GETITEM and n.inputs[0].op is Op.FUSED:
+                gets.setdefault(n.inputs[0], []).append(n)
+        for i, n in enumerate(g.nodes):
+            for s in release_at.pop(i - 1, []):
+                free_slots.append(s)
+            for gi in sorted(gets.get(n, []), key=lambda u: u.attrs["index"]):
+                size, dt = _numel(gi.type.shape), gi.type.dtype
+                reuse = next((s for s in free_slots if self.slot_dtype[s] is dt
+                              and _same(self.slot_size[s], size)), None)
+                if reuse is None:
+                    reuse = len(self.slot_size)
+                    self.slot_size.append(size)
+                    self.slot_dtype.append(dt)
+                else:
+                    free_slots.remove(reuse)
+                self.slot_of[gi] = reuse
+                r = ("v", gi)
+                if r in esc_roots:
+                    escaping.add(reuse)
+                else:
+                    end = max(last_alias.get(r, i), i)
+                    slot_last[reuse] = end
+                    release_at.setdefault(end, []).append(reuse)
+        for x, i in users_pos.items():
+            if x not in outs:
+                self.free_after.setdefault(i, []).append(x)
+        self.escaping = escaping
+        # a slot's buffer is dropped after the last use of the last value placed in it
+        self.drop_after: Dict[int, List[int]] = {}
+        for s, end in slot_last.items():
+            if s not in escaping:
+                self.drop_after.setdefault(end, []).append(s)
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, Dim) or isinstance(b, Dim):
+        from ..ir.dims import dims_equal
+        return dims_equal(a, b)
+    return int(a) == int(b)
+
+
+def generate(g: Graph, label: str) -> str:
+    """Python source of ``run(ctx, env, K, LAUNCH, REF, NODES)`` for graph `g`."""
+    plan = Plan(g)
+    name: Dict[Node, str] = {}
+    syms = sorted({s for n in g.nodes for d in (n.type.shape if not isinstance(n.type, tuple)
+                                                  else ()) if isinstance(d, Dim)
+                   for s in d.symbols()})
+    kernels = sum(n.op is Op.FUSED for n in g.nodes)
+    torch_ops = sum(n.op not in (Op.FUSED, Op.GETITEM, Op.INPUT, Op.PARAM) for n in g.nodes)
+    lines = [
+        f'"""lmc program for graph {g.name!r} ({label}): {kernels} kernel launches, '
+        f'{torch_ops} torch ops,',
+        f"{len(plan.slot_size)} kernel-output buffers for "
+        f"{len(plan.slot_of)} kernel outputs (liveness plan; "
+        f"{len(plan.escaping)} kept for the caller).\"\"\"",
+        "import torch",
+        "",
+        "",
+        "def run(ctx, env, K, LAUNCH, REF, NODES):",
+        "    dev = ctx.device",
+    ]
+    for s in syms:
+        lines.append(f"    {s} = ctx.dims[{s!r}]")
+    allocated: Set[int] = set()
+    pos = {n: i for i, n in enumerate(g.nodes)}
+    gets: Dict[Node, List[Node]] = {}
+    for n in g.nodes:
+        if n.op is Op.GETITEM and n.inputs[0].op is Op.FUSED:
+            gets.setdefault(n.inputs[0], []).append(n)
+    for i, n in enumerate(g.nodes):
+        ins = ", ".join(name.get(x, "") for x in n.inputs)
+        where = f"{n.loc.file.rsplit('/', 1)[-1]}:{n.loc.line}" if n.loc else ""
+        if n.op in (Op.INPUT, Op.PARAM):
+            name[n] = f"v{i}"
+            lines.append(f"    v{i} = env[{n.attrs['name']!r}]")
+        elif n.op is Op.FUSED:
+            outs = []
+            for gi in sorted(gets.get(n, []), key=lambda u: u.attrs["index"]):
+                s = plan.slot_of[gi]
+                shape = ", ".join(py_dim(d) for d in gi.type.shape) or "()"
+                note = "  # reuses a dead buffer" if s in allocated else ""
+                if s not in allocated:
+                    lines.append(f"    buf{s} = torch.empty({py_dim(plan.slot_size[s])}, "
+                                 f"dtype={_torch_dtype(plan.slot_dtype[s])}, device=dev)")
+                    allocated.add(s)
+                name[gi] = f"v{pos[gi]}"
+                lines.append(f"    v{pos[gi]} = buf{s}.view({shape}"
+                             f"{',' if len(gi.type.shape) == 1 else ''}){note}")
+                outs.append(name[gi])
+            lines.append(f"    LAUNCH[{n.attrs['kind']!r}](K[{n.attrs['kernel']!r}], [{ins}], "
+                         f"[{', '.join(outs)}], NODES[{i}], ctx)  # {n.attrs['kind']} {where}")
+        elif n in name:        # a kernel output, bound above
+            pass
+        else:
+            name[n] = f"v{i}"
+            lines.append(f"    v{i} = REF[{i}](ctx, [{ins}], NODES[{i}].attrs)  "
+                         f"# {n.op.value} {where}")
+        dead = [name[x] for x in plan.free_after.get(i, []) if x in name]
+        dead += [f"buf{s}" for s in plan.drop_after.get(i, [])]
+        if dead:
+            lines.append(f"    del {', '.join(dead)}")
+    lines.append("    return {" + ", ".join(f"{k!r}: {name[v]}" for k, v in g.outputs.items())
+                 + "}")
+    return "\n".join(lines) + "\n"
+
+
+def _torch_dtype(dt) -> str:
+    return {"f32": "torch.float32", "f16": "torch.float16", "bf16": "torch.bfloat16",
+            "f64": "torch.float64", "i64": "torch.int64", "i32": "torch.int32",
+            "bool": "torch.bool"}[dt.value]

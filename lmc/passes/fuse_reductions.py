@@ -1,0 +1,163 @@
+"""`fuse_reductions`: a reduction with its pointwise prologue and epilogue becomes one kernel.
+
+RMSNorm (``x * rsqrt(mean(x * x) + eps) * w``), softmax, log-softmax and cross-entropy's
+logsumexp are each one FUSED node of kind "reduction" (lmc/codegen/reduction.py): every
+program owns a block of rows of the *row space* S (the shape the reductions read) and reduces
+along one axis of it, the *reduced axis*, so a group holds
+
+    row values       shape S: the prologue feeding the reductions, and the epilogue that
+                     broadcasts per-row results back over the row (x * rsqrt(...) * w);
+    per-row values   S with the reduced axis 1 (keepdim) or removed: the reductions and the
+                     pointwise ops on their results (+ eps, rsqrt).
+
+Softmax is first written as ``exp(x - logsumexp(x))``, so it is a one-pass online
+logsumexp and a write pass. Grouping is greedy in topological order with fuse_pointwise's rule
+(a node joins a group holding one of its inputs when every other input is in the group, a
+source, or comes before the group's first node), which keeps the contracted graph acyclic.
+Groups that end up holding no reduction are left for fuse_pointwise. Each reduction that
+does not fuse is recorded with the reason.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+from ..ir.graph import Graph, Node
+from ..ir.ops import Kind, Op
+from .fuse_pointwise import _where, contract, fusible, is_source, make_fused
+
+RED_OPS = (Op.SUM, Op.MEAN, Op.AMAX, Op.LOGSUMEXP)
+
+
+def per_row_shapes(space, axis):
+    """The two shapes of a per-row value of row space `space` reduced along `axis`."""
+    keep = tuple(1 if i == axis else d for i, d in enumerate(space))
+    drop = tuple(d for i, d in enumerate(space) if i != axis)
+    return keep, drop
+
+
+def _decline_reason(n: Node) -> Optional[str]:
+    t = n.inputs[0].type
+    if n.type.dtype.value not in ("f32", "f16", "bf16"):
+        return f"{n.type.dtype.value} reduction is left to torch"
+    if t.rank == 0:
+        return "reduction of a scalar is the identity"
+    if isinstance(t.shape[n.attrs["axis"]], int) and t.shape[n.attrs["axis"]] == 1:
+        return "reduction over a size-1 axis is a copy"
+    return None
+
+
+def _expand_softmax(g: Graph) -> Graph:
+    """softmax(x, a) -> exp(x - logsumexp(x, a, keepdim)) for float x, so the reduction
+    kernel sees one online reduction and a pointwise epilogue."""
+    if not any(n.op is Op.SOFTMAX for n in g.nodes):
+        return g
+    new: Dict[Node, Node] = {}
+    nodes: List[Node] = []
+    for n in g.nodes:
+        ins = tuple(new[i] for i in n.inputs)
+        if n.op is Op.SOFTMAX and n.type.dtype.value in ("f32", "f16", "bf16"):
+            x = ins[0]
+            lse = Node.make(Op.LOGSUMEXP, [x], {"axis": n.attrs["axis"], "keepdim": True},
+                            n.loc, n.scope)
+            d = Node.make(Op.SUB, [x, lse], {}, n.loc, n.scope)
+            e = Node.make(Op.EXP, [d], {}, n.loc, n.scope)
+            nodes += [lse, d, e]
+            new[n] = e
+            continue
+        c = n if ins == n.inputs else Node(n.op, ins, n.attrs, n.type, n.loc, n.scope)
+        new[n] = c
+        nodes.append(c)
+    return g.with_nodes(nodes, {k: new[v] for k, v in g.outputs.items()})
+
+
+class _Group:
+    def __init__(self, first: int, space):
+        self.first = first
+        self.space = space      # row space S
+        self.axis = None        # reduced axis, set by the first reduction
+        self.members: List[Node] = []
+
+    def level(self, shape) -> Optional[str]:
+        if shape == self.space:
+            return "row"
+        if self.axis is not None and shape in per_row_shapes(self.space, self.axis):
+            return "row_value"
+        return None
+
+
+def fuse_reductions(g: Graph) -> Graph:
+    g = _expand_softmax(g)
+    order = {n: i for i, n in enumerate(g.nodes)}
+    group_of: Dict[Node, int] = {}
+    level_of: Dict[Node, str] = {}
+    groups: List[_Group] = []
+    declined = []
+
+    def ordered(n: Node, gid: int) -> bool:
+        first = groups[gid].first
+        return all(group_of.get(y) == gid or order[y] < first or is_source(y)
+                   for y in n.inputs)
+
+    def add(n: Node, gid: int, level: str):
+        groups[gid].members.append(n)
+        group_of[n] = gid
+        level_of[n] = level
+
+    for n in g.nodes:
+        if n.op in (Op.CUMSUM, Op.CUMPROD):
+            declined.append((n, f"{n.op.value} is a scan along an axis: left to torch"))
+            continue
+        if n.op in RED_OPS:
+            why = _decline_reason(n)
+            if why:
+                declined.append((n, why))
+                continue
+            x, ax = n.inputs[0], n.attrs["axis"]
+            gid = group_of.get(x)
+            if (gid is not None and level_of[x] == "row" and groups[gid].axis in (None, ax)):
+                groups[gid].axis = ax
+                add(n, gid, "row_value")
+            else:
+                grp = _Group(order[n], x.type.shape)
+                grp.axis = ax
+                groups.append(grp)
+                add(n, len(groups) - 1, "row_value")
+            continue
+        if n.op.kind is not Kind.POINTWISE or not fusible(n)[0]:
+            continue
+        for x in n.inputs:
+            gid = group_of.get(x)
+            if gid is None:
+                continue
+            lvl = groups[gid].level(n.type.shape)
+            if lvl is None or not ordered(n, gid):
+                continue
+            add(n, gid, lvl)
+            break
+        else:
+            grp = _Group(order[n], n.type.shape)
+            groups.append(grp)
+            add(n, len(groups) - 1, "row")
+
+    kept = [grp for grp in groups if grp.axis is not None]
+    for grp in groups:
+        if grp.axis is None:
+            for m in grp.members:
+                del group_of[m]
+
+    def build(members, gid, used, new):
+        grp = kept[gid]
+        reds = [m for m in members if m.op in RED_OPS]
+        ops = "+".join(dict.fromkeys(m.op.value for m in members))
+        fusions.append({"pass": "fuse_reductions", "status": "fused",
+                        "where": _where(reds[0]),
+                        "reason": f"{len(members)} ops in one kernel: {ops}"})
+        return make_fused(members, f"{gid}", used, new, kind="reduction", prefix="lmc_red_",
+                          extra={"axis": grp.axis})
+
+    fusions: List[dict] = []
+    out = contract(g, [grp.members for grp in kept], build)
+    out.meta["fusions"] = list(g.meta.get("fusions", [])) + fusions + [
+        {"pass": "fuse_reductions", "status": "declined", "where": _where(n), "reason": why}
+        for n, why in declined]
+    return out

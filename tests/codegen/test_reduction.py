@@ -1,0 +1,164 @@
+"""Reduction kernels (a reduction with its pointwise prologue and epilogue) and the generated
+wrapper program, in Triton's interpreter against the oracle: RMSNorm, softmax and
+cross-entropy as one kernel each, random graphs over every axis, ragged sizes (1, primes,
+block +- 1), fp16, the memory plan."""
+import os
+
+import pytest
+import torch
+from conftest import ZOO
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import lmc
+from lmc.codegen.wrapper import Plan
+from lmc.frontend.builder import Builder
+from lmc.ir.dims import Dim
+from lmc.ir.graph import Graph
+from lmc.ir.ops import Op
+from lmc.ops.reference import RefCtx
+from lmc.runtime.executor import bind_dims, run_graph
+from lmc.runtime.triton_backend import TritonProgram
+
+LLAMA = os.path.join(ZOO, "llama.yaml")
+B, T = Dim.sym("B"), Dim.sym("T")
+
+
+@pytest.fixture(autouse=True)
+def kernel_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LMC_CACHE", str(tmp_path / "cache"))
+
+
+def _check(g, vals, rtol=1e-5, atol=2e-6):
+    ctx = RefCtx(dims=bind_dims(g, vals))
+    want = run_graph(g, vals, ctx)
+    p = TritonProgram(g)
+    got = p.run(vals, ctx)
+    for k in want:
+        assert got[k].dtype == want[k].dtype and got[k].shape == want[k].shape, k
+        torch.testing.assert_close(got[k], want[k], rtol=rtol, atol=atol, equal_nan=True)
+    return p
+
+
+def _kinds(p):
+    return [n.attrs["kind"] for n in p.graph.nodes if n.op is Op.FUSED]
+
+
+@pytest.mark.parametrize("d", [1, 7, 63, 64, 65, 257])
+def test_rmsnorm_with_residual_is_one_kernel(d):
+    b = Builder({}, {})
+    x = b.input("x", [B, T, d], "f32")
+    r = b.input("r", [B, T, d], "f32")
+    w = b.input("w", [d], "f32")
+    h = x + r                                   # the residual add: prologue, also stored
+    y = h * b.rsqrt(b.mean(h * h, -1) + 1e-6) * w
+    g = Graph("rmsnorm", b.nodes, {"y": y.node, "h": h.node})
+    for bt in [(1, 1), (2, 13), (3, 5)]:
+        vals = {"x": torch.randn(*bt, d), "r": torch.randn(*bt, d), "w": torch.randn(d)}
+        p = _check(g, vals)
+    if d > 1:
+        assert _kinds(p) == ["reduction"]
+    else:   # a mean over one element is a copy: left to the pointwise kernels, and said so
+        assert "reduction" not in _kinds(p)
+        assert any("size-1" in f.get("reason", "") for f in p.graph.meta["fusions"])
+
+
+@pytest.mark.parametrize("n", [1, 2, 31, 129])
+def test_softmax_log_softmax_and_logsumexp(n):
+    b = Builder({}, {})
+    s = b.input("s", [B, 2, T, n], "f32")
+    probs = b.softmax(s, -1)
+    lse = b.logsumexp(s, -1, keepdim=False)
+    logp = s - b.logsumexp(s, -1)               # log-softmax
+    g = Graph("sm", b.nodes, {"p": probs.node, "lse": lse.node, "logp": logp.node})
+    vals = {"s": torch.randn(2, 2, 7, n) * 5}
+    vals["s"][0, 0, 0, :] = -float("inf")       # a fully masked row: nan/−inf as torch
+    p = _check(g, vals)
+    assert set(_kinds(p)) == ({"reduction"} if n > 1 else {"pointwise"})
+
+
+def test_fp16_inputs_accumulate_in_fp32():
+    b = Builder({}, {})
+    x = b.input("x", [B, 300], "f16")
+    y = b.cast(b.sum(b.cast(x, "f32") * 0.5, -1), "f16")
+    m = b.amax(x, -1)
+    g = Graph("h", b.nodes, {"y": y.node, "m": m.node})
+    _check(g, {"x": torch.randn(3, 300).half()}, rtol=1e-3, atol=1e-3)
+
+
+_UN = ["exp", "tanh", "sigmoid", "silu", "neg", "abs"]
+
+
+@st.composite
+def reduction_graph(draw):
+    shape = [B, draw(st.sampled_from([1, 3, 17])), draw(st.sampled_from([1, 2, 31, 64, 65]))]
+    b = Builder({}, {})
+    x = b.input("x", shape, "f32")
+    w = b.input("w", shape[-1:], "f32")
+    vals = [x, x * w]
+    outs = []
+    for _ in range(draw(st.integers(1, 5))):
+        v = draw(st.sampled_from(vals))
+        kind = draw(st.sampled_from(["red", "un", "bin", "softmax", "norm"]))
+        ax = draw(st.integers(0, 2))
+        if kind == "red":
+            op = draw(st.sampled_from(["sum", "mean", "amax", "logsumexp"]))
+            r = getattr(b, op)(v, ax, keepdim=draw(st.booleans()))
+            outs.append(r)
+            if r.rank == 3:
+                vals.append(v - r)              # epilogue broadcasting the per-row value
+        elif kind == "un":
+            vals.append(getattr(b, draw(st.sampled_from(_UN)))(v))
+        elif kind == "bin":
+            vals.append(v * draw(st.sampled_from(vals)) + 0.5)
+        elif kind == "softmax":
+            vals.append(b.softmax(v, ax))
+        else:
+            vals.append(v * b.rsqrt(b.mean(v * v, ax) + 1e-5))
+    outs += vals[2:][-2:]
+    return Graph("red", b.nodes, {f"o{i}": o.node for i, o in enumerate(outs)}), shape
+
+
+@settings(max_examples=20, deadline=None)
+@given(gs=reduction_graph(), batch=st.sampled_from([1, 2]), seed=st.integers(0, 1000))
+def test_random_reduction_graphs_match_the_oracle(gs, batch, seed):
+    g, shape = gs
+    gen = torch.Generator().manual_seed(seed)
+    vals = {"x": torch.randn(batch, *shape[1:], generator=gen),
+            "w": torch.randn(shape[-1], generator=gen)}
+    p = _check(g, vals, rtol=2e-5, atol=1e-5)
+    # every reduction is in a kernel, or was declined with a recorded reason
+    left = [n for n in p.graph.nodes if n.op in (Op.SUM, Op.MEAN, Op.AMAX, Op.LOGSUMEXP)]
+    declined = [f for f in p.graph.meta["fusions"]
+                if f["pass"] == "fuse_reductions" and f["status"] == "declined"]
+    assert len(left) <= len(declined)
+
+
+def test_scans_are_declined_with_a_reason():
+    b = Builder({}, {})
+    x = b.input("x", [B, T], "f32")
+    y = b.cumsum(b.exp(x), 1)
+    g = Graph("cs", b.nodes, {"y": y.node})
+    p = _check(g, {"x": torch.randn(2, 5)})
+    recs = [f for f in p.graph.meta["fusions"] if f["pass"] == "fuse_reductions"]
+    assert recs and recs[0]["status"] == "declined" and "scan" in recs[0]["reason"]
+
+
+def test_memory_plan_reuses_dead_buffers_and_keeps_outputs():
+    model = lmc.load(LLAMA, preset="tiny")
+    p = TritonProgram(model.graph)
+    plan = Plan(p.graph)
+    assert len(plan.slot_size) < len(plan.slot_of) / 2   # most kernel outputs reuse a buffer
+    out_slots = {plan.slot_of[n] for n in p.graph.outputs.values() if n in plan.slot_of}
+    assert out_slots <= plan.escaping
+    assert "reuses a dead buffer" in p.program_source
+    ids = torch.randint(0, 512, (2, 9))
+    with torch.no_grad():
+        want = model(ids)
+        bound = dict(model.named_parameters())
+        bound["ids"] = ids
+        ctx = RefCtx(dims=bind_dims(model.graph, bound))
+        first = p.run(bound, ctx)["logits"].clone()
+        again = p.run(bound, ctx)["logits"]       # a second call: no state leaks between runs
+    torch.testing.assert_close(first, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
