@@ -13,14 +13,27 @@ How it is derived, with no knowledge of blocks or model names:
    input and `iota(T)` are "q"; `causal_mask(T)` is ("q", "k"); a matmul or broadcast whose
    result has two "q" axes makes the later one "k". An edge where a "q" axis of an input lands
    on a "k" axis of the result is a *key use*: the consumer needs the input at every position.
-2. Position-wise ops are copied as they are. `iota(T)` becomes `iota(T) + P` (absolute
-   positions); `causal_mask(T, T)` becomes `causal_mask(T, S)` (bottom-right aligned).
-3. A key use reads the key-side version of its input: recomputed over all S positions when
+2. Position-wise ops are copied as they are. `iota(T)` becomes the absolute positions of the
+   new tokens, the i64 input `decode.pos` = P + arange(T) that the runtime supplies.
+3. A key use reads the key-side version of its input: recomputed over all key positions when
    the input depends on no token (RoPE tables, fixed decays); reached through layout ops
    (permute, reshape, expand, cast, concat off the time axis) and through a projection by a
    parameter that widens the value (so MLA caches its latent [c_KV | k_R] and GQA its n_kv
-   heads); otherwise cached: the state holds
-   it for the P past positions and the step concatenates the new ones (a K,V cache).
+   heads); otherwise cached: the state holds it for the past positions (a K,V cache).
+   Where the keys live is the attention's *key layout*:
+   - full, dynamic step: the cache holds the P past positions and the step concatenates the
+     T new ones (S = P + T keys); `causal_mask(T, T)` becomes `causal_mask(T, S)`.
+   - full, static step (`static=True`): the cache is preallocated to L slots, slot = position;
+     the step writes the new entries in place (`index_copy` at `decode.pos`) and attends over
+     all L slots, masked by position (k <= q): slots not yet written never contribute, and no
+     shape depends on P, so the T = 1 step can be captured in a CUDA graph.
+   - ring (sliding-window attention, both steps): softmax(where(causal_mask(T, window=W),
+     scores, -inf)) whose probabilities only weight values is matched; its K and V are kept
+     in W slots, position a in slot a mod W. The step attends over [W ring slots | T new]
+     with the mask built from the slots' positions (the input `decode.ringW.keys`; slots
+     never written have negative positions) and writes the newest entry of each slot
+     (`decode.ringW.src` indexes [ring | new]; with T > W only the last W tokens land):
+     constant state in the context length.
 4. `cumsum` along time becomes a running sum: state + cumsum(new), and the state advances by
    the sum of the new entries (running means).
    Decayed linear attention in its canonical parallel form, ((q @ k^T) * D) @ v with
@@ -30,11 +43,15 @@ How it is derived, with no knowledge of blocks or model names:
 5. Anything else that mixes positions (a reduction, softmax, slice or concat along time, a
    contraction over queries) is a compile error naming the op and its YAML line. Dropout and
    other train-only noise are the identity (generation runs in eval mode).
+
+The runtime inputs besides the token ids and the state are i64 position tables, functions of
+(P, T) listed in `StepGraph.aux` (name -> fn(P as a 1-element i64 tensor, T) -> tensor), so the
+runtime fills them with torch ops on the device (inside a captured CUDA graph too).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 from ..errors import LmcError
 from ..ir.dims import Dim, norm
@@ -43,10 +60,12 @@ from ..ir.ops import Kind, Op
 from ..ir.types import DType
 
 Q, K, F = "q", "k", "f"
+B_ = Dim.sym("B")
 T = Dim.sym("T")
 P = Dim.sym("P")
+L = Dim.sym("L")     # the preallocated length of a static step's caches
 S = norm(P + T)
-KEY_ENV = {"B": Dim.sym("B"), "T": S, "P": P}   # a per-position shape, over all key positions
+POS = "decode.pos"   # the i64 input holding the new tokens' absolute positions P .. P+T-1
 
 LAYOUT = {Op.PERMUTE, Op.RESHAPE, Op.EXPAND, Op.CAST}
 TIME_REDUCE = {Op.SUM, Op.MEAN, Op.AMAX, Op.LOGSUMEXP, Op.SOFTMAX}
@@ -56,20 +75,25 @@ TIME_REDUCE = {Op.SUM, Op.MEAN, Op.AMAX, Op.LOGSUMEXP, Op.SOFTMAX}
 class StateSpec:
     """One state tensor of the step graph: its input name, output name and layout."""
     name: str            # the input; the output carrying its next value is name + "'"
-    kind: str            # "cache" (grows by T along `axis`); "sum", "state", "carry": constant
-    shape: tuple         # symbolic, over B and P
+    kind: str            # "cache" (P positions, grows by T; L slots in a static step),
+    #                      "ring" (W slots), "sum", "state", "carry": constant size
+    shape: tuple         # symbolic, over B and P (L for a static cache)
     dtype: DType
-    axis: Optional[int]  # the position axis of a cache
+    axis: Optional[int]  # the position axis of a cache or ring
     source: str          # what it holds: the op and YAML place it was taken from
 
     @property
     def out(self) -> str:
         return self.name + "'"
 
-    def bytes(self, B: int = 1, P_: int = 0) -> int:
+    def concrete(self, B: int = 1, P_: int = 0, L_: int = 0) -> List[int]:
+        env = {"B": B, "P": P_, "L": L_}
+        return [d.evaluate(env) if isinstance(d, Dim) else d for d in self.shape]
+
+    def bytes(self, B: int = 1, P_: int = 0, L_: int = 0) -> int:
         n = 1
-        for d in self.shape:
-            n *= d.evaluate({"B": B, "P": P_}) if isinstance(d, Dim) else d
+        for d in self.concrete(B, P_, L_):
+            n *= d
         return n * self.dtype.itemsize
 
     def bytes_per_token(self) -> int:
@@ -82,6 +106,8 @@ class StepGraph:
     graph: Graph
     states: List[StateSpec] = field(default_factory=list)
     logits: str = "logits"
+    aux: Dict[str, Callable] = field(default_factory=dict)  # position inputs: fn(P, T)
+    static: bool = False
 
 
 def _err(n: Node, why: str) -> LmcError:
@@ -320,16 +346,110 @@ def _match_linear_attention(o: Node) -> Optional[_LinAttn]:
     return None
 
 
+@dataclass(frozen=True)
+class _Keys:
+    """Where the keys of an attention live: "full" (every position: S = P + T of them in the
+    dynamic step, the L preallocated slots in the static one) or "ring" (W slots holding the
+    last W positions, then the T new ones)."""
+    kind: str
+    window: int = 0
+
+
+FULL = _Keys("full")
+
+
+def _windowed_attention(g: Graph, labels: "_Labels") -> Dict[Tuple[Node, int], _Keys]:
+    """Key-use edges of sliding-window attentions, which may keep their keys in a ring.
+
+    Matched: probs = softmax(where(causal_mask(T, window=W), s, -inf)) along the key axis,
+    s reached from scores = q @ k^T through pointwise ops whose other inputs carry no key axis,
+    each value on the way used once, and probs used only as the left operand of matmuls with
+    the values: keys older than W then get weight exactly 0, so K and V need only W slots."""
+    users: Dict[Node, List[Node]] = {}
+    for n in g.nodes:
+        for x in n.inputs:
+            users.setdefault(x, []).append(n)
+    for o in g.outputs.values():
+        users.setdefault(o, []).append(None)
+    lab, keyuse = labels.lab, labels.keyuse
+    out: Dict[Tuple[Node, int], _Keys] = {}
+    for sm in g.nodes:
+        if sm.op is not Op.SOFTMAX or (lab[sm] or (None,))[sm.attrs["axis"]] != K:
+            continue
+        wh = sm.inputs[0]
+        if wh.op is not Op.WHERE or users.get(wh) != [sm]:
+            continue
+        mask, s, fill = wh.inputs
+        if not (mask.op is Op.CAUSAL_MASK and mask.attrs["window"] > 0
+                and fill.op is Op.CONST and fill.type.rank == 0
+                and not hasattr(fill.attrs["value"], "shape")
+                and fill.attrs["value"] == float("-inf")):
+            continue
+        x, ok = s, True
+        while ok and x.op is not Op.MATMUL:
+            timed = [i for i in x.inputs if K in lab[i]]
+            ok = (x.op.kind is Kind.POINTWISE and len(timed) == 1
+                  and all(i is timed[0] or not any(lab[i]) for i in x.inputs)
+                  and len(users.get(timed[0], [])) == 1)
+            x = timed[0] if ok else x
+        if not ok or (x, 1) not in keyuse or len(users.get(x, [])) != 1 or \
+                not (s is x or len(users.get(s, [])) == 1):
+            continue
+        pv = users.get(sm, [])
+        if not pv or not all(u is not None and u.op is Op.MATMUL and u.inputs[0] is sm
+                             and (u, 1) in keyuse for u in pv):
+            continue
+        ring = _Keys("ring", mask.attrs["window"])
+        out[(x, 1)] = ring
+        for u in pv:
+            out[(u, 1)] = ring
+    return out
+
+
+# -- the position inputs (functions of P, a 1-element i64 tensor, and T) -------------------
+def _pos_fn(P_, T_: int):
+    import torch
+    return P_ + torch.arange(T_, device=P_.device)
+
+
+def _ring_keys_fn(W: int):
+    def ring_keys(P_, T_: int):
+        """Positions of [ring slots | new tokens]: slot j holds the latest position below P
+        that is j mod W (negative: never written)."""
+        import torch
+        j = torch.arange(W, device=P_.device)
+        held = (P_ - 1) - torch.remainder(P_ - 1 - j, W)
+        return torch.cat([held, P_ + torch.arange(T_, device=P_.device)])
+    return ring_keys
+
+
+def _ring_src_fn(W: int):
+    def ring_src(P_, T_: int):
+        """For each slot, where its next content sits in [ring | new]: the newest position
+        j mod W below P + T, taken from the new tokens when it is one of them."""
+        import torch
+        j = torch.arange(W, device=P_.device)
+        latest = (P_ + T_ - 1) - torch.remainder(P_ + T_ - 1 - j, W)
+        return torch.where(latest >= P_, W + latest - P_, j)
+    return ring_src
+
+
 @dataclass
 class _Builder:
     g: Graph
     labels: _Labels
+    static: bool = False
     nodes: List[Node] = field(default_factory=list)
     new: Dict[Node, Node] = field(default_factory=dict)
-    keyside: Dict[Node, Node] = field(default_factory=dict)
     states: List[StateSpec] = field(default_factory=list)
     state_out: Dict[str, Node] = field(default_factory=dict)
     token_free: Dict[Node, bool] = field(default_factory=dict)
+    aux: Dict[str, Callable] = field(default_factory=dict)
+    aux_nodes: Dict[str, Node] = field(default_factory=dict)
+    memo: Dict[tuple, Node] = field(default_factory=dict)      # (what, node, keys) -> node
+    layout: Dict[Node, _Keys] = field(default_factory=dict)    # keys of a "k"-labelled node
+    deferred: set = field(default_factory=set)  # "k" nodes made of masks: built per layout
+    edge_keys: Dict[Tuple[Node, int], _Keys] = field(default_factory=dict)
 
     def add(self, op: Op, inputs, attrs, like: Node) -> Node:
         n = Node.make(op, inputs, attrs, like.loc, like.scope)
@@ -350,7 +470,93 @@ class _Builder:
         return self.add(Op.INPUT, (), {"name": name, "shape": tuple(shape), "dtype": dtype},
                         like)
 
-    # -- token-free subgraphs (RoPE tables, fixed decays) are recomputed over all positions --
+    def aux_input(self, name: str, shape, fn: Callable) -> Node:
+        n = self.aux_nodes.get(name)
+        if n is None:
+            n = Node.make(Op.INPUT, (), {"name": name, "shape": tuple(shape),
+                                         "dtype": DType.i64})
+            self.nodes.append(n)
+            self.aux_nodes[name], self.aux[name] = n, fn
+        return n
+
+    # -- key layouts ----------------------------------------------------------------------
+    def length(self, keys: _Keys):
+        if keys.kind == "ring":
+            return norm(keys.window + T)
+        return L if self.static else S
+
+    def env(self, keys: _Keys) -> dict:
+        return {"B": B_, "T": self.length(keys), "P": P}
+
+    def qpos(self) -> Node:
+        return self.aux_input(POS, (T,), _pos_fn)
+
+    def positions(self, keys: _Keys, like: Node) -> Node:
+        """The absolute position of every key of the layout, i64 [length]."""
+        got = self.memo.get(("pos", None, keys))
+        if got is None:
+            if keys.kind == "ring":
+                W = keys.window
+                got = self.aux_input(f"decode.ring{W}.keys", (norm(W + T),), _ring_keys_fn(W))
+            else:
+                got = self.add(Op.IOTA, (), {"length": self.length(keys), "dtype": DType.i64},
+                               like)
+            self.memo[("pos", None, keys)] = got
+        return got
+
+    def mask(self, n: Node, keys: _Keys) -> Node:
+        """causal_mask(T, T, window) for the layout's keys: [T, length] bool."""
+        window = n.attrs["window"]
+        if keys.kind == "full" and not self.static:
+            return self.add(Op.CAUSAL_MASK, (), {"rows": T, "cols": S, "window": window}, n)
+        add = lambda op, ins, attrs=None: self.add(op, ins, attrs or {}, n)  # noqa: E731
+        const = lambda v: add(Op.CONST, (), {"value": v, "dtype": DType.i64})  # noqa: E731
+        k = add(Op.RESHAPE, (self.positions(keys, n),), {"shape": (1, self.length(keys))})
+        q = add(Op.RESHAPE, (self.qpos(),), {"shape": (T, 1)})
+        dist = add(Op.SUB, (q, k))                       # q - k: visible iff 0 <= it < window
+        worst = add(Op.NEG, (dist,))
+        if window:
+            worst = add(Op.MAX, (worst, add(Op.SUB, (dist, const(window - 1)))))
+        if keys.kind == "ring":                          # slots never written: negative
+            worst = add(Op.MAX, (worst, add(Op.NEG, (k,))))
+        return add(Op.LE, (worst, const(0)))
+
+    def keys_of(self, n: Node) -> _Keys:
+        """The key layout node n works in: that of its key uses and of its keyed inputs."""
+        found = set()
+        for k, x in enumerate(n.inputs):
+            if (n, k) in self.labels.keyuse:
+                found.add(self.edge_keys.get((n, k), FULL))
+            elif x in self.layout:
+                found.add(self.layout[x])
+        if len(found) > 1:
+            raise _err(n, "combines keys of attentions with different windows; the decode "
+                       "pass keeps one key layout per attention")
+        return found.pop() if found else FULL
+
+    def keyed(self, n: Node, keys: _Keys) -> Node:
+        """A deferred node (a mask, or made from masks only) built for a key layout."""
+        got = self.memo.get(("keyed", n, keys))
+        if got is None:
+            if n.op is Op.CAUSAL_MASK:
+                got = self.mask(n, keys)
+            else:
+                ins = [self.keyed(x, keys) if x in self.deferred else self.new[x]
+                       for x in n.inputs]
+                got = self.add(n.op, ins, self._key_attrs(n, keys), n)
+            self.memo[("keyed", n, keys)] = got
+        return got
+
+    def _key_attrs(self, n: Node, keys: _Keys) -> dict:
+        attrs = dict(n.attrs)
+        lab = self.labels.lab[n]
+        if n.op in (Op.RESHAPE, Op.EXPAND) and K in lab:
+            shape = list(attrs["shape"])
+            shape[lab.index(K)] = self.length(keys)
+            attrs["shape"] = tuple(shape)
+        return attrs
+
+    # -- token-free subgraphs (RoPE tables, fixed decays) are recomputed over all keys ------
     def is_token_free(self, n: Node) -> bool:
         v = self.token_free.get(n)
         if v is None:
@@ -358,22 +564,27 @@ class _Builder:
             self.token_free[n] = v
         return v
 
-    def clone_over_keys(self, n: Node) -> Node:
-        """n computed for positions 0 .. S-1 (token-free: no state needed)."""
-        got = self.keyside.get(n)
+    def clone_over_keys(self, n: Node, keys: _Keys) -> Node:
+        """n computed at every key position of the layout (token-free: no state needed)."""
+        got = self.memo.get(("clone", n, keys))
         if got is not None:
             return got
         if not any(self.labels.lab[n]):
             out = self.new[n]
+        elif n.op is Op.IOTA:
+            out = self.positions(keys, n)
+            if n.attrs["dtype"] != DType.i64:
+                out = self.add(Op.CAST, (out,), {"dtype": n.attrs["dtype"]}, n)
         else:
-            attrs = {k: _subst_attr(v, KEY_ENV) for k, v in n.attrs.items()}
-            out = self.add(n.op, [self.clone_over_keys(i) for i in n.inputs], attrs, n)
-        self.keyside[n] = out
+            env = self.env(keys)
+            attrs = {k: _subst_attr(v, env) for k, v in n.attrs.items()}
+            out = self.add(n.op, [self.clone_over_keys(i, keys) for i in n.inputs], attrs, n)
+        self.memo[("clone", n, keys)] = out
         return out
 
-    def key_side(self, n: Node) -> Node:
-        """The value of n at every position 0 .. S-1 (n has one per-position axis)."""
-        got = self.keyside.get(n)
+    def key_side(self, n: Node, keys: _Keys) -> Node:
+        """The value of n at every key position of the layout (n has one per-position axis)."""
+        got = self.memo.get(("key", n, keys))
         if got is not None:
             return got
         lab = self.labels.lab[n]
@@ -382,22 +593,46 @@ class _Builder:
         if K in lab or F in lab or lab.count(Q) != 1:
             raise _err(n, "is needed at every position but is not a per-position tensor")
         if self.is_token_free(n):
-            return self.clone_over_keys(n)
+            return self.clone_over_keys(n, keys)
+        env = self.env(keys)
         if n.op in LAYOUT and self._timed(n.inputs[0]):
-            attrs = {k: _subst_attr(v, KEY_ENV) for k, v in n.attrs.items()}
-            out = self.add(n.op, [self.key_side(n.inputs[0])], attrs, n)
+            attrs = {k: _subst_attr(v, env) for k, v in n.attrs.items()}
+            out = self.add(n.op, [self.key_side(n.inputs[0], keys)], attrs, n)
         elif n.op is Op.CONCAT and self.labels.lab[n][n.attrs["axis"]] is None:
-            out = self.add(Op.CONCAT, [self.key_side(i) for i in n.inputs], dict(n.attrs), n)
+            out = self.add(Op.CONCAT, [self.key_side(i, keys) for i in n.inputs],
+                           dict(n.attrs), n)
         elif n.op is Op.MATMUL and self._widening_projection(n):
             a, w = n.inputs
-            out = self.add(Op.MATMUL, [self.key_side(a), self.new[w]], dict(n.attrs), n)
-        else:  # a cache: past positions from the state, new ones appended
-            ax = lab.index(Q)
-            shape = [_subst(d, {"B": Dim.sym("B"), "T": P, "P": P}) for d in n.type.shape]
-            past = self.state(n, "cache", shape, ax)
-            out = self.add(Op.CONCAT, [past, self.new[n]], {"axis": ax}, n)
+            out = self.add(Op.MATMUL, [self.key_side(a, keys), self.new[w]], dict(n.attrs), n)
+        else:
+            out = self._cache(n, lab.index(Q), keys)
+        self.memo[("key", n, keys)] = out
+        return out
+
+    def _cache(self, n: Node, ax: int, keys: _Keys) -> Node:
+        """The state holding n's past positions, and n at every key position of the layout."""
+        def shape(size):
+            return [_subst(d, {"B": B_, "T": size, "P": P}) for d in n.type.shape]
+        if keys.kind == "ring":  # W slots, position a in slot a mod W
+            W = keys.window
+            ring = self.state(n, "ring", shape(W), ax)
+            spec = self.states[-1]
+            out = self.add(Op.CONCAT, [ring, self.new[n]], {"axis": ax}, n)   # [ring | new]
+            src = self.aux_input(f"decode.ring{W}.src", (W,), _ring_src_fn(W))
+            one = [1] * len(n.type.shape)
+            one[ax] = W
+            idx = self.add(Op.EXPAND, (self.add(Op.RESHAPE, (src,), {"shape": tuple(one)}, n),),
+                           {"shape": tuple(shape(W))}, n)
+            self.state_out[spec.out] = self.add(Op.GATHER, (out, idx), {"axis": ax}, n)
+            return out
+        if self.static:          # L preallocated slots, the new entries written in place
+            cache = self.state(n, "cache", shape(L), ax)
+            out = self.add(Op.INDEX_COPY, (cache, self.qpos(), self.new[n]), {"axis": ax}, n)
             self.state_out[self.states[-1].out] = out
-        self.keyside[n] = out
+            return out
+        past = self.state(n, "cache", shape(P), ax)  # past positions, the new ones appended
+        out = self.add(Op.CONCAT, [past, self.new[n]], {"axis": ax}, n)
+        self.state_out[self.states[-1].out] = out
         return out
 
     def _timed(self, n: Node) -> bool:
@@ -428,9 +663,16 @@ class _Builder:
             stack.extend((m.q, m.k, m.v, m.ld) if m else n.inputs)
         return need
 
+    def _deferrable(self, n: Node) -> bool:
+        """A "k" node whose key axis comes from masks only: its layout is its consumer's."""
+        return all((n, k) not in self.labels.keyuse and (x in self.deferred
+                                                         or K not in self.labels.lab[x])
+                   for k, x in enumerate(n.inputs))
+
     def build(self) -> None:
         lab, keyuse = self.labels.lab, self.labels.keyuse
         need = self.needed()
+        self.edge_keys = _windowed_attention(self.g, self.labels)
         for n in self.g.nodes:
             if n not in need:
                 continue
@@ -444,20 +686,19 @@ class _Builder:
             if n.op.kind is Kind.RANDOM:  # dropout, noise: eval mode
                 self.new[n] = self.new[n.inputs[0]]
                 continue
-            ins = [self.key_side(x) if (n, k) in keyuse else self.new[x]
-                   for k, x in enumerate(n.inputs)]
-            attrs = dict(n.attrs)
-            if n.op is Op.IOTA and lab[n][0] == Q:
-                io = self.add(Op.IOTA, (), attrs, n)
-                off = self.add(Op.CONST, (), {"value": P, "dtype": attrs["dtype"]}, n)
-                self.new[n] = self.add(Op.ADD, (io, off), {}, n)
+            if K in lab[n] and self._deferrable(n):
+                self.deferred.add(n)
                 continue
-            if n.op is Op.CAUSAL_MASK and lab[n] == (Q, K):
-                attrs["cols"] = S
-            elif n.op in (Op.RESHAPE, Op.EXPAND) and K in lab[n]:
-                shape = list(attrs["shape"])
-                shape[lab[n].index(K)] = S
-                attrs["shape"] = tuple(shape)
+            keys = self.keys_of(n)
+            ins = [self.key_side(x, self.edge_keys.get((n, k), FULL)) if (n, k) in keyuse
+                   else self.keyed(x, keys) if x in self.deferred else self.new[x]
+                   for k, x in enumerate(n.inputs)]
+            attrs = self._key_attrs(n, keys)
+            if n.op is Op.IOTA and lab[n][0] == Q:  # absolute positions of the new tokens
+                pos = self.qpos()
+                self.new[n] = pos if attrs["dtype"] == DType.i64 else \
+                    self.add(Op.CAST, (pos,), {"dtype": attrs["dtype"]}, n)
+                continue
             if n.op is Op.SCAN:
                 self.new[n] = self._scan_step(n, ins)
                 continue
@@ -465,6 +706,8 @@ class _Builder:
                 self.new[n] = self._running_sum(n, ins[0], attrs["axis"])
                 continue
             self.new[n] = self.add(n.op, ins, attrs, n)
+            if K in lab[n]:
+                self.layout[n] = keys
 
     def _linear_attention_step(self, m: _LinAttn) -> Node:
         """T new tokens against the state S = sum_s exp(G_end - G_s) k_s^T v_s of the past:
@@ -499,9 +742,10 @@ class _Builder:
         """The scan over the new tokens, starting from the carried state (from carry0 when no
         token has been seen: P == 0)."""
         nc = n.attrs["n_carry"]
-        fresh = self.add(Op.EQ, (self.add(Op.CONST, (), {"value": P, "dtype": DType.i64}, n),
-                                 self.add(Op.CONST, (), {"value": 0, "dtype": DType.i64}, n)),
-                         {}, n)
+        first = self.add(Op.SLICE, (self.qpos(),), {"axis": 0, "start": 0, "stop": 1}, n)
+        first = self.add(Op.RESHAPE, (first,), {"shape": ()}, n)       # P, as a tensor
+        fresh = self.add(Op.EQ, (first, self.add(Op.CONST, (), {"value": 0, "dtype": DType.i64},
+                                                 n)), {}, n)
         starts, carries = [], []
         for c0 in ins[:nc]:
             st = self.state(n, "carry", tuple(c0.type.shape), None, c0.type.dtype)
@@ -630,9 +874,12 @@ def absorb(g: Graph) -> Tuple[Graph, int]:
     return dce(g.with_nodes(list(new.values()), {k: new[v] for k, v in g.outputs.items()})), count
 
 
-def decode_step(g: Graph, logits: str = "logits", *, absorb_projections: bool = True
-                ) -> StepGraph:
-    """Derive the step graph of a forward graph (after the optimisation pipeline)."""
+def decode_step(g: Graph, logits: str = "logits", *, absorb_projections: bool = True,
+                static: bool = False) -> StepGraph:
+    """Derive the step graph of a forward graph (after the optimisation pipeline).
+
+    static: caches are preallocated to L slots and written in place (see the module
+    docstring), so no shape of the step depends on P."""
     if logits not in g.outputs:
         raise LmcError(f"decode needs a {logits!r} output (outputs: {', '.join(g.outputs)})")
     ids = g.inputs
@@ -641,7 +888,7 @@ def decode_step(g: Graph, logits: str = "logits", *, absorb_projections: bool = 
     from .basic import dce
     g = dce(g.with_nodes(g.nodes, {logits: g.outputs[logits]}))  # aux losses are not decoded
     labels = _Labels(g)
-    b = _Builder(g, labels)
+    b = _Builder(g, labels, static=static)
     b.build()
     outputs = {logits: b.new[g.outputs[logits]]}
     outputs.update(b.state_out)
@@ -649,4 +896,23 @@ def decode_step(g: Graph, logits: str = "logits", *, absorb_projections: bool = 
     if absorb_projections:
         step, n_abs = absorb(step)
         step.meta["absorbed"] = n_abs
-    return StepGraph(step, b.states, logits)
+    if static:
+        _check_no_past(step)
+    return StepGraph(step, b.states, logits, dict(b.aux), static)
+
+
+def _has_p(v) -> bool:
+    if isinstance(v, Dim):
+        return "P" in v.symbols()
+    if isinstance(v, (tuple, list)):
+        return any(_has_p(x) for x in v)
+    return False
+
+
+def _check_no_past(step: Graph) -> None:
+    """A static step must not depend on P through a shape or a constant: the runtime replays
+    it at every position."""
+    for n in step.nodes:
+        if _has_p(n.type.shape) or any(_has_p(v) for v in n.attrs.values()):
+            raise LmcError(f"internal: the static decode step depends on P at {n.op.value} "
+                           f"{n.type}", n.loc)

@@ -16,7 +16,6 @@ from typing import Iterator, Optional, Tuple
 import torch
 
 from ..errors import LmcError
-from ..ir.dims import Dim
 from ..ops.reference import RefCtx
 from ..passes.decode import StepGraph, decode_step
 from .executor import bind_dims, run_graph
@@ -45,9 +44,7 @@ class Decoder:
         device = device or next(self.model.parameters()).device
         st = State()
         for s in self.step.states:
-            shape = [d.evaluate({"B": batch, "P": 0}) if isinstance(d, Dim) else d
-                     for d in s.shape]
-            st[s.name] = torch.zeros(shape, dtype=s.dtype.torch(), device=device)
+            st[s.name] = torch.zeros(s.concrete(batch), dtype=s.dtype.torch(), device=device)
         st.past = 0
         return st
 
@@ -62,6 +59,8 @@ class Decoder:
         bound = dict(self.model.named_parameters())
         bound[self.token_input] = ids
         bound.update(state)
+        past = torch.tensor([state.past], dtype=torch.int64, device=ids.device)
+        bound.update({k: fn(past, ids.shape[1]) for k, fn in self.step.aux.items()})
         dims = bind_dims(self.graph, bound)
         if dims.setdefault("P", state.past) != state.past:
             raise LmcError(f"the state's caches hold {dims['P']} positions but it has seen "

@@ -190,3 +190,87 @@ def test_a_scan_final_carry_feeding_logits_is_a_compile_error(tmp_path):
     m = lmc.load(_rnn_yaml(tmp_path, use_final=True))
     with pytest.raises(LmcError, match="final carry"):
         decode_step(m.graph)
+
+
+# -- sliding-window attention: a W-slot ring buffer ------------------------------------------------
+YOCO = os.path.join(ZOO, "yoco.yaml")
+
+
+def test_sliding_window_keeps_a_w_slot_ring_per_layer():
+    """yoco's windowed self-decoder keeps K and V in W slots (constant in the context); its
+    cross-decoder's one global K,V still grows."""
+    W = 16
+    c = lmc.compile_model(YOCO, "tiny", {"sliding_window": W})
+    cfg = c.graph.meta["config"]
+    states = decode_step(c.graph).states
+    rings = [s for s in states if s.kind == "ring"]
+    assert len(rings) == 2 * cfg["half"] and all(s.name.startswith("self_layers.") for s in rings)
+    assert all(s.bytes_per_token() == 0 and W in s.shape for s in rings)
+    k = [s for s in rings if len(s.shape) == 4]   # [B, heads, W, head_dim]: per head, not per q
+    assert k and all(s.shape[1:] == (cfg["ret_heads"], W, cfg["ret_head_dim"]) for s in k)
+    assert {s.name for s in states if s.kind == "cache"} == {"cross_kv.rope.cache",
+                                                             "cross_kv.proj_1.cache"}
+
+
+def test_compile_reports_the_ring_as_constant_per_sequence(capsys):
+    import json
+
+    from lmc.cli import main
+    assert main(["compile", YOCO, "--set", "sliding_window=16", "--mode", "decode",
+                 "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)["decode"]
+    rings = [s for s in d["states"] if s["kind"] == "ring"]
+    assert rings and all(s["bytes_per_token"] == 0 and s["bytes_per_sequence"] > 0
+                         for s in rings)
+    # only the cross-decoder's global K,V grows: d * 2 (K and V) * 4 bytes per token
+    assert d["bytes_per_token"] == 2 * 1024 * 4
+
+
+@pytest.mark.parametrize("W", [1, 4, 9, 16])
+def test_sliding_window_decode_equals_forward(W):
+    """Windows smaller and larger than the prompt (k) and than the generated part (13 - k),
+    prompts longer than the ring included."""
+    m = lmc.load(YOCO, preset="tiny", seed=1, sliding_window=W).eval()
+    ids = torch.randint(0, m.config["vocab"], (2, 13), generator=torch.Generator().manual_seed(W))
+    for k in (0, 1, 3, 9, 13):
+        assert _decode_matches(m, ids, k) < 1e-4, (W, k)
+
+
+def test_ring_slots_hold_the_last_w_positions_at_position_mod_w():
+    """After a 13-token prefill, a 4-slot ring holds positions 9..12, position p in slot p mod 4:
+    the same vectors a 16-slot ring (holding every position) has at those positions (layer 0's
+    K and V do not depend on the window). Token by token gives the same ring."""
+    def rings(W, chunks):
+        m = lmc.load(YOCO, preset="tiny", seed=5, sliding_window=W).eval()
+        dec = Decoder(m)
+        st = dec.init_state(1)
+        ids = torch.arange(13).reshape(1, 13) * 7 % 512
+        at = 0
+        for n in chunks:
+            _, st = dec(ids[:, at:at + n], st)
+            at += n
+        return {s.name: (st[s.name], s.axis) for s in dec.step.states if s.kind == "ring"}
+    small, big = rings(4, [13]), rings(16, [13])
+    assert small.keys() == big.keys()
+    for name, (r4, ax) in small.items():
+        r16 = big[name][0]
+        for p in range(9, 13):
+            assert torch.equal(r4.select(ax, p % 4), r16.select(ax, p)), (name, p)
+    stepped = rings(4, [5, 1, 1, 6])
+    for name, (r4, _) in small.items():
+        torch.testing.assert_close(stepped[name][0], r4, rtol=0, atol=1e-6)
+
+
+def test_sliding_window_decode_on_the_triton_backend():
+    m = lmc.load(YOCO, preset="tiny", seed=2, sliding_window=3, backend="triton").eval()
+    dec = Decoder(m, backend="triton")
+    ids = torch.randint(0, 512, (1, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = m(ids)
+        full = full["logits"] if isinstance(full, dict) else full
+    lg, st = dec(ids[:, :4], dec.init_state(1))                # prompt longer than the window
+    got = [lg]
+    for t in range(4, 6):
+        lg, st = dec(ids[:, t:t + 1], st)
+        got.append(lg)
+    assert (torch.cat(got, 1) - full).abs().max().item() < 1e-4
