@@ -99,6 +99,7 @@ class Op(enum.Enum):
     GATHER = ("gather", Kind.INDEX, 2)
     SCATTER_ADD = ("scatter_add", Kind.INDEX, 3)
     TOPK = ("topk", Kind.INDEX, 1)
+    INDEX_COPY = ("index_copy", Kind.INDEX, 3)  # x with slices of src written at 1-D indices
     # randomness with an explicit seed
     DROPOUT = ("dropout", Kind.RANDOM, 2)
     GAUSSIAN_NOISE = ("gaussian_noise", Kind.RANDOM, 2)  # x + std * N(0, 1), training only

@@ -250,6 +250,12 @@ def _scatter_add(ctx, xs, attrs):
     return torch.scatter_add(xs[0], attrs["axis"], xs[1], xs[2])
 
 
+@ref(Op.INDEX_COPY)
+def _index_copy(ctx, xs, attrs):
+    # out of place: the decoder's static step swaps in the in-place form for its own caches
+    return torch.index_copy(xs[0], attrs["axis"], xs[1].long(), xs[2])
+
+
 @ref(Op.TOPK)
 def _topk(ctx, xs, attrs):
     # ties go to the lower index: a stable descending sort makes that explicit, where

@@ -385,6 +385,29 @@ def _scatter_add(types, attrs):
     return x
 
 
+@rule(Op.INDEX_COPY)
+def _index_copy(types, attrs):
+    """index_copy(x, index, src, axis): x with src's slice i written at x's index[i] along
+    `axis` (indices distinct). The static decode step writes new K/V into its caches with it."""
+    x, idx, src = types
+    if not idx.dtype.is_int or idx.rank != 1:
+        raise ShapeError(f"index_copy index must be a 1-D integer tensor, got "
+                         f"{idx.dtype.value}{shape_str(idx.shape)}")
+    if x.rank != src.rank:
+        raise ShapeError(f"index_copy: source {shape_str(src.shape)} must have the rank of "
+                         f"{shape_str(x.shape)}")
+    ax = attrs["axis"] = axis_of(attrs["axis"], x.rank)
+    for i, (a, b) in enumerate(zip(x.shape, src.shape)):
+        if i != ax and not dims_equal(a, b):
+            raise ShapeError(f"index_copy: source {shape_str(src.shape)} and target "
+                             f"{shape_str(x.shape)} differ off axis {ax}")
+    if not dims_equal(idx.shape[0], src.shape[ax]):
+        raise ShapeError(f"index_copy: index {shape_str(idx.shape)} must have one entry per "
+                         f"slice of the source {shape_str(src.shape)} along axis {ax}")
+    same_dtype([x, src], "index_copy")
+    return x
+
+
 @rule(Op.TOPK)
 def _topk(types, attrs):
     (t,) = types

@@ -469,6 +469,15 @@ def _scatter_add(r):
     return [r.g, None, r.b.gather(r.g, r.x(1), r.attrs["axis"])]
 
 
+@vjp(Op.INDEX_COPY)
+def _index_copy(r):
+    # the written slices of x get no gradient; src gets the cotangent at the written slices
+    b, ax, idx, src = r.b, r.attrs["axis"], r.x(1), r.shape(2)
+    g_x = b.node(Op.INDEX_COPY, (r.g, idx, r.zeros(src)), {"axis": ax})
+    at = b.expand(b.reshape(idx, [d if i == ax else 1 for i, d in enumerate(src)]), src)
+    return [g_x, None, b.gather(r.g, at, ax)]
+
+
 VJP[Op.TOPK] = lambda r: [None]
 VJP[Op.STOP_GRADIENT] = lambda r: [None]
 

@@ -260,6 +260,26 @@ def gather_p(draw, S):
 
 
 @st.composite
+def index_copy_p(draw, S):
+    axis = draw(st.integers(-len(S), len(S) - 1))
+    n = S[axis]  # symbolic (T >= 1 at run time): one slice
+    return {"axis": axis, "m": draw(st.integers(1, min(n, 5))) if isinstance(n, int) else 1}
+
+
+def _last_reversed(b, S, p):
+    """Index [n-1, n-2, ..., n-m] along the axis: distinct, and not the identity."""
+    return b.iota(p["m"]) * -1 + b.const(S[p["axis"]] - 1, "i64")
+
+
+def index_copy_ref(x, y, s, p):
+    out = np.moveaxis(x.numpy().copy(), p["axis"], 0)
+    src = np.moveaxis(y.numpy(), p["axis"], 0)
+    for i in range(p["m"]):
+        out[s[p["axis"]] - 1 - i] = src[i]
+    return torch.from_numpy(np.moveaxis(out, 0, p["axis"]).copy())
+
+
+@st.composite
 def topk_p(draw, S):
     axis = draw(st.integers(-len(S), len(S) - 1))
     n = S[axis]
@@ -549,6 +569,10 @@ ROWS: List[Row] = [
                                           (with_axis(S, p["axis"], p["m"]), "f")],
         lambda b, x, i, y, S, p: b.scatter_add(x, i, y, p["axis"]),
         lambda x, i, y, s, p: scatter_add_ref(x, i, y, p["axis"]), gather_p),
+    Row(Op.INDEX_COPY, "", lambda S, p: [(S, "f"), (with_axis(S, p["axis"], p["m"]), "f")],
+        lambda b, x, y, S, p: b.node(Op.INDEX_COPY, (x, _last_reversed(b, S, p), y),
+                                     {"axis": p["axis"]}),
+        lambda x, y, s, p: index_copy_ref(x, y, s, p), index_copy_p),
     Row(Op.TOPK, "", lambda S, p: [(S, "small")], lambda b, x, S, p: b.topk(x, p["k"], p["axis"]),
         lambda x, s, p: topk_ref(x, p["k"], p["axis"]), topk_p),
     Row(Op.TOPK, "values", lambda S, p: [(S, "f")],

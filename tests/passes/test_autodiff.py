@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 import lmc
 from lmc.frontend.builder import Builder
 from lmc.ir.graph import Graph
+from lmc.ir.ops import Op
 from lmc.ops.reference import RefCtx
 from lmc.passes import run_pipeline
 from lmc.passes.autodiff import differentiate
@@ -25,6 +26,11 @@ POS = {"log", "sqrt", "rsqrt", "pow"}  # ops whose first input must be positive
 
 def _unary(name, **kw):
     return lambda b, x, y: getattr(b, name)(x, **kw)
+
+
+def _index_copy(b, x, y):
+    n, m = x.shape[-1], y.shape[-1]
+    return b.node(Op.INDEX_COPY, (x, b.iota(m) * -1 + (n - 1), y), {"axis": -1})
 
 
 # name -> (build(b, x, y) -> Tensor, y shape from x shape or None)
@@ -71,6 +77,9 @@ CASES = {
     "slice_neg": (lambda b, x, y: b.slice(x, 0, -1, None) + 0.0, None),
     "concat": (lambda b, x, y: b.concat([x, y * 2.0, x], -1), lambda s: s[:-1] + (2,)),
     "split": (lambda b, x, y: b.split(b.concat([x, x], -1), 2, -1)[1] * 3.0, None),
+    # written at the last m positions of the last axis, reversed (m = 1, and m = all)
+    "index_copy": (lambda b, x, y: _index_copy(b, x, y), lambda s: s[:-1] + (1,)),
+    "index_copy_all": (lambda b, x, y: _index_copy(b, x, y) * 2.0, lambda s: s),
     "softmax_attention": (lambda b, x, y: b.softmax(
         b.where(b.causal_mask(x.shape[-1]), x * 0.5, -float("inf")), -1) @ y,
         lambda s: s[:-1] + (4,)),
