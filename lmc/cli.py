@@ -117,6 +117,7 @@ def cmd_run(args) -> int:
                     log_every=args.log_every, seed=args.seed,
                     out=args.out, data=args.data, tokenizer=args.tokenizer_given or "cl100k_base",
                     resume=args.resume, backend=args.backend, fsdp=args.fsdp,
+                    precision=args.precision,
                     progress=not args.no_progress)
     if args.backend not in ("torch", "triton"):
         raise LmcError(f"unknown backend {args.backend!r} (available: torch, triton)")
@@ -380,7 +381,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", default="runs/train", help="run directory")
     r.add_argument("--resume", metavar="DIR", help="continue the run in DIR exactly")
     r.add_argument("--backend", default="torch", choices=["torch", "triton"],
-                   help="triton: fused pointwise kernels (interpreter on CPU), torch for the rest")
+                   help="triton: generated Triton kernels (interpreter on CPU), torch for "
+                        "views and indexing")
+    r.add_argument("--precision", choices=["f32", "bf16", "f16"],
+                   help="compute dtype of matmuls (fp32 master weights, fp32 accumulation); "
+                        "default bf16 on CUDA, f32 on CPU")
     r.add_argument("--fsdp", action="store_true", help="under torchrun: FSDP instead of DDP")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     r.add_argument("--import", dest="imports", action="append", metavar="PY")

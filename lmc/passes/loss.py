@@ -31,12 +31,15 @@ def with_loss(g: Graph, logits: str = "logits") -> Graph:
     b.scope = "loss"
     x = Tensor(lg, b)
     targets = b.input("targets", ids.type.shape, "i64")
-    valid = b.cast(targets >= 0, x.dtype)                          # [B, T]
+    valid = b.cast(targets >= 0, "f32")                            # [B, T]
     safe = b.maximum(targets, 0)
     vocab = x.shape[-1]
     xf = x if x.dtype.value == "f32" else b.cast(x, "f32")          # loss math in fp32
     lse = b.logsumexp(xf, -1, keepdim=False)                        # [B, T]
-    picked = b.gather(xf, b.reshape(safe, list(safe.shape) + [1]), -1)
+    # gather from the logits as they are and widen the B*T picked values, so the fp32 copy
+    # of low-precision logits is read only by logsumexp (fused into its kernel, never stored)
+    picked = b.gather(x, b.reshape(safe, list(safe.shape) + [1]), -1)
+    picked = picked if picked.dtype.value == "f32" else b.cast(picked, "f32")
     nll = (lse - b.reshape(picked, list(safe.shape))) * valid
     count = b.maximum(b.sum(b.reshape(valid, [-1]), 0, keepdim=False), 1.0)
     loss = b.sum(b.reshape(nll, [-1]), 0, keepdim=False) / count

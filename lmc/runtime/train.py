@@ -56,6 +56,7 @@ class TrainConfig:
     tokenizer: str = "cl100k_base"
     resume: Optional[str] = None
     backend: str = "torch"
+    precision: Optional[str] = None  # f32 | bf16 | f16; None: bf16 on CUDA, f32 on CPU
     fsdp: bool = False
     progress: bool = True
     extra: Dict[str, Any] = field(default_factory=dict)
@@ -244,7 +245,12 @@ def train(path: str, preset: Optional[str], overrides, c: TrainConfig) -> Dict[s
         raise LmcError(f"the data holds token id {corpus.max_id}, outside the model's vocab "
                        f"{vocab}")
 
-    graph = run_pipeline(with_loss(compiled.graph))
+    from ..passes.mixed_precision import mixed_precision
+
+    # mixed precision is a pass over the graph (torch.autocast's policy, written in): both
+    # backends run the same program, and parameters and optimizer state stay fp32
+    precision = c.precision or ("bf16" if d.device.type == "cuda" else "f32")
+    graph = run_pipeline(with_loss(mixed_precision(compiled.graph, precision)))
     # what is logged beside the loss: the cross-entropy and each aux loss (means, like the
     # loss), and outputs of static shape such as tokens per expert (summed over the batch)
     aux_names = list(graph.meta.get("aux_losses") or {})
@@ -307,10 +313,8 @@ def train(path: str, preset: Optional[str], overrides, c: TrainConfig) -> Dict[s
                          rows=(lo, lo + local))
         return x.to(d.device), y.to(d.device)
 
-    def autocast():
-        if d.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return torch.autocast("cpu", enabled=False)
+    def autocast():  # the graph carries its precision: torch's autocast stays off
+        return torch.autocast(d.device.type, enabled=False)
 
     @torch.no_grad()
     def estimate_loss():

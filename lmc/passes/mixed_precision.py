@@ -1,0 +1,78 @@
+"""`mixed_precision`: torch.autocast's policy written into the graph, so both backends (and
+the generated kernels) run the same mixed-precision program.
+
+    g16 = mixed_precision(g, "bf16")
+
+- every float MATMUL reads its operands in the low-precision dtype (a CAST is inserted; a
+  weight's cast is shared by its uses after CSE) and produces that dtype, accumulating in fp32;
+- every other op follows type promotion: when its float inputs differ, the narrower ones are
+  cast up to the widest (bf16 q times fp32 RoPE tables is fp32), except that a scalar
+  constant takes the tensor's dtype (as a Python scalar does in torch);
+- parameters stay fp32 (the optimizer's master weights), so their gradients are fp32: the
+  autodiff pass differentiates the inserted casts like any op.
+
+Reductions keep their input dtype and accumulate in fp32 (the references and kernels do);
+the training loss casts the logits to fp32 itself (lmc/passes/loss.py). Positions and RoPE
+tables, computed from `iota` in fp32 and never touched by a matmul, stay fp32.
+"""
+from __future__ import annotations
+
+from typing import Dict, List
+
+from ..errors import LmcError
+from ..ir.graph import Graph, Node
+from ..ir.ops import Op
+from ..ir.types import DType
+
+_WIDTH = {DType.f16: 1, DType.bf16: 1, DType.f32: 2, DType.f64: 3}
+
+
+def mixed_precision(g: Graph, dtype: str = "bf16") -> Graph:
+    low = DType.of(dtype)
+    if low is DType.f32:
+        return g
+    if low not in (DType.bf16, DType.f16):
+        raise LmcError(f"mixed precision computes in bf16 or f16, not {dtype}")
+    new: Dict[Node, Node] = {}
+    nodes: List[Node] = []
+    memo: Dict[tuple, Node] = {}
+
+    def cast(x: Node, dt: DType, like: Node) -> Node:
+        if x.type.dtype is dt:
+            return x
+        key = (x, dt)
+        if key not in memo:
+            if _is_literal(x):
+                c = Node.make(Op.CONST, [], {**x.attrs, "dtype": dt.value}, x.loc, x.scope)
+            else:
+                c = Node.make(Op.CAST, [x], {"dtype": dt.value}, like.loc, like.scope)
+            nodes.append(c)
+            memo[key] = c
+        return memo[key]
+
+    for n in g.nodes:
+        ins = [new[i] for i in n.inputs]
+        floats = [x for x in ins if x.type.dtype.is_float]
+        if n.op is Op.SCAN:  # a body graph typed as written: give it what it was built for
+            ins = [cast(x, o.type.dtype, n) for x, o in zip(ins, n.inputs)]
+        elif n.op is Op.MATMUL and all(x.type.dtype.is_float for x in ins):
+            ins = [cast(x, low, n) for x in ins]
+        elif n.op is not Op.CAST and len({x.type.dtype for x in floats}) > 1:
+            tensors = [x for x in floats if not _is_literal(x)]
+            target = max((x.type.dtype for x in (tensors or floats)), key=_WIDTH.get)
+            ins = [cast(x, target, n) if x.type.dtype.is_float else x for x in ins]
+        if tuple(ins) == n.inputs:
+            c = n
+        else:
+            c = Node.make(n.op, ins, n.attrs, n.loc, n.scope)
+            if n.op is Op.FUSED or n.op is Op.BLOCK:
+                raise LmcError("mixed_precision runs on the primitive graph, before fusion")
+        new[n] = c
+        nodes.append(c)
+    out = g.with_nodes(nodes, {k: new[v] for k, v in g.outputs.items()})
+    out.meta["precision"] = low.value
+    return out
+
+
+def _is_literal(n: Node) -> bool:
+    return n.op is Op.CONST and n.type.rank == 0 and not hasattr(n.attrs["value"], "shape")
