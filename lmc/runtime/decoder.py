@@ -6,17 +6,35 @@
     logits, state = dec(next_id[:, None], state) # then one token at a time
 
 The state is a dict of tensors named after where they come from (``layers.0.attn.cache``);
-`state["P"]`-style bookkeeping is not needed: the number of past tokens is held by the
-Decoder per state object (`past`), and checked against the caches' lengths.
+the number of past tokens is held by the state object (`past`) and checked against the
+caches' lengths.
+
+Static mode, for GPUs: ``Decoder(model, static=True, max_len=N)`` runs the static step graph
+(`decode_step(..., static=True)`): every cache is allocated once at N slots (default: the
+model's max_seq) by `init_state`, the step writes the new tokens' K/V in place at their
+positions (`index_copy_`, the positions a tensor input) and masks the slots not yet written,
+so no tensor shape changes from token to token. The state's tensors are updated in place and
+the call returns the same state object. Slots never written hold zeros from `init_state` and
+are masked; they must stay finite (the masked attention weights are exactly 0, and 0 * NaN
+would still be NaN).
+
+On CUDA the single-token step (T = 1) is then captured in a CUDA graph per state, on its
+first call (that call runs eagerly on a side stream, which is the warm-up), and replayed:
+the ids and the position are copied into static input buffers, the graph replays, the logits
+are copied out. Where capture is not possible (a CPU device, the triton backend in Triton's
+interpreter, or capture raising) the static step runs eagerly: `cuda_graph` is False and
+`cuda_graph_off` says why, printed once to stderr when a step first falls back.
 """
 from __future__ import annotations
 
+import sys
 from typing import Iterator, Optional, Tuple
 
 import torch
 
 from ..errors import LmcError
-from ..ops.reference import RefCtx
+from ..ir.ops import Op
+from ..ops.reference import REFERENCE, RefCtx
 from ..passes.decode import StepGraph, decode_step
 from .executor import bind_dims, run_graph
 
@@ -26,41 +44,140 @@ class State(dict):
     past: int = 0
 
 
+def _index_copy_inplace(ctx, xs, attrs):
+    """The static step's cache write, in place: the decoder owns the cache buffers and the
+    graph reads the cache only through this node (checked when the Decoder is built)."""
+    return xs[0].index_copy_(attrs["axis"], xs[1], xs[2])
+
+
+class _Captured:
+    """One CUDA graph of the T = 1 step with its static input and output buffers."""
+
+    def __init__(self, graph, ids, past, logits):
+        self.graph, self.ids, self.past, self.logits = graph, ids, past, logits
+
+
 class Decoder:
-    def __init__(self, model, backend: Optional[str] = None):
+    def __init__(self, model, backend: Optional[str] = None, *, static: bool = False,
+                 max_len: Optional[int] = None, cuda_graph: Optional[bool] = None):
+        """static: preallocated caches and in-place writes (see the module docstring);
+        max_len: their length (static only; default the model's max_seq); cuda_graph: capture
+        and replay the T = 1 step (static only; default: on where possible)."""
         self.model = model
-        self.step: StepGraph = decode_step(model.graph)
+        self.static = bool(static)
+        self.max_seq = model.config.get("max_seq")
+        if not self.static and (max_len is not None or cuda_graph):
+            raise LmcError("max_len and cuda_graph apply to the static decoder (static=True)")
+        self.step: StepGraph = decode_step(model.graph, static=self.static)
         self.backend = backend or getattr(model, "backend", "torch")
         self.graph = self.step.graph
         self.impl = None
+        self.interpret = False
         if self.backend == "triton":
             from .triton_backend import TritonProgram
             prog = TritonProgram(self.graph)
-            self.graph, self.impl = prog.graph, prog.impl
+            self.graph, self.impl, self.interpret = prog.graph, prog.impl, prog.interpret
         self.token_input = self.graph.inputs[0].attrs["name"]
-        self.max_seq = model.config.get("max_seq")
+        self.max_len = None
+        self.cuda_graph, self.cuda_graph_off = False, None
+        if self.static:
+            self.max_len = self._max_len(max_len)
+            self._check_in_place()
+            self._consts = {}
+            self.impl = {**(self.impl or {}), Op.INDEX_COPY: _index_copy_inplace,
+                         Op.CONST: self._const}
+            self.cuda_graph, self.cuda_graph_off = self._graph_plan(cuda_graph)
+        self._told = False
+
+    # -- setup ---------------------------------------------------------------------------
+    def _max_len(self, max_len) -> int:
+        if max_len is None:
+            if self.max_seq is None:
+                raise LmcError("a static decoder needs max_len: the model sets no max_seq")
+            return int(self.max_seq)
+        if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1:
+            raise LmcError(f"max_len must be a positive integer, got {max_len!r}")
+        if self.max_seq is not None and max_len > self.max_seq:
+            raise LmcError(f"max_len {max_len} exceeds the model's max_seq {self.max_seq}")
+        return max_len
+
+    def _check_in_place(self) -> None:
+        """Writing a cache in place is sound only if nothing else reads the cache input."""
+        users = {}
+        for n in self.graph.nodes:
+            for x in n.inputs:
+                users.setdefault(x, []).append(n)
+        for n in self.graph.nodes:
+            if n.op is Op.INDEX_COPY:
+                cache = n.inputs[0]
+                if cache.op is not Op.INPUT or users.get(cache) != [n]:
+                    raise LmcError("internal: a static cache is read besides its in-place "
+                                   "write", n.loc)
+
+    def _graph_plan(self, wanted: Optional[bool]):
+        """(whether to capture the T = 1 step, why not)."""
+        if wanted is False:
+            return False, "turned off (cuda_graph=False)"
+        device = next(self.model.parameters()).device
+        if device.type != "cuda":
+            return False, f"the model is on {device.type}; CUDA graphs need a CUDA device"
+        if self.interpret:
+            return False, "the triton backend runs its kernels in Triton's interpreter"
+        return True, None
+
+    def _const(self, ctx, xs, attrs):
+        """Constants are made once per size: creating a tensor from Python values copies from
+        the host, which a CUDA graph cannot capture."""
+        key = (id(attrs), str(ctx.device), tuple(sorted(ctx.dims.items())))
+        got = self._consts.get(key)
+        if got is None:
+            got = self._consts[key] = REFERENCE[Op.CONST](ctx, xs, attrs)
+        return got
 
     def init_state(self, batch: int = 1, device=None) -> State:
         device = device or next(self.model.parameters()).device
         st = State()
         for s in self.step.states:
-            st[s.name] = torch.zeros(s.concrete(batch), dtype=s.dtype.torch(), device=device)
+            shape = s.concrete(batch, 0, self.max_len or 0)
+            st[s.name] = torch.zeros(shape, dtype=s.dtype.torch(), device=device)
         st.past = 0
         return st
 
+    # -- steps ---------------------------------------------------------------------------
     @torch.no_grad()
     def __call__(self, ids: torch.Tensor, state: State) -> Tuple[torch.Tensor, State]:
-        """Logits [B, T, V] for the T new tokens `ids` [B, T], and the advanced state."""
+        """Logits [B, T, V] for the T new tokens `ids` [B, T], and the advanced state (in
+        static mode: the same state object, updated in place)."""
         if ids.dim() != 2:
             raise LmcError(f"decode takes token ids shaped [B, T], got {list(ids.shape)}")
-        if self.max_seq is not None and state.past + ids.shape[1] > self.max_seq:
-            raise LmcError(f"context of {state.past + ids.shape[1]} tokens exceeds the model's "
-                           f"max_seq {self.max_seq}")
+        end = state.past + ids.shape[1]
+        if self.static and end > self.max_len:
+            raise LmcError(f"context of {end} tokens exceeds the static decoder's max_len "
+                           f"{self.max_len}")
+        if self.max_seq is not None and end > self.max_seq:
+            raise LmcError(f"context of {end} tokens exceeds the model's max_seq {self.max_seq}")
+        if not self.static:
+            return self._dynamic(ids, state)
+        if ids.shape[1] == 1 and self.cuda_graph:
+            logits = self._replay(ids, state)
+        else:
+            if ids.shape[1] == 1:
+                self._tell()
+            past = torch.tensor([state.past], dtype=torch.int64, device=ids.device)
+            logits = self._static(ids, state, past)
+        state.past = end
+        return logits, state
+
+    def _bind(self, ids, state, past):
         bound = dict(self.model.named_parameters())
         bound[self.token_input] = ids
         bound.update(state)
-        past = torch.tensor([state.past], dtype=torch.int64, device=ids.device)
         bound.update({k: fn(past, ids.shape[1]) for k, fn in self.step.aux.items()})
+        return bound
+
+    def _dynamic(self, ids, state):
+        past = torch.tensor([state.past], dtype=torch.int64, device=ids.device)
+        bound = self._bind(ids, state, past)
         dims = bind_dims(self.graph, bound)
         if dims.setdefault("P", state.past) != state.past:
             raise LmcError(f"the state's caches hold {dims['P']} positions but it has seen "
@@ -70,6 +187,59 @@ class Decoder:
         new = State({s.name: outs[s.out] for s in self.step.states})
         new.past = state.past + ids.shape[1]
         return outs[self.step.logits], new
+
+    def _static(self, ids, state, past):
+        """One static step: caches written in place, the other states copied back into their
+        buffers, so every state tensor keeps its storage (what a CUDA graph replays on)."""
+        bound = self._bind(ids, state, past)
+        dims = bind_dims(self.graph, bound)
+        ctx = RefCtx(dims=dims, device=ids.device, training=False)
+        outs = run_graph(self.graph, bound, ctx, self.impl)
+        for s in self.step.states:
+            new, buf = outs[s.out], state[s.name]
+            if new is not buf:
+                buf.copy_(new)
+        return outs[self.step.logits]
+
+    def _replay(self, ids, state):
+        cap = getattr(state, "captured", None)
+        if cap is None:
+            return self._capture(ids, state)
+        cap.ids.copy_(ids)
+        cap.past.fill_(state.past)
+        cap.graph.replay()
+        return cap.logits.clone()
+
+    def _capture(self, ids, state):
+        """Run this step eagerly on a side stream (the warm-up), then capture the same step
+        reading the static buffers; the captured graph first runs at the next step."""
+        ids_buf = ids.clone()
+        past_buf = torch.tensor([state.past], dtype=torch.int64, device=ids.device)
+        side = torch.cuda.Stream(device=ids.device)
+        side.wait_stream(torch.cuda.current_stream(ids.device))
+        with torch.cuda.stream(side):
+            logits = self._static(ids_buf, state, past_buf).clone()
+        torch.cuda.current_stream(ids.device).wait_stream(side)
+        try:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=side):
+                out = self._static(ids_buf, state, past_buf)
+        except Exception as e:  # noqa: BLE001 - any capture failure means: run eagerly
+            torch.cuda.synchronize(ids.device)
+            first = (str(e).strip().splitlines() or [""])[0]
+            self.cuda_graph = False
+            self.cuda_graph_off = f"capture failed ({type(e).__name__}: {first})"
+            self._tell()
+            return logits
+        state.captured = _Captured(graph, ids_buf, past_buf, out)
+        return logits
+
+    def _tell(self) -> None:
+        if not self._told and self.cuda_graph_off and not self.cuda_graph_off.startswith(
+                "turned off"):
+            print(f"lmc: CUDA graph off: {self.cuda_graph_off}; the static step runs eagerly",
+                  file=sys.stderr)
+        self._told = True
 
     def generate(self, prompt: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
                  top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> Iterator[int]:
