@@ -9,6 +9,7 @@ import argparse
 import importlib.util
 import json
 import os
+import shlex
 import sys
 from typing import List, Optional
 
@@ -292,6 +293,26 @@ def format_summary(s, explain: bool = False) -> str:
     return "\n".join(lines)
 
 
+def cmd_bench(args) -> int:
+    """Measure lmc against the oracle (eager, torch.compile) and each fusion pass's share."""
+    from . import bench
+
+    _import_blocks(args.imports)
+    args.compare = [c.strip() for c in args.compare.split(",") if c.strip()]
+    bad = [c for c in args.compare if c not in ("eager", "compile")]
+    if bad:
+        raise LmcError(f"--compare {bad[0]!r}: choose from eager, compile")
+    for name, v in (("--batch-size", args.batch_size), ("--seq-len", args.seq_len),
+                    ("--steps", args.steps)):
+        if v is not None and v < 1:
+            raise LmcError(f"{name} must be >= 1, got {v}")
+    command = "lmc " + " ".join(shlex.quote(a) for a in args.argv)
+    result = bench.run(args, command)
+    print(bench.table(result))
+    print(f"wrote       {args.out}/bench.json, report.md and charts")
+    return 0
+
+
 def format_fusions(fusions, explain: bool = False) -> list:
     """Fusion records: counted per pass, status and reason; every site with `explain`."""
     if not fusions:
@@ -401,11 +422,36 @@ def build_parser() -> argparse.ArgumentParser:
                    help="leave out a check: passes, causal, grads, triton, decode")
     v.add_argument("--import", dest="imports", action="append", metavar="PY")
     v.set_defaults(fn=cmd_verify)
+
+    b = sub.add_parser("bench", help="measure what fusion buys: lmc vs eager vs torch.compile, "
+                       "each fusion pass's share, top kernels", description=cmd_bench.__doc__)
+    b.add_argument("file", help="model YAML file")
+    b.add_argument("--preset")
+    b.add_argument("--set", nargs="+", action="extend", metavar="KEY=VALUE")
+    b.add_argument("--mode", choices=["train", "decode", "both"], default="both")
+    b.add_argument("--batch-size", type=int, help="training batch (default 16; --quick 2)")
+    b.add_argument("--seq-len", type=int, help="training length (default 1024; --quick 16)")
+    b.add_argument("--disable", action="append", default=[], metavar="PASS",
+                   help="leave a fusion pass out of every lmc configuration")
+    b.add_argument("--compare", default="eager,compile",
+                   help="baselines: the oracle in eager torch and/or under torch.compile")
+    b.add_argument("--precision", choices=["f32", "bf16", "f16"],
+                   help="default bf16 on CUDA, f32 on CPU")
+    b.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
+    b.add_argument("--warmup", type=int, default=3)
+    b.add_argument("--decode-tokens", type=int, default=64, help="timed decode steps")
+    b.add_argument("--decode-batch", type=int, default=8, help="the larger decode batch")
+    b.add_argument("--out", default="runs/bench", metavar="DIR")
+    b.add_argument("--quick", action="store_true",
+                   help="a tiny config and few steps: checks the harness in well under a minute")
+    b.add_argument("--import", dest="imports", action="append", metavar="PY")
+    b.set_defaults(fn=cmd_bench)
     return p
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
     try:
         return args.fn(args)
     except LmcError as e:

@@ -32,6 +32,7 @@ class LmcModel(nn.Module):
         # "torch": torch autograd differentiates the op-by-op execution (the oracle)
         self.autodiff = autodiff
         self.rng_step = 0  # set by the training loop: dropout/noise draw anew at each value
+        self.disable = ()  # fusion passes left out of the triton backend (lmc bench)
         self._program = None
         self.config: Dict[str, Any] = dict(graph.meta.get("config", {}))
         self.name = graph.name
@@ -93,8 +94,8 @@ class LmcModel(nn.Module):
             prog.backward = run_pipeline(prog.backward)  # the backward is cleaned like any graph
             if self.backend == "triton":  # both graphs are fused and code-generated alike
                 from .triton_backend import TritonProgram
-                prog.forward_exec = TritonProgram(prog.forward, label="forward")
-                prog.backward_exec = TritonProgram(prog.backward, label="backward")
+                prog.forward_exec = TritonProgram(prog.forward, self.disable, "forward")
+                prog.backward_exec = TritonProgram(prog.backward, self.disable, "backward")
             self._program = prog
         return self._program
 
@@ -102,7 +103,7 @@ class LmcModel(nn.Module):
         """The forward graph compiled for the backend (no gradients needed)."""
         if self._inference is None:
             from .triton_backend import TritonProgram
-            self._inference = TritonProgram(self.graph)
+            self._inference = TritonProgram(self.graph, self.disable)
         return self._inference
 
     def num_params(self) -> int:

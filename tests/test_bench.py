@@ -1,0 +1,55 @@
+"""`lmc bench --quick` on CPU: the harness runs every configuration and writes a bench.json
+of the documented schema, a report and charts (CPU figures, labelled as such)."""
+import json
+import os
+
+import pytest
+from conftest import ZOO
+
+from lmc.cli import main
+from lmc.codegen.program import fusion_names
+
+LLAMA = os.path.join(ZOO, "llama.yaml")
+
+
+@pytest.fixture(autouse=True)
+def kernel_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LMC_CACHE", str(tmp_path / "cache"))
+
+
+def test_bench_quick_writes_a_valid_bench_json(tmp_path, capsys):
+    out = tmp_path / "b"
+    assert main(["bench", LLAMA, "--quick", "--compare", "eager", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "train  B=2 T=16" in text and "decode" in text and "cpu perf_counter" in text
+    r = json.loads((out / "bench.json").read_text())
+    assert r["schema"] == 1 and r["model"] == "llama" and r["preset"] == "tiny"
+    assert r["command"].startswith("lmc bench ") and "--quick" in r["command"]
+    for k in ("device", "timing", "torch", "triton"):
+        assert r["machine"][k]
+    assert r["peaks"]["copy_GBps"] > 0 and r["peaks"]["matmul_TFLOPs"] > 0
+    names = [c["name"] for c in r["train"]["configs"]]
+    assert names == ["lmc"] + [f"lmc -{p}" for p in fusion_names()] + ["oracle eager"]
+    for c in r["train"]["configs"]:
+        assert "error" not in c, c
+        assert c["tokens_per_s"] > 0 and c["median_step_s"] > 0 and c["steps"] == 1
+    ks = r["train"]["kernels"]
+    kinds = {"reduction", "pointwise"} | ({"matmul"} if "fuse_matmul" in fusion_names() else set())
+    assert ks and {k["kind"] for k in ks} == kinds
+    assert {k["graph"] for k in ks} == {"forward", "backward"}
+    assert 0 < sum(k["share"] for k in ks) <= 1.0
+    assert all(k["ops"] and k["launches"] >= 1 and k["bytes"] > 0 for k in ks)
+    assert all(k["TFLOPs"] > 0 for k in ks if k["kind"] == "matmul")
+    dec = r["decode"]["configs"]
+    assert [(c["name"], c["batch"]) for c in dec] == [("lmc", 1), ("lmc", 2),
+                                                      ("oracle eager", 1), ("oracle eager", 2)]
+    assert all("error" not in c and c["tokens_per_s"] > 0 for c in dec)
+    for f in ("report.md", "bench_train.png", "bench_kernels.png", "bench_decode.png"):
+        assert (out / f).stat().st_size > 0
+
+
+def test_bench_rejects_bad_options(tmp_path, capsys):
+    assert main(["bench", LLAMA, "--quick", "--disable", "nope", "--out", str(tmp_path)]) == 2
+    assert "not a fusion pass" in capsys.readouterr().err
+    assert main(["bench", LLAMA, "--quick", "--compare", "jax", "--out", str(tmp_path)]) == 2
+    assert "--compare" in capsys.readouterr().err
