@@ -455,14 +455,16 @@ def plot_losses(metrics_path: str, png: str) -> None:
     if not recs:
         return
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["step"] for r in recs], [r["train_loss"] for r in recs], label="train")
-    if all("ce_loss" in r for r in recs):  # with aux losses: the cross-entropy part alone
+    aux = all("ce_loss" in r for r in recs)  # with aux losses: train = CE + sum coef * aux
+    ax.plot([r["step"] for r in recs], [r["train_loss"] for r in recs],
+            label="train (CE + aux losses)" if aux else "train")
+    if aux:
         ax.plot([r["step"] for r in recs], [r["ce_loss"] for r in recs], label="train CE")
     val = [r for r in recs if "val_loss" in r]
     if val:
         ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="val")
     ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats)")
+    ax.set_ylabel("loss (nats)" if aux else "cross-entropy (nats)")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
