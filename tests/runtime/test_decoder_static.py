@@ -129,6 +129,23 @@ def test_static_step_shapes_do_not_change_from_token_to_token():
     assert len(d2) == len(d9) and d2 != d9
 
 
+@pytest.mark.parametrize("path", FILES, ids=os.path.basename)
+def test_warm_static_step_makes_no_tensor_from_host_values(path, monkeypatch):
+    """What a CUDA graph cannot capture: after the first step, a single-token step (position
+    tables from a device `past` tensor) never builds a tensor from Python values."""
+    m = lmc.load(path, preset="tiny", seed=9).eval()
+    dec = Decoder(m, static=True, max_len=8)
+    st = dec.init_state(1)
+    ids = torch.tensor([[5]])
+    _, st = dec(ids, st)
+
+    def refuse(*a, **k):
+        raise AssertionError("torch.tensor called inside a warm static step")
+    past = torch.tensor([1])
+    monkeypatch.setattr(torch, "tensor", refuse)
+    dec._static(ids, st, past)
+
+
 def test_static_step_on_the_triton_backend():
     m = lmc.load(LLAMA, preset="tiny", seed=7, backend="triton").eval()
     ids = torch.randint(0, 512, (1, 6), generator=torch.Generator().manual_seed(3))
