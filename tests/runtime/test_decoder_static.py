@@ -62,6 +62,22 @@ def test_static_step_equals_dynamic_step_and_forward(path):
         assert (s - d).abs().max().item() < TOL, (k, (s - d).abs().max().item())
 
 
+def test_static_step_with_a_sliding_window_keeps_the_ring():
+    """yoco with a 4-token window: the self-decoder keeps its 4-slot rings in the static step
+    too (the cross-decoder's global K,V gets the max_len slots); 13 tokens, prompts shorter and
+    longer than the window."""
+    m = lmc.load(os.path.join(ZOO, "yoco.yaml"), preset="tiny", seed=10, sliding_window=4).eval()
+    dec = Decoder(m, static=True, max_len=16)
+    kinds = {s.name: s.kind for s in dec.step.states}
+    assert {k for k, v in kinds.items() if v == "ring"} and all(
+        v == "cache" for k, v in kinds.items() if k.startswith("cross_kv."))
+    ids = torch.randint(0, 512, (2, 13), generator=torch.Generator().manual_seed(5))
+    full = _forward(m, ids)
+    for k in (0, 2, 7):
+        got, _ = _decode(dec, ids, k, fill=1e30)
+        assert (got - full).abs().max().item() < TOL, k
+
+
 def test_a_written_slot_is_read():
     """The counterpart of the unfilled-slot check: the same garbage in a slot that holds a past
     position does change the next logits (so the check above would see a slot that leaked)."""
