@@ -6,14 +6,16 @@ the generated kernels) run the same mixed-precision program.
 - every float MATMUL reads its operands in the low-precision dtype (a CAST is inserted; a
   weight's cast is shared by its uses after CSE) and produces that dtype, accumulating in fp32;
 - every other op follows type promotion: when its float inputs differ, the narrower ones are
-  cast up to the widest (bf16 q times fp32 RoPE tables is fp32), except that a scalar
-  constant takes the tensor's dtype (as a Python scalar does in torch);
+  cast up to the widest, except that a scalar constant takes the tensor's dtype (as a
+  Python scalar does in torch) and so does a table computed from positions alone (RoPE's
+  cos/sin, cast to q's dtype as Hugging Face's models do, so roped q, k and the K cache stay
+  low precision);
 - parameters stay fp32 (the optimizer's master weights), so their gradients are fp32: the
   autodiff pass differentiates the inserted casts like any op.
 
 Reductions keep their input dtype and accumulate in fp32 (the references and kernels do);
-the training loss casts the logits to fp32 itself (lmc/passes/loss.py). Positions and RoPE
-tables, computed from `iota` in fp32 and never touched by a matmul, stay fp32.
+the training loss casts the logits to fp32 itself (lmc/passes/loss.py). Position tables are
+computed in fp32 and cast once where they meet activations.
 """
 from __future__ import annotations
 
@@ -48,8 +50,10 @@ def mixed_precision(g: Graph, dtype: str = "bf16") -> Graph:
                 c = Node.make(Op.CAST, [x], {"dtype": dt.value}, like.loc, like.scope)
             nodes.append(c)
             memo[key] = c
+            static[c] = static[x]
         return memo[key]
 
+    static: Dict[Node, bool] = {}   # computed from constants and positions only
     for n in g.nodes:
         ins = [new[i] for i in n.inputs]
         floats = [x for x in ins if x.type.dtype.is_float]
@@ -59,7 +63,11 @@ def mixed_precision(g: Graph, dtype: str = "bf16") -> Graph:
             ins = [cast(x, low, n) for x in ins]
         elif n.op is not Op.CAST and len({x.type.dtype for x in floats}) > 1:
             tensors = [x for x in floats if not _is_literal(x)]
-            target = max((x.type.dtype for x in (tensors or floats)), key=_WIDTH.get)
+            # tables computed from positions alone (RoPE's cos/sin) take the activation's
+            # dtype, as Hugging Face's models cast them: otherwise every roped q and k, and
+            # the decode K cache, would be fp32
+            data = [x for x in tensors if not static[x]]
+            target = max((x.type.dtype for x in (data or tensors or floats)), key=_WIDTH.get)
             ins = [cast(x, target, n) if x.type.dtype.is_float else x for x in ins]
         if tuple(ins) == n.inputs:
             c = n
@@ -69,6 +77,7 @@ def mixed_precision(g: Graph, dtype: str = "bf16") -> Graph:
                 raise LmcError("mixed_precision runs on the primitive graph, before fusion")
         new[n] = c
         nodes.append(c)
+        static[c] = n.op not in (Op.INPUT, Op.PARAM) and all(static[x] for x in ins)
     out = g.with_nodes(nodes, {k: new[v] for k, v in g.outputs.items()})
     out.meta["precision"] = low.value
     return out

@@ -64,6 +64,11 @@ class TritonProgram:
 
         def go(kernel, xs, outs, node, ctx):
             if self.interpret:  # numpy warns on lanes masked off (e.g. -inf - -inf): quiet
+                if any(t.dtype is torch.bfloat16 for t in list(xs) + list(outs)
+                       if isinstance(t, torch.Tensor)):
+                    raise LmcError(f"kernel {node.attrs['kernel']}: Triton's interpreter "
+                                   "(no CUDA here) computes bf16 on bit patterns and would "
+                                   "return garbage; use f16 or f32 (--precision) on CPU")
                 import numpy as np
                 with np.errstate(all="ignore"):
                     launch(kernel, xs, outs, node.attrs["body"], ctx, True)

@@ -35,9 +35,15 @@ def test_the_policy_on_llama():
     assert all(p.type.dtype.value == "f32" for p in g.params)
     assert g.outputs["logits"].type.dtype.value == "f16"
     assert g.outputs["loss"].type.dtype.value == "f32"
-    # RoPE's tables come from iota and never meet a matmul: they stay fp32
+    # RoPE's tables are computed from positions in fp32, then cast once to the activations'
+    # dtype, so roped q and k (and a decode K cache) stay f16
     sins = [n for n in g.nodes if n.op is Op.SIN]
     assert sins and all(n.type.dtype.value == "f32" for n in sins)
+    users = g.users()
+    assert all(u.op is Op.CAST and u.type.dtype.value == "f16" for s in sins for u in users[s])
+    roped = [n for n in g.nodes if n.op is Op.MUL and any(x in users.get(s, []) for s in sins
+                                                          for x in n.inputs)]
+    assert roped and all(n.type.dtype.value == "f16" for n in roped)
     # one cast per weight, shared by its uses
     casts = [n for n in g.nodes if n.op is Op.CAST and n.inputs[0].op is Op.PARAM]
     assert len(casts) == len({n.inputs[0] for n in casts})
@@ -56,17 +62,21 @@ def _max_rel(a, b):
 
 @pytest.mark.parametrize("dtype", ["f16", "bf16"])
 def test_low_precision_training_step_is_close_to_fp32(dtype):
-    ids, targets = torch.randint(0, 512, (2, 16)), torch.randint(0, 512, (2, 16))
+    gen = torch.Generator().manual_seed(0)
+    ids, targets = torch.randint(0, 512, (2, 16), generator=gen), torch.randint(
+        0, 512, (2, 16), generator=gen)
     l32, g32 = _loss_and_grads(_graph("f32"), "torch", ids, targets)
     l16, g16 = _loss_and_grads(_graph(dtype), "torch", ids, targets)
     eps = {"f16": 2 ** -10, "bf16": 2 ** -7}[dtype]
     assert abs(l16 - l32) / l32 < eps / 16                     # a mean over many tokens
     assert all(g.dtype == torch.float32 for g in g16.values())   # master-weight gradients
-    assert _max_rel(g16, g32) < {"f16": 4, "bf16": 2}[dtype] * eps  # measured 1.5e-3, 9e-3
+    assert _max_rel(g16, g32) < 4 * eps       # a few roundings (measured 2.4e-3, 1.4e-2)
 
 
 def test_triton_backend_runs_the_same_f16_program():
-    ids, targets = torch.randint(0, 512, (2, 13)), torch.randint(0, 512, (2, 13))
+    gen = torch.Generator().manual_seed(1)
+    ids, targets = torch.randint(0, 512, (2, 13), generator=gen), torch.randint(
+        0, 512, (2, 13), generator=gen)
     g = _graph("f16")
     lt, gt = _loss_and_grads(g, "torch", ids, targets)
     lk, gk = _loss_and_grads(g, "triton", ids, targets)
@@ -79,3 +89,10 @@ def test_triton_backend_runs_the_same_f16_program():
 def test_unknown_precision_is_an_error():
     with pytest.raises(LmcError, match="bf16 or f16"):
         mixed_precision(lmc.load(LLAMA, preset="tiny").graph, "i32")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter runs only without CUDA")
+def test_bf16_in_the_interpreter_is_a_clear_error():
+    m = LmcModel(_graph("bf16"), backend="triton")
+    with pytest.raises(LmcError, match="bf16 on bit patterns"):
+        m(torch.zeros(1, 4, dtype=torch.long), targets=torch.zeros(1, 4, dtype=torch.long))
