@@ -242,7 +242,12 @@ def bench_decode(path, preset, sets, args, clock: Clock) -> Dict[str, Any]:
             try:
                 model = LmcModel(graph, seed=0, backend=backend,
                                  device=clock.device).eval()
-                dec = Decoder(model, backend=backend)
+                # on CUDA: the static step (preallocated caches, fixed shapes), lmc's under
+                # its CUDA graph, the oracle's under torch.compile's
+                static = clock.cuda
+                dec = Decoder(model, backend=backend, static=True, max_len=prompt + new + 1,
+                              cuda_graph=not compiled) if static else Decoder(model, backend)
+                row["static"] = static
                 step_fn = dec
                 if compiled:
                     mode = "reduce-overhead" if clock.cuda else "default"
@@ -264,6 +269,9 @@ def bench_decode(path, preset, sets, args, clock: Clock) -> Dict[str, Any]:
                         nxt = logits[:, -1:].argmax(-1)
                     per_token = times
                 med = statistics.median(per_token)
+                if static:
+                    row["cuda_graph"] = bool(dec.cuda_graph)
+                    row["cuda_graph_off"] = dec.cuda_graph_off
                 row.update(latency_ms=med * 1e3, tokens_per_s=B / med, new_tokens=new,
                            prompt=prompt)
             except Exception as e:
