@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Everything that needs a GPU, for one `device` call per phase (each well inside 10 minutes):
+#
+#   bash benchmarks/gpu_session.sh tests train      # phases run in the order given
+#
+# phases: tests (pytest -m gpu: native kernels = oracle, bf16 vs fp32, static decode + CUDA
+# graph replays), train (benchmarks/train_bench.py), decode (benchmarks/decode_bench.py),
+# attention (benchmarks/attention_bench.py), linear (benchmarks/linear_attention_bench.py),
+# bench (lmc bench zoo/llama.yaml). Results and logs go to $OUT (default runs/gpu), flat, so
+# the device tool brings them back; each log starts with the device, torch and triton.
+set -u -o pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-runs/gpu}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+export LMC_CACHE=${LMC_CACHE:-/tmp/lmc-cache}
+PY=${PY:-python3}
+$PY - <<'PYEOF' | tee "$OUT/machine.txt"
+import datetime, torch, triton
+print(f"device {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}; "
+      f"torch {torch.__version__}; triton {triton.__version__}; "
+      f"{datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}")
+PYEOF
+status=0
+for phase in "$@"; do
+  echo "== $phase" | tee -a "$OUT/phases.txt"
+  start=$(date +%s)
+  case $phase in
+    tests)     $PY -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu_tests.log" ;;
+    train)     $PY benchmarks/train_bench.py --out "$OUT/train_bench.json" 2>&1 \
+                 | tee "$OUT/train_bench.log" ;;
+    decode)    $PY benchmarks/decode_bench.py --out "$OUT/decode_bench.json" 2>&1 \
+                 | tee "$OUT/decode_bench.log" ;;
+    attention) $PY benchmarks/attention_bench.py --out "$OUT/attention_bench.json" 2>&1 \
+                 | tee "$OUT/attention_bench.log" ;;
+    linear)    $PY benchmarks/linear_attention_bench.py --out "$OUT/linear_bench.json" 2>&1 \
+                 | tee "$OUT/linear_bench.log" ;;
+    bench)     $PY -m lmc.cli bench zoo/llama.yaml --out "$OUT/bench_llama" 2>&1 \
+                 | tee "$OUT/bench_llama.log" ;;
+    *)         echo "unknown phase $phase" >&2; exit 2 ;;
+  esac
+  rc=$?
+  [ $rc -ne 0 ] && status=$rc
+  echo "   $phase: exit $rc after $(( $(date +%s) - start )) s" | tee -a "$OUT/phases.txt"
+done
+exit $status

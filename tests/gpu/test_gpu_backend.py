@@ -1,0 +1,115 @@
+"""On a GPU (marked `gpu`, skipped without CUDA; run with `pytest -m gpu`): the generated
+kernels compiled natively, not interpreted. fp32 programs equal the oracle; the bf16
+program (mixed-precision pass) is checked against the fp32 oracle, since the interpreter
+cannot run bf16 at all."""
+import os
+
+import pytest
+import torch
+from conftest import ZOO
+
+import lmc
+from lmc.passes import run_pipeline
+from lmc.passes.loss import with_loss
+from lmc.passes.mixed_precision import mixed_precision
+from lmc.runtime.executor import run_graph
+from lmc.runtime.module import LmcModel
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+LLAMA = os.path.join(ZOO, "llama.yaml")
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32(tmp_path, monkeypatch):
+    monkeypatch.setenv("LMC_CACHE", str(tmp_path / "cache"))
+    torch.backends.cuda.matmul.allow_tf32 = False   # the fp32 oracle is ieee fp32
+
+
+def _graph(preset, precision="f32", **sets):
+    g = lmc.load(LLAMA, preset=preset, **sets).graph
+    return run_pipeline(with_loss(mixed_precision(g, precision)))
+
+
+def _step(graph, backend, ids, targets, seed=5):
+    m = LmcModel(graph, seed=seed, backend=backend).cuda()
+    out = m(ids, targets=targets)
+    (out["loss"] + (out["logits"].float() * 1e-3).square().mean()).backward()
+    return m, out, {k: p.grad for k, p in m.named_parameters()}
+
+
+def _batch(vocab, B=4, T=67):
+    g = torch.Generator().manual_seed(0)
+    return (torch.randint(0, vocab, (B, T), generator=g).cuda(),
+            torch.randint(0, vocab, (B, T), generator=g).cuda())
+
+
+def _max_rel(a, b):
+    return max(float((a[k].float() - b[k].float()).abs().max() / b[k].float().abs().max())
+               for k in b)
+
+
+def test_fp32_forward_and_gradients_equal_the_oracle():
+    g = _graph("small")
+    ids, targets = _batch(100352)
+    _, ot, gt = _step(g, "triton", ids, targets)
+    _, oo, go = _step(g, "torch", ids, targets)
+    assert abs(ot["loss"].item() - oo["loss"].item()) / oo["loss"].item() < 1e-5
+    assert _max_rel(gt, go) < 1e-4
+
+
+def test_every_kernel_matches_its_body_on_the_gpu():
+    g = _graph("small")
+    m = LmcModel(g, seed=5, backend="triton").cuda()
+    prog = m.program()
+    errs = []
+
+    def wrap(program):
+        def make(go):
+            def launch(kernel, xs, outs, node, ctx):
+                go(kernel, xs, outs, node, ctx)
+                body = node.attrs["body"]
+                names = [n.attrs["name"] for n in body.nodes if n.op.value == "input"]
+                want = run_graph(body, dict(zip(names, xs)), ctx)
+                for o, w in zip(outs, want.values()):
+                    if w.is_floating_point():
+                        scale = max(1.0, float(w.abs().max()))
+                        errs.append((float((o - w).abs().max()) / scale,
+                                     node.attrs["kernel"]))
+            return launch
+        program._launch = {k: make(go) for k, go in program._launch.items()}
+    wrap(prog.forward_exec)
+    wrap(prog.backward_exec)
+    ids, targets = _batch(100352, 2, 129)
+    out = m(ids, targets=targets)
+    out["loss"].backward()
+    worst = max(errs)
+    assert worst[0] < 1e-5, worst
+
+
+def test_bf16_program_is_close_to_the_fp32_oracle():
+    ids, targets = _batch(100352)
+    _, o32, g32 = _step(_graph("small"), "torch", ids, targets)
+    _, o16, g16 = _step(_graph("small", "bf16"), "triton", ids, targets)
+    eps = 2 ** -7
+    assert abs(o16["loss"].item() - o32["loss"].item()) / o32["loss"].item() < eps / 4
+    assert all(g.dtype == torch.float32 for g in g16.values())
+    assert _max_rel(g16, g32) < 4 * eps
+
+
+def test_training_steps_match_the_torch_backend():
+    g = _graph("small")
+    losses = {}
+    for backend in ("torch", "triton"):
+        m = LmcModel(g, seed=7, backend=backend).cuda()
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+        losses[backend] = []
+        for i in range(3):
+            ids, targets = _batch(100352, 4, 64 + i)
+            loss = m(ids, targets=targets)["loss"]
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses[backend].append(loss.item())
+    for a, b in zip(losses["torch"], losses["triton"]):
+        assert abs(a - b) / abs(a) < 1e-4
