@@ -11,12 +11,14 @@ from typing import Dict, List, Sequence, Tuple
 from ..errors import LmcError
 from ..ir.graph import Graph
 from ..ir.ops import Op
+from ..passes.fuse_matmul import fuse_matmul
 from ..passes.fuse_pointwise import fuse_pointwise
 from ..passes.fuse_reductions import fuse_reductions
 from ..passes.verify import verify
 from . import kind_module
 
 FUSION_PASSES: List[Tuple[str, object]] = [
+    ("fuse_matmul", fuse_matmul),          # a matmul with its pointwise epilogue
     ("fuse_reductions", fuse_reductions),  # a reduction with its prologue and epilogue
     ("fuse_pointwise", fuse_pointwise),    # chains of elementwise ops
 ]

@@ -1,0 +1,253 @@
+"""Triton source for a matmul FUSED group: a tiled matmul with its epilogue in registers.
+
+The output ``[*batch, M, N]`` is cut into BLOCK_M x BLOCK_N tiles; one program owns one tile
+of one batch entry (batch dims flattened into the one grid axis, the flat index split with
+the batch sizes at the start). It loops over K in BLOCK_K steps, accumulating ``tl.dot`` in
+fp32 (``input_precision="ieee"`` for fp32 operands, so results match torch's fp32 matmul,
+not TF32), then computes the epilogue from the accumulator(s) with the pointwise lowering
+(`pointwise._expr`), reading epilogue inputs through broadcast strides, and stores every
+output with masks, cast to its dtype. The gated form (two matmuls sharing A) keeps two
+accumulators and loads each A tile once.
+
+Every operand is read through its own strides (batch strides 0 where it is broadcast), so
+PERMUTE views (``k^T``, a transposed weight) are read in place, not copied. Offsets are int64.
+Sizes and strides are kernel arguments: a new batch size or length reuses the same code. At
+launch, batch dims that collapse into M (``x[B, T, K] @ W[K, N]``) are folded into it, so the
+tiles span B*T rows. Programs are ordered in groups of GROUP_M row tiles so the B tiles they
+share stay in L2. On a GPU the block sizes are autotuned per (M, N, K) over a few configs
+pruned to the problem size; Triton's interpreter gets one configuration of large tiles (it
+pays per program and per op, not per element).
+
+    @triton.jit
+    def lmc_mm_matmul_add_0(in0_ptr, in1_ptr, in2_ptr, out0_ptr, M, N, K, Z0,
+                            a_s0, a_sm, a_sk, b0_s0, b0_sk, b0_sn, e2_s0, e2_sm, e2_sn,
+                            BLOCK_M: tl.constexpr, ..., GROUP_M: tl.constexpr): ...
+"""
+from __future__ import annotations
+
+from typing import Dict, List
+
+from ..errors import LmcError
+from ..ir.graph import Graph, Node
+from ..ir.ops import Op
+from ..ir.types import DType
+from .pointwise import HELPERS, TL_DTYPE, _expr, literal  # noqa: F401  (HELPERS: program.py)
+
+_HALF = (DType.f16, DType.bf16)
+
+
+def _layout(body: Graph):
+    """(inputs, matmuls, A placeholder, epilogue placeholders) of a matmul body."""
+    inputs = [n for n in body.nodes if n.op is Op.INPUT]
+    mms = [n for n in body.nodes if n.op is Op.MATMUL]
+    if not mms or any(m.inputs[0] is not mms[0].inputs[0] for m in mms):
+        raise LmcError(f"internal: matmul body {body.name} needs matmuls sharing one A")
+    epi = [p for p in inputs if any(p in m.inputs for m in body.nodes
+                                    if m.op not in (Op.INPUT, Op.CONST, Op.MATMUL))]
+    return inputs, mms, mms[0].inputs[0], epi
+
+
+def _site(m: Node) -> str:
+    return m.op.value + (f"@{m.loc.file.rsplit('/', 1)[-1]}:{m.loc.line}" if m.loc else "")
+
+
+def generate(body: Graph, name: str) -> str:
+    """The @triton.jit kernel for one matmul body graph, as source text."""
+    inputs, mms, a, epi = _layout(body)
+    outputs = list(body.outputs.values())
+    idx = {p: i for i, p in enumerate(inputs)}
+    nb = mms[0].type.rank - 2
+    zs = [f"Z{d}" for d in range(nb)]
+    ia = idx[a]
+    args = [f"in{i}_ptr" for i in range(len(inputs))] + \
+        [f"out{i}_ptr" for i in range(len(outputs))] + ["M", "N", "K"] + zs + \
+        [f"a_s{d}" for d in range(nb)] + ["a_sm", "a_sk"]
+    for j in range(len(mms)):
+        args += [f"b{j}_s{d}" for d in range(nb)] + [f"b{j}_sk", f"b{j}_sn"]
+    for p in epi:
+        args += [f"e{idx[p]}_s{d}" for d in range(nb)] + [f"e{idx[p]}_sm", f"e{idx[p]}_sn"]
+    src_nodes = [m for m in body.nodes if m.op is not Op.INPUT and m.op is not Op.CONST]
+    fp32 = mms[0].type.dtype is DType.f32
+    prec = ', input_precision="ieee"' if fp32 else ""  # fp32 as torch computes it: no TF32
+
+    def boff(prefix: str) -> str:  # a tensor's batch offset: its stride on each batch axis
+        return "".join(f" + z{d} * {prefix}_s{d}" for d in range(nb))
+
+    lines = [
+        "@triton.jit",
+        f"def {name}({', '.join(args)},",
+        "        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, "
+        "GROUP_M: tl.constexpr):",
+        "    # IR nodes: " + ", ".join(_site(m) for m in src_nodes),
+        f"    # A = in{ia} {a.type}; " + "; ".join(
+            f"acc{j} = A @ in{idx[m.inputs[1]]} {m.inputs[1].type}" for j, m in enumerate(mms))
+        + ("; epilogue reads " + ", ".join(f"in{idx[p]} {p.type}" for p in epi) if epi else ""),
+        "    pid = tl.program_id(0)",
+        "    num_m = (M + BLOCK_M - 1) // BLOCK_M",
+        "    num_n = (N + BLOCK_N - 1) // BLOCK_N",
+        "    z = (pid // (num_m * num_n)).to(tl.int64)  # flat batch index",
+        "    t = pid % (num_m * num_n)",
+        "    # grouped order: GROUP_M row tiles walk the column tiles together (B stays in L2)",
+        "    per_group = GROUP_M * num_n",
+        "    first_m = (t // per_group) * GROUP_M",
+        "    rows = tl.minimum(num_m - first_m, GROUP_M)",
+        "    pid_m = first_m + (t % per_group) % rows",
+        "    pid_n = (t % per_group) // rows",
+    ]
+    if nb == 1:
+        lines.append("    z0 = z")
+    elif nb:
+        lines.append("    rem = z")
+        for d in reversed(range(1, nb)):
+            lines += [f"    z{d} = rem % Z{d}", f"    rem = rem // Z{d}"]
+        lines.append("    z0 = rem")
+    lines += [
+        "    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)",
+        "    rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)",
+        "    rk = tl.arange(0, BLOCK_K).to(tl.int64)",
+        "    mask_m = rm < M",
+        "    mask_n = rn < N",
+        f"    a_rows = in{ia}_ptr + (rm[:, None] * a_sm{boff('a')})",
+    ]
+    for j, m in enumerate(mms):
+        lines += [f"    b{j}_cols = in{idx[m.inputs[1]]}_ptr + (rn[None, :] * b{j}_sn"
+                  f"{boff(f'b{j}')})",
+                  f"    acc{j} = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)"]
+    lines += [
+        "    for k0 in range(0, K, BLOCK_K):",
+        "        kk = k0 + rk",
+        "        mask_k = kk < K",
+        "        a = tl.load(a_rows + kk[None, :] * a_sk, mask=mask_m[:, None] & mask_k[None, :],"
+        " other=0.0)",
+    ]
+    for j in range(len(mms)):
+        lines += [f"        b{j} = tl.load(b{j}_cols + kk[:, None] * b{j}_sk, "
+                  f"mask=mask_k[:, None] & mask_n[None, :], other=0.0)",
+                  f"        acc{j} = tl.dot(a, b{j}, acc=acc{j}{prec})"]
+    lines += ["    # epilogue, in registers (fp32)",
+              "    mask = mask_m[:, None] & mask_n[None, :]"]
+    val: Dict[Node, str] = {m: f"acc{j}" for j, m in enumerate(mms)}
+    for p in epi:
+        i = idx[p]
+        load = (f"tl.load(in{i}_ptr + (rm[:, None] * e{i}_sm + rn[None, :] * e{i}_sn"
+                f"{boff(f'e{i}')}), mask=mask, other=0)")
+        if p.type.dtype in _HALF:
+            load += ".to(tl.float32)"
+        lines.append(f"    v{i} = {load}")
+        val[p] = f"v{i}"
+    for k, m in enumerate(body.nodes):
+        if m.op is Op.CONST:
+            val[m] = literal(m)
+        elif m.op not in (Op.INPUT, Op.MATMUL):
+            lines.append(f"    t{k} = {_expr(m, [val[x] for x in m.inputs])}"
+                         f"  # {m.op.value} -> {m.type}")
+            val[m] = f"t{k}"
+    lines.append("    out = (z * M + rm[:, None]) * N + rn[None, :]  # outputs are contiguous")
+    for i, o in enumerate(outputs):
+        lines.append(f"    tl.store(out{i}_ptr + out, ({val[o]}).to({TL_DTYPE[o.type.dtype]}), "
+                     f"mask=mask)")
+    return "\n".join(lines) + "\n"
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): a handful for the GPU autotuner; those
+# with tiles far larger than the problem are pruned per launch (decode's M = batch rows)
+GPU_CONFIGS = [(128, 128, 32, 4, 4), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4),
+               (64, 64, 32, 4, 4), (32, 64, 32, 4, 4), (16, 64, 64, 4, 4), (16, 32, 64, 2, 4)]
+GROUP_M = 8
+_TUNED: Dict[int, tuple] = {}
+
+
+def prune_configs(configs, nargs, **kwargs):
+    """Configs whose tiles do not exceed the problem (rounded up to a power of two, at least
+    16) along M, N and K; the smallest one if none fits."""
+    import triton
+
+    lim = {d: max(16, triton.next_power_of_2(max(int(nargs[d]), 1))) for d in "MNK"}
+    fit = [c for c in configs if c.kwargs["BLOCK_M"] <= lim["M"]
+           and c.kwargs["BLOCK_N"] <= lim["N"] and c.kwargs["BLOCK_K"] <= lim["K"]]
+    return fit or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+
+
+def _autotuned(kernel):
+    """`kernel` wrapped in triton.autotune (keyed on M, N, K), made once per kernel."""
+    import triton
+
+    hit = _TUNED.get(id(kernel))
+    if hit is None or hit[0] is not kernel:
+        cfgs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": GROUP_M},
+                              num_warps=w, num_stages=s) for bm, bn, bk, w, s in GPU_CONFIGS]
+        hit = (kernel, triton.autotune(configs=cfgs, key=["M", "N", "K"],
+                                       prune_configs_by={"early_config_prune": prune_configs})
+               (kernel))
+        _TUNED[id(kernel)] = hit
+    return hit[1]
+
+
+def _block(n: int, hi: int) -> int:
+    import triton
+
+    return max(16, min(triton.next_power_of_2(max(n, 1)), hi))
+
+
+# the interpreter pays per program and per loop step, not per element: big tiles (numpy does
+# the arithmetic), capped at INTERPRET_TILE elements per operand tile
+INTERPRET_TILE = 1 << 17
+
+
+def interpret_blocks(M: int, N: int, K: int):
+    bm = _block(M, 128)
+    bn = _block(N, INTERPRET_TILE // bm)
+    bk = _block(K, INTERPRET_TILE // max(bm, bn))
+    return bm, bn, bk
+
+
+def fold_batch(batch: List[int], M: int, rowed: List[List[int]], cols: List[List[int]]) -> int:
+    """Fold trailing batch dims into M while every M-indexed tensor (`rowed`: A and the
+    epilogue inputs, strides ``[*batch, M, ...]``) steps through them evenly and no B operand
+    (`cols`) is batched along them: ``x[B, T, K] @ W[K, N]`` is one product of M = B*T rows.
+    Updates `batch` (folded dims become 1) and the M strides in place; returns the new M."""
+    nb = len(batch)
+    for d in reversed(range(nb)):
+        if batch[d] != 1:
+            if any(s[d] != 0 for s in cols) or not all(
+                    M == 1 or s[d] == s[nb] * M for s in rowed):
+                break
+            if M == 1:          # M had one row: its stride is free, take the batch dim's
+                for s in rowed:
+                    s[nb] = s[d]
+        M *= batch[d]
+        batch[d] = 1
+    return M
+
+
+def launch(kernel, xs, outs, body: Graph, ctx, interpret: bool) -> None:
+    """One program per output tile per batch entry; operands read through their strides."""
+    import triton
+
+    inputs, mms, a, epi = _layout(body)
+    idx = {p: i for i, p in enumerate(inputs)}
+    shape = tuple(outs[0].shape)
+    if outs[0].numel() == 0:
+        return
+    nb = len(shape) - 2
+    batch, M, N = list(shape[:nb]), shape[-2], shape[-1]
+    K = xs[idx[a]].shape[-1]
+    a_st = list(xs[idx[a]].expand(*batch, M, K).stride())
+    b_st = [list(xs[idx[m.inputs[1]]].expand(*batch, K, N).stride()) for m in mms]
+    e_st = [list(xs[idx[p]].expand(shape).stride()) for p in epi]
+    M = fold_batch(batch, M, [a_st] + e_st, b_st)
+    nbatch = 1
+    for s in batch:
+        nbatch *= s
+    args = [*xs, *outs, M, N, K, *batch, *a_st]
+    for s in b_st + e_st:
+        args += s
+    if interpret:  # one small configuration: the interpreter pays per program
+        bm, bn, bk = interpret_blocks(M, N, K)
+        grid = (nbatch * triton.cdiv(M, bm) * triton.cdiv(N, bn),)
+        kernel[grid](*args, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M)
+        return
+
+    def grid(meta):
+        return (nbatch * triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+    _autotuned(kernel)[grid](*args)

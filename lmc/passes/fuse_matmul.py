@@ -1,0 +1,226 @@
+"""`fuse_matmul`: a matmul with its pointwise epilogue becomes one kernel (lmc/codegen/matmul.py).
+
+Each MATMUL (``[..., M, K] @ [..., K, N]``, batch dims broadcast; operands are often PERMUTE
+views, which the kernel reads through their strides) becomes a FUSED node of kind "matmul"
+whose body is the two operand placeholders, the MATMUL, and an *epilogue*: pointwise ops
+computed from the fp32 accumulator in registers before the one store (bias, residual add,
+activation, scale, mask, cast).
+
+Epilogue rule (greedy, in topological order, fuse_pointwise's rule): a fusible pointwise node
+joins the group holding one of its inputs when its output shape equals the matmul output's and
+every other input is in the group, a source, or comes before the group's first node; so every
+edge of the contracted graph points forward and fusion cannot create a cycle. Group values
+read outside the group become extra outputs (one store each). A node read only by reductions
+is left out: fuse_reductions takes it as its reduction's prologue, which reads the matmul's
+output rather than storing a second tensor.
+
+Gated form: two matmuls with the same A operand and the same output type whose results meet
+in a same-shape pointwise chain (SwiGLU ``silu(x @ W1) * (x @ W3)``, GeGLU) are one group: the
+kernel loads each A tile once, keeps two accumulators and stores only the combination. The
+second B operand must be available where the first matmul stands; when it is computed later
+but not from the first matmul (a weight's cast, as mixed_precision writes it), the nodes it
+needs are moved up to just before the first matmul.
+
+Every site is recorded in ``meta["fusions"]``: fused (with what) or declined (with why).
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Set
+
+from ..ir.graph import Graph, Node
+from ..ir.ops import Kind, Op
+from .fuse_pointwise import _where, contract, fusible, is_source, make_fused
+
+# reductions fuse_reductions takes with their prologue (a node read only by these stays out)
+_PROLOGUE_OF = (Op.SUM, Op.MEAN, Op.AMAX, Op.LOGSUMEXP, Op.SOFTMAX)
+_FLOATS = ("f32", "f16", "bf16")
+
+
+def _decline(m: Node) -> Optional[str]:
+    """Why matmul `m` stays a torch op, or None."""
+    dt = m.type.dtype.value
+    if dt == "f64":
+        return "f64 matmul is left to torch"
+    if dt not in _FLOATS:
+        return f"{dt} matmul is left to torch (tl.dot has no {dt} form)"
+    return None
+
+
+def _leave_to_reduction(n: Node, users: List[Node], outputs: Set[Node]) -> bool:
+    if n in outputs or not users or n.type.dtype.value not in _FLOATS:
+        return False
+    return all(u.op in _PROLOGUE_OF and u.inputs[0] is n for u in users)
+
+
+class _Group:
+    def __init__(self, m: Node, first: int):
+        self.first = first          # position of the first member in the original order
+        self.shape = m.type.shape   # the matmul output's shape: every member's shape
+        self.members: List[Node] = [m]
+        self.matmuls: List[Node] = [m]
+
+    def what(self) -> str:
+        epi = [m.op.value for m in self.members if m.op is not Op.MATMUL]
+        if len(self.matmuls) == 2:
+            ops = set(epi)
+            kind = ("swiglu" if Op.SILU.value in ops else "geglu" if Op.GELU.value in ops
+                    else "dual")
+            return f"gated {kind}: 2 matmuls sharing A + " + "+".join(epi)
+        return "+".join(["matmul"] + epi)
+
+
+def _late_cone(w: Node, m1: Node, order: Dict[Node, int]) -> Optional[List[Node]]:
+    """The nodes `w` needs that stand after `m1` (in order), or None if `w` depends on `m1`:
+    those can be moved to just before `m1`."""
+    cone: Set[Node] = set()
+    stack = [w]
+    while stack:
+        n = stack.pop()
+        if n in cone or order[n] < order[m1]:
+            continue
+        if n is m1:
+            return None
+        cone.add(n)
+        stack.extend(n.inputs)
+    return sorted(cone, key=order.get)
+
+
+def _gated_pairs(g: Graph, declined: list):
+    """(graph, {second matmul: first matmul}) for pairs sharing A whose results meet in a
+    same-shape pointwise chain. The second's B operand must be available where the first
+    stands: when it is computed later but not from the first (a weight's cast under mixed
+    precision), what it needs is moved up to just before the first."""
+    order = {n: i for i, n in enumerate(g.nodes)}
+    roots: Dict[Node, frozenset] = {}
+    pair: Dict[Node, Node] = {}
+    paired: Set[Node] = set()
+    hoist: Dict[Node, List[Node]] = {}
+    for n in g.nodes:
+        if n.op is Op.MATMUL and _decline(n) is None:
+            roots[n] = frozenset([n])
+        elif n.op.kind is Kind.POINTWISE and fusible(n)[0]:
+            r = frozenset().union(*[roots[x] for x in n.inputs
+                                    if x in roots and x.type.shape == n.type.shape])
+            if r:
+                roots[n] = r
+            if len(r) < 2:
+                continue
+            ms = sorted(r, key=order.get)
+            for i, m1 in enumerate(ms):
+                for m2 in ms[i + 1:]:
+                    if (m1 in paired or m2 in paired or m1.inputs[0] is not m2.inputs[0]
+                            or m1.type != m2.type):
+                        continue
+                    cone = _late_cone(m2.inputs[1], m1, order)
+                    if cone is None:
+                        declined.append((m2, "gated form: the second matmul's B operand is "
+                                             "computed from the first matmul's result"))
+                        continue
+                    pair[m2] = m1
+                    paired.update((m1, m2))
+                    if cone:
+                        hoist[m1] = cone
+    if not hoist:
+        return g, pair
+    moved = {h for cone in hoist.values() for h in cone}
+    nodes: List[Node] = []
+    placed: Set[Node] = set()
+    for n in g.nodes:
+        for h in hoist.get(n, []):
+            if h not in placed:
+                nodes.append(h)
+                placed.add(h)
+        if n not in moved:
+            nodes.append(n)
+    return g.with_nodes(nodes, g.outputs), pair
+
+
+def _depends_on(y: Node, group: Set[Node], order: Dict[Node, int], first: int) -> bool:
+    """Whether `y` is computed from a member of `group` (only nodes after `first` can be)."""
+    stack, seen = [y], set()
+    while stack:
+        n = stack.pop()
+        if n in group:
+            return True
+        if n in seen or order[n] <= first:
+            continue
+        seen.add(n)
+        stack.extend(n.inputs)
+    return False
+
+
+def fuse_matmul(g: Graph) -> Graph:
+    declined: list = []
+    g, partner = _gated_pairs(g, declined)
+    order = {n: i for i, n in enumerate(g.nodes)}
+    users = g.users()
+    outputs = set(g.outputs.values())
+    group_of: Dict[Node, int] = {}
+    groups: List[_Group] = []
+
+    def add(n: Node, gid: int):
+        groups[gid].members.append(n)
+        group_of[n] = gid
+
+    for n in g.nodes:
+        if n.op is Op.MATMUL:
+            why = _decline(n)
+            if why:
+                declined.append((n, why))
+            elif partner.get(n) in group_of:
+                gid = group_of[partner[n]]
+                add(n, gid)
+                groups[gid].matmuls.append(n)
+            else:
+                group_of[n] = len(groups)
+                groups.append(_Group(n, order[n]))
+            continue
+        if n.op.kind is not Kind.POINTWISE:
+            continue
+        gids = list(dict.fromkeys(group_of[x] for x in n.inputs if x in group_of))
+        if not gids:
+            continue
+        ok, why = fusible(n)
+        if not ok:
+            declined.append((n, f"epilogue {n.op.value}: {why}"))
+            continue
+        reasons = []
+        for gid in gids:
+            grp = groups[gid]
+            if n.type.shape != grp.shape:
+                reasons.append(f"epilogue {n.op.value} broadcasts the matmul result to a "
+                               f"larger shape")
+                continue
+            late = [y for y in n.inputs
+                    if group_of.get(y) != gid and order[y] >= grp.first and not is_source(y)]
+            if late:
+                inside = set(grp.members)
+                if any(_depends_on(y, inside, order, grp.first) for y in late):
+                    reasons.append(f"epilogue {n.op.value} also reads a value computed from "
+                                   f"the matmul outside the group (fusing would make a cycle)")
+                else:
+                    reasons.append(f"epilogue {n.op.value} reads {late[0].op.value}, which is "
+                                   f"computed after the matmul")
+                continue
+            if _leave_to_reduction(n, users[n], outputs):
+                reasons.append(f"{n.op.value} is read only by reductions: left to "
+                               f"fuse_reductions as their prologue")
+                continue
+            add(n, gid)
+            break
+        else:
+            declined.append((n, reasons[0]))
+
+    fused: List[dict] = []
+
+    def build(members, gid, used, new):
+        grp = groups[gid]
+        fused.append({"pass": "fuse_matmul", "status": "fused", "where": _where(members[0]),
+                      "reason": grp.what()})
+        return make_fused(members, f"{gid}", used, new, kind="matmul", prefix="lmc_mm_")
+
+    out = contract(g, [grp.members for grp in groups], build)
+    out.meta["fusions"] = list(g.meta.get("fusions", [])) + fused + [
+        {"pass": "fuse_matmul", "status": "declined", "where": _where(n), "reason": why}
+        for n, why in declined]
+    return out
