@@ -1,0 +1,1205 @@
+"""Fused RoPE + flash attention: Triton kernels (forward, backward, decode) and their torch
+reference, for the `fuse_rope_attention` pass (issue 7).
+
+Hand-written templates rather than generated code: every variant of the pattern is a
+combination of constexpr flags (RoPE layout, rotary width, causal, window) and runtime
+scalars (positions, window, scale), so one module serves every model.
+
+The math (also `rope_attention_reference`, the oracle and the torch backend's op):
+
+    q, k: [B, H, T, D], [B, Hkv, S, D]; v: [B, Hkv, S, D]; H % Hkv == 0, query head h reads
+    kv head h // (H / Hkv) (GQA; Hkv == 1 is MQA).
+    Positions: query row i sits at q_offset + i, key row j at k_offset + j (absolute).
+    RoPE on the first R = rot_dim dims of a head (R == D: all; R == 0: none), from tables
+    cos, sin: [max_pos, R] indexed by absolute position, in the layout of the rotated dims:
+        rope(x)[d] = x[d] * cos[p, d] + rot(x)[d] * sin[p, d]          (d < R)
+        rotate-half:  rot(x) = [-x[R/2:R], x[0:R/2]]
+        interleaved:  rot(x)[2i] = -x[2i+1],  rot(x)[2i+1] = x[2i]
+    or "paired" tables [max_pos, R/2], one column per rotary pair (both members share the
+    angle, as in every RoPE): half the table loads. The tables are data, not a formula, so
+    any base, scaling or precomputed table works. Keys may use their own tables (k_cos,
+    k_sin; default: the queries'): XPos is exactly that (`xpos_tables` folds zeta^(+-p/base)
+    into the two sets), and rope_k=False leaves k as given (already rotated: YOCO's shared
+    cross-attention K).
+    Visibility: key j is visible to query i iff  kpos <= qpos (causal)  and  kpos > qpos - W
+    (window W)  [and kpos < kv_len (decode)];  a row that sees no key outputs 0 (lse -inf).
+    out = softmax(scale * rope(q) rope(k)^T over the visible keys) v,  scale = 1/sqrt(D).
+
+How RoPE enters the tiles. The head dim is split into three column groups: A and B, the two
+members of each rotary pair (rotate-half: A = [0, R/2), B = [R/2, R); interleaved: A the even
+and B the odd columns below R), and C = [R, D), not rotated. Each group is its own tile, so
+
+    rope:       y_A = x_A cos_A - x_B sin_A      y_B = x_B cos_B + x_A sin_B      y_C = x_C
+    transpose:  dx_A = dy_A cos_A + dy_B sin_B   dx_B = dy_B cos_B - dy_A sin_A   dx_C = dy_C
+    scores:     q k^T = q_A k_A^T + q_B k_B^T + q_C k_C^T          (three tl.dot into one acc)
+
+are elementwise on tiles that are already in registers: no second load of a tile at permuted
+columns and no shuffle of an accumulator (the backward's R^T is applied to the dQ / dK
+accumulators right before the store). RoPE is computed in fp32 and rounded to the input
+dtype for the dot (bf16/fp16 tensor cores; an unfused model stores roped q, k in that dtype
+too); V and dO are never rotated and stay whole [*, D] tiles. Nothing rotated is written
+to memory: the backward rotates Q and K again from the raw inputs it saved.
+
+Kernels (one program per (row block, batch * head)):
+
+    _attn_fwd       Q block [BLOCK_M] vs K/V blocks [BLOCK_N]; online softmax in base 2 and
+                    fp32 (running max m, sum l, acc rescaled by 2^(m_old - m_new)); stores
+                    out and lse = ln sum_j exp(scale s_ij) per row. The key loop runs in
+                    three segments: masked blocks at the window's start, fully visible blocks
+                    with no mask arithmetic, masked blocks at the diagonal / the end of S.
+    _attn_bwd_pre   delta_i = sum_d dO_id O_id (fp32)
+    _attn_bwd_dkdv  one K/V block [BLOCK_N] of kv head g; loops over the H/Hkv query heads
+                    that share it and their visible Q blocks, recomputing P = 2^(s - lse) from
+                    the saved lse: dV += P^T dO, dS = P (dO V^T - delta), dK_r += dS^T Q_r;
+                    GQA's sum over query heads happens in registers (no atomics, no
+                    [B, H, S, D] temporary), then dK = R_k^T (scale dK_r).
+    _attn_bwd_dq    one Q block; loops over its visible K/V blocks: dQ_r += dS K_r, then
+                    dQ = R_q^T (scale dQ_r).  Recomputing the scores twice (dkdv and dq)
+                    instead of accumulating dQ with atomics keeps the backward deterministic
+                    and fp32 throughout.
+    _decode_split   flash-decoding: program (split, b * Hkv + g) takes the H/Hkv query heads
+                    of kv head g times the Tq new queries as the rows of one tile (so each
+                    cached K/V block is read once per kv head) over its split of the cache,
+                    and writes a normalised partial output and its base-2 lse.
+    _decode_combine per query row, weights the splits by 2^(lse_s - max) and normalises.
+
+The decode kernel reads the query position and the valid cache length from device tensors
+(one int per sequence), so a CUDA graph can replay it with new positions; the cache may be
+padded past the valid length (those slots are masked), and its slot j holds position j.
+
+Block sizes: `triton.autotune` on the GPU (keyed on T, S, D and the flags that change the
+work); under the interpreter one fixed config (`INTERPRETER_BLOCKS`, tests may change it).
+Only long-stable Triton APIs are used (tl.dot, masked tl.load/tl.store, tl.exp2, ...), so the
+same source runs on Triton 3.6 and 3.9.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional, Tuple, Union
+
+import torch
+import triton
+import triton.language as tl
+
+Tensor = torch.Tensor
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+# block sizes under the interpreter (each program and loop trip costs Python time there)
+INTERPRETER_BLOCKS = {
+    "fwd": dict(BLOCK_M=32, BLOCK_N=32),
+    "dkdv": dict(BLOCK_M=32, BLOCK_N=32),
+    "dq": dict(BLOCK_M=32, BLOCK_N=32),
+    "decode": dict(BLOCK_N=16),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# shared device helpers
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _rope_columns(ROT: tl.constexpr, HEAD_DIM: tl.constexpr, INTERLEAVED: tl.constexpr,
+                  PAIRED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Columns of the groups A, B (rotary pairs) and C (not rotated) with their masks, and the
+    table columns of A and B (the pair index for PAIRED tables)."""
+    r = tl.arange(0, BLOCK_R)
+    if INTERLEAVED:
+        col_a = 2 * r
+        col_b = 2 * r + 1
+    else:
+        col_a = r
+        col_b = r + ROT // 2
+    if PAIRED:
+        tcol_a = r
+        tcol_b = r
+    else:
+        tcol_a = col_a
+        tcol_b = col_b
+    col_c = ROT + tl.arange(0, BLOCK_P)
+    return col_a, col_b, r < ROT // 2, col_c, col_c < HEAD_DIM, tcol_a, tcol_b
+
+
+@triton.jit
+def _load_tables(pos, row_ok, COS, SIN, stride_cp, stride_cd, tcol_a, tcol_b, mask_r,
+                 PAIRED: tl.constexpr):
+    """cos, sin at positions `pos` for the columns of A and B, in fp32. PAIRED tables hold one
+    column per rotary pair (both members share its angle): half the loads."""
+    m2 = row_ok[:, None] & mask_r[None, :]
+    t_off = pos.to(tl.int64)[:, None] * stride_cp
+    ca = tl.load(COS + t_off + tcol_a[None, :] * stride_cd, mask=m2, other=0.0).to(tl.float32)
+    sa = tl.load(SIN + t_off + tcol_a[None, :] * stride_cd, mask=m2, other=0.0).to(tl.float32)
+    if PAIRED:
+        cb = ca
+        sb = sa
+    else:
+        cb = tl.load(COS + t_off + tcol_b[None, :] * stride_cd, mask=m2,
+                     other=0.0).to(tl.float32)
+        sb = tl.load(SIN + t_off + tcol_b[None, :] * stride_cd, mask=m2,
+                     other=0.0).to(tl.float32)
+    return ca, sa, cb, sb
+
+
+@triton.jit
+def _load_pair(X, row_off, stride_d, row_ok, pos, COS, SIN, stride_cp, stride_cd,
+               col_a, col_b, mask_r, tcol_a, tcol_b, PAIRED: tl.constexpr,
+               ROTATE: tl.constexpr):
+    """Rows `row_off` of X at the columns of A and B, rotated at positions `pos` (if ROTATE)
+    in fp32 and rounded to X's dtype (the dot's operands): (y_A, y_B)."""
+    m2 = row_ok[:, None] & mask_r[None, :]
+    xa = tl.load(X + row_off[:, None] + col_a[None, :] * stride_d, mask=m2, other=0.0)
+    xb = tl.load(X + row_off[:, None] + col_b[None, :] * stride_d, mask=m2, other=0.0)
+    if ROTATE:
+        dt = X.dtype.element_ty
+        xa = xa.to(tl.float32)
+        xb = xb.to(tl.float32)
+        ca, sa, cb, sb = _load_tables(pos, row_ok, COS, SIN, stride_cp, stride_cd, tcol_a,
+                                      tcol_b, mask_r, PAIRED)
+        ya = (xa * ca - xb * sa).to(dt)
+        yb = (xb * cb + xa * sb).to(dt)
+    else:
+        ya = xa
+        yb = xb
+    return ya, yb
+
+
+@triton.jit
+def _rope_transpose(dya, dyb, row_ok, pos, COS, SIN, stride_cp, stride_cd, tcol_a, tcol_b,
+                    mask_r, PAIRED: tl.constexpr):
+    """R^T applied to a gradient held as its A and B tiles (fp32): (dx_A, dx_B)."""
+    ca, sa, cb, sb = _load_tables(pos, row_ok, COS, SIN, stride_cp, stride_cd, tcol_a, tcol_b,
+                                  mask_r, PAIRED)
+    return dya * ca + dyb * sb, dyb * cb - dya * sa
+
+
+@triton.jit
+def _load_cols(X, row_off, stride_d, row_ok, cols, col_ok):
+    return tl.load(X + row_off[:, None] + cols[None, :] * stride_d,
+                   mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+
+
+@triton.jit
+def _group_dot(acc, xa, xb, xc, ya, yb, yc, HAS_ROPE: tl.constexpr, HAS_PASS: tl.constexpr,
+               DOT_PREC: tl.constexpr):
+    """acc + x y^T over the head dim, as the sum over the groups A, B, C."""
+    if HAS_ROPE:
+        acc = tl.dot(xa, tl.trans(ya), acc=acc, input_precision=DOT_PREC)
+        acc = tl.dot(xb, tl.trans(yb), acc=acc, input_precision=DOT_PREC)
+    if HAS_PASS:
+        acc = tl.dot(xc, tl.trans(yc), acc=acc, input_precision=DOT_PREC)
+    return acc
+
+
+@triton.jit
+def _visible(qpos, kpos, ok, window, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """Which (query, key) pairs of a tile are visible: `ok` (in range) and the masks, with
+    qpos, kpos broadcastable to the tile."""
+    if CAUSAL:
+        ok = ok & (kpos <= qpos)
+    if HAS_WINDOW:
+        ok = ok & (kpos > qpos - window)
+    return ok
+
+
+@triton.jit
+def _segments(lo, hi, full_lo, full_hi, BLOCK: tl.constexpr):
+    """Split the visible range [lo, hi) into masked [lo_b, f_lo), unmasked [f_lo, f_hi)
+    (whole blocks whose every pair is visible) and masked [f_hi, hi). Values are clamped at
+    0 before dividing (integer division of negatives differs between backends)."""
+    lo = tl.maximum(lo, 0)
+    lo_b = (lo // BLOCK) * BLOCK
+    hi = tl.maximum(hi, lo_b)
+    f_lo = ((tl.maximum(full_lo, 0) + BLOCK - 1) // BLOCK) * BLOCK
+    f_lo = tl.minimum(tl.maximum(f_lo, lo_b), hi)
+    f_hi = (tl.maximum(full_hi, 0) // BLOCK) * BLOCK
+    f_hi = tl.minimum(tl.maximum(f_hi, f_lo), hi)
+    return lo_b, f_lo, f_hi, hi
+
+
+@triton.jit
+def _key_range(q_first, q_last, S, k_offset, window, CAUSAL: tl.constexpr,
+               HAS_WINDOW: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key rows seen by queries at positions q_first..q_last, as _segments' four bounds."""
+    lo = q_first * 0
+    hi = S + lo
+    full_lo = lo
+    full_hi = hi
+    if CAUSAL:
+        hi = tl.minimum(hi, q_last - k_offset + 1)
+        full_hi = tl.minimum(full_hi, q_first - k_offset + 1)
+    if HAS_WINDOW:
+        lo = q_first - window + 1 - k_offset
+        full_lo = q_last - window + 1 - k_offset
+    return _segments(lo, hi, full_lo, full_hi, BLOCK_N)
+
+
+# --------------------------------------------------------------------------------------------
+# forward
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _attn_fwd(Q, K, V, COS_Q, SIN_Q, COS_K, SIN_K, OUT, LSE,
+              stride_qb, stride_qh, stride_qt, stride_qd,
+              stride_kb, stride_kh, stride_kn, stride_kd,
+              stride_vb, stride_vh, stride_vn, stride_vd,
+              stride_ob, stride_oh, stride_ot, stride_od,
+              stride_cqp, stride_cqd, stride_ckp, stride_ckd,
+              H, HKV, T, S, q_offset, k_offset, window, qk_scale,
+              HEAD_DIM: tl.constexpr, ROT: tl.constexpr, INTERLEAVED: tl.constexpr,
+              PAIRED: tl.constexpr, ROPE_K: tl.constexpr, CAUSAL: tl.constexpr,
+              HAS_WINDOW: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+              BLOCK_P: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr):
+    # out[b, h, i] = sum_j softmax_j(scale * rope(q_i) . rope(k_j)) v_j over visible j, and
+    # lse[b, h, i] = ln sum_j exp(scale * rope(q_i) . rope(k_j))  (fp32, for the backward).
+    # qk_scale = scale * log2(e): the softmax runs in base 2.
+    HAS_ROPE: tl.constexpr = ROT > 0
+    HAS_PASS: tl.constexpr = ROT < HEAD_DIM
+    dt = Q.dtype.element_ty
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = pid_bh % H
+    kvh = (h // (H // HKV)).to(tl.int64)
+    h = h.to(tl.int64)
+    col_a, col_b, mask_r, col_c, mask_c, tcol_a, tcol_b = _rope_columns(
+        ROT, HEAD_DIM, INTERLEAVED, PAIRED, BLOCK_R, BLOCK_P)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+
+    # the Q tile, rotated once: groups A, B (placeholders when empty) and C
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < T
+    qpos = q_offset + offs_m
+    q_rows = b * stride_qb + h * stride_qh + offs_m.to(tl.int64) * stride_qt
+    qa = tl.zeros([BLOCK_M, 16], dtype=dt)
+    qb = qa
+    qc = qa
+    if HAS_ROPE:
+        qa, qb = _load_pair(Q, q_rows, stride_qd, m_ok, qpos, COS_Q, SIN_Q, stride_cqp,
+                            stride_cqd, col_a, col_b, mask_r, tcol_a, tcol_b, PAIRED, True)
+    if HAS_PASS:
+        qc = _load_cols(Q, q_rows, stride_qd, m_ok, col_c, mask_c)
+
+    q_first = q_offset + pid_m * BLOCK_M
+    q_last = q_offset + tl.minimum(pid_m * BLOCK_M + BLOCK_M, T) - 1
+    lo_b, f_lo, f_hi, hi = _key_range(q_first, q_last, S, k_offset, window, CAUSAL,
+                                      HAS_WINDOW, BLOCK_N)
+    k_row0 = b * stride_kb + kvh * stride_kh
+    v_row0 = b * stride_vb + kvh * stride_vh
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for seg in tl.static_range(3):
+        # 0: masked blocks at the window's start; 1: blocks every row sees whole (no mask
+        # arithmetic); 2: masked blocks at the diagonal and the end of S
+        if seg == 0:
+            start = lo_b
+            stop = f_lo
+        elif seg == 1:
+            start = f_lo
+            stop = f_hi
+        else:
+            start = f_hi
+            stop = hi
+        for start_n in range(start, stop, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < S
+            kpos = k_offset + offs_n
+            k_rows = k_row0 + offs_n.to(tl.int64) * stride_kn
+            ka = qa
+            kb = qa
+            kc = qc
+            if HAS_ROPE:
+                ka, kb = _load_pair(K, k_rows, stride_kd, n_ok, kpos, COS_K, SIN_K, stride_ckp,
+                                    stride_ckd, col_a, col_b, mask_r, tcol_a, tcol_b, PAIRED,
+                                    ROPE_K)
+            if HAS_PASS:
+                kc = _load_cols(K, k_rows, stride_kd, n_ok, col_c, mask_c)
+            qk = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            qk = _group_dot(qk, qa, qb, qc, ka, kb, kc, HAS_ROPE, HAS_PASS, DOT_PREC)
+            qk = qk * qk_scale
+            if seg != 1:
+                vis = _visible(qpos[:, None], kpos[None, :], n_ok[None, :] & m_ok[:, None],
+                               window, CAUSAL, HAS_WINDOW)
+                qk = tl.where(vis, qk, float("-inf"))
+            # online softmax: rescale what was summed so far to the new running max
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)   # nothing visible yet
+            alpha = tl.exp2(m_i - m_ref)
+            p = tl.exp2(qk - m_ref[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = _load_cols(V, v_row0 + offs_n.to(tl.int64) * stride_vn, stride_vd, n_ok,
+                           offs_d, mask_d)
+            acc = tl.dot(p.to(dt), v, acc=acc * alpha[:, None], input_precision=DOT_PREC)
+            m_i = m_new
+
+    empty = l_i == 0.0            # no visible key: out 0, lse -inf
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    o_rows = b * stride_ob + h * stride_oh + offs_m.to(tl.int64) * stride_ot
+    tl.store(OUT + o_rows[:, None] + offs_d[None, :] * stride_od, out.to(dt),
+             mask=m_ok[:, None] & mask_d[None, :])
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
+    tl.store(LSE + (b * H + h) * T + offs_m, lse, mask=m_ok)
+
+
+# --------------------------------------------------------------------------------------------
+# backward
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _attn_bwd_pre(OUT, DO, DELTA, stride_ob, stride_oh, stride_ot, stride_od,
+                  stride_db, stride_dh, stride_dt, stride_dd, H, T,
+                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    # delta[b, h, i] = sum_d dO[b, h, i, d] * O[b, h, i, d]   (fp32)
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < T
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    rows = offs_m.to(tl.int64)
+    o = _load_cols(OUT, b * stride_ob + h * stride_oh + rows * stride_ot, stride_od, m_ok, offs_d,
+                   mask_d).to(tl.float32)
+    do = _load_cols(DO, b * stride_db + h * stride_dh + rows * stride_dt, stride_dd, m_ok,
+                    offs_d, mask_d).to(tl.float32)
+    tl.store(DELTA + (b * H + h) * T + offs_m, tl.sum(o * do, 1), mask=m_ok)
+
+
+@triton.jit
+def _attn_bwd_dkdv(Q, K, V, COS_Q, SIN_Q, COS_K, SIN_K, DO, LSE, DELTA, DK, DV,
+                   stride_qb, stride_qh, stride_qt, stride_qd,
+                   stride_kb, stride_kh, stride_kn, stride_kd,
+                   stride_vb, stride_vh, stride_vn, stride_vd,
+                   stride_db, stride_dh, stride_dt, stride_dd,
+                   stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+                   stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+                   stride_cqp, stride_cqd, stride_ckp, stride_ckd,
+                   H, HKV, T, S, q_offset, k_offset, window, qk_scale, scale,
+                   HEAD_DIM: tl.constexpr, ROT: tl.constexpr, INTERLEAVED: tl.constexpr,
+                   PAIRED: tl.constexpr, ROPE_K: tl.constexpr, CAUSAL: tl.constexpr,
+                   HAS_WINDOW: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+                   BLOCK_P: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr):
+    # For the keys j of one block of kv head g, over the query heads h of g and their rows i:
+    #   P_ij = 2^(qk_scale s_ij - lse2_i),  dV_j += sum_i P_ij dO_i,
+    #   dS_ij = P_ij (dO_i . v_j - delta_i),  dK_r,j += sum_i dS_ij rope(q_i),
+    # then dK_j = R_j^T (scale dK_r,j). Computed transposed ([BLOCK_N, BLOCK_M] tiles) so the
+    # K/V block stays resident while Q blocks stream past.
+    HAS_ROPE: tl.constexpr = ROT > 0
+    HAS_PASS: tl.constexpr = ROT < HEAD_DIM
+    dt = K.dtype.element_ty
+    pid_n = tl.program_id(0)
+    pid_bk = tl.program_id(1)
+    b = (pid_bk // HKV).to(tl.int64)
+    kvh = (pid_bk % HKV).to(tl.int64)
+    G = H // HKV
+    col_a, col_b, mask_r, col_c, mask_c, tcol_a, tcol_b = _rope_columns(
+        ROT, HEAD_DIM, INTERLEAVED, PAIRED, BLOCK_R, BLOCK_P)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < S
+    kpos = k_offset + offs_n
+    n64 = offs_n.to(tl.int64)
+    k_rows = b * stride_kb + kvh * stride_kh + n64 * stride_kn
+    ka = tl.zeros([BLOCK_N, 16], dtype=dt)
+    kb = ka
+    kc = ka
+    if HAS_ROPE:
+        ka, kb = _load_pair(K, k_rows, stride_kd, n_ok, kpos, COS_K, SIN_K, stride_ckp,
+                            stride_ckd, col_a, col_b, mask_r, tcol_a, tcol_b, PAIRED, ROPE_K)
+    if HAS_PASS:
+        kc = _load_cols(K, k_rows, stride_kd, n_ok, col_c, mask_c)
+    v = _load_cols(V, b * stride_vb + kvh * stride_vh + n64 * stride_vn, stride_vd, n_ok,
+                   offs_d, mask_d)
+    dka = tl.zeros([BLOCK_N, BLOCK_R], dtype=tl.float32)
+    dkb = dka
+    dkc = tl.zeros([BLOCK_N, BLOCK_P], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+
+    # query rows that see some key of this block: [lo, hi); all of it: [full_lo, full_hi).
+    # Key rows past S only produce rows of dK, dV that are never stored: no mask for them.
+    k_first = k_offset + pid_n * BLOCK_N
+    k_last = k_offset + tl.minimum(pid_n * BLOCK_N + BLOCK_N, S) - 1
+    lo = k_first * 0
+    hi = T + lo
+    full_lo = lo
+    full_hi = hi
+    if CAUSAL:
+        lo = k_first - q_offset
+        full_lo = k_last - q_offset
+    if HAS_WINDOW:
+        hi = tl.minimum(hi, k_last + window - q_offset)
+        full_hi = tl.minimum(full_hi, k_first + window - q_offset)
+    lo_b, f_lo, f_hi, hi = _segments(lo, hi, full_lo, full_hi, BLOCK_M)
+
+    for g in range(0, G):            # GQA: the query heads sharing this kv head, summed here
+        h = kvh * G + g
+        q_row0 = b * stride_qb + h * stride_qh
+        do_row0 = b * stride_db + h * stride_dh
+        for seg in tl.static_range(3):   # masked, whole blocks, masked (as in the forward)
+            if seg == 0:
+                start = lo_b
+                stop = f_lo
+            elif seg == 1:
+                start = f_lo
+                stop = f_hi
+            else:
+                start = f_hi
+                stop = hi
+            for start_m in range(start, stop, BLOCK_M):
+                offs_m = start_m + tl.arange(0, BLOCK_M)
+                m_ok = offs_m < T
+                qpos = q_offset + offs_m
+                m64 = offs_m.to(tl.int64)
+                q_rows = q_row0 + m64 * stride_qt
+                qa = ka
+                qb = ka
+                qc = kc
+                if HAS_ROPE:
+                    qa, qb = _load_pair(Q, q_rows, stride_qd, m_ok, qpos, COS_Q, SIN_Q,
+                                        stride_cqp, stride_cqd, col_a, col_b, mask_r, tcol_a,
+                                        tcol_b, PAIRED, True)
+                if HAS_PASS:
+                    qc = _load_cols(Q, q_rows, stride_qd, m_ok, col_c, mask_c)
+                do = _load_cols(DO, do_row0 + m64 * stride_dt, stride_dd, m_ok, offs_d, mask_d)
+                lse2 = tl.load(LSE + (b * H + h) * T + offs_m, mask=m_ok, other=0.0)
+                lse2 = lse2 * 1.4426950408889634
+                lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)  # rows saw nothing
+                delta = tl.load(DELTA + (b * H + h) * T + offs_m, mask=m_ok, other=0.0)
+
+                sT = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+                sT = _group_dot(sT, ka, kb, kc, qa, qb, qc, HAS_ROPE, HAS_PASS, DOT_PREC)
+                pT = tl.exp2(sT * qk_scale - lse2[None, :])
+                if seg != 1:
+                    vis = _visible(qpos[None, :], kpos[:, None], m_ok[None, :] & n_ok[:, None],
+                                   window, CAUSAL, HAS_WINDOW)
+                    pT = tl.where(vis, pT, 0.0)
+                dv = tl.dot(pT.to(dt), do, acc=dv, input_precision=DOT_PREC)
+                dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+                dsT = (pT * (dpT - delta[None, :])).to(dt)
+                if HAS_ROPE:
+                    dka = tl.dot(dsT, qa, acc=dka, input_precision=DOT_PREC)
+                    dkb = tl.dot(dsT, qb, acc=dkb, input_precision=DOT_PREC)
+                if HAS_PASS:
+                    dkc = tl.dot(dsT, qc, acc=dkc, input_precision=DOT_PREC)
+
+    dk_rows = b * stride_dkb + kvh * stride_dkh + n64 * stride_dkn
+    if HAS_ROPE:
+        dxa = dka * scale
+        dxb = dkb * scale
+        if ROPE_K:
+            dxa, dxb = _rope_transpose(dxa, dxb, n_ok, kpos, COS_K, SIN_K, stride_ckp,
+                                       stride_ckd, tcol_a, tcol_b, mask_r, PAIRED)
+        m2 = n_ok[:, None] & mask_r[None, :]
+        tl.store(DK + dk_rows[:, None] + col_a[None, :] * stride_dkd, dxa.to(dt), mask=m2)
+        tl.store(DK + dk_rows[:, None] + col_b[None, :] * stride_dkd, dxb.to(dt), mask=m2)
+    if HAS_PASS:
+        tl.store(DK + dk_rows[:, None] + col_c[None, :] * stride_dkd, (dkc * scale).to(dt),
+                 mask=n_ok[:, None] & mask_c[None, :])
+    dv_rows = b * stride_dvb + kvh * stride_dvh + n64 * stride_dvn
+    tl.store(DV + dv_rows[:, None] + offs_d[None, :] * stride_dvd, dv.to(dt),
+             mask=n_ok[:, None] & mask_d[None, :])
+
+
+@triton.jit
+def _attn_bwd_dq(Q, K, V, COS_Q, SIN_Q, COS_K, SIN_K, DO, LSE, DELTA, DQ,
+                 stride_qb, stride_qh, stride_qt, stride_qd,
+                 stride_kb, stride_kh, stride_kn, stride_kd,
+                 stride_vb, stride_vh, stride_vn, stride_vd,
+                 stride_db, stride_dh, stride_dt, stride_dd,
+                 stride_dqb, stride_dqh, stride_dqt, stride_dqd,
+                 stride_cqp, stride_cqd, stride_ckp, stride_ckd,
+                 H, HKV, T, S, q_offset, k_offset, window, qk_scale, scale,
+                 HEAD_DIM: tl.constexpr, ROT: tl.constexpr, INTERLEAVED: tl.constexpr,
+                 PAIRED: tl.constexpr, ROPE_K: tl.constexpr, CAUSAL: tl.constexpr,
+                 HAS_WINDOW: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+                 BLOCK_P: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr):
+    # dQ_i = R_i^T (scale sum_j dS_ij rope(k_j)),  dS_ij = P_ij (dO_i . v_j - delta_i)
+    HAS_ROPE: tl.constexpr = ROT > 0
+    HAS_PASS: tl.constexpr = ROT < HEAD_DIM
+    dt = Q.dtype.element_ty
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = pid_bh % H
+    kvh = (h // (H // HKV)).to(tl.int64)
+    h = h.to(tl.int64)
+    col_a, col_b, mask_r, col_c, mask_c, tcol_a, tcol_b = _rope_columns(
+        ROT, HEAD_DIM, INTERLEAVED, PAIRED, BLOCK_R, BLOCK_P)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < T
+    qpos = q_offset + offs_m
+    m64 = offs_m.to(tl.int64)
+    q_rows = b * stride_qb + h * stride_qh + m64 * stride_qt
+    qa = tl.zeros([BLOCK_M, 16], dtype=dt)
+    qb = qa
+    qc = qa
+    if HAS_ROPE:
+        qa, qb = _load_pair(Q, q_rows, stride_qd, m_ok, qpos, COS_Q, SIN_Q, stride_cqp,
+                            stride_cqd, col_a, col_b, mask_r, tcol_a, tcol_b, PAIRED, True)
+    if HAS_PASS:
+        qc = _load_cols(Q, q_rows, stride_qd, m_ok, col_c, mask_c)
+    do = _load_cols(DO, b * stride_db + h * stride_dh + m64 * stride_dt, stride_dd, m_ok,
+                    offs_d, mask_d)
+    lse2 = tl.load(LSE + (b * H + h) * T + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
+    lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)
+    delta = tl.load(DELTA + (b * H + h) * T + offs_m, mask=m_ok, other=0.0)
+    dqa = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+    dqb = dqa
+    dqc = tl.zeros([BLOCK_M, BLOCK_P], dtype=tl.float32)
+
+    q_first = q_offset + pid_m * BLOCK_M
+    q_last = q_offset + tl.minimum(pid_m * BLOCK_M + BLOCK_M, T) - 1
+    lo_b, f_lo, f_hi, hi = _key_range(q_first, q_last, S, k_offset, window, CAUSAL,
+                                      HAS_WINDOW, BLOCK_N)
+    k_row0 = b * stride_kb + kvh * stride_kh
+    v_row0 = b * stride_vb + kvh * stride_vh
+    for seg in tl.static_range(3):   # masked, whole blocks, masked (as in the forward)
+        if seg == 0:
+            start = lo_b
+            stop = f_lo
+        elif seg == 1:
+            start = f_lo
+            stop = f_hi
+        else:
+            start = f_hi
+            stop = hi
+        for start_n in range(start, stop, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < S
+            kpos = k_offset + offs_n
+            n64 = offs_n.to(tl.int64)
+            k_rows = k_row0 + n64 * stride_kn
+            ka = qa
+            kb = qa
+            kc = qc
+            if HAS_ROPE:
+                ka, kb = _load_pair(K, k_rows, stride_kd, n_ok, kpos, COS_K, SIN_K, stride_ckp,
+                                    stride_ckd, col_a, col_b, mask_r, tcol_a, tcol_b, PAIRED,
+                                    ROPE_K)
+            if HAS_PASS:
+                kc = _load_cols(K, k_rows, stride_kd, n_ok, col_c, mask_c)
+            s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            s = _group_dot(s, qa, qb, qc, ka, kb, kc, HAS_ROPE, HAS_PASS, DOT_PREC)
+            p = tl.exp2(s * qk_scale - lse2[:, None])
+            if seg != 1:
+                vis = _visible(qpos[:, None], kpos[None, :], n_ok[None, :] & m_ok[:, None],
+                               window, CAUSAL, HAS_WINDOW)
+                p = tl.where(vis, p, 0.0)
+            v = _load_cols(V, v_row0 + n64 * stride_vn, stride_vd, n_ok, offs_d, mask_d)
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+            ds = (p * (dp - delta[:, None])).to(dt)
+            if HAS_ROPE:
+                dqa = tl.dot(ds, ka, acc=dqa, input_precision=DOT_PREC)
+                dqb = tl.dot(ds, kb, acc=dqb, input_precision=DOT_PREC)
+            if HAS_PASS:
+                dqc = tl.dot(ds, kc, acc=dqc, input_precision=DOT_PREC)
+
+    dq_rows = b * stride_dqb + h * stride_dqh + m64 * stride_dqt
+    if HAS_ROPE:
+        dxa, dxb = _rope_transpose(dqa * scale, dqb * scale, m_ok, qpos, COS_Q, SIN_Q,
+                                   stride_cqp, stride_cqd, tcol_a, tcol_b, mask_r, PAIRED)
+        m2 = m_ok[:, None] & mask_r[None, :]
+        tl.store(DQ + dq_rows[:, None] + col_a[None, :] * stride_dqd, dxa.to(dt), mask=m2)
+        tl.store(DQ + dq_rows[:, None] + col_b[None, :] * stride_dqd, dxb.to(dt), mask=m2)
+    if HAS_PASS:
+        tl.store(DQ + dq_rows[:, None] + col_c[None, :] * stride_dqd, (dqc * scale).to(dt),
+                 mask=m_ok[:, None] & mask_c[None, :])
+
+
+# --------------------------------------------------------------------------------------------
+# decode (flash-decoding)
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _decode_split(Q, K, V, COS_Q, SIN_Q, COS_K, SIN_K, POS, KV_LEN, PART_O, PART_L,
+                  stride_qb, stride_qh, stride_qt, stride_qd,
+                  stride_kb, stride_kh, stride_kn, stride_kd,
+                  stride_vb, stride_vh, stride_vn, stride_vd,
+                  stride_cqp, stride_cqd, stride_ckp, stride_ckd, stride_pos, stride_len,
+                  H, HKV, TQ, S_MAX, CHUNK, NSPLIT, window, qk_scale,
+                  HEAD_DIM: tl.constexpr, ROT: tl.constexpr, INTERLEAVED: tl.constexpr,
+                  PAIRED: tl.constexpr, ROPE_K: tl.constexpr, CAUSAL: tl.constexpr,
+                  HAS_WINDOW: tl.constexpr, HAS_KV_LEN: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
+                  DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr):
+    # Tile rows r = (query head g' of kv head g) * TQ + new query i: each cached K/V block of
+    # kv head g is read once for all its query heads. Over the cache slots
+    # [split * CHUNK, (split + 1) * CHUNK) below kv_len: the normalised partial output and its
+    # base-2 lse. Slot j holds position j; query i of sequence b sits at POS[b] + i.
+    HAS_ROPE: tl.constexpr = ROT > 0
+    HAS_PASS: tl.constexpr = ROT < HEAD_DIM
+    dt = Q.dtype.element_ty
+    pid_s = tl.program_id(0)
+    pid_bk = tl.program_id(1)
+    b = (pid_bk // HKV).to(tl.int64)
+    kvh = (pid_bk % HKV).to(tl.int64)
+    G = H // HKV
+    col_a, col_b, mask_r, col_c, mask_c, tcol_a, tcol_b = _rope_columns(
+        ROT, HEAD_DIM, INTERLEAVED, PAIRED, BLOCK_R, BLOCK_P)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+
+    pos0 = tl.load(POS + b * stride_pos).to(tl.int32)
+    if HAS_KV_LEN:
+        kv_len = tl.load(KV_LEN + b * stride_len).to(tl.int32)
+    else:
+        kv_len = pos0 + TQ
+    kv_len = tl.minimum(kv_len, S_MAX)
+
+    r = tl.arange(0, BLOCK_M)
+    r_ok = r < G * TQ
+    i = r % TQ
+    h = kvh * G + (r // TQ)
+    qpos = pos0 + i
+    q_rows = b * stride_qb + h * stride_qh + i.to(tl.int64) * stride_qt
+    qa = tl.zeros([BLOCK_M, 16], dtype=dt)
+    qb = qa
+    qc = qa
+    if HAS_ROPE:
+        qa, qb = _load_pair(Q, q_rows, stride_qd, r_ok, qpos, COS_Q, SIN_Q, stride_cqp,
+                            stride_cqd, col_a, col_b, mask_r, tcol_a, tcol_b, PAIRED, True)
+    if HAS_PASS:
+        qc = _load_cols(Q, q_rows, stride_qd, r_ok, col_c, mask_c)
+
+    lo = pid_s * CHUNK
+    hi = tl.minimum(lo + CHUNK, kv_len)
+    if CAUSAL:
+        hi = tl.minimum(hi, pos0 + TQ)
+    if HAS_WINDOW:
+        lo = tl.maximum(lo, pos0 - window + 1)
+    k_row0 = b * stride_kb + kvh * stride_kh
+    v_row0 = b * stride_vb + kvh * stride_vh
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < hi
+        n64 = offs_n.to(tl.int64)
+        k_rows = k_row0 + n64 * stride_kn
+        ka = qa
+        kb = qa
+        kc = qc
+        if HAS_ROPE:   # ROPE_K: the cache holds keys before RoPE
+            ka, kb = _load_pair(K, k_rows, stride_kd, n_ok, offs_n, COS_K, SIN_K, stride_ckp,
+                                stride_ckd, col_a, col_b, mask_r, tcol_a, tcol_b, PAIRED,
+                                ROPE_K)
+        if HAS_PASS:
+            kc = _load_cols(K, k_rows, stride_kd, n_ok, col_c, mask_c)
+        qk = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        qk = _group_dot(qk, qa, qb, qc, ka, kb, kc, HAS_ROPE, HAS_PASS, DOT_PREC)
+        qk = qk * qk_scale
+        vis = _visible(qpos[:, None], offs_n[None, :], n_ok[None, :] & r_ok[:, None], window,
+                       CAUSAL, HAS_WINDOW)
+        qk = tl.where(vis, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_ref)
+        p = tl.exp2(qk - m_ref[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load_cols(V, v_row0 + n64 * stride_vn, stride_vd, n_ok, offs_d, mask_d)
+        acc = tl.dot(p.to(dt), v, acc=acc * alpha[:, None], input_precision=DOT_PREC)
+        m_i = m_new
+
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    prow = ((b * H + h) * TQ + i) * NSPLIT + pid_s     # row of [B, H, TQ, NSPLIT]
+    tl.store(PART_O + prow[:, None] * HEAD_DIM + offs_d[None, :], acc / l_safe[:, None],
+             mask=r_ok[:, None] & mask_d[None, :])
+    tl.store(PART_L + prow, tl.where(empty, float("-inf"), m_i + tl.log2(l_safe)), mask=r_ok)
+
+
+@triton.jit
+def _decode_combine(PART_O, PART_L, OUT, stride_ob, stride_oh, stride_ot, stride_od,
+                    H, TQ, NSPLIT, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                    BLOCK_S: tl.constexpr):
+    # out = sum_s 2^(lse_s - max) out_s / sum_s 2^(lse_s - max) over the splits of one row
+    row = tl.program_id(0).to(tl.int64)       # (b * H + h) * TQ + i
+    i = row % TQ
+    h = (row // TQ) % H
+    b = row // (TQ * H)
+    s = tl.arange(0, BLOCK_S)
+    s_ok = s < NSPLIT
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    lse = tl.load(PART_L + row * NSPLIT + s, mask=s_ok, other=float("-inf"))
+    mx = tl.max(lse, 0)
+    w = tl.exp2(lse - tl.where(mx == float("-inf"), 0.0, mx))   # empty splits weigh 0
+    po = tl.load(PART_O + (row * NSPLIT + s)[:, None] * HEAD_DIM + offs_d[None, :],
+                 mask=s_ok[:, None] & mask_d[None, :], other=0.0)
+    den = tl.sum(w, 0)
+    out = tl.sum(w[:, None] * po, 0) / tl.where(den == 0.0, 1.0, den)
+    tl.store(OUT + b * stride_ob + h * stride_oh + i * stride_ot + offs_d * stride_od,
+             out.to(OUT.dtype.element_ty), mask=mask_d)
+
+
+# --------------------------------------------------------------------------------------------
+# launch: autotune on the GPU, fixed blocks under the interpreter
+# --------------------------------------------------------------------------------------------
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _configs(kind: str):
+    C = triton.Config
+    if kind == "fwd":
+        return [C(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=w, num_stages=s)
+                for bm, bn, w, s in [(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3),
+                                     (128, 32, 4, 4), (64, 64, 4, 3), (64, 32, 4, 4),
+                                     (128, 64, 8, 4), (64, 128, 4, 2)]]
+    if kind == "dkdv":   # BLOCK_N keys resident, BLOCK_M query rows streamed
+        return [C(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=w, num_stages=s)
+                for bm, bn, w, s in [(32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3),
+                                     (64, 64, 4, 3), (16, 128, 4, 4), (32, 128, 4, 2)]]
+    if kind == "dq":     # BLOCK_M queries resident, BLOCK_N keys streamed
+        return [C(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=w, num_stages=s)
+                for bm, bn, w, s in [(128, 32, 8, 3), (128, 64, 8, 3), (64, 32, 4, 3),
+                                     (64, 64, 4, 3), (128, 16, 4, 4), (64, 128, 4, 2)]]
+    if kind == "decode":
+        return [C(dict(BLOCK_N=bn), num_warps=w, num_stages=s)
+                for bn, w, s in [(64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 8, 3),
+                                 (256, 8, 2), (32, 4, 4)]]
+    raise KeyError(kind)
+
+
+_KEYS = {
+    "fwd": ["T", "S", "HEAD_DIM", "ROT", "CAUSAL", "HAS_WINDOW"],
+    "dkdv": ["T", "S", "HEAD_DIM", "ROT", "CAUSAL", "HAS_WINDOW"],
+    "dq": ["T", "S", "HEAD_DIM", "ROT", "CAUSAL", "HAS_WINDOW"],
+    "decode": ["TQ", "S_MAX", "HEAD_DIM", "ROT", "ROPE_K"],
+}
+_JIT = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq, "decode": _decode_split}
+_TUNED: dict = {}
+
+
+def _launch(kind: str, grid, *args, **constexprs):
+    """Launch kernel `kind`: `grid` is a function of the block sizes (a dict)."""
+    if _interpret():
+        blocks = INTERPRETER_BLOCKS[kind]
+        _JIT[kind][grid(blocks)](*args, **constexprs, **blocks)
+        return
+    if kind not in _TUNED:
+        _TUNED[kind] = triton.autotune(configs=_configs(kind), key=_KEYS[kind])(_JIT[kind])
+    _TUNED[kind][grid](*args, **constexprs)
+
+
+def _p2(n: int, floor: int = 16) -> int:
+    return max(floor, triton.next_power_of_2(max(n, 1)))
+
+
+# --------------------------------------------------------------------------------------------
+# host API
+# --------------------------------------------------------------------------------------------
+class _Spec:
+    """Checked shapes and resolved options of one call."""
+
+    def __init__(self, q, k, v, cos, sin, k_cos, k_sin, rot_dim, interleaved, rope_k, causal,
+                 window, q_offset, k_offset, scale, decode=False):
+        if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+            raise ValueError(f"q, k, v must be [B, H, T, D]: got {tuple(q.shape)}, "
+                             f"{tuple(k.shape)}, {tuple(v.shape)}")
+        B, H, T, D = q.shape
+        Bk, HKV, S, Dk = k.shape
+        if k.shape != v.shape or Bk != B or Dk != D:
+            raise ValueError(f"k and v must be [B, Hkv, S, D] with q's B and D: q "
+                             f"{tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+        if HKV == 0 or H % HKV:
+            raise ValueError(f"query heads ({H}) must be a multiple of kv heads ({HKV})")
+        if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float32, torch.float16,
+                                                                    torch.bfloat16):
+            raise ValueError(f"q, k, v must share one dtype of f32, f16, bf16: got {q.dtype}, "
+                             f"{k.dtype}, {v.dtype}")
+        if rot_dim is None:
+            rot_dim = 0 if cos is None else cos.shape[-1]
+        if rot_dim < 0 or rot_dim > D or rot_dim % 2:
+            raise ValueError(f"rot_dim must be even and in [0, D={D}]: got {rot_dim}")
+        if rot_dim:
+            if cos is None or sin is None:
+                raise ValueError("rot_dim > 0 needs the cos and sin tables")
+            k_cos = cos if k_cos is None else k_cos
+            k_sin = sin if k_sin is None else k_sin
+            width = cos.shape[-1] if cos.dim() == 2 else -1
+            for name, t in (("cos", cos), ("sin", sin), ("k_cos", k_cos), ("k_sin", k_sin)):
+                if t.dim() != 2 or t.shape[1] != width or width not in (rot_dim, rot_dim // 2):
+                    raise ValueError(f"{name} must be [max_pos, rot_dim={rot_dim}] or, one "
+                                     f"column per pair, [max_pos, {rot_dim // 2}] like cos: "
+                                     f"got {tuple(t.shape)}")
+                if t.device != q.device:
+                    raise ValueError(f"{name} is on {t.device}, q on {q.device}")
+            self.paired = width == rot_dim // 2
+        else:   # no rope: any tensor serves as the (never read) table pointer
+            cos = sin = k_cos = k_sin = q
+            self.paired = False
+        if window is not None and window < 1:
+            raise ValueError(f"window must be >= 1 (or None): got {window}")
+        if not decode:
+            if q_offset is None:
+                q_offset = S - T   # bottom-right aligned: the last query sees the last key
+            if rot_dim and (q_offset < 0 or (rope_k and k_offset < 0)):
+                raise ValueError(f"RoPE needs positions >= 0: q_offset {q_offset}, k_offset "
+                                 f"{k_offset}")
+            if rot_dim and (q_offset + T > cos.shape[0]
+                            or (rope_k and k_offset + S > k_cos.shape[0])):
+                raise ValueError(f"RoPE tables have {cos.shape[0]} positions; queries need "
+                                 f"{q_offset + T}, keys {k_offset + S}")
+        self.B, self.H, self.T, self.D, self.HKV, self.S = B, H, T, D, HKV, S
+        self.cos, self.sin, self.k_cos, self.k_sin = cos, sin, k_cos, k_sin
+        self.rot_dim, self.interleaved = rot_dim, bool(interleaved)
+        self.rope_k, self.causal = bool(rope_k), bool(causal)
+        self.window, self.q_offset, self.k_offset = window, q_offset, k_offset
+        self.scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+        self.dot_prec = "ieee" if q.dtype == torch.float32 else "tf32"
+
+    def tables(self):
+        """The four tables, cos and sin sharing strides (one set of stride arguments each for
+        the queries' and the keys' tables), and those strides."""
+        if self.rot_dim and (self.cos.stride() != self.sin.stride()
+                             or self.k_cos.stride() != self.k_sin.stride()):
+            self.cos, self.sin = self.cos.contiguous(), self.sin.contiguous()
+            self.k_cos, self.k_sin = self.k_cos.contiguous(), self.k_sin.contiguous()
+        st = (self.cos.stride(0), self.cos.stride(-1), self.k_cos.stride(0),
+              self.k_cos.stride(-1))
+        return (self.cos, self.sin, self.k_cos, self.k_sin), st
+
+    def constexprs(self):
+        return dict(HEAD_DIM=self.D, ROT=self.rot_dim, INTERLEAVED=self.interleaved,
+                    PAIRED=self.paired, ROPE_K=self.rope_k, CAUSAL=self.causal,
+                    HAS_WINDOW=self.window is not None, BLOCK_D=_p2(self.D),
+                    BLOCK_R=_p2(self.rot_dim // 2), BLOCK_P=_p2(self.D - self.rot_dim),
+                    DOT_PREC=self.dot_prec)
+
+    @property
+    def window_arg(self) -> int:
+        return 0 if self.window is None else int(self.window)
+
+
+def _run_fwd(sp: _Spec, q, k, v) -> Tuple[Tensor, Tensor]:
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((sp.B, sp.H, sp.T), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse.fill_(float("-inf"))
+    tables, tstrides = sp.tables()
+    _launch("fwd", lambda m: (triton.cdiv(sp.T, m["BLOCK_M"]), sp.B * sp.H),
+            q, k, v, *tables, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            *tstrides, sp.H, sp.HKV, sp.T, sp.S, sp.q_offset, sp.k_offset, sp.window_arg,
+            sp.scale * LOG2E, **sp.constexprs())
+    return out, lse
+
+
+def _run_bwd(sp: _Spec, do, q, k, v, out, lse) -> Tuple[Tensor, Tensor, Tensor]:
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    if q.numel() == 0 or k.numel() == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    delta = torch.empty((sp.B, sp.H, sp.T), dtype=torch.float32, device=q.device)
+    block_m = 16 if _interpret() else 64
+    _attn_bwd_pre[(triton.cdiv(sp.T, block_m), sp.B * sp.H)](
+        out, do, delta, *out.stride(), *do.stride(), sp.H, sp.T, HEAD_DIM=sp.D,
+        BLOCK_D=_p2(sp.D), BLOCK_M=block_m)
+    tables, tstrides = sp.tables()
+    common = (sp.H, sp.HKV, sp.T, sp.S, sp.q_offset, sp.k_offset, sp.window_arg,
+              sp.scale * LOG2E, sp.scale)
+    _launch("dkdv", lambda m: (triton.cdiv(sp.S, m["BLOCK_N"]), sp.B * sp.HKV),
+            q, k, v, *tables, do, lse, delta, dk, dv, *q.stride(), *k.stride(), *v.stride(),
+            *do.stride(), *dk.stride(), *dv.stride(), *tstrides, *common, **sp.constexprs())
+    _launch("dq", lambda m: (triton.cdiv(sp.T, m["BLOCK_M"]), sp.B * sp.H),
+            q, k, v, *tables, do, lse, delta, dq, *q.stride(), *k.stride(), *v.stride(),
+            *do.stride(), *dq.stride(), *tstrides, *common, **sp.constexprs())
+    return dq, dk, dv
+
+
+_OPTIONS_DOC = """
+    q [B, H, T, D]; k, v [B, Hkv, S, D] (H % Hkv == 0; query head h reads kv head
+        h // (H / Hkv)); any strides; f32, f16 or bf16, all three alike.
+    cos, sin: RoPE tables by absolute position, [max_pos, rot_dim] laid out like the rotated
+        dims, or [max_pos, rot_dim / 2] with one column per rotary pair (`rope_tables`; any
+        float dtype, read in fp32). k_cos, k_sin: the keys' own tables (default cos, sin;
+        XPos: `xpos_tables`).
+    rot_dim: RoPE on the first rot_dim dims of a head (default: the tables' width; 0 or no
+        tables: no RoPE at all).
+    interleaved: rotary pairs (2i, 2i+1) rather than (i, i + rot_dim / 2).
+    rope_k: rotate the keys (default); False: k is already rotated and only q is (YOCO's
+        cross-attention over its shared, once-rotated K).
+    causal, window: key j visible to query i iff kpos <= qpos and kpos > qpos - window, in
+        absolute positions; a row that sees no key gives 0.
+    q_offset, k_offset: positions of query row 0 and key row 0 (default q_offset = S - T, so
+        queries that follow S - T cached keys line up; k_offset 0).
+    scale: on the scores (default 1/sqrt(D)).
+"""
+
+
+def rope_attention_fwd(q: Tensor, k: Tensor, v: Tensor, cos: Optional[Tensor] = None,
+                       sin: Optional[Tensor] = None, *, k_cos: Optional[Tensor] = None,
+                       k_sin: Optional[Tensor] = None, rot_dim: Optional[int] = None,
+                       interleaved: bool = False, rope_k: bool = True, causal: bool = True,
+                       window: Optional[int] = None, q_offset: Optional[int] = None,
+                       k_offset: int = 0, scale: Optional[float] = None
+                       ) -> Tuple[Tensor, Tensor]:
+    """Forward kernel alone: (out [B, H, T, D] in q's dtype, lse [B, H, T] fp32, natural log,
+    -inf for a row that sees no key)."""
+    sp = _Spec(q, k, v, cos, sin, k_cos, k_sin, rot_dim, interleaved, rope_k, causal, window,
+               q_offset, k_offset, scale)
+    return _run_fwd(sp, q, k, v)
+
+
+def rope_attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                       cos: Optional[Tensor] = None, sin: Optional[Tensor] = None, *,
+                       k_cos: Optional[Tensor] = None, k_sin: Optional[Tensor] = None,
+                       rot_dim: Optional[int] = None, interleaved: bool = False,
+                       rope_k: bool = True, causal: bool = True, window: Optional[int] = None,
+                       q_offset: Optional[int] = None, k_offset: int = 0,
+                       scale: Optional[float] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    """Backward kernels alone: (dq, dk, dv) with respect to the q, k, v given (before RoPE),
+    from the forward's out and lse and the upstream gradient `do`; dk and dv are summed over
+    the query heads that share each kv head."""
+    sp = _Spec(q, k, v, cos, sin, k_cos, k_sin, rot_dim, interleaved, rope_k, causal, window,
+               q_offset, k_offset, scale)
+    return _run_bwd(sp, do, q, k, v, out, lse)
+
+
+class RopeAttention(torch.autograd.Function):
+    """(out, lse) = rope_attention(...): the forward kernel saves (q, k, v, out, lse) and the
+    backward recomputes RoPE and the probabilities from them. No gradient for the tables
+    (they are constants of the model; a graph that trains them is not fused)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cos, sin, k_cos, k_sin, rot_dim, interleaved, rope_k, causal,
+                window, q_offset, k_offset, scale):
+        opts = (rot_dim, interleaved, rope_k, causal, window, q_offset, k_offset, scale)
+        sp = _Spec(q, k, v, cos, sin, k_cos, k_sin, *opts)
+        out, lse = _run_fwd(sp, q, k, v)
+        ctx.save_for_backward(q, k, v, out, lse, cos, sin, k_cos, k_sin)
+        ctx.opts = opts
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse, cos, sin, k_cos, k_sin = ctx.saved_tensors
+        sp = _Spec(q, k, v, cos, sin, k_cos, k_sin, *ctx.opts)
+        dq, dk, dv = _run_bwd(sp, dout, q, k, v, out, lse)
+        return (dq, dk, dv) + (None,) * 12
+
+
+def rope_attention(q: Tensor, k: Tensor, v: Tensor, cos: Optional[Tensor] = None,
+                   sin: Optional[Tensor] = None, *, k_cos: Optional[Tensor] = None,
+                   k_sin: Optional[Tensor] = None, rot_dim: Optional[int] = None,
+                   interleaved: bool = False, rope_k: bool = True, causal: bool = True,
+                   window: Optional[int] = None, q_offset: Optional[int] = None,
+                   k_offset: int = 0, scale: Optional[float] = None,
+                   return_lse: bool = False):
+    """Fused RoPE + attention with gradients: out [B, H, T, D] in q's dtype (and lse
+    [B, H, T] fp32 with return_lse).
+    """
+    out, lse = RopeAttention.apply(q, k, v, cos, sin, k_cos, k_sin, rot_dim, interleaved,
+                                   rope_k, causal, window, q_offset, k_offset, scale)
+    return (out, lse) if return_lse else out
+
+
+rope_attention.__doc__ += _OPTIONS_DOC
+
+
+def _split_count(S: int, B: int, HKV: int, device) -> int:
+    """Splits of the cache for flash-decoding: about two programs per SM over B * Hkv, and no
+    split under 256 slots. Depends on shapes only, so a captured CUDA graph keeps it."""
+    if _interpret() or S == 0:
+        return max(1, triton.cdiv(S, 64))
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(triton.cdiv(2 * sms, B * HKV), triton.cdiv(S, 256)))
+
+
+def _per_sequence(t, B: int, name: str, device) -> Tuple[Tensor, int]:
+    """An int per sequence: [B] values (and their stride) or one value for all (stride 0)."""
+    t = torch.as_tensor(t, device=device)
+    if t.numel() == 1:
+        return t.reshape(1), 0
+    if t.shape != (B,):
+        raise ValueError(f"{name} must be [B={B}] or a single value: got {tuple(t.shape)}")
+    return t, t.stride(0)
+
+
+def rope_attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor,
+                          pos: Union[Tensor, int], cos: Optional[Tensor] = None,
+                          sin: Optional[Tensor] = None, *,
+                          kv_len: Union[Tensor, int, None] = None, rope_k: bool = False,
+                          k_cos: Optional[Tensor] = None, k_sin: Optional[Tensor] = None,
+                          rot_dim: Optional[int] = None, interleaved: bool = False,
+                          causal: bool = True, window: Optional[int] = None,
+                          scale: Optional[float] = None, num_splits: Optional[int] = None,
+                          out: Optional[Tensor] = None) -> Tensor:
+    """Decode attention (flash-decoding): a few new queries per sequence against a cache.
+
+    q [B, H, Tq, D] (Tq small, typically 1); k_cache, v_cache [B, Hkv, S_max, D], slot j
+        holding position j, possibly padded past the valid length.
+    pos: int tensor [B] (or one value for all): the absolute position of q's row 0; row i
+        sits at pos + i. Read on the device, so a captured CUDA graph replays with new
+        positions. The tables must cover every position used (not checked: that would sync).
+    kv_len: int tensor [B] (or one value): the valid slots, default pos + Tq (the new keys
+        already written); slots >= kv_len are masked.
+    rope_k: the cache holds keys before RoPE (rotated here at their slot's position); default
+        False: it holds rotated keys (rotate once when writing, `apply_rope`), so the loop
+        reads nothing but K and V.
+    num_splits: how many programs share one sequence's cache (default: enough to fill the
+        GPU, from the shapes alone). Other options as in `rope_attention`.
+    out: where to write (a CUDA graph's static output); returned.
+    On the GPU the first call for a shape runs the autotuner: make it before capturing.
+    """
+    sp = _Spec(q, k_cache, v_cache, cos, sin, k_cos, k_sin, rot_dim, interleaved, rope_k,
+               causal, window, 0, 0, scale, decode=True)
+    B, H, TQ, D, HKV, S = sp.B, sp.H, sp.T, sp.D, sp.HKV, sp.S
+    pos, stride_pos = _per_sequence(pos, B, "pos", q.device)
+    if kv_len is None:
+        kv_len_t, stride_len = pos, 0      # not read
+    else:
+        kv_len_t, stride_len = _per_sequence(kv_len, B, "kv_len", q.device)
+    if num_splits is None:
+        num_splits = _split_count(S, B, HKV, q.device)
+    num_splits = max(1, min(int(num_splits), max(S, 1)))
+    chunk = triton.cdiv(S, num_splits) if S else 0
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if q.numel() == 0:
+        return out
+    part_o = torch.empty((B, H, TQ, num_splits, D), dtype=torch.float32, device=q.device)
+    part_l = torch.empty((B, H, TQ, num_splits), dtype=torch.float32, device=q.device)
+    tables, tstrides = sp.tables()
+    _launch("decode", lambda m: (num_splits, B * HKV),
+            q, k_cache, v_cache, *tables, pos, kv_len_t, part_o, part_l, *q.stride(),
+            *k_cache.stride(), *v_cache.stride(), *tstrides, stride_pos, stride_len, H, HKV,
+            TQ, S, chunk, num_splits, sp.window_arg, sp.scale * LOG2E,
+            HAS_KV_LEN=kv_len is not None, BLOCK_M=_p2(H // HKV * TQ), **sp.constexprs())
+    _decode_combine[(B * H * TQ,)](part_o, part_l, out, *out.stride(), H, TQ, num_splits,
+                                   HEAD_DIM=D, BLOCK_D=_p2(D), BLOCK_S=_p2(num_splits, 2))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# tables and the torch reference
+# --------------------------------------------------------------------------------------------
+def rope_tables(max_pos: int, rot_dim: int, base: float = 10000.0, interleaved: bool = False,
+                paired: bool = False, device=None) -> Tuple[Tensor, Tensor]:
+    """cos, sin fp32 tables computed as the zoo's YAML does (fp32 throughout): pair i turns by
+    p * base^(-2i/rot_dim) at position p. [max_pos, rot_dim] in the layout of the rotated
+    dims, or with `paired` [max_pos, rot_dim / 2], one column per pair (half the loads in
+    the kernels; pass rot_dim explicitly with those)."""
+    inv_freq = 1.0 / base ** (torch.arange(rot_dim // 2, device=device, dtype=torch.float32)
+                              * 2 / rot_dim)
+    freqs = torch.arange(max_pos, device=device, dtype=torch.float32)[:, None] * inv_freq
+    if not paired:
+        freqs = freqs.repeat_interleave(2, -1) if interleaved else torch.cat([freqs, freqs], -1)
+    return freqs.cos(), freqs.sin()
+
+
+def _full_width(t: Tensor, rot_dim: int, interleaved: bool) -> Tensor:
+    """A table in the layout of the rotated dims (paired tables repeated per pair member)."""
+    if t.shape[-1] == rot_dim:
+        return t
+    return t.repeat_interleave(2, -1) if interleaved else torch.cat([t, t], -1)
+
+
+def xpos_tables(cos: Tensor, sin: Tensor, *, rot_dim: Optional[int] = None,
+                interleaved: bool = False, scale_base: float = 512.0
+                ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """XPos folded into RoPE tables: (q_cos, q_sin, k_cos, k_sin), the queries' scaled by
+    zeta^(p/scale_base) and the keys' by zeta^(-p/scale_base), zeta_i = (2i/r + 0.4)/1.4 for
+    rotary pair i of r = rot_dim dims (as zoo/minimax.yaml writes it). Since rope(x) * z =
+    x * (cos z) + rot(x) * (sin z), the kernels need nothing else. Tables full width or
+    paired (then give rot_dim), as they come."""
+    max_pos, width = cos.shape
+    r = width if rot_dim is None else rot_dim
+    zeta = (torch.arange(r // 2, dtype=torch.float32, device=cos.device) * 2 / r + 0.4) / 1.4
+    if width == r:
+        zeta = zeta.repeat_interleave(2) if interleaved else torch.cat([zeta, zeta])
+    p = torch.arange(max_pos, dtype=torch.float32, device=cos.device)[:, None]
+    z = torch.exp(torch.log(zeta)[None, :] * p / scale_base)
+    return cos * z, sin * z, cos / z, sin / z
+
+
+def _positions(offset, n: int, device) -> Tensor:
+    """[B or 1, n] absolute positions from an int or an int tensor [B] / 0-d."""
+    if isinstance(offset, torch.Tensor):
+        return offset.reshape(-1, 1).to(device=device, dtype=torch.long) + \
+            torch.arange(n, device=device)
+    return (offset + torch.arange(n, device=device))[None, :]
+
+
+def apply_rope(x: Tensor, cos: Optional[Tensor], sin: Optional[Tensor],
+               offset: Union[int, Tensor] = 0, rot_dim: Optional[int] = None,
+               interleaved: bool = False) -> Tensor:
+    """RoPE on the first rot_dim dims of x [B, H, T, D] at positions offset + t (offset an int
+    or an int tensor [B]), tables full width or paired. Computed in fp32 (fp64 for fp64 x) and
+    returned so: round to x.dtype yourself, e.g. before writing a cache."""
+    wide = torch.float64 if x.dtype == torch.float64 else torch.float32
+    rot_dim = (0 if cos is None else cos.shape[-1]) if rot_dim is None else rot_dim
+    x = x.to(wide)
+    if rot_dim == 0:
+        return x
+    p = _positions(offset, x.shape[-2], x.device)              # [B or 1, T]
+    c = _full_width(cos.to(wide), rot_dim, interleaved)[p][:, None]   # [B or 1, 1, T, R]
+    s = _full_width(sin.to(wide), rot_dim, interleaved)[p][:, None]
+    xr, xp = x[..., :rot_dim], x[..., rot_dim:]
+    if interleaved:
+        rot = torch.stack([-xr[..., 1::2], xr[..., 0::2]], -1).flatten(-2)
+    else:
+        x1, x2 = xr.chunk(2, -1)
+        rot = torch.cat([-x2, x1], -1)
+    return torch.cat([xr * c + rot * s, xp], -1)
+
+
+def rope_attention_reference(q: Tensor, k: Tensor, v: Tensor, cos: Optional[Tensor] = None,
+                             sin: Optional[Tensor] = None, *, k_cos: Optional[Tensor] = None,
+                             k_sin: Optional[Tensor] = None, rot_dim: Optional[int] = None,
+                             interleaved: bool = False, rope_k: bool = True,
+                             causal: bool = True, window: Optional[int] = None,
+                             q_offset: Union[int, Tensor, None] = None, k_offset: int = 0,
+                             scale: Optional[float] = None,
+                             kv_len: Union[Tensor, int, None] = None,
+                             return_lse: bool = False):
+    """The same math in torch, op by op, differentiable: RoPE on q (and k), scaled scores,
+    the mask, softmax, @ v; computed in fp32 (fp64 for fp64 inputs), out in q's dtype.
+    Beyond `rope_attention`'s options, q_offset may be an int tensor [B] (per-sequence
+    positions, as in decode) and kv_len masks key rows >= kv_len[b]."""
+    B, H, T, D = q.shape
+    HKV, S = k.shape[1], k.shape[2]
+    if rot_dim is None:
+        rot_dim = 0 if cos is None else cos.shape[-1]
+    k_cos = cos if k_cos is None else k_cos
+    k_sin = sin if k_sin is None else k_sin
+    if q_offset is None:
+        q_offset = S - T
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    qr = apply_rope(q, cos, sin, q_offset, rot_dim, interleaved)
+    kr = apply_rope(k, k_cos, k_sin, k_offset, rot_dim if rope_k else 0, interleaved)
+    G = H // HKV
+    kr = kr.repeat_interleave(G, 1)
+    vv = v.to(qr.dtype).repeat_interleave(G, 1)
+    s = (qr @ kr.transpose(-1, -2)) * scale                      # [B, H, T, S]
+    qpos = _positions(q_offset, T, q.device)[:, None, :, None]   # [B or 1, 1, T, 1]
+    kpos = (k_offset + torch.arange(S, device=q.device))[None, None, None, :]
+    vis = torch.ones(qpos.shape[0], 1, T, S, dtype=torch.bool, device=q.device)
+    if causal:
+        vis = vis & (kpos <= qpos)
+    if window is not None:
+        vis = vis & (kpos > qpos - window)
+    if kv_len is not None:
+        kv_len = torch.as_tensor(kv_len, device=q.device)
+        vis = vis & (kpos < kv_len.reshape(-1, 1, 1, 1))
+    vis = vis.expand(B, H, T, S)
+    any_vis = vis.any(-1, keepdim=True)
+    s = torch.where(vis, s, float("-inf"))
+    s = torch.where(any_vis, s, 0.0)                             # rows with nothing: no NaN
+    lse = torch.logsumexp(s, -1)
+    p = torch.softmax(s, -1) * any_vis
+    out = (p @ vv).to(q.dtype)
+    if return_lse:
+        return out, torch.where(any_vis[..., 0], lse, float("-inf"))
+    return out

@@ -1,0 +1,340 @@
+"""Fused RoPE + attention kernels (lmc/codegen/attention.py) in Triton's interpreter against the
+torch reference run in fp64: the forward (out and lse), every gradient under a random upstream
+gradient, and flash-decoding, on odd shapes (T 63, 17, 1; head dims 32, 64 and 48; n_kv 1, 2,
+4 under H 4; windows shorter and longer than T; partial rotary; both RoPE layouts; full and
+paired tables; XPos tables; query/key position offsets; rows that see no key; strided inputs;
+several block sizes), decode over padded caches in several splits; the reference itself
+against independent formulations (complex rotation, SDPA with an explicit mask); and the
+benchmark script's CPU run."""
+import importlib.util
+import json
+import math
+import os
+
+import pytest
+import torch
+from conftest import ROOT
+
+import lmc  # noqa: F401  (TRITON_INTERPRET=1 before triton is imported, without CUDA)
+from lmc.codegen import attention as A
+
+F32_TOL = 1e-5       # max abs error, fp32 kernels vs the fp64 reference (gradients included)
+F16_REL = 2e-3       # fp16: max abs error / max |reference| (fp16's unit roundoff: 4.9e-4)
+
+
+def _randn(*shape, gen, dtype=torch.float32):
+    return torch.randn(*shape, generator=gen).to(dtype)
+
+
+def _max_err(got, want):
+    return (got.double() - want.double()).abs().max().item()
+
+
+def run_case(B, H, HKV, T, S, D, *, rot, interleaved=False, paired=False, causal=True,
+             window=None, q_offset=None, k_offset=0, rope_k=True, xpos=False,
+             dtype=torch.float32, strided=False, seed=0):
+    """Fused forward + backward vs the fp64 reference: max abs error of out, lse, dq, dk, dv
+    (and the largest reference magnitude, for fp16's relative bound)."""
+    gen = torch.Generator().manual_seed(seed)
+    if strided:   # [B, T, H, D] activations seen as [B, H, T, D], as a model's permute makes
+        q = _randn(B, T, H, D, gen=gen, dtype=dtype).transpose(1, 2)
+        k = _randn(B, S, HKV, D, gen=gen, dtype=dtype).transpose(1, 2)
+        v = _randn(B, S, HKV, D, gen=gen, dtype=dtype).transpose(1, 2)
+    else:
+        q = _randn(B, H, T, D, gen=gen, dtype=dtype)
+        k = _randn(B, HKV, S, D, gen=gen, dtype=dtype)
+        v = _randn(B, HKV, S, D, gen=gen, dtype=dtype)
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    qo = S - T if q_offset is None else q_offset
+    tabs = dict(cos=None, sin=None)
+    if rot:
+        cos, sin = A.rope_tables(max(qo + T, k_offset + S) + 3, rot, interleaved=interleaved,
+                                 paired=paired)
+        tabs = dict(cos=cos, sin=sin)
+        if xpos:
+            qc, qs, kc, ks = A.xpos_tables(cos, sin, rot_dim=rot, interleaved=interleaved)
+            tabs = dict(cos=qc, sin=qs, k_cos=kc, k_sin=ks)
+    kw = dict(rot_dim=rot, interleaved=interleaved, causal=causal, window=window,
+              q_offset=q_offset, k_offset=k_offset, rope_k=rope_k)
+    out, lse = A.rope_attention(q, k, v, **tabs, **kw, return_lse=True)
+    assert out.dtype == dtype and out.shape == (B, H, T, D) and lse.dtype == torch.float32
+    do = _randn(B, H, T, D, gen=gen, dtype=dtype)
+    grads = torch.autograd.grad(out, (q, k, v), do)
+
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    tabs64 = {n: (t.double() if t is not None else None) for n, t in tabs.items()}
+    ref, ref_lse = A.rope_attention_reference(q64, k64, v64, **tabs64, **kw, return_lse=True)
+    rgrads = torch.autograd.grad(ref, (q64, k64, v64), do.double())
+
+    empty = torch.isinf(ref_lse)
+    assert torch.equal(torch.isinf(lse), empty), "rows that see no key"
+    errs = {"out": _max_err(out, ref),
+            "lse": _max_err(lse[~empty], ref_lse[~empty]) if (~empty).any() else 0.0}
+    scale = {"out": ref.abs().max().item(), "lse": ref_lse[~empty].abs().max().item()}
+    for name, got, want in zip(("dq", "dk", "dv"), grads, rgrads):
+        assert got.shape == want.shape and got.dtype == dtype
+        errs[name] = _max_err(got, want)
+        scale[name] = want.abs().max().item()
+    return errs, scale
+
+
+def _assert_close(errs, scale, dtype):
+    print({k: f"{v:.1e}" + ("" if dtype == torch.float32 else f" (max |ref| {scale[k]:.1f})")
+           for k, v in errs.items()})
+    for name, e in errs.items():
+        if dtype == torch.float32:
+            assert e <= F32_TOL, (name, e)
+        else:
+            assert e <= F16_REL * max(scale[name], 1.0), (name, e, scale[name])
+
+
+# (id, shape B H HKV T S D, options)
+CASES = [
+    ("mha-rotate-half-strided", (1, 4, 4, 63, 63, 32), dict(rot=32, strided=True)),
+    ("mqa-interleaved-partial-window16", (1, 4, 1, 63, 63, 64),
+     dict(rot=32, interleaved=True, window=16)),
+    ("gqa-partial-window-longer-than-T", (1, 4, 2, 63, 63, 32), dict(rot=16, window=100)),
+    ("prefill-after-cache-interleaved-paired", (2, 4, 2, 17, 40, 64),
+     dict(rot=64, interleaved=True, paired=True, window=9)),
+    ("offsets-q30-k3-paired", (1, 4, 4, 17, 40, 32), dict(rot=32, paired=True, q_offset=30,
+                                                          k_offset=3)),
+    ("single-query", (1, 4, 2, 1, 33, 64), dict(rot=64)),
+    ("no-rope-not-causal", (1, 4, 2, 63, 50, 32), dict(rot=0, causal=False)),
+    ("rope-q-only-keys-prerotated", (1, 4, 1, 63, 63, 32), dict(rot=32, rope_k=False)),
+    ("xpos-partial-gqa", (1, 4, 2, 63, 63, 32), dict(rot=16, xpos=True)),
+    ("rows-that-see-no-key", (1, 4, 2, 17, 20, 32), dict(rot=32, q_offset=0, k_offset=10)),
+    ("head-dim-48-window-not-causal", (1, 4, 2, 17, 17, 48),
+     dict(rot=32, paired=True, causal=False, window=5)),
+]
+
+
+@pytest.mark.parametrize("shape,opts", [pytest.param(s, o, id=i) for i, s, o in CASES])
+def test_forward_and_gradients_fp32(shape, opts):
+    errs, scale = run_case(*shape, **opts)
+    _assert_close(errs, scale, torch.float32)
+
+
+@pytest.mark.parametrize("blocks", [(16, 16), (64, 64)], ids=["blocks-16", "blocks-64"])
+def test_block_sizes(blocks, monkeypatch):
+    """Many small blocks (every segment of the key loop: masked window start, unmasked
+    middle, masked diagonal) and blocks larger than T."""
+    bm, bn = blocks
+    for kind in ("fwd", "dkdv", "dq"):
+        monkeypatch.setitem(A.INTERPRETER_BLOCKS, kind, dict(BLOCK_M=bm, BLOCK_N=bn))
+    errs, scale = run_case(1, 4, 2, 63, 63, 32, rot=32, window=40)
+    _assert_close(errs, scale, torch.float32)
+
+
+def test_fp16():
+    errs, scale = run_case(1, 4, 2, 63, 63, 64, rot=64, interleaved=True, window=20,
+                           dtype=torch.float16)
+    _assert_close(errs, scale, torch.float16)
+
+
+# -- decode ----------------------------------------------------------------------------------
+def run_decode(B, H, HKV, TQ, S_MAX, D, *, rot, pos, kv_len=None, rope_k=False, causal=True,
+               window=None, splits=None, paired=False, interleaved=False,
+               dtype=torch.float32, seed=0):
+    """Flash-decoding over a cache padded to S_MAX (padding slots hold large values that would
+    show if read) vs the fp64 reference over the raw keys."""
+    gen = torch.Generator().manual_seed(seed)
+    q = _randn(B, H, TQ, D, gen=gen, dtype=dtype)
+    k_raw = _randn(B, HKV, S_MAX, D, gen=gen, dtype=dtype)
+    v = _randn(B, HKV, S_MAX, D, gen=gen, dtype=dtype)
+    pos_t = torch.as_tensor(pos)
+    valid = pos_t.reshape(-1) + TQ if kv_len is None else torch.as_tensor(kv_len).reshape(-1)
+    valid = valid.expand(B)
+    for b in range(B):
+        k_raw[b, :, valid[b]:] = 1e3
+        v[b, :, valid[b]:] = -1e3
+    cos = sin = None
+    if rot:
+        cos, sin = A.rope_tables(S_MAX + TQ + 2, rot, interleaved=interleaved, paired=paired)
+    k_cache = k_raw if rope_k or not rot else \
+        A.apply_rope(k_raw, cos, sin, 0, rot, interleaved).to(dtype)
+    out = A.rope_attention_decode(q, k_cache, v, pos_t, cos, sin, kv_len=kv_len,
+                                  rope_k=rope_k, rot_dim=rot, interleaved=interleaved,
+                                  causal=causal, window=window, num_splits=splits)
+    assert out.shape == q.shape and out.dtype == dtype
+    ref = A.rope_attention_reference(
+        q.double(), k_raw.double(), v.double(), None if cos is None else cos.double(),
+        None if sin is None else sin.double(), rot_dim=rot, interleaved=interleaved,
+        causal=causal, window=window, q_offset=pos_t, kv_len=valid)
+    return _max_err(out, ref), ref.abs().max().item()
+
+
+DECODE = [
+    ("gqa-padded-3-splits", (3, 4, 2, 1, 80, 32), dict(rot=32, pos=[0, 37, 70], splits=3)),
+    ("mqa-raw-key-cache-window-5-splits", (3, 4, 1, 1, 80, 64),
+     dict(rot=32, pos=[5, 40, 70], rope_k=True, window=16, splits=5, interleaved=True,
+          paired=True)),
+    ("mha-3-queries-kv-len-not-causal", (2, 4, 4, 3, 64, 32),
+     dict(rot=32, pos=[7, 50], kv_len=[10, 61], causal=False, splits=4)),
+    ("one-position-for-all-one-split", (2, 4, 2, 1, 40, 32), dict(rot=32, pos=25, splits=1)),
+    ("more-splits-than-blocks-no-rope", (1, 4, 2, 2, 33, 32), dict(rot=0, pos=30, splits=9)),
+]
+
+
+@pytest.mark.parametrize("shape,opts", [pytest.param(s, o, id=i) for i, s, o in DECODE])
+def test_decode_fp32(shape, opts):
+    err, _ = run_decode(*shape, **opts)
+    print(f"decode max abs err {err:.1e}")
+    assert err <= F32_TOL
+
+
+def test_decode_fp16():
+    err, scale = run_decode(2, 4, 2, 1, 70, 64, rot=64, pos=[20, 65], splits=4,
+                            dtype=torch.float16)
+    print(f"decode fp16 max abs err {err:.1e} (max |ref| {scale:.2f})")
+    assert err <= F16_REL * max(scale, 1.0)
+
+
+def test_decode_positions_are_read_from_the_tensor():
+    """The position lives on the device: changing the tensor in place changes the result the
+    same call computes (what a replayed CUDA graph relies on)."""
+    gen = torch.Generator().manual_seed(3)
+    q = _randn(1, 2, 1, 32, gen=gen)
+    k = _randn(1, 2, 48, 32, gen=gen)
+    v = _randn(1, 2, 48, 32, gen=gen)
+    cos, sin = A.rope_tables(64, 32)
+    pos = torch.tensor([20])
+    first = A.rope_attention_decode(q, k, v, pos, cos, sin, num_splits=2)
+    pos.fill_(40)
+    second = A.rope_attention_decode(q, k, v, pos, cos, sin, num_splits=2)
+    ref = A.rope_attention_reference(q, k, v, cos, sin, rope_k=False, q_offset=pos,
+                                     kv_len=pos + 1)
+    assert not torch.allclose(first, second)
+    assert _max_err(second, ref) <= F32_TOL
+
+
+# -- the reference against independent formulations -----------------------------------------
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_reference_rope_is_a_complex_rotation(interleaved):
+    """Pair (a, b) of x at position p becomes (a + ib) e^{i p theta_pair}; dims past rot_dim
+    are untouched."""
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 3, 9, 12, generator=gen, dtype=torch.float64)
+    rot, base, off = 8, 100.0, 5
+    cos, sin = A.rope_tables(20, rot, base=base, interleaved=interleaved)
+    got = A.apply_rope(x, cos.double(), sin.double(), off, rot, interleaved)
+    xr = x[..., :rot]
+    a, b = (xr[..., 0::2], xr[..., 1::2]) if interleaved else xr.chunk(2, -1)
+    theta = base ** (-torch.arange(rot // 2, dtype=torch.float64) * 2 / rot)
+    angle = (off + torch.arange(9, dtype=torch.float64))[:, None] * theta
+    z = torch.complex(a, b) * torch.exp(1j * angle)
+    want_r = torch.stack([z.real, z.imag], -1).flatten(-2) if interleaved else \
+        torch.cat([z.real, z.imag], -1)
+    torch.testing.assert_close(got[..., :rot], want_r, atol=1e-6, rtol=0)   # fp32 tables
+    assert torch.equal(got[..., rot:], x[..., rot:])
+    paired = A.rope_tables(20, rot, base=base, interleaved=interleaved, paired=True)
+    assert torch.equal(A.apply_rope(x, *paired, off, rot, interleaved), got)
+
+
+def test_reference_attention_matches_sdpa_with_an_explicit_mask():
+    gen = torch.Generator().manual_seed(5)
+    B, H, HKV, T, S, D, W = 2, 4, 2, 11, 19, 16, 6
+    q = torch.randn(B, H, T, D, generator=gen, dtype=torch.float64)
+    k = torch.randn(B, HKV, S, D, generator=gen, dtype=torch.float64)
+    v = torch.randn(B, HKV, S, D, generator=gen, dtype=torch.float64)
+    got = A.rope_attention_reference(q, k, v, window=W, scale=0.3)
+    i = torch.arange(T)[:, None] + (S - T)
+    j = torch.arange(S)[None, :]
+    mask = (j <= i) & (j > i - W)
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), attn_mask=mask, scale=0.3)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+
+
+def test_xpos_tables_scale_queries_up_and_keys_down():
+    cos, sin = A.rope_tables(600, 8)
+    qc, qs, kc, ks = A.xpos_tables(cos, sin)
+    zeta = (torch.arange(4) * 2 / 8 + 0.4) / 1.4
+    zeta = torch.cat([zeta, zeta])
+    torch.testing.assert_close(qc[512] / cos[512], zeta, rtol=1e-5, atol=0)
+    torch.testing.assert_close(ks[512] / sin[512], 1 / zeta, rtol=1e-5, atol=0)
+    torch.testing.assert_close(qc * kc, cos * cos)
+
+
+# -- errors ------------------------------------------------------------------------------------
+def test_bad_arguments_are_refused_with_a_reason():
+    q = torch.zeros(1, 3, 4, 8)
+    k = torch.zeros(1, 2, 4, 8)
+    cos, sin = A.rope_tables(4, 8)
+    with pytest.raises(ValueError, match="multiple of kv heads"):
+        A.rope_attention_fwd(q, k, k, cos, sin)
+    q = torch.zeros(1, 4, 4, 8)
+    with pytest.raises(ValueError, match="rot_dim must be even"):
+        A.rope_attention_fwd(q, k, k, cos[:, :3], sin[:, :3])
+    with pytest.raises(ValueError, match="positions; queries need 6"):
+        A.rope_attention_fwd(q, k, k, cos, sin, q_offset=2)
+    with pytest.raises(ValueError, match="like cos"):
+        A.rope_attention_fwd(q, k, k, cos, sin, k_cos=cos[:, :4], k_sin=sin[:, :4])
+    with pytest.raises(ValueError, match="share one dtype"):
+        A.rope_attention_fwd(q.half(), k, k, cos, sin)
+
+
+# -- the benchmark's CPU run -----------------------------------------------------------------
+def test_benchmark_runs_tiny_on_cpu(tmp_path):
+    path = os.path.join(ROOT, "benchmarks", "attention_bench.py")
+    spec = importlib.util.spec_from_file_location("attention_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "bench.jsonl"
+    rec = bench.main(["--tiny", "--out", str(out)])
+    saved = json.loads(out.read_text().splitlines()[-1])
+    assert saved["date"] == rec["date"] and "interpreter" in saved["device"]
+    assert "not a speed" in saved["timing"] and saved["torch"] and saved["triton"]
+    methods = {(r["method"], r["pass"]) for r in saved["prefill"]}
+    assert len(methods) == 8 and all(r["tflops"] > 0 for r in saved["prefill"])
+    assert saved["decode"] and all(math.isfinite(r["GB/s"]) for r in saved["decode"])
+    for c in saved["check"]:
+        assert max(c["max_abs_err"].values()) <= F32_TOL
+
+
+# -- on the GPU (autotuned blocks, bf16 / fp16 tensor cores): run with -m gpu -----------------
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("D,HKV,window", [(64, 16, None), (128, 4, 300)],
+                         ids=["d64-mha-causal", "d128-gqa-window"])
+def test_gpu_errors_within_twice_sdpa(dtype, D, HKV, window):
+    """Errors against the fp32 reference no larger than twice those of torch's own pipeline
+    in the same dtype (RoPE rounded to the dtype, then F.scaled_dot_product_attention): out,
+    every gradient, and decode."""
+    import torch.nn.functional as F
+    gen = torch.Generator().manual_seed(6)
+    B, H, T = 2, 16, 1000
+    dev = torch.device("cuda")
+    q = _randn(B, H, T, D, gen=gen).to(dev, dtype).requires_grad_()
+    k = _randn(B, HKV, T, D, gen=gen).to(dev, dtype).requires_grad_()
+    v = _randn(B, HKV, T, D, gen=gen).to(dev, dtype).requires_grad_()
+    do = _randn(B, H, T, D, gen=gen).to(dev, dtype)
+    cos, sin = A.rope_tables(T, D, paired=True, device=dev)
+    out = A.rope_attention(q, k, v, cos, sin, rot_dim=D, window=window)
+    fused = (out, *torch.autograd.grad(out, (q, k, v), do))
+
+    x32 = [x.detach().float().requires_grad_() for x in (q, k, v)]
+    ref = A.rope_attention_reference(*x32, cos, sin, rot_dim=D, window=window)
+    want = (ref, *torch.autograd.grad(ref, x32, do.float()))
+
+    xb = [x.detach().requires_grad_() for x in (q, k, v)]
+    G = H // HKV
+    qr = A.apply_rope(xb[0], cos, sin, 0, D).to(dtype)
+    kr = A.apply_rope(xb[1], cos, sin, 0, D).to(dtype).repeat_interleave(G, 1)
+    i, j = torch.arange(T, device=dev)[:, None], torch.arange(T, device=dev)[None, :]
+    mask = (j <= i) & (j > i - (window or T + 1))
+    sd = F.scaled_dot_product_attention(qr, kr, xb[2].repeat_interleave(G, 1), attn_mask=mask)
+    base = (sd, *torch.autograd.grad(sd, xb, do))
+    unit = 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -11
+    for name, f, b, w in zip(("out", "dq", "dk", "dv"), fused, base, want):
+        ef, eb = _max_err(f, w), _max_err(b, w)
+        print(f"{name}: fused {ef:.2e}, torch {eb:.2e}")
+        assert ef <= max(2 * eb, 2 * unit * w.abs().max().item()), name
+
+    k_cache = A.apply_rope(k.detach(), cos, sin, 0, D).to(dtype)
+    pos = torch.full((B,), T - 1, device=dev)
+    dec = A.rope_attention_decode(q.detach()[:, :, -1:], k_cache, v.detach(), pos, cos, sin,
+                                  rot_dim=D, window=window)
+    ed, eb = _max_err(dec, want[0][:, :, -1:]), _max_err(base[0][:, :, -1:], want[0][:, :, -1:])
+    print(f"decode: fused {ed:.2e}, torch {eb:.2e}")
+    assert ed <= max(2 * eb, 2 * unit * want[0][:, :, -1:].abs().max().item())
