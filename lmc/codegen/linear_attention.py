@@ -24,7 +24,8 @@ Chunked forward (chunk C, a power of two >= 16; T need not be a multiple of C: t
 is masked, its padded gates read as 0). Within chunk n (rows t = nC + i) the decays are taken
 relative to the chunk start: b_i = g_{nC} + ... + g_{nC+i} (a C x C masked row sum in fp32),
 so every exponent below is <= 0 and nothing overflows however long T is (no global cumsum is
-ever formed; at T = 32k a global G loses the precision a difference of two large numbers has):
+ever formed: with strong decay a global G reaches -1e5 and beyond by T = 32k, where fp32
+differences G_t - G_s keep only a few digits, and exp(-G_s) alone would overflow):
 
     S_n   = the state entering chunk n (fp32, d_k x d_v; S_0 = initial_state)
     o_i   = scale * (exp(b_i) q_i S_n + sum_{j <= i} (q_i . k_j) exp(b_i - b_j) v_j)
@@ -36,9 +37,14 @@ ever formed; at T = 32k a global G loses the precision a difference of two large
                   masked product (QK^T * D) V plus exp(b) Q S_n.
 
 Saved vs recomputed: the autograd function saves only q, k, v, g (and the initial state); the
-per-chunk states (NC * d_k * d_v fp32 per head, 2x the elements of q at C = 64, d = 128) are
-recomputed by `_fwd_states` in the backward rather than held from forward to backward, so a
-layer's activation memory between the passes is its inputs, as for flash attention.
+per-chunk states (NC * d_k * d_v fp32 per head: at C = 64, d = 128 twice the elements of q,
+4x its bf16 bytes) are recomputed by `_fwd_states` in the backward (one extra sequential pass
+of k^T v products: at C = 64, d = 128 a third of the forward's flops, an eighth of the
+backward's) rather than held from forward to
+backward, so a layer's activation memory between the passes is its inputs, as for flash
+attention. Transient memory: the forward holds the states while `_fwd_out` runs; the backward
+holds them and their gradients (2 x 4 NC d_k d_v bytes per head) plus an fp32 [NK, B, H, T]
+buffer for dg; nothing is T x T.
 
 Backward. dH_n = dL/dS_n obeys the reverse recurrence (dH_NC = the final state's gradient)
 
@@ -64,6 +70,9 @@ per program, the state tile in fp32 registers: state update and output in one la
 state written in place if asked (CUDA-graph friendly). `prefill` is the chunked forward
 returning its final state.
 
+Grids: the sequential kernels run B*H*NK*NV programs (d = 128, 64-wide tiles: 4 per head),
+the parallel ones (B*H*blocks, NC), so T / C <= 65535.
+
 Dtypes: q, k, v fp32, fp16 or bf16 (one dtype); tensor-core dots take the input dtype
 (fp32 dots are IEEE, no TF32), accumulate in fp32, decays and states are fp32, outputs and
 dq/dk/dv take the input dtype, dg the gates' dtype. Only long-stable Triton APIs (tl.dot,
@@ -83,7 +92,9 @@ Tensor = torch.Tensor
 
 # largest d_k / d_v tile: a head dim above it is split over programs (d = 128: 2 x 64)
 MAX_BLOCK = 64
-NUM_WARPS = 4
+# launch options on the GPU (fixed, not autotuned; two stages keep the fp32 backward's
+# pipelined state tiles well inside the H100's shared memory)
+GPU_LAUNCH = {"num_warps": 4, "num_stages": 2}
 
 
 # --------------------------------------------------------------------------------------------
@@ -444,7 +455,7 @@ class _Plan:
         self.NK, self.NV = triton.cdiv(self.DK, self.BK), triton.cdiv(self.DV, self.BV)
         self.scale = 1.0 if scale is None else float(scale)
         self.prec = "ieee" if q.dtype == torch.float32 else "tf32"
-        self.warps = {} if _interpret() else {"num_warps": NUM_WARPS}
+        self.warps = {} if _interpret() else dict(GPU_LAUNCH)
 
     def states(self, k, v, g, s0, store_final: bool) -> Tuple[Tensor, Optional[Tensor]]:
         BH = self.B * self.H
@@ -615,7 +626,7 @@ def recurrent_step(q: Tensor, k: Tensor, v: Tensor, g: Tensor, state: Tensor, *,
     o = torch.empty((B, H, T, DV), dtype=q.dtype, device=q.device)
     BK = _p2(DK)
     BV = min(_p2(DV), 64)
-    warps = {} if _interpret() else {"num_warps": NUM_WARPS}
+    warps = {} if _interpret() else dict(GPU_LAUNCH)
     NV = triton.cdiv(DV, BV)
     _recurrent[(B * H * NV,)](
         q, k, v, ge, s_in, s_out, o, *_s4(q), *_s4(k), *_s4(v), *ge.stride(), *_s4(o),
