@@ -351,6 +351,18 @@ def cmd_verify(args) -> int:
     return 1 if failed else 0
 
 
+def cmd_graph(args) -> int:
+    """Draw a model: the source blocks, the fused graph, the kernel sequence or the decode
+    step, as .svg, .png, .html (offline) or .dot (default: <model>-<stage>.svg)."""
+    from .viz import graph_command
+
+    _import_blocks(args.imports)
+    out = graph_command(args.file, args.stage, args.out, args.preset, args.set or (),
+                        fold=not args.no_fold)
+    print(f"wrote       {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lmc", description="A compiler for language-model "
                                 "architectures written as YAML graphs of primitive ops.")
@@ -446,6 +458,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a tiny config and few steps: checks the harness in well under a minute")
     b.add_argument("--import", dest="imports", action="append", metavar="PY")
     b.set_defaults(fn=cmd_bench)
+
+    gr = sub.add_parser("graph", help="draw the model or what the compiler did to it",
+                        description=cmd_graph.__doc__)
+    gr.add_argument("file", help="model YAML file")
+    gr.add_argument("--preset")
+    gr.add_argument("--set", nargs="+", action="extend", metavar="KEY=VALUE")
+    gr.add_argument("--stage", default="source", metavar="STAGE",
+                    help="source (default), fused, kernels or decode")
+    gr.add_argument("-o", "--out", metavar="FILE", help=".svg, .png, .html or .dot")
+    gr.add_argument("--no-fold", action="store_true",
+                    help="draw every layer (by default repeated layers are drawn once, ×N)")
+    gr.add_argument("--import", dest="imports", action="append", metavar="PY")
+    gr.set_defaults(fn=cmd_graph)
     return p
 
 
