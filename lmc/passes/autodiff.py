@@ -147,6 +147,7 @@ def differentiate(g: Graph, wrt: Optional[Sequence[str]] = None) -> Differentiat
         if rule is None:
             raise LmcError(f"no VJP rule for {n.op.value}", n.loc)
         b.loc = n.loc
+        b.scope = n.scope  # backward nodes belong to the forward node's block instance
         grads = rule(Rule(b, n, gn, fwd))
         for i, gi in zip(n.inputs, grads):
             if gi is None or not depends.get(i):
@@ -157,6 +158,7 @@ def differentiate(g: Graph, wrt: Optional[Sequence[str]] = None) -> Differentiat
                                f"for a {i.type.shape} input", n.loc)
             ct[i] = ct[i] + gi if i in ct else gi
     b.loc = None
+    b.scope = ""
 
     grads_out = {}
     for name, t in zip(wrt, targets):
