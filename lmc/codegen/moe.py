@@ -1,0 +1,805 @@
+"""Mixture-of-experts kernels: fused top-k gating and sorted dispatch with grouped GEMMs, their
+backward, autograd wrappers and the torch references they are tested against. The kernel half
+of issue 8; the `fuse_moe_gating` pass replaces the zoo's dense router region with `moe_gating`
+and the dense "every expert on every token, then mask" form with `moe_layer`.
+
+The math, exactly the zoo's (blues01 / minimax `moe` blocks, medit_one's `routed` gate), per
+token t of a [B, T] batch flattened to N = B*T rows:
+
+    logits_t = x_t @ W_r (+ noise_t)          noise given as a tensor (the zoo's gaussian_noise
+                                              is drawn outside), so everything is deterministic
+    p_t      = softmax(logits_t) in fp32;  lse_t = logsumexp(logits_t)  (z-loss)
+    top      = the k largest p_t (k in {1, 2}); ties go to the lower expert index (the zoo's
+               topk is a stable descending sort)
+    w_tj     = p_t[top_j] / sum_j' p_t[top_j']          (renormalize=True; else p_t[top_j])
+    capacity (optional, minimax): per sequence along T, pos_te = number of tokens s <= t of the
+               same sequence that chose e; slot j of token t is kept iff
+               (pos_{t,top_j} - 1) * E * 100 < capacity_pct * k * (t + 1);  dropped slots get
+               weight 0 (renormalised before dropping, as GShard/the zoo)
+    stats    counts_e = slots choosing e (f_e = counts_e / (N k)), kept_e = slots kept,
+               prob_sum_e = sum_t p_te (P_e = prob_sum_e / N)
+    y_t      = sum_j w_tj FFN_{top_j}(x_t),  FFN_e(u) = (act(u Wg_e) * (u W1_e)) W2_e,
+               act = silu (SwiGLU, minimax) or exact-erf gelu (GeGLU, blues01)
+
+Kernels (all grids from sizes known on the host or upper bounds of them: no host sync):
+
+    _gate_fwd      one launch: router matmul, noise, softmax, top-k, renormalisation, capacity
+                   and per-program partial stats. Without capacity one program per block of
+                   tokens; with capacity one program per sequence walking its tokens in order
+                   with running per-expert counts (the block-local inclusive count is a
+                   triangular [BT, BT] x [BT, E] dot of 0/1 values, exact in fp16). Writes
+                   idx/weights/kept [N, k], probs [N, E] fp32 (saved for the backward: E
+                   values per token, the only E x N tensor) and lse [N].
+    _gate_bwd      d logits from the gradients of the weights, prob sums and lse:
+                     dp_i = (g_i kept_i - sum_j g_j w_j) / S  (selected i; S = sum of the k
+                     selected p; without renormalisation dp_i = g_i kept_i) + d prob_sum,
+                     dlogits = p * (dp - <p, dp>) + dlse * p
+                   then dx = dlogits W_r^T and dW_r = x^T dlogits as two small matmuls.
+    _route_hist    per block of the N*k (token, slot) assignments: block-local rank of each
+                   kept assignment within its expert (triangular dot) and block histograms;
+                   torch cumsums over the [blocks, E] histograms give the expert offsets and
+                   each block's offset within an expert (device-side prefix sums).
+    _route_scatter sorted position of every kept assignment: expert_off + block_off + rank;
+                   writes the sorted token ids and weights and each slot's sorted row (-1 when
+                   dropped). Order inside an expert: token order (deterministic).
+    _gmm           grouped GEMM over the sorted rows: program (row tile, column tile); the row
+                   tile's expert is found from the device-side tile table (tile_end = cumsum
+                   of ceil(count_e / BM)), the grid uses the bound ceil(N k / BM) + E and idle
+                   programs return. Modes: up projection with the gated epilogue (stores the
+                   pre-activations a, b for the backward and h = act(a) * b), plain product
+                   (down projection), dh with the gated backward epilogue (da, db), and the
+                   two-term product da Wg^T + db W1^T (dx of the sorted rows). Rows of x are
+                   gathered through the sorted token ids; nothing is copied into sorted order.
+    _wgrad         per expert dW_e = A_e^T D_e, looping over that expert's rows (a loop bound
+                   read from device memory).
+    _combine       y_t = sum_j w_tj Y[slot_tj] (a gather, no atomics: deterministic); also
+                   sums the sorted rows' dx back to tokens (weights 1).
+    _combine_bwd   dw_tj = <dy_t, Y[slot_tj]>.
+
+Matmuls accumulate in fp32; a, b, h, Y are stored in x's dtype (as torch autocast would keep
+them); fp32 inputs use IEEE dots (no tf32).
+"""
+from __future__ import annotations
+
+import os
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch import Tensor
+
+ACTS = ("silu", "gelu")
+GPU_GEMM = dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=3)
+CPU_GEMM = dict(BM=16, BN=32, BK=32)
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _p2(n: int, floor: int = 16) -> int:
+    return max(floor, triton.next_power_of_2(max(int(n), 1)))
+
+
+# -- gating -------------------------------------------------------------------------------------
+@triton.jit
+def _gate_fwd(X, WR, NOISE, IDX, WOUT, KEPT, PROBS, LSE, PART,
+              N, T, D, E, n_iter, cap_pct,
+              sxn, sxd, swd, swe, snn, sne,
+              K: tl.constexpr, RENORM: tl.constexpr, HAS_NOISE: tl.constexpr,
+              CAP: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr,
+              DOT_PREC: tl.constexpr):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BE)
+    emask = cols < E
+    ar = tl.arange(0, BT)
+    dr = tl.arange(0, BD)
+    if CAP:
+        base = pid * T          # one program per sequence, tokens in order
+        limit = base + T
+    else:
+        base = pid * BT
+        limit = N
+    running = tl.zeros([BE], tl.float32)     # slots per expert so far in this sequence
+    cnt = tl.zeros([BE], tl.float32)
+    kcnt = tl.zeros([BE], tl.float32)
+    psum = tl.zeros([BE], tl.float32)
+    tri = (ar[None, :] <= ar[:, None]).to(tl.float16)     # [r, r'] = r' <= r
+    for it in range(0, n_iter):
+        rows = base + it * BT + ar
+        rmask = rows < limit
+        acc = tl.zeros([BT, BE], tl.float32)
+        for d0 in range(0, D, BD):
+            dd = d0 + dr
+            xk = tl.load(X + rows[:, None] * sxn + dd[None, :] * sxd,
+                         mask=rmask[:, None] & (dd[None, :] < D), other=0.0)
+            wk = tl.load(WR + dd[:, None] * swd + cols[None, :] * swe,
+                         mask=(dd[:, None] < D) & emask[None, :], other=0.0)
+            acc = tl.dot(xk, wk, acc=acc, input_precision=DOT_PREC)
+        logits = acc
+        if HAS_NOISE:
+            nz = tl.load(NOISE + rows[:, None] * snn + cols[None, :] * sne,
+                         mask=rmask[:, None] & emask[None, :], other=0.0)
+            logits = logits + nz.to(tl.float32)
+        logits = tl.where(emask[None, :], logits, float("-inf"))
+        m = tl.max(logits, 1)
+        ex = tl.exp(logits - m[:, None])
+        s = tl.sum(ex, 1)
+        p = ex / s[:, None]
+        tl.store(LSE + rows, m + tl.log(s), mask=rmask)
+        tl.store(PROBS + rows[:, None] * E + cols[None, :], p,
+                 mask=rmask[:, None] & emask[None, :])
+        # top-k: the largest p, ties to the lowest index (stable descending sort)
+        pm = tl.where(emask[None, :], p, -1.0)
+        v1 = tl.max(pm, 1)
+        i1 = tl.min(tl.where(pm == v1[:, None], cols[None, :], BE), 1)
+        sel = cols[None, :] == i1[:, None]
+        if K == 2:
+            pm2 = tl.where(sel, -1.0, pm)
+            v2 = tl.max(pm2, 1)
+            i2 = tl.min(tl.where(pm2 == v2[:, None], cols[None, :], BE), 1)
+            sel2 = cols[None, :] == i2[:, None]
+            sel = sel | sel2
+            tot = v1 + v2
+        else:
+            tot = v1
+        sel = sel & rmask[:, None]
+        self_f = sel.to(tl.float32)
+        cnt += tl.sum(self_f, 0)
+        psum += tl.sum(tl.where(rmask[:, None] & emask[None, :], p, 0.0), 0)
+        if RENORM:
+            w1 = v1 / tot
+        else:
+            w1 = v1
+        if CAP:
+            local = tl.dot(tri, self_f.to(tl.float16), out_dtype=tl.float32)   # inclusive
+            pos = (running[None, :] + local).to(tl.int64)
+            t = (rows - base).to(tl.int64)
+            ok = (pos - 1) * (E * 100) < (t[:, None] + 1) * (cap_pct * K)
+            keep = sel & ok
+            running += tl.sum(self_f, 0)
+            k1 = tl.sum(tl.where((cols[None, :] == i1[:, None]) & keep, 1, 0), 1) > 0
+        else:
+            keep = sel
+            k1 = rmask
+        kcnt += tl.sum(keep.to(tl.float32), 0)
+        tl.store(IDX + rows * K, i1, mask=rmask)
+        tl.store(WOUT + rows * K, tl.where(k1, w1, 0.0), mask=rmask)
+        tl.store(KEPT + rows * K, k1.to(tl.int32), mask=rmask)
+        if K == 2:
+            if RENORM:
+                w2 = v2 / tot
+            else:
+                w2 = v2
+            if CAP:
+                k2 = tl.sum(tl.where((cols[None, :] == i2[:, None]) & keep, 1, 0), 1) > 0
+            else:
+                k2 = rmask
+            tl.store(IDX + rows * K + 1, i2, mask=rmask)
+            tl.store(WOUT + rows * K + 1, tl.where(k2, w2, 0.0), mask=rmask)
+            tl.store(KEPT + rows * K + 1, k2.to(tl.int32), mask=rmask)
+    tl.store(PART + pid * 3 * BE + cols, cnt)
+    tl.store(PART + pid * 3 * BE + BE + cols, kcnt)
+    tl.store(PART + pid * 3 * BE + 2 * BE + cols, psum)
+
+
+@triton.jit
+def _gate_bwd(PROBS, IDX, KEPT, WOUT, DW, DPSUM, DLSE, DLOG, N, E,
+              K: tl.constexpr, RENORM: tl.constexpr, HAS_DW: tl.constexpr,
+              HAS_DPSUM: tl.constexpr, HAS_DLSE: tl.constexpr,
+              BT: tl.constexpr, BE: tl.constexpr):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BE)
+    emask = cols < E
+    rows = pid * BT + tl.arange(0, BT)
+    rmask = rows < N
+    m2 = rmask[:, None] & emask[None, :]
+    p = tl.load(PROBS + rows[:, None] * E + cols[None, :], mask=m2, other=0.0)
+    dp = tl.zeros([BT, BE], tl.float32)
+    if HAS_DW:
+        i1 = tl.load(IDX + rows * K, mask=rmask, other=0)
+        g1 = tl.load(DW + rows * K, mask=rmask, other=0.0) * \
+            tl.load(KEPT + rows * K, mask=rmask, other=0).to(tl.float32)
+        s1 = cols[None, :] == i1[:, None]
+        if RENORM:
+            v1 = tl.sum(tl.where(s1, p, 0.0), 1)
+            gw = g1 * tl.load(WOUT + rows * K, mask=rmask, other=0.0)
+            tot = v1
+        if K == 2:
+            i2 = tl.load(IDX + rows * K + 1, mask=rmask, other=0)
+            g2 = tl.load(DW + rows * K + 1, mask=rmask, other=0.0) * \
+                tl.load(KEPT + rows * K + 1, mask=rmask, other=0).to(tl.float32)
+            s2 = cols[None, :] == i2[:, None]
+            if RENORM:
+                tot = tot + tl.sum(tl.where(s2, p, 0.0), 1)
+                gw = gw + g2 * tl.load(WOUT + rows * K + 1, mask=rmask, other=0.0)
+            g = tl.where(s1, g1[:, None], 0.0) + tl.where(s2, g2[:, None], 0.0)
+            sel = s1 | s2
+        else:
+            g = tl.where(s1, g1[:, None], 0.0)
+            sel = s1
+        if RENORM:
+            tot = tl.where(rmask, tot, 1.0)
+            dp = tl.where(sel, (g - gw[:, None]) / tot[:, None], 0.0)
+        else:
+            dp = g
+    if HAS_DPSUM:
+        dp += tl.load(DPSUM + cols, mask=emask, other=0.0)[None, :]
+    dl = p * (dp - tl.sum(p * dp, 1)[:, None])
+    if HAS_DLSE:
+        dl += tl.load(DLSE + rows, mask=rmask, other=0.0)[:, None] * p
+    tl.store(DLOG + rows[:, None] * E + cols[None, :], dl, mask=m2)
+
+
+class Gating(NamedTuple):
+    """The fused gating's results for N tokens, k slots, E experts."""
+    idx: Tensor          # [N, k] int32 expert of each slot (by descending p, ties low index)
+    weight: Tensor       # [N, k] fp32 combine weights (0 for dropped slots)
+    kept: Tensor         # [N, k] int32 1 = within capacity (always 1 without capacity)
+    counts: Tensor       # [E] fp32 slots choosing e (before capacity)
+    kept_counts: Tensor  # [E] fp32 slots kept
+    prob_sum: Tensor     # [E] fp32 sum over tokens of p_e (differentiable)
+    lse: Tensor          # [N] fp32 logsumexp of the (noisy) router logits (differentiable)
+    probs: Tensor        # [N, E] fp32 router probabilities (saved for the backward)
+
+
+def _gate_blocks():
+    return (64, 64) if not _interpret() else (16, 32)
+
+
+def _gating_forward(x, w_router, noise, k, renormalize, capacity_pct, seq_len) -> Gating:
+    N, D = x.shape
+    E = w_router.shape[1]
+    dev = x.device
+    BT, BD = _gate_blocks()
+    BE = _p2(E)
+    cap = capacity_pct is not None
+    if cap:
+        T = int(seq_len)
+        if T <= 0 or N % T:
+            raise ValueError(f"capacity needs N = B*T tokens with seq_len T: N={N}, T={seq_len}")
+        grid, n_iter = N // T, triton.cdiv(T, BT)
+    else:
+        T, grid, n_iter = N, triton.cdiv(N, BT), 1
+    grid = max(grid, 1)
+    idx = torch.empty((N, k), dtype=torch.int32, device=dev)
+    w = torch.empty((N, k), dtype=torch.float32, device=dev)
+    kept = torch.empty((N, k), dtype=torch.int32, device=dev)
+    probs = torch.empty((N, E), dtype=torch.float32, device=dev)
+    lse = torch.empty((N,), dtype=torch.float32, device=dev)
+    part = torch.empty((grid, 3, BE), dtype=torch.float32, device=dev)
+    nz = noise if noise is not None else probs
+    sn = noise.stride() if noise is not None else (0, 0)
+    extra = {} if _interpret() else dict(num_warps=4)
+    _gate_fwd[(grid,)](x, w_router, nz, idx, w, kept, probs, lse, part,
+                       N, T, D, E, n_iter, int(capacity_pct or 0),
+                       *x.stride(), *w_router.stride(), *sn,
+                       K=k, RENORM=bool(renormalize), HAS_NOISE=noise is not None, CAP=cap,
+                       BT=BT, BD=BD, BE=BE,
+                       DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32", **extra)
+    stats = part.sum(0)[:, :E]
+    return Gating(idx, w, kept, stats[0], stats[1], stats[2], lse, probs)
+
+
+def _gating_backward(g: Gating, dw, dpsum, dlse, k, renormalize) -> Tensor:
+    """d logits [N, E] fp32 from the gradients of weight [N, k], prob_sum [E], lse [N]."""
+    N, E = g.probs.shape
+    BT = 16 if _interpret() else 64
+    dlog = torch.empty_like(g.probs)
+    f32 = (lambda t: t.float().contiguous() if t is not None else None)
+    dw, dpsum, dlse = f32(dw), f32(dpsum), f32(dlse)
+    _gate_bwd[(max(triton.cdiv(N, BT), 1),)](
+        g.probs, g.idx, g.kept, g.weight, dw if dw is not None else g.weight,
+        dpsum if dpsum is not None else g.probs, dlse if dlse is not None else g.probs,
+        dlog, N, E, K=k, RENORM=bool(renormalize), HAS_DW=dw is not None,
+        HAS_DPSUM=dpsum is not None, HAS_DLSE=dlse is not None, BT=BT, BE=_p2(E))
+    return dlog
+
+
+def _check_gating(x, w_router, noise, k, capacity_pct, seq_len):
+    if x.dim() != 2 or w_router.dim() != 2 or w_router.shape[0] != x.shape[1]:
+        raise ValueError(f"x must be [N, d] and w_router [d, E]: got {list(x.shape)}, "
+                         f"{list(w_router.shape)}")
+    if k not in (1, 2) or w_router.shape[1] < k:
+        raise ValueError(f"top-k needs k in (1, 2) and at least k experts: k={k}, "
+                         f"E={w_router.shape[1]}")
+    if noise is not None and tuple(noise.shape) != (x.shape[0], w_router.shape[1]):
+        raise ValueError(f"noise must be [N, E]: got {list(noise.shape)}")
+    if capacity_pct is not None and seq_len is None:
+        raise ValueError("capacity needs seq_len (the capacity runs per sequence along T)")
+
+
+def _dtheta(x, w_router, dlog, need_x, need_w):
+    dx = (dlog @ w_router.float().t()).to(x.dtype) if need_x else None
+    dwr = (x.float().t() @ dlog).to(w_router.dtype) if need_w else None
+    return dx, dwr
+
+
+class MoEGatingFunction(torch.autograd.Function):
+    """(x, w_router, noise) -> (weight, prob_sum, lse, idx, kept, counts, kept_counts);
+    gradients flow from weight, prob_sum and lse to x, w_router and noise."""
+
+    @staticmethod
+    def forward(ctx, x, w_router, noise, k, renormalize, capacity_pct, seq_len):
+        g = _gating_forward(x, w_router, noise, k, renormalize, capacity_pct, seq_len)
+        ctx.save_for_backward(x, w_router, g.idx, g.weight, g.kept, g.probs)
+        ctx.conf = (k, renormalize)
+        ctx.mark_non_differentiable(g.idx, g.kept, g.counts, g.kept_counts)
+        return g.weight, g.prob_sum, g.lse, g.idx, g.kept, g.counts, g.kept_counts
+
+    @staticmethod
+    def backward(ctx, dw, dpsum, dlse, *_):
+        x, w_router, idx, weight, kept, probs = ctx.saved_tensors
+        k, renorm = ctx.conf
+        g = Gating(idx, weight, kept, None, None, None, None, probs)
+        dlog = _gating_backward(g, dw, dpsum, dlse, k, renorm)
+        dx, dwr = _dtheta(x, w_router, dlog, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        dn = dlog if ctx.needs_input_grad[2] else None
+        return dx, dwr, dn, None, None, None, None
+
+
+def moe_gating(x: Tensor, w_router: Tensor, noise: Optional[Tensor] = None, *, k: int = 2,
+               renormalize: bool = True, capacity_pct: Optional[int] = None,
+               seq_len: Optional[int] = None) -> Gating:
+    """Fused router for x [N, d] (N = B*T, sequences contiguous), w_router [d, E], optional
+    noise [N, E] added to the logits. capacity_pct: the zoo's capacity factor in hundredths
+    (minimax: 120), applied per sequence of seq_len tokens. Differentiable in weight, prob_sum
+    and lse (autograd)."""
+    _check_gating(x, w_router, noise, k, capacity_pct, seq_len)
+    w, ps, lse, idx, kept, cnt, kc = MoEGatingFunction.apply(
+        x, w_router, noise, k, renormalize, capacity_pct, seq_len)
+    return Gating(idx, w, kept, cnt, kc, ps, lse, None)
+
+
+# -- dispatch -----------------------------------------------------------------------------------
+@triton.jit
+def _route_hist(IDX, KEPT, RANK, BCNT, NA, E, BA: tl.constexpr, BE: tl.constexpr):
+    pid = tl.program_id(0)
+    a = pid * BA + tl.arange(0, BA)
+    am = a < NA
+    cols = tl.arange(0, BE)
+    e = tl.load(IDX + a, mask=am, other=0)
+    kp = tl.load(KEPT + a, mask=am, other=0) > 0
+    oh = ((cols[None, :] == e[:, None]) & (kp & am)[:, None]).to(tl.float16)
+    ar = tl.arange(0, BA)
+    tri = (ar[None, :] <= ar[:, None]).to(tl.float16)
+    local = tl.dot(tri, oh, out_dtype=tl.float32)
+    rank = tl.sum(tl.where(cols[None, :] == e[:, None], local, 0.0), 1).to(tl.int32) - 1
+    tl.store(RANK + a, rank, mask=am)
+    tl.store(BCNT + pid * BE + cols, tl.sum(oh.to(tl.float32), 0).to(tl.int32))
+
+
+@triton.jit
+def _route_scatter(IDX, KEPT, WGT, RANK, BOFF, EOFF, STOK, SW, SLOT, NA,
+                   K: tl.constexpr, BA: tl.constexpr, BE: tl.constexpr):
+    pid = tl.program_id(0)
+    a = pid * BA + tl.arange(0, BA)
+    am = a < NA
+    e = tl.load(IDX + a, mask=am, other=0)
+    kp = (tl.load(KEPT + a, mask=am, other=0) > 0) & am
+    dest = tl.load(EOFF + e, mask=am, other=0) + tl.load(BOFF + pid * BE + e, mask=am, other=0) \
+        + tl.load(RANK + a, mask=am, other=0)
+    tl.store(STOK + dest, (a // K).to(tl.int32), mask=kp)
+    tl.store(SW + dest, tl.load(WGT + a, mask=am, other=0.0), mask=kp)
+    tl.store(SLOT + a, tl.where(kp, dest, -1).to(tl.int32), mask=am)
+
+
+class Routing(NamedTuple):
+    sorted_tok: Tensor   # [N k] int32 token of each sorted row (rows >= total unused)
+    sorted_w: Tensor     # [N k] fp32 its combine weight
+    slot: Tensor         # [N, k] int32 sorted row of each slot, -1 when dropped
+    counts: Tensor       # [E] int32 kept rows per expert
+    eoff: Tensor         # [E] int32 first sorted row of each expert
+    tile_start: Tensor   # [E] int32 first row tile of each expert (tiles of BM rows)
+    tile_end: Tensor     # [E] int32 one past its last row tile
+    max_tiles: int       # grid bound: ceil(N k / BM) + E
+
+
+def route(idx: Tensor, kept: Tensor, weight: Tensor, E: int, BM: int) -> Routing:
+    """Groups the kept (token, slot) assignments by expert, in token order within an expert:
+    block histograms + device prefix sums, then a scatter. No host synchronisation."""
+    N, k = idx.shape
+    NA = N * k
+    dev = idx.device
+    BA, BE = 64, _p2(E)
+    nb = max(triton.cdiv(NA, BA), 1)
+    rank = torch.empty((NA,), dtype=torch.int32, device=dev)
+    bcnt = torch.empty((nb, BE), dtype=torch.int32, device=dev)
+    _route_hist[(nb,)](idx, kept, rank, bcnt, NA, E, BA=BA, BE=BE)
+    csum = torch.cumsum(bcnt, 0, dtype=torch.int32)
+    boff = (csum - bcnt).contiguous()
+    counts = csum[-1, :E].contiguous()
+    eoff = (torch.cumsum(counts, 0, dtype=torch.int32) - counts).contiguous()
+    tiles = (counts + BM - 1) // BM
+    tile_end = torch.cumsum(tiles, 0, dtype=torch.int32)
+    tile_start = (tile_end - tiles).contiguous()
+    stok = torch.zeros((max(NA, 1),), dtype=torch.int32, device=dev)
+    sw = torch.zeros((max(NA, 1),), dtype=torch.float32, device=dev)
+    slot = torch.empty((N, k), dtype=torch.int32, device=dev)
+    _route_scatter[(nb,)](idx, kept, weight.contiguous(), rank, boff, eoff, stok, sw, slot, NA,
+                          K=k, BA=BA, BE=BE)
+    return Routing(stok, sw, slot, counts, eoff, tile_start, tile_end.contiguous(),
+                   triton.cdiv(NA, BM) + E)
+
+
+@triton.jit
+def _act(a, ACT: tl.constexpr):
+    if ACT == 0:
+        return a * tl.sigmoid(a)
+    else:
+        return 0.5 * a * (1.0 + tl.erf(a * 0.7071067811865476))
+
+
+@triton.jit
+def _act_grad(a, ACT: tl.constexpr):
+    if ACT == 0:
+        s = tl.sigmoid(a)
+        return s * (1.0 + a * (1.0 - s))
+    else:
+        return 0.5 * (1.0 + tl.erf(a * 0.7071067811865476)) + \
+            a * tl.exp(-0.5 * a * a) * 0.3989422804014327
+
+
+@triton.jit
+def _gmm(A, A2, TOK, SW, B, B2, C, C2, PA, PB,
+         TSTART, TEND, EOFF, CNT, E, KD, ND,
+         sa_r, sa_k, sb_e, sb_k, sb_n, sc_r,
+         MODE: tl.constexpr, GATHER: tl.constexpr, SAVE: tl.constexpr, ACT: tl.constexpr,
+         DOT_PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+         BE: tl.constexpr):
+    """Row tile pid_m of the sorted rows times expert weights. MODE 0: C = A B (the row scaled
+    by its weight when SW is used, i.e. MODE 2's dh); 1: a = A B, b = A B2, C = act(a) * b
+    (PA, PB = a, b when SAVE); 2: dh = w * (A B), C = dh * b * act'(a), C2 = dh * act(a);
+    3: C = A B + A2 B2."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    cols = tl.arange(0, BE)
+    te = tl.load(TEND + cols, mask=cols < E, other=2147483647)
+    e = tl.sum((te <= pid_m).to(tl.int32), 0)
+    if e >= E:
+        return
+    r0 = tl.load(EOFF + e) + (pid_m - tl.load(TSTART + e)) * BM
+    rend = tl.load(EOFF + e) + tl.load(CNT + e)
+    rows = r0 + tl.arange(0, BM)
+    rm = rows < rend
+    if GATHER:
+        arow = tl.load(TOK + rows, mask=rm, other=0).to(tl.int64)
+    else:
+        arow = rows.to(tl.int64)
+    n = pid_n * BN + tl.arange(0, BN)
+    nm = n < ND
+    kk = tl.arange(0, BK)
+    acc = tl.zeros([BM, BN], tl.float32)
+    acc2 = tl.zeros([BM, BN], tl.float32)
+    wbase = e.to(tl.int64) * sb_e
+    for k0 in range(0, KD, BK):
+        km = (k0 + kk) < KD
+        a = tl.load(A + arow[:, None] * sa_r + (k0 + kk)[None, :] * sa_k,
+                    mask=rm[:, None] & km[None, :], other=0.0)
+        boff = wbase + (k0 + kk)[:, None] * sb_k + n[None, :] * sb_n
+        bmask = km[:, None] & nm[None, :]
+        b = tl.load(B + boff, mask=bmask, other=0.0)
+        acc = tl.dot(a, b, acc=acc, input_precision=DOT_PREC)
+        if MODE == 1:
+            b2 = tl.load(B2 + boff, mask=bmask, other=0.0)
+            acc2 = tl.dot(a, b2, acc=acc2, input_precision=DOT_PREC)
+        if MODE == 3:
+            a2 = tl.load(A2 + arow[:, None] * sa_r + (k0 + kk)[None, :] * sa_k,
+                         mask=rm[:, None] & km[None, :], other=0.0)
+            b2 = tl.load(B2 + boff, mask=bmask, other=0.0)
+            acc = tl.dot(a2, b2, acc=acc, input_precision=DOT_PREC)
+    cm = rm[:, None] & nm[None, :]
+    coff = rows.to(tl.int64)[:, None] * sc_r + n[None, :]
+    dt = C.dtype.element_ty
+    if MODE == 1:
+        if SAVE:
+            tl.store(PA + coff, acc.to(dt), mask=cm)
+            tl.store(PB + coff, acc2.to(dt), mask=cm)
+        av = acc.to(dt).to(tl.float32)
+        bv = acc2.to(dt).to(tl.float32)
+        tl.store(C + coff, (_act(av, ACT) * bv).to(dt), mask=cm)
+    elif MODE == 2:
+        w = tl.load(SW + rows, mask=rm, other=0.0)
+        dh = acc * w[:, None]
+        av = tl.load(PA + coff, mask=cm, other=0.0).to(tl.float32)
+        bv = tl.load(PB + coff, mask=cm, other=0.0).to(tl.float32)
+        tl.store(C + coff, (dh * bv * _act_grad(av, ACT)).to(dt), mask=cm)
+        tl.store(C2 + coff, (dh * _act(av, ACT)).to(dt), mask=cm)
+    else:
+        tl.store(C + coff, acc.to(dt), mask=cm)
+
+
+@triton.jit
+def _wgrad(A, Dm, TOK, SW, DW, EOFF, CNT, KD, ND,
+           sa_r, sd_r, sw_e,
+           GATHER_A: tl.constexpr, GATHER_D: tl.constexpr, SCALE_D: tl.constexpr,
+           DOT_PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """DW[e] = A_e^T D_e over expert e's sorted rows: [KD, ND] per expert."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    e = tl.program_id(2)
+    m = pid_m * BM + tl.arange(0, BM)
+    n = pid_n * BN + tl.arange(0, BN)
+    mm = m < KD
+    nm = n < ND
+    r0 = tl.load(EOFF + e)
+    cnt = tl.load(CNT + e)
+    rr = tl.arange(0, BK)
+    acc = tl.zeros([BM, BN], tl.float32)
+    for s in range(0, cnt, BK):
+        rows = r0 + s + rr
+        rmk = (s + rr) < cnt
+        if GATHER_A:
+            ar = tl.load(TOK + rows, mask=rmk, other=0).to(tl.int64)
+        else:
+            ar = rows.to(tl.int64)
+        if GATHER_D:
+            dr = tl.load(TOK + rows, mask=rmk, other=0).to(tl.int64)
+        else:
+            dr = rows.to(tl.int64)
+        at = tl.load(A + ar[None, :] * sa_r + m[:, None], mask=rmk[None, :] & mm[:, None],
+                     other=0.0)
+        dv = tl.load(Dm + dr[:, None] * sd_r + n[None, :], mask=rmk[:, None] & nm[None, :],
+                     other=0.0)
+        if SCALE_D:
+            w = tl.load(SW + rows, mask=rmk, other=0.0)
+            dv = (dv.to(tl.float32) * w[:, None]).to(A.dtype.element_ty)
+        acc = tl.dot(at, dv, acc=acc, input_precision=DOT_PREC)
+    tl.store(DW + e.to(tl.int64) * sw_e + m[:, None] * ND + n[None, :],
+             acc.to(DW.dtype.element_ty), mask=mm[:, None] & nm[None, :])
+
+
+@triton.jit
+def _combine(Y, SLOT, WGT, OUT, N, D, K: tl.constexpr, WEIGHTED: tl.constexpr,
+             BT: tl.constexpr, BD: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = pid * BT + tl.arange(0, BT)
+    rm = rows < N
+    dd = tl.program_id(1) * BD + tl.arange(0, BD)
+    dm = dd < D
+    acc = tl.zeros([BT, BD], tl.float32)
+    for j in tl.static_range(K):
+        s = tl.load(SLOT + rows * K + j, mask=rm, other=-1)
+        ok = s >= 0
+        y = tl.load(Y + s.to(tl.int64)[:, None] * D + dd[None, :],
+                    mask=(ok & rm)[:, None] & dm[None, :], other=0.0).to(tl.float32)
+        if WEIGHTED:
+            w = tl.load(WGT + rows * K + j, mask=rm, other=0.0)
+            acc += w[:, None] * y
+        else:
+            acc += y
+    tl.store(OUT + rows.to(tl.int64)[:, None] * D + dd[None, :], acc.to(OUT.dtype.element_ty),
+             mask=rm[:, None] & dm[None, :])
+
+
+@triton.jit
+def _combine_bwd(Y, SLOT, DOUT, DWT, N, D, K: tl.constexpr, BT: tl.constexpr,
+                 BD: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = pid * BT + tl.arange(0, BT)
+    rm = rows < N
+    for j in tl.static_range(K):
+        s = tl.load(SLOT + rows * K + j, mask=rm, other=-1)
+        ok = (s >= 0) & rm
+        acc = tl.zeros([BT], tl.float32)
+        for d0 in range(0, D, BD):
+            dd = d0 + tl.arange(0, BD)
+            dm = dd < D
+            y = tl.load(Y + s.to(tl.int64)[:, None] * D + dd[None, :],
+                        mask=ok[:, None] & dm[None, :], other=0.0).to(tl.float32)
+            g = tl.load(DOUT + rows.to(tl.int64)[:, None] * D + dd[None, :],
+                        mask=rm[:, None] & dm[None, :], other=0.0).to(tl.float32)
+            acc += tl.sum(y * g, 1)
+        tl.store(DWT + rows * K + j, acc, mask=rm)
+
+
+class _Plan:
+    def __init__(self, x: Tensor, E: int, F_: int):
+        cfg = CPU_GEMM if _interpret() else GPU_GEMM
+        self.BM, self.BN, self.BK = cfg["BM"], cfg["BN"], cfg["BK"]
+        self.launch = {k: v for k, v in cfg.items() if k.startswith("num_")}
+        self.prec = "ieee" if x.dtype == torch.float32 else "tf32"
+        self.E, self.F, self.D = E, F_, x.shape[1]
+        self.BE = _p2(E)
+
+    def gmm(self, r: Routing, A, B, C, *, mode, ND, KD, gather, A2=None, B2=None, C2=None,
+            PA=None, PB=None, save=False, act=0, sw=None):
+        grid = (r.max_tiles, triton.cdiv(ND, self.BN))
+        _gmm[grid](A, A2 if A2 is not None else A, r.sorted_tok,
+                   sw if sw is not None else r.sorted_w, B, B2 if B2 is not None else B,
+                   C, C2 if C2 is not None else C, PA if PA is not None else C,
+                   PB if PB is not None else C, r.tile_start, r.tile_end, r.eoff, r.counts,
+                   self.E, KD, ND, A.stride(0), A.stride(1), B.stride(0), B.stride(1),
+                   B.stride(2), C.stride(0),
+                   MODE=mode, GATHER=gather, SAVE=save, ACT=act, DOT_PREC=self.prec,
+                   BM=self.BM, BN=self.BN, BK=self.BK, BE=self.BE, **self.launch)
+
+    def wgrad(self, r: Routing, A, Dm, out, *, gather_a, gather_d, scale_d):
+        KD, ND = A.shape[1], Dm.shape[1]
+        BM = BN = 32 if _interpret() else 64
+        BK = 16 if _interpret() else 64
+        grid = (triton.cdiv(KD, BM), triton.cdiv(ND, BN), self.E)
+        _wgrad[grid](A, Dm, r.sorted_tok, r.sorted_w, out, r.eoff, r.counts, KD, ND,
+                     A.stride(0), Dm.stride(0), out.stride(0),
+                     GATHER_A=gather_a, GATHER_D=gather_d, SCALE_D=scale_d,
+                     DOT_PREC=self.prec, BM=BM, BN=BN, BK=BK, **self.launch)
+
+    def combine(self, Y, slot, wgt, out, weighted):
+        N, D = out.shape
+        BT, BD = (16, 32) if _interpret() else (32, 128)
+        _combine[(max(triton.cdiv(N, BT), 1), triton.cdiv(D, BD))](
+            Y, slot, wgt if wgt is not None else Y, out, N, D, K=slot.shape[1],
+            WEIGHTED=weighted, BT=BT, BD=BD)
+
+
+def _experts_forward(p: _Plan, x, r: Routing, w_gate, w_up, w_down, act, save):
+    R = r.sorted_tok.shape[0]
+    dev, dt = x.device, x.dtype
+    h = torch.empty((R, p.F), dtype=dt, device=dev)
+    pa = torch.empty((R, p.F), dtype=dt, device=dev) if save else None
+    pb = torch.empty((R, p.F), dtype=dt, device=dev) if save else None
+    p.gmm(r, x, w_gate, h, B2=w_up, PA=pa, PB=pb, save=save, act=act, mode=1, ND=p.F,
+          KD=p.D, gather=True)
+    ys = torch.empty((R, p.D), dtype=dt, device=dev)
+    p.gmm(r, h, w_down, ys, mode=0, ND=p.D, KD=p.F, gather=False)
+    return h, pa, pb, ys
+
+
+class MoEFunction(torch.autograd.Function):
+    """The whole MoE layer: fused gating, sorted dispatch, grouped gated-FFN GEMMs, combine.
+    Outputs (y, prob_sum, lse, idx, kept, counts, kept_counts); y, prob_sum, lse carry
+    gradients to x, w_router, noise and the expert weights."""
+
+    @staticmethod
+    def forward(ctx, x, w_router, noise, w_gate, w_up, w_down, k, renormalize, capacity_pct,
+                seq_len, act):
+        E, _, F_ = w_gate.shape
+        g = _gating_forward(x, w_router, noise, k, renormalize, capacity_pct, seq_len)
+        p = _Plan(x, E, F_)
+        r = route(g.idx, g.kept, g.weight, E, p.BM)
+        save = torch.is_grad_enabled() or any(ctx.needs_input_grad)
+        h, pa, pb, ys = _experts_forward(p, x, r, w_gate, w_up, w_down, act, save)
+        y = torch.empty_like(x)
+        p.combine(ys, r.slot, g.weight, y, True)
+        ctx.save_for_backward(x, w_router, w_gate, w_up, w_down, g.idx, g.weight, g.kept,
+                              g.probs, h, pa, pb, ys, *r[:7])
+        ctx.conf = (k, renormalize, act, r.max_tiles)
+        ctx.mark_non_differentiable(g.idx, g.kept, g.counts, g.kept_counts)
+        return y, g.prob_sum, g.lse, g.idx, g.kept, g.counts, g.kept_counts
+
+    @staticmethod
+    def backward(ctx, dy, dpsum, dlse, *_):
+        (x, w_router, w_gate, w_up, w_down, idx, weight, kept, probs, h, pa, pb, ys,
+         *rr) = ctx.saved_tensors
+        k, renorm, act, max_tiles = ctx.conf
+        r = Routing(*rr, max_tiles)
+        E, D, F_ = w_gate.shape
+        p = _Plan(x, E, F_)
+        N = x.shape[0]
+        dy = dy.contiguous() if dy is not None else torch.zeros_like(x)
+        # combine: d weights
+        dwt = torch.empty((N, k), dtype=torch.float32, device=x.device)
+        BT, BD = (16, 32) if _interpret() else (64, 128)
+        _combine_bwd[(max(triton.cdiv(N, BT), 1),)](ys, r.slot, dy, dwt, N, D, K=k, BT=BT,
+                                                     BD=BD)
+        # down projection: dh = w * dy[tok] W2^T, gated backward epilogue -> da, db
+        R = h.shape[0]
+        da = torch.empty((R, F_), dtype=x.dtype, device=x.device)
+        db = torch.empty_like(da)
+        p.gmm(r, dy, w_down.transpose(1, 2), da, C2=db, PA=pa, PB=pb, act=act, mode=2,
+              ND=F_, KD=D, gather=True)
+        dw_down = torch.empty_like(w_down)
+        p.wgrad(r, h, dy, dw_down, gather_a=False, gather_d=True, scale_d=True)
+        dw_gate = torch.empty_like(w_gate)
+        dw_up = torch.empty_like(w_up)
+        p.wgrad(r, x, da, dw_gate, gather_a=True, gather_d=False, scale_d=False)
+        p.wgrad(r, x, db, dw_up, gather_a=True, gather_d=False, scale_d=False)
+        dxs = torch.empty((R, D), dtype=x.dtype, device=x.device)
+        p.gmm(r, da, w_gate.transpose(1, 2), dxs, A2=db, B2=w_up.transpose(1, 2), mode=3,
+              ND=D, KD=F_, gather=False)
+        dx = torch.empty_like(x)
+        p.combine(dxs, r.slot, None, dx, False)
+        # router
+        g = Gating(idx, weight, kept, None, None, None, None, probs)
+        dlog = _gating_backward(g, dwt, dpsum, dlse, k, renorm)
+        dxr, dwr = _dtheta(x, w_router, dlog, True, ctx.needs_input_grad[1])
+        dx = dx + dxr
+        dn = dlog if ctx.needs_input_grad[2] else None
+        return (dx, dwr, dn, dw_gate, dw_up, dw_down) + (None,) * 5
+
+
+def moe_layer(x: Tensor, w_router: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor,
+              noise: Optional[Tensor] = None, *, k: int = 2, renormalize: bool = True,
+              capacity_pct: Optional[int] = None, seq_len: Optional[int] = None,
+              act: str = "silu"):
+    """MoE layer on x [N, d]: w_router [d, E], experts w_gate, w_up [E, d, F], w_down [E, F, d]
+    (y = sum_j w_j (act(x Wg) * (x W1)) W2; act "silu" = SwiGLU, "gelu" = exact GeGLU).
+    Returns (y [N, d], Gating) with prob_sum and lse differentiable (load-balance / z-loss)."""
+    _check_gating(x, w_router, noise, k, capacity_pct, seq_len)
+    if act not in ACTS:
+        raise ValueError(f"act must be one of {ACTS}, got {act!r}")
+    E, D, F_ = w_gate.shape
+    if (E != w_router.shape[1] or D != x.shape[1] or tuple(w_up.shape) != (E, D, F_)
+            or tuple(w_down.shape) != (E, F_, D)):
+        raise ValueError(f"expert weights must be [E, d, F], [E, d, F], [E, F, d] with E = "
+                         f"{w_router.shape[1]}, d = {x.shape[1]}: got {list(w_gate.shape)}, "
+                         f"{list(w_up.shape)}, {list(w_down.shape)}")
+    x = x.contiguous()
+    y, ps, lse, idx, kept, cnt, kc = MoEFunction.apply(
+        x, w_router, noise, w_gate.contiguous(), w_up.contiguous(), w_down.contiguous(), k,
+        renormalize, capacity_pct, seq_len, ACTS.index(act))
+    return y, Gating(idx, None, kept, cnt, kc, ps, lse, None)
+
+
+# -- references (the zoo's dense math) ----------------------------------------------------------
+def gating_reference(x: Tensor, w_router: Tensor, noise: Optional[Tensor] = None, *, k: int = 2,
+                     renormalize: bool = True, capacity_pct: Optional[int] = None,
+                     seq_len: Optional[int] = None) -> dict:
+    """The zoo's router, op for op on [B, T, E] (B = N / seq_len): dense gates [N, E] (0 off
+    the kept top k), chosen/kept 0/1 [N, E], top [N, k], probs, lse, counts, kept_counts,
+    prob_sum."""
+    N = x.shape[0]
+    E = w_router.shape[1]
+    T = int(seq_len) if seq_len is not None else N
+    logits = x @ w_router
+    if noise is not None:
+        logits = logits + noise
+    logits = logits.reshape(N // T, T, E)
+    probs = torch.softmax(logits.float(), -1)
+    top = torch.sort(probs, dim=-1, descending=True, stable=True).indices[..., :k]
+    chosen = (top.unsqueeze(-1) == torch.arange(E, device=x.device)).float().sum(-2)
+    gates = probs * chosen
+    if renormalize:
+        gates = gates / gates.sum(-1, keepdim=True)
+    kept = chosen
+    if capacity_pct is not None:
+        pos = torch.cumsum(chosen, 1).long()
+        budget = ((torch.arange(T, device=x.device) + 1) * (capacity_pct * k)).reshape(T, 1)
+        kept = chosen * ((pos - 1) * (E * 100) < budget).float()
+        gates = gates * kept
+    lse = torch.logsumexp(logits.float(), -1)
+    f = (lambda t: t.reshape(N, *t.shape[2:]))
+    return dict(gates=f(gates), chosen=f(chosen), kept=f(kept), top=f(top), probs=f(probs),
+                lse=f(lse), counts=f(chosen).sum(0), kept_counts=f(kept).sum(0),
+                prob_sum=f(probs).sum(0))
+
+
+def moe_reference(x, w_router, w_gate, w_up, w_down, noise=None, *, k=2, renormalize=True,
+                  capacity_pct=None, seq_len=None, act="silu"):
+    """Every expert on every token, combined with the dense gates (the zoo's form). Returns
+    (y, the gating_reference dict)."""
+    g = gating_reference(x, w_router, noise, k=k, renormalize=renormalize,
+                         capacity_pct=capacity_pct, seq_len=seq_len)
+    xe = x.unsqueeze(0)                                          # [1, N, d]
+    a = xe @ w_gate
+    h = (F.silu(a) if act == "silu" else F.gelu(a)) * (xe @ w_up)
+    ye = h @ w_down                                              # [E, N, d]
+    y = (ye * g["gates"].t().unsqueeze(-1)).sum(0)
+    return y.to(x.dtype), g
+
+
+def moe_eager(x, w_router, w_gate, w_up, w_down, noise=None, *, k=2, renormalize=True,
+              act="silu"):
+    """A typical sparse eager implementation (softmax, topk, per-expert index_select /
+    index_add), without capacity: the benchmark's baseline."""
+    logits = x @ w_router
+    if noise is not None:
+        logits = logits + noise
+    probs = torch.softmax(logits.float(), -1)
+    val, idx = torch.topk(probs, k, -1)
+    if renormalize:
+        val = val / val.sum(-1, keepdim=True)
+    y = torch.zeros_like(x, dtype=torch.float32)
+    flat = idx.reshape(-1)
+    tok = torch.arange(x.shape[0], device=x.device).repeat_interleave(k)
+    wv = val.reshape(-1)
+    for e in range(w_gate.shape[0]):
+        sel = (flat == e).nonzero().squeeze(1)
+        t = tok[sel]
+        xe = x.index_select(0, t)
+        a = xe @ w_gate[e]
+        he = (F.silu(a) if act == "silu" else F.gelu(a)) * (xe @ w_up[e])
+        y.index_add_(0, t, (he @ w_down[e]).float() * wv[sel, None])
+    return y.to(x.dtype), probs.sum(0), torch.logsumexp(logits.float(), -1)
