@@ -1,0 +1,219 @@
+"""MoE gating and the whole MoE layer (issue 8): lmc's Triton kernels against an eager torch
+implementation and the same under torch.compile, forward and forward+backward.
+
+    python benchmarks/moe_bench.py                      # H100: bf16, N 16384 tokens, d 768,
+                                                        # E 8, top-2, expert hidden 3072
+    python benchmarks/moe_bench.py --tiny --out /tmp/moe.json   # CPU smoke run (interpreter)
+
+Parts and contenders, all on the same x [N, d], router [d, E], noise [N, E] (blues01's noisy
+top-2 router; the noise is an input, drawn once), experts w_gate, w_up [E, d, F], w_down
+[E, F, d] (SwiGLU), top-k renormalised, no capacity:
+
+    gating  lmc       lmc.codegen.moe.moe_gating (one fused launch; backward kernel + 2 mm)
+            eager     logits = x W_r + noise, softmax (fp32), topk, renormalise, counts
+                      (one_hot sum), prob sums, logsumexp
+            compiled  torch.compile(eager)
+    layer   lmc       lmc.codegen.moe.moe_layer (gating, device-side routing, grouped GEMMs,
+                      gather combine)
+            eager     the eager router, then per expert index_select / gated FFN / index_add_
+                      (lmc.codegen.moe.moe_eager)
+            compiled  torch.compile(eager) (data-dependent shapes: graph breaks where needed)
+
+fwd_bwd is one forward plus torch.autograd.grad of <outputs, random cotangents> with respect to
+x and every weight (gating: the combine weights, prob sums and lse all get cotangents, as with
+a load-balance and z-loss). Timing: CUDA events around each call after --warmup calls, the
+median of --reps (CPU: perf_counter, labelled CPU). lmc's layer output is checked against the
+fp32 dense reference (moe_reference) on the first --check tokens: max_rel_err =
+max |diff| / max |ref| (in bf16 a token whose top-2 is decided by rounding can differ).
+Prints a table and writes JSON (device, torch/triton versions, date, arguments, rows).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+DTYPES = {"bf16": "bfloat16", "f16": "float16", "f32": "float32"}
+
+
+def time_ms(fn, device, warmup: int, reps: int) -> float:
+    import torch
+    for _ in range(warmup):
+        fn()
+    times = []
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        for _ in range(reps):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            torch.cuda.synchronize()
+            times.append(a.elapsed_time(b))
+    else:
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def eager_gating(x, wr, noise, k):
+    import torch
+    logits = x @ wr + noise
+    lf = logits.float()
+    probs = torch.softmax(lf, -1)
+    val, idx = torch.topk(probs, k, -1)
+    w = val / val.sum(-1, keepdim=True)
+    counts = torch.nn.functional.one_hot(idx, wr.shape[1]).sum((0, 1))
+    return w, probs.sum(0), torch.logsumexp(lf, -1), idx, counts
+
+
+def build(args, device, dtype):
+    import torch
+    g = torch.Generator(device="cpu").manual_seed(0)
+    N, d, E, F = args.tokens, args.d, args.experts, args.ffn
+    mk = (lambda *s, std=1.0: (torch.randn(*s, generator=g) * std).to(device=device,
+                                                                        dtype=dtype))
+    x = mk(N, d)
+    ws = dict(wr=mk(d, E, std=d ** -0.5), wg=mk(E, d, F, std=d ** -0.5),
+              w1=mk(E, d, F, std=d ** -0.5), w2=mk(E, F, d, std=F ** -0.5))
+    noise = mk(N, E)
+    cot = dict(y=mk(N, d), w=torch.randn(N, args.k, generator=g).to(device),
+               ps=torch.randn(E, generator=g).to(device), lse=torch.randn(N, generator=g).to(
+                   device))
+    return x, ws, noise, cot
+
+
+def contenders(args, x, ws, noise, cot):
+    import torch
+
+    from lmc.codegen import moe
+    k = args.k
+    xa = x.detach().requires_grad_()
+    wa = {n: t.detach().requires_grad_() for n, t in ws.items()}
+
+    def gate_lmc():
+        g = moe.moe_gating(xa, wa["wr"], noise, k=k)
+        return g.weight, g.prob_sum, g.lse
+
+    def gate_eager():
+        return eager_gating(xa, wa["wr"], noise, k)[:3]
+
+    def layer_lmc():
+        y, _ = moe.moe_layer(xa, wa["wr"], wa["wg"], wa["w1"], wa["w2"], noise, k=k)
+        return (y,)
+
+    def layer_eager():
+        return (moe.moe_eager(xa, wa["wr"], wa["wg"], wa["w1"], wa["w2"], noise, k=k)[0],)
+
+    compiled = {}
+    if not args.no_compile:
+        compiled = {"gating": torch.compile(gate_eager), "layer": torch.compile(layer_eager)}
+    table = {"gating": {"lmc": gate_lmc, "eager": gate_eager},
+             "layer": {"lmc": layer_lmc, "eager": layer_eager}}
+    for part, fn in compiled.items():
+        table[part]["compiled"] = fn
+    gate_inputs = (xa, wa["wr"])
+    layer_inputs = (xa, wa["wr"], wa["wg"], wa["w1"], wa["w2"])
+
+    def fwd_bwd(part, fn):
+        inputs = gate_inputs if part == "gating" else layer_inputs
+        cots = (cot["w"], cot["ps"], cot["lse"]) if part == "gating" else (cot["y"],)
+
+        def run():
+            outs = fn()
+            return torch.autograd.grad(outs, inputs, [c.to(o.dtype) for o, c in zip(outs, cots)])
+        return run
+    return table, fwd_bwd, wa
+
+
+def check(args, x, ws, noise):
+    import torch
+
+    from lmc.codegen import moe
+    n = min(args.check, x.shape[0])
+    with torch.no_grad():
+        y, _ = moe.moe_layer(x[:n], ws["wr"], ws["wg"], ws["w1"], ws["w2"], noise[:n], k=args.k)
+        f = (lambda t: t.float())
+        yr, _ = moe.moe_reference(f(x[:n]), f(ws["wr"]), f(ws["wg"]), f(ws["w1"]), f(ws["w2"]),
+                                  f(noise[:n]), k=args.k)
+    return ((y.float() - yr).abs().max() / yr.abs().max()).item()
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--tokens", type=int, default=16384)
+    p.add_argument("--d", type=int, default=768)
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--k", type=int, default=2)
+    p.add_argument("--ffn", type=int, default=3072)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--reps", type=int, default=50)
+    p.add_argument("--check", type=int, default=2048)
+    p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--tiny", action="store_true", help="CPU interpreter smoke run")
+    p.add_argument("--out", default=os.path.join(HERE, "results", "moe_bench.json"))
+    args = p.parse_args(argv)
+    if args.tiny:
+        args.tokens, args.d, args.experts, args.ffn = 63, 32, 4, 48
+        args.dtype, args.warmup, args.reps, args.check, args.no_compile = "f32", 0, 1, 63, True
+    if args.tiny:
+        os.environ.setdefault("TRITON_INTERPRET", "1")    # before triton is imported
+    import torch
+    import triton
+
+    import lmc  # noqa: F401  (interpreter mode without CUDA)
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+    dtype = getattr(torch, DTYPES[args.dtype])
+    x, ws, noise, cot = build(args, device, dtype)
+    table, fwd_bwd, _ = contenders(args, x, ws, noise, cot)
+    err = check(args, x, ws, noise)
+    rows = []
+    for part, fns in table.items():
+        for name, fn in fns.items():
+            row = {"part": part, "contender": name,
+                   "max_rel_err": err if (name == "lmc" and part == "layer") else None}
+            for mode, run in (("fwd", fn), ("fwd_bwd", fwd_bwd(part, fn))):
+                try:
+                    row[f"{mode}_ms"] = time_ms(run, device, args.warmup, args.reps)
+                except Exception as e:  # noqa: BLE001 - recorded, not fatal (e.g. compile)
+                    row[f"{mode}_ms"] = None
+                    row[f"{mode}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+            rows.append(row)
+    unit = "ms" if device.type == "cuda" else "ms (CPU)"
+    print(f"{'part':8} {'contender':10} {'fwd ' + unit:>16} {'fwd+bwd ' + unit:>18} "
+          f"{'vs eager fwd/fb':>16}")
+    base = {r["part"]: r for r in rows if r["contender"] == "eager"}
+    for r in rows:
+        b = base[r["part"]]
+        sp = [f"{b[m] / r[m]:.2f}x" if r.get(m) and b.get(m) else "-"
+              for m in ("fwd_ms", "fwd_bwd_ms")]
+        fmt = (lambda v: f"{v:.3f}" if v is not None else "error")
+        print(f"{r['part']:8} {r['contender']:10} {fmt(r['fwd_ms']):>16} "
+              f"{fmt(r['fwd_bwd_ms']):>18} {'/'.join(sp):>16}")
+    print(f"lmc layer max_rel_err vs fp32 dense reference: {err:.2e}")
+    meta = {"device": (torch.cuda.get_device_name() if device.type == "cuda"
+                       else f"CPU ({platform.processor() or platform.machine()})"),
+            "torch": torch.__version__, "triton": triton.__version__,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "args": vars(args), "rows": rows}
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(meta, f, indent=1)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
