@@ -6,7 +6,7 @@
 # phases: tests (pytest -m gpu: native kernels = oracle, bf16 vs fp32, static decode + CUDA
 # graph replays), train (benchmarks/train_bench.py), decode (benchmarks/decode_bench.py),
 # attention (benchmarks/attention_bench.py), linear (benchmarks/linear_attention_bench.py),
-# bench (lmc bench zoo/llama.yaml). Results and logs go to $OUT (default runs/gpu), flat, so
+# moe (benchmarks/moe_bench.py), bench (lmc bench zoo/llama.yaml). Results and logs go to $OUT (default runs/gpu), flat, so
 # the device tool brings them back; each log starts with the device, torch and triton.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
@@ -35,6 +35,8 @@ for phase in "$@"; do
                  | tee "$OUT/attention_bench.log" ;;
     linear)    $PY benchmarks/linear_attention_bench.py --out "$OUT/linear_bench.json" 2>&1 \
                  | tee "$OUT/linear_bench.log" ;;
+    moe)       $PY benchmarks/moe_bench.py --out "$OUT/moe_bench.json" 2>&1 \
+                 | tee "$OUT/moe_bench.log" ;;
     bench)     $PY -m lmc.cli bench zoo/llama.yaml --out "$OUT/bench_llama" 2>&1 \
                  | tee "$OUT/bench_llama.log" ;;
     *)         echo "unknown phase $phase" >&2; exit 2 ;;
