@@ -210,13 +210,21 @@ def _generate(args) -> int:
     if max_seq is not None and len(prompt) + args.max_new_tokens > max_seq:
         raise LmcError(f"prompt ({len(prompt)} tokens) + --max-new-tokens "
                        f"{args.max_new_tokens} exceeds the model's max_seq {max_seq}")
-    dec = Decoder(model)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LmcError("--device cuda: no CUDA device here")
+    model.to(device)
+    static = device.type == "cuda" if args.static is None else args.static
+    if static:  # preallocated caches; on CUDA the one-token step replays a CUDA graph
+        dec = Decoder(model, static=True, max_len=len(prompt) + args.max_new_tokens)
+    else:
+        dec = Decoder(model)
     out = codecs.getincrementaldecoder("utf-8")(errors="replace")
     sys.stdout.write(args.prompt)
     sys.stdout.flush()
     t0 = time.perf_counter()
     n = 0
-    for tok in dec.generate(torch.tensor(prompt), args.max_new_tokens,
+    for tok in dec.generate(torch.tensor(prompt, device=device), args.max_new_tokens,
                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                             seed=args.seed):
         if tok == enc.eot_token:
@@ -226,8 +234,11 @@ def _generate(args) -> int:
         sys.stdout.flush()
     sys.stdout.write(out.decode(b"", final=True) + "\n")
     dt = time.perf_counter() - t0
+    mode = ("static step, CUDA graph" if dec.cuda_graph else
+            f"static step without a CUDA graph: {dec.cuda_graph_off}") if static else \
+        "dynamic step"
     print(f"lmc: {n} tokens in {dt:.2f} s ({n / dt:.1f} tokens/s, {args.backend} backend, "
-          f"prompt {len(prompt)} tokens)", file=sys.stderr)
+          f"{device.type}, {mode}, prompt {len(prompt)} tokens)", file=sys.stderr)
     return 0
 
 
@@ -406,6 +417,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tiktoken encoding name (default cl100k_base, or the checkpoint's)")
     g = r.add_argument_group("generation (--generate)")
     g.add_argument("--prompt", default="def ", help="text to continue")
+    g.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
+    g.add_argument("--static", action=argparse.BooleanOptionalAction, default=None,
+                   help="the static decode step (preallocated caches; a CUDA graph on "
+                        "CUDA); default on with CUDA, off on CPU")
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
     g.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest (0: all)")

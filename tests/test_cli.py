@@ -112,6 +112,11 @@ def test_generate_from_a_checkpoint_is_greedy_and_reproducible(tmp_path, capsys)
     assert first.out.startswith("a") and "tokens/s" in first.err
     assert main(args) == 0
     assert capsys.readouterr().out == first.out
+    # the static step (preallocated caches; eager here, a CUDA graph on CUDA) says so and
+    # generates the same greedy text
+    assert main(args + ["--static", "--device", "cpu"]) == 0
+    static = capsys.readouterr()
+    assert static.out == first.out and "static step without a CUDA graph" in static.err
 
 
 def test_generate_bad_input_is_one_line(tmp_path, capsys):
