@@ -33,8 +33,10 @@ class Compiled:
 
             t0 = time.perf_counter()
             out: Dict[str, Any] = {}
-            prog = differentiate(self.graph)
-            for name, g in (("forward", self.graph), ("backward",
+            from .codegen.program import apply_patterns
+            fwd = apply_patterns(self.graph, self.disable)
+            prog = differentiate(fwd)
+            for name, g in (("forward", fwd), ("backward",
                                                      run_pipeline(prog.backward))):
                 fused = fuse(g, [d for d in self.disable if d in fusion_names()])
                 out[name] = {"kernels": kernel_list(fused),

@@ -34,8 +34,8 @@ def test_bench_quick_writes_a_valid_bench_json(tmp_path, capsys):
         assert "error" not in c, c
         assert c["tokens_per_s"] > 0 and c["median_step_s"] > 0 and c["steps"] == 1
     ks = r["train"]["kernels"]
-    kinds = {"reduction", "pointwise"} | ({"matmul"} if "fuse_matmul" in fusion_names() else set())
-    assert ks and {k["kind"] for k in ks} == kinds
+    assert ks and {k["kind"] for k in ks} == {"reduction", "pointwise", "matmul",
+                                              "rope_attention", "rope_attention_bwd"}
     assert {k["graph"] for k in ks} == {"forward", "backward"}
     assert 0 < sum(k["share"] for k in ks) <= 1.0
     assert all(k["ops"] and k["launches"] >= 1 and k["bytes"] > 0 for k in ks)

@@ -29,9 +29,15 @@ def test_compile_default_llama_reports_162m_params(capsys):
                    for k in s["kernels"][g]["list"])
     kinds = {k["kind"] for k in s["kernels"]["forward"]["list"]}
     assert {"pointwise", "reduction"} <= kinds
-    # 25 RMSNorms (2 per layer + final) and 12 softmaxes are reduction kernels
-    assert sum(k["kind"] == "reduction" for k in s["kernels"]["forward"]["list"]) == 25 + 12
-    assert {f["pass"] for f in s["fusions"]} >= {"fuse_reductions"}
+    fw = s["kernels"]["forward"]["list"]
+    # 25 RMSNorms (2 per layer + final) are reduction kernels; each layer's rope + attention
+    # is one fused rope-attention (forward) and its fused backward
+    assert sum(k["kind"] == "reduction" for k in fw) == 25
+    assert sum(k["kind"] == "rope_attention" for k in fw) == 12
+    assert sum(k["kind"] == "rope_attention_bwd" for k in s["kernels"]["backward"]["list"]) == 12
+    rope = [f for f in s["fusions"] if f["pass"] == "fuse_rope_attention"]
+    assert len(rope) == 12 and all(f["status"] == "fused" for f in rope)
+    assert {f["pass"] for f in s["fusions"]} >= {"fuse_reductions", "fuse_matmul"}
 
 
 def test_compile_summary_text(capsys):

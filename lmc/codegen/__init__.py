@@ -18,7 +18,9 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-_MODULES = {"pointwise": "pointwise", "reduction": "reduction", "matmul": "matmul"}
+_MODULES = {"pointwise": "pointwise", "reduction": "reduction", "matmul": "matmul",
+            # hand-written templates put in the graph by pattern passes (codegen/templates.py)
+            "rope_attention": "templates", "rope_attention_bwd": "templates"}
 
 
 def kind_module(kind: str) -> ModuleType:

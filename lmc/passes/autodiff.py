@@ -382,6 +382,60 @@ def _scan(r):
             for i, x in enumerate(node.inputs)]
 
 
+@vjp(Op.FUSED)
+def _fused(r):
+    # a fused op (made before autodiff by a pattern pass) is differentiated through its body;
+    # the result is one backward FUSED node of kind "<kind>_bwd" whose body recomputes the
+    # body's forward and runs its backward (the oracle), and whose kernel is the fused one
+    from . import run_pipeline
+
+    node, b = r.node, r.b
+    body = node.attrs["body"]
+    ins = [n for n in body.nodes if n.op is Op.INPUT]
+    skip = set(node.attrs.get("no_grad", ()))
+    wrt = [n.attrs["name"] for i, (n, x) in enumerate(zip(ins, node.inputs))
+           if x.type.dtype.is_float and i not in skip]
+    prog = differentiate(body, wrt)
+    prog.backward = run_pipeline(prog.backward)
+    bb = Builder({}, {})
+    ph = {n.attrs["name"]: bb.input(n.attrs["name"], n.type.shape, n.type.dtype).node
+          for n in ins}
+    outs = list(body.outputs)
+    cts_ph = {o: bb.input(f"grad:{o}", body.outputs[o].type.shape,
+                          body.outputs[o].type.dtype).node for o in prog.outputs}
+
+    def splice(graph, bind):
+        env = {}
+        for n in graph.nodes:
+            if n.op is Op.INPUT:
+                env[n] = bind(n.attrs["name"])
+                continue
+            c = Node(n.op, tuple(env[i] for i in n.inputs), n.attrs, n.type, n.loc, n.scope)
+            env[n] = c
+            bb.nodes.append(c)
+        return env
+    fenv = splice(prog.forward, ph.__getitem__)
+    saved = {s: fenv[prog.forward.outputs[s]] for s in prog.saved}
+    benv = splice(prog.backward, lambda name: saved[name] if name.startswith("saved:")
+                  else cts_ph[name[len("grad:"):]])
+    grads = {str(j): benv[prog.backward.outputs[f"grad:{w}"]] for j, w in enumerate(wrt)}
+    bwd_body = Graph(f"{body.name}_bwd", bb.nodes, grads)
+    bwd_body.meta.update({k: v for k, v in body.meta.items() if k != "history"})
+    bwd_body.meta["template"] = f"{body.meta.get('template', node.attrs['kind'])}_bwd"
+    cts = []
+    for o in prog.outputs:
+        k = outs.index(o)
+        g = r.g.get(k) if isinstance(r.g, dict) else (r.g if k == 0 else None)
+        t = node.type[k]
+        cts.append(g if g is not None else r.zeros(t.shape, t.dtype))
+    bwd = b.node(Op.FUSED, [r.x(i) for i in range(len(node.inputs))] + cts,
+                 {"kernel": f"{node.attrs['kernel']}_bwd", "kind": f"{node.attrs['kind']}_bwd",
+                  "body": bwd_body})
+    by_name = {w: j for j, w in enumerate(wrt)}
+    return [b.node(Op.GETITEM, (bwd,), {"index": by_name[n.attrs["name"]]})
+            if n.attrs["name"] in by_name else None for n in ins]
+
+
 # -- matmul --------------------------------------------------------------------------------------
 @vjp(Op.MATMUL)
 def _matmul(r):

@@ -90,7 +90,7 @@ class LmcModel(nn.Module):
             from ..passes import run_pipeline
             from ..passes.autodiff import differentiate
 
-            prog = differentiate(self.graph)
+            prog = differentiate(self.pattern_graph())
             prog.backward = run_pipeline(prog.backward)  # the backward is cleaned like any graph
             if self.backend == "triton":  # both graphs are fused and code-generated alike
                 from .triton_backend import TritonProgram
@@ -99,11 +99,20 @@ class LmcModel(nn.Module):
             self._program = prog
         return self._program
 
+    def pattern_graph(self):
+        """The graph the backend runs: on the triton backend, pattern fusions (rope +
+        attention) put their fused ops in before autodiff, so the VJP is the fused backward;
+        the torch backend runs the primitives (the oracle)."""
+        if self.backend != "triton":
+            return self.graph
+        from ..codegen.program import apply_patterns
+        return apply_patterns(self.graph, self.disable)
+
     def inference_program(self):
         """The forward graph compiled for the backend (no gradients needed)."""
         if self._inference is None:
             from .triton_backend import TritonProgram
-            self._inference = TritonProgram(self.graph, self.disable)
+            self._inference = TritonProgram(self.pattern_graph(), self.disable)
         return self._inference
 
     def num_params(self) -> int:

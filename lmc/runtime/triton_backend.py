@@ -49,7 +49,8 @@ class TritonProgram:
         self.program_source = wrapper.generate(self.graph, label)
         # kernels and wrapper live in one cached module: one hash covers both
         module = cache.load_module(self.source + "\n\n" + self.program_source)
-        self.kernels = {n.attrs["kernel"]: getattr(module, n.attrs["kernel"])
+        # template kinds (codegen/templates.py) have no generated kernel: None
+        self.kernels = {n.attrs["kernel"]: getattr(module, n.attrs["kernel"], None)
                         for n in self.graph.nodes if n.op is Op.FUSED}
         self._run = module.run
         self.impl = {Op.FUSED: self._run_fused}   # for run_graph (the node-by-node path)

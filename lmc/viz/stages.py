@@ -707,9 +707,9 @@ def source_view(c, fold_layers: bool = True) -> Tuple[View, List[str]]:
 
 
 def fused_view(c, fold_layers: bool = True, backward_records: Optional[List[dict]] = None):
-    from ..codegen.program import fuse
+    from ..codegen.program import apply_patterns, fuse
 
-    g = fuse(c.graph)
+    g = fuse(apply_patterns(c.graph))
     records = list(g.meta.get("fusions", []))
     flat = _Flat(g, "fused")
     kinds: Dict[str, int] = {}
@@ -1008,12 +1008,13 @@ def _layer_list(keys: List[Tuple[str, int]]) -> str:
 
 
 def kernels_view(c, fold_layers: bool = True):
-    from ..codegen.program import fuse
+    from ..codegen.program import apply_patterns, fuse
     from ..passes import run_pipeline
     from ..passes.autodiff import differentiate
 
-    prog = differentiate(c.graph)
-    fwd = fuse(c.graph)
+    patterned = apply_patterns(c.graph)
+    prog = differentiate(patterned)
+    fwd = fuse(patterned)
     bwd = fuse(run_pipeline(prog.backward))
     view = View(f"{c.graph.name}: kernel sequence of one training step ({_subtitle(c.graph)})")
     view.graph_attrs.update(nodesep=0.5, ranksep=0.25)
