@@ -72,9 +72,12 @@ def _rope(n: Node, static) -> Tuple[Node, Node, Node]:
             continue
         if r.op is not Op.CONCAT:
             continue
-        _need(cos.op is Op.COS and sin.op is Op.SIN,
+        # under mixed precision the fp32 tables reach x through one cast each
+        c0 = cos.inputs[0] if cos.op is Op.CAST else cos
+        s0 = sin.inputs[0] if sin.op is Op.CAST else sin
+        _need(c0.op is Op.COS and s0.op is Op.SIN,
               "rope tables are not cos/sin of the same angles")
-        _need(cos.inputs[0] is sin.inputs[0], "rope's cos and sin are of different angles")
+        _need(c0.inputs[0] is s0.inputs[0], "rope's cos and sin are of different angles")
         D = x.type.shape[-1]
         _need(isinstance(D, int) and D % 2 == 0, "head dim is not a static even size")
         _need(r.attrs["axis"] == x.type.rank - 1 and len(r.inputs) == 2,
@@ -95,7 +98,7 @@ def _rope(n: Node, static) -> Tuple[Node, Node, Node]:
 
 def match(sm: Node, users: Dict[Node, List[Node]], static) -> dict:
     _need(sm.attrs["axis"] == sm.type.rank - 1, "softmax not over the last axis")
-    _need(sm.type.dtype.value == "f32", "only fp32 attention is matched (no mixed precision yet)")
+    _need(sm.type.dtype.value in ("f32", "f16", "bf16"), "attention in a non-float dtype")
     outs = users.get(sm, [])
     _need(len(outs) == 1 and outs[0].op is Op.MATMUL and outs[0].inputs[0] is sm,
           "probabilities are not used once, as probs @ v")

@@ -82,6 +82,9 @@ def test_triton_backend_runs_the_same_f16_program():
     lk, gk = _loss_and_grads(g, "triton", ids, targets)
     # the same program; the kernels keep fused intermediates in fp32 where torch rounds each
     # op to f16, so they differ by a few f16 roundings, not more
+    prog = LmcModel(g, backend="triton").program()   # rope + attention fused in f16 too
+    assert "rope_attention" in {n.attrs["kind"] for n in prog.forward_exec.graph.nodes
+                                if n.op is Op.FUSED}
     assert abs(lk - lt) / lt < 2 ** -10 / 16
     assert _max_rel(gk, gt) < 4 * 2 ** -10                      # measured 1.6e-3
 
