@@ -29,9 +29,7 @@ import json
 import math
 import os
 import platform
-import statistics
 import sys
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -39,30 +37,12 @@ sys.path.insert(0, ROOT)
 
 
 def _timer(cuda: bool):
+    """run(fn, warmup, repeats) -> median seconds (lmc.bench.Clock: CUDA events on a GPU)."""
     import torch
 
-    def run(fn, warmup: int, repeats: int) -> float:
-        """Median seconds of fn() over `repeats` calls after `warmup` calls."""
-        for _ in range(warmup):
-            fn()
-        if cuda:
-            torch.cuda.synchronize()
-        times = []
-        for _ in range(repeats):
-            if cuda:
-                start = torch.cuda.Event(enable_timing=True)
-                end = torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                torch.cuda.synchronize()
-                times.append(start.elapsed_time(end) / 1e3)
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t0)
-        return statistics.median(times)
-    return run
+    from lmc.bench import Clock
+    clock = Clock(torch.device("cuda" if cuda else "cpu"))
+    return lambda fn, warmup, repeats: clock.median(fn, warmup, repeats)
 
 
 def eager_rope(x, cos, sin):

@@ -33,9 +33,7 @@ import datetime
 import json
 import os
 import platform
-import statistics
 import sys
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -118,25 +116,9 @@ def _is_oom(e: BaseException) -> bool:
 
 
 def time_ms(fn, device, warmup: int, reps: int) -> float:
-    import torch
-    for _ in range(warmup):
-        fn()
-    times = []
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        for _ in range(reps):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            torch.cuda.synchronize()
-            times.append(a.elapsed_time(b))
-    else:
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    """Median milliseconds (CUDA events on a GPU, perf_counter on CPU: lmc.bench.Clock)."""
+    from lmc.bench import Clock
+    return Clock(device).median(fn, warmup, reps) * 1e3
 
 
 def peak_mib(fn, device):

@@ -20,7 +20,6 @@ import os
 import platform
 import statistics
 import sys
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -30,35 +29,14 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import lmc  # noqa: E402,F401  (sets TRITON_INTERPRET without CUDA, before triton is imported)
-
-
-def _timer(device):
-    if device.type == "cuda":
-        def step_time(fn):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            torch.cuda.synchronize()
-            return a.elapsed_time(b) / 1e3
-    else:
-        def step_time(fn):
-            t0 = time.perf_counter()
-            fn()
-            return time.perf_counter() - t0
-    return step_time
+from lmc.bench import Clock  # noqa: E402
 
 
 def measure(name, step, args, device, tokens):
-    step_time = _timer(device)
-    for _ in range(args.warmup):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    times = [step_time(step) for _ in range(args.steps)]
+    clock = Clock(device)
+    times = clock.repeat(lambda i: step(), args.steps, args.warmup)
     med = statistics.median(times)
-    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else None
+    peak = clock.peak_gib()
     r = {"name": name, "median_step_s": med, "tokens_per_s": tokens / med,
          "min_step_s": min(times), "peak_gib": peak, "steps": len(times)}
     print(f"{name:<28} {tokens / med:>12,.0f} tokens/s   step {med * 1e3:8.1f} ms"

@@ -61,13 +61,19 @@ class Clock:
         fn()
         return time.perf_counter() - t0
 
-    def repeat(self, fn, steps: int, warmup: int) -> List[float]:
+    def repeat(self, fn, steps: int, warmup: int, reset_peak: bool = True) -> List[float]:
+        """Seconds of fn(i) for `steps` calls after `warmup` untimed ones (i counts all
+        calls, so callers can rotate inputs); the peak-memory counter restarts after warm-up."""
         for i in range(warmup):
             fn(i)
         self.sync()
-        if self.cuda:
+        if self.cuda and reset_peak:
             torch.cuda.reset_peak_memory_stats()
         return [self.time(lambda i=i: fn(warmup + i)) for i in range(steps)]
+
+    def median(self, fn, warmup: int, repeats: int) -> float:
+        """Median seconds of fn() (the benchmarks/ scripts' timer)."""
+        return statistics.median(self.repeat(lambda i: fn(), repeats, warmup, reset_peak=False))
 
     def peak_gib(self) -> Optional[float]:
         return torch.cuda.max_memory_allocated() / 2 ** 30 if self.cuda else None

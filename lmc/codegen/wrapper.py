@@ -183,6 +183,4 @@ def generate(g: Graph, label: str) -> str:
 
 
 def _torch_dtype(dt) -> str:
-    return {"f32": "torch.float32", "f16": "torch.float16", "bf16": "torch.bfloat16",
-            "f64": "torch.float64", "i64": "torch.int64", "i32": "torch.int32",
-            "bool": "torch.bool"}[dt.value]
+    return str(dt.torch())   # e.g. "torch.float32", as the generated source spells it
