@@ -64,19 +64,23 @@ class TritonProgram:
         launch = kind_module(kind).launch
 
         def go(kernel, xs, outs, node, ctx):
-            if self.interpret:  # numpy warns on lanes masked off (e.g. -inf - -inf): quiet
-                if any(t.dtype is torch.bfloat16 for t in list(xs) + list(outs)
-                       if isinstance(t, torch.Tensor)):
-                    raise LmcError(f"kernel {node.attrs['kernel']}: Triton's interpreter "
-                                   "(no CUDA here) computes bf16 on bit patterns and would "
-                                   "return garbage; use f16 or f32 (--precision) on CPU")
-                import numpy as np
-                with np.errstate(all="ignore"):
-                    launch(kernel, xs, outs, node.attrs["body"], ctx, True)
-            else:
-                launch(kernel, xs, outs, node.attrs["body"], ctx, False)
-            self.launches += 1
+            self._go(launch, kernel, xs, outs, node.attrs, ctx)
         return go
+
+    def _go(self, launch, kernel, xs, outs, attrs, ctx):
+        """One launch, by the wrapper program or node by node (run_graph with `impl`)."""
+        if self.interpret:  # numpy warns on lanes masked off (e.g. -inf - -inf): quiet
+            if any(t.dtype is torch.bfloat16 for t in list(xs) + list(outs)
+                   if isinstance(t, torch.Tensor)):
+                raise LmcError(f"kernel {attrs['kernel']}: Triton's interpreter "
+                               "(no CUDA here) computes bf16 on bit patterns and would "
+                               "return garbage; use f16 or f32 (--precision) on CPU")
+            import numpy as np
+            with np.errstate(all="ignore"):
+                launch(kernel, xs, outs, attrs["body"], ctx, True)
+        else:
+            launch(kernel, xs, outs, attrs["body"], ctx, False)
+        self.launches += 1
 
     def run(self, bound: Dict[str, torch.Tensor], ctx) -> Dict[str, torch.Tensor]:
         """Run the generated wrapper program: values for the graph's inputs and params by
@@ -91,8 +95,7 @@ class TritonProgram:
         body = attrs["body"]
         outs = tuple(torch.empty(o.type.concrete(ctx.dims), dtype=o.type.dtype.torch(),
                                  device=ctx.device) for o in body.outputs.values())
-        kind_module(attrs["kind"]).launch(self.kernels[attrs["kernel"]], xs, outs, body, ctx,
-                                          self.interpret)
-        self.launches += 1
+        self._go(kind_module(attrs["kind"]).launch, self.kernels[attrs["kernel"]], xs, outs,
+                 attrs, ctx)
         return outs
 
