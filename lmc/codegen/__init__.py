@@ -18,14 +18,10 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-_MODULES = {"pointwise": "pointwise", "reduction": "reduction", "matmul": "matmul",
-            # hand-written templates put in the graph by pattern passes (codegen/templates.py)
-            "rope_attention": "templates", "rope_attention_bwd": "templates"}
+# generated kinds; every other kind is a hand-written template put in the graph by a pattern
+# pass (codegen/templates.py dispatches it by its body's meta)
+_MODULES = {"pointwise": "pointwise", "reduction": "reduction", "matmul": "matmul"}
 
 
 def kind_module(kind: str) -> ModuleType:
-    try:
-        return importlib.import_module(f"{__name__}.{_MODULES[kind]}")
-    except KeyError:
-        from ..errors import LmcError
-        raise LmcError(f"internal: no code generator for kernel kind {kind!r}") from None
+    return importlib.import_module(f"{__name__}.{_MODULES.get(kind, 'templates')}")

@@ -1203,3 +1203,20 @@ def rope_attention_reference(q: Tensor, k: Tensor, v: Tensor, cos: Optional[Tens
     if return_lse:
         return out, torch.where(any_vis[..., 0], lse, float("-inf"))
     return out
+
+
+# -- entry for the fused ops of lmc/passes/fuse_rope_attention.py (codegen/templates.py) --------
+def launch_template(template: str, xs, outs, opts) -> None:
+    q, k, v, cos, sin = xs[:5]
+    kw = dict(causal=opts["causal"], window=opts["window"] or None, scale=opts["scale"],
+              rot_dim=q.shape[-1], interleaved=False)
+    out, lse = rope_attention_fwd(q, k, v, cos, sin, **kw)
+    if template == "rope_attention":
+        outs[0].copy_(out)
+        return
+    assert template == "rope_attention_bwd", template
+    # the forward's output and row log-sum-exp are recomputed rather than saved (one extra
+    # forward, about a third of the backward's work): the fused op exposes only its output
+    grads = rope_attention_bwd(xs[5], q, k, v, out, lse, cos, sin, **kw)
+    for o, g in zip(outs, grads):
+        o.copy_(g)

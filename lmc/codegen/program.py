@@ -6,6 +6,7 @@ contract). A pass may be disabled by name (``lmc bench --disable``) to measure w
 """
 from __future__ import annotations
 
+import importlib
 from typing import Dict, List, Sequence, Tuple
 
 from ..errors import LmcError
@@ -25,15 +26,18 @@ FUSION_PASSES: List[Tuple[str, object]] = [
 
 
 # pattern passes run before autodiff (their fused op's VJP is the fused backward), on the
-# program the triton backend trains or runs; listed so --disable knows them
-PATTERN_PASSES = ["fuse_rope_attention"]
+# program the triton backend trains or runs; each is the function of the same name in
+# lmc/passes/<name>.py, and --disable knows them
+PATTERN_PASSES = [
+    "fuse_rope_attention",
+]
 
 
 def apply_patterns(g: Graph, disable: Sequence[str] = ()) -> Graph:
     """The pattern passes, on a primitive graph before autodiff."""
-    from ..passes.fuse_rope_attention import fuse_rope_attention
-    if "fuse_rope_attention" not in disable:
-        g = fuse_rope_attention(g)
+    for name in PATTERN_PASSES:
+        if name not in disable:
+            g = getattr(importlib.import_module(f"lmc.passes.{name}"), name)(g)
     return g
 
 

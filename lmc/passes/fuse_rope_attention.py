@@ -175,6 +175,7 @@ def _body(m: dict, name: str) -> Graph:
         env[n] = c
         b.nodes.append(c)
     body = Graph(name, b.nodes, {"0": env[m["out"]]})
+    body.meta["module"] = "attention"          # lmc/codegen/attention.py's launch_template
     body.meta["template"] = "rope_attention"
     body.meta["options"] = {"causal": m["causal"], "window": m["window"], "scale": m["scale"]}
     return body
