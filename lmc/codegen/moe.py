@@ -86,7 +86,7 @@ def _p2(n: int, floor: int = 16) -> int:
 # -- gating -------------------------------------------------------------------------------------
 @triton.jit
 def _gate_fwd(X, WR, NOISE, IDX, WOUT, KEPT, PROBS, LSE, PART,
-              N, T, D, E, n_iter, cap_pct,
+              N, T, D, E, n_iter, cap_a, cap_b,
               sxn, sxd, swd, swe, snn, sne,
               K: tl.constexpr, RENORM: tl.constexpr, HAS_NOISE: tl.constexpr,
               CAP: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr,
@@ -157,7 +157,7 @@ def _gate_fwd(X, WR, NOISE, IDX, WOUT, KEPT, PROBS, LSE, PART,
             local = tl.dot(tri, self_f.to(tl.float16), out_dtype=tl.float32)   # inclusive
             pos = (running[None, :] + local).to(tl.int64)
             t = (rows - base).to(tl.int64)
-            ok = (pos - 1) * (E * 100) < (t[:, None] + 1) * (cap_pct * K)
+            ok = (pos - 1) * cap_a < (t[:, None] + 1) * cap_b
             keep = sel & ok
             running += tl.sum(self_f, 0)
             k1 = tl.sum(tl.where((cols[None, :] == i1[:, None]) & keep, 1, 0), 1) > 0
@@ -186,9 +186,9 @@ def _gate_fwd(X, WR, NOISE, IDX, WOUT, KEPT, PROBS, LSE, PART,
 
 
 @triton.jit
-def _gate_bwd(PROBS, IDX, KEPT, WOUT, DW, DPSUM, DLSE, DLOG, N, E,
+def _gate_bwd(PROBS, IDX, KEPT, WOUT, DW, DPSUM, DLSE, DPROBS, DLOG, N, E,
               K: tl.constexpr, RENORM: tl.constexpr, HAS_DW: tl.constexpr,
-              HAS_DPSUM: tl.constexpr, HAS_DLSE: tl.constexpr,
+              HAS_DPSUM: tl.constexpr, HAS_DLSE: tl.constexpr, HAS_DPROBS: tl.constexpr,
               BT: tl.constexpr, BE: tl.constexpr):
     pid = tl.program_id(0)
     cols = tl.arange(0, BE)
@@ -227,6 +227,8 @@ def _gate_bwd(PROBS, IDX, KEPT, WOUT, DW, DPSUM, DLSE, DLOG, N, E,
             dp = g
     if HAS_DPSUM:
         dp += tl.load(DPSUM + cols, mask=emask, other=0.0)[None, :]
+    if HAS_DPROBS:     # a dense [N, E] gradient of the probabilities (fp32, contiguous)
+        dp += tl.load(DPROBS + rows[:, None] * E + cols[None, :], mask=m2, other=0.0)
     dl = p * (dp - tl.sum(p * dp, 1)[:, None])
     if HAS_DLSE:
         dl += tl.load(DLSE + rows, mask=rmask, other=0.0)[:, None] * p
@@ -249,13 +251,18 @@ def _gate_blocks():
     return (64, 64) if not _interpret() else (16, 32)
 
 
-def _gating_forward(x, w_router, noise, k, renormalize, capacity_pct, seq_len) -> Gating:
+def _gating_forward(x, w_router, noise, k, renormalize, capacity_pct, seq_len,
+                    capacity=None) -> Gating:
+    """capacity = (a, b) states the capacity test directly: slot kept iff
+    (pos - 1) * a < (t + 1) * b (capacity_pct c is (E * 100, c * k))."""
     N, D = x.shape
     E = w_router.shape[1]
     dev = x.device
     BT, BD = _gate_blocks()
     BE = _p2(E)
-    cap = capacity_pct is not None
+    if capacity is None and capacity_pct is not None:
+        capacity = (E * 100, int(capacity_pct) * k)
+    cap = capacity is not None
     if cap:
         T = int(seq_len)
         if T <= 0 or N % T:
@@ -274,7 +281,7 @@ def _gating_forward(x, w_router, noise, k, renormalize, capacity_pct, seq_len) -
     sn = noise.stride() if noise is not None else (0, 0)
     extra = {} if _interpret() else dict(num_warps=4)
     _gate_fwd[(grid,)](x, w_router, nz, idx, w, kept, probs, lse, part,
-                       N, T, D, E, n_iter, int(capacity_pct or 0),
+                       N, T, D, E, n_iter, *(map(int, capacity) if cap else (0, 0)),
                        *x.stride(), *w_router.stride(), *sn,
                        K=k, RENORM=bool(renormalize), HAS_NOISE=noise is not None, CAP=cap,
                        BT=BT, BD=BD, BE=BE,
@@ -283,18 +290,21 @@ def _gating_forward(x, w_router, noise, k, renormalize, capacity_pct, seq_len) -
     return Gating(idx, w, kept, stats[0], stats[1], stats[2], lse, probs)
 
 
-def _gating_backward(g: Gating, dw, dpsum, dlse, k, renormalize) -> Tensor:
-    """d logits [N, E] fp32 from the gradients of weight [N, k], prob_sum [E], lse [N]."""
+def _gating_backward(g: Gating, dw, dpsum, dlse, k, renormalize, dprobs=None) -> Tensor:
+    """d logits [N, E] fp32 from the gradients of weight [N, k], prob_sum [E], lse [N] and
+    (optionally) the probabilities themselves [N, E]."""
     N, E = g.probs.shape
     BT = 16 if _interpret() else 64
     dlog = torch.empty_like(g.probs)
     f32 = (lambda t: t.float().contiguous() if t is not None else None)
-    dw, dpsum, dlse = f32(dw), f32(dpsum), f32(dlse)
+    dw, dpsum, dlse, dprobs = f32(dw), f32(dpsum), f32(dlse), f32(dprobs)
     _gate_bwd[(max(triton.cdiv(N, BT), 1),)](
         g.probs, g.idx, g.kept, g.weight, dw if dw is not None else g.weight,
         dpsum if dpsum is not None else g.probs, dlse if dlse is not None else g.probs,
+        dprobs if dprobs is not None else g.probs,
         dlog, N, E, K=k, RENORM=bool(renormalize), HAS_DW=dw is not None,
-        HAS_DPSUM=dpsum is not None, HAS_DLSE=dlse is not None, BT=BT, BE=_p2(E))
+        HAS_DPSUM=dpsum is not None, HAS_DLSE=dlse is not None,
+        HAS_DPROBS=dprobs is not None, BT=BT, BE=_p2(E))
     return dlog
 
 
@@ -803,3 +813,50 @@ def moe_eager(x, w_router, w_gate, w_up, w_down, noise=None, *, k=2, renormalize
         he = (F.silu(a) if act == "silu" else F.gelu(a)) * (xe @ w_up[e])
         y.index_add_(0, t, (he @ w_down[e]).float() * wv[sel, None])
     return y.to(x.dtype), probs.sum(0), torch.logsumexp(logits.float(), -1)
+
+
+# -- entry for the fused ops of lmc/passes/fuse_moe_gating.py (codegen/templates.py) -----------
+_DIFF_ROLES = ("gates", "probs", "lse")     # the fused op's outputs that carry gradients
+
+
+def _role(role: str, g: Gating, N: int, E: int) -> Tensor:
+    """One output of the fused gating op, as the zoo's dense [N, E] (or [N], [N, k]) value."""
+    if role == "probs":
+        return g.probs
+    if role == "lse":
+        return g.lse
+    if role == "idx":
+        return g.idx.long()
+    src = {"gates": g.weight, "chosen": torch.ones_like(g.weight),
+           "kept": g.kept.float()}[role]
+    return torch.zeros((N, E), dtype=torch.float32, device=g.probs.device).scatter_(
+        1, g.idx.long(), src)
+
+
+def launch_template(template: str, xs, outs, opts) -> None:
+    """moe_gating: xs = (x [.., d], W_r [d, E][, noise [.., E]]), outs = the roles named by
+    opts["outputs"]. moe_gating_bwd: the same inputs, then the cotangents of the outputs among
+    gates, probs, lse (in output order); outs = (dx, dW_r)."""
+    k, E = opts["k"], opts["E"]
+    nin = 3 if opts["noise"] else 2
+    x, wr = xs[0], xs[1]
+    x2 = x.reshape(-1, x.shape[-1])
+    N = x2.shape[0]
+    noise = xs[2].reshape(N, E) if opts["noise"] else None
+    cap = tuple(opts["capacity"]) if opts.get("capacity") else None
+    g = _gating_forward(x2, wr, noise, k, opts["renormalise"], None,
+                        x.shape[-2] if cap else None, capacity=cap)
+    roles = list(opts["outputs"])
+    if template == "moe_gating":
+        for role, out in zip(roles, outs):
+            out.copy_(_role(role, g, N, E).reshape(out.shape))
+        return
+    assert template == "moe_gating_bwd", template
+    cts = dict(zip([r for r in roles if r in _DIFF_ROLES], xs[nin:]))
+    dw = cts["gates"].reshape(N, E).float().gather(1, g.idx.long()) if "gates" in cts else None
+    dprobs = cts["probs"].reshape(N, E) if "probs" in cts else None
+    dlse = cts["lse"].reshape(N) if "lse" in cts else None
+    dlog = _gating_backward(g, dw, None, dlse, k, opts["renormalise"], dprobs=dprobs)
+    dx, dwr = _dtheta(x2, wr, dlog, True, True)
+    outs[0].copy_(dx.reshape(outs[0].shape))
+    outs[1].copy_(dwr)

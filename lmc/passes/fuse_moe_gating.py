@@ -1,0 +1,391 @@
+"""`fuse_moe_gating`: a mixture-of-experts router region, as one fused gating op.
+
+Matched on primitives (no block names): from each `topk` the pass walks back to
+
+    probs = softmax(logits, -1),  logits = x @ W_r  or  gaussian_noise(x @ W_r, std, seed)
+
+(W_r [d, E], fp32, k in {1, 2}) and forward to the dense [.., E] combine weights in one of the
+zoo's two spellings:
+
+    one-hot    chosen = sum(cast(eq(reshape(top, [.., k, 1]), arange(E)), f32), -2)
+               gates  = probs * chosen  (/ sum(probs * chosen, -1): renormalised)
+               capacity (optional, along axis 1 of [B, T, E]):
+                 kept  = chosen * cast((cast(cumsum(chosen, 1), int) - 1) * a < budget, f32)
+                 budget = reshape((iota(T) + 1) * b, [T, 1]);   gates = gates * kept
+    scatter    w = gather(probs, top, -1) (/ sum(w, -1)),
+               gates = scatter_add(probs * 0.0, top, w, -1)
+
+and, when present, `logsumexp(logits, -1)` (a router z-loss). The region becomes one FUSED
+node of kind "moe_gating" with inputs (x, W_r[, noise]) and one output per region value the
+rest of the graph reads: gates, probs, chosen, kept, lse, idx (`options["outputs"]` names them
+in order), read through GETITEMs; the load-balance statistics (means of chosen and probs over
+tokens) stay in the graph, where fuse_reductions takes them. Its body is the matched
+primitives (the torch backend runs the exact oracle); the triton backend runs
+lmc/codegen/moe.py's one-launch gating kernel, and the backward op ("moe_gating_bwd", made
+by the autodiff pass from the body) its fused backward.
+
+Train-time noise: gaussian_noise(l, std, seed) is l + std * z with z drawn from (seed, the
+draw counter, shape). The pass leaves `noise = gaussian_noise(zeros, std, seed)` in the graph
+(the same draw, so the same values; zeros in eval mode) and the body adds it to the router
+logits: the op's third input, with no gradient.
+
+Not matched (each near miss is a declined record with the failed condition): a sigmoid or any
+non-softmax router, top-k of anything but the router's probabilities, k > 2, routers not in
+fp32 (under mixed precision the oracle picks experts from bf16/f16 probabilities, which an fp32
+kernel would not reproduce on near-ties), capacity not in the form above, an intermediate of
+the region read outside it (e.g. the logits before the noise, or the gates before capacity).
+The dense "every expert on every token" combine is not rewritten by this pass.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import torch
+
+from ..ir.graph import Graph, Node
+from ..ir.ops import Kind, Op
+from .fuse_pointwise import _where
+
+# output roles, in the order the fused op returns them; the first three carry gradients
+ROLES = ("gates", "probs", "lse", "chosen", "kept", "idx")
+DIFF_ROLES = ("gates", "probs", "lse")
+
+
+class _NoMatch(Exception):
+    pass
+
+
+def _need(cond: bool, why: str):
+    if not cond:
+        raise _NoMatch(why)
+
+
+def _scalar(n: Node) -> Optional[float]:
+    if n.op is Op.CONST and n.type.rank == 0 and not hasattr(n.attrs["value"], "shape"):
+        try:
+            return n.attrs["value"]
+        except (TypeError, ValueError):
+            return None
+    return None
+
+
+def _is_arange(n: Node, E: int) -> bool:
+    """A static [E] tensor holding 0 .. E-1 (iota, or a folded constant, maybe cast)."""
+    while n.op is Op.CAST:
+        n = n.inputs[0]
+    if tuple(n.type.shape) != (E,):
+        return False
+    if n.op is Op.IOTA:
+        return n.attrs["length"] == E
+    if n.op is Op.CONST and hasattr(n.attrs["value"], "shape"):
+        v = torch.as_tensor(n.attrs["value"])
+        return v.shape == (E,) and bool((v.double() == torch.arange(E).double()).all())
+    return False
+
+
+def _other(n: Node, x: Node) -> Node:
+    """The other operand of a binary node `n` one of whose operands is `x`."""
+    a, b = n.inputs
+    return b if a is x else a
+
+
+def _one_user(users, n: Node, op: Op, why: str) -> Node:
+    us = users.get(n, [])
+    _need(len(us) == 1 and us[0].op is op, why)
+    return us[0]
+
+
+def _users_of(users, n: Node, op: Op, pred=lambda u: True) -> List[Node]:
+    return [u for u in users.get(n, []) if u.op is op and pred(u)]
+
+
+def match(top: Node, users: Dict[Node, List[Node]], static, outputs) -> dict:
+    rank = top.type.rank
+    _need(top.attrs["axis"] == rank - 1, "top-k not over the last axis")
+    k = top.attrs["k"]
+    _need(k in (1, 2), f"top-{k}: the fused gating handles k = 1 or 2")
+    probs = top.inputs[0]
+    if probs.op is Op.SIGMOID:
+        raise _NoMatch("sigmoid router: the fused gating computes a softmax")
+    _need(probs.op is Op.SOFTMAX, f"top-k of {probs.op.value}, not of softmax(router logits)")
+    _need(probs.attrs["axis"] == rank - 1, "router softmax not over the experts (last) axis")
+    _need(probs.type.dtype.value == "f32",
+          f"router in {probs.type.dtype.value}: the fused gating picks experts from fp32 "
+          f"probabilities and would not reproduce a low-precision oracle's ties")
+    E = probs.type.shape[-1]
+    _need(isinstance(E, int), "expert count is not static")
+    logits = probs.inputs[0]
+    noise_node = None
+    mm = logits
+    if logits.op is Op.GAUSSIAN_NOISE:
+        noise_node, mm = logits, logits.inputs[0]
+        _need(logits.inputs[1].op is Op.CONST, "noise seed is not a constant")
+    _need(mm.op is Op.MATMUL, f"router logits are {mm.op.value}, not x @ W_r")
+    x, w = mm.inputs
+    _need(w.type.rank == 2 and x.type.rank >= 2, "router weight is not a [d, E] matrix")
+    _need(x.type.dtype.value == "f32" and w.type.dtype.value == "f32",
+          "router matmul not in fp32")
+    region = [mm, probs, top] + ([noise_node] if noise_node is not None else [])
+    role: Dict[str, Node] = {"probs": probs, "idx": top}
+    renorm, capacity, form = False, None, None
+    tu = users.get(top, [])
+    if any(u.op is Op.RESHAPE for u in tu):
+        form = "one-hot"
+        r = _one_user(users, top, Op.RESHAPE, "top-k indices used other than once, reshaped")
+        _need(tuple(r.type.shape) == tuple(top.type.shape) + (1,),
+              "top-k indices not reshaped to [.., k, 1]")
+        eq = _one_user(users, r, Op.EQ, "reshaped indices not compared with arange(E)")
+        _need(_is_arange(_other(eq, r), E), "indices compared with something other than "
+              "arange(E)")
+        c = _one_user(users, eq, Op.CAST, "one-hot comparison not cast to a float")
+        _need(c.type.dtype.value == "f32", "one-hot comparison not cast to f32")
+        chosen = _one_user(users, c, Op.SUM, "one-hot not summed over the k slots")
+        _need(chosen.attrs["axis"] == rank - 1 and not chosen.attrs.get("keepdim", True),
+              "one-hot not summed over the k slots")
+        region += [r, eq, c, chosen]
+        role["chosen"] = chosen
+        g0s = _users_of(users, chosen, Op.MUL, lambda u: _other(u, chosen) is probs)
+        _need(len(g0s) == 1, "no probs * chosen gate")
+        gates = g0s[0]
+        region.append(gates)
+        sums = _users_of(users, gates, Op.SUM,
+                         lambda u: u.attrs["axis"] == rank - 1 and u.attrs.get("keepdim", True))
+        if sums:
+            divs = _users_of(users, gates, Op.DIV,
+                             lambda u: u.inputs[0] is gates and u.inputs[1] is sums[0])
+            _need(len(divs) == 1, "gate sum not used to renormalise the gates")
+            region += [sums[0], divs[0]]
+            gates, renorm = divs[0], True
+        cums = _users_of(users, chosen, Op.CUMSUM)
+        if cums:
+            gates, capacity, kept, more = _capacity(cums[0], chosen, gates, users, static, E)
+            region += more
+            role["kept"] = kept
+    elif any(u.op is Op.GATHER for u in tu):
+        form = "scatter"
+        ga = _users_of(users, top, Op.GATHER,
+                       lambda u: u.inputs[0] is probs and u.inputs[1] is top
+                       and u.attrs["axis"] == rank - 1)
+        _need(len(ga) == 1, "top-k indices do not gather the router probabilities")
+        kv = ga[0]
+        region.append(kv)
+        wv = kv
+        sums = _users_of(users, kv, Op.SUM, lambda u: u.attrs["axis"] == rank - 1)
+        if sums:
+            divs = _users_of(users, kv, Op.DIV,
+                             lambda u: u.inputs[0] is kv and u.inputs[1] is sums[0])
+            _need(len(divs) == 1, "selected probabilities' sum not used to renormalise")
+            region += [sums[0], divs[0]]
+            wv, renorm = divs[0], True
+        sc = _users_of(users, wv, Op.SCATTER_ADD,
+                       lambda u: u.inputs[1] is top and u.inputs[2] is wv
+                       and u.attrs["axis"] == rank - 1)
+        _need(len(sc) == 1, "gate weights not scattered back to [.., E] at the top-k experts")
+        gates = sc[0]
+        z = gates.inputs[0]
+        if z.op is Op.MUL and probs in z.inputs and _scalar(_other(z, probs)) == 0:
+            region.append(z)
+        else:
+            _need(static(z) and _is_zero(z), "gate weights scattered into a non-zero tensor")
+        region.append(gates)
+    else:
+        raise _NoMatch("top-k indices are neither one-hot compared with arange(E) nor used "
+                       "to gather the probabilities")
+    role["gates"] = gates
+    lses = _users_of(users, logits, Op.LOGSUMEXP, lambda u: u.attrs["axis"] == rank - 1)
+    if lses:
+        region.append(lses[0])
+        role["lse"] = lses[0]
+    inside = set(region)
+    named = {v: r for r, v in role.items()}
+    for n in region:
+        out_users = [u for u in users.get(n, []) if u not in inside]
+        if (out_users or n in outputs) and n not in named:
+            raise _NoMatch(f"{n.op.value} inside the router is also used outside it")
+    outs = [r for r in ROLES if r in role and (
+        any(u not in inside for u in users.get(role[r], [])) or role[r] in outputs)]
+    _need("gates" in outs, "the gates are not used")
+    return {"x": x, "w": w, "mm": mm, "logits": logits, "noise": noise_node, "region": inside,
+            "roles": role, "outputs": outs, "k": k, "E": E, "renorm": renorm,
+            "capacity": capacity, "form": form}
+
+
+def _is_zero(n: Node) -> bool:
+    while n.op in (Op.EXPAND, Op.CAST, Op.RESHAPE):
+        n = n.inputs[0]
+    return _scalar(n) == 0
+
+
+def _capacity(cum, chosen, gates, users, static, E):
+    """kept = chosen * cast((cast(cumsum(chosen, 1), int) - 1) * a < budget, f32),
+    budget = reshape((iota(T) + 1) * b, [T, 1]), gates * kept: (gates', (a, b), kept, nodes)."""
+    _need(cum.attrs["axis"] == 1 and chosen.type.rank == 3,
+          "capacity count not a cumsum along T of [B, T, E] choices")
+    T = chosen.type.shape[1]
+    pos = _one_user(users, cum, Op.CAST, "capacity count not cast to an integer")
+    _need(not pos.type.dtype.is_float, "capacity count not cast to an integer")
+    sub = _one_user(users, pos, Op.SUB, "capacity test not (pos - 1) * a < budget")
+    _need(sub.inputs[0] is pos and _scalar(sub.inputs[1]) == 1,
+          "capacity test not (pos - 1) * a < budget")
+    mul = _one_user(users, sub, Op.MUL, "capacity test not (pos - 1) * a < budget")
+    a = _scalar(_other(mul, sub))
+    _need(isinstance(a, int) and a > 0, "capacity scale a is not a positive integer constant")
+    lt = _one_user(users, mul, Op.LT, "capacity test not (pos - 1) * a < budget")
+    _need(lt.inputs[0] is mul, "capacity test not (pos - 1) * a < budget")
+    budget = lt.inputs[1]
+    b = _budget(budget, T, static)
+    cf = _one_user(users, lt, Op.CAST, "capacity test not cast to f32")
+    _need(cf.type.dtype.value == "f32", "capacity test not cast to f32")
+    kept = _one_user(users, cf, Op.MUL, "capacity mask not multiplied into the choices")
+    _need(_other(kept, cf) is chosen, "capacity mask not multiplied into the choices")
+    fin = _users_of(users, kept, Op.MUL, lambda u: _other(u, kept) is gates)
+    _need(len(fin) == 1, "gates not multiplied by the capacity mask")
+    return fin[0], (a, b), kept, [cum, pos, sub, mul, lt, cf, kept, fin[0]]
+
+
+def _budget(n: Node, T, static) -> int:
+    """reshape((iota(T) + 1) * b, [T, 1]) with b a positive integer: b."""
+    why = "capacity budget not reshape((iota(T) + 1) * b, [T, 1])"
+    _need(static(n) and n.op is Op.RESHAPE and n.type.rank == 2 and n.type.shape[1] == 1, why)
+    m = n.inputs[0]
+    _need(m.op is Op.MUL, why)
+    for p, c in (m.inputs, m.inputs[::-1]):
+        b = _scalar(c)
+        if isinstance(b, int) and b > 0 and p.op is Op.ADD:
+            for i, one in (p.inputs, p.inputs[::-1]):
+                if (i.op is Op.IOTA and i.attrs["length"] == T and _scalar(one) == 1):
+                    return b
+    raise _NoMatch(why)
+
+
+def _body(m: dict, name: str, static) -> Graph:
+    """The region as a body graph over placeholders in0 (x), in1 (W_r)[, in2 (noise)]."""
+    from ..frontend.builder import Builder
+
+    b = Builder({}, {})
+    env: Dict[Node, Node] = {}
+    env[m["x"]] = b.input("in0", m["x"].type.shape, m["x"].type.dtype).node
+    env[m["w"]] = b.input("in1", m["w"].type.shape, m["w"].type.dtype).node
+    if m["noise"] is not None:
+        nz = b.input("in2", m["logits"].type.shape, m["logits"].type.dtype).node
+
+    def copy_static(i: Node) -> Node:
+        if i not in env:
+            assert static(i) and i.op not in (Op.INPUT, Op.PARAM), i
+            env[i] = Node(i.op, tuple(copy_static(j) for j in i.inputs), dict(i.attrs),
+                          i.type, i.loc, i.scope)
+            b.nodes.append(env[i])
+        return env[i]
+
+    for n in m["order"]:
+        if n is m["noise"]:          # gaussian_noise(l) = l + noise, the same draw
+            c = Node.make(Op.ADD, (env[n.inputs[0]], nz), {}, n.loc, n.scope)
+        else:
+            c = Node(n.op, tuple(copy_static(i) if i not in env else env[i]
+                                 for i in n.inputs), n.attrs, n.type, n.loc, n.scope)
+        env[n] = c
+        b.nodes.append(c)
+    roles = m["roles"]
+    body = Graph(name, b.nodes, {str(j): env[roles[r]] for j, r in enumerate(m["outputs"])})
+    body.meta["module"] = "moe"                  # lmc/codegen/moe.py's launch_template
+    body.meta["template"] = "moe_gating"
+    body.meta["options"] = {"k": m["k"], "E": m["E"], "router": "softmax",
+                            "renormalise": m["renorm"], "noise": m["noise"] is not None,
+                            "capacity": m["capacity"], "outputs": tuple(m["outputs"])}
+    return body
+
+
+def _reason(m: dict) -> str:
+    parts = [f"softmax top-{m['k']} of {m['E']} ({m['form']})"]
+    if m["noise"] is not None:
+        parts.append(f"gaussian noise std {m['noise'].attrs['std']:g}")
+    parts.append("renormalised" if m["renorm"] else "not renormalised")
+    if m["capacity"]:
+        parts.append("capacity (pos-1)*%d < (t+1)*%d" % m["capacity"])
+    parts.append("outputs " + ", ".join(m["outputs"]))
+    return "; ".join(parts)
+
+
+def fuse_moe_gating(g: Graph) -> Graph:
+    users = g.users()
+    static: Dict[Node, bool] = {}
+    for n in g.nodes:
+        static[n] = (n.op not in (Op.INPUT, Op.PARAM) and n.op.kind is not Kind.RANDOM
+                     and all(static[i] for i in n.inputs))
+    outputs = set(g.outputs.values())
+    records, matches = [], []
+    taken: set = set()
+    for n in g.nodes:
+        # candidates: every top-k (a router picks its experts with one)
+        if n.op is not Op.TOPK:
+            continue
+        try:
+            m = match(n, users, lambda t: static.get(t, False), outputs)
+            _need(not (m["region"] & taken), "overlaps another router region")
+        except _NoMatch as e:
+            records.append({"pass": "fuse_moe_gating", "status": "declined",
+                            "where": _where(n), "reason": str(e)})
+            continue
+        taken |= m["region"]
+        m["order"] = [x for x in g.nodes if x in m["region"]]
+        matches.append(m)
+    out_meta = list(g.meta.get("fusions", []))
+    if not matches:
+        out = g.with_nodes(g.nodes, g.outputs)
+        out.meta["fusions"] = out_meta + records
+        return out
+    replace: Dict[Node, Node] = {}        # role node -> its GETITEM
+    at: Dict[Node, List[Node]] = {}       # the region's first node -> the nodes replacing it
+    dead: set = set()
+    for i, m in enumerate(matches):
+        name = f"lmc_moe_gating_{i}"
+        body = _body(m, name, lambda t: static.get(t, False))
+        first = m["order"][0]
+        loc, scope = m["logits"].loc, m["logits"].scope
+        new: List[Node] = []
+        ins = [m["x"], m["w"]]
+        if m["noise"] is not None:     # the same draw, from zeros: the noise alone
+            nl, dt = m["noise"].loc, m["logits"].type.dtype
+            zero = Node.make(Op.CONST, [], {"value": 0.0, "dtype": dt}, nl, scope)
+            zeros = Node.make(Op.EXPAND, [zero], {"shape": tuple(m["logits"].type.shape)},
+                              nl, scope)
+            s0 = m["noise"].inputs[1]
+            seed = Node.make(Op.CONST, [], dict(s0.attrs), s0.loc, s0.scope)
+            noise = Node.make(Op.GAUSSIAN_NOISE, [zeros, seed], dict(m["noise"].attrs),
+                              nl, scope)
+            new += [zero, zeros, seed, noise]
+            ins.append(noise)
+        fused = Node.make(Op.FUSED, ins,
+                          {"kernel": name, "kind": "moe_gating", "body": body,
+                           "no_grad": (2,) if m["noise"] is not None else ()}, loc, scope)
+        new.append(fused)
+        for j, r in enumerate(m["outputs"]):
+            node = m["roles"][r]
+            get = Node.make(Op.GETITEM, [fused], {"index": j}, node.loc, node.scope)
+            new.append(get)
+            replace[node] = get
+        at[first] = new
+        dead |= m["region"]
+        records.append({"pass": "fuse_moe_gating", "status": "fused",
+                        "where": _where(m["logits"]), "reason": _reason(m)})
+    nodes: List[Node] = []
+    remap: Dict[Node, Node] = dict(replace)
+    for n in g.nodes:
+        if n in at:
+            for c in at[n]:
+                ins = tuple(remap.get(i, i) for i in c.inputs)
+                if ins != c.inputs:
+                    c2 = Node(c.op, ins, c.attrs, c.type, c.loc, c.scope)
+                    remap[c] = c2
+                    c = c2
+                nodes.append(c)
+        if n in dead:
+            continue
+        ins = tuple(remap.get(i, i) for i in n.inputs)
+        c = n if ins == n.inputs else Node(n.op, ins, n.attrs, n.type, n.loc, n.scope)
+        remap[n] = c
+        nodes.append(c)
+    out = g.with_nodes(nodes, {k: remap.get(v, v) for k, v in g.outputs.items()})
+    out.meta["fusions"] = out_meta + records
+    from .basic import dce
+    return dce(out)

@@ -1,0 +1,192 @@
+"""fuse_moe_gating: a router written in primitives (the zoo's one-hot and scatter spellings,
+noise, capacity, z-loss) becomes one fused gating op whose kernels (lmc/codegen/moe.py, in
+Triton's interpreter here) equal the primitives, forward and gradients (through the op's
+fused backward); ties in top-k go to the lower expert as in the oracle; near misses say why."""
+import json
+
+import pytest
+import torch
+
+from lmc.cli import main
+from lmc.frontend.builder import Builder
+from lmc.ir.dims import Dim
+from lmc.ir.graph import Graph
+from lmc.ir.ops import Op
+from lmc.ops.reference import RefCtx
+from lmc.passes import run_pipeline
+from lmc.passes.autodiff import differentiate
+from lmc.passes.fuse_moe_gating import fuse_moe_gating
+from lmc.runtime.executor import bind_dims, run_graph
+from lmc.runtime.triton_backend import TritonProgram
+
+B, T = Dim.sym("B"), Dim.sym("T")
+D = 16
+
+
+@pytest.fixture(autouse=True)
+def kernel_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LMC_CACHE", str(tmp_path / "cache"))
+
+
+def _router(E, k, *, form="one-hot", cap=None, noise=0.0, renorm=True, z=False,
+            softmax=True):
+    """The zoo's router on x [B, T, d] with weight w [d, E]; outputs the combine weights and
+    the statistics the zoo's aux losses read (as blues01 / minimax / medit_one write them)."""
+    b = Builder({}, {})
+    x = b.input("x", [B, T, D], "f32")
+    w = b.input("w", [D, E], "f32")
+    logits = x @ w
+    if noise:
+        logits = b.node(Op.GAUSSIAN_NOISE, [logits, b.const(77, "i64")], {"std": noise})
+    probs = b.softmax(logits, -1) if softmax else b.sigmoid(logits)
+    top = b.node(Op.TOPK, [probs], {"k": k, "axis": -1})
+    outs = {}
+    if form == "one-hot":
+        r = b.reshape(top, [B, T, k, 1])
+        chosen = b.sum(b.cast(b.eq(r, b.iota(E)), "f32"), 2, keepdim=False)
+        gates = probs * chosen
+        if renorm:
+            gates = gates / b.sum(gates, -1)
+        kept = chosen
+        if cap is not None:
+            pos = b.cast(b.cumsum(chosen, 1), "i64")
+            budget = b.reshape((b.iota(T) + 1) * (cap * k), [T, 1])
+            kept = chosen * b.cast((pos - 1) * (E * 100) < budget, "f32")
+            gates = gates * kept
+        f = b.reshape(b.mean(b.reshape(chosen, [B * T, E]), 0), [E]) / k
+        p = b.reshape(b.mean(b.reshape(probs, [B * T, E]), 0), [E])
+        outs["lb"] = E * b.sum(f * p, 0, keepdim=False)
+        outs["tokens"] = b.sum(b.reshape(kept, [B * T, E]), 0)
+    else:
+        kv = b.gather(probs, top, -1)
+        if renorm:
+            kv = kv / b.sum(kv, -1)
+        gates = b.scatter_add(probs * 0.0, top, kv, -1)
+    if z:
+        lz = b.reshape(b.logsumexp(logits, -1), [B * T])
+        outs["z"] = b.mean(lz * lz, 0, keepdim=False)
+    outs["gates"] = gates
+    return run_pipeline(Graph("router", b.nodes, {k_: v.node for k_, v in outs.items()}))
+
+
+def _records(g):
+    return [f for f in g.meta["fusions"] if f["pass"] == "fuse_moe_gating"]
+
+
+def _grads(graph, vals, ctx, cts, triton):
+    prog = differentiate(graph, ["x", "w"])
+    back = run_pipeline(prog.backward)
+    fwd = TritonProgram(prog.forward) if triton else None
+    fw = fwd.run(vals, ctx) if triton else run_graph(prog.forward, vals, ctx)
+    bound = {s: fw[s] for s in prog.saved}
+    bound.update({f"grad:{o}": cts[o] for o in prog.outputs})
+    bprog = TritonProgram(back, label="backward") if triton else None
+    got = bprog.run(bound, ctx) if triton else run_graph(back, bound, ctx)
+    kinds = ({n.attrs["kind"] for n in fwd.graph.nodes if n.op is Op.FUSED}
+             | {n.attrs["kind"] for n in bprog.graph.nodes if n.op is Op.FUSED}
+             if triton else set())
+    return fw, got, kinds
+
+
+CASES = [  # E, k, capacity (hundredths), form, noise std, renormalise, z-loss
+    (4, 2, None, "one-hot", 1.0, True, False),     # blues01
+    (4, 2, 120, "one-hot", 0.0, True, True),       # minimax
+    (8, 1, 120, "one-hot", 0.0, True, True),
+    (8, 2, None, "scatter", 0.0, True, False),     # medit_one
+    (4, 1, None, "scatter", 0.0, False, True),
+    (8, 2, 100, "one-hot", 0.5, False, False),
+]
+
+
+@pytest.mark.parametrize("E,k,cap,form,noise,renorm,z", CASES)
+def test_fused_equals_primitives_forward_and_gradients(E, k, cap, form, noise, renorm, z):
+    g = _router(E, k, form=form, cap=cap, noise=noise, renorm=renorm, z=z)
+    f = fuse_moe_gating(g)
+    (r,) = _records(f)
+    assert r["status"] == "fused", r
+    assert ("capacity" in r["reason"]) == (cap is not None)
+    assert ("noise" in r["reason"]) == bool(noise)
+    assert sum(n.op is Op.FUSED for n in f.nodes) == 1
+    assert not any(n.op in (Op.SOFTMAX, Op.TOPK, Op.CUMSUM) for n in f.nodes)
+    gen = torch.Generator().manual_seed(E * 10 + k)
+    t = 7 if cap is None else 9                                   # odd token counts
+    vals = {"x": torch.randn(3, t, D, generator=gen), "w": torch.randn(D, E, generator=gen)}
+    ctx = RefCtx(dims=bind_dims(g, vals), training=True, rng_step=3)
+    want = run_graph(g, vals, ctx)
+    got = TritonProgram(f).run(vals, ctx)
+    for o in want:
+        torch.testing.assert_close(got[o], want[o], rtol=1e-5, atol=1e-6)
+    if cap is not None:   # the capacity really dropped something here
+        assert float(want["tokens"].sum()) < 3 * t * k
+    cts = {o: torch.randn(want[o].shape, generator=gen) for o in want
+           if want[o].dtype.is_floating_point}
+    fw0, g0, _ = _grads(g, vals, ctx, cts, False)
+    fw1, g1, kinds = _grads(f, vals, ctx, cts, True)
+    assert {"moe_gating", "moe_gating_bwd"} <= kinds
+    for o in want:
+        torch.testing.assert_close(fw1[o], fw0[o], rtol=1e-5, atol=1e-6)
+    for name in ("grad:x", "grad:w"):
+        assert g0[name].abs().max() > 0
+        torch.testing.assert_close(g1[name], g0[name], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("k,form", [(1, "one-hot"), (2, "one-hot"), (2, "scatter")])
+def test_ties_go_to_the_lower_expert(k, form):
+    E = 4
+    g = _router(E, k, form=form, z=False)
+    f = fuse_moe_gating(g)
+    gen = torch.Generator().manual_seed(5)
+    col = torch.randn(D, 1, generator=gen)
+    # experts 1, 2, 3 have identical router columns: their logits tie exactly for every
+    # token, and expert 0 is below them (token rows positive, column 0 = -|col|)
+    w = torch.cat([-col.abs() - 1, col.abs(), col.abs(), col.abs()], 1)
+    x = torch.rand(2, 5, D, generator=gen) + 0.1
+    vals = {"x": x, "w": w}
+    ctx = RefCtx(dims=bind_dims(g, vals))
+    want = run_graph(g, vals, ctx)["gates"]
+    got = TritonProgram(f).run(vals, ctx)["gates"]
+    picked = (want > 0).reshape(-1, E)
+    assert picked[:, 1].all() and not picked[:, 3].any() and not picked[:, 0].any()
+    assert picked[:, 2].all() == (k == 2)
+    assert torch.equal(got > 0, want > 0)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+
+
+def test_near_misses_say_why():
+    (r,) = _records(fuse_moe_gating(_router(4, 2, softmax=False)))
+    assert r["status"] == "declined" and r["reason"] == (
+        "sigmoid router: the fused gating computes a softmax")
+    (r,) = _records(fuse_moe_gating(_router(8, 3)))
+    assert r["status"] == "declined" and r["reason"] == "top-3: the fused gating handles k = 1 or 2"
+    # the gates before the capacity mask read outside the region
+    b = Builder({}, {})
+    x, w = b.input("x", [B, T, D], "f32"), b.input("w", [D, 4], "f32")
+    probs = b.softmax(x @ w, -1)
+    top = b.node(Op.TOPK, [probs], {"k": 2, "axis": -1})
+    chosen = b.sum(b.cast(b.eq(b.reshape(top, [B, T, 2, 1]), b.iota(4)), "f32"), 2,
+                   keepdim=False)
+    g = run_pipeline(Graph("r", b.nodes, {"gates": (probs * chosen).node,
+                                          "logits": (x @ w).node}))
+    (r,) = _records(fuse_moe_gating(g))
+    assert r["status"] == "declined" and r["reason"] == (
+        "matmul inside the router is also used outside it")
+    # a graph without a top-k produces no record at all
+    b = Builder({}, {})
+    x = b.input("x", [B, T, D], "f32")
+    g = run_pipeline(Graph("s", b.nodes, {"p": b.softmax(x, -1).node}))
+    assert _records(fuse_moe_gating(g)) == []
+
+
+@pytest.mark.parametrize("path,sets,sites", [
+    ("zoo/blues01.yaml", [], 1),                  # tiny: 2 layers, layer 1 is MoE
+    ("zoo/minimax.yaml", [], 2),                  # every layer's FFN is MoE
+    ("zoo/medit_one.yaml", ["--set", "moe=1"], 4),  # x, hx, cx routers; top layer x only
+])
+def test_zoo_sites_fire(path, sets, sites, capsys):
+    assert main(["compile", path, "--preset", "tiny", *sets, "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    recs = [f for f in s["fusions"] if f["pass"] == "fuse_moe_gating"]
+    assert len(recs) == sites and all(f["status"] == "fused" for f in recs), recs
+    fw, bw = s["kernels"]["forward"]["list"], s["kernels"]["backward"]["list"]
+    assert sum(k["kind"] == "moe_gating" for k in fw) == sites
+    assert sum(k["kind"] == "moe_gating_bwd" for k in bw) == sites
