@@ -1206,17 +1206,93 @@ def rope_attention_reference(q: Tensor, k: Tensor, v: Tensor, cos: Optional[Tens
 
 
 # -- entry for the fused ops of lmc/passes/fuse_rope_attention.py (codegen/templates.py) --------
+def _operand(xs, layout) -> Tensor:
+    """q or k as the kernels read it, from the fused op's inputs: `layout` lists the parts in
+    kernel order (the rotated part first) as [input, first column, end column, rep], rep the
+    times each head of that input repeats (a head shared by consecutive query heads). One
+    input's leading columns are a strided view (no copy); anything else is concatenated."""
+    i0, a0 = layout[0][0], layout[0][1]
+    if all(i == i0 and rep == 1 for i, _, _, rep in layout) and a0 == 0 and all(
+            layout[n][2] == layout[n + 1][1] for n in range(len(layout) - 1)):
+        return xs[i0][..., 0:layout[-1][2]]
+    parts = []
+    for i, a, b, rep in layout:
+        t = xs[i][..., a:b]
+        if rep > 1:
+            B, h, S, w = t.shape
+            t = t[:, :, None].expand(B, h, rep, S, w).reshape(B, h * rep, S, w)
+        parts.append(t)
+    return torch.cat(parts, -1)
+
+
+def _scatter_grad(grads, xs, layout, d: Tensor) -> None:
+    """Accumulate d (the gradient of `_operand`'s result) into the inputs' gradients."""
+    c = 0
+    for i, a, b, rep in layout:
+        w = b - a
+        part = d[..., c:c + w].float()
+        if rep > 1:
+            B, hr, S, _ = part.shape
+            part = part.reshape(B, hr // rep, rep, S, w).sum(2)
+        if i not in grads:
+            grads[i] = torch.zeros(xs[i].shape, dtype=torch.float32, device=d.device)
+        grads[i][..., a:b] += part
+        c += w
+
+
+def _pad_last(t: Tensor, width: int) -> Tensor:
+    if t.shape[-1] == width:
+        return t
+    return torch.nn.functional.pad(t, (0, width - t.shape[-1]))
+
+
 def launch_template(template: str, xs, outs, opts) -> None:
-    q, k, v, cos, sin = xs[:5]
-    kw = dict(causal=opts["causal"], window=opts["window"] or None, scale=opts["scale"],
-              rot_dim=q.shape[-1], interleaved=False)
+    """Run a fused rope-attention op (or its backward) of fuse_rope_attention. `opts` (the body
+    meta's options) say where q, k, v and the tables are among the inputs `xs` (see the pass's
+    match: layouts of q and k, v and its head repeat, cos/sin, the keys' own tables, XPos
+    scales) and the attention's options; a backward op's cotangent follows the inputs and it
+    writes the gradients of the first n_grad inputs (q, k, v sources) in input order."""
+    if "q" not in opts:            # the first layout: inputs (q, k, v, cos, sin), MHA
+        opts = dict(opts, q=[[0, 0, xs[0].shape[-1], 1]], k=[[1, 0, xs[1].shape[-1], 1]],
+                    v=[2, 1], cos=3, sin=4, rot_dim=xs[0].shape[-1], interleaved=False,
+                    rope_k=True, n_grad=3)
+    q, k = _operand(xs, opts["q"]), _operand(xs, opts["k"])
+    vi, vrep = opts["v"]
+    v = _operand(xs, [[vi, 0, xs[vi].shape[-1], vrep]])
+    D, Dv = q.shape[-1], v.shape[-1]
+    width = max(D, Dv)       # kernels read q, k, v at one head dim: zero columns change nothing
+    q, k, v = _pad_last(q, width), _pad_last(k, width), _pad_last(v, width)
+    cos, sin = xs[opts["cos"]], xs[opts["sin"]]
+    k_cos = xs[opts["k_cos"]] if "k_cos" in opts else cos
+    k_sin = xs[opts["k_sin"]] if "k_sin" in opts else sin
+    for key, which in (("q_zeta", "q"), ("k_zeta", "k")):
+        if key in opts:         # XPos: rope(x) * zeta = x * (cos zeta) + rot(x) * (sin zeta)
+            zi, op = opts[key]
+            z = xs[zi].float()
+            z = z if op == "mul" else 1.0 / z
+            if which == "q":
+                cos, sin = cos.float() * z, sin.float() * z
+            else:
+                k_cos, k_sin = k_cos.float() * z, k_sin.float() * z
+    kw = dict(k_cos=k_cos, k_sin=k_sin, rot_dim=opts["rot_dim"],
+              interleaved=opts["interleaved"], rope_k=opts["rope_k"], causal=opts["causal"],
+              window=opts["window"] or None, scale=opts["scale"])
     out, lse = rope_attention_fwd(q, k, v, cos, sin, **kw)
     if template == "rope_attention":
-        outs[0].copy_(out)
+        outs[0].copy_(out[..., :Dv])
         return
     assert template == "rope_attention_bwd", template
     # the forward's output and row log-sum-exp are recomputed rather than saved (one extra
     # forward, about a third of the backward's work): the fused op exposes only its output
-    grads = rope_attention_bwd(xs[5], q, k, v, out, lse, cos, sin, **kw)
-    for o, g in zip(outs, grads):
-        o.copy_(g)
+    do = _pad_last(xs[-1], width)
+    dq, dk, dv = rope_attention_bwd(do, q, k, v, out, lse, cos, sin, **kw)
+    grads: dict = {}
+    _scatter_grad(grads, xs, opts["q"], dq[..., :D])
+    _scatter_grad(grads, xs, opts["k"], dk[..., :D])
+    _scatter_grad(grads, xs, [[vi, 0, xs[vi].shape[-1], vrep]], dv[..., :Dv])
+    for i in range(opts["n_grad"]):
+        g = grads.get(i)
+        if g is None:
+            outs[i].zero_()
+        else:
+            outs[i].copy_(g)

@@ -2,28 +2,53 @@
 
 Matched on primitives (no block names): from each softmax over the last axis, the pass walks
 
-    out = softmax(where(causal_mask(T, T, window), (rope(q) @ rope(k)^T) * scale, -inf)) @ v
-    rope(x) = x * cos + concat(-x[..., D/2:], x[..., :D/2]) * sin      (rotate-half layout)
+    out = softmax(where(causal_mask(T, T, window), (q' @ k'^T) * scale, -inf)) @ v'
 
-with cos/sin [T, D] tables computed from positions alone, and replaces the region with one
-FUSED node of kind "rope_attention" (inputs q, k, v, cos, sin; output the attention output).
-Its body is the matched primitives, so the torch backend and every
-check still run the exact oracle; the triton backend runs lmc/codegen/attention.py's kernels
-(RoPE applied to tiles inside a flash-attention kernel, never materialising T x T). The
-autodiff pass differentiates a FUSED node by its body, and the backward op (kind
-"rope_attention_bwd") runs the fused backward kernel.
+back through the scores and forward to the single `probs @ v'`, and reads q' and k' as a
+concat along the head dim of parts (one part: no concat), each part one of
+
+    rope(x) = x * cos + rot(x) * sin             RoPE, with cos/sin [T, R] tables computed from
+                                                 positions alone (any base, offset or table)
+        rotate-half:  rot(x) = concat(-x[..., R/2:], x[..., :R/2])
+        interleaved:  rot(x) = reshape(concat(-xp[..., 1:2], xp[..., 0:1]), x's shape),
+                      xp = reshape(x, [..., R/2, 2])        (pairs (2i, 2i+1))
+    rope(x) * zeta, rope(x) / zeta               XPos: zeta a static [T, R] table
+    x                                            a part passed through (not rotated)
+
+where x may be a slice of the head dim of a tensor (partial rotary: minimax's
+concat(rope(q[..., :R]), q[..., R:])) or a tensor of its own (MLA's decoupled
+concat(q_C, rope(q_R))), and k', v' (or any part of k') may be broadcast over the query heads
+(GQA/MQA: reshape(expand(reshape(k, [B, n_kv, 1, S, D]), [B, n_kv, H/n_kv, S, D]),
+[B, H, S, D]) or expand from one head; MLA's shared k_R). q' has exactly one rotated part and
+k' the same split of the head dim; the k part facing it is either rotated here too or taken
+as given (a rotated K computed once and shared by several attentions, as YOCO's
+cross-decoder's, or keys with no RoPE): the kernel then rotates q only.
+
+The region becomes one FUSED node of kind "rope_attention" whose inputs are the tensors the
+parts are cut from (each read once: k, v at n_kv heads), v, and the tables, and whose body is
+the matched primitives, so the torch backend and every check still run the exact oracle; the
+triton backend runs lmc/codegen/attention.py's kernels (RoPE applied to tiles inside a
+flash-attention kernel, never materialising T x T), its `launch_template` reading the layout
+from the body meta's `options`. Where the kernel's operand layout differs from the graph's
+(MLA: parts of separate tensors, a shared one-head k_R, v narrower than q/k) the launch
+assembles the operands with torch first (a copy of q and k, no T x T); GQA, partial rotary
+from one tensor and whole-head RoPE are passed as they are. The autodiff pass differentiates a
+FUSED node by its body, and the backward op (kind "rope_attention_bwd") runs the fused backward
+kernel.
 
 It runs before autodiff on the program being trained or run on the triton backend, not in the
 compile pipeline: the decode pass derives its step from the unfused graph. Where a region
 almost matches, a declined record says which condition failed (`lmc compile --explain`).
-Not matched yet: interleaved-pair RoPE, partial rotary, GQA through an expand, MLA's
-decoupled RoPE, cross-attention without RoPE, XPos.
+Not matched: attention with no RoPE on q, a mask other than causal_mask (or none), RoPE tables
+that depend on the input, RoPE on several parts of a head, kv heads tiled (query head h reading
+kv head h mod n_kv), a softmax over anything but q @ k^T (medit_one's feature attention), and
+probabilities used other than once as probs @ v.
 """
 from __future__ import annotations
 
 from typing import Dict, List, Optional, Tuple
 
-from ..ir.graph import Graph, Node, toposort
+from ..ir.graph import Graph, Node
 from ..ir.ops import Op
 from .fuse_pointwise import _where
 
@@ -46,6 +71,18 @@ def _need(cond: bool, why: str):
         raise _NoMatch(why)
 
 
+def _last(n: Node) -> int:
+    return n.type.rank - 1
+
+
+def _is_slice(s: Node, x: Node, start, stop, step=1) -> bool:
+    if s.op is not Op.SLICE or s.inputs[0] is not x or s.attrs["axis"] != _last(x):
+        return False
+    end = s.attrs.get("stop")
+    end = x.type.shape[-1] if end is None else end
+    return s.attrs.get("start", 0) == start and end == stop and s.attrs.get("step", 1) == step
+
+
 def _split_mul(n: Node, want_table) -> Tuple[Node, Node]:
     """n = a * t with t a table satisfying `want_table`: (a, t)."""
     _need(n.op is Op.MUL, f"{n.op.value} where x*cos or rot(x)*sin was expected")
@@ -54,23 +91,61 @@ def _split_mul(n: Node, want_table) -> Tuple[Node, Node]:
         return a, b
     if want_table(a):
         return b, a
-    raise _NoMatch("no [T, D] position table in the RoPE product")
+    raise _NoMatch("no [T, R] position table in the RoPE product")
 
 
-def _rope(n: Node, static) -> Tuple[Node, Node, Node]:
-    """n = rope(x): (x, cos, sin), rotate-half layout over the whole head dim."""
+def _rotation(r: Node, x: Node) -> bool:
+    """Is r = rot(x)? True for interleaved pairs, False for rotate-half; else _NoMatch."""
+    R = x.type.shape[-1]
+    _need(isinstance(R, int) and R % 2 == 0, "rotary width is not a static even size")
+    if r.op is Op.RESHAPE:                 # interleaved: pairs (2i, 2i+1) -> (-x[2i+1], x[2i])
+        c = r.inputs[0]
+        _need(c.op is Op.CONCAT and len(c.inputs) == 2 and c.attrs["axis"] == _last(c)
+              and c.type.shape[-1] == 2 and tuple(r.type.shape) == tuple(x.type.shape),
+              "rotation is neither rotate-half nor interleaved pairs")
+        neg, lo = c.inputs
+        _need(neg.op is Op.NEG, "interleaved rotation is not (-x[2i+1], x[2i])")
+        hi = neg.inputs[0]
+        pairs = tuple(x.type.shape[:-1]) + (R // 2, 2)
+
+        def half(s, first):
+            if s.op is Op.SLICE and s.inputs[0].op is Op.RESHAPE:        # xp[..., j:j+1]
+                xp = s.inputs[0]
+                return (xp.inputs[0] is x and tuple(xp.type.shape) == pairs
+                        and _is_slice(s, xp, first, first + 1))
+            if s.op is Op.RESHAPE and s.inputs[0].op is Op.SLICE:        # x[..., j::2]
+                return _is_slice(s.inputs[0], x, first, R, 2) or _is_slice(
+                    s.inputs[0], x, first, R - 1 + first, 2)
+            return False
+        _need(half(hi, 1) and half(lo, 0),
+              "interleaved rotation halves are not x[..., 1::2] and x[..., 0::2]")
+        return True
+    _need(r.op is Op.CONCAT and r.attrs["axis"] == _last(r) and len(r.inputs) == 2,
+          "rotation is not a concat of two halves on the last axis")
+    neg, lo = r.inputs
+    _need(neg.op is Op.NEG, "rotation is not concat(-x2, x1) (rotate-half) or interleaved pairs")
+    hi = neg.inputs[0]
+    _need(_is_slice(hi, x, R // 2, R) and _is_slice(lo, x, 0, R // 2),
+          "rotation halves are not x[..., R/2:] and x[..., :R/2] of the rotated x")
+    return False
+
+
+def _rope(n: Node, static) -> Tuple[Node, Node, Node, bool]:
+    """n = rope(x): (x, cos, sin, interleaved)."""
     _need(n.op is Op.ADD, f"{n.op.value} where rope's add of x*cos and rot(x)*sin was expected")
 
     def table(t):
         return t.type.rank == 2 and static(t)
     first, second = n.inputs
+    why = "not x*cos + rot(x)*sin"
     for p, q in ((first, second), (second, first)):
         try:
             x, cos = _split_mul(p, table)
             r, sin = _split_mul(q, table)
-        except _NoMatch:
+        except _NoMatch as e:
+            why = str(e)
             continue
-        if r.op is not Op.CONCAT:
+        if r.op not in (Op.CONCAT, Op.RESHAPE):
             continue
         # under mixed precision the fp32 tables reach x through one cast each
         c0 = cos.inputs[0] if cos.op is Op.CAST else cos
@@ -78,41 +153,105 @@ def _rope(n: Node, static) -> Tuple[Node, Node, Node]:
         _need(c0.op is Op.COS and s0.op is Op.SIN,
               "rope tables are not cos/sin of the same angles")
         _need(c0.inputs[0] is s0.inputs[0], "rope's cos and sin are of different angles")
-        D = x.type.shape[-1]
-        _need(isinstance(D, int) and D % 2 == 0, "head dim is not a static even size")
-        _need(r.attrs["axis"] == x.type.rank - 1 and len(r.inputs) == 2,
-              "rotation is not a concat of two halves on the last axis")
-        neg, lo = r.inputs
-        if neg.op is not Op.NEG:
-            raise _NoMatch("interleaved or other rotation layout: only rotate-half is matched")
-        hi = neg.inputs[0]
-        for s, (start, stop) in ((hi, (D // 2, D)), (lo, (0, D // 2))):
-            _need(s.op is Op.SLICE and s.inputs[0] is x and s.attrs["axis"] == x.type.rank - 1
-                  and s.attrs["start"] == start and s.attrs["stop"] == stop
-                  and s.attrs.get("step", 1) == 1,
-                  "rotation halves are not x[..., D/2:] and x[..., :D/2] (partial rotary?)")
-        _need(tuple(cos.type.shape)[-1] == D, "partial rotary (table narrower than the head)")
-        return x, cos, sin
-    raise _NoMatch("not x*cos + rotate_half(x)*sin")
+        interleaved = _rotation(r, x)
+        R = x.type.shape[-1]
+        _need(tuple(cos.type.shape)[-1] == R and tuple(sin.type.shape)[-1] == R,
+              "rope table narrower or wider than the rotated dims")
+        return x, cos, sin, interleaved
+    raise _NoMatch(why)
 
 
-def match(sm: Node, users: Dict[Node, List[Node]], static) -> dict:
+def _heads(x: Node) -> Tuple[Node, int]:
+    """x = src broadcast over the query heads, query head h reading head h // G of src:
+    (src, G); (x, 1) when x is not such a broadcast."""
+    if x.type.rank != 4:
+        return x, 1
+    if x.op is Op.RESHAPE and x.inputs[0].op is Op.EXPAND and \
+            x.inputs[0].inputs[0].op is Op.RESHAPE:
+        e = x.inputs[0]
+        r = e.inputs[0]
+        src = r.inputs[0]
+        if src.type.rank == 4:
+            b, h, t, d = src.type.shape
+            rs, es = tuple(r.type.shape), tuple(e.type.shape)
+            if rs == (b, h, 1, t, d) and es[:2] == (b, h) and es[3:] == (t, d) and \
+                    isinstance(es[2], int) and tuple(x.type.shape) == (b, h * es[2], t, d):
+                return src, es[2]
+            if rs == (b, 1, h, t, d) and es[0] == b and es[2:] == (h, t, d) and \
+                    isinstance(es[1], int) and es[1] > 1 and \
+                    tuple(x.type.shape) == (b, h * es[1], t, d):
+                raise _NoMatch("kv heads tiled (query head h reads kv head h mod n_kv); the "
+                               "kernel shares each kv head among consecutive query heads")
+    if x.op is Op.EXPAND:
+        src = x.inputs[0]
+        s, xs = tuple(src.type.shape), tuple(x.type.shape)
+        if src.type.rank == 4 and s[1] == 1 and s[0] == xs[0] and s[2:] == xs[2:] and \
+                isinstance(xs[1], int):
+            return src, xs[1]
+    return x, 1
+
+
+def _part(p: Node, static, users) -> dict:
+    """One concat part of q' or k' (columns of the scores' operands)."""
+    p, g = _heads(p)
+    part = {"width": p.type.shape[-1], "rope": False, "why": None, "top": p, "g_top": g}
+    inner, zeta = p, None
+    if p.op in (Op.MUL, Op.DIV):          # XPos: rope(x) * zeta, rope(x) / zeta
+        a, t = p.inputs
+        if p.op is Op.MUL and a.type.rank == 2 and static(a):
+            a, t = t, a
+        if t.type.rank == 2 and static(t) and a.op is Op.ADD:
+            inner, zeta = a, (t, "mul" if p.op is Op.MUL else "div")
+    try:
+        x, cos, sin, inter = _rope(inner, static)
+        if zeta is not None:
+            _need(tuple(zeta[0].type.shape) == tuple(cos.type.shape),
+                  "XPos table's shape differs from the rope tables'")
+        part.update(rope=True, cos=cos, sin=sin, interleaved=inter, zeta=zeta)
+    except _NoMatch as e:
+        part["why"] = str(e)
+        x = p
+    x, g2 = _heads(x)
+    g *= g2
+    if x.op is Op.SLICE and x.attrs["axis"] == _last(x) and x.attrs.get("step", 1) == 1 and \
+            isinstance(x.attrs.get("start", 0), int):
+        start = x.attrs.get("start", 0)
+        part.update(src=x.inputs[0], start=start, stop=start + x.type.shape[-1])
+    else:
+        part.update(src=x, start=0, stop=x.type.shape[-1])
+    part["g"] = g
+    return part
+
+
+def _side(x: Node, static, users) -> List[dict]:
+    x, g = _heads(x)
+    ps = list(x.inputs) if x.op is Op.CONCAT and x.attrs["axis"] == _last(x) else [x]
+    parts = [_part(p, static, users) for p in ps]
+    for p in parts:
+        p["g"] *= g
+        p["g_side"] = g
+    return parts
+
+
+def _as_given(p: dict) -> dict:
+    """A k part whose RoPE is computed outside the region (shared): taken as rotated."""
+    q = dict(p)
+    src = p["top"]
+    q.update(rope=False, src=src, start=0, stop=src.type.shape[-1], given=True,
+             g=p["g_top"] * p["g_side"])
+    return q
+
+
+def match(sm: Node, users: Dict[Node, List[Node]], static, order: Dict[Node, int]) -> dict:
     _need(sm.attrs["axis"] == sm.type.rank - 1, "softmax not over the last axis")
     _need(sm.type.dtype.value in ("f32", "f16", "bf16"), "attention in a non-float dtype")
-    outs = users.get(sm, [])
-    _need(len(outs) == 1 and outs[0].op is Op.MATMUL and outs[0].inputs[0] is sm,
-          "probabilities are not used once, as probs @ v")
-    pv = outs[0]
-    v = pv.inputs[1]
     x = sm.inputs[0]
     causal, window = False, 0
-    region = [sm, pv]
     if x.op is Op.WHERE:
         mask, s, fill = x.inputs
         _need(mask.op is Op.CAUSAL_MASK, "masked by something other than causal_mask")
         _need(_const_value(fill) == float("-inf"), "masked scores are not set to -inf")
         causal, window = True, int(mask.attrs.get("window") or 0)
-        region += [x]
         x = s
     scale = 1.0
     if x.op in (Op.MUL, Op.DIV):
@@ -120,55 +259,166 @@ def match(sm: Node, users: Dict[Node, List[Node]], static) -> dict:
         if x.op is Op.MUL and _const_value(a) is not None:
             a, c = c, a
         cv = _const_value(c)
-        _need(cv is not None, "scores scaled by a tensor")
-        scale = cv if x.op is Op.MUL else 1.0 / cv
-        region += [x]
-        x = a
-    _need(x.op is Op.MATMUL, f"{x.op.value} where q @ k^T was expected")
+        if cv is not None:
+            scale = cv if x.op is Op.MUL else 1.0 / cv
+            x = a
+        else:
+            _need(x.op is not Op.MUL or any(
+                tuple(i.type.shape) != tuple(x.type.shape) for i in x.inputs),
+                f"scores are an elementwise product of two {list(x.type.shape)} tensors, not "
+                f"q @ k^T (a softmax over features, not attention across positions)")
+            raise _NoMatch("scores scaled by a tensor")
+    _need(x.op is Op.MATMUL, f"{x.op.value} where q @ k^T was expected (softmax over "
+                             f"{list(sm.type.shape)} is not over scores of queries and keys)")
     mm = x
+    outs = users.get(sm, [])
+    _need(len(outs) == 1 and outs[0].op is Op.MATMUL and outs[0].inputs[0] is sm,
+          "probabilities are not used once, as probs @ v")
+    pv = outs[0]
     qr, kt = mm.inputs
+    _need(qr.type.rank == 4, "scores are not [B, H, T, S]")
     _need(kt.op is Op.PERMUTE and tuple(kt.attrs["perm"]) == (0, 1, 3, 2),
           "keys are not transposed from [B, H, S, D]")
     kr = kt.inputs[0]
-    q, cos, sin = _rope(qr, static)
-    k, kcos, ksin = _rope(kr, static)
-    _need(cos is kcos and sin is ksin, "q and k use different rope tables")
-    _need(q.type.shape[1] == k.type.shape[1] == v.type.shape[1],
-          "q, k and v have different head counts (GQA through an expand is not matched yet)")
-    _need(q.type.dtype == k.type.dtype == v.type.dtype, "q, k, v dtypes differ")
-    region += [mm, kt, qr, kr]
-    for r in (qr, kr):
-        mul_a, mul_b = r.inputs
-        rot = [m for m in (mul_a, mul_b)
-               if any(i.op is Op.CONCAT for i in m.inputs)][0].inputs
-        rot = [i for i in rot if i.op is Op.CONCAT][0]
-        region += [mul_a, mul_b, rot] + list(rot.inputs) + [rot.inputs[0].inputs[0]]
-    inside = set(region)
-    for n in region:
-        if n is pv:
+    _need(isinstance(qr.type.shape[1], int), "head count is not static")
+
+    qparts = _side(qr, static, users)
+    kparts = _side(kr, static, users)
+    try:
+        return _assemble(sm, pv, qr, kr, qparts, kparts, users, static, order, causal, window,
+                         scale, given=False)
+    except _Shared:
+        # the k part's RoPE is computed outside this attention too (a rotated K shared by
+        # several attentions, as YOCO's cross-decoder's): take it as given
+        return _assemble(sm, pv, qr, kr, qparts, kparts, users, static, order, causal, window,
+                         scale, given=True)
+
+
+class _Shared(_NoMatch):
+    pass
+
+
+def _assemble(sm, pv, qr, kr, qparts, kparts, users, static, order, causal, window, scale,
+              given: bool) -> dict:
+    H, T = qr.type.shape[1], qr.type.shape[2]
+    S = kr.type.shape[2]
+    kparts = list(kparts)
+    roped = [i for i, p in enumerate(qparts) if p["rope"]]
+    if not roped:
+        raise _NoMatch(qparts[0]["why"] if len(qparts) == 1 else
+                       "no part of q is rotated: " + "; ".join(p["why"] for p in qparts))
+    _need(len(roped) == 1, "RoPE on several parts of q's head dim")
+    j = roped[0]
+    _need(len(qparts) == len(kparts) and all(
+        a["width"] == b["width"] for a, b in zip(qparts, kparts)),
+        "q and k are not split alike along the head dim (their rotated parts do not face)")
+    _need(all(p["g"] == 1 for p in qparts), "queries broadcast over heads")
+    _need(not any(p["rope"] for i, p in enumerate(kparts) if i != j),
+          "k rotated in columns where q is not")
+    qp, kp = qparts[j], kparts[j]
+    if kp["rope"] and (given or len(users.get(kp["top"], [])) > 1):
+        # a rotated K shared by several attentions (YOCO's cross-decoder): taken as given
+        kparts[j] = kp = _as_given(kp)
+    rope_k = kp["rope"]
+    if rope_k:
+        _need(kp["interleaved"] == qp["interleaved"], "q and k use different rotary layouts")
+    for p, n in ((qp, T), (kp, S)):
+        if p["rope"]:
+            _need(tuple(p["cos"].type.shape)[0] == n,
+                  f"rope table has {p['cos'].type.shape[0]} positions, not the {n} rows")
+    vv = pv.inputs[1]
+    v, gv = _heads(vv)
+    _need(all(isinstance(p["width"], int) for p in qparts), "head dim is not static")
+    for p in kparts:
+        _need(H % p["g"] == 0, "k heads do not divide the query heads")
+    kvh = [H // p["g"] for p in kparts] + [H // gv]
+    HKV = max(kvh)
+    _need(all(HKV % h == 0 for h in kvh), "k and v parts' head counts do not nest")
+    _need(qr.type.dtype == kr.type.dtype == vv.type.dtype, "q, k, v dtypes differ")
+
+    # the fused op's inputs, each once: q's sources, k's, v, then the tables
+    inputs: List[Node] = []
+
+    def idx(n: Node) -> int:
+        if n not in inputs:
+            inputs.append(n)
+        return inputs.index(n)
+    korder = [j] + [i for i in range(len(qparts)) if i != j]   # kernel order: rope part first
+    qlay = [[idx(qparts[i]["src"]), qparts[i]["start"], qparts[i]["stop"], 1] for i in korder]
+    klay = [[idx(kparts[i]["src"]), kparts[i]["start"], kparts[i]["stop"],
+             HKV // (H // kparts[i]["g"])] for i in korder]
+    vi = idx(v)
+    n_grad = len(inputs)
+    opts = {"causal": causal, "window": window, "scale": scale, "rot_dim": qp["width"],
+            "interleaved": qp["interleaved"], "rope_k": rope_k, "q": qlay, "k": klay,
+            "v": [vi, HKV // (H // gv)], "heads": H, "kv_heads": HKV,
+            "cos": idx(qp["cos"]), "sin": idx(qp["sin"]), "n_grad": n_grad}
+    if rope_k and (kp["cos"] is not qp["cos"] or kp["sin"] is not qp["sin"]):
+        opts["k_cos"], opts["k_sin"] = idx(kp["cos"]), idx(kp["sin"])
+    for name, p in (("q_zeta", qp), ("k_zeta", kp)):
+        if p["rope"] and p["zeta"] is not None:
+            opts[name] = [idx(p["zeta"][0]), p["zeta"][1]]
+    for n in inputs[:n_grad]:
+        _need(n.op not in (Op.CONST,), "a constant where q, k or v was expected")
+
+    # the region: everything between the inputs and probs @ v (sources are copied)
+    stop = set(inputs)
+    region, stack = set(), [pv]
+    while stack:
+        n = stack.pop()
+        if n in region or n in stop or not n.inputs:
             continue
-        _need(all(u in inside for u in users.get(n, [])),
-              f"{n.op.value} inside the attention is also used outside it")
-    return {"q": q, "k": k, "v": v, "cos": cos, "sin": sin, "out": pv, "region": inside,
-            "causal": causal, "window": window, "scale": scale, "scores": mm,
-            "masked": sm.inputs[0]}
+        region.add(n)
+        stack.extend(n.inputs)
+    for n in region:
+        for i in n.inputs:
+            _need(i in region or i in stop or (not i.inputs and i.op not in (Op.INPUT, Op.PARAM)),
+                  f"attention reads {i.op.value} besides q, k, v and the tables")
+    # values used outside too stay in the graph: allowed for views of the inputs (the
+    # broadcast of a shared K, V that CSE merged across layers), which the body recomputes
+    keep = set()
+    stack = [n for n in region if n is not pv and any(u not in region for u in users.get(n, []))]
+    while stack:
+        n = stack.pop()
+        if n in keep or n not in region:
+            continue
+        keep.add(n)
+        stack.extend(n.inputs)
+    bad = sorted((n for n in keep if n.op not in _VIEWS), key=order.__getitem__)
+    if bad:
+        if rope_k and not given and any(n in _rope_nodes(kp, region) for n in bad):
+            raise _Shared("k's rope is shared")
+        raise _NoMatch(f"{bad[-1].op.value} inside the attention is also used outside it")
+    return {"inputs": inputs, "n_grad": n_grad, "out": pv, "region": region,
+            "dead": region - keep, "opts": opts, "order": order}
+
+
+_VIEWS = (Op.RESHAPE, Op.EXPAND, Op.PERMUTE, Op.SLICE)
+
+
+def _rope_nodes(p: dict, region) -> set:
+    """The region's nodes between a rotated part's top and its source."""
+    out, stack = set(), [p["top"]]
+    while stack:
+        n = stack.pop()
+        if n in out or n not in region:
+            continue
+        out.add(n)
+        stack.extend(n.inputs)
+    return out
 
 
 def _body(m: dict, name: str) -> Graph:
-    """The matched region as a body graph over placeholders in0..in4 (q, k, v, cos, sin)."""
+    """The matched region as a body graph over placeholders in0.. (the fused op's inputs)."""
     from ..frontend.builder import Builder
 
     b = Builder({}, {})
     env: Dict[Node, Node] = {}
-    for i, key in enumerate(("q", "k", "v", "cos", "sin")):
-        x = m[key]
+    for i, x in enumerate(m["inputs"]):
         env[x] = b.input(f"in{i}", x.type.shape, x.type.dtype).node
-    for n in toposort([m["out"]], ()):
-        if n in env or n not in m["region"]:
-            continue
+    for n in sorted(m["region"], key=m["order"].__getitem__):
         for i in n.inputs:
             if i not in env:              # a source read by the region (mask, constants)
-                assert not i.inputs and i.op not in (Op.INPUT, Op.PARAM), i
                 env[i] = Node(i.op, (), dict(i.attrs), i.type, i.loc, i.scope)
                 b.nodes.append(env[i])
         c = Node(n.op, tuple(env[i] for i in n.inputs), n.attrs, n.type, n.loc, n.scope)
@@ -177,13 +427,36 @@ def _body(m: dict, name: str) -> Graph:
     body = Graph(name, b.nodes, {"0": env[m["out"]]})
     body.meta["module"] = "attention"          # lmc/codegen/attention.py's launch_template
     body.meta["template"] = "rope_attention"
-    body.meta["options"] = {"causal": m["causal"], "window": m["window"], "scale": m["scale"]}
+    body.meta["options"] = dict(m["opts"])
     return body
+
+
+def _describe(o: dict) -> str:
+    H, HKV = o["heads"], o["kv_heads"]
+    what = ["interleaved rope" if o["interleaved"] else "rope"]
+    width = sum(stop - start for _, start, stop, _ in o["q"])
+    if o["rot_dim"] < width:
+        what.append(f"on {o['rot_dim']} of {width} dims")
+    if not o["rope_k"]:
+        what.append("(q only; k given)")
+    if "q_zeta" in o or "k_zeta" in o:
+        what.append("+ xpos")
+    what.append("+")
+    if o["causal"]:
+        what.append("causal")
+    if o["window"]:
+        what.append(f"window {o['window']}")
+    what.append("attention" if HKV == H else
+                f"{'MQA' if HKV == 1 else 'GQA'} attention ({H} heads, {HKV} kv)")
+    if len(o["q"]) > 1 and len({q[0] for q in o["q"]}) > 1:
+        what.append("(decoupled rope part)")
+    return " ".join(what) + f", scale {o['scale']:.4g}"
 
 
 def fuse_rope_attention(g: Graph) -> Graph:
     users = g.users()
     static: Dict[Node, bool] = {}
+    order = {n: i for i, n in enumerate(g.nodes)}
     for n in g.nodes:
         static[n] = n.op not in (Op.INPUT, Op.PARAM) and all(static[i] for i in n.inputs)
     records, matches = [], []
@@ -193,7 +466,7 @@ def fuse_rope_attention(g: Graph) -> Graph:
         if n.op is not Op.SOFTMAX or n.type.rank != 4:
             continue
         try:
-            m = match(n, users, lambda t: static.get(t, False))
+            m = match(n, users, lambda t: static.get(t, False), order)
         except _NoMatch as e:
             records.append({"pass": "fuse_rope_attention", "status": "declined",
                             "where": _where(n), "reason": str(e)})
@@ -208,19 +481,17 @@ def fuse_rope_attention(g: Graph) -> Graph:
     for i, m in enumerate(matches):
         name = f"lmc_rope_attention_{i}"
         body = _body(m, name)
-        fused = Node.make(Op.FUSED, [m[k] for k in ("q", "k", "v", "cos", "sin")],
+        fused = Node.make(Op.FUSED, list(m["inputs"]),
                           {"kernel": name, "kind": "rope_attention", "body": body,
-                           "no_grad": (3, 4)},   # position tables: no gradient
+                           # position tables: no gradient
+                           "no_grad": tuple(range(m["n_grad"], len(m["inputs"])))},
                           m["out"].loc, m["out"].scope)
         get = Node.make(Op.GETITEM, [fused], {"index": 0}, m["out"].loc, m["out"].scope)
         replace[m["out"]] = get
         new_nodes[m["out"]] = [fused, get]
         records.append({"pass": "fuse_rope_attention", "status": "fused",
-                        "where": _where(m["out"]),
-                        "reason": f"rope + {'causal ' if m['causal'] else ''}"
-                                  f"{'window ' + str(m['window']) + ' ' if m['window'] else ''}"
-                                  f"attention, scale {m['scale']:.4g}"})
-    dead = set().union(*[m["region"] for m in matches]) - set(replace)
+                        "where": _where(m["out"]), "reason": _describe(m["opts"])})
+    dead = set().union(*[m["dead"] for m in matches]) - set(replace)
     nodes: List[Node] = []
     new: Dict[Node, Node] = {}
     for n in g.nodes:
