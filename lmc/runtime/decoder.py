@@ -74,8 +74,11 @@ class Decoder:
         self.impl = None
         self.interpret = False
         if self.backend == "triton":
+            from ..passes.fuse_decode_attention import fuse_decode_attention
             from .triton_backend import TritonProgram
-            prog = TritonProgram(self.graph)
+            # the step's attention over the cache as one flash-decoding op (the step graph
+            # keeps the primitives: the torch backend runs them as the oracle)
+            prog = TritonProgram(fuse_decode_attention(self.graph))
             self.graph, self.impl, self.interpret = prog.graph, prog.impl, prog.interpret
         self.token_input = self.graph.inputs[0].attrs["name"]
         self.max_len = None

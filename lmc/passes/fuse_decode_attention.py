@@ -1,0 +1,306 @@
+"""`fuse_decode_attention`: the decode step's softmax attention over a K/V cache, as one op.
+
+Runs on the step graph of the decode pass (`lmc/passes/decode.py`) when the Decoder uses the
+triton backend, never on a training or forward program. Matched on primitives: from each
+softmax over the last axis of [B, H, T, S] scores, the pass walks
+
+    out = softmax(where(mask, (q @ k4^T) * scale, -inf)) @ v4        (scale optional, * or /)
+    k4 = k  |  expand(k, [B, H, S, D]) (k with one head)
+            |  reshape(expand(reshape(k, [B, Hkv, 1, S, D]), [B, Hkv, G, S, D]), [B, H, S, D])
+    (v4 alike: the GQA/MQA broadcast of n_kv heads, query head h reading kv head h // G)
+
+with k, v one [B, Hkv, S, D] shape and dtype, and the mask one of the decode pass's two full
+key layouts:
+
+    dynamic step: causal_mask(rows T, cols S, window)  with S = P + T (cache ++ new keys):
+                  query i sits at position S - T + i, key j at j (read from the shapes);
+    static step:  le(max(-(qpos - kpos) [, (qpos - kpos) - (W - 1)]), 0)  with
+                  qpos = reshape(decode.pos, [T, 1]), kpos = reshape(iota(L), [1, L]):
+                  slot j holds position j, the query positions are the `decode.pos` input.
+
+The region (scores, mask, softmax, P @ V and the broadcast of k, v) becomes one FUSED node of
+kind "decode_attention" whose inputs are q (as the graph computes it: RoPE, if any, stays
+outside as its own pointwise kernel), k and v (the whole key/value tensors after the cache
+write: the concat of the dynamic step, the in-place `index_copy` of the static one, which
+stay outside the op) and, in the static step, `decode.pos`. Its body is the matched
+primitives, so the torch backend and the autodiff pass still see the exact oracle;
+lmc/codegen/decode_attention.py runs attention.py's kernels:
+
+    dynamic: H/Hkv * T <= 64 query rows per kv head: `rope_attention_decode` (flash-decoding,
+             position S - T); more (a long prefill): `rope_attention_fwd` with q_offset S - T.
+    static:  `rope_attention_decode` over chunks of at most 64 rows (one launch for a decode
+             step), positions read on the device from `decode.pos` (never `.item()`), so the
+             T = 1 step can be captured in a CUDA graph and replayed at new positions.
+
+Declined, with the failed condition recorded (`lmc compile --mode decode --explain`):
+sliding-window attention in a W-slot ring (the decode pass's ring layout keeps position a in
+slot a mod W, so the keys [ring | new] are not in position order, while the kernel masks by
+slot = position); keys and values of different shapes (MLA's absorbed form: scores are the sum
+of two products over the latent and the k_R caches, values the latent alone); probabilities or
+scores used outside (medit_one); masks of any other form; non-float or mixed dtypes.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+from ..ir.graph import Graph, Node
+from ..ir.ops import Op
+from .fuse_pointwise import _where
+
+PASS = "fuse_decode_attention"
+POS = "decode.pos"
+
+
+class _NoMatch(Exception):
+    pass
+
+
+def _need(cond: bool, why: str):
+    if not cond:
+        raise _NoMatch(why)
+
+
+def _const(n: Node) -> Optional[float]:
+    if n.op is Op.CONST and n.type.rank == 0 and not hasattr(n.attrs["value"], "shape"):
+        try:
+            return float(n.attrs["value"])
+        except (TypeError, ValueError):
+            return None
+    return None
+
+
+def _kv_heads(x: Node, H, region: List[Node]) -> Node:
+    """The [B, Hkv, S, D] tensor x broadcasts to H heads (itself when it has H heads)."""
+    if x.op is Op.EXPAND and x.type.rank == 4:
+        k = x.inputs[0]
+        _need(k.type.rank == 4 and k.type.shape[1] == 1
+              and tuple(k.type.shape[i] for i in (0, 2, 3)) ==
+              tuple(x.type.shape[i] for i in (0, 2, 3)),
+              "keys/values expanded along an axis other than the heads")
+        region.append(x)
+        return k
+    if x.op is Op.RESHAPE and x.type.rank == 4 and x.inputs[0].op is Op.EXPAND:
+        e = x.inputs[0]
+        r = e.inputs[0]
+        b, h, s, d = x.type.shape
+        ok = (e.type.rank == 5 and r.op is Op.RESHAPE and r.type.rank == 5
+              and r.inputs[0].type.rank == 4)
+        if ok:
+            k = r.inputs[0]
+            hkv = k.type.shape[1]
+            ok = (tuple(r.type.shape) == (b, hkv, 1, s, d)
+                  and tuple(k.type.shape) == (b, hkv, s, d)
+                  and tuple(e.type.shape[:2]) == (b, hkv) and tuple(e.type.shape[3:]) == (s, d)
+                  and e.type.shape[1] * e.type.shape[2] == h)
+        _need(ok, "keys/values broadcast to the query heads in a layout other than "
+                  "reshape [B, Hkv, 1, S, D] -> expand -> reshape [B, H, S, D]")
+        region += [x, e, r]
+        return k
+    return x
+
+
+def _static_mask(mask: Node, region: List[Node]) -> dict:
+    """le(max(terms), 0) over qpos - kpos: the static step's position mask."""
+    _need(mask.op is Op.LE and _const(mask.inputs[1]) == 0,
+          f"masked by {mask.op.value}, not causal_mask or the decode step's position mask")
+    region.append(mask)
+    terms, stack = [], [mask.inputs[0]]
+    while stack:
+        t = stack.pop()
+        if t.op is Op.MAX:
+            region.append(t)
+            stack += list(t.inputs)
+        else:
+            terms.append(t)
+    dist, window, ring = None, 0, False
+    for t in terms:
+        region.append(t)
+        if t.op is Op.NEG and t.inputs[0].op is Op.SUB:
+            dist = t.inputs[0]
+        elif t.op is Op.SUB and _const(t.inputs[1]) is not None:
+            window = int(_const(t.inputs[1])) + 1
+            dist = t.inputs[0] if dist is None else dist
+            _need(t.inputs[0] is dist, "window term of another distance")
+        elif t.op is Op.NEG and t.inputs[0].op is Op.RESHAPE:
+            ring = True          # slots never written have negative positions
+        else:
+            raise _NoMatch(f"{t.op.value} in the position mask")
+    _need(dist is not None, "position mask without q - k")
+    qr, kr = dist.inputs
+    _need(qr.op is Op.RESHAPE and kr.op is Op.RESHAPE, "position mask not over reshaped "
+          "query and key positions")
+    qpos, kpos = qr.inputs[0], kr.inputs[0]
+    if kpos.op is Op.INPUT and kpos.attrs["name"].startswith("decode.ring"):
+        raise _NoMatch(f"sliding window {window or '?'} kept in a ring buffer: position a sits "
+                       f"in slot a mod W, so the keys [ring | new] are not in position order "
+                       f"and the decode kernel masks by slot = position")
+    _need(not ring, "position mask with a never-written-slot term but no ring")
+    _need(qpos.op is Op.INPUT and qpos.attrs["name"] == POS,
+          "query positions are not the decode.pos input")
+    _need(kpos.op is Op.IOTA, "key positions are not the slots 0 .. L-1")
+    region += [dist, qr, kr, kpos]
+    return {"pos": qpos, "window": window, "length": kpos.attrs["length"]}
+
+
+def match(sm: Node, users: Dict[Node, List[Node]]) -> dict:
+    _need(sm.attrs["axis"] == sm.type.rank - 1, "softmax not over the last axis")
+    _need(sm.type.dtype.value in ("f32", "f16", "bf16"), "attention in a non-float dtype")
+    outs = users.get(sm, [])
+    _need(len(outs) == 1 and outs[0] is not None and outs[0].op is Op.MATMUL
+          and outs[0].inputs[0] is sm, "probabilities are not used once, as probs @ v")
+    pv = outs[0]
+    region = [sm, pv]
+    wh = sm.inputs[0]
+    _need(wh.op is Op.WHERE, "scores are not masked (the decode step's attention is causal)")
+    mask, x, fill = wh.inputs
+    _need(_const(fill) == float("-inf"), "masked scores are not set to -inf")
+    region.append(wh)
+    mregion: List[Node] = []
+    if mask.op is Op.CAUSAL_MASK:
+        mregion.append(mask)
+        minfo = {"pos": None, "window": int(mask.attrs.get("window") or 0),
+                 "rows": mask.attrs["rows"], "length": mask.attrs["cols"]}
+    else:
+        minfo = _static_mask(mask, mregion)
+    scale = None
+    if x.op in (Op.MUL, Op.DIV):
+        a, c = x.inputs
+        if x.op is Op.MUL and _const(a) is not None:
+            a, c = c, a
+        cv = _const(c)
+        _need(cv is not None and cv != 0, "scores scaled by a tensor")
+        scale = cv if x.op is Op.MUL else 1.0 / cv
+        region.append(x)
+        x = a
+    _need(x.op is Op.MATMUL, f"{x.op.value} where q @ k^T was expected (MLA's absorbed "
+          "scores are a sum of products)" if x.op is Op.ADD else
+          f"{x.op.value} where q @ k^T was expected")
+    mm = x
+    q, kt = mm.inputs
+    _need(kt.op is Op.PERMUTE and tuple(kt.attrs["perm"]) == (0, 1, 3, 2),
+          "keys are not transposed from [B, H, S, D]")
+    region.append(mm)
+    _need(q.type.rank == 4, "queries are not [B, H, T, D]")
+    H = q.type.shape[1]
+    # views of k and v (transpose, head broadcast) may be shared with other attentions
+    # (yoco's cross layers read one K, V): the body copies them, the graph keeps them if used
+    layout: List[Node] = [kt]
+    k = _kv_heads(kt.inputs[0], H, layout)
+    v = _kv_heads(pv.inputs[1], H, layout)
+    _need(tuple(k.type.shape) == tuple(v.type.shape),
+          f"keys {list(k.type.shape)} and values {list(v.type.shape)} differ in shape (MLA's "
+          "latent values): the decode kernel reads one [B, Hkv, S, D] K and V")
+    _need(k.type.shape[3] == q.type.shape[3], "q and k head dims differ")
+    hkv = k.type.shape[1]
+    _need(isinstance(H, int) and isinstance(hkv, int) and H % hkv == 0,
+          f"{H} query heads are not a multiple of {hkv} kv heads")
+    _need(q.type.dtype == k.type.dtype == v.type.dtype == sm.type.dtype,
+          "q, k, v and the scores differ in dtype")
+    T, S = q.type.shape[2], k.type.shape[2]
+    _need(S == minfo["length"], "the mask's keys are not the cache's")
+    if minfo["pos"] is None:
+        _need(minfo["rows"] == T, "the mask's rows are not the new queries")
+    inside = set(region)
+    for n in region:
+        if n is pv:
+            continue
+        _need(all(u in inside for u in users.get(n, [])),
+              f"{n.op.value} inside the attention is also used outside it")
+    D = q.type.shape[3]
+    if scale is None:
+        scale = 1.0
+    return {"q": q, "k": k, "v": v, "pos": minfo["pos"], "out": pv,
+            "region": inside | set(mregion) | set(layout), "window": minfo["window"],
+            "scale": scale, "head_dim": D, "static": minfo["pos"] is not None}
+
+
+def _body(m: dict, name: str, order: Dict[Node, int]) -> Graph:
+    """The matched region as a body graph over placeholders in0..in2 (q, k, v) and, static,
+    in3 (decode.pos)."""
+    from ..frontend.builder import Builder
+
+    b = Builder({}, {})
+    env: Dict[Node, Node] = {}
+    keys = ("q", "k", "v", "pos") if m["static"] else ("q", "k", "v")
+    for i, key in enumerate(keys):
+        x = m[key]
+        env[x] = b.input(f"in{i}", x.type.shape, x.type.dtype).node
+    for n in sorted(m["region"], key=order.__getitem__):
+        if n in env:
+            continue
+        for i in n.inputs:
+            if i not in env:              # a source read by the region (iota, constants)
+                assert not i.inputs and i.op not in (Op.INPUT, Op.PARAM), i
+                env[i] = Node(i.op, (), dict(i.attrs), i.type, i.loc, i.scope)
+                b.nodes.append(env[i])
+        c = Node(n.op, tuple(env[i] for i in n.inputs), n.attrs, n.type, n.loc, n.scope)
+        env[n] = c
+        b.nodes.append(c)
+    body = Graph(name, b.nodes, {"0": env[m["out"]]})
+    body.meta["module"] = "decode_attention"     # lmc/codegen/decode_attention.py
+    body.meta["template"] = "decode_attention"
+    body.meta["options"] = {"static": m["static"], "window": m["window"], "scale": m["scale"]}
+    return body
+
+
+def fuse_decode_attention(g: Graph) -> Graph:
+    """The step graph with each matched attention as one FUSED "decode_attention" node; a
+    record per candidate softmax in meta["fusions"]."""
+    users = g.users()
+    for o in g.outputs.values():
+        users.setdefault(o, []).append(None)      # a graph output is a use outside
+    order = {n: i for i, n in enumerate(g.nodes)}
+    records, matches = [], []
+    for n in g.nodes:
+        # candidates: softmaxes over the keys of [B, H, T, S] scores, S symbolic (a router's
+        # softmax over experts, medit_one's over a fixed axis, are not attention over a cache
+        # and are not reported)
+        if n.op is not Op.SOFTMAX or n.type.rank != 4 or isinstance(n.type.shape[-1], int):
+            continue
+        try:
+            m = match(n, users)
+        except _NoMatch as e:
+            records.append({"pass": PASS, "status": "declined", "where": _where(n),
+                            "reason": str(e)})
+            continue
+        matches.append(m)
+    meta = dict(g.meta)
+    meta["fusions"] = list(g.meta.get("fusions", [])) + records
+    if not matches:
+        return Graph(g.name, list(g.nodes), dict(g.outputs), meta)
+    new_nodes: Dict[Node, List[Node]] = {}
+    for i, m in enumerate(matches):
+        name = f"lmc_decode_attention_{i}"
+        body = _body(m, name, order)
+        ins = [m[k] for k in (("q", "k", "v", "pos") if m["static"] else ("q", "k", "v"))]
+        fused = Node.make(Op.FUSED, ins, {"kernel": name, "kind": "decode_attention",
+                                          "body": body,
+                                          "no_grad": (3,) if m["static"] else ()},
+                          m["out"].loc, m["out"].scope)
+        get = Node.make(Op.GETITEM, [fused], {"index": 0}, m["out"].loc, m["out"].scope)
+        new_nodes[m["out"]] = [fused, get]
+        hkv, H = m["k"].type.shape[1], m["q"].type.shape[1]
+        heads = f"{H} heads" if hkv == H else f"{H} heads over {hkv} kv heads"
+        meta["fusions"].append({
+            "pass": PASS, "status": "fused", "where": _where(m["out"]),
+            "reason": f"{'static' if m['static'] else 'dynamic'} cache, causal"
+                      f"{' window ' + str(m['window']) if m['window'] else ''}, {heads}, "
+                      f"scale {m['scale']:.4g}"})
+    nodes: List[Node] = []
+    new: Dict[Node, Node] = {}
+    for n in g.nodes:
+        if n in new_nodes:
+            fused, get = new_nodes[n]
+            fused = Node(fused.op, tuple(new.get(i, i) for i in fused.inputs), fused.attrs,
+                         fused.type, fused.loc, fused.scope)
+            get = Node(get.op, (fused,), get.attrs, get.type, get.loc, get.scope)
+            nodes += [fused, get]
+            new[n] = get
+            continue
+        ins = tuple(new.get(i, i) for i in n.inputs)
+        c = n if ins == n.inputs else Node(n.op, ins, n.attrs, n.type, n.loc, n.scope)
+        new[n] = c
+        nodes.append(c)
+    out = Graph(g.name, nodes, {k: new.get(v, v) for k, v in g.outputs.items()}, meta)
+    from .basic import dce
+    return dce(out)
