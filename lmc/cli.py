@@ -77,8 +77,16 @@ def cmd_compile(args) -> int:
     step = None
     if args.mode == "decode":
         from .passes.decode import decode_step
+        from .passes.fuse_decode_attention import fuse_decode_attention
         step = decode_step(c.graph)
         s["decode"] = decode_summary(step, c.graph.meta.get("config", {}).get("max_seq"))
+        # what the triton backend's Decoder runs: the step's attention over the cache fused
+        # (dynamic step; the static one, --static, matches the same layers)
+        for graph, st in (("decode", step), ("decode static", decode_step(c.graph,
+                                                                          static=True))):
+            s["fusions"] += [dict(f, graph=graph) for f in
+                             fuse_decode_attention(st.graph).meta["fusions"]
+                             if f["pass"] == "fuse_decode_attention"]
         if args.out:
             _write(os.path.join(args.out, "ir_decode.txt"), format_graph(step.graph) + "\n")
             _write(os.path.join(args.out, "summary.json"),

@@ -172,9 +172,11 @@ def match(sm: Node, users: Dict[Node, List[Node]]) -> dict:
         scale = cv if x.op is Op.MUL else 1.0 / cv
         region.append(x)
         x = a
-    _need(x.op is Op.MATMUL, f"{x.op.value} where q @ k^T was expected (MLA's absorbed "
-          "scores are a sum of products)" if x.op is Op.ADD else
-          f"{x.op.value} where q @ k^T was expected")
+    if x.op is Op.ADD and all(i.op is Op.MATMUL for i in x.inputs):
+        raise _NoMatch("scores are a sum of two products (MLA's absorbed form: q_C W_UK^T @ "
+                       "c_KV^T + q_R @ k_R^T over two caches, values the latent alone): the "
+                       "decode kernel reads one K and a V of its shape")
+    _need(x.op is Op.MATMUL, f"{x.op.value} where q @ k^T was expected")
     mm = x
     q, kt = mm.inputs
     _need(kt.op is Op.PERMUTE and tuple(kt.attrs["perm"]) == (0, 1, 3, 2),

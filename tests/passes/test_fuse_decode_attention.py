@@ -251,3 +251,20 @@ def test_blues01_triton_decode_equals_forward(static):
     dec = Decoder(tri, "triton", static=static, **({"max_len": 8} if static else {}))
     assert _kinds(dec.graph).count("decode_attention") == 2
     assert max(_worst(dec, ids, full, k) for k in (0, 1, 5)) < TOL
+
+
+def test_compile_mode_decode_lists_the_decoder_fusions(capsys):
+    import json
+
+    from lmc.cli import main
+    assert main(["compile", os.path.join(ZOO, "llama.yaml"), "--preset", "tiny", "--mode",
+                 "decode", "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    got = [(f["graph"], f["status"], f["where"].split()[0]) for f in s["fusions"]
+           if f["pass"] == "fuse_decode_attention"]
+    assert got == [(g, "fused", f"layers.{i}.attn") for g in ("decode", "decode static")
+                   for i in range(2)]
+    # forward mode derives no step and lists none
+    assert main(["compile", os.path.join(ZOO, "llama.yaml"), "--preset", "tiny", "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert not any(f["pass"] == "fuse_decode_attention" for f in s["fusions"])
