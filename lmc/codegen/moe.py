@@ -657,6 +657,59 @@ def _experts_forward(p: _Plan, x, r: Routing, w_gate, w_up, w_down, act, save):
     return h, pa, pb, ys
 
 
+def _moe_forward(x, w_router, noise, w_gate, w_up, w_down, k, renormalize, capacity_pct,
+                 seq_len, act, save, capacity=None):
+    """The layer's forward: (y, Gating, Routing, (h, pa, pb, ys)) (pa, pb None unless save)."""
+    E, _, F_ = w_gate.shape
+    g = _gating_forward(x, w_router, noise, k, renormalize, capacity_pct, seq_len,
+                        capacity=capacity)
+    p = _Plan(x, E, F_)
+    r = route(g.idx, g.kept, g.weight, E, p.BM)
+    h, pa, pb, ys = _experts_forward(p, x, r, w_gate, w_up, w_down, act, save)
+    y = torch.empty_like(x)
+    p.combine(ys, r.slot, g.weight, y, True)
+    return y, g, r, (h, pa, pb, ys)
+
+
+def _moe_backward(x, w_router, w_gate, w_up, w_down, g: Gating, r: Routing, h, pa, pb, ys,
+                  dy, dpsum, dlse, k, renorm, act, need_wr=True, dprobs=None, dweight=None):
+    """The layer's backward: (dx, dw_router, dlogits, dw_gate, dw_up, dw_down). dprobs: a
+    dense [N, E] gradient of the router probabilities; dweight: an extra [N, k] gradient of
+    the combine weights (both optional)."""
+    E, D, F_ = w_gate.shape
+    p = _Plan(x, E, F_)
+    N = x.shape[0]
+    dy = dy.contiguous() if dy is not None else torch.zeros_like(x)
+    # combine: d weights
+    dwt = torch.empty((N, k), dtype=torch.float32, device=x.device)
+    BT, BD = (16, 32) if _interpret() else (64, 128)
+    _combine_bwd[(max(triton.cdiv(N, BT), 1),)](ys, r.slot, dy, dwt, N, D, K=k, BT=BT,
+                                                 BD=BD)
+    if dweight is not None:
+        dwt = dwt + dweight.float()
+    # down projection: dh = w * dy[tok] W2^T, gated backward epilogue -> da, db
+    R = h.shape[0]
+    da = torch.empty((R, F_), dtype=x.dtype, device=x.device)
+    db = torch.empty_like(da)
+    p.gmm(r, dy, w_down.transpose(1, 2), da, C2=db, PA=pa, PB=pb, act=act, mode=2,
+          ND=F_, KD=D, gather=True)
+    dw_down = torch.empty_like(w_down)
+    p.wgrad(r, h, dy, dw_down, gather_a=False, gather_d=True, scale_d=True)
+    dw_gate = torch.empty_like(w_gate)
+    dw_up = torch.empty_like(w_up)
+    p.wgrad(r, x, da, dw_gate, gather_a=True, gather_d=False, scale_d=False)
+    p.wgrad(r, x, db, dw_up, gather_a=True, gather_d=False, scale_d=False)
+    dxs = torch.empty((R, D), dtype=x.dtype, device=x.device)
+    p.gmm(r, da, w_gate.transpose(1, 2), dxs, A2=db, B2=w_up.transpose(1, 2), mode=3,
+          ND=D, KD=F_, gather=False)
+    dx = torch.empty_like(x)
+    p.combine(dxs, r.slot, None, dx, False)
+    # router
+    dlog = _gating_backward(g, dwt, dpsum, dlse, k, renorm, dprobs=dprobs)
+    dxr, dwr = _dtheta(x, w_router, dlog, True, need_wr)
+    return dx + dxr, dwr, dlog, dw_gate, dw_up, dw_down
+
+
 class MoEFunction(torch.autograd.Function):
     """The whole MoE layer: fused gating, sorted dispatch, grouped gated-FFN GEMMs, combine.
     Outputs (y, prob_sum, lse, idx, kept, counts, kept_counts); y, prob_sum, lse carry
@@ -665,14 +718,9 @@ class MoEFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w_router, noise, w_gate, w_up, w_down, k, renormalize, capacity_pct,
                 seq_len, act):
-        E, _, F_ = w_gate.shape
-        g = _gating_forward(x, w_router, noise, k, renormalize, capacity_pct, seq_len)
-        p = _Plan(x, E, F_)
-        r = route(g.idx, g.kept, g.weight, E, p.BM)
         save = torch.is_grad_enabled() or any(ctx.needs_input_grad)
-        h, pa, pb, ys = _experts_forward(p, x, r, w_gate, w_up, w_down, act, save)
-        y = torch.empty_like(x)
-        p.combine(ys, r.slot, g.weight, y, True)
+        y, g, r, (h, pa, pb, ys) = _moe_forward(x, w_router, noise, w_gate, w_up, w_down, k,
+                                                renormalize, capacity_pct, seq_len, act, save)
         ctx.save_for_backward(x, w_router, w_gate, w_up, w_down, g.idx, g.weight, g.kept,
                               g.probs, h, pa, pb, ys, *r[:7])
         ctx.conf = (k, renormalize, act, r.max_tiles)
@@ -685,37 +733,10 @@ class MoEFunction(torch.autograd.Function):
          *rr) = ctx.saved_tensors
         k, renorm, act, max_tiles = ctx.conf
         r = Routing(*rr, max_tiles)
-        E, D, F_ = w_gate.shape
-        p = _Plan(x, E, F_)
-        N = x.shape[0]
-        dy = dy.contiguous() if dy is not None else torch.zeros_like(x)
-        # combine: d weights
-        dwt = torch.empty((N, k), dtype=torch.float32, device=x.device)
-        BT, BD = (16, 32) if _interpret() else (64, 128)
-        _combine_bwd[(max(triton.cdiv(N, BT), 1),)](ys, r.slot, dy, dwt, N, D, K=k, BT=BT,
-                                                     BD=BD)
-        # down projection: dh = w * dy[tok] W2^T, gated backward epilogue -> da, db
-        R = h.shape[0]
-        da = torch.empty((R, F_), dtype=x.dtype, device=x.device)
-        db = torch.empty_like(da)
-        p.gmm(r, dy, w_down.transpose(1, 2), da, C2=db, PA=pa, PB=pb, act=act, mode=2,
-              ND=F_, KD=D, gather=True)
-        dw_down = torch.empty_like(w_down)
-        p.wgrad(r, h, dy, dw_down, gather_a=False, gather_d=True, scale_d=True)
-        dw_gate = torch.empty_like(w_gate)
-        dw_up = torch.empty_like(w_up)
-        p.wgrad(r, x, da, dw_gate, gather_a=True, gather_d=False, scale_d=False)
-        p.wgrad(r, x, db, dw_up, gather_a=True, gather_d=False, scale_d=False)
-        dxs = torch.empty((R, D), dtype=x.dtype, device=x.device)
-        p.gmm(r, da, w_gate.transpose(1, 2), dxs, A2=db, B2=w_up.transpose(1, 2), mode=3,
-              ND=D, KD=F_, gather=False)
-        dx = torch.empty_like(x)
-        p.combine(dxs, r.slot, None, dx, False)
-        # router
         g = Gating(idx, weight, kept, None, None, None, None, probs)
-        dlog = _gating_backward(g, dwt, dpsum, dlse, k, renorm)
-        dxr, dwr = _dtheta(x, w_router, dlog, True, ctx.needs_input_grad[1])
-        dx = dx + dxr
+        dx, dwr, dlog, dw_gate, dw_up, dw_down = _moe_backward(
+            x, w_router, w_gate, w_up, w_down, g, r, h, pa, pb, ys, dy, dpsum, dlse, k, renorm,
+            act, need_wr=ctx.needs_input_grad[1])
         dn = dlog if ctx.needs_input_grad[2] else None
         return (dx, dwr, dn, dw_gate, dw_up, dw_down) + (None,) * 5
 
@@ -816,7 +837,7 @@ def moe_eager(x, w_router, w_gate, w_up, w_down, noise=None, *, k=2, renormalize
 
 
 # -- entry for the fused ops of lmc/passes/fuse_moe_gating.py (codegen/templates.py) -----------
-_DIFF_ROLES = ("gates", "probs", "lse")     # the fused op's outputs that carry gradients
+_DIFF_ROLES = ("y", "gates", "probs", "lse")   # the fused op's outputs that carry gradients
 
 
 def _role(role: str, g: Gating, N: int, E: int) -> Tensor:
@@ -834,29 +855,48 @@ def _role(role: str, g: Gating, N: int, E: int) -> Tensor:
 
 
 def launch_template(template: str, xs, outs, opts) -> None:
-    """moe_gating: xs = (x [.., d], W_r [d, E][, noise [.., E]]), outs = the roles named by
-    opts["outputs"]. moe_gating_bwd: the same inputs, then the cotangents of the outputs among
-    gates, probs, lse (in output order); outs = (dx, dW_r)."""
-    k, E = opts["k"], opts["E"]
-    nin = 3 if opts["noise"] else 2
+    """moe_gating: xs = (x [.., d], W_r [d, E][, noise [.., E]]); moe_layer: xs = (x, W_r,
+    Wg, W1, W2[, noise]). outs: the roles named by opts["outputs"] (y, gates, probs, lse,
+    chosen, kept, idx). The *_bwd templates take the same inputs, then the cotangents of the
+    outputs among y, gates, probs, lse (in output order); outs = the gradients of x, W_r
+    (and Wg, W1, W2)."""
+    layer = template.startswith("moe_layer")
+    assert template in ("moe_gating", "moe_gating_bwd", "moe_layer", "moe_layer_bwd"), template
+    k, E, renorm = opts["k"], opts["E"], opts["renormalise"]
+    nin = (5 if layer else 2) + (1 if opts["noise"] else 0)
     x, wr = xs[0], xs[1]
     x2 = x.reshape(-1, x.shape[-1])
     N = x2.shape[0]
-    noise = xs[2].reshape(N, E) if opts["noise"] else None
+    noise = xs[nin - 1].reshape(N, E) if opts["noise"] else None
     cap = tuple(opts["capacity"]) if opts.get("capacity") else None
-    g = _gating_forward(x2, wr, noise, k, opts["renormalise"], None,
-                        x.shape[-2] if cap else None, capacity=cap)
+    seq = x.shape[-2] if cap else None
     roles = list(opts["outputs"])
-    if template == "moe_gating":
+    bwd = template.endswith("_bwd")
+    if layer:
+        x2 = x2.contiguous()
+        wg, w1, w2 = (t.contiguous() for t in xs[2:5])
+        act = ACTS.index(opts["act"])
+        y, g, r, (h, pa, pb, ys) = _moe_forward(x2, wr, noise, wg, w1, w2, k, renorm, None,
+                                                seq, act, bwd, capacity=cap)
+    else:
+        g = _gating_forward(x2, wr, noise, k, renorm, None, seq, capacity=cap)
+    if not bwd:
         for role, out in zip(roles, outs):
-            out.copy_(_role(role, g, N, E).reshape(out.shape))
+            v = y if role == "y" else _role(role, g, N, E)
+            out.copy_(v.reshape(out.shape))
         return
-    assert template == "moe_gating_bwd", template
-    cts = dict(zip([r for r in roles if r in _DIFF_ROLES], xs[nin:]))
+    cts = dict(zip([r_ for r_ in roles if r_ in _DIFF_ROLES], xs[nin:]))
     dw = cts["gates"].reshape(N, E).float().gather(1, g.idx.long()) if "gates" in cts else None
     dprobs = cts["probs"].reshape(N, E) if "probs" in cts else None
     dlse = cts["lse"].reshape(N) if "lse" in cts else None
-    dlog = _gating_backward(g, dw, None, dlse, k, opts["renormalise"], dprobs=dprobs)
-    dx, dwr = _dtheta(x2, wr, dlog, True, True)
-    outs[0].copy_(dx.reshape(outs[0].shape))
-    outs[1].copy_(dwr)
+    if layer:
+        dy = cts["y"].reshape(N, -1) if "y" in cts else None
+        grads = _moe_backward(x2, wr, wg, w1, w2, g, r, h, pa, pb, ys, dy, None, dlse, k,
+                              renorm, act, dprobs=dprobs, dweight=dw)
+        grads = (grads[0], grads[1]) + tuple(grads[3:])
+    else:
+        dlog = _gating_backward(g, dw, None, dlse, k, renorm, dprobs=dprobs)
+        grads = _dtheta(x2, wr, dlog, True, True)
+    assert len(outs) == len(grads), (len(outs), len(grads))
+    for out, v in zip(outs, grads):
+        out.copy_(v.reshape(out.shape))

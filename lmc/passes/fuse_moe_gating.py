@@ -1,4 +1,5 @@
-"""`fuse_moe_gating`: a mixture-of-experts router region, as one fused gating op.
+"""`fuse_moe_gating`: a mixture-of-experts router region (and, where the experts follow it in
+the zoo's dense form, the whole MoE layer) as one fused op.
 
 Matched on primitives (no block names): from each `topk` the pass walks back to
 
@@ -17,24 +18,36 @@ zoo's two spellings:
 
 and, when present, `logsumexp(logits, -1)` (a router z-loss). The region becomes one FUSED
 node of kind "moe_gating" with inputs (x, W_r[, noise]) and one output per region value the
-rest of the graph reads: gates, probs, chosen, kept, lse, idx (`options["outputs"]` names them
+rest of the graph reads: gates, probs, lse, chosen, kept, idx (`options["outputs"]` names them
 in order), read through GETITEMs; the load-balance statistics (means of chosen and probs over
-tokens) stay in the graph, where fuse_reductions takes them. Its body is the matched
-primitives (the torch backend runs the exact oracle); the triton backend runs
-lmc/codegen/moe.py's one-launch gating kernel, and the backward op ("moe_gating_bwd", made
-by the autodiff pass from the body) its fused backward.
+tokens) stay in the graph, where fuse_reductions takes them.
+
+Whole layer: when the gates feed the dense "every expert on every token" combine of gated
+FFNs on the router's own input (blues01, minimax)
+
+    xe = reshape(x, [B, 1, T, d]);  ye = (act(xe @ Wg) * (xe @ W1)) @ W2        [B, E, T, d]
+    y  = sum(ye * reshape(permute(gates, [0, 2, 1]), [B, E, T, 1]), 1)
+
+(act silu or exact gelu; Wg, W1 [E, d, F], W2 [E, F, d] fp32), that is in the region too: the
+op is of kind "moe_layer", inputs (x, W_r, Wg, W1, W2[, noise]), first output y, and its
+kernels route the kept (token, expert) pairs on the device and run grouped GEMMs over only
+those rows (no E-fold dense products). Where the experts do not match (medit_one's linear
+experts) the gating alone is fused and the record says why the experts were not.
+
+Bodies are the matched primitives (the torch backend runs the exact oracle); the triton
+backend runs lmc/codegen/moe.py's kernels (launch_template), and the backward op
+("<kind>_bwd", made by the autodiff pass from the body) its fused backward.
 
 Train-time noise: gaussian_noise(l, std, seed) is l + std * z with z drawn from (seed, the
 draw counter, shape). The pass leaves `noise = gaussian_noise(zeros, std, seed)` in the graph
 (the same draw, so the same values; zeros in eval mode) and the body adds it to the router
-logits: the op's third input, with no gradient.
+logits: the op's last input, with no gradient.
 
 Not matched (each near miss is a declined record with the failed condition): a sigmoid or any
 non-softmax router, top-k of anything but the router's probabilities, k > 2, routers not in
 fp32 (under mixed precision the oracle picks experts from bf16/f16 probabilities, which an fp32
 kernel would not reproduce on near-ties), capacity not in the form above, an intermediate of
 the region read outside it (e.g. the logits before the noise, or the gates before capacity).
-The dense "every expert on every token" combine is not rewritten by this pass.
 """
 from __future__ import annotations
 
@@ -47,8 +60,8 @@ from ..ir.ops import Kind, Op
 from .fuse_pointwise import _where
 
 # output roles, in the order the fused op returns them; the first three carry gradients
-ROLES = ("gates", "probs", "lse", "chosen", "kept", "idx")
-DIFF_ROLES = ("gates", "probs", "lse")
+ROLES = ("y", "gates", "probs", "lse", "chosen", "kept", "idx")
+DIFF_ROLES = ("y", "gates", "probs", "lse")
 
 
 class _NoMatch(Exception):
@@ -202,12 +215,75 @@ def match(top: Node, users: Dict[Node, List[Node]], static, outputs) -> dict:
         out_users = [u for u in users.get(n, []) if u not in inside]
         if (out_users or n in outputs) and n not in named:
             raise _NoMatch(f"{n.op.value} inside the router is also used outside it")
+    m = {"x": x, "w": w, "mm": mm, "logits": logits, "noise": noise_node, "k": k, "E": E,
+         "renorm": renorm, "capacity": capacity, "form": form, "experts": None}
+    try:
+        ex = _experts(gates, x, users, outputs, E)
+    except _NoMatch as e:
+        m["layer_why"] = str(e)
+    else:
+        m["experts"] = ex
+        inside |= ex["region"]
+        role["y"] = ex["y"]
     outs = [r for r in ROLES if r in role and (
         any(u not in inside for u in users.get(role[r], [])) or role[r] in outputs)]
-    _need("gates" in outs, "the gates are not used")
-    return {"x": x, "w": w, "mm": mm, "logits": logits, "noise": noise_node, "region": inside,
-            "roles": role, "outputs": outs, "k": k, "E": E, "renorm": renorm,
-            "capacity": capacity, "form": form}
+    _need("gates" in outs or "y" in outs, "the gates are not used")
+    m.update(region=inside, roles=role, outputs=outs)
+    return m
+
+
+def _experts(gates: Node, x: Node, users, outputs, E: int) -> dict:
+    """The dense combine of every expert's gated FFN on every token:
+
+        xe = reshape(x, [B, 1, T, d]);  ye = (act(xe @ Wg) * (xe @ W1)) @ W2   [B, E, T, d]
+        y  = sum(ye * reshape(permute(gates, [0, 2, 1]), [B, E, T, 1]), 1)
+
+    act silu (SwiGLU) or exact gelu (GeGLU); Wg, W1 [E, d, F], W2 [E, F, d] in fp32."""
+    _need(gates.type.rank == 3, "experts not fused: gates are not [B, T, E]")
+    Bd, Td, _ = gates.type.shape
+    perm = _users_of(users, gates, Op.PERMUTE, lambda u: tuple(u.attrs["perm"]) == (0, 2, 1))
+    _need(len(perm) == 1, "experts not fused: gates not permuted to [B, E, T] for a dense "
+          "gated-FFN combine")
+    pr = _one_user(users, perm[0], Op.RESHAPE, "experts not fused: gates not reshaped to "
+                   "[B, E, T, 1]")
+    cm = _one_user(users, pr, Op.MUL, "experts not fused: no gates * expert outputs")
+    ye = _other(cm, pr)
+    y = _one_user(users, cm, Op.SUM, "experts not fused: weighted outputs not summed")
+    _need(y.attrs["axis"] == 1 and not y.attrs.get("keepdim", True),
+          "experts not fused: weighted outputs not summed over the experts")
+    _need(ye.op is Op.MATMUL, f"experts not fused: expert outputs are {ye.op.value}, "
+          "not a gated FFN's down projection")
+    h, w2 = ye.inputs
+    _need(h.op is Op.MUL, "experts not fused: not a gated FFN (act(x Wg) * (x W1))")
+    for act_n, up in (h.inputs, h.inputs[::-1]):
+        if act_n.op in (Op.SILU, Op.GELU) and act_n.inputs[0].op is Op.MATMUL \
+                and up.op is Op.MATMUL:
+            break
+    else:
+        raise _NoMatch("experts not fused: not a gated FFN (silu/gelu(x Wg) * (x W1))")
+    _need(act_n.op is Op.SILU or act_n.attrs.get("approximate", "none") == "none",
+          "experts not fused: tanh-approximate gelu (the kernel's GeGLU is exact)")
+    a = act_n.inputs[0]
+    xe, wg = a.inputs
+    xe1, w1 = up.inputs
+    _need(xe is xe1 and xe.op is Op.RESHAPE and xe.inputs[0] is x,
+          "experts not fused: experts do not read the router's input")
+    d = x.type.shape[-1]
+    _need(x.type.rank == 3 and tuple(xe.type.shape) == (Bd, 1, Td, d),
+          "experts not fused: expert input not reshaped to [B, 1, T, d]")
+    for wt in (wg, w1, w2):
+        _need(wt.type.rank == 3 and wt.type.shape[0] == E and wt.type.dtype.value == "f32",
+              "experts not fused: expert weights are not fp32 [E, ., .] stacks")
+    F_ = wg.type.shape[2]
+    _need(tuple(wg.type.shape) == (E, d, F_) == tuple(w1.type.shape)
+          and tuple(w2.type.shape) == (E, F_, d),
+          "experts not fused: expert weights not [E, d, F], [E, d, F], [E, F, d]")
+    region = {perm[0], pr, cm, ye, h, act_n, a, up, xe, y}
+    for n in region - {y}:
+        _need(n not in outputs and all(u in region for u in users.get(n, [])),
+              f"experts not fused: {n.op.value} inside the experts is also used outside")
+    return {"region": region, "y": y, "wg": wg, "w1": w1, "w2": w2,
+            "act": "silu" if act_n.op is Op.SILU else "gelu"}
 
 
 def _is_zero(n: Node) -> bool:
@@ -259,15 +335,17 @@ def _budget(n: Node, T, static) -> int:
 
 
 def _body(m: dict, name: str, static) -> Graph:
-    """The region as a body graph over placeholders in0 (x), in1 (W_r)[, in2 (noise)]."""
+    """The region as a body graph over placeholders in0 (x), in1 (W_r)[, in2..in4 (the
+    experts' Wg, W1, W2)][, the noise last]."""
     from ..frontend.builder import Builder
 
     b = Builder({}, {})
     env: Dict[Node, Node] = {}
-    env[m["x"]] = b.input("in0", m["x"].type.shape, m["x"].type.dtype).node
-    env[m["w"]] = b.input("in1", m["w"].type.shape, m["w"].type.dtype).node
+    for i, t in enumerate(_inputs(m)):
+        env[t] = b.input(f"in{i}", t.type.shape, t.type.dtype).node
     if m["noise"] is not None:
-        nz = b.input("in2", m["logits"].type.shape, m["logits"].type.dtype).node
+        nz = b.input(f"in{len(_inputs(m))}", m["logits"].type.shape,
+                     m["logits"].type.dtype).node
 
     def copy_static(i: Node) -> Node:
         if i not in env:
@@ -288,11 +366,22 @@ def _body(m: dict, name: str, static) -> Graph:
     roles = m["roles"]
     body = Graph(name, b.nodes, {str(j): env[roles[r]] for j, r in enumerate(m["outputs"])})
     body.meta["module"] = "moe"                  # lmc/codegen/moe.py's launch_template
-    body.meta["template"] = "moe_gating"
+    body.meta["template"] = _kind(m)
     body.meta["options"] = {"k": m["k"], "E": m["E"], "router": "softmax",
                             "renormalise": m["renorm"], "noise": m["noise"] is not None,
-                            "capacity": m["capacity"], "outputs": tuple(m["outputs"])}
+                            "capacity": m["capacity"], "outputs": tuple(m["outputs"]),
+                            "act": m["experts"]["act"] if m["experts"] else None}
     return body
+
+
+def _inputs(m: dict) -> List[Node]:
+    """The fused op's inputs before the noise: x, W_r and, for the whole layer, Wg, W1, W2."""
+    ex = m["experts"]
+    return [m["x"], m["w"]] + ([ex["wg"], ex["w1"], ex["w2"]] if ex else [])
+
+
+def _kind(m: dict) -> str:
+    return "moe_layer" if m["experts"] else "moe_gating"
 
 
 def _reason(m: dict) -> str:
@@ -302,6 +391,11 @@ def _reason(m: dict) -> str:
     parts.append("renormalised" if m["renorm"] else "not renormalised")
     if m["capacity"]:
         parts.append("capacity (pos-1)*%d < (t+1)*%d" % m["capacity"])
+    if m["experts"]:
+        act = {"silu": "SwiGLU", "gelu": "GeGLU"}[m["experts"]["act"]]
+        parts.append(f"{act} experts: sorted dispatch, grouped GEMMs, combine")
+    else:
+        parts.append(f"gating only ({m.get('layer_why', 'experts not fused')})")
     parts.append("outputs " + ", ".join(m["outputs"]))
     return "; ".join(parts)
 
@@ -326,8 +420,8 @@ def fuse_moe_gating(g: Graph) -> Graph:
             records.append({"pass": "fuse_moe_gating", "status": "declined",
                             "where": _where(n), "reason": str(e)})
             continue
-        taken |= m["region"]
         m["order"] = [x for x in g.nodes if x in m["region"]]
+        taken |= m["region"]
         matches.append(m)
     out_meta = list(g.meta.get("fusions", []))
     if not matches:
@@ -338,12 +432,12 @@ def fuse_moe_gating(g: Graph) -> Graph:
     at: Dict[Node, List[Node]] = {}       # the region's first node -> the nodes replacing it
     dead: set = set()
     for i, m in enumerate(matches):
-        name = f"lmc_moe_gating_{i}"
+        name = f"lmc_{_kind(m)}_{i}"
         body = _body(m, name, lambda t: static.get(t, False))
         first = m["order"][0]
         loc, scope = m["logits"].loc, m["logits"].scope
         new: List[Node] = []
-        ins = [m["x"], m["w"]]
+        ins = _inputs(m)
         if m["noise"] is not None:     # the same draw, from zeros: the noise alone
             nl, dt = m["noise"].loc, m["logits"].type.dtype
             zero = Node.make(Op.CONST, [], {"value": 0.0, "dtype": dt}, nl, scope)
@@ -356,8 +450,9 @@ def fuse_moe_gating(g: Graph) -> Graph:
             new += [zero, zeros, seed, noise]
             ins.append(noise)
         fused = Node.make(Op.FUSED, ins,
-                          {"kernel": name, "kind": "moe_gating", "body": body,
-                           "no_grad": (2,) if m["noise"] is not None else ()}, loc, scope)
+                          {"kernel": name, "kind": _kind(m), "body": body,
+                           "no_grad": (len(ins) - 1,) if m["noise"] is not None else ()},
+                          loc, scope)
         new.append(fused)
         for j, r in enumerate(m["outputs"]):
             node = m["roles"][r]
@@ -385,7 +480,29 @@ def fuse_moe_gating(g: Graph) -> Graph:
         c = n if ins == n.inputs else Node(n.op, ins, n.attrs, n.type, n.loc, n.scope)
         remap[n] = c
         nodes.append(c)
-    out = g.with_nodes(nodes, {k: remap.get(v, v) for k, v in g.outputs.items()})
+    out = g.with_nodes(_inputs_first(nodes), {k: remap.get(v, v) for k, v in g.outputs.items()})
     out.meta["fusions"] = out_meta + records
     from .basic import dce
     return dce(out)
+
+
+def _inputs_first(nodes: List[Node]) -> List[Node]:
+    """`nodes` reordered as little as needed for every input to come before its users (a
+    fused op sits where its region started, and an input, e.g. an expert weight, may have
+    been computed later than that)."""
+    placed: set = set()
+    out: List[Node] = []
+    for n in nodes:
+        stack = [(n, 0)]
+        while stack:
+            m, i = stack.pop()
+            if m in placed:
+                continue
+            if i < len(m.inputs):
+                stack.append((m, i + 1))
+                if m.inputs[i] not in placed:
+                    stack.append((m.inputs[i], 0))
+                continue
+            placed.add(m)
+            out.append(m)
+    return out

@@ -20,7 +20,7 @@ from lmc.runtime.executor import bind_dims, run_graph
 from lmc.runtime.triton_backend import TritonProgram
 
 B, T = Dim.sym("B"), Dim.sym("T")
-D = 16
+D, F = 16, 24
 
 
 @pytest.fixture(autouse=True)
@@ -29,9 +29,10 @@ def kernel_cache(tmp_path, monkeypatch):
 
 
 def _router(E, k, *, form="one-hot", cap=None, noise=0.0, renorm=True, z=False,
-            softmax=True):
-    """The zoo's router on x [B, T, d] with weight w [d, E]; outputs the combine weights and
-    the statistics the zoo's aux losses read (as blues01 / minimax / medit_one write them)."""
+            softmax=True, experts=None):
+    """The zoo's router on x [B, T, d] with weight w [d, E]; outputs the combine weights (or,
+    with experts="silu"/"gelu", the dense gated-FFN experts combined with them, as blues01 and
+    minimax write it) and the statistics the zoo's aux losses read."""
     b = Builder({}, {})
     x = b.input("x", [B, T, D], "f32")
     w = b.input("w", [D, E], "f32")
@@ -65,7 +66,16 @@ def _router(E, k, *, form="one-hot", cap=None, noise=0.0, renorm=True, z=False,
     if z:
         lz = b.reshape(b.logsumexp(logits, -1), [B * T])
         outs["z"] = b.mean(lz * lz, 0, keepdim=False)
-    outs["gates"] = gates
+    if experts:
+        wg, w1 = b.input("wg", [E, D, F], "f32"), b.input("w1", [E, D, F], "f32")
+        w2 = b.input("w2", [E, F, D], "f32")
+        xe = b.reshape(x, [B, 1, T, D])
+        a = xe @ wg
+        ye = ((b.silu(a) if experts == "silu" else b.gelu(a)) * (xe @ w1)) @ w2
+        outs["y"] = b.sum(ye * b.reshape(b.permute(gates, [0, 2, 1]), [B, E, T, 1]), 1,
+                          keepdim=False)
+    else:
+        outs["gates"] = gates
     return run_pipeline(Graph("router", b.nodes, {k_: v.node for k_, v in outs.items()}))
 
 
@@ -74,7 +84,7 @@ def _records(g):
 
 
 def _grads(graph, vals, ctx, cts, triton):
-    prog = differentiate(graph, ["x", "w"])
+    prog = differentiate(graph, sorted(vals))
     back = run_pipeline(prog.backward)
     fwd = TritonProgram(prog.forward) if triton else None
     fw = fwd.run(vals, ctx) if triton else run_graph(prog.forward, vals, ctx)
@@ -130,6 +140,46 @@ def test_fused_equals_primitives_forward_and_gradients(E, k, cap, form, noise, r
         torch.testing.assert_close(g1[name], g0[name], rtol=1e-4, atol=1e-5)
 
 
+LAYER_CASES = [  # E, k, capacity, noise std, activation
+    (4, 2, None, 1.0, "gelu"),      # blues01
+    (4, 2, 120, 0.0, "silu"),       # minimax
+    (8, 1, 100, 0.0, "silu"),
+    (8, 2, None, 0.0, "gelu"),
+]
+
+
+@pytest.mark.parametrize("E,k,cap,noise,act", LAYER_CASES)
+def test_whole_layer_equals_primitives(E, k, cap, noise, act):
+    g = _router(E, k, cap=cap, noise=noise, z=True, experts=act)
+    f = fuse_moe_gating(g)
+    (r,) = _records(f)
+    assert r["status"] == "fused" and "experts: sorted dispatch" in r["reason"], r
+    (fused,) = [n for n in f.nodes if n.op is Op.FUSED]
+    assert fused.attrs["kind"] == "moe_layer"
+    assert not any(n.op is Op.MATMUL for n in f.nodes)     # no dense expert products left
+    gen = torch.Generator().manual_seed(E * 10 + k + 1)
+    t = 7 if cap is None else 9
+    vals = {"x": torch.randn(3, t, D, generator=gen), "w": torch.randn(D, E, generator=gen),
+            "wg": torch.randn(E, D, F, generator=gen) * 0.3,
+            "w1": torch.randn(E, D, F, generator=gen) * 0.3,
+            "w2": torch.randn(E, F, D, generator=gen) * 0.3}
+    ctx = RefCtx(dims=bind_dims(g, vals), training=True, rng_step=1)
+    want = run_graph(g, vals, ctx)
+    got = TritonProgram(f).run(vals, ctx)
+    for o in want:
+        torch.testing.assert_close(got[o], want[o], rtol=1e-5, atol=1e-5)
+    if cap is not None:
+        assert float(want["tokens"].sum()) < 3 * t * k
+    cts = {o: torch.randn(want[o].shape, generator=gen) for o in want
+           if want[o].dtype.is_floating_point}
+    _, g0, _ = _grads(g, vals, ctx, cts, False)
+    _, g1, kinds = _grads(f, vals, ctx, cts, True)
+    assert {"moe_layer", "moe_layer_bwd"} <= kinds
+    for name in ("grad:x", "grad:w", "grad:wg", "grad:w1", "grad:w2"):
+        assert g0[name].abs().max() > 0
+        torch.testing.assert_close(g1[name], g0[name], rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("k,form", [(1, "one-hot"), (2, "one-hot"), (2, "scatter")])
 def test_ties_go_to_the_lower_expert(k, form):
     E = 4
@@ -177,16 +227,22 @@ def test_near_misses_say_why():
     assert _records(fuse_moe_gating(g)) == []
 
 
-@pytest.mark.parametrize("path,sets,sites", [
-    ("zoo/blues01.yaml", [], 1),                  # tiny: 2 layers, layer 1 is MoE
-    ("zoo/minimax.yaml", [], 2),                  # every layer's FFN is MoE
-    ("zoo/medit_one.yaml", ["--set", "moe=1"], 4),  # x, hx, cx routers; top layer x only
+@pytest.mark.parametrize("path,sets,sites,kind", [
+    ("zoo/blues01.yaml", [], 1, "moe_layer"),         # tiny: 2 layers, layer 1 is MoE
+    ("zoo/minimax.yaml", [], 2, "moe_layer"),         # every layer's FFN is MoE
+    # x, hx, cx routers in layer 0, x in the top layer; linear experts: gating only
+    ("zoo/medit_one.yaml", ["--set", "moe=1"], 4, "moe_gating"),
 ])
-def test_zoo_sites_fire(path, sets, sites, capsys):
+def test_zoo_sites_fire(path, sets, sites, kind, capsys):
     assert main(["compile", path, "--preset", "tiny", *sets, "--json"]) == 0
     s = json.loads(capsys.readouterr().out)
     recs = [f for f in s["fusions"] if f["pass"] == "fuse_moe_gating"]
     assert len(recs) == sites and all(f["status"] == "fused" for f in recs), recs
     fw, bw = s["kernels"]["forward"]["list"], s["kernels"]["backward"]["list"]
-    assert sum(k["kind"] == "moe_gating" for k in fw) == sites
-    assert sum(k["kind"] == "moe_gating_bwd" for k in bw) == sites
+    assert sum(k["kind"] == kind for k in fw) == sites
+    assert sum(k["kind"] == f"{kind}_bwd" for k in bw) == sites
+    assert not any(k["kind"].startswith("moe") and not k["kind"].startswith(kind)
+                   for k in fw + bw)
+    if kind == "moe_gating":
+        assert all("gating only (experts not fused: gates not permuted" in f["reason"]
+                   for f in recs)
