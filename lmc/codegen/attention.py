@@ -7,7 +7,8 @@ scalars (positions, window, scale), so one module serves every model.
 
 The math (also `rope_attention_reference`, the oracle and the torch backend's op):
 
-    q, k: [B, H, T, D], [B, Hkv, S, D]; v: [B, Hkv, S, D]; H % Hkv == 0, query head h reads
+    q, k: [B, H, T, D], [B, Hkv, S, D]; v: [B, Hkv, S, Dv] (Dv may differ from D: MLA's
+    q/k carry the decoupled RoPE part, v does not); H % Hkv == 0, query head h reads
     kv head h // (H / Hkv) (GQA; Hkv == 1 is MQA).
     Positions: query row i sits at q_offset + i, key row j at k_offset + j (absolute).
     RoPE on the first R = rot_dim dims of a head (R == D: all; R == 0: none), from tables
@@ -248,7 +249,8 @@ def _attn_fwd(Q, K, V, COS_Q, SIN_Q, COS_K, SIN_K, OUT, LSE,
               PAIRED: tl.constexpr, ROPE_K: tl.constexpr, CAUSAL: tl.constexpr,
               HAS_WINDOW: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
               BLOCK_P: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
-              BLOCK_N: tl.constexpr):
+              BLOCK_N: tl.constexpr,
+              HEAD_DV: tl.constexpr):
     # out[b, h, i] = sum_j softmax_j(scale * rope(q_i) . rope(k_j)) v_j over visible j, and
     # lse[b, h, i] = ln sum_j exp(scale * rope(q_i) . rope(k_j))  (fp32, for the backward).
     # qk_scale = scale * log2(e): the softmax runs in base 2.
@@ -263,8 +265,8 @@ def _attn_fwd(Q, K, V, COS_Q, SIN_Q, COS_K, SIN_K, OUT, LSE,
     h = h.to(tl.int64)
     col_a, col_b, mask_r, col_c, mask_c, tcol_a, tcol_b = _rope_columns(
         ROT, HEAD_DIM, INTERLEAVED, PAIRED, BLOCK_R, BLOCK_P)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < HEAD_DIM
+    offs_d = tl.arange(0, BLOCK_D)          # columns of v, out, dO, dV (HEAD_DV of them)
+    mask_d = offs_d < HEAD_DV
 
     # the Q tile, rotated once: groups A, B (placeholders when empty) and C
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -381,7 +383,8 @@ def _attn_bwd_dkdv(Q, K, V, COS_Q, SIN_Q, COS_K, SIN_K, DO, LSE, DELTA, DK, DV,
                    PAIRED: tl.constexpr, ROPE_K: tl.constexpr, CAUSAL: tl.constexpr,
                    HAS_WINDOW: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
                    BLOCK_P: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
-              BLOCK_N: tl.constexpr):
+              BLOCK_N: tl.constexpr,
+              HEAD_DV: tl.constexpr):
     # For the keys j of one block of kv head g, over the query heads h of g and their rows i:
     #   P_ij = 2^(qk_scale s_ij - lse2_i),  dV_j += sum_i P_ij dO_i,
     #   dS_ij = P_ij (dO_i . v_j - delta_i),  dK_r,j += sum_i dS_ij rope(q_i),
@@ -397,8 +400,8 @@ def _attn_bwd_dkdv(Q, K, V, COS_Q, SIN_Q, COS_K, SIN_K, DO, LSE, DELTA, DK, DV,
     G = H // HKV
     col_a, col_b, mask_r, col_c, mask_c, tcol_a, tcol_b = _rope_columns(
         ROT, HEAD_DIM, INTERLEAVED, PAIRED, BLOCK_R, BLOCK_P)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < HEAD_DIM
+    offs_d = tl.arange(0, BLOCK_D)          # columns of v, out, dO, dV (HEAD_DV of them)
+    mask_d = offs_d < HEAD_DV
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < S
@@ -518,7 +521,8 @@ def _attn_bwd_dq(Q, K, V, COS_Q, SIN_Q, COS_K, SIN_K, DO, LSE, DELTA, DQ,
                  PAIRED: tl.constexpr, ROPE_K: tl.constexpr, CAUSAL: tl.constexpr,
                  HAS_WINDOW: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
                  BLOCK_P: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
-              BLOCK_N: tl.constexpr):
+              BLOCK_N: tl.constexpr,
+              HEAD_DV: tl.constexpr):
     # dQ_i = R_i^T (scale sum_j dS_ij rope(k_j)),  dS_ij = P_ij (dO_i . v_j - delta_i)
     HAS_ROPE: tl.constexpr = ROT > 0
     HAS_PASS: tl.constexpr = ROT < HEAD_DIM
@@ -531,8 +535,8 @@ def _attn_bwd_dq(Q, K, V, COS_Q, SIN_Q, COS_K, SIN_K, DO, LSE, DELTA, DQ,
     h = h.to(tl.int64)
     col_a, col_b, mask_r, col_c, mask_c, tcol_a, tcol_b = _rope_columns(
         ROT, HEAD_DIM, INTERLEAVED, PAIRED, BLOCK_R, BLOCK_P)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < HEAD_DIM
+    offs_d = tl.arange(0, BLOCK_D)          # columns of v, out, dO, dV (HEAD_DV of them)
+    mask_d = offs_d < HEAD_DV
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < T
@@ -629,7 +633,8 @@ def _decode_split(Q, K, V, COS_Q, SIN_Q, COS_K, SIN_K, POS, KV_LEN, PART_O, PART
                   PAIRED: tl.constexpr, ROPE_K: tl.constexpr, CAUSAL: tl.constexpr,
                   HAS_WINDOW: tl.constexpr, HAS_KV_LEN: tl.constexpr, BLOCK_M: tl.constexpr,
                   BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
-                  DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr):
+                  DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr,
+              HEAD_DV: tl.constexpr):
     # Tile rows r = (query head g' of kv head g) * TQ + new query i: each cached K/V block of
     # kv head g is read once for all its query heads. Over the cache slots
     # [split * CHUNK, (split + 1) * CHUNK) below kv_len: the normalised partial output and its
@@ -644,8 +649,8 @@ def _decode_split(Q, K, V, COS_Q, SIN_Q, COS_K, SIN_K, POS, KV_LEN, PART_O, PART
     G = H // HKV
     col_a, col_b, mask_r, col_c, mask_c, tcol_a, tcol_b = _rope_columns(
         ROT, HEAD_DIM, INTERLEAVED, PAIRED, BLOCK_R, BLOCK_P)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < HEAD_DIM
+    offs_d = tl.arange(0, BLOCK_D)          # columns of v, out, dO, dV (HEAD_DV of them)
+    mask_d = offs_d < HEAD_DV
 
     pos0 = tl.load(POS + b * stride_pos).to(tl.int32)
     if HAS_KV_LEN:
@@ -712,7 +717,7 @@ def _decode_split(Q, K, V, COS_Q, SIN_Q, COS_K, SIN_K, POS, KV_LEN, PART_O, PART
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     prow = ((b * H + h) * TQ + i) * NSPLIT + pid_s     # row of [B, H, TQ, NSPLIT]
-    tl.store(PART_O + prow[:, None] * HEAD_DIM + offs_d[None, :], acc / l_safe[:, None],
+    tl.store(PART_O + prow[:, None] * HEAD_DV + offs_d[None, :], acc / l_safe[:, None],
              mask=r_ok[:, None] & mask_d[None, :])
     tl.store(PART_L + prow, tl.where(empty, float("-inf"), m_i + tl.log2(l_safe)), mask=r_ok)
 
@@ -771,10 +776,10 @@ def _configs(kind: str):
 
 
 _KEYS = {
-    "fwd": ["T", "S", "HEAD_DIM", "ROT", "CAUSAL", "HAS_WINDOW"],
-    "dkdv": ["T", "S", "HEAD_DIM", "ROT", "CAUSAL", "HAS_WINDOW"],
-    "dq": ["T", "S", "HEAD_DIM", "ROT", "CAUSAL", "HAS_WINDOW"],
-    "decode": ["TQ", "S_MAX", "HEAD_DIM", "ROT", "ROPE_K"],
+    "fwd": ["T", "S", "HEAD_DIM", "HEAD_DV", "ROT", "CAUSAL", "HAS_WINDOW"],
+    "dkdv": ["T", "S", "HEAD_DIM", "HEAD_DV", "ROT", "CAUSAL", "HAS_WINDOW"],
+    "dq": ["T", "S", "HEAD_DIM", "HEAD_DV", "ROT", "CAUSAL", "HAS_WINDOW"],
+    "decode": ["TQ", "S_MAX", "HEAD_DIM", "HEAD_DV", "ROT", "ROPE_K"],
 }
 _JIT = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq, "decode": _decode_split}
 _TUNED: dict = {}
@@ -808,9 +813,9 @@ class _Spec:
                              f"{tuple(k.shape)}, {tuple(v.shape)}")
         B, H, T, D = q.shape
         Bk, HKV, S, Dk = k.shape
-        if k.shape != v.shape or Bk != B or Dk != D:
-            raise ValueError(f"k and v must be [B, Hkv, S, D] with q's B and D: q "
-                             f"{tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+        if k.shape[:3] != v.shape[:3] or Bk != B or Dk != D:
+            raise ValueError(f"k must be [B, Hkv, S, D] with q's B and D, v [B, Hkv, S, Dv]: "
+                             f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
         if HKV == 0 or H % HKV:
             raise ValueError(f"query heads ({H}) must be a multiple of kv heads ({HKV})")
         if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float32, torch.float16,
@@ -851,6 +856,7 @@ class _Spec:
                 raise ValueError(f"RoPE tables have {cos.shape[0]} positions; queries need "
                                  f"{q_offset + T}, keys {k_offset + S}")
         self.B, self.H, self.T, self.D, self.HKV, self.S = B, H, T, D, HKV, S
+        self.DV = v.shape[-1]
         self.cos, self.sin, self.k_cos, self.k_sin = cos, sin, k_cos, k_sin
         self.rot_dim, self.interleaved = rot_dim, bool(interleaved)
         self.rope_k, self.causal = bool(rope_k), bool(causal)
@@ -870,9 +876,10 @@ class _Spec:
         return (self.cos, self.sin, self.k_cos, self.k_sin), st
 
     def constexprs(self):
-        return dict(HEAD_DIM=self.D, ROT=self.rot_dim, INTERLEAVED=self.interleaved,
-                    PAIRED=self.paired, ROPE_K=self.rope_k, CAUSAL=self.causal,
-                    HAS_WINDOW=self.window is not None, BLOCK_D=_p2(self.D),
+        return dict(HEAD_DIM=self.D, HEAD_DV=self.DV, ROT=self.rot_dim,
+                    INTERLEAVED=self.interleaved, PAIRED=self.paired, ROPE_K=self.rope_k,
+                    CAUSAL=self.causal, HAS_WINDOW=self.window is not None,
+                    BLOCK_D=_p2(self.DV),
                     BLOCK_R=_p2(self.rot_dim // 2), BLOCK_P=_p2(self.D - self.rot_dim),
                     DOT_PREC=self.dot_prec)
 
@@ -882,7 +889,7 @@ class _Spec:
 
 
 def _run_fwd(sp: _Spec, q, k, v) -> Tuple[Tensor, Tensor]:
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    out = torch.empty((sp.B, sp.H, sp.T, sp.DV), dtype=q.dtype, device=q.device)
     lse = torch.empty((sp.B, sp.H, sp.T), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse.fill_(float("-inf"))
@@ -903,8 +910,8 @@ def _run_bwd(sp: _Spec, do, q, k, v, out, lse) -> Tuple[Tensor, Tensor, Tensor]:
     delta = torch.empty((sp.B, sp.H, sp.T), dtype=torch.float32, device=q.device)
     block_m = 16 if _interpret() else 64
     _attn_bwd_pre[(triton.cdiv(sp.T, block_m), sp.B * sp.H)](
-        out, do, delta, *out.stride(), *do.stride(), sp.H, sp.T, HEAD_DIM=sp.D,
-        BLOCK_D=_p2(sp.D), BLOCK_M=block_m)
+        out, do, delta, *out.stride(), *do.stride(), sp.H, sp.T, HEAD_DIM=sp.DV,
+        BLOCK_D=_p2(sp.DV), BLOCK_M=block_m)
     tables, tstrides = sp.tables()
     common = (sp.H, sp.HKV, sp.T, sp.S, sp.q_offset, sp.k_offset, sp.window_arg,
               sp.scale * LOG2E, sp.scale)
@@ -918,8 +925,9 @@ def _run_bwd(sp: _Spec, do, q, k, v, out, lse) -> Tuple[Tensor, Tensor, Tensor]:
 
 
 _OPTIONS_DOC = """
-    q [B, H, T, D]; k, v [B, Hkv, S, D] (H % Hkv == 0; query head h reads kv head
-        h // (H / Hkv)); any strides; f32, f16 or bf16, all three alike.
+    q [B, H, T, D]; k [B, Hkv, S, D], v [B, Hkv, S, Dv] (H % Hkv == 0; query head h reads kv
+        head h // (H / Hkv); out and dv are Dv wide); any strides; f32, f16 or bf16, all three
+        alike.
     cos, sin: RoPE tables by absolute position, [max_pos, rot_dim] laid out like the rotated
         dims, or [max_pos, rot_dim / 2] with one column per rotary pair (`rope_tables`; any
         float dtype, read in fp32). k_cos, k_sin: the keys' own tables (default cos, sin;
@@ -1055,7 +1063,7 @@ def rope_attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor,
     """
     sp = _Spec(q, k_cache, v_cache, cos, sin, k_cos, k_sin, rot_dim, interleaved, rope_k,
                causal, window, 0, 0, scale, decode=True)
-    B, H, TQ, D, HKV, S = sp.B, sp.H, sp.T, sp.D, sp.HKV, sp.S
+    B, H, TQ, DV, HKV, S = sp.B, sp.H, sp.T, sp.DV, sp.HKV, sp.S
     pos, stride_pos = _per_sequence(pos, B, "pos", q.device)
     if kv_len is None:
         kv_len_t, stride_len = pos, 0      # not read
@@ -1066,10 +1074,10 @@ def rope_attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor,
     num_splits = max(1, min(int(num_splits), max(S, 1)))
     chunk = triton.cdiv(S, num_splits) if S else 0
     if out is None:
-        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        out = torch.empty((B, H, TQ, DV), dtype=q.dtype, device=q.device)
     if q.numel() == 0:
         return out
-    part_o = torch.empty((B, H, TQ, num_splits, D), dtype=torch.float32, device=q.device)
+    part_o = torch.empty((B, H, TQ, num_splits, DV), dtype=torch.float32, device=q.device)
     part_l = torch.empty((B, H, TQ, num_splits), dtype=torch.float32, device=q.device)
     tables, tstrides = sp.tables()
     _launch("decode", lambda m: (num_splits, B * HKV),
@@ -1078,7 +1086,7 @@ def rope_attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor,
             TQ, S, chunk, num_splits, sp.window_arg, sp.scale * LOG2E,
             HAS_KV_LEN=kv_len is not None, BLOCK_M=_p2(H // HKV * TQ), **sp.constexprs())
     _decode_combine[(B * H * TQ,)](part_o, part_l, out, *out.stride(), H, TQ, num_splits,
-                                   HEAD_DIM=D, BLOCK_D=_p2(D), BLOCK_S=_p2(num_splits, 2))
+                                   HEAD_DIM=DV, BLOCK_D=_p2(DV), BLOCK_S=_p2(num_splits, 2))
     return out
 
 
@@ -1240,12 +1248,6 @@ def _scatter_grad(grads, xs, layout, d: Tensor) -> None:
         c += w
 
 
-def _pad_last(t: Tensor, width: int) -> Tensor:
-    if t.shape[-1] == width:
-        return t
-    return torch.nn.functional.pad(t, (0, width - t.shape[-1]))
-
-
 def launch_template(template: str, xs, outs, opts) -> None:
     """Run a fused rope-attention op (or its backward) of fuse_rope_attention. `opts` (the body
     meta's options) say where q, k, v and the tables are among the inputs `xs` (see the pass's
@@ -1259,9 +1261,6 @@ def launch_template(template: str, xs, outs, opts) -> None:
     q, k = _operand(xs, opts["q"]), _operand(xs, opts["k"])
     vi, vrep = opts["v"]
     v = _operand(xs, [[vi, 0, xs[vi].shape[-1], vrep]])
-    D, Dv = q.shape[-1], v.shape[-1]
-    width = max(D, Dv)       # kernels read q, k, v at one head dim: zero columns change nothing
-    q, k, v = _pad_last(q, width), _pad_last(k, width), _pad_last(v, width)
     cos, sin = xs[opts["cos"]], xs[opts["sin"]]
     k_cos = xs[opts["k_cos"]] if "k_cos" in opts else cos
     k_sin = xs[opts["k_sin"]] if "k_sin" in opts else sin
@@ -1279,17 +1278,16 @@ def launch_template(template: str, xs, outs, opts) -> None:
               window=opts["window"] or None, scale=opts["scale"])
     out, lse = rope_attention_fwd(q, k, v, cos, sin, **kw)
     if template == "rope_attention":
-        outs[0].copy_(out[..., :Dv])
+        outs[0].copy_(out)
         return
     assert template == "rope_attention_bwd", template
     # the forward's output and row log-sum-exp are recomputed rather than saved (one extra
     # forward, about a third of the backward's work): the fused op exposes only its output
-    do = _pad_last(xs[-1], width)
-    dq, dk, dv = rope_attention_bwd(do, q, k, v, out, lse, cos, sin, **kw)
+    dq, dk, dv = rope_attention_bwd(xs[-1], q, k, v, out, lse, cos, sin, **kw)
     grads: dict = {}
-    _scatter_grad(grads, xs, opts["q"], dq[..., :D])
-    _scatter_grad(grads, xs, opts["k"], dk[..., :D])
-    _scatter_grad(grads, xs, [[vi, 0, xs[vi].shape[-1], vrep]], dv[..., :Dv])
+    _scatter_grad(grads, xs, opts["q"], dq)
+    _scatter_grad(grads, xs, opts["k"], dk)
+    _scatter_grad(grads, xs, [[vi, 0, xs[vi].shape[-1], vrep]], dv)
     for i in range(opts["n_grad"]):
         g = grads.get(i)
         if g is None:

@@ -32,18 +32,19 @@ def _max_err(got, want):
 
 def run_case(B, H, HKV, T, S, D, *, rot, interleaved=False, paired=False, causal=True,
              window=None, q_offset=None, k_offset=0, rope_k=True, xpos=False,
-             dtype=torch.float32, strided=False, seed=0):
+             dtype=torch.float32, strided=False, seed=0, dv=None):
     """Fused forward + backward vs the fp64 reference: max abs error of out, lse, dq, dk, dv
     (and the largest reference magnitude, for fp16's relative bound)."""
     gen = torch.Generator().manual_seed(seed)
+    dv = D if dv is None else dv     # v's head dim (MLA: narrower than q/k's)
     if strided:   # [B, T, H, D] activations seen as [B, H, T, D], as a model's permute makes
         q = _randn(B, T, H, D, gen=gen, dtype=dtype).transpose(1, 2)
         k = _randn(B, S, HKV, D, gen=gen, dtype=dtype).transpose(1, 2)
-        v = _randn(B, S, HKV, D, gen=gen, dtype=dtype).transpose(1, 2)
+        v = _randn(B, S, HKV, dv, gen=gen, dtype=dtype).transpose(1, 2)
     else:
         q = _randn(B, H, T, D, gen=gen, dtype=dtype)
         k = _randn(B, HKV, S, D, gen=gen, dtype=dtype)
-        v = _randn(B, HKV, S, D, gen=gen, dtype=dtype)
+        v = _randn(B, HKV, S, dv, gen=gen, dtype=dtype)
     q, k, v = (x.requires_grad_() for x in (q, k, v))
     qo = S - T if q_offset is None else q_offset
     tabs = dict(cos=None, sin=None)
@@ -57,8 +58,8 @@ def run_case(B, H, HKV, T, S, D, *, rot, interleaved=False, paired=False, causal
     kw = dict(rot_dim=rot, interleaved=interleaved, causal=causal, window=window,
               q_offset=q_offset, k_offset=k_offset, rope_k=rope_k)
     out, lse = A.rope_attention(q, k, v, **tabs, **kw, return_lse=True)
-    assert out.dtype == dtype and out.shape == (B, H, T, D) and lse.dtype == torch.float32
-    do = _randn(B, H, T, D, gen=gen, dtype=dtype)
+    assert out.dtype == dtype and out.shape == (B, H, T, dv) and lse.dtype == torch.float32
+    do = _randn(B, H, T, dv, gen=gen, dtype=dtype)
     grads = torch.autograd.grad(out, (q, k, v), do)
 
     q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
@@ -105,6 +106,9 @@ CASES = [
     ("rows-that-see-no-key", (1, 4, 2, 17, 20, 32), dict(rot=32, q_offset=0, k_offset=10)),
     ("head-dim-48-window-not-causal", (1, 4, 2, 17, 17, 48),
      dict(rot=32, paired=True, causal=False, window=5)),
+    # v narrower / wider than q and k (MLA: q, k = [rope part | pass part], v the pass width)
+    ("mla-qk-48-v-32", (1, 4, 4, 63, 63, 48), dict(rot=16, dv=32)),
+    ("v-wider-64-than-qk-32-gqa-window", (1, 4, 2, 63, 63, 32), dict(rot=32, dv=64, window=20)),
 ]
 
 
@@ -134,13 +138,13 @@ def test_fp16():
 # -- decode ----------------------------------------------------------------------------------
 def run_decode(B, H, HKV, TQ, S_MAX, D, *, rot, pos, kv_len=None, rope_k=False, causal=True,
                window=None, splits=None, paired=False, interleaved=False,
-               dtype=torch.float32, seed=0):
+               dtype=torch.float32, seed=0, dv=None):
     """Flash-decoding over a cache padded to S_MAX (padding slots hold large values that would
     show if read) vs the fp64 reference over the raw keys."""
     gen = torch.Generator().manual_seed(seed)
     q = _randn(B, H, TQ, D, gen=gen, dtype=dtype)
     k_raw = _randn(B, HKV, S_MAX, D, gen=gen, dtype=dtype)
-    v = _randn(B, HKV, S_MAX, D, gen=gen, dtype=dtype)
+    v = _randn(B, HKV, S_MAX, D if dv is None else dv, gen=gen, dtype=dtype)
     pos_t = torch.as_tensor(pos)
     valid = pos_t.reshape(-1) + TQ if kv_len is None else torch.as_tensor(kv_len).reshape(-1)
     valid = valid.expand(B)
@@ -155,7 +159,7 @@ def run_decode(B, H, HKV, TQ, S_MAX, D, *, rot, pos, kv_len=None, rope_k=False, 
     out = A.rope_attention_decode(q, k_cache, v, pos_t, cos, sin, kv_len=kv_len,
                                   rope_k=rope_k, rot_dim=rot, interleaved=interleaved,
                                   causal=causal, window=window, num_splits=splits)
-    assert out.shape == q.shape and out.dtype == dtype
+    assert out.shape == q.shape[:3] + v.shape[3:] and out.dtype == dtype
     ref = A.rope_attention_reference(
         q.double(), k_raw.double(), v.double(), None if cos is None else cos.double(),
         None if sin is None else sin.double(), rot_dim=rot, interleaved=interleaved,
@@ -172,6 +176,7 @@ DECODE = [
      dict(rot=32, pos=[7, 50], kv_len=[10, 61], causal=False, splits=4)),
     ("one-position-for-all-one-split", (2, 4, 2, 1, 40, 32), dict(rot=32, pos=25, splits=1)),
     ("more-splits-than-blocks-no-rope", (1, 4, 2, 2, 33, 32), dict(rot=0, pos=30, splits=9)),
+    ("v-narrower-than-qk", (2, 4, 2, 1, 50, 48), dict(rot=16, pos=[10, 45], splits=3, dv=32)),
 ]
 
 
