@@ -85,12 +85,24 @@ def _p2(n: int, floor: int = 16) -> int:
 
 # -- gating -------------------------------------------------------------------------------------
 @triton.jit
+def _round(v, ROUND: tl.constexpr):
+    """v rounded to the dtype a mixed-precision program stores it in (1 f16, 2 bf16), as fp32:
+    the logits and probabilities the oracle's top-k compares."""
+    if ROUND == 1:
+        return v.to(tl.float16).to(tl.float32)
+    elif ROUND == 2:
+        return v.to(tl.bfloat16).to(tl.float32)
+    else:
+        return v
+
+
+@triton.jit
 def _gate_fwd(X, WR, NOISE, IDX, WOUT, KEPT, PROBS, LSE, PART,
               N, T, D, E, n_iter, cap_a, cap_b,
               sxn, sxd, swd, swe, snn, sne,
               K: tl.constexpr, RENORM: tl.constexpr, HAS_NOISE: tl.constexpr,
               CAP: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr,
-              DOT_PREC: tl.constexpr):
+              DOT_PREC: tl.constexpr, ROUND: tl.constexpr = 0):
     pid = tl.program_id(0)
     cols = tl.arange(0, BE)
     emask = cols < E
@@ -118,16 +130,16 @@ def _gate_fwd(X, WR, NOISE, IDX, WOUT, KEPT, PROBS, LSE, PART,
             wk = tl.load(WR + dd[:, None] * swd + cols[None, :] * swe,
                          mask=(dd[:, None] < D) & emask[None, :], other=0.0)
             acc = tl.dot(xk, wk, acc=acc, input_precision=DOT_PREC)
-        logits = acc
+        logits = _round(acc, ROUND)
         if HAS_NOISE:
             nz = tl.load(NOISE + rows[:, None] * snn + cols[None, :] * sne,
                          mask=rmask[:, None] & emask[None, :], other=0.0)
-            logits = logits + nz.to(tl.float32)
+            logits = _round(logits + nz.to(tl.float32), ROUND)
         logits = tl.where(emask[None, :], logits, float("-inf"))
         m = tl.max(logits, 1)
         ex = tl.exp(logits - m[:, None])
         s = tl.sum(ex, 1)
-        p = ex / s[:, None]
+        p = _round(ex / s[:, None], ROUND)
         tl.store(LSE + rows, m + tl.log(s), mask=rmask)
         tl.store(PROBS + rows[:, None] * E + cols[None, :], p,
                  mask=rmask[:, None] & emask[None, :])
@@ -252,9 +264,11 @@ def _gate_blocks():
 
 
 def _gating_forward(x, w_router, noise, k, renormalize, capacity_pct, seq_len,
-                    capacity=None) -> Gating:
+                    capacity=None, round_to=None) -> Gating:
     """capacity = (a, b) states the capacity test directly: slot kept iff
-    (pos - 1) * a < (t + 1) * b (capacity_pct c is (E * 100, c * k))."""
+    (pos - 1) * a < (t + 1) * b (capacity_pct c is (E * 100, c * k)). round_to (torch.float16
+    or torch.bfloat16): the logits, noisy logits and probabilities are rounded to it, as a
+    mixed-precision program stores them, and the top-k compares the rounded values."""
     N, D = x.shape
     E = w_router.shape[1]
     dev = x.device
@@ -285,7 +299,8 @@ def _gating_forward(x, w_router, noise, k, renormalize, capacity_pct, seq_len,
                        *x.stride(), *w_router.stride(), *sn,
                        K=k, RENORM=bool(renormalize), HAS_NOISE=noise is not None, CAP=cap,
                        BT=BT, BD=BD, BE=BE,
-                       DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32", **extra)
+                       DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32",
+                       ROUND={None: 0, torch.float16: 1, torch.bfloat16: 2}[round_to], **extra)
     stats = part.sum(0)[:, :E]
     return Gating(idx, w, kept, stats[0], stats[1], stats[2], lse, probs)
 
@@ -658,11 +673,11 @@ def _experts_forward(p: _Plan, x, r: Routing, w_gate, w_up, w_down, act, save):
 
 
 def _moe_forward(x, w_router, noise, w_gate, w_up, w_down, k, renormalize, capacity_pct,
-                 seq_len, act, save, capacity=None):
+                 seq_len, act, save, capacity=None, round_to=None):
     """The layer's forward: (y, Gating, Routing, (h, pa, pb, ys)) (pa, pb None unless save)."""
     E, _, F_ = w_gate.shape
     g = _gating_forward(x, w_router, noise, k, renormalize, capacity_pct, seq_len,
-                        capacity=capacity)
+                        capacity=capacity, round_to=round_to)
     p = _Plan(x, E, F_)
     r = route(g.idx, g.kept, g.weight, E, p.BM)
     h, pa, pb, ys = _experts_forward(p, x, r, w_gate, w_up, w_down, act, save)
@@ -870,6 +885,7 @@ def launch_template(template: str, xs, outs, opts) -> None:
     noise = xs[nin - 1].reshape(N, E) if opts["noise"] else None
     cap = tuple(opts["capacity"]) if opts.get("capacity") else None
     seq = x.shape[-2] if cap else None
+    rnd = {"f32": None, "f16": torch.float16, "bf16": torch.bfloat16}[opts.get("dtype", "f32")]
     roles = list(opts["outputs"])
     bwd = template.endswith("_bwd")
     if layer:
@@ -877,9 +893,9 @@ def launch_template(template: str, xs, outs, opts) -> None:
         wg, w1, w2 = (t.contiguous() for t in xs[2:5])
         act = ACTS.index(opts["act"])
         y, g, r, (h, pa, pb, ys) = _moe_forward(x2, wr, noise, wg, w1, w2, k, renorm, None,
-                                                seq, act, bwd, capacity=cap)
+                                                seq, act, bwd, capacity=cap, round_to=rnd)
     else:
-        g = _gating_forward(x2, wr, noise, k, renorm, None, seq, capacity=cap)
+        g = _gating_forward(x2, wr, noise, k, renorm, None, seq, capacity=cap, round_to=rnd)
     if not bwd:
         for role, out in zip(roles, outs):
             v = y if role == "y" else _role(role, g, N, E)

@@ -43,11 +43,16 @@ draw counter, shape). The pass leaves `noise = gaussian_noise(zeros, std, seed)`
 (the same draw, so the same values; zeros in eval mode) and the body adds it to the router
 logits: the op's last input, with no gradient.
 
+Mixed precision: a router whose matmul and softmax are f16/bf16 (the mixed-precision pass's
+program; the gate arithmetic reads cast(probs, f32)) is matched too; the kernel rounds the
+logits, noisy logits and probabilities to that dtype as the oracle stores them, so its top-k
+compares the same values (ties after rounding go to the lower expert). The experts are fused
+only in fp32 (in a mixed-precision program the gating alone is fused).
+
 Not matched (each near miss is a declined record with the failed condition): a sigmoid or any
-non-softmax router, top-k of anything but the router's probabilities, k > 2, routers not in
-fp32 (under mixed precision the oracle picks experts from bf16/f16 probabilities, which an fp32
-kernel would not reproduce on near-ties), capacity not in the form above, an intermediate of
-the region read outside it (e.g. the logits before the noise, or the gates before capacity).
+non-softmax router, top-k of anything but the router's probabilities, k > 2, capacity not in
+the form above, an intermediate of the region read outside it (e.g. the logits before the
+noise, or the gates before capacity).
 """
 from __future__ import annotations
 
@@ -57,6 +62,7 @@ import torch
 
 from ..ir.graph import Graph, Node
 from ..ir.ops import Kind, Op
+from ..ir.types import DType
 from .fuse_pointwise import _where
 
 # output roles, in the order the fused op returns them; the first three carry gradients
@@ -122,9 +128,8 @@ def match(top: Node, users: Dict[Node, List[Node]], static, outputs) -> dict:
         raise _NoMatch("sigmoid router: the fused gating computes a softmax")
     _need(probs.op is Op.SOFTMAX, f"top-k of {probs.op.value}, not of softmax(router logits)")
     _need(probs.attrs["axis"] == rank - 1, "router softmax not over the experts (last) axis")
-    _need(probs.type.dtype.value == "f32",
-          f"router in {probs.type.dtype.value}: the fused gating picks experts from fp32 "
-          f"probabilities and would not reproduce a low-precision oracle's ties")
+    dt = probs.type.dtype.value
+    _need(dt in ("f32", "f16", "bf16"), f"router softmax in {dt}")
     E = probs.type.shape[-1]
     _need(isinstance(E, int), "expert count is not static")
     logits = probs.inputs[0]
@@ -136,8 +141,8 @@ def match(top: Node, users: Dict[Node, List[Node]], static, outputs) -> dict:
     _need(mm.op is Op.MATMUL, f"router logits are {mm.op.value}, not x @ W_r")
     x, w = mm.inputs
     _need(w.type.rank == 2 and x.type.rank >= 2, "router weight is not a [d, E] matrix")
-    _need(x.type.dtype.value == "f32" and w.type.dtype.value == "f32",
-          "router matmul not in fp32")
+    _need(x.type.dtype.value == dt and w.type.dtype.value == dt and mm.type.dtype.value == dt,
+          "router matmul and softmax in different dtypes")
     region = [mm, probs, top] + ([noise_node] if noise_node is not None else [])
     role: Dict[str, Node] = {"probs": probs, "idx": top}
     renorm, capacity, form = False, None, None
@@ -157,9 +162,11 @@ def match(top: Node, users: Dict[Node, List[Node]], static, outputs) -> dict:
               "one-hot not summed over the k slots")
         region += [r, eq, c, chosen]
         role["chosen"] = chosen
-        g0s = _users_of(users, chosen, Op.MUL, lambda u: _other(u, chosen) is probs)
+        g0s = _users_of(users, chosen, Op.MUL, lambda u: _widened(_other(u, chosen), probs))
         _need(len(g0s) == 1, "no probs * chosen gate")
         gates = g0s[0]
+        if _other(gates, chosen) is not probs:      # mixed precision: cast(probs, f32)
+            region.append(_other(gates, chosen))
         region.append(gates)
         sums = _users_of(users, gates, Op.SUM,
                          lambda u: u.attrs["axis"] == rank - 1 and u.attrs.get("keepdim", True))
@@ -216,7 +223,7 @@ def match(top: Node, users: Dict[Node, List[Node]], static, outputs) -> dict:
         if (out_users or n in outputs) and n not in named:
             raise _NoMatch(f"{n.op.value} inside the router is also used outside it")
     m = {"x": x, "w": w, "mm": mm, "logits": logits, "noise": noise_node, "k": k, "E": E,
-         "renorm": renorm, "capacity": capacity, "form": form, "experts": None}
+         "renorm": renorm, "capacity": capacity, "form": form, "experts": None, "dtype": dt}
     try:
         ex = _experts(gates, x, users, outputs, E)
     except _NoMatch as e:
@@ -286,6 +293,12 @@ def _experts(gates: Node, x: Node, users, outputs, E: int) -> dict:
             "act": "silu" if act_n.op is Op.SILU else "gelu"}
 
 
+def _widened(n: Node, probs: Node) -> bool:
+    """n is probs, or probs cast to f32 (a mixed-precision program's gate arithmetic)."""
+    return n is probs or (n.op is Op.CAST and n.inputs[0] is probs
+                          and n.type.dtype.value == "f32")
+
+
 def _is_zero(n: Node) -> bool:
     while n.op in (Op.EXPAND, Op.CAST, Op.RESHAPE):
         n = n.inputs[0]
@@ -344,8 +357,7 @@ def _body(m: dict, name: str, static) -> Graph:
     for i, t in enumerate(_inputs(m)):
         env[t] = b.input(f"in{i}", t.type.shape, t.type.dtype).node
     if m["noise"] is not None:
-        nz = b.input(f"in{len(_inputs(m))}", m["logits"].type.shape,
-                     m["logits"].type.dtype).node
+        nz = b.input(f"in{len(_inputs(m))}", m["logits"].type.shape, "f32").node
 
     def copy_static(i: Node) -> Node:
         if i not in env:
@@ -356,8 +368,16 @@ def _body(m: dict, name: str, static) -> Graph:
         return env[i]
 
     for n in m["order"]:
-        if n is m["noise"]:          # gaussian_noise(l) = l + noise, the same draw
-            c = Node.make(Op.ADD, (env[n.inputs[0]], nz), {}, n.loc, n.scope)
+        if n is m["noise"]:          # gaussian_noise(l) = l + noise, the same draw, in fp32
+            lg = env[n.inputs[0]]
+            if lg.type.dtype.value == "f32":
+                c = Node.make(Op.ADD, (lg, nz), {}, n.loc, n.scope)
+            else:
+                wide = Node.make(Op.CAST, (lg,), {"dtype": nz.type.dtype}, n.loc, n.scope)
+                b.nodes.append(wide)
+                add = Node.make(Op.ADD, (wide, nz), {}, n.loc, n.scope)
+                b.nodes.append(add)
+                c = Node.make(Op.CAST, (add,), {"dtype": lg.type.dtype}, n.loc, n.scope)
         else:
             c = Node(n.op, tuple(copy_static(i) if i not in env else env[i]
                                  for i in n.inputs), n.attrs, n.type, n.loc, n.scope)
@@ -370,7 +390,8 @@ def _body(m: dict, name: str, static) -> Graph:
     body.meta["options"] = {"k": m["k"], "E": m["E"], "router": "softmax",
                             "renormalise": m["renorm"], "noise": m["noise"] is not None,
                             "capacity": m["capacity"], "outputs": tuple(m["outputs"]),
-                            "act": m["experts"]["act"] if m["experts"] else None}
+                            "act": m["experts"]["act"] if m["experts"] else None,
+                            "dtype": m["dtype"]}
     return body
 
 
@@ -386,6 +407,8 @@ def _kind(m: dict) -> str:
 
 def _reason(m: dict) -> str:
     parts = [f"softmax top-{m['k']} of {m['E']} ({m['form']})"]
+    if m["dtype"] != "f32":
+        parts.append(f"router in {m['dtype']}: experts picked from rounded probabilities")
     if m["noise"] is not None:
         parts.append(f"gaussian noise std {m['noise'].attrs['std']:g}")
     parts.append("renormalised" if m["renorm"] else "not renormalised")
@@ -439,7 +462,8 @@ def fuse_moe_gating(g: Graph) -> Graph:
         new: List[Node] = []
         ins = _inputs(m)
         if m["noise"] is not None:     # the same draw, from zeros: the noise alone
-            nl, dt = m["noise"].loc, m["logits"].type.dtype
+            # fp32 zeros: the noise as the oracle adds it (to the logits widened to fp32)
+            nl, dt = m["noise"].loc, DType.f32
             zero = Node.make(Op.CONST, [], {"value": 0.0, "dtype": dt}, nl, scope)
             zeros = Node.make(Op.EXPAND, [zero], {"shape": tuple(m["logits"].type.shape)},
                               nl, scope)
