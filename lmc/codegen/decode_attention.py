@@ -7,6 +7,9 @@ rotated).
             possibly a permuted view), and for the static step decode.pos [T] (i64: the new
             tokens' positions P .. P+T-1).
     output  [B, H, T, D] in q's dtype.
+    With score parts (options parts = n > 1, MLA's absorbed form): inputs q_1..q_n,
+    k_1..k_n [, decode.pos]; K = V = [k_1 | .. | k_n] and q = [q_1 | .. | q_n] (copies: the
+    decode pass keeps the caches apart), output the columns of part v_part.
 
 Which kernel:
     dynamic step (S = P + T keys, slot j = position j, queries at S - T + i; the offset is
@@ -26,6 +29,9 @@ from __future__ import annotations
 
 from typing import List
 
+import torch
+
+from ..errors import LmcError
 from .attention import rope_attention_decode, rope_attention_fwd
 
 ROWS = 64   # query rows (query heads of one kv head x new tokens) per decode-kernel tile
@@ -33,14 +39,38 @@ ROWS = 64   # query rows (query heads of one kv head x new tokens) per decode-ke
 
 def launch_template(template: str, xs: List, outs: List, opts: dict) -> None:
     if template != "decode_attention":
-        raise ValueError(f"decode_attention has no template {template!r}")
-    q, k, v = xs[:3]
+        # the autodiff pass can differentiate the op through its body, but decode is
+        # inference: there is no fused backward kernel to run
+        raise LmcError(f"decode_attention has no {template!r} kernel (the decode step runs "
+                       "without gradients)")
+    n = int(opts.get("parts") or 1)
+    static = bool(opts.get("static"))
     out = outs[0]
+    if n == 1:
+        q, k, v = xs[:3]
+        pos = xs[3] if static else None
+        _attend(q, k, v, pos, out, opts)
+        return
+    # scores in n parts over separate caches, the values one of the keys (MLA's absorbed
+    # form: [q_C W_UK^T | q_R] @ [c_KV | k_R]^T, values c_KV): one K = V of the parts side by
+    # side (a copy of the caches: they are kept apart by the decode pass), the output cut to
+    # the value part's columns
+    qs, ks = xs[:n], xs[n:2 * n]
+    pos = xs[2 * n] if static else None
+    q = torch.cat(qs, -1)
+    k = torch.cat(ks, -1)
+    first = sum(x.shape[-1] for x in ks[:opts["v_part"]])
+    wide = torch.empty(q.shape, dtype=out.dtype, device=out.device)
+    _attend(q, k, k, pos, wide, opts)
+    out.copy_(wide[..., first:first + out.shape[-1]])
+
+
+def _attend(q, k, v, pos, out, opts: dict) -> None:
     B, H, T, D = q.shape
     S, G = k.shape[2], H // k.shape[1]
     window = int(opts.get("window") or 0) or None
     scale = float(opts["scale"])
-    if not opts.get("static"):
+    if pos is None:
         offset = S - T
         if G * T <= ROWS:
             rope_attention_decode(q, k, v, offset, causal=True, window=window, scale=scale,
@@ -50,7 +80,6 @@ def launch_template(template: str, xs: List, outs: List, opts: dict) -> None:
                                       scale=scale)
             out.copy_(o)
         return
-    pos = xs[3]
     chunk = max(1, ROWS // G)
     for c in range(0, T, chunk):
         rope_attention_decode(q[:, :, c:c + chunk], k, v, pos[c:c + 1], causal=True,

@@ -7,10 +7,17 @@ softmax over the last axis of [B, H, T, S] scores, the pass walks
     out = softmax(where(mask, (q @ k4^T) * scale, -inf)) @ v4        (scale optional, * or /)
     k4 = k  |  expand(k, [B, H, S, D]) (k with one head)
             |  reshape(expand(reshape(k, [B, Hkv, 1, S, D]), [B, Hkv, G, S, D]), [B, H, S, D])
-    (v4 alike: the GQA/MQA broadcast of n_kv heads, query head h reading kv head h // G)
+    (v4 alike: the GQA/MQA broadcast of n_kv heads, query head h reading kv head h // G; a
+    single head [B, 1, S, D] broadcast by the matmul itself is MQA too)
 
-with k, v one [B, Hkv, S, D] shape and dtype, and the mask one of the decode pass's two full
-key layouts:
+with k, v one [B, Hkv, S, D] shape and dtype; or scores written in parts over separate caches,
+
+    (q_1 @ k4_1^T + q_2 @ k4_2^T) * scale,   values = one of the k_i (the same view of it)
+
+which is MLA's absorbed form (q_C W_UK^T against the latent c_KV, q_R against k_R; values
+the latent): the launch puts the parts side by side, [q_1 | q_2] against K = V = [k_1 | k_2]
+(a per-step copy of the two caches, which the decode pass keeps apart), and keeps the value
+part's columns of the output. The mask is one of the decode pass's two full key layouts:
 
     dynamic step: causal_mask(rows T, cols S, window)  with S = P + T (cache ++ new keys):
                   query i sits at position S - T + i, key j at j (read from the shapes);
@@ -22,7 +29,8 @@ The region (scores, mask, softmax, P @ V and the broadcast of k, v) becomes one 
 kind "decode_attention" whose inputs are q (as the graph computes it: RoPE, if any, stays
 outside as its own pointwise kernel), k and v (the whole key/value tensors after the cache
 write: the concat of the dynamic step, the in-place `index_copy` of the static one, which
-stay outside the op) and, in the static step, `decode.pos`. Its body is the matched
+stay outside the op; with score parts: q_1..q_n, k_1..k_n) and, in the static step,
+`decode.pos`. Its body is the matched
 primitives, so the torch backend and the autodiff pass still see the exact oracle;
 lmc/codegen/decode_attention.py runs attention.py's kernels:
 
@@ -35,9 +43,10 @@ lmc/codegen/decode_attention.py runs attention.py's kernels:
 Declined, with the failed condition recorded (`lmc compile --mode decode --explain`):
 sliding-window attention in a W-slot ring (the decode pass's ring layout keeps position a in
 slot a mod W, so the keys [ring | new] are not in position order, while the kernel masks by
-slot = position); keys and values of different shapes (MLA's absorbed form: scores are the sum
-of two products over the latent and the k_R caches, values the latent alone); probabilities or
-scores used outside (medit_one); masks of any other form; non-float or mixed dtypes.
+slot = position); keys and values of different shapes (unless the scores come in parts and
+the values are one of their keys); probabilities or scores used outside; masks of any other
+form; non-float or mixed dtypes. Softmaxes over a fixed-size axis (routers, medit_one's) are
+not candidates and get no record.
 """
 from __future__ import annotations
 
@@ -173,30 +182,45 @@ def match(sm: Node, users: Dict[Node, List[Node]]) -> dict:
         region.append(x)
         x = a
     if x.op is Op.ADD and all(i.op is Op.MATMUL for i in x.inputs):
-        raise _NoMatch("scores are a sum of two products (MLA's absorbed form: q_C W_UK^T @ "
-                       "c_KV^T + q_R @ k_R^T over two caches, values the latent alone): the "
-                       "decode kernel reads one K and a V of its shape")
-    _need(x.op is Op.MATMUL, f"{x.op.value} where q @ k^T was expected")
-    mm = x
-    q, kt = mm.inputs
-    _need(kt.op is Op.PERMUTE and tuple(kt.attrs["perm"]) == (0, 1, 3, 2),
-          "keys are not transposed from [B, H, S, D]")
-    region.append(mm)
-    _need(q.type.rank == 4, "queries are not [B, H, T, D]")
-    H = q.type.shape[1]
+        region.append(x)           # [q_1 | q_2] @ [k_1 | k_2]^T written as its two parts
+        parts = list(x.inputs)
+    else:
+        _need(x.op is Op.MATMUL, f"{x.op.value} where q @ k^T was expected")
+        parts = [x]
+    H = parts[0].type.shape[1]
     # views of k and v (transpose, head broadcast) may be shared with other attentions
     # (yoco's cross layers read one K, V): the body copies them, the graph keeps them if used
-    layout: List[Node] = [kt]
-    k = _kv_heads(kt.inputs[0], H, layout)
+    layout: List[Node] = []
+    qs, ks = [], []
+    for mm in parts:
+        q, kt = mm.inputs
+        _need(kt.op is Op.PERMUTE and tuple(kt.attrs["perm"]) == (0, 1, 3, 2),
+              "keys are not transposed from [B, H, S, D]")
+        _need(q.type.rank == 4 and q.type.shape[1] == H, "queries are not [B, H, T, D]")
+        region.append(mm)
+        layout.append(kt)
+        k = _kv_heads(kt.inputs[0], H, layout)
+        _need(k.type.shape[3] == q.type.shape[3], "q and k head dims differ")
+        qs.append(q)
+        ks.append(k)
     v = _kv_heads(pv.inputs[1], H, layout)
-    _need(tuple(k.type.shape) == tuple(v.type.shape),
-          f"keys {list(k.type.shape)} and values {list(v.type.shape)} differ in shape (MLA's "
-          "latent values): the decode kernel reads one [B, Hkv, S, D] K and V")
-    _need(k.type.shape[3] == q.type.shape[3], "q and k head dims differ")
+    q, k = qs[0], ks[0]
     hkv = k.type.shape[1]
+    v_part = None
+    if len(parts) == 1:
+        _need(tuple(k.type.shape) == tuple(v.type.shape),
+              f"keys {list(k.type.shape)} and values {list(v.type.shape)} differ in shape: "
+              "the decode kernel reads one [B, Hkv, S, D] K and V")
+    else:
+        _need(all(tuple(x.type.shape[:3]) == tuple(q.type.shape[:3]) for x in qs)
+              and all(tuple(x.type.shape[:3]) == tuple(k.type.shape[:3]) for x in ks),
+              "the score parts' queries or keys differ in batch, heads or length")
+        v_part = next((i for i, x in enumerate(ks) if _same(x, v)), None)
+        _need(v_part is not None, "scores are a sum of products and the values are none of "
+              "their keys (MLA's absorbed form reads the latent as keys and values)")
     _need(isinstance(H, int) and isinstance(hkv, int) and H % hkv == 0,
           f"{H} query heads are not a multiple of {hkv} kv heads")
-    _need(q.type.dtype == k.type.dtype == v.type.dtype == sm.type.dtype,
+    _need(all(x.type.dtype == sm.type.dtype for x in qs + ks + [v]),
           "q, k, v and the scores differ in dtype")
     T, S = q.type.shape[2], k.type.shape[2]
     _need(S == minfo["length"], "the mask's keys are not the cache's")
@@ -208,25 +232,32 @@ def match(sm: Node, users: Dict[Node, List[Node]]) -> dict:
             continue
         _need(all(u in inside for u in users.get(n, [])),
               f"{n.op.value} inside the attention is also used outside it")
-    D = q.type.shape[3]
-    if scale is None:
-        scale = 1.0
-    return {"q": q, "k": k, "v": v, "pos": minfo["pos"], "out": pv,
-            "region": inside | set(mregion) | set(layout), "window": minfo["window"],
-            "scale": scale, "head_dim": D, "static": minfo["pos"] is not None}
+    ins = qs + ks + ([v] if v_part is None else []) + (
+        [minfo["pos"]] if minfo["pos"] is not None else [])
+    return {"inputs": ins, "v": v, "v_as": None if v_part is None else ks[v_part],
+            "out": pv, "region": inside | set(mregion) | set(layout),
+            "window": minfo["window"], "scale": 1.0 if scale is None else scale,
+            "parts": len(parts), "v_part": v_part, "heads": (H, hkv),
+            "static": minfo["pos"] is not None}
+
+
+def _same(a: Node, b: Node) -> bool:
+    """The same value: one node, or the same view op with the same attrs of the same value."""
+    return a is b or (a.op is b.op and a.op in (Op.RESHAPE, Op.PERMUTE, Op.EXPAND)
+                      and a.attrs == b.attrs and _same(a.inputs[0], b.inputs[0]))
 
 
 def _body(m: dict, name: str, order: Dict[Node, int]) -> Graph:
-    """The matched region as a body graph over placeholders in0..in2 (q, k, v) and, static,
-    in3 (decode.pos)."""
+    """The matched region as a body graph over placeholders in0.. for m["inputs"] (q, k, v
+    [, decode.pos], or q_1..q_n, k_1..k_n [, decode.pos] when the values are one of the keys)."""
     from ..frontend.builder import Builder
 
     b = Builder({}, {})
     env: Dict[Node, Node] = {}
-    keys = ("q", "k", "v", "pos") if m["static"] else ("q", "k", "v")
-    for i, key in enumerate(keys):
-        x = m[key]
+    for i, x in enumerate(m["inputs"]):
         env[x] = b.input(f"in{i}", x.type.shape, x.type.dtype).node
+    if m["v_as"] is not None:
+        env[m["v"]] = env[m["v_as"]]
     for n in sorted(m["region"], key=order.__getitem__):
         if n in env:
             continue
@@ -241,7 +272,8 @@ def _body(m: dict, name: str, order: Dict[Node, int]) -> Graph:
     body = Graph(name, b.nodes, {"0": env[m["out"]]})
     body.meta["module"] = "decode_attention"     # lmc/codegen/decode_attention.py
     body.meta["template"] = "decode_attention"
-    body.meta["options"] = {"static": m["static"], "window": m["window"], "scale": m["scale"]}
+    body.meta["options"] = {"static": m["static"], "window": m["window"], "scale": m["scale"],
+                            "parts": m["parts"], "v_part": m["v_part"]}
     return body
 
 
@@ -274,15 +306,18 @@ def fuse_decode_attention(g: Graph) -> Graph:
     for i, m in enumerate(matches):
         name = f"lmc_decode_attention_{i}"
         body = _body(m, name, order)
-        ins = [m[k] for k in (("q", "k", "v", "pos") if m["static"] else ("q", "k", "v"))]
+        ins = m["inputs"]
         fused = Node.make(Op.FUSED, ins, {"kernel": name, "kind": "decode_attention",
                                           "body": body,
-                                          "no_grad": (3,) if m["static"] else ()},
+                                          "no_grad": (len(ins) - 1,) if m["static"] else ()},
                           m["out"].loc, m["out"].scope)
         get = Node.make(Op.GETITEM, [fused], {"index": 0}, m["out"].loc, m["out"].scope)
         new_nodes[m["out"]] = [fused, get]
-        hkv, H = m["k"].type.shape[1], m["q"].type.shape[1]
+        H, hkv = m["heads"]
         heads = f"{H} heads" if hkv == H else f"{H} heads over {hkv} kv heads"
+        if m["parts"] > 1:
+            heads += (f", scores in {m['parts']} parts over separate caches (concatenated per "
+                      f"step), values = keys part {m['v_part']}")
         meta["fusions"].append({
             "pass": PASS, "status": "fused", "where": _where(m["out"]),
             "reason": f"{'static' if m['static'] else 'dynamic'} cache, causal"

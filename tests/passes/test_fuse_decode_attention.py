@@ -114,10 +114,15 @@ def test_zoo_fires_and_declines(static):
     _, recs = _records("yoco", static, sliding_window=3)
     assert [r["status"] for r in recs] == ["declined", "fused"]
     assert "ring buffer" in recs[0]["reason"] and "slot a mod W" in recs[0]["reason"]
-    # optimus_prime: MLA's absorbed scores (latent and k_R parts) are declined
-    _, recs = _records("optimus_prime", static)
-    assert [r["status"] for r in recs] == ["declined", "declined"]
-    assert all("MLA" in r["reason"] for r in recs)
+    # optimus_prime: MLA's absorbed scores, latent and k_R parts over their two caches, the
+    # latent as the values (one kv head)
+    g, recs = _records("optimus_prime", static)
+    assert [r["status"] for r in recs] == ["fused", "fused"]
+    assert all("4 heads over 1 kv heads, scores in 2 parts" in r["reason"] for r in recs)
+    for n in g.nodes:
+        if n.op is Op.FUSED:
+            assert n.attrs["body"].meta["options"]["v_part"] == 0
+            assert len(n.inputs) == (5 if static else 4)   # q_C', q_R, c_KV, k_R [, pos]
     # medit_one: no softmax attention over a cache at all
     _, recs = _records("medit_one", static)
     assert recs == []
@@ -166,6 +171,25 @@ def test_launch_equals_reference(static, H, HKV, T, P, window):
     assert (out - ref).abs().max().item() < 1e-5
 
 
+@pytest.mark.parametrize("static", [False, True])
+def test_launch_score_parts_equal_reference(static):
+    """MLA's absorbed form: scores q1 k1^T + q2 k2^T over one latent kv head, values k1."""
+    g = torch.Generator().manual_seed(7)
+    B, H, T, P, L = 2, 4, 2, 5, 12
+    q1, q2 = torch.randn(B, H, T, 32, generator=g), torch.randn(B, H, T, 8, generator=g)
+    S = L if static else P + T
+    k1, k2 = torch.randn(B, 1, S, 32, generator=g), torch.randn(B, 1, S, 8, generator=g)
+    xs = [q1, q2, k1, k2] + ([P + torch.arange(T)] if static else [])
+    out = torch.full((B, H, T, 32), float("nan"))
+    dattn.launch_template("decode_attention", xs, [out],
+                          {"static": static, "window": 0, "scale": 0.2, "parts": 2,
+                           "v_part": 0})
+    s = (q1 @ k1.transpose(-1, -2) + q2 @ k2.transpose(-1, -2)) * 0.2
+    vis = torch.arange(S)[None, :] <= P + torch.arange(T)[:, None]
+    ref = torch.softmax(s.masked_fill(~vis, float("-inf")), -1) @ k1
+    assert (out - ref).abs().max().item() < 1e-5
+
+
 # -- decode = forward through the fused op ---------------------------------------------------
 def _kernel_only(dec):
     """`dec` (a torch-backend Decoder) running the fused step graph: the decode_attention op
@@ -186,11 +210,11 @@ def _kernel_only(dec):
 @pytest.mark.parametrize("name,over", [
     ("llama", {}), ("blues01", {}),
     pytest.param("yoco", {"layers": 4}, marks=pytest.mark.slow),
-    pytest.param("minimax", {}, marks=pytest.mark.slow)])
+    pytest.param("minimax", {}, marks=pytest.mark.slow), ("optimus_prime", {})])
 @pytest.mark.parametrize("static", [False, True])
 def test_decode_equals_forward_kernel_only(name, over, static, monkeypatch):
     """blues01, yoco (two cross layers over the shared cache), minimax: 2 kv heads for 4
-    query heads."""
+    query heads; optimus_prime: MLA's absorbed form (one latent kv head, scores in parts)."""
     calls = _count_kernel_calls(monkeypatch)
     m = _zoo(name, **over)
     ids = torch.randint(0, 512, (1, 7), generator=torch.Generator().manual_seed(1))
