@@ -1,7 +1,8 @@
 """Decayed linear attention (gated retention, lightning attention): chunked Triton kernels for
 training, a recurrent kernel for decode, and the torch references they are tested against.
-The kernel half of issue 9; the `fuse_linear_attention` pass replaces the zoo's parallel form
-with `chunked_linear_attention`.
+The kernel half of issue 9; the `fuse_linear_attention` pass (lmc/passes) replaces the zoo's
+parallel form with a fused op whose forward and backward `launch_template` (at the end) runs
+with these kernels.
 
 The math, per (batch, head), exactly the zoo's `decayed_linear_attention` block:
 
@@ -481,9 +482,10 @@ def _state0(s: Optional[Tensor], p: _Plan) -> Optional[Tensor]:
     return s.contiguous()
 
 
-def _forward(q, k, v, g, s0, p: _Plan, store_final: bool):
+def _forward(q, k, v, g, s0, p: _Plan, store_final: bool, out: Optional[Tensor] = None):
     hs, sf = p.states(k, v, g, s0, store_final)
-    o = torch.empty(q.shape[:3] + (p.DV,), dtype=q.dtype, device=q.device)
+    o = out if out is not None else \
+        torch.empty(q.shape[:3] + (p.DV,), dtype=q.dtype, device=q.device)
     _fwd_out[(p.B * p.H * p.NV, p.NC)](
         q, k, v, g, hs, o, *_s4(q), *_s4(k), *_s4(v), *g.stride(), *_s4(o),
         p.T, p.H, p.NC, p.DK, p.DV, p.scale,
@@ -690,3 +692,43 @@ def linear_attention_recurrent(q: Tensor, k: Tensor, v: Tensor, g: Tensor, *,
         outs.append(s * (qw[:, :, t, None, :] @ S)[:, :, 0])
     o = torch.stack(outs, 2).to(q.dtype) if T else qw.new_zeros(B, H, 0, DV).to(q.dtype)
     return (o, S) if return_state else o
+
+
+# --------------------------------------------------------------------------------------------
+# the fused op of lmc/passes/fuse_linear_attention.py (codegen/templates.py dispatches here)
+# --------------------------------------------------------------------------------------------
+def launch_template(template: str, xs, outs, opts) -> None:
+    """"linear_attention": xs = (q, k, v, ld), outs[0] = o. "linear_attention_bwd":
+    xs = (q, k, v, ld, do), outs = (dq, dk, dv[, dld when opts["decay_grad"]]).
+
+    The inputs come in the graph's dtype (f32, or f16/bf16 under mixed precision); the states
+    and decays are fp32 whatever it is. The backward recomputes the per-chunk states (as the
+    autograd function does) and needs no forward output, so no forward is rerun. The chunk is
+    opts["chunk"], lowered to the smallest power of two >= max(T, 16) for a short T (the same
+    math, less padding)."""
+    q, k, v, g = xs[:4]
+    B, H, T, _ = q.shape
+    chunk = min(int(opts["chunk"]), _p2(T))
+    _check(q, k, v, chunk)
+    if T == 0:
+        for o in outs:
+            o.zero_()
+        return
+    p = _Plan(q, v, chunk, opts.get("scale"))
+    _grid_check(p)
+    ge = _gates(g, B, H, T)
+    if template == "linear_attention":
+        o = outs[0]
+        direct = o.dtype == q.dtype and o.is_contiguous() and tuple(o.shape) == (B, H, T, p.DV)
+        y, _ = _forward(q, k, v, ge, None, p, store_final=False, out=o if direct else None)
+        if not direct:
+            o.copy_(y)
+        return
+    assert template == "linear_attention_bwd", template
+    dq, dk, dv, dg, _ = _backward(xs[4], None, q, k, v, ge, None, p, need_ds0=False)
+    grads = [dq, dk, dv]
+    if opts.get("decay_grad", True):
+        grads.append(dg.sum_to_size(g.shape))     # a broadcast decay's gradient summed back
+    assert len(grads) == len(outs), (len(grads), len(outs))
+    for o, d in zip(outs, grads):
+        o.copy_(d)

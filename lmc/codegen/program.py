@@ -30,6 +30,7 @@ FUSION_PASSES: List[Tuple[str, object]] = [
 # lmc/passes/<name>.py, and --disable knows them
 PATTERN_PASSES = [
     "fuse_rope_attention",
+    "fuse_linear_attention",
     "fuse_moe_gating",
 ]
 

@@ -1,0 +1,311 @@
+"""`fuse_linear_attention`: decayed linear attention in its parallel form, as one op.
+
+Matched on primitives (no block names): from each `a @ v` whose `a` is a product of
+`x @ y^T` with something (the shape of O = (Q K^T * D) V), the pass walks
+
+    out = ((q @ k^T) [* c | / c] * D) @ v                       (c a scalar constant)
+    D   = [cast] exp(where(causal_mask(T, T), G_t - G_s, -inf))
+    G_t - G_s = reshape(G, [.., T, 1]) - reshape(G, [.., 1, T]),  G = cumsum(ld, -1)
+
+(the canonical form lmc/passes/decode.py also recognises and decodes with a d_k x d_v state;
+D may reach the product through one cast, as the mixed-precision pass writes it) with
+q, k: [B, H, T, d_k], v: [B, H, T, d_v] of one float dtype and the log-decays ld (rank 2
+or 3) broadcastable to [B, H, T]: per-token gates [B, H, T] (yoco's gated retention; they get a
+gradient) or a fixed decay computed from constants ([1, H, T] expanded from [1, H, 1]:
+minimax's lightning attention, no gradient). The region becomes one FUSED node of kind
+"linear_attention" (inputs q, k, v, ld; output o) whose body is the matched primitives, so the
+torch backend and every check still run the exact oracle; the triton backend runs
+lmc/codegen/linear_attention.py's chunked kernels (intra-chunk masked products and an fp32
+d_k x d_v state carried across chunks: linear in T, nothing T x T). The autodiff pass
+differentiates the FUSED node by its body, and its backward op (kind "linear_attention_bwd")
+runs the chunked backward kernels, which recompute the per-chunk states (no forward rerun).
+Body options: chunk (a power of two >= 16, `chunk=` argument, 64 by default), scale (c, or 1),
+decay ("per_token", "per_head" or "fixed") and decay_grad (whether ld gets a gradient).
+
+It runs before autodiff on the program being trained or run on the triton backend, not in the
+compile pipeline: the decode pass derives its step from the unfused graph. Where a candidate
+almost matches, a declined record names the failed condition (`lmc compile --explain`).
+Not matched: a sliding-window decay mask (the kernels carry the whole past), masks filled
+with 0 after the exp (`where(mask, exp(.), 0)`), decays not from a cumsum along time, a
+scale that is a tensor, casts between q/k/v and the products, q, k, v of different dtypes or
+shapes (GQA through an expand), normalised forms (retention's row normalisation by
+sum |Q K^T * D|), and intermediates read outside the region (a D shared by two attentions is
+fine when both are fused: each body recomputes it).
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Tuple
+
+from ..ir.graph import Graph, Node, toposort
+from ..ir.ops import Op
+from .fuse_pointwise import _where
+
+PASS = "fuse_linear_attention"
+DEFAULT_CHUNK = 64
+
+
+class _NoMatch(Exception):
+    pass
+
+
+def _need(cond: bool, why: str):
+    if not cond:
+        raise _NoMatch(why)
+
+
+def _const_value(n: Node) -> Optional[float]:
+    if n.op is Op.CONST and n.type.rank == 0 and not hasattr(n.attrs["value"], "shape"):
+        try:
+            return float(n.attrs["value"])
+        except (TypeError, ValueError):
+            return None
+    return None
+
+
+def _is_swap(n: Node) -> bool:
+    r = n.type.rank
+    return n.op is Op.PERMUTE and tuple(n.attrs["perm"]) == tuple(range(r - 2)) + (r - 1, r - 2)
+
+
+def _strip_cast(n: Node) -> Node:
+    return n.inputs[0] if n.op is Op.CAST else n
+
+
+def _unscale(n: Node) -> Tuple[Node, Optional[Node], Optional[float]]:
+    """n = x * c, c * x or x / c with c a constant: (x, the scaling node, the factor);
+    else (n, None, None)."""
+    if n.op in (Op.MUL, Op.DIV):
+        a, c = n.inputs
+        if n.op is Op.MUL and _const_value(a) is not None:
+            a, c = c, a
+        cv = _const_value(c)
+        if cv is not None:
+            return a, n, (cv if n.op is Op.MUL else 1.0 / cv)
+    return n, None, None
+
+
+def _scores_like(n: Node) -> bool:
+    """n looks like (scaled) x @ y^T: the candidate test, lenient on casts and scales."""
+    x = _strip_cast(n)
+    if x.op in (Op.MUL, Op.DIV):
+        x = _strip_cast(x.inputs[0] if x.inputs[0].op is Op.MATMUL else x.inputs[-1])
+    return x.op is Op.MATMUL and _is_swap(_strip_cast(x.inputs[1]))
+
+
+def candidate(n: Node) -> Optional[Tuple[Node, Node]]:
+    """(the weights `a`, v) when n = a @ v with a = (x @ y^T) * m: the shape of decayed linear
+    attention. Softmax attention (`probs @ v`) and gated FFNs (`(silu(x W1) * (x W3)) @ W2`:
+    no transpose) are not candidates, so unrelated graphs get no records."""
+    if n.op is not Op.MATMUL or n.type.rank != 4:
+        return None
+    a = _strip_cast(n.inputs[0])
+    if a.op is not Op.MUL or not any(_scores_like(x) for x in a.inputs):
+        return None
+    return a, n.inputs[1]
+
+
+def _decay(d: Node, region: List[Node]) -> Tuple[Node, Node]:
+    """d = [cast] exp(where(causal_mask(T, T), G_t - G_s, -inf)), G = cumsum(ld, -1):
+    (ld, the causal mask)."""
+    if d.op is Op.CAST:
+        region.append(d)
+        d = d.inputs[0]
+    _need(d.op is Op.EXP, f"the factor beside q @ k^T is {d.op.value}, not a decay mask "
+                          f"exp(where(causal_mask, G_t - G_s, -inf))")
+    w = d.inputs[0]
+    _need(w.op is Op.WHERE, f"the decay exponent is {w.op.value}, not "
+                            f"where(causal_mask, G_t - G_s, -inf)")
+    mask, diff, fill = w.inputs
+    _need(mask.op is Op.CAUSAL_MASK, f"the decay is masked by {mask.op.value}, not causal_mask")
+    _need(not mask.attrs.get("window"),
+          f"sliding-window decay mask (window {mask.attrs.get('window')}): the chunked kernels "
+          f"carry the whole past")
+    _need(mask.attrs["rows"] == mask.attrs["cols"], "the causal mask is not square [T, T]")
+    _need(_const_value(fill) == float("-inf"),
+          "masked decay exponents are not set to -inf (exp(-inf) = 0)")
+    _need(diff.op is Op.SUB, f"the decay exponent is {diff.op.value}, not G_t - G_s")
+    gt, gs = diff.inputs
+    _need(gt.op is Op.RESHAPE and gs.op is Op.RESHAPE and gt.inputs[0] is gs.inputs[0],
+          "G_t - G_s is not a difference of two reshapes of one G")
+    G = gt.inputs[0]
+    _need(G.op is Op.CUMSUM, f"G is {G.op.value}, not a cumsum of log-decays")
+    r = G.type.rank
+    _need(G.attrs["axis"] == r - 1, "G is a cumsum along an axis other than the last (time)")
+    T = G.type.shape[-1]
+    _need(T == mask.attrs["rows"], "the mask and G have different lengths")
+    lead = tuple(G.type.shape[:-1])
+    _need(tuple(gt.type.shape) == lead + (T, 1) and tuple(gs.type.shape) == lead + (1, T),
+          "G_t - G_s is not G[.., t, None] - G[.., None, s] (query rows, key columns)")
+    region += [d, w, diff, gt, gs, G]
+    return G.inputs[0], mask
+
+
+def match(out: Node, static) -> dict:
+    """The region of one candidate `out` (raises _NoMatch with the failed condition)."""
+    _need(out.type.dtype.value in ("f32", "f16", "bf16"),
+          f"linear attention in {out.type.dtype.value} (kernels: f32, f16, bf16)")
+    a, v = out.inputs
+    _need(a.op is Op.MUL, "a cast between (q @ k^T) * D and the product with v")
+    region = [out, a]
+    first, second = a.inputs
+    pairs = [(s, d) for s, d in ((first, second), (second, first)) if _scores_like(s)]
+    errors = []
+    for s, d in pairs:
+        try:
+            sub: List[Node] = []
+            ld, mask = _decay(d, sub)
+            break
+        except _NoMatch as e:
+            errors.append(str(e))
+    else:
+        raise _NoMatch(errors[0])
+    region += sub
+    mm, scaled, scale = _unscale(s)
+    if scaled is not None:
+        region.append(scaled)
+    _need(mm.op is Op.MATMUL, "a cast between q @ k^T and the decay product" if
+          mm.op is Op.CAST else "scores scaled by a tensor, not a constant")
+    q, kt = mm.inputs
+    _need(kt.op is not Op.CAST, "a cast between k^T and q @ k^T")
+    _need(_is_swap(kt), "keys are not transposed (k^T) in q @ k^T")
+    k = kt.inputs[0]
+    region += [mm, kt]
+    _need(q.type.rank == 4, f"q is rank {q.type.rank}, not [B, H, T, d_k]")
+    B, H, T = tuple(q.type.shape[:3])
+    _need(tuple(k.type.shape) == tuple(q.type.shape),
+          "q and k have different shapes (GQA through an expand is not matched)")
+    _need(v.type.rank == 4 and tuple(v.type.shape[:3]) == (B, H, T),
+          "v is not [B, H, T, d_v] with q's B, H, T")
+    _need(q.type.dtype == k.type.dtype == v.type.dtype,
+          f"q, k, v dtypes differ ({q.type.dtype.value}, {k.type.dtype.value}, "
+          f"{v.type.dtype.value})")
+    _need(mask.attrs["rows"] == T, "the decay mask's length is not q's time axis")
+    ls = tuple(ld.type.shape)
+    full = (1,) * (3 - len(ls)) + ls
+    _need(len(ls) in (2, 3) and full[2] == T and full[0] in (1, B) and full[1] in (1, H),
+          f"log-decays of shape {list(ls)} do not broadcast to [B, H, T] = {[B, H, T]}")
+    _need(ld.type.dtype.is_float, "integer log-decays")
+    fixed = static(ld)
+    per_head = fixed and ld.op is Op.EXPAND and ld.inputs[0].type.shape[-1] == 1
+    return {"q": q, "k": k, "v": v, "ld": ld, "out": out, "region": set(region),
+            "scale": 1.0 if scale is None else scale,
+            "decay": "per_token" if not fixed else "per_head" if per_head else "fixed",
+            "decay_grad": not fixed}
+
+
+def _body(m: dict, name: str, chunk: int) -> Graph:
+    """The matched region as a body graph over placeholders in0..in3 (q, k, v, ld)."""
+    from ..frontend.builder import Builder
+
+    b = Builder({}, {})
+    env: Dict[Node, Node] = {}
+    for i, key in enumerate(("q", "k", "v", "ld")):
+        x = m[key]
+        env[x] = b.input(f"in{i}", x.type.shape, x.type.dtype).node
+    for n in toposort([m["out"]], ()):
+        if n in env or n not in m["region"]:
+            continue
+        for i in n.inputs:
+            if i not in env:              # a source read by the region (mask, constants)
+                assert not i.inputs and i.op not in (Op.INPUT, Op.PARAM), i
+                env[i] = Node(i.op, (), dict(i.attrs), i.type, i.loc, i.scope)
+                b.nodes.append(env[i])
+        c = Node(n.op, tuple(env[i] for i in n.inputs), n.attrs, n.type, n.loc, n.scope)
+        env[n] = c
+        b.nodes.append(c)
+    body = Graph(name, b.nodes, {"0": env[m["out"]]})
+    body.meta["module"] = "linear_attention"   # lmc/codegen/linear_attention.py
+    body.meta["template"] = "linear_attention"
+    body.meta["options"] = {"chunk": chunk, "scale": m["scale"], "decay": m["decay"],
+                            "decay_grad": m["decay_grad"]}
+    return body
+
+
+def _reason(m: dict, chunk: int) -> str:
+    dims = "[" + ", ".join(str(d) for d in m["ld"].type.shape) + "]"
+    decay = {"per_token": f"per-token log-decays {dims} (learned)",
+             "per_head": f"fixed per-head decay {dims}",
+             "fixed": f"fixed log-decays {dims}"}[m["decay"]]
+    scale = f", scale {m['scale']:.4g}" if m["scale"] != 1.0 else ""
+    return (f"(q @ k^T * exp(G_t - G_s)) @ v, G = cumsum of {decay}{scale}: chunked, "
+            f"chunk {chunk}")
+
+
+def fuse_linear_attention(g: Graph, chunk: int = DEFAULT_CHUNK) -> Graph:
+    if chunk < 16 or chunk & (chunk - 1):
+        raise ValueError(f"chunk must be a power of two >= 16, got {chunk}")
+    users = g.users()
+    static: Dict[Node, bool] = {}
+    for n in g.nodes:
+        static[n] = n.op not in (Op.INPUT, Op.PARAM) and all(static[i] for i in n.inputs)
+    records: List[dict] = []
+    matches: List[dict] = []
+    for n in g.nodes:
+        if candidate(n) is None:
+            continue
+        try:
+            matches.append(match(n, lambda t: static.get(t, False)))
+        except _NoMatch as e:
+            records.append({"pass": PASS, "status": "declined", "where": _where(n),
+                            "reason": str(e)})
+    # a region's intermediates may be read only by matched regions (each body recomputes a
+    # shared D); drop the matches that fail this until none does
+    for name, o in g.outputs.items():
+        users.setdefault(o, []).append(name)       # a graph output is an outside use
+    while True:
+        inside = set().union(*[m["region"] for m in matches]) if matches else set()
+        bad = None
+        for m in matches:
+            for n in sorted(m["region"] - {m["out"]}, key=lambda x: x.id):
+                outer = [u for u in users.get(n, []) if u not in inside]
+                if outer:
+                    by = outer[0] if isinstance(outer[0], str) else outer[0].op.value
+                    bad = (m, f"{n.op.value} inside the linear attention is also used outside "
+                              f"it (by {'output ' if isinstance(outer[0], str) else ''}{by})")
+                    break
+            if bad:
+                break
+        if bad is None:
+            break
+        matches.remove(bad[0])
+        records.append({"pass": PASS, "status": "declined", "where": _where(bad[0]["out"]),
+                        "reason": bad[1]})
+    if not matches:
+        out = g.with_nodes(g.nodes, g.outputs)
+        out.meta["fusions"] = list(g.meta.get("fusions", [])) + records
+        return out
+    replace: Dict[Node, List[Node]] = {}
+    for i, m in enumerate(matches):
+        name = f"lmc_linear_attention_{i}"
+        body = _body(m, name, chunk)
+        attrs = {"kernel": name, "kind": "linear_attention", "body": body}
+        if not m["decay_grad"]:
+            attrs["no_grad"] = (3,)        # a fixed decay computed from constants
+        fused = Node.make(Op.FUSED, [m[k] for k in ("q", "k", "v", "ld")], attrs,
+                          m["out"].loc, m["out"].scope)
+        get = Node.make(Op.GETITEM, [fused], {"index": 0}, m["out"].loc, m["out"].scope)
+        replace[m["out"]] = [fused, get]
+        records.append({"pass": PASS, "status": "fused", "where": _where(m["out"]),
+                        "reason": _reason(m, chunk)})
+    dead = set().union(*[m["region"] for m in matches]) - set(replace)
+    nodes: List[Node] = []
+    new: Dict[Node, Node] = {}
+    for n in g.nodes:
+        if n in dead:
+            continue
+        if n in replace:
+            fused, get = replace[n]
+            fused = Node(fused.op, tuple(new.get(i, i) for i in fused.inputs), fused.attrs,
+                         fused.type, fused.loc, fused.scope)
+            get = Node(get.op, (fused,), get.attrs, get.type, get.loc, get.scope)
+            nodes += [fused, get]
+            new[n] = get
+            continue
+        ins = tuple(new.get(i, i) for i in n.inputs)
+        c = n if ins == n.inputs else Node(n.op, ins, n.attrs, n.type, n.loc, n.scope)
+        new[n] = c
+        nodes.append(c)
+    out = g.with_nodes(nodes, {k: new.get(v, v) for k, v in g.outputs.items()})
+    out.meta["fusions"] = list(g.meta.get("fusions", [])) + records
+    from .basic import dce
+    return dce(out)
