@@ -673,15 +673,16 @@ def _experts_forward(p: _Plan, x, r: Routing, w_gate, w_up, w_down, act, save):
 
 
 def _moe_forward(x, w_router, noise, w_gate, w_up, w_down, k, renormalize, capacity_pct,
-                 seq_len, act, save, capacity=None, round_to=None):
-    """The layer's forward: (y, Gating, Routing, (h, pa, pb, ys)) (pa, pb None unless save)."""
+                 seq_len, act, save, capacity=None, round_to=None, y_dtype=None):
+    """The layer's forward: (y, Gating, Routing, (h, pa, pb, ys)) (pa, pb None unless save);
+    y in y_dtype (default x's)."""
     E, _, F_ = w_gate.shape
     g = _gating_forward(x, w_router, noise, k, renormalize, capacity_pct, seq_len,
                         capacity=capacity, round_to=round_to)
     p = _Plan(x, E, F_)
     r = route(g.idx, g.kept, g.weight, E, p.BM)
     h, pa, pb, ys = _experts_forward(p, x, r, w_gate, w_up, w_down, act, save)
-    y = torch.empty_like(x)
+    y = torch.empty(x.shape, dtype=y_dtype or x.dtype, device=x.device)
     p.combine(ys, r.slot, g.weight, y, True)
     return y, g, r, (h, pa, pb, ys)
 
@@ -695,6 +696,7 @@ def _moe_backward(x, w_router, w_gate, w_up, w_down, g: Gating, r: Routing, h, p
     p = _Plan(x, E, F_)
     N = x.shape[0]
     dy = dy.contiguous() if dy is not None else torch.zeros_like(x)
+    dyc = dy.to(x.dtype)     # the expert products read it in x's dtype (an fp32 dy: as is)
     # combine: d weights
     dwt = torch.empty((N, k), dtype=torch.float32, device=x.device)
     BT, BD = (16, 32) if _interpret() else (64, 128)
@@ -706,7 +708,7 @@ def _moe_backward(x, w_router, w_gate, w_up, w_down, g: Gating, r: Routing, h, p
     R = h.shape[0]
     da = torch.empty((R, F_), dtype=x.dtype, device=x.device)
     db = torch.empty_like(da)
-    p.gmm(r, dy, w_down.transpose(1, 2), da, C2=db, PA=pa, PB=pb, act=act, mode=2,
+    p.gmm(r, dyc, w_down.transpose(1, 2), da, C2=db, PA=pa, PB=pb, act=act, mode=2,
           ND=F_, KD=D, gather=True)
     dw_down = torch.empty_like(w_down)
     p.wgrad(r, h, dy, dw_down, gather_a=False, gather_d=True, scale_d=True)
@@ -893,7 +895,8 @@ def launch_template(template: str, xs, outs, opts) -> None:
         wg, w1, w2 = (t.contiguous() for t in xs[2:5])
         act = ACTS.index(opts["act"])
         y, g, r, (h, pa, pb, ys) = _moe_forward(x2, wr, noise, wg, w1, w2, k, renorm, None,
-                                                seq, act, bwd, capacity=cap, round_to=rnd)
+                                                seq, act, bwd, capacity=cap, round_to=rnd,
+                                                y_dtype=torch.float32)
     else:
         g = _gating_forward(x2, wr, noise, k, renorm, None, seq, capacity=cap, round_to=rnd)
     if not bwd:

@@ -46,8 +46,8 @@ logits: the op's last input, with no gradient.
 Mixed precision: a router whose matmul and softmax are f16/bf16 (the mixed-precision pass's
 program; the gate arithmetic reads cast(probs, f32)) is matched too; the kernel rounds the
 logits, noisy logits and probabilities to that dtype as the oracle stores them, so its top-k
-compares the same values (ties after rounding go to the lower expert). The experts are fused
-only in fp32 (in a mixed-precision program the gating alone is fused).
+compares the same values (ties after rounding go to the lower expert). The experts then run
+in that dtype with fp32 accumulation and an fp32 combine, as the program writes them.
 
 Not matched (each near miss is a declined record with the failed condition): a sigmoid or any
 non-softmax router, top-k of anything but the router's probabilities, k > 2, capacity not in
@@ -245,7 +245,9 @@ def _experts(gates: Node, x: Node, users, outputs, E: int) -> dict:
         xe = reshape(x, [B, 1, T, d]);  ye = (act(xe @ Wg) * (xe @ W1)) @ W2   [B, E, T, d]
         y  = sum(ye * reshape(permute(gates, [0, 2, 1]), [B, E, T, 1]), 1)
 
-    act silu (SwiGLU) or exact gelu (GeGLU); Wg, W1 [E, d, F], W2 [E, F, d] in fp32."""
+    act silu (SwiGLU) or exact gelu (GeGLU); Wg, W1 [E, d, F], W2 [E, F, d] in x's dtype;
+    under mixed precision xe = cast(reshape(x32)) with x = cast(x32), and ye is widened to
+    fp32 before the combine."""
     _need(gates.type.rank == 3, "experts not fused: gates are not [B, T, E]")
     Bd, Td, _ = gates.type.shape
     perm = _users_of(users, gates, Op.PERMUTE, lambda u: tuple(u.attrs["perm"]) == (0, 2, 1))
@@ -258,6 +260,9 @@ def _experts(gates: Node, x: Node, users, outputs, E: int) -> dict:
     y = _one_user(users, cm, Op.SUM, "experts not fused: weighted outputs not summed")
     _need(y.attrs["axis"] == 1 and not y.attrs.get("keepdim", True),
           "experts not fused: weighted outputs not summed over the experts")
+    widen = None
+    if ye.op is Op.CAST and ye.inputs[0].op is Op.MATMUL and ye.type.dtype.value == "f32":
+        widen, ye = ye, ye.inputs[0]             # mixed precision: cast(ye, f32) * gates
     _need(ye.op is Op.MATMUL, f"experts not fused: expert outputs are {ye.op.value}, "
           "not a gated FFN's down projection")
     h, w2 = ye.inputs
@@ -273,24 +278,39 @@ def _experts(gates: Node, x: Node, users, outputs, E: int) -> dict:
     a = act_n.inputs[0]
     xe, wg = a.inputs
     xe1, w1 = up.inputs
-    _need(xe is xe1 and xe.op is Op.RESHAPE and xe.inputs[0] is x,
-          "experts not fused: experts do not read the router's input")
+    _need(xe is xe1, "experts not fused: gate and up projections read different inputs")
+    lowp = None
+    if xe.op is Op.CAST and x.op is Op.CAST and xe.type.dtype == x.type.dtype:
+        # mixed precision: cast(reshape(x32)) for the experts, cast(x32) for the router
+        lowp, xe = xe, xe.inputs[0]
+        _need(xe.op is Op.RESHAPE and xe.inputs[0] is x.inputs[0],
+              "experts not fused: experts do not read the router's input")
+    else:
+        _need(xe.op is Op.RESHAPE and xe.inputs[0] is x,
+              "experts not fused: experts do not read the router's input")
     d = x.type.shape[-1]
     _need(x.type.rank == 3 and tuple(xe.type.shape) == (Bd, 1, Td, d),
           "experts not fused: expert input not reshaped to [B, 1, T, d]")
+    for wt in (wg, w1, w2, a, up, h, ye):
+        _need(wt.type.dtype == x.type.dtype, "experts not fused: experts not in the router "
+              "input's dtype")
+    _need(y.type.dtype.value == "f32", "experts not fused: combine not in fp32")
     for wt in (wg, w1, w2):
-        _need(wt.type.rank == 3 and wt.type.shape[0] == E and wt.type.dtype.value == "f32",
-              "experts not fused: expert weights are not fp32 [E, ., .] stacks")
+        _need(wt.type.rank == 3 and wt.type.shape[0] == E,
+              "experts not fused: expert weights are not [E, ., .] stacks")
     F_ = wg.type.shape[2]
     _need(tuple(wg.type.shape) == (E, d, F_) == tuple(w1.type.shape)
           and tuple(w2.type.shape) == (E, F_, d),
           "experts not fused: expert weights not [E, d, F], [E, d, F], [E, F, d]")
-    region = {perm[0], pr, cm, ye, h, act_n, a, up, xe, y}
+    region = {perm[0], pr, cm, ye, h, act_n, a, up, xe, y} | {
+        n for n in (widen, lowp) if n is not None}
     for n in region - {y}:
         _need(n not in outputs and all(u in region for u in users.get(n, [])),
               f"experts not fused: {n.op.value} inside the experts is also used outside")
     return {"region": region, "y": y, "wg": wg, "w1": w1, "w2": w2,
-            "act": "silu" if act_n.op is Op.SILU else "gelu"}
+            "act": "silu" if act_n.op is Op.SILU else "gelu",
+            # in the body, cast(reshape(x32)) is read as reshape(x) (the same values)
+            "xe": (lowp, xe) if lowp is not None else None}
 
 
 def _widened(n: Node, probs: Node) -> bool:
@@ -367,8 +387,14 @@ def _body(m: dict, name: str, static) -> Graph:
             b.nodes.append(env[i])
         return env[i]
 
+    xe = m["experts"]["xe"] if m["experts"] else None
     for n in m["order"]:
-        if n is m["noise"]:          # gaussian_noise(l) = l + noise, the same draw, in fp32
+        if xe is not None and n is xe[1]:
+            continue
+        if xe is not None and n is xe[0]:
+            c = Node.make(Op.RESHAPE, (env[m["x"]],), {"shape": tuple(n.type.shape)}, n.loc,
+                          n.scope)
+        elif n is m["noise"]:          # gaussian_noise(l) = l + noise, the same draw, in fp32
             lg = env[n.inputs[0]]
             if lg.type.dtype.value == "f32":
                 c = Node.make(Op.ADD, (lg, nz), {}, n.loc, n.scope)

@@ -285,3 +285,34 @@ def test_f16_router_picks_what_the_f16_oracle_picks(E, k, cap, form, noise):
     for name in ("grad:x", "grad:w"):
         err = float((g1[name] - g0[name]).abs().max() / g0[name].abs().max())
         assert err < 4 * 2 ** -10, (name, err)
+
+
+@pytest.mark.parametrize("E,k,cap,noise,act", [(4, 2, 120, 0.0, "silu"), (8, 2, None, 1.0,
+                                                                            "gelu")])
+def test_f16_whole_layer_equals_the_f16_program(E, k, cap, noise, act):
+    g = mixed_precision(_router(E, k, cap=cap, noise=noise, z=True, experts=act), "f16")
+    f = fuse_moe_gating(g)
+    (r,) = _records(f)
+    assert r["status"] == "fused" and "experts: sorted dispatch" in r["reason"], r
+    assert not any(n.op is Op.MATMUL for n in f.nodes)
+    gen = torch.Generator().manual_seed(4)
+    t = 9
+    vals = {"x": torch.randn(3, t, D, generator=gen), "w": torch.randn(D, E, generator=gen),
+            "wg": torch.randn(E, D, F, generator=gen) * 0.3,
+            "w1": torch.randn(E, D, F, generator=gen) * 0.3,
+            "w2": torch.randn(E, F, D, generator=gen) * 0.3}
+    ctx = RefCtx(dims=bind_dims(g, vals), training=True, rng_step=2)
+    want = run_graph(g, vals, ctx)
+    got = TritonProgram(f).run(vals, ctx)
+    for o in want:
+        err = float((got[o].float() - want[o].float()).abs().max()
+                    / want[o].float().abs().max())
+        assert err < 4 * 2 ** -10, (o, err)
+    cts = {o: torch.randn(want[o].shape, generator=gen).to(want[o].dtype) for o in want
+           if want[o].dtype.is_floating_point}
+    _, g0, _ = _grads(g, vals, ctx, cts, False)
+    _, g1, kinds = _grads(f, vals, ctx, cts, True)
+    assert {"moe_layer", "moe_layer_bwd"} <= kinds
+    for name in ("grad:x", "grad:w", "grad:wg", "grad:w1", "grad:w2"):
+        err = float((g1[name] - g0[name]).abs().max() / g0[name].abs().max())
+        assert err < 4 * 2 ** -10, (name, err)
