@@ -251,6 +251,8 @@ def match(sm: Node, users: Dict[Node, List[Node]], static, order: Dict[Node, int
         mask, s, fill = x.inputs
         _need(mask.op is Op.CAUSAL_MASK, "masked by something other than causal_mask")
         _need(_const_value(fill) == float("-inf"), "masked scores are not set to -inf")
+        _need(tuple(mask.type.shape) == tuple(sm.type.shape[-2:]),
+              "causal mask is not [T, S] like the scores")
         causal, window = True, int(mask.attrs.get("window") or 0)
         x = s
     scale = 1.0
@@ -272,7 +274,8 @@ def match(sm: Node, users: Dict[Node, List[Node]], static, order: Dict[Node, int
                              f"{list(sm.type.shape)} is not over scores of queries and keys)")
     mm = x
     outs = users.get(sm, [])
-    _need(len(outs) == 1 and outs[0].op is Op.MATMUL and outs[0].inputs[0] is sm,
+    _need(len(outs) == 1 and isinstance(outs[0], Node) and outs[0].op is Op.MATMUL
+          and outs[0].inputs[0] is sm,
           "probabilities are not used once, as probs @ v")
     pv = outs[0]
     qr, kt = mm.inputs
@@ -303,6 +306,7 @@ def _assemble(sm, pv, qr, kr, qparts, kparts, users, static, order, causal, wind
     H, T = qr.type.shape[1], qr.type.shape[2]
     S = kr.type.shape[2]
     kparts = list(kparts)
+    _need(T == S, "queries and keys of different lengths (positions would not line up)")
     roped = [i for i, p in enumerate(qparts) if p["rope"]]
     if not roped:
         raise _NoMatch(qparts[0]["why"] if len(qparts) == 1 else
@@ -394,6 +398,7 @@ def _assemble(sm, pv, qr, kr, qparts, kparts, users, static, order, causal, wind
 
 
 _VIEWS = (Op.RESHAPE, Op.EXPAND, Op.PERMUTE, Op.SLICE)
+_OUTPUT = object()
 
 
 def _rope_nodes(p: dict, region) -> set:
@@ -455,6 +460,8 @@ def _describe(o: dict) -> str:
 
 def fuse_rope_attention(g: Graph) -> Graph:
     users = g.users()
+    for o in g.outputs.values():       # a graph output is a use outside any region
+        users.setdefault(o, []).append(_OUTPUT)
     static: Dict[Node, bool] = {}
     order = {n: i for i, n in enumerate(g.nodes)}
     for n in g.nodes:

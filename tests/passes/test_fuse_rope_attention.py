@@ -370,3 +370,17 @@ def test_compile_kernel_kinds(model, sets, n, capsys):
     assert sum(k["kind"] == "rope_attention_bwd" for k in bw) == n
     rope = [f for f in s["fusions"] if f["pass"] == "fuse_rope_attention"]
     assert len(rope) == n and all(f["status"] == "fused" for f in rope)
+
+
+def test_region_value_that_is_a_graph_output_is_not_fused_away():
+    b = Builder({}, {})
+    q, k, v = (b.input(n, [B, 2, T, 16], "f32") for n in "qkv")
+    cos, sin = _tables(b, 16)
+    s = _rope_half(b, q, cos, sin, 16) @ b.transpose(_rope_half(b, k, cos, sin, 16), -2, -1)
+    p = b.softmax(b.where(b.causal_mask(T, T), s * 0.25, -float("inf")), -1)
+    g = run_pipeline(Graph("a", b.nodes, {"o": (p @ v).node, "p": p.node}))
+    (r,) = _records(fuse_rope_attention(g))
+    assert r["status"] == "declined" and "used once" in r["reason"]
+    g = run_pipeline(Graph("a", b.nodes, {"o": (p @ v).node, "s": s.node}))
+    (r,) = _records(fuse_rope_attention(g))
+    assert r["status"] == "declined" and "also used outside" in r["reason"]
