@@ -1261,13 +1261,16 @@ def launch_template(template: str, xs, outs, opts) -> None:
     q, k = _operand(xs, opts["q"]), _operand(xs, opts["k"])
     vi, vrep = opts["v"]
     v = _operand(xs, [[vi, 0, xs[vi].shape[-1], vrep]])
-    cos, sin = xs[opts["cos"]], xs[opts["sin"]]
-    k_cos = xs[opts["k_cos"]] if "k_cos" in opts else cos
-    k_sin = xs[opts["k_sin"]] if "k_sin" in opts else sin
+    def table(i):               # [T, R], or [1, 1, T, R] seen as [T, R]
+        t = xs[i]
+        return t.reshape(t.shape[-2], t.shape[-1])
+    cos, sin = table(opts["cos"]), table(opts["sin"])
+    k_cos = table(opts["k_cos"]) if "k_cos" in opts else cos
+    k_sin = table(opts["k_sin"]) if "k_sin" in opts else sin
     for key, which in (("q_zeta", "q"), ("k_zeta", "k")):
         if key in opts:         # XPos: rope(x) * zeta = x * (cos zeta) + rot(x) * (sin zeta)
             zi, op = opts[key]
-            z = xs[zi].float()
+            z = table(zi).float()
             z = z if op == "mul" else 1.0 / z
             if which == "q":
                 cos, sin = cos.float() * z, sin.float() * z

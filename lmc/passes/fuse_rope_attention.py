@@ -13,6 +13,7 @@ concat along the head dim of parts (one part: no concat), each part one of
         interleaved:  rot(x) = reshape(concat(-xp[..., 1:2], xp[..., 0:1]), x's shape),
                       xp = reshape(x, [..., R/2, 2])        (pairs (2i, 2i+1))
     rope(x) * zeta, rope(x) / zeta               XPos: zeta a static [T, R] table
+                                                 (tables may also be [1, 1, T, R])
     x                                            a part passed through (not rotated)
 
 where x may be a slice of the head dim of a tensor (partial rotary: minimax's
@@ -104,11 +105,18 @@ def _rotation(r: Node, x: Node) -> bool:
               and c.type.shape[-1] == 2 and tuple(r.type.shape) == tuple(x.type.shape),
               "rotation is neither rotate-half nor interleaved pairs")
         neg, lo = c.inputs
-        _need(neg.op is Op.NEG, "interleaved rotation is not (-x[2i+1], x[2i])")
-        hi = neg.inputs[0]
         pairs = tuple(x.type.shape[:-1]) + (R // 2, 2)
 
-        def half(s, first):
+        def half(s, first, negated):
+            if negated:                    # -(half), or reshape(-(x[..., 1::2]))
+                if s.op is Op.NEG:
+                    s = s.inputs[0]
+                elif s.op is Op.RESHAPE and s.inputs[0].op is Op.NEG:
+                    return s.inputs[0].inputs[0].op is Op.SLICE and (
+                        _is_slice(s.inputs[0].inputs[0], x, first, R, 2)
+                        or _is_slice(s.inputs[0].inputs[0], x, first, R - 1 + first, 2))
+                else:
+                    return False
             if s.op is Op.SLICE and s.inputs[0].op is Op.RESHAPE:        # xp[..., j:j+1]
                 xp = s.inputs[0]
                 return (xp.inputs[0] is x and tuple(xp.type.shape) == pairs
@@ -117,7 +125,7 @@ def _rotation(r: Node, x: Node) -> bool:
                 return _is_slice(s.inputs[0], x, first, R, 2) or _is_slice(
                     s.inputs[0], x, first, R - 1 + first, 2)
             return False
-        _need(half(hi, 1) and half(lo, 0),
+        _need(half(neg, 1, True) and half(lo, 0, False),
               "interleaved rotation halves are not x[..., 1::2] and x[..., 0::2]")
         return True
     _need(r.op is Op.CONCAT and r.attrs["axis"] == _last(r) and len(r.inputs) == 2,
@@ -130,12 +138,25 @@ def _rotation(r: Node, x: Node) -> bool:
     return False
 
 
+def _is_table(t: Node, static) -> bool:
+    """A position table: static, [T, R] or [1, 1, T, R]."""
+    return static(t) and (t.type.rank == 2 or (
+        t.type.rank == 4 and tuple(t.type.shape[:2]) == (1, 1)))
+
+
+def _strip_table(t: Node) -> Node:
+    for _ in range(2):
+        if t.op in (Op.CAST, Op.RESHAPE):
+            t = t.inputs[0]
+    return t
+
+
 def _rope(n: Node, static) -> Tuple[Node, Node, Node, bool]:
     """n = rope(x): (x, cos, sin, interleaved)."""
     _need(n.op is Op.ADD, f"{n.op.value} where rope's add of x*cos and rot(x)*sin was expected")
 
     def table(t):
-        return t.type.rank == 2 and static(t)
+        return _is_table(t, static)
     first, second = n.inputs
     why = "not x*cos + rot(x)*sin"
     for p, q in ((first, second), (second, first)):
@@ -147,9 +168,9 @@ def _rope(n: Node, static) -> Tuple[Node, Node, Node, bool]:
             continue
         if r.op not in (Op.CONCAT, Op.RESHAPE):
             continue
-        # under mixed precision the fp32 tables reach x through one cast each
-        c0 = cos.inputs[0] if cos.op is Op.CAST else cos
-        s0 = sin.inputs[0] if sin.op is Op.CAST else sin
+        # under mixed precision the fp32 tables reach x through one cast each (and a
+        # [1, 1, T, R] table through a reshape)
+        c0, s0 = _strip_table(cos), _strip_table(sin)
         _need(c0.op is Op.COS and s0.op is Op.SIN,
               "rope tables are not cos/sin of the same angles")
         _need(c0.inputs[0] is s0.inputs[0], "rope's cos and sin are of different angles")
@@ -198,9 +219,9 @@ def _part(p: Node, static, users) -> dict:
     inner, zeta = p, None
     if p.op in (Op.MUL, Op.DIV):          # XPos: rope(x) * zeta, rope(x) / zeta
         a, t = p.inputs
-        if p.op is Op.MUL and a.type.rank == 2 and static(a):
+        if p.op is Op.MUL and _is_table(a, static):
             a, t = t, a
-        if t.type.rank == 2 and static(t) and a.op is Op.ADD:
+        if _is_table(t, static) and a.op is Op.ADD:
             inner, zeta = a, (t, "mul" if p.op is Op.MUL else "div")
     try:
         x, cos, sin, inter = _rope(inner, static)
@@ -328,8 +349,8 @@ def _assemble(sm, pv, qr, kr, qparts, kparts, users, static, order, causal, wind
         _need(kp["interleaved"] == qp["interleaved"], "q and k use different rotary layouts")
     for p, n in ((qp, T), (kp, S)):
         if p["rope"]:
-            _need(tuple(p["cos"].type.shape)[0] == n,
-                  f"rope table has {p['cos'].type.shape[0]} positions, not the {n} rows")
+            _need(tuple(p["cos"].type.shape)[-2] == n,
+                  f"rope table has {p['cos'].type.shape[-2]} positions, not the {n} rows")
     vv = pv.inputs[1]
     v, gv = _heads(vv)
     _need(all(isinstance(p["width"], int) for p in qparts), "head dim is not static")

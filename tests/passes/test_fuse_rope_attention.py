@@ -384,3 +384,29 @@ def test_region_value_that_is_a_graph_output_is_not_fused_away():
     g = run_pipeline(Graph("a", b.nodes, {"o": (p @ v).node, "s": s.node}))
     (r,) = _records(fuse_rope_attention(g))
     assert r["status"] == "declined" and "also used outside" in r["reason"]
+
+
+def test_rope_written_other_ways():
+    # interleaved pairs through step-2 slices (rot = (-x[1::2], x[0::2]) stacked pairwise,
+    # the minus inside or outside the reshape) and [1, 1, T, D] tables
+    D = 32
+
+    def rope_steps(b, x, cos, sin, neg_inside):
+        shape = list(x.shape)
+        odd, even = b.slice(x, -1, 1, D, 2), b.slice(x, -1, 0, D, 2)
+        col = shape[:-1] + [D // 2, 1]
+        a = b.reshape(-odd, col) if neg_inside else -b.reshape(odd, col)
+        rot = b.reshape(b.concat([a, b.reshape(even, col)], -1), shape)
+        return x * cos + rot * sin
+    for neg_inside in (False, True):
+        b = Builder({}, {})
+        q, k, v = (b.input(n, [B, 2, T, D], "f32") for n in "qkv")
+        cos, sin = _tables_for(b, D, interleaved=True)
+        cos, sin = b.reshape(cos, [1, 1, T, D]), b.reshape(sin, [1, 1, T, D])
+        s = rope_steps(b, q, cos, sin, neg_inside) @ b.transpose(
+            rope_steps(b, k, cos, sin, neg_inside), -2, -1)
+        o = b.softmax(b.where(b.causal_mask(T, T), s * D ** -0.5, -float("inf")), -1) @ v
+        g = run_pipeline(Graph("a", b.nodes, {"o": o.node}))
+        f, (r,) = _fused_records(g)
+        assert "interleaved" in r["reason"]
+    _check_triton_equals_oracle(g, f, {n: (1, 2, TQ, D) for n in "qkv"})
