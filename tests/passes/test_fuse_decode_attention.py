@@ -146,6 +146,7 @@ def test_near_misses_say_why():
     (False, 4, 2, 3, 0, 0),      # a short prefill, GQA
     (False, 4, 1, 17, 5, 0),     # G * T > 64 rows: the forward kernel, offset S - T
     (False, 2, 2, 5, 7, 4),      # window
+    (False, 4, 1, 20, 3, 6),     # window on the forward kernel
     (True, 4, 2, 1, 6, 0),       # static step
     (True, 4, 4, 19, 3, 0),      # static prefill in chunks of 16 rows
     (True, 2, 1, 3, 10, 5),      # static window
