@@ -515,6 +515,7 @@ def fuse_moe_gating(g: Graph) -> Graph:
                         "where": _where(m["logits"]), "reason": _reason(m)})
     nodes: List[Node] = []
     remap: Dict[Node, Node] = dict(replace)
+    role_of = {get: role for role, get in replace.items()}
     for n in g.nodes:
         if n in at:
             for c in at[n]:
@@ -522,6 +523,8 @@ def fuse_moe_gating(g: Graph) -> Graph:
                 if ins != c.inputs:
                     c2 = Node(c.op, ins, c.attrs, c.type, c.loc, c.scope)
                     remap[c] = c2
+                    if c in role_of:      # a rebuilt GETITEM now stands for its role
+                        remap[role_of[c]] = c2
                     c = c2
                 nodes.append(c)
         if n in dead:

@@ -249,6 +249,23 @@ def test_zoo_sites_fire(path, sets, sites, kind, capsys):
                    for f in recs)
 
 
+def test_rewrite_keeps_one_copy_of_the_rest_of_the_graph():
+    """Regression: a fused op whose inputs were remapped (a later MoE layer reads the first
+    one's output) rebuilt its GETITEMs, but the graph kept reading the stale ones, so dce
+    pulled a second copy of everything upstream back in (minimax: 75 norms instead of 47)."""
+    from collections import Counter
+
+    import lmc
+
+    g = lmc.compile_model("zoo/minimax.yaml", preset="tiny", overrides={"layers": 4}).graph
+    f = fuse_moe_gating(g)
+    before = Counter(n.op for n in g.nodes)
+    after = Counter(n.op for n in f.nodes)
+    assert after[Op.FUSED] == 4
+    for op in (Op.RSQRT, Op.EMBEDDING, Op.SOFTMAX):     # the router softmax is fused
+        assert after[op] == before[op] - (4 if op is Op.SOFTMAX else 0), op
+
+
 @pytest.mark.parametrize("E,k,cap,form,noise", [
     (4, 2, 120, "one-hot", 0.0),      # minimax under mixed precision
     (8, 2, None, "one-hot", 1.0),     # blues01's noisy router
