@@ -38,7 +38,7 @@ are elementwise on tiles that are already in registers: no second load of a tile
 columns and no shuffle of an accumulator (the backward's R^T is applied to the dQ / dK
 accumulators right before the store). RoPE is computed in fp32 and rounded to the input
 dtype for the dot (bf16/fp16 tensor cores; an unfused model stores roped q, k in that dtype
-too); V and dO are never rotated and stay whole [*, D] tiles. Nothing rotated is written
+too); V and dO are never rotated and stay whole [*, Dv] tiles. Nothing rotated is written
 to memory: the backward rotates Q and K again from the raw inputs it saved.
 
 Kernels (one program per (row block, batch * head)):

@@ -3,6 +3,7 @@
 Matched on primitives (no block names): from each softmax over the last axis, the pass walks
 
     out = softmax(where(causal_mask(T, T, window), (q' @ k'^T) * scale, -inf)) @ v'
+          (the where may be absent: not causal; the scale a constant, or absent)
 
 back through the scores and forward to the single `probs @ v'`, and reads q' and k' as a
 concat along the head dim of parts (one part: no concat), each part one of
@@ -11,7 +12,8 @@ concat along the head dim of parts (one part: no concat), each part one of
                                                  positions alone (any base, offset or table)
         rotate-half:  rot(x) = concat(-x[..., R/2:], x[..., :R/2])
         interleaved:  rot(x) = reshape(concat(-xp[..., 1:2], xp[..., 0:1]), x's shape),
-                      xp = reshape(x, [..., R/2, 2])        (pairs (2i, 2i+1))
+                      xp = reshape(x, [..., R/2, 2])        (pairs (2i, 2i+1)),
+                      or the same from step-2 slices x[..., 1::2], x[..., 0::2]
     rope(x) * zeta, rope(x) / zeta               XPos: zeta a static [T, R] table
                                                  (tables may also be [1, 1, T, R])
     x                                            a part passed through (not rotated)
@@ -30,17 +32,19 @@ parts are cut from (each read once: k, v at n_kv heads), v, and the tables, and 
 the matched primitives, so the torch backend and every check still run the exact oracle; the
 triton backend runs lmc/codegen/attention.py's kernels (RoPE applied to tiles inside a
 flash-attention kernel, never materialising T x T), its `launch_template` reading the layout
-from the body meta's `options`. Where the kernel's operand layout differs from the graph's
-(MLA: parts of separate tensors, a shared one-head k_R, v narrower than q/k) the launch
-assembles the operands with torch first (a copy of q and k, no T x T); GQA, partial rotary
-from one tensor and whole-head RoPE are passed as they are. The autodiff pass differentiates a
+from the body meta's `options`. Where q or k is made of parts of separate tensors (MLA's
+[q_C | q_R] and [k_C | k_R] with k_R one head shared by all) the launch concatenates them with
+torch first, rotated part first (a copy of q and k, no T x T; the kernels would need a second
+pointer per operand to avoid it); GQA, partial rotary from one tensor, whole-head RoPE and a v
+narrower than q/k are passed as they are. The autodiff pass differentiates a
 FUSED node by its body, and the backward op (kind "rope_attention_bwd") runs the fused backward
 kernel.
 
 It runs before autodiff on the program being trained or run on the triton backend, not in the
 compile pipeline: the decode pass derives its step from the unfused graph. Where a region
 almost matches, a declined record says which condition failed (`lmc compile --explain`).
-Not matched: attention with no RoPE on q, a mask other than causal_mask (or none), RoPE tables
+Not matched: attention with no RoPE on q, a mask other than causal_mask, a scale that is a
+tensor, queries and keys of different lengths (T != S), RoPE tables
 that depend on the input, RoPE on several parts of a head, kv heads tiled (query head h reading
 kv head h mod n_kv), a softmax over anything but q @ k^T (medit_one's feature attention), and
 probabilities used other than once as probs @ v.
