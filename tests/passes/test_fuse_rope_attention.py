@@ -356,11 +356,7 @@ def test_compile_kernel_kinds(model, sets, n, capsys):
 
     from lmc.cli import main
 
-    # fuse_moe_gating is left out: today it duplicates the layer after an MoE layer on minimax
-    # (its output graph holds two copies of layer 1's attention), which is its bug, not this
-    # pass's
-    args = ["compile", os.path.join(ZOO, f"{model}.yaml"), "--preset", "tiny", "--json",
-            "--disable", "fuse_moe_gating"]
+    args = ["compile", os.path.join(ZOO, f"{model}.yaml"), "--preset", "tiny", "--json"]
     for kv in sets:
         args += ["--set", kv]
     assert main(args) == 0
