@@ -29,7 +29,10 @@ def test_bench_quick_writes_a_valid_bench_json(tmp_path, capsys):
         assert r["machine"][k]
     assert r["peaks"]["copy_GBps"] > 0 and r["peaks"]["matmul_TFLOPs"] > 0
     names = [c["name"] for c in r["train"]["configs"]]
-    assert names == ["lmc"] + [f"lmc -{p}" for p in fusion_names()] + ["oracle eager"]
+    # llama: of the pattern passes only fuse_rope_attention fires, so only it is timed off
+    assert names == ["lmc"] + [f"lmc -{p}" for p in fusion_names()
+                               if p not in ("fuse_moe_gating", "fuse_linear_attention")] \
+        + ["oracle eager"]
     for c in r["train"]["configs"]:
         assert "error" not in c, c
         assert c["tokens_per_s"] > 0 and c["median_step_s"] > 0 and c["steps"] == 1
