@@ -78,15 +78,18 @@ def cmd_compile(args) -> int:
     if args.mode == "decode":
         from .passes.decode import decode_step
         from .passes.fuse_decode_attention import fuse_decode_attention
+        from .passes.fuse_decode_linear_attention import fuse_decode_linear_attention
         step = decode_step(c.graph)
         s["decode"] = decode_summary(step, c.graph.meta.get("config", {}).get("max_seq"))
-        # what the triton backend's Decoder runs: the step's attention over the cache fused
-        # (dynamic step; the static one, --static, matches the same layers)
+        # what the triton backend's Decoder runs: the step's attention over the cache and its
+        # decayed linear attention fused (dynamic step; the static one, --static, matches the
+        # same layers)
         for graph, st in (("decode", step), ("decode static", decode_step(c.graph,
                                                                           static=True))):
-            s["fusions"] += [dict(f, graph=graph) for f in
-                             fuse_decode_attention(st.graph).meta["fusions"]
-                             if f["pass"] == "fuse_decode_attention"]
+            fused = fuse_decode_linear_attention(fuse_decode_attention(st.graph))
+            s["fusions"] += [dict(f, graph=graph) for f in fused.meta["fusions"]
+                             if f["pass"] in ("fuse_decode_attention",
+                                              "fuse_decode_linear_attention")]
         if args.out:
             _write(os.path.join(args.out, "ir_decode.txt"), format_graph(step.graph) + "\n")
             _write(os.path.join(args.out, "summary.json"),

@@ -598,14 +598,17 @@ def prefill(q: Tensor, k: Tensor, v: Tensor, g: Tensor, *, chunk: int = 64,
 
 def recurrent_step(q: Tensor, k: Tensor, v: Tensor, g: Tensor, state: Tensor, *,
                    scale: Optional[float] = None,
-                   inplace: bool = False) -> Tuple[Tensor, Tensor]:
+                   inplace: bool = False, out: Optional[Tensor] = None,
+                   new_state: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """Decode: S <- exp(g_t) S + k_t^T v_t, then o_t = scale q_t S, for each new token in order,
     in one launch (no autograd).
 
     q, k: [B, H, d_k] (one token) or [B, H, n, d_k] (n new tokens); v likewise with d_v;
     g: [H] or broadcastable to [B, H] (one token) / [B, H, n]; state: [B, H, d_k, d_v]
     (fp32). Returns (o, new state); with inplace=True the new state is written into `state`
-    (which must then be a contiguous fp32 tensor) and returned."""
+    (which must then be a contiguous fp32 tensor) and returned. `out` (o's shape, any
+    strides) and `new_state` (a contiguous fp32 [B, H, d_k, d_v], not `state`) receive the
+    results instead of fresh tensors when given."""
     single = q.dim() == 3
     if single:
         q, k, v = q.unsqueeze(2), k.unsqueeze(2), v.unsqueeze(2)
@@ -624,8 +627,16 @@ def recurrent_step(q: Tensor, k: Tensor, v: Tensor, g: Tensor, state: Tensor, *,
         s_in = s_out = state
     else:
         s_in = state.contiguous()
-        s_out = torch.empty((B, H, DK, DV), dtype=torch.float32, device=q.device)
-    o = torch.empty((B, H, T, DV), dtype=q.dtype, device=q.device)
+        s_out = new_state if new_state is not None else \
+            torch.empty((B, H, DK, DV), dtype=torch.float32, device=q.device)
+        if tuple(s_out.shape) != (B, H, DK, DV) or s_out.dtype != torch.float32 \
+                or not s_out.is_contiguous():
+            raise ValueError("new_state must be a contiguous fp32 [B, H, d_k, d_v] tensor")
+    o = torch.empty((B, H, T, DV), dtype=q.dtype, device=q.device) if out is None else \
+        (out.unsqueeze(2) if single else out)
+    if tuple(o.shape) != (B, H, T, DV):
+        raise ValueError(f"out must be {[B, H, T, DV] if not single else [B, H, DV]}, got "
+                         f"{list(out.shape)}")
     BK = _p2(DK)
     BV = min(_p2(DV), 64)
     warps = {} if _interpret() else dict(GPU_LAUNCH)

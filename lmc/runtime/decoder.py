@@ -75,10 +75,12 @@ class Decoder:
         self.interpret = False
         if self.backend == "triton":
             from ..passes.fuse_decode_attention import fuse_decode_attention
+            from ..passes.fuse_decode_linear_attention import fuse_decode_linear_attention
             from .triton_backend import TritonProgram
-            # the step's attention over the cache as one flash-decoding op (the step graph
-            # keeps the primitives: the torch backend runs them as the oracle)
-            prog = TritonProgram(fuse_decode_attention(self.graph))
+            # the step's attention over the cache as one flash-decoding op, its decayed linear
+            # attention as one recurrent-step op (the step graph keeps the primitives: the
+            # torch backend runs them as the oracle)
+            prog = TritonProgram(fuse_decode_linear_attention(fuse_decode_attention(self.graph)))
             self.graph, self.impl, self.interpret = prog.graph, prog.impl, prog.interpret
         self.token_input = self.graph.inputs[0].attrs["name"]
         self.max_len = None

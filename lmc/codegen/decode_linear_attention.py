@@ -1,0 +1,69 @@
+"""Launch entry of the "decode_linear_attention" fused op
+(lmc/passes/fuse_decode_linear_attention.py): decayed linear attention of T new tokens
+continuing a d_k x d_v state per head, run by lmc/codegen/linear_attention.py's kernels.
+
+    inputs  q, k [B, H, T, d_k]; the values: v [B, H, T, d_v] (or anything broadcasting to
+            it), or with options absorbed = True X and W with X @ W = v (the decode pass's
+            absorbed value projection: X [B, 1, T, d], W [H, d, d_v]); ld, the log-decays,
+            broadcastable to [B, H, T] ([B, H, T] per-token gates, [1, H, T] a fixed decay);
+            S, the state [B, H, d_k, d_v] (fp32).
+    outputs o [B, H, T, d_v] in q's dtype, and the new state [B, H, d_k, d_v] (a new tensor:
+            the input state is never written, so a dynamic decoder's old states stay valid; the
+            static Decoder copies it into its buffer).
+
+Which kernel (T is the number of new tokens, read from the shapes; nothing reads a value on
+the host, so a T = 1 step can be captured in a CUDA graph):
+    T <= RECURRENT_MAX: `recurrent_step`, one launch looping over the T tokens in order with
+        the state tile in fp32 registers (S = exp(g_t) S + k_t^T v_t, o_t = q_t S), writing o
+        and the new state straight into the op's outputs. A decode step (T = 1) and short
+        prompts: the loop costs T state updates per program, against two launches and the
+        per-chunk states of the chunked form.
+    longer T (a prompt): `prefill`, the chunked parallel form (chunk options["chunk"], 64,
+        lowered to the smallest power of two >= max(T, 16); T need not be a multiple)
+        starting from S: intra-chunk masked products plus the fp32 state carried across
+        chunks, returning the final state. Linear in T; nothing T x T.
+With absorbed values, v = X @ W is formed first (one torch matmul, [B, H, T, d_v]): the
+kernels read v per token, and the absorbed products cost more than v itself.
+"""
+from __future__ import annotations
+
+from typing import List
+
+import torch
+
+from ..errors import LmcError
+from .linear_attention import _p2, prefill, recurrent_step
+
+RECURRENT_MAX = 16     # new tokens run by the recurrent kernel; more: the chunked prefill
+
+
+def launch_template(template: str, xs: List, outs: List, opts: dict) -> None:
+    if template != "decode_linear_attention":
+        raise LmcError(f"decode_linear_attention has no {template!r} kernel (the decode step "
+                       "runs without gradients)")
+    if opts.get("absorbed"):
+        q, k, x, w, g, state = xs
+        v = torch.matmul(x, w)
+    else:
+        q, k, v, g, state = xs
+    o, s_new = outs
+    B, H, T, DK = q.shape
+    DV = s_new.shape[-1]
+    k = k.expand(B, H, T, DK)
+    v = v.expand(B, H, T, DV)
+    if v.dtype != q.dtype:
+        v = v.to(q.dtype)
+    if T == 0:
+        s_new.copy_(state)
+        return
+    if T <= RECURRENT_MAX:
+        direct = s_new.dtype == torch.float32 and s_new.is_contiguous()
+        _, s = recurrent_step(q, k, v, g, state, out=o,
+                              new_state=s_new if direct else None)
+        if not direct:
+            s_new.copy_(s)
+        return
+    chunk = min(int(opts.get("chunk") or 64), _p2(T))
+    y, s = prefill(q, k, v, g, chunk=chunk, initial_state=state.float())
+    o.copy_(y)
+    s_new.copy_(s)
