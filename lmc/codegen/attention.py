@@ -888,9 +888,16 @@ class _Spec:
         return 0 if self.window is None else int(self.window)
 
 
-def _run_fwd(sp: _Spec, q, k, v) -> Tuple[Tensor, Tensor]:
-    out = torch.empty((sp.B, sp.H, sp.T, sp.DV), dtype=q.dtype, device=q.device)
-    lse = torch.empty((sp.B, sp.H, sp.T), dtype=torch.float32, device=q.device)
+def _run_fwd(sp: _Spec, q, k, v, out: Optional[Tensor] = None,
+             lse: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """out (any strides) and lse (contiguous) may be given to be written in place."""
+    if out is None:
+        out = torch.empty((sp.B, sp.H, sp.T, sp.DV), dtype=q.dtype, device=q.device)
+    assert tuple(out.shape) == (sp.B, sp.H, sp.T, sp.DV), out.shape
+    if lse is None:
+        lse = torch.empty((sp.B, sp.H, sp.T), dtype=torch.float32, device=q.device)
+    assert tuple(lse.shape) == (sp.B, sp.H, sp.T) and lse.dtype == torch.float32 \
+        and lse.is_contiguous(), lse.shape
     if out.numel() == 0:
         return out, lse.fill_(float("-inf"))
     tables, tstrides = sp.tables()
@@ -950,13 +957,15 @@ def rope_attention_fwd(q: Tensor, k: Tensor, v: Tensor, cos: Optional[Tensor] = 
                        k_sin: Optional[Tensor] = None, rot_dim: Optional[int] = None,
                        interleaved: bool = False, rope_k: bool = True, causal: bool = True,
                        window: Optional[int] = None, q_offset: Optional[int] = None,
-                       k_offset: int = 0, scale: Optional[float] = None
+                       k_offset: int = 0, scale: Optional[float] = None,
+                       out: Optional[Tensor] = None, lse: Optional[Tensor] = None
                        ) -> Tuple[Tensor, Tensor]:
     """Forward kernel alone: (out [B, H, T, D] in q's dtype, lse [B, H, T] fp32, natural log,
-    -inf for a row that sees no key)."""
+    -inf for a row that sees no key). `out` (any strides) and `lse` (contiguous) given: the
+    kernel writes them in place and returns them."""
     sp = _Spec(q, k, v, cos, sin, k_cos, k_sin, rot_dim, interleaved, rope_k, causal, window,
                q_offset, k_offset, scale)
-    return _run_fwd(sp, q, k, v)
+    return _run_fwd(sp, q, k, v, out, lse)
 
 
 def rope_attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
@@ -1252,8 +1261,15 @@ def launch_template(template: str, xs, outs, opts) -> None:
     """Run a fused rope-attention op (or its backward) of fuse_rope_attention. `opts` (the body
     meta's options) say where q, k, v and the tables are among the inputs `xs` (see the pass's
     match: layouts of q and k, v and its head repeat, cos/sin, the keys' own tables, XPos
-    scales) and the attention's options; a backward op's cotangent follows the inputs and it
-    writes the gradients of the first n_grad inputs (q, k, v sources) in input order."""
+    scales) and the attention's options.
+
+    rope_attention: outs = (out [B, H, T, Dv], lse [B, H, T] fp32, natural log), either None
+    where the program reads no such output (the kernel then writes a scratch buffer).
+    rope_attention_bwd: xs = the forward's inputs (opts["n_inputs"] of them), the forward
+    outputs named by opts["saved"] (out "0" and lse "1": the backward kernels read them, no
+    forward rerun), then the cotangents of opts["cotangents"] (out's only: lse takes no
+    gradient); it writes the gradients of the first n_grad inputs (q, k, v sources) in input
+    order. A body that saves nothing (no "saved") recomputes out and lse first."""
     if "q" not in opts:            # the first layout: inputs (q, k, v, cos, sin), MHA
         opts = dict(opts, q=[[0, 0, xs[0].shape[-1], 1]], k=[[1, 0, xs[1].shape[-1], 1]],
                     v=[2, 1], cos=3, sin=4, rot_dim=xs[0].shape[-1], interleaved=False,
@@ -1279,14 +1295,24 @@ def launch_template(template: str, xs, outs, opts) -> None:
     kw = dict(k_cos=k_cos, k_sin=k_sin, rot_dim=opts["rot_dim"],
               interleaved=opts["interleaved"], rope_k=opts["rope_k"], causal=opts["causal"],
               window=opts["window"] or None, scale=opts["scale"])
-    out, lse = rope_attention_fwd(q, k, v, cos, sin, **kw)
     if template == "rope_attention":
-        outs[0].copy_(out)
+        out = outs[0] if outs and outs[0] is not None else None
+        lse = outs[1] if len(outs) > 1 and outs[1] is not None else None
+        o, _ = rope_attention_fwd(q, k, v, cos, sin, out=out if out is not None
+                                  and out.dtype == q.dtype else None, lse=lse, **kw)
+        if out is not None and o is not out:
+            out.copy_(o)
         return
     assert template == "rope_attention_bwd", template
-    # the forward's output and row log-sum-exp are recomputed rather than saved (one extra
-    # forward, about a third of the backward's work): the fused op exposes only its output
-    dq, dk, dv = rope_attention_bwd(xs[-1], q, k, v, out, lse, cos, sin, **kw)
+    n_in = opts.get("n_inputs", len(xs) - 1)
+    saved = list(opts.get("saved", ()))
+    cts = list(opts.get("cotangents", ["0"]))
+    do = xs[n_in + len(saved) + cts.index("0")]
+    if "0" in saved and "1" in saved:
+        out, lse = xs[n_in + saved.index("0")], xs[n_in + saved.index("1")].contiguous()
+    else:           # nothing saved: recompute the forward's output and row log-sum-exp
+        out, lse = rope_attention_fwd(q, k, v, cos, sin, **kw)
+    dq, dk, dv = rope_attention_bwd(do, q, k, v, out, lse, cos, sin, **kw)
     grads: dict = {}
     _scatter_grad(grads, xs, opts["q"], dq)
     _scatter_grad(grads, xs, opts["k"], dk)

@@ -152,7 +152,9 @@ def generate(g: Graph, label: str) -> str:
             name[n] = f"v{i}"
             lines.append(f"    v{i} = env[{n.attrs['name']!r}]")
         elif n.op is Op.FUSED:
-            outs = []
+            # one entry per body output, None where nothing reads it (a template op's
+            # output only a backward needs, in a program with no backward)
+            outs = ["None"] * len(n.attrs["body"].outputs)
             for gi in sorted(gets.get(n, []), key=lambda u: u.attrs["index"]):
                 s = plan.slot_of[gi]
                 shape = ", ".join(py_dim(d) for d in gi.type.shape) or "()"
@@ -164,7 +166,7 @@ def generate(g: Graph, label: str) -> str:
                 name[gi] = f"v{pos[gi]}"
                 lines.append(f"    v{pos[gi]} = buf{s}.view({shape}"
                              f"{',' if len(gi.type.shape) == 1 else ''}){note}")
-                outs.append(name[gi])
+                outs[gi.attrs["index"]] = name[gi]
             lines.append(f"    LAUNCH[{n.attrs['kind']!r}](K[{n.attrs['kernel']!r}], [{ins}], "
                          f"[{', '.join(outs)}], NODES[{i}], ctx)  # {n.attrs['kind']} {where}")
         elif n in name:        # a kernel output, bound above

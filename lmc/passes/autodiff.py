@@ -60,8 +60,9 @@ class Rule:
     """What a VJP rule sees: the backward builder `b`, the node, its cotangent `g`, and
     `x(i)` / `out()` to use forward values (which saves or recomputes them on demand)."""
 
-    def __init__(self, b: Builder, node: Node, g: Tensor, fwd: Callable[[Node], Tensor]):
-        self.b, self.node, self.g, self._fwd = b, node, g, fwd
+    def __init__(self, b: Builder, node: Node, g: Tensor, fwd: Callable[[Node], Tensor],
+                 item: Optional[Callable[[Node, int], Tensor]] = None):
+        self.b, self.node, self.g, self._fwd, self._item = b, node, g, fwd, item
         self.attrs = node.attrs
 
     def x(self, i: int) -> Tensor:
@@ -69,6 +70,11 @@ class Rule:
 
     def out(self) -> Tensor:
         return self._fwd(self.node)
+
+    def item(self, k: int) -> Tensor:
+        """Output k of a multi-output node (a fused op), as the backward reads it: saved
+        from forward', through the forward graph's GETITEM of it (made if none reads it)."""
+        return self._item(self.node, k)
 
     def shape(self, i: int):
         return self.node.inputs[i].type.shape
@@ -124,6 +130,21 @@ def differentiate(g: Graph, wrt: Optional[Sequence[str]] = None) -> Differentiat
                 saved_nodes.append(n)
         return fwd_memo[n]
 
+    # GETITEMs of multi-output nodes: the graph's own, and those a rule reads that nothing in
+    # the graph did (a fused op's output only its backward uses, e.g. attention's row
+    # log-sum-exp); forward' gets the new ones right after their node
+    items: Dict[tuple, Node] = {(n.inputs[0], n.attrs["index"]): n
+                                for n in reversed(g.nodes) if n.op is Op.GETITEM}
+    new_items: Dict[Node, List[Node]] = {}
+
+    def item(n: Node, k: int) -> Tensor:
+        got = items.get((n, k))
+        if got is None:
+            got = Node.make(Op.GETITEM, [n], {"index": k}, n.loc, n.scope)
+            items[(n, k)] = got
+            new_items.setdefault(n, []).append(got)
+        return fwd(got)
+
     ct: Dict[Node, Tensor] = {}
     outputs = []
     for name, o in g.outputs.items():
@@ -148,7 +169,7 @@ def differentiate(g: Graph, wrt: Optional[Sequence[str]] = None) -> Differentiat
             raise LmcError(f"no VJP rule for {n.op.value}", n.loc)
         b.loc = n.loc
         b.scope = n.scope  # backward nodes belong to the forward node's block instance
-        grads = rule(Rule(b, n, gn, fwd))
+        grads = rule(Rule(b, n, gn, fwd, item))
         for i, gi in zip(n.inputs, grads):
             if gi is None or not depends.get(i):
                 continue
@@ -172,7 +193,13 @@ def differentiate(g: Graph, wrt: Optional[Sequence[str]] = None) -> Differentiat
     for k, n in enumerate(saved_nodes):
         fwd_outputs[f"saved:{k}"] = n
         saved_names.append(f"saved:{k}")
-    forward = g.with_nodes(g.nodes, fwd_outputs)
+    nodes = g.nodes
+    if new_items:
+        nodes = []
+        for n in g.nodes:
+            nodes.append(n)
+            nodes += new_items.get(n, [])
+    forward = g.with_nodes(nodes, fwd_outputs)
     return Differentiated(forward, backward, list(wrt), outputs, saved_names)
 
 
@@ -386,12 +413,25 @@ def _scan(r):
 def _fused(r):
     # a fused op (made before autodiff by a pattern pass) is differentiated through its body;
     # the result is one backward FUSED node of kind "<kind>_bwd" whose body recomputes the
-    # body's forward and runs its backward (the oracle), and whose kernel is the fused one
+    # body's forward and runs its backward (the oracle), and whose kernel is the fused one.
+    # Its inputs: the forward op's inputs, then the forward outputs the body's meta lists
+    # under "saved" (body output keys: what the fused backward kernel reads instead of
+    # recomputing, e.g. attention's output and row log-sum-exp; the oracle body ignores these
+    # placeholders and recomputes), then the cotangents of the outputs that take one (float
+    # outputs that depend differentiably on an input; an integer output, or one the body
+    # computes through stop_gradient, gets none). The backward body's meta "options" gain
+    # n_inputs, saved and cotangents so its template can tell them apart.
     from . import run_pipeline
 
     node, b = r.node, r.b
     body = node.attrs["body"]
     ins = [n for n in body.nodes if n.op is Op.INPUT]
+    outs = list(body.outputs)
+    keep = list(body.meta.get("saved", ()))
+    for o in keep:
+        if o not in body.outputs:
+            raise LmcError(f"internal: fused op {node.attrs['kernel']!r} saves {o!r}, not "
+                           f"one of its outputs {outs}", node.loc)
     skip = set(node.attrs.get("no_grad", ()))
     wrt = [n.attrs["name"] for i, (n, x) in enumerate(zip(ins, node.inputs))
            if x.type.dtype.is_float and i not in skip]
@@ -400,7 +440,8 @@ def _fused(r):
     bb = Builder({}, {})
     ph = {n.attrs["name"]: bb.input(n.attrs["name"], n.type.shape, n.type.dtype).node
           for n in ins}
-    outs = list(body.outputs)
+    for o in keep:   # placeholders only: the oracle body recomputes what it needs
+        bb.input(f"out:{o}", body.outputs[o].type.shape, body.outputs[o].type.dtype)
     cts_ph = {o: bb.input(f"grad:{o}", body.outputs[o].type.shape,
                           body.outputs[o].type.dtype).node for o in prog.outputs}
 
@@ -420,15 +461,23 @@ def _fused(r):
                   else cts_ph[name[len("grad:"):]])
     grads = {str(j): benv[prog.backward.outputs[f"grad:{w}"]] for j, w in enumerate(wrt)}
     bwd_body = Graph(f"{body.name}_bwd", bb.nodes, grads)
-    bwd_body.meta.update({k: v for k, v in body.meta.items() if k != "history"})
+    bwd_body.meta.update({k: v for k, v in body.meta.items() if k not in ("history", "saved")})
     bwd_body.meta["template"] = f"{body.meta.get('template', node.attrs['kind'])}_bwd"
+    layout = {"n_inputs": len(ins), "saved": keep, "cotangents": list(prog.outputs)}
+    opts = dict(body.meta.get("options", {}))
+    clash = set(opts) & set(layout)
+    if clash:
+        raise LmcError(f"internal: fused op {node.attrs['kernel']!r} options use the "
+                       f"backward's keys {sorted(clash)}", node.loc)
+    bwd_body.meta["options"] = {**opts, **layout}
     cts = []
     for o in prog.outputs:
         k = outs.index(o)
         g = r.g.get(k) if isinstance(r.g, dict) else (r.g if k == 0 else None)
         t = node.type[k]
         cts.append(g if g is not None else r.zeros(t.shape, t.dtype))
-    bwd = b.node(Op.FUSED, [r.x(i) for i in range(len(node.inputs))] + cts,
+    bwd = b.node(Op.FUSED, [r.x(i) for i in range(len(node.inputs))]
+                 + [r.item(outs.index(o)) for o in keep] + cts,
                  {"kernel": f"{node.attrs['kernel']}_bwd", "kind": f"{node.attrs['kind']}_bwd",
                   "body": bwd_body})
     by_name = {w: j for j, w in enumerate(wrt)}

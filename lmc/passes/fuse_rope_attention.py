@@ -36,9 +36,15 @@ from the body meta's `options`. Where q or k is made of parts of separate tensor
 [q_C | q_R] and [k_C | k_R] with k_R one head shared by all) the launch concatenates them with
 torch first, rotated part first (a copy of q and k, no T x T; the kernels would need a second
 pointer per operand to avoid it); GQA, partial rotary from one tensor, whole-head RoPE and a v
-narrower than q/k are passed as they are. The autodiff pass differentiates a
-FUSED node by its body, and the backward op (kind "rope_attention_bwd") runs the fused backward
-kernel.
+narrower than q/k are passed as they are.
+
+The op has two outputs: "0" the attention output, "1" the row log-sum-exp of the masked,
+scaled scores in fp32 ([B, H, T], natural log; computed in the body as
+logsumexp(stop_gradient(scores)), so it takes no gradient), which the forward kernel writes
+anyway. The body meta's "saved" lists both: the autodiff pass differentiates a FUSED node by
+its body and gives the backward op (kind "rope_attention_bwd") the forward's out and lse, so
+its kernels (dK/dV, dQ) run on them with no forward rerun. A program with no backward reads
+only output 0 (the kernel then writes the lse to scratch).
 
 It runs before autodiff on the program being trained or run on the triton backend, not in the
 compile pipeline: the decode pass derives its step from the unfused graph. Where a region
@@ -55,6 +61,7 @@ from typing import Dict, List, Optional, Tuple
 
 from ..ir.graph import Graph, Node
 from ..ir.ops import Op
+from ..ir.types import DType
 from .fuse_pointwise import _where
 
 
@@ -418,7 +425,8 @@ def _assemble(sm, pv, qr, kr, qparts, kparts, users, static, order, causal, wind
         if rope_k and not given and any(n in _rope_nodes(kp, region) for n in bad):
             raise _Shared("k's rope is shared")
         raise _NoMatch(f"{bad[-1].op.value} inside the attention is also used outside it")
-    return {"inputs": inputs, "n_grad": n_grad, "out": pv, "region": region,
+    return {"inputs": inputs, "n_grad": n_grad, "out": pv, "scores": sm.inputs[0],
+            "region": region,
             "dead": region - keep, "opts": opts, "order": order}
 
 
@@ -454,10 +462,23 @@ def _body(m: dict, name: str) -> Graph:
         c = Node(n.op, tuple(env[i] for i in n.inputs), n.attrs, n.type, n.loc, n.scope)
         env[n] = c
         b.nodes.append(c)
-    body = Graph(name, b.nodes, {"0": env[m["out"]]})
+    # output 1: the row log-sum-exp of the masked, scaled scores in fp32 ([B, H, T]), which
+    # the forward kernel writes anyway; only the backward reads it (saved with the output, so
+    # the backward kernels need no forward rerun). It takes no gradient: stop_gradient.
+    s = m["scores"]
+    sg = Node.make(Op.STOP_GRADIENT, (env[s],), {}, s.loc, s.scope)
+    b.nodes.append(sg)
+    if sg.type.dtype is not DType.f32:
+        sg = Node.make(Op.CAST, (sg,), {"dtype": DType.f32}, s.loc, s.scope)
+        b.nodes.append(sg)
+    lse = Node.make(Op.LOGSUMEXP, (sg,), {"axis": s.type.rank - 1, "keepdim": False}, s.loc,
+                    s.scope)
+    b.nodes.append(lse)
+    body = Graph(name, b.nodes, {"0": env[m["out"]], "1": lse})
     body.meta["module"] = "attention"          # lmc/codegen/attention.py's launch_template
     body.meta["template"] = "rope_attention"
     body.meta["options"] = dict(m["opts"])
+    body.meta["saved"] = ["0", "1"]            # the backward reads out and lse (autodiff)
     return body
 
 
