@@ -36,7 +36,12 @@ experts) the gating alone is fused and the record says why the experts were not.
 
 Bodies are the matched primitives (the torch backend runs the exact oracle); the triton
 backend runs lmc/codegen/moe.py's kernels (launch_template), and the backward op
-("<kind>_bwd", made by the autodiff pass from the body) its fused backward.
+("<kind>_bwd", made by the autodiff pass from the body) its fused backward. The body saves
+nothing for it (no meta "saved"), so moe_layer's backward reruns the layer's forward: what it
+needs are the experts' activations in the kernels' sorted-row layout (a, b, h [N k, F] and
+the expert outputs [N k, d]: k-fold FFN activations, and no value of the dense primitive
+body), while the small routing results alone (idx, kept, weights [N, k], probs [N, E]) would
+spare only the gating launch (the router matmul is about E / (3 k F) of the expert GEMMs).
 
 Train-time noise: gaussian_noise(l, std, seed) is l + std * z with z drawn from (seed, the
 draw counter, shape). The pass leaves `noise = gaussian_noise(zeros, std, seed)` in the graph
