@@ -61,12 +61,15 @@ Kernels (one program per (row block, batch * head)):
     _decode_split   flash-decoding: program (split, b * Hkv + g) takes the H/Hkv query heads
                     of kv head g times the Tq new queries as the rows of one tile (so each
                     cached K/V block is read once per kv head) over its split of the cache,
-                    and writes a normalised partial output and its base-2 lse.
+                    and writes a normalised partial output and its base-2 lse; with a
+                    single split, the output itself (no combine launch).
     _decode_combine per query row, weights the splits by 2^(lse_s - max) and normalises.
 
 The decode kernel reads the query position and the valid cache length from device tensors
 (one int per sequence), so a CUDA graph can replay it with new positions; the cache may be
-padded past the valid length (those slots are masked), and its slot j holds position j.
+padded past the valid length (those slots are masked), and its slot j holds position j, or
+the position given for it in a key-position tensor (a ring buffer's slots, in any order;
+negative: never written, masked), also read on the device.
 
 Block sizes: `triton.autotune` on the GPU (keyed on T, S, D and the flags that change the
 work); under the interpreter one fixed config (`INTERPRETER_BLOCKS`, tests may change it).
@@ -94,6 +97,9 @@ INTERPRETER_BLOCKS = {
     "dq": dict(BLOCK_M=32, BLOCK_N=32),
     "decode": dict(BLOCK_N=16),
 }
+# one cache split: the split kernel writes the normalised output (no _decode_combine launch,
+# the same values); tests turn it off to compare with the two-launch path
+DIRECT_SINGLE_SPLIT = True
 
 
 # --------------------------------------------------------------------------------------------
@@ -623,22 +629,27 @@ def _attn_bwd_dq(Q, K, V, COS_Q, SIN_Q, COS_K, SIN_K, DO, LSE, DELTA, DQ,
 # decode (flash-decoding)
 # --------------------------------------------------------------------------------------------
 @triton.jit
-def _decode_split(Q, K, V, COS_Q, SIN_Q, COS_K, SIN_K, POS, KV_LEN, PART_O, PART_L,
+def _decode_split(Q, K, V, COS_Q, SIN_Q, COS_K, SIN_K, POS, KV_LEN, KPOS, PART_O, PART_L,
+                  OUT,
                   stride_qb, stride_qh, stride_qt, stride_qd,
                   stride_kb, stride_kh, stride_kn, stride_kd,
                   stride_vb, stride_vh, stride_vn, stride_vd,
                   stride_cqp, stride_cqd, stride_ckp, stride_ckd, stride_pos, stride_len,
+                  stride_kpb, stride_kpn, stride_ob, stride_oh, stride_ot, stride_od,
                   H, HKV, TQ, S_MAX, CHUNK, NSPLIT, window, qk_scale,
                   HEAD_DIM: tl.constexpr, ROT: tl.constexpr, INTERLEAVED: tl.constexpr,
                   PAIRED: tl.constexpr, ROPE_K: tl.constexpr, CAUSAL: tl.constexpr,
-                  HAS_WINDOW: tl.constexpr, HAS_KV_LEN: tl.constexpr, BLOCK_M: tl.constexpr,
+                  HAS_WINDOW: tl.constexpr, HAS_KV_LEN: tl.constexpr, HAS_KPOS: tl.constexpr,
+                  DIRECT: tl.constexpr, BLOCK_M: tl.constexpr,
                   BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
                   DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr,
-              HEAD_DV: tl.constexpr):
+                  HEAD_DV: tl.constexpr):
     # Tile rows r = (query head g' of kv head g) * TQ + new query i: each cached K/V block of
     # kv head g is read once for all its query heads. Over the cache slots
     # [split * CHUNK, (split + 1) * CHUNK) below kv_len: the normalised partial output and its
-    # base-2 lse. Slot j holds position j; query i of sequence b sits at POS[b] + i.
+    # base-2 lse, or (DIRECT: one split) the output itself in OUT. Query i of sequence b sits
+    # at POS[b] + i; slot j holds position j, or (HAS_KPOS) KPOS[b, j], a negative one
+    # marking a slot never written (masked; its K and V are not read).
     HAS_ROPE: tl.constexpr = ROT > 0
     HAS_PASS: tl.constexpr = ROT < HEAD_DIM
     dt = Q.dtype.element_ty
@@ -655,6 +666,8 @@ def _decode_split(Q, K, V, COS_Q, SIN_Q, COS_K, SIN_K, POS, KV_LEN, PART_O, PART
     pos0 = tl.load(POS + b * stride_pos).to(tl.int32)
     if HAS_KV_LEN:
         kv_len = tl.load(KV_LEN + b * stride_len).to(tl.int32)
+    elif HAS_KPOS:
+        kv_len = pos0 * 0 + S_MAX       # every slot: the positions say which are visible
     else:
         kv_len = pos0 + TQ
     kv_len = tl.minimum(kv_len, S_MAX)
@@ -676,10 +689,11 @@ def _decode_split(Q, K, V, COS_Q, SIN_Q, COS_K, SIN_K, POS, KV_LEN, PART_O, PART
 
     lo = pid_s * CHUNK
     hi = tl.minimum(lo + CHUNK, kv_len)
-    if CAUSAL:
-        hi = tl.minimum(hi, pos0 + TQ)
-    if HAS_WINDOW:
-        lo = tl.maximum(lo, pos0 - window + 1)
+    if not HAS_KPOS:    # slot = position: the mask bounds the slots read
+        if CAUSAL:
+            hi = tl.minimum(hi, pos0 + TQ)
+        if HAS_WINDOW:
+            lo = tl.maximum(lo, pos0 - window + 1)
     k_row0 = b * stride_kb + kvh * stride_kh
     v_row0 = b * stride_vb + kvh * stride_vh
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -689,12 +703,18 @@ def _decode_split(Q, K, V, COS_Q, SIN_Q, COS_K, SIN_K, POS, KV_LEN, PART_O, PART
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < hi
         n64 = offs_n.to(tl.int64)
+        if HAS_KPOS:
+            kpos = tl.load(KPOS + b * stride_kpb + n64 * stride_kpn, mask=n_ok,
+                           other=-1).to(tl.int32)
+            n_ok = n_ok & (kpos >= 0)
+        else:
+            kpos = offs_n
         k_rows = k_row0 + n64 * stride_kn
         ka = qa
         kb = qa
         kc = qc
         if HAS_ROPE:   # ROPE_K: the cache holds keys before RoPE
-            ka, kb = _load_pair(K, k_rows, stride_kd, n_ok, offs_n, COS_K, SIN_K, stride_ckp,
+            ka, kb = _load_pair(K, k_rows, stride_kd, n_ok, kpos, COS_K, SIN_K, stride_ckp,
                                 stride_ckd, col_a, col_b, mask_r, tcol_a, tcol_b, PAIRED,
                                 ROPE_K)
         if HAS_PASS:
@@ -702,7 +722,7 @@ def _decode_split(Q, K, V, COS_Q, SIN_Q, COS_K, SIN_K, POS, KV_LEN, PART_O, PART
         qk = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         qk = _group_dot(qk, qa, qb, qc, ka, kb, kc, HAS_ROPE, HAS_PASS, DOT_PREC)
         qk = qk * qk_scale
-        vis = _visible(qpos[:, None], offs_n[None, :], n_ok[None, :] & r_ok[:, None], window,
+        vis = _visible(qpos[:, None], kpos[None, :], n_ok[None, :] & r_ok[:, None], window,
                        CAUSAL, HAS_WINDOW)
         qk = tl.where(vis, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -716,10 +736,17 @@ def _decode_split(Q, K, V, COS_Q, SIN_Q, COS_K, SIN_K, POS, KV_LEN, PART_O, PART
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
-    prow = ((b * H + h) * TQ + i) * NSPLIT + pid_s     # row of [B, H, TQ, NSPLIT]
-    tl.store(PART_O + prow[:, None] * HEAD_DV + offs_d[None, :], acc / l_safe[:, None],
-             mask=r_ok[:, None] & mask_d[None, :])
-    tl.store(PART_L + prow, tl.where(empty, float("-inf"), m_i + tl.log2(l_safe)), mask=r_ok)
+    if DIRECT:   # one split: what _decode_combine would write (weight 2^0 = 1, sum of one)
+        o_rows = b * stride_ob + h * stride_oh + i.to(tl.int64) * stride_ot
+        tl.store(OUT + o_rows[:, None] + offs_d[None, :] * stride_od,
+                 (acc / l_safe[:, None]).to(OUT.dtype.element_ty),
+                 mask=r_ok[:, None] & mask_d[None, :])
+    else:
+        prow = ((b * H + h) * TQ + i) * NSPLIT + pid_s     # row of [B, H, TQ, NSPLIT]
+        tl.store(PART_O + prow[:, None] * HEAD_DV + offs_d[None, :], acc / l_safe[:, None],
+                 mask=r_ok[:, None] & mask_d[None, :])
+        tl.store(PART_L + prow, tl.where(empty, float("-inf"), m_i + tl.log2(l_safe)),
+                 mask=r_ok)
 
 
 @triton.jit
@@ -779,7 +806,7 @@ _KEYS = {
     "fwd": ["T", "S", "HEAD_DIM", "HEAD_DV", "ROT", "CAUSAL", "HAS_WINDOW"],
     "dkdv": ["T", "S", "HEAD_DIM", "HEAD_DV", "ROT", "CAUSAL", "HAS_WINDOW"],
     "dq": ["T", "S", "HEAD_DIM", "HEAD_DV", "ROT", "CAUSAL", "HAS_WINDOW"],
-    "decode": ["TQ", "S_MAX", "HEAD_DIM", "HEAD_DV", "ROT", "ROPE_K"],
+    "decode": ["TQ", "S_MAX", "HEAD_DIM", "HEAD_DV", "ROT", "ROPE_K", "HAS_KPOS", "DIRECT"],
 }
 _JIT = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq, "decode": _decode_split}
 _TUNED: dict = {}
@@ -1052,7 +1079,7 @@ def rope_attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor,
                           rot_dim: Optional[int] = None, interleaved: bool = False,
                           causal: bool = True, window: Optional[int] = None,
                           scale: Optional[float] = None, num_splits: Optional[int] = None,
-                          out: Optional[Tensor] = None) -> Tensor:
+                          out: Optional[Tensor] = None, kpos: Optional[Tensor] = None) -> Tensor:
     """Decode attention (flash-decoding): a few new queries per sequence against a cache.
 
     q [B, H, Tq, D] (Tq small, typically 1); k_cache, v_cache [B, Hkv, S_max, D], slot j
@@ -1060,13 +1087,19 @@ def rope_attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor,
     pos: int tensor [B] (or one value for all): the absolute position of q's row 0; row i
         sits at pos + i. Read on the device, so a captured CUDA graph replays with new
         positions. The tables must cover every position used (not checked: that would sync).
+    kpos: int tensor [S_max] (one layout for all sequences) or [B, S_max]: the position slot
+        j holds, in place of j (a ring buffer: slots in any order), read on the device; a
+        negative position marks a slot never written: masked, its K and V not read. The
+        causal mask and the window compare these positions with the queries', and every
+        slot below kv_len is visited (no bound on the slots read from the positions).
     kv_len: int tensor [B] (or one value): the valid slots, default pos + Tq (the new keys
-        already written); slots >= kv_len are masked.
+        already written; with kpos: all S_max slots); slots >= kv_len are masked.
     rope_k: the cache holds keys before RoPE (rotated here at their slot's position); default
         False: it holds rotated keys (rotate once when writing, `apply_rope`), so the loop
         reads nothing but K and V.
     num_splits: how many programs share one sequence's cache (default: enough to fill the
-        GPU, from the shapes alone). Other options as in `rope_attention`.
+        GPU, from the shapes alone). With one split the kernel writes the output itself (no
+        combine launch; the same values). Other options as in `rope_attention`.
     out: where to write (a CUDA graph's static output); returned.
     On the GPU the first call for a shape runs the autotuner: make it before capturing.
     """
@@ -1078,6 +1111,7 @@ def rope_attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor,
         kv_len_t, stride_len = pos, 0      # not read
     else:
         kv_len_t, stride_len = _per_sequence(kv_len, B, "kv_len", q.device)
+    kpos_t, kpos_strides = _key_positions(kpos, B, S, q)
     if num_splits is None:
         num_splits = _split_count(S, B, HKV, q.device)
     num_splits = max(1, min(int(num_splits), max(S, 1)))
@@ -1086,17 +1120,44 @@ def rope_attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor,
         out = torch.empty((B, H, TQ, DV), dtype=q.dtype, device=q.device)
     if q.numel() == 0:
         return out
-    part_o = torch.empty((B, H, TQ, num_splits, DV), dtype=torch.float32, device=q.device)
-    part_l = torch.empty((B, H, TQ, num_splits), dtype=torch.float32, device=q.device)
+    direct = num_splits == 1 and DIRECT_SINGLE_SPLIT   # the split kernel writes out itself
+    if direct:
+        part_o = part_l = out       # not read
+    else:
+        part_o = torch.empty((B, H, TQ, num_splits, DV), dtype=torch.float32, device=q.device)
+        part_l = torch.empty((B, H, TQ, num_splits), dtype=torch.float32, device=q.device)
     tables, tstrides = sp.tables()
     _launch("decode", lambda m: (num_splits, B * HKV),
-            q, k_cache, v_cache, *tables, pos, kv_len_t, part_o, part_l, *q.stride(),
-            *k_cache.stride(), *v_cache.stride(), *tstrides, stride_pos, stride_len, H, HKV,
-            TQ, S, chunk, num_splits, sp.window_arg, sp.scale * LOG2E,
-            HAS_KV_LEN=kv_len is not None, BLOCK_M=_p2(H // HKV * TQ), **sp.constexprs())
-    _decode_combine[(B * H * TQ,)](part_o, part_l, out, *out.stride(), H, TQ, num_splits,
-                                   HEAD_DIM=DV, BLOCK_D=_p2(DV), BLOCK_S=_p2(num_splits, 2))
+            q, k_cache, v_cache, *tables, pos, kv_len_t, kpos_t, part_o, part_l, out,
+            *q.stride(), *k_cache.stride(), *v_cache.stride(), *tstrides, stride_pos,
+            stride_len, *kpos_strides, *out.stride(), H, HKV, TQ, S, chunk, num_splits,
+            sp.window_arg, sp.scale * LOG2E, HAS_KV_LEN=kv_len is not None,
+            HAS_KPOS=kpos is not None, DIRECT=direct, BLOCK_M=_p2(H // HKV * TQ),
+            **sp.constexprs())
+    if not direct:
+        _decode_combine[(B * H * TQ,)](part_o, part_l, out, *out.stride(), H, TQ, num_splits,
+                                       HEAD_DIM=DV, BLOCK_D=_p2(DV),
+                                       BLOCK_S=_p2(num_splits, 2))
     return out
+
+
+def _key_positions(kpos: Optional[Tensor], B: int, S: int, q: Tensor
+                   ) -> Tuple[Tensor, Tuple[int, int]]:
+    """kpos as the kernel reads it (any int tensor as the never-read pointer when absent) and
+    its (batch, slot) strides."""
+    if kpos is None:
+        return q, (0, 0)
+    if not isinstance(kpos, Tensor) or kpos.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"kpos must be an int32/int64 tensor: got "
+                         f"{getattr(kpos, 'dtype', type(kpos).__name__)}")
+    if kpos.device != q.device:
+        raise ValueError(f"kpos is on {kpos.device}, q on {q.device}")
+    if tuple(kpos.shape) == (S,):
+        return kpos, (0, kpos.stride(0))
+    if tuple(kpos.shape) == (B, S):
+        return kpos, (kpos.stride(0), kpos.stride(1))
+    raise ValueError(f"kpos must be [S_max={S}] or [B={B}, S_max={S}]: got "
+                     f"{tuple(kpos.shape)}")
 
 
 # --------------------------------------------------------------------------------------------

@@ -3,7 +3,9 @@ torch reference run in fp64: the forward (out and lse), every gradient under a r
 gradient, and flash-decoding, on odd shapes (T 63, 17, 1; head dims 32, 64 and 48; n_kv 1, 2,
 4 under H 4; windows shorter and longer than T; partial rotary; both RoPE layouts; full and
 paired tables; XPos tables; query/key position offsets; rows that see no key; strided inputs;
-several block sizes), decode over padded caches in several splits; the reference itself
+several block sizes), decode over padded caches in several splits and over ring-buffer slots
+with explicit key positions (unfilled slots hold NaN, shuffled slots, per-sequence layouts),
+one split writing the output without the combine launch; the reference itself
 against independent formulations (complex rotation, SDPA with an explicit mask); and the
 benchmark script's CPU run."""
 import importlib.util
@@ -210,6 +212,178 @@ def test_decode_positions_are_read_from_the_tensor():
                                      kv_len=pos + 1)
     assert not torch.allclose(first, second)
     assert _max_err(second, ref) <= F32_TOL
+
+
+# -- decode with explicit key positions (a ring buffer's slots) ------------------------------
+def _rotate_half_at(x, cos, sin, positions):
+    """RoPE (rotate-half, full tables) of x [B, h, n, D] at per-row positions [B or 1, n],
+    written out independently of attention.py: x cos + rot(x) sin, tables gathered by row."""
+    c = cos[positions.clamp(min=0)][:, None]           # [B or 1, 1, n, D]
+    s = sin[positions.clamp(min=0)][:, None]
+    half = x.shape[-1] // 2
+    rot = torch.cat([-x[..., half:], x[..., :half]], -1)
+    return x * c + rot * s
+
+
+def _kpos_reference(q, k, v, pos, kpos, *, window=None, scale, cos=None, sin=None,
+                    rope_k=False):
+    """fp64: key j of sequence b at kpos[b, j] (negative: never written), visible to query
+    i at pos[b] + i iff 0 <= kpos <= qpos and kpos > qpos - window; no visible key: 0."""
+    B, H, T, D = q.shape
+    S, G = k.shape[2], H // k.shape[1]
+    qp = pos.reshape(-1, 1) + torch.arange(T)                         # [B or 1, T]
+    kp = kpos.reshape(-1, S)                                           # [B or 1, S]
+    q, k, v = q.double(), k.double(), v.double()
+    if cos is not None:
+        q = _rotate_half_at(q, cos.double(), sin.double(), qp)
+        if rope_k:
+            k = _rotate_half_at(k, cos.double(), sin.double(), kp)
+    k = torch.nan_to_num(k).repeat_interleave(G, 1)      # never-written slots: NaN here
+    v = torch.nan_to_num(v).repeat_interleave(G, 1)
+    vis = (kp[:, None, :] >= 0) & (kp[:, None, :] <= qp[:, :, None])   # [B or 1, T, S]
+    if window is not None:
+        vis = vis & (kp[:, None, :] > qp[:, :, None] - window)
+    vis = vis[:, None].expand(B, H, T, S)
+    s = torch.where(vis, (q @ k.transpose(-1, -2)) * scale, float("-inf"))
+    p = torch.softmax(torch.where(vis.any(-1, keepdim=True), s, 0.0), -1) * vis
+    return p @ v
+
+
+def _ring(B, W, T, P, gen):
+    """The decode pass's ring layout per sequence b (P[b] past tokens): W slots, position a
+    in slot a mod W (the latest below P[b]; negative: never written), then the T new tokens
+    at P[b] .. P[b] + T - 1: [B, W + T] positions."""
+    out = []
+    for p in P:
+        j = torch.arange(W)
+        held = (p - 1) - torch.remainder(p - 1 - j, W)
+        out.append(torch.cat([held, p + torch.arange(T)]))
+    return torch.stack(out)
+
+
+def run_decode_kpos(B, H, HKV, T, W, P, D, *, window, splits=None, shuffle=False,
+                    per_sequence=True, rot=0, rope_k=False, dtype=torch.float32, seed=0):
+    """Ring layout of W slots + T new keys (slots never written hold NaN: they must not be
+    read), or a random permutation of it, vs the fp64 reference."""
+    gen = torch.Generator().manual_seed(seed)
+    kpos = _ring(B, W, T, P, gen)
+    if shuffle:
+        kpos = kpos[:, torch.randperm(W + T, generator=gen)]
+    q = _randn(B, H, T, D, gen=gen, dtype=dtype)
+    k = _randn(B, HKV, W + T, D, gen=gen, dtype=dtype)
+    v = _randn(B, HKV, W + T, D, gen=gen, dtype=dtype)
+    unfilled = (kpos < 0)[:, None, :, None].expand_as(k)
+    k[unfilled] = float("nan")
+    v[unfilled] = float("nan")
+    pos = torch.tensor(P)
+    if not per_sequence:        # one layout for every sequence: kpos [S]
+        assert len(set(P)) == 1
+        kpos = kpos[0]
+    cos = sin = None
+    if rot:
+        cos, sin = A.rope_tables(max(P) + T + 2, rot)
+    scale = 0.3
+    out = A.rope_attention_decode(q, k, v, pos, cos, sin, rot_dim=rot, rope_k=rope_k,
+                                  window=window, scale=scale, num_splits=splits, kpos=kpos)
+    assert out.shape == q.shape and out.dtype == dtype and not out.isnan().any()
+    ref = _kpos_reference(q, k, v, pos, kpos, window=window, scale=scale, cos=cos, sin=sin,
+                          rope_k=rope_k)
+    return _max_err(out, ref), ref.abs().max().item()
+
+
+# (id, B H HKV T W P D, options): W ring slots + T new keys, P past tokens per sequence
+DECODE_KPOS = [
+    ("ring-window-3-gqa-one-step", (3, 4, 2, 1, 3, [0, 2, 11], 32), dict(window=3)),
+    ("ring-partly-filled-mqa-3-new", (2, 4, 1, 3, 5, [1, 3], 32), dict(window=5, splits=2)),
+    ("window-larger-than-the-keys", (2, 4, 4, 2, 7, [3, 20], 48), dict(window=40)),
+    ("window-smaller-than-the-ring-no-window-term", (2, 2, 2, 4, 9, [12, 30], 16),
+     dict(window=None, splits=3)),
+    ("shuffled-slots-window-4-5-new", (2, 4, 2, 5, 6, [4, 17], 32),
+     dict(window=4, shuffle=True, splits=4)),
+    ("one-layout-for-all-window-2", (2, 4, 2, 1, 2, [7, 7], 32),
+     dict(window=2, per_sequence=False)),
+    ("rope-keys-at-their-positions-shuffled", (2, 4, 2, 2, 5, [2, 13], 32),
+     dict(window=5, rot=32, rope_k=True, shuffle=True, splits=2)),
+    ("odd-sizes-more-splits-than-blocks", (1, 6, 3, 3, 37, [50], 24), dict(window=30, splits=9)),
+]
+
+
+@pytest.mark.parametrize("shape,opts", [pytest.param(s, o, id=i) for i, s, o in DECODE_KPOS])
+def test_decode_key_positions_fp32(shape, opts):
+    err, _ = run_decode_kpos(*shape, **opts)
+    print(f"decode with key positions: max abs err {err:.1e}")
+    assert err <= F32_TOL
+
+
+def test_decode_key_positions_fp16():
+    err, scale = run_decode_kpos(2, 4, 2, 2, 6, [3, 9], 64, window=6, shuffle=True,
+                                 dtype=torch.float16)
+    print(f"decode with key positions fp16: max abs err {err:.1e} (max |ref| {scale:.2f})")
+    assert err <= F16_REL * max(scale, 1.0)
+
+
+def test_decode_key_positions_mask_instead_of_slots():
+    """The same K/V with the slots' positions permuted gives the permuted reference, not the
+    slot-order one: the mask reads kpos (and a window of 1 sees only the query's own key)."""
+    gen = torch.Generator().manual_seed(5)
+    q = _randn(1, 2, 1, 16, gen=gen)
+    k = _randn(1, 2, 8, 16, gen=gen)
+    v = _randn(1, 2, 8, 16, gen=gen)
+    kpos = torch.tensor([7, 6, 5, 4, 3, 2, 1, 0])
+    own = A.rope_attention_decode(q, k, v, torch.tensor([7]), window=1, kpos=kpos)
+    assert torch.allclose(own, v[:, :, :1].expand_as(own))      # position 7 is slot 0
+    slots = A.rope_attention_decode(q, k, v, torch.tensor([7]), window=1)
+    assert torch.allclose(slots, v[:, :, 7:].expand_as(slots))
+
+
+class _Counting:
+    """A jitted kernel whose launches are counted."""
+
+    def __init__(self, fn):
+        self.fn, self.launches = fn, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.fn[grid]
+
+
+@pytest.mark.parametrize("kpos", [False, True], ids=["slots", "kpos"])
+def test_decode_one_split_writes_the_output_itself(kpos, monkeypatch):
+    """num_splits == 1: no combine launch, and bit for bit what the split + combine pair
+    gives; several splits agree with it to rounding."""
+    gen = torch.Generator().manual_seed(11)
+    B, H, HKV, T, S, D = 2, 4, 2, 3, 45, 48
+    q = _randn(B, H, T, D, gen=gen)
+    k = _randn(B, HKV, S, D, gen=gen)
+    v = _randn(B, HKV, S, D, gen=gen)
+    pos = torch.tensor([20, 42])
+    kw = dict(window=17, kpos=_ring(B, S - T, T, [20, 42], gen) if kpos else None)
+    comb = _Counting(A._decode_combine)
+    monkeypatch.setattr(A, "_decode_combine", comb)
+    one = A.rope_attention_decode(q, k, v, pos, num_splits=1, **kw)
+    assert comb.launches == 0
+    monkeypatch.setattr(A, "DIRECT_SINGLE_SPLIT", False)
+    two_launch = A.rope_attention_decode(q, k, v, pos, num_splits=1, **kw)
+    assert comb.launches == 1
+    assert torch.equal(one, two_launch)
+    monkeypatch.setattr(A, "DIRECT_SINGLE_SPLIT", True)
+    for n in (2, 3, 5):
+        many = A.rope_attention_decode(q, k, v, pos, num_splits=n, **kw)
+        assert _max_err(many, one) <= 1e-6, n
+    # an empty row (every key masked) gives 0 on both paths
+    far = torch.full((B, S), -1) if kpos else None
+    if kpos:
+        assert A.rope_attention_decode(q, k, v, pos, num_splits=1, kpos=far).abs().max() == 0
+
+
+def test_decode_key_positions_bad_arguments():
+    q = torch.zeros(2, 4, 1, 16)
+    k = v = torch.zeros(2, 2, 10, 16)
+    for bad, why in [(torch.zeros(10), "int32/int64"), (torch.zeros(9, dtype=torch.long),
+                                                        r"\[S_max=10\]"),
+                     (torch.zeros(3, 10, dtype=torch.long), r"\[B=2, S_max=10\]")]:
+        with pytest.raises(ValueError, match=why):
+            A.rope_attention_decode(q, k, v, 3, kpos=bad)
 
 
 # -- the reference against independent formulations -----------------------------------------
