@@ -2,9 +2,8 @@
 (lmc/passes/fuse_decode_linear_attention.py): decayed linear attention of T new tokens
 continuing a d_k x d_v state per head, run by lmc/codegen/linear_attention.py's kernels.
 
-    inputs  q, k [B, H, T, d_k]; the values: v [B, H, T, d_v] (or anything broadcasting to
-            it), or with options absorbed = True X and W with X @ W = v (the decode pass's
-            absorbed value projection: X [B, 1, T, d], W [H, d, d_v]); ld, the log-decays,
+    inputs  q, k [B, H, T, d_k]; the values v [B, H, T, d_v] (or anything broadcasting to
+            it); ld, the log-decays,
             broadcastable to [B, H, T] ([B, H, T] per-token gates, [1, H, T] a fixed decay);
             S, the state [B, H, d_k, d_v] (fp32).
     outputs o [B, H, T, d_v] in q's dtype, and the new state [B, H, d_k, d_v] (a new tensor:
@@ -22,8 +21,6 @@ the host, so a T = 1 step can be captured in a CUDA graph):
         lowered to the smallest power of two >= max(T, 16); T need not be a multiple)
         starting from S: intra-chunk masked products plus the fp32 state carried across
         chunks, returning the final state. Linear in T; nothing T x T.
-With absorbed values, v = X @ W is formed first (one torch matmul, [B, H, T, d_v]): the
-kernels read v per token, and the absorbed products cost more than v itself.
 """
 from __future__ import annotations
 
@@ -41,11 +38,7 @@ def launch_template(template: str, xs: List, outs: List, opts: dict) -> None:
     if template != "decode_linear_attention":
         raise LmcError(f"decode_linear_attention has no {template!r} kernel (the decode step "
                        "runs without gradients)")
-    if opts.get("absorbed"):
-        q, k, x, w, g, state = xs
-        v = torch.matmul(x, w)
-    else:
-        q, k, v, g, state = xs
+    q, k, v, g, state = xs
     o, s_new = outs
     B, H, T, DK = q.shape
     DV = s_new.shape[-1]

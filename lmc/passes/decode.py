@@ -804,7 +804,19 @@ def _heads(x: Optional[Node]):
     _, _, heads, dh = r.type.shape
     if r.type.shape[1] != c.type.shape[1] or heads * dh != w.type.shape[1]:
         return None
+    if not _cached(c):
+        # a latent of the new tokens only (yoco's retention values): up-projecting it is
+        # cheaper than carrying the projection into the state products
+        return None
     return c, w, heads, dh
+
+
+def _cached(c: Node) -> bool:
+    """c spans the cache: the past read from a state input joined with the new positions
+    (`concat` in the dynamic step, the in-place `index_copy` in the static one)."""
+    if c.op is Op.CONCAT:
+        return any(i.op is Op.INPUT for i in c.inputs)
+    return c.op is Op.INDEX_COPY and c.inputs[0].op is Op.INPUT
 
 
 def _per_head(w: Node, heads, dh, like: Node) -> Node:

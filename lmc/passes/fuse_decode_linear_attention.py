@@ -13,18 +13,15 @@ attention) over the T new tokens and a d_k x d_v state S per head (a step-graph 
     G_end = reshape(slice(G, T-1 .. T), [.., 1, 1])
     S'    = exp(G_end) * S  +  permute(k * exp(G_end - Gt)) @ V
 
-with q, k: [B, H, T, d_k], V: [B, H, T, d_v]. After the decode pass's `absorb` rewrite the
-value products may come as `(M @ X) @ W` with one X and W in both (yoco: the value
-projection x W_v,h folded into the products, X = reshape(x, [B, 1, T, d]), W = the per-head
-[H, d, d_v] view of W_v): then the op reads X and W and forms V = X @ W once per launch
-(one torch matmul; see lmc/codegen/decode_linear_attention.py).
+with q, k: [B, H, T, d_k], V: [B, H, T, d_v] (the decode pass's `absorb` leaves these
+products alone: it only moves up-projections of a cached latent).
 
 Candidates are the step graph's linear-attention state inputs (named `*.state`, `*.stateN`:
 the decode pass names no other state so). From the state the pass walks its two reads
 ((q * exp(Gt)) @ S and exp(G_end) * S), the new state's sum and the output's sum; every
 intermediate must be read only inside the region (the output and the new state may be read
 anywhere). The region becomes one FUSED node of kind "decode_linear_attention" with inputs
-q, k, V (or X, W), ld, S and two outputs, the attention output and the new state; its body is
+q, k, V, ld, S and two outputs, the attention output and the new state; its body is
 the matched primitives over INPUT placeholders, so the torch backend and the autodiff pass
 still see the exact oracle. The state is returned, as the step graph returns it (the static
 Decoder copies it into its buffer); nothing reads a position, so the static step is the same
@@ -92,16 +89,12 @@ def _exp_of(n: Node, why: str) -> Node:
 
 
 def _values(mm: Node, left: Node, region: List[Node]) -> tuple:
-    """mm = left @ V, or (left @ X) @ W (the absorbed form): ("v", V) or ("xw", X, W)."""
+    """mm = left @ V: ("v", V)."""
     _need(mm.op is Op.MATMUL, f"{mm.op.value} where a product with the values was expected")
     a, w = mm.inputs
+    _need(a is left, "the values are not one tensor V in left @ V")
     region.append(mm)
-    if a is left:
-        return ("v", w)
-    _need(a.op is Op.MATMUL and a.inputs[0] is left,
-          "values are neither a tensor V nor an absorbed projection (M @ X) @ W")
-    region.append(a)
-    return ("xw", a.inputs[1], w)
+    return ("v", w)
 
 
 def _same_values(a: tuple, b: tuple) -> bool:
@@ -165,8 +158,6 @@ def match(st: Node, users: Dict[Node, List[Node]]) -> dict:
     kv = _other(new_state, decay)
     _need(kv is not None and kv.op is Op.MATMUL, "the state's update is not a product k^T V")
     kvl = kv.inputs[0]
-    if kvl.op is Op.MATMUL:                     # absorbed: (kw^T @ X) @ W
-        kvl = kvl.inputs[0]
     _need(_swap(kvl) and kvl.inputs[0].op is Op.MUL,
           "the state's update does not read permute(k * w)")
     kw = kvl.inputs[0]
@@ -186,8 +177,6 @@ def match(st: Node, users: Dict[Node, List[Node]]) -> dict:
     intra = _other(out, inter)
     _need(intra is not None and intra.op is Op.MATMUL, "the output is not intra + q S")
     a = intra.inputs[0]
-    if a.op is Op.MATMUL and a.inputs[0].op is Op.MUL:     # absorbed: (A @ X) @ W
-        a = a.inputs[0]
     _need(a.op is Op.MUL, "the intra product is not ((q @ k^T) * D) @ V")
     scores = next((x for x in a.inputs if x.op is Op.MATMUL), None)
     _need(scores is not None, "the intra product is not ((q @ k^T) * D) @ V")
@@ -218,16 +207,10 @@ def match(st: Node, users: Dict[Node, List[Node]]) -> dict:
           f"the state {list(st.type.shape)} is not [B, H, d_k, d_v]")
     _need(tuple(out.type.shape) == (B, H, T, dv) and tuple(new_state.type.shape)
           == tuple(st.type.shape), "the output or the new state is not [B, H, T | d_k, d_v]")
-    if vals[0] == "v":
-        vt = vals[1].type
-        _need(vt.rank == 4 and vt.shape[2] == T and vt.shape[3] == dv,
-              "values are not [B, H, T, d_v]")
-        ins_v = [vals[1]]
-    else:
-        x, wv = vals[1], vals[2]
-        _need(x.type.rank == 4 and x.type.shape[2] == T and wv.type.shape[-1] == dv,
-              "the absorbed values X @ W are not [B, H, T, d_v]")
-        ins_v = [x, wv]
+    vt = vals[1].type
+    _need(vt.rank == 4 and vt.shape[2] == T and vt.shape[3] == dv,
+          "values are not [B, H, T, d_v]")
+    ins_v = [vals[1]]
     dt = q.type.dtype
     _need(dt.value in FLOATS and all(n.type.dtype == dt for n in [k, out] + ins_v),
           "q, k, the values and the output differ in dtype (or are not float)")
@@ -238,11 +221,11 @@ def match(st: Node, users: Dict[Node, List[Node]]) -> dict:
             continue
         _need(all(u in inside for u in users.get(n, [])),
               f"{n.op.value} inside the linear attention is also used outside it")
-    # the state's update may read its own copy of the views of V (or X, W): the body reads
-    # the output's
+    # the state's update may read its own copy of the views of V: the body reads the
+    # output's
     dup = {a_: b_ for a_, b_ in zip(vals_state[1:], vals[1:]) if a_ is not b_}
     return {"inputs": [q, k] + ins_v + [ld, st], "out": out, "state": new_state,
-            "region": inside, "dup": dup, "absorbed": vals[0] == "xw", "heads": H,
+            "region": inside, "dup": dup, "heads": H,
             "dims": (dk, dv), "decays": list(ld.type.shape)}
 
 
@@ -269,7 +252,7 @@ def _body(m: dict, name: str, order: Dict[Node, int]) -> Graph:
     body = Graph(name, b.nodes, {"0": env[m["out"]], "1": env[m["state"]]})
     body.meta["module"] = "decode_linear_attention"  # lmc/codegen/decode_linear_attention.py
     body.meta["template"] = "decode_linear_attention"
-    body.meta["options"] = {"chunk": DEFAULT_CHUNK, "absorbed": m["absorbed"]}
+    body.meta["options"] = {"chunk": DEFAULT_CHUNK}
     return body
 
 
@@ -302,8 +285,7 @@ def fuse_decode_linear_attention(g: Graph) -> Graph:
         meta["fusions"].append({
             "pass": PASS, "status": "fused", "where": _where(m["out"]),
             "reason": f"{m['heads']} heads, state {dk}x{dv} per head, log-decays "
-                      f"{m['decays']}" + (", values absorbed as X @ W" if m["absorbed"]
-                                          else "")})
+                      f"{m['decays']}"})
     made = {x: m for m in matches for x in (m["out"], m["state"])}
     nodes: List[Node] = []
     new: Dict[Node, Node] = {}

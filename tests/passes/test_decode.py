@@ -140,6 +140,16 @@ def test_decayed_linear_attention_keeps_a_constant_dk_by_dv_state(name, prefix):
         assert _decode_matches(m, ids, k) < 1e-4
 
 
+def test_projections_of_new_tokens_only_are_not_absorbed():
+    """absorb moves an up-projection only off a cached latent: yoco's retention values
+    (x @ W_v of the new tokens) stay v = x @ W_v, since carrying W_v into the state products
+    would cost d_k times more per step than forming v."""
+    for path in ("yoco.yaml", "minimax.yaml", "llama.yaml"):
+        m = lmc.load(os.path.join(ZOO, path), preset="tiny")
+        for static in (False, True):
+            assert decode_step(m.graph, static=static).graph.meta["absorbed"] == 0, path
+
+
 def test_mla_absorbs_w_uk_into_the_query_and_w_uv_into_the_output():
     """The step graph never up-projects the cached latent: W_UK multiplies the query and
     W_UV the attention-weighted latent; equal to the unabsorbed step graph and to forward."""

@@ -109,7 +109,7 @@ def test_fires_on_every_linear_attention_layer(name, over, layers, static):
     fused = _fused(g)
     assert len(fused) == len(layers)
     # no computation of the region is left in the step (the T x T decay matrix, its mask,
-    # the local cumsum, the absorbed value products: of what the decode pass made at the
+    # the local cumsum, the value products: of what the decode pass made at the
     # block's line only the views the op reads stay); the state is read only by the op and
     # its new value is the op's second output
     for n in fused:
@@ -126,10 +126,9 @@ def test_fires_on_every_linear_attention_layer(name, over, layers, static):
         assert out.op is Op.GETITEM and out.inputs[0] is n and out.attrs["index"] == 1
         body = n.attrs["body"]
         assert body.meta["module"] == KIND
-        assert body.meta["options"]["absorbed"] is (name == "yoco")
-        assert len(n.inputs) == (6 if name == "yoco" else 5)
-    if name == "yoco":       # the absorbed value projection: X = reshape(x), W per head
-        assert "values absorbed as X @ W" in recs[0]["reason"]
+        assert len(n.inputs) == 5          # q, k, v, log-decays, state
+    if name == "yoco":       # retention: per-token gates
+        assert "log-decays [B, 2, T]" in recs[0]["reason"]
     else:                    # lightning: a fixed per-head decay [1, H, T]
         assert "log-decays [1, 4, T]" in recs[0]["reason"]
 
