@@ -5,7 +5,8 @@ rotated).
 
     inputs  q [B, H, T, D], k and v [B, Hkv, S, D] (any strides: the cache after its write,
             possibly a permuted view), and for the static step decode.pos [T] (i64: the new
-            tokens' positions P .. P+T-1).
+            tokens' positions P .. P+T-1); for a ring (options kpos) decode.pos and the keys'
+            positions decode.ringW.keys [S = W + T] (i64, negative: slot never written).
     output  [B, H, T, D] in q's dtype.
     With score parts (options parts = n > 1, MLA's absorbed form): inputs q_1..q_n,
     k_1..k_n [, decode.pos]; K = V = [k_1 | .. | k_n] and q = [q_1 | .. | q_n] (copies: the
@@ -24,6 +25,11 @@ Which kernel:
         position read on the device from decode.pos (a one-element slice, no host sync), so
         the T = 1 step is one launch pair that a captured CUDA graph replays at new positions.
         The forward kernel is not used there: it takes its query offset as a host integer.
+    ring (W slots + T new keys, in either step; positions decode.ringW.keys): as the static
+        step, with the keys' positions given to the kernel (`kpos`), which masks by them
+        instead of by slot. A long prefill runs every chunk over all W + T keys (the kernel
+        cannot bound the slots it reads from unordered positions): quadratic in T, as the
+        unfused step's [T, W + T] scores are.
 """
 from __future__ import annotations
 
@@ -44,28 +50,31 @@ def launch_template(template: str, xs: List, outs: List, opts: dict) -> None:
         raise LmcError(f"decode_attention has no {template!r} kernel (the decode step runs "
                        "without gradients)")
     n = int(opts.get("parts") or 1)
-    static = bool(opts.get("static"))
+    ring = bool(opts.get("kpos"))
+    has_pos = bool(opts.get("static")) or ring     # decode.pos [, the keys' positions]
     out = outs[0]
     if n == 1:
         q, k, v = xs[:3]
-        pos = xs[3] if static else None
-        _attend(q, k, v, pos, out, opts)
+        pos = xs[3] if has_pos else None
+        kpos = xs[4] if ring else None
+        _attend(q, k, v, pos, kpos, out, opts)
         return
     # scores in n parts over separate caches, the values one of the keys (MLA's absorbed
     # form: [q_C W_UK^T | q_R] @ [c_KV | k_R]^T, values c_KV): one K = V of the parts side by
     # side (a copy of the caches: they are kept apart by the decode pass), the output cut to
     # the value part's columns
     qs, ks = xs[:n], xs[n:2 * n]
-    pos = xs[2 * n] if static else None
+    pos = xs[2 * n] if has_pos else None
+    kpos = xs[2 * n + 1] if ring else None
     q = torch.cat(qs, -1)
     k = torch.cat(ks, -1)
     first = sum(x.shape[-1] for x in ks[:opts["v_part"]])
     wide = torch.empty(q.shape, dtype=out.dtype, device=out.device)
-    _attend(q, k, k, pos, wide, opts)
+    _attend(q, k, k, pos, kpos, wide, opts)
     out.copy_(wide[..., first:first + out.shape[-1]])
 
 
-def _attend(q, k, v, pos, out, opts: dict) -> None:
+def _attend(q, k, v, pos, kpos, out, opts: dict) -> None:
     B, H, T, D = q.shape
     S, G = k.shape[2], H // k.shape[1]
     window = int(opts.get("window") or 0) or None
@@ -83,4 +92,5 @@ def _attend(q, k, v, pos, out, opts: dict) -> None:
     chunk = max(1, ROWS // G)
     for c in range(0, T, chunk):
         rope_attention_decode(q[:, :, c:c + chunk], k, v, pos[c:c + 1], causal=True,
-                              window=window, scale=scale, out=out[:, :, c:c + chunk])
+                              window=window, scale=scale, out=out[:, :, c:c + chunk],
+                              kpos=kpos)

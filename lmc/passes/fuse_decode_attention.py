@@ -17,20 +17,28 @@ with k, v one [B, Hkv, S, D] shape and dtype; or scores written in parts over se
 which is MLA's absorbed form (q_C W_UK^T against the latent c_KV, q_R against k_R; values
 the latent): the launch puts the parts side by side, [q_1 | q_2] against K = V = [k_1 | k_2]
 (a per-step copy of the two caches, which the decode pass keeps apart), and keeps the value
-part's columns of the output. The mask is one of the decode pass's two full key layouts:
+part's columns of the output. The mask is one of the decode pass's three key layouts:
 
     dynamic step: causal_mask(rows T, cols S, window)  with S = P + T (cache ++ new keys):
                   query i sits at position S - T + i, key j at j (read from the shapes);
     static step:  le(max(-(qpos - kpos) [, (qpos - kpos) - (W - 1)]), 0)  with
                   qpos = reshape(decode.pos, [T, 1]), kpos = reshape(iota(L), [1, L]):
-                  slot j holds position j, the query positions are the `decode.pos` input.
+                  slot j holds position j, the query positions are the `decode.pos` input;
+    ring (sliding window W, dynamic and static step alike):
+                  le(max(-(qpos - kpos), (qpos - kpos) - (W - 1), -kpos), 0)  with
+                  kpos = reshape(decode.ringW.keys, [1, W + T]): the keys are [W ring slots |
+                  T new], slot j holding the position the `decode.ringW.keys` input gives it
+                  (position a in slot a mod W; negative: never written), so they are not in
+                  position order and the kernel masks by those positions, not by slot. The
+                  -kpos term is required (the kernel masks negative positions).
 
 The region (scores, mask, softmax, P @ V and the broadcast of k, v) becomes one FUSED node of
 kind "decode_attention" whose inputs are q (as the graph computes it: RoPE, if any, stays
 outside as its own pointwise kernel), k and v (the whole key/value tensors after the cache
-write: the concat of the dynamic step, the in-place `index_copy` of the static one, which
-stay outside the op; with score parts: q_1..q_n, k_1..k_n) and, in the static step,
-`decode.pos`. Its body is the matched
+write: the concat of the dynamic step or of a ring, the in-place `index_copy` of the static
+one, which stay outside the op; with score parts: q_1..q_n, k_1..k_n) and, in the static
+step, `decode.pos`, for a ring `decode.pos` and `decode.ringW.keys` (options: static for the
+first, kpos for the second). Its body is the matched
 primitives, so the torch backend and the autodiff pass still see the exact oracle;
 lmc/codegen/decode_attention.py runs attention.py's kernels:
 
@@ -39,14 +47,15 @@ lmc/codegen/decode_attention.py runs attention.py's kernels:
     static:  `rope_attention_decode` over chunks of at most 64 rows (one launch for a decode
              step), positions read on the device from `decode.pos` (never `.item()`), so the
              T = 1 step can be captured in a CUDA graph and replayed at new positions.
+    ring:    as static, the keys' positions passed as `kpos` (read on the device too).
 
-Declined, with the failed condition recorded (`lmc compile --mode decode --explain`):
-sliding-window attention in a W-slot ring (the decode pass's ring layout keeps position a in
-slot a mod W, so the keys [ring | new] are not in position order, while the kernel masks by
-slot = position); keys and values of different shapes (unless the scores come in parts and
-the values are one of their keys); probabilities or scores used outside; masks of any other
-form; non-float or mixed dtypes. Softmaxes over a fixed-size axis (routers, medit_one's) are
-not candidates and get no record.
+Declined, with the failed condition recorded (`lmc compile --mode decode --explain`): keys
+and values of different shapes (unless the scores come in parts and the values are one of
+their keys); probabilities or scores used outside; position masks without the causal term,
+with key positions neither iota(L) nor an i64 `decode.*` input, or with such an input but no
+term masking its negative (never-written) slots; masks of any other form; non-float or mixed
+dtypes. Softmaxes over a fixed-size axis (routers, medit_one's) are not candidates and get no
+record.
 """
 from __future__ import annotations
 
@@ -108,8 +117,9 @@ def _kv_heads(x: Node, H, region: List[Node]) -> Node:
     return x
 
 
-def _static_mask(mask: Node, region: List[Node]) -> dict:
-    """le(max(terms), 0) over qpos - kpos: the static step's position mask."""
+def _position_mask(mask: Node, region: List[Node]) -> dict:
+    """le(max(terms), 0) over qpos - kpos: the static step's position mask (key positions the
+    slots 0 .. L-1) or a ring's (key positions a decode input, never-written slots negative)."""
     _need(mask.op is Op.LE and _const(mask.inputs[1]) == 0,
           f"masked by {mask.op.value}, not causal_mask or the decode step's position mask")
     region.append(mask)
@@ -121,34 +131,43 @@ def _static_mask(mask: Node, region: List[Node]) -> dict:
             stack += list(t.inputs)
         else:
             terms.append(t)
-    dist, window, ring = None, 0, False
+    dists, causal, window, never = [], False, 0, None
     for t in terms:
         region.append(t)
-        if t.op is Op.NEG and t.inputs[0].op is Op.SUB:
-            dist = t.inputs[0]
-        elif t.op is Op.SUB and _const(t.inputs[1]) is not None:
+        if t.op is Op.NEG and t.inputs[0].op is Op.SUB:       # -(q - k) <= 0: k <= q
+            dists.append(t.inputs[0])
+            causal = True
+        elif t.op is Op.SUB and _const(t.inputs[1]) is not None:   # (q - k) - (W - 1) <= 0
             window = int(_const(t.inputs[1])) + 1
-            dist = t.inputs[0] if dist is None else dist
-            _need(t.inputs[0] is dist, "window term of another distance")
-        elif t.op is Op.NEG and t.inputs[0].op is Op.RESHAPE:
-            ring = True          # slots never written have negative positions
+            _need(window >= 1, f"window term {t.inputs[1].attrs['value']} below 0")
+            dists.append(t.inputs[0])
+        elif t.op is Op.NEG and t.inputs[0].op is Op.RESHAPE:   # -k <= 0: never-written slots
+            never = t.inputs[0]
         else:
             raise _NoMatch(f"{t.op.value} in the position mask")
-    _need(dist is not None, "position mask without q - k")
+    _need(causal, "position mask without the causal term -(q - k)")
+    dist = dists[0]
+    _need(all(d is dist for d in dists), "window term of another distance")
+    _need(dist.op is Op.SUB, "position mask without q - k")
     qr, kr = dist.inputs
-    _need(qr.op is Op.RESHAPE and kr.op is Op.RESHAPE, "position mask not over reshaped "
-          "query and key positions")
+    _need(qr.op is Op.RESHAPE and kr.op is Op.RESHAPE and qr.type.rank == 2
+          and kr.type.rank == 2 and qr.type.shape[1] == 1 and kr.type.shape[0] == 1,
+          "position mask not over query positions [T, 1] and key positions [1, S]")
     qpos, kpos = qr.inputs[0], kr.inputs[0]
-    if kpos.op is Op.INPUT and kpos.attrs["name"].startswith("decode.ring"):
-        raise _NoMatch(f"sliding window {window or '?'} kept in a ring buffer: position a sits "
-                       f"in slot a mod W, so the keys [ring | new] are not in position order "
-                       f"and the decode kernel masks by slot = position")
-    _need(not ring, "position mask with a never-written-slot term but no ring")
     _need(qpos.op is Op.INPUT and qpos.attrs["name"] == POS,
           "query positions are not the decode.pos input")
-    _need(kpos.op is Op.IOTA, "key positions are not the slots 0 .. L-1")
-    region += [dist, qr, kr, kpos]
-    return {"pos": qpos, "window": window, "length": kpos.attrs["length"]}
+    region += [dist, qr, kr]
+    if kpos.op is Op.IOTA:
+        _need(never is None, "position mask with a never-written-slot term over the slots "
+                             "0 .. L-1")
+        region.append(kpos)
+        return {"pos": qpos, "kpos": None, "window": window, "length": kpos.attrs["length"]}
+    _need(kpos.op is Op.INPUT and kpos.attrs["name"].startswith("decode.")
+          and kpos.type.rank == 1 and kpos.type.dtype.value == "i64",
+          "key positions are neither the slots 0 .. L-1 nor an i64 decode position input")
+    _need(never is kr, f"key positions {kpos.attrs['name']} without the term masking "
+                       "negative (never-written) slots")
+    return {"pos": qpos, "kpos": kpos, "window": window, "length": kr.type.shape[1]}
 
 
 def match(sm: Node, users: Dict[Node, List[Node]]) -> dict:
@@ -170,7 +189,7 @@ def match(sm: Node, users: Dict[Node, List[Node]]) -> dict:
         minfo = {"pos": None, "window": int(mask.attrs.get("window") or 0),
                  "rows": mask.attrs["rows"], "length": mask.attrs["cols"]}
     else:
-        minfo = _static_mask(mask, mregion)
+        minfo = _position_mask(mask, mregion)
     scale = None
     if x.op in (Op.MUL, Op.DIV):
         a, c = x.inputs
@@ -232,13 +251,14 @@ def match(sm: Node, users: Dict[Node, List[Node]]) -> dict:
             continue
         _need(all(u in inside for u in users.get(n, [])),
               f"{n.op.value} inside the attention is also used outside it")
-    ins = qs + ks + ([v] if v_part is None else []) + (
-        [minfo["pos"]] if minfo["pos"] is not None else [])
+    positions = [x for x in (minfo["pos"], minfo.get("kpos")) if x is not None]
+    ins = qs + ks + ([v] if v_part is None else []) + positions
     return {"inputs": ins, "v": v, "v_as": None if v_part is None else ks[v_part],
             "out": pv, "region": inside | set(mregion) | set(layout),
             "window": minfo["window"], "scale": 1.0 if scale is None else scale,
             "parts": len(parts), "v_part": v_part, "heads": (H, hkv),
-            "static": minfo["pos"] is not None}
+            "static": minfo["pos"] is not None and minfo.get("kpos") is None,
+            "kpos": minfo.get("kpos"), "n_pos": len(positions)}
 
 
 def _same(a: Node, b: Node) -> bool:
@@ -273,7 +293,8 @@ def _body(m: dict, name: str, order: Dict[Node, int]) -> Graph:
     body.meta["module"] = "decode_attention"     # lmc/codegen/decode_attention.py
     body.meta["template"] = "decode_attention"
     body.meta["options"] = {"static": m["static"], "window": m["window"], "scale": m["scale"],
-                            "parts": m["parts"], "v_part": m["v_part"]}
+                            "parts": m["parts"], "v_part": m["v_part"],
+                            "kpos": m["kpos"] is not None}
     return body
 
 
@@ -309,7 +330,8 @@ def fuse_decode_attention(g: Graph) -> Graph:
         ins = m["inputs"]
         fused = Node.make(Op.FUSED, ins, {"kernel": name, "kind": "decode_attention",
                                           "body": body,
-                                          "no_grad": (len(ins) - 1,) if m["static"] else ()},
+                                          "no_grad": tuple(range(len(ins) - m["n_pos"],
+                                                                 len(ins)))},
                           m["out"].loc, m["out"].scope)
         get = Node.make(Op.GETITEM, [fused], {"index": 0}, m["out"].loc, m["out"].scope)
         new_nodes[m["out"]] = [fused, get]
@@ -318,9 +340,14 @@ def fuse_decode_attention(g: Graph) -> Graph:
         if m["parts"] > 1:
             heads += (f", scores in {m['parts']} parts over separate caches (concatenated per "
                       f"step), values = keys part {m['v_part']}")
+        if m["kpos"] is not None:
+            cache = (f"ring cache (key positions {m['kpos'].attrs['name']}, never-written "
+                     f"slots masked)")
+        else:
+            cache = f"{'static' if m['static'] else 'dynamic'} cache"
         meta["fusions"].append({
             "pass": PASS, "status": "fused", "where": _where(m["out"]),
-            "reason": f"{'static' if m['static'] else 'dynamic'} cache, causal"
+            "reason": f"{cache}, causal"
                       f"{' window ' + str(m['window']) if m['window'] else ''}, {heads}, "
                       f"scale {m['scale']:.4g}"})
     nodes: List[Node] = []

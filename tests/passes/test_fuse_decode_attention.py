@@ -110,10 +110,20 @@ def test_zoo_fires_and_declines(static):
         ("fused", "cross_layers.0.mixer"), ("fused", "cross_layers.1.mixer")]
     fused = [n for n in g.nodes if n.op is Op.FUSED]
     assert fused[0].inputs[1] is fused[1].inputs[1]          # the same K
-    # yoco's sliding-window self-decoder keeps a ring: not expressible, said why
-    _, recs = _records("yoco", static, sliding_window=3)
-    assert [r["status"] for r in recs] == ["declined", "fused"]
-    assert "ring buffer" in recs[0]["reason"] and "slot a mod W" in recs[0]["reason"]
+    # yoco's sliding-window self-decoder keeps a ring (W slots + T new keys, in both steps):
+    # fused with the slots' positions as an input
+    g, recs = _records("yoco", static, sliding_window=3)
+    assert [(r["status"], r["where"].split()[0]) for r in recs] == [
+        ("fused", "self_layers.0.mixer"), ("fused", "cross_layers.0.mixer")]
+    assert recs[0]["reason"].startswith("ring cache (key positions decode.ring3.keys")
+    assert "causal window 3, 2 heads" in recs[0]["reason"]
+    ring = next(n for n in g.nodes if n.op is Op.FUSED)
+    assert [x.op for x in ring.inputs[:2]] == [Op.ADD, Op.CONCAT]    # q (roped), [ring | new]
+    assert [x.attrs["name"] for x in ring.inputs[3:]] == ["decode.pos", "decode.ring3.keys"]
+    assert ring.attrs["no_grad"] == (3, 4)
+    opts = ring.attrs["body"].meta["options"]
+    assert opts["kpos"] is True and opts["static"] is False and opts["window"] == 3
+    assert not any(n.op is Op.SOFTMAX for n in g.nodes)
     # optimus_prime: MLA's absorbed scores, latent and k_R parts over their two caches, the
     # latent as the values (one kv head)
     g, recs = _records("optimus_prime", static)
@@ -138,6 +148,48 @@ def test_near_misses_say_why():
     recs = [r for r in out.meta["fusions"] if r["pass"] == "fuse_decode_attention"]
     assert [r["status"] for r in recs] == ["declined", "fused"]
     assert "probabilities are not used once" in recs[0]["reason"]
+
+
+def _ring_mask(g):
+    """The ring attention's mask: le(max(max(-(q - k), (q - k) - (W - 1)), -k), 0)."""
+    for n in g.nodes:
+        if n.op is Op.LE and n.inputs[0].op is Op.MAX:
+            never = n.inputs[0].inputs[1]
+            if never.op is Op.NEG and never.inputs[0].op is Op.RESHAPE and \
+                    never.inputs[0].inputs[0].attrs.get("name", "").startswith("decode.ring"):
+                return n
+    raise AssertionError("no ring mask")
+
+
+def _replace(g, old, new):
+    """g with every use of node `old` reading `new` instead (new computed before old)."""
+    from lmc.ir.graph import Graph
+    env, nodes = {}, []
+    for n in g.nodes:
+        if n is old:
+            env[n] = env.get(new, new)
+            continue
+        ins = tuple(env.get(i, i) for i in n.inputs)
+        c = n if ins == n.inputs else n.replace(inputs=ins)
+        env[n] = c
+        nodes.append(c)
+    return Graph(g.name, nodes, {k: env.get(v, v) for k, v in g.outputs.items()}, g.meta)
+
+
+def test_ring_near_misses_say_why():
+    g = decode_step(_zoo("yoco", sliding_window=3).graph).graph
+    le = _ring_mask(g)
+    outer = le.inputs[0]                      # max(inner, -k)
+    inner, never = outer.inputs
+    assert inner.op is Op.MAX and never.op is Op.NEG
+    causal, window = inner.inputs
+    assert causal.op is Op.NEG and window.op is Op.SUB
+    for cut, why in [(_replace(g, outer, inner), "without the term masking negative"),
+                     (_replace(g, inner, window), "without the causal term")]:
+        recs = [r for r in fuse_decode_attention(cut).meta["fusions"]
+                if r["pass"] == "fuse_decode_attention"]
+        assert [r["status"] for r in recs] == ["declined", "fused"], recs
+        assert why in recs[0]["reason"]
 
 
 # -- the launch against the reference, every path ------------------------------------------
@@ -188,6 +240,49 @@ def test_launch_score_parts_equal_reference(static):
     s = (q1 @ k1.transpose(-1, -2) + q2 @ k2.transpose(-1, -2)) * 0.2
     vis = torch.arange(S)[None, :] <= P + torch.arange(T)[:, None]
     ref = torch.softmax(s.masked_fill(~vis, float("-inf")), -1) @ k1
+    assert (out - ref).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("H,HKV,T,P,W,window,parts", [
+    (4, 2, 1, 0, 3, 3, 1),       # first step: every ring slot never written
+    (2, 2, 1, 7, 3, 3, 1),       # a full ring, window = W
+    (4, 1, 3, 2, 5, 5, 1),       # 3 new tokens, ring partly filled, MQA
+    (4, 4, 6, 4, 3, 3, 1),       # more new tokens than slots (T > W)
+    (2, 1, 2, 9, 8, 8, 2),       # score parts (MLA's form) over a ring
+])
+def test_launch_ring_equals_reference(H, HKV, T, P, W, window, parts):
+    """The ring layout: [W slots | T new] keys at the positions the decode pass gives them
+    (`decode.ringW.keys`), never-written slots negative (their K/V hold NaN here)."""
+    from lmc.passes.decode import _ring_keys_fn
+    g = torch.Generator().manual_seed(H * 100 + T * 10 + P)
+    B, D = 2, 16
+    kpos = _ring_keys_fn(W)(torch.tensor([P]), T)
+    assert kpos.shape == (W + T,) and (kpos[W:] == P + torch.arange(T)).all()
+    q = torch.randn(B, H, T, D, generator=g)
+    k = torch.randn(B, HKV, W + T, D, generator=g)
+    v = torch.randn(B, HKV, W + T, D, generator=g)
+    k[:, :, :W][:, :, kpos[:W] < 0] = float("nan")
+    v[:, :, :W][:, :, kpos[:W] < 0] = float("nan")
+    opts = {"static": False, "kpos": True, "window": window, "scale": 0.3}
+    pos = P + torch.arange(T)
+    out = torch.full((B, H, T, D), float("nan"))
+    if parts == 1:
+        xs = [q, k.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3), v, pos, kpos]
+        vals = v
+    else:        # scores q1 k1^T + q2 k2^T, values k1 (v stands for k2 here)
+        xs = [q, q.flip(-1), k, v, pos, kpos]
+        opts.update(parts=2, v_part=0)
+        vals = k
+    dattn.launch_template("decode_attention", xs, [out], opts)
+    s = q @ torch.nan_to_num(k).transpose(-1, -2).repeat_interleave(H // HKV, 1)
+    if parts == 2:
+        s = s + q.flip(-1) @ torch.nan_to_num(v).transpose(-1, -2).repeat_interleave(
+            H // HKV, 1)
+    dist = pos[:, None] - kpos[None, :]
+    vis = (dist >= 0) & (dist < window) & (kpos[None, :] >= 0)
+    p = torch.softmax((s * 0.3).masked_fill(~vis, float("-inf")), -1)
+    ref = p @ torch.nan_to_num(vals).repeat_interleave(H // HKV, 1)
+    assert not out.isnan().any()
     assert (out - ref).abs().max().item() < 1e-5
 
 
@@ -276,6 +371,33 @@ def test_blues01_triton_decode_equals_forward(static):
     dec = Decoder(tri, "triton", static=static, **({"max_len": 8} if static else {}))
     assert _kinds(dec.graph).count("decode_attention") == 2
     assert max(_worst(dec, ids, full, k) for k in (0, 1, 5)) < TOL
+
+
+@pytest.mark.parametrize("window", [3, 9], ids=["window-3", "window-9-longer-than-prompt"])
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
+def test_yoco_sliding_window_triton_decode_equals_forward(window, static, monkeypatch):
+    """yoco's self-decoder in sliding-window mode: its ring attention on the decode kernel with
+    the slots' positions (the cross layer over the shared cache as before); prefill k in
+    {0, 1, 5}, then one token per step on the same state, against the full forward."""
+    m = _zoo("yoco", sliding_window=window)
+    tri = _zoo("yoco", "triton", sliding_window=window)
+    tri.load_state_dict(m.state_dict())
+    ids = torch.randint(0, 512, (2, 7), generator=torch.Generator().manual_seed(4))
+    full = _forward(m, ids)
+    ring_calls = []
+
+    def decode(*a, **kw):
+        ring_calls.append(kw.get("kpos") is not None)
+        return attn.rope_attention_decode(*a, **kw)
+    monkeypatch.setattr(dattn, "rope_attention_decode", decode)
+    dec = Decoder(tri, "triton", static=static, **({"max_len": 8} if static else {}))
+    assert _kinds(dec.graph).count("decode_attention") == 2
+    assert not any(n.op is Op.SOFTMAX for n in dec.graph.nodes)
+    worst = max(_worst(dec, ids, full, k) for k in (0, 1, 5))
+    print(f"yoco window {window} {'static' if static else 'dynamic'}: max abs diff {worst:.1e}")
+    assert worst < TOL
+    # one ring launch and one cross launch per call: 3 prefills + 7 + 6 + 2 steps
+    assert ring_calls.count(True) == ring_calls.count(False) == 2 + 7 + 6 + 2
 
 
 def test_compile_mode_decode_lists_the_decoder_fusions(capsys):
