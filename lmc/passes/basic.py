@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Callable, Dict, List, Optional
 
+import torch
+
 from ..ir.graph import Graph, Node, toposort
 from ..ir.ops import Kind, Op
 
@@ -103,7 +105,9 @@ def _freeze(v):
     if isinstance(v, (list, tuple)):
         return tuple(_freeze(x) for x in v)
     if hasattr(v, "numpy") and hasattr(v, "shape"):  # a folded tensor constant
-        return ("tensor", tuple(v.shape), str(v.dtype), v.cpu().numpy().tobytes())
+        # the bytes, through uint8: numpy has no bfloat16
+        raw = v.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+        return ("tensor", tuple(v.shape), str(v.dtype), raw.numpy().tobytes())
     if isinstance(v, float) and v != v:
         return ("nan",)
     return v
