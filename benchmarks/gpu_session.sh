@@ -4,9 +4,11 @@
 #   bash benchmarks/gpu_session.sh tests train      # phases run in the order given
 #
 # phases: tests (pytest -m gpu: native kernels = oracle, bf16 vs fp32, static decode + CUDA
-# graph replays), train (benchmarks/train_bench.py), decode (benchmarks/decode_bench.py),
+# graph replays), patterns (tests/gpu/test_gpu_patterns.py: every zoo model's pattern kernels
+# compiled natively: fp32 step = oracle, bf16 close, triton static decode replays), train (benchmarks/train_bench.py), decode (benchmarks/decode_bench.py),
 # attention (benchmarks/attention_bench.py), linear (benchmarks/linear_attention_bench.py),
-# moe (benchmarks/moe_bench.py), bench (lmc bench zoo/llama.yaml). Results and logs go to $OUT (default runs/gpu), flat, so
+# moe (benchmarks/moe_bench.py), bench (lmc bench zoo/llama.yaml), bench:MODEL (lmc bench
+# zoo/MODEL.yaml: bench:blues01, bench:minimax, bench:yoco, bench:optimus_prime, bench:medit_one). Results and logs go to $OUT (default runs/gpu), flat, so
 # the device tool brings them back; each log starts with the device, torch and triton.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
@@ -26,7 +28,10 @@ for phase in "$@"; do
   echo "== $phase" | tee -a "$OUT/phases.txt"
   start=$(date +%s)
   case $phase in
-    tests)     $PY -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu_tests.log" ;;
+    tests)     $PY -m pytest -q -m gpu -p no:cacheprovider tests \
+                 --deselect tests/gpu/test_gpu_patterns.py 2>&1 | tee "$OUT/gpu_tests.log" ;;
+    patterns)  $PY -m pytest -q -m gpu -p no:cacheprovider tests/gpu/test_gpu_patterns.py \
+                 --durations=10 2>&1 | tee "$OUT/gpu_patterns.log" ;;
     train)     $PY benchmarks/train_bench.py --out "$OUT/train_bench.json" 2>&1 \
                  | tee "$OUT/train_bench.log" ;;
     decode)    $PY benchmarks/decode_bench.py --out "$OUT/decode_bench.json" 2>&1 \
@@ -39,6 +44,9 @@ for phase in "$@"; do
                  | tee "$OUT/moe_bench.log" ;;
     bench)     $PY -m lmc.cli bench zoo/llama.yaml --out "$OUT/bench_llama" 2>&1 \
                  | tee "$OUT/bench_llama.log" ;;
+    bench:*)   m=${phase#bench:}
+               $PY -m lmc.cli bench "zoo/$m.yaml" --out "$OUT/bench_$m" 2>&1 \
+                 | tee "$OUT/bench_$m.log" ;;
     *)         echo "unknown phase $phase" >&2; exit 2 ;;
   esac
   rc=$?
