@@ -151,7 +151,8 @@ def fuse_reductions(g: Graph) -> Graph:
         ops = "+".join(dict.fromkeys(m.op.value for m in members))
         fusions.append({"pass": "fuse_reductions", "status": "fused",
                         "where": _where(reds[0]),
-                        "reason": f"{len(members)} ops in one kernel: {ops}"})
+                        "reason": f"{len(members)} op{'s' if len(members) > 1 else ''} in "
+                                  f"one kernel: {ops}"})
         return make_fused(members, f"{gid}", used, new, kind="reduction", prefix="lmc_red_",
                           extra={"axis": grp.axis})
 
