@@ -16,6 +16,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .errors import LmcError
+from .ir.ops import Op
 
 
 @dataclass
@@ -212,8 +213,12 @@ def check_decode(s: Subject) -> Row:
     tworst = max(_decode_diff(tri, tdec, s.ids, k) for k in tks)
     per_tok = sum(st.bytes_per_token() for st in dec.step.states)
     fixed = sum(st.bytes(1, 0) for st in dec.step.states)
+    kinds = [n.attrs["kind"] for n in tdec.graph.nodes if n.op is Op.FUSED
+             and n.attrs["kind"].startswith("decode_")]
+    fused = ", ".join(f"{kinds.count(k)} {k}" for k in sorted(set(kinds)))
     return Row("decode = forward", max(worst, tworst) <= DECODE_TOL,
-               f"prefill k in {ks} then steps: max |diff| {worst:.1e}; triton k in {tks}: "
+               f"prefill k in {ks} then steps: max |diff| {worst:.1e}; triton k in {tks}"
+               f"{' (' + fused + ')' if fused else ''}: "
                f"{tworst:.1e} (tol {DECODE_TOL:.0e}); state {len(dec.step.states)} tensors, "
                f"{per_tok:,} B/token + {fixed:,} B/sequence")
 
