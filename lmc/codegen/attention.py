@@ -62,7 +62,10 @@ Kernels (one program per (row block, batch * head)):
                     of kv head g times the Tq new queries as the rows of one tile (so each
                     cached K/V block is read once per kv head) over its split of the cache,
                     and writes a normalised partial output and its base-2 lse; with a
-                    single split, the output itself (no combine launch).
+                    single split, the output itself (no combine launch). Keys may come in
+                    two parts from two tensors (k2 beside k, q2 beside q: one more tl.dot
+                    into the score accumulator, as the groups A, B, C are), the values one
+                    of them: MLA's latent c_KV and shared k_R, read from their own caches.
     _decode_combine per query row, weights the splits by 2^(lse_s - max) and normalises.
 
 The decode kernel reads the query position and the valid cache length from device tensors
@@ -630,10 +633,12 @@ def _attn_bwd_dq(Q, K, V, COS_Q, SIN_Q, COS_K, SIN_K, DO, LSE, DELTA, DQ,
 # --------------------------------------------------------------------------------------------
 @triton.jit
 def _decode_split(Q, K, V, COS_Q, SIN_Q, COS_K, SIN_K, POS, KV_LEN, KPOS, PART_O, PART_L,
-                  OUT,
+                  OUT, Q2, K2,
                   stride_qb, stride_qh, stride_qt, stride_qd,
                   stride_kb, stride_kh, stride_kn, stride_kd,
                   stride_vb, stride_vh, stride_vn, stride_vd,
+                  stride_q2b, stride_q2h, stride_q2t, stride_q2d,
+                  stride_k2b, stride_k2h, stride_k2n, stride_k2d,
                   stride_cqp, stride_cqd, stride_ckp, stride_ckd, stride_pos, stride_len,
                   stride_kpb, stride_kpn, stride_ob, stride_oh, stride_ot, stride_od,
                   H, HKV, TQ, S_MAX, CHUNK, NSPLIT, window, qk_scale,
@@ -643,15 +648,21 @@ def _decode_split(Q, K, V, COS_Q, SIN_Q, COS_K, SIN_K, POS, KV_LEN, KPOS, PART_O
                   DIRECT: tl.constexpr, BLOCK_M: tl.constexpr,
                   BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
                   DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr,
-                  HEAD_DV: tl.constexpr):
+                  HEAD_DV: tl.constexpr, HEAD_D2: tl.constexpr, BLOCK_D2: tl.constexpr):
     # Tile rows r = (query head g' of kv head g) * TQ + new query i: each cached K/V block of
     # kv head g is read once for all its query heads. Over the cache slots
     # [split * CHUNK, (split + 1) * CHUNK) below kv_len: the normalised partial output and its
     # base-2 lse, or (DIRECT: one split) the output itself in OUT. Query i of sequence b sits
     # at POS[b] + i; slot j holds position j, or (HAS_KPOS) KPOS[b, j], a negative one
     # marking a slot never written (masked; its K and V are not read).
+    # HEAD_D2 > 0: every key has a second part, K2's row of HEAD_D2 columns (its own tensor
+    # and strides, read as given: never rotated), and the score adds q2 . k2 (Q2's row) to
+    # the first part's in the same fp32 accumulator, one more tile pair next to the groups
+    # A, B, C (MLA: K = V = the latent c_KV, K2 = the shared rotated k_R). HEAD_D2 == 0
+    # compiles none of it.
     HAS_ROPE: tl.constexpr = ROT > 0
     HAS_PASS: tl.constexpr = ROT < HEAD_DIM
+    HAS_K2: tl.constexpr = HEAD_D2 > 0
     dt = Q.dtype.element_ty
     pid_s = tl.program_id(0)
     pid_bk = tl.program_id(1)
@@ -686,6 +697,12 @@ def _decode_split(Q, K, V, COS_Q, SIN_Q, COS_K, SIN_K, POS, KV_LEN, KPOS, PART_O
                             stride_cqd, col_a, col_b, mask_r, tcol_a, tcol_b, PAIRED, True)
     if HAS_PASS:
         qc = _load_cols(Q, q_rows, stride_qd, r_ok, col_c, mask_c)
+    q2 = qc
+    if HAS_K2:
+        col_2 = tl.arange(0, BLOCK_D2)
+        mask_2 = col_2 < HEAD_D2
+        q2 = _load_cols(Q2, b * stride_q2b + h * stride_q2h + i.to(tl.int64) * stride_q2t,
+                        stride_q2d, r_ok, col_2, mask_2)
 
     lo = pid_s * CHUNK
     hi = tl.minimum(lo + CHUNK, kv_len)
@@ -695,6 +712,7 @@ def _decode_split(Q, K, V, COS_Q, SIN_Q, COS_K, SIN_K, POS, KV_LEN, KPOS, PART_O
         if HAS_WINDOW:
             lo = tl.maximum(lo, pos0 - window + 1)
     k_row0 = b * stride_kb + kvh * stride_kh
+    k2_row0 = b * stride_k2b + kvh * stride_k2h
     v_row0 = b * stride_vb + kvh * stride_vh
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -721,6 +739,9 @@ def _decode_split(Q, K, V, COS_Q, SIN_Q, COS_K, SIN_K, POS, KV_LEN, KPOS, PART_O
             kc = _load_cols(K, k_rows, stride_kd, n_ok, col_c, mask_c)
         qk = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         qk = _group_dot(qk, qa, qb, qc, ka, kb, kc, HAS_ROPE, HAS_PASS, DOT_PREC)
+        if HAS_K2:
+            k2 = _load_cols(K2, k2_row0 + n64 * stride_k2n, stride_k2d, n_ok, col_2, mask_2)
+            qk = tl.dot(q2, tl.trans(k2), acc=qk, input_precision=DOT_PREC)
         qk = qk * qk_scale
         vis = _visible(qpos[:, None], kpos[None, :], n_ok[None, :] & r_ok[:, None], window,
                        CAUSAL, HAS_WINDOW)
@@ -806,7 +827,8 @@ _KEYS = {
     "fwd": ["T", "S", "HEAD_DIM", "HEAD_DV", "ROT", "CAUSAL", "HAS_WINDOW"],
     "dkdv": ["T", "S", "HEAD_DIM", "HEAD_DV", "ROT", "CAUSAL", "HAS_WINDOW"],
     "dq": ["T", "S", "HEAD_DIM", "HEAD_DV", "ROT", "CAUSAL", "HAS_WINDOW"],
-    "decode": ["TQ", "S_MAX", "HEAD_DIM", "HEAD_DV", "ROT", "ROPE_K", "HAS_KPOS", "DIRECT"],
+    "decode": ["TQ", "S_MAX", "HEAD_DIM", "HEAD_DV", "HEAD_D2", "ROT", "ROPE_K", "HAS_KPOS",
+               "DIRECT"],
 }
 _JIT = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq, "decode": _decode_split}
 _TUNED: dict = {}
@@ -1079,7 +1101,9 @@ def rope_attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor,
                           rot_dim: Optional[int] = None, interleaved: bool = False,
                           causal: bool = True, window: Optional[int] = None,
                           scale: Optional[float] = None, num_splits: Optional[int] = None,
-                          out: Optional[Tensor] = None, kpos: Optional[Tensor] = None) -> Tensor:
+                          out: Optional[Tensor] = None, kpos: Optional[Tensor] = None,
+                          q2: Optional[Tensor] = None, k2_cache: Optional[Tensor] = None
+                          ) -> Tensor:
     """Decode attention (flash-decoding): a few new queries per sequence against a cache.
 
     q [B, H, Tq, D] (Tq small, typically 1); k_cache, v_cache [B, Hkv, S_max, D], slot j
@@ -1101,8 +1125,38 @@ def rope_attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor,
         GPU, from the shapes alone). With one split the kernel writes the output itself (no
         combine launch; the same values). Other options as in `rope_attention`.
     out: where to write (a CUDA graph's static output); returned.
+    q2 [B, H, Tq, D2], k2_cache [B, Hkv, S_max, D2] (both or neither): keys in two parts
+        from two tensors, each with its own strides and head dim: the score of query i and
+        key j is rope(q_i) . rope(k_j) + q2_i . k2_j (both partial products accumulated in
+        fp32), as if q and the keys were [q | q2], [k | k2] — without forming those copies.
+        k2 is read as given (no RoPE: the options above apply to k_cache and q only), and
+        v_cache may be k_cache itself (MLA: k_cache = v_cache = the latent c_KV, k2_cache
+        the shared rotated k_R, q2 the rotated q_R). Default scale 1/sqrt(D + D2).
     On the GPU the first call for a shape runs the autotuner: make it before capturing.
     """
+    if (q2 is None) != (k2_cache is None):
+        raise ValueError("q2 and k2_cache come together (the second part of the queries and "
+                         "of the keys)")
+    d2 = 0
+    if k2_cache is not None:
+        if q2.dim() != 4 or k2_cache.dim() != 4 or tuple(q2.shape[:3]) != tuple(q.shape[:3]) \
+                or tuple(k2_cache.shape[:3]) != tuple(k_cache.shape[:3]) \
+                or q2.shape[3] != k2_cache.shape[3] or q2.shape[3] == 0:
+            raise ValueError(f"q2 must be [B, H, Tq, D2] with q's B, H, Tq and k2_cache "
+                             f"[B, Hkv, S_max, D2] with k_cache's B, Hkv, S_max (D2 > 0): q "
+                             f"{tuple(q.shape)}, q2 {tuple(q2.shape)}, k_cache "
+                             f"{tuple(k_cache.shape)}, k2_cache {tuple(k2_cache.shape)}")
+        if not (q2.dtype == k2_cache.dtype == q.dtype):
+            raise ValueError(f"q2 and k2_cache must have q's dtype {q.dtype}: got {q2.dtype}, "
+                             f"{k2_cache.dtype}")
+        if q2.device != q.device or k2_cache.device != q.device:
+            raise ValueError(f"q2 ({q2.device}) and k2_cache ({k2_cache.device}) must be on "
+                             f"q's device {q.device}")
+        d2 = q2.shape[3]
+        if scale is None:
+            scale = 1.0 / math.sqrt(q.shape[3] + d2)
+    else:
+        q2, k2_cache = q, k_cache       # not read
     sp = _Spec(q, k_cache, v_cache, cos, sin, k_cos, k_sin, rot_dim, interleaved, rope_k,
                causal, window, 0, 0, scale, decode=True)
     B, H, TQ, DV, HKV, S = sp.B, sp.H, sp.T, sp.DV, sp.HKV, sp.S
@@ -1129,11 +1183,12 @@ def rope_attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor,
     tables, tstrides = sp.tables()
     _launch("decode", lambda m: (num_splits, B * HKV),
             q, k_cache, v_cache, *tables, pos, kv_len_t, kpos_t, part_o, part_l, out,
-            *q.stride(), *k_cache.stride(), *v_cache.stride(), *tstrides, stride_pos,
-            stride_len, *kpos_strides, *out.stride(), H, HKV, TQ, S, chunk, num_splits,
-            sp.window_arg, sp.scale * LOG2E, HAS_KV_LEN=kv_len is not None,
+            q2, k2_cache, *q.stride(), *k_cache.stride(), *v_cache.stride(),
+            *(q2.stride() if d2 else (0,) * 4), *(k2_cache.stride() if d2 else (0,) * 4),
+            *tstrides, stride_pos, stride_len, *kpos_strides, *out.stride(), H, HKV, TQ, S,
+            chunk, num_splits, sp.window_arg, sp.scale * LOG2E, HAS_KV_LEN=kv_len is not None,
             HAS_KPOS=kpos is not None, DIRECT=direct, BLOCK_M=_p2(H // HKV * TQ),
-            **sp.constexprs())
+            HEAD_D2=d2, BLOCK_D2=_p2(d2), **sp.constexprs())
     if not direct:
         _decode_combine[(B * H * TQ,)](part_o, part_l, out, *out.stride(), H, TQ, num_splits,
                                        HEAD_DIM=DV, BLOCK_D=_p2(DV),

@@ -8,9 +8,12 @@ rotated).
             tokens' positions P .. P+T-1); for a ring (options kpos) decode.pos and the keys'
             positions decode.ringW.keys [S = W + T] (i64, negative: slot never written).
     output  [B, H, T, D] in q's dtype.
-    With score parts (options parts = n > 1, MLA's absorbed form): inputs q_1..q_n,
-    k_1..k_n [, decode.pos]; K = V = [k_1 | .. | k_n] and q = [q_1 | .. | q_n] (copies: the
-    decode pass keeps the caches apart), output the columns of part v_part.
+    With score parts (options parts = 2, MLA's absorbed form): inputs q_1, q_2, k_1, k_2
+    [, decode.pos [, keys' positions]]; scores q_1 k_1^T + q_2 k_2^T, values k_{v_part}:
+    the decode kernel reads the two caches where they lie (k = k_1, k2 = k_2, v = the
+    value part, q and q2 likewise: no copy of a cache or of q per step) and writes the output
+    directly. Only a long dynamic prefill (the forward kernel, one K) runs on
+    [q_1 | q_2] against K = [k_1 | k_2], a copy made once per prefill, not per token.
 
 Which kernel:
     dynamic step (S = P + T keys, slot j = position j, queries at S - T + i; the offset is
@@ -59,22 +62,18 @@ def launch_template(template: str, xs: List, outs: List, opts: dict) -> None:
         kpos = xs[4] if ring else None
         _attend(q, k, v, pos, kpos, out, opts)
         return
-    # scores in n parts over separate caches, the values one of the keys (MLA's absorbed
-    # form: [q_C W_UK^T | q_R] @ [c_KV | k_R]^T, values c_KV): one K = V of the parts side by
-    # side (a copy of the caches: they are kept apart by the decode pass), the output cut to
-    # the value part's columns
-    qs, ks = xs[:n], xs[n:2 * n]
-    pos = xs[2 * n] if has_pos else None
-    kpos = xs[2 * n + 1] if ring else None
-    q = torch.cat(qs, -1)
-    k = torch.cat(ks, -1)
-    first = sum(x.shape[-1] for x in ks[:opts["v_part"]])
-    wide = torch.empty(q.shape, dtype=out.dtype, device=out.device)
-    _attend(q, k, k, pos, kpos, wide, opts)
-    out.copy_(wide[..., first:first + out.shape[-1]])
+    # scores in two parts over separate caches, the values one of the keys (MLA's absorbed
+    # form: (q_C W_UK^T) c_KV^T + q_R k_R^T, values c_KV): the decode kernel's two-part keys
+    # read both caches in place (the pass matches a sum of two products, never more)
+    if n != 2:
+        raise LmcError(f"decode_attention takes scores in 1 or 2 parts: got {n}")
+    (q1, q2), (k1, k2) = xs[:2], xs[2:4]
+    pos = xs[4] if has_pos else None
+    kpos = xs[5] if ring else None
+    _attend(q1, k1, xs[2 + int(opts["v_part"])], pos, kpos, out, opts, q2, k2)
 
 
-def _attend(q, k, v, pos, kpos, out, opts: dict) -> None:
+def _attend(q, k, v, pos, kpos, out, opts: dict, q2=None, k2=None) -> None:
     B, H, T, D = q.shape
     S, G = k.shape[2], H // k.shape[1]
     window = int(opts.get("window") or 0) or None
@@ -83,8 +82,10 @@ def _attend(q, k, v, pos, kpos, out, opts: dict) -> None:
         offset = S - T
         if G * T <= ROWS:
             rope_attention_decode(q, k, v, offset, causal=True, window=window, scale=scale,
-                                  out=out)
-        else:
+                                  out=out, q2=q2, k2_cache=k2)
+        else:   # a long prefill: the forward kernel reads one K (a copy, once per prefill)
+            if k2 is not None:
+                q, k = torch.cat([q, q2], -1), torch.cat([k, k2], -1)
             o, _ = rope_attention_fwd(q, k, v, causal=True, window=window, q_offset=offset,
                                       scale=scale)
             out.copy_(o)
@@ -93,4 +94,5 @@ def _attend(q, k, v, pos, kpos, out, opts: dict) -> None:
     for c in range(0, T, chunk):
         rope_attention_decode(q[:, :, c:c + chunk], k, v, pos[c:c + 1], causal=True,
                               window=window, scale=scale, out=out[:, :, c:c + chunk],
-                              kpos=kpos)
+                              kpos=kpos, q2=None if q2 is None else q2[:, :, c:c + chunk],
+                              k2_cache=k2)

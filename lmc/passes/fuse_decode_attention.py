@@ -15,9 +15,11 @@ with k, v one [B, Hkv, S, D] shape and dtype; or scores written in parts over se
     (q_1 @ k4_1^T + q_2 @ k4_2^T) * scale,   values = one of the k_i (the same view of it)
 
 which is MLA's absorbed form (q_C W_UK^T against the latent c_KV, q_R against k_R; values
-the latent): the launch puts the parts side by side, [q_1 | q_2] against K = V = [k_1 | k_2]
-(a per-step copy of the two caches, which the decode pass keeps apart), and keeps the value
-part's columns of the output. The mask is one of the decode pass's three key layouts:
+the latent): the decode kernel takes keys in two parts from two tensors, so the launch hands
+it both caches where the decode pass keeps them (k_1 and k_2, the values the part they are,
+q_1 and q_2 likewise) and the score is the sum of the two partial products: no per-step copy
+of a cache (only a long dynamic prefill, on the forward kernel, runs on [q_1 | q_2] against
+[k_1 | k_2], copied once). The mask is one of the decode pass's three key layouts:
 
     dynamic step: causal_mask(rows T, cols S, window)  with S = P + T (cache ++ new keys):
                   query i sits at position S - T + i, key j at j (read from the shapes);
@@ -338,8 +340,8 @@ def fuse_decode_attention(g: Graph) -> Graph:
         H, hkv = m["heads"]
         heads = f"{H} heads" if hkv == H else f"{H} heads over {hkv} kv heads"
         if m["parts"] > 1:
-            heads += (f", scores in {m['parts']} parts over separate caches (concatenated per "
-                      f"step), values = keys part {m['v_part']}")
+            heads += (f", scores in {m['parts']} parts over separate caches (read in place), "
+                      f"values = keys part {m['v_part']}")
         if m["kpos"] is not None:
             cache = (f"ring cache (key positions {m['kpos'].attrs['name']}, never-written "
                      f"slots masked)")

@@ -5,7 +5,9 @@ gradient, and flash-decoding, on odd shapes (T 63, 17, 1; head dims 32, 64 and 4
 paired tables; XPos tables; query/key position offsets; rows that see no key; strided inputs;
 several block sizes), decode over padded caches in several splits and over ring-buffer slots
 with explicit key positions (unfilled slots hold NaN, shuffled slots, per-sequence layouts),
-one split writing the output without the combine launch; the reference itself
+one split writing the output without the combine launch; decode with keys in two parts from
+two tensors (MLA's latent and k_R, values the latent; MQA/GQA, rings, several splits); the
+reference itself
 against independent formulations (complex rotation, SDPA with an explicit mask); and the
 benchmark script's CPU run."""
 import importlib.util
@@ -384,6 +386,119 @@ def test_decode_key_positions_bad_arguments():
                      (torch.zeros(3, 10, dtype=torch.long), r"\[B=2, S_max=10\]")]:
         with pytest.raises(ValueError, match=why):
             A.rope_attention_decode(q, k, v, 3, kpos=bad)
+
+
+# -- decode with keys in two parts from two tensors (MLA's latent and k_R) -------------------
+def run_decode_two_part(B, H, HKV, T, S, D, D2, *, pos, splits=None, kpos=False, window=None,
+                        W=None, v_is_k=True, dv=None, rot=0, scale=0.3,
+                        dtype=torch.float32, seed=0):
+    """Keys [k | k2] from two tensors laid out as the decode pass keeps MLA's caches (the
+    latent [B, S, D] seen as kv heads, k_R its own [B, Hkv, S, D2] tensor, here in a
+    [B, S, Hkv, D2] layout and q2 a column slice: strides of their own), values the first
+    part itself (v_is_k) or their own tensor; slots that must not be read hold NaN. Against
+    the fp64 reference over [q | q2] and [k | k2] (RoPE, rotate-half at the positions, on the
+    first part when rot): max abs error and the largest reference magnitude."""
+    gen = torch.Generator().manual_seed(seed)
+    q = _randn(B, H, T, D, gen=gen, dtype=dtype)
+    q2 = _randn(B, H, T, 2 * D2, gen=gen, dtype=dtype)[..., D2:]
+    k = _randn(B, S, HKV * D, gen=gen, dtype=dtype).reshape(B, S, HKV, D).transpose(1, 2)
+    k2 = _randn(B, S, HKV, D2, gen=gen, dtype=dtype).transpose(1, 2)
+    v = k if v_is_k else _randn(B, HKV, S, dv or D, gen=gen, dtype=dtype)
+    P = torch.as_tensor(pos).expand(B)
+    if kpos:     # a ring: W slots + T new keys (S = W + T), never-written slots negative
+        kp = _ring(B, W, T, P.tolist(), gen)
+        dead = kp < 0
+    else:        # slot j = position j, the slots past the new keys not yet written
+        kp = torch.arange(S).expand(B, S)
+        dead = kp >= (P + T)[:, None]
+    for x in {id(t): t for t in (k, k2, v)}.values():
+        x.masked_fill_(dead[:, None, :, None], float("nan"))
+    cos = sin = None
+    if rot:
+        cos, sin = A.rope_tables(int(P.max()) + S + T + 2, rot)
+    out = A.rope_attention_decode(q, k, v, P, cos, sin, rot_dim=rot, rope_k=bool(rot),
+                                  window=window, scale=scale, num_splits=splits,
+                                  kpos=kp if kpos else None, q2=q2, k2_cache=k2)
+    assert out.shape == (B, H, T, v.shape[-1]) and out.dtype == dtype
+    assert not out.isnan().any()
+    if scale is None:
+        scale = 1 / math.sqrt(D + D2)
+    q64, k64 = q.double(), torch.nan_to_num(k.double())
+    if rot:   # RoPE on the first part's rot columns, at each query's and key's position
+        qp = P[:, None] + torch.arange(T)
+        q64 = torch.cat([_rotate_half_at(q64[..., :rot], cos.double(), sin.double(), qp),
+                         q64[..., rot:]], -1)
+        k64 = torch.cat([_rotate_half_at(k64[..., :rot], cos.double(), sin.double(), kp),
+                         k64[..., rot:]], -1)
+    ref = _kpos_reference(torch.cat([q64, q2.double()], -1),
+                          torch.cat([k64, torch.nan_to_num(k2.double())], -1), v, P, kp,
+                          window=window, scale=scale)
+    return _max_err(out, ref), ref.abs().max().item()
+
+
+# (id, B H HKV T S D D2, options); S = W + T for a ring
+DECODE_TWO_PART = [
+    ("mla-one-kv-head-one-step-one-split", (2, 4, 1, 1, 37, 32, 16), dict(pos=[5, 36],
+                                                                        splits=1)),
+    ("mla-dc48-3-new-4-splits", (2, 4, 1, 3, 41, 48, 16), dict(pos=[0, 38], splits=4)),
+    ("mla-default-scale-window", (1, 8, 1, 2, 29, 32, 16), dict(pos=[20], splits=3,
+                                                               window=7, scale=None)),
+    ("gqa-own-values-dv24", (2, 4, 2, 2, 33, 32, 16), dict(pos=[3, 31], splits=3,
+                                                          v_is_k=False, dv=24)),
+    ("gqa-6-heads-over-2-rope-on-first-part", (1, 6, 2, 1, 23, 32, 16),
+     dict(pos=[22], splits=2, rot=16)),
+    ("mla-ring-kpos-one-step-2-splits", (2, 4, 1, 1, 10, 48, 16),
+     dict(pos=[3, 20], kpos=True, W=9, window=9, splits=2)),
+    ("gqa-ring-kpos-3-new-one-split", (2, 4, 2, 3, 10, 32, 16),
+     dict(pos=[1, 14], kpos=True, W=7, window=None, splits=1)),
+]
+
+
+@pytest.mark.parametrize("shape,opts",
+                         [pytest.param(s, o, id=i) for i, s, o in DECODE_TWO_PART])
+def test_decode_two_part_keys_fp32(shape, opts):
+    err, _ = run_decode_two_part(*shape, **opts)
+    print(f"decode with two-part keys: max abs err {err:.1e}")
+    assert err <= F32_TOL
+
+
+def test_decode_two_part_keys_fp16():
+    err, scale = run_decode_two_part(2, 4, 1, 1, 45, 48, 16, pos=[10, 44], splits=3,
+                                     dtype=torch.float16)
+    print(f"decode with two-part keys fp16: max abs err {err:.1e} (max |ref| {scale:.2f})")
+    assert err <= F16_REL * max(scale, 1.0)
+
+
+@pytest.mark.parametrize("kpos", [False, True], ids=["slots", "kpos"])
+def test_decode_two_part_one_split_writes_the_output_itself(kpos, monkeypatch):
+    """Two-part keys with one split: no combine launch, bit for bit the two-launch result;
+    and the second part counts (zeroing q2 changes the output)."""
+    gen = torch.Generator().manual_seed(12)
+    B, H, T, S, D, D2 = 2, 4, 1, 21, 32, 16
+    q, q2 = _randn(B, H, T, D, gen=gen), _randn(B, H, T, D2, gen=gen)
+    k, k2 = _randn(B, 1, S, D, gen=gen), _randn(B, 1, S, D2, gen=gen)
+    pos = torch.tensor([6, 20])
+    kw = dict(q2=q2, k2_cache=k2, kpos=_ring(B, S - T, T, [6, 20], gen) if kpos else None)
+    comb = _Counting(A._decode_combine)
+    monkeypatch.setattr(A, "_decode_combine", comb)
+    one = A.rope_attention_decode(q, k, k, pos, num_splits=1, **kw)
+    assert comb.launches == 0
+    monkeypatch.setattr(A, "DIRECT_SINGLE_SPLIT", False)
+    assert torch.equal(one, A.rope_attention_decode(q, k, k, pos, num_splits=1, **kw))
+    assert comb.launches == 1
+    kw["q2"] = torch.zeros_like(q2)
+    assert _max_err(A.rope_attention_decode(q, k, k, pos, num_splits=1, **kw), one) > 1e-2
+
+
+def test_decode_two_part_bad_arguments():
+    q, q2 = torch.zeros(2, 4, 1, 16), torch.zeros(2, 4, 1, 8)
+    k, k2 = torch.zeros(2, 1, 10, 16), torch.zeros(2, 1, 10, 8)
+    for kw, why in [(dict(q2=q2), "come together"), (dict(k2_cache=k2), "come together"),
+                    (dict(q2=q2, k2_cache=k2[..., :4]), "q2 must be"),
+                    (dict(q2=q2, k2_cache=k2[:, :, :9]), "q2 must be"),
+                    (dict(q2=q2.half(), k2_cache=k2.half()), "dtype")]:
+        with pytest.raises(ValueError, match=why):
+            A.rope_attention_decode(q, k, k, 3, **kw)
 
 
 # -- the reference against independent formulations -----------------------------------------

@@ -224,22 +224,80 @@ def test_launch_equals_reference(static, H, HKV, T, P, window):
     assert (out - ref).abs().max().item() < 1e-5
 
 
-@pytest.mark.parametrize("static", [False, True])
-def test_launch_score_parts_equal_reference(static):
-    """MLA's absorbed form: scores q1 k1^T + q2 k2^T over one latent kv head, values k1."""
-    g = torch.Generator().manual_seed(7)
-    B, H, T, P, L = 2, 4, 2, 5, 12
-    q1, q2 = torch.randn(B, H, T, 32, generator=g), torch.randn(B, H, T, 8, generator=g)
+class _NoCat:
+    """decode_attention's `torch` with `cat` refused: the launch copies no cache (nor q)."""
+
+    def __getattr__(self, name):
+        if name == "cat":
+            raise AssertionError("decode_attention concatenated tensors")
+        return getattr(torch, name)
+
+
+def _record_decode_calls(monkeypatch):
+    """The tensors each rope_attention_decode call of the launcher gets (as data pointers)."""
+    seen = []
+
+    def decode(q, k, v, pos, **kw):
+        seen.append({"k": k.data_ptr(), "v": v.data_ptr(),
+                     "k2": None if kw.get("k2_cache") is None else kw["k2_cache"].data_ptr(),
+                     "q2": None if kw.get("q2") is None else kw["q2"].data_ptr()})
+        return attn.rope_attention_decode(q, k, v, pos, **kw)
+    monkeypatch.setattr(dattn, "rope_attention_decode", decode)
+    return seen
+
+
+@pytest.mark.parametrize("static,T,v_part", [
+    (False, 2, 0), (True, 2, 0),
+    (False, 3, 1),      # the values the second part
+    (True, 17, 0),      # a static prefill in chunks of 16 rows (q2 sliced with q)
+])
+def test_launch_score_parts_equal_reference(static, T, v_part, monkeypatch):
+    """MLA's absorbed form: scores q1 k1^T + q2 k2^T over one latent kv head, values k1 (or
+    k2), the caches laid out as the decode pass keeps them ([B, S, d_c] latent seen as one
+    head; k_R [B, 1, S, d_R]): the kernel reads both caches and both q parts where they lie,
+    nothing is concatenated, the output is written in place."""
+    seen = _record_decode_calls(monkeypatch)
+    monkeypatch.setattr(dattn, "torch", _NoCat())
+    g = torch.Generator().manual_seed(7 + T)
+    B, H, P, L, dc, dr = 2, 4, 5, 24, 32, 8
+    q1, q2 = torch.randn(B, H, T, dc, generator=g), torch.randn(B, H, T, dr, generator=g)
     S = L if static else P + T
-    k1, k2 = torch.randn(B, 1, S, 32, generator=g), torch.randn(B, 1, S, 8, generator=g)
+    latent, k2 = torch.randn(B, S, dc, generator=g), torch.randn(B, 1, S, dr, generator=g)
+    k1 = latent.reshape(B, 1, S, dc)
+    if static:   # slots past the new tokens: never written, masked (NaN: must not be read)
+        k1[:, :, P + T:] = float("nan")
+        k2[:, :, P + T:] = float("nan")
     xs = [q1, q2, k1, k2] + ([P + torch.arange(T)] if static else [])
-    out = torch.full((B, H, T, 32), float("nan"))
+    v = (k1, k2)[v_part]
+    out = torch.full((B, H, T, v.shape[-1]), float("nan"))
     dattn.launch_template("decode_attention", xs, [out],
                           {"static": static, "window": 0, "scale": 0.2, "parts": 2,
-                           "v_part": 0})
-    s = (q1 @ k1.transpose(-1, -2) + q2 @ k2.transpose(-1, -2)) * 0.2
+                           "v_part": v_part})
+    k1n, k2n, vn = (torch.nan_to_num(x).double() for x in (k1, k2, v))
+    s = (q1.double() @ k1n.transpose(-1, -2) + q2.double() @ k2n.transpose(-1, -2)) * 0.2
     vis = torch.arange(S)[None, :] <= P + torch.arange(T)[:, None]
-    ref = torch.softmax(s.masked_fill(~vis, float("-inf")), -1) @ k1
+    ref = torch.softmax(s.masked_fill(~vis, float("-inf")), -1) @ vn
+    assert (out - ref).abs().max().item() < 1e-5
+    chunks = -(-T // 16) if static else 1
+    assert seen == [{"k": k1.data_ptr(), "v": v.data_ptr(), "k2": k2.data_ptr(),
+                     "q2": q2[:, :, c * 16:].data_ptr()} for c in range(chunks)]
+
+
+def test_launch_score_parts_long_prefill_on_the_forward_kernel():
+    """More than 64 rows in a dynamic prefill: the forward kernel over [q1 | q2] and
+    [k1 | k2] (copied once for the prefill), values k1."""
+    g = torch.Generator().manual_seed(8)
+    B, H, T, P, dc, dr = 1, 4, 17, 3, 32, 8
+    q1, q2 = torch.randn(B, H, T, dc, generator=g), torch.randn(B, H, T, dr, generator=g)
+    k1, k2 = torch.randn(B, 1, P + T, dc, generator=g), torch.randn(B, 1, P + T, dr, generator=g)
+    out = torch.full((B, H, T, dc), float("nan"))
+    dattn.launch_template("decode_attention", [q1, q2, k1, k2], [out],
+                          {"static": False, "window": 0, "scale": 0.2, "parts": 2,
+                           "v_part": 0})
+    s = (q1.double() @ k1.double().transpose(-1, -2)
+         + q2.double() @ k2.double().transpose(-1, -2)) * 0.2
+    vis = torch.arange(P + T)[None, :] <= P + torch.arange(T)[:, None]
+    ref = torch.softmax(s.masked_fill(~vis, float("-inf")), -1) @ k1.double()
     assert (out - ref).abs().max().item() < 1e-5
 
 
@@ -321,6 +379,36 @@ def test_decode_equals_forward_kernel_only(name, over, static, monkeypatch):
     worst = max(_worst(dec, ids, full, k) for k in (0, 1, 5))
     assert worst < TOL
     assert calls["decode"] > 0
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
+def test_optimus_prime_triton_decode_reads_the_two_caches_in_place(static, monkeypatch):
+    """MLA on the triton backend: decode = forward (a prefill of 2, then one token per
+    step), and every attention launch reads the latent (keys and values) and k_R from the
+    very state tensors the step returns (dynamic: its concat, static: the preallocated
+    buffers), with no concatenation in the launcher."""
+    seen = _record_decode_calls(monkeypatch)
+    monkeypatch.setattr(dattn, "torch", _NoCat())
+    m = _zoo("optimus_prime")
+    tri = _zoo("optimus_prime", "triton")
+    tri.load_state_dict(m.state_dict())
+    ids = torch.randint(0, 512, (2, 6), generator=torch.Generator().manual_seed(5))
+    full = _forward(m, ids)
+    dec = Decoder(tri, "triton", static=static, **({"max_len": 8} if static else {}))
+    assert _kinds(dec.graph).count("decode_attention") == 2
+    assert not any(n.op is Op.SOFTMAX for n in dec.graph.nodes)
+    worst, calls, st = 0.0, 0, dec.init_state(2)
+    for a, b in [(0, 2)] + [(t, t + 1) for t in range(2, 6)]:
+        lg, st = dec(ids[:, a:b], st)
+        worst = max(worst, (lg - full[:, a:b]).abs().max().item())
+        calls += 1
+        got = seen[-2:]
+        assert [c["k"] for c in got] == [c["v"] for c in got] == [
+            st[f"layers.{i}.attn.kv_norm.cache"].data_ptr() for i in range(2)]
+        assert [c["k2"] for c in got] == [
+            st[f"layers.{i}.attn.rope.cache"].data_ptr() for i in range(2)]
+    print(f"optimus_prime {'static' if static else 'dynamic'}: max abs diff {worst:.1e}")
+    assert worst < TOL and len(seen) == 2 * calls
 
 
 @pytest.mark.slow
