@@ -105,9 +105,10 @@ def _freeze(v):
     if isinstance(v, (list, tuple)):
         return tuple(_freeze(x) for x in v)
     if hasattr(v, "numpy") and hasattr(v, "shape"):  # a folded tensor constant
-        # the bytes, through uint8: numpy has no bfloat16
-        raw = v.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
-        return ("tensor", tuple(v.shape), str(v.dtype), raw.numpy().tobytes())
+        t = v.detach().cpu()
+        if t.dtype == torch.bfloat16:      # numpy has none; widening to fp32 is exact
+            t = t.float()
+        return ("tensor", tuple(v.shape), str(v.dtype), t.numpy().tobytes())
     if isinstance(v, float) and v != v:
         return ("nan",)
     return v
