@@ -61,39 +61,22 @@ record.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 from ..ir.graph import Graph, Node
 from ..ir.ops import Op
 from .fuse_pointwise import _where
+from .patterns import Body, NoMatch, Region, const_value, need, splice
 
 PASS = "fuse_decode_attention"
 POS = "decode.pos"
-
-
-class _NoMatch(Exception):
-    pass
-
-
-def _need(cond: bool, why: str):
-    if not cond:
-        raise _NoMatch(why)
-
-
-def _const(n: Node) -> Optional[float]:
-    if n.op is Op.CONST and n.type.rank == 0 and not hasattr(n.attrs["value"], "shape"):
-        try:
-            return float(n.attrs["value"])
-        except (TypeError, ValueError):
-            return None
-    return None
 
 
 def _kv_heads(x: Node, H, region: List[Node]) -> Node:
     """The [B, Hkv, S, D] tensor x broadcasts to H heads (itself when it has H heads)."""
     if x.op is Op.EXPAND and x.type.rank == 4:
         k = x.inputs[0]
-        _need(k.type.rank == 4 and k.type.shape[1] == 1
+        need(k.type.rank == 4 and k.type.shape[1] == 1
               and tuple(k.type.shape[i] for i in (0, 2, 3)) ==
               tuple(x.type.shape[i] for i in (0, 2, 3)),
               "keys/values expanded along an axis other than the heads")
@@ -112,7 +95,7 @@ def _kv_heads(x: Node, H, region: List[Node]) -> Node:
                   and tuple(k.type.shape) == (b, hkv, s, d)
                   and tuple(e.type.shape[:2]) == (b, hkv) and tuple(e.type.shape[3:]) == (s, d)
                   and e.type.shape[1] * e.type.shape[2] == h)
-        _need(ok, "keys/values broadcast to the query heads in a layout other than "
+        need(ok, "keys/values broadcast to the query heads in a layout other than "
                   "reshape [B, Hkv, 1, S, D] -> expand -> reshape [B, H, S, D]")
         region += [x, e, r]
         return k
@@ -122,7 +105,7 @@ def _kv_heads(x: Node, H, region: List[Node]) -> Node:
 def _position_mask(mask: Node, region: List[Node]) -> dict:
     """le(max(terms), 0) over qpos - kpos: the static step's position mask (key positions the
     slots 0 .. L-1) or a ring's (key positions a decode input, never-written slots negative)."""
-    _need(mask.op is Op.LE and _const(mask.inputs[1]) == 0,
+    need(mask.op is Op.LE and const_value(mask.inputs[1]) == 0,
           f"masked by {mask.op.value}, not causal_mask or the decode step's position mask")
     region.append(mask)
     terms, stack = [], [mask.inputs[0]]
@@ -139,51 +122,51 @@ def _position_mask(mask: Node, region: List[Node]) -> dict:
         if t.op is Op.NEG and t.inputs[0].op is Op.SUB:       # -(q - k) <= 0: k <= q
             dists.append(t.inputs[0])
             causal = True
-        elif t.op is Op.SUB and _const(t.inputs[1]) is not None:   # (q - k) - (W - 1) <= 0
-            window = int(_const(t.inputs[1])) + 1
-            _need(window >= 1, f"window term {t.inputs[1].attrs['value']} below 0")
+        elif t.op is Op.SUB and const_value(t.inputs[1]) is not None:   # (q - k) - (W - 1) <= 0
+            window = int(const_value(t.inputs[1])) + 1
+            need(window >= 1, f"window term {t.inputs[1].attrs['value']} below 0")
             dists.append(t.inputs[0])
         elif t.op is Op.NEG and t.inputs[0].op is Op.RESHAPE:   # -k <= 0: never-written slots
             never = t.inputs[0]
         else:
-            raise _NoMatch(f"{t.op.value} in the position mask")
-    _need(causal, "position mask without the causal term -(q - k)")
+            raise NoMatch(f"{t.op.value} in the position mask")
+    need(causal, "position mask without the causal term -(q - k)")
     dist = dists[0]
-    _need(all(d is dist for d in dists), "window term of another distance")
-    _need(dist.op is Op.SUB, "position mask without q - k")
+    need(all(d is dist for d in dists), "window term of another distance")
+    need(dist.op is Op.SUB, "position mask without q - k")
     qr, kr = dist.inputs
-    _need(qr.op is Op.RESHAPE and kr.op is Op.RESHAPE and qr.type.rank == 2
+    need(qr.op is Op.RESHAPE and kr.op is Op.RESHAPE and qr.type.rank == 2
           and kr.type.rank == 2 and qr.type.shape[1] == 1 and kr.type.shape[0] == 1,
           "position mask not over query positions [T, 1] and key positions [1, S]")
     qpos, kpos = qr.inputs[0], kr.inputs[0]
-    _need(qpos.op is Op.INPUT and qpos.attrs["name"] == POS,
+    need(qpos.op is Op.INPUT and qpos.attrs["name"] == POS,
           "query positions are not the decode.pos input")
     region += [dist, qr, kr]
     if kpos.op is Op.IOTA:
-        _need(never is None, "position mask with a never-written-slot term over the slots "
+        need(never is None, "position mask with a never-written-slot term over the slots "
                              "0 .. L-1")
         region.append(kpos)
         return {"pos": qpos, "kpos": None, "window": window, "length": kpos.attrs["length"]}
-    _need(kpos.op is Op.INPUT and kpos.attrs["name"].startswith("decode.")
+    need(kpos.op is Op.INPUT and kpos.attrs["name"].startswith("decode.")
           and kpos.type.rank == 1 and kpos.type.dtype.value == "i64",
           "key positions are neither the slots 0 .. L-1 nor an i64 decode position input")
-    _need(never is kr, f"key positions {kpos.attrs['name']} without the term masking "
+    need(never is kr, f"key positions {kpos.attrs['name']} without the term masking "
                        "negative (never-written) slots")
     return {"pos": qpos, "kpos": kpos, "window": window, "length": kr.type.shape[1]}
 
 
 def match(sm: Node, users: Dict[Node, List[Node]]) -> dict:
-    _need(sm.attrs["axis"] == sm.type.rank - 1, "softmax not over the last axis")
-    _need(sm.type.dtype.value in ("f32", "f16", "bf16"), "attention in a non-float dtype")
+    need(sm.attrs["axis"] == sm.type.rank - 1, "softmax not over the last axis")
+    need(sm.type.dtype.value in ("f32", "f16", "bf16"), "attention in a non-float dtype")
     outs = users.get(sm, [])
-    _need(len(outs) == 1 and outs[0] is not None and outs[0].op is Op.MATMUL
+    need(len(outs) == 1 and outs[0] is not None and outs[0].op is Op.MATMUL
           and outs[0].inputs[0] is sm, "probabilities are not used once, as probs @ v")
     pv = outs[0]
     region = [sm, pv]
     wh = sm.inputs[0]
-    _need(wh.op is Op.WHERE, "scores are not masked (the decode step's attention is causal)")
+    need(wh.op is Op.WHERE, "scores are not masked (the decode step's attention is causal)")
     mask, x, fill = wh.inputs
-    _need(_const(fill) == float("-inf"), "masked scores are not set to -inf")
+    need(const_value(fill) == float("-inf"), "masked scores are not set to -inf")
     region.append(wh)
     mregion: List[Node] = []
     if mask.op is Op.CAUSAL_MASK:
@@ -195,10 +178,10 @@ def match(sm: Node, users: Dict[Node, List[Node]]) -> dict:
     scale = None
     if x.op in (Op.MUL, Op.DIV):
         a, c = x.inputs
-        if x.op is Op.MUL and _const(a) is not None:
+        if x.op is Op.MUL and const_value(a) is not None:
             a, c = c, a
-        cv = _const(c)
-        _need(cv is not None and cv != 0, "scores scaled by a tensor")
+        cv = const_value(c)
+        need(cv is not None and cv != 0, "scores scaled by a tensor")
         scale = cv if x.op is Op.MUL else 1.0 / cv
         region.append(x)
         x = a
@@ -206,7 +189,7 @@ def match(sm: Node, users: Dict[Node, List[Node]]) -> dict:
         region.append(x)           # [q_1 | q_2] @ [k_1 | k_2]^T written as its two parts
         parts = list(x.inputs)
     else:
-        _need(x.op is Op.MATMUL, f"{x.op.value} where q @ k^T was expected")
+        need(x.op is Op.MATMUL, f"{x.op.value} where q @ k^T was expected")
         parts = [x]
     H = parts[0].type.shape[1]
     # views of k and v (transpose, head broadcast) may be shared with other attentions
@@ -215,13 +198,13 @@ def match(sm: Node, users: Dict[Node, List[Node]]) -> dict:
     qs, ks = [], []
     for mm in parts:
         q, kt = mm.inputs
-        _need(kt.op is Op.PERMUTE and tuple(kt.attrs["perm"]) == (0, 1, 3, 2),
+        need(kt.op is Op.PERMUTE and tuple(kt.attrs["perm"]) == (0, 1, 3, 2),
               "keys are not transposed from [B, H, S, D]")
-        _need(q.type.rank == 4 and q.type.shape[1] == H, "queries are not [B, H, T, D]")
+        need(q.type.rank == 4 and q.type.shape[1] == H, "queries are not [B, H, T, D]")
         region.append(mm)
         layout.append(kt)
         k = _kv_heads(kt.inputs[0], H, layout)
-        _need(k.type.shape[3] == q.type.shape[3], "q and k head dims differ")
+        need(k.type.shape[3] == q.type.shape[3], "q and k head dims differ")
         qs.append(q)
         ks.append(k)
     v = _kv_heads(pv.inputs[1], H, layout)
@@ -229,29 +212,29 @@ def match(sm: Node, users: Dict[Node, List[Node]]) -> dict:
     hkv = k.type.shape[1]
     v_part = None
     if len(parts) == 1:
-        _need(tuple(k.type.shape) == tuple(v.type.shape),
+        need(tuple(k.type.shape) == tuple(v.type.shape),
               f"keys {list(k.type.shape)} and values {list(v.type.shape)} differ in shape: "
               "the decode kernel reads one [B, Hkv, S, D] K and V")
     else:
-        _need(all(tuple(x.type.shape[:3]) == tuple(q.type.shape[:3]) for x in qs)
+        need(all(tuple(x.type.shape[:3]) == tuple(q.type.shape[:3]) for x in qs)
               and all(tuple(x.type.shape[:3]) == tuple(k.type.shape[:3]) for x in ks),
               "the score parts' queries or keys differ in batch, heads or length")
         v_part = next((i for i, x in enumerate(ks) if _same(x, v)), None)
-        _need(v_part is not None, "scores are a sum of products and the values are none of "
+        need(v_part is not None, "scores are a sum of products and the values are none of "
               "their keys (MLA's absorbed form reads the latent as keys and values)")
-    _need(isinstance(H, int) and isinstance(hkv, int) and H % hkv == 0,
+    need(isinstance(H, int) and isinstance(hkv, int) and H % hkv == 0,
           f"{H} query heads are not a multiple of {hkv} kv heads")
-    _need(all(x.type.dtype == sm.type.dtype for x in qs + ks + [v]),
+    need(all(x.type.dtype == sm.type.dtype for x in qs + ks + [v]),
           "q, k, v and the scores differ in dtype")
     T, S = q.type.shape[2], k.type.shape[2]
-    _need(S == minfo["length"], "the mask's keys are not the cache's")
+    need(S == minfo["length"], "the mask's keys are not the cache's")
     if minfo["pos"] is None:
-        _need(minfo["rows"] == T, "the mask's rows are not the new queries")
+        need(minfo["rows"] == T, "the mask's rows are not the new queries")
     inside = set(region)
     for n in region:
         if n is pv:
             continue
-        _need(all(u in inside for u in users.get(n, [])),
+        need(all(u in inside for u in users.get(n, [])),
               f"{n.op.value} inside the attention is also used outside it")
     positions = [x for x in (minfo["pos"], minfo.get("kpos")) if x is not None]
     ins = qs + ks + ([v] if v_part is None else []) + positions
@@ -272,32 +255,14 @@ def _same(a: Node, b: Node) -> bool:
 def _body(m: dict, name: str, order: Dict[Node, int]) -> Graph:
     """The matched region as a body graph over placeholders in0.. for m["inputs"] (q, k, v
     [, decode.pos], or q_1..q_n, k_1..k_n [, decode.pos] when the values are one of the keys)."""
-    from ..frontend.builder import Builder
-
-    b = Builder({}, {})
-    env: Dict[Node, Node] = {}
-    for i, x in enumerate(m["inputs"]):
-        env[x] = b.input(f"in{i}", x.type.shape, x.type.dtype).node
-    if m["v_as"] is not None:
-        env[m["v"]] = env[m["v_as"]]
-    for n in sorted(m["region"], key=order.__getitem__):
-        if n in env:
-            continue
-        for i in n.inputs:
-            if i not in env:              # a source read by the region (iota, constants)
-                assert not i.inputs and i.op not in (Op.INPUT, Op.PARAM), i
-                env[i] = Node(i.op, (), dict(i.attrs), i.type, i.loc, i.scope)
-                b.nodes.append(env[i])
-        c = Node(n.op, tuple(env[i] for i in n.inputs), n.attrs, n.type, n.loc, n.scope)
-        env[n] = c
-        b.nodes.append(c)
-    body = Graph(name, b.nodes, {"0": env[m["out"]]})
-    body.meta["module"] = "decode_attention"     # lmc/codegen/decode_attention.py
-    body.meta["template"] = "decode_attention"
-    body.meta["options"] = {"static": m["static"], "window": m["window"], "scale": m["scale"],
+    b = Body(m["inputs"], alias=None if m["v_as"] is None else {m["v"]: m["v_as"]})
+    b.copy(sorted(m["region"], key=order.__getitem__))
+    return b.graph(name, [m["out"]],
+                   module="decode_attention",      # lmc/codegen/decode_attention.py
+                   template="decode_attention",
+                   options={"static": m["static"], "window": m["window"], "scale": m["scale"],
                             "parts": m["parts"], "v_part": m["v_part"],
-                            "kpos": m["kpos"] is not None}
-    return body
+                            "kpos": m["kpos"] is not None})
 
 
 def fuse_decode_attention(g: Graph) -> Graph:
@@ -316,27 +281,22 @@ def fuse_decode_attention(g: Graph) -> Graph:
             continue
         try:
             m = match(n, users)
-        except _NoMatch as e:
+        except NoMatch as e:
             records.append({"pass": PASS, "status": "declined", "where": _where(n),
                             "reason": str(e)})
             continue
         matches.append(m)
-    meta = dict(g.meta)
-    meta["fusions"] = list(g.meta.get("fusions", [])) + records
-    if not matches:
-        return Graph(g.name, list(g.nodes), dict(g.outputs), meta)
-    new_nodes: Dict[Node, List[Node]] = {}
+    regions = []
     for i, m in enumerate(matches):
         name = f"lmc_decode_attention_{i}"
-        body = _body(m, name, order)
         ins = m["inputs"]
         fused = Node.make(Op.FUSED, ins, {"kernel": name, "kind": "decode_attention",
-                                          "body": body,
+                                          "body": _body(m, name, order),
                                           "no_grad": tuple(range(len(ins) - m["n_pos"],
                                                                  len(ins)))},
                           m["out"].loc, m["out"].scope)
-        get = Node.make(Op.GETITEM, [fused], {"index": 0}, m["out"].loc, m["out"].scope)
-        new_nodes[m["out"]] = [fused, get]
+        # nothing is forced out: a mask the layers share stays while a declined one reads it
+        regions.append(Region(fused, [m["out"]], set()))
         H, hkv = m["heads"]
         heads = f"{H} heads" if hkv == H else f"{H} heads over {hkv} kv heads"
         if m["parts"] > 1:
@@ -347,26 +307,9 @@ def fuse_decode_attention(g: Graph) -> Graph:
                      f"slots masked)")
         else:
             cache = f"{'static' if m['static'] else 'dynamic'} cache"
-        meta["fusions"].append({
+        records.append({
             "pass": PASS, "status": "fused", "where": _where(m["out"]),
             "reason": f"{cache}, causal"
                       f"{' window ' + str(m['window']) if m['window'] else ''}, {heads}, "
                       f"scale {m['scale']:.4g}"})
-    nodes: List[Node] = []
-    new: Dict[Node, Node] = {}
-    for n in g.nodes:
-        if n in new_nodes:
-            fused, get = new_nodes[n]
-            fused = Node(fused.op, tuple(new.get(i, i) for i in fused.inputs), fused.attrs,
-                         fused.type, fused.loc, fused.scope)
-            get = Node(get.op, (fused,), get.attrs, get.type, get.loc, get.scope)
-            nodes += [fused, get]
-            new[n] = get
-            continue
-        ins = tuple(new.get(i, i) for i in n.inputs)
-        c = n if ins == n.inputs else Node(n.op, ins, n.attrs, n.type, n.loc, n.scope)
-        new[n] = c
-        nodes.append(c)
-    out = Graph(g.name, nodes, {k: new.get(v, v) for k, v in g.outputs.items()}, meta)
-    from .basic import dce
-    return dce(out)
+    return splice(g, regions, records)

@@ -36,34 +36,17 @@ dims do not broadcast to [B, H], non-float dtypes.
 from __future__ import annotations
 
 import re
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 from ..ir.graph import Graph, Node
 from ..ir.ops import Op
 from .fuse_pointwise import _where
+from .patterns import Body, NoMatch, Region, const_value, is_swap, need, other, splice
 
 PASS = "fuse_decode_linear_attention"
 STATE_NAME = re.compile(r"\.state\d*$")
 DEFAULT_CHUNK = 64      # the chunked prefill's chunk (lowered for a short prompt)
 FLOATS = ("f32", "f16", "bf16")
-
-
-class _NoMatch(Exception):
-    pass
-
-
-def _need(cond: bool, why: str):
-    if not cond:
-        raise _NoMatch(why)
-
-
-def _const(n: Node) -> Optional[float]:
-    if n.op is Op.CONST and n.type.rank == 0 and not hasattr(n.attrs["value"], "shape"):
-        try:
-            return float(n.attrs["value"])
-        except (TypeError, ValueError):
-            return None
-    return None
 
 
 def _same(a: Node, b: Node) -> bool:
@@ -72,27 +55,16 @@ def _same(a: Node, b: Node) -> bool:
                       and a.attrs == b.attrs and _same(a.inputs[0], b.inputs[0]))
 
 
-def _other(n: Node, x: Node) -> Optional[Node]:
-    """The other operand of a binary op reading x (either side)."""
-    a, b = n.inputs
-    return b if a is x else a if b is x else None
-
-
-def _swap(n: Node) -> bool:
-    r = n.type.rank
-    return n.op is Op.PERMUTE and tuple(n.attrs["perm"]) == tuple(range(r - 2)) + (r - 1, r - 2)
-
-
 def _exp_of(n: Node, why: str) -> Node:
-    _need(n.op is Op.EXP, why)
+    need(n.op is Op.EXP, why)
     return n.inputs[0]
 
 
 def _values(mm: Node, left: Node, region: List[Node]) -> tuple:
     """mm = left @ V: ("v", V)."""
-    _need(mm.op is Op.MATMUL, f"{mm.op.value} where a product with the values was expected")
+    need(mm.op is Op.MATMUL, f"{mm.op.value} where a product with the values was expected")
     a, w = mm.inputs
-    _need(a is left, "the values are not one tensor V in left @ V")
+    need(a is left, "the values are not one tensor V in left @ V")
     region.append(mm)
     return ("v", w)
 
@@ -102,124 +74,124 @@ def _same_values(a: tuple, b: tuple) -> bool:
 
 
 def match(st: Node, users: Dict[Node, List[Node]]) -> dict:
-    """The region around the state input `st`, or _NoMatch naming the failed condition."""
-    _need(st.type.rank >= 2 and all(isinstance(d, int) for d in st.type.shape[-2:]),
+    """The region around the state input `st`, or NoMatch naming the failed condition."""
+    need(st.type.rank >= 2 and all(isinstance(d, int) for d in st.type.shape[-2:]),
           "the state is not d_k x d_v of fixed size")
-    _need(st.type.dtype.value in FLOATS, "the state is not a float tensor")
+    need(st.type.dtype.value in FLOATS, "the state is not a float tensor")
     reads = [u for u in users.get(st, []) if u is not None]
-    _need(len(reads) == len(users.get(st, [])), "the state input is itself a graph output")
+    need(len(reads) == len(users.get(st, [])), "the state input is itself a graph output")
     inter = [u for u in reads if u.op is Op.MATMUL and u.inputs[1] is st]
-    decay = [u for u in reads if u.op is Op.MUL and _other(u, st) is not None]
-    _need(len(reads) == 2 and len(inter) == 1 and len(decay) == 1,
+    decay = [u for u in reads if u.op is Op.MUL and other(u, st) is not None]
+    need(len(reads) == 2 and len(inter) == 1 and len(decay) == 1,
           "the state is not read exactly as (q * exp(G)) @ S and exp(G_end) * S "
           f"(read by {', '.join(u.op.value for u in reads) or 'nothing'})")
     inter, decay = inter[0], decay[0]
     region: List[Node] = [inter, decay]
     # q * exp(Gt)
     qe = inter.inputs[0]
-    _need(qe.op is Op.MUL, "the state's query side is not q * exp(G)")
+    need(qe.op is Op.MUL, "the state's query side is not q * exp(G)")
     region.append(qe)
     eg = next((x for x in qe.inputs if x.op is Op.EXP), None)
-    _need(eg is not None, "the state's query side is not q * exp(G)")
-    q = _other(qe, eg)
+    need(eg is not None, "the state's query side is not q * exp(G)")
+    q = other(qe, eg)
     gt = eg.inputs[0]
     region.append(eg)
     # G = cumsum(ld) and its views
-    _need(gt.op is Op.RESHAPE and gt.inputs[0].op is Op.CUMSUM,
+    need(gt.op is Op.RESHAPE and gt.inputs[0].op is Op.CUMSUM,
           "the query-side decay is not a reshape of a cumsum (G = cumsum(ld))")
     g = gt.inputs[0]
     ld = g.inputs[0]
-    _need(g.attrs["axis"] == g.type.rank - 1, "the decays' cumsum is not along the last axis")
-    _need(q.type.rank == 4, f"queries are {q.type.rank}-d, not [B, H, T, d_k]")
+    need(g.attrs["axis"] == g.type.rank - 1, "the decays' cumsum is not along the last axis")
+    need(q.type.rank == 4, f"queries are {q.type.rank}-d, not [B, H, T, d_k]")
     B, H, T, dk = q.type.shape
-    _need(g.type.shape[-1] == T, "the decays' cumsum is not along the new tokens")
+    need(g.type.shape[-1] == T, "the decays' cumsum is not along the new tokens")
     lead = tuple(g.type.shape[:-1])
-    _need(len(lead) <= 2 and all(d == 1 or d == w for d, w in
+    need(len(lead) <= 2 and all(d == 1 or d == w for d, w in
                                  zip(lead[::-1], (H, B))),
           f"log-decays {list(ld.type.shape)} do not broadcast to [B, H, T]")
-    _need(tuple(gt.type.shape) == lead + (T, 1), "G_t is not reshape(G, [.., T, 1])")
+    need(tuple(gt.type.shape) == lead + (T, 1), "G_t is not reshape(G, [.., T, 1])")
     region += [g, gt]
     # exp(G_end) * S
-    e_end = _other(decay, st)
+    e_end = other(decay, st)
     g_end2 = _exp_of(e_end, "the state is not decayed by exp(G_end)")
-    _need(g_end2.op is Op.RESHAPE and g_end2.inputs[0].op is Op.SLICE,
+    need(g_end2.op is Op.RESHAPE and g_end2.inputs[0].op is Op.SLICE,
           "the state's decay is not the cumsum's last entry")
     sl = g_end2.inputs[0]
-    _need(sl.inputs[0] is g and sl.attrs["axis"] == g.type.rank - 1
+    need(sl.inputs[0] is g and sl.attrs["axis"] == g.type.rank - 1
           and sl.attrs["start"] == T - 1 and sl.attrs["stop"] == T
           and sl.attrs.get("step", 1) == 1 and tuple(g_end2.type.shape) == lead + (1, 1),
           "the state's decay is not exp(G[.., T-1]) of the same cumsum")
     region += [e_end, g_end2, sl]
     # S' = exp(G_end) * S + permute(k * exp(G_end - Gt)) @ V
     ups = users.get(decay, [])
-    _need(len(ups) == 1 and ups[0] is not None and ups[0].op is Op.ADD,
+    need(len(ups) == 1 and ups[0] is not None and ups[0].op is Op.ADD,
           "the decayed state is not used once, in S' = exp(G_end) S + k^T V")
     new_state = ups[0]
-    kv = _other(new_state, decay)
-    _need(kv is not None and kv.op is Op.MATMUL, "the state's update is not a product k^T V")
+    kv = other(new_state, decay)
+    need(kv is not None and kv.op is Op.MATMUL, "the state's update is not a product k^T V")
     kvl = kv.inputs[0]
-    _need(_swap(kvl) and kvl.inputs[0].op is Op.MUL,
+    need(is_swap(kvl) and kvl.inputs[0].op is Op.MUL,
           "the state's update does not read permute(k * w)")
     kw = kvl.inputs[0]
     w = next((x for x in kw.inputs if x.op is Op.EXP), None)
-    _need(w is not None, "the keys of the state's update are not decayed by exp(.)")
-    k = _other(kw, w)
+    need(w is not None, "the keys of the state's update are not decayed by exp(.)")
+    k = other(kw, w)
     wd = w.inputs[0]
-    _need(wd.op is Op.SUB and wd.inputs[0] is g_end2 and wd.inputs[1] is gt,
+    need(wd.op is Op.SUB and wd.inputs[0] is g_end2 and wd.inputs[1] is gt,
           "the keys of the state's update are not decayed by exp(G_end - G_t)")
     region += [new_state, kvl, kw, w, wd]
     vals_state = _values(kv, kvl, region)
     # out = ((q @ k^T) * D) @ V + (q * exp(Gt)) @ S
     uo = users.get(inter, [])
-    _need(len(uo) == 1 and uo[0] is not None and uo[0].op is Op.ADD,
+    need(len(uo) == 1 and uo[0] is not None and uo[0].op is Op.ADD,
           "the state's read is not added once to the intra-chunk product")
     out = uo[0]
-    intra = _other(out, inter)
-    _need(intra is not None and intra.op is Op.MATMUL, "the output is not intra + q S")
+    intra = other(out, inter)
+    need(intra is not None and intra.op is Op.MATMUL, "the output is not intra + q S")
     a = intra.inputs[0]
-    _need(a.op is Op.MUL, "the intra product is not ((q @ k^T) * D) @ V")
+    need(a.op is Op.MUL, "the intra product is not ((q @ k^T) * D) @ V")
     scores = next((x for x in a.inputs if x.op is Op.MATMUL), None)
-    _need(scores is not None, "the intra product is not ((q @ k^T) * D) @ V")
-    dmat = _other(a, scores)
-    _need(scores.inputs[0] is q and _swap(scores.inputs[1]) and scores.inputs[1].inputs[0] is k,
+    need(scores is not None, "the intra product is not ((q @ k^T) * D) @ V")
+    dmat = other(a, scores)
+    need(scores.inputs[0] is q and is_swap(scores.inputs[1]) and scores.inputs[1].inputs[0] is k,
           "the intra scores are not q @ k^T of the state's q and k")
     wh = _exp_of(dmat, "the decay matrix is not exp(where(mask, G_t - G_s, -inf))")
-    _need(wh.op is Op.WHERE, "the decay matrix is not exp(where(mask, G_t - G_s, -inf))")
+    need(wh.op is Op.WHERE, "the decay matrix is not exp(where(mask, G_t - G_s, -inf))")
     mask, diff, fill = wh.inputs
-    _need(_const(fill) == float("-inf"), "the decay matrix is not filled with -inf")
-    _need(mask.op is Op.CAUSAL_MASK and mask.attrs["rows"] == T and mask.attrs["cols"] == T,
+    need(const_value(fill) == float("-inf"), "the decay matrix is not filled with -inf")
+    need(mask.op is Op.CAUSAL_MASK and mask.attrs["rows"] == T and mask.attrs["cols"] == T,
           f"masked by {mask.op.value}, not causal_mask(T, T)")
-    _need(not mask.attrs.get("window"),
+    need(not mask.attrs.get("window"),
           f"windowed decay mask (window {mask.attrs.get('window')}): the state carries the "
           "whole past")
-    _need(diff.op is Op.SUB and diff.inputs[0] is gt and diff.inputs[1].op is Op.RESHAPE
+    need(diff.op is Op.SUB and diff.inputs[0] is gt and diff.inputs[1].op is Op.RESHAPE
           and diff.inputs[1].inputs[0] is g
           and tuple(diff.inputs[1].type.shape) == lead + (1, T),
           "the decay matrix is not over G_t - G_s of the same cumsum")
     region += [out, a, scores, scores.inputs[1], dmat, wh, mask, fill, diff, diff.inputs[1]]
     vals = _values(intra, a, region)
-    _need(_same_values(vals, vals_state),
+    need(_same_values(vals, vals_state),
           "the output and the state's update read different values")
     # shapes and dtypes
-    _need(tuple(k.type.shape) == (B, H, T, dk), "keys are not [B, H, T, d_k] like the queries")
+    need(tuple(k.type.shape) == (B, H, T, dk), "keys are not [B, H, T, d_k] like the queries")
     dv = st.type.shape[-1]
-    _need(tuple(st.type.shape) == (B, H, dk, dv),
+    need(tuple(st.type.shape) == (B, H, dk, dv),
           f"the state {list(st.type.shape)} is not [B, H, d_k, d_v]")
-    _need(tuple(out.type.shape) == (B, H, T, dv) and tuple(new_state.type.shape)
+    need(tuple(out.type.shape) == (B, H, T, dv) and tuple(new_state.type.shape)
           == tuple(st.type.shape), "the output or the new state is not [B, H, T | d_k, d_v]")
     vt = vals[1].type
-    _need(vt.rank == 4 and vt.shape[2] == T and vt.shape[3] == dv,
+    need(vt.rank == 4 and vt.shape[2] == T and vt.shape[3] == dv,
           "values are not [B, H, T, d_v]")
     ins_v = [vals[1]]
     dt = q.type.dtype
-    _need(dt.value in FLOATS and all(n.type.dtype == dt for n in [k, out] + ins_v),
+    need(dt.value in FLOATS and all(n.type.dtype == dt for n in [k, out] + ins_v),
           "q, k, the values and the output differ in dtype (or are not float)")
-    _need(ld.type.dtype.value in FLOATS, "log-decays are not float")
+    need(ld.type.dtype.value in FLOATS, "log-decays are not float")
     inside = set(region)
     for n in region:
         if n is out or n is new_state or not n.inputs:   # sources are copied into the body
             continue
-        _need(all(u in inside for u in users.get(n, [])),
+        need(all(u in inside for u in users.get(n, [])),
               f"{n.op.value} inside the linear attention is also used outside it")
     # the state's update may read its own copy of the views of V: the body reads the
     # output's
@@ -232,28 +204,11 @@ def match(st: Node, users: Dict[Node, List[Node]]) -> dict:
 def _body(m: dict, name: str, order: Dict[Node, int]) -> Graph:
     """The matched region as a body graph over placeholders in0.. for m["inputs"]
     (q, k, V or X, W, ld, S); outputs "0" (the attention output) and "1" (the new state)."""
-    from ..frontend.builder import Builder
-
-    b = Builder({}, {})
-    env: Dict[Node, Node] = {}
-    for i, x in enumerate(m["inputs"]):
-        env[x] = b.input(f"in{i}", x.type.shape, x.type.dtype).node
-    for a, x in m["dup"].items():       # a second copy of a view of V: the body reads one
-        env[a] = env[x]
-    for n in sorted(m["region"], key=order.__getitem__):
-        for i in n.inputs:
-            if i not in env:              # a source read by the region (masks, constants)
-                assert not i.inputs and i.op not in (Op.INPUT, Op.PARAM), i
-                env[i] = Node(i.op, (), dict(i.attrs), i.type, i.loc, i.scope)
-                b.nodes.append(env[i])
-        c = Node(n.op, tuple(env[i] for i in n.inputs), n.attrs, n.type, n.loc, n.scope)
-        env[n] = c
-        b.nodes.append(c)
-    body = Graph(name, b.nodes, {"0": env[m["out"]], "1": env[m["state"]]})
-    body.meta["module"] = "decode_linear_attention"  # lmc/codegen/decode_linear_attention.py
-    body.meta["template"] = "decode_linear_attention"
-    body.meta["options"] = {"chunk": DEFAULT_CHUNK}
-    return body
+    b = Body(m["inputs"], alias=m["dup"])   # a second copy of a view of V: the body reads one
+    b.copy(sorted(m["region"], key=order.__getitem__))
+    return b.graph(name, [m["out"], m["state"]],
+                   module="decode_linear_attention",  # lmc/codegen/decode_linear_attention.py
+                   template="decode_linear_attention", options={"chunk": DEFAULT_CHUNK})
 
 
 def fuse_decode_linear_attention(g: Graph) -> Graph:
@@ -270,50 +225,21 @@ def fuse_decode_linear_attention(g: Graph) -> Graph:
             continue
         try:
             m = match(n, users)
-        except _NoMatch as e:
+        except NoMatch as e:
             records.append({"pass": PASS, "status": "declined", "where": _where(n),
                             "reason": str(e)})
             continue
         matches.append(m)
-    meta = dict(g.meta)
-    meta["fusions"] = list(g.meta.get("fusions", [])) + records
-    if not matches:
-        return Graph(g.name, list(g.nodes), dict(g.outputs), meta)
+    regions = []
     for i, m in enumerate(matches):
-        m["name"] = f"lmc_decode_linear_attention_{i}"
+        name = f"lmc_decode_linear_attention_{i}"
+        fused = Node.make(Op.FUSED, list(m["inputs"]),
+                          {"kernel": name, "kind": "decode_linear_attention",
+                           "body": _body(m, name, order)}, m["out"].loc, m["out"].scope)
+        regions.append(Region(fused, [m["out"], m["state"]], m["region"]))
         dk, dv = m["dims"]
-        meta["fusions"].append({
+        records.append({
             "pass": PASS, "status": "fused", "where": _where(m["out"]),
             "reason": f"{m['heads']} heads, state {dk}x{dv} per head, log-decays "
                       f"{m['decays']}"})
-    made = {x: m for m in matches for x in (m["out"], m["state"])}
-    nodes: List[Node] = []
-    new: Dict[Node, Node] = {}
-
-    def emit(n: Node) -> Node:
-        """n's node in the new graph, made after its inputs' (the fused op where the earlier
-        of its outputs was, after any input the step defines later)."""
-        got = new.get(n)
-        if got is not None:
-            return got
-        m = made.get(n)
-        if m is None:
-            ins = tuple(emit(i) for i in n.inputs)
-            c = n if ins == n.inputs else Node(n.op, ins, n.attrs, n.type, n.loc, n.scope)
-            new[n] = c
-            nodes.append(c)
-            return c
-        fused = Node.make(Op.FUSED, [emit(i) for i in m["inputs"]],
-                          {"kernel": m["name"], "kind": "decode_linear_attention",
-                           "body": _body(m, m["name"], order)}, m["out"].loc, m["out"].scope)
-        nodes.append(fused)
-        for j, x in enumerate((m["out"], m["state"])):
-            new[x] = Node.make(Op.GETITEM, [fused], {"index": j}, x.loc, x.scope)
-            nodes.append(new[x])
-        return new[n]
-
-    for n in g.nodes:
-        emit(n)
-    out = Graph(g.name, nodes, {k: new[v] for k, v in g.outputs.items()}, meta)
-    from .basic import dce
-    return dce(out)
+    return splice(g, regions, records)

@@ -39,32 +39,10 @@ from typing import Dict, List, Optional, Tuple
 from ..ir.graph import Graph, Node, toposort
 from ..ir.ops import Op
 from .fuse_pointwise import _where
+from .patterns import Body, NoMatch, Region, const_value, is_swap, need, splice
 
 PASS = "fuse_linear_attention"
 DEFAULT_CHUNK = 64
-
-
-class _NoMatch(Exception):
-    pass
-
-
-def _need(cond: bool, why: str):
-    if not cond:
-        raise _NoMatch(why)
-
-
-def _const_value(n: Node) -> Optional[float]:
-    if n.op is Op.CONST and n.type.rank == 0 and not hasattr(n.attrs["value"], "shape"):
-        try:
-            return float(n.attrs["value"])
-        except (TypeError, ValueError):
-            return None
-    return None
-
-
-def _is_swap(n: Node) -> bool:
-    r = n.type.rank
-    return n.op is Op.PERMUTE and tuple(n.attrs["perm"]) == tuple(range(r - 2)) + (r - 1, r - 2)
 
 
 def _strip_cast(n: Node) -> Node:
@@ -76,9 +54,9 @@ def _unscale(n: Node) -> Tuple[Node, Optional[Node], Optional[float]]:
     else (n, None, None)."""
     if n.op in (Op.MUL, Op.DIV):
         a, c = n.inputs
-        if n.op is Op.MUL and _const_value(a) is not None:
+        if n.op is Op.MUL and const_value(a) is not None:
             a, c = c, a
-        cv = _const_value(c)
+        cv = const_value(c)
         if cv is not None:
             return a, n, (cv if n.op is Op.MUL else 1.0 / cv)
     return n, None, None
@@ -89,7 +67,7 @@ def _scores_like(n: Node) -> bool:
     x = _strip_cast(n)
     if x.op in (Op.MUL, Op.DIV):
         x = _strip_cast(x.inputs[0] if x.inputs[0].op is Op.MATMUL else x.inputs[-1])
-    return x.op is Op.MATMUL and _is_swap(_strip_cast(x.inputs[1]))
+    return x.op is Op.MATMUL and is_swap(_strip_cast(x.inputs[1]))
 
 
 def candidate(n: Node) -> Optional[Tuple[Node, Node]]:
@@ -110,42 +88,42 @@ def _decay(d: Node, region: List[Node]) -> Tuple[Node, Node]:
     if d.op is Op.CAST:
         region.append(d)
         d = d.inputs[0]
-    _need(d.op is Op.EXP, f"the factor beside q @ k^T is {d.op.value}, not a decay mask "
+    need(d.op is Op.EXP, f"the factor beside q @ k^T is {d.op.value}, not a decay mask "
                           f"exp(where(causal_mask, G_t - G_s, -inf))")
     w = d.inputs[0]
-    _need(w.op is Op.WHERE, f"the decay exponent is {w.op.value}, not "
+    need(w.op is Op.WHERE, f"the decay exponent is {w.op.value}, not "
                             f"where(causal_mask, G_t - G_s, -inf)")
     mask, diff, fill = w.inputs
-    _need(mask.op is Op.CAUSAL_MASK, f"the decay is masked by {mask.op.value}, not causal_mask")
-    _need(not mask.attrs.get("window"),
+    need(mask.op is Op.CAUSAL_MASK, f"the decay is masked by {mask.op.value}, not causal_mask")
+    need(not mask.attrs.get("window"),
           f"sliding-window decay mask (window {mask.attrs.get('window')}): the chunked kernels "
           f"carry the whole past")
-    _need(mask.attrs["rows"] == mask.attrs["cols"], "the causal mask is not square [T, T]")
-    _need(_const_value(fill) == float("-inf"),
+    need(mask.attrs["rows"] == mask.attrs["cols"], "the causal mask is not square [T, T]")
+    need(const_value(fill) == float("-inf"),
           "masked decay exponents are not set to -inf (exp(-inf) = 0)")
-    _need(diff.op is Op.SUB, f"the decay exponent is {diff.op.value}, not G_t - G_s")
+    need(diff.op is Op.SUB, f"the decay exponent is {diff.op.value}, not G_t - G_s")
     gt, gs = diff.inputs
-    _need(gt.op is Op.RESHAPE and gs.op is Op.RESHAPE and gt.inputs[0] is gs.inputs[0],
+    need(gt.op is Op.RESHAPE and gs.op is Op.RESHAPE and gt.inputs[0] is gs.inputs[0],
           "G_t - G_s is not a difference of two reshapes of one G")
     G = gt.inputs[0]
-    _need(G.op is Op.CUMSUM, f"G is {G.op.value}, not a cumsum of log-decays")
+    need(G.op is Op.CUMSUM, f"G is {G.op.value}, not a cumsum of log-decays")
     r = G.type.rank
-    _need(G.attrs["axis"] == r - 1, "G is a cumsum along an axis other than the last (time)")
+    need(G.attrs["axis"] == r - 1, "G is a cumsum along an axis other than the last (time)")
     T = G.type.shape[-1]
-    _need(T == mask.attrs["rows"], "the mask and G have different lengths")
+    need(T == mask.attrs["rows"], "the mask and G have different lengths")
     lead = tuple(G.type.shape[:-1])
-    _need(tuple(gt.type.shape) == lead + (T, 1) and tuple(gs.type.shape) == lead + (1, T),
+    need(tuple(gt.type.shape) == lead + (T, 1) and tuple(gs.type.shape) == lead + (1, T),
           "G_t - G_s is not G[.., t, None] - G[.., None, s] (query rows, key columns)")
     region += [d, w, diff, gt, gs, G]
     return G.inputs[0], mask
 
 
 def match(out: Node, static) -> dict:
-    """The region of one candidate `out` (raises _NoMatch with the failed condition)."""
-    _need(out.type.dtype.value in ("f32", "f16", "bf16"),
+    """The region of one candidate `out` (raises NoMatch with the failed condition)."""
+    need(out.type.dtype.value in ("f32", "f16", "bf16"),
           f"linear attention in {out.type.dtype.value} (kernels: f32, f16, bf16)")
     a, v = out.inputs
-    _need(a.op is Op.MUL, "a cast between (q @ k^T) * D and the product with v")
+    need(a.op is Op.MUL, "a cast between (q @ k^T) * D and the product with v")
     region = [out, a]
     first, second = a.inputs
     pairs = [(s, d) for s, d in ((first, second), (second, first)) if _scores_like(s)]
@@ -155,36 +133,36 @@ def match(out: Node, static) -> dict:
             sub: List[Node] = []
             ld, mask = _decay(d, sub)
             break
-        except _NoMatch as e:
+        except NoMatch as e:
             errors.append(str(e))
     else:
-        raise _NoMatch(errors[0])
+        raise NoMatch(errors[0])
     region += sub
     mm, scaled, scale = _unscale(s)
     if scaled is not None:
         region.append(scaled)
-    _need(mm.op is Op.MATMUL, "a cast between q @ k^T and the decay product" if
+    need(mm.op is Op.MATMUL, "a cast between q @ k^T and the decay product" if
           mm.op is Op.CAST else "scores scaled by a tensor, not a constant")
     q, kt = mm.inputs
-    _need(kt.op is not Op.CAST, "a cast between k^T and q @ k^T")
-    _need(_is_swap(kt), "keys are not transposed (k^T) in q @ k^T")
+    need(kt.op is not Op.CAST, "a cast between k^T and q @ k^T")
+    need(is_swap(kt), "keys are not transposed (k^T) in q @ k^T")
     k = kt.inputs[0]
     region += [mm, kt]
-    _need(q.type.rank == 4, f"q is rank {q.type.rank}, not [B, H, T, d_k]")
+    need(q.type.rank == 4, f"q is rank {q.type.rank}, not [B, H, T, d_k]")
     B, H, T = tuple(q.type.shape[:3])
-    _need(tuple(k.type.shape) == tuple(q.type.shape),
+    need(tuple(k.type.shape) == tuple(q.type.shape),
           "q and k have different shapes (GQA through an expand is not matched)")
-    _need(v.type.rank == 4 and tuple(v.type.shape[:3]) == (B, H, T),
+    need(v.type.rank == 4 and tuple(v.type.shape[:3]) == (B, H, T),
           "v is not [B, H, T, d_v] with q's B, H, T")
-    _need(q.type.dtype == k.type.dtype == v.type.dtype,
+    need(q.type.dtype == k.type.dtype == v.type.dtype,
           f"q, k, v dtypes differ ({q.type.dtype.value}, {k.type.dtype.value}, "
           f"{v.type.dtype.value})")
-    _need(mask.attrs["rows"] == T, "the decay mask's length is not q's time axis")
+    need(mask.attrs["rows"] == T, "the decay mask's length is not q's time axis")
     ls = tuple(ld.type.shape)
     full = (1,) * (3 - len(ls)) + ls
-    _need(len(ls) in (2, 3) and full[2] == T and full[0] in (1, B) and full[1] in (1, H),
+    need(len(ls) in (2, 3) and full[2] == T and full[0] in (1, B) and full[1] in (1, H),
           f"log-decays of shape {list(ls)} do not broadcast to [B, H, T] = {[B, H, T]}")
-    _need(ld.type.dtype.is_float, "integer log-decays")
+    need(ld.type.dtype.is_float, "integer log-decays")
     fixed = static(ld)
     per_head = fixed and ld.op is Op.EXPAND and ld.inputs[0].type.shape[-1] == 1
     return {"q": q, "k": k, "v": v, "ld": ld, "out": out, "region": set(region),
@@ -195,30 +173,13 @@ def match(out: Node, static) -> dict:
 
 def _body(m: dict, name: str, chunk: int) -> Graph:
     """The matched region as a body graph over placeholders in0..in3 (q, k, v, ld)."""
-    from ..frontend.builder import Builder
-
-    b = Builder({}, {})
-    env: Dict[Node, Node] = {}
-    for i, key in enumerate(("q", "k", "v", "ld")):
-        x = m[key]
-        env[x] = b.input(f"in{i}", x.type.shape, x.type.dtype).node
-    for n in toposort([m["out"]], ()):
-        if n in env or n not in m["region"]:
-            continue
-        for i in n.inputs:
-            if i not in env:              # a source read by the region (mask, constants)
-                assert not i.inputs and i.op not in (Op.INPUT, Op.PARAM), i
-                env[i] = Node(i.op, (), dict(i.attrs), i.type, i.loc, i.scope)
-                b.nodes.append(env[i])
-        c = Node(n.op, tuple(env[i] for i in n.inputs), n.attrs, n.type, n.loc, n.scope)
-        env[n] = c
-        b.nodes.append(c)
-    body = Graph(name, b.nodes, {"0": env[m["out"]]})
-    body.meta["module"] = "linear_attention"   # lmc/codegen/linear_attention.py
-    body.meta["template"] = "linear_attention"
-    body.meta["options"] = {"chunk": chunk, "scale": m["scale"], "decay": m["decay"],
-                            "decay_grad": m["decay_grad"]}
-    return body
+    b = Body([m[k] for k in ("q", "k", "v", "ld")])
+    b.copy([n for n in toposort([m["out"]], ()) if n in m["region"]])
+    return b.graph(name, [m["out"]],
+                   module="linear_attention",     # lmc/codegen/linear_attention.py
+                   template="linear_attention",
+                   options={"chunk": chunk, "scale": m["scale"], "decay": m["decay"],
+                            "decay_grad": m["decay_grad"]})
 
 
 def _reason(m: dict, chunk: int) -> str:
@@ -245,7 +206,7 @@ def fuse_linear_attention(g: Graph, chunk: int = DEFAULT_CHUNK) -> Graph:
             continue
         try:
             matches.append(match(n, lambda t: static.get(t, False)))
-        except _NoMatch as e:
+        except NoMatch as e:
             records.append({"pass": PASS, "status": "declined", "where": _where(n),
                             "reason": str(e)})
     # a region's intermediates may be read only by matched regions (each body recomputes a
@@ -270,42 +231,15 @@ def fuse_linear_attention(g: Graph, chunk: int = DEFAULT_CHUNK) -> Graph:
         matches.remove(bad[0])
         records.append({"pass": PASS, "status": "declined", "where": _where(bad[0]["out"]),
                         "reason": bad[1]})
-    if not matches:
-        out = g.with_nodes(g.nodes, g.outputs)
-        out.meta["fusions"] = list(g.meta.get("fusions", [])) + records
-        return out
-    replace: Dict[Node, List[Node]] = {}
+    regions = []
     for i, m in enumerate(matches):
         name = f"lmc_linear_attention_{i}"
-        body = _body(m, name, chunk)
-        attrs = {"kernel": name, "kind": "linear_attention", "body": body}
+        attrs = {"kernel": name, "kind": "linear_attention", "body": _body(m, name, chunk)}
         if not m["decay_grad"]:
             attrs["no_grad"] = (3,)        # a fixed decay computed from constants
         fused = Node.make(Op.FUSED, [m[k] for k in ("q", "k", "v", "ld")], attrs,
                           m["out"].loc, m["out"].scope)
-        get = Node.make(Op.GETITEM, [fused], {"index": 0}, m["out"].loc, m["out"].scope)
-        replace[m["out"]] = [fused, get]
+        regions.append(Region(fused, [m["out"]], m["region"]))
         records.append({"pass": PASS, "status": "fused", "where": _where(m["out"]),
                         "reason": _reason(m, chunk)})
-    dead = set().union(*[m["region"] for m in matches]) - set(replace)
-    nodes: List[Node] = []
-    new: Dict[Node, Node] = {}
-    for n in g.nodes:
-        if n in dead:
-            continue
-        if n in replace:
-            fused, get = replace[n]
-            fused = Node(fused.op, tuple(new.get(i, i) for i in fused.inputs), fused.attrs,
-                         fused.type, fused.loc, fused.scope)
-            get = Node(get.op, (fused,), get.attrs, get.type, get.loc, get.scope)
-            nodes += [fused, get]
-            new[n] = get
-            continue
-        ins = tuple(new.get(i, i) for i in n.inputs)
-        c = n if ins == n.inputs else Node(n.op, ins, n.attrs, n.type, n.loc, n.scope)
-        new[n] = c
-        nodes.append(c)
-    out = g.with_nodes(nodes, {k: new.get(v, v) for k, v in g.outputs.items()})
-    out.meta["fusions"] = list(g.meta.get("fusions", [])) + records
-    from .basic import dce
-    return dce(out)
+    return splice(g, regions, records)

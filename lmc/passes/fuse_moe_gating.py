@@ -69,19 +69,11 @@ from ..ir.graph import Graph, Node
 from ..ir.ops import Kind, Op
 from ..ir.types import DType
 from .fuse_pointwise import _where
+from .patterns import NoMatch, Region, need, splice
 
 # output roles, in the order the fused op returns them; the first three carry gradients
 ROLES = ("y", "gates", "probs", "lse", "chosen", "kept", "idx")
 DIFF_ROLES = ("y", "gates", "probs", "lse")
-
-
-class _NoMatch(Exception):
-    pass
-
-
-def _need(cond: bool, why: str):
-    if not cond:
-        raise _NoMatch(why)
 
 
 def _scalar(n: Node) -> Optional[float]:
@@ -115,7 +107,7 @@ def _other(n: Node, x: Node) -> Node:
 
 def _one_user(users, n: Node, op: Op, why: str) -> Node:
     us = users.get(n, [])
-    _need(len(us) == 1 and us[0].op is op, why)
+    need(len(us) == 1 and us[0].op is op, why)
     return us[0]
 
 
@@ -125,28 +117,28 @@ def _users_of(users, n: Node, op: Op, pred=lambda u: True) -> List[Node]:
 
 def match(top: Node, users: Dict[Node, List[Node]], static, outputs) -> dict:
     rank = top.type.rank
-    _need(top.attrs["axis"] == rank - 1, "top-k not over the last axis")
+    need(top.attrs["axis"] == rank - 1, "top-k not over the last axis")
     k = top.attrs["k"]
-    _need(k in (1, 2), f"top-{k}: the fused gating handles k = 1 or 2")
+    need(k in (1, 2), f"top-{k}: the fused gating handles k = 1 or 2")
     probs = top.inputs[0]
     if probs.op is Op.SIGMOID:
-        raise _NoMatch("sigmoid router: the fused gating computes a softmax")
-    _need(probs.op is Op.SOFTMAX, f"top-k of {probs.op.value}, not of softmax(router logits)")
-    _need(probs.attrs["axis"] == rank - 1, "router softmax not over the experts (last) axis")
+        raise NoMatch("sigmoid router: the fused gating computes a softmax")
+    need(probs.op is Op.SOFTMAX, f"top-k of {probs.op.value}, not of softmax(router logits)")
+    need(probs.attrs["axis"] == rank - 1, "router softmax not over the experts (last) axis")
     dt = probs.type.dtype.value
-    _need(dt in ("f32", "f16", "bf16"), f"router softmax in {dt}")
+    need(dt in ("f32", "f16", "bf16"), f"router softmax in {dt}")
     E = probs.type.shape[-1]
-    _need(isinstance(E, int), "expert count is not static")
+    need(isinstance(E, int), "expert count is not static")
     logits = probs.inputs[0]
     noise_node = None
     mm = logits
     if logits.op is Op.GAUSSIAN_NOISE:
         noise_node, mm = logits, logits.inputs[0]
-        _need(logits.inputs[1].op is Op.CONST, "noise seed is not a constant")
-    _need(mm.op is Op.MATMUL, f"router logits are {mm.op.value}, not x @ W_r")
+        need(logits.inputs[1].op is Op.CONST, "noise seed is not a constant")
+    need(mm.op is Op.MATMUL, f"router logits are {mm.op.value}, not x @ W_r")
     x, w = mm.inputs
-    _need(w.type.rank == 2 and x.type.rank >= 2, "router weight is not a [d, E] matrix")
-    _need(x.type.dtype.value == dt and w.type.dtype.value == dt and mm.type.dtype.value == dt,
+    need(w.type.rank == 2 and x.type.rank >= 2, "router weight is not a [d, E] matrix")
+    need(x.type.dtype.value == dt and w.type.dtype.value == dt and mm.type.dtype.value == dt,
           "router matmul and softmax in different dtypes")
     region = [mm, probs, top] + ([noise_node] if noise_node is not None else [])
     role: Dict[str, Node] = {"probs": probs, "idx": top}
@@ -155,20 +147,20 @@ def match(top: Node, users: Dict[Node, List[Node]], static, outputs) -> dict:
     if any(u.op is Op.RESHAPE for u in tu):
         form = "one-hot"
         r = _one_user(users, top, Op.RESHAPE, "top-k indices used other than once, reshaped")
-        _need(tuple(r.type.shape) == tuple(top.type.shape) + (1,),
+        need(tuple(r.type.shape) == tuple(top.type.shape) + (1,),
               "top-k indices not reshaped to [.., k, 1]")
         eq = _one_user(users, r, Op.EQ, "reshaped indices not compared with arange(E)")
-        _need(_is_arange(_other(eq, r), E), "indices compared with something other than "
+        need(_is_arange(_other(eq, r), E), "indices compared with something other than "
               "arange(E)")
         c = _one_user(users, eq, Op.CAST, "one-hot comparison not cast to a float")
-        _need(c.type.dtype.value == "f32", "one-hot comparison not cast to f32")
+        need(c.type.dtype.value == "f32", "one-hot comparison not cast to f32")
         chosen = _one_user(users, c, Op.SUM, "one-hot not summed over the k slots")
-        _need(chosen.attrs["axis"] == rank - 1 and not chosen.attrs.get("keepdim", True),
+        need(chosen.attrs["axis"] == rank - 1 and not chosen.attrs.get("keepdim", True),
               "one-hot not summed over the k slots")
         region += [r, eq, c, chosen]
         role["chosen"] = chosen
         g0s = _users_of(users, chosen, Op.MUL, lambda u: _widened(_other(u, chosen), probs))
-        _need(len(g0s) == 1, "no probs * chosen gate")
+        need(len(g0s) == 1, "no probs * chosen gate")
         gates = g0s[0]
         if _other(gates, chosen) is not probs:      # mixed precision: cast(probs, f32)
             region.append(_other(gates, chosen))
@@ -178,7 +170,7 @@ def match(top: Node, users: Dict[Node, List[Node]], static, outputs) -> dict:
         if sums:
             divs = _users_of(users, gates, Op.DIV,
                              lambda u: u.inputs[0] is gates and u.inputs[1] is sums[0])
-            _need(len(divs) == 1, "gate sum not used to renormalise the gates")
+            need(len(divs) == 1, "gate sum not used to renormalise the gates")
             region += [sums[0], divs[0]]
             gates, renorm = divs[0], True
         cums = _users_of(users, chosen, Op.CUMSUM)
@@ -191,7 +183,7 @@ def match(top: Node, users: Dict[Node, List[Node]], static, outputs) -> dict:
         ga = _users_of(users, top, Op.GATHER,
                        lambda u: u.inputs[0] is probs and u.inputs[1] is top
                        and u.attrs["axis"] == rank - 1)
-        _need(len(ga) == 1, "top-k indices do not gather the router probabilities")
+        need(len(ga) == 1, "top-k indices do not gather the router probabilities")
         kv = ga[0]
         region.append(kv)
         wv = kv
@@ -199,22 +191,22 @@ def match(top: Node, users: Dict[Node, List[Node]], static, outputs) -> dict:
         if sums:
             divs = _users_of(users, kv, Op.DIV,
                              lambda u: u.inputs[0] is kv and u.inputs[1] is sums[0])
-            _need(len(divs) == 1, "selected probabilities' sum not used to renormalise")
+            need(len(divs) == 1, "selected probabilities' sum not used to renormalise")
             region += [sums[0], divs[0]]
             wv, renorm = divs[0], True
         sc = _users_of(users, wv, Op.SCATTER_ADD,
                        lambda u: u.inputs[1] is top and u.inputs[2] is wv
                        and u.attrs["axis"] == rank - 1)
-        _need(len(sc) == 1, "gate weights not scattered back to [.., E] at the top-k experts")
+        need(len(sc) == 1, "gate weights not scattered back to [.., E] at the top-k experts")
         gates = sc[0]
         z = gates.inputs[0]
         if z.op is Op.MUL and probs in z.inputs and _scalar(_other(z, probs)) == 0:
             region.append(z)
         else:
-            _need(static(z) and _is_zero(z), "gate weights scattered into a non-zero tensor")
+            need(static(z) and _is_zero(z), "gate weights scattered into a non-zero tensor")
         region.append(gates)
     else:
-        raise _NoMatch("top-k indices are neither one-hot compared with arange(E) nor used "
+        raise NoMatch("top-k indices are neither one-hot compared with arange(E) nor used "
                        "to gather the probabilities")
     role["gates"] = gates
     lses = _users_of(users, logits, Op.LOGSUMEXP, lambda u: u.attrs["axis"] == rank - 1)
@@ -226,12 +218,12 @@ def match(top: Node, users: Dict[Node, List[Node]], static, outputs) -> dict:
     for n in region:
         out_users = [u for u in users.get(n, []) if u not in inside]
         if (out_users or n in outputs) and n not in named:
-            raise _NoMatch(f"{n.op.value} inside the router is also used outside it")
+            raise NoMatch(f"{n.op.value} inside the router is also used outside it")
     m = {"x": x, "w": w, "mm": mm, "logits": logits, "noise": noise_node, "k": k, "E": E,
          "renorm": renorm, "capacity": capacity, "form": form, "experts": None, "dtype": dt}
     try:
         ex = _experts(gates, x, users, outputs, E)
-    except _NoMatch as e:
+    except NoMatch as e:
         m["layer_why"] = str(e)
     else:
         m["experts"] = ex
@@ -239,7 +231,7 @@ def match(top: Node, users: Dict[Node, List[Node]], static, outputs) -> dict:
         role["y"] = ex["y"]
     outs = [r for r in ROLES if r in role and (
         any(u not in inside for u in users.get(role[r], [])) or role[r] in outputs)]
-    _need("gates" in outs or "y" in outs, "the gates are not used")
+    need("gates" in outs or "y" in outs, "the gates are not used")
     m.update(region=inside, roles=role, outputs=outs)
     return m
 
@@ -253,64 +245,64 @@ def _experts(gates: Node, x: Node, users, outputs, E: int) -> dict:
     act silu (SwiGLU) or exact gelu (GeGLU); Wg, W1 [E, d, F], W2 [E, F, d] in x's dtype;
     under mixed precision xe = cast(reshape(x32)) with x = cast(x32), and ye is widened to
     fp32 before the combine."""
-    _need(gates.type.rank == 3, "experts not fused: gates are not [B, T, E]")
+    need(gates.type.rank == 3, "experts not fused: gates are not [B, T, E]")
     Bd, Td, _ = gates.type.shape
     perm = _users_of(users, gates, Op.PERMUTE, lambda u: tuple(u.attrs["perm"]) == (0, 2, 1))
-    _need(len(perm) == 1, "experts not fused: gates not permuted to [B, E, T] for a dense "
+    need(len(perm) == 1, "experts not fused: gates not permuted to [B, E, T] for a dense "
           "gated-FFN combine")
     pr = _one_user(users, perm[0], Op.RESHAPE, "experts not fused: gates not reshaped to "
                    "[B, E, T, 1]")
     cm = _one_user(users, pr, Op.MUL, "experts not fused: no gates * expert outputs")
     ye = _other(cm, pr)
     y = _one_user(users, cm, Op.SUM, "experts not fused: weighted outputs not summed")
-    _need(y.attrs["axis"] == 1 and not y.attrs.get("keepdim", True),
+    need(y.attrs["axis"] == 1 and not y.attrs.get("keepdim", True),
           "experts not fused: weighted outputs not summed over the experts")
     widen = None
     if ye.op is Op.CAST and ye.inputs[0].op is Op.MATMUL and ye.type.dtype.value == "f32":
         widen, ye = ye, ye.inputs[0]             # mixed precision: cast(ye, f32) * gates
-    _need(ye.op is Op.MATMUL, f"experts not fused: expert outputs are {ye.op.value}, "
+    need(ye.op is Op.MATMUL, f"experts not fused: expert outputs are {ye.op.value}, "
           "not a gated FFN's down projection")
     h, w2 = ye.inputs
-    _need(h.op is Op.MUL, "experts not fused: not a gated FFN (act(x Wg) * (x W1))")
+    need(h.op is Op.MUL, "experts not fused: not a gated FFN (act(x Wg) * (x W1))")
     for act_n, up in (h.inputs, h.inputs[::-1]):
         if act_n.op in (Op.SILU, Op.GELU) and act_n.inputs[0].op is Op.MATMUL \
                 and up.op is Op.MATMUL:
             break
     else:
-        raise _NoMatch("experts not fused: not a gated FFN (silu/gelu(x Wg) * (x W1))")
-    _need(act_n.op is Op.SILU or act_n.attrs.get("approximate", "none") == "none",
+        raise NoMatch("experts not fused: not a gated FFN (silu/gelu(x Wg) * (x W1))")
+    need(act_n.op is Op.SILU or act_n.attrs.get("approximate", "none") == "none",
           "experts not fused: tanh-approximate gelu (the kernel's GeGLU is exact)")
     a = act_n.inputs[0]
     xe, wg = a.inputs
     xe1, w1 = up.inputs
-    _need(xe is xe1, "experts not fused: gate and up projections read different inputs")
+    need(xe is xe1, "experts not fused: gate and up projections read different inputs")
     lowp = None
     if xe.op is Op.CAST and x.op is Op.CAST and xe.type.dtype == x.type.dtype:
         # mixed precision: cast(reshape(x32)) for the experts, cast(x32) for the router
         lowp, xe = xe, xe.inputs[0]
-        _need(xe.op is Op.RESHAPE and xe.inputs[0] is x.inputs[0],
+        need(xe.op is Op.RESHAPE and xe.inputs[0] is x.inputs[0],
               "experts not fused: experts do not read the router's input")
     else:
-        _need(xe.op is Op.RESHAPE and xe.inputs[0] is x,
+        need(xe.op is Op.RESHAPE and xe.inputs[0] is x,
               "experts not fused: experts do not read the router's input")
     d = x.type.shape[-1]
-    _need(x.type.rank == 3 and tuple(xe.type.shape) == (Bd, 1, Td, d),
+    need(x.type.rank == 3 and tuple(xe.type.shape) == (Bd, 1, Td, d),
           "experts not fused: expert input not reshaped to [B, 1, T, d]")
     for wt in (wg, w1, w2, a, up, h, ye):
-        _need(wt.type.dtype == x.type.dtype, "experts not fused: experts not in the router "
+        need(wt.type.dtype == x.type.dtype, "experts not fused: experts not in the router "
               "input's dtype")
-    _need(y.type.dtype.value == "f32", "experts not fused: combine not in fp32")
+    need(y.type.dtype.value == "f32", "experts not fused: combine not in fp32")
     for wt in (wg, w1, w2):
-        _need(wt.type.rank == 3 and wt.type.shape[0] == E,
+        need(wt.type.rank == 3 and wt.type.shape[0] == E,
               "experts not fused: expert weights are not [E, ., .] stacks")
     F_ = wg.type.shape[2]
-    _need(tuple(wg.type.shape) == (E, d, F_) == tuple(w1.type.shape)
+    need(tuple(wg.type.shape) == (E, d, F_) == tuple(w1.type.shape)
           and tuple(w2.type.shape) == (E, F_, d),
           "experts not fused: expert weights not [E, d, F], [E, d, F], [E, F, d]")
     region = {perm[0], pr, cm, ye, h, act_n, a, up, xe, y} | {
         n for n in (widen, lowp) if n is not None}
     for n in region - {y}:
-        _need(n not in outputs and all(u in region for u in users.get(n, [])),
+        need(n not in outputs and all(u in region for u in users.get(n, [])),
               f"experts not fused: {n.op.value} inside the experts is also used outside")
     return {"region": region, "y": y, "wg": wg, "w1": w1, "w2": w2,
             "act": "silu" if act_n.op is Op.SILU else "gelu",
@@ -333,43 +325,43 @@ def _is_zero(n: Node) -> bool:
 def _capacity(cum, chosen, gates, users, static, E):
     """kept = chosen * cast((cast(cumsum(chosen, 1), int) - 1) * a < budget, f32),
     budget = reshape((iota(T) + 1) * b, [T, 1]), gates * kept: (gates', (a, b), kept, nodes)."""
-    _need(cum.attrs["axis"] == 1 and chosen.type.rank == 3,
+    need(cum.attrs["axis"] == 1 and chosen.type.rank == 3,
           "capacity count not a cumsum along T of [B, T, E] choices")
     T = chosen.type.shape[1]
     pos = _one_user(users, cum, Op.CAST, "capacity count not cast to an integer")
-    _need(not pos.type.dtype.is_float, "capacity count not cast to an integer")
+    need(not pos.type.dtype.is_float, "capacity count not cast to an integer")
     sub = _one_user(users, pos, Op.SUB, "capacity test not (pos - 1) * a < budget")
-    _need(sub.inputs[0] is pos and _scalar(sub.inputs[1]) == 1,
+    need(sub.inputs[0] is pos and _scalar(sub.inputs[1]) == 1,
           "capacity test not (pos - 1) * a < budget")
     mul = _one_user(users, sub, Op.MUL, "capacity test not (pos - 1) * a < budget")
     a = _scalar(_other(mul, sub))
-    _need(isinstance(a, int) and a > 0, "capacity scale a is not a positive integer constant")
+    need(isinstance(a, int) and a > 0, "capacity scale a is not a positive integer constant")
     lt = _one_user(users, mul, Op.LT, "capacity test not (pos - 1) * a < budget")
-    _need(lt.inputs[0] is mul, "capacity test not (pos - 1) * a < budget")
+    need(lt.inputs[0] is mul, "capacity test not (pos - 1) * a < budget")
     budget = lt.inputs[1]
     b = _budget(budget, T, static)
     cf = _one_user(users, lt, Op.CAST, "capacity test not cast to f32")
-    _need(cf.type.dtype.value == "f32", "capacity test not cast to f32")
+    need(cf.type.dtype.value == "f32", "capacity test not cast to f32")
     kept = _one_user(users, cf, Op.MUL, "capacity mask not multiplied into the choices")
-    _need(_other(kept, cf) is chosen, "capacity mask not multiplied into the choices")
+    need(_other(kept, cf) is chosen, "capacity mask not multiplied into the choices")
     fin = _users_of(users, kept, Op.MUL, lambda u: _other(u, kept) is gates)
-    _need(len(fin) == 1, "gates not multiplied by the capacity mask")
+    need(len(fin) == 1, "gates not multiplied by the capacity mask")
     return fin[0], (a, b), kept, [cum, pos, sub, mul, lt, cf, kept, fin[0]]
 
 
 def _budget(n: Node, T, static) -> int:
     """reshape((iota(T) + 1) * b, [T, 1]) with b a positive integer: b."""
     why = "capacity budget not reshape((iota(T) + 1) * b, [T, 1])"
-    _need(static(n) and n.op is Op.RESHAPE and n.type.rank == 2 and n.type.shape[1] == 1, why)
+    need(static(n) and n.op is Op.RESHAPE and n.type.rank == 2 and n.type.shape[1] == 1, why)
     m = n.inputs[0]
-    _need(m.op is Op.MUL, why)
+    need(m.op is Op.MUL, why)
     for p, c in (m.inputs, m.inputs[::-1]):
         b = _scalar(c)
         if isinstance(b, int) and b > 0 and p.op is Op.ADD:
             for i, one in (p.inputs, p.inputs[::-1]):
                 if (i.op is Op.IOTA and i.attrs["length"] == T and _scalar(one) == 1):
                     return b
-    raise _NoMatch(why)
+    raise NoMatch(why)
 
 
 def _body(m: dict, name: str, static) -> Graph:
@@ -469,28 +461,19 @@ def fuse_moe_gating(g: Graph) -> Graph:
             continue
         try:
             m = match(n, users, lambda t: static.get(t, False), outputs)
-            _need(not (m["region"] & taken), "overlaps another router region")
-        except _NoMatch as e:
+            need(not (m["region"] & taken), "overlaps another router region")
+        except NoMatch as e:
             records.append({"pass": "fuse_moe_gating", "status": "declined",
                             "where": _where(n), "reason": str(e)})
             continue
         m["order"] = [x for x in g.nodes if x in m["region"]]
         taken |= m["region"]
         matches.append(m)
-    out_meta = list(g.meta.get("fusions", []))
-    if not matches:
-        out = g.with_nodes(g.nodes, g.outputs)
-        out.meta["fusions"] = out_meta + records
-        return out
-    replace: Dict[Node, Node] = {}        # role node -> its GETITEM
-    at: Dict[Node, List[Node]] = {}       # the region's first node -> the nodes replacing it
-    dead: set = set()
+    regions = []
     for i, m in enumerate(matches):
         name = f"lmc_{_kind(m)}_{i}"
         body = _body(m, name, lambda t: static.get(t, False))
-        first = m["order"][0]
         loc, scope = m["logits"].loc, m["logits"].scope
-        new: List[Node] = []
         ins = _inputs(m)
         if m["noise"] is not None:     # the same draw, from zeros: the noise alone
             # fp32 zeros: the noise as the oracle adds it (to the logits widened to fp32)
@@ -500,67 +483,13 @@ def fuse_moe_gating(g: Graph) -> Graph:
                               nl, scope)
             s0 = m["noise"].inputs[1]
             seed = Node.make(Op.CONST, [], dict(s0.attrs), s0.loc, s0.scope)
-            noise = Node.make(Op.GAUSSIAN_NOISE, [zeros, seed], dict(m["noise"].attrs),
-                              nl, scope)
-            new += [zero, zeros, seed, noise]
-            ins.append(noise)
+            ins.append(Node.make(Op.GAUSSIAN_NOISE, [zeros, seed], dict(m["noise"].attrs),
+                                 nl, scope))
         fused = Node.make(Op.FUSED, ins,
                           {"kernel": name, "kind": _kind(m), "body": body,
                            "no_grad": (len(ins) - 1,) if m["noise"] is not None else ()},
                           loc, scope)
-        new.append(fused)
-        for j, r in enumerate(m["outputs"]):
-            node = m["roles"][r]
-            get = Node.make(Op.GETITEM, [fused], {"index": j}, node.loc, node.scope)
-            new.append(get)
-            replace[node] = get
-        at[first] = new
-        dead |= m["region"]
+        regions.append(Region(fused, [m["roles"][r] for r in m["outputs"]], m["region"]))
         records.append({"pass": "fuse_moe_gating", "status": "fused",
                         "where": _where(m["logits"]), "reason": _reason(m)})
-    nodes: List[Node] = []
-    remap: Dict[Node, Node] = dict(replace)
-    role_of = {get: role for role, get in replace.items()}
-    for n in g.nodes:
-        if n in at:
-            for c in at[n]:
-                ins = tuple(remap.get(i, i) for i in c.inputs)
-                if ins != c.inputs:
-                    c2 = Node(c.op, ins, c.attrs, c.type, c.loc, c.scope)
-                    remap[c] = c2
-                    if c in role_of:      # a rebuilt GETITEM now stands for its role
-                        remap[role_of[c]] = c2
-                    c = c2
-                nodes.append(c)
-        if n in dead:
-            continue
-        ins = tuple(remap.get(i, i) for i in n.inputs)
-        c = n if ins == n.inputs else Node(n.op, ins, n.attrs, n.type, n.loc, n.scope)
-        remap[n] = c
-        nodes.append(c)
-    out = g.with_nodes(_inputs_first(nodes), {k: remap.get(v, v) for k, v in g.outputs.items()})
-    out.meta["fusions"] = out_meta + records
-    from .basic import dce
-    return dce(out)
-
-
-def _inputs_first(nodes: List[Node]) -> List[Node]:
-    """`nodes` reordered as little as needed for every input to come before its users (a
-    fused op sits where its region started, and an input, e.g. an expert weight, may have
-    been computed later than that)."""
-    placed: set = set()
-    out: List[Node] = []
-    for n in nodes:
-        stack = [(n, 0)]
-        while stack:
-            m, i = stack.pop()
-            if m in placed:
-                continue
-            if i < len(m.inputs):
-                stack.append((m, i + 1))
-                if m.inputs[i] not in placed:
-                    stack.append((m.inputs[i], 0))
-                continue
-            placed.add(m)
-            out.append(m)
-    return out
+    return splice(g, regions, records)

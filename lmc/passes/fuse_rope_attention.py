@@ -57,30 +57,13 @@ probabilities used other than once as probs @ v.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 from ..ir.graph import Graph, Node
 from ..ir.ops import Op
 from ..ir.types import DType
 from .fuse_pointwise import _where
-
-
-class _NoMatch(Exception):
-    pass
-
-
-def _const_value(n: Node) -> Optional[float]:
-    if n.op is Op.CONST and n.type.rank == 0 and not hasattr(n.attrs["value"], "shape"):
-        try:
-            return float(n.attrs["value"])
-        except (TypeError, ValueError):
-            return None
-    return None
-
-
-def _need(cond: bool, why: str):
-    if not cond:
-        raise _NoMatch(why)
+from .patterns import Body, NoMatch, Region, const_value, need, splice
 
 
 def _last(n: Node) -> int:
@@ -97,22 +80,22 @@ def _is_slice(s: Node, x: Node, start, stop, step=1) -> bool:
 
 def _split_mul(n: Node, want_table) -> Tuple[Node, Node]:
     """n = a * t with t a table satisfying `want_table`: (a, t)."""
-    _need(n.op is Op.MUL, f"{n.op.value} where x*cos or rot(x)*sin was expected")
+    need(n.op is Op.MUL, f"{n.op.value} where x*cos or rot(x)*sin was expected")
     a, b = n.inputs
     if want_table(b):
         return a, b
     if want_table(a):
         return b, a
-    raise _NoMatch("no [T, R] position table in the RoPE product")
+    raise NoMatch("no [T, R] position table in the RoPE product")
 
 
 def _rotation(r: Node, x: Node) -> bool:
-    """Is r = rot(x)? True for interleaved pairs, False for rotate-half; else _NoMatch."""
+    """Is r = rot(x)? True for interleaved pairs, False for rotate-half; else NoMatch."""
     R = x.type.shape[-1]
-    _need(isinstance(R, int) and R % 2 == 0, "rotary width is not a static even size")
+    need(isinstance(R, int) and R % 2 == 0, "rotary width is not a static even size")
     if r.op is Op.RESHAPE:                 # interleaved: pairs (2i, 2i+1) -> (-x[2i+1], x[2i])
         c = r.inputs[0]
-        _need(c.op is Op.CONCAT and len(c.inputs) == 2 and c.attrs["axis"] == _last(c)
+        need(c.op is Op.CONCAT and len(c.inputs) == 2 and c.attrs["axis"] == _last(c)
               and c.type.shape[-1] == 2 and tuple(r.type.shape) == tuple(x.type.shape),
               "rotation is neither rotate-half nor interleaved pairs")
         neg, lo = c.inputs
@@ -136,15 +119,15 @@ def _rotation(r: Node, x: Node) -> bool:
                 return _is_slice(s.inputs[0], x, first, R, 2) or _is_slice(
                     s.inputs[0], x, first, R - 1 + first, 2)
             return False
-        _need(half(neg, 1, True) and half(lo, 0, False),
+        need(half(neg, 1, True) and half(lo, 0, False),
               "interleaved rotation halves are not x[..., 1::2] and x[..., 0::2]")
         return True
-    _need(r.op is Op.CONCAT and r.attrs["axis"] == _last(r) and len(r.inputs) == 2,
+    need(r.op is Op.CONCAT and r.attrs["axis"] == _last(r) and len(r.inputs) == 2,
           "rotation is not a concat of two halves on the last axis")
     neg, lo = r.inputs
-    _need(neg.op is Op.NEG, "rotation is not concat(-x2, x1) (rotate-half) or interleaved pairs")
+    need(neg.op is Op.NEG, "rotation is not concat(-x2, x1) (rotate-half) or interleaved pairs")
     hi = neg.inputs[0]
-    _need(_is_slice(hi, x, R // 2, R) and _is_slice(lo, x, 0, R // 2),
+    need(_is_slice(hi, x, R // 2, R) and _is_slice(lo, x, 0, R // 2),
           "rotation halves are not x[..., R/2:] and x[..., :R/2] of the rotated x")
     return False
 
@@ -164,7 +147,7 @@ def _strip_table(t: Node) -> Node:
 
 def _rope(n: Node, static) -> Tuple[Node, Node, Node, bool]:
     """n = rope(x): (x, cos, sin, interleaved)."""
-    _need(n.op is Op.ADD, f"{n.op.value} where rope's add of x*cos and rot(x)*sin was expected")
+    need(n.op is Op.ADD, f"{n.op.value} where rope's add of x*cos and rot(x)*sin was expected")
 
     def table(t):
         return _is_table(t, static)
@@ -174,7 +157,7 @@ def _rope(n: Node, static) -> Tuple[Node, Node, Node, bool]:
         try:
             x, cos = _split_mul(p, table)
             r, sin = _split_mul(q, table)
-        except _NoMatch as e:
+        except NoMatch as e:
             why = str(e)
             continue
         if r.op not in (Op.CONCAT, Op.RESHAPE):
@@ -182,15 +165,15 @@ def _rope(n: Node, static) -> Tuple[Node, Node, Node, bool]:
         # under mixed precision the fp32 tables reach x through one cast each (and a
         # [1, 1, T, R] table through a reshape)
         c0, s0 = _strip_table(cos), _strip_table(sin)
-        _need(c0.op is Op.COS and s0.op is Op.SIN,
+        need(c0.op is Op.COS and s0.op is Op.SIN,
               "rope tables are not cos/sin of the same angles")
-        _need(c0.inputs[0] is s0.inputs[0], "rope's cos and sin are of different angles")
+        need(c0.inputs[0] is s0.inputs[0], "rope's cos and sin are of different angles")
         interleaved = _rotation(r, x)
         R = x.type.shape[-1]
-        _need(tuple(cos.type.shape)[-1] == R and tuple(sin.type.shape)[-1] == R,
+        need(tuple(cos.type.shape)[-1] == R and tuple(sin.type.shape)[-1] == R,
               "rope table narrower or wider than the rotated dims")
         return x, cos, sin, interleaved
-    raise _NoMatch(why)
+    raise NoMatch(why)
 
 
 def _heads(x: Node) -> Tuple[Node, int]:
@@ -212,7 +195,7 @@ def _heads(x: Node) -> Tuple[Node, int]:
             if rs == (b, 1, h, t, d) and es[0] == b and es[2:] == (h, t, d) and \
                     isinstance(es[1], int) and es[1] > 1 and \
                     tuple(x.type.shape) == (b, h * es[1], t, d):
-                raise _NoMatch("kv heads tiled (query head h reads kv head h mod n_kv); the "
+                raise NoMatch("kv heads tiled (query head h reads kv head h mod n_kv); the "
                                "kernel shares each kv head among consecutive query heads")
     if x.op is Op.EXPAND:
         src = x.inputs[0]
@@ -237,10 +220,10 @@ def _part(p: Node, static, users) -> dict:
     try:
         x, cos, sin, inter = _rope(inner, static)
         if zeta is not None:
-            _need(tuple(zeta[0].type.shape) == tuple(cos.type.shape),
+            need(tuple(zeta[0].type.shape) == tuple(cos.type.shape),
                   "XPos table's shape differs from the rope tables'")
         part.update(rope=True, cos=cos, sin=sin, interleaved=inter, zeta=zeta)
-    except _NoMatch as e:
+    except NoMatch as e:
         part["why"] = str(e)
         x = p
     x, g2 = _heads(x)
@@ -275,47 +258,47 @@ def _as_given(p: dict) -> dict:
 
 
 def match(sm: Node, users: Dict[Node, List[Node]], static, order: Dict[Node, int]) -> dict:
-    _need(sm.attrs["axis"] == sm.type.rank - 1, "softmax not over the last axis")
-    _need(sm.type.dtype.value in ("f32", "f16", "bf16"), "attention in a non-float dtype")
+    need(sm.attrs["axis"] == sm.type.rank - 1, "softmax not over the last axis")
+    need(sm.type.dtype.value in ("f32", "f16", "bf16"), "attention in a non-float dtype")
     x = sm.inputs[0]
     causal, window = False, 0
     if x.op is Op.WHERE:
         mask, s, fill = x.inputs
-        _need(mask.op is Op.CAUSAL_MASK, "masked by something other than causal_mask")
-        _need(_const_value(fill) == float("-inf"), "masked scores are not set to -inf")
-        _need(tuple(mask.type.shape) == tuple(sm.type.shape[-2:]),
+        need(mask.op is Op.CAUSAL_MASK, "masked by something other than causal_mask")
+        need(const_value(fill) == float("-inf"), "masked scores are not set to -inf")
+        need(tuple(mask.type.shape) == tuple(sm.type.shape[-2:]),
               "causal mask is not [T, S] like the scores")
         causal, window = True, int(mask.attrs.get("window") or 0)
         x = s
     scale = 1.0
     if x.op in (Op.MUL, Op.DIV):
         a, c = x.inputs
-        if x.op is Op.MUL and _const_value(a) is not None:
+        if x.op is Op.MUL and const_value(a) is not None:
             a, c = c, a
-        cv = _const_value(c)
+        cv = const_value(c)
         if cv is not None:
             scale = cv if x.op is Op.MUL else 1.0 / cv
             x = a
         else:
-            _need(x.op is not Op.MUL or any(
+            need(x.op is not Op.MUL or any(
                 tuple(i.type.shape) != tuple(x.type.shape) for i in x.inputs),
                 f"scores are an elementwise product of two {list(x.type.shape)} tensors, not "
                 f"q @ k^T (a softmax over features, not attention across positions)")
-            raise _NoMatch("scores scaled by a tensor")
-    _need(x.op is Op.MATMUL, f"{x.op.value} where q @ k^T was expected (softmax over "
+            raise NoMatch("scores scaled by a tensor")
+    need(x.op is Op.MATMUL, f"{x.op.value} where q @ k^T was expected (softmax over "
                              f"{list(sm.type.shape)} is not over scores of queries and keys)")
     mm = x
     outs = users.get(sm, [])
-    _need(len(outs) == 1 and isinstance(outs[0], Node) and outs[0].op is Op.MATMUL
+    need(len(outs) == 1 and isinstance(outs[0], Node) and outs[0].op is Op.MATMUL
           and outs[0].inputs[0] is sm,
           "probabilities are not used once, as probs @ v")
     pv = outs[0]
     qr, kt = mm.inputs
-    _need(qr.type.rank == 4, "scores are not [B, H, T, S]")
-    _need(kt.op is Op.PERMUTE and tuple(kt.attrs["perm"]) == (0, 1, 3, 2),
+    need(qr.type.rank == 4, "scores are not [B, H, T, S]")
+    need(kt.op is Op.PERMUTE and tuple(kt.attrs["perm"]) == (0, 1, 3, 2),
           "keys are not transposed from [B, H, S, D]")
     kr = kt.inputs[0]
-    _need(isinstance(qr.type.shape[1], int), "head count is not static")
+    need(isinstance(qr.type.shape[1], int), "head count is not static")
 
     qparts = _side(qr, static, users)
     kparts = _side(kr, static, users)
@@ -329,7 +312,7 @@ def match(sm: Node, users: Dict[Node, List[Node]], static, order: Dict[Node, int
                          scale, given=True)
 
 
-class _Shared(_NoMatch):
+class _Shared(NoMatch):
     pass
 
 
@@ -338,18 +321,18 @@ def _assemble(sm, pv, qr, kr, qparts, kparts, users, static, order, causal, wind
     H, T = qr.type.shape[1], qr.type.shape[2]
     S = kr.type.shape[2]
     kparts = list(kparts)
-    _need(T == S, "queries and keys of different lengths (positions would not line up)")
+    need(T == S, "queries and keys of different lengths (positions would not line up)")
     roped = [i for i, p in enumerate(qparts) if p["rope"]]
     if not roped:
-        raise _NoMatch(qparts[0]["why"] if len(qparts) == 1 else
+        raise NoMatch(qparts[0]["why"] if len(qparts) == 1 else
                        "no part of q is rotated: " + "; ".join(p["why"] for p in qparts))
-    _need(len(roped) == 1, "RoPE on several parts of q's head dim")
+    need(len(roped) == 1, "RoPE on several parts of q's head dim")
     j = roped[0]
-    _need(len(qparts) == len(kparts) and all(
+    need(len(qparts) == len(kparts) and all(
         a["width"] == b["width"] for a, b in zip(qparts, kparts)),
         "q and k are not split alike along the head dim (their rotated parts do not face)")
-    _need(all(p["g"] == 1 for p in qparts), "queries broadcast over heads")
-    _need(not any(p["rope"] for i, p in enumerate(kparts) if i != j),
+    need(all(p["g"] == 1 for p in qparts), "queries broadcast over heads")
+    need(not any(p["rope"] for i, p in enumerate(kparts) if i != j),
           "k rotated in columns where q is not")
     qp, kp = qparts[j], kparts[j]
     if kp["rope"] and (given or len(users.get(kp["top"], [])) > 1):
@@ -357,20 +340,20 @@ def _assemble(sm, pv, qr, kr, qparts, kparts, users, static, order, causal, wind
         kparts[j] = kp = _as_given(kp)
     rope_k = kp["rope"]
     if rope_k:
-        _need(kp["interleaved"] == qp["interleaved"], "q and k use different rotary layouts")
+        need(kp["interleaved"] == qp["interleaved"], "q and k use different rotary layouts")
     for p, n in ((qp, T), (kp, S)):
         if p["rope"]:
-            _need(tuple(p["cos"].type.shape)[-2] == n,
+            need(tuple(p["cos"].type.shape)[-2] == n,
                   f"rope table has {p['cos'].type.shape[-2]} positions, not the {n} rows")
     vv = pv.inputs[1]
     v, gv = _heads(vv)
-    _need(all(isinstance(p["width"], int) for p in qparts), "head dim is not static")
+    need(all(isinstance(p["width"], int) for p in qparts), "head dim is not static")
     for p in kparts:
-        _need(H % p["g"] == 0, "k heads do not divide the query heads")
+        need(H % p["g"] == 0, "k heads do not divide the query heads")
     kvh = [H // p["g"] for p in kparts] + [H // gv]
     HKV = max(kvh)
-    _need(all(HKV % h == 0 for h in kvh), "k and v parts' head counts do not nest")
-    _need(qr.type.dtype == kr.type.dtype == vv.type.dtype, "q, k, v dtypes differ")
+    need(all(HKV % h == 0 for h in kvh), "k and v parts' head counts do not nest")
+    need(qr.type.dtype == kr.type.dtype == vv.type.dtype, "q, k, v dtypes differ")
 
     # the fused op's inputs, each once: q's sources, k's, v, then the tables
     inputs: List[Node] = []
@@ -395,7 +378,7 @@ def _assemble(sm, pv, qr, kr, qparts, kparts, users, static, order, causal, wind
         if p["rope"] and p["zeta"] is not None:
             opts[name] = [idx(p["zeta"][0]), p["zeta"][1]]
     for n in inputs[:n_grad]:
-        _need(n.op not in (Op.CONST,), "a constant where q, k or v was expected")
+        need(n.op not in (Op.CONST,), "a constant where q, k or v was expected")
 
     # the region: everything between the inputs and probs @ v (sources are copied)
     stop = set(inputs)
@@ -408,7 +391,7 @@ def _assemble(sm, pv, qr, kr, qparts, kparts, users, static, order, causal, wind
         stack.extend(n.inputs)
     for n in region:
         for i in n.inputs:
-            _need(i in region or i in stop or (not i.inputs and i.op not in (Op.INPUT, Op.PARAM)),
+            need(i in region or i in stop or (not i.inputs and i.op not in (Op.INPUT, Op.PARAM)),
                   f"attention reads {i.op.value} besides q, k, v and the tables")
     # values used outside too stay in the graph: allowed for views of the inputs (the
     # broadcast of a shared K, V that CSE merged across layers), which the body recomputes
@@ -424,7 +407,7 @@ def _assemble(sm, pv, qr, kr, qparts, kparts, users, static, order, causal, wind
     if bad:
         if rope_k and not given and any(n in _rope_nodes(kp, region) for n in bad):
             raise _Shared("k's rope is shared")
-        raise _NoMatch(f"{bad[-1].op.value} inside the attention is also used outside it")
+        raise NoMatch(f"{bad[-1].op.value} inside the attention is also used outside it")
     return {"inputs": inputs, "n_grad": n_grad, "out": pv, "scores": sm.inputs[0],
             "region": region,
             "dead": region - keep, "opts": opts, "order": order}
@@ -448,38 +431,21 @@ def _rope_nodes(p: dict, region) -> set:
 
 def _body(m: dict, name: str) -> Graph:
     """The matched region as a body graph over placeholders in0.. (the fused op's inputs)."""
-    from ..frontend.builder import Builder
-
-    b = Builder({}, {})
-    env: Dict[Node, Node] = {}
-    for i, x in enumerate(m["inputs"]):
-        env[x] = b.input(f"in{i}", x.type.shape, x.type.dtype).node
-    for n in sorted(m["region"], key=m["order"].__getitem__):
-        for i in n.inputs:
-            if i not in env:              # a source read by the region (mask, constants)
-                env[i] = Node(i.op, (), dict(i.attrs), i.type, i.loc, i.scope)
-                b.nodes.append(env[i])
-        c = Node(n.op, tuple(env[i] for i in n.inputs), n.attrs, n.type, n.loc, n.scope)
-        env[n] = c
-        b.nodes.append(c)
+    b = Body(m["inputs"])
+    b.copy(sorted(m["region"], key=m["order"].__getitem__))
     # output 1: the row log-sum-exp of the masked, scaled scores in fp32 ([B, H, T]), which
     # the forward kernel writes anyway; only the backward reads it (saved with the output, so
     # the backward kernels need no forward rerun). It takes no gradient: stop_gradient.
     s = m["scores"]
-    sg = Node.make(Op.STOP_GRADIENT, (env[s],), {}, s.loc, s.scope)
-    b.nodes.append(sg)
+    sg = b.add(Node.make(Op.STOP_GRADIENT, (b.env[s],), {}, s.loc, s.scope))
     if sg.type.dtype is not DType.f32:
-        sg = Node.make(Op.CAST, (sg,), {"dtype": DType.f32}, s.loc, s.scope)
-        b.nodes.append(sg)
-    lse = Node.make(Op.LOGSUMEXP, (sg,), {"axis": s.type.rank - 1, "keepdim": False}, s.loc,
-                    s.scope)
-    b.nodes.append(lse)
-    body = Graph(name, b.nodes, {"0": env[m["out"]], "1": lse})
-    body.meta["module"] = "attention"          # lmc/codegen/attention.py's launch_template
-    body.meta["template"] = "rope_attention"
-    body.meta["options"] = dict(m["opts"])
-    body.meta["saved"] = ["0", "1"]            # the backward reads out and lse (autodiff)
-    return body
+        sg = b.add(Node.make(Op.CAST, (sg,), {"dtype": DType.f32}, s.loc, s.scope))
+    lse = b.add(Node.make(Op.LOGSUMEXP, (sg,), {"axis": s.type.rank - 1, "keepdim": False},
+                          s.loc, s.scope))
+    return b.graph(name, [m["out"], lse],
+                   module="attention",            # lmc/codegen/attention.py's launch_template
+                   template="rope_attention", options=dict(m["opts"]),
+                   saved=["0", "1"])              # the backward reads out and lse (autodiff)
 
 
 def _describe(o: dict) -> str:
@@ -520,49 +486,20 @@ def fuse_rope_attention(g: Graph) -> Graph:
             continue
         try:
             m = match(n, users, lambda t: static.get(t, False), order)
-        except _NoMatch as e:
+        except NoMatch as e:
             records.append({"pass": "fuse_rope_attention", "status": "declined",
                             "where": _where(n), "reason": str(e)})
             continue
         matches.append(m)
-    if not matches:
-        out = g.with_nodes(g.nodes, g.outputs)
-        out.meta["fusions"] = list(g.meta.get("fusions", [])) + records
-        return out
-    replace: Dict[Node, Node] = {}
-    new_nodes: Dict[Node, List[Node]] = {}
+    regions = []
     for i, m in enumerate(matches):
         name = f"lmc_rope_attention_{i}"
-        body = _body(m, name)
         fused = Node.make(Op.FUSED, list(m["inputs"]),
-                          {"kernel": name, "kind": "rope_attention", "body": body,
+                          {"kernel": name, "kind": "rope_attention", "body": _body(m, name),
                            # position tables: no gradient
                            "no_grad": tuple(range(m["n_grad"], len(m["inputs"])))},
                           m["out"].loc, m["out"].scope)
-        get = Node.make(Op.GETITEM, [fused], {"index": 0}, m["out"].loc, m["out"].scope)
-        replace[m["out"]] = get
-        new_nodes[m["out"]] = [fused, get]
+        regions.append(Region(fused, [m["out"], None], m["dead"]))
         records.append({"pass": "fuse_rope_attention", "status": "fused",
                         "where": _where(m["out"]), "reason": _describe(m["opts"])})
-    dead = set().union(*[m["dead"] for m in matches]) - set(replace)
-    nodes: List[Node] = []
-    new: Dict[Node, Node] = {}
-    for n in g.nodes:
-        if n in dead:
-            continue
-        if n in new_nodes:
-            fused, get = new_nodes[n]
-            fused = Node(fused.op, tuple(new.get(i, i) for i in fused.inputs), fused.attrs,
-                         fused.type, fused.loc, fused.scope)
-            get = Node(get.op, (fused,), get.attrs, get.type, get.loc, get.scope)
-            nodes += [fused, get]
-            new[n] = get
-            continue
-        ins = tuple(new.get(i, i) for i in n.inputs)
-        c = n if ins == n.inputs else Node(n.op, ins, n.attrs, n.type, n.loc, n.scope)
-        new[n] = c
-        nodes.append(c)
-    out = g.with_nodes(nodes, {k: new.get(v, v) for k, v in g.outputs.items()})
-    out.meta["fusions"] = list(g.meta.get("fusions", [])) + records
-    from .basic import dce
-    return dce(out)
+    return splice(g, regions, records)

@@ -1,0 +1,167 @@
+"""What the pattern passes (fuse_rope_attention, fuse_linear_attention, fuse_moe_gating and the
+decode-step passes) share: the vocabulary of a matcher, and the rewrite that puts one FUSED
+op in place of each matched region.
+
+A matcher walks primitives from a candidate node and raises `NoMatch` with the condition that
+failed (`need(cond, why)`); the pass turns that message into a declined record. A match
+becomes a `Region`: the FUSED node (made over the graph's own nodes), the region's nodes that
+the rest of the graph reads, in the order of the op's outputs, and every node of the region.
+`splice` rebuilds the graph with each region replaced: the fused op and one GETITEM per read
+output, each placed after its inputs (a region's inputs may be computed after its first
+node), everything else in its old order.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Set
+
+from ..errors import LmcError
+from ..ir.graph import Graph, Node
+from ..ir.ops import Op
+
+
+class NoMatch(Exception):
+    """A candidate failed a condition of the pattern; the message says which."""
+
+
+def need(cond: bool, why: str) -> None:
+    if not cond:
+        raise NoMatch(why)
+
+
+def const_value(n: Node) -> Optional[float]:
+    """The value of a scalar constant node, else None."""
+    if n.op is Op.CONST and n.type.rank == 0 and not hasattr(n.attrs["value"], "shape"):
+        try:
+            return float(n.attrs["value"])
+        except (TypeError, ValueError):
+            return None
+    return None
+
+
+def is_swap(n: Node) -> bool:
+    """n transposes the last two axes (k^T of a batched product)."""
+    r = n.type.rank
+    return n.op is Op.PERMUTE and tuple(n.attrs["perm"]) == tuple(range(r - 2)) + (r - 1, r - 2)
+
+
+def other(n: Node, x: Node) -> Optional[Node]:
+    """The input of the binary op n that is not x (None if x is not one of them)."""
+    a, b = n.inputs
+    return b if a is x else a if b is x else None
+
+
+@dataclass
+class Region:
+    fused: Node                    # the FUSED node, its inputs the graph's (old) nodes
+    outputs: Sequence[Optional[Node]]   # the nodes its outputs replace, by index (None: unread)
+    nodes: Set[Node]               # the whole region, dropped (sources others read stay)
+
+
+def splice(g: Graph, regions: List[Region], records: List[dict]) -> Graph:
+    """g with every region replaced by its fused op, the records appended to
+    meta["fusions"], then dead code removed."""
+    from .basic import dce
+
+    if not regions:
+        out = g.with_nodes(g.nodes, g.outputs)
+        out.meta["fusions"] = list(g.meta.get("fusions", [])) + records
+        return out
+    made: Dict[Node, Region] = {o: r for r in regions for o in r.outputs if o is not None}
+    dead = set().union(*[r.nodes for r in regions])
+    new: Dict[Node, Node] = {}
+    nodes: List[Node] = []
+
+    def emit(root: Node) -> None:
+        # iterative post-order: a node is made once every input has its new node
+        stack = [root]
+        while stack:
+            n = stack[-1]
+            if n in new:
+                stack.pop()
+                continue
+            r = made.get(n)
+            if r is None and n in dead and n.inputs:
+                # (a source, e.g. a mask CSE shares with another layer, may stay)
+                raise LmcError(f"internal: {n.op.value} of a fused region is read outside it",
+                               n.loc)
+            ins = r.fused.inputs if r is not None else n.inputs
+            todo = [i for i in ins if i not in new]
+            if todo:
+                stack.extend(reversed(todo))
+                continue
+            stack.pop()
+            if r is None:
+                ins2 = tuple(new[i] for i in n.inputs)
+                c = n if ins2 == n.inputs else Node(n.op, ins2, n.attrs, n.type, n.loc, n.scope)
+                new[n] = c
+                nodes.append(c)
+                continue
+            f = r.fused
+            fused = Node(f.op, tuple(new[i] for i in f.inputs), f.attrs, f.type, f.loc,
+                         f.scope)
+            nodes.append(fused)
+            for j, o in enumerate(r.outputs):
+                if o is not None:
+                    new[o] = Node.make(Op.GETITEM, [fused], {"index": j}, o.loc, o.scope)
+                    nodes.append(new[o])
+
+    for n in g.nodes:
+        if n not in dead or n in made:
+            emit(n)
+    out = g.with_nodes(nodes, {k: new[v] for k, v in g.outputs.items()})
+    out.meta["fusions"] = list(g.meta.get("fusions", [])) + records
+    return dce(out)
+
+
+class Body:
+    """A matched region copied into a fused op's body graph: INPUT placeholders in0.. for
+    the op's inputs, then the region's nodes (`copy`, in graph order) reading them; a source
+    the region reads from outside (a mask, a constant, an iota) is copied in too.
+
+        b = Body(inputs, alias={view: the input it stands for})
+        b.copy(sorted(region, key=order.__getitem__))
+        body = b.graph(name, [out], module="attention", template="rope_attention", options={})
+    """
+
+    def __init__(self, inputs: Sequence[Node], alias: Optional[Dict[Node, Node]] = None):
+        from ..frontend.builder import Builder
+
+        self._b = Builder({}, {})
+        self.env: Dict[Node, Node] = {}
+        for i, x in enumerate(inputs):
+            self.env[x] = self._b.input(f"in{i}", x.type.shape, x.type.dtype).node
+        for a, x in (alias or {}).items():
+            self.env[a] = self.env[x]
+
+    def add(self, n: Node) -> Node:
+        """Append a node made over body nodes (one the region does not have, e.g. an lse)."""
+        self._b.nodes.append(n)
+        return n
+
+    def copy(self, nodes: Sequence[Node]) -> None:
+        for n in nodes:
+            if n in self.env:
+                continue
+            for i in n.inputs:
+                if i not in self.env:
+                    if i.inputs or i.op in (Op.INPUT, Op.PARAM):
+                        raise LmcError(f"internal: the fused region reads {i.op.value}, "
+                                       "which is neither an input of the op nor a source", i.loc)
+                    self.env[i] = self.add(Node(i.op, (), dict(i.attrs), i.type, i.loc,
+                                                i.scope))
+            self.env[n] = self.add(Node(n.op, tuple(self.env[i] for i in n.inputs), n.attrs,
+                                        n.type, n.loc, n.scope))
+
+    def graph(self, name: str, outputs: Sequence[Node], **meta) -> Graph:
+        """The body, its outputs "0".. the copies of `outputs` (or body nodes made by `add`);
+        meta: module, template, options (codegen/templates.py), saved (the autodiff pass)."""
+        own = set(self._b.nodes)
+        outs = {}
+        for j, o in enumerate(outputs):
+            if o not in self.env and o not in own:
+                raise LmcError(f"internal: body output {o.op.value} is not in the body", o.loc)
+            outs[str(j)] = self.env.get(o, o)
+        g = Graph(name, self._b.nodes, outs)
+        g.meta.update(meta)
+        return g
