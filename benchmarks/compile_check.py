@@ -1,0 +1,207 @@
+"""Compile every Triton kernel a model launches for an NVIDIA GPU, on a machine without one.
+
+The CPU suite runs kernels in Triton's interpreter, which accepts programs the GPU compiler
+rejects (dot tiles under 16, some type mixes, ...) and has no notion of shared memory. This
+script runs one training step and a few decode steps of each zoo model (tiny preset) on the
+triton backend in the interpreter, records every kernel launch (the kernel, its argument
+types and constexpr values), then compiles each distinct launch with Triton's own compiler
+for a target GPU (default sm_90, the H100) down to a cubin, in a second process with the
+interpreter off, and checks its shared memory against the device's limit. A kernel the GPU
+autotunes is compiled in each of its GPU configurations instead of the interpreter's.
+
+    .venv/bin/python benchmarks/compile_check.py [--models llama,yoco] [--arch 90] [--limit N]
+
+Exit 1 when a kernel fails to compile or needs more shared memory than the GPU has. Shapes
+are the tiny presets' (block sizes chosen from shapes can differ at full size).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import inspect
+import json
+import os
+import subprocess
+import sys
+import time
+
+ZOO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "zoo")
+MODELS = {"llama": {}, "blues01": {}, "minimax": {}, "yoco": {},
+          "yoco-window": {"sliding_window": 5}, "optimus_prime": {},
+          "medit_one": {"moe": 1}}
+LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
+SMEM_LIMIT = {90: 232448, 80: 166912, 89: 101376}      # bytes per block (opt-in maximum)
+
+
+def record(models, out_path):
+    """Interpreter side: run each model, write the distinct launches to out_path."""
+    import torch
+    import triton.runtime.interpreter as interp
+
+    import lmc
+    from lmc.passes import run_pipeline
+    from lmc.passes.loss import with_loss
+    from lmc.runtime.decoder import Decoder
+    from lmc.runtime.module import LmcModel
+
+    types = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
+             torch.int32: "i32", torch.int64: "i64", torch.bool: "i1", torch.uint8: "u8",
+             torch.int8: "i8"}
+    seen = {}
+    orig = interp.InterpretedFunction.run
+
+    def run(self, *args, grid, warmup, **kwargs):
+        fn = self.fn
+        options = {k: kwargs.pop(k) for k in LAUNCH_OPTIONS if k in kwargs}
+        sig = inspect.signature(fn)
+        bound = sig.bind(*args, **kwargs)
+        signature, consts = {}, {}
+        for name, p in sig.parameters.items():
+            if name in bound.arguments:
+                v = bound.arguments[name]
+            elif p.default is not inspect.Parameter.empty:
+                v = p.default
+            else:
+                continue
+            if "constexpr" in str(p.annotation) or v is None:
+                signature[name] = "constexpr"
+                consts[name] = getattr(v, "value", v)
+            elif torch.is_tensor(v):
+                signature[name] = "*" + types[v.dtype]
+            elif isinstance(v, bool):
+                signature[name] = "i1"
+            elif isinstance(v, int):
+                signature[name] = "i64" if abs(v) >= 2 ** 31 else "i32"
+            elif isinstance(v, float):
+                signature[name] = "fp32"
+            else:
+                raise TypeError(f"{fn.__qualname__}: argument {name} of type {type(v)}")
+        item = {"module": fn.__module__, "file": inspect.getsourcefile(fn), "name": fn.__name__,
+                "signature": signature, "constexprs": consts, "options": options}
+        seen[json.dumps(item, sort_keys=True)] = item
+        return orig(self, *args, grid=grid, warmup=warmup, **kwargs, **options)
+
+    interp.InterpretedFunction.run = run
+    try:
+        for name in models:
+            sets = MODELS[name]
+            path = os.path.join(ZOO, name.split("-")[0] + ".yaml")
+            g = run_pipeline(with_loss(lmc.load(path, preset="tiny", **sets).graph))
+            m = LmcModel(g, backend="triton")
+            vocab = m.config["vocab"]
+            ids = torch.randint(0, vocab, (2, 19), generator=torch.Generator().manual_seed(0))
+            m(ids, targets=ids)["loss"].backward()
+            model = lmc.load(path, preset="tiny", backend="triton", **sets).eval()
+            for static in (False, True):
+                dec = Decoder(model, "triton", static=static, max_len=24 if static else None)
+                st = dec.init_state(2)
+                with torch.no_grad():
+                    _, st = dec(ids[:, :5], st)
+                    _, st = dec(ids[:, 5:6], st)
+            print(f"recorded {name}: {len(seen)} distinct launches so far", flush=True)
+    finally:
+        interp.InterpretedFunction.run = orig
+    with open(out_path, "w") as f:
+        json.dump(list(seen.values()), f)
+
+
+def compile_all(in_path, arch, limit_variants=None, only=None) -> int:
+    """Compiler side (interpreter off): compile each recorded launch for the target."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.jit import JITFunction
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    items = [it for it in json.load(open(in_path))
+             if only is None or it["module"].startswith(only)]
+    modules = {}
+    target = GPUTarget("cuda", arch, 32)
+    limit = SMEM_LIMIT.get(arch)
+    failed, worst, done = [], (0, ""), set()
+    t0 = time.perf_counter()
+    for it in items:
+        f = it["file"]
+        if f not in modules:
+            if it["module"].startswith("lmc."):      # a template: lmc/codegen/*.py
+                modules[f] = importlib.import_module(it["module"])
+            else:                                   # a generated module in the kernel cache
+                spec = importlib.util.spec_from_file_location(f"_cc_{len(modules)}", f)
+                mod = importlib.util.module_from_spec(spec)
+                sys.modules[spec.name] = mod
+                spec.loader.exec_module(mod)
+                modules[f] = mod
+        obj = getattr(modules[f], it["name"])
+        # on a GPU an autotuned kernel runs one of its configurations, not the block sizes
+        # the interpreter used: compile each of those instead
+        variants = [(it["constexprs"], it["options"])]
+        configs = obj.configs if isinstance(obj, Autotuner) else None
+        tuned = {id(j): k for k, j in getattr(modules[f], "_JIT", {}).items()}
+        if id(obj) in tuned:           # attention.py autotunes at launch: _configs(kind)
+            configs = modules[f]._configs(tuned[id(obj)])
+        if configs:
+            variants = [({**it["constexprs"], **c.kwargs},
+                         {"num_warps": c.num_warps, "num_stages": c.num_stages})
+                        for c in configs]
+        fn = obj
+        while not isinstance(fn, JITFunction):       # an Autotuner/Heuristics wrapper
+            fn = fn.fn
+        for consts, options in variants:
+            key = json.dumps([f, it["name"], it["signature"], consts, options], sort_keys=True)
+            if key in done or (limit_variants is not None and len(done) >= limit_variants):
+                continue
+            done.add(key)
+            what = f"{os.path.basename(f)}:{it['name']} {consts} {options or ''}"
+            try:
+                src = ASTSource(fn=fn, signature=it["signature"], constexprs=consts)
+                k = triton.compile(src, target=target, options=options or None)
+            except Exception as e:          # report every failure, not just the first
+                msg = str(e).strip().splitlines()
+                failed.append(f"{what}: {type(e).__name__}: {msg[-1] if msg else ''}")
+                continue
+            shared = k.metadata.shared
+            worst = max(worst, (shared, what))
+            if limit is not None and shared > limit:
+                failed.append(f"{what}: needs {shared} B of shared memory (limit {limit})")
+    print(f"compiled {len(done) - len(failed)}/{len(done)} kernel variants ({len(items)} "
+          f"launches) for sm_{arch} in "
+          f"{time.perf_counter() - t0:.0f} s; most shared memory {worst[0]} B ({worst[1]})")
+    for line in failed:
+        print("FAILED", line)
+    return 1 if failed else 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default=",".join(MODELS),
+                    help=f"comma-separated, from {', '.join(MODELS)}")
+    ap.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90, 80")
+    ap.add_argument("--launches", default=None, help="where to keep the recorded launches")
+    ap.add_argument("--only", default=None, metavar="MODULE_PREFIX",
+                    help="compile only kernels of these modules (lmc.codegen: the templates)")
+    ap.add_argument("--limit", type=int, default=None,
+                    help="compile at most this many kernel variants (a quick check)")
+    ap.add_argument("--compile-only", metavar="FILE", help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.compile_only:
+        return compile_all(a.compile_only, a.arch, a.limit, a.only)
+    models = [m for m in a.models.split(",") if m]
+    bad = [m for m in models if m not in MODELS]
+    if bad:
+        print(f"compile_check: unknown model {bad[0]!r} (known: {', '.join(MODELS)})",
+              file=sys.stderr)
+        return 2
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    path = a.launches or os.path.join(os.environ.get("TMPDIR", "/tmp"),
+                                      f"lmc_launches_{os.getpid()}.json")
+    record(models, path)
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    extra = ([] if a.limit is None else ["--limit", str(a.limit)]) + \
+        ([] if a.only is None else ["--only", a.only])
+    return subprocess.call([sys.executable, os.path.abspath(__file__), "--compile-only", path,
+                            "--arch", str(a.arch), *extra], env=env)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
