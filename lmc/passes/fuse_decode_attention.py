@@ -66,7 +66,7 @@ from typing import Dict, List
 from ..ir.graph import Graph, Node
 from ..ir.ops import Op
 from .fuse_pointwise import _where
-from .patterns import Body, NoMatch, Region, const_value, need, splice
+from .patterns import Body, NoMatch, Region, const_value, match_all, need, splice
 
 PASS = "fuse_decode_attention"
 POS = "decode.pos"
@@ -272,20 +272,12 @@ def fuse_decode_attention(g: Graph) -> Graph:
     for o in g.outputs.values():
         users.setdefault(o, []).append(None)      # a graph output is a use outside
     order = {n: i for i, n in enumerate(g.nodes)}
-    records, matches = [], []
-    for n in g.nodes:
-        # candidates: softmaxes over the keys of [B, H, T, S] scores, S symbolic (a router's
-        # softmax over experts, medit_one's over a fixed axis, are not attention over a cache
-        # and are not reported)
-        if n.op is not Op.SOFTMAX or n.type.rank != 4 or isinstance(n.type.shape[-1], int):
-            continue
-        try:
-            m = match(n, users)
-        except NoMatch as e:
-            records.append({"pass": PASS, "status": "declined", "where": _where(n),
-                            "reason": str(e)})
-            continue
-        matches.append(m)
+    # candidates: softmaxes over the keys of [B, H, T, S] scores, S symbolic (a router's
+    # softmax over experts, medit_one's over a fixed axis, are not attention over a cache and
+    # are not reported)
+    matches, records = match_all(
+        g, lambda n: n.op is Op.SOFTMAX and n.type.rank == 4
+        and not isinstance(n.type.shape[-1], int), lambda n: match(n, users), PASS)
     regions = []
     for i, m in enumerate(matches):
         name = f"lmc_decode_attention_{i}"

@@ -41,7 +41,7 @@ from typing import Dict, List
 from ..ir.graph import Graph, Node
 from ..ir.ops import Op
 from .fuse_pointwise import _where
-from .patterns import Body, NoMatch, Region, const_value, is_swap, need, other, splice
+from .patterns import Body, Region, const_value, is_swap, match_all, need, other, splice
 
 PASS = "fuse_decode_linear_attention"
 STATE_NAME = re.compile(r"\.state\d*$")
@@ -219,17 +219,9 @@ def fuse_decode_linear_attention(g: Graph) -> Graph:
     for o in g.outputs.values():
         users.setdefault(o, []).append(None)      # a graph output is a use outside
     order = {n: i for i, n in enumerate(g.nodes)}
-    records, matches = [], []
-    for n in g.nodes:
-        if n.op is not Op.INPUT or not STATE_NAME.search(n.attrs["name"]):
-            continue
-        try:
-            m = match(n, users)
-        except NoMatch as e:
-            records.append({"pass": PASS, "status": "declined", "where": _where(n),
-                            "reason": str(e)})
-            continue
-        matches.append(m)
+    matches, records = match_all(
+        g, lambda n: n.op is Op.INPUT and STATE_NAME.search(n.attrs["name"]),
+        lambda n: match(n, users), PASS)
     regions = []
     for i, m in enumerate(matches):
         name = f"lmc_decode_linear_attention_{i}"

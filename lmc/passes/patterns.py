@@ -51,6 +51,23 @@ def other(n: Node, x: Node) -> Optional[Node]:
     return b if a is x else a if b is x else None
 
 
+def match_all(g: Graph, candidates, match, pass_name: str):
+    """(matches, declined records): `match(n)` for each node of g that `candidates(n)` picks,
+    a NoMatch turned into a declined record at that node."""
+    from .fuse_pointwise import _where
+
+    matches, records = [], []
+    for n in g.nodes:
+        if not candidates(n):
+            continue
+        try:
+            matches.append(match(n))
+        except NoMatch as e:
+            records.append({"pass": pass_name, "status": "declined", "where": _where(n),
+                            "reason": str(e)})
+    return matches, records
+
+
 @dataclass
 class Region:
     fused: Node                    # the FUSED node, its inputs the graph's (old) nodes
