@@ -16,11 +16,22 @@ and `KINDS` maps the ``kind`` attr to that module.
 from __future__ import annotations
 
 import importlib
+import os
 from types import ModuleType
 
 # generated kinds; every other kind is a hand-written template put in the graph by a pattern
 # pass (codegen/templates.py dispatches it by its body's meta)
 _MODULES = {"pointwise": "pointwise", "reduction": "reduction", "matmul": "matmul"}
+
+
+def interpreter_blocks() -> bool:
+    """Block sizes and launch options for Triton's interpreter (few, large programs: it pays
+    per program and per loop trip) rather than a GPU's. True under TRITON_INTERPRET=1 unless
+    LMC_GPU_BLOCKS=1, with which benchmarks/compile_check.py records, in the interpreter, the
+    launches a GPU would make so that it can compile them for one. Autotuned kernels are not
+    affected (the script compiles each of their GPU configurations)."""
+    return (os.environ.get("TRITON_INTERPRET") == "1"
+            and os.environ.get("LMC_GPU_BLOCKS") != "1")
 
 
 def kind_module(kind: str) -> ModuleType:

@@ -40,8 +40,9 @@ Kernels (all grids from sizes known on the host or upper bounds of them: no host
                    torch cumsums over the [blocks, E] histograms give the expert offsets and
                    each block's offset within an expert (device-side prefix sums).
     _route_scatter sorted position of every kept assignment: expert_off + block_off + rank;
-                   writes the sorted token ids and weights and each slot's sorted row (-1 when
-                   dropped). Order inside an expert: token order (deterministic).
+                   writes the sorted token ids, slot ids (t k + j) and weights and each
+                   slot's sorted row (-1 when dropped). Order inside an expert: token order
+                   (deterministic).
     _gmm           grouped GEMM over the sorted rows: program (row tile, column tile); the row
                    tile's expert is found from the device-side tile table (tile_end = cumsum
                    of ceil(count_e / BM)), the grid uses the bound ceil(N k / BM) + E and idle
@@ -50,18 +51,26 @@ Kernels (all grids from sizes known on the host or upper bounds of them: no host
                    (down projection), dh with the gated backward epilogue (da, db), and the
                    two-term product da Wg^T + db W1^T (dx of the sorted rows). Rows of x are
                    gathered through the sorted token ids; nothing is copied into sorted order.
+                   Two row layouts: sorted (h, da, db: operands of the next product) and
+                   slot (a, b, the expert outputs Y and dx: row t k + j for token t's slot j,
+                   written through the sorted slot ids), so the combine reads each token's k
+                   rows in place and the saved a, b, Y are values the dense oracle also
+                   computes (gathered per slot; fuse_moe_gating's body saves them).
     _wgrad         per expert dW_e = A_e^T D_e, looping over that expert's rows (a loop bound
-                   read from device memory).
-    _combine       y_t = sum_j w_tj Y[slot_tj] (a gather, no atomics: deterministic); also
-                   sums the sorted rows' dx back to tokens (weights 1).
-    _combine_bwd   dw_tj = <dy_t, Y[slot_tj]>.
+                   read from device memory); for dW2 A_e = h is rebuilt from the saved a, b.
+    _combine       y_t = sum_j w_tj Y[t k + j] over kept slots (no atomics: deterministic);
+                   also sums the slots' dx back to tokens (weights 1).
+    _combine_bwd   dw_tj = <dy_t, Y[t k + j]>.
+
+The backward reads the forward's a, b, Y (and reruns only the gating and the routing, a few
+launches over [N, E] and [N k] values): its expert products are dh (with da, db), dx and the
+three weight gradients, none of the forward's three.
 
 Matmuls accumulate in fp32; a, b, h, Y are stored in x's dtype (as torch autocast would keep
 them); fp32 inputs use IEEE dots (no tf32).
 """
 from __future__ import annotations
 
-import os
 from typing import NamedTuple, Optional
 
 import torch
@@ -70,13 +79,17 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..errors import LmcError
+from . import interpreter_blocks
+
 ACTS = ("silu", "gelu")
 GPU_GEMM = dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=3)
 CPU_GEMM = dict(BM=16, BN=32, BK=32)
 
 
 def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    """Interpreter block sizes (codegen.interpreter_blocks)."""
+    return interpreter_blocks()
 
 
 def _p2(n: int, floor: int = 16) -> int:
@@ -397,7 +410,7 @@ def _route_hist(IDX, KEPT, RANK, BCNT, NA, E, BA: tl.constexpr, BE: tl.constexpr
 
 
 @triton.jit
-def _route_scatter(IDX, KEPT, WGT, RANK, BOFF, EOFF, STOK, SW, SLOT, NA,
+def _route_scatter(IDX, KEPT, WGT, RANK, BOFF, EOFF, STOK, SSID, SW, SLOT, NA,
                    K: tl.constexpr, BA: tl.constexpr, BE: tl.constexpr):
     pid = tl.program_id(0)
     a = pid * BA + tl.arange(0, BA)
@@ -407,12 +420,14 @@ def _route_scatter(IDX, KEPT, WGT, RANK, BOFF, EOFF, STOK, SW, SLOT, NA,
     dest = tl.load(EOFF + e, mask=am, other=0) + tl.load(BOFF + pid * BE + e, mask=am, other=0) \
         + tl.load(RANK + a, mask=am, other=0)
     tl.store(STOK + dest, (a // K).to(tl.int32), mask=kp)
+    tl.store(SSID + dest, a.to(tl.int32), mask=kp)
     tl.store(SW + dest, tl.load(WGT + a, mask=am, other=0.0), mask=kp)
     tl.store(SLOT + a, tl.where(kp, dest, -1).to(tl.int32), mask=am)
 
 
 class Routing(NamedTuple):
     sorted_tok: Tensor   # [N k] int32 token of each sorted row (rows >= total unused)
+    sorted_sid: Tensor   # [N k] int32 its slot id t k + j: its row in the slot layout
     sorted_w: Tensor     # [N k] fp32 its combine weight
     slot: Tensor         # [N, k] int32 sorted row of each slot, -1 when dropped
     counts: Tensor       # [E] int32 kept rows per expert
@@ -441,11 +456,12 @@ def route(idx: Tensor, kept: Tensor, weight: Tensor, E: int, BM: int) -> Routing
     tile_end = torch.cumsum(tiles, 0, dtype=torch.int32)
     tile_start = (tile_end - tiles).contiguous()
     stok = torch.zeros((max(NA, 1),), dtype=torch.int32, device=dev)
+    ssid = torch.zeros((max(NA, 1),), dtype=torch.int32, device=dev)
     sw = torch.zeros((max(NA, 1),), dtype=torch.float32, device=dev)
     slot = torch.empty((N, k), dtype=torch.int32, device=dev)
-    _route_scatter[(nb,)](idx, kept, weight.contiguous(), rank, boff, eoff, stok, sw, slot, NA,
-                          K=k, BA=BA, BE=BE)
-    return Routing(stok, sw, slot, counts, eoff, tile_start, tile_end.contiguous(),
+    _route_scatter[(nb,)](idx, kept, weight.contiguous(), rank, boff, eoff, stok, ssid, sw,
+                          slot, NA, K=k, BA=BA, BE=BE)
+    return Routing(stok, ssid, sw, slot, counts, eoff, tile_start, tile_end.contiguous(),
                    triton.cdiv(NA, BM) + E)
 
 
@@ -468,16 +484,18 @@ def _act_grad(a, ACT: tl.constexpr):
 
 
 @triton.jit
-def _gmm(A, A2, TOK, SW, B, B2, C, C2, PA, PB,
+def _gmm(A, A2, TOK, SID, SW, B, B2, C, C2, PA, PB,
          TSTART, TEND, EOFF, CNT, E, KD, ND,
-         sa_r, sa_k, sb_e, sb_k, sb_n, sc_r,
+         sa_r, sa_k, sb_e, sb_k, sb_n, sc_r, sp_r,
          MODE: tl.constexpr, GATHER: tl.constexpr, SAVE: tl.constexpr, ACT: tl.constexpr,
          DOT_PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
          BE: tl.constexpr):
-    """Row tile pid_m of the sorted rows times expert weights. MODE 0: C = A B (the row scaled
-    by its weight when SW is used, i.e. MODE 2's dh); 1: a = A B, b = A B2, C = act(a) * b
-    (PA, PB = a, b when SAVE); 2: dh = w * (A B), C = dh * b * act'(a), C2 = dh * act(a);
-    3: C = A B + A2 B2."""
+    """Row tile pid_m of the sorted rows times expert weights. MODE 0: C = A B; 1: a = A B,
+    b = A B2, C = act(a) * b (PA, PB = a, b when SAVE); 2: dh = w * (A B),
+    C = dh * b * act'(a), C2 = dh * act(a) (a, b read from PA, PB); 3: C = A B + A2 B2.
+    PA and PB are in the slot layout (row t k + j of token t's slot j: SID maps a sorted row
+    to it), and so is C in modes 0 and 3 (the expert outputs and dx, which the combine reads
+    per token); C in modes 1 and 2 (h, da, db: operands of the next product) is sorted."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     cols = tl.arange(0, BE)
@@ -489,6 +507,7 @@ def _gmm(A, A2, TOK, SW, B, B2, C, C2, PA, PB,
     rend = tl.load(EOFF + e) + tl.load(CNT + e)
     rows = r0 + tl.arange(0, BM)
     rm = rows < rend
+    sid = tl.load(SID + rows, mask=rm, other=0).to(tl.int64)
     if GATHER:
         arow = tl.load(TOK + rows, mask=rm, other=0).to(tl.int64)
     else:
@@ -516,20 +535,24 @@ def _gmm(A, A2, TOK, SW, B, B2, C, C2, PA, PB,
             b2 = tl.load(B2 + boff, mask=bmask, other=0.0)
             acc = tl.dot(a2, b2, acc=acc, input_precision=DOT_PREC)
     cm = rm[:, None] & nm[None, :]
-    coff = rows.to(tl.int64)[:, None] * sc_r + n[None, :]
+    if MODE == 0 or MODE == 3:
+        coff = sid[:, None] * sc_r + n[None, :]
+    else:
+        coff = rows.to(tl.int64)[:, None] * sc_r + n[None, :]
+    poff = sid[:, None] * sp_r + n[None, :]
     dt = C.dtype.element_ty
     if MODE == 1:
         if SAVE:
-            tl.store(PA + coff, acc.to(dt), mask=cm)
-            tl.store(PB + coff, acc2.to(dt), mask=cm)
+            tl.store(PA + poff, acc.to(dt), mask=cm)
+            tl.store(PB + poff, acc2.to(dt), mask=cm)
         av = acc.to(dt).to(tl.float32)
         bv = acc2.to(dt).to(tl.float32)
         tl.store(C + coff, (_act(av, ACT) * bv).to(dt), mask=cm)
     elif MODE == 2:
         w = tl.load(SW + rows, mask=rm, other=0.0)
         dh = acc * w[:, None]
-        av = tl.load(PA + coff, mask=cm, other=0.0).to(tl.float32)
-        bv = tl.load(PB + coff, mask=cm, other=0.0).to(tl.float32)
+        av = tl.load(PA + poff, mask=cm, other=0.0).to(tl.float32)
+        bv = tl.load(PB + poff, mask=cm, other=0.0).to(tl.float32)
         tl.store(C + coff, (dh * bv * _act_grad(av, ACT)).to(dt), mask=cm)
         tl.store(C2 + coff, (dh * _act(av, ACT)).to(dt), mask=cm)
     else:
@@ -537,11 +560,14 @@ def _gmm(A, A2, TOK, SW, B, B2, C, C2, PA, PB,
 
 
 @triton.jit
-def _wgrad(A, Dm, TOK, SW, DW, EOFF, CNT, KD, ND,
+def _wgrad(A, A2, Dm, TOK, SID, SW, DW, EOFF, CNT, KD, ND,
            sa_r, sd_r, sw_e,
            GATHER_A: tl.constexpr, GATHER_D: tl.constexpr, SCALE_D: tl.constexpr,
+           GATED_A: tl.constexpr, ACT: tl.constexpr,
            DOT_PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    """DW[e] = A_e^T D_e over expert e's sorted rows: [KD, ND] per expert."""
+    """DW[e] = A_e^T D_e over expert e's sorted rows: [KD, ND] per expert. GATED_A: A_e is
+    h = act(a) * b, recomputed from the saved a (A) and b (A2) in the slot layout (rows
+    through SID), rounded to their dtype as the forward stored h."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     e = tl.program_id(2)
@@ -556,7 +582,9 @@ def _wgrad(A, Dm, TOK, SW, DW, EOFF, CNT, KD, ND,
     for s in range(0, cnt, BK):
         rows = r0 + s + rr
         rmk = (s + rr) < cnt
-        if GATHER_A:
+        if GATED_A:
+            ar = tl.load(SID + rows, mask=rmk, other=0).to(tl.int64)
+        elif GATHER_A:
             ar = tl.load(TOK + rows, mask=rmk, other=0).to(tl.int64)
         else:
             ar = rows.to(tl.int64)
@@ -566,6 +594,10 @@ def _wgrad(A, Dm, TOK, SW, DW, EOFF, CNT, KD, ND,
             dr = rows.to(tl.int64)
         at = tl.load(A + ar[None, :] * sa_r + m[:, None], mask=rmk[None, :] & mm[:, None],
                      other=0.0)
+        if GATED_A:
+            bt = tl.load(A2 + ar[None, :] * sa_r + m[:, None],
+                         mask=rmk[None, :] & mm[:, None], other=0.0)
+            at = (_act(at.to(tl.float32), ACT) * bt.to(tl.float32)).to(A.dtype.element_ty)
         dv = tl.load(Dm + dr[:, None] * sd_r + n[None, :], mask=rmk[:, None] & nm[None, :],
                      other=0.0)
         if SCALE_D:
@@ -588,7 +620,7 @@ def _combine(Y, SLOT, WGT, OUT, N, D, K: tl.constexpr, WEIGHTED: tl.constexpr,
     for j in tl.static_range(K):
         s = tl.load(SLOT + rows * K + j, mask=rm, other=-1)
         ok = s >= 0
-        y = tl.load(Y + s.to(tl.int64)[:, None] * D + dd[None, :],
+        y = tl.load(Y + (rows.to(tl.int64) * K + j)[:, None] * D + dd[None, :],
                     mask=(ok & rm)[:, None] & dm[None, :], other=0.0).to(tl.float32)
         if WEIGHTED:
             w = tl.load(WGT + rows * K + j, mask=rm, other=0.0)
@@ -612,7 +644,7 @@ def _combine_bwd(Y, SLOT, DOUT, DWT, N, D, K: tl.constexpr, BT: tl.constexpr,
         for d0 in range(0, D, BD):
             dd = d0 + tl.arange(0, BD)
             dm = dd < D
-            y = tl.load(Y + s.to(tl.int64)[:, None] * D + dd[None, :],
+            y = tl.load(Y + (rows.to(tl.int64) * K + j)[:, None] * D + dd[None, :],
                         mask=ok[:, None] & dm[None, :], other=0.0).to(tl.float32)
             g = tl.load(DOUT + rows.to(tl.int64)[:, None] * D + dd[None, :],
                         mask=rm[:, None] & dm[None, :], other=0.0).to(tl.float32)
@@ -632,23 +664,28 @@ class _Plan:
     def gmm(self, r: Routing, A, B, C, *, mode, ND, KD, gather, A2=None, B2=None, C2=None,
             PA=None, PB=None, save=False, act=0, sw=None):
         grid = (r.max_tiles, triton.cdiv(ND, self.BN))
-        _gmm[grid](A, A2 if A2 is not None else A, r.sorted_tok,
+        if PA is not None:
+            assert PA.is_contiguous() and PB.is_contiguous() and PA.shape == PB.shape
+        _gmm[grid](A, A2 if A2 is not None else A, r.sorted_tok, r.sorted_sid,
                    sw if sw is not None else r.sorted_w, B, B2 if B2 is not None else B,
                    C, C2 if C2 is not None else C, PA if PA is not None else C,
                    PB if PB is not None else C, r.tile_start, r.tile_end, r.eoff, r.counts,
                    self.E, KD, ND, A.stride(0), A.stride(1), B.stride(0), B.stride(1),
-                   B.stride(2), C.stride(0),
+                   B.stride(2), C.stride(0), PA.stride(0) if PA is not None else 0,
                    MODE=mode, GATHER=gather, SAVE=save, ACT=act, DOT_PREC=self.prec,
                    BM=self.BM, BN=self.BN, BK=self.BK, BE=self.BE, **self.launch)
 
-    def wgrad(self, r: Routing, A, Dm, out, *, gather_a, gather_d, scale_d):
+    def wgrad(self, r: Routing, A, Dm, out, *, gather_a, gather_d, scale_d, A2=None, act=0):
+        """A2 given: A_e = act(A) * A2 (the saved a, b in the slot layout)."""
         KD, ND = A.shape[1], Dm.shape[1]
         BM = BN = 32 if _interpret() else 64
         BK = 16 if _interpret() else 64
         grid = (triton.cdiv(KD, BM), triton.cdiv(ND, BN), self.E)
-        _wgrad[grid](A, Dm, r.sorted_tok, r.sorted_w, out, r.eoff, r.counts, KD, ND,
+        _wgrad[grid](A, A2 if A2 is not None else A, Dm, r.sorted_tok, r.sorted_sid,
+                     r.sorted_w, out, r.eoff, r.counts, KD, ND,
                      A.stride(0), Dm.stride(0), out.stride(0),
                      GATHER_A=gather_a, GATHER_D=gather_d, SCALE_D=scale_d,
+                     GATED_A=A2 is not None, ACT=act,
                      DOT_PREC=self.prec, BM=BM, BN=BN, BK=BK, **self.launch)
 
     def combine(self, Y, slot, wgt, out, weighted):
@@ -659,39 +696,50 @@ class _Plan:
             WEIGHTED=weighted, BT=BT, BD=BD)
 
 
-def _experts_forward(p: _Plan, x, r: Routing, w_gate, w_up, w_down, act, save):
+def _experts_forward(p: _Plan, x, r: Routing, w_gate, w_up, w_down, act, save, pa=None,
+                     pb=None, ys=None):
+    """The experts on the sorted rows: (pa, pb, ys). pa, pb: the pre-activations a = x Wg,
+    b = x W1 [N k, F] in the slot layout, written when save (into the given tensors, else
+    new ones; None otherwise); ys: the expert outputs [N k, d], slot layout. A dropped slot's
+    rows are not written."""
     R = r.sorted_tok.shape[0]
     dev, dt = x.device, x.dtype
-    h = torch.empty((R, p.F), dtype=dt, device=dev)
-    pa = torch.empty((R, p.F), dtype=dt, device=dev) if save else None
-    pb = torch.empty((R, p.F), dtype=dt, device=dev) if save else None
+    h = torch.empty((R, p.F), dtype=dt, device=dev)      # sorted: the down product's operand
+    if save:
+        pa = torch.empty((R, p.F), dtype=dt, device=dev) if pa is None else pa
+        pb = torch.empty((R, p.F), dtype=dt, device=dev) if pb is None else pb
+    else:
+        pa = pb = None
     p.gmm(r, x, w_gate, h, B2=w_up, PA=pa, PB=pb, save=save, act=act, mode=1, ND=p.F,
           KD=p.D, gather=True)
-    ys = torch.empty((R, p.D), dtype=dt, device=dev)
+    ys = torch.empty((R, p.D), dtype=dt, device=dev) if ys is None else ys
     p.gmm(r, h, w_down, ys, mode=0, ND=p.D, KD=p.F, gather=False)
-    return h, pa, pb, ys
+    return pa, pb, ys
 
 
 def _moe_forward(x, w_router, noise, w_gate, w_up, w_down, k, renormalize, capacity_pct,
-                 seq_len, act, save, capacity=None, round_to=None, y_dtype=None):
-    """The layer's forward: (y, Gating, Routing, (h, pa, pb, ys)) (pa, pb None unless save);
-    y in y_dtype (default x's)."""
+                 seq_len, act, save, capacity=None, round_to=None, y_dtype=None, pa=None,
+                 pb=None, ys=None):
+    """The layer's forward: (y, Gating, Routing, (pa, pb, ys)) (pa, pb None unless save;
+    written into the given tensors when given); y in y_dtype (default x's)."""
     E, _, F_ = w_gate.shape
     g = _gating_forward(x, w_router, noise, k, renormalize, capacity_pct, seq_len,
                         capacity=capacity, round_to=round_to)
     p = _Plan(x, E, F_)
     r = route(g.idx, g.kept, g.weight, E, p.BM)
-    h, pa, pb, ys = _experts_forward(p, x, r, w_gate, w_up, w_down, act, save)
+    pa, pb, ys = _experts_forward(p, x, r, w_gate, w_up, w_down, act, save, pa, pb, ys)
     y = torch.empty(x.shape, dtype=y_dtype or x.dtype, device=x.device)
     p.combine(ys, r.slot, g.weight, y, True)
-    return y, g, r, (h, pa, pb, ys)
+    return y, g, r, (pa, pb, ys)
 
 
-def _moe_backward(x, w_router, w_gate, w_up, w_down, g: Gating, r: Routing, h, pa, pb, ys,
+def _moe_backward(x, w_router, w_gate, w_up, w_down, g: Gating, r: Routing, pa, pb, ys,
                   dy, dpsum, dlse, k, renorm, act, need_wr=True, dprobs=None, dweight=None):
-    """The layer's backward: (dx, dw_router, dlogits, dw_gate, dw_up, dw_down). dprobs: a
-    dense [N, E] gradient of the router probabilities; dweight: an extra [N, k] gradient of
-    the combine weights (both optional)."""
+    """The layer's backward from the forward's saved pre-activations pa, pb and expert
+    outputs ys (slot layout): (dx, dw_router, dlogits, dw_gate, dw_up, dw_down). No expert
+    product is recomputed: h = act(a) * b is rebuilt inside the dW2 kernel. dprobs: a dense
+    [N, E] gradient of the router probabilities; dweight: an extra [N, k] gradient of the
+    combine weights (both optional)."""
     E, D, F_ = w_gate.shape
     p = _Plan(x, E, F_)
     N = x.shape[0]
@@ -705,13 +753,13 @@ def _moe_backward(x, w_router, w_gate, w_up, w_down, g: Gating, r: Routing, h, p
     if dweight is not None:
         dwt = dwt + dweight.float()
     # down projection: dh = w * dy[tok] W2^T, gated backward epilogue -> da, db
-    R = h.shape[0]
+    R = r.sorted_tok.shape[0]
     da = torch.empty((R, F_), dtype=x.dtype, device=x.device)
     db = torch.empty_like(da)
     p.gmm(r, dyc, w_down.transpose(1, 2), da, C2=db, PA=pa, PB=pb, act=act, mode=2,
           ND=F_, KD=D, gather=True)
     dw_down = torch.empty_like(w_down)
-    p.wgrad(r, h, dy, dw_down, gather_a=False, gather_d=True, scale_d=True)
+    p.wgrad(r, pa, dy, dw_down, A2=pb, act=act, gather_a=False, gather_d=True, scale_d=True)
     dw_gate = torch.empty_like(w_gate)
     dw_up = torch.empty_like(w_up)
     p.wgrad(r, x, da, dw_gate, gather_a=True, gather_d=False, scale_d=False)
@@ -736,23 +784,23 @@ class MoEFunction(torch.autograd.Function):
     def forward(ctx, x, w_router, noise, w_gate, w_up, w_down, k, renormalize, capacity_pct,
                 seq_len, act):
         save = torch.is_grad_enabled() or any(ctx.needs_input_grad)
-        y, g, r, (h, pa, pb, ys) = _moe_forward(x, w_router, noise, w_gate, w_up, w_down, k,
-                                                renormalize, capacity_pct, seq_len, act, save)
+        y, g, r, (pa, pb, ys) = _moe_forward(x, w_router, noise, w_gate, w_up, w_down, k,
+                                             renormalize, capacity_pct, seq_len, act, save)
         ctx.save_for_backward(x, w_router, w_gate, w_up, w_down, g.idx, g.weight, g.kept,
-                              g.probs, h, pa, pb, ys, *r[:7])
+                              g.probs, pa, pb, ys, *r[:8])
         ctx.conf = (k, renormalize, act, r.max_tiles)
         ctx.mark_non_differentiable(g.idx, g.kept, g.counts, g.kept_counts)
         return y, g.prob_sum, g.lse, g.idx, g.kept, g.counts, g.kept_counts
 
     @staticmethod
     def backward(ctx, dy, dpsum, dlse, *_):
-        (x, w_router, w_gate, w_up, w_down, idx, weight, kept, probs, h, pa, pb, ys,
+        (x, w_router, w_gate, w_up, w_down, idx, weight, kept, probs, pa, pb, ys,
          *rr) = ctx.saved_tensors
         k, renorm, act, max_tiles = ctx.conf
         r = Routing(*rr, max_tiles)
         g = Gating(idx, weight, kept, None, None, None, None, probs)
         dx, dwr, dlog, dw_gate, dw_up, dw_down = _moe_backward(
-            x, w_router, w_gate, w_up, w_down, g, r, h, pa, pb, ys, dy, dpsum, dlse, k, renorm,
+            x, w_router, w_gate, w_up, w_down, g, r, pa, pb, ys, dy, dpsum, dlse, k, renorm,
             act, need_wr=ctx.needs_input_grad[1])
         dn = dlog if ctx.needs_input_grad[2] else None
         return (dx, dwr, dn, dw_gate, dw_up, dw_down) + (None,) * 5
@@ -874,9 +922,12 @@ def _role(role: str, g: Gating, N: int, E: int) -> Tensor:
 def launch_template(template: str, xs, outs, opts) -> None:
     """moe_gating: xs = (x [.., d], W_r [d, E][, noise [.., E]]); moe_layer: xs = (x, W_r,
     Wg, W1, W2[, noise]). outs: the roles named by opts["outputs"] (y, gates, probs, lse,
-    chosen, kept, idx). The *_bwd templates take the same inputs, then the cotangents of the
-    outputs among y, gates, probs, lse (in output order); outs = the gradients of x, W_r
-    (and Wg, W1, W2)."""
+    chosen, kept, idx; a layer also a, b, ye: the experts' pre-activations [.., k, F] and
+    outputs [.., k, d] per slot, saved for the backward), None where nothing reads one. The
+    *_bwd templates take the same inputs (opts["n_inputs"]), then the saved outputs named by
+    opts["saved"] (body output keys), then the cotangents of opts["cotangents"]; outs = the
+    gradients of x, W_r (and Wg, W1, W2). A layer's backward reruns only the gating and the
+    routing (a few small launches) and reads a, b, ye: no expert product is recomputed."""
     layer = template.startswith("moe_layer")
     assert template in ("moe_gating", "moe_gating_bwd", "moe_layer", "moe_layer_bwd"), template
     k, E, renorm = opts["k"], opts["E"], opts["renormalise"]
@@ -890,27 +941,54 @@ def launch_template(template: str, xs, outs, opts) -> None:
     rnd = {"f32": None, "f16": torch.float16, "bf16": torch.bfloat16}[opts.get("dtype", "f32")]
     roles = list(opts["outputs"])
     bwd = template.endswith("_bwd")
+    g = _gating_forward(x2, wr, noise, k, renorm, None, seq, capacity=cap, round_to=rnd)
     if layer:
         x2 = x2.contiguous()
         wg, w1, w2 = (t.contiguous() for t in xs[2:5])
         act = ACTS.index(opts["act"])
-        y, g, r, (h, pa, pb, ys) = _moe_forward(x2, wr, noise, wg, w1, w2, k, renorm, None,
-                                                seq, act, bwd, capacity=cap, round_to=rnd,
-                                                y_dtype=torch.float32)
-    else:
-        g = _gating_forward(x2, wr, noise, k, renorm, None, seq, capacity=cap, round_to=rnd)
+        E_, _, F_ = wg.shape
+        flat = (lambda t, c: t.reshape(N * k, c) if t is not None else None)
     if not bwd:
+        if layer:
+            got = dict(zip(roles, outs))
+            pa, pb, ys = flat(got.get("a"), F_), flat(got.get("b"), F_), flat(got.get("ye"),
+                                                                              x2.shape[1])
+            save = pa is not None and pb is not None
+            if cap:      # dropped slots are zero in the body's saved values; no kernel row
+                for t in (pa, pb, ys):
+                    if t is not None:
+                        t.zero_()
+            p = _Plan(x2, E, F_)
+            r = route(g.idx, g.kept, g.weight, E, p.BM)
+            pa, pb, ys = _experts_forward(p, x2, r, wg, w1, w2, act, save, pa, pb, ys)
+            if got.get("y") is not None:
+                y = got["y"].view(N, -1) if got["y"].is_contiguous() else None
+                y_ = y if y is not None else torch.empty((N, x2.shape[1]),
+                                                         dtype=torch.float32, device=x.device)
+                p.combine(ys, r.slot, g.weight, y_, True)
+                if y is None:
+                    got["y"].copy_(y_.reshape(got["y"].shape))
         for role, out in zip(roles, outs):
-            v = y if role == "y" else _role(role, g, N, E)
-            out.copy_(v.reshape(out.shape))
+            if out is None or role in ("y", "a", "b", "ye"):
+                continue
+            out.copy_(_role(role, g, N, E).reshape(out.shape))
         return
-    cts = dict(zip([r_ for r_ in roles if r_ in _DIFF_ROLES], xs[nin:]))
+    n_in, saved = opts["n_inputs"], list(opts.get("saved", ()))
+    cts = {roles[int(o)]: xs[n_in + len(saved) + i]
+           for i, o in enumerate(opts["cotangents"])}
     dw = cts["gates"].reshape(N, E).float().gather(1, g.idx.long()) if "gates" in cts else None
     dprobs = cts["probs"].reshape(N, E) if "probs" in cts else None
     dlse = cts["lse"].reshape(N) if "lse" in cts else None
     if layer:
+        sv = {roles[int(o)]: xs[n_in + i] for i, o in enumerate(saved)}
+        if not {"a", "b", "ye"} <= set(sv):
+            raise LmcError(f"internal: moe_layer backward without the saved a, b, ye "
+                           f"(saved {sorted(sv)})")
+        pa, pb = flat(sv["a"], F_).contiguous(), flat(sv["b"], F_).contiguous()
+        ys = flat(sv["ye"], x2.shape[1]).contiguous()
+        r = route(g.idx, g.kept, g.weight, E, _Plan(x2, E, F_).BM)
         dy = cts["y"].reshape(N, -1) if "y" in cts else None
-        grads = _moe_backward(x2, wr, wg, w1, w2, g, r, h, pa, pb, ys, dy, None, dlse, k,
+        grads = _moe_backward(x2, wr, wg, w1, w2, g, r, pa, pb, ys, dy, None, dlse, k,
                               renorm, act, dprobs=dprobs, dweight=dw)
         grads = (grads[0], grads[1]) + tuple(grads[3:])
     else:

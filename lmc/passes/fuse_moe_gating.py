@@ -36,12 +36,13 @@ experts) the gating alone is fused and the record says why the experts were not.
 
 Bodies are the matched primitives (the torch backend runs the exact oracle); the triton
 backend runs lmc/codegen/moe.py's kernels (launch_template), and the backward op
-("<kind>_bwd", made by the autodiff pass from the body) its fused backward. The body saves
-nothing for it (no meta "saved"), so moe_layer's backward reruns the layer's forward: what it
-needs are the experts' activations in the kernels' sorted-row layout (a, b, h [N k, F] and
-the expert outputs [N k, d]: k-fold FFN activations, and no value of the dense primitive
-body), while the small routing results alone (idx, kept, weights [N, k], probs [N, E]) would
-spare only the gating launch (the router matmul is about E / (3 k F) of the expert GEMMs).
+("<kind>_bwd", made by the autodiff pass from the body) its fused backward. A whole layer's
+body has three more outputs, listed in its meta "saved" so the autodiff pass hands them to the
+backward op: per (token, slot) the pre-activations a = x Wg_e, b = x W1_e [B, T, k, F] and the
+expert output [B, T, k, d] of the slot's expert e, gathered from the dense values (0 for a slot
+over capacity), under stop_gradient. The kernels write the same values in that layout, so the
+backward reruns only the gating and routing (small next to the experts: the router matmul is
+about E / (3 k F) of an expert GEMM) and none of the forward's expert products.
 
 Train-time noise: gaussian_noise(l, std, seed) is l + std * z with z drawn from (seed, the
 draw counter, shape). The pass leaves `noise = gaussian_noise(zeros, std, seed)` in the graph
@@ -73,6 +74,8 @@ from .patterns import NoMatch, Region, need, splice
 
 # output roles, in the order the fused op returns them; the first three carry gradients
 ROLES = ("y", "gates", "probs", "lse", "chosen", "kept", "idx")
+# a whole layer's outputs after those, only its backward reads: per-slot a, b, expert outputs
+SAVED_ROLES = ("a", "b", "ye")
 DIFF_ROLES = ("y", "gates", "probs", "lse")
 
 
@@ -304,7 +307,7 @@ def _experts(gates: Node, x: Node, users, outputs, E: int) -> dict:
     for n in region - {y}:
         need(n not in outputs and all(u in region for u in users.get(n, [])),
               f"experts not fused: {n.op.value} inside the experts is also used outside")
-    return {"region": region, "y": y, "wg": wg, "w1": w1, "w2": w2,
+    return {"region": region, "y": y, "wg": wg, "w1": w1, "w2": w2, "a": a, "up": up, "ye": ye,
             "act": "silu" if act_n.op is Op.SILU else "gelu",
             # in the body, cast(reshape(x32)) is read as reshape(x) (the same values)
             "xe": (lowp, xe) if lowp is not None else None}
@@ -407,15 +410,52 @@ def _body(m: dict, name: str, static) -> Graph:
         env[n] = c
         b.nodes.append(c)
     roles = m["roles"]
-    body = Graph(name, b.nodes, {str(j): env[roles[r]] for j, r in enumerate(m["outputs"])})
+    outs = {str(j): env[roles[r]] for j, r in enumerate(m["outputs"])}
+    names = list(m["outputs"])
+    saved = []
+    if m["experts"]:
+        for role, v in zip(SAVED_ROLES, _slot_values(m, env, b.nodes)):
+            saved.append(str(len(names)))
+            outs[saved[-1]] = v
+            names.append(role)
+    body = Graph(name, b.nodes, outs)
     body.meta["module"] = "moe"                  # lmc/codegen/moe.py's launch_template
     body.meta["template"] = _kind(m)
+    if saved:
+        body.meta["saved"] = saved
     body.meta["options"] = {"k": m["k"], "E": m["E"], "router": "softmax",
                             "renormalise": m["renorm"], "noise": m["noise"] is not None,
-                            "capacity": m["capacity"], "outputs": tuple(m["outputs"]),
+                            "capacity": m["capacity"], "outputs": tuple(names),
                             "act": m["experts"]["act"] if m["experts"] else None,
                             "dtype": m["dtype"]}
     return body
+
+
+def _slot_values(m: dict, env: Dict[Node, Node], nodes: List[Node]) -> List[Node]:
+    """What the layer's backward reads, per (token, slot): the pre-activations a = x Wg,
+    b = x W1 [B, T, k, F] and the expert outputs [B, T, k, d] of the slot's expert, gathered
+    from the dense [B, E, T, .] values (0 for a slot over capacity, which the kernels never
+    compute), through stop_gradient: saved values take no cotangent."""
+    ex, top = m["experts"], env[m["roles"]["idx"]]
+    Bd, Td, k = top.type.shape
+
+    def add(op, ins, **attrs):
+        n = Node.make(op, tuple(ins), attrs, top.loc, top.scope)
+        nodes.append(n)
+        return n
+    kept = add(Op.GATHER, (env[m["roles"]["kept"]], top), axis=2) if m["capacity"] else None
+    slot = add(Op.RESHAPE, (top,), shape=(Bd, Td, k, 1))
+    vals = []
+    for n in (ex["a"], ex["up"], ex["ye"]):
+        v = env[n]                                                       # [B, E, T, c]
+        c = v.type.shape[-1]
+        g = add(Op.GATHER, (add(Op.PERMUTE, (v,), perm=(0, 2, 1, 3)),
+                            add(Op.EXPAND, (slot,), shape=(Bd, Td, k, c))), axis=2)
+        if kept is not None:
+            g = add(Op.MUL, (g, add(Op.CAST, (add(Op.RESHAPE, (kept,), shape=(Bd, Td, k, 1)),),
+                                    dtype=v.type.dtype)))
+        vals.append(add(Op.STOP_GRADIENT, (g,)))
+    return vals
 
 
 def _inputs(m: dict) -> List[Node]:
@@ -489,7 +529,9 @@ def fuse_moe_gating(g: Graph) -> Graph:
                           {"kernel": name, "kind": _kind(m), "body": body,
                            "no_grad": (len(ins) - 1,) if m["noise"] is not None else ()},
                           loc, scope)
-        regions.append(Region(fused, [m["roles"][r] for r in m["outputs"]], m["region"]))
+        extra = [None] * len(SAVED_ROLES) if m["experts"] else []
+        regions.append(Region(fused, [m["roles"][r] for r in m["outputs"]] + extra,
+                              m["region"]))
         records.append({"pass": "fuse_moe_gating", "status": "fused",
                         "where": _where(m["logits"]), "reason": _reason(m)})
     return splice(g, regions, records)

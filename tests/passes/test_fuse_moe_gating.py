@@ -181,6 +181,57 @@ def test_whole_layer_equals_primitives(E, k, cap, noise, act):
         torch.testing.assert_close(g1[name], g0[name], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("k,cap", [(2, None), (2, 120), (1, 100)])
+def test_layer_backward_reads_the_saved_activations(k, cap, monkeypatch):
+    """The layer's body saves, per (token, slot), the experts' pre-activations a, b and
+    outputs (0 for a slot over capacity); the kernel writes the same values in that layout,
+    and the backward op reads them: its only expert products are the dh and dx products
+    (no up or down projection rerun)."""
+    from lmc.codegen import moe
+
+    E = 4
+    g = _router(E, k, cap=cap, z=True, experts="silu")
+    f = fuse_moe_gating(g)
+    (fused,) = [n for n in f.nodes if n.op is Op.FUSED]
+    body = fused.attrs["body"]
+    names = body.meta["options"]["outputs"]
+    assert names[-3:] == ("a", "b", "ye")
+    assert body.meta["saved"] == [str(len(names) - 3 + i) for i in range(3)]
+    gen = torch.Generator().manual_seed(11 + k)
+    t = 9
+    vals = {"x": torch.randn(3, t, D, generator=gen), "w": torch.randn(D, E, generator=gen),
+            "wg": torch.randn(E, D, F, generator=gen) * 0.3,
+            "w1": torch.randn(E, D, F, generator=gen) * 0.3,
+            "w2": torch.randn(E, F, D, generator=gen) * 0.3}
+    ctx = RefCtx(dims=bind_dims(g, vals), training=True, rng_step=1)
+    prog = differentiate(f, sorted(vals))
+    got = TritonProgram(prog.forward).run(vals, ctx)
+    want = run_graph(prog.forward, vals, ctx)          # the body: the dense primitives
+    slots = [s for s in prog.saved if tuple(got[s].shape[-2:]) in ((k, F), (k, D))]
+    assert len(slots) == 3
+    for s in prog.saved:
+        torch.testing.assert_close(got[s], want[s], rtol=1e-5, atol=1e-5)
+    if cap is not None:   # dropped slots: zero rows in both
+        dropped = (want[slots[0]] == 0).all(-1)
+        assert dropped.any() and torch.equal((got[slots[0]] == 0).all(-1), dropped)
+    modes = []
+    real = moe._Plan.gmm
+
+    def spy(self, *a, **kw):
+        modes.append(kw["mode"])
+        return real(self, *a, **kw)
+    monkeypatch.setattr(moe._Plan, "gmm", spy)
+    bound = {s: got[s] for s in prog.saved}
+    bound.update({f"grad:{o}": torch.randn(got[o].shape, generator=gen)
+                  for o in prog.outputs})
+    back = run_pipeline(prog.backward)
+    gb = TritonProgram(back, label="backward").run(bound, ctx)
+    assert modes == [2, 3]                       # dh (gated backward) and dx only
+    wb = run_graph(back, bound, ctx)
+    for name in ("grad:x", "grad:w", "grad:wg", "grad:w1", "grad:w2"):
+        torch.testing.assert_close(gb[name], wb[name], rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("k,form", [(1, "one-hot"), (2, "one-hot"), (2, "scatter")])
 def test_ties_go_to_the_lower_expert(k, form):
     E = 4
