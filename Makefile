@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # a GPU, pip resolves the range in pyproject.toml instead.
 TORCH  ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.4,<2.15" || echo "torch==2.13.0")
 
-.PHONY: venv test demo lint clean
+.PHONY: venv test demo lint clean gpu-wheels
 
 venv: $(STAMP)
 
@@ -30,6 +30,12 @@ demo: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check lmc tests
+
+# wheels benchmarks/gpu_session.sh installs on the GPU machine (no internet there): the
+# flash-linear-attention kernels (fla-core) the linear-attention benchmark compares against;
+# pass carry [".whl"] to the device call
+gpu-wheels: $(STAMP)
+	$(PY) -m pip download --no-deps -d .whl fla-core==0.6.0 einops==0.8.2
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

@@ -5,7 +5,10 @@
 #
 # phases: tests (pytest -m gpu: native kernels = oracle, bf16 vs fp32, static decode + CUDA
 # graph replays), patterns (tests/gpu/test_gpu_patterns.py: every zoo model's pattern kernels
-# compiled natively: fp32 step = oracle, bf16 close, triton static decode replays), train (benchmarks/train_bench.py), decode (benchmarks/decode_bench.py),
+# compiled natively: fp32 step = oracle, bf16 close, triton static decode replays), train
+# (benchmarks/train_bench.py: lmc, eager, torch.compile; train:lmc and train:ref split it in
+# two when the first step's compilation and autotuning, about 500 Triton compiles for llama,
+# leave too little of a 10-minute call), decode (benchmarks/decode_bench.py),
 # attention (benchmarks/attention_bench.py), linear (benchmarks/linear_attention_bench.py),
 # moe (benchmarks/moe_bench.py), bench (lmc bench zoo/llama.yaml), bench:MODEL (lmc bench
 # zoo/MODEL.yaml: bench:blues01, bench:minimax, bench:yoco, bench:optimus_prime, bench:medit_one). Results and logs go to $OUT (default runs/gpu), flat, so
@@ -23,6 +26,17 @@ print(f"device {torch.cuda.get_device_name() if torch.cuda.is_available() else '
       f"torch {torch.__version__}; triton {triton.__version__}; "
       f"{datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}")
 PYEOF
+# wheels carried from the dev machine (`make gpu-wheels`, carry [".whl"]): installed into a
+# private target, never over the image's torch/triton
+if compgen -G ".whl/*.whl" >/dev/null; then
+  if $PY -m pip install -q --no-deps --no-index --target /tmp/lmc-whl .whl/*.whl \
+      >"$OUT/wheels.log" 2>&1; then
+    export PYTHONPATH=$PYTHONPATH:/tmp/lmc-whl
+    echo "wheels: $(cd .whl && ls *.whl | tr '\n' ' ')" | tee -a "$OUT/machine.txt"
+  else
+    echo "wheels: install failed (see wheels.log)" | tee -a "$OUT/machine.txt"
+  fi
+fi
 status=0
 for phase in "$@"; do
   echo "== $phase" | tee -a "$OUT/phases.txt"
@@ -34,6 +48,10 @@ for phase in "$@"; do
                  --durations=10 2>&1 | tee "$OUT/gpu_patterns.log" ;;
     train)     $PY benchmarks/train_bench.py --out "$OUT/train_bench.json" 2>&1 \
                  | tee "$OUT/train_bench.log" ;;
+    train:lmc) $PY benchmarks/train_bench.py --skip eager compile \
+                 --out "$OUT/train_bench_lmc.json" 2>&1 | tee "$OUT/train_bench_lmc.log" ;;
+    train:ref) $PY benchmarks/train_bench.py --skip lmc --out "$OUT/train_bench_ref.json" \
+                 2>&1 | tee "$OUT/train_bench_ref.log" ;;
     decode)    $PY benchmarks/decode_bench.py --out "$OUT/decode_bench.json" 2>&1 \
                  | tee "$OUT/decode_bench.log" ;;
     attention) $PY benchmarks/attention_bench.py --out "$OUT/attention_bench.json" 2>&1 \

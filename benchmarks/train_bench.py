@@ -7,8 +7,10 @@ Llama (tests/reference_llama.py) in eager mode and under torch.compile, in one r
 Each contender runs whole training steps (forward, cross-entropy, backward, AdamW step) on
 the same batch; the figure is the median step time over --steps timed steps after --warmup
 untimed ones (CUDA: events around each step; CPU: perf_counter, labelled as CPU), as tokens/s,
-with the peak memory allocated during the timed steps. lmc computes in bf16 through its
-mixed-precision pass (fp32 master weights); the references under torch.autocast(bf16).
+with the peak memory allocated during the timed steps, and the wall time of the first step
+(compilation and autotuning included). lmc computes in bf16 through its mixed-precision pass
+(fp32 master weights); the references under torch.autocast(bf16). The JSON is rewritten after
+every contender, and a contender that fails is recorded with its error.
 Prints a table and writes JSON (device, torch/triton versions, date, every figure).
 """
 from __future__ import annotations
@@ -20,6 +22,7 @@ import os
 import platform
 import statistics
 import sys
+import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -34,13 +37,19 @@ from lmc.bench import Clock  # noqa: E402
 
 def measure(name, step, args, device, tokens):
     clock = Clock(device)
-    times = clock.repeat(lambda i: step(), args.steps, args.warmup)
+    t0 = time.perf_counter()         # the first step: compiles and autotunes (wall clock)
+    step()
+    clock.sync()
+    first = time.perf_counter() - t0
+    times = clock.repeat(lambda i: step(), args.steps, max(args.warmup - 1, 0))
     med = statistics.median(times)
     peak = clock.peak_gib()
     r = {"name": name, "median_step_s": med, "tokens_per_s": tokens / med,
-         "min_step_s": min(times), "peak_gib": peak, "steps": len(times)}
+         "min_step_s": min(times), "peak_gib": peak, "steps": len(times),
+         "first_step_s": first}
     print(f"{name:<28} {tokens / med:>12,.0f} tokens/s   step {med * 1e3:8.1f} ms"
-          + (f"   peak {peak:6.2f} GiB" if peak is not None else ""), flush=True)
+          + (f"   peak {peak:6.2f} GiB" if peak is not None else "")
+          + f"   first step {first:6.1f} s", flush=True)
     return r
 
 
@@ -117,28 +126,37 @@ def main(argv=None):
     tokens = args.batch_size * args.seq_len
     gen = torch.Generator().manual_seed(0)
     results = []
+
+    def save():   # after every contender: a run cut short keeps what it measured
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump({**meta, "results": results}, f, indent=2)
     from lmc.driver import compile_model
     cfg = compile_model(os.path.join(ROOT, "zoo", "llama.yaml"), args.preset,
                         args.set).graph.meta["config"]
     ids = torch.randint(0, cfg["vocab"], (args.batch_size, args.seq_len), generator=gen)
     targets = torch.randint(0, cfg["vocab"], (args.batch_size, args.seq_len), generator=gen)
     ids, targets = ids.to(device), targets.to(device)
+    contenders = []
     if "lmc" not in args.skip:
-        step, _, model = lmc_step(args, device, ids, targets)
-        results.append(measure(f"lmc ({args.backend})", step, args, device, tokens))
-        del step, model
+        contenders.append((f"lmc ({args.backend})",
+                           lambda: lmc_step(args, device, ids, targets)[0]))
     for name, compiled in (("eager", False), ("compile", True)):
-        if name in args.skip:
-            continue
+        if name not in args.skip:
+            contenders.append((f"pytorch {'torch.compile' if compiled else 'eager'}",
+                               (lambda c: lambda: reference_step(cfg, device, ids, targets,
+                                                                 args.precision, c))(compiled)))
+    for name, make in contenders:
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        s = reference_step(cfg, device, ids, targets, args.precision, compiled)
-        results.append(measure(f"pytorch {'torch.compile' if compiled else 'eager'}", s,
-                               args, device, tokens))
-        del s
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({**meta, "results": results}, f, indent=2)
+        try:
+            results.append(measure(name, make(), args, device, tokens))
+        except Exception as e:  # noqa: BLE001 - one contender failing must not lose the rest
+            first = (str(e).strip().splitlines() or [""])[0]
+            results.append({"name": name, "error": f"{type(e).__name__}: {first}"})
+            print(f"{name:<28} failed: {results[-1]['error']}", flush=True)
+        save()
+    save()
     print(f"wrote {args.out}")
     return results
 

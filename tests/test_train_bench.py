@@ -18,4 +18,6 @@ def test_train_bench_tiny(tmp_path, monkeypatch):
     assert data["timing"] == "cpu perf_counter" and data["torch"] and data["date"]
     names = [r["name"] for r in data["results"]]
     assert names == ["lmc (triton)", "pytorch eager"] and len(results) == 2
-    assert all(r["tokens_per_s"] > 0 and r["steps"] == 2 for r in data["results"])
+    assert all("error" not in r for r in data["results"]), data["results"]
+    assert all(r["tokens_per_s"] > 0 and r["steps"] == 2 and r["first_step_s"] > 0
+               for r in data["results"])
