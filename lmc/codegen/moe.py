@@ -84,6 +84,9 @@ from . import interpreter_blocks
 
 ACTS = ("silu", "gelu")
 GPU_GEMM = dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=3)
+# fp32 operands: half the K step, or the two-term product (four operand tiles per stage)
+# needs 256 KiB of shared memory, over the H100's 227 KiB (benchmarks/compile_check.py)
+GPU_GEMM_F32 = dict(GPU_GEMM, BK=32)
 CPU_GEMM = dict(BM=16, BN=32, BK=32)
 
 
@@ -654,7 +657,7 @@ def _combine_bwd(Y, SLOT, DOUT, DWT, N, D, K: tl.constexpr, BT: tl.constexpr,
 
 class _Plan:
     def __init__(self, x: Tensor, E: int, F_: int):
-        cfg = CPU_GEMM if _interpret() else GPU_GEMM
+        cfg = CPU_GEMM if _interpret() else GPU_GEMM if x.element_size() <= 2 else GPU_GEMM_F32
         self.BM, self.BN, self.BK = cfg["BM"], cfg["BN"], cfg["BK"]
         self.launch = {k: v for k, v in cfg.items() if k.startswith("num_")}
         self.prec = "ieee" if x.dtype == torch.float32 else "tf32"
