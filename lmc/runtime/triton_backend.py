@@ -35,9 +35,33 @@ def _interpret() -> bool:
             raise LmcError("the triton backend needs Triton's interpreter on a machine without "
                            "CUDA, but triton was imported before TRITON_INTERPRET=1 was set: "
                            "set TRITON_INTERPRET=1 in the environment or import lmc first")
+        _check_numpy()
         return True
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        _check_numpy()
+        return True
+    return False
 
+
+def _check_numpy() -> None:
+    """Triton 3.6's interpreter (and older) converts a loop bound computed from program_id, a
+    1-element array, with int(), which NumPy 2.4 refuses (seen: triton 3.6.0 + numpy 2.4.6
+    fails, + numpy 2.3.5 runs; triton 3.9 squeezes the array first)."""
+    import numpy as np
+    import triton
+
+    def version(v):
+        return tuple(int(p) for p in v.split("+")[0].split(".")[:2] if p.isdigit())
+    if version(triton.__version__) < (3, 7) and version(np.__version__) >= (2, 4):
+        raise LmcError(f"Triton {triton.__version__}'s interpreter (kernels on CPU) fails with "
+                       f"NumPy {np.__version__}: install 'numpy<2.4', or a newer Triton "
+                       "(make venv installs one that works)")
+
+
+# benchmarks/compile_check.py sets this to run a bf16 program in the interpreter only to
+# record its kernels' launches (argument types, constexprs) for the GPU compiler: the values
+# it computes are garbage, and nothing else may read them
+BF16_SHAPES_ONLY = False
 
 class TritonProgram:
     """A graph with its fusion groups compiled to Triton kernels."""
@@ -70,7 +94,7 @@ class TritonProgram:
     def _go(self, launch, kernel, xs, outs, attrs, ctx):
         """One launch, by the wrapper program or node by node (run_graph with `impl`)."""
         if self.interpret:  # numpy warns on lanes masked off (e.g. -inf - -inf): quiet
-            if any(t.dtype is torch.bfloat16 for t in list(xs) + list(outs)
+            if not BF16_SHAPES_ONLY and any(t.dtype is torch.bfloat16 for t in list(xs) + list(outs)
                    if isinstance(t, torch.Tensor)):
                 raise LmcError(f"kernel {attrs['kernel']}: Triton's interpreter "
                                "(no CUDA here) computes bf16 on bit patterns and would "
