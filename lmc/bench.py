@@ -11,7 +11,9 @@ Configurations (each a fresh model with the same weights seed):
            backward, AdamW; tokens/s from the median step time and the peak memory.
   decode   prefill a 16-token prompt, then single-token steps: tokens/s and per-token latency at
            batch 1 and a larger batch, for lmc (triton), the oracle eagerly and under
-           torch.compile (mode="reduce-overhead" on CUDA).
+           torch.compile (mode="reduce-overhead" on CUDA), with the ops one step runs
+           (`ops_per_step`: lmc's fused ops + the torch ops left between them; the oracle's
+           ops), which at batch 1 bound a CUDA-graph step as much as the bytes it reads.
   kernels  one lmc training step with each launch timed: the top kernels by time, their share
            of the step, achieved bandwidth (bytes in + out) and, for matmul kernels, FLOP/s,
            against the device's measured peaks (a large copy and a large matmul at start).
@@ -230,6 +232,20 @@ def bench_train(path, preset, sets, args, clock: Clock, peaks) -> Dict[str, Any]
             "kernels": kernels}
 
 
+def step_ops(graph) -> Dict[str, int]:
+    """What one decode step runs, from its graph: `fused`, the fused ops lmc launches (each a
+    generated kernel or a template's launch sequence: flash-decoding may add a combine), and
+    `torch`, every other op that launches a kernel (views, constants and graph plumbing
+    excluded). At batch 1 a step is a chain of small kernels, so under a CUDA graph this count
+    bounds the step time as much as the bytes read do."""
+    from .ir.ops import Op
+
+    free = {Op.INPUT, Op.PARAM, Op.CONST, Op.GETITEM, Op.RESHAPE, Op.PERMUTE, Op.SLICE,
+            Op.EXPAND, Op.FUSED}
+    return {"fused": sum(n.op is Op.FUSED for n in graph.nodes),
+            "torch": sum(n.op not in free for n in graph.nodes)}
+
+
 def bench_decode(path, preset, sets, args, clock: Clock) -> Dict[str, Any]:
     from .driver import compile_model
     from .runtime.decoder import Decoder
@@ -257,6 +273,7 @@ def bench_decode(path, preset, sets, args, clock: Clock) -> Dict[str, Any]:
                 dec = Decoder(model, backend=backend, static=True, max_len=prompt + new + 1,
                               cuda_graph=not compiled) if static else Decoder(model, backend)
                 row["static"] = static
+                row["ops_per_step"] = step_ops(dec.graph)
                 step_fn = dec
                 if compiled:
                     mode = "reduce-overhead" if clock.cuda else "default"
@@ -321,13 +338,16 @@ def table(result: Dict[str, Any]) -> str:
                              f"({r['bandwidth_of_peak']:.1%}){fl}")
     if "decode" in result:
         lines += ["", f"decode  prompt {result['decode']['prompt']} tokens, then one at a time",
-                  f"  {'configuration':<32}{'batch':>6}{'tokens/s':>12}{'ms/token':>10}"]
+                  f"  {'configuration':<32}{'batch':>6}{'tokens/s':>12}{'ms/token':>10}"
+                  f"{'ops/step (fused + torch)':>27}"]
         for r in result["decode"]["configs"]:
             if "error" in r:
                 lines.append(f"  {r['name']:<32}{r['batch']:>6}  failed: {r['error']}")
                 continue
+            ops = r.get("ops_per_step")
+            ops = f"{ops['fused']} + {ops['torch']}" if ops else "-"
             lines.append(f"  {r['name']:<32}{r['batch']:>6}{r['tokens_per_s']:>12,.1f}"
-                         f"{r['latency_ms']:>10.2f}")
+                         f"{r['latency_ms']:>10.2f}{ops:>27}")
     return "\n".join(lines)
 
 

@@ -47,6 +47,11 @@ def test_bench_quick_writes_a_valid_bench_json(tmp_path, capsys):
     assert [(c["name"], c["batch"]) for c in dec] == [("lmc", 1), ("lmc", 2),
                                                       ("oracle eager", 1), ("oracle eager", 2)]
     assert all("error" not in c and c["tokens_per_s"] > 0 for c in dec)
+    # what one step runs: lmc's fused ops and the torch ops between them, the oracle's ops
+    lmc_ops, ref_ops = dec[0]["ops_per_step"], dec[2]["ops_per_step"]
+    assert lmc_ops["fused"] > 0 and ref_ops["fused"] == 0
+    assert lmc_ops["fused"] + lmc_ops["torch"] < ref_ops["torch"] / 2, (lmc_ops, ref_ops)
+    assert f"{lmc_ops['fused']} + {lmc_ops['torch']}" in text
     for f in ("report.md", "bench_train.png", "bench_kernels.png", "bench_decode.png"):
         assert (out / f).stat().st_size > 0
 
