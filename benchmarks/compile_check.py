@@ -7,9 +7,15 @@ triton backend in the interpreter, records every kernel launch (the kernel, its 
 types and constexpr values), then compiles each distinct launch with Triton's own compiler
 for a target GPU (default sm_90, the H100) down to a cubin, in a second process with the
 interpreter off, and checks its shared memory against the device's limit. A kernel the GPU
-autotunes is compiled in each of its GPU configurations instead of the interpreter's.
+autotunes is compiled in each of its GPU configurations instead of the interpreter's; every
+other kernel is recorded with the block sizes and launch options it gets on a GPU
+(LMC_GPU_BLOCKS=1, lmc.codegen.interpreter_blocks). The bf16 programs (mixed-precision
+training, bf16-weight decode) run in the interpreter too, only to be recorded: Triton's
+interpreter computes bf16 on bit patterns, so their values are garbage and unused.
 
     .venv/bin/python benchmarks/compile_check.py [--models llama,yoco] [--arch 90] [--limit N]
+                                                 [--precision f32,bf16]
+                                                 [--compiler-python /path/to/venv/bin/python]
 
 Exit 1 when a kernel fails to compile or needs more shared memory than the GPU has. Shapes
 are the tiny presets' (block sizes chosen from shapes can differ at full size).
@@ -33,14 +39,21 @@ LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
 SMEM_LIMIT = {90: 232448, 80: 166912, 89: 101376}      # bytes per block (opt-in maximum)
 
 
-def record(models, out_path):
-    """Interpreter side: run each model, write the distinct launches to out_path."""
+def record(models, out_path, precisions=("f32",)):
+    """Interpreter side: run each model in each precision, write the distinct launches to
+    out_path. The kernels take the block sizes and launch options a GPU would
+    (LMC_GPU_BLOCKS=1). bf16 ("bf16": the mixed-precision program for training, bf16 weights
+    for decode, as benchmarks/decode_bench.py runs it) executes in the interpreter only to be
+    recorded: it computes on bit patterns, so its values are garbage and go nowhere."""
     import torch
     import triton.runtime.interpreter as interp
+    from decode_bench import bf16_weights
 
     import lmc
+    import lmc.runtime.triton_backend as tb
     from lmc.passes import run_pipeline
     from lmc.passes.loss import with_loss
+    from lmc.passes.mixed_precision import mixed_precision
     from lmc.runtime.decoder import Decoder
     from lmc.runtime.module import LmcModel
 
@@ -82,31 +95,46 @@ def record(models, out_path):
         return orig(self, *args, grid=grid, warmup=warmup, **kwargs, **options)
 
     interp.InterpretedFunction.run = run
+    os.environ["LMC_GPU_BLOCKS"] = "1"
     try:
         for name in models:
             sets = MODELS[name]
             path = os.path.join(ZOO, name.split("-")[0] + ".yaml")
-            g = run_pipeline(with_loss(lmc.load(path, preset="tiny", **sets).graph))
-            m = LmcModel(g, backend="triton")
-            vocab = m.config["vocab"]
-            ids = torch.randint(0, vocab, (2, 19), generator=torch.Generator().manual_seed(0))
-            m(ids, targets=ids)["loss"].backward()
-            model = lmc.load(path, preset="tiny", backend="triton", **sets).eval()
-            for static in (False, True):
-                dec = Decoder(model, "triton", static=static, max_len=24 if static else None)
-                st = dec.init_state(2)
-                with torch.no_grad():
-                    _, st = dec(ids[:, :5], st)
-                    _, st = dec(ids[:, 5:6], st)
-            print(f"recorded {name}: {len(seen)} distinct launches so far", flush=True)
+            f32 = lmc.load(path, preset="tiny", backend="triton", **sets).eval()
+            for prec in precisions:
+                tb.BF16_SHAPES_ONLY = prec == "bf16"
+                g = run_pipeline(with_loss(mixed_precision(f32.graph, prec)))
+                m = LmcModel(g, backend="triton")
+                vocab = m.config["vocab"]
+                ids = torch.randint(0, vocab, (2, 19),
+                                    generator=torch.Generator().manual_seed(0))
+                m(ids, targets=ids)["loss"].backward()
+                model = f32
+                if prec != "f32":
+                    model = LmcModel(bf16_weights(f32.graph, prec), backend="triton")
+                    dt = {"bf16": torch.bfloat16, "f16": torch.float16}[prec]
+                    model.load_state_dict({k: v.to(dt) for k, v in f32.state_dict().items()})
+                    model = model.eval()
+                for static in (False, True):
+                    dec = Decoder(model, "triton", static=static,
+                                  max_len=24 if static else None)
+                    st = dec.init_state(2)
+                    with torch.no_grad():
+                        _, st = dec(ids[:, :5], st)
+                        _, st = dec(ids[:, 5:6], st)
+                print(f"recorded {name} {prec}: {len(seen)} distinct launches so far",
+                      flush=True)
     finally:
         interp.InterpretedFunction.run = orig
+        tb.BF16_SHAPES_ONLY = False
+        os.environ.pop("LMC_GPU_BLOCKS", None)
     with open(out_path, "w") as f:
         json.dump(list(seen.values()), f)
 
 
-def compile_all(in_path, arch, limit_variants=None, only=None) -> int:
-    """Compiler side (interpreter off): compile each recorded launch for the target."""
+def compile_all(in_path, arch, limit_variants=None, only=None, shard=(0, 1)) -> int:
+    """Compiler side (interpreter off): compile each recorded launch for the target (the
+    launches i with i % n == k for shard (k, n))."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -115,8 +143,8 @@ def compile_all(in_path, arch, limit_variants=None, only=None) -> int:
 
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
     from lmc.codegen.matmul import GPU_CONFIGS, GROUP_M
-    items = [it for it in json.load(open(in_path))
-             if only is None or it["module"].startswith(only)]
+    items = [it for i, it in enumerate(json.load(open(in_path)))
+             if (only is None or it["module"].startswith(only)) and i % shard[1] == shard[0]]
     modules = {}
     target = GPUTarget("cuda", arch, 32)
     limit = SMEM_LIMIT.get(arch)
@@ -170,7 +198,7 @@ def compile_all(in_path, arch, limit_variants=None, only=None) -> int:
             if limit is not None and shared > limit:
                 failed.append(f"{what}: needs {shared} B of shared memory (limit {limit})")
     print(f"compiled {len(done) - len(failed)}/{len(done)} kernel variants ({len(items)} "
-          f"launches) for sm_{arch} in "
+          f"launches) with Triton {triton.__version__} for sm_{arch} in "
           f"{time.perf_counter() - t0:.0f} s; most shared memory {worst[0]} B ({worst[1]})")
     for line in failed:
         print("FAILED", line)
@@ -182,15 +210,25 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default=",".join(MODELS),
                     help=f"comma-separated, from {', '.join(MODELS)}")
     ap.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90, 80")
+    ap.add_argument("--precision", default="f32,bf16",
+                    help="comma-separated programs to record: f32, bf16, f16 (default "
+                         "f32,bf16: what the GPU tests and benchmarks run)")
     ap.add_argument("--launches", default=None, help="where to keep the recorded launches")
     ap.add_argument("--only", default=None, metavar="MODULE_PREFIX",
                     help="compile only kernels of these modules (lmc.codegen: the templates)")
+    ap.add_argument("--compiler-python", default=sys.executable, metavar="PYTHON",
+                    help="the Python (and so the Triton) that compiles the recorded launches, "
+                         "e.g. a venv with the GPU machine's Triton release")
     ap.add_argument("--limit", type=int, default=None,
                     help="compile at most this many kernel variants (a quick check)")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="compiler processes (each takes every n-th launch)")
     ap.add_argument("--compile-only", metavar="FILE", help=argparse.SUPPRESS)
+    ap.add_argument("--shard", default="0/1", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.compile_only:
-        return compile_all(a.compile_only, a.arch, a.limit, a.only)
+        k, n = map(int, a.shard.split("/"))
+        return compile_all(a.compile_only, a.arch, a.limit, a.only, (k, n))
     models = [m for m in a.models.split(",") if m]
     bad = [m for m in models if m not in MODELS]
     if bad:
@@ -200,12 +238,20 @@ def main(argv=None) -> int:
     os.environ.setdefault("TRITON_INTERPRET", "1")
     path = a.launches or os.path.join(os.environ.get("TMPDIR", "/tmp"),
                                       f"lmc_launches_{os.getpid()}.json")
-    record(models, path)
+    precs = [p for p in a.precision.split(",") if p]
+    if any(p not in ("f32", "bf16", "f16") for p in precs):
+        print(f"compile_check: unknown precision in {a.precision!r} (f32, bf16, f16)",
+              file=sys.stderr)
+        return 2
+    record(models, path, precs)
     env = dict(os.environ, TRITON_INTERPRET="0")
     extra = ([] if a.limit is None else ["--limit", str(a.limit)]) + \
         ([] if a.only is None else ["--only", a.only])
-    return subprocess.call([sys.executable, os.path.abspath(__file__), "--compile-only", path,
-                            "--arch", str(a.arch), *extra], env=env)
+    jobs = max(1, a.jobs)
+    procs = [subprocess.Popen([a.compiler_python, os.path.abspath(__file__), "--compile-only",
+                               path, "--arch", str(a.arch), "--shard", f"{k}/{jobs}", *extra],
+                              env=env) for k in range(jobs)]
+    return max(p.wait() for p in procs)
 
 
 if __name__ == "__main__":

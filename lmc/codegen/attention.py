@@ -89,6 +89,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import interpreter_blocks
+
 Tensor = torch.Tensor
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -964,7 +966,7 @@ def _run_bwd(sp: _Spec, do, q, k, v, out, lse) -> Tuple[Tensor, Tensor, Tensor]:
     if q.numel() == 0 or k.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     delta = torch.empty((sp.B, sp.H, sp.T), dtype=torch.float32, device=q.device)
-    block_m = 16 if _interpret() else 64
+    block_m = 16 if interpreter_blocks() else 64
     _attn_bwd_pre[(triton.cdiv(sp.T, block_m), sp.B * sp.H)](
         out, do, delta, *out.stride(), *do.stride(), sp.H, sp.T, HEAD_DIM=sp.DV,
         BLOCK_D=_p2(sp.DV), BLOCK_M=block_m)

@@ -82,12 +82,13 @@ source runs on Triton 3.6 and 3.9.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
+
+from . import interpreter_blocks
 
 Tensor = torch.Tensor
 
@@ -406,10 +407,6 @@ def _blocks(d: int) -> int:
     return min(_p2(d), max(16, MAX_BLOCK))
 
 
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def _s4(x: Tensor) -> Tuple[int, int, int, int]:
     return tuple(x.stride())
 
@@ -456,7 +453,7 @@ class _Plan:
         self.NK, self.NV = triton.cdiv(self.DK, self.BK), triton.cdiv(self.DV, self.BV)
         self.scale = 1.0 if scale is None else float(scale)
         self.prec = "ieee" if q.dtype == torch.float32 else "tf32"
-        self.warps = {} if _interpret() else dict(GPU_LAUNCH)
+        self.warps = {} if interpreter_blocks() else dict(GPU_LAUNCH)
 
     def states(self, k, v, g, s0, store_final: bool) -> Tuple[Tensor, Optional[Tensor]]:
         BH = self.B * self.H
@@ -639,7 +636,7 @@ def recurrent_step(q: Tensor, k: Tensor, v: Tensor, g: Tensor, state: Tensor, *,
                          f"{list(out.shape)}")
     BK = _p2(DK)
     BV = min(_p2(DV), 64)
-    warps = {} if _interpret() else dict(GPU_LAUNCH)
+    warps = {} if interpreter_blocks() else dict(GPU_LAUNCH)
     NV = triton.cdiv(DV, BV)
     _recurrent[(B * H * NV,)](
         q, k, v, ge, s_in, s_out, o, *_s4(q), *_s4(k), *_s4(v), *ge.stride(), *_s4(o),

@@ -22,6 +22,7 @@ from typing import Dict, List, Set
 from ..ir.graph import Graph, Node
 from ..ir.ops import Op
 from ..ir.types import DType
+from . import interpreter_blocks
 from .pointwise import HELPERS, TL_DTYPE, _expr, literal  # noqa: F401  (HELPERS: the module)
 
 RED_OPS = (Op.SUM, Op.MEAN, Op.AMAX, Op.LOGSUMEXP)
@@ -280,7 +281,7 @@ def launch(kernel, xs, outs, body: Graph, ctx, interpret: bool) -> None:
     # (a column sum): many rows per program so neighbouring rows make coalesced loads
     along = all(st == 1 for st in [t.stride()[-1] if t.dim() else 1 for t in xs[:1]]) \
         and p.axis == p.rank - 1
-    if interpret:  # the interpreter pays per program and per loop trip: big blocks
+    if interpret and interpreter_blocks():  # the interpreter pays per program and loop trip
         bn = min(triton.next_power_of_2(max(N, 1)), 4096)
         br = max(1, min(triton.next_power_of_2(R), 16384 // bn))
     elif along:
