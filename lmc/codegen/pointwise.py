@@ -18,6 +18,7 @@ from ..errors import LmcError
 from ..ir.graph import Graph, Node
 from ..ir.ops import Op
 from ..ir.types import DType
+from . import interpreter_blocks
 
 TL_DTYPE = {DType.f32: "tl.float32", DType.f16: "tl.float16", DType.bf16: "tl.bfloat16",
             DType.i64: "tl.int64", DType.i32: "tl.int32", DType.bool: "tl.int1"}
@@ -32,7 +33,16 @@ def _round_half_even(x):
 
 @triton.jit
 def _tanh(x):
-    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+    # no cancellation near 0 (2*sigmoid(2x) - 1 loses the low bits of a small tanh): an odd
+    # series below |x| = 1/8 (next term < 2e-9 relative), (1 - e) / (1 + e) with
+    # e = exp(-2|x|) <= 0.78 above; +-inf give +-1, NaN stays NaN
+    a = tl.abs(x)
+    e = tl.exp(-2.0 * a)
+    x2 = x * x
+    small = a * (1.0 + x2 * (-0.3333333333333333 + x2 * (0.13333333333333333
+                                                         + x2 * -0.05396825396825397)))
+    t = tl.where(a < 0.125, small, (1.0 - e) / (1.0 + e))
+    return tl.where(x < 0, -t, t)
 
 
 @triton.jit
@@ -112,7 +122,13 @@ def _expr(n: Node, a: List[str]) -> str:
 
 
 def generate(body: Graph, name: str) -> str:
-    """The @triton.jit kernel for one pointwise body graph, as source text."""
+    """The @triton.jit kernel for one pointwise body graph, as source text.
+
+    Values are emitted on demand at an index (one index expression per output axis, and the
+    mask of lanes that load). A concat picks its piece by the index along its axis: each
+    piece is evaluated at the index shifted by the piece's offset, its loads masked to the
+    lanes inside it, and tl.where selects. So `concat(-x2, x1) * sin` reads x2 and x1 in
+    place, with no stored concat."""
     inputs = [n for n in body.nodes if n.op is Op.INPUT]
     outputs = list(body.outputs.values())
     rank = max(outputs[0].type.rank, 1)
@@ -135,23 +151,55 @@ def generate(body: Graph, name: str) -> str:
         lines.append(f"    i{d} = rem % S{d}")
         lines.append(f"    rem = rem // S{d}")
     lines.append("    i0 = rem")
-    val: Dict[Node, str] = {}
-    for i, n in enumerate(inputs):
-        off = " + ".join(f"i{d} * in{i}_s{d}" for d in range(rank))
-        load = f"tl.load(in{i}_ptr + ({off}), mask=mask, other=0)"
-        if n.type.dtype in (DType.f16, DType.bf16):
-            load += ".to(tl.float32)"  # compute in fp32
-        lines.append(f"    v{i} = {load}")
-        val[n] = f"v{i}"
-    for k, m in enumerate(body.nodes):
+    input_no = {n: i for i, n in enumerate(inputs)}
+    memo: Dict[tuple, str] = {}
+    fresh = iter(range(1 << 30))
+
+    def emit(m: Node, at: tuple) -> str:
+        """The name (or literal) of m's value at index `at` = (axis expressions, mask)."""
+        key = (m, at)
+        if key in memo:
+            return memo[key]
+        idx, msk = at
+        k = next(fresh)
         if m.op is Op.CONST:
-            val[m] = literal(m)
-        elif m.op is not Op.INPUT:
-            lines.append(f"    t{k} = {_expr(m, [val[x] for x in m.inputs])}"
-                         f"  # {m.op.value} -> {m.type}")
-            val[m] = f"t{k}"
+            memo[key] = literal(m)
+            return memo[key]
+        if m.op is Op.INPUT:
+            i = input_no[m]
+            off = " + ".join(f"{idx[d]} * in{i}_s{d}" for d in range(rank))
+            load = f"tl.load(in{i}_ptr + ({off}), mask={msk}, other=0)"
+            if m.type.dtype in (DType.f16, DType.bf16):
+                load += ".to(tl.float32)"  # compute in fp32
+            lines.append(f"    v{k} = {load}")
+        elif m.op is Op.CONCAT:
+            ax = rank - m.type.rank + m.attrs["axis"]
+            pieces, start = [], 0
+            for x in m.inputs:
+                stop = start + x.type.shape[m.attrs["axis"]]
+                lines.append(f"    j{k}_{start} = {idx[ax]} - {start}  # concat piece "
+                             f"[{start}, {stop}) along axis {ax}")
+                lines.append(f"    m{k}_{start} = {msk} & ({idx[ax]} >= {start}) & "
+                             f"({idx[ax]} < {stop})")
+                shifted = idx[:ax] + (f"j{k}_{start}",) + idx[ax + 1:]
+                pieces.append((start, emit(x, (shifted, f"m{k}_{start}"))))
+                start = stop
+            expr = pieces[-1][1]
+            for (_, v), (start, _) in zip(reversed(pieces[:-1]), reversed(pieces[1:])):
+                expr = f"tl.where({idx[ax]} < {start}, {v}, {expr})"
+            lines.append(f"    t{k} = {expr}  # concat -> {m.type}")
+            memo[key] = f"t{k}"
+            return memo[key]
+        else:
+            e = _expr(m, [emit(x, at) for x in m.inputs])
+            lines.append(f"    t{k} = {e}  # {m.op.value} -> {m.type}")
+        memo[key] = f"{'v' if m.op is Op.INPUT else 't'}{k}"
+        return memo[key]
+
+    top = (tuple(f"i{d}" for d in range(rank)), "mask")
     for i, o in enumerate(outputs):
-        lines.append(f"    tl.store(out{i}_ptr + offs, ({val[o]}).to({TL_DTYPE[o.type.dtype]}), "
+        v = emit(o, top)
+        lines.append(f"    tl.store(out{i}_ptr + offs, ({v}).to({TL_DTYPE[o.type.dtype]}), "
                      f"mask=mask)")
     return "\n".join(lines) + "\n"
 
@@ -165,10 +213,14 @@ def launch(kernel, xs, outs, body: Graph, ctx, interpret: bool) -> None:
     if n == 0:
         return
     sizes = list(shape) or [1]
+    rank = len(sizes)
     strides = []
     for x in xs:
-        v = x.expand(shape) if shape else x.reshape(1)
-        strides.extend(v.stride())  # 0 on broadcast axes
+        # right-aligned with the output; 0 on broadcast (size-1) axes. An input read inside
+        # a concat piece is smaller than the output along the concat's axis: its own strides
+        pad = [0] * (rank - x.dim())
+        strides.extend(pad + [0 if n == 1 else st for n, st in zip(x.shape, x.stride())])
     # the interpreter pays per program, so it gets big blocks; a GPU gets 1024
-    block = min(triton.next_power_of_2(n), 16384) if interpret else 1024
+    block = min(triton.next_power_of_2(n), 16384) if interpret and interpreter_blocks() \
+        else 1024
     kernel[(triton.cdiv(n, block),)](*xs, *outs, n, *sizes, *strides, BLOCK=block)

@@ -56,6 +56,8 @@ def fuse_pointwise(g: Graph) -> Graph:
     declined = []
     for n in g.nodes:
         ok, why = fusible(n)
+        if not ok and n.op is Op.CONCAT:
+            ok = _concat_fusible(n)
         if not ok:
             if why != "not pointwise":
                 declined.append((n, why))
@@ -77,12 +79,119 @@ def fuse_pointwise(g: Graph) -> Graph:
         groups[chosen].append(n)
         group_of[n] = chosen
 
+    groups, anchors = _merge_into_consumer(g, groups, order)
+    groups, anchors = _merge_siblings(g, groups, anchors, order)
+    # a group of concats alone would be a copy kernel in place of torch.cat: leave those
+    keep = [i for i, grp in enumerate(groups) if any(m.op is not Op.CONCAT for m in grp)]
+    groups, anchors = [groups[i] for i in keep], [anchors[i] for i in keep]
     out = contract(g, groups, lambda members, gid, used, new: make_fused(
-        members, f"{gid}", used, new))
+        members, f"{gid}", used, new), anchors)
     out.meta["fusions"] = list(g.meta.get("fusions", [])) + [
         {"pass": "fuse_pointwise", "status": "declined", "where": _where(n), "reason": why}
         for n, why in declined]
     return out
+
+
+def _concat_fusible(n: Node) -> bool:
+    """A concat joins a pointwise kernel when its pieces' sizes along the axis are numbers
+    (the kernel picks a piece by comparing the index with fixed offsets): rope's
+    concat(-x2, x1) then costs no launch and no store. A concat along a symbolic axis (a
+    dynamic cache growing by T) stays a torch op."""
+    ax = n.attrs["axis"]
+    return n.type.dtype.value != "f64" and all(isinstance(x.type.shape[ax], int)
+                                               for x in n.inputs)
+
+
+def _merge_into_consumer(g: Graph, groups: List[List[Node]], order):
+    """Fold a group into the one group that reads it when nothing else does (x*cos in
+    rope's x*cos + rot(x)*sin, whose other operand starts later, behind a concat): one kernel
+    instead of two, and the intermediate never stored. The grouping rule grows groups forward
+    from their inputs only, so such a producer is left on its own. Folding A into B is safe
+    when A's values are read only by A and B (not graph outputs), the shapes match (or B
+    reads A only as pieces of concats, which the kernel evaluates at shifted indices: rope's
+    -x2 in concat(-x2, x1)), and every input A takes from outside comes before B's first
+    member: the merged group is then emitted where B's first member stood (its anchor),
+    after all it reads. Returns the groups (members in topological order) and their
+    anchors."""
+    outputs = set(g.outputs.values())
+    group_of = {m: gid for gid, grp in enumerate(groups) for m in grp}
+    shape = {gid: grp[0].type.shape for gid, grp in enumerate(groups)}
+    concat_only = {gid: True for gid in range(len(groups))}   # read by other groups' concats
+    for n in g.nodes:
+        for x in n.inputs:
+            a = group_of.get(x)
+            if a is not None and group_of.get(n) != a and n.op is not Op.CONCAT:
+                concat_only[a] = False
+    readers: Dict[int, set] = {gid: set() for gid in range(len(groups))}
+    for n in g.nodes:
+        for x in n.inputs:
+            a = group_of.get(x)
+            if a is not None and group_of.get(n) != a:
+                readers[a].add(group_of.get(n, -1))          # -1: a node in no group
+    anchor = {gid: grp[0] for gid, grp in enumerate(groups) if grp}
+    merged_into: Dict[int, int] = {}
+
+    def root(gid):
+        while gid in merged_into:
+            gid = merged_into[gid]
+        return gid
+    for a in sorted(anchor, key=lambda gid: order[anchor[gid]]):
+        rs = {root(r) if r >= 0 else -1 for r in readers[a]} - {a}
+        if len(rs) != 1 or -1 in rs or any(m in outputs for m in groups[a]):
+            continue
+        (b,) = rs
+        if (shape[b] != shape[a] and not concat_only[a]) or \
+                order[anchor[b]] < order[anchor[a]]:
+            continue
+        inside = set(groups[a])
+        if not all(x in inside or order[x] < order[anchor[b]] or is_source(x)
+                   for m in groups[a] for x in m.inputs):
+            continue
+        groups[b] = sorted(groups[b] + groups[a], key=order.__getitem__)
+        groups[a] = []
+        merged_into[a] = b      # A was read by B alone: B's readers are the merged group's
+    live = [gid for gid, grp in enumerate(groups) if grp]
+    return [groups[gid] for gid in live], [anchor[gid] for gid in live]
+
+
+_VIEWS = (Op.RESHAPE, Op.PERMUTE, Op.SLICE, Op.EXPAND)
+
+
+def _merge_siblings(g: Graph, groups: List[List[Node]], anchors: List[Node], order):
+    """Fold a group into the next one when they are independent and nothing but views stands
+    between them: rope of q and rope of k, one kernel with two outputs instead of two
+    launches. A (earlier) joins B when both have the shape of B's anchor, no value of A is
+    read before B's anchor (so emitting A's work there is in order), and every node between
+    A's last member and B's anchor is a view, a source or one of B's. Only neighbours merge,
+    so no kernel's work moves past another kernel (nor do tensors live longer across one)."""
+    if len(groups) < 2:
+        return groups, anchors
+    readers: Dict[Node, List[Node]] = {}
+    for n in g.nodes:
+        for x in n.inputs:
+            readers.setdefault(x, []).append(n)
+    ids = sorted(range(len(groups)), key=lambda i: order[anchors[i]])
+    out_groups: List[List[Node]] = []
+    out_anchors: List[Node] = []
+    for i in ids:
+        grp, anc = groups[i], anchors[i]
+        if out_groups:
+            prev, panc = out_groups[-1], out_anchors[-1]
+            mine = set(grp) | set(prev)
+            last = max(order[m] for m in prev)
+            between = [n for n in g.nodes[last + 1:order[anc]] if n not in mine]
+            if (panc.type.shape == anc.type.shape
+                    and any(m.op is not Op.CONCAT for m in prev)
+                    and any(m.op is not Op.CONCAT for m in grp)
+                    and all(r in mine or order[r] >= order[anc]
+                            for m in prev for r in readers.get(m, ()))
+                    and all(n.op in _VIEWS or is_source(n) for n in between)):
+                out_groups[-1] = sorted(prev + grp, key=order.__getitem__)
+                out_anchors[-1] = anc
+                continue
+        out_groups.append(grp)
+        out_anchors.append(anc)
+    return out_groups, out_anchors
 
 
 def is_source(n: Node) -> bool:
@@ -91,13 +200,14 @@ def is_source(n: Node) -> bool:
     return not n.inputs and n.op is not Op.FUSED
 
 
-def contract(g: Graph, groups: List[List[Node]], build) -> Graph:
+def contract(g: Graph, groups: List[List[Node]], build, anchors=None) -> Graph:
     """`g` with each group (members in topological order) replaced by what
     ``build(members, gid, used_outside, new)`` returns: a FUSED node and (member, GETITEM)
     pairs for the members read outside the group. Each group is emitted where its first member
-    stood and source nodes go first, so a grouping in which every external input of a group is
-    a source or comes before the group's first member keeps the graph topologically ordered.
-    A group that nothing reads is dropped (dead code)."""
+    stood (or its anchor, a later member, when given) and source nodes go first, so a
+    grouping in which every external input of a group is a source or comes before the group's
+    anchor, and every member read outside is read after it, keeps the graph topologically
+    ordered. A group that nothing reads is dropped (dead code)."""
     group_of = {m: gid for gid, grp in enumerate(groups) for m in grp}
     used_outside = set(g.outputs.values())
     for n in g.nodes:
@@ -107,7 +217,8 @@ def contract(g: Graph, groups: List[List[Node]], build) -> Graph:
     new: Dict[Node, Node] = {}
     nodes: List[Node] = [n for n in g.nodes if is_source(n) and n not in group_of]
     new.update({n: n for n in nodes})
-    first_of = {grp[0]: gid for gid, grp in enumerate(groups) if grp}
+    first_of = {(anchors[gid] if anchors else grp[0]): gid
+                for gid, grp in enumerate(groups) if grp}
     for n in g.nodes:
         if n in new:
             continue

@@ -44,9 +44,13 @@ def pointwise_graph(draw):
     col = b.input("c", [Dim.sym("B"), mid, 1], "f32")
     vals = [full, row, col]
     for _ in range(draw(st.integers(1, 10))):
-        kind = draw(st.sampled_from(["un", "bin", "where", "clamp", "f16", "pow", "lit"]))
+        kind = draw(st.sampled_from(["un", "bin", "where", "clamp", "f16", "pow", "lit",
+                                     "roll"]))
         a = draw(st.sampled_from(vals))
-        if kind == "un":
+        if kind == "roll" and a.rank == 3 and a.shape[-1] == last > 1:   # concat in a kernel
+            k = draw(st.integers(1, last - 1))
+            v = b.concat([b.neg(b.slice(a, -1, k, last)), b.slice(a, -1, 0, k)], -1)
+        elif kind == "un":
             v = getattr(b, draw(st.sampled_from(_UN)))(a)
         elif kind == "bin":
             v = getattr(b, draw(st.sampled_from(_BIN)))(a, draw(st.sampled_from(vals)))
@@ -105,6 +109,73 @@ def test_fusion_keeps_the_graph_acyclic_and_equal():
         n.op.kind.value == "pointwise" for n in model.graph.nodes)
     import networkx as nx
     assert nx.is_directed_acyclic_graph(fused.nx())
+
+
+def test_rope_rotate_half_is_one_kernel():
+    """Rope's x*cos + concat(-x2, x1)*sin. The concat joins the kernel (each piece read at
+    its shifted index, no stored concat), and x*cos, which starts a group of its own before
+    the concat (groups grow forward from their inputs), folds into its only reader, the add:
+    one launch, no intermediate stored."""
+    b = Builder({}, {})
+    x = b.input("x", [Dim.sym("B"), Dim.sym("T"), 16], "f32")
+    cos = b.input("cos", [Dim.sym("T"), 16], "f32")
+    sin = b.input("sin", [Dim.sym("T"), 16], "f32")
+    rot = b.concat([b.neg(b.slice(x, -1, 8, 16)), b.slice(x, -1, 0, 8)], -1)
+    xc = x * cos
+    y = xc + rot * sin
+    g = Graph("rope", b.nodes, {"y": y.node})
+    fused = [n for n in fuse_pointwise(g).nodes if n.op is Op.FUSED]
+    ops = [[m.op for m in n.attrs["body"].nodes if m.op is not Op.INPUT] for n in fused]
+    assert ops == [[Op.NEG, Op.CONCAT, Op.MUL, Op.MUL, Op.ADD]]
+    # x*cos read elsewhere too (a graph output) must be stored: its own kernel
+    g2 = Graph("rope2", b.nodes, {"y": y.node, "xc": xc.node})
+    assert sum(n.op is Op.FUSED for n in fuse_pointwise(g2).nodes) == 2
+    p = TritonProgram(g)
+    assert "# concat piece [8, 16) along axis 2" in p.source
+    for B, T in [(1, 1), (2, 7)]:
+        vals = {"x": torch.randn(B, T, 16), "cos": torch.randn(T, 16),
+                "sin": torch.randn(T, 16)}
+        got = run_graph(p.graph, vals, RefCtx(dims=bind_dims(g, vals)), p.impl)["y"]
+        xv = vals["x"]
+        want = xv * vals["cos"] + torch.cat([-xv[..., 8:], xv[..., :8]], -1) * vals["sin"]
+        torch.testing.assert_close(got, want)
+
+
+def test_concat_pieces_along_an_inner_axis_with_broadcast_inputs():
+    """Three pieces along axis 1 (sizes 1, 3, 2), one computed in the kernel, one a strided
+    view, one broadcast from [B, 1, 5]; the result read by a pointwise op."""
+    b = Builder({}, {})
+    x = b.input("x", [Dim.sym("B"), 6, 5], "f32")
+    r = b.input("r", [Dim.sym("B"), 1, 5], "f32")
+    c = b.concat([b.exp(b.slice(x, 1, 0, 1)), b.slice(x, 1, 1, 6, 2) * 2.0,
+                  b.expand(r, [Dim.sym("B"), 2, 5])], 1)
+    y = b.tanh(c) + 1.0
+    g = Graph("cat3", b.nodes, {"y": y.node})
+    fused = [n for n in fuse_pointwise(g).nodes if n.op is Op.FUSED]
+    assert len(fused) == 1
+    p = TritonProgram(g)
+    for B in (1, 3):
+        vals = {"x": torch.randn(B, 6, 5), "r": torch.randn(B, 1, 5)}
+        got = run_graph(p.graph, vals, RefCtx(dims=bind_dims(g, vals)), p.impl)["y"]
+        xv = vals["x"]
+        want = torch.tanh(torch.cat([xv[:, :1].exp(), xv[:, 1::2] * 2.0,
+                                     vals["r"].expand(B, 2, 5)], 1)) + 1.0
+        torch.testing.assert_close(got, want)
+    assert p.launches == 2
+
+
+def test_a_concat_alone_or_along_a_symbolic_axis_stays_a_torch_op():
+    b = Builder({}, {})
+    x = b.input("x", [Dim.sym("B"), Dim.sym("T"), 4], "f32")
+    cache = b.input("cache", [Dim.sym("B"), Dim.sym("P"), 4], "f32")
+    grown = b.concat([cache, b.exp(x)], 1)          # symbolic sizes along the axis
+    pair = b.concat([x, x], -1)                     # nothing pointwise around it: a copy
+    g = Graph("cats", b.nodes, {"grown": b.exp(grown).node, "pair": pair.node})
+    out = fuse_pointwise(g)
+    assert sum(n.op is Op.CONCAT for n in out.nodes) == 2
+    for n in out.nodes:
+        if n.op is Op.FUSED:
+            assert all(m.op is not Op.CONCAT for m in n.attrs["body"].nodes)
 
 
 def test_kernel_cache_rewrites_a_tampered_file(tmp_path):
@@ -209,3 +280,55 @@ def test_softplus_logsigmoid_kernels_at_extreme_inputs():
     for k in want:
         assert torch.isfinite(got[k]).all()
         torch.testing.assert_close(got[k], want[k], rtol=2e-6, atol=0)
+
+
+def test_tanh_kernel_keeps_relative_accuracy_near_zero():
+    """tanh (also inside gelu's tanh form) without cancellation: relative error within a few
+    fp32 ulps from 1e-30 to 1e4 (2*sigmoid(2x) - 1 was off by 1e-7 absolute near 0, which a
+    norm's rsqrt of a small mean amplified past the reduction tests' tolerance)."""
+    b = Builder({}, {})
+    x = b.input("x", [Dim.sym("B"), 401], "f32")
+    g = Graph("th", b.nodes, {"t": b.tanh(x).node})
+    mag = torch.logspace(-30, 4, 200, dtype=torch.float64)
+    xs = torch.cat([-mag, torch.zeros(1, dtype=torch.float64), mag]).float()
+    vals = {"x": xs[None]}
+    p = TritonProgram(g)
+    got = run_graph(p.graph, vals, RefCtx(dims=bind_dims(g, vals)), p.impl)["t"][0]
+    want = torch.tanh(xs.double())
+    rel = ((got.double() - want).abs() / want.abs().clamp_min(1e-300)).max()
+    assert rel < 3e-7, float(rel)
+    ends = {"x": torch.tensor([[float("inf"), float("-inf"), float("nan")] + [0.0] * 398])}
+    got = run_graph(p.graph, ends, RefCtx(dims=bind_dims(g, ends)), p.impl)["t"][0, :3]
+    assert got[0] == 1 and got[1] == -1 and torch.isnan(got[2])
+
+
+def test_independent_neighbour_groups_share_a_launch():
+    """Two chains with only views between them (rope of q, rope of k) are one kernel with two
+    outputs; a torch op between them, or a reader of the first before the second, keeps
+    them apart."""
+    def build(between):
+        b = Builder({}, {})
+        x = b.input("x", [Dim.sym("B"), 6, 8], "f32")
+        y = b.input("y", [Dim.sym("B"), 3, 16], "f32")
+        first = b.exp(x) * 2.0
+        if between == "scan":
+            y = b.cumsum(y, 1)                      # a torch op between: no merge
+        second = b.tanh(b.reshape(y, [Dim.sym("B"), 6, 8])) + 1.0   # a view between: merge
+        if between == "reader":
+            c = b.cumsum(first, 1)                  # reads the first before the second
+            second = b.tanh(b.reshape(y, [Dim.sym("B"), 6, 8]) + c) + 1.0
+        if between == "view-reader":                # the second reads the first through
+            v = b.reshape(b.reshape(first, [Dim.sym("B"), 48]), [Dim.sym("B"), 6, 8])
+            second = b.tanh(b.reshape(y, [Dim.sym("B"), 6, 8]) + v) + 1.0   # views: stored
+        return Graph("sib", b.nodes, {"a": first.node, "b": second.node})
+
+    for between, kernels in [("view", 1), ("scan", 2), ("reader", 2), ("view-reader", 2)]:
+        g = build(between)
+        assert sum(n.op is Op.FUSED for n in fuse_pointwise(g).nodes) == kernels, between
+        p = TritonProgram(g)
+        vals = {"x": torch.randn(2, 6, 8), "y": torch.randn(2, 3, 16)}
+        ctx = RefCtx(dims=bind_dims(g, vals))
+        want = run_graph(g, vals, ctx)
+        got = run_graph(p.graph, vals, ctx, p.impl)
+        for k in want:
+            torch.testing.assert_close(got[k], want[k])
