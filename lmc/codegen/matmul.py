@@ -31,29 +31,164 @@ from ..errors import LmcError
 from ..ir.graph import Graph, Node
 from ..ir.ops import Op
 from ..ir.types import DType
+from ..passes.fuse_matmul import rms_prologue, with_weight_cast
 from .pointwise import HELPERS, TL_DTYPE, _expr, literal  # noqa: F401  (HELPERS: program.py)
 
 _HALF = (DType.f16, DType.bf16)
 
 
 def _layout(body: Graph):
-    """(inputs, matmuls, A placeholder, epilogue placeholders) of a matmul body."""
+    """(inputs, matmuls, A placeholder, epilogue placeholders, RMSNorm prologue or None) of a
+    matmul body. With a prologue the placeholder read as A is the norm's input x."""
     inputs = [n for n in body.nodes if n.op is Op.INPUT]
     mms = [n for n in body.nodes if n.op is Op.MATMUL]
     if not mms or any(m.inputs[0] is not mms[0].inputs[0] for m in mms):
         raise LmcError(f"internal: matmul body {body.name} needs matmuls sharing one A")
+    a = mms[0].inputs[0]
+    pro = None
+    if a.op is not Op.INPUT:
+        pro = rms_prologue(a)
+        pro = pro and with_weight_cast(pro)
+        if pro is None or pro.x.op is not Op.INPUT or pro.w.op is not Op.INPUT:
+            raise LmcError(f"internal: matmul body {body.name}: A is computed, not an RMSNorm")
+        a = pro.x
+    skip = set(pro.members) if pro else set()
     epi = [p for p in inputs if any(p in m.inputs for m in body.nodes
-                                    if m.op not in (Op.INPUT, Op.CONST, Op.MATMUL))]
-    return inputs, mms, mms[0].inputs[0], epi
+                                    if m.op not in (Op.INPUT, Op.CONST, Op.MATMUL)
+                                    and m not in skip)]
+    return inputs, mms, a, epi, pro
+
+
+def _prologue_lines(pro, idx, dot_ty: str, indent: str) -> List[str]:
+    """In the K loop, after `a` (an x tile) is loaded: accumulate the row sums of squares and
+    scale the tile by the norm weight, cast to the dot's input type."""
+    w = idx[pro.w]
+    return [f"{indent}af = a.to(tl.float32)",
+            f"{indent}ss += tl.sum(af * af, axis=1)  # RMSNorm: sum of squares along K",
+            f"{indent}wk = tl.load(in{w}_ptr + kk * w_sk, mask=mask_k, other=0.0)"
+            ".to(tl.float32)",
+            f"{indent}a = (af * wk[None, :]).to({dot_ty})  # x * w; * rsqrt(mean + eps) after"]
+
+
+def _rstd_line(pro, indent: str) -> str:
+    return (f"{indent}rs = tl.rsqrt(ss / K + {literal(pro.eps)})[:, None]  "
+            f"# RMSNorm's per-row scale")
 
 
 def _site(m: Node) -> str:
     return m.op.value + (f"@{m.loc.file.rsplit('/', 1)[-1]}:{m.loc.line}" if m.loc else "")
 
 
+def horizontal(body: Graph) -> bool:
+    """Matmuls of one A with no epilogue, each its own output (fuse_matmul's sibling
+    merge: q, k, v projections): one launch whose column tiles run over every B in turn."""
+    mms = [n for n in body.nodes if n.op is Op.MATMUL]
+    pro = rms_prologue(mms[0].inputs[0]) if mms and mms[0].inputs[0].op is not Op.INPUT \
+        else None
+    pro = pro and with_weight_cast(pro)
+    skip = set(pro.members) if pro else set()
+    return len(mms) > 1 and all(n.op in (Op.INPUT, Op.CONST, Op.MATMUL) or n in skip
+                                for n in body.nodes)
+
+
+def _generate_horizontal(body: Graph, name: str) -> str:
+    inputs, mms, a, _, pro = _layout(body)
+    idx = {p: i for i, p in enumerate(inputs)}
+    nb = mms[0].type.rank - 2
+    zs = [f"Z{d}" for d in range(nb)]
+    ns = [f"N{j}" for j in range(len(mms))]
+    args = [f"in{i}_ptr" for i in range(len(inputs))] + \
+        [f"out{j}_ptr" for j in range(len(mms))] + ["M", "N", "K"] + ns + zs + \
+        [f"a_s{d}" for d in range(nb)] + ["a_sm", "a_sk"] + \
+        [f"b{j}_s{x}" for j in range(len(mms)) for x in "kn"] + (["w_sk"] if pro else [])
+    dot_ty = TL_DTYPE[mms[0].inputs[0].type.dtype]
+    w_args = f"in{idx[pro.w]}_ptr, w_sk, " if pro else ""
+    fp32 = mms[0].type.dtype is DType.f32
+    prec = ', input_precision="ieee"' if fp32 else ""
+    out_ty = TL_DTYPE[mms[0].type.dtype]
+    tile = f"{name}_tile"
+    lines = [
+        "@triton.jit",
+        f"def {tile}(a_rows, a_sk, mask_m, rm, z, b_ptr, b_sk, b_sn, c_ptr, tile_n, M, N, K,",
+        f"        {w_args}BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, "
+        "BLOCK_K: tl.constexpr):",
+        "    # one BLOCK_M x BLOCK_N tile of A @ B, stored to C (contiguous [*batch, M, N])"
+        + ("; A = rmsnorm(x) * w, computed here" if pro else ""),
+        "    rn = (tile_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)",
+        "    rk = tl.arange(0, BLOCK_K).to(tl.int64)",
+        "    mask_n = rn < N",
+        "    b_cols = b_ptr + rn[None, :] * b_sn",
+        "    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)",
+    ] + (["    ss = tl.full((BLOCK_M,), 0.0, tl.float32)"] if pro else []) + [
+        "    for k0 in range(0, K, BLOCK_K):",
+        "        kk = k0 + rk",
+        "        mask_k = kk < K",
+        "        a = tl.load(a_rows + kk[None, :] * a_sk, mask=mask_m[:, None] & mask_k[None, :],"
+        " other=0.0)",
+    ] + (_prologue_lines(pro, idx, dot_ty, "        ") if pro else []) + [
+        "        b = tl.load(b_cols + kk[:, None] * b_sk, mask=mask_k[:, None] & mask_n[None, :],"
+        " other=0.0)",
+        f"        acc = tl.dot(a, b, acc=acc{prec})",
+    ] + ([_rstd_line(pro, "    "), "    acc = acc * rs"] if pro else []) + [
+        "    out = (z * M + rm[:, None]) * N + rn[None, :]",
+        f"    tl.store(c_ptr + out, acc.to({out_ty}), mask=mask_m[:, None] & mask_n[None, :])",
+        "",
+        "",
+        "@triton.jit",
+        f"def {name}({', '.join(args)},",
+        "        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, "
+        "GROUP_M: tl.constexpr):",
+        "    # IR nodes: " + ", ".join(_site(m) for m in mms),
+        f"    # A = in{idx[a]} {a.type}; " + "; ".join(
+            f"out{j} = A @ in{idx[m.inputs[1]]} {m.inputs[1].type}" for j, m in enumerate(mms)),
+        "    # the column tiles of out0, then of out1, ...: one launch for all the products",
+        "    pid = tl.program_id(0)",
+        "    num_m = (M + BLOCK_M - 1) // BLOCK_M",
+    ]
+    for j in range(len(mms)):
+        lines.append(f"    nt{j} = (N{j} + BLOCK_N - 1) // BLOCK_N")
+    lines += [
+        "    num_n = " + " + ".join(f"nt{j}" for j in range(len(mms))),
+        "    z = (pid // (num_m * num_n)).to(tl.int64)  # flat batch index",
+        "    t = pid % (num_m * num_n)",
+        "    per_group = GROUP_M * num_n",
+        "    first_m = (t // per_group) * GROUP_M",
+        "    rows = tl.minimum(num_m - first_m, GROUP_M)",
+        "    pid_m = first_m + (t % per_group) % rows",
+        "    pid_n = (t % per_group) // rows",
+    ]
+    if nb == 1:
+        lines.append("    z0 = z")
+    elif nb:
+        lines.append("    rem = z")
+        for d in reversed(range(1, nb)):
+            lines += [f"    z{d} = rem % Z{d}", f"    rem = rem // Z{d}"]
+        lines.append("    z0 = rem")
+    boff = "".join(f" + z{d} * a_s{d}" for d in range(nb))
+    lines += [
+        "    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)",
+        "    mask_m = rm < M",
+        f"    a_rows = in{idx[a]}_ptr + (rm[:, None] * a_sm{boff})",
+    ]
+    start = "0"
+    for j, m in enumerate(mms):
+        kw = "if" if j == 0 else "elif"
+        stop = f"nt{j}" if j == 0 else f"{start} + nt{j}"
+        cond = f"pid_n < {stop}" if j < len(mms) - 1 else None
+        head = f"    {kw} {cond}:" if cond else "    else:"
+        lines += [head,
+                  f"        {tile}(a_rows, a_sk, mask_m, rm, z, in{idx[m.inputs[1]]}_ptr, "
+                  f"b{j}_sk, b{j}_sn, out{j}_ptr, pid_n - ({start}), M, N{j}, K,",
+                  f"                {w_args}BLOCK_M, BLOCK_N, BLOCK_K)"]
+        start = stop
+    return "\n".join(lines) + "\n"
+
+
 def generate(body: Graph, name: str) -> str:
     """The @triton.jit kernel for one matmul body graph, as source text."""
-    inputs, mms, a, epi = _layout(body)
+    if horizontal(body):
+        return _generate_horizontal(body, name)
+    inputs, mms, a, epi, pro = _layout(body)
     outputs = list(body.outputs.values())
     idx = {p: i for i, p in enumerate(inputs)}
     nb = mms[0].type.rank - 2
@@ -66,6 +201,9 @@ def generate(body: Graph, name: str) -> str:
         args += [f"b{j}_s{d}" for d in range(nb)] + [f"b{j}_sk", f"b{j}_sn"]
     for p in epi:
         args += [f"e{idx[p]}_s{d}" for d in range(nb)] + [f"e{idx[p]}_sm", f"e{idx[p]}_sn"]
+    if pro:
+        args.append("w_sk")
+    skip = set(pro.members) if pro else set()
     src_nodes = [m for m in body.nodes if m.op is not Op.INPUT and m.op is not Op.CONST]
     fp32 = mms[0].type.dtype is DType.f32
     prec = ', input_precision="ieee"' if fp32 else ""  # fp32 as torch computes it: no TF32
@@ -79,7 +217,8 @@ def generate(body: Graph, name: str) -> str:
         "        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, "
         "GROUP_M: tl.constexpr):",
         "    # IR nodes: " + ", ".join(_site(m) for m in src_nodes),
-        f"    # A = in{ia} {a.type}; " + "; ".join(
+        f"    # A = {'rmsnorm(in%d) * in%d, computed here' % (ia, idx[pro.w]) if pro else ''}"
+        f"in{ia} {a.type}; " + "; ".join(
             f"acc{j} = A @ in{idx[m.inputs[1]]} {m.inputs[1].type}" for j, m in enumerate(mms))
         + ("; epilogue reads " + ", ".join(f"in{idx[p]} {p.type}" for p in epi) if epi else ""),
         "    pid = tl.program_id(0)",
@@ -113,6 +252,8 @@ def generate(body: Graph, name: str) -> str:
         lines += [f"    b{j}_cols = in{idx[m.inputs[1]]}_ptr + (rn[None, :] * b{j}_sn"
                   f"{boff(f'b{j}')})",
                   f"    acc{j} = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)"]
+    if pro:
+        lines.append("    ss = tl.full((BLOCK_M,), 0.0, tl.float32)")
     lines += [
         "    for k0 in range(0, K, BLOCK_K):",
         "        kk = k0 + rk",
@@ -120,10 +261,15 @@ def generate(body: Graph, name: str) -> str:
         "        a = tl.load(a_rows + kk[None, :] * a_sk, mask=mask_m[:, None] & mask_k[None, :],"
         " other=0.0)",
     ]
+    if pro:
+        lines += _prologue_lines(pro, idx, TL_DTYPE[mms[0].inputs[0].type.dtype], "        ")
     for j in range(len(mms)):
         lines += [f"        b{j} = tl.load(b{j}_cols + kk[:, None] * b{j}_sk, "
                   f"mask=mask_k[:, None] & mask_n[None, :], other=0.0)",
                   f"        acc{j} = tl.dot(a, b{j}, acc=acc{j}{prec})"]
+    if pro:
+        lines.append(_rstd_line(pro, "    "))
+        lines += [f"    acc{j} = acc{j} * rs" for j in range(len(mms))]
     lines += ["    # epilogue, in registers (fp32)",
               "    mask = mask_m[:, None] & mask_n[None, :]"]
     val: Dict[Node, str] = {m: f"acc{j}" for j, m in enumerate(mms)}
@@ -136,6 +282,8 @@ def generate(body: Graph, name: str) -> str:
         lines.append(f"    v{i} = {load}")
         val[p] = f"v{i}"
     for k, m in enumerate(body.nodes):
+        if m in skip:
+            continue
         if m.op is Op.CONST:
             val[m] = literal(m)
         elif m.op not in (Op.INPUT, Op.MATMUL):
@@ -224,7 +372,9 @@ def launch(kernel, xs, outs, body: Graph, ctx, interpret: bool) -> None:
     """One program per output tile per batch entry; operands read through their strides."""
     import triton
 
-    inputs, mms, a, epi = _layout(body)
+    if horizontal(body):
+        return _launch_horizontal(kernel, xs, outs, body, interpret)
+    inputs, mms, a, epi, pro = _layout(body)
     idx = {p: i for i, p in enumerate(inputs)}
     shape = tuple(outs[0].shape)
     if outs[0].numel() == 0:
@@ -242,6 +392,8 @@ def launch(kernel, xs, outs, body: Graph, ctx, interpret: bool) -> None:
     args = [*xs, *outs, M, N, K, *batch, *a_st]
     for s in b_st + e_st:
         args += s
+    if pro:
+        args.append(xs[idx[pro.w]].stride(-1))
     if interpret:  # one small configuration: the interpreter pays per program
         bm, bn, bk = interpret_blocks(M, N, K)
         grid = (nbatch * triton.cdiv(M, bm) * triton.cdiv(N, bn),)
@@ -251,3 +403,36 @@ def launch(kernel, xs, outs, body: Graph, ctx, interpret: bool) -> None:
     def grid(meta):
         return (nbatch * triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
     _autotuned(kernel)[grid](*args)
+
+
+def _launch_horizontal(kernel, xs, outs, body: Graph, interpret: bool) -> None:
+    """One program per (row tile, column tile of any output) per batch entry."""
+    import triton
+
+    inputs, mms, a, _, pro = _layout(body)
+    idx = {p: i for i, p in enumerate(inputs)}
+    if outs[0].numel() == 0:
+        return
+    shape = tuple(outs[0].shape)
+    nb = len(shape) - 2
+    batch, M = list(shape[:nb]), shape[-2]
+    ns = [o.shape[-1] for o in outs]
+    K = xs[idx[a]].shape[-1]
+    a_st = list(xs[idx[a]].expand(*batch, M, K).stride())
+    b_st = [list(xs[idx[m.inputs[1]]].stride()) for m in mms]    # [K, N] weights: sk, sn
+    M = fold_batch(batch, M, [a_st], [])
+    nbatch = 1
+    for s in batch:
+        nbatch *= s
+    N = sum(ns)
+    args = [*xs, *outs, M, N, K, *ns, *batch, *a_st] + [s for st in b_st for s in st]
+    if pro:
+        args.append(xs[idx[pro.w]].stride(-1))
+
+    def tiles(bm, bn):
+        return nbatch * triton.cdiv(M, bm) * sum(triton.cdiv(n, bn) for n in ns)
+    if interpret:
+        bm, bn, bk = interpret_blocks(M, max(ns), K)
+        kernel[(tiles(bm, bn),)](*args, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M)
+        return
+    _autotuned(kernel)[lambda meta: (tiles(meta["BLOCK_M"], meta["BLOCK_N"]),)](*args)

@@ -58,15 +58,31 @@ class _Group:
         self.shape = m.type.shape   # the matmul output's shape: every member's shape
         self.members: List[Node] = [m]
         self.matmuls: List[Node] = [m]
+        self.horizontal = False     # matmuls of one A, each its own output (_merge_siblings)
+        self.prologue = False       # A is an RMSNorm computed in the kernel (RmsPrologue)
 
     def what(self) -> str:
-        epi = [m.op.value for m in self.members if m.op is not Op.MATMUL]
+        if self.prologue:
+            return "rmsnorm prologue + " + self._what()
+        return self._what()
+
+    def _what(self) -> str:
+        epi = [m.op.value for m in self.members
+               if m.op is not Op.MATMUL and not self._in_prologue(m)]
+        if self.horizontal:
+            return f"{len(self.matmuls)} matmuls sharing A, one launch"
         if len(self.matmuls) == 2:
             ops = set(epi)
             kind = ("swiglu" if Op.SILU.value in ops else "geglu" if Op.GELU.value in ops
                     else "dual")
             return f"gated {kind}: 2 matmuls sharing A + " + "+".join(epi)
         return "+".join(["matmul"] + epi)
+
+    def _in_prologue(self, m: Node) -> bool:
+        return self.prologue and m in self._prologue_set()
+
+    def _prologue_set(self):
+        return set(with_weight_cast(rms_prologue(self.matmuls[0].inputs[0])).members)
 
 
 def _late_cone(w: Node, m1: Node, order: Dict[Node, int]) -> Optional[List[Node]]:
@@ -122,17 +138,23 @@ def _gated_pairs(g: Graph, declined: list):
                         hoist[m1] = cone
     if not hoist:
         return g, pair
+    return _hoisted(g, hoist, order), pair
+
+
+def _hoisted(g: Graph, hoist: Dict[Node, List[Node]], order: Dict[Node, int]) -> Graph:
+    """`g` with each list of nodes in `hoist` moved to just before its key (each list closed
+    under the inputs that stand after the key: `_late_cone`), in their original order."""
     moved = {h for cone in hoist.values() for h in cone}
     nodes: List[Node] = []
     placed: Set[Node] = set()
     for n in g.nodes:
-        for h in hoist.get(n, []):
+        for h in sorted(hoist.get(n, []), key=order.get):
             if h not in placed:
                 nodes.append(h)
                 placed.add(h)
         if n not in moved:
             nodes.append(n)
-    return g.with_nodes(nodes, g.outputs), pair
+    return g.with_nodes(nodes, g.outputs)
 
 
 def _depends_on(y: Node, group: Set[Node], order: Dict[Node, int], first: int) -> bool:
@@ -147,6 +169,128 @@ def _depends_on(y: Node, group: Set[Node], order: Dict[Node, int], first: int) -
         seen.add(n)
         stack.extend(n.inputs)
     return False
+
+
+class RmsPrologue:
+    """A matmul's A operand computed as RMSNorm of x: ``[cast](x * rsqrt(mean(x * x, -1) +
+    eps) * w)`` (w a [K] vector, either operand order at each product). The kernel then
+    reads x itself: it accumulates sum(x * x) per row along its K loop, multiplies each A
+    tile by w before the dot, and scales the accumulators by rsqrt(sum / K + eps) after it,
+    since (x * r * w) @ B = r * ((x * w) @ B) for a per-row r: the norm costs no launch and
+    its output is never stored."""
+
+    def __init__(self, x: Node, w: Node, eps: Node, members: List[Node]):
+        self.x, self.w, self.eps, self.members = x, w, eps, members
+
+
+def rms_prologue(a: Node) -> Optional[RmsPrologue]:
+    """The RMSNorm that computes `a` (a graph node or a body node), or None."""
+    members = []
+    n = a
+    if n.op is Op.CAST:
+        members.append(n)
+        n = n.inputs[0]
+    if n.op is not Op.MUL or n.type.rank < 1:
+        return None
+    k = n.type.shape[-1]
+    for xr, w in (n.inputs, n.inputs[::-1]):
+        if xr.op is not Op.MUL or w.type.shape != (k,) or xr.type.shape != n.type.shape:
+            continue
+        for x, r in (xr.inputs, xr.inputs[::-1]):
+            chain = _rstd_of(r, x)
+            if chain is not None:
+                return RmsPrologue(x, w, chain[0], members + [n, xr] + chain[1])
+    return None
+
+
+def with_weight_cast(pro: RmsPrologue) -> RmsPrologue:
+    """The prologue reading w before its widening cast (a norm weight stored in bf16 and
+    widened to fp32 each step): the kernel loads w in its own dtype and widens it, exactly
+    as the cast does."""
+    w = pro.w
+    if w.op is Op.CAST and w.inputs[0].type.shape == w.type.shape and \
+            w.type.dtype.value == "f32" and w.inputs[0].type.dtype.value in ("f16", "bf16"):
+        return RmsPrologue(pro.x, w.inputs[0], pro.eps, pro.members + [w])
+    return pro
+
+
+def _rstd_of(r: Node, x: Node):
+    """(eps, nodes) if r = rsqrt(mean(x * x, last axis, keepdim) + eps), else None."""
+    if r.op is not Op.RSQRT or x.type.rank < 1 or x.type.dtype.value not in _FLOATS:
+        return None
+    add = r.inputs[0]
+    if add.op is not Op.ADD:
+        return None
+    for mean, eps in (add.inputs, add.inputs[::-1]):
+        if (mean.op is Op.MEAN and eps.op is Op.CONST and eps.type.rank == 0
+                and not hasattr(eps.attrs["value"], "shape")
+                and mean.attrs["axis"] in (-1, x.type.rank - 1) and mean.attrs["keepdim"]
+                and mean.inputs[0].op is Op.MUL
+                and all(i is x for i in mean.inputs[0].inputs)):
+            return eps, [r, add, mean, mean.inputs[0]]
+    return None
+
+
+def _take_prologues(groups: List["_Group"], users, outputs: Set[Node]) -> None:
+    """Each group whose matmuls share an A computed by an RMSNorm that nothing else reads
+    takes the norm's nodes in (RmsPrologue). Where the norm's output is read elsewhere too (a
+    training forward saves it for the weight gradient) the norm stays its own kernel."""
+    grouped = {m for grp in groups for m in grp.members}
+    for grp in groups:
+        if not grp.members:
+            continue
+        a = grp.matmuls[0].inputs[0]
+        pro = rms_prologue(a)
+
+        def alone(pro):     # its values read only inside the group, and in no other group
+            inside = set(pro.members) | set(grp.matmuls)
+            return not any(m in grouped or m in outputs or any(u not in inside for u in users[m])
+                           for m in pro.members)
+        if pro is None or not alone(pro):
+            continue
+        if alone(with_weight_cast(pro)):
+            pro = with_weight_cast(pro)
+        grp.members = pro.members[::-1] + grp.members   # stays topological: sorted below
+        grp.prologue = True
+        grouped.update(pro.members)
+
+
+def _merge_siblings(groups: List["_Group"], order: Dict[Node, int], outputs: Set[Node]):
+    """Horizontal form: plain matmuls (no epilogue) of one A by different weights, e.g. the
+    q, k and v projections x @ Wq, x @ Wk, x @ Wv, become one group: one launch whose column
+    tiles run over every weight in turn, each tile storing to its own output. The group is
+    emitted where the first stood, so a later sibling's B operand must be a source or stand
+    before it, or be computed from neither (a weight's cast under mixed precision): what it
+    needs is then moved up to just before the first matmul (returned: {first matmul: nodes}).
+    B must have no batch axes (the projections' [K, N] weights)."""
+    by_a: Dict[Node, _Group] = {}
+    hoist: Dict[Node, List[Node]] = {}
+    grouped = {m for grp in groups for m in grp.members}
+    for grp in groups:
+        if len(grp.members) != 1 or len(grp.matmuls) != 1:
+            continue
+        m = grp.matmuls[0]
+        b = m.inputs[1]
+        if b.type.rank != 2 or m.type.rank < 2:
+            continue
+        first = by_a.get(m.inputs[0])
+        if first is None:
+            by_a[m.inputs[0]] = grp
+            continue
+        m0 = first.matmuls[0]
+        if (m.type.dtype != m0.type.dtype or m.type.shape[:-1] != m0.type.shape[:-1]
+                or b.type.dtype != m0.inputs[1].type.dtype):
+            continue
+        if not is_source(b) and order[b] > first.first:
+            cone = _late_cone(b, m0, order)
+            if cone is None or any(c in grouped for c in cone):   # only ungrouped nodes move
+                continue
+            hoist.setdefault(m0, []).extend(c for c in cone if c not in hoist.get(m0, []))
+        first.members.append(m)
+        first.matmuls.append(m)
+        first.horizontal = True
+        grp.members, grp.matmuls = [], []
+    return hoist
 
 
 def fuse_matmul(g: Graph) -> Graph:
@@ -211,6 +355,13 @@ def fuse_matmul(g: Graph) -> Graph:
         else:
             declined.append((n, reasons[0]))
 
+    hoist = _merge_siblings(groups, order, outputs)
+    _take_prologues(groups, users, outputs)
+    if hoist:
+        g = _hoisted(g, hoist, order)
+        order = {n: i for i, n in enumerate(g.nodes)}
+    for grp in groups:
+        grp.members.sort(key=order.get)
     fused: List[dict] = []
 
     def build(members, gid, used, new):
@@ -219,7 +370,10 @@ def fuse_matmul(g: Graph) -> Graph:
                       "reason": grp.what()})
         return make_fused(members, f"{gid}", used, new, kind="matmul", prefix="lmc_mm_")
 
-    out = contract(g, [grp.members for grp in groups], build)
+    # a group is emitted where its first matmul stood (an RMSNorm prologue stands before it,
+    # and a later weight's cast may have been moved up only to there)
+    out = contract(g, [grp.members for grp in groups], build,
+                   [grp.matmuls[0] if grp.members else None for grp in groups])
     out.meta["fusions"] = list(g.meta.get("fusions", [])) + fused + [
         {"pass": "fuse_matmul", "status": "declined", "where": _where(n), "reason": why}
         for n, why in declined]

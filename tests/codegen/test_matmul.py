@@ -123,7 +123,116 @@ def test_permuted_operands_attention_scores(dtype):
     for bb, tt in [(2, 9), (1, 1)]:
         check(g, {"x": rand(bb, tt, 32, dtype=dtype), "wq": rand(32, 32, dtype=dtype) * 0.3,
                   "wk": rand(32, 32, dtype=dtype) * 0.3, "wt": rand(17, 32, dtype=dtype)},
-              dtype, kernels=4)
+              dtype, kernels=3)   # x @ wq and x @ wk: one horizontal launch
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f16"])
+def test_projections_of_one_input_are_one_launch(dtype):
+    """x @ Wq, x @ Wk, x @ Wv with GQA-sized k, v (N 40, 6, 6: ragged, not block multiples)
+    and a transposed weight view as a fourth sibling: one kernel, each output its own store.
+    A matmul with an epilogue, or whose weight is computed after the first, stays apart."""
+    b = Builder({}, {})
+    x = b.input("x", [B, T, 24], dtype)
+    ws = [b.input(f"w{i}", [24, n], dtype) for i, n in enumerate([40, 6, 6])]
+    wt = b.transpose(b.input("wt", [9, 24], dtype), 0, 1)   # a view standing before x @ w0
+    outs = {f"o{i}": x @ w for i, w in enumerate([wt] + ws)}
+    outs["e"] = b.silu(x @ ws[0])                            # an epilogue: its own kernel
+    g = Graph("qkv", b.nodes, {k: v.node for k, v in outs.items()})
+    gen = torch.Generator().manual_seed(0)
+    for bb, tt in [(1, 1), (2, 9), (3, 70)]:
+        vals = {"x": rand(bb, tt, 24, dtype=dtype, gen=gen),
+                **{f"w{i}": rand(24, n, dtype=dtype, gen=gen) * 0.3
+                   for i, n in enumerate([40, 6, 6])},
+                "wt": rand(9, 24, dtype=dtype, gen=gen) * 0.3}
+        p = check(g, vals, dtype, kernels=2)
+    (h,) = [n for n in _mm_kernels(p) if sum(m.op is Op.MATMUL
+                                             for m in n.attrs["body"].nodes) > 1]
+    assert sum(m.op is Op.MATMUL for m in h.attrs["body"].nodes) == 4
+    rec = [f for f in p.graph.meta["fusions"] if f["pass"] == "fuse_matmul"]
+    assert any(f["reason"] == "4 matmuls sharing A, one launch" for f in rec), rec
+
+
+@pytest.mark.parametrize("precision", ["f32", "bf16"])
+def test_llama_qkv_projections_are_one_launch_per_layer(precision):
+    """Also under mixed precision, where each weight's cast stands just before its matmul:
+    the k and v casts move up to the q projection."""
+    from lmc.passes.mixed_precision import mixed_precision
+
+    g = lmc.load(LLAMA, preset="tiny").graph
+    if precision != "f32":
+        g = mixed_precision(g, precision)
+    rec = [f["reason"] for f in fuse_matmul(g).meta["fusions"] if f["status"] == "fused"]
+    assert rec.count("3 matmuls sharing A, one launch") == 2, rec   # 2 layers
+
+
+def _rmsnorm(b, x, w, order=0):
+    r = b.rsqrt(b.mean(x * x, -1) + 1e-5)
+    return (x * r) * w if order == 0 else w * (r * x)
+
+
+@pytest.mark.parametrize("kind,dtype", [(k, d) for k in ("horizontal", "gated", "single",
+                                                           "cast") for d in ("f32", "f16")]
+                         + [("wcast", "f32")])
+def test_rmsnorm_is_the_matmul_prologue(kind, dtype, monkeypatch):
+    """RMSNorm read only by the matmul(s): the kernel accumulates sum(x^2) along its K loop,
+    scales A tiles by w and the accumulators by rsqrt(mean + eps): one kernel, no norm
+    launch. Interpreter tiles of 16 x 16, so K = 37 takes three K steps (the last ragged)."""
+    from lmc.codegen import matmul
+    monkeypatch.setattr(matmul, "INTERPRET_TILE", 16 * 16)
+    b = Builder({}, {})
+    K = 37
+    x = b.input("x", [B, T, K], dtype)
+    w = b.input("w", [K], "f16" if kind == "wcast" else dtype)
+    if kind == "wcast":         # a norm weight stored in f16, widened where it is used
+        w = b.cast(w, "f32")
+    h = _rmsnorm(b, x, w, order=int(kind == "gated"))
+    if kind == "cast":
+        h = b.cast(h, "f16")
+    ws = [b.input(f"w{i}", [K, n], {"cast": "f16", "wcast": "f32"}.get(kind, dtype))
+          for i, n in enumerate([24, 5, 5])]
+    if kind in ("horizontal", "cast", "wcast"):
+        outs = {f"o{i}": (h @ wi).node for i, wi in enumerate(ws)}
+    elif kind == "gated":
+        outs = {"o": (b.silu(h @ ws[1]) * (h @ ws[2])).node}
+    else:
+        outs = {"o": (h @ ws[0]).node}
+    g = Graph("norm_mm", b.nodes, outs)
+    gen = torch.Generator().manual_seed(1)
+    for bb, tt in [(1, 1), (2, 9)]:
+        vals = {"x": rand(bb, tt, K, dtype=dtype, gen=gen) * 3,
+                "w": rand(K, dtype="f16" if kind == "wcast" else dtype, gen=gen),
+                **{f"w{i}": rand(K, n, dtype={"cast": "f16", "wcast": "f32"}.get(kind, dtype),
+                                 gen=gen) * 0.2
+                   for i, n in enumerate([24, 5, 5])}}
+        p = check(g, vals, "f16" if kind == "cast" else dtype, kernels=1)
+    assert len([n for n in p.graph.nodes if n.op is Op.FUSED]) == 1   # no norm kernel
+    (rec,) = [f for f in p.graph.meta["fusions"]
+              if f["pass"] == "fuse_matmul" and f["status"] == "fused"]
+    assert rec["reason"].startswith("rmsnorm prologue + "), rec
+
+
+def test_rmsnorm_read_elsewhere_stays_its_own_kernel():
+    """A training forward saves the normalised x for the weight gradient: then the norm is
+    stored by its reduction kernel and the matmul reads it."""
+    b = Builder({}, {})
+    x = b.input("x", [B, T, 16], "f32")
+    w = b.input("w", [16], "f32")
+    h = _rmsnorm(b, x, w)
+    g = Graph("saved", b.nodes, {"o": (h @ b.input("w0", [16, 8], "f32")).node, "h": h.node})
+    p = check(g, {"x": rand(2, 3, 16), "w": rand(16), "w0": rand(16, 8)}, kernels=1)
+    assert any(n.op is Op.FUSED and n.attrs["kind"] == "reduction" for n in p.graph.nodes)
+
+
+def test_projections_of_a_strided_input_keep_the_batch_axis():
+    """A whose batch axis does not fold into M (a permuted view): the horizontal kernel walks
+    the batch entries (z) and each output's rows in place."""
+    b = Builder({}, {})
+    x = b.permute(b.input("x", [T, B, 16], "f32"), [1, 0, 2])     # [B, T, 16], strided
+    w0, w1 = b.input("w0", [16, 20], "f32"), b.input("w1", [16, 3], "f32")
+    g = Graph("qk", b.nodes, {"a": (x @ w0).node, "b": (x @ w1).node})
+    for bb, tt in [(2, 5), (3, 1)]:
+        check(g, {"x": rand(tt, bb, 16), "w0": rand(16, 20), "w1": rand(16, 3)},
+              kernels=1)
 
 
 @pytest.mark.parametrize("dtype", ["f32", "f16"])
