@@ -123,7 +123,7 @@ def test_permuted_operands_attention_scores(dtype):
     for bb, tt in [(2, 9), (1, 1)]:
         check(g, {"x": rand(bb, tt, 32, dtype=dtype), "wq": rand(32, 32, dtype=dtype) * 0.3,
                   "wk": rand(32, 32, dtype=dtype) * 0.3, "wt": rand(17, 32, dtype=dtype)},
-              dtype, kernels=3)   # x @ wq and x @ wk: one horizontal launch
+              dtype, kernels=2)   # x @ wq, x @ wk and x @ wt^T: one horizontal launch
 
 
 @pytest.mark.parametrize("dtype", ["f32", "f16"])
@@ -162,7 +162,8 @@ def test_llama_qkv_projections_are_one_launch_per_layer(precision):
     if precision != "f32":
         g = mixed_precision(g, precision)
     rec = [f["reason"] for f in fuse_matmul(g).meta["fusions"] if f["status"] == "fused"]
-    assert rec.count("3 matmuls sharing A, one launch") == 2, rec   # 2 layers
+    # 2 layers; the attention norm is the kernel's prologue (nothing else reads it here)
+    assert rec.count("rmsnorm prologue + 3 matmuls sharing A, one launch") == 2, rec
 
 
 def _rmsnorm(b, x, w, order=0):
