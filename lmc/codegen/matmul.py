@@ -81,39 +81,43 @@ def _site(m: Node) -> str:
 
 def horizontal(body: Graph) -> bool:
     """Matmuls of one A with no epilogue, each its own output (fuse_matmul's sibling
-    merge: q, k, v projections): one launch whose column tiles run over every B in turn."""
+    merge: q, k, v projections): one launch whose column tiles run over every B in turn. An
+    output may be a cache write of its product (fuse_cache_writes)."""
     mms = [n for n in body.nodes if n.op is Op.MATMUL]
     pro = rms_prologue(mms[0].inputs[0]) if mms and mms[0].inputs[0].op is not Op.INPUT \
         else None
     pro = pro and with_weight_cast(pro)
     skip = set(pro.members) if pro else set()
-    return len(mms) > 1 and all(n.op in (Op.INPUT, Op.CONST, Op.MATMUL) or n in skip
-                                for n in body.nodes)
+    return len(mms) > 1 and all(
+        n.op in (Op.INPUT, Op.CONST, Op.MATMUL) or n in skip
+        or (n.op is Op.INDEX_COPY and n.inputs[2].op is Op.MATMUL) for n in body.nodes)
 
 
-def _generate_horizontal(body: Graph, name: str) -> str:
-    inputs, mms, a, _, pro = _layout(body)
-    idx = {p: i for i, p in enumerate(inputs)}
-    nb = mms[0].type.rank - 2
-    zs = [f"Z{d}" for d in range(nb)]
-    ns = [f"N{j}" for j in range(len(mms))]
-    args = [f"in{i}_ptr" for i in range(len(inputs))] + \
-        [f"out{j}_ptr" for j in range(len(mms))] + ["M", "N", "K"] + ns + zs + \
-        [f"a_s{d}" for d in range(nb)] + ["a_sm", "a_sk"] + \
-        [f"b{j}_s{x}" for j in range(len(mms)) for x in "kn"] + (["w_sk"] if pro else [])
-    dot_ty = TL_DTYPE[mms[0].inputs[0].type.dtype]
+def _segments(body: Graph, mms: List[Node]):
+    """Per matmul: (its output index, the cache write storing it or None)."""
+    outs = list(body.outputs.values())
+    seg = []
+    for m in mms:
+        (k,) = [i for i, o in enumerate(outs) if o is m or (o.op is Op.INDEX_COPY
+                                                             and o.inputs[2] is m)]
+        seg.append((k, outs[k] if outs[k].op is Op.INDEX_COPY else None))
+    return seg
+
+
+def _tile_helper(tile: str, pro, idx, dot_ty: str, out_ty: str, prec: str,
+                 to_cache: bool) -> List[str]:
+    """A jit helper computing one BLOCK_M x BLOCK_N tile of A @ B and storing it: to C
+    (contiguous [*batch, M, N]), or, to_cache, into a cache [B, L, N] at rows (b, pos[t])."""
     w_args = f"in{idx[pro.w]}_ptr, w_sk, " if pro else ""
-    fp32 = mms[0].type.dtype is DType.f32
-    prec = ', input_precision="ieee"' if fp32 else ""
-    out_ty = TL_DTYPE[mms[0].type.dtype]
-    tile = f"{name}_tile"
+    cache_args = "pos_ptr, pos_s, T, c_s0, c_s1, c_s2, " if to_cache else ""
     lines = [
         "@triton.jit",
         f"def {tile}(a_rows, a_sk, mask_m, rm, z, b_ptr, b_sk, b_sn, c_ptr, tile_n, M, N, K,",
-        f"        {w_args}BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, "
+        f"        {w_args}{cache_args}BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, "
         "BLOCK_K: tl.constexpr):",
-        "    # one BLOCK_M x BLOCK_N tile of A @ B, stored to C (contiguous [*batch, M, N])"
-        + ("; A = rmsnorm(x) * w, computed here" if pro else ""),
+        "    # one BLOCK_M x BLOCK_N tile of A @ B"
+        + (", A = rmsnorm(x) * w computed here" if pro else "")
+        + ("; stored into a cache at the new positions" if to_cache else ""),
         "    rn = (tile_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)",
         "    rk = tl.arange(0, BLOCK_K).to(tl.int64)",
         "    mask_n = rn < N",
@@ -129,19 +133,55 @@ def _generate_horizontal(body: Graph, name: str) -> str:
         "        b = tl.load(b_cols + kk[:, None] * b_sk, mask=mask_k[:, None] & mask_n[None, :],"
         " other=0.0)",
         f"        acc = tl.dot(a, b, acc=acc{prec})",
-    ] + ([_rstd_line(pro, "    "), "    acc = acc * rs"] if pro else []) + [
-        "    out = (z * M + rm[:, None]) * N + rn[None, :]",
-        f"    tl.store(c_ptr + out, acc.to({out_ty}), mask=mask_m[:, None] & mask_n[None, :])",
-        "",
-        "",
+    ] + ([_rstd_line(pro, "    "), "    acc = acc * rs"] if pro else [])
+    if to_cache:
+        lines += [
+            "    r = z * M + rm  # the row of [B * T]: batch entry r // T, new position r % T",
+            "    slot = tl.load(pos_ptr + (r % T) * pos_s, mask=mask_m, other=0)",
+            "    out = (r // T)[:, None] * c_s0 + slot[:, None] * c_s1 + rn[None, :] * c_s2",
+        ]
+    else:
+        lines.append("    out = (z * M + rm[:, None]) * N + rn[None, :]")
+    lines.append(f"    tl.store(c_ptr + out, acc.to({out_ty}), "
+                 "mask=mask_m[:, None] & mask_n[None, :])")
+    return lines
+
+
+def _generate_horizontal(body: Graph, name: str) -> str:
+    inputs, mms, a, _, pro = _layout(body)
+    idx = {p: i for i, p in enumerate(inputs)}
+    seg = _segments(body, mms)
+    nb = mms[0].type.rank - 2
+    zs = [f"Z{d}" for d in range(nb)]
+    ns = [f"N{j}" for j in range(len(mms))]
+    args = [f"in{i}_ptr" for i in range(len(inputs))] + \
+        [f"out{k}_ptr" for k in range(len(body.outputs))] + ["M", "N", "K"] + ns + zs + \
+        [f"a_s{d}" for d in range(nb)] + ["a_sm", "a_sk"] + \
+        [f"b{j}_s{x}" for j in range(len(mms)) for x in "kn"] + (["w_sk"] if pro else [])
+    for j, (k, cw) in enumerate(seg):
+        if cw is not None:
+            args += [f"T{j}", f"p{j}_s", f"c{j}_s0", f"c{j}_s1", f"c{j}_s2"]
+    fp32 = mms[0].type.dtype is DType.f32
+    prec = ', input_precision="ieee"' if fp32 else ""
+    dot_ty = TL_DTYPE[mms[0].inputs[0].type.dtype]
+    out_ty = TL_DTYPE[mms[0].type.dtype]
+    w_args = f"in{idx[pro.w]}_ptr, w_sk, " if pro else ""
+    tile = f"{name}_tile"
+    lines = _tile_helper(tile, pro, idx, dot_ty, out_ty, prec, False) + ["", ""]
+    if any(cw is not None for _, cw in seg):
+        lines += _tile_helper(f"{tile}_cache", pro, idx, dot_ty, out_ty, prec, True) + ["", ""]
+    lines += [
         "@triton.jit",
         f"def {name}({', '.join(args)},",
         "        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, "
         "GROUP_M: tl.constexpr):",
-        "    # IR nodes: " + ", ".join(_site(m) for m in mms),
+        "    # IR nodes: " + ", ".join(_site(m) for m in body.nodes
+                                      if m.op not in (Op.INPUT, Op.CONST)),
         f"    # A = in{idx[a]} {a.type}; " + "; ".join(
-            f"out{j} = A @ in{idx[m.inputs[1]]} {m.inputs[1].type}" for j, m in enumerate(mms)),
-        "    # the column tiles of out0, then of out1, ...: one launch for all the products",
+            (f"out{k} = A @ in{idx[m.inputs[1]]} {m.inputs[1].type}" if cw is None else
+             f"out{k} = in{idx[cw.inputs[0]]} with A @ in{idx[m.inputs[1]]} written at rows "
+             f"in{idx[cw.inputs[1]]}") for m, (k, cw) in zip(mms, seg)),
+        "    # the column tiles of the first product, then of the second, ...: one launch",
         "    pid = tl.program_id(0)",
         "    num_m = (M + BLOCK_M - 1) // BLOCK_M",
     ]
@@ -171,15 +211,21 @@ def _generate_horizontal(body: Graph, name: str) -> str:
         f"    a_rows = in{idx[a]}_ptr + (rm[:, None] * a_sm{boff})",
     ]
     start = "0"
-    for j, m in enumerate(mms):
+    for j, (m, (k, cw)) in enumerate(zip(mms, seg)):
         kw = "if" if j == 0 else "elif"
         stop = f"nt{j}" if j == 0 else f"{start} + nt{j}"
-        cond = f"pid_n < {stop}" if j < len(mms) - 1 else None
-        head = f"    {kw} {cond}:" if cond else "    else:"
-        lines += [head,
-                  f"        {tile}(a_rows, a_sk, mask_m, rm, z, in{idx[m.inputs[1]]}_ptr, "
-                  f"b{j}_sk, b{j}_sn, out{j}_ptr, pid_n - ({start}), M, N{j}, K,",
-                  f"                {w_args}BLOCK_M, BLOCK_N, BLOCK_K)"]
+        head = f"    {kw} pid_n < {stop}:" if j < len(mms) - 1 else "    else:"
+        if cw is None:
+            call = (f"        {tile}(a_rows, a_sk, mask_m, rm, z, in{idx[m.inputs[1]]}_ptr, "
+                    f"b{j}_sk, b{j}_sn, out{k}_ptr, pid_n - ({start}), M, N{j}, K,\n"
+                    f"                {w_args}BLOCK_M, BLOCK_N, BLOCK_K)")
+        else:
+            call = (f"        {tile}_cache(a_rows, a_sk, mask_m, rm, z, "
+                    f"in{idx[m.inputs[1]]}_ptr, b{j}_sk, b{j}_sn, in{idx[cw.inputs[0]]}_ptr, "
+                    f"pid_n - ({start}), M, N{j}, K,\n"
+                    f"                {w_args}in{idx[cw.inputs[1]]}_ptr, p{j}_s, T{j}, "
+                    f"c{j}_s0, c{j}_s1, c{j}_s2, BLOCK_M, BLOCK_N, BLOCK_K)")
+        lines += [head, call]
         start = stop
     return "\n".join(lines) + "\n"
 
@@ -406,28 +452,29 @@ def launch(kernel, xs, outs, body: Graph, ctx, interpret: bool) -> None:
 
 
 def _launch_horizontal(kernel, xs, outs, body: Graph, interpret: bool) -> None:
-    """One program per (row tile, column tile of any output) per batch entry."""
+    """One program per (row tile, column tile of any product) per batch entry."""
     import triton
 
     inputs, mms, a, _, pro = _layout(body)
     idx = {p: i for i, p in enumerate(inputs)}
-    if outs[0].numel() == 0:
+    x = xs[idx[a]]
+    batch, M, K = list(x.shape[:-2]), x.shape[-2], x.shape[-1]
+    ns = [xs[idx[m.inputs[1]]].shape[-1] for m in mms]
+    if x.numel() == 0 or 0 in ns:
         return
-    shape = tuple(outs[0].shape)
-    nb = len(shape) - 2
-    batch, M = list(shape[:nb]), shape[-2]
-    ns = [o.shape[-1] for o in outs]
-    K = xs[idx[a]].shape[-1]
-    a_st = list(xs[idx[a]].expand(*batch, M, K).stride())
+    a_st = list(x.stride())
     b_st = [list(xs[idx[m.inputs[1]]].stride()) for m in mms]    # [K, N] weights: sk, sn
     M = fold_batch(batch, M, [a_st], [])
     nbatch = 1
     for s in batch:
         nbatch *= s
-    N = sum(ns)
-    args = [*xs, *outs, M, N, K, *ns, *batch, *a_st] + [s for st in b_st for s in st]
+    args = [*xs, *outs, M, sum(ns), K, *ns, *batch, *a_st] + [s for st in b_st for s in st]
     if pro:
         args.append(xs[idx[pro.w]].stride(-1))
+    for k, cw in _segments(body, mms):
+        if cw is not None:          # [B, T, N] rows stored into a cache [B, L, N] at pos[t]
+            pos, cache = xs[idx[cw.inputs[1]]], xs[idx[cw.inputs[0]]]
+            args += [pos.numel(), pos.stride(0) if pos.numel() > 1 else 0, *cache.stride()]
 
     def tiles(bm, bn):
         return nbatch * triton.cdiv(M, bm) * sum(triton.cdiv(n, bn) for n in ns)

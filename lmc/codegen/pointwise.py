@@ -131,7 +131,7 @@ def generate(body: Graph, name: str) -> str:
     place, with no stored concat."""
     inputs = [n for n in body.nodes if n.op is Op.INPUT]
     outputs = list(body.outputs.values())
-    rank = max(outputs[0].type.rank, 1)
+    rank = max(_space(outputs[0]).type.rank, 1)
     sizes = [f"S{d}" for d in range(rank)]
     args = [f"in{i}_ptr" for i in range(len(inputs))] + \
         [f"out{i}_ptr" for i in range(len(outputs))] + ["N"] + sizes + \
@@ -198,10 +198,27 @@ def generate(body: Graph, name: str) -> str:
 
     top = (tuple(f"i{d}" for d in range(rank)), "mask")
     for i, o in enumerate(outputs):
+        if o.op is Op.INDEX_COPY:       # fuse_cache_writes: stored into the cache, in place
+            cache, pos, value = o.inputs
+            c, p = input_no[cache], input_no[pos]
+            ax = o.attrs["axis"] % o.type.rank
+            v = emit(value, top)
+            lines.append(f"    pos{i} = tl.load(in{p}_ptr + i{ax} * in{p}_s{rank - 1}, "
+                         f"mask=mask, other=0)  # the cache slot of each new position")
+            off = " + ".join(f"pos{i} * in{c}_s{d}" if d == ax else f"i{d} * in{c}_s{d}"
+                             for d in range(rank))
+            lines.append(f"    tl.store(in{c}_ptr + ({off}), ({v}).to("
+                         f"{TL_DTYPE[o.type.dtype]}), mask=mask)  # out{i} is in{c}")
+            continue
         v = emit(o, top)
         lines.append(f"    tl.store(out{i}_ptr + offs, ({v}).to({TL_DTYPE[o.type.dtype]}), "
                      f"mask=mask)")
     return "\n".join(lines) + "\n"
+
+
+def _space(o: Node) -> Node:
+    """The value whose index space a kernel output spans: a cache write's new values."""
+    return o.inputs[2] if o.op is Op.INDEX_COPY else o
 
 
 def launch(kernel, xs, outs, body: Graph, ctx, interpret: bool) -> None:
@@ -209,7 +226,13 @@ def launch(kernel, xs, outs, body: Graph, ctx, interpret: bool) -> None:
     import triton
 
     shape = tuple(outs[0].shape)
-    n = outs[0].numel()
+    o = next(iter(body.outputs.values()))
+    if o.op is Op.INDEX_COPY:     # written into a cache: the new values' index space
+        pos = xs[[m for m in body.nodes if m.op is Op.INPUT].index(o.inputs[1])]
+        shape = shape[:o.attrs["axis"]] + (pos.numel(),) + shape[o.attrs["axis"] + 1:]
+    n = 1
+    for d in shape:
+        n *= d
     if n == 0:
         return
     sizes = list(shape) or [1]
@@ -219,7 +242,7 @@ def launch(kernel, xs, outs, body: Graph, ctx, interpret: bool) -> None:
         # right-aligned with the output; 0 on broadcast (size-1) axes. An input read inside
         # a concat piece is smaller than the output along the concat's axis: its own strides
         pad = [0] * (rank - x.dim())
-        strides.extend(pad + [0 if n == 1 else st for n, st in zip(x.shape, x.stride())])
+        strides.extend(pad + [0 if sz == 1 else st for sz, st in zip(x.shape, x.stride())])
     # the interpreter pays per program, so it gets big blocks; a GPU gets 1024
     block = min(triton.next_power_of_2(n), 16384) if interpret and interpreter_blocks() \
         else 1024

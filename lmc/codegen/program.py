@@ -47,7 +47,9 @@ def fusion_names() -> List[str]:
     return PATTERN_PASSES + [n for n, _ in FUSION_PASSES]
 
 
-def fuse(g: Graph, disable: Sequence[str] = ()) -> Graph:
+def fuse(g: Graph, disable: Sequence[str] = (), cache_writes: bool = False) -> Graph:
+    """The fusion passes; `cache_writes` (the static Decoder's step only, where the caches
+    are written in place) also lets kernels store the values written into a cache."""
     names = set(fusion_names())
     unknown = set(disable) - names
     if unknown:
@@ -56,6 +58,9 @@ def fuse(g: Graph, disable: Sequence[str] = ()) -> Graph:
     for name, fn in FUSION_PASSES:
         if name not in disable:
             g = verify(fn(g), inlined=True)
+    if cache_writes:
+        from ..passes.fuse_cache_writes import fuse_cache_writes
+        g = verify(fuse_cache_writes(g), inlined=True)
     return g
 
 

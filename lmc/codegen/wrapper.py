@@ -61,7 +61,9 @@ class Plan:
         release_at: Dict[int, List[int]] = {}
         # the last use of a slot is the last use of any value aliasing it; computed first
         for i, n in enumerate(g.nodes):
-            if n.op is Op.GETITEM and n.inputs[0].op is Op.FUSED:
+            if inplace_source(n) is not None:     # the kernel wrote into one of its inputs
+                roots[n] = roots.get(inplace_source(n), set())
+            elif n.op is Op.GETITEM and n.inputs[0].op is Op.FUSED:
                 roots[n] = {("v", n)}
             else:
                 roots[n] = set().union(*[roots.get(x, set()) for x in n.inputs]) \
@@ -75,7 +77,8 @@ class Plan:
         # outputs are placed when it runs, so never in a buffer one of its inputs uses
         gets: Dict[Node, List[Node]] = {}
         for n in g.nodes:
-            if n.op is Op.GETITEM and n.inputs[0].op is Op.FUSED:
+            if n.op is Op.GETITEM and n.inputs[0].op is Op.FUSED and \
+                    inplace_source(n) is None:
                 gets.setdefault(n.inputs[0], []).append(n)
         for i, n in enumerate(g.nodes):
             for s in release_at.pop(i - 1, []):
@@ -107,6 +110,16 @@ class Plan:
         for s, end in slot_last.items():
             if s not in escaping:
                 self.drop_after.setdefault(end, []).append(s)
+
+
+def inplace_source(n: Node):
+    """For a kernel output the kernel writes into one of its inputs (a static decode step's
+    cache: `fuse_cache_writes`), that input; else None."""
+    if n.op is not Op.GETITEM or n.inputs[0].op is not Op.FUSED:
+        return None
+    f = n.inputs[0]
+    k = f.attrs.get("inplace", {}).get(n.attrs["index"])
+    return None if k is None else f.inputs[k]
 
 
 def _same(a, b) -> bool:
@@ -156,6 +169,12 @@ def generate(g: Graph, label: str) -> str:
             # output only a backward needs, in a program with no backward)
             outs = ["None"] * len(n.attrs["body"].outputs)
             for gi in sorted(gets.get(n, []), key=lambda u: u.attrs["index"]):
+                src = inplace_source(gi)
+                if src is not None:            # written in place: the output is the input
+                    name[gi] = f"v{pos[gi]}"
+                    lines.append(f"    v{pos[gi]} = {name[src]}  # written in place")
+                    outs[gi.attrs["index"]] = name[gi]
+                    continue
                 s = plan.slot_of[gi]
                 shape = ", ".join(py_dim(d) for d in gi.type.shape) or "()"
                 note = "  # reuses a dead buffer" if s in allocated else ""
@@ -167,6 +186,9 @@ def generate(g: Graph, label: str) -> str:
                 lines.append(f"    v{pos[gi]} = buf{s}.view({shape}"
                              f"{',' if len(gi.type.shape) == 1 else ''}){note}")
                 outs[gi.attrs["index"]] = name[gi]
+            for k, j in n.attrs.get("inplace", {}).items():
+                if outs[k] == "None":            # a cache written in place, read by no one
+                    outs[k] = name[n.inputs[j]]
             lines.append(f"    LAUNCH[{n.attrs['kind']!r}](K[{n.attrs['kernel']!r}], [{ins}], "
                          f"[{', '.join(outs)}], NODES[{i}], ctx)  # {n.attrs['kind']} {where}")
         elif n in name:        # a kernel output, bound above

@@ -79,8 +79,10 @@ class Decoder:
             from .triton_backend import TritonProgram
             # the step's attention over the cache as one flash-decoding op, its decayed linear
             # attention as one recurrent-step op (the step graph keeps the primitives: the
-            # torch backend runs them as the oracle)
-            prog = TritonProgram(fuse_decode_linear_attention(fuse_decode_attention(self.graph)))
+            # torch backend runs them as the oracle); in the static step the kernels that
+            # compute new keys and values store them into the caches (fuse_cache_writes)
+            prog = TritonProgram(fuse_decode_linear_attention(fuse_decode_attention(self.graph)),
+                                 cache_writes=self.static)
             self.graph, self.impl, self.interpret = prog.graph, prog.impl, prog.interpret
         self.token_input = self.graph.inputs[0].attrs["name"]
         self.max_len = None

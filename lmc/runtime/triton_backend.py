@@ -66,9 +66,12 @@ BF16_SHAPES_ONLY = False
 class TritonProgram:
     """A graph with its fusion groups compiled to Triton kernels."""
 
-    def __init__(self, graph: Graph, disable: Sequence[str] = (), label: str = "forward"):
+    def __init__(self, graph: Graph, disable: Sequence[str] = (), label: str = "forward",
+                 cache_writes: bool = False):
+        """cache_writes: the graph's index_copy writes into its cache inputs may be done in
+        place by the kernels computing the values (the static Decoder's step)."""
         self.interpret = _interpret()
-        self.graph = fuse(graph, disable)
+        self.graph = fuse(graph, disable, cache_writes)
         self.source = module_source(self.graph)
         self.program_source = wrapper.generate(self.graph, label)
         # kernels and wrapper live in one cached module: one hash covers both
@@ -117,8 +120,11 @@ class TritonProgram:
 
     def _run_fused(self, ctx, xs, attrs):
         body = attrs["body"]
-        outs = tuple(torch.empty(o.type.concrete(ctx.dims), dtype=o.type.dtype.torch(),
-                                 device=ctx.device) for o in body.outputs.values())
+        inplace = attrs.get("inplace", {})   # output -> the input it is written into
+        outs = tuple(xs[inplace[i]] if i in inplace else
+                     torch.empty(o.type.concrete(ctx.dims), dtype=o.type.dtype.torch(),
+                                 device=ctx.device)
+                     for i, o in enumerate(body.outputs.values()))
         self._go(kind_module(attrs["kind"]).launch, self.kernels[attrs["kernel"]], xs, outs,
                  attrs, ctx)
         return outs

@@ -1,0 +1,140 @@
+"""`fuse_cache_writes`: the static decode step's cache writes stored by the kernels that
+compute the written values.
+
+Runs only on the static step graph of the Decoder on the triton backend, after the fusion
+passes (`TritonProgram(..., cache_writes=True)`). There the decode pass writes each new key or
+value into its preallocated cache as ``index_copy(cache, pos, value)``, and the Decoder runs
+that write in place: the cache is a step input that nothing else reads (checked when the
+Decoder is built). Each write is one more launch per cache per layer; here it becomes the
+store of the kernel that computes `value`:
+
+- a pointwise kernel (rope of k): its index space stays the value's, and the output is stored
+  at the cache offset with the index along the write axis replaced by ``pos[i]``;
+- a horizontal matmul (the q, k, v projections; `fuse_matmul._merge_siblings`) whose output
+  is `value` itself, written along the row axis of ``[B, T, N]``: each tile stores its rows
+  at ``(b, pos[t])``.
+
+The FUSED node's body gains the cache and the positions as placeholders and the INDEX_COPY
+itself (so the torch backend, and any test comparing a kernel with its body, still computes
+the functional write), its output becomes the cache, and ``attrs["inplace"]`` maps that
+output to the cache input: the kernel writes into the cache it was given and the output *is*
+that tensor (`TritonProgram._run_fused`, the wrapper program). A write whose value is read
+elsewhere too, or whose cache is read by anything else, stays a torch op.
+"""
+from __future__ import annotations
+
+from typing import Dict, List
+
+from ..frontend.builder import Builder
+from ..ir.graph import Graph, Node
+from ..ir.ops import Op
+
+PASS = "fuse_cache_writes"
+
+
+def _target(n: Node, users, outputs) -> str:
+    """Why the write `n` cannot be stored by its value's kernel, or "" if it can."""
+    cache, pos, value = n.inputs
+    if cache.op is not Op.INPUT or users[cache] != [n]:
+        return "the cache is read besides this write"
+    if pos.type.rank != 1:
+        return "positions are not a vector"
+    if value.op is not Op.GETITEM or value.inputs[0].op is not Op.FUSED:
+        return "the value is not a kernel's output"
+    if users[value] != [n] or value in outputs:
+        return "the value is read besides this write"
+    f = value.inputs[0]
+    body = f.attrs["body"]
+    o = body.outputs[str(value.attrs["index"])]
+    if f.attrs["kind"] == "pointwise":
+        if o.type.shape != next(iter(body.outputs.values())).type.shape:
+            return "the kernel's outputs differ in shape"
+        return ""
+    if f.attrs["kind"] == "matmul":
+        from ..codegen.matmul import horizontal
+        if not horizontal(body) or o.op is not Op.MATMUL:
+            return "only a horizontal matmul's plain output is stored to a cache"
+        if o.type.rank != 3 or n.attrs["axis"] not in (1, -2):
+            return "a matmul stores to a cache along the rows of [B, T, N] only"
+        return ""
+    return f"a {f.attrs['kind']} kernel does not store to a cache"
+
+
+def fuse_cache_writes(g: Graph) -> Graph:
+    users = g.users()
+    outputs = set(g.outputs.values())
+    writes: Dict[Node, List[Node]] = {}       # FUSED node -> its index_copy writes
+    records = []
+    for n in g.nodes:
+        if n.op is not Op.INDEX_COPY:
+            continue
+        why = _target(n, users, outputs)
+        where = n.scope or "<model>"
+        if why:
+            records.append({"pass": PASS, "status": "declined", "where": where, "reason": why})
+            continue
+        f = n.inputs[2].inputs[0]
+        writes.setdefault(f, []).append(n)
+        records.append({"pass": PASS, "status": "fused", "where": where,
+                        "reason": f"stored by {f.attrs['kernel']} ({f.attrs['kind']})"})
+    if not writes:
+        out = g.with_nodes(list(g.nodes), dict(g.outputs))
+        out.meta = dict(g.meta, fusions=list(g.meta.get("fusions", [])) + records)
+        return out
+    new: Dict[Node, Node] = {}
+    nodes: List[Node] = []
+    replaced = {w for ws in writes.values() for w in ws}
+    for n in g.nodes:
+        if n in replaced:
+            continue                          # the kernel's output now is the written cache
+        if n in writes:
+            fused, gets = _with_writes(n, writes[n], new, users[n])
+            nodes.append(fused)
+            for old, gi in gets.items():
+                new[old] = gi
+            continue
+        if n.op is Op.GETITEM and n.inputs[0] in writes:
+            nodes.append(new[n])
+            continue
+        ins = tuple(new.get(i, i) for i in n.inputs)
+        c = n if ins == n.inputs else Node(n.op, ins, n.attrs, n.type, n.loc, n.scope)
+        new[n] = c
+        nodes.append(c)
+    out = g.with_nodes(nodes, {k: new.get(v, v) for k, v in g.outputs.items()})
+    out.meta = dict(g.meta, fusions=list(g.meta.get("fusions", [])) + records)
+    return out
+
+
+def _with_writes(f: Node, ws: List[Node], new: Dict[Node, Node], readers: List[Node]):
+    """The FUSED node `f` with each write of `ws` in its body; {old node: its replacement}
+    for f's GETITEMs and for the writes (read as the cache's new value)."""
+    body = f.attrs["body"]
+    b = Builder({}, {})
+    b.nodes.extend(body.nodes)
+    outs = dict(body.outputs)
+    inputs = list(f.inputs)
+    inplace = dict(f.attrs.get("inplace", {}))
+    n_in = sum(x.op is Op.INPUT for x in body.nodes)
+    for w in ws:
+        cache, pos, value = w.inputs
+        k = str(value.attrs["index"])
+        c_ph = b.input(f"in{n_in}", cache.type.shape, cache.type.dtype).node
+        p_ph = b.input(f"in{n_in + 1}", pos.type.shape, pos.type.dtype).node
+        n_in += 2
+        inputs += [cache, pos]
+        outs[k] = Node.make(Op.INDEX_COPY, [c_ph, p_ph, outs[k]], dict(w.attrs), w.loc,
+                            w.scope)
+        b.nodes.append(outs[k])
+        inplace[int(k)] = len(inputs) - 2
+    nb = Graph(body.name, b.nodes, outs)
+    fused = Node.make(Op.FUSED, [new.get(x, x) for x in inputs],
+                      {**f.attrs, "body": nb, "inplace": inplace}, f.loc, f.scope)
+    gets: Dict[Node, Node] = {}
+    by_index = {w.inputs[2].attrs["index"]: w for w in ws}
+    for u in readers:                         # a FUSED node is read through GETITEMs
+        gi = Node.make(Op.GETITEM, [fused], {"index": u.attrs["index"]}, u.loc, u.scope)
+        gets[u] = gi
+        if u.attrs["index"] in by_index:
+            gets[by_index[u.attrs["index"]]] = gi
+    return fused, gets
+

@@ -1,0 +1,107 @@
+"""fuse_cache_writes: in the static decode step on the triton backend, the kernels computing
+new keys and values store them into the caches in place (rope's pointwise kernel, the
+horizontal q/k/v matmul), so no index_copy launches remain; caches, logits and the wrapper
+program equal the unfused writes, in Triton's interpreter."""
+import os
+
+import pytest
+import torch
+from conftest import ZOO
+
+import lmc
+from lmc.frontend.builder import Builder
+from lmc.ir.dims import Dim
+from lmc.ir.graph import Graph
+from lmc.ir.ops import Op
+from lmc.ops.reference import RefCtx
+from lmc.runtime.decoder import Decoder
+from lmc.runtime.executor import bind_dims, run_graph
+from lmc.runtime.triton_backend import TritonProgram
+
+LLAMA = os.path.join(ZOO, "llama.yaml")
+
+
+@pytest.fixture(autouse=True)
+def kernel_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LMC_CACHE", str(tmp_path / "cache"))
+
+
+def _run(dec, ids, k):
+    st = dec.init_state(ids.shape[0])
+    for s in dec.step.states:
+        if s.kind == "cache":
+            st[s.name].fill_(1e30)         # unwritten slots must never be read
+    ptrs = {s.name: st[s.name].data_ptr() for s in dec.step.states}
+    got = [dec(ids[:, :k], st)[0]]
+    for t in range(k, ids.shape[1]):
+        got.append(dec(ids[:, t:t + 1], st)[0])
+    assert {s.name: st[s.name].data_ptr() for s in dec.step.states} == ptrs   # in place
+    return torch.cat(got, 1), st
+
+
+def test_llama_static_step_writes_its_caches_from_the_kernels():
+    m = lmc.load(LLAMA, preset="tiny", seed=3, backend="triton").eval()
+    dec = Decoder(m, backend="triton", static=True, max_len=12)
+    assert not any(n.op is Op.INDEX_COPY for n in dec.graph.nodes)
+    rec = [f for f in dec.graph.meta["fusions"] if f["pass"] == "fuse_cache_writes"]
+    assert [f["status"] for f in rec] == ["fused"] * 4, rec          # k and v, 2 layers
+    kinds = sorted(f["reason"].rsplit("(", 1)[1] for f in rec)
+    assert kinds == ["matmul)", "matmul)", "pointwise)", "pointwise)"], kinds
+    ids = torch.randint(0, 512, (3, 9), generator=torch.Generator().manual_seed(0))
+    got, st = _run(dec, ids, 4)
+    with torch.no_grad():
+        want = m(ids)
+    assert (got - want).abs().max().item() < 1e-4
+    ref = Decoder(m, backend="torch", static=True, max_len=12)
+    _, st_ref = _run(ref, ids, 4)
+    for s in dec.step.states:      # the same values at the same slots, 1e30 elsewhere
+        torch.testing.assert_close(st[s.name], st_ref[s.name], rtol=1e-5, atol=1e-5)
+        assert (st[s.name][:, :, 9:] == 1e30).all() if st[s.name].dim() == 4 else \
+            (st[s.name][:, 9:] == 1e30).all()
+
+
+def _graph(read_value_too=False):
+    b = Builder({}, {})
+    cache = b.input("cache", [Dim.sym("B"), 3, 7, 5], "f32")
+    pos = b.input("pos", [Dim.sym("T")], "i64")
+    x = b.input("x", [Dim.sym("B"), 3, Dim.sym("T"), 5], "f32")
+    v = b.tanh(x) * 2.0
+    new = b.node(Op.INDEX_COPY, (cache, pos, v), {"axis": 2})
+    outs = {"cache": new.node, "y": b.exp(x).node}
+    if read_value_too:
+        outs["v"] = v.node
+    return Graph("write", b.nodes, outs)
+
+
+@pytest.mark.parametrize("read_value_too", [False, True])
+def test_a_pointwise_kernel_stores_into_the_cache_in_place(read_value_too):
+    """Positions out of order, T = 1 and T = 3, B = 2; through the wrapper program. A value
+    read elsewhere too stays an index_copy (declined, with the reason)."""
+    g = _graph(read_value_too)
+    p = TritonProgram(g, cache_writes=True)
+    fused_writes = not read_value_too
+    assert any(n.op is Op.INDEX_COPY for n in p.graph.nodes) != fused_writes
+    (rec,) = [f for f in p.graph.meta["fusions"] if f["pass"] == "fuse_cache_writes"]
+    assert rec["status"] == ("fused" if fused_writes else "declined"), rec
+    for pos in ([4], [6, 0, 2]):
+        T = len(pos)
+        cache = torch.randn(2, 3, 7, 5)
+        vals = {"cache": cache.clone(), "pos": torch.tensor(pos), "x": torch.randn(2, 3, T, 5)}
+        want = run_graph(g, {**vals, "cache": cache.clone()}, RefCtx(dims=bind_dims(g, vals)))
+        got = p.run(vals, RefCtx(dims=bind_dims(g, vals)))
+        torch.testing.assert_close(got["cache"], want["cache"])
+        torch.testing.assert_close(got["y"], want["y"])
+        if fused_writes:
+            assert got["cache"] is vals["cache"]          # written in place
+
+
+def test_without_cache_writes_the_write_stays_functional():
+    """Any other program (training, the dynamic step) never writes an input in place."""
+    g = _graph()
+    p = TritonProgram(g)
+    assert any(n.op is Op.INDEX_COPY for n in p.graph.nodes)
+    vals = {"cache": torch.randn(1, 3, 7, 5), "pos": torch.tensor([1]),
+            "x": torch.randn(1, 3, 1, 5)}
+    before = vals["cache"].clone()
+    p.run(vals, RefCtx(dims=bind_dims(g, vals)))
+    assert torch.equal(vals["cache"], before)
