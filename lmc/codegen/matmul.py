@@ -79,6 +79,30 @@ def _site(m: Node) -> str:
     return m.op.value + (f"@{m.loc.file.rsplit('/', 1)[-1]}:{m.loc.line}" if m.loc else "")
 
 
+def _tile_order(nb: int) -> List[str]:
+    """From pid, num_m and num_n: the batch entry z (and its axes z0, z1, ...) and the tile
+    (pid_m, pid_n), in grouped order: GROUP_M row tiles walk the column tiles together, so
+    the B tiles they share stay in L2."""
+    lines = [
+        "    z = (pid // (num_m * num_n)).to(tl.int64)  # flat batch index",
+        "    t = pid % (num_m * num_n)",
+        "    # grouped order: GROUP_M row tiles walk the column tiles together (B stays in L2)",
+        "    per_group = GROUP_M * num_n",
+        "    first_m = (t // per_group) * GROUP_M",
+        "    rows = tl.minimum(num_m - first_m, GROUP_M)",
+        "    pid_m = first_m + (t % per_group) % rows",
+        "    pid_n = (t % per_group) // rows",
+    ]
+    if nb == 1:
+        lines.append("    z0 = z")
+    elif nb:
+        lines.append("    rem = z")
+        for d in reversed(range(1, nb)):
+            lines += [f"    z{d} = rem % Z{d}", f"    rem = rem // Z{d}"]
+        lines.append("    z0 = rem")
+    return lines
+
+
 def horizontal(body: Graph) -> bool:
     """Matmuls of one A with no epilogue, each its own output (fuse_matmul's sibling
     merge: q, k, v projections): one launch whose column tiles run over every B in turn. An
@@ -187,23 +211,8 @@ def _generate_horizontal(body: Graph, name: str) -> str:
     ]
     for j in range(len(mms)):
         lines.append(f"    nt{j} = (N{j} + BLOCK_N - 1) // BLOCK_N")
-    lines += [
-        "    num_n = " + " + ".join(f"nt{j}" for j in range(len(mms))),
-        "    z = (pid // (num_m * num_n)).to(tl.int64)  # flat batch index",
-        "    t = pid % (num_m * num_n)",
-        "    per_group = GROUP_M * num_n",
-        "    first_m = (t // per_group) * GROUP_M",
-        "    rows = tl.minimum(num_m - first_m, GROUP_M)",
-        "    pid_m = first_m + (t % per_group) % rows",
-        "    pid_n = (t % per_group) // rows",
-    ]
-    if nb == 1:
-        lines.append("    z0 = z")
-    elif nb:
-        lines.append("    rem = z")
-        for d in reversed(range(1, nb)):
-            lines += [f"    z{d} = rem % Z{d}", f"    rem = rem // Z{d}"]
-        lines.append("    z0 = rem")
+    lines.append("    num_n = " + " + ".join(f"nt{j}" for j in range(len(mms))))
+    lines += _tile_order(nb)
     boff = "".join(f" + z{d} * a_s{d}" for d in range(nb))
     lines += [
         "    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)",
@@ -270,22 +279,7 @@ def generate(body: Graph, name: str) -> str:
         "    pid = tl.program_id(0)",
         "    num_m = (M + BLOCK_M - 1) // BLOCK_M",
         "    num_n = (N + BLOCK_N - 1) // BLOCK_N",
-        "    z = (pid // (num_m * num_n)).to(tl.int64)  # flat batch index",
-        "    t = pid % (num_m * num_n)",
-        "    # grouped order: GROUP_M row tiles walk the column tiles together (B stays in L2)",
-        "    per_group = GROUP_M * num_n",
-        "    first_m = (t // per_group) * GROUP_M",
-        "    rows = tl.minimum(num_m - first_m, GROUP_M)",
-        "    pid_m = first_m + (t % per_group) % rows",
-        "    pid_n = (t % per_group) // rows",
-    ]
-    if nb == 1:
-        lines.append("    z0 = z")
-    elif nb:
-        lines.append("    rem = z")
-        for d in reversed(range(1, nb)):
-            lines += [f"    z{d} = rem % Z{d}", f"    rem = rem // Z{d}"]
-        lines.append("    z0 = rem")
+    ] + _tile_order(nb)
     lines += [
         "    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)",
         "    rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)",
