@@ -87,9 +87,13 @@ def cmd_compile(args) -> int:
         for graph, st in (("decode", step), ("decode static", decode_step(c.graph,
                                                                           static=True))):
             fused = fuse_decode_linear_attention(fuse_decode_attention(st.graph))
+            passes = ("fuse_decode_attention", "fuse_decode_linear_attention")
+            if graph == "decode static":   # its kernels also store the cache writes
+                from .codegen.program import fuse
+                fused = fuse(fused, cache_writes=True)
+                passes += ("fuse_cache_writes",)
             s["fusions"] += [dict(f, graph=graph) for f in fused.meta["fusions"]
-                             if f["pass"] in ("fuse_decode_attention",
-                                              "fuse_decode_linear_attention")]
+                             if f["pass"] in passes]
         if args.out:
             _write(os.path.join(args.out, "ir_decode.txt"), format_graph(step.graph) + "\n")
             _write(os.path.join(args.out, "summary.json"),

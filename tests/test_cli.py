@@ -152,6 +152,9 @@ def test_compile_mode_decode_reports_the_state(tmp_path, capsys):
     d = s["decode"]
     assert len(d["states"]) == 4 and d["bytes_per_token"] == 2 * 2 * 64 * 4
     assert d["bytes_at_max_seq"] == d["bytes_per_token"] * 128
+    # the static step's cache writes, stored by the kernels computing k (rope) and v (qkv)
+    writes = [f for f in s["fusions"] if f["pass"] == "fuse_cache_writes"]
+    assert [(f["status"], f["graph"]) for f in writes] == [("fused", "decode static")] * 4
     assert main(["compile", LLAMA, "--preset", "tiny", "--mode", "decode", "-o",
                  str(tmp_path / "o")]) == 0
     assert "B per token of context" in capsys.readouterr().out

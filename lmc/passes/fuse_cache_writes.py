@@ -40,7 +40,8 @@ def _target(n: Node, users, outputs) -> str:
     if pos.type.rank != 1:
         return "positions are not a vector"
     if value.op is not Op.GETITEM or value.inputs[0].op is not Op.FUSED:
-        return "the value is not a kernel's output"
+        return (f"the value is a {value.op.value} view, not a kernel's output"
+                if value.op.kind.value == "view" else "the value is not a kernel's output")
     if users[value] != [n] or value in outputs:
         return "the value is read besides this write"
     f = value.inputs[0]
