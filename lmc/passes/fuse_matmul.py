@@ -293,8 +293,52 @@ def _merge_siblings(groups: List["_Group"], order: Dict[Node, int], outputs: Set
     return hoist
 
 
+def _split_by_slices(g: Graph) -> Graph:
+    """A matmul x @ W (W [K, N]) read only through slices of its last axis (blues01's fused
+    W_qkv split into q, k and v) becomes one matmul per slice, x @ W[:, a:b], the weight
+    slices views: the horizontal form then runs them as one launch as before, but each piece
+    is its own output, which can take its own epilogue or be stored into a cache
+    (fuse_cache_writes). Only where no piece is read by a pointwise op (which would make it
+    a matmul with an epilogue, outside the horizontal launch). Runs on differentiated graphs
+    only, so no gradient sees the split."""
+    users = g.users()
+    outputs = set(g.outputs.values())
+    repl: Dict[Node, Node] = {}
+    nodes: List[Node] = []
+    for n in g.nodes:
+        us = users[n]
+        if (n.op is Op.MATMUL and _decline(n) is None and n.inputs[1].type.rank == 2
+                and n not in outputs and len(us) > 1
+                and all(u.op is Op.SLICE and u.attrs["axis"] == n.type.rank - 1
+                        and u.attrs["step"] == 1 and isinstance(u.attrs["start"], int)
+                        and isinstance(u.attrs["stop"], (int, type(None)))
+                        # a piece read by a pointwise op would take it as an epilogue and
+                        # leave the horizontal launch: A read once per piece instead of once
+                        and not any(r.op.kind is Kind.POINTWISE for r in users[u])
+                        for u in us)):
+            x, w = (repl.get(i, i) for i in n.inputs)
+            pieces = [Node.make(Op.SLICE, [w], {"axis": 1, "start": u.attrs["start"],
+                                                "stop": u.attrs["stop"], "step": 1},
+                                u.loc, u.scope) for u in us]
+            nodes += pieces
+            for u, wp in zip(us, pieces):
+                repl[u] = Node.make(Op.MATMUL, [x, wp], {}, n.loc, n.scope)
+                nodes.append(repl[u])
+            continue
+        if n in repl:
+            continue                      # a slice of a split matmul: its own product now
+        ins = tuple(repl.get(i, i) for i in n.inputs)
+        if ins != n.inputs:
+            repl[n] = Node(n.op, ins, n.attrs, n.type, n.loc, n.scope)
+        nodes.append(repl.get(n, n))
+    if not repl:
+        return g
+    return g.with_nodes(nodes, {k: repl.get(v, v) for k, v in g.outputs.items()})
+
+
 def fuse_matmul(g: Graph) -> Graph:
     declined: list = []
+    g = _split_by_slices(g)
     g, partner = _gated_pairs(g, declined)
     order = {n: i for i, n in enumerate(g.nodes)}
     users = g.users()

@@ -224,6 +224,32 @@ def test_rmsnorm_read_elsewhere_stays_its_own_kernel():
     assert any(n.op is Op.FUSED and n.attrs["kind"] == "reduction" for n in p.graph.nodes)
 
 
+@pytest.mark.parametrize("case", ["views", "epilogue", "whole"])
+def test_a_fused_qkv_weight_read_through_slices_is_split(case):
+    """x @ W_qkv read only through slices of its columns, each read by views (blues01's split
+    into q, k, v heads) becomes x @ W[:, a:b] per slice, run as one horizontal launch with one
+    output each. A piece with a pointwise reader (an epilogue to be) or the product read
+    whole keeps one product, and the slices stay views."""
+    b = Builder({}, {})
+    x = b.input("x", [B, T, 24], "f32")
+    w = b.input("w", [24, 40], "f32")
+    y = x @ w
+    q, k, v = b.slice(y, -1, 0, 24), b.slice(y, -1, 24, 32), b.slice(y, -1, 32, 40)
+    outs = {"q": b.reshape(q, [B, T, 3, 8]), "k": k, "v": v}
+    if case == "epilogue":
+        outs["k"] = k * 2.0
+    if case == "whole":
+        outs["y"] = y
+    g = Graph("qkv", b.nodes, {n: t.node for n, t in outs.items()})
+    gen = torch.Generator().manual_seed(2)
+    for bb, tt in [(1, 1), (2, 7)]:
+        p = check(g, {"x": rand(bb, tt, 24, gen=gen), "w": rand(24, 40, gen=gen)},
+                  kernels=1)
+    (mm,) = _mm_kernels(p)
+    n_mm = sum(m.op is Op.MATMUL for m in mm.attrs["body"].nodes)
+    assert n_mm == (3 if case == "views" else 1)
+
+
 def test_projections_of_a_strided_input_keep_the_batch_axis():
     """A whose batch axis does not fold into M (a permuted view): the horizontal kernel walks
     the batch entries (z) and each output's rows in place."""
