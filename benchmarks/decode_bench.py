@@ -109,7 +109,11 @@ def lmc_contender(f32_model, args, device, backend):
         nonlocal state
         logits, state = dec(ids, state)
         return logits
-    info = {"backend": backend}
+    from lmc.bench import step_ops
+
+    # what one step launches (fused ops, each a kernel or a template's launch pair, + other
+    # torch ops): at batch 1 this bounds the step time under a CUDA graph
+    info = {"backend": backend, "ops_per_step": step_ops(dec.graph)}
     return prefill, step, lambda: {**info, "cuda_graph": dec.cuda_graph,
                                    "cuda_graph_off": dec.cuda_graph_off}
 

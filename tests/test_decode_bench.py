@@ -28,6 +28,8 @@ def test_decode_bench_tiny_on_cpu(tmp_path, monkeypatch):
                                      for r in data["results"])
     lmc_r = data["results"][1]
     assert lmc_r["cuda_graph"] is False and "cpu" in lmc_r["cuda_graph_off"]
+    # the torch backend runs the step graph op by op: no fused ops, every op a torch one
+    assert lmc_r["ops_per_step"]["fused"] == 0 and lmc_r["ops_per_step"]["torch"] > 50
     # f32 on CPU: the same weights give the same greedy tokens (32 generated)
     assert all(r["agree"] == 1.0 for r in data["results"])
 
