@@ -45,18 +45,28 @@ def _layout(body: Graph):
     if not mms or any(m.inputs[0] is not mms[0].inputs[0] for m in mms):
         raise LmcError(f"internal: matmul body {body.name} needs matmuls sharing one A")
     a = mms[0].inputs[0]
-    pro = None
-    if a.op is not Op.INPUT:
-        pro = rms_prologue(a)
-        pro = pro and with_weight_cast(pro)
-        if pro is None or pro.x.op is not Op.INPUT or pro.w.op is not Op.INPUT:
+    pro = _prologue(mms)
+    if pro is not None:
+        if pro.x.op is not Op.INPUT or pro.w.op is not Op.INPUT:
             raise LmcError(f"internal: matmul body {body.name}: A is computed, not an RMSNorm")
         a = pro.x
+    elif a.op is not Op.INPUT:
+        raise LmcError(f"internal: matmul body {body.name}: A is computed, not an RMSNorm")
     skip = set(pro.members) if pro else set()
     epi = [p for p in inputs if any(p in m.inputs for m in body.nodes
                                     if m.op not in (Op.INPUT, Op.CONST, Op.MATMUL)
                                     and m not in skip)]
     return inputs, mms, a, epi, pro
+
+
+def _prologue(mms: List[Node]):
+    """The RMSNorm computing the body's A in the kernel (fuse_matmul's RmsPrologue), or None
+    when A is a plain input."""
+    a = mms[0].inputs[0] if mms else None
+    if a is None or a.op is Op.INPUT:
+        return None
+    pro = rms_prologue(a)
+    return pro and with_weight_cast(pro)
 
 
 def _prologue_lines(pro, idx, dot_ty: str, indent: str) -> List[str]:
@@ -108,9 +118,7 @@ def horizontal(body: Graph) -> bool:
     merge: q, k, v projections): one launch whose column tiles run over every B in turn. An
     output may be a cache write of its product (fuse_cache_writes)."""
     mms = [n for n in body.nodes if n.op is Op.MATMUL]
-    pro = rms_prologue(mms[0].inputs[0]) if mms and mms[0].inputs[0].op is not Op.INPUT \
-        else None
-    pro = pro and with_weight_cast(pro)
+    pro = _prologue(mms)
     skip = set(pro.members) if pro else set()
     return len(mms) > 1 and all(
         n.op in (Op.INPUT, Op.CONST, Op.MATMUL) or n in skip

@@ -59,7 +59,7 @@ class _Group:
         self.members: List[Node] = [m]
         self.matmuls: List[Node] = [m]
         self.horizontal = False     # matmuls of one A, each its own output (_merge_siblings)
-        self.prologue = False       # A is an RMSNorm computed in the kernel (RmsPrologue)
+        self.prologue: Optional["RmsPrologue"] = None   # A computed in the kernel
 
     def what(self) -> str:
         if self.prologue:
@@ -67,8 +67,8 @@ class _Group:
         return self._what()
 
     def _what(self) -> str:
-        epi = [m.op.value for m in self.members
-               if m.op is not Op.MATMUL and not self._in_prologue(m)]
+        pro = set(self.prologue.members) if self.prologue else set()
+        epi = [m.op.value for m in self.members if m.op is not Op.MATMUL and m not in pro]
         if self.horizontal:
             return f"{len(self.matmuls)} matmuls sharing A, one launch"
         if len(self.matmuls) == 2:
@@ -77,12 +77,6 @@ class _Group:
                     else "dual")
             return f"gated {kind}: 2 matmuls sharing A + " + "+".join(epi)
         return "+".join(["matmul"] + epi)
-
-    def _in_prologue(self, m: Node) -> bool:
-        return self.prologue and m in self._prologue_set()
-
-    def _prologue_set(self):
-        return set(with_weight_cast(rms_prologue(self.matmuls[0].inputs[0])).members)
 
 
 def _late_cone(w: Node, m1: Node, order: Dict[Node, int]) -> Optional[List[Node]]:
@@ -236,22 +230,21 @@ def _take_prologues(groups: List["_Group"], users, outputs: Set[Node]) -> None:
     takes the norm's nodes in (RmsPrologue). Where the norm's output is read elsewhere too (a
     training forward saves it for the weight gradient) the norm stays its own kernel."""
     grouped = {m for grp in groups for m in grp.members}
+
+    def alone(pro, grp) -> bool:    # its values read only inside the group, in no other group
+        inside = set(pro.members) | set(grp.matmuls)
+        return not any(m in grouped or m in outputs or any(u not in inside for u in users[m])
+                       for m in pro.members)
     for grp in groups:
         if not grp.members:
             continue
-        a = grp.matmuls[0].inputs[0]
-        pro = rms_prologue(a)
-
-        def alone(pro):     # its values read only inside the group, and in no other group
-            inside = set(pro.members) | set(grp.matmuls)
-            return not any(m in grouped or m in outputs or any(u not in inside for u in users[m])
-                           for m in pro.members)
-        if pro is None or not alone(pro):
+        pro = rms_prologue(grp.matmuls[0].inputs[0])
+        if pro is None or not alone(pro, grp):
             continue
-        if alone(with_weight_cast(pro)):
+        if alone(with_weight_cast(pro), grp):
             pro = with_weight_cast(pro)
         grp.members = pro.members[::-1] + grp.members   # stays topological: sorted below
-        grp.prologue = True
+        grp.prologue = pro
         grouped.update(pro.members)
 
 

@@ -117,17 +117,13 @@ def _merge_into_consumer(g: Graph, groups: List[List[Node]], order):
     group_of = {m: gid for gid, grp in enumerate(groups) for m in grp}
     shape = {gid: grp[0].type.shape for gid, grp in enumerate(groups)}
     concat_only = {gid: True for gid in range(len(groups))}   # read by other groups' concats
-    for n in g.nodes:
-        for x in n.inputs:
-            a = group_of.get(x)
-            if a is not None and group_of.get(n) != a and n.op is not Op.CONCAT:
-                concat_only[a] = False
     readers: Dict[int, set] = {gid: set() for gid in range(len(groups))}
     for n in g.nodes:
         for x in n.inputs:
             a = group_of.get(x)
             if a is not None and group_of.get(n) != a:
                 readers[a].add(group_of.get(n, -1))          # -1: a node in no group
+                concat_only[a] = concat_only[a] and n.op is Op.CONCAT
     anchor = {gid: grp[0] for gid, grp in enumerate(groups) if grp}
     merged_into: Dict[int, int] = {}
 
