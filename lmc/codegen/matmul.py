@@ -69,20 +69,41 @@ def _prologue(mms: List[Node]):
     return pro and with_weight_cast(pro)
 
 
-def _prologue_lines(pro, idx, dot_ty: str, indent: str) -> List[str]:
-    """In the K loop, after `a` (an x tile) is loaded: accumulate the row sums of squares and
-    scale the tile by the norm weight, cast to the dot's input type."""
+def _prologue_code(pro, idx, dot_ty: str, accs: List[str], indent: str):
+    """RMSNorm in the kernel: (lines before the K loop, lines in it after `a` (an x tile) is
+    loaded, lines after it). Normally the loop accumulates the rows' sums of squares while it
+    multiplies each tile by w, and the accumulators are scaled by rsqrt(mean + eps) after the
+    loop, since (x * r * w) @ B = r * ((x * w) @ B). An f16 dot cannot take that route: x * w
+    unscaled may exceed f16's 65,504 where x * r * w does not, so then a first loop over the
+    rows' K reads x for the sums and the tile is scaled by r and w before its cast, as the
+    unfused norm does (bf16 keeps fp32's range and takes the single loop)."""
     w = idx[pro.w]
-    return [f"{indent}af = a.to(tl.float32)",
-            f"{indent}ss += tl.sum(af * af, axis=1)  # RMSNorm: sum of squares along K",
-            f"{indent}wk = tl.load(in{w}_ptr + kk * w_sk, mask=mask_k, other=0.0)"
-            ".to(tl.float32)",
-            f"{indent}a = (af * wk[None, :]).to({dot_ty})  # x * w; * rsqrt(mean + eps) after"]
-
-
-def _rstd_line(pro, indent: str) -> str:
-    return (f"{indent}rs = tl.rsqrt(ss / K + {literal(pro.eps)})[:, None]  "
+    load_w = (f"{indent}wk = tl.load(in{w}_ptr + kk * w_sk, mask=mask_k, other=0.0)"
+              ".to(tl.float32)")
+    rstd = (f"rs = tl.rsqrt(ss / K + {literal(pro.eps)})[:, None]  "
             f"# RMSNorm's per-row scale")
+    top = indent[:-4]
+    if dot_ty == "tl.float16":
+        before = [
+            f"{top}# RMSNorm: the rows' sums of squares first (x * w alone could overflow f16)",
+            f"{top}ss = tl.full((BLOCK_M,), 0.0, tl.float32)",
+            f"{top}for k0 in range(0, K, BLOCK_K):",
+            f"{indent}kk = k0 + rk",
+            f"{indent}xs = tl.load(a_rows + kk[None, :] * a_sk, mask=mask_m[:, None] & "
+            "(kk < K)[None, :], other=0.0).to(tl.float32)",
+            f"{indent}ss += tl.sum(xs * xs, axis=1)",
+            f"{top}{rstd}",
+        ]
+        inside = [load_w, f"{indent}a = (a.to(tl.float32) * rs * wk[None, :]).to({dot_ty})"
+                  "  # rmsnorm(x) * w"]
+        return before, inside, []
+    before = [f"{top}ss = tl.full((BLOCK_M,), 0.0, tl.float32)"]
+    inside = [f"{indent}af = a.to(tl.float32)",
+              f"{indent}ss += tl.sum(af * af, axis=1)  # RMSNorm: sum of squares along K",
+              load_w,
+              f"{indent}a = (af * wk[None, :]).to({dot_ty})  # x * w; * rsqrt(mean + eps) after"]
+    after = [f"{top}{rstd}"] + [f"{top}{acc} = {acc} * rs" for acc in accs]
+    return before, inside, after
 
 
 def _site(m: Node) -> str:
@@ -142,6 +163,8 @@ def _tile_helper(tile: str, pro, idx, dot_ty: str, out_ty: str, prec: str,
     (contiguous [*batch, M, N]), or, to_cache, into a cache [B, L, N] at rows (b, pos[t])."""
     w_args = f"in{idx[pro.w]}_ptr, w_sk, " if pro else ""
     cache_args = "pos_ptr, pos_s, T, c_s0, c_s1, c_s2, " if to_cache else ""
+    pre, inside, post = _prologue_code(pro, idx, dot_ty, ["acc"], "        ") if pro else \
+        ([], [], [])
     lines = [
         "@triton.jit",
         f"def {tile}(a_rows, a_sk, mask_m, rm, z, b_ptr, b_sk, b_sn, c_ptr, tile_n, M, N, K,",
@@ -155,17 +178,17 @@ def _tile_helper(tile: str, pro, idx, dot_ty: str, out_ty: str, prec: str,
         "    mask_n = rn < N",
         "    b_cols = b_ptr + rn[None, :] * b_sn",
         "    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)",
-    ] + (["    ss = tl.full((BLOCK_M,), 0.0, tl.float32)"] if pro else []) + [
+    ] + pre + [
         "    for k0 in range(0, K, BLOCK_K):",
         "        kk = k0 + rk",
         "        mask_k = kk < K",
         "        a = tl.load(a_rows + kk[None, :] * a_sk, mask=mask_m[:, None] & mask_k[None, :],"
         " other=0.0)",
-    ] + (_prologue_lines(pro, idx, dot_ty, "        ") if pro else []) + [
+    ] + inside + [
         "        b = tl.load(b_cols + kk[:, None] * b_sk, mask=mask_k[:, None] & mask_n[None, :],"
         " other=0.0)",
         f"        acc = tl.dot(a, b, acc=acc{prec})",
-    ] + ([_rstd_line(pro, "    "), "    acc = acc * rs"] if pro else [])
+    ] + post
     if to_cache:
         lines += [
             "    r = z * M + rm  # the row of [B * T]: batch entry r // T, new position r % T",
@@ -300,24 +323,22 @@ def generate(body: Graph, name: str) -> str:
         lines += [f"    b{j}_cols = in{idx[m.inputs[1]]}_ptr + (rn[None, :] * b{j}_sn"
                   f"{boff(f'b{j}')})",
                   f"    acc{j} = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)"]
-    if pro:
-        lines.append("    ss = tl.full((BLOCK_M,), 0.0, tl.float32)")
-    lines += [
+    pre, inside, post = _prologue_code(
+        pro, idx, TL_DTYPE[mms[0].inputs[0].type.dtype], [f"acc{j}" for j in range(len(mms))],
+        "        ") if pro else ([], [], [])
+    lines += pre + [
         "    for k0 in range(0, K, BLOCK_K):",
         "        kk = k0 + rk",
         "        mask_k = kk < K",
         "        a = tl.load(a_rows + kk[None, :] * a_sk, mask=mask_m[:, None] & mask_k[None, :],"
         " other=0.0)",
     ]
-    if pro:
-        lines += _prologue_lines(pro, idx, TL_DTYPE[mms[0].inputs[0].type.dtype], "        ")
+    lines += inside
     for j in range(len(mms)):
         lines += [f"        b{j} = tl.load(b{j}_cols + kk[:, None] * b{j}_sk, "
                   f"mask=mask_k[:, None] & mask_n[None, :], other=0.0)",
                   f"        acc{j} = tl.dot(a, b{j}, acc=acc{j}{prec})"]
-    if pro:
-        lines.append(_rstd_line(pro, "    "))
-        lines += [f"    acc{j} = acc{j} * rs" for j in range(len(mms))]
+    lines += post
     lines += ["    # epilogue, in registers (fp32)",
               "    mask = mask_m[:, None] & mask_n[None, :]"]
     val: Dict[Node, str] = {m: f"acc{j}" for j, m in enumerate(mms)}

@@ -171,7 +171,8 @@ class RmsPrologue:
     reads x itself: it accumulates sum(x * x) per row along its K loop, multiplies each A
     tile by w before the dot, and scales the accumulators by rsqrt(sum / K + eps) after it,
     since (x * r * w) @ B = r * ((x * w) @ B) for a per-row r: the norm costs no launch and
-    its output is never stored."""
+    its output is never stored. (An f16 dot first sums x * x over the row in a loop of its
+    own and scales the tiles by r before the cast: x * w alone could overflow f16.)"""
 
     def __init__(self, x: Node, w: Node, eps: Node, members: List[Node]):
         self.x, self.w, self.eps, self.members = x, w, eps, members

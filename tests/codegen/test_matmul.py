@@ -212,6 +212,33 @@ def test_rmsnorm_is_the_matmul_prologue(kind, dtype, monkeypatch):
     assert rec["reason"].startswith("rmsnorm prologue + "), rec
 
 
+def test_rmsnorm_prologue_of_an_f16_matmul_does_not_overflow(monkeypatch):
+    """Mixed precision's form: the norm in fp32, its output cast to f16 for the dot. With x
+    near 3000 and w near 100, x * w passes f16's 65,504 while rmsnorm(x) * w is near 100: the
+    kernel scales its tiles by rsqrt(mean + eps) before the cast (a first loop over K sums
+    x * x), so its output is the f16 oracle's, finite. Three K steps of 16, the last ragged."""
+    from lmc.codegen import matmul
+    monkeypatch.setattr(matmul, "INTERPRET_TILE", 16 * 16)
+    b = Builder({}, {})
+    K = 37
+    x = b.input("x", [B, T, K], "f32")
+    w = b.input("w", [K], "f32")
+    h = b.cast(_rmsnorm(b, x, w), "f16")
+    ws = [b.input(f"w{i}", [K, n], "f16") for i, n in enumerate([24, 5])]
+    g = Graph("norm_mm", b.nodes, {f"o{i}": (h @ wi).node for i, wi in enumerate(ws)})
+    gen = torch.Generator().manual_seed(3)
+    vals = {"x": 3000 + rand(2, 9, K, gen=gen) * 50, "w": 100 + rand(K, gen=gen),
+            "w0": rand(K, 24, dtype="f16", gen=gen) * 0.1,
+            "w1": rand(K, 5, dtype="f16", gen=gen) * 0.1}
+    assert (vals["x"][..., None] * vals["w"]).abs().max() > 65504 * 4
+    want = run_graph(g, vals, RefCtx(dims=bind_dims(g, vals)))
+    assert all(torch.isfinite(v).all() for v in want.values())   # what check() compares with
+    p = check(g, vals, "f16", kernels=1)
+    (rec,) = [r for r in p.graph.meta["fusions"]
+              if r["pass"] == "fuse_matmul" and r["status"] == "fused"]
+    assert rec["reason"].startswith("rmsnorm prologue + "), rec
+
+
 def test_rmsnorm_read_elsewhere_stays_its_own_kernel():
     """A training forward saves the normalised x for the weight gradient: then the norm is
     stored by its reduction kernel and the matmul reads it."""

@@ -108,19 +108,23 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, corpus, capsys)
     assert all(np.isfinite(r["train_loss"]) for r in recs)
 
 
+def _torchrun(*args):
+    """`lmc run ARGS` as two gloo ranks. --standalone lets torchrun's rendezvous pick a free
+    port on this host (a fixed or random port can collide with another run on the machine)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([os.path.join(BIN, "torchrun"), "--standalone", "--nproc_per_node", "2",
+                        "-m", "lmc.cli", "run", *args],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_torchrun_two_gloo_processes_match_single_process(tmp_path, corpus, mode):
     single = tmp_path / "single"
     assert main(["run", *_args(single, corpus, "--steps", "3", "--batch-size", "4")]) == 0
     ddp = tmp_path / "ddp"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    r = subprocess.run([os.path.join(BIN, "torchrun"), "--nproc_per_node", "2",
-                        "--master_port", str(29500 + random.Random().randint(0, 400)),
-                        "-m", "lmc.cli", "run", *_args(ddp, corpus, "--steps", "3",
-                                                       "--batch-size", "4"),
-                        *(["--fsdp"] if mode == "fsdp" else [])],
-                       capture_output=True, text=True, env=env, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
+    _torchrun(*_args(ddp, corpus, "--steps", "3", "--batch-size", "4"),
+              *(["--fsdp"] if mode == "fsdp" else []))
     a, b = _metrics(single), _metrics(ddp)
     assert [x["step"] for x in a] == [x["step"] for x in b]
     for x, y in zip(a, b):
@@ -241,12 +245,7 @@ def test_moe_logged_values_under_torchrun_ddp(tmp_path, small_ids):
     single = tmp_path / "single"
     assert main(["run", *_moe_args(single, small_ids, "--steps", "2")]) == 0
     ddp = tmp_path / "ddp"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    r = subprocess.run([os.path.join(BIN, "torchrun"), "--nproc_per_node", "2",
-                        "--master_port", str(29500 + random.Random().randint(0, 400)),
-                        "-m", "lmc.cli", "run", *_moe_args(ddp, small_ids, "--steps", "2")],
-                       capture_output=True, text=True, env=env, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
+    _torchrun(*_moe_args(ddp, small_ids, "--steps", "2"))
     a, b = _metrics(single), _metrics(ddp)
     assert [x["step"] for x in a] == [x["step"] for x in b] == [1, 2]
     x, y = a[0], b[0]  # step 1: the same weights, so the same forward
