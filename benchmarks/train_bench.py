@@ -62,7 +62,7 @@ def lmc_step(args, device, ids, targets):
 
     c = compile_model(os.path.join(ROOT, "zoo", "llama.yaml"), args.preset, args.set)
     g = run_pipeline(with_loss(mixed_precision(c.graph, args.precision)))
-    model = LmcModel(g, backend=args.backend).to(device)
+    model = LmcModel(g, backend=args.backend, grad_outputs=["loss"]).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def step():

@@ -212,7 +212,8 @@ def bench_train(path, preset, sets, args, clock: Clock, peaks) -> Dict[str, Any]
     for c in configs:
         row = {"name": c["name"], "disable": c["disable"]}
         try:
-            model = LmcModel(graph, seed=0, backend=c["backend"]).to(clock.device)
+            model = LmcModel(graph, seed=0, backend=c["backend"],
+                             grad_outputs=["loss"]).to(clock.device)
             model.disable = c["disable"]
             fwd = torch.compile(model) if c.get("compile") else None
             step = _train_step(model, batches, fwd)

@@ -10,7 +10,7 @@ import importlib
 from typing import Dict, List, Sequence, Tuple
 
 from ..errors import LmcError
-from ..ir.graph import Graph
+from ..ir.graph import Graph, Node
 from ..ir.ops import Op
 from ..passes.fuse_matmul import fuse_matmul
 from ..passes.fuse_pointwise import fuse_pointwise
@@ -55,6 +55,7 @@ def fuse(g: Graph, disable: Sequence[str] = (), cache_writes: bool = False) -> G
     if unknown:
         raise LmcError(f"unknown fusion pass {sorted(unknown)[0]!r} (fusion passes: "
                        f"{', '.join(n for n, _ in FUSION_PASSES)})")
+    g = verify(sink_recomputations(g), inlined=True)
     for name, fn in FUSION_PASSES:
         if name not in disable:
             g = verify(fn(g), inlined=True)
@@ -62,6 +63,41 @@ def fuse(g: Graph, disable: Sequence[str] = (), cache_writes: bool = False) -> G
         from ..passes.fuse_cache_writes import fuse_cache_writes
         g = verify(fuse_cache_writes(g), inlined=True)
     return g
+
+
+def sink_recomputations(g: Graph) -> Graph:
+    """Pointwise values computed only from graph inputs and constants (a backward's
+    recomputations of values forward' did not save, autodiff._rematerialize, and activation
+    derivatives of a saved gate) move to just before their first reader outside that cone,
+    inputs first. The fusion passes group greedily in order, so there they join the kernel
+    that reads them instead of being a kernel that stores them."""
+    from ..ir.ops import Kind
+
+    outputs = set(g.outputs.values())
+    cone: set = set()
+    for n in g.nodes:
+        if n.op.kind is Kind.POINTWISE and n not in outputs and n.inputs and all(
+                x.op in (Op.INPUT, Op.CONST) or x in cone for x in n.inputs):
+            cone.add(n)
+    if not cone:
+        return g
+    nodes: List[Node] = []
+    done: set = set()
+
+    def emit(v: Node) -> None:
+        if v in cone and v not in done:
+            done.add(v)
+            for x in v.inputs:
+                emit(x)
+            nodes.append(v)
+    for n in g.nodes:
+        if n in cone:
+            continue
+        for x in n.inputs:
+            emit(x)
+        nodes.append(n)
+    nodes += [n for n in g.nodes if n in cone and n not in done]   # read by nothing
+    return g.with_nodes(nodes, dict(g.outputs))
 
 
 def fused_nodes(g: Graph):

@@ -9,7 +9,7 @@
 Both are ordinary graphs, so every later pass (fusion, codegen) applies to the backward too.
 VJP rules live in the `VJP` table keyed by op and are written with the same `Builder` the
 frontend uses. Sources with no inputs (constants, iota, masks) are recomputed in the backward
-rather than saved.
+rather than saved, and so is a widening cast (f16/bf16 -> f32) from its narrow input.
 
 Rules for ops with no useful derivative, stated once:
   comparisons, topk (indices), iota, causal_mask, integer casts: no gradient (None);
@@ -35,6 +35,13 @@ from ..ir.types import DType
 
 VJP: Dict[Op, Callable] = {}
 _RECOMPUTE = {Op.CONST, Op.IOTA, Op.CAUSAL_MASK}
+
+
+def _widening(n: Node) -> bool:
+    """A cast from f16/bf16 to f32: exact, so the backward recomputes it from the narrow value
+    (the loss's fp32 copy of bf16 logits is then never stored for the backward)."""
+    return (n.op is Op.CAST and n.type.dtype is DType.f32
+            and n.inputs[0].type.dtype in (DType.f16, DType.bf16))
 
 
 def vjp(*ops: Op):
@@ -101,7 +108,11 @@ class Rule:
         return self.b.reshape(v, shape)
 
 
-def differentiate(g: Graph, wrt: Optional[Sequence[str]] = None) -> Differentiated:
+def differentiate(g: Graph, wrt: Optional[Sequence[str]] = None,
+                  outputs: Optional[Sequence[str]] = None) -> Differentiated:
+    """wrt: the params/inputs to return gradients for (default: every param and float
+    input). outputs: the outputs that take a cotangent (default: every float output that
+    depends on one of them); the rest are values only, with no ``grad:`` input."""
     by_name = {n.attrs["name"]: n for n in g.nodes if n.op in (Op.PARAM, Op.INPUT)}
     if wrt is None:
         wrt = [n.attrs["name"] for n in g.nodes
@@ -125,6 +136,8 @@ def differentiate(g: Graph, wrt: Optional[Sequence[str]] = None) -> Differentiat
         if n not in fwd_memo:
             if n.op in _RECOMPUTE:
                 fwd_memo[n] = b.node(n.op, (), dict(n.attrs))
+            elif _widening(n):   # save the narrow value (half the bytes), widen it again here
+                fwd_memo[n] = b.cast(fwd(n.inputs[0]), n.type.dtype)
             else:
                 fwd_memo[n] = b.input(f"saved:{len(saved_nodes)}", n.type.shape, n.type.dtype)
                 saved_nodes.append(n)
@@ -146,9 +159,10 @@ def differentiate(g: Graph, wrt: Optional[Sequence[str]] = None) -> Differentiat
         return fwd(got)
 
     ct: Dict[Node, Tensor] = {}
+    with_ct = set(g.outputs if outputs is None else outputs)
     outputs = []
     for name, o in g.outputs.items():
-        if depends.get(o) and o.type.dtype.is_float:
+        if name in with_ct and depends.get(o) and o.type.dtype.is_float:
             outputs.append(name)
             gin = b.input(f"grad:{name}", o.type.shape, o.type.dtype)
             ct[o] = gin if o not in ct else ct[o] + gin
@@ -187,20 +201,105 @@ def differentiate(g: Graph, wrt: Optional[Sequence[str]] = None) -> Differentiat
         if gt is None:
             gt = b.expand(b.const(0.0, t.type.dtype), t.type.shape)
         grads_out[f"grad:{name}"] = gt.node
-    backward = Graph(f"{g.name}.backward", b.nodes, grads_out, {"config": g.meta.get("config")})
-    fwd_outputs = dict(g.outputs)
-    saved_names = []
-    for k, n in enumerate(saved_nodes):
-        fwd_outputs[f"saved:{k}"] = n
-        saved_names.append(f"saved:{k}")
     nodes = g.nodes
     if new_items:
         nodes = []
         for n in g.nodes:
             nodes.append(n)
             nodes += new_items.get(n, [])
+    order = {n: i for i, n in enumerate(nodes)}
+    bnodes, grads_out, kept = _rematerialize(b.nodes, grads_out, saved_nodes, fwd_memo, order)
+    backward = Graph(f"{g.name}.backward", bnodes, grads_out, {"config": g.meta.get("config")})
+    fwd_outputs = dict(g.outputs)
+    saved_names = []
+    for k, n in enumerate(saved_nodes):
+        if n in kept:
+            fwd_outputs[f"saved:{k}"] = n
+            saved_names.append(f"saved:{k}")
     forward = g.with_nodes(nodes, fwd_outputs)
     return Differentiated(forward, backward, list(wrt), outputs, saved_names)
+
+
+def _rematerialize(nodes: List[Node], outputs: Dict[str, Node], saved: List[Node],
+                   memo: Dict[Node, Tensor], order: Dict[Node, int]):
+    """Saved values the backward can recompute where it reads them, instead of forward'
+    storing them: a pointwise node of the forward whose inputs are saved anyway (or
+    recomputed this way, or sources), at most one of them as large as the node itself (so the
+    kernels reading it read no more bytes), and whose backward readers are all pointwise ops
+    and reductions (through views), so the recomputation fuses into those kernels. SwiGLU's
+    silu(gate) and RMSNorm's x * rstd (saved for the norm weight's gradient) are recomputed
+    from the gate and from x and rstd. Returns (backward nodes, outputs, saved nodes kept)."""
+    from ..ir.ops import Kind
+
+    users: Dict[Node, List[Node]] = {}
+    for n in nodes:
+        for i in n.inputs:
+            users.setdefault(i, []).append(n)
+    outs = set(outputs.values())
+
+    def fusable(v: Node) -> bool:
+        if v in outs:
+            return False
+        for u in users.get(v, ()):
+            kind = u.op.kind
+            if kind is Kind.VIEW and u.op is not Op.CONCAT:
+                if not fusable(u):
+                    return False
+            elif kind not in (Kind.POINTWISE, Kind.REDUCTION):
+                return False
+        return True
+
+    avail: Dict[Node, Node] = {n: memo[n].node for n in saved}   # forward -> backward
+    remat: Dict[Node, Node] = {}
+    fresh: List[Node] = []
+    for n in sorted(saved, key=order.__getitem__):
+        if (n.op.kind is not Kind.POINTWISE or not fusable(avail[n])
+                or any(x not in avail and x.op not in _RECOMPUTE for x in n.inputs)
+                or sum(x.type.shape == n.type.shape for x in n.inputs) > 1):
+            continue
+        ins = []
+        for x in n.inputs:
+            if x not in avail:      # a constant, iota or mask: made again
+                avail[x] = Node.make(x.op, (), dict(x.attrs), x.loc, x.scope)
+                fresh.append(avail[x])
+            ins.append(avail[x])
+        new = Node.make(n.op, ins, dict(n.attrs), n.loc, n.scope)
+        fresh.append(new)
+        remat[avail[n]] = new
+        avail[n] = new
+    if not remat:
+        return nodes, outputs, set(saved)
+    # inputs first (no dependencies); each recomputation just before its first reader, so
+    # the fusion passes find it next to the kernel that reads it; every other node copied in
+    # order, so node ids (the tie-break of every later topological sort) follow this order
+    new_of: Dict[Node, Node] = {}
+    out_nodes = [n for n in nodes if n.op is Op.INPUT and n not in remat]
+    pending = set(fresh)
+
+    def copy(v: Node) -> Node:
+        c = Node(v.op, tuple(new_of.get(i, i) for i in v.inputs), v.attrs, v.type, v.loc,
+                 v.scope)
+        new_of[v] = c
+        out_nodes.append(c)
+        return c
+
+    def place(v: Node) -> None:
+        if v in pending:
+            pending.discard(v)
+            for i in v.inputs:
+                place(i)
+            copy(v)
+    for n in nodes:
+        if n.op is Op.INPUT:
+            continue
+        for i in n.inputs:
+            place(remat.get(i, i))
+            if i in remat:
+                new_of[i] = new_of[remat[i]]
+        copy(n)
+    gone = {memo[n].node for n in saved} & set(remat)
+    kept = {n for n in saved if memo[n].node not in gone}
+    return out_nodes, {k: new_of.get(v, v) for k, v in outputs.items()}, kept
 
 
 # -- pointwise ---------------------------------------------------------------------------------
@@ -566,7 +665,17 @@ def _embedding(r):
 
 @vjp(Op.GATHER)
 def _gather(r):
-    return [r.b.scatter_add(r.zeros(r.shape(0)), r.x(1), r.g, r.attrs["axis"]), None]
+    b, ax = r.b, r.attrs["axis"]
+    xs, idx = r.shape(0), r.node.inputs[1]
+    if dims_equal(idx.type.shape[ax], 1) and all(
+            dims_equal(a, c) for d, (a, c) in enumerate(zip(idx.type.shape, xs)) if d != ax):
+        # one index per row (the loss picking each target's logit): the cotangent lands where
+        # iota along the axis equals the index. Pointwise, so it fuses into the kernel
+        # computing the rest of x's gradient: no dense zeros + scatter of x's size.
+        pos = b.reshape(b.iota(xs[ax], idx.type.dtype.value),
+                        [d if i == ax else 1 for i, d in enumerate(xs)])
+        return [b.where(b.eq(pos, r.x(1)), r.g, r.b.const(0.0, r.g.dtype)), None]
+    return [b.scatter_add(r.zeros(xs), r.x(1), r.g, ax), None]
 
 
 @vjp(Op.SCATTER_ADD)

@@ -46,6 +46,42 @@ def _decline(m: Node) -> Optional[str]:
     return None
 
 
+def _feeds_epilogue(n: Node, users, outputs: Set[Node], group_of, groups, order):
+    """The group whose epilogue can compute pointwise `n` itself, or None: n reads only
+    sources and values from before the group, and everything reading n is a pointwise op of
+    the group's shape that reads a value of that group (where the epilogue takes it) or
+    itself feeds only such ops. A backward's activation derivative is this: silu(gate) and
+    sigmoid(gate) * (1 + gate * (1 - sigmoid(gate))) recomputed from the saved gate, read by
+    the epilogue of the down projection's dX matmul, cost no kernel and no stored tensor."""
+    def target(v: Node, depth: int) -> Optional[int]:
+        if depth == 0 or v in outputs or not users[v] or not fusible(v)[0]:
+            return None
+        found: Set[int] = set()
+        for u in users[v]:
+            if u.op.kind is not Kind.POINTWISE or u.type.shape != v.type.shape or \
+                    _leave_to_reduction(u, users[u], outputs):
+                return None
+            # the group u reads: a member, or a pointwise value of a member (visited
+            # after v, it will join the group then)
+            mine = {group_of[x] for x in u.inputs if x in group_of} or {
+                group_of[y] for x in u.inputs if x is not v and x.op.kind is Kind.POINTWISE
+                for y in x.inputs if y in group_of}
+            t = mine if mine else {target(u, depth - 1)}
+            if None in t:
+                return None
+            found |= t
+        return found.pop() if len(found) == 1 else None
+
+    gid = target(n, 8)
+    if gid is None:
+        return None
+    grp = groups[gid]
+    if n.type.shape != grp.shape or not all(is_source(x) or order[x] < grp.first
+                                            for x in n.inputs):
+        return None
+    return gid
+
+
 def _leave_to_reduction(n: Node, users: List[Node], outputs: Set[Node]) -> bool:
     if n in outputs or not users or n.type.dtype.value not in _FLOATS:
         return False
@@ -361,6 +397,9 @@ def fuse_matmul(g: Graph) -> Graph:
             continue
         gids = list(dict.fromkeys(group_of[x] for x in n.inputs if x in group_of))
         if not gids:
+            gid = _feeds_epilogue(n, users, outputs, group_of, groups, order)
+            if gid is not None:   # computed in the epilogue from what the group can read
+                add(n, gid)
             continue
         ok, why = fusible(n)
         if not ok:

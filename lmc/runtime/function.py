@@ -30,7 +30,11 @@ class GraphFunction(torch.autograd.Function):
         ctx.save_for_backward(*[outs[s] for s in prog.saved])
         results = [v for k, v in outs.items() if not k.startswith("saved:")]
         ctx.out_names = [k for k in outs if not k.startswith("saved:")]
-        ctx.mark_non_differentiable(*[v for v in results if not v.dtype.is_floating_point])
+        # an output the backward takes no cotangent for (an integer, or left out by
+        # LmcModel(grad_outputs=...)) is returned without gradient
+        takes = {id(v) for k, v in zip(ctx.out_names, results) if k in prog.outputs}
+        ctx.mark_non_differentiable(*[v for v in results if id(v) not in takes])
+        ctx.set_materialize_grads(False)   # unused outputs: None, zeros made below if needed
         return tuple(results)
 
     @staticmethod

@@ -5,7 +5,7 @@ Parameter names follow the graph (``layers.3.attn.wq``) through a tree of submod
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 from torch import nn
@@ -19,7 +19,11 @@ from .function import GraphFunction
 
 class LmcModel(nn.Module):
     def __init__(self, graph: Graph, *, seed: int = 0, device=None, autodiff: str = "lmc",
-                 backend: str = "torch"):
+                 backend: str = "torch", grad_outputs: Optional[Sequence[str]] = None):
+        """grad_outputs: the outputs gradients flow back from (lmc autodiff). None: every
+        float output. Training names only ``loss``: the other outputs (logits, logged
+        statistics) are then returned without gradient, and the backward neither takes nor
+        reads a zero cotangent of each (for the logits, a [B, T, vocab] tensor)."""
         super().__init__()
         if backend not in ("torch", "triton"):
             raise LmcError(f"unknown backend {backend!r} (available: torch, triton)")
@@ -34,6 +38,11 @@ class LmcModel(nn.Module):
         self.rng_step = 0  # set by the training loop: dropout/noise draw anew at each value
         self.disable = ()  # fusion passes left out of the triton backend (lmc bench)
         self._program = None
+        unknown = [n for n in grad_outputs or () if n not in graph.outputs]
+        if unknown:
+            raise LmcError(f"grad_outputs: {', '.join(unknown)} not an output of the model "
+                           f"(outputs: {', '.join(graph.outputs)})")
+        self.grad_outputs = None if grad_outputs is None else list(grad_outputs)
         self.config: Dict[str, Any] = dict(graph.meta.get("config", {}))
         self.name = graph.name
         self._param_names = []
@@ -90,7 +99,7 @@ class LmcModel(nn.Module):
             from ..passes import run_pipeline
             from ..passes.autodiff import differentiate
 
-            prog = differentiate(self.pattern_graph())
+            prog = differentiate(self.pattern_graph(), outputs=self.grad_outputs)
             prog.backward = run_pipeline(prog.backward)  # the backward is cleaned like any graph
             if self.backend == "triton":  # both graphs are fused and code-generated alike
                 from .triton_backend import TritonProgram

@@ -258,7 +258,8 @@ def train(path: str, preset: Optional[str], overrides, c: TrainConfig) -> Dict[s
     stat_names = [k for k, n in graph.outputs.items() if k not in part_names and k != "loss"
                   and all(isinstance(dim, int) for dim in n.type.shape)]
     ce_name = "ce_loss" if "ce_loss" in graph.outputs else "loss"
-    model = LmcModel(graph, seed=c.seed, backend=c.backend).to(d.device)
+    # gradients flow from the loss only: the logits and logged values take no cotangent
+    model = LmcModel(graph, seed=c.seed, backend=c.backend, grad_outputs=["loss"]).to(d.device)
     raw = model
     if d.world > 1:
         if c.fsdp:  # FSDP2: parameters sharded across ranks, gathered for each forward

@@ -391,6 +391,30 @@ def _declines(g):
             if f["pass"] == "fuse_matmul" and f["status"] == "declined"]
 
 
+@pytest.mark.parametrize("dtype", ["f32", "f16"])
+def test_a_value_computed_from_inputs_for_the_epilogue_is_computed_in_it(dtype):
+    """silu'(g) = sigmoid(g) * (1 + g * (1 - sigmoid(g))) of an input g, read only by the
+    epilogue (a SwiGLU backward: dg = (dh * u) * silu'(g) after dh = dy @ W^T) is computed
+    in the matmul kernel from g: one kernel, nothing stored but the results."""
+    b = Builder({}, {})
+    dy = b.input("dy", [B, T, 24], dtype)
+    w = b.input("w", [40, 24], dtype)
+    g_, u = b.input("g", [B, T, 40], dtype), b.input("u", [B, T, 40], dtype)
+    s = b.sigmoid(g_)
+    dsilu = s * (1.0 + g_ * (1.0 - s))
+    dh = dy @ b.transpose(w, 0, 1)
+    graph = Graph("swiglu_bwd", b.nodes, {"dg": ((dh * u) * dsilu).node,
+                                          "du": (dh * b.silu(g_)).node})
+    gen = torch.Generator().manual_seed(4)
+    for bb, tt in [(1, 1), (2, 9)]:
+        vals = {"dy": rand(bb, tt, 24, dtype=dtype, gen=gen),
+                "w": rand(40, 24, dtype=dtype, gen=gen) * 0.2,
+                "g": rand(bb, tt, 40, dtype=dtype, gen=gen),
+                "u": rand(bb, tt, 40, dtype=dtype, gen=gen)}
+        p = check(graph, vals, dtype, kernels=1)
+    assert [n.attrs["kind"] for n in p.graph.nodes if n.op is Op.FUSED] == ["matmul"]
+
+
 def test_declined_sites_say_why_and_still_run():
     b = Builder({}, {})
     xi = b.input("xi", [4, 3], "i64")
@@ -401,11 +425,11 @@ def test_declined_sites_say_why_and_still_run():
     w = b.input("w", [3, 5], "f32")
     v = b.input("v", [4, 5], "f32")
     mm = x @ w
-    late = b.exp(v)                        # computed after the matmul
+    late = b.exp(v)                        # computed after the matmul, and read elsewhere
     y = mm + late
     cyc = mm * b.sum(mm, -1)               # reads a reduction of the matmul's own result
     g = Graph("dec", b.nodes, {"i": (xi @ wi).node, "d": (xd @ wd).node, "y": y.node,
-                               "c": cyc.node})
+                               "c": cyc.node, "e": late.node})
     reasons = _declines(g)
     assert any("i64 matmul" in r for r in reasons)
     assert any("f64 matmul" in r for r in reasons)

@@ -192,6 +192,71 @@ def test_embedding_gather_scatter_dropout_grads():
     torch.testing.assert_close(got["grad:src"], want[1], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("axis,idx_shape", [(-1, (3, 4, 1)), (1, (3, 1, 5)),
+                                             (-1, (3, 4, 2)), (1, (3, 6, 5))])
+def test_gather_gradient_one_index_per_row_is_pointwise(axis, idx_shape):
+    """gather with one index per row (the loss picking each target's logit): its gradient is
+    where(iota == index, g, 0), pointwise, no scatter_add into a dense zeros of x's size.
+    Several indices per row keep the scatter.
+    gradcheck in f64 with random cotangents (repeated indices included)."""
+    b = Builder({}, {}, default_dtype=lmc.ir.DType.f64)
+    x = b.input("x", [3, 4, 5], "f64")
+    idx = b.input("idx", list(idx_shape), "i64")
+    g = Graph("gather", b.nodes, {"out": (b.gather(x * x, idx, axis) * 1.5).node})
+    prog = differentiate(g, ["x"])
+    scatters = sum(n.op is Op.SCATTER_ADD for n in prog.backward.nodes)
+    assert scatters == (idx_shape[axis] != 1)
+    gen = torch.Generator().manual_seed(0)
+    iv = torch.randint(0, [3, 4, 5][axis], idx_shape, generator=gen)
+    ctx = RefCtx(dims={})
+    fn = lambda a: GraphFunction.apply(prog, ["x", "idx"], ctx, a, iv)[0]  # noqa: E731
+    xv = torch.randn(3, 4, 5, dtype=torch.float64, generator=gen).requires_grad_()
+    assert torch.autograd.gradcheck(fn, (xv,))
+
+
+def test_a_widening_cast_is_recomputed_not_saved():
+    """sin(cast(x, f32)) needs the f32 value in its backward (cos x): the f16 x is saved
+    (half the bytes) and widened again there, exactly."""
+    b = Builder({}, {})
+    x = b.input("x", [4, 7], "f16")
+    xf = b.cast(x, "f32")
+    g = Graph("wide", b.nodes, {"out": b.sum(b.sin(xf), -1).node})
+    prog = differentiate(g, ["x"])
+    saved = [prog.forward.outputs[s] for s in prog.saved]
+    assert [n.type.dtype.value for n in saved] == ["f16"], saved
+    xv = torch.randn(4, 7).half()
+    gy = torch.randn(4, 1)
+    leaf = xv.clone().requires_grad_()
+    want, = torch.autograd.grad(run_graph(g, {"x": leaf}, RefCtx(dims={}))["out"], leaf, gy)
+    fwd = run_graph(prog.forward, {"x": xv}, RefCtx(dims={}))
+    got = run_graph(prog.backward, {**{s: fwd[s] for s in prog.saved}, "grad:out": gy},
+                    RefCtx(dims={}))["grad:x"]
+    assert torch.equal(got, want)
+
+
+def test_outputs_without_a_cotangent_take_no_gradient_input():
+    """differentiate(outputs=[...]): only those outputs take a cotangent; the backward has no
+    grad: input for the others and computes the same gradients as with a zero for them."""
+    b = Builder({}, {})
+    x = b.input("x", [3, 5], "f32")
+    w = b.input("w", [5, 4], "f32")
+    logits = x @ w
+    g = Graph("two", b.nodes, {"logits": logits.node, "loss": b.sum(b.sum(
+        b.exp(logits), -1, keepdim=False), 0, keepdim=False).node})
+    full, only = differentiate(g, ["w"]), differentiate(g, ["w"], outputs=["loss"])
+    assert full.outputs == ["logits", "loss"] and only.outputs == ["loss"]
+    assert "grad:logits" not in {n.attrs["name"] for n in only.backward.inputs}
+    assert len(only.saved) <= len(full.saved)
+    vals = {"x": torch.randn(3, 5), "w": torch.randn(5, 4)}
+    ctx = RefCtx(dims={})
+    res = []
+    for prog, extra in ((full, {"grad:logits": torch.zeros(3, 4)}), (only, {})):
+        fwd = run_graph(prog.forward, vals, ctx)
+        bound = {**{s: fwd[s] for s in prog.saved}, "grad:loss": torch.tensor(1.0), **extra}
+        res.append(run_graph(prog.backward, bound, ctx)["grad:w"])
+    torch.testing.assert_close(res[0], res[1], rtol=0, atol=0)
+
+
 def test_llama_every_parameter_gradient_equals_the_oracle():
     ids = torch.randint(0, 97, (2, 13))
     gy = torch.randn(2, 13, 97)

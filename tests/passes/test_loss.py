@@ -140,3 +140,59 @@ def test_bad_aux_losses_give_one_located_line(tmp_path, capsys, aux, message, co
     line = MODEL.splitlines().index("  aux_losses: {AUX}") + 1
     assert err.startswith(f"{path}:{line}:{col}: error:"), err
     assert message in err
+
+
+def test_training_from_the_loss_alone_equals_every_output_taking_a_cotangent():
+    """LmcModel(grad_outputs=["loss"]) (what `lmc run --train` and `lmc bench` build): the
+    logits come back without gradient and the backward takes no zero [B, T, vocab]
+    cotangent for them; the gradients equal those of the default program (both lmc autodiff)
+    and the torch-autograd oracle's."""
+    g = run_pipeline(with_loss(lmc.compile_model(LLAMA, "tiny", {}).graph))
+    ours = LmcModel(g, seed=3, grad_outputs=["loss"])
+    every = LmcModel(g, seed=3)
+    oracle = LmcModel(g, seed=3, autodiff="torch")
+    ids, targets = _batch(ours.config["vocab"])
+    grads = []
+    for m in (ours, every, oracle):
+        out = m(ids, targets=targets)
+        out["loss"].backward()
+        grads.append({k: p.grad for k, p in m.named_parameters()})
+    assert not out["logits"].requires_grad or oracle is m
+    assert not ours(ids, targets=targets)["logits"].requires_grad
+    assert "grad:logits" not in {n.attrs["name"] for n in ours.program().backward.inputs}
+    assert "grad:logits" in {n.attrs["name"] for n in every.program().backward.inputs}
+    for k in grads[0]:
+        torch.testing.assert_close(grads[0][k], grads[1][k], rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(grads[0][k], grads[2][k], rtol=1e-4, atol=1e-6)
+    with pytest.raises(lmc.LmcError, match="grad_outputs: nope not an output"):
+        LmcModel(g, grad_outputs=["nope"])
+
+
+@pytest.mark.parametrize("precision", ["bf16", "f32"])
+def test_the_loss_backward_writes_no_extra_vocab_sized_tensor(precision):
+    """The cross-entropy's backward, from the loss alone: forward' keeps one [B, T, vocab]
+    value for it, the logits as the LM head wrote them (not also their fp32 widening: the
+    backward widens again), and the target's one-hot is `iota == target` inside the kernel
+    computing the logits' gradient, not a dense zeros + scatter_add."""
+    from lmc.codegen.program import apply_patterns, fuse
+    from lmc.ir.ops import Op
+    from lmc.passes.autodiff import differentiate
+    from lmc.passes.mixed_precision import mixed_precision
+
+    c = lmc.compile_model(LLAMA, "tiny", {})
+    g = run_pipeline(with_loss(mixed_precision(c.graph, precision)))
+    prog = differentiate(apply_patterns(g, ()), outputs=["loss"])
+    vocab = c.graph.meta["config"]["vocab"]
+    saved = [prog.forward.outputs[s] for s in prog.saved]
+    big = [n for n in saved if n.type.rank == 3 and n.type.shape[-1] == vocab]  # [B, T, V]
+    assert [n.type.dtype.value for n in big] == [precision], big
+    bwd = fuse(run_pipeline(prog.backward), (), False)
+    assert not [n for n in bwd.nodes if n.op is Op.SCATTER_ADD
+                and n.type.shape[-1] == vocab]
+    (dlogits,) = [n for n in bwd.nodes if n.op is Op.FUSED and n.attrs["kind"] == "pointwise"
+                  and any(t.type.shape[-1:] == (vocab,) for t in n.inputs if t.type.shape)]
+    assert any(m.op is Op.EQ for m in dlogits.attrs["body"].nodes)   # the one-hot, in-kernel
+    fwd = fuse(prog.forward, (), False)
+    head = [n for n in fwd.nodes if n.op is Op.FUSED and n.attrs["kind"] == "matmul"
+            and any(o.type.shape[-1] == vocab for o in n.attrs["body"].outputs.values())]
+    assert len(head) == 1 and len(head[0].attrs["body"].outputs) == 1
