@@ -274,6 +274,8 @@ def generate(body: Graph, name: str) -> str:
     """The @triton.jit kernel for one matmul body graph, as source text."""
     if horizontal(body):
         return _generate_horizontal(body, name)
+    if vertical_sum(body):
+        return _generate_vertical(body, name)
     inputs, mms, a, epi, pro = _layout(body)
     outputs = list(body.outputs.values())
     idx = {p: i for i, p in enumerate(inputs)}
@@ -339,9 +341,16 @@ def generate(body: Graph, name: str) -> str:
                   f"mask=mask_k[:, None] & mask_n[None, :], other=0.0)",
                   f"        acc{j} = tl.dot(a, b{j}, acc=acc{j}{prec})"]
     lines += post
-    lines += ["    # epilogue, in registers (fp32)",
-              "    mask = mask_m[:, None] & mask_n[None, :]"]
-    val: Dict[Node, str] = {m: f"acc{j}" for j, m in enumerate(mms)}
+    lines += _epilogue(body, {m: f"acc{j}" for j, m in enumerate(mms)}, skip, epi, idx,
+                       outputs, boff)
+    return "\n".join(lines) + "\n"
+
+
+def _epilogue(body: Graph, val: Dict[Node, str], skip, epi, idx, outputs, boff) -> List[str]:
+    """The epilogue in registers (fp32) from the accumulators named in `val`, and the stores:
+    every body node not in `skip` that is no input, constant or matmul."""
+    lines = ["    # epilogue, in registers (fp32)",
+             "    mask = mask_m[:, None] & mask_n[None, :]"]
     for p in epi:
         i = idx[p]
         load = (f"tl.load(in{i}_ptr + (rm[:, None] * e{i}_sm + rn[None, :] * e{i}_sn"
@@ -351,7 +360,7 @@ def generate(body: Graph, name: str) -> str:
         lines.append(f"    v{i} = {load}")
         val[p] = f"v{i}"
     for k, m in enumerate(body.nodes):
-        if m in skip:
+        if m in skip or m in val:
             continue
         if m.op is Op.CONST:
             val[m] = literal(m)
@@ -363,6 +372,96 @@ def generate(body: Graph, name: str) -> str:
     for i, o in enumerate(outputs):
         lines.append(f"    tl.store(out{i}_ptr + out, ({val[o]}).to({TL_DTYPE[o.type.dtype]}), "
                      f"mask=mask)")
+    return lines
+
+
+def vertical_sum(body: Graph):
+    """(products, the adds summing them, their sum) when the body's matmuls have distinct A
+    operands and are summed by adds read only inside the sum (fuse_matmul's vertical form),
+    else None."""
+    mms = [n for n in body.nodes if n.op is Op.MATMUL]
+    if len(mms) < 2 or len({m.inputs[0] for m in mms}) != len(mms):
+        return None
+    chain: List[Node] = []
+    part = set(mms)
+    for n in body.nodes:
+        if n.op is Op.ADD and all(x in part for x in n.inputs):
+            chain.append(n)
+            part.add(n)
+    if len(chain) != len(mms) - 1:
+        return None
+    total = chain[-1]
+    readers = [x for n in body.nodes if n not in chain for x in n.inputs]
+    if any(x in part and x is not total for x in readers) or any(
+            v in part and v is not total for v in body.outputs.values()):
+        return None
+    return mms, chain, total
+
+
+def _generate_vertical(body: Graph, name: str) -> str:
+    """Products of different A summed (dX = dQ Wq^T + dK Wk^T + dV Wv^T): one K loop per
+    product into one fp32 accumulator, then the epilogue on the sum."""
+    mms, chain, total = vertical_sum(body)
+    inputs = [n for n in body.nodes if n.op is Op.INPUT]
+    outputs = list(body.outputs.values())
+    idx = {p: i for i, p in enumerate(inputs)}
+    skip = set(mms) | set(chain)
+    epi = [p for p in inputs if any(p in m.inputs for m in body.nodes
+                                    if m.op not in (Op.INPUT, Op.CONST, Op.MATMUL)
+                                    and m not in skip)]
+    nb = mms[0].type.rank - 2
+    zs = [f"Z{d}" for d in range(nb)]
+    args = [f"in{i}_ptr" for i in range(len(inputs))] + \
+        [f"out{i}_ptr" for i in range(len(outputs))] + ["M", "N", "K"] + \
+        [f"K{j}" for j in range(len(mms))] + zs
+    for j in range(len(mms)):
+        args += [f"a{j}_s{d}" for d in range(nb)] + [f"a{j}_sm", f"a{j}_sk"]
+        args += [f"b{j}_s{d}" for d in range(nb)] + [f"b{j}_sk", f"b{j}_sn"]
+    for p in epi:
+        args += [f"e{idx[p]}_s{d}" for d in range(nb)] + [f"e{idx[p]}_sm", f"e{idx[p]}_sn"]
+    prec = ', input_precision="ieee"' if mms[0].type.dtype is DType.f32 else ""
+
+    def boff(prefix: str) -> str:
+        return "".join(f" + z{d} * {prefix}_s{d}" for d in range(nb))
+
+    lines = [
+        "@triton.jit",
+        f"def {name}({', '.join(args)},",
+        "        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, "
+        "GROUP_M: tl.constexpr):",
+        "    # IR nodes: " + ", ".join(_site(m) for m in body.nodes
+                                      if m.op not in (Op.INPUT, Op.CONST)),
+        "    # acc = " + " + ".join(f"in{idx[m.inputs[0]]} @ in{idx[m.inputs[1]]}"
+                                   for m in mms)
+        + ": one K loop per product into one accumulator"
+        + ("; epilogue reads " + ", ".join(f"in{idx[p]} {p.type}" for p in epi) if epi else ""),
+        "    pid = tl.program_id(0)",
+        "    num_m = (M + BLOCK_M - 1) // BLOCK_M",
+        "    num_n = (N + BLOCK_N - 1) // BLOCK_N",
+    ] + _tile_order(nb) + [
+        "    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)",
+        "    rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)",
+        "    rk = tl.arange(0, BLOCK_K).to(tl.int64)",
+        "    mask_m = rm < M",
+        "    mask_n = rn < N",
+        "    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)",
+    ]
+    for j, m in enumerate(mms):
+        lines += [
+            f"    # product {j}: in{idx[m.inputs[0]]} {m.inputs[0].type} @ "
+            f"in{idx[m.inputs[1]]} {m.inputs[1].type}",
+            f"    a_rows = in{idx[m.inputs[0]]}_ptr + (rm[:, None] * a{j}_sm{boff(f'a{j}')})",
+            f"    b_cols = in{idx[m.inputs[1]]}_ptr + (rn[None, :] * b{j}_sn{boff(f'b{j}')})",
+            f"    for k0 in range(0, K{j}, BLOCK_K):",
+            "        kk = k0 + rk",
+            f"        mask_k = kk < K{j}",
+            f"        a = tl.load(a_rows + kk[None, :] * a{j}_sk, "
+            "mask=mask_m[:, None] & mask_k[None, :], other=0.0)",
+            f"        b = tl.load(b_cols + kk[:, None] * b{j}_sk, "
+            "mask=mask_k[:, None] & mask_n[None, :], other=0.0)",
+            f"        acc = tl.dot(a, b, acc=acc{prec})",
+        ]
+    lines += _epilogue(body, {total: "acc"}, skip, epi, idx, outputs, boff)
     return "\n".join(lines) + "\n"
 
 
@@ -443,6 +542,8 @@ def launch(kernel, xs, outs, body: Graph, ctx, interpret: bool) -> None:
 
     if horizontal(body):
         return _launch_horizontal(kernel, xs, outs, body, interpret)
+    if vertical_sum(body):
+        return _launch_vertical(kernel, xs, outs, body, interpret)
     inputs, mms, a, epi, pro = _layout(body)
     idx = {p: i for i, p in enumerate(inputs)}
     shape = tuple(outs[0].shape)
@@ -465,6 +566,47 @@ def launch(kernel, xs, outs, body: Graph, ctx, interpret: bool) -> None:
         args.append(xs[idx[pro.w]].stride(-1))
     if interpret:  # one small configuration: the interpreter pays per program
         bm, bn, bk = interpret_blocks(M, N, K)
+        grid = (nbatch * triton.cdiv(M, bm) * triton.cdiv(N, bn),)
+        kernel[grid](*args, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M)
+        return
+
+    def grid(meta):
+        return (nbatch * triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+    _autotuned(kernel)[grid](*args)
+
+
+def _launch_vertical(kernel, xs, outs, body: Graph, interpret: bool) -> None:
+    """One program per output tile per batch entry; each product's operands read through
+    their strides, K the products' total (the autotuner's key)."""
+    import triton
+
+    mms, chain, _ = vertical_sum(body)
+    inputs = [n for n in body.nodes if n.op is Op.INPUT]
+    idx = {p: i for i, p in enumerate(inputs)}
+    skip = set(mms) | set(chain)
+    epi = [p for p in inputs if any(p in m.inputs for m in body.nodes
+                                    if m.op not in (Op.INPUT, Op.CONST, Op.MATMUL)
+                                    and m not in skip)]
+    shape = tuple(outs[0].shape)
+    if outs[0].numel() == 0:
+        return
+    nb = len(shape) - 2
+    batch, M, N = list(shape[:nb]), shape[-2], shape[-1]
+    ks = [xs[idx[m.inputs[0]]].shape[-1] for m in mms]
+    a_st = [list(xs[idx[m.inputs[0]]].expand(*batch, M, k).stride()) for m, k in zip(mms, ks)]
+    b_st = [list(xs[idx[m.inputs[1]]].expand(*batch, k, N).stride()) for m, k in zip(mms, ks)]
+    e_st = [list(xs[idx[p]].expand(shape).stride()) for p in epi]
+    M = fold_batch(batch, M, a_st + e_st, b_st)
+    nbatch = 1
+    for s in batch:
+        nbatch *= s
+    args = [*xs, *outs, M, N, sum(ks), *ks, *batch]
+    for sa, sb in zip(a_st, b_st):
+        args += sa + sb
+    for s in e_st:
+        args += s
+    if interpret:
+        bm, bn, bk = interpret_blocks(M, N, max(ks))
         grid = (nbatch * triton.cdiv(M, bm) * triton.cdiv(N, bn),)
         kernel[grid](*args, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M)
         return

@@ -96,6 +96,10 @@ class _Group:
         self.matmuls: List[Node] = [m]
         self.horizontal = False     # matmuls of one A, each its own output (_merge_siblings)
         self.prologue: Optional["RmsPrologue"] = None   # A computed in the kernel
+        # vertical form: the sum of its products so far (the group holds only products and
+        # the adds summing them while `total` is its last member); emitted at its last product
+        self.total: Optional[Node] = m
+        self.anchor = m
 
     def what(self) -> str:
         if self.prologue:
@@ -107,12 +111,63 @@ class _Group:
         epi = [m.op.value for m in self.members if m.op is not Op.MATMUL and m not in pro]
         if self.horizontal:
             return f"{len(self.matmuls)} matmuls sharing A, one launch"
+        if self.vertical:
+            rest = [e for e in epi[len(self.matmuls) - 1:]]
+            return f"{len(self.matmuls)} matmuls summed in one accumulator" + (
+                " + " + "+".join(rest) if rest else "")
         if len(self.matmuls) == 2:
             ops = set(epi)
             kind = ("swiglu" if Op.SILU.value in ops else "geglu" if Op.GELU.value in ops
                     else "dual")
             return f"gated {kind}: 2 matmuls sharing A + " + "+".join(epi)
         return "+".join(["matmul"] + epi)
+
+
+    @property
+    def vertical(self) -> bool:
+        return len(self.matmuls) > 1 and not self.horizontal and \
+            len({m.inputs[0] for m in self.matmuls}) == len(self.matmuls)
+
+    def pure_sum(self) -> bool:
+        """Holds only its products and the adds summing them (no epilogue yet)."""
+        return self.total is not None and self.members[-1] is self.total and \
+            len(self.members) == 2 * len(self.matmuls) - 1
+
+
+def _vertical_merge(n: Node, users, outputs: Set[Node], group_of, groups, order,
+                    partner: Dict[Node, Node]) -> bool:
+    """Vertical form: `n = a + b` where a and b are the sums of two groups' products, each
+    read only by n (the backward's dX = dQ Wq^T + dK Wk^T + dV Wv^T, dG Wg^T + dU Wu^T): the
+    earlier group joins the later, whose kernel then runs one K loop per product into one
+    accumulator and is emitted at its last product, after every operand. Products of one A
+    are the horizontal or gated forms instead; shapes and dtypes must match (no broadcast)."""
+    if n.op is not Op.ADD:
+        return False
+    a, b = n.inputs
+    if a not in group_of or b not in group_of or group_of[a] == group_of[b]:
+        return False
+    ga, gb = groups[group_of[a]], groups[group_of[b]]
+    for grp, v in ((ga, a), (gb, b)):
+        if grp.total is not v or not grp.pure_sum() or grp.horizontal or users[v] != [n] \
+                or v in outputs or v.type != n.type:
+            return False
+    prods = ga.matmuls + gb.matmuls
+    if len({m.inputs[0] for m in prods}) != len(prods) or \
+            len({m.type.rank for m in prods}) != 1 or any(
+                m in partner or m in partner.values() for m in prods):
+        return False    # a gated pair's matmul stays in its pair
+    early, late = (ga, gb) if ga.first < gb.first else (gb, ga)
+    gid = group_of[late.members[0]]
+    for m in early.members:
+        group_of[m] = gid
+    late.members = sorted(early.members + late.members, key=order.get) + [n]
+    late.matmuls = sorted(early.matmuls + late.matmuls, key=order.get)
+    late.anchor = late.matmuls[-1]
+    late.first = order[late.anchor]
+    late.total = n
+    group_of[n] = gid
+    early.members, early.matmuls, early.total = [], [], None
+    return True
 
 
 def _late_cone(w: Node, m1: Node, order: Dict[Node, int]) -> Optional[List[Node]]:
@@ -273,7 +328,7 @@ def _take_prologues(groups: List["_Group"], users, outputs: Set[Node]) -> None:
         return not any(m in grouped or m in outputs or any(u not in inside for u in users[m])
                        for m in pro.members)
     for grp in groups:
-        if not grp.members:
+        if not grp.members or grp.vertical:
             continue
         pro = rms_prologue(grp.matmuls[0].inputs[0])
         if pro is None or not alone(pro, grp):
@@ -396,6 +451,9 @@ def fuse_matmul(g: Graph) -> Graph:
         if n.op.kind is not Kind.POINTWISE:
             continue
         gids = list(dict.fromkeys(group_of[x] for x in n.inputs if x in group_of))
+        if len(gids) == 2 and _vertical_merge(n, users, outputs, group_of, groups, order,
+                                              partner):
+            continue
         if not gids:
             gid = _feeds_epilogue(n, users, outputs, group_of, groups, order)
             if gid is not None:   # computed in the epilogue from what the group can read
@@ -448,9 +506,11 @@ def fuse_matmul(g: Graph) -> Graph:
         return make_fused(members, f"{gid}", used, new, kind="matmul", prefix="lmc_mm_")
 
     # a group is emitted where its first matmul stood (an RMSNorm prologue stands before it,
-    # and a later weight's cast may have been moved up only to there)
+    # and a later weight's cast may have been moved up only to there); a vertical group where
+    # its last product stood (after every operand)
     out = contract(g, [grp.members for grp in groups], build,
-                   [grp.matmuls[0] if grp.members else None for grp in groups])
+                   [(grp.anchor if grp.vertical else grp.matmuls[0]) if grp.members else None
+                    for grp in groups])
     out.meta["fusions"] = list(g.meta.get("fusions", [])) + fused + [
         {"pass": "fuse_matmul", "status": "declined", "where": _where(n), "reason": why}
         for n, why in declined]

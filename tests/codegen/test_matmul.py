@@ -415,6 +415,39 @@ def test_a_value_computed_from_inputs_for_the_epilogue_is_computed_in_it(dtype):
     assert [n.attrs["kind"] for n in p.graph.nodes if n.op is Op.FUSED] == ["matmul"]
 
 
+@pytest.mark.parametrize("dtype", ["f32", "f16"])
+def test_products_of_different_inputs_summed_are_one_kernel(dtype):
+    """dX = dq @ Wq^T + dk @ Wk^T + dv @ Wv^T (+ a residual, a scale): one kernel whose K
+    loops, one per product (K 40, 6, 17: ragged), accumulate into one accumulator. A partial
+    sum read elsewhere is stored by its own (vertical) kernel, which the rest reads."""
+    from lmc.codegen import matmul
+    ks = [40, 6, 17]
+
+    def graph(read_partial: bool) -> Graph:
+        b = Builder({}, {})
+        ds = [b.input(f"d{j}", [B, T, k], dtype) for j, k in enumerate(ks)]
+        ws = [b.input(f"w{j}", [24, k], dtype) for j, k in enumerate(ks)]
+        res = b.input("res", [B, T, 24], dtype)
+        prods = [d @ b.transpose(w, 0, 1) for d, w in zip(ds, ws)]
+        partial = prods[0] + prods[1]
+        y = (partial + prods[2]) * 0.5 + res
+        return Graph("dx", b.nodes, {"y": y.node, **({"p": partial.node} if read_partial
+                                                       else {})})
+    g, g2 = graph(False), graph(True)
+    gen = torch.Generator().manual_seed(5)
+    for bb, tt in [(1, 1), (2, 9), (3, 70)]:
+        vals = {**{f"d{j}": rand(bb, tt, k, dtype=dtype, gen=gen) for j, k in enumerate(ks)},
+                **{f"w{j}": rand(24, k, dtype=dtype, gen=gen) * 0.3 for j, k in enumerate(ks)},
+                "res": rand(bb, tt, 24, dtype=dtype, gen=gen)}
+        p = check(g, vals, dtype, kernels=1)
+        p2 = check(g2, vals, dtype)
+    (k,) = _mm_kernels(p)
+    assert matmul.vertical_sum(k.attrs["body"]) is not None
+    rec = [f["reason"] for f in p.graph.meta["fusions"] if f["status"] == "fused"]
+    assert rec == ["3 matmuls summed in one accumulator + mul+add"], rec
+    assert len(_mm_kernels(p2)) == 2   # p0 + p1 stored; p2's kernel reads it in its epilogue
+
+
 def test_declined_sites_say_why_and_still_run():
     b = Builder({}, {})
     xi = b.input("xi", [4, 3], "i64")

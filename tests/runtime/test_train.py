@@ -108,14 +108,19 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, corpus, capsys)
     assert all(np.isfinite(r["train_loss"]) for r in recs)
 
 
-def _torchrun(*args):
+def _torchrun(logs, *args):
     """`lmc run ARGS` as two gloo ranks. --standalone lets torchrun's rendezvous pick a free
-    port on this host (a fixed or random port can collide with another run on the machine)."""
+    port on this host (a fixed or random port can collide with another run on the machine).
+    Each rank's output goes to a file under `logs` (--tee), quoted in full on a failure: a
+    rank that dies says why there, not in torchrun's summary."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     r = subprocess.run([os.path.join(BIN, "torchrun"), "--standalone", "--nproc_per_node", "2",
-                        "-m", "lmc.cli", "run", *args],
+                        "--log-dir", str(logs), "--tee", "3", "-m", "lmc.cli", "run", *args],
                        capture_output=True, text=True, env=env, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
+    if r.returncode != 0:
+        ranks = "".join(f"\n--- {f}\n" + open(os.path.join(d, f)).read()[-4000:]
+                        for d, _, fs in sorted(os.walk(logs)) for f in sorted(fs))
+        raise AssertionError(r.stderr[-2000:] + ranks)
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
@@ -123,7 +128,7 @@ def test_torchrun_two_gloo_processes_match_single_process(tmp_path, corpus, mode
     single = tmp_path / "single"
     assert main(["run", *_args(single, corpus, "--steps", "3", "--batch-size", "4")]) == 0
     ddp = tmp_path / "ddp"
-    _torchrun(*_args(ddp, corpus, "--steps", "3", "--batch-size", "4"),
+    _torchrun(tmp_path / "logs", *_args(ddp, corpus, "--steps", "3", "--batch-size", "4"),
               *(["--fsdp"] if mode == "fsdp" else []))
     a, b = _metrics(single), _metrics(ddp)
     assert [x["step"] for x in a] == [x["step"] for x in b]
@@ -245,7 +250,7 @@ def test_moe_logged_values_under_torchrun_ddp(tmp_path, small_ids):
     single = tmp_path / "single"
     assert main(["run", *_moe_args(single, small_ids, "--steps", "2")]) == 0
     ddp = tmp_path / "ddp"
-    _torchrun(*_moe_args(ddp, small_ids, "--steps", "2"))
+    _torchrun(tmp_path / "logs", *_moe_args(ddp, small_ids, "--steps", "2"))
     a, b = _metrics(single), _metrics(ddp)
     assert [x["step"] for x in a] == [x["step"] for x in b] == [1, 2]
     x, y = a[0], b[0]  # step 1: the same weights, so the same forward
