@@ -68,9 +68,11 @@ def fuse(g: Graph, disable: Sequence[str] = (), cache_writes: bool = False) -> G
 def sink_recomputations(g: Graph) -> Graph:
     """Pointwise values computed only from graph inputs and constants (a backward's
     recomputations of values forward' did not save, autodiff._rematerialize, and activation
-    derivatives of a saved gate) move to just before their first reader outside that cone,
-    inputs first. The fusion passes group greedily in order, so there they join the kernel
-    that reads them instead of being a kernel that stores them."""
+    derivatives of a saved gate) move to just before their first reader, inputs first, when
+    every reader has their shape: the fusion passes group greedily in order, so there they
+    join the kernel that reads them instead of being a kernel that stores them. A value read
+    broadcast (a per-row [B, T, 1] piece of a norm's backward) cannot join its reader and
+    stays where it was, beside its siblings, which can share its launch."""
     from ..ir.ops import Kind
 
     outputs = set(g.outputs.values())
@@ -81,22 +83,29 @@ def sink_recomputations(g: Graph) -> Graph:
             cone.add(n)
     if not cone:
         return g
+    users = g.users()
+    sink: set = set()
+    for n in reversed(g.nodes):     # readers first
+        if n in cone and all(u.type.shape == n.type.shape and (u not in cone or u in sink)
+                             for u in users.get(n, ())) and users.get(n):
+            sink.add(n)
+    if not sink:
+        return g
     nodes: List[Node] = []
     done: set = set()
 
     def emit(v: Node) -> None:
-        if v in cone and v not in done:
+        if v in sink and v not in done:
             done.add(v)
             for x in v.inputs:
                 emit(x)
             nodes.append(v)
     for n in g.nodes:
-        if n in cone:
+        if n in sink:
             continue
         for x in n.inputs:
             emit(x)
         nodes.append(n)
-    nodes += [n for n in g.nodes if n in cone and n not in done]   # read by nothing
     return g.with_nodes(nodes, dict(g.outputs))
 
 

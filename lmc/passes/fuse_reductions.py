@@ -85,9 +85,37 @@ class _Group:
         return None
 
 
+def _feeds_group(n: Node, users, group_of, groups, outputs) -> Optional[int]:
+    """The reduction group that can compute pointwise `n`, read from no group, itself: every
+    reader of n is a pointwise op of a shape the group holds (row or per-row) that reads a
+    member of that group, or itself feeds only such ops. A norm backward's per-row
+    rstd * rstd * rstd, recomputed from the saved rstd, joins the kernel whose per-row values
+    read it rather than being a launch of its own."""
+    def target(v: Node, depth: int) -> Optional[int]:
+        if depth == 0 or v in outputs or not users.get(v) or not fusible(v)[0]:
+            return None
+        found = set()
+        for u in users[v]:
+            if u.op.kind is not Kind.POINTWISE:
+                return None
+            mine = {group_of[x] for x in u.inputs if x in group_of}
+            t = mine if mine else {target(u, depth - 1)}
+            if None in t:
+                return None
+            found |= t
+        if len(found) != 1:
+            return None
+        gid = found.pop()
+        return gid if groups[gid].axis is not None and groups[gid].level(v.type.shape) else None
+
+    return target(n, 6)
+
+
 def fuse_reductions(g: Graph) -> Graph:
     g = _expand_softmax(g)
     order = {n: i for i, n in enumerate(g.nodes)}
+    users = g.users()
+    outputs = set(g.outputs.values())
     group_of: Dict[Node, int] = {}
     level_of: Dict[Node, str] = {}
     groups: List[_Group] = []
@@ -125,6 +153,11 @@ def fuse_reductions(g: Graph) -> Graph:
             continue
         if n.op.kind is not Kind.POINTWISE or not fusible(n)[0]:
             continue
+        if not any(x in group_of for x in n.inputs):
+            gid = _feeds_group(n, users, group_of, groups, outputs)
+            if gid is not None and ordered(n, gid):
+                add(n, gid, groups[gid].level(n.type.shape))
+                continue
         for x in n.inputs:
             gid = group_of.get(x)
             if gid is None:

@@ -164,3 +164,22 @@ def test_memory_plan_reuses_dead_buffers_and_keeps_outputs():
         again = p.run(bound, ctx)["logits"]       # a second call: no state leaks between runs
     torch.testing.assert_close(first, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(again, first, rtol=0, atol=0)
+
+
+def test_a_per_row_value_of_inputs_joins_the_reduction_reading_it():
+    """A norm backward's shape: dx = x * (r^3 * sum(x * dy)) with r^3 computed from the saved
+    rstd (an input) alone. r^3 is read by a per-row value of the reduction's kernel, so that
+    kernel computes it: one launch, not a [B, T, 1] kernel of its own. Written before the
+    reduction, as autodiff emits it."""
+    b = Builder({}, {})
+    x, dy = b.input("x", [B, T, 19], "f32"), b.input("dy", [B, T, 19], "f32")
+    r = b.input("r", [B, T, 1], "f32")
+    r3 = (r * r) * r
+    s = b.sum(x * dy, -1)
+    g = Graph("nb", b.nodes, {"dx": (x * (r3 * s * -0.5)).node})
+    gen = torch.Generator().manual_seed(6)
+    for bb, tt in [(1, 1), (2, 7)]:
+        p = _check(g, {"x": torch.randn(bb, tt, 19, generator=gen),
+                       "dy": torch.randn(bb, tt, 19, generator=gen),
+                       "r": torch.rand(bb, tt, 1, generator=gen) + 0.5})
+    assert _kinds(p) == ["reduction"]
