@@ -110,6 +110,47 @@ def _site(m: Node) -> str:
     return m.op.value + (f"@{m.loc.file.rsplit('/', 1)[-1]}:{m.loc.line}" if m.loc else "")
 
 
+def _head(name: str, args: List[str], body: Graph) -> List[str]:
+    """The @triton.jit signature of a matmul kernel and its IR-nodes comment."""
+    return ["@triton.jit",
+            f"def {name}({', '.join(args)},",
+            "        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, "
+            "GROUP_M: tl.constexpr):",
+            "    # IR nodes: " + ", ".join(_site(m) for m in body.nodes
+                                          if m.op not in (Op.INPUT, Op.CONST))]
+
+
+def _ranges() -> List[str]:
+    """The tile's row, column and K offsets (int64) and the row and column masks."""
+    return ["    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)",
+            "    rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)",
+            "    rk = tl.arange(0, BLOCK_K).to(tl.int64)",
+            "    mask_m = rm < M",
+            "    mask_n = rn < N"]
+
+
+def _batch_offset(nb: int):
+    """prefix -> a tensor's batch offset: its stride on each batch axis times the index."""
+    return lambda prefix: "".join(f" + z{d} * {prefix}_s{d}" for d in range(nb))
+
+
+def _run_tiles(kernel, args, nbatch: int, M: int, N: int, K: int, interpret: bool) -> None:
+    """Launch one program per output tile per batch entry: in the interpreter one small
+    configuration for M, N, K (it pays per program), on a GPU the autotuner's pick (keyed on
+    the kernel's own M, N, K arguments)."""
+    import triton
+
+    if interpret:
+        bm, bn, bk = interpret_blocks(M, N, K)
+        grid = (nbatch * triton.cdiv(M, bm) * triton.cdiv(N, bn),)
+        kernel[grid](*args, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M)
+        return
+
+    def grid(meta):
+        return (nbatch * triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+    _autotuned(kernel)[grid](*args)
+
+
 def _tile_order(nb: int) -> List[str]:
     """From pid, num_m and num_n: the batch entry z (and its axes z0, z1, ...) and the tile
     (pid_m, pid_n), in grouped order: GROUP_M row tiles walk the column tiles together, so
@@ -225,13 +266,7 @@ def _generate_horizontal(body: Graph, name: str) -> str:
     lines = _tile_helper(tile, pro, idx, dot_ty, out_ty, prec, False) + ["", ""]
     if any(cw is not None for _, cw in seg):
         lines += _tile_helper(f"{tile}_cache", pro, idx, dot_ty, out_ty, prec, True) + ["", ""]
-    lines += [
-        "@triton.jit",
-        f"def {name}({', '.join(args)},",
-        "        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, "
-        "GROUP_M: tl.constexpr):",
-        "    # IR nodes: " + ", ".join(_site(m) for m in body.nodes
-                                      if m.op not in (Op.INPUT, Op.CONST)),
+    lines += _head(name, args, body) + [
         f"    # A = in{idx[a]} {a.type}; " + "; ".join(
             (f"out{k} = A @ in{idx[m.inputs[1]]} {m.inputs[1].type}" if cw is None else
              f"out{k} = in{idx[cw.inputs[0]]} with A @ in{idx[m.inputs[1]]} written at rows "
@@ -292,19 +327,10 @@ def generate(body: Graph, name: str) -> str:
     if pro:
         args.append("w_sk")
     skip = set(pro.members) if pro else set()
-    src_nodes = [m for m in body.nodes if m.op is not Op.INPUT and m.op is not Op.CONST]
     fp32 = mms[0].type.dtype is DType.f32
     prec = ', input_precision="ieee"' if fp32 else ""  # fp32 as torch computes it: no TF32
-
-    def boff(prefix: str) -> str:  # a tensor's batch offset: its stride on each batch axis
-        return "".join(f" + z{d} * {prefix}_s{d}" for d in range(nb))
-
-    lines = [
-        "@triton.jit",
-        f"def {name}({', '.join(args)},",
-        "        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, "
-        "GROUP_M: tl.constexpr):",
-        "    # IR nodes: " + ", ".join(_site(m) for m in src_nodes),
+    boff = _batch_offset(nb)
+    lines = _head(name, args, body) + [
         f"    # A = {'rmsnorm(in%d) * in%d, computed here' % (ia, idx[pro.w]) if pro else ''}"
         f"in{ia} {a.type}; " + "; ".join(
             f"acc{j} = A @ in{idx[m.inputs[1]]} {m.inputs[1].type}" for j, m in enumerate(mms))
@@ -312,13 +338,7 @@ def generate(body: Graph, name: str) -> str:
         "    pid = tl.program_id(0)",
         "    num_m = (M + BLOCK_M - 1) // BLOCK_M",
         "    num_n = (N + BLOCK_N - 1) // BLOCK_N",
-    ] + _tile_order(nb)
-    lines += [
-        "    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)",
-        "    rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)",
-        "    rk = tl.arange(0, BLOCK_K).to(tl.int64)",
-        "    mask_m = rm < M",
-        "    mask_n = rn < N",
+    ] + _tile_order(nb) + _ranges() + [
         f"    a_rows = in{ia}_ptr + (rm[:, None] * a_sm{boff('a')})",
     ]
     for j, m in enumerate(mms):
@@ -420,17 +440,8 @@ def _generate_vertical(body: Graph, name: str) -> str:
     for p in epi:
         args += [f"e{idx[p]}_s{d}" for d in range(nb)] + [f"e{idx[p]}_sm", f"e{idx[p]}_sn"]
     prec = ', input_precision="ieee"' if mms[0].type.dtype is DType.f32 else ""
-
-    def boff(prefix: str) -> str:
-        return "".join(f" + z{d} * {prefix}_s{d}" for d in range(nb))
-
-    lines = [
-        "@triton.jit",
-        f"def {name}({', '.join(args)},",
-        "        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, "
-        "GROUP_M: tl.constexpr):",
-        "    # IR nodes: " + ", ".join(_site(m) for m in body.nodes
-                                      if m.op not in (Op.INPUT, Op.CONST)),
+    boff = _batch_offset(nb)
+    lines = _head(name, args, body) + [
         "    # acc = " + " + ".join(f"in{idx[m.inputs[0]]} @ in{idx[m.inputs[1]]}"
                                    for m in mms)
         + ": one K loop per product into one accumulator"
@@ -438,12 +449,7 @@ def _generate_vertical(body: Graph, name: str) -> str:
         "    pid = tl.program_id(0)",
         "    num_m = (M + BLOCK_M - 1) // BLOCK_M",
         "    num_n = (N + BLOCK_N - 1) // BLOCK_N",
-    ] + _tile_order(nb) + [
-        "    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)",
-        "    rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)",
-        "    rk = tl.arange(0, BLOCK_K).to(tl.int64)",
-        "    mask_m = rm < M",
-        "    mask_n = rn < N",
+    ] + _tile_order(nb) + _ranges() + [
         "    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)",
     ]
     for j, m in enumerate(mms):
@@ -538,8 +544,6 @@ def fold_batch(batch: List[int], M: int, rowed: List[List[int]], cols: List[List
 
 def launch(kernel, xs, outs, body: Graph, ctx, interpret: bool) -> None:
     """One program per output tile per batch entry; operands read through their strides."""
-    import triton
-
     if horizontal(body):
         return _launch_horizontal(kernel, xs, outs, body, interpret)
     if vertical_sum(body):
@@ -564,22 +568,12 @@ def launch(kernel, xs, outs, body: Graph, ctx, interpret: bool) -> None:
         args += s
     if pro:
         args.append(xs[idx[pro.w]].stride(-1))
-    if interpret:  # one small configuration: the interpreter pays per program
-        bm, bn, bk = interpret_blocks(M, N, K)
-        grid = (nbatch * triton.cdiv(M, bm) * triton.cdiv(N, bn),)
-        kernel[grid](*args, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M)
-        return
-
-    def grid(meta):
-        return (nbatch * triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-    _autotuned(kernel)[grid](*args)
+    _run_tiles(kernel, args, nbatch, M, N, K, interpret)
 
 
 def _launch_vertical(kernel, xs, outs, body: Graph, interpret: bool) -> None:
     """One program per output tile per batch entry; each product's operands read through
     their strides, K the products' total (the autotuner's key)."""
-    import triton
-
     mms, chain, _ = vertical_sum(body)
     inputs = [n for n in body.nodes if n.op is Op.INPUT]
     idx = {p: i for i, p in enumerate(inputs)}
@@ -605,15 +599,7 @@ def _launch_vertical(kernel, xs, outs, body: Graph, interpret: bool) -> None:
         args += sa + sb
     for s in e_st:
         args += s
-    if interpret:
-        bm, bn, bk = interpret_blocks(M, N, max(ks))
-        grid = (nbatch * triton.cdiv(M, bm) * triton.cdiv(N, bn),)
-        kernel[grid](*args, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M)
-        return
-
-    def grid(meta):
-        return (nbatch * triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-    _autotuned(kernel)[grid](*args)
+    _run_tiles(kernel, args, nbatch, M, N, max(ks), interpret)
 
 
 def _launch_horizontal(kernel, xs, outs, body: Graph, interpret: bool) -> None:
