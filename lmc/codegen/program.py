@@ -86,8 +86,9 @@ def sink_recomputations(g: Graph) -> Graph:
     users = g.users()
     sink: set = set()
     for n in reversed(g.nodes):     # readers first
-        if n in cone and all(u.type.shape == n.type.shape and (u not in cone or u in sink)
-                             for u in users.get(n, ())) and users.get(n):
+        if n in cone and users.get(n) and all(
+                getattr(u.type, "shape", None) == n.type.shape   # a tuple: a multi-output op
+                and (u not in cone or u in sink) for u in users[n]):
             sink.add(n)
     if not sink:
         return g
