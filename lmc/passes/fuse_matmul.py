@@ -21,6 +21,14 @@ second B operand must be available where the first matmul stands; when it is com
 but not from the first matmul (a weight's cast, as mixed_precision writes it), the nodes it
 needs are moved up to just before the first matmul.
 
+Vertical form: an add of two groups' sums of products, each read only by it, with a
+distinct A per product (the backward's dX = dQ Wq^T + dK Wk^T + dV Wv^T) is one group whose
+kernel runs one K loop per product into one accumulator, emitted where its last product stood.
+
+A pointwise value computed only from values before a group and read, through pointwise ops,
+only by its epilogue is computed in the epilogue (`_feeds_epilogue`: a backward's silu'(gate)
+from the saved gate).
+
 Every site is recorded in ``meta["fusions"]``: fused (with what) or declined (with why).
 """
 from __future__ import annotations
@@ -112,7 +120,7 @@ class _Group:
         if self.horizontal:
             return f"{len(self.matmuls)} matmuls sharing A, one launch"
         if self.vertical:
-            rest = [e for e in epi[len(self.matmuls) - 1:]]
+            rest = epi[len(self.matmuls) - 1:]     # after the adds summing the products
             return f"{len(self.matmuls)} matmuls summed in one accumulator" + (
                 " + " + "+".join(rest) if rest else "")
         if len(self.matmuls) == 2:
@@ -121,7 +129,6 @@ class _Group:
                     else "dual")
             return f"gated {kind}: 2 matmuls sharing A + " + "+".join(epi)
         return "+".join(["matmul"] + epi)
-
 
     @property
     def vertical(self) -> bool:

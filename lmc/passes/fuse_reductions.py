@@ -99,6 +99,9 @@ def _feeds_group(n: Node, users, group_of, groups, outputs) -> Optional[int]:
             if u.op.kind is not Kind.POINTWISE:
                 return None
             mine = {group_of[x] for x in u.inputs if x in group_of}
+            if any(groups[k].axis is None or groups[k].level(u.type.shape) is None
+                   for k in mine):
+                return None
             t = mine if mine else {target(u, depth - 1)}
             if None in t:
                 return None
