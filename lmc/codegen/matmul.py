@@ -52,11 +52,23 @@ def _layout(body: Graph):
         a = pro.x
     elif a.op is not Op.INPUT:
         raise LmcError(f"internal: matmul body {body.name}: A is computed, not an RMSNorm")
-    skip = set(pro.members) if pro else set()
-    epi = [p for p in inputs if any(p in m.inputs for m in body.nodes
-                                    if m.op not in (Op.INPUT, Op.CONST, Op.MATMUL)
-                                    and m not in skip)]
-    return inputs, mms, a, epi, pro
+    return inputs, mms, a, _epilogue_inputs(body, inputs, set(pro.members) if pro else set()), pro
+
+
+def _epilogue_inputs(body: Graph, inputs: List[Node], skip) -> List[Node]:
+    """The placeholders the epilogue reads: inputs of body nodes other than the matmuls and
+    `skip` (a prologue's nodes, a vertical sum's adds)."""
+    return [p for p in inputs if any(p in m.inputs for m in body.nodes
+                                     if m.op not in (Op.INPUT, Op.CONST, Op.MATMUL)
+                                     and m not in skip)]
+
+
+def _vertical_layout(body: Graph):
+    """(inputs, products, the adds summing them, their sum, epilogue placeholders) of a
+    vertical body (`vertical_sum`)."""
+    mms, chain, total = vertical_sum(body)
+    inputs = [n for n in body.nodes if n.op is Op.INPUT]
+    return inputs, mms, chain, total, _epilogue_inputs(body, inputs, set(mms) | set(chain))
 
 
 def _prologue(mms: List[Node]):
@@ -421,14 +433,10 @@ def vertical_sum(body: Graph):
 def _generate_vertical(body: Graph, name: str) -> str:
     """Products of different A summed (dX = dQ Wq^T + dK Wk^T + dV Wv^T): one K loop per
     product into one fp32 accumulator, then the epilogue on the sum."""
-    mms, chain, total = vertical_sum(body)
-    inputs = [n for n in body.nodes if n.op is Op.INPUT]
+    inputs, mms, chain, total, epi = _vertical_layout(body)
     outputs = list(body.outputs.values())
     idx = {p: i for i, p in enumerate(inputs)}
     skip = set(mms) | set(chain)
-    epi = [p for p in inputs if any(p in m.inputs for m in body.nodes
-                                    if m.op not in (Op.INPUT, Op.CONST, Op.MATMUL)
-                                    and m not in skip)]
     nb = mms[0].type.rank - 2
     zs = [f"Z{d}" for d in range(nb)]
     args = [f"in{i}_ptr" for i in range(len(inputs))] + \
@@ -574,13 +582,8 @@ def launch(kernel, xs, outs, body: Graph, ctx, interpret: bool) -> None:
 def _launch_vertical(kernel, xs, outs, body: Graph, interpret: bool) -> None:
     """One program per output tile per batch entry; each product's operands read through
     their strides, K the products' total (the autotuner's key)."""
-    mms, chain, _ = vertical_sum(body)
-    inputs = [n for n in body.nodes if n.op is Op.INPUT]
+    inputs, mms, _, _, epi = _vertical_layout(body)
     idx = {p: i for i, p in enumerate(inputs)}
-    skip = set(mms) | set(chain)
-    epi = [p for p in inputs if any(p in m.inputs for m in body.nodes
-                                    if m.op not in (Op.INPUT, Op.CONST, Op.MATMUL)
-                                    and m not in skip)]
     shape = tuple(outs[0].shape)
     if outs[0].numel() == 0:
         return

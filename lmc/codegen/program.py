@@ -11,7 +11,7 @@ from typing import Dict, List, Sequence, Tuple
 
 from ..errors import LmcError
 from ..ir.graph import Graph, Node
-from ..ir.ops import Op
+from ..ir.ops import Kind, Op
 from ..passes.fuse_matmul import fuse_matmul
 from ..passes.fuse_pointwise import fuse_pointwise
 from ..passes.fuse_reductions import fuse_reductions
@@ -73,8 +73,6 @@ def sink_recomputations(g: Graph) -> Graph:
     join the kernel that reads them instead of being a kernel that stores them. A value read
     broadcast (a per-row [B, T, 1] piece of a norm's backward) cannot join its reader and
     stays where it was, beside its siblings, which can share its launch."""
-    from ..ir.ops import Kind
-
     outputs = set(g.outputs.values())
     cone: set = set()
     for n in g.nodes:

@@ -30,7 +30,7 @@ from ..errors import LmcError
 from ..frontend.builder import Builder, Tensor
 from ..ir.dims import dims_equal
 from ..ir.graph import Graph, Node
-from ..ir.ops import Op
+from ..ir.ops import Kind, Op
 from ..ir.types import DType
 
 VJP: Dict[Op, Callable] = {}
@@ -229,8 +229,6 @@ def _rematerialize(nodes: List[Node], outputs: Dict[str, Node], saved: List[Node
     and reductions (through views), so the recomputation fuses into those kernels. SwiGLU's
     silu(gate) and RMSNorm's x * rstd (saved for the norm weight's gradient) are recomputed
     from the gate and from x and rstd. Returns (backward nodes, outputs, saved nodes kept)."""
-    from ..ir.ops import Kind
-
     users: Dict[Node, List[Node]] = {}
     for n in nodes:
         for i in n.inputs:
@@ -269,36 +267,18 @@ def _rematerialize(nodes: List[Node], outputs: Dict[str, Node], saved: List[Node
         avail[n] = new
     if not remat:
         return nodes, outputs, set(saved)
-    # inputs first (no dependencies); each recomputation just before its first reader, so
-    # the fusion passes find it next to the kernel that reads it; every other node copied in
-    # order, so node ids (the tie-break of every later topological sort) follow this order
-    new_of: Dict[Node, Node] = {}
-    out_nodes = [n for n in nodes if n.op is Op.INPUT and n not in remat]
-    pending = set(fresh)
-
-    def copy(v: Node) -> Node:
-        c = Node(v.op, tuple(new_of.get(i, i) for i in v.inputs), v.attrs, v.type, v.loc,
-                 v.scope)
-        new_of[v] = c
-        out_nodes.append(c)
-        return c
-
-    def place(v: Node) -> None:
-        if v in pending:
-            pending.discard(v)
-            for i in v.inputs:
-                place(i)
-            copy(v)
+    # the recomputations after the inputs they read (the fusion passes' sink moves each
+    # beside the kernel that reads it), then the rest with the saved inputs replaced
+    new_of: Dict[Node, Node] = dict(remat)
+    out_nodes = [n for n in nodes if n.op is Op.INPUT and n not in remat] + fresh
     for n in nodes:
         if n.op is Op.INPUT:
             continue
-        for i in n.inputs:
-            place(remat.get(i, i))
-            if i in remat:
-                new_of[i] = new_of[remat[i]]
-        copy(n)
-    gone = {memo[n].node for n in saved} & set(remat)
-    kept = {n for n in saved if memo[n].node not in gone}
+        ins = tuple(new_of.get(i, i) for i in n.inputs)
+        if ins != n.inputs:
+            new_of[n] = Node(n.op, ins, n.attrs, n.type, n.loc, n.scope)
+        out_nodes.append(new_of.get(n, n))
+    kept = {n for n in saved if memo[n].node not in remat}
     return out_nodes, {k: new_of.get(v, v) for k, v in outputs.items()}, kept
 
 

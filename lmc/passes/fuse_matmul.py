@@ -37,7 +37,7 @@ from typing import Dict, List, Optional, Set
 
 from ..ir.graph import Graph, Node
 from ..ir.ops import Kind, Op
-from .fuse_pointwise import _where, contract, fusible, is_source, make_fused
+from .fuse_pointwise import _where, contract, feeds_one_group, fusible, is_source, make_fused
 
 # reductions fuse_reductions takes with their prologue (a node read only by these stays out)
 _PROLOGUE_OF = (Op.SUM, Op.MEAN, Op.AMAX, Op.LOGSUMEXP, Op.SOFTMAX)
@@ -55,32 +55,21 @@ def _decline(m: Node) -> Optional[str]:
 
 
 def _feeds_epilogue(n: Node, users, outputs: Set[Node], group_of, groups, order):
-    """The group whose epilogue can compute pointwise `n` itself, or None: n reads only
-    sources and values from before the group, and everything reading n is a pointwise op of
-    the group's shape that reads a value of that group (where the epilogue takes it) or
-    itself feeds only such ops. A backward's activation derivative is this: silu(gate) and
-    sigmoid(gate) * (1 + gate * (1 - sigmoid(gate))) recomputed from the saved gate, read by
-    the epilogue of the down projection's dX matmul, cost no kernel and no stored tensor."""
-    def target(v: Node, depth: int) -> Optional[int]:
-        if depth == 0 or v in outputs or not users[v] or not fusible(v)[0]:
+    """The group whose epilogue can compute pointwise `n` itself, or None (`feeds_one_group`):
+    n reads only sources and values from before the group, and its readers are pointwise ops
+    of its shape that the epilogue takes (not left to a reduction). A reader may read the
+    group through a pointwise value of a member, visited after n: it joins the group then.
+    A backward's activation derivative is this: silu(gate) and sigmoid(gate) * (1 + gate *
+    (1 - sigmoid(gate))) recomputed from the saved gate, read by the epilogue of the down
+    projection's dX matmul, cost no kernel and no stored tensor."""
+    def reads(u: Node, v: Node):
+        if u.type.shape != v.type.shape or _leave_to_reduction(u, users[u], outputs):
             return None
-        found: Set[int] = set()
-        for u in users[v]:
-            if u.op.kind is not Kind.POINTWISE or u.type.shape != v.type.shape or \
-                    _leave_to_reduction(u, users[u], outputs):
-                return None
-            # the group u reads: a member, or a pointwise value of a member (visited
-            # after v, it will join the group then)
-            mine = {group_of[x] for x in u.inputs if x in group_of} or {
-                group_of[y] for x in u.inputs if x is not v and x.op.kind is Kind.POINTWISE
-                for y in x.inputs if y in group_of}
-            t = mine if mine else {target(u, depth - 1)}
-            if None in t:
-                return None
-            found |= t
-        return found.pop() if len(found) == 1 else None
+        return {group_of[x] for x in u.inputs if x in group_of} or {
+            group_of[y] for x in u.inputs if x is not v and x.op.kind is Kind.POINTWISE
+            for y in x.inputs if y in group_of}
 
-    gid = target(n, 8)
+    gid = feeds_one_group(n, users, outputs, reads, lambda v, gid: True, 8)
     if gid is None:
         return None
     grp = groups[gid]

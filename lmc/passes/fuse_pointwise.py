@@ -16,7 +16,7 @@ group for now; folding it into its consumers, and reductions into kernels, is th
 from __future__ import annotations
 
 import re
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from ..ir.dims import Dim
 from ..ir.graph import Graph, Node
@@ -194,6 +194,33 @@ def is_source(n: Node) -> bool:
     """A node with no tensor inputs (input, param, constant, iota, mask): it may be moved to
     the front of the graph, so a fusion group may read it wherever it stood."""
     return not n.inputs and n.op is not Op.FUSED
+
+
+def feeds_one_group(n: Node, users, outputs, reads, fits, depth: int) -> Optional[int]:
+    """The one group that pointwise `n`, read from no group, can join to be computed inside
+    it, or None: every reader of n is a pointwise op that reads that group (`reads(u, v)`:
+    the group ids reader u of v reads, empty when none, None when u cannot join) or itself
+    feeds only such ops, up to `depth` readers deep; `fits(v, gid)` accepts each value on
+    the way. fuse_matmul takes such values into an epilogue (a backward's silu'(gate) from
+    the saved gate), fuse_reductions into a reduction kernel (a norm's per-row rstd^3)."""
+    def target(v: Node, depth: int) -> Optional[int]:
+        if depth == 0 or v in outputs or not users.get(v) or not fusible(v)[0]:
+            return None
+        found = set()
+        for u in users[v]:
+            mine = reads(u, v) if u.op.kind is Kind.POINTWISE else None
+            if mine is None:
+                return None
+            t = mine or {target(u, depth - 1)}
+            if None in t:
+                return None
+            found |= t
+        if len(found) != 1:
+            return None
+        gid = found.pop()
+        return gid if fits(v, gid) else None
+
+    return target(n, depth)
 
 
 def contract(g: Graph, groups: List[List[Node]], build, anchors=None) -> Graph:

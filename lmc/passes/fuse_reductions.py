@@ -23,7 +23,7 @@ from typing import Dict, List, Optional
 
 from ..ir.graph import Graph, Node
 from ..ir.ops import Kind, Op
-from .fuse_pointwise import _where, contract, fusible, is_source, make_fused
+from .fuse_pointwise import _where, contract, feeds_one_group, fusible, is_source, make_fused
 
 RED_OPS = (Op.SUM, Op.MEAN, Op.AMAX, Op.LOGSUMEXP)
 
@@ -86,32 +86,19 @@ class _Group:
 
 
 def _feeds_group(n: Node, users, group_of, groups, outputs) -> Optional[int]:
-    """The reduction group that can compute pointwise `n`, read from no group, itself: every
-    reader of n is a pointwise op of a shape the group holds (row or per-row) that reads a
-    member of that group, or itself feeds only such ops. A norm backward's per-row
-    rstd * rstd * rstd, recomputed from the saved rstd, joins the kernel whose per-row values
-    read it rather than being a launch of its own."""
-    def target(v: Node, depth: int) -> Optional[int]:
-        if depth == 0 or v in outputs or not users.get(v) or not fusible(v)[0]:
-            return None
-        found = set()
-        for u in users[v]:
-            if u.op.kind is not Kind.POINTWISE:
-                return None
-            mine = {group_of[x] for x in u.inputs if x in group_of}
-            if any(groups[k].axis is None or groups[k].level(u.type.shape) is None
-                   for k in mine):
-                return None
-            t = mine if mine else {target(u, depth - 1)}
-            if None in t:
-                return None
-            found |= t
-        if len(found) != 1:
-            return None
-        gid = found.pop()
-        return gid if groups[gid].axis is not None and groups[gid].level(v.type.shape) else None
+    """The reduction group that can compute pointwise `n`, read from no group, itself
+    (`feeds_one_group`): every reader of n is a pointwise op of a shape the group holds (row
+    or per-row) that reads a member of that group, or itself feeds only such ops. A norm
+    backward's per-row rstd * rstd * rstd, recomputed from the saved rstd, joins the kernel
+    whose per-row values read it rather than being a launch of its own."""
+    def held(gid: int, shape) -> bool:
+        return groups[gid].axis is not None and groups[gid].level(shape) is not None
 
-    return target(n, 6)
+    def reads(u: Node, v: Node):
+        mine = {group_of[x] for x in u.inputs if x in group_of}
+        return None if any(not held(k, u.type.shape) for k in mine) else mine
+
+    return feeds_one_group(n, users, outputs, reads, lambda v, gid: held(gid, v.type.shape), 6)
 
 
 def fuse_reductions(g: Graph) -> Graph:
