@@ -25,6 +25,7 @@ pays per program and per op, not per element).
 """
 from __future__ import annotations
 
+import math
 from typing import Dict, List
 
 from ..errors import LmcError
@@ -550,6 +551,12 @@ def fold_batch(batch: List[int], M: int, rowed: List[List[int]], cols: List[List
     return M
 
 
+def _out_space(out):
+    """(shape, batch dims (a list), M, N) of a contiguous [*batch, M, N] output."""
+    shape = tuple(out.shape)
+    return shape, list(shape[:-2]), shape[-2], shape[-1]
+
+
 def launch(kernel, xs, outs, body: Graph, ctx, interpret: bool) -> None:
     """One program per output tile per batch entry; operands read through their strides."""
     if horizontal(body):
@@ -558,19 +565,15 @@ def launch(kernel, xs, outs, body: Graph, ctx, interpret: bool) -> None:
         return _launch_vertical(kernel, xs, outs, body, interpret)
     inputs, mms, a, epi, pro = _layout(body)
     idx = {p: i for i, p in enumerate(inputs)}
-    shape = tuple(outs[0].shape)
     if outs[0].numel() == 0:
         return
-    nb = len(shape) - 2
-    batch, M, N = list(shape[:nb]), shape[-2], shape[-1]
+    shape, batch, M, N = _out_space(outs[0])
     K = xs[idx[a]].shape[-1]
     a_st = list(xs[idx[a]].expand(*batch, M, K).stride())
     b_st = [list(xs[idx[m.inputs[1]]].expand(*batch, K, N).stride()) for m in mms]
     e_st = [list(xs[idx[p]].expand(shape).stride()) for p in epi]
     M = fold_batch(batch, M, [a_st] + e_st, b_st)
-    nbatch = 1
-    for s in batch:
-        nbatch *= s
+    nbatch = math.prod(batch)
     args = [*xs, *outs, M, N, K, *batch, *a_st]
     for s in b_st + e_st:
         args += s
@@ -584,19 +587,15 @@ def _launch_vertical(kernel, xs, outs, body: Graph, interpret: bool) -> None:
     their strides, K the products' total (the autotuner's key)."""
     inputs, mms, _, _, epi = _vertical_layout(body)
     idx = {p: i for i, p in enumerate(inputs)}
-    shape = tuple(outs[0].shape)
     if outs[0].numel() == 0:
         return
-    nb = len(shape) - 2
-    batch, M, N = list(shape[:nb]), shape[-2], shape[-1]
+    shape, batch, M, N = _out_space(outs[0])
     ks = [xs[idx[m.inputs[0]]].shape[-1] for m in mms]
     a_st = [list(xs[idx[m.inputs[0]]].expand(*batch, M, k).stride()) for m, k in zip(mms, ks)]
     b_st = [list(xs[idx[m.inputs[1]]].expand(*batch, k, N).stride()) for m, k in zip(mms, ks)]
     e_st = [list(xs[idx[p]].expand(shape).stride()) for p in epi]
     M = fold_batch(batch, M, a_st + e_st, b_st)
-    nbatch = 1
-    for s in batch:
-        nbatch *= s
+    nbatch = math.prod(batch)
     args = [*xs, *outs, M, N, sum(ks), *ks, *batch]
     for sa, sb in zip(a_st, b_st):
         args += sa + sb
@@ -619,9 +618,7 @@ def _launch_horizontal(kernel, xs, outs, body: Graph, interpret: bool) -> None:
     a_st = list(x.stride())
     b_st = [list(xs[idx[m.inputs[1]]].stride()) for m in mms]    # [K, N] weights: sk, sn
     M = fold_batch(batch, M, [a_st], [])
-    nbatch = 1
-    for s in batch:
-        nbatch *= s
+    nbatch = math.prod(batch)
     args = [*xs, *outs, M, sum(ns), K, *ns, *batch, *a_st] + [s for st in b_st for s in st]
     if pro:
         args.append(xs[idx[pro.w]].stride(-1))
