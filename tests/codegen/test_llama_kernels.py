@@ -56,3 +56,29 @@ def test_every_llama_small_kernel_matches_its_body():
     launched = sum(seen.values())
     assert launched == prog.forward_exec.launches + prog.backward_exec.launches
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_identical_kernels_are_one_function():
+    """The same block in every layer generates the same kernel but for its name: the module
+    defines it once and binds the other names to it (one compile, one autotune per shape),
+    while kernels that differ in anything else stay separate."""
+    from lmc.codegen.program import fused_nodes, kind_module
+
+    model = LmcModel(run_pipeline(with_loss(lmc.load(LLAMA, preset="tiny").graph)),
+                     backend="triton", seed=0)
+    prog = model.program()
+    for p in (prog.forward_exec, prog.backward_exec):
+        srcs = {}
+        for n in fused_nodes(p.graph):
+            src = kind_module(n.attrs["kind"]).generate(n.attrs["body"], n.attrs["kernel"])
+            if src:
+                srcs[n.attrs["kernel"]] = src.replace(n.attrs["kernel"], "@")
+        by_obj = {}
+        for name in srcs:
+            by_obj.setdefault(id(p.kernels[name]), []).append(name)
+        assert len(by_obj) == len(set(srcs.values())) < len(srcs)
+        for names in by_obj.values():          # one function: one source up to the name
+            assert len({srcs[k] for k in names}) == 1
+            assert p.kernels[names[0]].__name__ == names[0]    # the first launched holds it
+            for k in names[1:]:
+                assert f"\n{k} = {names[0]}\n" in p.source
