@@ -142,7 +142,7 @@ def compile_all(in_path, arch, limit_variants=None, only=None, shard=(0, 1)) -> 
     from triton.runtime.jit import JITFunction
 
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-    from lmc.codegen.matmul import GPU_CONFIGS, GROUP_M
+    from lmc.codegen.matmul import gpu_configs
     items = [it for i, it in enumerate(json.load(open(in_path)))
              if (only is None or it["module"].startswith(only)) and i % shard[1] == shard[0]]
     modules = {}
@@ -170,9 +170,10 @@ def compile_all(in_path, arch, limit_variants=None, only=None, shard=(0, 1)) -> 
         if id(obj) in tuned:           # attention.py autotunes at launch: _configs(kind)
             configs = modules[f]._configs(tuned[id(obj)])
         if it["name"].startswith("lmc_mm_"):   # generated matmuls: codegen/matmul.py's list
-            configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk,
-                                      "GROUP_M": GROUP_M}, num_warps=w, num_stages=st)
-                       for bm, bn, bk, w, st in GPU_CONFIGS]
+            base = obj
+            while not isinstance(base, JITFunction):
+                base = base.fn
+            configs = gpu_configs(split="SPLIT_K" in base.arg_names)
         if configs:
             variants = [({**it["constexprs"], **c.kwargs},
                          {"num_warps": c.num_warps, "num_stages": c.num_stages})

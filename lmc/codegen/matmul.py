@@ -18,6 +18,13 @@ share stay in L2. On a GPU the block sizes are autotuned per (M, N, K) over a fe
 pruned to the problem size; Triton's interpreter gets one configuration of large tiles (it
 pays per program and per op, not per element).
 
+Split-K (the plain form, few rows): a decode step's matmul has M = batch rows, so an output
+of a few hundred columns is a few dozen tiles; on a GPU of 132 SMs most sit idle while each
+busy one streams all of K alone. There the autotuner may also pick SPLIT_K programs per tile,
+each summing one slice of K; they meet in an fp32 workspace, and the last of them to finish
+(a per-tile counter, atomic, reset by that program) adds the slices in slice order and runs
+the epilogue, so the result does not depend on which finishes last.
+
     @triton.jit
     def lmc_mm_matmul_add_0(in0_ptr, in1_ptr, in2_ptr, out0_ptr, M, N, K, Z0,
                             a_s0, a_sm, a_sk, b0_s0, b0_sk, b0_sn, e2_s0, e2_sm, e2_sn,
@@ -123,12 +130,12 @@ def _site(m: Node) -> str:
     return m.op.value + (f"@{m.loc.file.rsplit('/', 1)[-1]}:{m.loc.line}" if m.loc else "")
 
 
-def _head(name: str, args: List[str], body: Graph) -> List[str]:
+def _head(name: str, args: List[str], body: Graph, split: bool = False) -> List[str]:
     """The @triton.jit signature of a matmul kernel and its IR-nodes comment."""
     return ["@triton.jit",
             f"def {name}({', '.join(args)},",
             "        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, "
-            "GROUP_M: tl.constexpr):",
+            "GROUP_M: tl.constexpr" + (", SPLIT_K: tl.constexpr):" if split else "):"),
             "    # IR nodes: " + ", ".join(_site(m) for m in body.nodes
                                           if m.op not in (Op.INPUT, Op.CONST))]
 
@@ -147,21 +154,61 @@ def _batch_offset(nb: int):
     return lambda prefix: "".join(f" + z{d} * {prefix}_s{d}" for d in range(nb))
 
 
-def _run_tiles(kernel, args, nbatch: int, M: int, N: int, K: int, interpret: bool) -> None:
-    """Launch one program per output tile per batch entry: in the interpreter one small
+def _run_tiles(kernel, args, nbatch: int, M: int, N: int, K: int, interpret: bool,
+               split_max: int = 0) -> None:
+    """Launch one program per output tile per batch entry (times SPLIT_K for the plain
+    form, `split_max` > 0: it may split K up to that many ways): in the interpreter one small
     configuration for M, N, K (it pays per program), on a GPU the autotuner's pick (keyed on
-    the kernel's own M, N, K arguments)."""
+    the kernel's own M, N, K and SPLIT_MAX arguments)."""
     import triton
 
     if interpret:
         bm, bn, bk = interpret_blocks(M, N, K)
-        grid = (nbatch * triton.cdiv(M, bm) * triton.cdiv(N, bn),)
-        kernel[grid](*args, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M)
+        extra = {}
+        if split_max:
+            extra["SPLIT_K"] = INTERPRET_SPLIT_K if INTERPRET_SPLIT_K <= split_max else 1
+        grid = (nbatch * triton.cdiv(M, bm) * triton.cdiv(N, bn) * extra.get("SPLIT_K", 1),)
+        kernel[grid](*args, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M, **extra)
         return
 
     def grid(meta):
-        return (nbatch * triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-    _autotuned(kernel)[grid](*args)
+        return (nbatch * triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])
+                * meta.get("SPLIT_K", 1),)
+    _autotuned(kernel, split=bool(split_max))[grid](*args)
+
+
+def _split_args(device, nbatch: int, M: int, N: int, naccs: int):
+    """The plain form's last kernel arguments: (workspace, counters, ZM, SPLIT_MAX). A launch
+    of at most SPLIT_ROWS rows (over all batch entries) and SPLIT_TILES output tiles may split
+    K; any other gets a one-element stand-in workspace and SPLIT_MAX = 1 (never split)."""
+    import torch
+    import triton
+
+    zm = nbatch * M
+    dummy, counters = _split_buffers(device)
+    if zm > SPLIT_ROWS or nbatch * triton.cdiv(M, 16) * triton.cdiv(N, 32) > SPLIT_TILES:
+        return [dummy, counters, zm, 1]
+    top = max(SPLITS)
+    ws = torch.empty(top * (naccs * zm * N + zm), dtype=torch.float32, device=device)
+    return [ws, counters, zm, top]
+
+
+def _split_buffers(device):
+    """(a one-element fp32 stand-in workspace, the split-K tile counters: SPLIT_TILES int32
+    zeros, each reset by the program that used it), made once per device. Made outside any
+    CUDA-graph capture: a capture would record their zeroing without running it."""
+    import torch
+
+    key = str(device)
+    hit = _SPLIT_BUFFERS.get(key)
+    if hit is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise LmcError("internal: the matmul split-K counters are made on the first launch; "
+                           "run the program once before capturing it in a CUDA graph")
+        hit = (torch.zeros(1, dtype=torch.float32, device=device),
+               torch.zeros(SPLIT_TILES, dtype=torch.int32, device=device))
+        _SPLIT_BUFFERS[key] = hit
+    return hit
 
 
 def _tile_order(nb: int) -> List[str]:
@@ -339,16 +386,21 @@ def generate(body: Graph, name: str) -> str:
         args += [f"e{idx[p]}_s{d}" for d in range(nb)] + [f"e{idx[p]}_sm", f"e{idx[p]}_sn"]
     if pro:
         args.append("w_sk")
+    args += ["ws_ptr", "cnt_ptr", "ZM", "SPLIT_MAX"]
     skip = set(pro.members) if pro else set()
     fp32 = mms[0].type.dtype is DType.f32
     prec = ', input_precision="ieee"' if fp32 else ""  # fp32 as torch computes it: no TF32
     boff = _batch_offset(nb)
-    lines = _head(name, args, body) + [
+    dot_ty = TL_DTYPE[mms[0].inputs[0].type.dtype]
+    accs = [f"acc{j}" for j in range(len(mms))]
+    lines = _head(name, args, body, split=True) + [
         f"    # A = {'rmsnorm(in%d) * in%d, computed here' % (ia, idx[pro.w]) if pro else ''}"
         f"in{ia} {a.type}; " + "; ".join(
             f"acc{j} = A @ in{idx[m.inputs[1]]} {m.inputs[1].type}" for j, m in enumerate(mms))
         + ("; epilogue reads " + ", ".join(f"in{idx[p]} {p.type}" for p in epi) if epi else ""),
         "    pid = tl.program_id(0)",
+        "    split = pid % SPLIT_K  # this program's slice of K (split-K: see _split_code)",
+        "    pid = pid // SPLIT_K",
         "    num_m = (M + BLOCK_M - 1) // BLOCK_M",
         "    num_n = (N + BLOCK_N - 1) // BLOCK_N",
     ] + _tile_order(nb) + _ranges() + [
@@ -358,13 +410,14 @@ def generate(body: Graph, name: str) -> str:
         lines += [f"    b{j}_cols = in{idx[m.inputs[1]]}_ptr + (rn[None, :] * b{j}_sn"
                   f"{boff(f'b{j}')})",
                   f"    acc{j} = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)"]
-    pre, inside, post = _prologue_code(
-        pro, idx, TL_DTYPE[mms[0].inputs[0].type.dtype], [f"acc{j}" for j in range(len(mms))],
-        "        ") if pro else ([], [], [])
+    pre, inside, post = _prologue_code(pro, idx, dot_ty, accs, "        ") if pro else \
+        ([], [], [])
     lines += pre + [
-        "    for k0 in range(0, K, BLOCK_K):",
+        "    k_per = (K + SPLIT_K * BLOCK_K - 1) // (SPLIT_K * BLOCK_K) * BLOCK_K",
+        "    k_end = tl.minimum(K, (split + 1) * k_per)",
+        "    for k0 in range(split * k_per, k_end, BLOCK_K):",
         "        kk = k0 + rk",
-        "        mask_k = kk < K",
+        "        mask_k = kk < k_end",
         "        a = tl.load(a_rows + kk[None, :] * a_sk, mask=mask_m[:, None] & mask_k[None, :],"
         " other=0.0)",
     ]
@@ -373,10 +426,52 @@ def generate(body: Graph, name: str) -> str:
         lines += [f"        b{j} = tl.load(b{j}_cols + kk[:, None] * b{j}_sk, "
                   f"mask=mask_k[:, None] & mask_n[None, :], other=0.0)",
                   f"        acc{j} = tl.dot(a, b{j}, acc=acc{j}{prec})"]
+    # the single-loop prologue's sums of squares are partial too; the f16 one read all of K
+    lines += _split_code(accs, bool(post))
     lines += post
     lines += _epilogue(body, {m: f"acc{j}" for j, m in enumerate(mms)}, skip, epi, idx,
                        outputs, boff)
     return "\n".join(lines) + "\n"
+
+
+def _split_code(accs: List[str], ss: bool) -> List[str]:
+    """Split-K (SPLIT_K > 1, decode's few rows): the SPLIT_K programs of one output tile
+    each sum a slice of K. Each stores its partial sums (the accumulators, [BLOCK_M, BLOCK_N],
+    and with `ss` an RMSNorm prologue's sums of squares, [BLOCK_M]) to the fp32 workspace and
+    counts itself in the tile's counter; the last to arrive reads the slices back, adds them
+    in slice order (the same sum whichever program is last), resets the counter for the next
+    launch, and alone runs the epilogue (everyone else's masks are off). Workspace: SPLIT_K x
+    len(accs) planes of [ZM, N], then SPLIT_K x [ZM] sums of squares (ZM: rows of all batch
+    entries)."""
+    n = len(accs)
+    ss_at = f"ws_ptr + SPLIT_K * {n} * plane + "
+    lines = ["    if SPLIT_K > 1:",
+             "        plane = ZM * N",
+             "        wrow = z * M + rm",
+             "        wofs = wrow[:, None] * N + rn[None, :]",
+             "        wmask = mask_m[:, None] & mask_n[None, :]"]
+    lines += [f"        tl.store(ws_ptr + (split * {n} + {j}) * plane + wofs, {acc}, mask=wmask)"
+              for j, acc in enumerate(accs)]
+    if ss:
+        lines.append(f"        tl.store({ss_at}split * ZM + wrow, ss, mask=mask_m)")
+    lines += ["        tl.debug_barrier()  # every thread's partials stored before the count",
+              "        arrived = tl.atomic_add(cnt_ptr + pid, 1, sem=\"acq_rel\")",
+              "        last = arrived == SPLIT_K - 1",
+              "        # as a row vector: Triton's interpreter turns row mask & scalar into int32",
+              "        mask_m = mask_m & (arrived + tl.zeros_like(rm) == SPLIT_K - 1)",
+              "        wmask = mask_m[:, None] & mask_n[None, :]"]
+    for j, acc in enumerate(accs):
+        lines += [f"        {acc} = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)",
+                  "        for s in tl.static_range(SPLIT_K):",
+                  f"            {acc} += tl.load(ws_ptr + (s * {n} + {j}) * plane + wofs, "
+                  "mask=wmask, other=0.0, cache_modifier=\".cg\")"]
+    if ss:
+        lines += ["        ss = tl.full((BLOCK_M,), 0.0, tl.float32)",
+                  "        for s in tl.static_range(SPLIT_K):",
+                  f"            ss += tl.load({ss_at}s * ZM + wrow, mask=mask_m, other=0.0, "
+                  "cache_modifier=\".cg\")"]
+    lines.append("        tl.store(cnt_ptr + pid, 0, mask=last)  # ready for the next launch")
+    return lines
 
 
 def _epilogue(body: Graph, val: Dict[Node, str], skip, epi, idx, outputs, boff) -> List[str]:
@@ -485,29 +580,58 @@ def _generate_vertical(body: Graph, name: str) -> str:
 GPU_CONFIGS = [(128, 128, 32, 4, 4), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4),
                (64, 64, 32, 4, 4), (32, 64, 32, 4, 4), (16, 64, 64, 4, 4), (16, 32, 64, 2, 4)]
 GROUP_M = 8
+# split-K, the plain form only: with few rows (decode's M = batch) an N of a few hundred
+# columns is a few dozen tiles, too few programs to keep the GPU's memory system busy, each
+# streaming all of K alone; SPLIT_K programs per tile each take a slice of K instead
+SPLITS = (2, 4, 8)
+SPLIT_BLOCKS = [(16, 64, 64, 4, 4), (16, 32, 128, 4, 3)]
+SPLIT_ROWS = 64          # rows (all batch entries) up to which a launch may split
+SPLIT_TILES = 1 << 14    # output tiles of a launch that may split, at most (the counters)
+INTERPRET_SPLIT_K = 1    # the interpreter's SPLIT_K where a launch may split (tests set it)
+_SPLIT_BUFFERS: Dict[str, tuple] = {}
 _TUNED: Dict[int, tuple] = {}
+
+
+def gpu_configs(split: bool):
+    """The autotuner's triton.Configs: GPU_CONFIGS, and for a kernel with SPLIT_K (the plain
+    form) those with SPLIT_K = 1 plus SPLIT_BLOCKS at each of SPLITS."""
+    import triton
+
+    def cfg(bm, bn, bk, w, st, **kw):
+        return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": GROUP_M,
+                              **kw}, num_warps=w, num_stages=st)
+    if not split:
+        return [cfg(*c) for c in GPU_CONFIGS]
+    return [cfg(*c, SPLIT_K=1) for c in GPU_CONFIGS] + \
+        [cfg(*c, SPLIT_K=k) for k in SPLITS for c in SPLIT_BLOCKS]
 
 
 def prune_configs(configs, nargs, **kwargs):
     """Configs whose tiles do not exceed the problem (rounded up to a power of two, at least
-    16) along M, N and K; the smallest one if none fits."""
+    16) along M, N and K; the smallest one if none fits. Split-K configs stay where the
+    launch allows that split (SPLIT_MAX) and every slice gets at least one BLOCK_K."""
     import triton
 
     lim = {d: max(16, triton.next_power_of_2(max(int(nargs[d]), 1))) for d in "MNK"}
-    fit = [c for c in configs if c.kwargs["BLOCK_M"] <= lim["M"]
+    whole = [c for c in configs if c.kwargs.get("SPLIT_K", 1) == 1]
+    fit = [c for c in whole if c.kwargs["BLOCK_M"] <= lim["M"]
            and c.kwargs["BLOCK_N"] <= lim["N"] and c.kwargs["BLOCK_K"] <= lim["K"]]
-    return fit or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+    fit = fit or [min(whole, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+    top = int(nargs.get("SPLIT_MAX", 1))
+    return fit + [c for c in configs if 1 < c.kwargs.get("SPLIT_K", 1) <= top
+                  and c.kwargs["SPLIT_K"] * c.kwargs["BLOCK_K"] <= int(nargs["K"])
+                  and c.kwargs["BLOCK_M"] <= lim["M"] and c.kwargs["BLOCK_N"] <= lim["N"]]
 
 
-def _autotuned(kernel):
-    """`kernel` wrapped in triton.autotune (keyed on M, N, K), made once per kernel."""
+def _autotuned(kernel, split: bool = False):
+    """`kernel` wrapped in triton.autotune (keyed on M, N, K, and SPLIT_MAX for a kernel
+    that may split K), made once per kernel."""
     import triton
 
     hit = _TUNED.get(id(kernel))
     if hit is None or hit[0] is not kernel:
-        cfgs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": GROUP_M},
-                              num_warps=w, num_stages=s) for bm, bn, bk, w, s in GPU_CONFIGS]
-        hit = (kernel, triton.autotune(configs=cfgs, key=["M", "N", "K"],
+        key = ["M", "N", "K"] + (["SPLIT_MAX"] if split else [])
+        hit = (kernel, triton.autotune(configs=gpu_configs(split), key=key,
                                        prune_configs_by={"early_config_prune": prune_configs})
                (kernel))
         _TUNED[id(kernel)] = hit
@@ -579,7 +703,8 @@ def launch(kernel, xs, outs, body: Graph, ctx, interpret: bool) -> None:
         args += s
     if pro:
         args.append(xs[idx[pro.w]].stride(-1))
-    _run_tiles(kernel, args, nbatch, M, N, K, interpret)
+    args += _split_args(outs[0].device, nbatch, M, N, len(mms))
+    _run_tiles(kernel, args, nbatch, M, N, K, interpret, split_max=args[-1])
 
 
 def _launch_vertical(kernel, xs, outs, body: Graph, interpret: bool) -> None:

@@ -600,3 +600,65 @@ def test_llama_forward_and_gradients_with_matmul_kernels():
            if f["pass"] == "fuse_matmul" and f["status"] == "fused"]
     assert sum(r.startswith("gated swiglu") for r in fwd) == 2   # one per layer
     assert "matmul+add" in fwd                                   # the residual adds
+
+
+@pytest.mark.parametrize("split", [2, 3, 8])
+@pytest.mark.parametrize("dtype", ["f32", "f16"])
+def test_split_k_for_few_rows(split, dtype, monkeypatch):
+    """Decode's matmuls have a few rows: the plain form may split K over SPLIT_K programs per
+    tile, the last to finish adding the slices (in slice order) and running the epilogue.
+    16x16x16 tiles: K = 70 is five K steps, so 8 slices leave three empty; a residual
+    epilogue, the gated pair with the RMSNorm prologue (its sums of squares split too in
+    fp32, read whole in the f16 form), batch dims that cannot fold into M. The same result
+    twice (bitwise), and every tile counter back at zero for the next launch."""
+    from lmc.codegen import matmul
+    monkeypatch.setattr(matmul, "interpret_blocks", lambda m, n, k: (16, 16, 16))
+    monkeypatch.setattr(matmul, "INTERPRET_SPLIT_K", split)
+    splits = []
+    real = matmul._split_args
+    monkeypatch.setattr(matmul, "_split_args",
+                        lambda *a: splits.append(real(*a)[-1]) or real(*a))
+    K = 70
+    b = Builder({}, {})
+    x = b.input("x", [B, T, K], dtype)
+    nw = b.input("nw", [K], dtype)
+    w0, w1, w2 = (b.input(f"w{i}", [K, n], dtype) for i, n in enumerate([33, 40, 40]))
+    res = b.input("res", [B, T, 33], dtype)
+    xb = b.input("xb", [B, 2, T, K], dtype)
+    wb = b.input("wb", [2, K, 17], dtype)
+    h = _rmsnorm(b, x, nw)
+    g = Graph("split", b.nodes, {"y": (x @ w0 + res).node,
+                                 "g": (b.silu(h @ w1) * (h @ w2)).node,
+                                 "z": b.tanh(xb @ wb).node})
+    gen = torch.Generator().manual_seed(5)
+    for bb, tt in [(1, 1), (3, 1), (2, 5)]:
+        vals = {"x": rand(bb, tt, K, dtype=dtype, gen=gen), "nw": rand(K, dtype=dtype, gen=gen),
+                **{f"w{i}": rand(K, n, dtype=dtype, gen=gen) * 0.2
+                   for i, n in enumerate([33, 40, 40])},
+                "res": rand(bb, tt, 33, dtype=dtype, gen=gen),
+                "xb": rand(bb, 2, tt, K, dtype=dtype, gen=gen),
+                "wb": rand(2, K, 17, dtype=dtype, gen=gen) * 0.2}
+        p = check(g, vals, dtype, kernels=3)
+        ctx = RefCtx(dims=bind_dims(g, vals))
+        one, two = (run_graph(p.graph, vals, ctx, p.impl) for _ in range(2))
+        assert all(torch.equal(one[k], two[k]) for k in one)
+    assert splits and all(s == max(matmul.SPLITS) for s in splits), splits
+    _, counters = matmul._split_buffers(torch.device("cpu"))
+    assert not counters.any()
+
+
+def test_split_k_is_offered_only_for_few_rows():
+    """The autotuner sees split configs only where the launch allows them: a few rows (SPLIT_MAX
+    > 1), and no slice thinner than BLOCK_K; a training-sized launch never splits."""
+    from lmc.codegen import matmul
+    cs = matmul.gpu_configs(split=True)
+
+    def splits(m, n, k, top):
+        return {c.kwargs["SPLIT_K"] for c in matmul.prune_configs(
+            cs, {"M": m, "N": n, "K": k, "SPLIT_MAX": top})}
+    assert splits(1, 768, 3072, 8) == {1, 2, 4, 8}
+    assert splits(1, 768, 128, 8) == {1, 2}               # 64 x 2 and 128 x 1 columns of K
+    assert splits(1, 768, 3072, 1) == {1}
+    assert matmul._split_args(torch.device("cpu"), 16, 1024, 768, 1)[-1] == 1
+    assert matmul._split_args(torch.device("cpu"), 1, 4, 768, 1)[-1] == max(matmul.SPLITS)
+    assert matmul._split_args(torch.device("cpu"), 1, 1, 50257 * 16, 1)[-1] == 1  # tiles

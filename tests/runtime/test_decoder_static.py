@@ -162,13 +162,23 @@ def test_warm_static_step_makes_no_tensor_from_host_values(path, monkeypatch):
     dec._static(ids, st, past)
 
 
-def test_static_step_on_the_triton_backend():
+@pytest.mark.parametrize("split", [1, 3])
+def test_static_step_on_the_triton_backend(split, monkeypatch):
+    """split 3: every matmul launch of a few rows (the single-token steps, and here the
+    prefill too) splits K three ways, as the GPU autotuner may choose for decode."""
+    from lmc.codegen import matmul
+    monkeypatch.setattr(matmul, "INTERPRET_SPLIT_K", split)
+    launches = []
+    real = matmul._split_args
+    monkeypatch.setattr(matmul, "_split_args", lambda *a: launches.append(real(*a)[-1])
+                        or real(*a))
     m = lmc.load(LLAMA, preset="tiny", seed=7, backend="triton").eval()
     ids = torch.randint(0, 512, (1, 6), generator=torch.Generator().manual_seed(3))
     dec = Decoder(m, backend="triton", static=True, max_len=8)
     got, _ = _decode(dec, ids, 3, fill=1e30)
     assert (got - _forward(m, ids)).abs().max().item() < TOL
     assert not dec.cuda_graph
+    assert launches and all(s == max(matmul.SPLITS) for s in launches)
 
 
 def test_cuda_graph_fallback_is_stated_once_on_cpu(capsys):
