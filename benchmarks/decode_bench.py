@@ -114,8 +114,13 @@ def lmc_contender(f32_model, args, device, backend):
     # what one step launches (fused ops, each a kernel or a template's launch pair, + other
     # torch ops): at batch 1 this bounds the step time under a CUDA graph
     info = {"backend": backend, "ops_per_step": step_ops(dec.graph)}
+    from lmc.codegen.matmul import tuned_configs
+
+    # the autotuner's picks (block sizes, SPLIT_K) for the generated matmuls, by (M, N, K)
     return prefill, step, lambda: {**info, "cuda_graph": dec.cuda_graph,
-                                   "cuda_graph_off": dec.cuda_graph_off}
+                                   "cuda_graph_off": dec.cuda_graph_off,
+                                   "matmul_configs": tuned_configs() if backend == "triton"
+                                   else []}
 
 
 # -- the hand-written reference ---------------------------------------------------------------

@@ -576,8 +576,12 @@ def _generate_vertical(body: Graph, name: str) -> str:
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): a handful for the GPU autotuner; those
-# with tiles far larger than the problem are pruned per launch (decode's M = batch rows)
-GPU_CONFIGS = [(128, 128, 32, 4, 4), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4),
+# with tiles far larger than the problem are pruned per launch (decode's M = batch rows).
+# The first two are the large 8- and 4-warp tiles Hopper's bf16 tensor cores want; with fp32
+# operands the first needs more shared memory than an H100 has, and the autotuner skips a
+# config that cannot launch (Triton's OutOfResources), as benchmarks/compile_check.py counts
+GPU_CONFIGS = [(128, 256, 64, 8, 3), (64, 256, 32, 4, 4),
+               (128, 128, 32, 4, 4), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4),
                (64, 64, 32, 4, 4), (32, 64, 32, 4, 4), (16, 64, 64, 4, 4), (16, 32, 64, 2, 4)]
 GROUP_M = 8
 # split-K, the plain form only: with few rows (decode's M = batch) an N of a few hundred
@@ -636,6 +640,17 @@ def _autotuned(kernel, split: bool = False):
                (kernel))
         _TUNED[id(kernel)] = hit
     return hit[1]
+
+
+def tuned_configs() -> List[dict]:
+    """What the GPU autotuner chose so far, per generated matmul kernel and key (M, N, K and
+    SPLIT_MAX): block sizes, SPLIT_K, warps, stages. For benchmark reports."""
+    rows = []
+    for kernel, tuner in _TUNED.values():
+        for key, cfg in getattr(tuner, "cache", {}).items():
+            rows.append({"kernel": kernel.__name__, "key": [k for k in key if isinstance(k, int)],
+                         **cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+    return rows
 
 
 def _block(n: int, hi: int) -> int:

@@ -384,6 +384,8 @@ def test_gpu_launch_path_autotuner_and_pruning():
                   interpret=False)
     want = torch.nn.functional.silu(xs[0] @ xs[1]) * (xs[0] @ xs[2]) + 1.0
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    (pick,) = [r for r in matmul.tuned_configs() if r["kernel"] == node.attrs["kernel"]]
+    assert pick["key"][:3] == [20, 40, 24] and (pick["BLOCK_M"], pick["SPLIT_K"]) == (32, 1)
 
 
 def _declines(g):
