@@ -959,10 +959,12 @@ def _run_fwd(sp: _Spec, q, k, v, out: Optional[Tensor] = None,
     return out, lse
 
 
-def _run_bwd(sp: _Spec, do, q, k, v, out, lse) -> Tuple[Tensor, Tensor, Tensor]:
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+def _run_bwd(sp: _Spec, do, q, k, v, out, lse, dq=None, dk=None, dv=None
+             ) -> Tuple[Tensor, Tensor, Tensor]:
+    """dq, dk, dv given (any strides, the operands' shapes and dtypes) are written in place."""
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device) if dq is None else dq
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device) if dk is None else dk
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device) if dv is None else dv
     if q.numel() == 0 or k.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     delta = torch.empty((sp.B, sp.H, sp.T), dtype=torch.float32, device=q.device)
@@ -1025,13 +1027,16 @@ def rope_attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
                        rot_dim: Optional[int] = None, interleaved: bool = False,
                        rope_k: bool = True, causal: bool = True, window: Optional[int] = None,
                        q_offset: Optional[int] = None, k_offset: int = 0,
-                       scale: Optional[float] = None) -> Tuple[Tensor, Tensor, Tensor]:
+                       scale: Optional[float] = None, dq: Optional[Tensor] = None,
+                       dk: Optional[Tensor] = None, dv: Optional[Tensor] = None
+                       ) -> Tuple[Tensor, Tensor, Tensor]:
     """Backward kernels alone: (dq, dk, dv) with respect to the q, k, v given (before RoPE),
     from the forward's out and lse and the upstream gradient `do`; dk and dv are summed over
-    the query heads that share each kv head."""
+    the query heads that share each kv head. dq, dk, dv given (q's, k's, v's shapes and
+    dtypes, any strides): the kernels write them in place."""
     sp = _Spec(q, k, v, cos, sin, k_cos, k_sin, rot_dim, interleaved, rope_k, causal, window,
                q_offset, k_offset, scale)
-    return _run_bwd(sp, do, q, k, v, out, lse)
+    return _run_bwd(sp, do, q, k, v, out, lse, dq, dk, dv)
 
 
 class RopeAttention(torch.autograd.Function):
@@ -1375,6 +1380,23 @@ def _scatter_grad(grads, xs, layout, d: Tensor) -> None:
         c += w
 
 
+def _direct_grad(layouts, j: int, xs, outs, n_grad: int, operand: Tensor):
+    """The gradient output operand j's kernel may write itself: operand j is one whole input
+    (rep 1) that no other operand reads, and its gradient output has its shape and dtype;
+    else None."""
+    lay = layouts[j]
+    if len(lay) != 1:
+        return None
+    i, a, b, rep = lay[0]
+    if rep != 1 or a != 0 or b != xs[i].shape[-1] or i >= n_grad or any(
+            part[0] == i for jj, other in enumerate(layouts) if jj != j for part in other):
+        return None
+    o = outs[i] if i < len(outs) else None
+    if o is None or o.shape != operand.shape or o.dtype != operand.dtype:
+        return None
+    return o
+
+
 def launch_template(template: str, xs, outs, opts) -> None:
     """Run a fused rope-attention op (or its backward) of fuse_rope_attention. `opts` (the body
     meta's options) say where q, k, v and the tables are among the inputs `xs` (see the pass's
@@ -1430,13 +1452,24 @@ def launch_template(template: str, xs, outs, opts) -> None:
         out, lse = xs[n_in + saved.index("0")], xs[n_in + saved.index("1")].contiguous()
     else:           # nothing saved: recompute the forward's output and row log-sum-exp
         out, lse = rope_attention_fwd(q, k, v, cos, sin, **kw)
-    dq, dk, dv = rope_attention_bwd(do, q, k, v, out, lse, cos, sin, **kw)
+    layouts = [opts["q"], opts["k"], [[vi, 0, xs[vi].shape[-1], vrep]]]
+    operands = (q, k, v)
+    # a gradient that is all of one input's, and that input's alone, is written by the
+    # kernels into that input's gradient output directly (through its strides); the others
+    # are accumulated in fp32 from the pieces and copied out
+    direct = [_direct_grad(layouts, j, xs, outs, opts["n_grad"], operands[j])
+              for j in range(3)]
+    dq, dk, dv = rope_attention_bwd(do, q, k, v, out, lse, cos, sin, **kw, dq=direct[0],
+                                    dk=direct[1], dv=direct[2])
     grads: dict = {}
-    _scatter_grad(grads, xs, opts["q"], dq)
-    _scatter_grad(grads, xs, opts["k"], dk)
-    _scatter_grad(grads, xs, [[vi, 0, xs[vi].shape[-1], vrep]], dv)
+    for lay, d, dd in zip(layouts, (dq, dk, dv), direct):
+        if dd is None:
+            _scatter_grad(grads, xs, lay, d)
+    written = {lay[0][0] for lay, dd in zip(layouts, direct) if dd is not None}
     for i in range(opts["n_grad"]):
         g = grads.get(i)
+        if i in written:
+            continue
         if g is None:
             outs[i].zero_()
         else:

@@ -490,7 +490,9 @@ def _forward(q, k, v, g, s0, p: _Plan, store_final: bool, out: Optional[Tensor] 
     return o, sf
 
 
-def _backward(do, dsf, q, k, v, g, s0, p: _Plan, need_ds0: bool):
+def _backward(do, dsf, q, k, v, g, s0, p: _Plan, need_ds0: bool, into=(None, None, None)):
+    """into: buffers for (dq, dk, dv) the kernels write directly (through their strides), each
+    None or of its operand's shape and dtype."""
     BH = p.B * p.H
     hs, sf = p.states(k, v, g, s0, dsf is not None)
     dhs = torch.empty_like(hs)
@@ -503,9 +505,8 @@ def _backward(do, dsf, q, k, v, g, s0, p: _Plan, need_ds0: bool):
         *_s4(q), *_s4(do), *g.stride(), p.T, p.H, p.NC, p.DK, p.DV, p.scale,
         CHUNK=p.C, BK=p.BK, BV=p.BV, NK=p.NK, NV=p.NV, HAS_DSF=dsf_c is not None,
         STORE_DS0=need_ds0, DOT_PREC=p.prec, **p.warps)
-    dq, dk = torch.empty(q.shape, dtype=q.dtype, device=q.device), \
-        torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    dq, dk, dv = (torch.empty(x.shape, dtype=x.dtype, device=x.device) if o is None else o
+                  for x, o in zip((q, k, v), into))
     dgp = torch.empty((p.NK, p.B, p.H, p.T), dtype=torch.float32, device=q.device)
     _bwd_dqdk[(BH * p.NK, p.NC)](
         q, k, v, g, do, hs, dhs, dq, dk, dgp,
@@ -733,10 +734,14 @@ def launch_template(template: str, xs, outs, opts) -> None:
             o.copy_(y)
         return
     assert template == "linear_attention_bwd", template
-    dq, dk, dv, dg, _ = _backward(xs[4], None, q, k, v, ge, None, p, need_ds0=False)
+    into = tuple(o if o.shape == x.shape and o.dtype == x.dtype else None
+                 for o, x in zip(outs, (q, k, v)))      # written by the kernels, no copy
+    dq, dk, dv, dg, _ = _backward(xs[4], None, q, k, v, ge, None, p, need_ds0=False,
+                                  into=into)
     grads = [dq, dk, dv]
     if opts.get("decay_grad", True):
         grads.append(dg.sum_to_size(g.shape))     # a broadcast decay's gradient summed back
     assert len(grads) == len(outs), (len(grads), len(outs))
     for o, d in zip(outs, grads):
-        o.copy_(d)
+        if o is not d:
+            o.copy_(d)

@@ -154,6 +154,10 @@ def generate(g: Graph, label: str) -> str:
         lines.append(f"    {s} = ctx.dims[{s!r}]")
     allocated: Set[int] = set()
     pos = {n: i for i, n in enumerate(g.nodes)}
+    readers: Dict[Node, List[Node]] = {}
+    for n in g.nodes:
+        for x in n.inputs:
+            readers.setdefault(x, []).append(n)
     gets: Dict[Node, List[Node]] = {}
     for n in g.nodes:
         if n.op is Op.GETITEM and n.inputs[0].op is Op.FUSED:
@@ -176,15 +180,22 @@ def generate(g: Graph, label: str) -> str:
                     outs[gi.attrs["index"]] = name[gi]
                     continue
                 s = plan.slot_of[gi]
-                shape = ", ".join(py_dim(d) for d in gi.type.shape) or "()"
                 note = "  # reuses a dead buffer" if s in allocated else ""
                 if s not in allocated:
                     lines.append(f"    buf{s} = torch.empty({py_dim(plan.slot_size[s])}, "
                                  f"dtype={_torch_dtype(plan.slot_dtype[s])}, device=dev)")
                     allocated.add(s)
                 name[gi] = f"v{pos[gi]}"
-                lines.append(f"    v{pos[gi]} = buf{s}.view({shape}"
-                             f"{',' if len(gi.type.shape) == 1 else ''}){note}")
+                perm = _reader_layout(n, gi, readers)
+                if perm is None:
+                    shape = ", ".join(py_dim(d) for d in gi.type.shape) or "()"
+                    lines.append(f"    v{pos[gi]} = buf{s}.view({shape}"
+                                 f"{',' if len(gi.type.shape) == 1 else ''}){note}")
+                else:       # laid out as its reader permutes it: that permute is contiguous
+                    shape = ", ".join(py_dim(gi.type.shape[d]) for d in perm)
+                    inv = [perm.index(d) for d in range(len(perm))]
+                    lines.append(f"    v{pos[gi]} = buf{s}.view({shape}).permute"
+                                 f"{tuple(inv)}  # stored in its reader's order{note}")
                 outs[gi.attrs["index"]] = name[gi]
             for k, j in n.attrs.get("inplace", {}).items():
                 if outs[k] == "None":            # a cache written in place, read by no one
@@ -204,6 +215,24 @@ def generate(g: Graph, label: str) -> str:
     lines.append("    return {" + ", ".join(f"{k!r}: {name[v]}" for k, v in g.outputs.items())
                  + "}")
     return "\n".join(lines) + "\n"
+
+
+# template kinds whose kernels write every output through its strides (lse, the forward's
+# other output, is [B, H, T] and never permuted)
+STRIDED_OUTPUT_KINDS = ("rope_attention", "rope_attention_bwd")
+
+
+def _reader_layout(f: Node, gi: Node, readers) -> "List[int] | None":
+    """For an output of a template kernel that writes through strides, read by a permute
+    whose result is reshaped (attention's [B, H, T, D] seen as [B, T, H * D], which would
+    copy): that permutation, so the output is allocated in its order and the reshape is a
+    view. Else None (contiguous)."""
+    if f.attrs.get("kind") not in STRIDED_OUTPUT_KINDS:
+        return None
+    for p in readers.get(gi, []):
+        if p.op is Op.PERMUTE and any(r.op is Op.RESHAPE for r in readers.get(p, [])):
+            return list(p.attrs["perm"])
+    return None
 
 
 def _torch_dtype(dt) -> str:

@@ -155,6 +155,31 @@ def test_fused_equals_primitives_forward_and_gradients(t, chunk, gates, scale):
     assert max(errs.values()) < 1e-5, errs
 
 
+def test_backward_kernels_write_the_gradient_outputs(monkeypatch):
+    """dq, dk, dv are written by the backward kernels into the op's outputs (no copy after);
+    only the decay's gradient (summed to its broadcast shape) is copied out."""
+    from lmc.codegen import linear_attention as LA
+    copied = []
+    real_copy, real_launch = torch.Tensor.copy_, LA.launch_template
+
+    def launch(template, xs, outs, opts):
+        monkeypatch.setattr(torch.Tensor, "copy_",
+                            lambda self, src, *a: copied.append(tuple(self.shape))
+                            or real_copy(self, src, *a))
+        try:
+            real_launch(template, xs, outs, opts)
+        finally:
+            monkeypatch.setattr(torch.Tensor, "copy_", real_copy)
+    monkeypatch.setattr(LA, "launch_template", launch)
+    g = _linear_attention("token", None)
+    f = fuse_linear_attention(g, chunk=16)
+    vals, gen = _values(63, "token", seed=1)
+    got, want, gg, gw, _ = _run_both(g, f, vals, ["q", "k", "v", "ld"], gen)
+    assert copied == [(2, H, 63)]               # the decay's gradient alone
+    for w in "qkv":
+        assert rel(gg[f"grad:{w}"], gw[f"grad:{w}"]) < 1e-5
+
+
 @pytest.mark.parametrize("gates", ["token", "head"])
 def test_f16_inputs_fuse_and_match_the_f16_oracle(gates):
     """q, k, v in f16 (the interpreter has no bf16) and the fp32 decay matrix through a cast,

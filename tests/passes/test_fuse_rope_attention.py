@@ -406,3 +406,31 @@ def test_rope_written_other_ways():
         f, (r,) = _fused_records(g)
         assert "interleaved" in r["reason"]
     _check_triton_equals_oracle(g, f, {n: (1, 2, TQ, D) for n in "qkv"})
+
+
+def test_whole_input_gradients_are_written_by_the_kernels(monkeypatch):
+    """q, k, v each one whole input of the fused op: the backward kernels write their
+    gradient outputs themselves (no fp32 accumulation buffer, no copy); pieces of inputs
+    (MLA's q_C | q_R) and an input read by two operands still accumulate, and stay equal
+    to the oracle."""
+    from lmc.codegen import attention as A
+    calls = []
+    real = A._scatter_grad
+    monkeypatch.setattr(A, "_scatter_grad", lambda *a: calls.append(1) or real(*a))
+    g = _attention(32, rope=_rope_pairs, window=0)
+    f, _ = _fused_records(g)
+    _check_triton_equals_oracle(g, f, {n: (2, 2, TQ, 32) for n in "qkv"})
+    assert calls == []
+    g = _variant(4, 4, 32, mla=16)
+    f, _ = _fused_records(g)
+    _check_triton_equals_oracle(g, f, {"qc": (1, 4, TQ, 32), "qr": (1, 4, TQ, 16),
+                                       "kc": (1, 4, TQ, 32), "kr": (1, 1, TQ, 16),
+                                       "v": (1, 4, TQ, 32)})
+    assert calls
+    x = torch.zeros(1, 2, 3, 4)
+    lay = [[[0, 0, 4, 1]], [[0, 0, 4, 1]], [[1, 0, 4, 1]]]     # q and k read one input
+    outs = [torch.zeros(1, 2, 3, 4), torch.zeros(1, 2, 3, 4)]
+    assert A._direct_grad(lay, 0, [x, x], outs, 2, x) is None
+    assert A._direct_grad(lay, 2, [x, x], outs, 2, x) is outs[1]
+    assert A._direct_grad(lay, 2, [x, x], outs, 1, x) is None      # no gradient wanted
+    assert A._direct_grad(lay, 2, [x, x], [outs[0], outs[1].half()], 2, x) is None
