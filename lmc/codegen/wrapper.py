@@ -217,9 +217,10 @@ def generate(g: Graph, label: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-# template kinds whose kernels write every output through its strides (lse, the forward's
-# other output, is [B, H, T] and never permuted)
-STRIDED_OUTPUT_KINDS = ("rope_attention", "rope_attention_bwd")
+# template kinds whose kernels write every output through its strides (rope attention's
+# lse is [B, H, T] and never permuted; linear attention's decay gradient is copied out)
+STRIDED_OUTPUT_KINDS = ("rope_attention", "rope_attention_bwd", "linear_attention",
+                        "linear_attention_bwd")
 
 
 def _reader_layout(f: Node, gi: Node, readers) -> "List[int] | None":

@@ -116,3 +116,28 @@ def test_attention_outputs_are_stored_in_their_readers_order(monkeypatch):
                 assert exe.program_source.count("stored in its reader's order") == n * layers
     for k in grads[0]:
         torch.testing.assert_close(grads[0][k], grads[1][k], rtol=1e-4, atol=1e-5)
+
+
+def test_linear_attention_output_is_stored_in_its_readers_order(monkeypatch):
+    """minimax's lightning attention (linear_attention kernels) too: no reshape of the training
+    step copies."""
+    from lmc.ir.ops import Op
+    from lmc.ops import reference as R
+    copies = []
+    real = R.REFERENCE[Op.RESHAPE]
+
+    def reshape(ctx, xs, attrs):
+        y = real(ctx, xs, attrs)
+        if y.untyped_storage().data_ptr() != xs[0].untyped_storage().data_ptr():
+            copies.append(tuple(xs[0].shape))
+        return y
+    monkeypatch.setitem(R.REFERENCE, Op.RESHAPE, reshape)
+    graph = run_pipeline(with_loss(lmc.load(os.path.join(ZOO, "minimax.yaml"),
+                                            preset="tiny").graph))
+    model = LmcModel(graph, backend="triton", seed=1, grad_outputs=["loss"])
+    ids = torch.randint(0, model.config["vocab"], (2, 9),
+                        generator=torch.Generator().manual_seed(0))
+    model(ids, targets=ids)["loss"].backward()
+    prog = model.program()
+    kinds = {n.attrs["kind"] for n in prog.backward_exec.graph.nodes if n.op is Op.FUSED}
+    assert "linear_attention_bwd" in kinds and copies == []
