@@ -1382,13 +1382,15 @@ def _scatter_grad(grads, xs, layout, d: Tensor) -> None:
 
 def _direct_grad(layouts, j: int, xs, outs, n_grad: int, operand: Tensor):
     """The gradient output operand j's kernel may write itself: operand j is one whole input
-    (rep 1) that no other operand reads, and its gradient output has its shape and dtype;
-    else None."""
+    (its parts, rep 1, cover the input's columns in order: partial rotary's rotated and
+    passed parts) that no other operand reads, and its gradient output has its shape and
+    dtype; else None."""
     lay = layouts[j]
-    if len(lay) != 1:
-        return None
-    i, a, b, rep = lay[0]
-    if rep != 1 or a != 0 or b != xs[i].shape[-1] or i >= n_grad or any(
+    i = lay[0][0]
+    ends = [0] + [b for _, _, b, _ in lay]
+    whole = all(p[0] == i and p[3] == 1 and p[1] == ends[n] for n, p in enumerate(lay)) \
+        and ends[-1] == xs[i].shape[-1]        # its parts tile one input's columns in order
+    if not whole or i >= n_grad or any(
             part[0] == i for jj, other in enumerate(layouts) if jj != j for part in other):
         return None
     o = outs[i] if i < len(outs) else None

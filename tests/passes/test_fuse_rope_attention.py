@@ -434,3 +434,7 @@ def test_whole_input_gradients_are_written_by_the_kernels(monkeypatch):
     assert A._direct_grad(lay, 2, [x, x], outs, 2, x) is outs[1]
     assert A._direct_grad(lay, 2, [x, x], outs, 1, x) is None      # no gradient wanted
     assert A._direct_grad(lay, 2, [x, x], [outs[0], outs[1].half()], 2, x) is None
+    split = [[[0, 0, 1, 1], [0, 1, 4, 1]], [[1, 0, 4, 1]], [[2, 0, 4, 1]]]  # rotated | passed
+    assert A._direct_grad(split, 0, [x, x, x], outs + [x], 3, x) is outs[0]
+    gap = [[[0, 0, 1, 1], [0, 2, 4, 1]], [[1, 0, 4, 1]], [[2, 0, 4, 1]]]
+    assert A._direct_grad(gap, 0, [x, x, x], outs + [x], 3, x) is None
