@@ -217,22 +217,26 @@ def generate(g: Graph, label: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-# template kinds whose kernels write every output through its strides (rope attention's
-# lse is [B, H, T] and never permuted; linear attention's decay gradient is copied out)
+# kinds whose kernels write every output through its strides (rope attention's lse is
+# [B, H, T] and never permuted; linear attention's decay gradient is copied out; generated
+# reduction kernels store through strides; pointwise and matmul kernels store contiguously)
 STRIDED_OUTPUT_KINDS = ("rope_attention", "rope_attention_bwd", "linear_attention",
-                        "linear_attention_bwd")
+                        "linear_attention_bwd", "reduction")
 
 
 def _reader_layout(f: Node, gi: Node, readers) -> "List[int] | None":
-    """For an output of a template kernel that writes through strides, read by a permute
-    whose result is reshaped (attention's [B, H, T, D] seen as [B, T, H * D], which would
+    """For an output of a kernel that writes through strides, read by a permute (keeping the
+    innermost axis) whose result is reshaped (attention's [B, H, T, D] seen as [B, T, H * D], which would
     copy): that permutation, so the output is allocated in its order and the reshape is a
     view. Else None (contiguous)."""
     if f.attrs.get("kind") not in STRIDED_OUTPUT_KINDS:
         return None
     for p in readers.get(gi, []):
-        if p.op is Op.PERMUTE and any(r.op is Op.RESHAPE for r in readers.get(p, [])):
-            return list(p.attrs["perm"])
+        perm = list(p.attrs["perm"]) if p.op is Op.PERMUTE else []
+        # the innermost axis stays innermost: stores along it stay contiguous (coalesced)
+        if perm and perm[-1] == len(perm) - 1 and any(
+                r.op is Op.RESHAPE for r in readers.get(p, [])):
+            return perm
     return None
 
 
