@@ -16,11 +16,14 @@ from torch import nn
 
 
 def dropout(x, p, seed, training):
-    """lmc's dropout op: the keep mask is drawn from a CPU generator seeded with `seed`."""
+    """lmc's dropout op: element i is kept when Philox4x32-10 at counter (i, 0, 0, 0) and key
+    `seed` gives u >= p (lmc's RNG contract, lmc/ops/philox.py; it is checked against
+    Triton's tl.rand and a Random123 test vector in tests/ops/test_philox.py)."""
+    from lmc.ops.philox import uniform
+
     if not training or p == 0:
         return x
-    g = torch.Generator().manual_seed(int(seed))
-    keep = torch.rand(x.shape, generator=g) >= p
+    keep = uniform(int(seed), x.numel(), x.device).view(x.shape) >= p
     return torch.where(keep, x / (1 - p), torch.zeros((), dtype=x.dtype))
 
 

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from ..ir.dims import Dim, evaluate
 from ..ir.ops import Op
 from ..ir.types import DType
+from . import philox
 
 REFERENCE: Dict[Op, Callable] = {}
 
@@ -271,15 +272,17 @@ def _dropout(ctx, xs, attrs):
     p = attrs["p"]
     if not ctx.training or p == 0:
         return x
-    g = torch.Generator(device="cpu").manual_seed(ctx.seed(seed))
-    keep = (torch.rand(x.shape, generator=g) >= p).to(x.device)
+    # the mask depends only on (seed, draw counter, element index): Philox numbers, drawn on
+    # x's device (ops/philox.py), the same on every device
+    keep = philox.uniform(ctx.seed(seed), x.numel(), x.device).view(x.shape) >= p
     return torch.where(keep, x / (1 - p), torch.zeros((), dtype=x.dtype, device=x.device))
 
 
 @ref(Op.GAUSSIAN_NOISE)
 def _gaussian_noise(ctx, xs, attrs):
-    # like dropout: the draw depends only on (seed, draw counter, shape), on the CPU generator so
-    # that every device gets the same numbers; added in fp32
+    # the draw depends only on (seed, draw counter, shape), on the CPU generator so that every
+    # device gets the same numbers (normal draws need log/cos, which differ across devices in
+    # the last bits, so not Philox as dropout); added in fp32. It is the router's [N, E] noise
     x, seed = xs
     std = attrs["std"]
     if not ctx.training or std == 0:
