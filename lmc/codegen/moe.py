@@ -71,6 +71,8 @@ them); fp32 inputs use IEEE dots (no tf32).
 """
 from __future__ import annotations
 
+import math
+
 from typing import NamedTuple, Optional
 
 import torch
@@ -737,13 +739,16 @@ def _moe_forward(x, w_router, noise, w_gate, w_up, w_down, k, renormalize, capac
 
 
 def _moe_backward(x, w_router, w_gate, w_up, w_down, g: Gating, r: Routing, pa, pb, ys,
-                  dy, dpsum, dlse, k, renorm, act, need_wr=True, dprobs=None, dweight=None):
+                  dy, dpsum, dlse, k, renorm, act, need_wr=True, dprobs=None, dweight=None,
+                  into=None):
     """The layer's backward from the forward's saved pre-activations pa, pb and expert
     outputs ys (slot layout): (dx, dw_router, dlogits, dw_gate, dw_up, dw_down). No expert
     product is recomputed: h = act(a) * b is rebuilt inside the dW2 kernel. dprobs: a dense
     [N, E] gradient of the router probabilities; dweight: an extra [N, k] gradient of the
-    combine weights (both optional)."""
+    combine weights (both optional). into: {"dx", "dw_gate", "dw_up", "dw_down": a
+    contiguous buffer of that gradient's shape and dtype} the kernels write directly."""
     E, D, F_ = w_gate.shape
+    into = into or {}
     p = _Plan(x, E, F_)
     N = x.shape[0]
     dy = dy.contiguous() if dy is not None else torch.zeros_like(x)
@@ -761,10 +766,10 @@ def _moe_backward(x, w_router, w_gate, w_up, w_down, g: Gating, r: Routing, pa, 
     db = torch.empty_like(da)
     p.gmm(r, dyc, w_down.transpose(1, 2), da, C2=db, PA=pa, PB=pb, act=act, mode=2,
           ND=F_, KD=D, gather=True)
-    dw_down = torch.empty_like(w_down)
+    dw_down = into.get("dw_down", torch.empty_like(w_down))
     p.wgrad(r, pa, dy, dw_down, A2=pb, act=act, gather_a=False, gather_d=True, scale_d=True)
-    dw_gate = torch.empty_like(w_gate)
-    dw_up = torch.empty_like(w_up)
+    dw_gate = into.get("dw_gate", torch.empty_like(w_gate))
+    dw_up = into.get("dw_up", torch.empty_like(w_up))
     p.wgrad(r, x, da, dw_gate, gather_a=True, gather_d=False, scale_d=False)
     p.wgrad(r, x, db, dw_up, gather_a=True, gather_d=False, scale_d=False)
     dxs = torch.empty((R, D), dtype=x.dtype, device=x.device)
@@ -775,7 +780,8 @@ def _moe_backward(x, w_router, w_gate, w_up, w_down, g: Gating, r: Routing, pa, 
     # router
     dlog = _gating_backward(g, dwt, dpsum, dlse, k, renorm, dprobs=dprobs)
     dxr, dwr = _dtheta(x, w_router, dlog, True, need_wr)
-    return dx + dxr, dwr, dlog, dw_gate, dw_up, dw_down
+    dx = torch.add(dx, dxr, out=into["dx"]) if "dx" in into else dx + dxr
+    return dx, dwr, dlog, dw_gate, dw_up, dw_down
 
 
 class MoEFunction(torch.autograd.Function):
@@ -991,12 +997,21 @@ def launch_template(template: str, xs, outs, opts) -> None:
         ys = flat(sv["ye"], x2.shape[1]).contiguous()
         r = route(g.idx, g.kept, g.weight, E, _Plan(x2, E, F_).BM)
         dy = cts["y"].reshape(N, -1) if "y" in cts else None
+        # gradient outputs the kernels can write themselves (no copy after)
+        want = {"dx": (x2, (N, x2.shape[1])), "dw_gate": (wg, wg.shape),
+                "dw_up": (w1, w1.shape), "dw_down": (w2, w2.shape)}
+        into = {}
+        for (name, (like, shape)), o in zip(want.items(), [outs[0]] + list(outs[2:5])):
+            if o is not None and o.is_contiguous() and o.dtype == like.dtype and \
+                    o.numel() == math.prod(shape):
+                into[name] = o.view(shape)
         grads = _moe_backward(x2, wr, wg, w1, w2, g, r, pa, pb, ys, dy, None, dlse, k,
-                              renorm, act, dprobs=dprobs, dweight=dw)
+                              renorm, act, dprobs=dprobs, dweight=dw, into=into)
         grads = (grads[0], grads[1]) + tuple(grads[3:])
     else:
         dlog = _gating_backward(g, dw, None, dlse, k, renorm, dprobs=dprobs)
         grads = _dtheta(x2, wr, dlog, True, True)
     assert len(outs) == len(grads), (len(outs), len(grads))
     for out, v in zip(outs, grads):
-        out.copy_(v.reshape(out.shape))
+        if v.data_ptr() != out.data_ptr():      # not written in place above
+            out.copy_(v.reshape(out.shape))
