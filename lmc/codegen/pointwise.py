@@ -133,12 +133,17 @@ def generate(body: Graph, name: str) -> str:
     outputs = list(body.outputs.values())
     rank = max(_space(outputs[0]).type.rank, 1)
     sizes = [f"S{d}" for d in range(rank)]
+    drops = dropouts(body)
     args = [f"in{i}_ptr" for i in range(len(inputs))] + \
         [f"out{i}_ptr" for i in range(len(outputs))] + ["N"] + sizes + \
-        [f"in{i}_s{d}" for i in range(len(inputs)) for d in range(rank)]
+        [f"in{i}_s{d}" for i in range(len(inputs)) for d in range(rank)] + \
+        [f"{a}{j}" for j in range(len(drops)) for a in ("seed", "p", "q")]
     src_nodes = [m for m in body.nodes if m.op is not Op.INPUT and m.op is not Op.CONST]
+    # a dropout's seed changes every step: no specialisation on its value
+    jit = "@triton.jit" if not drops else "@triton.jit(do_not_specialize=[" + ", ".join(
+        f'"seed{j}"' for j in range(len(drops))) + "])"
     lines = [
-        "@triton.jit",
+        jit,
         f"def {name}({', '.join(args)}, BLOCK: tl.constexpr):",
         "    # IR nodes: " + ", ".join(
             f"{m.op.value}" + (f"@{m.loc.file.rsplit('/', 1)[-1]}:{m.loc.line}" if m.loc else "")
@@ -172,6 +177,14 @@ def generate(body: Graph, name: str) -> str:
             if m.type.dtype in (DType.f16, DType.bf16):
                 load += ".to(tl.float32)"  # compute in fp32
             lines.append(f"    v{k} = {load}")
+        elif m.op is Op.DROPOUT:
+            if at != top:
+                raise LmcError("internal: a dropout evaluated at a shifted index (a concat "
+                               "piece); its mask is drawn by the element's own index")
+            j = drops.index(m)
+            x = emit(m.inputs[0], at)
+            lines.append(f"    t{k} = tl.where(tl.rand(seed{j}, offs.to(tl.int32)) >= p{j}, "
+                         f"{x} / q{j}, 0.0)  # dropout: Philox of the element index")
         elif m.op is Op.CONCAT:
             ax = rank - m.type.rank + m.attrs["axis"]
             pieces, start = [], 0
@@ -216,6 +229,21 @@ def generate(body: Graph, name: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def dropouts(body: Graph) -> List[Node]:
+    """The body's dropout nodes, in order: each takes (seed, p, q = 1 - p) kernel arguments."""
+    return [m for m in body.nodes if m.op is Op.DROPOUT]
+
+
+def _dropout_args(body: Graph, ctx) -> list:
+    """Per dropout: the step's seed (its literal seed mixed with the draw counter, as the
+    torch reference draws it), p (0 when not training: every element kept) and 1 - p."""
+    args = []
+    for m in dropouts(body):
+        p = m.attrs["p"] if ctx.training else 0.0
+        args += [ctx.seed(int(m.inputs[1].attrs["value"])), p, 1.0 - p]
+    return args
+
+
 def _space(o: Node) -> Node:
     """The value whose index space a kernel output spans: a cache write's new values."""
     return o.inputs[2] if o.op is Op.INDEX_COPY else o
@@ -246,4 +274,7 @@ def launch(kernel, xs, outs, body: Graph, ctx, interpret: bool) -> None:
     # the interpreter pays per program, so it gets big blocks; a GPU gets 1024
     block = min(triton.next_power_of_2(n), 16384) if interpret and interpreter_blocks() \
         else 1024
-    kernel[(triton.cdiv(n, block),)](*xs, *outs, n, *sizes, *strides, BLOCK=block)
+    if n >= 1 << 31 and dropouts(body):
+        raise LmcError(f"dropout over {n} elements: at most 2^31 - 1 (int32 mask counters)")
+    kernel[(triton.cdiv(n, block),)](*xs, *outs, n, *sizes, *strides,
+                                     *_dropout_args(body, ctx), BLOCK=block)

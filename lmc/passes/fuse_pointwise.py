@@ -27,7 +27,16 @@ _POW_EXPONENTS = {2.0, 3.0, 0.5, -0.5, -1.0, 1.0}
 
 
 def fusible(n: Node) -> tuple:
-    """(ok, reason) for putting `n` in a pointwise kernel."""
+    """(ok, reason) for putting `n` in a pointwise kernel. Dropout joins too (its mask is
+    Triton's tl.rand of the element's index, ops/philox.py) when its seed is a literal
+    integer: the kernel gets the step's seed at launch."""
+    if n.op is Op.DROPOUT:
+        s = n.inputs[1]
+        if not (_is_scalar_const(s) and isinstance(s.attrs["value"], int)):
+            return False, "dropout with a computed seed is left to torch"
+        if n.type.dtype.value == "f64":
+            return False, "f64 is left to torch"
+        return True, ""
     if n.op.kind is not Kind.POINTWISE:
         return False, "not pointwise"
     if n.op is Op.POW:
@@ -139,6 +148,8 @@ def _merge_into_consumer(g: Graph, groups: List[List[Node]], order):
         if (shape[b] != shape[a] and not concat_only[a]) or \
                 order[anchor[b]] < order[anchor[a]]:
             continue
+        if shape[b] != shape[a] and any(m.op is Op.DROPOUT for m in groups[a]):
+            continue    # a concat piece runs at shifted indices; a mask needs its own
         inside = set(groups[a])
         if not all(x in inside or order[x] < order[anchor[b]] or is_source(x)
                    for m in groups[a] for x in m.inputs):

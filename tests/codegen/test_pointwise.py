@@ -333,3 +333,52 @@ def test_independent_neighbour_groups_share_a_launch():
         got = run_graph(p.graph, vals, ctx, p.impl)
         for k in want:
             torch.testing.assert_close(got[k], want[k])
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f16"])
+def test_dropout_is_computed_in_the_kernel(dtype):
+    """Dropout with a literal seed joins the pointwise kernel: its mask is tl.rand of the
+    element's flat index (the torch reference draws the same Philox numbers), the seed mixed
+    with the draw counter at launch, p = 0 when not training. Equal to the oracle, with the
+    same elements dropped, at several draw counters and sizes not a multiple of the block;
+    so is the backward
+    (dropout of the cotangent with the same seed), also one kernel."""
+    from lmc.passes import run_pipeline
+    from lmc.passes.autodiff import differentiate
+    b = Builder({}, {})
+    x = b.input("x", [Dim.sym("B"), 7, 33], dtype)
+    r = b.input("r", [Dim.sym("B"), 7, 33], dtype)
+    y = r + b.dropout(b.silu(x), 0.3, 1234) * 2.0
+    g = Graph("drop", b.nodes, {"y": y.node})
+    p = TritonProgram(g)
+    assert not any(n.op is Op.DROPOUT for n in p.graph.nodes)
+    (k,) = [n for n in p.graph.nodes if n.op is Op.FUSED]
+    assert "dropout" in [m.op.value for m in k.attrs["body"].nodes]
+    dt = {"f32": torch.float32, "f16": torch.float16}[dtype]
+    gen = torch.Generator().manual_seed(0)
+    for bb, step, training in [(1, 0, True), (3, 5, True), (2, 7, False)]:
+        vals = {"x": torch.randn(bb, 7, 33, generator=gen).to(dt),
+                "r": torch.randn(bb, 7, 33, generator=gen).to(dt)}
+        ctx = RefCtx(dims=bind_dims(g, vals), training=training, rng_step=step)
+        want = run_graph(g, vals, ctx)["y"]
+        got = run_graph(p.graph, vals, ctx, p.impl)["y"]
+        tol = dict(rtol=1e-6, atol=1e-6) if dtype == "f32" else dict(rtol=2e-3, atol=2e-3)
+        torch.testing.assert_close(got, want, **tol)
+        # the same elements dropped: y == r exactly where the mask is 0
+        assert torch.equal(got == vals["r"], want == vals["r"])
+        dropped = (want == vals["r"]).float().mean().item()
+        assert (0.15 < dropped < 0.45) if training else dropped < 0.01
+    prog = differentiate(g, ["x"])
+    back = run_pipeline(prog.backward)
+    bp = TritonProgram(back, label="backward")
+    assert not any(n.op is Op.DROPOUT for n in bp.graph.nodes)
+    vals = {"x": torch.randn(3, 7, 33, generator=gen).to(dt),
+            "r": torch.randn(3, 7, 33, generator=gen).to(dt)}
+    ctx = RefCtx(dims=bind_dims(g, vals), training=True, rng_step=3)
+    fw = run_graph(prog.forward, vals, ctx)
+    bound = {s: fw[s] for s in prog.saved}
+    bound["grad:y"] = torch.randn(3, 7, 33, generator=gen).to(dt)
+    want = run_graph(back, bound, ctx)["grad:x"]
+    got = bp.run(bound, ctx)["grad:x"]
+    torch.testing.assert_close(got.float(), want.float(), rtol=1e-5 if dtype == "f32" else 2e-3,
+                               atol=1e-6 if dtype == "f32" else 2e-3)

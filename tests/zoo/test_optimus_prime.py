@@ -152,3 +152,32 @@ def test_gradients_match_torch_autograd_on_reference():
         # fp32 sums over B*T*vocab terms: the error is measured against the gradient's scale
         err = (p.grad - rg).abs().max() / rg.abs().max()
         assert err < 1e-5, (name, err.item())
+
+
+def test_triton_training_step_with_dropout_in_its_kernels_equals_the_torch_backend():
+    """On the triton backend every dropout (forward and the backward's dropout of the
+    cotangent) runs inside a generated pointwise kernel, drawing the torch backend's masks:
+    the same loss and gradients at a draw counter other than 0."""
+    from lmc.passes import run_pipeline
+    from lmc.passes.loss import with_loss
+    from lmc.runtime.module import LmcModel
+
+    g = run_pipeline(with_loss(lmc.load(PATH, preset="tiny").graph))
+    ids = torch.randint(0, 512, (2, 9), generator=torch.Generator().manual_seed(0))
+    got = []
+    for backend in ("triton", "torch"):
+        m = LmcModel(g, backend=backend, seed=1, grad_outputs=["loss"]).train()
+        m.rng_step = 3
+        loss = m(ids, targets=ids)["loss"]
+        loss.backward()
+        got.append((loss.item(), {k: p.grad for k, p in m.named_parameters()}))
+        if backend == "triton":
+            prog = m.program()
+            assert not any(n.op is Op.DROPOUT for p in (prog.forward_exec, prog.backward_exec)
+                           for n in p.graph.nodes)
+    m.eval()
+    with torch.no_grad():
+        assert abs(m(ids, targets=ids)["loss"].item() - got[1][0]) > 1e-3   # dropout acted
+    assert abs(got[0][0] - got[1][0]) < 1e-5
+    for k in got[0][1]:
+        torch.testing.assert_close(got[0][1][k], got[1][1][k], rtol=1e-4, atol=1e-6)
