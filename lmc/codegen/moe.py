@@ -72,7 +72,6 @@ them); fp32 inputs use IEEE dots (no tf32).
 from __future__ import annotations
 
 import math
-
 from typing import NamedTuple, Optional
 
 import torch

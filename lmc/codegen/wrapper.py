@@ -226,9 +226,9 @@ STRIDED_OUTPUT_KINDS = ("rope_attention", "rope_attention_bwd", "linear_attentio
 
 def _reader_layout(f: Node, gi: Node, readers) -> "List[int] | None":
     """For an output of a kernel that writes through strides, read by a permute (keeping the
-    innermost axis) whose result is reshaped (attention's [B, H, T, D] seen as [B, T, H * D], which would
-    copy): that permutation, so the output is allocated in its order and the reshape is a
-    view. Else None (contiguous)."""
+    innermost axis) whose result is reshaped (attention's [B, H, T, D] seen as [B, T, H * D],
+    which would copy): that permutation, so the output is allocated in its order and the
+    reshape is a view. Else None (contiguous)."""
     if f.attrs.get("kind") not in STRIDED_OUTPUT_KINDS:
         return None
     for p in readers.get(gi, []):
