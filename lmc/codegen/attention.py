@@ -1365,19 +1365,23 @@ def _operand(xs, layout) -> Tensor:
     return torch.cat(parts, -1)
 
 
-def _scatter_grad(grads, xs, layout, d: Tensor) -> None:
-    """Accumulate d (the gradient of `_operand`'s result) into the inputs' gradients."""
-    c = 0
-    for i, a, b, rep in layout:
+def _scatter_grad(grads, xs, layout, d: Tensor, full=None) -> None:
+    """Accumulate d (the gradient of `_operand`'s result) into the inputs' gradients (fp32):
+    the parts in `layout`, a subset of `full` (the operand's whole layout, default
+    `layout`), which places each part's columns in d."""
+    full = layout if full is None else full
+    starts = [sum(p[2] - p[1] for p in full[:n]) for n in range(len(full))]
+    for (i, a, b, rep), c in zip(full, starts):
+        if [i, a, b, rep] not in [list(p) for p in layout]:
+            continue
         w = b - a
-        part = d[..., c:c + w].float()
+        g = d[..., c:c + w].float()
         if rep > 1:
-            B, hr, S, _ = part.shape
-            part = part.reshape(B, hr // rep, rep, S, w).sum(2)
+            B, hr, S, _ = g.shape
+            g = g.reshape(B, hr // rep, rep, S, w).sum(2)
         if i not in grads:
             grads[i] = torch.zeros(xs[i].shape, dtype=torch.float32, device=d.device)
-        grads[i][..., a:b] += part
-        c += w
+        grads[i][..., a:b] += g
 
 
 def _direct_grad(layouts, j: int, xs, outs, n_grad: int, operand: Tensor):
@@ -1464,10 +1468,30 @@ def launch_template(template: str, xs, outs, opts) -> None:
     dq, dk, dv = rope_attention_bwd(do, q, k, v, out, lse, cos, sin, **kw, dq=direct[0],
                                     dk=direct[1], dv=direct[2])
     grads: dict = {}
-    for lay, d, dd in zip(layouts, (dq, dk, dv), direct):
-        if dd is None:
-            _scatter_grad(grads, xs, lay, d)
     written = {lay[0][0] for lay, dd in zip(layouts, direct) if dd is not None}
+    # an input read by one piece alone (MLA's q_C and q_R, the shared k_R summed over the
+    # heads that repeat it) gets that piece copied into its gradient output, the rest of its
+    # columns zeroed; only an input read by several pieces is accumulated in fp32
+    reads = [part[0] for lay in layouts for part in lay]
+    for lay, d, dd in zip(layouts, (dq, dk, dv), direct):
+        if dd is not None:
+            continue
+        c = 0
+        for i, a, b, rep in lay:
+            if reads.count(i) == 1 and i < opts["n_grad"] and i not in written:
+                part = d[..., c:c + b - a]
+                if rep > 1:
+                    B, hr, S, w = part.shape
+                    part = part.float().reshape(B, hr // rep, rep, S, w).sum(2)
+                outs[i][..., a:b].copy_(part)
+                if a or b != outs[i].shape[-1]:
+                    outs[i][..., :a].zero_()
+                    outs[i][..., b:].zero_()
+                written.add(i)
+            c += b - a
+        rest = [p for p in lay if p[0] not in written and p[0] < opts["n_grad"]]
+        if rest:
+            _scatter_grad(grads, xs, rest, d, lay)
     for i in range(opts["n_grad"]):
         g = grads.get(i)
         if i in written:
