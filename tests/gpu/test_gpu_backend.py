@@ -113,3 +113,47 @@ def test_training_steps_match_the_torch_backend():
             losses[backend].append(loss.item())
     for a, b in zip(losses["torch"], losses["triton"]):
         assert abs(a - b) / abs(a) < 1e-4
+
+
+@pytest.mark.parametrize("split", [2, 4])
+def test_split_k_decode_on_the_gpu_equals_forward_across_replays(split, monkeypatch):
+    """Split-K as the GPU runs it (concurrent programs meeting through the atomic counter, the
+    last one reducing): every launch that may split is made to take SPLIT_K = split (empty
+    slices included, d = 64 in the tiny preset), in a static decode step captured in a CUDA
+    graph and replayed; equal to the full forward at every position, and the counters are
+    back to zero after."""
+    from lmc.codegen import matmul
+    from lmc.runtime.decoder import Decoder
+
+    real = matmul.prune_configs
+
+    def forced(configs, nargs, **kw):
+        if int(nargs.get("SPLIT_MAX", 1)) > 1:
+            return [c for c in configs if c.kwargs.get("SPLIT_K") == split
+                    and c.kwargs["BLOCK_K"] == 64]
+        return real(configs, nargs, **kw)
+    monkeypatch.setattr(matmul, "prune_configs", forced)
+    monkeypatch.setattr(matmul, "_TUNED", {})
+    m = lmc.load(LLAMA, preset="tiny", backend="triton", seed=8).eval().cuda()
+    oracle = lmc.load(LLAMA, preset="tiny", seed=8).eval().cuda()
+    ids = torch.randint(0, m.config["vocab"], (2, 13),
+                        generator=torch.Generator().manual_seed(4)).cuda()
+    with torch.no_grad():
+        full = oracle(ids)
+    full = full["logits"] if isinstance(full, dict) else full
+    dec = Decoder(m, "triton", static=True, max_len=16)
+    for k in (1, 5):
+        st = dec.init_state(ids.shape[0])
+        lg, st = dec(ids[:, :k], st)
+        got = [lg]
+        for t in range(k, ids.shape[1]):
+            lg, st = dec(ids[:, t:t + 1], st)
+            got.append(lg)
+        assert dec.cuda_graph, dec.cuda_graph_off
+        err = (torch.cat(got, 1) - full).abs().max().item()
+        assert err < 1e-4, (k, err)
+    picks = matmul.tuned_configs()
+    assert picks and any(p["SPLIT_K"] == split for p in picks if "SPLIT_K" in p), picks
+    torch.cuda.synchronize()
+    for _, counters in matmul._SPLIT_BUFFERS.values():
+        assert not counters.any()
