@@ -32,9 +32,9 @@ ZOO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "zoo")
 _BYTES = {"f64": 8, "f32": 4, "bf16": 2, "f16": 2, "i64": 8, "i32": 4, "bool": 1}
 
 
-def _program(model: str, preset, precision: str, sets):
-    """The triton backend's differentiated training program (forward' and backward, fused),
-    built the way `lmc run --train` builds it."""
+def training_model(model: str, preset, precision: str, sets):
+    """The triton backend's LmcModel for training, built the way `lmc run --train` builds it
+    (its program(): forward' and backward, fused)."""
     import lmc
     from lmc.passes import run_pipeline
     from lmc.passes.loss import with_loss
@@ -44,10 +44,23 @@ def _program(model: str, preset, precision: str, sets):
     c = lmc.compile_model(os.path.join(ZOO, f"{model}.yaml"), preset, sets)
     g = run_pipeline(with_loss(mixed_precision(c.graph, precision)))
     try:
-        m = LmcModel(g, backend="triton", grad_outputs=["loss"])
+        return LmcModel(g, backend="triton", grad_outputs=["loss"])
     except TypeError:   # a checkout from before grad_outputs: every output takes a cotangent
-        m = LmcModel(g, backend="triton")
-    return m.program()
+        return LmcModel(g, backend="triton")
+
+
+def _program(model: str, preset, precision: str, sets):
+    return training_model(model, preset, precision, sets).program()
+
+
+def step_args(ap) -> None:
+    """The options naming a training step: model, preset, --set, precision, B, T."""
+    ap.add_argument("--model", default="llama")
+    ap.add_argument("--preset", default="default", help="a preset name, or 'default'")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--precision", default="bf16", choices=["bf16", "f16", "f32"])
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--seq-len", type=int, default=1024)
 
 
 def cost_rows(prog, env):
@@ -107,12 +120,7 @@ def cost_rows(prog, env):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="llama")
-    ap.add_argument("--preset", default="default", help="a preset name, or 'default'")
-    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
-    ap.add_argument("--precision", default="bf16", choices=["bf16", "f16", "f32"])
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--seq-len", type=int, default=1024)
+    step_args(ap)
     ap.add_argument("--bandwidth", type=float, default=3.0e12,
                     help="bytes/s (default 3.0e12: an H100's measured copy bandwidth)")
     ap.add_argument("--flops", type=float, default=700e12,

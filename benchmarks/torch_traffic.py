@@ -27,11 +27,23 @@ _FREE = {"empty", "empty_strided", "new_empty", "new_empty_strided", "empty_like
          "_unsafe_view", "as_strided", "permute", "expand", "slice", "select", "t",
          "transpose", "detach", "alias", "unsqueeze", "squeeze", "split", "split_with_sizes",
          "unbind", "_reshape_alias", "lift_fresh", "set_", "resize_", "is_same_size",
-         "_to_copy_meta", "unfold", "narrow", "diagonal", "view_as", "expand_as", "reshape",
-         "flatten", "movedim", "chunk", "numpy_T", "_local_scalar_dense", "clamp_min_"}
+         "unfold", "narrow", "diagonal", "view_as", "expand_as", "reshape", "flatten",
+         "movedim", "chunk", "_local_scalar_dense"}
 _INDEXED = {"gather", "embedding", "index_select", "take"}
 _WRITE_ONLY = {"zero_", "fill_", "zeros", "ones", "full", "zeros_like", "ones_like",
                "full_like", "arange", "randn", "rand", "normal_", "uniform_"}
+
+
+def _sibling(name: str):
+    """benchmarks/<name>.py as a module (this script is run by path, or loaded by a test)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        f"_lmc_bench_{name}", os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                           f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def measure(model: str, preset, precision: str, sets, batch: int, seq: int):
@@ -39,19 +51,10 @@ def measure(model: str, preset, precision: str, sets, batch: int, seq: int):
     import torch
     import triton.runtime.interpreter as interp
 
-    import lmc
-    from lmc.passes import run_pipeline
-    from lmc.passes.loss import with_loss
-    from lmc.passes.mixed_precision import mixed_precision
     from lmc.runtime import triton_backend as tb
-    from lmc.runtime.module import LmcModel
 
-    c = lmc.compile_model(os.path.join(ZOO, f"{model}.yaml"), preset, sets)
-    g = run_pipeline(with_loss(mixed_precision(c.graph, precision)))
-    try:
-        m = LmcModel(g, backend="triton", grad_outputs=["loss"])
-    except TypeError:   # a checkout from before grad_outputs
-        m = LmcModel(g, backend="triton")
+    roofline = _sibling("roofline")
+    m = roofline.training_model(model, preset, precision, sets)
     m.program()                       # compile first: constant folding is not the step's
     vocab = m.config["vocab"]
     gen = torch.Generator().manual_seed(0)
@@ -126,12 +129,7 @@ def count_traffic(fn):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="llama")
-    ap.add_argument("--preset", default="default", help="a preset name, or 'default'")
-    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
-    ap.add_argument("--precision", default="bf16", choices=["bf16", "f16", "f32"])
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--seq-len", type=int, default=1024)
+    _sibling("roofline").step_args(ap)
     a = ap.parse_args(argv)
     os.environ.setdefault("TRITON_INTERPRET", "1")
     stats = measure(a.model, None if a.preset == "default" else a.preset, a.precision,
