@@ -134,9 +134,11 @@ def generate(body: Graph, name: str) -> str:
     rank = max(_space(outputs[0]).type.rank, 1)
     sizes = [f"S{d}" for d in range(rank)]
     drops = dropouts(body)
+    strided = sorted(body.meta.get("strided_outputs", ()))   # stored in a permuted layout
     args = [f"in{i}_ptr" for i in range(len(inputs))] + \
         [f"out{i}_ptr" for i in range(len(outputs))] + ["N"] + sizes + \
         [f"in{i}_s{d}" for i in range(len(inputs)) for d in range(rank)] + \
+        [f"out{i}_s{d}" for i in strided for d in range(rank)] + \
         [f"{a}{j}" for j in range(len(drops)) for a in ("seed", "p", "q")]
     src_nodes = [m for m in body.nodes if m.op is not Op.INPUT and m.op is not Op.CONST]
     # a dropout's seed changes every step: no specialisation on its value
@@ -224,8 +226,10 @@ def generate(body: Graph, name: str) -> str:
                          f"{TL_DTYPE[o.type.dtype]}), mask=mask)  # out{i} is in{c}")
             continue
         v = emit(o, top)
-        lines.append(f"    tl.store(out{i}_ptr + offs, ({v}).to({TL_DTYPE[o.type.dtype]}), "
-                     f"mask=mask)")
+        off = "offs" if i not in strided else "(" + " + ".join(
+            f"i{d} * out{i}_s{d}" for d in range(rank)) + ")"
+        lines.append(f"    tl.store(out{i}_ptr + {off}, ({v}).to({TL_DTYPE[o.type.dtype]}), "
+                     f"mask=mask)" + ("  # a permuted layout" if i in strided else ""))
     return "\n".join(lines) + "\n"
 
 
@@ -276,5 +280,7 @@ def launch(kernel, xs, outs, body: Graph, ctx, interpret: bool) -> None:
         else 1024
     if n >= 1 << 31 and dropouts(body):
         raise LmcError(f"dropout over {n} elements: at most 2^31 - 1 (int32 mask counters)")
-    kernel[(triton.cdiv(n, block),)](*xs, *outs, n, *sizes, *strides,
+    out_strides = [s for i in sorted(body.meta.get("strided_outputs", ()))
+                   for s in outs[i].stride()]
+    kernel[(triton.cdiv(n, block),)](*xs, *outs, n, *sizes, *strides, *out_strides,
                                      *_dropout_args(body, ctx), BLOCK=block)

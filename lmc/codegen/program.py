@@ -62,7 +62,8 @@ def fuse(g: Graph, disable: Sequence[str] = (), cache_writes: bool = False) -> G
     if cache_writes:
         from ..passes.fuse_cache_writes import fuse_cache_writes
         g = verify(fuse_cache_writes(g), inlined=True)
-    return g
+    from .wrapper import mark_strided_outputs
+    return mark_strided_outputs(g)
 
 
 def sink_recomputations(g: Graph) -> Graph:

@@ -219,18 +219,29 @@ def generate(g: Graph, label: str) -> str:
 
 # kinds whose kernels write every output through its strides (rope attention's lse is
 # [B, H, T] and never permuted; linear attention's decay gradient is copied out; generated
-# reduction kernels store through strides; pointwise and matmul kernels store contiguously)
+# reduction kernels store through strides; matmul kernels store contiguously, pointwise
+# kernels too but for the outputs `mark_strided_outputs` marks)
 STRIDED_OUTPUT_KINDS = ("rope_attention", "rope_attention_bwd", "linear_attention",
                         "linear_attention_bwd", "reduction")
 
 
 def _reader_layout(f: Node, gi: Node, readers) -> "List[int] | None":
-    """For an output of a kernel that writes through strides, read by a permute (keeping the
-    innermost axis) whose result is reshaped (attention's [B, H, T, D] seen as [B, T, H * D],
-    which would copy): that permutation, so the output is allocated in its order and the
-    reshape is a view. Else None (contiguous)."""
-    if f.attrs.get("kind") not in STRIDED_OUTPUT_KINDS:
+    """For an output of a kernel that writes through strides (a kind of STRIDED_OUTPUT_KINDS,
+    or a pointwise kernel's output marked by `mark_strided_outputs`), read by a permute
+    (keeping the innermost axis) whose result is reshaped (attention's [B, H, T, D] seen as
+    [B, T, H * D], which would copy): that permutation, so the output is allocated in its
+    order and the reshape is a view. Else None (contiguous)."""
+    kind = f.attrs.get("kind")
+    if kind not in STRIDED_OUTPUT_KINDS and not (
+            kind == "pointwise" and gi.attrs["index"] in
+            f.attrs["body"].meta.get("strided_outputs", ())):
         return None
+    return reader_permutation(gi, readers)
+
+
+def reader_permutation(gi: Node, readers) -> "List[int] | None":
+    """The permutation of a permute reading `gi` whose result a reshape reads (the innermost
+    axis kept), or None."""
     for p in readers.get(gi, []):
         perm = list(p.attrs["perm"]) if p.op is Op.PERMUTE else []
         # the innermost axis stays innermost: stores along it stay contiguous (coalesced)
@@ -238,6 +249,26 @@ def _reader_layout(f: Node, gi: Node, readers) -> "List[int] | None":
                 r.op is Op.RESHAPE for r in readers.get(p, [])):
             return perm
     return None
+
+
+def mark_strided_outputs(g: Graph) -> Graph:
+    """Mark, in each pointwise kernel's body meta ("strided_outputs"), the outputs the wrapper
+    will allocate in a permuted order (`reader_permutation`): the kernel then stores them
+    through strides rather than at their flat index. Cache writes are never marked."""
+    readers: Dict[Node, List[Node]] = {}
+    for n in g.nodes:
+        for x in n.inputs:
+            readers.setdefault(x, []).append(n)
+    for n in g.nodes:
+        if n.op is not Op.FUSED or n.attrs.get("kind") != "pointwise":
+            continue
+        outs = list(n.attrs["body"].outputs.values())
+        marked = sorted(gi.attrs["index"] for gi in readers.get(n, [])
+                        if gi.op is Op.GETITEM and outs[gi.attrs["index"]].op is not Op.INDEX_COPY
+                        and reader_permutation(gi, readers) is not None)
+        if marked:
+            n.attrs["body"].meta["strided_outputs"] = tuple(marked)
+    return g
 
 
 def _torch_dtype(dt) -> str:

@@ -125,11 +125,13 @@ def test_attention_outputs_are_stored_in_their_readers_order(monkeypatch):
         torch.testing.assert_close(grads[0][k], grads[1][k], rtol=1e-4, atol=1e-5)
 
 
-def test_linear_attention_output_is_stored_in_its_readers_order(monkeypatch):
-    """minimax's lightning attention (linear_attention kernels) too: no reshape of the training
-    step copies."""
+@pytest.mark.parametrize("model", ["minimax", "yoco"])
+def test_linear_attention_output_is_stored_in_its_readers_order(model, monkeypatch):
+    """minimax's lightning attention and yoco's retention (linear_attention kernels, yoco's
+    group norm a reduction kernel, its rope backward a pointwise kernel) too: no reshape of
+    the training step copies."""
     copies = _copying_reshapes(monkeypatch)
-    graph = run_pipeline(with_loss(lmc.load(os.path.join(ZOO, "minimax.yaml"),
+    graph = run_pipeline(with_loss(lmc.load(os.path.join(ZOO, f"{model}.yaml"),
                                             preset="tiny").graph))
     model = LmcModel(graph, backend="triton", seed=1, grad_outputs=["loss"])
     ids = torch.randint(0, model.config["vocab"], (2, 9),
