@@ -164,6 +164,9 @@ def compile_all(in_path, arch, limit_variants=None, only=None, shard=(0, 1)) -> 
                 spec.loader.exec_module(mod)
                 modules[f] = mod
         obj = getattr(modules[f], it["name"])
+        fn = obj
+        while not isinstance(fn, JITFunction):       # an Autotuner/Heuristics wrapper
+            fn = fn.fn
         # on a GPU an autotuned kernel runs one of its configurations, not the block sizes
         # the interpreter used: compile each of those instead
         variants = [(it["constexprs"], it["options"])]
@@ -172,17 +175,11 @@ def compile_all(in_path, arch, limit_variants=None, only=None, shard=(0, 1)) -> 
         if id(obj) in tuned:           # attention.py autotunes at launch: _configs(kind)
             configs = modules[f]._configs(tuned[id(obj)])
         if it["name"].startswith("lmc_mm_"):   # generated matmuls: codegen/matmul.py's list
-            base = obj
-            while not isinstance(base, JITFunction):
-                base = base.fn
-            configs = gpu_configs(split="SPLIT_K" in base.arg_names)
+            configs = gpu_configs(split="SPLIT_K" in fn.arg_names)
         if configs:
             variants = [({**it["constexprs"], **c.kwargs},
                          {"num_warps": c.num_warps, "num_stages": c.num_stages})
                         for c in configs]
-        fn = obj
-        while not isinstance(fn, JITFunction):       # an Autotuner/Heuristics wrapper
-            fn = fn.fn
         over, fits = [], 0
         for consts, options in variants:
             key = json.dumps([f, it["name"], it["signature"], consts, options], sort_keys=True)

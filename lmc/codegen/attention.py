@@ -1365,23 +1365,12 @@ def _operand(xs, layout) -> Tensor:
     return torch.cat(parts, -1)
 
 
-def _scatter_grad(grads, xs, layout, d: Tensor, full=None) -> None:
-    """Accumulate d (the gradient of `_operand`'s result) into the inputs' gradients (fp32):
-    the parts in `layout`, a subset of `full` (the operand's whole layout, default
-    `layout`), which places each part's columns in d."""
-    full = layout if full is None else full
-    starts = [sum(p[2] - p[1] for p in full[:n]) for n in range(len(full))]
-    for (i, a, b, rep), c in zip(full, starts):
-        if [i, a, b, rep] not in [list(p) for p in layout]:
-            continue
-        w = b - a
-        g = d[..., c:c + w].float()
-        if rep > 1:
-            B, hr, S, _ = g.shape
-            g = g.reshape(B, hr // rep, rep, S, w).sum(2)
-        if i not in grads:
-            grads[i] = torch.zeros(xs[i].shape, dtype=torch.float32, device=d.device)
-        grads[i][..., a:b] += g
+def _scatter_grad(grads, xs, i: int, a: int, b: int, g: Tensor) -> None:
+    """Accumulate g, a piece of input i's gradient (its columns a:b), in fp32 (an input read
+    by several pieces: q and k slices of one tensor)."""
+    if i not in grads:
+        grads[i] = torch.zeros(xs[i].shape, dtype=torch.float32, device=g.device)
+    grads[i][..., a:b] += g
 
 
 def _direct_grad(layouts, j: int, xs, outs, n_grad: int, operand: Tensor):
@@ -1469,29 +1458,29 @@ def launch_template(template: str, xs, outs, opts) -> None:
                                     dk=direct[1], dv=direct[2])
     grads: dict = {}
     written = {lay[0][0] for lay, dd in zip(layouts, direct) if dd is not None}
-    # an input read by one piece alone (MLA's q_C and q_R, the shared k_R summed over the
-    # heads that repeat it) gets that piece copied into its gradient output, the rest of its
-    # columns zeroed; only an input read by several pieces is accumulated in fp32
+    # the other operands' pieces (d's columns c:c + w are input i's columns a:b, summed over
+    # the heads that repeat it): a piece that is its input's only reader (MLA's q_C, q_R,
+    # the shared k_R) is copied into that input's gradient output, the rest of its columns
+    # zeroed; an input read by several pieces is accumulated in fp32 and copied out below
     reads = [part[0] for lay in layouts for part in lay]
     for lay, d, dd in zip(layouts, (dq, dk, dv), direct):
-        if dd is not None:
-            continue
         c = 0
-        for i, a, b, rep in lay:
-            if reads.count(i) == 1 and i < opts["n_grad"] and i not in written:
-                part = d[..., c:c + b - a]
-                if rep > 1:
-                    B, hr, S, w = part.shape
-                    part = part.float().reshape(B, hr // rep, rep, S, w).sum(2)
-                outs[i][..., a:b].copy_(part)
-                if a or b != outs[i].shape[-1]:
-                    outs[i][..., :a].zero_()
-                    outs[i][..., b:].zero_()
-                written.add(i)
-            c += b - a
-        rest = [p for p in lay if p[0] not in written and p[0] < opts["n_grad"]]
-        if rest:
-            _scatter_grad(grads, xs, rest, d, lay)
+        for i, a, b, rep in lay if dd is None else ():
+            w = b - a
+            g = d[..., c:c + w]
+            c += w
+            if i >= opts["n_grad"]:
+                continue
+            if rep > 1:
+                B, hr, S, _ = g.shape
+                g = g.float().reshape(B, hr // rep, rep, S, w).sum(2)
+            if reads.count(i) > 1:
+                _scatter_grad(grads, xs, i, a, b, g)
+                continue
+            outs[i][..., a:b].copy_(g)
+            outs[i][..., :a].zero_()
+            outs[i][..., b:].zero_()
+            written.add(i)
     for i in range(opts["n_grad"]):
         g = grads.get(i)
         if i in written:

@@ -154,10 +154,7 @@ def generate(g: Graph, label: str) -> str:
         lines.append(f"    {s} = ctx.dims[{s!r}]")
     allocated: Set[int] = set()
     pos = {n: i for i, n in enumerate(g.nodes)}
-    readers: Dict[Node, List[Node]] = {}
-    for n in g.nodes:
-        for x in n.inputs:
-            readers.setdefault(x, []).append(n)
+    readers = g.users()
     gets: Dict[Node, List[Node]] = {}
     for n in g.nodes:
         if n.op is Op.GETITEM and n.inputs[0].op is Op.FUSED:
@@ -255,10 +252,7 @@ def mark_strided_outputs(g: Graph) -> Graph:
     """Mark, in each pointwise kernel's body meta ("strided_outputs"), the outputs the wrapper
     will allocate in a permuted order (`reader_permutation`): the kernel then stores them
     through strides rather than at their flat index. Cache writes are never marked."""
-    readers: Dict[Node, List[Node]] = {}
-    for n in g.nodes:
-        for x in n.inputs:
-            readers.setdefault(x, []).append(n)
+    readers = g.users()
     for n in g.nodes:
         if n.op is not Op.FUSED or n.attrs.get("kind") != "pointwise":
             continue
