@@ -353,10 +353,48 @@ def _check_gating(x, w_router, noise, k, capacity_pct, seq_len):
         raise ValueError("capacity needs seq_len (the capacity runs per sequence along T)")
 
 
-def _dtheta(x, w_router, dlog, need_x, need_w):
-    dx = (dlog @ w_router.float().t()).to(x.dtype) if need_x else None
-    dwr = (x.float().t() @ dlog).to(w_router.dtype) if need_w else None
-    return dx, dwr
+def _dtheta(x, w_router, dlog, need_x, need_w, dx=None):
+    """The router's input and weight gradients from d logits [N, E] (fp32): dx = dlog
+    W_r^T (into `dx` when given), dW_r = x^T dlog, each one launch reading x and W_r in their
+    own dtypes (fp32 accumulation, no widened copies)."""
+    if need_x:
+        dx = torch.empty(x.shape, dtype=x.dtype, device=x.device) if dx is None else dx
+        combine(None, None, None, dx, router=(dlog, w_router))
+    else:
+        dx = None
+    return dx, (router_wgrad(x, dlog).to(w_router.dtype) if need_w else None)
+
+
+def router_wgrad(x: Tensor, dlog: Tensor) -> Tensor:
+    """x^T dlog [D, E] in fp32 for x [N, D] and dlog [N, E] fp32 (`_router_wgrad`: split
+    along the tokens, the splits added in order)."""
+    N, D = x.shape
+    E = dlog.shape[1]
+    BN, BD = (16, 32) if _interpret() else (64, 64)
+    rows = max(BN, triton.cdiv(triton.cdiv(max(N, 1), 128), BN) * BN)   # ~128 splits at most
+    S = max(triton.cdiv(N, rows), 1)
+    part = torch.empty((S, D, E), dtype=torch.float32, device=x.device)
+    _router_wgrad[(triton.cdiv(D, BD), S)](x, dlog.contiguous(), part, N, D, E, *x.stride(),
+                                           rows, BN=BN, BD=BD, BE=_p2(E))
+    return part.sum(0) if S > 1 else part[0]
+
+
+def combine(Y, slot, wgt, out, *, weighted=False, router=None, zero=None) -> None:
+    """`_combine` into out [N, D]: the slots' rows of Y [N k, D] (slot layout; None: no
+    slots), weighted by wgt [N, k] when `weighted`; router = (dlog [N, E] fp32, W_r [D, E]):
+    plus dlog W_r^T; zero = (pa, pb) [N k, F]: the dropped slots' rows of Y, pa and pb set
+    to zero."""
+    N, D = out.shape
+    BT, BD = (16, 32) if _interpret() else (32, 128)
+    dlog, wr = router if router is not None else (out, out)
+    pa, pb = zero if zero is not None else (out, out)
+    _combine[(max(triton.cdiv(N, BT), 1), triton.cdiv(D, BD))](
+        Y if Y is not None else out, slot if slot is not None else out,
+        wgt if wgt is not None else out, out, dlog, wr, pa, pb, N, D,
+        dlog.shape[1] if router is not None else 0, pa.shape[1] if zero is not None else 0,
+        *(wr.stride() if router is not None else (0, 0)),
+        K=slot.shape[1] if Y is not None else 0, WEIGHTED=weighted,
+        ROUTER=router is not None, ZERO=zero is not None, BT=BT, BD=BD)
 
 
 class MoEGatingFunction(torch.autograd.Function):
@@ -499,7 +537,9 @@ def _gmm(A, A2, TOK, SID, SW, B, B2, C, C2, PA, PB,
     C = dh * b * act'(a), C2 = dh * act(a) (a, b read from PA, PB); 3: C = A B + A2 B2.
     PA and PB are in the slot layout (row t k + j of token t's slot j: SID maps a sorted row
     to it), and so is C in modes 0 and 3 (the expert outputs and dx, which the combine reads
-    per token); C in modes 1 and 2 (h, da, db: operands of the next product) is sorted."""
+    per token); C in modes 1 and 2 (h, da, db: operands of the next product) is sorted. A
+    (and A2) are read in their own dtype and rounded to B's in registers (an fp32 dy against
+    bf16 weights: no narrowed copy)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     cols = tl.arange(0, BE)
@@ -525,7 +565,7 @@ def _gmm(A, A2, TOK, SID, SW, B, B2, C, C2, PA, PB,
     for k0 in range(0, KD, BK):
         km = (k0 + kk) < KD
         a = tl.load(A + arow[:, None] * sa_r + (k0 + kk)[None, :] * sa_k,
-                    mask=rm[:, None] & km[None, :], other=0.0)
+                    mask=rm[:, None] & km[None, :], other=0.0).to(B.dtype.element_ty)
         boff = wbase + (k0 + kk)[:, None] * sb_k + n[None, :] * sb_n
         bmask = km[:, None] & nm[None, :]
         b = tl.load(B + boff, mask=bmask, other=0.0)
@@ -535,7 +575,7 @@ def _gmm(A, A2, TOK, SID, SW, B, B2, C, C2, PA, PB,
             acc2 = tl.dot(a, b2, acc=acc2, input_precision=DOT_PREC)
         if MODE == 3:
             a2 = tl.load(A2 + arow[:, None] * sa_r + (k0 + kk)[None, :] * sa_k,
-                         mask=rm[:, None] & km[None, :], other=0.0)
+                         mask=rm[:, None] & km[None, :], other=0.0).to(B2.dtype.element_ty)
             b2 = tl.load(B2 + boff, mask=bmask, other=0.0)
             acc = tl.dot(a2, b2, acc=acc, input_precision=DOT_PREC)
     cm = rm[:, None] & nm[None, :]
@@ -613,8 +653,14 @@ def _wgrad(A, A2, Dm, TOK, SID, SW, DW, EOFF, CNT, KD, ND,
 
 
 @triton.jit
-def _combine(Y, SLOT, WGT, OUT, N, D, K: tl.constexpr, WEIGHTED: tl.constexpr,
-             BT: tl.constexpr, BD: tl.constexpr):
+def _combine(Y, SLOT, WGT, OUT, DLOG, WR, PA, PB, N, D, E, F, s_wd, s_we,
+             K: tl.constexpr, WEIGHTED: tl.constexpr, ROUTER: tl.constexpr,
+             ZERO: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
+    """OUT[t] = sum over token t's kept slots j of (WGT[t, j] *) Y[t k + j] (Y in the slot
+    layout), in fp32. ROUTER: plus the router's input gradient sum_e DLOG[t, e] WR[:, e]
+    (DLOG [N, E] fp32, WR [D, E]). ZERO: the rows of Y, PA and PB [N k, F] of dropped slots
+    are set to zero (as the zoo's dense form has them), masked stores: no kernel writes those
+    rows otherwise, and only they are written here."""
     pid = tl.program_id(0)
     rows = pid * BT + tl.arange(0, BT)
     rm = rows < N
@@ -624,15 +670,58 @@ def _combine(Y, SLOT, WGT, OUT, N, D, K: tl.constexpr, WEIGHTED: tl.constexpr,
     for j in tl.static_range(K):
         s = tl.load(SLOT + rows * K + j, mask=rm, other=-1)
         ok = s >= 0
-        y = tl.load(Y + (rows.to(tl.int64) * K + j)[:, None] * D + dd[None, :],
+        yrow = (rows.to(tl.int64) * K + j)[:, None]
+        y = tl.load(Y + yrow * D + dd[None, :],
                     mask=(ok & rm)[:, None] & dm[None, :], other=0.0).to(tl.float32)
         if WEIGHTED:
             w = tl.load(WGT + rows * K + j, mask=rm, other=0.0)
             acc += w[:, None] * y
         else:
             acc += y
+        if ZERO:
+            drop = (rm & ~ok)[:, None]
+            tl.store(Y + yrow * D + dd[None, :], tl.zeros([BT, BD], Y.dtype.element_ty),
+                     mask=drop & dm[None, :])
+            if tl.program_id(1) == 0:
+                for f0 in range(0, F, BD):
+                    ff = f0 + tl.arange(0, BD)
+                    fm = drop & (ff < F)[None, :]
+                    tl.store(PA + yrow * F + ff[None, :],
+                             tl.zeros([BT, BD], PA.dtype.element_ty), mask=fm)
+                    tl.store(PB + yrow * F + ff[None, :],
+                             tl.zeros([BT, BD], PB.dtype.element_ty), mask=fm)
+    if ROUTER:
+        for e in range(0, E):
+            g = tl.load(DLOG + rows.to(tl.int64) * E + e, mask=rm, other=0.0)
+            w = tl.load(WR + dd * s_wd + e * s_we, mask=dm, other=0.0).to(tl.float32)
+            acc += g[:, None] * w[None, :]
     tl.store(OUT + rows.to(tl.int64)[:, None] * D + dd[None, :], acc.to(OUT.dtype.element_ty),
              mask=rm[:, None] & dm[None, :])
+
+
+@triton.jit
+def _router_wgrad(X, DLOG, PART, N, D, E, s_xn, s_xd, ROWS,
+                  BN: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr):
+    """The router weight's gradient x^T dlog, split along the tokens: program (i, s) sums
+    rows [s ROWS, (s + 1) ROWS) for columns i BD .. of x into PART[s] [D, E] (fp32; the
+    launcher adds the splits in order: deterministic). x is read in its own dtype and
+    widened: no fp32 copy of the activations."""
+    dd = tl.program_id(0) * BD + tl.arange(0, BD)
+    dm = dd < D
+    sp = tl.program_id(1)
+    ee = tl.arange(0, BE)
+    em = ee < E
+    acc = tl.zeros([BD, BE], tl.float32)
+    for r0 in range(sp * ROWS, tl.minimum(sp * ROWS + ROWS, N), BN):
+        rr = r0 + tl.arange(0, BN)
+        rmk = (rr < N) & (rr < sp * ROWS + ROWS)
+        xt = tl.load(X + rr.to(tl.int64)[None, :] * s_xn + dd[:, None] * s_xd,
+                     mask=rmk[None, :] & dm[:, None], other=0.0).to(tl.float32)
+        g = tl.load(DLOG + rr.to(tl.int64)[:, None] * E + ee[None, :],
+                    mask=rmk[:, None] & em[None, :], other=0.0)
+        acc = tl.dot(xt, g, acc=acc, input_precision="ieee")
+    tl.store(PART + sp.to(tl.int64) * D * E + dd[:, None] * E + ee[None, :], acc,
+             mask=dm[:, None] & em[None, :])
 
 
 @triton.jit
@@ -692,13 +781,6 @@ class _Plan:
                      GATED_A=A2 is not None, ACT=act,
                      DOT_PREC=self.prec, BM=BM, BN=BN, BK=BK, **self.launch)
 
-    def combine(self, Y, slot, wgt, out, weighted):
-        N, D = out.shape
-        BT, BD = (16, 32) if _interpret() else (32, 128)
-        _combine[(max(triton.cdiv(N, BT), 1), triton.cdiv(D, BD))](
-            Y, slot, wgt if wgt is not None else Y, out, N, D, K=slot.shape[1],
-            WEIGHTED=weighted, BT=BT, BD=BD)
-
 
 def _experts_forward(p: _Plan, x, r: Routing, w_gate, w_up, w_down, act, save, pa=None,
                      pb=None, ys=None):
@@ -733,7 +815,7 @@ def _moe_forward(x, w_router, noise, w_gate, w_up, w_down, k, renormalize, capac
     r = route(g.idx, g.kept, g.weight, E, p.BM)
     pa, pb, ys = _experts_forward(p, x, r, w_gate, w_up, w_down, act, save, pa, pb, ys)
     y = torch.empty(x.shape, dtype=y_dtype or x.dtype, device=x.device)
-    p.combine(ys, r.slot, g.weight, y, True)
+    combine(ys, r.slot, g.weight, y, weighted=True)
     return y, g, r, (pa, pb, ys)
 
 
@@ -751,7 +833,6 @@ def _moe_backward(x, w_router, w_gate, w_up, w_down, g: Gating, r: Routing, pa, 
     p = _Plan(x, E, F_)
     N = x.shape[0]
     dy = dy.contiguous() if dy is not None else torch.zeros_like(x)
-    dyc = dy.to(x.dtype)     # the expert products read it in x's dtype (an fp32 dy: as is)
     # combine: d weights
     dwt = torch.empty((N, k), dtype=torch.float32, device=x.device)
     BT, BD = (16, 32) if _interpret() else (64, 128)
@@ -763,7 +844,7 @@ def _moe_backward(x, w_router, w_gate, w_up, w_down, g: Gating, r: Routing, pa, 
     R = r.sorted_tok.shape[0]
     da = torch.empty((R, F_), dtype=x.dtype, device=x.device)
     db = torch.empty_like(da)
-    p.gmm(r, dyc, w_down.transpose(1, 2), da, C2=db, PA=pa, PB=pb, act=act, mode=2,
+    p.gmm(r, dy, w_down.transpose(1, 2), da, C2=db, PA=pa, PB=pb, act=act, mode=2,
           ND=F_, KD=D, gather=True)
     dw_down = into.get("dw_down", torch.empty_like(w_down))
     p.wgrad(r, pa, dy, dw_down, A2=pb, act=act, gather_a=False, gather_d=True, scale_d=True)
@@ -774,12 +855,11 @@ def _moe_backward(x, w_router, w_gate, w_up, w_down, g: Gating, r: Routing, pa, 
     dxs = torch.empty((R, D), dtype=x.dtype, device=x.device)
     p.gmm(r, da, w_gate.transpose(1, 2), dxs, A2=db, B2=w_up.transpose(1, 2), mode=3,
           ND=D, KD=F_, gather=False)
-    dx = torch.empty_like(x)
-    p.combine(dxs, r.slot, None, dx, False)
-    # router
+    # the router's d logits, then dx = the slots' dx rows + dlog W_r^T in one kernel
     dlog = _gating_backward(g, dwt, dpsum, dlse, k, renorm, dprobs=dprobs)
-    dxr, dwr = _dtheta(x, w_router, dlog, True, need_wr)
-    dx = torch.add(dx, dxr, out=into["dx"]) if "dx" in into else dx + dxr
+    dx = into.get("dx", torch.empty_like(x))
+    combine(dxs, r.slot, None, dx, router=(dlog, w_router))
+    dwr = router_wgrad(x, dlog).to(w_router.dtype) if need_wr else None
     return dx, dwr, dlog, dw_gate, dw_up, dw_down
 
 
@@ -962,20 +1042,22 @@ def launch_template(template: str, xs, outs, opts) -> None:
             pa, pb, ys = flat(got.get("a"), F_), flat(got.get("b"), F_), flat(got.get("ye"),
                                                                               x2.shape[1])
             save = pa is not None and pb is not None
-            if cap:      # dropped slots are zero in the body's saved values; no kernel row
-                for t in (pa, pb, ys):
-                    if t is not None:
-                        t.zero_()
             p = _Plan(x2, E, F_)
             r = route(g.idx, g.kept, g.weight, E, p.BM)
             pa, pb, ys = _experts_forward(p, x2, r, wg, w1, w2, act, save, pa, pb, ys)
-            if got.get("y") is not None:
-                y = got["y"].view(N, -1) if got["y"].is_contiguous() else None
+            # dropped slots are zero in the body's saved a, b, ye and no expert kernel
+            # writes their rows: the combine stores those zeros (only those rows)
+            zero = (pa, pb) if cap and save else None
+            if got.get("y") is not None or zero is not None:
+                y = got.get("y")
+                y = y.view(N, -1) if y is not None and y.is_contiguous() else None
                 y_ = y if y is not None else torch.empty((N, x2.shape[1]),
                                                          dtype=torch.float32, device=x.device)
-                p.combine(ys, r.slot, g.weight, y_, True)
-                if y is None:
+                combine(ys, r.slot, g.weight, y_, weighted=True, zero=zero)
+                if y is None and got.get("y") is not None:
                     got["y"].copy_(y_.reshape(got["y"].shape))
+            if cap and zero is None and got.get("ye") is not None:
+                ys.view(N, k, -1).masked_fill_(g.kept.view(N, k, 1) == 0, 0)
         for role, out in zip(roles, outs):
             if out is None or role in ("y", "a", "b", "ye"):
                 continue
@@ -1009,7 +1091,10 @@ def launch_template(template: str, xs, outs, opts) -> None:
         grads = (grads[0], grads[1]) + tuple(grads[3:])
     else:
         dlog = _gating_backward(g, dw, None, dlse, k, renorm, dprobs=dprobs)
-        grads = _dtheta(x2, wr, dlog, True, True)
+        o = outs[0]
+        into = o.view(N, -1) if o is not None and o.is_contiguous() and \
+            o.dtype == x2.dtype else None
+        grads = _dtheta(x2, wr, dlog, True, True, dx=into)
     assert len(outs) == len(grads), (len(outs), len(grads))
     for out, v in zip(outs, grads):
         if v.data_ptr() != out.data_ptr():      # not written in place above

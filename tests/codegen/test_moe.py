@@ -159,6 +159,64 @@ def test_layer_fp16():
     assert rel(y, yr) < 5e-3
 
 
+@pytest.mark.parametrize("N", [1, 15, 17, 97, 2300])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_router_wgrad(N, dtype):
+    """x^T dlog split along the tokens (2300 rows: several splits, the last one partial),
+    x read in its own dtype: equals the fp32 product of the widened x."""
+    g = torch.Generator().manual_seed(N)
+    x = torch.randn(N, 40, generator=g).to(dtype)
+    dlog = torch.randn(N, 5, generator=g)
+    got = moe.router_wgrad(x, dlog)
+    want = x.double().t() @ dlog.double()
+    assert got.dtype == torch.float32 and got.shape == (40, 5)
+    assert rel(got, want) < 1e-6
+
+
+@pytest.mark.parametrize("N,k", [(1, 1), (17, 2), (33, 2)])
+def test_combine_adds_the_router_term_and_zeroes_only_dropped_rows(N, k):
+    """The combine's ROUTER term (dx += dlog W_r^T) and ZERO (dropped slots' rows of ye, a,
+    b set to 0): every other row keeps what it held (NaN here), only dropped rows change."""
+    g = torch.Generator().manual_seed(N + k)
+    D, F_, E = 40, 24, 6
+    slot = torch.randint(0, 3, (N, k), generator=g).to(torch.int32) - 1    # -1: dropped
+    slot[0, 0] = 5
+    ys = torch.randn(N * k, D, generator=g).half()
+    ys[(slot.reshape(-1) < 0)] = float("nan")
+    pa = torch.full((N * k, F_), float("nan"), dtype=torch.float16)
+    pb = pa.clone()
+    wgt = torch.randn(N, k, generator=g)
+    dlog = torch.randn(N, E, generator=g)
+    wr = torch.randn(E, D, generator=g).half().t()          # [D, E], not contiguous
+    out = torch.empty(N, D)
+    moe.combine(ys, slot, wgt, out, weighted=True, router=(dlog, wr), zero=(pa, pb))
+    kept = (slot >= 0).reshape(-1)
+    y3 = ys.float().reshape(N, k, D)
+    want = (torch.where(kept.reshape(N, k, 1), y3, 0) * wgt[..., None]).sum(1) \
+        + dlog @ wr.float().t()
+    assert rel(out, want) < 1e-6
+    assert torch.equal(ys[~kept], torch.zeros_like(ys[~kept]))
+    for t in (pa, pb):
+        assert torch.equal(t[~kept], torch.zeros_like(t[~kept]))
+        assert t[kept].isnan().all()
+
+
+def test_expert_product_reads_an_fp32_gradient_against_f16_weights():
+    """The dh product reads an fp32 dy and rounds each tile to the weights' dtype in the
+    kernel: the same gate and up gradients as dy rounded to f16 first (dW_down and the
+    combine weights' gradient read dy in fp32 either way)."""
+    x, wr, wg, w1, w2, _ = make(33, 4, seed=3)
+    h = [t.half() for t in (x, wr, wg, w1, w2)]
+    y, gate, r, (pa, pb, ys) = moe._moe_forward(*h[:2], None, *h[2:], 2, True, None, None,
+                                                0, True)
+    dy = torch.randn(33, 24, generator=torch.Generator().manual_seed(2))
+    got = moe._moe_backward(*h, gate, r, pa, pb, ys, dy, None, None, 2, True, 0)
+    want = moe._moe_backward(*h, gate, r, pa, pb, ys, dy.half().float(), None, None, 2, True,
+                             0)
+    for a, b in zip(got[3:5], want[3:5]):      # dW_gate, dW_up
+        assert a.abs().max() > 0 and torch.equal(a, b)
+
+
 def test_bench_tiny(tmp_path):
     out = tmp_path / "moe.json"
     r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "moe_bench.py"),
