@@ -55,7 +55,7 @@ def fuse(g: Graph, disable: Sequence[str] = (), cache_writes: bool = False) -> G
     if unknown:
         raise LmcError(f"unknown fusion pass {sorted(unknown)[0]!r} (fusion passes: "
                        f"{', '.join(n for n, _ in FUSION_PASSES)})")
-    g = verify(sink_recomputations(g), inlined=True)
+    g = verify(sink_recomputations(drop_broadcast_expands(g)), inlined=True)
     for name, fn in FUSION_PASSES:
         if name not in disable:
             g = verify(fn(g), inlined=True)
@@ -64,6 +64,43 @@ def fuse(g: Graph, disable: Sequence[str] = (), cache_writes: bool = False) -> G
         g = verify(fuse_cache_writes(g), inlined=True)
     from .wrapper import mark_strided_outputs
     return mark_strided_outputs(g)
+
+
+def drop_broadcast_expands(g: Graph) -> Graph:
+    """A pointwise op reading expand(x) reads x instead where another of its inputs already
+    has the op's full shape: its output is the same (x broadcasts as the expand did), and the
+    expand, a torch op between kernels, no longer separates x's producer from its reader. A
+    mean's VJP is such an expand (expand(g / N) over the reduced axis): a norm backward's
+    per-row sum [B, T, 1] then reaches its [B, T, d] consumer as a broadcast, which
+    fuse_reductions takes into the reduction's kernel instead of launching one more."""
+    outputs = set(g.outputs.values())
+    repl: Dict[Node, Node] = {}
+    nodes: List[Node] = []
+    for n in g.nodes:
+        ins = tuple(repl.get(x, x) for x in n.inputs)
+        if n.op.kind is Kind.POINTWISE and n.type.rank:
+            exp = [x for x in ins if x.op is Op.EXPAND]
+            if len(exp) == 1 and n not in outputs and all(
+                    x is exp[0] or x.type.rank == 0 for x in ins):
+                # op(expand(x), scalars) = expand(op(x, scalars)): computed at x's size,
+                # so the expand moves on to a reader that may drop it
+                small = Node.make(n.op, [x.inputs[0] if x is exp[0] else x for x in ins],
+                                  n.attrs, n.loc, n.scope)
+                if small.type.dtype == n.type.dtype:
+                    nodes.append(small)
+                    repl[n] = Node(Op.EXPAND, (small,), exp[0].attrs, n.type, n.loc, n.scope)
+                    nodes.append(repl[n])
+                    continue
+            full = [getattr(x.type, "shape", None) == n.type.shape for x in ins]
+            ins = tuple(x.inputs[0] if x.op is Op.EXPAND and any(
+                f for j, f in enumerate(full) if j != i) else x for i, x in enumerate(ins))
+        if ins != n.inputs:
+            repl[n] = Node(n.op, ins, n.attrs, n.type, n.loc, n.scope)
+        nodes.append(repl.get(n, n))
+    if not repl:
+        return g
+    from ..passes.basic import dce
+    return dce(g.with_nodes(nodes, {k: repl.get(v, v) for k, v in g.outputs.items()}))
 
 
 def sink_recomputations(g: Graph) -> Graph:

@@ -183,3 +183,35 @@ def test_a_per_row_value_of_inputs_joins_the_reduction_reading_it():
                        "dy": torch.randn(bb, tt, 19, generator=gen),
                        "r": torch.rand(bb, tt, 1, generator=gen) + 0.5})
     assert _kinds(p) == ["reduction"]
+
+
+def test_a_mean_vjp_expand_reaches_its_reader_as_a_broadcast():
+    """A mean's VJP: expand(g) / N over the reduced axis, then read with a [B, T, d] value
+    (a norm backward). The expand (a torch op) would stand between the per-row sum and its
+    reader; the fused program computes g / N per row and reads it broadcast, so the sum and
+    its consumer are one kernel. Beside it, a reader whose other inputs are all [B, T, 1]
+    keeps the expand (dropping it would shrink that reader's output)."""
+    from lmc.codegen.program import drop_broadcast_expands
+
+    d = 23
+    b = Builder({}, {})
+    x, dy = b.input("x", [B, T, d], "f32"), b.input("dy", [B, T, d], "f32")
+    r = b.input("r", [B, T, 1], "f32")
+    s = b.sum(x * dy, -1)                            # [B, T, 1]
+    dx = dy + (b.expand(s, [B, T, d]) / float(d)) * x     # mean's VJP, then its reader
+    keep = b.expand(s, [B, T, d]) + r                 # no full-shaped partner
+    g = Graph("mb", b.nodes, {"dx": dx.node, "keep": keep.node})
+    ops = drop_broadcast_expands(g)
+    readers = [n for n in ops.nodes if any(x.op is Op.EXPAND for x in n.inputs)]
+    assert readers == [ops.outputs["keep"]]
+    assert ops.outputs["dx"].type == g.outputs["dx"].type
+    gen = torch.Generator().manual_seed(3)
+    for bb, tt in [(1, 1), (2, 7)]:
+        p = _check(g, {"x": torch.randn(bb, tt, d, generator=gen),
+                       "dy": torch.randn(bb, tt, d, generator=gen),
+                       "r": torch.randn(bb, tt, 1, generator=gen)})
+    # the sum and dx in one kernel; the expand's reader (keep) in a pointwise one
+    assert sorted(_kinds(p)) == ["pointwise", "reduction"], _kinds(p)
+    src = p.graph.outputs["dx"]
+    src = src.inputs[0] if src.op is Op.GETITEM else src
+    assert src.attrs["kind"] == "reduction"
