@@ -86,11 +86,13 @@ def cmd_compile(args) -> int:
         # same layers)
         for graph, st in (("decode", step), ("decode static", decode_step(c.graph,
                                                                           static=True))):
+            from .codegen.program import fuse
             fused = fuse_decode_linear_attention(fuse_decode_attention(st.graph))
-            passes = ("fuse_decode_attention", "fuse_decode_linear_attention")
-            if graph == "decode static":   # its kernels also store the cache writes
-                from .codegen.program import fuse
-                fused = fuse(fused, cache_writes=True)
+            passes = ("fuse_decode_attention", "fuse_decode_linear_attention",
+                      "fuse_rope_epilogue")
+            static = graph == "decode static"   # its kernels also store the cache writes
+            fused = fuse(fused, cache_writes=static, decode=True)
+            if static:
                 passes += ("fuse_cache_writes",)
             s["fusions"] += [dict(f, graph=graph) for f in fused.meta["fusions"]
                              if f["pass"] in passes]

@@ -248,14 +248,92 @@ def horizontal(body: Graph) -> bool:
 
 
 def _segments(body: Graph, mms: List[Node]):
-    """Per matmul: (its output index, the cache write storing it or None)."""
+    """Per matmul: (its output index, the cache write storing it or None), or (None, the
+    rotation storing it: fuse_rope_epilogue's spec) for a product RoPE is applied to."""
     outs = list(body.outputs.values())
+    rope = {r["product"]: r for r in body.meta.get("rope", ())}
     seg = []
-    for m in mms:
+    for j, m in enumerate(mms):
+        if j in rope:
+            seg.append((None, rope[j]))
+            continue
         (k,) = [i for i, o in enumerate(outs) if o is m or (o.op is Op.INDEX_COPY
                                                              and o.inputs[2] is m)]
         seg.append((k, outs[k] if outs[k].op is Op.INDEX_COPY else None))
     return seg
+
+
+def _rope_tile_helper(tile: str, pro, idx, dot_ty: str, prod_ty: str, prec: str,
+                      r: dict, out_ty: str) -> List[str]:
+    """A jit helper computing one BLOCK_M x BLOCK_N tile of P = A @ B and storing RoPE of it
+    (fuse_rope_epilogue): a second accumulator holds the partner columns (B loaded at them),
+    and the tile stores y[b, h, t, d] = x[d] cos[t, d] + sign(d) x[partner(d)] sin[t, d]
+    for d < R (x[d] itself up to W), to [B, H, T, W] or, with a cache, at rows pos[t]."""
+    w_args = f"in{idx[pro.w]}_ptr, w_sk, " if pro else ""
+    pre, inside, post = _prologue_code(pro, idx, dot_ty, ["acc", "accp"], "        ") \
+        if pro else ([], [], [])
+    D, R, W = r["D"], r["R"], r["W"]
+    half = R // 2
+    cast = (f".to({TL_DTYPE[DType.of(r['cast'])]}).to(tl.float32)" if r["cast"] else
+            ".to(tl.float32)")
+    rnd = "" if prod_ty == "tl.float32" else f".to({prod_ty}).to(tl.float32)"
+    lines = [
+        "@triton.jit",
+        f"def {tile}(a_rows, a_sk, mask_m, rm, z, b_ptr, b_sk, b_sn, o_ptr, tile_n, M, N, K,",
+        f"        {w_args}cos_ptr, cos_st, cos_sd, sin_ptr, sin_st, sin_sd, T, o_sb, o_sh, "
+        "o_st, o_sd, pos_ptr, pos_s,",
+        "        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, "
+        "CACHE: tl.constexpr):",
+        "    # one BLOCK_M x BLOCK_N tile of P = A @ B"
+        + (", A = rmsnorm(x) * w computed here" if pro else "")
+        + f", stored as RoPE of its heads (head dim {D}, rotate-half over the first {R}, "
+          f"{W} stored): y[d] = x[d] cos[t, d] + sign(d) x[partner(d)] sin[t, d]",
+        "    rn = (tile_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)",
+        "    rk = tl.arange(0, BLOCK_K).to(tl.int64)",
+        "    mask_n = rn < N",
+        f"    h = rn // {D}",
+        f"    d = rn % {D}",
+        f"    rot = d < {R}",
+        f"    # rotate-half: partner d + {half} (sign -1) below {half}, d - {half} (+1) up to {R}",
+        f"    pn = h * {D} + tl.where(d < {half}, d + {half}, tl.where(rot, d - {half}, d))",
+        "    b_cols = b_ptr + rn[None, :] * b_sn",
+        "    p_cols = b_ptr + pn[None, :] * b_sn",
+        "    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)",
+        "    accp = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)",
+    ] + pre + [
+        "    for k0 in range(0, K, BLOCK_K):",
+        "        kk = k0 + rk",
+        "        mask_k = kk < K",
+        "        a = tl.load(a_rows + kk[None, :] * a_sk, mask=mask_m[:, None] & mask_k[None, :],"
+        " other=0.0)",
+    ] + inside + [
+        "        bmask = mask_k[:, None] & mask_n[None, :]",
+        "        b = tl.load(b_cols + kk[:, None] * b_sk, mask=bmask, other=0.0)",
+        "        bp = tl.load(p_cols + kk[:, None] * b_sk, mask=bmask, other=0.0)",
+        f"        acc = tl.dot(a, b, acc=acc{prec})",
+        f"        accp = tl.dot(a, bp, acc=accp{prec})",
+    ] + post + [
+        f"    x = acc{rnd}  # the product as stored in its dtype",
+        f"    xp = accp{rnd}",
+        "    r = z * M + rm  # the row of [B * T]: batch entry r // T, new position r % T",
+        "    t = r % T",
+        "    tmask = mask_m[:, None] & (mask_n & rot)[None, :]",
+        "    c = tl.load(cos_ptr + t[:, None] * cos_st + d[None, :] * cos_sd, mask=tmask, "
+        f"other=0.0){cast}",
+        "    s = tl.load(sin_ptr + t[:, None] * sin_st + d[None, :] * sin_sd, mask=tmask, "
+        f"other=0.0){cast}",
+        f"    xr = tl.where((d < {half})[None, :], -xp, xp)",
+        "    y = tl.where(rot[None, :], x * c + xr * s, x)",
+        "    if CACHE:",
+        "        tt = tl.load(pos_ptr + t * pos_s, mask=mask_m, other=0)",
+        "    else:",
+        "        tt = t",
+        "    out = (r // T)[:, None] * o_sb + h[None, :] * o_sh + tt[:, None] * o_st + "
+        "d[None, :] * o_sd",
+        f"    tl.store(o_ptr + out, y.to({out_ty}), mask=mask_m[:, None] & "
+        f"(mask_n & (d < {W}))[None, :])",
+    ]
+    return lines
 
 
 def _tile_helper(tile: str, pro, idx, dot_ty: str, out_ty: str, prec: str,
@@ -315,7 +393,10 @@ def _generate_horizontal(body: Graph, name: str) -> str:
         [f"a_s{d}" for d in range(nb)] + ["a_sm", "a_sk"] + \
         [f"b{j}_s{x}" for j in range(len(mms)) for x in "kn"] + (["w_sk"] if pro else [])
     for j, (k, cw) in enumerate(seg):
-        if cw is not None:
+        if k is None:        # a rotation: T, the tables' and the output's strides
+            args += [f"T{j}", f"cs{j}_t", f"cs{j}_d", f"sn{j}_t", f"sn{j}_d"] + \
+                [f"o{j}_s{x}" for x in range(4)] + [f"p{j}_s"]
+        elif cw is not None:
             args += [f"T{j}", f"p{j}_s", f"c{j}_s0", f"c{j}_s1", f"c{j}_s2"]
     fp32 = mms[0].type.dtype is DType.f32
     prec = ', input_precision="ieee"' if fp32 else ""
@@ -324,11 +405,19 @@ def _generate_horizontal(body: Graph, name: str) -> str:
     w_args = f"in{idx[pro.w]}_ptr, w_sk, " if pro else ""
     tile = f"{name}_tile"
     lines = _tile_helper(tile, pro, idx, dot_ty, out_ty, prec, False) + ["", ""]
-    if any(cw is not None for _, cw in seg):
+    if any(k is not None and cw is not None for k, cw in seg):
         lines += _tile_helper(f"{tile}_cache", pro, idx, dot_ty, out_ty, prec, True) + ["", ""]
+    outs = list(body.outputs.values())
+    for j, (k, r) in enumerate(seg):
+        if k is None:
+            lines += _rope_tile_helper(f"{tile}_rope{j}", pro, idx, dot_ty, out_ty, prec, r,
+                                       TL_DTYPE[outs[r["out"]].type.dtype]) + ["", ""]
     lines += _head(name, args, body) + [
         f"    # A = in{idx[a]} {a.type}; " + "; ".join(
             (f"out{k} = A @ in{idx[m.inputs[1]]} {m.inputs[1].type}" if cw is None else
+             f"out{cw['out']} = rope(A @ in{idx[m.inputs[1]]}) (cos in{cw['cos']}, sin "
+             f"in{cw['sin']})" + (f" written into in{cw['cache']} at rows in{cw['pos']}"
+                                  if cw["cache"] is not None else "") if k is None else
              f"out{k} = in{idx[cw.inputs[0]]} with A @ in{idx[m.inputs[1]]} written at rows "
              f"in{idx[cw.inputs[1]]}") for m, (k, cw) in zip(mms, seg)),
         "    # the column tiles of the first product, then of the second, ...: one launch",
@@ -349,8 +438,20 @@ def _generate_horizontal(body: Graph, name: str) -> str:
     for j, (m, (k, cw)) in enumerate(zip(mms, seg)):
         kw = "if" if j == 0 else "elif"
         stop = f"nt{j}" if j == 0 else f"{start} + nt{j}"
-        head = f"    {kw} pid_n < {stop}:" if j < len(mms) - 1 else "    else:"
-        if cw is None:
+        head = f"    {kw} pid_n < {stop}:" if j < len(mms) - 1 else \
+            "    else:" if j else "    if True:  # one product"
+        if k is None:
+            dst = f"in{cw['cache']}_ptr" if cw["cache"] is not None else f"out{cw['out']}_ptr"
+            pos = f"in{cw['pos']}_ptr" if cw["pos"] is not None else dst
+            call = (f"        {tile}_rope{j}(a_rows, a_sk, mask_m, rm, z, "
+                    f"in{idx[m.inputs[1]]}_ptr, b{j}_sk, b{j}_sn, {dst}, pid_n - ({start}), "
+                    f"M, N{j}, K,\n"
+                    f"                {w_args}in{cw['cos']}_ptr, cs{j}_t, cs{j}_d, "
+                    f"in{cw['sin']}_ptr, sn{j}_t, sn{j}_d, T{j}, "
+                    + ", ".join(f"o{j}_s{x}" for x in range(4)) + f", {pos}, p{j}_s,\n"
+                    f"                BLOCK_M, BLOCK_N, BLOCK_K, "
+                    f"{cw['cache'] is not None})")
+        elif cw is None:
             call = (f"        {tile}(a_rows, a_sk, mask_m, rm, z, in{idx[m.inputs[1]]}_ptr, "
                     f"b{j}_sk, b{j}_sn, out{k}_ptr, pid_n - ({start}), M, N{j}, K,\n"
                     f"                {w_args}BLOCK_M, BLOCK_N, BLOCK_K)")
@@ -367,7 +468,7 @@ def _generate_horizontal(body: Graph, name: str) -> str:
 
 def generate(body: Graph, name: str) -> str:
     """The @triton.jit kernel for one matmul body graph, as source text."""
-    if horizontal(body):
+    if horizontal(body) or body.meta.get("rope"):
         return _generate_horizontal(body, name)
     if vertical_sum(body):
         return _generate_vertical(body, name)
@@ -698,7 +799,7 @@ def _out_space(out):
 
 def launch(kernel, xs, outs, body: Graph, ctx, interpret: bool) -> None:
     """One program per output tile per batch entry; operands read through their strides."""
-    if horizontal(body):
+    if horizontal(body) or body.meta.get("rope"):
         return _launch_horizontal(kernel, xs, outs, body, interpret)
     if vertical_sum(body):
         return _launch_vertical(kernel, xs, outs, body, interpret)
@@ -763,7 +864,15 @@ def _launch_horizontal(kernel, xs, outs, body: Graph, interpret: bool) -> None:
     if pro:
         args.append(xs[idx[pro.w]].stride(-1))
     for k, cw in _segments(body, mms):
-        if cw is not None:          # [B, T, N] rows stored into a cache [B, L, N] at pos[t]
+        if k is None:               # RoPE of the product, to [B, H, T, W] or a cache
+            cos, sin = xs[cw["cos"]], xs[cw["sin"]]
+            dst = xs[cw["cache"]] if cw["cache"] is not None else outs[cw["out"]]
+            pos = xs[cw["pos"]] if cw["pos"] is not None else None
+            args += [x.shape[-2], cos.stride(-2) if cos.shape[-2] > 1 else 0, cos.stride(-1),
+                     sin.stride(-2) if sin.shape[-2] > 1 else 0, sin.stride(-1),
+                     *dst.stride(),
+                     pos.stride(0) if pos is not None and pos.numel() > 1 else 0]
+        elif cw is not None:        # [B, T, N] rows stored into a cache [B, L, N] at pos[t]
             pos, cache = xs[idx[cw.inputs[1]]], xs[idx[cw.inputs[0]]]
             args += [pos.numel(), pos.stride(0) if pos.numel() > 1 else 0, *cache.stride()]
 

@@ -47,9 +47,12 @@ def fusion_names() -> List[str]:
     return PATTERN_PASSES + [n for n, _ in FUSION_PASSES]
 
 
-def fuse(g: Graph, disable: Sequence[str] = (), cache_writes: bool = False) -> Graph:
+def fuse(g: Graph, disable: Sequence[str] = (), cache_writes: bool = False,
+         decode: bool = False) -> Graph:
     """The fusion passes; `cache_writes` (the static Decoder's step only, where the caches
-    are written in place) also lets kernels store the values written into a cache."""
+    are written in place) also lets kernels store the values written into a cache; `decode`
+    (a Decoder's step) computes RoPE of q and k in their projection's kernel
+    (fuse_rope_epilogue)."""
     names = set(fusion_names())
     unknown = set(disable) - names
     if unknown:
@@ -62,6 +65,9 @@ def fuse(g: Graph, disable: Sequence[str] = (), cache_writes: bool = False) -> G
     if cache_writes:
         from ..passes.fuse_cache_writes import fuse_cache_writes
         g = verify(fuse_cache_writes(g), inlined=True)
+    if decode:
+        from ..passes.fuse_rope_epilogue import fuse_rope_epilogue
+        g = verify(fuse_rope_epilogue(g), inlined=True)
     from .wrapper import mark_strided_outputs
     return mark_strided_outputs(g)
 

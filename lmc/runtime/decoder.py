@@ -82,7 +82,7 @@ class Decoder:
             # torch backend runs them as the oracle); in the static step the kernels that
             # compute new keys and values store them into the caches (fuse_cache_writes)
             prog = TritonProgram(fuse_decode_linear_attention(fuse_decode_attention(self.graph)),
-                                 cache_writes=self.static)
+                                 cache_writes=self.static, decode=True)
             self.graph, self.impl, self.interpret = prog.graph, prog.impl, prog.interpret
         self.token_input = self.graph.inputs[0].attrs["name"]
         self.max_len = None

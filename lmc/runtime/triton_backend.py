@@ -67,11 +67,12 @@ class TritonProgram:
     """A graph with its fusion groups compiled to Triton kernels."""
 
     def __init__(self, graph: Graph, disable: Sequence[str] = (), label: str = "forward",
-                 cache_writes: bool = False):
+                 cache_writes: bool = False, decode: bool = False):
         """cache_writes: the graph's index_copy writes into its cache inputs may be done in
-        place by the kernels computing the values (the static Decoder's step)."""
+        place by the kernels computing the values (the static Decoder's step); decode: the
+        graph is a Decoder's step (codegen.program.fuse)."""
         self.interpret = _interpret()
-        self.graph = fuse(graph, disable, cache_writes)
+        self.graph = fuse(graph, disable, cache_writes, decode)
         self.source = module_source(self.graph)
         self.program_source = wrapper.generate(self.graph, label)
         # kernels and wrapper live in one cached module: one hash covers both

@@ -1,0 +1,415 @@
+"""`fuse_rope_epilogue`: in a decode step, RoPE of q and k computed by the projection kernel.
+
+Runs on the fused step graph of the Decoder on the triton backend (after the fusion passes
+and `fuse_cache_writes`), never on a training program: there RoPE is inside the attention
+kernels (`fuse_rope_attention`). In a decode step the q, k, v projections are one horizontal
+matmul launch (`fuse_matmul._merge_siblings`, A read once, the RMSNorm before them as its
+prologue), and RoPE of q and k was one pointwise kernel after it that read q and k back,
+rotated them and stored q' (and k' into its cache). At batch 1 a step is a chain of small
+launches, so that kernel, one per layer, cost about as much as the bytes it moved. Here it
+joins the projection: a tile of product P = A W computes, besides its columns, the partner
+columns RoPE pairs them with (a second dot over the same A tiles: B loaded at the partner
+columns, from L1/L2 since the tile's own columns are the same rows of W), and stores
+
+    y[b, h, t, d] = x[d] cos[t, d] + sign(d) x[partner(d)] sin[t, d]    (d < R)
+    y[b, h, t, d] = x[d]                                                  (R <= d < W)
+
+with x[d] = P[b, t, h D + d] rounded to P's dtype first (as the unfused kernel read it);
+rotate-half: partner(d) = d + R/2 with sign -1 below R/2, d - R/2 with sign +1 above. The
+store goes to the rotated output [B, H, T, W] through its strides, or into the cache
+[B, H, L, W] at rows pos[t] where the pointwise kernel wrote it there.
+
+Matched on the fused graph: a pointwise kernel every node of which is one of
+
+    rope = x * c + concat(-x[R/2:R], x[:R/2]) * s        (either operand order)
+    out  = rope | concat(rope, x[R:D]) | index_copy(cache, pos, rope or that concat)
+
+where each x piece is a head view of one product of the same horizontal matmul kernel
+(``slice(permute(reshape(P, [B, T, H, D]), [0, 2, 1, 3]))`` or, one head,
+``slice(reshape(P, [B, 1, T, D]))``), x covers columns [0, R) of the head, and c, s are
+[T, R] tables (any values: the kernel reads them; a cast of a table inside the kernel is
+kept). The products it rotates must be read by nothing else. Several rope kernels of one
+projection merge together (GQA: q and k differ in heads, so they were two kernels). The
+merged kernel keeps the matmul's other outputs (v, its cache write) and is emitted right
+after the last value it reads (the projection's place, or a table computed after it); what
+the projection and the rope kernels give to anything else must be read after that point.
+Anything else is declined with the failed condition (`lmc compile --mode decode --explain`,
+graphs "decode" and "decode static"). Interleaved pairs and XPos scaling are declined
+(left to the pointwise kernel).
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Tuple
+
+from ..frontend.builder import Builder
+from ..ir.graph import Graph, Node
+from ..ir.ops import Op
+from .patterns import NoMatch, need
+
+PASS = "fuse_rope_epilogue"
+_VIEWS = (Op.SLICE, Op.PERMUTE, Op.RESHAPE)
+
+
+def _head_view(x: Node):
+    """(matmul kernel, output index, H, D, c0, c1, chain) when x is columns [c0, c1) of the
+    head view [B, H, T, D] of a matmul kernel's [B, T, H D] output; else None. chain: the
+    view nodes from the GETITEM up to x."""
+    chain = []
+    cuts = []
+    n = x
+    while n.op is Op.SLICE:
+        if n.attrs["axis"] not in (3, -1) or n.attrs.get("step", 1) != 1:
+            return None
+        cuts.append((n.attrs.get("start", 0), n.attrs.get("stop")))
+        chain.append(n)
+        n = n.inputs[0]
+    permuted = n.op is Op.PERMUTE
+    if permuted:
+        if tuple(n.attrs["perm"]) != (0, 2, 1, 3):
+            return None
+        chain.append(n)
+        n = n.inputs[0]
+    if n.op is not Op.RESHAPE or n.type.rank != 4 or n.inputs[0].type.rank != 3:
+        return None
+    chain.append(n)
+    shape = tuple(n.type.shape)
+    src = n.inputs[0]
+    b, t, cols = src.type.shape
+    if permuted:
+        ok = shape[:2] == (b, t) and isinstance(shape[2], int) and isinstance(shape[3], int) \
+            and isinstance(cols, int) and shape[2] * shape[3] == cols
+        H, D = (shape[2], shape[3]) if ok else (0, 0)
+    else:                          # one head: [B, T, D] -> [B, 1, T, D]
+        ok = shape[:3] == (b, 1, t) and shape[3] == cols and isinstance(cols, int)
+        H, D = 1, cols
+    if not ok or src.op is not Op.GETITEM or src.inputs[0].op is not Op.FUSED or \
+            src.inputs[0].attrs["kind"] != "matmul":
+        return None
+    chain.append(src)
+    c0, c1 = 0, D
+    for start, stop in reversed(cuts):      # the innermost slice first
+        width = c1 - c0
+        stop = width if stop is None else min(stop, width)
+        c0, c1 = c0 + start, c0 + stop
+    return src.inputs[0], src.attrs["index"], H, D, c0, c1, chain[::-1]
+
+
+class _Body:
+    """Reads a pointwise kernel's body with its placeholders resolved to the outer graph."""
+
+    def __init__(self, f: Node):
+        self.f = f
+        self.body = f.attrs["body"]
+        self.ph = [n for n in self.body.nodes if n.op is Op.INPUT]
+        self.outer = dict(zip(self.ph, f.inputs))
+        self.used: set = set()
+
+    def view(self, p: Node):
+        need(p.op is Op.INPUT, f"{p.op.value} where a head view of q or k was expected")
+        v = _head_view(self.outer[p])
+        need(v is not None, "a rotated value is not a head view of a projection's output")
+        self.used.add(p)
+        return v
+
+    def table(self, p: Node, R: int):
+        cast = None
+        if p.op is Op.CAST:
+            self.used.add(p)
+            cast, p = p.type.dtype, p.inputs[0]
+        need(p.op is Op.INPUT, "a rope table is computed inside the kernel")
+        t = self.outer[p]
+        shape = tuple(t.type.shape)
+        need(shape[-1] == R and (t.type.rank == 2 or shape[:2] == (1, 1)),
+             f"rope table {list(shape)} is not [T, {R}]")
+        self.used.add(p)
+        return p, cast
+
+    def rope(self, n: Node) -> dict:
+        need(n.op is Op.ADD, f"{n.op.value} where rope's x * cos + rot(x) * sin was expected")
+        why = "not x * cos + rot(x) * sin"
+        for p, q in (n.inputs, n.inputs[::-1]):
+            if p.op is not Op.MUL or q.op is not Op.MUL:
+                break
+            for x, c in (p.inputs, p.inputs[::-1]):
+                for r, s in (q.inputs, q.inputs[::-1]):
+                    if x.op is not Op.INPUT or r.op is not Op.CONCAT:
+                        continue
+                    try:
+                        return self._rope(n, p, q, x, c, r, s)
+                    except NoMatch as e:
+                        why = str(e)
+        raise NoMatch(why)
+
+    def _rope(self, n, p, q, x, c, r, s) -> dict:
+        mm, j, H, D, c0, c1, _ = self.view(x)
+        R = c1 - c0
+        need(c0 == 0 and R % 2 == 0, "the rotated columns are not the first R of the head")
+        need(r.attrs["axis"] in (3, -1) and len(r.inputs) == 2 and r.inputs[0].op is Op.NEG,
+             "rotation is not concat(-x2, x1) (interleaved pairs stay their own kernel)")
+        hi, lo = r.inputs[0].inputs[0], r.inputs[1]
+        vh, vl = self.view(hi), self.view(lo)
+        need(vh[:4] == (mm, j, H, D) and vh[4:6] == (R // 2, R) and vl[:4] == (mm, j, H, D)
+             and vl[4:6] == (0, R // 2),
+             "the rotation's halves are not x[R/2:R] and x[:R/2] of the rotated x")
+        cos, ccast = self.table(c, R)
+        sin, scast = self.table(s, R)
+        need(ccast == scast, "the rope tables are cast differently")
+        self.used.update((n, p, q, r, r.inputs[0]))
+        return {"mm": mm, "j": j, "H": H, "D": D, "R": R, "W": R, "cos": cos, "sin": sin,
+                "cast": ccast}
+
+    def output(self, o: Node) -> dict:
+        cache = None
+        if o.op is Op.INDEX_COPY:
+            c, pos, v = o.inputs
+            need(o.attrs["axis"] in (2, -2) and c.op is Op.INPUT and pos.op is Op.INPUT,
+                 "a cache write other than rows of [B, H, L, W] at the step's positions")
+            cache = (c, pos)
+            self.used.update((o, c, pos))
+            o = v
+        if o.op is Op.CONCAT:
+            need(o.attrs["axis"] in (3, -1) and len(o.inputs) == 2,
+                 "a concat other than [rope | pass-through] on the head dim")
+            spec = self.rope(o.inputs[0])
+            mm, j, H, D, c0, c1, _ = self.view(o.inputs[1])
+            need((mm, j, H, D) == (spec["mm"], spec["j"], spec["H"], spec["D"])
+                 and (c0, c1) == (spec["R"], D),
+                 "the pass-through columns are not x[R:D] of the rotated x")
+            spec["W"] = D
+            self.used.add(o)
+        else:
+            spec = self.rope(o)
+        spec["cache"] = cache
+        return spec
+
+
+def _match(f: Node) -> Tuple[Node, List[dict]]:
+    b = _Body(f)
+    outs = list(b.body.outputs.items())
+    specs = []
+    for k, o in outs:
+        s = b.output(o)
+        s["out"] = k
+        specs.append(s)
+    rest = [n for n in b.body.nodes if n not in b.used and n.op is not Op.CONST]
+    need(not rest, f"the kernel also computes {rest[0].op.value}" if rest else "")
+    mms = {s["mm"] for s in specs}
+    need(len(mms) == 1, "q and k come from different projection kernels")
+    (mm,) = mms
+    need(len({s["j"] for s in specs}) == len(specs), "one product rotated twice")
+    need(_plain_products(mm.attrs["body"]),
+         "the projection kernel has an epilogue (only plain products of one A take RoPE)")
+    mbody = mm.attrs["body"]
+    for s in specs:
+        prod = mbody.outputs[str(s["j"])]
+        need(prod.op is Op.MATMUL, "a rotated product is also written into a cache")
+        s["prod"] = prod
+    return mm, specs
+
+
+def _plain_products(body: Graph) -> bool:
+    """Matmuls of one A (the horizontal form, or one product), no epilogue: each product
+    stored as it is or written into a cache (an RMSNorm prologue allowed)."""
+    from ..codegen.matmul import _prologue, horizontal
+
+    if horizontal(body):
+        return True
+    mms = [n for n in body.nodes if n.op is Op.MATMUL]
+    pro = _prologue(mms)
+    skip = set(pro.members) if pro else set()
+    return len(mms) == 1 and all(n.op in (Op.INPUT, Op.CONST, Op.MATMUL) or n in skip
+                                 for n in body.nodes)
+
+
+def _only_read_by(g_users, mm: Node, js, f: Node) -> bool:
+    """The kernel mm's outputs js are read only through views ending in f."""
+    stack = [u for u in g_users[mm] if u.op is Op.GETITEM and u.attrs["index"] in js]
+    while stack:
+        n = stack.pop()
+        for u in g_users[n]:
+            if u is f:
+                continue
+            if u is None or u.op not in _VIEWS:
+                return False
+            stack.append(u)
+    return True
+
+
+def fuse_rope_epilogue(g: Graph) -> Graph:
+    users = g.users()
+    for o in g.outputs.values():
+        users.setdefault(o, []).append(None)
+    order = {n: i for i, n in enumerate(g.nodes)}
+    records = []
+    cands: Dict[Node, List[Tuple[Node, List[dict]]]] = {}   # matmul kernel -> rope kernels
+    for f in g.nodes:
+        if f.op is not Op.FUSED or f.attrs["kind"] != "pointwise":
+            continue
+        body = f.attrs["body"]
+        if not any(n.op is Op.CONCAT for n in body.nodes) or \
+                not any(n.op is Op.NEG for n in body.nodes):
+            continue                 # not a rope kernel: no record
+        try:
+            mm, specs = _match(f)
+            need(_only_read_by(users, mm, {s["j"] for s in specs}, f),
+                 "a rotated product is also read elsewhere")
+        except NoMatch as e:
+            records.append({"pass": PASS, "status": "declined", "where": f.scope or "<model>",
+                            "reason": str(e)})
+            continue
+        cands.setdefault(mm, []).append((f, specs))
+    merges: Dict[Node, Tuple[Node, List[Tuple[Node, List[dict]]]]] = {}   # anchor -> all
+    for mm, fs in cands.items():
+        try:
+            js = [s["j"] for _, specs in fs for s in specs]
+            need(len(set(js)) == len(js), "one product rotated by two kernels")
+            rotated = set(js)
+            # the merged kernel stands right after the last value it reads (the projection
+            # itself, or a table or cache the rope kernels read): what the projection and
+            # the rope kernels give to anything else must be read after that
+            outer = [x for f, _ in fs for x in f.inputs
+                     if (_head_view(x) or (None,))[0] is not mm]
+            anchor = max([mm] + outer, key=order.get)
+            given = [gi for gi in users[mm] if gi is not None and
+                     gi.attrs.get("index") not in rotated] + \
+                [gi for f, _ in fs for gi in users[f] if gi is not None]
+            need(all(u is None or order[u] > order[anchor] for gi in given for u in users[gi]),
+                 "an output of the projection is read before the rope tables are computed")
+        except NoMatch as e:
+            records += [{"pass": PASS, "status": "declined", "where": f.scope or "<model>",
+                         "reason": str(e)} for f, _ in fs]
+            continue
+        merges[anchor] = (mm, sorted(fs, key=lambda fs_: order[fs_[0]]))
+        records += [{"pass": PASS, "status": "fused", "where": f.scope or "<model>",
+                     "reason": f"{len(specs)} rotation(s) in {mm.attrs['kernel']}'s epilogue, "
+                               f"{f.attrs['kernel']} removed"} for f, specs in fs]
+    out = _rewrite(g, merges, users) if merges else g.with_nodes(list(g.nodes),
+                                                                 dict(g.outputs))
+    out.meta = dict(g.meta, fusions=list(g.meta.get("fusions", [])) + records)
+    return out
+
+
+def _merged(mm: Node, fs: List[Tuple[Node, List[dict]]]):
+    """The matmul kernel with the rope kernels `fs` in it: (FUSED node, {(old kernel, output
+    index): new output index}) for mm's kept outputs and every rope kernel's outputs."""
+    mbody = mm.attrs["body"]
+    b = Builder({}, {})
+    b.nodes.extend(mbody.nodes)
+    inputs = list(mm.inputs)
+    n_in = sum(n.op is Op.INPUT for n in mbody.nodes)
+    specs = [(f, s) for f, ss in fs for s in ss]
+    prods = {s["j"]: s["prod"] for _, s in specs}
+    views: Dict[Node, Node] = {}
+    envs: Dict[Node, Dict[Node, Node]] = {}
+    shared: Dict[Node, Node] = {}            # an outer value two rope kernels read: one input
+
+    def reroot(x: Node) -> Node:        # a view chain of product j, over the body's matmul
+        if x not in views:
+            if x.op is Op.GETITEM:
+                views[x] = prods[x.attrs["index"]]
+            else:
+                views[x] = Node(x.op, (reroot(x.inputs[0]),), x.attrs, x.type, x.loc,
+                                x.scope)
+                b.nodes.append(views[x])
+        return views[x]
+    for f, _ in fs:
+        env = envs[f] = {}
+        fbody = f.attrs["body"]
+        for p, x in zip([n for n in fbody.nodes if n.op is Op.INPUT], f.inputs):
+            v = _head_view(x)
+            if v is not None and v[0] is mm:
+                env[p] = reroot(x)
+            elif x in shared:
+                env[p] = shared[x]
+            else:
+                env[p] = shared[x] = b.input(f"in{n_in}", x.type.shape, x.type.dtype).node
+                n_in += 1
+                inputs.append(x)
+        for n in fbody.nodes:
+            if n.op is not Op.INPUT:
+                env[n] = Node(n.op, tuple(env[i] for i in n.inputs), n.attrs, n.type, n.loc,
+                              n.scope)
+                b.nodes.append(env[n])
+    rotated = set(prods)
+    outs: Dict[str, Node] = {}
+    where: Dict[Tuple[Node, int], int] = {}
+    for k, o in mbody.outputs.items():
+        if int(k) not in rotated:
+            where[(mm, int(k))] = len(outs)
+            outs[str(len(outs))] = o
+    for f, _ in fs:
+        for k, o in f.attrs["body"].outputs.items():
+            where[(f, int(k))] = len(outs)
+            outs[str(len(outs))] = envs[f][o]
+    pos_of = {p: i for i, p in enumerate(n for n in b.nodes if n.op is Op.INPUT)}
+    inplace = {where[(mm, k)]: i for k, i in mm.attrs.get("inplace", {}).items()}
+    for f, _ in fs:
+        f_ph = [n for n in f.attrs["body"].nodes if n.op is Op.INPUT]
+        for k, i in f.attrs.get("inplace", {}).items():
+            inplace[where[(f, k)]] = pos_of[envs[f][f_ph[i]]]
+    rope = []
+    for f, s in specs:
+        c, env = s["cache"], envs[f]
+        rope.append({
+            "product": s["j"], "out": where[(f, int(s["out"]))], "H": s["H"], "D": s["D"],
+            "R": s["R"], "W": s["W"], "cos": pos_of[env[s["cos"]]],
+            "sin": pos_of[env[s["sin"]]],
+            "cast": s["cast"].value if s["cast"] is not None else None,
+            "cache": None if c is None else pos_of[env[c[0]]],
+            "pos": None if c is None else pos_of[env[c[1]]]})
+    name = mm.attrs["kernel"] + "_rope"
+    nb = Graph(name, b.nodes, outs)
+    nb.meta.update(mbody.meta)
+    nb.meta["rope"] = rope
+    fused = Node.make(Op.FUSED, inputs, {**mm.attrs, "kernel": name, "body": nb,
+                                         "inplace": inplace}, mm.loc, mm.scope)
+    return fused, where
+
+
+def _rewrite(g: Graph, merges, users) -> Graph:
+    drop: set = set()
+    for last, (mm, fs) in merges.items():
+        js = {s["j"] for _, specs in fs for s in specs}
+        gets = [u for u in users[mm] if u is not None and u.op is Op.GETITEM]
+        drop.update(gets)
+        # the rotated products' views (read only by their rope kernels) go with them
+        views = [u for gi in gets if gi.attrs["index"] in js for u in users[gi]]
+        while views:
+            v = views.pop()
+            if v is None or v.op is Op.FUSED or v in drop:
+                continue
+            drop.add(v)
+            views += users[v]
+        drop.add(mm)
+        for f, _ in fs:
+            drop.add(f)
+            drop.update(u for u in users[f] if u is not None)
+    new: Dict[Node, Node] = {}
+    nodes: List[Node] = []
+    for n in g.nodes:
+        if n not in drop:
+            ins = tuple(new.get(i, i) for i in n.inputs)
+            c = n if ins == n.inputs else Node(n.op, ins, n.attrs, n.type, n.loc, n.scope)
+            new[n] = c
+            nodes.append(c)
+        if n in merges:               # emitted right after its anchor (or in mm's place)
+            mm, fs = merges[n]
+            fused, where = _merged(mm, fs)
+            fused = Node.make(Op.FUSED, [new.get(x, x) for x in fused.inputs], fused.attrs,
+                              fused.loc, fused.scope)
+            nodes.append(fused)
+            for src in [mm] + [f for f, _ in fs]:
+                for gi in users[src]:
+                    if gi is None or gi.op is not Op.GETITEM or \
+                            (src, gi.attrs["index"]) not in where:
+                        continue
+                    new[gi] = Node.make(Op.GETITEM, [fused],
+                                        {"index": where[(src, gi.attrs["index"])]},
+                                        gi.loc, gi.scope)
+                    nodes.append(new[gi])
+    return g.with_nodes(nodes, {k: new.get(v, v) for k, v in g.outputs.items()})
+
+
+def rope_spec(body: Graph) -> Optional[List[dict]]:
+    """The rotations a matmul body stores (this pass's merge), or None."""
+    return body.meta.get("rope")

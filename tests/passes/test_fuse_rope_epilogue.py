@@ -1,0 +1,122 @@
+"""fuse_rope_epilogue: in the decode step on the triton backend, RoPE of q and k is computed
+by the q/k/v projection's kernel (a partner-column accumulator; rotated outputs and cache
+rows stored by the matmul tiles), so the rope pointwise kernel of each layer is gone; the
+logits equal the forward and the torch decoder's, and the caches hold the same rows, in
+Triton's interpreter."""
+import os
+
+import pytest
+import torch
+from conftest import ZOO
+
+import lmc
+from lmc.codegen import matmul
+from lmc.ir.ops import Op
+from lmc.runtime.decoder import Decoder
+
+TOL = 1e-4
+
+
+@pytest.fixture(autouse=True)
+def kernel_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LMC_CACHE", str(tmp_path / "cache"))
+
+
+def _rope_kernels(g):
+    """Pointwise kernels computing a rotate-half (neg and concat in one body)."""
+    return [n for n in g.nodes if n.op is Op.FUSED and n.attrs["kind"] == "pointwise"
+            and {Op.NEG, Op.CONCAT} <= {b.op for b in n.attrs["body"].nodes}]
+
+
+def _decode(dec, ids, k):
+    """Prefill k tokens, then one step per token: (logits of every position, state)."""
+    st = dec.init_state(ids.shape[0])
+    if dec.static:
+        for s in dec.step.states:
+            if s.kind == "cache":
+                st[s.name].fill_(torch.finfo(st[s.name].dtype).max)   # a read would show
+    lg, st = dec(ids[:, :k], st)
+    got = [lg]
+    for t in range(k, ids.shape[1]):
+        lg, st = dec(ids[:, t:t + 1], st)
+        got.append(lg)
+    return torch.cat(got, 1), st
+
+
+# model, sets, rope kernels merged, declined (and why)
+CASES = [
+    ("llama", {}, 2, []),                     # q and k in one kernel per layer (MHA)
+    ("llama", {"d": 72, "heads": 3}, 2, []),  # head dim 24: tiles cross head boundaries
+    ("blues01", {}, 4, []),                   # GQA: q and k kernels apart, both merged
+    ("yoco", {}, 2, ["mul where rope"]),      # cross-decoder q: a one-product projection
+    ("optimus_prime", {}, 3, ["read before"]),  # MLA: k_R one head [B, 1, T, D]
+    ("minimax", {}, 1, ["also read elsewhere"]),  # partial rotary q: concat(rope, pass)
+]
+
+
+@pytest.mark.parametrize("name,sets,merged,declined", CASES,
+                         ids=[c[0] + "".join(f"-{k}{v}" for k, v in c[1].items()) for c in CASES])
+def test_zoo_rope_joins_the_projection(name, sets, merged, declined, monkeypatch):
+    if sets:        # small tiles: a tile's partner columns lie in other tiles
+        monkeypatch.setattr(matmul, "interpret_blocks", lambda M, N, K: (16, 16, 16))
+    m = lmc.load(os.path.join(ZOO, f"{name}.yaml"), preset="tiny", seed=5, backend="triton",
+                 **sets).eval()
+    vocab = m.graph.outputs["logits"].type.shape[-1]
+    ids = torch.randint(0, vocab, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = m(ids)
+    want = want["logits"] if isinstance(want, dict) else want
+    ref = Decoder(m, backend="torch", static=True, max_len=12)
+    _, st_ref = _decode(ref, ids, 4)
+    for static in (False, True):
+        dec = Decoder(m, backend="triton", static=static, max_len=12 if static else None)
+        rec = [f for f in dec.graph.meta["fusions"] if f["pass"] == "fuse_rope_epilogue"]
+        assert sum(r["status"] == "fused" for r in rec) == merged, rec
+        why = [r["reason"] for r in rec if r["status"] == "declined"]
+        assert len(why) == len(declined) and all(w in r for w, r in zip(declined, why)), why
+        assert len(_rope_kernels(dec.graph)) == len(declined)
+        ropes = [r for n in dec.graph.nodes if n.op is Op.FUSED
+                 for r in n.attrs["body"].meta.get("rope", ())]
+        assert len(ropes) >= merged
+        got, st = _decode(dec, ids, 4)
+        if static:
+            for s in dec.step.states:        # the same rows; the fill in unwritten slots
+                torch.testing.assert_close(st[s.name], st_ref[s.name], rtol=1e-5, atol=1e-5)
+        assert (got - want).abs().max().item() < TOL
+
+
+def test_a_rotated_product_read_elsewhere_keeps_its_kernel():
+    """minimax's k: the rope kernel writes the rotated part into one cache while the
+    pass-through part goes to another: the product is read besides the rotation, so that
+    rope kernel stays (and says so)."""
+    m = lmc.load(os.path.join(ZOO, "minimax.yaml"), preset="tiny", seed=5,
+                 backend="triton").eval()
+    dec = Decoder(m, backend="triton", static=True, max_len=12)
+    (k,) = _rope_kernels(dec.graph)
+    assert any(b.op is Op.INDEX_COPY for b in k.attrs["body"].nodes)
+
+
+def test_f16_rotation_in_the_epilogue_equals_the_rope_kernel_bitwise(monkeypatch):
+    """Mixed precision (f16 products, f16 casts of the tables): the epilogue rounds the
+    product to f16 before rotating, as the rope kernel read it, and computes in fp32: the
+    same bits as the unfused step, logits and caches."""
+    from lmc.passes import fuse_rope_epilogue as fre
+    from lmc.passes.mixed_precision import mixed_precision
+    from lmc.runtime.module import LmcModel
+
+    m = lmc.load(os.path.join(ZOO, "llama.yaml"), preset="tiny", seed=2, backend="triton")
+    model = LmcModel(mixed_precision(m.graph, "f16"), backend="triton")
+    model.load_state_dict(m.state_dict())
+    model.eval()
+    ids = torch.randint(0, 512, (2, 8), generator=torch.Generator().manual_seed(4))
+    fused = Decoder(model, backend="triton", static=True, max_len=10)
+    assert [r["status"] for r in fused.graph.meta["fusions"]
+            if r["pass"] == "fuse_rope_epilogue"] == ["fused"] * 2
+    got, st = _decode(fused, ids, 3)
+    monkeypatch.setattr(fre, "fuse_rope_epilogue", lambda g: g)
+    plain = Decoder(model, backend="triton", static=True, max_len=10)
+    assert len(_rope_kernels(plain.graph)) == 2
+    want, st_want = _decode(plain, ids, 3)
+    assert got.dtype == want.dtype and torch.equal(got, want)
+    for s in fused.step.states:
+        assert torch.equal(st[s.name], st_want[s.name])
