@@ -408,10 +408,16 @@ def _generate_horizontal(body: Graph, name: str) -> str:
     if any(k is not None and cw is not None for k, cw in seg):
         lines += _tile_helper(f"{tile}_cache", pro, idx, dot_ty, out_ty, prec, True) + ["", ""]
     outs = list(body.outputs.values())
+    helper: Dict[int, str] = {}    # product -> its rope tile helper (one per distinct source)
+    made: Dict[str, str] = {}
     for j, (k, r) in enumerate(seg):
         if k is None:
-            lines += _rope_tile_helper(f"{tile}_rope{j}", pro, idx, dot_ty, out_ty, prec, r,
-                                       TL_DTYPE[outs[r["out"]].type.dtype]) + ["", ""]
+            src = "\n".join(_rope_tile_helper("@", pro, idx, dot_ty, out_ty, prec, r,
+                                               TL_DTYPE[outs[r["out"]].type.dtype]))
+            if src not in made:
+                made[src] = f"{tile}_rope{len(made)}"
+                lines += src.replace("def @(", f"def {made[src]}(").split("\n") + ["", ""]
+            helper[j] = made[src]
     lines += _head(name, args, body) + [
         f"    # A = in{idx[a]} {a.type}; " + "; ".join(
             (f"out{k} = A @ in{idx[m.inputs[1]]} {m.inputs[1].type}" if cw is None else
@@ -443,7 +449,7 @@ def _generate_horizontal(body: Graph, name: str) -> str:
         if k is None:
             dst = f"in{cw['cache']}_ptr" if cw["cache"] is not None else f"out{cw['out']}_ptr"
             pos = f"in{cw['pos']}_ptr" if cw["pos"] is not None else dst
-            call = (f"        {tile}_rope{j}(a_rows, a_sk, mask_m, rm, z, "
+            call = (f"        {helper[j]}(a_rows, a_sk, mask_m, rm, z, "
                     f"in{idx[m.inputs[1]]}_ptr, b{j}_sk, b{j}_sn, {dst}, pid_n - ({start}), "
                     f"M, N{j}, K,\n"
                     f"                {w_args}in{cw['cos']}_ptr, cs{j}_t, cs{j}_d, "
