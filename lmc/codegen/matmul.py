@@ -177,16 +177,21 @@ def _run_tiles(kernel, args, nbatch: int, M: int, N: int, K: int, interpret: boo
     _autotuned(kernel, split=bool(split_max))[grid](*args)
 
 
-def _split_args(device, nbatch: int, M: int, N: int, naccs: int):
+def _split_args(device, nbatch: int, M: int, N: int, naccs: int, K: int = 0):
     """The plain form's last kernel arguments: (workspace, counters, ZM, SPLIT_MAX). A launch
-    of at most SPLIT_ROWS rows (over all batch entries) and SPLIT_TILES output tiles may split
-    K; any other gets a one-element stand-in workspace and SPLIT_MAX = 1 (never split)."""
+    may split K when it has at most SPLIT_ROWS rows (over all batch entries) and SPLIT_TILES
+    output tiles (decode), or when K is deep (at least DEEP_K) and its output is fewer than
+    DEEP_TILES tiles of 128 x 128 (a weight gradient x^T dy: K = B * T, a 768 x 768 output
+    is 36 such tiles, a quarter of an H100's SMs); any other gets a one-element stand-in
+    workspace and SPLIT_MAX = 1 (never split)."""
     import torch
     import triton
 
     zm = nbatch * M
     dummy, counters = _split_buffers(device)
-    if zm > SPLIT_ROWS or nbatch * triton.cdiv(M, 16) * triton.cdiv(N, 32) > SPLIT_TILES:
+    few = zm <= SPLIT_ROWS and nbatch * triton.cdiv(M, 16) * triton.cdiv(N, 32) <= SPLIT_TILES
+    deep = K >= DEEP_K and nbatch * triton.cdiv(M, 128) * triton.cdiv(N, 128) < DEEP_TILES
+    if not (few or deep):
         return [dummy, counters, zm, 1]
     top = max(SPLITS)
     ws = torch.empty(top * (naccs * zm * N + zm), dtype=torch.float32, device=device)
@@ -697,6 +702,12 @@ GROUP_M = 8
 SPLITS = (2, 4, 8)
 SPLIT_BLOCKS = [(16, 64, 64, 4, 4), (16, 32, 128, 4, 3)]
 SPLIT_ROWS = 64          # rows (all batch entries) up to which a launch may split
+# and a training weight gradient (x^T dy, K = B * T) of a small output: few tiles, each
+# streaming all of a deep K; big tiles, K in 2, 4 or 8 slices
+DEEP_K = 4096
+DEEP_TILES = 264         # fewer 128 x 128 output tiles than two waves of an H100's 132 SMs
+DEEP_SPLITS = (2, 4, 8)
+DEEP_BLOCKS = [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4)]
 SPLIT_TILES = 1 << 14    # output tiles of a launch that may split, at most (the counters)
 INTERPRET_SPLIT_K = 1    # the interpreter's SPLIT_K where a launch may split (tests set it)
 _SPLIT_BUFFERS: Dict[str, tuple] = {}
@@ -714,7 +725,8 @@ def gpu_configs(split: bool):
     if not split:
         return [cfg(*c) for c in GPU_CONFIGS]
     return [cfg(*c, SPLIT_K=1) for c in GPU_CONFIGS] + \
-        [cfg(*c, SPLIT_K=k) for k in SPLITS for c in SPLIT_BLOCKS]
+        [cfg(*c, SPLIT_K=k) for k in SPLITS for c in SPLIT_BLOCKS] + \
+        [cfg(*c, SPLIT_K=k) for k in DEEP_SPLITS for c in DEEP_BLOCKS]
 
 
 def prune_configs(configs, nargs, **kwargs):
@@ -729,7 +741,11 @@ def prune_configs(configs, nargs, **kwargs):
            and c.kwargs["BLOCK_N"] <= lim["N"] and c.kwargs["BLOCK_K"] <= lim["K"]]
     fit = fit or [min(whole, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
     top = int(nargs.get("SPLIT_MAX", 1))
+    # few rows split with the thin SPLIT_BLOCKS, a deep K with the DEEP_BLOCKS
+    few = int(nargs.get("ZM", nargs["M"])) <= SPLIT_ROWS
+    shapes = {tuple(b[:3]) for b in (SPLIT_BLOCKS if few else DEEP_BLOCKS)}
     return fit + [c for c in configs if 1 < c.kwargs.get("SPLIT_K", 1) <= top
+                  and (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) in shapes
                   and c.kwargs["SPLIT_K"] * c.kwargs["BLOCK_K"] <= int(nargs["K"])
                   and c.kwargs["BLOCK_M"] <= lim["M"] and c.kwargs["BLOCK_N"] <= lim["N"]]
 
@@ -825,7 +841,7 @@ def launch(kernel, xs, outs, body: Graph, ctx, interpret: bool) -> None:
         args += s
     if pro:
         args.append(xs[idx[pro.w]].stride(-1))
-    args += _split_args(outs[0].device, nbatch, M, N, len(mms))
+    args += _split_args(outs[0].device, nbatch, M, N, len(mms), K)
     _run_tiles(kernel, args, nbatch, M, N, K, interpret, split_max=args[-1])
 
 

@@ -664,3 +664,53 @@ def test_split_k_is_offered_only_for_few_rows():
     assert matmul._split_args(torch.device("cpu"), 16, 1024, 768, 1)[-1] == 1
     assert matmul._split_args(torch.device("cpu"), 1, 4, 768, 1)[-1] == max(matmul.SPLITS)
     assert matmul._split_args(torch.device("cpu"), 1, 1, 50257 * 16, 1)[-1] == 1  # tiles
+
+
+def test_deep_k_with_few_tiles_may_split():
+    """A training weight gradient x^T dy (K = B * T = 16384) of a 768 x 768 weight is 36
+    output tiles of 128 x 128: it may split K (big tiles, 2 to 8 slices); the LM head's
+    gradient (768 x 50257) and a shallow K may not, and a few-rows launch keeps the thin
+    blocks."""
+    from lmc.codegen import matmul
+    cpu = torch.device("cpu")
+    cs = matmul.gpu_configs(split=True)
+
+    def offered(m, n, k, zm):
+        return {(c.kwargs["BLOCK_M"], c.kwargs["SPLIT_K"]) for c in matmul.prune_configs(
+            cs, {"M": m, "N": n, "K": k, "ZM": zm, "SPLIT_MAX": max(matmul.SPLITS)})
+            if c.kwargs["SPLIT_K"] > 1}
+    assert matmul._split_args(cpu, 1, 768, 768, 1, 16384)[-1] == max(matmul.DEEP_SPLITS)
+    assert matmul._split_args(cpu, 1, 768, 3072, 1, 16384)[-1] > 1
+    assert matmul._split_args(cpu, 1, 768, 50257, 1, 16384)[-1] == 1
+    assert matmul._split_args(cpu, 1, 768, 768, 1, 1024)[-1] == 1
+    assert offered(768, 768, 16384, 768) == {(128, k) for k in matmul.DEEP_SPLITS}
+    assert offered(1, 768, 3072, 1) == {(16, k) for k in matmul.SPLITS}
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f16"])
+def test_deep_split_k_in_a_weight_gradient(dtype, monkeypatch):
+    """The deep split in the interpreter (DEEP_K lowered to this test's K): a weight
+    gradient x^T dy of 96 rows (more than SPLIT_ROWS: not the few-rows split) in 3 slices
+    equals the oracle, bitwise the same twice, counters back at zero."""
+    from lmc.codegen import matmul
+    monkeypatch.setattr(matmul, "interpret_blocks", lambda m, n, k: (32, 16, 16))
+    monkeypatch.setattr(matmul, "INTERPRET_SPLIT_K", 3)
+    monkeypatch.setattr(matmul, "DEEP_K", 64)
+    splits = []
+    real = matmul._split_args
+    monkeypatch.setattr(matmul, "_split_args",
+                        lambda *a: splits.append(real(*a)[-1]) or real(*a))
+    b = Builder({}, {})
+    x = b.input("x", [T, 96], dtype)
+    dy = b.input("dy", [T, 40], dtype)
+    g = Graph("dw", b.nodes, {"dw": (b.permute(x, [1, 0]) @ dy).node})
+    gen = torch.Generator().manual_seed(8)
+    for tt in (70, 131):
+        vals = {"x": rand(tt, 96, dtype=dtype, gen=gen), "dy": rand(tt, 40, dtype=dtype, gen=gen)}
+        p = check(g, vals, dtype, kernels=1)
+        ctx = RefCtx(dims=bind_dims(g, vals))
+        one, two = (run_graph(p.graph, vals, ctx, p.impl) for _ in range(2))
+        assert torch.equal(one["dw"], two["dw"])
+    assert splits and all(s == max(matmul.DEEP_SPLITS) for s in splits), splits
+    _, counters = matmul._split_buffers(torch.device("cpu"))
+    assert not counters.any()
