@@ -51,27 +51,24 @@ _VIEWS = (Op.SLICE, Op.PERMUTE, Op.RESHAPE)
 
 
 def _head_view(x: Node):
-    """(matmul kernel, output index, H, D, c0, c1, chain) when x is columns [c0, c1) of the
-    head view [B, H, T, D] of a matmul kernel's [B, T, H D] output; else None. chain: the
-    view nodes from the GETITEM up to x."""
-    chain = []
+    """(matmul kernel, output index, H, D, c0, c1) when x is columns [c0, c1) of the head
+    view [B, H, T, D] of a matmul kernel's [B, T, H D] output; else None."""
     cuts = []
     n = x
     while n.op is Op.SLICE:
-        if n.attrs["axis"] not in (3, -1) or n.attrs.get("step", 1) != 1:
+        start, stop = n.attrs.get("start", 0) or 0, n.attrs.get("stop")
+        if n.attrs["axis"] not in (3, -1) or n.attrs.get("step", 1) != 1 or start < 0 or \
+                (stop is not None and stop < 0):
             return None
-        cuts.append((n.attrs.get("start", 0), n.attrs.get("stop")))
-        chain.append(n)
+        cuts.append((start, stop))
         n = n.inputs[0]
     permuted = n.op is Op.PERMUTE
     if permuted:
         if tuple(n.attrs["perm"]) != (0, 2, 1, 3):
             return None
-        chain.append(n)
         n = n.inputs[0]
     if n.op is not Op.RESHAPE or n.type.rank != 4 or n.inputs[0].type.rank != 3:
         return None
-    chain.append(n)
     shape = tuple(n.type.shape)
     src = n.inputs[0]
     b, t, cols = src.type.shape
@@ -85,13 +82,12 @@ def _head_view(x: Node):
     if not ok or src.op is not Op.GETITEM or src.inputs[0].op is not Op.FUSED or \
             src.inputs[0].attrs["kind"] != "matmul":
         return None
-    chain.append(src)
     c0, c1 = 0, D
     for start, stop in reversed(cuts):      # the innermost slice first
         width = c1 - c0
         stop = width if stop is None else min(stop, width)
         c0, c1 = c0 + start, c0 + stop
-    return src.inputs[0], src.attrs["index"], H, D, c0, c1, chain[::-1]
+    return src.inputs[0], src.attrs["index"], H, D, c0, c1
 
 
 class _Body:
@@ -134,14 +130,16 @@ class _Body:
                 for r, s in (q.inputs, q.inputs[::-1]):
                     if x.op is not Op.INPUT or r.op is not Op.CONCAT:
                         continue
+                    used = set(self.used)
                     try:
                         return self._rope(n, p, q, x, c, r, s)
                     except NoMatch as e:
+                        self.used = used            # a failed reading claims nothing
                         why = str(e)
         raise NoMatch(why)
 
     def _rope(self, n, p, q, x, c, r, s) -> dict:
-        mm, j, H, D, c0, c1, _ = self.view(x)
+        mm, j, H, D, c0, c1 = self.view(x)
         R = c1 - c0
         need(c0 == 0 and R % 2 == 0, "the rotated columns are not the first R of the head")
         need(r.attrs["axis"] in (3, -1) and len(r.inputs) == 2 and r.inputs[0].op is Op.NEG,
@@ -171,7 +169,7 @@ class _Body:
             need(o.attrs["axis"] in (3, -1) and len(o.inputs) == 2,
                  "a concat other than [rope | pass-through] on the head dim")
             spec = self.rope(o.inputs[0])
-            mm, j, H, D, c0, c1, _ = self.view(o.inputs[1])
+            mm, j, H, D, c0, c1 = self.view(o.inputs[1])
             need((mm, j, H, D) == (spec["mm"], spec["j"], spec["H"], spec["D"])
                  and (c0, c1) == (spec["R"], D),
                  "the pass-through columns are not x[R:D] of the rotated x")
