@@ -18,12 +18,15 @@ share stay in L2. On a GPU the block sizes are autotuned per (M, N, K) over a fe
 pruned to the problem size; Triton's interpreter gets one configuration of large tiles (it
 pays per program and per op, not per element).
 
-Split-K (the plain form, few rows): a decode step's matmul has M = batch rows, so an output
-of a few hundred columns is a few dozen tiles; on a GPU of 132 SMs most sit idle while each
-busy one streams all of K alone. There the autotuner may also pick SPLIT_K programs per tile,
-each summing one slice of K; they meet in an fp32 workspace, and the last of them to finish
-(a per-tile counter, atomic, reset by that program) adds the slices in slice order and runs
-the epilogue, so the result does not depend on which finishes last.
+Split-K (the plain and horizontal forms; few rows, or a deep K with few tiles): a decode
+step's matmul has M = batch rows, so an output of a few hundred columns is a few dozen tiles;
+on a GPU of 132 SMs most sit idle while each busy one streams all of K alone (and a weight
+gradient's 768 x 768 output is 36 tiles over K = B * T). There the autotuner may also pick
+SPLIT_K programs per tile, each summing one slice of K; they meet in an fp32 workspace, and
+the last of them to finish (a per-tile counter, atomic, reset by that program) adds the
+slices in slice order and runs the epilogue, so the result does not depend on which
+finishes last. The horizontal form's tile helpers do the same per product (each product
+its own region of the workspace; a rotated product's partner accumulator too).
 
     @triton.jit
     def lmc_mm_matmul_add_0(in0_ptr, in1_ptr, in2_ptr, out0_ptr, M, N, K, Z0,
@@ -286,9 +289,9 @@ def _rope_tile_helper(tile: str, pro, idx, dot_ty: str, prod_ty: str, prec: str,
         "@triton.jit",
         f"def {tile}(a_rows, a_sk, mask_m, rm, z, b_ptr, b_sk, b_sn, o_ptr, tile_n, M, N, K,",
         f"        {w_args}cos_ptr, cos_st, cos_sd, sin_ptr, sin_st, sin_sd, T, o_sb, o_sh, "
-        "o_st, o_sd, pos_ptr, pos_s,",
+        f"o_st, o_sd, pos_ptr, pos_s, {_SPLIT_PARAMS}",
         "        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, "
-        "CACHE: tl.constexpr):",
+        "SPLIT_K: tl.constexpr, CACHE: tl.constexpr):",
         "    # one BLOCK_M x BLOCK_N tile of P = A @ B"
         + (", A = rmsnorm(x) * w computed here" if pro else "")
         + f", stored as RoPE of its heads (head dim {D}, rotate-half over the first {R}, "
@@ -305,10 +308,7 @@ def _rope_tile_helper(tile: str, pro, idx, dot_ty: str, prod_ty: str, prec: str,
         "    p_cols = b_ptr + pn[None, :] * b_sn",
         "    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)",
         "    accp = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)",
-    ] + pre + [
-        "    for k0 in range(0, K, BLOCK_K):",
-        "        kk = k0 + rk",
-        "        mask_k = kk < K",
+    ] + pre + _K_SLICE + [
         "        a = tl.load(a_rows + kk[None, :] * a_sk, mask=mask_m[:, None] & mask_k[None, :],"
         " other=0.0)",
     ] + inside + [
@@ -317,7 +317,7 @@ def _rope_tile_helper(tile: str, pro, idx, dot_ty: str, prod_ty: str, prec: str,
         "        bp = tl.load(p_cols + kk[:, None] * b_sk, mask=bmask, other=0.0)",
         f"        acc = tl.dot(a, b, acc=acc{prec})",
         f"        accp = tl.dot(a, bp, acc=accp{prec})",
-    ] + post + [
+    ] + _split_code(["acc", "accp"], bool(post), "tid") + post + [
         f"    x = acc{rnd}  # the product as stored in its dtype",
         f"    xp = accp{rnd}",
         "    r = z * M + rm  # the row of [B * T]: batch entry r // T, new position r % T",
@@ -352,8 +352,8 @@ def _tile_helper(tile: str, pro, idx, dot_ty: str, out_ty: str, prec: str,
     lines = [
         "@triton.jit",
         f"def {tile}(a_rows, a_sk, mask_m, rm, z, b_ptr, b_sk, b_sn, c_ptr, tile_n, M, N, K,",
-        f"        {w_args}{cache_args}BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, "
-        "BLOCK_K: tl.constexpr):",
+        f"        {w_args}{cache_args}{_SPLIT_PARAMS}BLOCK_M: tl.constexpr, "
+        "BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):",
         "    # one BLOCK_M x BLOCK_N tile of A @ B"
         + (", A = rmsnorm(x) * w computed here" if pro else "")
         + ("; stored into a cache at the new positions" if to_cache else ""),
@@ -362,17 +362,14 @@ def _tile_helper(tile: str, pro, idx, dot_ty: str, out_ty: str, prec: str,
         "    mask_n = rn < N",
         "    b_cols = b_ptr + rn[None, :] * b_sn",
         "    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)",
-    ] + pre + [
-        "    for k0 in range(0, K, BLOCK_K):",
-        "        kk = k0 + rk",
-        "        mask_k = kk < K",
+    ] + pre + _K_SLICE + [
         "        a = tl.load(a_rows + kk[None, :] * a_sk, mask=mask_m[:, None] & mask_k[None, :],"
         " other=0.0)",
     ] + inside + [
         "        b = tl.load(b_cols + kk[:, None] * b_sk, mask=mask_k[:, None] & mask_n[None, :],"
         " other=0.0)",
         f"        acc = tl.dot(a, b, acc=acc{prec})",
-    ] + post
+    ] + _split_code(["acc"], bool(post), "tid") + post
     if to_cache:
         lines += [
             "    r = z * M + rm  # the row of [B * T]: batch entry r // T, new position r % T",
@@ -403,6 +400,7 @@ def _generate_horizontal(body: Graph, name: str) -> str:
                 [f"o{j}_s{x}" for x in range(4)] + [f"p{j}_s"]
         elif cw is not None:
             args += [f"T{j}", f"p{j}_s", f"c{j}_s0", f"c{j}_s1", f"c{j}_s2"]
+    args += ["ws_ptr", "cnt_ptr", "ZM", "SPLIT_MAX"]
     fp32 = mms[0].type.dtype is DType.f32
     prec = ', input_precision="ieee"' if fp32 else ""
     dot_ty = TL_DTYPE[mms[0].inputs[0].type.dtype]
@@ -423,7 +421,7 @@ def _generate_horizontal(body: Graph, name: str) -> str:
                 made[src] = f"{tile}_rope{len(made)}"
                 lines += src.replace("def @(", f"def {made[src]}(").split("\n") + ["", ""]
             helper[j] = made[src]
-    lines += _head(name, args, body) + [
+    lines += _head(name, args, body, split=True) + [
         f"    # A = in{idx[a]} {a.type}; " + "; ".join(
             (f"out{k} = A @ in{idx[m.inputs[1]]} {m.inputs[1].type}" if cw is None else
              f"out{cw['out']} = rope(A @ in{idx[m.inputs[1]]}) (cos in{cw['cos']}, sin "
@@ -433,8 +431,16 @@ def _generate_horizontal(body: Graph, name: str) -> str:
              f"in{idx[cw.inputs[1]]}") for m, (k, cw) in zip(mms, seg)),
         "    # the column tiles of the first product, then of the second, ...: one launch",
         "    pid = tl.program_id(0)",
+        "    split = pid % SPLIT_K  # this program's slice of K (split-K: see _split_code)",
+        "    pid = pid // SPLIT_K",
         "    num_m = (M + BLOCK_M - 1) // BLOCK_M",
     ]
+    # each product's region of the split-K workspace: per slice, its accumulators' planes of
+    # [ZM, N_j] and a [ZM] plane of sums of squares
+    region = "0"
+    for j, (k, cw) in enumerate(seg):
+        lines.append(f"    ws{j} = ws_ptr + SPLIT_K * ({region})")
+        region += f" + {2 if k is None else 1} * ZM * N{j} + ZM"
     for j in range(len(mms)):
         lines.append(f"    nt{j} = (N{j} + BLOCK_N - 1) // BLOCK_N")
     lines.append("    num_n = " + " + ".join(f"nt{j}" for j in range(len(mms))))
@@ -447,6 +453,7 @@ def _generate_horizontal(body: Graph, name: str) -> str:
     ]
     start = "0"
     for j, (m, (k, cw)) in enumerate(zip(mms, seg)):
+        sp = f"ws{j}, cnt_ptr, pid, split, ZM"
         kw = "if" if j == 0 else "elif"
         stop = f"nt{j}" if j == 0 else f"{start} + nt{j}"
         head = f"    {kw} pid_n < {stop}:" if j < len(mms) - 1 else \
@@ -460,18 +467,18 @@ def _generate_horizontal(body: Graph, name: str) -> str:
                     f"                {w_args}in{cw['cos']}_ptr, cs{j}_t, cs{j}_d, "
                     f"in{cw['sin']}_ptr, sn{j}_t, sn{j}_d, T{j}, "
                     + ", ".join(f"o{j}_s{x}" for x in range(4)) + f", {pos}, p{j}_s,\n"
-                    f"                BLOCK_M, BLOCK_N, BLOCK_K, "
+                    f"                {sp}, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, "
                     f"{cw['cache'] is not None})")
         elif cw is None:
             call = (f"        {tile}(a_rows, a_sk, mask_m, rm, z, in{idx[m.inputs[1]]}_ptr, "
                     f"b{j}_sk, b{j}_sn, out{k}_ptr, pid_n - ({start}), M, N{j}, K,\n"
-                    f"                {w_args}BLOCK_M, BLOCK_N, BLOCK_K)")
+                    f"                {w_args}{sp}, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K)")
         else:
             call = (f"        {tile}_cache(a_rows, a_sk, mask_m, rm, z, "
                     f"in{idx[m.inputs[1]]}_ptr, b{j}_sk, b{j}_sn, in{idx[cw.inputs[0]]}_ptr, "
                     f"pid_n - ({start}), M, N{j}, K,\n"
                     f"                {w_args}in{idx[cw.inputs[1]]}_ptr, p{j}_s, T{j}, "
-                    f"c{j}_s0, c{j}_s1, c{j}_s2, BLOCK_M, BLOCK_N, BLOCK_K)")
+                    f"c{j}_s0, c{j}_s1, c{j}_s2, {sp}, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K)")
         lines += [head, call]
         start = stop
     return "\n".join(lines) + "\n"
@@ -546,7 +553,19 @@ def generate(body: Graph, name: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _split_code(accs: List[str], ss: bool) -> List[str]:
+# a horizontal tile helper's split-K parameters (its product's workspace region, the tile
+# counters, the tile's index over all products, its K slice) and its loop over that slice
+_SPLIT_PARAMS = "ws_ptr, cnt_ptr, tid, split, ZM, "
+_K_SLICE = [
+    "    k_per = (K + SPLIT_K * BLOCK_K - 1) // (SPLIT_K * BLOCK_K) * BLOCK_K",
+    "    k_end = tl.minimum(K, (split + 1) * k_per)",
+    "    for k0 in range(split * k_per, k_end, BLOCK_K):",
+    "        kk = k0 + rk",
+    "        mask_k = kk < k_end",
+]
+
+
+def _split_code(accs: List[str], ss: bool, tile_id: str = "pid") -> List[str]:
     """Split-K (SPLIT_K > 1, decode's few rows): the SPLIT_K programs of one output tile
     each sum a slice of K. Each stores its partial sums (the accumulators, [BLOCK_M, BLOCK_N],
     and with `ss` an RMSNorm prologue's sums of squares, [BLOCK_M]) to the fp32 workspace and
@@ -567,7 +586,7 @@ def _split_code(accs: List[str], ss: bool) -> List[str]:
     if ss:
         lines.append(f"        tl.store({ss_at}split * ZM + wrow, ss, mask=mask_m)")
     lines += ["        tl.debug_barrier()  # every thread's partials stored before the count",
-              "        arrived = tl.atomic_add(cnt_ptr + pid, 1, sem=\"acq_rel\")",
+              f"        arrived = tl.atomic_add(cnt_ptr + {tile_id}, 1, sem=\"acq_rel\")",
               "        last = arrived == SPLIT_K - 1",
               "        # as a row vector: Triton's interpreter turns row mask & scalar into int32",
               "        mask_m = mask_m & (arrived + tl.zeros_like(rm) == SPLIT_K - 1)",
@@ -582,7 +601,7 @@ def _split_code(accs: List[str], ss: bool) -> List[str]:
                   "        for s in tl.static_range(SPLIT_K):",
                   f"            ss += tl.load({ss_at}s * ZM + wrow, mask=mask_m, other=0.0, "
                   "cache_modifier=\".cg\")"]
-    lines.append("        tl.store(cnt_ptr + pid, 0, mask=last)  # ready for the next launch")
+    lines.append(f"        tl.store(cnt_ptr + {tile_id}, 0, mask=last)  # ready for the next one")
     return lines
 
 
@@ -868,7 +887,9 @@ def _launch_vertical(kernel, xs, outs, body: Graph, interpret: bool) -> None:
 
 
 def _launch_horizontal(kernel, xs, outs, body: Graph, interpret: bool) -> None:
-    """One program per (row tile, column tile of any product) per batch entry."""
+    """One program per (row tile, column tile of any product) per batch entry (times
+    SPLIT_K where the launch may split)."""
+    import torch
     import triton
 
     inputs, mms, a, _, pro = _layout(body)
@@ -885,7 +906,8 @@ def _launch_horizontal(kernel, xs, outs, body: Graph, interpret: bool) -> None:
     args = [*xs, *outs, M, sum(ns), K, *ns, *batch, *a_st] + [s for st in b_st for s in st]
     if pro:
         args.append(xs[idx[pro.w]].stride(-1))
-    for k, cw in _segments(body, mms):
+    seg = _segments(body, mms)
+    for k, cw in seg:
         if k is None:               # RoPE of the product, to [B, H, T, W] or a cache
             cos, sin = xs[cw["cos"]], xs[cw["sin"]]
             dst = xs[cw["cache"]] if cw["cache"] is not None else outs[cw["out"]]
@@ -898,10 +920,22 @@ def _launch_horizontal(kernel, xs, outs, body: Graph, interpret: bool) -> None:
             pos, cache = xs[idx[cw.inputs[1]]], xs[idx[cw.inputs[0]]]
             args += [pos.numel(), pos.stride(0) if pos.numel() > 1 else 0, *cache.stride()]
 
+    # split-K as the plain form's (_split_args): each product's region of the workspace
+    # holds, per slice, its accumulators (two for a rotated product) and the sums of squares
+    dummy, counters, zm, top = _split_args(x.device, nbatch, M, sum(ns), 1, K)
+    ws = dummy
+    if top > 1:
+        rows = zm * sum((2 if k is None else 1) * n + 1 for (k, _), n in zip(seg, ns))
+        ws = torch.empty(top * rows, dtype=torch.float32, device=x.device)
+    args += [ws, counters, zm, top]
+
     def tiles(bm, bn):
         return nbatch * triton.cdiv(M, bm) * sum(triton.cdiv(n, bn) for n in ns)
     if interpret:
         bm, bn, bk = interpret_blocks(M, max(ns), K)
-        kernel[(tiles(bm, bn),)](*args, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M)
+        sk = INTERPRET_SPLIT_K if INTERPRET_SPLIT_K <= top else 1
+        kernel[(tiles(bm, bn) * sk,)](*args, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                                      GROUP_M=GROUP_M, SPLIT_K=sk)
         return
-    _autotuned(kernel)[lambda meta: (tiles(meta["BLOCK_M"], meta["BLOCK_N"]),)](*args)
+    _autotuned(kernel, split=True)[
+        lambda meta: (tiles(meta["BLOCK_M"], meta["BLOCK_N"]) * meta.get("SPLIT_K", 1),)](*args)

@@ -120,3 +120,31 @@ def test_f16_rotation_in_the_epilogue_equals_the_rope_kernel_bitwise(monkeypatch
     assert got.dtype == want.dtype and torch.equal(got, want)
     for s in fused.step.states:
         assert torch.equal(st[s.name], st_want[s.name])
+
+
+@pytest.mark.parametrize("name,sets", [("llama", {"d": 72, "heads": 3}), ("blues01", {})])
+def test_rotations_with_split_k(name, sets, monkeypatch):
+    """The projection kernel splits K at decode's few rows like the plain form (3 slices
+    forced here, 16-column tiles crossing heads): the partner accumulator and the RMSNorm
+    sums of squares are split too; logits equal the forward, counters back at zero."""
+    monkeypatch.setattr(matmul, "INTERPRET_SPLIT_K", 3)
+    monkeypatch.setattr(matmul, "interpret_blocks", lambda M, N, K: (16, 16, 16))
+    splits = []
+    real = matmul._split_args
+    monkeypatch.setattr(matmul, "_split_args", lambda *a: splits.append(real(*a)[-1])
+                        or real(*a))
+    path = os.path.join(ZOO, f"{name}.yaml")
+    m = lmc.load(path, preset="tiny", seed=6, backend="triton", **sets).eval()
+    vocab = m.graph.outputs["logits"].type.shape[-1]
+    ids = torch.randint(0, vocab, (1, 7), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():         # the oracle: the triton forward would split K too
+        want = lmc.load(path, preset="tiny", seed=6, backend="torch", **sets).eval()(ids)
+    want = want["logits"] if isinstance(want, dict) else want
+    dec = Decoder(m, backend="triton", static=True, max_len=8)
+    assert any(n.attrs["body"].meta.get("rope") for n in dec.graph.nodes
+               if n.op is Op.FUSED)
+    got, _ = _decode(dec, ids, 2)
+    assert (got - want).abs().max().item() < TOL
+    assert splits and all(s == max(matmul.SPLITS) for s in splits)
+    _, counters = matmul._split_buffers(torch.device("cpu"))
+    assert not counters.any()

@@ -176,7 +176,9 @@ def test_static_step_on_the_triton_backend(split, monkeypatch):
     ids = torch.randint(0, 512, (1, 6), generator=torch.Generator().manual_seed(3))
     dec = Decoder(m, backend="triton", static=True, max_len=8)
     got, _ = _decode(dec, ids, 3, fill=1e30)
-    assert (got - _forward(m, ids)).abs().max().item() < TOL
+    # against the torch backend: the triton forward's matmuls of a few rows split K too
+    oracle = lmc.load(LLAMA, preset="tiny", seed=7, backend="torch").eval()
+    assert (got - _forward(oracle, ids)).abs().max().item() < TOL
     assert not dec.cuda_graph
     assert launches and all(s == max(matmul.SPLITS) for s in launches)
 
