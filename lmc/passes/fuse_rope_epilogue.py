@@ -166,6 +166,8 @@ class _Body:
             self.used.update((o, c, pos))
             o = v
         if o.op is Op.CONCAT:
+            need(o.type.rank == 4, "a concat of pairs (interleaved RoPE's rotation) stays "
+                                   "its own kernel")
             need(o.attrs["axis"] in (3, -1) and len(o.inputs) == 2,
                  "a concat other than [rope | pass-through] on the head dim")
             spec = self.rope(o.inputs[0])

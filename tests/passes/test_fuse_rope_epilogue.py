@@ -148,3 +148,35 @@ def test_rotations_with_split_k(name, sets, monkeypatch):
     assert splits and all(s == max(matmul.SPLITS) for s in splits)
     _, counters = matmul._split_buffers(torch.device("cpu"))
     assert not counters.any()
+
+
+def test_interleaved_pairs_keep_their_kernel(tmp_path):
+    """llama with RoPE written by hand as interleaved pairs ((x0, x1) -> (-x1, x0), tables with
+    each angle twice side by side): the rotation is not rotate-half, so the rope kernel stays
+    (declined, with the reason) and the decode still equals the forward."""
+    src = open(os.path.join(ZOO, "llama.yaml")).read()
+    src = src.replace(
+        "      - emb = concat([freqs, freqs], -1)\n",
+        "      - f3 = reshape(freqs, [T, head_dim / 2, 1])\n"
+        "      - emb = reshape(concat([f3, f3], -1), [T, head_dim])\n")
+    src = src.replace(
+        "      - x1, x2 = split(x, 2, -1)\n"
+        "      - return x * cos + concat([-x2, x1], -1) * sin\n",
+        "      - x1, x2 = split(reshape(x, [B, heads, T, head_dim / 2, 2]), 2, -1)\n"
+        "      - return x * cos + reshape(concat([-x2, x1], -1), [B, heads, T, head_dim]) * sin\n")
+    assert src.count("head_dim / 2, 2]") == 1
+    path = tmp_path / "llama_pairs.yaml"
+    path.write_text(src)
+    m = lmc.load(str(path), preset="tiny", seed=3, backend="triton").eval()
+    dec = Decoder(m, backend="triton", static=True, max_len=10)
+    rec = [r for r in dec.graph.meta["fusions"] if r["pass"] == "fuse_rope_epilogue"]
+    assert rec and all(r["status"] == "declined" and "interleaved" in r["reason"]
+                       for r in rec), rec
+    assert not any(n.attrs["body"].meta.get("rope") for n in dec.graph.nodes
+                   if n.op is Op.FUSED)
+    ids = torch.randint(0, 512, (2, 8), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = lmc.load(str(path), preset="tiny", seed=3).eval()(ids)
+    want = want["logits"] if isinstance(want, dict) else want
+    got, _ = _decode(dec, ids, 3)
+    assert (got - want).abs().max().item() < TOL
