@@ -31,8 +31,9 @@ where each x piece is a head view of one product of the same horizontal matmul k
 kept). The products it rotates must be read by nothing else. Several rope kernels of one
 projection merge together (GQA: q and k differ in heads, so they were two kernels). The
 merged kernel keeps the matmul's other outputs (v, its cache write) and is emitted right
-after the last value it reads (the projection's place, or a table computed after it); what
-the projection and the rope kernels give to anything else must be read after that point.
+after the last value it reads (the projection's place: values computed from the step's
+inputs alone, the position tables, are moved to the front of the step first); what the
+projection and the rope kernels give to anything else must be read after that point.
 Anything else is declined with the failed condition (`lmc compile --mode decode --explain`,
 graphs "decode" and "decode static"). Interleaved pairs and XPos scaling are declined
 (left to the pointwise kernel).
@@ -235,7 +236,25 @@ def _only_read_by(g_users, mm: Node, js, f: Node) -> bool:
     return True
 
 
+def _positions_first(g: Graph) -> Graph:
+    """The step with the values computed from graph inputs and constants alone (no
+    parameter: the position tables from decode.pos, their casts) moved to the front, in
+    order: a table computed after a layer's projection would keep the rotations out of it."""
+    early: set = set()
+    for n in g.nodes:
+        if n.op in (Op.INPUT, Op.CONST) or (n.inputs and n.op is not Op.PARAM
+                                             and all(x in early for x in n.inputs)):
+            early.add(n)
+    nodes = [n for n in g.nodes if n in early] + [n for n in g.nodes if n not in early]
+    if nodes == list(g.nodes):
+        return g
+    out = g.with_nodes(nodes, dict(g.outputs))
+    out.meta = dict(g.meta)
+    return out
+
+
 def fuse_rope_epilogue(g: Graph) -> Graph:
+    g = _positions_first(g)
     users = g.users()
     for o in g.outputs.values():
         users.setdefault(o, []).append(None)

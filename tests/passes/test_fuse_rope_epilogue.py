@@ -49,7 +49,8 @@ CASES = [
     ("llama", {"d": 72, "heads": 3}, 2, []),  # head dim 24: tiles cross head boundaries
     ("blues01", {}, 4, []),                   # GQA: q and k kernels apart, both merged
     ("yoco", {}, 2, ["mul where rope"]),      # cross-decoder q: a one-product projection
-    ("optimus_prime", {}, 3, ["read before"]),  # MLA: k_R one head [B, 1, T, D]
+    ("optimus_prime", {}, 4, []),             # MLA: k_R one head [B, 1, T, D]; layer
+                                              # 0's tables moved before its projection
     ("minimax", {}, 1, ["also read elsewhere"]),  # partial rotary q: concat(rope, pass)
 ]
 
