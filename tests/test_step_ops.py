@@ -13,6 +13,7 @@ def test_step_ops_counts_llama_tiny(capsys, tmp_path, monkeypatch):
     import step_ops
     assert step_ops.main(["--models", "llama"]) == 0
     line = capsys.readouterr().out.strip().splitlines()[-1]
-    # 2 layers x 6 fused ops + rope tables (2) + the head's norm + matmul (1); the embedding
-    assert line.split() == ["llama", "tiny", "15", "fused", "+", "1", "torch", "ops", "per",
+    # 2 layers x 5 fused ops (RoPE inside the q/k/v projection) + rope tables (2) + the
+    # head's norm + matmul (1); the embedding
+    assert line.split() == ["llama", "tiny", "13", "fused", "+", "1", "torch", "ops", "per",
                             "static", "step"], line
