@@ -329,6 +329,8 @@ def _rope_tile_helper(tile: str, pro, idx, dot_ty: str, prod_ty: str, prec: str,
         f"other=0.0){cast}",
         f"    xr = tl.where((d < {half})[None, :], -xp, xp)",
         "    y = tl.where(rot[None, :], x * c + xr * s, x)",
+    ] + ([f"    y = y * {float(r['scale'])!r}  # the rotated value's scale"]
+         if r.get("scale") is not None else []) + [
         "    if CACHE:",
         "        tt = tl.load(pos_ptr + t * pos_s, mask=mask_m, other=0)",
         "    else:",

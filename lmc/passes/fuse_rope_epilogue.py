@@ -22,7 +22,8 @@ store goes to the rotated output [B, H, T, W] through its strides, or into the c
 Matched on the fused graph: a pointwise kernel every node of which is one of
 
     rope = x * c + concat(-x[R/2:R], x[:R/2]) * s        (either operand order)
-    out  = rope | concat(rope, x[R:D]) | index_copy(cache, pos, rope or that concat)
+    y    = rope | concat(rope, x[R:D]), either optionally times a scalar constant
+    out  = y | index_copy(cache, pos, y)
 
 where each x piece is a head view of one product of the same horizontal matmul kernel
 (``slice(permute(reshape(P, [B, T, H, D]), [0, 2, 1, 3]))`` or, one head,
@@ -166,6 +167,15 @@ class _Body:
             cache = (c, pos)
             self.used.update((o, c, pos))
             o = v
+        scale = None
+        if o.op is Op.MUL:             # rope(x) * a scalar (yoco's retention keys)
+            for v, c in (o.inputs, o.inputs[::-1]):
+                if c.op is Op.CONST and c.type.rank == 0 and \
+                        not hasattr(c.attrs["value"], "shape"):
+                    scale = float(c.attrs["value"])
+                    self.used.add(o)
+                    o = v
+                    break
         if o.op is Op.CONCAT:
             need(o.type.rank == 4, "a concat of pairs (interleaved RoPE's rotation) stays "
                                    "its own kernel")
@@ -181,6 +191,7 @@ class _Body:
         else:
             spec = self.rope(o)
         spec["cache"] = cache
+        spec["scale"] = scale
         return spec
 
 
@@ -374,6 +385,7 @@ def _merged(mm: Node, fs: List[Tuple[Node, List[dict]]]):
             "R": s["R"], "W": s["W"], "cos": pos_of[env[s["cos"]]],
             "sin": pos_of[env[s["sin"]]],
             "cast": s["cast"].value if s["cast"] is not None else None,
+            "scale": s["scale"],
             "cache": None if c is None else pos_of[env[c[0]]],
             "pos": None if c is None else pos_of[env[c[1]]]})
     name = mm.attrs["kernel"] + "_rope"

@@ -48,7 +48,8 @@ CASES = [
     ("llama", {}, 2, []),                     # q and k in one kernel per layer (MHA)
     ("llama", {"d": 72, "heads": 3}, 2, []),  # head dim 24: tiles cross head boundaries
     ("blues01", {}, 4, []),                   # GQA: q and k kernels apart, both merged
-    ("yoco", {}, 2, ["mul where rope"]),      # cross-decoder q: a one-product projection
+    ("yoco", {}, 3, []),                      # retention keys: rope(k) * a scalar; the
+                                              # cross-decoder q: a one-product projection
     ("optimus_prime", {}, 4, []),             # MLA: k_R one head [B, 1, T, D]; layer
                                               # 0's tables moved before its projection
     ("minimax", {}, 1, ["also read elsewhere"]),  # partial rotary q: concat(rope, pass)
