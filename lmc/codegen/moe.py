@@ -387,6 +387,7 @@ def combine(Y, slot, wgt, out, *, weighted=False, router=None, zero=None) -> Non
     N, D = out.shape
     BT, BD = (16, 32) if _interpret() else (32, 128)
     dlog, wr = router if router is not None else (out, out)
+    dlog = dlog.contiguous()             # read as [N, E] rows
     pa, pb = zero if zero is not None else (out, out)
     _combine[(max(triton.cdiv(N, BT), 1), triton.cdiv(D, BD))](
         Y if Y is not None else out, slot if slot is not None else out,
