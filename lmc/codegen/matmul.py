@@ -180,13 +180,15 @@ def _run_tiles(kernel, args, nbatch: int, M: int, N: int, K: int, interpret: boo
     _autotuned(kernel, split=bool(split_max))[grid](*args)
 
 
-def _split_args(device, nbatch: int, M: int, N: int, naccs: int, K: int = 0):
+def _split_args(device, nbatch: int, M: int, N: int, naccs: int, K: int = 0,
+                per_split=None):
     """The plain form's last kernel arguments: (workspace, counters, ZM, SPLIT_MAX). A launch
     may split K when it has at most SPLIT_ROWS rows (over all batch entries) and SPLIT_TILES
     output tiles (decode), or when K is deep (at least DEEP_K) and its output is fewer than
     DEEP_TILES tiles of 128 x 128 (a weight gradient x^T dy: K = B * T, a 768 x 768 output
     is 36 such tiles, a quarter of an H100's SMs); any other gets a one-element stand-in
-    workspace and SPLIT_MAX = 1 (never split)."""
+    workspace and SPLIT_MAX = 1 (never split). per_split: the workspace's fp32 elements per
+    slice (default naccs planes of [ZM, N] and one [ZM] of sums of squares)."""
     import torch
     import triton
 
@@ -197,7 +199,8 @@ def _split_args(device, nbatch: int, M: int, N: int, naccs: int, K: int = 0):
     if not (few or deep):
         return [dummy, counters, zm, 1]
     top = max(SPLITS)
-    ws = torch.empty(top * (naccs * zm * N + zm), dtype=torch.float32, device=device)
+    per_split = naccs * zm * N + zm if per_split is None else per_split
+    ws = torch.empty(top * per_split, dtype=torch.float32, device=device)
     return [ws, counters, zm, top]
 
 
@@ -533,12 +536,7 @@ def generate(body: Graph, name: str) -> str:
                   f"    acc{j} = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)"]
     pre, inside, post = _prologue_code(pro, idx, dot_ty, accs, "        ") if pro else \
         ([], [], [])
-    lines += pre + [
-        "    k_per = (K + SPLIT_K * BLOCK_K - 1) // (SPLIT_K * BLOCK_K) * BLOCK_K",
-        "    k_end = tl.minimum(K, (split + 1) * k_per)",
-        "    for k0 in range(split * k_per, k_end, BLOCK_K):",
-        "        kk = k0 + rk",
-        "        mask_k = kk < k_end",
+    lines += pre + _K_SLICE + [
         "        a = tl.load(a_rows + kk[None, :] * a_sk, mask=mask_m[:, None] & mask_k[None, :],"
         " other=0.0)",
     ]
@@ -891,7 +889,6 @@ def _launch_vertical(kernel, xs, outs, body: Graph, interpret: bool) -> None:
 def _launch_horizontal(kernel, xs, outs, body: Graph, interpret: bool) -> None:
     """One program per (row tile, column tile of any product) per batch entry (times
     SPLIT_K where the launch may split)."""
-    import torch
     import triton
 
     inputs, mms, a, _, pro = _layout(body)
@@ -924,18 +921,15 @@ def _launch_horizontal(kernel, xs, outs, body: Graph, interpret: bool) -> None:
 
     # split-K as the plain form's (_split_args): each product's region of the workspace
     # holds, per slice, its accumulators (two for a rotated product) and the sums of squares
-    dummy, counters, zm, top = _split_args(x.device, nbatch, M, sum(ns), 1, K)
-    ws = dummy
-    if top > 1:
-        rows = zm * sum((2 if k is None else 1) * n + 1 for (k, _), n in zip(seg, ns))
-        ws = torch.empty(top * rows, dtype=torch.float32, device=x.device)
-    args += [ws, counters, zm, top]
+    zm = nbatch * M
+    args += _split_args(x.device, nbatch, M, sum(ns), 1, K, per_split=zm * sum(
+        (2 if k is None else 1) * n + 1 for (k, _), n in zip(seg, ns)))
 
     def tiles(bm, bn):
         return nbatch * triton.cdiv(M, bm) * sum(triton.cdiv(n, bn) for n in ns)
     if interpret:
         bm, bn, bk = interpret_blocks(M, max(ns), K)
-        sk = INTERPRET_SPLIT_K if INTERPRET_SPLIT_K <= top else 1
+        sk = INTERPRET_SPLIT_K if INTERPRET_SPLIT_K <= args[-1] else 1
         kernel[(tiles(bm, bn) * sk,)](*args, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
                                       GROUP_M=GROUP_M, SPLIT_K=sk)
         return
