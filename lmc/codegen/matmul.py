@@ -922,8 +922,8 @@ def _launch_horizontal(kernel, xs, outs, body: Graph, interpret: bool) -> None:
     # split-K as the plain form's (_split_args): each product's region of the workspace
     # holds, per slice, its accumulators (two for a rotated product) and the sums of squares
     zm = nbatch * M
-    args += _split_args(x.device, nbatch, M, sum(ns), 1, K, per_split=zm * sum(
-        (2 if k is None else 1) * n + 1 for (k, _), n in zip(seg, ns)))
+    args += _split_args(x.device, nbatch, M, sum(ns), 1, K, zm * sum(
+        (2 if k is None else 1) * n + 1 for (k, _), n in zip(seg, ns)))   # per slice
 
     def tiles(bm, bn):
         return nbatch * triton.cdiv(M, bm) * sum(triton.cdiv(n, bn) for n in ns)
