@@ -99,13 +99,27 @@ def setup_dist() -> Dist:
     return Dist(rank, world, torch.device("cpu"))
 
 
+def _sum_over_ranks(t: torch.Tensor) -> None:
+    """all_reduce t in place, and hold it until the backend's worker has let go of it.
+
+    Gloo's worker thread drops its references to t just after the wait returns. Were t's last
+    Python reference gone first, that drop would free t's Python object and need the GIL; in
+    a rank that exits right after its last collective the worker gets the GIL only during
+    interpreter shutdown, and the process aborts ("terminate called without an active
+    exception") after finishing its work. So t stays referenced here until only we hold it."""
+    import torch.distributed as dist
+
+    dist.all_reduce(t)
+    deadline = time.monotonic() + 10.0
+    while t._use_count() > 1 and time.monotonic() < deadline:
+        time.sleep(1e-4)  # releases the GIL for the worker
+
+
 def all_mean(x: float, d: Dist) -> float:
     if d.world == 1:
         return x
-    import torch.distributed as dist
-
     t = torch.tensor([x], dtype=torch.float64)
-    dist.all_reduce(t)
+    _sum_over_ranks(t)
     return t.item() / d.world
 
 
@@ -116,10 +130,8 @@ def all_reduce(values: Dict[str, torch.Tensor], d: Dist, mean: bool) -> Dict[str
         return {}
     flat = torch.cat([v.reshape(-1).double().cpu() for v in values.values()])
     if d.world > 1:
-        import torch.distributed as dist
-
         flat = flat.to(d.device)
-        dist.all_reduce(flat)
+        _sum_over_ranks(flat)
         flat = flat.cpu() / (d.world if mean else 1)
     out, i = {}, 0
     for k, v in values.items():
