@@ -610,6 +610,12 @@ def _epilogue(body: Graph, val: Dict[Node, str], skip, epi, idx, outputs, boff) 
     every body node not in `skip` that is no input, constant or matmul."""
     lines = ["    # epilogue, in registers (fp32)",
              "    mask = mask_m[:, None] & mask_n[None, :]"]
+    for m, v in list(val.items()):
+        # a bf16/f16 product as the graph defines it, rounded to its dtype, where the
+        # epilogue reads it (a stored product is rounded by its store anyway)
+        if m.type.dtype in _HALF and any(m in u.inputs for u in body.nodes if u not in skip):
+            lines.append(f"    {v} = {v}.to({TL_DTYPE[m.type.dtype]}).to(tl.float32)"
+                         f"  # the product as {m.type.dtype.value}")
     for p in epi:
         i = idx[p]
         load = (f"tl.load(in{i}_ptr + (rm[:, None] * e{i}_sm + rn[None, :] * e{i}_sn"

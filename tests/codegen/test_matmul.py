@@ -89,6 +89,28 @@ def test_projection_residual_and_activations(dtype):
     assert len(_mm_kernels(p)) <= 3
 
 
+@pytest.mark.parametrize("m,n,k", [(1, 1, 1), (17, 33, 65), (64, 65, 31)])
+def test_an_f16_product_read_by_its_epilogue_is_rounded_first(m, n, k):
+    """The graph's f16 matmul yields f16 values: an epilogue reading the product (a weight
+    gradient's cast to f32, a residual add) reads it rounded to f16, as the oracle does, not
+    the wider fp32 accumulator. Every value of cast(x @ w) is an f16 value, and with the add
+    the result equals the oracle's f16 sum to its rounding."""
+    b = Builder({}, {})
+    x, w = b.input("x", [m, k], "f16"), b.input("w", [k, n], "f16")
+    res = b.input("res", [m, n], "f16")
+    prod = x @ w
+    g = Graph("mm", b.nodes, {"y": b.cast(prod, "f32").node, "z": (prod + res).node})
+    gen = torch.Generator().manual_seed(2)
+    vals = {"x": rand(m, k, dtype="f16", gen=gen), "w": rand(k, n, dtype="f16", gen=gen),
+            "res": rand(m, n, dtype="f16", gen=gen)}
+    p = check(g, vals, "f16", kernels=1)
+    ctx = RefCtx(dims=bind_dims(g, vals))
+    y = run_graph(p.graph, vals, ctx, p.impl)["y"]
+    assert y.dtype == torch.float32 and torch.equal(y.half().float(), y)
+    src = p.source
+    assert ".to(tl.float16).to(tl.float32)" in src
+
+
 def test_batched_broadcast_operands():
     """Batch dims broadcast on either side (stride 0), epilogue inputs broadcast over the
     batch but not over rows (no folding into M), and a rank-2 A against a batched B."""
