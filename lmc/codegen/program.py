@@ -58,7 +58,8 @@ def fuse(g: Graph, disable: Sequence[str] = (), cache_writes: bool = False,
     if unknown:
         raise LmcError(f"unknown fusion pass {sorted(unknown)[0]!r} (fusion passes: "
                        f"{', '.join(n for n, _ in FUSION_PASSES)})")
-    g = verify(sink_recomputations(drop_broadcast_expands(g)), inlined=True)
+    g = verify(split_widening_casts(sink_recomputations(drop_broadcast_expands(g))),
+               inlined=True)
     for name, fn in FUSION_PASSES:
         if name not in disable:
             g = verify(fn(g), inlined=True)
@@ -107,6 +108,44 @@ def drop_broadcast_expands(g: Graph) -> Graph:
         return g
     from ..passes.basic import dce
     return dce(g.with_nodes(nodes, {k: repl.get(v, v) for k, v in g.outputs.items()}))
+
+
+_FUSED_REDUCTIONS = (Op.SUM, Op.MEAN, Op.AMAX, Op.LOGSUMEXP, Op.SOFTMAX)
+
+
+def split_widening_casts(g: Graph) -> Graph:
+    """A widening cast (bf16 -> f32) read by several kernels' ops is one cast per reader,
+    each just before it: every kernel that takes a copy in reads the narrow tensor and widens
+    it in registers, where one shared cast would be stored at full width by the kernel that
+    computed it and read back at full width by the others (a norm backward's dy, cast from
+    the dX matmul, is read by the row reductions and by the weight gradient's column sum).
+    A reader that is no pointwise op or reduction (a matmul, a torch op) keeps the original."""
+    users = g.users()
+    outputs = set(g.outputs.values())
+    copies: Dict[Node, Node] = {}       # (reader) -> its own cast
+    for n in g.nodes:
+        if (n.op is Op.CAST and n not in outputs and len(users.get(n, ())) > 1
+                and n.type.dtype.itemsize > n.inputs[0].type.dtype.itemsize):
+            take = [u for u in users[n] if u.op.kind is Kind.POINTWISE or u.op in _FUSED_REDUCTIONS]
+            keep = len(take) == len(users[n])       # every reader has a copy: the first
+            for u in take[1:] if keep else take:    # reader keeps the original
+                copies[u] = n
+    if not copies:
+        return g
+    nodes: List[Node] = []
+    repl: Dict[Node, Node] = {}
+    for n in g.nodes:
+        ins = tuple(repl.get(x, x) for x in n.inputs)
+        src = copies.get(n)
+        if src is not None:
+            c = Node(Op.CAST, (repl.get(src.inputs[0], src.inputs[0]),), src.attrs, src.type,
+                     src.loc, src.scope)
+            nodes.append(c)
+            ins = tuple(c if x is repl.get(src, src) else x for x in ins)
+        if ins != n.inputs:
+            repl[n] = Node(n.op, ins, n.attrs, n.type, n.loc, n.scope)
+        nodes.append(repl.get(n, n))
+    return g.with_nodes(nodes, {k: repl.get(v, v) for k, v in g.outputs.items()})
 
 
 def sink_recomputations(g: Graph) -> Graph:

@@ -336,6 +336,64 @@ def _take_prologues(groups: List["_Group"], users, outputs: Set[Node]) -> None:
         grouped.update(pro.members)
 
 
+def _trim_epilogues(groups: List["_Group"], users, outputs: Set[Node], declined: list) -> None:
+    """Epilogue values a group would store only for other kernels leave it when that stores
+    fewer bytes: those kernels compute them from what the group stores anyway. A norm's
+    backward after its dX matmul is the case: dy = cast(x @ W), g = dy * w and g * rstd
+    were three fp32 tensors written by the matmul and read back by the norm's reductions;
+    now the matmul stores dy alone and the reductions, which read dy anyway, multiply by w
+    and rstd (broadcast vectors) themselves. A value leaves with every member reading it
+    (a member cannot read a value computed after the group), and only when each reader
+    outside is an ungrouped pointwise op or reduction (a kernel fuse_reductions or
+    fuse_pointwise forms can take it in); never a graph output. Greedy, last member first,
+    while the group's stored bytes (members read outside it or returned, at their dtype's
+    size: every epilogue value has the group's shape) go down."""
+    grouped = {m for grp in groups for m in grp.members}
+
+    def stored(kept: Set[Node]) -> int:
+        return sum(m.type.dtype.itemsize for m in kept
+                   if m in outputs or any(u not in kept for u in users[m]))
+
+    def movable(u: Node) -> bool:
+        return u not in grouped and (u.op in _PROLOGUE_OF or (
+            u.op.kind is Kind.POINTWISE and fusible(u)[0]))
+
+    for grp in groups:
+        if not grp.members or grp.horizontal:
+            continue
+        pro = set(grp.prologue.members) if grp.prologue else set()
+        epi = [m for m in grp.members if m.op is not Op.MATMUL and m not in pro]
+        if grp.vertical:
+            epi = epi[len(grp.matmuls) - 1:]      # after the adds summing the products
+        kept = set(grp.members)
+        changed = True
+        while changed:
+            changed = False
+            for m in reversed(epi):
+                if m not in kept:
+                    continue
+                drop, stack = set(), [m]
+                while stack:
+                    d = stack.pop()
+                    if d not in drop:
+                        drop.add(d)
+                        stack += [u for u in users[d] if u in kept]
+                if (not drop <= set(epi) or drop & outputs
+                        or not all(movable(u) for d in drop for u in users[d]
+                                   if u not in drop)
+                        or stored(kept - drop) >= stored(kept)):
+                    continue
+                before = stored(kept)
+                kept -= drop
+                grouped -= drop
+                changed = True
+                for d in sorted(drop, key=epi.index):
+                    declined.append((d, f"epilogue {d.op.value} is left to the kernels "
+                                        f"reading it: the group stores {before} -> "
+                                        f"{stored(kept)} bytes per element"))
+        grp.members = [m for m in grp.members if m in kept]
+
+
 def _merge_siblings(groups: List["_Group"], order: Dict[Node, int], outputs: Set[Node]):
     """Horizontal form: plain matmuls (no epilogue) of one A by different weights, e.g. the
     q, k and v projections x @ Wq, x @ Wk, x @ Wv, become one group: one launch whose column
@@ -488,6 +546,7 @@ def fuse_matmul(g: Graph) -> Graph:
 
     hoist = _merge_siblings(groups, order, outputs)
     _take_prologues(groups, users, outputs)
+    _trim_epilogues(groups, users, outputs, declined)
     if hoist:
         g = _hoisted(g, hoist, order)
         order = {n: i for i, n in enumerate(g.nodes)}

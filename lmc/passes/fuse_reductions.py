@@ -101,6 +101,32 @@ def _feeds_group(n: Node, users, group_of, groups, outputs) -> Optional[int]:
     return feeds_one_group(n, users, outputs, reads, lambda v, gid: held(gid, v.type.shape), 6)
 
 
+def _absorb_inputs(n: Node, gid: int, groups: List[_Group], group_of: Dict[Node, int],
+                   users, ordered) -> None:
+    """`n` just joined group `gid`: a group it reads that holds no reduction, of gid's row
+    shape, whose values only n and gid read, moves into gid, which computes them where it
+    reads them. Otherwise that group is left holding no reduction, its own pointwise kernel
+    storing what n reads. (A norm backward's weight-gradient term cast(dy) * (x * rstd):
+    the cast and x * rstd each start a group before their product; a cast that
+    fuse_matmul left to its readers comes before the reduction group that reads it.) A
+    group read elsewhere too stays apart: it is a row prologue another reduction, perhaps
+    along another axis, may take (medit_one's norms), and one kernel reduces along one
+    axis. Only where each moved member may be computed where gid stands."""
+    into = groups[gid]
+    for k in dict.fromkeys(group_of[x] for x in n.inputs if x in group_of):
+        grp = groups[k]
+        if k == gid or grp.axis is not None or grp.space != into.space:
+            continue
+        if not all(group_of.get(u) in (k, gid) for m in grp.members for u in users[m]):
+            continue
+        if not all(ordered(m, gid) for m in grp.members):
+            continue
+        for m in grp.members:
+            into.members.append(m)
+            group_of[m] = gid
+        grp.members = []
+
+
 def fuse_reductions(g: Graph) -> Graph:
     g = _expand_softmax(g)
     order = {n: i for i, n in enumerate(g.nodes)}
@@ -156,6 +182,7 @@ def fuse_reductions(g: Graph) -> Graph:
             if lvl is None or not ordered(n, gid):
                 continue
             add(n, gid, lvl)
+            _absorb_inputs(n, gid, groups, group_of, users, ordered)
             break
         else:
             grp = _Group(order[n], n.type.shape)
@@ -180,7 +207,12 @@ def fuse_reductions(g: Graph) -> Graph:
                           extra={"axis": grp.axis})
 
     fusions: List[dict] = []
-    out = contract(g, [grp.members for grp in kept], build)
+    # emitted where each group's first node stood; members absorbed from before it
+    # (_absorb_inputs) are sorted in, computed from what stands before that node
+    anchors = [grp.members[0] for grp in kept]
+    for grp in kept:
+        grp.members.sort(key=order.get)
+    out = contract(g, [grp.members for grp in kept], build, anchors)
     out.meta["fusions"] = list(g.meta.get("fusions", [])) + fusions + [
         {"pass": "fuse_reductions", "status": "declined", "where": _where(n), "reason": why}
         for n, why in declined]

@@ -215,3 +215,39 @@ def test_a_mean_vjp_expand_reaches_its_reader_as_a_broadcast():
     src = p.graph.outputs["dx"]
     src = src.inputs[0] if src.op is Op.GETITEM else src
     assert src.attrs["kind"] == "reduction"
+
+
+@pytest.mark.parametrize("d", [2, 24, 65])     # (d = 1: the row sum is a copy, left to torch)
+def test_a_norm_backward_after_its_dx_matmul_reads_dy_once(d):
+    """An RMSNorm backward as autodiff writes it after the next layer's dX matmul: dy =
+    cast(dl @ W^T) (f16 -> f32), g = dy * w, the row sum of g * x, dx = res + g * r + x *
+    (r^3 * sum * c), and the weight gradient's column sum of dy * (x * r). The matmul stores
+    dy alone, at f16 (not dy, g and g * r at f32); the row kernel and the column sum each
+    widen it and multiply by w and r themselves; x * r is computed in the column sum's kernel,
+    not stored by a pointwise one. Values equal the oracle's."""
+    b = Builder({}, {})
+    dl, wh = b.input("dl", [B, T, 40], "f16"), b.input("wh", [d, 40], "f16")
+    x, res = b.input("x", [B, T, d], "f32"), b.input("res", [B, T, d], "f32")
+    r, w = b.input("r", [B, T, 1], "f32"), b.input("w", [d], "f32")
+    dy = b.cast(dl @ b.transpose(wh, 0, 1), "f32")
+    gw = dy * w
+    dw = b.sum(b.sum(dy * (x * r), 0, keepdim=False), 0, keepdim=False)
+    s = b.sum(gw * x, -1)
+    dx = res + gw * r + x * (s * ((r * r) * r) * (-0.5 / d))
+    g = Graph("nb", b.nodes, {"dw": dw.node, "dx": dx.node, "dx16": b.cast(dx, "f16").node})
+    gen = torch.Generator().manual_seed(8)
+    for bb, tt in [(1, 1), (2, 7)]:
+        vals = {"dl": torch.randn(bb, tt, 40, generator=gen).half(),
+                "wh": (torch.randn(d, 40, generator=gen) * 0.2).half(),
+                "x": torch.randn(bb, tt, d, generator=gen),
+                "res": torch.randn(bb, tt, d, generator=gen),
+                "r": torch.rand(bb, tt, 1, generator=gen) + 0.5,
+                "w": torch.randn(d, generator=gen)}
+        p = _check(g, vals, rtol=1e-5, atol=1e-5)
+    assert "pointwise" not in _kinds(p), _kinds(p)
+    mm = next(n for n in p.graph.nodes if n.op is Op.FUSED and n.attrs["kind"] == "matmul")
+    assert [str(t.dtype) for t in mm.type] == ["DType.f16"], mm.type
+    # the matmul's one output is read by the row kernel and by the column sum
+    readers = [n.attrs["kind"] for n in p.graph.nodes if n.op is Op.FUSED
+               and any(x.op is Op.GETITEM and x.inputs[0] is mm for x in n.inputs)]
+    assert readers == ["reduction", "reduction"], readers
