@@ -115,6 +115,23 @@ def _sum_over_ranks(t: torch.Tensor) -> None:
         time.sleep(1e-4)  # releases the GIL for the worker
 
 
+def _leave_process_group(finished: bool) -> None:
+    """The end of a torchrun rank. After a run every rank finished, a barrier first: a rank
+    whose part of the last collective is done (an all-gather of the checkpoint's shards) must
+    not exit while its peer still sends or receives (the peer's next read fails, "Connection
+    closed by peer"). Then, with the GIL released a moment, Gloo's worker threads drop the
+    work objects they still hold; one that needs the GIL only once the interpreter is
+    shutting down aborts the process ("terminate called without an active exception"). An
+    interrupted or failed rank skips the barrier (its peers may never reach it)."""
+    import torch.distributed as dist
+
+    if finished:
+        dist.barrier()
+    dist.destroy_process_group()
+    for _ in range(20):
+        time.sleep(0.005)
+
+
 def all_mean(x: float, d: Dist) -> float:
     if d.world == 1:
         return x
@@ -357,6 +374,7 @@ def train(path: str, preset: Optional[str], overrides, c: TrainConfig) -> Dict[s
     t_last = time.perf_counter()
     step = start
     model.train()
+    finished = False
     try:
         while step < c.steps:
             lr = get_lr(step, c)
@@ -425,14 +443,14 @@ def train(path: str, preset: Optional[str], overrides, c: TrainConfig) -> Dict[s
                                             ckpt_meta) or last_ckpt
                 summary["interrupted"] = True
                 break
+        finished = stop["signal"] is None    # every rank ran the same collectives
     finally:
         if bar is not None:
             bar.close()
         for s, h in old.items():
             signal.signal(s, h)
         if d.world > 1:
-            import torch.distributed as dist
-            dist.destroy_process_group()
+            _leave_process_group(finished)
     summary.update({"steps": step, "checkpoint": last_ckpt, "out": c.out,
                     "corpus": corpus.source, "train_tokens": int(len(corpus.train)),
                     "vocab": vocab})
