@@ -43,6 +43,7 @@ from ..ir.graph import Graph, Node
 from ..ir.ops import Op
 from ..ir.types import DType
 from ..passes.fuse_matmul import rms_prologue, with_weight_cast
+from ..passes.fuse_matmul_reductions import row_reduction
 from .pointwise import HELPERS, TL_DTYPE, _expr, literal  # noqa: F401  (HELPERS: program.py)
 
 _HALF = (DType.f16, DType.bf16)
@@ -511,6 +512,8 @@ def generate(body: Graph, name: str) -> str:
     if pro:
         args.append("w_sk")
     args += ["ws_ptr", "cnt_ptr", "ZM", "SPLIT_MAX"]
+    if row_reduction(body) is not None:
+        args += ["rw_ptr", "RW"]      # the row reduction's partials [ZM, RW]
     skip = set(pro.members) if pro else set()
     fp32 = mms[0].type.dtype is DType.f32
     prec = ', input_precision="ieee"' if fp32 else ""  # fp32 as torch computes it: no TF32
@@ -607,7 +610,10 @@ def _split_code(accs: List[str], ss: bool, tile_id: str = "pid") -> List[str]:
 
 def _epilogue(body: Graph, val: Dict[Node, str], skip, epi, idx, outputs, boff) -> List[str]:
     """The epilogue in registers (fp32) from the accumulators named in `val`, and the stores:
-    every body node not in `skip` that is no input, constant or matmul."""
+    every body node not in `skip` that is no input, constant or matmul. A reduction along
+    the rows (fuse_matmul_reductions) is left to `_row_reduction_code`."""
+    red = row_reduction(body)
+    skip = set(skip) | ({red} if red is not None else set())
     lines = ["    # epilogue, in registers (fp32)",
              "    mask = mask_m[:, None] & mask_n[None, :]"]
     for m, v in list(val.items()):
@@ -635,8 +641,73 @@ def _epilogue(body: Graph, val: Dict[Node, str], skip, epi, idx, outputs, boff) 
             val[m] = f"t{k}"
     lines.append("    out = (z * M + rm[:, None]) * N + rn[None, :]  # outputs are contiguous")
     for i, o in enumerate(outputs):
-        lines.append(f"    tl.store(out{i}_ptr + out, ({val[o]}).to({TL_DTYPE[o.type.dtype]}), "
-                     f"mask=mask)")
+        if o is not red:
+            lines.append(f"    tl.store(out{i}_ptr + out, ({val[o]})"
+                         f".to({TL_DTYPE[o.type.dtype]}), mask=mask)")
+    if red is not None:
+        lines += _row_reduction_code(red, val[red.inputs[0]], outputs.index(red))
+    return lines
+
+
+_RED_INIT = {Op.LOGSUMEXP: "float('-inf')", Op.AMAX: "float('-inf')", Op.SUM: "0.0",
+             Op.MEAN: "0.0"}
+
+
+def _row_reduction_code(red: Node, x: str, k: int) -> List[str]:
+    """A reduction of `x` along the output's rows (fuse_matmul_reductions): this tile's
+    columns reduce to one fp32 partial per row, stored at [row, pid_n] of the workspace
+    (row stride RW); the last of the row tile's num_n programs to arrive (a per-row-tile
+    counter, atomic, acq_rel; reset by it) folds the partials in column order, the same
+    result whichever is last, and stores the reduction to output k."""
+    op = red.op
+    lines = [f"    # {op.value} along the rows: this tile's part, then the row tile's last "
+             "program folds the parts in order",
+             f"    xv = tl.where(mask, {x}, {_RED_INIT[op]})"]
+    if op is Op.LOGSUMEXP:
+        lines += ["    pm = tl.max(xv, axis=1)",
+                  "    pr = tl.where(pm == float('-inf'), 0.0, pm)",
+                  "    ps = tl.sum(tl.exp(xv - pr[:, None]), axis=1)",
+                  "    part = tl.where(ps == 0.0, float('-inf'), "
+                  "pr + tl.log(tl.where(ps == 0.0, 1.0, ps)))"]
+    elif op is Op.AMAX:
+        lines.append("    part = tl.max(xv, axis=1)")
+    else:
+        lines.append("    part = tl.sum(xv, axis=1)")
+    lines += [
+        "    wrow = z * M + rm",
+        "    tl.store(rw_ptr + wrow * RW + pid_n, part, mask=mask_m)",
+        "    tl.debug_barrier()  # every thread's part stored before the count",
+        "    rt = z * num_m + pid_m",
+        "    if tl.atomic_add(cnt_ptr + rt, 1, sem=\"acq_rel\") == num_n - 1:",
+    ]
+    ind = "        "
+    if op is Op.LOGSUMEXP:
+        lines += [f"{ind}mx = tl.full((BLOCK_M,), float('-inf'), tl.float32)",
+                  f"{ind}acc = tl.zeros((BLOCK_M,), tl.float32)"]
+    else:
+        lines.append(f"{ind}acc = tl.full((BLOCK_M,), {_RED_INIT[op]}, tl.float32)")
+    lines += [
+        f"{ind}for c0 in range(0, num_n, BLOCK_N):",
+        f"{ind}    cc = c0 + tl.arange(0, BLOCK_N)",
+        f"{ind}    p = tl.load(rw_ptr + wrow[:, None] * RW + cc[None, :], "
+        f"mask=mask_m[:, None] & (cc < num_n)[None, :], other={_RED_INIT[op]}, "
+        "cache_modifier=\".cg\")"]
+    if op is Op.LOGSUMEXP:
+        lines += [f"{ind}    new = tl.maximum(mx, tl.max(p, axis=1))",
+                  f"{ind}    ref = tl.where(new == float('-inf'), 0.0, new)",
+                  f"{ind}    acc = acc * tl.exp(mx - ref) + "
+                  "tl.sum(tl.exp(p - ref[:, None]), axis=1)",
+                  f"{ind}    mx = new",
+                  f"{ind}res = tl.where(acc == 0.0, float('-inf'), "
+                  "mx + tl.log(tl.where(acc == 0.0, 1.0, acc)))"]
+    elif op is Op.AMAX:
+        lines += [f"{ind}    acc = tl.maximum(acc, tl.max(p, axis=1))", f"{ind}res = acc"]
+    else:
+        lines += [f"{ind}    acc += tl.sum(p, axis=1)",
+                  f"{ind}res = acc / N" if op is Op.MEAN else f"{ind}res = acc"]
+    lines += [f"{ind}tl.store(out{k}_ptr + wrow, res.to({TL_DTYPE[red.type.dtype]}), "
+              "mask=mask_m)",
+              f"{ind}tl.store(cnt_ptr + rt, 0)  # ready for the next launch"]
     return lines
 
 
@@ -734,6 +805,7 @@ DEEP_TILES = 264         # fewer 128 x 128 output tiles than two waves of an H10
 DEEP_SPLITS = (2, 4, 8)
 DEEP_BLOCKS = [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4)]
 SPLIT_TILES = 1 << 14    # output tiles of a launch that may split, at most (the counters)
+RED_MIN_BN = 64          # the narrowest BLOCK_N offered to a kernel with a row reduction
 INTERPRET_SPLIT_K = 1    # the interpreter's SPLIT_K where a launch may split (tests set it)
 _SPLIT_BUFFERS: Dict[str, tuple] = {}
 _TUNED: Dict[int, tuple] = {}
@@ -762,6 +834,9 @@ def prune_configs(configs, nargs, **kwargs):
 
     lim = {d: max(16, triton.next_power_of_2(max(int(nargs[d]), 1))) for d in "MNK"}
     whole = [c for c in configs if c.kwargs.get("SPLIT_K", 1) == 1]
+    if "RW" in nargs:       # a row reduction: at most RW column tiles (its workspace)
+        whole = [c for c in whole
+                 if triton.cdiv(int(nargs["N"]), c.kwargs["BLOCK_N"]) <= int(nargs["RW"])]
     fit = [c for c in whole if c.kwargs["BLOCK_M"] <= lim["M"]
            and c.kwargs["BLOCK_N"] <= lim["N"] and c.kwargs["BLOCK_K"] <= lim["K"]]
     fit = fit or [min(whole, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
@@ -852,9 +927,11 @@ def launch(kernel, xs, outs, body: Graph, ctx, interpret: bool) -> None:
         return _launch_vertical(kernel, xs, outs, body, interpret)
     inputs, mms, a, epi, pro = _layout(body)
     idx = {p: i for i, p in enumerate(inputs)}
-    if outs[0].numel() == 0:
+    red = row_reduction(body)
+    shape = tuple(ctx.dim(d) for d in mms[0].type.shape)
+    if math.prod(shape) == 0:
         return
-    shape, batch, M, N = _out_space(outs[0])
+    batch, M, N = list(shape[:-2]), shape[-2], shape[-1]
     K = xs[idx[a]].shape[-1]
     a_st = list(xs[idx[a]].expand(*batch, M, K).stride())
     b_st = [list(xs[idx[m.inputs[1]]].expand(*batch, K, N).stride()) for m in mms]
@@ -866,8 +943,30 @@ def launch(kernel, xs, outs, body: Graph, ctx, interpret: bool) -> None:
         args += s
     if pro:
         args.append(xs[idx[pro.w]].stride(-1))
-    args += _split_args(outs[0].device, nbatch, M, N, len(mms), K)
-    _run_tiles(kernel, args, nbatch, M, N, K, interpret, split_max=args[-1])
+    if red is None:
+        args += _split_args(outs[0].device, nbatch, M, N, len(mms), K)
+    else:
+        args += _row_reduction_args(outs[0].device, nbatch, M, N, K, interpret)
+    _run_tiles(kernel, args, nbatch, M, N, K, interpret,
+               split_max=args[-1] if red is None else 1)
+
+
+def _row_reduction_args(device, nbatch: int, M: int, N: int, K: int, interpret: bool):
+    """The last kernel arguments of a matmul with a row reduction: no split-K (a stand-in
+    workspace, the tile counters, ZM, SPLIT_MAX = 1), then the partials' workspace and its
+    row stride RW: one partial per column tile, at most ceil(N / RED_MIN_BN) (the pruner
+    keeps the configs whose BLOCK_N gives no more; the interpreter's one BLOCK_N sets it)."""
+    import torch
+    import triton
+
+    dummy, counters = _split_buffers(device)
+    rows = nbatch * triton.cdiv(M, 16)          # row tiles at the smallest BLOCK_M
+    if rows > SPLIT_TILES:
+        counters = torch.zeros(rows, dtype=torch.int32, device=device)
+    bn = interpret_blocks(M, N, K)[1] if interpret else RED_MIN_BN
+    rw = triton.cdiv(N, bn)
+    ws = torch.empty(nbatch * M * rw, dtype=torch.float32, device=device)
+    return [dummy, counters, nbatch * M, 1, ws, rw]
 
 
 def _launch_vertical(kernel, xs, outs, body: Graph, interpret: bool) -> None:

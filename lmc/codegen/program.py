@@ -13,6 +13,7 @@ from ..errors import LmcError
 from ..ir.graph import Graph, Node
 from ..ir.ops import Kind, Op
 from ..passes.fuse_matmul import fuse_matmul
+from ..passes.fuse_matmul_reductions import fuse_matmul_reductions
 from ..passes.fuse_pointwise import fuse_pointwise
 from ..passes.fuse_reductions import fuse_reductions
 from ..passes.verify import verify
@@ -22,6 +23,8 @@ FUSION_PASSES: List[Tuple[str, object]] = [
     ("fuse_matmul", fuse_matmul),          # a matmul with its pointwise epilogue
     ("fuse_reductions", fuse_reductions),  # a reduction with its prologue and epilogue
     ("fuse_pointwise", fuse_pointwise),    # chains of elementwise ops
+    # a reduction along a matmul output's rows (the loss's logsumexp) in the matmul kernel
+    ("fuse_matmul_reductions", fuse_matmul_reductions),
 ]
 
 

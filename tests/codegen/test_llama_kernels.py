@@ -84,6 +84,23 @@ def test_identical_kernels_are_one_function():
                 assert f"\n{k} = {names[0]}\n" in p.source
 
 
+def test_the_loss_logsumexp_is_in_the_head_matmul_kernel():
+    """Training forward: cross-entropy's logsumexp over the vocabulary is computed by the
+    head's matmul kernel (fuse_matmul_reductions), which still stores the logits (the
+    loss's gather and the backward read them): no reduction kernel reads them back."""
+    from lmc.ir.ops import Op
+
+    model = LmcModel(run_pipeline(with_loss(lmc.load(LLAMA, preset="tiny").graph)),
+                     backend="triton", seed=0)
+    g = model.program().forward_exec.graph
+    red = [n for n in g.nodes if n.op is Op.FUSED and n.attrs["kind"] == "reduction"
+           and any(b.op is Op.LOGSUMEXP for b in n.attrs["body"].nodes)]
+    head = [n for n in g.nodes if n.op is Op.FUSED and n.attrs["kind"] == "matmul"
+            and any(b.op is Op.LOGSUMEXP for b in n.attrs["body"].nodes)]
+    assert not red and len(head) == 1
+    assert [str(t) for t in head[0].type] == ["f32[B,T,512]", "f32[B,T]"], head[0].type
+
+
 def _copying_reshapes(monkeypatch):
     """A list that gets the input shape of every reshape that copies (its result does not
     share the input's storage) from now on."""

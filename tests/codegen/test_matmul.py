@@ -736,3 +736,70 @@ def test_deep_split_k_in_a_weight_gradient(dtype, monkeypatch):
     assert splits and all(s == max(matmul.DEEP_SPLITS) for s in splits), splits
     _, counters = matmul._split_buffers(torch.device("cpu"))
     assert not counters.any()
+
+
+@pytest.mark.parametrize("op", ["logsumexp", "sum", "amax", "mean"])
+@pytest.mark.parametrize("dtype", ["f32", "f16"])
+@pytest.mark.parametrize("n", [2, 17, 300])
+def test_a_reduction_along_the_product_rows_is_in_its_kernel(op, dtype, n, monkeypatch):
+    """Cross-entropy's logsumexp of the logits (or a sum, max, mean along the rows) runs in
+    the matmul kernel (fuse_matmul_reductions): each column tile's partial per row, folded in
+    column order by the row tile's last program. Small interpreter tiles make several column
+    tiles (up to 10); a second run gives the same bits (the counters were reset)."""
+    from lmc.codegen import matmul
+    monkeypatch.setattr(matmul, "INTERPRET_TILE", 1 << 9)
+    b = Builder({}, {})
+    x, w = b.input("x", [B, T, 24], dtype), b.input("w", [24, n], dtype)
+    lg = x @ w
+    r = getattr(b, op)(lg if dtype == "f32" else b.cast(lg, "f32"), -1, keepdim=op == "sum")
+    g = Graph("ce", b.nodes, {"r": r.node, "logits": lg.node})
+    gen = torch.Generator().manual_seed(5)
+    vals = {"x": rand(3, 7, 24, dtype=dtype, gen=gen),
+            "w": rand(24, n, dtype=dtype, gen=gen) * 0.3}
+    p = check(g, vals, dtype, kernels=1)
+    assert [n.attrs["kind"] for n in p.graph.nodes if n.op is Op.FUSED] == ["matmul"]
+    (node,) = _mm_kernels(p)
+    assert [o.op.value for o in node.attrs["body"].outputs.values()][-1] == op
+    ctx = RefCtx(dims=bind_dims(g, vals))
+    first = run_graph(p.graph, vals, ctx, p.impl)["r"]
+    assert torch.equal(run_graph(p.graph, vals, ctx, p.impl)["r"], first)
+    fused = [f for f in p.graph.meta["fusions"] if f["pass"] == "fuse_matmul_reductions"]
+    assert [f["status"] for f in fused] == ["fused"]
+
+
+def test_a_product_read_only_by_its_row_reduction_is_not_stored():
+    """An evaluation loss: nothing but the logsumexp reads the logits, so the kernel stores
+    the [B, T] reduction alone; a reduction of a horizontal launch's product is declined,
+    with the reason."""
+    b = Builder({}, {})
+    x, w = b.input("x", [B, T, 16], "f32"), b.input("w", [16, 33], "f32")
+    g = Graph("lse", b.nodes, {"r": b.logsumexp(x @ w, -1, keepdim=False).node})
+    vals = {"x": rand(2, 5, 16), "w": rand(16, 33)}
+    p = check(g, vals, kernels=1)
+    (node,) = _mm_kernels(p)
+    assert [str(t) for t in node.type] == ["f32[B,T]"]
+    b = Builder({}, {})
+    x = b.input("x", [B, T, 16], "f32")
+    w1, w2 = b.input("w1", [16, 33], "f32"), b.input("w2", [16, 8], "f32")
+    y1 = x @ w1
+    g = Graph("h", b.nodes, {"r": b.logsumexp(y1, -1, keepdim=False).node, "y1": y1.node,
+                             "y2": (x @ w2).node})
+    p = check(g, {"x": rand(2, 5, 16), "w1": rand(16, 33), "w2": rand(16, 8)}, kernels=1)
+    why = [f["reason"] for f in p.graph.meta["fusions"]
+           if f["pass"] == "fuse_matmul_reductions" and f["status"] == "declined"]
+    assert len(why) == 1 and "horizontal form" in why[0]
+
+
+def test_row_reduction_configs_fit_their_workspace():
+    """On a GPU a kernel with a row reduction gets a workspace of ceil(N / RED_MIN_BN)
+    partials per row: the pruner drops the configs with narrower column tiles."""
+    import triton
+
+    from lmc.codegen import matmul
+    keys = ("BLOCK_M", "BLOCK_N", "BLOCK_K")
+    cs = [triton.Config(dict(zip(keys, c))) for c in matmul.GPU_CONFIGS]
+    n = 50304
+    rw = triton.cdiv(n, matmul.RED_MIN_BN)
+    kept = matmul.prune_configs(cs, {"M": 16384, "N": n, "K": 768, "RW": rw})
+    assert kept and all(triton.cdiv(n, c.kwargs["BLOCK_N"]) <= rw for c in kept)
+    assert len(kept) < len(matmul.prune_configs(cs, {"M": 16384, "N": n, "K": 768}))

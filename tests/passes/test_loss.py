@@ -195,4 +195,9 @@ def test_the_loss_backward_writes_no_extra_vocab_sized_tensor(precision):
     fwd = fuse(prog.forward, (), False)
     head = [n for n in fwd.nodes if n.op is Op.FUSED and n.attrs["kind"] == "matmul"
             and any(o.type.shape[-1] == vocab for o in n.attrs["body"].outputs.values())]
-    assert len(head) == 1 and len(head[0].attrs["body"].outputs) == 1
+    # the logits stored once, at the head's dtype, beside the loss's logsumexp computed in
+    # the same kernel (fuse_matmul_reductions)
+    assert len(head) == 1
+    outs = list(head[0].attrs["body"].outputs.values())
+    assert [o.type.shape[-1] == vocab for o in outs] == [True, False], outs
+    assert outs[0].type.dtype.value == precision and outs[1].op is Op.LOGSUMEXP
