@@ -58,7 +58,10 @@ def cmd_compile(args) -> int:
     _import_blocks(args.imports)
     c = compile_model(args.file, args.preset, args.set, disable=args.disable or ())
     s = c.summary()
-    k = c.kernels()
+    train = (args.precision or "bf16") if args.mode == "train" else None
+    k = c.kernels(train=train)
+    if train:
+        s["mode"] = f"train ({train}): the loss appended, gradients from the loss alone"
     s["kernels"] = {g: {"count": len(k[g]["kernels"]), "torch_ops": k[g]["torch_ops"],
                         "list": k[g]["kernels"]} for g in ("forward", "backward")}
     s["codegen_s"] = k["codegen_s"]
@@ -309,6 +312,8 @@ def format_summary(s, explain: bool = False) -> str:
                      f"{s['nodes_after'].get(op, 0):>7}")
     lines.append(f"            {'total':<16} {sum(s['nodes_before'].values()):>7} "
                  f"{sum(s['nodes_after'].values()):>7}")
+    if s.get("mode"):
+        lines.append(f"mode        {s['mode']}")
     for g in ("forward", "backward"):
         kk = s["kernels"][g]
         kinds: dict = {}
@@ -409,8 +414,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--import", dest="imports", action="append", metavar="PY",
                    help="a Python file defining blocks with @lmc.block (repeatable)")
     c.add_argument("--disable", action="append", metavar="PASS", help="skip a pass")
-    c.add_argument("--mode", choices=["forward", "decode"], default="forward",
-                   help="decode: also derive the single-token step graph and report its state")
+    c.add_argument("--mode", choices=["forward", "decode", "train"], default="forward",
+                   help="decode: also derive the single-token step graph and report its "
+                        "state; train: the kernels of the program `lmc run --train` runs "
+                        "(the loss appended, gradients from the loss alone)")
+    c.add_argument("--precision", choices=["f32", "bf16", "f16"],
+                   help="with --mode train: the mixed precision (default bf16, as a GPU "
+                        "trains)")
     c.set_defaults(fn=cmd_compile)
 
     r = sub.add_parser("run", help="train a model (--train)", description=cmd_run.__doc__)
@@ -507,7 +517,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "compile" and args.precision and args.mode != "train":
+        parser.error("--precision is for lmc compile --mode train (the training program's "
+                     "mixed precision)")
     args.argv = list(argv) if argv is not None else sys.argv[1:]
     try:
         return args.fn(args)

@@ -22,20 +22,35 @@ class Compiled:
     disable: Sequence[str] = ()  # passes left out, fusion passes included
     _kernels: Optional[Dict[str, Any]] = None
 
-    def kernels(self) -> Dict[str, Any]:
+    def kernels(self, train: Optional[str] = None) -> Dict[str, Any]:
         """The kernel plan of the forward and backward graphs: fused groups, their ops and
-        the generated Triton source (text only: nothing is compiled or imported here)."""
-        if self._kernels is None:
+        the generated Triton source (text only: nothing is compiled or imported here).
+        Default: the model's graph, every output taking a cotangent. `train` (a precision):
+        the program `lmc run --train` runs, the loss appended under that mixed precision
+        and gradients from the loss alone (forward' with its saved values)."""
+        if self._kernels is None or self._kernels.get("train") != train:
             from .codegen import wrapper
-            from .codegen.program import fuse, fusion_names, kernel_list, module_source
+            from .codegen.program import (
+                apply_patterns,
+                fuse,
+                fusion_names,
+                kernel_list,
+                module_source,
+            )
             from .ir.ops import Op
             from .passes.autodiff import differentiate
 
             t0 = time.perf_counter()
-            out: Dict[str, Any] = {}
-            from .codegen.program import apply_patterns
-            fwd = apply_patterns(self.graph, self.disable)
-            prog = differentiate(fwd)
+            out: Dict[str, Any] = {"train": train}
+            if train:
+                from .passes.loss import with_loss
+                from .passes.mixed_precision import mixed_precision
+                g = run_pipeline(with_loss(mixed_precision(self.graph, train)))
+                prog = differentiate(apply_patterns(g, self.disable), outputs=["loss"])
+                fwd = prog.forward
+            else:
+                fwd = apply_patterns(self.graph, self.disable)
+                prog = differentiate(fwd)
             for name, g in (("forward", fwd), ("backward",
                                                      run_pipeline(prog.backward))):
                 fused = fuse(g, [d for d in self.disable if d in fusion_names()])

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from conftest import ROOT, ZOO
 
 from lmc.cli import main
@@ -46,6 +47,27 @@ def test_compile_summary_text(capsys):
     assert main(["compile", LLAMA, "--preset", "tiny"]) == 0
     out = capsys.readouterr().out
     assert "llama" in out and "params" in out and "matmul" in out and "compile" in out
+
+
+def test_compile_mode_train_shows_the_training_program(capsys):
+    """--mode train: the kernels of what `lmc run --train` runs (the loss appended, bf16 by
+    default, gradients from the loss alone), so the loss's fusions show: its logsumexp in
+    the head matmul's kernel. --precision without it is a usage error."""
+    assert main(["compile", LLAMA, "--preset", "tiny", "--mode", "train", "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["mode"].startswith("train (bf16)")
+    fused = [f for f in s["fusions"] if f["pass"] == "fuse_matmul_reductions"]
+    assert [(f["status"], f["graph"]) for f in fused] == [("fused", "forward")]
+    assert "logsumexp along the rows" in fused[0]["reason"]
+    head = [k for k in s["kernels"]["forward"]["list"] if k["kernel"].endswith("_logsumexp")]
+    assert [k["kind"] for k in head] == ["matmul"] and "logsumexp" in head[0]["ops"]
+    assert not [k for k in s["kernels"]["forward"]["list"]
+                if k["kind"] == "reduction" and "logsumexp" in k["ops"]]
+    assert main(["compile", LLAMA, "--preset", "tiny"]) == 0   # the model's own graph
+    assert "fuse_matmul_reductions" not in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main(["compile", LLAMA, "--precision", "f16"])
+    assert e.value.code == 2 and "--mode train" in capsys.readouterr().err
 
 
 def test_set_overrides_after_preset(capsys):
