@@ -125,22 +125,22 @@ def split_widening_casts(g: Graph) -> Graph:
     A reader that is no pointwise op or reduction (a matmul, a torch op) keeps the original."""
     users = g.users()
     outputs = set(g.outputs.values())
-    copies: Dict[Node, Node] = {}       # (reader) -> its own cast
+    copies: Dict[Node, List[Node]] = {}     # reader -> the casts it gets its own copy of
     for n in g.nodes:
         if (n.op is Op.CAST and n not in outputs and len(users.get(n, ())) > 1
                 and n.type.dtype.itemsize > n.inputs[0].type.dtype.itemsize):
-            take = [u for u in users[n] if u.op.kind is Kind.POINTWISE or u.op in _FUSED_REDUCTIONS]
+            take = [u for u in users[n]
+                    if u.op.kind is Kind.POINTWISE or u.op in _FUSED_REDUCTIONS]
             keep = len(take) == len(users[n])       # every reader has a copy: the first
             for u in take[1:] if keep else take:    # reader keeps the original
-                copies[u] = n
+                copies.setdefault(u, []).append(n)
     if not copies:
         return g
     nodes: List[Node] = []
     repl: Dict[Node, Node] = {}
     for n in g.nodes:
         ins = tuple(repl.get(x, x) for x in n.inputs)
-        src = copies.get(n)
-        if src is not None:
+        for src in copies.get(n, ()):
             c = Node(Op.CAST, (repl.get(src.inputs[0], src.inputs[0]),), src.attrs, src.type,
                      src.loc, src.scope)
             nodes.append(c)
