@@ -366,6 +366,7 @@ def _trim_epilogues(groups: List["_Group"], users, outputs: Set[Node], declined:
         if grp.vertical:
             epi = epi[len(grp.matmuls) - 1:]      # after the adds summing the products
         kept = set(grp.members)
+        first = stored(kept)
         changed = True
         while changed:
             changed = False
@@ -383,14 +384,14 @@ def _trim_epilogues(groups: List["_Group"], users, outputs: Set[Node], declined:
                                    if u not in drop)
                         or stored(kept - drop) >= stored(kept)):
                     continue
-                before = stored(kept)
                 kept -= drop
                 grouped -= drop
                 changed = True
-                for d in sorted(drop, key=epi.index):
-                    declined.append((d, f"epilogue {d.op.value} is left to the kernels "
-                                        f"reading it: the group stores {before} -> "
-                                        f"{stored(kept)} bytes per element"))
+        gone = [m for m in epi if m not in kept]
+        if gone:
+            declined.append((gone[0], f"epilogue {'+'.join(m.op.value for m in gone)} is left "
+                                      f"to the kernels reading it: the matmul stores "
+                                      f"{first} -> {stored(kept)} bytes per element"))
         grp.members = [m for m in grp.members if m in kept]
 
 

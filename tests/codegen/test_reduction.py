@@ -251,3 +251,6 @@ def test_a_norm_backward_after_its_dx_matmul_reads_dy_once(d):
     readers = [n.attrs["kind"] for n in p.graph.nodes if n.op is Op.FUSED
                and any(x.op is Op.GETITEM and x.inputs[0] is mm for x in n.inputs)]
     assert readers == ["reduction", "reduction"], readers
+    why = [f["reason"] for f in p.graph.meta["fusions"]
+           if f["pass"] == "fuse_matmul" and "left to the kernels reading it" in f["reason"]]
+    assert len(why) == 1 and why[0].endswith("-> 2 bytes per element"), why
