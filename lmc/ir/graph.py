@@ -49,6 +49,15 @@ class Node:
         return Node.make(self.op, self.inputs if inputs is None else inputs,
                          self.attrs if attrs is None else attrs, self.loc, self.scope)
 
+    def remapped(self, new: Dict["Node", "Node"]) -> "Node":
+        """This node reading new.get(x, x) for each input x: itself when nothing changes,
+        else a copy keeping its type (a replacement has its original's type), loc and
+        scope. The rewiring step of a pass that replaces nodes while walking a graph."""
+        ins = tuple(new.get(i, i) for i in self.inputs)
+        if ins == self.inputs:
+            return self
+        return Node(self.op, ins, self.attrs, self.type, self.loc, self.scope)
+
     @property
     def name(self) -> Optional[str]:
         return self.attrs.get("name")

@@ -136,8 +136,7 @@ def build(b, step, carry, xs, axis: int = 1, name=None, options=None):
     for n in body.nodes:
         if n.op in (Op.INPUT, Op.PARAM):
             continue
-        ins = tuple(remap.get(i, i) for i in n.inputs)
-        remap[n] = n if ins == n.inputs else Node(n.op, ins, n.attrs, n.type, n.loc, n.scope)
+        remap[n] = n.remapped(remap)
         nodes.append(remap[n])
     body = Graph(call.attrs["block"], nodes,
                  {k: remap.get(v, v) for k, v in body.outputs.items()})

@@ -97,10 +97,8 @@ def fuse_cache_writes(g: Graph) -> Graph:
         if n.op is Op.GETITEM and n.inputs[0] in writes:
             nodes.append(new[n])
             continue
-        ins = tuple(new.get(i, i) for i in n.inputs)
-        c = n if ins == n.inputs else Node(n.op, ins, n.attrs, n.type, n.loc, n.scope)
-        new[n] = c
-        nodes.append(c)
+        new[n] = n.remapped(new)
+        nodes.append(new[n])
     out = g.with_nodes(nodes, {k: new.get(v, v) for k, v in g.outputs.items()})
     out.meta = dict(g.meta, fusions=list(g.meta.get("fusions", [])) + records)
     return out

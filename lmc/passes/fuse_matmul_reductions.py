@@ -172,8 +172,6 @@ def _rewrite(g: Graph, merges, users, outputs) -> Graph:
                                         gi.scope)
                     nodes.append(new[gi])
             continue
-        ins = tuple(new.get(i, i) for i in n.inputs)
-        c = n if ins == n.inputs else Node(n.op, ins, n.attrs, n.type, n.loc, n.scope)
-        new[n] = c
-        nodes.append(c)
+        new[n] = n.remapped(new)
+        nodes.append(new[n])
     return g.with_nodes(nodes, {k: new.get(v, v) for k, v in g.outputs.items()})

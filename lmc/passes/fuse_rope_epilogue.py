@@ -419,10 +419,8 @@ def _rewrite(g: Graph, merges, users) -> Graph:
     nodes: List[Node] = []
     for n in g.nodes:
         if n not in drop:
-            ins = tuple(new.get(i, i) for i in n.inputs)
-            c = n if ins == n.inputs else Node(n.op, ins, n.attrs, n.type, n.loc, n.scope)
-            new[n] = c
-            nodes.append(c)
+            new[n] = n.remapped(new)
+            nodes.append(new[n])
         if n in merges:               # emitted right after its anchor (or in mm's place)
             mm, fs = merges[n]
             fused, where = _merged(mm, fs)
