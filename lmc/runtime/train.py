@@ -110,6 +110,8 @@ def _sum_over_ranks(t: torch.Tensor) -> None:
     import torch.distributed as dist
 
     dist.all_reduce(t)
+    if t.device.type != "cpu":
+        return      # NCCL: its watchdog thread may hold the work long after; not waited on
     deadline = time.monotonic() + 10.0
     while t._use_count() > 1 and time.monotonic() < deadline:
         time.sleep(1e-4)  # releases the GIL for the worker
