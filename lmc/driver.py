@@ -22,6 +22,13 @@ class Compiled:
     disable: Sequence[str] = ()  # passes left out, fusion passes included
     _kernels: Optional[Dict[str, Any]] = None
 
+    def training_graph(self, precision: str) -> Graph:
+        """The graph `lmc run --train` trains: `precision`'s mixed-precision pass (matmuls in
+        bf16/f16, fp32 master weights), the loss appended, the pass pipeline run again."""
+        from .passes.loss import with_loss
+        from .passes.mixed_precision import mixed_precision
+        return run_pipeline(with_loss(mixed_precision(self.graph, precision)))
+
     def kernels(self, train: Optional[str] = None) -> Dict[str, Any]:
         """The kernel plan of the forward and backward graphs: fused groups, their ops and
         the generated Triton source (text only: nothing is compiled or imported here).
@@ -43,10 +50,8 @@ class Compiled:
             t0 = time.perf_counter()
             out: Dict[str, Any] = {"train": train}
             if train:
-                from .passes.loss import with_loss
-                from .passes.mixed_precision import mixed_precision
-                g = run_pipeline(with_loss(mixed_precision(self.graph, train)))
-                prog = differentiate(apply_patterns(g, self.disable), outputs=["loss"])
+                prog = differentiate(apply_patterns(self.training_graph(train), self.disable),
+                                     outputs=["loss"])
                 fwd = prog.forward
             else:
                 fwd = apply_patterns(self.graph, self.disable)

@@ -45,6 +45,7 @@ from ..ir.types import DType
 from ..passes.fuse_matmul import rms_prologue, with_weight_cast
 from ..passes.fuse_matmul_reductions import row_reduction
 from .pointwise import HELPERS, TL_DTYPE, _expr, literal  # noqa: F401  (HELPERS: program.py)
+from .reduction import fold_init, fold_step, fold_value
 
 _HALF = (DType.f16, DType.bf16)
 
@@ -649,10 +650,6 @@ def _epilogue(body: Graph, val: Dict[Node, str], skip, epi, idx, outputs, boff) 
     return lines
 
 
-_RED_INIT = {Op.LOGSUMEXP: "float('-inf')", Op.AMAX: "float('-inf')", Op.SUM: "0.0",
-             Op.MEAN: "0.0"}
-
-
 def _row_reduction_code(red: Node, x: str, k: int) -> List[str]:
     """A reduction of `x` along the output's rows (fuse_matmul_reductions): this tile's
     columns reduce to one fp32 partial per row, stored at [row, pid_n] of the workspace
@@ -661,19 +658,10 @@ def _row_reduction_code(red: Node, x: str, k: int) -> List[str]:
     result whichever is last, and stores the reduction to output k."""
     op = red.op
     lines = [f"    # {op.value} along the rows: this tile's part, then the row tile's last "
-             "program folds the parts in order",
-             f"    xv = tl.where(mask, {x}, {_RED_INIT[op]})"]
-    if op is Op.LOGSUMEXP:
-        lines += ["    pm = tl.max(xv, axis=1)",
-                  "    pr = tl.where(pm == float('-inf'), 0.0, pm)",
-                  "    ps = tl.sum(tl.exp(xv - pr[:, None]), axis=1)",
-                  "    part = tl.where(ps == 0.0, float('-inf'), "
-                  "pr + tl.log(tl.where(ps == 0.0, 1.0, ps)))"]
-    elif op is Op.AMAX:
-        lines.append("    part = tl.max(xv, axis=1)")
-    else:
-        lines.append("    part = tl.sum(xv, axis=1)")
+             "program folds the parts in order"]
+    lines += ["    " + ln for ln in fold_init(op, "p", "BLOCK_M") + fold_step(op, "p", x, "mask")]
     lines += [
+        f"    part = {fold_value(op, 'p', None)}",
         "    wrow = z * M + rm",
         "    tl.store(rw_ptr + wrow * RW + pid_n, part, mask=mask_m)",
         "    tl.debug_barrier()  # every thread's part stored before the count",
@@ -681,31 +669,16 @@ def _row_reduction_code(red: Node, x: str, k: int) -> List[str]:
         "    if tl.atomic_add(cnt_ptr + rt, 1, sem=\"acq_rel\") == num_n - 1:",
     ]
     ind = "        "
-    if op is Op.LOGSUMEXP:
-        lines += [f"{ind}mx = tl.full((BLOCK_M,), float('-inf'), tl.float32)",
-                  f"{ind}acc = tl.zeros((BLOCK_M,), tl.float32)"]
-    else:
-        lines.append(f"{ind}acc = tl.full((BLOCK_M,), {_RED_INIT[op]}, tl.float32)")
+    lines += [ind + ln for ln in fold_init(op, "", "BLOCK_M")]
     lines += [
         f"{ind}for c0 in range(0, num_n, BLOCK_N):",
         f"{ind}    cc = c0 + tl.arange(0, BLOCK_N)",
-        f"{ind}    p = tl.load(rw_ptr + wrow[:, None] * RW + cc[None, :], "
-        f"mask=mask_m[:, None] & (cc < num_n)[None, :], other={_RED_INIT[op]}, "
+        f"{ind}    pm = mask_m[:, None] & (cc < num_n)[None, :]",
+        f"{ind}    p = tl.load(rw_ptr + wrow[:, None] * RW + cc[None, :], mask=pm, other=0.0, "
         "cache_modifier=\".cg\")"]
-    if op is Op.LOGSUMEXP:
-        lines += [f"{ind}    new = tl.maximum(mx, tl.max(p, axis=1))",
-                  f"{ind}    ref = tl.where(new == float('-inf'), 0.0, new)",
-                  f"{ind}    acc = acc * tl.exp(mx - ref) + "
-                  "tl.sum(tl.exp(p - ref[:, None]), axis=1)",
-                  f"{ind}    mx = new",
-                  f"{ind}res = tl.where(acc == 0.0, float('-inf'), "
-                  "mx + tl.log(tl.where(acc == 0.0, 1.0, acc)))"]
-    elif op is Op.AMAX:
-        lines += [f"{ind}    acc = tl.maximum(acc, tl.max(p, axis=1))", f"{ind}res = acc"]
-    else:
-        lines += [f"{ind}    acc += tl.sum(p, axis=1)",
-                  f"{ind}res = acc / N" if op is Op.MEAN else f"{ind}res = acc"]
-    lines += [f"{ind}tl.store(out{k}_ptr + wrow, res.to({TL_DTYPE[red.type.dtype]}), "
+    lines += [ind + "    " + ln for ln in fold_step(op, "", "p", "pm")]
+    lines += [f"{ind}res = {fold_value(op, '', 'N')}",
+              f"{ind}tl.store(out{k}_ptr + wrow, res.to({TL_DTYPE[red.type.dtype]}), "
               "mask=mask_m)",
               f"{ind}tl.store(cnt_ptr + rt, 0)  # ready for the next launch"]
     return lines

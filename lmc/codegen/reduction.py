@@ -17,7 +17,7 @@ fp32; logsumexp is computed online (running max and rescaled sum) in one pass.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Set
+from typing import Dict, List, Optional, Set
 
 from ..ir.graph import Graph, Node
 from ..ir.ops import Op
@@ -71,6 +71,46 @@ class Plan:
                 if lvl == level:
                     return self.space if n.op in RED_OPS else n.type.shape
         raise AssertionError("no user at that level")
+
+
+def fold_init(op: Op, t, width: str) -> List[str]:
+    """The running value of reduction `op` over rows of `width` (named acc{t}; logsumexp
+    also keeps its running max, mx{t}), before the first chunk. With fold_step and
+    fold_value, shared by the reduction kernels and a matmul's row reduction."""
+    if op is Op.AMAX:
+        return [f"acc{t} = tl.full([{width}], float('-inf'), tl.float32)"]
+    if op is Op.LOGSUMEXP:
+        return [f"mx{t} = tl.full([{width}], float('-inf'), tl.float32)",
+                f"acc{t} = tl.zeros([{width}], tl.float32)"]
+    return [f"acc{t} = tl.zeros([{width}], tl.float32)"]
+
+
+def fold_step(op: Op, t, x: str, mask: str) -> List[str]:
+    """Fold the chunk `x` [rows, columns] (its lanes where `mask`) into the running value."""
+    if op in (Op.SUM, Op.MEAN):
+        return [f"acc{t} += tl.sum(tl.where({mask}, {x}, 0.0), axis=1)"]
+    if op is Op.AMAX:
+        return [f"acc{t} = tl.maximum(acc{t}, tl.max(tl.where({mask}, {x}, "
+                "float('-inf')), axis=1))"]
+    # online logsumexp: rescale the running sum to the new running max
+    return [f"xv{t} = tl.where({mask}, {x}, float('-inf'))",
+            f"new{t} = tl.maximum(mx{t}, tl.max(xv{t}, axis=1))",
+            f"ref{t} = tl.where(new{t} == float('-inf'), 0.0, new{t})",
+            f"acc{t} = acc{t} * tl.exp(mx{t} - ref{t}) + "
+            f"tl.sum(tl.exp(xv{t} - ref{t}[:, None]), axis=1)",
+            f"mx{t} = new{t}"]
+
+
+def fold_value(op: Op, t, n: Optional[str]) -> str:
+    """The reduction from its running value; a mean divides by `n` (None: the sum, a
+    partial a later fold adds up). A row of only -inf sums to 0: its logsumexp is -inf
+    (log(0) without the warning the interpreter would print)."""
+    if op is Op.MEAN and n is not None:
+        return f"acc{t} / {n}"
+    if op is Op.LOGSUMEXP:
+        return (f"tl.where(acc{t} == 0.0, float('-inf'), mx{t} + "
+                f"tl.log(tl.where(acc{t} == 0.0, 1.0, acc{t})))")
+    return f"acc{t}"
 
 
 def _row_dims(rank: int, axis: int) -> List[int]:
@@ -173,14 +213,7 @@ def generate(body: Graph, name: str) -> str:
         lines.append(f"    # pass {k}: " + (", ".join(
             f"{m.op.value}" for m in reds) or "store the row epilogue"))
         for m in reds:
-            t = index[m]
-            if m.op is Op.AMAX:
-                lines.append(f"    acc{t} = tl.full([BLOCK_R], float('-inf'), tl.float32)")
-            elif m.op is Op.LOGSUMEXP:
-                lines.append(f"    mx{t} = tl.full([BLOCK_R], float('-inf'), tl.float32)")
-                lines.append(f"    acc{t} = tl.zeros([BLOCK_R], tl.float32)")
-            else:
-                lines.append(f"    acc{t} = tl.zeros([BLOCK_R], tl.float32)")
+            lines += ["    " + ln for ln in fold_init(m.op, index[m], "BLOCK_R")]
         lines += [
             "    for c0 in range(0, N, BLOCK_N):",
             "        cols = (c0 + tl.arange(0, BLOCK_N)).to(tl.int64)",
@@ -205,35 +238,12 @@ def generate(body: Graph, name: str) -> str:
             lines.append(f"{ind}t{index[m]} = {_expr(m, a)}  # {m.op.value} -> {m.type}")
             rowval[m] = f"t{index[m]}"
         for m in reds:
-            t, x = index[m], rowval[m.inputs[0]]
-            if m.op in (Op.SUM, Op.MEAN):
-                lines.append(f"{ind}acc{t} += tl.sum(tl.where(m2, {x}, 0.0), axis=1)")
-            elif m.op is Op.AMAX:
-                lines.append(f"{ind}acc{t} = tl.maximum(acc{t}, tl.max(tl.where(m2, {x}, "
-                             f"float('-inf')), axis=1))")
-            else:  # online logsumexp: rescale the running sum to the new running max
-                lines += [
-                    f"{ind}xv{t} = tl.where(m2, {x}, float('-inf'))",
-                    f"{ind}new{t} = tl.maximum(mx{t}, tl.max(xv{t}, axis=1))",
-                    f"{ind}ref{t} = tl.where(new{t} == float('-inf'), 0.0, new{t})",
-                    f"{ind}acc{t} = acc{t} * tl.exp(mx{t} - ref{t}) + "
-                    f"tl.sum(tl.exp(xv{t} - ref{t}[:, None]), axis=1)",
-                    f"{ind}mx{t} = new{t}",
-                ]
+            lines += [ind + ln for ln in fold_step(m.op, index[m], rowval[m.inputs[0]], "m2")]
         for o in stores:
             store_row(o, ind)
         for m in reds:
             t = index[m]
-            if m.op is Op.MEAN:
-                lines.append(f"    t{t} = acc{t} / N  # mean -> {m.type}")
-            elif m.op is Op.LOGSUMEXP:
-                # a row of only -inf sums to 0: its logsumexp is -inf (log(0) without the
-                # warning the interpreter would print)
-                lines.append(f"    t{t} = tl.where(acc{t} == 0.0, float('-inf'), mx{t} + "
-                             f"tl.log(tl.where(acc{t} == 0.0, 1.0, acc{t})))"
-                             f"  # logsumexp -> {m.type}")
-            else:
-                lines.append(f"    t{t} = acc{t}  # {m.op.value} -> {m.type}")
+            lines.append(f"    t{t} = {fold_value(m.op, t, 'N')}  # {m.op.value} -> {m.type}")
             val[m] = f"t{t}"
         # element values are loop-local: forget them before the next pass
         for m in needed:

@@ -145,12 +145,9 @@ def _rewrite(g: Graph, merges, users, outputs) -> Graph:
     nodes: List[Node] = []
     gone = {r for r, _ in merges.values()}
     for n in g.nodes:
-        if n in gone:
-            continue
-        if n.op is Op.GETITEM and n.inputs[0] in gone:
-            continue                          # re-made with the merged kernel
-        if n.op is Op.GETITEM and n.inputs[0] in merges:
-            continue
+        if n in gone or (n.op is Op.GETITEM and (n.inputs[0] in gone
+                                                 or n.inputs[0] in merges)):
+            continue                          # its outputs are re-made with the merged kernel
         if n in merges:
             r, j = merges[n]
             read = [gi for gi in users[n] if gi is not None and gi.op is Op.GETITEM

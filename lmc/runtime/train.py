@@ -245,8 +245,6 @@ def train(path: str, preset: Optional[str], overrides, c: TrainConfig) -> Dict[s
                  "overrides": sets}
 
     from ..driver import compile_model
-    from ..passes import run_pipeline
-    from ..passes.loss import with_loss
     from .module import LmcModel
 
     d = setup_dist()
@@ -276,12 +274,10 @@ def train(path: str, preset: Optional[str], overrides, c: TrainConfig) -> Dict[s
         raise LmcError(f"the data holds token id {corpus.max_id}, outside the model's vocab "
                        f"{vocab}")
 
-    from ..passes.mixed_precision import mixed_precision
-
     # mixed precision is a pass over the graph (torch.autocast's policy, written in): both
     # backends run the same program, and parameters and optimizer state stay fp32
     precision = c.precision or ("bf16" if d.device.type == "cuda" else "f32")
-    graph = run_pipeline(with_loss(mixed_precision(compiled.graph, precision)))
+    graph = compiled.training_graph(precision)
     # what is logged beside the loss: the cross-entropy and each aux loss (means, like the
     # loss), and outputs of static shape such as tokens per expert (summed over the batch)
     aux_names = list(graph.meta.get("aux_losses") or {})
