@@ -14,10 +14,13 @@ go and what a change to the compiler saves, on a machine without the GPU.
 Counting: a broadcast input (an expand) counts at its source's size; gather and embedding
 read only the rows they pick (output + indices); scatter_add writes its output twice (zeros,
 then the accumulation). Views are free (a strided copy one makes is not counted). Matmul
-FLOPs are 2*M*N*K; a template's FLOPs are its primitive body's matmuls (for MoE, the dense
-every-expert form it replaces: an overcount), attention's at half for a causal mask (the
-kernels skip masked blocks), the backward's as seven T x T products (scores, dV, dP and dK in
-one pass; scores, dP and dQ in another) where its body holds six.
+FLOPs are 2*M*N*K; a template's FLOPs are its primitive body's matmuls, attention's at half
+for a causal mask (the kernels skip masked blocks), the backward's as seven T x T products
+(scores, dV, dP and dK in one pass; scores, dP and dQ in another) where its body holds six.
+An MoE layer's body is the dense every-expert form it replaces; its kernels run the experts on
+the routed rows only: N*k rows (an upper bound under a capacity) through the three expert
+products forward, six backward (dh, the two-term dx, three weight gradients), plus the router's
+product (rerun in the backward, with its dx and dW_r).
 Also reported: the activation bytes forward' saves for the backward.
 """
 from __future__ import annotations
@@ -86,6 +89,18 @@ def cost_rows(prog, env):
                 f += 2 * numel(b.type) * D.evaluate(b.inputs[0].type.shape[-1], env)
         return f
 
+    def moe_flops(body, backward):
+        # the routed work of codegen/moe.py's kernels (see the module docstring)
+        k = next(b.attrs["k"] for b in body.nodes if b.op is Op.TOPK)
+        mms = [b for b in body.nodes if b.op is Op.MATMUL]
+        router = next(b for b in mms if b.inputs[1].type.rank == 2)
+        E = D.evaluate(router.inputs[1].type.shape[1], env)
+        d = D.evaluate(router.inputs[1].type.shape[0], env)
+        F = D.evaluate(next(b for b in mms if b.inputs[1].type.rank == 3)
+                       .inputs[1].type.shape[2], env)
+        N = numel(router.type) // E
+        return (3 if backward else 1) * 2 * N * d * E + (6 if backward else 3) * 2 * N * k * d * F
+
     rows = []
     for graph_name, exe in (("forward", prog.forward_exec), ("backward", prog.backward_exec)):
         for n in exe.graph.nodes:
@@ -94,6 +109,8 @@ def cost_rows(prog, env):
                 by = sum(nbytes(x) for x in n.inputs) + sum(
                     nbytes(o) for o in body.outputs.values())
                 fl = mm_flops(body) if kind != "pointwise" and kind != "reduction" else 0
+                if kind in ("moe_layer", "moe_layer_bwd"):
+                    fl = moe_flops(body, kind.endswith("_bwd"))
                 if "attention" in kind and any(b.op is Op.CAUSAL_MASK for b in body.nodes):
                     fl //= 2
                 if kind.endswith("_bwd") and "attention" in kind:

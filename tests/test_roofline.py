@@ -34,3 +34,21 @@ def test_roofline_of_llama_tiny(capsys, tmp_path, monkeypatch):
     attn_fwd = cfg["layers"] * 4 * 2 * 64 * 64 * cfg["d"] // 2
     want = 6 * tokens * params + attn_fwd + attn_fwd * 7 // 2
     assert sum(x["flops"] for x in rows) == want
+
+
+def test_roofline_counts_the_routed_moe_work(tmp_path, monkeypatch, capsys):
+    """An MoE layer's FLOPs are those of the routed rows (N*k through the expert products),
+    not the dense every-expert body its fused op replaces."""
+    monkeypatch.setenv("LMC_CACHE", str(tmp_path / "cache"))
+    import roofline
+    out = tmp_path / "r.json"
+    assert roofline.main(["--model", "blues01", "--preset", "tiny", "--batch-size", "2",
+                          "--seq-len", "32", "--json", str(out)]) == 0
+    capsys.readouterr()
+    rows = json.loads(out.read_text())["rows"]
+    N, d, E, F, k = 2 * 32, 64, 4, 64, 2          # blues01 tiny: one MoE layer (layer 1)
+    fwd = [x for x in rows if x["kind"] == "moe_layer"]
+    bwd = [x for x in rows if x["kind"] == "moe_layer_bwd"]
+    assert len(fwd) == len(bwd) == 1
+    assert fwd[0]["flops"] == 2 * N * d * E + 3 * 2 * N * k * d * F
+    assert bwd[0]["flops"] == 3 * 2 * N * d * E + 6 * 2 * N * k * d * F
