@@ -79,20 +79,18 @@ def cmd_compile(args) -> int:
             _write(os.path.join(args.out, f"program_{g}.py"), k[g]["program"])
     step = None
     if args.mode == "decode":
+        from .codegen.program import DECODE_PATTERN_PASSES, apply_decode_patterns
         from .passes.decode import decode_step
-        from .passes.fuse_decode_attention import fuse_decode_attention
-        from .passes.fuse_decode_linear_attention import fuse_decode_linear_attention
         step = decode_step(c.graph)
         s["decode"] = decode_summary(step, c.graph.meta.get("config", {}).get("max_seq"))
-        # what the triton backend's Decoder runs: the step's attention over the cache and its
-        # decayed linear attention fused (dynamic step; the static one, --static, matches the
-        # same layers)
+        # what the triton backend's Decoder runs: the step's attention over the cache, its
+        # decayed linear attention and its MoE layers fused (dynamic step; the static one,
+        # --static, matches the same layers)
         for graph, st in (("decode", step), ("decode static", decode_step(c.graph,
                                                                           static=True))):
             from .codegen.program import fuse
-            fused = fuse_decode_linear_attention(fuse_decode_attention(st.graph))
-            passes = ("fuse_decode_attention", "fuse_decode_linear_attention",
-                      "fuse_rope_epilogue")
+            fused = apply_decode_patterns(st.graph)
+            passes = tuple(DECODE_PATTERN_PASSES) + ("fuse_rope_epilogue",)
             static = graph == "decode static"   # its kernels also store the cache writes
             fused = fuse(fused, cache_writes=static, decode=True)
             if static:

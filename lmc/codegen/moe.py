@@ -62,6 +62,16 @@ Kernels (all grids from sizes known on the host or upper bounds of them: no host
                    also sums the slots' dx back to tokens (weights 1).
     _combine_bwd   dw_tj = <dy_t, Y[t k + j]>.
 
+Few tokens (N k <= E, nothing saved for a backward: a decode step; `direct`): no routing.
+    _direct_up     per kept slot and column tile: h = act(x_t Wg_e) * (x_t W1_e), reading
+                   the slot's expert's rows itself (e from the gating's idx).
+    _direct_down   per token and column tile: y_t = sum_j w_tj (h_tj W2_e) in slot order.
+    Three launches (gating, up, down) reading the k chosen experts' weights per token, where
+    the dense step graph reads all E. A decode step's capacity counts on from the sequence's
+    earlier tokens: _gate_fwd starts its running counts from the carried state [B, E] and
+    tests against the tokens' positions (`carry`), and writes the 0/1 choices the state
+    update reads (`chosen`).
+
 The backward reads the forward's a, b, Y (and reruns only the gating and the routing, a few
 launches over [N, E] and [N k] values): its expert products are dh (with da, db), dx and the
 three weight gradients, none of the forward's three.
@@ -114,12 +124,13 @@ def _round(v, ROUND: tl.constexpr):
 
 
 @triton.jit
-def _gate_fwd(X, WR, NOISE, IDX, WOUT, KEPT, PROBS, LSE, PART,
+def _gate_fwd(X, WR, NOISE, IDX, WOUT, KEPT, PROBS, LSE, PART, CARRY, POS, CHOSEN,
               N, T, D, E, n_iter, cap_a, cap_b,
               sxn, sxd, swd, swe, snn, sne,
               K: tl.constexpr, RENORM: tl.constexpr, HAS_NOISE: tl.constexpr,
               CAP: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr,
-              DOT_PREC: tl.constexpr, ROUND: tl.constexpr = 0):
+              DOT_PREC: tl.constexpr, ROUND: tl.constexpr = 0, HAS_CARRY: tl.constexpr = False,
+              HAS_CHOSEN: tl.constexpr = False):
     pid = tl.program_id(0)
     cols = tl.arange(0, BE)
     emask = cols < E
@@ -132,6 +143,8 @@ def _gate_fwd(X, WR, NOISE, IDX, WOUT, KEPT, PROBS, LSE, PART,
         base = pid * BT
         limit = N
     running = tl.zeros([BE], tl.float32)     # slots per expert so far in this sequence
+    if HAS_CARRY:                            # a decode step: the count before its tokens
+        running += tl.load(CARRY + pid * E + cols, mask=emask, other=0.0)
     cnt = tl.zeros([BE], tl.float32)
     kcnt = tl.zeros([BE], tl.float32)
     psum = tl.zeros([BE], tl.float32)
@@ -176,6 +189,9 @@ def _gate_fwd(X, WR, NOISE, IDX, WOUT, KEPT, PROBS, LSE, PART,
             tot = v1
         sel = sel & rmask[:, None]
         self_f = sel.to(tl.float32)
+        if HAS_CHOSEN:                       # the dense 0/1 [N, E] choices (the zoo's chosen)
+            tl.store(CHOSEN + rows[:, None] * E + cols[None, :], self_f,
+                     mask=rmask[:, None] & emask[None, :])
         cnt += tl.sum(self_f, 0)
         psum += tl.sum(tl.where(rmask[:, None] & emask[None, :], p, 0.0), 0)
         if RENORM:
@@ -186,6 +202,8 @@ def _gate_fwd(X, WR, NOISE, IDX, WOUT, KEPT, PROBS, LSE, PART,
             local = tl.dot(tri, self_f.to(tl.float16), out_dtype=tl.float32)   # inclusive
             pos = (running[None, :] + local).to(tl.int64)
             t = (rows - base).to(tl.int64)
+            if HAS_CARRY:                    # the tokens' positions in their sequence
+                t = tl.load(POS + (rows - base), mask=rmask, other=0).to(tl.int64)
             ok = (pos - 1) * cap_a < (t[:, None] + 1) * cap_b
             keep = sel & ok
             running += tl.sum(self_f, 0)
@@ -281,11 +299,14 @@ def _gate_blocks():
 
 
 def _gating_forward(x, w_router, noise, k, renormalize, capacity_pct, seq_len,
-                    capacity=None, round_to=None) -> Gating:
+                    capacity=None, round_to=None, carry=None, chosen=None) -> Gating:
     """capacity = (a, b) states the capacity test directly: slot kept iff
     (pos - 1) * a < (t + 1) * b (capacity_pct c is (E * 100, c * k)). round_to (torch.float16
     or torch.bfloat16): the logits, noisy logits and probabilities are rounded to it, as a
-    mixed-precision program stores them, and the top-k compares the rounded values."""
+    mixed-precision program stores them, and the top-k compares the rounded values. carry
+    (a decode step, with a capacity) = (counts [B, E] f32 of the sequences' earlier choices,
+    positions [T] of the step's tokens): pos counts on from the counts, t is the position.
+    chosen: a contiguous fp32 [N, E] tensor the kernel writes the 0/1 choices into."""
     N, D = x.shape
     E = w_router.shape[1]
     dev = x.device
@@ -311,7 +332,20 @@ def _gating_forward(x, w_router, noise, k, renormalize, capacity_pct, seq_len,
     nz = noise if noise is not None else probs
     sn = noise.stride() if noise is not None else (0, 0)
     extra = {} if _interpret() else dict(num_warps=4)
-    _gate_fwd[(grid,)](x, w_router, nz, idx, w, kept, probs, lse, part,
+    if carry is not None:
+        if not cap:
+            raise ValueError("carried counts need a capacity")
+        counts = carry[0].reshape(grid, E).float().contiguous()
+        positions = carry[1].reshape(T).contiguous()
+        extra["HAS_CARRY"] = True
+    else:
+        counts, positions = probs, idx           # not read
+    if chosen is not None:
+        assert chosen.is_contiguous() and chosen.dtype == torch.float32 and \
+            chosen.shape == (N, E), chosen.shape
+        extra["HAS_CHOSEN"] = True
+    _gate_fwd[(grid,)](x, w_router, nz, idx, w, kept, probs, lse, part, counts, positions,
+                       chosen if chosen is not None else probs,
                        N, T, D, E, n_iter, *(map(int, capacity) if cap else (0, 0)),
                        *x.stride(), *w_router.stride(), *sn,
                        K=k, RENORM=bool(renormalize), HAS_NOISE=noise is not None, CAP=cap,
@@ -783,6 +817,86 @@ class _Plan:
                      DOT_PREC=self.prec, BM=BM, BN=BN, BK=BK, **self.launch)
 
 
+# -- few tokens (a decode step): the chosen experts' rows read directly, no routing ----------
+@triton.jit
+def _direct_up(X, IDX, KEPT, WG, W1, H, D, F, sxn, sxd, swe, swd, swf,
+               K: tl.constexpr, ACT: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr):
+    """Slot r = t K + j: H[r, n-tile] = act(a) * b with a = x_t Wg_e, b = x_t W1_e (e the
+    slot's expert; fp32 sums of exact products, a and b rounded to H's dtype as the grouped
+    kernel stores them). A dropped slot's row is not written (nothing reads it)."""
+    r = tl.program_id(0)
+    if tl.load(KEPT + r) == 0:
+        return
+    t = (r // K).to(tl.int64)
+    e = tl.load(IDX + r).to(tl.int64)
+    n = tl.program_id(1) * BN + tl.arange(0, BN)
+    nm = n < F
+    kk = tl.arange(0, BK)
+    acc = tl.zeros([BN], tl.float32)
+    acc2 = tl.zeros([BN], tl.float32)
+    for k0 in range(0, D, BK):
+        km = (k0 + kk) < D
+        xv = tl.load(X + t * sxn + (k0 + kk) * sxd, mask=km, other=0.0)
+        xv = xv.to(WG.dtype.element_ty).to(tl.float32)
+        off = e * swe + (k0 + kk)[:, None] * swd + n[None, :] * swf
+        m = km[:, None] & nm[None, :]
+        acc += tl.sum(xv[:, None] * tl.load(WG + off, mask=m, other=0.0).to(tl.float32), 0)
+        acc2 += tl.sum(xv[:, None] * tl.load(W1 + off, mask=m, other=0.0).to(tl.float32), 0)
+    dt = H.dtype.element_ty
+    av = acc.to(dt).to(tl.float32)
+    bv = acc2.to(dt).to(tl.float32)
+    tl.store(H + r.to(tl.int64) * F + n, (_act(av, ACT) * bv).to(dt), mask=nm)
+
+
+@triton.jit
+def _direct_down(H, IDX, KEPT, WGT, W2, Y, F, D, swe, swf, swd,
+                 K: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr):
+    """Token t, n-tile: Y[t] = sum over its kept slots j (in slot order) of
+    w_tj * (H[t K + j] W2_e) in fp32, each expert output rounded to H's dtype first, as the
+    grouped path stores it before its combine."""
+    t = tl.program_id(0).to(tl.int64)
+    n = tl.program_id(1) * BN + tl.arange(0, BN)
+    nm = n < D
+    kk = tl.arange(0, BK)
+    y = tl.zeros([BN], tl.float32)
+    for j in tl.static_range(K):
+        r = t * K + j
+        if tl.load(KEPT + r) != 0:
+            e = tl.load(IDX + r).to(tl.int64)
+            acc = tl.zeros([BN], tl.float32)
+            for k0 in range(0, F, BK):
+                km = (k0 + kk) < F
+                hv = tl.load(H + r * F + k0 + kk, mask=km, other=0.0).to(tl.float32)
+                wv = tl.load(W2 + e * swe + (k0 + kk)[:, None] * swf + n[None, :] * swd,
+                             mask=km[:, None] & nm[None, :], other=0.0).to(tl.float32)
+                acc += tl.sum(hv[:, None] * wv, 0)
+            y += tl.load(WGT + r) * acc.to(H.dtype.element_ty).to(tl.float32)
+    tl.store(Y + t * D + n, y.to(Y.dtype.element_ty), mask=nm)
+
+
+def direct(N: int, k: int, E: int) -> bool:
+    """The direct path for N tokens: each kept slot reads its expert's rows itself, so it
+    reads no more weight bytes than the dense every-expert product would (N k <= E), with
+    three launches (gating, up, down + combine) and no routing."""
+    return N * k <= E
+
+
+def _experts_direct(x, g: Gating, w_gate, w_up, w_down, act, y) -> None:
+    """y [N, d] (fp32 or x's dtype) = the layer's output for few tokens (`direct`)."""
+    N, D = x.shape
+    k = g.idx.shape[1]
+    F_ = w_gate.shape[2]
+    h = torch.empty((N * k, F_), dtype=x.dtype, device=x.device)
+    (BK, BN), (BK2, BN2) = ((32, 32), (32, 32)) if _interpret() else ((64, 64), (128, 32))
+    extra = {} if _interpret() else dict(num_warps=4)
+    _direct_up[(N * k, triton.cdiv(F_, BN))](
+        x, g.idx, g.kept, w_gate, w_up, h, D, F_, *x.stride(), *w_gate.stride(),
+        K=k, ACT=act, BK=BK, BN=BN, **extra)
+    _direct_down[(N, triton.cdiv(D, BN2))](
+        h, g.idx, g.kept, g.weight, w_down, y, F_, D, *w_down.stride(),
+        K=k, BK=BK2, BN=BN2, **extra)
+
+
 def _experts_forward(p: _Plan, x, r: Routing, w_gate, w_up, w_down, act, save, pa=None,
                      pb=None, ys=None):
     """The experts on the sorted rows: (pa, pb, ys). pa, pb: the pre-activations a = x Wg,
@@ -1009,8 +1123,10 @@ def _role(role: str, g: Gating, N: int, E: int) -> Tensor:
 
 
 def launch_template(template: str, xs, outs, opts) -> None:
-    """moe_gating: xs = (x [.., d], W_r [d, E][, noise [.., E]]); moe_layer: xs = (x, W_r,
-    Wg, W1, W2[, noise]). outs: the roles named by opts["outputs"] (y, gates, probs, lse,
+    """moe_gating: xs = (x [.., d], W_r [d, E][, carry, positions][, noise [.., E]]);
+    moe_layer: xs = (x, W_r, Wg, W1, W2[, carry, positions][, noise]); carry [B, 1, E] and
+    positions [T] (opts["carry"]: a decode step's capacity counting on from earlier tokens).
+    outs: the roles named by opts["outputs"] (y, gates, probs, lse,
     chosen, kept, idx; a layer also a, b, ye: the experts' pre-activations [.., k, F] and
     outputs [.., k, d] per slot, saved for the backward), None where nothing reads one. The
     *_bwd templates take the same inputs (opts["n_inputs"]), then the saved outputs named by
@@ -1020,17 +1136,24 @@ def launch_template(template: str, xs, outs, opts) -> None:
     layer = template.startswith("moe_layer")
     assert template in ("moe_gating", "moe_gating_bwd", "moe_layer", "moe_layer_bwd"), template
     k, E, renorm = opts["k"], opts["E"], opts["renormalise"]
-    nin = (5 if layer else 2) + (1 if opts["noise"] else 0)
+    base = 5 if layer else 2
+    nin = base + (2 if opts.get("carry") else 0) + (1 if opts["noise"] else 0)
     x, wr = xs[0], xs[1]
     x2 = x.reshape(-1, x.shape[-1])
     N = x2.shape[0]
     noise = xs[nin - 1].reshape(N, E) if opts["noise"] else None
+    carry = (xs[base], xs[base + 1]) if opts.get("carry") else None
     cap = tuple(opts["capacity"]) if opts.get("capacity") else None
     seq = x.shape[-2] if cap else None
     rnd = {"f32": None, "f16": torch.float16, "bf16": torch.bfloat16}[opts.get("dtype", "f32")]
     roles = list(opts["outputs"])
     bwd = template.endswith("_bwd")
-    g = _gating_forward(x2, wr, noise, k, renorm, None, seq, capacity=cap, round_to=rnd)
+    got = dict(zip(roles, outs)) if not bwd else {}
+    ch = got.get("chosen")
+    ch = ch.view(N, E) if ch is not None and ch.is_contiguous() and \
+        ch.dtype == torch.float32 and ch.numel() == N * E else None
+    g = _gating_forward(x2, wr, noise, k, renorm, None, seq, capacity=cap, round_to=rnd,
+                        carry=carry, chosen=ch)
     if layer:
         x2 = x2.contiguous()
         wg, w1, w2 = (t.contiguous() for t in xs[2:5])
@@ -1038,8 +1161,17 @@ def launch_template(template: str, xs, outs, opts) -> None:
         E_, _, F_ = wg.shape
         flat = (lambda t, c: t.reshape(N * k, c) if t is not None else None)
     if not bwd:
-        if layer:
-            got = dict(zip(roles, outs))
+        if layer and direct(N, k, E) and all(got.get(r) is None for r in ("a", "b", "ye")):
+            # few tokens and nothing saved for a backward (a decode step): no routing
+            y = got.get("y")
+            if y is not None:
+                yv = y.view(N, -1) if y.is_contiguous() else None
+                y_ = yv if yv is not None else torch.empty((N, x2.shape[1]),
+                                                           dtype=torch.float32, device=x.device)
+                _experts_direct(x2, g, wg, w1, w2, act, y_)
+                if yv is None:
+                    y.copy_(y_.reshape(y.shape))
+        elif layer:
             pa, pb, ys = flat(got.get("a"), F_), flat(got.get("b"), F_), flat(got.get("ye"),
                                                                               x2.shape[1])
             save = pa is not None and pb is not None
@@ -1060,7 +1192,8 @@ def launch_template(template: str, xs, outs, opts) -> None:
             if cap and zero is None and got.get("ye") is not None:
                 ys.view(N, k, -1).masked_fill_(g.kept.view(N, k, 1) == 0, 0)
         for role, out in zip(roles, outs):
-            if out is None or role in ("y", "a", "b", "ye"):
+            if out is None or role in ("y", "a", "b", "ye") or (role == "chosen"
+                                                               and ch is not None):
                 continue
             out.copy_(_role(role, g, N, E).reshape(out.shape))
         return

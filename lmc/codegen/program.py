@@ -46,6 +46,26 @@ def apply_patterns(g: Graph, disable: Sequence[str] = ()) -> Graph:
     return g
 
 
+# the pattern passes of a decode step graph (lmc/passes/decode.py), in order: the step's
+# attention over its cache as one flash-decoding op, its decayed linear attention as one
+# recurrent step, and its MoE layers as the routed moe_layer (only the k chosen experts'
+# weights read per token, where the dense step graph multiplies by every expert's)
+DECODE_PATTERN_PASSES = [
+    "fuse_decode_attention",
+    "fuse_decode_linear_attention",
+    "fuse_moe_gating",
+]
+
+
+def apply_decode_patterns(g: Graph, disable: Sequence[str] = ()) -> Graph:
+    """The decode pattern passes, on a decode step graph (a Decoder's on the triton backend);
+    `disable` leaves out fuse_moe_gating when the model's training program leaves it out."""
+    for name in DECODE_PATTERN_PASSES:
+        if name not in disable:
+            g = getattr(importlib.import_module(f"lmc.passes.{name}"), name)(g)
+    return g
+
+
 def fusion_names() -> List[str]:
     return PATTERN_PASSES + [n for n, _ in FUSION_PASSES]
 

@@ -44,6 +44,13 @@ over capacity), under stop_gradient. The kernels write the same values in that l
 backward reruns only the gating and routing (small next to the experts: the router matmul is
 about E / (3 k F) of an expert GEMM) and none of the forward's expert products.
 
+Decode steps: the triton Decoder runs this pass on its step graph too (codegen.program's
+DECODE_PATTERN_PASSES), so a step computes the chosen experts only. There the capacity count is
+cumsum(chosen, 1) + carry, the running count of the sequence's earlier tokens (an input
+[B, 1, E], the decode state lmc/passes/decode.py made of the cumsum), and the budget reads the
+tokens' positions (an input [T]) in place of iota(T); both become inputs of the op
+(options["carry"]) and the budget is copied into its body.
+
 Train-time noise: gaussian_noise(l, std, seed) is l + std * z with z drawn from (seed, the
 draw counter, shape). The pass leaves `noise = gaussian_noise(zeros, std, seed)` in the graph
 (the same draw, so the same values; zeros in eval mode) and the body adds it to the router
@@ -145,7 +152,7 @@ def match(top: Node, users: Dict[Node, List[Node]], static, outputs) -> dict:
           "router matmul and softmax in different dtypes")
     region = [mm, probs, top] + ([noise_node] if noise_node is not None else [])
     role: Dict[str, Node] = {"probs": probs, "idx": top}
-    renorm, capacity, form = False, None, None
+    renorm, capacity, carry, form = False, None, None, None
     tu = users.get(top, [])
     if any(u.op is Op.RESHAPE for u in tu):
         form = "one-hot"
@@ -178,7 +185,8 @@ def match(top: Node, users: Dict[Node, List[Node]], static, outputs) -> dict:
             gates, renorm = divs[0], True
         cums = _users_of(users, chosen, Op.CUMSUM)
         if cums:
-            gates, capacity, kept, more = _capacity(cums[0], chosen, gates, users, static, E)
+            gates, capacity, kept, more, carry = _capacity(cums[0], chosen, gates, users,
+                                                           static, E)
             region += more
             role["kept"] = kept
     elif any(u.op is Op.GATHER for u in tu):
@@ -223,7 +231,8 @@ def match(top: Node, users: Dict[Node, List[Node]], static, outputs) -> dict:
         if (out_users or n in outputs) and n not in named:
             raise NoMatch(f"{n.op.value} inside the router is also used outside it")
     m = {"x": x, "w": w, "mm": mm, "logits": logits, "noise": noise_node, "k": k, "E": E,
-         "renorm": renorm, "capacity": capacity, "form": form, "experts": None, "dtype": dt}
+         "renorm": renorm, "capacity": capacity, "carry": carry, "form": form,
+         "experts": None, "dtype": dt}
     try:
         ex = _experts(gates, x, users, outputs, E)
     except NoMatch as e:
@@ -327,11 +336,22 @@ def _is_zero(n: Node) -> bool:
 
 def _capacity(cum, chosen, gates, users, static, E):
     """kept = chosen * cast((cast(cumsum(chosen, 1), int) - 1) * a < budget, f32),
-    budget = reshape((iota(T) + 1) * b, [T, 1]), gates * kept: (gates', (a, b), kept, nodes)."""
+    budget = reshape((iota(T) + 1) * b, [T, 1]), gates * kept: (gates', (a, b), kept, nodes,
+    carry). A decode step's form (lmc/passes/decode.py) counts on from the tokens before it:
+    cumsum(chosen, 1) + carry (an input [B, 1, E], the running count), and its budget reads
+    the tokens' positions (an input [T]) for iota(T); carry is then (carry, positions)."""
     need(cum.attrs["axis"] == 1 and chosen.type.rank == 3,
           "capacity count not a cumsum along T of [B, T, E] choices")
-    T = chosen.type.shape[1]
-    pos = _one_user(users, cum, Op.CAST, "capacity count not cast to an integer")
+    Bd, T, _ = chosen.type.shape
+    count, carry, more = cum, None, []
+    us = users.get(cum, [])
+    if len(us) == 1 and us[0].op is Op.ADD:
+        c = _other(us[0], cum)
+        need(c.op is Op.INPUT and tuple(c.type.shape) == (Bd, 1, E)
+             and c.type.dtype.value == "f32",
+             "capacity count plus something other than a carried [B, 1, E] f32 count")
+        count, carry, more = us[0], c, [us[0]]
+    pos = _one_user(users, count, Op.CAST, "capacity count not cast to an integer")
     need(not pos.type.dtype.is_float, "capacity count not cast to an integer")
     sub = _one_user(users, pos, Op.SUB, "capacity test not (pos - 1) * a < budget")
     need(sub.inputs[0] is pos and _scalar(sub.inputs[1]) == 1,
@@ -342,28 +362,40 @@ def _capacity(cum, chosen, gates, users, static, E):
     lt = _one_user(users, mul, Op.LT, "capacity test not (pos - 1) * a < budget")
     need(lt.inputs[0] is mul, "capacity test not (pos - 1) * a < budget")
     budget = lt.inputs[1]
-    b = _budget(budget, T, static)
+    b, positions = _budget(budget, T, static)
+    need((carry is None) == (positions is None),
+          "capacity count carried from earlier tokens but the budget counts from 0, or the "
+          "other way round")
     cf = _one_user(users, lt, Op.CAST, "capacity test not cast to f32")
     need(cf.type.dtype.value == "f32", "capacity test not cast to f32")
     kept = _one_user(users, cf, Op.MUL, "capacity mask not multiplied into the choices")
     need(_other(kept, cf) is chosen, "capacity mask not multiplied into the choices")
     fin = _users_of(users, kept, Op.MUL, lambda u: _other(u, kept) is gates)
     need(len(fin) == 1, "gates not multiplied by the capacity mask")
-    return fin[0], (a, b), kept, [cum, pos, sub, mul, lt, cf, kept, fin[0]]
+    nodes = [cum] + more + [pos, sub, mul, lt, cf, kept, fin[0]]
+    # a budget from the positions input (shared by the layers) is copied into the body
+    return fin[0], (a, b), kept, nodes, (carry, positions) if carry is not None else None
 
 
-def _budget(n: Node, T, static) -> int:
-    """reshape((iota(T) + 1) * b, [T, 1]) with b a positive integer: b."""
+def _budget(n: Node, T, static):
+    """reshape((iota(T) + 1) * b, [T, 1]) with b a positive integer: (b, None); in a decode
+    step reshape((positions + 1) * b, [T, 1]) with positions an i64 input [T]:
+    (b, positions)."""
     why = "capacity budget not reshape((iota(T) + 1) * b, [T, 1])"
-    need(static(n) and n.op is Op.RESHAPE and n.type.rank == 2 and n.type.shape[1] == 1, why)
+    need(n.op is Op.RESHAPE and n.type.rank == 2 and n.type.shape[1] == 1, why)
     m = n.inputs[0]
     need(m.op is Op.MUL, why)
     for p, c in (m.inputs, m.inputs[::-1]):
         b = _scalar(c)
         if isinstance(b, int) and b > 0 and p.op is Op.ADD:
             for i, one in (p.inputs, p.inputs[::-1]):
-                if (i.op is Op.IOTA and i.attrs["length"] == T and _scalar(one) == 1):
-                    return b
+                if _scalar(one) != 1:
+                    continue
+                if i.op is Op.IOTA and i.attrs["length"] == T and static(n):
+                    return b, None
+                if i.op is Op.INPUT and tuple(i.type.shape) == (T,) \
+                        and i.type.dtype.value == "i64":
+                    return b, i
     raise NoMatch(why)
 
 
@@ -380,8 +412,10 @@ def _body(m: dict, name: str, static) -> Graph:
         nz = b.input(f"in{len(_inputs(m))}", m["logits"].type.shape, "f32").node
 
     def copy_static(i: Node) -> Node:
+        # static values, and a decode step's capacity budget from its positions input
+        # (an input of the op, in env)
         if i not in env:
-            assert static(i) and i.op not in (Op.INPUT, Op.PARAM), i
+            assert (static(i) or m["carry"] is not None) and i.op not in (Op.INPUT, Op.PARAM), i
             env[i] = Node(i.op, tuple(copy_static(j) for j in i.inputs), dict(i.attrs),
                           i.type, i.loc, i.scope)
             b.nodes.append(env[i])
@@ -425,7 +459,8 @@ def _body(m: dict, name: str, static) -> Graph:
         body.meta["saved"] = saved
     body.meta["options"] = {"k": m["k"], "E": m["E"], "router": "softmax",
                             "renormalise": m["renorm"], "noise": m["noise"] is not None,
-                            "capacity": m["capacity"], "outputs": tuple(names),
+                            "capacity": m["capacity"], "carry": m["carry"] is not None,
+                            "outputs": tuple(names),
                             "act": m["experts"]["act"] if m["experts"] else None,
                             "dtype": m["dtype"]}
     return body
@@ -459,9 +494,11 @@ def _slot_values(m: dict, env: Dict[Node, Node], nodes: List[Node]) -> List[Node
 
 
 def _inputs(m: dict) -> List[Node]:
-    """The fused op's inputs before the noise: x, W_r and, for the whole layer, Wg, W1, W2."""
+    """The fused op's inputs before the noise: x, W_r, for the whole layer Wg, W1, W2, and in a
+    decode step with a capacity the carried count [B, 1, E] and the positions [T]."""
     ex = m["experts"]
-    return [m["x"], m["w"]] + ([ex["wg"], ex["w1"], ex["w2"]] if ex else [])
+    return [m["x"], m["w"]] + ([ex["wg"], ex["w1"], ex["w2"]] if ex else []) + \
+        list(m["carry"] or ())
 
 
 def _kind(m: dict) -> str:
@@ -477,6 +514,8 @@ def _reason(m: dict) -> str:
     parts.append("renormalised" if m["renorm"] else "not renormalised")
     if m["capacity"]:
         parts.append("capacity (pos-1)*%d < (t+1)*%d" % m["capacity"])
+    if m["carry"]:
+        parts.append("counts carried from earlier tokens (decode state)")
     if m["experts"]:
         act = {"silu": "SwiGLU", "gelu": "GeGLU"}[m["experts"]["act"]]
         parts.append(f"{act} experts: sorted dispatch, grouped GEMMs, combine")
@@ -527,7 +566,8 @@ def fuse_moe_gating(g: Graph) -> Graph:
                                  nl, scope))
         fused = Node.make(Op.FUSED, ins,
                           {"kernel": name, "kind": _kind(m), "body": body,
-                           "no_grad": (len(ins) - 1,) if m["noise"] is not None else ()},
+                           "no_grad": tuple(range(len(ins) - len(m["carry"] or ())
+                                                  - (m["noise"] is not None), len(ins)))},
                           loc, scope)
         extra = [None] * len(SAVED_ROLES) if m["experts"] else []
         regions.append(Region(fused, [m["roles"][r] for r in m["outputs"]] + extra,

@@ -74,14 +74,15 @@ class Decoder:
         self.impl = None
         self.interpret = False
         if self.backend == "triton":
-            from ..passes.fuse_decode_attention import fuse_decode_attention
-            from ..passes.fuse_decode_linear_attention import fuse_decode_linear_attention
+            from ..codegen.program import apply_decode_patterns
             from .triton_backend import TritonProgram
             # the step's attention over the cache as one flash-decoding op, its decayed linear
-            # attention as one recurrent-step op (the step graph keeps the primitives: the
-            # torch backend runs them as the oracle); in the static step the kernels that
-            # compute new keys and values store them into the caches (fuse_cache_writes)
-            prog = TritonProgram(fuse_decode_linear_attention(fuse_decode_attention(self.graph)),
+            # attention as one recurrent-step op, its MoE layers routed (the step graph keeps
+            # the primitives: the torch backend runs them as the oracle); in the static step
+            # the kernels that compute new keys and values store them into the caches
+            # (fuse_cache_writes)
+            disable = tuple(getattr(model, "disable", ()))
+            prog = TritonProgram(apply_decode_patterns(self.graph, disable), disable,
                                  cache_writes=self.static, decode=True)
             self.graph, self.impl, self.interpret = prog.graph, prog.impl, prog.interpret
         self.token_input = self.graph.inputs[0].attrs["name"]

@@ -82,6 +82,13 @@ class TritonProgram:
                         for n in self.graph.nodes if n.op is Op.FUSED}
         self._run = module.run
         self.impl = {Op.FUSED: self._run_fused}   # for run_graph (the node-by-node path)
+        # per fused op, the outputs some node reads (a GETITEM of it): the others are passed
+        # as None, as the wrapper program passes them (a template op's output only a
+        # backward needs, in a program with no backward: a Decoder's step)
+        self._read = {}
+        for n in self.graph.nodes:
+            if n.op is Op.GETITEM and n.inputs[0].op is Op.FUSED:
+                self._read.setdefault(n.inputs[0].attrs["kernel"], set()).add(n.attrs["index"])
         self._ref = {i: REFERENCE[n.op] for i, n in enumerate(self.graph.nodes)
                      if n.op is not Op.FUSED and n.op in REFERENCE}
         self._launch = {kind: self._launcher(kind) for kind in
@@ -122,9 +129,10 @@ class TritonProgram:
     def _run_fused(self, ctx, xs, attrs):
         body = attrs["body"]
         inplace = attrs.get("inplace", {})   # output -> the input it is written into
+        read = self._read.get(attrs["kernel"], ())
         outs = tuple(xs[inplace[i]] if i in inplace else
                      torch.empty(o.type.concrete(ctx.dims), dtype=o.type.dtype.torch(),
-                                 device=ctx.device)
+                                 device=ctx.device) if i in read else None
                      for i, o in enumerate(body.outputs.values()))
         self._go(kind_module(attrs["kind"]).launch, self.kernels[attrs["kernel"]], xs, outs,
                  attrs, ctx)

@@ -159,6 +159,66 @@ def test_layer_fp16():
     assert rel(y, yr) < 5e-3
 
 
+def _grouped_and_direct(x, wr, wg, w1, w2, noise, k, cap, T, act):
+    """The layer's output for few tokens by the routed grouped GEMMs and by the direct
+    kernels (a decode step's path), from the same gating."""
+    N, E, F_ = x.shape[0], wr.shape[1], wg.shape[2]
+    g = moe._gating_forward(x, wr, noise, k, True, cap, T)
+    p = moe._Plan(x, E, F_)
+    r = moe.route(g.idx, g.kept, g.weight, E, p.BM)
+    _, _, ys = moe._experts_forward(p, x, r, wg, w1, w2, moe.ACTS.index(act), False)
+    grouped = torch.empty((N, x.shape[1]), dtype=torch.float32)
+    moe.combine(ys, r.slot, g.weight, grouped, weighted=True)
+    got = torch.full((N, x.shape[1]), float("nan"))
+    moe._experts_direct(x, g, wg, w1, w2, moe.ACTS.index(act), got)
+    return got, grouped, g
+
+
+# few tokens (N k <= E): odd d and F, fp32 and fp16, top-1/top-2, capacity drops
+DIRECT_CASES = [(1, 4, 2, None, "gelu", torch.float32), (1, 8, 1, None, "silu", torch.float16),
+                (3, 8, 2, 100, "silu", torch.float32), (4, 8, 2, 100, "gelu", torch.float16),
+                (2, 4, 2, None, "silu", torch.float16), (4, 4, 1, 100, "gelu", torch.float32)]
+
+
+@pytest.mark.parametrize("N,E,k,cap,act,dtype", DIRECT_CASES)
+def test_direct_path_equals_grouped_and_reference(N, E, k, cap, act, dtype):
+    x, wr, wg, w1, w2, noise = make(N, E, d=37, F=45, seed=N * 10 + E + k, dtype=dtype)
+    if cap is not None:
+        wr[:, 0] += 4.0                     # every token picks expert 0: the capacity binds
+    assert moe.direct(N, k, E)
+    got, grouped, g = _grouped_and_direct(x, wr, wg, w1, w2, None, k, cap, N if cap else None,
+                                          act)
+    if cap is not None and N > 2:
+        assert (g.kept == 0).any()          # a dropped slot: the direct kernels skip it
+    # the same rounded a, b, h and expert outputs; fp32 sums in another order
+    assert rel(got, grouped) <= (TOL if dtype == torch.float32 else 2e-3), rel(got, grouped)
+    want, _ = moe.moe_reference(*[t.float() for t in (x, wr, wg, w1, w2)], k=k,
+                                capacity_pct=cap, seq_len=N if cap else None, act=act)
+    assert rel(got, want.float()) <= (TOL if dtype == torch.float32 else 5e-3)
+
+
+def test_launch_takes_the_direct_path_for_few_tokens_only(monkeypatch):
+    """launch_template runs the direct kernels when N k <= E and nothing is saved for a
+    backward; more tokens (a prefill) go through the routing and grouped GEMMs."""
+    calls = []
+    real = moe._experts_direct
+    monkeypatch.setattr(moe, "_experts_direct", lambda *a: calls.append(1) or real(*a))
+    opts = {"k": 2, "E": 4, "renormalise": True, "noise": False, "capacity": None,
+            "outputs": ("y", "chosen"), "act": "silu", "dtype": "f32"}
+    for N, want_direct in ((2, True), (3, False)):
+        x, wr, wg, w1, w2, _ = make(N, 4, seed=3)
+        y = torch.empty(1, N, x.shape[1])
+        chosen = torch.full((1, N, 4), -1.0)
+        calls.clear()
+        moe.launch_template("moe_layer", [x.reshape(1, N, -1), wr, wg, w1, w2], [y, chosen],
+                            opts)
+        assert bool(calls) == want_direct
+        yr, ref = moe.moe_reference(x, wr, wg, w1, w2, k=2, act="silu")
+        assert rel(y.reshape(N, -1), yr) <= TOL
+        # the gating kernel wrote the 0/1 choices itself
+        assert torch.equal(chosen.reshape(N, 4), (ref["gates"] > 0).float())
+
+
 @pytest.mark.parametrize("N", [1, 15, 17, 97, 2300])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_router_wgrad(N, dtype):

@@ -1,0 +1,118 @@
+"""fuse_moe_gating on a decode step: the triton Decoder runs each MoE layer of the step as the
+routed moe_layer (the k chosen experts' rows only), minimax's capacity counting on from the
+sequence's earlier tokens through the carried count (its decode state) and the tokens'
+positions; decode equals the full forward (Triton's interpreter here)."""
+import os
+
+import pytest
+import torch
+from conftest import ZOO
+
+import lmc
+from lmc.codegen import moe
+from lmc.ir.ops import Op
+from lmc.passes.decode import decode_step
+from lmc.passes.fuse_moe_gating import fuse_moe_gating
+from lmc.runtime.decoder import Decoder
+
+TOL = 1e-4     # fp32, max abs difference of logits (issue 6's bound)
+
+
+@pytest.fixture(autouse=True)
+def kernel_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LMC_CACHE", str(tmp_path / "cache"))
+
+
+def _zoo(name, backend="torch"):
+    return lmc.load(os.path.join(ZOO, f"{name}.yaml"), preset="tiny", backend=backend).eval()
+
+
+def _worst(dec, ids, full, k):
+    """Prefill k tokens, then one step per token: the worst logit difference to `full`."""
+    st = dec.init_state(ids.shape[0])
+    worst = 0.0
+    if k:
+        lg, st = dec(ids[:, :k], st)
+        worst = (lg - full[:, :k]).abs().max().item()
+    for t in range(k, ids.shape[1]):
+        lg, st = dec(ids[:, t:t + 1], st)
+        worst = max(worst, (lg[:, 0] - full[:, t]).abs().max().item())
+    return worst if worst == worst else float("inf")
+
+
+@pytest.mark.parametrize("name,carry", [("blues01", False), ("minimax", True)])
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
+def test_decode_step_moe_layers_fuse(name, carry, static):
+    g = fuse_moe_gating(decode_step(_zoo(name).graph, static=static).graph)
+    recs = [r for r in g.meta["fusions"] if r["pass"] == "fuse_moe_gating"]
+    layers = {"blues01": ["layers.1.moe"], "minimax": ["layers.0.moe", "layers.1.moe"]}[name]
+    assert [(r["status"], r["where"].split()[0]) for r in recs] == [
+        ("fused", w) for w in layers]
+    assert all(("counts carried from earlier tokens" in r["reason"]) == carry for r in recs)
+    fused = [n for n in g.nodes if n.op is Op.FUSED]
+    assert [n.attrs["kind"] for n in fused] == ["moe_layer"] * len(layers)
+    # no dense expert product is left: every matmul with an [E, ., .] weight stack is fused
+    assert not any(n.op is Op.MATMUL and n.inputs[1].type.rank == 3 for n in g.nodes)
+    if carry:     # inputs: x, W_r, Wg, W1, W2, the carried count [B, 1, E], the positions
+        for n in fused:
+            cnt, pos = n.inputs[5:7]
+            assert cnt.op is Op.INPUT and cnt.attrs["name"].endswith(".moe.sum")
+            assert pos.op is Op.INPUT and pos.attrs["name"] == "decode.pos"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
+def test_minimax_triton_decode_with_capacity_equals_forward(static, monkeypatch):
+    """Prefill k in {0, 1, 5}, then one token per step: the capacity drops slots at positions
+    after the prefill, so the carried counts decide what the routed layer keeps."""
+    m = _zoo("minimax")
+    tri = _zoo("minimax", "triton")
+    tri.load_state_dict(m.state_dict())
+    ids = torch.randint(0, 512, (2, 9), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        out = m(ids)
+    full = out["logits"]
+    assert out["expert_dropped"].sum() > 0     # the capacity binds on this batch
+    carried = []
+
+    def gate(*a, **kw):
+        carried.append(kw.get("carry") is not None)
+        return gating(*a, **kw)
+    gating = moe._gating_forward
+    monkeypatch.setattr(moe, "_gating_forward", gate)
+    direct = []
+    experts = moe._experts_direct
+    monkeypatch.setattr(moe, "_experts_direct", lambda *a: direct.append(1) or experts(*a))
+    dec = Decoder(tri, "triton", static=static, **({"max_len": 9} if static else {}))
+    kinds = [n.attrs["kind"] for n in dec.graph.nodes if n.op is Op.FUSED]
+    assert kinds.count("moe_layer") == 2
+    worst = max(_worst(dec, ids, full, k) for k in (0, 1, 5))
+    assert worst < TOL, worst
+    # two layers per call: 2 prefills + 9 + 8 + 4 steps, every one with the carry; the steps
+    # and the one-token prefill (2 tokens, top-2 of 4) on the direct kernels, the 5-token
+    # prefill routed
+    assert carried == [True] * 2 * (2 + 9 + 8 + 4)
+    assert len(direct) == 2 * (1 + 9 + 8 + 4)
+
+
+def test_carried_counts_equal_the_whole_sequence():
+    """The gating kernel over a sequence's last tokens, given the counts of its first ones and
+    their positions, keeps exactly the slots the whole-sequence gating keeps there."""
+    torch.manual_seed(0)
+    B, T, d, E, k, P = 2, 13, 16, 4, 2, 8
+    x = torch.randn(B, T, d) + 1.0
+    w = torch.randn(d, E)
+    w[:, 0] = 1.0          # every token picks expert 0: its queue overflows the capacity
+    cap = (E * 100, 120 * k)
+    full = moe._gating_forward(x.reshape(B * T, d), w, None, k, True, None, T, capacity=cap)
+    first = moe._gating_forward(x[:, :P].reshape(B * P, d), w, None, k, True, None, P,
+                                capacity=cap)
+    counts = torch.zeros(B * P, E).scatter_(1, first.idx.long(), 1.0).reshape(B, P, E).sum(1)
+    rest = moe._gating_forward(x[:, P:].reshape(-1, d), w, None, k, True, None, T - P,
+                               capacity=cap, carry=(counts.reshape(B, 1, E),
+                                                    torch.arange(P, T)))
+    want = full.kept.reshape(B, T, k)[:, P:].reshape(-1, k)
+    assert 0 < int(want.sum()) < want.numel()          # some kept, some dropped
+    assert torch.equal(rest.kept, want)
+    assert torch.equal(rest.idx, full.idx.reshape(B, T, k)[:, P:].reshape(-1, k))
+    assert torch.equal(rest.weight, full.weight.reshape(B, T, k)[:, P:].reshape(-1, k))
