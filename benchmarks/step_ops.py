@@ -2,7 +2,8 @@
 Decoder (the one a CUDA graph captures), counted from its graph with `lmc.bench.step_ops`:
 fused ops (each a generated kernel or a template's launch pair) + the other ops that launch a
 torch kernel (views excluded). No GPU and no kernel run needed: the count comes from the
-compiled step graph.
+compiled step graph. Also the weight bytes a step reads at batch 1 in bf16
+(`lmc.bench.step_weight_bytes`: embedding rows, the chosen experts of an MoE layer).
 
     python benchmarks/step_ops.py                          # every zoo model, tiny preset
     python benchmarks/step_ops.py --models llama --preset default
@@ -24,7 +25,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     os.environ.setdefault("TRITON_INTERPRET", "1")    # codegen only; nothing is launched
     import lmc
-    from lmc.bench import step_ops
+    from lmc.bench import step_ops, step_weight_bytes
     from lmc.runtime.decoder import Decoder
 
     for name in a.models.split(","):
@@ -32,8 +33,9 @@ def main(argv=None) -> int:
         m = lmc.load(os.path.join(ZOO, f"{name}.yaml"), preset=preset, backend="triton").eval()
         dec = Decoder(m, backend="triton", static=True, max_len=16, cuda_graph=False)
         ops = step_ops(dec.graph)
+        mb = step_weight_bytes(dec.graph) / 1e6
         print(f"{name:14s} {a.preset:8s} {ops['fused']:4d} fused + {ops['torch']:3d} torch ops "
-              f"per static step")
+              f"per static step; weights read {mb:.2f} MB per token at batch 1 (bf16)")
     return 0
 
 

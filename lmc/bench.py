@@ -247,6 +247,43 @@ def step_ops(graph) -> Dict[str, int]:
             "torch": sum(n.op not in free for n in graph.nodes)}
 
 
+def step_weight_bytes(graph, batch: int = 1, itemsize: int = 2) -> int:
+    """The parameter bytes one decode step of `batch` sequences must read (one new token
+    each), at `itemsize` bytes per element (2: bf16 weights), from its graph: a table read only
+    through embedding/gather counts the rows it picks; an MoE op's expert stacks (inputs 2-4
+    of a fused moe_layer) the min(E, batch * k) experts its tokens can choose; every other
+    parameter in full. A model of the weight traffic (caches and activations not counted)."""
+    from .ir.dims import evaluate
+    from .ir.ops import Op
+
+    users = graph.users()
+    views = (Op.RESHAPE, Op.PERMUTE, Op.EXPAND, Op.SLICE, Op.CAST)
+
+    def readers(n):
+        out = []
+        for u in users.get(n, []):
+            out += readers(u) if u.op in views else [(u, n)]
+        return out
+    total = 0
+    for p in graph.nodes:
+        if p.op is not Op.PARAM:
+            continue
+        shape = [evaluate(d, {"B": batch, "T": 1}) for d in p.type.shape]
+        numel = 1
+        for d in shape:
+            numel *= d
+        rs = readers(p)
+        frac = 1.0
+        if rs and all(u.op in (Op.EMBEDDING, Op.GATHER) for u, _ in rs):
+            frac = min(1.0, batch / shape[0])
+        elif rs and all(u.op is Op.FUSED and u.attrs["kind"] == "moe_layer"
+                        and u.inputs.index(x) in (2, 3, 4) for u, x in rs):
+            opts = rs[0][0].attrs["body"].meta["options"]
+            frac = min(opts["E"], batch * opts["k"]) / opts["E"]
+        total += int(numel * frac) * itemsize
+    return total
+
+
 def bench_decode(path, preset, sets, args, clock: Clock) -> Dict[str, Any]:
     from .driver import compile_model
     from .runtime.decoder import Decoder
