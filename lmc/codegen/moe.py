@@ -69,8 +69,9 @@ Few tokens (N k <= E, nothing saved for a backward: a decode step; `direct`): no
     Three launches (gating, up, down) reading the k chosen experts' weights per token, where
     the dense step graph reads all E. A decode step's capacity counts on from the sequence's
     earlier tokens: _gate_fwd starts its running counts from the carried state [B, E] and
-    tests against the tokens' positions (`carry`), and writes the 0/1 choices the state
-    update reads (`chosen`).
+    tests against the tokens' positions (`carry`), and stores the running count after the
+    step's tokens, the next step's state (`count`); it writes the 0/1 choices itself when
+    the graph reads them (`chosen`).
 
 The backward reads the forward's a, b, Y (and reruns only the gating and the routing, a few
 launches over [N, E] and [N k] values): its expert products are dh (with da, db), dx and the
@@ -124,7 +125,7 @@ def _round(v, ROUND: tl.constexpr):
 
 
 @triton.jit
-def _gate_fwd(X, WR, NOISE, IDX, WOUT, KEPT, PROBS, LSE, PART, CARRY, POS, CHOSEN,
+def _gate_fwd(X, WR, NOISE, IDX, WOUT, KEPT, PROBS, LSE, PART, CARRY, POS, CHOSEN, COUNT,
               N, T, D, E, n_iter, cap_a, cap_b,
               sxn, sxd, swd, swe, snn, sne,
               K: tl.constexpr, RENORM: tl.constexpr, HAS_NOISE: tl.constexpr,
@@ -227,6 +228,8 @@ def _gate_fwd(X, WR, NOISE, IDX, WOUT, KEPT, PROBS, LSE, PART, CARRY, POS, CHOSE
             tl.store(IDX + rows * K + 1, i2, mask=rmask)
             tl.store(WOUT + rows * K + 1, tl.where(k2, w2, 0.0), mask=rmask)
             tl.store(KEPT + rows * K + 1, k2.to(tl.int32), mask=rmask)
+    if HAS_CARRY:                            # the running count the next step starts from
+        tl.store(COUNT + pid * E + cols, running, mask=emask)
     tl.store(PART + pid * 3 * BE + cols, cnt)
     tl.store(PART + pid * 3 * BE + BE + cols, kcnt)
     tl.store(PART + pid * 3 * BE + 2 * BE + cols, psum)
@@ -292,6 +295,7 @@ class Gating(NamedTuple):
     prob_sum: Tensor     # [E] fp32 sum over tokens of p_e (differentiable)
     lse: Tensor          # [N] fp32 logsumexp of the (noisy) router logits (differentiable)
     probs: Tensor        # [N, E] fp32 router probabilities (saved for the backward)
+    count: Optional[Tensor] = None   # [B, E] fp32 with a carry: the running count after
 
 
 def _gate_blocks():
@@ -299,14 +303,17 @@ def _gate_blocks():
 
 
 def _gating_forward(x, w_router, noise, k, renormalize, capacity_pct, seq_len,
-                    capacity=None, round_to=None, carry=None, chosen=None) -> Gating:
+                    capacity=None, round_to=None, carry=None, chosen=None,
+                    count=None) -> Gating:
     """capacity = (a, b) states the capacity test directly: slot kept iff
     (pos - 1) * a < (t + 1) * b (capacity_pct c is (E * 100, c * k)). round_to (torch.float16
     or torch.bfloat16): the logits, noisy logits and probabilities are rounded to it, as a
     mixed-precision program stores them, and the top-k compares the rounded values. carry
     (a decode step, with a capacity) = (counts [B, E] f32 of the sequences' earlier choices,
     positions [T] of the step's tokens): pos counts on from the counts, t is the position.
-    chosen: a contiguous fp32 [N, E] tensor the kernel writes the 0/1 choices into."""
+    chosen: a contiguous fp32 [N, E] tensor the kernel writes the 0/1 choices into. With a
+    carry the result's `count` [B, E] is the running count after the tokens (written into
+    `count` when given)."""
     N, D = x.shape
     E = w_router.shape[1]
     dev = x.device
@@ -338,14 +345,19 @@ def _gating_forward(x, w_router, noise, k, renormalize, capacity_pct, seq_len,
         counts = carry[0].reshape(grid, E).float().contiguous()
         positions = carry[1].reshape(T).contiguous()
         extra["HAS_CARRY"] = True
+        if count is None:
+            count = torch.empty((grid, E), dtype=torch.float32, device=dev)
+        assert count.is_contiguous() and count.dtype == torch.float32 and \
+            count.numel() == grid * E
     else:
-        counts, positions = probs, idx           # not read
+        counts, positions, count = probs, idx, None      # not read
     if chosen is not None:
         assert chosen.is_contiguous() and chosen.dtype == torch.float32 and \
             chosen.shape == (N, E), chosen.shape
         extra["HAS_CHOSEN"] = True
     _gate_fwd[(grid,)](x, w_router, nz, idx, w, kept, probs, lse, part, counts, positions,
                        chosen if chosen is not None else probs,
+                       count if count is not None else probs,
                        N, T, D, E, n_iter, *(map(int, capacity) if cap else (0, 0)),
                        *x.stride(), *w_router.stride(), *sn,
                        K=k, RENORM=bool(renormalize), HAS_NOISE=noise is not None, CAP=cap,
@@ -353,7 +365,8 @@ def _gating_forward(x, w_router, noise, k, renormalize, capacity_pct, seq_len,
                        DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32",
                        ROUND={None: 0, torch.float16: 1, torch.bfloat16: 2}[round_to], **extra)
     stats = part.sum(0)[:, :E]
-    return Gating(idx, w, kept, stats[0], stats[1], stats[2], lse, probs)
+    return Gating(idx, w, kept, stats[0], stats[1], stats[2], lse, probs,
+                  count.view(grid, E) if count is not None else None)
 
 
 def _gating_backward(g: Gating, dw, dpsum, dlse, k, renormalize, dprobs=None) -> Tensor:
@@ -849,11 +862,12 @@ def _direct_up(X, IDX, KEPT, WG, W1, H, D, F, sxn, sxd, swe, swd, swf,
 
 
 @triton.jit
-def _direct_down(H, IDX, KEPT, WGT, W2, Y, F, D, swe, swf, swd,
-                 K: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr):
+def _direct_down(H, IDX, KEPT, WGT, W2, RES, Y, F, D, swe, swf, swd, srn,
+                 K: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, HAS_RES: tl.constexpr):
     """Token t, n-tile: Y[t] = sum over its kept slots j (in slot order) of
     w_tj * (H[t K + j] W2_e) in fp32, each expert output rounded to H's dtype first, as the
-    grouped path stores it before its combine."""
+    grouped path stores it before its combine; with HAS_RES then + RES[t] (the residual
+    add after the layer)."""
     t = tl.program_id(0).to(tl.int64)
     n = tl.program_id(1) * BN + tl.arange(0, BN)
     nm = n < D
@@ -871,6 +885,8 @@ def _direct_down(H, IDX, KEPT, WGT, W2, Y, F, D, swe, swf, swd,
                              mask=km[:, None] & nm[None, :], other=0.0).to(tl.float32)
                 acc += tl.sum(hv[:, None] * wv, 0)
             y += tl.load(WGT + r) * acc.to(H.dtype.element_ty).to(tl.float32)
+    if HAS_RES:
+        y += tl.load(RES + t * srn + n, mask=nm, other=0.0).to(tl.float32)
     tl.store(Y + t * D + n, y.to(Y.dtype.element_ty), mask=nm)
 
 
@@ -881,8 +897,9 @@ def direct(N: int, k: int, E: int) -> bool:
     return N * k <= E
 
 
-def _experts_direct(x, g: Gating, w_gate, w_up, w_down, act, y) -> None:
-    """y [N, d] (fp32 or x's dtype) = the layer's output for few tokens (`direct`)."""
+def _experts_direct(x, g: Gating, w_gate, w_up, w_down, act, y, res=None) -> None:
+    """y [N, d] (fp32 or x's dtype) = the layer's output for few tokens (`direct`), plus
+    res [N, d] (rows of unit column stride) when given."""
     N, D = x.shape
     k = g.idx.shape[1]
     F_ = w_gate.shape[2]
@@ -892,9 +909,12 @@ def _experts_direct(x, g: Gating, w_gate, w_up, w_down, act, y) -> None:
     _direct_up[(N * k, triton.cdiv(F_, BN))](
         x, g.idx, g.kept, w_gate, w_up, h, D, F_, *x.stride(), *w_gate.stride(),
         K=k, ACT=act, BK=BK, BN=BN, **extra)
+    if res is not None:
+        assert res.shape == (N, D) and res.stride(1) == 1, (res.shape, res.stride())
     _direct_down[(N, triton.cdiv(D, BN2))](
-        h, g.idx, g.kept, g.weight, w_down, y, F_, D, *w_down.stride(),
-        K=k, BK=BK2, BN=BN2, **extra)
+        h, g.idx, g.kept, g.weight, w_down, res if res is not None else y, y, F_, D,
+        *w_down.stride(), res.stride(0) if res is not None else 0,
+        K=k, BK=BK2, BN=BN2, HAS_RES=res is not None, **extra)
 
 
 def _experts_forward(p: _Plan, x, r: Routing, w_gate, w_up, w_down, act, save, pa=None,
@@ -1116,6 +1136,8 @@ def _role(role: str, g: Gating, N: int, E: int) -> Tensor:
         return g.lse
     if role == "idx":
         return g.idx.long()
+    if role == "count":
+        return g.count
     src = {"gates": g.weight, "chosen": torch.ones_like(g.weight),
            "kept": g.kept.float()}[role]
     return torch.zeros((N, E), dtype=torch.float32, device=g.probs.device).scatter_(
@@ -1124,8 +1146,10 @@ def _role(role: str, g: Gating, N: int, E: int) -> Tensor:
 
 def launch_template(template: str, xs, outs, opts) -> None:
     """moe_gating: xs = (x [.., d], W_r [d, E][, carry, positions][, noise [.., E]]);
-    moe_layer: xs = (x, W_r, Wg, W1, W2[, carry, positions][, noise]); carry [B, 1, E] and
-    positions [T] (opts["carry"]: a decode step's capacity counting on from earlier tokens).
+    moe_layer: xs = (x, W_r, Wg, W1, W2[, residual][, carry, positions][, noise]); carry
+    [B, 1, E] and positions [T] (opts["carry"]: a decode step's capacity counting on from
+    earlier tokens); residual [.., d] (opts["residual"], a decode step's): y is the layer's
+    output plus it.
     outs: the roles named by opts["outputs"] (y, gates, probs, lse,
     chosen, kept, idx; a layer also a, b, ye: the experts' pre-activations [.., k, F] and
     outputs [.., k, d] per slot, saved for the backward), None where nothing reads one. The
@@ -1136,7 +1160,7 @@ def launch_template(template: str, xs, outs, opts) -> None:
     layer = template.startswith("moe_layer")
     assert template in ("moe_gating", "moe_gating_bwd", "moe_layer", "moe_layer_bwd"), template
     k, E, renorm = opts["k"], opts["E"], opts["renormalise"]
-    base = 5 if layer else 2
+    base = (6 if opts.get("residual") else 5) if layer else 2
     nin = base + (2 if opts.get("carry") else 0) + (1 if opts["noise"] else 0)
     x, wr = xs[0], xs[1]
     x2 = x.reshape(-1, x.shape[-1])
@@ -1152,14 +1176,19 @@ def launch_template(template: str, xs, outs, opts) -> None:
     ch = got.get("chosen")
     ch = ch.view(N, E) if ch is not None and ch.is_contiguous() and \
         ch.dtype == torch.float32 and ch.numel() == N * E else None
+    cn = got.get("count")
+    cn = cn if cn is not None and cn.is_contiguous() and cn.dtype == torch.float32 else None
     g = _gating_forward(x2, wr, noise, k, renorm, None, seq, capacity=cap, round_to=rnd,
-                        carry=carry, chosen=ch)
+                        carry=carry, chosen=ch, count=cn)
     if layer:
         x2 = x2.contiguous()
         wg, w1, w2 = (t.contiguous() for t in xs[2:5])
         act = ACTS.index(opts["act"])
         E_, _, F_ = wg.shape
         flat = (lambda t, c: t.reshape(N * k, c) if t is not None else None)
+        res = xs[5].reshape(N, -1) if opts.get("residual") else None
+        if res is not None and res.stride(-1) != 1:
+            res = res.contiguous()
     if not bwd:
         if layer and direct(N, k, E) and all(got.get(r) is None for r in ("a", "b", "ye")):
             # few tokens and nothing saved for a backward (a decode step): no routing
@@ -1168,7 +1197,7 @@ def launch_template(template: str, xs, outs, opts) -> None:
                 yv = y.view(N, -1) if y.is_contiguous() else None
                 y_ = yv if yv is not None else torch.empty((N, x2.shape[1]),
                                                            dtype=torch.float32, device=x.device)
-                _experts_direct(x2, g, wg, w1, w2, act, y_)
+                _experts_direct(x2, g, wg, w1, w2, act, y_, res)
                 if yv is None:
                     y.copy_(y_.reshape(y.shape))
         elif layer:
@@ -1187,13 +1216,16 @@ def launch_template(template: str, xs, outs, opts) -> None:
                 y_ = y if y is not None else torch.empty((N, x2.shape[1]),
                                                          dtype=torch.float32, device=x.device)
                 combine(ys, r.slot, g.weight, y_, weighted=True, zero=zero)
+                if res is not None:
+                    y_ += res
                 if y is None and got.get("y") is not None:
                     got["y"].copy_(y_.reshape(got["y"].shape))
             if cap and zero is None and got.get("ye") is not None:
                 ys.view(N, k, -1).masked_fill_(g.kept.view(N, k, 1) == 0, 0)
         for role, out in zip(roles, outs):
             if out is None or role in ("y", "a", "b", "ye") or (role == "chosen"
-                                                               and ch is not None):
+                                                               and ch is not None) or \
+                    (role == "count" and cn is not None):
                 continue
             out.copy_(_role(role, g, N, E).reshape(out.shape))
         return

@@ -57,12 +57,18 @@ DECODE_PATTERN_PASSES = [
 ]
 
 
+# their options on a step graph: an MoE layer's op there also adds the residual after it
+# (no backward to derive from its body)
+DECODE_PASS_OPTIONS = {"fuse_moe_gating": {"residual": True}}
+
+
 def apply_decode_patterns(g: Graph, disable: Sequence[str] = ()) -> Graph:
     """The decode pattern passes, on a decode step graph (a Decoder's on the triton backend);
     `disable` leaves out fuse_moe_gating when the model's training program leaves it out."""
     for name in DECODE_PATTERN_PASSES:
         if name not in disable:
-            g = getattr(importlib.import_module(f"lmc.passes.{name}"), name)(g)
+            g = getattr(importlib.import_module(f"lmc.passes.{name}"), name)(
+                g, **DECODE_PASS_OPTIONS.get(name, {}))
     return g
 
 

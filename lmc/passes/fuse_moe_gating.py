@@ -18,9 +18,10 @@ zoo's two spellings:
 
 and, when present, `logsumexp(logits, -1)` (a router z-loss). The region becomes one FUSED
 node of kind "moe_gating" with inputs (x, W_r[, noise]) and one output per region value the
-rest of the graph reads: gates, probs, lse, chosen, kept, idx (`options["outputs"]` names them
-in order), read through GETITEMs; the load-balance statistics (means of chosen and probs over
-tokens) stay in the graph, where fuse_reductions takes them.
+rest of the graph reads: gates, probs, lse, chosen, kept, idx, count (a decode step's, see
+below; `options["outputs"]` names them in order), read through GETITEMs; the load-balance
+statistics (means of chosen and probs over tokens) stay in the graph, where fuse_reductions
+takes them.
 
 Whole layer: when the gates feed the dense "every expert on every token" combine of gated
 FFNs on the router's own input (blues01, minimax)
@@ -49,7 +50,11 @@ DECODE_PATTERN_PASSES), so a step computes the chosen experts only. There the ca
 cumsum(chosen, 1) + carry, the running count of the sequence's earlier tokens (an input
 [B, 1, E], the decode state lmc/passes/decode.py made of the cumsum), and the budget reads the
 tokens' positions (an input [T]) in place of iota(T); both become inputs of the op
-(options["carry"]) and the budget is copied into its body.
+(options["carry"]) and the budget is copied into its body. The new state, carry +
+sum(chosen, 1, keepdim), joins the region as the op's `count` output (the gating kernel's
+running count after the step's tokens). A step's layer also takes the residual add after it
+(fuse_moe_gating(g, residual=True)): the op's y is y + r, with r an input after W2 that its
+down-projection kernel adds, so no pointwise kernel follows the layer.
 
 Train-time noise: gaussian_noise(l, std, seed) is l + std * z with z drawn from (seed, the
 draw counter, shape). The pass leaves `noise = gaussian_noise(zeros, std, seed)` in the graph
@@ -80,7 +85,7 @@ from .fuse_pointwise import _where
 from .patterns import NoMatch, Region, need, splice
 
 # output roles, in the order the fused op returns them; the first three carry gradients
-ROLES = ("y", "gates", "probs", "lse", "chosen", "kept", "idx")
+ROLES = ("y", "gates", "probs", "lse", "chosen", "kept", "idx", "count")
 # a whole layer's outputs after those, only its backward reads: per-slot a, b, expert outputs
 SAVED_ROLES = ("a", "b", "ye")
 DIFF_ROLES = ("y", "gates", "probs", "lse")
@@ -125,7 +130,8 @@ def _users_of(users, n: Node, op: Op, pred=lambda u: True) -> List[Node]:
     return [u for u in users.get(n, []) if u.op is op and pred(u)]
 
 
-def match(top: Node, users: Dict[Node, List[Node]], static, outputs) -> dict:
+def match(top: Node, users: Dict[Node, List[Node]], static, outputs,
+          residual: bool = False) -> dict:
     rank = top.type.rank
     need(top.attrs["axis"] == rank - 1, "top-k not over the last axis")
     k = top.attrs["k"]
@@ -189,6 +195,16 @@ def match(top: Node, users: Dict[Node, List[Node]], static, outputs) -> dict:
                                                            static, E)
             region += more
             role["kept"] = kept
+            if carry is not None:
+                # a decode step's new running count, carry + sum(chosen, 1): the gating
+                # kernel's count after the step's tokens
+                for sm in _users_of(users, chosen, Op.SUM, lambda u: u.attrs["axis"] == 1
+                                    and u.attrs.get("keepdim", True)):
+                    adds = _users_of(users, sm, Op.ADD, lambda u: _other(u, sm) is carry[0])
+                    if len(users.get(sm, [])) == 1 and len(adds) == 1:
+                        region += [sm, adds[0]]
+                        role["count"] = adds[0]
+                        break
     elif any(u.op is Op.GATHER for u in tu):
         form = "scatter"
         ga = _users_of(users, top, Op.GATHER,
@@ -232,7 +248,7 @@ def match(top: Node, users: Dict[Node, List[Node]], static, outputs) -> dict:
             raise NoMatch(f"{n.op.value} inside the router is also used outside it")
     m = {"x": x, "w": w, "mm": mm, "logits": logits, "noise": noise_node, "k": k, "E": E,
          "renorm": renorm, "capacity": capacity, "carry": carry, "form": form,
-         "experts": None, "dtype": dt}
+         "experts": None, "dtype": dt, "residual": None}
     try:
         ex = _experts(gates, x, users, outputs, E)
     except NoMatch as e:
@@ -241,6 +257,10 @@ def match(top: Node, users: Dict[Node, List[Node]], static, outputs) -> dict:
         m["experts"] = ex
         inside |= ex["region"]
         role["y"] = ex["y"]
+        add = _residual_add(ex["y"], users, outputs, inside) if residual else None
+        if add is not None:
+            inside.add(add)
+            role["y"], m["residual"] = add, _other(add, ex["y"])
     outs = [r for r in ROLES if r in role and (
         any(u not in inside for u in users.get(role[r], [])) or role[r] in outputs)]
     need("gates" in outs or "y" in outs, "the gates are not used")
@@ -320,6 +340,30 @@ def _experts(gates: Node, x: Node, users, outputs, E: int) -> dict:
             "act": "silu" if act_n.op is Op.SILU else "gelu",
             # in the body, cast(reshape(x32)) is read as reshape(x) (the same values)
             "xe": (lowp, xe) if lowp is not None else None}
+
+
+def _residual_add(y: Node, users, outputs, region) -> Optional[Node]:
+    """The add of a residual stream to the layer's output y, when that is y's only use and
+    the other operand (same shape and dtype) does not depend on the layer: a decode step's
+    op then returns y + residual, which its down-projection kernel adds (no pointwise kernel
+    after the layer)."""
+    us = users.get(y, [])
+    if y in outputs or len(us) != 1 or us[0].op is not Op.ADD:
+        return None
+    add = us[0]
+    r = _other(add, y)
+    if r is y or r.type.dtype != y.type.dtype or \
+            tuple(r.type.shape) != tuple(y.type.shape):
+        return None
+    seen, todo = set(), [r]
+    while todo:                               # r computed without the layer (no cycle)
+        n = todo.pop()
+        if n in region:
+            return None
+        if n not in seen:
+            seen.add(n)
+            todo += n.inputs
+    return add
 
 
 def _widened(n: Node, probs: Node) -> bool:
@@ -460,6 +504,7 @@ def _body(m: dict, name: str, static) -> Graph:
     body.meta["options"] = {"k": m["k"], "E": m["E"], "router": "softmax",
                             "renormalise": m["renorm"], "noise": m["noise"] is not None,
                             "capacity": m["capacity"], "carry": m["carry"] is not None,
+                            "residual": m["residual"] is not None,
                             "outputs": tuple(names),
                             "act": m["experts"]["act"] if m["experts"] else None,
                             "dtype": m["dtype"]}
@@ -498,7 +543,7 @@ def _inputs(m: dict) -> List[Node]:
     decode step with a capacity the carried count [B, 1, E] and the positions [T]."""
     ex = m["experts"]
     return [m["x"], m["w"]] + ([ex["wg"], ex["w1"], ex["w2"]] if ex else []) + \
-        list(m["carry"] or ())
+        ([m["residual"]] if m["residual"] is not None else []) + list(m["carry"] or ())
 
 
 def _kind(m: dict) -> str:
@@ -519,13 +564,18 @@ def _reason(m: dict) -> str:
     if m["experts"]:
         act = {"silu": "SwiGLU", "gelu": "GeGLU"}[m["experts"]["act"]]
         parts.append(f"{act} experts: sorted dispatch, grouped GEMMs, combine")
+        if m["residual"] is not None:
+            parts.append("residual added")
     else:
         parts.append(f"gating only ({m.get('layer_why', 'experts not fused')})")
     parts.append("outputs " + ", ".join(m["outputs"]))
     return "; ".join(parts)
 
 
-def fuse_moe_gating(g: Graph) -> Graph:
+def fuse_moe_gating(g: Graph, residual: bool = False) -> Graph:
+    """`residual` (a decode step's, codegen.program.DECODE_PASS_OPTIONS): a whole layer's op
+    also takes the residual add after it (y + r, r an input of the op); the training graphs
+    leave that add to the kernels after the layer, as the layer's backward op is the body's."""
     users = g.users()
     static: Dict[Node, bool] = {}
     for n in g.nodes:
@@ -539,7 +589,7 @@ def fuse_moe_gating(g: Graph) -> Graph:
         if n.op is not Op.TOPK:
             continue
         try:
-            m = match(n, users, lambda t: static.get(t, False), outputs)
+            m = match(n, users, lambda t: static.get(t, False), outputs, residual)
             need(not (m["region"] & taken), "overlaps another router region")
         except NoMatch as e:
             records.append({"pass": "fuse_moe_gating", "status": "declined",

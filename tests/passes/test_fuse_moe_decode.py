@@ -43,7 +43,8 @@ def _worst(dec, ids, full, k):
 @pytest.mark.parametrize("name,carry", [("blues01", False), ("minimax", True)])
 @pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
 def test_decode_step_moe_layers_fuse(name, carry, static):
-    g = fuse_moe_gating(decode_step(_zoo(name).graph, static=static).graph)
+    step = decode_step(_zoo(name).graph, static=static).graph
+    g = fuse_moe_gating(step, residual=True)
     recs = [r for r in g.meta["fusions"] if r["pass"] == "fuse_moe_gating"]
     layers = {"blues01": ["layers.1.moe"], "minimax": ["layers.0.moe", "layers.1.moe"]}[name]
     assert [(r["status"], r["where"].split()[0]) for r in recs] == [
@@ -53,11 +54,29 @@ def test_decode_step_moe_layers_fuse(name, carry, static):
     assert [n.attrs["kind"] for n in fused] == ["moe_layer"] * len(layers)
     # no dense expert product is left: every matmul with an [E, ., .] weight stack is fused
     assert not any(n.op is Op.MATMUL and n.inputs[1].type.rank == 3 for n in g.nodes)
-    if carry:     # inputs: x, W_r, Wg, W1, W2, the carried count [B, 1, E], the positions
-        for n in fused:
-            cnt, pos = n.inputs[5:7]
+    # minimax: the residual add after each layer is the op's (its y is read by no add, and
+    # its input after W2 is the residual stream, which the layer's input x is computed
+    # from); blues01 normalises the layer's output first (a sandwich norm): no add to take
+    assert all(n.attrs["body"].meta["options"]["residual"] == carry for n in fused)
+    assert all(("residual added" in r["reason"]) == carry for r in recs)
+    adds = [sum(n.op is Op.ADD for n in h.nodes) for h in (fuse_moe_gating(step), g)]
+    assert adds[0] - adds[1] == (len(fused) if carry else 0)
+    for n in fused if carry else []:
+        res, seen, todo = n.inputs[5], set(), [n.inputs[0]]
+        while todo and res not in seen:
+            seen.add(todo[-1])
+            todo += todo.pop().inputs
+        assert res in seen and tuple(res.type.shape) == tuple(n.inputs[0].type.shape)
+    if carry:     # inputs: x, W_r, Wg, W1, W2, the residual, the carried count [B, 1, E],
+        for n in fused:     # the positions
+            cnt, pos = n.inputs[6:8]
             assert cnt.op is Op.INPUT and cnt.attrs["name"].endswith(".moe.sum")
             assert pos.op is Op.INPUT and pos.attrs["name"] == "decode.pos"
+        # the new running count (the state the next step reads) is the op's output too
+        for i, _ in enumerate(layers):
+            new = g.outputs[f"layers.{i}.moe.sum'"]
+            assert new.op is Op.GETITEM and new.inputs[0] is fused[i]
+        assert all(r["reason"].endswith("outputs y, count") for r in recs)
 
 
 @pytest.mark.slow
@@ -111,6 +130,9 @@ def test_carried_counts_equal_the_whole_sequence():
     rest = moe._gating_forward(x[:, P:].reshape(-1, d), w, None, k, True, None, T - P,
                                capacity=cap, carry=(counts.reshape(B, 1, E),
                                                     torch.arange(P, T)))
+    # the count after the step: the whole sequence's slots per expert
+    assert torch.equal(rest.count, torch.zeros(B * T, E).scatter_(1, full.idx.long(), 1.0)
+                       .reshape(B, T, E).sum(1))
     want = full.kept.reshape(B, T, k)[:, P:].reshape(-1, k)
     assert 0 < int(want.sum()) < want.numel()          # some kept, some dropped
     assert torch.equal(rest.kept, want)
