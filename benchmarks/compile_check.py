@@ -134,9 +134,13 @@ def record(models, out_path, precisions=("f32",)):
         json.dump(list(seen.values()), f)
 
 
-def compile_all(in_path, arch, limit_variants=None, only=None, shard=(0, 1)) -> int:
+def compile_all(in_path, arch, limit_variants=None, only=None, shard=(0, 1),
+                threads=1) -> int:
     """Compiler side (interpreter off): compile each recorded launch for the target (the
-    launches i with i % n == k for shard (k, n))."""
+    launches i with i % n == k for shard (k, n)), on `threads` threads (Triton's compiler
+    drops the GIL, as lmc/codegen/autotune.py relies on for an autotuned key's configs)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -150,8 +154,11 @@ def compile_all(in_path, arch, limit_variants=None, only=None, shard=(0, 1)) -> 
     modules = {}
     target = GPUTarget("cuda", arch, 32)
     limit = SMEM_LIMIT.get(arch)
-    failed, skipped, worst, done, fitting = [], [], (0, ""), set(), set()
+    failed, skipped, worst = [], [], (0, "")
     t0 = time.perf_counter()
+    # every launch's variants (an autotuned kernel: each of its GPU configurations), then
+    # each distinct variant compiled once
+    launches, tasks = [], {}
     for it in items:
         f = it["file"]
         if f not in modules:
@@ -180,38 +187,51 @@ def compile_all(in_path, arch, limit_variants=None, only=None, shard=(0, 1)) -> 
             variants = [({**it["constexprs"], **c.kwargs},
                          {"num_warps": c.num_warps, "num_stages": c.num_stages})
                         for c in configs]
-        over, fits = [], 0
+        keys = []
         for consts, options in variants:
             key = json.dumps([f, it["name"], it["signature"], consts, options], sort_keys=True)
-            if key in done or (limit_variants is not None and len(done) >= limit_variants):
-                fits += key in fitting
-                continue
-            done.add(key)
-            what = f"{os.path.basename(f)}:{it['name']} {consts} {options or ''}"
-            try:
-                src = ASTSource(fn=fn, signature=it["signature"], constexprs=consts)
-                k = triton.compile(src, target=target, options=options or None)
-            except Exception as e:          # report every failure, not just the first
-                msg = str(e).strip().splitlines()
-                failed.append(f"{what}: {type(e).__name__}: {msg[-1] if msg else ''}")
-                continue
-            shared = k.metadata.shared
-            if limit is not None and shared > limit:
-                over.append(f"{what}: needs {shared} B of shared memory (limit {limit})")
-                continue
-            fitting.add(key)
-            fits += 1
-            worst = max(worst, (shared, what))
+            if key not in tasks and (limit_variants is None or len(tasks) < limit_variants):
+                what = f"{os.path.basename(f)}:{it['name']} {consts} {options or ''}"
+                tasks[key] = (fn, it["signature"], consts, options, what)
+            if key in tasks:
+                keys.append(key)
+        launches.append((bool(configs), keys))
+
+    def build(task):
+        fn, signature, consts, options, what = task
+        try:
+            src = ASTSource(fn=fn, signature=signature, constexprs=consts)
+            return triton.compile(src, target=target, options=options or None).metadata.shared
+        except Exception as e:          # report every failure, not just the first
+            msg = str(e).strip().splitlines()
+            return f"{what}: {type(e).__name__}: {msg[-1] if msg else ''}"
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        result = dict(zip(tasks, pool.map(build, tasks.values())))
+    reported = set()
+    for autotuned, keys in launches:
+        over, fits = [], 0
+        for key in keys:
+            what, shared = tasks[key][4], result[key]
+            if isinstance(shared, str):
+                if key not in reported:
+                    failed.append(shared)
+                    reported.add(key)
+            elif limit is not None and shared > limit:
+                over.append((key, f"{what}: needs {shared} B of shared memory (limit {limit})"))
+            else:
+                fits += 1
+                worst = max(worst, (shared, what))
         # an autotuner skips a config that cannot launch (Triton's OutOfResources): one over
         # the limit is a failure only for a kernel launched as it is, or if no config fits
-        if configs and fits:
-            skipped += over
-        else:
-            failed += over
-    print(f"compiled {len(done) - len(failed) - len(skipped)}/{len(done)} kernel variants "
+        for key, line in over:
+            if key not in reported:
+                (skipped if autotuned and fits else failed).append(line)
+                reported.add(key)
+    print(f"compiled {len(tasks) - len(failed) - len(skipped)}/{len(tasks)} kernel variants "
           f"({len(items)} launches) with Triton {triton.__version__} for sm_{arch} in "
-          f"{time.perf_counter() - t0:.0f} s; {len(skipped)} autotuner configs over the "
-          f"shared memory (skipped at run time); most shared memory {worst[0]} B ({worst[1]})")
+          f"{time.perf_counter() - t0:.0f} s on {max(1, threads)} thread(s); {len(skipped)} "
+          f"autotuner configs over the shared memory (skipped at run time); most shared "
+          f"memory {worst[0]} B ({worst[1]})")
     for line in skipped:
         print("SKIPPED", line)
     for line in failed:
@@ -237,12 +257,14 @@ def main(argv=None) -> int:
                     help="compile at most this many kernel variants (a quick check)")
     ap.add_argument("--jobs", type=int, default=1,
                     help="compiler processes (each takes every n-th launch)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="compiler threads in each process")
     ap.add_argument("--compile-only", metavar="FILE", help=argparse.SUPPRESS)
     ap.add_argument("--shard", default="0/1", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.compile_only:
         k, n = map(int, a.shard.split("/"))
-        return compile_all(a.compile_only, a.arch, a.limit, a.only, (k, n))
+        return compile_all(a.compile_only, a.arch, a.limit, a.only, (k, n), a.threads)
     models = [m for m in a.models.split(",") if m]
     bad = [m for m in models if m not in MODELS]
     if bad:
@@ -260,7 +282,7 @@ def main(argv=None) -> int:
     record(models, path, precs)
     env = dict(os.environ, TRITON_INTERPRET="0")
     extra = ([] if a.limit is None else ["--limit", str(a.limit)]) + \
-        ([] if a.only is None else ["--only", a.only])
+        ([] if a.only is None else ["--only", a.only]) + ["--threads", str(a.threads)]
     jobs = max(1, a.jobs)
     procs = [subprocess.Popen([a.compiler_python, os.path.abspath(__file__), "--compile-only",
                                path, "--arch", str(a.arch), "--shard", f"{k}/{jobs}", *extra],

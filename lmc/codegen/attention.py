@@ -843,7 +843,8 @@ def _launch(kind: str, grid, *args, **constexprs):
         _JIT[kind][grid(blocks)](*args, **constexprs, **blocks)
         return
     if kind not in _TUNED:
-        _TUNED[kind] = triton.autotune(configs=_configs(kind), key=_KEYS[kind])(_JIT[kind])
+        from .autotune import autotune
+        _TUNED[kind] = autotune(_JIT[kind], _configs(kind), _KEYS[kind])
     _TUNED[kind][grid](*args, **constexprs)
 
 

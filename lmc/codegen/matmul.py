@@ -825,15 +825,14 @@ def prune_configs(configs, nargs, **kwargs):
 
 def _autotuned(kernel, split: bool = False):
     """`kernel` wrapped in triton.autotune (keyed on M, N, K, and SPLIT_MAX for a kernel
-    that may split K), made once per kernel."""
-    import triton
+    that may split K; codegen/autotune.py: configs compiled in parallel), made once per
+    kernel."""
+    from .autotune import autotune
 
     hit = _TUNED.get(id(kernel))
     if hit is None or hit[0] is not kernel:
         key = ["M", "N", "K"] + (["SPLIT_MAX"] if split else [])
-        hit = (kernel, triton.autotune(configs=gpu_configs(split), key=key,
-                                       prune_configs_by={"early_config_prune": prune_configs})
-               (kernel))
+        hit = (kernel, autotune(kernel, gpu_configs(split), key, prune=prune_configs))
         _TUNED[id(kernel)] = hit
     return hit[1]
 
