@@ -14,7 +14,8 @@ training, bf16-weight decode) run in the interpreter too, only to be recorded: T
 interpreter computes bf16 on bit patterns, so their values are garbage and unused.
 
     .venv/bin/python benchmarks/compile_check.py [--models llama,yoco] [--arch 90] [--limit N]
-                                                 [--precision f32,bf16]
+                                                 [--precision f32,bf16] [--jobs P] [--threads N]
+                                                 [--only MODULE_PREFIX] [--kernels NAME_PREFIX]
                                                  [--compiler-python /path/to/venv/bin/python]
 
 Exit 1 when a kernel fails to compile or needs more shared memory than the GPU has (an
@@ -135,7 +136,7 @@ def record(models, out_path, precisions=("f32",)):
 
 
 def compile_all(in_path, arch, limit_variants=None, only=None, shard=(0, 1),
-                threads=1) -> int:
+                threads=1, kernels=None) -> int:
     """Compiler side (interpreter off): compile each recorded launch for the target (the
     launches i with i % n == k for shard (k, n)), on `threads` threads (Triton's compiler
     drops the GIL, as lmc/codegen/autotune.py relies on for an autotuned key's configs)."""
@@ -150,7 +151,9 @@ def compile_all(in_path, arch, limit_variants=None, only=None, shard=(0, 1),
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
     from lmc.codegen.matmul import gpu_configs
     items = [it for i, it in enumerate(json.load(open(in_path)))
-             if (only is None or it["module"].startswith(only)) and i % shard[1] == shard[0]]
+             if (only is None or it["module"].startswith(only))
+             and (kernels is None or it["name"].startswith(kernels))
+             and i % shard[1] == shard[0]]
     modules = {}
     target = GPUTarget("cuda", arch, 32)
     limit = SMEM_LIMIT.get(arch)
@@ -250,6 +253,9 @@ def main(argv=None) -> int:
     ap.add_argument("--launches", default=None, help="where to keep the recorded launches")
     ap.add_argument("--only", default=None, metavar="MODULE_PREFIX",
                     help="compile only kernels of these modules (lmc.codegen: the templates)")
+    ap.add_argument("--kernels", default=None, metavar="NAME_PREFIX",
+                    help="compile only kernels whose name starts so (lmc_red_: the "
+                         "reduction kernels)")
     ap.add_argument("--compiler-python", default=sys.executable, metavar="PYTHON",
                     help="the Python (and so the Triton) that compiles the recorded launches, "
                          "e.g. a venv with the GPU machine's Triton release")
@@ -264,7 +270,8 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a.compile_only:
         k, n = map(int, a.shard.split("/"))
-        return compile_all(a.compile_only, a.arch, a.limit, a.only, (k, n), a.threads)
+        return compile_all(a.compile_only, a.arch, a.limit, a.only, (k, n), a.threads,
+                           a.kernels)
     models = [m for m in a.models.split(",") if m]
     bad = [m for m in models if m not in MODELS]
     if bad:
@@ -282,7 +289,8 @@ def main(argv=None) -> int:
     record(models, path, precs)
     env = dict(os.environ, TRITON_INTERPRET="0")
     extra = ([] if a.limit is None else ["--limit", str(a.limit)]) + \
-        ([] if a.only is None else ["--only", a.only]) + ["--threads", str(a.threads)]
+        ([] if a.only is None else ["--only", a.only]) + ["--threads", str(a.threads)] + \
+        ([] if a.kernels is None else ["--kernels", a.kernels])
     jobs = max(1, a.jobs)
     procs = [subprocess.Popen([a.compiler_python, os.path.abspath(__file__), "--compile-only",
                                path, "--arch", str(a.arch), "--shard", f"{k}/{jobs}", *extra],

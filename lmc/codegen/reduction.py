@@ -13,7 +13,11 @@ out, and a last pass that computes and stores the row epilogue:
 
 Every tensor is addressed through strides (0 on broadcast axes), row offsets in int64, and
 the reduced axis may be any axis (a column sum reads along a strided axis). Accumulators are
-fp32; logsumexp is computed online (running max and rescaled sum) in one pass.
+fp32; logsumexp is computed online (running max and rescaled sum) in one pass. A static
+decode step's cache write (fuse_cache_writes) stores a row output into the cache in place:
+the row's slot along the write axis is pos[i_w], loaded once per row. A cumsum along the
+kernel's axis is a row value: in each pass that needs it a per-row fp32 carry starts at 0
+and each chunk adds its inclusive prefix (`tl.cumsum`) to it.
 """
 from __future__ import annotations
 
@@ -26,6 +30,9 @@ from . import interpreter_blocks
 from .pointwise import HELPERS, TL_DTYPE, _expr, literal  # noqa: F401  (HELPERS: the module)
 
 RED_OPS = (Op.SUM, Op.MEAN, Op.AMAX, Op.LOGSUMEXP)
+# a scan along the kernel's axis: a row value computed in the pass loop, the chunks walked in
+# order with a per-row carry
+SCAN_OPS = (Op.CUMSUM,)
 
 
 class Plan:
@@ -35,14 +42,19 @@ class Plan:
 
     def __init__(self, body: Graph):
         reds = [n for n in body.nodes if n.op in RED_OPS]
-        self.space = reds[0].inputs[0].type.shape
-        self.axis = reds[0].attrs["axis"]
+        first = next(n for n in body.nodes if n.op in RED_OPS + SCAN_OPS)
+        self.space = first.inputs[0].type.shape
+        self.axis = first.attrs["axis"] % len(self.space)
         self.rank = len(self.space)
         self.level: Dict[Node, str] = {}
         self.depth: Dict[Node, int] = {}
         for n in body.nodes:
             if n.op is Op.INPUT or n.op is Op.CONST:
                 self.depth[n] = 0
+                continue
+            if n.op is Op.INDEX_COPY:     # fuse_cache_writes: its value, stored in a cache
+                self.level[n] = self.level[n.inputs[2]]
+                self.depth[n] = self.depth[n.inputs[2]]
                 continue
             if n.op in RED_OPS:
                 self.level[n] = "per_row"
@@ -53,6 +65,11 @@ class Plan:
         self.inputs = [n for n in body.nodes if n.op is Op.INPUT]
         self.input_levels: Dict[Node, Set[str]] = {n: set() for n in self.inputs}
         for n in body.nodes:
+            if n.op is Op.INDEX_COPY:
+                # the cache is the output's buffer (written in place), never loaded; the
+                # positions are read once per row
+                self.input_levels[n.inputs[1]].add("pos")
+                continue
             for x in n.inputs:
                 if x.op is Op.INPUT:
                     # a reduction reads its input per element
@@ -62,6 +79,13 @@ class Plan:
         self.passes = max([self.depth[n] for n in reds]
                           + [self.depth[o] + 1 for o in self.outputs
                              if self.level.get(o) == "row"])
+        self.scans = [n for n in body.nodes if n.op in SCAN_OPS]
+
+    def write_axis(self, o: Node) -> Optional[int]:
+        """For a cache write output, its axis among the row dims (`_row_dims`)."""
+        if o.op is not Op.INDEX_COPY:
+            return None
+        return _row_dims(self.rank, self.axis).index(o.attrs["axis"] % self.rank)
 
     def user_shape(self, x: Node, level: str, body: Graph):
         """The shape an input is broadcast to at a level (its users' shape there)."""
@@ -127,6 +151,9 @@ def generate(body: Graph, name: str) -> str:
     args += ["R", "N"] + [f"RS{k}" for k in range(L)]
     for i, x in enumerate(p.inputs):
         for lvl in sorted(p.input_levels[x]):
+            if lvl == "pos":
+                args.append(f"in{i}_s0")
+                continue
             tag = "r" if lvl == "row" else "p"
             args += [f"in{i}_{tag}s{k}" for k in range(L)]
             if lvl == "row":
@@ -168,7 +195,17 @@ def generate(body: Graph, name: str) -> str:
             lines.append(f"    p{i} = {load}")
             val[x] = f"p{i}"
     for j, o in enumerate(p.outputs):
-        lines.append(f"    out{j}_row = {row_off(f'out{j}_s')}")
+        w = p.write_axis(o)
+        if w is None:
+            lines.append(f"    out{j}_row = {row_off(f'out{j}_s')}")
+            continue
+        # a cache write: the out pointer is the cache, the row's slot along the write axis
+        # is pos[i_w] (fuse_cache_writes)
+        q = p.inputs.index(o.inputs[1])
+        lines.append(f"    pos{j} = tl.load(in{q}_ptr + i{w} * in{q}_s0, mask=rmask, "
+                     f"other=0)  # the cache slot of each row's position")
+        lines.append(f"    out{j}_row = " + " + ".join(
+            f"{f'pos{j}' if k == w else f'i{k}'} * out{j}_s{k}" for k in range(L)))
     for m in body.nodes:
         if m.op is Op.CONST:
             val[m] = literal(m)
@@ -179,7 +216,9 @@ def generate(body: Graph, name: str) -> str:
     def store_row(o: Node, ind: str):
         j = out_index[o]
         lines.append(f"{ind}tl.store(out{j}_ptr + (out{j}_row[:, None] + cols[None, :] * "
-                     f"out{j}_sax), ({rowval[o]}).to({TL_DTYPE[o.type.dtype]}), mask=m2)")
+                     f"out{j}_sax), ({rowval[_value(o)]}).to({TL_DTYPE[o.type.dtype]}), "
+                     f"mask=m2)" + (f"  # out{j} is the cache" if o.op is Op.INDEX_COPY
+                                    else ""))
 
     def store_per_row(o: Node, ind: str):
         j = out_index[o]
@@ -202,7 +241,7 @@ def generate(body: Graph, name: str) -> str:
         reds = [m for m in body.nodes if m.op in RED_OPS and p.depth[m] == k]
         stores = [o for o in p.outputs if p.level.get(o) == "row" and p.depth[o] == k - 1]
         needed: Set[Node] = set()
-        stack = [m.inputs[0] for m in reds] + stores
+        stack = [m.inputs[0] for m in reds] + [_value(o) for o in stores]
         while stack:
             m = stack.pop()
             if m in needed or m.op is Op.CONST or (m.op is not Op.INPUT
@@ -214,6 +253,9 @@ def generate(body: Graph, name: str) -> str:
             f"{m.op.value}" for m in reds) or "store the row epilogue"))
         for m in reds:
             lines += ["    " + ln for ln in fold_init(m.op, index[m], "BLOCK_R")]
+        for m in p.scans:
+            if m in needed:          # the sum of the row's earlier chunks
+                lines.append(f"    carry{index[m]} = tl.zeros([BLOCK_R], tl.float32)")
         lines += [
             "    for c0 in range(0, N, BLOCK_N):",
             "        cols = (c0 + tl.arange(0, BLOCK_N)).to(tl.int64)",
@@ -235,8 +277,15 @@ def generate(body: Graph, name: str) -> str:
             a = [rowval[x] if x in rowval and (x.op is Op.CONST or x.op is Op.INPUT
                                                or p.level[x] == "row")
                  else f"{val[x]}[:, None]" for x in m.inputs]
-            lines.append(f"{ind}t{index[m]} = {_expr(m, a)}  # {m.op.value} -> {m.type}")
-            rowval[m] = f"t{index[m]}"
+            t = index[m]
+            if m.op is Op.CUMSUM:    # inclusive prefix within the chunk, plus the carry
+                lines.append(f"{ind}x{t} = tl.where(m2, ({a[0]}).to(tl.float32), 0.0)")
+                lines.append(f"{ind}t{t} = carry{t}[:, None] + tl.cumsum(x{t}, 1)  "
+                             f"# cumsum -> {m.type}")
+                lines.append(f"{ind}carry{t} += tl.sum(x{t}, 1)")
+            else:
+                lines.append(f"{ind}t{t} = {_expr(m, a)}  # {m.op.value} -> {m.type}")
+            rowval[m] = f"t{t}"
         for m in reds:
             lines += [ind + ln for ln in fold_step(m.op, index[m], rowval[m.inputs[0]], "m2")]
         for o in stores:
@@ -250,6 +299,11 @@ def generate(body: Graph, name: str) -> str:
             rowval.pop(m, None)
         emit_per_row(k)
     return "\n".join(lines) + "\n"
+
+
+def _value(o: Node) -> Node:
+    """What an output stores: a cache write's new values, else itself."""
+    return o.inputs[2] if o.op is Op.INDEX_COPY else o
 
 
 def launch(kernel, xs, outs, body: Graph, ctx, interpret: bool) -> None:
@@ -278,12 +332,15 @@ def launch(kernel, xs, outs, body: Graph, ctx, interpret: bool) -> None:
     args: list = list(xs) + list(outs) + [R, N] + row_sizes
     for x, t in zip(p.inputs, xs):
         for lvl in sorted(p.input_levels[x]):
+            if lvl == "pos":
+                args.append(t.stride(0))
+                continue
             st = strides_in_space(t, p.user_shape(x, lvl, body))
             args += [st[d] for d in rows]
             if lvl == "row":
                 args.append(st[p.axis])
     for o, t in zip(p.outputs, outs):
-        st = strides_in_space(t, o.type.shape)
+        st = strides_in_space(t, o.type.shape)     # a cache write's: the cache's own
         args += [st[d] for d in rows]
         if p.level[o] == "row":
             args.append(st[p.axis])

@@ -12,7 +12,10 @@ store of the kernel that computes `value`:
   at the cache offset with the index along the write axis replaced by ``pos[i]``;
 - a horizontal matmul (the q, k, v projections; `fuse_matmul._merge_siblings`) whose output
   is `value` itself, written along the row axis of ``[B, T, N]``: each tile stores its rows
-  at ``(b, pos[t])``.
+  at ``(b, pos[t])``;
+- a reduction kernel (an RMSNorm: MLA's latent c_KV) whose output is a value of its row
+  space, written along a row axis (not the reduced one): each row is stored at its slot
+  ``pos[i_w]``.
 
 The FUSED node's body gains the cache and the positions as placeholders and the INDEX_COPY
 itself (so the torch backend, and any test comparing a kernel with its body, still computes
@@ -57,6 +60,14 @@ def _target(n: Node, users, outputs) -> str:
             return "only a horizontal matmul's plain output is stored to a cache"
         if o.type.rank != 3 or n.attrs["axis"] not in (1, -2):
             return "a matmul stores to a cache along the rows of [B, T, N] only"
+        return ""
+    if f.attrs["kind"] == "reduction":
+        from ..codegen.reduction import Plan
+        p = Plan(body)
+        if p.level.get(o) != "row":
+            return "a reduction kernel stores to a cache only a value of its row space"
+        if n.attrs["axis"] % p.rank == p.axis:
+            return "the write axis is the kernel's reduced axis"
         return ""
     return f"a {f.attrs['kind']} kernel does not store to a cache"
 

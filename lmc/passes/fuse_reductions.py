@@ -16,6 +16,11 @@ logsumexp and a write pass. Grouping is greedy in topological order with fuse_po
 source, or comes before the group's first node), which keeps the contracted graph acyclic.
 Groups that end up holding no reduction are left for fuse_pointwise. Each reduction that
 does not fuse is recorded with the reason.
+
+A float cumsum is a scan along the group's axis (a row value; the kernel walks the row's
+chunks in order with a carry), so it sets the axis as a reduction does. A reduction or scan
+whose input another group already reduces along the same axis joins that group (`sibling`):
+one pass over the rows serves both.
 """
 from __future__ import annotations
 
@@ -147,25 +152,43 @@ def fuse_reductions(g: Graph) -> Graph:
         group_of[n] = gid
         level_of[n] = level
 
+    def sibling(n: Node, x: Node, ax: int) -> Optional[int]:
+        """A group already reducing or scanning `x` (not one of its own values) along `ax`:
+        n, read from the same rows, joins it (medit_one's decode step: the running mean's cumsum
+        and the new running sum, one pass over the step's rows)."""
+        for u in users[x]:
+            gid = group_of.get(u)
+            if gid is not None and u.op in RED_OPS + (Op.CUMSUM,) and u.inputs[0] is x \
+                    and groups[gid].axis == ax and groups[gid].space == x.type.shape \
+                    and ordered(n, gid):
+                return gid
+        return None
+
     for n in g.nodes:
-        if n.op in (Op.CUMSUM, Op.CUMPROD):
-            declined.append((n, f"{n.op.value} is a scan along an axis: left to torch"))
+        if n.op is Op.CUMPROD or (n.op is Op.CUMSUM and (
+                n.type.dtype.value not in ("f32", "f16", "bf16") or n.type.rank == 0)):
+            declined.append((n, f"{n.op.value} of {n.type.dtype.value} is a scan left to "
+                                "torch"))
             continue
-        if n.op in RED_OPS:
-            why = _decline_reason(n)
+        if n.op in RED_OPS or n.op is Op.CUMSUM:
+            why = _decline_reason(n) if n.op in RED_OPS else None
             if why:
                 declined.append((n, why))
                 continue
-            x, ax = n.inputs[0], n.attrs["axis"]
+            # a reduction (a per-row value) or a scan along the kernel's axis (a row value):
+            # in the group of its prologue, or of a sibling over the same rows, or a new one
+            x, ax = n.inputs[0], n.attrs["axis"] % n.inputs[0].type.rank
+            level = "row" if n.op is Op.CUMSUM else "row_value"
             gid = group_of.get(x)
-            if (gid is not None and level_of[x] == "row" and groups[gid].axis in (None, ax)):
+            if gid is not None and level_of[x] == "row" and groups[gid].axis in (None, ax):
                 groups[gid].axis = ax
-                add(n, gid, "row_value")
             else:
-                grp = _Group(order[n], x.type.shape)
-                grp.axis = ax
-                groups.append(grp)
-                add(n, len(groups) - 1, "row_value")
+                gid = sibling(n, x, ax)
+                if gid is None:
+                    groups.append(_Group(order[n], x.type.shape))
+                    gid = len(groups) - 1
+                    groups[gid].axis = ax
+            add(n, gid, level)
             continue
         if n.op.kind is not Kind.POINTWISE or not fusible(n)[0]:
             continue
@@ -197,7 +220,7 @@ def fuse_reductions(g: Graph) -> Graph:
 
     def build(members, gid, used, new):
         grp = kept[gid]
-        reds = [m for m in members if m.op in RED_OPS]
+        reds = [m for m in members if m.op in RED_OPS + (Op.CUMSUM,)]
         ops = "+".join(dict.fromkeys(m.op.value for m in members))
         fusions.append({"pass": "fuse_reductions", "status": "fused",
                         "where": _where(reds[0]),

@@ -1,7 +1,7 @@
 """Reduction kernels (a reduction with its pointwise prologue and epilogue) and the generated
 wrapper program, in Triton's interpreter against the oracle: RMSNorm, softmax and
-cross-entropy as one kernel each, random graphs over every axis, ragged sizes (1, primes,
-block +- 1), fp16, the memory plan."""
+cross-entropy as one kernel each, cumsum as a scan in its prologue's kernel, random graphs
+over every axis, ragged sizes (1, primes, block +- 1), fp16, the memory plan."""
 import os
 
 import pytest
@@ -99,7 +99,7 @@ def reduction_graph(draw):
     outs = []
     for _ in range(draw(st.integers(1, 5))):
         v = draw(st.sampled_from(vals))
-        kind = draw(st.sampled_from(["red", "un", "bin", "softmax", "norm"]))
+        kind = draw(st.sampled_from(["red", "un", "bin", "softmax", "norm", "cumsum"]))
         ax = draw(st.integers(0, 2))
         if kind == "red":
             op = draw(st.sampled_from(["sum", "mean", "amax", "logsumexp"]))
@@ -113,6 +113,8 @@ def reduction_graph(draw):
             vals.append(v * draw(st.sampled_from(vals)) + 0.5)
         elif kind == "softmax":
             vals.append(b.softmax(v, ax))
+        elif kind == "cumsum":
+            vals.append(b.cumsum(v, ax))
         else:
             vals.append(v * b.rsqrt(b.mean(v * v, ax) + 1e-5))
     outs += vals[2:][-2:]
@@ -134,14 +136,47 @@ def test_random_reduction_graphs_match_the_oracle(gs, batch, seed):
     assert len(left) <= len(declined)
 
 
-def test_scans_are_declined_with_a_reason():
+@pytest.mark.parametrize("gpu_blocks", [False, True], ids=["interp", "gpu_blocks"])
+@pytest.mark.parametrize("axis,n", [(1, 1), (1, 31), (1, 65), (2, 64), (2, 2100)])
+def test_cumsum_is_a_scan_in_the_kernel_of_its_prologue_and_epilogue(axis, n, gpu_blocks,
+                                                                      monkeypatch):
+    """exp(x) -> cumsum -> (+ state) / count and the running total (a sum of the same rows):
+    one kernel. With the GPU's block sizes (at most 32 along a strided axis, 2048 along a
+    contiguous one) the rows span several chunks: the carry crosses them in order."""
+    if gpu_blocks:
+        monkeypatch.setenv("LMC_GPU_BLOCKS", "1")
+    shape = [B, n, 6] if axis == 1 else [B, 3, n]
+    b = Builder({}, {})
+    x = b.input("x", shape, "f32")
+    st_ = b.input("s", [B, 1, 6] if axis == 1 else [B, 3, 1], "f32")
+    e = b.exp(x * 0.1)
+    c = (b.cumsum(e, axis) + st_) / 3.0
+    tot = b.sum(e, axis) + st_
+    g = Graph("cs", b.nodes, {"c": c.node, "tot": tot.node})
+    for bsz in (1, 2):
+        vals = {"x": torch.randn(bsz, *shape[1:]), "s": torch.randn(bsz, *st_.shape[1:])}
+        p = _check(g, vals, rtol=1e-5, atol=1e-5)
+    # (n = 1: the sum over one element is a copy, left to a pointwise kernel)
+    assert _kinds(p) == (["reduction"] if n > 1 else ["reduction", "pointwise"])
+    assert not any(m.op is Op.CUMSUM for m in p.graph.nodes)
+
+
+def test_other_scans_are_declined_with_a_reason():
     b = Builder({}, {})
     x = b.input("x", [B, T], "f32")
-    y = b.cumsum(b.exp(x), 1)
-    g = Graph("cs", b.nodes, {"y": y.node})
-    p = _check(g, {"x": torch.randn(2, 5)})
+    i = b.input("i", [B, T], "i64")
+    y = b.cumprod(b.exp(x), 1)
+    z = b.cumsum(i, 1)
+    g = Graph("cs", b.nodes, {"y": y.node, "z": z.node})
+    p = TritonProgram(g)
     recs = [f for f in p.graph.meta["fusions"] if f["pass"] == "fuse_reductions"]
-    assert recs and recs[0]["status"] == "declined" and "scan" in recs[0]["reason"]
+    assert [r["status"] for r in recs] == ["declined", "declined"]
+    assert all("scan left to torch" in r["reason"] for r in recs)
+    vals = {"x": torch.randn(2, 5), "i": torch.randint(0, 9, (2, 5))}
+    want = run_graph(g, vals, RefCtx(dims=bind_dims(g, vals)))
+    got = p.run(vals, RefCtx(dims=bind_dims(g, vals)))
+    torch.testing.assert_close(got["y"], want["y"])
+    assert torch.equal(got["z"], want["z"])
 
 
 def test_memory_plan_reuses_dead_buffers_and_keeps_outputs():

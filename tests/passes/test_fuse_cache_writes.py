@@ -105,3 +105,69 @@ def test_without_cache_writes_the_write_stays_functional():
     before = vals["cache"].clone()
     p.run(vals, RefCtx(dims=bind_dims(g, vals)))
     assert torch.equal(vals["cache"], before)
+
+
+def _norm_graph(axis, reduce_axis=-1):
+    """RMSNorm of x [B, T, 6] (over `reduce_axis`) written into a cache along `axis`; its
+    per-row scale is an output too (a second store of the kernel)."""
+    b = Builder({}, {})
+    x = b.input("x", [Dim.sym("B"), Dim.sym("T"), 6], "f32")
+    w = b.input("w", [6], "f32")
+    if axis % 3 == 1:
+        cache = b.input("cache", [Dim.sym("B"), 9, 6], "f32")
+        pos = b.input("pos", [Dim.sym("T")], "i64")
+    else:
+        cache = b.input("cache", [Dim.sym("B"), Dim.sym("T"), 9], "f32")
+        pos = b.input("pos", [6], "i64")
+    r = b.rsqrt(b.mean(x * x, reduce_axis) + 1e-6)
+    v = x * r * w
+    new = b.node(Op.INDEX_COPY, (cache, pos, v), {"axis": axis})
+    return Graph("norm_write", b.nodes, {"cache": new.node, "r": r.node})
+
+
+def test_a_reduction_kernel_stores_its_rows_into_the_cache_in_place():
+    """MLA's latent: a norm's output written along T by the norm's kernel (the row's slot is
+    pos[t]), positions out of order, T = 1 and 3, B = 2; the other rows untouched."""
+    g = _norm_graph(1)
+    p = TritonProgram(g, cache_writes=True)
+    assert not any(n.op is Op.INDEX_COPY for n in p.graph.nodes)
+    (rec,) = [f for f in p.graph.meta["fusions"] if f["pass"] == "fuse_cache_writes"]
+    assert rec["status"] == "fused" and rec["reason"].endswith("(reduction)"), rec
+    for pos in ([4], [6, 0, 2]):
+        T = len(pos)
+        cache = torch.full((2, 9, 6), 1e30)
+        vals = {"x": torch.randn(2, T, 6), "w": torch.randn(6), "cache": cache.clone(),
+                "pos": torch.tensor(pos)}
+        want = run_graph(g, {**vals, "cache": cache.clone()}, RefCtx(dims=bind_dims(g, vals)))
+        got = p.run(vals, RefCtx(dims=bind_dims(g, vals)))
+        assert got["cache"] is vals["cache"]              # written in place
+        torch.testing.assert_close(got["cache"], want["cache"])
+        torch.testing.assert_close(got["r"], want["r"])
+        assert (got["cache"][:, [i for i in range(9) if i not in pos]] == 1e30).all()
+    # reduced along T (a column statistic), written along the last axis: strided rows
+    g = _norm_graph(2, reduce_axis=1)
+    p = TritonProgram(g, cache_writes=True)
+    assert not any(n.op is Op.INDEX_COPY for n in p.graph.nodes)
+    _equal_to_the_oracle(g, p, 5)
+
+
+def _equal_to_the_oracle(g, p, T):
+    """Program p of _norm_graph g against the oracle, the cache written along the last axis
+    at scrambled positions."""
+    vals = {"x": torch.randn(2, T, 6), "w": torch.randn(6), "cache": torch.randn(2, T, 9),
+            "pos": torch.tensor([8, 0, 3, 5, 1, 2])}
+    want = run_graph(g, {**vals, "cache": vals["cache"].clone()},
+                     RefCtx(dims=bind_dims(g, vals)))
+    got = p.run(dict(vals), RefCtx(dims=bind_dims(g, vals)))
+    torch.testing.assert_close(got["cache"], want["cache"])
+    torch.testing.assert_close(got["r"], want["r"])
+
+
+def test_a_write_along_the_reduced_axis_stays_an_index_copy():
+    g = _norm_graph(2, reduce_axis=2)
+    p = TritonProgram(g, cache_writes=True)
+    assert any(n.op is Op.INDEX_COPY for n in p.graph.nodes)
+    (rec,) = [f for f in p.graph.meta["fusions"] if f["pass"] == "fuse_cache_writes"]
+    assert rec == {**rec, "status": "declined",
+                   "reason": "the write axis is the kernel's reduced axis"}, rec
+    _equal_to_the_oracle(g, p, 3)
