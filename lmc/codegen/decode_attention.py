@@ -9,7 +9,9 @@ rotated).
             positions decode.ringW.keys [S = W + T] (i64, negative: slot never written).
     output  [B, H, T, D] in q's dtype.
     With score parts (options parts = 2, MLA's absorbed form): inputs q_1, q_2, k_1, k_2
-    [, decode.pos [, keys' positions]]; scores q_1 k_1^T + q_2 k_2^T, values k_{v_part}:
+    [, v when v_part is None (partial RoPE's two key caches, values their own)]; with
+    options q_split (partial RoPE) one q, its first q_split columns q_1, the rest q_2
+    [, decode.pos [, keys' positions]]; scores q_1 k_1^T + q_2 k_2^T, values k_{v_part} or v:
     the decode kernel reads the two caches where they lie (k = k_1, k2 = k_2, v = the
     value part, q and q2 likewise: no copy of a cache or of q per step) and writes the output
     directly. Only a long dynamic prefill (the forward kernel, one K) runs on
@@ -63,14 +65,22 @@ def launch_template(template: str, xs: List, outs: List, opts: dict) -> None:
         _attend(q, k, v, pos, kpos, out, opts)
         return
     # scores in two parts over separate caches, the values one of the keys (MLA's absorbed
-    # form: (q_C W_UK^T) c_KV^T + q_R k_R^T, values c_KV): the decode kernel's two-part keys
-    # read both caches in place (the pass matches a sum of two products, never more)
+    # form: (q_C W_UK^T) c_KV^T + q_R k_R^T, values c_KV) or their own (partial RoPE): the
+    # decode kernel's two-part keys read both caches in place (the pass matches two parts)
     if n != 2:
         raise LmcError(f"decode_attention takes scores in 1 or 2 parts: got {n}")
+    if opts.get("q_split"):       # q whole, sliced here (views): partial RoPE's form
+        d1 = int(opts["q_split"])
+        q1, q2 = xs[0][..., :d1], xs[0][..., d1:]
+        xs = [q1, q2] + list(xs[1:])
     (q1, q2), (k1, k2) = xs[:2], xs[2:4]
-    pos = xs[4] if has_pos else None
-    kpos = xs[5] if ring else None
-    _attend(q1, k1, xs[2 + int(opts["v_part"])], pos, kpos, out, opts, q2, k2)
+    if opts.get("v_part") is None:      # values a cache of their own (partial RoPE's keys)
+        v, rest = xs[4], xs[5:]
+    else:
+        v, rest = xs[2 + int(opts["v_part"])], xs[4:]
+    pos = rest[0] if has_pos else None
+    kpos = rest[1] if ring else None
+    _attend(q1, k1, v, pos, kpos, out, opts, q2, k2)
 
 
 def _attend(q, k, v, pos, kpos, out, opts: dict, q2=None, k2=None) -> None:

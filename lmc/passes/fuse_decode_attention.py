@@ -15,7 +15,13 @@ with k, v one [B, Hkv, S, D] shape and dtype; or scores written in parts over se
     (q_1 @ k4_1^T + q_2 @ k4_2^T) * scale,   values = one of the k_i (the same view of it)
 
 which is MLA's absorbed form (q_C W_UK^T against the latent c_KV, q_R against k_R; values
-the latent): the decode kernel takes keys in two parts from two tensors, so the launch hands
+the latent), or written as one product of concatenations along the head dim,
+
+    q @ [k4_1 | k4_2]^T,   values their own cache      (q_1, q_2: q's two slices)
+
+which is partial RoPE's (minimax: the rotated and the pass-through halves of the keys kept
+in two caches; q comes whole, its kernel unchanged, options q_split the first part's
+width): the decode kernel takes keys in two parts from two tensors, so the launch hands
 it both caches where the decode pass keeps them (k_1 and k_2, the values the part they are,
 q_1 and q_2 likewise) and the score is the sum of the two partial products: no per-step copy
 of a cache (only a long dynamic prefill, on the forward kernel, runs on [q_1 | q_2] against
@@ -208,10 +214,19 @@ def match(sm: Node, users: Dict[Node, List[Node]]) -> dict:
         qs.append(q)
         ks.append(k)
     v = _kv_heads(pv.inputs[1], H, layout)
+    q_split = None
+    if len(ks) == 1 and _head_concat(ks[0]):
+        # q @ [k_1 | k_2]^T with the keys concatenated from two caches per step (partial
+        # RoPE: the rotated and the pass-through parts): q's two slices against the two
+        # caches, a sum of two products with no per-step copy of the caches into one (the
+        # concat is a view for the body, kept in the graph only if something else reads it)
+        layout.append(ks[0])
+        q_split = ks[0].inputs[0].type.shape[3]
+        ks = list(ks[0].inputs)
     q, k = qs[0], ks[0]
     hkv = k.type.shape[1]
     v_part = None
-    if len(parts) == 1:
+    if len(ks) == 1:
         need(tuple(k.type.shape) == tuple(v.type.shape),
               f"keys {list(k.type.shape)} and values {list(v.type.shape)} differ in shape: "
               "the decode kernel reads one [B, Hkv, S, D] K and V")
@@ -219,9 +234,12 @@ def match(sm: Node, users: Dict[Node, List[Node]]) -> dict:
         need(all(tuple(x.type.shape[:3]) == tuple(q.type.shape[:3]) for x in qs)
               and all(tuple(x.type.shape[:3]) == tuple(k.type.shape[:3]) for x in ks),
               "the score parts' queries or keys differ in batch, heads or length")
+        # the values: one of the keys (MLA's absorbed form reads the latent as keys and
+        # values) or a cache of their own over the same slots
         v_part = next((i for i, x in enumerate(ks) if _same(x, v)), None)
-        need(v_part is not None, "scores are a sum of products and the values are none of "
-              "their keys (MLA's absorbed form reads the latent as keys and values)")
+        need(v_part is not None or tuple(v.type.shape[:3]) == tuple(k.type.shape[:3]),
+              "the values are none of the score parts' keys and not over the same batch, "
+              "heads and slots")
     need(isinstance(H, int) and isinstance(hkv, int) and H % hkv == 0,
           f"{H} query heads are not a multiple of {hkv} kv heads")
     need(all(x.type.dtype == sm.type.dtype for x in qs + ks + [v]),
@@ -241,9 +259,15 @@ def match(sm: Node, users: Dict[Node, List[Node]]) -> dict:
     return {"inputs": ins, "v": v, "v_as": None if v_part is None else ks[v_part],
             "out": pv, "region": inside | set(mregion) | set(layout),
             "window": minfo["window"], "scale": 1.0 if scale is None else scale,
-            "parts": len(parts), "v_part": v_part, "heads": (H, hkv),
+            "parts": len(ks), "v_part": v_part, "heads": (H, hkv), "q_split": q_split,
             "static": minfo["pos"] is not None and minfo.get("kpos") is None,
             "kpos": minfo.get("kpos"), "n_pos": len(positions)}
+
+
+def _head_concat(n: Node) -> bool:
+    """n concatenates two values along the head dim of [B, H, S, D]."""
+    return n.op is Op.CONCAT and len(n.inputs) == 2 and \
+        n.attrs["axis"] % n.type.rank == n.type.rank - 1 and n.type.rank == 4
 
 
 def _same(a: Node, b: Node) -> bool:
@@ -262,7 +286,7 @@ def _body(m: dict, name: str, order: Dict[Node, int]) -> Graph:
                    template="decode_attention",
                    options={"static": m["static"], "window": m["window"], "scale": m["scale"],
                             "parts": m["parts"], "v_part": m["v_part"],
-                            "kpos": m["kpos"] is not None})
+                            "q_split": m["q_split"], "kpos": m["kpos"] is not None})
 
 
 def fuse_decode_attention(g: Graph) -> Graph:
@@ -293,7 +317,8 @@ def fuse_decode_attention(g: Graph) -> Graph:
         heads = f"{H} heads" if hkv == H else f"{H} heads over {hkv} kv heads"
         if m["parts"] > 1:
             heads += (f", scores in {m['parts']} parts over separate caches (read in place), "
-                      f"values = keys part {m['v_part']}")
+                      + (f"values = keys part {m['v_part']}" if m["v_part"] is not None
+                         else "values a cache of their own"))
         if m["kpos"] is not None:
             cache = (f"ring cache (key positions {m['kpos'].attrs['name']}, never-written "
                      f"slots masked)")

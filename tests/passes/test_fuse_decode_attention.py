@@ -102,8 +102,18 @@ def test_zoo_fires_and_declines(static):
     assert all("4 heads over 2 kv heads" in r["reason"] for r in recs)
     # minimax: the softmax layer (partial rotary: k is the concat of its two caches); the
     # lightning layer is linear attention, no softmax
-    _, recs = _records("minimax", static)
+    g, recs = _records("minimax", static)
     assert [(r["status"], r["where"].split()[0]) for r in recs] == [("fused", "layers.1.attn")]
+    # ... read as two score parts (rotated and pass-through halves) from the two caches, the
+    # values from their own: no per-step concat of the caches is left
+    assert "scores in 2 parts over separate caches (read in place), values a cache of their " \
+        "own" in recs[0]["reason"]
+    (att,) = [n for n in g.nodes if n.op is Op.FUSED]
+    assert att.attrs["body"].meta["options"]["v_part"] is None
+    assert att.attrs["body"].meta["options"]["q_split"] == 8
+    assert len(att.inputs) == (5 if static else 4)         # q, k_1, k_2, v [, pos]
+    assert not [n for n in g.nodes if n.op is Op.CONCAT and n.type.rank == 4
+                and n.attrs["axis"] == 3 and str(n.type.shape[2]) != "T"]   # over the slots
     # yoco: every cross layer over the one shared cache
     g, recs = _records("yoco", static, layers=4)
     assert [(r["status"], r["where"].split()[0]) for r in recs] == [
@@ -250,6 +260,7 @@ def _record_decode_calls(monkeypatch):
     (False, 2, 0), (True, 2, 0),
     (False, 3, 1),      # the values the second part
     (True, 17, 0),      # a static prefill in chunks of 16 rows (q2 sliced with q)
+    (False, 2, None), (True, 3, None),    # values of their own (partial RoPE's two caches)
 ])
 def test_launch_score_parts_equal_reference(static, T, v_part, monkeypatch):
     """MLA's absorbed form: scores q1 k1^T + q2 k2^T over one latent kv head, values k1 (or
@@ -267,12 +278,22 @@ def test_launch_score_parts_equal_reference(static, T, v_part, monkeypatch):
     if static:   # slots past the new tokens: never written, masked (NaN: must not be read)
         k1[:, :, P + T:] = float("nan")
         k2[:, :, P + T:] = float("nan")
-    xs = [q1, q2, k1, k2] + ([P + torch.arange(T)] if static else [])
-    v = (k1, k2)[v_part]
+    if v_part is None:
+        v = torch.randn(B, 1, S, 16, generator=g)
+        if static:
+            v[:, :, P + T:] = float("nan")
+    else:
+        v = (k1, k2)[v_part]
+    opts = {"static": static, "window": 0, "scale": 0.2, "parts": 2, "v_part": v_part}
+    if v_part is None:      # partial RoPE's form: one q, sliced by the launcher (views)
+        qw = torch.cat([q1, q2], -1)
+        q1, q2 = qw[..., :dc], qw[..., dc:]
+        xs, opts["q_split"] = [qw, k1, k2, v], dc
+    else:
+        xs = [q1, q2, k1, k2]
+    xs += [P + torch.arange(T)] if static else []
     out = torch.full((B, H, T, v.shape[-1]), float("nan"))
-    dattn.launch_template("decode_attention", xs, [out],
-                          {"static": static, "window": 0, "scale": 0.2, "parts": 2,
-                           "v_part": v_part})
+    dattn.launch_template("decode_attention", xs, [out], opts)
     k1n, k2n, vn = (torch.nan_to_num(x).double() for x in (k1, k2, v))
     s = (q1.double() @ k1n.transpose(-1, -2) + q2.double() @ k2n.transpose(-1, -2)) * 0.2
     vis = torch.arange(S)[None, :] <= P + torch.arange(T)[:, None]
