@@ -95,6 +95,11 @@ def cmd_compile(args) -> int:
             fused = fuse(fused, cache_writes=static, decode=True)
             if static:
                 passes += ("fuse_cache_writes",)
+                # what one static step launches and the weight bytes it reads at batch 1
+                from .bench import step_ops, step_weight_bytes
+                s["decode"]["static_step"] = dict(step_ops(fused),
+                                                  weight_bytes_batch1_bf16=step_weight_bytes(
+                                                      fused))
             s["fusions"] += [dict(f, graph=graph) for f in fused.meta["fusions"]
                              if f["pass"] in passes]
         if args.out:
@@ -290,7 +295,14 @@ def format_decode(d: dict) -> str:
              f"{d['bytes_per_sequence']:,} B per sequence")
     if d["bytes_at_max_seq"] is not None:
         total += f"; {d['bytes_at_max_seq']:,} B at max_seq {d['max_seq']}"
-    return "\n".join(lines + [total])
+    lines.append(total)
+    st = d.get("static_step")
+    if st:      # the triton backend's static (CUDA-graph) step
+        lines.append(f"step        static step on the triton backend: {st['fused']} fused ops + "
+                     f"{st['torch']} torch op{'s' if st['torch'] != 1 else ''}; weights read "
+                     f"{st['weight_bytes_batch1_bf16'] / 1e6:,.2f} MB per token at batch 1 "
+                     "(bf16)")
+    return "\n".join(lines)
 
 
 def format_summary(s, explain: bool = False) -> str:

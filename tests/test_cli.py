@@ -177,7 +177,14 @@ def test_compile_mode_decode_reports_the_state(tmp_path, capsys):
     # the static step's cache writes, stored by the kernels computing k (rope) and v (qkv)
     writes = [f for f in s["fusions"] if f["pass"] == "fuse_cache_writes"]
     assert [(f["status"], f["graph"]) for f in writes] == [("fused", "decode static")] * 4
+    # the static step's launches, as benchmarks/step_ops.py counts the Decoder's (the tiny
+    # llama: 13 fused ops + the embedding), and its weight bytes at batch 1
+    st = d["static_step"]
+    assert (st["fused"], st["torch"]) == (13, 1)
+    assert st["weight_bytes_batch1_bf16"] > 0
     assert main(["compile", LLAMA, "--preset", "tiny", "--mode", "decode", "-o",
                  str(tmp_path / "o")]) == 0
-    assert "B per token of context" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "B per token of context" in out
+    assert "static step on the triton backend: 13 fused ops + 1 torch op;" in out
     assert (tmp_path / "o" / "ir_decode.txt").exists()
