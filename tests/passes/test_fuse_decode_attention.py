@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from conftest import ZOO
+from conftest import ZOO, decode_worst
 
 import lmc
 from lmc.codegen import attention as attn
@@ -44,19 +44,6 @@ def _forward(m, ids):
     with torch.no_grad():
         out = m(ids)
     return out["logits"] if isinstance(out, dict) else out
-
-
-def _worst(dec, ids, full, k, state=None):
-    """Prefill k tokens, then one step per token: the worst logit difference to `full`."""
-    st = state if state is not None else dec.init_state(ids.shape[0])
-    worst = 0.0
-    if k:
-        lg, st = dec(ids[:, :k], st)
-        worst = (lg - full[:, :k]).abs().max().item()
-    for t in range(k, ids.shape[1]):
-        lg, st = dec(ids[:, t:t + 1], st)
-        worst = max(worst, (lg[:, 0] - full[:, t]).abs().max().item())
-    return worst if worst == worst else float("inf")
 
 
 def _count_kernel_calls(monkeypatch):
@@ -397,7 +384,7 @@ def test_decode_equals_forward_kernel_only(name, over, static, monkeypatch):
     dec = _kernel_only(Decoder(m, "torch", static=static,
                                **({"max_len": 12} if static else {})))
     assert "decode_attention" in _kinds(dec.graph)
-    worst = max(_worst(dec, ids, full, k) for k in (0, 1, 5))
+    worst = max(decode_worst(dec, ids, full, k) for k in (0, 1, 5))
     assert worst < TOL
     assert calls["decode"] > 0
 
@@ -443,7 +430,7 @@ def test_llama_triton_dynamic_decode_equals_forward(monkeypatch):
     dec = Decoder(tri, "triton")
     assert _kinds(dec.graph).count("decode_attention") == 2
     assert not any(n.op is Op.SOFTMAX for n in dec.graph.nodes)
-    worst = max(_worst(dec, ids, full, k) for k in (0, 1, 5))
+    worst = max(decode_worst(dec, ids, full, k) for k in (0, 1, 5))
     assert worst < TOL
     # 2 layers x (3 prefills + 7 + 6 + 2 steps), all on the decode kernel
     assert calls == {"decode": 2 * (2 + 7 + 6 + 2), "fwd": 0}
@@ -462,11 +449,11 @@ def test_llama_triton_static_replays_equal_forward(monkeypatch):
     st = dec.init_state(2)
     buffers = {k: t.data_ptr() for k, t in st.items()}
     # one static step per token (k = 0), the same state object throughout
-    assert _worst(dec, ids, full, 0, state=st) < TOL
+    assert decode_worst(dec, ids, full, 0, state=st) < TOL
     assert st.past == 7 and {k: t.data_ptr() for k, t in st.items()} == buffers
     assert calls["decode"] == 2 * 7 and calls["fwd"] == 0
     # fresh states of the same decoder: prefill 1 or 5, then steps
-    assert max(_worst(dec, ids, full, k) for k in (1, 5)) < TOL
+    assert max(decode_worst(dec, ids, full, k) for k in (1, 5)) < TOL
 
 
 @pytest.mark.slow
@@ -479,7 +466,7 @@ def test_blues01_triton_decode_equals_forward(static):
     full = _forward(m, ids)
     dec = Decoder(tri, "triton", static=static, **({"max_len": 8} if static else {}))
     assert _kinds(dec.graph).count("decode_attention") == 2
-    assert max(_worst(dec, ids, full, k) for k in (0, 1, 5)) < TOL
+    assert max(decode_worst(dec, ids, full, k) for k in (0, 1, 5)) < TOL
 
 
 @pytest.mark.parametrize("window", [3, 9], ids=["window-3", "window-9-longer-than-prompt"])
@@ -502,7 +489,7 @@ def test_yoco_sliding_window_triton_decode_equals_forward(window, static, monkey
     dec = Decoder(tri, "triton", static=static, **({"max_len": 8} if static else {}))
     assert _kinds(dec.graph).count("decode_attention") == 2
     assert not any(n.op is Op.SOFTMAX for n in dec.graph.nodes)
-    worst = max(_worst(dec, ids, full, k) for k in (0, 1, 5))
+    worst = max(decode_worst(dec, ids, full, k) for k in (0, 1, 5))
     print(f"yoco window {window} {'static' if static else 'dynamic'}: max abs diff {worst:.1e}")
     assert worst < TOL
     # one ring launch and one cross launch per call: 3 prefills + 7 + 6 + 2 steps

@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from conftest import ZOO
+from conftest import ZOO, decode_worst
 
 import lmc
 from lmc.codegen import moe
@@ -25,19 +25,6 @@ def kernel_cache(tmp_path, monkeypatch):
 
 def _zoo(name, backend="torch"):
     return lmc.load(os.path.join(ZOO, f"{name}.yaml"), preset="tiny", backend=backend).eval()
-
-
-def _worst(dec, ids, full, k):
-    """Prefill k tokens, then one step per token: the worst logit difference to `full`."""
-    st = dec.init_state(ids.shape[0])
-    worst = 0.0
-    if k:
-        lg, st = dec(ids[:, :k], st)
-        worst = (lg - full[:, :k]).abs().max().item()
-    for t in range(k, ids.shape[1]):
-        lg, st = dec(ids[:, t:t + 1], st)
-        worst = max(worst, (lg[:, 0] - full[:, t]).abs().max().item())
-    return worst if worst == worst else float("inf")
 
 
 @pytest.mark.parametrize("name,carry", [("blues01", False), ("minimax", True)])
@@ -105,7 +92,7 @@ def test_minimax_triton_decode_with_capacity_equals_forward(static, monkeypatch)
     dec = Decoder(tri, "triton", static=static, **({"max_len": 9} if static else {}))
     kinds = [n.attrs["kind"] for n in dec.graph.nodes if n.op is Op.FUSED]
     assert kinds.count("moe_layer") == 2
-    worst = max(_worst(dec, ids, full, k) for k in (0, 1, 5))
+    worst = max(decode_worst(dec, ids, full, k) for k in (0, 1, 5))
     assert worst < TOL, worst
     # two layers per call: 2 prefills + 9 + 8 + 4 steps, every one with the carry; the steps
     # and the one-token prefill (2 tokens, top-2 of 4) on the direct kernels, the 5-token
