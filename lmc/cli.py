@@ -89,10 +89,10 @@ def cmd_compile(args) -> int:
         for graph, st in (("decode", step), ("decode static", decode_step(c.graph,
                                                                           static=True))):
             from .codegen.program import fuse
-            fused = apply_decode_patterns(st.graph)
+            fused = apply_decode_patterns(st.graph, args.disable or ())   # as the Decoder
             passes = tuple(DECODE_PATTERN_PASSES) + ("fuse_rope_epilogue",)
             static = graph == "decode static"   # its kernels also store the cache writes
-            fused = fuse(fused, cache_writes=static, decode=True)
+            fused = fuse(fused, args.disable or (), cache_writes=static, decode=True)
             if static:
                 passes += ("fuse_cache_writes",)
                 # what one static step launches and the weight bytes it reads at batch 1

@@ -187,4 +187,9 @@ def test_compile_mode_decode_reports_the_state(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "B per token of context" in out
     assert "static step on the triton backend: 13 fused ops + 1 torch op;" in out
+    # --disable applies to the step as the Decoder's model.disable does
+    assert main(["compile", LLAMA, "--preset", "tiny", "--mode", "decode", "--json",
+                 "--disable", "fuse_pointwise"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["decode"]["static_step"]["torch"] > st["torch"]
     assert (tmp_path / "o" / "ir_decode.txt").exists()

@@ -20,12 +20,23 @@ turn). The interpreter never autotunes (fixed blocks), so this is GPU-only code.
 from __future__ import annotations
 
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 from ..errors import LmcError
 
 _POOL: Optional[ThreadPoolExecutor] = None
+_POOL_LOCK = threading.Lock()
+
+
+def _forget_pool() -> None:
+    global _POOL
+    _POOL = None
+
+
+# a forked child has the pool object but not its threads: it makes its own
+os.register_at_fork(after_in_child=_forget_pool)
 
 
 def _ints(name: str, default: str, n: int) -> tuple:
@@ -53,9 +64,10 @@ def bench_ms() -> tuple:
 
 def _pool() -> ThreadPoolExecutor:
     global _POOL
-    if _POOL is None:
-        _POOL = ThreadPoolExecutor(compile_threads(), thread_name_prefix="lmc-compile")
-    return _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(compile_threads(), thread_name_prefix="lmc-compile")
+        return _POOL
 
 
 def precompile(tuner, configs, args, kwargs) -> None:
@@ -63,8 +75,10 @@ def precompile(tuner, configs, args, kwargs) -> None:
     pool, waiting for all: each goes into the kernel's in-memory cache (and Triton's disk
     cache), so timing it launches at once. A config that fails to compile is left to the
     autotuner, which compiles it again, alone, and skips it as it always has."""
-    from triton.runtime._async_compile import AsyncCompileMode
+    from triton.runtime._async_compile import AsyncCompileMode, active_mode
 
+    if active_mode.get() is not None:     # the caller's own async compile: leave it be
+        return
     kw = {k: v for k, v in kwargs.items() if k != "warmup"}
     with AsyncCompileMode(_pool(), ignore_errors=True):
         for c in configs:
@@ -100,19 +114,20 @@ def parallel(tuner):
             not hasattr(tuner, "run"):
         return tuner                # no pool, or an autotuner this code does not know
     run, check = tuner.run, tuner.check_disk_cache
-    call = {}
+    call = threading.local()      # the arguments of the call being tuned, per thread
 
     def run_(*args, **kwargs):
-        call["args"] = (args, kwargs)
+        call.args = (args, kwargs)
         try:
             return run(*args, **kwargs)
         finally:
-            call.clear()
+            call.args = None
 
     def check_(tuning_key, configs, bench):
         def bench_():
-            if len(configs) > 1 and "args" in call:
-                precompile(tuner, configs, *call["args"])
+            args = getattr(call, "args", None)
+            if len(configs) > 1 and args is not None:
+                precompile(tuner, configs, *args)
             return bench()
         return check(tuning_key, configs, bench_)
 

@@ -885,8 +885,9 @@ def _direct_down(H, IDX, KEPT, WGT, W2, RES, Y, F, D, swe, swf, swd, srn,
                              mask=km[:, None] & nm[None, :], other=0.0).to(tl.float32)
                 acc += tl.sum(hv[:, None] * wv, 0)
             y += tl.load(WGT + r) * acc.to(H.dtype.element_ty).to(tl.float32)
-    if HAS_RES:
-        y += tl.load(RES + t * srn + n, mask=nm, other=0.0).to(tl.float32)
+    if HAS_RES:     # the layer's output as stored (rounded to Y's dtype), plus the residual
+        y = y.to(Y.dtype.element_ty).to(tl.float32) + \
+            tl.load(RES + t * srn + n, mask=nm, other=0.0).to(tl.float32)
     tl.store(Y + t * D + n, y.to(Y.dtype.element_ty), mask=nm)
 
 
@@ -1216,10 +1217,10 @@ def launch_template(template: str, xs, outs, opts) -> None:
                 y_ = y if y is not None else torch.empty((N, x2.shape[1]),
                                                          dtype=torch.float32, device=x.device)
                 combine(ys, r.slot, g.weight, y_, weighted=True, zero=zero)
-                if res is not None:
-                    y_ += res
                 if y is None and got.get("y") is not None:
                     got["y"].copy_(y_.reshape(got["y"].shape))
+                if res is not None and got.get("y") is not None:     # the stored output + r
+                    got["y"].add_(res.reshape(got["y"].shape))
             if cap and zero is None and got.get("ye") is not None:
                 ys.view(N, k, -1).masked_fill_(g.kept.view(N, k, 1) == 0, 0)
         for role, out in zip(roles, outs):

@@ -444,8 +444,8 @@ def _budget(n: Node, T, static):
 
 
 def _body(m: dict, name: str, static) -> Graph:
-    """The region as a body graph over placeholders in0 (x), in1 (W_r)[, in2..in4 (the
-    experts' Wg, W1, W2)][, the noise last]."""
+    """The region as a body graph over placeholders for `_inputs(m)` (x, W_r[, the experts'
+    Wg, W1, W2][, the residual][, the carried count and the positions]), the noise last."""
     from ..frontend.builder import Builder
 
     b = Builder({}, {})
@@ -539,8 +539,9 @@ def _slot_values(m: dict, env: Dict[Node, Node], nodes: List[Node]) -> List[Node
 
 
 def _inputs(m: dict) -> List[Node]:
-    """The fused op's inputs before the noise: x, W_r, for the whole layer Wg, W1, W2, and in a
-    decode step with a capacity the carried count [B, 1, E] and the positions [T]."""
+    """The fused op's inputs before the noise: x, W_r, for the whole layer Wg, W1, W2, in a
+    decode step the residual its y adds (`residual=True`) and, with a capacity, the carried
+    count [B, 1, E] and the positions [T]."""
     ex = m["experts"]
     return [m["x"], m["w"]] + ([ex["wg"], ex["w1"], ex["w2"]] if ex else []) + \
         ([m["residual"]] if m["residual"] is not None else []) + list(m["carry"] or ())

@@ -167,8 +167,9 @@ def fuse_reductions(g: Graph) -> Graph:
     for n in g.nodes:
         if n.op is Op.CUMPROD or (n.op is Op.CUMSUM and (
                 n.type.dtype.value not in ("f32", "f16", "bf16") or n.type.rank == 0)):
-            declined.append((n, f"{n.op.value} of {n.type.dtype.value} is a scan left to "
-                                "torch"))
+            declined.append((n, "cumsum of a scalar is the identity" if n.type.rank == 0
+                             else f"{n.op.value} of {n.type.dtype.value} is a scan left to "
+                                  "torch"))
             continue
         if n.op in RED_OPS or n.op is Op.CUMSUM:
             why = _decline_reason(n) if n.op in RED_OPS else None

@@ -219,17 +219,20 @@ def test_launch_takes_the_direct_path_for_few_tokens_only(monkeypatch):
         assert torch.equal(chosen.reshape(N, 4), (ref["gates"] > 0).float())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("N", [2, 3])
-def test_launch_adds_the_residual(N):
+def test_launch_adds_the_residual(N, dtype):
     """A decode step's layer op takes the residual add after it (opts["residual"], the input
-    after W2): y is exactly the layer's output + the residual, on the direct path (N k <= E,
-    the down kernel adds it) and the routed one, with a residual whose rows are strided."""
+    after W2): y is exactly the layer's output (as stored, in its dtype) + the residual, on
+    the direct path (N k <= E, the down kernel adds it) and the routed one, with a residual
+    whose rows are strided."""
     opts = {"k": 2, "E": 4, "renormalise": True, "noise": False, "capacity": None,
             "outputs": ("y",), "act": "gelu", "dtype": "f32"}
-    x, wr, wg, w1, w2, _ = make(N, 4, seed=7)
+    x, wr, wg, w1, w2, _ = make(N, 4, seed=7, dtype=dtype)
     d = x.shape[1]
-    res = torch.randn(1, N, d + 3)[..., 1:d + 1]              # row stride d + 3
-    plain, added = torch.empty(1, N, d), torch.full((1, N, d), float("nan"))
+    res = torch.randn(1, N, d + 3)[..., 1:d + 1].to(dtype)    # row stride d + 3
+    plain = torch.empty(1, N, d, dtype=dtype)
+    added = torch.full((1, N, d), float("nan"), dtype=dtype)
     moe.launch_template("moe_layer", [x.reshape(1, N, -1), wr, wg, w1, w2], [plain], opts)
     moe.launch_template("moe_layer", [x.reshape(1, N, -1), wr, wg, w1, w2, res], [added],
                         dict(opts, residual=True))
