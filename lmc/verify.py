@@ -182,20 +182,24 @@ def check_triton(s: Subject) -> Row:
 DECODE_TOL = 1e-4  # fp32 CPU, max abs difference of logits (the issue's bound)
 
 
-def _decode_diff(model, dec, ids, k: int) -> float:
-    """Prefill k tokens, then decode the rest one by one; the worst logit difference
-    against the full forward pass at every position."""
-    with torch.no_grad():
-        full = _outputs(model, ids)["logits"]
-        state = dec.init_state(ids.shape[0])
-        worst = 0.0
-        if k:
-            logits, state = dec(ids[:, :k], state)
-            worst = (logits - full[:, :k]).abs().max().item()
-        for t in range(k, ids.shape[1]):
-            logits, state = dec(ids[:, t:t + 1], state)
-            worst = max(worst, (logits[:, 0] - full[:, t]).abs().max().item())
+def decode_diff(dec, ids, full, k: int, state=None) -> float:
+    """Prefill k tokens, then decode the rest one by one (from `state`, default a fresh
+    one); the worst logit difference against `full`, the full forward's logits, at every
+    position (inf if any is NaN)."""
+    state = state if state is not None else dec.init_state(ids.shape[0])
+    worst = 0.0
+    if k:
+        logits, state = dec(ids[:, :k], state)
+        worst = (logits - full[:, :k]).abs().max().item()
+    for t in range(k, ids.shape[1]):
+        logits, state = dec(ids[:, t:t + 1], state)
+        worst = max(worst, (logits[:, 0] - full[:, t]).abs().max().item())
     return worst if worst == worst else float("inf")
+
+
+def _decode_diff(model, dec, ids, k: int) -> float:
+    with torch.no_grad():
+        return decode_diff(dec, ids, _outputs(model, ids)["logits"], k)
 
 
 def check_decode(s: Subject) -> Row:

@@ -37,13 +37,6 @@ def layer_params(graph, layer):
 # -- shared by the decode tests -------------------------------------------------------------------
 def decode_worst(dec, ids, full, k, state=None):
     """Prefill k tokens, then one step per token: the worst logit difference to `full` (the
-    full forward's logits), inf if any is NaN."""
-    st = state if state is not None else dec.init_state(ids.shape[0])
-    worst = 0.0
-    if k:
-        lg, st = dec(ids[:, :k], st)
-        worst = (lg - full[:, :k]).abs().max().item()
-    for t in range(k, ids.shape[1]):
-        lg, st = dec(ids[:, t:t + 1], st)
-        worst = max(worst, (lg[:, 0] - full[:, t]).abs().max().item())
-    return worst if worst == worst else float("inf")
+    full forward's logits), inf if any is NaN (lmc.verify's decode check)."""
+    from lmc.verify import decode_diff
+    return decode_diff(dec, ids, full, k, state)
