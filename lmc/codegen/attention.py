@@ -1087,6 +1087,8 @@ def _split_count(S: int, B: int, HKV: int, device) -> int:
     split under 256 slots. Depends on shapes only, so a captured CUDA graph keeps it."""
     if _interpret() or S == 0:
         return max(1, triton.cdiv(S, 64))
+    if device.type == "meta":     # the warm pass (codegen/warm.py): the GPU in use
+        device = torch.device("cuda", torch.cuda.current_device())
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     return max(1, min(triton.cdiv(2 * sms, B * HKV), triton.cdiv(S, 256)))
 

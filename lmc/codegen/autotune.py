@@ -15,7 +15,9 @@ long, and 125 ms of timing per config (`triton.testing.do_bench`'s defaults). He
   the timing; `LMC_AUTOTUNE_CACHE=0` turns that off.
 
 `LMC_COMPILE_THREADS` bounds the pool (default: the CPU count, at most 32; 1 compiles in
-turn). The interpreter never autotunes (fixed blocks), so this is GPU-only code.
+turn). The interpreter never autotunes (fixed blocks), so this is GPU-only code. The warm pass
+(warm.py) compiles whole programs on the same pool; inside one, the hooks below warm a known
+key's choice, or every config of a new key, and time nothing.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 from ..errors import LmcError
+from . import warm
 
 _POOL: Optional[ThreadPoolExecutor] = None
 _POOL_LOCK = threading.Lock()
@@ -79,13 +82,26 @@ def precompile(tuner, configs, args, kwargs) -> None:
 
     if active_mode.get() is not None:     # the caller's own async compile: leave it be
         return
-    kw = {k: v for k, v in kwargs.items() if k != "warmup"}
     with AsyncCompileMode(_pool(), ignore_errors=True):
-        for c in configs:
-            try:
-                tuner.fn.warmup(*args, **kw, **c.all_kwargs())
-            except Exception:     # binding errors: the serial path reports them
-                pass
+        _warm_configs(tuner, configs, args, kwargs)
+
+
+def _warm_configs(tuner, configs, args, kwargs) -> None:
+    """Ask for a warm-up (a compile, under the active AsyncCompileMode) of each config."""
+    kw = {k: v for k, v in kwargs.items() if k != "warmup"}
+    for c in configs:
+        try:
+            tuner.fn.warmup(*args, **kw, **c.all_kwargs())
+        except Exception:     # binding errors: the serial path reports them
+            pass
+
+
+class _Miss(Exception):
+    """The warm pass met a key neither cache holds."""
+
+
+class _Warmed(Exception):
+    """The warm pass asked for every config of a new key: nothing to launch."""
 
 
 def autotune(kernel, configs, key, prune=None):
@@ -110,9 +126,8 @@ def parallel(tuner):
     """Make `tuner` (a triton Autotuner) compile a new key's configs on the pool before it
     times them. The hook is the autotuner's benchmark step, which runs only when neither its
     memory nor its disk cache holds the key: a cached key compiles only the config it uses."""
-    if compile_threads() < 2 or not hasattr(tuner, "check_disk_cache") or \
-            not hasattr(tuner, "run"):
-        return tuner                # no pool, or an autotuner this code does not know
+    if not hasattr(tuner, "check_disk_cache") or not hasattr(tuner, "run"):
+        return tuner                # an autotuner this code does not know
     run, check = tuner.run, tuner.check_disk_cache
     call = threading.local()      # the arguments of the call being tuned, per thread
 
@@ -120,10 +135,28 @@ def parallel(tuner):
         call.args = (args, kwargs)
         try:
             return run(*args, **kwargs)
+        except _Warmed:       # a launch the warm pass saw (its configs are compiling)
+            warm.active().launches.append(warm.describe(
+                tuner.fn, args, {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}))
+            return None
         finally:
             call.args = None
 
     def check_(tuning_key, configs, bench):
+        if warm.active() is not None:
+            # the warm pass (codegen/warm.py): a choice on disk warms that config (the
+            # launch that follows is a warm-up); a new key warms every config, nothing is
+            # timed or written, and the real run times them
+            def miss():
+                raise _Miss()
+            try:
+                return check(tuning_key, configs, miss)
+            except _Miss:
+                args = getattr(call, "args", None)
+                if args is not None:
+                    _warm_configs(tuner, configs, *args)
+                raise _Warmed() from None
+
         def bench_():
             args = getattr(call, "args", None)
             if len(configs) > 1 and args is not None:

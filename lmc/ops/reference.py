@@ -272,6 +272,8 @@ def _dropout(ctx, xs, attrs):
     p = attrs["p"]
     if not ctx.training or p == 0:
         return x
+    if x.device.type == "meta":     # shapes only (codegen/warm.py): nothing to draw
+        return torch.empty_like(x)
     # the mask depends only on (seed, draw counter, element index): Philox numbers, drawn on
     # x's device (ops/philox.py), the same on every device
     keep = philox.uniform(ctx.seed(seed), x.numel(), x.device).view(x.shape) >= p
@@ -287,6 +289,8 @@ def _gaussian_noise(ctx, xs, attrs):
     std = attrs["std"]
     if not ctx.training or std == 0:
         return x
+    if x.device.type == "meta":     # shapes only (codegen/warm.py): nothing to draw
+        return torch.empty_like(x)
     g = torch.Generator(device="cpu").manual_seed(ctx.seed(seed))
     noise = torch.randn(x.shape, generator=g).to(x.device)
     return (_f32(x) + std * noise).to(x.dtype)

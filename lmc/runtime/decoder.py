@@ -73,6 +73,7 @@ class Decoder:
         self.graph = self.step.graph
         self.impl = None
         self.interpret = False
+        self.program = None
         if self.backend == "triton":
             from ..codegen.program import apply_decode_patterns
             from .triton_backend import TritonProgram
@@ -83,8 +84,9 @@ class Decoder:
             # (fuse_cache_writes)
             disable = tuple(getattr(model, "disable", ()))
             prog = TritonProgram(apply_decode_patterns(self.graph, disable), disable,
-                                 cache_writes=self.static, decode=True)
+                                 label="decode step", cache_writes=self.static, decode=True)
             self.graph, self.impl, self.interpret = prog.graph, prog.impl, prog.interpret
+            self.program = prog
         self.token_input = self.graph.inputs[0].attrs["name"]
         self.max_len = None
         self.cuda_graph, self.cuda_graph_off = False, None
@@ -191,6 +193,7 @@ class Decoder:
             raise LmcError(f"the state's caches hold {dims['P']} positions but it has seen "
                            f"{state.past} tokens")
         ctx = RefCtx(dims=dims, device=ids.device, training=False)
+        self._warm(bound, ctx)
         outs = run_graph(self.graph, bound, ctx, self.impl)
         new = State({s.name: outs[s.out] for s in self.step.states})
         new.past = state.past + ids.shape[1]
@@ -202,12 +205,22 @@ class Decoder:
         bound = self._bind(ids, state, past)
         dims = bind_dims(self.graph, bound)
         ctx = RefCtx(dims=dims, device=ids.device, training=False)
+        self._warm(bound, ctx)
         outs = run_graph(self.graph, bound, ctx, self.impl)
         for s in self.step.states:
             new, buf = outs[s.out], state[s.name]
             if new is not buf:
                 buf.copy_(new)
         return outs[self.step.logits]
+
+    def _warm(self, bound, ctx) -> None:
+        """On a GPU, before the step first runs with new sizes: compile its kernels together
+        (codegen/warm.py; the past length P, new every dynamic step, is not a new size)."""
+        from ..codegen import warm
+        if self.program is not None and warm.wanted(self.program, ctx, ignore=("P",)):
+            with warm.WarmPass() as w:
+                w.program(self.program, bound, ctx,
+                          run=lambda c, b: run_graph(self.graph, b, c, self.impl))
 
     def _replay(self, ids, state):
         cap = getattr(state, "captured", None)

@@ -15,6 +15,29 @@ from ..passes.autodiff import Differentiated
 from .executor import run_graph
 
 
+def _warm(prog: Differentiated, bound, ctx) -> None:
+    """Before the first training step for new dims on a GPU: one warm pass compiles the
+    kernels of the forward and the backward together (codegen/warm.py); the backward is
+    warmed on the forward's meta outputs (its saved values, with their real strides) and
+    contiguous cotangents, as the real backward gets them."""
+    from ..codegen import warm
+    fx, bx = getattr(prog, "forward_exec", None), getattr(prog, "backward_exec", None)
+    if fx is None or not warm.wanted(fx, ctx):
+        return
+    backward = bx is not None and warm.wanted(bx, ctx)
+    with warm.WarmPass() as w:
+        outs = w.program(fx, bound, ctx)
+        if outs is None and backward:      # no meta inputs for it: warmed at its own run
+            bx.warmed.discard(warm.dims_key(ctx))
+        elif backward:
+            mb = {s: outs[s] for s in prog.saved}
+            for name in prog.outputs:
+                node = prog.forward.outputs[name]
+                mb[f"grad:{name}"] = torch.empty(node.type.concrete(ctx.dims), device="meta",
+                                                 dtype=node.type.dtype.torch())
+            w.program(bx, mb, ctx)
+
+
 def _run(graph, program, bound, ctx):
     if program is None:
         return run_graph(graph, bound, ctx)
@@ -25,6 +48,7 @@ class GraphFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, prog: Differentiated, names: Sequence[str], refctx: RefCtx, *values):
         bound = dict(zip(names, values))
+        _warm(prog, bound, refctx)
         outs = _run(prog.forward, prog.forward_exec, bound, refctx)
         ctx.prog, ctx.names, ctx.refctx = prog, names, refctx
         ctx.save_for_backward(*[outs[s] for s in prog.saved])

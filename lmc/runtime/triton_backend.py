@@ -11,7 +11,7 @@ from typing import Dict, Sequence
 
 import torch
 
-from ..codegen import cache, kind_module, wrapper
+from ..codegen import cache, kind_module, warm, wrapper
 from ..codegen.program import fuse, module_source
 from ..errors import LmcError
 from ..ir.graph import Graph
@@ -72,6 +72,9 @@ class TritonProgram:
         place by the kernels computing the values (the static Decoder's step); decode: the
         graph is a Decoder's step (codegen.program.fuse)."""
         self.interpret = _interpret()
+        self.label = label
+        self.warmed = set()        # dims the warm pass ran for (codegen/warm.py)
+        self.warm_failed = None    # why a warm pass stopped, once
         self.graph = fuse(graph, disable, cache_writes, decode)
         self.source = module_source(self.graph)
         self.program_source = wrapper.generate(self.graph, label)
@@ -104,9 +107,12 @@ class TritonProgram:
 
     def _go(self, launch, kernel, xs, outs, attrs, ctx):
         """One launch, by the wrapper program or node by node (run_graph with `impl`)."""
+        pass_ = warm.active()
         if self.interpret:  # numpy warns on lanes masked off (e.g. -inf - -inf): quiet
-            if not BF16_SHAPES_ONLY and any(t.dtype is torch.bfloat16 for t in list(xs) + list(outs)
-                   if isinstance(t, torch.Tensor)):
+            # (a warm pass computes nothing: its bf16 meta tensors are only shapes)
+            if not BF16_SHAPES_ONLY and pass_ is None and any(
+                    t.dtype is torch.bfloat16 for t in list(xs) + list(outs)
+                    if isinstance(t, torch.Tensor)):
                 raise LmcError(f"kernel {attrs['kernel']}: Triton's interpreter "
                                "(no CUDA here) computes bf16 on bit patterns and would "
                                "return garbage; use f16 or f32 (--precision) on CPU")
@@ -115,7 +121,8 @@ class TritonProgram:
                 launch(kernel, xs, outs, attrs["body"], ctx, True)
         else:
             launch(kernel, xs, outs, attrs["body"], ctx, False)
-        self.launches += 1
+        if pass_ is None:
+            self.launches += 1
 
     def run(self, bound: Dict[str, torch.Tensor], ctx) -> Dict[str, torch.Tensor]:
         """Run the generated wrapper program: values for the graph's inputs and params by
@@ -124,6 +131,13 @@ class TritonProgram:
                    if n.op in (Op.INPUT, Op.PARAM) and n.attrs["name"] not in bound]
         if missing:
             raise LmcError(f"no value given for {missing[0]!r}")
+        if warm.wanted(self, ctx):      # first run for these dims on a GPU: compile ahead
+            with warm.WarmPass() as w:
+                w.program(self, bound, ctx)
+        return self.run_program(ctx, bound)
+
+    def run_program(self, ctx, bound: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """The wrapper program itself (no checks, no warm pass)."""
         return self._run(ctx, bound, self.kernels, self._launch, self._ref, self.graph.nodes)
 
     def _run_fused(self, ctx, xs, attrs):

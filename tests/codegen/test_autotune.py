@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from lmc.codegen import autotune as at  # lmc first: it sets TRITON_INTERPRET on a CPU
+from lmc.codegen import warm
 
 
 def _kernel():
@@ -27,6 +28,7 @@ def tuner(monkeypatch):
 
     monkeypatch.setenv("LMC_COMPILE_THREADS", "2")
     monkeypatch.setattr(at, "_POOL", None)
+    warm._install()     # the warm pass's launch hook sits under the recorder below
     events = []
     timed = iter(range(100, 0, -1))       # each config timed faster than the one before
 
@@ -79,15 +81,44 @@ def test_new_key_compiles_its_configs_in_parallel_before_timing(tuner):
     assert sorted(e[1:3] for e in events if e[0] == "warmup") == [(16, 1), (16, 2)]
 
 
-def test_one_thread_leaves_triton_autotuner_as_it_is(tuner, monkeypatch):
+def test_warm_pass_compiles_a_new_keys_configs_and_runs_nothing(tuner):
+    """codegen/warm.py: inside a warm pass a new key warms every pruned config (in the pass's
+    AsyncCompileMode) and nothing is timed or run; the real call after it times them; a key
+    the autotuner knows warms only its choice."""
     import triton
 
     t, events = tuner
-    assert t._lmc_parallel
+    x = torch.randn(40)
+    y = torch.full((40,), float("nan"))
+    grid = lambda m: (triton.cdiv(40, m["BLOCK"]),)  # noqa: E731
+    with warm.WarmPass() as w:
+        assert t[grid](x, y, 40, 3.0) is None
+    assert torch.isnan(y).all()                      # no kernel ran
+    assert [d[0] for d in w.launches] == ["_scale"]  # the launch the pass saw
+    assert ("time",) not in events
+    warmed = [e for e in events if e[0] == "warmup"]
+    assert sorted(e[1:3] for e in warmed) == [(16, 1), (16, 2), (32, 1), (32, 2)]
+    assert all(e[3] for e in warmed) and len(warmed) == len(events)
+    events.clear()
+    _call(t, 40)                                     # the real run times the four
+    assert [e[0] for e in events].count("time") == 4
+    events.clear()
+    with warm.WarmPass() as w:
+        t[grid](x, y, 40, 3.0)
+    assert torch.isnan(y).all() and ("time",) not in events and len(w.launches) == 1
+    assert [e[1:3] for e in events] == [(32, 2)]     # the choice only, as a warm-up
+
+
+def test_one_thread_compiles_in_turn(tuner, monkeypatch):
+    """LMC_COMPILE_THREADS=1: the same hooks (the warm pass needs them), on a pool of one
+    worker, so a new key's configs compile one after another as Triton's own would."""
+    t, events = tuner
     monkeypatch.setenv("LMC_COMPILE_THREADS", "1")
-    plain = at.autotune(_kernel(), [triton.Config({"BLOCK": 16}), triton.Config({"BLOCK": 32})],
-                        ["n"])
-    assert not hasattr(plain, "_lmc_parallel")
+    monkeypatch.setattr(at, "_POOL", None)
+    assert t._lmc_parallel and at._pool()._max_workers == 1
+    _call(t, 40)
+    assert sorted(e[1:3] for e in events if e[0] == "warmup") == \
+        [(16, 1), (16, 2), (32, 1), (32, 2)]
 
 
 @pytest.mark.parametrize("name,value", [("LMC_COMPILE_THREADS", "many"),

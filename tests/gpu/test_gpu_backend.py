@@ -169,6 +169,7 @@ def test_autotuned_kernels_compile_their_configs_in_parallel(tmp_path, monkeypat
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton"))
     monkeypatch.setenv("LMC_AUTOTUNE_CACHE", "0")
     monkeypatch.setenv("LMC_COMPILE_THREADS", "8")
+    monkeypatch.setenv("LMC_WARM", "0")     # the warm pass would compile them first
     monkeypatch.setattr(at, "_POOL", None)
     warmed = []
     real = at.precompile
@@ -197,3 +198,52 @@ def test_autotuned_kernels_compile_their_configs_in_parallel(tmp_path, monkeypat
     assert warmed and all(n > 1 for n in warmed), warmed
     assert abs(ot["loss"].item() - oo["loss"].item()) / oo["loss"].item() < 1e-5
     assert _max_rel(gt, go) < 1e-4
+
+
+def test_warm_pass_leaves_nothing_to_compile_at_a_launch(tmp_path, monkeypatch):
+    """codegen/warm.py natively: with empty Triton caches, the warm pass before a tiny llama
+    training step (forward and backward in one pass) and before a static decoder's prefill
+    and first step compiles every kernel (and autotuner config) those runs launch: Triton
+    meets no kernel to compile outside the passes; the step equals the torch backend's and
+    the decode equals the forward across CUDA-graph replays."""
+    import triton
+
+    from lmc.codegen import autotune as at
+    from lmc.codegen import warm
+    from lmc.runtime.decoder import Decoder
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton"))
+    monkeypatch.setenv("LMC_AUTOTUNE_CACHE", "0")
+    monkeypatch.setenv("LMC_COMPILE_THREADS", "8")
+    monkeypatch.setattr(at, "_POOL", None)
+    early, late = [], []
+
+    def hook(*, fn, compile, **kw):     # Triton calls it before each compile
+        (early if warm.active() is not None else late).append(
+            f"{fn.name} {compile['constants']}")
+        return False
+    monkeypatch.setattr(triton.knobs.runtime, "jit_cache_hook", hook)
+    g = _graph("tiny")
+    ids, targets = _batch(512, 2, 37)
+    _, ot, gt = _step(g, "triton", ids, targets)
+    assert early and not late, late
+    _, oo, go = _step(g, "torch", ids, targets)
+    assert abs(ot["loss"].item() - oo["loss"].item()) / oo["loss"].item() < 1e-5
+    assert _max_rel(gt, go) < 1e-4
+    early.clear()
+    m = lmc.load(LLAMA, preset="tiny", backend="triton", seed=8).eval().cuda()
+    oracle = lmc.load(LLAMA, preset="tiny", seed=8).eval().cuda()
+    ids = ids[:, :13]
+    with torch.no_grad():
+        full = oracle(ids)
+    full = full["logits"] if isinstance(full, dict) else full
+    dec = Decoder(m, "triton", static=True, max_len=16)
+    st = dec.init_state(ids.shape[0])
+    lg, st = dec(ids[:, :5], st)
+    got = [lg]
+    for t in range(5, ids.shape[1]):
+        lg, st = dec(ids[:, t:t + 1], st)
+        got.append(lg)
+    assert dec.cuda_graph, dec.cuda_graph_off
+    assert early and not late, late
+    assert (torch.cat(got, 1) - full).abs().max().item() < 1e-4

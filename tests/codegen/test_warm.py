@@ -1,0 +1,237 @@
+"""codegen/warm.py: the warm pass runs a program on meta tensors with every Triton launch
+turned into a warm-up, so a GPU compiles the kernels of a first run together.
+
+On a GPU the pass runs by itself (warm.wanted); here, in the interpreter, the tests force it
+and check what a GPU relies on: the pass reaches every launch the real run makes, with the
+same kernel, dtypes, sizes, strides, pointer alignment and scalar arguments (so Triton's
+cache keys agree), runs no kernel and changes no tensor, and the real run after it computes
+what it computes without it."""
+import os
+
+import pytest
+import torch
+
+import lmc
+from lmc.codegen import warm
+from lmc.errors import LmcError
+from lmc.passes import run_pipeline
+from lmc.passes.loss import with_loss
+from lmc.runtime.decoder import Decoder
+from lmc.runtime.module import LmcModel
+
+ZOO = os.path.join(os.path.dirname(__file__), "..", "..", "zoo")
+
+
+@pytest.fixture
+def record(monkeypatch):
+    """Force the warm pass (as on a GPU) and record: every pass, and the real run's launches
+    described as the pass describes its own."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    passes, real = [], []
+    monkeypatch.setattr(warm, "wanted", _wanted_here)
+
+    class Recorded(warm.WarmPass):
+        def __enter__(self):
+            passes.append(self)
+            return super().__enter__()
+    monkeypatch.setattr(warm, "WarmPass", Recorded)
+    warm._install()
+    run = InterpretedFunction.run
+
+    def run_(self, *args, grid, warmup, **kwargs):
+        if not warmup and warm.active() is None:
+            real.append(warm.describe(self, args, kwargs))
+        return run(self, *args, grid=grid, warmup=warmup, **kwargs)
+    monkeypatch.setattr(InterpretedFunction, "run", run_)
+    return passes, real
+
+
+def _wanted_here(program, ctx, ignore=()):
+    """warm.wanted without its GPU conditions (CUDA, not the interpreter)."""
+    if warm.active() is not None:
+        return False
+    key = tuple(sorted((k, v) for k, v in ctx.dims.items() if k not in ignore))
+    if key in program.warmed:
+        return False
+    program.warmed.add(key)
+    return True
+
+
+def _model(name, loss=True, **kw):
+    graph = lmc.load(os.path.join(ZOO, f"{name}.yaml"), preset="tiny", **kw).graph
+    graph = run_pipeline(with_loss(graph)) if loss else graph
+    return LmcModel(graph, backend="triton", seed=0)
+
+
+def _step(model, B, T, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    V = model.config["vocab"]
+    ids = torch.randint(0, V, (B, T), generator=g)
+    targets = torch.randint(0, V, (B, T), generator=g)
+    out = model(ids, targets=targets)
+    out["loss"].backward()
+    return out["loss"].detach(), {k: p.grad.clone() for k, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("name", ["llama", "blues01", "minimax"])
+def test_training_pass_reaches_every_launch_of_forward_and_backward(record, name):
+    """llama; blues01's noisy routing and MoE dispatch; minimax's lightning attention,
+    partial RoPE and capacity."""
+    passes, real = record
+    model = _model(name)
+    before = {k: p.detach().clone() for k, p in model.named_parameters()}
+    loss, grads = _step(model, 2, 7)
+    (w,) = passes                      # one pass: the forward and the backward together
+    assert w.stopped is None
+    assert len(real) > 20 and w.launches == real
+    prog = model.program()
+    assert prog.forward_exec.warmed and prog.backward_exec.warmed
+    # new dims: a new pass; the same dims again: none
+    model.zero_grad()
+    real.clear()
+    _step(model, 3, 5)
+    assert len(passes) == 2 and passes[1].launches == real
+    model.zero_grad()
+    _step(model, 3, 5)
+    assert len(passes) == 2
+    # the pass wrote nothing: the parameters are as they were before the first step, and a
+    # fresh model without passes gives the same loss and gradients
+    assert all(torch.equal(before[k], p) for k, p in model.named_parameters())
+    plain = _model(name)
+    with warm_off():
+        loss2, grads2 = _step(plain, 2, 7)
+    assert torch.equal(loss, loss2)
+    assert all(torch.equal(grads[k], grads2[k]) for k in grads)
+
+
+class warm_off:
+    """No warm pass inside (warm.wanted says no)."""
+
+    def __enter__(self):
+        self._orig, warm.wanted = warm.wanted, lambda *a, **k: False
+
+    def __exit__(self, *exc):
+        warm.wanted = self._orig
+
+
+@pytest.mark.parametrize("name,kw", [("minimax", {}), ("medit_one", {"moe": 1})])
+@pytest.mark.parametrize("static", [False, True])
+def test_decode_pass_reaches_every_launch_of_prefill_and_step(record, name, kw, static):
+    """The decoder's prefill (T = 3) and its steps (T = 1) each get a pass; a dynamic
+    decoder's growing past length P is not a new size."""
+    passes, real = record
+    model = _model(name, loss=False, **kw)
+    dec = Decoder(model, backend="triton", static=static, max_len=8 if static else None)
+    ids = torch.randint(0, model.config["vocab"], (2, 6),
+                        generator=torch.Generator().manual_seed(1))
+    state = dec.init_state(batch=2)
+    snapshot = {k: v.clone() for k, v in state.items()}
+    marks = []
+    logits = []
+    for t in (slice(0, 3), slice(3, 4), slice(4, 5), slice(5, 6)):
+        marks.append(len(real))
+        out, state = dec(ids[:, t], state)
+        logits.append(out)
+    marks.append(len(real))
+    assert len(passes) == 2 and all(w.stopped is None for w in passes)
+    assert passes[0].launches == real[marks[0]:marks[1]]       # the prefill
+    assert passes[1].launches == real[marks[1]:marks[2]]       # the first T = 1 step
+    if static:     # later steps: the same launches (a dynamic cache grows: new shapes)
+        assert real[marks[2]:marks[3]] == real[marks[1]:marks[2]]
+    # the same logits without passes
+    dec2 = Decoder(model, backend="triton", static=static, max_len=8 if static else None)
+    state2 = dec2.init_state(batch=2)
+    assert all(torch.equal(snapshot[k], v) for k, v in state2.items())
+    with warm_off():
+        for t, want in zip((slice(0, 3), slice(3, 4), slice(4, 5), slice(5, 6)), logits):
+            got, state2 = dec2(ids[:, t], state2)
+            assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("name,kw", [("blues01", {}), ("yoco", {}), ("optimus_prime", {}),
+                                     ("yoco", {"sliding_window": 5})])
+def test_pass_completes_on_every_zoo_program(record, name, kw):
+    """The training step and the static decode step (prefill and T = 1) of the other zoo
+    models run through the pass on meta tensors, with no op it cannot take, launching
+    nothing."""
+    from lmc.ops.reference import RefCtx
+    from lmc.runtime.executor import bind_dims
+    from lmc.runtime.function import _warm
+
+    passes, real = record
+    model = _model(name, **kw)
+    prog = model.program()
+    g = torch.Generator().manual_seed(0)
+    V = model.config["vocab"]
+    bound = dict(model.named_parameters())
+    bound[model.graph.inputs[0].attrs["name"]] = torch.randint(0, V, (2, 5), generator=g)
+    bound["targets"] = torch.randint(0, V, (2, 5), generator=g)
+    _warm(prog, bound, RefCtx(dims=bind_dims(model.graph, bound), training=True))
+    dec = Decoder(_model(name, loss=False, **kw), backend="triton", static=True, max_len=8)
+    state = dec.init_state(batch=2)
+    for T in (3, 1):
+        ids = torch.randint(0, V, (2, T), generator=g)
+        b = dec._bind(ids, state, torch.tensor([3 if T == 1 else 0]))
+        dec._warm(b, RefCtx(dims=bind_dims(dec.graph, b)))
+    assert len(passes) == 3 and all(w.stopped is None for w in passes)
+    assert all(len(w.launches) > 5 for w in passes) and real == []
+
+
+def test_meta_like_keeps_layout():
+    x = torch.randn(6, 10)[:, 3:]
+    m = warm.meta_like(x)
+    assert m.device.type == "meta" and m.shape == x.shape and m.stride() == x.stride()
+    assert m.storage_offset() == x.storage_offset() and m.dtype == x.dtype
+    assert warm.meta_like(3) == 3
+
+
+def test_wanted_only_on_a_gpu(monkeypatch):
+    class Prog:
+        interpret = True
+        warmed = set()
+
+    class Ctx:
+        device = torch.device("cuda")
+        dims = {"B": 1, "T": 4}
+    assert not warm.wanted(Prog(), Ctx())          # the interpreter: nothing to compile
+    Prog.interpret = False
+    Ctx.device = torch.device("cpu")
+    assert not warm.wanted(Prog(), Ctx())
+
+
+@pytest.mark.parametrize("value", ["2", "on", ""])
+def test_bad_setting_is_a_one_line_error(value, monkeypatch):
+    monkeypatch.setenv("LMC_WARM", value)
+    with pytest.raises(LmcError, match="LMC_WARM="):
+        warm.enabled()
+
+
+def test_a_pass_that_stops_says_so_once_and_the_backward_warms_at_its_own_run(record, capsys):
+    """A forward that cannot run on meta tensors stops its pass (one line on stderr, not
+    repeated); the backward, with no meta inputs then, gets its own pass at its first run;
+    the step computes as without passes."""
+    passes, real = record
+    model = _model("llama")
+    prog = model.program()
+    fx = prog.forward_exec
+    run = fx.run_program
+
+    def picky(ctx, bound):
+        if ctx.device.type == "meta":
+            raise RuntimeError("no meta here\nsecond line")
+        return run(ctx, bound)
+    fx.run_program = picky
+    loss, grads = _step(model, 2, 7)
+    assert len(passes) == 2 and passes[0].stopped == "RuntimeError: no meta here"
+    assert passes[1].stopped is None and passes[1].launches == real[-len(passes[1].launches):]
+    assert len(passes[1].launches) > 10
+    err = capsys.readouterr().err
+    assert err.count("lmc: kernel warm-up of the forward program stopped (RuntimeError: no "
+                     "meta here); its other kernels compile at their first launch") == 1
+    model.zero_grad()
+    _step(model, 3, 5)              # new dims: the forward stops again, said no more
+    assert "warm-up" not in capsys.readouterr().err
+    with warm_off():
+        loss2, _ = _step(_model("llama"), 2, 7)
+    assert torch.equal(loss, loss2)
