@@ -7,12 +7,18 @@
 # graph replays), patterns (tests/gpu/test_gpu_patterns.py: every zoo model's pattern kernels
 # compiled natively: fp32 step = oracle, bf16 close, triton static decode replays), train
 # (benchmarks/train_bench.py: lmc, eager, torch.compile; train:lmc and train:ref split it in
-# two when the first step's compilation and autotuning, about 500 Triton compiles for llama,
+# two when the first step's compilation and autotuning, 238 Triton compiles for llama bf16,
 # leave too little of a 10-minute call), decode (benchmarks/decode_bench.py),
 # attention (benchmarks/attention_bench.py), linear (benchmarks/linear_attention_bench.py),
 # moe (benchmarks/moe_bench.py), bench (lmc bench zoo/llama.yaml), bench:MODEL (lmc bench
-# zoo/MODEL.yaml: bench:blues01, bench:minimax, bench:yoco, bench:optimus_prime, bench:medit_one). Results and logs go to $OUT (default runs/gpu), flat, so
-# the device tool brings them back; each log starts with the device, torch and triton.
+# zoo/MODEL.yaml: bench:blues01, bench:minimax, bench:yoco, bench:optimus_prime,
+# bench:medit_one). Results and logs go to $OUT (default runs/gpu), flat, so the device tool
+# brings them back; each log starts with the device, torch and triton.
+#
+# BUDGET_S=540 bounds the whole call: each phase runs under `timeout` with what is left (a
+# phase cut short keeps what it wrote: the JSONs are rewritten as results come in), and a
+# phase with under 60 s left is skipped; both are noted in phases.txt. Unknown phases are
+# refused before anything runs.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu}
@@ -37,38 +43,62 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     echo "wheels: install failed (see wheels.log)" | tee -a "$OUT/machine.txt"
   fi
 fi
+known() {
+  case $1 in
+    tests|patterns|train|train:lmc|train:ref|decode|attention|linear|moe|bench) return 0 ;;
+    bench:?*) return 0 ;;
+    *) return 1 ;;
+  esac
+}
+for phase in "$@"; do
+  if ! known "$phase"; then echo "unknown phase $phase" >&2; exit 2; fi
+done
+BUDGET_S=${BUDGET_S:-0}
+case $BUDGET_S in ''|*[!0-9]*) echo "BUDGET_S=$BUDGET_S: expected whole seconds" >&2; exit 2 ;; esac
+t0=$(date +%s)
 status=0
 for phase in "$@"; do
   echo "== $phase" | tee -a "$OUT/phases.txt"
   start=$(date +%s)
+  LIMIT=()
+  if [ "$BUDGET_S" -gt 0 ]; then
+    left=$(( BUDGET_S - (start - t0) ))
+    if [ "$left" -lt 60 ]; then
+      echo "   $phase: skipped, ${left} s of BUDGET_S=$BUDGET_S left" | tee -a "$OUT/phases.txt"
+      continue
+    fi
+    LIMIT=(timeout -k 15 "$left")
+  fi
   case $phase in
-    tests)     $PY -m pytest -q -m gpu -p no:cacheprovider tests \
+    tests)     ${LIMIT[@]+"${LIMIT[@]}"} $PY -m pytest -q -m gpu -p no:cacheprovider tests \
                  --deselect tests/gpu/test_gpu_patterns.py 2>&1 | tee "$OUT/gpu_tests.log" ;;
-    patterns)  $PY -m pytest -q -m gpu -p no:cacheprovider tests/gpu/test_gpu_patterns.py \
+    patterns)  ${LIMIT[@]+"${LIMIT[@]}"} $PY -m pytest -q -m gpu -p no:cacheprovider tests/gpu/test_gpu_patterns.py \
                  --durations=10 2>&1 | tee "$OUT/gpu_patterns.log" ;;
-    train)     $PY benchmarks/train_bench.py --out "$OUT/train_bench.json" 2>&1 \
+    train)     ${LIMIT[@]+"${LIMIT[@]}"} $PY benchmarks/train_bench.py --out "$OUT/train_bench.json" 2>&1 \
                  | tee "$OUT/train_bench.log" ;;
-    train:lmc) $PY benchmarks/train_bench.py --skip eager compile \
+    train:lmc) ${LIMIT[@]+"${LIMIT[@]}"} $PY benchmarks/train_bench.py --skip eager compile \
                  --out "$OUT/train_bench_lmc.json" 2>&1 | tee "$OUT/train_bench_lmc.log" ;;
-    train:ref) $PY benchmarks/train_bench.py --skip lmc --out "$OUT/train_bench_ref.json" \
+    train:ref) ${LIMIT[@]+"${LIMIT[@]}"} $PY benchmarks/train_bench.py --skip lmc --out "$OUT/train_bench_ref.json" \
                  2>&1 | tee "$OUT/train_bench_ref.log" ;;
-    decode)    $PY benchmarks/decode_bench.py --out "$OUT/decode_bench.json" 2>&1 \
+    decode)    ${LIMIT[@]+"${LIMIT[@]}"} $PY benchmarks/decode_bench.py --out "$OUT/decode_bench.json" 2>&1 \
                  | tee "$OUT/decode_bench.log" ;;
-    attention) $PY benchmarks/attention_bench.py --out "$OUT/attention_bench.json" 2>&1 \
+    attention) ${LIMIT[@]+"${LIMIT[@]}"} $PY benchmarks/attention_bench.py --out "$OUT/attention_bench.json" 2>&1 \
                  | tee "$OUT/attention_bench.log" ;;
-    linear)    $PY benchmarks/linear_attention_bench.py --out "$OUT/linear_bench.json" 2>&1 \
+    linear)    ${LIMIT[@]+"${LIMIT[@]}"} $PY benchmarks/linear_attention_bench.py --out "$OUT/linear_bench.json" 2>&1 \
                  | tee "$OUT/linear_bench.log" ;;
-    moe)       $PY benchmarks/moe_bench.py --out "$OUT/moe_bench.json" 2>&1 \
+    moe)       ${LIMIT[@]+"${LIMIT[@]}"} $PY benchmarks/moe_bench.py --out "$OUT/moe_bench.json" 2>&1 \
                  | tee "$OUT/moe_bench.log" ;;
-    bench)     $PY -m lmc.cli bench zoo/llama.yaml --out "$OUT/bench_llama" 2>&1 \
+    bench)     ${LIMIT[@]+"${LIMIT[@]}"} $PY -m lmc.cli bench zoo/llama.yaml --out "$OUT/bench_llama" 2>&1 \
                  | tee "$OUT/bench_llama.log" ;;
     bench:*)   m=${phase#bench:}
-               $PY -m lmc.cli bench "zoo/$m.yaml" --out "$OUT/bench_$m" 2>&1 \
+               ${LIMIT[@]+"${LIMIT[@]}"} $PY -m lmc.cli bench "zoo/$m.yaml" --out "$OUT/bench_$m" 2>&1 \
                  | tee "$OUT/bench_$m.log" ;;
     *)         echo "unknown phase $phase" >&2; exit 2 ;;
   esac
   rc=$?
   [ $rc -ne 0 ] && status=$rc
-  echo "   $phase: exit $rc after $(( $(date +%s) - start )) s" | tee -a "$OUT/phases.txt"
+  note=""
+  [ ${#LIMIT[@]} -gt 0 ] && { [ $rc -eq 124 ] || [ $rc -eq 137 ]; } && note=" (cut at the budget)"
+  echo "   $phase: exit $rc after $(( $(date +%s) - start )) s$note" | tee -a "$OUT/phases.txt"
 done
 exit $status

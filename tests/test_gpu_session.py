@@ -38,3 +38,20 @@ def test_every_listed_phase_has_a_case():
                   "attention", "linear", "moe", "bench"):
         assert phase in cases, phase
     assert "bench:*" in cases
+
+
+def test_an_unknown_phase_is_refused_before_any_runs(tmp_path):
+    r = _run(tmp_path, "decode", "no-such-phase")
+    assert r.returncode == 2 and "unknown phase no-such-phase" in r.stderr
+    assert not (tmp_path / "out" / "phases.txt").exists()
+
+
+def test_budget_skips_a_phase_without_time_left(tmp_path, monkeypatch):
+    monkeypatch.setenv("BUDGET_S", "30")
+    r = _run(tmp_path, "tests")
+    assert r.returncode == 0, r.stderr
+    log = (tmp_path / "out" / "phases.txt").read_text()
+    assert "tests: skipped, 30 s of BUDGET_S=30 left" in log and "exit" not in log
+    monkeypatch.setenv("BUDGET_S", "9m")
+    r = _run(tmp_path, "tests")
+    assert r.returncode == 2 and "BUDGET_S=9m: expected whole seconds" in r.stderr
