@@ -2,8 +2,9 @@
 timings, choices kept on disk.
 
 Triton's autotuner meets a new key (shapes, dtypes) by compiling and timing each config in
-turn (zoo/llama's first bf16 training step: 238 compiles, most of them autotuner configs,
-benchmarks/warm_check.py), which made that step minutes long, and 125 ms of timing per config (`triton.testing.do_bench`'s defaults). Here
+turn (zoo/llama's first bf16 training step: 238 compiles, kernels and autotuner configs,
+benchmarks/warm_check.py), which made that step minutes long, and 125 ms of timing per
+config (`triton.testing.do_bench`'s defaults). Here
 
 - the configs of a key are compiled together on a thread pool before they are timed (Triton's
   `AsyncCompileMode`: the compiler's passes and ptxas run without the GIL), so a key costs
