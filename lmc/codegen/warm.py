@@ -117,14 +117,14 @@ def wanted(program, ctx, ignore=()) -> bool:
     pool of two threads or more, once per dims (those in `ignore` left out of the key: a
     dynamic decoder's past length P, new every step); the key is then marked, warmed or
     not."""
-    if program.interpret or getattr(ctx.device, "type", None) != "cuda" or \
-            _MODE.get() is not None or not enabled():
-        return False
-    from .autotune import compile_threads
-    if compile_threads() < 2 or torch.cuda.is_current_stream_capturing():
+    if program.interpret or getattr(ctx.device, "type", None) != "cuda":
         return False
     key = dims_key(ctx, ignore)
-    if key in program.warmed:
+    if key in program.warmed:         # every later step: no more checks
+        return False
+    from .autotune import compile_threads
+    if _MODE.get() is not None or not enabled() or compile_threads() < 2 or \
+            torch.cuda.is_current_stream_capturing():
         return False
     program.warmed.add(key)
     return True

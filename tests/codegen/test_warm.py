@@ -198,6 +198,29 @@ def test_wanted_only_on_a_gpu(monkeypatch):
     Prog.interpret = False
     Ctx.device = torch.device("cpu")
     assert not warm.wanted(Prog(), Ctx())
+    # a GPU (its capture state stood in for): once per dims, with a pool, outside passes
+    capturing = [False]
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    monkeypatch.setenv("LMC_COMPILE_THREADS", "2")
+    Ctx.device = torch.device("cuda")
+    p = Prog()
+    p.warmed = set()
+    capturing[0] = True
+    assert not warm.wanted(p, Ctx()) and not p.warmed   # not inside a capture, not marked
+    capturing[0] = False
+    monkeypatch.setenv("LMC_WARM", "0")
+    assert not warm.wanted(p, Ctx())
+    monkeypatch.setenv("LMC_WARM", "1")
+    monkeypatch.setenv("LMC_COMPILE_THREADS", "1")
+    assert not warm.wanted(p, Ctx())
+    monkeypatch.setenv("LMC_COMPILE_THREADS", "2")
+    with warm.WarmPass():
+        assert not warm.wanted(p, Ctx())
+    assert warm.wanted(p, Ctx()) and not warm.wanted(p, Ctx())      # once
+    Ctx.dims = {"B": 1, "T": 1, "P": 7}
+    assert warm.wanted(p, Ctx(), ignore=("P",))
+    Ctx.dims = {"B": 1, "T": 1, "P": 8}
+    assert not warm.wanted(p, Ctx(), ignore=("P",))                  # P is not a new size
 
 
 @pytest.mark.parametrize("value", ["2", "on", ""])
