@@ -34,6 +34,7 @@ import copy
 import os
 import sys
 import threading
+import time
 from contextvars import ContextVar
 from typing import Callable, Dict, Optional
 
@@ -164,7 +165,14 @@ class WarmPass:
             # 3.6 keeps the failed future, later releases compile again), where the error is
             # reported as it always is
             futures = list(self._async.raw_futures)
+            if futures:        # the user sees why the first step waits, and for how long
+                from .autotune import compile_threads
+                print(f"lmc: compiling {len(futures)} kernel variants on "
+                      f"{compile_threads()} threads ...", end="", file=sys.stderr, flush=True)
+                t0 = time.perf_counter()
             self._async.__exit__(None, None, None)
+            if futures:
+                print(f" {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
             self.compiles = len(futures)
             self.failed = [f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[-1]}"
                            for f in futures if (e := f.exception()) is not None]

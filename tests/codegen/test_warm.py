@@ -258,3 +258,33 @@ def test_a_pass_that_stops_says_so_once_and_the_backward_warms_at_its_own_run(re
     with warm_off():
         loss2, _ = _step(_model("llama"), 2, 7)
     assert torch.equal(loss, loss2)
+
+
+def test_a_pass_with_compiles_says_how_many_and_how_long(monkeypatch, capsys):
+    """On a GPU the pass's compiles are futures on the pool; the wait for them is announced
+    (what the first step is waiting for) and timed, and failures are collected."""
+    from concurrent.futures import Future
+
+    from triton.runtime import _async_compile
+
+    ok, bad = Future(), Future()
+    ok.set_result("kernel")
+    bad.set_exception(RuntimeError("ptxas says no\nlast line"))
+
+    class Async:              # Triton's AsyncCompileMode, after two submissions
+        def __init__(self, pool, ignore_errors):
+            self.raw_futures = [ok, bad]
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.raw_futures = []
+    monkeypatch.setattr(_async_compile, "AsyncCompileMode", Async)
+    monkeypatch.setenv("LMC_COMPILE_THREADS", "3")
+    with warm.WarmPass() as w:
+        pass
+    err = capsys.readouterr().err
+    assert err.startswith("lmc: compiling 2 kernel variants on 3 threads ... ") and \
+        err.rstrip().endswith(" s"), err
+    assert w.compiles == 2 and w.failed == ["RuntimeError: last line"]
