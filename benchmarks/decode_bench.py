@@ -114,13 +114,15 @@ def lmc_contender(f32_model, args, device, backend):
     # what one step launches (fused ops, each a kernel or a template's launch pair, + other
     # torch ops): at batch 1 this bounds the step time under a CUDA graph
     info = {"backend": backend, "ops_per_step": step_ops(dec.graph)}
+    from lmc.codegen import warm
     from lmc.codegen.matmul import tuned_configs
 
-    # the autotuner's picks (block sizes, SPLIT_K) for the generated matmuls, by (M, N, K)
+    # the autotuner's picks (block sizes, SPLIT_K) for the generated matmuls, by (M, N, K);
+    # the warm passes before the prefill and the first step (GPU): compiles, their wait
     return prefill, step, lambda: {**info, "cuda_graph": dec.cuda_graph,
                                    "cuda_graph_off": dec.cuda_graph_off,
                                    "matmul_configs": tuned_configs() if backend == "triton"
-                                   else []}
+                                   else [], "warm_passes": list(warm.HISTORY)}
 
 
 # -- the hand-written reference ---------------------------------------------------------------

@@ -152,8 +152,11 @@ def main(argv=None):
         try:
             results.append(measure(name, make(), args, device, tokens))
             if name.startswith("lmc") and args.backend == "triton":
+                from lmc.codegen import warm
                 from lmc.codegen.matmul import tuned_configs
                 results[-1]["matmul_configs"] = tuned_configs()   # the autotuner's picks
+                # the first step's warm pass (GPU): compiles, failures, its wait
+                results[-1]["warm_passes"] = list(warm.HISTORY)
         except Exception as e:  # noqa: BLE001 - one contender failing must not lose the rest
             first = (str(e).strip().splitlines() or [""])[0]
             results.append({"name": name, "error": f"{type(e).__name__}: {first}"})

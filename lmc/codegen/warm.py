@@ -35,14 +35,17 @@ import os
 import sys
 import threading
 import time
+from collections import deque
 from contextvars import ContextVar
-from typing import Callable, Dict, Optional
+from typing import Callable, Deque, Dict, Optional
 
 import torch
 
 from ..errors import LmcError
 
 _MODE: ContextVar[Optional["WarmPass"]] = ContextVar("lmc_warm_pass", default=None)
+# what the passes of this process did, latest last (benchmarks report it with first_step_s)
+HISTORY: Deque[dict] = deque(maxlen=64)
 _INSTALLED = False
 _LOCK = threading.Lock()
 
@@ -145,6 +148,8 @@ class WarmPass:
         self.stopped: Optional[str] = None
         self.compiles = 0           # compiles the pass started (none if Triton's caches hit)
         self.failed = []            # those that failed: each fails again at its launch
+        self.wait_s = 0.0           # how long the pass waited for them at its end
+        self.programs = []          # the labels of the programs it ran
         self._async = None
 
     def __enter__(self):
@@ -172,10 +177,14 @@ class WarmPass:
                 t0 = time.perf_counter()
             self._async.__exit__(None, None, None)
             if futures:
-                print(f" {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+                self.wait_s = time.perf_counter() - t0
+                print(f" {self.wait_s:.1f} s", file=sys.stderr, flush=True)
             self.compiles = len(futures)
             self.failed = [f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[-1]}"
                            for f in futures if (e := f.exception()) is not None]
+        HISTORY.append({"programs": self.programs, "launches": len(self.launches),
+                        "compiles": self.compiles, "failed": len(self.failed),
+                        "wait_s": round(self.wait_s, 3), "stopped": self.stopped})
         return False
 
     def program(self, program, bound: Dict[str, torch.Tensor], ctx,
@@ -183,6 +192,7 @@ class WarmPass:
         """Run `program`'s wrapper (or `run(ctx, bound)`: a Decoder runs its step node by
         node) on meta copies of `bound`: its outputs (meta tensors), or None if a step could
         not run on meta tensors (said once on stderr)."""
+        self.programs.append(program.label)
         mctx = copy.copy(ctx)
         mctx.device = torch.device("meta")
         mbound = {k: meta_like(v) for k, v in bound.items()}

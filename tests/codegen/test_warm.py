@@ -83,7 +83,7 @@ def test_training_pass_reaches_every_launch_of_forward_and_backward(record, name
     before = {k: p.detach().clone() for k, p in model.named_parameters()}
     loss, grads = _step(model, 2, 7)
     (w,) = passes                      # one pass: the forward and the backward together
-    assert w.stopped is None
+    assert w.stopped is None and w.programs == ["forward", "backward"]
     assert len(real) > 20 and w.launches == real
     prog = model.program()
     assert prog.forward_exec.warmed and prog.backward_exec.warmed
@@ -288,3 +288,5 @@ def test_a_pass_with_compiles_says_how_many_and_how_long(monkeypatch, capsys):
     assert err.startswith("lmc: compiling 2 kernel variants on 3 threads ... ") and \
         err.rstrip().endswith(" s"), err
     assert w.compiles == 2 and w.failed == ["RuntimeError: last line"]
+    assert warm.HISTORY[-1] == {"programs": [], "launches": 0, "compiles": 2, "failed": 1,
+                                "wait_s": round(w.wait_s, 3), "stopped": None}
