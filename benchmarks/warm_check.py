@@ -17,7 +17,8 @@ memory, so the default size at the GPU benchmark's batch and length is cheap to 
                                               [--python /tmp/v36/bin/python] [--no-record]
 
 --mode decode warms the static decoder as benchmarks/decode_bench.py runs it (weights stored
-in the precision): its prefill of --seq tokens, then its T = 1 step.
+in the precision): the pass before its prefill of --seq tokens, which takes its T = 1 step
+too.
 
 Prints per thread count the launches the pass reached, the compiles it made (each kernel
 variant and each config of a new autotuner key) and its wall
@@ -43,8 +44,7 @@ ROOT = os.path.dirname(HERE)
 
 def child(a) -> dict:
     """In a fresh process (TRITON_INTERPRET=0, LMC_COMPILE_THREADS and TRITON_CACHE_DIR set by
-    the parent): the two passes over the training step, or over the decoder's prefill and
-    then its step."""
+    the parent): the pass, twice, over the training step or the decoder's prefill and step."""
     import torch
     import triton
     from triton.backends.compiler import GPUTarget
@@ -104,8 +104,9 @@ def child(a) -> dict:
         ctx = RefCtx(dims=bind_dims(model.graph, bound), device=cuda, training=True)
         steps = {"train": lambda: _warm(prog, bound, ctx)}
     else:
-        # the static decoder as decode_bench.py runs it (weights stored in the precision),
-        # prefilled with --seq tokens, then its T = 1 step; flash-decoding's split count
+        # the static decoder as decode_bench.py runs it (weights stored in the precision):
+        # the pass before its prefill of --seq tokens, which takes the T = 1 step too; the
+        # flash-decoding split count
         # asks the GPU for its SMs: an H100's 132
         from decode_bench import bf16_weights
 
@@ -117,11 +118,11 @@ def child(a) -> dict:
         dec = Decoder(model, backend="triton", static=True, max_len=a.max_len)
         state = dec.init_state(a.batch, torch.device("meta"))
 
-        def step(T, past):
-            ids = torch.empty(a.batch, T, dtype=torch.int64, device="meta")
-            b = dec._bind(ids, state, torch.tensor([past], device="meta"))
-            return lambda: dec._warm(b, RefCtx(dims=bind_dims(dec.graph, b), device=cuda))
-        steps = {"prefill": step(a.seq, 0), "step": step(1, a.seq)}
+        ids = torch.empty(a.batch, a.seq, dtype=torch.int64, device="meta")
+        b = dec._bind(ids, state, torch.zeros(1, dtype=torch.int64, device="meta"))
+        # the prefill's pass takes the T = 1 step too (runtime/decoder.py)
+        steps = {"decode": lambda: dec._warm(
+            b, RefCtx(dims=bind_dims(dec.graph, b), device=cuda), state)}
     out = {}
     for what, fn in steps.items():
         for i in range(2):
@@ -170,13 +171,14 @@ def main(argv=None) -> int:
             r = json.loads(got[0][len("RESULT "):])
             triton_v = subprocess.run([a.python, "-c", "import triton; print(triton.__version__)"],
                                       capture_output=True, text=True).stdout.strip()
-            for what in ("train",) if a.mode == "train" else ("prefill", "step"):
+            for what in ("train",) if a.mode == "train" else ("decode",):
                 first, second = r[f"{what}1"], r[f"{what}2"]
                 ok = first["stopped"] is None and second["stopped"] is None and \
                     second["compiles"] == 0 and not first["failed"]
                 status |= not ok
-                print(f"{a.model} {a.preset} {a.precision} {what} B={a.batch}"
-                      f"{'' if what == 'step' else f' T={a.seq}'}, {n} thread(s), Triton "
+                print(f"{a.model} {a.preset} {a.precision} "
+                      f"{'prefill + step' if what == 'decode' else what} B={a.batch} "
+                      f"T={a.seq}, {n} thread(s), Triton "
                       f"{triton_v} for sm_90: warm pass {first['seconds']:.1f} s, "
                       f"{first['launches']} launches of {first['kernels']} kernels, "
                       f"{first['compiles']} compiles ({len(first['failed'])} failed); second "

@@ -193,7 +193,7 @@ class Decoder:
             raise LmcError(f"the state's caches hold {dims['P']} positions but it has seen "
                            f"{state.past} tokens")
         ctx = RefCtx(dims=dims, device=ids.device, training=False)
-        self._warm(bound, ctx)
+        self._warm(bound, ctx, state)
         outs = run_graph(self.graph, bound, ctx, self.impl)
         new = State({s.name: outs[s.out] for s in self.step.states})
         new.past = state.past + ids.shape[1]
@@ -205,7 +205,7 @@ class Decoder:
         bound = self._bind(ids, state, past)
         dims = bind_dims(self.graph, bound)
         ctx = RefCtx(dims=dims, device=ids.device, training=False)
-        self._warm(bound, ctx)
+        self._warm(bound, ctx, state)
         outs = run_graph(self.graph, bound, ctx, self.impl)
         for s in self.step.states:
             new, buf = outs[s.out], state[s.name]
@@ -213,14 +213,34 @@ class Decoder:
                 buf.copy_(new)
         return outs[self.step.logits]
 
-    def _warm(self, bound, ctx) -> None:
+    def _warm(self, bound, ctx, state) -> None:
         """On a GPU, before the step first runs with new sizes: compile its kernels together
-        (codegen/warm.py; the past length P, new every dynamic step, is not a new size)."""
+        (codegen/warm.py; the past length P, new every dynamic step, is not a new size). A
+        prefill takes its T = 1 step into the same pass, on the state it leaves (meta): the
+        first token follows the prefill at once, and its compiles would stall the stream."""
         from ..codegen import warm
-        if self.program is not None and warm.wanted(self.program, ctx, ignore=("P",)):
-            with warm.WarmPass() as w:
-                w.program(self.program, bound, ctx,
-                          run=lambda c, b: run_graph(self.graph, b, c, self.impl))
+        if self.program is None or not warm.wanted(self.program, ctx, ignore=("P",)):
+            return
+        step = None
+        if ctx.dims.get("T") != 1:
+            step = RefCtx(dims={**ctx.dims, "T": 1}, device=ctx.device, training=False)
+            if not warm.wanted(self.program, step, ignore=("P",)):
+                step = None
+
+        def run(c, b):
+            return run_graph(self.graph, b, c, self.impl)
+        with warm.WarmPass() as w:
+            outs = w.program(self.program, bound, ctx, run=run)
+            if outs is None and step is not None:   # warmed at its own first run
+                self.program.warmed.discard(warm.dims_key(step, ("P",)))
+            elif step is not None:
+                B = bound[self.token_input].shape[0]
+                after = state if self.static else \
+                    State({s.name: outs[s.out] for s in self.step.states})
+                ids = torch.empty(B, 1, dtype=torch.int64, device="meta")
+                b = self._bind(ids, after, torch.zeros(1, dtype=torch.int64, device="meta"))
+                w.program(self.program, b,
+                          RefCtx(dims=bind_dims(self.graph, b), device=ctx.device), run=run)
 
     def _replay(self, ids, state):
         cap = getattr(state, "captured", None)
