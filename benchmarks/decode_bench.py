@@ -118,7 +118,8 @@ def lmc_contender(f32_model, args, device, backend):
     from lmc.codegen.matmul import tuned_configs
 
     # the autotuner's picks (block sizes, SPLIT_K) for the generated matmuls, by (M, N, K);
-    # the warm passes before the prefill and the first step (GPU): compiles, their wait
+    # the warm pass before the prefill, which takes the first step along (GPU): its compiles
+    # and wait
     return prefill, step, lambda: {**info, "cuda_graph": dec.cuda_graph,
                                    "cuda_graph_off": dec.cuda_graph_off,
                                    "matmul_configs": tuned_configs() if backend == "triton"

@@ -15,9 +15,10 @@
 # bench:medit_one). Results and logs go to $OUT (default runs/gpu), flat, so the device tool
 # brings them back; each log starts with the device, torch and triton.
 #
-# BUDGET_S=540 bounds the whole call: each phase runs under `timeout` with what is left (a
-# phase cut short keeps what it wrote: the JSONs are rewritten as results come in), and a
-# phase with under 60 s left is skipped; both are noted in phases.txt. Unknown phases are
+# BUDGET_S=540 bounds the phases (counted from the first; the setup before it takes seconds):
+# each runs under `timeout` with what is left, plus up to 15 s for a process that ignores
+# TERM (a phase cut short keeps what it wrote: the JSONs are rewritten as results come in),
+# and one with under 60 s left is skipped; both are noted in phases.txt. Unknown phases are
 # refused before anything runs.
 set -u -o pipefail
 cd "$(dirname "$0")/.."

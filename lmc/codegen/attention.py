@@ -633,7 +633,7 @@ def _attn_bwd_dq(Q, K, V, COS_Q, SIN_Q, COS_K, SIN_K, DO, LSE, DELTA, DQ,
 # --------------------------------------------------------------------------------------------
 # decode (flash-decoding)
 # --------------------------------------------------------------------------------------------
-@triton.jit
+@triton.jit(do_not_specialize=["S_MAX", "CHUNK"])
 def _decode_split(Q, K, V, COS_Q, SIN_Q, COS_K, SIN_K, POS, KV_LEN, KPOS, PART_O, PART_L,
                   OUT, Q2, K2,
                   stride_qb, stride_qh, stride_qt, stride_qd,
@@ -643,7 +643,7 @@ def _decode_split(Q, K, V, COS_Q, SIN_Q, COS_K, SIN_K, POS, KV_LEN, KPOS, PART_O
                   stride_k2b, stride_k2h, stride_k2n, stride_k2d,
                   stride_cqp, stride_cqd, stride_ckp, stride_ckd, stride_pos, stride_len,
                   stride_kpb, stride_kpn, stride_ob, stride_oh, stride_ot, stride_od,
-                  H, HKV, TQ, S_MAX, CHUNK, NSPLIT, window, qk_scale,
+                  H, HKV, TQ, S_MAX, CHUNK, NSPLIT, S_BUCKET, window, qk_scale,
                   HEAD_DIM: tl.constexpr, ROT: tl.constexpr, INTERLEAVED: tl.constexpr,
                   PAIRED: tl.constexpr, ROPE_K: tl.constexpr, CAUSAL: tl.constexpr,
                   HAS_WINDOW: tl.constexpr, HAS_KV_LEN: tl.constexpr, HAS_KPOS: tl.constexpr,
@@ -657,6 +657,10 @@ def _decode_split(Q, K, V, COS_Q, SIN_Q, COS_K, SIN_K, POS, KV_LEN, KPOS, PART_O
     # base-2 lse, or (DIRECT: one split) the output itself in OUT. Query i of sequence b sits
     # at POS[b] + i; slot j holds position j, or (HAS_KPOS) KPOS[b, j], a negative one
     # marking a slot never written (masked; its K and V are not read).
+    # S_BUCKET (the slots' power of two, at least 16; not read) keys the autotuner, and
+    # S_MAX and CHUNK are not specialized: a dynamic cache grows one slot a step, which would
+    # otherwise time the configs again every step and compile new variants as S crosses
+    # 1 and multiples of 16.
     # HEAD_D2 > 0: every key has a second part, K2's row of HEAD_D2 columns (its own tensor
     # and strides, read as given: never rotated), and the score adds q2 . k2 (Q2's row) to
     # the first part's in the same fp32 accumulator, one more tile pair next to the groups
@@ -829,8 +833,8 @@ _KEYS = {
     "fwd": ["T", "S", "HEAD_DIM", "HEAD_DV", "ROT", "CAUSAL", "HAS_WINDOW"],
     "dkdv": ["T", "S", "HEAD_DIM", "HEAD_DV", "ROT", "CAUSAL", "HAS_WINDOW"],
     "dq": ["T", "S", "HEAD_DIM", "HEAD_DV", "ROT", "CAUSAL", "HAS_WINDOW"],
-    "decode": ["TQ", "S_MAX", "HEAD_DIM", "HEAD_DV", "HEAD_D2", "ROT", "ROPE_K", "HAS_KPOS",
-               "DIRECT"],
+    "decode": ["TQ", "S_BUCKET", "HEAD_DIM", "HEAD_DV", "HEAD_D2", "ROT", "ROPE_K",
+               "HAS_KPOS", "DIRECT"],
 }
 _JIT = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq, "decode": _decode_split}
 _TUNED: dict = {}
@@ -1196,7 +1200,8 @@ def rope_attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor,
             q2, k2_cache, *q.stride(), *k_cache.stride(), *v_cache.stride(),
             *(q2.stride() if d2 else (0,) * 4), *(k2_cache.stride() if d2 else (0,) * 4),
             *tstrides, stride_pos, stride_len, *kpos_strides, *out.stride(), H, HKV, TQ, S,
-            chunk, num_splits, sp.window_arg, sp.scale * LOG2E, HAS_KV_LEN=kv_len is not None,
+            chunk, num_splits, _p2(S), sp.window_arg, sp.scale * LOG2E,
+            HAS_KV_LEN=kv_len is not None,
             HAS_KPOS=kpos is not None, DIRECT=direct, BLOCK_M=_p2(H // HKV * TQ),
             HEAD_D2=d2, BLOCK_D2=_p2(d2), **sp.constexprs())
     if not direct:

@@ -146,8 +146,8 @@ class WarmPass:
     def __init__(self):
         self.launches = []          # each launch turned into a warm-up (describe)
         self.stopped: Optional[str] = None
-        self.compiles = 0           # compiles the pass started (none if Triton's caches hit)
-        self.failed = []            # those that failed: each fails again at its launch
+        self.compiles = 0           # variants it compiled or loaded from Triton's disk cache
+        self.failed = []            # those that failed: each is compiled again at its launch
         self.wait_s = 0.0           # how long the pass waited for them at its end
         self.programs = []          # the labels of the programs it ran
         self._async = None
@@ -163,48 +163,66 @@ class WarmPass:
         self._token = _MODE.set(self)
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, exc, tb):
         _MODE.reset(self._token)
         if self._async is not None:
-            # waits for every compile; one that failed fails again at its launch (Triton
-            # 3.6 keeps the failed future, later releases compile again), where the error is
-            # reported as it always is
+            from triton.runtime._async_compile import active_mode
+
+            # waits for every compile; one that failed is compiled again at its launch (no
+            # Triton release keeps a failed one), where the error is reported as it always is
             futures = list(self._async.raw_futures)
-            if futures:        # the user sees why the first step waits, and for how long
-                from .autotune import compile_threads
-                print(f"lmc: compiling {len(futures)} kernel variants on "
-                      f"{compile_threads()} threads ...", end="", file=sys.stderr, flush=True)
+            try:
+                if exc_type is not None:     # an interrupt: what has not started is dropped
+                    for f in futures:
+                        f.cancel()
+                elif futures:   # the user sees why the first step waits, and for how long
+                    print(f"lmc: compiling (or loading from Triton's cache) {len(futures)} "
+                          f"kernel variants on {self._pool_size()} threads ...", end="",
+                          file=sys.stderr, flush=True)
                 t0 = time.perf_counter()
-            self._async.__exit__(None, None, None)
-            if futures:
-                self.wait_s = time.perf_counter() - t0
-                print(f" {self.wait_s:.1f} s", file=sys.stderr, flush=True)
+                self._async.__exit__(None, None, None)
+                if futures and exc_type is None:
+                    self.wait_s = time.perf_counter() - t0
+                    print(f" {self.wait_s:.1f} s", file=sys.stderr, flush=True)
+            finally:
+                # Triton 3.6 leaves its mode on when the wait above is interrupted
+                if active_mode.get() is self._async:
+                    active_mode.set(None)
             self.compiles = len(futures)
             self.failed = [f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[-1]}"
-                           for f in futures if (e := f.exception()) is not None]
+                           for f in futures if not f.cancelled()
+                           and (e := f.exception()) is not None]
         HISTORY.append({"programs": self.programs, "launches": len(self.launches),
                         "compiles": self.compiles, "failed": len(self.failed),
                         "wait_s": round(self.wait_s, 3), "stopped": self.stopped})
         return False
 
+    def _pool_size(self) -> int:
+        return getattr(getattr(self._async, "executor", None), "_max_workers", 0) or 1
+
     def program(self, program, bound: Dict[str, torch.Tensor], ctx,
                 run: Optional[Callable] = None) -> Optional[dict]:
         """Run `program`'s wrapper (or `run(ctx, bound)`: a Decoder runs its step node by
         node) on meta copies of `bound`: its outputs (meta tensors), or None if a step could
-        not run on meta tensors (said once on stderr)."""
+        not run on meta tensors (`stop`)."""
         self.programs.append(program.label)
-        mctx = copy.copy(ctx)
-        mctx.device = torch.device("meta")
-        mbound = {k: meta_like(v) for k, v in bound.items()}
         try:
+            mctx = copy.copy(ctx)
+            mctx.device = torch.device("meta")
+            mbound = {k: meta_like(v) for k, v in bound.items()}
             with torch.no_grad():
                 return (run or program.run_program)(mctx, mbound)
         except Exception as e:       # best-effort: the real run compiles what is left
-            msg = str(e).strip().splitlines()
-            self.stopped = f"{type(e).__name__}: {msg[0] if msg else ''}"
-            if not program.warm_failed:
-                program.warm_failed = self.stopped
-                print(f"lmc: kernel warm-up of the {program.label} program stopped "
-                      f"({self.stopped}); its other kernels compile at their first launch",
-                      file=sys.stderr)
+            self.stop(program, e)
             return None
+
+    def stop(self, program, e: Exception) -> None:
+        """The pass could not go on with `program`: said once per program on stderr, unless
+        it is the user's error (an LmcError), which the real run reports itself."""
+        msg = str(e).strip().splitlines()
+        self.stopped = f"{type(e).__name__}: {msg[0] if msg else ''}"
+        if not isinstance(e, LmcError) and not program.warm_failed:
+            program.warm_failed = self.stopped
+            print(f"lmc: kernel warm-up of the {program.label} program stopped "
+                  f"({self.stopped}); its other kernels compile at their first launch",
+                  file=sys.stderr)

@@ -30,12 +30,17 @@ def _warm(prog: Differentiated, bound, ctx) -> None:
         if outs is None and backward:      # no meta inputs for it: warmed at its own run
             bx.warmed.discard(warm.dims_key(ctx))
         elif backward:
-            mb = {s: outs[s] for s in prog.saved}
-            for name in prog.outputs:
-                node = prog.forward.outputs[name]
-                mb[f"grad:{name}"] = torch.empty(node.type.concrete(ctx.dims), device="meta",
-                                                 dtype=node.type.dtype.torch())
-            w.program(bx, mb, ctx)
+            try:
+                mb = {s: outs[s] for s in prog.saved}
+                for name in prog.outputs:
+                    node = prog.forward.outputs[name]
+                    mb[f"grad:{name}"] = torch.empty(node.type.concrete(ctx.dims),
+                                                     device="meta",
+                                                     dtype=node.type.dtype.torch())
+            except Exception as e:       # noqa: BLE001 - best-effort, as the pass itself
+                w.stop(bx, e)
+            else:
+                w.program(bx, mb, ctx)
 
 
 def _run(graph, program, bound, ctx):

@@ -110,8 +110,9 @@ def test_warm_pass_compiles_a_new_keys_configs_and_runs_nothing(tuner):
 
 
 def test_one_thread_compiles_in_turn(tuner, monkeypatch):
-    """LMC_COMPILE_THREADS=1: the same hooks (the warm pass needs them), on a pool of one
-    worker, so a new key's configs compile one after another as Triton's own would."""
+    """LMC_COMPILE_THREADS=1: the same hooks (a tuner made under one setting may run
+    inside a warm pass under another), on a pool of one worker, so a new key's configs
+    compile one after another as Triton's own would."""
     t, events = tuner
     monkeypatch.setenv("LMC_COMPILE_THREADS", "1")
     monkeypatch.setattr(at, "_POOL", None)

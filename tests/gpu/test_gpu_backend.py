@@ -247,3 +247,32 @@ def test_warm_pass_leaves_nothing_to_compile_at_a_launch(tmp_path, monkeypatch):
     assert dec.cuda_graph, dec.cuda_graph_off
     assert early and not late, late
     assert (torch.cat(got, 1) - full).abs().max().item() < 1e-4
+
+
+def test_dynamic_decode_does_not_retune_every_step():
+    """The dynamic decoder's cache grows a slot a step: flash-decoding's autotuner is keyed on
+    the slots' power of two (S_BUCKET), not on S, so 40 steps from a 3-token prompt (S from 3
+    to 43: buckets 16, 32 and 64; the prefill's TQ is its own key) tune at most 4 keys, not
+    41; decode = forward."""
+    from lmc.codegen import attention
+    from lmc.runtime.decoder import Decoder
+
+    m = lmc.load(LLAMA, preset="tiny", backend="triton", seed=8).eval().cuda()
+    oracle = lmc.load(LLAMA, preset="tiny", seed=8).eval().cuda()
+    ids = torch.randint(0, m.config["vocab"], (1, 43),
+                        generator=torch.Generator().manual_seed(4)).cuda()
+    with torch.no_grad():
+        full = oracle(ids)
+    full = full["logits"] if isinstance(full, dict) else full
+    tuned = attention._TUNED.get("decode")
+    before = set(tuned.cache) if tuned is not None else set()   # other tests' keys
+    dec = Decoder(m, "triton")
+    st = dec.init_state(1, ids.device)
+    lg, st = dec(ids[:, :3], st)
+    got = [lg]
+    for t in range(3, ids.shape[1]):
+        lg, st = dec(ids[:, t:t + 1], st)
+        got.append(lg)
+    assert (torch.cat(got, 1) - full).abs().max().item() < 1e-4
+    new = set(attention._TUNED["decode"].cache) - before
+    assert len(new) <= 4, new
