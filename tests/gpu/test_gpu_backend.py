@@ -48,6 +48,29 @@ def _max_rel(a, b):
     return max(float((a[k].float() - b[k].float()).abs().max() / b[k].float().abs().max())
                for k in b)
 
+def _decode_case(B, T):
+    """The tiny llama on the triton backend, token ids [B, T] and the oracle's full-forward
+    logits for them (what a decode must reproduce)."""
+    m = lmc.load(LLAMA, preset="tiny", backend="triton", seed=8).eval().cuda()
+    oracle = lmc.load(LLAMA, preset="tiny", seed=8).eval().cuda()
+    ids = torch.randint(0, m.config["vocab"], (B, T),
+                        generator=torch.Generator().manual_seed(4)).cuda()
+    with torch.no_grad():
+        full = oracle(ids)
+    return m, ids, full["logits"] if isinstance(full, dict) else full
+
+
+def _decode_all(dec, ids, k):
+    """Prefill k tokens, then one step per token: the logits of every position."""
+    st = dec.init_state(ids.shape[0], ids.device)
+    lg, st = dec(ids[:, :k], st)
+    got = [lg]
+    for t in range(k, ids.shape[1]):
+        lg, st = dec(ids[:, t:t + 1], st)
+        got.append(lg)
+    return torch.cat(got, 1)
+
+
 
 def test_fp32_forward_and_gradients_equal_the_oracle():
     g = _graph("small")
@@ -134,23 +157,12 @@ def test_split_k_decode_on_the_gpu_equals_forward_across_replays(split, monkeypa
         return real(configs, nargs, **kw)
     monkeypatch.setattr(matmul, "prune_configs", forced)
     monkeypatch.setattr(matmul, "_TUNED", {})
-    m = lmc.load(LLAMA, preset="tiny", backend="triton", seed=8).eval().cuda()
-    oracle = lmc.load(LLAMA, preset="tiny", seed=8).eval().cuda()
-    ids = torch.randint(0, m.config["vocab"], (2, 13),
-                        generator=torch.Generator().manual_seed(4)).cuda()
-    with torch.no_grad():
-        full = oracle(ids)
-    full = full["logits"] if isinstance(full, dict) else full
+    m, ids, full = _decode_case(2, 13)
     dec = Decoder(m, "triton", static=True, max_len=16)
     for k in (1, 5):
-        st = dec.init_state(ids.shape[0])
-        lg, st = dec(ids[:, :k], st)
-        got = [lg]
-        for t in range(k, ids.shape[1]):
-            lg, st = dec(ids[:, t:t + 1], st)
-            got.append(lg)
+        got = _decode_all(dec, ids, k)
         assert dec.cuda_graph, dec.cuda_graph_off
-        err = (torch.cat(got, 1) - full).abs().max().item()
+        err = (got - full).abs().max().item()
         assert err < 1e-4, (k, err)
     picks = matmul.tuned_configs()
     assert picks and any(p["SPLIT_K"] == split for p in picks if "SPLIT_K" in p), picks
@@ -231,22 +243,12 @@ def test_warm_pass_leaves_nothing_to_compile_at_a_launch(tmp_path, monkeypatch):
     assert abs(ot["loss"].item() - oo["loss"].item()) / oo["loss"].item() < 1e-5
     assert _max_rel(gt, go) < 1e-4
     early.clear()
-    m = lmc.load(LLAMA, preset="tiny", backend="triton", seed=8).eval().cuda()
-    oracle = lmc.load(LLAMA, preset="tiny", seed=8).eval().cuda()
-    ids = ids[:, :13]
-    with torch.no_grad():
-        full = oracle(ids)
-    full = full["logits"] if isinstance(full, dict) else full
+    m, ids, full = _decode_case(2, 13)
     dec = Decoder(m, "triton", static=True, max_len=16)
-    st = dec.init_state(ids.shape[0])
-    lg, st = dec(ids[:, :5], st)
-    got = [lg]
-    for t in range(5, ids.shape[1]):
-        lg, st = dec(ids[:, t:t + 1], st)
-        got.append(lg)
+    got = _decode_all(dec, ids, 5)
     assert dec.cuda_graph, dec.cuda_graph_off
     assert early and not late, late
-    assert (torch.cat(got, 1) - full).abs().max().item() < 1e-4
+    assert (got - full).abs().max().item() < 1e-4
 
 
 def test_dynamic_decode_does_not_retune_every_step():
@@ -257,22 +259,10 @@ def test_dynamic_decode_does_not_retune_every_step():
     from lmc.codegen import attention
     from lmc.runtime.decoder import Decoder
 
-    m = lmc.load(LLAMA, preset="tiny", backend="triton", seed=8).eval().cuda()
-    oracle = lmc.load(LLAMA, preset="tiny", seed=8).eval().cuda()
-    ids = torch.randint(0, m.config["vocab"], (1, 43),
-                        generator=torch.Generator().manual_seed(4)).cuda()
-    with torch.no_grad():
-        full = oracle(ids)
-    full = full["logits"] if isinstance(full, dict) else full
+    m, ids, full = _decode_case(1, 43)
     tuned = attention._TUNED.get("decode")
     before = set(tuned.cache) if tuned is not None else set()   # other tests' keys
-    dec = Decoder(m, "triton")
-    st = dec.init_state(1, ids.device)
-    lg, st = dec(ids[:, :3], st)
-    got = [lg]
-    for t in range(3, ids.shape[1]):
-        lg, st = dec(ids[:, t:t + 1], st)
-        got.append(lg)
-    assert (torch.cat(got, 1) - full).abs().max().item() < 1e-4
+    got = _decode_all(Decoder(m, "triton"), ids, 3)
+    assert (got - full).abs().max().item() < 1e-4
     new = set(attention._TUNED["decode"].cache) - before
     assert len(new) <= 4, new
