@@ -87,6 +87,10 @@ def test_training_pass_reaches_every_launch_of_forward_and_backward(record, name
     assert len(real) > 20 and w.launches == real
     prog = model.program()
     assert prog.forward_exec.warmed and prog.backward_exec.warmed
+    # the pass wrote nothing: the parameters are as they were before the first step
+    assert all(torch.equal(before[k], p) for k, p in model.named_parameters())
+    if name != "llama":           # the rest once (the suite's time)
+        return
     # new dims: a new pass; the same dims again: none
     model.zero_grad()
     real.clear()
@@ -95,9 +99,7 @@ def test_training_pass_reaches_every_launch_of_forward_and_backward(record, name
     model.zero_grad()
     _step(model, 3, 5)
     assert len(passes) == 2
-    # the pass wrote nothing: the parameters are as they were before the first step, and a
-    # fresh model without passes gives the same loss and gradients
-    assert all(torch.equal(before[k], p) for k, p in model.named_parameters())
+    # a fresh model without passes gives the same loss and gradients
     plain = _model(name)
     with warm_off():
         loss2, grads2 = _step(plain, 2, 7)
