@@ -172,7 +172,7 @@ class WarmPass:
             # Triton release keeps a failed one), where the error is reported as it always is
             futures = list(self._async.raw_futures)
             try:
-                if exc_type is not None:     # an interrupt: what has not started is dropped
+                if exc_type is not None:     # interrupted (or a bug): drop what has not started
                     for f in futures:
                         f.cancel()
                 elif futures:   # the user sees why the first step waits, and for how long
