@@ -139,9 +139,12 @@ def generate(body: Graph, name: str) -> str:
         [f"out{i}_ptr" for i in range(len(outputs))] + ["N"] + sizes + \
         [f"in{i}_s{d}" for i in range(len(inputs)) for d in range(rank)] + \
         [f"out{i}_s{d}" for i in strided for d in range(rank)] + \
-        [f"{a}{j}" for j in range(len(drops)) for a in ("seed", "p", "q")]
+        [f"{a}{j}" + (": tl.int64" if a == "seed" else "")
+         for j in range(len(drops)) for a in ("seed", "p", "q")]
     src_nodes = [m for m in body.nodes if m.op is not Op.INPUT and m.op is not Op.CONST]
-    # a dropout's seed changes every step: no specialisation on its value
+    # a dropout's seed changes every step: no specialisation on its value, and always int64
+    # (a literal seed at step 0 fits int32, the draws after it do not: one variant, which
+    # the warm pass compiles before step 0)
     jit = "@triton.jit" if not drops else "@triton.jit(do_not_specialize=[" + ", ".join(
         f'"seed{j}"' for j in range(len(drops))) + "])"
     lines = [

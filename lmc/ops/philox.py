@@ -54,8 +54,8 @@ def _kernel():
         import triton
         import triton.language as tl
 
-        @triton.jit
-        def lmc_uniform(out_ptr, seed, n, BLOCK: tl.constexpr):
+        @triton.jit(do_not_specialize=["seed"])       # one variant for every step's seed
+        def lmc_uniform(out_ptr, seed: tl.int64, n, BLOCK: tl.constexpr):
             offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
             tl.store(out_ptr + offs, tl.rand(seed, offs), mask=offs < n)
         _KERNEL = lmc_uniform

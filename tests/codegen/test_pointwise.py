@@ -354,6 +354,12 @@ def test_dropout_is_computed_in_the_kernel(dtype):
     assert not any(n.op is Op.DROPOUT for n in p.graph.nodes)
     (k,) = [n for n in p.graph.nodes if n.op is Op.FUSED]
     assert "dropout" in [m.op.value for m in k.attrs["body"].nodes]
+    # the seed (a new value every step) is one int64 kernel argument, never specialized:
+    # step 0's literal seed and the mixed ones after it share the variant a warm pass
+    # compiled (Triton would type 1234 int32 and a mixed seed int64, and specialize 1 and
+    # multiples of 16)
+    assert '@triton.jit(do_not_specialize=["seed0"])' in p.source
+    assert "seed0: tl.int64" in p.source
     dt = {"f32": torch.float32, "f16": torch.float16}[dtype]
     gen = torch.Generator().manual_seed(0)
     for bb, step, training in [(1, 0, True), (3, 5, True), (2, 7, False)]:
