@@ -13,12 +13,13 @@ memory, so the default size at the GPU benchmark's batch and length is cheap to 
 
     .venv/bin/python benchmarks/warm_check.py [--model llama] [--preset tiny] [--precision bf16]
                                               [--mode train|decode] [--batch 2] [--seq 64]
-                                              [--max-len 1024] [--threads 1,2]
+                                              [--max-len 1024] [--threads 1,2] [--rng-steps 1,7]
                                               [--python /tmp/v36/bin/python] [--no-record]
 
---mode decode warms the static decoder as benchmarks/decode_bench.py runs it (weights stored
-in the precision): the pass before its prefill of --seq tokens, which takes its T = 1 step
-too.
+--rng-steps (train) warms the step again at later draw counters, whose dropout seeds differ
+from step 0's: each must compile nothing. --mode decode warms the static decoder as
+benchmarks/decode_bench.py runs it (weights stored in the precision): the pass before its
+prefill of --seq tokens, which takes its T = 1 step too.
 
 Prints per thread count the launches the pass reached, the compiles it made (each kernel
 variant and each config of a new autotuner key) and its wall
@@ -133,6 +134,12 @@ def child(a) -> dict:
                                      "launches": len(w.launches), "compiles": w.compiles,
                                      "failed": w.failed, "stopped": w.stopped,
                                      "kernels": len({d[0] for d in w.launches})}
+    if a.mode == "train":
+        # later steps draw new dropout seeds: the step's kernels again at each rng_step
+        out["rng_steps"] = {}
+        for s in a.rng_steps:
+            _warm(prog, bound, RefCtx(dims=ctx.dims, device=cuda, training=True, rng_step=s))
+            out["rng_steps"][str(s)] = passes[-1].compiles
     return out
 
 
@@ -143,6 +150,9 @@ def main(argv=None) -> int:
     ap.add_argument("--mode", default="train", choices=["train", "decode"])
     ap.add_argument("--precision", default="bf16", choices=["f32", "bf16", "f16"])
     ap.add_argument("--max-len", type=int, default=1024, help="decode: the static cache length")
+    ap.add_argument("--rng-steps", default="", metavar="S,S,...",
+                    help="train: warm again at these draw counters (new dropout seeds); each "
+                         "must compile nothing")
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--threads", default="1,2", help="comma-separated compile thread counts")
@@ -151,6 +161,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-record", action="store_true")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
+    a.rng_steps = [int(x) for x in a.rng_steps.split(",") if x]
     if a.child:
         print("RESULT " + json.dumps(child(a)))
         return 0
@@ -162,7 +173,8 @@ def main(argv=None) -> int:
                        LMC_CACHE=os.path.join(tmp, "lmc"), TRITON_DEFAULT_FP_FUSION="1")
             cmd = [a.python, os.path.abspath(__file__), "--child", "--model", a.model,
                    "--preset", a.preset, "--precision", a.precision, "--batch", str(a.batch),
-                   "--seq", str(a.seq), "--mode", a.mode, "--max-len", str(a.max_len)]
+                   "--seq", str(a.seq), "--mode", a.mode, "--max-len", str(a.max_len),
+                   "--rng-steps", ",".join(map(str, a.rng_steps))]
             p = subprocess.run(cmd, env=env, capture_output=True, text=True)
             got = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
             if p.returncode or not got:
@@ -173,8 +185,9 @@ def main(argv=None) -> int:
                                       capture_output=True, text=True).stdout.strip()
             for what in ("train",) if a.mode == "train" else ("decode",):
                 first, second = r[f"{what}1"], r[f"{what}2"]
+                later = r.get("rng_steps", {})
                 ok = first["stopped"] is None and second["stopped"] is None and \
-                    second["compiles"] == 0 and not first["failed"]
+                    second["compiles"] == 0 and not first["failed"] and not any(later.values())
                 status |= not ok
                 print(f"{a.model} {a.preset} {a.precision} "
                       f"{'prefill + step' if what == 'decode' else what} B={a.batch} "
@@ -183,12 +196,14 @@ def main(argv=None) -> int:
                       f"{first['launches']} launches of {first['kernels']} kernels, "
                       f"{first['compiles']} compiles ({len(first['failed'])} failed); second "
                       f"pass {second['seconds']:.2f} s, {second['compiles']} compiles"
+                      + (f"; at rng_step {', '.join(later)}: "
+                         f"{', '.join(str(v) for v in later.values())} compiles" if later else "")
                       + ("" if ok else f"  FAILED {first} {second}"))
                 rows.append({"model": a.model, "preset": a.preset, "precision": a.precision,
                              "what": what, "batch": a.batch, "seq": a.seq,
                              "max_len": a.max_len if a.mode == "decode" else None,
                              "threads": n, "triton": triton_v, "arch": 90,
-                             "pass": first, "again": second})
+                             "pass": first, "again": second, "rng_steps": later})
     if not a.no_record:
         import torch
         meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(
