@@ -216,6 +216,23 @@ class WarmPass:
             self.stop(program, e)
             return None
 
+    def follow(self, program, key: tuple, outs: Optional[dict], make: Callable,
+               run: Optional[Callable] = None) -> None:
+        """Warm `program` on inputs made from an earlier program's meta outputs `outs`
+        (`make(outs)` -> (bound, ctx)): a backward on its forward's, a decode step on its
+        prefill's. When there are none (the earlier one stopped) or making them fails, the
+        program is unmarked for `key` (its dims as `wanted` marked them) and warms at its own
+        first run."""
+        if outs is not None:
+            try:
+                bound, ctx = make(outs)
+            except Exception as e:       # best-effort, as `program`
+                self.stop(program, e)
+            else:
+                self.program(program, bound, ctx, run=run)
+                return
+        program.warmed.discard(key)
+
     def stop(self, program, e: Exception) -> None:
         """The pass could not go on with `program`: said once per program on stderr, unless
         it is the user's error (an LmcError), which the real run reports itself."""

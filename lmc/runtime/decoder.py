@@ -229,23 +229,19 @@ class Decoder:
 
         def run(c, b):
             return run_graph(self.graph, b, c, self.impl)
+
+        def step_inputs(outs):
+            after = state if self.static else \
+                State({s.name: outs[s.out] for s in self.step.states})
+            ids = torch.empty(bound[self.token_input].shape[0], 1, dtype=torch.int64,
+                              device="meta")
+            b = self._bind(ids, after, torch.zeros(1, dtype=torch.int64, device="meta"))
+            return b, RefCtx(dims=bind_dims(self.graph, b), device=ctx.device)
         with warm.WarmPass() as w:
             outs = w.program(self.program, bound, ctx, run=run)
-            if outs is None and step is not None:   # warmed at its own first run
-                self.program.warmed.discard(warm.dims_key(step, ("P",)))
-            elif step is not None:
-                try:
-                    B = bound[self.token_input].shape[0]
-                    after = state if self.static else \
-                        State({s.name: outs[s.out] for s in self.step.states})
-                    ids = torch.empty(B, 1, dtype=torch.int64, device="meta")
-                    b = self._bind(ids, after,
-                                   torch.zeros(1, dtype=torch.int64, device="meta"))
-                    c = RefCtx(dims=bind_dims(self.graph, b), device=ctx.device)
-                except Exception as e:       # noqa: BLE001 - best-effort, as the pass itself
-                    w.stop(self.program, e)
-                else:
-                    w.program(self.program, b, c, run=run)
+            if step is not None:
+                w.follow(self.program, warm.dims_key(step, ("P",)), outs, step_inputs,
+                         run=run)
 
     def _replay(self, ids, state):
         cap = getattr(state, "captured", None)

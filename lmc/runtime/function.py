@@ -25,22 +25,18 @@ def _warm(prog: Differentiated, bound, ctx) -> None:
     if fx is None or not warm.wanted(fx, ctx):
         return
     backward = bx is not None and warm.wanted(bx, ctx)
+
+    def backward_inputs(outs):
+        mb = {s: outs[s] for s in prog.saved}
+        for name in prog.outputs:
+            node = prog.forward.outputs[name]
+            mb[f"grad:{name}"] = torch.empty(node.type.concrete(ctx.dims), device="meta",
+                                             dtype=node.type.dtype.torch())
+        return mb, ctx
     with warm.WarmPass() as w:
         outs = w.program(fx, bound, ctx)
-        if outs is None and backward:      # no meta inputs for it: warmed at its own run
-            bx.warmed.discard(warm.dims_key(ctx))
-        elif backward:
-            try:
-                mb = {s: outs[s] for s in prog.saved}
-                for name in prog.outputs:
-                    node = prog.forward.outputs[name]
-                    mb[f"grad:{name}"] = torch.empty(node.type.concrete(ctx.dims),
-                                                     device="meta",
-                                                     dtype=node.type.dtype.torch())
-            except Exception as e:       # noqa: BLE001 - best-effort, as the pass itself
-                w.stop(bx, e)
-            else:
-                w.program(bx, mb, ctx)
+        if backward:
+            w.follow(bx, warm.dims_key(ctx), outs, backward_inputs)
 
 
 def _run(graph, program, bound, ctx):
