@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from conftest import ZOO
+from conftest import ZOO, decode_worst
 
 import lmc
 from lmc.passes import run_pipeline
@@ -59,16 +59,6 @@ def _decode_case(B, T):
         full = oracle(ids)
     return m, ids, full["logits"] if isinstance(full, dict) else full
 
-
-def _decode_all(dec, ids, k):
-    """Prefill k tokens, then one step per token: the logits of every position."""
-    st = dec.init_state(ids.shape[0], ids.device)
-    lg, st = dec(ids[:, :k], st)
-    got = [lg]
-    for t in range(k, ids.shape[1]):
-        lg, st = dec(ids[:, t:t + 1], st)
-        got.append(lg)
-    return torch.cat(got, 1)
 
 
 
@@ -160,9 +150,8 @@ def test_split_k_decode_on_the_gpu_equals_forward_across_replays(split, monkeypa
     m, ids, full = _decode_case(2, 13)
     dec = Decoder(m, "triton", static=True, max_len=16)
     for k in (1, 5):
-        got = _decode_all(dec, ids, k)
+        err = decode_worst(dec, ids, full, k)
         assert dec.cuda_graph, dec.cuda_graph_off
-        err = (got - full).abs().max().item()
         assert err < 1e-4, (k, err)
     picks = matmul.tuned_configs()
     assert picks and any(p["SPLIT_K"] == split for p in picks if "SPLIT_K" in p), picks
@@ -245,10 +234,10 @@ def test_warm_pass_leaves_nothing_to_compile_at_a_launch(tmp_path, monkeypatch):
     early.clear()
     m, ids, full = _decode_case(2, 13)
     dec = Decoder(m, "triton", static=True, max_len=16)
-    got = _decode_all(dec, ids, 5)
+    err = decode_worst(dec, ids, full, 5)
     assert dec.cuda_graph, dec.cuda_graph_off
     assert early and not late, late
-    assert (got - full).abs().max().item() < 1e-4
+    assert err < 1e-4
 
 
 def test_dynamic_decode_does_not_retune_every_step():
@@ -262,7 +251,6 @@ def test_dynamic_decode_does_not_retune_every_step():
     m, ids, full = _decode_case(1, 43)
     tuned = attention._TUNED.get("decode")
     before = set(tuned.cache) if tuned is not None else set()   # other tests' keys
-    got = _decode_all(Decoder(m, "triton"), ids, 3)
-    assert (got - full).abs().max().item() < 1e-4
+    assert decode_worst(Decoder(m, "triton"), ids, full, 3) < 1e-4
     new = set(attention._TUNED["decode"].cache) - before
     assert len(new) <= 4, new
