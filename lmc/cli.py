@@ -102,6 +102,15 @@ def cmd_compile(args) -> int:
                                                       fused))
             s["fusions"] += [dict(f, graph=graph) for f in fused.meta["fusions"]
                              if f["pass"] in passes]
+            if args.out:
+                # the step's kernels and wrapper, as the Decoder compiles them (the prompt's
+                # prefill runs the same program with T > 1)
+                from .codegen import wrapper
+                from .codegen.program import module_source
+                name = graph.replace(" ", "_")
+                _write(os.path.join(args.out, f"kernels_{name}.py"), module_source(fused))
+                _write(os.path.join(args.out, f"program_{name}.py"),
+                       wrapper.generate(fused, "decode step"))
         if args.out:
             _write(os.path.join(args.out, "ir_decode.txt"), format_graph(step.graph) + "\n")
             _write(os.path.join(args.out, "summary.json"),
@@ -116,8 +125,10 @@ def cmd_compile(args) -> int:
     if step is not None:
         print(format_decode(s["decode"]))
     if args.out:
+        graphs = "forward,backward" + (",decode,decode_static" if step is not None else "")
         print(f"wrote       {args.out}/ir_source.txt, ir.txt, summary.json, "
-              f"kernels_{{forward,backward}}.py, program_{{forward,backward}}.py")
+              f"kernels_{{{graphs}}}.py, program_{{{graphs}}}.py"
+              + (", ir_decode.txt" if step is not None else ""))
     return 0
 
 

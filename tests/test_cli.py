@@ -193,3 +193,12 @@ def test_compile_mode_decode_reports_the_state(tmp_path, capsys):
     s = json.loads(capsys.readouterr().out)
     assert s["decode"]["static_step"]["torch"] > st["torch"]
     assert (tmp_path / "o" / "ir_decode.txt").exists()
+    # the step's kernels and wrapper, as the triton backend's Decoder compiles them
+    import lmc
+    from lmc.runtime.decoder import Decoder
+    m = lmc.load(LLAMA, preset="tiny", backend="triton")
+    for name, static in (("decode", False), ("decode_static", True)):
+        prog = Decoder(m, static=static).program
+        assert (tmp_path / "o" / f"program_{name}.py").read_text() == prog.program_source
+        assert (tmp_path / "o" / f"kernels_{name}.py").read_text() == prog.source
+    assert "@triton.jit" in prog.source and "decode_attention" in prog.program_source
