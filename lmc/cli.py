@@ -152,7 +152,7 @@ def cmd_run(args) -> int:
                     log_every=args.log_every, seed=args.seed,
                     out=args.out, data=args.data, tokenizer=args.tokenizer_given or "cl100k_base",
                     resume=args.resume, backend=args.backend, fsdp=args.fsdp,
-                    precision=args.precision,
+                    precision=args.precision, device=args.device,
                     progress=not args.no_progress)
     if args.backend not in ("torch", "triton"):
         raise LmcError(f"unknown backend {args.backend!r} (available: torch, triton)")
@@ -217,18 +217,9 @@ def _generate(args) -> int:
     model = load(args.file, preset, backend=args.backend, seed=args.seed,
                  **_overrides_dict(overrides)).eval()
     if ck is not None:
-        from safetensors.torch import load_file
-        weights = load_file(os.path.join(ck, "model.safetensors"))
-        mine = model.state_dict()
-        bad = sorted(set(mine) ^ set(weights)) or [
-            k for k in mine if tuple(mine[k].shape) != tuple(weights[k].shape)]
-        if bad:
-            k = bad[0]
-            have = tuple(weights[k].shape) if k in weights else "absent"
-            want = tuple(mine[k].shape) if k in mine else "absent"
-            raise LmcError(f"--checkpoint {ck} does not fit this model ({len(bad)} tensor(s) "
-                           f"differ; {k}: checkpoint {have}, model {want}): pass the "
-                           "--preset/--set it was trained with")
+        from .runtime.train import check_fits, read_weights
+        weights = read_weights(ck, "--checkpoint")
+        check_fits(weights, model.state_dict(), ck, "--checkpoint")
         model.load_state_dict(weights)
     else:
         print("lmc: note: no --checkpoint, so the weights are random", file=sys.stderr)
@@ -356,10 +347,14 @@ def cmd_bench(args) -> int:
     bad = [c for c in args.compare if c not in ("eager", "compile")]
     if bad:
         raise LmcError(f"--compare {bad[0]!r}: choose from eager, compile")
-    for name, v in (("--batch-size", args.batch_size), ("--seq-len", args.seq_len),
-                    ("--steps", args.steps)):
-        if v is not None and v < 1:
-            raise LmcError(f"{name} must be >= 1, got {v}")
+    for name, v, lo in (("--batch-size", args.batch_size, 1), ("--seq-len", args.seq_len, 1),
+                        ("--steps", args.steps, 1), ("--warmup", args.warmup, 0),
+                        ("--decode-tokens", args.decode_tokens, 1),
+                        ("--decode-batch", args.decode_batch, 1)):
+        if v is not None and v < lo:
+            raise LmcError(f"{name} must be >= {lo}, got {v}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):   # before measuring
+        raise LmcError(f"--out {args.out}: exists and is not a directory")
     command = "lmc " + " ".join(shlex.quote(a) for a in args.argv)
     result = bench.run(args, command)
     print(bench.table(result))
@@ -465,7 +460,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tiktoken encoding name (default cl100k_base, or the checkpoint's)")
     g = r.add_argument_group("generation (--generate)")
     g.add_argument("--prompt", default="def ", help="text to continue")
-    g.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     g.add_argument("--static", action=argparse.BooleanOptionalAction, default=None,
                    help="the static decode step (preallocated caches; a CUDA graph on "
                         "CUDA); default on with CUDA, off on CPU")
@@ -476,6 +470,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--checkpoint", metavar="DIR", help="a run directory or a ckpt-* directory")
     r.add_argument("--out", default="runs/train", help="run directory")
     r.add_argument("--resume", metavar="DIR", help="continue the run in DIR exactly")
+    r.add_argument("--device", choices=["cpu", "cuda"],
+                   help="where to train or generate (default: cuda when available)")
     r.add_argument("--backend", default="torch", choices=["torch", "triton"],
                    help="triton: generated Triton kernels (interpreter on CPU), torch for "
                         "views and indexing")

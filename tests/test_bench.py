@@ -61,3 +61,15 @@ def test_bench_rejects_bad_options(tmp_path, capsys):
     assert "not a fusion pass" in capsys.readouterr().err
     assert main(["bench", LLAMA, "--quick", "--compare", "jax", "--out", str(tmp_path)]) == 2
     assert "--compare" in capsys.readouterr().err
+    for extra, msg in ((["--warmup", "-1"], "--warmup must be >= 0"),
+                       (["--decode-tokens", "0"], "--decode-tokens must be >= 1"),
+                       (["--decode-batch", "0"], "--decode-batch must be >= 1"),
+                       (["--steps", "0"], "--steps must be >= 1")):
+        assert main(["bench", LLAMA, "--quick", *extra, "--out", str(tmp_path)]) == 2, extra
+        assert msg in capsys.readouterr().err, extra
+    # an --out that is a file is refused before minutes of measuring, and left as it was
+    f = tmp_path / "afile"
+    f.write_text("mine")
+    assert main(["bench", LLAMA, "--quick", "--out", str(f)]) == 2
+    assert "exists and is not a directory" in capsys.readouterr().err
+    assert f.read_text() == "mine"

@@ -57,6 +57,7 @@ class TrainConfig:
     resume: Optional[str] = None
     backend: str = "torch"
     precision: Optional[str] = None  # f32 | bf16 | f16; None: bf16 on CUDA, f32 on CPU
+    device: Optional[str] = None     # cpu | cuda; None: cuda when available
     fsdp: bool = False
     progress: bool = True
     extra: Dict[str, Any] = field(default_factory=dict)
@@ -84,14 +85,21 @@ class Dist:
         return self.rank == 0
 
 
-def setup_dist() -> Dist:
+def setup_dist(device: Optional[str] = None) -> Dist:
+    """The rank's place: under torchrun (WORLD_SIZE > 1) a process group, NCCL on CUDA and
+    Gloo on CPU. device: 'cpu' or 'cuda' (None: cuda when available)."""
+    if device not in (None, "cpu", "cuda"):
+        raise LmcError(f"--device {device}: expected cpu or cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise LmcError("--device cuda: no CUDA device here")
+    cuda = torch.cuda.is_available() if device is None else device == "cuda"
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
-        return Dist(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        return Dist(device=torch.device("cuda" if cuda else "cpu"))
     import torch.distributed as dist
 
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
+    if cuda:
         torch.cuda.set_device(local)
         dist.init_process_group("nccl")
         return Dist(rank, world, torch.device("cuda", local))
@@ -234,10 +242,67 @@ def latest_checkpoint(run_dir: str) -> str:
     return path
 
 
-# -- the loop ------------------------------------------------------------------------------------
-def train(path: str, preset: Optional[str], overrides, c: TrainConfig) -> Dict[str, Any]:
+def check_config(c: TrainConfig) -> None:
+    """Refuse settings no run can use, before anything is read or written (one line each)."""
+    for flag, v, lo in (("--steps", c.steps, 1), ("--batch-size", c.batch_size, 1),
+                        ("--seq-len", c.seq_len, 1), ("--grad-accum", c.grad_accum, 1),
+                        ("--warmup", c.warmup, 0), ("--eval-every", c.eval_every, 1),
+                        ("--ckpt-every", c.ckpt_every, 1), ("--log-every", c.log_every, 1)):
+        if v < lo:
+            raise LmcError(f"{flag} must be >= {lo}, got {v}")
+    for flag, v in (("--lr", c.lr), ("min_lr", c.min_lr)):
+        if not (math.isfinite(v) and v > 0):
+            raise LmcError(f"{flag} must be a positive number, got {v}")
+    if os.path.exists(c.out) and not os.path.isdir(c.out):
+        raise LmcError(f"--out {c.out}: exists and is not a directory")
+
+
+def _unreadable(flag: str, path: str, e: Exception) -> LmcError:
+    why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return LmcError(f"{flag} {path}: unreadable ({why}): a damaged checkpoint; an earlier "
+                    "ckpt-* directory may be intact")
+
+
+def read_weights(ck: str, flag: str, device: str = "cpu") -> Dict[str, torch.Tensor]:
+    """ck/model.safetensors; a missing, truncated or damaged file is one LmcError naming it
+    (the file is left as it is)."""
     from safetensors.torch import load_file
 
+    path = os.path.join(ck, "model.safetensors")
+    try:
+        return load_file(path, device=device)
+    except Exception as e:  # safetensors raises its own error type, OSError, ...
+        raise _unreadable(flag, path, e) from None
+
+
+def read_state(ck: str, flag: str) -> Dict[str, Any]:
+    """ck/state.pt (optimizer, RNG states, step), or one LmcError naming it."""
+    path = os.path.join(ck, "state.pt")
+    try:
+        st = torch.load(path, weights_only=False)
+        if not isinstance(st, dict) or not {"optimizer", "rng", "step"} <= set(st):
+            raise ValueError("not an lmc training state")
+        return st
+    except Exception as e:
+        raise _unreadable(flag, path, e) from None
+
+
+def check_fits(weights: Dict[str, torch.Tensor], mine: Dict[str, torch.Tensor], ck: str,
+               flag: str) -> None:
+    """The checkpoint's tensors are the model's, name for name and shape for shape."""
+    bad = sorted(set(mine) ^ set(weights)) or [
+        k for k in mine if tuple(mine[k].shape) != tuple(weights[k].shape)]
+    if bad:
+        k = bad[0]
+        have = tuple(weights[k].shape) if k in weights else "absent"
+        want = tuple(mine[k].shape) if k in mine else "absent"
+        raise LmcError(f"{flag} {ck} does not fit this model ({len(bad)} tensor(s) differ; "
+                       f"{k}: checkpoint {have}, model {want}): pass the --preset/--set it "
+                       "was trained with")
+
+
+# -- the loop ------------------------------------------------------------------------------------
+def train(path: str, preset: Optional[str], overrides, c: TrainConfig) -> Dict[str, Any]:
     # what `lmc run --generate --checkpoint` needs to rebuild the same model
     sets = [f"{k}={v}" for k, v in overrides.items()] if isinstance(overrides, dict) \
         else list(overrides or [])
@@ -247,7 +312,8 @@ def train(path: str, preset: Optional[str], overrides, c: TrainConfig) -> Dict[s
     from ..driver import compile_model
     from .module import LmcModel
 
-    d = setup_dist()
+    check_config(c)
+    d = setup_dist(c.device)
     if c.batch_size % (d.world * c.grad_accum):
         raise LmcError(f"--batch-size {c.batch_size} must divide evenly over {d.world} rank(s) "
                        f"x {c.grad_accum} accumulation step(s)")
@@ -306,8 +372,9 @@ def train(path: str, preset: Optional[str], overrides, c: TrainConfig) -> Dict[s
     start = 0
     if c.resume:
         ck = latest_checkpoint(c.resume)
-        weights = load_file(os.path.join(ck, "model.safetensors"), device=str(d.device))
-        st = torch.load(os.path.join(ck, "state.pt"), weights_only=False)
+        weights = read_weights(ck, "--resume", device=str(d.device))
+        st = read_state(ck, "--resume")
+        check_fits(weights, raw.state_dict(), ck, "--resume")
         if d.world > 1 and c.fsdp:
             from torch.distributed.checkpoint.state_dict import (
                 set_model_state_dict,
@@ -323,6 +390,9 @@ def train(path: str, preset: Optional[str], overrides, c: TrainConfig) -> Dict[s
         np.random.set_state(st["rng"]["numpy"])
         torch.set_rng_state(st["rng"]["torch"])
         start = st["step"]
+        if start >= c.steps:
+            raise LmcError(f"--resume {c.resume}: the run is at step {start} already; --steps "
+                           f"{c.steps} asks for no more (--steps counts from the run's start)")
     os.makedirs(c.out, exist_ok=True)
     metrics_path = os.path.join(c.out, "metrics.jsonl")
     if d.main:

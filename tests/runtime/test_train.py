@@ -166,6 +166,58 @@ def test_pretokenized_bin_and_resume_errors(tmp_path, capsys):
     assert "no checkpoint" in capsys.readouterr().err
 
 
+def test_bad_settings_are_one_line_before_anything_is_written(tmp_path, corpus, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    cases = [(["--steps", "0"], "--steps must be >= 1, got 0"),
+             (["--steps", "-1"], "--steps must be >= 1"),
+             (["--batch-size", "0"], "--batch-size must be >= 1"),
+             (["--grad-accum", "0"], "--grad-accum must be >= 1"),
+             (["--eval-every", "0"], "--eval-every must be >= 1"),
+             (["--warmup", "-2"], "--warmup must be >= 0"),
+             (["--lr", "nan"], "--lr must be a positive number, got nan"),
+             (["--lr", "-1"], "--lr must be a positive number")]
+    import torch
+    if not torch.cuda.is_available():   # --device applies to training too
+        cases.append((["--device", "cuda"], "--device cuda: no CUDA device here"))
+    for extra, msg in cases:
+        out = tmp_path / "never"
+        assert main(["run", *_args(out, corpus, *extra)]) == 2, extra
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("lmc: error: ") and msg in err[0], (extra, err)
+        assert not out.exists(), extra
+    assert main(["run", *_args(afile, corpus, "--steps", "1")]) == 2
+    assert "exists and is not a directory" in capsys.readouterr().err
+    assert afile.read_text() == "mine"
+
+
+def test_resume_refuses_damaged_or_foreign_checkpoints_and_loses_nothing(tmp_path, corpus,
+                                                                         capsys):
+    out = tmp_path / "r"
+    assert main(["run", *_args(out, corpus, "--steps", "2")]) == 0
+    ck = out / open(out / "latest").read().strip()
+    files = {p: p.read_bytes() for p in [out / "metrics.jsonl", *ck.iterdir()]}
+
+    def refused(msg, *extra):
+        capsys.readouterr()
+        assert main(["run", *_args(out, corpus, "--resume", str(out), *extra)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("lmc: error: --resume"), err
+        assert msg in err[0], err
+
+    # a run already at --steps: nothing to do, said so
+    refused("the run is at step 2 already; --steps 2 asks for no more", "--steps", "2")
+    # another model's checkpoint (d=48 here, 32 there)
+    refused("does not fit this model", "--steps", "3", "--set", "vocab=100352", "d=48")
+    for name, damage in (("model.safetensors", lambda b: b[:1000]),
+                         ("state.pt", lambda b: b"garbage\n")):
+        (ck / name).write_bytes(damage(files[ck / name]))
+        refused(f"{name}: unreadable", "--steps", "3")
+        (ck / name).write_bytes(files[ck / name])
+    assert all(p.read_bytes() == b for p, b in files.items())   # nothing rewritten
+    assert main(["run", *_args(out, corpus, "--resume", str(out), "--steps", "3")]) == 0
+
+
 def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path, corpus):
     out = tmp_path / "int"
     proc = subprocess.Popen([os.path.join(BIN, "lmc"), "run", *_args(
