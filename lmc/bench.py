@@ -115,7 +115,7 @@ def _batches(vocab: int, B: int, T: int, device, n: int = 4):
 
 def _train_step(model, batches, compiled_fwd=None):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    fwd = compiled_fwd or model
+    fwd = compiled_fwd if compiled_fwd is not None else model   # (a Module has no bool)
 
     def step(i):
         ids, targets = batches[i % len(batches)]

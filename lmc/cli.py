@@ -88,11 +88,12 @@ def cmd_compile(args) -> int:
         # --static, matches the same layers)
         for graph, st in (("decode", step), ("decode static", decode_step(c.graph,
                                                                           static=True))):
-            from .codegen.program import fuse
+            from .codegen.program import fuse, fusion_names
             fused = apply_decode_patterns(st.graph, args.disable or ())   # as the Decoder
             passes = tuple(DECODE_PATTERN_PASSES) + ("fuse_rope_epilogue",)
             static = graph == "decode static"   # its kernels also store the cache writes
-            fused = fuse(fused, args.disable or (), cache_writes=static, decode=True)
+            fused = fuse(fused, [d for d in args.disable or () if d in fusion_names()],
+                         cache_writes=static, decode=True)   # pipeline passes ran above
             if static:
                 passes += ("fuse_cache_writes",)
                 # what one static step launches and the weight bytes it reads at batch 1
@@ -133,7 +134,8 @@ def cmd_compile(args) -> int:
 
 
 def cmd_run(args) -> int:
-    """Train a model (--train) on the default corpus or --data."""
+    """Train a model (--train) on the default corpus or --data, or stream a continuation of
+    --prompt from it (--generate, a checkpoint's weights with --checkpoint)."""
     import math
 
     from .runtime.train import TrainConfig, train
@@ -422,8 +424,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--preset", help="a named override set from the file's presets section")
     c.add_argument("--set", nargs="+", action="extend", metavar="KEY=VALUE",
                    help="override config values (after the preset), e.g. --set d=128 layers=2")
-    c.add_argument("-o", "--out", metavar="DIR", help="write the IR and summary to DIR")
-    c.add_argument("--print-ir", action="store_true", help="print the IR after all passes")
+    c.add_argument("-o", "--out", metavar="DIR",
+                   help="write the IR, summary.json, and the generated kernels and wrapper "
+                        "programs (kernels_*.py, program_*.py) to DIR")
+    c.add_argument("--print-ir", action="store_true",
+                   help="print the IR after all passes (with --mode decode: the decode step's "
+                        "graph)")
     c.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     c.add_argument("--explain", action="store_true",
                    help="list every fusion site: what fused, and why the rest did not")
@@ -439,7 +445,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "trains)")
     c.set_defaults(fn=cmd_compile)
 
-    r = sub.add_parser("run", help="train a model (--train)", description=cmd_run.__doc__)
+    r = sub.add_parser("run", help="train a model (--train) or generate text from it "
+                       "(--generate)", description=cmd_run.__doc__)
     r.add_argument("file", help="model YAML file")
     r.add_argument("--train", action="store_true", help="train")
     r.add_argument("--generate", action="store_true", help="stream a continuation of --prompt")
@@ -543,7 +550,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return args.fn(args)
     except LmcError as e:
-        if os.environ.get("LMC_DEBUG"):
+        if os.environ.get("LMC_DEBUG", "") not in ("", "0"):
             raise
         # compile errors without a finer place point at the model file; run-time errors
         # (a NaN loss, a missing checkpoint) have no source line and say so

@@ -73,3 +73,34 @@ def test_bench_rejects_bad_options(tmp_path, capsys):
     assert main(["bench", LLAMA, "--quick", "--out", str(f)]) == 2
     assert "exists and is not a directory" in capsys.readouterr().err
     assert f.read_text() == "mine"
+
+
+def test_train_step_runs_the_compiled_module_it_is_given():
+    """The torch.compile row's step calls the compiled module: an nn.Module with no len()
+    (LmcModel, and what torch.compile returns for it) was once tested for truth, which
+    raised, so that baseline always failed."""
+    import torch
+
+    import lmc
+    from lmc.bench import _batches, _train_step
+    from lmc.passes.loss import with_loss
+    from lmc.runtime.module import LmcModel
+    model = lmc.load(LLAMA, preset="tiny")
+    m = LmcModel(with_loss(model.graph), seed=0, grad_outputs=["loss"])
+    calls = []
+
+    class Counting(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def __len__(self):
+            raise TypeError("no len()")
+
+        def forward(self, *a, **k):
+            calls.append(1)
+            return self.inner(*a, **k)
+    step = _train_step(m, _batches(512, 2, 8, "cpu", n=2), Counting(m))
+    step(0)
+    step(1)
+    assert len(calls) == 2

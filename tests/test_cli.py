@@ -192,6 +192,10 @@ def test_compile_mode_decode_reports_the_state(tmp_path, capsys):
                  "--disable", "fuse_pointwise"]) == 0
     s = json.loads(capsys.readouterr().out)
     assert s["decode"]["static_step"]["torch"] > st["torch"]
+    # a pipeline pass too (it applies before the step is derived; fuse() takes fusion passes)
+    assert main(["compile", LLAMA, "--preset", "tiny", "--mode", "decode", "--json",
+                 "--disable", "cse"]) == 0
+    assert json.loads(capsys.readouterr().out)["decode"]["static_step"]["fused"] > 0
     assert (tmp_path / "o" / "ir_decode.txt").exists()
     # the step's kernels and wrapper, as the triton backend's Decoder compiles them
     import lmc

@@ -6,9 +6,9 @@
   `--data` (a text file, a directory of them, or a pre-tokenized `.bin`), or by default from
   this Python's standard library sources: a real code corpus that every machine has, built
   deterministically (files in sorted order) and cached by content hash.
-- `get_batch`: the rows of step s are a pure function of (seed, step, micro-step), so a resumed
-  run reads exactly what an uninterrupted one would, and under torchrun each rank reads its own
-  slice of the global batch.
+- `get_batch`: the rows of step s are a pure function of (seed, step) (the training loop draws
+  one global batch per step), so a resumed run reads exactly what an uninterrupted one would;
+  an accumulation micro-step takes its rows of it and, under torchrun, each rank its own slice.
 """
 from __future__ import annotations
 
