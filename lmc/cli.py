@@ -345,6 +345,8 @@ def cmd_bench(args) -> int:
     from . import bench
 
     _import_blocks(args.imports)
+    if args.compare is None:
+        args.compare = "eager" if args.quick else "eager,compile"
     args.compare = [c.strip() for c in args.compare.split(",") if c.strip()]
     bad = [c for c in args.compare if c not in ("eager", "compile")]
     if bad:
@@ -511,8 +513,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seq-len", type=int, help="training length (default 1024; --quick 16)")
     b.add_argument("--disable", action="append", default=[], metavar="PASS",
                    help="leave a fusion pass out of every lmc configuration")
-    b.add_argument("--compare", default="eager,compile",
-                   help="baselines: the oracle in eager torch and/or under torch.compile")
+    b.add_argument("--compare", default=None,
+                   help="baselines: the oracle in eager torch and/or under torch.compile "
+                        "(default eager,compile; with --quick eager: Dynamo traces the "
+                        "oracle for minutes on a CPU)")
     b.add_argument("--precision", choices=["f32", "bf16", "f16"],
                    help="default bf16 on CUDA, f32 on CPU")
     b.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
@@ -521,7 +525,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--decode-batch", type=int, default=8, help="the larger decode batch")
     b.add_argument("--out", default="runs/bench", metavar="DIR")
     b.add_argument("--quick", action="store_true",
-                   help="a tiny config and few steps: checks the harness in well under a minute")
+                   help="the tiny preset, B=2 T=16, 1 timed step after 1 warm-up, 2 decode "
+                        "tokens (overrides --steps/--warmup): checks the harness in well "
+                        "under a minute on a CPU")
     b.add_argument("--import", dest="imports", action="append", metavar="PY")
     b.set_defaults(fn=cmd_bench)
 
