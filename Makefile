@@ -24,7 +24,7 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/lmc compile zoo/llama.yaml --preset small
 	$(VENV)/bin/lmc run zoo/llama.yaml --train --preset small --steps 60 --batch-size 4 \
-		--seq-len 64 --eval-every 20 --out runs/demo
+		--seq-len 64 --eval-every 20 --out runs/demo --overwrite
 	$(VENV)/bin/lmc run zoo/llama.yaml --generate --checkpoint runs/demo --prompt "import " \
 		--max-new-tokens 48 --temperature 0.8 --top-k 40
 

@@ -20,9 +20,12 @@ def _import_blocks(paths: List[str]) -> None:
     """Import Python files that register blocks with @lmc.block."""
     for p in paths or []:
         if not os.path.isfile(p):
-            raise LmcError("no such file", Loc(p, 1, 1))
+            raise LmcError("a directory, not a Python file" if os.path.isdir(p)
+                           else "no such file", Loc(p, 1, 1))
         name = "lmc_user_blocks_" + os.path.splitext(os.path.basename(p))[0]
         spec = importlib.util.spec_from_file_location(name, p)
+        if spec is None or spec.loader is None:
+            raise LmcError("--import takes a Python file (.py)", Loc(p, 1, 1))
         mod = importlib.util.module_from_spec(spec)
         try:
             spec.loader.exec_module(mod)
@@ -44,10 +47,8 @@ def _import_blocks(paths: List[str]) -> None:
 
 def _write(path: str, text: str) -> None:
     """Atomic write: a reader never sees a half-written file."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    from .ioutil import atomic_write
+    atomic_write(path, text)
 
 
 def cmd_compile(args) -> int:
@@ -154,7 +155,7 @@ def cmd_run(args) -> int:
                     log_every=args.log_every, seed=args.seed,
                     out=args.out, data=args.data, tokenizer=args.tokenizer_given or "cl100k_base",
                     resume=args.resume, backend=args.backend, fsdp=args.fsdp,
-                    precision=args.precision, device=args.device,
+                    precision=args.precision, device=args.device, overwrite=args.overwrite,
                     progress=not args.no_progress)
     if args.backend not in ("torch", "triton"):
         raise LmcError(f"unknown backend {args.backend!r} (available: torch, triton)")
@@ -182,11 +183,34 @@ def _checkpoint_dir(path: str) -> str:
         return path
     pointer = os.path.join(path, "latest")
     if os.path.isfile(pointer):
-        ck = os.path.join(path, open(pointer).read().strip())
+        try:
+            name = open(pointer, encoding="utf-8").read().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise LmcError(f"--checkpoint {pointer}: unreadable ({e})") from None
+        ck = os.path.join(path, name)
         if os.path.isfile(os.path.join(ck, "model.safetensors")):
             return ck
+        raise LmcError(f"--checkpoint {path}: 'latest' names {ck}, which holds no "
+                       "model.safetensors")
     raise LmcError(f"--checkpoint {path}: neither a run directory with a 'latest' checkpoint "
                    "nor a ckpt-* directory holding model.safetensors")
+
+
+def _read_meta(path: str) -> dict:
+    """A checkpoint's meta.json (model, preset, overrides, tokenizer), checked."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:
+        raise LmcError(f"--checkpoint {path}: unreadable ({e})") from None
+    ok = isinstance(meta, dict) and isinstance(meta.get("preset"), (str, type(None))) \
+        and isinstance(meta.get("tokenizer", ""), str) and (
+            meta.get("overrides") is None or (isinstance(meta["overrides"], list) and all(
+                isinstance(o, str) for o in meta["overrides"])))
+    if not ok:
+        raise LmcError(f"--checkpoint {path}: not an lmc checkpoint's meta.json (expected "
+                       "preset, overrides as a list of key=value strings, tokenizer)")
+    return meta
 
 
 def _generate(args) -> int:
@@ -206,7 +230,7 @@ def _generate(args) -> int:
     if args.checkpoint:
         ck = _checkpoint_dir(args.checkpoint)
         meta_path = os.path.join(ck, "meta.json")
-        meta = json.load(open(meta_path)) if os.path.isfile(meta_path) else {}
+        meta = _read_meta(meta_path) if os.path.isfile(meta_path) else {}
         if preset is None and not overrides:  # the model the checkpoint was trained as
             preset, overrides = meta.get("preset"), meta.get("overrides") or None
         if args.tokenizer_given is None:
@@ -214,7 +238,7 @@ def _generate(args) -> int:
     for name, v, lo in (("--max-new-tokens", args.max_new_tokens, 1), ("--top-k", args.top_k, 0)):
         if v < lo:
             raise LmcError(f"{name} must be >= {lo}, got {v}")
-    if args.temperature < 0 or not 0 < args.top_p <= 1:
+    if not args.temperature >= 0 or not 0 < args.top_p <= 1:   # (nan fails both)
         raise LmcError("--temperature must be >= 0 and --top-p in (0, 1]")
     model = load(args.file, preset, backend=args.backend, seed=args.seed,
                  **_overrides_dict(overrides)).eval()
@@ -363,6 +387,14 @@ def cmd_bench(args) -> int:
     result = bench.run(args, command)
     print(bench.table(result))
     print(f"wrote       {args.out}/bench.json, report.md and charts")
+    # a baseline that cannot run is a row's note; lmc itself failing fails the command
+    bad = [(mode, r) for mode in ("train", "decode") for r in result.get(mode, {}).get(
+        "configs", []) if r["name"] == "lmc" and "error" in r]
+    if bad:
+        mode, r = bad[0]
+        print(f"lmc: error: the lmc configuration failed ({mode}): {r['error']}",
+              file=sys.stderr)
+        return 1
     return 0
 
 
@@ -399,7 +431,10 @@ def cmd_verify(args) -> int:
     print(f"lmc verify {args.file}")
     print(format_rows(rows))
     failed = [r.check for r in rows if not r.ok]
-    print(f"{len(rows) - len(failed)}/{len(rows)} checks passed"
+    skipped = sum(r.skipped for r in rows)
+    ran = len(rows) - skipped
+    print(f"{ran - len(failed)}/{ran} checks passed"
+          + (f" ({skipped} skipped)" if skipped else "")
           + (f"; FAILED: {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0
 
@@ -416,9 +451,27 @@ def cmd_graph(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors on one line (`lmc run: error: ...`), exit 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _seed(text: str) -> int:
+    """A seed: an integer in [0, 2**32) (numpy's and Philox's range)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if not 0 <= v < 2 ** 32:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**32), got {v}")
+    return v
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lmc", description="A compiler for language-model "
-                                "architectures written as YAML graphs of primitive ops.")
+    p = _Parser(prog="lmc", description="A compiler for language-model "
+                "architectures written as YAML graphs of primitive ops.")
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("compile", help="compile a model file and summarise the result",
                        description=cmd_compile.__doc__)
@@ -463,7 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--eval-every", type=int, default=50)
     r.add_argument("--ckpt-every", type=int, default=100)
     r.add_argument("--log-every", type=int, default=10, help="metrics.jsonl record interval")
-    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--seed", type=_seed, default=0)
     r.add_argument("--data", help="text file, directory of text files, or uint32 .bin tokens")
     r.add_argument("--tokenizer", dest="tokenizer_given", default=None,
                    help="tiktoken encoding name (default cl100k_base, or the checkpoint's)")
@@ -479,6 +532,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--checkpoint", metavar="DIR", help="a run directory or a ckpt-* directory")
     r.add_argument("--out", default="runs/train", help="run directory")
     r.add_argument("--resume", metavar="DIR", help="continue the run in DIR exactly")
+    r.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --out (its checkpoints and metrics), "
+                        "once every check has passed; without it such an --out is refused")
     r.add_argument("--device", choices=["cpu", "cuda"],
                    help="where to train or generate (default: cuda when available)")
     r.add_argument("--backend", default="torch", choices=["torch", "triton"],
@@ -497,7 +553,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("file", help="model YAML file")
     v.add_argument("--preset", help="a named override set (default: tiny; --set applies on top)")
     v.add_argument("--set", nargs="+", action="extend", metavar="KEY=VALUE")
-    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--seed", type=_seed, default=0)
     v.add_argument("--skip", action="append", metavar="CHECK",
                    help="leave out a check: passes, causal, grads, triton, decode")
     v.add_argument("--import", dest="imports", action="append", metavar="PY")
@@ -569,6 +625,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except OSError as e:   # the machine's answer (a path that cannot be written or read)
+        if os.environ.get("LMC_DEBUG", "") not in ("", "0"):
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"lmc: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

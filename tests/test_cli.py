@@ -206,3 +206,68 @@ def test_compile_mode_decode_reports_the_state(tmp_path, capsys):
         assert (tmp_path / "o" / f"program_{name}.py").read_text() == prog.program_source
         assert (tmp_path / "o" / f"kernels_{name}.py").read_text() == prog.source
     assert "@triton.jit" in prog.source and "decode_attention" in prog.program_source
+
+
+def test_usage_and_os_errors_are_one_line_and_leave_nothing(tmp_path, capsys):
+    # argparse's usage errors: one line, exit 2
+    for argv in (["compile", LLAMA, "--mode", "bogus"], ["compile"],
+                 ["run", LLAMA, "--train", "--seed", "-5"],
+                 ["verify", LLAMA, "--seed", str(2 ** 70)]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and ": error: " in err[0] and "--help" in err[0], (argv, err)
+    # a path the machine refuses: one line naming it, no temp file left beside it
+    out = tmp_path / "o"
+    (out / "summary.json").mkdir(parents=True)
+    assert main(["compile", LLAMA, "--preset", "tiny", "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"lmc: error: {out / 'summary.json'}: Is a directory"], err
+    assert not [p for p in os.listdir(out) if ".tmp." in p]
+    (tmp_path / "g.svg").mkdir()
+    assert main(["graph", LLAMA, "--preset", "tiny", "-o", str(tmp_path / "g.svg")]) == 2
+    assert capsys.readouterr().err.strip().endswith("g.svg: Is a directory")
+    # --import of something that is not a Python file; --disable of a pass that is not optional
+    assert main(["compile", LLAMA, "--import", LLAMA]) == 2
+    assert "--import takes a Python file" in capsys.readouterr().err
+    assert main(["compile", LLAMA, "--preset", "tiny", "--disable", "inline"]) == 2
+    assert "inlining is not optional" in capsys.readouterr().err
+
+
+def test_generate_refuses_damaged_checkpoint_files(tmp_path, capsys):
+    out = _tiny_run(tmp_path)
+    ck = out / open(out / "latest").read().strip()
+    meta = (ck / "meta.json").read_bytes()
+    capsys.readouterr()
+    for text, msg in (("{bad", "meta.json: unreadable"), ("[1, 2]", "not an lmc checkpoint"),
+                      ('{"overrides": [3]}', "not an lmc checkpoint"),
+                      ('{"preset": ["tiny"]}', "not an lmc checkpoint")):
+        (ck / "meta.json").write_text(text)
+        assert main(["run", LLAMA, "--generate", "--checkpoint", str(out)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("lmc: error: --checkpoint") and msg in err[-1], err
+    (ck / "meta.json").write_bytes(meta)
+    latest = (out / "latest").read_bytes()
+    (out / "latest").write_text("ckpt-0000999\n")
+    assert main(["run", LLAMA, "--generate", "--checkpoint", str(out)]) == 2
+    assert "'latest' names" in capsys.readouterr().err
+    (out / "latest").write_bytes(b"\xff\xfe")
+    assert main(["run", LLAMA, "--generate", "--checkpoint", str(out)]) == 2
+    assert "latest: unreadable" in capsys.readouterr().err
+    (out / "latest").write_bytes(latest)
+    assert main(["run", LLAMA, "--generate", "--checkpoint", str(out), "--max-new-tokens",
+                 "2", "--temperature", "nan"]) == 2
+    assert "--temperature" in capsys.readouterr().err
+
+
+def test_bench_fails_when_lmc_itself_fails(tmp_path, capsys, monkeypatch):
+    from lmc import bench
+    result = {"train": {"configs": [{"name": "lmc", "error": "LmcError: boom"},
+                                    {"name": "oracle eager", "tokens_per_s": 1.0}]}}
+    monkeypatch.setattr(bench, "run", lambda args, command: result)
+    monkeypatch.setattr(bench, "table", lambda r: "table")
+    assert main(["bench", LLAMA, "--quick", "--out", str(tmp_path)]) == 1
+    assert "the lmc configuration failed (train): LmcError: boom" in capsys.readouterr().err
+    result["train"]["configs"][0] = {"name": "lmc", "tokens_per_s": 1.0}
+    assert main(["bench", LLAMA, "--quick", "--out", str(tmp_path)]) == 0

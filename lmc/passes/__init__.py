@@ -34,6 +34,10 @@ def run_pipeline(g: Graph, passes: Optional[Sequence[Pass]] = None,
         from ..errors import LmcError
         raise LmcError(f"unknown pass {sorted(unknown)[0]!r} (passes: "
                        f"{', '.join([n for n, _ in passes] + fusion_names())})")
+    if "inline" in disable and any(name == "inline" for name, _ in passes):
+        from ..errors import LmcError
+        raise LmcError("--disable inline: inlining is not optional (every pass after it, "
+                       "autodiff and codegen take primitives only)")
     debug = os.environ.get("LMC_DEBUG", "") not in ("", "0")
     history = list(g.meta.get("history", []))
     inlined = False

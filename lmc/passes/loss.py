@@ -22,10 +22,20 @@ def with_loss(g: Graph, logits: str = "logits") -> Graph:
     if logits not in g.outputs:
         raise LmcError(f"model has no {logits!r} output to train on (outputs: "
                        f"{', '.join(g.outputs)})")
-    if "loss" in g.outputs:
+    taken = {n.attrs.get("name") for n in g.inputs}
+    if "loss" in g.outputs and "targets" in taken:    # appended already
         return g
+    for name in ("loss", "targets"):
+        if name in g.outputs:
+            raise LmcError(f"an output may not be named {name!r}: training appends it "
+                           "(rename the output)")
     lg = g.outputs[logits]
     ids = g.inputs[0]
+    if lg.type.dtype.value not in ("f32", "f16", "bf16", "f64") or lg.type.rank != \
+            ids.type.rank + 1 or lg.type.shape[:-1] != ids.type.shape:
+        raise LmcError(f"training needs logits shaped [{', '.join(map(str, ids.type.shape))}"
+                       f", vocab] in a float dtype (one row of scores per token), got "
+                       f"{lg.type}", lg.loc)
     b = Builder({}, {})
     b.nodes = list(g.nodes)
     b.scope = "loss"

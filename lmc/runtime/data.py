@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import sysconfig
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
@@ -57,6 +58,18 @@ def _atomic_save(path: str, arr: np.ndarray) -> None:
     tmp = f"{path}.tmp.{os.getpid()}"
     arr.astype(np.uint32).tofile(tmp)
     os.replace(tmp, path)
+
+
+def _cache_entry_ok(where: str) -> bool:
+    """A tokenized corpus in the cache is whole: meta.json (written last) reads, and
+    tokens.bin holds exactly the tokens it counts."""
+    try:
+        with open(os.path.join(where, "meta.json"), encoding="utf-8") as f:
+            tokens = json.load(f)["tokens"]
+        return os.path.getsize(os.path.join(where, "tokens.bin")) == 4 * int(tokens) and \
+            os.path.isfile(os.path.join(where, "tokens.bin"))
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def stdlib_files() -> List[str]:
@@ -109,7 +122,13 @@ class Corpus:
         key = h.hexdigest()[:16]
         where = os.path.join(cache_dir(), "data", key)
         bin_path = os.path.join(where, "tokens.bin")
-        if not os.path.exists(bin_path):
+        if not _cache_entry_ok(where):     # missing, or damaged: tokenized again
+            if os.path.lexists(where) and not os.path.isdir(where):
+                os.remove(where)
+            for name in ("tokens.bin", "meta.json"):
+                q = os.path.join(where, name)
+                if os.path.isdir(q) and not os.path.islink(q):
+                    shutil.rmtree(q)
             enc = enc or get_tokenizer(tokenizer_name)
             texts = [open(f, encoding="utf-8", errors="replace").read() for f in files]
             chunks = enc.encode_ordinary_batch(texts, num_threads=max(os.cpu_count() or 1, 1))

@@ -70,6 +70,8 @@ class Decoder:
             raise LmcError("max_len and cuda_graph apply to the static decoder (static=True)")
         self.step: StepGraph = decode_step(model.graph, static=self.static)
         self.backend = backend or getattr(model, "backend", "torch")
+        if self.backend not in ("torch", "triton"):
+            raise LmcError(f"unknown backend {self.backend!r} (available: torch, triton)")
         self.graph = self.step.graph
         self.impl = None
         self.interpret = False
@@ -145,6 +147,8 @@ class Decoder:
         return got
 
     def init_state(self, batch: int = 1, device=None) -> State:
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise LmcError(f"init_state: batch must be a positive integer, got {batch!r}")
         device = device or next(self.model.parameters()).device
         st = State()
         for s in self.step.states:
@@ -158,8 +162,13 @@ class Decoder:
     def __call__(self, ids: torch.Tensor, state: State) -> Tuple[torch.Tensor, State]:
         """Logits [B, T, V] for the T new tokens `ids` [B, T], and the advanced state (in
         static mode: the same state object, updated in place)."""
-        if ids.dim() != 2:
-            raise LmcError(f"decode takes token ids shaped [B, T], got {list(ids.shape)}")
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype.is_floating_point:
+            raise LmcError("decode takes integer token ids shaped [B, T], got "
+                           + (f"{ids.dtype} {list(ids.shape)}" if isinstance(ids, torch.Tensor)
+                              else type(ids).__name__))
+        if not isinstance(state, State):
+            raise LmcError(f"decode takes a State (Decoder.init_state), got "
+                           f"{type(state).__name__}")
         end = state.past + ids.shape[1]
         if self.static and end > self.max_len:
             raise LmcError(f"context of {end} tokens exceeds the static decoder's max_len "
@@ -286,6 +295,17 @@ class Decoder:
     def generate(self, prompt: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
                  top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> Iterator[int]:
         """Yield new token ids for one prompt [T] (prefill, then one step per token)."""
+        for name, v, ok in (("max_new_tokens", max_new_tokens, lambda v: v >= 0),
+                            ("temperature", temperature, lambda v: v >= 0),   # nan: refused
+                            ("top_k", top_k, lambda v: v >= 0),
+                            ("top_p", top_p, lambda v: 0 < v <= 1),
+                            ("seed", seed, lambda v: 0 <= v < 2 ** 64)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not ok(v) or (
+                    name in ("max_new_tokens", "top_k", "seed") and not isinstance(v, int)):
+                raise LmcError(f"generate: bad {name}={v!r}")
+        if prompt.dim() != 1 or prompt.numel() == 0:
+            raise LmcError(f"generate: the prompt must be a non-empty 1-D tensor of token ids, "
+                           f"got shape {list(prompt.shape)}")
         gen = torch.Generator(device=prompt.device).manual_seed(seed)
         state = self.init_state(1, prompt.device)
         ids = prompt.reshape(1, -1)

@@ -26,7 +26,7 @@ import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -59,6 +59,7 @@ class TrainConfig:
     precision: Optional[str] = None  # f32 | bf16 | f16; None: bf16 on CUDA, f32 on CPU
     device: Optional[str] = None     # cpu | cuda; None: cuda when available
     fsdp: bool = False
+    overwrite: bool = False          # replace a run already in `out` (else refused)
     progress: bool = True
     extra: Dict[str, Any] = field(default_factory=dict)
 
@@ -205,8 +206,11 @@ def save_checkpoint(out: str, step: int, model, opt, cfg: TrainConfig, d: Dist,
     with open(pointer, "w") as f:
         f.write(os.path.basename(final) + "\n")
     os.replace(pointer, os.path.join(out, "latest"))
-    for old in sorted(p for p in os.listdir(out) if p.startswith("ckpt-"))[:-2]:
-        shutil.rmtree(os.path.join(out, old), ignore_errors=True)  # keep the last two
+    # keep the last two by step, never the one just written (a resume may find later ones)
+    steps = sorted((int(p[5:]), p) for p in os.listdir(out)
+                   if p.startswith("ckpt-") and p[5:].isdigit() and int(p[5:]) <= step)
+    for _, old in steps[:-2]:
+        shutil.rmtree(os.path.join(out, old), ignore_errors=True)
     return final
 
 
@@ -236,7 +240,10 @@ def latest_checkpoint(run_dir: str) -> str:
     pointer = os.path.join(run_dir, "latest")
     if not os.path.exists(pointer):
         raise LmcError(f"--resume {run_dir}: no checkpoint there (no 'latest' file)")
-    path = os.path.join(run_dir, open(pointer).read().strip())
+    try:
+        path = os.path.join(run_dir, open(pointer, encoding="utf-8").read().strip())
+    except (OSError, UnicodeDecodeError) as e:
+        raise LmcError(f"--resume {pointer}: unreadable ({e})") from None
     if not os.path.isdir(path):
         raise LmcError(f"--resume {run_dir}: 'latest' names {path}, which is missing")
     return path
@@ -253,8 +260,26 @@ def check_config(c: TrainConfig) -> None:
     for flag, v in (("--lr", c.lr), ("min_lr", c.min_lr)):
         if not (math.isfinite(v) and v > 0):
             raise LmcError(f"{flag} must be a positive number, got {v}")
+    if not 0 <= c.seed < 2 ** 32:
+        raise LmcError(f"--seed must be in [0, 2**32), got {c.seed}")
     if os.path.exists(c.out) and not os.path.isdir(c.out):
         raise LmcError(f"--out {c.out}: exists and is not a directory")
+    same = c.resume is not None and os.path.realpath(c.resume) == os.path.realpath(c.out)
+    held = run_files(c.out)
+    if held and not same and not c.overwrite:
+        raise LmcError(f"--out {c.out} holds a run ({', '.join(held[:3])}"
+                       f"{', ...' if len(held) > 3 else ''}): continue it with --resume "
+                       f"{c.out}, replace it with --overwrite, or choose another --out")
+
+
+RUN_FILES = ("latest", "metrics.jsonl", "loss.png")
+
+
+def run_files(out: str) -> List[str]:
+    """What a run left in `out`: its checkpoints, `latest`, metrics and curve."""
+    if not os.path.isdir(out):
+        return []
+    return sorted(p for p in os.listdir(out) if p in RUN_FILES or p.startswith("ckpt-"))
 
 
 def _unreadable(flag: str, path: str, e: Exception) -> LmcError:
@@ -393,10 +418,14 @@ def train(path: str, preset: Optional[str], overrides, c: TrainConfig) -> Dict[s
         if start >= c.steps:
             raise LmcError(f"--resume {c.resume}: the run is at step {start} already; --steps "
                            f"{c.steps} asks for no more (--steps counts from the run's start)")
-    os.makedirs(c.out, exist_ok=True)
     metrics_path = os.path.join(c.out, "metrics.jsonl")
     if d.main:
-        _truncate_metrics(metrics_path, start)
+        _truncate_metrics(metrics_path, start)   # checked (resume) before anything is removed
+        if c.overwrite and not c.resume:   # the old run goes only now, all checks passed
+            for p in run_files(c.out):
+                q = os.path.join(c.out, p)
+                shutil.rmtree(q) if os.path.isdir(q) else os.remove(q)
+    os.makedirs(c.out, exist_ok=True)
 
     local = c.batch_size // (d.world * c.grad_accum)
     micro_global = c.batch_size // c.grad_accum
@@ -534,10 +563,16 @@ class _null:
 
 
 def _truncate_metrics(path: str, step: int) -> None:
-    """On resume, drop records past the checkpoint so the curve has each step once."""
-    if not os.path.exists(path):
+    """On resume, drop records past the checkpoint so the curve has each step once. A
+    damaged file is an LmcError naming it, left as it is."""
+    if step == 0 or not os.path.exists(path):
         return
-    keep = [ln for ln in open(path) if ln.strip() and json.loads(ln)["step"] <= step]
+    try:
+        with open(path, encoding="utf-8") as f:
+            keep = [ln for ln in f if ln.strip() and json.loads(ln)["step"] <= step]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise LmcError(f"--resume: {path} is unreadable ({type(e).__name__}: "
+                       f"{(str(e).splitlines() or [''])[0]}); move it aside to resume") from None
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         f.writelines(keep)
@@ -550,6 +585,8 @@ def plot_losses(metrics_path: str, png: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if not os.path.exists(metrics_path):   # a checkpoint before the first record
+        return
     recs = [json.loads(ln) for ln in open(metrics_path) if ln.strip()]
     if not recs:
         return

@@ -175,10 +175,8 @@ def write(view: View, path: str, notes: Optional[List[str]] = None) -> None:
         data = _html(view.title, layout(text, "svg").decode(), notes or []).encode()
     else:
         data = layout(text, fmt)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    from ..ioutil import atomic_write
+    atomic_write(path, data)
 
 
 _CSS = """

@@ -201,3 +201,28 @@ def test_the_loss_backward_writes_no_extra_vocab_sized_tensor(precision):
     outs = list(head[0].attrs["body"].outputs.values())
     assert [o.type.shape[-1] == vocab for o in outs] == [True, False], outs
     assert outs[0].type.dtype.value == precision and outs[1].op is Op.LOGSUMEXP
+
+
+def test_logits_that_cannot_train_and_taken_output_names_are_refused(tmp_path):
+    from lmc.errors import LmcError
+    src = open(LLAMA).read()
+    line = "    - logits = rmsnorm(x, name='norm') @ lm_head\n"
+    assert line in src
+    head = "rmsnorm(x, name='norm') @ lm_head"
+    cases = [(src.replace(line, f"    - logits = cast({head}, 'i64')\n"),
+              "training needs logits shaped [B, T, vocab] in a float dtype"),
+             (src.replace(line, f"    - logits = sum({head}, 1, False)\n"),
+              "training needs logits shaped [B, T, vocab]"),
+             (src.replace("  outputs: [logits]", "  outputs: {logits: logits, loss: logits}"),
+              "an output may not be named 'loss'")]
+    for i, (text, msg) in enumerate(cases):
+        p = tmp_path / f"m{i}.yaml"
+        p.write_text(text)
+        with pytest.raises(LmcError, match=msg.replace("[", r"\[")) as e:
+            with_loss(lmc.compile_model(str(p), "tiny").graph)
+        if i < 2:   # at the logits' line
+            assert e.value.loc is not None and e.value.loc.line == src[:src.index(line)].count(
+                "\n") + 1, e.value.format()
+    # applied twice: the second is a no-op (a graph with its loss and targets already)
+    g = with_loss(lmc.compile_model(LLAMA, "tiny").graph)
+    assert with_loss(g) is g

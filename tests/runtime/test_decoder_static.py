@@ -228,3 +228,25 @@ def test_cuda_graph_replays_equal_forward(path):
         assert dec.cuda_graph, dec.cuda_graph_off            # capture did not fall back
         assert getattr(st, "captured", None) is not None
         assert (got - full).abs().max().item() < TOL
+
+
+def test_decoder_api_refuses_bad_arguments_in_one_line():
+    m = lmc.load(LLAMA, preset="tiny").eval()
+    dec = Decoder(m)
+    st = dec.init_state(1)
+    ids = torch.tensor([1, 2])
+    bad = [(lambda: Decoder(m, backend="bogus"), "unknown backend 'bogus'"),
+           (lambda: dec.init_state(0), "batch must be a positive integer"),
+           (lambda: dec.init_state(1.5), "batch must be a positive integer"),
+           (lambda: dec(torch.zeros(1, 2, dtype=torch.long), None), "decode takes a State"),
+           (lambda: dec(torch.zeros(1, 2), st), "integer token ids"),
+           (lambda: list(dec.generate(ids, 2, temperature=float("nan"))), "temperature=nan"),
+           (lambda: list(dec.generate(ids, 2, top_p=0.0)), "top_p=0.0"),
+           (lambda: list(dec.generate(ids, 2, top_k=-1)), "top_k=-1"),
+           (lambda: list(dec.generate(ids, -2)), "max_new_tokens=-2"),
+           (lambda: list(dec.generate(ids, 2, seed=10 ** 30)), "seed="),
+           (lambda: list(dec.generate(torch.tensor([], dtype=torch.long), 2)), "non-empty")]
+    for f, msg in bad:
+        with pytest.raises(LmcError, match=msg.replace("(", r"\(")):
+            f()
+    assert len(list(dec.generate(ids, 3, temperature=0))) == 3

@@ -313,3 +313,57 @@ def test_moe_logged_values_under_torchrun_ddp(tmp_path, small_ids):
         want = rec["ce_loss"] + 0.01 * aux["load_balance"] + 0.001 * aux["z_loss"]
         assert abs(rec["train_loss"] - want) < 1e-5
     assert abs(x["aux_losses"]["z_loss"] - y["aux_losses"]["z_loss"]) < 1e-5  # a token mean
+
+
+def test_an_out_holding_a_run_is_refused_unless_resumed_or_overwritten(tmp_path, corpus,
+                                                                       capsys):
+    out = tmp_path / "p"
+    # a checkpoint before the first metrics record (--ckpt-every below --log-every) is fine
+    args = _args(out, corpus, "--steps", "3", "--ckpt-every", "1")
+    args[args.index("--log-every") + 1] = "10"
+    assert main(["run", *args]) == 0
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    assert {"ckpt-0000002", "ckpt-0000003", "latest", "metrics.jsonl"} <= set(before)
+    capsys.readouterr()
+    assert main(["run", *_args(out, corpus, "--steps", "1")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--out {out} holds a run" in err[0] and "--overwrite" in err[0]
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before   # untouched
+    # --overwrite replaces it: only the new run's files, its checkpoint kept
+    assert main(["run", *_args(out, corpus, "--steps", "1", "--overwrite")]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["ckpt-0000001", "latest", "loss.png",
+                                                     "metrics.jsonl"]
+    assert [r["step"] for r in _metrics(out)] == [1]
+
+
+def test_resume_with_damaged_metrics_is_one_line(tmp_path, corpus, capsys):
+    out = tmp_path / "m"
+    assert main(["run", *_args(out, corpus, "--steps", "2")]) == 0
+    for damage in (b"not json\n", b"\xff\xfe"):
+        (out / "metrics.jsonl").write_bytes(damage)
+        capsys.readouterr()
+        assert main(["run", *_args(out, corpus, "--steps", "3", "--resume", str(out))]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "metrics.jsonl is unreadable" in err[0], err
+        assert (out / "metrics.jsonl").read_bytes() == damage
+
+
+def test_a_damaged_corpus_cache_is_tokenized_again(tmp_path, corpus, monkeypatch):
+    from lmc.runtime.data import Corpus, cache_dir, get_tokenizer
+    enc = get_tokenizer()
+    first = Corpus.load(corpus, "cl100k_base", enc)
+    # in memory: the arrays map tokens.bin, which is about to be cut short under them
+    train, val = np.array(first.train), np.array(first.val)
+    del first
+    entry = next((p for p in (tmp_path / "cache" / "data").iterdir()))
+    assert cache_dir() == str(tmp_path / "cache")
+    for damage in ("truncate", "dir"):
+        b = entry / "tokens.bin"
+        if damage == "truncate":
+            b.write_bytes(b.read_bytes()[:5])
+        else:
+            b.unlink()
+            b.mkdir()
+        again = Corpus.load(corpus, "cl100k_base", enc)
+        assert (again.train == train).all() and (again.val == val).all()
+        del again
