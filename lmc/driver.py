@@ -1,6 +1,7 @@
 """The compile driver: model file -> passes -> a Compiled result (and `load` -> module)."""
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
@@ -107,6 +108,15 @@ def _flat_counts(g: Graph) -> Dict[str, int]:
 
 def compile_model(path: str, preset: Optional[str] = None, overrides=None, *,
                   disable: Sequence[str] = ()) -> Compiled:
+    from .errors import LmcError
+    if not isinstance(path, (str, os.PathLike)):
+        raise LmcError(f"a model file path is needed, got {type(path).__name__}")
+    path = os.fspath(path)
+    if "\n" in path:
+        raise LmcError("a model file path is needed, got text with newlines (YAML text? "
+                       "write it to a file)")
+    if preset is not None and not isinstance(preset, str):
+        raise LmcError(f"preset must be a name, got {preset!r}")
     t0 = time.perf_counter()
     source = load_graph(path, preset, overrides)
     t1 = time.perf_counter()

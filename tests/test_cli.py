@@ -271,3 +271,17 @@ def test_bench_fails_when_lmc_itself_fails(tmp_path, capsys, monkeypatch):
     assert "the lmc configuration failed (train): LmcError: boom" in capsys.readouterr().err
     result["train"]["configs"][0] = {"name": "lmc", "tokens_per_s": 1.0}
     assert main(["bench", LLAMA, "--quick", "--out", str(tmp_path)]) == 0
+
+
+def test_load_refuses_what_is_not_a_model_path():
+    import pathlib
+
+    import lmc
+    from lmc.errors import LmcError
+    for bad, msg in ((3, "got int"), (None, "got NoneType"),
+                     ("name: x\nconfig: {}\n", "YAML text?")):
+        with pytest.raises(LmcError, match=msg):
+            lmc.load(bad)
+    with pytest.raises(LmcError, match="preset must be a name"):
+        lmc.load(LLAMA, preset=["tiny"])
+    assert lmc.load(pathlib.Path(LLAMA), preset="tiny") is not None
