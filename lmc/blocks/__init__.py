@@ -20,8 +20,9 @@ from __future__ import annotations
 import inspect
 from typing import Callable, Dict, Optional
 
-from ..errors import LmcError
+from ..errors import LmcError, Loc
 from ..frontend.builder import BlockDef
+from ..frontend.model import BUILTIN_NAMES
 
 REGISTRY: Dict[str, BlockDef] = {}
 
@@ -47,6 +48,12 @@ def block(fn: Optional[Callable] = None, *, name: Optional[str] = None):
             else:
                 raise LmcError(f"block {f.__name__}: *args/**kwargs are not supported")
         bname = name or f.__name__
+        code = getattr(f, "__code__", None)
+        where = Loc(code.co_filename, code.co_firstlineno, 1) if code is not None else None
+        if not isinstance(bname, str) or not bname.isidentifier():
+            raise LmcError(f"block name {bname!r} must be an identifier", where)
+        if bname in BUILTIN_NAMES:
+            raise LmcError(f"block name {bname!r} shadows a built-in function", where)
         bdef = BlockDef(bname, f, args, options, None, required)
         REGISTRY[bname] = bdef
         f.lmc_block = bdef

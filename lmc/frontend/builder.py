@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from ..errors import LmcError, Loc
 from ..ir import init as inits
-from ..ir.dims import Dim, norm
+from ..ir.dims import Dim, as_dim, dims_equal, norm
 from ..ir.graph import Graph, Node
 from ..ir.ops import Op
 from ..ir.types import DType
@@ -74,11 +74,37 @@ class Tensor:
     def __getitem__(self, idx):
         return self.b.index(self, idx)
 
+    def __iter__(self):
+        # without this Python would iterate through __getitem__ (x[0], x[1], ... never ending)
+        raise LmcError("cannot iterate over a tensor (a list of tensors or of dimensions was "
+                       "expected here)", self.b._where())
+
     def __bool__(self):
         raise LmcError("a tensor has no truth value at compile time (use where(...))")
 
     def __repr__(self):
         return f"Tensor({self.node.type})"
+
+
+def describe(v) -> str:
+    """A value as the user wrote it: 'a tensor', 'the string 'a'', 'the number 1.5'."""
+    if isinstance(v, Tensor):
+        return f"a tensor {v.node.type}"
+    if isinstance(v, bool):
+        return f"the bool {v}"
+    if isinstance(v, (int, float)):
+        return f"the number {v!r}"
+    if isinstance(v, Dim):
+        return f"the dimension {v}"
+    if isinstance(v, str):
+        return f"the string {str(v)!r}"
+    if isinstance(v, (list, tuple)):
+        return "a list"
+    if v is None:
+        return "None"
+    if isinstance(v, BlockDef):
+        return f"the block {v.name!r}"
+    return f"a {type(v).__name__}"
 
 
 def _caller_loc() -> Optional[Loc]:
@@ -135,8 +161,7 @@ class Builder:
             return self.const(x, DType.bool)
         if isinstance(x, Number):
             return self.const(x, like.dtype if like is not None else self.default_dtype)
-        raise LmcError(f"expected a tensor or a number, got {type(x).__name__} {x!r}",
-                       self._where())
+        raise LmcError(f"expected a tensor or a number, got {describe(x)}", self._where())
 
     def _pair(self, a, b):
         if isinstance(a, Tensor) and not isinstance(b, Tensor):
@@ -144,6 +169,60 @@ class Builder:
         if isinstance(b, Tensor) and not isinstance(a, Tensor):
             return self.lift(a, b), b
         return self.lift(a), self.lift(b)
+
+    # -- argument checks (user-facing messages, not Python's) ----------------------------------
+    def _fail(self, msg: str):
+        raise LmcError(msg, self._where())
+
+    def _list(self, fn: str, what: str, v, hint: str = "") -> list:
+        if not isinstance(v, (list, tuple)):
+            self._fail(f"{fn} expects {what}, got {describe(v)}" + (f" ({hint})" if hint else ""))
+        return list(v)
+
+    def _dims(self, fn: str, v, what: str = "a shape (a list of dimensions)",
+              hint: str = "e.g. [B, T, d]"):
+        out = []
+        for i, d in enumerate(self._list(fn, what, v, hint)):
+            try:
+                out.append(norm(d))
+            except TypeError:
+                self._fail(f"{fn}: dimension {i} must be an integer, got {describe(d)}")
+        return out
+
+    def _dim(self, fn: str, what: str, v):
+        try:
+            return norm(v)
+        except TypeError:
+            self._fail(f"{fn}: {what} must be an integer, got {describe(v)}")
+
+    def _int(self, fn: str, what: str, v) -> int:
+        if isinstance(v, float) and v.is_integer():
+            v = int(v)
+        if isinstance(v, bool) or not isinstance(v, int):
+            self._fail(f"{fn}: {what} must be an integer, got {describe(v)}")
+        return v
+
+    def _axis(self, fn: str, axis, rank: int, what: str = "axis") -> int:
+        from ..ops.shapes import axis_of
+        try:
+            return axis_of(axis, rank, what)
+        except LmcError as e:
+            raise LmcError(f"{fn}: {e.message}", self._where()) from None
+
+    def _number(self, fn: str, what: str, v) -> float:
+        if isinstance(v, bool) or not isinstance(v, Number):
+            self._fail(f"{fn}: {what} must be a number, got {describe(v)}")
+        return v
+
+    def _bool(self, fn: str, what: str, v) -> bool:
+        if not isinstance(v, bool):
+            self._fail(f"{fn}: {what} must be True or False, got {describe(v)}")
+        return v
+
+    def _seed(self, fn: str, seed):
+        if isinstance(seed, Tensor):
+            return seed
+        return self.const(self._int(fn, "seed", seed), DType.i64)
 
     # -- sources -----------------------------------------------------------------------------
     def input(self, name: str, shape, dtype="i64") -> Tensor:
@@ -165,12 +244,15 @@ class Builder:
         return self.node(Op.CONST, (), {"value": value, "dtype": dt})
 
     def iota(self, length, dtype="i64") -> Tensor:
-        return self.node(Op.IOTA, (), {"length": norm(length), "dtype": DType.of(dtype)})
+        return self.node(Op.IOTA, (), {"length": self._dim("iota", "the length", length),
+                                       "dtype": DType.of(dtype)})
 
     def causal_mask(self, rows, cols=None, window: int = 0) -> Tensor:
-        return self.node(Op.CAUSAL_MASK, (), {"rows": norm(rows),
-                                              "cols": norm(rows if cols is None else cols),
-                                              "window": int(window)})
+        rows = self._dim("causal_mask", "rows", rows)
+        cols = rows if cols is None else self._dim("causal_mask", "cols", cols)
+        return self.node(Op.CAUSAL_MASK, (), {"rows": rows, "cols": cols,
+                                              "window": self._int("causal_mask", "window",
+                                                                  window)})
 
     # -- pointwise -----------------------------------------------------------------------------
     def _unary(self, op: Op, x, **attrs) -> Tensor:
@@ -205,6 +287,11 @@ class Builder:
         return self._unary(Op.GELU, x, approximate=approximate)
 
     def clamp(self, x, lo=None, hi=None):
+        for what, v in (("lo", lo), ("hi", hi)):
+            if v is not None:
+                self._number("clamp", what, v)
+        if lo is not None and hi is not None and lo > hi:
+            self._fail(f"clamp: lo must be <= hi, got lo={lo} > hi={hi}")
         return self._unary(Op.CLAMP, x, lo=lo, hi=hi)
 
     def cast(self, x, dtype):
@@ -231,16 +318,20 @@ class Builder:
     # -- reductions ------------------------------------------------------------------------------
     # keepdim defaults to True so that `x - mean(x, -1)` broadcasts as written
     def sum(self, x, axis=-1, keepdim=True):
-        return self.node(Op.SUM, (x,), {"axis": axis, "keepdim": bool(keepdim)})
+        keepdim = self._bool("sum", "keepdim", keepdim)
+        return self.node(Op.SUM, (x,), {"axis": axis, "keepdim": keepdim})
 
     def mean(self, x, axis=-1, keepdim=True):
-        return self.node(Op.MEAN, (x,), {"axis": axis, "keepdim": bool(keepdim)})
+        keepdim = self._bool("mean", "keepdim", keepdim)
+        return self.node(Op.MEAN, (x,), {"axis": axis, "keepdim": keepdim})
 
     def amax(self, x, axis=-1, keepdim=True):
-        return self.node(Op.AMAX, (x,), {"axis": axis, "keepdim": bool(keepdim)})
+        keepdim = self._bool("amax", "keepdim", keepdim)
+        return self.node(Op.AMAX, (x,), {"axis": axis, "keepdim": keepdim})
 
     def logsumexp(self, x, axis=-1, keepdim=True):
-        return self.node(Op.LOGSUMEXP, (x,), {"axis": axis, "keepdim": bool(keepdim)})
+        keepdim = self._bool("logsumexp", "keepdim", keepdim)
+        return self.node(Op.LOGSUMEXP, (x,), {"axis": axis, "keepdim": keepdim})
 
     def softmax(self, x, axis=-1):
         return self.node(Op.SOFTMAX, (x,), {"axis": axis})
@@ -256,35 +347,42 @@ class Builder:
 
     # -- views -----------------------------------------------------------------------------------
     def reshape(self, x, shape):
-        return self.node(Op.RESHAPE, (x,), {"shape": tuple(norm(d) for d in shape)})
+        return self.node(Op.RESHAPE, (x,), {"shape": tuple(self._dims("reshape", shape))})
 
     def permute(self, x, perm):
+        perm = self._list("permute", "a list of axes", perm, "e.g. [0, 2, 1, 3]")
         return self.node(Op.PERMUTE, (x,), {"perm": tuple(perm)})
 
     def transpose(self, x, a=-2, b=-1):
         x = self.lift(x)
         perm = list(range(x.rank))
-        a, b = a % max(x.rank, 1), b % max(x.rank, 1)
+        a, b = (self._axis("transpose", v, x.rank) for v in (a, b))
         perm[a], perm[b] = perm[b], perm[a]
         return self.permute(x, perm)
 
     def expand(self, x, shape):
-        return self.node(Op.EXPAND, (x,), {"shape": tuple(norm(d) for d in shape)})
+        return self.node(Op.EXPAND, (x,), {"shape": tuple(self._dims("expand", shape))})
 
     def slice(self, x, axis, start=0, stop=None, step=1):
-        return self.node(Op.SLICE, (x,), {"axis": axis, "start": norm(start),
-                                          "stop": None if stop is None else norm(stop),
+        start = self._dim("slice", "start", start)
+        stop = None if stop is None else self._dim("slice", "stop", stop)
+        return self.node(Op.SLICE, (x,), {"axis": axis, "start": start, "stop": stop,
                                           "step": step})
 
     def concat(self, xs, axis=-1):
+        xs = self._list("concat", "a list of tensors", xs, "write concat([a, b], axis)")
         return self.node(Op.CONCAT, tuple(xs), {"axis": axis})
 
     def split(self, x, parts, axis=-1):
         """`parts` equal pieces (an int) or pieces of the listed sizes, as slices."""
         x = self.lift(x)
-        ax = axis % x.rank
+        ax = self._axis("split", axis, x.rank)
         size = x.shape[ax]
-        if isinstance(parts, int):
+        if isinstance(parts, float) and parts.is_integer():
+            parts = int(parts)
+        if isinstance(parts, int) and not isinstance(parts, bool):
+            if parts < 1:
+                self._fail(f"split: the number of pieces must be at least 1, got {parts}")
             q = Dim.exact_div(size, parts) if isinstance(size, Dim) else (
                 size // parts if size % parts == 0 else None)
             if q is None:
@@ -292,7 +390,17 @@ class Builder:
                                f"{parts} parts", self._where())
             sizes = [q] * parts
         else:
-            sizes = list(parts)
+            sizes = self._dims("split", parts, "a number of pieces or a list of sizes",
+                               "e.g. split(x, 2, -1) or split(x, [d, 2 * d], -1)")
+            if not sizes:
+                self._fail("split: the list of sizes is empty")
+            for s in sizes:
+                if isinstance(s, int) and s < 0:
+                    self._fail(f"split: negative size {s}")
+            total = norm(sum(sizes[1:], as_dim(sizes[0])))
+            if not dims_equal(total, size):
+                self._fail(f"split: sizes [{', '.join(map(str, sizes))}] add up to {total}, "
+                           f"but axis {ax} has size {size}")
         out, start = [], 0
         for s in sizes:
             out.append(self.slice(x, ax, start, norm(start + s)))
@@ -344,12 +452,13 @@ class Builder:
         return self.node(Op.TOPK, (x,), {"k": k, "axis": axis})
 
     def dropout(self, x, p, seed):
-        seed = seed if isinstance(seed, Tensor) else self.const(int(seed), DType.i64)
+        p = self._number("dropout", "p", p)
+        seed = self._seed("dropout", seed)
         return self.node(Op.DROPOUT, (x, seed), {"p": float(p)})
 
     def gaussian_noise(self, x, std, seed):
         """x + std * N(0, 1) in training mode (the draw fixed by seed and shape); x in eval."""
-        seed = seed if isinstance(seed, Tensor) else self.const(int(seed), DType.i64)
+        seed = self._seed("gaussian_noise", seed)
         return self.node(Op.GAUSSIAN_NOISE, (x, seed), {"std": std})
 
     def scan(self, step, carry, xs, axis=1, name: Optional[str] = None, **options):
@@ -366,7 +475,11 @@ class Builder:
         bdef = (self.blocks.get(block) if isinstance(block, str)
                 else getattr(block, "lmc_block", block))
         if not isinstance(bdef, BlockDef):
-            raise LmcError(f"unknown block {block!r}", where)
+            raise LmcError(f"unknown block {block!r}" if isinstance(block, str) else
+                           f"expected a block, got {describe(block)}", where)
+        if name is not None and (not isinstance(name, str) or not name.isidentifier()):
+            raise LmcError(f"block instance name must be an identifier (letters, digits, _), "
+                           f"got {describe(name)}", where)
         if bdef.name in self.stack:
             cycle = " -> ".join(self.stack[self.stack.index(bdef.name):] + (bdef.name,))
             raise LmcError(f"cyclic block reference: {cycle}", where)

@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, Optional
 
 from ..errors import LmcError, Loc
 from ..ir.dims import Dim, norm
-from .builder import Tensor
+from .builder import Tensor, describe
 
 MAX_NUMBER = 2**63
 
@@ -124,8 +124,7 @@ class Evaluator:
         if static:
             for v in (a, b):
                 if isinstance(v, bool) or not isinstance(v, (int, float, Dim)):
-                    raise self.error(node, f"cannot apply {_opname(op)} to {type(v).__name__} "
-                                           f"{v!r}")
+                    raise self.error(node, f"cannot apply {_opname(op)} to {describe(v)}")
             if op in (operator.truediv, operator.floordiv, operator.mod) and b == 0:
                 raise self.error(node, "division by zero")
             if op is operator.pow and isinstance(a, (int, float)) and isinstance(b, (int, float)):
@@ -210,7 +209,7 @@ class Evaluator:
                 return target[idx]
             except IndexError:
                 raise self.error(node, f"index {idx} out of range") from None
-        raise self.error(node, f"cannot index {type(target).__name__}")
+        raise self.error(node, f"cannot index {describe(target)}")
 
     def _Call(self, node):
         if not isinstance(node.func, ast.Name):
@@ -227,6 +226,8 @@ class Evaluator:
         for kw in node.keywords:
             if kw.arg is None:
                 raise self.error(node, f"**kwargs is not allowed in a {self.what}")
+            if kw.arg in kwargs:
+                raise self.error(kw, f"{name}(): keyword argument {kw.arg!r} given twice")
             kwargs[kw.arg] = self.eval(kw.value)
         self._mark(node)
         try:
@@ -278,14 +279,35 @@ def _clean_typeerror(e: TypeError) -> str:
     return msg
 
 
+# Deeper expressions are refused: the evaluator walks the tree recursively (a few Python frames
+# a level), and no model needs more than a handful of levels.
+MAX_DEPTH = 200
+TOO_DEEP = "expression too long or too deeply nested"
+
+
 def parse(text: str, base: Loc, mode: str = "eval"):
     try:
-        return ast.parse(text, mode=mode)
+        tree = ast.parse(text, mode=mode)
     except SyntaxError as e:
         line = (e.lineno or 1)
         col = (e.offset or 1)
         loc = Loc(base.file, base.line + line - 1, (base.col + col - 1) if line == 1 else col)
-        raise LmcError(f"syntax error in expression: {e.msg}", loc) from None
+        msg = e.msg
+        if "too many nested" in msg or "too complex" in msg:
+            msg = TOO_DEEP
+        raise LmcError(f"syntax error in expression: {msg}", loc) from None
+    except (RecursionError, MemoryError):
+        raise LmcError(f"{TOO_DEEP} ({len(text)} characters)", base) from None
+    except ValueError as e:  # e.g. "source code string cannot contain null bytes"
+        raise LmcError(f"syntax error in expression: {e}", base) from None
+    # iterative depth check, so that evaluation never overflows the Python stack
+    todo = [(tree, 0)]
+    while todo:
+        node, depth = todo.pop()
+        if depth > MAX_DEPTH:
+            raise LmcError(f"{TOO_DEEP} (more than {MAX_DEPTH} levels)", base)
+        todo.extend((c, depth + 1) for c in ast.iter_child_nodes(node))
+    return tree
 
 
 def text_base(s) -> Loc:

@@ -28,9 +28,9 @@ from ..errors import LmcError, Loc
 from ..ir import init as inits
 from ..ir.dims import Dim, norm
 from ..ir.graph import Graph
-from .builder import BlockDef, Builder, Tensor
-from .expr import MATH, Evaluator, is_static, parse, text_base
-from .yamlsrc import YList, YMap, YStr, load_yaml
+from .builder import BlockDef, Builder, Tensor, describe
+from .expr import MATH, Evaluator, _clean_typeerror, is_static, parse, text_base
+from .yamlsrc import YList, YMap, YStr, load_yaml, yaml_kind
 
 TOP_KEYS = {"name", "description", "config", "presets", "blocks", "model"}
 BLOCK_KEYS = {"args", "options", "params", "body", "doc"}
@@ -114,7 +114,8 @@ def resolve_config(doc: YMap, path: str, preset: Optional[str],
             raise LmcError(f"config values refer to each other in a cycle: {cycle}", locs[name])
         active.append(name)
         v = raw[name]
-        prefix = f"--set {name}={v}: " if name in set_keys else ""
+        shown = v if len(str(v)) <= 60 else f"{str(v)[:40]}..."
+        prefix = f"--set {name}={shown}: " if name in set_keys else ""
         try:
             if isinstance(v, bool) or isinstance(v, (int, float)):
                 val = v
@@ -126,7 +127,7 @@ def resolve_config(doc: YMap, path: str, preset: Optional[str],
                     raise LmcError(f"config {name!r} must be numeric, got {val!r}", locs[name])
             else:
                 raise LmcError(f"config {name!r} must be a number or an arithmetic expression, "
-                               f"got {type(v).__name__}", locs[name])
+                               f"got {yaml_kind(v)}", locs[name])
         except LmcError as e:
             if not e.message.startswith("--set "):  # the innermost --set value is the culprit
                 e.message = prefix + e.message
@@ -166,7 +167,12 @@ def body_funcs(b: Builder) -> Dict[str, Any]:
     for name, fn in MATH.items():
         funcs.setdefault(name, fn)
     funcs["arange"] = b.iota
-    funcs["shape"] = lambda x, axis: x.shape[axis]
+    def _shape(x, axis):
+        if not isinstance(x, Tensor):
+            raise LmcError(f"shape expects a tensor, got {describe(x)}", b.loc)
+        return x.shape[b._axis("shape", axis, x.rank)]
+
+    funcs["shape"] = _shape
 
     def _max(x, *rest, **kw):
         if isinstance(x, Tensor) and (not rest or isinstance(rest[0], int) and not
@@ -298,7 +304,7 @@ def static_eval(text, scope, loc: Loc, funcs=None, what="expression"):
     if isinstance(text, bool):
         return text
     if not isinstance(text, str):
-        raise LmcError(f"expected an expression, got {type(text).__name__}", loc)
+        raise LmcError(f"expected an expression, got {yaml_kind(text)}", loc)
     base = text_base(text) if isinstance(text, YStr) else loc
     return Evaluator(scope, funcs or MATH, base, what=what).eval(parse(text, base))
 
@@ -321,6 +327,10 @@ def _run_for(item: YMap, b: Builder, scope: Scope):
         raise LmcError(f"for ... in: expects a non-negative integer count, got {count!r}",
                        item.val_loc("in"))
     name = item.get("scope")
+    if name is not None and (not isinstance(name, str) or
+                             not all(p.isidentifier() for p in name.split("."))):
+        raise LmcError(f"scope: expects a name (like layers), got {yaml_kind(name)}",
+                       item.val_loc("scope"))
     if name is None:
         src = item["in"]
         name = src if isinstance(src, str) and src.isidentifier() else var
@@ -337,6 +347,8 @@ def _run_if(item: YMap, b: Builder, scope: Scope):
         k = sorted(extra, key=str)[0]
         raise LmcError(f"unknown key {k!r} in an if statement (expected if, then, else)",
                        item.key_loc(k))
+    if "then" not in item:
+        raise LmcError("an if statement needs 'then' (a list of statements)", item.loc)
     cond = static_eval(item["if"], scope, item.val_loc("if"))
     if not is_static(cond):
         raise LmcError("if: needs a static condition (config values, loop indices)",
@@ -349,7 +361,46 @@ def _run_if(item: YMap, b: Builder, scope: Scope):
 # ---------------------------------------------------------------------------------------------
 # params, blocks, model
 # ---------------------------------------------------------------------------------------------
-INIT_FUNCS = dict(MATH, **inits.INITS)
+def _init_arg(what: str, v, *, low: Optional[float] = None) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ValueError(f"{what} must be a number, got {describe(v)}")
+    if not math.isfinite(v):
+        raise ValueError(f"{what} must be finite, got {v}")
+    if low is not None and v < low:
+        raise ValueError(f"{what} must be >= {low:g}, got {v:g}")
+    return float(v)
+
+
+_NO_STD = object()
+
+
+def _normal(std=_NO_STD, mean=0.0):
+    if std is _NO_STD:
+        raise ValueError("needs a standard deviation, e.g. normal(0.02)")
+    return inits.normal(_init_arg("std", std, low=0), _init_arg("mean", mean))
+
+
+def _uniform(lo, hi):
+    lo, hi = _init_arg("lo", lo), _init_arg("hi", hi)
+    if lo > hi:
+        raise ValueError(f"lo must be <= hi, got lo={lo:g} > hi={hi:g}")
+    return inits.uniform(lo, hi)
+
+
+def _constant(value):
+    return inits.constant(_init_arg("value", value))
+
+
+def _orthogonal(gain=1.0):
+    return inits.orthogonal(_init_arg("gain", gain))
+
+
+# The inits as YAML sees them: arguments checked here, at the param's line, rather than by
+# torch when the model is first initialised (docs/yaml.md: `normal(std, mean=0)` ...).
+YAML_INITS = {"normal": _normal, "zeros": inits.zeros, "ones": inits.ones,
+              "constant": _constant, "uniform": _uniform, "orthogonal": _orthogonal}
+assert set(YAML_INITS) == set(inits.INITS)
+INIT_FUNCS = dict(MATH, **YAML_INITS)
 
 
 def declare_params(spec, b: Builder, scope: Scope, where: Loc) -> Dict[str, Tensor]:
@@ -373,8 +424,12 @@ def declare_params(spec, b: Builder, scope: Scope, where: Loc) -> Dict[str, Tens
             raise LmcError(f"unknown key {k!r} for parameter {name!r}", s.key_loc(k))
         shape = eval_shape(s["shape"], scope, s.val_loc("shape"), allow_symbols=False)
         init = s.get("init", "normal(0.02)")
-        if isinstance(init, str) and init.strip() in inits.INITS:
-            iv = inits.INITS[init.strip()]()   # `init: ones` is short for ones()
+        if isinstance(init, str) and init.strip() in YAML_INITS:
+            try:
+                iv = YAML_INITS[init.strip()]()   # `init: ones` is short for ones()
+            except (TypeError, ValueError) as e:
+                raise LmcError(f"{init.strip()}(): {_clean_typeerror(e)}",
+                               s.val_loc("init")) from None
         else:
             iv = static_eval(init, scope, s.val_loc("init"), INIT_FUNCS, "init expression")
         if not isinstance(iv, inits.Init):
@@ -459,7 +514,7 @@ def check_block_cycles(blocks: YMap) -> None:
             if isinstance(st, YStr):
                 try:
                     tree = ast.parse(st)
-                except SyntaxError:
+                except (SyntaxError, ValueError, RecursionError, MemoryError):
                     continue  # reported with its location when the block is built
                 for node in ast.walk(tree):
                     if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and \
@@ -528,10 +583,17 @@ def load_graph(path: str, preset: Optional[str] = None, overrides=None,
                        f"{', '.join(sorted(TOP_KEYS))})", doc.key_loc(k))
     if "model" not in doc:
         raise LmcError("no 'model' section", doc.loc)
+    if "name" in doc and (not isinstance(doc["name"], str) or not doc["name"].strip()):
+        raise LmcError(f"name must be a non-empty string, got {yaml_kind(doc['name'])}",
+                       doc.val_loc("name"))
     config = resolve_config(doc, path, preset, parse_overrides(overrides))
 
     all_blocks: Dict[str, BlockDef] = dict(REGISTRY)
     all_blocks.update(blocks or {})
+    for name in all_blocks:
+        if name in BUILTIN_NAMES:
+            raise LmcError(f"block name {name!r} shadows a built-in function",
+                           getattr(all_blocks[name], "loc", None))
     yblocks = doc.get("blocks", YMap())
     if not isinstance(yblocks, YMap):
         raise LmcError("blocks must be a mapping of name -> block", doc.val_loc("blocks"))

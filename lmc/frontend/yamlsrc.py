@@ -1,9 +1,10 @@
 """Safe YAML loading that remembers where every value came from.
 
-Only plain YAML is accepted: no tags (``!!python/object`` and friends), no anchors or aliases
-(which is also the defence against alias bombs), no duplicate keys. Mappings and lists come
-back as `YMap` / `YList`, which carry the `Loc` of each item so every later error can name
-FILE:LINE:COL. Nothing is ever constructed from a tag, so loading never runs code.
+Only plain YAML is accepted: no tags (``!!python/object`` and friends, even ``!!int``), no
+anchors or aliases (which is also the defence against alias bombs), no duplicate keys.
+Mappings and lists come back as `YMap` / `YList`, which carry the `Loc` of each item so every
+later error can name FILE:LINE:COL. Nothing is ever constructed from a tag, so loading never
+runs code.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import yaml
 from ..errors import LmcError, Loc
 
 MAX_BYTES = 1 << 20
+_YAML_TAG = "tag:yaml.org,2002:"
 _SAFE_TAGS = {f"tag:yaml.org,2002:{t}" for t in
               ("str", "int", "float", "bool", "null", "seq", "map")}
 
@@ -39,6 +41,21 @@ class YStr(str):
     expression's columns can be mapped back to the file)."""
     loc: Loc
     quoted: bool
+
+
+def yaml_kind(v) -> str:
+    """What a YAML value is, in the file's terms (for "expected X, got ...")."""
+    if isinstance(v, dict):
+        return "a mapping"
+    if isinstance(v, list):
+        return "a list"
+    if v is None:
+        return "nothing (null)"
+    if isinstance(v, bool):
+        return f"the bool {str(v).lower()}"
+    if isinstance(v, str):
+        return f"the string {str(v)!r}"
+    return f"{type(v).__name__} {v!r}"
 
 
 def _loc(path: str, mark) -> Loc:
@@ -79,9 +96,10 @@ def loads(text: str, path: str = "<string>"):
                 raise LmcError(f"YAML anchors (&{anchor}) are not allowed in model files",
                                _loc(path, ev.start_mark))
             tag = getattr(ev, "tag", None)
-            if tag is not None and tag not in ("!",) and tag not in _SAFE_TAGS:
-                raise LmcError(f"YAML tag {tag} is not allowed in model files",
-                               _loc(path, ev.start_mark))
+            if tag is not None:  # any explicit tag, even !!int: plain YAML only (docs/yaml.md)
+                shown = "!!" + tag[len(_YAML_TAG):] if tag.startswith(_YAML_TAG) else tag
+                raise LmcError(f"YAML tag {shown} is not allowed in model files (write the "
+                               f"plain value)", _loc(path, ev.start_mark))
         node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark

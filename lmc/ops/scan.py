@@ -97,6 +97,13 @@ def build(b, step, carry, xs, axis: int = 1, name=None, options=None):
 
     where = b._where()
     multi_c, multi_x = isinstance(carry, (list, tuple)), isinstance(xs, (list, tuple))
+    for what, vals in (("carry", carry if multi_c else [carry]), ("xs", xs if multi_x else [xs])):
+        for v in vals:
+            if not isinstance(v, (Tensor, int, float)):
+                from ..frontend.builder import describe
+                raise LmcError(f"scan: {what} must be a tensor or a list of tensors, got "
+                               f"{'a list holding ' if multi_c or multi_x else ''}"
+                               f"{describe(v)}", where)
     carries = [b.lift(c) for c in (carry if multi_c else [carry])]
     seqs = [b.lift(x) for x in (xs if multi_x else [xs])]
     if not carries:

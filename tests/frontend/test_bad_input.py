@@ -1,0 +1,252 @@
+"""Bad input found by a sweep: each case is one line ``FILE:LINE:COL: error: MESSAGE`` in the
+user's terms (exit 2, no traceback), never a hang. Built on the minimal model of test_errors."""
+import pytest
+from test_errors import BASE, H, check, find, variant, write
+
+import lmc
+from lmc.errors import LmcError
+
+# statements added in block mlp (x: [B, T, 32]) or in the model body (ids: [B, T])
+AT_H = "      - h = silu(x @ w1)"
+
+
+def stmt_error(tmp_path, capsys, stmt, at, *words, extra=()):
+    """Add `stmt` before block mlp's first statement; the error must be on that line, at the
+    column where `at` starts (the call or the offending part)."""
+    p, line = variant(tmp_path, H, f"      - {stmt}\n{AT_H}")
+    _, col = find(p, at)
+    return check(capsys, p, line, col, *words, extra=extra)
+
+
+# --- 1. a tensor where a list is expected: an error, not an endless x[0], x[1], ... --------------
+@pytest.mark.parametrize("stmt,words", [
+    ("z = concat(x, -1)", ("concat expects a list of tensors, got a tensor",)),
+    ("z = permute(x, x)", ("permute expects a list of axes, got a tensor",)),
+    ("a, b = split(x, x, -1)", ("split expects a number of pieces or a list of sizes",
+                                "got a tensor")),
+    ("z = reshape(x, x)", ("reshape expects a shape", "got a tensor")),
+    ("z = expand(x, x)", ("expand expects a shape", "got a tensor")),
+    ("z = split(x, [x, x], -1)", ("split: dimension 0 must be an integer, got a tensor",)),
+    ("z = scan(mlp, [[x]], x, 1)", ("scan: carry must be a tensor or a list of tensors",)),
+])
+def test_tensor_where_a_list_is_expected(tmp_path, capsys, stmt, words):
+    name = stmt.split("= ")[1].split("(")[0]
+    stmt_error(tmp_path, capsys, stmt, f"{name}(", *words)
+
+
+def test_concat_of_model_input(tmp_path, capsys):
+    p, line = variant(tmp_path, "    - x = embedding(embed, ids)",
+                      "    - z = concat(ids, 0)\n    - x = embedding(embed, ids)")
+    check(capsys, p, line, 11, "concat expects a list of tensors, got a tensor i64[B,T]")
+
+
+def test_python_api_iterating_a_tensor_is_an_error():
+    from lmc.frontend.builder import Builder
+    b = Builder({}, {})
+    x = b.input("x", [2, 3], "f32")
+    with pytest.raises(LmcError, match="cannot iterate over a tensor"):
+        list(x)
+    with pytest.raises(LmcError, match="concat expects a list of tensors"):
+        b.concat(x, 0)
+
+
+# --- 2. axes out of range are refused, not wrapped ----------------------------------------------
+@pytest.mark.parametrize("stmt,words", [
+    ("z = transpose(reshape(x, [B, T, 4, 8]), 2, 9)", ("transpose: axis 9 out of range",
+                                                       "rank-4")),
+    ("z = transpose(x, 0, 9)", ("transpose: axis 9 out of range for a rank-3 tensor",)),
+    ("z = transpose(x, -4, 0)", ("transpose: axis -4 out of range",)),
+    ("z = split(x, 2, 10)", ("split: axis 10 out of range for a rank-3 tensor",)),
+    ("z = split(x, 2, -9)", ("split: axis -9 out of range for a rank-3 tensor",)),
+    ("z = shape(x, 9)", ("shape: axis 9 out of range for a rank-3 tensor",)),
+    ("z = shape(x, -4)", ("shape: axis -4 out of range",)),
+    ("z = gather(x, cast(x, 'i64'), 3)", ("axis 3 out of range",)),
+    ("z = scatter_add(x, cast(x, 'i64'), x, -4)", ("axis -4 out of range",)),
+    ("z = topk(x, 1, 3)", ("axis 3 out of range",)),
+    ("z = softmax(x, 3)", ("axis 3 out of range",)),
+    ("z = cumprod(x, -4)", ("axis -4 out of range",)),
+    ("z = slice(x, 3, 0, 1)", ("axis 3 out of range",)),
+])
+def test_axis_out_of_range(tmp_path, capsys, stmt, words):
+    name = stmt.split("= ")[1].split("(")[0]
+    stmt_error(tmp_path, capsys, stmt, f"{name}(", *words)
+
+
+def test_valid_negative_axes_still_work(tmp_path, capsys):
+    p, _ = variant(tmp_path, H, "      - a, b = split(transpose(x, -1, 0), 2, -3)\n"
+                                "      - c = shape(x, -1) + shape(x, 0)\n" + AT_H)
+    assert lmc.compile_model(p) is not None
+
+
+# --- 3. tracebacks: shape() index, deep expressions, bad inits ---------------------------------
+def test_shape_axis_out_of_range_points_at_the_call(tmp_path, capsys):
+    stmt_error(tmp_path, capsys, "z = shape(x, 9)", "shape(", "axis 9 out of range")
+
+
+def test_very_long_expression_in_body(tmp_path, capsys):
+    long = "+".join(["1"] * 5000)
+    p, line = variant(tmp_path, H, f"      - z = {long}\n{AT_H}")
+    check(capsys, p, line, 9, "expression too long or too deeply nested")
+
+
+def test_long_but_shallow_enough_expression_is_fine(tmp_path):
+    p, _ = variant(tmp_path, H, "      - z = " + "+".join(["x"] * 150) + "\n" + AT_H)
+    assert lmc.compile_model(p) is not None
+
+
+def test_very_long_expression_in_config(tmp_path, capsys):
+    long = "+".join(["1"] * 5000)
+    p, line = variant(tmp_path, "  vocab: 64", f"  vocab: {long}")
+    check(capsys, p, line, 10, "expression too long or too deeply nested")
+
+
+def test_very_long_set_value(tmp_path, capsys):
+    p = write(tmp_path, BASE)
+    msg = check(capsys, p, 2, 1, "--set d=", "expression too long",
+                extra=("--set", "d=" + "+".join(["1"] * 5000)))
+    assert len(msg) < 200, msg  # the value is shortened in the message
+
+
+INIT = "      w2: [4 * d, d]"
+
+
+@pytest.mark.parametrize("init,words", [
+    ("normal(-1)", ("normal(): std must be >= 0, got -1",)),
+    ("normal()", ("normal(): needs a standard deviation",)),
+    ("normal", ("normal(): needs a standard deviation",)),
+    ("'normal(0.02, mean=inf)'", ("mean must be finite",)),
+    ("'uniform(1, 0)'", ("uniform(): lo must be <= hi",)),
+    ("orthogonal('a')", ("orthogonal(): gain must be a number, got the string 'a'",)),
+    ("constant(1 / 0)", ("division by zero",)),
+    ("[1]", ("expected an expression, got a list",)),
+    ("{a: 1}", ("expected an expression, got a mapping",)),
+])
+def test_bad_init(tmp_path, capsys, init, words):
+    p, line = variant(tmp_path, INIT, "      w2: {shape: [4 * d, d], init: %s}" % init)
+    msg = check(capsys, p, line, None, *words)
+    assert "YList" not in msg and "YMap" not in msg
+
+
+def test_good_inits_still_compile(tmp_path):
+    p, _ = variant(tmp_path, INIT, "      w2: {shape: [4 * d, d], init: 'uniform(-0.1, 0.1)'}\n"
+                                   "      w3: {shape: [d], init: 'normal(0, mean=1)'}\n"
+                                   "      w4: {shape: [d, d], init: orthogonal}")
+    assert lmc.compile_model(p) is not None
+
+
+# --- 4. messages in the user's terms, not Python's ----------------------------------------------
+@pytest.mark.parametrize("stmt,words,bad", [
+    ("z = split(x, 0, -1)", ("split: the number of pieces must be at least 1, got 0",),
+     "modulo"),
+    ("z = permute(x, 3)", ("permute expects a list of axes, got the number 3",), "iterable"),
+    ("z = reshape(x, 3)", ("reshape expects a shape", "got the number 3"), "iterable"),
+    ("z = split(x, 1.5, -1)", ("split expects a number of pieces or a list of sizes",
+                               "got the number 1.5"), "iterable"),
+    ("z = dropout(x, 0.1, 'a')", ("dropout: seed must be an integer, got the string 'a'",),
+     "literal"),
+    ("z = dropout(x, 'a', 1)", ("dropout: p must be a number",), "convert"),
+    ("z = shape(x, 'a')", ("shape: axis must be an integer",), "tuple indices"),
+    ("z = split(x, [8, 8], -1)", ("split: sizes [8, 8] add up to 16, but axis 2 has size 32",),
+     "Traceback"),
+    ("z = causal_mask(T, T, 1.5)", ("causal_mask: window must be an integer",), "int()"),
+    ("z = clamp(x, 'a', 1)", ("clamp: lo must be a number",), "Traceback"),
+    ("z = clamp(x, 1, -1)", ("clamp: lo must be <= hi",), "Traceback"),
+    ("z = iota(x)", ("iota: the length must be an integer, got a tensor",), "Tensor("),
+    ("z = x @ mlp", ("expected a tensor or a number, got the block 'mlp'",), "BlockDef"),
+    ("z = scan(x, x, x, 1)", ("expected a block, got a tensor",), "Tensor("),
+])
+def test_messages_in_user_terms(tmp_path, capsys, stmt, words, bad):
+    rhs = stmt.split("= ")[1]
+    at = rhs.split("(")[0] + "(" if "(" in rhs else rhs
+    msg = stmt_error(tmp_path, capsys, stmt, at, *words)
+    assert bad not in msg, msg
+
+
+@pytest.mark.parametrize("where,value", [
+    ("for_in", "[1, 2]"),
+    ("config", "[1, 2]"),
+    ("config", "{a: 1}"),
+])
+def test_yaml_kind_named_not_python_class(tmp_path, capsys, where, value):
+    if where == "config":
+        p, line = variant(tmp_path, "  layers: 2", f"  layers: {value}")
+        col = 11
+    else:
+        p, line = variant(tmp_path, "      in: layers", f"      in: {value}")
+        col = 11
+    msg = check(capsys, p, line, col, "got a list" if value.startswith("[") else "got a mapping")
+    assert "YList" not in msg and "YMap" not in msg
+
+
+# --- 5. accepted although invalid ----------------------------------------------------------------
+X = "        - x = x + mlp(norm(x, name='n'), name='ffn')"
+
+
+def test_duplicate_keyword_argument(tmp_path, capsys):
+    p, line = variant(tmp_path, X, "        - x = x + mlp(norm(x, name='n'), name='ffn', "
+                                   "name='g')")
+    _, col = find(p, "name='g'")
+    check(capsys, p, line, col, "mlp(): keyword argument 'name' given twice")
+
+
+@pytest.mark.parametrize("name,words", [
+    ("3", ("block instance name must be an identifier", "the number 3")),
+    ("''", ("block instance name must be an identifier", "the string ''")),
+    ("'a.b'", ("block instance name must be an identifier", "'a.b'")),
+])
+def test_bad_instance_name(tmp_path, capsys, name, words):
+    p, line = variant(tmp_path, X, f"        - x = x + mlp(norm(x, name='n'), name={name})")
+    _, col = find(p, "mlp(")
+    check(capsys, p, line, col, *words)
+
+
+def test_if_without_then(tmp_path, capsys):
+    p, line = variant(tmp_path, "    - logits = norm(x, name='final') @ head",
+                      "    - {if: 1}\n    - logits = norm(x, name='final') @ head")
+    check(capsys, p, line, 7, "if statement needs 'then'")
+
+
+@pytest.mark.parametrize("stmt,words", [
+    ("z = sum(x, -1, 'yes')", ("sum: keepdim must be True or False, got the string 'yes'",)),
+    ("z = logsumexp(x, -1, keepdim=1)", ("logsumexp: keepdim must be True or False",
+                                         "got the number 1")),
+    ("z = dropout(x, 0.1, 1.5)", ("dropout: seed must be an integer, got the number 1.5",)),
+    ("z = gaussian_noise(x, 0.1, True)", ("gaussian_noise: seed must be an integer",)),
+])
+def test_bad_flag_or_seed(tmp_path, capsys, stmt, words):
+    name = stmt.split("= ")[1].split("(")[0]
+    stmt_error(tmp_path, capsys, stmt, f"{name}(", *words)
+
+
+@pytest.mark.parametrize("value", ["!!int 64", "!!str '64'", "! 64"])
+def test_any_explicit_yaml_tag_refused(tmp_path, capsys, value):
+    p, line = variant(tmp_path, "  vocab: 64", f"  vocab: {value}")
+    check(capsys, p, line, 10, "YAML tag", "not allowed")
+
+
+def test_scope_must_be_a_name(tmp_path, capsys):
+    p, line = variant(tmp_path, "      in: layers", "      in: layers\n      scope: 3")
+    check(capsys, p, line + 1, 14, "scope: expects a name", "3")
+
+
+def test_model_name_must_be_a_string(tmp_path, capsys):
+    p, line = variant(tmp_path, "name: mini", "name: [1, 2]")
+    check(capsys, p, line, 7, "name must be a non-empty string, got a list")
+
+
+# --- 6. Python blocks cannot shadow built-in functions ------------------------------------------
+def test_python_block_shadowing_builtin_refused():
+    with pytest.raises(LmcError, match="block name 'silu' shadows a built-in function") as e:
+        @lmc.block
+        def silu(b, x):
+            return x
+    assert e.value.loc is not None and e.value.loc.file == __file__
+    from lmc.blocks import REGISTRY
+    assert "silu" not in REGISTRY
+
+
+def test_python_block_named_like_builtin_via_name_refused():
+    with pytest.raises(LmcError, match="shadows a built-in function"):
+        lmc.block(lambda b, x: x, name="concat")
+    with pytest.raises(LmcError, match="must be an identifier"):
+        lmc.block(lambda b, x: x, name="a.b")
