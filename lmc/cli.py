@@ -153,7 +153,8 @@ def cmd_run(args) -> int:
                     warmup=min(args.warmup, max(args.steps // 10, 1)),
                     eval_every=args.eval_every, ckpt_every=args.ckpt_every,
                     log_every=args.log_every, seed=args.seed,
-                    out=args.out, data=args.data, tokenizer=args.tokenizer_given or "cl100k_base",
+                    out=args.out or args.resume or "runs/train", data=args.data,
+                    tokenizer=args.tokenizer_given or "cl100k_base",
                     resume=args.resume, backend=args.backend, fsdp=args.fsdp,
                     precision=args.precision, device=args.device, overwrite=args.overwrite,
                     progress=not args.no_progress)
@@ -194,6 +195,11 @@ def _checkpoint_dir(path: str) -> str:
                        "model.safetensors")
     raise LmcError(f"--checkpoint {path}: neither a run directory with a 'latest' checkpoint "
                    "nor a ckpt-* directory holding model.safetensors")
+
+
+def _cpu_triton_check(device: str, backend: str) -> None:
+    from .runtime.train import cpu_triton_check
+    cpu_triton_check(device, backend)
 
 
 def _read_meta(path: str) -> dict:
@@ -264,6 +270,7 @@ def _generate(args) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise LmcError("--device cuda: no CUDA device here")
+    _cpu_triton_check(device.type, args.backend)
     model.to(device)
     static = device.type == "cuda" if args.static is None else args.static
     if static:  # preallocated caches; on CUDA the one-token step replays a CUDA graph
@@ -530,7 +537,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest (0: all)")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
     g.add_argument("--checkpoint", metavar="DIR", help="a run directory or a ckpt-* directory")
-    r.add_argument("--out", default="runs/train", help="run directory")
+    r.add_argument("--out", default=None,
+                   help="run directory (default: the --resume directory, else runs/train)")
     r.add_argument("--resume", metavar="DIR", help="continue the run in DIR exactly")
     r.add_argument("--overwrite", action="store_true",
                    help="replace the run already in --out (its checkpoints and metrics), "

@@ -175,7 +175,9 @@ class Builder:
         raise LmcError(msg, self._where())
 
     def _list(self, fn: str, what: str, v, hint: str = "") -> list:
-        if not isinstance(v, (list, tuple)):
+        # any iterable but a tensor (which refuses iteration) or a string (Python blocks may
+        # pass a range or a generator)
+        if isinstance(v, (Tensor, str, bytes)) or not hasattr(v, "__iter__"):
             self._fail(f"{fn} expects {what}, got {describe(v)}" + (f" ({hint})" if hint else ""))
         return list(v)
 
@@ -215,6 +217,8 @@ class Builder:
         return v
 
     def _bool(self, fn: str, what: str, v) -> bool:
+        if isinstance(v, int) and v in (0, 1):      # 0/1 as False/True, as before
+            return bool(v)
         if not isinstance(v, bool):
             self._fail(f"{fn}: {what} must be True or False, got {describe(v)}")
         return v
@@ -477,9 +481,12 @@ class Builder:
         if not isinstance(bdef, BlockDef):
             raise LmcError(f"unknown block {block!r}" if isinstance(block, str) else
                            f"expected a block, got {describe(block)}", where)
-        if name is not None and (not isinstance(name, str) or not name.isidentifier()):
-            raise LmcError(f"block instance name must be an identifier (letters, digits, _), "
-                           f"got {describe(name)}", where)
+        if isinstance(name, int) and not isinstance(name, bool) and name >= 0:
+            name = str(name)               # a loop index: name=i
+        if name is not None and (not isinstance(name, str) or not name or not all(
+                p.isidentifier() or p.isdigit() for p in name.split("."))):
+            raise LmcError(f"block instance name must be a name (letters, digits, _, dots "
+                           f"between them), got {describe(name)}", where)
         if bdef.name in self.stack:
             cycle = " -> ".join(self.stack[self.stack.index(bdef.name):] + (bdef.name,))
             raise LmcError(f"cyclic block reference: {cycle}", where)

@@ -281,7 +281,7 @@ def _clean_typeerror(e: TypeError) -> str:
 
 # Deeper expressions are refused: the evaluator walks the tree recursively (a few Python frames
 # a level), and no model needs more than a handful of levels.
-MAX_DEPTH = 200
+MAX_DEPTH = 250
 TOO_DEEP = "expression too long or too deeply nested"
 
 

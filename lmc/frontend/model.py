@@ -347,8 +347,9 @@ def _run_if(item: YMap, b: Builder, scope: Scope):
         k = sorted(extra, key=str)[0]
         raise LmcError(f"unknown key {k!r} in an if statement (expected if, then, else)",
                        item.key_loc(k))
-    if "then" not in item:
-        raise LmcError("an if statement needs 'then' (a list of statements)", item.loc)
+    if "then" not in item and "else" not in item:
+        raise LmcError("an if statement needs 'then' or 'else' (a list of statements)",
+                       item.loc)
     cond = static_eval(item["if"], scope, item.val_loc("if"))
     if not is_static(cond):
         raise LmcError("if: needs a static condition (config values, loop indices)",
@@ -371,12 +372,7 @@ def _init_arg(what: str, v, *, low: Optional[float] = None) -> float:
     return float(v)
 
 
-_NO_STD = object()
-
-
-def _normal(std=_NO_STD, mean=0.0):
-    if std is _NO_STD:
-        raise ValueError("needs a standard deviation, e.g. normal(0.02)")
+def _normal(std=0.02, mean=0.0):          # bare `normal`: std 0.02, as the default init
     return inits.normal(_init_arg("std", std, low=0), _init_arg("mean", mean))
 
 

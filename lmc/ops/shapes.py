@@ -197,6 +197,8 @@ def _reduce(types, attrs):
     (t,) = types
     ax = attrs["axis"] = axis_of(attrs["axis"], t.rank, scalar_ok=True)
     keep = attrs.setdefault("keepdim", True)
+    if isinstance(keep, int) and keep in (0, 1):
+        keep = attrs["keepdim"] = bool(keep)
     if not isinstance(keep, bool):
         raise ShapeError(f"keepdim must be True or False, got {keep!r}")
     shape = list(t.shape)

@@ -22,13 +22,16 @@ def with_loss(g: Graph, logits: str = "logits") -> Graph:
     if logits not in g.outputs:
         raise LmcError(f"model has no {logits!r} output to train on (outputs: "
                        f"{', '.join(g.outputs)})")
-    taken = {n.attrs.get("name") for n in g.inputs}
-    if "loss" in g.outputs and "targets" in taken:    # appended already
+    if g.meta.get("loss_appended"):    # appended already
         return g
     for name in ("loss", "targets"):
         if name in g.outputs:
             raise LmcError(f"an output may not be named {name!r}: training appends it "
                            "(rename the output)")
+    for n in g.inputs:
+        if n.attrs.get("name") == "targets":
+            raise LmcError("an input may not be named 'targets': training appends it "
+                           "(rename the input)", n.loc)
     lg = g.outputs[logits]
     ids = g.inputs[0]
     if lg.type.dtype.value not in ("f32", "f16", "bf16", "f64") or lg.type.rank != \
@@ -67,4 +70,5 @@ def with_loss(g: Graph, logits: str = "logits") -> Graph:
     outputs["loss"] = loss.node
     out = g.with_nodes(b.nodes, outputs)
     out.meta["vocab"] = vocab
+    out.meta["loss_appended"] = True
     return out

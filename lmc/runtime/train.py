@@ -257,19 +257,33 @@ def check_config(c: TrainConfig) -> None:
                         ("--ckpt-every", c.ckpt_every, 1), ("--log-every", c.log_every, 1)):
         if v < lo:
             raise LmcError(f"{flag} must be >= {lo}, got {v}")
-    for flag, v in (("--lr", c.lr), ("min_lr", c.min_lr)):
-        if not (math.isfinite(v) and v > 0):
-            raise LmcError(f"{flag} must be a positive number, got {v}")
+    if not (math.isfinite(c.lr) and c.lr > 0):
+        raise LmcError(f"--lr must be a positive number, got {c.lr}")
+    if not (math.isfinite(c.min_lr) and 0 <= c.min_lr <= c.lr):
+        raise LmcError(f"min_lr must be in [0, lr], got {c.min_lr}")
+    cpu_triton_check(c.device, c.backend)
     if not 0 <= c.seed < 2 ** 32:
         raise LmcError(f"--seed must be in [0, 2**32), got {c.seed}")
     if os.path.exists(c.out) and not os.path.isdir(c.out):
         raise LmcError(f"--out {c.out}: exists and is not a directory")
     same = c.resume is not None and os.path.realpath(c.resume) == os.path.realpath(c.out)
+    if same and c.overwrite:
+        raise LmcError(f"--overwrite with --resume {c.resume}: the run would be continued and "
+                       "replaced at once (drop one)")
     held = run_files(c.out)
     if held and not same and not c.overwrite:
         raise LmcError(f"--out {c.out} holds a run ({', '.join(held[:3])}"
                        f"{', ...' if len(held) > 3 else ''}): continue it with --resume "
                        f"{c.out}, replace it with --overwrite, or choose another --out")
+
+
+def cpu_triton_check(device: Optional[str], backend: str) -> None:
+    """The triton backend runs Triton's interpreter on CPU tensors only where there is no
+    CUDA: with CUDA present its kernels are compiled for the GPU."""
+    if backend == "triton" and device == "cpu" and torch.cuda.is_available():
+        raise LmcError("--backend triton with --device cpu: on a machine with CUDA the "
+                       "generated kernels run on the GPU (drop --device cpu, or use "
+                       "--backend torch)")
 
 
 RUN_FILES = ("latest", "metrics.jsonl", "loss.png")
@@ -304,7 +318,7 @@ def read_state(ck: str, flag: str) -> Dict[str, Any]:
     """ck/state.pt (optimizer, RNG states, step), or one LmcError naming it."""
     path = os.path.join(ck, "state.pt")
     try:
-        st = torch.load(path, weights_only=False)
+        st = torch.load(path, weights_only=False, map_location="cpu")   # a GPU run's, too
         if not isinstance(st, dict) or not {"optimizer", "rng", "step"} <= set(st):
             raise ValueError("not an lmc training state")
         return st
@@ -361,6 +375,10 @@ def train(path: str, preset: Optional[str], overrides, c: TrainConfig) -> Dict[s
         raise LmcError(f"--seq-len {c.seq_len} exceeds the model's max_seq {max_seq} "
                        f"(--set max_seq={c.seq_len})")
     corpus = Corpus.load(c.data, c.tokenizer, enc)
+    for split, ids in (("train", corpus.train), ("validation", corpus.val)):
+        if len(ids) < c.seq_len + 1:     # checked here, before a step (get_batch checks too)
+            raise LmcError(f"the corpus's {split} split holds {len(ids)} tokens, fewer than "
+                           f"--seq-len {c.seq_len} + 1")
     if corpus.max_id >= vocab:
         raise LmcError(f"the data holds token id {corpus.max_id}, outside the model's vocab "
                        f"{vocab}")
@@ -419,12 +437,17 @@ def train(path: str, preset: Optional[str], overrides, c: TrainConfig) -> Dict[s
             raise LmcError(f"--resume {c.resume}: the run is at step {start} already; --steps "
                            f"{c.steps} asks for no more (--steps counts from the run's start)")
     metrics_path = os.path.join(c.out, "metrics.jsonl")
-    if d.main:
-        _truncate_metrics(metrics_path, start)   # checked (resume) before anything is removed
-        if c.overwrite and not c.resume:   # the old run goes only now, all checks passed
-            for p in run_files(c.out):
-                q = os.path.join(c.out, p)
-                shutil.rmtree(q) if os.path.isdir(q) else os.remove(q)
+    same = c.resume is not None and os.path.realpath(c.resume) == os.path.realpath(c.out)
+    if d.main and same:
+        _truncate_metrics(metrics_path, start)
+    # --overwrite: the old run in `out` goes at this run's first write (its first metrics
+    # record or checkpoint), so a run failing before it (a check, the first step) loses nothing
+    replaced = run_files(c.out) if d.main and c.overwrite else []
+
+    def clear_old():
+        while replaced:
+            q = os.path.join(c.out, replaced.pop())
+            shutil.rmtree(q, ignore_errors=True) if os.path.isdir(q) else os.remove(q)
     os.makedirs(c.out, exist_ok=True)
 
     local = c.batch_size // (d.world * c.grad_accum)
@@ -525,17 +548,20 @@ def train(path: str, preset: Optional[str], overrides, c: TrainConfig) -> Dict[s
                 t_last = time.perf_counter()
             summary["train_loss"] = train_loss
             if d.main and (step % c.log_every == 0 or "val_loss" in rec or step == c.steps):
+                clear_old()
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(rec) + "\n")
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
             if step % c.ckpt_every == 0 or step == c.steps:
+                clear_old()
                 last_ckpt = save_checkpoint(c.out, step, model, opt, c, d,
                                             ckpt_meta) or last_ckpt
                 if d.main:
                     plot_losses(metrics_path, os.path.join(c.out, "loss.png"))
             if stop["signal"] is not None:
+                clear_old()
                 last_ckpt = save_checkpoint(c.out, step, model, opt, c, d,
                                             ckpt_meta) or last_ckpt
                 summary["interrupted"] = True
@@ -569,7 +595,17 @@ def _truncate_metrics(path: str, step: int) -> None:
         return
     try:
         with open(path, encoding="utf-8") as f:
-            keep = [ln for ln in f if ln.strip() and json.loads(ln)["step"] <= step]
+            lines = [ln for ln in f if ln.strip()]
+        keep = []
+        for i, ln in enumerate(lines):
+            try:
+                rec = json.loads(ln)
+            except ValueError:
+                if i == len(lines) - 1:   # a record torn by a kill mid-append: dropped
+                    break
+                raise
+            if rec["step"] <= step:
+                keep.append(ln if ln.endswith("\n") else ln + "\n")
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise LmcError(f"--resume: {path} is unreadable ({type(e).__name__}: "
                        f"{(str(e).splitlines() or [''])[0]}); move it aside to resume") from None

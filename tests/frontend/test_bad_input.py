@@ -4,6 +4,7 @@ import pytest
 from test_errors import BASE, H, check, find, variant, write
 
 import lmc
+from lmc.cli import main
 from lmc.errors import LmcError
 
 # statements added in block mlp (x: [B, T, 32]) or in the model body (ids: [B, T])
@@ -112,8 +113,6 @@ INIT = "      w2: [4 * d, d]"
 
 @pytest.mark.parametrize("init,words", [
     ("normal(-1)", ("normal(): std must be >= 0, got -1",)),
-    ("normal()", ("normal(): needs a standard deviation",)),
-    ("normal", ("normal(): needs a standard deviation",)),
     ("'normal(0.02, mean=inf)'", ("mean must be finite",)),
     ("'uniform(1, 0)'", ("uniform(): lo must be <= hi",)),
     ("orthogonal('a')", ("orthogonal(): gain must be a number, got the string 'a'",)),
@@ -190,9 +189,10 @@ def test_duplicate_keyword_argument(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("name,words", [
-    ("3", ("block instance name must be an identifier", "the number 3")),
-    ("''", ("block instance name must be an identifier", "the string ''")),
-    ("'a.b'", ("block instance name must be an identifier", "'a.b'")),
+    ("-3", ("block instance name must be a name", "the number -3")),
+    ("''", ("block instance name must be a name", "the string ''")),
+    ("'a b'", ("block instance name must be a name", "'a b'")),
+    ("'a..b'", ("block instance name must be a name", "'a..b'")),
 ])
 def test_bad_instance_name(tmp_path, capsys, name, words):
     p, line = variant(tmp_path, X, f"        - x = x + mlp(norm(x, name='n'), name={name})")
@@ -203,13 +203,26 @@ def test_bad_instance_name(tmp_path, capsys, name, words):
 def test_if_without_then(tmp_path, capsys):
     p, line = variant(tmp_path, "    - logits = norm(x, name='final') @ head",
                       "    - {if: 1}\n    - logits = norm(x, name='final') @ head")
-    check(capsys, p, line, 7, "if statement needs 'then'")
+    check(capsys, p, line, 7, "if statement needs 'then' or 'else'")
+
+
+def test_forms_that_stay_valid(tmp_path, capsys):
+    """Written before the checks above and still meant: a loop index or a dotted name as an
+    instance name, an if with only an else, keepdim as 0/1, a bare normal init (std 0.02)."""
+    for old, new in (("name='ffn')", "name=3)"), ("name='ffn')", "name='ffn.a')"),
+                     ("- x = x + mlp(",
+                      "- {if: 0, else: ['z = sum(x, -1, 1)']}\n        - x = x + mlp(")):
+        p, _ = variant(tmp_path, X, X.replace(old, new))
+        assert main(["compile", str(p)]) == 0, capsys.readouterr()
+    p, _ = variant(tmp_path, INIT, "      w2: {shape: [4 * d, d], init: normal}")
+    assert main(["compile", str(p)]) == 0, capsys.readouterr()
+    capsys.readouterr()
 
 
 @pytest.mark.parametrize("stmt,words", [
     ("z = sum(x, -1, 'yes')", ("sum: keepdim must be True or False, got the string 'yes'",)),
-    ("z = logsumexp(x, -1, keepdim=1)", ("logsumexp: keepdim must be True or False",
-                                         "got the number 1")),
+    ("z = logsumexp(x, -1, keepdim=2)", ("logsumexp: keepdim must be True or False",
+                                         "got the number 2")),
     ("z = dropout(x, 0.1, 1.5)", ("dropout: seed must be an integer, got the number 1.5",)),
     ("z = gaussian_noise(x, 0.1, True)", ("gaussian_noise: seed must be an integer",)),
 ])

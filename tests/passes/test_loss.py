@@ -226,3 +226,16 @@ def test_logits_that_cannot_train_and_taken_output_names_are_refused(tmp_path):
     # applied twice: the second is a no-op (a graph with its loss and targets already)
     g = with_loss(lmc.compile_model(LLAMA, "tiny").graph)
     assert with_loss(g) is g
+
+
+def test_an_input_named_targets_is_refused(tmp_path):
+    from lmc.errors import LmcError
+    src = open(LLAMA).read()
+    assert "  inputs:\n    ids: [B, T]\n" in src
+    src = src.replace("  inputs:\n    ids: [B, T]\n", "  inputs:\n    ids: [B, T]\n"
+                      "    targets: [B, T]\n")
+    p = tmp_path / "t.yaml"
+    p.write_text(src)
+    with pytest.raises(LmcError, match="an input may not be named 'targets'") as e:
+        with_loss(lmc.compile_model(str(p), "tiny").graph)
+    assert e.value.loc is not None and str(p) in e.value.format()

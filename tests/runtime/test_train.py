@@ -339,13 +339,18 @@ def test_an_out_holding_a_run_is_refused_unless_resumed_or_overwritten(tmp_path,
 def test_resume_with_damaged_metrics_is_one_line(tmp_path, corpus, capsys):
     out = tmp_path / "m"
     assert main(["run", *_args(out, corpus, "--steps", "2")]) == 0
-    for damage in (b"not json\n", b"\xff\xfe"):
+    good = (out / "metrics.jsonl").read_bytes()
+    for damage in (b"not json\n" + good, b"\xff\xfe"):
         (out / "metrics.jsonl").write_bytes(damage)
         capsys.readouterr()
         assert main(["run", *_args(out, corpus, "--steps", "3", "--resume", str(out))]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "metrics.jsonl is unreadable" in err[0], err
         assert (out / "metrics.jsonl").read_bytes() == damage
+    # a last record torn by a kill mid-append is dropped, and the run continues
+    (out / "metrics.jsonl").write_bytes(good + b'{"step": 3, "train_lo')
+    assert main(["run", *_args(out, corpus, "--steps", "3", "--resume", str(out))]) == 0
+    assert [r["step"] for r in _metrics(out)] == [1, 2, 3]
 
 
 def test_a_damaged_corpus_cache_is_tokenized_again(tmp_path, corpus, monkeypatch):
@@ -367,3 +372,44 @@ def test_a_damaged_corpus_cache_is_tokenized_again(tmp_path, corpus, monkeypatch
         again = Corpus.load(corpus, "cl100k_base", enc)
         assert (again.train == train).all() and (again.val == val).all()
         del again
+
+
+def test_overwrite_replaces_only_at_the_first_write_and_resume_defaults_out(
+        tmp_path, corpus, capsys, monkeypatch):
+    import lmc.runtime.train as tr
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(["run", *_args(a, corpus, "--steps", "3")]) == 0
+    assert main(["run", *_args(b, corpus, "--steps", "6", "--ckpt-every", "1")]) == 0
+    before = {p.name: p.read_bytes() for p in b.iterdir() if p.is_file()}
+    # a run failing before its first write (here its first batch) leaves b as it was
+    def boom(*a, **k):
+        raise RuntimeError("first step failed")
+    monkeypatch.setattr(tr, "get_batch", boom)
+    with pytest.raises(RuntimeError, match="first step failed"):
+        main(["run", *_args(b, corpus, "--steps", "5", "--resume", str(a), "--overwrite")])
+    assert {p.name: p.read_bytes() for p in b.iterdir() if p.is_file()} == before
+    assert (b / "ckpt-0000006").is_dir()
+    monkeypatch.undo()
+    # a corpus too short for --seq-len is refused before anything
+    capsys.readouterr()
+    short = tmp_path / "short.txt"
+    short.write_text("def f(x):\n    return x + 1\n" * 4)
+    assert main(["run", *_args(b, str(short), "--steps", "5", "--overwrite")]) == 2
+    assert "fewer than --seq-len 16 + 1" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in b.iterdir() if p.is_file()} == before
+    # --resume a --out b --overwrite: b holds a's continuation only (no stale step 6)
+    assert main(["run", *_args(b, corpus, "--steps", "5", "--resume", str(a),
+                               "--overwrite")]) == 0
+    assert sorted(p.name for p in b.iterdir() if p.name.startswith("ckpt-")) == \
+        ["ckpt-0000005"]
+    assert [r["step"] for r in _metrics(b)] == [4, 5]
+    # --overwrite of the run being resumed is a contradiction
+    assert main(["run", *_args(a, corpus, "--steps", "5", "--resume", str(a),
+                               "--overwrite")]) == 2
+    assert "continued and replaced at once" in capsys.readouterr().err
+    # --resume without --out continues in place
+    args = _args(a, corpus, "--steps", "4", "--resume", str(a))
+    i = args.index("--out")
+    del args[i:i + 2]
+    assert main(["run", *args]) == 0
+    assert (a / "ckpt-0000004").is_dir() and [r["step"] for r in _metrics(a)][-1] == 4
