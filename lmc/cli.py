@@ -541,8 +541,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run directory (default: the --resume directory, else runs/train)")
     r.add_argument("--resume", metavar="DIR", help="continue the run in DIR exactly")
     r.add_argument("--overwrite", action="store_true",
-                   help="replace the run already in --out (its checkpoints and metrics), "
-                        "once every check has passed; without it such an --out is refused")
+                   help="replace the run already in --out (its checkpoints and metrics) "
+                        "at the new run's first write; without it such an --out is refused")
     r.add_argument("--device", choices=["cpu", "cuda"],
                    help="where to train or generate (default: cuda when available)")
     r.add_argument("--backend", default="torch", choices=["torch", "triton"],
