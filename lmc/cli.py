@@ -14,6 +14,7 @@ import sys
 from typing import List, Optional
 
 from .errors import LmcError, Loc
+from .ioutil import atomic_write as _write  # a reader never sees a half-written file
 
 
 def _import_blocks(paths: List[str]) -> None:
@@ -43,12 +44,6 @@ def _import_blocks(paths: List[str]) -> None:
                 tb = tb.tb_next
             raise LmcError(f"importing blocks failed: {type(e).__name__}: {e}",
                            Loc(p, line, 1)) from None
-
-
-def _write(path: str, text: str) -> None:
-    """Atomic write: a reader never sees a half-written file."""
-    from .ioutil import atomic_write
-    atomic_write(path, text)
 
 
 def cmd_compile(args) -> int:
@@ -158,8 +153,6 @@ def cmd_run(args) -> int:
                     resume=args.resume, backend=args.backend, fsdp=args.fsdp,
                     precision=args.precision, device=args.device, overwrite=args.overwrite,
                     progress=not args.no_progress)
-    if args.backend not in ("torch", "triton"):
-        raise LmcError(f"unknown backend {args.backend!r} (available: torch, triton)")
     s = train(args.file, args.preset, args.set, c)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
@@ -182,24 +175,15 @@ def _checkpoint_dir(path: str) -> str:
     """A run directory (its `latest`) or one ckpt-* directory."""
     if os.path.isfile(os.path.join(path, "model.safetensors")):
         return path
-    pointer = os.path.join(path, "latest")
-    if os.path.isfile(pointer):
-        try:
-            name = open(pointer, encoding="utf-8").read().strip()
-        except (OSError, UnicodeDecodeError) as e:
-            raise LmcError(f"--checkpoint {pointer}: unreadable ({e})") from None
-        ck = os.path.join(path, name)
+    if os.path.isfile(os.path.join(path, "latest")):
+        from .runtime.train import read_latest
+        ck = read_latest(path, "--checkpoint")
         if os.path.isfile(os.path.join(ck, "model.safetensors")):
             return ck
         raise LmcError(f"--checkpoint {path}: 'latest' names {ck}, which holds no "
                        "model.safetensors")
     raise LmcError(f"--checkpoint {path}: neither a run directory with a 'latest' checkpoint "
                    "nor a ckpt-* directory holding model.safetensors")
-
-
-def _cpu_triton_check(device: str, backend: str) -> None:
-    from .runtime.train import cpu_triton_check
-    cpu_triton_check(device, backend)
 
 
 def _read_meta(path: str) -> dict:
@@ -270,7 +254,8 @@ def _generate(args) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise LmcError("--device cuda: no CUDA device here")
-    _cpu_triton_check(device.type, args.backend)
+    from .runtime.train import cpu_triton_check
+    cpu_triton_check(device.type, args.backend)
     model.to(device)
     static = device.type == "cuda" if args.static is None else args.static
     if static:  # preallocated caches; on CUDA the one-token step replays a CUDA graph

@@ -11,8 +11,8 @@ def atomic_write(path: str, data: Union[str, bytes]) -> None:
     (not the temp file); whatever was at `path` is left as it was."""
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
-        with open(tmp, "wb" if isinstance(data, bytes) else "w") as f:
-            f.write(data)
+        with open(tmp, "wb") as f:
+            f.write(data if isinstance(data, bytes) else data.encode("utf-8"))
         os.replace(tmp, path)
     except OSError as e:
         try:

@@ -40,10 +40,8 @@ def load_module(source: str, directory: str = None) -> ModuleType:
         with open(path, encoding="utf-8", errors="replace") as f:
             ok = f.read() == stamped  # the whole file, byte for byte
     if not ok:
-        tmp = f"{path}.tmp.{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(stamped)
-        os.replace(tmp, path)
+        from ..ioutil import atomic_write
+        atomic_write(path, stamped)
     name = f"lmc_kernels_{k[:32]}"
     if name in sys.modules:
         return sys.modules[name]

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from ..errors import LmcError, Loc
+from ..ioutil import atomic_write
 
 TEXT_SUFFIXES = {".txt", ".md", ".py", ".rst", ".json", ".yaml", ".yml", ".c", ".h", ".js",
                  ".html", ".css", ".toml", ".cfg", ".ini", ".sh", ".tex", ".csv"}
@@ -66,8 +67,8 @@ def _cache_entry_ok(where: str) -> bool:
     try:
         with open(os.path.join(where, "meta.json"), encoding="utf-8") as f:
             tokens = json.load(f)["tokens"]
-        return os.path.getsize(os.path.join(where, "tokens.bin")) == 4 * int(tokens) and \
-            os.path.isfile(os.path.join(where, "tokens.bin"))
+        bin_path = os.path.join(where, "tokens.bin")
+        return os.path.isfile(bin_path) and os.path.getsize(bin_path) == 4 * int(tokens)
     except (OSError, ValueError, KeyError, TypeError):
         return False
 
@@ -123,12 +124,10 @@ class Corpus:
         where = os.path.join(cache_dir(), "data", key)
         bin_path = os.path.join(where, "tokens.bin")
         if not _cache_entry_ok(where):     # missing, or damaged: tokenized again
-            if os.path.lexists(where) and not os.path.isdir(where):
+            if os.path.isdir(where) and not os.path.islink(where):
+                shutil.rmtree(where)
+            elif os.path.lexists(where):
                 os.remove(where)
-            for name in ("tokens.bin", "meta.json"):
-                q = os.path.join(where, name)
-                if os.path.isdir(q) and not os.path.islink(q):
-                    shutil.rmtree(q)
             enc = enc or get_tokenizer(tokenizer_name)
             texts = [open(f, encoding="utf-8", errors="replace").read() for f in files]
             chunks = enc.encode_ordinary_batch(texts, num_threads=max(os.cpu_count() or 1, 1))
@@ -138,9 +137,7 @@ class Corpus:
             _atomic_save(bin_path, ids)
             meta = {"source": data or "python stdlib " + sysconfig.get_paths()["stdlib"],
                     "files": len(files), "tokens": int(ids.size), "tokenizer": tokenizer_name}
-            with open(os.path.join(where, "meta.json.tmp"), "w") as fh:
-                json.dump(meta, fh)
-            os.replace(os.path.join(where, "meta.json.tmp"), os.path.join(where, "meta.json"))
+            atomic_write(os.path.join(where, "meta.json"), json.dumps(meta))
         ids = np.memmap(bin_path, dtype=np.uint32, mode="r")
         return Corpus.split(ids, data or "python stdlib", tokenizer_name)
 

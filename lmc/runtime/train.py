@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from ..errors import LmcError
+from ..ioutil import atomic_write
 from .data import Corpus, get_batch, get_tokenizer
 
 
@@ -202,10 +203,7 @@ def save_checkpoint(out: str, step: int, model, opt, cfg: TrainConfig, d: Dist,
                os.path.join(tmp, "state.pt"))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    pointer = os.path.join(out, "latest.tmp")
-    with open(pointer, "w") as f:
-        f.write(os.path.basename(final) + "\n")
-    os.replace(pointer, os.path.join(out, "latest"))
+    atomic_write(os.path.join(out, "latest"), os.path.basename(final) + "\n")
     # keep the last two by step, never the one just written (a resume may find later ones)
     steps = sorted((int(p[5:]), p) for p in os.listdir(out)
                    if p.startswith("ckpt-") and p[5:].isdigit() and int(p[5:]) <= step)
@@ -236,14 +234,20 @@ def _optim_state(model, opt, fsdp: bool):
     return opt.state_dict()
 
 
-def latest_checkpoint(run_dir: str) -> str:
+def read_latest(run_dir: str, flag: str) -> str:
+    """The checkpoint directory a run's `latest` names (not checked to exist)."""
     pointer = os.path.join(run_dir, "latest")
-    if not os.path.exists(pointer):
-        raise LmcError(f"--resume {run_dir}: no checkpoint there (no 'latest' file)")
     try:
-        path = os.path.join(run_dir, open(pointer, encoding="utf-8").read().strip())
+        with open(pointer, encoding="utf-8") as f:
+            return os.path.join(run_dir, f.read().strip())
     except (OSError, UnicodeDecodeError) as e:
-        raise LmcError(f"--resume {pointer}: unreadable ({e})") from None
+        raise LmcError(f"{flag} {pointer}: unreadable ({e})") from None
+
+
+def latest_checkpoint(run_dir: str) -> str:
+    if not os.path.exists(os.path.join(run_dir, "latest")):
+        raise LmcError(f"--resume {run_dir}: no checkpoint there (no 'latest' file)")
+    path = read_latest(run_dir, "--resume")
     if not os.path.isdir(path):
         raise LmcError(f"--resume {run_dir}: 'latest' names {path}, which is missing")
     return path
@@ -609,10 +613,7 @@ def _truncate_metrics(path: str, step: int) -> None:
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise LmcError(f"--resume: {path} is unreadable ({type(e).__name__}: "
                        f"{(str(e).splitlines() or [''])[0]}); move it aside to resume") from None
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.writelines(keep)
-    os.replace(tmp, path)
+    atomic_write(path, "".join(keep))
 
 
 def plot_losses(metrics_path: str, png: str) -> None:
