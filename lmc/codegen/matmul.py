@@ -7,7 +7,10 @@ fp32 (``input_precision="ieee"`` for fp32 operands, so results match torch's fp3
 not TF32), then computes the epilogue from the accumulator(s) with the pointwise lowering
 (`pointwise._expr`), reading epilogue inputs through broadcast strides, and stores every
 output with masks, cast to its dtype. The gated form (two matmuls sharing A) keeps two
-accumulators and loads each A tile once.
+accumulators and loads each A tile once. The horizontal form (matmuls sharing A, each
+product its own outputs) runs the column tiles of every product in one launch, one branch
+per product: a tile helper stores a plain product's tile (or writes it into a cache, or
+stores RoPE of it), or returns it to the branch, which runs that product's epilogue.
 
 Every operand is read through its own strides (batch strides 0 where it is broadcast), so
 PERMUTE views (``k^T``, a transposed weight) are read in place, not copied. Offsets are int64.
@@ -40,7 +43,7 @@ from typing import Dict, List
 
 from ..errors import LmcError
 from ..ir.graph import Graph, Node
-from ..ir.ops import Op
+from ..ir.ops import Kind, Op
 from ..ir.types import DType
 from ..passes.fuse_matmul import rms_prologue, with_weight_cast
 from ..passes.fuse_matmul_reductions import row_reduction
@@ -249,30 +252,84 @@ def _tile_order(nb: int) -> List[str]:
 
 
 def horizontal(body: Graph) -> bool:
-    """Matmuls of one A with no epilogue, each its own output (fuse_matmul's sibling
-    merge: q, k, v projections): one launch whose column tiles run over every B in turn. An
-    output may be a cache write of its product (fuse_cache_writes)."""
+    """Matmuls of one A by different weights, each product its own outputs (fuse_matmul's
+    sibling merge: the q, k, v projections, a gate's projection with its activation): one
+    launch whose column tiles run over every B in turn. A product is stored as it is, written
+    into a cache (fuse_cache_writes), or first runs its own pointwise epilogue (`products`)."""
     mms = [n for n in body.nodes if n.op is Op.MATMUL]
-    pro = _prologue(mms)
+    return len(mms) > 1 and all(m.inputs[0] is mms[0].inputs[0] for m in mms) and \
+        products(body, mms, _prologue(mms)) is not None
+
+
+def products(body: Graph, mms: List[Node], pro, skip_outs=()) -> "List[dict] | None":
+    """Per matmul j of a body whose matmuls share A: {"outs": the output indices computed
+    from it, "epi": the pointwise nodes computing them from its accumulator (body order),
+    "cache": the output index of its cache write or None}; None when an output is computed
+    from two products (the gated form), from none, or through anything but pointwise ops (a
+    cache write of a product read by nothing else excepted). Outputs in `skip_outs` (the
+    rotations fuse_rope_epilogue computes from a product) are left out."""
     skip = set(pro.members) if pro else set()
-    return len(mms) > 1 and all(
-        n.op in (Op.INPUT, Op.CONST, Op.MATMUL) or n in skip
-        or (n.op is Op.INDEX_COPY and n.inputs[2].op is Op.MATMUL) for n in body.nodes)
+    j_of = {m: j for j, m in enumerate(mms)}
+    users: Dict[Node, List[Node]] = {}
+    for n in body.nodes:
+        for x in n.inputs:
+            users.setdefault(x, []).append(n)
+    per = [{"outs": [], "epi": set(), "cache": None} for _ in mms]
+    for k, o in enumerate(body.outputs.values()):
+        if k in skip_outs:
+            continue
+        cone, found, stack = set(), set(), [o]
+        while stack:
+            n = stack.pop()
+            if n in cone or n.op in (Op.INPUT, Op.CONST) or n in skip:
+                continue
+            if n.op is Op.MATMUL:
+                found.add(j_of[n])
+                continue
+            if n.op is Op.INDEX_COPY:
+                if n is not o or n.inputs[2].op is not Op.MATMUL or \
+                        users[n.inputs[2]] != [n]:
+                    return None
+            elif n.op.kind is not Kind.POINTWISE:
+                return None
+            cone.add(n)
+            stack.extend(n.inputs)
+        if len(found) != 1:
+            return None
+        p = per[found.pop()]
+        p["outs"].append(k)
+        if o.op is Op.INDEX_COPY:
+            p["cache"] = k
+        else:
+            p["epi"] |= cone
+    for p in per:
+        p["epi"] = [n for n in body.nodes if n in p["epi"]]
+        if p["cache"] is not None and (p["epi"] or len(p["outs"]) != 1):
+            return None
+    return per
 
 
-def _segments(body: Graph, mms: List[Node]):
-    """Per matmul: (its output index, the cache write storing it or None), or (None, the
-    rotation storing it: fuse_rope_epilogue's spec) for a product RoPE is applied to."""
+def _segments(body: Graph, mms: List[Node], pro):
+    """Per matmul, how its tiles store: ("rope", spec) for a product RoPE is applied to
+    (fuse_rope_epilogue's spec), ("plain", output index), ("cache", output index, the cache
+    write), or ("epi", products()'s entry) for a product with its own epilogue."""
     outs = list(body.outputs.values())
     rope = {r["product"]: r for r in body.meta.get("rope", ())}
+    per = products(body, mms, pro, {r["out"] for r in rope.values()})
+    if per is None:
+        raise LmcError(f"internal: matmul body {body.name} is not one A's products")
     seg = []
-    for j, m in enumerate(mms):
+    for j, (m, p) in enumerate(zip(mms, per)):
         if j in rope:
-            seg.append((None, rope[j]))
-            continue
-        (k,) = [i for i, o in enumerate(outs) if o is m or (o.op is Op.INDEX_COPY
-                                                             and o.inputs[2] is m)]
-        seg.append((k, outs[k] if outs[k].op is Op.INDEX_COPY else None))
+            seg.append(("rope", rope[j]))
+        elif p["cache"] is not None:
+            seg.append(("cache", p["cache"], outs[p["cache"]]))
+        elif not p["epi"] and len(p["outs"]) == 1 and outs[p["outs"][0]] is m:
+            seg.append(("plain", p["outs"][0]))
+        elif p["outs"]:
+            seg.append(("epi", p))
+        else:
+            raise LmcError(f"internal: matmul body {body.name}: product {j} is stored nowhere")
     return seg
 
 
@@ -349,21 +406,25 @@ def _rope_tile_helper(tile: str, pro, idx, dot_ty: str, prod_ty: str, prec: str,
 
 
 def _tile_helper(tile: str, pro, idx, dot_ty: str, out_ty: str, prec: str,
-                 to_cache: bool) -> List[str]:
-    """A jit helper computing one BLOCK_M x BLOCK_N tile of A @ B and storing it: to C
-    (contiguous [*batch, M, N]), or, to_cache, into a cache [B, L, N] at rows (b, pos[t])."""
+                 store: str) -> List[str]:
+    """A jit helper computing one BLOCK_M x BLOCK_N tile of A @ B. store "plain": it stores
+    the tile to C (contiguous [*batch, M, N]); "cache": into a cache [B, L, N] at rows
+    (b, pos[t]); "none": it returns (the fp32 tile, its columns, its mask) for the caller's
+    epilogue (the mask is off in a split-K program that is not its tile's last)."""
     w_args = f"in{idx[pro.w]}_ptr, w_sk, " if pro else ""
-    cache_args = "pos_ptr, pos_s, T, c_s0, c_s1, c_s2, " if to_cache else ""
+    cache_args = "pos_ptr, pos_s, T, c_s0, c_s1, c_s2, " if store == "cache" else ""
+    c_arg = "" if store == "none" else "c_ptr, "
     pre, inside, post = _prologue_code(pro, idx, dot_ty, ["acc"], "        ") if pro else \
         ([], [], [])
     lines = [
         "@triton.jit",
-        f"def {tile}(a_rows, a_sk, mask_m, rm, z, b_ptr, b_sk, b_sn, c_ptr, tile_n, M, N, K,",
+        f"def {tile}(a_rows, a_sk, mask_m, rm, z, b_ptr, b_sk, b_sn, {c_arg}tile_n, M, N, K,",
         f"        {w_args}{cache_args}{_SPLIT_PARAMS}BLOCK_M: tl.constexpr, "
         "BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):",
         "    # one BLOCK_M x BLOCK_N tile of A @ B"
         + (", A = rmsnorm(x) * w computed here" if pro else "")
-        + ("; stored into a cache at the new positions" if to_cache else ""),
+        + {"plain": "", "cache": "; stored into a cache at the new positions",
+           "none": "; returned to the caller's epilogue"}[store],
         "    rn = (tile_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)",
         "    rk = tl.arange(0, BLOCK_K).to(tl.int64)",
         "    mask_n = rn < N",
@@ -377,7 +438,9 @@ def _tile_helper(tile: str, pro, idx, dot_ty: str, out_ty: str, prec: str,
         " other=0.0)",
         f"        acc = tl.dot(a, b, acc=acc{prec})",
     ] + _split_code(["acc"], bool(post), "tid") + post
-    if to_cache:
+    if store == "none":
+        return lines + ["    return acc, rn, mask_m[:, None] & mask_n[None, :]"]
+    if store == "cache":
         lines += [
             "    r = z * M + rm  # the row of [B * T]: batch entry r // T, new position r % T",
             "    slot = tl.load(pos_ptr + (r % T) * pos_s, mask=mask_m, other=0)",
@@ -390,10 +453,49 @@ def _tile_helper(tile: str, pro, idx, dot_ty: str, out_ty: str, prec: str,
     return lines
 
 
+def _epi_inputs(body: Graph, p: dict) -> List[Node]:
+    """The placeholders a product's epilogue reads, in body order."""
+    read = {x for n in p["epi"] for x in n.inputs}
+    return [n for n in body.nodes if n.op is Op.INPUT and n in read]
+
+
+def _product_epilogue(body: Graph, j: int, m: Node, p: dict, idx, boff) -> List[str]:
+    """The branch of product j's tiles after its tile helper returned acc{j}, rn{j} and
+    mask{j}: its epilogue in registers (fp32; names carry j, one branch each) and its stores
+    (outputs contiguous [*batch, M, N{j}])."""
+    ind = "        "
+    val: Dict[Node, str] = {m: f"acc{j}"}
+    lines = [f"{ind}# product {j}'s epilogue, in registers (fp32)"]
+    if m.type.dtype in _HALF and any(m in n.inputs for n in p["epi"]):
+        lines.append(f"{ind}acc{j} = acc{j}.to({TL_DTYPE[m.type.dtype]}).to(tl.float32)"
+                     f"  # the product as {m.type.dtype.value}")
+    for x in _epi_inputs(body, p):
+        i = idx[x]
+        load = (f"tl.load(in{i}_ptr + (rm[:, None] * e{j}_{i}_sm + rn{j}[None, :] * "
+                f"e{j}_{i}_sn{boff(f'e{j}_{i}')}), mask=mask{j}, other=0)")
+        if x.type.dtype in _HALF:
+            load += ".to(tl.float32)"
+        lines.append(f"{ind}v{j}_{i} = {load}")
+        val[x] = f"v{j}_{i}"
+    for k, n in enumerate(body.nodes):
+        if n.op is Op.CONST:
+            val.setdefault(n, literal(n))
+        elif n in p["epi"]:
+            lines.append(f"{ind}t{j}_{k} = {_expr(n, [val[x] for x in n.inputs])}"
+                         f"  # {n.op.value} -> {n.type}")
+            val[n] = f"t{j}_{k}"
+    outs = list(body.outputs.values())
+    lines.append(f"{ind}o{j} = (z * M + rm[:, None]) * N{j} + rn{j}[None, :]")
+    for k in p["outs"]:
+        lines.append(f"{ind}tl.store(out{k}_ptr + o{j}, ({val[outs[k]]})"
+                     f".to({TL_DTYPE[outs[k].type.dtype]}), mask=mask{j})")
+    return lines
+
+
 def _generate_horizontal(body: Graph, name: str) -> str:
     inputs, mms, a, _, pro = _layout(body)
     idx = {p: i for i, p in enumerate(inputs)}
-    seg = _segments(body, mms)
+    seg = _segments(body, mms, pro)
     nb = mms[0].type.rank - 2
     zs = [f"Z{d}" for d in range(nb)]
     ns = [f"N{j}" for j in range(len(mms))]
@@ -401,12 +503,16 @@ def _generate_horizontal(body: Graph, name: str) -> str:
         [f"out{k}_ptr" for k in range(len(body.outputs))] + ["M", "N", "K"] + ns + zs + \
         [f"a_s{d}" for d in range(nb)] + ["a_sm", "a_sk"] + \
         [f"b{j}_s{x}" for j in range(len(mms)) for x in "kn"] + (["w_sk"] if pro else [])
-    for j, (k, cw) in enumerate(seg):
-        if k is None:        # a rotation: T, the tables' and the output's strides
+    for j, sg in enumerate(seg):
+        if sg[0] == "rope":     # a rotation: T, the tables' and the output's strides
             args += [f"T{j}", f"cs{j}_t", f"cs{j}_d", f"sn{j}_t", f"sn{j}_d"] + \
                 [f"o{j}_s{x}" for x in range(4)] + [f"p{j}_s"]
-        elif cw is not None:
+        elif sg[0] == "cache":
             args += [f"T{j}", f"p{j}_s", f"c{j}_s0", f"c{j}_s1", f"c{j}_s2"]
+        elif sg[0] == "epi":    # each epilogue input's strides over [*batch, M, N{j}]
+            for x in _epi_inputs(body, sg[1]):
+                args += [f"e{j}_{idx[x]}_s{d}" for d in range(nb)] + \
+                    [f"e{j}_{idx[x]}_sm", f"e{j}_{idx[x]}_sn"]
     args += ["ws_ptr", "cnt_ptr", "ZM", "SPLIT_MAX"]
     fp32 = mms[0].type.dtype is DType.f32
     prec = ', input_precision="ieee"' if fp32 else ""
@@ -414,28 +520,44 @@ def _generate_horizontal(body: Graph, name: str) -> str:
     out_ty = TL_DTYPE[mms[0].type.dtype]
     w_args = f"in{idx[pro.w]}_ptr, w_sk, " if pro else ""
     tile = f"{name}_tile"
-    lines = _tile_helper(tile, pro, idx, dot_ty, out_ty, prec, False) + ["", ""]
-    if any(k is not None and cw is not None for k, cw in seg):
-        lines += _tile_helper(f"{tile}_cache", pro, idx, dot_ty, out_ty, prec, True) + ["", ""]
+    kinds = {sg[0] for sg in seg}
+    lines = []
+    for kind, suffix in (("plain", ""), ("cache", "_cache"), ("epi", "_acc")):
+        if kind in kinds:
+            lines += _tile_helper(tile + suffix, pro, idx, dot_ty, out_ty, prec,
+                                  "none" if kind == "epi" else kind) + ["", ""]
     outs = list(body.outputs.values())
     helper: Dict[int, str] = {}    # product -> its rope tile helper (one per distinct source)
     made: Dict[str, str] = {}
-    for j, (k, r) in enumerate(seg):
-        if k is None:
+    for j, sg in enumerate(seg):
+        if sg[0] == "rope":
+            r = sg[1]
             src = "\n".join(_rope_tile_helper("@", pro, idx, dot_ty, out_ty, prec, r,
                                                TL_DTYPE[outs[r["out"]].type.dtype]))
             if src not in made:
                 made[src] = f"{tile}_rope{len(made)}"
                 lines += src.replace("def @(", f"def {made[src]}(").split("\n") + ["", ""]
             helper[j] = made[src]
+
+    def what(j: int, m: Node, sg) -> str:
+        w = f"in{idx[m.inputs[1]]}"
+        if sg[0] == "rope":
+            cw = sg[1]
+            return (f"out{cw['out']} = rope(A @ {w}) (cos in{cw['cos']}, sin in{cw['sin']})"
+                    + (f" written into in{cw['cache']} at rows in{cw['pos']}"
+                       if cw["cache"] is not None else ""))
+        if sg[0] == "cache":
+            cw = sg[2]
+            return (f"out{sg[1]} = in{idx[cw.inputs[0]]} with A @ {w} written at rows "
+                    f"in{idx[cw.inputs[1]]}")
+        if sg[0] == "plain":
+            return f"out{sg[1]} = A @ {w} {m.inputs[1].type}"
+        ops = "+".join(n.op.value for n in sg[1]["epi"])
+        return (", ".join(f"out{k}" for k in sg[1]["outs"]) + f" = {ops or 'copy'} of "
+                f"A @ {w} {m.inputs[1].type}")
     lines += _head(name, args, body, split=True) + [
-        f"    # A = in{idx[a]} {a.type}; " + "; ".join(
-            (f"out{k} = A @ in{idx[m.inputs[1]]} {m.inputs[1].type}" if cw is None else
-             f"out{cw['out']} = rope(A @ in{idx[m.inputs[1]]}) (cos in{cw['cos']}, sin "
-             f"in{cw['sin']})" + (f" written into in{cw['cache']} at rows in{cw['pos']}"
-                                  if cw["cache"] is not None else "") if k is None else
-             f"out{k} = in{idx[cw.inputs[0]]} with A @ in{idx[m.inputs[1]]} written at rows "
-             f"in{idx[cw.inputs[1]]}") for m, (k, cw) in zip(mms, seg)),
+        f"    # A = in{idx[a]} {a.type}; "
+        + "; ".join(what(j, m, sg) for j, (m, sg) in enumerate(zip(mms, seg))),
         "    # the column tiles of the first product, then of the second, ...: one launch",
         "    pid = tl.program_id(0)",
         "    split = pid % SPLIT_K  # this program's slice of K (split-K: see _split_code)",
@@ -445,9 +567,9 @@ def _generate_horizontal(body: Graph, name: str) -> str:
     # each product's region of the split-K workspace: per slice, its accumulators' planes of
     # [ZM, N_j] and a [ZM] plane of sums of squares
     region = "0"
-    for j, (k, cw) in enumerate(seg):
+    for j, sg in enumerate(seg):
         lines.append(f"    ws{j} = ws_ptr + SPLIT_K * ({region})")
-        region += f" + {2 if k is None else 1} * ZM * N{j} + ZM"
+        region += f" + {2 if sg[0] == 'rope' else 1} * ZM * N{j} + ZM"
     for j in range(len(mms)):
         lines.append(f"    nt{j} = (N{j} + BLOCK_N - 1) // BLOCK_N")
     lines.append("    num_n = " + " + ".join(f"nt{j}" for j in range(len(mms))))
@@ -459,34 +581,40 @@ def _generate_horizontal(body: Graph, name: str) -> str:
         f"    a_rows = in{idx[a]}_ptr + (rm[:, None] * a_sm{boff})",
     ]
     start = "0"
-    for j, (m, (k, cw)) in enumerate(zip(mms, seg)):
+    for j, (m, sg) in enumerate(zip(mms, seg)):
         sp = f"ws{j}, cnt_ptr, pid, split, ZM"
         kw = "if" if j == 0 else "elif"
         stop = f"nt{j}" if j == 0 else f"{start} + nt{j}"
         head = f"    {kw} pid_n < {stop}:" if j < len(mms) - 1 else \
             "    else:" if j else "    if True:  # one product"
-        if k is None:
+        b_of = f"in{idx[m.inputs[1]]}_ptr, b{j}_sk, b{j}_sn"
+        if sg[0] == "rope":
+            cw = sg[1]
             dst = f"in{cw['cache']}_ptr" if cw["cache"] is not None else f"out{cw['out']}_ptr"
             pos = f"in{cw['pos']}_ptr" if cw["pos"] is not None else dst
-            call = (f"        {helper[j]}(a_rows, a_sk, mask_m, rm, z, "
-                    f"in{idx[m.inputs[1]]}_ptr, b{j}_sk, b{j}_sn, {dst}, pid_n - ({start}), "
-                    f"M, N{j}, K,\n"
+            call = [f"        {helper[j]}(a_rows, a_sk, mask_m, rm, z, {b_of}, {dst}, "
+                    f"pid_n - ({start}), M, N{j}, K,\n"
                     f"                {w_args}in{cw['cos']}_ptr, cs{j}_t, cs{j}_d, "
                     f"in{cw['sin']}_ptr, sn{j}_t, sn{j}_d, T{j}, "
                     + ", ".join(f"o{j}_s{x}" for x in range(4)) + f", {pos}, p{j}_s,\n"
                     f"                {sp}, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, "
-                    f"{cw['cache'] is not None})")
-        elif cw is None:
-            call = (f"        {tile}(a_rows, a_sk, mask_m, rm, z, in{idx[m.inputs[1]]}_ptr, "
-                    f"b{j}_sk, b{j}_sn, out{k}_ptr, pid_n - ({start}), M, N{j}, K,\n"
-                    f"                {w_args}{sp}, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K)")
-        else:
-            call = (f"        {tile}_cache(a_rows, a_sk, mask_m, rm, z, "
-                    f"in{idx[m.inputs[1]]}_ptr, b{j}_sk, b{j}_sn, in{idx[cw.inputs[0]]}_ptr, "
+                    f"{cw['cache'] is not None})"]
+        elif sg[0] == "plain":
+            call = [f"        {tile}(a_rows, a_sk, mask_m, rm, z, {b_of}, out{sg[1]}_ptr, "
                     f"pid_n - ({start}), M, N{j}, K,\n"
+                    f"                {w_args}{sp}, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K)"]
+        elif sg[0] == "cache":
+            cw = sg[2]
+            call = [f"        {tile}_cache(a_rows, a_sk, mask_m, rm, z, {b_of}, "
+                    f"in{idx[cw.inputs[0]]}_ptr, pid_n - ({start}), M, N{j}, K,\n"
                     f"                {w_args}in{idx[cw.inputs[1]]}_ptr, p{j}_s, T{j}, "
-                    f"c{j}_s0, c{j}_s1, c{j}_s2, {sp}, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K)")
-        lines += [head, call]
+                    f"c{j}_s0, c{j}_s1, c{j}_s2, {sp}, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K)"]
+        else:
+            call = [f"        acc{j}, rn{j}, mask{j} = {tile}_acc(a_rows, a_sk, mask_m, rm, z, "
+                    f"{b_of}, pid_n - ({start}), M, N{j}, K,\n"
+                    f"                {w_args}{sp}, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K)"]
+            call += _product_epilogue(body, j, m, sg[1], idx, _batch_offset(nb))
+        lines += [head] + call
         start = stop
     return "\n".join(lines) + "\n"
 
@@ -977,14 +1105,20 @@ def _launch_horizontal(kernel, xs, outs, body: Graph, interpret: bool) -> None:
         return
     a_st = list(x.stride())
     b_st = [list(xs[idx[m.inputs[1]]].stride()) for m in mms]    # [K, N] weights: sk, sn
-    M = fold_batch(batch, M, [a_st], [])
+    seg = _segments(body, mms, pro)
+    # an epilogue input's strides over its product's [*batch, M, N_j] (folded with A's)
+    e_st = {j: [list(xs[idx[p]].expand(*batch, M, n).stride()) for p in _epi_inputs(body, sg[1])]
+            for j, (sg, n) in enumerate(zip(seg, ns)) if sg[0] == "epi"}
+    M = fold_batch(batch, M, [a_st] + [st for sts in e_st.values() for st in sts], [])
     nbatch = math.prod(batch)
     args = [*xs, *outs, M, sum(ns), K, *ns, *batch, *a_st] + [s for st in b_st for s in st]
     if pro:
         args.append(xs[idx[pro.w]].stride(-1))
-    seg = _segments(body, mms)
-    for k, cw in seg:
-        if k is None:               # RoPE of the product, to [B, H, T, W] or a cache
+    for j, sg in enumerate(seg):
+        if sg[0] == "epi":
+            args += [s for st in e_st[j] for s in st]
+        elif sg[0] == "rope":       # RoPE of the product, to [B, H, T, W] or a cache
+            cw = sg[1]
             cos, sin = xs[cw["cos"]], xs[cw["sin"]]
             dst = xs[cw["cache"]] if cw["cache"] is not None else outs[cw["out"]]
             pos = xs[cw["pos"]] if cw["pos"] is not None else None
@@ -992,7 +1126,8 @@ def _launch_horizontal(kernel, xs, outs, body: Graph, interpret: bool) -> None:
                      sin.stride(-2) if sin.shape[-2] > 1 else 0, sin.stride(-1),
                      *dst.stride(),
                      pos.stride(0) if pos is not None and pos.numel() > 1 else 0]
-        elif cw is not None:        # [B, T, N] rows stored into a cache [B, L, N] at pos[t]
+        elif sg[0] == "cache":      # [B, T, N] rows stored into a cache [B, L, N] at pos[t]
+            cw = sg[2]
             pos, cache = xs[idx[cw.inputs[1]]], xs[idx[cw.inputs[0]]]
             args += [pos.numel(), pos.stride(0) if pos.numel() > 1 else 0, *cache.stride()]
 
@@ -1000,7 +1135,7 @@ def _launch_horizontal(kernel, xs, outs, body: Graph, interpret: bool) -> None:
     # holds, per slice, its accumulators (two for a rotated product) and the sums of squares
     zm = nbatch * M
     args += _split_args(x.device, nbatch, M, sum(ns), 1, K, zm * sum(
-        (2 if k is None else 1) * n + 1 for (k, _), n in zip(seg, ns)))   # per slice
+        (2 if sg[0] == "rope" else 1) * n + 1 for sg, n in zip(seg, ns)))   # per slice
 
     def tiles(bm, bn):
         return nbatch * triton.cdiv(M, bm) * sum(triton.cdiv(n, bn) for n in ns)

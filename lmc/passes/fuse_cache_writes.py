@@ -56,7 +56,8 @@ def _target(n: Node, users, outputs) -> str:
         return ""
     if f.attrs["kind"] == "matmul":
         from ..codegen.matmul import horizontal
-        if not horizontal(body) or o.op is not Op.MATMUL:
+        if not horizontal(body) or o.op is not Op.MATMUL or \
+                any(o in u.inputs for u in body.nodes):
             return "only a horizontal matmul's plain output is stored to a cache"
         if o.type.rank != 3 or n.attrs["axis"] not in (1, -2):
             return "a matmul stores to a cache along the rows of [B, T, N] only"

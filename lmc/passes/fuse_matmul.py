@@ -21,6 +21,11 @@ second B operand must be available where the first matmul stands; when it is com
 but not from the first matmul (a weight's cast, as mixed_precision writes it), the nodes it
 needs are moved up to just before the first matmul.
 
+Horizontal form (`_merge_siblings`): matmuls of one A by different [K, N] weights, each with
+its own epilogue or none (q, k, v projections; a gate's sigmoid(x @ Wg) beside them), are one
+group whose kernel runs every product's column tiles in one launch; an RMSNorm they share
+then becomes its prologue.
+
 Vertical form: an add of two groups' sums of products, each read only by it, with a
 distinct A per product (the backward's dX = dQ Wq^T + dK Wk^T + dV Wv^T) is one group whose
 kernel runs one K loop per product into one accumulator, emitted where its last product stood.
@@ -91,7 +96,7 @@ class _Group:
         self.shape = m.type.shape   # the matmul output's shape: every member's shape
         self.members: List[Node] = [m]
         self.matmuls: List[Node] = [m]
-        self.horizontal = False     # matmuls of one A, each its own output (_merge_siblings)
+        self.horizontal = False     # matmuls of one A, each its own outputs (_merge_siblings)
         self.prologue: Optional["RmsPrologue"] = None   # A computed in the kernel
         # vertical form: the sum of its products so far (the group holds only products and
         # the adds summing them while `total` is its last member); emitted at its last product
@@ -107,7 +112,8 @@ class _Group:
         pro = set(self.prologue.members) if self.prologue else set()
         epi = [m.op.value for m in self.members if m.op is not Op.MATMUL and m not in pro]
         if self.horizontal:
-            return f"{len(self.matmuls)} matmuls sharing A, one launch"
+            return f"{len(self.matmuls)} matmuls sharing A, one launch" + (
+                " + epilogues " + "+".join(epi) if epi else "")
         if self.vertical:
             rest = epi[len(self.matmuls) - 1:]     # after the adds summing the products
             return f"{len(self.matmuls)} matmuls summed in one accumulator" + (
@@ -395,20 +401,29 @@ def _trim_epilogues(groups: List["_Group"], users, outputs: Set[Node], declined:
         grp.members = [m for m in grp.members if m in kept]
 
 
-def _merge_siblings(groups: List["_Group"], order: Dict[Node, int], outputs: Set[Node]):
-    """Horizontal form: plain matmuls (no epilogue) of one A by different weights, e.g. the
-    q, k and v projections x @ Wq, x @ Wk, x @ Wv, become one group: one launch whose column
-    tiles run over every weight in turn, each tile storing to its own output. The group is
-    emitted where the first stood, so a later sibling's B operand must be a source or stand
-    before it, or be computed from neither (a weight's cast under mixed precision): what it
-    needs is then moved up to just before the first matmul (returned: {first matmul: nodes}).
-    B must have no batch axes (the projections' [K, N] weights)."""
+def _merge_siblings(groups: List["_Group"], order: Dict[Node, int], users,
+                    outputs: Set[Node], declined: list):
+    """Horizontal form: matmuls of one A by different weights, each with its own epilogue or
+    none (the q, k and v projections x @ Wq, x @ Wk, x @ Wv; a gate's projection with its
+    activation, sigmoid(x @ Wg), beside them), become one group: one launch whose column
+    tiles run over every weight in turn, each tile running its product's epilogue and storing
+    to that product's outputs. A group of one matmul joins (gated pairs and vertical sums
+    do not). The group is emitted where the first stood, so what a later sibling reads must
+    be there already: its epilogue's other inputs must be sources or stand before the first
+    matmul (else it stays its own launch), and its B operand too, or be computed from neither
+    (a weight's cast under mixed precision): what B needs is then moved up to just before the
+    first matmul (returned: {first matmul: nodes}). B must have no batch axes (the
+    projections' [K, N] weights)."""
     by_a: Dict[Node, _Group] = {}
     hoist: Dict[Node, List[Node]] = {}
     grouped = {m for grp in groups for m in grp.members}
     for grp in groups:
-        if len(grp.members) != 1 or len(grp.matmuls) != 1:
+        if len(grp.matmuls) != 1 or grp.prologue is not None:
             continue
+        inside = set(grp.members)
+        if not any(e in outputs or any(u not in inside for u in users[e])
+                   for e in grp.members):
+            continue        # nothing it computes is read (dead code): not worth a launch
         m = grp.matmuls[0]
         b = m.inputs[1]
         if b.type.rank != 2 or m.type.rank < 2:
@@ -421,16 +436,80 @@ def _merge_siblings(groups: List["_Group"], order: Dict[Node, int], outputs: Set
         if (m.type.dtype != m0.type.dtype or m.type.shape[:-1] != m0.type.shape[:-1]
                 or b.type.dtype != m0.inputs[1].type.dtype):
             continue
+        # epilogue nodes reading a value that stands after the first matmul (or reading
+        # such a node) cannot run in the launch: left out when they read one value of the
+        # rest (their only input from it, stored instead of their result: the gate's
+        # sigmoid(x @ Wg), whose product with the attention output joins the kernel that
+        # computes that output), else the sibling stays its own launch
+        late: Set[Node] = set()
+        for e in sorted(grp.members, key=order.get):
+            if e is not m and any(x in late or (x not in inside and not is_source(x)
+                                                and order[x] >= first.first)
+                                  for x in e.inputs):
+                late.add(e)
+        if late:
+            edge = {x for e in late for x in e.inputs if x in inside and x not in late}
+            if len(edge) != 1:
+                continue
         if not is_source(b) and order[b] > first.first:
             cone = _late_cone(b, m0, order)
             if cone is None or any(c in grouped for c in cone):   # only ungrouped nodes move
                 continue
             hoist.setdefault(m0, []).extend(c for c in cone if c not in hoist.get(m0, []))
-        first.members.append(m)
+        if late:
+            grp.members = [e for e in grp.members if e not in late]
+            left = sorted(late, key=order.get)
+            declined.append((left[0], f"epilogue {'+'.join(e.op.value for e in left)} is "
+                                      f"left out of the launch of matmuls sharing A: it reads a "
+                                      f"value computed after the first of them"))
+        first.members.extend(grp.members)
         first.matmuls.append(m)
         first.horizontal = True
         grp.members, grp.matmuls = [], []
     return hoist
+
+
+def _sink_through_views(g: Graph) -> Graph:
+    """op(view(y), scalars) -> view(op(y, scalars)): a pointwise op whose other operands are
+    scalar constants, reading a permute or reshape (read by nothing else) of a computed
+    value, runs before the view instead (the same values, moved), so it can join the
+    epilogue of the kernel computing that value (a matmul's, a reduction's) or its
+    pointwise kernel. yoco's retention gates are logsigmoid(x @ Wg),
+    permuted to [B, H, T], then divided by a constant: the division was a kernel of its own.
+    Chains of such ops sink one after another."""
+    users = g.users()
+    outputs = set(g.outputs.values())
+    orig: Dict[Node, Node] = {}       # a node made here -> the node whose readers it has
+    repl: Dict[Node, Node] = {}
+    nodes: List[Node] = []
+    gone: Set[Node] = set()
+    for n in g.nodes:
+        m = n.remapped(repl)
+        views = [x for x in m.inputs if x.op in (Op.PERMUTE, Op.RESHAPE)]
+        if (n.op.kind is Kind.POINTWISE and fusible(n)[0] and len(views) == 1
+                and all(x is views[0] or (x.op is Op.CONST and x.type.rank == 0)
+                        for x in m.inputs)):
+            v = views[0]
+            y = v.inputs[0]
+            if (len(users[orig.get(v, v)]) == 1 and orig.get(v, v) not in outputs
+                    and not is_source(y)):
+                u = Node.make(n.op, [y if x is v else x for x in m.inputs], n.attrs, n.loc,
+                              n.scope)
+                w = Node.make(v.op, [u], v.attrs, v.loc, v.scope)
+                if u.type.shape == y.type.shape and w.type.shape == n.type.shape:
+                    gone.add(v)
+                    nodes += [u, w]
+                    orig[w] = n
+                    repl[n] = w
+                    continue
+        if m is not n:
+            repl[n] = m
+            orig[m] = n
+        nodes.append(m)
+    if not gone:
+        return g
+    return g.with_nodes([n for n in nodes if n not in gone],
+                        {k: repl.get(v, v) for k, v in g.outputs.items()})
 
 
 def _split_by_slices(g: Graph) -> Graph:
@@ -438,8 +517,9 @@ def _split_by_slices(g: Graph) -> Graph:
     W_qkv split into q, k and v) becomes one matmul per slice, x @ W[:, a:b], the weight
     slices views: the horizontal form then runs them as one launch as before, but each piece
     is its own output, which can take its own epilogue or be stored into a cache
-    (fuse_cache_writes). Only where no piece is read by a pointwise op (which would make it
-    a matmul with an epilogue, outside the horizontal launch). Runs on differentiated graphs
+    (fuse_cache_writes). Only where no piece is read by a pointwise op (such a piece would
+    be a sibling with an epilogue, which the horizontal form now also takes; splitting those
+    too changes no zoo model's launches, so the rule stays). Runs on differentiated graphs
     only, so no gradient sees the split."""
     users = g.users()
     outputs = set(g.outputs.values())
@@ -452,8 +532,7 @@ def _split_by_slices(g: Graph) -> Graph:
                 and all(u.op is Op.SLICE and u.attrs["axis"] == n.type.rank - 1
                         and u.attrs["step"] == 1 and isinstance(u.attrs["start"], int)
                         and isinstance(u.attrs["stop"], (int, type(None)))
-                        # a piece read by a pointwise op would take it as an epilogue and
-                        # leave the horizontal launch: A read once per piece instead of once
+                        # no piece read by a pointwise op (see above)
                         and not any(r.op.kind is Kind.POINTWISE for r in users[u])
                         for u in us)):
             x, w = (repl.get(i, i) for i in n.inputs)
@@ -478,6 +557,7 @@ def _split_by_slices(g: Graph) -> Graph:
 
 def fuse_matmul(g: Graph) -> Graph:
     declined: list = []
+    g = _sink_through_views(g)
     g = _split_by_slices(g)
     g, partner = _gated_pairs(g, declined)
     order = {n: i for i, n in enumerate(g.nodes)}
@@ -545,9 +625,11 @@ def fuse_matmul(g: Graph) -> Graph:
         else:
             declined.append((n, reasons[0]))
 
-    hoist = _merge_siblings(groups, order, outputs)
-    _take_prologues(groups, users, outputs)
+    # a group's epilogue is trimmed before siblings merge (the horizontal form keeps each
+    # product's epilogue whole), and a merged group takes the RMSNorm its products share
     _trim_epilogues(groups, users, outputs, declined)
+    hoist = _merge_siblings(groups, order, users, outputs, declined)
+    _take_prologues(groups, users, outputs)
     if hoist:
         g = _hoisted(g, hoist, order)
         order = {n: i for i, n in enumerate(g.nodes)}

@@ -209,24 +209,30 @@ def _match(f: Node) -> Tuple[Node, List[dict]]:
     need(len(mms) == 1, "q and k come from different projection kernels")
     (mm,) = mms
     need(len({s["j"] for s in specs}) == len(specs), "one product rotated twice")
-    need(_plain_products(mm.attrs["body"]),
-         "the projection kernel has an epilogue (only plain products of one A take RoPE)")
     mbody = mm.attrs["body"]
     for s in specs:
         prod = mbody.outputs[str(s["j"])]
-        need(prod.op is Op.MATMUL, "a rotated product is also written into a cache")
+        need(prod.op is not Op.INDEX_COPY, "a rotated product is also written into a cache")
+        need(prod.op is Op.MATMUL, f"a rotated value is the projection kernel's "
+                                   f"{prod.op.value}, not one of its products")
         s["prod"] = prod
+    need(_plain_products(mbody, [s["prod"] for s in specs]),
+         "the projection kernel has an epilogue on a rotated product (only plain products of "
+         "one A take RoPE)")
     return mm, specs
 
 
-def _plain_products(body: Graph) -> bool:
-    """Matmuls of one A (the horizontal form, or one product), no epilogue: each product
-    stored as it is or written into a cache (an RMSNorm prologue allowed)."""
+def _plain_products(body: Graph, rotated: List[Node]) -> bool:
+    """Matmuls of one A (the horizontal form, or one product), the rotated ones with no
+    epilogue: each stored as it is (an RMSNorm prologue allowed); the others may be written
+    into a cache or run their own epilogue."""
     from ..codegen.matmul import _prologue, horizontal
 
-    if horizontal(body):
-        return True
     mms = [n for n in body.nodes if n.op is Op.MATMUL]
+    if horizontal(body):
+        outs = list(body.outputs.values())
+        return all(outs.count(p) == 1 and not any(p in n.inputs for n in body.nodes)
+                   for p in rotated)
     pro = _prologue(mms)
     skip = set(pro.members) if pro else set()
     return len(mms) == 1 and all(n.op in (Op.INPUT, Op.CONST, Op.MATMUL) or n in skip
@@ -378,11 +384,12 @@ def _merged(mm: Node, fs: List[Tuple[Node, List[dict]]]):
         for k, i in f.attrs.get("inplace", {}).items():
             inplace[where[(f, k)]] = pos_of[envs[f][f_ph[i]]]
     rope = []
+    mms = [n for n in b.nodes if n.op is Op.MATMUL]   # "product": the matmul's index
     for f, s in specs:
         c, env = s["cache"], envs[f]
         rope.append({
-            "product": s["j"], "out": where[(f, int(s["out"]))], "H": s["H"], "D": s["D"],
-            "R": s["R"], "W": s["W"], "cos": pos_of[env[s["cos"]]],
+            "product": mms.index(s["prod"]), "out": where[(f, int(s["out"]))], "H": s["H"],
+            "D": s["D"], "R": s["R"], "W": s["W"], "cos": pos_of[env[s["cos"]]],
             "sin": pos_of[env[s["sin"]]],
             "cast": s["cast"].value if s["cast"] is not None else None,
             "scale": s["scale"],

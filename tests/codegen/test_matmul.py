@@ -150,15 +150,15 @@ def test_permuted_operands_attention_scores(dtype):
 
 @pytest.mark.parametrize("dtype", ["f32", "f16"])
 def test_projections_of_one_input_are_one_launch(dtype):
-    """x @ Wq, x @ Wk, x @ Wv with GQA-sized k, v (N 40, 6, 6: ragged, not block multiples)
-    and a transposed weight view as a fourth sibling: one kernel, each output its own store.
-    A matmul with an epilogue, or whose weight is computed after the first, stays apart."""
+    """x @ Wq, x @ Wk, x @ Wv with GQA-sized k, v (N 40, 6, 6: ragged, not block multiples),
+    a transposed weight view as a fourth sibling and silu(x @ W0) as a fifth (a product with
+    its own epilogue): one kernel, each output its own store."""
     b = Builder({}, {})
     x = b.input("x", [B, T, 24], dtype)
     ws = [b.input(f"w{i}", [24, n], dtype) for i, n in enumerate([40, 6, 6])]
     wt = b.transpose(b.input("wt", [9, 24], dtype), 0, 1)   # a view standing before x @ w0
     outs = {f"o{i}": x @ w for i, w in enumerate([wt] + ws)}
-    outs["e"] = b.silu(x @ ws[0])                            # an epilogue: its own kernel
+    outs["e"] = b.silu(x @ ws[0])                            # an epilogue: joins too
     g = Graph("qkv", b.nodes, {k: v.node for k, v in outs.items()})
     gen = torch.Generator().manual_seed(0)
     for bb, tt in [(1, 1), (2, 9), (3, 70)]:
@@ -166,12 +166,191 @@ def test_projections_of_one_input_are_one_launch(dtype):
                 **{f"w{i}": rand(24, n, dtype=dtype, gen=gen) * 0.3
                    for i, n in enumerate([40, 6, 6])},
                 "wt": rand(9, 24, dtype=dtype, gen=gen) * 0.3}
-        p = check(g, vals, dtype, kernels=2)
-    (h,) = [n for n in _mm_kernels(p) if sum(m.op is Op.MATMUL
-                                             for m in n.attrs["body"].nodes) > 1]
-    assert sum(m.op is Op.MATMUL for m in h.attrs["body"].nodes) == 4
+        p = check(g, vals, dtype, kernels=1)
+    (h,) = _mm_kernels(p)
+    assert sum(m.op is Op.MATMUL for m in h.attrs["body"].nodes) == 5
     rec = [f for f in p.graph.meta["fusions"] if f["pass"] == "fuse_matmul"]
-    assert any(f["reason"] == "4 matmuls sharing A, one launch" for f in rec), rec
+    assert any(f["reason"] == "5 matmuls sharing A, one launch + epilogues silu"
+               for f in rec), rec
+
+
+def _siblings(dtype, K=24):
+    """x @ W0..W3, each product its own epilogue: a bias and gelu; a scale and a residual
+    (and the product itself returned too); sigmoid times a [T, N] table broadcast over B
+    (batch dims then cannot fold into M); none. N 40, 9, 6, 33: ragged."""
+    b = Builder({}, {})
+    x = b.input("x", [B, T, K], dtype)
+    ws = [b.input(f"w{i}", [K, n], dtype) for i, n in enumerate([40, 9, 6, 33])]
+    bias = b.input("bias", [40], dtype)
+    res = b.input("res", [B, T, 9], dtype)
+    tab = b.input("tab", [T, 6], dtype)
+    p1 = x @ ws[1]
+    outs = {"o0": b.gelu(x @ ws[0] + bias), "o1": p1 * 0.5 + res, "p1": p1,
+            "o2": b.sigmoid(x @ ws[2]) * tab, "o3": x @ ws[3]}
+    g = Graph("siblings", b.nodes, {k: v.node for k, v in outs.items()})
+
+    def values(bb, tt, gen):
+        return {"x": rand(bb, tt, K, dtype=dtype, gen=gen),
+                **{f"w{i}": rand(K, n, dtype=dtype, gen=gen) * 0.3
+                   for i, n in enumerate([40, 9, 6, 33])},
+                "bias": rand(40, dtype=dtype, gen=gen), "res": rand(bb, tt, 9, dtype=dtype,
+                                                                    gen=gen),
+                "tab": rand(tt, 6, dtype=dtype, gen=gen)}
+    return g, values
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f16"])
+def test_siblings_with_their_own_epilogues_are_one_launch(dtype):
+    """Matmuls of one A whose products each run their own pointwise epilogue (the gate and
+    the q, k, v projections of a linear-attention layer) are one horizontal launch: every
+    column tile runs its product's epilogue and stores that product's outputs. Ragged B, T
+    (1 row; 70 rows: two row tiles), equal to the oracle; the kernel is generated once."""
+    g, values = _siblings(dtype)
+    gen = torch.Generator().manual_seed(3)
+    for bb, tt in [(1, 1), (2, 9), (3, 70)]:
+        p = check(g, values(bb, tt, gen), dtype, kernels=1)
+    (h,) = _mm_kernels(p)
+    assert sum(m.op is Op.MATMUL for m in h.attrs["body"].nodes) == 4
+    (rec,) = [f["reason"] for f in p.graph.meta["fusions"]
+              if f["pass"] == "fuse_matmul" and f["status"] == "fused"]
+    assert rec.startswith("4 matmuls sharing A, one launch + epilogues "), rec
+    for op in ("gelu", "sigmoid"):
+        assert op in rec, rec
+    if dtype == "f32":      # training: the forward' and backward programs, ragged T
+        vals = values(2, 7, gen)
+        assert len(_check_grads(g, vals, gen)) == len(vals)
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f16"])
+def test_sibling_epilogues_under_split_k(dtype, monkeypatch):
+    """Few rows: the horizontal launch splits K; each product's last slice runs its epilogue
+    (the others' masks are off). 16x16x16 tiles and K = 70 (five K steps, three slices):
+    equal to the oracle, bitwise the same twice, every tile counter back at zero."""
+    from lmc.codegen import matmul
+    monkeypatch.setattr(matmul, "interpret_blocks", lambda m, n, k: (16, 16, 16))
+    monkeypatch.setattr(matmul, "INTERPRET_SPLIT_K", 3)
+    g, values = _siblings(dtype, K=70)
+    gen = torch.Generator().manual_seed(4)
+    for bb, tt in [(1, 1), (3, 1), (2, 5)]:
+        vals = values(bb, tt, gen)
+        p = check(g, vals, dtype, kernels=1)
+        ctx = RefCtx(dims=bind_dims(g, vals))
+        one, two = (run_graph(p.graph, vals, ctx, p.impl) for _ in range(2))
+        assert all(torch.equal(one[k], two[k]) for k in one)
+    _, counters = matmul._split_buffers(torch.device("cpu"))
+    assert not counters.any()
+    src = matmul.generate(_mm_kernels(p)[0].attrs["body"], "k")
+    assert "SPLIT_K > 1" in src and "_acc(" in src
+
+
+def test_siblings_with_epilogues_take_their_shared_rmsnorm(monkeypatch):
+    """RMSNorm read by three products, two with epilogues: once they are one launch, the norm
+    is read only inside it and becomes its prologue (no norm kernel)."""
+    from lmc.codegen import matmul
+    monkeypatch.setattr(matmul, "INTERPRET_TILE", 16 * 16)
+    b = Builder({}, {})
+    K = 37
+    x = b.input("x", [B, T, K], "f32")
+    w = b.input("w", [K], "f32")
+    h = _rmsnorm(b, x, w)
+    ws = [b.input(f"w{i}", [K, n], "f32") for i, n in enumerate([24, 5, 7])]
+    g = Graph("norm_siblings", b.nodes, {"q": b.silu(h @ ws[0]).node,
+                                         "g": b.sigmoid(h @ ws[1]).node,
+                                         "v": (h @ ws[2]).node})
+    gen = torch.Generator().manual_seed(6)
+    for bb, tt in [(1, 1), (2, 9)]:
+        vals = {"x": rand(bb, tt, K, gen=gen) * 3, "w": rand(K, gen=gen),
+                **{f"w{i}": rand(K, n, gen=gen) * 0.2 for i, n in enumerate([24, 5, 7])}}
+        p = check(g, vals, kernels=1)
+    assert len([n for n in p.graph.nodes if n.op is Op.FUSED]) == 1   # no norm kernel
+    (rec,) = [f["reason"] for f in p.graph.meta["fusions"]
+              if f["pass"] == "fuse_matmul" and f["status"] == "fused"]
+    assert rec.startswith("rmsnorm prologue + 3 matmuls sharing A, one launch + "), rec
+
+
+def test_a_late_epilogue_node_leaves_the_sibling_launch():
+    """sigmoid(x @ Wg) * s where s is computed from the first sibling's product (an
+    attention output gated by a projection of the same input): the sigmoid runs in the one
+    launch of x's products, the product with s is left out (said why) and runs after s, in
+    the kernel computing s. Equal to the oracle; gradients too (random cotangents)."""
+    b = Builder({}, {})
+    x = b.input("x", [B, T, 24], "f32")
+    wq = b.input("wq", [24, 16], "f32")
+    wg = b.input("wg", [24, 16], "f32")
+    s = b.softmax(x @ wq, -1)
+    g = Graph("late", b.nodes, {"y": (b.sigmoid(x @ wg) * s).node})
+    gen = torch.Generator().manual_seed(7)
+    vals = {"x": rand(2, 9, 24, gen=gen), "wq": rand(24, 16, gen=gen) * 0.3,
+            "wg": rand(24, 16, gen=gen) * 0.3}
+    p = check(g, vals, kernels=1)
+    (h,) = _mm_kernels(p)
+    assert sum(m.op is Op.MATMUL for m in h.attrs["body"].nodes) == 2
+    assert any(f["status"] == "declined" and "left out of the launch of matmuls sharing A"
+               in f["reason"] for f in p.graph.meta["fusions"]), p.graph.meta["fusions"]
+    assert _check_grads(g, vals, gen) == {"grad:x", "grad:wq", "grad:wg"}
+
+
+def test_scalar_ops_after_a_view_run_in_the_epilogue():
+    """logsigmoid(x @ Wg) permuted to [B, H, T], then divided by a constant and scaled
+    (yoco's retention gates): the division and the scale run before the view, in the
+    matmul's epilogue, so there is no pointwise kernel. A view read twice stays as it is
+    (its other reader needs the value before the op). Equal to the oracle, ragged shapes."""
+    b = Builder({}, {})
+    x = b.input("x", [B, T, 24], "f32")
+    wg = b.input("wg", [24, 5], "f32")
+    gates = b.permute(b.logsigmoid(x @ wg), [0, 2, 1])
+    sunk = (gates / 16.0) * 0.5
+    twice = b.reshape(x @ wg, [B, T * 5])
+    g = Graph("sink", b.nodes, {"g": sunk.node, "r": twice.node, "s": (twice * 2.0).node})
+    gen = torch.Generator().manual_seed(9)
+    for bb, tt in [(1, 1), (2, 9), (3, 70)]:
+        p = check(g, {"x": rand(bb, tt, 24, gen=gen), "wg": rand(24, 5, gen=gen)})
+    kinds = [n.attrs["kind"] for n in p.graph.nodes if n.op is Op.FUSED]
+    assert kinds.count("matmul") == 1 and kinds.count("pointwise") == 1, kinds
+    (mm,) = _mm_kernels(p)
+    ops = {n.op for n in mm.attrs["body"].nodes}
+    assert Op.DIV in ops and Op.PERMUTE not in ops
+
+
+def test_a_dead_sibling_stays_out_of_the_launch():
+    """A product nothing reads (no DCE before fusion here: hypothesis found it) does not join
+    its siblings' launch, which stores only what is read."""
+    b = Builder({}, {})
+    x = b.input("x", [B, 3, 5], "f32")
+    w, w3 = b.input("w", [5, 4], "f32"), b.input("w3", [5, 4], "f32")
+    y = b.softplus(x @ w)
+    x @ w3                                                   # read by nothing
+    g = Graph("dead", b.nodes, {"y": y.node})
+    gen = torch.Generator().manual_seed(8)
+    p = check(g, {"x": rand(2, 3, 5, gen=gen), "w": rand(5, 4, gen=gen),
+                  "w3": rand(5, 4, gen=gen)})
+    assert all(sum(m.op is Op.MATMUL for m in n.attrs["body"].nodes) == 1
+               for n in _mm_kernels(p))
+
+
+def _check_grads(g: Graph, vals, gen):
+    """The forward' and backward programs of `g` on the triton backend against the oracle's
+    (random cotangents); returns the gradients' names."""
+    from lmc.passes import run_pipeline
+    from lmc.passes.autodiff import differentiate
+
+    ctx = RefCtx(dims=bind_dims(g, vals))
+    prog = differentiate(g)
+    back = run_pipeline(prog.backward)
+    fw = TritonProgram(prog.forward).run(vals, ctx)
+    ref_fw = run_graph(prog.forward, vals, ctx)
+    for k in ref_fw:
+        torch.testing.assert_close(fw[k], ref_fw[k], rtol=1e-5, atol=1e-5)
+    bound = {s: fw[s] for s in prog.saved}
+    ref_bound = {s: ref_fw[s] for s in prog.saved}
+    for name in prog.outputs:
+        bound[f"grad:{name}"] = ref_bound[f"grad:{name}"] = torch.randn(
+            fw[name].shape, generator=gen)
+    got = TritonProgram(back, label="backward").run(bound, ctx)
+    want = run_graph(back, ref_bound, ctx)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5)
+    return set(want)
 
 
 @pytest.mark.parametrize("precision", ["f32", "bf16"])
