@@ -453,6 +453,14 @@ def _tile_helper(tile: str, pro, idx, dot_ty: str, out_ty: str, prec: str,
     return lines
 
 
+def _epi_load(i: int, e: str, rn: str, mask: str, boff, x: Node) -> str:
+    """The tile of epilogue input i (placeholder x) read through its strides e_sm, e_sn (and
+    batch strides), widened to fp32 when it is half precision."""
+    load = (f"tl.load(in{i}_ptr + (rm[:, None] * {e}_sm + {rn}[None, :] * {e}_sn"
+            f"{boff(e)}), mask={mask}, other=0)")
+    return load + (".to(tl.float32)" if x.type.dtype in _HALF else "")
+
+
 def _epi_inputs(body: Graph, p: dict) -> List[Node]:
     """The placeholders a product's epilogue reads, in body order."""
     read = {x for n in p["epi"] for x in n.inputs}
@@ -471,11 +479,7 @@ def _product_epilogue(body: Graph, j: int, m: Node, p: dict, idx, boff) -> List[
                      f"  # the product as {m.type.dtype.value}")
     for x in _epi_inputs(body, p):
         i = idx[x]
-        load = (f"tl.load(in{i}_ptr + (rm[:, None] * e{j}_{i}_sm + rn{j}[None, :] * "
-                f"e{j}_{i}_sn{boff(f'e{j}_{i}')}), mask=mask{j}, other=0)")
-        if x.type.dtype in _HALF:
-            load += ".to(tl.float32)"
-        lines.append(f"{ind}v{j}_{i} = {load}")
+        lines.append(f"{ind}v{j}_{i} = {_epi_load(i, f'e{j}_{i}', f'rn{j}', f'mask{j}', boff, x)}")
         val[x] = f"v{j}_{i}"
     for k, n in enumerate(body.nodes):
         if n.op is Op.CONST:
@@ -753,11 +757,7 @@ def _epilogue(body: Graph, val: Dict[Node, str], skip, epi, idx, outputs, boff) 
                          f"  # the product as {m.type.dtype.value}")
     for p in epi:
         i = idx[p]
-        load = (f"tl.load(in{i}_ptr + (rm[:, None] * e{i}_sm + rn[None, :] * e{i}_sn"
-                f"{boff(f'e{i}')}), mask=mask, other=0)")
-        if p.type.dtype in _HALF:
-            load += ".to(tl.float32)"
-        lines.append(f"    v{i} = {load}")
+        lines.append(f"    v{i} = {_epi_load(i, f'e{i}', 'rn', 'mask', boff, p)}")
         val[p] = f"v{i}"
     for k, m in enumerate(body.nodes):
         if m in skip or m in val:
