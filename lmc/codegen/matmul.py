@@ -266,8 +266,9 @@ def products(body: Graph, mms: List[Node], pro, skip_outs=()) -> "List[dict] | N
     from it, "epi": the pointwise nodes computing them from its accumulator (body order),
     "cache": the output index of its cache write or None}; None when an output is computed
     from two products (the gated form), from none, or through anything but pointwise ops (a
-    cache write of a product read by nothing else excepted). Outputs in `skip_outs` (the
-    rotations fuse_rope_epilogue computes from a product) are left out."""
+    cache write of a product read by nothing else excepted), or when a node computes no
+    output. Outputs in `skip_outs` (the rotations fuse_rope_epilogue computes from a
+    product) are left out."""
     skip = set(pro.members) if pro else set()
     j_of = {m: j for j, m in enumerate(mms)}
     users: Dict[Node, List[Node]] = {}
@@ -275,8 +276,15 @@ def products(body: Graph, mms: List[Node], pro, skip_outs=()) -> "List[dict] | N
         for x in n.inputs:
             users.setdefault(x, []).append(n)
     per = [{"outs": [], "epi": set(), "cache": None} for _ in mms]
+    covered: set = set()      # the nodes computing the outputs left out (a rotation's)
     for k, o in enumerate(body.outputs.values()):
         if k in skip_outs:
+            stack = [o]
+            while stack:
+                n = stack.pop()
+                if n not in covered and n.op not in (Op.INPUT, Op.CONST, Op.MATMUL):
+                    covered.add(n)
+                    stack.extend(n.inputs)
             continue
         cone, found, stack = set(), set(), [o]
         while stack:
@@ -302,6 +310,11 @@ def products(body: Graph, mms: List[Node], pro, skip_outs=()) -> "List[dict] | N
             p["cache"] = k
         else:
             p["epi"] |= cone
+    covered |= set().union(*(p["epi"] for p in per))
+    outs = list(body.outputs.values())
+    if any(not (n in covered or n in skip or n.op in (Op.INPUT, Op.CONST, Op.MATMUL)
+                or (n.op is Op.INDEX_COPY and n in outs)) for n in body.nodes):
+        return None          # a node in no product's cone: dead, or a gated pair's combination
     for p in per:
         p["epi"] = [n for n in body.nodes if n in p["epi"]]
         if p["cache"] is not None and (p["epi"] or len(p["outs"]) != 1):

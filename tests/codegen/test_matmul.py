@@ -326,6 +326,15 @@ def test_a_dead_sibling_stays_out_of_the_launch():
                   "w3": rand(5, 4, gen=gen)})
     assert all(sum(m.op is Op.MATMUL for m in n.attrs["body"].nodes) == 1
                for n in _mm_kernels(p))
+    # a gated pair whose combination nothing reads is no horizontal launch (hypothesis too)
+    b = Builder({}, {})
+    x = b.input("x", [B, 1, 1], "f32")
+    w, w3 = b.input("w", [1, 1], "f32"), b.input("w3", [1, 1], "f32")
+    mm = x @ w
+    b.clamp(mm + x @ w3, -30.0, 30.0)                        # read by nothing
+    g = Graph("dead_gate", b.nodes, {"o": b.clamp(b.exp(mm), -30.0, 30.0).node})
+    check(g, {"x": rand(2, 1, 1, gen=gen), "w": rand(1, 1, gen=gen),
+              "w3": rand(1, 1, gen=gen)})
 
 
 def _check_grads(g: Graph, vals, gen):
