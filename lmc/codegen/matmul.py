@@ -39,6 +39,7 @@ its own region of the workspace; a rotated product's partner accumulator too).
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Dict, List
 
 from ..errors import LmcError
@@ -251,14 +252,24 @@ def _tile_order(nb: int) -> List[str]:
     return lines
 
 
+# per body graph (immutable once fused): horizontal()'s answer and _segments()'s, which
+# every launch asks for
+_HORIZONTAL: "weakref.WeakKeyDictionary[Graph, bool]" = weakref.WeakKeyDictionary()
+_SEGMENTS: "weakref.WeakKeyDictionary[Graph, list]" = weakref.WeakKeyDictionary()
+
+
 def horizontal(body: Graph) -> bool:
     """Matmuls of one A by different weights, each product its own outputs (fuse_matmul's
     sibling merge: the q, k, v projections, a gate's projection with its activation): one
     launch whose column tiles run over every B in turn. A product is stored as it is, written
     into a cache (fuse_cache_writes), or first runs its own pointwise epilogue (`products`)."""
-    mms = [n for n in body.nodes if n.op is Op.MATMUL]
-    return len(mms) > 1 and all(m.inputs[0] is mms[0].inputs[0] for m in mms) and \
-        products(body, mms, _prologue(mms)) is not None
+    hit = _HORIZONTAL.get(body)
+    if hit is None:
+        mms = [n for n in body.nodes if n.op is Op.MATMUL]
+        hit = _HORIZONTAL[body] = len(mms) > 1 and all(
+            m.inputs[0] is mms[0].inputs[0] for m in mms) and \
+            products(body, mms, _prologue(mms)) is not None
+    return hit
 
 
 def products(body: Graph, mms: List[Node], pro, skip_outs=()) -> "List[dict] | None":
@@ -326,6 +337,13 @@ def _segments(body: Graph, mms: List[Node], pro):
     """Per matmul, how its tiles store: ("rope", spec) for a product RoPE is applied to
     (fuse_rope_epilogue's spec), ("plain", output index), ("cache", output index, the cache
     write), or ("epi", products()'s entry) for a product with its own epilogue."""
+    hit = _SEGMENTS.get(body)
+    if hit is None:
+        hit = _SEGMENTS[body] = _segments_of(body, mms, pro)
+    return hit
+
+
+def _segments_of(body: Graph, mms: List[Node], pro):
     outs = list(body.outputs.values())
     rope = {r["product"]: r for r in body.meta.get("rope", ())}
     per = products(body, mms, pro, {r["out"] for r in rope.values()})
