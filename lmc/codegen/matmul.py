@@ -1132,8 +1132,8 @@ def _launch_horizontal(kernel, xs, outs, body: Graph, interpret: bool) -> None:
     x = xs[idx[a]]
     batch, M, K = list(x.shape[:-2]), x.shape[-2], x.shape[-1]
     ns = [xs[idx[m.inputs[1]]].shape[-1] for m in mms]
-    if x.numel() == 0 or 0 in ns:
-        return
+    if math.prod(x.shape[:-1]) == 0 or not any(ns):
+        return          # no rows or no columns to store (K = 0 still runs: A @ B is zeros)
     a_st = list(x.stride())
     b_st = [list(xs[idx[m.inputs[1]]].stride()) for m in mms]    # [K, N] weights: sk, sn
     seg = _segments(body, mms, pro)

@@ -401,6 +401,28 @@ def _trim_epilogues(groups: List["_Group"], users, outputs: Set[Node], declined:
         grp.members = [m for m in grp.members if m in kept]
 
 
+def _one_product(members: List[Node], m: Node, users, outputs: Set[Node], order) -> bool:
+    """Whether a one-matmul group is a product the horizontal form can run: every value it
+    stores (read outside it, or returned) is computed from its matmul m, and every member
+    is on the way to one (no dead member, no stored value computed from inputs alone by a
+    member whose reader left the group): `codegen.matmul.products` of the merged body."""
+    inside = set(members)
+    dep = {m}
+    for e in sorted(members, key=order.get):
+        if any(x in dep for x in e.inputs):
+            dep.add(e)
+    stored = {e for e in members if e in outputs or any(u not in inside for u in users[e])}
+    if not stored or not stored <= dep:
+        return False
+    need, stack = set(), list(stored)
+    while stack:
+        n = stack.pop()
+        if n in inside and n not in need:
+            need.add(n)
+            stack.extend(n.inputs)
+    return need == inside
+
+
 def _merge_siblings(groups: List["_Group"], order: Dict[Node, int], users,
                     outputs: Set[Node], declined: list):
     """Horizontal form: matmuls of one A by different weights, each with its own epilogue or
@@ -421,16 +443,14 @@ def _merge_siblings(groups: List["_Group"], order: Dict[Node, int], users,
         if len(grp.matmuls) != 1 or grp.prologue is not None:
             continue
         inside = set(grp.members)
-        if not any(e in outputs or any(u not in inside for u in users[e])
-                   for e in grp.members):
-            continue        # nothing it computes is read (dead code): not worth a launch
         m = grp.matmuls[0]
         b = m.inputs[1]
         if b.type.rank != 2 or m.type.rank < 2:
             continue
         first = by_a.get(m.inputs[0])
         if first is None:
-            by_a[m.inputs[0]] = grp
+            if _one_product(grp.members, m, users, outputs, order):
+                by_a[m.inputs[0]] = grp
             continue
         m0 = first.matmuls[0]
         if (m.type.dtype != m0.type.dtype or m.type.shape[:-1] != m0.type.shape[:-1]
@@ -451,6 +471,9 @@ def _merge_siblings(groups: List["_Group"], order: Dict[Node, int], users,
             edge = {x for e in late for x in e.inputs if x in inside and x not in late}
             if len(edge) != 1:
                 continue
+        if not _one_product([e for e in grp.members if e not in late], m, users, outputs,
+                            order):
+            continue
         if not is_source(b) and order[b] > first.first:
             cone = _late_cone(b, m0, order)
             if cone is None or any(c in grouped for c in cone):   # only ungrouped nodes move

@@ -337,6 +337,47 @@ def test_a_dead_sibling_stays_out_of_the_launch():
               "w3": rand(1, 1, gen=gen)})
 
 
+@pytest.mark.parametrize("n2", [7, 1])
+def test_siblings_the_horizontal_form_cannot_run_stay_apart(n2):
+    """A sibling is merged only when every value its group stores comes from its product
+    and every member leads to one (the horizontal kernel stores per product): a member
+    nothing reads (no DCE here), or exp(s) stored because its reader (pow with a tensor
+    exponent, not fusible) was declined, keeps the sibling its own launch. Before, such a
+    body fell to the single-product path with the first product's N: a shape error, or
+    with a one-column sibling (n2 = 1) stores past its output. Equal to the oracle."""
+    gen = torch.Generator().manual_seed(10)
+    for case in ("dead", "stored"):
+        b = Builder({}, {})
+        x = b.input("x", [B, 3, 5], "f32")
+        w1, w2 = b.input("w1", [5, 4], "f32"), b.input("w2", [5, n2], "f32")
+        s = b.input("s", [B, 3, n2], "f32")
+        y1, m2 = x @ w1, x @ w2
+        if case == "dead":
+            b.relu(m2)                                           # read by nothing
+            outs = {"y1": y1, "y2": b.sigmoid(m2)}
+        else:
+            x2 = b.sigmoid(m2)
+            outs = {"y1": y1, "x2": x2, "u": b.pow(b.exp(s), x2)}
+        g = Graph(case, b.nodes, {k: v.node for k, v in outs.items()})
+        p = check(g, {"x": rand(2, 3, 5, gen=gen), "w1": rand(5, 4, gen=gen),
+                      "w2": rand(5, n2, gen=gen), "s": rand(2, 3, n2, gen=gen)})
+        assert len(_mm_kernels(p)) == 2, case
+
+
+def test_a_horizontal_launch_with_k_zero_still_stores():
+    """K = 0: the products are zeros and the epilogues still run (sigmoid gives 0.5); the
+    launch used to return early and leave its outputs unwritten."""
+    b = Builder({}, {})
+    x = b.input("x", [B, 3, 0], "f32")
+    w1, w2 = b.input("w1", [0, 4], "f32"), b.input("w2", [0, 6], "f32")
+    g = Graph("k0", b.nodes, {"y1": (x @ w1).node, "y2": b.sigmoid(x @ w2).node})
+    p = check(g, {"x": torch.empty(2, 3, 0), "w1": torch.empty(0, 4),
+                  "w2": torch.empty(0, 6)}, kernels=1)
+    vals = {"x": torch.empty(2, 3, 0), "w1": torch.empty(0, 4), "w2": torch.empty(0, 6)}
+    got = p.run(vals, RefCtx(dims=bind_dims(g, vals)))
+    assert torch.equal(got["y2"], torch.full((2, 3, 6), 0.5))
+
+
 def _check_grads(g: Graph, vals, gen):
     """The forward' and backward programs of `g` on the triton backend against the oracle's
     (random cotangents); returns the gradients' names."""
