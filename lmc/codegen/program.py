@@ -7,14 +7,14 @@ contract). A pass may be disabled by name (``lmc bench --disable``) to measure w
 from __future__ import annotations
 
 import importlib
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Sequence, Set, Tuple
 
 from ..errors import LmcError
 from ..ir.graph import Graph, Node
 from ..ir.ops import Kind, Op
 from ..passes.fuse_matmul import fuse_matmul
 from ..passes.fuse_matmul_reductions import fuse_matmul_reductions
-from ..passes.fuse_pointwise import fuse_pointwise
+from ..passes.fuse_pointwise import fuse_pointwise, fusible, is_source
 from ..passes.fuse_reductions import fuse_reductions
 from ..passes.verify import verify
 from . import kind_module
@@ -87,8 +87,8 @@ def fuse(g: Graph, disable: Sequence[str] = (), cache_writes: bool = False,
     if unknown:
         raise LmcError(f"unknown fusion pass {sorted(unknown)[0]!r} (fusion passes: "
                        f"{', '.join(n for n, _ in FUSION_PASSES)})")
-    g = verify(split_widening_casts(sink_recomputations(drop_broadcast_expands(g))),
-               inlined=True)
+    g = verify(sink_scalar_ops(split_widening_casts(sink_recomputations(
+        drop_broadcast_expands(g)))), inlined=True)
     for name, fn in FUSION_PASSES:
         if name not in disable:
             g = verify(fn(g), inlined=True)
@@ -175,6 +175,49 @@ def split_widening_casts(g: Graph) -> Graph:
             repl[n] = Node(n.op, ins, n.attrs, n.type, n.loc, n.scope)
         nodes.append(repl.get(n, n))
     return g.with_nodes(nodes, {k: repl.get(v, v) for k, v in g.outputs.items()})
+
+
+def sink_scalar_ops(g: Graph) -> Graph:
+    """op(view(y), scalars) -> view(op(y, scalars)): a pointwise op whose other operands are
+    scalar constants, reading a permute or reshape (read by nothing else) of a computed
+    value, runs before the view instead (the same values, moved), so it can join the
+    epilogue of the kernel computing that value (a matmul's, a reduction's) or its
+    pointwise kernel. yoco's retention gates are logsigmoid(x @ Wg),
+    permuted to [B, H, T], then divided by a constant: the division was a kernel of its own.
+    Chains of such ops sink one after another."""
+    users = g.users()
+    outputs = set(g.outputs.values())
+    orig: Dict[Node, Node] = {}       # a node made here -> the node whose readers it has
+    repl: Dict[Node, Node] = {}
+    nodes: List[Node] = []
+    gone: Set[Node] = set()
+    for n in g.nodes:
+        m = n.remapped(repl)
+        views = [x for x in m.inputs if x.op in (Op.PERMUTE, Op.RESHAPE)]
+        if (n.op.kind is Kind.POINTWISE and fusible(n)[0] and len(views) == 1
+                and all(x is views[0] or (x.op is Op.CONST and x.type.rank == 0)
+                        for x in m.inputs)):
+            v = views[0]
+            y = v.inputs[0]
+            if (len(users[orig.get(v, v)]) == 1 and orig.get(v, v) not in outputs
+                    and not is_source(y)):
+                u = Node.make(n.op, [y if x is v else x for x in m.inputs], n.attrs, n.loc,
+                              n.scope)
+                w = Node.make(v.op, [u], v.attrs, v.loc, v.scope)
+                if u.type.shape == y.type.shape and w.type.shape == n.type.shape:
+                    gone.add(v)
+                    nodes += [u, w]
+                    orig[w] = n
+                    repl[n] = w
+                    continue
+        if m is not n:
+            repl[n] = m
+            orig[m] = n
+        nodes.append(m)
+    if not gone:
+        return g
+    return g.with_nodes([n for n in nodes if n not in gone],
+                        {k: repl.get(v, v) for k, v in g.outputs.items()})
 
 
 def sink_recomputations(g: Graph) -> Graph:

@@ -492,49 +492,6 @@ def _merge_siblings(groups: List["_Group"], order: Dict[Node, int], users,
     return hoist
 
 
-def _sink_through_views(g: Graph) -> Graph:
-    """op(view(y), scalars) -> view(op(y, scalars)): a pointwise op whose other operands are
-    scalar constants, reading a permute or reshape (read by nothing else) of a computed
-    value, runs before the view instead (the same values, moved), so it can join the
-    epilogue of the kernel computing that value (a matmul's, a reduction's) or its
-    pointwise kernel. yoco's retention gates are logsigmoid(x @ Wg),
-    permuted to [B, H, T], then divided by a constant: the division was a kernel of its own.
-    Chains of such ops sink one after another."""
-    users = g.users()
-    outputs = set(g.outputs.values())
-    orig: Dict[Node, Node] = {}       # a node made here -> the node whose readers it has
-    repl: Dict[Node, Node] = {}
-    nodes: List[Node] = []
-    gone: Set[Node] = set()
-    for n in g.nodes:
-        m = n.remapped(repl)
-        views = [x for x in m.inputs if x.op in (Op.PERMUTE, Op.RESHAPE)]
-        if (n.op.kind is Kind.POINTWISE and fusible(n)[0] and len(views) == 1
-                and all(x is views[0] or (x.op is Op.CONST and x.type.rank == 0)
-                        for x in m.inputs)):
-            v = views[0]
-            y = v.inputs[0]
-            if (len(users[orig.get(v, v)]) == 1 and orig.get(v, v) not in outputs
-                    and not is_source(y)):
-                u = Node.make(n.op, [y if x is v else x for x in m.inputs], n.attrs, n.loc,
-                              n.scope)
-                w = Node.make(v.op, [u], v.attrs, v.loc, v.scope)
-                if u.type.shape == y.type.shape and w.type.shape == n.type.shape:
-                    gone.add(v)
-                    nodes += [u, w]
-                    orig[w] = n
-                    repl[n] = w
-                    continue
-        if m is not n:
-            repl[n] = m
-            orig[m] = n
-        nodes.append(m)
-    if not gone:
-        return g
-    return g.with_nodes([n for n in nodes if n not in gone],
-                        {k: repl.get(v, v) for k, v in g.outputs.items()})
-
-
 def _split_by_slices(g: Graph) -> Graph:
     """A matmul x @ W (W [K, N]) read only through slices of its last axis (blues01's fused
     W_qkv split into q, k and v) becomes one matmul per slice, x @ W[:, a:b], the weight
@@ -580,7 +537,6 @@ def _split_by_slices(g: Graph) -> Graph:
 
 def fuse_matmul(g: Graph) -> Graph:
     declined: list = []
-    g = _sink_through_views(g)
     g = _split_by_slices(g)
     g, partner = _gated_pairs(g, declined)
     order = {n: i for i, n in enumerate(g.nodes)}

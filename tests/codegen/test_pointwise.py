@@ -399,7 +399,7 @@ def test_pointwise_output_read_as_permute_then_reshape_is_stored_permuted():
     s = b.input("s", [Dim.sym("B"), Dim.sym("T"), 24], "f32")
     y = b.silu(x)
     merged = b.reshape(b.permute(y, [0, 2, 1, 3]), [Dim.sym("B"), Dim.sym("T"), 24])
-    # (a scalar factor would move before the views instead: fuse_matmul's sink)
+    # (a scalar factor would move before the views instead: program.sink_scalar_ops)
     g = Graph("perm", b.nodes, {"m": (merged * s).node, "y2": (y * 3.0).node})
     p = TritonProgram(g)
     assert "a permuted layout" in p.source and "stored in its reader's order" in \
