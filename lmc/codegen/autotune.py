@@ -143,7 +143,13 @@ def parallel(tuner):
         finally:
             call.args = None
 
-    def check_(tuning_key, configs, bench):
+    def check_(tuning_key, configs, bench, disk=True):
+        if len(configs) == 1:
+            # Triton >= 3.7 takes a lone surviving config without timing it; 3.6 (the
+            # H100 image's) times it and, with the disk cache, writes it: do as the newer
+            tuner.cache[tuning_key] = configs[0]
+            return True
+        disk_key = tuning_key if disk else None     # None: Triton only benches
         if warm.active() is not None:
             # the warm pass (codegen/warm.py): a choice on disk warms that config (the
             # launch that follows is a warm-up); a new key warms every config, nothing is
@@ -151,7 +157,7 @@ def parallel(tuner):
             def miss():
                 raise _Miss()
             try:
-                return check(tuning_key, configs, miss)
+                return check(disk_key, configs, miss)
             except _Miss:
                 args = getattr(call, "args", None)
                 if args is not None:
@@ -163,7 +169,7 @@ def parallel(tuner):
             if len(configs) > 1 and args is not None:
                 precompile(tuner, configs, *args)
             return bench()
-        return check(tuning_key, configs, bench_)
+        return check(disk_key, configs, bench_)
 
     tuner.run, tuner.check_disk_cache = run_, check_
     tuner._lmc_parallel = True
@@ -171,6 +177,6 @@ def parallel(tuner):
         # without the disk cache Triton benches directly; with a key of None its
         # check_disk_cache only benches (and reports a miss): the hook again
         tuner.cache_results = True
-        tuner.check_disk_cache = lambda tuning_key, configs, bench: check_(None, configs,
-                                                                            bench)
+        tuner.check_disk_cache = lambda tuning_key, configs, bench: check_(
+            tuning_key, configs, bench, disk=False)
     return tuner

@@ -122,6 +122,23 @@ def test_one_thread_compiles_in_turn(tuner, monkeypatch):
         [(16, 1), (16, 2), (32, 1), (32, 2)]
 
 
+@pytest.mark.parametrize("disk", ["1", "0"])
+def test_a_lone_surviving_config_is_taken_without_timing(disk, monkeypatch):
+    """Pruning that leaves one config: the tuner takes it, times nothing and writes nothing,
+    with or without the disk cache (Triton 3.9 does so itself; 3.6, the H100 image's, would
+    time the one config and cache the timing: the hook does as 3.9 on both)."""
+    import triton
+
+    monkeypatch.setenv("LMC_AUTOTUNE_CACHE", disk)
+    configs = [triton.Config({"BLOCK": b}) for b in (16, 32)]
+    t = at.autotune(_kernel(), configs, ["n"])
+
+    def bench():
+        raise AssertionError("a lone config was timed")
+    assert t.check_disk_cache((7, "torch.float32"), configs[1:], bench) is True
+    assert t.cache[(7, "torch.float32")] is configs[1]
+
+
 @pytest.mark.parametrize("name,value", [("LMC_COMPILE_THREADS", "many"),
                                         ("LMC_AUTOTUNE_MS", "5"), ("LMC_AUTOTUNE_MS", "5,-1")])
 def test_bad_settings_are_one_line_errors(name, value, monkeypatch):
