@@ -57,6 +57,18 @@ def test_bench_quick_writes_a_valid_bench_json(tmp_path, capsys):
         assert (out / f).stat().st_size > 0
 
 
+def test_a_fusion_pass_that_fused_nothing_is_not_timed_again():
+    from lmc.bench import worth_timing
+
+    cfg = {"name": "lmc -fuse_matmul_prologues", "pass": "fuse_matmul_prologues"}
+    assert worth_timing(cfg, None)                      # lmc has not run (or failed)
+    assert worth_timing(cfg, {"fuse_matmul_prologues", "fuse_matmul"})
+    assert not worth_timing(cfg, {"fuse_matmul"})
+    # fuse_pointwise records no "fused" sites: always timed; baselines always timed
+    assert worth_timing({"name": "lmc -fuse_pointwise", "pass": "fuse_pointwise"}, set())
+    assert worth_timing({"name": "oracle eager"}, set())
+
+
 def test_bench_rejects_bad_options(tmp_path, capsys):
     assert main(["bench", LLAMA, "--quick", "--disable", "nope", "--out", str(tmp_path)]) == 2
     assert "not a fusion pass" in capsys.readouterr().err

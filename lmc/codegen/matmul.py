@@ -62,14 +62,109 @@ def _layout(body: Graph):
     if not mms or any(m.inputs[0] is not mms[0].inputs[0] for m in mms):
         raise LmcError(f"internal: matmul body {body.name} needs matmuls sharing one A")
     a = mms[0].inputs[0]
-    pro = _prologue(mms)
+    pa, pb = operand_prologues(body)
+    pro = None if pa else _prologue(mms)
     if pro is not None:
         if pro.x.op is not Op.INPUT or pro.w.op is not Op.INPUT:
             raise LmcError(f"internal: matmul body {body.name}: A is computed, not an RMSNorm")
         a = pro.x
-    elif a.op is not Op.INPUT:
+    elif a.op is not Op.INPUT and not pa:
         raise LmcError(f"internal: matmul body {body.name}: A is computed, not an RMSNorm")
-    return inputs, mms, a, _epilogue_inputs(body, inputs, set(pro.members) if pro else set()), pro
+    skip = set(pro.members if pro else pa).union(*pb.values())
+    return inputs, mms, a, _epilogue_inputs(body, inputs, skip), pro
+
+
+_VIEWS = (Op.RESHAPE, Op.PERMUTE)
+_OPERAND_PROLOGUES: "weakref.WeakKeyDictionary[Graph, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _cone(v: Node) -> List[Node]:
+    """The nodes computing v from placeholders and constants, v last, inputs before readers."""
+    seen: Dict[Node, None] = {}
+
+    def visit(n: Node):
+        if n in seen or n.op in (Op.INPUT, Op.CONST):
+            return
+        for x in n.inputs:
+            visit(x)
+        seen[n] = None
+    visit(v)
+    return list(seen)
+
+
+def operand_prologues(body: Graph):
+    """(the nodes computing A in the loads, {product j: the nodes computing its B}) of a
+    matmul body (fuse_matmul_prologues): pointwise ops of placeholders and constants, then at
+    most one reshape or permute view, the operand last; ([], {}) for plain operands. An
+    RMSNorm computing A (a reduction in its cone) is `_prologue`'s, not this."""
+    hit = _OPERAND_PROLOGUES.get(body)
+    if hit is not None:
+        return hit
+
+    def pointwise(v: Node) -> List[Node]:
+        c = _cone(v)
+        ok = all(n.op.kind is Kind.POINTWISE for n in c if n is not v) and \
+            (v.op.kind is Kind.POINTWISE or (v.op in _VIEWS and len(c) > 1))
+        return c if ok else []
+    mms = [n for n in body.nodes if n.op is Op.MATMUL]
+    a = mms[0].inputs[0] if mms else None
+    pa = pointwise(a) if a is not None and a.op is not Op.INPUT else []
+    pb = {j: pointwise(m.inputs[1]) for j, m in enumerate(mms)
+          if m.inputs[1].op is not Op.INPUT}
+    hit = _OPERAND_PROLOGUES[body] = (pa, {j: c for j, c in pb.items() if c})
+    return hit
+
+
+def _operand_code(cone: List[Node], idx, side: str, dot_ty: str, boff) -> List[str]:
+    """The K-loop lines computing operand `side` ("a" or "b{j}") from its prologue's inputs:
+    each input's tile read through its strides (p{i}_sm, p{i}_sk for A; p{i}_sk, p{i}_sn for
+    B; widened to fp32 when half), the pointwise ops in fp32 as the pointwise kernel computes
+    them, lanes outside the tile zeroed (a prologue of 0 need not be 0), cast to the dot's
+    dtype as the pointwise kernel's store would."""
+    ind = "        "
+    rows, cols = ("rm", "kk") if side == "a" else ("kk", "rn")
+    mask = "mask_m[:, None] & mask_k[None, :]" if side == "a" else \
+        "mask_k[:, None] & mask_n[None, :]"
+    sr, sc = ("sm", "sk") if side == "a" else ("sk", "sn")
+    val: Dict[Node, str] = {}
+    lines = [f"{ind}# {side.upper()[0]} computed here from its prologue's inputs"]
+    for x in _cone_inputs(cone):
+        i = idx[x]
+        load = (f"tl.load(in{i}_ptr + ({rows}[:, None] * p{i}_{sr} + {cols}[None, :] * "
+                f"p{i}_{sc}{boff(f'p{i}')}), mask={mask}, other=0)")
+        lines.append(f"{ind}x{i} = " + load + (".to(tl.float32)" if x.type.dtype in _HALF
+                                              else ""))
+        val[x] = f"x{i}"
+    for n in cone:
+        for x in n.inputs:
+            if x.op is Op.CONST:
+                val.setdefault(x, literal(x))
+        if n.op in _VIEWS:       # the view is in the strides the launcher computed
+            val[n] = val[n.inputs[0]]
+            continue
+        k = f"{side}_{len(val)}"
+        lines.append(f"{ind}p{k} = {_expr(n, [val[x] for x in n.inputs])}"
+                     f"  # {n.op.value} -> {n.type}")
+        val[n] = f"p{k}"
+    lines.append(f"{ind}{side} = tl.where({mask}, {val[cone[-1]]}, 0.0).to({dot_ty})")
+    return lines
+
+
+def _cone_inputs(cone: List[Node]) -> List[Node]:
+    """The placeholders a prologue reads, in first-read order."""
+    return list(dict.fromkeys(x for n in cone for x in n.inputs if x.op is Op.INPUT))
+
+
+def _operand_tensor(x, cone: List[Node], ctx):
+    """Placeholder value x as the operand's prologue reads it: broadcast to the prologue's
+    shape and through its view (a reshape that cannot view the broadcast copies it)."""
+    view = cone[-1] if cone[-1].op in _VIEWS else None
+    if view is None:
+        return x
+    from ..ops.reference import REFERENCE
+    src = view.inputs[0]
+    x = x.expand([ctx.dim(d) for d in src.type.shape])
+    return REFERENCE[view.op](ctx, [x], view.attrs)
 
 
 def _epilogue_inputs(body: Graph, inputs: List[Node], skip) -> List[Node]:
@@ -661,16 +756,21 @@ def generate(body: Graph, name: str) -> str:
     if vertical_sum(body):
         return _generate_vertical(body, name)
     inputs, mms, a, epi, pro = _layout(body)
+    pa, pb = operand_prologues(body)
     outputs = list(body.outputs.values())
     idx = {p: i for i, p in enumerate(inputs)}
     nb = mms[0].type.rank - 2
     zs = [f"Z{d}" for d in range(nb)]
-    ia = idx[a]
     args = [f"in{i}_ptr" for i in range(len(inputs))] + \
-        [f"out{i}_ptr" for i in range(len(outputs))] + ["M", "N", "K"] + zs + \
-        [f"a_s{d}" for d in range(nb)] + ["a_sm", "a_sk"]
-    for j in range(len(mms)):
-        args += [f"b{j}_s{d}" for d in range(nb)] + [f"b{j}_sk", f"b{j}_sn"]
+        [f"out{i}_ptr" for i in range(len(outputs))] + ["M", "N", "K"] + zs
+
+    def strides(prefix: str, ends):
+        return [f"{prefix}_s{d}" for d in range(nb)] + [f"{prefix}_{e}" for e in ends]
+    for x in _cone_inputs(pa) if pa else [a]:
+        args += strides(f"p{idx[x]}" if pa else "a", ("sm", "sk"))
+    for j, m in enumerate(mms):
+        for x in _cone_inputs(pb[j]) if j in pb else [m.inputs[1]]:
+            args += strides(f"p{idx[x]}" if j in pb else f"b{j}", ("sk", "sn"))
     for p in epi:
         args += [f"e{idx[p]}_s{d}" for d in range(nb)] + [f"e{idx[p]}_sm", f"e{idx[p]}_sn"]
     if pro:
@@ -678,40 +778,50 @@ def generate(body: Graph, name: str) -> str:
     args += ["ws_ptr", "cnt_ptr", "ZM", "SPLIT_MAX"]
     if row_reduction(body) is not None:
         args += ["rw_ptr", "RW"]      # the row reduction's partials [ZM, RW]
-    skip = set(pro.members) if pro else set()
+    skip = set(pro.members if pro else pa).union(*pb.values())
     fp32 = mms[0].type.dtype is DType.f32
     prec = ', input_precision="ieee"' if fp32 else ""  # fp32 as torch computes it: no TF32
     boff = _batch_offset(nb)
     dot_ty = TL_DTYPE[mms[0].inputs[0].type.dtype]
     accs = [f"acc{j}" for j in range(len(mms))]
+    def operand(v: Node, cone: List[Node]) -> str:
+        if not cone:
+            return f"in{idx[v]} {v.type}"
+        return (f"{v.type} computed from " + ", ".join(f"in{idx[x]}" for x in _cone_inputs(cone))
+                + " (" + "+".join(dict.fromkeys(n.op.value for n in cone)) + ")")
     lines = _head(name, args, body, split=True) + [
-        f"    # A = {'rmsnorm(in%d) * in%d, computed here' % (ia, idx[pro.w]) if pro else ''}"
-        f"in{ia} {a.type}; " + "; ".join(
-            f"acc{j} = A @ in{idx[m.inputs[1]]} {m.inputs[1].type}" for j, m in enumerate(mms))
+        f"    # A = {'rmsnorm(in%d) * in%d, computed here: ' % (idx[a], idx[pro.w]) if pro else ''}"
+        f"{operand(a, pa)}; " + "; ".join(
+            f"acc{j} = A @ {operand(m.inputs[1], pb.get(j, []))}" for j, m in enumerate(mms))
         + ("; epilogue reads " + ", ".join(f"in{idx[p]} {p.type}" for p in epi) if epi else ""),
         "    pid = tl.program_id(0)",
         "    split = pid % SPLIT_K  # this program's slice of K (split-K: see _split_code)",
         "    pid = pid // SPLIT_K",
         "    num_m = (M + BLOCK_M - 1) // BLOCK_M",
         "    num_n = (N + BLOCK_N - 1) // BLOCK_N",
-    ] + _tile_order(nb) + _ranges() + [
-        f"    a_rows = in{ia}_ptr + (rm[:, None] * a_sm{boff('a')})",
-    ]
+    ] + _tile_order(nb) + _ranges() + ([] if pa else [
+        f"    a_rows = in{idx[a]}_ptr + (rm[:, None] * a_sm{boff('a')})",
+    ])
     for j, m in enumerate(mms):
-        lines += [f"    b{j}_cols = in{idx[m.inputs[1]]}_ptr + (rn[None, :] * b{j}_sn"
-                  f"{boff(f'b{j}')})",
-                  f"    acc{j} = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)"]
+        if j not in pb:
+            lines.append(f"    b{j}_cols = in{idx[m.inputs[1]]}_ptr + (rn[None, :] * b{j}_sn"
+                         f"{boff(f'b{j}')})")
+        lines.append(f"    acc{j} = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)")
     pre, inside, post = _prologue_code(pro, idx, dot_ty, accs, "        ") if pro else \
         ([], [], [])
-    lines += pre + _K_SLICE + [
+    lines += pre + _K_SLICE + (_operand_code(pa, idx, "a", dot_ty, boff) if pa else [
         "        a = tl.load(a_rows + kk[None, :] * a_sk, mask=mask_m[:, None] & mask_k[None, :],"
         " other=0.0)",
-    ]
+    ])
     lines += inside
-    for j in range(len(mms)):
-        lines += [f"        b{j} = tl.load(b{j}_cols + kk[:, None] * b{j}_sk, "
-                  f"mask=mask_k[:, None] & mask_n[None, :], other=0.0)",
-                  f"        acc{j} = tl.dot(a, b{j}, acc=acc{j}{prec})"]
+    for j, m in enumerate(mms):
+        if j in pb:
+            lines += _operand_code(pb[j], idx, f"b{j}", TL_DTYPE[m.inputs[1].type.dtype],
+                                   boff)
+        else:
+            lines.append(f"        b{j} = tl.load(b{j}_cols + kk[:, None] * b{j}_sk, "
+                         f"mask=mask_k[:, None] & mask_n[None, :], other=0.0)")
+        lines.append(f"        acc{j} = tl.dot(a, b{j}, acc=acc{j}{prec})")
     # the single-loop prologue's sums of squares are partial too; the f16 one read all of K
     lines += _split_code(accs, bool(post))
     lines += post
@@ -1057,20 +1167,28 @@ def launch(kernel, xs, outs, body: Graph, ctx, interpret: bool) -> None:
     if vertical_sum(body):
         return _launch_vertical(kernel, xs, outs, body, interpret)
     inputs, mms, a, epi, pro = _layout(body)
+    pa, pb = operand_prologues(body)
     idx = {p: i for i, p in enumerate(inputs)}
     red = row_reduction(body)
     shape = tuple(ctx.dim(d) for d in mms[0].type.shape)
     if math.prod(shape) == 0:
         return
     batch, M, N = list(shape[:-2]), shape[-2], shape[-1]
-    K = xs[idx[a]].shape[-1]
-    a_st = list(xs[idx[a]].expand(*batch, M, K).stride())
-    b_st = [list(xs[idx[m.inputs[1]]].expand(*batch, K, N).stride()) for m in mms]
+    K = ctx.dim(a.type.shape[-1]) if pa else xs[idx[a]].shape[-1]
+    xs = list(xs)
+
+    def operand(x: Node, cone: List[Node], dims) -> List[int]:
+        if cone:        # a prologue's input, seen as the operand (passed so: a view may copy)
+            xs[idx[x]] = _operand_tensor(xs[idx[x]], cone, ctx)
+        return list(xs[idx[x]].expand(*batch, *dims).stride())
+    a_st = [operand(x, pa, (M, K)) for x in (_cone_inputs(pa) if pa else [a])]
+    b_st = [operand(x, pb.get(j, []), (K, N)) for j, m in enumerate(mms)
+            for x in (_cone_inputs(pb[j]) if j in pb else [m.inputs[1]])]
     e_st = [list(xs[idx[p]].expand(shape).stride()) for p in epi]
-    M = fold_batch(batch, M, [a_st] + e_st, b_st)
+    M = fold_batch(batch, M, a_st + e_st, b_st)
     nbatch = math.prod(batch)
-    args = [*xs, *outs, M, N, K, *batch, *a_st]
-    for s in b_st + e_st:
+    args = [*xs, *outs, M, N, K, *batch]
+    for s in a_st + b_st + e_st:
         args += s
     if pro:
         args.append(xs[idx[pro.w]].stride(-1))

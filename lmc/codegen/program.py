@@ -13,6 +13,7 @@ from ..errors import LmcError
 from ..ir.graph import Graph, Node
 from ..ir.ops import Kind, Op
 from ..passes.fuse_matmul import fuse_matmul
+from ..passes.fuse_matmul_prologues import fuse_matmul_prologues
 from ..passes.fuse_matmul_reductions import fuse_matmul_reductions
 from ..passes.fuse_pointwise import fuse_pointwise, fusible, is_source
 from ..passes.fuse_reductions import fuse_reductions
@@ -25,7 +26,15 @@ FUSION_PASSES: List[Tuple[str, object]] = [
     ("fuse_pointwise", fuse_pointwise),    # chains of elementwise ops
     # a reduction along a matmul output's rows (the loss's logsumexp) in the matmul kernel
     ("fuse_matmul_reductions", fuse_matmul_reductions),
+    # a pointwise kernel read only as matmul operands (the loss's dlogits) in their loads
+    ("fuse_matmul_prologues", fuse_matmul_prologues),
 ]
+
+
+# the fusion passes that record each site they fuse in meta["fusions"] (fuse_pointwise records
+# only its declines): one with no "fused" record changed nothing (lmc bench skips timing it)
+RECORDS_FUSED = {"fuse_matmul", "fuse_reductions", "fuse_matmul_reductions",
+                 "fuse_matmul_prologues"}
 
 
 # pattern passes run before autodiff (their fused op's VJP is the fused backward), on the
