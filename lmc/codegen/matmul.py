@@ -97,21 +97,33 @@ def operand_prologues(body: Graph):
     matmul body (fuse_matmul_prologues): pointwise ops of placeholders and constants, then at
     most one reshape or permute view, the operand last; ([], {}) for plain operands. An
     RMSNorm computing A (a reduction in its cone) is `_prologue`'s, not this."""
+    return _prologue_cones(body)[:2]
+
+
+def a_prologues(body: Graph) -> Dict[int, List[Node]]:
+    """{product j: the nodes computing its A in the loads} (the vertical form: each product
+    its own A; fuse_matmul_prologues)."""
+    return _prologue_cones(body)[2]
+
+
+def _prologue_cones(body: Graph):
     hit = _OPERAND_PROLOGUES.get(body)
     if hit is not None:
         return hit
 
     def pointwise(v: Node) -> List[Node]:
+        if v.op is Op.INPUT:
+            return []
         c = _cone(v)
         ok = all(n.op.kind is Kind.POINTWISE for n in c if n is not v) and \
             (v.op.kind is Kind.POINTWISE or (v.op in _VIEWS and len(c) > 1))
         return c if ok else []
     mms = [n for n in body.nodes if n.op is Op.MATMUL]
-    a = mms[0].inputs[0] if mms else None
-    pa = pointwise(a) if a is not None and a.op is not Op.INPUT else []
-    pb = {j: pointwise(m.inputs[1]) for j, m in enumerate(mms)
-          if m.inputs[1].op is not Op.INPUT}
-    hit = _OPERAND_PROLOGUES[body] = (pa, {j: c for j, c in pb.items() if c})
+    pas = {j: pointwise(m.inputs[0]) for j, m in enumerate(mms)}
+    pbs = {j: pointwise(m.inputs[1]) for j, m in enumerate(mms)}
+    hit = _OPERAND_PROLOGUES[body] = (
+        pas.get(0, []), {j: c for j, c in pbs.items() if c},
+        {j: c for j, c in pas.items() if c})
     return hit
 
 
@@ -180,7 +192,9 @@ def _vertical_layout(body: Graph):
     vertical body (`vertical_sum`)."""
     mms, chain, total = vertical_sum(body)
     inputs = [n for n in body.nodes if n.op is Op.INPUT]
-    return inputs, mms, chain, total, _epilogue_inputs(body, inputs, set(mms) | set(chain))
+    skip = set(mms) | set(chain)
+    skip = skip.union(*a_prologues(body).values(), *operand_prologues(body)[1].values())
+    return inputs, mms, chain, total, _epilogue_inputs(body, inputs, skip)
 
 
 def _prologue(mms: List[Node]):
@@ -980,24 +994,32 @@ def _generate_vertical(body: Graph, name: str) -> str:
     """Products of different A summed (dX = dQ Wq^T + dK Wk^T + dV Wv^T): one K loop per
     product into one fp32 accumulator, then the epilogue on the sum."""
     inputs, mms, chain, total, epi = _vertical_layout(body)
+    pas, pbs = a_prologues(body), operand_prologues(body)[1]
     outputs = list(body.outputs.values())
     idx = {p: i for i, p in enumerate(inputs)}
-    skip = set(mms) | set(chain)
+    skip = (set(mms) | set(chain)).union(*pas.values(), *pbs.values())
     nb = mms[0].type.rank - 2
     zs = [f"Z{d}" for d in range(nb)]
     args = [f"in{i}_ptr" for i in range(len(inputs))] + \
         [f"out{i}_ptr" for i in range(len(outputs))] + ["M", "N", "K"] + \
         [f"K{j}" for j in range(len(mms))] + zs
     for j in range(len(mms)):
-        args += [f"a{j}_s{d}" for d in range(nb)] + [f"a{j}_sm", f"a{j}_sk"]
-        args += [f"b{j}_s{d}" for d in range(nb)] + [f"b{j}_sk", f"b{j}_sn"]
+        for p in [f"p{idx[x]}" for x in _cone_inputs(pas[j])] if j in pas else [f"a{j}"]:
+            args += [f"{p}_s{d}" for d in range(nb)] + [f"{p}_sm", f"{p}_sk"]
+        for p in [f"p{idx[x]}" for x in _cone_inputs(pbs[j])] if j in pbs else [f"b{j}"]:
+            args += [f"{p}_s{d}" for d in range(nb)] + [f"{p}_sk", f"{p}_sn"]
     for p in epi:
         args += [f"e{idx[p]}_s{d}" for d in range(nb)] + [f"e{idx[p]}_sm", f"e{idx[p]}_sn"]
     prec = ', input_precision="ieee"' if mms[0].type.dtype is DType.f32 else ""
     boff = _batch_offset(nb)
+    def of(cones, j: int, v: Node) -> str:
+        if j not in cones:
+            return f"in{idx[v]}"
+        return "(" + "+".join(dict.fromkeys(n.op.value for n in cones[j])) + " of " + \
+            ", ".join(f"in{idx[x]}" for x in _cone_inputs(cones[j])) + ")"
     lines = _head(name, args, body) + [
-        "    # acc = " + " + ".join(f"in{idx[m.inputs[0]]} @ in{idx[m.inputs[1]]}"
-                                   for m in mms)
+        "    # acc = " + " + ".join(f"{of(pas, j, m.inputs[0])} @ {of(pbs, j, m.inputs[1])}"
+                                   for j, m in enumerate(mms))
         + ": one K loop per product into one accumulator"
         + ("; epilogue reads " + ", ".join(f"in{idx[p]} {p.type}" for p in epi) if epi else ""),
         "    pid = tl.program_id(0)",
@@ -1008,17 +1030,24 @@ def _generate_vertical(body: Graph, name: str) -> str:
     ]
     for j, m in enumerate(mms):
         lines += [
-            f"    # product {j}: in{idx[m.inputs[0]]} {m.inputs[0].type} @ "
-            f"in{idx[m.inputs[1]]} {m.inputs[1].type}",
+            f"    # product {j}: {of(pas, j, m.inputs[0])} {m.inputs[0].type} @ "
+            f"{of(pbs, j, m.inputs[1])} {m.inputs[1].type}",
+        ] + ([] if j in pas else [
             f"    a_rows = in{idx[m.inputs[0]]}_ptr + (rm[:, None] * a{j}_sm{boff(f'a{j}')})",
+        ]) + ([] if j in pbs else [
             f"    b_cols = in{idx[m.inputs[1]]}_ptr + (rn[None, :] * b{j}_sn{boff(f'b{j}')})",
+        ]) + [
             f"    for k0 in range(0, K{j}, BLOCK_K):",
             "        kk = k0 + rk",
             f"        mask_k = kk < K{j}",
+        ] + (_operand_code(pas[j], idx, "a", TL_DTYPE[m.inputs[0].type.dtype], boff)
+             if j in pas else [
             f"        a = tl.load(a_rows + kk[None, :] * a{j}_sk, "
-            "mask=mask_m[:, None] & mask_k[None, :], other=0.0)",
+            "mask=mask_m[:, None] & mask_k[None, :], other=0.0)"]) + (
+            _operand_code(pbs[j], idx, "b", TL_DTYPE[m.inputs[1].type.dtype], boff)
+            if j in pbs else [
             f"        b = tl.load(b_cols + kk[:, None] * b{j}_sk, "
-            "mask=mask_k[:, None] & mask_n[None, :], other=0.0)",
+            "mask=mask_k[:, None] & mask_n[None, :], other=0.0)"]) + [
             f"        acc = tl.dot(a, b, acc=acc{prec})",
         ]
     lines += _epilogue(body, {total: "acc"}, skip, epi, idx, outputs, boff)
@@ -1165,7 +1194,7 @@ def launch(kernel, xs, outs, body: Graph, ctx, interpret: bool) -> None:
     if horizontal(body) or body.meta.get("rope"):
         return _launch_horizontal(kernel, xs, outs, body, interpret)
     if vertical_sum(body):
-        return _launch_vertical(kernel, xs, outs, body, interpret)
+        return _launch_vertical(kernel, xs, outs, body, ctx, interpret)
     inputs, mms, a, epi, pro = _layout(body)
     pa, pb = operand_prologues(body)
     idx = {p: i for i, p in enumerate(inputs)}
@@ -1218,23 +1247,37 @@ def _row_reduction_args(device, nbatch: int, M: int, N: int, K: int, interpret: 
     return [dummy, counters, nbatch * M, 1, ws, rw]
 
 
-def _launch_vertical(kernel, xs, outs, body: Graph, interpret: bool) -> None:
+def _launch_vertical(kernel, xs, outs, body: Graph, ctx, interpret: bool) -> None:
     """One program per output tile per batch entry; each product's operands read through
-    their strides, K the products' total (the autotuner's key)."""
+    their strides (a computed A's prologue inputs through theirs), K the products' total (the
+    autotuner's key)."""
     inputs, mms, _, _, epi = _vertical_layout(body)
+    pas, pbs = a_prologues(body), operand_prologues(body)[1]
     idx = {p: i for i, p in enumerate(inputs)}
     if outs[0].numel() == 0:
         return
     shape, batch, M, N = _out_space(outs[0])
-    ks = [xs[idx[m.inputs[0]]].shape[-1] for m in mms]
-    a_st = [list(xs[idx[m.inputs[0]]].expand(*batch, M, k).stride()) for m, k in zip(mms, ks)]
-    b_st = [list(xs[idx[m.inputs[1]]].expand(*batch, k, N).stride()) for m, k in zip(mms, ks)]
+    xs = list(xs)
+    ks = [ctx.dim(m.inputs[0].type.shape[-1]) if j in pas else xs[idx[m.inputs[0]]].shape[-1]
+          for j, m in enumerate(mms)]
+
+    def strides(cones, j: int, v: Node, dims) -> List[List[int]]:
+        if j not in cones:
+            return [list(xs[idx[v]].expand(*batch, *dims).stride())]
+        out = []
+        for x in _cone_inputs(cones[j]):
+            xs[idx[x]] = _operand_tensor(xs[idx[x]], cones[j], ctx)
+            out.append(list(xs[idx[x]].expand(*batch, *dims).stride()))
+        return out
+    a_st = [strides(pas, j, m.inputs[0], (M, k)) for j, (m, k) in enumerate(zip(mms, ks))]
+    b_st = [strides(pbs, j, m.inputs[1], (k, N)) for j, (m, k) in enumerate(zip(mms, ks))]
     e_st = [list(xs[idx[p]].expand(shape).stride()) for p in epi]
-    M = fold_batch(batch, M, a_st + e_st, b_st)
+    M = fold_batch(batch, M, [s for sa in a_st for s in sa] + e_st,
+                   [s for sb in b_st for s in sb])
     nbatch = math.prod(batch)
     args = [*xs, *outs, M, N, sum(ks), *ks, *batch]
     for sa, sb in zip(a_st, b_st):
-        args += sa + sb
+        args += [x for s in sa + sb for x in s]
     for s in e_st:
         args += s
     _run_tiles(kernel, args, nbatch, M, N, max(ks), interpret)

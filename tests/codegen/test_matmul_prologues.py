@@ -181,6 +181,44 @@ def test_both_operands_computed_in_one_kernel(dtype):
     assert "# A computed here" in p.source and "# B computed here" in p.source
 
 
+@pytest.mark.parametrize("dtype", ["f32", "f16"])
+def test_the_vertical_form_takes_a_products_a_and_another_products_b(dtype):
+    """dX = (g * s) @ W1 + x2 @ W2 (products of different A in one accumulator: the first
+    A computed in its K loop), and dW = u^T @ reshape(h * c) + v^T @ y2 (the first B computed
+    through a reshape, batch rows folded), as medit_one's attention backward has them."""
+    b = Builder({}, {})
+    gg = b.input("g", [B, T, D], dtype)
+    sc = b.input("s", [B, T, 1], dtype)
+    x2 = b.input("x2", [B, T, 13], dtype)
+    w1 = b.input("w1", [D, 24], dtype)
+    w2 = b.input("w2", [13, 24], dtype)
+    dx = (gg * sc) @ w1 + x2 @ w2
+    h = b.input("h", [B, T, 4, 6], dtype)
+    c = b.input("c", [6], dtype)
+    u = b.input("u", [B * T, 11], dtype)
+    v = b.input("v", [B * T, 11], dtype)
+    y2 = b.input("y2", [B * T, 24], dtype)
+    dw = b.transpose(u, 0, 1) @ b.reshape(h * c, [B * T, 24]) + b.transpose(v, 0, 1) @ y2
+    g = Graph("vertical", b.nodes, {"dx": dx.node, "dw": dw.node})
+    gen = torch.Generator().manual_seed(8)
+    for bb, tt in [(1, 1), (2, 37)]:
+        r = bb * tt
+        p = run(g, {"g": rand(bb, tt, D, dtype=dtype, gen=gen),
+                    "s": rand(bb, tt, 1, dtype=dtype, gen=gen),
+                    "x2": rand(bb, tt, 13, dtype=dtype, gen=gen),
+                    "w1": rand(D, 24, dtype=dtype, gen=gen) * 0.3,
+                    "w2": rand(13, 24, dtype=dtype, gen=gen) * 0.3,
+                    "h": rand(bb, tt, 4, 6, dtype=dtype, gen=gen),
+                    "c": rand(6, dtype=dtype, gen=gen),
+                    "u": rand(r, 11, dtype=dtype, gen=gen) * 0.3,
+                    "v": rand(r, 11, dtype=dtype, gen=gen) * 0.3,
+                    "y2": rand(r, 24, dtype=dtype, gen=gen)}, dtype)
+        assert not _kernels(p, "pointwise") and len(_kernels(p, "matmul")) == 2
+        assert len(_records(p, "fused")) == 2
+    assert p.source.count("one K loop per product into one accumulator") == 2
+    assert "# A computed here" in p.source and "# B computed here" in p.source
+
+
 def test_a_node_of_the_pointwise_body_that_nothing_reads_is_left_behind():
     """No DCE runs inside a fused body: a dead exp there is neither copied into the matmul
     kernel (it would be taken for an epilogue node) nor counted by the cost rule."""
