@@ -8,7 +8,9 @@
 # compiled natively: fp32 step = oracle, bf16 close, triton static decode replays), train
 # (benchmarks/train_bench.py: lmc, eager, torch.compile; train:lmc and train:ref split it in
 # two when the first step's compilation and autotuning, 238 Triton compiles for llama bf16,
-# leave too little of a 10-minute call), decode (benchmarks/decode_bench.py),
+# leave too little of a 10-minute call; train:prologue is train:lmc with
+# LMC_PROLOGUE_RECOMPUTE=1, the loss backward's dlogits computed in its two matmuls' loads,
+# to compare with train:lmc), decode (benchmarks/decode_bench.py),
 # attention (benchmarks/attention_bench.py), linear (benchmarks/linear_attention_bench.py),
 # moe (benchmarks/moe_bench.py), bench (lmc bench zoo/llama.yaml), bench:MODEL (lmc bench
 # zoo/MODEL.yaml: bench:blues01, bench:minimax, bench:yoco, bench:optimus_prime,
@@ -46,7 +48,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 known() {
   case $1 in
-    tests|patterns|train|train:lmc|train:ref|decode|attention|linear|moe|bench) return 0 ;;
+    tests|patterns|train|train:lmc|train:ref|train:prologue|decode|attention|linear|moe|bench) return 0 ;;
     bench:?*) return 0 ;;
     *) return 1 ;;
   esac
@@ -81,6 +83,9 @@ for phase in "$@"; do
                  --out "$OUT/train_bench_lmc.json" 2>&1 | tee "$OUT/train_bench_lmc.log" ;;
     train:ref) ${LIMIT[@]+"${LIMIT[@]}"} $PY benchmarks/train_bench.py --skip lmc --out "$OUT/train_bench_ref.json" \
                  2>&1 | tee "$OUT/train_bench_ref.log" ;;
+    train:prologue) LMC_PROLOGUE_RECOMPUTE=1 ${LIMIT[@]+"${LIMIT[@]}"} $PY benchmarks/train_bench.py \
+                 --skip eager compile --out "$OUT/train_bench_prologue.json" 2>&1 \
+                 | tee "$OUT/train_bench_prologue.log" ;;
     decode)    ${LIMIT[@]+"${LIMIT[@]}"} $PY benchmarks/decode_bench.py --out "$OUT/decode_bench.json" 2>&1 \
                  | tee "$OUT/decode_bench.log" ;;
     attention) ${LIMIT[@]+"${LIMIT[@]}"} $PY benchmarks/attention_bench.py --out "$OUT/attention_bench.json" 2>&1 \

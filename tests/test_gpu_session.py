@@ -34,7 +34,8 @@ def test_every_listed_phase_has_a_case():
     src = open(SCRIPT).read()
     assert subprocess.run(["bash", "-n", SCRIPT]).returncode == 0
     cases = set(re.findall(r"^\s+([a-z:*]+)\)", src, re.M))
-    for phase in ("tests", "patterns", "train", "train:lmc", "train:ref", "decode",
+    for phase in ("tests", "patterns", "train", "train:lmc", "train:ref", "train:prologue",
+                  "decode",
                   "attention", "linear", "moe", "bench"):
         assert phase in cases, phase
     assert "bench:*" in cases

@@ -27,11 +27,13 @@ the memory round trip they replace; COSTLY ones (exp, log, div, ...) are taken o
 one tile spans that side. The loss backward's dlogits = softmax(logits) * dloss - onehot *
 dloss, read by dX = dlogits @ W (768 columns) and dW = x^T @ dlogits, would save 3.3 GB a
 step (llama, B=16, T=1024) but run its exp 3 to 12 times per element: it stays a kernel
-until a GPU measurement says otherwise (the decline says so in --explain).
+until a GPU measurement says otherwise (the decline says so in --explain;
+LMC_PROLOGUE_RECOMPUTE=1 lifts the rule to measure it).
 """
 from __future__ import annotations
 
 import math
+import os
 import re
 from typing import Dict, List, Optional, Tuple
 
@@ -89,9 +91,10 @@ def _why_not_body(p: Node) -> Optional[str]:
 
 def _recomputed(p: Node, mm: Node, x: Node, role: str) -> Optional[str]:
     """Why p's costly ops should not run once per tile of mm, reading p's value as x (see
-    COSTLY), or None."""
+    COSTLY), or None. LMC_PROLOGUE_RECOMPUTE=1 takes them anyway: the setting that measures
+    the rule (benchmarks/gpu_session.sh train:prologue, the loss backward's exp)."""
     costly = [n.op.value for n in _live(p.attrs["body"]) if n.op in COSTLY]
-    if not costly:
+    if not costly or os.environ.get("LMC_PROLOGUE_RECOMPUTE", "0") == "1":
         return None
     out = next(n for n in mm.attrs["body"].nodes if n.op is Op.MATMUL).type.shape
     if role == "A":

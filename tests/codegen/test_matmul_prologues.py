@@ -103,6 +103,20 @@ def test_an_exp_recomputed_by_many_tiles_stays_in_its_kernel():
     assert "(N = 300); its kernel computes it once" in why, why
 
 
+def test_the_recompute_rule_can_be_lifted_to_measure_it(monkeypatch):
+    """LMC_PROLOGUE_RECOMPUTE=1 (gpu_session.sh train:prologue) takes the exp anyway."""
+    monkeypatch.setenv("LMC_PROLOGUE_RECOMPUTE", "1")
+    g = _loss_backward("f32", D=300)
+    p = TritonProgram(g)
+    assert not _kernels(p, "pointwise") and len(_records(p, "fused")) == 1
+    gen = torch.Generator().manual_seed(9)
+    logits = rand(2, 5, V, gen=gen)
+    run(g, {"logits": logits, "lse": torch.logsumexp(logits, -1),
+            "scale": torch.rand(2, 5, generator=gen),
+            "tgt": torch.randint(0, V, (2, 5), generator=gen),
+            "x": rand(2, 5, 300, gen=gen), "w": rand(V, 300, gen=gen)})
+
+
 def test_the_generated_loads_read_the_prologue_inputs():
     p = TritonProgram(_loss_backward("f32"))
     src = p.source
