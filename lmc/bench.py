@@ -201,8 +201,7 @@ def bench_train(path, preset, sets, args, clock: Clock, peaks) -> Dict[str, Any]
     configs: List[Dict[str, Any]] = [{"name": "lmc", "backend": "triton",
                                       "disable": list(args.disable)}]
     # a pattern pass that matches nothing in this model would time the same program twice
-    fired = {f["pass"] for f in apply_patterns(graph).meta.get("fusions", [])
-             if f["status"] == "fused"}
+    fired = fused_passes(apply_patterns(graph))
     for p in fusion_names():
         if p not in args.disable and (p not in PATTERN_PASSES or p in fired):
             configs.append({"name": f"lmc -{p}", "backend": "triton", "pass": p,
@@ -231,9 +230,7 @@ def bench_train(path, preset, sets, args, clock: Clock, peaks) -> Dict[str, Any]
             if c["name"] == "lmc":
                 kernels = _fusion_kernel_profile(model, step, clock, peaks)
                 prog = model.program()
-                lmc_fused = {f["pass"] for x in (prog.forward_exec, prog.backward_exec)
-                             for f in x.graph.meta.get("fusions", [])
-                             if f["status"] == "fused"}
+                lmc_fused = fused_passes(prog.forward_exec.graph, prog.backward_exec.graph)
             del model, step, fwd
         except Exception as e:  # a baseline that cannot run here is reported, not fatal
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
@@ -242,6 +239,12 @@ def bench_train(path, preset, sets, args, clock: Clock, peaks) -> Dict[str, Any]
             torch.cuda.empty_cache()
     return {"batch_size": B, "seq_len": T, "tokens_per_step": tokens, "configs": rows,
             "kernels": kernels}
+
+
+def fused_passes(*graphs) -> set:
+    """The passes with a "fused" record in the graphs' meta["fusions"]."""
+    return {f["pass"] for g in graphs for f in g.meta.get("fusions", [])
+            if f["status"] == "fused"}
 
 
 def worth_timing(config: Dict[str, Any], lmc_fused) -> bool:

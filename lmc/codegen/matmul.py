@@ -134,18 +134,14 @@ def _operand_code(cone: List[Node], idx, side: str, dot_ty: str, boff) -> List[s
     them, lanes outside the tile zeroed (a prologue of 0 need not be 0), cast to the dot's
     dtype as the pointwise kernel's store would."""
     ind = "        "
-    rows, cols = ("rm", "kk") if side == "a" else ("kk", "rn")
+    rows, cols = (("rm", "sm"), ("kk", "sk")) if side == "a" else (("kk", "sk"), ("rn", "sn"))
     mask = "mask_m[:, None] & mask_k[None, :]" if side == "a" else \
         "mask_k[:, None] & mask_n[None, :]"
-    sr, sc = ("sm", "sk") if side == "a" else ("sk", "sn")
     val: Dict[Node, str] = {}
     lines = [f"{ind}# {side.upper()[0]} computed here from its prologue's inputs"]
     for x in _cone_inputs(cone):
         i = idx[x]
-        load = (f"tl.load(in{i}_ptr + ({rows}[:, None] * p{i}_{sr} + {cols}[None, :] * "
-                f"p{i}_{sc}{boff(f'p{i}')}), mask={mask}, other=0)")
-        lines.append(f"{ind}x{i} = " + load + (".to(tl.float32)" if x.type.dtype in _HALF
-                                              else ""))
+        lines.append(f"{ind}x{i} = {_tile_load(i, f'p{i}', rows, cols, mask, boff, x)}")
         val[x] = f"x{i}"
     for n in cone:
         for x in n.inputs:
@@ -165,6 +161,28 @@ def _operand_code(cone: List[Node], idx, side: str, dot_ty: str, boff) -> List[s
 def _cone_inputs(cone: List[Node]) -> List[Node]:
     """The placeholders a prologue reads, in first-read order."""
     return list(dict.fromkeys(x for n in cone for x in n.inputs if x.op is Op.INPUT))
+
+
+def _operand_args(v: Node, cone: List[Node], idx, name: str, ends, nb: int) -> List[str]:
+    """The stride arguments of operand v (`name`_s<d>.., `name`_<end>..), or, when a prologue
+    `cone` computes it, of each of its inputs (p<i>_s<d>.., p<i>_<end>..)."""
+    out: List[str] = []
+    for p in [f"p{idx[x]}" for x in _cone_inputs(cone)] if cone else [name]:
+        out += [f"{p}_s{d}" for d in range(nb)] + [f"{p}_{e}" for e in ends]
+    return out
+
+
+def _operand_strides(xs, idx, v: Node, cone: List[Node], batch, dims, ctx) -> List[List[int]]:
+    """The launch-side twin of `_operand_args`: the strides of operand v seen as
+    [*batch, *dims], or of each input of its prologue `cone` (xs then holds the tensors the
+    kernel reads: through the prologue's view, which may copy)."""
+    if not cone:
+        return [list(xs[idx[v]].expand(*batch, *dims).stride())]
+    out = []
+    for x in _cone_inputs(cone):
+        xs[idx[x]] = _operand_tensor(xs[idx[x]], cone, ctx)
+        out.append(list(xs[idx[x]].expand(*batch, *dims).stride()))
+    return out
 
 
 def _operand_tensor(x, cone: List[Node], ctx):
@@ -593,10 +611,12 @@ def _tile_helper(tile: str, pro, idx, dot_ty: str, out_ty: str, prec: str,
     return lines
 
 
-def _epi_load(i: int, e: str, rn: str, mask: str, boff, x: Node) -> str:
-    """The tile of epilogue input i (placeholder x) read through its strides e_sm, e_sn (and
-    batch strides), widened to fp32 when it is half precision."""
-    load = (f"tl.load(in{i}_ptr + (rm[:, None] * {e}_sm + {rn}[None, :] * {e}_sn"
+def _tile_load(i: int, e: str, rows, cols, mask: str, boff, x: Node) -> str:
+    """The tile of input i (placeholder x) at `rows` x `cols` (each (index name, stride
+    suffix): an epilogue input's ("rm", "sm"), ("rn", "sn")) read through its strides e_<sfx>
+    (and batch strides), widened to fp32 when it is half precision."""
+    (r, sr), (c, sc) = rows, cols
+    load = (f"tl.load(in{i}_ptr + ({r}[:, None] * {e}_{sr} + {c}[None, :] * {e}_{sc}"
             f"{boff(e)}), mask={mask}, other=0)")
     return load + (".to(tl.float32)" if x.type.dtype in _HALF else "")
 
@@ -619,7 +639,8 @@ def _product_epilogue(body: Graph, j: int, m: Node, p: dict, idx, boff) -> List[
                      f"  # the product as {m.type.dtype.value}")
     for x in _epi_inputs(body, p):
         i = idx[x]
-        lines.append(f"{ind}v{j}_{i} = {_epi_load(i, f'e{j}_{i}', f'rn{j}', f'mask{j}', boff, x)}")
+        load = _tile_load(i, f"e{j}_{i}", ("rm", "sm"), (f"rn{j}", "sn"), f"mask{j}", boff, x)
+        lines.append(f"{ind}v{j}_{i} = {load}")
         val[x] = f"v{j}_{i}"
     for k, n in enumerate(body.nodes):
         if n.op is Op.CONST:
@@ -777,14 +798,9 @@ def generate(body: Graph, name: str) -> str:
     zs = [f"Z{d}" for d in range(nb)]
     args = [f"in{i}_ptr" for i in range(len(inputs))] + \
         [f"out{i}_ptr" for i in range(len(outputs))] + ["M", "N", "K"] + zs
-
-    def strides(prefix: str, ends):
-        return [f"{prefix}_s{d}" for d in range(nb)] + [f"{prefix}_{e}" for e in ends]
-    for x in _cone_inputs(pa) if pa else [a]:
-        args += strides(f"p{idx[x]}" if pa else "a", ("sm", "sk"))
+    args += _operand_args(a, pa, idx, "a", ("sm", "sk"), nb)
     for j, m in enumerate(mms):
-        for x in _cone_inputs(pb[j]) if j in pb else [m.inputs[1]]:
-            args += strides(f"p{idx[x]}" if j in pb else f"b{j}", ("sk", "sn"))
+        args += _operand_args(m.inputs[1], pb.get(j, []), idx, f"b{j}", ("sk", "sn"), nb)
     for p in epi:
         args += [f"e{idx[p]}_s{d}" for d in range(nb)] + [f"e{idx[p]}_sm", f"e{idx[p]}_sn"]
     if pro:
@@ -912,7 +928,8 @@ def _epilogue(body: Graph, val: Dict[Node, str], skip, epi, idx, outputs, boff) 
                          f"  # the product as {m.type.dtype.value}")
     for p in epi:
         i = idx[p]
-        lines.append(f"    v{i} = {_epi_load(i, f'e{i}', 'rn', 'mask', boff, p)}")
+        load = _tile_load(i, f"e{i}", ("rm", "sm"), ("rn", "sn"), "mask", boff, p)
+        lines.append(f"    v{i} = {load}")
         val[p] = f"v{i}"
     for k, m in enumerate(body.nodes):
         if m in skip or m in val:
@@ -1003,11 +1020,9 @@ def _generate_vertical(body: Graph, name: str) -> str:
     args = [f"in{i}_ptr" for i in range(len(inputs))] + \
         [f"out{i}_ptr" for i in range(len(outputs))] + ["M", "N", "K"] + \
         [f"K{j}" for j in range(len(mms))] + zs
-    for j in range(len(mms)):
-        for p in [f"p{idx[x]}" for x in _cone_inputs(pas[j])] if j in pas else [f"a{j}"]:
-            args += [f"{p}_s{d}" for d in range(nb)] + [f"{p}_sm", f"{p}_sk"]
-        for p in [f"p{idx[x]}" for x in _cone_inputs(pbs[j])] if j in pbs else [f"b{j}"]:
-            args += [f"{p}_s{d}" for d in range(nb)] + [f"{p}_sk", f"{p}_sn"]
+    for j, m in enumerate(mms):
+        args += _operand_args(m.inputs[0], pas.get(j, []), idx, f"a{j}", ("sm", "sk"), nb)
+        args += _operand_args(m.inputs[1], pbs.get(j, []), idx, f"b{j}", ("sk", "sn"), nb)
     for p in epi:
         args += [f"e{idx[p]}_s{d}" for d in range(nb)] + [f"e{idx[p]}_sm", f"e{idx[p]}_sn"]
     prec = ', input_precision="ieee"' if mms[0].type.dtype is DType.f32 else ""
@@ -1205,14 +1220,9 @@ def launch(kernel, xs, outs, body: Graph, ctx, interpret: bool) -> None:
     batch, M, N = list(shape[:-2]), shape[-2], shape[-1]
     K = ctx.dim(a.type.shape[-1]) if pa else xs[idx[a]].shape[-1]
     xs = list(xs)
-
-    def operand(x: Node, cone: List[Node], dims) -> List[int]:
-        if cone:        # a prologue's input, seen as the operand (passed so: a view may copy)
-            xs[idx[x]] = _operand_tensor(xs[idx[x]], cone, ctx)
-        return list(xs[idx[x]].expand(*batch, *dims).stride())
-    a_st = [operand(x, pa, (M, K)) for x in (_cone_inputs(pa) if pa else [a])]
-    b_st = [operand(x, pb.get(j, []), (K, N)) for j, m in enumerate(mms)
-            for x in (_cone_inputs(pb[j]) if j in pb else [m.inputs[1]])]
+    a_st = _operand_strides(xs, idx, a, pa, batch, (M, K), ctx)
+    b_st = [s for j, m in enumerate(mms)
+            for s in _operand_strides(xs, idx, m.inputs[1], pb.get(j, []), batch, (K, N), ctx)]
     e_st = [list(xs[idx[p]].expand(shape).stride()) for p in epi]
     M = fold_batch(batch, M, a_st + e_st, b_st)
     nbatch = math.prod(batch)
@@ -1260,17 +1270,10 @@ def _launch_vertical(kernel, xs, outs, body: Graph, ctx, interpret: bool) -> Non
     xs = list(xs)
     ks = [ctx.dim(m.inputs[0].type.shape[-1]) if j in pas else xs[idx[m.inputs[0]]].shape[-1]
           for j, m in enumerate(mms)]
-
-    def strides(cones, j: int, v: Node, dims) -> List[List[int]]:
-        if j not in cones:
-            return [list(xs[idx[v]].expand(*batch, *dims).stride())]
-        out = []
-        for x in _cone_inputs(cones[j]):
-            xs[idx[x]] = _operand_tensor(xs[idx[x]], cones[j], ctx)
-            out.append(list(xs[idx[x]].expand(*batch, *dims).stride()))
-        return out
-    a_st = [strides(pas, j, m.inputs[0], (M, k)) for j, (m, k) in enumerate(zip(mms, ks))]
-    b_st = [strides(pbs, j, m.inputs[1], (k, N)) for j, (m, k) in enumerate(zip(mms, ks))]
+    a_st = [_operand_strides(xs, idx, m.inputs[0], pas.get(j, []), batch, (M, k), ctx)
+            for j, (m, k) in enumerate(zip(mms, ks))]
+    b_st = [_operand_strides(xs, idx, m.inputs[1], pbs.get(j, []), batch, (k, N), ctx)
+            for j, (m, k) in enumerate(zip(mms, ks))]
     e_st = [list(xs[idx[p]].expand(shape).stride()) for p in epi]
     M = fold_batch(batch, M, [s for sa in a_st for s in sa] + e_st,
                    [s for sb in b_st for s in sb])

@@ -37,9 +37,9 @@ import os
 import re
 from typing import Dict, List, Optional, Tuple
 
-from ..frontend.builder import Builder
 from ..ir.graph import Graph, Node
 from ..ir.ops import Kind, Op
+from .patterns import Body
 
 PASS = "fuse_matmul_prologues"
 VIEWS = (Op.RESHAPE, Op.PERMUTE)
@@ -184,40 +184,21 @@ def _readers(p: Node, users, outputs) -> Tuple[List[tuple], Optional[str]]:
     return reads, None
 
 
-def _with_prologue(mm: Node, p: Node, x: Node, view: Optional[Node], role: str) -> Node:
+def _with_prologue(mm: Node, p: Node, x: Node, view: Optional[Node]) -> Node:
     """mm's kernel computing its operand x (p's output, through `view`) from p's inputs."""
     pbody, mbody = p.attrs["body"], mm.attrs["body"]
     k = list(mm.inputs).index(x)
-    b = Builder({}, {})
-    env: Dict[Node, Node] = {}
     mph = [n for n in mbody.nodes if n.op is Op.INPUT]
-    pph = [n for n in pbody.nodes if n.op is Op.INPUT]
-    order = mph[:k] + pph + mph[k + 1:]
-    for i, n in enumerate(order):
-        env[n] = b.input(f"in{i}", n.type.shape, n.type.dtype).node
-    for n in _live(pbody):
-        for c in n.inputs:
-            if c.op is Op.CONST and c not in env:
-                env[c] = Node(c.op, (), dict(c.attrs), c.type, c.loc, c.scope)
-                b.nodes.append(env[c])
-        env[n] = Node(n.op, tuple(env[i] for i in n.inputs), n.attrs, n.type, n.loc,
-                      n.scope)
-        b.nodes.append(env[n])
-    val = env[pbody.outputs["0"]]
+    b = Body(mph[:k] + [n for n in pbody.nodes if n.op is Op.INPUT] + mph[k + 1:])
+    b.copy(_live(pbody))
+    val = b.env[pbody.outputs["0"]]
     if view is not None:
-        val = Node(view.op, (val,), view.attrs, view.type, view.loc, view.scope)
-        b.nodes.append(val)
-    env[mph[k]] = val
-    for n in mbody.nodes:
-        if n.op is not Op.INPUT:
-            env[n] = Node(n.op, tuple(env[i] for i in n.inputs), n.attrs, n.type, n.loc,
-                          n.scope)
-            b.nodes.append(env[n])
+        val = b.add(Node(view.op, (val,), view.attrs, view.type, view.loc, view.scope))
+    b.env[mph[k]] = val
+    b.copy([n for n in mbody.nodes if n.op is not Op.INPUT])
     pops = re.sub(r"^lmc_fused_|_\d+$", "", p.attrs["kernel"])
     name = "lmc_mm_" + pops + "_" + re.sub(r"^lmc_mm_", "", mm.attrs["kernel"])
-    nb = Graph(name, b.nodes, {key: env[o] for key, o in mbody.outputs.items()})
-    nb.meta.update(mbody.meta)
-    nb.meta["operand_prologue"] = role
+    nb = b.graph(name, list(mbody.outputs.values()), **mbody.meta)
     ins = list(mm.inputs[:k]) + list(p.inputs) + list(mm.inputs[k + 1:])
     return Node.make(Op.FUSED, ins, {**mm.attrs, "kernel": name, "body": nb}, mm.loc,
                      mm.scope)
@@ -278,7 +259,7 @@ def _round(g: Graph, records: List[dict], seen: set) -> Optional[Graph]:
         gone.update(gi for gi in users[p])
         gone.update(view for _, _, view, _ in reads if view is not None)
         for mm, x, view, role in reads:
-            repl[mm] = _with_prologue(mm, p, x, view, role)
+            repl[mm] = _with_prologue(mm, p, x, view)
         kernels = ", ".join(dict.fromkeys(mm.attrs["kernel"] for mm, _, _, _ in reads))
         sides = "/".join(dict.fromkeys(role for _, _, _, role in reads))
         records.append({"pass": PASS, "status": "fused", "where": p.scope or "<model>",
@@ -288,13 +269,7 @@ def _round(g: Graph, records: List[dict], seen: set) -> Optional[Graph]:
     for n in g.nodes:
         if n in gone:
             continue
-        if n in repl:
-            r = repl[n]
-            c = Node.make(Op.FUSED, [new.get(i, i) for i in r.inputs], r.attrs, r.loc,
-                          r.scope)
-            new[n] = c
-        else:
-            new[n] = c = n.remapped(new)
+        new[n] = c = repl.get(n, n).remapped(new)
         nodes.append(c)
     return g.with_nodes(nodes, {k: new.get(v, v) for k, v in g.outputs.items()})
 
