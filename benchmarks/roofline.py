@@ -33,6 +33,7 @@ import sys
 
 ZOO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "zoo")
 _BYTES = {"f64": 8, "f32": 4, "bf16": 2, "f16": 2, "i64": 8, "i32": 4, "bool": 1}
+H100_SMS = 132      # a kernel with column sums runs COL_PROGRAMS_PER_SM programs per SM
 
 
 def training_model(model: str, preset, precision: str, sets):
@@ -68,6 +69,7 @@ def step_args(ap) -> None:
 
 def cost_rows(prog, env):
     """[{graph, kind, name, ops, bytes, flops}] per launch of forward' then backward."""
+    from lmc.codegen.reduction import COL_PROGRAMS_PER_SM
     from lmc.ir import dims as D
     from lmc.ir.ops import Kind, Op
 
@@ -115,10 +117,22 @@ def cost_rows(prog, env):
                     fl //= 2
                 if kind.endswith("_bwd") and "attention" in kind:
                     fl = fl * 7 // 6    # the body's 6 products; the kernels compute 7
+                # fuse_column_sums: the kernel stores partial rows [programs, N] fp32 for
+                # each column sum, a second launch adds them into the output
+                cols = list(body.outputs.values())[len(body.outputs)
+                                                   - body.meta.get("column_sums", 0):]
+                finish = []
+                for o in cols:
+                    part = H100_SMS * COL_PROGRAMS_PER_SM * numel(o.type) * 4
+                    by += part - nbytes(o)
+                    finish.append({"graph": graph_name, "kind": kind,
+                                   "name": n.attrs["kernel"] + ":column_sum_finish",
+                                   "ops": ["sum"], "bytes": part + nbytes(o), "flops": 0})
                 rows.append({"graph": graph_name, "kind": kind, "name": n.attrs["kernel"],
                              "ops": [m.op.value for m in body.nodes
                                      if m.op not in (Op.INPUT, Op.CONST)],
                              "bytes": by, "flops": fl})
+                rows += finish
             elif n.op.kind in (Kind.POINTWISE, Kind.REDUCTION, Kind.MATMUL, Kind.INDEX,
                                Kind.RANDOM) or n.op is Op.CONCAT:
                 if n.op in (Op.GATHER, Op.EMBEDDING):

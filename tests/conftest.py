@@ -40,3 +40,22 @@ def decode_worst(dec, ids, full, k, state=None):
     full forward's logits), inf if any is NaN (lmc.verify's decode check)."""
     from lmc.verify import decode_diff
     return decode_diff(dec, ids, full, k, state)
+
+
+def triton_matches_oracle(g, vals, rtol=1e-5, atol=2e-6):
+    """Run graph `g` as the triton backend's program (Triton's interpreter on CPU) and as the
+    oracle on `vals`; assert every output equal (dtype, shape, values); return the program."""
+    import torch
+
+    from lmc.ops.reference import RefCtx
+    from lmc.runtime.executor import bind_dims, run_graph
+    from lmc.runtime.triton_backend import TritonProgram
+
+    ctx = RefCtx(dims=bind_dims(g, vals))
+    want = run_graph(g, vals, ctx)
+    p = TritonProgram(g)
+    got = p.run(vals, ctx)
+    for k in want:
+        assert got[k].dtype == want[k].dtype and got[k].shape == want[k].shape, k
+        torch.testing.assert_close(got[k], want[k], rtol=rtol, atol=atol, equal_nan=True)
+    return p

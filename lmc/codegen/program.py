@@ -12,6 +12,7 @@ from typing import Dict, List, Sequence, Set, Tuple
 from ..errors import LmcError
 from ..ir.graph import Graph, Node
 from ..ir.ops import Kind, Op
+from ..passes.fuse_column_sums import fuse_column_sums
 from ..passes.fuse_matmul import fuse_matmul
 from ..passes.fuse_matmul_prologues import fuse_matmul_prologues
 from ..passes.fuse_matmul_reductions import fuse_matmul_reductions
@@ -28,13 +29,15 @@ FUSION_PASSES: List[Tuple[str, object]] = [
     ("fuse_matmul_reductions", fuse_matmul_reductions),
     # a pointwise kernel read only as matmul operands (the loss's dlogits) in their loads
     ("fuse_matmul_prologues", fuse_matmul_prologues),
+    # a sum over every row (a norm's weight gradient) in the row kernel reading its values
+    ("fuse_column_sums", fuse_column_sums),
 ]
 
 
 # the fusion passes that record each site they fuse in meta["fusions"] (fuse_pointwise records
 # only its declines): one with no "fused" record changed nothing (lmc bench skips timing it)
 RECORDS_FUSED = {"fuse_matmul", "fuse_reductions", "fuse_matmul_reductions",
-                 "fuse_matmul_prologues"}
+                 "fuse_matmul_prologues", "fuse_column_sums"}
 
 
 # pattern passes run before autodiff (their fused op's VJP is the fused backward), on the

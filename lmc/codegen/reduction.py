@@ -30,6 +30,16 @@ from . import interpreter_blocks
 from .pointwise import HELPERS, TL_DTYPE, _expr, literal  # noqa: F401  (HELPERS: the module)
 
 RED_OPS = (Op.SUM, Op.MEAN, Op.AMAX, Op.LOGSUMEXP)
+# a kernel with column sums (fuse_column_sums): a row is one chunk of at most COL_BLOCK_MAX
+# (the pass's COL_MAX rounded up); on a GPU COL_PROGRAMS_PER_SM programs per SM walk the row
+# blocks (more programs hide more latency, fewer make a smaller workspace: 8 x 132 partial
+# rows of 768 fp32 are 3.2 MB, against the 75 MB a llama norm's separate column sum read; a
+# value to measure); under the interpreter at most INTERPRET_COL_PROGRAMS, INTERPRET_COL_ROWS
+# rows a block (0: the interpreter's usual; tests set 1 or 2 so programs walk several blocks)
+COL_BLOCK_MAX = 2048
+COL_PROGRAMS_PER_SM = 8
+INTERPRET_COL_PROGRAMS = 3
+INTERPRET_COL_ROWS = 0
 # a scan along the kernel's axis: a row value computed in the pass loop, the chunks walked in
 # order with a per-row carry
 SCAN_OPS = (Op.CUMSUM,)
@@ -41,16 +51,33 @@ class Plan:
     levels."""
 
     def __init__(self, body: Graph):
-        reds = [n for n in body.nodes if n.op in RED_OPS]
         first = next(n for n in body.nodes if n.op in RED_OPS + SCAN_OPS)
         self.space = first.inputs[0].type.shape
         self.axis = first.attrs["axis"] % len(self.space)
         self.rank = len(self.space)
         self.level: Dict[Node, str] = {}
         self.depth: Dict[Node, int] = {}
+        self.outputs = list(body.outputs.values())
+        # fuse_column_sums: the last `column_sums` outputs each sum a row value over every
+        # row (a chain of sums over axis 0); level "col", accumulated per program
+        k = body.meta.get("column_sums", 0)
+        self.columns: Dict[Node, Node] = {}     # column output -> the row value it sums
+        for o in self.outputs[len(self.outputs) - k:]:
+            n = o
+            while True:
+                self.level[n] = "col"
+                if n.inputs[0].type.shape == self.space:
+                    break
+                n = n.inputs[0]
+            self.columns[o] = n.inputs[0]
+        reds = [n for n in body.nodes if n.op in RED_OPS and n not in self.level]
         for n in body.nodes:
             if n.op is Op.INPUT or n.op is Op.CONST:
                 self.depth[n] = 0
+                continue
+            if self.level.get(n) == "col":   # summed in the pass its row value is made
+                self.depth[n] = self.depth[n.inputs[0]] + (n.inputs[0].type.shape
+                                                           == self.space)
                 continue
             if n.op is Op.INDEX_COPY:     # fuse_cache_writes: its value, stored in a cache
                 self.level[n] = self.level[n.inputs[2]]
@@ -75,10 +102,10 @@ class Plan:
                     # a reduction reads its input per element
                     lvl = "row" if n.op in RED_OPS else self.level[n]
                     self.input_levels[x].add(lvl)
-        self.outputs = list(body.outputs.values())
         self.passes = max([self.depth[n] for n in reds]
                           + [self.depth[o] + 1 for o in self.outputs
-                             if self.level.get(o) == "row"])
+                             if self.level.get(o) == "row"]
+                          + [self.depth[o] for o in self.columns])
         self.scans = [n for n in body.nodes if n.op in SCAN_OPS]
 
     def write_axis(self, o: Node) -> Optional[int]:
@@ -159,18 +186,34 @@ def generate(body: Graph, name: str) -> str:
             if lvl == "row":
                 args.append(f"in{i}_sax")
     for j, o in enumerate(p.outputs):
+        if o in p.columns:       # a [programs, N] fp32 workspace, contiguous
+            continue
         args += [f"out{j}_s{k}" for k in range(L)]
         if p.level[o] == "row":
             args.append(f"out{j}_sax")
     src_nodes = [m for m in body.nodes if m.op is not Op.INPUT and m.op is not Op.CONST]
-    lines = [
+    head = [
         "@triton.jit",
         f"def {name}({', '.join(args)}, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):",
         "    # IR nodes: " + ", ".join(
             f"{m.op.value}" + (f"@{m.loc.file.rsplit('/', 1)[-1]}:{m.loc.line}" if m.loc else "")
             for m in src_nodes),
         f"    # rows of the row space reduced along axis {p.axis}; {p.passes} pass(es) per row",
-        "    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)",
+    ]
+    out_index = {o: j for j, o in enumerate(p.outputs)}
+    if p.columns:
+        head += [
+            "    # and sum(s) over every row: each program walks row blocks pid, pid + programs,",
+            "    # ... adding its rows column by column (a row is one chunk: BLOCK_N >= N) and",
+            "    # stores one partial row; the launcher's second kernel adds the partials up",
+            "    cols0 = tl.arange(0, BLOCK_N)",
+        ] + [f"    colacc{out_index[o]} = tl.zeros([BLOCK_N], tl.float32)" for o in p.columns] + [
+            "    for rb in range(tl.program_id(0), tl.cdiv(R, BLOCK_R), tl.num_programs(0)):"]
+        first = "tl.arange(0, BLOCK_R).to(tl.int64) + rb * BLOCK_R"   # rb < R: no overflow
+    else:
+        first = "tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)"
+    lines = [
+        f"    rows = {first}",
         "    rmask = rows < R",
         "    rem = rows",
     ]
@@ -195,6 +238,8 @@ def generate(body: Graph, name: str) -> str:
             lines.append(f"    p{i} = {load}")
             val[x] = f"p{i}"
     for j, o in enumerate(p.outputs):
+        if o in p.columns:
+            continue
         w = p.write_axis(o)
         if w is None:
             lines.append(f"    out{j}_row = {row_off(f'out{j}_s')}")
@@ -211,7 +256,6 @@ def generate(body: Graph, name: str) -> str:
             val[m] = literal(m)
             rowval[m] = literal(m)
     index = {m: k for k, m in enumerate(body.nodes)}
-    out_index = {o: j for j, o in enumerate(p.outputs)}
 
     def store_row(o: Node, ind: str):
         j = out_index[o]
@@ -238,10 +282,13 @@ def generate(body: Graph, name: str) -> str:
 
     emit_per_row(0)
     for k in range(1, p.passes + 1):
-        reds = [m for m in body.nodes if m.op in RED_OPS and p.depth[m] == k]
+        reds = [m for m in body.nodes if m.op in RED_OPS and p.depth[m] == k
+                and p.level[m] != "col"]
         stores = [o for o in p.outputs if p.level.get(o) == "row" and p.depth[o] == k - 1]
+        colsums = [o for o in p.columns if p.depth[o] == k]
         needed: Set[Node] = set()
-        stack = [m.inputs[0] for m in reds] + [_value(o) for o in stores]
+        stack = [m.inputs[0] for m in reds] + [_value(o) for o in stores] + \
+            [p.columns[o] for o in colsums]
         while stack:
             m = stack.pop()
             if m in needed or m.op is Op.CONST or (m.op is not Op.INPUT
@@ -250,7 +297,8 @@ def generate(body: Graph, name: str) -> str:
             needed.add(m)
             stack.extend(m.inputs if m.op is not Op.INPUT else ())
         lines.append(f"    # pass {k}: " + (", ".join(
-            f"{m.op.value}" for m in reds) or "store the row epilogue"))
+            [f"{m.op.value}" for m in reds] + ["column sum"] * bool(colsums))
+            or "store the row epilogue"))
         for m in reds:
             lines += ["    " + ln for ln in fold_init(m.op, index[m], "BLOCK_R")]
         for m in p.scans:
@@ -290,6 +338,9 @@ def generate(body: Graph, name: str) -> str:
             lines += [ind + ln for ln in fold_step(m.op, index[m], rowval[m.inputs[0]], "m2")]
         for o in stores:
             store_row(o, ind)
+        for o in colsums:
+            lines.append(f"{ind}colacc{out_index[o]} += tl.sum(tl.where(m2, "
+                         f"{rowval[p.columns[o]]}, 0.0), axis=0)")
         for m in reds:
             t = index[m]
             lines.append(f"    t{t} = {fold_value(m.op, t, 'N')}  # {m.op.value} -> {m.type}")
@@ -298,7 +349,11 @@ def generate(body: Graph, name: str) -> str:
         for m in needed:
             rowval.pop(m, None)
         emit_per_row(k)
-    return "\n".join(lines) + "\n"
+    if p.columns:
+        lines = ["    " + ln for ln in lines]
+        lines += [f"    tl.store(out{out_index[o]}_ptr + tl.program_id(0) * N + cols0, "
+                  f"colacc{out_index[o]}, mask=cols0 < N)" for o in p.columns]
+    return "\n".join(head + lines) + "\n"
 
 
 def _value(o: Node) -> Node:
@@ -307,6 +362,7 @@ def _value(o: Node) -> Node:
 
 
 def launch(kernel, xs, outs, body: Graph, ctx, interpret: bool) -> None:
+    import torch
     import triton
 
     p = Plan(body)
@@ -329,7 +385,26 @@ def launch(kernel, xs, outs, body: Graph, ctx, interpret: bool) -> None:
             st.insert(p.axis, 0)
         return st
 
-    args: list = list(xs) + list(outs) + [R, N] + row_sizes
+    # a column sum's kernel output is a [programs, N] fp32 workspace of partial sums
+    programs = 0
+    col = [o in p.columns for o in p.outputs]
+    if any(col):
+        bn = triton.next_power_of_2(max(N, 1))
+        if N > COL_BLOCK_MAX:
+            raise AssertionError(f"a kernel with column sums has rows of {N} > "
+                                 f"{COL_BLOCK_MAX} elements")
+        if interpret and interpreter_blocks():
+            br = INTERPRET_COL_ROWS or max(1, min(triton.next_power_of_2(R), 16384 // bn))
+            most = INTERPRET_COL_PROGRAMS
+        else:
+            br = max(1, min(triton.next_power_of_2(R), 2048 // bn))
+            most = COL_PROGRAMS_PER_SM * _sm_count(outs[0].device)
+        programs = max(1, min(triton.cdiv(R, br), most))
+        work = [torch.empty((programs, N), dtype=torch.float32, device=outs[0].device)
+                if c else t for c, t in zip(col, outs)]
+    else:
+        work = list(outs)
+    args: list = list(xs) + work + [R, N] + row_sizes
     for x, t in zip(p.inputs, xs):
         for lvl in sorted(p.input_levels[x]):
             if lvl == "pos":
@@ -340,6 +415,8 @@ def launch(kernel, xs, outs, body: Graph, ctx, interpret: bool) -> None:
             if lvl == "row":
                 args.append(st[p.axis])
     for o, t in zip(p.outputs, outs):
+        if o in p.columns:
+            continue
         st = strides_in_space(t, o.type.shape)     # a cache write's: the cache's own
         args += [st[d] for d in rows]
         if p.level[o] == "row":
@@ -348,6 +425,13 @@ def launch(kernel, xs, outs, body: Graph, ctx, interpret: bool) -> None:
     # (a column sum): many rows per program so neighbouring rows make coalesced loads
     along = all(st == 1 for st in [t.stride()[-1] if t.dim() else 1 for t in xs[:1]]) \
         and p.axis == p.rank - 1
+    if programs:
+        kernel[(programs,)](*args, BLOCK_R=br, BLOCK_N=bn)
+        from .colsum import finish
+        for c, w, t in zip(col, work, outs):
+            if c:
+                finish(w, t, interpret)
+        return
     if interpret and interpreter_blocks():  # the interpreter pays per program and loop trip
         bn = min(triton.next_power_of_2(max(N, 1)), 4096)
         br = max(1, min(triton.next_power_of_2(R), 16384 // bn))
@@ -358,3 +442,15 @@ def launch(kernel, xs, outs, body: Graph, ctx, interpret: bool) -> None:
         bn = min(triton.next_power_of_2(max(N, 1)), 32)
         br = min(triton.next_power_of_2(R), 64)
     kernel[(triton.cdiv(R, br),)](*args, BLOCK_R=br, BLOCK_N=bn)
+
+
+def _sm_count(device) -> int:
+    """The SMs of `device`'s GPU; the warm pass's meta tensors count the current GPU's, so
+    that it compiles the kernels the real run launches (Triton specializes on the sizes)."""
+    import torch
+
+    if device.type == "meta" and torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count

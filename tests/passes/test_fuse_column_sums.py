@@ -1,0 +1,163 @@
+"""fuse_column_sums: a sum over every row (a norm's weight gradient, a bias gradient) computed
+in the row kernel reading the same rows, in Triton's interpreter against the oracle: ragged
+sizes (1, primes, block +- 1), programs walking several row blocks, the GPU block sizes, two
+column sums in one kernel, a sum of the kernel's own output, rank-2 rows, fp16; the declines
+(symbolic or too long rows, no row kernel); llama's training backward."""
+import os
+
+import pytest
+import torch
+from conftest import ZOO, triton_matches_oracle
+
+from lmc.codegen import reduction
+from lmc.frontend.builder import Builder
+from lmc.ir.dims import Dim
+from lmc.ir.graph import Graph
+from lmc.ir.ops import Op
+
+B, T = Dim.sym("B"), Dim.sym("T")
+PASS = "fuse_column_sums"
+
+
+@pytest.fixture(autouse=True)
+def kernel_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LMC_CACHE", str(tmp_path / "cache"))
+
+
+def _run(g, vals, rtol=1e-5, atol=1e-5):
+    return triton_matches_oracle(g, vals, rtol, atol)
+
+
+def _kernels(p):
+    return [n for n in p.graph.nodes if n.op is Op.FUSED]
+
+
+def _records(p, status):
+    return [f for f in p.graph.meta["fusions"] if f["pass"] == PASS and f["status"] == status]
+
+
+def _norm_backward(d, dtype="f32", bias=False, own=False, n=None):
+    """An RMSNorm backward as autodiff writes it: dx (a row sum along d) and the weight
+    gradient, sum over B and T of dy * x * r; with `bias` a bias gradient (the sum of dy, an
+    input), with `own` the sum over every row of dx * dx (the row kernel's own output)."""
+    b = Builder({}, {})
+    n = d if n is None else n
+    dy, x = b.input("dy", [B, T, n], dtype), b.input("x", [B, T, n], dtype)
+    res, r = b.input("res", [B, T, n], dtype), b.input("r", [B, T, 1], dtype)
+    w = b.input("w", [n], dtype)
+
+    def every_row(v):
+        return b.sum(b.sum(v, 0, keepdim=False), 0, keepdim=False)
+    gw = dy * w
+    s = b.sum(gw * x, -1)
+    dx = res + gw * r + x * (s * ((r * r) * r) * (-0.5 / d))
+    outs = {"dx": dx.node, "dw": every_row(dy * (x * r)).node}
+    if bias:
+        outs["db"] = every_row(dy).node
+    if own:
+        outs["dsq"] = every_row(dx * dx).node
+    return Graph("nb", b.nodes, outs)
+
+
+def _vals(shape, d, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return {"dy": torch.randn(*shape, d, generator=gen).to(dtype),
+            "x": torch.randn(*shape, d, generator=gen).to(dtype),
+            "res": torch.randn(*shape, d, generator=gen).to(dtype),
+            "r": (torch.rand(*shape, 1, generator=gen) + 0.5).to(dtype),
+            "w": torch.randn(d, generator=gen).to(dtype)}
+
+
+@pytest.mark.parametrize("rows", [0, 1, 2])     # 0: the interpreter's usual row blocks
+@pytest.mark.parametrize("d", [2, 7, 64, 65, 257])
+def test_norm_weight_gradient_is_summed_in_the_row_kernel(d, rows, monkeypatch):
+    """The row kernel stores dx and the weight gradient's partials; no other reduction
+    kernel is left. With 1 or 2 rows a block, 3 programs walk several blocks each (and a
+    last, partial one); the values equal the oracle's for several (B, T)."""
+    monkeypatch.setattr(reduction, "INTERPRET_COL_ROWS", rows)
+    g = _norm_backward(d)
+    for shape in [(1, 1), (2, 7), (3, 5)]:
+        p = _run(g, _vals(shape, d, seed=d))
+    ks = _kernels(p)
+    assert [k.attrs["kind"] for k in ks] == ["reduction"], [k.attrs["kernel"] for k in ks]
+    assert "_colsum_" in ks[0].attrs["kernel"]
+    assert len(_records(p, "fused")) == 1
+
+
+def test_gpu_block_sizes(monkeypatch):
+    """The block sizes and program count a GPU launch would use (LMC_GPU_BLOCKS=1: a row
+    block of 2048 // BLOCK_N rows, 8 programs per SM, 1 SM on CPU)."""
+    monkeypatch.setenv("LMC_GPU_BLOCKS", "1")
+    g = _norm_backward(96, bias=True)
+    for shape in [(1, 3), (4, 37)]:
+        p = _run(g, _vals(shape, 96, seed=3))
+    assert len(_kernels(p)) == 1
+
+
+@pytest.mark.parametrize("rows", [0, 1])
+def test_two_column_sums_and_a_sum_of_the_kernels_own_output(rows, monkeypatch):
+    """A LayerNorm-like backward's weight and bias gradients, and a sum over every row of
+    the row kernel's output dx (medit_one's case): one kernel storing dx and three column
+    sums."""
+    monkeypatch.setattr(reduction, "INTERPRET_COL_ROWS", rows)
+    g = _norm_backward(33, bias=True, own=True)
+    for shape in [(2, 5), (1, 9)]:
+        p = _run(g, _vals(shape, 33, seed=5), rtol=1e-5, atol=1e-4)
+    ks = _kernels(p)
+    assert len(ks) == 1 and ks[0].attrs["body"].meta["column_sums"] == 3
+    assert len(_records(p, "fused")) == 3
+
+
+def test_rank2_rows_and_fp16():
+    """A [R, N] row space (one sum over axis 0) in fp16: fp32 accumulators, the result
+    stored as fp16."""
+    R = Dim.sym("R")
+    b = Builder({}, {})
+    h, w = b.input("h", [R, 48], "f16"), b.input("w", [48], "f16")
+    y = h * b.rsqrt(b.mean(h * h, -1) + 1e-5) * w
+    g = Graph("r2", b.nodes, {"y": y.node, "dw": b.sum(h * y, 0, keepdim=False).node})
+    gen = torch.Generator().manual_seed(1)
+    for r in (1, 11, 130):
+        p = _run(g, {"h": torch.randn(r, 48, generator=gen).half(),
+                     "w": torch.randn(48, generator=gen).half()}, rtol=2e-3, atol=2e-3)
+    ks = _kernels(p)
+    assert len(ks) == 1 and ks[0].attrs["body"].meta["column_sums"] == 1
+
+
+@pytest.mark.parametrize("n, why", [(None, "symbolic length"),
+                                    (2049, "2049 > 2048 elements")])
+def test_rows_that_are_not_one_chunk_are_declined(n, why):
+    """A row of symbolic length, or longer than one chunk: the column sum stays its own
+    kernels, said so, and the values are still the oracle's."""
+    D = Dim.sym("D")
+    g = _norm_backward(8, n=D if n is None else n)
+    d = 24 if n is None else n
+    p = _run(g, _vals((2, 3), d), atol=1e-4)
+    assert not _records(p, "fused")
+    (rec,) = _records(p, "declined")
+    assert why in rec["reason"], rec
+    assert len(_kernels(p)) == 3
+
+
+def test_a_column_sum_without_a_row_kernel_is_declined():
+    b = Builder({}, {})
+    dy, x = b.input("dy", [B, T, 16], "f32"), b.input("x", [B, T, 16], "f32")
+    dw = b.sum(b.sum(dy * x, 0, keepdim=False), 0, keepdim=False)
+    g = Graph("cs", b.nodes, {"dw": dw.node})
+    p = _run(g, {"dy": torch.randn(2, 3, 16), "x": torch.randn(2, 3, 16)})
+    (rec,) = _records(p, "declined")
+    assert "no reduction kernel along the rows" in rec["reason"]
+
+
+def test_llama_training_backward_sums_every_norm_weight_in_its_row_kernel():
+    """llama's training backward (tiny preset: 2 layers): each of the 5 norms' weight
+    gradients is computed in the norm backward's row kernel; no kernel is left whose only
+    op is a sum over axis 0."""
+    from lmc.driver import compile_model
+
+    c = compile_model(os.path.join(ZOO, "llama.yaml"), "tiny", [])
+    bwd = c.kernels(train="bf16")["backward"]
+    fused = [f for f in bwd["fusions"] if f["pass"] == PASS and f["status"] == "fused"]
+    assert len(fused) == 5, fused
+    assert sum("_colsum_" in k["kernel"] for k in bwd["kernels"]) == 5
+    assert not [k for k in bwd["kernels"] if k["kind"] == "reduction" and k["ops"] == ["sum"]]
