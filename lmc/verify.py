@@ -136,10 +136,14 @@ def _cotangents(s: Subject, outs) -> Dict[str, torch.Tensor]:
 def _grad_diff(got, ref) -> Tuple[bool, str]:
     """Whether every parameter's gradient matches, and the worst difference (or what is
     missing)."""
-    worst, where, missing = 0.0, "", []
+    worst, where, missing, unused = 0.0, "", [], []
     for n, r in ref.items():
         g = got.get(n)
         if r is None and g is None:
+            continue
+        # a parameter no output reads: torch autograd gives None, lmc's autodiff zeros
+        if r is None and not g.any() or g is None and r is not None and not r.any():
+            unused.append(n)
             continue
         if g is None or r is None:
             missing.append(n)
@@ -149,8 +153,10 @@ def _grad_diff(got, ref) -> Tuple[bool, str]:
             worst, where = d, n
     if missing:
         return False, f"gradient missing on one side for {', '.join(missing[:3])}"
+    note = f"; unused (zero gradient): {', '.join(unused[:3])}" if unused else ""
     return worst <= GRAD_TOL, (f"{len(ref)} params, random upstream gradients, max rel diff "
-                               f"{worst:.1e}{' at ' + where if where else ''} (tol {GRAD_TOL:.0e})")
+                               f"{worst:.1e}{' at ' + where if where else ''} "
+                               f"(tol {GRAD_TOL:.0e}){note}")
 
 
 def check_grads(s: Subject) -> Row:

@@ -77,3 +77,33 @@ def test_decode_without_the_position_offset_fails_decode_check(monkeypatch):
     monkeypatch.setattr(decode, "P", 0)  # new tokens would get positions 0.. again
     rows = _rows(LLAMA, skip=["triton", "grads"])
     assert not rows["decode = forward"].ok and rows["causal"].ok
+
+
+UNUSED = """\
+config: {vocab: 97, d: 32}
+presets: {tiny: {}}
+model:
+  inputs: {ids: [B, T]}
+  params: {embed: [vocab, d], lm_head: [d, vocab]}
+  body:
+    - logits = embedding(embed, ids) @ transpose(embed, 0, 1)
+  outputs: [logits]
+"""
+
+
+def test_an_unused_parameter_is_a_zero_gradient_not_a_failure(tmp_path):
+    """A parameter no output reads (a declared lm_head the tied model does not use): torch
+    autograd gives it no gradient, lmc's autodiff a zero one. Both mean zero; the checks
+    pass and name it. A nonzero gradient on one side against none on the other still
+    fails."""
+    p = tmp_path / "unused.yaml"
+    p.write_text(UNUSED)
+    rows = _rows(str(p))
+    for check in ("gradients = oracle", "triton = oracle"):
+        assert rows[check].ok, rows[check].detail
+        assert "unused (zero gradient): lm_head" in rows[check].detail
+    import torch
+
+    from lmc.verify import _grad_diff
+    ok, why = _grad_diff({"w": torch.ones(3)}, {"w": None})
+    assert not ok and "missing" in why
