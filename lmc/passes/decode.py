@@ -250,6 +250,11 @@ class _Labels:
     def _two_q(self, n: Node, out: Tuple, sources) -> Tuple:
         qs = [j for j, lb in enumerate(out) if lb == Q]
         ks = [j for j, lb in enumerate(out) if lb == K]
+        if len(ks) > 1 and len(qs) == 0:
+            raise _err(n, "reads [T, T] values whose query and key axes disagree (the decode "
+                          "pass takes a score matmul's left operand's positions as the "
+                          "queries: write the scores as q @ transpose(k), not as a transpose "
+                          "of k @ transpose(q))")
         if len(qs) + len(ks) > 2 or len(ks) > 1:
             raise _err(n, "has more than two sequence axes")
         if len(qs) == 2:  # a [.., T, T] result: the later axis runs over keys
@@ -925,6 +930,7 @@ def _check_no_past(step: Graph) -> None:
     """A static step must not depend on P through a shape or a constant: the runtime replays
     it at every position."""
     for n in step.nodes:
-        if _has_p(n.type.shape) or any(_has_p(v) for v in n.attrs.values()):
+        types = n.type if isinstance(n.type, tuple) else (n.type,)   # a scan's: a tuple
+        if any(_has_p(t.shape) for t in types) or any(_has_p(v) for v in n.attrs.values()):
             raise LmcError(f"internal: the static decode step depends on P at {n.op.value} "
                            f"{n.type}", n.loc)

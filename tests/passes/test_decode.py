@@ -196,6 +196,26 @@ def test_scan_decodes_with_its_carry_as_state(tmp_path):
         assert _decode_matches(m, ids, k) < 1e-5
 
 
+def test_scan_static_step_equals_the_forward(tmp_path):
+    """The static step (a scan's type is a tuple of types: the check that no shape depends on
+    P reads each of them) replays to the forward's logits."""
+    m = lmc.load(_rnn_yaml(tmp_path), seed=4).eval()
+    step = decode_step(m.graph, static=True)
+    assert [s.kind for s in step.states] == ["carry", "carry"]
+    ids = torch.randint(0, 37, (2, 9))
+    dec = Decoder(m, static=True, max_len=16)
+    with torch.no_grad():
+        full = m(ids)
+        full = full["logits"] if isinstance(full, dict) else full
+        st = dec.init_state(2)
+        lg, st = dec(ids[:, :4], st)
+        got = [lg]
+        for t in range(4, 9):
+            lg, st = dec(ids[:, t:t + 1], st)
+            got.append(lg)
+    assert (torch.cat(got, 1) - full).abs().max().item() < 1e-5
+
+
 def test_a_scan_final_carry_feeding_logits_is_a_compile_error(tmp_path):
     m = lmc.load(_rnn_yaml(tmp_path, use_final=True))
     with pytest.raises(LmcError, match="final carry"):
@@ -284,3 +304,29 @@ def test_sliding_window_decode_on_the_triton_backend():
         lg, st = dec(ids[:, t:t + 1], st)
         got.append(lg)
     assert (torch.cat(got, 1) - full).abs().max().item() < 1e-4
+
+
+def test_scores_written_as_a_transposed_k_q_product_get_a_clear_error(tmp_path):
+    """transpose(k @ transpose(q)) is q @ transpose(k), but the decode pass takes a score
+    matmul's left operand's positions as the queries: the error says so and how to write it,
+    at the line of the mask that reads the swapped scores."""
+    p = tmp_path / "kq.yaml"
+    p.write_text("""\
+config: {vocab: 97, d: 32}
+presets: {tiny: {}}
+model:
+  inputs: {ids: [B, T]}
+  params: {embed: [vocab, d], wq: [d, d], wk: [d, d], lm_head: [d, vocab]}
+  body:
+    - x = embedding(embed, ids)
+    - q = x @ wq
+    - k = x @ wk
+    - scores = transpose(k @ transpose(q, -2, -1), -2, -1) * 0.17
+    - probs = softmax(where(causal_mask(T), scores, -inf), -1)
+    - logits = (probs @ x) @ lm_head
+  outputs: [logits]
+""")
+    m = lmc.load(str(p))
+    with pytest.raises(LmcError, match=r"kq.yaml:11:.*query and key axes disagree.*"
+                                       r"q @ transpose\(k\)"):
+        decode_step(m.graph)
