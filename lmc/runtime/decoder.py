@@ -322,7 +322,10 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
     tokens and to the smallest set whose probability reaches top_p."""
     if temperature <= 0:
         return int(torch.argmax(logits))
-    logits = logits / temperature
+    # in fp64 and relative to the largest logit: a tiny temperature sends the others to
+    # -inf (greedy, in the limit) instead of overflowing to inf - inf = nan
+    logits = logits.double()
+    logits = (logits - logits.max()) / temperature
     if 0 < top_k < logits.numel():
         kth = torch.topk(logits, top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
