@@ -17,6 +17,13 @@ import torch as _torch
 if "triton" not in _sys.modules and not _torch.cuda.is_available():
     _os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# the passes and code generators walk graphs recursively (a value's producers, a kernel
+# body's chains): a YAML loop unrolled into a chain of a few thousand ops needs more than
+# Python's default 1000 frames (3.11 keeps Python-to-Python calls off the C stack; 3.10's
+# frames are on it, so less there)
+_sys.setrecursionlimit(max(_sys.getrecursionlimit(),
+                           60_000 if _sys.version_info >= (3, 11) else 8_000))
+
 from .blocks import block  # noqa: E402
 from .driver import Compiled, compile_model, load  # noqa: E402
 from .errors import LmcError  # noqa: E402

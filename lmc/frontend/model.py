@@ -22,6 +22,7 @@ from __future__ import annotations
 import ast
 import math
 import os
+import re
 from typing import Any, Dict, Iterable, List, Optional, Union
 
 from ..errors import LmcError, Loc
@@ -84,6 +85,9 @@ def resolve_config(doc: YMap, path: str, preset: Optional[str],
                                f"{', '.join(sorted(raw)) or 'none'})", loc_of(k))
             raw[k], locs[k] = v, loc_of(k)
 
+    if "presets" in doc and not isinstance(doc["presets"], YMap):
+        raise LmcError("presets must be a mapping of preset names to config overrides",
+                       doc.val_loc("presets"))
     if preset is not None:
         presets = doc.get("presets", YMap())
         if not isinstance(presets, YMap) or preset not in presets:
@@ -220,6 +224,9 @@ def run_body(stmts, b: Builder, scope: Scope, where: Loc):
     if not isinstance(stmts, YList):
         raise LmcError("body must be a list of statements", where)
     funcs = body_funcs(b)
+    for k, item in enumerate(stmts[:-1]):     # a return ends the body
+        if isinstance(item, YStr) and re.match(r"\s*return\b", str(item)):
+            raise LmcError("unreachable: a statement after return", stmts.locs[k + 1])
     for item, loc in zip(stmts, stmts.locs):
         if isinstance(item, YStr):
             _run_statement(item, b, scope, funcs)
@@ -309,6 +316,12 @@ def static_eval(text, scope, loc: Loc, funcs=None, what="expression"):
     return Evaluator(scope, funcs or MATH, base, what=what).eval(parse(text, base))
 
 
+# loops are unrolled: a count past MAX_LOOP, or a graph past MAX_NODES, is an error rather
+# than a compile that runs out of time or memory
+MAX_LOOP = 10_000
+MAX_NODES = 1_000_000
+
+
 def _run_for(item: YMap, b: Builder, scope: Scope):
     extra = set(item) - {"for", "in", "scope", "body"}
     if extra:
@@ -326,6 +339,9 @@ def _run_for(item: YMap, b: Builder, scope: Scope):
     if isinstance(count, bool) or not isinstance(count, int) or count < 0:
         raise LmcError(f"for ... in: expects a non-negative integer count, got {count!r}",
                        item.val_loc("in"))
+    if count > MAX_LOOP:
+        raise LmcError(f"for ... in: {count:,} iterations; a loop is unrolled into the graph, "
+                       f"at most {MAX_LOOP:,}", item.val_loc("in"))
     name = item.get("scope")
     if name is not None and (not isinstance(name, str) or
                              not all(p.isidentifier() for p in name.split("."))):
@@ -338,6 +354,9 @@ def _run_for(item: YMap, b: Builder, scope: Scope):
         scope.locals[var] = i
         with b.sub_scope(f"{name}.{i}"):
             run_body(item["body"], b, scope, item.val_loc("body"))
+        if len(b.nodes) > MAX_NODES:
+            raise LmcError(f"the graph passes {MAX_NODES:,} nodes at iteration {i} of this "
+                           "loop (loops are unrolled)", item.val_loc("in"))
     scope.locals.pop(var, None)
 
 

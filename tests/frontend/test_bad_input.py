@@ -263,3 +263,22 @@ def test_python_block_named_like_builtin_via_name_refused():
         lmc.block(lambda b, x: x, name="concat")
     with pytest.raises(LmcError, match="must be an identifier"):
         lmc.block(lambda b, x: x, name="a.b")
+
+
+# --- a statement after return; presets that are not a mapping ------------------------------------
+@pytest.mark.parametrize("after", ["y = undefined_name(x)", "return h @ w2 * 2"])
+def test_a_statement_after_return_is_an_error(tmp_path, capsys, after):
+    """Nothing after a return runs: an error at the unreachable statement, not a model that
+    silently ignores it (or the second of two returns)."""
+    p, line = variant(tmp_path, "      - return h @ w2", f"      - return h @ w2\n      - {after}")
+    check(capsys, p, line + 1, 9, "unreachable: a statement after return")
+
+
+@pytest.mark.parametrize("value", ["5", "[a]"])
+def test_presets_that_are_not_a_mapping(tmp_path, capsys, value):
+    lines = BASE.splitlines()
+    line = lines.index("presets:") + 1
+    lines[line - 1:line + 1] = [f"presets: {value}"]
+    p = write(tmp_path, "\n".join(lines) + "\n")
+    for extra in ((), ("--preset", "tiny")):
+        check(capsys, p, line, 10, "presets must be a mapping", extra=extra)
