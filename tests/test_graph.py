@@ -146,3 +146,6 @@ def test_unknown_model_file_is_one_line(tmp_path, capsys):
     assert cli.main(["graph", str(tmp_path / "nope.yaml")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"{tmp_path / 'nope.yaml'}:1:1: error: no such file"]
+    assert cli.main(["graph", str(tmp_path)]) == 2      # a directory: said so, as compile does
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"{tmp_path}:1:1: error: is a directory, expected a YAML file"]

@@ -41,8 +41,10 @@ def build(path: str, stage: str, preset: Optional[str] = None, overrides=None, *
 
     if stage not in STAGES:
         raise LmcError(f"unknown stage {stage!r} (stages: {', '.join(STAGES)})")
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise LmcError("no such file", Loc(path, 1, 1))
+    if os.path.isdir(path):
+        raise LmcError("is a directory, expected a YAML file", Loc(path, 1, 1))
     return stage_view(compile_model(path, preset, overrides), stage, fold)
 
 
