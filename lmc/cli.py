@@ -162,8 +162,10 @@ def cmd_run(args) -> int:
     print(f"loss        train {s.get('train_loss', float('nan')):.4f}"
           + (f", val {val:.4f}" if val is not None else "")
           + f"  (ln vocab = {math.log(s['vocab']):.2f})")
-    print(f"wrote       {s['out']}/metrics.jsonl, {s['out']}/loss.png"
-          + (f", {s['checkpoint']}" if s["checkpoint"] else ""))
+    wrote = [p for p in (f"{s['out']}/metrics.jsonl", f"{s['out']}/loss.png")
+             if os.path.exists(p)] + ([s["checkpoint"]] if s["checkpoint"] else [])
+    if wrote:
+        print("wrote       " + ", ".join(wrote))
     if s.get("interrupted"):
         print("interrupted: checkpoint saved; continue with --resume " + s["out"],
               file=sys.stderr)
@@ -221,8 +223,9 @@ def _generate(args) -> int:
         ck = _checkpoint_dir(args.checkpoint)
         meta_path = os.path.join(ck, "meta.json")
         meta = _read_meta(meta_path) if os.path.isfile(meta_path) else {}
-        if preset is None and not overrides:  # the model the checkpoint was trained as
-            preset, overrides = meta.get("preset"), meta.get("overrides") or None
+        if preset is None:    # the model the checkpoint was trained as, --set on top
+            preset = meta.get("preset")
+            overrides = (meta.get("overrides") or []) + list(overrides or []) or None
         if args.tokenizer_given is None:
             tokenizer = meta.get("tokenizer", tokenizer)
     for name, v, lo in (("--max-new-tokens", args.max_new_tokens, 1), ("--top-k", args.top_k, 0)):

@@ -147,6 +147,10 @@ def test_generate_from_a_checkpoint_is_greedy_and_reproducible(tmp_path, capsys)
     assert main(args + ["--static", "--device", "cpu"]) == 0
     static = capsys.readouterr()
     assert static.out == first.out and "static step without a CUDA graph" in static.err
+    # --set without --preset applies on top of the checkpoint's preset (a longer max_seq
+    # fits the same weights), not on top of the default-size model
+    assert main(args + ["--set", "max_seq=256"]) == 0
+    assert capsys.readouterr().out == first.out
 
 
 def test_generate_bad_input_is_one_line(tmp_path, capsys):

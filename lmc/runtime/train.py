@@ -21,6 +21,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import sys
@@ -297,7 +298,9 @@ def run_files(out: str) -> List[str]:
     """What a run left in `out`: its checkpoints, `latest`, metrics and curve."""
     if not os.path.isdir(out):
         return []
-    return sorted(p for p in os.listdir(out) if p in RUN_FILES or p.startswith("ckpt-"))
+    # checkpoints are ckpt-<step, 7 digits>: a user's ckpt-best beside them is not the run's
+    return sorted(p for p in os.listdir(out) if p in RUN_FILES or re.fullmatch(
+        r"ckpt-\d{7,}", p))
 
 
 def _unreadable(flag: str, path: str, e: Exception) -> LmcError:
@@ -551,7 +554,9 @@ def train(path: str, preset: Optional[str], overrides, c: TrainConfig) -> Dict[s
                 summary["val_loss"] = rec["val_loss"]
                 t_last = time.perf_counter()
             summary["train_loss"] = train_loss
-            if d.main and (step % c.log_every == 0 or "val_loss" in rec or step == c.steps):
+            logged = d.main and (step % c.log_every == 0 or "val_loss" in rec
+                                 or step == c.steps)
+            if logged:
                 clear_old()
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(rec) + "\n")
@@ -566,8 +571,13 @@ def train(path: str, preset: Optional[str], overrides, c: TrainConfig) -> Dict[s
                     plot_losses(metrics_path, os.path.join(c.out, "loss.png"))
             if stop["signal"] is not None:
                 clear_old()
+                if d.main and not logged:   # the checkpoint's step ends the curve
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps(rec) + "\n")
                 last_ckpt = save_checkpoint(c.out, step, model, opt, c, d,
                                             ckpt_meta) or last_ckpt
+                if d.main:
+                    plot_losses(metrics_path, os.path.join(c.out, "loss.png"))
                 summary["interrupted"] = True
                 break
         finished = stop["signal"] is None    # every rank ran the same collectives

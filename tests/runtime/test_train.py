@@ -218,13 +218,20 @@ def test_resume_refuses_damaged_or_foreign_checkpoints_and_loses_nothing(tmp_pat
     assert main(["run", *_args(out, corpus, "--resume", str(out), "--steps", "3")]) == 0
 
 
-def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path, corpus):
+@pytest.mark.parametrize("log_every", [1, 1000])
+def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path, corpus, log_every):
+    """Interrupted, the run saves a checkpoint at the step it finished, logs that step (also
+    when --log-every would not) and draws the curve; the summary names what exists."""
     out = tmp_path / "int"
-    proc = subprocess.Popen([os.path.join(BIN, "lmc"), "run", *_args(
-        out, corpus, "--steps", "500", "--ckpt-every", "1000")],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # the first record (or, logging every 1000 steps, the first checkpoint) says the loop runs
+    args = _args(out, corpus, "--steps", "500", "--ckpt-every", "1000" if log_every == 1
+                 else "1")
+    args[args.index("--log-every") + 1] = str(log_every)
+    proc = subprocess.Popen([os.path.join(BIN, "lmc"), "run", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while time.time() < deadline and not (out / "metrics.jsonl").exists():
+    seen = out / ("metrics.jsonl" if log_every == 1 else "latest")
+    while time.time() < deadline and not seen.exists():
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
@@ -233,6 +240,9 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path, corpus):
     step = int((out / "latest").read_text().split("-")[1])
     assert 1 <= step < 500
     assert _metrics(out)[-1]["step"] == step
+    assert (out / "loss.png").exists()
+    wrote = next(ln for ln in stdout.splitlines() if ln.startswith("wrote"))
+    assert all(os.path.exists(p) for p in wrote.split(None, 1)[1].split(", ")), wrote
 
 
 def test_grad_accumulation_matches_one_big_batch(tmp_path, corpus):
@@ -329,10 +339,14 @@ def test_an_out_holding_a_run_is_refused_unless_resumed_or_overwritten(tmp_path,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"--out {out} holds a run" in err[0] and "--overwrite" in err[0]
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before   # untouched
-    # --overwrite replaces it: only the new run's files, its checkpoint kept
+    # --overwrite replaces it: only the new run's files, its checkpoint kept; a user's
+    # ckpt-best beside the run is not the run's (checkpoints are ckpt-<7 digits>)
+    (out / "ckpt-best").mkdir()
+    (out / "ckpt-best" / "README").write_text("precious")
     assert main(["run", *_args(out, corpus, "--steps", "1", "--overwrite")]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["ckpt-0000001", "latest", "loss.png",
-                                                     "metrics.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == ["ckpt-0000001", "ckpt-best", "latest",
+                                                     "loss.png", "metrics.jsonl"]
+    assert (out / "ckpt-best" / "README").read_text() == "precious"
     assert [r["step"] for r in _metrics(out)] == [1]
 
 
