@@ -42,6 +42,7 @@ import torch
 from .errors import LmcError
 
 SCHEMA_VERSION = 1
+DECODE_PROMPT = 16     # tokens of the decode benchmark's prompt, before --decode-tokens steps
 
 
 # -- timing ------------------------------------------------------------------------------------
@@ -316,7 +317,7 @@ def bench_decode(path, preset, sets, args, clock: Clock) -> Dict[str, Any]:
 
     graph = compile_model(path, preset, sets).graph
 
-    prompt, new = 16, args.decode_tokens
+    prompt, new = DECODE_PROMPT, args.decode_tokens
     rows = []
     batches = [1] + ([args.decode_batch] if args.decode_batch > 1 else [])
     configs = [("lmc", "triton", False)]
@@ -472,6 +473,25 @@ def report_md(result: Dict[str, Any], pngs: Sequence[str]) -> str:
 
 
 # -- entry -------------------------------------------------------------------------------------
+def _check_up_front(args, max_seq) -> None:
+    """What would fail only after minutes of measuring: sizes past the model's max_seq, an
+    --out that cannot be written (the CLI has checked the counts and an --out that is a
+    file)."""
+    if max_seq is not None:
+        if args.mode in ("train", "both") and args.seq_len > max_seq:
+            raise LmcError(f"--seq-len {args.seq_len} exceeds the model's max_seq {max_seq}")
+        if args.mode in ("decode", "both") and DECODE_PROMPT + args.decode_tokens > max_seq:
+            raise LmcError(f"--decode-tokens {args.decode_tokens} after the "
+                           f"{DECODE_PROMPT}-token prompt exceeds the model's max_seq "
+                           f"{max_seq}")
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as e:
+        raise LmcError(f"--out {args.out}: cannot create it ({e.strerror})") from None
+    if not os.access(args.out, os.W_OK):
+        raise LmcError(f"--out {args.out}: not writable")
+
+
 def run(args, command: str) -> Dict[str, Any]:
     import triton
 
@@ -496,6 +516,7 @@ def run(args, command: str) -> Dict[str, Any]:
         raise LmcError(f"--disable {bad[0]}: not a fusion pass (fusion passes: "
                        f"{', '.join(fusion_names())})")
     compiled = compile_model(args.file, args.preset, args.set)
+    _check_up_front(args, compiled.graph.meta.get("config", {}).get("max_seq"))
     result: Dict[str, Any] = {
         "schema": SCHEMA_VERSION, "model": compiled.graph.name, "file": args.file,
         "preset": args.preset, "set": list(args.set or []), "command": command,

@@ -86,6 +86,16 @@ def test_bench_rejects_bad_options(tmp_path, capsys):
     assert main(["bench", LLAMA, "--quick", "--out", str(f)]) == 2
     assert "exists and is not a directory" in capsys.readouterr().err
     assert f.read_text() == "mine"
+    # sizes past the model's max_seq (the tiny preset's 128), before measuring anything
+    out = tmp_path / "b"
+    for extra, msg in ((["--quick", "--seq-len", "1000"],
+                        "--seq-len 1000 exceeds the model's max_seq"),
+                       (["--preset", "tiny", "--mode", "decode", "--decode-tokens", "500"],
+                        "--decode-tokens 500 after the 16-token prompt exceeds")):
+        assert main(["bench", LLAMA, *extra, "--out", str(out)]) == 2, extra
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and msg in err[0], err
+        assert not (out / "bench.json").exists()
 
 
 def test_train_step_runs_the_compiled_module_it_is_given():
