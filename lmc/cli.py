@@ -13,7 +13,7 @@ import shlex
 import sys
 from typing import List, Optional
 
-from .errors import LmcError, Loc
+from .errors import LmcError, Loc, UsageError
 from .ioutil import atomic_write as _write  # a reader never sees a half-written file
 
 
@@ -65,7 +65,7 @@ def cmd_compile(args) -> int:
                                    for f in k[g]["fusions"]]
     if args.out:
         if os.path.exists(args.out) and not os.path.isdir(args.out):
-            raise LmcError(f"-o {args.out}: exists and is not a directory")
+            raise UsageError(f"-o {args.out}: exists and is not a directory")
         os.makedirs(args.out, exist_ok=True)
         _write(os.path.join(args.out, "ir_source.txt"), format_graph(c.source) + "\n")
         _write(os.path.join(args.out, "ir.txt"), format_graph(c.graph) + "\n")
@@ -527,7 +527,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--checkpoint", metavar="DIR", help="a run directory or a ckpt-* directory")
     r.add_argument("--out", default=None,
                    help="run directory (default: the --resume directory, else runs/train)")
-    r.add_argument("--resume", metavar="DIR", help="continue the run in DIR exactly")
+    r.add_argument("--resume", metavar="DIR",
+                   help="continue the run in DIR (exactly with its settings; a setting that "
+                        "differs is named on stderr)")
     r.add_argument("--overwrite", action="store_true",
                    help="replace the run already in --out (its checkpoints and metrics) "
                         "at the new run's first write; without it such an --out is refused")
