@@ -61,14 +61,25 @@ def _atomic_save(path: str, arr: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
+def _file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def _cache_entry_ok(where: str) -> bool:
     """A tokenized corpus in the cache is whole: meta.json (written last) reads, and
-    tokens.bin holds exactly the tokens it counts."""
+    tokens.bin holds exactly the tokens it counts, with the content hash it records (a file
+    of the right size overwritten is damaged too)."""
     try:
         with open(os.path.join(where, "meta.json"), encoding="utf-8") as f:
-            tokens = json.load(f)["tokens"]
+            meta = json.load(f)
         bin_path = os.path.join(where, "tokens.bin")
-        return os.path.isfile(bin_path) and os.path.getsize(bin_path) == 4 * int(tokens)
+        return os.path.isfile(bin_path) and \
+            os.path.getsize(bin_path) == 4 * int(meta["tokens"]) and \
+            _file_sha256(bin_path) == meta["sha256"]
     except (OSError, ValueError, KeyError, TypeError):
         return False
 
@@ -136,7 +147,8 @@ class Corpus:
             os.makedirs(where, exist_ok=True)
             _atomic_save(bin_path, ids)
             meta = {"source": data or "python stdlib " + sysconfig.get_paths()["stdlib"],
-                    "files": len(files), "tokens": int(ids.size), "tokenizer": tokenizer_name}
+                    "files": len(files), "tokens": int(ids.size), "tokenizer": tokenizer_name,
+                    "sha256": _file_sha256(bin_path)}
             atomic_write(os.path.join(where, "meta.json"), json.dumps(meta))
         ids = np.memmap(bin_path, dtype=np.uint32, mode="r")
         return Corpus.split(ids, data or "python stdlib", tokenizer_name)

@@ -189,6 +189,11 @@ def test_bad_settings_are_one_line_before_anything_is_written(tmp_path, corpus, 
     assert main(["run", *_args(afile, corpus, "--steps", "1")]) == 2
     assert "exists and is not a directory" in capsys.readouterr().err
     assert afile.read_text() == "mine"
+    args = _args(tmp_path / "x", corpus, "--steps", "1")
+    args[args.index("--out"):args.index("--out") + 2] = ["--resume", str(afile)]
+    assert main(["run", *args]) == 2
+    assert f"--resume {afile}: a file, not a run directory" in capsys.readouterr().err
+    assert afile.read_text() == "mine"
 
 
 def test_resume_refuses_damaged_or_foreign_checkpoints_and_loses_nothing(tmp_path, corpus,
@@ -376,10 +381,12 @@ def test_a_damaged_corpus_cache_is_tokenized_again(tmp_path, corpus, monkeypatch
     del first
     entry = next((p for p in (tmp_path / "cache" / "data").iterdir()))
     assert cache_dir() == str(tmp_path / "cache")
-    for damage in ("truncate", "dir"):
+    for damage in ("truncate", "overwrite", "dir"):
         b = entry / "tokens.bin"
         if damage == "truncate":
             b.write_bytes(b.read_bytes()[:5])
+        elif damage == "overwrite":     # the right size, other (valid) token ids
+            b.write_bytes(bytes(b.stat().st_size))
         else:
             b.unlink()
             b.mkdir()
@@ -425,5 +432,14 @@ def test_overwrite_replaces_only_at_the_first_write_and_resume_defaults_out(
     args = _args(a, corpus, "--steps", "4", "--resume", str(a))
     i = args.index("--out")
     del args[i:i + 2]
+    capsys.readouterr()
     assert main(["run", *args]) == 0
     assert (a / "ckpt-0000004").is_dir() and [r["step"] for r in _metrics(a)][-1] == 4
+    assert "resuming with other settings" not in capsys.readouterr().err
+    # other settings than the run's: it continues, and says which differ (--steps may grow)
+    args[args.index("--lr") + 1] = "5e-3"
+    args[args.index("--steps") + 1] = "5"
+    assert main(["run", *args]) == 0
+    err = capsys.readouterr().err
+    assert "resuming with other settings than the run's: --lr 0.005 (the run: 0.01)" in err
+    assert "--steps" not in err.split("note:")[1]
