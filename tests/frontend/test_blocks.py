@@ -153,3 +153,18 @@ def test_duplicate_instance_names_get_suffixes(tmp_path):
     m = lmc.load(_write(tmp_path, text))
     names = {n.rsplit(".", 1)[0] for n, _ in m.named_parameters()}
     assert {"layers.0.geglu_yaml", "layers.0.geglu_yaml_1"} <= names
+
+
+def test_a_block_the_file_defines_takes_precedence_over_a_python_block(tmp_path):
+    """docs/yaml.md: the file's own definitions are its local scope."""
+    @lmc.block(name="geglu_yaml")
+    def other(b, x):
+        return x * 0.0
+
+    try:
+        p = tmp_path / "m.yaml"
+        p.write_text(textwrap.dedent(MODEL).replace("BLOCK", "geglu_yaml"))
+        m = lmc.load(str(p), seed=0)
+        assert any(n.startswith("layers.0.ffn.w1") for n, _ in m.named_parameters())
+    finally:
+        unregister("geglu_yaml")
