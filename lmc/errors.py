@@ -37,5 +37,13 @@ class LmcError(Exception):
         return self.format()
 
 
+class UsageError(LmcError):
+    """A command-line problem (a flag's value, an output path): printed as ``lmc: error:``,
+    never placed at a line of the model file."""
+
+    def with_loc(self, loc: Optional[Loc]) -> "LmcError":
+        return self
+
+
 class ShapeError(LmcError):
     """A shape or dtype rule rejected its inputs."""

@@ -15,7 +15,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .errors import LmcError
+from .errors import LmcError, UsageError
 from .ir.ops import Op
 
 
@@ -267,7 +267,7 @@ def verify(path: str, preset: Optional[str] = None, overrides: Sequence[str] = (
     names = [n for n, _, _ in CHECKS]
     for name in skip:
         if name not in names:
-            raise LmcError(f"--skip {name}: no such check (checks: {', '.join(names)})")
+            raise UsageError(f"--skip {name}: no such check (checks: {', '.join(names)})")
     # --set applies on top of the tiny preset: a full-size model is no place to check invariants
     if preset is None and "tiny" in _preset_names(path):
         preset = "tiny"

@@ -25,7 +25,7 @@ import os
 import re
 from typing import Any, Dict, Iterable, List, Optional, Union
 
-from ..errors import LmcError, Loc
+from ..errors import LmcError, Loc, UsageError
 from ..ir import init as inits
 from ..ir.dims import Dim, norm
 from ..ir.graph import Graph
@@ -52,10 +52,10 @@ def parse_overrides(items: Union[None, Dict[str, Any], Iterable[str]]) -> Dict[s
     out = {}
     for item in items:
         if "=" not in item:
-            raise LmcError(f"--set expects key=value, got {item!r}")
+            raise UsageError(f"--set expects key=value, got {item!r}")
         k, v = item.split("=", 1)
         if not k.strip() or not v.strip():
-            raise LmcError(f"--set expects key=value, got {item!r}")
+            raise UsageError(f"--set expects key=value, got {item!r}")
         v = v.strip()
         out[k.strip()] = {"true": True, "false": False}.get(v, v)  # as YAML spells them
     return out

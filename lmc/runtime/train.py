@@ -269,6 +269,8 @@ def check_config(c: TrainConfig) -> None:
     cpu_triton_check(c.device, c.backend)
     if not 0 <= c.seed < 2 ** 32:
         raise LmcError(f"--seed must be in [0, 2**32), got {c.seed}")
+    if c.resume is not None and os.path.exists(c.resume) and not os.path.isdir(c.resume):
+        raise LmcError(f"--resume {c.resume}: a file, not a run directory")
     if os.path.exists(c.out) and not os.path.isdir(c.out):
         raise LmcError(f"--out {c.out}: exists and is not a directory")
     same = c.resume is not None and os.path.realpath(c.resume) == os.path.realpath(c.out)
@@ -280,6 +282,24 @@ def check_config(c: TrainConfig) -> None:
         raise LmcError(f"--out {c.out} holds a run ({', '.join(held[:3])}"
                        f"{', ...' if len(held) > 3 else ''}): continue it with --resume "
                        f"{c.out}, replace it with --overwrite, or choose another --out")
+
+
+# the settings a resumed run continues with; any other value makes a different run (--steps
+# may grow: extending a run is what resume is for)
+RESUMED_SETTINGS = ("batch_size", "seq_len", "grad_accum", "lr", "min_lr", "warmup",
+                    "weight_decay", "grad_clip", "seed", "data", "tokenizer", "precision",
+                    "backend")
+
+
+def _note_changed_settings(was: Dict[str, Any], c: TrainConfig, main: bool) -> None:
+    """Say (once, on stderr) which settings differ from the run being resumed: it continues,
+    but not as the run it resumes would have."""
+    now = asdict(c)
+    diff = [f"--{k.replace('_', '-')} {now[k]} (the run: {was[k]})" for k in RESUMED_SETTINGS
+            if k in was and was[k] != now[k]]
+    if diff and main:
+        print("lmc: note: resuming with other settings than the run's: " + ", ".join(diff)
+              + "; the continuation differs from the run it resumes", file=sys.stderr)
 
 
 def cpu_triton_check(device: Optional[str], backend: str) -> None:
@@ -440,6 +460,7 @@ def train(path: str, preset: Optional[str], overrides, c: TrainConfig) -> Dict[s
         np.random.set_state(st["rng"]["numpy"])
         torch.set_rng_state(st["rng"]["torch"])
         start = st["step"]
+        _note_changed_settings(st.get("config") or {}, c, d.main)
         if start >= c.steps:
             raise LmcError(f"--resume {c.resume}: the run is at step {start} already; --steps "
                            f"{c.steps} asks for no more (--steps counts from the run's start)")
