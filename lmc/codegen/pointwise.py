@@ -112,6 +112,10 @@ def _expr(n: Node, a: List[str]) -> str:
             x = f"tl.minimum({x}, {float(n.attrs['hi'])!r})"
         return x
     if op is Op.CAST:
+        if n.type.dtype in (DType.f16, DType.bf16):
+            # rounded to the narrow type, then computed on in fp32 as every value of a kernel
+            # (Triton's exp, tanh, ... take fp32 only); a store narrows it again, exactly
+            return f"({a[0]}).to({TL_DTYPE[n.type.dtype]}).to(tl.float32)"
         return f"({a[0]}).to({TL_DTYPE[n.type.dtype]})"
     if op is Op.POW:
         e = float(n.inputs[1].attrs["value"])

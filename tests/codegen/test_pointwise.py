@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-from conftest import ZOO
+from conftest import ZOO, triton_matches_oracle
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -411,3 +411,22 @@ def test_pointwise_output_read_as_permute_then_reshape_is_stored_permuted():
         got = p.run(vals, ctx)
         for k in want:
             torch.testing.assert_close(got[k], want[k], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["pointwise", "reduction", "epilogue", "prologue"])
+def test_a_narrowing_cast_then_a_math_function(kind):
+    """cast(x, f16) then exp/tanh/silu in one kernel: the value is rounded to fp16 and the
+    function computes in fp32 (Triton's math functions take fp32 only; an fp16 register
+    value crashed every kernel kind), equal to the oracle within fp16 rounding."""
+    Bs, Ts = Dim.sym("B"), Dim.sym("T")
+    b = Builder({}, {})
+    x, W = b.input("x", [Bs, Ts, 7], "f32"), b.input("W", [7, 5], "f32")
+    out = {"pointwise": lambda: b.exp(b.cast(x, "f16")),
+           "reduction": lambda: b.sum(b.tanh(b.cast(x, "f16")), -1),
+           "epilogue": lambda: b.silu(b.cast(x @ W, "f16")),
+           "prologue": lambda: b.cast(b.exp(b.cast(x, "f16")), "f32") @ W}[kind]()
+    g = Graph("g", b.nodes, {"y": out.node})
+    gen = torch.Generator().manual_seed(3)
+    for shape in [(2, 3), (1, 5)]:
+        triton_matches_oracle(g, {"x": torch.randn(*shape, 7, generator=gen),
+                                  "W": torch.randn(7, 5, generator=gen)}, rtol=2e-3, atol=2e-3)
