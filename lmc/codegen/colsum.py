@@ -29,6 +29,8 @@ def finish(ws, out, interpret: bool) -> None:
     from . import interpreter_blocks
 
     P, N = ws.shape
+    if N == 0:
+        return
     if interpret and interpreter_blocks():
         bp, bc = 2, min(triton.next_power_of_2(N), 1024)     # P > 2: several trips
     else:

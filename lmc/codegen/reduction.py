@@ -373,7 +373,10 @@ def launch(kernel, xs, outs, body: Graph, ctx, interpret: bool) -> None:
     for s in row_sizes:
         R *= s
     N = space[p.axis]
-    if R == 0:
+    if R == 0:      # no rows: a sum over every row is 0
+        for o, t in zip(p.outputs, outs):
+            if o in p.columns:
+                t.zero_()
         return
 
     def strides_in_space(t, shape):

@@ -13,12 +13,13 @@ scheduling. Two launches instead of three, and dy and x are read once.
 Runs after the other fusion passes, on their FUSED nodes. Matched: a reduction kernel S
 summing axis 0 of its row space [..., N] (keepdim off) and storing only that sum, followed by
 kernels that each only sum axis 0 of the previous one until [N] remains (the chain must be
-read by nothing else); and a reduction kernel R along the last axis of the same space,
-before S in the program, that reads a full-size input of S or produces one (R's output), with
-every other input of S defined before R. N must be static and at most COL_MAX, so a row is
-one chunk of the kernel and its column accumulators fit in registers. Of several such R, the
-one sharing the most full-size inputs with S takes it. Each merge and each decline is
-recorded in ``meta["fusions"]``.
+read by nothing else); and a reduction kernel R along the last axis of the same space that
+reads a full-size input of S or produces one (R's output), with every other input of S
+defined before R, and R before whatever reads the sum (R may come after S: a LayerNorm's
+bias gradient, the sum of dy, is made before the row kernel). N must be static and at most
+COL_MAX, so a row is one chunk of the kernel and its column accumulators fit in registers.
+Of several such R, the one sharing the most full-size inputs with S takes it. Each merge
+and each decline is recorded in ``meta["fusions"]``.
 """
 from __future__ import annotations
 
@@ -93,8 +94,10 @@ def _shared(s: Node, r: Node, space) -> int:
         x in r.inputs or (x.op is Op.GETITEM and x.inputs[0] is r)))
 
 
-def _row_kernel(s: Node, users, order) -> Tuple[Optional[Node], str]:
-    """The row kernel taking S's column sum, or None and why not."""
+def _row_kernel(s: Node, last: Node, users, order) -> Tuple[Optional[Node], str]:
+    """The row kernel taking S's column sum (whose result `last` is), or None and why not.
+    It may stand after S (a LayerNorm's bias gradient, the sum of dy, comes first) when
+    everything reading the result comes after it."""
     space = _single_sum(s).inputs[0].type.shape
     n = space[-1]
     if not isinstance(n, int):
@@ -107,7 +110,9 @@ def _row_kernel(s: Node, users, order) -> Tuple[Optional[Node], str]:
         [x.inputs[0] for x in full if x.op is Op.GETITEM and _is_red(x.inputs[0])]
     best, score = None, 0
     for r in dict.fromkeys(near):
-        if r is s or order[r] > order[s] or r.attrs.get("axis") != len(space) - 1:
+        if r is s or r.attrs.get("axis") != len(space) - 1:
+            continue
+        if order[r] > order[s] and not all(order[u] > order[r] for u in users[last]):
             continue
         k = _shared(s, r, space)
         if k <= score or _space(r) != space or \
@@ -117,8 +122,8 @@ def _row_kernel(s: Node, users, order) -> Tuple[Optional[Node], str]:
                is_source(x) or order[x] < order[r] for x in s.inputs):
             best, score = r, k
     if best is None:
-        return None, ("no reduction kernel along the rows of the same space, before it, "
-                      "reads or produces the values it sums")
+        return None, ("no reduction kernel along the rows of the same space reads or "
+                      "produces the values it sums (before its result is read)")
     return best, ""
 
 
@@ -167,7 +172,7 @@ def fuse_column_sums(g: Graph) -> Graph:
             continue
         seen.update(found[0])
         where = s.scope or "<model>"
-        r, why = _row_kernel(s, users, order)
+        r, why = _row_kernel(s, found[1], users, order)
         if r is None:
             records.append({"pass": PASS, "status": "declined", "where": where,
                             "reason": f"{s.attrs['kernel']} stays a kernel: {why}"})

@@ -161,3 +161,37 @@ def test_llama_training_backward_sums_every_norm_weight_in_its_row_kernel():
     assert len(fused) == 5, fused
     assert sum("_colsum_" in k["kernel"] for k in bwd["kernels"]) == 5
     assert not [k for k in bwd["kernels"] if k["kind"] == "reduction" and k["ops"] == ["sum"]]
+
+
+def test_no_rows_sum_to_zeros():
+    """B = 0 or T = 0: the row kernel has nothing to walk and the sums are zeros (its
+    launcher returned before writing them: uninitialised memory)."""
+    g = _norm_backward(8, bias=True)
+    for shape in [(0, 3), (2, 0)]:
+        p = _run(g, _vals(shape, 8))
+        assert len(_kernels(p)) == 1
+
+
+def test_a_layernorm_backward_takes_its_bias_gradient_made_before_the_row_kernel():
+    """autodiff's LayerNorm backward sums dy (the bias gradient) before the row kernel that
+    reads dy: the row kernel comes after the sum's first kernel but before anything reads
+    the sum, so it takes it, as it takes the weight gradient."""
+    from lmc.passes import run_pipeline
+    from lmc.passes.autodiff import differentiate
+
+    b = Builder({}, {})
+    x = b.input("x", [B, T, 24], "f32")
+    w, bias = b.param("w", [24]), b.param("bias", [24])
+    mu = b.mean(x, -1)
+    xc = x - mu
+    y = xc * b.rsqrt(b.mean(xc * xc, -1) + 1e-5) * w + bias
+    prog = differentiate(Graph("ln", b.nodes, {"y": y.node}))
+    bwd = run_pipeline(prog.backward)
+    gen = torch.Generator().manual_seed(0)
+    size = {B: 2, T: 5}
+    vals = {n.attrs["name"]: torch.randn(*[size.get(d, d) for d in n.type.shape],
+                                         generator=gen)
+            for n in bwd.nodes if n.op in (Op.INPUT, Op.PARAM)}
+    p = _run(bwd, vals, atol=1e-4)
+    assert len(_records(p, "fused")) == 2, p.graph.meta["fusions"]
+    assert not _records(p, "declined")
