@@ -24,10 +24,10 @@ def with_loss(g: Graph, logits: str = "logits") -> Graph:
                        f"{', '.join(g.outputs)})")
     if g.meta.get("loss_appended"):    # appended already
         return g
-    for name in ("loss", "targets"):
+    for name in ("loss", "ce_loss", "targets"):
         if name in g.outputs:
             raise LmcError(f"an output may not be named {name!r}: training appends it "
-                           "(rename the output)")
+                           "(rename the output)", g.outputs[name].loc)
     for n in g.inputs:
         if n.attrs.get("name") == "targets":
             raise LmcError("an input may not be named 'targets': training appends it "

@@ -221,15 +221,17 @@ def test_logits_that_cannot_train_and_taken_output_names_are_refused(tmp_path):
              (src.replace(line, f"    - logits = sum({head}, 1, False)\n"),
               "training needs logits shaped [B, T, vocab]"),
              (src.replace("  outputs: [logits]", "  outputs: {logits: logits, loss: logits}"),
-              "an output may not be named 'loss'")]
+              "an output may not be named 'loss'"),
+             (src.replace("  outputs: [logits]", "  outputs: {logits: logits, ce_loss: "
+                          "logits}"), "an output may not be named 'ce_loss'")]
     for i, (text, msg) in enumerate(cases):
         p = tmp_path / f"m{i}.yaml"
         p.write_text(text)
         with pytest.raises(LmcError, match=msg.replace("[", r"\[")) as e:
             with_loss(lmc.compile_model(str(p), "tiny").graph)
-        if i < 2:   # at the logits' line
-            assert e.value.loc is not None and e.value.loc.line == src[:src.index(line)].count(
-                "\n") + 1, e.value.format()
+        # at the logits' line (the taken names: the line of the value they name)
+        assert e.value.loc is not None and e.value.loc.line == src[:src.index(line)].count(
+            "\n") + 1, e.value.format()
     # applied twice: the second is a no-op (a graph with its loss and targets already)
     g = with_loss(lmc.compile_model(LLAMA, "tiny").graph)
     assert with_loss(g) is g
