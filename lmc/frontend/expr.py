@@ -177,6 +177,10 @@ class Evaluator:
             fn = _CMPOPS.get(type(op))
             if fn is None:
                 raise self.error(node, f"comparison {type(op).__name__} is not allowed")
+            t = left if isinstance(left, Tensor) else right
+            if isinstance(op, (ast.Eq, ast.NotEq)) and isinstance(t, Tensor):
+                # elementwise, as eq/ne (Python's == on two objects would be identity)
+                fn = t.b.eq if isinstance(op, ast.Eq) else t.b.ne
             r = self.apply(node, fn, left, right) if isinstance(left, Tensor) or \
                 isinstance(right, Tensor) else fn(left, right)
             if len(node.ops) > 1 and isinstance(r, Tensor):
