@@ -163,6 +163,11 @@ class _Labels:
             return self._broadcast(n, list(range(len(ins))))
         if op is Op.MATMUL:
             return self._matmul(n)
+        if op is Op.CUMPROD:    # along a feature axis it is position-wise
+            if L[0] and L[0][n.attrs["axis"]]:
+                raise _err(n, "runs along the sequence axis; a cumprod there has no "
+                              "single-step form yet")
+            return L[0]
         if op in TIME_REDUCE or op is Op.CUMSUM:
             ax = n.attrs["axis"]
             src = L[0]

@@ -330,3 +330,28 @@ model:
     with pytest.raises(LmcError, match=r"kq.yaml:11:.*query and key axes disagree.*"
                                        r"q @ transpose\(k\)"):
         decode_step(m.graph)
+
+
+CUMPROD = """\
+config: {{vocab: 11, d: 8}}
+model:
+  inputs: {{ids: [B, T]}}
+  params: {{embed: [vocab, d], w: [d, d], head: [d, vocab]}}
+  body:
+    - x = embedding(embed, ids)
+    - g = cumprod(sigmoid(x @ w), {axis})
+    - logits = (x + g) @ head
+  outputs: [logits]
+"""
+
+
+def test_a_cumprod_along_features_decodes_and_along_time_is_a_clear_error(tmp_path):
+    p = tmp_path / "f.yaml"
+    p.write_text(CUMPROD.format(axis=-1))
+    m = lmc.load(str(p), seed=2).eval()
+    ids = torch.randint(0, 11, (2, 7))
+    for k in (0, 3):
+        assert _decode_matches(m, ids, k) < 1e-5
+    p.write_text(CUMPROD.format(axis=1))
+    with pytest.raises(LmcError, match=r"f.yaml:7:.*cumprod runs along the sequence axis"):
+        decode_step(lmc.load(str(p)).graph)
