@@ -436,7 +436,12 @@ def declare_params(spec, b: Builder, scope: Scope, where: Loc) -> Dict[str, Tens
         extra = set(s) - {"shape", "init", "dtype"}
         if extra:
             k = sorted(extra, key=str)[0]
-            raise LmcError(f"unknown key {k!r} for parameter {name!r}", s.key_loc(k))
+            hint = ""
+            if isinstance(s.get("init"), str) and "(" in s["init"] and ")" not in s["init"]:
+                # {shape: [d], init: uniform(-0.1, 0.1)}: YAML splits a flow mapping at commas
+                hint = (f" (a comma in a {{...}} mapping ends the value: quote the init, "
+                        f"init: '{s['init']}, ...)')")
+            raise LmcError(f"unknown key {k!r} for parameter {name!r}{hint}", s.key_loc(k))
         shape = eval_shape(s["shape"], scope, s.val_loc("shape"), allow_symbols=False)
         init = s.get("init", "normal(0.02)")
         if isinstance(init, str) and init.strip() in YAML_INITS:

@@ -282,3 +282,11 @@ def test_presets_that_are_not_a_mapping(tmp_path, capsys, value):
     p = write(tmp_path, "\n".join(lines) + "\n")
     for extra in ((), ("--preset", "tiny")):
         check(capsys, p, line, 10, "presets must be a mapping", extra=extra)
+
+
+def test_an_init_call_split_by_a_flow_mapping_comma_gets_a_hint(tmp_path, capsys):
+    """{shape: [d], init: uniform(-0.1, 0.1)}: YAML ends the value at the comma; the unknown
+    key error says so and how to quote it."""
+    p, line = variant(tmp_path, "w1: [d, 4 * d]",
+                      "      w1: {shape: [d, 4 * d], init: uniform(-0.1, 0.1)}")
+    check(capsys, p, line, None, "unknown key '0.1)'", "quote the init")
