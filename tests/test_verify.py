@@ -107,3 +107,20 @@ def test_an_unused_parameter_is_a_zero_gradient_not_a_failure(tmp_path):
     from lmc.verify import _grad_diff
     ok, why = _grad_diff({"w": torch.ones(3)}, {"w": None})
     assert not ok and "missing" in why
+
+
+def test_a_model_storing_bf16_skips_the_triton_check_without_a_gpu(tmp_path):
+    """Triton's interpreter cannot compute bf16: on CPU the triton check says so and is
+    skipped (it failed, pointing at a --precision flag verify does not have)."""
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU the check runs")
+    p = tmp_path / "bf.yaml"
+    p.write_text(UNUSED.replace("lm_head: [d, vocab]}", "}").replace(
+        "    - logits = embedding(embed, ids) @ transpose(embed, 0, 1)\n",
+        "    - h = cast(embedding(embed, ids) * 2.0, 'bf16')\n"
+        "    - logits = cast(h @ cast(transpose(embed, 0, 1), 'bf16'), 'f32')\n"))
+    rows = _rows(str(p))
+    tri = rows["triton = oracle"]
+    assert tri.skipped and "run lmc verify on a GPU" in tri.detail, tri
+    assert all(r.ok for r in rows.values())

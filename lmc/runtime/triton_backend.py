@@ -115,7 +115,8 @@ class TritonProgram:
                     if isinstance(t, torch.Tensor)):
                 raise LmcError(f"kernel {attrs['kernel']}: Triton's interpreter "
                                "(no CUDA here) computes bf16 on bit patterns and would "
-                               "return garbage; use f16 or f32 (--precision) on CPU")
+                               "return garbage; on CPU use f16 or f32 (lmc run "
+                               "--precision), or a GPU")
             import numpy as np
             with np.errstate(all="ignore"):
                 launch(kernel, xs, outs, attrs["body"], ctx, True)
