@@ -34,12 +34,6 @@ FUSION_PASSES: List[Tuple[str, object]] = [
 ]
 
 
-# the fusion passes that record each site they fuse in meta["fusions"] (fuse_pointwise records
-# only its declines): one with no "fused" record changed nothing (lmc bench skips timing it)
-RECORDS_FUSED = {"fuse_matmul", "fuse_reductions", "fuse_matmul_reductions",
-                 "fuse_matmul_prologues", "fuse_column_sums"}
-
-
 # pattern passes run before autodiff (their fused op's VJP is the fused backward), on the
 # program the triton backend trains or runs; each is the function of the same name in
 # lmc/passes/<name>.py, and --disable knows them
@@ -52,9 +46,12 @@ PATTERN_PASSES = [
 
 def apply_patterns(g: Graph, disable: Sequence[str] = ()) -> Graph:
     """The pattern passes, on a primitive graph before autodiff."""
+    from ..passes import debug_dump, debugging
     for name in PATTERN_PASSES:
         if name not in disable:
             g = getattr(importlib.import_module(f"lmc.passes.{name}"), name)(g)
+            if debugging():
+                debug_dump(g, f"after {name}")
     return g
 
 
@@ -101,9 +98,12 @@ def fuse(g: Graph, disable: Sequence[str] = (), cache_writes: bool = False,
                        f"{', '.join(n for n, _ in FUSION_PASSES)})")
     g = verify(sink_scalar_ops(split_widening_casts(sink_recomputations(
         drop_broadcast_expands(g)))), inlined=True)
+    from ..passes import debug_dump, debugging
     for name, fn in FUSION_PASSES:
         if name not in disable:
             g = verify(fn(g), inlined=True)
+            if debugging():
+                debug_dump(g, f"after {name}")
     if cache_writes:
         from ..passes.fuse_cache_writes import fuse_cache_writes
         g = verify(fuse_cache_writes(g), inlined=True)

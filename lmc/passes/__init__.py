@@ -25,6 +25,17 @@ PIPELINE: List[Pass] = [
 ]
 
 
+def debugging() -> bool:
+    """LMC_DEBUG set (to anything but 0): tracebacks on errors, the IR after every pass."""
+    return os.environ.get("LMC_DEBUG", "") not in ("", "0")
+
+
+def debug_dump(g: Graph, what: str) -> None:
+    """The IR of `g` on stderr, headed by its name and `what` happened (LMC_DEBUG)."""
+    print(f"// ---- {g.name}: {what}", file=sys.stderr)
+    print(g, file=sys.stderr)
+
+
 def run_pipeline(g: Graph, passes: Optional[Sequence[Pass]] = None,
                  disable: Sequence[str] = ()) -> Graph:
     passes = PIPELINE if passes is None else passes
@@ -38,7 +49,7 @@ def run_pipeline(g: Graph, passes: Optional[Sequence[Pass]] = None,
         from ..errors import LmcError
         raise LmcError("--disable inline: inlining is not optional (every pass after it, "
                        "autodiff and codegen take primitives only)")
-    debug = os.environ.get("LMC_DEBUG", "") not in ("", "0")
+    debug = debugging()
     history = list(g.meta.get("history", []))
     inlined = False
     for name, fn in passes:
@@ -52,8 +63,7 @@ def run_pipeline(g: Graph, passes: Optional[Sequence[Pass]] = None,
         history.append({"pass": name, "nodes_before": before, "nodes_after": len(g),
                         "seconds": time.perf_counter() - t0})
         if debug:
-            print(f"// ---- after {name} ({before} -> {len(g)} nodes)", file=sys.stderr)
-            print(g, file=sys.stderr)
+            debug_dump(g, f"after {name} ({before} -> {len(g)} nodes)")
     g.meta["history"] = history
     g.meta.setdefault("fusions", [])
     return g

@@ -217,6 +217,10 @@ def differentiate(g: Graph, wrt: Optional[Sequence[str]] = None,
             fwd_outputs[f"saved:{k}"] = n
             saved_names.append(f"saved:{k}")
     forward = g.with_nodes(nodes, fwd_outputs)
+    from . import debug_dump, debugging
+    if debugging():
+        debug_dump(forward, "forward' (autodiff: with the values saved for the backward)")
+        debug_dump(backward, "backward (autodiff)")
     return Differentiated(forward, backward, list(wrt), outputs, saved_names)
 
 

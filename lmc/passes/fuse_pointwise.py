@@ -93,9 +93,16 @@ def fuse_pointwise(g: Graph) -> Graph:
     # a group of concats alone would be a copy kernel in place of torch.cat: leave those
     keep = [i for i, grp in enumerate(groups) if any(m.op is not Op.CONCAT for m in grp)]
     groups, anchors = [groups[i] for i in keep], [anchors[i] for i in keep]
-    out = contract(g, groups, lambda members, gid, used, new: make_fused(
-        members, f"{gid}", used, new), anchors)
-    out.meta["fusions"] = list(g.meta.get("fusions", [])) + [
+    fused: List[dict] = []
+
+    def build(members, gid, used, new):
+        ops = "+".join(dict.fromkeys(m.op.value for m in members))
+        fused.append({"pass": "fuse_pointwise", "status": "fused", "where": _where(members[0]),
+                      "reason": f"{len(members)} op{'s' if len(members) > 1 else ''} in one "
+                                f"kernel: {ops}"})
+        return make_fused(members, f"{gid}", used, new)
+    out = contract(g, groups, build, anchors)
+    out.meta["fusions"] = list(g.meta.get("fusions", [])) + fused + [
         {"pass": "fuse_pointwise", "status": "declined", "where": _where(n), "reason": why}
         for n, why in declined]
     return out
