@@ -265,7 +265,7 @@ def main(argv=None):
                            lambda: reference_contender(f32, args, device, True)))
     if "lmc" not in skip:
         for b in backends:
-            contenders.append((f"lmc static step, CUDA graph ({b} backend)",
+            contenders.append((f"lmc static step ({b} backend)",
                                (lambda b: lambda: lmc_contender(f32, args, device, b))(b)))
     results, tokens = [], {}
     for name, make in contenders:

@@ -13,10 +13,15 @@ graphs) as written.
 """
 from __future__ import annotations
 
+import os
+import sys
+
 import torch
 import torch.nn.functional as F
-from reference_llama import rope_cos_sin, rotate_half
 from torch import nn
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+from reference_llama import rope_cos_sin, rotate_half  # noqa: E402
 
 
 class StaticKVLlama(nn.Module):
@@ -56,3 +61,7 @@ class StaticKVLlama(nn.Module):
             x = x + a.wo(o.transpose(1, 2).reshape(B, T, -1))
             x = x + layer.ffn(layer.ffn_norm(x))
         return m.lm_head(m.norm(x))
+
+
+if __name__ == "__main__":     # a module of decode_bench.py, not a script
+    print(__doc__)

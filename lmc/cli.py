@@ -123,7 +123,7 @@ def cmd_compile(args) -> int:
         print(format_decode(s["decode"]))
     if args.out:
         graphs = "forward,backward" + (",decode,decode_static" if step is not None else "")
-        print(f"wrote       {args.out}/ir_source.txt, ir.txt, summary.json, "
+        print(f"wrote       {os.path.join(args.out, '')}ir_source.txt, ir.txt, summary.json, "
               f"kernels_{{{graphs}}}.py, program_{{{graphs}}}.py"
               + (", ir_decode.txt" if step is not None else ""))
     return 0
