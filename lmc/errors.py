@@ -45,5 +45,10 @@ class UsageError(LmcError):
         return self
 
 
+class InterpreterBf16Error(LmcError):
+    """A kernel would compute on bf16 tensors in Triton's interpreter (no CUDA), which
+    computes bf16 on bit patterns: refused rather than returning garbage."""
+
+
 class ShapeError(LmcError):
     """A shape or dtype rule rejected its inputs."""

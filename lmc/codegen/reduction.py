@@ -31,7 +31,7 @@ from .pointwise import HELPERS, TL_DTYPE, _expr, literal  # noqa: F401  (HELPERS
 
 RED_OPS = (Op.SUM, Op.MEAN, Op.AMAX, Op.LOGSUMEXP)
 # a kernel with column sums (fuse_column_sums): a row is one chunk of at most COL_BLOCK_MAX
-# (the pass's COL_MAX rounded up); on a GPU COL_PROGRAMS_PER_SM programs per SM walk the row
+# (the pass takes rows up to it); on a GPU COL_PROGRAMS_PER_SM programs per SM walk the row
 # blocks (more programs hide more latency, fewer make a smaller workspace: 8 x 132 partial
 # rows of 768 fp32 are 3.2 MB, against the 75 MB a llama norm's separate column sum read; a
 # value to measure); under the interpreter at most INTERPRET_COL_PROGRAMS, INTERPRET_COL_ROWS

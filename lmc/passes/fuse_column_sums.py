@@ -26,13 +26,15 @@ from __future__ import annotations
 import re
 from typing import Dict, List, Optional, Tuple
 
+from ..codegen.reduction import COL_BLOCK_MAX
 from ..ir.graph import Graph, Node
 from ..ir.ops import Kind, Op
 from .fuse_pointwise import is_source
 from .patterns import Body
 
 PASS = "fuse_column_sums"
-COL_MAX = 2048      # N up to which a row is one chunk (reduction.py's widest GPU BLOCK_N)
+# N up to which a row is one chunk of the kernel (its widest BLOCK_N on a GPU)
+COL_MAX = COL_BLOCK_MAX
 
 
 def _is_red(n: Node) -> bool:

@@ -96,10 +96,7 @@ def fuse_pointwise(g: Graph) -> Graph:
     fused: List[dict] = []
 
     def build(members, gid, used, new):
-        ops = "+".join(dict.fromkeys(m.op.value for m in members))
-        fused.append({"pass": "fuse_pointwise", "status": "fused", "where": _where(members[0]),
-                      "reason": f"{len(members)} op{'s' if len(members) > 1 else ''} in one "
-                                f"kernel: {ops}"})
+        fused.append(kernel_record("fuse_pointwise", members, members[0]))
         return make_fused(members, f"{gid}", used, new)
     out = contract(g, groups, build, anchors)
     out.meta["fusions"] = list(g.meta.get("fusions", [])) + fused + [
@@ -280,6 +277,13 @@ def contract(g: Graph, groups: List[List[Node]], build, anchors=None) -> Graph:
         new[n] = c
         nodes.append(c)
     return g.with_nodes(nodes, {k: new[v] for k, v in g.outputs.items()})
+
+
+def kernel_record(pass_name: str, members: List[Node], at: Node) -> dict:
+    """The "fused" record of a group made one kernel: how many ops, which."""
+    ops = "+".join(dict.fromkeys(m.op.value for m in members))
+    return {"pass": pass_name, "status": "fused", "where": _where(at),
+            "reason": f"{len(members)} op{'s' if len(members) > 1 else ''} in one kernel: {ops}"}
 
 
 def _where(n: Node) -> str:

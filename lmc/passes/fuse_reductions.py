@@ -28,7 +28,15 @@ from typing import Dict, List, Optional
 
 from ..ir.graph import Graph, Node
 from ..ir.ops import Kind, Op
-from .fuse_pointwise import _where, contract, feeds_one_group, fusible, is_source, make_fused
+from .fuse_pointwise import (
+    _where,
+    contract,
+    feeds_one_group,
+    fusible,
+    is_source,
+    kernel_record,
+    make_fused,
+)
 
 RED_OPS = (Op.SUM, Op.MEAN, Op.AMAX, Op.LOGSUMEXP)
 
@@ -222,11 +230,7 @@ def fuse_reductions(g: Graph) -> Graph:
     def build(members, gid, used, new):
         grp = kept[gid]
         reds = [m for m in members if m.op in RED_OPS + (Op.CUMSUM,)]
-        ops = "+".join(dict.fromkeys(m.op.value for m in members))
-        fusions.append({"pass": "fuse_reductions", "status": "fused",
-                        "where": _where(reds[0]),
-                        "reason": f"{len(members)} op{'s' if len(members) > 1 else ''} in "
-                                  f"one kernel: {ops}"})
+        fusions.append(kernel_record("fuse_reductions", members, reds[0]))
         return make_fused(members, f"{gid}", used, new, kind="reduction", prefix="lmc_red_",
                           extra={"axis": grp.axis})
 

@@ -575,12 +575,14 @@ def train(path: str, preset: Optional[str], overrides, c: TrainConfig) -> Dict[s
                 summary["val_loss"] = rec["val_loss"]
                 t_last = time.perf_counter()
             summary["train_loss"] = train_loss
-            logged = d.main and (step % c.log_every == 0 or "val_loss" in rec
-                                 or step == c.steps)
-            if logged:
+            def log():
                 clear_old()
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(rec) + "\n")
+            logged = d.main and (step % c.log_every == 0 or "val_loss" in rec
+                                 or step == c.steps)
+            if logged:
+                log()
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
@@ -593,8 +595,7 @@ def train(path: str, preset: Optional[str], overrides, c: TrainConfig) -> Dict[s
             if stop["signal"] is not None:
                 clear_old()
                 if d.main and not logged:   # the checkpoint's step ends the curve
-                    with open(metrics_path, "a") as f:
-                        f.write(json.dumps(rec) + "\n")
+                    log()
                 last_ckpt = save_checkpoint(c.out, step, model, opt, c, d,
                                             ckpt_meta) or last_ckpt
                 if d.main:

@@ -13,7 +13,7 @@ import torch
 
 from ..codegen import cache, kind_module, warm, wrapper
 from ..codegen.program import fuse, module_source
-from ..errors import LmcError
+from ..errors import InterpreterBf16Error, LmcError
 from ..ir.graph import Graph
 from ..ir.ops import Op
 from ..ops.reference import REFERENCE
@@ -113,7 +113,7 @@ class TritonProgram:
             if not BF16_SHAPES_ONLY and pass_ is None and any(
                     t.dtype is torch.bfloat16 for t in list(xs) + list(outs)
                     if isinstance(t, torch.Tensor)):
-                raise LmcError(f"kernel {attrs['kernel']}: Triton's interpreter "
+                raise InterpreterBf16Error(f"kernel {attrs['kernel']}: Triton's interpreter "
                                "(no CUDA here) computes bf16 on bit patterns and would "
                                "return garbage; on CPU use f16 or f32 (lmc run "
                                "--precision), or a GPU")
