@@ -130,8 +130,8 @@ def _gate_fwd(X, WR, NOISE, IDX, WOUT, KEPT, PROBS, LSE, PART, CARRY, POS, CHOSE
               sxn, sxd, swd, swe, snn, sne,
               K: tl.constexpr, RENORM: tl.constexpr, HAS_NOISE: tl.constexpr,
               CAP: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr,
-              DOT_PREC: tl.constexpr, ROUND: tl.constexpr = 0, HAS_CARRY: tl.constexpr = False,
-              HAS_CHOSEN: tl.constexpr = False):
+              DOT_PREC: tl.constexpr, ROUND: tl.constexpr = 0, ROUND_P: tl.constexpr = 0,
+              HAS_CARRY: tl.constexpr = False, HAS_CHOSEN: tl.constexpr = False):
     pid = tl.program_id(0)
     cols = tl.arange(0, BE)
     emask = cols < E
@@ -170,7 +170,7 @@ def _gate_fwd(X, WR, NOISE, IDX, WOUT, KEPT, PROBS, LSE, PART, CARRY, POS, CHOSE
         m = tl.max(logits, 1)
         ex = tl.exp(logits - m[:, None])
         s = tl.sum(ex, 1)
-        p = _round(ex / s[:, None], ROUND)
+        p = _round(ex / s[:, None], ROUND_P)
         tl.store(LSE + rows, m + tl.log(s), mask=rmask)
         tl.store(PROBS + rows[:, None] * E + cols[None, :], p,
                  mask=rmask[:, None] & emask[None, :])
@@ -298,17 +298,22 @@ class Gating(NamedTuple):
     count: Optional[Tensor] = None   # [B, E] fp32 with a carry: the running count after
 
 
+_ROUND = {None: 0, torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}   # _round's codes
+
+
 def _gate_blocks():
     return (64, 64) if not _interpret() else (16, 32)
 
 
 def _gating_forward(x, w_router, noise, k, renormalize, capacity_pct, seq_len,
                     capacity=None, round_to=None, carry=None, chosen=None,
-                    count=None) -> Gating:
+                    count=None, probs_round=None) -> Gating:
     """capacity = (a, b) states the capacity test directly: slot kept iff
     (pos - 1) * a < (t + 1) * b (capacity_pct c is (E * 100, c * k)). round_to (torch.float16
     or torch.bfloat16): the logits, noisy logits and probabilities are rounded to it, as a
-    mixed-precision program stores them, and the top-k compares the rounded values. carry
+    mixed-precision program stores them, and the top-k compares the rounded values;
+    probs_round (default round_to; torch.float32: not rounded) is the probabilities' own
+    (mixed_precision's softmax is fp32 over low-precision logits). carry
     (a decode step, with a capacity) = (counts [B, E] f32 of the sequences' earlier choices,
     positions [T] of the step's tokens): pos counts on from the counts, t is the position.
     chosen: a contiguous fp32 [N, E] tensor the kernel writes the 0/1 choices into. With a
@@ -363,7 +368,8 @@ def _gating_forward(x, w_router, noise, k, renormalize, capacity_pct, seq_len,
                        K=k, RENORM=bool(renormalize), HAS_NOISE=noise is not None, CAP=cap,
                        BT=BT, BD=BD, BE=BE,
                        DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32",
-                       ROUND={None: 0, torch.float16: 1, torch.bfloat16: 2}[round_to], **extra)
+                       ROUND=_ROUND[round_to],
+                       ROUND_P=_ROUND[round_to if probs_round is None else probs_round], **extra)
     stats = part.sum(0)[:, :E]
     return Gating(idx, w, kept, stats[0], stats[1], stats[2], lse, probs,
                   count.view(grid, E) if count is not None else None)
@@ -1170,7 +1176,9 @@ def launch_template(template: str, xs, outs, opts) -> None:
     carry = (xs[base], xs[base + 1]) if opts.get("carry") else None
     cap = tuple(opts["capacity"]) if opts.get("capacity") else None
     seq = x.shape[-2] if cap else None
-    rnd = {"f32": None, "f16": torch.float16, "bf16": torch.bfloat16}[opts.get("dtype", "f32")]
+    dts = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+    rnd = dts[opts.get("dtype", "f32")]                    # the logits' dtype
+    prnd = dts[opts.get("probs_dtype", opts.get("dtype", "f32"))]
     roles = list(opts["outputs"])
     bwd = template.endswith("_bwd")
     got = dict(zip(roles, outs)) if not bwd else {}
@@ -1180,7 +1188,7 @@ def launch_template(template: str, xs, outs, opts) -> None:
     cn = got.get("count")
     cn = cn if cn is not None and cn.is_contiguous() and cn.dtype == torch.float32 else None
     g = _gating_forward(x2, wr, noise, k, renorm, None, seq, capacity=cap, round_to=rnd,
-                        carry=carry, chosen=ch, count=cn)
+                        carry=carry, chosen=ch, count=cn, probs_round=prnd)
     if layer:
         x2 = x2.contiguous()
         wg, w1, w2 = (t.contiguous() for t in xs[2:5])

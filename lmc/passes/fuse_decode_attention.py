@@ -5,6 +5,7 @@ triton backend, never on a training or forward program. Matched on primitives: f
 softmax over the last axis of [B, H, T, S] scores, the pass walks
 
     out = softmax(where(mask, (q @ k4^T) * scale, -inf)) @ v4        (scale optional, * or /)
+    (mixed precision: softmax(cast(where(..), f32)), cast back to v's dtype before @ v4)
     k4 = k  |  expand(k, [B, H, S, D]) (k with one head)
             |  reshape(expand(reshape(k, [B, Hkv, 1, S, D]), [B, Hkv, G, S, D]), [B, H, S, D])
     (v4 alike: the GQA/MQA broadcast of n_kv heads, query head h reading kv head h // G; a
@@ -72,7 +73,7 @@ from typing import Dict, List
 from ..ir.graph import Graph, Node
 from ..ir.ops import Op
 from .fuse_pointwise import _where
-from .patterns import Body, NoMatch, Region, const_value, match_all, need, splice
+from .patterns import Body, NoMatch, Region, const_value, match_all, need, splice, widened
 
 PASS = "fuse_decode_attention"
 POS = "decode.pos"
@@ -164,12 +165,20 @@ def _position_mask(mask: Node, region: List[Node]) -> dict:
 def match(sm: Node, users: Dict[Node, List[Node]]) -> dict:
     need(sm.attrs["axis"] == sm.type.rank - 1, "softmax not over the last axis")
     need(sm.type.dtype.value in ("f32", "f16", "bf16"), "attention in a non-float dtype")
-    outs = users.get(sm, [])
+    region = [sm]
+    p, outs = sm, users.get(sm, [])
+    if len(outs) == 1 and outs[0] is not None and outs[0].op is Op.CAST:
+        p, outs = outs[0], users.get(outs[0], [])     # rounded to v's dtype for probs @ v
+        region.append(p)
     need(len(outs) == 1 and outs[0] is not None and outs[0].op is Op.MATMUL
-          and outs[0].inputs[0] is sm, "probabilities are not used once, as probs @ v")
+          and outs[0].inputs[0] is p, "probabilities are not used once, as probs @ v")
     pv = outs[0]
-    region = [sm, pv]
+    region.append(pv)
     wh = sm.inputs[0]
+    if widened(wh):      # mixed precision's fp32 softmax over low-precision scores
+        region.append(wh)
+        wh = wh.inputs[0]
+    sdt = wh.type.dtype
     need(wh.op is Op.WHERE, "scores are not masked (the decode step's attention is causal)")
     mask, x, fill = wh.inputs
     need(const_value(fill) == float("-inf"), "masked scores are not set to -inf")
@@ -242,7 +251,7 @@ def match(sm: Node, users: Dict[Node, List[Node]]) -> dict:
               "heads and slots")
     need(isinstance(H, int) and isinstance(hkv, int) and H % hkv == 0,
           f"{H} query heads are not a multiple of {hkv} kv heads")
-    need(all(x.type.dtype == sm.type.dtype for x in qs + ks + [v]),
+    need(all(x.type.dtype == sdt for x in qs + ks + [v]),
           "q, k, v and the scores differ in dtype")
     T, S = q.type.shape[2], k.type.shape[2]
     need(S == minfo["length"], "the mask's keys are not the cache's")

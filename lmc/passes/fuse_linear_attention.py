@@ -8,7 +8,9 @@ Matched on primitives (no block names): from each `a @ v` whose `a` is a product
     G_t - G_s = reshape(G, [.., T, 1]) - reshape(G, [.., 1, T]),  G = cumsum(ld, -1)
 
 (the canonical form lmc/passes/decode.py also recognises and decodes with a d_k x d_v state;
-D may reach the product through one cast, as the mixed-precision pass writes it) with
+under mixed precision D may reach the product through one cast, a fixed decay cast to the
+scores' dtype, or the product may be cast(cast(q @ k^T, f32) * D) with a learned fp32 D, its
+weights rounded to v's dtype: both as the mixed-precision pass writes them) with
 q, k: [B, H, T, d_k], v: [B, H, T, d_v] of one float dtype and the log-decays ld (rank 2
 or 3) broadcastable to [B, H, T]: per-token gates [B, H, T] (yoco's gated retention; they get a
 gradient) or a fixed decay computed from constants ([1, H, T] expanded from [1, H, 1]:
@@ -38,8 +40,9 @@ from typing import Dict, List, Optional, Tuple
 
 from ..ir.graph import Graph, Node, toposort
 from ..ir.ops import Op
+from ..ir.types import DType
 from .fuse_pointwise import _where
-from .patterns import Body, NoMatch, Region, const_value, is_swap, need, splice
+from .patterns import Body, NoMatch, Region, const_value, is_swap, need, splice, widened
 
 PASS = "fuse_linear_attention"
 DEFAULT_CHUNK = 64
@@ -123,8 +126,15 @@ def match(out: Node, static) -> dict:
     need(out.type.dtype.value in ("f32", "f16", "bf16"),
           f"linear attention in {out.type.dtype.value} (kernels: f32, f16, bf16)")
     a, v = out.inputs
+    region = [out]
+    if a.op is Op.CAST and a.type.dtype == v.type.dtype and a.inputs[0].op is Op.MUL \
+            and a.inputs[0].type.dtype is DType.f32:
+        # mixed precision: fp32 weights (an fp32 decay times the scores cast up) rounded to
+        # v's dtype for the product
+        region.append(a)
+        a = a.inputs[0]
     need(a.op is Op.MUL, "a cast between (q @ k^T) * D and the product with v")
-    region = [out, a]
+    region.append(a)
     first, second = a.inputs
     pairs = [(s, d) for s, d in ((first, second), (second, first)) if _scores_like(s)]
     errors = []
@@ -138,6 +148,9 @@ def match(out: Node, static) -> dict:
     else:
         raise NoMatch(errors[0])
     region += sub
+    if widened(s):
+        region.append(s)
+        s = s.inputs[0]
     mm, scaled, scale = _unscale(s)
     if scaled is not None:
         region.append(scaled)

@@ -4,6 +4,7 @@ the zoo's dense form, the whole MoE layer) as one fused op.
 Matched on primitives (no block names): from each `topk` the pass walks back to
 
     probs = softmax(logits, -1),  logits = x @ W_r  or  gaussian_noise(x @ W_r, std, seed)
+    (softmax([cast(] logits [, f32)]): mixed precision's fp32 softmax over bf16 logits)
 
 (W_r [d, E], fp32, k in {1, 2}) and forward to the dense [.., E] combine weights in one of the
 zoo's two spellings:
@@ -61,10 +62,12 @@ draw counter, shape). The pass leaves `noise = gaussian_noise(zeros, std, seed)`
 (the same draw, so the same values; zeros in eval mode) and the body adds it to the router
 logits: the op's last input, with no gradient.
 
-Mixed precision: a router whose matmul and softmax are f16/bf16 (the mixed-precision pass's
-program; the gate arithmetic reads cast(probs, f32)) is matched too; the kernel rounds the
-logits, noisy logits and probabilities to that dtype as the oracle stores them, so its top-k
-compares the same values (ties after rounding go to the lower expert). The experts then run
+Mixed precision: a router whose matmul is f16/bf16 is matched too, with its softmax in fp32
+over the logits cast up (the mixed-precision pass's program: softmax is on autocast's fp32
+list) or in the same low dtype (the gate arithmetic then reads cast(probs, f32)); the kernel
+rounds the logits, noisy logits and (in the second form) the probabilities as the oracle
+stores them, so its top-k compares the same values (ties after rounding go to the lower
+expert). The experts then run
 in that dtype with fp32 accumulation and an fp32 combine, as the program writes them.
 
 Not matched (each near miss is a declined record with the failed condition): a sigmoid or any
@@ -141,11 +144,16 @@ def match(top: Node, users: Dict[Node, List[Node]], static, outputs,
         raise NoMatch("sigmoid router: the fused gating computes a softmax")
     need(probs.op is Op.SOFTMAX, f"top-k of {probs.op.value}, not of softmax(router logits)")
     need(probs.attrs["axis"] == rank - 1, "router softmax not over the experts (last) axis")
-    dt = probs.type.dtype.value
-    need(dt in ("f32", "f16", "bf16"), f"router softmax in {dt}")
+    pdt = probs.type.dtype.value
+    need(pdt in ("f32", "f16", "bf16"), f"router softmax in {pdt}")
     E = probs.type.shape[-1]
     need(isinstance(E, int), "expert count is not static")
-    logits = probs.inputs[0]
+    logits, widen = probs.inputs[0], None
+    if logits.op is Op.CAST and pdt == "f32" and logits.inputs[0].type.dtype in (
+            DType.f16, DType.bf16):
+        # mixed precision: an fp32 softmax over the low-precision (noisy) logits
+        widen, logits = logits, logits.inputs[0]
+    dt = logits.type.dtype.value
     noise_node = None
     mm = logits
     if logits.op is Op.GAUSSIAN_NOISE:
@@ -156,7 +164,8 @@ def match(top: Node, users: Dict[Node, List[Node]], static, outputs,
     need(w.type.rank == 2 and x.type.rank >= 2, "router weight is not a [d, E] matrix")
     need(x.type.dtype.value == dt and w.type.dtype.value == dt and mm.type.dtype.value == dt,
           "router matmul and softmax in different dtypes")
-    region = [mm, probs, top] + ([noise_node] if noise_node is not None else [])
+    region = [mm, probs, top] + ([noise_node] if noise_node is not None else []) + \
+        ([widen] if widen is not None else [])
     role: Dict[str, Node] = {"probs": probs, "idx": top}
     renorm, capacity, carry, form = False, None, None, None
     tu = users.get(top, [])
@@ -236,7 +245,8 @@ def match(top: Node, users: Dict[Node, List[Node]], static, outputs,
         raise NoMatch("top-k indices are neither one-hot compared with arange(E) nor used "
                        "to gather the probabilities")
     role["gates"] = gates
-    lses = _users_of(users, logits, Op.LOGSUMEXP, lambda u: u.attrs["axis"] == rank - 1)
+    lses = _users_of(users, widen or logits, Op.LOGSUMEXP,
+                     lambda u: u.attrs["axis"] == rank - 1)
     if lses:
         region.append(lses[0])
         role["lse"] = lses[0]
@@ -248,7 +258,7 @@ def match(top: Node, users: Dict[Node, List[Node]], static, outputs,
             raise NoMatch(f"{n.op.value} inside the router is also used outside it")
     m = {"x": x, "w": w, "mm": mm, "logits": logits, "noise": noise_node, "k": k, "E": E,
          "renorm": renorm, "capacity": capacity, "carry": carry, "form": form,
-         "experts": None, "dtype": dt, "residual": None}
+         "experts": None, "dtype": dt, "probs_dtype": pdt, "residual": None}
     try:
         ex = _experts(gates, x, users, outputs, E)
     except NoMatch as e:
@@ -507,7 +517,7 @@ def _body(m: dict, name: str, static) -> Graph:
                             "residual": m["residual"] is not None,
                             "outputs": tuple(names),
                             "act": m["experts"]["act"] if m["experts"] else None,
-                            "dtype": m["dtype"]}
+                            "dtype": m["dtype"], "probs_dtype": m["probs_dtype"]}
     return body
 
 
@@ -553,8 +563,10 @@ def _kind(m: dict) -> str:
 
 def _reason(m: dict) -> str:
     parts = [f"softmax top-{m['k']} of {m['E']} ({m['form']})"]
-    if m["dtype"] != "f32":
+    if m["probs_dtype"] != "f32":
         parts.append(f"router in {m['dtype']}: experts picked from rounded probabilities")
+    elif m["dtype"] != "f32":
+        parts.append(f"router logits in {m['dtype']}, softmax in f32")
     if m["noise"] is not None:
         parts.append(f"gaussian noise std {m['noise'].attrs['std']:g}")
     parts.append("renormalised" if m["renorm"] else "not renormalised")

@@ -46,6 +46,11 @@ its body and gives the backward op (kind "rope_attention_bwd") the forward's out
 its kernels (dK/dV, dQ) run on them with no forward rerun. A program with no backward reads
 only output 0 (the kernel then writes the lse to scratch).
 
+Mixed precision: a softmax in fp32 over cast(bf16 scores) whose probabilities are cast back
+to v's dtype for probs @ v (lmc/passes/mixed_precision.py: softmax is on autocast's fp32 list)
+is matched through both casts; the kernels compute the scores and softmax in fp32 and round P
+to v's dtype for the dot, as that program does.
+
 It runs before autodiff on the program being trained or run on the triton backend, not in the
 compile pipeline: the decode pass derives its step from the unfused graph. Where a region
 almost matches, a declined record says which condition failed (`lmc compile --explain`).
@@ -63,7 +68,7 @@ from ..ir.graph import Graph, Node
 from ..ir.ops import Op
 from ..ir.types import DType
 from .fuse_pointwise import _where
-from .patterns import Body, NoMatch, Region, const_value, need, splice
+from .patterns import Body, NoMatch, Region, const_value, need, splice, widened
 
 
 def _last(n: Node) -> int:
@@ -261,6 +266,8 @@ def match(sm: Node, users: Dict[Node, List[Node]], static, order: Dict[Node, int
     need(sm.attrs["axis"] == sm.type.rank - 1, "softmax not over the last axis")
     need(sm.type.dtype.value in ("f32", "f16", "bf16"), "attention in a non-float dtype")
     x = sm.inputs[0]
+    if widened(x):       # mixed precision's fp32 softmax over low-precision scores
+        x = x.inputs[0]
     causal, window = False, 0
     if x.op is Op.WHERE:
         mask, s, fill = x.inputs
@@ -288,9 +295,11 @@ def match(sm: Node, users: Dict[Node, List[Node]], static, order: Dict[Node, int
     need(x.op is Op.MATMUL, f"{x.op.value} where q @ k^T was expected (softmax over "
                              f"{list(sm.type.shape)} is not over scores of queries and keys)")
     mm = x
-    outs = users.get(sm, [])
+    p, outs = sm, users.get(sm, [])
+    if len(outs) == 1 and isinstance(outs[0], Node) and outs[0].op is Op.CAST:
+        p, outs = outs[0], users.get(outs[0], [])     # rounded to v's dtype for probs @ v
     need(len(outs) == 1 and isinstance(outs[0], Node) and outs[0].op is Op.MATMUL
-          and outs[0].inputs[0] is sm,
+          and outs[0].inputs[0] is p,
           "probabilities are not used once, as probs @ v")
     pv = outs[0]
     qr, kt = mm.inputs

@@ -18,6 +18,7 @@ from typing import Dict, List, Optional, Sequence, Set
 from ..errors import LmcError
 from ..ir.graph import Graph, Node
 from ..ir.ops import Op
+from ..ir.types import DType
 
 
 class NoMatch(Exception):
@@ -37,6 +38,13 @@ def const_value(n: Node) -> Optional[float]:
         except (TypeError, ValueError):
             return None
     return None
+
+
+def widened(x: Node) -> bool:
+    """x is a low-precision value cast up to fp32: the mixed-precision pass's cast in front
+    of an op on autocast's fp32 list (a softmax over bf16 scores)."""
+    return (x.op is Op.CAST and x.type.dtype is DType.f32
+            and x.inputs[0].type.dtype in (DType.f16, DType.bf16))
 
 
 def is_swap(n: Node) -> bool:

@@ -53,10 +53,12 @@ def _decay_matrix(b, ld, heads=H, window=0, fill=-float("inf")):
     return b.exp(b.where(b.causal_mask(T, T, window=window), diff, fill))
 
 
-def _linear_attention(gates="token", scale=None, dtype="f32"):
+def _linear_attention(gates="token", scale=None, dtype="f32", product="low"):
     """o = ((q @ k^T) [* scale] * D) @ v over inputs q, k, v (and ld [B, H, T] for per-token
     gates; a fixed per-head decay expanded from [1, H, 1] ("head") or [H, 1] ("head2")
-    constants otherwise)."""
+    constants otherwise). In a low dtype the fp32 D is cast down (product "low"), or the
+    scores are cast up and the fp32 product rounded for the product with v ("f32", as the
+    mixed-precision pass writes a data-dependent decay's product)."""
     b = Builder({}, {})
     q, k = (b.input(n, [B, H, T, DK], dtype) for n in "qk")
     v = b.input("v", [B, H, T, DV], dtype)
@@ -71,9 +73,12 @@ def _linear_attention(gates="token", scale=None, dtype="f32"):
     if scale is not None:
         s = s * scale
     D = _decay_matrix(b, ld)
-    if dtype != "f32":     # as the mixed-precision pass writes it: D cast to q's dtype
-        D = b.cast(D, dtype)
-    o = (s * D) @ v
+    if dtype != "f32" and product == "f32":
+        o = b.cast(b.cast(s, "f32") * D, dtype) @ v
+    else:
+        if dtype != "f32":     # a fixed decay under mixed precision: D cast to q's dtype
+            D = b.cast(D, dtype)
+        o = (s * D) @ v
     return run_pipeline(Graph("la", b.nodes, {"o": o.node}))
 
 
@@ -180,12 +185,14 @@ def test_backward_kernels_write_the_gradient_outputs(monkeypatch):
         assert rel(gg[f"grad:{w}"], gw[f"grad:{w}"]) < 1e-5
 
 
-@pytest.mark.parametrize("gates", ["token", "head"])
-def test_f16_inputs_fuse_and_match_the_f16_oracle(gates):
+@pytest.mark.parametrize("gates,product", [("token", "low"), ("head", "low"),
+                                           ("token", "f32")])
+def test_f16_inputs_fuse_and_match_the_f16_oracle(gates, product):
     """q, k, v in f16 (the interpreter has no bf16) and the fp32 decay matrix through a cast,
-    as the mixed-precision pass leaves them: the region fuses, and the kernels (fp32 state and
+    or the fp32 product of the widened scores and D rounded to f16 (the mixed-precision
+    pass's program for learned gates): the region fuses, and the kernels (fp32 state and
     decays) are at least as close to the fp32 math as the f16 primitives are."""
-    g = _linear_attention(gates, dtype="f16")
+    g = _linear_attention(gates, dtype="f16", product=product)
     f = fuse_linear_attention(g, chunk=16)
     assert [r["status"] for r in _records(f)] == ["fused"]
     vals, gen = _values(40, gates, seed=3)
@@ -413,3 +420,37 @@ def test_hand_written_model_triton_equals_torch(tmp_path, t):
                       (prog.backward_exec, "linear_attention_bwd")):
         assert sum(n.op is Op.FUSED and n.attrs["kind"] == kind
                    for n in exe.graph.nodes) == 2
+
+
+
+def test_f16_fp32_product_gradients_are_as_close_as_the_primitives():
+    """The mixed-precision form's gradients (q, k, v, the learned gates): the fused backward
+    kernels and the f16 primitives, each against the fp32 program's."""
+    g = _linear_attention("token", dtype="f16", product="f32")
+    f = fuse_linear_attention(g, chunk=16)
+    assert [r["status"] for r in _records(f)] == ["fused"]
+    vals, gen = _values(37, "token", seed=5)
+    vals.update({n: vals[n].half() for n in "qkv"})
+    gy = torch.randn(2, H, 37, DV, generator=gen)
+    wrt = ["q", "k", "v", "ld"]
+
+    def grads(graph, xs, tri):
+        prog = differentiate(graph, wrt)
+        ctx = RefCtx(dims=bind_dims(graph, xs))
+        fw = TritonProgram(prog.forward).run(xs, ctx) if tri else \
+            run_graph(prog.forward, xs, ctx)
+        bound = {s: fw[s] for s in prog.saved}
+        bound["grad:o"] = gy.to(fw["o"].dtype)
+        back = run_pipeline(prog.backward)
+        if tri:
+            bp = TritonProgram(back, label="backward")
+            assert "linear_attention_bwd" in {n.attrs["kind"] for n in bp.graph.nodes
+                                              if n.op is Op.FUSED}
+            return bp.run(bound, ctx)
+        return run_graph(back, bound, ctx)
+    exact = grads(_linear_attention("token"), {n: x.float() for n, x in vals.items()}, False)
+    fused, prims = grads(f, vals, True), grads(g, vals, False)
+    for w in wrt:
+        e_fused, e_prims = (rel(x[f"grad:{w}"], exact[f"grad:{w}"]) for x in (fused, prims))
+        print(w, f"f16 fused {e_fused:.1e}, f16 primitives {e_prims:.1e}")
+        assert e_fused < 4e-3 and e_fused <= 1.5 * e_prims + 1e-4, (w, e_fused, e_prims)

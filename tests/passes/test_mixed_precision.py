@@ -9,10 +9,16 @@ from conftest import ZOO
 
 import lmc
 from lmc.errors import LmcError
+from lmc.frontend.builder import Builder
+from lmc.ir.dims import Dim
+from lmc.ir.graph import Graph
 from lmc.ir.ops import Op
+from lmc.passes import mixed_precision as mp
 from lmc.passes import run_pipeline
+from lmc.passes.autodiff import differentiate
 from lmc.passes.loss import with_loss
 from lmc.passes.mixed_precision import mixed_precision
+from lmc.runtime.executor import RefCtx, bind_dims, run_graph
 from lmc.runtime.module import LmcModel
 
 LLAMA = os.path.join(ZOO, "llama.yaml")
@@ -118,3 +124,102 @@ def test_every_zoo_model_compiles_in_low_precision(path, sets, dtype):
     ids = torch.randint(0, m.config["vocab"], (2, 7), generator=torch.Generator().manual_seed(0))
     loss = m(ids, targets=ids)["loss"]
     assert torch.isfinite(loss).item() or (dtype == "f16" and sets.get("moe"))
+
+
+def _autocast_graph():
+    """A bf16/f16 matmul output h fed to each op autocast runs in fp32, to one it leaves in
+    the low dtype (tanh), and to an RMSNorm whose x * x and mean stay low (as under
+    torch.autocast) while rsqrt is fp32."""
+    B, T = Dim.sym("B"), Dim.sym("T")
+    b = Builder({}, {})
+    x, w, g = b.input("x", [B, T, 16], "f32"), b.input("w", [16, 16], "f32"), \
+        b.input("g", [16], "f32")
+    h = x @ w
+    outs = {"exp": b.exp(h), "log": b.log(b.abs(h) + 1.0), "pow": b.pow(h, 3.0),
+            "softplus": b.softplus(h), "recip": 1.0 / h, "sum": b.sum(h, -1),
+            "lse": b.logsumexp(h, -1), "softmax": b.softmax(h, -1), "cumsum": b.cumsum(h, 1),
+            "cumprod": b.cumprod(h, 1), "tanh": b.tanh(h),
+            "norm": h * b.rsqrt(b.mean(h * h, -1) + 1e-6) * g}
+    return Graph("autocast", b.nodes, {k: v.node for k, v in outs.items()})
+
+
+@pytest.mark.parametrize("dtype", ["f16", "bf16"])
+def test_autocast_fp32_ops_read_fp32_and_produce_fp32(dtype):
+    g = mixed_precision(_autocast_graph(), dtype)
+    fp32 = [n for n in g.nodes if n.op in mp.FP32_OPS or (n.op is Op.DIV and n.inputs[
+        0].op is Op.CONST)]
+    assert {n.op for n in fp32} == set(mp.FP32_OPS) | {Op.DIV}
+    for n in fp32:
+        assert n.type.dtype.value == "f32", n.op
+        for x in n.inputs:
+            assert x.type.dtype.value == "f32" and (x.op in (Op.CAST, Op.CONST) or
+                                                   x.inputs[0].op is Op.CAST), (n.op, x.op)
+    o = g.outputs
+    assert o["tanh"].type.dtype.value == dtype             # not on autocast's list
+    # the norm: x * x and mean stay low, rsqrt is fp32, and the product promotes to fp32
+    mean = next(n for n in g.nodes if n.op is Op.MEAN)
+    assert mean.type.dtype.value == dtype and o["norm"].type.dtype.value == "f32"
+    assert o["sum"].type.dtype.value == o["cumsum"].type.dtype.value == "f32"
+
+
+def _norm_grads(graph, vals, cts):
+    prog = differentiate(graph, ["x", "w", "g"])
+    ctx = RefCtx(dims=bind_dims(graph, vals), training=True)
+    fw = run_graph(prog.forward, vals, ctx)
+    bound = {s: fw[s] for s in prog.saved}
+    bound.update({f"grad:{o}": cts[o] for o in prog.outputs})
+    return run_graph(run_pipeline(prog.backward), bound, ctx)
+
+
+def test_f16_norm_of_small_activations_has_finite_gradients(monkeypatch):
+    """The bug this policy fixed: an RMSNorm of a matmul output of small values (|h| ~ 0.02,
+    rstd ~ 50) kept rstd in f16, whose backward (rstd cubed ~ 1.2e5) overflows f16's 65,504:
+    inf and nan gradients on the torch backend (blues01, minimax and yoco trained to a nan
+    loss at step 2 under --precision f16). With rsqrt in fp32 the gradients are finite and
+    close to the fp32 program's. (Much smaller activations still overflow in the gradient
+    of mean(h * h), which autocast also keeps in f16; the zoo writes x * x, not pow.)"""
+    B, T = Dim.sym("B"), Dim.sym("T")
+    b = Builder({}, {})
+    x, w, g = b.input("x", [B, T, 16], "f32"), b.input("w", [16, 16], "f32"), \
+        b.input("g", [16], "f32")
+    h = x @ w
+    y = h * b.rsqrt(b.mean(h * h, -1) + 1e-6) * g
+    graph = Graph("norm", b.nodes, {"y": y.node})
+    gen = torch.Generator().manual_seed(0)
+    vals = {"x": torch.randn(2, 5, 16, generator=gen) * 0.1,
+            "w": torch.randn(16, 16, generator=gen) * 0.05,
+            "g": 1.0 + 0.1 * torch.randn(16, generator=gen)}
+    cts = {"y": torch.randn(2, 5, 16, generator=gen)}
+    want = _norm_grads(graph, vals, cts)
+    got = _norm_grads(mixed_precision(graph, "f16"), vals, cts)
+    for k in ("grad:x", "grad:w", "grad:g"):
+        assert torch.isfinite(got[k]).all(), k
+        err = float((got[k].float() - want[k]).abs().max() / want[k].abs().max())
+        assert err < 8 * 2 ** -10, (k, err)
+    # without the fp32 list (type promotion alone, the old policy) the same program overflows
+    monkeypatch.setattr(mp, "FP32_OPS", frozenset())
+    old = _norm_grads(mixed_precision(graph, "f16"), vals, cts)
+    assert not all(torch.isfinite(old[k]).all() for k in ("grad:x", "grad:w"))
+
+
+@pytest.mark.parametrize("path", ["llama.yaml", "blues01.yaml", "minimax.yaml", "yoco.yaml",
+                                  "optimus_prime.yaml", "medit_one.yaml"])
+def test_pattern_passes_fuse_the_same_sites_in_low_precision(path):
+    """The fp32 softmax over bf16 scores (attention, the MoE router) and the fp32 decay
+    product (retention) are matched through the casts around them: every zoo site that
+    fuses in fp32 fuses under mixed precision, with the same records."""
+    from lmc.passes.fuse_linear_attention import fuse_linear_attention
+    from lmc.passes.fuse_moe_gating import fuse_moe_gating
+    from lmc.passes.fuse_rope_attention import fuse_rope_attention
+
+    g = lmc.compile_model(os.path.join(ZOO, path), "tiny").graph
+
+    def records(dt):
+        h = run_pipeline(mixed_precision(g, dt))
+        out = []
+        for f in (fuse_rope_attention, fuse_moe_gating, fuse_linear_attention):
+            out += [(r["pass"], r["status"]) for r in f(h).meta.get("fusions", [])]
+        return out
+    want = records("f32")
+    assert records("bf16") == want and ("fuse_rope_attention", "fused") in want or \
+        path == "medit_one.yaml"

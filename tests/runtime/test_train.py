@@ -1,6 +1,7 @@
 """`lmc run --train`: metrics and checkpoints, exact resume after SIGKILL, the NaN guard,
 torchrun with gloo matching a single process, tokenizer and vocab checks."""
 import json
+import math
 import os
 import random
 import signal
@@ -443,3 +444,18 @@ def test_overwrite_replaces_only_at_the_first_write_and_resume_defaults_out(
     err = capsys.readouterr().err
     assert "resuming with other settings than the run's: --lr 0.005 (the run: 0.01)" in err
     assert "--steps" not in err.split("note:")[1]
+
+
+@pytest.mark.parametrize("model", ["blues01", "minimax", "yoco"])
+def test_f16_training_on_the_torch_backend_stays_finite(tmp_path, small_ids, model):
+    """Regression: the mixed-precision pass kept a norm's rstd of a matmul output in f16,
+    whose backward overflowed on the torch backend (which rounds every op): these three
+    trained to a nan loss at step 2 with --precision f16. rsqrt, softmax, exp and sums now
+    compute in fp32, as under torch.autocast."""
+    out = tmp_path / model
+    args = _moe_args(out, small_ids, "--steps", "4", "--backend", "torch",
+                     "--precision", "f16")
+    args[0] = os.path.join(ZOO, f"{model}.yaml")
+    assert main(["run", *args]) == 0
+    losses = [r["train_loss"] for r in _metrics(out)]
+    assert len(losses) == 4 and all(math.isfinite(v) for v in losses), losses
