@@ -14,8 +14,9 @@ Softmax is first written as ``exp(x - logsumexp(x))``, so it is a one-pass onlin
 logsumexp and a write pass. Grouping is greedy in topological order with fuse_pointwise's rule
 (a node joins a group holding one of its inputs when every other input is in the group, a
 source, or comes before the group's first node), which keeps the contracted graph acyclic.
-Groups that end up holding no reduction are left for fuse_pointwise. Each reduction that
-does not fuse is recorded with the reason.
+A group that ends up holding no reduction joins a reduction group it feeds or reads where
+the union can stand as one kernel (`_merge_leftovers`); the others are left for
+fuse_pointwise. Each reduction that does not fuse is recorded with the reason.
 
 A float cumsum is a scan along the group's axis (a row value; the kernel walks the row's
 chunks in order with a carry), so it sets the axis as a reduction does. A reduction or scan
@@ -140,6 +141,61 @@ def _absorb_inputs(n: Node, gid: int, groups: List[_Group], group_of: Dict[Node,
         grp.members = []
 
 
+def _merge_leftovers(groups: List[_Group], group_of: Dict[Node, int], level_of, users,
+                     order: Dict[Node, int]) -> None:
+    """A group left holding no reduction (it would be a pointwise kernel of its own) moves
+    into a reduction group of its row space that it feeds or reads, where the union can be
+    one kernel: it stands at one of its members' places, with everything it reads before
+    and everything that reads it after (`_merge_leftover`). Greedy
+    grouping in order leaves such groups where a pointwise node reads two groups and may
+    join only the later one (a norm backward under mixed precision: dy * w in one group,
+    cast(x) * (dy * w) and the row sum in the group of cast(x), dx's direct term and the
+    final adds apart): merged, the norm's backward is one kernel again. Repeated until
+    nothing moves: a leftover that feeds another leftover joins once that one has joined."""
+    moved = True
+    while moved:
+        moved = False
+        for k, grp in enumerate(groups):
+            if grp.axis is None and grp.members:
+                moved |= _merge_leftover(k, groups, group_of, level_of, users, order)
+
+
+def _merge_leftover(k: int, groups: List[_Group], group_of: Dict[Node, int], level_of, users,
+                    order: Dict[Node, int]) -> bool:
+    """Move leftover group k into a reduction group it feeds or reads; whether it moved."""
+    grp = groups[k]
+    near = {group_of[u] for m in grp.members for u in users[m] if u in group_of}
+    near |= {group_of[x] for m in grp.members for x in m.inputs if x in group_of}
+    for j in sorted(near, key=lambda i: groups[i].first):
+        into = groups[j]
+        if j == k or into.axis is None or into.space != grp.space:
+            continue
+        union = into.members + grp.members
+
+        def stands_at(at: int) -> bool:
+            # emitted at order `at`: what it reads stands before, what reads it after
+            return all(group_of.get(x) in (j, k) or order[x] < at or is_source(x)
+                       for m in union for x in m.inputs) and \
+                all(group_of.get(u) in (j, k) or order[u] > at
+                    for m in union for u in users[m])
+        # the kernel stands where one of its members stood (its anchor, members[0]): the
+        # earliest that can (a leftover that stands before the values the union reads,
+        # computed from what stands before them and read only by the union, moves there:
+        # the load-balance statistic's mean(chosen) / k before the product with a mean that
+        # comes after it)
+        anchor = next((m for m in sorted(union, key=order.__getitem__)
+                       if stands_at(order[m])), None)
+        if anchor is None:
+            continue
+        into.members = [anchor] + [m for m in union if m is not anchor]
+        into.first = order[anchor]
+        for m in grp.members:
+            group_of[m], level_of[m] = j, "row"
+        grp.members = []
+        return True
+    return False
+
+
 def fuse_reductions(g: Graph) -> Graph:
     g = _expand_softmax(g)
     order = {n: i for i, n in enumerate(g.nodes)}
@@ -221,6 +277,7 @@ def fuse_reductions(g: Graph) -> Graph:
             groups.append(grp)
             add(n, len(groups) - 1, "row")
 
+    _merge_leftovers(groups, group_of, level_of, users, order)
     kept = [grp for grp in groups if grp.axis is not None]
     for grp in groups:
         if grp.axis is None:

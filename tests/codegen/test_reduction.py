@@ -283,3 +283,73 @@ def test_a_norm_backward_after_its_dx_matmul_reads_dy_once(d):
     why = [f["reason"] for f in p.graph.meta["fusions"]
            if f["pass"] == "fuse_matmul" and "left to the kernels reading it" in f["reason"]]
     assert len(why) == 1 and why[0].endswith("-> 2 bytes per element"), why
+
+
+def test_a_mixed_precision_norm_backward_is_one_row_kernel():
+    """Two RMSNorms of f16 matmul outputs under mixed precision (rsqrt in fp32, so the
+    backward reads cast(h) * (dy * w) and rounds dh to f16), their backward interleaved as
+    autodiff writes it: greedy grouping first left dy * w, cast(h) and the final adds in
+    three kernels per norm (a pointwise node read two groups and could join only the later
+    one); the leftover groups now move into the row kernel they feed, so each norm's
+    backward is one kernel, its weight gradient's column sum included. Values equal the
+    oracle's."""
+    from lmc.passes import run_pipeline
+    from lmc.passes.autodiff import differentiate
+    from lmc.passes.mixed_precision import mixed_precision
+
+    d = 24
+    b = Builder({}, {})
+    x = b.input("x", [B, T, 16], "f32")
+    outs = {}
+    for i in range(2):
+        w, gw = b.input(f"w{i}", [16, d], "f32"), b.input(f"g{i}", [d], "f32")
+        h = x @ w
+        outs[f"y{i}"] = (h * b.rsqrt(b.mean(h * h, -1) + 1e-6) * gw).node
+    g = mixed_precision(Graph("norms", b.nodes, outs), "f16")
+    prog = differentiate(g, ["x", "w0", "w1", "g0", "g1"])
+    back = run_pipeline(prog.backward)
+    gen = torch.Generator().manual_seed(5)
+    for bb, tt in [(1, 1), (2, 7)]:
+        vals = {"x": torch.randn(bb, tt, 16, generator=gen)}
+        for i in range(2):
+            vals[f"w{i}"] = torch.randn(16, d, generator=gen) * 0.3
+            vals[f"g{i}"] = 1.0 + 0.1 * torch.randn(d, generator=gen)
+        fw = run_graph(prog.forward, vals, RefCtx(dims=bind_dims(prog.forward, vals)))
+        bound = {s: fw[s] for s in prog.saved}
+        bound.update({f"grad:y{i}": torch.randn(bb, tt, d, generator=gen) for i in range(2)})
+        ctx = RefCtx(dims=bind_dims(back, bound))
+        want = run_graph(back, bound, ctx)
+        p = TritonProgram(back)
+        got = p.run(bound, ctx)
+        for k in want:       # the kernels round dh to f16 once; the oracle rounds each op
+            assert got[k].dtype == want[k].dtype and got[k].shape == want[k].shape, k
+            err = float((got[k].float() - want[k].float()).abs().max()
+                        / want[k].float().abs().max())
+            assert err < 4 * 2 ** -10, (k, err)
+    kinds = _kinds(p)
+    assert "pointwise" not in kinds and kinds.count("reduction") == 2, kinds
+    rows = [n for n in p.graph.nodes if n.op is Op.FUSED and n.attrs["kind"] == "reduction"]
+    assert all(n.attrs["body"].meta.get("column_sums") == 1 for n in rows)
+
+
+
+def test_a_leftover_before_a_later_reading_group_joins_it_at_the_later_place():
+    """minimax's load-balance statistic in the bf16 program: f = mean(chosen) / k stands
+    before p = mean(probs), then sum(f * p). The division's group cannot move into the sum's
+    kernel at its own (earlier) place, since the sum reads p, made after it; it joins the
+    sum's kernel where that kernel stands, which it may: it reads what stands before it and
+    only that kernel reads it. Before, each MoE layer launched a kernel for the [E]
+    division alone."""
+    from lmc.passes import run_pipeline
+    from lmc.passes.loss import with_loss
+    from lmc.passes.mixed_precision import mixed_precision
+    from lmc.runtime.module import LmcModel
+
+    c = lmc.compile_model(os.path.join(ZOO, "minimax.yaml"), "tiny")
+    g = run_pipeline(with_loss(mixed_precision(c.graph, "bf16")))
+    fwd = LmcModel(g, backend="triton", grad_outputs=["loss"]).program().forward_exec.graph
+    E = 4                                                    # the tiny preset's experts
+    divs = [n for n in fwd.nodes if n.op is Op.FUSED and any(
+        b.op is Op.DIV and tuple(b.type.shape) == (E,) for b in n.attrs["body"].nodes)]
+    assert len(divs) == 2 and all(n.attrs["kind"] == "reduction" for n in divs), \
+        [n.attrs["kernel"] for n in divs]
