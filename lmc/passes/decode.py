@@ -328,11 +328,20 @@ def _is_last_two_swap(n: Node) -> bool:
     return n.op is Op.PERMUTE and tuple(n.attrs["perm"]) == tuple(range(r - 2)) + (r - 1, r - 2)
 
 
+def _uncast(n: Node) -> Node:
+    """n without a float cast in front (the mixed-precision pass's casts between dtypes)."""
+    return n.inputs[0] if n.op is Op.CAST and n.type.dtype.is_float and \
+        n.inputs[0].type.dtype.is_float else n
+
+
 def _match_linear_attention(o: Node) -> Optional[_LinAttn]:
-    if o.op is not Op.MATMUL or o.inputs[0].op is not Op.MUL:
+    """Also under mixed precision: the weights cast to v's dtype, the scores cast up to meet
+    an fp32 decay matrix, or the decay matrix cast down to the scores' dtype."""
+    if o.op is not Op.MATMUL or _uncast(o.inputs[0]).op is not Op.MUL:
         return None
-    a, v = o.inputs
+    a, v = _uncast(o.inputs[0]), o.inputs[1]
     for scores, dmat in (a.inputs, a.inputs[::-1]):
+        scores, dmat = _uncast(scores), _uncast(dmat)
         if not (scores.op is Op.MATMUL and _is_last_two_swap(scores.inputs[1])
                 and dmat.op is Op.EXP and dmat.inputs[0].op is Op.WHERE):
             continue
@@ -605,7 +614,7 @@ class _Builder:
         if self.is_token_free(n):
             return self.clone_over_keys(n, keys)
         env = self.env(keys)
-        if n.op in LAYOUT and self._timed(n.inputs[0]):
+        if n.op in LAYOUT and self._timed(n.inputs[0]) and not _narrowing(n):
             attrs = {k: _subst_attr(v, env) for k, v in n.attrs.items()}
             out = self.add(n.op, [self.key_side(n.inputs[0], keys)], attrs, n)
         elif n.op is Op.CONCAT and self.labels.lab[n][n.attrs["axis"]] is None:
@@ -650,7 +659,7 @@ class _Builder:
 
     def _widening_projection(self, n: Node) -> bool:
         a, w = n.inputs
-        if w.op is not Op.PARAM or not self._timed(a) or self._timed(w):
+        if not _is_param(w) or not self._timed(a) or self._timed(w):
             return False
         return _const_size(a.type.shape[-1]) < _const_size(n.type.shape[-1])
 
@@ -726,9 +735,18 @@ class _Builder:
         q, k, v, ld = (self.new[x] for x in (m.q, m.k, m.v, m.ld))
         at = m.out
         add = lambda op, ins, attrs=None: self.add(op, ins, attrs or {}, at)  # noqa: E731
+        low = q.type.dtype
+
+        def lowc(x: Node) -> Node:
+            """A decay factor (fp32 under mixed precision: the log-decays' cumsum is fp32)
+            cast to q's dtype where it meets q, k or the state."""
+            return x if x.type.dtype is low else add(Op.CAST, (x,), {"dtype": low})
         batch = tuple(m.out.type.shape[:-2])
         dk, dv = k.type.shape[-1], v.type.shape[-1]
-        state = self.state(at, "state", batch + (dk, dv), None)
+        # the state accumulates in fp32 whatever q's dtype (a low-precision state would round
+        # every step's update); a low-precision program reads it cast down for q @ S, as it
+        # casts every matmul operand, and widens k^T v to add it
+        state = self.state(at, "state", batch + (dk, dv), None, dtype=DType.f32)
         g = add(Op.CUMSUM, (ld,), {"axis": len(ld.type.shape) - 1})          # local G
         lead = tuple(g.type.shape[:-1])
         gt = add(Op.RESHAPE, (g,), {"shape": lead + (T, 1)})
@@ -737,14 +755,20 @@ class _Builder:
         neg = add(Op.CONST, (), {"value": float("-inf"), "dtype": g.type.dtype})
         dmat = add(Op.EXP, (add(Op.WHERE, (mask, add(Op.SUB, (gt, gs)), neg)),))
         kt = add(Op.PERMUTE, (k,), {"perm": _swap_last(len(k.type.shape))})
-        intra = add(Op.MATMUL, (add(Op.MUL, (add(Op.MATMUL, (q, kt)), dmat)), v))
-        inter = add(Op.MATMUL, (add(Op.MUL, (q, add(Op.EXP, (gt,)))), state))
+        intra = add(Op.MATMUL, (add(Op.MUL, (add(Op.MATMUL, (q, kt)), lowc(dmat))), v))
+        inter = add(Op.MATMUL, (add(Op.MUL, (q, lowc(add(Op.EXP, (gt,))))), lowc(state)))
         g_end = add(Op.SLICE, (g,), {"axis": len(g.type.shape) - 1, "start": T - 1, "stop": T})
         g_end2 = add(Op.RESHAPE, (g_end,), {"shape": lead + (1, 1)})
         w = add(Op.EXP, (add(Op.SUB, (g_end2, gt)),))                         # [.., T, 1]
-        kw = add(Op.PERMUTE, (add(Op.MUL, (k, w)),), {"perm": _swap_last(len(k.type.shape))})
-        new_state = add(Op.ADD, (add(Op.MUL, (add(Op.EXP, (g_end2,)), state)),
-                                 add(Op.MATMUL, (kw, v))))
+        kw = add(Op.PERMUTE, (add(Op.MUL, (k, lowc(w))),),
+                 {"perm": _swap_last(len(k.type.shape))})
+        kv = add(Op.MATMUL, (kw, v))
+        if kv.type.dtype is not DType.f32:
+            kv = add(Op.CAST, (kv,), {"dtype": DType.f32})
+        e_end = add(Op.EXP, (g_end2,))
+        if e_end.type.dtype is not DType.f32:
+            e_end = add(Op.CAST, (e_end,), {"dtype": DType.f32})
+        new_state = add(Op.ADD, (add(Op.MUL, (e_end, state)), kv))
         self.state_out[self.states[-1].out] = new_state
         return add(Op.ADD, (intra, inter))
 
@@ -778,6 +802,18 @@ class _Builder:
         return out
 
 
+def _is_param(w: Node) -> bool:
+    """w is a parameter, or its cast (a mixed-precision program's matmul operand)."""
+    return w.op is Op.PARAM or (w.op is Op.CAST and w.inputs[0].op is Op.PARAM)
+
+
+def _narrowing(n: Node) -> bool:
+    """n casts a float to a narrower float (a mixed-precision program's matmul operand): a
+    cache holds the narrow value the readers use, not the wide one before the cast."""
+    return n.op is Op.CAST and n.type.dtype.is_float and n.inputs[0].type.dtype.is_float \
+        and n.type.dtype.itemsize < n.inputs[0].type.dtype.itemsize
+
+
 def _swap_last(r: int) -> tuple:
     return tuple(range(r - 2)) + (r - 1, r - 2)
 
@@ -808,7 +844,7 @@ def _heads(x: Optional[Node]):
     if r.op is not Op.RESHAPE or len(r.type.shape) != 4:
         return None
     mm = r.inputs[0]
-    if mm.op is not Op.MATMUL or mm.inputs[1].op is not Op.PARAM or len(mm.type.shape) != 3:
+    if mm.op is not Op.MATMUL or not _is_param(mm.inputs[1]) or len(mm.type.shape) != 3:
         return None
     c, w = mm.inputs
     _, _, heads, dh = r.type.shape

@@ -14,7 +14,9 @@ attention) over the T new tokens and a d_k x d_v state S per head (a step-graph 
     S'    = exp(G_end) * S  +  permute(k * exp(G_end - Gt)) @ V
 
 with q, k: [B, H, T, d_k], V: [B, H, T, d_v] (the decode pass's `absorb` leaves these
-products alone: it only moves up-projections of a cached latent).
+products alone: it only moves up-projections of a cached latent). S is fp32; in a
+low-precision program the decay factors exp(Gt), exp(G_end - Gt) and D are cast to q's
+dtype, S is read cast down for (q * exp(Gt)) @ S, and k^T V is widened to fp32 to add.
 
 Candidates are the step graph's linear-attention state inputs (named `*.state`, `*.stateN`:
 the decode pass names no other state so). From the state the pass walks its two reads
@@ -55,9 +57,19 @@ def _same(a: Node, b: Node) -> bool:
                       and a.attrs == b.attrs and _same(a.inputs[0], b.inputs[0]))
 
 
-def _exp_of(n: Node, why: str) -> Node:
-    need(n.op is Op.EXP, why)
-    return n.inputs[0]
+def _exp(n: Node) -> Node:
+    """The exp under n: n itself, or n a cast of it (an fp32 decay factor cast to q's dtype
+    under mixed precision); None if neither."""
+    e = n.inputs[0] if n.op is Op.CAST else n
+    return e if e.op is Op.EXP else None
+
+
+def _exp_of(n: Node, why: str, region: List[Node]) -> Node:
+    e = _exp(n)
+    need(e is not None, why)
+    if e is not n:
+        region.append(e)
+    return e.inputs[0]
 
 
 def _values(mm: Node, left: Node, region: List[Node]) -> tuple:
@@ -80,21 +92,30 @@ def match(st: Node, users: Dict[Node, List[Node]]) -> dict:
     need(st.type.dtype.value in FLOATS, "the state is not a float tensor")
     reads = [u for u in users.get(st, []) if u is not None]
     need(len(reads) == len(users.get(st, [])), "the state input is itself a graph output")
-    inter = [u for u in reads if u.op is Op.MATMUL and u.inputs[1] is st]
+    region: List[Node] = []
+    st_low = None      # an fp32 state read cast to q's dtype for q @ S (mixed precision)
+    for u in reads:
+        us = users.get(u, [])
+        if u.op is Op.CAST and len(us) == 1 and us[0] is not None and \
+                us[0].op is Op.MATMUL and us[0].inputs[1] is u:
+            st_low = u
+            region.append(u)
+            reads = [us[0] if x is u else x for x in reads]
+    inter = [u for u in reads if u.op is Op.MATMUL and u.inputs[1] is (st_low or st)]
     decay = [u for u in reads if u.op is Op.MUL and other(u, st) is not None]
     need(len(reads) == 2 and len(inter) == 1 and len(decay) == 1,
           "the state is not read exactly as (q * exp(G)) @ S and exp(G_end) * S "
           f"(read by {', '.join(u.op.value for u in reads) or 'nothing'})")
     inter, decay = inter[0], decay[0]
-    region: List[Node] = [inter, decay]
+    region += [inter, decay]
     # q * exp(Gt)
     qe = inter.inputs[0]
     need(qe.op is Op.MUL, "the state's query side is not q * exp(G)")
     region.append(qe)
-    eg = next((x for x in qe.inputs if x.op is Op.EXP), None)
+    eg = next((x for x in qe.inputs if _exp(x) is not None), None)
     need(eg is not None, "the state's query side is not q * exp(G)")
     q = other(qe, eg)
-    gt = eg.inputs[0]
+    gt = _exp_of(eg, "", region)
     region.append(eg)
     # G = cumsum(ld) and its views
     need(gt.op is Op.RESHAPE and gt.inputs[0].op is Op.CUMSUM,
@@ -113,7 +134,7 @@ def match(st: Node, users: Dict[Node, List[Node]]) -> dict:
     region += [g, gt]
     # exp(G_end) * S
     e_end = other(decay, st)
-    g_end2 = _exp_of(e_end, "the state is not decayed by exp(G_end)")
+    g_end2 = _exp_of(e_end, "the state is not decayed by exp(G_end)", region)
     need(g_end2.op is Op.RESHAPE and g_end2.inputs[0].op is Op.SLICE,
           "the state's decay is not the cumsum's last entry")
     sl = g_end2.inputs[0]
@@ -128,15 +149,18 @@ def match(st: Node, users: Dict[Node, List[Node]]) -> dict:
           "the decayed state is not used once, in S' = exp(G_end) S + k^T V")
     new_state = ups[0]
     kv = other(new_state, decay)
+    if kv is not None and kv.op is Op.CAST:     # k^T V widened to the fp32 state
+        region.append(kv)
+        kv = kv.inputs[0]
     need(kv is not None and kv.op is Op.MATMUL, "the state's update is not a product k^T V")
     kvl = kv.inputs[0]
     need(is_swap(kvl) and kvl.inputs[0].op is Op.MUL,
           "the state's update does not read permute(k * w)")
     kw = kvl.inputs[0]
-    w = next((x for x in kw.inputs if x.op is Op.EXP), None)
+    w = next((x for x in kw.inputs if _exp(x) is not None), None)
     need(w is not None, "the keys of the state's update are not decayed by exp(.)")
     k = other(kw, w)
-    wd = w.inputs[0]
+    wd = _exp_of(w, "", region)
     need(wd.op is Op.SUB and wd.inputs[0] is g_end2 and wd.inputs[1] is gt,
           "the keys of the state's update are not decayed by exp(G_end - G_t)")
     region += [new_state, kvl, kw, w, wd]
@@ -155,7 +179,7 @@ def match(st: Node, users: Dict[Node, List[Node]]) -> dict:
     dmat = other(a, scores)
     need(scores.inputs[0] is q and is_swap(scores.inputs[1]) and scores.inputs[1].inputs[0] is k,
           "the intra scores are not q @ k^T of the state's q and k")
-    wh = _exp_of(dmat, "the decay matrix is not exp(where(mask, G_t - G_s, -inf))")
+    wh = _exp_of(dmat, "the decay matrix is not exp(where(mask, G_t - G_s, -inf))", region)
     need(wh.op is Op.WHERE, "the decay matrix is not exp(where(mask, G_t - G_s, -inf))")
     mask, diff, fill = wh.inputs
     need(const_value(fill) == float("-inf"), "the decay matrix is not filled with -inf")

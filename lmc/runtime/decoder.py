@@ -170,6 +170,11 @@ class Decoder:
             raise LmcError(f"decode takes a State (Decoder.init_state), got "
                            f"{type(state).__name__}")
         end = state.past + ids.shape[1]
+        if ids.shape[1] == 0:     # no new token (an empty prompt's prefill): no step
+            lt = self.step.graph.outputs[self.step.logits].type
+            vocab = lt.shape[-1]
+            return torch.empty((ids.shape[0], 0, vocab), dtype=lt.dtype.torch(),
+                               device=ids.device), state
         if self.static and end > self.max_len:
             raise LmcError(f"context of {end} tokens exceeds the static decoder's max_len "
                            f"{self.max_len}")
