@@ -50,13 +50,12 @@ def record(models, out_path, precisions=("f32",)):
     recorded: it computes on bit patterns, so its values are garbage and go nowhere."""
     import torch
     import triton.runtime.interpreter as interp
-    from decode_bench import bf16_weights
 
     import lmc
     import lmc.runtime.triton_backend as tb
     from lmc.passes import run_pipeline
     from lmc.passes.loss import with_loss
-    from lmc.passes.mixed_precision import mixed_precision
+    from lmc.passes.mixed_precision import low_precision_weights, mixed_precision
     from lmc.runtime.decoder import Decoder
     from lmc.runtime.module import LmcModel
 
@@ -114,7 +113,7 @@ def record(models, out_path, precisions=("f32",)):
                 m(ids, targets=ids)["loss"].backward()
                 model = f32
                 if prec != "f32":
-                    model = LmcModel(bf16_weights(f32.graph, prec), backend="triton")
+                    model = LmcModel(low_precision_weights(f32.graph, prec), backend="triton")
                     dt = {"bf16": torch.bfloat16, "f16": torch.float16}[prec]
                     model.load_state_dict({k: v.to(dt) for k, v in f32.state_dict().items()})
                     model = model.eval()

@@ -15,11 +15,12 @@ figure is batch x tokens / the median run time. `agree` is the fraction of gener
 equal to the eager reference's (bf16 rounding may make greedy paths part after a while).
 
 lmc in bf16: the forward graph goes through the mixed-precision pass (matmuls in bf16) and
-then `bf16_weights` stores the parameters themselves in bf16 (a matmul reads its weight as
-stored, no per-step cast; an embedding gathers bf16 rows), so weights cost 2 bytes/parameter
-per token as in the reference. lmc's static decoder reports whether it captured a CUDA graph
-(`cuda_graph`) and, if not, why (`cuda_graph_off`). Prints a table and writes JSON (device,
-torch/triton versions, date, every figure).
+then `low_precision_weights` (lmc/passes/mixed_precision.py) stores the parameters
+themselves in bf16 (a matmul reads its weight as stored, no per-step cast; an embedding
+gathers bf16 rows), so weights cost 2 bytes/parameter per token as in the reference. lmc's
+static decoder reports whether it captured a CUDA graph (`cuda_graph`) and, if not, why
+(`cuda_graph_off`). Prints a table and writes JSON (device, torch/triton versions, date,
+every figure).
 """
 from __future__ import annotations
 
@@ -46,53 +47,12 @@ DTYPES = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}
 
 
 # -- lmc ----------------------------------------------------------------------------------------
-def bf16_weights(graph, dtype: str = "bf16"):
-    """The mixed-precision graph with the parameters stored in `dtype`: a matmul's cast of its
-    weight becomes the weight itself, an embedding gathers low-precision rows and widens them,
-    any other use (norm weights) widens the parameter."""
-    from lmc.ir.graph import Node
-    from lmc.ir.ops import Op
-    from lmc.ir.types import DType
-    from lmc.passes.mixed_precision import mixed_precision
-
-    low = DType.of(dtype)
-    g = mixed_precision(graph, dtype)
-    if low is DType.f32:
-        return g
-    nodes, new, low_p, wide = [], {}, {}, {}
-
-    def add(n):
-        nodes.append(n)
-        return n
-
-    def widened(p):
-        if p not in wide:
-            wide[p] = add(Node.make(Op.CAST, (low_p[p],), {"dtype": p.type.dtype}, p.loc,
-                                    p.scope))
-        return wide[p]
-
-    for n in g.nodes:
-        if n.op is Op.PARAM and n.type.dtype.is_float and n.type.dtype is not low:
-            low_p[n] = add(Node.make(Op.PARAM, (), {**n.attrs, "dtype": low}, n.loc, n.scope))
-            continue
-        if n.op is Op.CAST and n.inputs[0] in low_p and DType.of(n.attrs["dtype"]) is low:
-            new[n] = low_p[n.inputs[0]]
-            continue
-        if n.op is Op.EMBEDDING and n.inputs[0] in low_p:
-            e = add(Node.make(Op.EMBEDDING, (low_p[n.inputs[0]], new[n.inputs[1]]), n.attrs,
-                              n.loc, n.scope))
-            new[n] = add(Node.make(Op.CAST, (e,), {"dtype": n.type.dtype}, n.loc, n.scope))
-            continue
-        ins = tuple(widened(x) if x in low_p else new[x] for x in n.inputs)
-        new[n] = add(n if ins == n.inputs else Node.make(n.op, ins, n.attrs, n.loc, n.scope))
-    return g.with_nodes(nodes, {k: new[v] for k, v in g.outputs.items()})
-
-
 def lmc_contender(f32_model, args, device, backend):
+    from lmc.passes.mixed_precision import low_precision_weights
     from lmc.runtime.decoder import Decoder
     from lmc.runtime.module import LmcModel
 
-    g = bf16_weights(f32_model.graph, args.dtype)
+    g = low_precision_weights(f32_model.graph, args.dtype)
     model = LmcModel(g, backend=backend)
     dt = DTYPES[args.dtype]
     model.load_state_dict({k: v.to(dt) for k, v in f32_model.state_dict().items()})

@@ -109,13 +109,12 @@ def child(a) -> dict:
         # the pass before its prefill of --seq tokens, which takes the T = 1 step too; the
         # flash-decoding split count
         # asks the GPU for its SMs: an H100's 132
-        from decode_bench import bf16_weights
-
+        from lmc.passes.mixed_precision import low_precision_weights
         from lmc.runtime.decoder import Decoder
         torch.cuda.current_device = lambda: 0
         torch.cuda.get_device_properties = \
             lambda d=None: type("Props", (), {"multi_processor_count": 132})()
-        model = LmcModel(bf16_weights(g, a.precision), backend="triton", seed=0)
+        model = LmcModel(low_precision_weights(g, a.precision), backend="triton", seed=0)
         dec = Decoder(model, backend="triton", static=True, max_len=a.max_len)
         state = dec.init_state(a.batch, torch.device("meta"))
 

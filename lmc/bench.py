@@ -18,6 +18,8 @@ Configurations (each a fresh model with the same weights seed):
            torch.compile (mode="reduce-overhead" on CUDA), with the ops one step runs
            (`ops_per_step`: lmc's fused ops + the torch ops left between them; the oracle's
            ops), which at batch 1 bound a CUDA-graph step as much as the bytes it reads.
+           In --precision (bf16 by default on CUDA): the weights stored in it, matmuls in it
+           (mixed_precision.low_precision_weights), the same program for every config.
   kernels  one lmc training step with each launch timed: the top kernels by time, their share
            of the step, achieved bandwidth (bytes in + out) and, for matmul kernels, FLOP/s,
            against the device's measured peaks (a large copy and a large matmul at start).
@@ -310,10 +312,12 @@ def step_weight_bytes(graph, batch: int = 1, itemsize: int = 2) -> int:
 
 def bench_decode(path, preset, sets, args, clock: Clock) -> Dict[str, Any]:
     from .driver import compile_model
+    from .passes.mixed_precision import low_precision_weights
     from .runtime.decoder import Decoder
     from .runtime.module import LmcModel
 
-    graph = compile_model(path, preset, sets).graph
+    # --precision: the weights stored in that dtype, matmuls in it (lmc and the oracle alike)
+    graph = low_precision_weights(compile_model(path, preset, sets).graph, args.precision)
 
     prompt, new = DECODE_PROMPT, args.decode_tokens
     rows = []

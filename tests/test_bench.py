@@ -140,3 +140,24 @@ def test_bench_quick_with_the_torch_compile_baselines(tmp_path, capsys):
     rows = r["train"]["configs"] + r["decode"]["configs"]
     assert [c["name"] for c in rows].count("oracle torch.compile") == 3
     assert all("error" not in c and c["tokens_per_s"] > 0 for c in rows), rows
+
+
+def test_decode_runs_in_the_given_precision(tmp_path, capsys, monkeypatch):
+    """--precision applies to decode too (it used to run the fp32 graph whatever the flag,
+    while bench.json said bf16): the weights stored in f16, every config on that program."""
+    from lmc.runtime import module
+
+    seen = []
+    real = module.LmcModel.__init__
+
+    def spy(self, graph, *a, **k):
+        seen.append({p.type.dtype.value for p in graph.params})
+        real(self, graph, *a, **k)
+    monkeypatch.setattr(module.LmcModel, "__init__", spy)
+    out = tmp_path / "b"
+    assert main(["bench", LLAMA, "--quick", "--mode", "decode", "--precision", "f16",
+                 "--out", str(out)]) == 0
+    r = json.loads((out / "bench.json").read_text())
+    assert r["precision"] == "f16"
+    assert all("error" not in c and c["tokens_per_s"] > 0 for c in r["decode"]["configs"])
+    assert len(seen) == 4 and all(s == {"f16"} for s in seen), seen

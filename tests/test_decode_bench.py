@@ -51,12 +51,11 @@ def test_static_kv_reference_decodes_like_its_forward():
 
 
 def test_bf16_weights_are_read_as_stored():
-    from decode_bench import bf16_weights
-
     from lmc.ir.ops import Op
     from lmc.ir.types import DType
+    from lmc.passes.mixed_precision import low_precision_weights
     c = lmc.compile_model(os.path.join(ZOO, "llama.yaml"), "tiny")
-    g = bf16_weights(c.graph)
+    g = low_precision_weights(c.graph)
     assert g.params and all(p.type.dtype is DType.bf16 for p in g.params)
     weights = [n.inputs[1] for n in g.nodes if n.op is Op.MATMUL and n.inputs[1].op is Op.PARAM]
     assert len(weights) == 2 * 7 + 1                      # 2 layers x 7 projections + head

@@ -100,3 +100,43 @@ def mixed_precision(g: Graph, dtype: str = "bf16") -> Graph:
 def _is_literal(n: Node) -> bool:
     return n.op is Op.CONST and n.type.rank == 0 and not hasattr(n.attrs["value"], "shape")
 
+
+def low_precision_weights(graph: Graph, dtype: str = "bf16") -> Graph:
+    """For inference (decode, `lmc bench`): the mixed-precision program with the parameters
+    themselves stored in `dtype`, so a step reads 2 bytes per weight: a matmul's cast of its
+    weight becomes the weight, an embedding gathers low-precision rows and widens them, any
+    other use (a norm's weight) widens the parameter. f32: the graph unchanged."""
+    low = DType.of(dtype)
+    g = mixed_precision(graph, dtype)
+    if low is DType.f32:
+        return g
+    nodes: List[Node] = []
+    new: Dict[Node, Node] = {}
+    low_p: Dict[Node, Node] = {}
+    wide: Dict[Node, Node] = {}
+
+    def add(n: Node) -> Node:
+        nodes.append(n)
+        return n
+
+    def widened(p: Node) -> Node:
+        if p not in wide:
+            wide[p] = add(Node.make(Op.CAST, (low_p[p],), {"dtype": p.type.dtype}, p.loc,
+                                    p.scope))
+        return wide[p]
+
+    for n in g.nodes:
+        if n.op is Op.PARAM and n.type.dtype.is_float and n.type.dtype is not low:
+            low_p[n] = add(Node.make(Op.PARAM, (), {**n.attrs, "dtype": low}, n.loc, n.scope))
+            continue
+        if n.op is Op.CAST and n.inputs[0] in low_p and DType.of(n.attrs["dtype"]) is low:
+            new[n] = low_p[n.inputs[0]]
+            continue
+        if n.op is Op.EMBEDDING and n.inputs[0] in low_p:
+            e = add(Node.make(Op.EMBEDDING, (low_p[n.inputs[0]], new[n.inputs[1]]), n.attrs,
+                              n.loc, n.scope))
+            new[n] = add(Node.make(Op.CAST, (e,), {"dtype": n.type.dtype}, n.loc, n.scope))
+            continue
+        ins = tuple(widened(x) if x in low_p else new[x] for x in n.inputs)
+        new[n] = add(n if ins == n.inputs else Node.make(n.op, ins, n.attrs, n.loc, n.scope))
+    return g.with_nodes(nodes, {k: new[v] for k, v in g.outputs.items()})
