@@ -380,7 +380,8 @@ FULL = _Keys("full")
 def _windowed_attention(g: Graph, labels: "_Labels") -> Dict[Tuple[Node, int], _Keys]:
     """Key-use edges of sliding-window attentions, which may keep their keys in a ring.
 
-    Matched: probs = softmax(where(causal_mask(T, window=W), s, -inf)) along the key axis,
+    Matched: probs = softmax(where(causal_mask(T, window=W), s, -inf)) along the key axis
+    (under mixed precision a cast up to fp32 before the softmax and one back after it),
     s reached from scores = q @ k^T through pointwise ops whose other inputs carry no key axis,
     each value on the way used once, and probs used only as the left operand of matmuls with
     the values: keys older than W then get weight exactly 0, so K and V need only W slots."""
@@ -395,8 +396,10 @@ def _windowed_attention(g: Graph, labels: "_Labels") -> Dict[Tuple[Node, int], _
     for sm in g.nodes:
         if sm.op is not Op.SOFTMAX or (lab[sm] or (None,))[sm.attrs["axis"]] != K:
             continue
-        wh = sm.inputs[0]
-        if wh.op is not Op.WHERE or users.get(wh) != [sm]:
+        wh, top = sm.inputs[0], sm
+        if _uncast(wh) is not wh and users.get(wh) == [sm]:    # mixed precision: fp32 softmax
+            wh, top = wh.inputs[0], wh
+        if wh.op is not Op.WHERE or users.get(wh) != [top]:
             continue
         mask, s, fill = wh.inputs
         if not (mask.op is Op.CAUSAL_MASK and mask.attrs["window"] > 0
@@ -414,8 +417,10 @@ def _windowed_attention(g: Graph, labels: "_Labels") -> Dict[Tuple[Node, int], _
         if not ok or (x, 1) not in keyuse or len(users.get(x, [])) != 1 or \
                 not (s is x or len(users.get(s, [])) == 1):
             continue
-        pv = users.get(sm, [])
-        if not pv or not all(u is not None and u.op is Op.MATMUL and u.inputs[0] is sm
+        p, pv = sm, users.get(sm, [])
+        if len(pv) == 1 and pv[0] is not None and _uncast(pv[0]) is not pv[0]:
+            p, pv = pv[0], users.get(pv[0], [])      # rounded to v's dtype for probs @ v
+        if not pv or not all(u is not None and u.op is Op.MATMUL and u.inputs[0] is p
                              and (u, 1) in keyuse for u in pv):
             continue
         ring = _Keys("ring", mask.attrs["window"])

@@ -125,3 +125,40 @@ def test_triton_static_decode_replays_equal_forward(path, sets, kinds, moe):
         assert dec.cuda_graph, dec.cuda_graph_off
         err = (torch.cat(got, 1) - full).abs().max().item()
         assert err < 1e-4, (k, err)
+
+
+@pytest.mark.parametrize("path,sets,kinds,moe", MODELS, ids=IDS)
+def test_bf16_static_decode_replays_equal_the_bf16_forward(path, sets, kinds, moe):
+    """The bf16 inference program (weights stored in bf16, as decode_bench and `lmc bench`
+    run it): the static step under its CUDA graph keeps the fp32 program's state layout (a
+    linear attention's fp32 state, MLA's latent cache, in bf16) and its logits equal the same
+    program's full forward on the triton backend across replays, to a few bf16 roundings."""
+    from lmc.passes.mixed_precision import low_precision_weights
+
+    f32 = lmc.load(os.path.join(ZOO, path), preset="tiny", seed=8, **sets).eval()
+    m = LmcModel(low_precision_weights(f32.graph, "bf16"), backend="triton")
+    m.load_state_dict({k: v.to(torch.bfloat16) for k, v in f32.state_dict().items()})
+    m = m.eval().cuda()
+    ids = torch.randint(0, m.config["vocab"], (2, 13),
+                        generator=torch.Generator().manual_seed(4)).cuda()
+    with torch.no_grad():
+        full = m(ids)
+    full = (full["logits"] if isinstance(full, dict) else full).float()
+    dec = Decoder(m, "triton", static=True, max_len=16)
+    ref = Decoder(f32, "torch", static=True, max_len=16)
+    assert [(s.kind, s.shape) for s in dec.step.states] == \
+        [(s.kind, s.shape) for s in ref.step.states]
+    assert all(s.dtype.value == ("f32" if s.kind == "state" else "bf16")
+               for s in dec.step.states if s.kind in ("state", "cache"))
+    for k in (0, 1, 5):
+        st = dec.init_state(ids.shape[0])
+        got = []
+        if k:
+            lg, st = dec(ids[:, :k], st)
+            got.append(lg)
+        for t in range(k, ids.shape[1]):
+            lg, st = dec(ids[:, t:t + 1], st)
+            got.append(lg)
+        assert dec.cuda_graph, dec.cuda_graph_off
+        err = float((torch.cat(got, 1).float() - full).abs().max() / full.abs().max())
+        assert err < 4 * 2 ** -8, (k, err)

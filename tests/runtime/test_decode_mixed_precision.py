@@ -17,7 +17,8 @@ from lmc.passes.mixed_precision import mixed_precision
 from lmc.runtime.decoder import Decoder
 from lmc.runtime.module import LmcModel
 
-MODELS = ["llama", "blues01", "minimax", "yoco", "optimus_prime", "medit_one"]
+MODELS = [("llama", {}), ("blues01", {}), ("minimax", {}), ("yoco", {}),
+          ("yoco", {"sliding_window": 5}), ("optimus_prime", {}), ("medit_one", {})]
 
 
 @pytest.fixture(autouse=True)
@@ -44,9 +45,11 @@ def _records(dec):
                   if r["pass"].startswith(("fuse_decode", "fuse_moe")))
 
 
-@pytest.mark.parametrize("name", MODELS)
-def test_f16_decode_keeps_the_state_layout_and_equals_forward(name):
-    m = lmc.load(os.path.join(ZOO, f"{name}.yaml"), preset="tiny", seed=2, backend="triton")
+@pytest.mark.parametrize("name,sets", MODELS,
+                         ids=[n + "".join(f"-{k}{v}" for k, v in o.items()) for n, o in MODELS])
+def test_f16_decode_keeps_the_state_layout_and_equals_forward(name, sets):
+    m = lmc.load(os.path.join(ZOO, f"{name}.yaml"), preset="tiny", seed=2, backend="triton",
+                 **sets)
     ids = torch.randint(0, 500, (2, 8), generator=torch.Generator().manual_seed(4))
     m.eval()
     for backend, static in (("torch", False), ("triton", True)):
@@ -61,7 +64,8 @@ def test_f16_decode_keeps_the_state_layout_and_equals_forward(name):
         dec = Decoder(f16, backend=backend, static=True, max_len=10) if static else \
             Decoder(f16, backend=backend)
         # the same state as the fp32 program's: kinds and shapes (no cache in place of a
-        # linear attention's state, MLA's latent cache and not the up-projected K and V),
+        # linear attention's state or of a sliding window's ring, MLA's latent cache and
+        # not the up-projected K and V),
         # the caches in f16 (a cast that the products read is cached after it), the
         # linear attentions' state in fp32
         ref = Decoder(m, backend="torch", static=True, max_len=10) if static else \
