@@ -232,7 +232,9 @@ def _rematerialize(nodes: List[Node], outputs: Dict[str, Node], saved: List[Node
     kernels reading it read no more bytes), and whose backward readers are all pointwise ops
     and reductions (through views), so the recomputation fuses into those kernels. SwiGLU's
     silu(gate) and RMSNorm's x * rstd (saved for the norm weight's gradient) are recomputed
-    from the gate and from x and rstd. Returns (backward nodes, outputs, saved nodes kept)."""
+    from the gate and from x and rstd; an input that is a widening cast of a saved bf16/f16
+    value is widened again (mixed precision's cast(x) * rstd, an fp32 [B, T, d] otherwise
+    saved at 4 bytes where x is at 2). Returns (backward nodes, outputs, saved nodes kept)."""
     users: Dict[Node, List[Node]] = {}
     for n in nodes:
         for i in n.inputs:
@@ -256,12 +258,17 @@ def _rematerialize(nodes: List[Node], outputs: Dict[str, Node], saved: List[Node
     fresh: List[Node] = []
     for n in sorted(saved, key=order.__getitem__):
         if (n.op.kind is not Kind.POINTWISE or not fusable(avail[n])
-                or any(x not in avail and x.op not in _RECOMPUTE for x in n.inputs)
+                or any(x not in avail and x.op not in _RECOMPUTE
+                       and not (_widening(x) and x.inputs[0] in avail) for x in n.inputs)
                 or sum(x.type.shape == n.type.shape for x in n.inputs) > 1):
             continue
         ins = []
         for x in n.inputs:
-            if x not in avail:      # a constant, iota or mask: made again
+            if x not in avail and _widening(x):   # cast(x) of a saved bf16 x: widened again
+                avail[x] = Node.make(Op.CAST, (avail[x.inputs[0]],), dict(x.attrs), x.loc,
+                                     x.scope)
+                fresh.append(avail[x])
+            elif x not in avail:      # a constant, iota or mask: made again
                 avail[x] = Node.make(x.op, (), dict(x.attrs), x.loc, x.scope)
                 fresh.append(avail[x])
             ins.append(avail[x])

@@ -223,3 +223,30 @@ def test_pattern_passes_fuse_the_same_sites_in_low_precision(path):
     want = records("f32")
     assert records("bf16") == want and ("fuse_rope_attention", "fused") in want or \
         path == "medit_one.yaml"
+
+
+def test_a_norms_fp32_x_rstd_is_recomputed_not_saved():
+    """Under mixed precision a norm of a matmul output computes cast(h) * rstd in fp32; the
+    backward recomputes it from the saved f16 h and the per-row rstd (cast(h) is exact from
+    h), instead of forward' storing an fp32 [B, T, d] at twice h's bytes. Its gradients are
+    those of the program that saves it."""
+    B, T = Dim.sym("B"), Dim.sym("T")
+    b = Builder({}, {})
+    x, w, g = b.input("x", [B, T, 16], "f32"), b.input("w", [16, 24], "f32"), \
+        b.input("g", [24], "f32")
+    h = x @ w
+    y = h * b.rsqrt(b.mean(h * h, -1) + 1e-6) * g
+    graph = mixed_precision(Graph("norm", b.nodes, {"y": y.node}), "f16")
+    prog = differentiate(graph, ["x", "w", "g"])
+    saved = [prog.forward.outputs[s].type for s in prog.saved]
+    full = [t for t in saved if t.rank == 3 and t.shape[-1] == 24]       # [B, T, d]
+    assert [t.dtype.value for t in full] == ["f16"], saved
+    gen = torch.Generator().manual_seed(1)
+    vals = {"x": torch.randn(2, 5, 16, generator=gen), "w": torch.randn(16, 24, generator=gen)
+            * 0.3, "g": 1.0 + 0.1 * torch.randn(24, generator=gen)}
+    cts = {"y": torch.randn(2, 5, 24, generator=gen)}
+    got = _norm_grads(graph, vals, cts)
+    want = _norm_grads(Graph("norm", b.nodes, {"y": y.node}), vals, cts)     # fp32
+    for k in ("grad:x", "grad:w", "grad:g"):
+        err = float((got[k].float() - want[k]).abs().max() / want[k].abs().max())
+        assert err < 8 * 2 ** -10, (k, err)
