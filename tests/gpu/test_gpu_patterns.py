@@ -13,7 +13,7 @@ import os
 
 import pytest
 import torch
-from conftest import ZOO
+from conftest import ZOO, decode_worst
 
 import lmc
 from lmc.codegen.program import apply_patterns
@@ -114,16 +114,8 @@ def test_triton_static_decode_replays_equal_forward(path, sets, kinds, moe):
     assert fused & {"decode_attention", "decode_linear_attention"} or not kinds - {
         "moe_layer", "moe_gating"}, fused
     for k in (0, 1, 5):
-        st = dec.init_state(ids.shape[0])
-        got = []
-        if k:
-            lg, st = dec(ids[:, :k], st)
-            got.append(lg)
-        for t in range(k, ids.shape[1]):           # one capture, then replays
-            lg, st = dec(ids[:, t:t + 1], st)
-            got.append(lg)
+        err = decode_worst(dec, ids, full, k)      # one capture, then replays
         assert dec.cuda_graph, dec.cuda_graph_off
-        err = (torch.cat(got, 1) - full).abs().max().item()
         assert err < 1e-4, (k, err)
 
 
@@ -151,14 +143,6 @@ def test_bf16_static_decode_replays_equal_the_bf16_forward(path, sets, kinds, mo
     assert all(s.dtype.value == ("f32" if s.kind == "state" else "bf16")
                for s in dec.step.states if s.kind in ("state", "cache"))
     for k in (0, 1, 5):
-        st = dec.init_state(ids.shape[0])
-        got = []
-        if k:
-            lg, st = dec(ids[:, :k], st)
-            got.append(lg)
-        for t in range(k, ids.shape[1]):
-            lg, st = dec(ids[:, t:t + 1], st)
-            got.append(lg)
+        err = decode_worst(dec, ids, full, k) / full.abs().max().item()
         assert dec.cuda_graph, dec.cuda_graph_off
-        err = float((torch.cat(got, 1).float() - full).abs().max() / full.abs().max())
         assert err < 4 * 2 ** -8, (k, err)

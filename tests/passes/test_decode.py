@@ -4,7 +4,7 @@ import os
 
 import pytest
 import torch
-from conftest import ZOO
+from conftest import ZOO, decode_worst
 
 import lmc
 from lmc.errors import LmcError
@@ -25,15 +25,7 @@ def _decode_matches(model, ids, k):
     with torch.no_grad():
         full = model(ids)
         full = full["logits"] if isinstance(full, dict) else full
-    st = dec.init_state(ids.shape[0])
-    got = []
-    if k:
-        lg, st = dec(ids[:, :k], st)
-        got.append(lg)
-    for t in range(k, ids.shape[1]):
-        lg, st = dec(ids[:, t:t + 1], st)
-        got.append(lg)
-    return (torch.cat(got, 1) - full).abs().max().item()
+        return decode_worst(dec, ids, full, k)
 
 
 def test_llama_caches_k_after_rope_and_v_per_layer():

@@ -162,6 +162,17 @@ def test_autocast_fp32_ops_read_fp32_and_produce_fp32(dtype):
     assert o["sum"].type.dtype.value == o["cumsum"].type.dtype.value == "f32"
 
 
+def _norm_graph(d: int) -> Graph:
+    """y = RMSNorm(x @ w) * g: a norm of a matmul's output, x [B, T, 16], w [16, d]."""
+    B, T = Dim.sym("B"), Dim.sym("T")
+    b = Builder({}, {})
+    x, w, g = b.input("x", [B, T, 16], "f32"), b.input("w", [16, d], "f32"), \
+        b.input("g", [d], "f32")
+    h = x @ w
+    y = h * b.rsqrt(b.mean(h * h, -1) + 1e-6) * g
+    return Graph("norm", b.nodes, {"y": y.node})
+
+
 def _norm_grads(graph, vals, cts):
     prog = differentiate(graph, ["x", "w", "g"])
     ctx = RefCtx(dims=bind_dims(graph, vals), training=True)
@@ -178,13 +189,7 @@ def test_f16_norm_of_small_activations_has_finite_gradients(monkeypatch):
     loss at step 2 under --precision f16). With rsqrt in fp32 the gradients are finite and
     close to the fp32 program's. (Much smaller activations still overflow in the gradient
     of mean(h * h), which autocast also keeps in f16; the zoo writes x * x, not pow.)"""
-    B, T = Dim.sym("B"), Dim.sym("T")
-    b = Builder({}, {})
-    x, w, g = b.input("x", [B, T, 16], "f32"), b.input("w", [16, 16], "f32"), \
-        b.input("g", [16], "f32")
-    h = x @ w
-    y = h * b.rsqrt(b.mean(h * h, -1) + 1e-6) * g
-    graph = Graph("norm", b.nodes, {"y": y.node})
+    graph = _norm_graph(16)
     gen = torch.Generator().manual_seed(0)
     vals = {"x": torch.randn(2, 5, 16, generator=gen) * 0.1,
             "w": torch.randn(16, 16, generator=gen) * 0.05,
@@ -230,13 +235,7 @@ def test_a_norms_fp32_x_rstd_is_recomputed_not_saved():
     backward recomputes it from the saved f16 h and the per-row rstd (cast(h) is exact from
     h), instead of forward' storing an fp32 [B, T, d] at twice h's bytes. Its gradients are
     those of the program that saves it."""
-    B, T = Dim.sym("B"), Dim.sym("T")
-    b = Builder({}, {})
-    x, w, g = b.input("x", [B, T, 16], "f32"), b.input("w", [16, 24], "f32"), \
-        b.input("g", [24], "f32")
-    h = x @ w
-    y = h * b.rsqrt(b.mean(h * h, -1) + 1e-6) * g
-    graph = mixed_precision(Graph("norm", b.nodes, {"y": y.node}), "f16")
+    graph = mixed_precision(_norm_graph(24), "f16")
     prog = differentiate(graph, ["x", "w", "g"])
     saved = [prog.forward.outputs[s].type for s in prog.saved]
     full = [t for t in saved if t.rank == 3 and t.shape[-1] == 24]       # [B, T, d]
@@ -246,7 +245,7 @@ def test_a_norms_fp32_x_rstd_is_recomputed_not_saved():
             * 0.3, "g": 1.0 + 0.1 * torch.randn(24, generator=gen)}
     cts = {"y": torch.randn(2, 5, 24, generator=gen)}
     got = _norm_grads(graph, vals, cts)
-    want = _norm_grads(Graph("norm", b.nodes, {"y": y.node}), vals, cts)     # fp32
+    want = _norm_grads(_norm_graph(24), vals, cts)                            # fp32
     for k in ("grad:x", "grad:w", "grad:g"):
         err = float((got[k].float() - want[k]).abs().max() / want[k].abs().max())
         assert err < 8 * 2 ** -10, (k, err)
