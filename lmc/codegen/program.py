@@ -165,11 +165,12 @@ def split_widening_casts(g: Graph) -> Graph:
     outputs = set(g.outputs.values())
     copies: Dict[Node, List[Node]] = {}     # reader -> the casts it gets its own copy of
     for n in g.nodes:
-        if (n.op is Op.CAST and n not in outputs and len(users.get(n, ())) > 1
+        if (n.op is Op.CAST and n not in outputs and len(set(users.get(n, ()))) > 1
                 and n.type.dtype.itemsize > n.inputs[0].type.dtype.itemsize):
-            take = [u for u in users[n]
+            readers = list(dict.fromkeys(users[n]))    # x * x reads its cast once
+            take = [u for u in readers
                     if u.op.kind is Kind.POINTWISE or u.op in _FUSED_REDUCTIONS]
-            keep = len(take) == len(users[n])       # every reader has a copy: the first
+            keep = len(take) == len(readers)        # every reader has a copy: the first
             for u in take[1:] if keep else take:    # reader keeps the original
                 copies.setdefault(u, []).append(n)
     if not copies:

@@ -353,3 +353,27 @@ def test_a_leftover_before_a_later_reading_group_joins_it_at_the_later_place():
         b.op is Op.DIV and tuple(b.type.shape) == (E,) for b in n.attrs["body"].nodes)]
     assert len(divs) == 2 and all(n.attrs["kind"] == "reduction" for n in divs), \
         [n.attrs["kernel"] for n in divs]
+
+
+def test_a_widening_cast_squared_is_split_once_per_reader():
+    """split_widening_casts gives each reader of a shared widening cast its own copy, the
+    first reader keeping the original. A square x * x lists the cast twice among its
+    users: it once got a copy besides the original, which was left dead, and fuse_matmul
+    took that dead cast into the f16 matmul's epilogue, storing it in fp32 (optimus_prime's
+    MLA norms: 3 projections sharing their input no longer one launch). Each reader now
+    holds one cast, none dead."""
+    from lmc.codegen.program import split_widening_casts
+
+    b = Builder({}, {})
+    h = b.input("h", [B, T, 16], "f16")
+    x = b.cast(h, "f32")
+    y = x * b.rsqrt(b.mean(x * x, -1) + 1e-6)
+    g = split_widening_casts(Graph("sq", b.nodes, {"y": y.node}))
+    users, outs = g.users(), set(g.outputs.values())
+    casts = [n for n in g.nodes if n.op is Op.CAST]
+    assert len(casts) == 2 and all(users[c] for c in casts)
+    assert not [n for n in g.nodes if not users[n] and n not in outs and n.op is not Op.INPUT]
+    gen = torch.Generator().manual_seed(4)
+    for bb, tt in [(1, 1), (2, 7)]:
+        _check(Graph("sq", b.nodes, {"y": y.node}),
+               {"h": torch.randn(bb, tt, 16, generator=gen).half()})
