@@ -6,11 +6,12 @@ the generated kernels) run the same mixed-precision program.
 - every float MATMUL reads its operands in the low-precision dtype (a CAST is inserted; a
   weight's cast is shared by its uses after CSE) and produces that dtype, accumulating in fp32;
 - the ops torch.autocast runs in fp32 (exp, log, rsqrt, pow, softplus, a reciprocal
-  `c / x`, sum, logsumexp, softmax, cumsum, cumprod) read their low-precision inputs cast to
-  fp32 and produce fp32: a norm's rstd, a softmax's probabilities and a running sum of
-  log-decays keep fp32's range and precision (in f16 a norm's backward overflows: rstd**3
-  of activations ~0.02 is ~1e5 > 65,504; a bf16 prefix sum over thousands of tokens keeps 8
-  bits);
+  `c / x`, sum, logsumexp, softmax, cumsum, cumprod), and a square `x * x` (torch code's
+  `x.pow(2)`), read their low-precision inputs cast to fp32 and produce fp32: a norm's mean
+  of squares and rstd, a softmax's probabilities and a running sum of log-decays keep
+  fp32's range and precision (in f16 a norm's backward overflows: rstd**3 of activations
+  ~0.02 is ~1e5 > 65,504, and the gradient of an f16 mean of squares is that, cast down; a
+  bf16 prefix sum over thousands of tokens keeps 8 bits);
 - every other op follows type promotion: when its float inputs differ, the narrower ones are
   cast up to the widest, except that a scalar constant takes the tensor's dtype (as a
   Python scalar does in torch) and so does a table computed from positions alone (RoPE's
@@ -21,7 +22,8 @@ the generated kernels) run the same mixed-precision program.
 
 So, as under autocast, an fp32 value spreads by promotion (rstd times a bf16 activation is
 fp32) until the next matmul casts it down. Other reductions (mean, amax) keep their input
-dtype and accumulate in fp32 (the references and kernels do);
+dtype (the mean of an fp32 square is fp32) and accumulate in fp32 (the references and
+kernels do);
 the training loss casts the logits to fp32 itself (lmc/passes/loss.py). Position tables are
 computed in fp32 and cast once where they meet activations.
 """
@@ -38,6 +40,11 @@ _WIDTH = {DType.f16: 1, DType.bf16: 1, DType.f32: 2, DType.f64: 3}
 # torch.autocast's "ops that autocast to float32" (CUDA), as far as lmc has them
 FP32_OPS = frozenset({Op.EXP, Op.LOG, Op.RSQRT, Op.POW, Op.SOFTPLUS, Op.SUM, Op.LOGSUMEXP,
                       Op.SOFTMAX, Op.CUMSUM, Op.CUMPROD})
+
+
+def _square(n: Node) -> bool:
+    """x * x: torch code's x.pow(2), on autocast's fp32 list."""
+    return n.op is Op.MUL and len(n.inputs) == 2 and n.inputs[0] is n.inputs[1]
 
 
 def mixed_precision(g: Graph, dtype: str = "bf16") -> Graph:
@@ -72,7 +79,7 @@ def mixed_precision(g: Graph, dtype: str = "bf16") -> Graph:
             ins = [cast(x, o.type.dtype, n) for x, o in zip(ins, n.inputs)]
         elif n.op is Op.MATMUL and all(x.type.dtype.is_float for x in ins):
             ins = [cast(x, low, n) for x in ins]
-        elif n.op in FP32_OPS or (n.op is Op.DIV and _is_literal(ins[0])):
+        elif n.op in FP32_OPS or (n.op is Op.DIV and _is_literal(ins[0])) or _square(n):
             ins = [cast(x, DType.f32, n) if _WIDTH.get(x.type.dtype, 9) < 2 else x
                    for x in ins]
         elif n.op is not Op.CAST and len({x.type.dtype for x in floats}) > 1:

@@ -127,9 +127,9 @@ def test_every_zoo_model_compiles_in_low_precision(path, sets, dtype):
 
 
 def _autocast_graph():
-    """A bf16/f16 matmul output h fed to each op autocast runs in fp32, to one it leaves in
-    the low dtype (tanh), and to an RMSNorm whose x * x and mean stay low (as under
-    torch.autocast) while rsqrt is fp32."""
+    """A bf16/f16 matmul output h fed to each op autocast runs in fp32, to ones it leaves in
+    the low dtype (tanh, a product of two values), and to an RMSNorm whose square (torch
+    code's pow(2)), mean and rsqrt are fp32."""
     B, T = Dim.sym("B"), Dim.sym("T")
     b = Builder({}, {})
     x, w, g = b.input("x", [B, T, 16], "f32"), b.input("w", [16, 16], "f32"), \
@@ -138,7 +138,7 @@ def _autocast_graph():
     outs = {"exp": b.exp(h), "log": b.log(b.abs(h) + 1.0), "pow": b.pow(h, 3.0),
             "softplus": b.softplus(h), "recip": 1.0 / h, "sum": b.sum(h, -1),
             "lse": b.logsumexp(h, -1), "softmax": b.softmax(h, -1), "cumsum": b.cumsum(h, 1),
-            "cumprod": b.cumprod(h, 1), "tanh": b.tanh(h),
+            "cumprod": b.cumprod(h, 1), "tanh": b.tanh(h), "prod": h * b.tanh(h),
             "norm": h * b.rsqrt(b.mean(h * h, -1) + 1e-6) * g}
     return Graph("autocast", b.nodes, {k: v.node for k, v in outs.items()})
 
@@ -147,18 +147,20 @@ def _autocast_graph():
 def test_autocast_fp32_ops_read_fp32_and_produce_fp32(dtype):
     g = mixed_precision(_autocast_graph(), dtype)
     fp32 = [n for n in g.nodes if n.op in mp.FP32_OPS or (n.op is Op.DIV and n.inputs[
-        0].op is Op.CONST)]
-    assert {n.op for n in fp32} == set(mp.FP32_OPS) | {Op.DIV}
+        0].op is Op.CONST) or (n.op is Op.MUL and n.inputs[0] is n.inputs[1])]
+    assert {n.op for n in fp32} == set(mp.FP32_OPS) | {Op.DIV, Op.MUL}
     for n in fp32:
         assert n.type.dtype.value == "f32", n.op
-        for x in n.inputs:
+        for x in n.inputs:   # cast up (or computed from a cast: abs(h) + 1, mean(h * h))
             assert x.type.dtype.value == "f32" and (x.op in (Op.CAST, Op.CONST) or
-                                                   x.inputs[0].op is Op.CAST), (n.op, x.op)
+                                                   x.inputs[0].op is Op.CAST or
+                                                   x.inputs[0].op is Op.MEAN), (n.op, x.op)
     o = g.outputs
     assert o["tanh"].type.dtype.value == dtype             # not on autocast's list
-    # the norm: x * x and mean stay low, rsqrt is fp32, and the product promotes to fp32
+    assert o["prod"].type.dtype.value == dtype             # nor is a product
+    # the norm: the square, its mean and rsqrt are fp32; the product promotes to fp32
     mean = next(n for n in g.nodes if n.op is Op.MEAN)
-    assert mean.type.dtype.value == dtype and o["norm"].type.dtype.value == "f32"
+    assert mean.type.dtype.value == "f32" and o["norm"].type.dtype.value == "f32"
     assert o["sum"].type.dtype.value == o["cumsum"].type.dtype.value == "f32"
 
 
@@ -183,28 +185,38 @@ def _norm_grads(graph, vals, cts):
 
 
 def test_f16_norm_of_small_activations_has_finite_gradients(monkeypatch):
-    """The bug this policy fixed: an RMSNorm of a matmul output of small values (|h| ~ 0.02,
-    rstd ~ 50) kept rstd in f16, whose backward (rstd cubed ~ 1.2e5) overflows f16's 65,504:
-    inf and nan gradients on the torch backend (blues01, minimax and yoco trained to a nan
-    loss at step 2 under --precision f16). With rsqrt in fp32 the gradients are finite and
-    close to the fp32 program's. (Much smaller activations still overflow in the gradient
-    of mean(h * h), which autocast also keeps in f16; the zoo writes x * x, not pow.)"""
+    """The bugs this policy fixed: an RMSNorm of a matmul output of small values (|h| ~
+    0.02, rstd ~ 50) kept rstd in f16, whose backward (rstd cubed ~ 1.2e5) overflows f16's
+    65,504: inf and nan gradients on the torch backend (blues01, minimax and yoco trained
+    to a nan loss at step 2 under --precision f16). With rsqrt in fp32 that is finite; with
+    activations ten times smaller the gradient of mean(h * h), that rstd-cubed term, still
+    overflowed in the cast back to the f16 mean (minimax's 3-layer training, the loss scaled
+    by 256): h * h is fp32 now, as torch code's h.pow(2) is under autocast. Both are finite
+    and close to the fp32 program's gradients; each old policy overflows."""
     graph = _norm_graph(16)
     gen = torch.Generator().manual_seed(0)
     vals = {"x": torch.randn(2, 5, 16, generator=gen) * 0.1,
             "w": torch.randn(16, 16, generator=gen) * 0.05,
             "g": 1.0 + 0.1 * torch.randn(16, generator=gen)}
     cts = {"y": torch.randn(2, 5, 16, generator=gen)}
-    want = _norm_grads(graph, vals, cts)
-    got = _norm_grads(mixed_precision(graph, "f16"), vals, cts)
-    for k in ("grad:x", "grad:w", "grad:g"):
-        assert torch.isfinite(got[k]).all(), k
-        err = float((got[k].float() - want[k]).abs().max() / want[k].abs().max())
-        assert err < 8 * 2 ** -10, (k, err)
-    # without the fp32 list (type promotion alone, the old policy) the same program overflows
+    tiny = dict(vals, x=vals["x"] * 0.1)
+    for v in (vals, tiny):
+        want = _norm_grads(graph, v, cts)
+        got = _norm_grads(mixed_precision(graph, "f16"), v, cts)
+        for k in ("grad:x", "grad:w", "grad:g"):
+            assert torch.isfinite(got[k]).all(), k
+            err = float((got[k].float() - want[k]).abs().max() / want[k].abs().max())
+            assert err < 8 * 2 ** -10, (k, err)
+
+    def overflows(v):
+        old = _norm_grads(mixed_precision(graph, "f16"), v, cts)
+        return not all(torch.isfinite(old[k]).all() for k in ("grad:x", "grad:w"))
+    # the square in f16 (x * x on type promotion alone): the smaller activations overflow
+    monkeypatch.setattr(mp, "_square", lambda n: False)
+    assert overflows(tiny) and not overflows(vals)
+    # without the fp32 list either (the first policy), the larger ones overflow too
     monkeypatch.setattr(mp, "FP32_OPS", frozenset())
-    old = _norm_grads(mixed_precision(graph, "f16"), vals, cts)
-    assert not all(torch.isfinite(old[k]).all() for k in ("grad:x", "grad:w"))
+    assert overflows(vals)
 
 
 @pytest.mark.parametrize("path", ["llama.yaml", "blues01.yaml", "minimax.yaml", "yoco.yaml",
@@ -249,3 +261,4 @@ def test_a_norms_fp32_x_rstd_is_recomputed_not_saved():
     for k in ("grad:x", "grad:w", "grad:g"):
         err = float((got[k].float() - want[k]).abs().max() / want[k].abs().max())
         assert err < 8 * 2 ** -10, (k, err)
+
