@@ -179,9 +179,13 @@ def _plain(x):
     return int(x) if float(x).is_integer() else x
 
 
+# the first loss scale of an f16 run (torch.amp.GradScaler's default)
+INIT_LOSS_SCALE = 2.0 ** 16
+
+
 # -- checkpoints ---------------------------------------------------------------------------------
 def save_checkpoint(out: str, step: int, model, opt, cfg: TrainConfig, d: Dist,
-                    extra: Dict[str, Any]) -> Optional[str]:
+                    extra: Dict[str, Any], scaler=None) -> Optional[str]:
     """Write ckpt-<step>/ via a temp dir + rename, then point `latest` at it (atomic)."""
     from safetensors.torch import save_file
 
@@ -199,6 +203,8 @@ def save_checkpoint(out: str, step: int, model, opt, cfg: TrainConfig, d: Dist,
     with open(os.path.join(tmp, "meta.json"), "w") as f:  # readable without unpickling
         json.dump({"step": step, **extra}, f)
     torch.save({"step": step, "optimizer": optim, "config": asdict(cfg), "extra": extra,
+                "grad_scaler": scaler.state_dict() if scaler is not None and
+                scaler.is_enabled() else None,
                 "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
                         "torch": torch.get_rng_state()}},
                os.path.join(tmp, "state.pt"))
@@ -438,6 +444,18 @@ def train(path: str, preset: Optional[str], overrides, c: TrainConfig) -> Dict[s
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": c.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}],
                             lr=c.lr, betas=(0.9, 0.95), eps=1e-8, fused=False, foreach=False)
+    # f16 keeps 5 exponent bits: small gradients (a norm weight's, ~1e-6) fall below its
+    # smallest normal (6e-5) and lose their digits. Dynamic loss scaling, as with
+    # torch.autocast: the loss's gradient is multiplied by a scale, the gradients divided by
+    # it before the update, and a step whose gradients overflowed is skipped and the scale
+    # halved (doubled again after 2,000 good steps). bf16 and f32 have fp32's range: off.
+    # (with FSDP each rank holds a shard of the gradients: ShardedGradScaler agrees across
+    # ranks on whether any overflowed, so all skip or all step; DDP's are all-reduced)
+    if d.world > 1 and c.fsdp:
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler as Scaler
+    else:
+        Scaler = torch.amp.GradScaler
+    scaler = Scaler(d.device.type, init_scale=INIT_LOSS_SCALE, enabled=precision == "f16")
 
     start = 0
     if c.resume:
@@ -456,6 +474,8 @@ def train(path: str, preset: Optional[str], overrides, c: TrainConfig) -> Dict[s
         else:
             raw.load_state_dict(weights)
             opt.load_state_dict(st["optimizer"])
+        if scaler.is_enabled() and st.get("grad_scaler"):
+            scaler.load_state_dict(st["grad_scaler"])
         random.setstate(st["rng"]["python"])
         np.random.set_state(st["rng"]["numpy"])
         torch.set_rng_state(st["rng"]["torch"])
@@ -540,7 +560,7 @@ def train(path: str, preset: Optional[str], overrides, c: TrainConfig) -> Dict[s
                 with ctx, autocast():
                     out = model(x, targets=y)
                     loss = out["loss"] / c.grad_accum
-                    loss.backward()
+                    scaler.scale(loss).backward()
                 loss_sum += loss.item()
                 for k in part_names:
                     parts[k] += out[k].detach().double().cpu() / c.grad_accum
@@ -555,14 +575,21 @@ def train(path: str, preset: Optional[str], overrides, c: TrainConfig) -> Dict[s
                     " (no checkpoint was written yet)"
                 raise LmcError(f"loss became {train_loss} at step {step + 1}: stopping before "
                                f"the update{where}")
+            scaler.unscale_(opt)      # (nothing without loss scaling)
             if c.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
-            opt.step()
+            scale = scaler.get_scale()
+            scaler.step(opt)          # opt.step(), unless f16 gradients overflowed
+            scaler.update()
             opt.zero_grad(set_to_none=True)
             step += 1
             now = time.perf_counter()
             rec = {"step": step, "train_loss": train_loss, "lr": lr,
                    "tokens_per_s": tokens_per_step / max(now - t_last, 1e-9)}
+            if scaler.is_enabled():
+                rec["loss_scale"] = scale
+                if scaler.get_scale() < scale:
+                    rec["skipped"] = True   # inf/nan gradients: no update at this step
             if "ce_loss" in parts_logged:
                 rec["ce_loss"] = parts_logged["ce_loss"]
             if aux_names:
@@ -589,7 +616,7 @@ def train(path: str, preset: Optional[str], overrides, c: TrainConfig) -> Dict[s
             if step % c.ckpt_every == 0 or step == c.steps:
                 clear_old()
                 last_ckpt = save_checkpoint(c.out, step, model, opt, c, d,
-                                            ckpt_meta) or last_ckpt
+                                            ckpt_meta, scaler) or last_ckpt
                 if d.main:
                     plot_losses(metrics_path, os.path.join(c.out, "loss.png"))
             if stop["signal"] is not None:
@@ -597,7 +624,7 @@ def train(path: str, preset: Optional[str], overrides, c: TrainConfig) -> Dict[s
                 if d.main and not logged:   # the checkpoint's step ends the curve
                     log()
                 last_ckpt = save_checkpoint(c.out, step, model, opt, c, d,
-                                            ckpt_meta) or last_ckpt
+                                            ckpt_meta, scaler) or last_ckpt
                 if d.main:
                     plot_losses(metrics_path, os.path.join(c.out, "loss.png"))
                 summary["interrupted"] = True

@@ -262,3 +262,28 @@ def test_a_norms_fp32_x_rstd_is_recomputed_not_saved():
         err = float((got[k].float() - want[k]).abs().max() / want[k].abs().max())
         assert err < 8 * 2 ** -10, (k, err)
 
+
+def test_f16_gradients_need_the_loss_scale_the_trainer_applies():
+    """Why f16 training scales its loss (lmc/runtime/train.py): yoco's cross-decoder norm
+    weight has gradients ~1e-6, below f16's smallest normal, and unscaled they come out 27%
+    off the fp32 program's; scaled by the trainer's first scale and divided after, every
+    gradient is within a few f16 roundings (measured 1.6e-3)."""
+    from lmc.runtime.train import INIT_LOSS_SCALE
+
+    src = lmc.load(os.path.join(ZOO, "yoco.yaml"), preset="tiny").graph
+    gen = torch.Generator().manual_seed(0)
+    ids, targets = (torch.randint(0, 512, (2, 13), generator=gen) for _ in range(2))
+
+    def grads(g, scale):
+        m = LmcModel(g, backend="torch")
+        torch.manual_seed(0)
+        (m(ids, targets=targets)["loss"] * scale).backward()
+        return {k: p.grad / scale for k, p in m.named_parameters()}
+
+    ref = grads(run_pipeline(with_loss(src)), 1.0)
+    f16 = run_pipeline(with_loss(mixed_precision(src, "f16")))
+    unscaled, scaled = grads(f16, 1.0), grads(f16, INIT_LOSS_SCALE)
+    name = "cross_layers.0.mixer_norm.weight"
+    assert float(ref[name].abs().max()) < 2 ** -14          # f16's smallest normal
+    assert _max_rel({name: unscaled[name]}, {name: ref[name]}) > 0.1
+    assert _max_rel(scaled, ref) < 4 * 2 ** -10
