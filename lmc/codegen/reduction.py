@@ -51,25 +51,29 @@ class Plan:
     levels."""
 
     def __init__(self, body: Graph):
-        first = next(n for n in body.nodes if n.op in RED_OPS + SCAN_OPS)
-        self.space = first.inputs[0].type.shape
-        self.axis = first.attrs["axis"] % len(self.space)
-        self.rank = len(self.space)
         self.level: Dict[Node, str] = {}
         self.depth: Dict[Node, int] = {}
         self.outputs = list(body.outputs.values())
         # fuse_column_sums: the last `column_sums` outputs each sum a row value over every
-        # row (a chain of sums over axis 0); level "col", accumulated per program
+        # row (a chain of sums over axis 0, the row value a pointwise one); level "col",
+        # accumulated per program
         k = body.meta.get("column_sums", 0)
         self.columns: Dict[Node, Node] = {}     # column output -> the row value it sums
         for o in self.outputs[len(self.outputs) - k:]:
             n = o
             while True:
                 self.level[n] = "col"
-                if n.inputs[0].type.shape == self.space:
+                if n.inputs[0].op is not Op.SUM:
                     break
                 n = n.inputs[0]
             self.columns[o] = n.inputs[0]
+        # the row space: the first reduction or scan that is not a column sum's
+        first = next(n for n in body.nodes if n.op in RED_OPS + SCAN_OPS
+                     and n not in self.level)
+        self.space = first.inputs[0].type.shape
+        self.axis = first.attrs["axis"] % len(self.space)
+        self.rank = len(self.space)
+        assert all(v.type.shape == self.space for v in self.columns.values())
         reds = [n for n in body.nodes if n.op in RED_OPS and n not in self.level]
         for n in body.nodes:
             if n.op is Op.INPUT or n.op is Op.CONST:

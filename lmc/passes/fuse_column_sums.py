@@ -41,33 +41,43 @@ def _is_red(n: Node) -> bool:
     return n.op is Op.FUSED and n.attrs.get("kind") == "reduction"
 
 
-def _single_sum(n: Node) -> Optional[Node]:
-    """The SUM node when kernel n stores exactly one value, a sum over axis 0 (keepdim off)
-    of a value of its row space, computed by pointwise ops from its inputs; else None."""
+def _column_start(n: Node) -> Optional[Tuple[Node, int, List[int]]]:
+    """When kernel n computes, by pointwise ops from its inputs, one sum over axis 0 (keepdim
+    off) of a value of its row space: that SUM, its output index and the indices of the
+    kernel's other outputs, each a pointwise value of the whole row space (they become row
+    stores of the row kernel); else None."""
     body = n.attrs["body"]
     outs = list(body.outputs.values())
-    if len(outs) != 1 or outs[0].op is not Op.SUM:
+    sums = [k for k, o in enumerate(outs) if o.op is Op.SUM]
+    if len(sums) != 1:
         return None
-    s = outs[0]
+    s = outs[sums[0]]
     x = s.inputs[0]
     if x.type.rank < 2 or s.attrs["axis"] % x.type.rank != 0 or s.attrs.get("keepdim"):
         return None
     ops = [m for m in body.nodes if m.op not in (Op.INPUT, Op.CONST) and m is not s]
     if any(m.op.kind is not Kind.POINTWISE or m.op is Op.INDEX_COPY for m in ops):
         return None
-    return s
-
-
-def _chain(s: Node, users, outputs) -> Optional[Tuple[List[Node], Node]]:
-    """S's kernel and the kernels summing its output further, to the GETITEM of [N]; None
-    when S is not the start of a column sum over every row."""
-    sm = _single_sum(s)
-    if sm is None:
+    extra = [k for k in range(len(outs)) if k != sums[0]]
+    if any(outs[k].op in (Op.INPUT, Op.CONST) or outs[k].type.shape != x.type.shape
+           for k in extra):
         return None
+    return s, sums[0], extra
+
+
+def _chain(s: Node, users, outputs) -> Optional[Tuple[List[Node], Node, List[Node]]]:
+    """S's kernel and the kernels summing its output further, to the GETITEM of [N], and the
+    GETITEMs of S's other outputs; None when S is not the start of a column sum over every
+    row."""
+    start = _column_start(s)
+    if start is None or any(u.op is not Op.GETITEM for u in users[s]):
+        return None
+    k = start[1]
+    mine = [u for u in users[s] if u.attrs["index"] == k]
+    if len(mine) != 1:
+        return None
+    gi, extras = mine[0], [u for u in users[s] if u.attrs["index"] != k]
     chain = [s]
-    gi = next(iter(users[s]), None)
-    if gi is None or len(users[s]) != 1:
-        return None
     while gi.type.rank > 1:
         rd = users[gi]
         if gi in outputs or len(rd) != 1 or not _is_red(rd[0]) or len(rd[0].inputs) != 1:
@@ -82,7 +92,7 @@ def _chain(s: Node, users, outputs) -> Optional[Tuple[List[Node], Node]]:
         if len(users[c]) != 1:
             return None
         gi = users[c][0]
-    return chain, gi
+    return chain, gi, extras
 
 
 def _space(r: Node):
@@ -96,51 +106,87 @@ def _shared(s: Node, r: Node, space) -> int:
         x in r.inputs or (x.op is Op.GETITEM and x.inputs[0] is r)))
 
 
-def _row_kernel(s: Node, last: Node, users, order) -> Tuple[Optional[Node], str]:
-    """The row kernel taking S's column sum (whose result `last` is), or None and why not.
-    It may stand after S (a LayerNorm's bias gradient, the sum of dy, comes first) when
-    everything reading the result comes after it."""
-    space = _single_sum(s).inputs[0].type.shape
+def _late(r: Node, last: Node, extras: List[Node], users, order) -> Optional[List[Node]]:
+    """When R stands after S: the views of S's results that stand between them and so must
+    move after R, where the merged kernel makes the results (None when something else reads
+    a result before R). R itself may read S's other outputs (not a view of them, not the
+    sum): the merged kernel computes them before R's own nodes."""
+    moved: List[Node] = []
+    stack = [last, *extras]
+    while stack:
+        x = stack.pop()
+        for u in users[x]:
+            if order[u] > order[r] or (u is r and x in extras):
+                continue
+            if u.op.kind is not Kind.VIEW or u.op is Op.CONCAT or len(u.inputs) != 1:
+                return None
+            moved.append(u)
+            stack.append(u)
+    return sorted(set(moved), key=order.__getitem__)
+
+
+def _row_kernel(s: Node, last: Node, extras: List[Node], users, order
+                ) -> Tuple[Optional[Node], str, List[Node]]:
+    """The row kernel taking S's column sum (whose result `last` is) and S's other outputs
+    (`extras`), or None and why not, and the views to move after it. It may stand after S (a
+    LayerNorm's bias gradient, the sum of dy, comes first) when everything reading the
+    results, but views, comes after it."""
+    space = _column_start(s)[0].inputs[0].type.shape
     n = space[-1]
     if not isinstance(n, int):
-        return None, f"its rows have a symbolic length ({n}): a row must be one chunk"
+        return None, f"its rows have a symbolic length ({n}): a row must be one chunk", []
     if n > COL_MAX:
-        return None, f"its rows have {n} > {COL_MAX} elements: a row must be one chunk"
+        return None, f"its rows have {n} > {COL_MAX} elements: a row must be one chunk", []
     # the kernels reading one of S's full-size inputs or producing one
     full = [x for x in s.inputs if x.type.shape == space]
-    near = [u for x in full for u in users[x] if _is_red(u)] + \
+    near = [u for x in full + extras for u in users[x] if _is_red(u)] + \
         [x.inputs[0] for x in full if x.op is Op.GETITEM and _is_red(x.inputs[0])]
-    best, score = None, 0
+    best, score, late = None, 0, []
     for r in dict.fromkeys(near):
         if r is s or r.attrs.get("axis") != len(space) - 1:
             continue
-        if order[r] > order[s] and not all(order[u] > order[r] for u in users[last]):
+        views = _late(r, last, extras, users, order) if order[r] > order[s] else []
+        if views is None:
             continue
-        k = _shared(s, r, space)
+        k = _shared(s, r, space) + sum(e in r.inputs for e in extras)
         if k <= score or _space(r) != space or \
                 any(m.op is Op.INDEX_COPY for m in r.attrs["body"].nodes):
             continue
         if all(x in r.inputs or (x.op is Op.GETITEM and x.inputs[0] is r) or
                is_source(x) or order[x] < order[r] for x in s.inputs):
-            best, score = r, k
+            best, score, late = r, k, views
     if best is None:
         return None, ("no reduction kernel along the rows of the same space reads or "
-                      "produces the values it sums (before its result is read)")
-    return best, ""
+                      "produces the values it sums (before its result is read)"), []
+    return best, "", late
 
 
-def _merged(r: Node, sites: List[Tuple[List[Node], Node]]) -> Node:
-    """R's kernel also storing each site's column sum (outputs after R's own)."""
+def _merged(r: Node, sites: List[Tuple[List[Node], Node, List[Node]]], kept) -> Node:
+    """R's kernel also storing each site's other outputs that are `kept` (row stores, after
+    R's own) and then each site's column sum (the last outputs, as lmc/codegen/reduction.py
+    expects). A site whose other outputs R reads is copied in before R's nodes, and R reads
+    them from there."""
     rbody = r.attrs["body"]
-    ext = list(r.inputs)
-    for chain, _ in sites:
-        ext += [x for x in chain[0].inputs
-                if x not in ext and not (x.op is Op.GETITEM and x.inputs[0] is r)]
-    rph = [m for m in rbody.nodes if m.op is Op.INPUT]
-    b = Body(ext, alias=dict(zip(rph, r.inputs)))
-    b.copy([m for m in rbody.nodes if m.op is not Op.INPUT])
-    outs = [b.env[o] for o in rbody.outputs.values()]
-    for chain, _ in sites:
+    inner = {e for _, _, extras in sites for e in extras}    # computed in the kernel
+    first: List[tuple] = []     # the sites whose outputs R reads, or a site before R reads
+    reads = set(r.inputs)
+    while True:
+        more = [st for st in sites if st not in first and any(e in reads for e in st[2])]
+        if not more:
+            break
+        first += more
+        reads.update(x for st in more for x in st[0][0].inputs)
+    first.sort(key=sites.index)
+    ext = [x for x in r.inputs if x not in inner]
+    for chain, _, _ in first + [st for st in sites if st not in first]:
+        ext += [x for x in chain[0].inputs if x not in ext and x not in inner
+                and not (x.op is Op.GETITEM and x.inputs[0] is r)]
+    b = Body(ext)
+    sums: Dict[int, Node] = {}
+    outs: List[Node] = []
+
+    def site(j: int) -> None:
+        chain, _, extras = sites[j]
         sbody = chain[0].attrs["body"]
         sph = [m for m in sbody.nodes if m.op is Op.INPUT]
         for ph, x in zip(sph, chain[0].inputs):
@@ -149,13 +195,28 @@ def _merged(r: Node, sites: List[Tuple[List[Node], Node]]) -> Node:
             else:
                 b.env[ph] = b.env[x]
         b.copy([m for m in sbody.nodes if m.op is not Op.INPUT])
-        v = b.env[sbody.outputs["0"]]
+        for e in extras:
+            b.env[e] = b.env[sbody.outputs[str(e.attrs["index"])]]
+        v = b.env[_column_start(chain[0])[0]]
         for c in chain[1:]:
             sm = c.attrs["body"].outputs["0"]
             v = b.add(Node(Op.SUM, (v,), sm.attrs, sm.type, sm.loc, sm.scope))
-        outs.append(v)
+        sums[j] = v
+
+    for j, st in enumerate(sites):
+        if st in first:
+            site(j)
+    for ph, x in zip([m for m in rbody.nodes if m.op is Op.INPUT], r.inputs):
+        b.env[ph] = b.env[x]
+    b.copy([m for m in rbody.nodes if m.op is not Op.INPUT])
+    for j, st in enumerate(sites):
+        if st not in first:
+            site(j)
+    outs = [b.env[o] for o in rbody.outputs.values()]
+    outs += [b.env[e] for _, _, extras in sites for e in extras if e in kept]
     name = re.sub(r"_(\d+)$", r"_colsum_\1", r.attrs["kernel"])
-    nb = b.graph(name, outs, **rbody.meta, column_sums=len(sites))
+    nb = b.graph(name, outs + [sums[j] for j in range(len(sites))], **rbody.meta,
+                 column_sums=len(sites))
     return Node.make(Op.FUSED, ext, {**r.attrs, "kernel": name, "body": nb}, r.loc, r.scope)
 
 
@@ -164,8 +225,10 @@ def fuse_column_sums(g: Graph) -> Graph:
     outputs = set(g.outputs.values())
     order = {n: i for i, n in enumerate(g.nodes)}
     records: List[dict] = []
-    plan: Dict[Node, List[Tuple[List[Node], Node]]] = {}
+    plan: Dict[Node, List[Tuple[List[Node], Node, List[Node]]]] = {}
     seen = set()        # kernels of a chain met already (a later link is no new start)
+    moved: Dict[Node, Node] = {}    # a planned chain's kernel -> the row kernel taking it
+    late: Dict[Node, List[Node]] = {}   # the row kernel -> views moved after it
     for s in g.nodes:
         if not _is_red(s) or s in seen:
             continue
@@ -174,12 +237,17 @@ def fuse_column_sums(g: Graph) -> Graph:
             continue
         seen.update(found[0])
         where = s.scope or "<model>"
-        r, why = _row_kernel(s, found[1], users, order)
+        r, why, views = _row_kernel(s, found[1], found[2], users, order)
+        if r is not None and any(x.op is Op.GETITEM and moved.get(x.inputs[0], r) is not r
+                                 for x in s.inputs):
+            r, why = None, "it reads another column sum's kernel, merged already"
         if r is None:
             records.append({"pass": PASS, "status": "declined", "where": where,
                             "reason": f"{s.attrs['kernel']} stays a kernel: {why}"})
             continue
         plan.setdefault(r, []).append(found)
+        late.setdefault(r, []).extend(views)
+        moved.update(dict.fromkeys(found[0], r))
         names = ", ".join(c.attrs["kernel"] for c in found[0])
         records.append({"pass": PASS, "status": "fused", "where": where,
                         "reason": f"the sum over every row ({names}) in the row kernel "
@@ -188,23 +256,32 @@ def fuse_column_sums(g: Graph) -> Graph:
         out = g.with_nodes(list(g.nodes), dict(g.outputs))
         out.meta = dict(g.meta, fusions=list(g.meta.get("fusions", [])) + records)
         return out
-    gone = set()
+    gone = {v for views in late.values() for v in views}    # emitted after their kernel
     for sites in plan.values():
-        for chain, _ in sites:
+        for chain, _, _ in sites:
             gone.update(chain)
-            gone.update(users[c][0] for c in chain)
+            gone.update(u for c in chain for u in users[c])
     new: Dict[Node, Node] = {}
     nodes: List[Node] = []
     for n in g.nodes:
         if n in gone:
             continue
-        if n in plan:     # R's kernel with the column sums, then GETITEMs of the sums
-            new[n] = m = _merged(n, plan[n]).remapped(new)
+        if n in plan:     # R's kernel with the column sums, then GETITEMs of what it adds
+            # S's other outputs are stored when something besides R reads them
+            mine = {n} | {c for chain, _, _ in plan[n] for c in chain}
+            kept = {e for _, _, extras in plan[n] for e in extras
+                    if e in outputs or any(u not in mine for u in users[e])}
+            new[n] = m = _merged(n, plan[n], kept).remapped(new)
             nodes.append(m)
             k = len(n.attrs["body"].outputs)
-            for j, (_, last) in enumerate(plan[n]):
-                new[last] = Node.make(Op.GETITEM, [m], {"index": k + j}, last.loc, last.scope)
-                nodes.append(new[last])
+            got = [e for _, _, extras in plan[n] for e in extras if e in kept] + \
+                [last for _, last, _ in plan[n]]
+            for j, old in enumerate(got):
+                new[old] = Node.make(Op.GETITEM, [m], {"index": k + j}, old.loc, old.scope)
+                nodes.append(new[old])
+            for v in sorted(set(late[n]), key=order.__getitem__):
+                new[v] = c = v.remapped(new)
+                nodes.append(c)
             continue
         new[n] = c = n.remapped(new)
         nodes.append(c)
