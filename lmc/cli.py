@@ -259,6 +259,17 @@ def _generate(args) -> int:
         raise LmcError("--device cuda: no CUDA device here")
     from .runtime.train import cpu_triton_check
     cpu_triton_check(device.type, args.backend)
+    # --precision (bf16 on CUDA by default): the weights stored in it, matmuls in it, as
+    # `lmc bench` decodes; a step reads 2 bytes per weight. The fp32 weights (a checkpoint's
+    # master weights) are rounded once.
+    precision = args.precision or ("bf16" if device.type == "cuda" else "f32")
+    if precision != "f32":
+        from .passes.mixed_precision import low_precision_weights
+        from .runtime.module import LmcModel
+        low = LmcModel(low_precision_weights(model.graph, precision), seed=args.seed,
+                       backend=args.backend).eval()
+        low.load_state_dict(model.state_dict())
+        model = low
     model.to(device)
     static = device.type == "cuda" if args.static is None else args.static
     if static:  # preallocated caches; on CUDA the one-token step replays a CUDA graph
@@ -284,7 +295,7 @@ def _generate(args) -> int:
             f"static step without a CUDA graph: {dec.cuda_graph_off}") if static else \
         "dynamic step"
     print(f"lmc: {n} tokens in {dt:.2f} s ({n / dt:.1f} tokens/s, {args.backend} backend, "
-          f"{device.type}, {mode}, prompt {len(prompt)} tokens)", file=sys.stderr)
+          f"{device.type}, {precision}, {mode}, prompt {len(prompt)} tokens)", file=sys.stderr)
     return 0
 
 
@@ -539,8 +550,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="triton: generated Triton kernels (interpreter on CPU), torch for "
                         "views and indexing")
     r.add_argument("--precision", choices=["f32", "bf16", "f16"],
-                   help="compute dtype of matmuls (fp32 master weights, fp32 accumulation); "
-                        "default bf16 on CUDA, f32 on CPU")
+                   help="compute dtype of matmuls (training: fp32 master weights; "
+                        "--generate: the weights stored in it); fp32 accumulation; default "
+                        "bf16 on CUDA, f32 on CPU")
     r.add_argument("--fsdp", action="store_true", help="under torchrun: FSDP instead of DDP")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     r.add_argument("--import", dest="imports", action="append", metavar="PY")

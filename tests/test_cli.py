@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from conftest import ROOT, ZOO
 
 from lmc.cli import main
@@ -152,6 +153,40 @@ def test_generate_from_a_checkpoint_is_greedy_and_reproducible(tmp_path, capsys)
     assert main(args + ["--set", "max_seq=256"]) == 0
     assert capsys.readouterr().out == first.out
 
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_generate_in_f16_decodes_the_f16_weights_greedily(tmp_path, capsys, backend):
+    """--precision f16 (bf16 is the default on CUDA): the checkpoint's fp32 weights rounded
+    to f16 once, matmuls in f16; the text is the greedy continuation the full forward of
+    that program gives, token by token (dynamic and static steps)."""
+    import lmc
+    from lmc.passes.mixed_precision import low_precision_weights
+    from lmc.runtime.data import get_tokenizer
+    from lmc.runtime.module import LmcModel
+    from lmc.runtime.train import latest_checkpoint, read_weights
+
+    out = _tiny_run(tmp_path)
+    capsys.readouterr()
+    args = ["run", LLAMA, "--generate", "--checkpoint", str(out), "--prompt", "a",
+            "--max-new-tokens", "5", "--temperature", "0", "--precision", "f16",
+            "--backend", backend, "--device", "cpu"]
+    assert main(args) == 0
+    got = capsys.readouterr()
+    assert ", f16, " in got.err
+    assert main(args + ["--static"]) == 0
+    assert capsys.readouterr().out == got.out
+    m = lmc.load(LLAMA, "tiny")
+    m.load_state_dict(read_weights(latest_checkpoint(str(out)), "--checkpoint"))
+    low = LmcModel(low_precision_weights(m.graph, "f16")).eval()
+    low.load_state_dict(m.state_dict())
+    assert {p.dtype for p in low.parameters()} == {torch.float16}
+    enc = get_tokenizer("cl100k_base")
+    ids = enc.encode_ordinary("a")
+    with torch.no_grad():
+        for _ in range(5):
+            ids.append(int(low(torch.tensor([ids]))[0, -1].argmax()))
+    assert got.out == enc.decode(ids) + "\n"
 
 def test_generate_bad_input_is_one_line(tmp_path, capsys):
     out = _tiny_run(tmp_path)
