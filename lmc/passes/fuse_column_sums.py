@@ -11,15 +11,21 @@ launch adds the programs' partials in a fixed order, so the result does not depe
 scheduling. Two launches instead of three, and dy and x are read once.
 
 Runs after the other fusion passes, on their FUSED nodes. Matched: a reduction kernel S
-summing axis 0 of its row space [..., N] (keepdim off) and storing only that sum, followed by
+whose one reduction sums axis 0 of its row space [..., N] (keepdim off), computed by
+pointwise ops, its other outputs (if any) pointwise values of the whole space, followed by
 kernels that each only sum axis 0 of the previous one until [N] remains (the chain must be
 read by nothing else); and a reduction kernel R along the last axis of the same space that
-reads a full-size input of S or produces one (R's output), with every other input of S
-defined before R, and R before whatever reads the sum (R may come after S: a LayerNorm's
-bias gradient, the sum of dy, is made before the row kernel). N must be static and at most
-COL_MAX, so a row is one chunk of the kernel and its column accumulators fit in registers.
-Of several such R, the one sharing the most full-size inputs with S takes it. Each merge
-and each decline is recorded in ``meta["fusions"]``.
+reads a full-size input of S, or one of S's other outputs, or produces one (R's output),
+with every other input of S defined before R, and R before whatever reads S's results (R
+may come after S: a LayerNorm's bias gradient, the sum of dy, is made before the row
+kernel; views of the results between S and R move after R). S's other outputs become row
+stores of the merged kernel where something besides R reads them, and values in registers
+where only R does: a gated norm's backward groups the weight gradient's first sum over B
+with the gate's gradient and the norm's upstream gradient, which R reads (minimax's
+lightning output norm, blues01's and yoco's gated norms: one kernel instead of three).
+N must be static and at most COL_MAX, so a row is one chunk of the kernel and its column
+accumulators fit in registers. Of several such R, the one sharing the most full-size
+values with S takes it. Each merge and each decline is recorded in ``meta["fusions"]``.
 """
 from __future__ import annotations
 
@@ -56,7 +62,8 @@ def _column_start(n: Node) -> Optional[Tuple[Node, int, List[int]]]:
     if x.type.rank < 2 or s.attrs["axis"] % x.type.rank != 0 or s.attrs.get("keepdim"):
         return None
     ops = [m for m in body.nodes if m.op not in (Op.INPUT, Op.CONST) and m is not s]
-    if any(m.op.kind is not Kind.POINTWISE or m.op is Op.INDEX_COPY for m in ops):
+    if any(m.op.kind is not Kind.POINTWISE or m.op is Op.INDEX_COPY or s in m.inputs
+           for m in ops):     # (nothing may read the sum: the kernel has it at its end)
         return None
     extra = [k for k in range(len(outs)) if k != sums[0]]
     if any(outs[k].op in (Op.INPUT, Op.CONST) or outs[k].type.shape != x.type.shape
