@@ -162,6 +162,9 @@ def cmd_run(args) -> int:
     print(f"loss        train {s.get('train_loss', float('nan')):.4f}"
           + (f", val {val:.4f}" if val is not None else "")
           + f"  (ln vocab = {math.log(s['vocab']):.2f})")
+    if s.get("skipped"):
+        print(f"skipped     {s['skipped']} update(s): f16 gradients overflowed at that loss "
+              "scale, which was halved (metrics.jsonl: loss_scale, skipped)")
     wrote = [p for p in (f"{s['out']}/metrics.jsonl", f"{s['out']}/loss.png")
              if os.path.exists(p)] + ([s["checkpoint"]] if s["checkpoint"] else [])
     if wrote:

@@ -590,6 +590,7 @@ def train(path: str, preset: Optional[str], overrides, c: TrainConfig) -> Dict[s
                 rec["loss_scale"] = scale
                 if scaler.get_scale() < scale:
                     rec["skipped"] = True   # inf/nan gradients: no update at this step
+                    summary["skipped"] = summary.get("skipped", 0) + 1
             if "ce_loss" in parts_logged:
                 rec["ce_loss"] = parts_logged["ce_loss"]
             if aux_names:

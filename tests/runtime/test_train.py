@@ -498,7 +498,7 @@ def test_f16_training_scales_the_loss_and_resumes_the_scale(tmp_path, small_ids)
 
 
 def test_f16_overflowing_gradients_skip_the_step_and_halve_the_scale(tmp_path, small_ids,
-                                                                    monkeypatch):
+                                                                    monkeypatch, capsys):
     """A scale so large that the f16 gradients overflow: the step is skipped (the weights
     stay as they were), logged as skipped, and the scale halves."""
     from safetensors.torch import load_file
@@ -510,6 +510,7 @@ def test_f16_overflowing_gradients_skip_the_step_and_halve_the_scale(tmp_path, s
                      "--steps", "2", "--ckpt-every", "1")
     args[0] = LLAMA
     assert main(["run", *args]) == 0
+    assert "skipped     2 update(s): f16 gradients overflowed" in capsys.readouterr().out
     recs = _metrics(out)
     assert [(r["loss_scale"], r.get("skipped")) for r in recs] == [(2.0 ** 120, True),
                                                                   (2.0 ** 119, True)]
