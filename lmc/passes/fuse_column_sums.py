@@ -24,8 +24,10 @@ where only R does: a gated norm's backward groups the weight gradient's first su
 with the gate's gradient and the norm's upstream gradient, which R reads (minimax's
 lightning output norm, blues01's and yoco's gated norms: one kernel instead of three).
 N must be static and at most COL_MAX, so a row is one chunk of the kernel and its column
-accumulators fit in registers. Of several such R, the one sharing the most full-size
-values with S takes it. Each merge and each decline is recorded in ``meta["fusions"]``.
+accumulators fit in registers. Of several such R, the one sharing the most full-size values
+with S takes it. Where no such R exists but the summed value is a row store of a kernel
+along T (`_along_rows`), that kernel sums it along its own rows instead. Each merge and each
+decline is recorded in ``meta["fusions"]``.
 """
 from __future__ import annotations
 
@@ -227,6 +229,63 @@ def _merged(r: Node, sites: List[Tuple[List[Node], Node, List[Node]]], kept) -> 
     return Node.make(Op.FUSED, ext, {**r.attrs, "kernel": name, "body": nb}, r.loc, r.scope)
 
 
+def _along_rows(chain: List[Node], users, outputs) -> Optional[Node]:
+    """When no row kernel along the last axis takes a sum over B then T of [B, T, N]: the
+    kernel Rp along T (axis 1: medit_one's running mean backward, a reverse scan) that makes
+    the summed value v as a row store only this chain reads, or None. Rp then sums v along
+    its own rows (a per-row sum over T, accumulated in the pass that stores v now) and a
+    small kernel sums the [B, N] result over B: v is never stored."""
+    from ..codegen.reduction import Plan
+
+    s = chain[0]
+    body = s.attrs["body"]
+    if len(chain) != 2 or len(s.inputs) != 1 or \
+            len([m for m in body.nodes if m.op is not Op.INPUT]) != 1:
+        return None        # the first kernel sums its input, nothing else
+    v = s.inputs[0]
+    if v.op is not Op.GETITEM or v in outputs or set(users[v]) != {s} or \
+            not _is_red(v.inputs[0]) or v.type.dtype.value != "f32" or \
+            body.outputs["0"].type.dtype.value != "f32":
+        return None
+    rp = v.inputs[0]
+    rbody = rp.attrs["body"]
+    if rbody.meta.get("column_sums") or any(m.op is Op.INDEX_COPY for m in rbody.nodes):
+        return None
+    plan = Plan(rbody)
+    o = rbody.outputs[str(v.attrs["index"])]
+    if plan.rank != 3 or plan.axis != 1 or plan.level.get(o) != "row" or \
+            o.type.shape != plan.space:
+        return None
+    return rp
+
+
+def _with_row_sums(rp: Node, sums: List[Node]) -> Node:
+    """Rp's kernel storing, instead of each of its outputs in `sums` (GETITEMs), that output
+    summed along Rp's axis (outputs after the ones it keeps)."""
+    body = rp.attrs["body"]
+    outs = list(body.outputs.values())
+    drop = {v.attrs["index"] for v in sums}
+    ph = [m for m in body.nodes if m.op is Op.INPUT]
+    b = Body(rp.inputs, alias=dict(zip(ph, rp.inputs)))
+    b.copy([m for m in body.nodes if m.op is not Op.INPUT])
+    rows = [b.add(Node.make(Op.SUM, (b.env[outs[v.attrs["index"]]],),
+                            {"axis": rp.attrs["axis"], "keepdim": False}, v.loc, v.scope))
+            for v in sums]
+    nb = b.graph(rp.attrs["kernel"], [b.env[o] for k, o in enumerate(outs) if k not in drop]
+                 + rows, **body.meta)
+    return Node.make(Op.FUSED, rp.inputs, {**rp.attrs, "body": nb}, rp.loc, rp.scope)
+
+
+def _over_b(u: Node, c2: Node) -> Node:
+    """The small kernel summing Rp's [B, N] per-row sums u over B (in place of c2)."""
+    b = Body([u])
+    sm = c2.attrs["body"].outputs["0"]
+    out = b.add(Node.make(Op.SUM, (b.env[u],), {"axis": 0, "keepdim": False}, sm.loc,
+                          sm.scope))
+    nb = b.graph(c2.attrs["kernel"], [out], **c2.attrs["body"].meta)
+    return Node.make(Op.FUSED, [u], {**c2.attrs, "body": nb}, c2.loc, c2.scope)
+
+
 def fuse_column_sums(g: Graph) -> Graph:
     users = g.users()
     outputs = set(g.outputs.values())
@@ -236,6 +295,8 @@ def fuse_column_sums(g: Graph) -> Graph:
     seen = set()        # kernels of a chain met already (a later link is no new start)
     moved: Dict[Node, Node] = {}    # a planned chain's kernel -> the row kernel taking it
     late: Dict[Node, List[Node]] = {}   # the row kernel -> views moved after it
+    # a kernel along T -> the chains it sums along its rows instead (_along_rows)
+    along: Dict[Node, List[Tuple[List[Node], Node, List[Node]]]] = {}
     for s in g.nodes:
         if not _is_red(s) or s in seen:
             continue
@@ -249,6 +310,14 @@ def fuse_column_sums(g: Graph) -> Graph:
                                  for x in s.inputs):
             r, why = None, "it reads another column sum's kernel, merged already"
         if r is None:
+            rp = _along_rows(found[0], users, outputs)
+            if rp is not None:
+                along.setdefault(rp, []).append(found)
+                records.append({"pass": PASS, "status": "fused", "where": where, "reason": (
+                    f"the sum over every row ({', '.join(c.attrs['kernel'] for c in found[0])})"
+                    f": over T in {rp.attrs['kernel']}'s rows (its own axis), then over B in "
+                    f"{found[0][1].attrs['kernel']}; the summed value is not stored")})
+                continue
             records.append({"pass": PASS, "status": "declined", "where": where,
                             "reason": f"{s.attrs['kernel']} stays a kernel: {why}"})
             continue
@@ -259,15 +328,16 @@ def fuse_column_sums(g: Graph) -> Graph:
         records.append({"pass": PASS, "status": "fused", "where": where,
                         "reason": f"the sum over every row ({names}) in the row kernel "
                                   f"{r.attrs['kernel']}: its kernels removed"})
-    if not plan:
+    if not plan and not along:
         out = g.with_nodes(list(g.nodes), dict(g.outputs))
         out.meta = dict(g.meta, fusions=list(g.meta.get("fusions", [])) + records)
         return out
     gone = {v for views in late.values() for v in views}    # emitted after their kernel
-    for sites in plan.values():
+    for sites in list(plan.values()) + list(along.values()):
         for chain, _, _ in sites:
             gone.update(chain)
             gone.update(u for c in chain for u in users[c])
+    gone.update(u for rp in along for u in users[rp])      # Rp's outputs renumbered
     new: Dict[Node, Node] = {}
     nodes: List[Node] = []
     for n in g.nodes:
@@ -289,6 +359,22 @@ def fuse_column_sums(g: Graph) -> Graph:
             for v in sorted(set(late[n]), key=order.__getitem__):
                 new[v] = c = v.remapped(new)
                 nodes.append(c)
+            continue
+        if n in along:    # Rp summing the chains' values along its rows, then the sums
+            sums = [chain[0].inputs[0] for chain, _, _ in along[n]]
+            new[n] = m = _with_row_sums(n, sums).remapped(new)
+            nodes.append(m)
+            kept = [k for k in range(len(n.attrs["body"].outputs))
+                    if k not in {v.attrs["index"] for v in sums}]
+            for gi in sorted((u for u in users[n] if u not in sums), key=order.__getitem__):
+                new[gi] = Node.make(Op.GETITEM, [m], {"index": kept.index(gi.attrs["index"])},
+                                    gi.loc, gi.scope)
+                nodes.append(new[gi])
+            for j, (chain, last, _) in enumerate(along[n]):
+                u = Node.make(Op.GETITEM, [m], {"index": len(kept) + j}, last.loc, last.scope)
+                t = _over_b(u, chain[1])
+                new[last] = Node.make(Op.GETITEM, [t], {"index": 0}, last.loc, last.scope)
+                nodes += [u, t, new[last]]
             continue
         new[n] = c = n.remapped(new)
         nodes.append(c)

@@ -253,7 +253,9 @@ def test_a_column_sum_kernel_storing_other_values_joins_the_row_kernel(reads, ro
 
 @pytest.mark.parametrize("model,dtype,sets", [("minimax", "f32", {}),
                                               ("minimax", "f16", {"layers": 3}),
-                                              ("blues01", "f32", {}), ("yoco", "f32", {})])
+                                              ("blues01", "f32", {}), ("yoco", "f32", {}),
+                                              ("medit_one", "f32", {}),
+                                              ("medit_one", "f16", {})])
 def test_zoo_training_backward_leaves_no_column_sum_kernel(model, dtype, sets):
     """The training program (loss appended) of the zoo models whose gated norms grouped the
     weight gradient's first sum with other values: every column sum joins a row kernel
@@ -261,7 +263,8 @@ def test_zoo_training_backward_leaves_no_column_sum_kernel(model, dtype, sets):
     gradients equal the torch backend's (f32), or are as close to the fp32 program's as the
     torch backend's (f16, the loss scaled: measured 4.3e-3 and 4.1e-3 from it). minimax
     with 3 layers: a reshape of the gate's gradient stands between the two kernels, and
-    moves after the merged one."""
+    moves after the merged one. medit_one: its norms' weight gradients are made by the
+    running mean's backward, a kernel along T, which sums them along its rows."""
     import lmc
     from lmc.passes import run_pipeline
     from lmc.passes.loss import with_loss
@@ -303,3 +306,30 @@ def test_zoo_training_backward_leaves_no_column_sum_kernel(model, dtype, sets):
         assert abs(lk - l32) / l32 < 2 ** -10
         floor = worst(gt, g32)
         assert worst(gk, g32) < 2 * floor, (worst(gk, g32), floor)
+
+
+@pytest.mark.parametrize("n", [1, 7, 33])
+def test_a_sum_over_every_row_of_a_scan_kernels_value_is_summed_along_its_rows(n):
+    """medit_one's norm weight gradient: the summed value is made by a kernel along T (the
+    running mean's backward, a reverse scan), not by a row kernel along N. That kernel sums
+    it along its own rows (T) where it would have stored it, and a small kernel sums the
+    [B, N] result over B: two launches (scan kernel, small sum) for three, the value never
+    stored. Oracle-equal on ragged shapes, T = 1 included."""
+    b = Builder({}, {})
+    g_, x = b.input("g", [B, T, n], "f32"), b.input("x", [B, T, n], "f32")
+    r = b.input("r", [B, T, 1], "f32")
+    rev = b.sum(g_, 1) - b.cumsum(g_, 1) + g_        # a reverse cumsum along T
+    dw = _every_row(b, rev * (x * r))
+    g = Graph("scan", b.nodes, {"dx": (rev * r).node, "dw": dw.node})
+    gen = torch.Generator().manual_seed(n)
+    for shape in [(1, 1), (2, 7), (3, 5)]:
+        p = _run(g, {"g": torch.randn(*shape, n, generator=gen),
+                     "x": torch.randn(*shape, n, generator=gen),
+                     "r": torch.rand(*shape, 1, generator=gen) + 0.5}, atol=1e-4)
+    ks = _kernels(p)
+    assert len(ks) == 2, [k.attrs["kernel"] for k in ks]
+    scan, small = ks
+    assert scan.attrs["axis"] == 1 and len(scan.attrs["body"].outputs) == 2   # dx, row sums
+    assert [m.op for m in small.attrs["body"].nodes] == [Op.INPUT, Op.SUM]
+    (rec,) = _records(p, "fused")
+    assert "over T in" in rec["reason"] and "not stored" in rec["reason"]
