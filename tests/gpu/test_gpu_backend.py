@@ -281,3 +281,21 @@ def test_column_sums_walk_several_row_blocks_on_the_gpu(dtype):
     for k in want:
         scale = float(want[k].abs().max())
         assert float((got[k].float() - want[k]).abs().max()) / scale < tol, k
+
+
+def test_cli_generate_on_cuda_decodes_bf16_weights_in_a_cuda_graph(capsys):
+    """`lmc run --generate` on CUDA, as a user types it: bf16 weights by default (one
+    rounding of the model's fp32 ones), the static step replayed as a CUDA graph on the
+    triton backend, the same greedy text twice, and --precision f32 still available."""
+    from lmc.cli import main
+
+    args = ["run", LLAMA, "--generate", "--preset", "tiny", "--set", "vocab=100352",
+            "--prompt", "def main():", "--max-new-tokens", "12", "--temperature", "0",
+            "--backend", "triton"]
+    assert main(args) == 0
+    first = capsys.readouterr()
+    assert "cuda, bf16, static step, CUDA graph" in first.err, first.err
+    assert main(args) == 0
+    assert capsys.readouterr().out == first.out
+    assert main(args + ["--precision", "f32"]) == 0
+    assert "cuda, f32, static step, CUDA graph" in capsys.readouterr().err
