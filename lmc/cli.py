@@ -260,12 +260,13 @@ def _generate(args) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise LmcError("--device cuda: no CUDA device here")
-    from .runtime.train import cpu_triton_check
+    from .runtime.train import cpu_triton_check, interpreter_bf16_check
     cpu_triton_check(device.type, args.backend)
     # --precision (bf16 on CUDA by default): the weights stored in it, matmuls in it, as
     # `lmc bench` decodes; a step reads 2 bytes per weight. The fp32 weights (a checkpoint's
     # master weights) are rounded once.
     precision = args.precision or ("bf16" if device.type == "cuda" else "f32")
+    interpreter_bf16_check(args.backend, precision)
     if precision != "f32":
         from .passes.mixed_precision import low_precision_weights
         from .runtime.module import LmcModel

@@ -188,6 +188,24 @@ def test_generate_in_f16_decodes_the_f16_weights_greedily(tmp_path, capsys, back
             ids.append(int(low(torch.tensor([ids]))[0, -1].argmax()))
     assert got.out == enc.decode(ids) + "\n"
 
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA runs bf16 kernels natively")
+def test_bf16_on_the_interpreter_is_refused_before_anything_runs(tmp_path, capsys):
+    """--backend triton --precision bf16 without CUDA: one line, exit 2, before a prompt is
+    echoed or a run directory made (each kernel used to refuse it mid-stream)."""
+    tiny = ["--preset", "tiny", "--set", "vocab=100352"]
+    gen = ["run", LLAMA, "--generate", *tiny, "--prompt", "hi", "--backend", "triton",
+           "--precision", "bf16"]
+    out = tmp_path / "run"
+    train = ["run", LLAMA, "--train", *tiny, "--steps", "1", "--backend", "triton",
+             "--precision", "bf16", "--out", str(out), "--no-progress"]
+    for args in (gen, train):
+        assert main(args) == 2
+        cap = capsys.readouterr()
+        assert cap.out == "" and "Triton's interpreter, which computes bf16" in cap.err
+        assert "Traceback" not in cap.err
+    assert not out.exists()
+
 def test_generate_bad_input_is_one_line(tmp_path, capsys):
     out = _tiny_run(tmp_path)
     capsys.readouterr()

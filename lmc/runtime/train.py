@@ -273,6 +273,7 @@ def check_config(c: TrainConfig) -> None:
     if not (math.isfinite(c.min_lr) and 0 <= c.min_lr <= c.lr):
         raise LmcError(f"min_lr must be in [0, lr], got {c.min_lr}")
     cpu_triton_check(c.device, c.backend)
+    interpreter_bf16_check(c.backend, c.precision)
     if not 0 <= c.seed < 2 ** 32:
         raise LmcError(f"--seed must be in [0, 2**32), got {c.seed}")
     if c.resume is not None and os.path.exists(c.resume) and not os.path.isdir(c.resume):
@@ -315,6 +316,15 @@ def cpu_triton_check(device: Optional[str], backend: str) -> None:
         raise LmcError("--backend triton with --device cpu: on a machine with CUDA the "
                        "generated kernels run on the GPU (drop --device cpu, or use "
                        "--backend torch)")
+
+
+def interpreter_bf16_check(backend: str, precision: Optional[str]) -> None:
+    """--backend triton --precision bf16 without CUDA: Triton's interpreter would compute bf16
+    on bit patterns (each kernel refuses it); said before anything runs or is printed."""
+    if backend == "triton" and precision == "bf16" and not torch.cuda.is_available():
+        raise LmcError("--backend triton --precision bf16: without CUDA the kernels run in "
+                       "Triton's interpreter, which computes bf16 on bit patterns; use "
+                       "--precision f16 or f32 on CPU, or a GPU")
 
 
 RUN_FILES = ("latest", "metrics.jsonl", "loss.png")
