@@ -32,16 +32,10 @@ from ..ir.dims import dims_equal
 from ..ir.graph import Graph, Node
 from ..ir.ops import Kind, Op
 from ..ir.types import DType
+from .patterns import widened
 
 VJP: Dict[Op, Callable] = {}
 _RECOMPUTE = {Op.CONST, Op.IOTA, Op.CAUSAL_MASK}
-
-
-def _widening(n: Node) -> bool:
-    """A cast from f16/bf16 to f32: exact, so the backward recomputes it from the narrow value
-    (the loss's fp32 copy of bf16 logits is then never stored for the backward)."""
-    return (n.op is Op.CAST and n.type.dtype is DType.f32
-            and n.inputs[0].type.dtype in (DType.f16, DType.bf16))
 
 
 def vjp(*ops: Op):
@@ -136,7 +130,9 @@ def differentiate(g: Graph, wrt: Optional[Sequence[str]] = None,
         if n not in fwd_memo:
             if n.op in _RECOMPUTE:
                 fwd_memo[n] = b.node(n.op, (), dict(n.attrs))
-            elif _widening(n):   # save the narrow value (half the bytes), widen it again here
+            # a cast from f16/bf16 to f32 is exact: save the narrow value (half the bytes; the
+            # loss's fp32 copy of bf16 logits is never stored) and widen it again here
+            elif widened(n):
                 fwd_memo[n] = b.cast(fwd(n.inputs[0]), n.type.dtype)
             else:
                 fwd_memo[n] = b.input(f"saved:{len(saved_nodes)}", n.type.shape, n.type.dtype)
@@ -259,12 +255,12 @@ def _rematerialize(nodes: List[Node], outputs: Dict[str, Node], saved: List[Node
     for n in sorted(saved, key=order.__getitem__):
         if (n.op.kind is not Kind.POINTWISE or not fusable(avail[n])
                 or any(x not in avail and x.op not in _RECOMPUTE
-                       and not (_widening(x) and x.inputs[0] in avail) for x in n.inputs)
+                       and not (widened(x) and x.inputs[0] in avail) for x in n.inputs)
                 or sum(x.type.shape == n.type.shape for x in n.inputs) > 1):
             continue
         ins = []
         for x in n.inputs:
-            if x not in avail and _widening(x):   # cast(x) of a saved bf16 x: widened again
+            if x not in avail and widened(x):   # cast(x) of a saved bf16 x: widened again
                 avail[x] = Node.make(Op.CAST, (avail[x.inputs[0]],), dict(x.attrs), x.loc,
                                      x.scope)
                 fresh.append(avail[x])

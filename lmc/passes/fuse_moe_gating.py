@@ -85,7 +85,7 @@ from ..ir.graph import Graph, Node
 from ..ir.ops import Kind, Op
 from ..ir.types import DType
 from .fuse_pointwise import _where
-from .patterns import NoMatch, Region, need, splice
+from .patterns import NoMatch, Region, need, splice, widened
 
 # output roles, in the order the fused op returns them; the first three carry gradients
 ROLES = ("y", "gates", "probs", "lse", "chosen", "kept", "idx", "count")
@@ -149,8 +149,7 @@ def match(top: Node, users: Dict[Node, List[Node]], static, outputs,
     E = probs.type.shape[-1]
     need(isinstance(E, int), "expert count is not static")
     logits, widen = probs.inputs[0], None
-    if logits.op is Op.CAST and pdt == "f32" and logits.inputs[0].type.dtype in (
-            DType.f16, DType.bf16):
+    if widened(logits):
         # mixed precision: an fp32 softmax over the low-precision (noisy) logits
         widen, logits = logits, logits.inputs[0]
     dt = logits.type.dtype.value

@@ -41,8 +41,9 @@ def const_value(n: Node) -> Optional[float]:
 
 
 def widened(x: Node) -> bool:
-    """x is a low-precision value cast up to fp32: the mixed-precision pass's cast in front
-    of an op on autocast's fp32 list (a softmax over bf16 scores)."""
+    """x is a low-precision value cast up to fp32 (exact): the mixed-precision pass's cast in
+    front of an op on autocast's fp32 list (a softmax over bf16 scores), which the pattern
+    passes match through and autodiff recomputes from the narrow value instead of saving."""
     return (x.op is Op.CAST and x.type.dtype is DType.f32
             and x.inputs[0].type.dtype in (DType.f16, DType.bf16))
 
