@@ -34,6 +34,22 @@ def layer_params(graph, layer):
     return {p.attrs["name"][len(pre):] for p in graph.params if p.attrs["name"].startswith(pre)}
 
 
+
+# -- shared by the training-program tests ---------------------------------------------------------
+def loss_and_grads(graph, backend, ids, targets, *, seed=0, scale=1.0):
+    """One training step's loss and parameter gradients of `graph` (loss appended) on
+    `backend`: the loss multiplied by `scale` before backward and the gradients divided after
+    (as the f16 trainer's loss scaling does). Returns (model, loss, {name: grad})."""
+    import torch
+
+    from lmc.runtime.module import LmcModel
+
+    m = LmcModel(graph, seed=seed, backend=backend)
+    torch.manual_seed(0)
+    out = m(ids, targets=targets)
+    (out["loss"] * scale).backward()
+    return m, out["loss"].item(), {k: p.grad / scale for k, p in m.named_parameters()}
+
 # -- shared by the decode tests -------------------------------------------------------------------
 def decode_worst(dec, ids, full, k, state=None):
     """Prefill k tokens, then one step per token: the worst logit difference to `full` (the

@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from conftest import ZOO, triton_matches_oracle
+from conftest import ZOO, loss_and_grads, triton_matches_oracle
 
 from lmc.codegen import reduction
 from lmc.frontend.builder import Builder
@@ -269,7 +269,6 @@ def test_zoo_training_backward_leaves_no_column_sum_kernel(model, dtype, sets):
     from lmc.passes import run_pipeline
     from lmc.passes.loss import with_loss
     from lmc.passes.mixed_precision import mixed_precision
-    from lmc.runtime.module import LmcModel
 
     src = lmc.load(os.path.join(ZOO, f"{model}.yaml"), preset="tiny", **sets).graph
     g = run_pipeline(with_loss(mixed_precision(src, dtype)))
@@ -281,28 +280,22 @@ def test_zoo_training_backward_leaves_no_column_sum_kernel(model, dtype, sets):
     # overflows f16 and the trainer halves the scale and skips the step)
     scale = 2.0 ** 8 if dtype == "f16" else 1.0
 
-    def loss_and_grads(graph, backend):
-        m = LmcModel(graph, backend=backend)
-        torch.manual_seed(0)
-        out = m(ids, targets=targets)
-        (out["loss"] * scale).backward()
-        return m, out["loss"].item(), {k: p.grad / scale for k, p in m.named_parameters()}
-
     def worst(a, b):
         return max(float((a[k] - b[k]).abs().max() / b[k].abs().max()) for k in b)
 
-    m, lk, gk = loss_and_grads(g, "triton")
+    m, lk, gk = loss_and_grads(g, "triton", ids, targets, scale=scale)
     fusions = [f for f in m.program().backward_exec.graph.meta["fusions"]
                if f["pass"] == PASS]
     assert fusions and all(f["status"] == "fused" for f in fusions), fusions
-    _, lt, gt = loss_and_grads(g, "torch")
+    _, lt, gt = loss_and_grads(g, "torch", ids, targets, scale=scale)
     if dtype == "f32":
         assert abs(lk - lt) / lt < 1e-5 and worst(gk, gt) < 1e-5, worst(gk, gt)
     else:
         # f16 roundings differ between the two (torch rounds every op, the kernels keep
         # fused intermediates in fp32): both against the fp32 program, the kernels no
         # further from it than twice the torch backend's distance (a wrong sum is O(1) off)
-        _, l32, g32 = loss_and_grads(run_pipeline(with_loss(src)), "torch")
+        _, l32, g32 = loss_and_grads(run_pipeline(with_loss(src)), "torch", ids, targets,
+                                      scale=scale)
         assert abs(lk - l32) / l32 < 2 ** -10
         floor = worst(gt, g32)
         assert worst(gk, g32) < 2 * floor, (worst(gk, g32), floor)

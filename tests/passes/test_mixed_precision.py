@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-from conftest import ZOO
+from conftest import ZOO, loss_and_grads
 
 import lmc
 from lmc.errors import LmcError
@@ -56,10 +56,7 @@ def test_the_policy_on_llama():
 
 
 def _loss_and_grads(graph, backend, ids, targets):
-    m = LmcModel(graph, seed=4, backend=backend)
-    out = m(ids, targets=targets)
-    out["loss"].backward()
-    return out["loss"].item(), {k: p.grad for k, p in m.named_parameters()}
+    return loss_and_grads(graph, backend, ids, targets, seed=4)[1:]
 
 
 def _max_rel(a, b):
@@ -275,10 +272,7 @@ def test_f16_gradients_need_the_loss_scale_the_trainer_applies():
     ids, targets = (torch.randint(0, 512, (2, 13), generator=gen) for _ in range(2))
 
     def grads(g, scale):
-        m = LmcModel(g, backend="torch")
-        torch.manual_seed(0)
-        (m(ids, targets=targets)["loss"] * scale).backward()
-        return {k: p.grad / scale for k, p in m.named_parameters()}
+        return loss_and_grads(g, "torch", ids, targets, scale=scale)[2]
 
     ref = grads(run_pipeline(with_loss(src)), 1.0)
     f16 = run_pipeline(with_loss(mixed_precision(src, "f16")))
