@@ -109,10 +109,12 @@ def _space(r: Node):
     return Plan(r.attrs["body"]).space
 
 
-def _shared(s: Node, r: Node, space) -> int:
-    """How many of S's full-size inputs kernel r reads or produces."""
+def _shared(s: Node, r: Node, space, extras: List[Node]) -> int:
+    """How many of S's full-size inputs kernel r reads or produces, and of S's other outputs
+    it reads."""
     return sum(1 for x in s.inputs if x.type.shape == space and (
-        x in r.inputs or (x.op is Op.GETITEM and x.inputs[0] is r)))
+        x in r.inputs or (x.op is Op.GETITEM and x.inputs[0] is r))) + \
+        sum(e in r.inputs for e in extras)
 
 
 def _late(r: Node, last: Node, extras: List[Node], users, order) -> Optional[List[Node]]:
@@ -157,7 +159,7 @@ def _row_kernel(s: Node, last: Node, extras: List[Node], users, order
         views = _late(r, last, extras, users, order) if order[r] > order[s] else []
         if views is None:
             continue
-        k = _shared(s, r, space) + sum(e in r.inputs for e in extras)
+        k = _shared(s, r, space, extras)
         if k <= score or _space(r) != space or \
                 any(m.op is Op.INDEX_COPY for m in r.attrs["body"].nodes):
             continue
@@ -192,7 +194,6 @@ def _merged(r: Node, sites: List[Tuple[List[Node], Node, List[Node]]], kept) -> 
                 and not (x.op is Op.GETITEM and x.inputs[0] is r)]
     b = Body(ext)
     sums: Dict[int, Node] = {}
-    outs: List[Node] = []
 
     def site(j: int) -> None:
         chain, _, extras = sites[j]

@@ -126,7 +126,7 @@ def low_precision_weights(graph: Graph, dtype: str = "bf16") -> Graph:
         nodes.append(n)
         return n
 
-    def widened(p: Node) -> Node:
+    def widen(p: Node) -> Node:
         if p not in wide:
             wide[p] = add(Node.make(Op.CAST, (low_p[p],), {"dtype": p.type.dtype}, p.loc,
                                     p.scope))
@@ -144,6 +144,6 @@ def low_precision_weights(graph: Graph, dtype: str = "bf16") -> Graph:
                               n.loc, n.scope))
             new[n] = add(Node.make(Op.CAST, (e,), {"dtype": n.type.dtype}, n.loc, n.scope))
             continue
-        ins = tuple(widened(x) if x in low_p else new[x] for x in n.inputs)
+        ins = tuple(widen(x) if x in low_p else new[x] for x in n.inputs)
         new[n] = add(n if ins == n.inputs else Node.make(n.op, ins, n.attrs, n.loc, n.scope))
     return g.with_nodes(nodes, {k: new[v] for k, v in g.outputs.items()})
