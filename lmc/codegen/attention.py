@@ -1423,7 +1423,8 @@ def launch_template(template: str, xs, outs, opts) -> None:
     def table(i):               # [T, R], or [1, 1, T, R] seen as [T, R]
         t = xs[i]
         return t.reshape(t.shape[-2], t.shape[-1])
-    cos, sin = table(opts["cos"]), table(opts["sin"])
+    cos = table(opts["cos"]) if "cos" in opts else None      # rot_dim 0: no RoPE
+    sin = table(opts["sin"]) if "sin" in opts else None
     k_cos = table(opts["k_cos"]) if "k_cos" in opts else cos
     k_sin = table(opts["k_sin"]) if "k_sin" in opts else sin
     for key, which in (("q_zeta", "q"), ("k_zeta", "k")):

@@ -25,7 +25,10 @@ concat(q_C, rope(q_R))), and k', v' (or any part of k') may be broadcast over th
 [B, H, S, D]) or expand from one head; MLA's shared k_R). q' has exactly one rotated part and
 k' the same split of the head dim; the k part facing it is either rotated here too or taken
 as given (a rotated K computed once and shared by several attentions, as YOCO's
-cross-decoder's, or keys with no RoPE): the kernel then rotates q only.
+cross-decoder's, or keys with no RoPE): the kernel then rotates q only. With no rotated part
+in q (learned or no positions: GPT-2, NoPE) and none in k, the region is plain attention and
+fuses the same way with no rotation (the kernels' R = 0); where q or k is arithmetic that
+almost was RoPE, the fused record says why its RoPE stayed outside.
 
 The region becomes one FUSED node of kind "rope_attention" whose inputs are the tensors the
 parts are cut from (each read once: k, v at n_kv heads), v, and the tables, and whose body is
@@ -54,7 +57,7 @@ to v's dtype for the dot, as that program does.
 It runs before autodiff on the program being trained or run on the triton backend, not in the
 compile pipeline: the decode pass derives its step from the unfused graph. Where a region
 almost matches, a declined record says which condition failed (`lmc compile --explain`).
-Not matched: attention with no RoPE on q, a mask other than causal_mask, a scale that is a
+Not matched: k rotated where q is not, a mask other than causal_mask, a scale that is a
 tensor, queries and keys of different lengths (T != S), RoPE tables
 that depend on the input, RoPE on several parts of a head, kv heads tiled (query head h reading
 kv head h mod n_kv), a softmax over anything but q @ k^T (medit_one's feature attention), and
@@ -214,7 +217,9 @@ def _heads(x: Node) -> Tuple[Node, int]:
 def _part(p: Node, static, users) -> dict:
     """One concat part of q' or k' (columns of the scores' operands)."""
     p, g = _heads(p)
-    part = {"width": p.type.shape[-1], "rope": False, "why": None, "top": p, "g_top": g}
+    part = {"width": p.type.shape[-1], "rope": False, "why": None, "top": p, "g_top": g,
+            # arithmetic on q or k (RoPE's form) that is not RoPE: said in the record
+            "arith": p.op in (Op.ADD, Op.MUL, Op.DIV)}
     inner, zeta = p, None
     if p.op in (Op.MUL, Op.DIV):          # XPos: rope(x) * zeta, rope(x) / zeta
         a, t = p.inputs
@@ -332,17 +337,21 @@ def _assemble(sm, pv, qr, kr, qparts, kparts, users, static, order, causal, wind
     kparts = list(kparts)
     need(T == S, "queries and keys of different lengths (positions would not line up)")
     roped = [i for i, p in enumerate(qparts) if p["rope"]]
-    if not roped:
-        raise NoMatch(qparts[0]["why"] if len(qparts) == 1 else
-                       "no part of q is rotated: " + "; ".join(p["why"] for p in qparts))
-    need(len(roped) == 1, "RoPE on several parts of q's head dim")
-    j = roped[0]
+    need(len(roped) <= 1, "RoPE on several parts of q's head dim")
     need(len(qparts) == len(kparts) and all(
         a["width"] == b["width"] for a, b in zip(qparts, kparts)),
         "q and k are not split alike along the head dim (their rotated parts do not face)")
     need(all(p["g"] == 1 for p in qparts), "queries broadcast over heads")
-    need(not any(p["rope"] for i, p in enumerate(kparts) if i != j),
-          "k rotated in columns where q is not")
+    if not roped:
+        # no RoPE (learned or no positions, ALiBi-free GPT-2 style): plain flash attention;
+        # a k rotated where q is not is not RoPE (the rotations would not cancel)
+        need(not any(p["rope"] for p in kparts), "k rotated in columns where q is not")
+        j = 0
+        note = "; ".join(p["why"] for p in qparts + kparts if p["arith"] and p["why"])
+    else:
+        j, note = roped[0], ""
+        need(not any(p["rope"] for i, p in enumerate(kparts) if i != j),
+              "k rotated in columns where q is not")
     qp, kp = qparts[j], kparts[j]
     if kp["rope"] and (given or len(users.get(kp["top"], [])) > 1):
         # a rotated K shared by several attentions (YOCO's cross-decoder): taken as given
@@ -377,10 +386,13 @@ def _assemble(sm, pv, qr, kr, qparts, kparts, users, static, order, causal, wind
              HKV // (H // kparts[i]["g"])] for i in korder]
     vi = idx(v)
     n_grad = len(inputs)
-    opts = {"causal": causal, "window": window, "scale": scale, "rot_dim": qp["width"],
-            "interleaved": qp["interleaved"], "rope_k": rope_k, "q": qlay, "k": klay,
-            "v": [vi, HKV // (H // gv)], "heads": H, "kv_heads": HKV,
-            "cos": idx(qp["cos"]), "sin": idx(qp["sin"]), "n_grad": n_grad}
+    opts = {"causal": causal, "window": window, "scale": scale,
+            "rot_dim": qp["width"] if roped else 0,
+            "interleaved": bool(roped) and qp["interleaved"], "rope_k": rope_k, "q": qlay,
+            "k": klay, "v": [vi, HKV // (H // gv)], "heads": H, "kv_heads": HKV,
+            "n_grad": n_grad}
+    if roped:
+        opts["cos"], opts["sin"] = idx(qp["cos"]), idx(qp["sin"])
     if rope_k and (kp["cos"] is not qp["cos"] or kp["sin"] is not qp["sin"]):
         opts["k_cos"], opts["k_sin"] = idx(kp["cos"]), idx(kp["sin"])
     for name, p in (("q_zeta", qp), ("k_zeta", kp)):
@@ -418,7 +430,7 @@ def _assemble(sm, pv, qr, kr, qparts, kparts, users, static, order, causal, wind
             raise _Shared("k's rope is shared")
         raise NoMatch(f"{bad[-1].op.value} inside the attention is also used outside it")
     return {"inputs": inputs, "n_grad": n_grad, "out": pv, "scores": sm.inputs[0],
-            "region": region,
+            "region": region, "note": note,
             "dead": region - keep, "opts": opts, "order": order}
 
 
@@ -461,13 +473,16 @@ def _describe(o: dict) -> str:
     H, HKV = o["heads"], o["kv_heads"]
     what = ["interleaved rope" if o["interleaved"] else "rope"]
     width = sum(stop - start for _, start, stop, _ in o["q"])
-    if o["rot_dim"] < width:
+    if not o["rot_dim"]:
+        what = ["no rope:"]
+    elif o["rot_dim"] < width:
         what.append(f"on {o['rot_dim']} of {width} dims")
-    if not o["rope_k"]:
+    if o["rot_dim"] and not o["rope_k"]:
         what.append("(q only; k given)")
     if "q_zeta" in o or "k_zeta" in o:
         what.append("+ xpos")
-    what.append("+")
+    if o["rot_dim"]:
+        what.append("+")
     if o["causal"]:
         what.append("causal")
     if o["window"]:
@@ -509,6 +524,9 @@ def fuse_rope_attention(g: Graph) -> Graph:
                            "no_grad": tuple(range(m["n_grad"], len(m["inputs"])))},
                           m["out"].loc, m["out"].scope)
         regions.append(Region(fused, [m["out"], None], m["dead"]))
+        why = _describe(m["opts"])
+        if m["note"]:    # q or k is computed by arithmetic that is not RoPE's: say why
+            why += f" (q and k computed before it: their RoPE not matched: {m['note']})"
         records.append({"pass": "fuse_rope_attention", "status": "fused",
-                        "where": _where(m["out"]), "reason": _describe(m["opts"])})
+                        "where": _where(m["out"]), "reason": why})
     return splice(g, regions, records)

@@ -104,14 +104,17 @@ def test_near_misses_say_why():
     assert [r["status"] for r in _records(nomask)] == ["fused"]   # non-causal still fuses
     b = Builder({}, {})
     q, k, v = (b.input(n, [B, 2, T, 16], "f32") for n in "qkv")
-    o = b.softmax(q @ b.transpose(k, -2, -1), -1) @ v                   # no rope at all
+    cos, sin = _tables(b, 16)
+    s = q @ b.transpose(_rope_half(b, k, cos, sin, 16), -2, -1)          # k rotated, q not
+    o = b.softmax(s, -1) @ v
     (r,) = _records(fuse_rope_attention(run_pipeline(Graph("a", b.nodes, {"o": o.node}))))
-    assert r["status"] == "declined" and "x*cos" in r["reason"]
+    assert r["status"] == "declined" and "k rotated in columns where q is not" in r["reason"]
     # kv heads tiled (query head h reads kv head h mod n_kv): the kernel cannot read that
     g = _variant(H=4, HKV=2, D=16, tiled=True)
     (r,) = _records(fuse_rope_attention(g))
     assert r["status"] == "declined" and "tiled" in r["reason"]
-    # a table that depends on the input is not a position table
+    # a table that depends on the input is not a position table: the attention fuses with
+    # q and k as computed, and the record says why their RoPE did not join it
     b = Builder({}, {})
     q, k, v = (b.input(n, [B, 2, T, 16], "f32") for n in "qkv")
     w = b.input("w", [T, 16], "f32")
@@ -119,7 +122,8 @@ def test_near_misses_say_why():
         b, k, b.cos(w), b.sin(w), 16), -2, -1)
     o = b.softmax(b.where(b.causal_mask(T, T), s, -float("inf")), -1) @ v
     (r,) = _records(fuse_rope_attention(run_pipeline(Graph("a", b.nodes, {"o": o.node}))))
-    assert r["status"] == "declined" and "position table" in r["reason"]
+    assert r["status"] == "fused" and r["reason"].startswith("no rope") and \
+        "RoPE not matched: no [T, R] position table" in r["reason"]
     # q and k split differently along the head dim
     g = _variant(H=2, HKV=2, D=16, rot=8, k_rot=4)
     (r,) = _records(fuse_rope_attention(g))
@@ -190,7 +194,8 @@ def _variant(H, HKV, D, *, rot=None, k_rot=None, interleaved=False, window=0, xp
         ins[n] = b.input(n, [B, H, T, D], "f32")
     ins["k"] = b.input("k", [B, HKV, T, D], "f32")
     ins["v"] = b.input("v", [B, HKV, T, D], "f32")
-    cos, sin = _tables_for(b, rot, base=base, offset=offset, interleaved=interleaved)
+    cos, sin = _tables_for(b, rot, base=base, offset=offset, interleaved=interleaved) \
+        if rot else (None, None)
     kcos, ksin = (cos, sin) if k_rot == rot else _tables_for(b, k_rot, base=base,
                                                              offset=offset)
     z = None
@@ -200,6 +205,8 @@ def _variant(H, HKV, D, *, rot=None, k_rot=None, interleaved=False, window=0, xp
             b.cast(b.iota(T), "f32"), [T, 1]) / 512.0)
 
     def rope(x, c, s_, r, scale_op=None):
+        if r == 0:                          # no RoPE: positions come from elsewhere, or none
+            return x
         if r == D:
             y = _rope_any(b, x, c, s_, interleaved)
             return y if scale_op is None else scale_op(y)
@@ -271,6 +278,18 @@ def test_gqa_mqa(H, HKV, D, window):
     assert ("MQA" if HKV == 1 else "GQA" if HKV < H else "rope + causal") in r["reason"]
     fused = next(x for x in f.nodes if x.op is Op.FUSED)
     assert fused.inputs[1].type.shape[1] == HKV         # k, v read at n_kv heads
+    _check_triton_equals_oracle(g, f, {"q": (1, H, TQ, D), "k": (1, HKV, TQ, D),
+                                       "v": (1, HKV, TQ, D)})
+
+
+@pytest.mark.parametrize("H,HKV,D,window", [(2, 2, 32, 0), (4, 1, 16, 5), (4, 2, 64, 100)])
+def test_attention_without_rope_is_flash_attention(H, HKV, D, window):
+    # learned or no positions (GPT-2, NoPE): the same kernels with no rotation, never T x T
+    g = _variant(H, HKV, D, rot=0, window=window)
+    f, (r,) = _fused_records(g)
+    assert r["reason"].startswith("no rope: causal") and "rope +" not in r["reason"]
+    fused = next(x for x in f.nodes if x.op is Op.FUSED)
+    assert len(fused.inputs) == 3 and fused.inputs[1].type.shape[1] == HKV   # q, k, v only
     _check_triton_equals_oracle(g, f, {"q": (1, H, TQ, D), "k": (1, HKV, TQ, D),
                                        "v": (1, HKV, TQ, D)})
 
