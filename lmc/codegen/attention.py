@@ -90,6 +90,7 @@ import triton
 import triton.language as tl
 
 from . import interpreter_blocks
+from .tlmath import _tanh
 
 Tensor = torch.Tensor
 LOG2E = 1.4426950408889634
@@ -203,6 +204,15 @@ def _group_dot(acc, xa, xb, xc, ya, yb, yc, HAS_ROPE: tl.constexpr, HAS_PASS: tl
 
 
 @triton.jit
+def _scores(qk, qk_scale, cap_in, SOFTCAP: tl.constexpr):
+    """Base-2 scores from the raw products: qk * scale * log2(e), or with SOFTCAP (a soft
+    cap on the scores, as Gemma 2's) cap * tanh(qk * scale / cap) * log2(e)."""
+    if SOFTCAP:
+        return _tanh(qk * cap_in) * qk_scale
+    return qk * qk_scale
+
+
+@triton.jit
 def _visible(qpos, kpos, ok, window, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
     """Which (query, key) pairs of a tile are visible: `ok` (in range) and the masks, with
     qpos, kpos broadcastable to the tile."""
@@ -255,16 +265,17 @@ def _attn_fwd(Q, K, V, COS_Q, SIN_Q, COS_K, SIN_K, OUT, LSE,
               stride_vb, stride_vh, stride_vn, stride_vd,
               stride_ob, stride_oh, stride_ot, stride_od,
               stride_cqp, stride_cqd, stride_ckp, stride_ckd,
-              H, HKV, T, S, q_offset, k_offset, window, qk_scale,
+              H, HKV, T, S, q_offset, k_offset, window, qk_scale, cap_in,
               HEAD_DIM: tl.constexpr, ROT: tl.constexpr, INTERLEAVED: tl.constexpr,
               PAIRED: tl.constexpr, ROPE_K: tl.constexpr, CAUSAL: tl.constexpr,
-              HAS_WINDOW: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
-              BLOCK_P: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
-              BLOCK_N: tl.constexpr,
+              HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_D: tl.constexpr,
+              BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, DOT_PREC: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               HEAD_DV: tl.constexpr):
     # out[b, h, i] = sum_j softmax_j(scale * rope(q_i) . rope(k_j)) v_j over visible j, and
     # lse[b, h, i] = ln sum_j exp(scale * rope(q_i) . rope(k_j))  (fp32, for the backward).
-    # qk_scale = scale * log2(e): the softmax runs in base 2.
+    # qk_scale = scale * log2(e): the softmax runs in base 2. SOFTCAP: the scores are
+    # cap * tanh(scale * s / cap), with qk_scale = cap * log2(e) and cap_in = scale / cap.
     HAS_ROPE: tl.constexpr = ROT > 0
     HAS_PASS: tl.constexpr = ROT < HEAD_DIM
     dt = Q.dtype.element_ty
@@ -330,7 +341,7 @@ def _attn_fwd(Q, K, V, COS_Q, SIN_Q, COS_K, SIN_K, OUT, LSE,
                 kc = _load_cols(K, k_rows, stride_kd, n_ok, col_c, mask_c)
             qk = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             qk = _group_dot(qk, qa, qb, qc, ka, kb, kc, HAS_ROPE, HAS_PASS, DOT_PREC)
-            qk = qk * qk_scale
+            qk = _scores(qk, qk_scale, cap_in, SOFTCAP)
             if seg != 1:
                 vis = _visible(qpos[:, None], kpos[None, :], n_ok[None, :] & m_ok[:, None],
                                window, CAUSAL, HAS_WINDOW)
@@ -389,17 +400,18 @@ def _attn_bwd_dkdv(Q, K, V, COS_Q, SIN_Q, COS_K, SIN_K, DO, LSE, DELTA, DK, DV,
                    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
                    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
                    stride_cqp, stride_cqd, stride_ckp, stride_ckd,
-                   H, HKV, T, S, q_offset, k_offset, window, qk_scale, scale,
+                   H, HKV, T, S, q_offset, k_offset, window, qk_scale, cap_in, scale,
                    HEAD_DIM: tl.constexpr, ROT: tl.constexpr, INTERLEAVED: tl.constexpr,
                    PAIRED: tl.constexpr, ROPE_K: tl.constexpr, CAUSAL: tl.constexpr,
-                   HAS_WINDOW: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
-                   BLOCK_P: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
-              BLOCK_N: tl.constexpr,
-              HEAD_DV: tl.constexpr):
+                   HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_D: tl.constexpr,
+                   BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, DOT_PREC: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   HEAD_DV: tl.constexpr):
     # For the keys j of one block of kv head g, over the query heads h of g and their rows i:
     #   P_ij = 2^(qk_scale s_ij - lse2_i),  dV_j += sum_i P_ij dO_i,
     #   dS_ij = P_ij (dO_i . v_j - delta_i),  dK_r,j += sum_i dS_ij rope(q_i),
-    # then dK_j = R_j^T (scale dK_r,j). Computed transposed ([BLOCK_N, BLOCK_M] tiles) so the
+    # then dK_j = R_j^T (scale dK_r,j). SOFTCAP: P from the capped scores, and dS_ij times
+    # the cap's derivative 1 - tanh^2. Computed transposed ([BLOCK_N, BLOCK_M] tiles) so the
     # K/V block stays resident while Q blocks stream past.
     HAS_ROPE: tl.constexpr = ROT > 0
     HAS_PASS: tl.constexpr = ROT < HEAD_DIM
@@ -487,14 +499,20 @@ def _attn_bwd_dkdv(Q, K, V, COS_Q, SIN_Q, COS_K, SIN_K, DO, LSE, DELTA, DK, DV,
 
                 sT = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
                 sT = _group_dot(sT, ka, kb, kc, qa, qb, qc, HAS_ROPE, HAS_PASS, DOT_PREC)
-                pT = tl.exp2(sT * qk_scale - lse2[None, :])
+                tT = sT
+                if SOFTCAP:
+                    tT = _tanh(sT * cap_in)
+                pT = tl.exp2(tT * qk_scale - lse2[None, :])
                 if seg != 1:
                     vis = _visible(qpos[None, :], kpos[:, None], m_ok[None, :] & n_ok[:, None],
                                    window, CAUSAL, HAS_WINDOW)
                     pT = tl.where(vis, pT, 0.0)
                 dv = tl.dot(pT.to(dt), do, acc=dv, input_precision=DOT_PREC)
                 dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
-                dsT = (pT * (dpT - delta[None, :])).to(dt)
+                dsT = pT * (dpT - delta[None, :])
+                if SOFTCAP:
+                    dsT = dsT * (1.0 - tT * tT)
+                dsT = dsT.to(dt)
                 if HAS_ROPE:
                     dka = tl.dot(dsT, qa, acc=dka, input_precision=DOT_PREC)
                     dkb = tl.dot(dsT, qb, acc=dkb, input_precision=DOT_PREC)
@@ -527,13 +545,13 @@ def _attn_bwd_dq(Q, K, V, COS_Q, SIN_Q, COS_K, SIN_K, DO, LSE, DELTA, DQ,
                  stride_db, stride_dh, stride_dt, stride_dd,
                  stride_dqb, stride_dqh, stride_dqt, stride_dqd,
                  stride_cqp, stride_cqd, stride_ckp, stride_ckd,
-                 H, HKV, T, S, q_offset, k_offset, window, qk_scale, scale,
+                 H, HKV, T, S, q_offset, k_offset, window, qk_scale, cap_in, scale,
                  HEAD_DIM: tl.constexpr, ROT: tl.constexpr, INTERLEAVED: tl.constexpr,
                  PAIRED: tl.constexpr, ROPE_K: tl.constexpr, CAUSAL: tl.constexpr,
-                 HAS_WINDOW: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
-                 BLOCK_P: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
-              BLOCK_N: tl.constexpr,
-              HEAD_DV: tl.constexpr):
+                 HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_D: tl.constexpr,
+                 BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, DOT_PREC: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 HEAD_DV: tl.constexpr):
     # dQ_i = R_i^T (scale sum_j dS_ij rope(k_j)),  dS_ij = P_ij (dO_i . v_j - delta_i)
     HAS_ROPE: tl.constexpr = ROT > 0
     HAS_PASS: tl.constexpr = ROT < HEAD_DIM
@@ -604,14 +622,20 @@ def _attn_bwd_dq(Q, K, V, COS_Q, SIN_Q, COS_K, SIN_K, DO, LSE, DELTA, DQ,
                 kc = _load_cols(K, k_rows, stride_kd, n_ok, col_c, mask_c)
             s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             s = _group_dot(s, qa, qb, qc, ka, kb, kc, HAS_ROPE, HAS_PASS, DOT_PREC)
-            p = tl.exp2(s * qk_scale - lse2[:, None])
+            t = s
+            if SOFTCAP:
+                t = _tanh(s * cap_in)
+            p = tl.exp2(t * qk_scale - lse2[:, None])
             if seg != 1:
                 vis = _visible(qpos[:, None], kpos[None, :], n_ok[None, :] & m_ok[:, None],
                                window, CAUSAL, HAS_WINDOW)
                 p = tl.where(vis, p, 0.0)
             v = _load_cols(V, v_row0 + n64 * stride_vn, stride_vd, n_ok, offs_d, mask_d)
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
-            ds = (p * (dp - delta[:, None])).to(dt)
+            ds = p * (dp - delta[:, None])
+            if SOFTCAP:
+                ds = ds * (1.0 - t * t)
+            ds = ds.to(dt)
             if HAS_ROPE:
                 dqa = tl.dot(ds, ka, acc=dqa, input_precision=DOT_PREC)
                 dqb = tl.dot(ds, kb, acc=dqb, input_precision=DOT_PREC)
@@ -643,10 +667,11 @@ def _decode_split(Q, K, V, COS_Q, SIN_Q, COS_K, SIN_K, POS, KV_LEN, KPOS, PART_O
                   stride_k2b, stride_k2h, stride_k2n, stride_k2d,
                   stride_cqp, stride_cqd, stride_ckp, stride_ckd, stride_pos, stride_len,
                   stride_kpb, stride_kpn, stride_ob, stride_oh, stride_ot, stride_od,
-                  H, HKV, TQ, S_MAX, CHUNK, NSPLIT, S_BUCKET, window, qk_scale,
+                  H, HKV, TQ, S_MAX, CHUNK, NSPLIT, S_BUCKET, window, qk_scale, cap_in,
                   HEAD_DIM: tl.constexpr, ROT: tl.constexpr, INTERLEAVED: tl.constexpr,
                   PAIRED: tl.constexpr, ROPE_K: tl.constexpr, CAUSAL: tl.constexpr,
-                  HAS_WINDOW: tl.constexpr, HAS_KV_LEN: tl.constexpr, HAS_KPOS: tl.constexpr,
+                  HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_KV_LEN: tl.constexpr,
+                  HAS_KPOS: tl.constexpr,
                   DIRECT: tl.constexpr, BLOCK_M: tl.constexpr,
                   BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
                   DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -748,7 +773,7 @@ def _decode_split(Q, K, V, COS_Q, SIN_Q, COS_K, SIN_K, POS, KV_LEN, KPOS, PART_O
         if HAS_K2:
             k2 = _load_cols(K2, k2_row0 + n64 * stride_k2n, stride_k2d, n_ok, col_2, mask_2)
             qk = tl.dot(q2, tl.trans(k2), acc=qk, input_precision=DOT_PREC)
-        qk = qk * qk_scale
+        qk = _scores(qk, qk_scale, cap_in, SOFTCAP)
         vis = _visible(qpos[:, None], kpos[None, :], n_ok[None, :] & r_ok[:, None], window,
                        CAUSAL, HAS_WINDOW)
         qk = tl.where(vis, qk, float("-inf"))
@@ -863,7 +888,7 @@ class _Spec:
     """Checked shapes and resolved options of one call."""
 
     def __init__(self, q, k, v, cos, sin, k_cos, k_sin, rot_dim, interleaved, rope_k, causal,
-                 window, q_offset, k_offset, scale, decode=False):
+                 window, q_offset, k_offset, scale, softcap=None, decode=False):
         if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
             raise ValueError(f"q, k, v must be [B, H, T, D]: got {tuple(q.shape)}, "
                              f"{tuple(k.shape)}, {tuple(v.shape)}")
@@ -901,6 +926,8 @@ class _Spec:
             self.paired = False
         if window is not None and window < 1:
             raise ValueError(f"window must be >= 1 (or None): got {window}")
+        if softcap is not None and not (0 < softcap < float("inf")):
+            raise ValueError(f"softcap must be a finite number > 0 (or None): got {softcap}")
         if not decode:
             if q_offset is None:
                 q_offset = S - T   # bottom-right aligned: the last query sees the last key
@@ -918,6 +945,7 @@ class _Spec:
         self.rope_k, self.causal = bool(rope_k), bool(causal)
         self.window, self.q_offset, self.k_offset = window, q_offset, k_offset
         self.scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+        self.softcap = None if softcap is None else float(softcap)
         self.dot_prec = "ieee" if q.dtype == torch.float32 else "tf32"
 
     def tables(self):
@@ -931,8 +959,17 @@ class _Spec:
               self.k_cos.stride(-1))
         return (self.cos, self.sin, self.k_cos, self.k_sin), st
 
+    @property
+    def score_args(self) -> Tuple[float, float]:
+        """(qk_scale, cap_in): the kernels' base-2 score scale and, with a soft cap, the
+        scale inside its tanh (scale / cap; unused without one)."""
+        if self.softcap is None:
+            return self.scale * LOG2E, 1.0
+        return self.softcap * LOG2E, self.scale / self.softcap
+
     def constexprs(self):
         return dict(HEAD_DIM=self.D, HEAD_DV=self.DV, ROT=self.rot_dim,
+                    SOFTCAP=self.softcap is not None,
                     INTERLEAVED=self.interleaved, PAIRED=self.paired, ROPE_K=self.rope_k,
                     CAUSAL=self.causal, HAS_WINDOW=self.window is not None,
                     BLOCK_D=_p2(self.DV),
@@ -960,7 +997,7 @@ def _run_fwd(sp: _Spec, q, k, v, out: Optional[Tensor] = None,
     _launch("fwd", lambda m: (triton.cdiv(sp.T, m["BLOCK_M"]), sp.B * sp.H),
             q, k, v, *tables, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
             *tstrides, sp.H, sp.HKV, sp.T, sp.S, sp.q_offset, sp.k_offset, sp.window_arg,
-            sp.scale * LOG2E, **sp.constexprs())
+            *sp.score_args, **sp.constexprs())
     return out, lse
 
 
@@ -979,7 +1016,7 @@ def _run_bwd(sp: _Spec, do, q, k, v, out, lse, dq=None, dk=None, dv=None
         BLOCK_D=_p2(sp.DV), BLOCK_M=block_m)
     tables, tstrides = sp.tables()
     common = (sp.H, sp.HKV, sp.T, sp.S, sp.q_offset, sp.k_offset, sp.window_arg,
-              sp.scale * LOG2E, sp.scale)
+              *sp.score_args, sp.scale)
     _launch("dkdv", lambda m: (triton.cdiv(sp.S, m["BLOCK_N"]), sp.B * sp.HKV),
             q, k, v, *tables, do, lse, delta, dk, dv, *q.stride(), *k.stride(), *v.stride(),
             *do.stride(), *dk.stride(), *dv.stride(), *tstrides, *common, **sp.constexprs())
@@ -1007,6 +1044,8 @@ _OPTIONS_DOC = """
     q_offset, k_offset: positions of query row 0 and key row 0 (default q_offset = S - T, so
         queries that follow S - T cached keys line up; k_offset 0).
     scale: on the scores (default 1/sqrt(D)).
+    softcap: a soft cap on the scaled scores, cap * tanh(s / cap) before the mask (Gemma 2's
+        attention logit soft-capping); None: none.
 """
 
 
@@ -1016,13 +1055,13 @@ def rope_attention_fwd(q: Tensor, k: Tensor, v: Tensor, cos: Optional[Tensor] = 
                        interleaved: bool = False, rope_k: bool = True, causal: bool = True,
                        window: Optional[int] = None, q_offset: Optional[int] = None,
                        k_offset: int = 0, scale: Optional[float] = None,
-                       out: Optional[Tensor] = None, lse: Optional[Tensor] = None
-                       ) -> Tuple[Tensor, Tensor]:
+                       softcap: Optional[float] = None, out: Optional[Tensor] = None,
+                       lse: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """Forward kernel alone: (out [B, H, T, D] in q's dtype, lse [B, H, T] fp32, natural log,
     -inf for a row that sees no key). `out` (any strides) and `lse` (contiguous) given: the
     kernel writes them in place and returns them."""
     sp = _Spec(q, k, v, cos, sin, k_cos, k_sin, rot_dim, interleaved, rope_k, causal, window,
-               q_offset, k_offset, scale)
+               q_offset, k_offset, scale, softcap)
     return _run_fwd(sp, q, k, v, out, lse)
 
 
@@ -1032,7 +1071,8 @@ def rope_attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
                        rot_dim: Optional[int] = None, interleaved: bool = False,
                        rope_k: bool = True, causal: bool = True, window: Optional[int] = None,
                        q_offset: Optional[int] = None, k_offset: int = 0,
-                       scale: Optional[float] = None, dq: Optional[Tensor] = None,
+                       scale: Optional[float] = None, softcap: Optional[float] = None,
+                       dq: Optional[Tensor] = None,
                        dk: Optional[Tensor] = None, dv: Optional[Tensor] = None
                        ) -> Tuple[Tensor, Tensor, Tensor]:
     """Backward kernels alone: (dq, dk, dv) with respect to the q, k, v given (before RoPE),
@@ -1040,7 +1080,7 @@ def rope_attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
     the query heads that share each kv head. dq, dk, dv given (q's, k's, v's shapes and
     dtypes, any strides): the kernels write them in place."""
     sp = _Spec(q, k, v, cos, sin, k_cos, k_sin, rot_dim, interleaved, rope_k, causal, window,
-               q_offset, k_offset, scale)
+               q_offset, k_offset, scale, softcap)
     return _run_bwd(sp, do, q, k, v, out, lse, dq, dk, dv)
 
 
@@ -1051,8 +1091,9 @@ class RopeAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, cos, sin, k_cos, k_sin, rot_dim, interleaved, rope_k, causal,
-                window, q_offset, k_offset, scale):
-        opts = (rot_dim, interleaved, rope_k, causal, window, q_offset, k_offset, scale)
+                window, q_offset, k_offset, scale, softcap):
+        opts = (rot_dim, interleaved, rope_k, causal, window, q_offset, k_offset, scale,
+                softcap)
         sp = _Spec(q, k, v, cos, sin, k_cos, k_sin, *opts)
         out, lse = _run_fwd(sp, q, k, v)
         ctx.save_for_backward(q, k, v, out, lse, cos, sin, k_cos, k_sin)
@@ -1065,7 +1106,7 @@ class RopeAttention(torch.autograd.Function):
         q, k, v, out, lse, cos, sin, k_cos, k_sin = ctx.saved_tensors
         sp = _Spec(q, k, v, cos, sin, k_cos, k_sin, *ctx.opts)
         dq, dk, dv = _run_bwd(sp, dout, q, k, v, out, lse)
-        return (dq, dk, dv) + (None,) * 12
+        return (dq, dk, dv) + (None,) * 13
 
 
 def rope_attention(q: Tensor, k: Tensor, v: Tensor, cos: Optional[Tensor] = None,
@@ -1074,12 +1115,12 @@ def rope_attention(q: Tensor, k: Tensor, v: Tensor, cos: Optional[Tensor] = None
                    interleaved: bool = False, rope_k: bool = True, causal: bool = True,
                    window: Optional[int] = None, q_offset: Optional[int] = None,
                    k_offset: int = 0, scale: Optional[float] = None,
-                   return_lse: bool = False):
+                   softcap: Optional[float] = None, return_lse: bool = False):
     """Fused RoPE + attention with gradients: out [B, H, T, D] in q's dtype (and lse
     [B, H, T] fp32 with return_lse).
     """
     out, lse = RopeAttention.apply(q, k, v, cos, sin, k_cos, k_sin, rot_dim, interleaved,
-                                   rope_k, causal, window, q_offset, k_offset, scale)
+                                   rope_k, causal, window, q_offset, k_offset, scale, softcap)
     return (out, lse) if return_lse else out
 
 
@@ -1114,7 +1155,8 @@ def rope_attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor,
                           k_cos: Optional[Tensor] = None, k_sin: Optional[Tensor] = None,
                           rot_dim: Optional[int] = None, interleaved: bool = False,
                           causal: bool = True, window: Optional[int] = None,
-                          scale: Optional[float] = None, num_splits: Optional[int] = None,
+                          scale: Optional[float] = None, softcap: Optional[float] = None,
+                          num_splits: Optional[int] = None,
                           out: Optional[Tensor] = None, kpos: Optional[Tensor] = None,
                           q2: Optional[Tensor] = None, k2_cache: Optional[Tensor] = None
                           ) -> Tensor:
@@ -1172,7 +1214,7 @@ def rope_attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor,
     else:
         q2, k2_cache = q, k_cache       # not read
     sp = _Spec(q, k_cache, v_cache, cos, sin, k_cos, k_sin, rot_dim, interleaved, rope_k,
-               causal, window, 0, 0, scale, decode=True)
+               causal, window, 0, 0, scale, softcap, decode=True)
     B, H, TQ, DV, HKV, S = sp.B, sp.H, sp.T, sp.DV, sp.HKV, sp.S
     pos, stride_pos = _per_sequence(pos, B, "pos", q.device)
     if kv_len is None:
@@ -1200,7 +1242,7 @@ def rope_attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor,
             q2, k2_cache, *q.stride(), *k_cache.stride(), *v_cache.stride(),
             *(q2.stride() if d2 else (0,) * 4), *(k2_cache.stride() if d2 else (0,) * 4),
             *tstrides, stride_pos, stride_len, *kpos_strides, *out.stride(), H, HKV, TQ, S,
-            chunk, num_splits, _p2(S), sp.window_arg, sp.scale * LOG2E,
+            chunk, num_splits, _p2(S), sp.window_arg, *sp.score_args,
             HAS_KV_LEN=kv_len is not None,
             HAS_KPOS=kpos is not None, DIRECT=direct, BLOCK_M=_p2(H // HKV * TQ),
             HEAD_D2=d2, BLOCK_D2=_p2(d2), **sp.constexprs())
@@ -1309,7 +1351,7 @@ def rope_attention_reference(q: Tensor, k: Tensor, v: Tensor, cos: Optional[Tens
                              interleaved: bool = False, rope_k: bool = True,
                              causal: bool = True, window: Optional[int] = None,
                              q_offset: Union[int, Tensor, None] = None, k_offset: int = 0,
-                             scale: Optional[float] = None,
+                             scale: Optional[float] = None, softcap: Optional[float] = None,
                              kv_len: Union[Tensor, int, None] = None,
                              return_lse: bool = False):
     """The same math in torch, op by op, differentiable: RoPE on q (and k), scaled scores,
@@ -1331,6 +1373,8 @@ def rope_attention_reference(q: Tensor, k: Tensor, v: Tensor, cos: Optional[Tens
     kr = kr.repeat_interleave(G, 1)
     vv = v.to(qr.dtype).repeat_interleave(G, 1)
     s = (qr @ kr.transpose(-1, -2)) * scale                      # [B, H, T, S]
+    if softcap is not None:
+        s = torch.tanh(s / softcap) * softcap
     qpos = _positions(q_offset, T, q.device)[:, None, :, None]   # [B or 1, 1, T, 1]
     kpos = (k_offset + torch.arange(S, device=q.device))[None, None, None, :]
     vis = torch.ones(qpos.shape[0], 1, T, S, dtype=torch.bool, device=q.device)
@@ -1438,7 +1482,8 @@ def launch_template(template: str, xs, outs, opts) -> None:
                 k_cos, k_sin = k_cos.float() * z, k_sin.float() * z
     kw = dict(k_cos=k_cos, k_sin=k_sin, rot_dim=opts["rot_dim"],
               interleaved=opts["interleaved"], rope_k=opts["rope_k"], causal=opts["causal"],
-              window=opts["window"] or None, scale=opts["scale"])
+              window=opts["window"] or None, scale=opts["scale"],
+              softcap=opts.get("softcap"))
     if template == "rope_attention":
         out = outs[0] if outs and outs[0] is not None else None
         lse = outs[1] if len(outs) > 1 and outs[1] is not None else None

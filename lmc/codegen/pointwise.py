@@ -18,7 +18,7 @@ from ..errors import LmcError
 from ..ir.graph import Graph, Node
 from ..ir.ops import Op
 from ..ir.types import DType
-from . import interpreter_blocks
+from . import interpreter_blocks, tlmath
 
 TL_DTYPE = {DType.f32: "tl.float32", DType.f16: "tl.float16", DType.bf16: "tl.bfloat16",
             DType.i64: "tl.int64", DType.i32: "tl.int32", DType.bool: "tl.int1"}
@@ -31,19 +31,7 @@ def _round_half_even(x):
     return tl.where((r - x == 0.5) & (r % 2 != 0), r - 1.0, r)
 
 
-@triton.jit
-def _tanh(x):
-    # no cancellation near 0 (2*sigmoid(2x) - 1 loses the low bits of a small tanh): an odd
-    # series below |x| = 1/8 (next term < 2e-9 relative), (1 - e) / (1 + e) with
-    # e = exp(-2|x|) <= 0.78 above; +-inf give +-1, NaN stays NaN
-    a = tl.abs(x)
-    e = tl.exp(-2.0 * a)
-    x2 = x * x
-    small = a * (1.0 + x2 * (-0.3333333333333333 + x2 * (0.13333333333333333
-                                                         + x2 * -0.05396825396825397)))
-    t = tl.where(a < 0.125, small, (1.0 - e) / (1.0 + e))
-    return tl.where(x < 0, -t, t)
-
+''' + tlmath.source(tlmath._tanh) + '''
 
 @triton.jit
 def _log1p(y):

@@ -36,7 +36,7 @@ def _max_err(got, want):
 
 def run_case(B, H, HKV, T, S, D, *, rot, interleaved=False, paired=False, causal=True,
              window=None, q_offset=None, k_offset=0, rope_k=True, xpos=False,
-             dtype=torch.float32, strided=False, seed=0, dv=None):
+             dtype=torch.float32, strided=False, seed=0, dv=None, softcap=None):
     """Fused forward + backward vs the fp64 reference: max abs error of out, lse, dq, dk, dv
     (and the largest reference magnitude, for fp16's relative bound)."""
     gen = torch.Generator().manual_seed(seed)
@@ -60,7 +60,7 @@ def run_case(B, H, HKV, T, S, D, *, rot, interleaved=False, paired=False, causal
             qc, qs, kc, ks = A.xpos_tables(cos, sin, rot_dim=rot, interleaved=interleaved)
             tabs = dict(cos=qc, sin=qs, k_cos=kc, k_sin=ks)
     kw = dict(rot_dim=rot, interleaved=interleaved, causal=causal, window=window,
-              q_offset=q_offset, k_offset=k_offset, rope_k=rope_k)
+              q_offset=q_offset, k_offset=k_offset, rope_k=rope_k, softcap=softcap)
     out, lse = A.rope_attention(q, k, v, **tabs, **kw, return_lse=True)
     assert out.dtype == dtype and out.shape == (B, H, T, dv) and lse.dtype == torch.float32
     do = _randn(B, H, T, dv, gen=gen, dtype=dtype)
@@ -113,6 +113,12 @@ CASES = [
     # v narrower / wider than q and k (MLA: q, k = [rope part | pass part], v the pass width)
     ("mla-qk-48-v-32", (1, 4, 4, 63, 63, 48), dict(rot=16, dv=32)),
     ("v-wider-64-than-qk-32-gqa-window", (1, 4, 2, 63, 63, 32), dict(rot=32, dv=64, window=20)),
+    # a soft cap on the scores (Gemma 2): a cap of 1.5 saturates many of them, so tanh's
+    # derivative in dS matters; with RoPE, GQA and a window, and with none of them
+    ("softcap-gqa-partial-rope-window", (1, 4, 2, 63, 63, 32),
+     dict(rot=16, window=20, softcap=1.5)),
+    ("softcap-no-rope-not-causal-offsets", (2, 2, 2, 17, 40, 32),
+     dict(rot=0, causal=False, softcap=1.5, q_offset=30, k_offset=3)),
 ]
 
 
@@ -139,10 +145,32 @@ def test_fp16():
     _assert_close(errs, scale, torch.float16)
 
 
+def test_softcap_fp16_and_blocks(monkeypatch):
+    for kind in ("fwd", "dkdv", "dq"):     # every segment of the key loop
+        monkeypatch.setitem(A.INTERPRETER_BLOCKS, kind, dict(BLOCK_M=16, BLOCK_N=16))
+    errs, scale = run_case(1, 4, 1, 63, 63, 32, rot=32, window=40, softcap=2.0,
+                           dtype=torch.float16)
+    _assert_close(errs, scale, torch.float16)
+
+
+def test_softcap_changes_the_result():
+    # the cap is applied (a test whose cap were ignored would pass the cases above only if
+    # the reference ignored it too)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (_randn(1, 2, 9, 16, gen=gen) * 3 for _ in range(3))
+    plain = A.rope_attention(q, k, v)
+    capped = A.rope_attention(q, k, v, softcap=1.0)
+    assert (plain - capped).abs().max() > 1e-2
+    torch.testing.assert_close(capped, A.rope_attention_reference(q, k, v, softcap=1.0),
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="softcap"):
+        A.rope_attention(q, k, v, softcap=0.0)
+
+
 # -- decode ----------------------------------------------------------------------------------
 def run_decode(B, H, HKV, TQ, S_MAX, D, *, rot, pos, kv_len=None, rope_k=False, causal=True,
                window=None, splits=None, paired=False, interleaved=False,
-               dtype=torch.float32, seed=0, dv=None):
+               dtype=torch.float32, seed=0, dv=None, softcap=None):
     """Flash-decoding over a cache padded to S_MAX (padding slots hold large values that would
     show if read) vs the fp64 reference over the raw keys."""
     gen = torch.Generator().manual_seed(seed)
@@ -162,12 +190,13 @@ def run_decode(B, H, HKV, TQ, S_MAX, D, *, rot, pos, kv_len=None, rope_k=False, 
         A.apply_rope(k_raw, cos, sin, 0, rot, interleaved).to(dtype)
     out = A.rope_attention_decode(q, k_cache, v, pos_t, cos, sin, kv_len=kv_len,
                                   rope_k=rope_k, rot_dim=rot, interleaved=interleaved,
-                                  causal=causal, window=window, num_splits=splits)
+                                  causal=causal, window=window, num_splits=splits,
+                                  softcap=softcap)
     assert out.shape == q.shape[:3] + v.shape[3:] and out.dtype == dtype
     ref = A.rope_attention_reference(
         q.double(), k_raw.double(), v.double(), None if cos is None else cos.double(),
         None if sin is None else sin.double(), rot_dim=rot, interleaved=interleaved,
-        causal=causal, window=window, q_offset=pos_t, kv_len=valid)
+        causal=causal, window=window, q_offset=pos_t, kv_len=valid, softcap=softcap)
     return _max_err(out, ref), ref.abs().max().item()
 
 
@@ -181,6 +210,8 @@ DECODE = [
     ("one-position-for-all-one-split", (2, 4, 2, 1, 40, 32), dict(rot=32, pos=25, splits=1)),
     ("more-splits-than-blocks-no-rope", (1, 4, 2, 2, 33, 32), dict(rot=0, pos=30, splits=9)),
     ("v-narrower-than-qk", (2, 4, 2, 1, 50, 48), dict(rot=16, pos=[10, 45], splits=3, dv=32)),
+    ("softcap-gqa-window-3-splits", (3, 4, 2, 2, 80, 32),
+     dict(rot=32, pos=[0, 37, 70], splits=3, window=20, softcap=1.5)),
 ]
 
 
