@@ -4,7 +4,8 @@ Runs on the step graph of the decode pass (`lmc/passes/decode.py`) when the Deco
 triton backend, never on a training or forward program. Matched on primitives: from each
 softmax over the last axis of [B, H, T, S] scores, the pass walks
 
-    out = softmax(where(mask, (q @ k4^T) * scale, -inf)) @ v4        (scale optional, * or /)
+    out = softmax(where(mask, cap((q @ k4^T) * scale), -inf)) @ v4   (scale optional, * or /;
+          cap(s) = cap * tanh(s / cap), Gemma 2's soft cap, optional)
     (mixed precision: softmax(cast(where(..), f32)), cast back to v's dtype before @ v4)
     k4 = k  |  expand(k, [B, H, S, D]) (k with one head)
             |  reshape(expand(reshape(k, [B, Hkv, 1, S, D]), [B, Hkv, G, S, D]), [B, H, S, D])
@@ -73,7 +74,7 @@ from typing import Dict, List
 from ..ir.graph import Graph, Node
 from ..ir.ops import Op
 from .fuse_pointwise import _where
-from .patterns import Body, NoMatch, Region, const_value, match_all, need, splice, widened
+from .patterns import Body, NoMatch, Region, const_value, match_all, need, softcap, splice, widened
 
 PASS = "fuse_decode_attention"
 POS = "decode.pos"
@@ -190,6 +191,11 @@ def match(sm: Node, users: Dict[Node, List[Node]]) -> dict:
                  "rows": mask.attrs["rows"], "length": mask.attrs["cols"]}
     else:
         minfo = _position_mask(mask, mregion)
+    cap = softcap(x)             # cap * tanh(s / cap) on the scaled scores (Gemma 2)
+    if cap is not None:
+        tanh = next(i for i in x.inputs if i.op is Op.TANH)
+        region += [x, tanh, tanh.inputs[0]]
+        cap, x = cap
     scale = None
     if x.op in (Op.MUL, Op.DIV):
         a, c = x.inputs
@@ -268,6 +274,7 @@ def match(sm: Node, users: Dict[Node, List[Node]]) -> dict:
     return {"inputs": ins, "v": v, "v_as": None if v_part is None else ks[v_part],
             "out": pv, "region": inside | set(mregion) | set(layout),
             "window": minfo["window"], "scale": 1.0 if scale is None else scale,
+            "softcap": cap,
             "parts": len(ks), "v_part": v_part, "heads": (H, hkv), "q_split": q_split,
             "static": minfo["pos"] is not None and minfo.get("kpos") is None,
             "kpos": minfo.get("kpos"), "n_pos": len(positions)}
@@ -294,6 +301,7 @@ def _body(m: dict, name: str, order: Dict[Node, int]) -> Graph:
                    module="decode_attention",      # lmc/codegen/decode_attention.py
                    template="decode_attention",
                    options={"static": m["static"], "window": m["window"], "scale": m["scale"],
+                            "softcap": m["softcap"],
                             "parts": m["parts"], "v_part": m["v_part"],
                             "q_split": m["q_split"], "kpos": m["kpos"] is not None})
 
@@ -337,5 +345,6 @@ def fuse_decode_attention(g: Graph) -> Graph:
             "pass": PASS, "status": "fused", "where": _where(m["out"]),
             "reason": f"{cache}, causal"
                       f"{' window ' + str(m['window']) if m['window'] else ''}, {heads}, "
-                      f"scale {m['scale']:.4g}"})
+                      f"scale {m['scale']:.4g}"
+                      + (f", scores soft-capped at {m['softcap']:.4g}" if m["softcap"] else "")})
     return splice(g, regions, records)

@@ -2,8 +2,9 @@
 
 Matched on primitives (no block names): from each softmax over the last axis, the pass walks
 
-    out = softmax(where(causal_mask(T, T, window), (q' @ k'^T) * scale, -inf)) @ v'
-          (the where may be absent: not causal; the scale a constant, or absent)
+    out = softmax(where(causal_mask(T, T, window), cap((q' @ k'^T) * scale), -inf)) @ v'
+          (the where may be absent: not causal; the scale a constant, or absent; cap(s) a
+          soft cap cap * tanh(s / cap), Gemma 2's, or absent)
 
 back through the scores and forward to the single `probs @ v'`, and reads q' and k' as a
 concat along the head dim of parts (one part: no concat), each part one of
@@ -71,7 +72,7 @@ from ..ir.graph import Graph, Node
 from ..ir.ops import Op
 from ..ir.types import DType
 from .fuse_pointwise import _where
-from .patterns import Body, NoMatch, Region, const_value, need, splice, widened
+from .patterns import Body, NoMatch, Region, const_value, need, softcap, splice, widened
 
 
 def _last(n: Node) -> int:
@@ -282,6 +283,9 @@ def match(sm: Node, users: Dict[Node, List[Node]], static, order: Dict[Node, int
               "causal mask is not [T, S] like the scores")
         causal, window = True, int(mask.attrs.get("window") or 0)
         x = s
+    cap = softcap(x)            # Gemma 2's cap * tanh(s / cap) on the scaled scores
+    if cap is not None:
+        cap, x = cap
     scale = 1.0
     if x.op in (Op.MUL, Op.DIV):
         a, c = x.inputs
@@ -308,6 +312,10 @@ def match(sm: Node, users: Dict[Node, List[Node]], static, order: Dict[Node, int
           "probabilities are not used once, as probs @ v")
     pv = outs[0]
     qr, kt = mm.inputs
+    # mixed precision: q, k (and v) computed in fp32 (a norm's output, a bias added to a
+    # bf16 product) are cast down for the products; the kernels take them cast, as the
+    # fused op's inputs (new nodes, which fuse into their producers' kernels)
+    qr, kt = _narrowed(qr), _narrowed(kt)
     need(qr.type.rank == 4, "scores are not [B, H, T, S]")
     need(kt.op is Op.PERMUTE and tuple(kt.attrs["perm"]) == (0, 1, 3, 2),
           "keys are not transposed from [B, H, S, D]")
@@ -317,17 +325,28 @@ def match(sm: Node, users: Dict[Node, List[Node]], static, order: Dict[Node, int
     qparts = _side(qr, static, users)
     kparts = _side(kr, static, users)
     try:
-        return _assemble(sm, pv, qr, kr, qparts, kparts, users, static, order, causal, window,
-                         scale, given=False)
+        m = _assemble(sm, pv, qr, kr, qparts, kparts, users, static, order, causal, window,
+                      scale, given=False)
     except _Shared:
         # the k part's RoPE is computed outside this attention too (a rotated K shared by
         # several attentions, as YOCO's cross-decoder's): take it as given
-        return _assemble(sm, pv, qr, kr, qparts, kparts, users, static, order, causal, window,
-                         scale, given=True)
+        m = _assemble(sm, pv, qr, kr, qparts, kparts, users, static, order, causal, window,
+                      scale, given=True)
+    if cap is not None:
+        m["opts"]["softcap"] = cap
+    return m
 
 
 class _Shared(NoMatch):
     pass
+
+
+def _narrowed(x: Node) -> Node:
+    """x without a cast from fp32 down to f16/bf16 (mixed precision's, before a product)."""
+    if x.op is Op.CAST and x.type.dtype in (DType.f16, DType.bf16) and \
+            x.inputs[0].type.dtype is DType.f32:
+        return x.inputs[0]
+    return x
 
 
 def _assemble(sm, pv, qr, kr, qparts, kparts, users, static, order, causal, window, scale,
@@ -363,7 +382,8 @@ def _assemble(sm, pv, qr, kr, qparts, kparts, users, static, order, causal, wind
         if p["rope"]:
             need(tuple(p["cos"].type.shape)[-2] == n,
                   f"rope table has {p['cos'].type.shape[-2]} positions, not the {n} rows")
-    vv = pv.inputs[1]
+    dot = pv.inputs[1].type.dtype        # the products' dtype: the kernels' inputs'
+    vv = _narrowed(pv.inputs[1])
     v, gv = _heads(vv)
     need(all(isinstance(p["width"], int) for p in qparts), "head dim is not static")
     for p in kparts:
@@ -371,7 +391,7 @@ def _assemble(sm, pv, qr, kr, qparts, kparts, users, static, order, causal, wind
     kvh = [H // p["g"] for p in kparts] + [H // gv]
     HKV = max(kvh)
     need(all(HKV % h == 0 for h in kvh), "k and v parts' head counts do not nest")
-    need(qr.type.dtype == kr.type.dtype == vv.type.dtype, "q, k, v dtypes differ")
+    need(all(x.type.dtype in (dot, DType.f32) for x in (qr, kr, vv)), "q, k, v dtypes differ")
 
     # the fused op's inputs, each once: q's sources, k's, v, then the tables
     inputs: List[Node] = []
@@ -429,7 +449,16 @@ def _assemble(sm, pv, qr, kr, qparts, kparts, users, static, order, causal, wind
         if rope_k and not given and any(n in _rope_nodes(kp, region) for n in bad):
             raise _Shared("k's rope is shared")
         raise NoMatch(f"{bad[-1].op.value} inside the attention is also used outside it")
+    # sources computed in fp32 for products in f16/bf16: the op reads them cast (new nodes
+    # outside the region; the body widens them back for the region's fp32 ops)
+    wide = {}
+    for i, n in enumerate(inputs[:n_grad]):
+        if n.type.dtype is not dot:
+            need(n.type.dtype is DType.f32, "q, k, v dtypes differ")
+            inputs[i] = Node.make(Op.CAST, [n], {"dtype": dot}, n.loc, n.scope)
+            wide[inputs[i]] = n
     return {"inputs": inputs, "n_grad": n_grad, "out": pv, "scores": sm.inputs[0],
+            "wide": wide,
             "region": region, "note": note,
             "dead": region - keep, "opts": opts, "order": order}
 
@@ -453,6 +482,9 @@ def _rope_nodes(p: dict, region) -> set:
 def _body(m: dict, name: str) -> Graph:
     """The matched region as a body graph over placeholders in0.. (the fused op's inputs)."""
     b = Body(m["inputs"])
+    for c, src in m["wide"].items():   # an fp32 source the op reads cast down: widened back
+        b.env[src] = b.add(Node.make(Op.CAST, (b.env[c],), {"dtype": DType.f32}, c.loc,
+                                     c.scope))
     b.copy(sorted(m["region"], key=m["order"].__getitem__))
     # output 1: the row log-sum-exp of the masked, scaled scores in fp32 ([B, H, T]), which
     # the forward kernel writes anyway; only the backward reads it (saved with the output, so
@@ -489,6 +521,8 @@ def _describe(o: dict) -> str:
         what.append(f"window {o['window']}")
     what.append("attention" if HKV == H else
                 f"{'MQA' if HKV == 1 else 'GQA'} attention ({H} heads, {HKV} kv)")
+    if o.get("softcap"):
+        what.append(f"with scores soft-capped at {o['softcap']:.4g}")
     if len(o["q"]) > 1 and len({q[0] for q in o["q"]}) > 1:
         what.append("(decoupled rope part)")
     return " ".join(what) + f", scale {o['scale']:.4g}"

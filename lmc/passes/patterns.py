@@ -48,6 +48,28 @@ def widened(x: Node) -> bool:
             and x.inputs[0].type.dtype in (DType.f16, DType.bf16))
 
 
+def softcap(x: Node):
+    """x = cap * tanh(s / cap) (or tanh(s * (1 / cap)) * cap, operands in either order), a
+    soft cap on attention scores as Gemma 2 writes it: (cap, s); None for anything else."""
+    if x.op is not Op.MUL:
+        return None
+    for t, c in (x.inputs, x.inputs[::-1]):
+        cap = const_value(c)
+        if t.op is not Op.TANH or cap is None or not cap > 0:
+            continue
+        inner = t.inputs[0]
+        if inner.op not in (Op.MUL, Op.DIV):
+            continue
+        for s, d in (inner.inputs, inner.inputs[::-1]):
+            dv = const_value(d)
+            if dv is None or dv == 0 or (inner.op is Op.DIV and s is not inner.inputs[0]):
+                continue
+            inv = dv if inner.op is Op.DIV else 1.0 / dv
+            if abs(inv - cap) <= 1e-6 * cap:
+                return cap, s
+    return None
+
+
 def is_swap(n: Node) -> bool:
     """n transposes the last two axes (k^T of a batched product)."""
     r = n.type.rank

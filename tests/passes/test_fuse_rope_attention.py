@@ -168,11 +168,12 @@ def _gqa(b, x, H, tiled=False):
 
 
 def _variant(H, HKV, D, *, rot=None, k_rot=None, interleaved=False, window=0, xpos=False,
-             base=10000.0, offset=0, tiled=False, shared_k=False, mla=0):
+             base=10000.0, offset=0, tiled=False, shared_k=False, mla=0, cap=None):
     """Attention written in primitives as a model file would: RoPE by hand on the first rot
     dims (partial rotary: concat(rope(x[..., :rot]), x[..., rot:])), k, v broadcast from
     HKV heads, XPos scaling, a shared rotated K read by two attentions (YOCO), or MLA
-    (q = [q_C | rope(q_R)], k = [k_C | expand(rope(k_R))], mla = d_R)."""
+    (q = [q_C | rope(q_R)], k = [k_C | expand(rope(k_R))], mla = d_R); cap: (cap_inside,
+    cap_outside) soft-caps the scores as tanh(s * (1 / cap_inside)) * cap_outside."""
     b = Builder({}, {})
     rot = D if rot is None else rot
     k_rot = rot if k_rot is None else k_rot
@@ -218,6 +219,8 @@ def _variant(H, HKV, D, *, rot=None, k_rot=None, interleaved=False, window=0, xp
     for n in names:
         q = rope(ins[n], cos, sin, rot, (lambda y: y * z) if xpos else None)
         s = (q @ b.transpose(_gqa(b, k, H, tiled), -2, -1)) * (D ** -0.5)
+        if cap is not None:
+            s = b.tanh(s * (1.0 / cap[0])) * cap[1]
         o = b.softmax(b.where(b.causal_mask(T, T, window=window), s, -float("inf")),
                       -1) @ _gqa(b, ins["v"], H, tiled)
         outs[n.replace("q", "o")] = o.node
@@ -292,6 +295,21 @@ def test_attention_without_rope_is_flash_attention(H, HKV, D, window):
     assert len(fused.inputs) == 3 and fused.inputs[1].type.shape[1] == HKV   # q, k, v only
     _check_triton_equals_oracle(g, f, {"q": (1, H, TQ, D), "k": (1, HKV, TQ, D),
                                        "v": (1, HKV, TQ, D)})
+
+
+def test_soft_capped_scores():
+    # Gemma 2's cap * tanh(s / cap), here as tanh(s * (1 / cap)) * cap (test_examples.py has
+    # the s / cap spelling): a cap of 1.5 saturates, so its derivative shows in the gradients
+    g = _variant(4, 2, 32, rot=16, window=20, cap=(1.5, 1.5))
+    f, (r,) = _fused_records(g)
+    assert "soft-capped at 1.5" in r["reason"]
+    fused = next(x for x in f.nodes if x.op is Op.FUSED)
+    assert fused.attrs["body"].meta["options"]["softcap"] == pytest.approx(1.5)
+    _check_triton_equals_oracle(g, f, {"q": (1, 4, TQ, 32), "k": (1, 2, TQ, 32),
+                                       "v": (1, 2, TQ, 32)})
+    # caps inside and outside tanh that differ are not a soft cap
+    (r,) = _records(fuse_rope_attention(_variant(4, 2, 32, cap=(1.5, 2.0))))
+    assert r["status"] == "declined" and "tanh where q @ k^T was expected" in r["reason"]
 
 
 @pytest.mark.parametrize("interleaved", [False, True])
