@@ -12,6 +12,9 @@ the generated kernels) run the same mixed-precision program.
   fp32's range and precision (in f16 a norm's backward overflows: rstd**3 of activations
   ~0.02 is ~1e5 > 65,504, and the gradient of an f16 mean of squares is that, cast down; a
   bf16 prefix sum over thousands of tokens keeps 8 bits);
+- a bias added to a product, `x @ W + b` (b a 1-D parameter), is added in the product's
+  dtype: that is nn.Linear, and autocast's F.linear runs it so (without this rule a biased
+  q, k, v projection would come out fp32 and its K cache too);
 - every other op follows type promotion: when its float inputs differ, the narrower ones are
   cast up to the widest, except that a scalar constant takes the tensor's dtype (as a
   Python scalar does in torch) and so does a table computed from positions alone (RoPE's
@@ -64,6 +67,11 @@ def mixed_precision(g: Graph, dtype: str = "bf16") -> Graph:
         if key not in memo:
             if _is_literal(x):
                 c = Node.make(Op.CONST, [], {**x.attrs, "dtype": dt.value}, x.loc, x.scope)
+            elif x.op in _VIEWS and _WIDTH.get(dt, 9) < _WIDTH.get(x.type.dtype, 9):
+                # narrowing a view: cast the viewed value and view it again (exact), so a
+                # K cache holds GQA's kv heads, not their broadcast, and the producer's
+                # kernel stores the narrow value
+                c = Node.make(x.op, [cast(x.inputs[0], dt, like)], x.attrs, x.loc, x.scope)
             else:
                 c = Node.make(Op.CAST, [x], {"dtype": dt.value}, like.loc, like.scope)
             nodes.append(c)
@@ -78,6 +86,10 @@ def mixed_precision(g: Graph, dtype: str = "bf16") -> Graph:
         if n.op is Op.SCAN:  # a body graph typed as written: give it what it was built for
             ins = [cast(x, o.type.dtype, n) for x, o in zip(ins, n.inputs)]
         elif n.op is Op.MATMUL and all(x.type.dtype.is_float for x in ins):
+            ins = [cast(x, low, n) for x in ins]
+        elif n.op is Op.ADD and _linear_bias(ins, low):
+            # x @ W + b is nn.Linear: autocast's F.linear adds the bias in the product's
+            # dtype (cuBLAS's epilogue), so q, k, v of a biased projection stay low precision
             ins = [cast(x, low, n) for x in ins]
         elif n.op in FP32_OPS or (n.op is Op.DIV and _is_literal(ins[0])) or _square(n):
             ins = [cast(x, DType.f32, n) if _WIDTH.get(x.type.dtype, 9) < 2 else x
@@ -102,6 +114,22 @@ def mixed_precision(g: Graph, dtype: str = "bf16") -> Graph:
     out = g.with_nodes(nodes, {k: new[v] for k, v in g.outputs.items()})
     out.meta["precision"] = low.value
     return out
+
+
+_VIEWS = (Op.PERMUTE, Op.RESHAPE, Op.EXPAND)
+
+
+def _linear_bias(ins: List[Node], low: DType) -> bool:
+    """ins = (x @ W, b) in either order: a low-precision product and a 1-D parameter as wide
+    as its last axis (a bias)."""
+    if len(ins) != 2:
+        return False
+    for mm, b in (ins, ins[::-1]):
+        if mm.op is Op.MATMUL and mm.type.dtype is low and b.op is Op.PARAM and \
+                b.type.rank == 1 and b.type.dtype.is_float and \
+                b.type.shape[0] == mm.type.shape[-1]:
+            return True
+    return False
 
 
 def _is_literal(n: Node) -> bool:

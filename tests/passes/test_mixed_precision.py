@@ -281,3 +281,38 @@ def test_f16_gradients_need_the_loss_scale_the_trainer_applies():
     assert float(ref[name].abs().max()) < 2 ** -14          # f16's smallest normal
     assert _max_rel({name: unscaled[name]}, {name: ref[name]}) > 0.1
     assert _max_rel(scaled, ref) < 4 * 2 ** -10
+
+
+EXAMPLES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "examples")
+
+
+@pytest.mark.parametrize("dtype", ["f16", "bf16"])
+def test_a_linear_bias_is_added_in_the_products_dtype(dtype):
+    # x @ W + b is nn.Linear, whose bias autocast adds in the product's dtype: GPT-2's q, k,
+    # v (and its MLP) stay low precision instead of promoting to fp32 at the bias
+    g = mixed_precision(lmc.load(os.path.join(EXAMPLES, "gpt2.yaml"), preset="tiny").graph,
+                        dtype)
+    biased = [n for n in g.nodes if n.op is Op.ADD and any(i.op is Op.MATMUL for i in n.inputs)
+              and any(i.op is Op.CAST and i.inputs[0].op is Op.PARAM for i in n.inputs)]
+    assert len(biased) == 8                                  # qkv, out, fc1, fc2 per layer
+    assert all(n.type.dtype.value == dtype for n in biased)
+    # any other sum with an fp32 tensor still promotes (the residual stream stays fp32)
+    resid = [n for n in g.nodes if n.op is Op.ADD and n.type.dtype.value == "f32"]
+    assert resid
+
+
+def test_a_narrowing_cast_of_a_view_casts_the_viewed_value():
+    # cast(reshape(expand(reshape(k)))) for a product: cast k, then broadcast it (exact), so
+    # a K cache holds GQA's kv heads in the low dtype and k's producer stores it narrow
+    g = mixed_precision(lmc.load(os.path.join(EXAMPLES, "gemma2.yaml"), preset="tiny").graph,
+                        "bf16")
+    narrowing = [n for n in g.nodes if n.op is Op.CAST and n.type.dtype.value == "bf16"
+                 and n.inputs[0].type.dtype.value == "f32"]
+    assert narrowing and not any(n.inputs[0].op in (Op.PERMUTE, Op.RESHAPE, Op.EXPAND)
+                                 for n in narrowing)
+    from lmc.passes.decode import decode_step
+    from lmc.passes.mixed_precision import low_precision_weights
+    step = decode_step(low_precision_weights(
+        lmc.load(os.path.join(EXAMPLES, "gemma2.yaml"), preset="tiny").graph, "bf16"))
+    keys = [s for s in step.states if s.kind in ("ring", "cache") and len(s.shape) == 4]
+    assert keys and all(s.dtype.value == "bf16" and s.shape[1] == 2 for s in keys)  # kv heads
