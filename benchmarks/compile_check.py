@@ -35,9 +35,12 @@ import sys
 import time
 
 ZOO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "zoo")
+EXAMPLES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples")
 MODELS = {"llama": {}, "blues01": {}, "minimax": {}, "yoco": {},
           "yoco-window": {"sliding_window": 5}, "optimus_prime": {},
-          "medit_one": {"moe": 1}}
+          "medit_one": {"moe": 1},
+          # outside the zoo (examples/): attention with no RoPE, soft-capped scores
+          "gpt2": {}, "gemma2": {}}
 LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
 SMEM_LIMIT = {90: 232448, 80: 166912, 89: 101376}      # bytes per block (opt-in maximum)
 
@@ -101,7 +104,10 @@ def record(models, out_path, precisions=("f32",)):
     try:
         for name in models:
             sets = MODELS[name]
-            path = os.path.join(ZOO, name.split("-")[0] + ".yaml")
+            base = name.split("-")[0] + ".yaml"
+            path = os.path.join(ZOO, base)
+            if not os.path.exists(path):
+                path = os.path.join(EXAMPLES, base)
             f32 = lmc.load(path, preset="tiny", backend="triton", **sets).eval()
             for prec in precisions:
                 tb.BF16_SHAPES_ONLY = prec == "bf16"

@@ -31,9 +31,14 @@ def _quadratic(graph):
     return out
 
 
+EXAMPLES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "examples")
+
+
 @pytest.mark.parametrize("path,sets", [
     ("llama.yaml", {}), ("blues01.yaml", {}), ("minimax.yaml", {}), ("yoco.yaml", {}),
-    ("yoco.yaml", {"sliding_window": 5}), ("optimus_prime.yaml", {})])
+    ("yoco.yaml", {"sliding_window": 5}), ("optimus_prime.yaml", {}),
+    # outside the zoo: attention with no RoPE (GPT-2), soft-capped scores (Gemma 2 style)
+    (os.path.join(EXAMPLES, "gpt2.yaml"), {}), (os.path.join(EXAMPLES, "gemma2.yaml"), {})])
 def test_training_program_has_no_t_by_t_value(path, sets):
     g = run_pipeline(with_loss(lmc.load(os.path.join(ZOO, path), preset="tiny", **sets).graph))
     fused = LmcModel(g, backend="triton").program()

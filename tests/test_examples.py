@@ -1,0 +1,110 @@
+"""examples/: architectures outside the zoo, written as a user would (GPT-2: learned positions,
+LayerNorm with biases, a tied head; a Gemma 2-style model: soft-capped attention scores,
+alternating local/global layers, QK-norm, a soft-capped head). `lmc verify` passes on each,
+and the attention fusions fire on what they hold: plain causal attention with no RoPE, and
+soft-capped scores, in training and in the decode step."""
+import glob
+import os
+
+import pytest
+
+import lmc
+from lmc.passes import run_pipeline
+from lmc.passes.decode import decode_step
+from lmc.passes.fuse_decode_attention import fuse_decode_attention
+from lmc.passes.loss import with_loss
+from lmc.runtime.module import LmcModel
+from lmc.verify import format_rows, verify
+
+EXAMPLES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples")
+FILES = sorted(glob.glob(os.path.join(EXAMPLES, "*.yaml")))
+# a cap small enough that tanh saturates on the tiny models' scores (Gemma 2's 50 barely
+# bends them): the capped kernels' values and gradients are tested where the cap matters
+SETS = {"gemma2.yaml": ["attn_cap=1.5"]}
+# what the fused attention records say per layer (tiny presets)
+ATTENTION = {
+    "gpt2.yaml": ["no rope: causal attention, scale 0.25"] * 2,
+    "gemma2.yaml": ["rope + causal window 6 GQA attention (4 heads, 2 kv) with scores "
+                    "soft-capped at 1.5, scale 0.25",
+                    "rope + causal GQA attention (4 heads, 2 kv) with scores soft-capped at "
+                    "1.5, scale 0.25"],
+}
+
+
+@pytest.fixture(autouse=True)
+def kernel_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LMC_CACHE", str(tmp_path / "cache"))
+
+
+def test_every_example_is_listed():
+    assert sorted(os.path.basename(f) for f in FILES) == sorted(ATTENTION)
+
+
+@pytest.mark.parametrize("path", FILES, ids=os.path.basename)
+def test_verify_passes(path):
+    name = os.path.basename(path)
+    rows = verify(path, overrides=SETS.get(name, ()))
+    assert all(r.ok and not r.skipped for r in rows), format_rows(rows)
+    # the triton decoder runs the flash-decoding kernel in every attention layer
+    assert "triton k in [1, 5] (2 decode_attention):" in rows[-1].detail, rows[-1].detail
+
+
+@pytest.mark.parametrize("path", FILES, ids=os.path.basename)
+def test_attention_fuses_in_training_and_decode(path):
+    name = os.path.basename(path)
+    sets = dict(s.split("=") for s in SETS.get(name, ()))
+    model = lmc.load(path, preset="tiny", **{k: float(v) for k, v in sets.items()})
+    prog = LmcModel(run_pipeline(with_loss(model.graph)), backend="triton").program()
+    recs = [r for r in prog.forward_exec.graph.meta["fusions"]
+            if r["pass"] == "fuse_rope_attention"]
+    assert [r["status"] for r in recs] == ["fused"] * 2
+    assert [r["reason"] for r in recs] == ATTENTION[name]
+    kinds = [n.attrs.get("kind") for n in prog.backward_exec.graph.nodes
+             if n.op.value == "fused"]
+    assert kinds.count("rope_attention_bwd") == 2
+    from lmc.passes.mixed_precision import low_precision_weights
+    low = low_precision_weights(model.graph, "bf16")   # the decoder's bf16 weights on a GPU
+    for static, graph in ((False, model.graph), (True, model.graph), (False, low), (True, low)):
+        step = fuse_decode_attention(decode_step(graph, static=static).graph)
+        recs = [r for r in step.meta["fusions"] if r["pass"] == "fuse_decode_attention"]
+        assert [r["status"] for r in recs] == ["fused"] * 2
+        assert all(("soft-capped at 1.5" in r["reason"]) == (name == "gemma2.yaml")
+                   for r in recs)
+
+
+@pytest.mark.parametrize("path", FILES, ids=os.path.basename)
+def test_mixed_precision_training_fuses_attention_over_fp32_projections(path):
+    """Under mixed precision (f16 here: the interpreter cannot compute bf16) q, k, v come out
+    of fp32 ops (GPT-2: a bias added to the f16 product; Gemma 2: QK-norm, then RoPE, in
+    fp32) and are cast down for the products: the attention still fuses, reading them cast
+    (new cast nodes that join their producers' kernels). Loss and gradients of the triton
+    program are as close to the fp32 program's as the torch backend's (which rounds every op
+    where the kernels keep fp32)."""
+    import torch
+    from conftest import loss_and_grads
+
+    from lmc.ir.ops import Op
+    from lmc.passes.mixed_precision import mixed_precision
+
+    name = os.path.basename(path)
+    sets = {k: float(v) for k, v in (s.split("=") for s in SETS.get(name, ()))}
+    src = lmc.load(path, preset="tiny", **sets).graph
+    g = run_pipeline(with_loss(mixed_precision(src, "f16")))
+    gen = torch.Generator().manual_seed(0)
+    ids, targets = (torch.randint(0, 512, (2, 13), generator=gen) for _ in range(2))
+    scale = 2.0 ** 8
+
+    def worst(a, b):
+        return max(float((a[k] - b[k]).abs().max() / b[k].abs().max()) for k in b)
+
+    m, lk, gk = loss_and_grads(g, "triton", ids, targets, scale=scale)
+    fwd = m.program().forward_exec.graph
+    attn = [n for n in fwd.nodes if n.op is Op.FUSED and n.attrs["kind"] == "rope_attention"]
+    assert len(attn) == 2
+    assert all(x.type.dtype.value == "f16" for n in attn for x in n.inputs[:3])
+    _, lt, gt = loss_and_grads(g, "torch", ids, targets, scale=scale)
+    _, l32, g32 = loss_and_grads(run_pipeline(with_loss(src)), "torch", ids, targets,
+                                 scale=scale)
+    assert abs(lk - l32) / l32 < 2 ** -9
+    floor = worst(gt, g32)
+    assert worst(gk, g32) < 2 * floor, (worst(gk, g32), floor)
