@@ -208,6 +208,22 @@ def test_f16_inputs_fuse_and_match_the_f16_oracle(gates, product):
     assert e_fused < 2e-3 and e_fused <= 1.5 * e_prims, (e_fused, e_prims)
 
 
+def test_fp32_inputs_under_mixed_precision_fuse():
+    """f32 q, k, v under mixed precision: the pass casts each to f16 before its transpose
+    (a cast of a view casts the viewed value), so the products read f16 inputs and the
+    region fuses; the kernels match the f16 primitives' program as closely as above."""
+    g = run_pipeline(mixed_precision(_linear_attention("head"), "f16"))
+    f = fuse_linear_attention(g, chunk=16)
+    assert [r["status"] for r in _records(f)] == ["fused"]
+    vals, _ = _values(40, "head", seed=3)
+    ctx = RefCtx(dims=bind_dims(g, vals))
+    want = run_graph(g, vals, ctx)["o"]
+    got = TritonProgram(f).run(vals, ctx)["o"]
+    exact = run_graph(_linear_attention("head"), vals, ctx)["o"]
+    e_fused, e_prims = rel(got, exact), rel(want, exact)
+    assert e_fused < 2e-3 and e_fused <= 1.5 * e_prims, (e_fused, e_prims)
+
+
 @pytest.mark.parametrize("zoo,sites", [("yoco.yaml", 1), ("minimax.yaml", 1)])
 def test_zoo_sites_fuse_under_mixed_precision(zoo, sites):
     g = lmc.compile_model(os.path.join(ZOO, zoo), "tiny").graph
@@ -244,9 +260,13 @@ def test_near_misses_say_why():
     assert r["status"] == "declined" and r["reason"] == \
         "exp inside the linear attention is also used outside it (by output d)"
     assert any(n.op is Op.EXP for n in fuse_linear_attention(g).nodes)
-    # f32 q, k, v under mixed precision: casts to f16 inside the products
-    g = run_pipeline(mixed_precision(_linear_attention("head"), "f16"))
-    (r,) = _records(fuse_linear_attention(g))
+    # a cast between k^T and the product (written so: the mixed-precision pass casts k
+    # before its transpose, test below)
+    b = Builder({}, {})
+    q, k, v = (b.input(n, [B, H, T, DK], "f16") for n in "qkv")
+    kt = b.cast(b.transpose(b.cast(k, "f32"), -2, -1), "f16")
+    o = ((q @ kt) * b.cast(_decay_matrix(b, b.input("ld", [B, H, T], "f32")), "f16")) @ v
+    (r,) = _records(fuse_linear_attention(run_pipeline(Graph("c", b.nodes, {"o": o.node}))))
     assert r["status"] == "declined" and r["reason"] == "a cast between k^T and q @ k^T"
     # scores scaled by a tensor
     b = Builder({}, {})
