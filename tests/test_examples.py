@@ -1,8 +1,8 @@
 """examples/: architectures outside the zoo, written as a user would (GPT-2: learned positions,
 LayerNorm with biases, a tied head; a Gemma 2-style model: soft-capped attention scores,
-alternating local/global layers, QK-norm, a soft-capped head). `lmc verify` passes on each,
-and the attention fusions fire on what they hold: plain causal attention with no RoPE, and
-soft-capped scores, in training and in the decode step."""
+alternating local/global layers, QK-norm, a soft-capped head; an MPT-style model: ALiBi).
+`lmc verify` passes on each, and the attention fusions fire on what they hold: plain causal
+attention with no RoPE, soft-capped scores, ALiBi, in training and in the decode step."""
 import glob
 import os
 
@@ -21,6 +21,7 @@ FILES = sorted(glob.glob(os.path.join(EXAMPLES, "*.yaml")))
 # a cap small enough that tanh saturates on the tiny models' scores (Gemma 2's 50 barely
 # bends them): the capped kernels' values and gradients are tested where the cap matters
 SETS = {"gemma2.yaml": ["attn_cap=1.5"]}
+DECODE = {"gpt2.yaml": "", "gemma2.yaml": ", scores soft-capped at 1.5", "mpt.yaml": ", ALiBi"}
 # what the fused attention records say per layer (tiny presets)
 ATTENTION = {
     "gpt2.yaml": ["no rope: causal attention, scale 0.25"] * 2,
@@ -28,6 +29,7 @@ ATTENTION = {
                     "soft-capped at 1.5, scale 0.25",
                     "rope + causal GQA attention (4 heads, 2 kv) with scores soft-capped at "
                     "1.5, scale 0.25"],
+    "mpt.yaml": ["no rope: causal attention with ALiBi, scale 0.25"] * 2,
 }
 
 
@@ -40,10 +42,13 @@ def test_every_example_is_listed():
     assert sorted(os.path.basename(f) for f in FILES) == sorted(ATTENTION)
 
 
-@pytest.mark.parametrize("path", FILES, ids=os.path.basename)
-def test_verify_passes(path):
-    name = os.path.basename(path)
-    rows = verify(path, overrides=SETS.get(name, ()))
+@pytest.mark.parametrize("path,sets", [(f, SETS.get(os.path.basename(f), [])) for f in FILES]
+                         + [(os.path.join(EXAMPLES, "mpt.yaml"), ["window=5"])],
+                         ids=lambda x: os.path.basename(x) if isinstance(x, str) else
+                         ",".join(x) or "-")
+def test_verify_passes(path, sets):
+    # (mpt with window=5: ALiBi in sliding-window attention, on a cache masked by position)
+    rows = verify(path, overrides=sets)
     assert all(r.ok and not r.skipped for r in rows), format_rows(rows)
     # the triton decoder runs the flash-decoding kernel in every attention layer
     assert "triton k in [1, 5] (2 decode_attention):" in rows[-1].detail, rows[-1].detail
@@ -68,8 +73,7 @@ def test_attention_fuses_in_training_and_decode(path):
         step = fuse_decode_attention(decode_step(graph, static=static).graph)
         recs = [r for r in step.meta["fusions"] if r["pass"] == "fuse_decode_attention"]
         assert [r["status"] for r in recs] == ["fused"] * 2
-        assert all(("soft-capped at 1.5" in r["reason"]) == (name == "gemma2.yaml")
-                   for r in recs)
+        assert all(r["reason"].endswith(DECODE[name]) for r in recs), recs
 
 
 @pytest.mark.parametrize("path", FILES, ids=os.path.basename)

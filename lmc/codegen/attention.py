@@ -24,7 +24,9 @@ The math (also `rope_attention_reference`, the oracle and the torch backend's op
     cross-attention K).
     Visibility: key j is visible to query i iff  kpos <= qpos (causal)  and  kpos > qpos - W
     (window W)  [and kpos < kv_len (decode)];  a row that sees no key outputs 0 (lse -inf).
-    out = softmax(scale * rope(q) rope(k)^T over the visible keys) v,  scale = 1/sqrt(D).
+    out = softmax(scale * rope(q) rope(k)^T over the visible keys) v,  scale = 1/sqrt(D);
+    optionally the scaled scores soft-capped, cap * tanh(s / cap) (softcap), and ALiBi's
+    alibi[h] * (kpos - qpos) added (alibi: a slope per query head).
 
 How RoPE enters the tiles. The head dim is split into three column groups: A and B, the two
 members of each rotary pair (rotate-half: A = [0, R/2), B = [R/2, R); interleaved: A the even
@@ -213,6 +215,15 @@ def _scores(qk, qk_scale, cap_in, SOFTCAP: tl.constexpr):
 
 
 @triton.jit
+def _alibi(s, slope2, qpos, kpos, ALIBI: tl.constexpr):
+    """ALiBi: base-2 scores s plus slope2 * (key position - query position), slope2 a head's
+    slope times log2(e) (broadcast like qpos); s unchanged without ALIBI."""
+    if ALIBI:
+        return s + slope2 * (kpos - qpos).to(tl.float32)
+    return s
+
+
+@triton.jit
 def _visible(qpos, kpos, ok, window, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
     """Which (query, key) pairs of a tile are visible: `ok` (in range) and the masks, with
     qpos, kpos broadcastable to the tile."""
@@ -259,7 +270,7 @@ def _key_range(q_first, q_last, S, k_offset, window, CAUSAL: tl.constexpr,
 # forward
 # --------------------------------------------------------------------------------------------
 @triton.jit
-def _attn_fwd(Q, K, V, COS_Q, SIN_Q, COS_K, SIN_K, OUT, LSE,
+def _attn_fwd(Q, K, V, COS_Q, SIN_Q, COS_K, SIN_K, SLOPES, OUT, LSE,
               stride_qb, stride_qh, stride_qt, stride_qd,
               stride_kb, stride_kh, stride_kn, stride_kd,
               stride_vb, stride_vh, stride_vn, stride_vd,
@@ -268,7 +279,8 @@ def _attn_fwd(Q, K, V, COS_Q, SIN_Q, COS_K, SIN_K, OUT, LSE,
               H, HKV, T, S, q_offset, k_offset, window, qk_scale, cap_in,
               HEAD_DIM: tl.constexpr, ROT: tl.constexpr, INTERLEAVED: tl.constexpr,
               PAIRED: tl.constexpr, ROPE_K: tl.constexpr, CAUSAL: tl.constexpr,
-              HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_D: tl.constexpr,
+              HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+              BLOCK_D: tl.constexpr,
               BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, DOT_PREC: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               HEAD_DV: tl.constexpr):
@@ -289,6 +301,9 @@ def _attn_fwd(Q, K, V, COS_Q, SIN_Q, COS_K, SIN_K, OUT, LSE,
         ROT, HEAD_DIM, INTERLEAVED, PAIRED, BLOCK_R, BLOCK_P)
     offs_d = tl.arange(0, BLOCK_D)          # columns of v, out, dO, dV (HEAD_DV of them)
     mask_d = offs_d < HEAD_DV
+    slope2 = 0.0
+    if ALIBI:
+        slope2 = tl.load(SLOPES + h)
 
     # the Q tile, rotated once: groups A, B (placeholders when empty) and C
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -342,6 +357,7 @@ def _attn_fwd(Q, K, V, COS_Q, SIN_Q, COS_K, SIN_K, OUT, LSE,
             qk = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             qk = _group_dot(qk, qa, qb, qc, ka, kb, kc, HAS_ROPE, HAS_PASS, DOT_PREC)
             qk = _scores(qk, qk_scale, cap_in, SOFTCAP)
+            qk = _alibi(qk, slope2, qpos[:, None], kpos[None, :], ALIBI)
             if seg != 1:
                 vis = _visible(qpos[:, None], kpos[None, :], n_ok[None, :] & m_ok[:, None],
                                window, CAUSAL, HAS_WINDOW)
@@ -392,7 +408,7 @@ def _attn_bwd_pre(OUT, DO, DELTA, stride_ob, stride_oh, stride_ot, stride_od,
 
 
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, COS_Q, SIN_Q, COS_K, SIN_K, DO, LSE, DELTA, DK, DV,
+def _attn_bwd_dkdv(Q, K, V, COS_Q, SIN_Q, COS_K, SIN_K, SLOPES, DO, LSE, DELTA, DK, DV,
                    stride_qb, stride_qh, stride_qt, stride_qd,
                    stride_kb, stride_kh, stride_kn, stride_kd,
                    stride_vb, stride_vh, stride_vn, stride_vd,
@@ -403,7 +419,8 @@ def _attn_bwd_dkdv(Q, K, V, COS_Q, SIN_Q, COS_K, SIN_K, DO, LSE, DELTA, DK, DV,
                    H, HKV, T, S, q_offset, k_offset, window, qk_scale, cap_in, scale,
                    HEAD_DIM: tl.constexpr, ROT: tl.constexpr, INTERLEAVED: tl.constexpr,
                    PAIRED: tl.constexpr, ROPE_K: tl.constexpr, CAUSAL: tl.constexpr,
-                   HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_D: tl.constexpr,
+                   HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+              BLOCK_D: tl.constexpr,
                    BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, DOT_PREC: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    HEAD_DV: tl.constexpr):
@@ -466,6 +483,9 @@ def _attn_bwd_dkdv(Q, K, V, COS_Q, SIN_Q, COS_K, SIN_K, DO, LSE, DELTA, DK, DV,
         h = kvh * G + g
         q_row0 = b * stride_qb + h * stride_qh
         do_row0 = b * stride_db + h * stride_dh
+        slope2 = 0.0
+        if ALIBI:
+            slope2 = tl.load(SLOPES + h)
         for seg in tl.static_range(3):   # masked, whole blocks, masked (as in the forward)
             if seg == 0:
                 start = lo_b
@@ -502,7 +522,8 @@ def _attn_bwd_dkdv(Q, K, V, COS_Q, SIN_Q, COS_K, SIN_K, DO, LSE, DELTA, DK, DV,
                 tT = sT
                 if SOFTCAP:
                     tT = _tanh(sT * cap_in)
-                pT = tl.exp2(tT * qk_scale - lse2[None, :])
+                pT = tl.exp2(_alibi(tT * qk_scale, slope2, qpos[None, :], kpos[:, None], ALIBI)
+                             - lse2[None, :])
                 if seg != 1:
                     vis = _visible(qpos[None, :], kpos[:, None], m_ok[None, :] & n_ok[:, None],
                                    window, CAUSAL, HAS_WINDOW)
@@ -538,7 +559,7 @@ def _attn_bwd_dkdv(Q, K, V, COS_Q, SIN_Q, COS_K, SIN_K, DO, LSE, DELTA, DK, DV,
 
 
 @triton.jit
-def _attn_bwd_dq(Q, K, V, COS_Q, SIN_Q, COS_K, SIN_K, DO, LSE, DELTA, DQ,
+def _attn_bwd_dq(Q, K, V, COS_Q, SIN_Q, COS_K, SIN_K, SLOPES, DO, LSE, DELTA, DQ,
                  stride_qb, stride_qh, stride_qt, stride_qd,
                  stride_kb, stride_kh, stride_kn, stride_kd,
                  stride_vb, stride_vh, stride_vn, stride_vd,
@@ -548,7 +569,8 @@ def _attn_bwd_dq(Q, K, V, COS_Q, SIN_Q, COS_K, SIN_K, DO, LSE, DELTA, DQ,
                  H, HKV, T, S, q_offset, k_offset, window, qk_scale, cap_in, scale,
                  HEAD_DIM: tl.constexpr, ROT: tl.constexpr, INTERLEAVED: tl.constexpr,
                  PAIRED: tl.constexpr, ROPE_K: tl.constexpr, CAUSAL: tl.constexpr,
-                 HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_D: tl.constexpr,
+                 HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+              BLOCK_D: tl.constexpr,
                  BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, DOT_PREC: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  HEAD_DV: tl.constexpr):
@@ -588,6 +610,9 @@ def _attn_bwd_dq(Q, K, V, COS_Q, SIN_Q, COS_K, SIN_K, DO, LSE, DELTA, DQ,
     dqa = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
     dqb = dqa
     dqc = tl.zeros([BLOCK_M, BLOCK_P], dtype=tl.float32)
+    slope2 = 0.0
+    if ALIBI:
+        slope2 = tl.load(SLOPES + h)
 
     q_first = q_offset + pid_m * BLOCK_M
     q_last = q_offset + tl.minimum(pid_m * BLOCK_M + BLOCK_M, T) - 1
@@ -625,7 +650,8 @@ def _attn_bwd_dq(Q, K, V, COS_Q, SIN_Q, COS_K, SIN_K, DO, LSE, DELTA, DQ,
             t = s
             if SOFTCAP:
                 t = _tanh(s * cap_in)
-            p = tl.exp2(t * qk_scale - lse2[:, None])
+            p = tl.exp2(_alibi(t * qk_scale, slope2, qpos[:, None], kpos[None, :], ALIBI)
+                        - lse2[:, None])
             if seg != 1:
                 vis = _visible(qpos[:, None], kpos[None, :], n_ok[None, :] & m_ok[:, None],
                                window, CAUSAL, HAS_WINDOW)
@@ -658,7 +684,8 @@ def _attn_bwd_dq(Q, K, V, COS_Q, SIN_Q, COS_K, SIN_K, DO, LSE, DELTA, DQ,
 # decode (flash-decoding)
 # --------------------------------------------------------------------------------------------
 @triton.jit(do_not_specialize=["S_MAX", "CHUNK"])
-def _decode_split(Q, K, V, COS_Q, SIN_Q, COS_K, SIN_K, POS, KV_LEN, KPOS, PART_O, PART_L,
+def _decode_split(Q, K, V, COS_Q, SIN_Q, COS_K, SIN_K, SLOPES, POS, KV_LEN, KPOS, PART_O,
+                  PART_L,
                   OUT, Q2, K2,
                   stride_qb, stride_qh, stride_qt, stride_qd,
                   stride_kb, stride_kh, stride_kn, stride_kd,
@@ -670,7 +697,8 @@ def _decode_split(Q, K, V, COS_Q, SIN_Q, COS_K, SIN_K, POS, KV_LEN, KPOS, PART_O
                   H, HKV, TQ, S_MAX, CHUNK, NSPLIT, S_BUCKET, window, qk_scale, cap_in,
                   HEAD_DIM: tl.constexpr, ROT: tl.constexpr, INTERLEAVED: tl.constexpr,
                   PAIRED: tl.constexpr, ROPE_K: tl.constexpr, CAUSAL: tl.constexpr,
-                  HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_KV_LEN: tl.constexpr,
+                  HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+                  HAS_KV_LEN: tl.constexpr,
                   HAS_KPOS: tl.constexpr,
                   DIRECT: tl.constexpr, BLOCK_M: tl.constexpr,
                   BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
@@ -719,6 +747,9 @@ def _decode_split(Q, K, V, COS_Q, SIN_Q, COS_K, SIN_K, POS, KV_LEN, KPOS, PART_O
     i = r % TQ
     h = kvh * G + (r // TQ)
     qpos = pos0 + i
+    slope2 = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if ALIBI:
+        slope2 = tl.load(SLOPES + h, mask=r_ok, other=0.0)
     q_rows = b * stride_qb + h * stride_qh + i.to(tl.int64) * stride_qt
     qa = tl.zeros([BLOCK_M, 16], dtype=dt)
     qb = qa
@@ -774,6 +805,7 @@ def _decode_split(Q, K, V, COS_Q, SIN_Q, COS_K, SIN_K, POS, KV_LEN, KPOS, PART_O
             k2 = _load_cols(K2, k2_row0 + n64 * stride_k2n, stride_k2d, n_ok, col_2, mask_2)
             qk = tl.dot(q2, tl.trans(k2), acc=qk, input_precision=DOT_PREC)
         qk = _scores(qk, qk_scale, cap_in, SOFTCAP)
+        qk = _alibi(qk, slope2[:, None], qpos[:, None], kpos[None, :], ALIBI)
         vis = _visible(qpos[:, None], kpos[None, :], n_ok[None, :] & r_ok[:, None], window,
                        CAUSAL, HAS_WINDOW)
         qk = tl.where(vis, qk, float("-inf"))
@@ -888,7 +920,7 @@ class _Spec:
     """Checked shapes and resolved options of one call."""
 
     def __init__(self, q, k, v, cos, sin, k_cos, k_sin, rot_dim, interleaved, rope_k, causal,
-                 window, q_offset, k_offset, scale, softcap=None, decode=False):
+                 window, q_offset, k_offset, scale, softcap=None, alibi=None, decode=False):
         if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
             raise ValueError(f"q, k, v must be [B, H, T, D]: got {tuple(q.shape)}, "
                              f"{tuple(k.shape)}, {tuple(v.shape)}")
@@ -946,6 +978,13 @@ class _Spec:
         self.window, self.q_offset, self.k_offset = window, q_offset, k_offset
         self.scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
         self.softcap = None if softcap is None else float(softcap)
+        if alibi is not None:
+            if not isinstance(alibi, Tensor) or not alibi.dtype.is_floating_point or \
+                    alibi.numel() != H or alibi.device != q.device:
+                raise ValueError(f"alibi must be a float tensor of the {H} query heads' slopes "
+                                 f"on {q.device}: got {getattr(alibi, 'shape', alibi)}")
+            alibi = (alibi.reshape(H).float() * LOG2E).contiguous()   # base 2, as the scores
+        self.alibi = alibi
         self.dot_prec = "ieee" if q.dtype == torch.float32 else "tf32"
 
     def tables(self):
@@ -967,9 +1006,14 @@ class _Spec:
             return self.scale * LOG2E, 1.0
         return self.softcap * LOG2E, self.scale / self.softcap
 
+    @property
+    def slopes(self) -> Tensor:
+        """ALiBi's per-head slopes times log2(e) (any tensor, never read, without ALiBi)."""
+        return self.alibi if self.alibi is not None else self.cos
+
     def constexprs(self):
         return dict(HEAD_DIM=self.D, HEAD_DV=self.DV, ROT=self.rot_dim,
-                    SOFTCAP=self.softcap is not None,
+                    SOFTCAP=self.softcap is not None, ALIBI=self.alibi is not None,
                     INTERLEAVED=self.interleaved, PAIRED=self.paired, ROPE_K=self.rope_k,
                     CAUSAL=self.causal, HAS_WINDOW=self.window is not None,
                     BLOCK_D=_p2(self.DV),
@@ -995,7 +1039,7 @@ def _run_fwd(sp: _Spec, q, k, v, out: Optional[Tensor] = None,
         return out, lse.fill_(float("-inf"))
     tables, tstrides = sp.tables()
     _launch("fwd", lambda m: (triton.cdiv(sp.T, m["BLOCK_M"]), sp.B * sp.H),
-            q, k, v, *tables, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            q, k, v, *tables, sp.slopes, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
             *tstrides, sp.H, sp.HKV, sp.T, sp.S, sp.q_offset, sp.k_offset, sp.window_arg,
             *sp.score_args, **sp.constexprs())
     return out, lse
@@ -1018,10 +1062,10 @@ def _run_bwd(sp: _Spec, do, q, k, v, out, lse, dq=None, dk=None, dv=None
     common = (sp.H, sp.HKV, sp.T, sp.S, sp.q_offset, sp.k_offset, sp.window_arg,
               *sp.score_args, sp.scale)
     _launch("dkdv", lambda m: (triton.cdiv(sp.S, m["BLOCK_N"]), sp.B * sp.HKV),
-            q, k, v, *tables, do, lse, delta, dk, dv, *q.stride(), *k.stride(), *v.stride(),
+            q, k, v, *tables, sp.slopes, do, lse, delta, dk, dv, *q.stride(), *k.stride(), *v.stride(),
             *do.stride(), *dk.stride(), *dv.stride(), *tstrides, *common, **sp.constexprs())
     _launch("dq", lambda m: (triton.cdiv(sp.T, m["BLOCK_M"]), sp.B * sp.H),
-            q, k, v, *tables, do, lse, delta, dq, *q.stride(), *k.stride(), *v.stride(),
+            q, k, v, *tables, sp.slopes, do, lse, delta, dq, *q.stride(), *k.stride(), *v.stride(),
             *do.stride(), *dq.stride(), *tstrides, *common, **sp.constexprs())
     return dq, dk, dv
 
@@ -1046,6 +1090,8 @@ _OPTIONS_DOC = """
     scale: on the scores (default 1/sqrt(D)).
     softcap: a soft cap on the scaled scores, cap * tanh(s / cap) before the mask (Gemma 2's
         attention logit soft-capping); None: none.
+    alibi: ALiBi's slopes, a float tensor [H] (one per query head): the score of query i and
+        key j gains alibi[h] * (kpos - qpos) (after the soft cap, if any); None: none.
 """
 
 
@@ -1055,13 +1101,14 @@ def rope_attention_fwd(q: Tensor, k: Tensor, v: Tensor, cos: Optional[Tensor] = 
                        interleaved: bool = False, rope_k: bool = True, causal: bool = True,
                        window: Optional[int] = None, q_offset: Optional[int] = None,
                        k_offset: int = 0, scale: Optional[float] = None,
-                       softcap: Optional[float] = None, out: Optional[Tensor] = None,
-                       lse: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+                       softcap: Optional[float] = None, alibi: Optional[Tensor] = None,
+                       out: Optional[Tensor] = None, lse: Optional[Tensor] = None
+                       ) -> Tuple[Tensor, Tensor]:
     """Forward kernel alone: (out [B, H, T, D] in q's dtype, lse [B, H, T] fp32, natural log,
     -inf for a row that sees no key). `out` (any strides) and `lse` (contiguous) given: the
     kernel writes them in place and returns them."""
     sp = _Spec(q, k, v, cos, sin, k_cos, k_sin, rot_dim, interleaved, rope_k, causal, window,
-               q_offset, k_offset, scale, softcap)
+               q_offset, k_offset, scale, softcap, alibi)
     return _run_fwd(sp, q, k, v, out, lse)
 
 
@@ -1072,7 +1119,7 @@ def rope_attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
                        rope_k: bool = True, causal: bool = True, window: Optional[int] = None,
                        q_offset: Optional[int] = None, k_offset: int = 0,
                        scale: Optional[float] = None, softcap: Optional[float] = None,
-                       dq: Optional[Tensor] = None,
+                       alibi: Optional[Tensor] = None, dq: Optional[Tensor] = None,
                        dk: Optional[Tensor] = None, dv: Optional[Tensor] = None
                        ) -> Tuple[Tensor, Tensor, Tensor]:
     """Backward kernels alone: (dq, dk, dv) with respect to the q, k, v given (before RoPE),
@@ -1080,7 +1127,7 @@ def rope_attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
     the query heads that share each kv head. dq, dk, dv given (q's, k's, v's shapes and
     dtypes, any strides): the kernels write them in place."""
     sp = _Spec(q, k, v, cos, sin, k_cos, k_sin, rot_dim, interleaved, rope_k, causal, window,
-               q_offset, k_offset, scale, softcap)
+               q_offset, k_offset, scale, softcap, alibi)
     return _run_bwd(sp, do, q, k, v, out, lse, dq, dk, dv)
 
 
@@ -1091,9 +1138,9 @@ class RopeAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, cos, sin, k_cos, k_sin, rot_dim, interleaved, rope_k, causal,
-                window, q_offset, k_offset, scale, softcap):
+                window, q_offset, k_offset, scale, softcap, alibi):
         opts = (rot_dim, interleaved, rope_k, causal, window, q_offset, k_offset, scale,
-                softcap)
+                softcap, alibi)
         sp = _Spec(q, k, v, cos, sin, k_cos, k_sin, *opts)
         out, lse = _run_fwd(sp, q, k, v)
         ctx.save_for_backward(q, k, v, out, lse, cos, sin, k_cos, k_sin)
@@ -1106,7 +1153,7 @@ class RopeAttention(torch.autograd.Function):
         q, k, v, out, lse, cos, sin, k_cos, k_sin = ctx.saved_tensors
         sp = _Spec(q, k, v, cos, sin, k_cos, k_sin, *ctx.opts)
         dq, dk, dv = _run_bwd(sp, dout, q, k, v, out, lse)
-        return (dq, dk, dv) + (None,) * 13
+        return (dq, dk, dv) + (None,) * 14
 
 
 def rope_attention(q: Tensor, k: Tensor, v: Tensor, cos: Optional[Tensor] = None,
@@ -1115,12 +1162,14 @@ def rope_attention(q: Tensor, k: Tensor, v: Tensor, cos: Optional[Tensor] = None
                    interleaved: bool = False, rope_k: bool = True, causal: bool = True,
                    window: Optional[int] = None, q_offset: Optional[int] = None,
                    k_offset: int = 0, scale: Optional[float] = None,
-                   softcap: Optional[float] = None, return_lse: bool = False):
+                   softcap: Optional[float] = None, alibi: Optional[Tensor] = None,
+                   return_lse: bool = False):
     """Fused RoPE + attention with gradients: out [B, H, T, D] in q's dtype (and lse
     [B, H, T] fp32 with return_lse).
     """
     out, lse = RopeAttention.apply(q, k, v, cos, sin, k_cos, k_sin, rot_dim, interleaved,
-                                   rope_k, causal, window, q_offset, k_offset, scale, softcap)
+                                   rope_k, causal, window, q_offset, k_offset, scale, softcap,
+                                   alibi)
     return (out, lse) if return_lse else out
 
 
@@ -1156,7 +1205,7 @@ def rope_attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor,
                           rot_dim: Optional[int] = None, interleaved: bool = False,
                           causal: bool = True, window: Optional[int] = None,
                           scale: Optional[float] = None, softcap: Optional[float] = None,
-                          num_splits: Optional[int] = None,
+                          alibi: Optional[Tensor] = None, num_splits: Optional[int] = None,
                           out: Optional[Tensor] = None, kpos: Optional[Tensor] = None,
                           q2: Optional[Tensor] = None, k2_cache: Optional[Tensor] = None
                           ) -> Tensor:
@@ -1214,7 +1263,7 @@ def rope_attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor,
     else:
         q2, k2_cache = q, k_cache       # not read
     sp = _Spec(q, k_cache, v_cache, cos, sin, k_cos, k_sin, rot_dim, interleaved, rope_k,
-               causal, window, 0, 0, scale, softcap, decode=True)
+               causal, window, 0, 0, scale, softcap, alibi, decode=True)
     B, H, TQ, DV, HKV, S = sp.B, sp.H, sp.T, sp.DV, sp.HKV, sp.S
     pos, stride_pos = _per_sequence(pos, B, "pos", q.device)
     if kv_len is None:
@@ -1238,7 +1287,7 @@ def rope_attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor,
         part_l = torch.empty((B, H, TQ, num_splits), dtype=torch.float32, device=q.device)
     tables, tstrides = sp.tables()
     _launch("decode", lambda m: (num_splits, B * HKV),
-            q, k_cache, v_cache, *tables, pos, kv_len_t, kpos_t, part_o, part_l, out,
+            q, k_cache, v_cache, *tables, sp.slopes, pos, kv_len_t, kpos_t, part_o, part_l, out,
             q2, k2_cache, *q.stride(), *k_cache.stride(), *v_cache.stride(),
             *(q2.stride() if d2 else (0,) * 4), *(k2_cache.stride() if d2 else (0,) * 4),
             *tstrides, stride_pos, stride_len, *kpos_strides, *out.stride(), H, HKV, TQ, S,
@@ -1352,6 +1401,7 @@ def rope_attention_reference(q: Tensor, k: Tensor, v: Tensor, cos: Optional[Tens
                              causal: bool = True, window: Optional[int] = None,
                              q_offset: Union[int, Tensor, None] = None, k_offset: int = 0,
                              scale: Optional[float] = None, softcap: Optional[float] = None,
+                             alibi: Optional[Tensor] = None,
                              kv_len: Union[Tensor, int, None] = None,
                              return_lse: bool = False):
     """The same math in torch, op by op, differentiable: RoPE on q (and k), scaled scores,
@@ -1377,6 +1427,8 @@ def rope_attention_reference(q: Tensor, k: Tensor, v: Tensor, cos: Optional[Tens
         s = torch.tanh(s / softcap) * softcap
     qpos = _positions(q_offset, T, q.device)[:, None, :, None]   # [B or 1, 1, T, 1]
     kpos = (k_offset + torch.arange(S, device=q.device))[None, None, None, :]
+    if alibi is not None:
+        s = s + alibi.to(s.dtype).reshape(1, H, 1, 1) * (kpos - qpos).to(s.dtype)
     vis = torch.ones(qpos.shape[0], 1, T, S, dtype=torch.bool, device=q.device)
     if causal:
         vis = vis & (kpos <= qpos)
@@ -1483,7 +1535,8 @@ def launch_template(template: str, xs, outs, opts) -> None:
     kw = dict(k_cos=k_cos, k_sin=k_sin, rot_dim=opts["rot_dim"],
               interleaved=opts["interleaved"], rope_k=opts["rope_k"], causal=opts["causal"],
               window=opts["window"] or None, scale=opts["scale"],
-              softcap=opts.get("softcap"))
+              softcap=opts.get("softcap"),
+              alibi=xs[opts["alibi"]] if "alibi" in opts else None)
     if template == "rope_attention":
         out = outs[0] if outs and outs[0] is not None else None
         lse = outs[1] if len(outs) > 1 and outs[1] is not None else None

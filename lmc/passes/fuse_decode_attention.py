@@ -4,8 +4,11 @@ Runs on the step graph of the decode pass (`lmc/passes/decode.py`) when the Deco
 triton backend, never on a training or forward program. Matched on primitives: from each
 softmax over the last axis of [B, H, T, S] scores, the pass walks
 
-    out = softmax(where(mask, cap((q @ k4^T) * scale), -inf)) @ v4   (scale optional, * or /;
-          cap(s) = cap * tanh(s / cap), Gemma 2's soft cap, optional)
+    out = softmax(where(mask, cap((q @ k4^T) * scale) [+ alibi], -inf)) @ v4
+          (scale optional, * or /; cap(s) = cap * tanh(s / cap), Gemma 2's soft cap,
+          optional; alibi = slopes * (kpos - qpos) over the query positions decode.pos and
+          the key positions the mask uses (the slots, or a ring's keys): the slopes and
+          decode.pos become inputs of the op)
     (mixed precision: softmax(cast(where(..), f32)), cast back to v's dtype before @ v4)
     k4 = k  |  expand(k, [B, H, S, D]) (k with one head)
             |  reshape(expand(reshape(k, [B, Hkv, 1, S, D]), [B, Hkv, G, S, D]), [B, H, S, D])
@@ -74,7 +77,8 @@ from typing import Dict, List
 from ..ir.graph import Graph, Node
 from ..ir.ops import Op
 from .fuse_pointwise import _where
-from .patterns import Body, NoMatch, Region, const_value, match_all, need, softcap, splice, widened
+from .patterns import (Body, NoMatch, Region, alibi, const_value, match_all, need, softcap,
+                       splice, widened)
 
 PASS = "fuse_decode_attention"
 POS = "decode.pos"
@@ -191,6 +195,18 @@ def match(sm: Node, users: Dict[Node, List[Node]]) -> dict:
                  "rows": mask.attrs["rows"], "length": mask.attrs["cols"]}
     else:
         minfo = _position_mask(mask, mregion)
+    slopes, bias = None, []
+    if x.op is Op.ADD:           # ALiBi: + slopes * (key position - query position)
+        def positions(n, axis):  # the kernel's: decode.pos, and the slots or the ring's keys
+            if axis == 0:
+                return n.op is Op.INPUT and n.attrs["name"] == POS
+            return n is minfo["kpos"] if minfo.get("kpos") is not None else n.op is Op.IOTA
+        region.append(x)
+        x, slopes, qsrc, _ = alibi(x, sm.type.shape[1], True, _fixed, positions)
+        bias = _between(region[-1], x, slopes, qsrc)
+        if widened(x):
+            region.append(x)
+            x = x.inputs[0]
     cap = softcap(x)             # cap * tanh(s / cap) on the scaled scores (Gemma 2)
     if cap is not None:
         tanh = next(i for i in x.inputs if i.op is Op.TANH)
@@ -271,13 +287,38 @@ def match(sm: Node, users: Dict[Node, List[Node]]) -> dict:
               f"{n.op.value} inside the attention is also used outside it")
     positions = [x for x in (minfo["pos"], minfo.get("kpos")) if x is not None]
     ins = qs + ks + ([v] if v_part is None else []) + positions
+    if slopes is not None:       # ALiBi reads the query positions (dynamic step: not read
+        if qsrc not in ins:      # by the launch, which has them from the shapes) and slopes
+            ins.append(qsrc)
+        ins.append(slopes)
     return {"inputs": ins, "v": v, "v_as": None if v_part is None else ks[v_part],
-            "out": pv, "region": inside | set(mregion) | set(layout),
+            "out": pv, "region": inside | set(mregion) | set(layout) | set(bias),
+            "alibi": None if slopes is None else len(ins) - 1,
             "window": minfo["window"], "scale": 1.0 if scale is None else scale,
             "softcap": cap,
             "parts": len(ks), "v_part": v_part, "heads": (H, hkv), "q_split": q_split,
             "static": minfo["pos"] is not None and minfo.get("kpos") is None,
-            "kpos": minfo.get("kpos"), "n_pos": len(positions)}
+            "kpos": minfo.get("kpos"), "n_pos": len(ins) - len(qs + ks) - (v_part is None)}
+
+
+def _fixed(n: Node) -> bool:
+    """n depends on no parameter and no input but the step's position inputs (decode.*)."""
+    if n.op is Op.PARAM or (n.op is Op.INPUT and not n.attrs["name"].startswith("decode.")):
+        return False
+    return all(_fixed(i) for i in n.inputs)
+
+
+def _between(top: Node, s: Node, *stop: Node) -> List[Node]:
+    """The nodes from `top` down to (not including) s and the `stop` nodes: ALiBi's bias,
+    which the body recomputes (the graph keeps it while other layers read it)."""
+    out, stack = [], [i for i in top.inputs if i is not s]
+    while stack:
+        n = stack.pop()
+        if n in out or n in stop or not n.inputs:
+            continue
+        out.append(n)
+        stack.extend(n.inputs)
+    return out
 
 
 def _head_concat(n: Node) -> bool:
@@ -301,7 +342,7 @@ def _body(m: dict, name: str, order: Dict[Node, int]) -> Graph:
                    module="decode_attention",      # lmc/codegen/decode_attention.py
                    template="decode_attention",
                    options={"static": m["static"], "window": m["window"], "scale": m["scale"],
-                            "softcap": m["softcap"],
+                            "softcap": m["softcap"], "alibi": m["alibi"],
                             "parts": m["parts"], "v_part": m["v_part"],
                             "q_split": m["q_split"], "kpos": m["kpos"] is not None})
 
@@ -346,5 +387,6 @@ def fuse_decode_attention(g: Graph) -> Graph:
             "reason": f"{cache}, causal"
                       f"{' window ' + str(m['window']) if m['window'] else ''}, {heads}, "
                       f"scale {m['scale']:.4g}"
-                      + (f", scores soft-capped at {m['softcap']:.4g}" if m["softcap"] else "")})
+                      + (f", scores soft-capped at {m['softcap']:.4g}" if m["softcap"] else "")
+                      + (", ALiBi" if m["alibi"] is not None else "")})
     return splice(g, regions, records)

@@ -4,7 +4,10 @@ Matched on primitives (no block names): from each softmax over the last axis, th
 
     out = softmax(where(causal_mask(T, T, window), cap((q' @ k'^T) * scale), -inf)) @ v'
           (the where may be absent: not causal; the scale a constant, or absent; cap(s) a
-          soft cap cap * tanh(s / cap), Gemma 2's, or absent)
+          soft cap cap * tanh(s / cap), Gemma 2's, or absent; ALiBi's bias may be added
+          after it: + slopes * (kpos - qpos), slopes a static [H, 1, 1] tensor, the
+          distance over positions iota(T), also written -(qpos - kpos) or, causal,
+          -|qpos - kpos|: `patterns.alibi`, the slopes an input of the op)
 
 back through the scores and forward to the single `probs @ v'`, and reads q' and k' as a
 concat along the head dim of parts (one part: no concat), each part one of
@@ -72,7 +75,8 @@ from ..ir.graph import Graph, Node
 from ..ir.ops import Op
 from ..ir.types import DType
 from .fuse_pointwise import _where
-from .patterns import Body, NoMatch, Region, const_value, need, softcap, splice, widened
+from .patterns import (Body, NoMatch, Region, alibi, const_value, need, softcap, splice,
+                       widened)
 
 
 def _last(n: Node) -> int:
@@ -283,6 +287,13 @@ def match(sm: Node, users: Dict[Node, List[Node]], static, order: Dict[Node, int
               "causal mask is not [T, S] like the scores")
         causal, window = True, int(mask.attrs.get("window") or 0)
         x = s
+    slopes = None
+    if x.op is Op.ADD:          # ALiBi: scores + slopes * (key position - query position)
+        def iota(n, axis):      # training: query i and key j at positions i and j
+            return n.op is Op.IOTA
+        x, slopes, _, _ = alibi(x, sm.type.shape[1], causal, static, iota)
+        if widened(x):          # mixed precision: the bias met the scores in fp32
+            x = x.inputs[0]
     cap = softcap(x)            # Gemma 2's cap * tanh(s / cap) on the scaled scores
     if cap is not None:
         cap, x = cap
@@ -326,12 +337,12 @@ def match(sm: Node, users: Dict[Node, List[Node]], static, order: Dict[Node, int
     kparts = _side(kr, static, users)
     try:
         m = _assemble(sm, pv, qr, kr, qparts, kparts, users, static, order, causal, window,
-                      scale, given=False)
+                      scale, slopes, given=False)
     except _Shared:
         # the k part's RoPE is computed outside this attention too (a rotated K shared by
         # several attentions, as YOCO's cross-decoder's): take it as given
         m = _assemble(sm, pv, qr, kr, qparts, kparts, users, static, order, causal, window,
-                      scale, given=True)
+                      scale, slopes, given=True)
     if cap is not None:
         m["opts"]["softcap"] = cap
     return m
@@ -350,7 +361,7 @@ def _narrowed(x: Node) -> Node:
 
 
 def _assemble(sm, pv, qr, kr, qparts, kparts, users, static, order, causal, window, scale,
-              given: bool) -> dict:
+              slopes, given: bool) -> dict:
     H, T = qr.type.shape[1], qr.type.shape[2]
     S = kr.type.shape[2]
     kparts = list(kparts)
@@ -413,6 +424,8 @@ def _assemble(sm, pv, qr, kr, qparts, kparts, users, static, order, causal, wind
             "n_grad": n_grad}
     if roped:
         opts["cos"], opts["sin"] = idx(qp["cos"]), idx(qp["sin"])
+    if slopes is not None:
+        opts["alibi"] = idx(slopes)
     if rope_k and (kp["cos"] is not qp["cos"] or kp["sin"] is not qp["sin"]):
         opts["k_cos"], opts["k_sin"] = idx(kp["cos"]), idx(kp["sin"])
     for name, p in (("q_zeta", qp), ("k_zeta", kp)):
@@ -444,7 +457,9 @@ def _assemble(sm, pv, qr, kr, qparts, kparts, users, static, order, causal, wind
             continue
         keep.add(n)
         stack.extend(n.inputs)
-    bad = sorted((n for n in keep if n.op not in _VIEWS), key=order.__getitem__)
+    # (static values, ALiBi's bias shared by every layer, are recomputed by the body too)
+    bad = sorted((n for n in keep if n.op not in _VIEWS and not static(n)),
+                 key=order.__getitem__)
     if bad:
         if rope_k and not given and any(n in _rope_nodes(kp, region) for n in bad):
             raise _Shared("k's rope is shared")
@@ -523,6 +538,8 @@ def _describe(o: dict) -> str:
                 f"{'MQA' if HKV == 1 else 'GQA'} attention ({H} heads, {HKV} kv)")
     if o.get("softcap"):
         what.append(f"with scores soft-capped at {o['softcap']:.4g}")
+    if "alibi" in o:
+        what.append("with ALiBi")
     if len(o["q"]) > 1 and len({q[0] for q in o["q"]}) > 1:
         what.append("(decoupled rope part)")
     return " ".join(what) + f", scale {o['scale']:.4g}"

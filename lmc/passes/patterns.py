@@ -70,6 +70,61 @@ def softcap(x: Node):
     return None
 
 
+def alibi(x: Node, H, causal: bool, static, positions):
+    """x = s + bias, bias = slopes * (kpos - qpos) (ALiBi, BLOOM's and MPT's): (s, slopes,
+    qpos, kpos), slopes a static tensor with one value per query head ([H, 1, 1] or
+    [1, H, 1, 1]), qpos and kpos the position tensors under the distance's reshapes to
+    [T, 1] and [1, S] (and a cast to float) for which `positions(n, axis)` holds (axis 0:
+    queries, 1: keys). The distance is kpos - qpos, -(qpos - kpos), or under a causal mask
+    -|qpos - kpos|; the bias may reach the scores through casts. NoMatch otherwise."""
+    def strip(n):
+        while n.op is Op.CAST:
+            n = n.inputs[0]
+        return n
+
+    def pos(n, shape, axis):
+        if n.op is not Op.RESHAPE or tuple(n.type.shape) != tuple(shape):
+            return None
+        src = n.inputs[0]
+        if src.op is Op.CAST:
+            src = src.inputs[0]
+        return src if src.type.rank == 1 and positions(src, axis) else None
+
+    def distance(d):
+        def sub(n, k_first):
+            if n.op is not Op.SUB or n.type.rank != 2:
+                return None
+            a, b = n.inputs if k_first else n.inputs[::-1]
+            T, S = n.type.shape
+            k, q = pos(a, (1, S), 1), pos(b, (T, 1), 0)
+            return (q, k) if k is not None and q is not None else None
+        if d.op is Op.NEG and d.inputs[0].op is Op.ABS:
+            if not causal:      # -|i - j| = j - i only where j <= i: under the mask
+                return None
+            a = d.inputs[0].inputs[0]
+            return sub(a, True) or sub(a, False)
+        if d.op is Op.NEG:
+            return sub(d.inputs[0], False)
+        return sub(d, True)
+
+    why = "scores plus a term that is not ALiBi's slopes * (key position - query position)"
+    for s, bias in (x.inputs, x.inputs[::-1]):
+        b = strip(bias)
+        if not static(bias) or b.op is not Op.MUL:
+            continue
+        for sl, d in (b.inputs, b.inputs[::-1]):
+            shape = tuple(sl.type.shape)
+            if not static(sl) or len(shape) > 4 or not all(isinstance(n, int) for n in shape) \
+                    or (1,) * (4 - len(shape)) + shape != (1, H, 1, 1):
+                continue
+            qk = distance(d)
+            if qk is not None:
+                return s, sl, qk[0], qk[1]
+        why = ("ALiBi's bias is not [H, 1, 1] slopes times the key-query distance "
+               "kpos - qpos (nor -|qpos - kpos| under a causal mask) over positions")
+    raise NoMatch(why)
+
+
 def is_swap(n: Node) -> bool:
     """n transposes the last two axes (k^T of a batched product)."""
     r = n.type.rank

@@ -36,7 +36,7 @@ def _max_err(got, want):
 
 def run_case(B, H, HKV, T, S, D, *, rot, interleaved=False, paired=False, causal=True,
              window=None, q_offset=None, k_offset=0, rope_k=True, xpos=False,
-             dtype=torch.float32, strided=False, seed=0, dv=None, softcap=None):
+             dtype=torch.float32, strided=False, seed=0, dv=None, softcap=None, alibi=False):
     """Fused forward + backward vs the fp64 reference: max abs error of out, lse, dq, dk, dv
     (and the largest reference magnitude, for fp16's relative bound)."""
     gen = torch.Generator().manual_seed(seed)
@@ -61,6 +61,8 @@ def run_case(B, H, HKV, T, S, D, *, rot, interleaved=False, paired=False, causal
             tabs = dict(cos=qc, sin=qs, k_cos=kc, k_sin=ks)
     kw = dict(rot_dim=rot, interleaved=interleaved, causal=causal, window=window,
               q_offset=q_offset, k_offset=k_offset, rope_k=rope_k, softcap=softcap)
+    if alibi:       # ALiBi's geometric slopes, 2^(-8 (h + 1) / H)
+        kw["alibi"] = 2.0 ** (-8.0 * torch.arange(1, H + 1, dtype=torch.float32) / H)
     out, lse = A.rope_attention(q, k, v, **tabs, **kw, return_lse=True)
     assert out.dtype == dtype and out.shape == (B, H, T, dv) and lse.dtype == torch.float32
     do = _randn(B, H, T, dv, gen=gen, dtype=dtype)
@@ -68,6 +70,8 @@ def run_case(B, H, HKV, T, S, D, *, rot, interleaved=False, paired=False, causal
 
     q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
     tabs64 = {n: (t.double() if t is not None else None) for n, t in tabs.items()}
+    if alibi:
+        kw["alibi"] = kw["alibi"].double()
     ref, ref_lse = A.rope_attention_reference(q64, k64, v64, **tabs64, **kw, return_lse=True)
     rgrads = torch.autograd.grad(ref, (q64, k64, v64), do.double())
 
@@ -119,6 +123,12 @@ CASES = [
      dict(rot=16, window=20, softcap=1.5)),
     ("softcap-no-rope-not-causal-offsets", (2, 2, 2, 17, 40, 32),
      dict(rot=0, causal=False, softcap=1.5, q_offset=30, k_offset=3)),
+    # ALiBi (BLOOM, MPT): per-head slopes times the key-query distance, by absolute position
+    ("alibi-no-rope-gqa", (1, 4, 2, 63, 63, 32), dict(rot=0, alibi=True)),
+    ("alibi-window-offsets-not-causal", (2, 4, 1, 17, 40, 32),
+     dict(rot=0, alibi=True, causal=False, window=9, q_offset=30, k_offset=3)),
+    ("alibi-with-rope-and-softcap", (1, 4, 4, 33, 33, 32),
+     dict(rot=32, alibi=True, softcap=2.0)),
 ]
 
 
@@ -153,6 +163,14 @@ def test_softcap_fp16_and_blocks(monkeypatch):
     _assert_close(errs, scale, torch.float16)
 
 
+def test_alibi_fp16_and_blocks(monkeypatch):
+    for kind in ("fwd", "dkdv", "dq"):     # every segment of the key loop
+        monkeypatch.setitem(A.INTERPRETER_BLOCKS, kind, dict(BLOCK_M=16, BLOCK_N=16))
+    errs, scale = run_case(1, 4, 2, 63, 63, 32, rot=0, window=40, alibi=True,
+                           dtype=torch.float16)
+    _assert_close(errs, scale, torch.float16)
+
+
 def test_softcap_changes_the_result():
     # the cap is applied (a test whose cap were ignored would pass the cases above only if
     # the reference ignored it too)
@@ -170,7 +188,7 @@ def test_softcap_changes_the_result():
 # -- decode ----------------------------------------------------------------------------------
 def run_decode(B, H, HKV, TQ, S_MAX, D, *, rot, pos, kv_len=None, rope_k=False, causal=True,
                window=None, splits=None, paired=False, interleaved=False,
-               dtype=torch.float32, seed=0, dv=None, softcap=None):
+               dtype=torch.float32, seed=0, dv=None, softcap=None, alibi=False):
     """Flash-decoding over a cache padded to S_MAX (padding slots hold large values that would
     show if read) vs the fp64 reference over the raw keys."""
     gen = torch.Generator().manual_seed(seed)
@@ -184,6 +202,7 @@ def run_decode(B, H, HKV, TQ, S_MAX, D, *, rot, pos, kv_len=None, rope_k=False, 
         k_raw[b, :, valid[b]:] = 1e3
         v[b, :, valid[b]:] = -1e3
     cos = sin = None
+    slopes = 2.0 ** (-8.0 * torch.arange(1, H + 1, dtype=torch.float32) / H) if alibi else None
     if rot:
         cos, sin = A.rope_tables(S_MAX + TQ + 2, rot, interleaved=interleaved, paired=paired)
     k_cache = k_raw if rope_k or not rot else \
@@ -191,12 +210,13 @@ def run_decode(B, H, HKV, TQ, S_MAX, D, *, rot, pos, kv_len=None, rope_k=False, 
     out = A.rope_attention_decode(q, k_cache, v, pos_t, cos, sin, kv_len=kv_len,
                                   rope_k=rope_k, rot_dim=rot, interleaved=interleaved,
                                   causal=causal, window=window, num_splits=splits,
-                                  softcap=softcap)
+                                  softcap=softcap, alibi=slopes)
     assert out.shape == q.shape[:3] + v.shape[3:] and out.dtype == dtype
     ref = A.rope_attention_reference(
         q.double(), k_raw.double(), v.double(), None if cos is None else cos.double(),
         None if sin is None else sin.double(), rot_dim=rot, interleaved=interleaved,
-        causal=causal, window=window, q_offset=pos_t, kv_len=valid, softcap=softcap)
+        causal=causal, window=window, q_offset=pos_t, kv_len=valid, softcap=softcap,
+        alibi=None if slopes is None else slopes.double())
     return _max_err(out, ref), ref.abs().max().item()
 
 
@@ -212,6 +232,8 @@ DECODE = [
     ("v-narrower-than-qk", (2, 4, 2, 1, 50, 48), dict(rot=16, pos=[10, 45], splits=3, dv=32)),
     ("softcap-gqa-window-3-splits", (3, 4, 2, 2, 80, 32),
      dict(rot=32, pos=[0, 37, 70], splits=3, window=20, softcap=1.5)),
+    ("alibi-gqa-3-queries-4-splits", (2, 4, 2, 3, 64, 32),
+     dict(rot=0, pos=[7, 50], splits=4, alibi=True)),
 ]
 
 

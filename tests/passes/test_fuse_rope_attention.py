@@ -168,12 +168,15 @@ def _gqa(b, x, H, tiled=False):
 
 
 def _variant(H, HKV, D, *, rot=None, k_rot=None, interleaved=False, window=0, xpos=False,
-             base=10000.0, offset=0, tiled=False, shared_k=False, mla=0, cap=None):
+             base=10000.0, offset=0, tiled=False, shared_k=False, mla=0, cap=None,
+             alibi=None, causal=True):
     """Attention written in primitives as a model file would: RoPE by hand on the first rot
     dims (partial rotary: concat(rope(x[..., :rot]), x[..., rot:])), k, v broadcast from
     HKV heads, XPos scaling, a shared rotated K read by two attentions (YOCO), or MLA
     (q = [q_C | rope(q_R)], k = [k_C | expand(rope(k_R))], mla = d_R); cap: (cap_inside,
-    cap_outside) soft-caps the scores as tanh(s * (1 / cap_inside)) * cap_outside."""
+    cap_outside) soft-caps the scores as tanh(s * (1 / cap_inside)) * cap_outside; alibi:
+    ALiBi's bias written as "sub" (kpos - qpos), "neg" (-(qpos - kpos)), "abs"
+    (-|qpos - kpos|) or "keys" (BLOOM's slopes * kpos alone)."""
     b = Builder({}, {})
     rot = D if rot is None else rot
     k_rot = rot if k_rot is None else k_rot
@@ -221,8 +224,17 @@ def _variant(H, HKV, D, *, rot=None, k_rot=None, interleaved=False, window=0, xp
         s = (q @ b.transpose(_gqa(b, k, H, tiled), -2, -1)) * (D ** -0.5)
         if cap is not None:
             s = b.tanh(s * (1.0 / cap[0])) * cap[1]
-        o = b.softmax(b.where(b.causal_mask(T, T, window=window), s, -float("inf")),
-                      -1) @ _gqa(b, ins["v"], H, tiled)
+        if alibi is not None:
+            slopes = b.const(torch.tensor([2.0 ** (-8.0 * (h + 1) / H) for h in range(H)]
+                                          ).reshape(H, 1, 1))
+            pos = b.cast(b.iota(T), "f32")
+            kp, qp = b.reshape(pos, [1, T]), b.reshape(pos, [T, 1])
+            dist = {"sub": lambda: kp - qp, "neg": lambda: -(qp - kp),
+                    "abs": lambda: -b.abs(qp - kp), "keys": lambda: kp}[alibi]()
+            s = s + slopes * dist
+        if causal:
+            s = b.where(b.causal_mask(T, T, window=window), s, -float("inf"))
+        o = b.softmax(s, -1) @ _gqa(b, ins["v"], H, tiled)
         outs[n.replace("q", "o")] = o.node
     return run_pipeline(Graph("attn", b.nodes, outs))
 
@@ -295,6 +307,27 @@ def test_attention_without_rope_is_flash_attention(H, HKV, D, window):
     assert len(fused.inputs) == 3 and fused.inputs[1].type.shape[1] == HKV   # q, k, v only
     _check_triton_equals_oracle(g, f, {"q": (1, H, TQ, D), "k": (1, HKV, TQ, D),
                                        "v": (1, HKV, TQ, D)})
+
+
+@pytest.mark.parametrize("form", ["sub", "neg", "abs"])
+def test_alibi(form):
+    # ALiBi as BLOOM/MPT code writes it, in three spellings of the distance, with GQA and a
+    # window: the kernels add slope_h * (kpos - qpos) to the scores
+    g = _variant(4, 2, 32, rot=0, window=20, alibi=form)
+    f, (r,) = _fused_records(g)
+    assert r["reason"] == "no rope: causal window 20 GQA attention (4 heads, 2 kv) with ALiBi, " \
+        "scale 0.1768"
+    _check_triton_equals_oracle(g, f, {"q": (1, 4, TQ, 32), "k": (1, 2, TQ, 32),
+                                       "v": (1, 2, TQ, 32)})
+
+
+def test_alibi_near_misses_say_why():
+    # -|i - j| is j - i only where the causal mask keeps j <= i; slopes * kpos alone (BLOOM's
+    # form: the same softmax, another lse) is not matched
+    for form, causal in (("abs", False), ("keys", True)):
+        (r,) = _records(fuse_rope_attention(_variant(4, 4, 16, rot=0, alibi=form,
+                                                     causal=causal)))
+        assert r["status"] == "declined" and "ALiBi" in r["reason"], r
 
 
 def test_soft_capped_scores():
