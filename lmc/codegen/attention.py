@@ -1039,9 +1039,9 @@ def _run_fwd(sp: _Spec, q, k, v, out: Optional[Tensor] = None,
         return out, lse.fill_(float("-inf"))
     tables, tstrides = sp.tables()
     _launch("fwd", lambda m: (triton.cdiv(sp.T, m["BLOCK_M"]), sp.B * sp.H),
-            q, k, v, *tables, sp.slopes, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-            *tstrides, sp.H, sp.HKV, sp.T, sp.S, sp.q_offset, sp.k_offset, sp.window_arg,
-            *sp.score_args, **sp.constexprs())
+            q, k, v, *tables, sp.slopes, out, lse, *q.stride(), *k.stride(), *v.stride(),
+            *out.stride(), *tstrides, sp.H, sp.HKV, sp.T, sp.S, sp.q_offset, sp.k_offset,
+            sp.window_arg, *sp.score_args, **sp.constexprs())
     return out, lse
 
 
@@ -1062,8 +1062,9 @@ def _run_bwd(sp: _Spec, do, q, k, v, out, lse, dq=None, dk=None, dv=None
     common = (sp.H, sp.HKV, sp.T, sp.S, sp.q_offset, sp.k_offset, sp.window_arg,
               *sp.score_args, sp.scale)
     _launch("dkdv", lambda m: (triton.cdiv(sp.S, m["BLOCK_N"]), sp.B * sp.HKV),
-            q, k, v, *tables, sp.slopes, do, lse, delta, dk, dv, *q.stride(), *k.stride(), *v.stride(),
-            *do.stride(), *dk.stride(), *dv.stride(), *tstrides, *common, **sp.constexprs())
+            q, k, v, *tables, sp.slopes, do, lse, delta, dk, dv, *q.stride(), *k.stride(),
+            *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), *tstrides, *common,
+            **sp.constexprs())
     _launch("dq", lambda m: (triton.cdiv(sp.T, m["BLOCK_M"]), sp.B * sp.H),
             q, k, v, *tables, sp.slopes, do, lse, delta, dq, *q.stride(), *k.stride(), *v.stride(),
             *do.stride(), *dq.stride(), *tstrides, *common, **sp.constexprs())

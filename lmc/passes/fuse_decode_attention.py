@@ -77,8 +77,18 @@ from typing import Dict, List
 from ..ir.graph import Graph, Node
 from ..ir.ops import Op
 from .fuse_pointwise import _where
-from .patterns import (Body, NoMatch, Region, alibi, const_value, match_all, need, softcap,
-                       splice, widened)
+from .patterns import (
+    Body,
+    NoMatch,
+    Region,
+    alibi,
+    const_value,
+    match_all,
+    need,
+    softcap,
+    splice,
+    widened,
+)
 
 PASS = "fuse_decode_attention"
 POS = "decode.pos"

@@ -75,8 +75,7 @@ from ..ir.graph import Graph, Node
 from ..ir.ops import Op
 from ..ir.types import DType
 from .fuse_pointwise import _where
-from .patterns import (Body, NoMatch, Region, alibi, const_value, need, softcap, splice,
-                       widened)
+from .patterns import Body, NoMatch, Region, alibi, const_value, need, softcap, splice, widened
 
 
 def _last(n: Node) -> int:
