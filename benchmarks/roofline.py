@@ -45,12 +45,21 @@ def training_model(model: str, preset, precision: str, sets):
     from lmc.passes.mixed_precision import mixed_precision
     from lmc.runtime.module import LmcModel
 
-    c = lmc.compile_model(os.path.join(ZOO, f"{model}.yaml"), preset, sets)
+    c = lmc.compile_model(model_path(model), preset, sets)
     g = run_pipeline(with_loss(mixed_precision(c.graph, precision)))
     try:
         return LmcModel(g, backend="triton", grad_outputs=["loss"])
     except TypeError:   # a checkout from before grad_outputs: every output takes a cotangent
         return LmcModel(g, backend="triton")
+
+
+def model_path(model: str) -> str:
+    """A zoo model's name (llama), an example's (examples/gpt2.yaml: gpt2), or a YAML path."""
+    if model.endswith(".yaml"):
+        return model
+    path = os.path.join(ZOO, f"{model}.yaml")
+    example = os.path.join(ZOO, "..", "examples", f"{model}.yaml")
+    return path if os.path.exists(path) or not os.path.exists(example) else example
 
 
 def _program(model: str, preset, precision: str, sets):
@@ -59,7 +68,8 @@ def _program(model: str, preset, precision: str, sets):
 
 def step_args(ap) -> None:
     """The options naming a training step: model, preset, --set, precision, B, T."""
-    ap.add_argument("--model", default="llama")
+    ap.add_argument("--model", default="llama",
+                    help="a zoo model (llama), an example (gpt2), or a YAML file")
     ap.add_argument("--preset", default="default", help="a preset name, or 'default'")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
     ap.add_argument("--precision", default="bf16", choices=["bf16", "f16", "f32"])

@@ -76,12 +76,19 @@ _NO_FOLD = {Op.INPUT, Op.PARAM, Op.CONST, Op.DROPOUT, Op.BLOCK, Op.GETITEM,
 
 def fold_constants(g: Graph) -> Graph:
     """Evaluate nodes whose inputs are all constants (and whose shape is concrete and small)
-    with the reference implementation, replacing them by CONST nodes."""
+    with the reference implementation, replacing them by CONST nodes; dropout with p = 0
+    and gaussian_noise with std = 0 become their input."""
     from ..ops.reference import REFERENCE, RefCtx
 
     ctx = RefCtx()
 
     def fold(n: Node):
+        # dropout with p = 0 and noise with std = 0 are the identity in every mode (GPT-2's
+        # configs turn dropout off so): no kernel, no random draw
+        if (n.op is Op.DROPOUT and n.attrs["p"] == 0) or (
+                n.op is Op.GAUSSIAN_NOISE and isinstance(n.attrs["std"], (int, float))
+                and n.attrs["std"] == 0):
+            return n.inputs[0]
         # random ops depend on the mode (training or not), which folding cannot know
         if n.op in _NO_FOLD or n.op.kind in (Kind.STRUCTURAL, Kind.RANDOM):
             return None

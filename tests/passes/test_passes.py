@@ -63,6 +63,23 @@ def test_fold_constants_evaluates_rope_frequencies():
     assert any(n.op is Op.IOTA and isinstance(n.type.shape[0], Dim) for n in g.nodes)
 
 
+def test_dropout_zero_and_zero_noise_fold_to_their_input():
+    # GPT-2 style configs turn dropout off with p = 0: no kernel and no draw is left; a
+    # nonzero p stays (training mode decides at run time)
+    T_ = Dim.sym("T")
+    b = Builder({}, {})
+    x = b.input("x", [T_, 8], "f32")
+    y = b.dropout(x, 0.0, 1) + b.gaussian_noise(x, 0.0, 2) + b.dropout(x, 0.1, 3)
+    g = fold_constants(Graph("d", b.nodes, {"y": y.node}))
+    ops = [n.op for n in dce(g).nodes]
+    assert ops.count(Op.DROPOUT) == 1 and Op.GAUSSIAN_NOISE not in ops
+    vals = {"x": torch.randn(5, 8)}
+    for training in (False, True):
+        ctx = RefCtx(dims={"T": 5}, training=training)
+        src = Graph("d", b.nodes, {"y": y.node})
+        torch.testing.assert_close(run_graph(g, vals, ctx)["y"], run_graph(src, vals, ctx)["y"])
+
+
 def test_dce_drops_dead_nodes_but_keeps_the_interface():
     b = Builder({}, {})
     x = b.input("x", [3], "f32")
