@@ -22,9 +22,10 @@ reached only through it gets an exact zero.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from ..errors import LmcError
 from ..frontend.builder import Builder, Tensor
@@ -187,7 +188,7 @@ def differentiate(g: Graph, wrt: Optional[Sequence[str]] = None,
                     dims_equal(a, c) for a, c in zip(gi.shape, i.type.shape)):
                 raise LmcError(f"internal: VJP of {n.op.value} gave a {gi.shape} cotangent "
                                f"for a {i.type.shape} input", n.loc)
-            ct[i] = ct[i] + gi if i in ct else gi
+            ct[i] = _accumulate(b, ct[i], gi) if i in ct else gi
     b.loc = None
     b.scope = ""
 
@@ -218,6 +219,68 @@ def differentiate(g: Graph, wrt: Optional[Sequence[str]] = None,
         debug_dump(forward, "forward' (autodiff: with the values saved for the backward)")
         debug_dump(backward, "backward (autodiff)")
     return Differentiated(forward, backward, list(wrt), outputs, saved_names)
+
+
+def _accumulate(b, a: Tensor, c: Tensor) -> Tensor:
+    """a + c, two cotangent contributions to one value. Where both are zero-padded
+    concatenations along one axis (the slices' VJPs: split(qkv) gives [g_q | 0 | 0],
+    [0 | g_k | 0], [0 | 0 | g_v]), the sum is one concatenation of the pieces, zeros only
+    where neither has a piece: [g_q | g_k | g_v], not three padded tensors and two adds."""
+    merged = _merge_padded(b, a, c)
+    return a + c if merged is None else merged
+
+
+def _padded(t: Tensor):
+    """t as (axis, [(piece or None for zeros, size)]) when it is a concatenation of pieces
+    and zeros with static sizes; else None."""
+    n = t.node
+    if n.op is not Op.CONCAT:
+        return None
+    ax = n.attrs["axis"] % n.type.rank
+    blocks = []
+    for x in n.inputs:
+        size = x.type.shape[ax]
+        if not isinstance(size, int):
+            return None
+        z = x.op is Op.EXPAND and x.inputs[0].op is Op.CONST and \
+            x.inputs[0].type.rank == 0 and x.inputs[0].attrs["value"] == 0
+        blocks.append((None if z else Tensor(x, t.b), size))
+    return ax, blocks
+
+
+def _merge_padded(b, a: Tensor, c: Tensor) -> Optional[Tensor]:
+    pa, pc = _padded(a), _padded(c)
+    if pa is None or pc is None or pa[0] != pc[0] or a.dtype != c.dtype or \
+            tuple(a.shape) != tuple(c.shape):
+        return None
+    ax = pa[0]
+    cuts = sorted({0} | {e for p in (pa[1], pc[1])
+                         for e in itertools.accumulate(size for _, size in p)})
+
+    def piece(blocks, lo, hi):
+        """The block of `blocks` covering [lo, hi): its piece, None (zeros), or False (a
+        piece cut by the other side's boundaries: not merged)."""
+        start = 0
+        for x, size in blocks:
+            if start <= lo and hi <= start + size:
+                return x if x is None or (start, start + size) == (lo, hi) else False
+            start += size
+        return False
+    out: List[Tuple[Optional[Tensor], int]] = []
+    for lo, hi in zip(cuts, cuts[1:]):
+        x, y = piece(pa[1], lo, hi), piece(pc[1], lo, hi)
+        if x is False or y is False:
+            return None
+        s = x if y is None else y if x is None else x + y
+        if s is None and out and out[-1][0] is None:      # adjacent zeros: one block
+            out[-1] = (None, out[-1][1] + hi - lo)
+        else:
+            out.append((s, hi - lo))
+    parts = [x if x is not None else
+             b.expand(b.const(0.0, a.dtype), [size if i == ax else d
+                                              for i, d in enumerate(a.shape)])
+             for x, size in out]
+    return parts[0] if len(parts) == 1 else b.concat(parts, ax)
 
 
 def _rematerialize(nodes: List[Node], outputs: Dict[str, Node], saved: List[Node],
