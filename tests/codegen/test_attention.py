@@ -685,3 +685,53 @@ def test_gpu_errors_within_twice_sdpa(dtype, D, HKV, window):
     ed, eb = _max_err(dec, want[0][:, :, -1:]), _max_err(base[0][:, :, -1:], want[0][:, :, -1:])
     print(f"decode: fused {ed:.2e}, torch {eb:.2e}")
     assert ed <= max(2 * eb, 2 * unit * want[0][:, :, -1:].abs().max().item())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("softcap,alibi,window", [(2.0, False, None), (None, True, 300),
+                                                  (5.0, True, None)],
+                         ids=["softcap", "alibi-window", "softcap-alibi"])
+def test_gpu_softcap_and_alibi_errors_within_twice_torch(dtype, softcap, alibi, window):
+    """The soft cap and ALiBi on the GPU: errors against the fp32 reference no larger than
+    twice those of the same math in torch in the dtype (scores, cap and bias in the dtype,
+    softmax in fp32), out and every gradient; and decode at the last position."""
+    gen = torch.Generator().manual_seed(7)
+    B, H, HKV, T, D = 2, 8, 2, 700, 64
+    dev = torch.device("cuda")
+    q = _randn(B, H, T, D, gen=gen).to(dev, dtype).requires_grad_()
+    k = _randn(B, HKV, T, D, gen=gen).to(dev, dtype).requires_grad_()
+    v = _randn(B, HKV, T, D, gen=gen).to(dev, dtype).requires_grad_()
+    do = _randn(B, H, T, D, gen=gen).to(dev, dtype)
+    slopes = (2.0 ** (-8.0 * torch.arange(1, H + 1) / H)).to(dev) if alibi else None
+    kw = dict(window=window, softcap=softcap, alibi=slopes)
+    out = A.rope_attention(q, k, v, **kw)
+    fused = (out, *torch.autograd.grad(out, (q, k, v), do))
+    x32 = [x.detach().float().requires_grad_() for x in (q, k, v)]
+    ref = A.rope_attention_reference(*x32, **kw)
+    want = (ref, *torch.autograd.grad(ref, x32, do.float()))
+
+    xb = [x.detach().requires_grad_() for x in (q, k, v)]
+    G = H // HKV
+    s = (xb[0] @ xb[1].repeat_interleave(G, 1).transpose(-1, -2)) * D ** -0.5
+    if softcap:
+        s = torch.tanh(s / softcap) * softcap
+    i, j = torch.arange(T, device=dev)[:, None], torch.arange(T, device=dev)[None, :]
+    if alibi:
+        s = s + (slopes.view(1, H, 1, 1) * (j - i)).to(dtype)
+    s = s.masked_fill(~((j <= i) & (j > i - (window or T + 1))), float("-inf"))
+    p = torch.softmax(s.float(), -1).to(dtype)
+    tb = p @ xb[2].repeat_interleave(G, 1)
+    base = (tb, *torch.autograd.grad(tb, xb, do))
+    unit = 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -11
+    for name, f, b, w in zip(("out", "dq", "dk", "dv"), fused, base, want):
+        ef, eb = _max_err(f, w), _max_err(b, w)
+        print(f"{name}: fused {ef:.2e}, torch {eb:.2e}")
+        assert ef <= max(2 * eb, 2 * unit * w.abs().max().item()), name
+    dec = A.rope_attention_decode(q.detach()[:, :, -1:], k.detach(), v.detach(),
+                                  torch.full((B,), T - 1, device=dev), **kw)
+    ed, eb = _max_err(dec, want[0][:, :, -1:]), _max_err(base[0][:, :, -1:], want[0][:, :, -1:])
+    print(f"decode: fused {ed:.2e}, torch {eb:.2e}")
+    assert ed <= max(2 * eb, 2 * unit * want[0][:, :, -1:].abs().max().item())
+

@@ -35,8 +35,21 @@ MODELS = [
     ("yoco.yaml", {"sliding_window": 5}, {"rope_attention"}, False),
     ("optimus_prime.yaml", {}, {"rope_attention"}, False),
     ("medit_one.yaml", {"moe": 1}, {"moe_gating"}, True),
+    # outside the zoo (examples/): no RoPE with a biased q/k/v projection, soft-capped
+    # scores with QK-norm (a cap that saturates), ALiBi (and ALiBi with a window)
+    ("examples/gpt2.yaml", {}, {"rope_attention"}, False),
+    ("examples/gemma2.yaml", {"attn_cap": 1.5}, {"rope_attention"}, False),
+    ("examples/mpt.yaml", {}, {"rope_attention"}, False),
+    ("examples/mpt.yaml", {"window": 5}, {"rope_attention"}, False),
 ]
-IDS = [f"{f[:-5]}{''.join(f'-{k}{v}' for k, v in o.items())}" for f, o, _, _ in MODELS]
+IDS = [f"{os.path.basename(f)[:-5]}{''.join(f'-{k}{v}' for k, v in o.items())}"
+       for f, o, _, _ in MODELS]
+
+
+def _file(path):
+    """A zoo file, or one of examples/ (named with that prefix)."""
+    return os.path.join(ZOO, "..", path) if path.startswith("examples/") else \
+        os.path.join(ZOO, path)
 
 
 @pytest.fixture(autouse=True)
@@ -46,7 +59,7 @@ def _no_tf32(tmp_path, monkeypatch):
 
 
 def _graph(path, sets, precision="f32"):
-    g = lmc.load(os.path.join(ZOO, path), preset="tiny", **sets).graph
+    g = lmc.load(_file(path), preset="tiny", **sets).graph
     return run_pipeline(with_loss(mixed_precision(g, precision)))
 
 
@@ -101,11 +114,11 @@ def test_bf16_program_is_close_to_its_oracle(path, sets, kinds, moe):
 
 @pytest.mark.parametrize("path,sets,kinds,moe", MODELS, ids=IDS)
 def test_triton_static_decode_replays_equal_forward(path, sets, kinds, moe):
-    m = lmc.load(os.path.join(ZOO, path), preset="tiny", backend="triton", seed=8,
+    m = lmc.load(_file(path), preset="tiny", backend="triton", seed=8,
                  **sets).eval().cuda()
     ids = torch.randint(0, m.config["vocab"], (2, 13),
                         generator=torch.Generator().manual_seed(4)).cuda()
-    oracle = lmc.load(os.path.join(ZOO, path), preset="tiny", seed=8, **sets).eval().cuda()
+    oracle = lmc.load(_file(path), preset="tiny", seed=8, **sets).eval().cuda()
     with torch.no_grad():
         full = oracle(ids)
     full = full["logits"] if isinstance(full, dict) else full
@@ -127,7 +140,7 @@ def test_bf16_static_decode_replays_equal_the_bf16_forward(path, sets, kinds, mo
     program's full forward on the triton backend across replays, to a few bf16 roundings."""
     from lmc.passes.mixed_precision import low_precision_weights
 
-    f32 = lmc.load(os.path.join(ZOO, path), preset="tiny", seed=8, **sets).eval()
+    f32 = lmc.load(_file(path), preset="tiny", seed=8, **sets).eval()
     m = LmcModel(low_precision_weights(f32.graph, "bf16"), backend="triton")
     m.load_state_dict({k: v.to(torch.bfloat16) for k, v in f32.state_dict().items()})
     m = m.eval().cuda()
