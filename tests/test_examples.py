@@ -112,3 +112,61 @@ def test_mixed_precision_training_fuses_attention_over_fp32_projections(path):
     assert abs(lk - l32) / l32 < 2 ** -9
     floor = worst(gt, g32)
     assert worst(gk, g32) < 2 * floor, (worst(gk, g32), floor)
+
+
+BLOOM = """
+name: bloom_like
+config: {vocab: 512, d: 64, layers: 2, heads: 4, head_dim: 16, eps: 1.0e-5}
+blocks:
+  ln:
+    args: [x]
+    params: {w: {shape: [d], init: ones}, b: {shape: [d], init: zeros}}
+    body:
+      - xc = x - mean(x, -1)
+      - return xc * rsqrt(mean(xc * xc, -1) + eps) * w + b
+  attn:
+    args: [x, alibi]
+    params: {wqkv: [d, 3 * d], bqkv: {shape: [3 * d], init: zeros}, wo: [d, d]}
+    body:
+      - q, k, v = split(x @ wqkv + bqkv, 3, -1)
+      - q = permute(reshape(q, [B, T, heads, head_dim]), [0, 2, 1, 3])
+      - k = permute(reshape(k, [B, T, heads, head_dim]), [0, 2, 1, 3])
+      - v = permute(reshape(v, [B, T, heads, head_dim]), [0, 2, 1, 3])
+      - s = (q @ transpose(k, -2, -1)) * head_dim ** -0.5 + alibi
+      - p = softmax(where(causal_mask(T), s, -inf), -1)
+      - return reshape(permute(p @ v, [0, 2, 1, 3]), [B, T, d]) @ wo
+model:
+  inputs: {ids: [B, T]}
+  params: {embed: [vocab, d]}
+  body:
+    - x = ln(embedding(embed, ids), name='emb_ln')
+    - slopes = 2.0 ** (-8.0 * cast(iota(heads) + 1, 'f32') / heads)
+    - alibi = reshape(slopes, [heads, 1, 1]) * reshape(cast(iota(T), 'f32'), [1, 1, T])
+    - for: i
+      in: layers
+      body:
+        - x = x + attn(ln(x, name='ln'), alibi, name='attn')
+    - logits = ln(x, name='lnf') @ transpose(embed, 0, 1)
+  outputs: [logits]
+"""
+
+
+def test_bloom_alibi_form_fuses_and_verifies(tmp_path):
+    """BLOOM writes ALiBi as slopes * key position alone ([H, 1, S]: the same probabilities
+    as slopes * (kpos - qpos)): it fuses in training and in the decode step, and lmc verify
+    passes (the triton decoder on the flash-decoding kernel)."""
+    path = tmp_path / "bloom.yaml"
+    path.write_text(BLOOM)
+    rows = verify(str(path))
+    assert all(r.ok and not r.skipped for r in rows), format_rows(rows)
+    assert "triton k in [1, 5] (2 decode_attention):" in rows[-1].detail, rows[-1].detail
+    model = lmc.load(str(path))
+    prog = LmcModel(run_pipeline(with_loss(model.graph)), backend="triton").program()
+    recs = [r["reason"] for r in prog.forward_exec.graph.meta["fusions"]
+            if r["pass"] == "fuse_rope_attention"]
+    assert recs == ["no rope: causal attention with ALiBi (slopes * key position), "
+                    "scale 0.25"] * 2
+    for static in (False, True):
+        step = fuse_decode_attention(decode_step(model.graph, static=static).graph)
+        assert [r["reason"].endswith(", ALiBi") for r in step.meta["fusions"]
+                if r["pass"] == "fuse_decode_attention"] == [True, True]

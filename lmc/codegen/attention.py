@@ -216,10 +216,13 @@ def _scores(qk, qk_scale, cap_in, SOFTCAP: tl.constexpr):
 
 @triton.jit
 def _alibi(s, slope2, qpos, kpos, ALIBI: tl.constexpr):
-    """ALiBi: base-2 scores s plus slope2 * (key position - query position), slope2 a head's
-    slope times log2(e) (broadcast like qpos); s unchanged without ALIBI."""
-    if ALIBI:
+    """ALiBi: base-2 scores s plus slope2 * (key position - query position) (ALIBI 1), or
+    plus slope2 * key position (ALIBI 2: BLOOM's form, the same softmax), slope2 a head's
+    slope times log2(e) (broadcast like qpos); s unchanged with ALIBI 0."""
+    if ALIBI == 1:
         return s + slope2 * (kpos - qpos).to(tl.float32)
+    if ALIBI == 2:
+        return s + slope2 * kpos.to(tl.float32)
     return s
 
 
@@ -920,7 +923,8 @@ class _Spec:
     """Checked shapes and resolved options of one call."""
 
     def __init__(self, q, k, v, cos, sin, k_cos, k_sin, rot_dim, interleaved, rope_k, causal,
-                 window, q_offset, k_offset, scale, softcap=None, alibi=None, decode=False):
+                 window, q_offset, k_offset, scale, softcap=None, alibi=None,
+                 alibi_keys_only=False, decode=False):
         if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
             raise ValueError(f"q, k, v must be [B, H, T, D]: got {tuple(q.shape)}, "
                              f"{tuple(k.shape)}, {tuple(v.shape)}")
@@ -985,6 +989,7 @@ class _Spec:
                                  f"on {q.device}: got {getattr(alibi, 'shape', alibi)}")
             alibi = (alibi.reshape(H).float() * LOG2E).contiguous()   # base 2, as the scores
         self.alibi = alibi
+        self.alibi_mode = 0 if alibi is None else 2 if alibi_keys_only else 1
         self.dot_prec = "ieee" if q.dtype == torch.float32 else "tf32"
 
     def tables(self):
@@ -1013,7 +1018,7 @@ class _Spec:
 
     def constexprs(self):
         return dict(HEAD_DIM=self.D, HEAD_DV=self.DV, ROT=self.rot_dim,
-                    SOFTCAP=self.softcap is not None, ALIBI=self.alibi is not None,
+                    SOFTCAP=self.softcap is not None, ALIBI=self.alibi_mode,
                     INTERLEAVED=self.interleaved, PAIRED=self.paired, ROPE_K=self.rope_k,
                     CAUSAL=self.causal, HAS_WINDOW=self.window is not None,
                     BLOCK_D=_p2(self.DV),
@@ -1093,6 +1098,8 @@ _OPTIONS_DOC = """
         attention logit soft-capping); None: none.
     alibi: ALiBi's slopes, a float tensor [H] (one per query head): the score of query i and
         key j gains alibi[h] * (kpos - qpos) (after the soft cap, if any); None: none.
+    alibi_keys_only: the gain is alibi[h] * kpos (BLOOM's form: the same probabilities, the
+        lse larger by alibi[h] * qpos).
 """
 
 
@@ -1103,13 +1110,13 @@ def rope_attention_fwd(q: Tensor, k: Tensor, v: Tensor, cos: Optional[Tensor] = 
                        window: Optional[int] = None, q_offset: Optional[int] = None,
                        k_offset: int = 0, scale: Optional[float] = None,
                        softcap: Optional[float] = None, alibi: Optional[Tensor] = None,
-                       out: Optional[Tensor] = None, lse: Optional[Tensor] = None
-                       ) -> Tuple[Tensor, Tensor]:
+                       alibi_keys_only: bool = False, out: Optional[Tensor] = None,
+                       lse: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """Forward kernel alone: (out [B, H, T, D] in q's dtype, lse [B, H, T] fp32, natural log,
     -inf for a row that sees no key). `out` (any strides) and `lse` (contiguous) given: the
     kernel writes them in place and returns them."""
     sp = _Spec(q, k, v, cos, sin, k_cos, k_sin, rot_dim, interleaved, rope_k, causal, window,
-               q_offset, k_offset, scale, softcap, alibi)
+               q_offset, k_offset, scale, softcap, alibi, alibi_keys_only)
     return _run_fwd(sp, q, k, v, out, lse)
 
 
@@ -1120,7 +1127,8 @@ def rope_attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
                        rope_k: bool = True, causal: bool = True, window: Optional[int] = None,
                        q_offset: Optional[int] = None, k_offset: int = 0,
                        scale: Optional[float] = None, softcap: Optional[float] = None,
-                       alibi: Optional[Tensor] = None, dq: Optional[Tensor] = None,
+                       alibi: Optional[Tensor] = None, alibi_keys_only: bool = False,
+                       dq: Optional[Tensor] = None,
                        dk: Optional[Tensor] = None, dv: Optional[Tensor] = None
                        ) -> Tuple[Tensor, Tensor, Tensor]:
     """Backward kernels alone: (dq, dk, dv) with respect to the q, k, v given (before RoPE),
@@ -1128,7 +1136,7 @@ def rope_attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
     the query heads that share each kv head. dq, dk, dv given (q's, k's, v's shapes and
     dtypes, any strides): the kernels write them in place."""
     sp = _Spec(q, k, v, cos, sin, k_cos, k_sin, rot_dim, interleaved, rope_k, causal, window,
-               q_offset, k_offset, scale, softcap, alibi)
+               q_offset, k_offset, scale, softcap, alibi, alibi_keys_only)
     return _run_bwd(sp, do, q, k, v, out, lse, dq, dk, dv)
 
 
@@ -1139,9 +1147,9 @@ class RopeAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, cos, sin, k_cos, k_sin, rot_dim, interleaved, rope_k, causal,
-                window, q_offset, k_offset, scale, softcap, alibi):
+                window, q_offset, k_offset, scale, softcap, alibi, alibi_keys_only):
         opts = (rot_dim, interleaved, rope_k, causal, window, q_offset, k_offset, scale,
-                softcap, alibi)
+                softcap, alibi, alibi_keys_only)
         sp = _Spec(q, k, v, cos, sin, k_cos, k_sin, *opts)
         out, lse = _run_fwd(sp, q, k, v)
         ctx.save_for_backward(q, k, v, out, lse, cos, sin, k_cos, k_sin)
@@ -1154,7 +1162,7 @@ class RopeAttention(torch.autograd.Function):
         q, k, v, out, lse, cos, sin, k_cos, k_sin = ctx.saved_tensors
         sp = _Spec(q, k, v, cos, sin, k_cos, k_sin, *ctx.opts)
         dq, dk, dv = _run_bwd(sp, dout, q, k, v, out, lse)
-        return (dq, dk, dv) + (None,) * 14
+        return (dq, dk, dv) + (None,) * 15
 
 
 def rope_attention(q: Tensor, k: Tensor, v: Tensor, cos: Optional[Tensor] = None,
@@ -1164,13 +1172,13 @@ def rope_attention(q: Tensor, k: Tensor, v: Tensor, cos: Optional[Tensor] = None
                    window: Optional[int] = None, q_offset: Optional[int] = None,
                    k_offset: int = 0, scale: Optional[float] = None,
                    softcap: Optional[float] = None, alibi: Optional[Tensor] = None,
-                   return_lse: bool = False):
+                   alibi_keys_only: bool = False, return_lse: bool = False):
     """Fused RoPE + attention with gradients: out [B, H, T, D] in q's dtype (and lse
     [B, H, T] fp32 with return_lse).
     """
     out, lse = RopeAttention.apply(q, k, v, cos, sin, k_cos, k_sin, rot_dim, interleaved,
                                    rope_k, causal, window, q_offset, k_offset, scale, softcap,
-                                   alibi)
+                                   alibi, alibi_keys_only)
     return (out, lse) if return_lse else out
 
 
@@ -1206,7 +1214,8 @@ def rope_attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor,
                           rot_dim: Optional[int] = None, interleaved: bool = False,
                           causal: bool = True, window: Optional[int] = None,
                           scale: Optional[float] = None, softcap: Optional[float] = None,
-                          alibi: Optional[Tensor] = None, num_splits: Optional[int] = None,
+                          alibi: Optional[Tensor] = None, alibi_keys_only: bool = False,
+                          num_splits: Optional[int] = None,
                           out: Optional[Tensor] = None, kpos: Optional[Tensor] = None,
                           q2: Optional[Tensor] = None, k2_cache: Optional[Tensor] = None
                           ) -> Tensor:
@@ -1264,7 +1273,7 @@ def rope_attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor,
     else:
         q2, k2_cache = q, k_cache       # not read
     sp = _Spec(q, k_cache, v_cache, cos, sin, k_cos, k_sin, rot_dim, interleaved, rope_k,
-               causal, window, 0, 0, scale, softcap, alibi, decode=True)
+               causal, window, 0, 0, scale, softcap, alibi, alibi_keys_only, decode=True)
     B, H, TQ, DV, HKV, S = sp.B, sp.H, sp.T, sp.DV, sp.HKV, sp.S
     pos, stride_pos = _per_sequence(pos, B, "pos", q.device)
     if kv_len is None:
@@ -1402,7 +1411,7 @@ def rope_attention_reference(q: Tensor, k: Tensor, v: Tensor, cos: Optional[Tens
                              causal: bool = True, window: Optional[int] = None,
                              q_offset: Union[int, Tensor, None] = None, k_offset: int = 0,
                              scale: Optional[float] = None, softcap: Optional[float] = None,
-                             alibi: Optional[Tensor] = None,
+                             alibi: Optional[Tensor] = None, alibi_keys_only: bool = False,
                              kv_len: Union[Tensor, int, None] = None,
                              return_lse: bool = False):
     """The same math in torch, op by op, differentiable: RoPE on q (and k), scaled scores,
@@ -1429,7 +1438,8 @@ def rope_attention_reference(q: Tensor, k: Tensor, v: Tensor, cos: Optional[Tens
     qpos = _positions(q_offset, T, q.device)[:, None, :, None]   # [B or 1, 1, T, 1]
     kpos = (k_offset + torch.arange(S, device=q.device))[None, None, None, :]
     if alibi is not None:
-        s = s + alibi.to(s.dtype).reshape(1, H, 1, 1) * (kpos - qpos).to(s.dtype)
+        s = s + alibi.to(s.dtype).reshape(1, H, 1, 1) * (
+            kpos if alibi_keys_only else kpos - qpos).to(s.dtype)
     vis = torch.ones(qpos.shape[0], 1, T, S, dtype=torch.bool, device=q.device)
     if causal:
         vis = vis & (kpos <= qpos)
@@ -1537,7 +1547,8 @@ def launch_template(template: str, xs, outs, opts) -> None:
               interleaved=opts["interleaved"], rope_k=opts["rope_k"], causal=opts["causal"],
               window=opts["window"] or None, scale=opts["scale"],
               softcap=opts.get("softcap"),
-              alibi=xs[opts["alibi"]] if "alibi" in opts else None)
+              alibi=xs[opts["alibi"]] if "alibi" in opts else None,
+              alibi_keys_only=bool(opts.get("alibi_keys_only")))
     if template == "rope_attention":
         out = outs[0] if outs and outs[0] is not None else None
         lse = outs[1] if len(outs) > 1 and outs[1] is not None else None

@@ -213,7 +213,7 @@ def match(sm: Node, users: Dict[Node, List[Node]]) -> dict:
             return n is minfo["kpos"] if minfo.get("kpos") is not None else n.op is Op.IOTA
         region.append(x)
         x, slopes, qsrc, _ = alibi(x, sm.type.shape[1], True, _fixed, positions)
-        bias = _between(region[-1], x, slopes, qsrc)
+        bias = _between(region[-1], x, *[n for n in (slopes, qsrc) if n is not None])
         if widened(x):
             region.append(x)
             x = x.inputs[0]
@@ -298,12 +298,13 @@ def match(sm: Node, users: Dict[Node, List[Node]]) -> dict:
     positions = [x for x in (minfo["pos"], minfo.get("kpos")) if x is not None]
     ins = qs + ks + ([v] if v_part is None else []) + positions
     if slopes is not None:       # ALiBi reads the query positions (dynamic step: not read
-        if qsrc not in ins:      # by the launch, which has them from the shapes) and slopes
-            ins.append(qsrc)
+        if qsrc is not None and qsrc not in ins:   # by the launch, which has them from
+            ins.append(qsrc)                        # the shapes) and slopes
         ins.append(slopes)
     return {"inputs": ins, "v": v, "v_as": None if v_part is None else ks[v_part],
             "out": pv, "region": inside | set(mregion) | set(layout) | set(bias),
             "alibi": None if slopes is None else len(ins) - 1,
+            "alibi_keys_only": slopes is not None and qsrc is None,
             "window": minfo["window"], "scale": 1.0 if scale is None else scale,
             "softcap": cap,
             "parts": len(ks), "v_part": v_part, "heads": (H, hkv), "q_split": q_split,
@@ -353,6 +354,7 @@ def _body(m: dict, name: str, order: Dict[Node, int]) -> Graph:
                    template="decode_attention",
                    options={"static": m["static"], "window": m["window"], "scale": m["scale"],
                             "softcap": m["softcap"], "alibi": m["alibi"],
+                            "alibi_keys_only": m["alibi_keys_only"],
                             "parts": m["parts"], "v_part": m["v_part"],
                             "q_split": m["q_split"], "kpos": m["kpos"] is not None})
 

@@ -7,7 +7,8 @@ Matched on primitives (no block names): from each softmax over the last axis, th
           soft cap cap * tanh(s / cap), Gemma 2's, or absent; ALiBi's bias may be added
           after it: + slopes * (kpos - qpos), slopes a static [H, 1, 1] tensor, the
           distance over positions iota(T), also written -(qpos - kpos) or, causal,
-          -|qpos - kpos|: `patterns.alibi`, the slopes an input of the op)
+          -|qpos - kpos|, or BLOOM's slopes * kpos alone: `patterns.alibi`, the slopes an
+          input of the op)
 
 back through the scores and forward to the single `probs @ v'`, and reads q' and k' as a
 concat along the head dim of parts (one part: no concat), each part one of
@@ -286,11 +287,12 @@ def match(sm: Node, users: Dict[Node, List[Node]], static, order: Dict[Node, int
               "causal mask is not [T, S] like the scores")
         causal, window = True, int(mask.attrs.get("window") or 0)
         x = s
-    slopes = None
+    slopes, keys_only = None, False
     if x.op is Op.ADD:          # ALiBi: scores + slopes * (key position - query position)
         def iota(n, axis):      # training: query i and key j at positions i and j
             return n.op is Op.IOTA
-        x, slopes, _, _ = alibi(x, sm.type.shape[1], causal, static, iota)
+        x, slopes, qpos, _ = alibi(x, sm.type.shape[1], causal, static, iota)
+        keys_only = qpos is None
         if widened(x):          # mixed precision: the bias met the scores in fp32
             x = x.inputs[0]
     cap = softcap(x)            # Gemma 2's cap * tanh(s / cap) on the scaled scores
@@ -344,6 +346,8 @@ def match(sm: Node, users: Dict[Node, List[Node]], static, order: Dict[Node, int
                       scale, slopes, given=True)
     if cap is not None:
         m["opts"]["softcap"] = cap
+    if keys_only:
+        m["opts"]["alibi_keys_only"] = True
     return m
 
 
@@ -538,7 +542,8 @@ def _describe(o: dict) -> str:
     if o.get("softcap"):
         what.append(f"with scores soft-capped at {o['softcap']:.4g}")
     if "alibi" in o:
-        what.append("with ALiBi")
+        what.append("with ALiBi" + (" (slopes * key position)" if o.get("alibi_keys_only")
+                                    else ""))
     if len(o["q"]) > 1 and len({q[0] for q in o["q"]}) > 1:
         what.append("(decoupled rope part)")
     return " ".join(what) + f", scale {o['scale']:.4g}"

@@ -71,12 +71,13 @@ def softcap(x: Node):
 
 
 def alibi(x: Node, H, causal: bool, static, positions):
-    """x = s + bias, bias = slopes * (kpos - qpos) (ALiBi, BLOOM's and MPT's): (s, slopes,
-    qpos, kpos), slopes a static tensor with one value per query head ([H, 1, 1] or
-    [1, H, 1, 1]), qpos and kpos the position tensors under the distance's reshapes to
-    [T, 1] and [1, S] (and a cast to float) for which `positions(n, axis)` holds (axis 0:
-    queries, 1: keys). The distance is kpos - qpos, -(qpos - kpos), or under a causal mask
-    -|qpos - kpos|; the bias may reach the scores through casts. NoMatch otherwise."""
+    """x = s + bias, bias = slopes * (kpos - qpos) (ALiBi, MPT's): (s, slopes, qpos, kpos),
+    slopes a static tensor with one value per query head ([H, 1, 1] or [1, H, 1, 1]), qpos
+    and kpos the position tensors under the distance's reshapes to [T, 1] and [1, S] (and a
+    cast to float) for which `positions(n, axis)` holds (axis 0: queries, 1: keys). The
+    distance is kpos - qpos, -(qpos - kpos), or under a causal mask -|qpos - kpos|; or the
+    bias is slopes * kpos alone (BLOOM's form, [1, S] or [1, 1, S]: the same probabilities),
+    and qpos is None. The bias may reach the scores through casts. NoMatch otherwise."""
     def strip(n):
         while n.op is Op.CAST:
             n = n.inputs[0]
@@ -105,6 +106,9 @@ def alibi(x: Node, H, causal: bool, static, positions):
             return sub(a, True) or sub(a, False)
         if d.op is Op.NEG:
             return sub(d.inputs[0], False)
+        if d.op is Op.RESHAPE and d.type.rank in (2, 3):     # BLOOM's slopes * kpos
+            k = pos(d, (1,) * (d.type.rank - 1) + (d.type.shape[-1],), 1)
+            return None if k is None else (None, k)
         return sub(d, True)
 
     why = "scores plus a term that is not ALiBi's slopes * (key position - query position)"

@@ -36,7 +36,8 @@ def _max_err(got, want):
 
 def run_case(B, H, HKV, T, S, D, *, rot, interleaved=False, paired=False, causal=True,
              window=None, q_offset=None, k_offset=0, rope_k=True, xpos=False,
-             dtype=torch.float32, strided=False, seed=0, dv=None, softcap=None, alibi=False):
+             dtype=torch.float32, strided=False, seed=0, dv=None, softcap=None, alibi=False,
+             keys_only=False):
     """Fused forward + backward vs the fp64 reference: max abs error of out, lse, dq, dk, dv
     (and the largest reference magnitude, for fp16's relative bound)."""
     gen = torch.Generator().manual_seed(seed)
@@ -63,6 +64,7 @@ def run_case(B, H, HKV, T, S, D, *, rot, interleaved=False, paired=False, causal
               q_offset=q_offset, k_offset=k_offset, rope_k=rope_k, softcap=softcap)
     if alibi:       # ALiBi's geometric slopes, 2^(-8 (h + 1) / H)
         kw["alibi"] = 2.0 ** (-8.0 * torch.arange(1, H + 1, dtype=torch.float32) / H)
+        kw["alibi_keys_only"] = keys_only
     out, lse = A.rope_attention(q, k, v, **tabs, **kw, return_lse=True)
     assert out.dtype == dtype and out.shape == (B, H, T, dv) and lse.dtype == torch.float32
     do = _randn(B, H, T, dv, gen=gen, dtype=dtype)
@@ -129,6 +131,8 @@ CASES = [
      dict(rot=0, alibi=True, causal=False, window=9, q_offset=30, k_offset=3)),
     ("alibi-with-rope-and-softcap", (1, 4, 4, 33, 33, 32),
      dict(rot=32, alibi=True, softcap=2.0)),
+    ("alibi-keys-only-bloom-offsets", (2, 4, 2, 17, 40, 32),
+     dict(rot=0, alibi=True, keys_only=True, q_offset=23, k_offset=3, window=30)),
 ]
 
 
@@ -188,7 +192,8 @@ def test_softcap_changes_the_result():
 # -- decode ----------------------------------------------------------------------------------
 def run_decode(B, H, HKV, TQ, S_MAX, D, *, rot, pos, kv_len=None, rope_k=False, causal=True,
                window=None, splits=None, paired=False, interleaved=False,
-               dtype=torch.float32, seed=0, dv=None, softcap=None, alibi=False):
+               dtype=torch.float32, seed=0, dv=None, softcap=None, alibi=False,
+               keys_only=False):
     """Flash-decoding over a cache padded to S_MAX (padding slots hold large values that would
     show if read) vs the fp64 reference over the raw keys."""
     gen = torch.Generator().manual_seed(seed)
@@ -210,13 +215,13 @@ def run_decode(B, H, HKV, TQ, S_MAX, D, *, rot, pos, kv_len=None, rope_k=False, 
     out = A.rope_attention_decode(q, k_cache, v, pos_t, cos, sin, kv_len=kv_len,
                                   rope_k=rope_k, rot_dim=rot, interleaved=interleaved,
                                   causal=causal, window=window, num_splits=splits,
-                                  softcap=softcap, alibi=slopes)
+                                  softcap=softcap, alibi=slopes, alibi_keys_only=keys_only)
     assert out.shape == q.shape[:3] + v.shape[3:] and out.dtype == dtype
     ref = A.rope_attention_reference(
         q.double(), k_raw.double(), v.double(), None if cos is None else cos.double(),
         None if sin is None else sin.double(), rot_dim=rot, interleaved=interleaved,
         causal=causal, window=window, q_offset=pos_t, kv_len=valid, softcap=softcap,
-        alibi=None if slopes is None else slopes.double())
+        alibi=None if slopes is None else slopes.double(), alibi_keys_only=keys_only)
     return _max_err(out, ref), ref.abs().max().item()
 
 
@@ -234,6 +239,8 @@ DECODE = [
      dict(rot=32, pos=[0, 37, 70], splits=3, window=20, softcap=1.5)),
     ("alibi-gqa-3-queries-4-splits", (2, 4, 2, 3, 64, 32),
      dict(rot=0, pos=[7, 50], splits=4, alibi=True)),
+    ("alibi-keys-only-2-splits", (2, 4, 2, 1, 50, 32),
+     dict(rot=0, pos=[9, 40], splits=2, alibi=True, keys_only=True)),
 ]
 
 

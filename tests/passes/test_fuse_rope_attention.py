@@ -230,7 +230,8 @@ def _variant(H, HKV, D, *, rot=None, k_rot=None, interleaved=False, window=0, xp
             pos = b.cast(b.iota(T), "f32")
             kp, qp = b.reshape(pos, [1, T]), b.reshape(pos, [T, 1])
             dist = {"sub": lambda: kp - qp, "neg": lambda: -(qp - kp),
-                    "abs": lambda: -b.abs(qp - kp), "keys": lambda: kp}[alibi]()
+                    "abs": lambda: -b.abs(qp - kp),
+                    "keys": lambda: b.reshape(pos, [1, 1, T])}[alibi]()
             s = s + slopes * dist
         if causal:
             s = b.where(b.causal_mask(T, T, window=window), s, -float("inf"))
@@ -321,13 +322,16 @@ def test_alibi(form):
                                        "v": (1, 2, TQ, 32)})
 
 
-def test_alibi_near_misses_say_why():
-    # -|i - j| is j - i only where the causal mask keeps j <= i; slopes * kpos alone (BLOOM's
-    # form: the same softmax, another lse) is not matched
-    for form, causal in (("abs", False), ("keys", True)):
-        (r,) = _records(fuse_rope_attention(_variant(4, 4, 16, rot=0, alibi=form,
-                                                     causal=causal)))
-        assert r["status"] == "declined" and "ALiBi" in r["reason"], r
+def test_alibi_bloom_form_and_near_misses():
+    # BLOOM writes slopes * kpos alone (the same probabilities; the kernels add the same and
+    # their lse is the body's); -|i - j| is j - i only where a causal mask keeps j <= i
+    g = _variant(4, 2, 32, rot=0, alibi="keys")
+    f, (r,) = _fused_records(g)
+    assert r["reason"].endswith("with ALiBi (slopes * key position), scale 0.1768")
+    _check_triton_equals_oracle(g, f, {"q": (1, 4, TQ, 32), "k": (1, 2, TQ, 32),
+                                       "v": (1, 2, TQ, 32)})
+    (r,) = _records(fuse_rope_attention(_variant(4, 4, 16, rot=0, alibi="abs", causal=False)))
+    assert r["status"] == "declined" and "ALiBi" in r["reason"], r
 
 
 def test_soft_capped_scores():
