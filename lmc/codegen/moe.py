@@ -9,6 +9,8 @@ token t of a [B, T] batch flattened to N = B*T rows:
     logits_t = x_t @ W_r (+ noise_t)          noise given as a tensor (the zoo's gaussian_noise
                                               is drawn outside), so everything is deterministic
     p_t      = softmax(logits_t) in fp32;  lse_t = logsumexp(logits_t)  (z-loss)
+               (or p_t = sigmoid(logits_t), a sigmoid router's independent scores: the
+               backward's dlogits = dp p (1 - p); no z-loss gradient then)
     top      = the k largest p_t (k in {1, 2}); ties go to the lower expert index (the zoo's
                topk is a stable descending sort)
     w_tj     = p_t[top_j] / sum_j' p_t[top_j']          (renormalize=True; else p_t[top_j])
@@ -131,7 +133,8 @@ def _gate_fwd(X, WR, NOISE, IDX, WOUT, KEPT, PROBS, LSE, PART, CARRY, POS, CHOSE
               K: tl.constexpr, RENORM: tl.constexpr, HAS_NOISE: tl.constexpr,
               CAP: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr,
               DOT_PREC: tl.constexpr, ROUND: tl.constexpr = 0, ROUND_P: tl.constexpr = 0,
-              HAS_CARRY: tl.constexpr = False, HAS_CHOSEN: tl.constexpr = False):
+              HAS_CARRY: tl.constexpr = False, HAS_CHOSEN: tl.constexpr = False,
+              SIGMOID: tl.constexpr = False):
     pid = tl.program_id(0)
     cols = tl.arange(0, BE)
     emask = cols < E
@@ -170,7 +173,10 @@ def _gate_fwd(X, WR, NOISE, IDX, WOUT, KEPT, PROBS, LSE, PART, CARRY, POS, CHOSE
         m = tl.max(logits, 1)
         ex = tl.exp(logits - m[:, None])
         s = tl.sum(ex, 1)
-        p = _round(ex / s[:, None], ROUND_P)
+        if SIGMOID:     # independent scores per expert (DeepSeek-V3's router), not a softmax
+            p = _round(tl.sigmoid(logits), ROUND_P)
+        else:
+            p = _round(ex / s[:, None], ROUND_P)
         tl.store(LSE + rows, m + tl.log(s), mask=rmask)
         tl.store(PROBS + rows[:, None] * E + cols[None, :], p,
                  mask=rmask[:, None] & emask[None, :])
@@ -239,7 +245,7 @@ def _gate_fwd(X, WR, NOISE, IDX, WOUT, KEPT, PROBS, LSE, PART, CARRY, POS, CHOSE
 def _gate_bwd(PROBS, IDX, KEPT, WOUT, DW, DPSUM, DLSE, DPROBS, DLOG, N, E,
               K: tl.constexpr, RENORM: tl.constexpr, HAS_DW: tl.constexpr,
               HAS_DPSUM: tl.constexpr, HAS_DLSE: tl.constexpr, HAS_DPROBS: tl.constexpr,
-              BT: tl.constexpr, BE: tl.constexpr):
+              BT: tl.constexpr, BE: tl.constexpr, SIGMOID: tl.constexpr = False):
     pid = tl.program_id(0)
     cols = tl.arange(0, BE)
     emask = cols < E
@@ -279,7 +285,10 @@ def _gate_bwd(PROBS, IDX, KEPT, WOUT, DW, DPSUM, DLSE, DPROBS, DLOG, N, E,
         dp += tl.load(DPSUM + cols, mask=emask, other=0.0)[None, :]
     if HAS_DPROBS:     # a dense [N, E] gradient of the probabilities (fp32, contiguous)
         dp += tl.load(DPROBS + rows[:, None] * E + cols[None, :], mask=m2, other=0.0)
-    dl = p * (dp - tl.sum(p * dp, 1)[:, None])
+    if SIGMOID:         # p = sigmoid(l): dl = dp p (1 - p) (no lse: the host refuses one)
+        dl = dp * p * (1.0 - p)
+    else:
+        dl = p * (dp - tl.sum(p * dp, 1)[:, None])
     if HAS_DLSE:
         dl += tl.load(DLSE + rows, mask=rmask, other=0.0)[:, None] * p
     tl.store(DLOG + rows[:, None] * E + cols[None, :], dl, mask=m2)
@@ -296,6 +305,7 @@ class Gating(NamedTuple):
     lse: Tensor          # [N] fp32 logsumexp of the (noisy) router logits (differentiable)
     probs: Tensor        # [N, E] fp32 router probabilities (saved for the backward)
     count: Optional[Tensor] = None   # [B, E] fp32 with a carry: the running count after
+    sigmoid: bool = False            # probs are sigmoid(logits), not their softmax
 
 
 _ROUND = {None: 0, torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}   # _round's codes
@@ -307,7 +317,7 @@ def _gate_blocks():
 
 def _gating_forward(x, w_router, noise, k, renormalize, capacity_pct, seq_len,
                     capacity=None, round_to=None, carry=None, chosen=None,
-                    count=None, probs_round=None) -> Gating:
+                    count=None, probs_round=None, sigmoid=False) -> Gating:
     """capacity = (a, b) states the capacity test directly: slot kept iff
     (pos - 1) * a < (t + 1) * b (capacity_pct c is (E * 100, c * k)). round_to (torch.float16
     or torch.bfloat16): the logits, noisy logits and probabilities are rounded to it, as a
@@ -318,7 +328,8 @@ def _gating_forward(x, w_router, noise, k, renormalize, capacity_pct, seq_len,
     positions [T] of the step's tokens): pos counts on from the counts, t is the position.
     chosen: a contiguous fp32 [N, E] tensor the kernel writes the 0/1 choices into. With a
     carry the result's `count` [B, E] is the running count after the tokens (written into
-    `count` when given)."""
+    `count` when given). sigmoid: the probabilities are sigmoid(logits) (a sigmoid router,
+    DeepSeek-V3's: top-k and renormalisation as for a softmax's); lse is logsumexp(logits)."""
     N, D = x.shape
     E = w_router.shape[1]
     dev = x.device
@@ -369,16 +380,20 @@ def _gating_forward(x, w_router, noise, k, renormalize, capacity_pct, seq_len,
                        BT=BT, BD=BD, BE=BE,
                        DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32",
                        ROUND=_ROUND[round_to],
-                       ROUND_P=_ROUND[round_to if probs_round is None else probs_round], **extra)
+                       ROUND_P=_ROUND[round_to if probs_round is None else probs_round],
+                       SIGMOID=bool(sigmoid), **extra)
     stats = part.sum(0)[:, :E]
     return Gating(idx, w, kept, stats[0], stats[1], stats[2], lse, probs,
-                  count.view(grid, E) if count is not None else None)
+                  count.view(grid, E) if count is not None else None, bool(sigmoid))
 
 
 def _gating_backward(g: Gating, dw, dpsum, dlse, k, renormalize, dprobs=None) -> Tensor:
     """d logits [N, E] fp32 from the gradients of weight [N, k], prob_sum [E], lse [N] and
     (optionally) the probabilities themselves [N, E]."""
     N, E = g.probs.shape
+    if g.sigmoid and dlse is not None:
+        raise ValueError("the gradient of logsumexp(logits) of a sigmoid router needs the "
+                         "softmax the kernels do not keep")
     BT = 16 if _interpret() else 64
     dlog = torch.empty_like(g.probs)
     f32 = (lambda t: t.float().contiguous() if t is not None else None)
@@ -389,7 +404,7 @@ def _gating_backward(g: Gating, dw, dpsum, dlse, k, renormalize, dprobs=None) ->
         dprobs if dprobs is not None else g.probs,
         dlog, N, E, K=k, RENORM=bool(renormalize), HAS_DW=dw is not None,
         HAS_DPSUM=dpsum is not None, HAS_DLSE=dlse is not None,
-        HAS_DPROBS=dprobs is not None, BT=BT, BE=_p2(E))
+        HAS_DPROBS=dprobs is not None, BT=BT, BE=_p2(E), SIGMOID=g.sigmoid)
     return dlog
 
 
@@ -1188,7 +1203,8 @@ def launch_template(template: str, xs, outs, opts) -> None:
     cn = got.get("count")
     cn = cn if cn is not None and cn.is_contiguous() and cn.dtype == torch.float32 else None
     g = _gating_forward(x2, wr, noise, k, renorm, None, seq, capacity=cap, round_to=rnd,
-                        carry=carry, chosen=ch, count=cn, probs_round=prnd)
+                        carry=carry, chosen=ch, count=cn, probs_round=prnd,
+                        sigmoid=opts.get("router") == "sigmoid")
     if layer:
         x2 = x2.contiguous()
         wg, w1, w2 = (t.contiguous() for t in xs[2:5])

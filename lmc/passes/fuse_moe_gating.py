@@ -70,8 +70,12 @@ stores them, so its top-k compares the same values (ties after rounding go to th
 expert). The experts then run
 in that dtype with fp32 accumulation and an fp32 combine, as the program writes them.
 
-Not matched (each near miss is a declined record with the failed condition): a sigmoid or any
-non-softmax router, top-k of anything but the router's probabilities, k > 2, capacity not in
+A sigmoid router (DeepSeek-V3's independent per-expert scores, top-k and renormalised like
+a softmax's) is matched too (options["router"] = "sigmoid"), unless a z-loss reads the
+logits' logsumexp: its gradient needs the softmax, which the kernels do not keep.
+
+Not matched (each near miss is a declined record with the failed condition): a router other
+than softmax or sigmoid, top-k of anything but the router's probabilities, k > 2, capacity not in
 the form above, an intermediate of the region read outside it (e.g. the logits before the
 noise, or the gates before capacity).
 """
@@ -140,10 +144,11 @@ def match(top: Node, users: Dict[Node, List[Node]], static, outputs,
     k = top.attrs["k"]
     need(k in (1, 2), f"top-{k}: the fused gating handles k = 1 or 2")
     probs = top.inputs[0]
-    if probs.op is Op.SIGMOID:
-        raise NoMatch("sigmoid router: the fused gating computes a softmax")
-    need(probs.op is Op.SOFTMAX, f"top-k of {probs.op.value}, not of softmax(router logits)")
-    need(probs.attrs["axis"] == rank - 1, "router softmax not over the experts (last) axis")
+    router = "sigmoid" if probs.op is Op.SIGMOID else "softmax"   # DeepSeek-V3's: sigmoid
+    need(probs.op in (Op.SOFTMAX, Op.SIGMOID),
+         f"top-k of {probs.op.value}, not of softmax or sigmoid of the router logits")
+    need(router == "sigmoid" or probs.attrs["axis"] == rank - 1,
+         "router softmax not over the experts (last) axis")
     pdt = probs.type.dtype.value
     need(pdt in ("f32", "f16", "bf16"), f"router softmax in {pdt}")
     E = probs.type.shape[-1]
@@ -247,6 +252,8 @@ def match(top: Node, users: Dict[Node, List[Node]], static, outputs,
     lses = _users_of(users, widen or logits, Op.LOGSUMEXP,
                      lambda u: u.attrs["axis"] == rank - 1)
     if lses:
+        need(router == "softmax", "a z-loss (logsumexp of the logits) over a sigmoid "
+             "router: the fused backward keeps the sigmoid's scores, not the softmax")
         region.append(lses[0])
         role["lse"] = lses[0]
     inside = set(region)
@@ -257,7 +264,8 @@ def match(top: Node, users: Dict[Node, List[Node]], static, outputs,
             raise NoMatch(f"{n.op.value} inside the router is also used outside it")
     m = {"x": x, "w": w, "mm": mm, "logits": logits, "noise": noise_node, "k": k, "E": E,
          "renorm": renorm, "capacity": capacity, "carry": carry, "form": form,
-         "experts": None, "dtype": dt, "probs_dtype": pdt, "residual": None}
+         "experts": None, "dtype": dt, "probs_dtype": pdt, "residual": None,
+         "router": router}
     try:
         ex = _experts(gates, x, users, outputs, E)
     except NoMatch as e:
@@ -510,7 +518,7 @@ def _body(m: dict, name: str, static) -> Graph:
     body.meta["template"] = _kind(m)
     if saved:
         body.meta["saved"] = saved
-    body.meta["options"] = {"k": m["k"], "E": m["E"], "router": "softmax",
+    body.meta["options"] = {"k": m["k"], "E": m["E"], "router": m["router"],
                             "renormalise": m["renorm"], "noise": m["noise"] is not None,
                             "capacity": m["capacity"], "carry": m["carry"] is not None,
                             "residual": m["residual"] is not None,
@@ -561,7 +569,7 @@ def _kind(m: dict) -> str:
 
 
 def _reason(m: dict) -> str:
-    parts = [f"softmax top-{m['k']} of {m['E']} ({m['form']})"]
+    parts = [f"{m['router']} top-{m['k']} of {m['E']} ({m['form']})"]
     if m["probs_dtype"] != "f32":
         parts.append(f"router in {m['dtype']}: experts picked from rounded probabilities")
     elif m["dtype"] != "f32":

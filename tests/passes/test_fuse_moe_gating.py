@@ -99,26 +99,32 @@ def _grads(graph, vals, ctx, cts, triton):
     return fw, got, kinds
 
 
-CASES = [  # E, k, capacity (hundredths), form, noise std, renormalise, z-loss
-    (4, 2, None, "one-hot", 1.0, True, False),     # blues01
-    (4, 2, 120, "one-hot", 0.0, True, True),       # minimax
-    (8, 1, 120, "one-hot", 0.0, True, True),
-    (8, 2, None, "scatter", 0.0, True, False),     # medit_one
-    (4, 1, None, "scatter", 0.0, False, True),
-    (8, 2, 100, "one-hot", 0.5, False, False),
+CASES = [  # E, k, capacity (hundredths), form, noise std, renormalise, z-loss, softmax
+    (4, 2, None, "one-hot", 1.0, True, False, True),     # blues01
+    (4, 2, 120, "one-hot", 0.0, True, True, True),       # minimax
+    (8, 1, 120, "one-hot", 0.0, True, True, True),
+    (8, 2, None, "scatter", 0.0, True, False, True),     # medit_one
+    (4, 1, None, "scatter", 0.0, False, True, True),
+    (8, 2, 100, "one-hot", 0.5, False, False, True),
+    # a sigmoid router (DeepSeek-V3's independent scores), with and without capacity/noise
+    (8, 2, None, "one-hot", 0.0, True, False, False),
+    (4, 1, 120, "one-hot", 0.5, True, False, False),
+    (8, 2, None, "scatter", 0.0, False, False, False),
 ]
 
 
-@pytest.mark.parametrize("E,k,cap,form,noise,renorm,z", CASES)
-def test_fused_equals_primitives_forward_and_gradients(E, k, cap, form, noise, renorm, z):
-    g = _router(E, k, form=form, cap=cap, noise=noise, renorm=renorm, z=z)
+@pytest.mark.parametrize("E,k,cap,form,noise,renorm,z,softmax", CASES)
+def test_fused_equals_primitives_forward_and_gradients(E, k, cap, form, noise, renorm, z,
+                                                       softmax):
+    g = _router(E, k, form=form, cap=cap, noise=noise, renorm=renorm, z=z, softmax=softmax)
     f = fuse_moe_gating(g)
     (r,) = _records(f)
     assert r["status"] == "fused", r
+    assert r["reason"].startswith("softmax" if softmax else "sigmoid"), r
     assert ("capacity" in r["reason"]) == (cap is not None)
     assert ("noise" in r["reason"]) == bool(noise)
     assert sum(n.op is Op.FUSED for n in f.nodes) == 1
-    assert not any(n.op in (Op.SOFTMAX, Op.TOPK, Op.CUMSUM) for n in f.nodes)
+    assert not any(n.op in (Op.SOFTMAX, Op.SIGMOID, Op.TOPK, Op.CUMSUM) for n in f.nodes)
     gen = torch.Generator().manual_seed(E * 10 + k)
     t = 7 if cap is None else 9                                   # odd token counts
     vals = {"x": torch.randn(3, t, D, generator=gen), "w": torch.randn(D, E, generator=gen)}
@@ -141,17 +147,19 @@ def test_fused_equals_primitives_forward_and_gradients(E, k, cap, form, noise, r
         torch.testing.assert_close(g1[name], g0[name], rtol=1e-4, atol=1e-5)
 
 
-LAYER_CASES = [  # E, k, capacity, noise std, activation
-    (4, 2, None, 1.0, "gelu"),      # blues01
-    (4, 2, 120, 0.0, "silu"),       # minimax
-    (8, 1, 100, 0.0, "silu"),
-    (8, 2, None, 0.0, "gelu"),
+LAYER_CASES = [  # E, k, capacity, noise std, activation, softmax
+    (4, 2, None, 1.0, "gelu", True),      # blues01
+    (4, 2, 120, 0.0, "silu", True),       # minimax
+    (8, 1, 100, 0.0, "silu", True),
+    (8, 2, None, 0.0, "gelu", True),
+    (8, 2, None, 0.0, "silu", False),     # a sigmoid router (no z-loss: see near misses)
+    (4, 2, 120, 0.5, "silu", False),
 ]
 
 
-@pytest.mark.parametrize("E,k,cap,noise,act", LAYER_CASES)
-def test_whole_layer_equals_primitives(E, k, cap, noise, act):
-    g = _router(E, k, cap=cap, noise=noise, z=True, experts=act)
+@pytest.mark.parametrize("E,k,cap,noise,act,softmax", LAYER_CASES)
+def test_whole_layer_equals_primitives(E, k, cap, noise, act, softmax):
+    g = _router(E, k, cap=cap, noise=noise, z=softmax, experts=act, softmax=softmax)
     f = fuse_moe_gating(g)
     (r,) = _records(f)
     assert r["status"] == "fused" and "experts: sorted dispatch" in r["reason"], r
@@ -255,9 +263,9 @@ def test_ties_go_to_the_lower_expert(k, form):
 
 
 def test_near_misses_say_why():
-    (r,) = _records(fuse_moe_gating(_router(4, 2, softmax=False)))
-    assert r["status"] == "declined" and r["reason"] == (
-        "sigmoid router: the fused gating computes a softmax")
+    (r,) = _records(fuse_moe_gating(_router(4, 2, softmax=False, z=True)))
+    assert r["status"] == "declined" and r["reason"].startswith(
+        "a z-loss (logsumexp of the logits) over a sigmoid router")
     (r,) = _records(fuse_moe_gating(_router(8, 3)))
     assert r["status"] == "declined" and r["reason"] == "top-3: the fused gating handles k = 1 or 2"
     # the gates before the capacity mask read outside the region
