@@ -1,8 +1,10 @@
 """examples/: architectures outside the zoo, written as a user would (GPT-2: learned positions,
 LayerNorm with biases, a tied head; a Gemma 2-style model: soft-capped attention scores,
-alternating local/global layers, QK-norm, a soft-capped head; an MPT-style model: ALiBi).
-`lmc verify` passes on each, and the attention fusions fire on what they hold: plain causal
-attention with no RoPE, soft-capped scores, ALiBi, in training and in the decode step."""
+alternating local/global layers, QK-norm, a soft-capped head; an MPT-style model: ALiBi;
+a BLOOM-style model: ALiBi written as slopes * key position; a DeepSeek-style MoE: a sigmoid
+router and a shared expert). `lmc verify` passes on each, and the fusions fire on what they
+hold: plain causal attention with no RoPE, soft-capped scores, ALiBi in both forms, sigmoid
+routing, in training and in the decode step."""
 import glob
 import os
 
@@ -21,7 +23,8 @@ FILES = sorted(glob.glob(os.path.join(EXAMPLES, "*.yaml")))
 # a cap small enough that tanh saturates on the tiny models' scores (Gemma 2's 50 barely
 # bends them): the capped kernels' values and gradients are tested where the cap matters
 SETS = {"gemma2.yaml": ["attn_cap=1.5"]}
-DECODE = {"gpt2.yaml": "", "gemma2.yaml": ", scores soft-capped at 1.5", "mpt.yaml": ", ALiBi"}
+DECODE = {"gpt2.yaml": "", "gemma2.yaml": ", scores soft-capped at 1.5", "mpt.yaml": ", ALiBi",
+          "bloom.yaml": ", ALiBi", "deepseek_moe.yaml": ", scale 0.25"}
 # what the fused attention records say per layer (tiny presets)
 ATTENTION = {
     "gpt2.yaml": ["no rope: causal attention, scale 0.25"] * 2,
@@ -30,6 +33,9 @@ ATTENTION = {
                     "rope + causal GQA attention (4 heads, 2 kv) with scores soft-capped at "
                     "1.5, scale 0.25"],
     "mpt.yaml": ["no rope: causal attention with ALiBi, scale 0.25"] * 2,
+    "bloom.yaml": ["no rope: causal attention with ALiBi (slopes * key position), "
+                   "scale 0.25"] * 2,
+    "deepseek_moe.yaml": ["rope + causal GQA attention (4 heads, 2 kv), scale 0.25"] * 2,
 }
 
 
@@ -50,8 +56,10 @@ def test_verify_passes(path, sets):
     # (mpt with window=5: ALiBi in sliding-window attention, on a cache masked by position)
     rows = verify(path, overrides=sets)
     assert all(r.ok and not r.skipped for r in rows), format_rows(rows)
-    # the triton decoder runs the flash-decoding kernel in every attention layer
-    assert "triton k in [1, 5] (2 decode_attention):" in rows[-1].detail, rows[-1].detail
+    # the triton decoder runs the flash-decoding kernel in every attention layer (and the
+    # routed MoE kernels in every MoE layer)
+    fused = "2 decode_attention, 2 moe_layer" if "moe" in path else "2 decode_attention"
+    assert f"triton k in [1, 5] ({fused}):" in rows[-1].detail, rows[-1].detail
 
 
 @pytest.mark.parametrize("path", FILES, ids=os.path.basename)
@@ -114,59 +122,18 @@ def test_mixed_precision_training_fuses_attention_over_fp32_projections(path):
     assert worst(gk, g32) < 2 * floor, (worst(gk, g32), floor)
 
 
-BLOOM = """
-name: bloom_like
-config: {vocab: 512, d: 64, layers: 2, heads: 4, head_dim: 16, eps: 1.0e-5}
-blocks:
-  ln:
-    args: [x]
-    params: {w: {shape: [d], init: ones}, b: {shape: [d], init: zeros}}
-    body:
-      - xc = x - mean(x, -1)
-      - return xc * rsqrt(mean(xc * xc, -1) + eps) * w + b
-  attn:
-    args: [x, alibi]
-    params: {wqkv: [d, 3 * d], bqkv: {shape: [3 * d], init: zeros}, wo: [d, d]}
-    body:
-      - q, k, v = split(x @ wqkv + bqkv, 3, -1)
-      - q = permute(reshape(q, [B, T, heads, head_dim]), [0, 2, 1, 3])
-      - k = permute(reshape(k, [B, T, heads, head_dim]), [0, 2, 1, 3])
-      - v = permute(reshape(v, [B, T, heads, head_dim]), [0, 2, 1, 3])
-      - s = (q @ transpose(k, -2, -1)) * head_dim ** -0.5 + alibi
-      - p = softmax(where(causal_mask(T), s, -inf), -1)
-      - return reshape(permute(p @ v, [0, 2, 1, 3]), [B, T, d]) @ wo
-model:
-  inputs: {ids: [B, T]}
-  params: {embed: [vocab, d]}
-  body:
-    - x = ln(embedding(embed, ids), name='emb_ln')
-    - slopes = 2.0 ** (-8.0 * cast(iota(heads) + 1, 'f32') / heads)
-    - alibi = reshape(slopes, [heads, 1, 1]) * reshape(cast(iota(T), 'f32'), [1, 1, T])
-    - for: i
-      in: layers
-      body:
-        - x = x + attn(ln(x, name='ln'), alibi, name='attn')
-    - logits = ln(x, name='lnf') @ transpose(embed, 0, 1)
-  outputs: [logits]
-"""
 
-
-def test_bloom_alibi_form_fuses_and_verifies(tmp_path):
-    """BLOOM writes ALiBi as slopes * key position alone ([H, 1, S]: the same probabilities
-    as slopes * (kpos - qpos)): it fuses in training and in the decode step, and lmc verify
-    passes (the triton decoder on the flash-decoding kernel)."""
-    path = tmp_path / "bloom.yaml"
-    path.write_text(BLOOM)
-    rows = verify(str(path))
-    assert all(r.ok and not r.skipped for r in rows), format_rows(rows)
-    assert "triton k in [1, 5] (2 decode_attention):" in rows[-1].detail, rows[-1].detail
-    model = lmc.load(str(path))
+def test_sigmoid_router_fuses_in_training_and_decode():
+    """deepseek_moe: its sigmoid router (and the routed experts) is one fused layer in the
+    training program and in the decode step (the shared expert stays ordinary matmuls)."""
+    path = os.path.join(EXAMPLES, "deepseek_moe.yaml")
+    model = lmc.load(path, preset="tiny")
     prog = LmcModel(run_pipeline(with_loss(model.graph)), backend="triton").program()
-    recs = [r["reason"] for r in prog.forward_exec.graph.meta["fusions"]
-            if r["pass"] == "fuse_rope_attention"]
-    assert recs == ["no rope: causal attention with ALiBi (slopes * key position), "
-                    "scale 0.25"] * 2
-    for static in (False, True):
-        step = fuse_decode_attention(decode_step(model.graph, static=static).graph)
-        assert [r["reason"].endswith(", ALiBi") for r in step.meta["fusions"]
-                if r["pass"] == "fuse_decode_attention"] == [True, True]
+    recs = [r for r in prog.forward_exec.graph.meta["fusions"]
+            if r["pass"] == "fuse_moe_gating"]
+    assert [r["status"] for r in recs] == ["fused"] * 2
+    assert all(r["reason"].startswith("sigmoid top-2 of 8") and "grouped GEMMs" in r["reason"]
+               for r in recs)
+    kinds = [n.attrs.get("kind") for n in prog.backward_exec.graph.nodes
+             if n.op.value == "fused"]
+    assert kinds.count("moe_layer_bwd") == 2
