@@ -113,9 +113,14 @@ def cost_rows(prog, env):
         N = numel(router.type) // E
         return (3 if backward else 1) * 2 * N * d * E + (6 if backward else 3) * 2 * N * k * d * F
 
+    from lmc.codegen.wrapper import concat_aliases
+
     rows = []
     for graph_name, exe in (("forward", prog.forward_exec), ("backward", prog.backward_exec)):
+        written = concat_aliases(exe.graph)     # concats their pieces' kernels write: no launch
         for n in exe.graph.nodes:
+            if n in written:
+                continue
             if n.op is Op.FUSED:
                 body, kind = n.attrs["body"], n.attrs["kind"]
                 by = sum(nbytes(x) for x in n.inputs) + sum(

@@ -12,6 +12,12 @@ memory plan made at compile time by liveness:
   backward) are never reused.
 
 Values are dropped (``del``) after their last use, as the interpreter-style executor does.
+
+A concatenation whose pieces are outputs of kernels that write through strides (the
+attention templates), each read only by it through views it can invert (GPT-2's q, k, v
+gradients [B, H, T, D] -> permute -> reshape [B, T, d] -> concat [B, T, 3d]), is not run:
+its buffer is allocated first and each kernel writes its piece into a strided view of it
+(`concat_aliases`).
 The source is what `lmc compile -o DIR` writes as ``program_<graph>.py``.
 """
 from __future__ import annotations
@@ -39,6 +45,59 @@ def _numel(shape):
     for d in shape:
         n = n * d
     return n
+
+
+# kernels that write every output through the strides of the tensor they are given, whatever
+# they are (a view into a concatenation's buffer): the attention templates' launchers
+ALIASABLE_KINDS = ("rope_attention", "rope_attention_bwd")
+
+
+def concat_aliases(g: Graph) -> Dict[Node, List[tuple]]:
+    """{concat: [(kernel output, its view into the concat's buffer), ...]} for each CONCAT
+    along the last axis whose every piece is a kernel output of ALIASABLE_KINDS (not a graph
+    output, not written in place) seen through views read only on the way to the concat:
+    permutes, and reshapes merging the last two axes (undone by splitting the piece's last
+    axis, a view of a narrowed contiguous buffer). The view is (offset, size, [("view",
+    shape) | ("permute", perm), ...]) from the concat's buffer to the kernel output."""
+    readers = g.users()
+    outs = set(g.outputs.values())
+    found: Dict[Node, List[tuple]] = {}
+    for c in g.nodes:
+        if c.op is not Op.CONCAT or c.attrs["axis"] % c.type.rank != c.type.rank - 1 or \
+                c in outs or len(set(c.inputs)) != len(c.inputs):
+            continue
+        pieces, off, ok = [], 0, True
+        for x in c.inputs:
+            steps, y, above = [], x, c
+            while ok and y.op in (Op.PERMUTE, Op.RESHAPE):
+                if len(readers.get(y, [])) != 1 or y in outs:
+                    ok = False
+                    break
+                if y.op is Op.PERMUTE:
+                    perm = list(y.attrs["perm"])
+                    steps.append(("permute", [perm.index(d) for d in range(len(perm))]))
+                else:
+                    src, dst = y.inputs[0].type.shape, y.type.shape
+                    if len(src) != len(dst) + 1 or tuple(src[:-2]) != tuple(dst[:-1]) or \
+                            not all(isinstance(d, int) for d in src[-2:]) or \
+                            src[-2] * src[-1] != dst[-1]:
+                        ok = False
+                        break
+                    steps.append(("view", tuple(src)))
+                above, y = y, y.inputs[0]
+            size = x.type.shape[-1]
+            ok = ok and isinstance(size, int) and y.op is Op.GETITEM and \
+                y.inputs[0].op is Op.FUSED and \
+                y.inputs[0].attrs.get("kind") in ALIASABLE_KINDS and \
+                inplace_source(y) is None and y not in outs and \
+                readers.get(y, []) == [above] and readers.get(x, []) == [c]
+            if not ok:
+                break
+            pieces.append((y, (off, size, steps)))
+            off += size
+        if ok and pieces:
+            found[c] = pieces
+    return found
 
 
 class Plan:
@@ -76,9 +135,10 @@ class Plan:
         # assign slots in order, reusing those whose aliases are all dead; a kernel's
         # outputs are placed when it runs, so never in a buffer one of its inputs uses
         gets: Dict[Node, List[Node]] = {}
+        aliased = {y for pieces in concat_aliases(g).values() for y, _ in pieces}
         for n in g.nodes:
             if n.op is Op.GETITEM and n.inputs[0].op is Op.FUSED and \
-                    inplace_source(n) is None:
+                    inplace_source(n) is None and n not in aliased:
                 gets.setdefault(n.inputs[0], []).append(n)
         for i, n in enumerate(g.nodes):
             for s in release_at.pop(i - 1, []):
@@ -155,6 +215,11 @@ def generate(g: Graph, label: str) -> str:
     allocated: Set[int] = set()
     pos = {n: i for i, n in enumerate(g.nodes)}
     readers = g.users()
+    into: Dict[Node, tuple] = {}          # a kernel output written into a concat's buffer
+    for c, pieces in concat_aliases(g).items():
+        for y, (off, size, steps) in pieces:
+            into[y] = (c, off, size, steps)
+    skip = {v for y, (c, _, _, _) in into.items() for v in _chain(y, c)}
     gets: Dict[Node, List[Node]] = {}
     for n in g.nodes:
         if n.op is Op.GETITEM and n.inputs[0].op is Op.FUSED:
@@ -170,6 +235,22 @@ def generate(g: Graph, label: str) -> str:
             # output only a backward needs, in a program with no backward)
             outs = ["None"] * len(n.attrs["body"].outputs)
             for gi in sorted(gets.get(n, []), key=lambda u: u.attrs["index"]):
+                if gi in into:     # its piece of a concatenation's buffer, allocated first
+                    c, off, size, steps = into[gi]
+                    if c not in name:
+                        name[c] = f"v{pos[c]}"
+                        shape = ", ".join(py_dim(d) for d in c.type.shape)
+                        lines.append(f"    {name[c]} = torch.empty(({shape},), "
+                                     f"dtype={_torch_dtype(c.type.dtype)}, device=dev)"
+                                     f"  # concat written by its pieces' kernels")
+                    view = f"{name[c]}.narrow(-1, {off}, {size})"
+                    for op, arg in steps:
+                        view += (f".view({', '.join(py_dim(d) for d in arg)})" if op == "view"
+                                 else f".permute{tuple(arg)}")
+                    name[gi] = f"v{pos[gi]}"
+                    lines.append(f"    {name[gi]} = {view}  # its piece of the concat")
+                    outs[gi.attrs["index"]] = name[gi]
+                    continue
                 src = inplace_source(gi)
                 if src is not None:            # written in place: the output is the input
                     name[gi] = f"v{pos[gi]}"
@@ -199,7 +280,7 @@ def generate(g: Graph, label: str) -> str:
                     outs[k] = name[n.inputs[j]]
             lines.append(f"    LAUNCH[{n.attrs['kind']!r}](K[{n.attrs['kernel']!r}], [{ins}], "
                          f"[{', '.join(outs)}], NODES[{i}], ctx)  # {n.attrs['kind']} {where}")
-        elif n in name:        # a kernel output, bound above
+        elif n in name or n in skip:     # a kernel output, or a concat its pieces wrote
             pass
         else:
             name[n] = f"v{i}"
@@ -263,6 +344,19 @@ def mark_strided_outputs(g: Graph) -> Graph:
         if marked:
             n.attrs["body"].meta["strided_outputs"] = tuple(marked)
     return g
+
+
+def _chain(y: Node, c: Node) -> List[Node]:
+    """The views from kernel output y up to concat c (excluded: y), and c itself."""
+    out = [c]
+    for x in c.inputs:
+        chain, v = [], x
+        while v is not y and v.op in (Op.PERMUTE, Op.RESHAPE):
+            chain.append(v)
+            v = v.inputs[0]
+        if v is y:
+            out += chain
+    return out
 
 
 def _torch_dtype(dt) -> str:
