@@ -60,6 +60,23 @@ def test_verify_passes(path, sets):
     # routed MoE kernels in every MoE layer)
     fused = "2 decode_attention, 2 moe_layer" if "moe" in path else "2 decode_attention"
     assert f"triton k in [1, 5] ({fused}):" in rows[-1].detail, rows[-1].detail
+    if "window=5" in sets:     # ALiBi in sliding-window attention: W-slot rings, no growth
+        assert "state 4 tensors, 0 B/token + " in rows[-1].detail, rows[-1].detail
+
+
+def test_alibi_shared_by_layers_of_different_windows_keeps_full_caches(tmp_path):
+    """One ALiBi bias read by a sliding-window layer and a full one: a node has one key
+    layout in the decode step, so both keep a full cache (masked by position) and decode
+    still equals the forward."""
+    src = open(os.path.join(EXAMPLES, "mpt.yaml")).read()
+    src = src.replace("    args: [x, alibi]\n", "    args: [x, alibi]\n    options: {win: 0}\n")
+    src = src.replace("causal_mask(T, T, window)", "causal_mask(T, T, win)")
+    src = src.replace("alibi, name='attn')", "alibi, win=5 if i % 2 == 0 else 0, name='attn')")
+    path = tmp_path / "mpt_mixed.yaml"
+    path.write_text(src)
+    rows = verify(str(path))
+    assert all(r.ok and not r.skipped for r in rows), format_rows(rows)
+    assert "state 4 tensors, 1,024 B/token + 0 B/sequence" in rows[-1].detail, rows[-1].detail
 
 
 @pytest.mark.parametrize("path", FILES, ids=os.path.basename)

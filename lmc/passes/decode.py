@@ -382,9 +382,12 @@ def _windowed_attention(g: Graph, labels: "_Labels") -> Dict[Tuple[Node, int], _
 
     Matched: probs = softmax(where(causal_mask(T, window=W), s, -inf)) along the key axis
     (under mixed precision a cast up to fp32 before the softmax and one back after it),
-    s reached from scores = q @ k^T through pointwise ops whose other inputs carry no key axis,
-    each value on the way used once, and probs used only as the left operand of matmuls with
-    the values: keys older than W then get weight exactly 0, so K and V need only W slots."""
+    s reached from scores = q @ k^T through pointwise ops whose other inputs carry no key axis
+    or are computed from positions alone (ALiBi's bias: its key uses are taken over the ring's
+    keys too, unless the bias is also read by attentions of another window, which then all
+    keep full caches), each value on the way used once, and probs used only as the left
+    operand of matmuls with the values: keys older than W then get weight exactly 0, so K and
+    V need only W slots."""
     users: Dict[Node, List[Node]] = {}
     for n in g.nodes:
         for x in n.inputs:
@@ -393,6 +396,13 @@ def _windowed_attention(g: Graph, labels: "_Labels") -> Dict[Tuple[Node, int], _
         users.setdefault(o, []).append(None)
     lab, keyuse = labels.lab, labels.keyuse
     out: Dict[Tuple[Node, int], _Keys] = {}
+    free: Dict[Node, bool] = {}
+
+    def token_free(n: Node) -> bool:      # computed from positions and constants alone
+        if n not in free:
+            free[n] = n.op is not Op.INPUT and all(token_free(i) for i in n.inputs)
+        return free[n]
+    found = []      # (ring, its key-use edges, the path's nodes, positions-only side inputs)
     for sm in g.nodes:
         if sm.op is not Op.SOFTMAX or (lab[sm] or (None,))[sm.attrs["axis"]] != K:
             continue
@@ -407,12 +417,19 @@ def _windowed_attention(g: Graph, labels: "_Labels") -> Dict[Tuple[Node, int], _
                 and not hasattr(fill.attrs["value"], "shape")
                 and fill.attrs["value"] == float("-inf")):
             continue
-        x, ok = s, True
+        x, ok, path, side = s, True, [], []
         while ok and x.op is not Op.MATMUL:
-            timed = [i for i in x.inputs if K in lab[i]]
+            # the scores' path: one input with a key axis that depends on the tokens; the
+            # others carry no time axis, or are computed from positions alone (ALiBi's
+            # bias: recomputed over the ring's key positions)
+            timed = [i for i in x.inputs if K in lab[i] and not token_free(i)]
             ok = (x.op.kind is Kind.POINTWISE and len(timed) == 1
-                  and all(i is timed[0] or not any(lab[i]) for i in x.inputs)
+                  and all(i is timed[0] or not any(lab[i]) or token_free(i)
+                          for i in x.inputs)
                   and len(users.get(timed[0], [])) == 1)
+            if ok:
+                path.append(x)
+                side += [i for i in x.inputs if i is not timed[0] and K in lab[i]]
             x = timed[0] if ok else x
         if not ok or (x, 1) not in keyuse or len(users.get(x, [])) != 1 or \
                 not (s is x or len(users.get(s, [])) == 1):
@@ -424,9 +441,30 @@ def _windowed_attention(g: Graph, labels: "_Labels") -> Dict[Tuple[Node, int], _
                              and (u, 1) in keyuse for u in pv):
             continue
         ring = _Keys("ring", mask.attrs["window"])
-        out[(x, 1)] = ring
-        for u in pv:
-            out[(u, 1)] = ring
+        edges = [(x, 1)] + [(u, 1) for u in pv]
+        for r in side:        # the key-use edges inside a positions-only side input
+            stack, seen = [r], set()
+            while stack:
+                m = stack.pop()
+                if m in seen:
+                    continue
+                seen.add(m)
+                edges += [(m, j) for j in range(len(m.inputs)) if (m, j) in keyuse]
+                stack.extend(m.inputs)
+        found.append((ring, edges, set(path), side))
+    # a side input shared by attentions must be read by ring attentions of one window only
+    # (one layout per node): else those attentions keep the full cache
+    readers: Dict[Node, set] = {}
+    for ring, _, path, side in found:
+        for r in side:
+            readers.setdefault(r, set()).add(ring.window)
+    on_paths = set().union(*[f[2] for f in found]) if found else set()
+    for ring, edges, path, side in found:
+        if any(len(readers[r]) > 1 or any(u not in on_paths for u in users.get(r, []))
+               for r in side):
+            continue
+        for e in edges:
+            out[e] = ring
     return out
 
 
