@@ -87,6 +87,7 @@ from .patterns import (
     need,
     softcap,
     splice,
+    upstream,
     widened,
 )
 
@@ -213,7 +214,9 @@ def match(sm: Node, users: Dict[Node, List[Node]]) -> dict:
             return n is minfo["kpos"] if minfo.get("kpos") is not None else n.op is Op.IOTA
         region.append(x)
         x, slopes, qsrc, _ = alibi(x, sm.type.shape[1], True, _fixed, positions)
-        bias = _between(region[-1], x, *[n for n in (slopes, qsrc) if n is not None])
+        # ALiBi's bias, which the body recomputes (the graph keeps it while others read it)
+        bias = upstream([i for i in region[-1].inputs if i is not x],
+                        {x} | {n for n in (slopes, qsrc) if n is not None})
         if widened(x):
             region.append(x)
             x = x.inputs[0]
@@ -317,19 +320,6 @@ def _fixed(n: Node) -> bool:
     if n.op is Op.PARAM or (n.op is Op.INPUT and not n.attrs["name"].startswith("decode.")):
         return False
     return all(_fixed(i) for i in n.inputs)
-
-
-def _between(top: Node, s: Node, *stop: Node) -> List[Node]:
-    """The nodes from `top` down to (not including) s and the `stop` nodes: ALiBi's bias,
-    which the body recomputes (the graph keeps it while other layers read it)."""
-    out, stack = [], [i for i in top.inputs if i is not s]
-    while stack:
-        n = stack.pop()
-        if n in out or n in stop or not n.inputs:
-            continue
-        out.append(n)
-        stack.extend(n.inputs)
-    return out
 
 
 def _head_concat(n: Node) -> bool:

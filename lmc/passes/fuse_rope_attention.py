@@ -76,7 +76,18 @@ from ..ir.graph import Graph, Node
 from ..ir.ops import Op
 from ..ir.types import DType
 from .fuse_pointwise import _where
-from .patterns import Body, NoMatch, Region, alibi, const_value, need, softcap, splice, widened
+from .patterns import (
+    Body,
+    NoMatch,
+    Region,
+    alibi,
+    const_value,
+    need,
+    softcap,
+    splice,
+    upstream,
+    widened,
+)
 
 
 def _last(n: Node) -> int:
@@ -439,13 +450,7 @@ def _assemble(sm, pv, qr, kr, qparts, kparts, users, static, order, causal, wind
 
     # the region: everything between the inputs and probs @ v (sources are copied)
     stop = set(inputs)
-    region, stack = set(), [pv]
-    while stack:
-        n = stack.pop()
-        if n in region or n in stop or not n.inputs:
-            continue
-        region.add(n)
-        stack.extend(n.inputs)
+    region = upstream([pv], stop)
     for n in region:
         for i in n.inputs:
             need(i in region or i in stop or (not i.inputs and i.op not in (Op.INPUT, Op.PARAM)),

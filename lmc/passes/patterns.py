@@ -48,6 +48,20 @@ def widened(x: Node) -> bool:
             and x.inputs[0].type.dtype in (DType.f16, DType.bf16))
 
 
+def upstream(roots: Sequence[Node], stop) -> Set[Node]:
+    """The nodes `roots` are computed from, walking inputs and stopping at the `stop` nodes
+    and at sources (nodes with no inputs, which a Body copies): a region to fuse."""
+    out: Set[Node] = set()
+    stack = list(roots)
+    while stack:
+        n = stack.pop()
+        if n in out or n in stop or not n.inputs:
+            continue
+        out.add(n)
+        stack.extend(n.inputs)
+    return out
+
+
 def softcap(x: Node):
     """x = cap * tanh(s / cap) (or tanh(s * (1 / cap)) * cap, operands in either order), a
     soft cap on attention scores as Gemma 2 writes it: (cap, s); None for anything else."""

@@ -646,6 +646,28 @@ def test_benchmark_runs_tiny_on_cpu(tmp_path):
 
 
 # -- on the GPU (autotuned blocks, bf16 / fp16 tensor cores): run with -m gpu -----------------
+def _gpu_inputs(gen, B, H, HKV, T, D, dtype):
+    """q, k, v (requiring gradients) and an upstream gradient, on the GPU in dtype."""
+    dev = torch.device("cuda")
+    q, k, v = (_randn(B, h, T, D, gen=gen).to(dev, dtype).requires_grad_()
+               for h in (H, HKV, HKV))
+    return q, k, v, _randn(B, H, T, D, gen=gen).to(dev, dtype)
+
+
+def _assert_within_twice(fused, base, want, dec, dtype):
+    """out and dq, dk, dv of the kernels (`fused`) and the decode output at the last
+    position (`dec`) no further from the fp32 reference (`want`) than twice torch's own
+    pipeline in the dtype (`base`), or two units in the last place of the largest value."""
+    unit = 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -11
+    for name, f, b, w in zip(("out", "dq", "dk", "dv"), fused, base, want):
+        ef, eb = _max_err(f, w), _max_err(b, w)
+        print(f"{name}: fused {ef:.2e}, torch {eb:.2e}")
+        assert ef <= max(2 * eb, 2 * unit * w.abs().max().item()), name
+    ed, eb = _max_err(dec, want[0][:, :, -1:]), _max_err(base[0][:, :, -1:], want[0][:, :, -1:])
+    print(f"decode: fused {ed:.2e}, torch {eb:.2e}")
+    assert ed <= max(2 * eb, 2 * unit * want[0][:, :, -1:].abs().max().item())
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
@@ -659,10 +681,7 @@ def test_gpu_errors_within_twice_sdpa(dtype, D, HKV, window):
     gen = torch.Generator().manual_seed(6)
     B, H, T = 2, 16, 1000
     dev = torch.device("cuda")
-    q = _randn(B, H, T, D, gen=gen).to(dev, dtype).requires_grad_()
-    k = _randn(B, HKV, T, D, gen=gen).to(dev, dtype).requires_grad_()
-    v = _randn(B, HKV, T, D, gen=gen).to(dev, dtype).requires_grad_()
-    do = _randn(B, H, T, D, gen=gen).to(dev, dtype)
+    q, k, v, do = _gpu_inputs(gen, B, H, HKV, T, D, dtype)
     cos, sin = A.rope_tables(T, D, paired=True, device=dev)
     out = A.rope_attention(q, k, v, cos, sin, rot_dim=D, window=window)
     fused = (out, *torch.autograd.grad(out, (q, k, v), do))
@@ -679,19 +698,11 @@ def test_gpu_errors_within_twice_sdpa(dtype, D, HKV, window):
     mask = (j <= i) & (j > i - (window or T + 1))
     sd = F.scaled_dot_product_attention(qr, kr, xb[2].repeat_interleave(G, 1), attn_mask=mask)
     base = (sd, *torch.autograd.grad(sd, xb, do))
-    unit = 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -11
-    for name, f, b, w in zip(("out", "dq", "dk", "dv"), fused, base, want):
-        ef, eb = _max_err(f, w), _max_err(b, w)
-        print(f"{name}: fused {ef:.2e}, torch {eb:.2e}")
-        assert ef <= max(2 * eb, 2 * unit * w.abs().max().item()), name
-
     k_cache = A.apply_rope(k.detach(), cos, sin, 0, D).to(dtype)
     pos = torch.full((B,), T - 1, device=dev)
     dec = A.rope_attention_decode(q.detach()[:, :, -1:], k_cache, v.detach(), pos, cos, sin,
                                   rot_dim=D, window=window)
-    ed, eb = _max_err(dec, want[0][:, :, -1:]), _max_err(base[0][:, :, -1:], want[0][:, :, -1:])
-    print(f"decode: fused {ed:.2e}, torch {eb:.2e}")
-    assert ed <= max(2 * eb, 2 * unit * want[0][:, :, -1:].abs().max().item())
+    _assert_within_twice(fused, base, want, dec, dtype)
 
 
 @pytest.mark.gpu
@@ -707,10 +718,7 @@ def test_gpu_softcap_and_alibi_errors_within_twice_torch(dtype, softcap, alibi, 
     gen = torch.Generator().manual_seed(7)
     B, H, HKV, T, D = 2, 8, 2, 700, 64
     dev = torch.device("cuda")
-    q = _randn(B, H, T, D, gen=gen).to(dev, dtype).requires_grad_()
-    k = _randn(B, HKV, T, D, gen=gen).to(dev, dtype).requires_grad_()
-    v = _randn(B, HKV, T, D, gen=gen).to(dev, dtype).requires_grad_()
-    do = _randn(B, H, T, D, gen=gen).to(dev, dtype)
+    q, k, v, do = _gpu_inputs(gen, B, H, HKV, T, D, dtype)
     slopes = (2.0 ** (-8.0 * torch.arange(1, H + 1) / H)).to(dev) if alibi else None
     kw = dict(window=window, softcap=softcap, alibi=slopes)
     out = A.rope_attention(q, k, v, **kw)
@@ -731,14 +739,7 @@ def test_gpu_softcap_and_alibi_errors_within_twice_torch(dtype, softcap, alibi, 
     p = torch.softmax(s.float(), -1).to(dtype)
     tb = p @ xb[2].repeat_interleave(G, 1)
     base = (tb, *torch.autograd.grad(tb, xb, do))
-    unit = 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -11
-    for name, f, b, w in zip(("out", "dq", "dk", "dv"), fused, base, want):
-        ef, eb = _max_err(f, w), _max_err(b, w)
-        print(f"{name}: fused {ef:.2e}, torch {eb:.2e}")
-        assert ef <= max(2 * eb, 2 * unit * w.abs().max().item()), name
     dec = A.rope_attention_decode(q.detach()[:, :, -1:], k.detach(), v.detach(),
                                   torch.full((B,), T - 1, device=dev), **kw)
-    ed, eb = _max_err(dec, want[0][:, :, -1:]), _max_err(base[0][:, :, -1:], want[0][:, :, -1:])
-    print(f"decode: fused {ed:.2e}, torch {eb:.2e}")
-    assert ed <= max(2 * eb, 2 * unit * want[0][:, :, -1:].abs().max().item())
+    _assert_within_twice(fused, base, want, dec, dtype)
 
