@@ -58,6 +58,7 @@ from ..ir.dims import Dim, norm
 from ..ir.graph import Graph, Node
 from ..ir.ops import Kind, Op
 from ..ir.types import DType
+from .patterns import narrowing
 
 Q, K, F = "q", "k", "f"
 B_ = Dim.sym("B")
@@ -657,7 +658,7 @@ class _Builder:
         if self.is_token_free(n):
             return self.clone_over_keys(n, keys)
         env = self.env(keys)
-        if n.op in LAYOUT and self._timed(n.inputs[0]) and not _narrowing(n):
+        if n.op in LAYOUT and self._timed(n.inputs[0]) and not narrowing(n):
             attrs = {k: _subst_attr(v, env) for k, v in n.attrs.items()}
             out = self.add(n.op, [self.key_side(n.inputs[0], keys)], attrs, n)
         elif n.op is Op.CONCAT and self.labels.lab[n][n.attrs["axis"]] is None:
@@ -848,13 +849,6 @@ class _Builder:
 def _is_param(w: Node) -> bool:
     """w is a parameter, or its cast (a mixed-precision program's matmul operand)."""
     return w.op is Op.PARAM or (w.op is Op.CAST and w.inputs[0].op is Op.PARAM)
-
-
-def _narrowing(n: Node) -> bool:
-    """n casts a float to a narrower float (a mixed-precision program's matmul operand): a
-    cache holds the narrow value the readers use, not the wide one before the cast."""
-    return n.op is Op.CAST and n.type.dtype.is_float and n.inputs[0].type.dtype.is_float \
-        and n.type.dtype.itemsize < n.inputs[0].type.dtype.itemsize
 
 
 def _swap_last(r: int) -> tuple:

@@ -82,6 +82,7 @@ from .patterns import (
     Region,
     alibi,
     const_value,
+    narrowing,
     need,
     softcap,
     splice,
@@ -367,11 +368,8 @@ class _Shared(NoMatch):
 
 
 def _narrowed(x: Node) -> Node:
-    """x without a cast from fp32 down to f16/bf16 (mixed precision's, before a product)."""
-    if x.op is Op.CAST and x.type.dtype in (DType.f16, DType.bf16) and \
-            x.inputs[0].type.dtype is DType.f32:
-        return x.inputs[0]
-    return x
+    """x without a narrowing cast (mixed precision's, before a product)."""
+    return x.inputs[0] if narrowing(x) else x
 
 
 def _assemble(sm, pv, qr, kr, qparts, kparts, users, static, order, causal, window, scale,

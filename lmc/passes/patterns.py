@@ -143,6 +143,13 @@ def alibi(x: Node, H, causal: bool, static, positions):
     raise NoMatch(why)
 
 
+def narrowing(n: Node) -> bool:
+    """n casts a float to a narrower float: a mixed-precision program's cast in front of a
+    product (a cache holds the narrow value, a kernel reads it)."""
+    return n.op is Op.CAST and n.type.dtype.is_float and n.inputs[0].type.dtype.is_float \
+        and n.type.dtype.itemsize < n.inputs[0].type.dtype.itemsize
+
+
 def is_swap(n: Node) -> bool:
     """n transposes the last two axes (k^T of a batched product)."""
     r = n.type.rank
