@@ -40,8 +40,13 @@ How it is derived, with no knowledge of blocks or model names:
    D_ts = exp(G_t - G_s) causally masked and G = cumsum(ld) (retention, lightning), becomes
    the chunked recurrence with a d_k x d_v state per head: constant in the context length.
    A `scan` along time runs over the new tokens from its carried state (carry0 at P = 0).
-5. Anything else that mixes positions (a reduction, softmax, slice or concat along time, a
-   contraction over queries) is a compile error naming the op and its YAML line. Dropout and
+   A causal shift, concat([pad, x[.., :T - s]], time) with a pad of s positions that depends
+   on no token (a token shift; the taps of a short causal convolution), reads x's last S
+   past values from a state of S slots per shifted tensor (S its longest shift, one state
+   for all of a convolution's taps): constant in the context length. Slots at negative
+   positions (fewer than S tokens seen) read the pad (pad[p + s] at position p).
+5. Anything else that mixes positions (a reduction, softmax, another slice or concat along
+   time, a contraction over queries) is a compile error naming the op and its YAML line. Dropout and
    other train-only noise are the identity (generation runs in eval mode).
 
 The runtime inputs besides the token ids and the state are i64 position tables, functions of
@@ -77,7 +82,8 @@ class StateSpec:
     """One state tensor of the step graph: its input name, output name and layout."""
     name: str            # the input; the output carrying its next value is name + "'"
     kind: str            # "cache" (P positions, grows by T; L slots in a static step),
-    #                      "ring" (W slots), "sum", "state", "carry": constant size
+    #                      "ring" (W slots), "shift" (S slots), "sum", "state", "carry":
+    #                      constant size
     shape: tuple         # symbolic, over B and P (L for a static cache)
     dtype: DType
     axis: Optional[int]  # the position axis of a cache or ring
@@ -131,8 +137,27 @@ class _Labels:
     def __init__(self, g: Graph):
         self.lab: Dict[Node, Tuple] = {}
         self.keyuse = set()      # (node, input index)
-        for n in g.nodes:
+        self.shifts: Dict[Node, Tuple[Node, int, int]] = {}   # concat -> (x, axis, s)
+        self._cut: Dict[Node, Tuple[Node, int, int]] = {}     # x[:T-s] along time, read by
+        for n in g.nodes:                                     # a shift's concat only
+            for x in n.inputs:
+                if x in self._cut and self._shift(n) is None:
+                    raise _err(x, "slices along the sequence axis; the one form that decodes "
+                               "is a causal shift, concat([pad, x[:, :T - s]], axis) with a "
+                               "pad of s positions")
             self.lab[n] = self._label(n)
+
+    def _shift(self, n: Node) -> Optional[Tuple[Node, int, int]]:
+        """n = concat([pad, x[..:T-s]], time axis), pad s positions that depend on no token:
+        x shifted s positions later (a token shift, one tap of a causal convolution)."""
+        if n.op is not Op.CONCAT or len(n.inputs) != 2 or n.inputs[1] not in self._cut:
+            return None
+        pad, cut = n.inputs
+        x, ax, s = self._cut[cut]
+        if n.attrs["axis"] % len(n.type.shape) != ax or any(self.lab[pad]) or \
+                pad.type.shape[ax] != s:
+            return None
+        return x, ax, s
 
     def _label(self, n: Node) -> Tuple:
         op, ins = n.op, n.inputs
@@ -197,10 +222,22 @@ class _Labels:
                     out.append(_tlabel(shape[j]))
             return self._two_q(n, tuple(out), [])
         if op is Op.SLICE:
-            if L[0][n.attrs["axis"]]:
-                raise _err(n, "slices along the sequence axis (e.g. a token shift)")
+            ax = n.attrs["axis"]
+            if L[0][ax]:
+                s = norm(T - n.attrs["stop"]) if isinstance(n.attrs["stop"], Dim) else None
+                if L[0][ax] != Q or n.attrs["start"] != 0 or n.attrs["step"] != 1 or \
+                        not isinstance(s, int) or s < 1:
+                    raise _err(n, "slices along the sequence axis; the one form that decodes "
+                               "is a causal shift, concat([pad, x[:, :T - s]], axis) with a "
+                               "pad of s positions")
+                self._cut[n] = (ins[0], ax, s)
+                return L[0][:ax] + (F,) + L[0][ax + 1:]
             return L[0]
         if op is Op.CONCAT:
+            sh = self._shift(n)
+            if sh is not None:
+                self.shifts[n] = sh
+                return self.lab[sh[0]]
             if any(lb[n.attrs["axis"]] for lb in L):
                 raise _err(n, "concatenates along the sequence axis")
             return self._broadcast(n, list(range(len(ins))))
@@ -723,7 +760,13 @@ class _Builder:
                 continue
             need.add(n)
             m = self.linattn.get(n)
-            stack.extend((m.q, m.k, m.v, m.ld) if m else n.inputs)
+            sh = self.labels.shifts.get(n)
+            stack.extend((m.q, m.k, m.v, m.ld) if m else (n.inputs[0], sh[0]) if sh
+                         else n.inputs)
+        self.shift_len: Dict[Tuple[Node, int], int] = {}   # (x, axis) -> the longest shift
+        for n, (x, ax, s) in self.labels.shifts.items():
+            if n in need:
+                self.shift_len[(x, ax)] = max(s, self.shift_len.get((x, ax), 0))
         return need
 
     def _deferrable(self, n: Node) -> bool:
@@ -748,6 +791,9 @@ class _Builder:
                 continue
             if n.op.kind is Kind.RANDOM:  # dropout, noise: eval mode
                 self.new[n] = self.new[n.inputs[0]]
+                continue
+            if n in self.labels.shifts:
+                self.new[n] = self._shift_step(n)
                 continue
             if K in lab[n] and self._deferrable(n):
                 self.deferred.add(n)
@@ -835,6 +881,40 @@ class _Builder:
             self.state_out[spec.out] = self.add(Op.GETITEM, (scan,), {"index": n_y + j}, n)
         return scan
 
+    def _shift_step(self, n: Node) -> Node:
+        """x shifted s positions later, over the new tokens: the state holds x at the last
+        S past positions (S the longest shift of x, one state for all of a convolution's
+        taps); a slot whose position is negative (fewer than S tokens seen) reads the pad."""
+        x, ax, s = self.labels.shifts[n]
+        add = lambda op, ins, attrs=None: self.add(op, ins, attrs or {}, n)  # noqa: E731
+        const = lambda v: add(Op.CONST, (), {"value": v, "dtype": DType.i64})  # noqa: E731
+        span = self.shift_len[(x, ax)]
+        got = self.memo.get(("shift", x, ax))
+        if got is None:
+            shape = [_subst(d, {"B": B_, "T": span, "P": P}) for d in x.type.shape]
+            st = self.state(x, "shift", shape, ax)
+            both = add(Op.CONCAT, (st, self.new[x]), {"axis": ax})      # positions P-S .. P+T-1
+            self.state_out[self.states[-1].out] = add(
+                Op.SLICE, (both,), {"axis": ax, "start": T, "stop": norm(T + span), "step": 1})
+            got = self.memo[("shift", x, ax)] = st
+        last = add(Op.SLICE, (got,), {"axis": ax, "start": span - s, "stop": span, "step": 1})
+        first = add(Op.SLICE, (self.qpos(),), {"axis": 0, "start": 0, "stop": 1, "step": 1})
+        slot = add(Op.ADD, (first, add(Op.SUB, (add(Op.IOTA, (), {"length": s,
+                                                                  "dtype": DType.i64}),
+                                                const(s)))))        # positions P-s .. P-1
+        r = len(x.type.shape)
+        slot4 = add(Op.RESHAPE, (slot,), {"shape": (1,) * ax + (s,) + (1,) * (r - ax - 1)})
+        pad = self.new[n.inputs[0]]
+        if not _uniform_along(pad, ax):     # position p < 0 reads pad[p + s]
+            idx = add(Op.MIN, (add(Op.MAX, (add(Op.ADD, (slot, const(s))), const(0))),
+                               const(s - 1)))       # (slots >= 0 are not read from the pad)
+            idx = add(Op.RESHAPE, (idx,), {"shape": (1,) * ax + (s,) + (1,) * (r - ax - 1)})
+            idx = add(Op.EXPAND, (idx,), {"shape": tuple(pad.type.shape)})
+            pad = add(Op.GATHER, (pad, idx), {"axis": ax})
+        past = add(Op.WHERE, (add(Op.GE, (slot4, const(0))), last, pad))
+        out = add(Op.CONCAT, (past, self.new[x]), {"axis": ax})
+        return add(Op.SLICE, (out,), {"axis": ax, "start": 0, "stop": T, "step": 1})
+
     def _running_sum(self, n: Node, x: Node, ax: int) -> Node:
         shape = list(n.type.shape)
         shape[ax] = 1
@@ -844,6 +924,19 @@ class _Builder:
         total = self.add(Op.SUM, (x,), {"axis": ax, "keepdim": True}, n)
         self.state_out[self.states[-1].out] = self.add(Op.ADD, (carry, total), {}, n)
         return out
+
+
+def _uniform_along(n: Node, ax: int) -> bool:
+    """n holds one value along axis ax (a constant, or expanded from size 1 there)."""
+    if n.op is Op.CONST:
+        return True
+    if n.op in (Op.SLICE, Op.CAST):
+        return _uniform_along(n.inputs[0], ax)
+    if n.op is Op.EXPAND:
+        x = n.inputs[0]
+        i = ax - (len(n.type.shape) - len(x.type.shape))
+        return i < 0 or x.type.shape[i] == 1
+    return False
 
 
 def _is_param(w: Node) -> bool:

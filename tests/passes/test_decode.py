@@ -20,6 +20,22 @@ def _states(path, **kw):
     return decode_step(c.graph).states
 
 
+def _static_worst(model, ids, k):
+    """Prefill k tokens with the static (CUDA-graph) step, then one step per token: the worst
+    logit difference to the forward's."""
+    dec = Decoder(model, static=True, max_len=16)
+    with torch.no_grad():
+        full = model(ids)
+        full = full["logits"] if isinstance(full, dict) else full
+        st = dec.init_state(ids.shape[0])
+        lg, st = dec(ids[:, :k], st)
+        got = [lg]
+        for t in range(k, ids.shape[1]):
+            lg, st = dec(ids[:, t:t + 1], st)
+            got.append(lg)
+    return (torch.cat(got, 1) - full).abs().max().item()
+
+
 def _decode_matches(model, ids, k):
     dec = Decoder(model)
     with torch.no_grad():
@@ -87,14 +103,92 @@ def test_a_mean_over_the_sequence_is_a_compile_error_with_its_line(tmp_path):
     assert f"{bad}:" in msg and "mean" in msg and "sequence axis" in msg
 
 
-def test_a_token_shift_is_a_compile_error(tmp_path):
-    src = open(LLAMA).read().replace(
-        "- x = embedding(embed, ids)",
-        "- x = embedding(embed, ids)\n    - x = concat([x[:, :1], x[:, :-1]], 1)")
-    bad = tmp_path / "shift.yaml"
+SHIFT_YAML = """
+name: shifts
+config: {vocab: 37, d: 16, layers: 2, eps: 1.0e-5}
+blocks:
+  shift:                        # x one (or s) positions later; the first s read the pad
+    args: [x, pad]
+    options: {s: 1}
+    body:
+      - return concat([pad, x[:, :T - s]], 1)
+  mixer:
+    args: [x]
+    params:
+      conv: {shape: [4, d], init: normal(0.5)}
+      w: [d, d]
+      mu: {shape: [d], init: constant(0.3)}
+      first: {shape: [1, 2, d], init: normal(1.0)}
+    body:
+      - zero = expand(cast(0, 'f32'), [B, 3, d])
+      - c = x * conv[3] + shift(x, zero[:, :1], s=1) * conv[2]
+      - c = c + shift(x, zero[:, :2], s=2) * conv[1] + shift(x, zero, s=3) * conv[0]
+      - h = silu(c) @ w
+      - h = h * mu + shift(h, expand(cast(0.5, 'f32'), [B, 1, d])) * (1.0 - mu)
+      - return h + shift(h, expand(first, [B, 2, d]), s=2)
+model:
+  inputs: {ids: [B, T]}
+  params: {embed: [vocab, d], head: [d, vocab]}
+  body:
+    - x = embedding(embed, ids)
+    - for: i
+      in: layers
+      body:
+        - x = x + mixer(x * rsqrt(mean(x * x, -1) + eps), name='mix')
+    - logits = x @ head
+  outputs: [logits]
+"""
+
+
+def test_token_shifts_and_a_short_convolution_decode_with_the_last_inputs_as_state(tmp_path):
+    """A causal shift concat([pad, x[:, :T-s]], 1) (a token shift, a tap of a short causal
+    convolution) decodes from a state of x's last S inputs, S its longest shift, shared by
+    all its taps; positions before the first token read the pad, whatever it is (zeros, a
+    constant, a learned parameter), for prefills shorter and longer than the shifts."""
+    p = tmp_path / "shifts.yaml"
+    p.write_text(SHIFT_YAML)
+    m = lmc.load(str(p), seed=5).eval()
+    for static in (False, True):
+        states = decode_step(m.graph, static=static).states
+        # per layer: x's 3 last inputs (one state for the convolution's three taps), then
+        # one for each of the two shifted h
+        assert [(s.kind, s.concrete(1)) for s in states] == \
+            [("shift", [1, 3, 16]), ("shift", [1, 1, 16]), ("shift", [1, 2, 16])] * 2
+        assert all(s.bytes_per_token() == 0 for s in states)
+    ids = torch.randint(0, 37, (2, 9))
+    for k in (0, 1, 2, 5):
+        assert _decode_matches(m, ids, k) < 1e-5
+    assert _static_worst(m, ids, 1) < 1e-5    # the same buffers replayed at every position
+
+
+def test_shift_decode_on_the_triton_backend(tmp_path):
+    """lmc verify: the triton decoder (dynamic and static steps) equals the forward too."""
+    from lmc.verify import format_rows, verify
+    p = tmp_path / "shifts.yaml"
+    p.write_text(SHIFT_YAML)
+    rows = verify(str(p))
+    assert all(r.ok and not r.skipped for r in rows), format_rows(rows)
+    assert "triton k in [1, 5]" in rows[-1].detail and "triton static k 5" in rows[-1].detail
+    assert "state 6 tensors, 0 B/token + 768 B/sequence" in rows[-1].detail, rows[-1].detail
+
+
+@pytest.mark.parametrize("line,what", [
+    # the pad comes after the slice: each position sees the next one
+    ("- h = concat([x[:, 1:], expand(cast(0, 'f32'), [B, 1, d])], 1) @ w", "slices along"),
+    # the pad is the first token, a slice that is not a shift's
+    ("- h = concat([x[:, :1], x[:, :-1]], 1) @ w", "slices along"),
+    # the shifted slice read by something other than the shift's concat
+    ("- h = concat([expand(cast(0, 'f32'), [B, 1, d]), x[:, :T - 1] * 2.0], 1) @ w",
+     "slices along"),
+])
+def test_shifts_that_are_not_causal_are_compile_errors_with_their_line(tmp_path, line, what):
+    src = SHIFT_YAML.replace("      - h = silu(c) @ w", "      " + line)
+    bad = tmp_path / "bad.yaml"
     bad.write_text(src)
-    with pytest.raises(LmcError, match="sequence axis"):
-        decode_step(lmc.compile_model(str(bad), "tiny").graph)
+    with pytest.raises(LmcError) as e:
+        decode_step(lmc.compile_model(str(bad), None).graph)
+    msg = e.value.format()
+    assert f"{bad}:" in msg and what in msg and "causal shift" in msg, msg
 
 
 def test_context_past_max_seq_is_refused():
@@ -195,17 +289,7 @@ def test_scan_static_step_equals_the_forward(tmp_path):
     step = decode_step(m.graph, static=True)
     assert [s.kind for s in step.states] == ["carry", "carry"]
     ids = torch.randint(0, 37, (2, 9))
-    dec = Decoder(m, static=True, max_len=16)
-    with torch.no_grad():
-        full = m(ids)
-        full = full["logits"] if isinstance(full, dict) else full
-        st = dec.init_state(2)
-        lg, st = dec(ids[:, :4], st)
-        got = [lg]
-        for t in range(4, 9):
-            lg, st = dec(ids[:, t:t + 1], st)
-            got.append(lg)
-    assert (torch.cat(got, 1) - full).abs().max().item() < 1e-5
+    assert _static_worst(m, ids, 4) < 1e-5
 
 
 def test_a_scan_final_carry_feeding_logits_is_a_compile_error(tmp_path):
