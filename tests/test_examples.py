@@ -2,9 +2,11 @@
 LayerNorm with biases, a tied head; a Gemma 2-style model: soft-capped attention scores,
 alternating local/global layers, QK-norm, a soft-capped head; an MPT-style model: ALiBi;
 a BLOOM-style model: ALiBi written as slopes * key position; a DeepSeek-style MoE: a sigmoid
-router and a shared expert). `lmc verify` passes on each, and the fusions fire on what they
-hold: plain causal attention with no RoPE, soft-capped scores, ALiBi in both forms, sigmoid
-routing, in training and in the decode step."""
+router and a shared expert; a Mamba-2-style state-space model: a short causal convolution and
+SSD, decayed linear attention with q and k shared by the heads). `lmc verify` passes on each,
+and the fusions fire on what they hold: plain causal attention with no RoPE, soft-capped
+scores, ALiBi in both forms, sigmoid routing, SSD as chunked linear attention, in training and
+in the decode step."""
 import glob
 import os
 
@@ -24,7 +26,7 @@ FILES = sorted(glob.glob(os.path.join(EXAMPLES, "*.yaml")))
 # bends them): the capped kernels' values and gradients are tested where the cap matters
 SETS = {"gemma2.yaml": ["attn_cap=1.5"]}
 DECODE = {"gpt2.yaml": "", "gemma2.yaml": ", scores soft-capped at 1.5", "mpt.yaml": ", ALiBi",
-          "bloom.yaml": ", ALiBi", "deepseek_moe.yaml": ", scale 0.25"}
+          "bloom.yaml": ", ALiBi", "deepseek_moe.yaml": ", scale 0.25", "mamba2.yaml": None}
 # what the fused attention records say per layer (tiny presets)
 ATTENTION = {
     "gpt2.yaml": ["no rope: causal attention, scale 0.25"] * 2,
@@ -36,7 +38,9 @@ ATTENTION = {
     "bloom.yaml": ["no rope: causal attention with ALiBi (slopes * key position), "
                    "scale 0.25"] * 2,
     "deepseek_moe.yaml": ["rope + causal GQA attention (4 heads, 2 kv), scale 0.25"] * 2,
+    "mamba2.yaml": [],      # no attention (SSD: tests below)
 }
+WITH_ATTENTION = [f for f in FILES if ATTENTION.get(os.path.basename(f))]
 
 
 @pytest.fixture(autouse=True)
@@ -56,11 +60,13 @@ def test_verify_passes(path, sets):
     # (mpt with window=5: ALiBi in sliding-window attention, on a cache masked by position)
     rows = verify(path, overrides=sets)
     assert all(r.ok and not r.skipped for r in rows), format_rows(rows)
-    # the triton decoder runs the flash-decoding kernel in every attention layer (and the
-    # routed MoE kernels in every MoE layer)
-    fused = "2 decode_attention, 2 moe_layer" if "moe" in path else "2 decode_attention"
+    # the triton decoder runs the flash-decoding kernel in every attention layer (the routed
+    # MoE kernels in every MoE layer, the recurrent linear-attention kernel in every SSD one)
+    fused = {"deepseek_moe.yaml": "2 decode_attention, 2 moe_layer",
+             "mamba2.yaml": "2 decode_linear_attention"}.get(os.path.basename(path),
+                                                              "2 decode_attention")
     assert f"triton k in [1, 5] ({fused}):" in rows[-1].detail, rows[-1].detail
-    if "window=5" in sets:     # ALiBi in sliding-window attention: W-slot rings, no growth
+    if "window=5" in sets or "mamba2" in path:  # rings; SSD and convolution states: no growth
         assert "state 4 tensors, 0 B/token + " in rows[-1].detail, rows[-1].detail
 
 
@@ -79,7 +85,7 @@ def test_alibi_shared_by_layers_of_different_windows_keeps_full_caches(tmp_path)
     assert "state 4 tensors, 1,024 B/token + 0 B/sequence" in rows[-1].detail, rows[-1].detail
 
 
-@pytest.mark.parametrize("path", FILES, ids=os.path.basename)
+@pytest.mark.parametrize("path", WITH_ATTENTION, ids=os.path.basename)
 def test_attention_fuses_in_training_and_decode(path):
     name = os.path.basename(path)
     sets = dict(s.split("=") for s in SETS.get(name, ()))
@@ -101,7 +107,7 @@ def test_attention_fuses_in_training_and_decode(path):
         assert all(r["reason"].endswith(DECODE[name]) for r in recs), recs
 
 
-@pytest.mark.parametrize("path", FILES, ids=os.path.basename)
+@pytest.mark.parametrize("path", WITH_ATTENTION, ids=os.path.basename)
 def test_mixed_precision_training_fuses_attention_over_fp32_projections(path):
     """Under mixed precision (f16 here: the interpreter cannot compute bf16) q, k, v come out
     of fp32 ops (GPT-2: a bias added to the f16 product; Gemma 2: QK-norm, then RoPE, in
@@ -188,3 +194,30 @@ def test_qkv_gradients_are_written_into_one_buffer():
     assert abs(losses[0] - losses[1]) < 1e-5 * abs(losses[1])
     for (n, p), (_, q) in zip(tri.named_parameters(), ref.named_parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_mamba2_ssd_fuses_in_training_and_decode():
+    """mamba2: each layer's SSD (C and B shared by the heads, per-token decays dt * A) is one
+    chunked linear attention in the training program, forward and backward, also under mixed
+    precision, and one recurrent op in the decode step; its convolution decodes from the
+    last d_conv - 1 inputs (a constant-size state, as SSD's)."""
+    from lmc.passes.fuse_decode_linear_attention import fuse_decode_linear_attention
+    from lmc.passes.mixed_precision import low_precision_weights, mixed_precision
+    model = lmc.load(os.path.join(EXAMPLES, "mamba2.yaml"), preset="tiny")
+    for g in (model.graph, mixed_precision(model.graph, "bf16")):
+        prog = LmcModel(run_pipeline(with_loss(g)), backend="triton").program()
+        recs = [r for r in prog.forward_exec.graph.meta["fusions"]
+                if r["pass"] == "fuse_linear_attention"]
+        assert [r["status"] for r in recs] == ["fused"] * 2, recs
+        assert all("per-token log-decays [B, 8, T] (learned)" in r["reason"] for r in recs)
+        kinds = [n.attrs.get("kind") for n in prog.backward_exec.graph.nodes
+                 if n.op.value == "fused"]
+        assert kinds.count("linear_attention_bwd") == 2
+    low = low_precision_weights(model.graph, "bf16")
+    for static, graph in ((False, model.graph), (True, model.graph), (False, low), (True, low)):
+        step = decode_step(graph, static=static)
+        assert sorted((s.kind, tuple(s.concrete(1))) for s in step.states) == \
+            [("shift", (1, 3, 160))] * 2 + [("state", (1, 8, 16, 16))] * 2
+        recs = [r for r in fuse_decode_linear_attention(step.graph).meta["fusions"]
+                if r["pass"] == "fuse_decode_linear_attention"]
+        assert [r["status"] for r in recs] == ["fused"] * 2, recs

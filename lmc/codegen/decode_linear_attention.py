@@ -2,8 +2,8 @@
 (lmc/passes/fuse_decode_linear_attention.py): decayed linear attention of T new tokens
 continuing a d_k x d_v state per head, run by lmc/codegen/linear_attention.py's kernels.
 
-    inputs  q, k [B, H, T, d_k]; the values v [B, H, T, d_v] (or anything broadcasting to
-            it); ld, the log-decays,
+    inputs  q, k [B, H, T, d_k] (or broadcasting to it: shared by every head); the values
+            v [B, H, T, d_v] (or anything broadcasting to it); ld, the log-decays,
             broadcastable to [B, H, T] ([B, H, T] per-token gates, [1, H, T] a fixed decay);
             S, the state [B, H, d_k, d_v] (fp32).
     outputs o [B, H, T, d_v] in q's dtype, and the new state [B, H, d_k, d_v] (a new tensor:
@@ -40,8 +40,9 @@ def launch_template(template: str, xs: List, outs: List, opts: dict) -> None:
                        "runs without gradients)")
     q, k, v, g, state = xs
     o, s_new = outs
-    B, H, T, DK = q.shape
-    DV = s_new.shape[-1]
+    B, H, DK, DV = state.shape
+    T = q.shape[2]
+    q = q.expand(B, H, T, DK)      # q, k may be shared by every head (stride 0)
     k = k.expand(B, H, T, DK)
     v = v.expand(B, H, T, DV)
     if v.dtype != q.dtype:

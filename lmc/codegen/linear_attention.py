@@ -708,15 +708,18 @@ def linear_attention_recurrent(q: Tensor, k: Tensor, v: Tensor, g: Tensor, *,
 # --------------------------------------------------------------------------------------------
 def launch_template(template: str, xs, outs, opts) -> None:
     """"linear_attention": xs = (q, k, v, ld), outs[0] = o. "linear_attention_bwd":
-    xs = (q, k, v, ld, do), outs = (dq, dk, dv[, dld when opts["decay_grad"]]).
+    xs = (q, k, v, ld, do), outs = (dq, dk, dv[, dld when opts["decay_grad"]]). q and k may
+    have 1 for B or H (one projection shared by every head: Mamba-2's B and C); the kernels
+    read them at stride 0 and their gradients are summed back.
 
     The inputs come in the graph's dtype (f32, or f16/bf16 under mixed precision); the states
     and decays are fp32 whatever it is. The backward recomputes the per-chunk states (as the
     autograd function does) and needs no forward output, so no forward is rerun. The chunk is
     opts["chunk"], lowered to the smallest power of two >= max(T, 16) for a short T (the same
     math, less padding)."""
-    q, k, v, g = xs[:4]
-    B, H, T, _ = q.shape
+    q0, k0, v, g = xs[:4]
+    B, H, T, _ = v.shape
+    q, k = (x.expand(B, H, T, x.shape[-1]) for x in (q0, k0))  # shared by heads: stride 0
     chunk = min(int(opts["chunk"]), _p2(T))
     _check(q, k, v, chunk)
     if T == 0:
@@ -738,7 +741,8 @@ def launch_template(template: str, xs, outs, opts) -> None:
                  for o, x in zip(outs, (q, k, v)))      # written by the kernels, no copy
     dq, dk, dv, dg, _ = _backward(xs[4], None, q, k, v, ge, None, p, need_ds0=False,
                                   into=into)
-    grads = [dq, dk, dv]
+    # q, k shared by every head (or batch entry): their gradients summed over the heads
+    grads = [dq.sum_to_size(q0.shape), dk.sum_to_size(k0.shape), dv]
     if opts.get("decay_grad", True):
         grads.append(dg.sum_to_size(g.shape))     # a broadcast decay's gradient summed back
     assert len(grads) == len(outs), (len(grads), len(outs))

@@ -13,8 +13,9 @@ attention) over the T new tokens and a d_k x d_v state S per head (a step-graph 
     G_end = reshape(slice(G, T-1 .. T), [.., 1, 1])
     S'    = exp(G_end) * S  +  permute(k * exp(G_end - Gt)) @ V
 
-with q, k: [B, H, T, d_k], V: [B, H, T, d_v] (the decode pass's `absorb` leaves these
-products alone: it only moves up-projections of a cached latent). S is fp32; in a
+with q, k: [B, H, T, d_k] (or [.., 1, T, d_k]: shared by every head), V: [B, H, T, d_v]
+(the decode pass's `absorb` leaves these products alone: it only moves up-projections of a
+cached latent). S is fp32; in a
 low-precision program the decay factors exp(Gt), exp(G_end - Gt) and D are cast to q's
 dtype, S is read cast down for (q * exp(Gt)) @ S, and k^T V is widened to fp32 to add.
 
@@ -124,7 +125,11 @@ def match(st: Node, users: Dict[Node, List[Node]]) -> dict:
     ld = g.inputs[0]
     need(g.attrs["axis"] == g.type.rank - 1, "the decays' cumsum is not along the last axis")
     need(q.type.rank == 4, f"queries are {q.type.rank}-d, not [B, H, T, d_k]")
-    B, H, T, dk = q.type.shape
+    need(st.type.rank == 4, f"the state is {st.type.rank}-d, not [B, H, d_k, d_v]")
+    B, H = st.type.shape[:2]
+    T, dk = q.type.shape[2:]
+    need(q.type.shape[0] in (1, B) and q.type.shape[1] in (1, H),
+          f"queries {list(q.type.shape)} do not broadcast to the state's [B, H] = {[B, H]}")
     need(g.type.shape[-1] == T, "the decays' cumsum is not along the new tokens")
     lead = tuple(g.type.shape[:-1])
     need(len(lead) <= 2 and all(d == 1 or d == w for d, w in
@@ -197,7 +202,8 @@ def match(st: Node, users: Dict[Node, List[Node]]) -> dict:
     need(_same_values(vals, vals_state),
           "the output and the state's update read different values")
     # shapes and dtypes
-    need(tuple(k.type.shape) == (B, H, T, dk), "keys are not [B, H, T, d_k] like the queries")
+    need(tuple(k.type.shape) == tuple(q.type.shape),
+          "keys are not [B, H, T, d_k] like the queries")
     dv = st.type.shape[-1]
     need(tuple(st.type.shape) == (B, H, dk, dv),
           f"the state {list(st.type.shape)} is not [B, H, d_k, d_v]")

@@ -11,7 +11,8 @@ Matched on primitives (no block names): from each `a @ v` whose `a` is a product
 under mixed precision D may reach the product through one cast, a fixed decay cast to the
 scores' dtype, or the product may be cast(cast(q @ k^T, f32) * D) with a learned fp32 D, its
 weights rounded to v's dtype: both as the mixed-precision pass writes them) with
-q, k: [B, H, T, d_k], v: [B, H, T, d_v] of one float dtype and the log-decays ld (rank 2
+q, k: [B, H, T, d_k] (or one [.., 1, T, d_k] shared by every head, as Mamba-2's B and C
+projections), v: [B, H, T, d_v] of one float dtype and the log-decays ld (rank 2
 or 3) broadcastable to [B, H, T]: per-token gates [B, H, T] (yoco's gated retention; they get a
 gradient) or a fixed decay computed from constants ([1, H, T] expanded from [1, H, 1]:
 minimax's lightning attention, no gradient). The region becomes one FUSED node of kind
@@ -29,10 +30,10 @@ compile pipeline: the decode pass derives its step from the unfused graph. Where
 almost matches, a declined record names the failed condition (`lmc compile --explain`).
 Not matched: a sliding-window decay mask (the kernels carry the whole past), masks filled
 with 0 after the exp (`where(mask, exp(.), 0)`), decays not from a cumsum along time, a
-scale that is a tensor, casts between q/k/v and the products, q, k, v of different dtypes or
-shapes (GQA through an expand), normalised forms (retention's row normalisation by
-sum |Q K^T * D|), and intermediates read outside the region (a D shared by two attentions is
-fine when both are fused: each body recomputes it).
+scale that is a tensor, casts between q/k/v and the products, q, k, v of different dtypes,
+q and k of different shapes (GQA through an expand), normalised forms (retention's row
+normalisation by sum |Q K^T * D|), and intermediates read outside the region (a D shared by
+two attentions is fine when both are fused: each body recomputes it).
 """
 from __future__ import annotations
 
@@ -162,11 +163,15 @@ def match(out: Node, static) -> dict:
     k = kt.inputs[0]
     region += [mm, kt]
     need(q.type.rank == 4, f"q is rank {q.type.rank}, not [B, H, T, d_k]")
-    B, H, T = tuple(q.type.shape[:3])
+    need(out.type.rank == 4, f"the output is rank {out.type.rank}, not [B, H, T, d_v]")
+    B, H, T = tuple(out.type.shape[:3])
     need(tuple(k.type.shape) == tuple(q.type.shape),
           "q and k have different shapes (GQA through an expand is not matched)")
+    need(q.type.shape[2] == T and q.type.shape[0] in (1, B) and q.type.shape[1] in (1, H),
+          f"q and k {list(q.type.shape)} do not broadcast to the output's [B, H, T] = "
+          f"{[B, H, T]}")
     need(v.type.rank == 4 and tuple(v.type.shape[:3]) == (B, H, T),
-          "v is not [B, H, T, d_v] with q's B, H, T")
+          "v is not [B, H, T, d_v] with the output's B, H, T")
     need(q.type.dtype == k.type.dtype == v.type.dtype,
           f"q, k, v dtypes differ ({q.type.dtype.value}, {k.type.dtype.value}, "
           f"{v.type.dtype.value})")

@@ -53,14 +53,15 @@ def _decay_matrix(b, ld, heads=H, window=0, fill=-float("inf")):
     return b.exp(b.where(b.causal_mask(T, T, window=window), diff, fill))
 
 
-def _linear_attention(gates="token", scale=None, dtype="f32", product="low"):
+def _linear_attention(gates="token", scale=None, dtype="f32", product="low", qk_heads=H):
     """o = ((q @ k^T) [* scale] * D) @ v over inputs q, k, v (and ld [B, H, T] for per-token
     gates; a fixed per-head decay expanded from [1, H, 1] ("head") or [H, 1] ("head2")
     constants otherwise). In a low dtype the fp32 D is cast down (product "low"), or the
     scores are cast up and the fp32 product rounded for the product with v ("f32", as the
-    mixed-precision pass writes a data-dependent decay's product)."""
+    mixed-precision pass writes a data-dependent decay's product). qk_heads=1: one q and one
+    k shared by every head (Mamba-2's C and B), broadcast by the products."""
     b = Builder({}, {})
-    q, k = (b.input(n, [B, H, T, DK], dtype) for n in "qk")
+    q, k = (b.input(n, [B, qk_heads, T, DK], dtype) for n in "qk")
     v = b.input("v", [B, H, T, DV], dtype)
     if gates == "token":
         ld = b.input("ld", [B, H, T], "f32")
@@ -87,10 +88,10 @@ def _records(g, status=None):
             and (status is None or f["status"] == status)]
 
 
-def _values(t, gates, seed):
+def _values(t, gates, seed, qk_heads=H):
     gen = torch.Generator().manual_seed(seed)
-    vals = {"q": torch.randn(2, H, t, DK, generator=gen),
-            "k": torch.randn(2, H, t, DK, generator=gen) * DK ** -0.5,
+    vals = {"q": torch.randn(2, qk_heads, t, DK, generator=gen),
+            "k": torch.randn(2, qk_heads, t, DK, generator=gen) * DK ** -0.5,
             "v": torch.randn(2, H, t, DV, generator=gen)}
     if gates == "token":   # yoco's gates: logsigmoid(.)/16 is mild; these decay faster
         vals["ld"] = F.logsigmoid(2 * torch.randn(2, H, t, generator=gen) + 1)
@@ -157,6 +158,27 @@ def test_fused_equals_primitives_forward_and_gradients(t, chunk, gates, scale):
         errs[w] = rel(gg[f"grad:{w}"], gw[f"grad:{w}"], floor)
     ERRORS[(t, chunk, gates, scale)] = errs
     print((t, chunk, gates, scale), " ".join(f"{k}={v:.1e}" for k, v in errs.items()))
+    assert max(errs.values()) < 1e-5, errs
+
+
+@pytest.mark.parametrize("t,chunk,gates", [(63, 16, "token"), (200, 64, "head"),
+                                          (1, 16, "token")])
+def test_q_and_k_shared_by_every_head_fuse(t, chunk, gates):
+    """q, k [B, 1, T, d_k] read by every head of v [B, H, T, d_v] (Mamba-2's C and B, one
+    group): the kernels read them at stride 0 and sum their gradients over the heads."""
+    g = _linear_attention(gates, qk_heads=1)
+    f = fuse_linear_attention(g, chunk=chunk)
+    (r,) = _records(f)
+    assert r["status"] == "fused", r
+    vals, gen = _values(t, gates, seed=t, qk_heads=1)
+    wrt = ["q", "k", "v"] + (["ld"] if gates == "token" else [])
+    got, want, gg, gw, kinds = _run_both(g, f, vals, wrt, gen)
+    assert kinds == {"linear_attention_bwd"} and got.shape == (2, H, t, DV)
+    errs = {"o": rel(got, want)}
+    for w in wrt:
+        assert gg[f"grad:{w}"].shape == vals[w].shape
+        floor = (vals["q"] * gw["grad:q"]).sum(-1).abs().max().item() if w == "ld" else 0.0
+        errs[w] = rel(gg[f"grad:{w}"], gw[f"grad:{w}"], floor)
     assert max(errs.values()) < 1e-5, errs
 
 
