@@ -184,16 +184,16 @@ def generate(body: Graph, name: str) -> str:
                          f"{x} / q{j}, 0.0)  # dropout: Philox of the element index")
         elif m.op is Op.CONCAT:
             ax = rank - m.type.rank + m.attrs["axis"]
-            pieces, start = [], 0
-            for x in m.inputs:
-                stop = start + x.type.shape[m.attrs["axis"]]
-                lines.append(f"    j{k}_{start} = {idx[ax]} - {start}  # concat piece "
+            offsets = _concat_offsets(m, ax, _space(outputs[0]))
+            pieces = []
+            for j, x in enumerate(m.inputs):
+                start, stop = offsets[j], offsets[j + 1]
+                lines.append(f"    j{k}_{j} = {idx[ax]} - {start}  # concat piece "
                              f"[{start}, {stop}) along axis {ax}")
-                lines.append(f"    m{k}_{start} = {msk} & ({idx[ax]} >= {start}) & "
+                lines.append(f"    m{k}_{j} = {msk} & ({idx[ax]} >= {start}) & "
                              f"({idx[ax]} < {stop})")
-                shifted = idx[:ax] + (f"j{k}_{start}",) + idx[ax + 1:]
-                pieces.append((start, emit(x, (shifted, f"m{k}_{start}"))))
-                start = stop
+                shifted = idx[:ax] + (f"j{k}_{j}",) + idx[ax + 1:]
+                pieces.append((start, emit(x, (shifted, f"m{k}_{j}"))))
             expr = pieces[-1][1]
             for (_, v), (start, _) in zip(reversed(pieces[:-1]), reversed(pieces[1:])):
                 expr = f"tl.where({idx[ax]} < {start}, {v}, {expr})"
@@ -226,6 +226,28 @@ def generate(body: Graph, name: str) -> str:
         lines.append(f"    tl.store(out{i}_ptr + {off}, ({v}).to({TL_DTYPE[o.type.dtype]}), "
                      f"mask=mask)" + ("  # a permuted layout" if i in strided else ""))
     return "\n".join(lines) + "\n"
+
+
+def _concat_offsets(m: Node, ax: int, space: Node) -> List:
+    """The pieces' start offsets along the concat's axis and its end, as kernel expressions:
+    numbers up to the one symbolic piece, then the axis's size (the kernel's S{ax}) less the
+    numbers after it (a causal shift's x[:, :T - s] after its s-position pad)."""
+    sizes = [x.type.shape[m.attrs["axis"]] for x in m.inputs]
+    sym = [j for j, d in enumerate(sizes) if not isinstance(d, int)]
+    if not sym:
+        out = [0]
+        for d in sizes:
+            out.append(out[-1] + d)
+        return out
+    if len(sym) > 1 or m.type.shape[m.attrs["axis"]] != space.type.shape[ax]:
+        raise LmcError(f"internal: a concat with symbolic pieces {sym} in a kernel over "
+                       f"{space.type} (fuse_pointwise admits one, spanning the kernel's axis)")
+    (j0,) = sym
+    head = [0]
+    for d in sizes[:j0]:
+        head.append(head[-1] + d)
+    after = [sum(sizes[i:]) for i in range(j0 + 1, len(sizes))]     # numbers after piece j0
+    return head + [f"(S{ax} - {r})" for r in after] + [f"S{ax}"]
 
 
 def dropouts(body: Graph) -> List[Node]:

@@ -106,13 +106,19 @@ def fuse_pointwise(g: Graph) -> Graph:
 
 
 def _concat_fusible(n: Node) -> bool:
-    """A concat joins a pointwise kernel when its pieces' sizes along the axis are numbers
-    (the kernel picks a piece by comparing the index with fixed offsets): rope's
-    concat(-x2, x1) then costs no launch and no store. A concat along a symbolic axis (a
-    dynamic cache growing by T) stays a torch op."""
+    """A concat joins a pointwise kernel when at most one of its pieces has a symbolic size
+    along the axis (the kernel picks a piece by comparing the index with offsets: numbers
+    before that piece, the axis's size less numbers after it): rope's concat(-x2, x1), and a
+    causal shift concat([pad, x[:, :T - s]], 1) or its gradient's concat([g[:, s:], zeros]),
+    then cost no launch and no store. A concat of two symbolic pieces (a dynamic cache of P
+    positions growing by T) stays a torch op."""
+    return n.type.dtype.value != "f64" and len(symbolic_pieces(n)) <= 1
+
+
+def symbolic_pieces(n: Node) -> List[int]:
+    """The indices of a concat's pieces whose size along its axis is not a number."""
     ax = n.attrs["axis"]
-    return n.type.dtype.value != "f64" and all(isinstance(x.type.shape[ax], int)
-                                               for x in n.inputs)
+    return [i for i, x in enumerate(n.inputs) if not isinstance(x.type.shape[ax], int)]
 
 
 def _merge_into_consumer(g: Graph, groups: List[List[Node]], order):
@@ -152,8 +158,11 @@ def _merge_into_consumer(g: Graph, groups: List[List[Node]], order):
         if (shape[b] != shape[a] and not concat_only[a]) or \
                 order[anchor[b]] < order[anchor[a]]:
             continue
-        if shape[b] != shape[a] and any(m.op is Op.DROPOUT for m in groups[a]):
-            continue    # a concat piece runs at shifted indices; a mask needs its own
+        if shape[b] != shape[a] and any(m.op is Op.DROPOUT or (
+                m.op is Op.CONCAT and symbolic_pieces(m)) for m in groups[a]):
+            # a concat piece runs at shifted indices; a mask needs its own, and a concat
+            # with a symbolic piece finds its offsets from the kernel's own sizes
+            continue
         inside = set(groups[a])
         if not all(x in inside or order[x] < order[anchor[b]] or is_source(x)
                    for m in groups[a] for x in m.inputs):

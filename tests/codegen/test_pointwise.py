@@ -165,11 +165,46 @@ def test_concat_pieces_along_an_inner_axis_with_broadcast_inputs():
     assert p.launches == 2
 
 
+def test_concats_with_one_symbolic_piece_join_the_kernel():
+    """Along T: a causal shift concat([pad, x[:, :T - 2]]) (the symbolic piece last), its
+    gradient's form concat([x[:, 3:], zeros]) (first) and a piece between two fixed ones: the
+    offsets after the symbolic piece are the kernel's size less numbers, so one kernel serves
+    every T (from 3, the shortest these slices allow)."""
+    B, T = Dim.sym("B"), Dim.sym("T")
+    b = Builder({}, {})
+    x = b.input("x", [B, T, 5], "f32")
+    w = b.input("w", [5], "f32")
+    zeros = b.expand(b.const(0.0), [B, 3, 5])
+    pad = b.expand(w, [B, 2, 5])
+    shifted = b.concat([pad, b.slice(x, 1, 0, T - 2)], 1)
+    back = b.concat([b.slice(x, 1, 3, T), zeros], 1)
+    mid = b.concat([b.slice(x, 1, 0, 1), b.exp(b.slice(x, 1, 1, T - 1)) * 2.0,
+                    b.slice(x, 1, 0, 1) - 1.0], 1)
+    y = b.tanh(shifted) * w + back - mid
+    g = Graph("shifts", b.nodes, {"y": y.node})
+    fused = [n for n in fuse_pointwise(g).nodes if n.op is Op.FUSED]
+    assert len(fused) == 1 and sum(m.op is Op.CONCAT
+                                   for m in fused[0].attrs["body"].nodes) == 3
+    p = TritonProgram(g)
+    for piece in ("[2, S1)", "[0, (S1 - 3))", "[(S1 - 3), S1)", "[1, (S1 - 1))",
+                  "[(S1 - 1), S1)"):
+        assert f"# concat piece {piece} along axis 1" in p.source, piece
+    for Bv, Tv in ((1, 3), (2, 7), (3, 130)):
+        vals = {"x": torch.randn(Bv, Tv, 5), "w": torch.randn(5)}
+        got = run_graph(p.graph, vals, RefCtx(dims=bind_dims(g, vals)), p.impl)["y"]
+        xv, wv = vals["x"], vals["w"]
+        want = torch.tanh(torch.cat([wv.expand(Bv, 2, 5), xv[:, :Tv - 2]], 1)) * wv \
+            + torch.cat([xv[:, 3:], torch.zeros(Bv, 3, 5)], 1) \
+            - torch.cat([xv[:, :1], xv[:, 1:Tv - 1].exp() * 2.0, xv[:, :1] - 1.0], 1)
+        torch.testing.assert_close(got, want)
+    assert p.launches == 3
+
+
 def test_a_concat_alone_or_along_a_symbolic_axis_stays_a_torch_op():
     b = Builder({}, {})
     x = b.input("x", [Dim.sym("B"), Dim.sym("T"), 4], "f32")
     cache = b.input("cache", [Dim.sym("B"), Dim.sym("P"), 4], "f32")
-    grown = b.concat([cache, b.exp(x)], 1)          # symbolic sizes along the axis
+    grown = b.concat([cache, b.exp(x)], 1)          # two symbolic sizes along the axis
     pair = b.concat([x, x], -1)                     # nothing pointwise around it: a copy
     g = Graph("cats", b.nodes, {"grown": b.exp(grown).node, "pair": pair.node})
     out = fuse_pointwise(g)
