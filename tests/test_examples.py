@@ -213,6 +213,10 @@ def test_mamba2_ssd_fuses_in_training_and_decode():
         kinds = [n.attrs.get("kind") for n in prog.backward_exec.graph.nodes
                  if n.op.value == "fused"]
         assert kinds.count("linear_attention_bwd") == 2
+        # per layer, the gradients of both splits (z | xbc | dt and x | B | C) are written
+        # by their kernels into the concatenation's buffer (no concat runs)
+        src = prog.backward_exec.program_source
+        assert src.count("concat written by its pieces' kernels") == 4, src
     low = low_precision_weights(model.graph, "bf16")
     for static, graph in ((False, model.graph), (True, model.graph), (False, low), (True, low)):
         step = decode_step(graph, static=static)

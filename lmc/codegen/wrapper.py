@@ -14,10 +14,11 @@ memory plan made at compile time by liveness:
 Values are dropped (``del``) after their last use, as the interpreter-style executor does.
 
 A concatenation whose pieces are outputs of kernels that write through strides (the
-attention templates), each read only by it through views it can invert (GPT-2's q, k, v
-gradients [B, H, T, D] -> permute -> reshape [B, T, d] -> concat [B, T, 3d]), is not run:
-its buffer is allocated first and each kernel writes its piece into a strided view of it
-(`concat_aliases`).
+attention templates, reduction row outputs, pointwise outputs, which then store through
+strides), each read only by it through views it can invert (GPT-2's q, k, v gradients
+[B, H, T, D] -> permute -> reshape [B, T, d] -> concat [B, T, 3d]; the gradient of a split
+projection), is not run: its buffer is allocated first and each kernel writes its piece
+into a strided view of it (`concat_aliases`).
 The source is what `lmc compile -o DIR` writes as ``program_<graph>.py``.
 """
 from __future__ import annotations
@@ -48,26 +49,60 @@ def _numel(shape):
 
 
 # kernels that write every output through the strides of the tensor they are given, whatever
-# they are (a view into a concatenation's buffer): the attention templates' launchers
-ALIASABLE_KINDS = ("rope_attention", "rope_attention_bwd")
+# they are (a view into a concatenation's buffer): the attention and linear-attention
+# templates' launchers, generated reduction kernels (row outputs, and 1-d column sums: their
+# finishing kernel takes the one stride) and pointwise kernels (the outputs
+# `mark_strided_outputs` marks; a cache write stores into its cache). Matmul kernels store
+# contiguously.
+ALIASABLE_KINDS = ("rope_attention", "rope_attention_bwd", "linear_attention",
+                   "linear_attention_bwd", "reduction", "pointwise")
+
+
+def _aliasable(y: Node) -> bool:
+    """y, an output of a FUSED kernel, can be written into a view it is given."""
+    f = y.inputs[0]
+    kind = f.attrs.get("kind")
+    if kind not in ALIASABLE_KINDS:
+        return False
+    if kind not in ("pointwise", "reduction"):
+        return True
+    body = f.attrs["body"]
+    o = list(body.outputs.values())[y.attrs["index"]]
+    if o.op is Op.INDEX_COPY:
+        return False
+    if kind == "reduction":
+        from .reduction import Plan as ReductionPlan
+        return o.type.rank == 1 or o not in ReductionPlan(body).columns
+    return True
+
+
+def _unit_axes_only(src, dst) -> bool:
+    """src and dst differ by axes of size 1 only (a view of any strided tensor)."""
+    return [d for d in src if d != 1] == [d for d in dst if d != 1]
 
 
 def concat_aliases(g: Graph) -> Dict[Node, List[tuple]]:
     """{concat: [(kernel output, its view into the concat's buffer), ...]} for each CONCAT
-    along the last axis whose every piece is a kernel output of ALIASABLE_KINDS (not a graph
-    output, not written in place) seen through views read only on the way to the concat:
-    permutes, and reshapes merging the last two axes (undone by splitting the piece's last
-    axis, a view of a narrowed contiguous buffer). The view is (offset, size, [("view",
-    shape) | ("permute", perm), ...]) from the concat's buffer to the kernel output."""
+    along the last axis (it may be a graph output: the caller keeps its buffer) whose every
+    piece is a kernel output of ALIASABLE_KINDS (not a graph output, not written in place)
+    seen through views read only on the way to the concat: permutes, reshapes merging the
+    last two axes (undone by splitting the piece's last axis, a view of a narrowed
+    contiguous buffer), reshapes adding or dropping axes of size 1, and, before any permute
+    (nearest the concat), reshapes that regroup the leading axes and the trailing ones
+    separately (both shapes end in axes whose product is the piece's size: the rows of a
+    narrowed buffer stay evenly strided, its columns contiguous). The view is (offset,
+    size, [("view", shape) | ("permute", perm), ...]) from the concat's buffer to the kernel
+    output."""
     readers = g.users()
     outs = set(g.outputs.values())
     found: Dict[Node, List[tuple]] = {}
     for c in g.nodes:
         if c.op is not Op.CONCAT or c.attrs["axis"] % c.type.rank != c.type.rank - 1 or \
-                c in outs or len(set(c.inputs)) != len(c.inputs):
+                len(set(c.inputs)) != len(c.inputs):
             continue
         pieces, off, ok = [], 0, True
         for x in c.inputs:
+            size = x.type.shape[-1]
             steps, y, above = [], x, c
             while ok and y.op in (Op.PERMUTE, Op.RESHAPE):
                 if len(readers.get(y, [])) != 1 or y in outs:
@@ -78,17 +113,18 @@ def concat_aliases(g: Graph) -> Dict[Node, List[tuple]]:
                     steps.append(("permute", [perm.index(d) for d in range(len(perm))]))
                 else:
                     src, dst = y.inputs[0].type.shape, y.type.shape
-                    if len(src) != len(dst) + 1 or tuple(src[:-2]) != tuple(dst[:-1]) or \
-                            not all(isinstance(d, int) for d in src[-2:]) or \
-                            src[-2] * src[-1] != dst[-1]:
+                    merge = len(src) == len(dst) + 1 and tuple(src[:-2]) == tuple(dst[:-1]) \
+                        and all(isinstance(d, int) for d in src[-2:]) \
+                        and src[-2] * src[-1] == dst[-1]
+                    regroup = all(op == "view" for op, _ in steps) and \
+                        _ends_in(src, size) and _ends_in(dst, size)
+                    if not (merge or regroup or _unit_axes_only(src, dst)):
                         ok = False
                         break
                     steps.append(("view", tuple(src)))
                 above, y = y, y.inputs[0]
-            size = x.type.shape[-1]
             ok = ok and isinstance(size, int) and y.op is Op.GETITEM and \
-                y.inputs[0].op is Op.FUSED and \
-                y.inputs[0].attrs.get("kind") in ALIASABLE_KINDS and \
+                y.inputs[0].op is Op.FUSED and _aliasable(y) and \
                 inplace_source(y) is None and y not in outs and \
                 readers.get(y, []) == [above] and readers.get(x, []) == [c]
             if not ok:
@@ -98,6 +134,20 @@ def concat_aliases(g: Graph) -> Dict[Node, List[tuple]]:
         if ok and pieces:
             found[c] = pieces
     return found
+
+
+def _ends_in(shape, n) -> bool:
+    """shape's trailing axes (all numbers) multiply to exactly n."""
+    if not isinstance(n, int):
+        return False
+    p = 1
+    for d in reversed(shape):
+        if p == n:
+            return True
+        if not isinstance(d, int):
+            return False
+        p *= d
+    return p == n
 
 
 class Plan:
@@ -331,16 +381,18 @@ def reader_permutation(gi: Node, readers) -> "List[int] | None":
 
 def mark_strided_outputs(g: Graph) -> Graph:
     """Mark, in each pointwise kernel's body meta ("strided_outputs"), the outputs the wrapper
-    will allocate in a permuted order (`reader_permutation`): the kernel then stores them
-    through strides rather than at their flat index. Cache writes are never marked."""
+    will allocate in a permuted order (`reader_permutation`) or as views into a concat's
+    buffer (`concat_aliases`): the kernel then stores them through strides rather than at
+    their flat index. Cache writes are never marked."""
     readers = g.users()
+    pieces = {y for ps in concat_aliases(g).values() for y, _ in ps}   # written into a concat
     for n in g.nodes:
         if n.op is not Op.FUSED or n.attrs.get("kind") != "pointwise":
             continue
         outs = list(n.attrs["body"].outputs.values())
         marked = sorted(gi.attrs["index"] for gi in readers.get(n, [])
                         if gi.op is Op.GETITEM and outs[gi.attrs["index"]].op is not Op.INDEX_COPY
-                        and reader_permutation(gi, readers) is not None)
+                        and (gi in pieces or reader_permutation(gi, readers) is not None))
         if marked:
             n.attrs["body"].meta["strided_outputs"] = tuple(marked)
     return g
