@@ -50,6 +50,19 @@ def loss_and_grads(graph, backend, ids, targets, *, seed=0, scale=1.0):
     (out["loss"] * scale).backward()
     return m, out["loss"].item(), {k: p.grad / scale for k, p in m.named_parameters()}
 
+def triton_step_equals_torch(graph, ids, targets):
+    """One training step of `graph` on the triton backend equals the torch backend's: the
+    loss (rel 1e-5) and every parameter gradient. Returns (the triton model, its grads)."""
+    import torch
+
+    m, lt, gt = loss_and_grads(graph, "triton", ids, targets)
+    _, lr, gr = loss_and_grads(graph, "torch", ids, targets)
+    assert abs(lt - lr) <= 1e-5 * abs(lr), (lt, lr)
+    for k in gr:
+        torch.testing.assert_close(gt[k], gr[k], rtol=1e-4, atol=1e-6, msg=k)
+    return m, gt
+
+
 # -- shared by the decode tests -------------------------------------------------------------------
 def decode_worst(dec, ids, full, k, state=None):
     """Prefill k tokens, then one step per token: the worst logit difference to `full` (the

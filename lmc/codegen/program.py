@@ -41,7 +41,8 @@ PATTERN_PASSES = [
     "fuse_rope_attention",
     "fuse_linear_attention",
     "fuse_moe_gating",
-]
+    "split_gated_projection",   # not a fusion itself: makes a fused W_gate|W_up's halves
+]                               # the two products fuse_matmul gates in one kernel
 
 
 def apply_patterns(g: Graph, disable: Sequence[str] = ()) -> Graph:
@@ -63,6 +64,7 @@ DECODE_PATTERN_PASSES = [
     "fuse_decode_attention",
     "fuse_decode_linear_attention",
     "fuse_moe_gating",
+    "split_gated_projection",
 ]
 
 
