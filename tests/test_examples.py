@@ -3,7 +3,8 @@ LayerNorm with biases, a tied head; a Gemma 2-style model: soft-capped attention
 alternating local/global layers, QK-norm, a soft-capped head; an MPT-style model: ALiBi;
 a BLOOM-style model: ALiBi written as slopes * key position; a DeepSeek-style MoE: a sigmoid
 router and a shared expert; a Mamba-2-style state-space model: a short causal convolution and
-SSD, decayed linear attention with q and k shared by the heads). `lmc verify` passes on each,
+SSD, decayed linear attention with q and k shared by the heads; a gpt-oss-style model:
+attention sinks, sliding-window layers). `lmc verify` passes on each,
 and the fusions fire on what they hold: plain causal attention with no RoPE, soft-capped
 scores, ALiBi in both forms, sigmoid routing, SSD as chunked linear attention, in training and
 in the decode step."""
@@ -26,7 +27,8 @@ FILES = sorted(glob.glob(os.path.join(EXAMPLES, "*.yaml")))
 # bends them): the capped kernels' values and gradients are tested where the cap matters
 SETS = {"gemma2.yaml": ["attn_cap=1.5"]}
 DECODE = {"gpt2.yaml": "", "gemma2.yaml": ", scores soft-capped at 1.5", "mpt.yaml": ", ALiBi",
-          "bloom.yaml": ", ALiBi", "deepseek_moe.yaml": ", scale 0.25", "mamba2.yaml": None}
+          "bloom.yaml": ", ALiBi", "deepseek_moe.yaml": ", scale 0.25", "mamba2.yaml": None,
+          "gpt_oss.yaml": ", attention sinks"}
 # what the fused attention records say per layer (tiny presets)
 ATTENTION = {
     "gpt2.yaml": ["no rope: causal attention, scale 0.25"] * 2,
@@ -39,6 +41,10 @@ ATTENTION = {
                    "scale 0.25"] * 2,
     "deepseek_moe.yaml": ["rope + causal GQA attention (4 heads, 2 kv), scale 0.25"] * 2,
     "mamba2.yaml": [],      # no attention (SSD: tests below)
+    "gpt_oss.yaml": ["rope + causal window 5 GQA attention (4 heads, 2 kv) with attention "
+                     "sinks, scale 0.25",
+                     "rope + causal GQA attention (4 heads, 2 kv) with attention sinks, "
+                     "scale 0.25"],
 }
 WITH_ATTENTION = [f for f in FILES if ATTENTION.get(os.path.basename(f))]
 
@@ -68,6 +74,9 @@ def test_verify_passes(path, sets):
     assert f"triton k in [1, 5] ({fused}):" in rows[-1].detail, rows[-1].detail
     if "window=5" in sets or "mamba2" in path:  # rings; SSD and convolution states: no growth
         assert "state 4 tensors, 0 B/token + " in rows[-1].detail, rows[-1].detail
+    if "gpt_oss" in path:   # the window-5 layer's K, V in 5-slot rings (sinks and all)
+        assert "state 4 tensors, 256 B/token + 1,280 B/sequence" in rows[-1].detail, \
+            rows[-1].detail
 
 
 def test_alibi_shared_by_layers_of_different_windows_keeps_full_caches(tmp_path):

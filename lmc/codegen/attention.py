@@ -273,7 +273,7 @@ def _key_range(q_first, q_last, S, k_offset, window, CAUSAL: tl.constexpr,
 # forward
 # --------------------------------------------------------------------------------------------
 @triton.jit
-def _attn_fwd(Q, K, V, COS_Q, SIN_Q, COS_K, SIN_K, SLOPES, OUT, LSE,
+def _attn_fwd(Q, K, V, COS_Q, SIN_Q, COS_K, SIN_K, SLOPES, SINKS, OUT, LSE,
               stride_qb, stride_qh, stride_qt, stride_qd,
               stride_kb, stride_kh, stride_kn, stride_kd,
               stride_vb, stride_vh, stride_vn, stride_vd,
@@ -286,11 +286,13 @@ def _attn_fwd(Q, K, V, COS_Q, SIN_Q, COS_K, SIN_K, SLOPES, OUT, LSE,
               BLOCK_D: tl.constexpr,
               BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, DOT_PREC: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              HEAD_DV: tl.constexpr):
+              HEAD_DV: tl.constexpr, HAS_SINK: tl.constexpr):
     # out[b, h, i] = sum_j softmax_j(scale * rope(q_i) . rope(k_j)) v_j over visible j, and
     # lse[b, h, i] = ln sum_j exp(scale * rope(q_i) . rope(k_j))  (fp32, for the backward).
     # qk_scale = scale * log2(e): the softmax runs in base 2. SOFTCAP: the scores are
     # cap * tanh(scale * s / cap), with qk_scale = cap * log2(e) and cap_in = scale / cap.
+    # HAS_SINK: each row's softmax has one more term, exp(sinks[h]) (an attention sink: a
+    # key with no value), in the denominator and in lse; SINKS holds sinks * log2(e).
     HAS_ROPE: tl.constexpr = ROT > 0
     HAS_PASS: tl.constexpr = ROT < HEAD_DIM
     dt = Q.dtype.element_ty
@@ -376,7 +378,14 @@ def _attn_fwd(Q, K, V, COS_Q, SIN_Q, COS_K, SIN_K, SLOPES, OUT, LSE,
             acc = tl.dot(p.to(dt), v, acc=acc * alpha[:, None], input_precision=DOT_PREC)
             m_i = m_new
 
-    empty = l_i == 0.0            # no visible key: out 0, lse -inf
+    if HAS_SINK:                  # the sink's term, rescaled like any block's
+        z2 = tl.load(SINKS + h)
+        m_new = tl.maximum(m_i, z2)
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.exp2(z2 - m_new)
+        acc = acc * alpha[:, None]
+        m_i = m_new
+    empty = l_i == 0.0            # no visible key (and no sink): out 0, lse -inf
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
     o_rows = b * stride_ob + h * stride_oh + offs_m.to(tl.int64) * stride_ot
@@ -837,10 +846,11 @@ def _decode_split(Q, K, V, COS_Q, SIN_Q, COS_K, SIN_K, SLOPES, POS, KV_LEN, KPOS
 
 
 @triton.jit
-def _decode_combine(PART_O, PART_L, OUT, stride_ob, stride_oh, stride_ot, stride_od,
+def _decode_combine(PART_O, PART_L, SINKS, OUT, stride_ob, stride_oh, stride_ot, stride_od,
                     H, TQ, NSPLIT, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                    BLOCK_S: tl.constexpr):
-    # out = sum_s 2^(lse_s - max) out_s / sum_s 2^(lse_s - max) over the splits of one row
+                    BLOCK_S: tl.constexpr, HAS_SINK: tl.constexpr):
+    # out = sum_s 2^(lse_s - max) out_s / sum_s 2^(lse_s - max) over the splits of one row;
+    # HAS_SINK: the denominator has one more term, 2^(sinks[h] - max) (SINKS in base 2)
     row = tl.program_id(0).to(tl.int64)       # (b * H + h) * TQ + i
     i = row % TQ
     h = (row // TQ) % H
@@ -851,10 +861,16 @@ def _decode_combine(PART_O, PART_L, OUT, stride_ob, stride_oh, stride_ot, stride
     mask_d = offs_d < HEAD_DIM
     lse = tl.load(PART_L + row * NSPLIT + s, mask=s_ok, other=float("-inf"))
     mx = tl.max(lse, 0)
-    w = tl.exp2(lse - tl.where(mx == float("-inf"), 0.0, mx))   # empty splits weigh 0
+    if HAS_SINK:
+        z2 = tl.load(SINKS + h)
+        mx = tl.maximum(mx, z2)
+    mx_ref = tl.where(mx == float("-inf"), 0.0, mx)
+    w = tl.exp2(lse - mx_ref)   # empty splits weigh 0
     po = tl.load(PART_O + (row * NSPLIT + s)[:, None] * HEAD_DIM + offs_d[None, :],
                  mask=s_ok[:, None] & mask_d[None, :], other=0.0)
     den = tl.sum(w, 0)
+    if HAS_SINK:
+        den += tl.exp2(z2 - mx_ref)
     out = tl.sum(w[:, None] * po, 0) / tl.where(den == 0.0, 1.0, den)
     tl.store(OUT + b * stride_ob + h * stride_oh + i * stride_ot + offs_d * stride_od,
              out.to(OUT.dtype.element_ty), mask=mask_d)
@@ -924,7 +940,7 @@ class _Spec:
 
     def __init__(self, q, k, v, cos, sin, k_cos, k_sin, rot_dim, interleaved, rope_k, causal,
                  window, q_offset, k_offset, scale, softcap=None, alibi=None,
-                 alibi_keys_only=False, decode=False):
+                 alibi_keys_only=False, decode=False, sinks=None):
         if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
             raise ValueError(f"q, k, v must be [B, H, T, D]: got {tuple(q.shape)}, "
                              f"{tuple(k.shape)}, {tuple(v.shape)}")
@@ -990,6 +1006,13 @@ class _Spec:
             alibi = (alibi.reshape(H).float() * LOG2E).contiguous()   # base 2, as the scores
         self.alibi = alibi
         self.alibi_mode = 0 if alibi is None else 2 if alibi_keys_only else 1
+        if sinks is not None:
+            if not isinstance(sinks, Tensor) or not sinks.dtype.is_floating_point or \
+                    sinks.numel() != H or sinks.device != q.device:
+                raise ValueError(f"sinks must be a float tensor of the {H} query heads' sink "
+                                 f"logits on {q.device}: got {getattr(sinks, 'shape', sinks)}")
+            sinks = (sinks.reshape(H).float() * LOG2E).contiguous()   # base 2
+        self.sinks = sinks
         self.dot_prec = "ieee" if q.dtype == torch.float32 else "tf32"
 
     def tables(self):
@@ -1015,6 +1038,11 @@ class _Spec:
     def slopes(self) -> Tensor:
         """ALiBi's per-head slopes times log2(e) (any tensor, never read, without ALiBi)."""
         return self.alibi if self.alibi is not None else self.cos
+
+    @property
+    def sink_args(self) -> Tuple[Tensor, bool]:
+        """(the sink logits times log2(e), or any tensor never read; whether there are)."""
+        return (self.sinks if self.sinks is not None else self.cos), self.sinks is not None
 
     def constexprs(self):
         return dict(HEAD_DIM=self.D, HEAD_DV=self.DV, ROT=self.rot_dim,
@@ -1043,10 +1071,11 @@ def _run_fwd(sp: _Spec, q, k, v, out: Optional[Tensor] = None,
     if out.numel() == 0:
         return out, lse.fill_(float("-inf"))
     tables, tstrides = sp.tables()
+    sinks, has_sink = sp.sink_args
     _launch("fwd", lambda m: (triton.cdiv(sp.T, m["BLOCK_M"]), sp.B * sp.H),
-            q, k, v, *tables, sp.slopes, out, lse, *q.stride(), *k.stride(), *v.stride(),
-            *out.stride(), *tstrides, sp.H, sp.HKV, sp.T, sp.S, sp.q_offset, sp.k_offset,
-            sp.window_arg, *sp.score_args, **sp.constexprs())
+            q, k, v, *tables, sp.slopes, sinks, out, lse, *q.stride(), *k.stride(),
+            *v.stride(), *out.stride(), *tstrides, sp.H, sp.HKV, sp.T, sp.S, sp.q_offset,
+            sp.k_offset, sp.window_arg, *sp.score_args, HAS_SINK=has_sink, **sp.constexprs())
     return out, lse
 
 
@@ -1111,13 +1140,27 @@ def rope_attention_fwd(q: Tensor, k: Tensor, v: Tensor, cos: Optional[Tensor] = 
                        k_offset: int = 0, scale: Optional[float] = None,
                        softcap: Optional[float] = None, alibi: Optional[Tensor] = None,
                        alibi_keys_only: bool = False, out: Optional[Tensor] = None,
-                       lse: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+                       lse: Optional[Tensor] = None, sinks: Optional[Tensor] = None
+                       ) -> Tuple[Tensor, Tensor]:
     """Forward kernel alone: (out [B, H, T, D] in q's dtype, lse [B, H, T] fp32, natural log,
     -inf for a row that sees no key). `out` (any strides) and `lse` (contiguous) given: the
-    kernel writes them in place and returns them."""
+    kernel writes them in place and returns them. sinks [H]: a sink logit per head (one more
+    term exp(sinks[h]) in every row's softmax denominator and in lse; the backward kernels
+    then need nothing more, and `sink_grad` gives the sinks' gradient)."""
     sp = _Spec(q, k, v, cos, sin, k_cos, k_sin, rot_dim, interleaved, rope_k, causal, window,
-               q_offset, k_offset, scale, softcap, alibi, alibi_keys_only)
+               q_offset, k_offset, scale, softcap, alibi, alibi_keys_only, sinks=sinks)
     return _run_fwd(sp, q, k, v, out, lse)
+
+
+def sink_grad(do: Tensor, out: Tensor, lse: Tensor, sinks: Tensor) -> Tensor:
+    """The gradient of attention sinks [H] from the forward's out and lse (which includes the
+    sink) and the upstream dO: d sinks[h] = -sum_{b, i} exp(sinks[h] - lse_bhi) (dO_bhi . O_bhi)
+    (the sink's probability times each row's dO . O, the term the softmax's backward
+    subtracts), in fp32."""
+    H = lse.shape[1]
+    delta = (do.float() * out.float()).sum(-1)                       # [B, H, T]
+    p_sink = torch.exp(sinks.float().reshape(1, H, 1) - lse.float())
+    return -(p_sink * delta).sum((0, 2))
 
 
 def rope_attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
@@ -1147,22 +1190,25 @@ class RopeAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, cos, sin, k_cos, k_sin, rot_dim, interleaved, rope_k, causal,
-                window, q_offset, k_offset, scale, softcap, alibi, alibi_keys_only):
+                window, q_offset, k_offset, scale, softcap, alibi, alibi_keys_only, sinks):
         opts = (rot_dim, interleaved, rope_k, causal, window, q_offset, k_offset, scale,
                 softcap, alibi, alibi_keys_only)
-        sp = _Spec(q, k, v, cos, sin, k_cos, k_sin, *opts)
+        sp = _Spec(q, k, v, cos, sin, k_cos, k_sin, *opts, sinks=sinks)
         out, lse = _run_fwd(sp, q, k, v)
-        ctx.save_for_backward(q, k, v, out, lse, cos, sin, k_cos, k_sin)
+        ctx.save_for_backward(q, k, v, out, lse, cos, sin, k_cos, k_sin, sinks)
         ctx.opts = opts
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        q, k, v, out, lse, cos, sin, k_cos, k_sin = ctx.saved_tensors
-        sp = _Spec(q, k, v, cos, sin, k_cos, k_sin, *ctx.opts)
+        q, k, v, out, lse, cos, sin, k_cos, k_sin, sinks = ctx.saved_tensors
+        sp = _Spec(q, k, v, cos, sin, k_cos, k_sin, *ctx.opts, sinks=sinks)
         dq, dk, dv = _run_bwd(sp, dout, q, k, v, out, lse)
-        return (dq, dk, dv) + (None,) * 15
+        dsinks = None
+        if sinks is not None and ctx.needs_input_grad[18]:
+            dsinks = sink_grad(dout, out, lse, sinks).to(sinks.dtype).reshape(sinks.shape)
+        return (dq, dk, dv) + (None,) * 15 + (dsinks,)
 
 
 def rope_attention(q: Tensor, k: Tensor, v: Tensor, cos: Optional[Tensor] = None,
@@ -1172,13 +1218,15 @@ def rope_attention(q: Tensor, k: Tensor, v: Tensor, cos: Optional[Tensor] = None
                    window: Optional[int] = None, q_offset: Optional[int] = None,
                    k_offset: int = 0, scale: Optional[float] = None,
                    softcap: Optional[float] = None, alibi: Optional[Tensor] = None,
-                   alibi_keys_only: bool = False, return_lse: bool = False):
+                   alibi_keys_only: bool = False, return_lse: bool = False,
+                   sinks: Optional[Tensor] = None):
     """Fused RoPE + attention with gradients: out [B, H, T, D] in q's dtype (and lse
-    [B, H, T] fp32 with return_lse).
+    [B, H, T] fp32 with return_lse). sinks [H]: a learned sink logit per head (gpt-oss),
+    one more term in every row's softmax denominator; it gets a gradient.
     """
     out, lse = RopeAttention.apply(q, k, v, cos, sin, k_cos, k_sin, rot_dim, interleaved,
                                    rope_k, causal, window, q_offset, k_offset, scale, softcap,
-                                   alibi, alibi_keys_only)
+                                   alibi, alibi_keys_only, sinks)
     return (out, lse) if return_lse else out
 
 
@@ -1217,8 +1265,8 @@ def rope_attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor,
                           alibi: Optional[Tensor] = None, alibi_keys_only: bool = False,
                           num_splits: Optional[int] = None,
                           out: Optional[Tensor] = None, kpos: Optional[Tensor] = None,
-                          q2: Optional[Tensor] = None, k2_cache: Optional[Tensor] = None
-                          ) -> Tensor:
+                          q2: Optional[Tensor] = None, k2_cache: Optional[Tensor] = None,
+                          sinks: Optional[Tensor] = None) -> Tensor:
     """Decode attention (flash-decoding): a few new queries per sequence against a cache.
 
     q [B, H, Tq, D] (Tq small, typically 1); k_cache, v_cache [B, Hkv, S_max, D], slot j
@@ -1247,6 +1295,8 @@ def rope_attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor,
         k2 is read as given (no RoPE: the options above apply to k_cache and q only), and
         v_cache may be k_cache itself (MLA: k_cache = v_cache = the latent c_KV, k2_cache
         the shared rotated k_R, q2 the rotated q_R). Default scale 1/sqrt(D + D2).
+    sinks [H]: a sink logit per head, added to each row's softmax denominator when the
+        splits are combined (always through the combine kernel then).
     On the GPU the first call for a shape runs the autotuner: make it before capturing.
     """
     if (q2 is None) != (k2_cache is None):
@@ -1273,7 +1323,8 @@ def rope_attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor,
     else:
         q2, k2_cache = q, k_cache       # not read
     sp = _Spec(q, k_cache, v_cache, cos, sin, k_cos, k_sin, rot_dim, interleaved, rope_k,
-               causal, window, 0, 0, scale, softcap, alibi, alibi_keys_only, decode=True)
+               causal, window, 0, 0, scale, softcap, alibi, alibi_keys_only, decode=True,
+               sinks=sinks)
     B, H, TQ, DV, HKV, S = sp.B, sp.H, sp.T, sp.DV, sp.HKV, sp.S
     pos, stride_pos = _per_sequence(pos, B, "pos", q.device)
     if kv_len is None:
@@ -1289,7 +1340,8 @@ def rope_attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor,
         out = torch.empty((B, H, TQ, DV), dtype=q.dtype, device=q.device)
     if q.numel() == 0:
         return out
-    direct = num_splits == 1 and DIRECT_SINGLE_SPLIT   # the split kernel writes out itself
+    # the split kernel writes out itself (a sink joins the rows in the combine kernel)
+    direct = num_splits == 1 and DIRECT_SINGLE_SPLIT and sinks is None
     if direct:
         part_o = part_l = out       # not read
     else:
@@ -1306,9 +1358,10 @@ def rope_attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor,
             HAS_KPOS=kpos is not None, DIRECT=direct, BLOCK_M=_p2(H // HKV * TQ),
             HEAD_D2=d2, BLOCK_D2=_p2(d2), **sp.constexprs())
     if not direct:
-        _decode_combine[(B * H * TQ,)](part_o, part_l, out, *out.stride(), H, TQ, num_splits,
-                                       HEAD_DIM=DV, BLOCK_D=_p2(DV),
-                                       BLOCK_S=_p2(num_splits, 2))
+        sink_t, has_sink = sp.sink_args
+        _decode_combine[(B * H * TQ,)](part_o, part_l, sink_t, out, *out.stride(), H, TQ,
+                                       num_splits, HEAD_DIM=DV, BLOCK_D=_p2(DV),
+                                       BLOCK_S=_p2(num_splits, 2), HAS_SINK=has_sink)
     return out
 
 
@@ -1413,11 +1466,13 @@ def rope_attention_reference(q: Tensor, k: Tensor, v: Tensor, cos: Optional[Tens
                              scale: Optional[float] = None, softcap: Optional[float] = None,
                              alibi: Optional[Tensor] = None, alibi_keys_only: bool = False,
                              kv_len: Union[Tensor, int, None] = None,
-                             return_lse: bool = False):
+                             return_lse: bool = False, sinks: Optional[Tensor] = None):
     """The same math in torch, op by op, differentiable: RoPE on q (and k), scaled scores,
     the mask, softmax, @ v; computed in fp32 (fp64 for fp64 inputs), out in q's dtype.
     Beyond `rope_attention`'s options, q_offset may be an int tensor [B] (per-sequence
-    positions, as in decode) and kv_len masks key rows >= kv_len[b]."""
+    positions, as in decode) and kv_len masks key rows >= kv_len[b]. sinks [H]: a sink
+    logit per head, one more key with no value in every row's softmax (gpt-oss's form:
+    concatenated to the scores, sliced off after the softmax)."""
     B, H, T, D = q.shape
     HKV, S = k.shape[1], k.shape[2]
     if rot_dim is None:
@@ -1449,6 +1504,12 @@ def rope_attention_reference(q: Tensor, k: Tensor, v: Tensor, cos: Optional[Tens
         kv_len = torch.as_tensor(kv_len, device=q.device)
         vis = vis & (kpos < kv_len.reshape(-1, 1, 1, 1))
     vis = vis.expand(B, H, T, S)
+    if sinks is not None:
+        z = sinks.to(s.dtype).reshape(1, H, 1, 1).expand(B, H, T, 1)
+        s = torch.cat([torch.where(vis, s, float("-inf")), z], -1)
+        lse = torch.logsumexp(s, -1)
+        out = (torch.softmax(s, -1)[..., :S] @ vv).to(q.dtype)
+        return (out, lse) if return_lse else out
     any_vis = vis.any(-1, keepdim=True)
     s = torch.where(vis, s, float("-inf"))
     s = torch.where(any_vis, s, 0.0)                             # rows with nothing: no NaN
@@ -1518,8 +1579,9 @@ def launch_template(template: str, xs, outs, opts) -> None:
     rope_attention_bwd: xs = the forward's inputs (opts["n_inputs"] of them), the forward
     outputs named by opts["saved"] (out "0" and lse "1": the backward kernels read them, no
     forward rerun), then the cotangents of opts["cotangents"] (out's only: lse takes no
-    gradient); it writes the gradients of the first n_grad inputs (q, k, v sources) in input
-    order. A body that saves nothing (no "saved") recomputes out and lse first."""
+    gradient); it writes the gradients of the first n_grad inputs (q, k, v sources, and
+    learned attention sinks, opts["sinks"], whose gradient `sink_grad` computes from out and
+    lse) in input order. A body that saves nothing (no "saved") recomputes out and lse first."""
     if "q" not in opts:            # the first layout: inputs (q, k, v, cos, sin), MHA
         opts = dict(opts, q=[[0, 0, xs[0].shape[-1], 1]], k=[[1, 0, xs[1].shape[-1], 1]],
                     v=[2, 1], cos=3, sin=4, rot_dim=xs[0].shape[-1], interleaved=False,
@@ -1549,11 +1611,13 @@ def launch_template(template: str, xs, outs, opts) -> None:
               softcap=opts.get("softcap"),
               alibi=xs[opts["alibi"]] if "alibi" in opts else None,
               alibi_keys_only=bool(opts.get("alibi_keys_only")))
+    sinks = xs[opts["sinks"]].reshape(-1) if "sinks" in opts else None
     if template == "rope_attention":
         out = outs[0] if outs and outs[0] is not None else None
         lse = outs[1] if len(outs) > 1 and outs[1] is not None else None
         o, _ = rope_attention_fwd(q, k, v, cos, sin, out=out if out is not None
-                                  and out.dtype == q.dtype else None, lse=lse, **kw)
+                                  and out.dtype == q.dtype else None, lse=lse, sinks=sinks,
+                                  **kw)
         if out is not None and o is not out:
             out.copy_(o)
         return
@@ -1565,7 +1629,7 @@ def launch_template(template: str, xs, outs, opts) -> None:
     if "0" in saved and "1" in saved:
         out, lse = xs[n_in + saved.index("0")], xs[n_in + saved.index("1")].contiguous()
     else:           # nothing saved: recompute the forward's output and row log-sum-exp
-        out, lse = rope_attention_fwd(q, k, v, cos, sin, **kw)
+        out, lse = rope_attention_fwd(q, k, v, cos, sin, sinks=sinks, **kw)
     layouts = [opts["q"], opts["k"], [[vi, 0, xs[vi].shape[-1], vrep]]]
     operands = (q, k, v)
     # a gradient that is all of one input's, and that input's alone, is written by the
@@ -1577,6 +1641,10 @@ def launch_template(template: str, xs, outs, opts) -> None:
                                     dk=direct[1], dv=direct[2])
     grads: dict = {}
     written = {lay[0][0] for lay, dd in zip(layouts, direct) if dd is not None}
+    si = opts.get("sinks")
+    if si is not None and si < opts["n_grad"]:        # learned sinks: their gradient
+        outs[si].copy_(sink_grad(do, out, lse, sinks).reshape(outs[si].shape))
+        written.add(si)
     # the other operands' pieces (d's columns c:c + w are input i's columns a:b, summed over
     # the heads that repeat it): a piece that is its input's only reader (MLA's q_C, q_R,
     # the shared k_R) is copied into that input's gradient output, the rest of its columns

@@ -57,6 +57,8 @@ def launch_template(template: str, xs: List, outs: List, opts: dict) -> None:
     n = int(opts.get("parts") or 1)
     if opts.get("alibi") is not None:       # ALiBi's slopes, one per query head
         opts = dict(opts, slopes=xs[int(opts["alibi"])])
+    if opts.get("sinks") is not None:       # attention sinks' logits, one per query head
+        opts = dict(opts, sink_logits=xs[int(opts["sinks"])].reshape(-1))
     ring = bool(opts.get("kpos"))
     has_pos = bool(opts.get("static")) or ring     # decode.pos [, the keys' positions]
     out = outs[0]
@@ -93,25 +95,26 @@ def _attend(q, k, v, pos, kpos, out, opts: dict, q2=None, k2=None) -> None:
     cap = opts.get("softcap")             # Gemma 2's soft cap on the scores, or None
     slopes = opts.get("slopes")           # ALiBi's, or None
     keys_only = bool(opts.get("alibi_keys_only"))
+    sinks = opts.get("sink_logits")       # attention sinks', or None
     if pos is None:
         offset = S - T
         if G * T <= ROWS:
             rope_attention_decode(q, k, v, offset, causal=True, window=window, scale=scale,
                                   softcap=cap, alibi=slopes, alibi_keys_only=keys_only,
-                                  out=out, q2=q2, k2_cache=k2)
+                                  out=out, q2=q2, k2_cache=k2, sinks=sinks)
         else:   # a long prefill: the forward kernel reads one K (a copy, once per prefill)
             if k2 is not None:
                 q, k = torch.cat([q, q2], -1), torch.cat([k, k2], -1)
             o, _ = rope_attention_fwd(q, k, v, causal=True, window=window, q_offset=offset,
                                       scale=scale, softcap=cap, alibi=slopes,
-                                      alibi_keys_only=keys_only)
+                                      alibi_keys_only=keys_only, sinks=sinks)
             out.copy_(o)
         return
     chunk = max(1, ROWS // G)
     for c in range(0, T, chunk):
         rope_attention_decode(q[:, :, c:c + chunk], k, v, pos[c:c + 1], causal=True,
                               window=window, scale=scale, softcap=cap, alibi=slopes,
-                              alibi_keys_only=keys_only,
+                              alibi_keys_only=keys_only, sinks=sinks,
                               out=out[:, :, c:c + chunk],
                               kpos=kpos, q2=None if q2 is None else q2[:, :, c:c + chunk],
                               k2_cache=k2)

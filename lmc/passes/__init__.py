@@ -13,6 +13,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 from ..ir.graph import Graph
 from .basic import cse, dce, fold_constants, inline
+from .canonical import canonicalize
 from .verify import verify
 
 Pass = Tuple[str, Callable[[Graph], Graph]]
@@ -20,6 +21,7 @@ Pass = Tuple[str, Callable[[Graph], Graph]]
 PIPELINE: List[Pass] = [
     ("inline", inline),                 # splice block bodies: only primitives from here on
     ("fold_constants", fold_constants),  # evaluate constant subgraphs (rope frequencies, ...)
+    ("canonicalize", canonicalize),     # one spelling of what is written several ways (sinks)
     ("cse", cse),                       # merge duplicate computations (shared tables, masks)
     ("dce", dce),                       # drop what no output needs
 ]

@@ -419,7 +419,8 @@ def _windowed_attention(g: Graph, labels: "_Labels") -> Dict[Tuple[Node, int], _
     """Key-use edges of sliding-window attentions, which may keep their keys in a ring.
 
     Matched: probs = softmax(where(causal_mask(T, window=W), s, -inf)) along the key axis
-    (under mixed precision a cast up to fp32 before the softmax and one back after it),
+    (under mixed precision a cast up to fp32 before the softmax and one back after it;
+    with an attention sink, probs * sigmoid(logsumexp(the same masked scores) - z)),
     s reached from scores = q @ k^T through pointwise ops whose other inputs carry no key axis
     or are computed from positions alone (ALiBi's bias: its key uses are taken over the ring's
     keys too, unless the bias is also read by attentions of another window, which then all
@@ -444,10 +445,19 @@ def _windowed_attention(g: Graph, labels: "_Labels") -> Dict[Tuple[Node, int], _
     for sm in g.nodes:
         if sm.op is not Op.SOFTMAX or (lab[sm] or (None,))[sm.attrs["axis"]] != K:
             continue
+        ax = sm.attrs["axis"] % sm.type.rank
+
+        def only(n: Node, main: Node) -> bool:
+            """n read by main, and besides only by logsumexps along the keys (an attention
+            sink's gate, which masked keys leave unchanged too)."""
+            us = users.get(n, [])
+            return main in us and all(u is main or (
+                u is not None and u.op is Op.LOGSUMEXP and u.attrs["axis"] % u.type.rank == ax)
+                for u in us)
         wh, top = sm.inputs[0], sm
-        if _uncast(wh) is not wh and users.get(wh) == [sm]:    # mixed precision: fp32 softmax
+        if _uncast(wh) is not wh and only(wh, sm):    # mixed precision: fp32 softmax
             wh, top = wh.inputs[0], wh
-        if wh.op is not Op.WHERE or users.get(wh) != [top]:
+        if wh.op is not Op.WHERE or not only(wh, top):
             continue
         mask, s, fill = wh.inputs
         if not (mask.op is Op.CAUSAL_MASK and mask.attrs["window"] > 0
@@ -473,6 +483,8 @@ def _windowed_attention(g: Graph, labels: "_Labels") -> Dict[Tuple[Node, int], _
                 not (s is x or len(users.get(s, [])) == 1):
             continue
         p, pv = sm, users.get(sm, [])
+        if len(pv) == 1 and _sink_gate(pv[0], sm, lab):
+            p, pv = pv[0], users.get(pv[0], [])      # softmax(s) * sigmoid(lse(s) - z)
         if len(pv) == 1 and pv[0] is not None and _uncast(pv[0]) is not pv[0]:
             p, pv = pv[0], users.get(pv[0], [])      # rounded to v's dtype for probs @ v
         if not pv or not all(u is not None and u.op is Op.MATMUL and u.inputs[0] is p
@@ -504,6 +516,18 @@ def _windowed_attention(g: Graph, labels: "_Labels") -> Dict[Tuple[Node, int], _
         for e in edges:
             out[e] = ring
     return out
+
+
+def _sink_gate(u: Optional[Node], sm: Node, lab) -> bool:
+    """u = softmax * sigmoid(logsumexp(scores) - z) over sm's own scores, z per query (an
+    attention sink, lmc/passes/canonical.py's form)."""
+    if u is None or u.op is not Op.MUL or sm not in u.inputs:
+        return False
+    g = u.inputs[1] if u.inputs[0] is sm else u.inputs[0]
+    if g.op is not Op.SIGMOID or g.inputs[0].op is not Op.SUB:
+        return False
+    lse, z = g.inputs[0].inputs
+    return lse.op is Op.LOGSUMEXP and lse.inputs[0] is sm.inputs[0] and K not in lab[z]
 
 
 # -- the position inputs (functions of P, a 1-element i64 tensor, and T) -------------------

@@ -9,7 +9,9 @@ softmax over the last axis of [B, H, T, S] scores, the pass walks
           optional; alibi = slopes * (kpos - qpos) over the query positions decode.pos and
           the key positions the mask uses (the slots, or a ring's keys): the slopes and
           decode.pos become inputs of the op)
-    (mixed precision: softmax(cast(where(..), f32)), cast back to v's dtype before @ v4)
+    (mixed precision: softmax(cast(where(..), f32)), cast back to v's dtype before @ v4;
+    attention sinks: softmax(..) * sigmoid(logsumexp(the same scores) - z), z one logit per
+    head, an input of the op, option "sinks")
     k4 = k  |  expand(k, [B, H, S, D]) (k with one head)
             |  reshape(expand(reshape(k, [B, Hkv, 1, S, D]), [B, Hkv, G, S, D]), [B, H, S, D])
     (v4 alike: the GQA/MQA broadcast of n_kv heads, query head h reading kv head h // G; a
@@ -85,6 +87,7 @@ from .patterns import (
     const_value,
     match_all,
     need,
+    sink_gate,
     softcap,
     splice,
     upstream,
@@ -183,6 +186,13 @@ def match(sm: Node, users: Dict[Node, List[Node]]) -> dict:
     need(sm.type.dtype.value in ("f32", "f16", "bf16"), "attention in a non-float dtype")
     region = [sm]
     p, outs = sm, users.get(sm, [])
+    sink = None
+    if len(outs) == 1 and outs[0] is not None and outs[0].op is Op.MUL:
+        # attention sinks (lmc/passes/canonical.py): softmax(s) * sigmoid(logsumexp(s) - z)
+        sink = sink_gate(outs[0], sm, sm.type.shape[1])
+        region += [outs[0]] + sink[1]
+        sink = sink[0]
+        p, outs = outs[0], users.get(outs[0], [])
     if len(outs) == 1 and outs[0] is not None and outs[0].op is Op.CAST:
         p, outs = outs[0], users.get(outs[0], [])     # rounded to v's dtype for probs @ v
         region.append(p)
@@ -304,7 +314,10 @@ def match(sm: Node, users: Dict[Node, List[Node]]) -> dict:
         if qsrc is not None and qsrc not in ins:   # by the launch, which has them from
             ins.append(qsrc)                        # the shapes) and slopes
         ins.append(slopes)
-    return {"inputs": ins, "v": v, "v_as": None if v_part is None else ks[v_part],
+    if sink is not None:
+        ins.append(sink)
+    return {"inputs": ins, "sinks": None if sink is None else len(ins) - 1,
+            "v": v, "v_as": None if v_part is None else ks[v_part],
             "out": pv, "region": inside | set(mregion) | set(layout) | set(bias),
             "alibi": None if slopes is None else len(ins) - 1,
             "alibi_keys_only": slopes is not None and qsrc is None,
@@ -346,7 +359,8 @@ def _body(m: dict, name: str, order: Dict[Node, int]) -> Graph:
                             "softcap": m["softcap"], "alibi": m["alibi"],
                             "alibi_keys_only": m["alibi_keys_only"],
                             "parts": m["parts"], "v_part": m["v_part"],
-                            "q_split": m["q_split"], "kpos": m["kpos"] is not None})
+                            "q_split": m["q_split"], "kpos": m["kpos"] is not None,
+                            "sinks": m["sinks"]})
 
 
 def fuse_decode_attention(g: Graph) -> Graph:
@@ -390,5 +404,6 @@ def fuse_decode_attention(g: Graph) -> Graph:
                       f"{' window ' + str(m['window']) if m['window'] else ''}, {heads}, "
                       f"scale {m['scale']:.4g}"
                       + (f", scores soft-capped at {m['softcap']:.4g}" if m["softcap"] else "")
-                      + (", ALiBi" if m["alibi"] is not None else "")})
+                      + (", ALiBi" if m["alibi"] is not None else "")
+                      + (", attention sinks" if m["sinks"] is not None else "")})
     return splice(g, regions, records)

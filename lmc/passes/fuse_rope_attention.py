@@ -10,7 +10,10 @@ Matched on primitives (no block names): from each softmax over the last axis, th
           -|qpos - kpos|, or BLOOM's slopes * kpos alone: `patterns.alibi`, the slopes an
           input of the op)
 
-back through the scores and forward to the single `probs @ v'`, and reads q' and k' as a
+back through the scores and forward to the single `probs @ v'` (with attention sinks,
+gpt-oss's, as lmc/passes/canonical.py writes them: `probs * sigmoid(logsumexp(s) - z) @ v'`,
+z one logit per head broadcast over the batch and the queries, an input of the op and of its
+gradient outputs when learned: option "sinks"), and reads q' and k' as a
 concat along the head dim of parts (one part: no concat), each part one of
 
     rope(x) = x * cos + rot(x) * sin             RoPE, with cos/sin [T, R] tables computed from
@@ -84,6 +87,7 @@ from .patterns import (
     const_value,
     narrowing,
     need,
+    sink_gate,
     softcap,
     splice,
     upstream,
@@ -329,6 +333,10 @@ def match(sm: Node, users: Dict[Node, List[Node]], static, order: Dict[Node, int
                              f"{list(sm.type.shape)} is not over scores of queries and keys)")
     mm = x
     p, outs = sm, users.get(sm, [])
+    sink = None
+    if len(outs) == 1 and isinstance(outs[0], Node) and outs[0].op is Op.MUL:
+        sink = sink_gate(outs[0], sm, sm.type.shape[1])[0]   # attention sinks
+        p, outs = outs[0], users.get(outs[0], [])
     if len(outs) == 1 and isinstance(outs[0], Node) and outs[0].op is Op.CAST:
         p, outs = outs[0], users.get(outs[0], [])     # rounded to v's dtype for probs @ v
     need(len(outs) == 1 and isinstance(outs[0], Node) and outs[0].op is Op.MATMUL
@@ -350,12 +358,12 @@ def match(sm: Node, users: Dict[Node, List[Node]], static, order: Dict[Node, int
     kparts = _side(kr, static, users)
     try:
         m = _assemble(sm, pv, qr, kr, qparts, kparts, users, static, order, causal, window,
-                      scale, slopes, given=False)
+                      scale, slopes, sink, given=False)
     except _Shared:
         # the k part's RoPE is computed outside this attention too (a rotated K shared by
         # several attentions, as YOCO's cross-decoder's): take it as given
         m = _assemble(sm, pv, qr, kr, qparts, kparts, users, static, order, causal, window,
-                      scale, slopes, given=True)
+                      scale, slopes, sink, given=True)
     if cap is not None:
         m["opts"]["softcap"] = cap
     if keys_only:
@@ -373,7 +381,7 @@ def _narrowed(x: Node) -> Node:
 
 
 def _assemble(sm, pv, qr, kr, qparts, kparts, users, static, order, causal, window, scale,
-              slopes, given: bool) -> dict:
+              slopes, sink, given: bool) -> dict:
     H, T = qr.type.shape[1], qr.type.shape[2]
     S = kr.type.shape[2]
     kparts = list(kparts)
@@ -428,6 +436,8 @@ def _assemble(sm, pv, qr, kr, qparts, kparts, users, static, order, causal, wind
     klay = [[idx(kparts[i]["src"]), kparts[i]["start"], kparts[i]["stop"],
              HKV // (H // kparts[i]["g"])] for i in korder]
     vi = idx(v)
+    if sink is not None and not static(sink):
+        idx(sink)             # learned sinks get a gradient (the backward's last)
     n_grad = len(inputs)
     opts = {"causal": causal, "window": window, "scale": scale,
             "rot_dim": qp["width"] if roped else 0,
@@ -438,6 +448,8 @@ def _assemble(sm, pv, qr, kr, qparts, kparts, users, static, order, causal, wind
         opts["cos"], opts["sin"] = idx(qp["cos"]), idx(qp["sin"])
     if slopes is not None:
         opts["alibi"] = idx(slopes)
+    if sink is not None:
+        opts["sinks"] = idx(sink)
     if rope_k and (kp["cos"] is not qp["cos"] or kp["sin"] is not qp["sin"]):
         opts["k_cos"], opts["k_sin"] = idx(kp["cos"]), idx(kp["sin"])
     for name, p in (("q_zeta", qp), ("k_zeta", kp)):
@@ -474,7 +486,7 @@ def _assemble(sm, pv, qr, kr, qparts, kparts, users, static, order, causal, wind
     # outside the region; the body widens them back for the region's fp32 ops)
     wide = {}
     for i, n in enumerate(inputs[:n_grad]):
-        if n.type.dtype is not dot:
+        if n.type.dtype is not dot and i != opts.get("sinks"):   # sinks: read in fp32
             need(n.type.dtype is DType.f32, "q, k, v dtypes differ")
             inputs[i] = Node.make(Op.CAST, [n], {"dtype": dot}, n.loc, n.scope)
             wide[inputs[i]] = n
@@ -516,6 +528,15 @@ def _body(m: dict, name: str) -> Graph:
         sg = b.add(Node.make(Op.CAST, (sg,), {"dtype": DType.f32}, s.loc, s.scope))
     lse = b.add(Node.make(Op.LOGSUMEXP, (sg,), {"axis": s.type.rank - 1, "keepdim": False},
                           s.loc, s.scope))
+    if "sinks" in m["opts"]:   # the sink is one more term: lse + softplus(z - lse)
+        z = m["inputs"][m["opts"]["sinks"]]
+        mk = lambda op, ins, attrs=None: b.add(Node.make(op, ins, attrs or {}, s.loc,  # noqa
+                                                         s.scope))
+        zf = mk(Op.STOP_GRADIENT, (b.env[z],))
+        if zf.type.dtype is not DType.f32:
+            zf = mk(Op.CAST, (zf,), {"dtype": DType.f32})
+        zf = mk(Op.RESHAPE, (zf,), {"shape": (m["opts"]["heads"], 1)})
+        lse = mk(Op.ADD, (lse, mk(Op.SOFTPLUS, (mk(Op.SUB, (zf, lse)),))))
     return b.graph(name, [m["out"], lse],
                    module="attention",            # lmc/codegen/attention.py's launch_template
                    template="rope_attention", options=dict(m["opts"]),
@@ -547,6 +568,8 @@ def _describe(o: dict) -> str:
     if "alibi" in o:
         what.append("with ALiBi" + (" (slopes * key position)" if o.get("alibi_keys_only")
                                     else ""))
+    if "sinks" in o:
+        what.append("with attention sinks")
     if len(o["q"]) > 1 and len({q[0] for q in o["q"]}) > 1:
         what.append("(decoupled rope part)")
     return " ".join(what) + f", scale {o['scale']:.4g}"

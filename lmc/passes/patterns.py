@@ -143,6 +143,32 @@ def alibi(x: Node, H, causal: bool, static, positions):
     raise NoMatch(why)
 
 
+def sink_gate(mul: Node, sm: Node, H):
+    """mul = softmax(x) * sigmoid(logsumexp(x) - z), x the softmax's own input and z one logit
+    per head broadcast over the batch and the queries: attention sinks as
+    lmc/passes/canonical.py writes them. Returns (the tensor z is expanded from, the gate's
+    nodes: sigmoid, sub, logsumexp and the expands), or raises NoMatch saying why not."""
+    g = other(mul, sm)
+    need(g is not None and g.op is Op.SIGMOID and g.inputs[0].op is Op.SUB,
+         "probabilities scaled by something other than an attention sink's "
+         "sigmoid(logsumexp(s) - z)")
+    lse, z = g.inputs[0].inputs
+    need(lse.op is Op.LOGSUMEXP and lse.inputs[0] is sm.inputs[0]
+         and lse.attrs["axis"] % lse.type.rank == lse.type.rank - 1
+         and lse.attrs.get("keepdim", True),
+         "an attention sink's gate is not sigmoid(logsumexp(scores) - z) over the same scores")
+    nodes = [g, g.inputs[0], lse]
+    src = z
+    while src.op is Op.EXPAND:
+        nodes.append(src)
+        src = src.inputs[0]
+    shape = (1,) * (4 - src.type.rank) + tuple(src.type.shape)
+    need(src.type.rank <= 4 and shape == (1, H, 1, 1),
+         f"attention sinks {list(src.type.shape)} are not one logit per head ([1, {H}, 1, 1] "
+         f"broadcast over the batch and the queries)")
+    return src, nodes
+
+
 def narrowing(n: Node) -> bool:
     """n casts a float to a narrower float: a mixed-precision program's cast in front of a
     product (a cache holds the narrow value, a kernel reads it)."""

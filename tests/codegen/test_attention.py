@@ -37,9 +37,10 @@ def _max_err(got, want):
 def run_case(B, H, HKV, T, S, D, *, rot, interleaved=False, paired=False, causal=True,
              window=None, q_offset=None, k_offset=0, rope_k=True, xpos=False,
              dtype=torch.float32, strided=False, seed=0, dv=None, softcap=None, alibi=False,
-             keys_only=False):
+             keys_only=False, sinks=False):
     """Fused forward + backward vs the fp64 reference: max abs error of out, lse, dq, dk, dv
-    (and the largest reference magnitude, for fp16's relative bound)."""
+    (and of the sinks' gradient with sinks=True; the largest reference magnitude, for
+    fp16's relative bound)."""
     gen = torch.Generator().manual_seed(seed)
     dv = D if dv is None else dv     # v's head dim (MLA: narrower than q/k's)
     if strided:   # [B, T, H, D] activations seen as [B, H, T, D], as a model's permute makes
@@ -65,23 +66,35 @@ def run_case(B, H, HKV, T, S, D, *, rot, interleaved=False, paired=False, causal
     if alibi:       # ALiBi's geometric slopes, 2^(-8 (h + 1) / H)
         kw["alibi"] = 2.0 ** (-8.0 * torch.arange(1, H + 1, dtype=torch.float32) / H)
         kw["alibi_keys_only"] = keys_only
+    wrt = (q, k, v)
+    if sinks:       # gpt-oss's sink logits, some large enough to take most of a row
+        kw["sinks"] = (torch.randn(H, generator=gen) * 2.0).requires_grad_()
+        wrt += (kw["sinks"],)
     out, lse = A.rope_attention(q, k, v, **tabs, **kw, return_lse=True)
     assert out.dtype == dtype and out.shape == (B, H, T, dv) and lse.dtype == torch.float32
     do = _randn(B, H, T, dv, gen=gen, dtype=dtype)
-    grads = torch.autograd.grad(out, (q, k, v), do)
+    grads = torch.autograd.grad(out, wrt, do)
 
     q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
     tabs64 = {n: (t.double() if t is not None else None) for n, t in tabs.items()}
     if alibi:
         kw["alibi"] = kw["alibi"].double()
+    wrt64 = (q64, k64, v64)
+    if sinks:
+        kw["sinks"] = kw["sinks"].detach().double().requires_grad_()
+        wrt64 += (kw["sinks"],)
     ref, ref_lse = A.rope_attention_reference(q64, k64, v64, **tabs64, **kw, return_lse=True)
-    rgrads = torch.autograd.grad(ref, (q64, k64, v64), do.double())
+    rgrads = torch.autograd.grad(ref, wrt64, do.double())
 
     empty = torch.isinf(ref_lse)
     assert torch.equal(torch.isinf(lse), empty), "rows that see no key"
     errs = {"out": _max_err(out, ref),
             "lse": _max_err(lse[~empty], ref_lse[~empty]) if (~empty).any() else 0.0}
     scale = {"out": ref.abs().max().item(), "lse": ref_lse[~empty].abs().max().item()}
+    if sinks:
+        errs["dsinks"] = _max_err(grads[3], rgrads[3])
+        scale["dsinks"] = rgrads[3].abs().max().item()
+        assert grads[3].shape == (H,) and scale["dsinks"] > 1e-3
     for name, got, want in zip(("dq", "dk", "dv"), grads, rgrads):
         assert got.shape == want.shape and got.dtype == dtype
         errs[name] = _max_err(got, want)
@@ -133,6 +146,13 @@ CASES = [
      dict(rot=32, alibi=True, softcap=2.0)),
     ("alibi-keys-only-bloom-offsets", (2, 4, 2, 17, 40, 32),
      dict(rot=0, alibi=True, keys_only=True, q_offset=23, k_offset=3, window=30)),
+    # attention sinks (gpt-oss): a logit per head in every row's softmax denominator; with
+    # a window, and in rows that see no key at all (the sink takes the whole row)
+    ("sinks-gqa-rope-window", (1, 4, 2, 63, 63, 32), dict(rot=32, window=20, sinks=True)),
+    ("sinks-no-rope-softcap-alibi", (2, 4, 4, 33, 33, 32),
+     dict(rot=0, softcap=2.0, alibi=True, sinks=True)),
+    ("sinks-rows-that-see-no-key", (1, 4, 2, 17, 20, 32),
+     dict(rot=32, q_offset=0, k_offset=10, sinks=True)),
 ]
 
 
@@ -193,7 +213,7 @@ def test_softcap_changes_the_result():
 def run_decode(B, H, HKV, TQ, S_MAX, D, *, rot, pos, kv_len=None, rope_k=False, causal=True,
                window=None, splits=None, paired=False, interleaved=False,
                dtype=torch.float32, seed=0, dv=None, softcap=None, alibi=False,
-               keys_only=False):
+               keys_only=False, sinks=False):
     """Flash-decoding over a cache padded to S_MAX (padding slots hold large values that would
     show if read) vs the fp64 reference over the raw keys."""
     gen = torch.Generator().manual_seed(seed)
@@ -212,16 +232,19 @@ def run_decode(B, H, HKV, TQ, S_MAX, D, *, rot, pos, kv_len=None, rope_k=False, 
         cos, sin = A.rope_tables(S_MAX + TQ + 2, rot, interleaved=interleaved, paired=paired)
     k_cache = k_raw if rope_k or not rot else \
         A.apply_rope(k_raw, cos, sin, 0, rot, interleaved).to(dtype)
+    z = torch.randn(H, generator=gen) * 2.0 if sinks else None
     out = A.rope_attention_decode(q, k_cache, v, pos_t, cos, sin, kv_len=kv_len,
                                   rope_k=rope_k, rot_dim=rot, interleaved=interleaved,
                                   causal=causal, window=window, num_splits=splits,
-                                  softcap=softcap, alibi=slopes, alibi_keys_only=keys_only)
+                                  softcap=softcap, alibi=slopes, alibi_keys_only=keys_only,
+                                  sinks=z)
     assert out.shape == q.shape[:3] + v.shape[3:] and out.dtype == dtype
     ref = A.rope_attention_reference(
         q.double(), k_raw.double(), v.double(), None if cos is None else cos.double(),
         None if sin is None else sin.double(), rot_dim=rot, interleaved=interleaved,
         causal=causal, window=window, q_offset=pos_t, kv_len=valid, softcap=softcap,
-        alibi=None if slopes is None else slopes.double(), alibi_keys_only=keys_only)
+        alibi=None if slopes is None else slopes.double(), alibi_keys_only=keys_only,
+        sinks=None if z is None else z.double())
     return _max_err(out, ref), ref.abs().max().item()
 
 
@@ -241,6 +264,10 @@ DECODE = [
      dict(rot=0, pos=[7, 50], splits=4, alibi=True)),
     ("alibi-keys-only-2-splits", (2, 4, 2, 1, 50, 32),
      dict(rot=0, pos=[9, 40], splits=2, alibi=True, keys_only=True)),
+    # attention sinks, joined in the combine (one split goes through it too)
+    ("sinks-gqa-window-3-splits", (3, 4, 2, 2, 80, 32),
+     dict(rot=32, pos=[0, 37, 70], splits=3, window=20, sinks=True)),
+    ("sinks-one-split", (2, 4, 2, 1, 40, 32), dict(rot=32, pos=[3, 25], splits=1, sinks=True)),
 ]
 
 

@@ -37,7 +37,8 @@ MODELS = [
     ("medit_one.yaml", {"moe": 1}, {"moe_gating"}, True),
     # outside the zoo (examples/): no RoPE with a biased q/k/v projection, soft-capped
     # scores with QK-norm (a cap that saturates), ALiBi (with a window too; BLOOM's form),
-    # a sigmoid MoE router, SSD (linear attention with q and k shared by the heads)
+    # a sigmoid MoE router, SSD (linear attention with q and k shared by the heads),
+    # attention sinks
     ("examples/gpt2.yaml", {}, {"rope_attention"}, False),
     ("examples/gemma2.yaml", {"attn_cap": 1.5}, {"rope_attention"}, False),
     ("examples/mpt.yaml", {}, {"rope_attention"}, False),
@@ -45,6 +46,7 @@ MODELS = [
     ("examples/bloom.yaml", {}, {"rope_attention"}, False),
     ("examples/deepseek_moe.yaml", {}, {"rope_attention", "moe_layer"}, True),
     ("examples/mamba2.yaml", {}, {"linear_attention"}, False),
+    ("examples/gpt_oss.yaml", {}, {"rope_attention"}, False),
 ]
 IDS = [f"{os.path.basename(f)[:-5]}{''.join(f'-{k}{v}' for k, v in o.items())}"
        for f, o, _, _ in MODELS]

@@ -169,14 +169,17 @@ def _gqa(b, x, H, tiled=False):
 
 def _variant(H, HKV, D, *, rot=None, k_rot=None, interleaved=False, window=0, xpos=False,
              base=10000.0, offset=0, tiled=False, shared_k=False, mla=0, cap=None,
-             alibi=None, causal=True):
+             alibi=None, causal=True, sinks=None, disable=()):
     """Attention written in primitives as a model file would: RoPE by hand on the first rot
     dims (partial rotary: concat(rope(x[..., :rot]), x[..., rot:])), k, v broadcast from
     HKV heads, XPos scaling, a shared rotated K read by two attentions (YOCO), or MLA
     (q = [q_C | rope(q_R)], k = [k_C | expand(rope(k_R))], mla = d_R); cap: (cap_inside,
     cap_outside) soft-caps the scores as tanh(s * (1 / cap_inside)) * cap_outside; alibi:
     ALiBi's bias written as "sub" (kpos - qpos), "neg" (-(qpos - kpos)), "abs"
-    (-|qpos - kpos|) or "keys" (BLOOM's slopes * kpos alone)."""
+    (-|qpos - kpos|) or "keys" (BLOOM's slopes * kpos alone); sinks: attention sinks as
+    gpt-oss writes them (an input "sinks" concatenated to the scores as one more column,
+    the softmax, the column sliced off), "head" one logit per head, "query" one per head
+    and query (not a sink the kernels take). disable: pipeline passes left out."""
     b = Builder({}, {})
     rot = D if rot is None else rot
     k_rot = rot if k_rot is None else k_rot
@@ -198,6 +201,8 @@ def _variant(H, HKV, D, *, rot=None, k_rot=None, interleaved=False, window=0, xp
         ins[n] = b.input(n, [B, H, T, D], "f32")
     ins["k"] = b.input("k", [B, HKV, T, D], "f32")
     ins["v"] = b.input("v", [B, HKV, T, D], "f32")
+    if sinks:
+        ins["sinks"] = b.input("sinks", [H] if sinks == "head" else [H, T], "f32")
     cos, sin = _tables_for(b, rot, base=base, offset=offset, interleaved=interleaved) \
         if rot else (None, None)
     kcos, ksin = (cos, sin) if k_rot == rot else _tables_for(b, k_rot, base=base,
@@ -235,9 +240,15 @@ def _variant(H, HKV, D, *, rot=None, k_rot=None, interleaved=False, window=0, xp
             s = s + slopes * dist
         if causal:
             s = b.where(b.causal_mask(T, T, window=window), s, -float("inf"))
-        o = b.softmax(s, -1) @ _gqa(b, ins["v"], H, tiled)
+        if sinks:
+            z = b.reshape(ins["sinks"], [1, H, 1, 1] if sinks == "head" else [1, H, T, 1])
+            s = b.concat([s, b.expand(z, [B, H, T, 1])], -1)
+            p = b.slice(b.softmax(s, -1), -1, 0, T)
+        else:
+            p = b.softmax(s, -1)
+        o = p @ _gqa(b, ins["v"], H, tiled)
         outs[n.replace("q", "o")] = o.node
-    return run_pipeline(Graph("attn", b.nodes, outs))
+    return run_pipeline(Graph("attn", b.nodes, outs), disable=disable)
 
 
 def _check_triton_equals_oracle(g, f, shapes, seed=0):
@@ -347,6 +358,37 @@ def test_soft_capped_scores():
     # caps inside and outside tanh that differ are not a soft cap
     (r,) = _records(fuse_rope_attention(_variant(4, 2, 32, cap=(1.5, 2.0))))
     assert r["status"] == "declined" and "tanh where q @ k^T was expected" in r["reason"]
+
+
+@pytest.mark.parametrize("rot,window,causal", [(32, 20, True), (0, 0, False)],
+                         ids=["rope-gqa-window", "no-rope-not-causal"])
+def test_attention_sinks(rot, window, causal):
+    """gpt-oss's sinks (a logit per head joining each row's softmax): the pipeline writes the
+    concat/softmax/slice as softmax(s) * sigmoid(logsumexp(s) - z), equal to it; the kernels
+    take the sinks as an input, and their gradient matches the primitives'."""
+    shapes = {"q": (2, 4, TQ, 32), "k": (2, 2, TQ, 32), "v": (2, 2, TQ, 32), "sinks": (4,)}
+    g = _variant(4, 2, 32, rot=rot, window=window, causal=causal, sinks="head")
+    assert not any(n.type.rank == 4 and n.type.shape[-1] == T + 1
+                   for n in g.nodes)                           # no [.., T, T + 1] scores
+    assert any(n.type.shape[-1] == T + 1 for n in _variant(
+        4, 2, 32, sinks="head", disable=["canonicalize"]).nodes if n.type.rank == 4)
+    raw = _variant(4, 2, 32, rot=rot, window=window, causal=causal, sinks="head",
+                   disable=["canonicalize"])
+    gen = torch.Generator().manual_seed(2)
+    vals = {n: torch.randn(*sh, generator=gen) * (3.0 if n == "sinks" else 1.0)
+            for n, sh in shapes.items()}
+    ctx = RefCtx(dims=bind_dims(g, vals))
+    torch.testing.assert_close(run_graph(g, vals, ctx)["o"], run_graph(raw, vals, ctx)["o"],
+                               rtol=1e-5, atol=1e-6)
+    f, (r,) = _fused_records(g)
+    assert r["reason"].endswith("with attention sinks, scale 0.1768"), r
+    errs = _check_triton_equals_oracle(g, f, shapes, seed=3)
+    assert errs["dsinks"] < 1e-4
+
+
+def test_sinks_that_vary_by_query_are_declined():
+    (r,) = _records(fuse_rope_attention(_variant(4, 2, 32, sinks="query")))
+    assert r["status"] == "declined" and "not one logit per head" in r["reason"], r
 
 
 @pytest.mark.parametrize("interleaved", [False, True])

@@ -1,0 +1,74 @@
+"""`canonicalize`: equivalent spellings rewritten into the one form the pattern passes and the
+decode pass read. Exact algebra only (same values up to rounding), so the oracle is unchanged.
+
+Attention sinks (gpt-oss; StreamingLLM's sink logit): a learned per-head logit z that joins
+every row's softmax as one more key with no value, written as a concatenation along the keys
+and a slice of the probabilities back to the real keys:
+
+    p = slice(softmax(concat([s, z], -1), -1), -1, 0, S)        z: [.., 1] on the key axis
+
+becomes, with lse = logsumexp(s, -1) (keepdim),
+
+    p = softmax(s, -1) * sigmoid(lse - z)
+
+(exp(s_j) / (sum_k exp(s_k) + exp(z)) = softmax(s)_j * Z / (Z + exp(z)), Z = exp(lse)). The
+concatenation along the key axis is gone: the decode pass reads the scores over the cache
+as it reads any attention's (a softmax and a logsumexp over the keys, z taken per query), and
+fuse_rope_attention / fuse_decode_attention match the product, the sink an input of the
+flash kernels (added to each row's softmax denominator). Only a slice of the real keys'
+probabilities, read by nothing else, is rewritten.
+"""
+from __future__ import annotations
+
+from typing import Dict, List
+
+from ..ir.dims import norm
+from ..ir.graph import Graph, Node
+from ..ir.ops import Op
+
+
+def _sink_slice(n: Node, users: Dict[Node, List[Node]]):
+    """n = slice(softmax(concat([s, z], -1), -1), -1, 0, S) as above: (s, z), else None."""
+    if n.op is not Op.SLICE or n.attrs["axis"] % n.type.rank != n.type.rank - 1 or \
+            n.attrs["start"] != 0 or n.attrs.get("step", 1) != 1:
+        return None
+    sm = n.inputs[0]
+    if sm.op is not Op.SOFTMAX or sm.attrs["axis"] % sm.type.rank != sm.type.rank - 1 or \
+            len(users.get(sm, [])) != 1:
+        return None
+    c = sm.inputs[0]
+    if c.op is not Op.CONCAT or len(c.inputs) != 2 or \
+            c.attrs["axis"] % c.type.rank != c.type.rank - 1 or len(users.get(c, [])) != 1:
+        return None
+    s, z = c.inputs
+    if z.type.shape[-1] != 1 or norm(n.attrs["stop"]) != norm(s.type.shape[-1]):
+        return None
+    return s, z
+
+
+def canonicalize(g: Graph) -> Graph:
+    users = g.users()
+    found = {n: m for n in g.nodes if (m := _sink_slice(n, users)) is not None}
+    if not found:
+        return g
+    new: Dict[Node, Node] = {}
+    nodes: List[Node] = []
+    for n in g.nodes:
+        if n in found:
+            s, z = (new[x] for x in found[n])
+            mk = lambda op, ins, attrs=None: Node.make(op, ins, attrs or {}, n.loc,  # noqa: E731
+                                                      n.scope)
+            r = s.type.rank - 1
+            lse = mk(Op.LOGSUMEXP, (s,), {"axis": r, "keepdim": True})
+            sm = mk(Op.SOFTMAX, (s,), {"axis": r})
+            gate = mk(Op.SIGMOID, (mk(Op.SUB, (lse, z)),))
+            out = mk(Op.MUL, (sm, gate))
+            nodes += [lse, sm, gate.inputs[0], gate, out]
+            new[n] = out
+            continue
+        ins = tuple(new[i] for i in n.inputs)
+        cur = n if ins == n.inputs else Node(n.op, ins, n.attrs, n.type, n.loc, n.scope)
+        new[n] = cur
+        nodes.append(cur)
+    from .basic import dce
+    return dce(g.with_nodes(nodes, {k: new[v] for k, v in g.outputs.items()}))
