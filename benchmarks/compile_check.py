@@ -42,7 +42,8 @@ MODELS = {"llama": {}, "blues01": {}, "minimax": {}, "yoco": {},
           # outside the zoo (examples/): attention with no RoPE, soft-capped scores, ALiBi
           # (both forms), a sigmoid MoE router
           "gpt2": {}, "gemma2": {}, "mpt": {}, "bloom": {}, "deepseek_moe": {},
-          "mamba2": {}, "gpt_oss": {}}
+          "mamba2": {}, "gpt_oss": {},
+          "diff_transformer": {}}
 LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
 SMEM_LIMIT = {90: 232448, 80: 166912, 89: 101376}      # bytes per block (opt-in maximum)
 

@@ -4,7 +4,8 @@ alternating local/global layers, QK-norm, a soft-capped head; an MPT-style model
 a BLOOM-style model: ALiBi written as slopes * key position; a DeepSeek-style MoE: a sigmoid
 router and a shared expert; a Mamba-2-style state-space model: a short causal convolution and
 SSD, decayed linear attention with q and k shared by the heads; a gpt-oss-style model:
-attention sinks, sliding-window layers). `lmc verify` passes on each,
+attention sinks, sliding-window layers; a Differential Transformer: the difference of two
+attention maps weighting one set of values). `lmc verify` passes on each,
 and the fusions fire on what they hold: plain causal attention with no RoPE, soft-capped
 scores, ALiBi in both forms, sigmoid routing, SSD as chunked linear attention, in training and
 in the decode step."""
@@ -28,7 +29,7 @@ FILES = sorted(glob.glob(os.path.join(EXAMPLES, "*.yaml")))
 SETS = {"gemma2.yaml": ["attn_cap=1.5"]}
 DECODE = {"gpt2.yaml": "", "gemma2.yaml": ", scores soft-capped at 1.5", "mpt.yaml": ", ALiBi",
           "bloom.yaml": ", ALiBi", "deepseek_moe.yaml": ", scale 0.25", "mamba2.yaml": None,
-          "gpt_oss.yaml": ", attention sinks"}
+          "gpt_oss.yaml": ", attention sinks", "diff_transformer.yaml": ", scale 0.25"}
 # what the fused attention records say per layer (tiny presets)
 ATTENTION = {
     "gpt2.yaml": ["no rope: causal attention, scale 0.25"] * 2,
@@ -41,6 +42,8 @@ ATTENTION = {
                    "scale 0.25"] * 2,
     "deepseek_moe.yaml": ["rope + causal GQA attention (4 heads, 2 kv), scale 0.25"] * 2,
     "mamba2.yaml": [],      # no attention (SSD: tests below)
+    # two attention maps per layer, each its own flash attention
+    "diff_transformer.yaml": ["rope + causal attention, scale 0.25"] * 4,
     "gpt_oss.yaml": ["rope + causal window 5 GQA attention (4 heads, 2 kv) with attention "
                      "sinks, scale 0.25",
                      "rope + causal GQA attention (4 heads, 2 kv) with attention sinks, "
@@ -69,8 +72,9 @@ def test_verify_passes(path, sets):
     # the triton decoder runs the flash-decoding kernel in every attention layer (the routed
     # MoE kernels in every MoE layer, the recurrent linear-attention kernel in every SSD one)
     fused = {"deepseek_moe.yaml": "2 decode_attention, 2 moe_layer",
-             "mamba2.yaml": "2 decode_linear_attention"}.get(os.path.basename(path),
-                                                              "2 decode_attention")
+             "mamba2.yaml": "2 decode_linear_attention",
+             "diff_transformer.yaml": "4 decode_attention"}.get(os.path.basename(path),
+                                                                "2 decode_attention")
     assert f"triton k in [1, 5] ({fused}):" in rows[-1].detail, rows[-1].detail
     if "window=5" in sets or "mamba2" in path:  # rings; SSD and convolution states: no growth
         assert "state 4 tensors, 0 B/token + " in rows[-1].detail, rows[-1].detail
@@ -102,17 +106,18 @@ def test_attention_fuses_in_training_and_decode(path):
     prog = LmcModel(run_pipeline(with_loss(model.graph)), backend="triton").program()
     recs = [r for r in prog.forward_exec.graph.meta["fusions"]
             if r["pass"] == "fuse_rope_attention"]
-    assert [r["status"] for r in recs] == ["fused"] * 2
+    n = len(ATTENTION[name])        # attentions in the tiny model (two layers)
+    assert [r["status"] for r in recs] == ["fused"] * n
     assert [r["reason"] for r in recs] == ATTENTION[name]
     kinds = [n.attrs.get("kind") for n in prog.backward_exec.graph.nodes
              if n.op.value == "fused"]
-    assert kinds.count("rope_attention_bwd") == 2
+    assert kinds.count("rope_attention_bwd") == n
     from lmc.passes.mixed_precision import low_precision_weights
     low = low_precision_weights(model.graph, "bf16")   # the decoder's bf16 weights on a GPU
     for static, graph in ((False, model.graph), (True, model.graph), (False, low), (True, low)):
         step = fuse_decode_attention(decode_step(graph, static=static).graph)
         recs = [r for r in step.meta["fusions"] if r["pass"] == "fuse_decode_attention"]
-        assert [r["status"] for r in recs] == ["fused"] * 2
+        assert [r["status"] for r in recs] == ["fused"] * n
         assert all(r["reason"].endswith(DECODE[name]) for r in recs), recs
 
 
@@ -144,7 +149,7 @@ def test_mixed_precision_training_fuses_attention_over_fp32_projections(path):
     m, lk, gk = loss_and_grads(g, "triton", ids, targets, scale=scale)
     fwd = m.program().forward_exec.graph
     attn = [n for n in fwd.nodes if n.op is Op.FUSED and n.attrs["kind"] == "rope_attention"]
-    assert len(attn) == 2
+    assert len(attn) == len(ATTENTION[name])
     assert all(x.type.dtype.value == "f16" for n in attn for x in n.inputs[:3])
     _, lt, gt = loss_and_grads(g, "torch", ids, targets, scale=scale)
     _, l32, g32 = loss_and_grads(run_pipeline(with_loss(src)), "torch", ids, targets,

@@ -124,3 +124,30 @@ def test_a_model_storing_bf16_skips_the_triton_check_without_a_gpu(tmp_path):
     tri = rows["triton = oracle"]
     assert tri.skipped and "run lmc verify on a GPU" in tri.detail, tri
     assert all(r.ok for r in rows.values())
+
+
+def test_an_fp64_tie_break_does_not_pass_a_wrong_gradient(tmp_path):
+    """Where the fp32 oracle cannot resolve a gradient (a cancelling sum: the Differential
+    Transformer's lambda), the check compares both with the oracle in fp64 and passes within
+    the tolerance or twice the fp32 oracle's own error; a gradient off by 1% still fails."""
+    import torch
+
+    from lmc import verify as V
+    path = os.path.join(os.path.dirname(__file__), "..", "examples", "diff_transformer.yaml")
+    rows = V.verify(path, skip=["passes", "causal", "triton", "decode"])
+    grads = next(r for r in rows if r.check == "gradients = oracle")
+    assert grads.ok and "against the oracle in fp64" in grads.detail, grads.detail
+    from lmc.driver import compile_model
+    c = compile_model(path, "tiny")       # the subject lmc verify builds (seed 0, B=2, T=11)
+    ids = torch.randint(0, 512, (2, 11), generator=torch.Generator().manual_seed(0))
+    s = V.Subject(path, "tiny", [], c, 512, ids, 0)
+    o = s.oracle()
+    with torch.no_grad():
+        cot = V._cotangents(s, V._outputs(o.train(), s.ids))
+    ref = V._grads(o, s.ids, cot, s.seed)
+    got = V._grads(s.model(), s.ids, cot, s.seed)
+    assert V._grad_check(s, got, ref, cot)[0]
+    name = "layers.1.attn.lk2"
+    got[name] = got[name] * 1.01
+    ok, detail = V._grad_check(s, got, ref, cot)
+    assert not ok and name in detail, detail

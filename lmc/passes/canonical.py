@@ -17,6 +17,15 @@ as it reads any attention's (a softmax and a logsumexp over the keys, z taken pe
 fuse_rope_attention / fuse_decode_attention match the product, the sink an input of the
 flash kernels (added to each row's softmax denominator). Only a slice of the real keys'
 probabilities, read by nothing else, is rewritten.
+
+Differential attention (DIFF Transformer): the difference of two attention maps weighting one
+set of values,
+
+    (softmax(s1) - lam * softmax(s2)) @ v    becomes    softmax(s1) @ v - lam * (softmax(s2) @ v)
+
+(lam constant along the keys: a scalar or [.., 1]; any sum or difference of such terms), so
+each map is an ordinary attention that fuse_rope_attention makes one flash-attention op and
+the decode pass reads over the cache, instead of two [B, H, T, T] maps stored and subtracted.
 """
 from __future__ import annotations
 
@@ -46,14 +55,71 @@ def _sink_slice(n: Node, users: Dict[Node, List[Node]]):
     return s, z
 
 
+def _terms(a: Node, users, sign: int = 1):
+    """a = a sum/difference of softmaxes along the last axis, each optionally scaled by a
+    factor constant along that axis ([.., 1] or a scalar): [(sign, factor or None, softmax)],
+    or None. Every node on the way is read by the next one only."""
+    if a.op is Op.SOFTMAX and a.attrs["axis"] % a.type.rank == a.type.rank - 1:
+        return [(sign, None, a)]
+    if len(users.get(a, [])) != 1:
+        return None
+    if a.op in (Op.ADD, Op.SUB):
+        left = _terms(a.inputs[0], users, sign)
+        right = _terms(a.inputs[1], users, sign if a.op is Op.ADD else -sign)
+        return None if left is None or right is None else left + right
+    if a.op is Op.MUL:
+        for p, c in (a.inputs, a.inputs[::-1]):
+            if p.op is Op.SOFTMAX and p.attrs["axis"] % p.type.rank == p.type.rank - 1 and \
+                    (c.type.rank == 0 or c.type.shape[-1] == 1) and \
+                    len(users.get(p, [])) == 1:
+                return [(sign, c, p)]
+    return None
+
+
+def _differential(n: Node, users):
+    """n = (p1 - lam * p2 [+ ...]) @ v with the p softmaxes over the keys (differential
+    attention, DIFF Transformer): its terms, else None."""
+    if n.op is not Op.MATMUL or n.inputs[0].op not in (Op.ADD, Op.SUB):
+        return None
+    ts = _terms(n.inputs[0], users)
+    if ts is None or len(ts) < 2:
+        return None
+    r = n.type.rank
+    if any(c is not None and c.type.rank > r for _, c, _ in ts):
+        return None
+    return ts
+
+
 def canonicalize(g: Graph) -> Graph:
     users = g.users()
     found = {n: m for n in g.nodes if (m := _sink_slice(n, users)) is not None}
-    if not found:
+    diff = {n: m for n in g.nodes if (m := _differential(n, users)) is not None}
+    if not found and not diff:
         return g
     new: Dict[Node, Node] = {}
     nodes: List[Node] = []
     for n in g.nodes:
+        if n in diff:          # (p1 - lam p2) @ v = p1 @ v - lam (p2 @ v): one attention each
+            mk = lambda op, ins, attrs=None: Node.make(op, ins, attrs or {}, n.loc,  # noqa: E731
+                                                      n.scope)
+            v = new[n.inputs[1]]
+            out = None
+            for sign, c, p in diff[n]:
+                t = mk(Op.MATMUL, (new[p], v))
+                nodes.append(t)
+                if c is not None:
+                    t = mk(Op.MUL, (new[c], t))
+                    nodes.append(t)
+                if out is None:
+                    if sign < 0:
+                        t = mk(Op.NEG, (t,))
+                        nodes.append(t)
+                    out = t
+                else:
+                    out = mk(Op.ADD if sign > 0 else Op.SUB, (out, t))
+                    nodes.append(out)
+            new[n] = out
+            continue
         if n in found:
             s, z = (new[x] for x in found[n])
             mk = lambda op, ins, attrs=None: Node.make(op, ins, attrs or {}, n.loc,  # noqa: E731

@@ -17,7 +17,9 @@ softmax over the last axis of [B, H, T, S] scores, the pass walks
     (v4 alike: the GQA/MQA broadcast of n_kv heads, query head h reading kv head h // G; a
     single head [B, 1, S, D] broadcast by the matmul itself is MQA too)
 
-with k, v one [B, Hkv, S, D] shape and dtype; or scores written in parts over separate caches,
+with k [B, Hkv, S, D] and v [B, Hkv, S, Dv] of one dtype (Dv may differ from D: MLA's, a
+Differential Transformer's values twice as wide); or scores written in parts over separate
+caches,
 
     (q_1 @ k4_1^T + q_2 @ k4_2^T) * scale,   values = one of the k_i (the same view of it)
 
@@ -281,9 +283,9 @@ def match(sm: Node, users: Dict[Node, List[Node]]) -> dict:
     hkv = k.type.shape[1]
     v_part = None
     if len(ks) == 1:
-        need(tuple(k.type.shape) == tuple(v.type.shape),
-              f"keys {list(k.type.shape)} and values {list(v.type.shape)} differ in shape: "
-              "the decode kernel reads one [B, Hkv, S, D] K and V")
+        need(tuple(k.type.shape[:3]) == tuple(v.type.shape[:3]),
+              f"keys {list(k.type.shape)} and values {list(v.type.shape)} differ in batch, "
+              "heads or slots: the decode kernel reads K [B, Hkv, S, D] and V [B, Hkv, S, Dv]")
     else:
         need(all(tuple(x.type.shape[:3]) == tuple(q.type.shape[:3]) for x in qs)
               and all(tuple(x.type.shape[:3]) == tuple(k.type.shape[:3]) for x in ks),

@@ -38,7 +38,7 @@ MODELS = [
     # outside the zoo (examples/): no RoPE with a biased q/k/v projection, soft-capped
     # scores with QK-norm (a cap that saturates), ALiBi (with a window too; BLOOM's form),
     # a sigmoid MoE router, SSD (linear attention with q and k shared by the heads),
-    # attention sinks
+    # attention sinks, differential attention
     ("examples/gpt2.yaml", {}, {"rope_attention"}, False),
     ("examples/gemma2.yaml", {"attn_cap": 1.5}, {"rope_attention"}, False),
     ("examples/mpt.yaml", {}, {"rope_attention"}, False),
@@ -47,6 +47,7 @@ MODELS = [
     ("examples/deepseek_moe.yaml", {}, {"rope_attention", "moe_layer"}, True),
     ("examples/mamba2.yaml", {}, {"linear_attention"}, False),
     ("examples/gpt_oss.yaml", {}, {"rope_attention"}, False),
+    ("examples/diff_transformer.yaml", {}, {"rope_attention"}, False),
 ]
 IDS = [f"{os.path.basename(f)[:-5]}{''.join(f'-{k}{v}' for k, v in o.items())}"
        for f, o, _, _ in MODELS]

@@ -1,0 +1,61 @@
+"""canonicalize: differential attention, (softmax(s1) - lam * softmax(s2)) @ v, is written as
+two attentions (equal values, both then fused); a factor that varies along the keys is not
+a row scale and is left alone. (Attention sinks: tests/passes/test_fuse_rope_attention.py.)"""
+import pytest
+import torch
+
+from lmc.frontend.builder import Builder
+from lmc.ir.dims import Dim
+from lmc.ir.graph import Graph
+from lmc.ir.ops import Op
+from lmc.ops.reference import RefCtx
+from lmc.passes import run_pipeline
+from lmc.passes.fuse_rope_attention import fuse_rope_attention
+from lmc.runtime.executor import bind_dims, run_graph
+
+B, T = Dim.sym("B"), Dim.sym("T")
+H, D = 2, 16
+
+
+def _diff(lam_shape, third=False, disable=()):
+    """(softmax(s1) - lam * softmax(s2) [+ softmax(s3) * 0.5]) @ v over inputs."""
+    b = Builder({}, {})
+    q1, q2, k1, k2 = (b.input(n, [B, H, T, D], "f32") for n in ("q1", "q2", "k1", "k2"))
+    v = b.input("v", [B, H, T, 2 * D], "f32")
+    lam = b.input("lam", lam_shape, "f32")
+
+    def attn(q, k):
+        s = (q @ b.transpose(k, -2, -1)) * D ** -0.5
+        return b.softmax(b.where(b.causal_mask(T, T), s, -float("inf")), -1)
+    a = attn(q1, k1) - lam * attn(q2, k2)
+    if third:
+        a = a + attn(q2, k1) * 0.5
+    return run_pipeline(Graph("diff", b.nodes, {"o": (a @ v).node}), disable=disable)
+
+
+@pytest.mark.parametrize("lam_shape,third", [([1], False), ([B, H, T, 1], False),
+                                             ([H, 1, 1], True)],
+                         ids=["scalar", "per-row", "per-head-three-maps"])
+def test_differential_attention_becomes_separate_attentions(lam_shape, third):
+    g = _diff(lam_shape, third)
+    raw = _diff(lam_shape, third, disable=["canonicalize"])
+    n_maps = 3 if third else 2
+    pv = [n for n in g.nodes if n.op is Op.MATMUL and n.inputs[0].op is Op.SOFTMAX]
+    assert len(pv) == n_maps
+    gen = torch.Generator().manual_seed(1)
+    shape = {"q1": (2, H, 9, D), "q2": (2, H, 9, D), "k1": (2, H, 9, D), "k2": (2, H, 9, D),
+             "v": (2, H, 9, 2 * D),
+             "lam": tuple(9 if d == T else 2 if d == B else d for d in lam_shape)}
+    vals = {k: torch.randn(*s, generator=gen, dtype=torch.float64).float()
+            for k, s in shape.items()}
+    ctx = RefCtx(dims=bind_dims(g, vals))
+    torch.testing.assert_close(run_graph(g, vals, ctx)["o"], run_graph(raw, vals, ctx)["o"],
+                               rtol=1e-5, atol=1e-6)
+    recs = [r for r in fuse_rope_attention(g).meta["fusions"]
+            if r["pass"] == "fuse_rope_attention"]
+    assert [r["status"] for r in recs] == ["fused"] * n_maps, recs
+
+
+def test_a_factor_that_varies_along_the_keys_is_not_distributed():
+    g = _diff([B, H, T, T])
+    assert not any(n.op is Op.MATMUL and n.inputs[0].op is Op.SOFTMAX for n in g.nodes)
