@@ -18,6 +18,12 @@ fuse_rope_attention / fuse_decode_attention match the product, the sink an input
 flash kernels (added to each row's softmax denominator). Only a slice of the real keys'
 probabilities, read by nothing else, is rewritten.
 
+A causal convolution over a padded sequence: xp = concat([pad, x], t) with a pad of P
+positions, and its windows slice(xp, t, j, j + T) for j = 0 .. P (pad once, take every tap's
+window, as F.pad and a Conv1d do) become x shifted P - j positions,
+concat([pad[j:P], x[:T - (P - j)]], t), the causal shift the decode pass keeps a state for
+(and j = P is x itself).
+
 Differential attention (DIFF Transformer): the difference of two attention maps weighting one
 set of values,
 
@@ -90,15 +96,48 @@ def _differential(n: Node, users):
     return ts
 
 
+def _padded_window(n: Node):
+    """n = slice(concat([pad, x], a), a, j, j + L), pad P (a number) long on axis a, x L long
+    and 0 <= j <= P: x shifted P - j later with pad[j:P] in front. Returns (pad, x, a, j, P),
+    else None."""
+    if n.op is not Op.SLICE or n.attrs.get("step", 1) != 1:
+        return None
+    c = n.inputs[0]
+    a = n.attrs["axis"] % n.type.rank
+    if c.op is not Op.CONCAT or len(c.inputs) != 2 or c.attrs["axis"] % c.type.rank != a:
+        return None
+    pad, x = c.inputs
+    P, L, j = pad.type.shape[a], x.type.shape[a], n.attrs["start"]
+    if not isinstance(P, int) or isinstance(L, int) or not isinstance(j, int) or \
+            not 0 <= j <= P or norm(n.attrs["stop"] - j) != norm(L):
+        return None
+    return pad, x, a, j, P
+
+
 def canonicalize(g: Graph) -> Graph:
     users = g.users()
     found = {n: m for n in g.nodes if (m := _sink_slice(n, users)) is not None}
     diff = {n: m for n in g.nodes if (m := _differential(n, users)) is not None}
-    if not found and not diff:
+    windows = {n: m for n in g.nodes if (m := _padded_window(n)) is not None}
+    if not found and not diff and not windows:
         return g
     new: Dict[Node, Node] = {}
     nodes: List[Node] = []
     for n in g.nodes:
+        if n in windows:       # a window of [pad | x]: x shifted, the pad's tail in front
+            pad, x, a, j, P = windows[n]
+            pad, x = new[pad], new[x]
+            if j == P:
+                new[n] = x
+                continue
+            mk = lambda op, ins, attrs: Node.make(op, ins, attrs, n.loc, n.scope)  # noqa: E731
+            head = mk(Op.SLICE, (pad,), {"axis": a, "start": j, "stop": P, "step": 1})
+            cut = mk(Op.SLICE, (x,), {"axis": a, "start": 0,
+                                      "stop": norm(x.type.shape[a] - (P - j)), "step": 1})
+            out = mk(Op.CONCAT, (head, cut), {"axis": a})
+            nodes += [head, cut, out]
+            new[n] = out
+            continue
         if n in diff:          # (p1 - lam p2) @ v = p1 @ v - lam (p2 @ v): one attention each
             mk = lambda op, ins, attrs=None: Node.make(op, ins, attrs or {}, n.loc,  # noqa: E731
                                                       n.scope)

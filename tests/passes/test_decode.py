@@ -161,6 +161,48 @@ def test_token_shifts_and_a_short_convolution_decode_with_the_last_inputs_as_sta
     assert _static_worst(m, ids, 1) < 1e-5    # the same buffers replayed at every position
 
 
+PADDED_CONV = """
+name: conv_pad
+config: {vocab: 37, d: 16, layers: 2, eps: 1.0e-5}
+blocks:
+  mixer:
+    args: [x]
+    params:
+      conv: {shape: [4, d], init: normal(0.5)}
+      w: [d, d]
+    body:
+      - xp = concat([expand(cast(0.25, 'f32'), [B, 3, d]), x], 1)
+      - c = xp[:, 0:T] * conv[0] + xp[:, 1:T + 1] * conv[1] + xp[:, 2:T + 2] * conv[2]
+      - return silu(c + xp[:, 3:T + 3] * conv[3]) @ w
+model:
+  inputs: {ids: [B, T]}
+  params: {embed: [vocab, d], head: [d, vocab]}
+  body:
+    - x = embedding(embed, ids)
+    - for: i
+      in: layers
+      body:
+        - x = x + mixer(x * rsqrt(mean(x * x, -1) + eps), name='mix')
+    - logits = x @ head
+  outputs: [logits]
+"""
+
+
+def test_a_convolution_over_a_padded_sequence_decodes_as_shifts(tmp_path):
+    """Pad once and take each tap's window, xp = concat([pad, x]); xp[:, j:T + j]: the
+    pipeline writes the windows as shifts of x, so the decode step keeps the last 3 inputs
+    (one state per layer) and equals the forward, prefills shorter than the pad included."""
+    p = tmp_path / "conv_pad.yaml"
+    p.write_text(PADDED_CONV)
+    m = lmc.load(str(p), seed=6).eval()
+    states = decode_step(m.graph).states
+    assert [(s.kind, s.concrete(1)) for s in states] == [("shift", [1, 3, 16])] * 2
+    ids = torch.randint(0, 37, (2, 9))
+    for k in (0, 1, 2, 5):
+        assert _decode_matches(m, ids, k) < 1e-5
+    assert _static_worst(m, ids, 1) < 1e-5
+
+
 def test_shift_decode_on_the_triton_backend(tmp_path):
     """lmc verify: the triton decoder (dynamic and static steps) equals the forward too."""
     from lmc.verify import format_rows, verify
