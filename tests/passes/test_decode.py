@@ -103,6 +103,20 @@ def test_a_mean_over_the_sequence_is_a_compile_error_with_its_line(tmp_path):
     assert f"{bad}:" in msg and "mean" in msg and "sequence axis" in msg
 
 
+# a model of two residual layers of a block `mixer` (the files below define it)
+_MIXER_MODEL = """
+model:
+  inputs: {ids: [B, T]}
+  params: {embed: [vocab, d], head: [d, vocab]}
+  body:
+    - x = embedding(embed, ids)
+    - for: i
+      in: layers
+      body:
+        - x = x + mixer(x * rsqrt(mean(x * x, -1) + eps), name='mix')
+    - logits = x @ head
+  outputs: [logits]
+"""
 SHIFT_YAML = """
 name: shifts
 config: {vocab: 37, d: 16, layers: 2, eps: 1.0e-5}
@@ -126,18 +140,7 @@ blocks:
       - h = silu(c) @ w
       - h = h * mu + shift(h, expand(cast(0.5, 'f32'), [B, 1, d])) * (1.0 - mu)
       - return h + shift(h, expand(first, [B, 2, d]), s=2)
-model:
-  inputs: {ids: [B, T]}
-  params: {embed: [vocab, d], head: [d, vocab]}
-  body:
-    - x = embedding(embed, ids)
-    - for: i
-      in: layers
-      body:
-        - x = x + mixer(x * rsqrt(mean(x * x, -1) + eps), name='mix')
-    - logits = x @ head
-  outputs: [logits]
-"""
+""" + _MIXER_MODEL
 
 
 def test_token_shifts_and_a_short_convolution_decode_with_the_last_inputs_as_state(tmp_path):
@@ -174,18 +177,7 @@ blocks:
       - xp = concat([expand(cast(0.25, 'f32'), [B, 3, d]), x], 1)
       - c = xp[:, 0:T] * conv[0] + xp[:, 1:T + 1] * conv[1] + xp[:, 2:T + 2] * conv[2]
       - return silu(c + xp[:, 3:T + 3] * conv[3]) @ w
-model:
-  inputs: {ids: [B, T]}
-  params: {embed: [vocab, d], head: [d, vocab]}
-  body:
-    - x = embedding(embed, ids)
-    - for: i
-      in: layers
-      body:
-        - x = x + mixer(x * rsqrt(mean(x * x, -1) + eps), name='mix')
-    - logits = x @ head
-  outputs: [logits]
-"""
+""" + _MIXER_MODEL
 
 
 def test_a_convolution_over_a_padded_sequence_decodes_as_shifts(tmp_path):
