@@ -37,7 +37,7 @@ from __future__ import annotations
 
 from typing import Dict, List
 
-from ..ir.dims import norm
+from ..ir.dims import Dim, norm
 from ..ir.graph import Graph, Node
 from ..ir.ops import Op
 
@@ -89,6 +89,11 @@ def _differential(n: Node, users):
         return None
     ts = _terms(n.inputs[0], users)
     if ts is None or len(ts) < 2:
+        return None
+    # attention maps over positions (queries x keys, both symbolic): elsewhere (a mixture of
+    # softmaxes times a weight) distributing would only add products
+    if not all(isinstance(p.type.shape[-1], Dim) and isinstance(p.type.shape[-2], Dim)
+               for _, _, p in ts):
         return None
     r = n.type.rank
     if any(c is not None and c.type.rank > r for _, c, _ in ts):

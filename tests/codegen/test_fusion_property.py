@@ -81,3 +81,66 @@ def test_random_mixed_graphs_forward_and_gradients(gtd, batch, seed):
         torch.testing.assert_close(got_g[k], want_g[k], rtol=1e-4, atol=1e-4)
     kinds = {n.attrs["kind"] for n in TritonProgram(g).graph.nodes if n.op is Op.FUSED}
     assert kinds   # something was fused
+
+
+T_ = Dim.sym("T")
+
+
+@st.composite
+def shift_graph(draw):
+    """Causal shifts along a symbolic T mixed with the other kinds: concat([pad, h[:, :T-s]])
+    (the symbolic piece last), a convolution over a padded sequence (windows of
+    concat([pad, h]): rewritten as shifts by the pipeline), norms and matmuls. Their
+    gradients hold concat([g[:, s:], zeros]) (the symbolic piece first)."""
+    d = draw(st.sampled_from([3, 16, 33]))
+    b = Builder({}, {})
+    x = b.input("x", [B, T_, d], "f32")
+    w = b.input("w", [d, d], "f32")
+    h = x
+    for _ in range(draw(st.integers(1, 4))):
+        kind = draw(st.sampled_from(["shift", "conv", "norm", "mm", "pw"]))
+        if kind == "shift":
+            s = draw(st.sampled_from([1, 2]))
+            pad = b.expand(b.const(draw(st.sampled_from([0.0, 0.5]))), [B, s, d])
+            h = h * 0.5 + b.concat([pad, b.slice(h, 1, 0, T_ - s)], 1) * 2.0
+        elif kind == "conv":
+            taps = draw(st.sampled_from([2, 3]))
+            hp = b.concat([b.expand(b.const(0.0), [B, taps - 1, d]), h], 1)
+            h = sum((b.slice(hp, 1, j, T_ + j) * (0.3 + j) for j in range(taps)),
+                    b.const(0.0))
+        elif kind == "norm":
+            h = h * b.rsqrt(b.mean(h * h, -1) + 1e-5)
+        elif kind == "mm":
+            h = b.silu(h @ w)
+        else:
+            h = b.tanh(h) * 1.5 + b.sigmoid(h)
+    out = b.sum(b.sum(h * h, -1, keepdim=False), -1, keepdim=False)
+    return run_pipeline(Graph("shifts", b.nodes, {"h": h.node, "s": out.node})), d
+
+
+@settings(max_examples=12, deadline=None)
+@given(gd=shift_graph(), batch=st.sampled_from([1, 2]), t=st.sampled_from([2, 3, 17]),
+       seed=st.integers(0, 1000))
+def test_random_shift_graphs_forward_and_gradients(gd, batch, t, seed):
+    g, d = gd
+    gen = torch.Generator().manual_seed(seed)
+    vals = {"x": torch.randn(batch, t, d, generator=gen),
+            "w": torch.randn(d, d, generator=gen) / d ** 0.5}
+    ctx = RefCtx(dims=bind_dims(g, vals))
+    want = run_graph(g, vals, ctx)
+    got = TritonProgram(g).run(vals, ctx)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5)
+    prog = differentiate(g)
+    back = run_pipeline(prog.backward)
+    fw = TritonProgram(prog.forward).run(vals, ctx)
+    bound = {s: fw[s] for s in prog.saved}
+    for name in prog.outputs:
+        bound[f"grad:{name}"] = torch.randn(fw[name].shape, generator=gen)
+    ref_fw = run_graph(prog.forward, vals, ctx)
+    ref_bound = {s: ref_fw[s] for s in prog.saved}
+    ref_bound.update({k: v for k, v in bound.items() if k.startswith("grad:")})
+    got_g = TritonProgram(back, label="backward").run(bound, ctx)
+    want_g = run_graph(back, ref_bound, ctx)
+    for k in want_g:
+        torch.testing.assert_close(got_g[k], want_g[k], rtol=1e-4, atol=1e-4)

@@ -59,3 +59,14 @@ def test_differential_attention_becomes_separate_attentions(lam_shape, third):
 def test_a_factor_that_varies_along_the_keys_is_not_distributed():
     g = _diff([B, H, T, T])
     assert not any(n.op is Op.MATMUL and n.inputs[0].op is Op.SOFTMAX for n in g.nodes)
+
+
+def test_softmaxes_over_features_are_not_distributed():
+    """(softmax(a) - 0.5 * softmax(b)) @ W over a feature axis is no attention: left alone
+    (distributing would add a product)."""
+    b = Builder({}, {})
+    a, c = (b.input(n, [B, T, 8], "f32") for n in "ac")
+    w = b.input("w", [8, 4], "f32")
+    y = (b.softmax(a, -1) - b.softmax(c, -1) * 0.5) @ w
+    g = run_pipeline(Graph("mix", b.nodes, {"y": y.node}))
+    assert sum(n.op is Op.MATMUL for n in g.nodes) == 1
