@@ -39,6 +39,9 @@ How it is derived, with no knowledge of blocks or model names:
    Decayed linear attention in its canonical parallel form, ((q @ k^T) * D) @ v with
    D_ts = exp(G_t - G_s) causally masked and G = cumsum(ld) (retention, lightning), becomes
    the chunked recurrence with a d_k x d_v state per head: constant in the context length.
+   Gated linear attention, with per-channel decays (GLA, RWKV-6-style), written with
+   [.., T, T, d_k] products, sum(q_t * k_s * exp(G_t - G_s) over d_k) @ v with G = cumsum(g)
+   along time, likewise: S' = diag(exp(g_t)) S + k_t^T v_t.
    A `scan` along time runs over the new tokens from its carried state (carry0 at P = 0).
    A causal shift, concat([pad, x[.., :T - s]], time) with a pad of s positions that depends
    on no token (a token shift; the taps of a short causal convolution), reads x's last S
@@ -359,6 +362,7 @@ class _LinAttn:
     k: Node
     v: Node
     ld: Node
+    gated: bool = False     # ld per key channel [.., T, d_k] (gated linear attention)
 
 
 def _is_last_two_swap(n: Node) -> bool:
@@ -401,6 +405,66 @@ def _match_linear_attention(o: Node) -> Optional[_LinAttn]:
         q, kt = scores.inputs
         return _LinAttn(o, q, kt.inputs[0], v, g.inputs[0])
     return None
+
+
+def _factors(n: Node, out: List[Node]) -> List[Node]:
+    """The factors of a product tree (casts between them looked through)."""
+    n = _uncast(n)
+    if n.op is Op.MUL:
+        _factors(n.inputs[0], out)
+        _factors(n.inputs[1], out)
+    else:
+        out.append(n)
+    return out
+
+
+def _match_gated_linear_attention(o: Node) -> Optional[_LinAttn]:
+    """o = A @ v with A = sum(q_t . k_s . D_ts over the key channels) and per-channel decays
+    D_tsc = exp(G_tc - G_sc) masked causally, G = cumsum(g) along time (gated linear
+    attention: GLA, RWKV-6-style data-dependent decays), written with [.., T, T, d_k] products:
+        A = sum(reshape(q, [.., T, 1, dk]) * reshape(k, [.., 1, T, dk])
+                * exp(where(reshape(causal_mask(T), [T, T, 1]),
+                            reshape(G, [.., T, 1, dk]) - reshape(G, [.., 1, T, dk]), -inf)), -1)
+    Decoded with a d_k x d_v state per head, S' = diag(exp(g_t)) S + k_t^T v_t."""
+    if o.op is not Op.MATMUL:
+        return None
+    a, v = _uncast(o.inputs[0]), o.inputs[1]
+    if a.op is not Op.SUM or a.attrs.get("keepdim", True) or \
+            a.attrs["axis"] % a.inputs[0].type.rank != a.inputs[0].type.rank - 1:
+        return None
+    fs = _factors(a.inputs[0], [])
+    if len(fs) != 3:
+        return None
+    dm = next((f for f in fs if f.op is Op.EXP and f.inputs[0].op is Op.WHERE), None)
+    if dm is None:
+        return None
+    mask, diff, neg = dm.inputs[0].inputs
+    if mask.op is Op.RESHAPE:
+        mask = mask.inputs[0]
+    if not (mask.op is Op.CAUSAL_MASK and mask.attrs["rows"] == T and mask.attrs["cols"] == T
+            and not mask.attrs["window"] and neg.op is Op.CONST
+            and neg.attrs["value"] == float("-inf") and diff.op is Op.SUB):
+        return None
+    gt, gs = diff.inputs
+    if not (gt.op is Op.RESHAPE and gs.op is Op.RESHAPE and gt.inputs[0] is gs.inputs[0]):
+        return None
+    g = gt.inputs[0]
+    r = len(g.type.shape)
+    lead, dk = tuple(g.type.shape[:-2]), g.type.shape[-1]
+    if not (g.op is Op.CUMSUM and g.attrs["axis"] % r == r - 2 and g.type.shape[-2] == T
+            and tuple(gt.type.shape) == lead + (T, 1, dk)
+            and tuple(gs.type.shape) == lead + (1, T, dk)):
+        return None
+    qe, ke = [f for f in fs if f is not dm]
+    if tuple(_uncast(qe).type.shape[-3:-1]) == (1, T):
+        qe, ke = ke, qe
+    qe, ke = _uncast(qe), _uncast(ke)
+    if not (qe.op is Op.RESHAPE and ke.op is Op.RESHAPE
+            and tuple(qe.type.shape[-3:]) == (T, 1, dk) and tuple(ke.type.shape[-3:]) == (1, T, dk)
+            and tuple(qe.inputs[0].type.shape[-2:]) == (T, dk)
+            and tuple(ke.inputs[0].type.shape[-2:]) == (T, dk)):
+        return None
+    return _LinAttn(o, qe.inputs[0], ke.inputs[0], v, g.inputs[0], gated=True)
 
 
 @dataclass(frozen=True)
@@ -774,7 +838,7 @@ class _Builder:
         q, k, v and log decays only (its T x T internals are not built)."""
         self.linattn = {}
         for n in self.g.nodes:
-            m = _match_linear_attention(n)
+            m = _match_linear_attention(n) or _match_gated_linear_attention(n)
             if m is not None:
                 self.linattn[n] = m
         need, stack = set(), list(self.g.outputs.values())
@@ -807,7 +871,9 @@ class _Builder:
             if n not in need:
                 continue
             if n in self.linattn:
-                self.new[n] = self._linear_attention_step(self.linattn[n])
+                m = self.linattn[n]
+                self.new[n] = self._gated_linear_attention_step(m) if m.gated else \
+                    self._linear_attention_step(m)
                 continue
             if n.op is Op.INPUT:
                 self.nodes.append(n)
@@ -841,6 +907,47 @@ class _Builder:
             self.new[n] = self.add(n.op, ins, attrs, n)
             if K in lab[n]:
                 self.layout[n] = keys
+
+    def _gated_linear_attention_step(self, m: _LinAttn) -> Node:
+        """T new tokens against the state S (d_k x d_v per head, fp32) with per-channel
+        decays: o = the intra form over the new tokens + (q * exp(G_t)) @ S, G the local
+        cumulative log decays [.., T, d_k]; S' = exp(G_T)^T * S + (k * exp(G_T - G_s))^T @ v."""
+        q, k, v, ld = (self.new[x] for x in (m.q, m.k, m.v, m.ld))
+        at = m.out
+        add = lambda op, ins, attrs=None: self.add(op, ins, attrs or {}, at)  # noqa: E731
+        low = q.type.dtype
+
+        def lowc(x: Node) -> Node:
+            return x if x.type.dtype is low else add(Op.CAST, (x,), {"dtype": low})
+        batch = tuple(m.out.type.shape[:-2])
+        dk, dv = k.type.shape[-1], v.type.shape[-1]
+        state = self.state(at, "state", batch + (dk, dv), None, dtype=DType.f32)
+        r = len(ld.type.shape)
+        g = add(Op.CUMSUM, (ld,), {"axis": r - 2})                          # [.., T, dk]
+        lead = tuple(g.type.shape[:-2])
+        gt = add(Op.RESHAPE, (g,), {"shape": lead + (T, 1, dk)})
+        gs = add(Op.RESHAPE, (g,), {"shape": lead + (1, T, dk)})
+        mask = add(Op.RESHAPE, (add(Op.CAUSAL_MASK, (), {"rows": T, "cols": T, "window": 0}),),
+                   {"shape": (T, T, 1)})
+        neg = add(Op.CONST, (), {"value": float("-inf"), "dtype": g.type.dtype})
+        dmat = add(Op.EXP, (add(Op.WHERE, (mask, add(Op.SUB, (gt, gs)), neg)),))
+        qe = add(Op.RESHAPE, (q,), {"shape": tuple(q.type.shape[:-2]) + (T, 1, dk)})
+        ke = add(Op.RESHAPE, (k,), {"shape": tuple(k.type.shape[:-2]) + (1, T, dk)})
+        scores = add(Op.SUM, (add(Op.MUL, (add(Op.MUL, (qe, ke)), lowc(dmat))),),
+                     {"axis": r, "keepdim": False})
+        intra = add(Op.MATMUL, (scores, v))
+        inter = add(Op.MATMUL, (add(Op.MUL, (q, lowc(add(Op.EXP, (g,))))), lowc(state)))
+        g_end = add(Op.SLICE, (g,), {"axis": r - 2, "start": T - 1, "stop": T, "step": 1})
+        w = add(Op.EXP, (add(Op.SUB, (g_end, g)),))                        # [.., T, dk]
+        kw = add(Op.PERMUTE, (add(Op.MUL, (k, lowc(w))),), {"perm": _swap_last(len(k.type.shape))})
+        kv = add(Op.MATMUL, (kw, v))
+        if kv.type.dtype is not DType.f32:
+            kv = add(Op.CAST, (kv,), {"dtype": DType.f32})
+        decay = add(Op.PERMUTE, (add(Op.EXP, (g_end,)),), {"perm": _swap_last(r)})  # [.., dk, 1]
+        if decay.type.dtype is not DType.f32:
+            decay = add(Op.CAST, (decay,), {"dtype": DType.f32})
+        self.state_out[self.states[-1].out] = add(Op.ADD, (add(Op.MUL, (decay, state)), kv))
+        return add(Op.ADD, (intra, inter))
 
     def _linear_attention_step(self, m: _LinAttn) -> Node:
         """T new tokens against the state S = sum_s exp(G_end - G_s) k_s^T v_s of the past:

@@ -195,6 +195,51 @@ def test_a_convolution_over_a_padded_sequence_decodes_as_shifts(tmp_path):
     assert _static_worst(m, ids, 1) < 1e-5
 
 
+GLA_YAML = """
+name: gla
+config: {vocab: 37, d: 32, layers: 2, heads: 2, dk: 8, dv: 16, eps: 1.0e-5}
+blocks:
+  mixer:                        # gated linear attention, per-channel data-dependent decays
+    args: [x]
+    params: {wq: [d, heads * dk], wk: [d, heads * dk], wv: [d, heads * dv],
+             wg: [d, heads * dk], wo: [heads * dv, d]}
+    body:
+      - q = permute(reshape(x @ wq, [B, T, heads, dk]), [0, 2, 1, 3])
+      - k = permute(reshape(x @ wk, [B, T, heads, dk]), [0, 2, 1, 3])
+      - v = permute(reshape(x @ wv, [B, T, heads, dv]), [0, 2, 1, 3])
+      - g = permute(reshape(logsigmoid(x @ wg) / 4.0, [B, T, heads, dk]), [0, 2, 1, 3])
+      - G = cumsum(g, 2)
+      - diff = reshape(G, [B, heads, T, 1, dk]) - reshape(G, [B, heads, 1, T, dk])
+      - D = exp(where(reshape(causal_mask(T), [T, T, 1]), diff, -inf))
+      - A = sum(reshape(q, [B, heads, T, 1, dk]) * reshape(k, [B, heads, 1, T, dk]) * D, -1, False)
+      - return reshape(permute(A @ v, [0, 2, 1, 3]), [B, T, heads * dv]) @ wo
+""" + _MIXER_MODEL
+
+
+def test_gated_linear_attention_keeps_a_constant_dk_by_dv_state(tmp_path):
+    """Per-channel decays (GLA, RWKV-6-style), written with [.., T, T, d_k] products: the
+    decode step carries S' = diag(exp(g_t)) S + k_t^T v_t, fp32, d_k x d_v per head (no K, V
+    cache), also for the bf16 decoder's weights; prefill + steps equal the forward."""
+    from lmc.passes.mixed_precision import low_precision_weights
+    p = tmp_path / "gla.yaml"
+    p.write_text(GLA_YAML)
+    m = lmc.load(str(p), seed=7).eval()
+    for graph in (m.graph, low_precision_weights(m.graph, "bf16")):
+        for static in (False, True):
+            states = decode_step(graph, static=static).states
+            assert [(s.kind, s.dtype.value, s.concrete(1)) for s in states] == \
+                [("state", "f32", [1, 2, 8, 16])] * 2
+    ids = torch.randint(0, 37, (2, 9))
+    for k in (0, 1, 5):
+        assert _decode_matches(m, ids, k) < 1e-5
+    assert _static_worst(m, ids, 2) < 1e-5
+    from lmc.verify import format_rows, verify
+    rows = verify(str(p), skip=["passes", "causal"])   # the triton decoder's steps too
+    assert all(r.ok for r in rows), format_rows(rows)
+    assert "triton static k 5" in rows[-1].detail
+    assert "state 2 tensors, 0 B/token + 2,048 B/sequence" in rows[-1].detail, rows[-1].detail
+
+
 def test_shift_decode_on_the_triton_backend(tmp_path):
     """lmc verify: the triton decoder (dynamic and static steps) equals the forward too."""
     from lmc.verify import format_rows, verify
