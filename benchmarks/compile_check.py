@@ -43,7 +43,7 @@ MODELS = {"llama": {}, "blues01": {}, "minimax": {}, "yoco": {},
           # (both forms), a sigmoid MoE router
           "gpt2": {}, "gemma2": {}, "mpt": {}, "bloom": {}, "deepseek_moe": {},
           "mamba2": {}, "gpt_oss": {},
-          "diff_transformer": {}}
+          "diff_transformer": {}, "gla": {}}
 LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
 SMEM_LIMIT = {90: 232448, 80: 166912, 89: 101376}      # bytes per block (opt-in maximum)
 

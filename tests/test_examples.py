@@ -5,7 +5,8 @@ a BLOOM-style model: ALiBi written as slopes * key position; a DeepSeek-style Mo
 router and a shared expert; a Mamba-2-style state-space model: a short causal convolution and
 SSD, decayed linear attention with q and k shared by the heads; a gpt-oss-style model:
 attention sinks, sliding-window layers; a Differential Transformer: the difference of two
-attention maps weighting one set of values). `lmc verify` passes on each,
+attention maps weighting one set of values; a GLA model: linear attention with per-channel
+data-dependent decays). `lmc verify` passes on each,
 and the fusions fire on what they hold: plain causal attention with no RoPE, soft-capped
 scores, ALiBi in both forms, sigmoid routing, SSD as chunked linear attention, in training and
 in the decode step."""
@@ -29,7 +30,8 @@ FILES = sorted(glob.glob(os.path.join(EXAMPLES, "*.yaml")))
 SETS = {"gemma2.yaml": ["attn_cap=1.5"]}
 DECODE = {"gpt2.yaml": "", "gemma2.yaml": ", scores soft-capped at 1.5", "mpt.yaml": ", ALiBi",
           "bloom.yaml": ", ALiBi", "deepseek_moe.yaml": ", scale 0.25", "mamba2.yaml": None,
-          "gpt_oss.yaml": ", attention sinks", "diff_transformer.yaml": ", scale 0.25"}
+          "gpt_oss.yaml": ", attention sinks", "diff_transformer.yaml": ", scale 0.25",
+          "gla.yaml": None}
 # what the fused attention records say per layer (tiny presets)
 ATTENTION = {
     "gpt2.yaml": ["no rope: causal attention, scale 0.25"] * 2,
@@ -42,6 +44,7 @@ ATTENTION = {
                    "scale 0.25"] * 2,
     "deepseek_moe.yaml": ["rope + causal GQA attention (4 heads, 2 kv), scale 0.25"] * 2,
     "mamba2.yaml": [],      # no attention (SSD: tests below)
+    "gla.yaml": [],         # no softmax attention (gated linear attention: below)
     # two attention maps per layer, each its own flash attention
     "diff_transformer.yaml": ["rope + causal attention, scale 0.25"] * 4,
     "gpt_oss.yaml": ["rope + causal window 5 GQA attention (4 heads, 2 kv) with attention "
@@ -71,13 +74,15 @@ def test_verify_passes(path, sets):
     assert all(r.ok and not r.skipped for r in rows), format_rows(rows)
     # the triton decoder runs the flash-decoding kernel in every attention layer (the routed
     # MoE kernels in every MoE layer, the recurrent linear-attention kernel in every SSD one)
-    fused = {"deepseek_moe.yaml": "2 decode_attention, 2 moe_layer",
-             "mamba2.yaml": "2 decode_linear_attention",
-             "diff_transformer.yaml": "4 decode_attention"}.get(os.path.basename(path),
-                                                                "2 decode_attention")
-    assert f"triton k in [1, 5] ({fused}):" in rows[-1].detail, rows[-1].detail
+    fused = {"deepseek_moe.yaml": " (2 decode_attention, 2 moe_layer)",
+             "mamba2.yaml": " (2 decode_linear_attention)",
+             "diff_transformer.yaml": " (4 decode_attention)",
+             "gla.yaml": ""}.get(os.path.basename(path), " (2 decode_attention)")
+    assert f"triton k in [1, 5]{fused}:" in rows[-1].detail, rows[-1].detail
     if "window=5" in sets or "mamba2" in path:  # rings; SSD and convolution states: no growth
         assert "state 4 tensors, 0 B/token + " in rows[-1].detail, rows[-1].detail
+    if "gla" in path:       # one d_k x d_v state per layer, no cache
+        assert "state 2 tensors, 0 B/token + " in rows[-1].detail, rows[-1].detail
     if "gpt_oss" in path:   # the window-5 layer's K, V in 5-slot rings (sinks and all)
         assert "state 4 tensors, 256 B/token + 1,280 B/sequence" in rows[-1].detail, \
             rows[-1].detail
@@ -210,6 +215,19 @@ def test_qkv_gradients_are_written_into_one_buffer():
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=n)
 
 
+def _linear_attention_program(g, bwd_kind: str):
+    """The triton training program of g, asserting fuse_linear_attention fused its two
+    layers and the backward runs two ops of bwd_kind."""
+    prog = LmcModel(run_pipeline(with_loss(g)), backend="triton").program()
+    recs = [r for r in prog.forward_exec.graph.meta["fusions"]
+            if r["pass"] == "fuse_linear_attention"]
+    assert [r["status"] for r in recs] == ["fused"] * 2, recs
+    kinds = [n.attrs.get("kind") for n in prog.backward_exec.graph.nodes
+             if n.op.value == "fused"]
+    assert kinds.count(bwd_kind) == 2
+    return prog
+
+
 def test_mamba2_ssd_fuses_in_training_and_decode():
     """mamba2: each layer's SSD (C and B shared by the heads, per-token decays dt * A) is one
     chunked linear attention in the training program, forward and backward, also under mixed
@@ -219,14 +237,10 @@ def test_mamba2_ssd_fuses_in_training_and_decode():
     from lmc.passes.mixed_precision import low_precision_weights, mixed_precision
     model = lmc.load(os.path.join(EXAMPLES, "mamba2.yaml"), preset="tiny")
     for g in (model.graph, mixed_precision(model.graph, "bf16")):
-        prog = LmcModel(run_pipeline(with_loss(g)), backend="triton").program()
+        prog = _linear_attention_program(g, "linear_attention_bwd")
         recs = [r for r in prog.forward_exec.graph.meta["fusions"]
                 if r["pass"] == "fuse_linear_attention"]
-        assert [r["status"] for r in recs] == ["fused"] * 2, recs
         assert all("per-token log-decays [B, 8, T] (learned)" in r["reason"] for r in recs)
-        kinds = [n.attrs.get("kind") for n in prog.backward_exec.graph.nodes
-                 if n.op.value == "fused"]
-        assert kinds.count("linear_attention_bwd") == 2
         # per layer, the gradients of both splits (z | xbc | dt and x | B | C) are written
         # by their kernels into the concatenation's buffer (no concat runs)
         src = prog.backward_exec.program_source
@@ -239,3 +253,17 @@ def test_mamba2_ssd_fuses_in_training_and_decode():
         recs = [r for r in fuse_decode_linear_attention(step.graph).meta["fusions"]
                 if r["pass"] == "fuse_decode_linear_attention"]
         assert [r["status"] for r in recs] == ["fused"] * 2, recs
+
+
+def test_gla_runs_chunked_kernels_in_training_and_a_constant_state_in_decode():
+    """gla: each layer's gated linear attention (per-channel decays) is one chunked
+    gated_linear_attention op in the training program (f32 and bf16), its backward one
+    gated_linear_attention_bwd; the decode step keeps an fp32 d_k x d_v state per head."""
+    from lmc.passes.mixed_precision import mixed_precision
+    model = lmc.load(os.path.join(EXAMPLES, "gla.yaml"), preset="tiny")
+    for g in (model.graph, mixed_precision(model.graph, "bf16")):
+        prog = _linear_attention_program(g, "gated_linear_attention_bwd")
+        assert all(r["reason"].startswith("gated: ") for r in prog.forward_exec.graph.meta[
+            "fusions"] if r["pass"] == "fuse_linear_attention")
+    states = decode_step(model.graph).states
+    assert [(s.kind, s.concrete(1)) for s in states] == [("state", [1, 2, 16, 32])] * 2

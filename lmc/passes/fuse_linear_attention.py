@@ -25,6 +25,12 @@ runs the chunked backward kernels, which recompute the per-chunk states (no forw
 Body options: chunk (a power of two >= 16, `chunk=` argument, 64 by default), scale (c, or 1),
 decay ("per_token", "per_head" or "fixed") and decay_grad (whether ld gets a gradient).
 
+Gated linear attention (per-channel decays: GLA, RWKV-6-style), written with [.., T, T, d_k]
+products (`match_gated`: sum(reshape(q, [.., T, 1, dk]) * reshape(k, [.., 1, T, dk]) * D,
+-1) @ v, D = exp(where(reshape(causal_mask(T), [T, T, 1]), G_t - G_s, -inf)), G = cumsum(g)
+along time), becomes a FUSED node of kind "gated_linear_attention" (inputs q, k, v, g)
+run by lmc/codegen/gated_linear_attention.py's chunked kernels (d_k <= 128).
+
 It runs before autodiff on the program being trained or run on the triton backend, not in the
 compile pipeline: the decode pass derives its step from the unfused graph. Where a candidate
 almost matches, a declined record names the failed condition (`lmc compile --explain`).
@@ -43,7 +49,17 @@ from ..ir.graph import Graph, Node, toposort
 from ..ir.ops import Op
 from ..ir.types import DType
 from .fuse_pointwise import _where
-from .patterns import Body, NoMatch, Region, const_value, is_swap, need, splice, widened
+from .patterns import (
+    Body,
+    NoMatch,
+    Region,
+    const_value,
+    is_swap,
+    need,
+    splice,
+    upstream,
+    widened,
+)
 
 PASS = "fuse_linear_attention"
 DEFAULT_CHUNK = 64
@@ -189,10 +205,92 @@ def match(out: Node, static) -> dict:
             "decay_grad": not fixed}
 
 
+def gated_candidate(n: Node) -> bool:
+    """n = A @ v with A a sum over the last axis of a 5-d product: the shape of gated linear
+    attention written with [.., T, T, d_k] products."""
+    if n.op is not Op.MATMUL or n.type.rank != 4:
+        return False
+    a = _strip_cast(n.inputs[0])
+    return a.op is Op.SUM and a.inputs[0].type.rank == 5
+
+
+def match_gated(out: Node, static) -> dict:
+    """Gated linear attention (per-channel decays: GLA, RWKV-6-style):
+        out = sum(reshape(q, [B, H, T, 1, dk]) * reshape(k, [B, H, 1, T, dk]) * D, -1) @ v
+        D   = exp(where(reshape(causal_mask(T, T), [T, T, 1]), G_t - G_s, -inf)),
+        G_t - G_s = reshape(G, [B, H, T, 1, dk]) - reshape(G, [B, H, 1, T, dk]),
+        G = cumsum(g, time)
+    (casts between the factors allowed). Raises NoMatch with the failed condition."""
+    need(out.type.dtype.value in ("f32", "f16", "bf16"),
+          f"gated linear attention in {out.type.dtype.value} (kernels: f32, f16, bf16)")
+    a, v = _strip_cast(out.inputs[0]), out.inputs[1]
+    need(not a.attrs.get("keepdim", True) and a.attrs["axis"] % 5 == 4,
+          "the product is not summed over the key channels (the last axis, keepdim False)")
+    leaves, stack = [], [a.inputs[0]]
+    while stack:
+        x = _strip_cast(stack.pop())
+        if x.op is Op.MUL and x.type.rank == 5:
+            stack.extend(x.inputs)
+        else:
+            leaves.append(x)
+    need(len(leaves) == 3, f"the summed product has {len(leaves)} factors, not q, k and the "
+                           f"decays")
+    dm = next((x for x in leaves if x.op is Op.EXP), None)
+    need(dm is not None and dm.inputs[0].op is Op.WHERE,
+          "no factor exp(where(mask, G_t - G_s, -inf)) among the summed product's")
+    mask, diff, fill = dm.inputs[0].inputs
+    if mask.op is Op.RESHAPE:
+        mask = mask.inputs[0]
+    need(mask.op is Op.CAUSAL_MASK and not mask.attrs.get("window"),
+          "the decays are not masked by causal_mask(T, T) (windows are not matched)")
+    need(const_value(fill) == float("-inf"), "masked decay exponents are not -inf")
+    need(diff.op is Op.SUB and all(x.op is Op.RESHAPE for x in diff.inputs)
+          and diff.inputs[0].inputs[0] is diff.inputs[1].inputs[0],
+          "the decay exponent is not G_t - G_s of one G")
+    G = diff.inputs[0].inputs[0]
+    need(G.op is Op.CUMSUM and G.type.rank == 4 and G.attrs["axis"] % 4 == 2,
+          "G is not a cumsum along time of [B, H, T, d_k] log-decays")
+    B, H, T, dk = G.type.shape
+    need(tuple(diff.inputs[0].type.shape) == (B, H, T, 1, dk)
+          and tuple(diff.inputs[1].type.shape) == (B, H, 1, T, dk),
+          "G_t - G_s is not G[.., t, None, :] - G[.., None, s, :]")
+    qe, ke = [x for x in leaves if x is not dm]
+    if tuple(qe.type.shape[2:4]) == (1, T):
+        qe, ke = ke, qe
+    need(qe.op is Op.RESHAPE and ke.op is Op.RESHAPE
+          and tuple(qe.type.shape[2:]) == (T, 1, dk) and tuple(ke.type.shape[2:]) == (1, T, dk),
+          "q and k are not reshaped to [.., T, 1, d_k] and [.., 1, T, d_k]")
+    q, k, ld = qe.inputs[0], ke.inputs[0], G.inputs[0]
+    need(tuple(q.type.shape) == tuple(k.type.shape) == (B, H, T, dk)
+          and v.type.rank == 4 and tuple(v.type.shape[:3]) == (B, H, T),
+          "q, k are not [B, H, T, d_k] with v [B, H, T, d_v]")
+    need(q.type.dtype == k.type.dtype == v.type.dtype,
+          f"q, k, v dtypes differ ({q.type.dtype.value}, {k.type.dtype.value}, "
+          f"{v.type.dtype.value})")
+    need(ld.type.dtype.is_float and tuple(ld.type.shape) == (B, H, T, dk),
+          "log-decays are not float [B, H, T, d_k]")
+    need(isinstance(dk, int) and isinstance(v.type.shape[3], int) and dk <= 128,
+          "key head dim above 128 (the kernels hold the whole key width)")
+    region = upstream([out], {q, k, v, ld})
+    for n in region:
+        for i in n.inputs:
+            need(i in region or i in (q, k, v, ld) or (not i.inputs and i.op is not Op.INPUT
+                                                        and i.op is not Op.PARAM),
+                  f"the gated linear attention reads {i.op.value} besides q, k, v, g")
+    fixed = static(ld)
+    return {"q": q, "k": k, "v": v, "ld": ld, "out": out, "region": region, "gated": True,
+            "scale": 1.0, "decay": "per_channel", "decay_grad": not fixed}
+
+
 def _body(m: dict, name: str, chunk: int) -> Graph:
     """The matched region as a body graph over placeholders in0..in3 (q, k, v, ld)."""
     b = Body([m[k] for k in ("q", "k", "v", "ld")])
     b.copy([n for n in toposort([m["out"]], ()) if n in m["region"]])
+    if m.get("gated"):
+        return b.graph(name, [m["out"]],
+                       module="gated_linear_attention",  # codegen/gated_linear_attention.py
+                       template="gated_linear_attention",
+                       options={"chunk": 16, "decay_grad": m["decay_grad"]})
     return b.graph(name, [m["out"]],
                    module="linear_attention",     # lmc/codegen/linear_attention.py
                    template="linear_attention",
@@ -202,6 +300,9 @@ def _body(m: dict, name: str, chunk: int) -> Graph:
 
 def _reason(m: dict, chunk: int) -> str:
     dims = "[" + ", ".join(str(d) for d in m["ld"].type.shape) + "]"
+    if m.get("gated"):
+        return (f"gated: sum(q_t * k_s * exp(G_t - G_s)) @ v, G = cumsum of per-channel "
+                f"log-decays {dims}{'' if m['decay_grad'] else ' (fixed)'}: chunked, chunk 16")
     decay = {"per_token": f"per-token log-decays {dims} (learned)",
              "per_head": f"fixed per-head decay {dims}",
              "fixed": f"fixed log-decays {dims}"}[m["decay"]]
@@ -220,10 +321,11 @@ def fuse_linear_attention(g: Graph, chunk: int = DEFAULT_CHUNK) -> Graph:
     records: List[dict] = []
     matches: List[dict] = []
     for n in g.nodes:
-        if candidate(n) is None:
+        if candidate(n) is None and not gated_candidate(n):
             continue
         try:
-            matches.append(match(n, lambda t: static.get(t, False)))
+            matcher = match if candidate(n) is not None else match_gated
+            matches.append(matcher(n, lambda t: static.get(t, False)))
         except NoMatch as e:
             records.append({"pass": PASS, "status": "declined", "where": _where(n),
                             "reason": str(e)})
@@ -251,8 +353,9 @@ def fuse_linear_attention(g: Graph, chunk: int = DEFAULT_CHUNK) -> Graph:
                         "reason": bad[1]})
     regions = []
     for i, m in enumerate(matches):
-        name = f"lmc_linear_attention_{i}"
-        attrs = {"kernel": name, "kind": "linear_attention", "body": _body(m, name, chunk)}
+        kind = "gated_linear_attention" if m.get("gated") else "linear_attention"
+        name = f"lmc_{kind}_{i}"
+        attrs = {"kernel": name, "kind": kind, "body": _body(m, name, chunk)}
         if not m["decay_grad"]:
             attrs["no_grad"] = (3,)        # a fixed decay computed from constants
         fused = Node.make(Op.FUSED, [m[k] for k in ("q", "k", "v", "ld")], attrs,

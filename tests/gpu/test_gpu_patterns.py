@@ -48,6 +48,7 @@ MODELS = [
     ("examples/mamba2.yaml", {}, {"linear_attention"}, False),
     ("examples/gpt_oss.yaml", {}, {"rope_attention"}, False),
     ("examples/diff_transformer.yaml", {}, {"rope_attention"}, False),
+    ("examples/gla.yaml", {}, {"gated_linear_attention"}, False),
 ]
 IDS = [f"{os.path.basename(f)[:-5]}{''.join(f'-{k}{v}' for k, v in o.items())}"
        for f, o, _, _ in MODELS]
