@@ -21,7 +21,7 @@ def test_compile_default_llama_reports_162m_params(capsys):
                 "fusions"):
         assert key in s
     assert s["model"] == "llama"
-    assert s["passes"] == ["inline", "fold_constants", "cse", "dce"]
+    assert s["passes"] == ["inline", "fold_constants", "canonicalize", "cse", "dce"]
     assert s["nodes_after"]["matmul"] == 12 * 9 + 1  # 7 projections + 2 attention per layer
     assert s["nodes_before"]["causal_mask"] == 12 and s["nodes_after"]["causal_mask"] == 1
     assert isinstance(s["fusions"], list)
