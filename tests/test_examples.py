@@ -265,5 +265,10 @@ def test_gla_runs_chunked_kernels_in_training_and_a_constant_state_in_decode():
         prog = _linear_attention_program(g, "gated_linear_attention_bwd")
         assert all(r["reason"].startswith("gated: ") for r in prog.forward_exec.graph.meta[
             "fusions"] if r["pass"] == "fuse_linear_attention")
-    states = decode_step(model.graph).states
-    assert [(s.kind, s.concrete(1)) for s in states] == [("state", [1, 2, 16, 32])] * 2
+    step = decode_step(model.graph)
+    assert [(s.kind, s.concrete(1)) for s in step.states] == [("state", [1, 2, 16, 32])] * 2
+    from lmc.passes.fuse_decode_linear_attention import fuse_decode_linear_attention
+    recs = [r for r in fuse_decode_linear_attention(step.graph).meta["fusions"]
+            if r["pass"] == "fuse_decode_linear_attention"]
+    assert [r["status"] for r in recs] == ["declined"] * 2       # said why: no kernel yet
+    assert all("per-channel decays" in r["reason"] for r in recs), recs

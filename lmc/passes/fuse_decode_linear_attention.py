@@ -119,6 +119,9 @@ def match(st: Node, users: Dict[Node, List[Node]]) -> dict:
     gt = _exp_of(eg, "", region)
     region.append(eg)
     # G = cumsum(ld) and its views
+    need(not (gt.op is Op.CUMSUM and gt.attrs["axis"] % gt.type.rank == gt.type.rank - 2),
+          "per-channel decays (gated linear attention): no fused decode kernel yet, the step "
+          "runs the recurrence as its ops")
     need(gt.op is Op.RESHAPE and gt.inputs[0].op is Op.CUMSUM,
           "the query-side decay is not a reshape of a cumsum (G = cumsum(ld))")
     g = gt.inputs[0]
