@@ -283,6 +283,7 @@ def check_decode(s: Subject) -> Row:
     fixed = sum(st.bytes(1, 0) for st in dec.step.states)
     kinds = [n.attrs["kind"] for n in tdec.graph.nodes if n.op is Op.FUSED
              and n.attrs["kind"] in ("decode_attention", "decode_linear_attention",
+                                     "decode_gated_linear_attention",
                                      "moe_layer", "moe_gating")]
     fused = ", ".join(f"{kinds.count(k)} {k}" for k in sorted(set(kinds)))
     return Row("decode = forward", max(worst, tworst, sworst) <= DECODE_TOL,

@@ -77,7 +77,8 @@ def test_verify_passes(path, sets):
     fused = {"deepseek_moe.yaml": " (2 decode_attention, 2 moe_layer)",
              "mamba2.yaml": " (2 decode_linear_attention)",
              "diff_transformer.yaml": " (4 decode_attention)",
-             "gla.yaml": ""}.get(os.path.basename(path), " (2 decode_attention)")
+             "gla.yaml": " (2 decode_gated_linear_attention)"}.get(os.path.basename(path),
+                                                                  " (2 decode_attention)")
     assert f"triton k in [1, 5]{fused}:" in rows[-1].detail, rows[-1].detail
     if "window=5" in sets or "mamba2" in path:  # rings; SSD and convolution states: no growth
         assert "state 4 tensors, 0 B/token + " in rows[-1].detail, rows[-1].detail
@@ -258,17 +259,22 @@ def test_mamba2_ssd_fuses_in_training_and_decode():
 def test_gla_runs_chunked_kernels_in_training_and_a_constant_state_in_decode():
     """gla: each layer's gated linear attention (per-channel decays) is one chunked
     gated_linear_attention op in the training program (f32 and bf16), its backward one
-    gated_linear_attention_bwd; the decode step keeps an fp32 d_k x d_v state per head."""
+    gated_linear_attention_bwd; the decode step keeps an fp32 d_k x d_v state per head and
+    runs it as one recurrent op per layer (f32 and bf16 weights, dynamic and static)."""
     from lmc.passes.mixed_precision import mixed_precision
     model = lmc.load(os.path.join(EXAMPLES, "gla.yaml"), preset="tiny")
     for g in (model.graph, mixed_precision(model.graph, "bf16")):
         prog = _linear_attention_program(g, "gated_linear_attention_bwd")
         assert all(r["reason"].startswith("gated: ") for r in prog.forward_exec.graph.meta[
             "fusions"] if r["pass"] == "fuse_linear_attention")
-    step = decode_step(model.graph)
-    assert [(s.kind, s.concrete(1)) for s in step.states] == [("state", [1, 2, 16, 32])] * 2
     from lmc.passes.fuse_decode_linear_attention import fuse_decode_linear_attention
-    recs = [r for r in fuse_decode_linear_attention(step.graph).meta["fusions"]
-            if r["pass"] == "fuse_decode_linear_attention"]
-    assert [r["status"] for r in recs] == ["declined"] * 2       # said why: no kernel yet
-    assert all("per-channel decays" in r["reason"] for r in recs), recs
+    from lmc.passes.mixed_precision import low_precision_weights
+    low = low_precision_weights(model.graph, "bf16")
+    for static, graph in ((False, model.graph), (True, model.graph), (False, low), (True, low)):
+        step = decode_step(graph, static=static)
+        assert [(s.kind, s.concrete(1)) for s in step.states] == \
+            [("state", [1, 2, 16, 32])] * 2
+        recs = [r for r in fuse_decode_linear_attention(step.graph).meta["fusions"]
+                if r["pass"] == "fuse_decode_linear_attention"]
+        assert [r["status"] for r in recs] == ["fused"] * 2, recs
+        assert all(r["reason"].startswith("gated: 2 heads, state 16x32") for r in recs)

@@ -35,6 +35,9 @@ RECURRENT_MAX = 16     # new tokens run by the recurrent kernel; more: the chunk
 
 
 def launch_template(template: str, xs: List, outs: List, opts: dict) -> None:
+    if template == "decode_gated_linear_attention":
+        _gated(xs, outs)
+        return
     if template != "decode_linear_attention":
         raise LmcError(f"decode_linear_attention has no {template!r} kernel (the decode step "
                        "runs without gradients)")
@@ -61,3 +64,25 @@ def launch_template(template: str, xs: List, outs: List, opts: dict) -> None:
     y, s = prefill(q, k, v, g, chunk=chunk, initial_state=state.float())
     o.copy_(y)
     s_new.copy_(s)
+
+
+def _gated(xs: List, outs: List) -> None:
+    """Per-channel decays (gated linear attention): xs = (q, k, v, g [B, H, T, d_k] each or
+    broadcasting, S), outs = (o, S'), the recurrent kernel over the T new tokens."""
+    from .gated_linear_attention import gla_step
+    q, k, v, g, state = xs
+    o, s_new = outs
+    B, H, DK, DV = state.shape
+    T = q.shape[2]
+    q, k, g = (x.expand(B, H, T, DK) for x in (q, k, g))
+    v = v.expand(B, H, T, DV).to(q.dtype)
+    direct_o = o.dtype == q.dtype
+    direct_s = s_new.dtype == torch.float32 and s_new.is_contiguous()
+    y = o if direct_o else torch.empty(o.shape, dtype=q.dtype, device=q.device)
+    s = s_new if direct_s else torch.empty((B, H, DK, DV), dtype=torch.float32,
+                                           device=q.device)
+    gla_step(q, k, v, g, state.float(), y, s)
+    if not direct_o:
+        o.copy_(y)
+    if not direct_s:
+        s_new.copy_(s)

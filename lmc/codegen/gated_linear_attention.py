@@ -208,6 +208,36 @@ def _bwd(Q, K, V, G, DO, HS, DHS, DQ, DK_, DV_,
              dk.to(DK_.dtype.element_ty), mask=rows & kc)
 
 
+@triton.jit
+def _recurrent(Q, K, V, G, S_IN, S_OUT, OUT, sqb, sqh, sqt, sqd, skb, skh, skt, skd,
+               svb, svh, svt, svd, sgb, sgh, sgt, sgd, sob, soh, sot, sod,
+               T, H, DK, DV, BK: tl.constexpr, BV: tl.constexpr):
+    """Program (d_v block, b*h): the decode step over T new tokens in order, the state tile
+    in fp32 registers: S = diag(exp(g_t)) S + k_t^T v_t, o_t = q_t S; the new state into
+    S_OUT (both states contiguous fp32 [B, H, d_k, d_v])."""
+    vb = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    bb, hh = bh // H, bh % H
+    ck = tl.arange(0, BK)
+    cv = vb * BV + tl.arange(0, BV)
+    kc = ck < DK
+    vc = cv < DV
+    s_at = bh * DK * DV + ck[:, None] * DV + cv[None, :]
+    s_mask = kc[:, None] & vc[None, :]
+    state = tl.load(S_IN + s_at, mask=s_mask, other=0.0)
+    for t in range(T):
+        q = tl.load(Q + bb * sqb + hh * sqh + t * sqt + ck * sqd, mask=kc, other=0.0)
+        k = tl.load(K + bb * skb + hh * skh + t * skt + ck * skd, mask=kc, other=0.0)
+        g = tl.load(G + bb * sgb + hh * sgh + t * sgt + ck * sgd, mask=kc, other=0.0)
+        v = tl.load(V + bb * svb + hh * svh + t * svt + cv * svd, mask=vc, other=0.0)
+        state = state * tl.exp(g.to(tl.float32))[:, None] + \
+            k.to(tl.float32)[:, None] * v.to(tl.float32)[None, :]
+        o = tl.sum(q.to(tl.float32)[:, None] * state, axis=0)
+        tl.store(OUT + bb * sob + hh * soh + t * sot + cv * sod, o.to(OUT.dtype.element_ty),
+                 mask=vc)
+    tl.store(S_OUT + s_at, state, mask=s_mask)
+
+
 # --------------------------------------------------------------------------------------------
 # host side
 # --------------------------------------------------------------------------------------------
@@ -295,6 +325,23 @@ def gla_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, g: Tensor
     dG = q.float() * dq.float() - k.float() * dk.float()
     dg = dG.flip(2).cumsum(2).flip(2).to(g.dtype)
     return dq, dk, dv, dg
+
+
+def gla_step(q: Tensor, k: Tensor, v: Tensor, g: Tensor, state: Tensor, out: Tensor,
+             new_state: Tensor) -> None:
+    """The decode step over T new tokens from `state` (fp32 [B, H, d_k, d_v]): o into `out`
+    (any strides, q's dtype), the next state into `new_state` (contiguous fp32), in one
+    launch; nothing is read back on the host (CUDA-graph safe)."""
+    B, H, T, DK = q.shape
+    DV = v.shape[3]
+    if T == 0:
+        new_state.copy_(state)
+        return
+    BV = _bv(DV)
+    warps = {} if interpreter_blocks() else {"num_warps": 4}
+    _recurrent[(triton.cdiv(DV, BV), B * H)](
+        q, k, v, g, state.contiguous(), new_state, out, *_s4(q), *_s4(k), *_s4(v), *_s4(g),
+        *_s4(out), T, H, DK, DV, BK=_p2(DK), BV=BV, **warps)
 
 
 def gla_reference(q: Tensor, k: Tensor, v: Tensor, g: Tensor) -> Tensor:

@@ -30,6 +30,11 @@ still see the exact oracle. The state is returned, as the step graph returns it 
 Decoder copies it into its buffer); nothing reads a position, so the static step is the same
 op and nothing syncs with the host (the T = 1 step can be captured in a CUDA graph).
 
+Gated linear attention (per-channel decays, the decode pass's `_gated_linear_attention_step`:
+G = cumsum(ld) over [.., T, d_k] read directly, the state decayed by permute(exp(G_end)))
+is matched by `match_gated` into a "decode_gated_linear_attention" op (inputs q, k, v, ld,
+S) run by lmc/codegen/gated_linear_attention.py's recurrent kernel.
+
 Declined, with the failed condition recorded (`lmc compile --mode decode --explain`): a state
 read by anything else, any intermediate (G, D, the scores, the decayed keys) read outside,
 a mask other than causal_mask(T, T) without a window, decays not a cumsum along the last
@@ -44,7 +49,18 @@ from typing import Dict, List
 from ..ir.graph import Graph, Node
 from ..ir.ops import Op
 from .fuse_pointwise import _where
-from .patterns import Body, Region, const_value, is_swap, match_all, need, other, splice
+from .patterns import (
+    Body,
+    NoMatch,
+    Region,
+    const_value,
+    is_swap,
+    match_all,
+    need,
+    other,
+    splice,
+    upstream,
+)
 
 PASS = "fuse_decode_linear_attention"
 STATE_NAME = re.compile(r"\.state\d*$")
@@ -120,8 +136,7 @@ def match(st: Node, users: Dict[Node, List[Node]]) -> dict:
     region.append(eg)
     # G = cumsum(ld) and its views
     need(not (gt.op is Op.CUMSUM and gt.attrs["axis"] % gt.type.rank == gt.type.rank - 2),
-          "per-channel decays (gated linear attention): no fused decode kernel yet, the step "
-          "runs the recurrence as its ops")
+          "per-channel decays (gated linear attention)")
     need(gt.op is Op.RESHAPE and gt.inputs[0].op is Op.CUMSUM,
           "the query-side decay is not a reshape of a cumsum (G = cumsum(ld))")
     g = gt.inputs[0]
@@ -234,6 +249,90 @@ def match(st: Node, users: Dict[Node, List[Node]]) -> dict:
             "dims": (dk, dv), "decays": list(ld.type.shape)}
 
 
+def _strip(n: Node) -> Node:
+    return n.inputs[0] if n.op is Op.CAST else n
+
+
+def match_gated(st: Node, users: Dict[Node, List[Node]]) -> dict:
+    """The decode pass's step of gated linear attention (per-channel decays) around the state
+    input `st` (lmc/passes/decode.py, `_gated_linear_attention_step`):
+        inter = (q * exp(G)) @ S              G = cumsum(ld) along the new tokens [.., T, dk]
+        out   = sum(q5 * k5 * exp(where(mask, G_t - G_s, -inf)), -1) @ v + inter
+        S'    = permute(exp(G_end)) * S + permute(k * exp(G_end - G)) @ v
+    (casts to q's dtype and back to fp32 between them). Raises NoMatch naming what differs."""
+    reads = [u for u in users.get(st, []) if u is not None]
+    need(len(reads) == len(users.get(st, [])), "the state input is itself a graph output")
+    region: List[Node] = []
+    ss = st
+    for u in reads:
+        if u.op is Op.CAST:
+            region.append(u)
+            ss = u
+    inter = next((u for u in users.get(ss, []) if u is not None and u.op is Op.MATMUL
+                  and u.inputs[1] is ss), None)
+    dec = next((u for u in reads if u.op is Op.MUL), None)
+    need(inter is not None and dec is not None,
+          "the state is not read as (q * exp(G)) @ S and decay * S")
+    qe = inter.inputs[0]
+    need(qe.op is Op.MUL, "the state's query side is not q * exp(G)")
+    eg = next((x for x in qe.inputs if _strip(x).op is Op.EXP), None)
+    need(eg is not None, "the state's query side is not q * exp(G)")
+    q = other(qe, eg)
+    G = _strip(eg).inputs[0]
+    need(G.op is Op.CUMSUM and G.attrs["axis"] % G.type.rank == G.type.rank - 2,
+          "the query-side decays are not a cumsum along the new tokens of [.., T, d_k]")
+    ld = G.inputs[0]
+    ups = users.get(dec, [])
+    need(len(ups) == 1 and ups[0] is not None and ups[0].op is Op.ADD,
+          "the decayed state is not used once, in S' = decay * S + k^T v")
+    new_state = ups[0]
+    kv = _strip(other(new_state, dec))
+    need(kv.op is Op.MATMUL and kv.inputs[0].op is Op.PERMUTE
+          and kv.inputs[0].inputs[0].op is Op.MUL, "the state's update is not (k * w)^T @ v")
+    kw = kv.inputs[0].inputs[0]
+    w = next((x for x in kw.inputs if _strip(x).op is Op.EXP), None)
+    need(w is not None, "the keys of the state's update are not decayed by exp(.)")
+    k, v = other(kw, w), kv.inputs[1]
+    uo = users.get(inter, [])
+    need(len(uo) == 1 and uo[0] is not None and uo[0].op is Op.ADD,
+          "the state's read is not added once to the intra-chunk product")
+    out = uo[0]
+    intra = other(out, inter)
+    need(intra is not None and intra.op is Op.MATMUL and intra.inputs[1] is v
+          and _strip(intra.inputs[0]).op is Op.SUM,
+          "the output is not sum(q k D) @ v + (q * exp(G)) @ S over one v")
+    B, H, DK, DV = st.type.shape
+    T = q.type.shape[2]
+    need(tuple(k.type.shape) == tuple(q.type.shape) and tuple(ld.type.shape) == tuple(
+         q.type.shape) and q.type.shape[3] == DK and tuple(v.type.shape[2:]) == (T, DV),
+         "q, k, the decays and v do not fit the state [B, H, d_k, d_v]")
+    need(q.type.dtype.value in FLOATS and k.type.dtype == v.type.dtype == q.type.dtype,
+          "q, k, v differ in dtype (or are not float)")
+    inputs = [q, k, v, ld, st]
+    region = list(upstream([out, new_state], set(inputs))) + region
+    inside = set(region)
+    for n in region:
+        for i in n.inputs:
+            need(i in inside or i in inputs or not i.inputs,
+                  f"the gated linear attention's step reads {i.op.value} besides q, k, v, "
+                  f"the decays and the state")
+        if n is not out and n is not new_state:
+            need(all(u in inside for u in users.get(n, [])),
+                  f"{n.op.value} inside the gated linear attention is also used outside it")
+    return {"inputs": inputs, "out": out, "state": new_state, "region": inside, "dup": {},
+            "heads": H, "dims": (DK, DV), "decays": list(ld.type.shape), "gated": True}
+
+
+def _match_any(st: Node, users) -> dict:
+    """The scalar-decay step, else the per-channel one (each's reason when neither)."""
+    try:
+        return match(st, users)
+    except NoMatch as e:
+        if "per-channel decays" not in str(e):
+            raise
+    return match_gated(st, users)
+
+
 def _body(m: dict, name: str, order: Dict[Node, int]) -> Graph:
     """The matched region as a body graph over placeholders in0.. for m["inputs"]
     (q, k, V or X, W, ld, S); outputs "0" (the attention output) and "1" (the new state)."""
@@ -241,7 +340,8 @@ def _body(m: dict, name: str, order: Dict[Node, int]) -> Graph:
     b.copy(sorted(m["region"], key=order.__getitem__))
     return b.graph(name, [m["out"], m["state"]],
                    module="decode_linear_attention",  # lmc/codegen/decode_linear_attention.py
-                   template="decode_linear_attention", options={"chunk": DEFAULT_CHUNK})
+                   template="decode_gated_linear_attention" if m.get("gated") else
+                   "decode_linear_attention", options={"chunk": DEFAULT_CHUNK})
 
 
 def fuse_decode_linear_attention(g: Graph) -> Graph:
@@ -254,17 +354,19 @@ def fuse_decode_linear_attention(g: Graph) -> Graph:
     order = {n: i for i, n in enumerate(g.nodes)}
     matches, records = match_all(
         g, lambda n: n.op is Op.INPUT and STATE_NAME.search(n.attrs["name"]),
-        lambda n: match(n, users), PASS)
+        lambda n: _match_any(n, users), PASS)
     regions = []
     for i, m in enumerate(matches):
-        name = f"lmc_decode_linear_attention_{i}"
+        kind = "decode_gated_linear_attention" if m.get("gated") else \
+            "decode_linear_attention"
+        name = f"lmc_{kind}_{i}"
         fused = Node.make(Op.FUSED, list(m["inputs"]),
-                          {"kernel": name, "kind": "decode_linear_attention",
+                          {"kernel": name, "kind": kind,
                            "body": _body(m, name, order)}, m["out"].loc, m["out"].scope)
         regions.append(Region(fused, [m["out"], m["state"]], m["region"]))
         dk, dv = m["dims"]
         records.append({
             "pass": PASS, "status": "fused", "where": _where(m["out"]),
-            "reason": f"{m['heads']} heads, state {dk}x{dv} per head, log-decays "
-                      f"{m['decays']}"})
+            "reason": f"{'gated: ' if m.get('gated') else ''}{m['heads']} heads, state "
+                      f"{dk}x{dv} per head, log-decays {m['decays']}"})
     return splice(g, regions, records)

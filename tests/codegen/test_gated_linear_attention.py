@@ -83,6 +83,25 @@ def test_fp16():
     assert max(errs.values()) < 2e-2, errs
 
 
+@pytest.mark.parametrize("T,DV", [(1, 16), (3, 130)])
+def test_the_decode_step_continues_a_state(T, DV):
+    """gla_step: T new tokens from a random state (d_v over blocks), against the recurrence
+    S = diag(exp(g_t)) S + k_t^T v_t, o_t = q_t S in fp64; the new state written as given."""
+    B, H, DK = 2, 2, 16
+    q, k, v, g = _inputs(B, H, T, DK, DV, seed=T)
+    s0 = torch.randn(B, H, DK, DV, generator=torch.Generator().manual_seed(9),
+                     dtype=torch.float64)
+    S, want = s0.clone(), []
+    for t in range(T):
+        S = torch.exp(g[:, :, t, :, None]) * S + k[:, :, t, :, None] * v[:, :, t, None, :]
+        want.append((q[:, :, t, None, :] @ S)[:, :, 0])
+    out = torch.empty(B, H, T, DV)
+    new = torch.empty(B, H, DK, DV)
+    G.gla_step(*(x.float() for x in (q, k, v, g, s0)), out, new)
+    torch.testing.assert_close(out.double(), torch.stack(want, 2), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(new.double(), S, rtol=1e-5, atol=1e-5)
+
+
 def test_key_head_dims_above_128_are_refused():
     x = torch.zeros(1, 1, 4, 136)
     with pytest.raises(ValueError, match="up to 128"):
