@@ -66,7 +66,7 @@ from ..ir.dims import Dim, norm
 from ..ir.graph import Graph, Node
 from ..ir.ops import Kind, Op
 from ..ir.types import DType
-from .patterns import narrowing
+from .patterns import NoMatch, gated_linear_attention, narrowing, sink_logit, uncast
 
 Q, K, F = "q", "k", "f"
 B_ = Dim.sym("B")
@@ -370,20 +370,14 @@ def _is_last_two_swap(n: Node) -> bool:
     return n.op is Op.PERMUTE and tuple(n.attrs["perm"]) == tuple(range(r - 2)) + (r - 1, r - 2)
 
 
-def _uncast(n: Node) -> Node:
-    """n without a float cast in front (the mixed-precision pass's casts between dtypes)."""
-    return n.inputs[0] if n.op is Op.CAST and n.type.dtype.is_float and \
-        n.inputs[0].type.dtype.is_float else n
-
-
 def _match_linear_attention(o: Node) -> Optional[_LinAttn]:
     """Also under mixed precision: the weights cast to v's dtype, the scores cast up to meet
     an fp32 decay matrix, or the decay matrix cast down to the scores' dtype."""
-    if o.op is not Op.MATMUL or _uncast(o.inputs[0]).op is not Op.MUL:
+    if o.op is not Op.MATMUL or uncast(o.inputs[0]).op is not Op.MUL:
         return None
-    a, v = _uncast(o.inputs[0]), o.inputs[1]
+    a, v = uncast(o.inputs[0]), o.inputs[1]
     for scores, dmat in (a.inputs, a.inputs[::-1]):
-        scores, dmat = _uncast(scores), _uncast(dmat)
+        scores, dmat = uncast(scores), uncast(dmat)
         if not (scores.op is Op.MATMUL and _is_last_two_swap(scores.inputs[1])
                 and dmat.op is Op.EXP and dmat.inputs[0].op is Op.WHERE):
             continue
@@ -407,64 +401,15 @@ def _match_linear_attention(o: Node) -> Optional[_LinAttn]:
     return None
 
 
-def _factors(n: Node, out: List[Node]) -> List[Node]:
-    """The factors of a product tree (casts between them looked through)."""
-    n = _uncast(n)
-    if n.op is Op.MUL:
-        _factors(n.inputs[0], out)
-        _factors(n.inputs[1], out)
-    else:
-        out.append(n)
-    return out
-
-
 def _match_gated_linear_attention(o: Node) -> Optional[_LinAttn]:
-    """o = A @ v with A = sum(q_t . k_s . D_ts over the key channels) and per-channel decays
-    D_tsc = exp(G_tc - G_sc) masked causally, G = cumsum(g) along time (gated linear
-    attention: GLA, RWKV-6-style data-dependent decays), written with [.., T, T, d_k] products:
-        A = sum(reshape(q, [.., T, 1, dk]) * reshape(k, [.., 1, T, dk])
-                * exp(where(reshape(causal_mask(T), [T, T, 1]),
-                            reshape(G, [.., T, 1, dk]) - reshape(G, [.., 1, T, dk]), -inf)), -1)
-    Decoded with a d_k x d_v state per head, S' = diag(exp(g_t)) S + k_t^T v_t."""
-    if o.op is not Op.MATMUL:
+    """Gated linear attention (per-channel decays: GLA, RWKV-6-style) in the form
+    `patterns.gated_linear_attention` reads, decoded with a d_k x d_v state per head,
+    S' = diag(exp(g_t)) S + k_t^T v_t."""
+    try:
+        q, k, v, ld = gated_linear_attention(o)
+    except NoMatch:
         return None
-    a, v = _uncast(o.inputs[0]), o.inputs[1]
-    if a.op is not Op.SUM or a.attrs.get("keepdim", True) or \
-            a.attrs["axis"] % a.inputs[0].type.rank != a.inputs[0].type.rank - 1:
-        return None
-    fs = _factors(a.inputs[0], [])
-    if len(fs) != 3:
-        return None
-    dm = next((f for f in fs if f.op is Op.EXP and f.inputs[0].op is Op.WHERE), None)
-    if dm is None:
-        return None
-    mask, diff, neg = dm.inputs[0].inputs
-    if mask.op is Op.RESHAPE:
-        mask = mask.inputs[0]
-    if not (mask.op is Op.CAUSAL_MASK and mask.attrs["rows"] == T and mask.attrs["cols"] == T
-            and not mask.attrs["window"] and neg.op is Op.CONST
-            and neg.attrs["value"] == float("-inf") and diff.op is Op.SUB):
-        return None
-    gt, gs = diff.inputs
-    if not (gt.op is Op.RESHAPE and gs.op is Op.RESHAPE and gt.inputs[0] is gs.inputs[0]):
-        return None
-    g = gt.inputs[0]
-    r = len(g.type.shape)
-    lead, dk = tuple(g.type.shape[:-2]), g.type.shape[-1]
-    if not (g.op is Op.CUMSUM and g.attrs["axis"] % r == r - 2 and g.type.shape[-2] == T
-            and tuple(gt.type.shape) == lead + (T, 1, dk)
-            and tuple(gs.type.shape) == lead + (1, T, dk)):
-        return None
-    qe, ke = [f for f in fs if f is not dm]
-    if tuple(_uncast(qe).type.shape[-3:-1]) == (1, T):
-        qe, ke = ke, qe
-    qe, ke = _uncast(qe), _uncast(ke)
-    if not (qe.op is Op.RESHAPE and ke.op is Op.RESHAPE
-            and tuple(qe.type.shape[-3:]) == (T, 1, dk) and tuple(ke.type.shape[-3:]) == (1, T, dk)
-            and tuple(qe.inputs[0].type.shape[-2:]) == (T, dk)
-            and tuple(ke.inputs[0].type.shape[-2:]) == (T, dk)):
-        return None
-    return _LinAttn(o, qe.inputs[0], ke.inputs[0], v, g.inputs[0], gated=True)
+    return _LinAttn(o, q, k, v, ld, gated=True)
 
 
 @dataclass(frozen=True)
@@ -519,7 +464,7 @@ def _windowed_attention(g: Graph, labels: "_Labels") -> Dict[Tuple[Node, int], _
                 u is not None and u.op is Op.LOGSUMEXP and u.attrs["axis"] % u.type.rank == ax)
                 for u in us)
         wh, top = sm.inputs[0], sm
-        if _uncast(wh) is not wh and only(wh, sm):    # mixed precision: fp32 softmax
+        if uncast(wh) is not wh and only(wh, sm):    # mixed precision: fp32 softmax
             wh, top = wh.inputs[0], wh
         if wh.op is not Op.WHERE or not only(wh, top):
             continue
@@ -549,7 +494,7 @@ def _windowed_attention(g: Graph, labels: "_Labels") -> Dict[Tuple[Node, int], _
         p, pv = sm, users.get(sm, [])
         if len(pv) == 1 and _sink_gate(pv[0], sm, lab):
             p, pv = pv[0], users.get(pv[0], [])      # softmax(s) * sigmoid(lse(s) - z)
-        if len(pv) == 1 and pv[0] is not None and _uncast(pv[0]) is not pv[0]:
+        if len(pv) == 1 and pv[0] is not None and uncast(pv[0]) is not pv[0]:
             p, pv = pv[0], users.get(pv[0], [])      # rounded to v's dtype for probs @ v
         if not pv or not all(u is not None and u.op is Op.MATMUL and u.inputs[0] is p
                              and (u, 1) in keyuse for u in pv):
@@ -583,15 +528,14 @@ def _windowed_attention(g: Graph, labels: "_Labels") -> Dict[Tuple[Node, int], _
 
 
 def _sink_gate(u: Optional[Node], sm: Node, lab) -> bool:
-    """u = softmax * sigmoid(logsumexp(scores) - z) over sm's own scores, z per query (an
-    attention sink, lmc/passes/canonical.py's form)."""
+    """u = softmax * sigmoid(logsumexp(scores) - z) over sm's own scores (an attention sink,
+    `patterns.sink_logit`), z per query (no key axis)."""
     if u is None or u.op is not Op.MUL or sm not in u.inputs:
         return False
-    g = u.inputs[1] if u.inputs[0] is sm else u.inputs[0]
-    if g.op is not Op.SIGMOID or g.inputs[0].op is not Op.SUB:
+    try:
+        return K not in lab[sink_logit(u, sm)]
+    except NoMatch:
         return False
-    lse, z = g.inputs[0].inputs
-    return lse.op is Op.LOGSUMEXP and lse.inputs[0] is sm.inputs[0] and K not in lab[z]
 
 
 # -- the position inputs (functions of P, a 1-element i64 tensor, and T) -------------------

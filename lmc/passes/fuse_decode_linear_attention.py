@@ -59,6 +59,7 @@ from .patterns import (
     need,
     other,
     splice,
+    uncast,
     upstream,
 )
 
@@ -66,6 +67,10 @@ PASS = "fuse_decode_linear_attention"
 STATE_NAME = re.compile(r"\.state\d*$")
 DEFAULT_CHUNK = 64      # the chunked prefill's chunk (lowered for a short prompt)
 FLOATS = ("f32", "f16", "bf16")
+
+
+class _PerChannel(NoMatch):
+    """The step's decays are per key channel: gated linear attention (`match_gated`)."""
 
 
 def _same(a: Node, b: Node) -> bool:
@@ -135,8 +140,8 @@ def match(st: Node, users: Dict[Node, List[Node]]) -> dict:
     gt = _exp_of(eg, "", region)
     region.append(eg)
     # G = cumsum(ld) and its views
-    need(not (gt.op is Op.CUMSUM and gt.attrs["axis"] % gt.type.rank == gt.type.rank - 2),
-          "per-channel decays (gated linear attention)")
+    if gt.op is Op.CUMSUM and gt.attrs["axis"] % gt.type.rank == gt.type.rank - 2:
+        raise _PerChannel("per-channel decays (gated linear attention)")
     need(gt.op is Op.RESHAPE and gt.inputs[0].op is Op.CUMSUM,
           "the query-side decay is not a reshape of a cumsum (G = cumsum(ld))")
     g = gt.inputs[0]
@@ -249,10 +254,6 @@ def match(st: Node, users: Dict[Node, List[Node]]) -> dict:
             "dims": (dk, dv), "decays": list(ld.type.shape)}
 
 
-def _strip(n: Node) -> Node:
-    return n.inputs[0] if n.op is Op.CAST else n
-
-
 def match_gated(st: Node, users: Dict[Node, List[Node]]) -> dict:
     """The decode pass's step of gated linear attention (per-channel decays) around the state
     input `st` (lmc/passes/decode.py, `_gated_linear_attention_step`):
@@ -275,10 +276,10 @@ def match_gated(st: Node, users: Dict[Node, List[Node]]) -> dict:
           "the state is not read as (q * exp(G)) @ S and decay * S")
     qe = inter.inputs[0]
     need(qe.op is Op.MUL, "the state's query side is not q * exp(G)")
-    eg = next((x for x in qe.inputs if _strip(x).op is Op.EXP), None)
+    eg = next((x for x in qe.inputs if uncast(x).op is Op.EXP), None)
     need(eg is not None, "the state's query side is not q * exp(G)")
     q = other(qe, eg)
-    G = _strip(eg).inputs[0]
+    G = uncast(eg).inputs[0]
     need(G.op is Op.CUMSUM and G.attrs["axis"] % G.type.rank == G.type.rank - 2,
           "the query-side decays are not a cumsum along the new tokens of [.., T, d_k]")
     ld = G.inputs[0]
@@ -286,11 +287,11 @@ def match_gated(st: Node, users: Dict[Node, List[Node]]) -> dict:
     need(len(ups) == 1 and ups[0] is not None and ups[0].op is Op.ADD,
           "the decayed state is not used once, in S' = decay * S + k^T v")
     new_state = ups[0]
-    kv = _strip(other(new_state, dec))
+    kv = uncast(other(new_state, dec))
     need(kv.op is Op.MATMUL and kv.inputs[0].op is Op.PERMUTE
           and kv.inputs[0].inputs[0].op is Op.MUL, "the state's update is not (k * w)^T @ v")
     kw = kv.inputs[0].inputs[0]
-    w = next((x for x in kw.inputs if _strip(x).op is Op.EXP), None)
+    w = next((x for x in kw.inputs if uncast(x).op is Op.EXP), None)
     need(w is not None, "the keys of the state's update are not decayed by exp(.)")
     k, v = other(kw, w), kv.inputs[1]
     uo = users.get(inter, [])
@@ -299,7 +300,7 @@ def match_gated(st: Node, users: Dict[Node, List[Node]]) -> dict:
     out = uo[0]
     intra = other(out, inter)
     need(intra is not None and intra.op is Op.MATMUL and intra.inputs[1] is v
-          and _strip(intra.inputs[0]).op is Op.SUM,
+          and uncast(intra.inputs[0]).op is Op.SUM,
           "the output is not sum(q k D) @ v + (q * exp(G)) @ S over one v")
     B, H, DK, DV = st.type.shape
     T = q.type.shape[2]
@@ -324,13 +325,11 @@ def match_gated(st: Node, users: Dict[Node, List[Node]]) -> dict:
 
 
 def _match_any(st: Node, users) -> dict:
-    """The scalar-decay step, else the per-channel one (each's reason when neither)."""
+    """The scalar-decay step, else (its decays read per channel) the gated one."""
     try:
         return match(st, users)
-    except NoMatch as e:
-        if "per-channel decays" not in str(e):
-            raise
-    return match_gated(st, users)
+    except _PerChannel:
+        return match_gated(st, users)
 
 
 def _body(m: dict, name: str, order: Dict[Node, int]) -> Graph:

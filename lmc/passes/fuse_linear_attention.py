@@ -54,6 +54,7 @@ from .patterns import (
     NoMatch,
     Region,
     const_value,
+    gated_linear_attention,
     is_swap,
     need,
     splice,
@@ -215,52 +216,14 @@ def gated_candidate(n: Node) -> bool:
 
 
 def match_gated(out: Node, static) -> dict:
-    """Gated linear attention (per-channel decays: GLA, RWKV-6-style):
-        out = sum(reshape(q, [B, H, T, 1, dk]) * reshape(k, [B, H, 1, T, dk]) * D, -1) @ v
-        D   = exp(where(reshape(causal_mask(T, T), [T, T, 1]), G_t - G_s, -inf)),
-        G_t - G_s = reshape(G, [B, H, T, 1, dk]) - reshape(G, [B, H, 1, T, dk]),
-        G = cumsum(g, time)
-    (casts between the factors allowed). Raises NoMatch with the failed condition."""
+    """Gated linear attention (per-channel decays: GLA, RWKV-6-style), the form
+    `patterns.gated_linear_attention` reads, over [B, H, T, d] q, k, v and log-decays,
+    with what the kernels take. Raises NoMatch with the failed condition."""
     need(out.type.dtype.value in ("f32", "f16", "bf16"),
           f"gated linear attention in {out.type.dtype.value} (kernels: f32, f16, bf16)")
-    a, v = _strip_cast(out.inputs[0]), out.inputs[1]
-    need(not a.attrs.get("keepdim", True) and a.attrs["axis"] % 5 == 4,
-          "the product is not summed over the key channels (the last axis, keepdim False)")
-    leaves, stack = [], [a.inputs[0]]
-    while stack:
-        x = _strip_cast(stack.pop())
-        if x.op is Op.MUL and x.type.rank == 5:
-            stack.extend(x.inputs)
-        else:
-            leaves.append(x)
-    need(len(leaves) == 3, f"the summed product has {len(leaves)} factors, not q, k and the "
-                           f"decays")
-    dm = next((x for x in leaves if x.op is Op.EXP), None)
-    need(dm is not None and dm.inputs[0].op is Op.WHERE,
-          "no factor exp(where(mask, G_t - G_s, -inf)) among the summed product's")
-    mask, diff, fill = dm.inputs[0].inputs
-    if mask.op is Op.RESHAPE:
-        mask = mask.inputs[0]
-    need(mask.op is Op.CAUSAL_MASK and not mask.attrs.get("window"),
-          "the decays are not masked by causal_mask(T, T) (windows are not matched)")
-    need(const_value(fill) == float("-inf"), "masked decay exponents are not -inf")
-    need(diff.op is Op.SUB and all(x.op is Op.RESHAPE for x in diff.inputs)
-          and diff.inputs[0].inputs[0] is diff.inputs[1].inputs[0],
-          "the decay exponent is not G_t - G_s of one G")
-    G = diff.inputs[0].inputs[0]
-    need(G.op is Op.CUMSUM and G.type.rank == 4 and G.attrs["axis"] % 4 == 2,
-          "G is not a cumsum along time of [B, H, T, d_k] log-decays")
-    B, H, T, dk = G.type.shape
-    need(tuple(diff.inputs[0].type.shape) == (B, H, T, 1, dk)
-          and tuple(diff.inputs[1].type.shape) == (B, H, 1, T, dk),
-          "G_t - G_s is not G[.., t, None, :] - G[.., None, s, :]")
-    qe, ke = [x for x in leaves if x is not dm]
-    if tuple(qe.type.shape[2:4]) == (1, T):
-        qe, ke = ke, qe
-    need(qe.op is Op.RESHAPE and ke.op is Op.RESHAPE
-          and tuple(qe.type.shape[2:]) == (T, 1, dk) and tuple(ke.type.shape[2:]) == (1, T, dk),
-          "q and k are not reshaped to [.., T, 1, d_k] and [.., 1, T, d_k]")
-    q, k, ld = qe.inputs[0], ke.inputs[0], G.inputs[0]
+    q, k, v, ld = gated_linear_attention(out)
+    need(q.type.rank == 4, f"q is rank {q.type.rank}, not [B, H, T, d_k]")
+    B, H, T, dk = q.type.shape
     need(tuple(q.type.shape) == tuple(k.type.shape) == (B, H, T, dk)
           and v.type.rank == 4 and tuple(v.type.shape[:3]) == (B, H, T),
           "q, k are not [B, H, T, d_k] with v [B, H, T, d_v]")

@@ -143,11 +143,10 @@ def alibi(x: Node, H, causal: bool, static, positions):
     raise NoMatch(why)
 
 
-def sink_gate(mul: Node, sm: Node, H):
-    """mul = softmax(x) * sigmoid(logsumexp(x) - z), x the softmax's own input and z one logit
-    per head broadcast over the batch and the queries: attention sinks as
-    lmc/passes/canonical.py writes them. Returns (the tensor z is expanded from, the gate's
-    nodes: sigmoid, sub, logsumexp and the expands), or raises NoMatch saying why not."""
+def sink_logit(mul: Node, sm: Node) -> Node:
+    """mul = softmax(x) * sigmoid(logsumexp(x) - z), x the softmax's own input: attention
+    sinks as lmc/passes/canonical.py writes them. Returns z, or raises NoMatch saying why
+    not."""
     g = other(mul, sm)
     need(g is not None and g.op is Op.SIGMOID and g.inputs[0].op is Op.SUB,
          "probabilities scaled by something other than an attention sink's "
@@ -157,7 +156,16 @@ def sink_gate(mul: Node, sm: Node, H):
          and lse.attrs["axis"] % lse.type.rank == lse.type.rank - 1
          and lse.attrs.get("keepdim", True),
          "an attention sink's gate is not sigmoid(logsumexp(scores) - z) over the same scores")
-    nodes = [g, g.inputs[0], lse]
+    return z
+
+
+def sink_gate(mul: Node, sm: Node, H):
+    """`sink_logit` with z one logit per head broadcast over the batch and the queries (what
+    the attention kernels take). Returns (the tensor z is expanded from, the gate's nodes:
+    sigmoid, sub, logsumexp and the expands), or raises NoMatch saying why not."""
+    z = sink_logit(mul, sm)
+    g = other(mul, sm)
+    nodes = [g, g.inputs[0], g.inputs[0].inputs[0]]
     src = z
     while src.op is Op.EXPAND:
         nodes.append(src)
@@ -167,6 +175,68 @@ def sink_gate(mul: Node, sm: Node, H):
          f"attention sinks {list(src.type.shape)} are not one logit per head ([1, {H}, 1, 1] "
          f"broadcast over the batch and the queries)")
     return src, nodes
+
+
+def uncast(n: Node) -> Node:
+    """n without a cast between float dtypes in front (the mixed-precision pass's)."""
+    return n.inputs[0] if n.op is Op.CAST and n.type.dtype.is_float and \
+        n.inputs[0].type.dtype.is_float else n
+
+
+def gated_linear_attention(out: Node):
+    """out = A @ v, gated linear attention (per-channel decays: GLA, RWKV-6-style) written with
+    [.., T, T, d_k] products:
+        A   = sum(reshape(q, [.., T, 1, dk]) * reshape(k, [.., 1, T, dk]) * D, -1)
+        D   = exp(where(reshape(causal_mask(T, T), [T, T, 1]), G_t - G_s, -inf))
+        G_t - G_s = reshape(G, [.., T, 1, dk]) - reshape(G, [.., 1, T, dk]), G = cumsum(g)
+    along time (casts between float dtypes around the factors allowed). Returns (q, k, v, g)
+    or raises NoMatch with the failed condition. The shape both fuse_linear_attention (the
+    chunked kernels) and the decode pass (the recurrent state) read."""
+    need(out.op is Op.MATMUL, f"{out.op.value} where A @ v was expected")
+    a, v = uncast(out.inputs[0]), out.inputs[1]
+    need(a.op is Op.SUM and not a.attrs.get("keepdim", True)
+          and a.attrs["axis"] % a.inputs[0].type.rank == a.inputs[0].type.rank - 1,
+          "the product is not summed over the key channels (the last axis, keepdim False)")
+    leaves, stack = [], [a.inputs[0]]
+    while stack:
+        x = uncast(stack.pop())
+        if x.op is Op.MUL:
+            stack.extend(x.inputs)
+        else:
+            leaves.append(x)
+    need(len(leaves) == 3, f"the summed product has {len(leaves)} factors, not q, k and the "
+                           f"decays")
+    dm = next((x for x in leaves if x.op is Op.EXP), None)
+    need(dm is not None and dm.inputs[0].op is Op.WHERE,
+          "no factor exp(where(mask, G_t - G_s, -inf)) among the summed product's")
+    mask, diff, fill = dm.inputs[0].inputs
+    if mask.op is Op.RESHAPE:
+        mask = mask.inputs[0]
+    need(mask.op is Op.CAUSAL_MASK and not mask.attrs.get("window")
+          and mask.attrs["rows"] == mask.attrs["cols"],
+          "the decays are not masked by causal_mask(T, T) (windows are not matched)")
+    need(const_value(fill) == float("-inf"), "masked decay exponents are not -inf")
+    need(diff.op is Op.SUB and all(x.op is Op.RESHAPE for x in diff.inputs)
+          and diff.inputs[0].inputs[0] is diff.inputs[1].inputs[0],
+          "the decay exponent is not G_t - G_s of one G")
+    G = diff.inputs[0].inputs[0]
+    r = G.type.rank
+    need(G.op is Op.CUMSUM and r >= 2 and G.attrs["axis"] % r == r - 2,
+          "G is not a cumsum along time of [.., T, d_k] log-decays")
+    lead, T, dk = tuple(G.type.shape[:-2]), G.type.shape[-2], G.type.shape[-1]
+    need(T == mask.attrs["rows"], "the mask and G have different lengths")
+    need(tuple(diff.inputs[0].type.shape) == lead + (T, 1, dk)
+          and tuple(diff.inputs[1].type.shape) == lead + (1, T, dk),
+          "G_t - G_s is not G[.., t, None, :] - G[.., None, s, :]")
+    qe, ke = [x for x in leaves if x is not dm]
+    if tuple(qe.type.shape[-3:-1]) == (1, T):
+        qe, ke = ke, qe
+    need(qe.op is Op.RESHAPE and ke.op is Op.RESHAPE
+          and tuple(qe.type.shape[-3:]) == (T, 1, dk) and tuple(ke.type.shape[-3:]) == (1, T, dk)
+          and tuple(qe.inputs[0].type.shape[-2:]) == (T, dk)
+          and tuple(ke.inputs[0].type.shape[-2:]) == (T, dk),
+          "q and k are not reshaped to [.., T, 1, d_k] and [.., 1, T, d_k]")
+    return qe.inputs[0], ke.inputs[0], v, G.inputs[0]
 
 
 def narrowing(n: Node) -> bool:
