@@ -41,7 +41,8 @@ MODELS = {"llama": {}, "blues01": {}, "minimax": {}, "yoco": {},
           "medit_one": {"moe": 1},
           # outside the zoo (examples/): attention with no RoPE, soft-capped scores, ALiBi
           # (both forms), a sigmoid MoE router
-          "gpt2": {}, "gemma2": {}, "mpt": {}, "bloom": {}, "deepseek_moe": {},
+          "gpt2": {}, "gemma2": {}, "mpt": {}, "bloom": {},
+          "deepseek_moe": {"experts": 64, "top_k": 6},     # the default's router width
           "mamba2": {}, "gpt_oss": {},
           "diff_transformer": {}, "gla": {}}
 LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")

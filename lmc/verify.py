@@ -44,7 +44,9 @@ class Subject:
 
     def model(self, *, autodiff: str = "lmc", backend: str = "torch"):
         from .runtime.module import LmcModel
-        return LmcModel(self.compiled.graph, seed=self.seed, autodiff=autodiff, backend=backend)
+        m = LmcModel(self.compiled.graph, seed=self.seed, autodiff=autodiff, backend=backend)
+        _off_default(m, self.seed)
+        return m
 
     def oracle(self):
         """The source graph with blocks spliced in and no other pass, run op by op and
@@ -56,6 +58,22 @@ class Subject:
         if unexpected:
             raise LmcError(f"the passes invented parameters: {', '.join(unexpected[:3])}")
         return ref  # "missing": parameters the passes removed as unused keep their init
+
+
+def _off_default(model, seed: int) -> None:
+    """Parameters whose init is a constant (zeros: biases, sinks, selection biases; ones: norm
+    weights) get noise of a tenth of max(|c|, 1): a check on their init value would not see
+    a kernel that drops a bias or a norm weight, or a branch only a non-zero value takes."""
+    gen = torch.Generator().manual_seed(seed + 7)
+    inits = {p.attrs["name"]: p.attrs["init"] for p in model.graph.params}
+    with torch.no_grad():
+        for name, t in model.named_parameters():
+            init = inits.get(name)
+            if init is None or init.kind not in ("zeros", "ones", "constant"):
+                continue
+            c = {"zeros": 0.0, "ones": 1.0}[init.kind] if not init.args else init.args[0]
+            t.add_(torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t.dtype),
+                   alpha=0.1 * max(abs(c), 1.0))
 
 
 def _outputs(model, ids) -> Dict[str, torch.Tensor]:

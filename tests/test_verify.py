@@ -151,3 +151,40 @@ def test_an_fp64_tie_break_does_not_pass_a_wrong_gradient(tmp_path):
     got[name] = got[name] * 1.01
     ok, detail = V._grad_check(s, got, ref, cot)
     assert not ok and name in detail, detail
+
+
+def test_constant_initialised_parameters_are_checked_off_their_init(monkeypatch):
+    """Biases init to zeros and norm weights to ones get noise in every check, so a kernel
+    that drops one is caught: here the fused MoE gating ignoring deepseek_moe's selection
+    bias (zeros at init, where dropping it changes nothing) fails the triton check."""
+    import torch
+
+    from lmc.codegen import moe
+    from lmc.driver import compile_model
+    from lmc.verify import Subject
+
+    c = compile_model(os.path.join(os.path.dirname(ZOO), "examples", "deepseek_moe.yaml"),
+                      "tiny", [])
+    s = Subject("", "tiny", [], c, 512, torch.zeros(1, 2, dtype=torch.long), 0)
+    m, o = s.model(), s.oracle()
+    inits = {p.attrs["name"]: p.attrs["init"].kind for p in c.graph.params}
+    for name, t in m.named_parameters():
+        if inits[name] in ("zeros", "ones"):       # moved off the constant, shared by both
+            base = 0.0 if inits[name] == "zeros" else 1.0
+            assert (t - base).abs().max() > 0.01, name
+        assert torch.equal(t, o.state_dict()[name]), name
+    assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(),
+                                                 s.model().state_dict().values()))
+
+    real = moe._gating_forward
+    monkeypatch.setattr(moe, "_gating_forward",
+                        lambda *a, **kw: real(*a, **{**kw, "bias": None}))
+    rows = _rows(os.path.join(os.path.dirname(ZOO), "examples", "deepseek_moe.yaml"),
+                 skip=["decode", "grads", "causal"])
+    assert not rows["triton = oracle"].ok, rows["triton = oracle"].detail
+    assert rows["passes = oracle"].ok
+    # at the init values the same broken kernel passes: what the noise is for
+    monkeypatch.setattr("lmc.verify._off_default", lambda model, seed: None)
+    rows = _rows(os.path.join(os.path.dirname(ZOO), "examples", "deepseek_moe.yaml"),
+                 skip=["decode", "grads", "causal"])
+    assert rows["triton = oracle"].ok, rows["triton = oracle"].detail

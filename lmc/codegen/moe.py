@@ -11,8 +11,9 @@ token t of a [B, T] batch flattened to N = B*T rows:
     p_t      = softmax(logits_t) in fp32;  lse_t = logsumexp(logits_t)  (z-loss)
                (or p_t = sigmoid(logits_t), a sigmoid router's independent scores: the
                backward's dlogits = dp p (1 - p); no z-loss gradient then)
-    top      = the k largest p_t (k in {1, 2}); ties go to the lower expert index (the zoo's
-               topk is a stable descending sort)
+    top      = the k largest p_t (1 <= k <= 8), or of p_t + bias (DeepSeek-V3's balancing
+               bias: it selects, the weights below stay p's); ties go to the lower expert
+               index (the zoo's topk is a stable descending sort)
     w_tj     = p_t[top_j] / sum_j' p_t[top_j']          (renormalize=True; else p_t[top_j])
     capacity (optional, minimax): per sequence along T, pos_te = number of tokens s <= t of the
                same sequence that chose e; slot j of token t is kept iff
@@ -97,6 +98,7 @@ from ..errors import LmcError
 from . import interpreter_blocks
 
 ACTS = ("silu", "gelu")
+MAX_K = 8            # experts per token: the gating kernels unroll k argmax passes
 GPU_GEMM = dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=3)
 # fp32 operands: half the K step, or the two-term product (four operand tiles per stage)
 # needs 256 KiB of shared memory, over the H100's 227 KiB (benchmarks/compile_check.py)
@@ -128,13 +130,15 @@ def _round(v, ROUND: tl.constexpr):
 
 @triton.jit
 def _gate_fwd(X, WR, NOISE, IDX, WOUT, KEPT, PROBS, LSE, PART, CARRY, POS, CHOSEN, COUNT,
+              BIAS,
               N, T, D, E, n_iter, cap_a, cap_b,
               sxn, sxd, swd, swe, snn, sne,
               K: tl.constexpr, RENORM: tl.constexpr, HAS_NOISE: tl.constexpr,
               CAP: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr,
               DOT_PREC: tl.constexpr, ROUND: tl.constexpr = 0, ROUND_P: tl.constexpr = 0,
               HAS_CARRY: tl.constexpr = False, HAS_CHOSEN: tl.constexpr = False,
-              SIGMOID: tl.constexpr = False):
+              SIGMOID: tl.constexpr = False, HAS_BIAS: tl.constexpr = False,
+              ROUND_S: tl.constexpr = 0):
     pid = tl.program_id(0)
     cols = tl.arange(0, BE)
     emask = cols < E
@@ -180,31 +184,32 @@ def _gate_fwd(X, WR, NOISE, IDX, WOUT, KEPT, PROBS, LSE, PART, CARRY, POS, CHOSE
         tl.store(LSE + rows, m + tl.log(s), mask=rmask)
         tl.store(PROBS + rows[:, None] * E + cols[None, :], p,
                  mask=rmask[:, None] & emask[None, :])
-        # top-k: the largest p, ties to the lowest index (stable descending sort)
-        pm = tl.where(emask[None, :], p, -1.0)
-        v1 = tl.max(pm, 1)
-        i1 = tl.min(tl.where(pm == v1[:, None], cols[None, :], BE), 1)
-        sel = cols[None, :] == i1[:, None]
-        if K == 2:
-            pm2 = tl.where(sel, -1.0, pm)
-            v2 = tl.max(pm2, 1)
-            i2 = tl.min(tl.where(pm2 == v2[:, None], cols[None, :], BE), 1)
-            sel2 = cols[None, :] == i2[:, None]
-            sel = sel | sel2
-            tot = v1 + v2
+        # top-k: the k largest selection scores (p, or p + bias: DeepSeek-V3's balancing
+        # bias picks the experts, the weights stay p), ties to the lowest index (a stable
+        # descending sort); k passes of argmax over the [BT, BE] tile
+        if HAS_BIAS:
+            bias = tl.load(BIAS + cols, mask=emask, other=0.0).to(tl.float32)
+            sc = _round(p + bias[None, :], ROUND_S)
         else:
-            tot = v1
-        sel = sel & rmask[:, None]
-        self_f = sel.to(tl.float32)
+            sc = p
+        sc = tl.where(emask[None, :], sc, float("-inf"))
+        self_f = tl.zeros([BT, BE], tl.float32)
+        scm = sc
+        for j in tl.static_range(K):
+            v = tl.max(scm, 1)
+            i = tl.min(tl.where(scm == v[:, None], cols[None, :], BE), 1)
+            s_j = cols[None, :] == i[:, None]
+            self_f += s_j.to(tl.float32)
+            scm = tl.where(s_j, float("-inf"), scm)
+        self_f = tl.where(rmask[:, None], self_f, 0.0)
+        sel = self_f > 0
+        # the selected p's sum over the experts axis, as the oracle's sum(p * chosen, -1)
+        tot = tl.sum(tl.where(sel, p, 0.0), 1)
         if HAS_CHOSEN:                       # the dense 0/1 [N, E] choices (the zoo's chosen)
             tl.store(CHOSEN + rows[:, None] * E + cols[None, :], self_f,
                      mask=rmask[:, None] & emask[None, :])
         cnt += tl.sum(self_f, 0)
         psum += tl.sum(tl.where(rmask[:, None] & emask[None, :], p, 0.0), 0)
-        if RENORM:
-            w1 = v1 / tot
-        else:
-            w1 = v1
         if CAP:
             local = tl.dot(tri, self_f.to(tl.float16), out_dtype=tl.float32)   # inclusive
             pos = (running[None, :] + local).to(tl.int64)
@@ -214,26 +219,28 @@ def _gate_fwd(X, WR, NOISE, IDX, WOUT, KEPT, PROBS, LSE, PART, CARRY, POS, CHOSE
             ok = (pos - 1) * cap_a < (t[:, None] + 1) * cap_b
             keep = sel & ok
             running += tl.sum(self_f, 0)
-            k1 = tl.sum(tl.where((cols[None, :] == i1[:, None]) & keep, 1, 0), 1) > 0
         else:
             keep = sel
-            k1 = rmask
         kcnt += tl.sum(keep.to(tl.float32), 0)
-        tl.store(IDX + rows * K, i1, mask=rmask)
-        tl.store(WOUT + rows * K, tl.where(k1, w1, 0.0), mask=rmask)
-        tl.store(KEPT + rows * K, k1.to(tl.int32), mask=rmask)
-        if K == 2:
+        # the slots in rank order: the same k argmax passes again (cheap next to the matmul)
+        scm = sc
+        for j in tl.static_range(K):
+            v = tl.max(scm, 1)
+            i = tl.min(tl.where(scm == v[:, None], cols[None, :], BE), 1)
+            s_j = cols[None, :] == i[:, None]
+            pj = tl.sum(tl.where(s_j, p, 0.0), 1)
             if RENORM:
-                w2 = v2 / tot
+                wj = pj / tot
             else:
-                w2 = v2
+                wj = pj
             if CAP:
-                k2 = tl.sum(tl.where((cols[None, :] == i2[:, None]) & keep, 1, 0), 1) > 0
+                kj = tl.sum(tl.where(s_j & keep, 1, 0), 1) > 0
             else:
-                k2 = rmask
-            tl.store(IDX + rows * K + 1, i2, mask=rmask)
-            tl.store(WOUT + rows * K + 1, tl.where(k2, w2, 0.0), mask=rmask)
-            tl.store(KEPT + rows * K + 1, k2.to(tl.int32), mask=rmask)
+                kj = rmask
+            tl.store(IDX + rows * K + j, i, mask=rmask)
+            tl.store(WOUT + rows * K + j, tl.where(kj, wj, 0.0), mask=rmask)
+            tl.store(KEPT + rows * K + j, kj.to(tl.int32), mask=rmask)
+            scm = tl.where(s_j, float("-inf"), scm)
     if HAS_CARRY:                            # the running count the next step starts from
         tl.store(COUNT + pid * E + cols, running, mask=emask)
     tl.store(PART + pid * 3 * BE + cols, cnt)
@@ -255,28 +262,21 @@ def _gate_bwd(PROBS, IDX, KEPT, WOUT, DW, DPSUM, DLSE, DPROBS, DLOG, N, E,
     p = tl.load(PROBS + rows[:, None] * E + cols[None, :], mask=m2, other=0.0)
     dp = tl.zeros([BT, BE], tl.float32)
     if HAS_DW:
-        i1 = tl.load(IDX + rows * K, mask=rmask, other=0)
-        g1 = tl.load(DW + rows * K, mask=rmask, other=0.0) * \
-            tl.load(KEPT + rows * K, mask=rmask, other=0).to(tl.float32)
-        s1 = cols[None, :] == i1[:, None]
-        if RENORM:
-            v1 = tl.sum(tl.where(s1, p, 0.0), 1)
-            gw = g1 * tl.load(WOUT + rows * K, mask=rmask, other=0.0)
-            tot = v1
-        if K == 2:
-            i2 = tl.load(IDX + rows * K + 1, mask=rmask, other=0)
-            g2 = tl.load(DW + rows * K + 1, mask=rmask, other=0.0) * \
-                tl.load(KEPT + rows * K + 1, mask=rmask, other=0).to(tl.float32)
-            s2 = cols[None, :] == i2[:, None]
+        g = tl.zeros([BT, BE], tl.float32)       # the slots' weight gradients, at their expert
+        sel_f = tl.zeros([BT, BE], tl.float32)
+        gw = tl.zeros([BT], tl.float32)          # sum_j g_j w_j
+        for j in tl.static_range(K):
+            i = tl.load(IDX + rows * K + j, mask=rmask, other=0)
+            gj = tl.load(DW + rows * K + j, mask=rmask, other=0.0) * \
+                tl.load(KEPT + rows * K + j, mask=rmask, other=0).to(tl.float32)
+            s_j = cols[None, :] == i[:, None]
+            g += tl.where(s_j, gj[:, None], 0.0)
+            sel_f += s_j.to(tl.float32)
             if RENORM:
-                tot = tot + tl.sum(tl.where(s2, p, 0.0), 1)
-                gw = gw + g2 * tl.load(WOUT + rows * K + 1, mask=rmask, other=0.0)
-            g = tl.where(s1, g1[:, None], 0.0) + tl.where(s2, g2[:, None], 0.0)
-            sel = s1 | s2
-        else:
-            g = tl.where(s1, g1[:, None], 0.0)
-            sel = s1
+                gw += gj * tl.load(WOUT + rows * K + j, mask=rmask, other=0.0)
+        sel = sel_f > 0
         if RENORM:
+            tot = tl.sum(tl.where(sel, p, 0.0), 1)
             tot = tl.where(rmask, tot, 1.0)
             dp = tl.where(sel, (g - gw[:, None]) / tot[:, None], 0.0)
         else:
@@ -317,7 +317,8 @@ def _gate_blocks():
 
 def _gating_forward(x, w_router, noise, k, renormalize, capacity_pct, seq_len,
                     capacity=None, round_to=None, carry=None, chosen=None,
-                    count=None, probs_round=None, sigmoid=False) -> Gating:
+                    count=None, probs_round=None, sigmoid=False, bias=None,
+                    score_round=None) -> Gating:
     """capacity = (a, b) states the capacity test directly: slot kept iff
     (pos - 1) * a < (t + 1) * b (capacity_pct c is (E * 100, c * k)). round_to (torch.float16
     or torch.bfloat16): the logits, noisy logits and probabilities are rounded to it, as a
@@ -329,12 +330,17 @@ def _gating_forward(x, w_router, noise, k, renormalize, capacity_pct, seq_len,
     chosen: a contiguous fp32 [N, E] tensor the kernel writes the 0/1 choices into. With a
     carry the result's `count` [B, E] is the running count after the tokens (written into
     `count` when given). sigmoid: the probabilities are sigmoid(logits) (a sigmoid router,
-    DeepSeek-V3's: top-k and renormalisation as for a softmax's); lse is logsumexp(logits)."""
+    DeepSeek-V3's: top-k and renormalisation as for a softmax's); lse is logsumexp(logits).
+    bias [E]: the experts are the top k of p + bias, rounded to score_round (default: as the
+    probabilities are), the weights still p's (DeepSeek-V3's load-balancing bias: it picks,
+    it does not weigh)."""
     N, D = x.shape
     E = w_router.shape[1]
     dev = x.device
     BT, BD = _gate_blocks()
     BE = _p2(E)
+    if bias is not None:
+        bias = bias.reshape(E).contiguous()
     if capacity is None and capacity_pct is not None:
         capacity = (E * 100, int(capacity_pct) * k)
     cap = capacity is not None
@@ -374,6 +380,7 @@ def _gating_forward(x, w_router, noise, k, renormalize, capacity_pct, seq_len,
     _gate_fwd[(grid,)](x, w_router, nz, idx, w, kept, probs, lse, part, counts, positions,
                        chosen if chosen is not None else probs,
                        count if count is not None else probs,
+                       bias if bias is not None else probs,
                        N, T, D, E, n_iter, *(map(int, capacity) if cap else (0, 0)),
                        *x.stride(), *w_router.stride(), *sn,
                        K=k, RENORM=bool(renormalize), HAS_NOISE=noise is not None, CAP=cap,
@@ -381,7 +388,9 @@ def _gating_forward(x, w_router, noise, k, renormalize, capacity_pct, seq_len,
                        DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32",
                        ROUND=_ROUND[round_to],
                        ROUND_P=_ROUND[round_to if probs_round is None else probs_round],
-                       SIGMOID=bool(sigmoid), **extra)
+                       SIGMOID=bool(sigmoid), HAS_BIAS=bias is not None,
+                       ROUND_S=_ROUND[score_round] if score_round is not None else
+                       _ROUND[round_to if probs_round is None else probs_round], **extra)
     stats = part.sum(0)[:, :E]
     return Gating(idx, w, kept, stats[0], stats[1], stats[2], lse, probs,
                   count.view(grid, E) if count is not None else None, bool(sigmoid))
@@ -412,8 +421,8 @@ def _check_gating(x, w_router, noise, k, capacity_pct, seq_len):
     if x.dim() != 2 or w_router.dim() != 2 or w_router.shape[0] != x.shape[1]:
         raise ValueError(f"x must be [N, d] and w_router [d, E]: got {list(x.shape)}, "
                          f"{list(w_router.shape)}")
-    if k not in (1, 2) or w_router.shape[1] < k:
-        raise ValueError(f"top-k needs k in (1, 2) and at least k experts: k={k}, "
+    if not 1 <= k <= MAX_K or w_router.shape[1] < k:
+        raise ValueError(f"top-k needs 1 <= k <= {MAX_K} and at least k experts: k={k}, "
                          f"E={w_router.shape[1]}")
     if noise is not None and tuple(noise.shape) != (x.shape[0], w_router.shape[1]):
         raise ValueError(f"noise must be [N, E]: got {list(noise.shape)}")
@@ -471,34 +480,37 @@ class MoEGatingFunction(torch.autograd.Function):
     gradients flow from weight, prob_sum and lse to x, w_router and noise."""
 
     @staticmethod
-    def forward(ctx, x, w_router, noise, k, renormalize, capacity_pct, seq_len):
-        g = _gating_forward(x, w_router, noise, k, renormalize, capacity_pct, seq_len)
+    def forward(ctx, x, w_router, noise, k, renormalize, capacity_pct, seq_len, sigmoid, bias):
+        g = _gating_forward(x, w_router, noise, k, renormalize, capacity_pct, seq_len,
+                            sigmoid=sigmoid, bias=bias)
         ctx.save_for_backward(x, w_router, g.idx, g.weight, g.kept, g.probs)
-        ctx.conf = (k, renormalize)
+        ctx.conf = (k, renormalize, sigmoid)
         ctx.mark_non_differentiable(g.idx, g.kept, g.counts, g.kept_counts)
         return g.weight, g.prob_sum, g.lse, g.idx, g.kept, g.counts, g.kept_counts
 
     @staticmethod
     def backward(ctx, dw, dpsum, dlse, *_):
         x, w_router, idx, weight, kept, probs = ctx.saved_tensors
-        k, renorm = ctx.conf
-        g = Gating(idx, weight, kept, None, None, None, None, probs)
-        dlog = _gating_backward(g, dw, dpsum, dlse, k, renorm)
+        k, renorm, sigmoid = ctx.conf
+        g = Gating(idx, weight, kept, None, None, None, None, probs, sigmoid=sigmoid)
+        dlog = _gating_backward(g, dw, dpsum, dlse if not sigmoid else None, k, renorm)
         dx, dwr = _dtheta(x, w_router, dlog, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         dn = dlog if ctx.needs_input_grad[2] else None
-        return dx, dwr, dn, None, None, None, None
+        return dx, dwr, dn, None, None, None, None, None, None
 
 
 def moe_gating(x: Tensor, w_router: Tensor, noise: Optional[Tensor] = None, *, k: int = 2,
                renormalize: bool = True, capacity_pct: Optional[int] = None,
-               seq_len: Optional[int] = None) -> Gating:
+               seq_len: Optional[int] = None, sigmoid: bool = False,
+               bias: Optional[Tensor] = None) -> Gating:
     """Fused router for x [N, d] (N = B*T, sequences contiguous), w_router [d, E], optional
     noise [N, E] added to the logits. capacity_pct: the zoo's capacity factor in hundredths
-    (minimax: 120), applied per sequence of seq_len tokens. Differentiable in weight, prob_sum
-    and lse (autograd)."""
+    (minimax: 120), applied per sequence of seq_len tokens. sigmoid: p = sigmoid(logits)
+    (no lse gradient then); bias [E]: the experts are the top k of p + bias (no gradient).
+    Differentiable in weight, prob_sum and lse (autograd)."""
     _check_gating(x, w_router, noise, k, capacity_pct, seq_len)
     w, ps, lse, idx, kept, cnt, kc = MoEGatingFunction.apply(
-        x, w_router, noise, k, renormalize, capacity_pct, seq_len)
+        x, w_router, noise, k, renormalize, capacity_pct, seq_len, bool(sigmoid), bias)
     return Gating(idx, w, kept, cnt, kc, ps, lse, None)
 
 
@@ -962,12 +974,12 @@ def _experts_forward(p: _Plan, x, r: Routing, w_gate, w_up, w_down, act, save, p
 
 def _moe_forward(x, w_router, noise, w_gate, w_up, w_down, k, renormalize, capacity_pct,
                  seq_len, act, save, capacity=None, round_to=None, y_dtype=None, pa=None,
-                 pb=None, ys=None):
+                 pb=None, ys=None, sigmoid=False, bias=None):
     """The layer's forward: (y, Gating, Routing, (pa, pb, ys)) (pa, pb None unless save;
     written into the given tensors when given); y in y_dtype (default x's)."""
     E, _, F_ = w_gate.shape
     g = _gating_forward(x, w_router, noise, k, renormalize, capacity_pct, seq_len,
-                        capacity=capacity, round_to=round_to)
+                        capacity=capacity, round_to=round_to, sigmoid=sigmoid, bias=bias)
     p = _Plan(x, E, F_)
     r = route(g.idx, g.kept, g.weight, E, p.BM)
     pa, pb, ys = _experts_forward(p, x, r, w_gate, w_up, w_down, act, save, pa, pb, ys)
@@ -1027,13 +1039,14 @@ class MoEFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w_router, noise, w_gate, w_up, w_down, k, renormalize, capacity_pct,
-                seq_len, act):
+                seq_len, act, sigmoid, bias):
         save = torch.is_grad_enabled() or any(ctx.needs_input_grad)
         y, g, r, (pa, pb, ys) = _moe_forward(x, w_router, noise, w_gate, w_up, w_down, k,
-                                             renormalize, capacity_pct, seq_len, act, save)
+                                             renormalize, capacity_pct, seq_len, act, save,
+                                             sigmoid=sigmoid, bias=bias)
         ctx.save_for_backward(x, w_router, w_gate, w_up, w_down, g.idx, g.weight, g.kept,
                               g.probs, pa, pb, ys, *r[:8])
-        ctx.conf = (k, renormalize, act, r.max_tiles)
+        ctx.conf = (k, renormalize, act, r.max_tiles, sigmoid)
         ctx.mark_non_differentiable(g.idx, g.kept, g.counts, g.kept_counts)
         return y, g.prob_sum, g.lse, g.idx, g.kept, g.counts, g.kept_counts
 
@@ -1041,20 +1054,20 @@ class MoEFunction(torch.autograd.Function):
     def backward(ctx, dy, dpsum, dlse, *_):
         (x, w_router, w_gate, w_up, w_down, idx, weight, kept, probs, pa, pb, ys,
          *rr) = ctx.saved_tensors
-        k, renorm, act, max_tiles = ctx.conf
+        k, renorm, act, max_tiles, sigmoid = ctx.conf
         r = Routing(*rr, max_tiles)
-        g = Gating(idx, weight, kept, None, None, None, None, probs)
+        g = Gating(idx, weight, kept, None, None, None, None, probs, sigmoid=sigmoid)
         dx, dwr, dlog, dw_gate, dw_up, dw_down = _moe_backward(
-            x, w_router, w_gate, w_up, w_down, g, r, pa, pb, ys, dy, dpsum, dlse, k, renorm,
-            act, need_wr=ctx.needs_input_grad[1])
+            x, w_router, w_gate, w_up, w_down, g, r, pa, pb, ys, dy, dpsum,
+            dlse if not sigmoid else None, k, renorm, act, need_wr=ctx.needs_input_grad[1])
         dn = dlog if ctx.needs_input_grad[2] else None
-        return (dx, dwr, dn, dw_gate, dw_up, dw_down) + (None,) * 5
+        return (dx, dwr, dn, dw_gate, dw_up, dw_down) + (None,) * 7
 
 
 def moe_layer(x: Tensor, w_router: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor,
               noise: Optional[Tensor] = None, *, k: int = 2, renormalize: bool = True,
               capacity_pct: Optional[int] = None, seq_len: Optional[int] = None,
-              act: str = "silu"):
+              act: str = "silu", sigmoid: bool = False, bias: Optional[Tensor] = None):
     """MoE layer on x [N, d]: w_router [d, E], experts w_gate, w_up [E, d, F], w_down [E, F, d]
     (y = sum_j w_j (act(x Wg) * (x W1)) W2; act "silu" = SwiGLU, "gelu" = exact GeGLU).
     Returns (y [N, d], Gating) with prob_sum and lse differentiable (load-balance / z-loss)."""
@@ -1070,14 +1083,15 @@ def moe_layer(x: Tensor, w_router: Tensor, w_gate: Tensor, w_up: Tensor, w_down:
     x = x.contiguous()
     y, ps, lse, idx, kept, cnt, kc = MoEFunction.apply(
         x, w_router, noise, w_gate.contiguous(), w_up.contiguous(), w_down.contiguous(), k,
-        renormalize, capacity_pct, seq_len, ACTS.index(act))
+        renormalize, capacity_pct, seq_len, ACTS.index(act), bool(sigmoid), bias)
     return y, Gating(idx, None, kept, cnt, kc, ps, lse, None)
 
 
 # -- references (the zoo's dense math) ----------------------------------------------------------
 def gating_reference(x: Tensor, w_router: Tensor, noise: Optional[Tensor] = None, *, k: int = 2,
                      renormalize: bool = True, capacity_pct: Optional[int] = None,
-                     seq_len: Optional[int] = None) -> dict:
+                     seq_len: Optional[int] = None, sigmoid: bool = False,
+                     bias: Optional[Tensor] = None) -> dict:
     """The zoo's router, op for op on [B, T, E] (B = N / seq_len): dense gates [N, E] (0 off
     the kept top k), chosen/kept 0/1 [N, E], top [N, k], probs, lse, counts, kept_counts,
     prob_sum."""
@@ -1088,8 +1102,9 @@ def gating_reference(x: Tensor, w_router: Tensor, noise: Optional[Tensor] = None
     if noise is not None:
         logits = logits + noise
     logits = logits.reshape(N // T, T, E)
-    probs = torch.softmax(logits.float(), -1)
-    top = torch.sort(probs, dim=-1, descending=True, stable=True).indices[..., :k]
+    probs = torch.sigmoid(logits.float()) if sigmoid else torch.softmax(logits.float(), -1)
+    score = probs + bias.float() if bias is not None else probs
+    top = torch.sort(score, dim=-1, descending=True, stable=True).indices[..., :k]
     chosen = (top.unsqueeze(-1) == torch.arange(E, device=x.device)).float().sum(-2)
     gates = probs * chosen
     if renormalize:
@@ -1108,11 +1123,12 @@ def gating_reference(x: Tensor, w_router: Tensor, noise: Optional[Tensor] = None
 
 
 def moe_reference(x, w_router, w_gate, w_up, w_down, noise=None, *, k=2, renormalize=True,
-                  capacity_pct=None, seq_len=None, act="silu"):
+                  capacity_pct=None, seq_len=None, act="silu", sigmoid=False, bias=None):
     """Every expert on every token, combined with the dense gates (the zoo's form). Returns
     (y, the gating_reference dict)."""
     g = gating_reference(x, w_router, noise, k=k, renormalize=renormalize,
-                         capacity_pct=capacity_pct, seq_len=seq_len)
+                         capacity_pct=capacity_pct, seq_len=seq_len, sigmoid=sigmoid,
+                         bias=bias)
     xe = x.unsqueeze(0)                                          # [1, N, d]
     a = xe @ w_gate
     h = (F.silu(a) if act == "silu" else F.gelu(a)) * (xe @ w_up)
@@ -1167,8 +1183,8 @@ def _role(role: str, g: Gating, N: int, E: int) -> Tensor:
 
 
 def launch_template(template: str, xs, outs, opts) -> None:
-    """moe_gating: xs = (x [.., d], W_r [d, E][, carry, positions][, noise [.., E]]);
-    moe_layer: xs = (x, W_r, Wg, W1, W2[, residual][, carry, positions][, noise]); carry
+    """moe_gating: xs = (x [.., d], W_r [d, E][, carry, positions][, noise [.., E]][, bias]);
+    moe_layer: xs = (x, W_r, Wg, W1, W2[, residual][, carry, positions][, noise][, bias]); carry
     [B, 1, E] and positions [T] (opts["carry"]: a decode step's capacity counting on from
     earlier tokens); residual [.., d] (opts["residual"], a decode step's): y is the layer's
     output plus it.
@@ -1183,11 +1199,13 @@ def launch_template(template: str, xs, outs, opts) -> None:
     assert template in ("moe_gating", "moe_gating_bwd", "moe_layer", "moe_layer_bwd"), template
     k, E, renorm = opts["k"], opts["E"], opts["renormalise"]
     base = (6 if opts.get("residual") else 5) if layer else 2
-    nin = base + (2 if opts.get("carry") else 0) + (1 if opts["noise"] else 0)
+    after = base + (2 if opts.get("carry") else 0)        # the noise, then the bias
+    nin = after + (1 if opts["noise"] else 0) + (1 if opts.get("bias") else 0)
     x, wr = xs[0], xs[1]
     x2 = x.reshape(-1, x.shape[-1])
     N = x2.shape[0]
-    noise = xs[nin - 1].reshape(N, E) if opts["noise"] else None
+    noise = xs[after].reshape(N, E) if opts["noise"] else None
+    bias = xs[nin - 1].reshape(E) if opts.get("bias") else None
     carry = (xs[base], xs[base + 1]) if opts.get("carry") else None
     cap = tuple(opts["capacity"]) if opts.get("capacity") else None
     seq = x.shape[-2] if cap else None
@@ -1204,7 +1222,9 @@ def launch_template(template: str, xs, outs, opts) -> None:
     cn = cn if cn is not None and cn.is_contiguous() and cn.dtype == torch.float32 else None
     g = _gating_forward(x2, wr, noise, k, renorm, None, seq, capacity=cap, round_to=rnd,
                         carry=carry, chosen=ch, count=cn, probs_round=prnd,
-                        sigmoid=opts.get("router") == "sigmoid")
+                        sigmoid=opts.get("router") == "sigmoid", bias=bias,
+                        score_round=dts[opts.get("score_dtype", "f32")] if bias is not None
+                        else None)
     if layer:
         x2 = x2.contiguous()
         wg, w1, w2 = (t.contiguous() for t in xs[2:5])

@@ -6,7 +6,7 @@ Matched on primitives (no block names): from each `topk` the pass walks back to
     probs = softmax(logits, -1),  logits = x @ W_r  or  gaussian_noise(x @ W_r, std, seed)
     (softmax([cast(] logits [, f32)]): mixed precision's fp32 softmax over bf16 logits)
 
-(W_r [d, E], fp32, k in {1, 2}) and forward to the dense [.., E] combine weights in one of the
+(W_r [d, E], fp32, 1 <= k <= 8) and forward to the dense [.., E] combine weights in one of the
 zoo's two spellings:
 
     one-hot    chosen = sum(cast(eq(reshape(top, [.., k, 1]), arange(E)), f32), -2)
@@ -72,12 +72,17 @@ in that dtype with fp32 accumulation and an fp32 combine, as the program writes 
 
 A sigmoid router (DeepSeek-V3's independent per-expert scores, top-k and renormalised like
 a softmax's) is matched too (options["router"] = "sigmoid"), unless a z-loss reads the
-logits' logsumexp: its gradient needs the softmax, which the kernels do not keep.
+logits' logsumexp: its gradient needs the softmax, which the kernels do not keep. So is a
+selection bias, `topk(probs + bias, k)` with bias one value per expert (a parameter, input or
+constant; under mixed precision an fp32 bias meets the probabilities widened, and the sum is
+compared in fp32): it picks the experts, the weights stay the
+probabilities' (DeepSeek-V3's auxiliary-loss-free balancing). The bias becomes the op's last
+input, with no gradient (none reaches it through top-k's indices in the oracle either).
 
 Not matched (each near miss is a declined record with the failed condition): a router other
-than softmax or sigmoid, top-k of anything but the router's probabilities, k > 2, capacity not in
-the form above, an intermediate of the region read outside it (e.g. the logits before the
-noise, or the gates before capacity).
+than softmax or sigmoid, top-k of anything but the router's probabilities (plus a bias), k > 8,
+capacity not in the form above, an intermediate of the region read outside it (e.g. the
+logits before the noise, or the gates before capacity).
 """
 from __future__ import annotations
 
@@ -85,6 +90,7 @@ from typing import Dict, List, Optional
 
 import torch
 
+from ..codegen.moe import MAX_K
 from ..ir.graph import Graph, Node
 from ..ir.ops import Kind, Op
 from ..ir.types import DType
@@ -142,8 +148,30 @@ def match(top: Node, users: Dict[Node, List[Node]], static, outputs,
     rank = top.type.rank
     need(top.attrs["axis"] == rank - 1, "top-k not over the last axis")
     k = top.attrs["k"]
-    need(k in (1, 2), f"top-{k}: the fused gating handles k = 1 or 2")
-    probs = top.inputs[0]
+    need(1 <= k <= MAX_K, f"top-{k}: the fused gating handles k <= {MAX_K}")
+    probs, bias, score, score_cast = top.inputs[0], None, None, None
+    if probs.op is Op.ADD:
+        # DeepSeek-V3's balancing bias: topk(probs + bias) picks, the weights stay probs'
+        # (mixed precision: low-precision probabilities widened to an fp32 bias's dtype)
+        score = probs
+        for pr, bs in (score.inputs, score.inputs[::-1]):
+            inner = pr.inputs[0] if widened(pr) else pr
+            if inner.op in (Op.SOFTMAX, Op.SIGMOID):
+                probs, bias, score_cast = inner, bs, (pr if pr is not inner else None)
+                break
+        else:
+            raise NoMatch("top-k of a sum, not of router probabilities + a per-expert bias")
+        need(all(d == 1 for d in bias.type.shape[:-1]) and bias.type.rank >= 1
+             and bias.type.shape[-1] == probs.type.shape[-1],
+             f"selection bias of shape {list(bias.type.shape)}, not one value per expert")
+        need(bias.type.dtype == score.type.dtype,
+             f"selection bias in {bias.type.dtype.value}, the scores in "
+             f"{score.type.dtype.value}")
+        base = bias
+        while base.op in (Op.RESHAPE, Op.CAST, Op.EXPAND):
+            base = base.inputs[0]
+        need(base.op in (Op.PARAM, Op.INPUT) or static(base),
+             "selection bias computed in the step (not a parameter, input or constant)")
     router = "sigmoid" if probs.op is Op.SIGMOID else "softmax"   # DeepSeek-V3's: sigmoid
     need(probs.op in (Op.SOFTMAX, Op.SIGMOID),
          f"top-k of {probs.op.value}, not of softmax or sigmoid of the router logits")
@@ -169,7 +197,8 @@ def match(top: Node, users: Dict[Node, List[Node]], static, outputs,
     need(x.type.dtype.value == dt and w.type.dtype.value == dt and mm.type.dtype.value == dt,
           "router matmul and softmax in different dtypes")
     region = [mm, probs, top] + ([noise_node] if noise_node is not None else []) + \
-        ([widen] if widen is not None else [])
+        ([widen] if widen is not None else []) + ([score] if score is not None else []) + \
+        ([score_cast] if score_cast is not None else [])
     role: Dict[str, Node] = {"probs": probs, "idx": top}
     renorm, capacity, carry, form = False, None, None, None
     tu = users.get(top, [])
@@ -265,7 +294,8 @@ def match(top: Node, users: Dict[Node, List[Node]], static, outputs,
     m = {"x": x, "w": w, "mm": mm, "logits": logits, "noise": noise_node, "k": k, "E": E,
          "renorm": renorm, "capacity": capacity, "carry": carry, "form": form,
          "experts": None, "dtype": dt, "probs_dtype": pdt, "residual": None,
-         "router": router}
+         "router": router, "bias": bias,
+         "score_dtype": score.type.dtype.value if score is not None else pdt}
     try:
         ex = _experts(gates, x, users, outputs, E)
     except NoMatch as e:
@@ -471,6 +501,10 @@ def _body(m: dict, name: str, static) -> Graph:
         env[t] = b.input(f"in{i}", t.type.shape, t.type.dtype).node
     if m["noise"] is not None:
         nz = b.input(f"in{len(_inputs(m))}", m["logits"].type.shape, "f32").node
+    if m["bias"] is not None:        # the last input: no gradient reaches it through top-k
+        bs = m["bias"]
+        env[bs] = b.input(f"in{len(_inputs(m)) + (m['noise'] is not None)}", bs.type.shape,
+                          bs.type.dtype).node
 
     def copy_static(i: Node) -> Node:
         # static values, and a decode step's capacity budget from its positions input
@@ -521,10 +555,12 @@ def _body(m: dict, name: str, static) -> Graph:
     body.meta["options"] = {"k": m["k"], "E": m["E"], "router": m["router"],
                             "renormalise": m["renorm"], "noise": m["noise"] is not None,
                             "capacity": m["capacity"], "carry": m["carry"] is not None,
+                            "bias": m["bias"] is not None,
                             "residual": m["residual"] is not None,
                             "outputs": tuple(names),
                             "act": m["experts"]["act"] if m["experts"] else None,
-                            "dtype": m["dtype"], "probs_dtype": m["probs_dtype"]}
+                            "dtype": m["dtype"], "probs_dtype": m["probs_dtype"],
+                            "score_dtype": m["score_dtype"]}
     return body
 
 
@@ -576,6 +612,8 @@ def _reason(m: dict) -> str:
         parts.append(f"router logits in {m['dtype']}, softmax in f32")
     if m["noise"] is not None:
         parts.append(f"gaussian noise std {m['noise'].attrs['std']:g}")
+    if m["bias"] is not None:
+        parts.append("experts picked by probabilities + a selection bias")
     parts.append("renormalised" if m["renorm"] else "not renormalised")
     if m["capacity"]:
         parts.append("capacity (pos-1)*%d < (t+1)*%d" % m["capacity"])
@@ -634,11 +672,14 @@ def fuse_moe_gating(g: Graph, residual: bool = False) -> Graph:
             seed = Node.make(Op.CONST, [], dict(s0.attrs), s0.loc, s0.scope)
             ins.append(Node.make(Op.GAUSSIAN_NOISE, [zeros, seed], dict(m["noise"].attrs),
                                  nl, scope))
+        if m["bias"] is not None:
+            ins.append(m["bias"])
+        # no gradient to the carried count, positions, noise and selection bias
+        first = len(ins) - len(m["carry"] or ()) - (m["noise"] is not None) - \
+            (m["bias"] is not None)
         fused = Node.make(Op.FUSED, ins,
                           {"kernel": name, "kind": _kind(m), "body": body,
-                           "no_grad": tuple(range(len(ins) - len(m["carry"] or ())
-                                                  - (m["noise"] is not None), len(ins)))},
-                          loc, scope)
+                           "no_grad": tuple(range(first, len(ins)))}, loc, scope)
         extra = [None] * len(SAVED_ROLES) if m["experts"] else []
         regions.append(Region(fused, [m["roles"][r] for r in m["outputs"]] + extra,
                               m["region"]))

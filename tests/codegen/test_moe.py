@@ -52,14 +52,17 @@ def _dense(idx, vals, E):
     return torch.zeros(idx.shape[0], E, dtype=vals.dtype).scatter_add(1, idx.long(), vals)
 
 
-def check_gating(x, wr, noise, k, cap, T, renorm=True):
+def check_gating(x, wr, noise, k, cap, T, renorm=True, sigmoid=False, bias=None):
     N, E = x.shape[0], wr.shape[1]
     gw, gp, gl = _upstream(N, E, k)
+    if sigmoid:
+        gl = torch.zeros_like(gl)           # a sigmoid router takes no z-loss gradient
     xa, wa = x.clone().requires_grad_(), wr.clone().requires_grad_()
-    got = moe.moe_gating(xa, wa, noise, k=k, renormalize=renorm, capacity_pct=cap, seq_len=T)
+    got = moe.moe_gating(xa, wa, noise, k=k, renormalize=renorm, capacity_pct=cap, seq_len=T,
+                         sigmoid=sigmoid, bias=bias)
     xb, wb = x.clone().requires_grad_(), wr.clone().requires_grad_()
     ref = moe.gating_reference(xb, wb, noise, k=k, renormalize=renorm, capacity_pct=cap,
-                               seq_len=T)
+                               seq_len=T, sigmoid=sigmoid, bias=bias)
     assert torch.equal(got.idx.long(), ref["top"])
     assert torch.equal(_dense(got.idx, got.kept.float(), E), ref["kept"])
     assert torch.equal(got.counts, ref["counts"])
@@ -87,6 +90,44 @@ def test_gating_no_renormalize():
     check_gating(x, wr, None, 1, None, None, renorm=False)
 
 
+# wider top-k (Qwen3-MoE, OLMoE, DeepSeek-V3: k = 4..8 of many experts), sigmoid routers,
+# with and without capacity, N odd and prime
+WIDE_CASES = [(7, 16, 3, None, False), (63, 16, 4, 100, False), (63, 64, 8, None, True),
+              (17, 8, 8, None, False), (63, 32, 6, 150, True), (1, 64, 8, None, False)]
+
+
+@pytest.mark.parametrize("N,E,k,cap,sigmoid", WIDE_CASES)
+def test_gating_wide_top_k(N, E, k, cap, sigmoid):
+    x, wr, _, _, _, noise = make(N, E, seed=N + E + k)
+    T = {1: 1, 7: 7, 17: 17, 63: 21}[N]
+    check_gating(x, wr, noise if cap is None else None, k, cap, T, sigmoid=sigmoid)
+
+
+def _balancing_bias(wr, x, k):
+    """A selection bias large enough to change which experts some tokens pick."""
+    E = wr.shape[1]
+    bias = torch.linspace(-0.3, 0.3, E)[torch.randperm(E, generator=torch.Generator()
+                                                      .manual_seed(4))]
+    p = torch.sigmoid(x @ wr)
+    plain = torch.sort(p, dim=-1, descending=True, stable=True).indices[:, :k]
+    biased = torch.sort(p + bias, dim=-1, descending=True, stable=True).indices[:, :k]
+    assert not torch.equal(plain, biased)   # the bias changes some tokens' choice
+    return bias
+
+
+@pytest.mark.parametrize("N,E,k,cap", [(63, 16, 4, None), (63, 8, 2, 100), (7, 64, 8, None)])
+def test_gating_selection_bias(N, E, k, cap):
+    """DeepSeek-V3's balancing bias: it picks the experts, the weights are the plain
+    sigmoid scores renormalised over the picked ones; no gradient reaches it."""
+    x, wr, *_ = make(N, E, seed=2)
+    bias = _balancing_bias(wr, x, k)
+    got, ref = check_gating(x, wr, None, k, cap, {63: 21, 7: 7}[N], sigmoid=True, bias=bias)
+    sel = torch.zeros(N, E).scatter_(1, got.idx.long(), 1.0)
+    want_w = (ref["probs"] * sel) / (ref["probs"] * sel).sum(-1, keepdim=True)
+    kept = _dense(got.idx, got.kept.float(), E)
+    assert rel(_dense(got.idx, got.weight, E), want_w * kept) <= TOL
+
+
 def test_capacity_drops_happen():
     x, wr, *_ = make(63, 4)
     wr[:, 0] += 2.0                          # a popular expert: its queue overflows
@@ -102,21 +143,25 @@ def test_ties():
     wr[:, 6] = wr[:, 2]                      # experts 2, 5, 6 always tie
     wr[:, 3] = wr[:, 1]
     x[0] = 0.0                               # every logit 0: all 8 experts tie
-    for k in (1, 2):
+    for k in (1, 2, 5, 8):
         got, ref = check_gating(x, wr, None, k, None, None)
         assert got.idx[0].tolist() == list(range(k))
     err, errs = _layer(x, wr, *make(7, 8)[2:5], None, 2, None, None, "silu")
     assert err <= TOL, errs
 
 
-def _layer(x, wr, wg, w1, w2, noise, k, cap, T, act):
+def _layer(x, wr, wg, w1, w2, noise, k, cap, T, act, sigmoid=False, bias=None):
     N, E = x.shape[0], wr.shape[1]
     gy = torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
     _, gp, gl = _upstream(N, E, k)
+    if sigmoid:
+        gl = torch.zeros_like(gl)
     pa = [t.clone().requires_grad_() for t in (x, wr, wg, w1, w2)]
-    y, g = moe.moe_layer(*pa, noise, k=k, capacity_pct=cap, seq_len=T, act=act)
+    y, g = moe.moe_layer(*pa, noise, k=k, capacity_pct=cap, seq_len=T, act=act,
+                         sigmoid=sigmoid, bias=bias)
     pb = [t.clone().requires_grad_() for t in (x, wr, wg, w1, w2)]
-    yr, ref = moe.moe_reference(*pb, noise, k=k, capacity_pct=cap, seq_len=T, act=act)
+    yr, ref = moe.moe_reference(*pb, noise, k=k, capacity_pct=cap, seq_len=T, act=act,
+                                sigmoid=sigmoid, bias=bias)
     assert torch.equal(g.idx.long(), ref["top"])
     assert torch.equal(g.kept_counts, ref["kept_counts"])
     errs = {"y": rel(y, yr), "prob_sum": rel(g.prob_sum, ref["prob_sum"])}
@@ -129,6 +174,17 @@ def _layer(x, wr, wg, w1, w2, noise, k, cap, T, act):
 
 LAYER_CASES = [(1, 4, 2, None), (7, 8, 1, 100), (7, 4, 2, None), (63, 8, 2, 100),
                (63, 4, 1, None), (63, 8, 2, None), (63, 4, 2, 100), (7, 8, 2, 100)]
+
+
+@pytest.mark.parametrize("N,E,k,cap,bias", [(63, 16, 4, None, False), (63, 16, 6, 150, True),
+                                             (17, 32, 8, None, True)])
+def test_layer_wide_top_k_sigmoid(N, E, k, cap, bias):
+    """DeepSeek-V3-style layers: a sigmoid router, k up to 8, a selection bias."""
+    x, wr, wg, w1, w2, _ = make(N, E, seed=N + k)
+    b = _balancing_bias(wr, x, k) if bias else None
+    err, errs = _layer(x, wr, wg, w1, w2, None, k, cap, {63: 21, 17: 17}[N], "silu",
+                       sigmoid=True, bias=b)
+    assert err <= TOL, errs
 
 
 @pytest.mark.parametrize("N,E,k,cap", LAYER_CASES)

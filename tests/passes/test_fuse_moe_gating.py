@@ -30,7 +30,7 @@ def kernel_cache(tmp_path, monkeypatch):
 
 
 def _router(E, k, *, form="one-hot", cap=None, noise=0.0, renorm=True, z=False,
-            softmax=True, experts=None):
+            softmax=True, experts=None, bias=False):
     """The zoo's router on x [B, T, d] with weight w [d, E]; outputs the combine weights (or,
     with experts="silu"/"gelu", the dense gated-FFN experts combined with them, as blues01 and
     minimax write it) and the statistics the zoo's aux losses read."""
@@ -41,7 +41,9 @@ def _router(E, k, *, form="one-hot", cap=None, noise=0.0, renorm=True, z=False,
     if noise:
         logits = b.node(Op.GAUSSIAN_NOISE, [logits, b.const(77, "i64")], {"std": noise})
     probs = b.softmax(logits, -1) if softmax else b.sigmoid(logits)
-    top = b.node(Op.TOPK, [probs], {"k": k, "axis": -1})
+    # bias: DeepSeek-V3's balancing bias, it picks the experts and does not weigh them
+    score = probs + b.input("bias", [E], "f32") if bias else probs
+    top = b.node(Op.TOPK, [score], {"k": k, "axis": -1})
     outs = {}
     if form == "one-hot":
         r = b.reshape(top, [B, T, k, 1])
@@ -99,7 +101,7 @@ def _grads(graph, vals, ctx, cts, triton):
     return fw, got, kinds
 
 
-CASES = [  # E, k, capacity (hundredths), form, noise std, renormalise, z-loss, softmax
+CASES = [  # E, k, capacity (hundredths), form, noise std, renormalise, z-loss, softmax[, bias]
     (4, 2, None, "one-hot", 1.0, True, False, True),     # blues01
     (4, 2, 120, "one-hot", 0.0, True, True, True),       # minimax
     (8, 1, 120, "one-hot", 0.0, True, True, True),
@@ -110,24 +112,39 @@ CASES = [  # E, k, capacity (hundredths), form, noise std, renormalise, z-loss, 
     (8, 2, None, "one-hot", 0.0, True, False, False),
     (4, 1, 120, "one-hot", 0.5, True, False, False),
     (8, 2, None, "scatter", 0.0, False, False, False),
+    # wider top-k (Qwen3-MoE, OLMoE, DeepSeek-V3), k = E, and a selection bias
+    (16, 4, None, "one-hot", 0.0, True, True, True),
+    (16, 6, 150, "one-hot", 0.0, True, False, False, True),    # DeepSeek-V3 + capacity
+    (8, 8, None, "scatter", 0.0, True, False, True),
+    (16, 5, None, "scatter", 0.5, True, False, False, True),
+    (8, 3, None, "one-hot", 0.0, False, True, True, True),      # a bias on softmax scores
 ]
 
 
-@pytest.mark.parametrize("E,k,cap,form,noise,renorm,z,softmax", CASES)
+@pytest.mark.parametrize("E,k,cap,form,noise,renorm,z,softmax,bias",
+                         [c + (False,) * (9 - len(c)) for c in CASES])
 def test_fused_equals_primitives_forward_and_gradients(E, k, cap, form, noise, renorm, z,
-                                                       softmax):
-    g = _router(E, k, form=form, cap=cap, noise=noise, renorm=renorm, z=z, softmax=softmax)
+                                                       softmax, bias):
+    g = _router(E, k, form=form, cap=cap, noise=noise, renorm=renorm, z=z, softmax=softmax,
+                bias=bias)
     f = fuse_moe_gating(g)
     (r,) = _records(f)
     assert r["status"] == "fused", r
     assert r["reason"].startswith("softmax" if softmax else "sigmoid"), r
     assert ("capacity" in r["reason"]) == (cap is not None)
     assert ("noise" in r["reason"]) == bool(noise)
+    assert ("selection bias" in r["reason"]) == bias
     assert sum(n.op is Op.FUSED for n in f.nodes) == 1
     assert not any(n.op in (Op.SOFTMAX, Op.SIGMOID, Op.TOPK, Op.CUMSUM) for n in f.nodes)
     gen = torch.Generator().manual_seed(E * 10 + k)
     t = 7 if cap is None else 9                                   # odd token counts
     vals = {"x": torch.randn(3, t, D, generator=gen), "w": torch.randn(D, E, generator=gen)}
+    if bias:       # large enough to change some tokens' experts
+        vals["bias"] = torch.randn(E, generator=gen) * (0.3 if softmax else 1.0)
+        probs = (vals["x"] @ vals["w"]).softmax(-1) if softmax else \
+            (vals["x"] @ vals["w"]).sigmoid()
+        assert not torch.equal(torch.topk(probs, k).indices,
+                               torch.topk(probs + vals["bias"], k).indices)
     ctx = RefCtx(dims=bind_dims(g, vals), training=True, rng_step=3)
     want = run_graph(g, vals, ctx)
     got = TritonProgram(f).run(vals, ctx)
@@ -145,6 +162,10 @@ def test_fused_equals_primitives_forward_and_gradients(E, k, cap, form, noise, r
     for name in ("grad:x", "grad:w"):
         assert g0[name].abs().max() > 0
         torch.testing.assert_close(g1[name], g0[name], rtol=1e-4, atol=1e-5)
+    if bias:     # top-k's indices carry no gradient to the bias, fused or not
+        assert set(g1) == set(g0)
+        for name in set(g0) & {"grad:bias"}:
+            assert not g0[name].any() and not g1[name].any()
 
 
 LAYER_CASES = [  # E, k, capacity, noise std, activation, softmax
@@ -154,12 +175,16 @@ LAYER_CASES = [  # E, k, capacity, noise std, activation, softmax
     (8, 2, None, 0.0, "gelu", True),
     (8, 2, None, 0.0, "silu", False),     # a sigmoid router (no z-loss: see near misses)
     (4, 2, 120, 0.5, "silu", False),
+    (16, 6, None, 0.0, "silu", False, True),     # DeepSeek-V3: sigmoid, k 6, selection bias
+    (16, 4, 150, 0.0, "gelu", True, True),
 ]
 
 
-@pytest.mark.parametrize("E,k,cap,noise,act,softmax", LAYER_CASES)
-def test_whole_layer_equals_primitives(E, k, cap, noise, act, softmax):
-    g = _router(E, k, cap=cap, noise=noise, z=softmax, experts=act, softmax=softmax)
+@pytest.mark.parametrize("E,k,cap,noise,act,softmax,bias",
+                         [c + (False,) * (7 - len(c)) for c in LAYER_CASES])
+def test_whole_layer_equals_primitives(E, k, cap, noise, act, softmax, bias):
+    g = _router(E, k, cap=cap, noise=noise, z=softmax, experts=act, softmax=softmax,
+                bias=bias)
     f = fuse_moe_gating(g)
     (r,) = _records(f)
     assert r["status"] == "fused" and "experts: sorted dispatch" in r["reason"], r
@@ -172,6 +197,8 @@ def test_whole_layer_equals_primitives(E, k, cap, noise, act, softmax):
             "wg": torch.randn(E, D, F, generator=gen) * 0.3,
             "w1": torch.randn(E, D, F, generator=gen) * 0.3,
             "w2": torch.randn(E, F, D, generator=gen) * 0.3}
+    if bias:
+        vals["bias"] = torch.randn(E, generator=gen) * (0.3 if softmax else 1.0)
     ctx = RefCtx(dims=bind_dims(g, vals), training=True, rng_step=1)
     want = run_graph(g, vals, ctx)
     got = TritonProgram(f).run(vals, ctx)
@@ -266,8 +293,8 @@ def test_near_misses_say_why():
     (r,) = _records(fuse_moe_gating(_router(4, 2, softmax=False, z=True)))
     assert r["status"] == "declined" and r["reason"].startswith(
         "a z-loss (logsumexp of the logits) over a sigmoid router")
-    (r,) = _records(fuse_moe_gating(_router(8, 3)))
-    assert r["status"] == "declined" and r["reason"] == "top-3: the fused gating handles k = 1 or 2"
+    (r,) = _records(fuse_moe_gating(_router(16, 9)))
+    assert r["status"] == "declined" and r["reason"] == "top-9: the fused gating handles k <= 8"
     # the gates before the capacity mask read outside the region
     b = Builder({}, {})
     x, w = b.input("x", [B, T, D], "f32"), b.input("w", [D, 4], "f32")
@@ -280,6 +307,19 @@ def test_near_misses_say_why():
     (r,) = _records(fuse_moe_gating(g))
     assert r["status"] == "declined" and r["reason"] == (
         "matmul inside the router is also used outside it")
+    # a selection bias per token, or computed from the scores themselves
+    for per_token in (True, False):
+        b = Builder({}, {})
+        x, w = b.input("x", [B, T, D], "f32"), b.input("w", [D, 4], "f32")
+        probs = b.sigmoid(x @ w)
+        bias = b.input("bias", [B, T, 4], "f32") if per_token else \
+            b.reshape(b.mean(b.reshape(probs, [B * T, 4]), 0), [4])
+        top = b.node(Op.TOPK, [probs + bias], {"k": 2, "axis": -1})
+        g = run_pipeline(Graph("r", b.nodes, {"kv": b.gather(probs, top, -1).node}))
+        (r,) = _records(fuse_moe_gating(g))
+        assert r["status"] == "declined" and r["reason"] == (
+            "selection bias of shape [B, T, 4], not one value per expert" if per_token else
+            "selection bias computed in the step (not a parameter, input or constant)"), r
     # a graph without a top-k produces no record at all
     b = Builder({}, {})
     x = b.input("x", [B, T, D], "f32")
@@ -354,9 +394,18 @@ def test_f16_router_picks_what_the_f16_oracle_picks(E, k, cap, form, noise, soft
     vals["x"][0, :, 0] = 0.0
     vals["w"][1:, 1] = vals["w"][1:, 0]
     ctx = RefCtx(dims=bind_dims(g, vals), training=True, rng_step=2)
+    kinds = _f16_equal(g, f, vals, ctx, gen, ("grad:x", "grad:w"))
+    assert {"moe_gating", "moe_gating_bwd"} <= kinds
+
+
+def _f16_equal(g, f, vals, ctx, gen, grads):
+    """The fused f16 program picks the oracle's experts, and its outputs and the named
+    gradients (random cotangents) are within a few f16 roundings of the oracle's; returns
+    the fused kinds run."""
     want = run_graph(g, vals, ctx)
     got = TritonProgram(f).run(vals, ctx)
-    assert torch.equal(got["gates"] > 0, want["gates"] > 0)       # the same experts
+    if "gates" in want:
+        assert torch.equal(got["gates"] > 0, want["gates"] > 0)       # the same experts
     if "tokens" in want:
         assert torch.equal(got["tokens"], want["tokens"])
     for o in want:
@@ -366,10 +415,36 @@ def test_f16_router_picks_what_the_f16_oracle_picks(E, k, cap, form, noise, soft
            if want[o].dtype.is_floating_point}
     _, g0, _ = _grads(g, vals, ctx, cts, False)
     _, g1, kinds = _grads(f, vals, ctx, cts, True)
-    assert {"moe_gating", "moe_gating_bwd"} <= kinds
-    for name in ("grad:x", "grad:w"):
+    for name in grads:
         err = float((g1[name] - g0[name]).abs().max() / g0[name].abs().max())
         assert err < 4 * 2 ** -10, (name, err)
+    return kinds
+
+
+@pytest.mark.parametrize("form,experts", [("one-hot", None), ("one-hot", "silu")])
+def test_f16_sigmoid_router_with_an_fp32_selection_bias(form, experts):
+    """DeepSeek-V3 under mixed precision: f16 sigmoid scores widened to meet the fp32 bias;
+    the kernel adds the bias to the rounded scores in fp32, so it picks the oracle's experts
+    (the bias changes some tokens' choice here)."""
+    E, k = 16, 4
+    g = mixed_precision(_router(E, k, form=form, softmax=False, bias=True, experts=experts),
+                        "f16")
+    f = fuse_moe_gating(g)
+    (r,) = _records(f)
+    assert r["status"] == "fused" and "selection bias" in r["reason"], r
+    gen = torch.Generator().manual_seed(8)
+    vals = {"x": torch.randn(3, 9, D, generator=gen), "w": torch.randn(D, E, generator=gen),
+            "bias": torch.randn(E, generator=gen) * 0.2}
+    if experts:
+        vals.update(wg=torch.randn(E, D, F, generator=gen) * 0.3,
+                    w1=torch.randn(E, D, F, generator=gen) * 0.3,
+                    w2=torch.randn(E, F, D, generator=gen) * 0.3)
+    p = torch.sigmoid((vals["x"].half() @ vals["w"].half()).float()).half().float()
+    assert not torch.equal(torch.topk(p, k).indices, torch.topk(p + vals["bias"], k).indices)
+    ctx = RefCtx(dims=bind_dims(g, vals), training=True)
+    kinds = _f16_equal(g, f, vals, ctx, gen, ("grad:x", "grad:w") +
+                       (("grad:wg", "grad:w1", "grad:w2") if experts else ()))
+    assert ("moe_layer_bwd" if experts else "moe_gating_bwd") in kinds
 
 
 @pytest.mark.parametrize("E,k,cap,noise,act", [(4, 2, 120, 0.0, "silu"), (8, 2, None, 1.0,
