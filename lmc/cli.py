@@ -151,6 +151,7 @@ def cmd_run(args) -> int:
                     out=args.out or args.resume or "runs/train", data=args.data,
                     tokenizer=args.tokenizer_given or "cl100k_base",
                     resume=args.resume, backend=args.backend, fsdp=args.fsdp,
+                    freeze=list(args.freeze or []),
                     precision=args.precision, device=args.device, overwrite=args.overwrite,
                     progress=not args.no_progress)
     s = train(args.file, args.preset, args.set, c)
@@ -348,7 +349,9 @@ def format_summary(s, explain: bool = False) -> str:
     lines = [
         f"model       {s['model']}  ({s['source']}"
         + (f", preset {s['preset']}" if s["preset"] else "") + ")",
-        f"params      {p:,} ({p / 1e6:.1f}M)",
+        f"params      {p:,} ({p / 1e6:.1f}M)" + (
+            f", {s['frozen_params']:,} of them frozen (trainable: false)"
+            if s.get("frozen_params") else ""),
         f"compile     {s['compile_s'] * 1000:.0f} ms (frontend {s['frontend_s'] * 1000:.0f} ms)",
         "passes      " + ", ".join(f"{h['pass']} {h['nodes_before']}->{h['nodes_after']}"
                                    for h in s["pass_history"]),
@@ -558,6 +561,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "--generate: the weights stored in it); fp32 accumulation; default "
                         "bf16 on CUDA, f32 on CPU")
     r.add_argument("--fsdp", action="store_true", help="under torchrun: FSDP instead of DDP")
+    r.add_argument("--freeze", nargs="+", action="extend", metavar="PATTERN",
+                   help="train without these parameters (dotted names, shell patterns: "
+                        "embed 'layers.*.attn.*'): no gradient, no update")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     r.add_argument("--import", dest="imports", action="append", metavar="PY")
     r.set_defaults(fn=cmd_run)

@@ -1,6 +1,7 @@
 """The compile driver: model file -> passes -> a Compiled result (and `load` -> module)."""
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -78,6 +79,9 @@ class Compiled:
             "preset": g.meta.get("preset"),
             "config": g.meta.get("config", {}),
             "params": g.param_count(),
+            # marked `trainable: false` in the file (lmc run --train --freeze adds more)
+            "frozen_params": sum(math.prod(int(d) for d in p.type.shape) for p in g.params
+                                 if p.attrs.get("trainable", True) is False),
             "nodes_before": _flat_counts(self.source),
             "nodes_after": g.op_counts(),
             "passes": [h["pass"] for h in self.passes],

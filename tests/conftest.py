@@ -39,7 +39,8 @@ def layer_params(graph, layer):
 def loss_and_grads(graph, backend, ids, targets, *, seed=0, scale=1.0):
     """One training step's loss and parameter gradients of `graph` (loss appended) on
     `backend`: the loss multiplied by `scale` before backward and the gradients divided after
-    (as the f16 trainer's loss scaling does). Returns (model, loss, {name: grad})."""
+    (as the f16 trainer's loss scaling does). Returns (model, loss, {name: grad}) for the
+    trainable parameters (a frozen one has none)."""
     import torch
 
     from lmc.runtime.module import LmcModel
@@ -48,7 +49,8 @@ def loss_and_grads(graph, backend, ids, targets, *, seed=0, scale=1.0):
     torch.manual_seed(0)
     out = m(ids, targets=targets)
     (out["loss"] * scale).backward()
-    return m, out["loss"].item(), {k: p.grad / scale for k, p in m.named_parameters()}
+    return m, out["loss"].item(), {k: p.grad / scale for k, p in m.named_parameters()
+                                   if p.requires_grad}
 
 def triton_step_equals_torch(graph, ids, targets):
     """One training step of `graph` on the triton backend equals the torch backend's: the

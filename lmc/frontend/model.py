@@ -433,7 +433,7 @@ def declare_params(spec, b: Builder, scope: Scope, where: Loc) -> Dict[str, Tens
             s.loc, s.key_locs, s.val_locs = loc, {}, {"shape": loc}
         if not isinstance(s, YMap) or "shape" not in s:
             raise LmcError(f"parameter {name!r} needs a shape", loc)
-        extra = set(s) - {"shape", "init", "dtype"}
+        extra = set(s) - {"shape", "init", "dtype", "trainable"}
         if extra:
             k = sorted(extra, key=str)[0]
             hint = ""
@@ -455,8 +455,14 @@ def declare_params(spec, b: Builder, scope: Scope, where: Loc) -> Dict[str, Tens
         if not isinstance(iv, inits.Init):
             raise LmcError(f"init must be one of {', '.join(inits.INITS)}, got {iv!r}",
                            s.val_loc("init"))
+        trainable = s.get("trainable", True)
+        if not isinstance(trainable, bool):
+            raise LmcError(f"trainable must be true or false, got {trainable!r}",
+                           s.val_loc("trainable"))
         b.loc = loc
         out[name] = b.param(name, shape, iv, s.get("dtype"))
+        if not trainable:        # kept as initialised (or loaded): no gradient, no update
+            out[name].node.attrs["trainable"] = False
         b.loc = None
     return out
 

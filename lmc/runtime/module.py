@@ -5,6 +5,7 @@ Parameter names follow the graph (``layers.3.attn.wq``) through a tree of submod
 """
 from __future__ import annotations
 
+import fnmatch
 from typing import Any, Dict, Optional, Sequence
 
 import torch
@@ -12,6 +13,7 @@ from torch import nn
 
 from ..errors import LmcError
 from ..ir.graph import Graph
+from ..ir.ops import Op
 from ..ops.reference import RefCtx
 from .executor import bind_dims, run_graph
 from .function import GraphFunction
@@ -19,11 +21,16 @@ from .function import GraphFunction
 
 class LmcModel(nn.Module):
     def __init__(self, graph: Graph, *, seed: int = 0, device=None, autodiff: str = "lmc",
-                 backend: str = "torch", grad_outputs: Optional[Sequence[str]] = None):
+                 backend: str = "torch", grad_outputs: Optional[Sequence[str]] = None,
+                 freeze: Sequence[str] = ()):
         """grad_outputs: the outputs gradients flow back from (lmc autodiff). None: every
         float output. Training names only ``loss``: the other outputs (logits, logged
         statistics) are then returned without gradient, and the backward neither takes nor
-        reads a zero cotangent of each (for the logits, a [B, T, vocab] tensor)."""
+        reads a zero cotangent of each (for the logits, a [B, T, vocab] tensor).
+        freeze: patterns (fnmatch, on dotted names: ``embed``, ``layers.*.attn.*``) of
+        parameters that take no gradient, beside those the file marks ``trainable: false``:
+        they are nn.Parameters with requires_grad False, and the backward graph computes no
+        gradient for them (a frozen head's weight-gradient product is not run)."""
         super().__init__()
         if backend not in ("torch", "triton"):
             raise LmcError(f"unknown backend {backend!r} (available: torch, triton)")
@@ -46,13 +53,21 @@ class LmcModel(nn.Module):
         self.config: Dict[str, Any] = dict(graph.meta.get("config", {}))
         self.name = graph.name
         self._param_names = []
+        names = [p.attrs["name"] for p in graph.params]
+        for pat in freeze:
+            if not fnmatch.filter(names, pat):
+                raise LmcError(f"--freeze {pat}: no parameter matches (parameters: "
+                               f"{', '.join(names[:6])}{', ...' if len(names) > 6 else ''})")
+        self.frozen = {p.attrs["name"] for p in graph.params
+                       if p.attrs.get("trainable", True) is False
+                       or any(fnmatch.fnmatchcase(p.attrs["name"], pat) for pat in freeze)}
         gen = torch.Generator().manual_seed(seed)
         for p in graph.params:
             name = p.attrs["name"]
             shape = [int(d) for d in p.type.shape]
             t = torch.empty(shape, dtype=p.type.dtype.torch())
             p.attrs["init"].apply(t, gen)
-            self._register(name, nn.Parameter(t))
+            self._register(name, nn.Parameter(t, requires_grad=name not in self.frozen))
             self._param_names.append(name)
         if device is not None:
             self.to(device)
@@ -99,7 +114,12 @@ class LmcModel(nn.Module):
             from ..passes import run_pipeline
             from ..passes.autodiff import differentiate
 
-            prog = differentiate(self.pattern_graph(), outputs=self.grad_outputs)
+            g = self.pattern_graph()
+            # every parameter but the frozen ones, and float inputs
+            wrt = [n.attrs["name"] for n in g.nodes
+                   if (n.op is Op.PARAM and n.attrs["name"] not in self.frozen)
+                   or (n.op is Op.INPUT and n.type.dtype.is_float)]
+            prog = differentiate(g, wrt=wrt, outputs=self.grad_outputs)
             prog.backward = run_pipeline(prog.backward)  # the backward is cleaned like any graph
             if self.backend == "triton":  # both graphs are fused and code-generated alike
                 from .triton_backend import TritonProgram

@@ -61,6 +61,7 @@ class TrainConfig:
     precision: Optional[str] = None  # f32 | bf16 | f16; None: bf16 on CUDA, f32 on CPU
     device: Optional[str] = None     # cpu | cuda; None: cuda when available
     fsdp: bool = False
+    freeze: List[str] = field(default_factory=list)   # fnmatch patterns of frozen parameters
     overwrite: bool = False          # replace a run already in `out` (else refused)
     progress: bool = True
     extra: Dict[str, Any] = field(default_factory=dict)
@@ -438,7 +439,11 @@ def train(path: str, preset: Optional[str], overrides, c: TrainConfig) -> Dict[s
                   and all(isinstance(dim, int) for dim in n.type.shape)]
     ce_name = "ce_loss" if "ce_loss" in graph.outputs else "loss"
     # gradients flow from the loss only: the logits and logged values take no cotangent
-    model = LmcModel(graph, seed=c.seed, backend=c.backend, grad_outputs=["loss"]).to(d.device)
+    model = LmcModel(graph, seed=c.seed, backend=c.backend, grad_outputs=["loss"],
+                     freeze=c.freeze).to(d.device)
+    if len(model.frozen) == len(model._param_names):
+        raise LmcError("every parameter is frozen (--freeze, trainable: false): nothing to "
+                       "train")
     raw = model
     if d.world > 1:
         if c.fsdp:  # FSDP2: parameters sharded across ranks, gathered for each forward
@@ -449,8 +454,10 @@ def train(path: str, preset: Optional[str], overrides, c: TrainConfig) -> Dict[s
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             model = DDP(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    # frozen parameters (requires_grad False) are neither updated nor decayed
+    trained = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trained if p.dim() >= 2]
+    no_decay = [p for p in trained if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": c.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}],
                             lr=c.lr, betas=(0.9, 0.95), eps=1e-8, fused=False, foreach=False)
@@ -473,6 +480,12 @@ def train(path: str, preset: Optional[str], overrides, c: TrainConfig) -> Dict[s
         weights = read_weights(ck, "--resume", device=str(d.device))
         st = read_state(ck, "--resume")
         check_fits(weights, raw.state_dict(), ck, "--resume")
+        was = sorted((st.get("config") or {}).get("freeze") or [])
+        if was != sorted(c.freeze):
+            how = f"with --freeze {' '.join(was)}" if was else "without --freeze"
+            raise LmcError(f"--resume {c.resume}: the run froze {' '.join(was) or 'nothing'}, "
+                           f"this run {' '.join(c.freeze) or 'nothing'} (--freeze); the "
+                           f"optimizer state holds the run's trained parameters: resume {how}")
         if d.world > 1 and c.fsdp:
             from torch.distributed.checkpoint.state_dict import (
                 set_model_state_dict,

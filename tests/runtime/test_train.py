@@ -518,3 +518,42 @@ def test_f16_overflowing_gradients_skip_the_step_and_halve_the_scale(tmp_path, s
     w1, w2 = (load_file(os.path.join(out, f"ckpt-000000{s}", "model.safetensors"))
               for s in (1, 2))
     assert all(torch.equal(w1[k], w2[k]) for k in w1)
+
+
+def test_frozen_parameters_keep_their_values_and_resume_needs_the_same_freeze(
+        tmp_path, corpus, capsys):
+    """--freeze: the matched parameters end as they started (no gradient, no decay), the
+    rest train; the optimizer holds only the trained ones, so resuming with another --freeze
+    is one line, and nothing is written."""
+    from safetensors.torch import load_file
+
+    from lmc.driver import compile_model
+    from lmc.runtime.module import LmcModel
+
+    out = tmp_path / "run"
+    assert main(["run", *_args(out, corpus, "--steps", "3", "--ckpt-every", "3",
+                               "--freeze", "embed", "layers.*.attn.*")]) == 0
+    got = load_file(str(out / "ckpt-0000003" / "model.safetensors"))
+    c = compile_model(LLAMA, "tiny", TINY[3:])
+    init = LmcModel(c.training_graph("f32"), seed=0).state_dict()
+    frozen = [k for k in got if k == "embed" or (k.startswith("layers.") and ".attn." in k)]
+    assert "embed" in frozen and len(frozen) == 1 + 4 * 2       # embed, wq wk wv wo x 2
+    for k in got:
+        assert torch.equal(got[k], init[k]) == (k in frozen), k
+    st = torch.load(out / "ckpt-0000003" / "state.pt", weights_only=False)
+    held = sum(len(g["params"]) for g in st["optimizer"]["param_groups"])
+    assert held == len(got) - len(frozen)
+    before = sorted(os.listdir(out))
+    capsys.readouterr()
+    assert main(["run", *_args(out, corpus, "--steps", "4", "--resume", str(out))]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the run froze embed layers.*.attn.*, this run nothing" in err[0] \
+        and "resume with --freeze embed layers.*.attn.*" in err[0], err
+    assert sorted(os.listdir(out)) == before
+    # a pattern matching nothing, and freezing everything
+    assert main(["run", *_args(tmp_path / "b", corpus, "--steps", "1", "--freeze", "emb")]) == 2
+    err = capsys.readouterr().err
+    assert "--freeze emb: no parameter matches (parameters: embed, " in err
+    assert main(["run", *_args(tmp_path / "c", corpus, "--steps", "1", "--freeze", "*")]) == 2
+    assert "every parameter is frozen" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
