@@ -45,7 +45,7 @@ class Subject:
     def model(self, *, autodiff: str = "lmc", backend: str = "torch"):
         from .runtime.module import LmcModel
         m = LmcModel(self.compiled.graph, seed=self.seed, autodiff=autodiff, backend=backend)
-        _off_default(m, self.seed)
+        off_default(m, self.seed)
         return m
 
     def oracle(self):
@@ -60,7 +60,7 @@ class Subject:
         return ref  # "missing": parameters the passes removed as unused keep their init
 
 
-def _off_default(model, seed: int) -> None:
+def off_default(model, seed: int) -> None:
     """Parameters whose init is a constant (zeros: biases, sinks, selection biases; ones: norm
     weights) get noise of a tenth of max(|c|, 1): a check on their init value would not see
     a kernel that drops a bias or a norm weight, or a branch only a non-zero value takes."""

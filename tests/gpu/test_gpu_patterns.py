@@ -22,6 +22,7 @@ from lmc.passes.loss import with_loss
 from lmc.passes.mixed_precision import mixed_precision
 from lmc.runtime.decoder import Decoder
 from lmc.runtime.module import LmcModel
+from lmc.verify import off_default
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -78,7 +79,9 @@ def _batch(vocab, B=2, T=67):
 
 
 def _step(graph, backend, ids, targets):
-    m = LmcModel(graph, seed=5, backend=backend).cuda()
+    m = LmcModel(graph, seed=5, backend=backend)
+    off_default(m, 5)     # biases, norm weights, sinks, selection biases off their inits
+    m = m.cuda()
     out = m(ids, targets=targets)
     # random-direction upstream gradient on the logits besides the loss
     w = torch.randn(out["logits"].shape, generator=torch.Generator().manual_seed(1)).cuda()
@@ -122,11 +125,13 @@ def test_bf16_program_is_close_to_its_oracle(path, sets, kinds, moe):
 
 @pytest.mark.parametrize("path,sets,kinds,moe", MODELS, ids=IDS)
 def test_triton_static_decode_replays_equal_forward(path, sets, kinds, moe):
-    m = lmc.load(_file(path), preset="tiny", backend="triton", seed=8,
-                 **sets).eval().cuda()
+    m = lmc.load(_file(path), preset="tiny", backend="triton", seed=8, **sets)
+    oracle = lmc.load(_file(path), preset="tiny", seed=8, **sets)
+    off_default(m, 8)
+    off_default(oracle, 8)            # the same values in both
+    m, oracle = m.eval().cuda(), oracle.eval().cuda()
     ids = torch.randint(0, m.config["vocab"], (2, 13),
                         generator=torch.Generator().manual_seed(4)).cuda()
-    oracle = lmc.load(_file(path), preset="tiny", seed=8, **sets).eval().cuda()
     with torch.no_grad():
         full = oracle(ids)
     full = full["logits"] if isinstance(full, dict) else full
@@ -149,6 +154,7 @@ def test_bf16_static_decode_replays_equal_the_bf16_forward(path, sets, kinds, mo
     from lmc.passes.mixed_precision import low_precision_weights
 
     f32 = lmc.load(_file(path), preset="tiny", seed=8, **sets).eval()
+    off_default(f32, 8)
     m = LmcModel(low_precision_weights(f32.graph, "bf16"), backend="triton")
     m.load_state_dict({k: v.to(torch.bfloat16) for k, v in f32.state_dict().items()})
     m = m.eval().cuda()
