@@ -311,8 +311,13 @@ class Gating(NamedTuple):
 _ROUND = {None: 0, torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}   # _round's codes
 
 
-def _gate_blocks():
-    return (64, 64) if not _interpret() else (16, 32)
+def _gate_blocks(BE: int = 16):
+    """(tokens, d) per block of the gating kernels: fewer tokens for wide routers, so the
+    [tokens, E] fp32 tiles (logits, probabilities, scores, choices) stay at 4096 values each
+    (Qwen3-MoE's 128 experts: 32 tokens; DeepSeek-V3's 256: 16)."""
+    if _interpret():
+        return 16, 32
+    return max(16, min(64, 4096 // BE)), 64
 
 
 def _gating_forward(x, w_router, noise, k, renormalize, capacity_pct, seq_len,
@@ -337,8 +342,8 @@ def _gating_forward(x, w_router, noise, k, renormalize, capacity_pct, seq_len,
     N, D = x.shape
     E = w_router.shape[1]
     dev = x.device
-    BT, BD = _gate_blocks()
     BE = _p2(E)
+    BT, BD = _gate_blocks(BE)
     if bias is not None:
         bias = bias.reshape(E).contiguous()
     if capacity is None and capacity_pct is not None:
@@ -403,7 +408,7 @@ def _gating_backward(g: Gating, dw, dpsum, dlse, k, renormalize, dprobs=None) ->
     if g.sigmoid and dlse is not None:
         raise ValueError("the gradient of logsumexp(logits) of a sigmoid router needs the "
                          "softmax the kernels do not keep")
-    BT = 16 if _interpret() else 64
+    BT = _gate_blocks(_p2(E))[0]
     dlog = torch.empty_like(g.probs)
     f32 = (lambda t: t.float().contiguous() if t is not None else None)
     dw, dpsum, dlse, dprobs = f32(dw), f32(dpsum), f32(dlse), f32(dprobs)
