@@ -21,6 +21,9 @@ the host, so a T = 1 step can be captured in a CUDA graph):
         lowered to the smallest power of two >= max(T, 16); T need not be a multiple)
         starting from S: intra-chunk masked products plus the fp32 state carried across
         chunks, returning the final state. Linear in T; nothing T x T.
+The "decode_gated_linear_attention" op (per-channel decays) likewise: `gla_step` (the
+recurrent kernel) for T <= RECURRENT_MAX, else the chunked `gla_forward` from S (its states
+kernel starting from S and storing the state after the last chunk).
 """
 from __future__ import annotations
 
@@ -68,8 +71,9 @@ def launch_template(template: str, xs: List, outs: List, opts: dict) -> None:
 
 def _gated(xs: List, outs: List) -> None:
     """Per-channel decays (gated linear attention): xs = (q, k, v, g [B, H, T, d_k] each or
-    broadcasting, S), outs = (o, S'), the recurrent kernel over the T new tokens."""
-    from .gated_linear_attention import gla_step
+    broadcasting, S), outs = (o, S'): the recurrent kernel over T <= RECURRENT_MAX new tokens,
+    the chunked kernels (from S, storing the final state) over a longer prompt."""
+    from .gated_linear_attention import gla_forward, gla_step
     q, k, v, g, state = xs
     o, s_new = outs
     B, H, DK, DV = state.shape
@@ -81,7 +85,10 @@ def _gated(xs: List, outs: List) -> None:
     y = o if direct_o else torch.empty(o.shape, dtype=q.dtype, device=q.device)
     s = s_new if direct_s else torch.empty((B, H, DK, DV), dtype=torch.float32,
                                            device=q.device)
-    gla_step(q, k, v, g, state.float(), y, s)
+    if T <= RECURRENT_MAX:
+        gla_step(q, k, v, g, state.float(), y, s)
+    else:
+        gla_forward(q, k, v, g, out=y, initial_state=state, final_state=s)
     if not direct_o:
         o.copy_(y)
     if not direct_s:

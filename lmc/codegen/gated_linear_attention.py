@@ -84,13 +84,15 @@ def _keys(Q, K, G, qoff, koff, goff, t, ck, sqt, sqd, skt, skd, sgt, sgd, mask, 
 
 
 @triton.jit
-def _states(X, Y, G, HS, sxb, sxh, sxt, sxd, syb, syh, syt, syd, sgb, sgh, sgt, sgd,
+def _states(X, Y, G, HS, S0, SF, sxb, sxh, sxt, sxd, syb, syh, syt, syd, sgb, sgh, sgt, sgd,
             T, H, NC, DK, DV, CHUNK: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-            REVERSE: tl.constexpr, DOT_PREC: tl.constexpr):
+            REVERSE: tl.constexpr, DOT_PREC: tl.constexpr, HAS_INIT: tl.constexpr = False,
+            FINAL: tl.constexpr = False):
     """Program (d_v block, b*h) walking the chunks, storing the running state before each
     chunk into HS[bh, n], then state = diag(exp(b_L)) state + (x * w)^T y. Forward (X = k,
-    Y = v, w = exp(b_L - b), in order): S_n. Backward (X = q, Y = do, w = exp(b), in
-    reverse): dH_n+1."""
+    Y = v, w = exp(b_L - b), in order): S_n, from S0 (HAS_INIT: a decode prefill continuing
+    a state; else zeros), the state after the last chunk into SF (FINAL). Backward (X = q,
+    Y = do, w = exp(b), in reverse): dH_n+1. S0, SF: contiguous fp32 [B*H, d_k, d_v]."""
     vb = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     bb, hh = bh // H, bh % H
@@ -104,6 +106,8 @@ def _states(X, Y, G, HS, sxb, sxh, sxt, sxd, syb, syh, syt, syd, sgb, sgh, sgt, 
     s_loc = ck[:, None] * DV + cv[None, :]
     s_mask = (ck < DK)[:, None] & vc
     state = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_INIT:
+        state += tl.load(S0 + bh * DK * DV + s_loc, mask=s_mask, other=0.0)
     for m in range(NC):
         n = NC - 1 - m if REVERSE else m
         t = n * CHUNK + i
@@ -116,6 +120,8 @@ def _states(X, Y, G, HS, sxb, sxh, sxt, sxd, syb, syh, syt, syd, sgb, sgh, sgt, 
         w = tl.exp(b) if REVERSE else tl.exp(b_last[None, :] - b)
         state = state * tl.exp(b_last)[:, None] + tl.dot(tl.trans((x * w).to(dt)), y.to(dt),
                                                          input_precision=DOT_PREC)
+    if FINAL:
+        tl.store(SF + bh * DK * DV + s_loc, state, mask=s_mask)
 
 
 @triton.jit
@@ -269,26 +275,41 @@ def _launch_opts(q: Tensor) -> dict:
     return opts
 
 
-def _forward_states(k, v, g, B, H, T, NC, DK, DV) -> Tensor:
+def _forward_states(k, v, g, B, H, T, NC, DK, DV, init: Tensor = None,
+                    final: Tensor = None) -> Tensor:
+    """The state before each chunk [B*H, NC, d_k, d_v] (fp32), from `init` (contiguous fp32
+    [B, H, d_k, d_v]; zeros when None); the state after the last chunk into `final`."""
     hs = torch.empty((B * H, NC, DK, DV), dtype=torch.float32, device=k.device)
     BV = _bv(DV)
-    _states[(triton.cdiv(DV, BV), B * H)](k, v, g, hs, *_s4(k), *_s4(v), *_s4(g), T, H, NC,
+    _states[(triton.cdiv(DV, BV), B * H)](k, v, g, hs, init if init is not None else hs,
+                                          final if final is not None else hs,
+                                          *_s4(k), *_s4(v), *_s4(g), T, H, NC,
                                           DK, DV, BK=_p2(DK), BV=BV, REVERSE=False,
+                                          HAS_INIT=init is not None, FINAL=final is not None,
                                           **_launch_opts(k))
     return hs
 
 
-def gla_forward(q: Tensor, k: Tensor, v: Tensor, g: Tensor, out: Tensor = None) -> Tensor:
-    """o [B, H, T, d_v] in q's dtype (`out`, any strides, written in place when given)."""
+def gla_forward(q: Tensor, k: Tensor, v: Tensor, g: Tensor, out: Tensor = None,
+                initial_state: Tensor = None, final_state: Tensor = None) -> Tensor:
+    """o [B, H, T, d_v] in q's dtype (`out`, any strides, written in place when given).
+    initial_state: the fp32 [B, H, d_k, d_v] state the tokens continue (a decode prefill;
+    zeros when None); final_state: a contiguous fp32 [B, H, d_k, d_v] tensor the state after
+    the last token is written into."""
     _check(q, k, v, g)
     B, H, T, DK = q.shape
     DV = v.shape[3]
     if out is None:
         out = torch.empty((B, H, T, DV), dtype=q.dtype, device=q.device)
     if T == 0:
+        if final_state is not None:
+            final_state.copy_(initial_state if initial_state is not None else 0.0)
         return out
     NC = triton.cdiv(T, CHUNK)
-    hs = _forward_states(k, v, g, B, H, T, NC, DK, DV)
+    init = initial_state.float().contiguous() if initial_state is not None else None
+    if final_state is not None:
+        assert final_state.is_contiguous() and final_state.dtype == torch.float32
+    hs = _forward_states(k, v, g, B, H, T, NC, DK, DV, init, final_state)
     BV = _bv(DV)
     _fwd_out[(triton.cdiv(DV, BV), NC, B * H)](q, k, v, g, hs, out, *_s4(q), *_s4(k), *_s4(v),
                                                *_s4(g), *_s4(out), T, H, NC, DK, DV,
@@ -318,7 +339,7 @@ def gla_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, g: Tensor
     opts = _launch_opts(q)
     BV = _bv(DV)
     NV = triton.cdiv(DV, BV)
-    _states[(NV, B * H)](q, do, g, dhs, *_s4(q), *_s4(do), *_s4(g), T, H, NC, DK, DV,
+    _states[(NV, B * H)](q, do, g, dhs, dhs, dhs, *_s4(q), *_s4(do), *_s4(g), T, H, NC, DK, DV,
                          BK=_p2(DK), BV=BV, REVERSE=True, **opts)
     _bwd[(NC, B * H)](q, k, v, g, do, hs, dhs, dq, dk, dv, *_s4(q), *_s4(k), *_s4(v),
                       *_s4(g), *_s4(do), T, H, NC, DK, DV, NV, BK=_p2(DK), BV=BV, **opts)

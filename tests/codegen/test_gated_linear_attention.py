@@ -102,6 +102,33 @@ def test_the_decode_step_continues_a_state(T, DV):
     torch.testing.assert_close(new.double(), S, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("T", [17, 40, 64])
+def test_a_long_prefill_continues_a_state_through_the_chunked_kernels(T):
+    """The decode op over more than RECURRENT_MAX new tokens runs gla_forward from the state
+    (the states kernel starting from it, storing the state after the last chunk): output and
+    new state equal the recurrence in fp64, and the recurrent kernel's, with T a multiple of
+    the chunk and not."""
+    from lmc.codegen import decode_linear_attention as D
+
+    B, H, DK, DV = 1, 2, 16, 80
+    q, k, v, g = _inputs(B, H, T, DK, DV, seed=T + 1)
+    s0 = torch.randn(B, H, DK, DV, generator=torch.Generator().manual_seed(3),
+                     dtype=torch.float64)
+    S, want = s0.clone(), []
+    for t in range(T):
+        S = torch.exp(g[:, :, t, :, None]) * S + k[:, :, t, :, None] * v[:, :, t, None, :]
+        want.append((q[:, :, t, None, :] @ S)[:, :, 0])
+    assert T > D.RECURRENT_MAX
+    out, new = torch.empty(B, H, T, DV), torch.empty(B, H, DK, DV)
+    D.launch_template("decode_gated_linear_attention",
+                      [x.float() for x in (q, k, v, g, s0)], [out, new], {})
+    torch.testing.assert_close(out.double(), torch.stack(want, 2), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(new.double(), S, rtol=1e-5, atol=1e-5)
+    out2, new2 = torch.empty_like(out), torch.empty_like(new)
+    G.gla_step(*(x.float() for x in (q, k, v, g, s0)), out2, new2)
+    torch.testing.assert_close(out, out2, rtol=1e-5, atol=1e-5)
+
+
 def test_key_head_dims_above_128_are_refused():
     x = torch.zeros(1, 1, 4, 136)
     with pytest.raises(ValueError, match="up to 128"):
