@@ -62,8 +62,10 @@ class Subject:
 
 def off_default(model, seed: int) -> None:
     """Parameters whose init is a constant (zeros: biases, sinks, selection biases; ones: norm
-    weights) get noise of a tenth of max(|c|, 1): a check on their init value would not see
-    a kernel that drops a bias or a norm weight, or a branch only a non-zero value takes."""
+    weights) get noise of a tenth of |c|, of 1 for zeros (so a positive constant, a variance a
+    model takes the log or root of, stays positive): a check on their init value would not
+    see a kernel that drops a bias or a norm weight, or a branch only a non-zero value
+    takes."""
     gen = torch.Generator().manual_seed(seed + 7)
     inits = {p.attrs["name"]: p.attrs["init"] for p in model.graph.params}
     with torch.no_grad():
@@ -73,7 +75,7 @@ def off_default(model, seed: int) -> None:
                 continue
             c = {"zeros": 0.0, "ones": 1.0}[init.kind] if not init.args else init.args[0]
             t.add_(torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t.dtype),
-                   alpha=0.1 * max(abs(c), 1.0))
+                   alpha=0.1 * (abs(c) if c else 1.0))
 
 
 def _outputs(model, ids) -> Dict[str, torch.Tensor]:
