@@ -125,12 +125,12 @@ def _torchrun(logs, *args):
         raise AssertionError(r.stderr[-2000:] + ranks)
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp", "fsdp-f16", "ddp-freeze", "fsdp-freeze"])
+@pytest.mark.parametrize("mode", ["ddp", "fsdp", "fsdp-f16", "fsdp-freeze"])
 def test_torchrun_two_gloo_processes_match_single_process(tmp_path, corpus, mode):
     """fsdp-f16: the loss scaled, ShardedGradScaler agreeing across the ranks' shards; the
     losses within f16's rounding of each other (measured 1.9e-5 apart at 11.5: the ranks
     sum the gradients in another order, and the next step's f16 weights round apart).
-    *-freeze: frozen parameters (no gradient) among the wrapped module's."""
+    fsdp-freeze: frozen parameters (no gradient) among the sharded module's."""
     prec = ["--precision", "f16", "--backend", "torch"] if mode.endswith("f16") else []
     if mode.endswith("freeze"):
         prec = ["--freeze", "embed", "layers.0.*"]
