@@ -19,7 +19,7 @@ from lmc.runtime.module import LmcModel
 
 MODELS = [("llama", {}), ("blues01", {}), ("minimax", {}), ("yoco", {}),
           ("yoco", {"sliding_window": 5}), ("optimus_prime", {}), ("medit_one", {}),
-          # top-4 of 16 experts picked by f16 sigmoid scores + an fp32 selection bias
+          # top-4 of 8 experts picked by f16 sigmoid scores + an fp32 selection bias
           ("../examples/deepseek_moe", {})]
 
 
