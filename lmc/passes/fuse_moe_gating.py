@@ -16,6 +16,7 @@ zoo's two spellings:
                  budget = reshape((iota(T) + 1) * b, [T, 1]);   gates = gates * kept
     scatter    w = gather(probs, top, -1) (/ sum(w, -1)),
                gates = scatter_add(probs * 0.0, top, w, -1)
+               (low-precision probabilities: w and the zeros widened to fp32 for the sum)
 
 and, when present, `logsumexp(logits, -1)` (a router z-loss). The region becomes one FUSED
 node of kind "moe_gating" with inputs (x, W_r[, noise]) and one output per region value the
@@ -255,6 +256,11 @@ def match(top: Node, users: Dict[Node, List[Node]], static, outputs,
         need(len(ga) == 1, "top-k indices do not gather the router probabilities")
         kv = ga[0]
         region.append(kv)
+        wide = _users_of(users, kv, Op.CAST, widened)
+        if len(wide) == 1 and len(users.get(kv, [])) == 1:
+            # mixed precision: the low-precision picks widened for the fp32 sum and division
+            kv = wide[0]
+            region.append(kv)
         wv = kv
         sums = _users_of(users, kv, Op.SUM, lambda u: u.attrs["axis"] == rank - 1)
         if sums:
@@ -269,6 +275,9 @@ def match(top: Node, users: Dict[Node, List[Node]], static, outputs,
         need(len(sc) == 1, "gate weights not scattered back to [.., E] at the top-k experts")
         gates = sc[0]
         z = gates.inputs[0]
+        if widened(z) and z.inputs[0].op is Op.MUL and probs in z.inputs[0].inputs:
+            region.append(z)               # (mixed precision: the zeros widened too)
+            z = z.inputs[0]
         if z.op is Op.MUL and probs in z.inputs and _scalar(_other(z, probs)) == 0:
             region.append(z)
         else:

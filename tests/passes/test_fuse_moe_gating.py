@@ -421,7 +421,8 @@ def _f16_equal(g, f, vals, ctx, gen, grads):
     return kinds
 
 
-@pytest.mark.parametrize("form,experts", [("one-hot", None), ("one-hot", "silu")])
+@pytest.mark.parametrize("form,experts", [("one-hot", None), ("scatter", None),
+                                          ("one-hot", "silu")])
 def test_f16_sigmoid_router_with_an_fp32_selection_bias(form, experts):
     """DeepSeek-V3 under mixed precision: f16 sigmoid scores widened to meet the fp32 bias;
     the kernel adds the bias to the rounded scores in fp32, so it picks the oracle's experts
