@@ -83,6 +83,16 @@ def test_fp16():
     assert max(errs.values()) < 2e-2, errs
 
 
+def _recurrence(q, k, v, g, s0):
+    """S = diag(exp(g_t)) S + k_t^T v_t, o_t = q_t S token by token from s0 (fp64):
+    (o [B, H, T, d_v], the final S)."""
+    S, out = s0.clone(), []
+    for t in range(q.shape[2]):
+        S = torch.exp(g[:, :, t, :, None]) * S + k[:, :, t, :, None] * v[:, :, t, None, :]
+        out.append((q[:, :, t, None, :] @ S)[:, :, 0])
+    return torch.stack(out, 2), S
+
+
 @pytest.mark.parametrize("T,DV", [(1, 16), (3, 130)])
 def test_the_decode_step_continues_a_state(T, DV):
     """gla_step: T new tokens from a random state (d_v over blocks), against the recurrence
@@ -91,14 +101,11 @@ def test_the_decode_step_continues_a_state(T, DV):
     q, k, v, g = _inputs(B, H, T, DK, DV, seed=T)
     s0 = torch.randn(B, H, DK, DV, generator=torch.Generator().manual_seed(9),
                      dtype=torch.float64)
-    S, want = s0.clone(), []
-    for t in range(T):
-        S = torch.exp(g[:, :, t, :, None]) * S + k[:, :, t, :, None] * v[:, :, t, None, :]
-        want.append((q[:, :, t, None, :] @ S)[:, :, 0])
+    want, S = _recurrence(q, k, v, g, s0)
     out = torch.empty(B, H, T, DV)
     new = torch.empty(B, H, DK, DV)
     G.gla_step(*(x.float() for x in (q, k, v, g, s0)), out, new)
-    torch.testing.assert_close(out.double(), torch.stack(want, 2), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(new.double(), S, rtol=1e-5, atol=1e-5)
 
 
@@ -114,15 +121,12 @@ def test_a_long_prefill_continues_a_state_through_the_chunked_kernels(T):
     q, k, v, g = _inputs(B, H, T, DK, DV, seed=T + 1)
     s0 = torch.randn(B, H, DK, DV, generator=torch.Generator().manual_seed(3),
                      dtype=torch.float64)
-    S, want = s0.clone(), []
-    for t in range(T):
-        S = torch.exp(g[:, :, t, :, None]) * S + k[:, :, t, :, None] * v[:, :, t, None, :]
-        want.append((q[:, :, t, None, :] @ S)[:, :, 0])
+    want, S = _recurrence(q, k, v, g, s0)
     assert T > D.RECURRENT_MAX
     out, new = torch.empty(B, H, T, DV), torch.empty(B, H, DK, DV)
     D.launch_template("decode_gated_linear_attention",
                       [x.float() for x in (q, k, v, g, s0)], [out, new], {})
-    torch.testing.assert_close(out.double(), torch.stack(want, 2), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(new.double(), S, rtol=1e-5, atol=1e-5)
     out2, new2 = torch.empty_like(out), torch.empty_like(new)
     G.gla_step(*(x.float() for x in (q, k, v, g, s0)), out2, new2)
