@@ -18,8 +18,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
+# the suite in one worker per core (pytest-xdist); tests that write take their own tmp dirs
+# and kernel caches (the shared one is safe with two processes compiling at once).
+# JOBS=0 runs it in pytest's own process, JOBS=N in N workers.
+JOBS   ?= auto
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(JOBS) --dist worksteal
 
 demo: $(STAMP)
 	$(VENV)/bin/lmc compile zoo/llama.yaml --preset small
