@@ -352,6 +352,11 @@ def format_summary(s, explain: bool = False) -> str:
         f"params      {p:,} ({p / 1e6:.1f}M)" + (
             f", {s['frozen_params']:,} of them frozen (trainable: false)"
             if s.get("frozen_params") else ""),
+    ] + [
+        f"update      {u['rule']}: {len(u['params'])} params ({u['params'][0]}"
+        + (", ..." if len(u["params"]) > 1 else "") + f") by {u['load']}, rate {u['rate']:g}"
+        for u in s.get("updates", [])
+    ] + [
         f"compile     {s['compile_s'] * 1000:.0f} ms (frontend {s['frontend_s'] * 1000:.0f} ms)",
         "passes      " + ", ".join(f"{h['pass']} {h['nodes_before']}->{h['nodes_after']}"
                                    for h in s["pass_history"]),

@@ -82,6 +82,9 @@ class Compiled:
             # marked `trainable: false` in the file (lmc run --train --freeze adds more)
             "frozen_params": sum(math.prod(int(d) for d in p.type.shape) for p in g.params
                                  if p.attrs.get("trainable", True) is False),
+            # moved by an update rule after each step (model.updates)
+            "updates": [{k: u[k] for k in ("rule", "params", "load", "rate")}
+                        for u in g.meta.get("updates") or []],
             "nodes_before": _flat_counts(self.source),
             "nodes_after": g.op_counts(),
             "passes": [h["pass"] for h in self.passes],

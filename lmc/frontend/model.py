@@ -20,6 +20,7 @@ File layout (see docs/yaml.md):
 from __future__ import annotations
 
 import ast
+import fnmatch
 import math
 import os
 import re
@@ -29,13 +30,14 @@ from ..errors import LmcError, Loc, UsageError
 from ..ir import init as inits
 from ..ir.dims import Dim, norm
 from ..ir.graph import Graph
+from ..ir.ops import Op
 from .builder import BlockDef, Builder, Tensor, describe
 from .expr import MATH, Evaluator, _clean_typeerror, is_static, parse, text_base
 from .yamlsrc import YList, YMap, YStr, load_yaml, yaml_kind
 
 TOP_KEYS = {"name", "description", "config", "presets", "blocks", "model"}
 BLOCK_KEYS = {"args", "options", "params", "body", "doc"}
-MODEL_KEYS = {"inputs", "params", "body", "outputs", "aux_losses"}
+MODEL_KEYS = {"inputs", "params", "body", "outputs", "aux_losses", "updates"}
 SYMBOLS = {"B": Dim.sym("B"), "T": Dim.sym("T")}
 CONSTANTS = {"inf": float("inf"), "pi": math.pi}
 
@@ -592,6 +594,91 @@ def aux_losses(model: YMap, outputs: Dict[str, Any], scope: Scope) -> Dict[str, 
     return out
 
 
+# Update rules: how the trainer moves a parameter outside gradient descent, after each
+# optimizer step. load_balance is DeepSeek-V3's auxiliary-loss-free balancing (Wang et al.,
+# 2024): an expert's selection bias falls by `rate` when the expert took more than its
+# layer's mean load of tokens that step and rises by `rate` when it took fewer.
+UPDATE_RULES = ("load_balance",)
+UPDATE_KEYS = {"rule", "params", "load", "rate"}
+
+
+def _all_params(nodes) -> list:
+    """Every PARAM node, those in block bodies included (inlined later), in order."""
+    out: Dict[str, Any] = {}
+    for n in nodes:
+        if n.op is Op.PARAM:
+            out.setdefault(n.attrs["name"], n)
+        elif isinstance(n.attrs.get("body"), Graph):
+            for m in _all_params(n.attrs["body"].nodes):
+                out.setdefault(m.attrs["name"], m)
+    return list(out.values())
+
+
+def param_updates(model: YMap, outputs: Dict[str, Any], params, scope: Scope) -> List[dict]:
+    """`updates: [{rule, params, load, rate}]` -> [{rule, params: [names], load, rate}]:
+    the parameters a pattern matches (in declaration order, so layer order), each given its
+    slice of the `load` output in that order (lmc.runtime.train.apply_updates)."""
+    spec = model.get("updates")
+    if spec is None:
+        return []
+    if not isinstance(spec, YList):
+        raise LmcError("model.updates must be a list of {rule, params, load, rate}",
+                       model.val_loc("updates"))
+    by_name = {p.attrs["name"]: p for p in params}
+    taken: Dict[str, Loc] = {}
+    out: List[dict] = []
+    for u, loc in zip(spec, spec.locs):
+        if not isinstance(u, YMap):
+            raise LmcError("an update is a mapping {rule, params, load, rate}", loc)
+        for k in u:
+            if k not in UPDATE_KEYS:
+                raise LmcError(f"unknown key {k!r} in an update (expected "
+                               f"{', '.join(sorted(UPDATE_KEYS))})", u.key_loc(k))
+        for k in sorted(UPDATE_KEYS):
+            if k not in u:
+                raise LmcError(f"the update needs {k!r}", u.loc)
+        rule = u["rule"]
+        if rule not in UPDATE_RULES:
+            raise LmcError(f"unknown update rule {rule!r} (rules: {', '.join(UPDATE_RULES)})",
+                           u.val_loc("rule"))
+        pats = u["params"] if isinstance(u["params"], list) else [u["params"]]
+        if not pats or not all(isinstance(p, str) for p in pats):
+            raise LmcError("params must be a name pattern or a list of them "
+                           "(e.g. 'layers.*.moe.balance')", u.val_loc("params"))
+        names = [n for n in by_name if any(fnmatch.fnmatchcase(n, p) for p in pats)]
+        if not names:
+            raise LmcError(f"params {', '.join(pats)}: no parameter matches", u.val_loc("params"))
+        for n in names:
+            if by_name[n].attrs.get("trainable", True) is not False:
+                raise LmcError(f"parameter {n} has an update rule and is also trained by "
+                               f"gradient descent: mark it trainable: false",
+                               u.val_loc("params"))
+            if n in taken:
+                raise LmcError(f"parameter {n} is in two updates (the other at {taken[n]})",
+                               u.val_loc("params"))
+            taken[n] = u.val_loc("params")
+            if by_name[n].type.rank != 1:
+                raise LmcError(f"load_balance moves a vector of per-expert biases; {n} is "
+                               f"{by_name[n].type}", u.val_loc("params"))
+        load = u["load"]
+        if load not in outputs:
+            raise LmcError(f"load {load!r} is not one of the model outputs "
+                           f"({', '.join(outputs)})", u.val_loc("load"))
+        t = outputs[load].type
+        want = sum(int(by_name[n].type.shape[0]) for n in names)
+        if not all(isinstance(d, int) for d in t.shape) or math.prod(t.shape) != want:
+            raise LmcError(f"load {load!r} must hold one count per biased expert ({want}: "
+                           f"{len(names)} parameters in order), got {t}", u.val_loc("load"))
+        rate = static_eval(u["rate"], scope, u.val_loc("rate"), what="update rate")
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or \
+                not math.isfinite(rate) or rate < 0:
+            raise LmcError(f"rate must be a number >= 0 (0 turns the rule off), got {rate!r}",
+                           u.val_loc("rate"))
+        out.append({"rule": str(rule), "params": names, "load": str(load),
+                    "rate": float(rate)})
+    return out
+
+
 def load_graph(path: str, preset: Optional[str] = None, overrides=None,
                blocks: Optional[Dict[str, BlockDef]] = None) -> Graph:
     """Parse a model file into a Graph of primitives and BLOCK nodes."""
@@ -685,6 +772,7 @@ def load_graph(path: str, preset: Optional[str] = None, overrides=None,
         outputs[str(name)] = v.node
     meta = {"source": path, "config": config, "preset": preset,
             "overrides": parse_overrides(overrides), "history": [], "fusions": [],
-            "aux_losses": aux_losses(model, outputs, Scope(config))}
+            "aux_losses": aux_losses(model, outputs, Scope(config)),
+            "updates": param_updates(model, outputs, _all_params(b.nodes), Scope(config))}
     return Graph(str(doc.get("name", os.path.splitext(os.path.basename(path))[0])),
                  b.nodes, outputs, meta)

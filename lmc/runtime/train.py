@@ -10,6 +10,8 @@ graph's ``loss`` (lmc.passes.loss); the loop logs the cross-entropy (``ce_loss``
 loss separately, averaged like the loss, and every output with a static shape (no B or T,
 e.g. ``expert_tokens``: tokens per expert) under ``stats``, summed over the step's global
 batch. ``val_loss`` is the cross-entropy, comparable across models with and without aux losses.
+Parameters under an update rule (model.updates, e.g. DeepSeek-V3's expert selection bias) move
+by their rule after each optimizer step, from those summed outputs (apply_updates).
 
 Distributed: under torchrun (WORLD_SIZE > 1) the model is wrapped in DDP, or with --fsdp in
 FSDP2's fully_shard (which also runs on CPU with gloo); each rank reads its own rows of every
@@ -182,6 +184,35 @@ def _plain(x):
 
 # the first loss scale of an f16 run (torch.amp.GradScaler's default)
 INIT_LOSS_SCALE = 2.0 ** 16
+
+
+# -- update rules (model.updates) ----------------------------------------------------------------
+def apply_updates(model: torch.nn.Module, updates: List[dict], stats: Dict[str, Any]) -> None:
+    """Move parameters by the model's update rules, after an optimizer step. `stats`: the
+    step's logged outputs, summed over the global batch (every rank holds the same sums, so
+    every rank moves its parameters, or its shards of them, alike).
+
+    load_balance (DeepSeek-V3's auxiliary-loss-free balancing): each parameter is a vector of
+    per-expert selection biases and takes its slice of the `load` output (tokens per expert,
+    parameters in declaration order); an expert that took more tokens than its layer's mean
+    has its bias lowered by `rate`, one that took fewer has it raised, so top-k picks it
+    less (more) often at the next step."""
+    for u in updates:
+        if u["rate"] == 0:
+            continue
+        load = torch.as_tensor(stats[u["load"]], dtype=torch.float64).reshape(-1)
+        at = 0
+        for name in u["params"]:
+            p = model.get_parameter(name)
+            n = p.shape[0]
+            row = load[at:at + n]
+            at += n
+            delta = (u["rate"] * torch.sign(row.mean() - row)).to(p.dtype).to(p.device)
+            if hasattr(p, "device_mesh"):     # an FSDP2 DTensor: the same shards as p's
+                from torch.distributed.tensor import distribute_tensor
+                delta = distribute_tensor(delta, p.device_mesh, p.placements)
+            with torch.no_grad():
+                p.add_(delta)
 
 
 # -- checkpoints ---------------------------------------------------------------------------------
@@ -438,6 +469,8 @@ def train(path: str, preset: Optional[str], overrides, c: TrainConfig) -> Dict[s
     stat_names = [k for k, n in graph.outputs.items() if k not in part_names and k != "loss"
                   and all(isinstance(dim, int) for dim in n.type.shape)]
     ce_name = "ce_loss" if "ce_loss" in graph.outputs else "loss"
+    # parameters moved by a rule after each step (model.updates), from a logged output
+    updates = graph.meta.get("updates") or []
     # gradients flow from the loss only: the logits and logged values take no cotangent
     model = LmcModel(graph, seed=c.seed, backend=c.backend, grad_outputs=["loss"],
                      freeze=c.freeze).to(d.device)
@@ -605,6 +638,9 @@ def train(path: str, preset: Optional[str], overrides, c: TrainConfig) -> Dict[s
             scaler.step(opt)          # opt.step(), unless f16 gradients overflowed
             scaler.update()
             opt.zero_grad(set_to_none=True)
+            stepped = not (scaler.is_enabled() and scaler.get_scale() < scale)
+            if updates and stepped:   # a skipped step moves nothing
+                apply_updates(raw, updates, stats_logged)
             step += 1
             now = time.perf_counter()
             rec = {"step": step, "train_loss": train_loss, "lr": lr,

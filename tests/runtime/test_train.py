@@ -12,11 +12,12 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import ZOO
+from conftest import ROOT, ZOO
 
 from lmc.cli import main
 
 LLAMA = os.path.join(ZOO, "llama.yaml")
+DEEPSEEK = os.path.join(ROOT, "examples", "deepseek_moe.yaml")
 BIN = os.path.dirname(sys.executable)
 TINY = ["--preset", "tiny", "--set", "vocab=100352", "d=32", "heads=2", "ffn=64"]
 
@@ -125,15 +126,12 @@ def _torchrun(logs, *args):
         raise AssertionError(r.stderr[-2000:] + ranks)
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp", "fsdp-f16", "fsdp-freeze"])
+@pytest.mark.parametrize("mode", ["ddp", "fsdp", "fsdp-f16"])
 def test_torchrun_two_gloo_processes_match_single_process(tmp_path, corpus, mode):
     """fsdp-f16: the loss scaled, ShardedGradScaler agreeing across the ranks' shards; the
     losses within f16's rounding of each other (measured 1.9e-5 apart at 11.5: the ranks
-    sum the gradients in another order, and the next step's f16 weights round apart).
-    fsdp-freeze: frozen parameters (no gradient) among the sharded module's."""
+    sum the gradients in another order, and the next step's f16 weights round apart)."""
     prec = ["--precision", "f16", "--backend", "torch"] if mode.endswith("f16") else []
-    if mode.endswith("freeze"):
-        prec = ["--freeze", "embed", "layers.0.*"]
     single = tmp_path / "single"
     assert main(["run", *_args(single, corpus, "--steps", "3", "--batch-size", "4",
                                *prec)]) == 0
@@ -147,6 +145,33 @@ def test_torchrun_two_gloo_processes_match_single_process(tmp_path, corpus, mode
     tol = 1e-4 if prec else 1e-5
     for x, y in zip(a, b):
         assert abs(x["train_loss"] - y["train_loss"]) < tol
+
+
+def test_fsdp_with_frozen_and_rule_moved_parameters_matches_single_process(tmp_path,
+                                                                          small_ids):
+    """examples/deepseek_moe (tiny) as FSDP2 over two gloo ranks, with --freeze embed and the
+    file's trainable: false selection biases among the sharded parameters; the biases move
+    by the load_balance rule, each rank its own shards, from the loads summed over ranks:
+    the losses, the loads and the final biases equal a single process's."""
+    args = [DEEPSEEK, "--train", "--preset", "tiny", "--data", small_ids, "--batch-size", "4",
+            "--seq-len", "16", "--no-progress", "--log-every", "1", "--lr", "1e-2",
+            "--steps", "3", "--freeze", "embed", "--set", "balance_rate=0.01"]
+    single, fsdp = tmp_path / "single", tmp_path / "fsdp"
+    assert main(["run", *args, "--out", str(single)]) == 0
+    _torchrun(tmp_path / "logs", *args, "--out", str(fsdp), "--fsdp")
+    a, b = _metrics(single), _metrics(fsdp)
+    assert [x["step"] for x in a] == [x["step"] for x in b] == [1, 2, 3]
+    for x, y in zip(a, b):
+        assert abs(x["train_loss"] - y["train_loss"]) < 1e-5
+        assert x["stats"] == y["stats"]
+    from safetensors.torch import load_file
+    wa, wb = (load_file(str(o / (o / "latest").read_text().strip() / "model.safetensors"))
+              for o in (single, fsdp))
+    for i in range(2):
+        k = f"layers.{i}.moe.balance"
+        assert wa[k].abs().max() > 0
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-7)
+    torch.testing.assert_close(wa["embed"], wb["embed"], rtol=0, atol=0)
 
 
 def test_vocab_smaller_than_tokenizer_is_refused(tmp_path, corpus, capsys):
