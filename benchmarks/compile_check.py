@@ -42,7 +42,8 @@ MODELS = {"llama": {}, "blues01": {}, "minimax": {}, "yoco": {},
           # outside the zoo (examples/): attention with no RoPE, soft-capped scores, ALiBi
           # (both forms), a sigmoid MoE router
           "gpt2": {}, "gemma2": {}, "mpt": {}, "bloom": {},
-          "deepseek_moe": {"experts": 64, "top_k": 6},     # the default's router width
+          # the default's router: 64 experts, top-6 from 4 of 8 groups
+          "deepseek_moe": {"experts": 64, "top_k": 6, "groups": 8, "topk_groups": 4},
           "mamba2": {}, "gpt_oss": {},
           "diff_transformer": {}, "gla": {}}
 LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")

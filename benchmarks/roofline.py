@@ -103,7 +103,8 @@ def cost_rows(prog, env):
 
     def moe_flops(body, backward):
         # the routed work of codegen/moe.py's kernels (see the module docstring)
-        k = next(b.attrs["k"] for b in body.nodes if b.op is Op.TOPK)
+        # the router's own top-k: the last (a group-limited router's group top-ks precede it)
+        k = [b.attrs["k"] for b in body.nodes if b.op is Op.TOPK][-1]
         mms = [b for b in body.nodes if b.op is Op.MATMUL]
         router = next(b for b in mms if b.inputs[1].type.rank == 2)
         E = D.evaluate(router.inputs[1].type.shape[1], env)

@@ -13,7 +13,10 @@ token t of a [B, T] batch flattened to N = B*T rows:
                backward's dlogits = dp p (1 - p); no z-loss gradient then)
     top      = the k largest p_t (1 <= k <= 8), or of p_t + bias (DeepSeek-V3's balancing
                bias: it selects, the weights below stay p's); ties go to the lower expert
-               index (the zoo's topk is a stable descending sort)
+               index (the zoo's topk is a stable descending sort). Group-limited
+               (DeepSeek-V3, groups = (G, kept, m)): the E experts are G consecutive groups,
+               each scored by the sum of its m (1 or 2) largest selection scores; the top k
+               is taken among the experts of the `kept` best groups only
     w_tj     = p_t[top_j] / sum_j' p_t[top_j']          (renormalize=True; else p_t[top_j])
     capacity (optional, minimax): per sequence along T, pos_te = number of tokens s <= t of the
                same sequence that chose e; slot j of token t is kept iff
@@ -129,6 +132,35 @@ def _round(v, ROUND: tl.constexpr):
 
 
 @triton.jit
+def _group_limit(sc, cols, EG, GROUPS: tl.constexpr, TOPK_GROUPS: tl.constexpr,
+                 GROUP_TOP: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr,
+                 BG: tl.constexpr, ROUND_S: tl.constexpr):
+    """Group-limited routing (DeepSeek-V3's): the experts are GROUPS consecutive groups of EG;
+    a group's score is the sum of its GROUP_TOP largest selection scores (1: its maximum);
+    the TOPK_GROUPS best groups stay (ties to the lower group), the other experts' scores
+    become -inf, so the top-k that follows picks only inside the kept groups."""
+    gcol = cols // EG                                # each expert's group
+    gc = tl.arange(0, BG)
+    gs = tl.full([BT, BG], float("-inf"), tl.float32)
+    for g in tl.static_range(GROUPS):
+        sg = tl.where(gcol[None, :] == g, sc, float("-inf"))
+        tot = tl.zeros([BT], tl.float32)
+        for j in tl.static_range(GROUP_TOP):
+            v = tl.max(sg, 1)
+            i = tl.min(tl.where(sg == v[:, None], cols[None, :], BE), 1)
+            tot += v
+            sg = tl.where(cols[None, :] == i[:, None], float("-inf"), sg)
+        gs = tl.where(gc[None, :] == g, _round(tot, ROUND_S)[:, None], gs)
+    keep = gcol[None, :] < 0                         # [1, BE], all false
+    for j in tl.static_range(TOPK_GROUPS):
+        v = tl.max(gs, 1)
+        gi = tl.min(tl.where(gs == v[:, None], gc[None, :], BG), 1)
+        keep = keep | (gcol[None, :] == gi[:, None])
+        gs = tl.where(gc[None, :] == gi[:, None], float("-inf"), gs)
+    return tl.where(keep, sc, float("-inf"))
+
+
+@triton.jit
 def _gate_fwd(X, WR, NOISE, IDX, WOUT, KEPT, PROBS, LSE, PART, CARRY, POS, CHOSEN, COUNT,
               BIAS,
               N, T, D, E, n_iter, cap_a, cap_b,
@@ -138,7 +170,9 @@ def _gate_fwd(X, WR, NOISE, IDX, WOUT, KEPT, PROBS, LSE, PART, CARRY, POS, CHOSE
               DOT_PREC: tl.constexpr, ROUND: tl.constexpr = 0, ROUND_P: tl.constexpr = 0,
               HAS_CARRY: tl.constexpr = False, HAS_CHOSEN: tl.constexpr = False,
               SIGMOID: tl.constexpr = False, HAS_BIAS: tl.constexpr = False,
-              ROUND_S: tl.constexpr = 0):
+              ROUND_S: tl.constexpr = 0, GROUPS: tl.constexpr = 0,
+              TOPK_GROUPS: tl.constexpr = 0, GROUP_TOP: tl.constexpr = 2,
+              BG: tl.constexpr = 1):
     pid = tl.program_id(0)
     cols = tl.arange(0, BE)
     emask = cols < E
@@ -193,6 +227,9 @@ def _gate_fwd(X, WR, NOISE, IDX, WOUT, KEPT, PROBS, LSE, PART, CARRY, POS, CHOSE
         else:
             sc = p
         sc = tl.where(emask[None, :], sc, float("-inf"))
+        if GROUPS > 0:
+            sc = _group_limit(sc, cols, E // GROUPS, GROUPS, TOPK_GROUPS, GROUP_TOP, BT, BE,
+                              BG, ROUND_S)
         self_f = tl.zeros([BT, BE], tl.float32)
         scm = sc
         for j in tl.static_range(K):
@@ -323,7 +360,7 @@ def _gate_blocks(BE: int = 16):
 def _gating_forward(x, w_router, noise, k, renormalize, capacity_pct, seq_len,
                     capacity=None, round_to=None, carry=None, chosen=None,
                     count=None, probs_round=None, sigmoid=False, bias=None,
-                    score_round=None) -> Gating:
+                    score_round=None, groups=None) -> Gating:
     """capacity = (a, b) states the capacity test directly: slot kept iff
     (pos - 1) * a < (t + 1) * b (capacity_pct c is (E * 100, c * k)). round_to (torch.float16
     or torch.bfloat16): the logits, noisy logits and probabilities are rounded to it, as a
@@ -338,7 +375,9 @@ def _gating_forward(x, w_router, noise, k, renormalize, capacity_pct, seq_len,
     DeepSeek-V3's: top-k and renormalisation as for a softmax's); lse is logsumexp(logits).
     bias [E]: the experts are the top k of p + bias, rounded to score_round (default: as the
     probabilities are), the weights still p's (DeepSeek-V3's load-balancing bias: it picks,
-    it does not weigh)."""
+    it does not weigh). groups = (G, kept, m): group-limited routing (DeepSeek-V3's): the
+    experts are G consecutive groups; the `kept` groups whose m largest scores sum highest
+    (m 1: the largest alone) are the only ones the top k picks from."""
     N, D = x.shape
     E = w_router.shape[1]
     dev = x.device
@@ -395,10 +434,27 @@ def _gating_forward(x, w_router, noise, k, renormalize, capacity_pct, seq_len,
                        ROUND_P=_ROUND[round_to if probs_round is None else probs_round],
                        SIGMOID=bool(sigmoid), HAS_BIAS=bias is not None,
                        ROUND_S=_ROUND[score_round] if score_round is not None else
-                       _ROUND[round_to if probs_round is None else probs_round], **extra)
+                       _ROUND[round_to if probs_round is None else probs_round],
+                       **_group_args(groups, E, k), **extra)
     stats = part.sum(0)[:, :E]
     return Gating(idx, w, kept, stats[0], stats[1], stats[2], lse, probs,
                   count.view(grid, E) if count is not None else None, bool(sigmoid))
+
+
+MAX_GROUPS = 16
+
+
+def _group_args(groups, E: int, k: int) -> dict:
+    """The gating kernel's group-limit constexprs (none without groups)."""
+    if groups is None:
+        return {}
+    G, kept, m = (int(v) for v in groups)
+    if not (1 <= G <= MAX_GROUPS and E % G == 0 and 1 <= kept <= G and m in (1, 2)
+            and m <= E // G and kept * (E // G) >= k):
+        raise ValueError(f"groups {groups}: need G in 1..{MAX_GROUPS} dividing E={E}, "
+                         f"1 <= kept <= G, m in (1, 2) within a group, and kept groups "
+                         f"holding at least k={k} experts")
+    return dict(GROUPS=G, TOPK_GROUPS=kept, GROUP_TOP=m, BG=_p2(G, 2))
 
 
 def _gating_backward(g: Gating, dw, dpsum, dlse, k, renormalize, dprobs=None) -> Tensor:
@@ -485,9 +541,10 @@ class MoEGatingFunction(torch.autograd.Function):
     gradients flow from weight, prob_sum and lse to x, w_router and noise."""
 
     @staticmethod
-    def forward(ctx, x, w_router, noise, k, renormalize, capacity_pct, seq_len, sigmoid, bias):
+    def forward(ctx, x, w_router, noise, k, renormalize, capacity_pct, seq_len, sigmoid, bias,
+                groups):
         g = _gating_forward(x, w_router, noise, k, renormalize, capacity_pct, seq_len,
-                            sigmoid=sigmoid, bias=bias)
+                            sigmoid=sigmoid, bias=bias, groups=groups)
         ctx.save_for_backward(x, w_router, g.idx, g.weight, g.kept, g.probs)
         ctx.conf = (k, renormalize, sigmoid)
         ctx.mark_non_differentiable(g.idx, g.kept, g.counts, g.kept_counts)
@@ -501,21 +558,23 @@ class MoEGatingFunction(torch.autograd.Function):
         dlog = _gating_backward(g, dw, dpsum, dlse if not sigmoid else None, k, renorm)
         dx, dwr = _dtheta(x, w_router, dlog, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         dn = dlog if ctx.needs_input_grad[2] else None
-        return dx, dwr, dn, None, None, None, None, None, None
+        return dx, dwr, dn, None, None, None, None, None, None, None
 
 
 def moe_gating(x: Tensor, w_router: Tensor, noise: Optional[Tensor] = None, *, k: int = 2,
                renormalize: bool = True, capacity_pct: Optional[int] = None,
                seq_len: Optional[int] = None, sigmoid: bool = False,
-               bias: Optional[Tensor] = None) -> Gating:
+               bias: Optional[Tensor] = None, groups=None) -> Gating:
     """Fused router for x [N, d] (N = B*T, sequences contiguous), w_router [d, E], optional
     noise [N, E] added to the logits. capacity_pct: the zoo's capacity factor in hundredths
     (minimax: 120), applied per sequence of seq_len tokens. sigmoid: p = sigmoid(logits)
-    (no lse gradient then); bias [E]: the experts are the top k of p + bias (no gradient).
-    Differentiable in weight, prob_sum and lse (autograd)."""
+    (no lse gradient then); bias [E]: the experts are the top k of p + bias (no gradient);
+    groups (G, kept, m): group-limited routing (_gating_forward). Differentiable in weight,
+    prob_sum and lse (autograd)."""
     _check_gating(x, w_router, noise, k, capacity_pct, seq_len)
     w, ps, lse, idx, kept, cnt, kc = MoEGatingFunction.apply(
-        x, w_router, noise, k, renormalize, capacity_pct, seq_len, bool(sigmoid), bias)
+        x, w_router, noise, k, renormalize, capacity_pct, seq_len, bool(sigmoid), bias,
+        groups)
     return Gating(idx, w, kept, cnt, kc, ps, lse, None)
 
 
@@ -979,12 +1038,13 @@ def _experts_forward(p: _Plan, x, r: Routing, w_gate, w_up, w_down, act, save, p
 
 def _moe_forward(x, w_router, noise, w_gate, w_up, w_down, k, renormalize, capacity_pct,
                  seq_len, act, save, capacity=None, round_to=None, y_dtype=None, pa=None,
-                 pb=None, ys=None, sigmoid=False, bias=None):
+                 pb=None, ys=None, sigmoid=False, bias=None, groups=None):
     """The layer's forward: (y, Gating, Routing, (pa, pb, ys)) (pa, pb None unless save;
     written into the given tensors when given); y in y_dtype (default x's)."""
     E, _, F_ = w_gate.shape
     g = _gating_forward(x, w_router, noise, k, renormalize, capacity_pct, seq_len,
-                        capacity=capacity, round_to=round_to, sigmoid=sigmoid, bias=bias)
+                        capacity=capacity, round_to=round_to, sigmoid=sigmoid, bias=bias,
+                        groups=groups)
     p = _Plan(x, E, F_)
     r = route(g.idx, g.kept, g.weight, E, p.BM)
     pa, pb, ys = _experts_forward(p, x, r, w_gate, w_up, w_down, act, save, pa, pb, ys)
@@ -1044,11 +1104,11 @@ class MoEFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w_router, noise, w_gate, w_up, w_down, k, renormalize, capacity_pct,
-                seq_len, act, sigmoid, bias):
+                seq_len, act, sigmoid, bias, groups):
         save = torch.is_grad_enabled() or any(ctx.needs_input_grad)
         y, g, r, (pa, pb, ys) = _moe_forward(x, w_router, noise, w_gate, w_up, w_down, k,
                                              renormalize, capacity_pct, seq_len, act, save,
-                                             sigmoid=sigmoid, bias=bias)
+                                             sigmoid=sigmoid, bias=bias, groups=groups)
         ctx.save_for_backward(x, w_router, w_gate, w_up, w_down, g.idx, g.weight, g.kept,
                               g.probs, pa, pb, ys, *r[:8])
         ctx.conf = (k, renormalize, act, r.max_tiles, sigmoid)
@@ -1066,13 +1126,14 @@ class MoEFunction(torch.autograd.Function):
             x, w_router, w_gate, w_up, w_down, g, r, pa, pb, ys, dy, dpsum,
             dlse if not sigmoid else None, k, renorm, act, need_wr=ctx.needs_input_grad[1])
         dn = dlog if ctx.needs_input_grad[2] else None
-        return (dx, dwr, dn, dw_gate, dw_up, dw_down) + (None,) * 7
+        return (dx, dwr, dn, dw_gate, dw_up, dw_down) + (None,) * 8
 
 
 def moe_layer(x: Tensor, w_router: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor,
               noise: Optional[Tensor] = None, *, k: int = 2, renormalize: bool = True,
               capacity_pct: Optional[int] = None, seq_len: Optional[int] = None,
-              act: str = "silu", sigmoid: bool = False, bias: Optional[Tensor] = None):
+              act: str = "silu", sigmoid: bool = False, bias: Optional[Tensor] = None,
+              groups=None):
     """MoE layer on x [N, d]: w_router [d, E], experts w_gate, w_up [E, d, F], w_down [E, F, d]
     (y = sum_j w_j (act(x Wg) * (x W1)) W2; act "silu" = SwiGLU, "gelu" = exact GeGLU).
     Returns (y [N, d], Gating) with prob_sum and lse differentiable (load-balance / z-loss)."""
@@ -1088,7 +1149,7 @@ def moe_layer(x: Tensor, w_router: Tensor, w_gate: Tensor, w_up: Tensor, w_down:
     x = x.contiguous()
     y, ps, lse, idx, kept, cnt, kc = MoEFunction.apply(
         x, w_router, noise, w_gate.contiguous(), w_up.contiguous(), w_down.contiguous(), k,
-        renormalize, capacity_pct, seq_len, ACTS.index(act), bool(sigmoid), bias)
+        renormalize, capacity_pct, seq_len, ACTS.index(act), bool(sigmoid), bias, groups)
     return y, Gating(idx, None, kept, cnt, kc, ps, lse, None)
 
 
@@ -1096,7 +1157,7 @@ def moe_layer(x: Tensor, w_router: Tensor, w_gate: Tensor, w_up: Tensor, w_down:
 def gating_reference(x: Tensor, w_router: Tensor, noise: Optional[Tensor] = None, *, k: int = 2,
                      renormalize: bool = True, capacity_pct: Optional[int] = None,
                      seq_len: Optional[int] = None, sigmoid: bool = False,
-                     bias: Optional[Tensor] = None) -> dict:
+                     bias: Optional[Tensor] = None, groups=None) -> dict:
     """The zoo's router, op for op on [B, T, E] (B = N / seq_len): dense gates [N, E] (0 off
     the kept top k), chosen/kept 0/1 [N, E], top [N, k], probs, lse, counts, kept_counts,
     prob_sum."""
@@ -1109,6 +1170,13 @@ def gating_reference(x: Tensor, w_router: Tensor, noise: Optional[Tensor] = None
     logits = logits.reshape(N // T, T, E)
     probs = torch.sigmoid(logits.float()) if sigmoid else torch.softmax(logits.float(), -1)
     score = probs + bias.float() if bias is not None else probs
+    if groups is not None:      # DeepSeek-V3's group limit, as its reference code writes it
+        G, kept_g, m = groups
+        grp = score.reshape(*score.shape[:-1], G, E // G)
+        gscore = torch.sort(grp, dim=-1, descending=True, stable=True).values[..., :m].sum(-1)
+        gtop = torch.sort(gscore, dim=-1, descending=True, stable=True).indices[..., :kept_g]
+        keep = torch.zeros_like(gscore, dtype=torch.bool).scatter_(-1, gtop, True)
+        score = score.masked_fill(~keep.repeat_interleave(E // G, -1), float("-inf"))
     top = torch.sort(score, dim=-1, descending=True, stable=True).indices[..., :k]
     chosen = (top.unsqueeze(-1) == torch.arange(E, device=x.device)).float().sum(-2)
     gates = probs * chosen
@@ -1128,12 +1196,13 @@ def gating_reference(x: Tensor, w_router: Tensor, noise: Optional[Tensor] = None
 
 
 def moe_reference(x, w_router, w_gate, w_up, w_down, noise=None, *, k=2, renormalize=True,
-                  capacity_pct=None, seq_len=None, act="silu", sigmoid=False, bias=None):
+                  capacity_pct=None, seq_len=None, act="silu", sigmoid=False, bias=None,
+                  groups=None):
     """Every expert on every token, combined with the dense gates (the zoo's form). Returns
     (y, the gating_reference dict)."""
     g = gating_reference(x, w_router, noise, k=k, renormalize=renormalize,
                          capacity_pct=capacity_pct, seq_len=seq_len, sigmoid=sigmoid,
-                         bias=bias)
+                         bias=bias, groups=groups)
     xe = x.unsqueeze(0)                                          # [1, N, d]
     a = xe @ w_gate
     h = (F.silu(a) if act == "silu" else F.gelu(a)) * (xe @ w_up)
@@ -1229,7 +1298,7 @@ def launch_template(template: str, xs, outs, opts) -> None:
                         carry=carry, chosen=ch, count=cn, probs_round=prnd,
                         sigmoid=opts.get("router") == "sigmoid", bias=bias,
                         score_round=dts[opts.get("score_dtype", "f32")] if bias is not None
-                        else None)
+                        else None, groups=opts.get("groups"))
     if layer:
         x2 = x2.contiguous()
         wg, w1, w2 = (t.contiguous() for t in xs[2:5])

@@ -80,6 +80,14 @@ compared in fp32): it picks the experts, the weights stay the
 probabilities' (DeepSeek-V3's auxiliary-loss-free balancing). The bias becomes the op's last
 input, with no gradient (none reaches it through top-k's indices in the oracle either).
 
+Group-limited routing (DeepSeek-V3's): the top-k of `where(emask > 0, S, -inf)`, where S is
+the selection scores above and emask keeps the experts of the `kept` best of G consecutive
+groups, a group scored by the sum of its m largest scores (m = 1 or 2: `sum(gather(grp,
+topk(grp, m, -1), -1), -1)` or `amax(grp, -1)` over `grp = reshape(S, [.., G, E / G])`), the
+kept groups as a one-hot of `topk(gscore, kept)` against arange(G), expanded over each group's
+experts (`_group_limit` has the spelling). The kernel scores and keeps the groups on its
+[tokens, E] tile (ties to the lower group, as top-k's); options["groups"] = (G, kept, m).
+
 Not matched (each near miss is a declined record with the failed condition): a router other
 than softmax or sigmoid, top-k of anything but the router's probabilities (plus a bias), k > 8,
 capacity not in the form above, an intermediate of the region read outside it (e.g. the
@@ -91,7 +99,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from ..codegen.moe import MAX_K
+from ..codegen.moe import MAX_GROUPS, MAX_K
 from ..ir.graph import Graph, Node
 from ..ir.ops import Kind, Op
 from ..ir.types import DType
@@ -144,6 +152,80 @@ def _users_of(users, n: Node, op: Op, pred=lambda u: True) -> List[Node]:
     return [u for u in users.get(n, []) if u.op is op and pred(u)]
 
 
+def _static_value(n: Node) -> Optional[float]:
+    while n.op in (Op.EXPAND, Op.RESHAPE, Op.CAST):
+        n = n.inputs[0]
+    return _scalar(n)
+
+
+def _group_limit(w: Node, k: int, static) -> tuple:
+    """DeepSeek-V3's group-limited routing in front of the top-k:
+
+        grp    = reshape(S, [.., G, E / G])                    S: the selection scores
+        gscore = sum(gather(grp, topk(grp, m, -1), -1), -1, keepdim=False)   (m = 1 or 2;
+                 or amax(grp, -1, keepdim=False) for m = 1)
+        gmask  = sum(cast(eq(reshape(topk(gscore, kept, -1), [.., kept, 1]), arange(G)),
+                          'f32'), -2, keepdim=False)            [.., G] 0/1
+        emask  = reshape(expand(reshape(gmask, [.., G, 1]), [.., G, E / G]), [.., E])
+        topk(where(emask > 0, S, -inf), k, -1)
+
+    -> (S, (G, kept, m), the nodes between S and the top-k)."""
+    cond, S, fill = w.inputs
+    need(static(fill) and _static_value(fill) == float("-inf"),
+         "top-k of a where that does not mask scores to -inf")
+    E, rank = S.type.shape[-1], S.type.rank
+    need(isinstance(E, int), "expert count is not static")
+    need(cond.op in (Op.GT, Op.NE) and static(cond.inputs[1])
+         and _static_value(cond.inputs[1]) == 0,
+         "top-k of scores masked by something other than a group mask > 0")
+    em = cond.inputs[0]
+    ex = em.inputs[0] if em.op is Op.RESHAPE else em
+    r1 = ex.inputs[0] if ex.op is Op.EXPAND else ex
+    need(em.op is Op.RESHAPE and ex.op is Op.EXPAND and r1.op is Op.RESHAPE
+         and ex.type.rank == rank + 1 and r1.type.shape[-1] == 1,
+         "expert mask not a per-group mask expanded over each group's experts")
+    G, EG = ex.type.shape[-2], ex.type.shape[-1]
+    need(isinstance(G, int) and isinstance(EG, int) and G * EG == E,
+         f"expert mask groups {G} x {EG}, not the {E} experts")
+    gm = r1.inputs[0]
+    need(gm.op is Op.SUM and gm.attrs["axis"] == rank - 1 and not gm.attrs.get("keepdim")
+         and tuple(gm.type.shape) == tuple(r1.type.shape[:-1]),
+         "group mask not a one-hot sum over the kept groups")
+    c = gm.inputs[0]
+    eq = c.inputs[0] if c.op is Op.CAST else None
+    need(eq is not None and eq.op is Op.EQ, "group mask not a one-hot of the kept groups")
+    rr = next((i for i in eq.inputs if i.op is Op.RESHAPE), None)
+    need(rr is not None and _is_arange(_other(eq, rr), G),
+         "kept groups not compared with arange(groups)")
+    gtop = rr.inputs[0]
+    need(gtop.op is Op.TOPK and gtop.attrs["axis"] == rank - 1
+         and tuple(rr.type.shape) == tuple(gtop.type.shape) + (1,),
+         "kept groups are not a top-k over the group scores")
+    kept = gtop.attrs["k"]
+    gs = gtop.inputs[0]
+    nodes = [w, cond, em, ex, r1, gm, c, eq, rr, gtop, gs]
+    need(gs.op in (Op.AMAX, Op.SUM) and gs.attrs["axis"] == rank and
+         not gs.attrs.get("keepdim"), "group scores not a max or a top-m sum over each group")
+    if gs.op is Op.AMAX:
+        m, R = 1, gs.inputs[0]
+    else:
+        ga = gs.inputs[0]
+        t2 = ga.inputs[1] if ga.op is Op.GATHER else None
+        need(t2 is not None and ga.attrs["axis"] == rank and t2.op is Op.TOPK
+             and t2.inputs[0] is ga.inputs[0] and t2.attrs["axis"] == rank,
+             "group scores not the sum of each group's top scores (gather of its top-k)")
+        m, R = t2.attrs["k"], ga.inputs[0]
+        nodes += [ga, t2]
+    need(R.op is Op.RESHAPE and R.inputs[0] is S and tuple(R.type.shape[-2:]) == (G, EG),
+         "group scores not of the masked scores reshaped to [.., groups, experts per group]")
+    nodes.append(R)
+    need(m in (1, 2) and m <= EG, f"groups scored by their top {m}: the fused gating sums "
+         "a group's top 1 or 2")
+    need(G <= MAX_GROUPS, f"{G} groups: the fused gating handles {MAX_GROUPS}")
+    need(kept * EG >= k, f"the {kept} kept groups hold {kept * EG} experts, fewer than k={k}")
+    return S, (G, kept, m), nodes
+
+
 def match(top: Node, users: Dict[Node, List[Node]], static, outputs,
           residual: bool = False) -> dict:
     rank = top.type.rank
@@ -151,6 +233,10 @@ def match(top: Node, users: Dict[Node, List[Node]], static, outputs,
     k = top.attrs["k"]
     need(1 <= k <= MAX_K, f"top-{k}: the fused gating handles k <= {MAX_K}")
     probs, bias, score, score_cast = top.inputs[0], None, None, None
+    groups, group_nodes = None, []
+    if probs.op is Op.WHERE:
+        # DeepSeek-V3's group limit: top-k only among the experts of the best groups
+        probs, groups, group_nodes = _group_limit(probs, k, static)
     if probs.op is Op.ADD:
         # DeepSeek-V3's balancing bias: topk(probs + bias) picks, the weights stay probs'
         # (mixed precision: low-precision probabilities widened to an fp32 bias's dtype)
@@ -199,7 +285,7 @@ def match(top: Node, users: Dict[Node, List[Node]], static, outputs,
           "router matmul and softmax in different dtypes")
     region = [mm, probs, top] + ([noise_node] if noise_node is not None else []) + \
         ([widen] if widen is not None else []) + ([score] if score is not None else []) + \
-        ([score_cast] if score_cast is not None else [])
+        ([score_cast] if score_cast is not None else []) + group_nodes
     role: Dict[str, Node] = {"probs": probs, "idx": top}
     renorm, capacity, carry, form = False, None, None, None
     tu = users.get(top, [])
@@ -303,7 +389,7 @@ def match(top: Node, users: Dict[Node, List[Node]], static, outputs,
     m = {"x": x, "w": w, "mm": mm, "logits": logits, "noise": noise_node, "k": k, "E": E,
          "renorm": renorm, "capacity": capacity, "carry": carry, "form": form,
          "experts": None, "dtype": dt, "probs_dtype": pdt, "residual": None,
-         "router": router, "bias": bias,
+         "router": router, "bias": bias, "groups": groups,
          "score_dtype": score.type.dtype.value if score is not None else pdt}
     try:
         ex = _experts(gates, x, users, outputs, E)
@@ -564,7 +650,7 @@ def _body(m: dict, name: str, static) -> Graph:
     body.meta["options"] = {"k": m["k"], "E": m["E"], "router": m["router"],
                             "renormalise": m["renorm"], "noise": m["noise"] is not None,
                             "capacity": m["capacity"], "carry": m["carry"] is not None,
-                            "bias": m["bias"] is not None,
+                            "bias": m["bias"] is not None, "groups": m["groups"],
                             "residual": m["residual"] is not None,
                             "outputs": tuple(names),
                             "act": m["experts"]["act"] if m["experts"] else None,
@@ -623,6 +709,10 @@ def _reason(m: dict) -> str:
         parts.append(f"gaussian noise std {m['noise'].attrs['std']:g}")
     if m["bias"] is not None:
         parts.append("experts picked by probabilities + a selection bias")
+    if m["groups"] is not None:
+        G, kept, gm = m["groups"]
+        parts.append(f"group-limited: among the top {kept} of {G} groups (scored by their "
+                     f"top {gm})")
     parts.append("renormalised" if m["renorm"] else "not renormalised")
     if m["capacity"]:
         parts.append("capacity (pos-1)*%d < (t+1)*%d" % m["capacity"])
@@ -649,7 +739,7 @@ def fuse_moe_gating(g: Graph, residual: bool = False) -> Graph:
         static[n] = (n.op not in (Op.INPUT, Op.PARAM) and n.op.kind is not Kind.RANDOM
                      and all(static[i] for i in n.inputs))
     outputs = set(g.outputs.values())
-    records, matches = [], []
+    records, matches, declined = [], [], []
     taken: set = set()
     for n in g.nodes:
         # candidates: every top-k (a router picks its experts with one)
@@ -659,12 +749,15 @@ def fuse_moe_gating(g: Graph, residual: bool = False) -> Graph:
             m = match(n, users, lambda t: static.get(t, False), outputs, residual)
             need(not (m["region"] & taken), "overlaps another router region")
         except NoMatch as e:
-            records.append({"pass": "fuse_moe_gating", "status": "declined",
-                            "where": _where(n), "reason": str(e)})
+            declined.append((n, {"pass": "fuse_moe_gating", "status": "declined",
+                                 "where": _where(n), "reason": str(e)}))
             continue
         m["order"] = [x for x in g.nodes if x in m["region"]]
         taken |= m["region"]
         matches.append(m)
+    # a group-limited router's inner top-ks (the groups' top scores, the kept groups) are
+    # tried first and decline; the router's own match takes them in
+    records = [r for n, r in declined if n not in taken]
     regions = []
     for i, m in enumerate(matches):
         name = f"lmc_{_kind(m)}_{i}"

@@ -52,17 +52,17 @@ def _dense(idx, vals, E):
     return torch.zeros(idx.shape[0], E, dtype=vals.dtype).scatter_add(1, idx.long(), vals)
 
 
-def check_gating(x, wr, noise, k, cap, T, renorm=True, sigmoid=False, bias=None):
+def check_gating(x, wr, noise, k, cap, T, renorm=True, sigmoid=False, bias=None, groups=None):
     N, E = x.shape[0], wr.shape[1]
     gw, gp, gl = _upstream(N, E, k)
     if sigmoid:
         gl = torch.zeros_like(gl)           # a sigmoid router takes no z-loss gradient
     xa, wa = x.clone().requires_grad_(), wr.clone().requires_grad_()
     got = moe.moe_gating(xa, wa, noise, k=k, renormalize=renorm, capacity_pct=cap, seq_len=T,
-                         sigmoid=sigmoid, bias=bias)
+                         sigmoid=sigmoid, bias=bias, groups=groups)
     xb, wb = x.clone().requires_grad_(), wr.clone().requires_grad_()
     ref = moe.gating_reference(xb, wb, noise, k=k, renormalize=renorm, capacity_pct=cap,
-                               seq_len=T, sigmoid=sigmoid, bias=bias)
+                               seq_len=T, sigmoid=sigmoid, bias=bias, groups=groups)
     assert torch.equal(got.idx.long(), ref["top"])
     assert torch.equal(_dense(got.idx, got.kept.float(), E), ref["kept"])
     assert torch.equal(got.counts, ref["counts"])
@@ -128,6 +128,41 @@ def test_gating_selection_bias(N, E, k, cap):
     assert rel(_dense(got.idx, got.weight, E), want_w * kept) <= TOL
 
 
+# DeepSeek-V3's group-limited routing: (G, kept groups, a group scored by its top m)
+GROUP_CASES = [(63, 64, 6, None, (8, 4, 2), True), (63, 16, 4, 100, (4, 2, 2), False),
+               (17, 32, 8, None, (16, 5, 1), True), (7, 8, 3, None, (4, 2, 2), False)]
+
+
+@pytest.mark.parametrize("N,E,k,cap,groups,bias", GROUP_CASES)
+def test_gating_group_limited(N, E, k, cap, groups, bias):
+    """The top k only among the experts of the `kept` best groups (a group scored by the sum
+    of its top m selection scores); the weights are the picked experts' plain scores."""
+    x, wr, *_ = make(N, E, seed=3)
+    b = _balancing_bias(wr, x, k) if bias else None
+    T = {63: 21, 17: 17, 7: 7}[N]
+    got, ref = check_gating(x, wr, None, k, cap, T, sigmoid=True, bias=b, groups=groups)
+    free = moe.gating_reference(x, wr, None, k=k, capacity_pct=cap, seq_len=T, sigmoid=True,
+                                bias=b)
+    assert not torch.equal(ref["top"], free["top"])      # the limit moved some tokens
+    G, kept, _ = groups
+    picked_groups = (got.idx.long() // (E // G))
+    assert all(len(set(row.tolist())) <= kept for row in picked_groups)
+
+
+def test_layer_group_limited():
+    x, wr, wg, w1, w2, _ = make(63, 16, seed=9)
+    err, errs = _layer(x, wr, wg, w1, w2, None, 4, None, 21, "silu", sigmoid=True,
+                       bias=_balancing_bias(wr, x, 4), groups=(4, 2, 2))
+    assert err <= TOL, errs
+
+
+def test_group_limit_arguments_are_checked():
+    x, wr, *_ = make(7, 16)
+    for groups in [(3, 1, 2), (4, 5, 2), (4, 2, 3), (8, 1, 2)]:    # k = 4: 8 x 1 hold 2
+        with pytest.raises(ValueError, match="groups"):
+            moe.moe_gating(x, wr, k=4, sigmoid=True, groups=groups)
+
+
 def test_capacity_drops_happen():
     x, wr, *_ = make(63, 4)
     wr[:, 0] += 2.0                          # a popular expert: its queue overflows
@@ -150,7 +185,7 @@ def test_ties():
     assert err <= TOL, errs
 
 
-def _layer(x, wr, wg, w1, w2, noise, k, cap, T, act, sigmoid=False, bias=None):
+def _layer(x, wr, wg, w1, w2, noise, k, cap, T, act, sigmoid=False, bias=None, groups=None):
     N, E = x.shape[0], wr.shape[1]
     gy = torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
     _, gp, gl = _upstream(N, E, k)
@@ -158,10 +193,10 @@ def _layer(x, wr, wg, w1, w2, noise, k, cap, T, act, sigmoid=False, bias=None):
         gl = torch.zeros_like(gl)
     pa = [t.clone().requires_grad_() for t in (x, wr, wg, w1, w2)]
     y, g = moe.moe_layer(*pa, noise, k=k, capacity_pct=cap, seq_len=T, act=act,
-                         sigmoid=sigmoid, bias=bias)
+                         sigmoid=sigmoid, bias=bias, groups=groups)
     pb = [t.clone().requires_grad_() for t in (x, wr, wg, w1, w2)]
     yr, ref = moe.moe_reference(*pb, noise, k=k, capacity_pct=cap, seq_len=T, act=act,
-                                sigmoid=sigmoid, bias=bias)
+                                sigmoid=sigmoid, bias=bias, groups=groups)
     assert torch.equal(g.idx.long(), ref["top"])
     assert torch.equal(g.kept_counts, ref["kept_counts"])
     errs = {"y": rel(y, yr), "prob_sum": rel(g.prob_sum, ref["prob_sum"])}

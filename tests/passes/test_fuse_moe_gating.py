@@ -30,7 +30,7 @@ def kernel_cache(tmp_path, monkeypatch):
 
 
 def _router(E, k, *, form="one-hot", cap=None, noise=0.0, renorm=True, z=False,
-            softmax=True, experts=None, bias=False):
+            softmax=True, experts=None, bias=False, groups=None):
     """The zoo's router on x [B, T, d] with weight w [d, E]; outputs the combine weights (or,
     with experts="silu"/"gelu", the dense gated-FFN experts combined with them, as blues01 and
     minimax write it) and the statistics the zoo's aux losses read."""
@@ -43,6 +43,8 @@ def _router(E, k, *, form="one-hot", cap=None, noise=0.0, renorm=True, z=False,
     probs = b.softmax(logits, -1) if softmax else b.sigmoid(logits)
     # bias: DeepSeek-V3's balancing bias, it picks the experts and does not weigh them
     score = probs + b.input("bias", [E], "f32") if bias else probs
+    if groups is not None:
+        score = _group_limit(b, score, E, *groups)
     top = b.node(Op.TOPK, [score], {"k": k, "axis": -1})
     outs = {}
     if form == "one-hot":
@@ -80,6 +82,21 @@ def _router(E, k, *, form="one-hot", cap=None, noise=0.0, renorm=True, z=False,
     else:
         outs["gates"] = gates
     return run_pipeline(Graph("router", b.nodes, {k_: v.node for k_, v in outs.items()}))
+
+
+def _group_limit(b, score, E, G, kept, m):
+    """DeepSeek-V3's group-limited routing as its reference code writes it: each group of
+    E / G experts scored by the sum of its top m scores (m = "max": amax), the `kept` best
+    groups' experts keep their scores, the others -inf."""
+    grp = b.reshape(score, [B, T, G, E // G])
+    if m == "max":
+        gscore = b.amax(grp, -1, keepdim=False)
+    else:
+        gscore = b.sum(b.gather(grp, b.topk(grp, m, -1), -1), -1, keepdim=False)
+    gtop = b.reshape(b.topk(gscore, kept, -1), [B, T, kept, 1])
+    gmask = b.sum(b.cast(b.eq(gtop, b.iota(G)), "f32"), 2, keepdim=False)
+    emask = b.reshape(b.expand(b.reshape(gmask, [B, T, G, 1]), [B, T, G, E // G]), [B, T, E])
+    return b.where(emask > 0, score, float("-inf"))
 
 
 def _records(g):
@@ -214,6 +231,90 @@ def test_whole_layer_equals_primitives(E, k, cap, noise, act, softmax, bias):
     for name in ("grad:x", "grad:w", "grad:wg", "grad:w1", "grad:w2"):
         assert g0[name].abs().max() > 0
         torch.testing.assert_close(g1[name], g0[name], rtol=1e-4, atol=1e-5)
+
+
+GROUP_CASES = [  # E, k, groups (G, kept, top m or "max"), form, softmax, bias, experts
+    (16, 4, (4, 2, 2), "one-hot", False, True, None),       # DeepSeek-V3's router
+    (16, 3, (8, 2, "max"), "scatter", True, False, None),   # groups scored by their max
+    (16, 5, (4, 3, 1), "one-hot", False, False, None),      # ... by their top 1, gathered
+    (8, 2, (4, 2, 2), "one-hot", False, True, "silu"),      # the whole layer
+    (16, 6, (8, 4, 2), "one-hot", True, False, "gelu"),
+]
+
+
+@pytest.mark.parametrize("E,k,groups,form,softmax,bias,experts", GROUP_CASES)
+def test_group_limited_routing_equals_primitives(E, k, groups, form, softmax, bias, experts):
+    """DeepSeek-V3's group limit (top-k only among the experts of the best groups) fuses
+    into the gating op; forward and gradients equal the primitives, and the limit changes
+    which experts some tokens get."""
+    g = _router(E, k, form=form, softmax=softmax, bias=bias, groups=groups, experts=experts)
+    f = fuse_moe_gating(g)
+    (r,) = _records(f)                 # the groups' own top-ks are inside the one region
+    G, kept, m = groups
+    assert r["status"] == "fused" and (
+        f"group-limited: among the top {kept} of {G} groups (scored by their top "
+        f"{1 if m == 'max' else m})") in r["reason"], r
+    assert not any(n.op in (Op.TOPK, Op.WHERE, Op.GATHER) for n in f.nodes)
+    gen = torch.Generator().manual_seed(E + k + kept)
+    vals = {"x": torch.randn(3, 7, D, generator=gen), "w": torch.randn(D, E, generator=gen)}
+    if bias:
+        vals["bias"] = torch.randn(E, generator=gen) * 0.5
+    if experts:
+        vals.update(wg=torch.randn(E, D, F, generator=gen) * 0.3,
+                    w1=torch.randn(E, D, F, generator=gen) * 0.3,
+                    w2=torch.randn(E, F, D, generator=gen) * 0.3)
+    ctx = RefCtx(dims=bind_dims(g, vals), training=True, rng_step=1)
+    want = run_graph(g, vals, ctx)
+    free = run_graph(_router(E, k, form=form, softmax=softmax, bias=bias, experts=experts),
+                     vals, ctx)
+    o = "y" if experts else "gates"
+    assert not torch.allclose(want[o], free[o])          # the limit moved some tokens
+    got = TritonProgram(f).run(vals, ctx)
+    for o in want:
+        torch.testing.assert_close(got[o], want[o], rtol=1e-5, atol=1e-5)
+    cts = {o: torch.randn(want[o].shape, generator=gen) for o in want
+           if want[o].dtype.is_floating_point}
+    _, g0, _ = _grads(g, vals, ctx, cts, False)
+    _, g1, kinds = _grads(f, vals, ctx, cts, True)
+    kind = "moe_layer" if experts else "moe_gating"
+    assert {kind, kind + "_bwd"} <= kinds
+    for name in ("grad:x", "grad:w") + (("grad:wg", "grad:w1", "grad:w2") if experts else ()):
+        assert g0[name].abs().max() > 0
+        torch.testing.assert_close(g1[name], g0[name], rtol=1e-4, atol=1e-5)
+
+
+def test_group_ties_go_to_the_lower_group():
+    """Every group a copy of the first: all group scores tie, so the lower groups stay (and
+    among equal experts the lower index), as the oracle's stable top-k has it."""
+    E, G, k = 16, 4, 3
+    g = _router(E, k, softmax=False, groups=(G, 2, 2))
+    f = fuse_moe_gating(g)
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randn(D, E // G, generator=gen).repeat(1, G)
+    vals = {"x": torch.randn(2, 5, D, generator=gen), "w": w}
+    ctx = RefCtx(dims=bind_dims(g, vals), training=False)
+    want = run_graph(g, vals, ctx)["gates"]
+    got = TritonProgram(f).run(vals, ctx)["gates"]
+    assert not (want.reshape(-1, E)[:, 2 * E // G:] != 0).any()    # only groups 0 and 1
+    assert torch.equal(got > 0, want > 0)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+
+
+def test_group_limit_near_misses_say_why():
+    for groups, why in [((8, 1, 2), "the 1 kept groups hold 2 experts, fewer than k=4"),
+                        ((4, 2, 3), "groups scored by their top 3: the fused gating sums a "
+                                    "group's top 1 or 2")]:
+        r = _records(fuse_moe_gating(_router(16, 4, softmax=False, groups=groups)))[-1]
+        assert r["status"] == "declined" and r["reason"] == why, r
+    # scores masked by something other than a group mask
+    b = Builder({}, {})
+    x, w = b.input("x", [B, T, D], "f32"), b.input("w", [D, 8], "f32")
+    probs = b.sigmoid(x @ w)
+    top = b.topk(b.where(probs - 0.5 > 0, probs, float("-inf")), 2, -1)
+    g = run_pipeline(Graph("r", b.nodes, {"kv": b.gather(probs, top, -1).node}))
+    (r,) = _records(fuse_moe_gating(g))
+    assert r["status"] == "declined" and r["reason"] == (
+        "expert mask not a per-group mask expanded over each group's experts"), r
 
 
 @pytest.mark.parametrize("k,cap", [(2, None), (2, 120), (1, 100)])
