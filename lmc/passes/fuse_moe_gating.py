@@ -158,7 +158,7 @@ def _static_value(n: Node) -> Optional[float]:
     return _scalar(n)
 
 
-def _group_limit(w: Node, k: int, static) -> tuple:
+def _group_structure(w: Node, static) -> tuple:
     """DeepSeek-V3's group-limited routing in front of the top-k:
 
         grp    = reshape(S, [.., G, E / G])                    S: the selection scores
@@ -169,7 +169,7 @@ def _group_limit(w: Node, k: int, static) -> tuple:
         emask  = reshape(expand(reshape(gmask, [.., G, 1]), [.., G, E / G]), [.., E])
         topk(where(emask > 0, S, -inf), k, -1)
 
-    -> (S, (G, kept, m), the nodes between S and the top-k)."""
+    -> (S, (G, kept, m), the nodes between S and the top-k); the sizes unchecked."""
     cond, S, fill = w.inputs
     need(static(fill) and _static_value(fill) == float("-inf"),
          "top-k of a where that does not mask scores to -inf")
@@ -219,6 +219,13 @@ def _group_limit(w: Node, k: int, static) -> tuple:
     need(R.op is Op.RESHAPE and R.inputs[0] is S and tuple(R.type.shape[-2:]) == (G, EG),
          "group scores not of the masked scores reshaped to [.., groups, experts per group]")
     nodes.append(R)
+    return S, (G, kept, m), nodes
+
+
+def _group_limit(w: Node, k: int, static) -> tuple:
+    """_group_structure, with the sizes the gating kernel handles."""
+    S, (G, kept, m), nodes = _group_structure(w, static)
+    EG = S.type.shape[-1] // G
     need(m in (1, 2) and m <= EG, f"groups scored by their top {m}: the fused gating sums "
          "a group's top 1 or 2")
     need(G <= MAX_GROUPS, f"{G} groups: the fused gating handles {MAX_GROUPS}")
@@ -739,11 +746,22 @@ def fuse_moe_gating(g: Graph, residual: bool = False) -> Graph:
         static[n] = (n.op not in (Op.INPUT, Op.PARAM) and n.op.kind is not Kind.RANDOM
                      and all(static[i] for i in n.inputs))
     outputs = set(g.outputs.values())
-    records, matches, declined = [], [], []
+    matches, declined = [], []
     taken: set = set()
+    # a group-limited router's own top-ks (each group's top scores, the kept groups) are
+    # part of the router: its record says what became of them
+    inner: set = set()
+    for n in g.nodes:
+        if n.op is Op.TOPK and n.inputs[0].op is Op.WHERE:
+            try:
+                inner |= {t for t in _group_structure(n.inputs[0],
+                                                      lambda t: static.get(t, False))[2]
+                          if t.op is Op.TOPK}
+            except NoMatch:
+                pass
     for n in g.nodes:
         # candidates: every top-k (a router picks its experts with one)
-        if n.op is not Op.TOPK:
+        if n.op is not Op.TOPK or n in inner:
             continue
         try:
             m = match(n, users, lambda t: static.get(t, False), outputs, residual)
@@ -755,9 +773,7 @@ def fuse_moe_gating(g: Graph, residual: bool = False) -> Graph:
         m["order"] = [x for x in g.nodes if x in m["region"]]
         taken |= m["region"]
         matches.append(m)
-    # a group-limited router's inner top-ks (the groups' top scores, the kept groups) are
-    # tried first and decline; the router's own match takes them in
-    records = [r for n, r in declined if n not in taken]
+    records = [r for _, r in declined]
     regions = []
     for i, m in enumerate(matches):
         name = f"lmc_{_kind(m)}_{i}"
