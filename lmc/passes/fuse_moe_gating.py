@@ -388,15 +388,23 @@ def match(top: Node, users: Dict[Node, List[Node]], static, outputs,
         region.append(lses[0])
         role["lse"] = lses[0]
     inside = set(region)
+    # the probabilities widened to fp32 (mixed precision), read outside too (e.g. a balance
+    # loss over the normalised scores, sharing the cast by CSE): the body widens its own copy,
+    # the graph keeps the cast, of the op's probs output
+    shared = {n for n in region if n.op is Op.CAST and n.inputs[0] is probs and n is not probs
+              and (n in outputs or any(u not in inside for u in users.get(n, [])))}
+    inside -= shared
     named = {v: r for r, v in role.items()}
     for n in region:
+        if n in shared:
+            continue
         out_users = [u for u in users.get(n, []) if u not in inside]
         if (out_users or n in outputs) and n not in named:
             raise NoMatch(f"{n.op.value} inside the router is also used outside it")
     m = {"x": x, "w": w, "mm": mm, "logits": logits, "noise": noise_node, "k": k, "E": E,
          "renorm": renorm, "capacity": capacity, "carry": carry, "form": form,
          "experts": None, "dtype": dt, "probs_dtype": pdt, "residual": None,
-         "router": router, "bias": bias, "groups": groups,
+         "router": router, "bias": bias, "groups": groups, "body_only": shared,
          "score_dtype": score.type.dtype.value if score is not None else pdt}
     try:
         ex = _experts(gates, x, users, outputs, E)
@@ -770,7 +778,7 @@ def fuse_moe_gating(g: Graph, residual: bool = False) -> Graph:
             declined.append((n, {"pass": "fuse_moe_gating", "status": "declined",
                                  "where": _where(n), "reason": str(e)}))
             continue
-        m["order"] = [x for x in g.nodes if x in m["region"]]
+        m["order"] = [x for x in g.nodes if x in m["region"] or x in m["body_only"]]
         taken |= m["region"]
         matches.append(m)
     records = [r for _, r in declined]

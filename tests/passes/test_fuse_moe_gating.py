@@ -30,7 +30,7 @@ def kernel_cache(tmp_path, monkeypatch):
 
 
 def _router(E, k, *, form="one-hot", cap=None, noise=0.0, renorm=True, z=False,
-            softmax=True, experts=None, bias=False, groups=None):
+            softmax=True, experts=None, bias=False, groups=None, seqbal=False):
     """The zoo's router on x [B, T, d] with weight w [d, E]; outputs the combine weights (or,
     with experts="silu"/"gelu", the dense gated-FFN experts combined with them, as blues01 and
     minimax write it) and the statistics the zoo's aux losses read."""
@@ -63,6 +63,10 @@ def _router(E, k, *, form="one-hot", cap=None, noise=0.0, renorm=True, z=False,
         p = b.reshape(b.mean(b.reshape(probs, [B * T, E]), 0), [E])
         outs["lb"] = E * b.sum(f * p, 0, keepdim=False)
         outs["tokens"] = b.sum(b.reshape(kept, [B * T, E]), 0)
+        if seqbal:   # DeepSeek-V3's sequence-wise balance loss: picks x normalised scores
+            pn = b.mean(probs / b.sum(probs, -1), 1)
+            outs["seqbal"] = b.mean(b.reshape(b.sum(b.mean(chosen, 1) * pn, -1), [B]), 0,
+                                    keepdim=False)
     else:
         kv = b.gather(probs, top, -1)
         if renorm:
@@ -543,6 +547,33 @@ def test_f16_sigmoid_router_with_an_fp32_selection_bias(form, experts):
                     w2=torch.randn(E, F, D, generator=gen) * 0.3)
     p = torch.sigmoid((vals["x"].half() @ vals["w"].half()).float()).half().float()
     assert not torch.equal(torch.topk(p, k).indices, torch.topk(p + vals["bias"], k).indices)
+    ctx = RefCtx(dims=bind_dims(g, vals), training=True)
+    kinds = _f16_equal(g, f, vals, ctx, gen, ("grad:x", "grad:w") +
+                       (("grad:wg", "grad:w1", "grad:w2") if experts else ()))
+    assert ("moe_layer_bwd" if experts else "moe_gating_bwd") in kinds
+
+
+@pytest.mark.parametrize("experts", [None, "silu"])
+def test_f16_router_whose_widened_scores_a_balance_loss_also_reads(experts):
+    """DeepSeek-V3 under mixed precision with its sequence-wise balance loss: the f16 scores
+    widened once (CSE) for both the fp32 bias and the loss's normalised scores. The op keeps
+    the widening inside for its own top-k and the graph keeps it for the loss, over the op's
+    probs output (it declined: "cast inside the router is also used outside it")."""
+    E, k = 16, 4
+    g = mixed_precision(_router(E, k, softmax=False, bias=True, groups=(4, 2, 2),
+                                seqbal=True, experts=experts), "f16")
+    casts = [n for n in g.nodes if n.op is Op.CAST and n.inputs[0].op is Op.SIGMOID]
+    assert len(casts) == 1 and len(g.users()[casts[0]]) >= 2      # one widening, shared
+    f = fuse_moe_gating(g)
+    (r,) = _records(f)
+    assert r["status"] == "fused" and "probs" in r["reason"].split("outputs ")[1], r
+    gen = torch.Generator().manual_seed(11)
+    vals = {"x": torch.randn(3, 9, D, generator=gen), "w": torch.randn(D, E, generator=gen),
+            "bias": torch.randn(E, generator=gen) * 0.2}
+    if experts:
+        vals.update(wg=torch.randn(E, D, F, generator=gen) * 0.3,
+                    w1=torch.randn(E, D, F, generator=gen) * 0.3,
+                    w2=torch.randn(E, F, D, generator=gen) * 0.3)
     ctx = RefCtx(dims=bind_dims(g, vals), training=True)
     kinds = _f16_equal(g, f, vals, ctx, gen, ("grad:x", "grad:w") +
                        (("grad:wg", "grad:w1", "grad:w2") if experts else ()))
