@@ -661,7 +661,7 @@ def param_updates(model: YMap, outputs: Dict[str, Any], params, scope: Scope) ->
                 raise LmcError(f"load_balance moves a vector of per-expert biases; {n} is "
                                f"{by_name[n].type}", u.val_loc("params"))
         load = u["load"]
-        if load not in outputs:
+        if not isinstance(load, str) or load not in outputs:
             raise LmcError(f"load {load!r} is not one of the model outputs "
                            f"({', '.join(outputs)})", u.val_loc("load"))
         t = outputs[load].type
