@@ -1154,6 +1154,22 @@ def moe_layer(x: Tensor, w_router: Tensor, w_gate: Tensor, w_up: Tensor, w_down:
 
 
 # -- references (the zoo's dense math) ----------------------------------------------------------
+def select_reference(score: Tensor, k: int, groups=None) -> Tensor:
+    """The experts a router picks from its selection scores [.., E]: the k largest, ties to
+    the lower index (a stable descending sort); with groups = (G, kept, m), only among the
+    experts of the `kept` groups whose m largest scores sum highest (DeepSeek-V3's limit, as
+    its reference code writes it)."""
+    E = score.shape[-1]
+    if groups is not None:
+        G, kept_g, m = groups
+        grp = score.reshape(*score.shape[:-1], G, E // G)
+        gscore = torch.sort(grp, dim=-1, descending=True, stable=True).values[..., :m].sum(-1)
+        gtop = torch.sort(gscore, dim=-1, descending=True, stable=True).indices[..., :kept_g]
+        keep = torch.zeros_like(gscore, dtype=torch.bool).scatter_(-1, gtop, True)
+        score = score.masked_fill(~keep.repeat_interleave(E // G, -1), float("-inf"))
+    return torch.sort(score, dim=-1, descending=True, stable=True).indices[..., :k]
+
+
 def gating_reference(x: Tensor, w_router: Tensor, noise: Optional[Tensor] = None, *, k: int = 2,
                      renormalize: bool = True, capacity_pct: Optional[int] = None,
                      seq_len: Optional[int] = None, sigmoid: bool = False,
@@ -1170,14 +1186,7 @@ def gating_reference(x: Tensor, w_router: Tensor, noise: Optional[Tensor] = None
     logits = logits.reshape(N // T, T, E)
     probs = torch.sigmoid(logits.float()) if sigmoid else torch.softmax(logits.float(), -1)
     score = probs + bias.float() if bias is not None else probs
-    if groups is not None:      # DeepSeek-V3's group limit, as its reference code writes it
-        G, kept_g, m = groups
-        grp = score.reshape(*score.shape[:-1], G, E // G)
-        gscore = torch.sort(grp, dim=-1, descending=True, stable=True).values[..., :m].sum(-1)
-        gtop = torch.sort(gscore, dim=-1, descending=True, stable=True).indices[..., :kept_g]
-        keep = torch.zeros_like(gscore, dtype=torch.bool).scatter_(-1, gtop, True)
-        score = score.masked_fill(~keep.repeat_interleave(E // G, -1), float("-inf"))
-    top = torch.sort(score, dim=-1, descending=True, stable=True).indices[..., :k]
+    top = select_reference(score, k, groups)
     chosen = (top.unsqueeze(-1) == torch.arange(E, device=x.device)).float().sum(-2)
     gates = probs * chosen
     if renormalize:
