@@ -12,7 +12,7 @@
 # LMC_PROLOGUE_RECOMPUTE=1, the loss backward's dlogits computed in its two matmuls' loads,
 # to compare with train:lmc), decode (benchmarks/decode_bench.py),
 # attention (benchmarks/attention_bench.py), linear (benchmarks/linear_attention_bench.py),
-# moe (benchmarks/moe_bench.py), bench (lmc bench zoo/llama.yaml), bench:MODEL (lmc bench
+# moe (benchmarks/moe_bench.py), moe:deepseek (the same with DeepSeek-V3's routing), bench (lmc bench zoo/llama.yaml), bench:MODEL (lmc bench
 # zoo/MODEL.yaml: bench:blues01, bench:minimax, bench:yoco, bench:optimus_prime,
 # bench:medit_one). Results and logs go to $OUT (default runs/gpu), flat, so the device tool
 # brings them back; each log starts with the device, torch and triton.
@@ -48,7 +48,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 known() {
   case $1 in
-    tests|patterns|train|train:lmc|train:ref|train:prologue|decode|attention|linear|moe|bench) return 0 ;;
+    tests|patterns|train|train:lmc|train:ref|train:prologue|decode|attention|linear|moe|moe:deepseek|bench) return 0 ;;
     bench:?*) return 0 ;;
     *) return 1 ;;
   esac
@@ -94,6 +94,8 @@ for phase in "$@"; do
                  | tee "$OUT/linear_bench.log" ;;
     moe)       ${LIMIT[@]+"${LIMIT[@]}"} $PY benchmarks/moe_bench.py --out "$OUT/moe_bench.json" 2>&1 \
                  | tee "$OUT/moe_bench.log" ;;
+    moe:deepseek) ${LIMIT[@]+"${LIMIT[@]}"} $PY benchmarks/moe_bench.py --router deepseek \
+                 --out "$OUT/moe_bench_deepseek.json" 2>&1 | tee "$OUT/moe_bench_deepseek.log" ;;
     bench)     ${LIMIT[@]+"${LIMIT[@]}"} $PY -m lmc.cli bench zoo/llama.yaml --out "$OUT/bench_llama" 2>&1 \
                  | tee "$OUT/bench_llama.log" ;;
     bench:*)   m=${phase#bench:}

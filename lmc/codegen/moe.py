@@ -1220,15 +1220,30 @@ def moe_reference(x, w_router, w_gate, w_up, w_down, noise=None, *, k=2, renorma
     return y.to(x.dtype), g
 
 
+def eager_select(probs: Tensor, k: int, bias: Optional[Tensor] = None, groups=None):
+    """A typical eager router's pick, torch.topk throughout (DeepSeek-V3's reference code for
+    the bias and the group limit): (the picked probabilities [N, k], their experts)."""
+    score = probs + bias.float() if bias is not None else probs
+    if groups is not None:
+        G, kept, m = groups
+        N, E = score.shape
+        gs = score.view(N, G, E // G).topk(m, -1).values.sum(-1)
+        drop = torch.ones(N, G, dtype=torch.bool, device=score.device).scatter_(
+            1, gs.topk(kept, -1).indices, False)
+        score = score.masked_fill(drop.repeat_interleave(E // G, 1), float("-inf"))
+    idx = torch.topk(score, k, -1).indices
+    return probs.gather(1, idx), idx
+
+
 def moe_eager(x, w_router, w_gate, w_up, w_down, noise=None, *, k=2, renormalize=True,
-              act="silu"):
-    """A typical sparse eager implementation (softmax, topk, per-expert index_select /
-    index_add), without capacity: the benchmark's baseline."""
+              act="silu", sigmoid=False, bias=None, groups=None):
+    """A typical sparse eager implementation (softmax or sigmoid, topk, per-expert
+    index_select / index_add), without capacity: the benchmark's baseline."""
     logits = x @ w_router
     if noise is not None:
         logits = logits + noise
-    probs = torch.softmax(logits.float(), -1)
-    val, idx = torch.topk(probs, k, -1)
+    probs = torch.sigmoid(logits.float()) if sigmoid else torch.softmax(logits.float(), -1)
+    val, idx = eager_select(probs, k, bias, groups)
     if renormalize:
         val = val / val.sum(-1, keepdim=True)
     y = torch.zeros_like(x, dtype=torch.float32)

@@ -419,11 +419,12 @@ def test_expert_product_reads_an_fp32_gradient_against_f16_weights():
         assert a.abs().max() > 0 and torch.equal(a, b)
 
 
-def test_bench_tiny(tmp_path):
+@pytest.mark.parametrize("router", ["noisy-softmax", "deepseek"])
+def test_bench_tiny(tmp_path, router):
     out = tmp_path / "moe.json"
     r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "moe_bench.py"),
-                        "--tiny", "--out", str(out)], capture_output=True, text=True,
-                       timeout=300, cwd=ROOT)
+                        "--tiny", "--router", router, "--out", str(out)],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     data = json.loads(out.read_text())
     assert {row["contender"] for row in data["rows"]} >= {"lmc", "eager"}
