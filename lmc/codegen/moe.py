@@ -134,11 +134,12 @@ def _round(v, ROUND: tl.constexpr):
 @triton.jit
 def _group_limit(sc, cols, EG, GROUPS: tl.constexpr, TOPK_GROUPS: tl.constexpr,
                  GROUP_TOP: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr,
-                 BG: tl.constexpr, ROUND_S: tl.constexpr):
+                 BG: tl.constexpr, ROUND_G: tl.constexpr):
     """Group-limited routing (DeepSeek-V3's): the experts are GROUPS consecutive groups of EG;
     a group's score is the sum of its GROUP_TOP largest selection scores (1: its maximum);
     the TOPK_GROUPS best groups stay (ties to the lower group), the other experts' scores
-    become -inf, so the top-k that follows picks only inside the kept groups."""
+    become -inf, so the top-k that follows picks only inside the kept groups. ROUND_G: the
+    group scores rounded as the program stores them (0: fp32)."""
     gcol = cols // EG                                # each expert's group
     gc = tl.arange(0, BG)
     gs = tl.full([BT, BG], float("-inf"), tl.float32)
@@ -150,7 +151,7 @@ def _group_limit(sc, cols, EG, GROUPS: tl.constexpr, TOPK_GROUPS: tl.constexpr,
             i = tl.min(tl.where(sg == v[:, None], cols[None, :], BE), 1)
             tot += v
             sg = tl.where(cols[None, :] == i[:, None], float("-inf"), sg)
-        gs = tl.where(gc[None, :] == g, _round(tot, ROUND_S)[:, None], gs)
+        gs = tl.where(gc[None, :] == g, _round(tot, ROUND_G)[:, None], gs)
     keep = gcol[None, :] < 0                         # [1, BE], all false
     for j in tl.static_range(TOPK_GROUPS):
         v = tl.max(gs, 1)
@@ -172,7 +173,7 @@ def _gate_fwd(X, WR, NOISE, IDX, WOUT, KEPT, PROBS, LSE, PART, CARRY, POS, CHOSE
               SIGMOID: tl.constexpr = False, HAS_BIAS: tl.constexpr = False,
               ROUND_S: tl.constexpr = 0, GROUPS: tl.constexpr = 0,
               TOPK_GROUPS: tl.constexpr = 0, GROUP_TOP: tl.constexpr = 2,
-              BG: tl.constexpr = 1):
+              BG: tl.constexpr = 1, ROUND_G: tl.constexpr = 0):
     pid = tl.program_id(0)
     cols = tl.arange(0, BE)
     emask = cols < E
@@ -229,7 +230,7 @@ def _gate_fwd(X, WR, NOISE, IDX, WOUT, KEPT, PROBS, LSE, PART, CARRY, POS, CHOSE
         sc = tl.where(emask[None, :], sc, float("-inf"))
         if GROUPS > 0:
             sc = _group_limit(sc, cols, E // GROUPS, GROUPS, TOPK_GROUPS, GROUP_TOP, BT, BE,
-                              BG, ROUND_S)
+                              BG, ROUND_G)
         self_f = tl.zeros([BT, BE], tl.float32)
         scm = sc
         for j in tl.static_range(K):
@@ -360,7 +361,7 @@ def _gate_blocks(BE: int = 16):
 def _gating_forward(x, w_router, noise, k, renormalize, capacity_pct, seq_len,
                     capacity=None, round_to=None, carry=None, chosen=None,
                     count=None, probs_round=None, sigmoid=False, bias=None,
-                    score_round=None, groups=None) -> Gating:
+                    score_round=None, groups=None, group_round=None) -> Gating:
     """capacity = (a, b) states the capacity test directly: slot kept iff
     (pos - 1) * a < (t + 1) * b (capacity_pct c is (E * 100, c * k)). round_to (torch.float16
     or torch.bfloat16): the logits, noisy logits and probabilities are rounded to it, as a
@@ -377,7 +378,8 @@ def _gating_forward(x, w_router, noise, k, renormalize, capacity_pct, seq_len,
     probabilities are), the weights still p's (DeepSeek-V3's load-balancing bias: it picks,
     it does not weigh). groups = (G, kept, m): group-limited routing (DeepSeek-V3's): the
     experts are G consecutive groups; the `kept` groups whose m largest scores sum highest
-    (m 1: the largest alone) are the only ones the top k picks from."""
+    (m 1: the largest alone) are the only ones the top k picks from; group_round: the group
+    scores' rounding (default: as the selection scores')."""
     N, D = x.shape
     E = w_router.shape[1]
     dev = x.device
@@ -435,7 +437,11 @@ def _gating_forward(x, w_router, noise, k, renormalize, capacity_pct, seq_len,
                        SIGMOID=bool(sigmoid), HAS_BIAS=bias is not None,
                        ROUND_S=_ROUND[score_round] if score_round is not None else
                        _ROUND[round_to if probs_round is None else probs_round],
-                       **_group_args(groups, E, k), **extra)
+                       **_group_args(groups, E, k), **extra,
+                       **({"ROUND_G": _ROUND[group_round]} if group_round is not None else
+                          {"ROUND_G": _ROUND[score_round] if score_round is not None else
+                           _ROUND[round_to if probs_round is None else probs_round]}
+                          if groups is not None else {}))
     stats = part.sum(0)[:, :E]
     return Gating(idx, w, kept, stats[0], stats[1], stats[2], lse, probs,
                   count.view(grid, E) if count is not None else None, bool(sigmoid))
@@ -1322,7 +1328,9 @@ def launch_template(template: str, xs, outs, opts) -> None:
                         carry=carry, chosen=ch, count=cn, probs_round=prnd,
                         sigmoid=opts.get("router") == "sigmoid", bias=bias,
                         score_round=dts[opts.get("score_dtype", "f32")] if bias is not None
-                        else None, groups=opts.get("groups"))
+                        else None, groups=opts.get("groups"),
+                        group_round=dts[opts["group_dtype"]] if opts.get("group_dtype")
+                        else None)
     if layer:
         x2 = x2.contiguous()
         wg, w1, w2 = (t.contiguous() for t in xs[2:5])

@@ -169,7 +169,8 @@ def _group_structure(w: Node, static) -> tuple:
         emask  = reshape(expand(reshape(gmask, [.., G, 1]), [.., G, E / G]), [.., E])
         topk(where(emask > 0, S, -inf), k, -1)
 
-    -> (S, (G, kept, m), the nodes between S and the top-k); the sizes unchecked."""
+    -> (S, (G, kept, m), the nodes between S and the top-k, the group scores' dtype); the
+    sizes unchecked. (Under mixed precision the sum is fp32 over the widened picks.)"""
     cond, S, fill = w.inputs
     need(static(fill) and _static_value(fill) == float("-inf"),
          "top-k of a where that does not mask scores to -inf")
@@ -210,6 +211,9 @@ def _group_structure(w: Node, static) -> tuple:
         m, R = 1, gs.inputs[0]
     else:
         ga = gs.inputs[0]
+        if widened(ga):        # mixed precision: the picks widened for an fp32 sum
+            nodes.append(ga)
+            ga = ga.inputs[0]
         t2 = ga.inputs[1] if ga.op is Op.GATHER else None
         need(t2 is not None and ga.attrs["axis"] == rank and t2.op is Op.TOPK
              and t2.inputs[0] is ga.inputs[0] and t2.attrs["axis"] == rank,
@@ -219,18 +223,18 @@ def _group_structure(w: Node, static) -> tuple:
     need(R.op is Op.RESHAPE and R.inputs[0] is S and tuple(R.type.shape[-2:]) == (G, EG),
          "group scores not of the masked scores reshaped to [.., groups, experts per group]")
     nodes.append(R)
-    return S, (G, kept, m), nodes
+    return S, (G, kept, m), nodes, gs.type.dtype.value
 
 
 def _group_limit(w: Node, k: int, static) -> tuple:
     """_group_structure, with the sizes the gating kernel handles."""
-    S, (G, kept, m), nodes = _group_structure(w, static)
+    S, (G, kept, m), nodes, gdt = _group_structure(w, static)
     EG = S.type.shape[-1] // G
     need(m in (1, 2) and m <= EG, f"groups scored by their top {m}: the fused gating sums "
          "a group's top 1 or 2")
     need(G <= MAX_GROUPS, f"{G} groups: the fused gating handles {MAX_GROUPS}")
     need(kept * EG >= k, f"the {kept} kept groups hold {kept * EG} experts, fewer than k={k}")
-    return S, (G, kept, m), nodes
+    return S, (G, kept, m), nodes, gdt
 
 
 def match(top: Node, users: Dict[Node, List[Node]], static, outputs,
@@ -240,10 +244,10 @@ def match(top: Node, users: Dict[Node, List[Node]], static, outputs,
     k = top.attrs["k"]
     need(1 <= k <= MAX_K, f"top-{k}: the fused gating handles k <= {MAX_K}")
     probs, bias, score, score_cast = top.inputs[0], None, None, None
-    groups, group_nodes = None, []
+    groups, group_nodes, group_dtype = None, [], None
     if probs.op is Op.WHERE:
         # DeepSeek-V3's group limit: top-k only among the experts of the best groups
-        probs, groups, group_nodes = _group_limit(probs, k, static)
+        probs, groups, group_nodes, group_dtype = _group_limit(probs, k, static)
     if probs.op is Op.ADD:
         # DeepSeek-V3's balancing bias: topk(probs + bias) picks, the weights stay probs'
         # (mixed precision: low-precision probabilities widened to an fp32 bias's dtype)
@@ -404,7 +408,8 @@ def match(top: Node, users: Dict[Node, List[Node]], static, outputs,
     m = {"x": x, "w": w, "mm": mm, "logits": logits, "noise": noise_node, "k": k, "E": E,
          "renorm": renorm, "capacity": capacity, "carry": carry, "form": form,
          "experts": None, "dtype": dt, "probs_dtype": pdt, "residual": None,
-         "router": router, "bias": bias, "groups": groups, "body_only": shared,
+         "router": router, "bias": bias, "groups": groups, "group_dtype": group_dtype,
+         "body_only": shared,
          "score_dtype": score.type.dtype.value if score is not None else pdt}
     try:
         ex = _experts(gates, x, users, outputs, E)
@@ -666,6 +671,7 @@ def _body(m: dict, name: str, static) -> Graph:
                             "renormalise": m["renorm"], "noise": m["noise"] is not None,
                             "capacity": m["capacity"], "carry": m["carry"] is not None,
                             "bias": m["bias"] is not None, "groups": m["groups"],
+                            "group_dtype": m["group_dtype"],
                             "residual": m["residual"] is not None,
                             "outputs": tuple(names),
                             "act": m["experts"]["act"] if m["experts"] else None,

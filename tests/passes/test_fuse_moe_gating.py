@@ -563,6 +563,22 @@ def _f16_router_equal(g, f, vals, experts, gen):
     assert ("moe_layer_bwd" if experts else "moe_gating_bwd") in kinds
 
 
+@pytest.mark.parametrize("softmax", [True, False])
+def test_f16_group_limited_router_without_a_bias(softmax):
+    """f16 probabilities select directly: the kernel sums each group's two best as the f16
+    program does (rounded to f16) and keeps the groups it keeps."""
+    E, k = 16, 4
+    g = mixed_precision(_router(E, k, softmax=softmax, groups=(4, 2, 2), z=softmax), "f16")
+    f = fuse_moe_gating(g)
+    (r,) = _records(f)
+    assert r["status"] == "fused" and "group-limited" in r["reason"], r
+    gen = torch.Generator().manual_seed(12)
+    vals = {"x": torch.randn(3, 9, D, generator=gen), "w": torch.randn(D, E, generator=gen)}
+    ctx = RefCtx(dims=bind_dims(g, vals), training=True)
+    assert {"moe_gating", "moe_gating_bwd"} <= _f16_equal(g, f, vals, ctx, gen,
+                                                          ("grad:x", "grad:w"))
+
+
 @pytest.mark.parametrize("experts", [None, "silu"])
 def test_f16_router_whose_widened_scores_a_balance_loss_also_reads(experts):
     """DeepSeek-V3 under mixed precision with its sequence-wise balance loss: the f16 scores
