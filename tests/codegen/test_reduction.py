@@ -132,11 +132,20 @@ def test_random_reduction_graphs_match_the_oracle(gs, batch, seed):
     exact = run_graph(g, v64, RefCtx(dims=bind_dims(g, v64)))
     p = TritonProgram(g)
     got = p.run(vals, ctx)
+    # Each element must be close to the fp64 value, or else to the fp32 oracle's: where fp32
+    # itself cannot get close (hypothesis seed 316: 0.5 + x * y with x * y = -0.49988, then
+    # scaled up 300x by an RMS norm over one element; the kernel's value equal to torch's
+    # fp32 one bit for bit, both 1e-5 from the fp64 value), matching torch is what is asked.
     for k in want:
         assert got[k].dtype == want[k].dtype and got[k].shape == want[k].shape, k
         scale = exact[k].abs().nan_to_num(0.0, 0.0, 0.0).max().item() if exact[k].numel() else 0
-        torch.testing.assert_close(got[k].double(), exact[k], rtol=2e-5,
-                                   atol=2e-6 * max(1.0, scale), equal_nan=True)
+        g64, w64 = got[k].double(), want[k].double()
+        both_nan = g64.isnan() & exact[k].isnan()
+        near_exact = (g64 - exact[k]).abs() <= 2e-6 * max(1.0, scale) + 2e-5 * exact[k].abs()
+        near_torch = (g64 - w64).abs() <= 1e-6 + 1e-5 * w64.abs()
+        same_inf = (g64 == exact[k]) | (g64 == w64)
+        bad = ~(both_nan | near_exact | near_torch | same_inf)
+        assert not bad.any(), (k, g64[bad][:5], exact[k][bad][:5], w64[bad][:5])
     # every reduction is in a kernel, or was declined with a recorded reason
     left = [n for n in p.graph.nodes if n.op in (Op.SUM, Op.MEAN, Op.AMAX, Op.LOGSUMEXP)]
     declined = [f for f in p.graph.meta["fusions"]
