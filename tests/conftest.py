@@ -1,6 +1,8 @@
 import os
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ZOO = os.path.join(ROOT, "zoo")
 sys.path.insert(0, os.path.join(ROOT, "tests"))
@@ -90,3 +92,14 @@ def triton_matches_oracle(g, vals, rtol=1e-5, atol=2e-6):
         assert got[k].dtype == want[k].dtype and got[k].shape == want[k].shape, k
         torch.testing.assert_close(got[k], want[k], rtol=rtol, atol=atol, equal_nan=True)
     return p
+
+
+# -- shared by the training tests ----------------------------------------------------------------
+@pytest.fixture
+def small_ids(tmp_path):
+    """Pretokenized data (a uint32 .bin) with ids below the tiny presets' vocab (512)."""
+    import numpy as np
+
+    data = tmp_path / "ids.bin"
+    np.random.default_rng(1).integers(0, 500, 8000).astype(np.uint32).tofile(data)
+    return str(data)

@@ -423,6 +423,9 @@ def _gating_forward(x, w_router, noise, k, renormalize, capacity_pct, seq_len,
         assert chosen.is_contiguous() and chosen.dtype == torch.float32 and \
             chosen.shape == (N, E), chosen.shape
         extra["HAS_CHOSEN"] = True
+    round_p = _ROUND[round_to if probs_round is None else probs_round]
+    round_s = _ROUND[score_round] if score_round is not None else round_p
+    round_g = _ROUND[group_round] if group_round is not None else round_s
     _gate_fwd[(grid,)](x, w_router, nz, idx, w, kept, probs, lse, part, counts, positions,
                        chosen if chosen is not None else probs,
                        count if count is not None else probs,
@@ -433,15 +436,8 @@ def _gating_forward(x, w_router, noise, k, renormalize, capacity_pct, seq_len,
                        BT=BT, BD=BD, BE=BE,
                        DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32",
                        ROUND=_ROUND[round_to],
-                       ROUND_P=_ROUND[round_to if probs_round is None else probs_round],
-                       SIGMOID=bool(sigmoid), HAS_BIAS=bias is not None,
-                       ROUND_S=_ROUND[score_round] if score_round is not None else
-                       _ROUND[round_to if probs_round is None else probs_round],
-                       **_group_args(groups, E, k), **extra,
-                       **({"ROUND_G": _ROUND[group_round]} if group_round is not None else
-                          {"ROUND_G": _ROUND[score_round] if score_round is not None else
-                           _ROUND[round_to if probs_round is None else probs_round]}
-                          if groups is not None else {}))
+                       ROUND_P=round_p, SIGMOID=bool(sigmoid), HAS_BIAS=bias is not None,
+                       ROUND_S=round_s, **_group_args(groups, E, k, round_g), **extra)
     stats = part.sum(0)[:, :E]
     return Gating(idx, w, kept, stats[0], stats[1], stats[2], lse, probs,
                   count.view(grid, E) if count is not None else None, bool(sigmoid))
@@ -450,8 +446,9 @@ def _gating_forward(x, w_router, noise, k, renormalize, capacity_pct, seq_len,
 MAX_GROUPS = 16
 
 
-def _group_args(groups, E: int, k: int) -> dict:
-    """The gating kernel's group-limit constexprs (none without groups)."""
+def _group_args(groups, E: int, k: int, round_g: int) -> dict:
+    """The gating kernel's group-limit constexprs (none without groups); round_g: the group
+    scores' rounding."""
     if groups is None:
         return {}
     G, kept, m = (int(v) for v in groups)
@@ -460,7 +457,7 @@ def _group_args(groups, E: int, k: int) -> dict:
         raise ValueError(f"groups {groups}: need G in 1..{MAX_GROUPS} dividing E={E}, "
                          f"1 <= kept <= G, m in (1, 2) within a group, and kept groups "
                          f"holding at least k={k} experts")
-    return dict(GROUPS=G, TOPK_GROUPS=kept, GROUP_TOP=m, BG=_p2(G, 2))
+    return dict(GROUPS=G, TOPK_GROUPS=kept, GROUP_TOP=m, BG=_p2(G, 2), ROUND_G=round_g)
 
 
 def _gating_backward(g: Gating, dw, dpsum, dlse, k, renormalize, dprobs=None) -> Tensor:

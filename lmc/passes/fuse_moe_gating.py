@@ -104,7 +104,7 @@ from ..ir.graph import Graph, Node
 from ..ir.ops import Kind, Op
 from ..ir.types import DType
 from .fuse_pointwise import _where
-from .patterns import NoMatch, Region, need, splice, widened
+from .patterns import NoMatch, Region, const_value, need, splice, widened
 
 # output roles, in the order the fused op returns them; the first three carry gradients
 ROLES = ("y", "gates", "probs", "lse", "chosen", "kept", "idx", "count")
@@ -155,7 +155,7 @@ def _users_of(users, n: Node, op: Op, pred=lambda u: True) -> List[Node]:
 def _static_value(n: Node) -> Optional[float]:
     while n.op in (Op.EXPAND, Op.RESHAPE, Op.CAST):
         n = n.inputs[0]
-    return _scalar(n)
+    return const_value(n)
 
 
 def _group_structure(w: Node, static) -> tuple:
@@ -760,7 +760,7 @@ def fuse_moe_gating(g: Graph, residual: bool = False) -> Graph:
         static[n] = (n.op not in (Op.INPUT, Op.PARAM) and n.op.kind is not Kind.RANDOM
                      and all(static[i] for i in n.inputs))
     outputs = set(g.outputs.values())
-    matches, declined = [], []
+    records, matches = [], []
     taken: set = set()
     # a group-limited router's own top-ks (each group's top scores, the kept groups) are
     # part of the router: its record says what became of them
@@ -781,13 +781,12 @@ def fuse_moe_gating(g: Graph, residual: bool = False) -> Graph:
             m = match(n, users, lambda t: static.get(t, False), outputs, residual)
             need(not (m["region"] & taken), "overlaps another router region")
         except NoMatch as e:
-            declined.append((n, {"pass": "fuse_moe_gating", "status": "declined",
-                                 "where": _where(n), "reason": str(e)}))
+            records.append({"pass": "fuse_moe_gating", "status": "declined",
+                            "where": _where(n), "reason": str(e)})
             continue
         m["order"] = [x for x in g.nodes if x in m["region"] or x in m["body_only"]]
         taken |= m["region"]
         matches.append(m)
-    records = [r for _, r in declined]
     regions = []
     for i, m in enumerate(matches):
         name = f"lmc_{_kind(m)}_{i}"

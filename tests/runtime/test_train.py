@@ -310,14 +310,6 @@ def test_data_directory(tmp_path, corpus):
 MINIMAX = os.path.join(ZOO, "minimax.yaml")
 
 
-@pytest.fixture
-def small_ids(tmp_path):
-    """Pretokenized data with ids below the tiny preset's vocab (512)."""
-    data = tmp_path / "ids.bin"
-    np.random.default_rng(1).integers(0, 500, 8000).astype(np.uint32).tofile(data)
-    return str(data)
-
-
 def _moe_args(out, data, *extra):
     return [MINIMAX, "--train", "--preset", "tiny", "--data", data, "--out", str(out),
             "--batch-size", "4", "--seq-len", "16", "--no-progress", "--log-every", "1",

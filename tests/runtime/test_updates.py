@@ -22,14 +22,6 @@ def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("LMC_CACHE", str(tmp_path / "cache"))
 
 
-@pytest.fixture
-def small_ids(tmp_path):
-    """Pretokenized data with ids below the tiny preset's vocab (512)."""
-    data = tmp_path / "ids.bin"
-    np.random.default_rng(1).integers(0, 500, 8000).astype(np.uint32).tofile(data)
-    return str(data)
-
-
 def test_load_balance_lowers_the_overloaded_and_raises_the_underloaded():
     m = torch.nn.Module()
     m.a = torch.nn.Parameter(torch.tensor([0.5, 0.0, 0.0, -0.5]), requires_grad=False)
