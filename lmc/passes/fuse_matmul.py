@@ -544,6 +544,11 @@ def fuse_matmul(g: Graph) -> Graph:
     outputs = set(g.outputs.values())
     group_of: Dict[Node, int] = {}
     groups: List[_Group] = []
+    # a source's cast (a vector parameter's, under mixed precision): an epilogue may read
+    # one that stands after its matmul; it is moved up to the matmul (below). (Not every
+    # value of sources alone: in a backward that would let epilogues take chains that fuse
+    # better as a reduction's prologue.)
+    static = {n: n.op is Op.CAST and is_source(n.inputs[0]) for n in g.nodes}
 
     def add(n: Node, gid: int):
         groups[gid].members.append(n)
@@ -584,8 +589,8 @@ def fuse_matmul(g: Graph) -> Graph:
                 reasons.append(f"epilogue {n.op.value} broadcasts the matmul result to a "
                                f"larger shape")
                 continue
-            late = [y for y in n.inputs
-                    if group_of.get(y) != gid and order[y] >= grp.first and not is_source(y)]
+            late = [y for y in n.inputs if group_of.get(y) != gid and order[y] >= grp.first
+                    and not is_source(y) and not static[y]]
             if late:
                 inside = set(grp.members)
                 if any(_depends_on(y, inside, order, grp.first) for y in late):
@@ -609,6 +614,18 @@ def fuse_matmul(g: Graph) -> Graph:
     _trim_epilogues(groups, users, outputs, declined)
     hoist = _merge_siblings(groups, order, users, outputs, declined)
     _take_prologues(groups, users, outputs)
+    if hoist:
+        g = _hoisted(g, hoist, order)
+        order = {n: i for i, n in enumerate(g.nodes)}
+    hoist = {}
+    for grp in groups:      # the static values a group reads, moved up to its first matmul
+        if not grp.members:
+            continue
+        first, inside = grp.matmuls[0], set(grp.members)
+        for y in {y for m in grp.members for y in m.inputs if y not in inside}:
+            if static.get(y) and order[y] > order[first]:
+                cone = hoist.setdefault(first, [])
+                cone.extend(c for c in _late_cone(y, first, order) if c not in cone)
     if hoist:
         g = _hoisted(g, hoist, order)
         order = {n: i for i, n in enumerate(g.nodes)}

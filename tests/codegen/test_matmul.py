@@ -733,6 +733,44 @@ def test_declined_sites_say_why_and_still_run():
     assert len(_mm_kernels(p)) == 1
 
 
+def test_a_parameter_cast_standing_after_the_matmul_joins_its_epilogue():
+    """Mixed precision casts a vector parameter down where its reader stands, after the
+    matmul (RWKV-6's token-shift mix x + sx * (mu + m @ W), the add in f16): the cast is
+    moved up to the matmul, so the epilogue takes add+cast+mul+add and no kernel stores the
+    product. Without the move the epilogue declined ('reads cast, which is computed after
+    the matmul'). A value computed from an activation after the matmul still declines."""
+    b = Builder({}, {})
+    m = b.input("m", [B, T, 8], "f16")
+    w = b.input("w", [8, 40], "f16")
+    mu = b.input("mu", [40], "f32")
+    x = b.input("x", [B, T, 40], "f32")
+    sx = b.input("sx", [B, T, 40], "f32")
+    mm = m @ w
+    mu16 = b.cast(mu, "f16")
+    mix = x + sx * b.cast(mm + mu16, "f32")
+    g = Graph("mix", b.nodes, {"y": mix.node})
+    assert g.nodes.index(mm.node) < g.nodes.index(mu16.node)
+    gen = torch.Generator().manual_seed(6)
+    for bb, tt in [(1, 1), (2, 9)]:
+        vals = {"m": rand(bb, tt, 8, dtype="f16", gen=gen),
+                "w": rand(8, 40, dtype="f16", gen=gen), "mu": rand(40, gen=gen),
+                "x": rand(bb, tt, 40, gen=gen), "sx": rand(bb, tt, 40, gen=gen)}
+        p = check(g, vals, "f16", kernels=1)
+    fused = [f["reason"] for f in p.graph.meta["fusions"]
+             if f["pass"] == "fuse_matmul" and f["status"] == "fused"]
+    assert fused == ["matmul+add+cast+mul+add"], fused
+    assert not any(n.op is Op.FUSED and n.attrs["kind"] == "pointwise"
+                   and len(n.attrs["body"].nodes) > 3 for n in p.graph.nodes), p.graph
+    b = Builder({}, {})
+    m = b.input("m", [B, T, 8], "f16")
+    w = b.input("w", [8, 40], "f16")
+    v = b.input("v", [B, T, 40], "f32")
+    mm = m @ w
+    late = b.cast(b.exp(v), "f16")         # an activation's cast: not moved
+    g = Graph("late", b.nodes, {"y": (mm + late).node, "e": late.node})
+    assert any("computed after the matmul" in r for r in _declines(g))
+
+
 def test_symbolic_sizes_reuse_one_kernel():
     b = Builder({}, {})
     x = b.input("x", [B, T, 24], "f32")
