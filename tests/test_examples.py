@@ -6,7 +6,8 @@ router and a shared expert; a Mamba-2-style state-space model: a short causal co
 SSD, decayed linear attention with q and k shared by the heads; a gpt-oss-style model:
 attention sinks, sliding-window layers; a Differential Transformer: the difference of two
 attention maps weighting one set of values; a GLA model: linear attention with per-channel
-data-dependent decays). `lmc verify` passes on each,
+data-dependent decays; an RWKV-6-style model: exclusive decays and a bonus, data-dependent
+token shifts). `lmc verify` passes on each,
 and the fusions fire on what they hold: plain causal attention with no RoPE, soft-capped
 scores, ALiBi in both forms, sigmoid routing, SSD as chunked linear attention, in training and
 in the decode step."""
@@ -31,7 +32,7 @@ SETS = {"gemma2.yaml": ["attn_cap=1.5"]}
 DECODE = {"gpt2.yaml": "", "gemma2.yaml": ", scores soft-capped at 1.5", "mpt.yaml": ", ALiBi",
           "bloom.yaml": ", ALiBi", "deepseek_moe.yaml": ", scale 0.25", "mamba2.yaml": None,
           "gpt_oss.yaml": ", attention sinks", "diff_transformer.yaml": ", scale 0.25",
-          "gla.yaml": None}
+          "gla.yaml": None, "rwkv6.yaml": None}
 # what the fused attention records say per layer (tiny presets)
 ATTENTION = {
     "gpt2.yaml": ["no rope: causal attention, scale 0.25"] * 2,
@@ -45,6 +46,7 @@ ATTENTION = {
     "deepseek_moe.yaml": ["rope + causal GQA attention (4 heads, 2 kv), scale 0.25"] * 2,
     "mamba2.yaml": [],      # no attention (SSD: tests below)
     "gla.yaml": [],         # no softmax attention (gated linear attention: below)
+    "rwkv6.yaml": [],       # the same (below)
     # two attention maps per layer, each its own flash attention
     "diff_transformer.yaml": ["rope + causal attention, scale 0.25"] * 4,
     "gpt_oss.yaml": ["rope + causal window 5 GQA attention (4 heads, 2 kv) with attention "
@@ -77,13 +79,17 @@ def test_verify_passes(path, sets):
     fused = {"deepseek_moe.yaml": " (2 decode_attention, 2 moe_layer)",
              "mamba2.yaml": " (2 decode_linear_attention)",
              "diff_transformer.yaml": " (4 decode_attention)",
-             "gla.yaml": " (2 decode_gated_linear_attention)"}.get(os.path.basename(path),
+             "gla.yaml": " (2 decode_gated_linear_attention)",
+             "rwkv6.yaml": " (2 decode_gated_linear_attention)"}.get(os.path.basename(path),
                                                                   " (2 decode_attention)")
     assert f"triton k in [1, 5]{fused}:" in rows[-1].detail, rows[-1].detail
     if "window=5" in sets or "mamba2" in path:  # rings; SSD and convolution states: no growth
         assert "state 4 tensors, 0 B/token + " in rows[-1].detail, rows[-1].detail
     if "gla" in path:       # one d_k x d_v state per layer, no cache
         assert "state 2 tensors, 0 B/token + " in rows[-1].detail, rows[-1].detail
+    if "rwkv6" in path:     # per layer the state and five shifted inputs (x twice, k, v, g)
+        assert "state 12 tensors, 0 B/token + 10,752 B/sequence" in rows[-1].detail, \
+            rows[-1].detail
     if "gpt_oss" in path:   # the window-5 layer's K, V in 5-slot rings (sinks and all)
         assert "state 4 tensors, 256 B/token + 1,280 B/sequence" in rows[-1].detail, \
             rows[-1].detail
@@ -230,13 +236,28 @@ def _linear_attention_program(g, bwd_kind: str):
     return prog
 
 
+def _decode_runs_recurrent_ops(graph, states):
+    """The decode step of `graph`, with f32 and bf16 weights, dynamic and static, keeps
+    `states` ((kind, shape at batch 1), sorted) and runs one fused recurrent op in each of
+    the two layers; returns the last step's records."""
+    from lmc.passes.fuse_decode_linear_attention import fuse_decode_linear_attention
+    from lmc.passes.mixed_precision import low_precision_weights
+    low = low_precision_weights(graph, "bf16")
+    for static, g in ((False, graph), (True, graph), (False, low), (True, low)):
+        step = decode_step(g, static=static)
+        assert sorted((s.kind, tuple(s.concrete(1))) for s in step.states) == states
+        recs = [r for r in fuse_decode_linear_attention(step.graph).meta["fusions"]
+                if r["pass"] == "fuse_decode_linear_attention"]
+        assert [r["status"] for r in recs] == ["fused"] * 2, recs
+    return recs
+
+
 def test_mamba2_ssd_fuses_in_training_and_decode():
     """mamba2: each layer's SSD (C and B shared by the heads, per-token decays dt * A) is one
     chunked linear attention in the training program, forward and backward, also under mixed
     precision, and one recurrent op in the decode step; its convolution decodes from the
     last d_conv - 1 inputs (a constant-size state, as SSD's)."""
-    from lmc.passes.fuse_decode_linear_attention import fuse_decode_linear_attention
-    from lmc.passes.mixed_precision import low_precision_weights, mixed_precision
+    from lmc.passes.mixed_precision import mixed_precision
     model = lmc.load(os.path.join(EXAMPLES, "mamba2.yaml"), preset="tiny")
     for g in (model.graph, mixed_precision(model.graph, "bf16")):
         prog = _linear_attention_program(g, "linear_attention_bwd")
@@ -247,14 +268,8 @@ def test_mamba2_ssd_fuses_in_training_and_decode():
         # by their kernels into the concatenation's buffer (no concat runs)
         src = prog.backward_exec.program_source
         assert src.count("concat written by its pieces' kernels") == 4, src
-    low = low_precision_weights(model.graph, "bf16")
-    for static, graph in ((False, model.graph), (True, model.graph), (False, low), (True, low)):
-        step = decode_step(graph, static=static)
-        assert sorted((s.kind, tuple(s.concrete(1))) for s in step.states) == \
-            [("shift", (1, 3, 160))] * 2 + [("state", (1, 8, 16, 16))] * 2
-        recs = [r for r in fuse_decode_linear_attention(step.graph).meta["fusions"]
-                if r["pass"] == "fuse_decode_linear_attention"]
-        assert [r["status"] for r in recs] == ["fused"] * 2, recs
+    _decode_runs_recurrent_ops(model.graph, [("shift", (1, 3, 160))] * 2
+                               + [("state", (1, 8, 16, 16))] * 2)
 
 
 def test_gla_runs_chunked_kernels_in_training_and_a_constant_state_in_decode():
@@ -268,17 +283,8 @@ def test_gla_runs_chunked_kernels_in_training_and_a_constant_state_in_decode():
         prog = _linear_attention_program(g, "gated_linear_attention_bwd")
         assert all(r["reason"].startswith("gated: ") for r in prog.forward_exec.graph.meta[
             "fusions"] if r["pass"] == "fuse_linear_attention")
-    from lmc.passes.fuse_decode_linear_attention import fuse_decode_linear_attention
-    from lmc.passes.mixed_precision import low_precision_weights
-    low = low_precision_weights(model.graph, "bf16")
-    for static, graph in ((False, model.graph), (True, model.graph), (False, low), (True, low)):
-        step = decode_step(graph, static=static)
-        assert [(s.kind, s.concrete(1)) for s in step.states] == \
-            [("state", [1, 2, 16, 32])] * 2
-        recs = [r for r in fuse_decode_linear_attention(step.graph).meta["fusions"]
-                if r["pass"] == "fuse_decode_linear_attention"]
-        assert [r["status"] for r in recs] == ["fused"] * 2, recs
-        assert all(r["reason"].startswith("gated: 2 heads, state 16x32") for r in recs)
+    recs = _decode_runs_recurrent_ops(model.graph, [("state", (1, 2, 16, 32))] * 2)
+    assert all(r["reason"].startswith("gated: 2 heads, state 16x32") for r in recs)
 
 
 def test_gla_long_prompt_chunks_continue_the_state(monkeypatch):
@@ -312,3 +318,51 @@ def test_gla_long_prompt_chunks_continue_the_state(monkeypatch):
         worst = max(worst, (logits - full[:, lo:hi]).abs().max().item())
     assert chunked == [True, True]          # the 30-token chunk, once per layer
     assert worst < 1e-4, worst
+
+
+RWKV6 = os.path.join(EXAMPLES, "rwkv6.yaml")
+
+
+@pytest.mark.parametrize("overrides", [{}, {"layers": 3, "head_size": 32}],
+                         ids=["tiny", "3-layers-head-32"])
+def test_rwkv6_equals_a_handwritten_recurrent_rwkv6(overrides):
+    """rwkv6's parallel form (gated linear attention over keys, values and log-decays one
+    token later, plus the bonus) equals RWKV-6 computed as its reference kernel does, token
+    by token with the state read before the update (tests/reference_rwkv6.py), on the torch
+    backend and on the triton one (the chunked kernels, T = 37: two chunks and a ragged
+    third). The output projections are scaled up so the mixer dominates the logits; the
+    same recurrence reading the state after the update (inclusive decays) is far off."""
+    import reference_rwkv6 as ref
+    import torch
+    from conftest import weights
+
+    ids = torch.randint(0, 512, (2, 37), generator=torch.Generator().manual_seed(4))
+    for backend in ("torch", "triton"):
+        model = lmc.load(RWKV6, preset="tiny", seed=6, backend=backend, **overrides).eval()
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("att.wo"):
+                    p.mul_(30.0)
+            got = model(ids)
+            want = ref.forward(weights(model), ids, model.config)
+            inclusive = ref.forward(weights(model), ids, model.config, inclusive=True)
+        got = got["logits"] if isinstance(got, dict) else got
+        tol = 1e-5 * max(want.abs().max().item(), 1.0)
+        assert (got - want).abs().max().item() < tol, backend
+        assert (got - inclusive).abs().max().item() > 100 * tol, backend
+
+
+def test_rwkv6_runs_chunked_kernels_in_training_and_a_constant_state_in_decode():
+    """rwkv6: each layer's time mix is one chunked gated_linear_attention op in the training
+    program (f32 and bf16), its backward one gated_linear_attention_bwd; the decode step
+    keeps per layer one fp32 head_size x head_size state per head and the five shifted
+    inputs, the mixer one recurrent op (f32 and bf16 weights, dynamic and static)."""
+    from lmc.passes.mixed_precision import mixed_precision
+    model = lmc.load(RWKV6, preset="tiny")
+    for g in (model.graph, mixed_precision(model.graph, "bf16")):
+        prog = _linear_attention_program(g, "gated_linear_attention_bwd")
+        assert all(r["reason"].startswith("gated: ") for r in prog.forward_exec.graph.meta[
+            "fusions"] if r["pass"] == "fuse_linear_attention")
+    recs = _decode_runs_recurrent_ops(model.graph, [("shift", (1, 1, 64))] * 10
+                                      + [("state", (1, 4, 16, 16))] * 2)
+    assert all(r["reason"].startswith("gated: 4 heads, state 16x16") for r in recs)
