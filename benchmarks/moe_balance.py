@@ -24,9 +24,11 @@ ROOT = os.path.dirname(HERE)
 MODEL = os.path.join(ROOT, "examples", "deepseek_moe.yaml")
 
 
-def imbalance(rec, layers):
+def imbalance(rec, experts):
+    """Busiest expert / mean load, per MoE block (the layers', then the multi-token
+    prediction block's)."""
     import numpy as np
-    load = np.asarray(rec["stats"]["expert_tokens"], dtype=float).reshape(layers, -1)
+    load = np.asarray(rec["stats"]["expert_tokens"], dtype=float).reshape(-1, experts)
     return (load.max(1) / load.mean(1)).tolist()
 
 
@@ -46,7 +48,7 @@ def main():
     import torch
 
     from lmc.driver import compile_model
-    layers = compile_model(MODEL, args.preset).graph.meta["config"]["layers"]
+    experts = compile_model(MODEL, args.preset).graph.meta["config"]["experts"]
     lmc_bin = os.path.join(os.path.dirname(sys.executable), "lmc")
     runs = {}
     for rate in (float(r) for r in args.rates.split(",")):
@@ -60,7 +62,7 @@ def main():
         print("$", " ".join(shown), flush=True)
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
         recs = [json.loads(ln) for ln in open(os.path.join(out, "metrics.jsonl"))]
-        per_step = np.asarray([imbalance(r, layers) for r in recs])   # [steps, layers]
+        per_step = np.asarray([imbalance(r, experts) for r in recs])  # [steps, blocks]
         last = per_step[-len(per_step) // 4:]
         runs[name] = {"rate": rate, "command": " ".join(shown[1:]),
                       "imbalance_mean_last_quarter": float(last.mean()),
@@ -69,7 +71,7 @@ def main():
                       "final_train_loss": recs[-1]["train_loss"],
                       "val_loss": recs[-1].get("val_loss"),
                       "curve": per_step.mean(1).tolist()}
-        print(f"  rate {rate:g}: busiest expert / mean, layers averaged: first step "
+        print(f"  rate {rate:g}: busiest expert / mean, MoE blocks averaged: first step "
               f"{runs[name]['imbalance_first_step']:.2f}, last quarter mean "
               f"{runs[name]['imbalance_mean_last_quarter']:.2f} (worst "
               f"{runs[name]['imbalance_worst_last_quarter']:.2f}); final train loss "
@@ -83,7 +85,7 @@ def main():
         ax.plot(range(1, len(r["curve"]) + 1), r["curve"], label=f"balance_rate={r['rate']:g}")
     ax.set_xlabel("step")
     ax.set_ylabel("busiest expert / mean load")
-    ax.set_title(f"deepseek_moe ({args.preset}): expert load, layers averaged")
+    ax.set_title(f"deepseek_moe ({args.preset}): expert load, MoE blocks averaged")
     ax.legend()
     fig.tight_layout()
     chart = os.path.join(args.out, "loads.png") if args.no_record else \

@@ -356,7 +356,12 @@ def format_summary(s, explain: bool = False) -> str:
         f"update      {u['rule']}: {len(u['params'])} params ({u['params'][0]}"
         + (", ..." if len(u["params"]) > 1 else "") + f") by {u['load']}, rate {u['rate']:g}"
         for u in s.get("updates", [])
-    ] + [
+    ] + ([
+        "loss        cross-entropy + " + " + ".join(
+            f"{a['coef']:g} {a['name']}" + (f" (cross-entropy of {a['logits']}, "
+                                             f"{a['ahead']} tokens ahead)" if "logits" in a
+                                             else "")
+            for a in s["aux_losses"])] if s.get("aux_losses") else []) + [
         f"compile     {s['compile_s'] * 1000:.0f} ms (frontend {s['frontend_s'] * 1000:.0f} ms)",
         "passes      " + ", ".join(f"{h['pass']} {h['nodes_before']}->{h['nodes_after']}"
                                    for h in s["pass_history"]),

@@ -85,6 +85,9 @@ class Compiled:
             # moved by an update rule after each step (model.updates)
             "updates": [{k: u[k] for k in ("rule", "params", "load", "rate")}
                         for u in g.meta.get("updates") or []],
+            # what training adds to the cross-entropy (model.aux_losses)
+            "aux_losses": [{"name": k, "coef": v, **(g.meta.get("predictions") or {}).get(k, {})}
+                           for k, v in (g.meta.get("aux_losses") or {}).items()],
             "nodes_before": _flat_counts(self.source),
             "nodes_after": g.op_counts(),
             "passes": [h["pass"] for h in self.passes],

@@ -24,7 +24,7 @@ import fnmatch
 import math
 import os
 import re
-from typing import Any, Dict, Iterable, List, Optional, Union
+from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
 from ..errors import LmcError, Loc, UsageError
 from ..ir import init as inits
@@ -565,33 +565,81 @@ def check_block_cycles(blocks: YMap) -> None:
     raise LmcError(f"cyclic block reference: {path}", sites[cycle[-1]])
 
 
-def aux_losses(model: YMap, outputs: Dict[str, Any], scope: Scope) -> Dict[str, float]:
-    """`aux_losses: {output: coefficient}`: scalar outputs the training loss adds, each times
-    its coefficient (a config expression), to the cross-entropy (lmc.passes.loss)."""
+PREDICTION_KEYS = {"logits", "ahead", "coef"}
+
+
+def aux_losses(model: YMap, outputs: Dict[str, Any], scope: Scope,
+               ids=None) -> Tuple[Dict[str, float], Dict[str, dict]]:
+    """`aux_losses: {name: coefficient}`: scalar outputs the training loss adds, each times
+    its coefficient (a config expression), to the cross-entropy (lmc.passes.loss).
+    `{name: {logits: OUTPUT, ahead: k, coef: EXPR}}`: a multi-token prediction loss, the
+    cross-entropy of a logits output against the token k positions ahead (the main logits'
+    is 1), which training computes and logs as `name`. Returns ({name: coef},
+    {name: {"logits": output, "ahead": k}})."""
     spec = model.get("aux_losses")
     if spec is None:
-        return {}
+        return {}, {}
     if not isinstance(spec, YMap):
         raise LmcError("model.aux_losses must map output names to coefficients, e.g. "
                        "{load_balance: lb_coef}", model.val_loc("aux_losses"))
     out: Dict[str, float] = {}
+    predictions: Dict[str, dict] = {}
     for name in spec:
         kl = spec.key_loc(name)
         if name in ("loss", "ce_loss", "targets"):
             raise LmcError(f"aux loss {name!r}: the name is taken by the training loss", kl)
-        if name not in outputs:
-            raise LmcError(f"aux loss {name!r} is not one of the model outputs "
-                           f"({', '.join(outputs)})", kl)
-        t = outputs[name].type
-        if t.rank != 0 or not t.dtype.is_float:
-            raise LmcError(f"aux loss {name!r} must be a floating-point scalar, got {t}", kl)
-        coef = static_eval(spec[name], scope, spec.val_loc(name), what="aux loss coefficient")
+        coef_src, coef_loc = spec[name], spec.val_loc(name)
+        if isinstance(spec[name], YMap):
+            entry = spec[name]
+            for k in entry:
+                if k not in PREDICTION_KEYS:
+                    raise LmcError(f"aux loss {name!r}: unknown key {k!r} (a prediction loss "
+                                   f"takes {', '.join(sorted(PREDICTION_KEYS))})",
+                                   entry.key_loc(k))
+            for k in sorted(PREDICTION_KEYS):
+                if k not in entry:
+                    raise LmcError(f"aux loss {name!r}: a prediction loss needs {k!r} "
+                                   f"({{logits: OUTPUT, ahead: 2, coef: EXPR}})", entry.loc)
+            if name in outputs:
+                raise LmcError(f"aux loss {name!r}: a prediction loss is computed by "
+                               f"training under its own name, which an output already has "
+                               f"(rename one)", kl)
+            lg = entry["logits"]
+            if not isinstance(lg, str) or lg not in outputs:
+                raise LmcError(f"logits {lg!r} is not one of the model outputs "
+                               f"({', '.join(outputs)})", entry.val_loc("logits"))
+            t = outputs[lg].type
+            if ids is not None and (not t.dtype.is_float or t.rank != ids.type.rank + 1
+                                    or tuple(t.shape[:-1]) != tuple(ids.type.shape)):
+                raise LmcError(f"logits {lg!r} must be [{', '.join(map(str, ids.type.shape))}"
+                               f", vocab] scores in a float dtype, got {t}",
+                               entry.val_loc("logits"))
+            ahead = static_eval(entry["ahead"], scope, entry.val_loc("ahead"),
+                                what="prediction offset")
+            if isinstance(ahead, float) and ahead.is_integer():
+                ahead = int(ahead)
+            if isinstance(ahead, bool) or not isinstance(ahead, int) or ahead < 1:
+                raise LmcError(f"ahead must be an integer >= 1 (the token that many positions "
+                               f"after the input's; next-token logits are 1), got {ahead!r}",
+                               entry.val_loc("ahead"))
+            predictions[str(name)] = {"logits": str(lg), "ahead": ahead}
+            coef_src, coef_loc = entry["coef"], entry.val_loc("coef")
+        else:
+            if name not in outputs:
+                raise LmcError(f"aux loss {name!r} is not one of the model outputs "
+                               f"({', '.join(outputs)})", kl)
+            t = outputs[name].type
+            if t.rank != 0 or not t.dtype.is_float:
+                raise LmcError(f"aux loss {name!r} must be a floating-point scalar, got {t} "
+                               f"(a logits output takes {{logits: {name}, ahead: 2, coef: "
+                               f"EXPR}} under a new name)", kl)
+        coef = static_eval(coef_src, scope, coef_loc, what="aux loss coefficient")
         if isinstance(coef, bool) or not isinstance(coef, (int, float)) or \
                 not math.isfinite(coef):
             raise LmcError(f"aux loss {name!r}: the coefficient must be a finite number, got "
-                           f"{coef!r}", spec.val_loc(name))
+                           f"{coef!r}", coef_loc)
         out[str(name)] = float(coef)
-    return out
+    return out, predictions
 
 
 # Update rules: how the trainer moves a parameter outside gradient descent, after each
@@ -735,6 +783,7 @@ def load_graph(path: str, preset: Optional[str] = None, overrides=None,
     if not isinstance(inputs, YMap) or not inputs:
         raise LmcError("model.inputs must name at least one input, e.g. {ids: [B, T]}",
                        model.val_loc("inputs") if "inputs" in model else model.loc)
+    first_input = None
     for name, spec in inputs.items():
         loc = inputs.val_loc(name)
         dtype = "i64"
@@ -747,6 +796,7 @@ def load_graph(path: str, preset: Optional[str] = None, overrides=None,
             scope.locals[name] = b.input(name, shape, dtype)
         except ValueError as e:
             raise LmcError(str(e), loc) from None
+        first_input = first_input or scope.locals[name].node
         b.loc = None
     scope.locals.update(declare_params(model.get("params"), b, scope, model.val_loc("params")))
     if "body" not in model:
@@ -770,9 +820,10 @@ def load_graph(path: str, preset: Optional[str] = None, overrides=None,
         if not isinstance(v, Tensor):
             raise LmcError(f"output {var!r} is not a tensor defined in the model body", loc)
         outputs[str(name)] = v.node
+    losses, predictions = aux_losses(model, outputs, Scope(config), first_input)
     meta = {"source": path, "config": config, "preset": preset,
             "overrides": parse_overrides(overrides), "history": [], "fusions": [],
-            "aux_losses": aux_losses(model, outputs, Scope(config)),
+            "aux_losses": losses, "predictions": predictions,
             "updates": param_updates(model, outputs, _all_params(b.nodes), Scope(config))}
     return Graph(str(doc.get("name", os.path.splitext(os.path.basename(path))[0])),
                  b.nodes, outputs, meta)

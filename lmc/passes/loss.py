@@ -10,6 +10,13 @@ coefficient each (``{load_balance: lb_coef}``; the frontend puts them in
 ``graph.meta["aux_losses"]``). Then ``loss = ce_loss + sum(coef * aux)`` is what training
 optimises, and the cross-entropy alone stays an output, ``ce_loss``, so it can be logged and
 compared with models that have no auxiliary losses. The aux outputs themselves are kept.
+
+Multi-token prediction (DeepSeek-V3's MTP): an aux loss may instead name a logits output and
+an offset (``{mtp: {logits: mtp_logits, ahead: 2, coef: 0.3}}``, in
+``graph.meta["predictions"]``). Its value is the same cross-entropy of those logits against
+the token `ahead` positions after each input's (``targets`` moved ahead - 1 positions
+earlier; the last ahead - 1 positions, whose token lies outside the window, are ignored),
+added as an output under the loss's name.
 """
 from __future__ import annotations
 
@@ -44,9 +51,38 @@ def with_loss(g: Graph, logits: str = "logits") -> Graph:
     b.scope = "loss"
     x = Tensor(lg, b)
     targets = b.input("targets", ids.type.shape, "i64")
+    vocab = x.shape[-1]
+    loss = cross_entropy(b, x, targets)
+    outputs = dict(g.outputs)
+    aux = g.meta.get("aux_losses") or {}
+    predictions = g.meta.get("predictions") or {}
+    if aux:
+        if "ce_loss" in g.outputs:
+            raise LmcError("a model with aux_losses cannot have an output named 'ce_loss' "
+                           "(the training loss adds it)")
+        outputs["ce_loss"] = loss.node
+        for name, coef in aux.items():
+            if name in predictions:
+                p = predictions[name]
+                a = cross_entropy(b, Tensor(g.outputs[p["logits"]], b),
+                                  ahead(b, targets, p["ahead"] - 1))
+                outputs[name] = a.node
+            else:
+                a = Tensor(g.outputs[name], b)
+                a = a if a.dtype.value == "f32" else b.cast(a, "f32")
+            loss = loss + a * float(coef)
+    outputs["loss"] = loss.node
+    out = g.with_nodes(b.nodes, outputs)
+    out.meta["vocab"] = vocab
+    out.meta["loss_appended"] = True
+    return out
+
+
+def cross_entropy(b: Builder, x: Tensor, targets: Tensor) -> Tensor:
+    """Mean cross-entropy of logits x [.., vocab] against targets [..] over the targets >= 0
+    (a negative one is ignored), in fp32."""
     valid = b.cast(targets >= 0, "f32")                            # [B, T]
     safe = b.maximum(targets, 0)
-    vocab = x.shape[-1]
     xf = x if x.dtype.value == "f32" else b.cast(x, "f32")          # loss math in fp32
     lse = b.logsumexp(xf, -1, keepdim=False)                        # [B, T]
     # gather from the logits as they are and widen the B*T picked values, so the fp32 copy
@@ -55,20 +91,15 @@ def with_loss(g: Graph, logits: str = "logits") -> Graph:
     picked = picked if picked.dtype.value == "f32" else b.cast(picked, "f32")
     nll = (lse - b.reshape(picked, list(safe.shape))) * valid
     count = b.maximum(b.sum(b.reshape(valid, [-1]), 0, keepdim=False), 1.0)
-    loss = b.sum(b.reshape(nll, [-1]), 0, keepdim=False) / count
-    outputs = dict(g.outputs)
-    aux = g.meta.get("aux_losses") or {}
-    if aux:
-        if "ce_loss" in g.outputs:
-            raise LmcError("a model with aux_losses cannot have an output named 'ce_loss' "
-                           "(the training loss adds it)")
-        outputs["ce_loss"] = loss.node
-        for name, coef in aux.items():
-            a = Tensor(g.outputs[name], b)
-            a = a if a.dtype.value == "f32" else b.cast(a, "f32")
-            loss = loss + a * float(coef)
-    outputs["loss"] = loss.node
-    out = g.with_nodes(b.nodes, outputs)
-    out.meta["vocab"] = vocab
-    out.meta["loss_appended"] = True
-    return out
+    return b.sum(b.reshape(nll, [-1]), 0, keepdim=False) / count
+
+
+def ahead(b: Builder, targets: Tensor, n: int) -> Tensor:
+    """targets [B, T] moved n positions earlier along T, the last n positions -1 (ignored):
+    position t then holds the token n + 1 after input t."""
+    if n == 0:
+        return targets
+    B, T = targets.shape
+    pad = b.expand(b.const(-1, "i64"), [B, n])
+    # (a window shorter than n + 1 tokens has no such target: every position ignored)
+    return b.concat([b.slice(targets, 1, n, T), pad], 1)

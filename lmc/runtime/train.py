@@ -449,6 +449,11 @@ def train(path: str, preset: Optional[str], overrides, c: TrainConfig) -> Dict[s
     if max_seq is not None and c.seq_len > max_seq:
         raise LmcError(f"--seq-len {c.seq_len} exceeds the model's max_seq {max_seq} "
                        f"(--set max_seq={c.seq_len})")
+    for name, p in (compiled.graph.meta.get("predictions") or {}).items():
+        if c.seq_len < p["ahead"]:
+            raise LmcError(f"--seq-len {c.seq_len} is too short for the aux loss {name!r}: "
+                           f"it predicts {p['ahead']} tokens ahead (--seq-len >= "
+                           f"{p['ahead']})")
     corpus = Corpus.load(c.data, c.tokenizer, enc)
     for split, ids in (("train", corpus.train), ("validation", corpus.val)):
         if len(ids) < c.seq_len + 1:     # checked here, before a step (get_batch checks too)

@@ -95,13 +95,14 @@ name: aux
 config: {vocab: 16, d: 8, coef: 0.5}
 model:
   inputs: {ids: [B, T]}
-  params: {embed: [vocab, d], head: [d, vocab]}
+  params: {embed: [vocab, d], head: [d, vocab], head2: [d, vocab]}
   body:
     - x = embedding(embed, ids)
     - logits = x @ head
     - penalty = mean(reshape(x * x, [B * T * d]), 0, keepdim=False)
     - per_token = sum(x, -1)
-  outputs: [logits, penalty, per_token]
+    - mtp_logits = tanh(x + embedding(embed, concat([ids[:, 1:], ids[:, :1]], 1))) @ head2
+  outputs: [logits, penalty, per_token, mtp_logits]
   aux_losses: {AUX}
 """
 
@@ -131,6 +132,22 @@ def test_coefficient_is_a_config_expression(tmp_path):
     ("{penalty: inf}", "the coefficient must be a finite number", 25),
     ("{loss: 1}", "the name is taken by the training loss", 16),
     ("[penalty]", "model.aux_losses must map output names to coefficients", 15),
+    ("{mtp_logits: 1}", "must be a floating-point scalar, got f32[B,T,16] (a logits output "
+     "takes {logits: mtp_logits, ahead: 2, coef: EXPR} under a new name)", 16),
+    ("{mtp: {logits: mtp_logits, ahead: 2}}", "a prediction loss needs 'coef'", 21),
+    ("{mtp: {logits: mtp_logits, ahead: 2, coef: 1, depth: 1}}", "unknown key 'depth'", 61),
+    ("{mtp: {logits: nothing, ahead: 2, coef: 1}}",
+     "logits 'nothing' is not one of the model outputs", 30),
+    ("{mtp: {logits: penalty, ahead: 2, coef: 1}}",
+     "logits 'penalty' must be [B, T, vocab] scores in a float dtype, got f32[]", 30),
+    ("{mtp: {logits: mtp_logits, ahead: 0, coef: 1}}", "ahead must be an integer >= 1", 49),
+    ("{mtp: {logits: mtp_logits, ahead: 1.5, coef: 1}}", "ahead must be an integer >= 1",
+     49),
+    ("{mtp: {logits: mtp_logits, ahead: 2, coef: 1.0e999}}",
+     "the coefficient must be a finite number", 58),
+    ("{penalty: {logits: mtp_logits, ahead: 2, coef: 1}}",
+     "a prediction loss is computed by training under its own name, which an output "
+     "already has", 16),
 ])
 def test_bad_aux_losses_give_one_located_line(tmp_path, capsys, aux, message, col):
     path = _write(tmp_path, aux)
@@ -140,6 +157,44 @@ def test_bad_aux_losses_give_one_located_line(tmp_path, capsys, aux, message, co
     line = MODEL.splitlines().index("  aux_losses: {AUX}") + 1
     assert err.startswith(f"{path}:{line}:{col}: error:"), err
     assert message in err
+
+
+@pytest.mark.parametrize("ahead", [1, 2, 3])
+def test_a_prediction_loss_is_the_cross_entropy_of_the_token_ahead(tmp_path, ahead):
+    """`{mtp: {logits: mtp_logits, ahead: k, coef: c}}`: training outputs `mtp`, the mean
+    cross-entropy of mtp_logits at position t against the token k after input t (targets
+    t + k - 1; the last k - 1 positions and the ignored targets left out), and adds c times
+    it to the loss; lmc's gradients of that loss equal torch autograd's."""
+    path = _write(tmp_path, f"{{penalty: coef, mtp: {{logits: mtp_logits, ahead: {ahead}, "
+                            f"coef: 0.25}}}}")
+    g = run_pipeline(with_loss(lmc.compile_model(path).graph))
+    assert g.meta["aux_losses"] == {"penalty": 0.5, "mtp": 0.25}
+    assert g.meta["predictions"] == {"mtp": {"logits": "mtp_logits", "ahead": ahead}}
+    gen = torch.Generator().manual_seed(ahead)
+    ids = torch.randint(0, 16, (3, 9), generator=gen)
+    targets = torch.randint(0, 16, (3, 9), generator=gen)
+    targets[1, 4] = targets[2, -1] = -1                  # ignored, mid-window and last
+    grads = []
+    for autodiff in ("lmc", "torch"):
+        model = LmcModel(g, seed=1, autodiff=autodiff)
+        with torch.no_grad():         # confident logits, so the target's position matters
+            model.embed.mul_(30.0)
+            model.head2.mul_(100.0)
+        out = model(ids, targets=targets)
+        out["loss"].backward()
+        grads.append({k: p.grad for k, p in model.named_parameters()})
+    n = ahead - 1
+    lg = out["mtp_logits"].detach()[:, :9 - n]
+    want = F.cross_entropy(lg.reshape(-1, 16), targets[:, n:].reshape(-1), ignore_index=-1)
+    assert torch.allclose(out["mtp"], want, rtol=1e-6, atol=1e-6)
+    assert torch.allclose(out["loss"], out["ce_loss"] + 0.5 * out["penalty"]
+                          + 0.25 * out["mtp"], rtol=1e-6, atol=1e-6)
+    if n:       # the unshifted cross-entropy of those logits differs: the test can tell
+        flat = out["mtp_logits"].detach().reshape(-1, 16)
+        assert abs(F.cross_entropy(flat, targets.reshape(-1), ignore_index=-1) - want) > 1e-3
+    for k in grads[0]:
+        assert torch.allclose(grads[0][k], grads[1][k], rtol=1e-4, atol=1e-6), k
+    assert grads[0]["head2"].abs().max() > 1e-4     # the prediction loss trains its head
 
 
 def test_training_from_the_loss_alone_equals_every_output_taking_a_cotangent():

@@ -35,8 +35,10 @@ def test_load_balance_lowers_the_overloaded_and_raises_the_underloaded():
 
 
 def test_training_moves_each_bias_by_its_layers_logged_loads(tmp_path, small_ids):
-    """Three steps of examples/deepseek_moe (tiny): the final biases equal the rule applied
-    to each step's logged tokens per expert, in order."""
+    """Three steps of examples/deepseek_moe (tiny): the final biases (both layers' and the
+    multi-token prediction block's) equal the rule applied to each step's logged tokens per
+    expert, in order. The step logs its aux losses, the multi-token prediction's among
+    them."""
     out = tmp_path / "ds"
     assert main(["run", DEEPSEEK, "--train", "--preset", "tiny", "--data", small_ids,
                  "--out", str(out), "--batch-size", "4", "--seq-len", "16", "--steps", "3",
@@ -44,23 +46,29 @@ def test_training_moves_each_bias_by_its_layers_logged_loads(tmp_path, small_ids
                  "--set", "balance_rate=0.01"]) == 0
     recs = [json.loads(ln) for ln in open(out / "metrics.jsonl")]
     assert [r["step"] for r in recs] == [1, 2, 3]
-    layers, experts, k = 2, 8, 4
+    layers, experts, k = 3, 8, 4
     want = np.zeros((layers, experts))
     for r in recs:
+        assert set(r["aux_losses"]) == {"seq_balance", "mtp"}
+        assert 5.0 < r["aux_losses"]["mtp"] < 7.0      # about ln 512 at the start
         load = np.asarray(r["stats"]["expert_tokens"], dtype=float).reshape(layers, experts)
         assert (load.sum(1) == 4 * 16 * k).all()       # every token picked k experts
         want += 0.01 * np.sign(load.mean(1, keepdims=True) - load)
     assert np.abs(want).max() > 0                      # the loads were uneven
     from safetensors.torch import load_file
     w = load_file(str(out / (out / "latest").read_text().strip() / "model.safetensors"))
-    for i in range(layers):
-        np.testing.assert_allclose(w[f"layers.{i}.moe.balance"].numpy(), want[i], atol=1e-7)
+    names = ["layers.0.moe.balance", "layers.1.moe.balance", "mtp.moe.balance"]
+    for i, name in enumerate(names):
+        np.testing.assert_allclose(w[name].numpy(), want[i], atol=1e-7)
 
 
 def test_compile_summary_lists_the_update(capsys):
     assert main(["compile", DEEPSEEK, "--preset", "tiny"]) == 0
-    assert ("update      load_balance: 2 params (layers.0.moe.balance, ...) by expert_tokens, "
-            "rate 0.001") in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert ("update      load_balance: 3 params (layers.0.moe.balance, ...) by expert_tokens, "
+            "rate 0.001") in out
+    assert ("loss        cross-entropy + 0.0001 seq_balance + 0.3 mtp (cross-entropy of "
+            "mtp_logits, 2 tokens ahead)") in out
 
 
 MODEL = """\
@@ -133,3 +141,15 @@ def test_a_parameter_in_two_updates_is_refused(tmp_path):
     with pytest.raises(LmcError, match=r"layers.0.g.bias is in two updates \(the other at "
                                        r".*m.yaml:27"):
         load_graph(str(f))
+
+
+def test_a_window_too_short_for_the_prediction_loss_is_refused(tmp_path, small_ids, capsys):
+    """deepseek_moe predicts 2 tokens ahead: a 1-token window holds no such target, so
+    training refuses it in one line before a step."""
+    assert main(["run", DEEPSEEK, "--train", "--preset", "tiny", "--data", small_ids,
+                 "--out", str(tmp_path / "o"), "--seq-len", "1", "--steps", "1",
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("lmc: error: --seq-len 1 is too short for the aux loss 'mtp': it predicts "
+                   "2 tokens ahead (--seq-len >= 2)"), err
+    assert not (tmp_path / "o").exists()
