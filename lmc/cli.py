@@ -611,7 +611,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--decode-batch", type=int, default=8, help="the larger decode batch")
     b.add_argument("--out", default="runs/bench", metavar="DIR")
     b.add_argument("--quick", action="store_true",
-                   help="the tiny preset, B=2 T=16, 1 timed step after 1 warm-up, 2 decode "
+                   help="the tiny preset, B=2 T=16, 1 timed step and no warm-up, 2 decode "
                         "tokens (overrides --steps/--warmup): checks the harness in well "
                         "under a minute on a CPU")
     b.add_argument("--import", dest="imports", action="append", metavar="PY")

@@ -39,7 +39,7 @@ MODELS = [
     # outside the zoo (examples/): no RoPE with a biased q/k/v projection, soft-capped
     # scores with QK-norm (a cap that saturates), ALiBi (with a window too; BLOOM's form),
     # a sigmoid MoE router, SSD (linear attention with q and k shared by the heads),
-    # attention sinks, differential attention
+    # attention sinks, differential attention, gated linear attention (GLA's, RWKV-6's)
     ("examples/gpt2.yaml", {}, {"rope_attention"}, False),
     ("examples/gemma2.yaml", {"attn_cap": 1.5}, {"rope_attention"}, False),
     ("examples/mpt.yaml", {}, {"rope_attention"}, False),
@@ -50,6 +50,7 @@ MODELS = [
     ("examples/gpt_oss.yaml", {}, {"rope_attention"}, False),
     ("examples/diff_transformer.yaml", {}, {"rope_attention"}, False),
     ("examples/gla.yaml", {}, {"gated_linear_attention"}, False),
+    ("examples/rwkv6.yaml", {}, {"gated_linear_attention"}, False),
 ]
 IDS = [f"{os.path.basename(f)[:-5]}{''.join(f'-{k}{v}' for k, v in o.items())}"
        for f, o, _, _ in MODELS]
