@@ -831,6 +831,8 @@ def matmul_graph(draw):
     live = [x @ w]                # values computed from a matmul: what the epilogue chains on
     vals = live + [b.input("r", [n], "f32"), b.input("c", [B, m, 1], "f32"),
                    b.input("e", [B, m, n], "f32")]
+    shapes["r16"] = [n]           # an f16 vector whose widening cast stands after the matmul
+    r16 = b.input("r16", [n], "f16")
     if draw(st.booleans()):   # a second matmul sharing A
         shapes["w3"] = [k, n]
         live.append(x @ b.input("w3", [k, n], "f32"))
@@ -841,7 +843,9 @@ def matmul_graph(draw):
         if kind == "un":
             v = getattr(b, draw(st.sampled_from(_UN)))(a)
         elif kind == "bin":
-            v = getattr(b, draw(st.sampled_from(_BIN)))(a, draw(st.sampled_from(vals)))
+            other = draw(st.sampled_from(vals + ["cast"]))
+            other = b.cast(r16, "f32") if isinstance(other, str) else other
+            v = getattr(b, draw(st.sampled_from(_BIN)))(a, other)
         else:
             v = a * draw(st.floats(-2, 2, allow_nan=False)) + 0.5
         live.append(b.clamp(v, -30.0, 30.0))
@@ -857,6 +861,7 @@ def test_random_matmul_epilogue_graphs_match_the_oracle(gs, batch, seed):
     gen = torch.Generator().manual_seed(seed)
     vals = {k: torch.randn(*[batch if d == B else d for d in s], generator=gen) * 0.5
             for k, s in shapes.items()}
+    vals["r16"] = vals["r16"].half()
     ctx = RefCtx(dims=bind_dims(g, vals))
     want = run_graph(g, vals, ctx)
     p = TritonProgram(g)
