@@ -56,7 +56,17 @@ def mixed_graph(draw):
 def _check_forward_and_gradients(g, vals, gen):
     """The triton program of g (generated kernels in the interpreter, the generated wrapper)
     equals the oracle on vals, forward and gradients (the backward graph compiled the same
-    way, random cotangents)."""
+    way, random cotangents).
+
+    A gradient element passes when it is close to the fp32 oracle's; failing that, the whole
+    gradient passes when it is at most twice as far from the fp64 truth (the forward and the
+    backward run in fp64 from the same inputs and cotangents) as the fp32 oracle is. Chains
+    of matmuls give gradients in the thousands whose elements can cancel to a few units:
+    there the two fp32 programs, each fed its own forward's saved values (which differ in
+    the last bit), disagree by their rounding, amplified, while a wrong kernel is off by
+    the value itself (hypothesis seed 360, 2026-12-06: dW up to 3902, the triton program
+    2.9e-3 from the oracle at an element of 4.9; from fp64 it was 1.28e-3, the oracle
+    1.65e-3)."""
     ctx = RefCtx(dims=bind_dims(g, vals))
     want = run_graph(g, vals, ctx)
     got = TritonProgram(g).run(vals, ctx)
@@ -73,8 +83,19 @@ def _check_forward_and_gradients(g, vals, gen):
     ref_bound.update({k: v for k, v in bound.items() if k.startswith("grad:")})
     got_g = TritonProgram(back, label="backward").run(bound, ctx)
     want_g = run_graph(back, ref_bound, ctx)
+    truth = None
     for k in want_g:
-        torch.testing.assert_close(got_g[k], want_g[k], rtol=1e-4, atol=1e-4)
+        if torch.allclose(got_g[k], want_g[k], rtol=1e-4, atol=1e-4):
+            continue
+        if truth is None:
+            wide = {n: v.double() if v.is_floating_point() else v for n, v in vals.items()}
+            fw64 = run_graph(prog.forward, wide, ctx)
+            truth = run_graph(back, {**{s: fw64[s] for s in prog.saved},
+                                     **{n: v.double() for n, v in bound.items()
+                                        if n.startswith("grad:")}}, ctx)
+        err = (got_g[k].double() - truth[k]).abs().max().item()
+        floor = (want_g[k].double() - truth[k]).abs().max().item()
+        assert err <= 2 * floor, (k, err, floor)
 
 
 @settings(max_examples=15, deadline=None)
