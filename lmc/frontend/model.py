@@ -568,6 +568,47 @@ def check_block_cycles(blocks: YMap) -> None:
 PREDICTION_KEYS = {"logits", "ahead", "coef"}
 
 
+def _check_keys(m: YMap, keys, unknown, missing) -> None:
+    """m holds exactly `keys`; `unknown(k)` and `missing(k)` word the error, at the stray key
+    or at the mapping."""
+    for k in m:
+        if k not in keys:
+            raise LmcError(unknown(k), m.key_loc(k))
+    for k in sorted(keys):
+        if k not in m:
+            raise LmcError(missing(k), m.loc)
+
+
+def _prediction(name, entry: YMap, kl: Loc, outputs: Dict[str, Any], scope: Scope, ids):
+    """A multi-token prediction entry {logits, ahead, coef} of aux loss `name`, checked:
+    {"logits": output, "ahead": k}."""
+    _check_keys(entry, PREDICTION_KEYS,
+                lambda k: f"aux loss {name!r}: unknown key {k!r} (a prediction loss takes "
+                          f"{', '.join(sorted(PREDICTION_KEYS))})",
+                lambda k: f"aux loss {name!r}: a prediction loss needs {k!r} "
+                          f"({{logits: OUTPUT, ahead: 2, coef: EXPR}})")
+    if name in outputs:
+        raise LmcError(f"aux loss {name!r}: a prediction loss is computed by training under "
+                       f"its own name, which an output already has (rename one)", kl)
+    lg = entry["logits"]
+    if not isinstance(lg, str) or lg not in outputs:
+        raise LmcError(f"logits {lg!r} is not one of the model outputs "
+                       f"({', '.join(outputs)})", entry.val_loc("logits"))
+    t = outputs[lg].type
+    if ids is not None and (not t.dtype.is_float or t.rank != ids.type.rank + 1
+                            or tuple(t.shape[:-1]) != tuple(ids.type.shape)):
+        raise LmcError(f"logits {lg!r} must be [{', '.join(map(str, ids.type.shape))}, vocab] "
+                       f"scores in a float dtype, got {t}", entry.val_loc("logits"))
+    ahead = static_eval(entry["ahead"], scope, entry.val_loc("ahead"), what="prediction offset")
+    if isinstance(ahead, float) and ahead.is_integer():
+        ahead = int(ahead)
+    if isinstance(ahead, bool) or not isinstance(ahead, int) or ahead < 1:
+        raise LmcError(f"ahead must be an integer >= 1 (the token that many positions after "
+                       f"the input's; next-token logits are 1), got {ahead!r}",
+                       entry.val_loc("ahead"))
+    return {"logits": str(lg), "ahead": ahead}
+
+
 def aux_losses(model: YMap, outputs: Dict[str, Any], scope: Scope,
                ids=None) -> Tuple[Dict[str, float], Dict[str, dict]]:
     """`aux_losses: {name: coefficient}`: scalar outputs the training loss adds, each times
@@ -591,38 +632,7 @@ def aux_losses(model: YMap, outputs: Dict[str, Any], scope: Scope,
         coef_src, coef_loc = spec[name], spec.val_loc(name)
         if isinstance(spec[name], YMap):
             entry = spec[name]
-            for k in entry:
-                if k not in PREDICTION_KEYS:
-                    raise LmcError(f"aux loss {name!r}: unknown key {k!r} (a prediction loss "
-                                   f"takes {', '.join(sorted(PREDICTION_KEYS))})",
-                                   entry.key_loc(k))
-            for k in sorted(PREDICTION_KEYS):
-                if k not in entry:
-                    raise LmcError(f"aux loss {name!r}: a prediction loss needs {k!r} "
-                                   f"({{logits: OUTPUT, ahead: 2, coef: EXPR}})", entry.loc)
-            if name in outputs:
-                raise LmcError(f"aux loss {name!r}: a prediction loss is computed by "
-                               f"training under its own name, which an output already has "
-                               f"(rename one)", kl)
-            lg = entry["logits"]
-            if not isinstance(lg, str) or lg not in outputs:
-                raise LmcError(f"logits {lg!r} is not one of the model outputs "
-                               f"({', '.join(outputs)})", entry.val_loc("logits"))
-            t = outputs[lg].type
-            if ids is not None and (not t.dtype.is_float or t.rank != ids.type.rank + 1
-                                    or tuple(t.shape[:-1]) != tuple(ids.type.shape)):
-                raise LmcError(f"logits {lg!r} must be [{', '.join(map(str, ids.type.shape))}"
-                               f", vocab] scores in a float dtype, got {t}",
-                               entry.val_loc("logits"))
-            ahead = static_eval(entry["ahead"], scope, entry.val_loc("ahead"),
-                                what="prediction offset")
-            if isinstance(ahead, float) and ahead.is_integer():
-                ahead = int(ahead)
-            if isinstance(ahead, bool) or not isinstance(ahead, int) or ahead < 1:
-                raise LmcError(f"ahead must be an integer >= 1 (the token that many positions "
-                               f"after the input's; next-token logits are 1), got {ahead!r}",
-                               entry.val_loc("ahead"))
-            predictions[str(name)] = {"logits": str(lg), "ahead": ahead}
+            predictions[str(name)] = _prediction(name, entry, kl, outputs, scope, ids)
             coef_src, coef_loc = entry["coef"], entry.val_loc("coef")
         else:
             if name not in outputs:
@@ -678,13 +688,10 @@ def param_updates(model: YMap, outputs: Dict[str, Any], params, scope: Scope) ->
     for u, loc in zip(spec, spec.locs):
         if not isinstance(u, YMap):
             raise LmcError("an update is a mapping {rule, params, load, rate}", loc)
-        for k in u:
-            if k not in UPDATE_KEYS:
-                raise LmcError(f"unknown key {k!r} in an update (expected "
-                               f"{', '.join(sorted(UPDATE_KEYS))})", u.key_loc(k))
-        for k in sorted(UPDATE_KEYS):
-            if k not in u:
-                raise LmcError(f"the update needs {k!r}", u.loc)
+        _check_keys(u, UPDATE_KEYS,
+                    lambda k: f"unknown key {k!r} in an update (expected "
+                              f"{', '.join(sorted(UPDATE_KEYS))})",
+                    lambda k: f"the update needs {k!r}")
         rule = u["rule"]
         if rule not in UPDATE_RULES:
             raise LmcError(f"unknown update rule {rule!r} (rules: {', '.join(UPDATE_RULES)})",

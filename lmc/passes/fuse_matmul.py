@@ -614,16 +614,12 @@ def fuse_matmul(g: Graph) -> Graph:
     _trim_epilogues(groups, users, outputs, declined)
     hoist = _merge_siblings(groups, order, users, outputs, declined)
     _take_prologues(groups, users, outputs)
-    if hoist:
-        g = _hoisted(g, hoist, order)
-        order = {n: i for i, n in enumerate(g.nodes)}
-    hoist = {}
     for grp in groups:      # the static values a group reads, moved up to its first matmul
         if not grp.members:
             continue
         first, inside = grp.matmuls[0], set(grp.members)
         for y in {y for m in grp.members for y in m.inputs if y not in inside}:
-            if static.get(y) and order[y] > order[first]:
+            if static[y] and order[y] > order[first]:
                 cone = hoist.setdefault(first, [])
                 cone.extend(c for c in _late_cone(y, first, order) if c not in cone)
     if hoist:

@@ -65,7 +65,7 @@ def with_loss(g: Graph, logits: str = "logits") -> Graph:
             if name in predictions:
                 p = predictions[name]
                 a = cross_entropy(b, Tensor(g.outputs[p["logits"]], b),
-                                  ahead(b, targets, p["ahead"] - 1))
+                                  targets_ahead(b, targets, p["ahead"]))
                 outputs[name] = a.node
             else:
                 a = Tensor(g.outputs[name], b)
@@ -94,12 +94,13 @@ def cross_entropy(b: Builder, x: Tensor, targets: Tensor) -> Tensor:
     return b.sum(b.reshape(nll, [-1]), 0, keepdim=False) / count
 
 
-def ahead(b: Builder, targets: Tensor, n: int) -> Tensor:
-    """targets [B, T] moved n positions earlier along T, the last n positions -1 (ignored):
-    position t then holds the token n + 1 after input t."""
+def targets_ahead(b: Builder, targets: Tensor, ahead: int) -> Tensor:
+    """The token `ahead` positions after each input: next-token targets [B, T] moved
+    ahead - 1 positions earlier along T, the last ahead - 1 positions -1 (ignored). (The
+    trainer refuses windows shorter than `ahead` tokens.)"""
+    n = ahead - 1
     if n == 0:
         return targets
     B, T = targets.shape
     pad = b.expand(b.const(-1, "i64"), [B, n])
-    # (a window shorter than n + 1 tokens has no such target: every position ignored)
     return b.concat([b.slice(targets, 1, n, T), pad], 1)
