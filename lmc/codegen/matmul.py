@@ -46,7 +46,7 @@ from ..errors import LmcError
 from ..ir.graph import Graph, Node
 from ..ir.ops import Kind, Op
 from ..ir.types import DType
-from ..passes.fuse_matmul import rms_prologue, with_weight_cast
+from ..passes.fuse_matmul import norm_prologue, with_weight_cast
 from ..passes.fuse_matmul_reductions import row_reduction
 from .pointwise import HELPERS, TL_DTYPE, _expr, literal  # noqa: F401  (HELPERS: program.py)
 from .reduction import fold_init, fold_step, fold_value
@@ -65,8 +65,8 @@ def _layout(body: Graph):
     pa, pb = operand_prologues(body)
     pro = None if pa else _prologue(mms)
     if pro is not None:
-        if pro.x.op is not Op.INPUT or pro.w.op is not Op.INPUT:
-            raise LmcError(f"internal: matmul body {body.name}: A is computed, not an RMSNorm")
+        if any(v is not None and v.op is not Op.INPUT for v in (pro.x, pro.w, pro.bias)):
+            raise LmcError(f"internal: matmul body {body.name}: A is computed, not a norm")
         a = pro.x
     elif a.op is not Op.INPUT and not pa:
         raise LmcError(f"internal: matmul body {body.name}: A is computed, not an RMSNorm")
@@ -216,42 +216,99 @@ def _vertical_layout(body: Graph):
 
 
 def _prologue(mms: List[Node]):
-    """The RMSNorm computing the body's A in the kernel (fuse_matmul's RmsPrologue), or None
+    """The norm computing the body's A in the kernel (fuse_matmul's NormPrologue), or None
     when A is a plain input."""
     a = mms[0].inputs[0] if mms else None
     if a is None or a.op is Op.INPUT:
         return None
-    pro = rms_prologue(a)
+    pro = norm_prologue(a)
     return pro and with_weight_cast(pro)
 
 
+def norm_args(pro, idx) -> str:
+    """The norm prologue's vectors as kernel (and tile helper) arguments: w, its stride, and
+    the bias's."""
+    if pro is None:
+        return ""
+    return f"in{idx[pro.w]}_ptr, w_sk, " + (
+        f"in{idx[pro.bias]}_ptr, nb_sk, " if pro.bias is not None else "")
+
+
+def _norm_stride_args(pro) -> List[str]:
+    if pro is None:
+        return []
+    return ["w_sk"] + (["nb_sk"] if pro.bias is not None else [])
+
+
+def _norm_comment(pro, idx, a: Node) -> str:
+    if pro is None:
+        return ""
+    return (f"{pro.kind}(in{idx[a]}) * in{idx[pro.w]}"
+            + (f" + in{idx[pro.bias]}" if pro.bias is not None else "") + ", computed here: ")
+
+
+def norm_strides(pro, xs, idx) -> List[int]:
+    """The launch's values of norm_args' strides."""
+    if pro is None:
+        return []
+    return [xs[idx[pro.w]].stride(-1)] + (
+        [xs[idx[pro.bias]].stride(-1)] if pro.bias is not None else [])
+
+
 def _prologue_code(pro, idx, dot_ty: str, accs: List[str], indent: str):
-    """RMSNorm in the kernel: (lines before the K loop, lines in it after `a` (an x tile) is
-    loaded, lines after it). Normally the loop accumulates the rows' sums of squares while it
-    multiplies each tile by w, and the accumulators are scaled by rsqrt(mean + eps) after the
-    loop, since (x * r * w) @ B = r * ((x * w) @ B). An f16 dot cannot take that route: x * w
-    unscaled may exceed f16's 65,504 where x * r * w does not, so then a first loop over the
-    rows' K reads x for the sums and the tile is scaled by r and w before its cast, as the
-    unfused norm does (bf16 keeps fp32's range and takes the single loop)."""
+    """The norm in the kernel (NormPrologue): (lines before the K loop, lines in it after `a`
+    (an x tile) is loaded, lines after it). An RMSNorm without a bias feeding a bf16 or fp32
+    dot accumulates the rows' sums of squares along the loop while it multiplies each tile by
+    w, and the accumulators are scaled by rsqrt(mean + eps) after the loop, since (x * r *
+    w) @ B = r * ((x * w) @ B). Otherwise first loops over the rows' K read x for the
+    statistics and each tile is normalised before its cast, as the unfused norm does: an f16
+    dot (x * w unscaled may exceed f16's 65,504 where x * r * w does not), a bias (it does not
+    commute with r), a LayerNorm (its mean, then the variance about it: two loops)."""
     w = idx[pro.w]
     load_w = (f"{indent}wk = tl.load(in{w}_ptr + kk * w_sk, mask=mask_k, other=0.0)"
               ".to(tl.float32)")
+    load_b = [] if pro.bias is None else [
+        f"{indent}bk = tl.load(in{idx[pro.bias]}_ptr + kk * nb_sk, mask=mask_k, other=0.0)"
+        ".to(tl.float32)"]
     rstd = (f"rs = tl.rsqrt(ss / K + {literal(pro.eps)})[:, None]  "
-            f"# RMSNorm's per-row scale")
+            f"# {'LayerNorm' if pro.center else 'RMSNorm'}'s per-row scale")
     top = indent[:-4]
-    if dot_ty == "tl.float16":
-        before = [
-            f"{top}# RMSNorm: the rows' sums of squares first (x * w alone could overflow f16)",
-            f"{top}ss = tl.full((BLOCK_M,), 0.0, tl.float32)",
-            f"{top}for k0 in range(0, K, BLOCK_K):",
-            f"{indent}kk = k0 + rk",
-            f"{indent}xs = tl.load(a_rows + kk[None, :] * a_sk, mask=mask_m[:, None] & "
-            "(kk < K)[None, :], other=0.0).to(tl.float32)",
-            f"{indent}ss += tl.sum(xs * xs, axis=1)",
-            f"{top}{rstd}",
-        ]
-        inside = [load_w, f"{indent}a = (a.to(tl.float32) * rs * wk[None, :]).to({dot_ty})"
-                  "  # rmsnorm(x) * w"]
+    if dot_ty == "tl.float16" or pro.bias is not None or pro.center:
+        load = (f"{indent}xs = tl.load(a_rows + kk[None, :] * a_sk, mask=mask_m[:, None] & "
+                "(kk < K)[None, :], other=0.0).to(tl.float32)")
+        before = []
+        if pro.center:
+            before += [
+                f"{top}# LayerNorm: the rows' mean, then their variance about it",
+                f"{top}mu = tl.full((BLOCK_M,), 0.0, tl.float32)",
+                f"{top}for k0 in range(0, K, BLOCK_K):",
+                f"{indent}kk = k0 + rk",
+                load,
+                f"{indent}mu += tl.sum(xs, axis=1)",
+                f"{top}mu = (mu / K)[:, None]",
+                f"{top}ss = tl.full((BLOCK_M,), 0.0, tl.float32)",
+                f"{top}for k0 in range(0, K, BLOCK_K):",
+                f"{indent}kk = k0 + rk",
+                load,
+                f"{indent}xc = tl.where((kk < K)[None, :], xs - mu, 0.0)",
+                f"{indent}ss += tl.sum(xc * xc, axis=1)",
+            ]
+            x = "(a.to(tl.float32) - mu)"
+        else:
+            before += [
+                f"{top}# RMSNorm: the rows' sums of squares first (x * w alone could overflow "
+                "f16; a bias does not commute with the scale)",
+                f"{top}ss = tl.full((BLOCK_M,), 0.0, tl.float32)",
+                f"{top}for k0 in range(0, K, BLOCK_K):",
+                f"{indent}kk = k0 + rk",
+                load,
+                f"{indent}ss += tl.sum(xs * xs, axis=1)",
+            ]
+            x = "a.to(tl.float32)"
+        before.append(f"{top}{rstd}")
+        plus = " + bk[None, :]" if pro.bias is not None else ""
+        inside = [load_w] + load_b + [
+            f"{indent}a = ({x} * rs * wk[None, :]{plus}).to({dot_ty})  # {pro.kind}(x)"]
         return before, inside, []
     before = [f"{top}ss = tl.full((BLOCK_M,), 0.0, tl.float32)"]
     inside = [f"{indent}af = a.to(tl.float32)",
@@ -404,7 +461,8 @@ def products(body: Graph, mms: List[Node], pro, skip_outs=()) -> "List[dict] | N
     from it, "epi": the pointwise nodes computing them from its accumulator (body order),
     "cache": the output index of its cache write or None}; None when an output is computed
     from two products (the gated form), from none, or through anything but pointwise ops (a
-    cache write of a product read by nothing else excepted), or when a node computes no
+    cache write of the product or of an epilogue value read by nothing else excepted: GPT-2's
+    keys with their bias), or when a node computes no
     output. Outputs in `skip_outs` (the rotations fuse_rope_epilogue computes from a
     product) are left out."""
     skip = set(pro.members) if pro else set()
@@ -432,9 +490,10 @@ def products(body: Graph, mms: List[Node], pro, skip_outs=()) -> "List[dict] | N
             if n.op is Op.MATMUL:
                 found.add(j_of[n])
                 continue
-            if n.op is Op.INDEX_COPY:
-                if n is not o or n.inputs[2].op is not Op.MATMUL or \
-                        users[n.inputs[2]] != [n]:
+            if n.op is Op.INDEX_COPY:     # a cache write of the product or of its epilogue
+                v = n.inputs[2]
+                if n is not o or users[v] != [n] or not (
+                        v.op is Op.MATMUL or v.op.kind is Kind.POINTWISE):
                     return None
             elif n.op.kind is not Kind.POINTWISE:
                 return None
@@ -446,8 +505,7 @@ def products(body: Graph, mms: List[Node], pro, skip_outs=()) -> "List[dict] | N
         p["outs"].append(k)
         if o.op is Op.INDEX_COPY:
             p["cache"] = k
-        else:
-            p["epi"] |= cone
+        p["epi"] |= {n for n in cone if n.op is not Op.INDEX_COPY}
     covered |= set().union(*(p["epi"] for p in per))
     outs = list(body.outputs.values())
     if any(not (n in covered or n in skip or n.op in (Op.INPUT, Op.CONST, Op.MATMUL)
@@ -455,7 +513,7 @@ def products(body: Graph, mms: List[Node], pro, skip_outs=()) -> "List[dict] | N
         return None          # a node in no product's cone: dead, or a gated pair's combination
     for p in per:
         p["epi"] = [n for n in body.nodes if n in p["epi"]]
-        if p["cache"] is not None and (p["epi"] or len(p["outs"]) != 1):
+        if p["cache"] is not None and not p["epi"] and len(p["outs"]) != 1:
             return None
     return per
 
@@ -480,7 +538,7 @@ def _segments_of(body: Graph, mms: List[Node], pro):
     for j, (m, p) in enumerate(zip(mms, per)):
         if j in rope:
             seg.append(("rope", rope[j]))
-        elif p["cache"] is not None:
+        elif p["cache"] is not None and not p["epi"]:
             seg.append(("cache", p["cache"], outs[p["cache"]]))
         elif not p["epi"] and len(p["outs"]) == 1 and outs[p["outs"][0]] is m:
             seg.append(("plain", p["outs"][0]))
@@ -497,7 +555,7 @@ def _rope_tile_helper(tile: str, pro, idx, dot_ty: str, prod_ty: str, prec: str,
     (fuse_rope_epilogue): a second accumulator holds the partner columns (B loaded at them),
     and the tile stores y[b, h, t, d] = x[d] cos[t, d] + sign(d) x[partner(d)] sin[t, d]
     for d < R (x[d] itself up to W), to [B, H, T, W] or, with a cache, at rows pos[t]."""
-    w_args = f"in{idx[pro.w]}_ptr, w_sk, " if pro else ""
+    w_args = norm_args(pro, idx)
     pre, inside, post = _prologue_code(pro, idx, dot_ty, ["acc", "accp"], "        ") \
         if pro else ([], [], [])
     D, R, W = r["D"], r["R"], r["W"]
@@ -513,7 +571,7 @@ def _rope_tile_helper(tile: str, pro, idx, dot_ty: str, prod_ty: str, prec: str,
         "        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, "
         "SPLIT_K: tl.constexpr, CACHE: tl.constexpr):",
         "    # one BLOCK_M x BLOCK_N tile of P = A @ B"
-        + (", A = rmsnorm(x) * w computed here" if pro else "")
+        + (f", A = {pro.kind}(x) * w computed here" if pro else "")
         + f", stored as RoPE of its heads (head dim {D}, rotate-half over the first {R}, "
           f"{W} stored): y[d] = x[d] cos[t, d] + sign(d) x[partner(d)] sin[t, d]",
         "    rn = (tile_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)",
@@ -569,7 +627,7 @@ def _tile_helper(tile: str, pro, idx, dot_ty: str, out_ty: str, prec: str,
     the tile to C (contiguous [*batch, M, N]); "cache": into a cache [B, L, N] at rows
     (b, pos[t]); "none": it returns (the fp32 tile, its columns, its mask) for the caller's
     epilogue (the mask is off in a split-K program that is not its tile's last)."""
-    w_args = f"in{idx[pro.w]}_ptr, w_sk, " if pro else ""
+    w_args = norm_args(pro, idx)
     cache_args = "pos_ptr, pos_s, T, c_s0, c_s1, c_s2, " if store == "cache" else ""
     c_arg = "" if store == "none" else "c_ptr, "
     pre, inside, post = _prologue_code(pro, idx, dot_ty, ["acc"], "        ") if pro else \
@@ -580,7 +638,7 @@ def _tile_helper(tile: str, pro, idx, dot_ty: str, out_ty: str, prec: str,
         f"        {w_args}{cache_args}{_SPLIT_PARAMS}BLOCK_M: tl.constexpr, "
         "BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):",
         "    # one BLOCK_M x BLOCK_N tile of A @ B"
-        + (", A = rmsnorm(x) * w computed here" if pro else "")
+        + (f", A = {pro.kind}(x) * w computed here" if pro else "")
         + {"plain": "", "cache": "; stored into a cache at the new positions",
            "none": "; returned to the caller's epilogue"}[store],
         "    rn = (tile_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)",
@@ -652,8 +710,20 @@ def _product_epilogue(body: Graph, j: int, m: Node, p: dict, idx, boff) -> List[
     outs = list(body.outputs.values())
     lines.append(f"{ind}o{j} = (z * M + rm[:, None]) * N{j} + rn{j}[None, :]")
     for k in p["outs"]:
-        lines.append(f"{ind}tl.store(out{k}_ptr + o{j}, ({val[outs[k]]})"
-                     f".to({TL_DTYPE[outs[k].type.dtype]}), mask=mask{j})")
+        o = outs[k]
+        if k == p["cache"]:     # into the cache [B, L, N] at rows (b, pos[t]), as "cache"
+            c, pos = idx[o.inputs[0]], idx[o.inputs[1]]
+            lines += [
+                f"{ind}r{j} = z * M + rm  # the row of [B * T]: batch entry r // T, "
+                "new position r % T",
+                f"{ind}slot{j} = tl.load(in{pos}_ptr + (r{j} % T{j}) * p{j}_s, mask=mask_m, "
+                "other=0)",
+                f"{ind}tl.store(in{c}_ptr + (r{j} // T{j})[:, None] * c{j}_s0 + slot{j}[:, None]"
+                f" * c{j}_s1 + rn{j}[None, :] * c{j}_s2, ({val[o.inputs[2]]})"
+                f".to({TL_DTYPE[o.type.dtype]}), mask=mask{j})"]
+            continue
+        lines.append(f"{ind}tl.store(out{k}_ptr + o{j}, ({val[o]})"
+                     f".to({TL_DTYPE[o.type.dtype]}), mask=mask{j})")
     return lines
 
 
@@ -667,7 +737,7 @@ def _generate_horizontal(body: Graph, name: str) -> str:
     args = [f"in{i}_ptr" for i in range(len(inputs))] + \
         [f"out{k}_ptr" for k in range(len(body.outputs))] + ["M", "N", "K"] + ns + zs + \
         [f"a_s{d}" for d in range(nb)] + ["a_sm", "a_sk"] + \
-        [f"b{j}_s{x}" for j in range(len(mms)) for x in "kn"] + (["w_sk"] if pro else [])
+        [f"b{j}_s{x}" for j in range(len(mms)) for x in "kn"] + _norm_stride_args(pro)
     for j, sg in enumerate(seg):
         if sg[0] == "rope":     # a rotation: T, the tables' and the output's strides
             args += [f"T{j}", f"cs{j}_t", f"cs{j}_d", f"sn{j}_t", f"sn{j}_d"] + \
@@ -678,12 +748,14 @@ def _generate_horizontal(body: Graph, name: str) -> str:
             for x in _epi_inputs(body, sg[1]):
                 args += [f"e{j}_{idx[x]}_s{d}" for d in range(nb)] + \
                     [f"e{j}_{idx[x]}_sm", f"e{j}_{idx[x]}_sn"]
+            if sg[1]["cache"] is not None:      # and a cache write's, as "cache" has
+                args += [f"T{j}", f"p{j}_s", f"c{j}_s0", f"c{j}_s1", f"c{j}_s2"]
     args += ["ws_ptr", "cnt_ptr", "ZM", "SPLIT_MAX"]
     fp32 = mms[0].type.dtype is DType.f32
     prec = ', input_precision="ieee"' if fp32 else ""
     dot_ty = TL_DTYPE[mms[0].inputs[0].type.dtype]
     out_ty = TL_DTYPE[mms[0].type.dtype]
-    w_args = f"in{idx[pro.w]}_ptr, w_sk, " if pro else ""
+    w_args = norm_args(pro, idx)
     tile = f"{name}_tile"
     kinds = {sg[0] for sg in seg}
     lines = []
@@ -718,8 +790,11 @@ def _generate_horizontal(body: Graph, name: str) -> str:
         if sg[0] == "plain":
             return f"out{sg[1]} = A @ {w} {m.inputs[1].type}"
         ops = "+".join(n.op.value for n in sg[1]["epi"])
+        cw = sg[1]["cache"]
         return (", ".join(f"out{k}" for k in sg[1]["outs"]) + f" = {ops or 'copy'} of "
-                f"A @ {w} {m.inputs[1].type}")
+                f"A @ {w} {m.inputs[1].type}" + (
+                    "" if cw is None else f" (out{cw} written into "
+                    f"in{idx[outs[cw].inputs[0]]} at rows in{idx[outs[cw].inputs[1]]})"))
     lines += _head(name, args, body, split=True) + [
         f"    # A = in{idx[a]} {a.type}; "
         + "; ".join(what(j, m, sg) for j, (m, sg) in enumerate(zip(mms, seg))),
@@ -803,8 +878,7 @@ def generate(body: Graph, name: str) -> str:
         args += _operand_args(m.inputs[1], pb.get(j, []), idx, f"b{j}", ("sk", "sn"), nb)
     for p in epi:
         args += [f"e{idx[p]}_s{d}" for d in range(nb)] + [f"e{idx[p]}_sm", f"e{idx[p]}_sn"]
-    if pro:
-        args.append("w_sk")
+    args += _norm_stride_args(pro)
     args += ["ws_ptr", "cnt_ptr", "ZM", "SPLIT_MAX"]
     if row_reduction(body) is not None:
         args += ["rw_ptr", "RW"]      # the row reduction's partials [ZM, RW]
@@ -820,7 +894,7 @@ def generate(body: Graph, name: str) -> str:
         return (f"{v.type} computed from " + ", ".join(f"in{idx[x]}" for x in _cone_inputs(cone))
                 + " (" + "+".join(dict.fromkeys(n.op.value for n in cone)) + ")")
     lines = _head(name, args, body, split=True) + [
-        f"    # A = {'rmsnorm(in%d) * in%d, computed here: ' % (idx[a], idx[pro.w]) if pro else ''}"
+        f"    # A = {_norm_comment(pro, idx, a)}"
         f"{operand(a, pa)}; " + "; ".join(
             f"acc{j} = A @ {operand(m.inputs[1], pb.get(j, []))}" for j, m in enumerate(mms))
         + ("; epilogue reads " + ", ".join(f"in{idx[p]} {p.type}" for p in epi) if epi else ""),
@@ -1230,7 +1304,7 @@ def launch(kernel, xs, outs, body: Graph, ctx, interpret: bool) -> None:
     for s in a_st + b_st + e_st:
         args += s
     if pro:
-        args.append(xs[idx[pro.w]].stride(-1))
+        args += norm_strides(pro, xs, idx)
     if red is None:
         args += _split_args(outs[0].device, nbatch, M, N, len(mms), K)
     else:
@@ -1308,10 +1382,15 @@ def _launch_horizontal(kernel, xs, outs, body: Graph, interpret: bool) -> None:
     nbatch = math.prod(batch)
     args = [*xs, *outs, M, sum(ns), K, *ns, *batch, *a_st] + [s for st in b_st for s in st]
     if pro:
-        args.append(xs[idx[pro.w]].stride(-1))
+        args += norm_strides(pro, xs, idx)
     for j, sg in enumerate(seg):
         if sg[0] == "epi":
             args += [s for st in e_st[j] for s in st]
+            if sg[1]["cache"] is not None:      # as "cache" below
+                cw = list(body.outputs.values())[sg[1]["cache"]]
+                pos, cache = xs[idx[cw.inputs[1]]], xs[idx[cw.inputs[0]]]
+                args += [pos.numel(), pos.stride(0) if pos.numel() > 1 else 0,
+                         *cache.stride()]
         elif sg[0] == "rope":       # RoPE of the product, to [B, H, T, W] or a cache
             cw = sg[1]
             cos, sin = xs[cw["cos"]], xs[cw["sin"]]

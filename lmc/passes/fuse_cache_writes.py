@@ -30,7 +30,7 @@ from typing import Dict, List
 
 from ..frontend.builder import Builder
 from ..ir.graph import Graph, Node
-from ..ir.ops import Op
+from ..ir.ops import Kind, Op
 
 PASS = "fuse_cache_writes"
 
@@ -56,9 +56,10 @@ def _target(n: Node, users, outputs) -> str:
         return ""
     if f.attrs["kind"] == "matmul":
         from ..codegen.matmul import horizontal
-        if not horizontal(body) or o.op is not Op.MATMUL or \
-                any(o in u.inputs for u in body.nodes):
-            return "only a horizontal matmul's plain output is stored to a cache"
+        stored = o.op is Op.MATMUL or o.op.kind is Kind.POINTWISE
+        if not horizontal(body) or not stored or any(o in u.inputs for u in body.nodes):
+            return ("only a horizontal matmul's product or epilogue value read by nothing "
+                    "else is stored to a cache")
         if o.type.rank != 3 or n.attrs["axis"] not in (1, -2):
             return "a matmul stores to a cache along the rows of [B, T, N] only"
         return ""

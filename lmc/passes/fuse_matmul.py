@@ -97,7 +97,7 @@ class _Group:
         self.members: List[Node] = [m]
         self.matmuls: List[Node] = [m]
         self.horizontal = False     # matmuls of one A, each its own outputs (_merge_siblings)
-        self.prologue: Optional["RmsPrologue"] = None   # A computed in the kernel
+        self.prologue: Optional["NormPrologue"] = None   # A computed in the kernel
         # vertical form: the sum of its products so far (the group holds only products and
         # the adds summing them while `total` is its last member); emitted at its last product
         self.total: Optional[Node] = m
@@ -105,7 +105,7 @@ class _Group:
 
     def what(self) -> str:
         if self.prologue:
-            return "rmsnorm prologue + " + self._what()
+            return f"{self.prologue.kind} prologue + " + self._what()
         return self._what()
 
     def _what(self) -> str:
@@ -258,48 +258,104 @@ def _depends_on(y: Node, group: Set[Node], order: Dict[Node, int], first: int) -
     return False
 
 
-class RmsPrologue:
-    """A matmul's A operand computed as RMSNorm of x: ``[cast](x * rsqrt(mean(x * x, -1) +
-    eps) * w)`` (w a [K] vector, either operand order at each product). The kernel then
-    reads x itself: it accumulates sum(x * x) per row along its K loop, multiplies each A
+class NormPrologue:
+    """A matmul's A operand computed as a norm of x along K: RMSNorm ``[cast](x * rsqrt(mean(x
+    * x, -1) + eps) * w [+ b])`` or LayerNorm, the same of xc = x - mean(x, -1) (`center`),
+    w and b [K] vectors (b optional; either operand order at each op). The kernel then
+    reads x itself and the norm costs no launch; its output is never stored.
+
+    RMSNorm: the kernel accumulates sum(x * x) per row along its K loop, multiplies each A
     tile by w before the dot, and scales the accumulators by rsqrt(sum / K + eps) after it,
-    since (x * r * w) @ B = r * ((x * w) @ B) for a per-row r: the norm costs no launch and
-    its output is never stored. (An f16 dot first sums x * x over the row in a loop of its
-    own and scales the tiles by r before the cast: x * w alone could overflow f16.)"""
+    since (x * r * w) @ B = r * ((x * w) @ B) for a per-row r. An f16 dot, or a bias, first
+    sums x * x over the row in a loop of its own and normalises each tile before its cast
+    (x * w alone could overflow f16; a bias does not commute with r). LayerNorm: two loops
+    over the row first, its mean and then the variance about it (as the unfused norm
+    computes them: no E[x^2] - E[x]^2 cancellation), and each tile is (x - mean) * r * w + b
+    before its cast."""
 
-    def __init__(self, x: Node, w: Node, eps: Node, members: List[Node]):
+    def __init__(self, x: Node, w: Node, eps: Node, members: List[Node],
+                 bias: Optional[Node] = None, center: bool = False):
         self.x, self.w, self.eps, self.members = x, w, eps, members
+        self.bias, self.center = bias, center
+
+    @property
+    def kind(self) -> str:
+        return "layernorm" if self.center else "rmsnorm"
 
 
-def rms_prologue(a: Node) -> Optional[RmsPrologue]:
-    """The RMSNorm that computes `a` (a graph node or a body node), or None."""
+def norm_prologues(a: Node) -> List[NormPrologue]:
+    """The norms that can compute `a` (a graph node or a body node), the widest first: a
+    LayerNorm, then the RMSNorm of its centred x (which leaves the centring to another
+    kernel); empty when none."""
     members = []
     n = a
     if n.op is Op.CAST:
         members.append(n)
         n = n.inputs[0]
-    if n.op is not Op.MUL or n.type.rank < 1:
-        return None
+    if n.type.rank < 1:
+        return []
     k = n.type.shape[-1]
-    for xr, w in (n.inputs, n.inputs[::-1]):
-        if xr.op is not Op.MUL or w.type.shape != (k,) or xr.type.shape != n.type.shape:
+    scaled = [(n, None)]
+    if n.op is Op.ADD:          # + b, a [K] vector
+        scaled = [(s, b) for s, b in (n.inputs, n.inputs[::-1])
+                  if b.type.shape == (k,) and s.type.shape == n.type.shape]
+        members.append(n)
+    for sc, bias in scaled:
+        if sc.op is not Op.MUL:
             continue
-        for x, r in (xr.inputs, xr.inputs[::-1]):
-            chain = _rstd_of(r, x)
-            if chain is not None:
-                return RmsPrologue(x, w, chain[0], members + [n, xr] + chain[1])
+        for xr, w in (sc.inputs, sc.inputs[::-1]):
+            if xr.op is not Op.MUL or w.type.shape != (k,) or xr.type.shape != sc.type.shape:
+                continue
+            for x, r in (xr.inputs, xr.inputs[::-1]):
+                chain = _rstd_of(r, x)
+                if chain is None:
+                    continue
+                found = [NormPrologue(x, w, chain[0], members + [sc, xr] + chain[1], bias)]
+                c = _centred(x)
+                if c is not None:
+                    found.insert(0, NormPrologue(c[0], w, chain[0], found[0].members + c[1],
+                                                 bias, center=True))
+                return found
+    return []
+
+
+def norm_prologue(a: Node) -> Optional[NormPrologue]:
+    """The norm computing `a` in a matmul body (the widest of `norm_prologues`: the body
+    holds the nodes its group took), or None."""
+    found = norm_prologues(a)
+    return found[0] if found else None
+
+
+def _centred(xc: Node):
+    """(x, nodes) if xc = x - mean(x, last axis, keepdim), else None."""
+    if xc.op is not Op.SUB:
+        return None
+    x, mean = xc.inputs
+    if (mean.op is Op.MEAN and mean.inputs[0] is x and mean.attrs["keepdim"]
+            and mean.attrs["axis"] in (-1, x.type.rank - 1) and x.type == xc.type):
+        return x, [xc, mean]
     return None
 
 
-def with_weight_cast(pro: RmsPrologue) -> RmsPrologue:
-    """The prologue reading w before its widening cast (a norm weight stored in bf16 and
-    widened to fp32 each step): the kernel loads w in its own dtype and widens it, exactly
-    as the cast does."""
-    w = pro.w
-    if w.op is Op.CAST and w.inputs[0].type.shape == w.type.shape and \
-            w.type.dtype.value == "f32" and w.inputs[0].type.dtype.value in ("f16", "bf16"):
-        return RmsPrologue(pro.x, w.inputs[0], pro.eps, pro.members + [w])
-    return pro
+def _widened(v: Optional[Node]) -> bool:
+    return v is not None and v.op is Op.CAST and v.inputs[0].type.shape == v.type.shape and \
+        v.type.dtype.value == "f32" and v.inputs[0].type.dtype.value in ("f16", "bf16")
+
+
+def with_weight_cast(pro: NormPrologue) -> NormPrologue:
+    """The prologue reading w (and b) before its widening cast (a norm weight stored in bf16
+    and widened to fp32 each step): the kernel loads it in its own dtype and widens it,
+    exactly as the cast does."""
+    w, b, extra = pro.w, pro.bias, []
+    if _widened(w):
+        extra.append(w)
+        w = w.inputs[0]
+    if _widened(b):
+        extra.append(b)
+        b = b.inputs[0]
+    if not extra:
+        return pro
+    return NormPrologue(pro.x, w, pro.eps, pro.members + extra, b, pro.center)
 
 
 def _rstd_of(r: Node, x: Node):
@@ -320,9 +376,10 @@ def _rstd_of(r: Node, x: Node):
 
 
 def _take_prologues(groups: List["_Group"], users, outputs: Set[Node]) -> None:
-    """Each group whose matmuls share an A computed by an RMSNorm that nothing else reads
-    takes the norm's nodes in (RmsPrologue). Where the norm's output is read elsewhere too (a
-    training forward saves it for the weight gradient) the norm stays its own kernel."""
+    """Each group whose matmuls share an A computed by a norm that nothing else reads takes
+    the norm's nodes in (NormPrologue): a LayerNorm whole where its centring is read by
+    nothing else either, else the RMSNorm part. Where the norm's output is read elsewhere too
+    (a training forward saves it for the weight gradient) the norm stays its own kernel."""
     grouped = {m for grp in groups for m in grp.members}
 
     def alone(pro, grp) -> bool:    # its values read only inside the group, in no other group
@@ -332,8 +389,9 @@ def _take_prologues(groups: List["_Group"], users, outputs: Set[Node]) -> None:
     for grp in groups:
         if not grp.members or grp.vertical:
             continue
-        pro = rms_prologue(grp.matmuls[0].inputs[0])
-        if pro is None or not alone(pro, grp):
+        pro = next((p for p in norm_prologues(grp.matmuls[0].inputs[0]) if alone(p, grp)),
+                   None)
+        if pro is None:
             continue
         if alone(with_weight_cast(pro), grp):
             pro = with_weight_cast(pro)
@@ -492,46 +550,108 @@ def _merge_siblings(groups: List["_Group"], order: Dict[Node, int], users,
     return hoist
 
 
+def _sliceable(v: Node, n: int, rank: int, order: Dict[Node, int], at: int) -> bool:
+    """Whether v, an operand of a pointwise op over [..., n] values, can be cut along the last
+    axis with them: a scalar, or a value of rank <= `rank` whose last axis is n (cut) or 1
+    (kept), computed before position `at` or a source or a source's cast (a bias and its
+    cast under mixed precision)."""
+    if v.type.rank > rank or (v.type.rank and v.type.shape[-1] not in (n, 1)):
+        return False
+    return is_source(v) or order[v] < at or (v.op is Op.CAST and is_source(v.inputs[0]))
+
+
+def _bias_chain(m: Node, users, outputs: Set[Node], order: Dict[Node, int]):
+    """The pointwise ops after matmul m that a split by column slices can cut with it (a bias
+    add, a cast: x @ W_qkv + b_qkv): each reads the previous value of the chain once and
+    otherwise only `_sliceable` values, and is that value's only reader; none is a graph
+    output. Returns the chain (possibly empty): its last value, or m, is what the slices
+    read."""
+    chain: List[Node] = []
+    v, n = m, m.type.shape[-1]
+    while len(users[v]) == 1 and v not in outputs:
+        u = users[v][0]
+        if (u.op.kind is not Kind.POINTWISE or not fusible(u)[0] or u.type.shape != m.type.shape
+                or u.type.dtype.value not in _FLOATS or u.inputs.count(v) != 1
+                or not all(x is v or _sliceable(x, n, m.type.rank, order, order[m])
+                           for x in u.inputs)):
+            break
+        chain.append(u)
+        v = u
+    return chain
+
+
 def _split_by_slices(g: Graph) -> Graph:
     """A matmul x @ W (W [K, N]) read only through slices of its last axis (blues01's fused
-    W_qkv split into q, k and v) becomes one matmul per slice, x @ W[:, a:b], the weight
-    slices views: the horizontal form then runs them as one launch as before, but each piece
-    is its own output, which can take its own epilogue or be stored into a cache
-    (fuse_cache_writes). Only where no piece is read by a pointwise op (such a piece would
-    be a sibling with an epilogue, which the horizontal form now also takes; splitting those
-    too changes no zoo model's launches, so the rule stays). Runs on differentiated graphs
-    only, so no gradient sees the split."""
+    W_qkv split into q, k and v), directly or through a chain of pointwise ops that cut with
+    it (`_bias_chain`: GPT-2's and BLOOM's x @ W_qkv + b_qkv, its cast), becomes one matmul
+    per slice, x @ W[:, a:b] (+ b[a:b]), the weight and bias slices views: the horizontal
+    form then runs them as one launch as before, but each piece is its own output, which can
+    take its own epilogue or be stored into a cache (fuse_cache_writes). Only where no piece
+    is read by a pointwise op (such a piece would be a sibling with an epilogue, which the
+    horizontal form now also takes; splitting those too changes no zoo model's launches, so
+    the rule stays). The pieces stand where the chain's last op stood (a bias's cast may
+    stand after the matmul). Runs on differentiated graphs only, so no gradient sees the
+    split."""
     users = g.users()
     outputs = set(g.outputs.values())
+    order = {n: i for i, n in enumerate(g.nodes)}
     repl: Dict[Node, Node] = {}
-    nodes: List[Node] = []
+    split: Dict[Node, tuple] = {}     # the chain's last node -> (matmul, chain, slices)
+    gone: Set[Node] = set()
     for n in g.nodes:
-        us = users[n]
-        if (n.op is Op.MATMUL and _decline(n) is None and n.inputs[1].type.rank == 2
-                and n not in outputs and len(us) > 1
+        if n.op is not Op.MATMUL or _decline(n) is not None or n.inputs[1].type.rank != 2:
+            continue
+        chain = _bias_chain(n, users, outputs, order)
+        end = chain[-1] if chain else n
+        us = users[end]
+        if (end not in outputs and len(us) > 1
                 and all(u.op is Op.SLICE and u.attrs["axis"] == n.type.rank - 1
                         and u.attrs["step"] == 1 and isinstance(u.attrs["start"], int)
                         and isinstance(u.attrs["stop"], (int, type(None)))
                         # no piece read by a pointwise op (see above)
                         and not any(r.op.kind is Kind.POINTWISE for r in users[u])
                         for u in us)):
-            x, w = (repl.get(i, i) for i in n.inputs)
-            pieces = [Node.make(Op.SLICE, [w], {"axis": 1, "start": u.attrs["start"],
-                                                "stop": u.attrs["stop"], "step": 1},
-                                u.loc, u.scope) for u in us]
-            nodes += pieces
-            for u, wp in zip(us, pieces):
-                repl[u] = Node.make(Op.MATMUL, [x, wp], {}, n.loc, n.scope)
-                nodes.append(repl[u])
+            split[end] = (n, chain, us)
+            gone.update([n] + chain[:-1] + us)
+    if not split:
+        return g
+    nodes: List[Node] = []
+
+    def cut(v: Node, u: Node) -> Node:      # v's piece for slice u (its last axis if n wide)
+        if v.type.rank == 0 or v.type.shape[-1] == 1:
+            return repl.get(v, v)
+        piece = Node.make(Op.SLICE, [repl.get(v, v)],
+                          {"axis": v.type.rank - 1, "start": u.attrs["start"],
+                           "stop": u.attrs["stop"], "step": 1}, u.loc, u.scope)
+        nodes.append(piece)
+        return piece
+
+    for n in g.nodes:
+        if n in split:
+            m, ops, us = split[n]
+            # every weight and bias piece first: an epilogue may read only values that
+            # stand before the horizontal launch's first product
+            pieces = {(u, i): cut(i, u) for u in us
+                      for i in dict.fromkeys([m.inputs[1]] + [i for o in ops for i in o.inputs])
+                      if i is not m and i not in ops}
+            for u in us:
+                v = Node.make(Op.MATMUL, [repl.get(m.inputs[0], m.inputs[0]),
+                                          pieces[u, m.inputs[1]]], {}, m.loc, m.scope)
+                nodes.append(v)
+                prev = m
+                for o in ops:
+                    v = Node.make(o.op, [v if i is prev else pieces[u, i] for i in o.inputs],
+                                  dict(o.attrs), o.loc, o.scope)
+                    nodes.append(v)
+                    prev = o
+                repl[u] = v
             continue
-        if n in repl:
-            continue                      # a slice of a split matmul: its own product now
+        if n in gone:
+            continue                      # a split matmul, its chain, its slices
         ins = tuple(repl.get(i, i) for i in n.inputs)
         if ins != n.inputs:
             repl[n] = Node(n.op, ins, n.attrs, n.type, n.loc, n.scope)
         nodes.append(repl.get(n, n))
-    if not repl:
-        return g
     return g.with_nodes(nodes, {k: repl.get(v, v) for k, v in g.outputs.items()})
 
 

@@ -422,6 +422,19 @@ def _rmsnorm(b, x, w, order=0):
     return (x * r) * w if order == 0 else w * (r * x)
 
 
+def _norm_matmuls(b, h, K, kind, wdt):
+    """The norm's output h read by matmuls by weights w0 [K, 24], w1, w2 [K, 5]: "gated":
+    silu(h @ w1) * (h @ w2); "single": h @ w0; otherwise each h @ wi (horizontal)."""
+    ws = [b.input(f"w{i}", [K, n], wdt) for i, n in enumerate([24, 5, 5])]
+    if kind == "gated":
+        outs = {"o": (b.silu(h @ ws[1]) * (h @ ws[2])).node}
+    elif kind == "single":
+        outs = {"o": (h @ ws[0]).node}
+    else:
+        outs = {f"o{i}": (h @ wi).node for i, wi in enumerate(ws)}
+    return Graph("norm_mm", b.nodes, outs)
+
+
 @pytest.mark.parametrize("kind,dtype", [(k, d) for k in ("horizontal", "gated", "single",
                                                            "cast") for d in ("f32", "f16")]
                          + [("wcast", "f32")])
@@ -440,15 +453,7 @@ def test_rmsnorm_is_the_matmul_prologue(kind, dtype, monkeypatch):
     h = _rmsnorm(b, x, w, order=int(kind == "gated"))
     if kind == "cast":
         h = b.cast(h, "f16")
-    ws = [b.input(f"w{i}", [K, n], {"cast": "f16", "wcast": "f32"}.get(kind, dtype))
-          for i, n in enumerate([24, 5, 5])]
-    if kind in ("horizontal", "cast", "wcast"):
-        outs = {f"o{i}": (h @ wi).node for i, wi in enumerate(ws)}
-    elif kind == "gated":
-        outs = {"o": (b.silu(h @ ws[1]) * (h @ ws[2])).node}
-    else:
-        outs = {"o": (h @ ws[0]).node}
-    g = Graph("norm_mm", b.nodes, outs)
+    g = _norm_matmuls(b, h, K, kind, {"cast": "f16", "wcast": "f32"}.get(kind, dtype))
     gen = torch.Generator().manual_seed(1)
     for bb, tt in [(1, 1), (2, 9)]:
         vals = {"x": rand(bb, tt, K, dtype=dtype, gen=gen) * 3,
@@ -461,6 +466,82 @@ def test_rmsnorm_is_the_matmul_prologue(kind, dtype, monkeypatch):
     (rec,) = [f for f in p.graph.meta["fusions"]
               if f["pass"] == "fuse_matmul" and f["status"] == "fused"]
     assert rec["reason"].startswith("rmsnorm prologue + "), rec
+
+
+def _layernorm(b, x, w, bias=None, order=0):
+    xc = x - b.mean(x, -1)
+    r = b.rsqrt(b.mean(xc * xc, -1) + 1e-5)
+    y = (xc * r) * w if order == 0 else w * (r * xc)
+    if bias is None:
+        return y
+    return y + bias if order == 0 else bias + y
+
+
+@pytest.mark.parametrize("kind,dtype,bias", [(k, d, True) for k in ("horizontal", "gated",
+                                                                     "single", "cast")
+                                             for d in ("f32", "f16")]
+                         + [("wcast", "f32", True), ("single", "f32", False),
+                            ("cast", "f32", False), ("rms_bias", "f32", True),
+                            ("rms_bias", "f16", True)])
+def test_layernorm_is_the_matmul_prologue(kind, dtype, bias, monkeypatch):
+    """LayerNorm (GPT-2's, with a bias; MPT's, without) or an RMSNorm with a bias, read only
+    by the matmul(s): the kernel computes each row's statistics in first loops over K (the
+    mean, then the variance about it) and normalises each A tile before the dot: one kernel,
+    no norm launch. In fp32 x sits far from zero (mean 40, spread 3), where E[x^2] - E[x]^2
+    would lose the variance (in f16 at mean 2: an f16 oracle rounds the mean to f16's 0.03
+    steps at 40 and is the less exact one there); K = 37 in three 16-wide steps, the last
+    ragged."""
+    from lmc.codegen import matmul
+    monkeypatch.setattr(matmul, "INTERPRET_TILE", 16 * 16)
+    b = Builder({}, {})
+    K = 37
+    vec = "f16" if kind == "wcast" else dtype
+    x = b.input("x", [B, T, K], dtype)
+    w = b.input("w", [K], vec)
+    bv = b.input("b", [K], vec) if bias else None
+    if kind == "wcast":         # weight and bias stored in f16, widened where they are used
+        w, bv = b.cast(w, "f32"), b.cast(bv, "f32")
+    if kind == "rms_bias":
+        h = _rmsnorm(b, x, w) + bv
+    else:
+        h = _layernorm(b, x, w, bv, order=int(kind == "gated"))
+    if kind == "cast":
+        h = b.cast(h, "f16")
+    wdt = {"cast": "f16", "wcast": "f32"}.get(kind, dtype)
+    g = _norm_matmuls(b, h, K, kind, wdt)
+    gen = torch.Generator().manual_seed(5)
+    for bb, tt in [(1, 1), (2, 9)]:
+        vals = {"x": ((40 if dtype == "f32" else 2) + rand(bb, tt, K, gen=gen) * 3).to(
+                    rand(1, dtype=dtype).dtype),
+                "w": rand(K, dtype=vec, gen=gen),
+                **{f"w{i}": rand(K, n, dtype=wdt, gen=gen) * 0.2
+                   for i, n in enumerate([24, 5, 5])}}
+        if bias:
+            vals["b"] = rand(K, dtype=vec, gen=gen)
+        p = check(g, vals, "f16" if kind == "cast" else dtype, kernels=1)
+    assert len([n for n in p.graph.nodes if n.op is Op.FUSED]) == 1   # no norm kernel
+    (rec,) = [f for f in p.graph.meta["fusions"]
+              if f["pass"] == "fuse_matmul" and f["status"] == "fused"]
+    kind_name = "rmsnorm" if kind == "rms_bias" else "layernorm"
+    assert rec["reason"].startswith(f"{kind_name} prologue + "), rec
+
+
+def test_layernorm_whose_centred_x_is_read_elsewhere_leaves_the_centring_out():
+    """x - mean(x) read by another output too: the centring stays a kernel (which stores
+    it), and the matmul takes the rest as an RMSNorm of the centred x."""
+    b = Builder({}, {})
+    x = b.input("x", [B, T, 16], "f32")
+    w = b.input("w", [16], "f32")
+    xc = x - b.mean(x, -1)
+    r = b.rsqrt(b.mean(xc * xc, -1) + 1e-5)
+    g = Graph("centred", b.nodes, {"o": ((xc * r * w) @ b.input("w0", [16, 8], "f32")).node,
+                                   "xc": xc.node})
+    gen = torch.Generator().manual_seed(6)
+    p = check(g, {"x": rand(2, 3, 16, gen=gen) + 5, "w": rand(16, gen=gen),
+                  "w0": rand(16, 8, gen=gen)})
+    recs = [f["reason"] for f in p.graph.meta["fusions"]
+            if f["pass"] == "fuse_matmul" and f["status"] == "fused"]
+    assert any(r.startswith("rmsnorm prologue + ") for r in recs), recs
 
 
 def test_rmsnorm_prologue_of_an_f16_matmul_does_not_overflow(monkeypatch):
@@ -526,6 +607,43 @@ def test_a_fused_qkv_weight_read_through_slices_is_split(case):
     (mm,) = _mm_kernels(p)
     n_mm = sum(m.op is Op.MATMUL for m in mm.attrs["body"].nodes)
     assert n_mm == (3 if case == "views" else 1)
+
+
+@pytest.mark.parametrize("case", ["bias", "bias_cast", "residual", "late"])
+def test_a_biased_fused_qkv_projection_is_split_with_its_bias(case):
+    """GPT-2's split(x @ W_qkv + b_qkv, 3, -1): the bias add (and a cast after it, a bias
+    cast down under mixed precision, a full-size operand computed before the matmul) is cut
+    with the product, so each piece is x @ W[:, a:b] + b[a:b] in one horizontal launch with
+    an output per piece. An operand computed from the product itself ("late": y + y * 2)
+    cannot be cut: one product, slices stay views."""
+    b = Builder({}, {})
+    dt = "f16" if case == "bias_cast" else "f32"
+    x = b.input("x", [B, T, 24], dt)
+    w = b.input("w", [24, 40], dt)
+    bias = b.input("b", [40], "f32")
+    y = x @ w
+    if case == "bias":
+        y = y + bias
+    elif case == "bias_cast":
+        y = b.cast(y + b.cast(bias, "f16"), "f32")
+    elif case == "residual":
+        y = y + b.input("r", [B, T, 40], dt)
+    else:
+        y = y + y * 2.0
+    q, k, v = b.slice(y, -1, 0, 24), b.slice(y, -1, 24, 32), b.slice(y, -1, 32, 40)
+    g = Graph("qkv", b.nodes, {"q": b.reshape(q, [B, T, 3, 8]).node, "k": k.node,
+                               "v": v.node})
+    gen = torch.Generator().manual_seed(3)
+    for bb, tt in [(1, 1), (2, 7)]:
+        vals = {"x": rand(bb, tt, 24, gen=gen, dtype=dt), "w": rand(24, 40, gen=gen, dtype=dt),
+                "b": rand(40, gen=gen)}
+        if case == "residual":
+            vals["r"] = rand(bb, tt, 40, gen=gen, dtype=dt)
+        p = check(g, vals, dt, kernels=1)
+    (mm,) = _mm_kernels(p)
+    n_mm = sum(m.op is Op.MATMUL for m in mm.attrs["body"].nodes)
+    assert n_mm == (1 if case == "late" else 3)
+    assert len(mm.attrs["body"].outputs) == (1 if case == "late" else 3)
 
 
 def test_projections_of_a_strided_input_keep_the_batch_axis():

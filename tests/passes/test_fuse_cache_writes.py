@@ -19,6 +19,7 @@ from lmc.runtime.executor import bind_dims, run_graph
 from lmc.runtime.triton_backend import TritonProgram
 
 LLAMA = os.path.join(ZOO, "llama.yaml")
+EXAMPLES = os.path.join(os.path.dirname(ZOO), "examples")
 
 
 @pytest.fixture(autouse=True)
@@ -48,16 +49,47 @@ def test_llama_static_step_writes_its_caches_from_the_kernels():
     kinds = sorted(f["reason"].rsplit("(", 1)[1] for f in rec)
     assert kinds == ["matmul)", "matmul)", "pointwise)", "pointwise)"], kinds
     ids = torch.randint(0, 512, (3, 9), generator=torch.Generator().manual_seed(0))
-    got, st = _run(dec, ids, 4)
+    _equals_forward_and_torch_step(m, dec, ids, 4)
+
+
+def _equals_forward_and_torch_step(m, dec, ids, k):
+    """Prefill k tokens, then one at a time: the logits equal the full forward's, and the
+    caches hold the torch static step's values at the same slots, 1e30 elsewhere."""
+    got, st = _run(dec, ids, k)
     with torch.no_grad():
         want = m(ids)
     assert (got - want).abs().max().item() < 1e-4
     ref = Decoder(m, backend="torch", static=True, max_len=12)
-    _, st_ref = _run(ref, ids, 4)
-    for s in dec.step.states:      # the same values at the same slots, 1e30 elsewhere
+    _, st_ref = _run(ref, ids, k)
+    n = ids.shape[1]
+    for s in dec.step.states:
         torch.testing.assert_close(st[s.name], st_ref[s.name], rtol=1e-5, atol=1e-5)
-        assert (st[s.name][:, :, 9:] == 1e30).all() if st[s.name].dim() == 4 else \
-            (st[s.name][:, 9:] == 1e30).all()
+        assert (st[s.name][:, :, n:] == 1e30).all() if st[s.name].dim() == 4 else \
+            (st[s.name][:, n:] == 1e30).all()
+
+
+def test_gpt2_static_step_stores_its_biased_keys_and_values_from_the_projection():
+    """GPT-2's split(x @ W_qkv + b_qkv): the bias is cut with the product (fuse_matmul's
+    split by slices), so the horizontal projection computes k + b_k and v + b_v in its
+    epilogue and stores them into the caches; no index_copy is left."""
+    m = lmc.load(os.path.join(EXAMPLES, "gpt2.yaml"), preset="tiny", seed=4,
+                 backend="triton").eval()
+    dec = Decoder(m, backend="triton", static=True, max_len=12)
+    assert not any(n.op is Op.INDEX_COPY for n in dec.graph.nodes)
+    rec = [f for f in dec.graph.meta["fusions"] if f["pass"] == "fuse_cache_writes"]
+    assert [f["status"] for f in rec] == ["fused"] * 4, rec
+    assert all(f["reason"].endswith("(matmul)") for f in rec), rec
+    mm = [n for n in dec.graph.nodes if n.op is Op.FUSED and n.attrs["kind"] == "matmul"
+          and any(u.op is Op.INDEX_COPY for u in n.attrs["body"].nodes)]
+    assert len(mm) == 2 and all(       # per layer one launch: LayerNorm, q/k/v, biases
+        sum(u.op is Op.MATMUL for u in f.attrs["body"].nodes) == 3 and
+        sum(u.op is Op.ADD for u in f.attrs["body"].nodes) >= 3 for f in mm), mm
+    with torch.no_grad():        # biases that matter (they start at zero)
+        for name, p in m.named_parameters():
+            if name.endswith("bqkv"):
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(len(name)))
+    ids = torch.randint(0, 512, (2, 9), generator=torch.Generator().manual_seed(1))
+    _equals_forward_and_torch_step(m, dec, ids, 3)
 
 
 def _graph(read_value_too=False):
