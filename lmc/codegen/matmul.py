@@ -563,11 +563,12 @@ def _rope_tile_helper(tile: str, pro, idx, dot_ty: str, prod_ty: str, prec: str,
     cast = (f".to({TL_DTYPE[DType.of(r['cast'])]}).to(tl.float32)" if r["cast"] else
             ".to(tl.float32)")
     rnd = "" if prod_ty == "tl.float32" else f".to({prod_ty}).to(tl.float32)"
+    biased = r.get("bias") is not None
     lines = [
         "@triton.jit",
         f"def {tile}(a_rows, a_sk, mask_m, rm, z, b_ptr, b_sk, b_sn, o_ptr, tile_n, M, N, K,",
         f"        {w_args}cos_ptr, cos_st, cos_sd, sin_ptr, sin_st, sin_sd, T, o_sb, o_sh, "
-        f"o_st, o_sd, pos_ptr, pos_s, {_SPLIT_PARAMS}",
+        f"o_st, o_sd, pos_ptr, pos_s, {'bias_ptr, bias_s, ' if biased else ''}{_SPLIT_PARAMS}",
         "        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, "
         "SPLIT_K: tl.constexpr, CACHE: tl.constexpr):",
         "    # one BLOCK_M x BLOCK_N tile of P = A @ B"
@@ -598,6 +599,13 @@ def _rope_tile_helper(tile: str, pro, idx, dot_ty: str, prod_ty: str, prec: str,
     ] + _split_code(["acc", "accp"], bool(post), "tid") + post + [
         f"    x = acc{rnd}  # the product as stored in its dtype",
         f"    xp = accp{rnd}",
+    ] + ([
+        "    # + the bias at the columns and at their partners, the sum rounded as stored",
+        "    x = (x + tl.load(bias_ptr + rn * bias_s, mask=mask_n, other=0.0)"
+        f".to(tl.float32)[None, :]){rnd}",
+        "    xp = (xp + tl.load(bias_ptr + pn * bias_s, mask=mask_n, other=0.0)"
+        f".to(tl.float32)[None, :]){rnd}",
+    ] if biased else []) + [
         "    r = z * M + rm  # the row of [B * T]: batch entry r // T, new position r % T",
         "    t = r % T",
         "    tmask = mask_m[:, None] & (mask_n & rot)[None, :]",
@@ -741,7 +749,8 @@ def _generate_horizontal(body: Graph, name: str) -> str:
     for j, sg in enumerate(seg):
         if sg[0] == "rope":     # a rotation: T, the tables' and the output's strides
             args += [f"T{j}", f"cs{j}_t", f"cs{j}_d", f"sn{j}_t", f"sn{j}_d"] + \
-                [f"o{j}_s{x}" for x in range(4)] + [f"p{j}_s"]
+                [f"o{j}_s{x}" for x in range(4)] + [f"p{j}_s"] + \
+                ([f"bias{j}_s"] if sg[1].get("bias") is not None else [])
         elif sg[0] == "cache":
             args += [f"T{j}", f"p{j}_s", f"c{j}_s0", f"c{j}_s1", f"c{j}_s2"]
         elif sg[0] == "epi":    # each epilogue input's strides over [*batch, M, N{j}]
@@ -780,7 +789,9 @@ def _generate_horizontal(body: Graph, name: str) -> str:
         w = f"in{idx[m.inputs[1]]}"
         if sg[0] == "rope":
             cw = sg[1]
-            return (f"out{cw['out']} = rope(A @ {w}) (cos in{cw['cos']}, sin in{cw['sin']})"
+            bias = f" + in{cw['bias']}" if cw.get("bias") is not None else ""
+            return (f"out{cw['out']} = rope(A @ {w}{bias}) (cos in{cw['cos']}, "
+                    f"sin in{cw['sin']})"
                     + (f" written into in{cw['cache']} at rows in{cw['pos']}"
                        if cw["cache"] is not None else ""))
         if sg[0] == "cache":
@@ -837,7 +848,9 @@ def _generate_horizontal(body: Graph, name: str) -> str:
                     f"                {w_args}in{cw['cos']}_ptr, cs{j}_t, cs{j}_d, "
                     f"in{cw['sin']}_ptr, sn{j}_t, sn{j}_d, T{j}, "
                     + ", ".join(f"o{j}_s{x}" for x in range(4)) + f", {pos}, p{j}_s,\n"
-                    f"                {sp}, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, "
+                    + (f"                in{cw['bias']}_ptr, bias{j}_s,\n"
+                       if cw.get("bias") is not None else "")
+                    + f"                {sp}, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, "
                     f"{cw['cache'] is not None})"]
         elif sg[0] == "plain":
             call = [f"        {tile}(a_rows, a_sk, mask_m, rm, z, {b_of}, out{sg[1]}_ptr, "
@@ -1400,6 +1413,8 @@ def _launch_horizontal(kernel, xs, outs, body: Graph, interpret: bool) -> None:
                      sin.stride(-2) if sin.shape[-2] > 1 else 0, sin.stride(-1),
                      *dst.stride(),
                      pos.stride(0) if pos is not None and pos.numel() > 1 else 0]
+            if cw.get("bias") is not None:
+                args.append(xs[cw["bias"]].stride(-1))
         elif sg[0] == "cache":      # [B, T, N] rows stored into a cache [B, L, N] at pos[t]
             cw = sg[2]
             pos, cache = xs[idx[cw.inputs[1]]], xs[idx[cw.inputs[0]]]

@@ -37,7 +37,9 @@ inputs alone, the position tables, are moved to the front of the step first); wh
 projection and the rope kernels give to anything else must be read after that point.
 Anything else is declined with the failed condition (`lmc compile --mode decode --explain`,
 graphs "decode" and "decode static"). Interleaved pairs and XPos scaling are declined
-(left to the pointwise kernel).
+(left to the pointwise kernel). A rotated product may carry a bias (``P + b``, b a [N]
+vector: Qwen2's and gpt-oss's biased q and k): the tile adds b at its columns and at the
+partner columns, rounded as the projection's epilogue rounded the sum, before rotating.
 """
 from __future__ import annotations
 
@@ -211,32 +213,56 @@ def _match(f: Node) -> Tuple[Node, List[dict]]:
     need(len({s["j"] for s in specs}) == len(specs), "one product rotated twice")
     mbody = mm.attrs["body"]
     for s in specs:
-        prod = mbody.outputs[str(s["j"])]
-        need(prod.op is not Op.INDEX_COPY, "a rotated product is also written into a cache")
-        need(prod.op is Op.MATMUL, f"a rotated value is the projection kernel's "
-                                   f"{prod.op.value}, not one of its products")
-        s["prod"] = prod
-    need(_plain_products(mbody, [s["prod"] for s in specs]),
+        val = mbody.outputs[str(s["j"])]
+        need(val.op is not Op.INDEX_COPY, "a rotated product is also written into a cache")
+        prod, bias = _biased(val)
+        need(prod is not None, f"a rotated value is the projection kernel's "
+                               f"{val.op.value}, not one of its products (or one plus a "
+                               f"bias vector)")
+        s["prod"], s["val"], s["bias"] = prod, val, bias
+    need(_plain_products(mbody, [(s["prod"], s["val"]) for s in specs]),
          "the projection kernel has an epilogue on a rotated product (only plain products of "
-         "one A take RoPE)")
+         "one A, or each plus a bias, take RoPE)")
     return mm, specs
 
 
-def _plain_products(body: Graph, rotated: List[Node]) -> bool:
-    """Matmuls of one A (the horizontal form, or one product), the rotated ones with no
-    epilogue: each stored as it is (an RMSNorm prologue allowed); the others may be written
-    into a cache or run their own epilogue."""
+def _biased(v: Node):
+    """(matmul, bias placeholder or None) when v, a projection kernel's output, is one of
+    its products or a product plus a bias vector [N] (Qwen2's and gpt-oss's q + b_q, k +
+    b_k), each in either operand order; (None, None) otherwise."""
+    if v.op is Op.MATMUL:
+        return v, None
+    if v.op is Op.ADD:
+        n = v.type.shape[-1]
+        for m, b in (v.inputs, v.inputs[::-1]):
+            if (m.op is Op.MATMUL and b.op is Op.INPUT and m.type == v.type
+                    and b.type.dtype == v.type.dtype and b.type.rank >= 1
+                    and b.type.shape[-1] == n and all(d == 1 for d in b.type.shape[:-1])):
+                return m, b
+    return None, None
+
+
+def _plain_products(body: Graph, rotated: List[Tuple[Node, Node]]) -> bool:
+    """Matmuls of one A (the horizontal form, or one product), the rotated ones (product,
+    stored value) with no epilogue but a bias add: each value stored once and read by
+    nothing else, the product read only by its add (a norm prologue allowed); the others
+    may be written into a cache or run their own epilogue."""
     from ..codegen.matmul import _prologue, horizontal
 
     mms = [n for n in body.nodes if n.op is Op.MATMUL]
+    outs = list(body.outputs.values())
+
+    def alone(p: Node, v: Node) -> bool:
+        return outs.count(v) == 1 and not any(v in n.inputs for n in body.nodes) and \
+            all(n is v for n in body.nodes if p in n.inputs)
     if horizontal(body):
-        outs = list(body.outputs.values())
-        return all(outs.count(p) == 1 and not any(p in n.inputs for n in body.nodes)
-                   for p in rotated)
+        return all(alone(p, v) for p, v in rotated)
     pro = _prologue(mms)
     skip = set(pro.members) if pro else set()
-    return len(mms) == 1 and all(n.op in (Op.INPUT, Op.CONST, Op.MATMUL) or n in skip
-                                 for n in body.nodes)
+    adds = {v for p, v in rotated if v is not p}
+    return len(mms) == 1 and all(alone(p, v) for p, v in rotated) and all(
+        n.op in (Op.INPUT, Op.CONST, Op.MATMUL) or n in skip or n in adds
+        for n in body.nodes)
 
 
 def _only_read_by(g_users, mm: Node, js, f: Node) -> bool:
@@ -334,7 +360,7 @@ def _merged(mm: Node, fs: List[Tuple[Node, List[dict]]]):
     inputs = list(mm.inputs)
     n_in = sum(n.op is Op.INPUT for n in mbody.nodes)
     specs = [(f, s) for f, ss in fs for s in ss]
-    prods = {s["j"]: s["prod"] for _, s in specs}
+    prods = {s["j"]: s["val"] for _, s in specs}    # the stored value: a product (+ bias)
     views: Dict[Node, Node] = {}
     envs: Dict[Node, Dict[Node, Node]] = {}
     shared: Dict[Node, Node] = {}            # an outer value two rope kernels read: one input
@@ -394,7 +420,8 @@ def _merged(mm: Node, fs: List[Tuple[Node, List[dict]]]):
             "cast": s["cast"].value if s["cast"] is not None else None,
             "scale": s["scale"],
             "cache": None if c is None else pos_of[env[c[0]]],
-            "pos": None if c is None else pos_of[env[c[1]]]})
+            "pos": None if c is None else pos_of[env[c[1]]],
+            "bias": None if s["bias"] is None else pos_of[s["bias"]]})
     name = mm.attrs["kernel"] + "_rope"
     nb = Graph(name, b.nodes, outs)
     nb.meta.update(mbody.meta)

@@ -102,7 +102,6 @@ def test_f16_rotation_in_the_epilogue_equals_the_rope_kernel_bitwise(monkeypatch
     """Mixed precision (f16 products, f16 casts of the tables): the epilogue rounds the
     product to f16 before rotating, as the rope kernel read it, and computes in fp32: the
     same bits as the unfused step, logits and caches."""
-    from lmc.passes import fuse_rope_epilogue as fre
     from lmc.passes.mixed_precision import mixed_precision
     from lmc.runtime.module import LmcModel
 
@@ -111,6 +110,14 @@ def test_f16_rotation_in_the_epilogue_equals_the_rope_kernel_bitwise(monkeypatch
     model.load_state_dict(m.state_dict())
     model.eval()
     ids = torch.randint(0, 512, (2, 8), generator=torch.Generator().manual_seed(4))
+    _same_bits_as_the_rope_kernels(model, ids, monkeypatch)
+
+
+def _same_bits_as_the_rope_kernels(model, ids, monkeypatch):
+    """The static step with the rotations in the projection (one merge per layer of the
+    tiny preset's two) and without: the same logits and caches, bit for bit."""
+    from lmc.passes import fuse_rope_epilogue as fre
+
     fused = Decoder(model, backend="triton", static=True, max_len=10)
     assert [r["status"] for r in fused.graph.meta["fusions"]
             if r["pass"] == "fuse_rope_epilogue"] == ["fused"] * 2
@@ -182,3 +189,69 @@ def test_interleaved_pairs_keep_their_kernel(tmp_path):
     want = want["logits"] if isinstance(want, dict) else want
     got, _ = _decode(dec, ids, 3)
     assert (got - want).abs().max().item() < TOL
+
+
+def _biased_llama(tmp_path) -> str:
+    """llama with biases on its q, k and v projections (Qwen2's attention)."""
+    src = open(os.path.join(ZOO, "llama.yaml")).read()
+    for p in ("q", "k", "v"):
+        src = src.replace(f"      w{p}: [d, d]\n",
+                          f"      w{p}: [d, d]\n      b{p}: {{shape: [d], init: zeros}}\n")
+        src = src.replace(f"reshape(x @ w{p}, ", f"reshape(x @ w{p} + b{p}, ")
+    assert src.count("+ bq") == src.count("+ bk") == src.count("+ bv") == 1
+    path = tmp_path / "llama_qkv_bias.yaml"
+    path.write_text(src)
+    return str(path)
+
+
+def _random_biases(m):
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.rsplit(".", 1)[-1] in ("bq", "bk", "bv"):
+                p.normal_(0, 1.0, generator=torch.Generator().manual_seed(len(name)))
+
+
+@pytest.mark.parametrize("split", [1, 3])
+def test_biased_q_and_k_rotate_in_the_projection(tmp_path, split, monkeypatch):
+    """Qwen2's q + b_q and k + b_k: the tile adds the bias at its columns and at the partner
+    columns before rotating; no rope kernel is left, and the logits and caches equal the
+    forward's and the torch step's (16-column tiles crossing heads, K split in 3 or not)."""
+    monkeypatch.setattr(matmul, "INTERPRET_SPLIT_K", split)
+    monkeypatch.setattr(matmul, "interpret_blocks", lambda M, N, K: (16, 16, 16))
+    path = _biased_llama(tmp_path)
+    m = lmc.load(path, preset="tiny", seed=7, backend="triton").eval()
+    _random_biases(m)
+    ids = torch.randint(0, 512, (2, 9), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        want = m(ids)
+    ref = Decoder(m, backend="torch", static=True, max_len=12)
+    _, st_ref = _decode(ref, ids, 4)
+    for static in (False, True):
+        dec = Decoder(m, backend="triton", static=static, max_len=12 if static else None)
+        rec = [r for r in dec.graph.meta["fusions"] if r["pass"] == "fuse_rope_epilogue"]
+        assert [r["status"] for r in rec] == ["fused"] * 2, rec
+        ropes = [r for n in dec.graph.nodes if n.op is Op.FUSED
+                 for r in n.attrs["body"].meta.get("rope", ())]
+        assert len(ropes) == 4 and all(r["bias"] is not None for r in ropes), ropes
+        assert not _rope_kernels(dec.graph)
+        got, st = _decode(dec, ids, 4)
+        if static:
+            for s in dec.step.states:
+                torch.testing.assert_close(st[s.name], st_ref[s.name], rtol=1e-5, atol=1e-5)
+        assert (got - want).abs().max().item() < TOL
+
+
+def test_f16_biased_rotation_equals_the_rope_kernel_bitwise(tmp_path, monkeypatch):
+    """In f16 the unfused step rounds the product, then the biased sum, before its rope
+    kernel reads it; the epilogue rounds both the same way: the same bits."""
+    from lmc.passes.mixed_precision import low_precision_weights
+    from lmc.runtime.module import LmcModel
+
+    path = _biased_llama(tmp_path)
+    m = lmc.load(path, preset="tiny", seed=8, backend="triton")
+    _random_biases(m)
+    model = LmcModel(low_precision_weights(m.graph, "f16"), backend="triton")
+    model.load_state_dict({k: v.half() for k, v in m.state_dict().items()})
+    model.eval()
+    ids = torch.randint(0, 512, (2, 8), generator=torch.Generator().manual_seed(6))
+    _same_bits_as_the_rope_kernels(model, ids, monkeypatch)
