@@ -46,7 +46,8 @@ MODELS = {"llama": {}, "blues01": {}, "minimax": {}, "yoco": {},
           "deepseek_moe": {"experts": 64, "top_k": 6, "groups": 8, "topk_groups": 4},
           "mamba2": {}, "gpt_oss": {},
           "diff_transformer": {}, "gla": {},
-          "rwkv6": {"d": 128, "head_size": 64}}     # the default head size
+          "rwkv6": {"d": 128, "head_size": 64},     # the default head size
+          "falcon": {}}
 LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
 SMEM_LIMIT = {90: 232448, 80: 166912, 89: 101376}      # bytes per block (opt-in maximum)
 

@@ -7,7 +7,8 @@ SSD, decayed linear attention with q and k shared by the heads; a gpt-oss-style 
 attention sinks, sliding-window layers; a Differential Transformer: the difference of two
 attention maps weighting one set of values; a GLA model: linear attention with per-channel
 data-dependent decays; an RWKV-6-style model: exclusive decays and a bonus, data-dependent
-token shifts). `lmc verify` passes on each,
+token shifts; a Falcon-style model: the parallel block, multi-query attention). `lmc verify`
+passes on each,
 and the fusions fire on what they hold: plain causal attention with no RoPE, soft-capped
 scores, ALiBi in both forms, sigmoid routing, SSD as chunked linear attention, in training and
 in the decode step."""
@@ -32,7 +33,7 @@ SETS = {"gemma2.yaml": ["attn_cap=1.5"]}
 DECODE = {"gpt2.yaml": "", "gemma2.yaml": ", scores soft-capped at 1.5", "mpt.yaml": ", ALiBi",
           "bloom.yaml": ", ALiBi", "deepseek_moe.yaml": ", scale 0.25", "mamba2.yaml": None,
           "gpt_oss.yaml": ", attention sinks", "diff_transformer.yaml": ", scale 0.25",
-          "gla.yaml": None, "rwkv6.yaml": None}
+          "gla.yaml": None, "rwkv6.yaml": None, "falcon.yaml": ", scale 0.25"}
 # what the fused attention records say per layer (tiny presets)
 ATTENTION = {
     "gpt2.yaml": ["no rope: causal attention, scale 0.25"] * 2,
@@ -50,6 +51,7 @@ ATTENTION = {
     "rwkv6.yaml": [],       # the same (below)
     # two attention maps per layer, each its own flash attention
     "diff_transformer.yaml": ["rope + causal attention, scale 0.25"] * 4,
+    "falcon.yaml": ["rope + causal MQA attention (4 heads, 1 kv), scale 0.25"] * 2,
     "gpt_oss.yaml": ["rope + causal window 5 GQA attention (4 heads, 2 kv) with attention "
                      "sinks, scale 0.25",
                      "rope + causal GQA attention (4 heads, 2 kv) with attention sinks, "
@@ -369,3 +371,24 @@ def test_rwkv6_runs_chunked_kernels_in_training_and_a_constant_state_in_decode()
     recs = _decode_runs_recurrent_ops(model.graph, [("shift", (1, 1, 64))] * 10
                                       + [("state", (1, 4, 16, 16))] * 2)
     assert all(r["reason"].startswith("gated: 4 heads, state 16x16") for r in recs)
+
+
+def test_falcon_parallel_block_is_three_launches_a_layer_in_decode():
+    """Falcon's x + attn(h) + mlp(h), h = LayerNorm(x): in the static decode step the
+    LayerNorm is the prologue of one launch computing q, k, v and the MLP's up projection
+    with its GELU (the k and v written into the caches), and the two output projections are
+    summed in one accumulator with the residual added: with flash-decoding, three launches
+    a layer and the head's."""
+    from lmc.runtime.decoder import Decoder
+
+    m = LmcModel(lmc.load(os.path.join(EXAMPLES, "falcon.yaml"), preset="tiny").graph,
+                 backend="triton").eval()
+    dec = Decoder(m, backend="triton", static=True, max_len=12)
+    kinds = [n.attrs["kind"] for n in dec.graph.nodes if n.op.value == "fused"]
+    assert kinds.count("matmul") == 2 * 2 + 1 and kinds.count("decode_attention") == 2, kinds
+    recs = [r["reason"] for r in dec.graph.meta["fusions"]
+            if r["pass"] == "fuse_matmul" and r["status"] == "fused"]
+    assert recs.count("layernorm prologue + 4 matmuls sharing A, one launch + epilogues "
+                      "gelu") == 2, recs
+    assert recs.count("2 matmuls summed in one accumulator + add") == 2, recs
+    assert recs.count("layernorm prologue + matmul") == 1, recs

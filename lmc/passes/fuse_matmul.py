@@ -655,9 +655,59 @@ def _split_by_slices(g: Graph) -> Graph:
     return g.with_nodes(nodes, {k: repl.get(v, v) for k, v in g.outputs.items()})
 
 
+def _products_summed_first(g: Graph) -> Graph:
+    """`(x + P1) + P2` with P1 and P2 products (matmuls of different A, each read only by
+    its add, the inner add read only by the outer) becomes `x + (P1 + P2)`, so the vertical
+    form sums both products in one accumulator and x joins its epilogue: a parallel block's
+    residual, x + attn(h) @ Wo + mlp(h) @ W2 (Falcon, GPT-J, PaLM), is one kernel instead of
+    two and the first product is never stored. Only where every value has one type (no
+    broadcast, no cast between). The fused kernel adds in fp32 in its own order; the oracle
+    keeps the graph's."""
+    users = g.users()
+    outputs = set(g.outputs.values())
+
+    def product(v: Node) -> bool:
+        return v.op is Op.MATMUL and _decline(v) is None and len(users[v]) == 1 and \
+            v not in outputs
+
+    repl: Dict[Node, Node] = {}
+    inner: Set[Node] = set()
+    for n in g.nodes:
+        if n.op is not Op.ADD:
+            continue
+        for i1, p2 in (n.inputs, n.inputs[::-1]):
+            if i1.op is not Op.ADD or users[i1] != [n] or i1 in outputs or not product(p2) \
+                    or i1 in repl:      # (a chain of them: the first rewrite only)
+                continue
+            x, p1 = next(((a, b) for a, b in (i1.inputs, i1.inputs[::-1]) if product(b)),
+                         (None, None))
+            if p1 is None or product(x) or p1.inputs[0] is p2.inputs[0] or \
+                    len({x.type, p1.type, p2.type, i1.type, n.type}) != 1:
+                continue
+            inner.add(i1)
+            repl[n] = (x, p1, p2)
+            break
+    if not repl:
+        return g
+    new: Dict[Node, Node] = {}
+    nodes: List[Node] = []
+    for n in g.nodes:
+        if n in inner:
+            continue
+        if n in repl:
+            x, p1, p2 = (new.get(v, v) for v in repl[n])
+            both = Node.make(Op.ADD, [p1, p2], {}, n.loc, n.scope)
+            new[n] = Node.make(Op.ADD, [x, both], {}, n.loc, n.scope)
+            nodes += [both, new[n]]
+            continue
+        new[n] = n.remapped(new)
+        nodes.append(new[n])
+    return g.with_nodes(nodes, {k: new.get(v, v) for k, v in g.outputs.items()})
+
+
 def fuse_matmul(g: Graph) -> Graph:
     declined: list = []
-    g = _split_by_slices(g)
+    g = _products_summed_first(_split_by_slices(g))
     g, partner = _gated_pairs(g, declined)
     order = {n: i for i, n in enumerate(g.nodes)}
     users = g.users()

@@ -819,6 +819,39 @@ def test_products_of_different_inputs_summed_are_one_kernel(dtype):
     assert len(_mm_kernels(p2)) == 2   # p0 + p1 stored; p2's kernel reads it in its epilogue
 
 
+@pytest.mark.parametrize("case", ["parallel", "product_first", "read_elsewhere", "cast"])
+def test_a_residual_plus_two_products_is_summed_first(case):
+    """A parallel block's x + a @ Wo + g @ W2 ((x + P1) + P2 as written) is summed as x +
+    (P1 + P2): one vertical kernel, the residual in its epilogue ("product_first": P1 + x,
+    then + P2, the same). A first sum read elsewhere is left as written (two kernels), and
+    so is a product cast before its add (the vertical form rounds no product alone)."""
+    b = Builder({}, {})
+    x = b.input("x", [B, T, 24], "f32")
+    a = b.input("a", [B, T, 16], "f32")
+    h = b.input("h", [B, T, 40], "f32")
+    wo, w2 = b.input("wo", [16, 24], "f32"), b.input("w2", [40, 24], "f32")
+    p1, p2 = a @ wo, h @ w2
+    if case == "cast":
+        p1 = b.cast(b.cast(p1, "f16"), "f32")
+    first = p1 + x if case == "product_first" else x + p1
+    outs = {"y": (first + p2).node}
+    if case == "read_elsewhere":
+        outs["first"] = first.node
+    g = Graph("parallel", b.nodes, outs)
+    gen = torch.Generator().manual_seed(9)
+    for bb, tt in [(1, 1), (2, 9)]:
+        vals = {"x": rand(bb, tt, 24, gen=gen), "a": rand(bb, tt, 16, gen=gen),
+                "h": rand(bb, tt, 40, gen=gen), "wo": rand(16, 24, gen=gen) * 0.3,
+                "w2": rand(40, 24, gen=gen) * 0.3}
+        p = check(g, vals)
+    rec = [f["reason"] for f in p.graph.meta["fusions"]
+           if f["pass"] == "fuse_matmul" and f["status"] == "fused"]
+    if case in ("parallel", "product_first"):
+        assert rec == ["2 matmuls summed in one accumulator + add"], rec
+    else:
+        assert len(_mm_kernels(p)) == 2 and not any("summed" in r for r in rec), rec
+
+
 def test_declined_sites_say_why_and_still_run():
     b = Builder({}, {})
     xi = b.input("xi", [4, 3], "i64")

@@ -51,6 +51,8 @@ MODELS = [
     ("examples/diff_transformer.yaml", {}, {"rope_attention"}, False),
     ("examples/gla.yaml", {}, {"gated_linear_attention"}, False),
     ("examples/rwkv6.yaml", {}, {"gated_linear_attention"}, False),
+    # the parallel block with MQA (LayerNorm prologues, both output projections summed)
+    ("examples/falcon.yaml", {}, {"rope_attention"}, False),
 ]
 IDS = [f"{os.path.basename(f)[:-5]}{''.join(f'-{k}{v}' for k, v in o.items())}"
        for f, o, _, _ in MODELS]
