@@ -379,7 +379,9 @@ def _take_prologues(groups: List["_Group"], users, outputs: Set[Node]) -> None:
     """Each group whose matmuls share an A computed by a norm that nothing else reads takes
     the norm's nodes in (NormPrologue): a LayerNorm whole where its centring is read by
     nothing else either, else the RMSNorm part. Where the norm's output is read elsewhere too
-    (a training forward saves it for the weight gradient) the norm stays its own kernel."""
+    (a mixed-precision training forward saves its bf16 cast for the weight gradient; an fp32
+    one saves x and the statistics, and the backward recomputes it) the norm stays its own
+    kernel."""
     grouped = {m for grp in groups for m in grp.members}
 
     def alone(pro, grp) -> bool:    # its values read only inside the group, in no other group
