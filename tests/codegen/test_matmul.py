@@ -526,6 +526,31 @@ def test_layernorm_is_the_matmul_prologue(kind, dtype, bias, monkeypatch):
     assert rec["reason"].startswith(f"{kind_name} prologue + "), rec
 
 
+@pytest.mark.parametrize("kind", ["horizontal", "single"])
+def test_layernorm_prologue_with_split_k(kind, monkeypatch):
+    """K split in 3 (decode's few rows): every slice's program computes the whole row's mean
+    and variance in its first loops, then its share of the K loop; the slices' partial
+    products are summed as the plain form's are."""
+    from lmc.codegen import matmul
+    monkeypatch.setattr(matmul, "INTERPRET_TILE", 16 * 16)
+    monkeypatch.setattr(matmul, "INTERPRET_SPLIT_K", 3)
+    splits = []
+    real = matmul._split_args
+    monkeypatch.setattr(matmul, "_split_args", lambda *a: splits.append(real(*a)[-1])
+                        or real(*a))
+    b = Builder({}, {})
+    K = 70
+    x = b.input("x", [B, T, K], "f32")
+    h = _layernorm(b, x, b.input("w", [K], "f32"), b.input("b", [K], "f32"))
+    g = _norm_matmuls(b, h, K, kind, "f32")
+    gen = torch.Generator().manual_seed(7)
+    vals = {"x": 40 + rand(1, 2, K, gen=gen) * 3, "w": rand(K, gen=gen),
+            "b": rand(K, gen=gen),
+            **{f"w{i}": rand(K, n, gen=gen) * 0.2 for i, n in enumerate([24, 5, 5])}}
+    check(g, vals, kernels=1)
+    assert splits and all(sp >= 3 for sp in splits), splits
+
+
 def test_layernorm_whose_centred_x_is_read_elsewhere_leaves_the_centring_out():
     """x - mean(x) read by another output too: the centring stays a kernel (which stores
     it), and the matmul takes the rest as an RMSNorm of the centred x."""
