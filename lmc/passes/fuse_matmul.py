@@ -43,6 +43,7 @@ from typing import Dict, List, Optional, Set
 from ..ir.graph import Graph, Node
 from ..ir.ops import Kind, Op
 from .fuse_pointwise import _where, contract, feeds_one_group, fusible, is_source, make_fused
+from .patterns import widened
 
 # reductions fuse_reductions takes with their prologue (a node read only by these stays out)
 _PROLOGUE_OF = (Op.SUM, Op.MEAN, Op.AMAX, Op.LOGSUMEXP, Op.SOFTMAX)
@@ -337,20 +338,15 @@ def _centred(xc: Node):
     return None
 
 
-def _widened(v: Optional[Node]) -> bool:
-    return v is not None and v.op is Op.CAST and v.inputs[0].type.shape == v.type.shape and \
-        v.type.dtype.value == "f32" and v.inputs[0].type.dtype.value in ("f16", "bf16")
-
-
 def with_weight_cast(pro: NormPrologue) -> NormPrologue:
     """The prologue reading w (and b) before its widening cast (a norm weight stored in bf16
     and widened to fp32 each step): the kernel loads it in its own dtype and widens it,
     exactly as the cast does."""
     w, b, extra = pro.w, pro.bias, []
-    if _widened(w):
+    if widened(w):
         extra.append(w)
         w = w.inputs[0]
-    if _widened(b):
+    if b is not None and widened(b):
         extra.append(b)
         b = b.inputs[0]
     if not extra:
