@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Dict, List
 
 from ..errors import LmcError
+from ..ir.dims import as_dim
 from ..ir.graph import Graph, Node
 from ..ir.ops import Op
 from ..ir.types import DType
@@ -170,6 +171,8 @@ def generate(body: Graph, name: str) -> str:
         if m.op is Op.INPUT:
             i = input_no[m]
             off = " + ".join(f"{idx[d]} * in{i}_s{d}" for d in range(rank))
+            if all(d == "0" for d in idx):      # one element for every lane (a block load)
+                off = "offs * 0"
             load = f"tl.load(in{i}_ptr + ({off}), mask={msk}, other=0)"
             if m.type.dtype in (DType.f16, DType.bf16):
                 load += ".to(tl.float32)"  # compute in fp32
@@ -182,6 +185,20 @@ def generate(body: Graph, name: str) -> str:
             x = emit(m.inputs[0], at)
             lines.append(f"    t{k} = tl.where(tl.rand(seed{j}, offs.to(tl.int32)) >= p{j}, "
                          f"{x} / q{j}, 0.0)  # dropout: Philox of the element index")
+        elif m.op is Op.IOTA:         # the index along its (the last) axis; 0 when size 1
+            i = "(offs * 0)" if m.attrs["length"] == 1 else idx[rank - 1]
+            memo[key] = f"({i}).to({TL_DTYPE[m.type.dtype]})"
+            return memo[key]
+        elif m.op is Op.SLICE:        # x at the index shifted by the slice's start
+            ax = rank - m.type.rank + m.attrs["axis"] % m.type.rank
+            start = m.attrs["start"]
+            shifted = idx[:ax] + ((f"({idx[ax]} + {start})" if start else idx[ax]),) + \
+                idx[ax + 1:]
+            memo[key] = emit(m.inputs[0], (shifted, msk))
+            return memo[key]
+        elif m.op is Op.RESHAPE:      # axes of size 1 added or dropped: x's index, aligned
+            memo[key] = emit(m.inputs[0], (_unit_reshape_index(m, idx, rank), msk))
+            return memo[key]
         elif m.op is Op.CONCAT:
             ax = rank - m.type.rank + m.attrs["axis"]
             offsets = _concat_offsets(m, ax, _space(outputs[0]))
@@ -239,15 +256,33 @@ def _concat_offsets(m: Node, ax: int, space: Node) -> List:
         for d in sizes:
             out.append(out[-1] + d)
         return out
-    if len(sym) > 1 or m.type.shape[m.attrs["axis"]] != space.type.shape[ax]:
+    # its extent: the kernel's size along the axis plus a number (a concat read through a
+    # slice, concat(past, x)[:, :T], spans T + s where the kernel spans T)
+    extra = as_dim(m.type.shape[m.attrs["axis"]]) - as_dim(space.type.shape[ax])
+    if len(sym) > 1 or m.type.rank != space.type.rank or not isinstance(extra, int):
         raise LmcError(f"internal: a concat with symbolic pieces {sym} in a kernel over "
-                       f"{space.type} (fuse_pointwise admits one, spanning the kernel's axis)")
+                       f"{space.type} (fuse_pointwise admits one, of the kernel's size along "
+                       f"its axis plus a number)")
     (j0,) = sym
     head = [0]
     for d in sizes[:j0]:
         head.append(head[-1] + d)
-    after = [sum(sizes[i:]) for i in range(j0 + 1, len(sizes))]     # numbers after piece j0
-    return head + [f"(S{ax} - {r})" for r in after] + [f"S{ax}"]
+    after = [sum(sizes[i:]) - extra for i in range(j0 + 1, len(sizes))]  # from S{ax}'s end
+    end = f"S{ax}" if extra == 0 else f"(S{ax} + {extra})"
+    return head + [f"(S{ax} - {r})" if r > 0 else f"(S{ax} + {-r})" if r else f"S{ax}"
+                   for r in after] + [end]
+
+
+def _unit_reshape_index(m: Node, idx: tuple, rank: int) -> tuple:
+    """The index of reshape m's input, in the kernel's right-aligned axes, for m's index idx:
+    the reshape adds or drops axes of size 1 only, so the input's axes of other sizes take,
+    in order, the index of m's; its axes of size 1 (and those it lacks) take 0."""
+    x = m.inputs[0]
+    src = [idx[rank - m.type.rank + j] for j, d in enumerate(m.type.shape) if d != 1]
+    out = ["0"] * (rank - x.type.rank)
+    for d in x.type.shape:
+        out.append("0" if d == 1 else src.pop(0))
+    return tuple(out)
 
 
 def dropouts(body: Graph) -> List[Node]:

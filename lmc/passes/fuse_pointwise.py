@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 from typing import Dict, List, Optional
 
-from ..ir.dims import Dim
+from ..ir.dims import Dim, as_dim
 from ..ir.graph import Graph, Node
 from ..ir.ops import Kind, Op
 
@@ -88,10 +88,12 @@ def fuse_pointwise(g: Graph) -> Graph:
         groups[chosen].append(n)
         group_of[n] = chosen
 
+    _take_iotas(g, groups, group_of, order)
     groups, anchors = _merge_into_consumer(g, groups, order)
     groups, anchors = _merge_siblings(g, groups, anchors, order)
     # a group of concats alone would be a copy kernel in place of torch.cat: leave those
-    keep = [i for i, grp in enumerate(groups) if any(m.op is not Op.CONCAT for m in grp)]
+    keep = [i for i, grp in enumerate(groups)
+            if any(m.op is not Op.CONCAT and m.op not in _INDEXED for m in grp)]
     groups, anchors = [groups[i] for i in keep], [anchors[i] for i in keep]
     fused: List[dict] = []
 
@@ -121,29 +123,76 @@ def symbolic_pieces(n: Node) -> List[int]:
     return [i for i, x in enumerate(n.inputs) if not isinstance(x.type.shape[ax], int)]
 
 
+# ops a kernel evaluates by mapping its index, never loading or storing them: an iota (the
+# index itself) and the index views of `index_view`
+_INDEXED = (Op.IOTA, Op.SLICE, Op.RESHAPE)
+
+
+def index_view(v: Node) -> bool:
+    """A view a pointwise kernel evaluates by mapping the index it reads its input at: a slice
+    with step 1 and a numeric start (its value at i is x's at i + start along the axis), or a
+    reshape of a static shape that only adds or drops axes of size 1 (a mask's [s] seen as
+    [1, s, 1])."""
+    if v.op is Op.SLICE:
+        start = v.attrs["start"]
+        return v.attrs.get("step", 1) == 1 and isinstance(start, int) and start >= 0
+    if v.op is Op.RESHAPE:
+        x = v.inputs[0]
+        return all(isinstance(d, int) for d in x.type.shape) and \
+            [d for d in x.type.shape if d != 1] == [d for d in v.type.shape if d != 1]
+    return False
+
+
+def _take_iotas(g: Graph, groups: List[List[Node]], group_of: Dict[Node, int], order):
+    """An iota read only by members of one group joins it: the kernel computes the index
+    itself (a decoded shift's positions P - s + [0, s)) instead of reading a torch.arange."""
+    users = g.users()
+    outputs = set(g.outputs.values())
+    for n in g.nodes:
+        if n.op is not Op.IOTA or n in outputs or not users.get(n):
+            continue
+        gids = {group_of.get(u) for u in users[n]}
+        if len(gids) != 1 or None in gids:
+            continue
+        (gid,) = gids
+        groups[gid] = sorted(groups[gid] + [n], key=order.__getitem__)
+        group_of[n] = gid
+
+
 def _merge_into_consumer(g: Graph, groups: List[List[Node]], order):
     """Fold a group into the one group that reads it when nothing else does (x*cos in
     rope's x*cos + rot(x)*sin, whose other operand starts later, behind a concat): one kernel
     instead of two, and the intermediate never stored. The grouping rule grows groups forward
     from their inputs only, so such a producer is left on its own. Folding A into B is safe
-    when A's values are read only by A and B (not graph outputs), the shapes match (or B
-    reads A only as pieces of concats, which the kernel evaluates at shifted indices: rope's
-    -x2 in concat(-x2, x1)), and every input A takes from outside comes before B's first
-    member: the merged group is then emitted where B's first member stood (its anchor),
-    after all it reads. Returns the groups (members in topological order) and their
+    when A's values are read only by A and B (not graph outputs), the shapes match, or B
+    reads A only as pieces of concats or through index views (`index_view`), which the
+    kernel evaluates at shifted indices (rope's -x2 in concat(-x2, x1); a decoded causal
+    shift's concat(past, x)[:, :T], and the [s] mask of its past slots seen as [1, s, 1]),
+    and every input A takes from outside comes before B's first member: the merged group is
+    then emitted where B's first member stood (its anchor), after all it reads. The views
+    join the merged group. Returns the groups (members in topological order) and their
     anchors."""
     outputs = set(g.outputs.values())
     group_of = {m: gid for gid, grp in enumerate(groups) for m in grp}
-    shape = {gid: grp[0].type.shape for gid, grp in enumerate(groups)}
+    anchor = {gid: next(m for m in grp if m.op is not Op.IOTA)
+              for gid, grp in enumerate(groups) if grp}
+    shape = {gid: anchor[gid].type.shape for gid in anchor}
     concat_only = {gid: True for gid in range(len(groups))}   # read by other groups' concats
     readers: Dict[int, set] = {gid: set() for gid in range(len(groups))}
+    views: Dict[int, List[Node]] = {gid: [] for gid in range(len(groups))}
+    view_of: Dict[Node, int] = {}        # an index view of a group's value -> the group
     for n in g.nodes:
+        if n not in group_of and index_view(n) and n not in outputs:
+            a = group_of.get(n.inputs[0], view_of.get(n.inputs[0]))
+            if a is not None:
+                view_of[n] = a
+                views[a].append(n)
+                continue
         for x in n.inputs:
-            a = group_of.get(x)
+            a = group_of.get(x, view_of.get(x))
             if a is not None and group_of.get(n) != a:
                 readers[a].add(group_of.get(n, -1))          # -1: a node in no group
-                concat_only[a] = concat_only[a] and n.op is Op.CONCAT
-    anchor = {gid: grp[0] for gid, grp in enumerate(groups) if grp}
+                concat_only[a] = concat_only[a] and (n.op is Op.CONCAT or x in view_of)
     merged_into: Dict[int, int] = {}
 
     def root(gid):
@@ -158,20 +207,37 @@ def _merge_into_consumer(g: Graph, groups: List[List[Node]], order):
         if (shape[b] != shape[a] and not concat_only[a]) or \
                 order[anchor[b]] < order[anchor[a]]:
             continue
-        if shape[b] != shape[a] and any(m.op is Op.DROPOUT or (
-                m.op is Op.CONCAT and symbolic_pieces(m)) for m in groups[a]):
-            # a concat piece runs at shifted indices; a mask needs its own, and a concat
-            # with a symbolic piece finds its offsets from the kernel's own sizes
+        members = groups[a] + views[a]
+        if (shape[b] != shape[a] or views[a]) and not _evaluable_in(members, shape[b]):
             continue
-        inside = set(groups[a])
+        inside = set(members)
         if not all(x in inside or order[x] < order[anchor[b]] or is_source(x)
-                   for m in groups[a] for x in m.inputs):
+                   for m in members for x in m.inputs):
             continue
-        groups[b] = sorted(groups[b] + groups[a], key=order.__getitem__)
+        groups[b] = sorted(groups[b] + members, key=order.__getitem__)
         groups[a] = []
         merged_into[a] = b      # A was read by B alone: B's readers are the merged group's
     live = [gid for gid, grp in enumerate(groups) if grp]
     return [groups[gid] for gid in live], [anchor[gid] for gid in live]
+
+
+def _evaluable_in(members: List[Node], space) -> bool:
+    """A kernel over `space` can evaluate `members` (a group, with the views it is read
+    through) at the indices its reader asks: no dropout (a mask is drawn by the element's own
+    index), no value of more axes than the kernel's, and each concat with a symbolic piece
+    finds its own extent from the kernel's sizes (the space's along its axis plus a number:
+    concat(past, x) of T + s positions read as its first T)."""
+    rank = len(space)
+    for m in members:
+        if m.op is Op.DROPOUT or m.type.rank > rank or \
+                any(x.type.rank > rank for x in m.inputs):
+            return False
+        if m.op is Op.CONCAT and symbolic_pieces(m):
+            ax = m.attrs["axis"] % m.type.rank
+            if m.type.rank != rank or not isinstance(
+                    as_dim(m.type.shape[ax]) - as_dim(space[ax]), int):
+                return False
+    return True
 
 
 _VIEWS = (Op.RESHAPE, Op.PERMUTE, Op.SLICE, Op.EXPAND)
@@ -325,7 +391,8 @@ def make_fused(members: List[Node], tag: str, used_outside, new: Dict[Node, Node
         body[m] = c
         b.nodes.append(c)
     outputs = [m for m in members if m in used_outside]
-    ops = [m.op.value for m in members]
+    # named for what it computes: an iota or index view is no work of its own
+    ops = [m.op.value for m in members if m.op not in _INDEXED] or [m.op.value for m in members]
     name = prefix + "_".join(dict.fromkeys(ops[:4])) + f"_{tag}"
     name = re.sub(r"[^a-z0-9_]", "_", name)
     body_graph = Graph(name, b.nodes, {str(i): body[m] for i, m in enumerate(outputs)})

@@ -465,3 +465,102 @@ def test_a_narrowing_cast_then_a_math_function(kind):
     for shape in [(2, 3), (1, 5)]:
         triton_matches_oracle(g, {"x": torch.randn(*shape, 7, generator=gen),
                                   "W": torch.randn(7, 5, generator=gen)}, rtol=2e-3, atol=2e-3)
+
+
+def _decoded_conv(C: int, taps: int):
+    """A short causal convolution as the decode pass writes it over T new tokens after P past
+    ones: per shift s, the state's last s slots (the pad where position P - s + j < 0),
+    then the new x, the first T of those; summed with per-tap weights, then silu."""
+    B, T = Dim.sym("B"), Dim.sym("T")
+    b = Builder({}, {})
+    x = b.input("x", [B, T, C], "f32")
+    state = b.input("state", [B, taps - 1, C], "f32")
+    pos = b.input("pos", [T], "i64")
+    w = b.input("w", [taps, C], "f32")
+    xe = b.exp(x) * 0.5                                  # a computed value, shifted
+    y = xe * b.reshape(b.slice(w, 0, taps - 1, taps), [C])
+    for s in range(1, taps):
+        slot = b.slice(pos, 0, 0, 1) + (b.iota(s) - s)   # positions P - s .. P - 1
+        past = b.where(b.reshape(slot, [1, s, 1]) >= 0,
+                       b.slice(state, 1, taps - 1 - s, taps - 1), 0.0)
+        shifted = b.slice(b.concat([past, xe], 1), 1, 0, T)
+        y = y + shifted * b.reshape(b.slice(w, 0, taps - 1 - s, taps - s), [C])
+    return Graph("conv", b.nodes, {"y": b.silu(y).node})
+
+
+@pytest.mark.parametrize("taps", [2, 4])
+def test_a_decoded_causal_convolution_is_one_kernel(taps):
+    """The decoded shift's concat(past, x)[:, :T] is evaluated at the slice's index (the
+    piece offsets from the kernel's T plus s), its mask's iota and [s] -> [1, s, 1] reshape
+    in the kernel too: one launch, no torch arange or cat, for every T (1, below and above the
+    taps) and every P (slots before position 0 read the pad)."""
+    C = 37
+    g = _decoded_conv(C, taps)
+    p = TritonProgram(g)
+    assert [n.attrs["kind"] for n in p.graph.nodes if n.op is Op.FUSED] == ["pointwise"]
+    for s in range(1, taps):
+        assert f"# concat piece [{s}, (S1 + {s})) along axis 1" in p.source
+    for Bv, Tv, P in ((1, 1, 0), (2, 1, 1), (1, 1, 2), (3, 1, 9), (2, 2, 0), (1, 5, 1),
+                      (2, 7, 4)):
+        vals = {"x": torch.randn(Bv, Tv, C), "state": torch.randn(Bv, taps - 1, C),
+                "pos": torch.arange(P, P + Tv), "w": torch.randn(taps, C)}
+        ctx = RefCtx(dims=bind_dims(g, vals))
+        got = run_graph(p.graph, vals, ctx, p.impl)["y"]
+        want = run_graph(g, vals, RefCtx(dims=bind_dims(g, vals)))["y"]
+        torch.testing.assert_close(got, want)
+        # and by hand: x's history with the pad (zeros) before position 0
+        hist = torch.cat([torch.zeros(Bv, taps - 1, C), vals["state"]], 1)[:, -(taps - 1):]
+        hist = torch.where((torch.arange(taps - 1) + P - (taps - 1) >= 0)[None, :, None],
+                           hist, 0.0)
+        seq = torch.cat([hist, vals["x"].exp() * 0.5], 1)
+        ref = sum(seq[:, taps - 1 - s: taps - 1 - s + Tv] * vals["w"][taps - 1 - s]
+                  for s in range(taps))
+        torch.testing.assert_close(got, torch.nn.functional.silu(ref))
+    assert p.launches == len(((1, 1, 0), (2, 1, 1), (1, 1, 2), (3, 1, 9), (2, 2, 0),
+                              (1, 5, 1), (2, 7, 4)))
+    assert not [n for n in p.graph.nodes if n.op in (Op.IOTA, Op.CONCAT)]
+
+
+def test_a_slice_of_a_computed_value_and_a_unit_reshape_join_their_reader():
+    """exp(x)[:, 2:] (a slice with a start: evaluated at i + 2) and computed [C] vectors
+    (one from an iota) seen as [1, 1, C], read by one kernel: computed there, never
+    stored."""
+    B, T = Dim.sym("B"), Dim.sym("T")
+    b = Builder({}, {})
+    x = b.input("x", [B, T, 6], "f32")
+    v = b.input("v", [6], "f32")
+    z = b.input("z", [B, T, 6], "f32")
+    e = b.exp(x) + 1.0
+    later = b.slice(e, 1, 2, T)
+    scale = b.reshape(b.tanh(v) * 3.0, [1, 1, 6])
+    idx = b.reshape(b.cast(b.iota(6), "f32"), [1, 1, 6])
+    y = later * scale + b.slice(z, 1, 0, T - 2) * idx
+    g = Graph("views", b.nodes, {"y": y.node})
+    fused = [n for n in fuse_pointwise(g).nodes if n.op is Op.FUSED]
+    assert len(fused) == 1
+    p = TritonProgram(g)
+    for Bv, Tv in ((1, 3), (2, 8), (3, 67)):
+        vals = {"x": torch.randn(Bv, Tv, 6), "v": torch.randn(6), "z": torch.randn(Bv, Tv, 6)}
+        got = run_graph(p.graph, vals, RefCtx(dims=bind_dims(g, vals)), p.impl)["y"]
+        want = (vals["x"][:, 2:].exp() + 1.0) * (vals["v"].tanh() * 3.0) \
+            + vals["z"][:, :Tv - 2] * torch.arange(6.0)
+        torch.testing.assert_close(got, want)
+    assert p.launches == 3 and not [n for n in p.graph.nodes if n.op is Op.IOTA]
+
+
+def test_a_slice_read_by_two_kernels_or_with_a_symbolic_start_is_stored():
+    """A computed value whose slices two kernels of other shapes read is stored once (not
+    computed twice); a slice starting at T (a decode state's newest slots) reads it stored."""
+    B, T = Dim.sym("B"), Dim.sym("T")
+    b = Builder({}, {})
+    x = b.input("x", [B, T, 4], "f32")
+    e = b.exp(x)
+    one = b.slice(e, 1, 1, T) * 2.0
+    two = b.slice(e, 2, 0, 2) + 1.0
+    cat = b.concat([b.input("st", [B, 3, 4], "f32"), b.tanh(x)], 1)
+    new = b.slice(cat, 1, T, T + 3) * 3.0
+    g = Graph("stored", b.nodes, {"one": one.node, "two": two.node, "new": new.node})
+    out = fuse_pointwise(g)
+    bodies = [n.attrs["body"] for n in out.nodes if n.op is Op.FUSED]
+    assert not any(m.op is Op.SLICE for body in bodies for m in body.nodes)
+    assert sum(any(m.op is Op.EXP for m in body.nodes) for body in bodies) == 1
