@@ -263,14 +263,20 @@ def step_ops(graph) -> Dict[str, int]:
     """What one decode step runs, from its graph: `fused`, the fused ops lmc launches (each a
     generated kernel or a template's launch sequence: flash-decoding may add a combine), and
     `torch`, every other op that launches a kernel (views, constants and graph plumbing
-    excluded). At batch 1 a step is a chain of small kernels, so under a CUDA graph this count
-    bounds the step time as much as the bytes read do."""
+    excluded), and `state_copies`, the new states the static Decoder copies into their
+    buffers after the step (those no kernel wrote in place: a cache's index_copy and a state
+    its op updated in place, `fuse_cache_writes`, are not copied). At batch 1 a step is a
+    chain of small kernels, so under a CUDA graph this count bounds the step time as much as
+    the bytes read do."""
+    from .codegen.wrapper import inplace_source
     from .ir.ops import Op
 
     free = {Op.INPUT, Op.PARAM, Op.CONST, Op.GETITEM, Op.RESHAPE, Op.PERMUTE, Op.SLICE,
             Op.EXPAND, Op.FUSED}
+    copies = sum(1 for k, v in graph.outputs.items() if k.endswith("'") and
+                 v.op not in (Op.INPUT, Op.INDEX_COPY) and inplace_source(v) is None)
     return {"fused": sum(n.op is Op.FUSED for n in graph.nodes),
-            "torch": sum(n.op not in free for n in graph.nodes)}
+            "torch": sum(n.op not in free for n in graph.nodes), "state_copies": copies}
 
 
 def step_weight_bytes(graph, batch: int = 1, itemsize: int = 2) -> int:

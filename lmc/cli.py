@@ -337,10 +337,12 @@ def format_decode(d: dict) -> str:
     lines.append(total)
     st = d.get("static_step")
     if st:      # the triton backend's static (CUDA-graph) step
+        n = st.get("state_copies", 0)
+        copies = f" + {n} state cop{'ies' if n != 1 else 'y'}" if n else ""
         lines.append(f"step        static step on the triton backend: {st['fused']} fused ops + "
-                     f"{st['torch']} torch op{'s' if st['torch'] != 1 else ''}; weights read "
-                     f"{st['weight_bytes_batch1_bf16'] / 1e6:,.2f} MB per token at batch 1 "
-                     "(bf16)")
+                     f"{st['torch']} torch op{'s' if st['torch'] != 1 else ''}{copies}; "
+                     f"weights read {st['weight_bytes_batch1_bf16'] / 1e6:,.2f} MB per token "
+                     "at batch 1 (bf16)")
     return "\n".join(lines)
 
 

@@ -297,8 +297,10 @@ def check_decode(s: Subject) -> Row:
     # new keys and values where fuse_cache_writes could)
     sdec = Decoder(tri, backend="triton", static=True, max_len=T, cuda_graph=False)
     sworst = _decode_diff(tri, sdec, s.ids, T // 2)
-    writes = sum(f["status"] == "fused" for f in sdec.graph.meta.get("fusions", [])
-                 if f["pass"] == "fuse_cache_writes")
+    recs = [f["reason"] for f in sdec.graph.meta.get("fusions", [])
+            if f["pass"] == "fuse_cache_writes" and f["status"] == "fused"]
+    in_place = sum(r.startswith("state updated in place") for r in recs)
+    writes = len(recs) - in_place
     per_tok = sum(st.bytes_per_token() for st in dec.step.states)
     fixed = sum(st.bytes(1, 0) for st in dec.step.states)
     kinds = [n.attrs["kind"] for n in tdec.graph.nodes if n.op is Op.FUSED
@@ -310,7 +312,8 @@ def check_decode(s: Subject) -> Row:
                f"prefill k in {ks} then steps: max |diff| {worst:.1e}; triton k in {tks}"
                f"{' (' + fused + ')' if fused else ''}: "
                f"{tworst:.1e}; triton static k {T // 2} ({writes} cache writes stored by "
-               f"kernels): {sworst:.1e} (tol {DECODE_TOL:.0e}); state "
+               f"kernels{f', {in_place} states updated in place' if in_place else ''}): "
+               f"{sworst:.1e} (tol {DECODE_TOL:.0e}); state "
                f"{len(dec.step.states)} tensors, {per_tok:,} B/token + {fixed:,} B/sequence")
 
 

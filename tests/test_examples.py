@@ -18,6 +18,7 @@ import os
 import pytest
 
 import lmc
+from lmc.ir.ops import Op
 from lmc.passes import run_pipeline
 from lmc.passes.decode import decode_step
 from lmc.passes.fuse_decode_attention import fuse_decode_attention
@@ -392,3 +393,26 @@ def test_falcon_parallel_block_is_three_launches_a_layer_in_decode():
                       "gelu") == 2, recs
     assert recs.count("2 matmuls summed in one accumulator + add") == 2, recs
     assert recs.count("layernorm prologue + matmul") == 1, recs
+
+
+def test_mamba2_decoded_convolution_is_one_kernel_a_layer():
+    """mamba2's static decode step: each layer's short convolution (three shifted copies of
+    xBC read from the d_conv - 1 slot history, masked where a slot's position is negative,
+    plus the bias and silu) is one pointwise kernel computing its positions itself (no torch
+    arange); SSD's state is updated in place, so the Decoder copies only the history."""
+    from lmc.bench import step_ops
+    from lmc.runtime.decoder import Decoder
+
+    m = LmcModel(lmc.load(os.path.join(EXAMPLES, "mamba2.yaml"), preset="tiny").graph,
+                 backend="triton").eval()
+    dec = Decoder(m, backend="triton", static=True, max_len=12)
+    conv = [n for n in dec.graph.nodes if n.op is Op.FUSED and n.attrs["kind"] == "pointwise"
+            and sum(u.op is Op.CONCAT for u in n.attrs["body"].nodes) == 3]
+    assert len(conv) == 2 and all(
+        sum(u.op is Op.IOTA for u in f.attrs["body"].nodes) == 3 and
+        any(u.op is Op.SILU for u in f.attrs["body"].nodes) for f in conv), conv
+    assert not any(n.op is Op.IOTA for n in dec.graph.nodes)
+    # per layer: the in-projection, dt, dt * A, the convolution, x * dt, SSD, the skip,
+    # the gate, the out-projection; then the head; torch: the embedding, a history update
+    # per layer
+    assert step_ops(dec.graph) == {"fused": 2 * 9 + 1, "torch": 1 + 2, "state_copies": 2}

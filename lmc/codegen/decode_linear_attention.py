@@ -6,9 +6,10 @@ continuing a d_k x d_v state per head, run by lmc/codegen/linear_attention.py's 
             v [B, H, T, d_v] (or anything broadcasting to it); ld, the log-decays,
             broadcastable to [B, H, T] ([B, H, T] per-token gates, [1, H, T] a fixed decay);
             S, the state [B, H, d_k, d_v] (fp32).
-    outputs o [B, H, T, d_v] in q's dtype, and the new state [B, H, d_k, d_v] (a new tensor:
-            the input state is never written, so a dynamic decoder's old states stay valid; the
-            static Decoder copies it into its buffer).
+    outputs o [B, H, T, d_v] in q's dtype, and the new state [B, H, d_k, d_v]: a new tensor
+            in a dynamic step (its old states stay valid); in the static step the state input
+            itself (fuse_cache_writes' in-place update: each kernel below reads a state tile
+            before it writes it, so the Decoder's buffer needs no copy after the step).
 
 Which kernel (T is the number of new tokens, read from the shapes; nothing reads a value on
 the host, so a T = 1 step can be captured in a CUDA graph):

@@ -23,6 +23,12 @@ the functional write), its output becomes the cache, and ``attrs["inplace"]`` ma
 output to the cache input: the kernel writes into the cache it was given and the output *is*
 that tensor (`TritonProgram._run_fused`, the wrapper program). A write whose value is read
 elsewhere too, or whose cache is read by anything else, stays a torch op.
+
+A carried state (a decoded linear attention's, plain or gated; an MoE layer's capacity count)
+is updated the same way: when its op is the only reader of the state input,
+``attrs["inplace"]`` maps the new-state output to that input. Those kernels read each element
+of the state before writing it (`_state_slot`), so the Decoder's buffer is updated where it
+lies, with no copy of the state after every step.
 """
 from __future__ import annotations
 
@@ -74,7 +80,61 @@ def _target(n: Node, users, outputs) -> str:
     return f"a {f.attrs['kind']} kernel does not store to a cache"
 
 
+def _state_slot(n: Node):
+    """(state input, new-state output) positions of a fused op whose kernel reads each element
+    of a carried state before writing its new value there, or None: a decoded linear
+    attention, plain or gated (one program owns a tile, its d_v block of a head's state; the
+    chunked prefill finishes reading the state before its final store), and an MoE op's
+    capacity count carried across steps (one program per sequence loads its counts first and
+    stores them last)."""
+    kind = n.attrs.get("kind") if n.op is Op.FUSED else None
+    if kind in ("decode_linear_attention", "decode_gated_linear_attention"):
+        return 4, 1
+    if kind in ("moe_layer", "moe_gating"):
+        opts = n.attrs["body"].meta.get("options", {})
+        if opts.get("carry") and "count" in opts.get("outputs", ()):
+            # the inputs x, W_r[, Wg, W1, W2][, residual], then the carried count
+            at = 2 if kind == "moe_gating" else 6 if opts.get("residual") else 5
+            return at, list(opts["outputs"]).index("count")
+    return None
+
+
 def fuse_cache_writes(g: Graph) -> Graph:
+    return _states_in_place(_cache_writes(g))
+
+
+def _states_in_place(g: Graph) -> Graph:
+    """A carried state's new value written over the old one (`_state_slot`) where the state
+    input is read by its op alone: the static Decoder's buffer then is the new state, with no
+    copy into it after the step."""
+    users = g.users()
+    records = []
+    repl: Dict[Node, dict] = {}        # an op -> its attrs with the state in place
+    for n in g.nodes:
+        slot = _state_slot(n)
+        if slot is None:
+            continue
+        i, o = slot
+        st = n.inputs[i]
+        where = n.scope or "<model>"
+        if st.op is not Op.INPUT or users[st] != [n]:
+            records.append({"pass": PASS, "status": "declined", "where": where,
+                            "reason": "the state is read besides its update"})
+            continue
+        repl[n] = {**n.attrs, "inplace": {**n.attrs.get("inplace", {}), o: i}}
+        records.append({"pass": PASS, "status": "fused", "where": where,
+                        "reason": f"state updated in place by {n.attrs['kernel']}"})
+    nodes, new = [], {}
+    for n in g.nodes:
+        new[n] = n.remapped(new) if n not in repl else Node(
+            n.op, tuple(new.get(x, x) for x in n.inputs), repl[n], n.type, n.loc, n.scope)
+        nodes.append(new[n])
+    out = g.with_nodes(nodes, {k: new[v] for k, v in g.outputs.items()})
+    out.meta = dict(g.meta, fusions=list(g.meta.get("fusions", [])) + records)
+    return out
+
+
+def _cache_writes(g: Graph) -> Graph:
     users = g.users()
     outputs = set(g.outputs.values())
     writes: Dict[Node, List[Node]] = {}       # FUSED node -> its index_copy writes

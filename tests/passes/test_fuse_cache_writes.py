@@ -11,7 +11,7 @@ from conftest import ZOO
 import lmc
 from lmc.frontend.builder import Builder
 from lmc.ir.dims import Dim
-from lmc.ir.graph import Graph
+from lmc.ir.graph import Graph, Node
 from lmc.ir.ops import Op
 from lmc.ops.reference import RefCtx
 from lmc.runtime.decoder import Decoder
@@ -203,3 +203,58 @@ def test_a_write_along_the_reduced_axis_stays_an_index_copy():
     assert rec == {**rec, "status": "declined",
                    "reason": "the write axis is the kernel's reduced axis"}, rec
     _equal_to_the_oracle(g, p, 3)
+
+
+@pytest.mark.parametrize("name", ["gla", "mamba2"])
+def test_recurrent_states_are_updated_in_place(name):
+    """The static step's decoded linear attention (gla: gated, per-channel decays; mamba2:
+    SSD) writes its new state over the old one, so the Decoder copies no state after a step
+    (mamba2's convolution history, a shift, still is). Prefills of 3 tokens (the recurrent
+    kernel) and 20 (the chunked kernels, past RECURRENT_MAX), then single steps: logits equal
+    the full forward's and every state the torch static step's."""
+    from lmc.bench import step_ops
+    from lmc.codegen.wrapper import inplace_source
+    m = lmc.load(os.path.join(EXAMPLES, f"{name}.yaml"), preset="tiny", seed=2,
+                 backend="triton").eval()
+    dec = Decoder(m, backend="triton", static=True, max_len=24)
+    kinds = ("decode_linear_attention", "decode_gated_linear_attention")
+    ops = [n for n in dec.graph.nodes if n.op is Op.FUSED and n.attrs["kind"] in kinds]
+    assert len(ops) == 2 and all(n.attrs["inplace"] == {1: 4} for n in ops), ops
+    states = [s for s in dec.step.states if s.kind == "state"]
+    assert states and all(inplace_source(dec.graph.outputs[s.out]) is not None
+                          for s in states)
+    shifts = sum(s.kind == "shift" for s in dec.step.states)
+    assert step_ops(dec.graph)["state_copies"] == shifts == (2 if name == "mamba2" else 0)
+    ids = torch.randint(0, m.config["vocab"], (2, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = m(ids)
+    want = want["logits"] if isinstance(want, dict) else want
+    ref = Decoder(m, backend="torch", static=True, max_len=24)
+    for k in (3, 20):
+        got, st = _run(dec, ids, k)
+        assert (got - want).abs().max().item() < 1e-4
+        _, st_ref = _run(ref, ids, k)
+        for s in dec.step.states:
+            torch.testing.assert_close(st[s.name], st_ref[s.name], rtol=1e-4, atol=1e-5)
+
+
+def test_a_state_read_besides_its_update_is_copied():
+    """The in-place update needs the op to be the state input's only reader: a state also
+    read elsewhere (here a graph output reading it) gets a fresh tensor, declined with the
+    reason."""
+    from lmc.codegen.program import apply_decode_patterns, fuse
+    from lmc.passes.decode import decode_step
+    from lmc.passes.fuse_cache_writes import fuse_cache_writes
+    m = lmc.load(os.path.join(EXAMPLES, "gla.yaml"), preset="tiny")
+    g = fuse(apply_decode_patterns(decode_step(m.graph, static=True).graph), decode=True)
+    op = next(n for n in g.nodes if n.op is Op.FUSED and
+              n.attrs["kind"] == "decode_gated_linear_attention")
+    peek = Node.make(Op.EXP, [op.inputs[4]], {})
+    g2 = g.with_nodes(list(g.nodes) + [peek], dict(g.outputs, peek=peek))
+    for graph, inplace in ((g, 2), (g2, 1)):
+        out = fuse_cache_writes(graph)
+        assert sum(bool(n.attrs.get("inplace")) for n in out.nodes if n.op is Op.FUSED and
+                   n.attrs["kind"] == "decode_gated_linear_attention") == inplace
+    recs = [f["reason"] for f in out.meta["fusions"] if f["pass"] == "fuse_cache_writes"
+            and f["status"] == "declined"]
+    assert recs == ["the state is read besides its update"]
