@@ -37,6 +37,7 @@ import os
 import re
 from typing import Dict, List, Optional, Tuple
 
+from ..frontend.builder import Builder
 from ..ir.graph import Graph, Node
 from ..ir.ops import Kind, Op
 from .patterns import Body
@@ -76,7 +77,7 @@ def _why_not_body(p: Node) -> Optional[str]:
         return "it stores several outputs"
     out = body.outputs["0"]
     ops = _live(body)
-    odd = [n for n in ops if n.op.kind is not Kind.POINTWISE]
+    odd = [n for n in ops if n.op.kind is not Kind.POINTWISE and n.op is not Op.IOTA]
     if odd:
         return f"its body holds {odd[0].op.value}, not elementwise"
     if out.type.dtype.value not in ("f32", "f16", "bf16"):
@@ -184,9 +185,40 @@ def _readers(p: Node, users, outputs) -> Tuple[List[tuple], Optional[str]]:
     return reads, None
 
 
-def _with_prologue(mm: Node, p: Node, x: Node, view: Optional[Node]) -> Node:
-    """mm's kernel computing its operand x (p's output, through `view`) from p's inputs."""
-    pbody, mbody = p.attrs["body"], mm.attrs["body"]
+def _iotas_out(p: Node) -> Tuple[Graph, List[Node]]:
+    """p's body with each iota in it (fuse_pointwise takes one in: the loss backward's
+    one-hot of the targets, iota(V) == target) read from a placeholder after p's own, and
+    the iota nodes to pass there: a matmul's operand loads read placeholders, not an index
+    along an axis a view may have moved."""
+    body = p.attrs["body"]
+    iotas = [n for n in body.nodes if n.op is Op.IOTA]
+    if not iotas:
+        return body, []
+    b = Builder({}, {})
+    env: Dict[Node, Node] = {}
+    n_in = sum(n.op is Op.INPUT for n in body.nodes)
+    made = [b.input(f"in{n_in + j}", n.type.shape, n.type.dtype).node
+            for j, n in enumerate(iotas)]
+    env.update(zip(iotas, made))
+    rest = []
+    for n in body.nodes:
+        if n.op is not Op.IOTA:
+            env[n] = n if not n.inputs else Node(n.op, tuple(env[x] for x in n.inputs),
+                                                 n.attrs, n.type, n.loc, n.scope)
+            rest.append(env[n])
+    nodes = [n for n in rest if n.op is Op.INPUT] + made + \
+        [n for n in rest if n.op is not Op.INPUT]
+    nb = Graph(body.name, nodes, {k: env[v] for k, v in body.outputs.items()})
+    nb.meta = dict(body.meta)
+    return nb, [Node.make(Op.IOTA, [], dict(n.attrs), n.loc, n.scope) for n in iotas]
+
+
+def _with_prologue(mm: Node, p: Node, x: Node, view: Optional[Node],
+                   extra: List[Node]) -> Node:
+    """mm's kernel computing its operand x (p's output, through `view`) from p's inputs
+    (and `extra`: the iotas `_iotas_out` took out of p's body)."""
+    mbody = mm.attrs["body"]
+    pbody = _iotas_out(p)[0]
     k = list(mm.inputs).index(x)
     mph = [n for n in mbody.nodes if n.op is Op.INPUT]
     b = Body(mph[:k] + [n for n in pbody.nodes if n.op is Op.INPUT] + mph[k + 1:])
@@ -199,7 +231,7 @@ def _with_prologue(mm: Node, p: Node, x: Node, view: Optional[Node]) -> Node:
     pops = re.sub(r"^lmc_fused_|_\d+$", "", p.attrs["kernel"])
     name = "lmc_mm_" + pops + "_" + re.sub(r"^lmc_mm_", "", mm.attrs["kernel"])
     nb = b.graph(name, list(mbody.outputs.values()), **mbody.meta)
-    ins = list(mm.inputs[:k]) + list(p.inputs) + list(mm.inputs[k + 1:])
+    ins = list(mm.inputs[:k]) + list(p.inputs) + extra + list(mm.inputs[k + 1:])
     return Node.make(Op.FUSED, ins, {**mm.attrs, "kernel": name, "body": nb}, mm.loc,
                      mm.scope)
 
@@ -254,18 +286,21 @@ def _round(g: Graph, records: List[dict], seen: set) -> Optional[Graph]:
     new: Dict[Node, Node] = {}
     gone = set()
     repl: Dict[Node, Node] = {}
+    sources: List[Node] = []            # iota nodes a prologue reads (`_iotas_out`)
     for p, reads in plan.items():
         gone.add(p)
         gone.update(gi for gi in users[p])
         gone.update(view for _, _, view, _ in reads if view is not None)
+        extra = _iotas_out(p)[1]           # one set of iota nodes for p's readers
+        sources += extra
         for mm, x, view, role in reads:
-            repl[mm] = _with_prologue(mm, p, x, view)
+            repl[mm] = _with_prologue(mm, p, x, view, extra)
         kernels = ", ".join(dict.fromkeys(mm.attrs["kernel"] for mm, _, _, _ in reads))
         sides = "/".join(dict.fromkeys(role for _, _, _, role in reads))
         records.append({"pass": PASS, "status": "fused", "where": p.scope or "<model>",
                         "reason": f"{p.attrs['kernel']} computed in the {sides} operand "
                                   f"loads of {kernels}, its kernel removed"})
-    nodes: List[Node] = []
+    nodes: List[Node] = list(sources)
     for n in g.nodes:
         if n in gone:
             continue

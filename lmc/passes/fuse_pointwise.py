@@ -208,7 +208,13 @@ def _merge_into_consumer(g: Graph, groups: List[List[Node]], order):
                 order[anchor[b]] < order[anchor[a]]:
             continue
         members = groups[a] + views[a]
-        if (shape[b] != shape[a] or views[a]) and not _evaluable_in(members, shape[b]):
+        if views[a] and not _evaluable_in(members, shape[b]):
+            continue
+        if shape[b] != shape[a] and not views[a] and any(m.op is Op.DROPOUT or (
+                m.op is Op.CONCAT and symbolic_pieces(m)) for m in groups[a]):
+            # read as concat pieces: a concat piece runs at shifted indices, where a mask
+            # needs its own, and a concat with a symbolic piece there would be copied whole
+            # into the reader's (a gradient's split, whose pieces' kernels write it in place)
             continue
         inside = set(members)
         if not all(x in inside or order[x] < order[anchor[b]] or is_source(x)

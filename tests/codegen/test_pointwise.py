@@ -45,11 +45,18 @@ def pointwise_graph(draw):
     vals = [full, row, col]
     for _ in range(draw(st.integers(1, 10))):
         kind = draw(st.sampled_from(["un", "bin", "where", "clamp", "f16", "pow", "lit",
-                                     "roll"]))
+                                     "roll", "window", "row", "iota"]))
         a = draw(st.sampled_from(vals))
         if kind == "roll" and a.rank == 3 and a.shape[-1] == last > 1:   # concat in a kernel
             k = draw(st.integers(1, last - 1))
             v = b.concat([b.neg(b.slice(a, -1, k, last)), b.slice(a, -1, 0, k)], -1)
+        elif kind == "window" and a.shape[-1] == last:    # a slice with a start of a concat
+            k = draw(st.integers(0, last))
+            v = b.slice(b.concat([b.tanh(a), a * 0.5], -1), -1, k, k + last)
+        elif kind == "row" and a.rank == 1:               # a computed row seen as [1, 1, n]
+            v = b.reshape(b.sin(a) * 2.0, [1, 1, last])
+        elif kind == "iota":                              # the index, computed in the kernel
+            v = a + b.reshape(b.cast(b.iota(last), "f32"), [1, 1, last]) * 0.125
         elif kind == "un":
             v = getattr(b, draw(st.sampled_from(_UN)))(a)
         elif kind == "bin":
