@@ -24,11 +24,11 @@ output to the cache input: the kernel writes into the cache it was given and the
 that tensor (`TritonProgram._run_fused`, the wrapper program). A write whose value is read
 elsewhere too, or whose cache is read by anything else, stays a torch op.
 
-A carried state (a decoded linear attention's, plain or gated; an MoE layer's capacity count)
-is updated the same way: when its op is the only reader of the state input,
-``attrs["inplace"]`` maps the new-state output to that input. Those kernels read each element
-of the state before writing it (`_state_slot`), so the Decoder's buffer is updated where it
-lies, with no copy of the state after every step.
+A carried state (a decoded linear attention's, plain or gated; an MoE layer's capacity count;
+a running sum a reduction kernel carries, `_row_state`) is updated the same way: when its op
+is the only reader of the state input, ``attrs["inplace"]`` maps the new-state output to
+that input. Those kernels read each element of the state before writing it (`_state_slot`),
+so the Decoder's buffer is updated where it lies, with no copy of the state after every step.
 """
 from __future__ import annotations
 
@@ -99,6 +99,22 @@ def _state_slot(n: Node):
     return None
 
 
+def _row_state(f: Node, i: int, o: int) -> bool:
+    """f, a reduction kernel, stores output o, of input i's shape, per row after its last pass:
+    every read of input i (once per row, or per element broadcast along the reduced axis, at
+    the row's own index) comes before that store, in the program owning the row (medit_one's
+    running sum: the carry plus the new tokens' sum)."""
+    if f.op is not Op.FUSED or f.attrs.get("kind") != "reduction":
+        return False
+    from ..codegen.reduction import Plan
+    body = f.attrs["body"]
+    ph = [n for n in body.nodes if n.op is Op.INPUT][i]
+    out = body.outputs[str(o)]
+    p = Plan(body)
+    return (out.op is not Op.INDEX_COPY and out.type.shape == ph.type.shape and
+            p.level.get(out) == "per_row" and p.depth.get(out) == p.passes)
+
+
 def fuse_cache_writes(g: Graph) -> Graph:
     return _states_in_place(_cache_writes(g))
 
@@ -110,8 +126,15 @@ def _states_in_place(g: Graph) -> Graph:
     users = g.users()
     records = []
     repl: Dict[Node, dict] = {}        # an op -> its attrs with the state in place
+    slots = {n: _state_slot(n) for n in g.nodes}
+    named = {n.attrs["name"]: n for n in g.nodes if n.op is Op.INPUT}
+    for k, v in g.outputs.items():     # a reduction kernel's carried sum (a running mean)
+        st = named.get(k[:-1]) if k.endswith("'") else None
+        if st is not None and v.op is Op.GETITEM and st in v.inputs[0].inputs and \
+                _row_state(v.inputs[0], v.inputs[0].inputs.index(st), v.attrs["index"]):
+            slots[v.inputs[0]] = (v.inputs[0].inputs.index(st), v.attrs["index"])
     for n in g.nodes:
-        slot = _state_slot(n)
+        slot = slots[n]
         if slot is None:
             continue
         i, o = slot

@@ -258,3 +258,29 @@ def test_a_state_read_besides_its_update_is_copied():
     recs = [f["reason"] for f in out.meta["fusions"] if f["pass"] == "fuse_cache_writes"
             and f["status"] == "declined"]
     assert recs == ["the state is read besides its update"]
+
+
+def test_a_running_sum_is_updated_in_place_by_its_reduction_kernel():
+    """medit_one's running mean carries a sum [B, 1, d] per layer: the reduction kernel that
+    scans the new tokens (cumsum plus the carry) stores the new sum after its last pass,
+    having read the carry for its rows first, so it writes over the carry; the Decoder copies
+    nothing, and logits and states equal the forward's and the torch static step's."""
+    from lmc.bench import step_ops
+    from lmc.codegen.wrapper import inplace_source
+    m = lmc.load(os.path.join(ZOO, "medit_one.yaml"), preset="tiny", seed=1,
+                 backend="triton").eval()
+    dec = Decoder(m, backend="triton", static=True, max_len=12)
+    assert [s.kind for s in dec.step.states] == ["sum", "sum"]
+    assert all(inplace_source(dec.graph.outputs[s.out]) is not None and
+               dec.graph.outputs[s.out].inputs[0].attrs["kind"] == "reduction"
+               for s in dec.step.states)
+    assert step_ops(dec.graph)["state_copies"] == 0
+    ids = torch.randint(0, m.config["vocab"], (2, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = m(ids)
+    want = want["logits"] if isinstance(want, dict) else want
+    got, st = _run(dec, ids, 4)
+    assert (got - want).abs().max().item() < 1e-4
+    _, st_ref = _run(Decoder(m, backend="torch", static=True, max_len=12), ids, 4)
+    for s in dec.step.states:
+        torch.testing.assert_close(st[s.name], st_ref[s.name], rtol=1e-5, atol=1e-5)
