@@ -17,7 +17,8 @@ Configurations (each a fresh model with the same weights seed):
            batch 1 and a larger batch, for lmc (triton), the oracle eagerly and under
            torch.compile (mode="reduce-overhead" on CUDA), with the ops one step runs
            (`ops_per_step`: lmc's fused ops + the torch ops left between them; the oracle's
-           ops), which at batch 1 bound a CUDA-graph step as much as the bytes it reads.
+           ops; a static step's state copies back into their buffers after it, when any),
+           which at batch 1 bound a CUDA-graph step as much as the bytes it reads.
            In --precision (bf16 by default on CUDA): the weights stored in it, matmuls in it
            (mixed_precision.low_precision_weights), the same program for every config.
   kernels  one lmc training step with each launch timed: the top kernels by time, their share
@@ -417,7 +418,9 @@ def table(result: Dict[str, Any]) -> str:
                 lines.append(f"  {r['name']:<32}{r['batch']:>6}  failed: {r['error']}")
                 continue
             ops = r.get("ops_per_step")
-            ops = f"{ops['fused']} + {ops['torch']}" if ops else "-"
+            copies = ops.get("state_copies", 0) if ops and r.get("static") else 0
+            ops = (f"{ops['fused']} + {ops['torch']}" + (f" + {copies} copies" if copies else "")
+                   if ops else "-")
             lines.append(f"  {r['name']:<32}{r['batch']:>6}{r['tokens_per_s']:>12,.1f}"
                          f"{r['latency_ms']:>10.2f}{ops:>27}")
     return "\n".join(lines)
