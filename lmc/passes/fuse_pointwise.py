@@ -10,8 +10,14 @@ pointwise inputs when their output shapes are identical and every input the node
 outside that group comes before the group's first node. With that rule every edge of the
 contracted graph points forward in the original order, so fusion can never create a cycle.
 External inputs of other shapes are read with broadcasting (stride 0): `silu(x - m) * 2` with
-m of shape [B, T, 1] is one kernel. A computed [B, T, 1] value (rsqrt(mean + eps)) is its own
-group for now; folding it into its consumers, and reductions into kernels, is the next step.
+m of shape [B, T, 1] is one kernel. A computed value of another shape read directly (with
+broadcasting) stays a group of its own (its kernel stores it once rather than recomputing it
+per element of its reader); reductions and their prologues are fuse_reductions' kernels.
+
+Then groups fold into their one reader (`_merge_into_consumer`): at the same shape, as
+concat pieces (rope's -x2), or through index views (`index_view`: slices with a numeric
+start, reshapes adding or dropping size-1 axes), which the kernel evaluates by mapping the
+index it reads at; an iota read by one group's members is computed there (`_take_iotas`).
 """
 from __future__ import annotations
 
