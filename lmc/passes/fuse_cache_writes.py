@@ -29,14 +29,18 @@ a running sum a reduction kernel carries, `_row_state`) is updated the same way:
 is the only reader of the state input, ``attrs["inplace"]`` maps the new-state output to
 that input. Those kernels read each element of the state before writing it (`_state_slot`),
 so the Decoder's buffer is updated where it lies, with no copy of the state after every step.
+A causal shift's history, which the step's taps read, is updated by a "shift_update" op
+emitted after every other node (`_shift_histories`).
 """
 from __future__ import annotations
 
 from typing import Dict, List
 
 from ..frontend.builder import Builder
+from ..ir.dims import as_dim
 from ..ir.graph import Graph, Node
 from ..ir.ops import Kind, Op
+from .patterns import Body
 
 PASS = "fuse_cache_writes"
 
@@ -116,7 +120,53 @@ def _row_state(f: Node, i: int, o: int) -> bool:
 
 
 def fuse_cache_writes(g: Graph) -> Graph:
-    return _states_in_place(_cache_writes(g))
+    return _shift_histories(_states_in_place(_cache_writes(g)))
+
+
+def _shift_histories(g: Graph) -> Graph:
+    """A causal shift's new history, concat(H, x, 1)[:, T:T + S] of the history input H
+    [B, S, C], becomes one "shift_update" op writing H in place (lmc/codegen/shift_update.py),
+    emitted after every other node, so every read of the old history (the shift's taps) comes
+    first: one launch for the step's torch.cat and the Decoder's copy back into H."""
+    users = g.users()
+    named = {n.attrs["name"]: n for n in g.nodes if n.op is Op.INPUT}
+    found: Dict[Node, tuple] = {}              # the new history -> (H, x)
+    for k, v in g.outputs.items():
+        h = named.get(k[:-1]) if k.endswith("'") else None
+        c = v.inputs[0] if v.op is Op.SLICE else None
+        if h is None or c is None or c.op is not Op.CONCAT or c.inputs[0] is not h or \
+                len(c.inputs) != 2 or h.type.rank != 3 or c.attrs["axis"] % 3 != 1 or \
+                v.attrs["axis"] % 3 != 1 or v.attrs.get("step", 1) != 1 or \
+                users[c] != [v] or users.get(v) or not isinstance(h.type.shape[1], int):
+            continue
+        x = c.inputs[1]
+        S = h.type.shape[1]
+        if as_dim(v.attrs["start"]) != as_dim(x.type.shape[1]) or \
+                as_dim(v.attrs["stop"]) != as_dim(x.type.shape[1]) + S or \
+                x.type.dtype.value not in ("f32", "f16", "bf16"):
+            continue
+        found[v] = (h, x)
+    if not found:
+        return g
+    records, tail, outs = [], [], {}
+    for i, (v, (h, x)) in enumerate(found.items()):
+        name = f"lmc_shift_update_{i}"
+        b = Body([h, x])
+        b.copy([v.inputs[0], v])
+        body = b.graph(name, [v], module="shift_update", template="shift_update", options={})
+        f = Node.make(Op.FUSED, [h, x], {"kernel": name, "kind": "shift_update", "body": body,
+                                         "inplace": {0: 0}}, v.loc, v.scope)
+        gi = Node.make(Op.GETITEM, [f], {"index": 0}, v.loc, v.scope)
+        tail += [f, gi]
+        outs[v] = gi
+        records.append({"pass": PASS, "status": "fused", "where": v.scope or "<model>",
+                        "reason": f"state updated in place by {name} (the shift history "
+                                  f"{h.attrs['name']})"})
+    gone = set(found) | {v.inputs[0] for v in found}
+    out = g.with_nodes([n for n in g.nodes if n not in gone] + tail,
+                       {k: outs.get(v, v) for k, v in g.outputs.items()})
+    out.meta = dict(g.meta, fusions=list(g.meta.get("fusions", [])) + records)
+    return out
 
 
 def _states_in_place(g: Graph) -> Graph:
