@@ -192,6 +192,10 @@ def generate(body: Graph, name: str) -> str:
         elif m.op is Op.SLICE:        # x at the index shifted by the slice's start
             ax = rank - m.type.rank + m.attrs["axis"] % m.type.rank
             start = m.attrs["start"]
+            # on an axis where the slice has size 1 (or lacks) its reader broadcasts it: 0
+            idx = tuple("0" if d < rank - m.type.rank or
+                        m.type.shape[d - rank + m.type.rank] == 1 else idx[d]
+                        for d in range(rank))
             shifted = idx[:ax] + ((f"({idx[ax]} + {start})" if start else idx[ax]),) + \
                 idx[ax + 1:]
             memo[key] = emit(m.inputs[0], (shifted, msk))

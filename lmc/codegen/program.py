@@ -112,6 +112,9 @@ def fuse(g: Graph, disable: Sequence[str] = (), cache_writes: bool = False,
     if decode:
         from ..passes.fuse_rope_epilogue import fuse_rope_epilogue
         g = verify(fuse_rope_epilogue(g), inlined=True)
+    if cache_writes:     # last: its in-place update stays after every read of the history
+        from ..passes.fuse_cache_writes import shift_histories
+        g = verify(shift_histories(g), inlined=True)
     from .wrapper import mark_strided_outputs
     return mark_strided_outputs(g)
 

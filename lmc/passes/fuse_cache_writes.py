@@ -30,7 +30,7 @@ is the only reader of the state input, ``attrs["inplace"]`` maps the new-state o
 that input. Those kernels read each element of the state before writing it (`_state_slot`),
 so the Decoder's buffer is updated where it lies, with no copy of the state after every step.
 A causal shift's history, which the step's taps read, is updated by a "shift_update" op
-emitted after every other node (`_shift_histories`).
+emitted after every other node (`shift_histories`, run after the last fusion pass).
 """
 from __future__ import annotations
 
@@ -120,10 +120,12 @@ def _row_state(f: Node, i: int, o: int) -> bool:
 
 
 def fuse_cache_writes(g: Graph) -> Graph:
-    return _shift_histories(_states_in_place(_cache_writes(g)))
+    """The caches and carried states written in place; the shift histories' updates are
+    `shift_histories`, which the fusion pipeline runs last."""
+    return _states_in_place(_cache_writes(g))
 
 
-def _shift_histories(g: Graph) -> Graph:
+def shift_histories(g: Graph) -> Graph:
     """A causal shift's new history, concat(H, x, 1)[:, T:T + S] of the history input H
     [B, S, C], becomes one "shift_update" op writing H in place (lmc/codegen/shift_update.py),
     emitted after every other node, so every read of the old history (the shift's taps) comes

@@ -282,10 +282,13 @@ def _only_read_by(g_users, mm: Node, js, f: Node) -> bool:
 def _positions_first(g: Graph) -> Graph:
     """The step with the values computed from graph inputs and constants alone (no
     parameter: the position tables from decode.pos, their casts) moved to the front, in
-    order: a table computed after a layer's projection would keep the rotations out of it."""
+    order: a table computed after a layer's projection would keep the rotations out of it.
+    A write in place (a cache's index_copy, a kernel updating a state) keeps its place after
+    the reads of what it overwrites."""
     early: set = set()
     for n in g.nodes:
-        if n.op in (Op.INPUT, Op.CONST) or (n.inputs and n.op is not Op.PARAM
+        writes = n.op is Op.INDEX_COPY or bool(n.attrs.get("inplace"))
+        if n.op in (Op.INPUT, Op.CONST) or (n.inputs and n.op is not Op.PARAM and not writes
                                              and all(x in early for x in n.inputs)):
             early.add(n)
     nodes = [n for n in g.nodes if n in early] + [n for n in g.nodes if n not in early]

@@ -571,3 +571,21 @@ def test_a_slice_read_by_two_kernels_or_with_a_symbolic_start_is_stored():
     bodies = [n.attrs["body"] for n in out.nodes if n.op is Op.FUSED]
     assert not any(m.op is Op.SLICE for body in bodies for m in body.nodes)
     assert sum(any(m.op is Op.EXP for m in body.nodes) for body in bodies) == 1
+
+
+@pytest.mark.parametrize("T", [Dim.sym("T"), 6])
+def test_a_slice_of_size_one_its_reader_broadcasts(T):
+    """exp(x)[:, k:k + 1] read by a [B, T, 4] op: every position reads the slice's one
+    position (the index along a size-1 axis is 0, then shifted by the start)."""
+    B = Dim.sym("B")
+    for k in (0, 3):
+        b = Builder({}, {})
+        x = b.input("x", [B, T, 4], "f32")
+        y = b.tanh(x) * b.slice(b.exp(x), 1, k, k + 1)
+        g = Graph("bcast", b.nodes, {"y": y.node})
+        p = TritonProgram(g)
+        for Bv in (1, 3):
+            vals = {"x": torch.randn(Bv, 6, 4)}
+            got = run_graph(p.graph, vals, RefCtx(dims=bind_dims(g, vals)), p.impl)["y"]
+            xv = vals["x"]
+            torch.testing.assert_close(got, xv.tanh() * xv[:, k:k + 1].exp())

@@ -29,3 +29,13 @@ def test_into_another_buffer_the_history_is_copied_first():
     out = torch.empty_like(hist)
     launch_template("shift_update", [hist.clone(), x], [out], {})
     torch.testing.assert_close(out, torch.cat([hist, x], 1)[:, 1:])
+
+
+def test_a_long_history_is_updated_by_torch():
+    """Past MAX_S slots (a register tile of S rows) the same update runs as torch ops."""
+    from lmc.codegen.shift_update import MAX_S
+    hist = torch.randn(2, MAX_S + 5, 7)
+    x = torch.randn(2, 3, 7)
+    want = torch.cat([hist, x], 1)[:, 3:]
+    launch_template("shift_update", [hist, x], [hist], {})
+    torch.testing.assert_close(hist, want, rtol=0, atol=0)

@@ -288,3 +288,28 @@ def test_a_running_sum_is_updated_in_place_by_its_reduction_kernel():
     _, st_ref = _run(Decoder(m, backend="torch", static=True, max_len=12), ids, 4)
     for s in dec.step.states:
         torch.testing.assert_close(st[s.name], st_ref[s.name], rtol=1e-5, atol=1e-5)
+
+
+def test_the_history_update_stays_after_every_read_of_the_history():
+    """A shift history whose new values come from the step's inputs alone: fuse_rope_epilogue
+    moves such values to the front of the step, but not the shift_update op writing the
+    history in place, which must follow the kernel reading the old history."""
+    B, T = Dim.sym("B"), Dim.sym("T")
+    b = Builder({}, {})
+    x = b.input("x", [B, T, 8], "f32")
+    h = b.input("h", [B, 2, 8], "f32")
+    w = b.param("w", [8])          # the reader is not computed from inputs alone
+    y = b.exp(x) * w + b.slice(h, 1, 1, 2) * w          # reads the newest slot
+    new = b.slice(b.concat([h, x], 1), 1, T, T + 2)
+    g = Graph("step", b.nodes, {"y": y.node, "h'": new.node})
+    p = TritonProgram(g, cache_writes=True, decode=True)
+    kinds = [n.attrs["kind"] for n in p.graph.nodes if n.op is Op.FUSED]
+    assert kinds[-1] == "shift_update", kinds
+    for Tv in (1, 3):
+        vals = {"x": torch.randn(2, Tv, 8), "h": torch.randn(2, 2, 8), "w": torch.randn(8)}
+        want = run_graph(g, {k: v.clone() for k, v in vals.items()},
+                         RefCtx(dims=bind_dims(g, vals)))
+        got = p.run(vals, RefCtx(dims=bind_dims(g, vals)))
+        torch.testing.assert_close(got["y"], want["y"])
+        torch.testing.assert_close(got["h'"], want["h'"])
+        assert got["h'"].data_ptr() == vals["h"].data_ptr()       # written in place
