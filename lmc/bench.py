@@ -271,11 +271,12 @@ def step_ops(graph) -> Dict[str, int]:
     the bytes read do."""
     from .codegen.wrapper import inplace_source
     from .ir.ops import Op
+    from .passes.decode import state_outputs
 
     free = {Op.INPUT, Op.PARAM, Op.CONST, Op.GETITEM, Op.RESHAPE, Op.PERMUTE, Op.SLICE,
             Op.EXPAND, Op.FUSED}
-    copies = sum(1 for k, v in graph.outputs.items() if k.endswith("'") and
-                 v.op not in (Op.INPUT, Op.INDEX_COPY) and inplace_source(v) is None)
+    copies = sum(1 for _, v in state_outputs(graph)
+                 if v.op not in (Op.INPUT, Op.INDEX_COPY) and inplace_source(v) is None)
     return {"fused": sum(n.op is Op.FUSED for n in graph.nodes),
             "torch": sum(n.op not in free for n in graph.nodes), "state_copies": copies}
 

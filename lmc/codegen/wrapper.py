@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from typing import Dict, List, Set
 
-from ..ir.dims import Dim
+from ..ir.dims import Dim, unit_axes_only
 from ..ir.graph import Graph, Node
 from ..ir.ops import Op
 
@@ -76,11 +76,6 @@ def _aliasable(y: Node) -> bool:
     return True
 
 
-def _unit_axes_only(src, dst) -> bool:
-    """src and dst differ by axes of size 1 only (a view of any strided tensor)."""
-    return [d for d in src if d != 1] == [d for d in dst if d != 1]
-
-
 def concat_aliases(g: Graph) -> Dict[Node, List[tuple]]:
     """{concat: [(kernel output, its view into the concat's buffer), ...]} for each CONCAT
     along the last axis (it may be a graph output: the caller keeps its buffer) whose every
@@ -118,7 +113,7 @@ def concat_aliases(g: Graph) -> Dict[Node, List[tuple]]:
                         and src[-2] * src[-1] == dst[-1]
                     regroup = all(op == "view" for op, _ in steps) and \
                         _ends_in(src, size) and _ends_in(dst, size)
-                    if not (merge or regroup or _unit_axes_only(src, dst)):
+                    if not (merge or regroup or unit_axes_only(src, dst)):
                         ok = False
                         break
                     steps.append(("view", tuple(src)))

@@ -190,3 +190,9 @@ def product(dims) -> DimLike:
 
 def dims_equal(a: DimLike, b: DimLike) -> bool:
     return as_dim(a) == as_dim(b)
+
+
+def unit_axes_only(a, b) -> bool:
+    """Shapes a and b differ by axes of size 1 only (a reshape between them moves no element:
+    a view of any strided tensor)."""
+    return [d for d in a if d != 1] == [d for d in b if d != 1]

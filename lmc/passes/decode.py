@@ -111,6 +111,14 @@ class StateSpec:
         return self.bytes(1, 1) - self.bytes(1, 0)
 
 
+def state_outputs(g) -> List[Tuple[Node, Node]]:
+    """(state input, the output carrying its next value) of a step graph, by the names
+    `StateSpec` gives them (input X, output X')."""
+    named = {n.attrs["name"]: n for n in g.nodes if n.op is Op.INPUT}
+    return [(named[k[:-1]], v) for k, v in g.outputs.items()
+            if k.endswith("'") and k[:-1] in named]
+
+
 @dataclass
 class StepGraph:
     graph: Graph

@@ -25,9 +25,9 @@ that tensor (`TritonProgram._run_fused`, the wrapper program). A write whose val
 elsewhere too, or whose cache is read by anything else, stays a torch op.
 
 A carried state (a decoded linear attention's, plain or gated; an MoE layer's capacity count;
-a running sum a reduction kernel carries, `_row_state`) is updated the same way: when its op
-is the only reader of the state input, ``attrs["inplace"]`` maps the new-state output to
-that input. Those kernels read each element of the state before writing it (`_state_slot`),
+a running sum a reduction kernel carries) is updated the same way: when its op is the only
+reader of the state input, ``attrs["inplace"]`` maps the new-state output to that input.
+Those kernels read each element of the state before writing it (`_reads_before_writes`),
 so the Decoder's buffer is updated where it lies, with no copy of the state after every step.
 A causal shift's history, which the step's taps read, is updated by a "shift_update" op
 emitted after every other node (`shift_histories`, run after the last fusion pass).
@@ -40,6 +40,7 @@ from ..frontend.builder import Builder
 from ..ir.dims import as_dim
 from ..ir.graph import Graph, Node
 from ..ir.ops import Kind, Op
+from .decode import state_outputs
 from .patterns import Body
 
 PASS = "fuse_cache_writes"
@@ -84,39 +85,33 @@ def _target(n: Node, users, outputs) -> str:
     return f"a {f.attrs['kind']} kernel does not store to a cache"
 
 
-def _state_slot(n: Node):
-    """(state input, new-state output) positions of a fused op whose kernel reads each element
-    of a carried state before writing its new value there, or None: a decoded linear
-    attention, plain or gated (one program owns a tile, its d_v block of a head's state; the
-    chunked prefill finishes reading the state before its final store), and an MoE op's
-    capacity count carried across steps (one program per sequence loads its counts first and
-    stores them last)."""
-    kind = n.attrs.get("kind") if n.op is Op.FUSED else None
+def _reads_before_writes(f: Node, i: int, o: int) -> bool:
+    """f's kernel reads each element of its input i before writing output o's value there, so
+    o may be stored over i: a decoded linear attention's state, plain or gated (one program
+    owns a tile, its d_v block of a head's state; the chunked prefill finishes reading the
+    state before its final store); an MoE op's capacity count carried across steps (one
+    program per sequence loads its counts first and stores them last); a reduction kernel's
+    per-row output of input i's shape stored after its last pass (every read of the input,
+    once per row or broadcast along the reduced axis, comes before that store in the program
+    owning the row: medit_one's running sum, the carry plus the new tokens' sum)."""
+    kind = f.attrs.get("kind") if f.op is Op.FUSED else None
     if kind in ("decode_linear_attention", "decode_gated_linear_attention"):
-        return 4, 1
+        return (i, o) == (4, 1)
     if kind in ("moe_layer", "moe_gating"):
-        opts = n.attrs["body"].meta.get("options", {})
-        if opts.get("carry") and "count" in opts.get("outputs", ()):
-            # the inputs x, W_r[, Wg, W1, W2][, residual], then the carried count
-            at = 2 if kind == "moe_gating" else 6 if opts.get("residual") else 5
-            return at, list(opts["outputs"]).index("count")
-    return None
-
-
-def _row_state(f: Node, i: int, o: int) -> bool:
-    """f, a reduction kernel, stores output o, of input i's shape, per row after its last pass:
-    every read of input i (once per row, or per element broadcast along the reduced axis, at
-    the row's own index) comes before that store, in the program owning the row (medit_one's
-    running sum: the carry plus the new tokens' sum)."""
-    if f.op is not Op.FUSED or f.attrs.get("kind") != "reduction":
-        return False
-    from ..codegen.reduction import Plan
-    body = f.attrs["body"]
-    ph = [n for n in body.nodes if n.op is Op.INPUT][i]
-    out = body.outputs[str(o)]
-    p = Plan(body)
-    return (out.op is not Op.INDEX_COPY and out.type.shape == ph.type.shape and
-            p.level.get(out) == "per_row" and p.depth.get(out) == p.passes)
+        opts = f.attrs["body"].meta.get("options", {})
+        # the inputs x, W_r[, Wg, W1, W2][, residual], then the carried count
+        at = 2 if kind == "moe_gating" else 6 if opts.get("residual") else 5
+        outs = list(opts.get("outputs", ()))
+        return bool(opts.get("carry")) and "count" in outs and (i, o) == (at, outs.index("count"))
+    if kind == "reduction":
+        from ..codegen.reduction import Plan
+        body = f.attrs["body"]
+        ph = [n for n in body.nodes if n.op is Op.INPUT][i]
+        out = body.outputs[str(o)]
+        p = Plan(body)
+        return (out.op is not Op.INDEX_COPY and out.type.shape == ph.type.shape and
+                p.level.get(out) == "per_row" and p.depth.get(out) == p.passes)
+    return False
 
 
 def fuse_cache_writes(g: Graph) -> Graph:
@@ -131,12 +126,10 @@ def shift_histories(g: Graph) -> Graph:
     emitted after every other node, so every read of the old history (the shift's taps) comes
     first: one launch for the step's torch.cat and the Decoder's copy back into H."""
     users = g.users()
-    named = {n.attrs["name"]: n for n in g.nodes if n.op is Op.INPUT}
     found: Dict[Node, tuple] = {}              # the new history -> (H, x)
-    for k, v in g.outputs.items():
-        h = named.get(k[:-1]) if k.endswith("'") else None
+    for h, v in state_outputs(g):
         c = v.inputs[0] if v.op is Op.SLICE else None
-        if h is None or c is None or c.op is not Op.CONCAT or c.inputs[0] is not h or \
+        if c is None or c.op is not Op.CONCAT or c.inputs[0] is not h or \
                 len(c.inputs) != 2 or h.type.rank != 3 or c.attrs["axis"] % 3 != 1 or \
                 v.attrs["axis"] % 3 != 1 or v.attrs.get("step", 1) != 1 or \
                 users[c] != [v] or users.get(v) or not isinstance(h.type.shape[1], int):
@@ -172,33 +165,27 @@ def shift_histories(g: Graph) -> Graph:
 
 
 def _states_in_place(g: Graph) -> Graph:
-    """A carried state's new value written over the old one (`_state_slot`) where the state
-    input is read by its op alone: the static Decoder's buffer then is the new state, with no
-    copy into it after the step."""
+    """A carried state's new value written over the old one (`_reads_before_writes`) where
+    the state input is read by its op alone: the static Decoder's buffer then is the new
+    state, with no copy into it after the step."""
     users = g.users()
     records = []
     repl: Dict[Node, dict] = {}        # an op -> its attrs with the state in place
-    slots = {n: _state_slot(n) for n in g.nodes}
-    named = {n.attrs["name"]: n for n in g.nodes if n.op is Op.INPUT}
-    for k, v in g.outputs.items():     # a reduction kernel's carried sum (a running mean)
-        st = named.get(k[:-1]) if k.endswith("'") else None
-        if st is not None and v.op is Op.GETITEM and st in v.inputs[0].inputs and \
-                _row_state(v.inputs[0], v.inputs[0].inputs.index(st), v.attrs["index"]):
-            slots[v.inputs[0]] = (v.inputs[0].inputs.index(st), v.attrs["index"])
-    for n in g.nodes:
-        slot = slots[n]
-        if slot is None:
+    for st, v in state_outputs(g):
+        f = v.inputs[0] if v.op is Op.GETITEM else None
+        if f is None or st not in f.inputs or not _reads_before_writes(
+                f, f.inputs.index(st), v.attrs["index"]):
             continue
-        i, o = slot
-        st = n.inputs[i]
-        where = n.scope or "<model>"
-        if st.op is not Op.INPUT or users[st] != [n]:
+        where = f.scope or "<model>"
+        if users[st] != [f]:
             records.append({"pass": PASS, "status": "declined", "where": where,
                             "reason": "the state is read besides its update"})
             continue
-        repl[n] = {**n.attrs, "inplace": {**n.attrs.get("inplace", {}), o: i}}
+        attrs = repl.get(f, f.attrs)
+        repl[f] = {**attrs, "inplace": {**attrs.get("inplace", {}),
+                                        v.attrs["index"]: f.inputs.index(st)}}
         records.append({"pass": PASS, "status": "fused", "where": where,
-                        "reason": f"state updated in place by {n.attrs['kernel']}"})
+                        "reason": f"state updated in place by {f.attrs['kernel']}"})
     nodes, new = [], {}
     for n in g.nodes:
         new[n] = n.remapped(new) if n not in repl else Node(

@@ -37,7 +37,6 @@ import os
 import re
 from typing import Dict, List, Optional, Tuple
 
-from ..frontend.builder import Builder
 from ..ir.graph import Graph, Node
 from ..ir.ops import Kind, Op
 from .patterns import Body
@@ -185,43 +184,21 @@ def _readers(p: Node, users, outputs) -> Tuple[List[tuple], Optional[str]]:
     return reads, None
 
 
-def _iotas_out(p: Node) -> Tuple[Graph, List[Node]]:
-    """p's body with each iota in it (fuse_pointwise takes one in: the loss backward's
-    one-hot of the targets, iota(V) == target) read from a placeholder after p's own, and
-    the iota nodes to pass there: a matmul's operand loads read placeholders, not an index
-    along an axis a view may have moved."""
-    body = p.attrs["body"]
-    iotas = [n for n in body.nodes if n.op is Op.IOTA]
-    if not iotas:
-        return body, []
-    b = Builder({}, {})
-    env: Dict[Node, Node] = {}
-    n_in = sum(n.op is Op.INPUT for n in body.nodes)
-    made = [b.input(f"in{n_in + j}", n.type.shape, n.type.dtype).node
-            for j, n in enumerate(iotas)]
-    env.update(zip(iotas, made))
-    rest = []
-    for n in body.nodes:
-        if n.op is not Op.IOTA:
-            env[n] = n if not n.inputs else Node(n.op, tuple(env[x] for x in n.inputs),
-                                                 n.attrs, n.type, n.loc, n.scope)
-            rest.append(env[n])
-    nodes = [n for n in rest if n.op is Op.INPUT] + made + \
-        [n for n in rest if n.op is not Op.INPUT]
-    nb = Graph(body.name, nodes, {k: env[v] for k, v in body.outputs.items()})
-    nb.meta = dict(body.meta)
-    return nb, [Node.make(Op.IOTA, [], dict(n.attrs), n.loc, n.scope) for n in iotas]
+def _iotas(p: Node) -> List[Node]:
+    """The iotas in p's body (fuse_pointwise takes one in: the loss backward's one-hot of the
+    targets, iota(V) == target): a matmul's operand loads read placeholders, not an index
+    along an axis a view may have moved, so its prologue reads each as an input."""
+    return [n for n in p.attrs["body"].nodes if n.op is Op.IOTA]
 
 
 def _with_prologue(mm: Node, p: Node, x: Node, view: Optional[Node],
                    extra: List[Node]) -> Node:
-    """mm's kernel computing its operand x (p's output, through `view`) from p's inputs
-    (and `extra`: the iotas `_iotas_out` took out of p's body)."""
-    mbody = mm.attrs["body"]
-    pbody = _iotas_out(p)[0]
+    """mm's kernel computing its operand x (p's output, through `view`) from p's inputs and
+    `extra`, the graph's copies of p's iotas (read from placeholders after p's own)."""
+    pbody, mbody = p.attrs["body"], mm.attrs["body"]
     k = list(mm.inputs).index(x)
     mph = [n for n in mbody.nodes if n.op is Op.INPUT]
-    b = Body(mph[:k] + [n for n in pbody.nodes if n.op is Op.INPUT] + mph[k + 1:])
+    b = Body(mph[:k] + [n for n in pbody.nodes if n.op is Op.INPUT] + _iotas(p) + mph[k + 1:])
     b.copy(_live(pbody))
     val = b.env[pbody.outputs["0"]]
     if view is not None:
@@ -286,12 +263,13 @@ def _round(g: Graph, records: List[dict], seen: set) -> Optional[Graph]:
     new: Dict[Node, Node] = {}
     gone = set()
     repl: Dict[Node, Node] = {}
-    sources: List[Node] = []            # iota nodes a prologue reads (`_iotas_out`)
+    sources: List[Node] = []            # iota nodes a prologue reads (`_iotas`)
     for p, reads in plan.items():
         gone.add(p)
         gone.update(gi for gi in users[p])
         gone.update(view for _, _, view, _ in reads if view is not None)
-        extra = _iotas_out(p)[1]           # one set of iota nodes for p's readers
+        extra = [Node.make(Op.IOTA, [], dict(n.attrs), n.loc, n.scope)   # one set for
+                 for n in _iotas(p)]                                     # p's readers
         sources += extra
         for mm, x, view, role in reads:
             repl[mm] = _with_prologue(mm, p, x, view, extra)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import re
 from typing import Dict, List, Optional
 
-from ..ir.dims import Dim, as_dim
+from ..ir.dims import Dim, as_dim, unit_axes_only
 from ..ir.graph import Graph, Node
 from ..ir.ops import Kind, Op
 
@@ -145,7 +145,7 @@ def index_view(v: Node) -> bool:
     if v.op is Op.RESHAPE:
         x = v.inputs[0]
         return all(isinstance(d, int) for d in x.type.shape) and \
-            [d for d in x.type.shape if d != 1] == [d for d in v.type.shape if d != 1]
+            unit_axes_only(x.type.shape, v.type.shape)
     return False
 
 
