@@ -144,7 +144,13 @@ def test_random_reduction_graphs_match_the_oracle(gs, batch, seed):
         near_exact = (g64 - exact[k]).abs() <= 2e-6 * max(1.0, scale) + 2e-5 * exact[k].abs()
         near_torch = (g64 - w64).abs() <= 1e-6 + 1e-5 * w64.abs()
         same_inf = (g64 == exact[k]) | (g64 == w64)
-        bad = ~(both_nan | near_exact | near_torch | same_inf)
+        # or no farther from the fp64 value than twice the fp32 oracle is, where fp32 cannot
+        # get close (hypothesis seed 1: x * w less its sum over 17 values, a cancellation to
+        # -4e-4, then an RMS norm over a size-1 axis scaling it to -0.12; the kernel 8.4e-5
+        # from fp64 relatively, torch 1.06e-4, the two 1.9e-4 apart; it fails the same at
+        # c01ea08, before this session's changes)
+        as_close = (g64 - exact[k]).abs() <= 2 * (w64 - exact[k]).abs()
+        bad = ~(both_nan | near_exact | near_torch | same_inf | as_close)
         assert not bad.any(), (k, g64[bad][:5], exact[k][bad][:5], w64[bad][:5])
     # every reduction is in a kernel, or was declined with a recorded reason
     left = [n for n in p.graph.nodes if n.op in (Op.SUM, Op.MEAN, Op.AMAX, Op.LOGSUMEXP)]
