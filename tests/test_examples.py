@@ -417,5 +417,11 @@ def test_mamba2_decoded_convolution_is_one_kernel_a_layer():
     # the gate, the out-projection, the history's update in place; then the head; torch:
     # the embedding
     assert step_ops(dec.graph) == {"fused": 2 * 10 + 1, "torch": 1, "state_copies": 0}
-    assert [n.attrs["kind"] for n in dec.graph.nodes if n.op is Op.FUSED][-2:] == \
-        ["shift_update"] * 2          # after every read of the old histories
+    nodes = dec.graph.nodes
+    upd = [i for i, n in enumerate(nodes) if n.op is Op.FUSED and
+           n.attrs["kind"] == "shift_update"]
+    assert len(upd) == 2
+    for i in upd:                     # after every read of the old history, not at the end
+        hist = nodes[i].inputs[0]
+        assert max(j for j, n in enumerate(nodes) if hist in n.inputs and j != i) < i
+    assert upd[0] < nodes.index(conv[1])       # layer 0's, before layer 1's convolution

@@ -695,23 +695,84 @@ def _attn_bwd_dq(Q, K, V, COS_Q, SIN_Q, COS_K, SIN_K, SLOPES, DO, LSE, DELTA, DQ
 # --------------------------------------------------------------------------------------------
 # decode (flash-decoding)
 # --------------------------------------------------------------------------------------------
-@triton.jit(do_not_specialize=["S_MAX", "CHUNK"])
+@triton.jit
+def _decode_keys(acc, m_i, l_i, lo, hi, base, K, V, K2, k_row0, k2_row0, v_row0,
+                 stride_kn, stride_kd, stride_k2n, stride_k2d, stride_vn, stride_vd,
+                 KPOS, kp_row0, stride_kpn, COS_K, SIN_K, stride_ckp, stride_ckd,
+                 qa, qb, qc, q2, qpos, slope2, r_ok, window, qk_scale, cap_in,
+                 col_a, col_b, mask_r, col_c, mask_c, tcol_a, tcol_b, col_2, mask_2,
+                 offs_d, mask_d,
+                 HAS_ROPE: tl.constexpr, HAS_PASS: tl.constexpr, HAS_K2: tl.constexpr,
+                 PAIRED: tl.constexpr, ROPE_K: tl.constexpr, CAUSAL: tl.constexpr,
+                 HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+                 HAS_KPOS: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr):
+    # The online softmax of one tile of query rows over the keys lo .. hi - 1, carried on in
+    # (acc, m_i, l_i): key j is row j - base of K, V (and K2), at position j or (HAS_KPOS)
+    # KPOS[j], a negative one masking the key (its K and V not read).
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < hi
+        n64 = offs_n.to(tl.int64)
+        if HAS_KPOS:
+            kpos = tl.load(KPOS + kp_row0 + n64 * stride_kpn, mask=n_ok,
+                           other=-1).to(tl.int32)
+            n_ok = n_ok & (kpos >= 0)
+        else:
+            kpos = offs_n
+        r64 = n64 - base
+        k_rows = k_row0 + r64 * stride_kn
+        ka = qa
+        kb = qa
+        kc = qc
+        if HAS_ROPE:   # ROPE_K: the cache holds keys before RoPE
+            ka, kb = _load_pair(K, k_rows, stride_kd, n_ok, kpos, COS_K, SIN_K, stride_ckp,
+                                stride_ckd, col_a, col_b, mask_r, tcol_a, tcol_b, PAIRED,
+                                ROPE_K)
+        if HAS_PASS:
+            kc = _load_cols(K, k_rows, stride_kd, n_ok, col_c, mask_c)
+        qk = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        qk = _group_dot(qk, qa, qb, qc, ka, kb, kc, HAS_ROPE, HAS_PASS, DOT_PREC)
+        if HAS_K2:
+            k2 = _load_cols(K2, k2_row0 + r64 * stride_k2n, stride_k2d, n_ok, col_2, mask_2)
+            qk = tl.dot(q2, tl.trans(k2), acc=qk, input_precision=DOT_PREC)
+        qk = _scores(qk, qk_scale, cap_in, SOFTCAP)
+        qk = _alibi(qk, slope2[:, None], qpos[:, None], kpos[None, :], ALIBI)
+        vis = _visible(qpos[:, None], kpos[None, :], n_ok[None, :] & r_ok[:, None], window,
+                       CAUSAL, HAS_WINDOW)
+        qk = tl.where(vis, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_ref)
+        p = tl.exp2(qk - m_ref[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load_cols(V, v_row0 + r64 * stride_vn, stride_vd, n_ok, offs_d, mask_d)
+        acc = tl.dot(p.to(V.dtype.element_ty), v, acc=acc * alpha[:, None],
+                     input_precision=DOT_PREC)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit(do_not_specialize=["S_MAX", "S_OLD", "CHUNK"])
 def _decode_split(Q, K, V, COS_Q, SIN_Q, COS_K, SIN_K, SLOPES, POS, KV_LEN, KPOS, PART_O,
                   PART_L,
-                  OUT, Q2, K2,
+                  OUT, Q2, K2, KN, VN,
                   stride_qb, stride_qh, stride_qt, stride_qd,
                   stride_kb, stride_kh, stride_kn, stride_kd,
                   stride_vb, stride_vh, stride_vn, stride_vd,
                   stride_q2b, stride_q2h, stride_q2t, stride_q2d,
                   stride_k2b, stride_k2h, stride_k2n, stride_k2d,
+                  stride_knb, stride_knh, stride_knn, stride_knd,
+                  stride_vnb, stride_vnh, stride_vnn, stride_vnd,
                   stride_cqp, stride_cqd, stride_ckp, stride_ckd, stride_pos, stride_len,
                   stride_kpb, stride_kpn, stride_ob, stride_oh, stride_ot, stride_od,
-                  H, HKV, TQ, S_MAX, CHUNK, NSPLIT, S_BUCKET, window, qk_scale, cap_in,
+                  H, HKV, TQ, S_MAX, S_OLD, CHUNK, NSPLIT, S_BUCKET, window, qk_scale,
+                  cap_in,
                   HEAD_DIM: tl.constexpr, ROT: tl.constexpr, INTERLEAVED: tl.constexpr,
                   PAIRED: tl.constexpr, ROPE_K: tl.constexpr, CAUSAL: tl.constexpr,
                   HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
                   HAS_KV_LEN: tl.constexpr,
-                  HAS_KPOS: tl.constexpr,
+                  HAS_KPOS: tl.constexpr, HAS_NEW: tl.constexpr,
                   DIRECT: tl.constexpr, BLOCK_M: tl.constexpr,
                   BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
                   DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -731,6 +792,10 @@ def _decode_split(Q, K, V, COS_Q, SIN_Q, COS_K, SIN_K, SLOPES, POS, KV_LEN, KPOS
     # the first part's in the same fp32 accumulator, one more tile pair next to the groups
     # A, B, C (MLA: K = V = the latent c_KV, K2 = the shared rotated k_R). HEAD_D2 == 0
     # compiles none of it.
+    # HAS_NEW: the keys come in two segments along the slots, [K | KN] and [V | VN]: slots
+    # 0 .. S_OLD - 1 are K's and V's rows, S_OLD .. S_MAX - 1 rows 0.. of KN and VN (a ring's
+    # W slots, then the step's new keys where the projection left them: no concatenation of
+    # the ring and the new keys is stored). Without it S_OLD = S_MAX and KN, VN are not read.
     HAS_ROPE: tl.constexpr = ROT > 0
     HAS_PASS: tl.constexpr = ROT < HEAD_DIM
     HAS_K2: tl.constexpr = HEAD_D2 > 0
@@ -772,9 +837,9 @@ def _decode_split(Q, K, V, COS_Q, SIN_Q, COS_K, SIN_K, SLOPES, POS, KV_LEN, KPOS
     if HAS_PASS:
         qc = _load_cols(Q, q_rows, stride_qd, r_ok, col_c, mask_c)
     q2 = qc
+    col_2 = tl.arange(0, BLOCK_D2)
+    mask_2 = col_2 < HEAD_D2
     if HAS_K2:
-        col_2 = tl.arange(0, BLOCK_D2)
-        mask_2 = col_2 < HEAD_D2
         q2 = _load_cols(Q2, b * stride_q2b + h * stride_q2h + i.to(tl.int64) * stride_q2t,
                         stride_q2d, r_ok, col_2, mask_2)
 
@@ -791,44 +856,24 @@ def _decode_split(Q, K, V, COS_Q, SIN_Q, COS_K, SIN_K, SLOPES, POS, KV_LEN, KPOS
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < hi
-        n64 = offs_n.to(tl.int64)
-        if HAS_KPOS:
-            kpos = tl.load(KPOS + b * stride_kpb + n64 * stride_kpn, mask=n_ok,
-                           other=-1).to(tl.int32)
-            n_ok = n_ok & (kpos >= 0)
-        else:
-            kpos = offs_n
-        k_rows = k_row0 + n64 * stride_kn
-        ka = qa
-        kb = qa
-        kc = qc
-        if HAS_ROPE:   # ROPE_K: the cache holds keys before RoPE
-            ka, kb = _load_pair(K, k_rows, stride_kd, n_ok, kpos, COS_K, SIN_K, stride_ckp,
-                                stride_ckd, col_a, col_b, mask_r, tcol_a, tcol_b, PAIRED,
-                                ROPE_K)
-        if HAS_PASS:
-            kc = _load_cols(K, k_rows, stride_kd, n_ok, col_c, mask_c)
-        qk = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        qk = _group_dot(qk, qa, qb, qc, ka, kb, kc, HAS_ROPE, HAS_PASS, DOT_PREC)
-        if HAS_K2:
-            k2 = _load_cols(K2, k2_row0 + n64 * stride_k2n, stride_k2d, n_ok, col_2, mask_2)
-            qk = tl.dot(q2, tl.trans(k2), acc=qk, input_precision=DOT_PREC)
-        qk = _scores(qk, qk_scale, cap_in, SOFTCAP)
-        qk = _alibi(qk, slope2[:, None], qpos[:, None], kpos[None, :], ALIBI)
-        vis = _visible(qpos[:, None], kpos[None, :], n_ok[None, :] & r_ok[:, None], window,
-                       CAUSAL, HAS_WINDOW)
-        qk = tl.where(vis, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_ref)
-        p = tl.exp2(qk - m_ref[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_cols(V, v_row0 + n64 * stride_vn, stride_vd, n_ok, offs_d, mask_d)
-        acc = tl.dot(p.to(dt), v, acc=acc * alpha[:, None], input_precision=DOT_PREC)
-        m_i = m_new
+    acc, m_i, l_i = _decode_keys(
+        acc, m_i, l_i, lo, tl.minimum(hi, S_OLD), 0, K, V, K2, k_row0, k2_row0, v_row0,
+        stride_kn, stride_kd, stride_k2n, stride_k2d, stride_vn, stride_vd,
+        KPOS, b * stride_kpb, stride_kpn, COS_K, SIN_K, stride_ckp, stride_ckd,
+        qa, qb, qc, q2, qpos, slope2, r_ok, window, qk_scale, cap_in,
+        col_a, col_b, mask_r, col_c, mask_c, tcol_a, tcol_b, col_2, mask_2, offs_d, mask_d,
+        HAS_ROPE, HAS_PASS, HAS_K2, PAIRED, ROPE_K, CAUSAL, HAS_WINDOW, SOFTCAP, ALIBI,
+        HAS_KPOS, DOT_PREC, BLOCK_M, BLOCK_N)
+    if HAS_NEW:   # the second segment: keys S_OLD .. S_MAX - 1 are rows 0.. of KN, VN
+        acc, m_i, l_i = _decode_keys(
+            acc, m_i, l_i, tl.maximum(lo, S_OLD), hi, S_OLD, KN, VN, K2,
+            b * stride_knb + kvh * stride_knh, k2_row0, b * stride_vnb + kvh * stride_vnh,
+            stride_knn, stride_knd, stride_k2n, stride_k2d, stride_vnn, stride_vnd,
+            KPOS, b * stride_kpb, stride_kpn, COS_K, SIN_K, stride_ckp, stride_ckd,
+            qa, qb, qc, q2, qpos, slope2, r_ok, window, qk_scale, cap_in,
+            col_a, col_b, mask_r, col_c, mask_c, tcol_a, tcol_b, col_2, mask_2, offs_d,
+            mask_d, HAS_ROPE, HAS_PASS, HAS_K2, PAIRED, ROPE_K, CAUSAL, HAS_WINDOW, SOFTCAP,
+            ALIBI, HAS_KPOS, DOT_PREC, BLOCK_M, BLOCK_N)
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
@@ -910,7 +955,7 @@ _KEYS = {
     "dkdv": ["T", "S", "HEAD_DIM", "HEAD_DV", "ROT", "CAUSAL", "HAS_WINDOW"],
     "dq": ["T", "S", "HEAD_DIM", "HEAD_DV", "ROT", "CAUSAL", "HAS_WINDOW"],
     "decode": ["TQ", "S_BUCKET", "HEAD_DIM", "HEAD_DV", "HEAD_D2", "ROT", "ROPE_K",
-               "HAS_KPOS", "DIRECT"],
+               "HAS_KPOS", "HAS_NEW", "DIRECT"],
 }
 _JIT = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq, "decode": _decode_split}
 _TUNED: dict = {}
@@ -1266,7 +1311,8 @@ def rope_attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor,
                           num_splits: Optional[int] = None,
                           out: Optional[Tensor] = None, kpos: Optional[Tensor] = None,
                           q2: Optional[Tensor] = None, k2_cache: Optional[Tensor] = None,
-                          sinks: Optional[Tensor] = None) -> Tensor:
+                          sinks: Optional[Tensor] = None, k_new: Optional[Tensor] = None,
+                          v_new: Optional[Tensor] = None) -> Tensor:
     """Decode attention (flash-decoding): a few new queries per sequence against a cache.
 
     q [B, H, Tq, D] (Tq small, typically 1); k_cache, v_cache [B, Hkv, S_max, D], slot j
@@ -1297,6 +1343,11 @@ def rope_attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor,
         the shared rotated k_R, q2 the rotated q_R). Default scale 1/sqrt(D + D2).
     sinks [H]: a sink logit per head, added to each row's softmax denominator when the
         splits are combined (always through the combine kernel then).
+    k_new [B, Hkv, Tn, D], v_new [B, Hkv, Tn, Dv] (both or neither): a second segment of
+        slots after the cache's: the keys are [k_cache | k_new] and the values [v_cache |
+        v_new] along the slots (S_max + Tn of them; kpos and kv_len count them all), each
+        tensor read where it lies with its own strides (a ring's W slots and the step's new
+        keys: no concatenation stored). Not with q2 / k2_cache.
     On the GPU the first call for a shape runs the autotuner: make it before capturing.
     """
     if (q2 is None) != (k2_cache is None):
@@ -1326,6 +1377,30 @@ def rope_attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor,
                causal, window, 0, 0, scale, softcap, alibi, alibi_keys_only, decode=True,
                sinks=sinks)
     B, H, TQ, DV, HKV, S = sp.B, sp.H, sp.T, sp.DV, sp.HKV, sp.S
+    s_old, has_new = S, k_new is not None
+    if (k_new is None) != (v_new is None):
+        raise ValueError("k_new and v_new come together (the second segment of the keys and "
+                         "of the values)")
+    if has_new:
+        if d2:
+            raise ValueError("k_new / v_new (a second segment of slots) do not combine with "
+                             "q2 / k2_cache (a second part of the head dim)")
+        if k_new.dim() != 4 or v_new.dim() != 4 or \
+                tuple(k_new.shape[:2]) != tuple(k_cache.shape[:2]) or \
+                k_new.shape[3] != k_cache.shape[3] or \
+                tuple(v_new.shape) != (B, HKV, k_new.shape[2], DV):
+            raise ValueError(f"k_new must be [B, Hkv, Tn, D] with k_cache's B, Hkv, D and "
+                             f"v_new [B, Hkv, Tn, Dv] with v_cache's Dv: k_cache "
+                             f"{tuple(k_cache.shape)}, k_new {tuple(k_new.shape)}, v_cache "
+                             f"{tuple(v_cache.shape)}, v_new {tuple(v_new.shape)}")
+        if not (k_new.dtype == v_new.dtype == q.dtype) or k_new.device != q.device or \
+                v_new.device != q.device:
+            raise ValueError(f"k_new and v_new must have q's dtype {q.dtype} and device "
+                             f"{q.device}: got {k_new.dtype} on {k_new.device}, "
+                             f"{v_new.dtype} on {v_new.device}")
+        S = s_old + k_new.shape[2]
+    else:
+        k_new, v_new = k_cache, v_cache     # not read
     pos, stride_pos = _per_sequence(pos, B, "pos", q.device)
     if kv_len is None:
         kv_len_t, stride_len = pos, 0      # not read
@@ -1350,12 +1425,14 @@ def rope_attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor,
     tables, tstrides = sp.tables()
     _launch("decode", lambda m: (num_splits, B * HKV),
             q, k_cache, v_cache, *tables, sp.slopes, pos, kv_len_t, kpos_t, part_o, part_l, out,
-            q2, k2_cache, *q.stride(), *k_cache.stride(), *v_cache.stride(),
+            q2, k2_cache, k_new, v_new, *q.stride(), *k_cache.stride(), *v_cache.stride(),
             *(q2.stride() if d2 else (0,) * 4), *(k2_cache.stride() if d2 else (0,) * 4),
+            *k_new.stride(), *v_new.stride(),
             *tstrides, stride_pos, stride_len, *kpos_strides, *out.stride(), H, HKV, TQ, S,
-            chunk, num_splits, _p2(S), sp.window_arg, *sp.score_args,
+            s_old, chunk, num_splits, _p2(S), sp.window_arg, *sp.score_args,
             HAS_KV_LEN=kv_len is not None,
-            HAS_KPOS=kpos is not None, DIRECT=direct, BLOCK_M=_p2(H // HKV * TQ),
+            HAS_KPOS=kpos is not None, HAS_NEW=has_new,
+            DIRECT=direct, BLOCK_M=_p2(H // HKV * TQ),
             HEAD_D2=d2, BLOCK_D2=_p2(d2), **sp.constexprs())
     if not direct:
         sink_t, has_sink = sp.sink_args

@@ -32,9 +32,12 @@ Which kernel:
         The forward kernel is not used there: it takes its query offset as a host integer.
     ring (W slots + T new keys, in either step; positions decode.ringW.keys): as the static
         step, with the keys' positions given to the kernel (`kpos`), which masks by them
-        instead of by slot. A long prefill runs every chunk over all W + T keys (the kernel
-        cannot bound the slots it reads from unordered positions): quadratic in T, as the
-        unfused step's [T, W + T] scores are.
+        instead of by slot. With options segments (inputs q, k_R, k_new, v_R, v_new, pos,
+        kpos) the kernel reads the ring's W slots and the T new keys from their own tensors
+        (`k_new`, `v_new`: its second segment), so no [ring | new] copy is made per step.
+        A long prefill runs every chunk over all W + T keys (the kernel cannot bound the
+        slots it reads from unordered positions): quadratic in T, as the unfused step's
+        [T, W + T] scores are.
 """
 from __future__ import annotations
 
@@ -62,6 +65,10 @@ def launch_template(template: str, xs: List, outs: List, opts: dict) -> None:
     ring = bool(opts.get("kpos"))
     has_pos = bool(opts.get("static")) or ring     # decode.pos [, the keys' positions]
     out = outs[0]
+    if n == 1 and opts.get("segments"):     # a ring's slots and the new keys, apart
+        q, k, kn, v, vn, pos, kpos = xs[:7]
+        _attend(q, k, v, pos, kpos, out, opts, k_new=kn, v_new=vn)
+        return
     if n == 1:
         q, k, v = xs[:3]
         pos = xs[3] if has_pos else None
@@ -87,7 +94,8 @@ def launch_template(template: str, xs: List, outs: List, opts: dict) -> None:
     _attend(q1, k1, v, pos, kpos, out, opts, q2, k2)
 
 
-def _attend(q, k, v, pos, kpos, out, opts: dict, q2=None, k2=None) -> None:
+def _attend(q, k, v, pos, kpos, out, opts: dict, q2=None, k2=None, k_new=None,
+            v_new=None) -> None:
     B, H, T, D = q.shape
     S, G = k.shape[2], H // k.shape[1]
     window = int(opts.get("window") or 0) or None
@@ -117,4 +125,4 @@ def _attend(q, k, v, pos, kpos, out, opts: dict, q2=None, k2=None) -> None:
                               alibi_keys_only=keys_only, sinks=sinks,
                               out=out[:, :, c:c + chunk],
                               kpos=kpos, q2=None if q2 is None else q2[:, :, c:c + chunk],
-                              k2_cache=k2)
+                              k2_cache=k2, k_new=k_new, v_new=v_new)

@@ -101,6 +101,9 @@ def fuse(g: Graph, disable: Sequence[str] = (), cache_writes: bool = False,
     g = verify(sink_scalar_ops(split_widening_casts(sink_recomputations(
         drop_broadcast_expands(g)))), inlined=True)
     from ..passes import debug_dump, debugging
+    if cache_writes:     # a ring's update, in place: no concatenation stored for it
+        from ..passes.fuse_cache_writes import ring_updates
+        g = verify(ring_updates(g), inlined=True)
     for name, fn in FUSION_PASSES:
         if name not in disable:
             g = verify(fn(g), inlined=True)
@@ -112,9 +115,9 @@ def fuse(g: Graph, disable: Sequence[str] = (), cache_writes: bool = False,
     if decode:
         from ..passes.fuse_rope_epilogue import fuse_rope_epilogue
         g = verify(fuse_rope_epilogue(g), inlined=True)
-    if cache_writes:     # last: its in-place update stays after every read of the history
-        from ..passes.fuse_cache_writes import shift_histories
-        g = verify(shift_histories(g), inlined=True)
+    if cache_writes:     # last: the in-place updates stay after every read of the state
+        from ..passes.fuse_cache_writes import updates_last
+        g = verify(updates_last(g), inlined=True)
     from .wrapper import mark_strided_outputs
     return mark_strided_outputs(g)
 

@@ -33,7 +33,9 @@ How it is derived, with no knowledge of blocks or model names:
      with the mask built from the slots' positions (the input `decode.ringW.keys`; slots
      never written have negative positions) and writes the newest entry of each slot
      (`decode.ringW.src` indexes [ring | new]; with T > W only the last W tokens land):
-     constant state in the context length.
+     constant state in the context length. (On the triton backend the attention kernel
+     reads the ring and the new keys apart, and the static step stores the new entries into
+     the ring in place after it: fuse_decode_attention, fuse_cache_writes.ring_updates.)
 4. `cumsum` along time becomes a running sum: state + cumsum(new), and the state advances by
    the sum of the new entries (running means).
    Decayed linear attention in its canonical parallel form, ((q @ k^T) * D) @ v with

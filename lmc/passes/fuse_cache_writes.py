@@ -30,7 +30,10 @@ reader of the state input, ``attrs["inplace"]`` maps the new-state output to tha
 Those kernels read each element of the state before writing it (`_reads_before_writes`),
 so the Decoder's buffer is updated where it lies, with no copy of the state after every step.
 A causal shift's history, which the step's taps read, is updated by a "shift_update" op
-emitted after every other node (`shift_histories`, run after the last fusion pass).
+emitted after its readers (`shift_histories`, run after the last fusion pass); a sliding-
+window attention's ring, which its attention reads, by a "ring_update" op (`ring_updates`, run
+before the fusion passes so the ring's concatenation is not stored where only the update read
+it); both are moved just after the last reader of the state they overwrite (`updates_last`).
 """
 from __future__ import annotations
 
@@ -40,6 +43,7 @@ from ..frontend.builder import Builder
 from ..ir.dims import as_dim
 from ..ir.graph import Graph, Node
 from ..ir.ops import Kind, Op
+from .basic import dce
 from .decode import state_outputs
 from .patterns import Body
 
@@ -123,8 +127,9 @@ def fuse_cache_writes(g: Graph) -> Graph:
 def shift_histories(g: Graph) -> Graph:
     """A causal shift's new history, concat(H, x, 1)[:, T:T + S] of the history input H
     [B, S, C], becomes one "shift_update" op writing H in place (lmc/codegen/shift_update.py),
-    emitted after every other node, so every read of the old history (the shift's taps) comes
-    first: one launch for the step's torch.cat and the Decoder's copy back into H."""
+    placed after every reader of H (`updates_last`), so every read of the old history (the
+    shift's taps) comes first: one launch for the step's torch.cat and the Decoder's copy back
+    into H."""
     users = g.users()
     found: Dict[Node, tuple] = {}              # the new history -> (H, x)
     for h, v in state_outputs(g):
@@ -161,6 +166,100 @@ def shift_histories(g: Graph) -> Graph:
     out = g.with_nodes([n for n in g.nodes if n not in gone] + tail,
                        {k: outs.get(v, v) for k, v in g.outputs.items()})
     out.meta = dict(g.meta, fusions=list(g.meta.get("fusions", [])) + records)
+    return out
+
+
+def ring_updates(g: Graph) -> Graph:
+    """A sliding-window attention's new ring, gather(concat(R, x), src) of the ring input R
+    along its slots (`src` the input decode.ringW.src broadcast over R's other axes; see
+    lmc/passes/decode.py), becomes one "ring_update" op writing R in place
+    (lmc/codegen/ring_update.py: the last min(T, W) new entries stored at their positions'
+    slots, read from decode.pos). Run before the fusion passes, so the concatenation is not
+    stored where nothing else reads it (fuse_decode_attention takes the ring and the new keys
+    as two segments; where it declines, the attention still reads the concatenation);
+    `updates_last` then moves the op after the last reader of the old ring."""
+    users = g.users()
+    named = {n.attrs["name"]: n for n in g.nodes if n.op is Op.INPUT}
+    pos = named.get("decode.pos")
+    found: Dict[Node, tuple] = {}              # the new ring -> (R, x, src)
+    for h, v in state_outputs(g):
+        if pos is None or v.op is not Op.GATHER or users.get(v):
+            continue
+        c, idx = v.inputs
+        ax = v.attrs["axis"] % v.type.rank
+        if c.op is not Op.CONCAT or len(c.inputs) != 2 or c.inputs[0] is not h or \
+                c.attrs["axis"] % c.type.rank != ax or idx.op is not Op.EXPAND:
+            continue
+        r = idx.inputs[0]
+        src = r.inputs[0] if r.op is Op.RESHAPE else None
+        W = h.type.shape[ax]
+        along = tuple(W if a == ax else 1 for a in range(h.type.rank))  # the map on the slots
+        if src is None or src.op is not Op.INPUT or tuple(r.type.shape) != along or \
+                src.attrs["name"] != f"decode.ring{W}.src" or tuple(src.type.shape) != (W,) or \
+                tuple(v.type.shape) != tuple(h.type.shape) or \
+                pos.type.shape[0] != c.inputs[1].type.shape[ax]:
+            continue
+        found[v] = (h, c.inputs[1], src)
+    if not found:
+        return g
+    records, repl = [], {}
+    for i, (v, (h, x, src)) in enumerate(found.items()):
+        name = f"lmc_ring_update_{i}"
+        b = Body([h, x, src, pos])
+        c, idx = v.inputs
+        b.copy([c, idx.inputs[0], idx, v])
+        body = b.graph(name, [v], module="ring_update", template="ring_update",
+                       options={"axis": v.attrs["axis"] % v.type.rank})
+        f = Node.make(Op.FUSED, [h, x, src, pos],
+                      {"kernel": name, "kind": "ring_update", "body": body, "inplace": {0: 0},
+                       "no_grad": (2, 3)}, v.loc, v.scope)
+        repl[v] = (f, Node.make(Op.GETITEM, [f], {"index": 0}, v.loc, v.scope))
+        records.append({"pass": PASS, "status": "fused", "where": v.scope or "<model>",
+                        "reason": f"state updated in place by {name} (the ring "
+                                  f"{h.attrs['name']}: the last new entries stored at their "
+                                  f"slots)"})
+    nodes = [m for n in g.nodes for m in (repl[n] if n in repl else (n,))]
+    out = dce(g.with_nodes(nodes, {k: repl[v][1] if v in repl else v
+                                   for k, v in g.outputs.items()}))   # the gather's inputs
+    out.meta = dict(g.meta, fusions=list(g.meta.get("fusions", [])) + records)
+    return out
+
+
+def updates_last(g: Graph) -> Graph:
+    """The shift histories' updates made (`shift_histories`), and every op that overwrites a
+    state others read (a shift or ring update) moved to just after the last of them (a
+    reader through views included) and after its own inputs: every read of the old state
+    comes first, and the new entries it stores are not kept alive to the end of the step (a
+    long prefill's keys)."""
+    g = shift_histories(g)
+    ups = [n for n in g.nodes if n.op is Op.FUSED and n.attrs["kind"] in
+           ("ring_update", "shift_update")]
+    if not ups:
+        return g
+    users = g.users()
+    moving = set(ups) | {n for n in g.nodes if n.op is Op.GETITEM and n.inputs[0] in ups}
+    order = [n for n in g.nodes if n not in moving]
+    at = {n: i for i, n in enumerate(order)}
+    after: Dict[int, List[Node]] = {}
+    for f in ups:
+        last = max(at[x] for x in f.inputs)
+        stack, seen = [f.inputs[0]], set()
+        while stack:                    # the readers of the state, through its views
+            for u in users.get(stack.pop(), []):
+                if u is f or u in seen:
+                    continue
+                seen.add(u)
+                if u.op in (Op.RESHAPE, Op.PERMUTE, Op.EXPAND, Op.SLICE):   # may alias
+                    stack.append(u)
+                last = max(last, at[u])
+        after.setdefault(last, []).append(f)
+    nodes = []
+    for i, n in enumerate(order):
+        nodes.append(n)
+        for f in after.get(i, []):
+            nodes += [f] + [u for u in users.get(f, []) if u.op is Op.GETITEM]
+    out = g.with_nodes(nodes, dict(g.outputs))
+    out.meta = dict(g.meta)
     return out
 
 

@@ -52,10 +52,15 @@ of a cache (only a long dynamic prefill, on the forward kernel, runs on [q_1 | q
 The region (scores, mask, softmax, P @ V and the broadcast of k, v) becomes one FUSED node of
 kind "decode_attention" whose inputs are q (as the graph computes it: RoPE, if any, stays
 outside as its own pointwise kernel), k and v (the whole key/value tensors after the cache
-write: the concat of the dynamic step or of a ring, the in-place `index_copy` of the static
-one, which stay outside the op; with score parts: q_1..q_n, k_1..k_n) and, in the static
-step, `decode.pos`, for a ring `decode.pos` and `decode.ringW.keys` (options: static for the
-first, kpos for the second). Its body is the matched
+write: the concat of the dynamic step, the in-place `index_copy` of the static one, which
+stay outside the op; with score parts: q_1..q_n, k_1..k_n) and, in the static step,
+`decode.pos`, for a ring `decode.pos` and `decode.ringW.keys` (options: static for the
+first, kpos for the second). A ring's keys and values, views (reshapes that keep the slot
+axis whole, permutes) of concat([R, new]) along the slots with R the ring's state input of W
+slots, come as two segments each (option segments; inputs q, k_R, k_new, v_R, v_new, then
+the positions): the same views of R and of the new entries, read by the kernel where they
+lie, so the concatenation is not stored to be attended over (the static step updates R in
+place after the attention, `fuse_cache_writes.ring_updates`). Its body is the matched
 primitives, so the torch backend and the autodiff pass still see the exact oracle;
 lmc/codegen/decode_attention.py runs attention.py's kernels:
 
@@ -64,7 +69,8 @@ lmc/codegen/decode_attention.py runs attention.py's kernels:
     static:  `rope_attention_decode` over chunks of at most 64 rows (one launch for a decode
              step), positions read on the device from `decode.pos` (never `.item()`), so the
              T = 1 step can be captured in a CUDA graph and replayed at new positions.
-    ring:    as static, the keys' positions passed as `kpos` (read on the device too).
+    ring:    as static, the keys' positions passed as `kpos` (read on the device too), the
+             ring's slots and the new keys as the kernel's two segments.
 
 Declined, with the failed condition recorded (`lmc compile --mode decode --explain`): keys
 and values of different shapes (unless the scores come in parts and the values are one of
@@ -311,7 +317,16 @@ def match(sm: Node, users: Dict[Node, List[Node]]) -> dict:
         need(all(u in inside for u in users.get(n, [])),
               f"{n.op.value} inside the attention is also used outside it")
     positions = [x for x in (minfo["pos"], minfo.get("kpos")) if x is not None]
-    ins = qs + ks + ([v] if v_part is None else []) + positions
+    kv = ks + ([v] if v_part is None else [])
+    segments = None
+    if len(ks) == 1 and minfo.get("kpos") is not None:
+        # a ring: [R | new] read as two segments, R and the new keys where they lie
+        sk = _segments(k, minfo["kpos"])
+        sv = sk if v is k else _segments(v, minfo["kpos"])
+        if sk is not None and sv is not None:
+            segments = {k: sk, v: sv}
+            kv = [*sk, *sv]
+    ins = qs + kv + positions
     if slopes is not None:       # ALiBi reads the query positions (dynamic step: not read
         if qsrc is not None and qsrc not in ins:   # by the launch, which has them from
             ins.append(qsrc)                        # the shapes) and slopes
@@ -327,7 +342,53 @@ def match(sm: Node, users: Dict[Node, List[Node]]) -> dict:
             "softcap": cap,
             "parts": len(ks), "v_part": v_part, "heads": (H, hkv), "q_split": q_split,
             "static": minfo["pos"] is not None and minfo.get("kpos") is None,
-            "kpos": minfo.get("kpos"), "n_pos": len(ins) - len(qs + ks) - (v_part is None)}
+            "kpos": minfo.get("kpos"), "n_pos": len(ins) - len(qs + kv),
+            "segments": segments}
+
+
+def _segments(x: Node, kpos: Node):
+    """x [B, Hkv, W + T, D] as views (reshapes, permutes) of a ring's concatenation along the
+    slots, concat([R, new]) with R the ring's state input of W slots (kpos the input
+    decode.ringW.keys): (the same views of R, of new) as graph nodes, else None."""
+    chain, axis, n = [], 2, x      # (view, its output's slot axis, its input's), x downwards
+    while n.op in (Op.PERMUTE, Op.RESHAPE):
+        out_axis = axis
+        if n.op is Op.PERMUTE:
+            axis = n.attrs["perm"][axis]
+        else:            # a reshape keeping the slot axis whole, with the same extent before it
+            src, shape = n.inputs[0].type.shape, n.type.shape
+            before = _product(shape[:axis])
+            axis = next((a for a in range(len(src)) if src[a] == shape[axis]
+                         and _product(src[:a]) == before), None)
+            if axis is None:
+                return None
+        chain.append((n, out_axis, axis))
+        n = n.inputs[0]
+    if n.op is not Op.CONCAT or len(n.inputs) != 2 or n.attrs["axis"] % n.type.rank != axis:
+        return None
+    ring, new = n.inputs
+    W = ring.type.shape[axis]
+    if ring.op is not Op.INPUT or not isinstance(W, int) or \
+            kpos.attrs["name"] != f"decode.ring{W}.keys":
+        return None
+
+    def views(piece: Node) -> Node:
+        for v, out_axis, in_axis in reversed(chain):
+            if v.op is Op.PERMUTE:
+                piece = Node.make(Op.PERMUTE, [piece], dict(v.attrs), v.loc, v.scope)
+            else:
+                shape = list(v.type.shape)
+                shape[out_axis] = piece.type.shape[in_axis]
+                piece = Node.make(Op.RESHAPE, [piece], {"shape": tuple(shape)}, v.loc, v.scope)
+        return piece
+    return views(ring), views(new)
+
+
+def _product(dims):
+    out = 1
+    for d in dims:
+        out = out * d
+    return out
 
 
 def _fixed(n: Node) -> bool:
@@ -353,6 +414,9 @@ def _body(m: dict, name: str, order: Dict[Node, int]) -> Graph:
     """The matched region as a body graph over placeholders in0.. for m["inputs"] (q, k, v
     [, decode.pos], or q_1..q_n, k_1..k_n [, decode.pos] when the values are one of the keys)."""
     b = Body(m["inputs"], alias=None if m["v_as"] is None else {m["v"]: m["v_as"]})
+    for x, (ring, new) in (m["segments"] or {}).items():    # [R | new] from the segments
+        b.env[x] = b.add(Node.make(Op.CONCAT, [b.env[ring], b.env[new]], {"axis": 2}, x.loc,
+                                   x.scope))
     b.copy(sorted(m["region"], key=order.__getitem__))
     return b.graph(name, [m["out"]],
                    module="decode_attention",      # lmc/codegen/decode_attention.py
@@ -362,7 +426,7 @@ def _body(m: dict, name: str, order: Dict[Node, int]) -> Graph:
                             "alibi_keys_only": m["alibi_keys_only"],
                             "parts": m["parts"], "v_part": m["v_part"],
                             "q_split": m["q_split"], "kpos": m["kpos"] is not None,
-                            "sinks": m["sinks"]})
+                            "sinks": m["sinks"], "segments": m["segments"] is not None})
 
 
 def fuse_decode_attention(g: Graph) -> Graph:
@@ -397,7 +461,8 @@ def fuse_decode_attention(g: Graph) -> Graph:
                          else "values a cache of their own"))
         if m["kpos"] is not None:
             cache = (f"ring cache (key positions {m['kpos'].attrs['name']}, never-written "
-                     f"slots masked)")
+                     f"slots masked" + ("; the ring and the new keys read as two segments, "
+                                        "not concatenated" if m["segments"] else "") + ")")
         else:
             cache = f"{'static' if m['static'] else 'dynamic'} cache"
         records.append({

@@ -351,9 +351,13 @@ def _ring(B, W, T, P, gen):
 
 
 def run_decode_kpos(B, H, HKV, T, W, P, D, *, window, splits=None, shuffle=False,
-                    per_sequence=True, rot=0, rope_k=False, dtype=torch.float32, seed=0):
+                    per_sequence=True, rot=0, rope_k=False, dtype=torch.float32, seed=0,
+                    segments=False):
     """Ring layout of W slots + T new keys (slots never written hold NaN: they must not be
-    read), or a random permutation of it, vs the fp64 reference."""
+    read), or a random permutation of it, vs the fp64 reference. segments: the W slots and
+    the T new keys (and values) handed to the kernel as two tensors (k_new, v_new), the new
+    ones in a [B, T, Hkv, D] layout (strides of their own), as the decode step keeps a ring
+    and the projection's new keys."""
     gen = torch.Generator().manual_seed(seed)
     kpos = _ring(B, W, T, P, gen)
     if shuffle:
@@ -372,8 +376,15 @@ def run_decode_kpos(B, H, HKV, T, W, P, D, *, window, splits=None, shuffle=False
     if rot:
         cos, sin = A.rope_tables(max(P) + T + 2, rot)
     scale = 0.3
-    out = A.rope_attention_decode(q, k, v, pos, cos, sin, rot_dim=rot, rope_k=rope_k,
-                                  window=window, scale=scale, num_splits=splits, kpos=kpos)
+    kw = dict(k_cache=k, v_cache=v)
+    if segments:
+        kw = dict(k_cache=k[:, :, :W].clone(), v_cache=v[:, :, :W].clone(),
+                  k_new=k[:, :, W:].transpose(1, 2).contiguous().transpose(1, 2),
+                  v_new=v[:, :, W:].transpose(1, 2).contiguous().transpose(1, 2))
+        assert kw["k_new"].stride() != k[:, :, W:].contiguous().stride() or T == 1 or HKV == 1
+    out = A.rope_attention_decode(q, pos=pos, cos=cos, sin=sin, rot_dim=rot, rope_k=rope_k,
+                                  window=window, scale=scale, num_splits=splits, kpos=kpos,
+                                  **kw)
     assert out.shape == q.shape and out.dtype == dtype and not out.isnan().any()
     ref = _kpos_reference(q, k, v, pos, kpos, window=window, scale=scale, cos=cos, sin=sin,
                           rope_k=rope_k)
@@ -397,16 +408,18 @@ DECODE_KPOS = [
 ]
 
 
+@pytest.mark.parametrize("segments", [False, True], ids=["one-tensor", "ring-and-new-apart"])
 @pytest.mark.parametrize("shape,opts", [pytest.param(s, o, id=i) for i, s, o in DECODE_KPOS])
-def test_decode_key_positions_fp32(shape, opts):
-    err, _ = run_decode_kpos(*shape, **opts)
+def test_decode_key_positions_fp32(shape, opts, segments):
+    err, _ = run_decode_kpos(*shape, **opts, segments=segments)
     print(f"decode with key positions: max abs err {err:.1e}")
     assert err <= F32_TOL
 
 
-def test_decode_key_positions_fp16():
+@pytest.mark.parametrize("segments", [False, True], ids=["one-tensor", "ring-and-new-apart"])
+def test_decode_key_positions_fp16(segments):
     err, scale = run_decode_kpos(2, 4, 2, 2, 6, [3, 9], 64, window=6, shuffle=True,
-                                 dtype=torch.float16)
+                                 dtype=torch.float16, segments=segments)
     print(f"decode with key positions fp16: max abs err {err:.1e} (max |ref| {scale:.2f})")
     assert err <= F16_REL * max(scale, 1.0)
 
@@ -463,6 +476,43 @@ def test_decode_one_split_writes_the_output_itself(kpos, monkeypatch):
     far = torch.full((B, S), -1) if kpos else None
     if kpos:
         assert A.rope_attention_decode(q, k, v, pos, num_splits=1, kpos=far).abs().max() == 0
+
+
+def test_decode_segments_read_each_tensor_at_its_own_rows():
+    """The second segment's keys and values are rows 0.. of k_new and v_new: the same
+    attention as over the concatenation, in one split or several (a split boundary inside
+    either segment or at the seam), and a new key changed changes the output."""
+    gen = torch.Generator().manual_seed(13)
+    B, H, HKV, T, W, D = 2, 4, 2, 3, 9, 32
+    P = [4, 30]
+    q = _randn(B, H, T, D, gen=gen)
+    k, v = _randn(B, HKV, W + T, D, gen=gen), _randn(B, HKV, W + T, D, gen=gen)
+    kpos = _ring(B, W, T, P, gen)
+    whole = A.rope_attention_decode(q, k, v, torch.tensor(P), window=W, kpos=kpos,
+                                    num_splits=1)
+    kn, vn = k[:, :, W:].clone(), v[:, :, W:].clone()
+    for n in (1, 2, 3, 4, 12):
+        got = A.rope_attention_decode(q, k[:, :, :W], v[:, :, :W], torch.tensor(P), window=W,
+                                      kpos=kpos, num_splits=n, k_new=kn, v_new=vn)
+        assert _max_err(got, whole) <= 1e-6, n
+    vn[:, :, -1] += 1.0             # the newest value: every query's own key
+    got = A.rope_attention_decode(q, k[:, :, :W], v[:, :, :W], torch.tensor(P), window=W,
+                                  kpos=kpos, k_new=kn, v_new=vn)
+    assert _max_err(got, whole) > 1e-3
+
+
+def test_decode_segments_bad_arguments():
+    q = torch.zeros(2, 4, 1, 16)
+    k = v = torch.zeros(2, 2, 10, 16)
+    new = torch.zeros(2, 2, 1, 16)
+    for kw, why in [(dict(k_new=new), "come together"),
+                    (dict(k_new=new, v_new=new[..., :8]), "k_new must be"),
+                    (dict(k_new=new[:, :1], v_new=new[:, :1]), "k_new must be"),
+                    (dict(k_new=new.half(), v_new=new.half()), "dtype"),
+                    (dict(k_new=new, v_new=new, q2=q[..., :8], k2_cache=k[..., :8]),
+                     "do not combine")]:
+        with pytest.raises(ValueError, match=why):
+            A.rope_attention_decode(q, k, v, 3, kpos=torch.zeros(11, dtype=torch.long), **kw)
 
 
 def test_decode_key_positions_bad_arguments():

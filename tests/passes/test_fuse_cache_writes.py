@@ -303,8 +303,13 @@ def test_the_history_update_stays_after_every_read_of_the_history():
     new = b.slice(b.concat([h, x], 1), 1, T, T + 2)
     g = Graph("step", b.nodes, {"y": y.node, "h'": new.node})
     p = TritonProgram(g, cache_writes=True, decode=True)
-    kinds = [n.attrs["kind"] for n in p.graph.nodes if n.op is Op.FUSED]
-    assert kinds[-1] == "shift_update", kinds
+    nodes = p.graph.nodes
+    upd = [i for i, n in enumerate(nodes) if n.op is Op.FUSED and
+           n.attrs["kind"] == "shift_update"]
+    hist = next(n for n in nodes if n.op is Op.INPUT and n.attrs["name"] == "h")
+    readers = [i for i, n in enumerate(nodes) if hist in n.inputs and i not in upd]
+    assert len(upd) == 1 and readers and max(readers) < upd[0], \
+        [n.attrs.get("kind", n.op.value) for n in nodes]
     for Tv in (1, 3):
         vals = {"x": torch.randn(2, Tv, 8), "h": torch.randn(2, 2, 8), "w": torch.randn(8)}
         want = run_graph(g, {k: v.clone() for k, v in vals.items()},
@@ -313,3 +318,55 @@ def test_the_history_update_stays_after_every_read_of_the_history():
         torch.testing.assert_close(got["y"], want["y"])
         torch.testing.assert_close(got["h'"], want["h'"])
         assert got["h'"].data_ptr() == vals["h"].data_ptr()       # written in place
+
+
+@pytest.mark.parametrize("name,sets", [("gpt_oss", {}), ("gemma2", {"attn_cap": 1.5})])
+def test_rings_are_updated_in_place_after_the_attention_reads_them(name, sets):
+    """A sliding-window layer's K and V rings (window 5 in gpt_oss's tiny preset, 6 in
+    gemma2's): the decode attention reads the ring and the step's new keys as two segments,
+    and a ring_update op per ring, after every other node, stores the last new entries at
+    their slots in place. No [ring | new] concatenation and no gather is left, and the
+    Decoder copies no state. Prefills shorter than, equal to and longer than the window,
+    then single steps wrapping the ring several times, then a chunk of 3 tokens: logits
+    equal the full forward's and the rings the torch static step's."""
+    from lmc.bench import step_ops
+    from lmc.codegen.wrapper import inplace_source
+    m = lmc.load(os.path.join(EXAMPLES, f"{name}.yaml"), preset="tiny", seed=5,
+                 backend="triton", **sets).eval()
+    dec = Decoder(m, backend="triton", static=True, max_len=24)
+    rings = [s for s in dec.step.states if s.kind == "ring"]
+    assert len(rings) == 2, dec.step.states                # K and V of the window layer
+    fused = [n for n in dec.graph.nodes if n.op is Op.FUSED]
+    upd = [n for n in fused if n.attrs["kind"] == "ring_update"]
+    assert len(upd) == 2 and all(n.attrs["inplace"] == {0: 0} for n in upd)
+    assert all(inplace_source(dec.graph.outputs[s.out]) is not None for s in rings)
+    att = [n for n in fused if n.attrs["kind"] == "decode_attention"
+           and n.attrs["body"].meta["options"]["segments"]]
+    assert len(att) == 1
+    # the updates follow the attention reading the rings at once (the new keys are not kept
+    # to the end of the step), and nothing after them reads a ring
+    i = fused.index(att[0])
+    assert fused[i + 1:i + 3] == upd, [n.attrs["kind"] for n in fused]
+    later = dec.graph.nodes[dec.graph.nodes.index(upd[-1]) + 1:]
+    assert not any(x is u.inputs[0] for u in upd for n in later for x in n.inputs)
+    assert not any(n.op in (Op.GATHER, Op.CONCAT) for n in dec.graph.nodes), \
+        [n.op.value for n in dec.graph.nodes if n.op in (Op.GATHER, Op.CONCAT)]
+    assert step_ops(dec.graph)["state_copies"] == 0
+    recs = [f["reason"] for f in dec.graph.meta["fusions"] if f["pass"] == "fuse_cache_writes"
+            and "ring_update" in f["reason"]]
+    assert len(recs) == 2 and all("the last new entries stored at their slots" in r
+                                  for r in recs), recs
+    ids = torch.randint(0, m.config["vocab"], (2, 20), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        want = m(ids)
+    want = want["logits"] if isinstance(want, dict) else want
+    ref = Decoder(m, backend="torch", static=True, max_len=24)
+    W = rings[0].shape[2]
+    for k in (2, W, W + 4):
+        got, st = _run(dec, ids[:, :16], k)
+        assert (got - want[:, :16]).abs().max().item() < 1e-4, k
+        _, st_ref = _run(ref, ids[:, :16], k)
+        for s in dec.step.states:
+            torch.testing.assert_close(st[s.name], st_ref[s.name], rtol=1e-5, atol=1e-5)
+        logits, st = dec(ids[:, 16:19], st)           # a chunk after the ring wrapped
+        assert (logits - want[:, 16:19]).abs().max().item() < 1e-4, k

@@ -114,12 +114,27 @@ def test_zoo_fires_and_declines(static):
         ("fused", "self_layers.0.mixer"), ("fused", "cross_layers.0.mixer")]
     assert recs[0]["reason"].startswith("ring cache (key positions decode.ring3.keys")
     assert "causal window 3, 2 heads" in recs[0]["reason"]
+    assert "the ring and the new keys read as two segments" in recs[0]["reason"]
     ring = next(n for n in g.nodes if n.op is Op.FUSED)
-    assert [x.op for x in ring.inputs[:2]] == [Op.ADD, Op.CONCAT]    # q (roped), [ring | new]
-    assert [x.attrs["name"] for x in ring.inputs[3:]] == ["decode.pos", "decode.ring3.keys"]
-    assert ring.attrs["no_grad"] == (3, 4)
+    # q (roped), then the keys and the values each as two segments: the ring's W slots (the
+    # state input, through views) and the new entries; no [ring | new] concatenation read
+    q, k_r, k_n, v_r, v_n = ring.inputs[:5]
+    assert q.op is Op.ADD
+    rings = []
+    for r, n in ((k_r, k_n), (v_r, v_n)):
+        base = r
+        while base.op in (Op.RESHAPE, Op.PERMUTE):
+            base = base.inputs[0]
+        assert base.op is Op.INPUT and base.attrs["name"].endswith(".ring")
+        rings.append(base)
+        assert str(r.type.shape[2]) == "3" and str(n.type.shape[2]) == "T"
+    assert rings[0] is not rings[1]
+    assert [x.attrs["name"] for x in ring.inputs[5:]] == ["decode.pos", "decode.ring3.keys"]
+    assert ring.attrs["no_grad"] == (5, 6)
+    assert not any(x.op is Op.CONCAT for x in ring.inputs)
     opts = ring.attrs["body"].meta["options"]
     assert opts["kpos"] is True and opts["static"] is False and opts["window"] == 3
+    assert opts["segments"] is True
     assert not any(n.op is Op.SOFTMAX for n in g.nodes)
     # optimus_prime: MLA's absorbed scores, latent and k_R parts over their two caches, the
     # latent as the values (one kv head)
@@ -511,3 +526,44 @@ def test_compile_mode_decode_lists_the_decoder_fusions(capsys):
     assert main(["compile", os.path.join(ZOO, "llama.yaml"), "--preset", "tiny", "--json"]) == 0
     s = json.loads(capsys.readouterr().out)
     assert not any(f["pass"] == "fuse_decode_attention" for f in s["fusions"])
+
+
+def test_ring_segments_only_through_views_keeping_the_slot_axis_whole():
+    """_segments: keys as views of concat([ring input, new]) along the slots give the same
+    views of the two pieces; a reshape that folds the slot axis into another, a concat along
+    another axis, a ring that is not a state input, or a ring whose size is not the key
+    positions' window give None (the attention then reads the concatenation)."""
+    from lmc.frontend.builder import Builder
+    from lmc.ir.dims import Dim
+    from lmc.passes.fuse_decode_attention import _segments
+
+    B, T = Dim.sym("B"), Dim.sym("T")
+    b = Builder({}, {})
+    ring = b.input("layers.0.attn.ring", [B, 3, 8], "f32")
+    new = b.input("new", [B, T, 8], "f32")
+    kpos = b.input("decode.ring3.keys", [T + 3], "i64").node
+    cat = b.concat([ring, new], 1)
+
+    def heads(x, n=3 + T):       # [B, n, 8] -> [B, 2, n, 4]
+        return b.permute(b.reshape(x, [B, n, 2, 4]), [0, 2, 1, 3])
+    got = _segments(heads(cat).node, kpos)
+    assert got is not None
+    r, n = got
+    assert [str(d) for d in r.type.shape] == ["B", "2", "3", "4"]
+    assert [str(d) for d in n.type.shape] == ["B", "2", "T", "4"]
+    base = r
+    while base.op in (Op.RESHAPE, Op.PERMUTE):
+        base = base.inputs[0]
+    assert base is ring.node
+    # the slot axis folded: [B, 3 + T, 8] -> [B, 1, 2 (3 + T), 4] keeps no axis of 3 + T
+    folded = b.reshape(cat, [B, 1, 2 * (3 + T), 4])
+    assert _segments(folded.node, kpos) is None
+    # concatenated along the features, not the slots
+    wide = b.concat([b.input("r2", [B, T + 3, 4], "f32"), b.input("n2", [B, T + 3, 4], "f32")],
+                    2)
+    assert _segments(heads(wide).node, kpos) is None
+    # the first piece computed, not the ring's state input
+    assert _segments(heads(b.concat([b.exp(ring), new], 1)).node, kpos) is None
+    # positions of another window
+    assert _segments(heads(cat).node, b.input("decode.ring4.keys", [T + 3], "i64").node) is None
+
