@@ -327,16 +327,19 @@ def match(sm: Node, users: Dict[Node, List[Node]]) -> dict:
             segments = {k: sk, v: sv}
             kv = [*sk, *sv]
     ins = qs + kv + positions
+    at_slopes = at_sink = None
     if slopes is not None:       # ALiBi reads the query positions (dynamic step: not read
         if qsrc is not None and qsrc not in ins:   # by the launch, which has them from
             ins.append(qsrc)                        # the shapes) and slopes
         ins.append(slopes)
+        at_slopes = len(ins) - 1
     if sink is not None:
         ins.append(sink)
-    return {"inputs": ins, "sinks": None if sink is None else len(ins) - 1,
+        at_sink = len(ins) - 1
+    return {"inputs": ins, "sinks": at_sink,
             "v": v, "v_as": None if v_part is None else ks[v_part],
             "out": pv, "region": inside | set(mregion) | set(layout) | set(bias),
-            "alibi": None if slopes is None else len(ins) - 1,
+            "alibi": at_slopes,
             "alibi_keys_only": slopes is not None and qsrc is None,
             "window": minfo["window"], "scale": 1.0 if scale is None else scale,
             "softcap": cap,

@@ -567,3 +567,40 @@ def test_ring_segments_only_through_views_keeping_the_slot_axis_whole():
     # positions of another window
     assert _segments(heads(cat).node, b.input("decode.ring4.keys", [T + 3], "i64").node) is None
 
+
+@pytest.mark.parametrize("static", [False, True])
+def test_alibi_and_sinks_together_reach_the_kernel_apart(static, tmp_path):
+    """gpt-oss's sinks with an ALiBi bias added to the scores (both one value per head): the
+    fused op's options index the slopes and the sink logits each at its own input, so
+    triton decode equals the full forward (sinks and slopes trained away from their
+    defaults, so mixing them up would show)."""
+    src = open(os.path.join(os.path.dirname(ZOO), "examples", "gpt_oss.yaml")).read()
+    src = src.replace("    args: [x, cos, sin]\n    options: {win: 0}",
+                      "    args: [x, cos, sin, alibi]\n    options: {win: 0}")
+    src = src.replace("head_dim ** -0.5\n", "head_dim ** -0.5 + alibi\n")
+    src = src.replace("    - for: i\n",
+                      "    - slopes = 2.0 ** (-8.0 * cast(iota(heads) + 1, 'f32') / heads)\n"
+                      "    - pos = cast(iota(T), 'f32')\n"
+                      "    - alibi = reshape(slopes, [heads, 1, 1]) * (reshape(pos, [1, T]) - "
+                      "reshape(pos, [T, 1]))\n    - for: i\n")
+    src = src.replace("attention(rmsnorm(x, name='attn_norm'), cos, sin,",
+                      "attention(rmsnorm(x, name='attn_norm'), cos, sin, alibi,")
+    path = tmp_path / "gpt_oss_alibi.yaml"
+    path.write_text(src)
+    m = lmc.load(str(path), preset="tiny", backend="triton", seed=3).eval()
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.endswith("sinks"):
+                p.normal_(0, 2.0, generator=torch.Generator().manual_seed(len(name)))
+    dec = Decoder(m, "triton", static=static, **({"max_len": 16} if static else {}))
+    att = [n for n in dec.graph.nodes if n.op is Op.FUSED and
+           n.attrs["kind"] == "decode_attention"]
+    assert len(att) == 2
+    for n in att:
+        o = n.attrs["body"].meta["options"]
+        assert o["alibi"] is not None and o["sinks"] is not None and o["alibi"] != o["sinks"]
+        assert n.inputs[o["sinks"]].inputs[0].attrs["name"].endswith("sinks")
+    ids = torch.randint(0, 512, (2, 9), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        full = m(ids)
+    assert decode_worst(dec, ids, full, 3) < TOL
