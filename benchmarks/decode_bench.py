@@ -73,7 +73,7 @@ def lmc_contender(f32_model, args, device, backend):
 
     # what one step launches (fused ops, each a kernel or a template's launch pair, + other
     # torch ops): at batch 1 this bounds the step time under a CUDA graph
-    info = {"backend": backend, "ops_per_step": step_ops(dec.graph)}
+    info = {"backend": backend, "ops_per_step": step_ops(dec.graph, dec.step.aux)}
     from lmc.codegen import warm
     from lmc.codegen.matmul import tuned_configs
 

@@ -32,10 +32,11 @@ def main(argv=None) -> int:
         preset = None if a.preset == "default" else a.preset
         m = lmc.load(os.path.join(ZOO, f"{name}.yaml"), preset=preset, backend="triton").eval()
         dec = Decoder(m, backend="triton", static=True, max_len=16, cuda_graph=False)
-        ops = step_ops(dec.graph)
+        ops = step_ops(dec.graph, dec.step.aux)
         mb = step_weight_bytes(dec.graph) / 1e6
         print(f"{name:14s} {a.preset:8s} {ops['fused']:4d} fused + {ops['torch']:3d} torch ops "
-              f"per static step; weights read {mb:.2f} MB per token at batch 1 (bf16)")
+              f"+ {ops['positions']} position-table launches per static step; weights read "
+              f"{mb:.2f} MB per token at batch 1 (bf16)")
     return 0
 
 

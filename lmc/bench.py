@@ -260,15 +260,16 @@ def worth_timing(config: Dict[str, Any], lmc_fused) -> bool:
     return lmc_fused is None or p is None or p in lmc_fused
 
 
-def step_ops(graph) -> Dict[str, int]:
+def step_ops(graph, aux=None) -> Dict[str, int]:
     """What one decode step runs, from its graph: `fused`, the fused ops lmc launches (each a
     generated kernel or a template's launch sequence: flash-decoding may add a combine), and
     `torch`, every other op that launches a kernel (views, constants and graph plumbing
     excluded), and `state_copies`, the new states the static Decoder copies into their
     buffers after the step (those no kernel wrote in place: a cache's index_copy and a state
-    its op updated in place, `fuse_cache_writes`, are not copied). At batch 1 a step is a
-    chain of small kernels, so under a CUDA graph this count bounds the step time as much as
-    the bytes read do."""
+    its op updated in place, `fuse_cache_writes`, are not copied); given the step's position
+    inputs (`StepGraph.aux`), `positions`, the launches computing them on a GPU
+    (lmc/runtime/positions.py). At batch 1 a step is a chain of small kernels, so under a
+    CUDA graph this count bounds the step time as much as the bytes read do."""
     from .codegen.wrapper import inplace_source
     from .ir.ops import Op
     from .passes.decode import state_outputs
@@ -277,8 +278,12 @@ def step_ops(graph) -> Dict[str, int]:
             Op.EXPAND, Op.FUSED}
     copies = sum(1 for _, v in state_outputs(graph)
                  if v.op not in (Op.INPUT, Op.INDEX_COPY) and inplace_source(v) is None)
-    return {"fused": sum(n.op is Op.FUSED for n in graph.nodes),
-            "torch": sum(n.op not in free for n in graph.nodes), "state_copies": copies}
+    out = {"fused": sum(n.op is Op.FUSED for n in graph.nodes),
+           "torch": sum(n.op not in free for n in graph.nodes), "state_copies": copies}
+    if aux is not None:
+        from .runtime.positions import Tables
+        out["positions"] = Tables(aux).launches()
+    return out
 
 
 def step_weight_bytes(graph, batch: int = 1, itemsize: int = 2) -> int:
@@ -347,7 +352,7 @@ def bench_decode(path, preset, sets, args, clock: Clock) -> Dict[str, Any]:
                 dec = Decoder(model, backend=backend, static=True, max_len=prompt + new + 1,
                               cuda_graph=not compiled) if static else Decoder(model, backend)
                 row["static"] = static
-                row["ops_per_step"] = step_ops(dec.graph)
+                row["ops_per_step"] = step_ops(dec.graph, dec.step.aux)
                 step_fn = dec
                 if compiled:
                     mode = "reduce-overhead" if clock.cuda else "default"
@@ -420,8 +425,9 @@ def table(result: Dict[str, Any]) -> str:
                 continue
             ops = r.get("ops_per_step")
             copies = ops.get("state_copies", 0) if ops and r.get("static") else 0
-            ops = (f"{ops['fused']} + {ops['torch']}" + (f" + {copies} copies" if copies else "")
-                   if ops else "-")
+            pos = ops.get("positions", 0) if ops and r.get("static") else 0
+            ops = (f"{ops['fused']} + {ops['torch']}" + (f" + {pos} pos" if pos else "")
+                   + (f" + {copies} copies" if copies else "") if ops else "-")
             lines.append(f"  {r['name']:<32}{r['batch']:>6}{r['tokens_per_s']:>12,.1f}"
                          f"{r['latency_ms']:>10.2f}{ops:>27}")
     return "\n".join(lines)

@@ -94,7 +94,7 @@ def cmd_compile(args) -> int:
                 passes += ("fuse_cache_writes",)
                 # what one static step launches and the weight bytes it reads at batch 1
                 from .bench import step_ops, step_weight_bytes
-                s["decode"]["static_step"] = dict(step_ops(fused),
+                s["decode"]["static_step"] = dict(step_ops(fused, st.aux),
                                                   weight_bytes_batch1_bf16=step_weight_bytes(
                                                       fused))
             s["fusions"] += [dict(f, graph=graph) for f in fused.meta["fusions"]
@@ -339,6 +339,8 @@ def format_decode(d: dict) -> str:
     if st:      # the triton backend's static (CUDA-graph) step
         n = st.get("state_copies", 0)
         copies = f" + {n} state cop{'ies' if n != 1 else 'y'}" if n else ""
+        n = st.get("positions", 0)
+        copies += f" + {n} position-table launch{'es' if n != 1 else ''}" if n else ""
         lines.append(f"step        static step on the triton backend: {st['fused']} fused ops + "
                      f"{st['torch']} torch op{'s' if st['torch'] != 1 else ''}{copies}; "
                      f"weights read {st['weight_bytes_batch1_bf16'] / 1e6:,.2f} MB per token "

@@ -243,7 +243,8 @@ def test_compile_mode_decode_reports_the_state(tmp_path, capsys):
                  str(tmp_path / "o")]) == 0
     out = capsys.readouterr().out
     assert "B per token of context" in out
-    assert "static step on the triton backend: 13 fused ops + 1 torch op;" in out
+    assert ("static step on the triton backend: 13 fused ops + 1 torch op + 1 position-table "
+            "launch;") in out
     # --disable applies to the step as the Decoder's model.disable does
     assert main(["compile", LLAMA, "--preset", "tiny", "--mode", "decode", "--json",
                  "--disable", "fuse_pointwise"]) == 0

@@ -56,7 +56,8 @@ How it is derived, with no knowledge of blocks or model names:
 
 The runtime inputs besides the token ids and the state are i64 position tables, functions of
 (P, T) listed in `StepGraph.aux` (name -> fn(P as a 1-element i64 tensor, T) -> tensor), so the
-runtime fills them with torch ops on the device (inside a captured CUDA graph too).
+runtime fills them on the device (inside a captured CUDA graph too): on a GPU with one kernel
+per ring size (lmc/runtime/positions.py), elsewhere with these torch functions.
 """
 from __future__ import annotations
 

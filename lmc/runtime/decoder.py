@@ -37,6 +37,7 @@ from ..ir.ops import Op
 from ..ops.reference import REFERENCE, RefCtx
 from ..passes.decode import StepGraph, decode_step
 from .executor import bind_dims, run_graph
+from .positions import Tables
 
 
 class State(dict):
@@ -69,6 +70,7 @@ class Decoder:
         if not self.static and (max_len is not None or cuda_graph):
             raise LmcError("max_len and cuda_graph apply to the static decoder (static=True)")
         self.step: StepGraph = decode_step(model.graph, static=self.static)
+        self.tables = Tables(self.step.aux)   # the position inputs: one kernel on a GPU
         self.backend = backend or getattr(model, "backend", "torch")
         if self.backend not in ("torch", "triton"):
             raise LmcError(f"unknown backend {self.backend!r} (available: torch, triton)")
@@ -196,7 +198,7 @@ class Decoder:
         bound = dict(self.model.named_parameters())
         bound[self.token_input] = ids
         bound.update(state)
-        bound.update({k: fn(past, ids.shape[1]) for k, fn in self.step.aux.items()})
+        bound.update(self.tables(past, ids.shape[1]))
         return bound
 
     def _dynamic(self, ids, state):
