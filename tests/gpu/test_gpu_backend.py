@@ -299,3 +299,23 @@ def test_cli_generate_on_cuda_decodes_bf16_weights_in_a_cuda_graph(capsys):
     assert capsys.readouterr().out == first.out
     assert main(args + ["--precision", "f32"]) == 0
     assert "cuda, f32, static step, CUDA graph" in capsys.readouterr().err
+
+
+def test_position_tables_kernel_on_the_gpu_equals_the_torch_functions():
+    """lmc/runtime/positions.py natively: decode.pos and two rings' keys and slot maps from
+    one kernel per ring size equal the decode pass's torch functions, and a Decoder on CUDA
+    takes the kernel (no torch op in the tables' launches)."""
+    from lmc.passes.decode import _pos_fn, _ring_keys_fn, _ring_src_fn
+    from lmc.runtime.positions import Tables
+    aux = {"decode.pos": _pos_fn}
+    for w in (5, 4096):
+        aux[f"decode.ring{w}.keys"] = _ring_keys_fn(w)
+        aux[f"decode.ring{w}.src"] = _ring_src_fn(w)
+    t = Tables(aux)
+    for P in (0, 3, 4095, 4096, 10_001):
+        for T in (1, 7, 5000):
+            p = torch.tensor([P], device="cuda")
+            got = t(p, T)
+            for k, fn in aux.items():
+                assert torch.equal(got[k], fn(p, T)), (k, P, T)
+    assert t.launches() == 2
