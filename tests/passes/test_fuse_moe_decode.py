@@ -124,4 +124,10 @@ def test_carried_counts_equal_the_whole_sequence():
     assert 0 < int(want.sum()) < want.numel()          # some kept, some dropped
     assert torch.equal(rest.kept, want)
     assert torch.equal(rest.idx, full.idx.reshape(B, T, k)[:, P:].reshape(-1, k))
-    assert torch.equal(rest.weight, full.weight.reshape(B, T, k)[:, P:].reshape(-1, k))
+    # the weights to rounding: the interpreter's tl.dot is numpy's matmul of the token tile,
+    # and a token sits at another row of it in the whole sequence than in its rest; on some
+    # CPUs the matmul's last bits depend on the row (this one: 19 of the tiles' router logits
+    # differ by an ulp at 16 expert columns, none at 4; after the softmax 3 weights of 20 are
+    # 2.9e-6 apart relative); the slots (idx, kept, counts) are exact above.
+    torch.testing.assert_close(rest.weight, full.weight.reshape(B, T, k)[:, P:].reshape(-1, k),
+                               rtol=1e-5, atol=0)
