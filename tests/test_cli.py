@@ -235,15 +235,16 @@ def test_compile_mode_decode_reports_the_state(tmp_path, capsys):
     writes = [f for f in s["fusions"] if f["pass"] == "fuse_cache_writes"]
     assert [(f["status"], f["graph"]) for f in writes] == [("fused", "decode static")] * 4
     # the static step's launches, as benchmarks/step_ops.py counts the Decoder's (the tiny
-    # llama: 13 fused ops + the embedding), and its weight bytes at batch 1
+    # llama: 12 fused ops + the embedding + decode.pos's kernel), and its weight bytes at
+    # batch 1
     st = d["static_step"]
-    assert (st["fused"], st["torch"]) == (13, 1)
+    assert (st["fused"], st["torch"], st["positions"]) == (12, 1, 1)
     assert st["weight_bytes_batch1_bf16"] > 0
     assert main(["compile", LLAMA, "--preset", "tiny", "--mode", "decode", "-o",
                  str(tmp_path / "o")]) == 0
     out = capsys.readouterr().out
     assert "B per token of context" in out
-    assert ("static step on the triton backend: 13 fused ops + 1 torch op + 1 position-table "
+    assert ("static step on the triton backend: 12 fused ops + 1 torch op + 1 position-table "
             "launch;") in out
     # --disable applies to the step as the Decoder's model.disable does
     assert main(["compile", LLAMA, "--preset", "tiny", "--mode", "decode", "--json",

@@ -13,9 +13,9 @@ def test_step_ops_counts_llama_tiny(capsys, tmp_path, monkeypatch):
     import step_ops
     assert step_ops.main(["--models", "llama"]) == 0
     line = capsys.readouterr().out.strip().splitlines()[-1]
-    # 2 layers x 5 fused ops (RoPE inside the q/k/v projection) + rope tables (2) + the
+    # 2 layers x 5 fused ops (RoPE inside the q/k/v projection) + rope tables (1) + the
     # head's norm + matmul (1); the embedding; decode.pos from one kernel
-    assert line.split() == ["llama", "tiny", "13", "fused", "+", "1", "torch", "ops", "+", "1",
+    assert line.split() == ["llama", "tiny", "12", "fused", "+", "1", "torch", "ops", "+", "1",
                             "position-table", "launches", "per", "static", "step;", "weights",
                             "read", "0.23", "MB", "per", "token", "at", "batch", "1",
                             "(bf16)"], line

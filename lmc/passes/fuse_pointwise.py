@@ -137,15 +137,14 @@ _INDEXED = (Op.IOTA, Op.SLICE, Op.RESHAPE)
 def index_view(v: Node) -> bool:
     """A view a pointwise kernel evaluates by mapping the index it reads its input at: a slice
     with step 1 and a numeric start (its value at i is x's at i + start along the axis), or a
-    reshape of a static shape that only adds or drops axes of size 1 (a mask's [s] seen as
-    [1, s, 1])."""
+    reshape that only adds or drops axes of size 1 (a mask's [s] seen as [1, s, 1]; rope's
+    positions [T] seen as [T, 1]: a symbolic axis keeps its place whatever its size, and an
+    axis of size 1 at run time is read at index 0 either way)."""
     if v.op is Op.SLICE:
         start = v.attrs["start"]
         return v.attrs.get("step", 1) == 1 and isinstance(start, int) and start >= 0
     if v.op is Op.RESHAPE:
-        x = v.inputs[0]
-        return all(isinstance(d, int) for d in x.type.shape) and \
-            unit_axes_only(x.type.shape, v.type.shape)
+        return unit_axes_only(v.inputs[0].type.shape, v.type.shape)
     return False
 
 

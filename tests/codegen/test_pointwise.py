@@ -589,3 +589,33 @@ def test_a_slice_of_size_one_its_reader_broadcasts(T):
             got = run_graph(p.graph, vals, RefCtx(dims=bind_dims(g, vals)), p.impl)["y"]
             xv = vals["x"]
             torch.testing.assert_close(got, xv.tanh() * xv[:, k:k + 1].exp())
+
+
+def test_a_unit_reshape_of_a_symbolic_shape_joins_its_reader():
+    """Rope's tables from the positions: cast(pos [T]) seen as [T, 1] (a symbolic shape: the
+    reshape adds an axis of size 1 whatever T is), times the frequencies, concatenated, then
+    cos and sin: one kernel, right at T = 1 (the symbolic axis of size 1 at run time) and
+    more; and a [B, T] value seen as [B, 1, T] by a [B, 3, T] reader."""
+    B, T = Dim.sym("B"), Dim.sym("T")
+    b = Builder({}, {})
+    pos = b.input("pos", [T], "i64")
+    inv = b.input("inv", [1, 4], "f32")
+    f = b.reshape(b.cast(pos, "f32") * 0.5, [T, 1]) * inv
+    cat = b.concat([f, f], -1)
+    x = b.input("x", [B, T], "f32")
+    w = b.input("w", [B, 3, T], "f32")
+    y = b.reshape(b.exp(x), [B, 1, T]) * w
+    g = Graph("tables", b.nodes, {"cos": b.cos(cat).node, "sin": b.sin(cat).node,
+                                  "y": y.node})
+    p = TritonProgram(g)
+    assert sum(n.op is Op.FUSED for n in p.graph.nodes) == 2
+    assert not [n for n in p.graph.nodes if n.op is Op.RESHAPE]
+    for Bv, Tv in ((1, 1), (2, 5)):
+        vals = {"pos": torch.arange(7, 7 + Tv), "inv": torch.randn(1, 4),
+                "x": torch.randn(Bv, Tv), "w": torch.randn(Bv, 3, Tv)}
+        got = run_graph(p.graph, vals, RefCtx(dims=bind_dims(g, vals)), p.impl)
+        fr = (vals["pos"].float() * 0.5)[:, None] * vals["inv"]
+        torch.testing.assert_close(got["cos"], torch.cat([fr, fr], -1).cos())
+        torch.testing.assert_close(got["sin"], torch.cat([fr, fr], -1).sin())
+        torch.testing.assert_close(got["y"], vals["x"].exp()[:, None, :] * vals["w"])
+    assert p.launches == 4
