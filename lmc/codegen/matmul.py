@@ -549,6 +549,18 @@ def _segments_of(body: Graph, mms: List[Node], pro):
     return seg
 
 
+def _table_strides(tab, layout: str, heads) -> List[int]:
+    """A rope table's strides as the rotation tile reads it: [along t, along h (when it
+    varies along the heads), along d], 0 along a broadcast axis; the table seen as
+    [1, A1, A2, R] against the rotated [B, H, T, R] ("bhtd") or [B, T, H, R] ("bthd")."""
+    tab = tab.reshape((1,) * (4 - tab.dim()) + tuple(tab.shape))
+    t_ax, h_ax = (2, 1) if layout == "bhtd" else (1, 2)
+
+    def st(a: int) -> int:
+        return tab.stride(a) if tab.shape[a] > 1 else 0
+    return [st(t_ax)] + ([st(h_ax)] if heads else []) + [tab.stride(3)]
+
+
 def _rope_tile_helper(tile: str, pro, idx, dot_ty: str, prod_ty: str, prec: str,
                       r: dict, out_ty: str) -> List[str]:
     """A jit helper computing one BLOCK_M x BLOCK_N tile of P = A @ B and storing RoPE of it
@@ -564,10 +576,12 @@ def _rope_tile_helper(tile: str, pro, idx, dot_ty: str, prod_ty: str, prec: str,
             ".to(tl.float32)")
     rnd = "" if prod_ty == "tl.float32" else f".to({prod_ty}).to(tl.float32)"
     biased = r.get("bias") is not None
+    heads = bool(r.get("heads"))      # tables varying along the heads: read at [t, h, d]
+    ch, sh = ("cos_sh, ", "sin_sh, ") if heads else ("", "")
     lines = [
         "@triton.jit",
         f"def {tile}(a_rows, a_sk, mask_m, rm, z, b_ptr, b_sk, b_sn, o_ptr, tile_n, M, N, K,",
-        f"        {w_args}cos_ptr, cos_st, cos_sd, sin_ptr, sin_st, sin_sd, T, o_sb, o_sh, "
+        f"        {w_args}cos_ptr, cos_st, {ch}cos_sd, sin_ptr, sin_st, {sh}sin_sd, T, o_sb, o_sh, "
         f"o_st, o_sd, pos_ptr, pos_s, {'bias_ptr, bias_s, ' if biased else ''}{_SPLIT_PARAMS}",
         "        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, "
         "SPLIT_K: tl.constexpr, CACHE: tl.constexpr):",
@@ -609,10 +623,17 @@ def _rope_tile_helper(tile: str, pro, idx, dot_ty: str, prod_ty: str, prec: str,
         "    r = z * M + rm  # the row of [B * T]: batch entry r // T, new position r % T",
         "    t = r % T",
         "    tmask = mask_m[:, None] & (mask_n & rot)[None, :]",
+    ] + ([
+        "    c = tl.load(cos_ptr + t[:, None] * cos_st + (h * cos_sh + d * cos_sd)[None, :], "
+        f"mask=tmask, other=0.0){cast}",
+        "    s = tl.load(sin_ptr + t[:, None] * sin_st + (h * sin_sh + d * sin_sd)[None, :], "
+        f"mask=tmask, other=0.0){cast}",
+    ] if heads else [
         "    c = tl.load(cos_ptr + t[:, None] * cos_st + d[None, :] * cos_sd, mask=tmask, "
         f"other=0.0){cast}",
         "    s = tl.load(sin_ptr + t[:, None] * sin_st + d[None, :] * sin_sd, mask=tmask, "
         f"other=0.0){cast}",
+    ]) + [
         f"    xr = tl.where((d < {half})[None, :], -xp, xp)",
         "    y = tl.where(rot[None, :], x * c + xr * s, x)",
     ] + ([f"    y = y * {float(r['scale'])!r}  # the rotated value's scale"]
@@ -748,7 +769,9 @@ def _generate_horizontal(body: Graph, name: str) -> str:
         [f"b{j}_s{x}" for j in range(len(mms)) for x in "kn"] + _norm_stride_args(pro)
     for j, sg in enumerate(seg):
         if sg[0] == "rope":     # a rotation: T, the tables' and the output's strides
-            args += [f"T{j}", f"cs{j}_t", f"cs{j}_d", f"sn{j}_t", f"sn{j}_d"] + \
+            hs = [f"cs{j}_h", f"sn{j}_h"] if sg[1].get("heads") else []
+            args += [f"T{j}", f"cs{j}_t", *hs[:1], f"cs{j}_d", f"sn{j}_t", *hs[1:],
+                     f"sn{j}_d"] + \
                 [f"o{j}_s{x}" for x in range(4)] + [f"p{j}_s"] + \
                 ([f"bias{j}_s"] if sg[1].get("bias") is not None else [])
         elif sg[0] == "cache":
@@ -843,10 +866,11 @@ def _generate_horizontal(body: Graph, name: str) -> str:
             cw = sg[1]
             dst = f"in{cw['cache']}_ptr" if cw["cache"] is not None else f"out{cw['out']}_ptr"
             pos = f"in{cw['pos']}_ptr" if cw["pos"] is not None else dst
+            ch, sh = (f"cs{j}_h, ", f"sn{j}_h, ") if cw.get("heads") else ("", "")
             call = [f"        {helper[j]}(a_rows, a_sk, mask_m, rm, z, {b_of}, {dst}, "
                     f"pid_n - ({start}), M, N{j}, K,\n"
-                    f"                {w_args}in{cw['cos']}_ptr, cs{j}_t, cs{j}_d, "
-                    f"in{cw['sin']}_ptr, sn{j}_t, sn{j}_d, T{j}, "
+                    f"                {w_args}in{cw['cos']}_ptr, cs{j}_t, {ch}cs{j}_d, "
+                    f"in{cw['sin']}_ptr, sn{j}_t, {sh}sn{j}_d, T{j}, "
                     + ", ".join(f"o{j}_s{x}" for x in range(4)) + f", {pos}, p{j}_s,\n"
                     + (f"                in{cw['bias']}_ptr, bias{j}_s,\n"
                        if cw.get("bias") is not None else "")
@@ -1406,13 +1430,15 @@ def _launch_horizontal(kernel, xs, outs, body: Graph, interpret: bool) -> None:
                          *cache.stride()]
         elif sg[0] == "rope":       # RoPE of the product, to [B, H, T, W] or a cache
             cw = sg[1]
-            cos, sin = xs[cw["cos"]], xs[cw["sin"]]
             dst = xs[cw["cache"]] if cw["cache"] is not None else outs[cw["out"]]
             pos = xs[cw["pos"]] if cw["pos"] is not None else None
-            args += [x.shape[-2], cos.stride(-2) if cos.shape[-2] > 1 else 0, cos.stride(-1),
-                     sin.stride(-2) if sin.shape[-2] > 1 else 0, sin.stride(-1),
-                     *dst.stride(),
-                     pos.stride(0) if pos is not None and pos.numel() > 1 else 0]
+            args.append(x.shape[-2])
+            for tab in (xs[cw["cos"]], xs[cw["sin"]]):
+                args += _table_strides(tab, cw.get("layout", "bhtd"), cw.get("heads"))
+            o_st = list(dst.stride())
+            if cw.get("layout") == "bthd":    # [B, T, H, W]: the tile stores at (b, h, t, d)
+                o_st[1], o_st[2] = o_st[2], o_st[1]
+            args += [*o_st, pos.stride(0) if pos is not None and pos.numel() > 1 else 0]
             if cw.get("bias") is not None:
                 args.append(xs[cw["bias"]].stride(-1))
         elif sg[0] == "cache":      # [B, T, N] rows stored into a cache [B, L, N] at pos[t]

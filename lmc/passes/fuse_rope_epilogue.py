@@ -17,7 +17,8 @@ columns, from L1/L2 since the tile's own columns are the same rows of W), and st
 with x[d] = P[b, t, h D + d] rounded to P's dtype first (as the unfused kernel read it);
 rotate-half: partner(d) = d + R/2 with sign -1 below R/2, d - R/2 with sign +1 above. The
 store goes to the rotated output [B, H, T, W] through its strides, or into the cache
-[B, H, L, W] at rows pos[t] where the pointwise kernel wrote it there.
+[B, H, L, W] at rows pos[t] where the pointwise kernel wrote it there (the [B, H, T, W]
+layouts only).
 
 Matched on the fused graph: a pointwise kernel every node of which is one of
 
@@ -26,15 +27,19 @@ Matched on the fused graph: a pointwise kernel every node of which is one of
     out  = y | index_copy(cache, pos, y)
 
 where each x piece is a head view of one product of the same horizontal matmul kernel
-(``slice(permute(reshape(P, [B, T, H, D]), [0, 2, 1, 3]))`` or, one head,
-``slice(reshape(P, [B, 1, T, D]))``), x covers columns [0, R) of the head, and c, s are
-[T, R] tables (any values: the kernel reads them; a cast of a table inside the kernel is
-kept). The products it rotates must be read by nothing else. Several rope kernels of one
-projection merge together (GQA: q and k differ in heads, so they were two kernels). The
-merged kernel keeps the matmul's other outputs (v, its cache write) and is emitted right
-after the last value it reads (the projection's place: values computed from the step's
-inputs alone, the position tables, are moved to the front of the step first); what the
-projection and the rope kernels give to anything else must be read after that point.
+(``slice(permute(reshape(P, [B, T, H, D]), [0, 2, 1, 3]))``, or, one head,
+``slice(reshape(P, [B, 1, T, D]))``, or the heads after the sequence, ``slice(reshape(P, [B,
+T, H, D]))``: medit_one's attention across the heads of one token, which rotates head h by
+its index), x covers columns [0, R) of the head, and c, s are tables that broadcast against
+x without varying along B: [T, R] for the first two, [H, R] for the third (any values: the
+kernel reads them at (t, h, d) through strides, 0 along a broadcast axis; a cast of a table
+inside the kernel is kept). The products it rotates must be read by nothing else. Several
+rope kernels of one projection merge together (GQA: q and k differ in heads, so they were
+two kernels). The merged kernel keeps the matmul's other outputs (v, its cache write) and is
+emitted right after the last value it reads (the projection's place: values computed from
+the step's inputs alone, the position tables, are moved to the front of the step first);
+what the projection and the rope kernels give to anything else must be read after that
+point.
 Anything else is declined with the failed condition (`lmc compile --mode decode --explain`,
 graphs "decode" and "decode static"). Interleaved pairs and XPos scaling are declined
 (left to the pointwise kernel). A rotated product may carry a bias (``P + b``, b a [N]
@@ -55,8 +60,10 @@ _VIEWS = (Op.SLICE, Op.PERMUTE, Op.RESHAPE)
 
 
 def _head_view(x: Node):
-    """(matmul kernel, output index, H, D, c0, c1) when x is columns [c0, c1) of the head
-    view [B, H, T, D] of a matmul kernel's [B, T, H D] output; else None."""
+    """(matmul kernel, output index, H, D, c0, c1, layout) when x is columns [c0, c1) of a
+    head view of a matmul kernel's [B, T, H D] output: layout "bhtd" for [B, H, T, D] (the
+    heads permuted before the sequence, or one head), "bthd" for [B, T, H, D] (the reshape
+    alone: medit_one's attention across the heads of one token); else None."""
     cuts = []
     n = x
     while n.op is Op.SLICE:
@@ -80,9 +87,15 @@ def _head_view(x: Node):
         ok = shape[:2] == (b, t) and isinstance(shape[2], int) and isinstance(shape[3], int) \
             and isinstance(cols, int) and shape[2] * shape[3] == cols
         H, D = (shape[2], shape[3]) if ok else (0, 0)
-    else:                          # one head: [B, T, D] -> [B, 1, T, D]
-        ok = shape[:3] == (b, 1, t) and shape[3] == cols and isinstance(cols, int)
-        H, D = 1, cols
+        layout = "bhtd"
+    elif shape[:3] == (b, 1, t):   # one head: [B, T, D] -> [B, 1, T, D]
+        ok = shape[3] == cols and isinstance(cols, int)
+        H, D, layout = 1, cols, "bhtd"
+    else:                          # the heads after the sequence: [B, T, H, D]
+        ok = shape[:2] == (b, t) and isinstance(shape[2], int) and \
+            isinstance(shape[3], int) and isinstance(cols, int) and shape[2] * shape[3] == cols
+        H, D = (shape[2], shape[3]) if ok else (0, 0)
+        layout = "bthd"
     if not ok or src.op is not Op.GETITEM or src.inputs[0].op is not Op.FUSED or \
             src.inputs[0].attrs["kind"] != "matmul":
         return None
@@ -91,7 +104,7 @@ def _head_view(x: Node):
         width = c1 - c0
         stop = width if stop is None else min(stop, width)
         c0, c1 = c0 + start, c0 + stop
-    return src.inputs[0], src.attrs["index"], H, D, c0, c1
+    return src.inputs[0], src.attrs["index"], H, D, c0, c1, layout
 
 
 class _Body:
@@ -111,18 +124,25 @@ class _Body:
         self.used.add(p)
         return v
 
-    def table(self, p: Node, R: int):
+    def table(self, p: Node, R: int, x: Node, layout: str):
+        """(placeholder, its cast or None, whether it varies along the heads) for a table
+        read against the rotated x [B, A1, A2, R] (A1, A2: H, T or T, H by layout): it
+        broadcasts to x without varying along B (the tile reads it at [t, h, d] through
+        strides, 0 along its broadcast axes)."""
         cast = None
         if p.op is Op.CAST:
             self.used.add(p)
             cast, p = p.type.dtype, p.inputs[0]
         need(p.op is Op.INPUT, "a rope table is computed inside the kernel")
         t = self.outer[p]
-        shape = tuple(t.type.shape)
-        need(shape[-1] == R and (t.type.rank == 2 or shape[:2] == (1, 1)),
-             f"rope table {list(shape)} is not [T, {R}]")
+        shape = (1,) * (4 - t.type.rank) + tuple(t.type.shape)
+        xs = tuple(x.type.shape)
+        need(t.type.rank <= 4 and shape[0] == 1 and shape[3] == R and
+             all(a == 1 or a == b for a, b in zip(shape[1:3], xs[1:3])),
+             f"rope table {list(t.type.shape)} is not [T, {R}] or [H, {R}] read against "
+             f"x {list(xs)} (broadcast, not along B)")
         self.used.add(p)
-        return p, cast
+        return p, cast, shape[1 if layout == "bhtd" else 2] != 1
 
     def rope(self, n: Node) -> dict:
         need(n.op is Op.ADD, f"{n.op.value} where rope's x * cos + rot(x) * sin was expected")
@@ -143,22 +163,22 @@ class _Body:
         raise NoMatch(why)
 
     def _rope(self, n, p, q, x, c, r, s) -> dict:
-        mm, j, H, D, c0, c1 = self.view(x)
+        mm, j, H, D, c0, c1, lay = self.view(x)
         R = c1 - c0
         need(c0 == 0 and R % 2 == 0, "the rotated columns are not the first R of the head")
         need(r.attrs["axis"] in (3, -1) and len(r.inputs) == 2 and r.inputs[0].op is Op.NEG,
              "rotation is not concat(-x2, x1) (interleaved pairs stay their own kernel)")
         hi, lo = r.inputs[0].inputs[0], r.inputs[1]
         vh, vl = self.view(hi), self.view(lo)
-        need(vh[:4] == (mm, j, H, D) and vh[4:6] == (R // 2, R) and vl[:4] == (mm, j, H, D)
-             and vl[4:6] == (0, R // 2),
+        need(vh[:4] == (mm, j, H, D) and vh[4:] == (R // 2, R, lay) and
+             vl[:4] == (mm, j, H, D) and vl[4:] == (0, R // 2, lay),
              "the rotation's halves are not x[R/2:R] and x[:R/2] of the rotated x")
-        cos, ccast = self.table(c, R)
-        sin, scast = self.table(s, R)
+        cos, ccast, ch = self.table(c, R, self.outer[x], lay)
+        sin, scast, sh = self.table(s, R, self.outer[x], lay)
         need(ccast == scast, "the rope tables are cast differently")
         self.used.update((n, p, q, r, r.inputs[0]))
         return {"mm": mm, "j": j, "H": H, "D": D, "R": R, "W": R, "cos": cos, "sin": sin,
-                "cast": ccast}
+                "cast": ccast, "layout": lay, "heads": ch or sh}
 
     def output(self, o: Node) -> dict:
         cache = None
@@ -184,14 +204,16 @@ class _Body:
             need(o.attrs["axis"] in (3, -1) and len(o.inputs) == 2,
                  "a concat other than [rope | pass-through] on the head dim")
             spec = self.rope(o.inputs[0])
-            mm, j, H, D, c0, c1 = self.view(o.inputs[1])
-            need((mm, j, H, D) == (spec["mm"], spec["j"], spec["H"], spec["D"])
-                 and (c0, c1) == (spec["R"], D),
+            mm, j, H, D, c0, c1, lay = self.view(o.inputs[1])
+            need((mm, j, H, D, lay) == (spec["mm"], spec["j"], spec["H"], spec["D"],
+                                        spec["layout"]) and (c0, c1) == (spec["R"], D),
                  "the pass-through columns are not x[R:D] of the rotated x")
             spec["W"] = D
             self.used.add(o)
         else:
             spec = self.rope(o)
+        need(cache is None or spec["layout"] == "bhtd",
+             "a cache write of [B, T, H, D] heads (a cache holds [B, H, L, D])")
         spec["cache"] = cache
         spec["scale"] = scale
         return spec
@@ -418,7 +440,8 @@ def _merged(mm: Node, fs: List[Tuple[Node, List[dict]]]):
         c, env = s["cache"], envs[f]
         rope.append({
             "product": mms.index(s["prod"]), "out": where[(f, int(s["out"]))], "H": s["H"],
-            "D": s["D"], "R": s["R"], "W": s["W"], "cos": pos_of[env[s["cos"]]],
+            "D": s["D"], "R": s["R"], "W": s["W"], "layout": s["layout"],
+            "heads": s["heads"], "cos": pos_of[env[s["cos"]]],
             "sin": pos_of[env[s["sin"]]],
             "cast": s["cast"].value if s["cast"] is not None else None,
             "scale": s["scale"],

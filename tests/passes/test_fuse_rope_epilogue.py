@@ -53,6 +53,9 @@ CASES = [
     ("optimus_prime", {}, 4, []),             # MLA: k_R one head [B, 1, T, D]; layer
                                               # 0's tables moved before its projection
     ("minimax", {}, 1, ["also read elsewhere"]),  # partial rotary q: concat(rope, pass)
+    ("medit_one", {}, 4, []),                 # [B, T, H, D] heads, no permute; tables
+                                              # [H, D] (a head's position is its index)
+    ("medit_one", {"d": 48, "d_embed": 96}, 4, []),  # head dim 12: tiles cross head boundaries
 ]
 
 
@@ -255,3 +258,28 @@ def test_f16_biased_rotation_equals_the_rope_kernel_bitwise(tmp_path, monkeypatc
     model.eval()
     ids = torch.randint(0, 512, (2, 8), generator=torch.Generator().manual_seed(6))
     _same_bits_as_the_rope_kernels(model, ids, monkeypatch)
+
+
+def test_medit_one_heads_rotated_by_their_index(monkeypatch):
+    """medit_one rotates the heads of one token ([B, T, H, D], no permute) by the head's
+    index: the tile reads the [H, D] tables at each column's head. The attention weights are
+    scaled up so the rotation shows in the logits (at init Q * K ~ 1e-5 and a softmax that
+    flat hides it), with 16-column tiles crossing the 12-wide heads."""
+    monkeypatch.setattr(matmul, "interpret_blocks", lambda M, N, K: (16, 16, 16))
+    m = lmc.load(os.path.join(ZOO, "medit_one.yaml"), preset="tiny", seed=3, backend="triton",
+                 d=48, d_embed=96).eval()
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.endswith(("attn.w1", "attn.w2", "attn.w_h")):
+                p.mul_(30.0)
+    ids = torch.randint(0, 512, (2, 7), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        want = m(ids)
+    want = want["logits"] if isinstance(want, dict) else want
+    dec = Decoder(m, backend="triton", static=True, max_len=8)
+    ropes = [r for n in dec.graph.nodes if n.op is Op.FUSED
+             for r in n.attrs["body"].meta.get("rope", ())]
+    assert len(ropes) == 4 and all(r["layout"] == "bthd" and r["heads"] for r in ropes)
+    assert not _rope_kernels(dec.graph)
+    got, _ = _decode(dec, ids, 3)
+    assert (got - want).abs().max().item() < TOL
