@@ -3,9 +3,15 @@ import sys
 
 import pytest
 
+import lmc  # noqa: F401  (on a machine without CUDA: TRITON_INTERPRET=1 before triton loads)
+from lmc.codegen import interpreter
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ZOO = os.path.join(ROOT, "zoo")
 sys.path.insert(0, os.path.join(ROOT, "tests"))
+# kernels launched by the tests directly (not through a TritonProgram, which installs it)
+# skip the interpreter's repeated patch at helper calls too (lmc/codegen/interpreter.py)
+interpreter.install()
 
 
 # -- shared by the zoo's parity tests ------------------------------------------------------------

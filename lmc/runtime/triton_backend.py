@@ -11,7 +11,7 @@ from typing import Dict, Sequence
 
 import torch
 
-from ..codegen import cache, kind_module, warm, wrapper
+from ..codegen import cache, interpreter, kind_module, warm, wrapper
 from ..codegen.program import fuse, module_source
 from ..errors import InterpreterBf16Error, LmcError
 from ..ir.graph import Graph
@@ -36,9 +36,11 @@ def _interpret() -> bool:
                            "CUDA, but triton was imported before TRITON_INTERPRET=1 was set: "
                            "set TRITON_INTERPRET=1 in the environment or import lmc first")
         _check_numpy()
+        interpreter.install()
         return True
     if os.environ.get("TRITON_INTERPRET") == "1":
         _check_numpy()
+        interpreter.install()
         return True
     return False
 
