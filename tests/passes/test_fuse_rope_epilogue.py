@@ -28,6 +28,16 @@ def _rope_kernels(g):
             and {Op.NEG, Op.CONCAT} <= {b.op for b in n.attrs["body"].nodes}]
 
 
+def _small_tiles(monkeypatch, width: int):
+    """16 x 16 x 16 tiles for the matmuls at most `width` (the model's d) columns wide: the
+    q/k/v projections these tests concern (tiles crossing head boundaries, partner columns
+    in other tiles) and the output projections; the interpreter's usual tiles for the FFN and
+    the head, where tiny tiles only cost time."""
+    real = matmul.interpret_blocks
+    monkeypatch.setattr(matmul, "interpret_blocks",
+                        lambda M, N, K: (16, 16, 16) if N <= width else real(M, N, K))
+
+
 def _decode(dec, ids, k):
     """Prefill k tokens, then one step per token: (logits of every position, state)."""
     st = dec.init_state(ids.shape[0])
@@ -63,7 +73,7 @@ CASES = [
                          ids=[c[0] + "".join(f"-{k}{v}" for k, v in c[1].items()) for c in CASES])
 def test_zoo_rope_joins_the_projection(name, sets, merged, declined, monkeypatch):
     if sets:        # small tiles: a tile's partner columns lie in other tiles
-        monkeypatch.setattr(matmul, "interpret_blocks", lambda M, N, K: (16, 16, 16))
+        _small_tiles(monkeypatch, sets["d"])
     m = lmc.load(os.path.join(ZOO, f"{name}.yaml"), preset="tiny", seed=5, backend="triton",
                  **sets).eval()
     vocab = m.graph.outputs["logits"].type.shape[-1]
@@ -140,7 +150,7 @@ def test_rotations_with_split_k(name, sets, monkeypatch):
     forced here, 16-column tiles crossing heads): the partner accumulator and the RMSNorm
     sums of squares are split too; logits equal the forward, counters back at zero."""
     monkeypatch.setattr(matmul, "INTERPRET_SPLIT_K", 3)
-    monkeypatch.setattr(matmul, "interpret_blocks", lambda M, N, K: (16, 16, 16))
+    _small_tiles(monkeypatch, sets.get("d", 64))
     splits = []
     real = matmul._split_args
     monkeypatch.setattr(matmul, "_split_args", lambda *a: splits.append(real(*a)[-1])
@@ -220,7 +230,7 @@ def test_biased_q_and_k_rotate_in_the_projection(tmp_path, monkeypatch):
     forward's and the torch step's (16-column tiles crossing heads, K split in 3; the f16
     test below runs the unsplit tiles)."""
     monkeypatch.setattr(matmul, "INTERPRET_SPLIT_K", 3)
-    monkeypatch.setattr(matmul, "interpret_blocks", lambda M, N, K: (16, 16, 16))
+    _small_tiles(monkeypatch, 64)
     path = _biased_llama(tmp_path)
     m = lmc.load(path, preset="tiny", seed=7, backend="triton").eval()
     _random_biases(m)
@@ -265,7 +275,7 @@ def test_medit_one_heads_rotated_by_their_index(monkeypatch):
     index: the tile reads the [H, D] tables at each column's head. The attention weights are
     scaled up so the rotation shows in the logits (at init Q * K ~ 1e-5 and a softmax that
     flat hides it), with 16-column tiles crossing the 12-wide heads."""
-    monkeypatch.setattr(matmul, "interpret_blocks", lambda M, N, K: (16, 16, 16))
+    _small_tiles(monkeypatch, 48)
     m = lmc.load(os.path.join(ZOO, "medit_one.yaml"), preset="tiny", seed=3, backend="triton",
                  d=48, d_embed=96).eval()
     with torch.no_grad():
