@@ -578,6 +578,11 @@ def _rope_tile_helper(tile: str, pro, idx, dot_ty: str, prod_ty: str, prec: str,
     biased = r.get("bias") is not None
     heads = bool(r.get("heads"))      # tables varying along the heads: read at [t, h, d]
     ch, sh = ("cos_sh, ", "sin_sh, ") if heads else ("", "")
+
+    def table(name: str) -> str:      # where the tile reads table `name` (cos or sin)
+        cols = f"(h * {name}_sh + d * {name}_sd)[None, :]" if heads else \
+            f"d[None, :] * {name}_sd"
+        return f"{name}_ptr + t[:, None] * {name}_st + {cols}"
     lines = [
         "@triton.jit",
         f"def {tile}(a_rows, a_sk, mask_m, rm, z, b_ptr, b_sk, b_sn, o_ptr, tile_n, M, N, K,",
@@ -623,17 +628,8 @@ def _rope_tile_helper(tile: str, pro, idx, dot_ty: str, prod_ty: str, prec: str,
         "    r = z * M + rm  # the row of [B * T]: batch entry r // T, new position r % T",
         "    t = r % T",
         "    tmask = mask_m[:, None] & (mask_n & rot)[None, :]",
-    ] + ([
-        "    c = tl.load(cos_ptr + t[:, None] * cos_st + (h * cos_sh + d * cos_sd)[None, :], "
-        f"mask=tmask, other=0.0){cast}",
-        "    s = tl.load(sin_ptr + t[:, None] * sin_st + (h * sin_sh + d * sin_sd)[None, :], "
-        f"mask=tmask, other=0.0){cast}",
-    ] if heads else [
-        "    c = tl.load(cos_ptr + t[:, None] * cos_st + d[None, :] * cos_sd, mask=tmask, "
-        f"other=0.0){cast}",
-        "    s = tl.load(sin_ptr + t[:, None] * sin_st + d[None, :] * sin_sd, mask=tmask, "
-        f"other=0.0){cast}",
-    ]) + [
+        f"    c = tl.load({table('cos')}, mask=tmask, other=0.0){cast}",
+        f"    s = tl.load({table('sin')}, mask=tmask, other=0.0){cast}",
         f"    xr = tl.where((d < {half})[None, :], -xp, xp)",
         "    y = tl.where(rot[None, :], x * c + xr * s, x)",
     ] + ([f"    y = y * {float(r['scale'])!r}  # the rotated value's scale"]

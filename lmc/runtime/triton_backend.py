@@ -35,14 +35,11 @@ def _interpret() -> bool:
             raise LmcError("the triton backend needs Triton's interpreter on a machine without "
                            "CUDA, but triton was imported before TRITON_INTERPRET=1 was set: "
                            "set TRITON_INTERPRET=1 in the environment or import lmc first")
-        _check_numpy()
-        interpreter.install()
-        return True
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        _check_numpy()
-        interpreter.install()
-        return True
-    return False
+    elif os.environ.get("TRITON_INTERPRET") != "1":
+        return False
+    _check_numpy()
+    interpreter.install()
+    return True
 
 
 def _check_numpy() -> None:
