@@ -13,11 +13,21 @@ quarter of an interpreted decode step (examples/deepseek_moe tiny, five static s
 
 `install` wraps the interpreter's ``_patch_lang``: when every triton.language module a helper
 sees is patched already (a launch is running), it returns an empty patch scope; otherwise
-Triton's own function runs. A Triton without these internals is left as it is. Only under
-TRITON_INTERPRET=1; GPU runs never reach the interpreter.
+Triton's own function runs.
+
+It also turns off the interpreter's integer-overflow sanitizer while its ``debug`` option is
+off (always, in Triton 3.6 to 3.9: nothing sets it). The sanitizer recomputes every integer
+add, sub and mul in int64 and compares the result with the type's bounds, for a
+``device_assert`` that returns at once without ``debug``: the check's result is thrown away,
+and its casts, ops and comparisons were about a third of the interpreter's time on an
+interpreted MoE model (examples/deepseek_moe tiny, `lmc verify`).
+
+A Triton without these internals is left as it is. Only under TRITON_INTERPRET=1; GPU runs
+never reach the interpreter.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 
 _INSTALLED = False
@@ -50,5 +60,18 @@ def install() -> bool:
         return _triton_patch(fn)
     _triton_patch = patch
     interp._patch_lang = _patch_lang
+    _drop_discarded_overflow_checks(interp)
     _INSTALLED = True
+    return True
+
+
+def _drop_discarded_overflow_checks(interp) -> bool:
+    """Turn off the interpreter's overflow sanitizer when its asserts are no-ops (``debug``
+    off); whether it was turned off."""
+    builder = getattr(interp, "interpreter_builder", None)
+    opts = getattr(builder, "options", None)
+    if not dataclasses.is_dataclass(opts) or getattr(opts, "debug", True) or \
+            not getattr(opts, "sanitize_overflow", False):
+        return False
+    builder.options = dataclasses.replace(opts, sanitize_overflow=False)
     return True
