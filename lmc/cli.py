@@ -129,32 +129,61 @@ def cmd_compile(args) -> int:
     return 0
 
 
+# `lmc run --train`'s defaults; with --resume a setting not given is the run's
+RUN_DEFAULTS = {"steps": 200, "batch_size": 8, "seq_len": 128, "grad_accum": 1, "lr": 3e-3,
+                "warmup": 20, "eval_every": 50, "ckpt_every": 100, "log_every": 10, "seed": 0,
+                "backend": "torch"}
+
+
 def cmd_run(args) -> int:
     """Train a model (--train) on the default corpus or --data, or stream a continuation of
     --prompt from it (--generate, a checkpoint's weights with --checkpoint)."""
     import math
 
-    from .runtime.train import TrainConfig, train
+    from .runtime.train import TrainConfig, resume_run_dir, train
 
     _import_blocks(args.imports)
     if args.generate and args.train:
         raise LmcError("lmc run takes --train or --generate, not both")
     if args.generate:
+        for k in ("seed", "backend"):
+            if getattr(args, k) is None:
+                setattr(args, k, RUN_DEFAULTS[k])
         return _generate(args)
     if not args.train:
         raise LmcError("lmc run needs --train or --generate")
-    c = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
-                    grad_accum=args.grad_accum, lr=args.lr, min_lr=args.lr / 10,
-                    warmup=min(args.warmup, max(args.steps // 10, 1)),
-                    eval_every=args.eval_every, ckpt_every=args.ckpt_every,
-                    log_every=args.log_every, seed=args.seed,
-                    out=args.out or args.resume or "runs/train", data=args.data,
-                    tokenizer=args.tokenizer_given or "cl100k_base",
-                    resume=args.resume, backend=args.backend, fsdp=args.fsdp,
-                    freeze=list(args.freeze or []),
-                    precision=args.precision, device=args.device, overwrite=args.overwrite,
-                    progress=not args.no_progress)
-    s = train(args.file, args.preset, args.set, c)
+    if args.resume and args.checkpoint:
+        raise LmcError("--checkpoint starts a new run from a checkpoint's weights and --resume "
+                       "continues a run: give one")
+    preset, overrides, was, note = _training_source(args)
+
+    def pick(k):
+        v = getattr(args, k)
+        return v if v is not None else was.get(k, RUN_DEFAULTS[k])
+    steps, lr = pick("steps"), pick("lr")
+    if args.warmup is not None or "warmup" not in was:
+        warmup = min(pick("warmup"), max(steps // 10, 1))
+    else:
+        warmup = was["warmup"]
+    c = TrainConfig(steps=steps, batch_size=pick("batch_size"), seq_len=pick("seq_len"),
+                    grad_accum=pick("grad_accum"), lr=lr,
+                    min_lr=lr / 10 if args.lr is not None or "min_lr" not in was
+                    else was["min_lr"],
+                    warmup=warmup, eval_every=pick("eval_every"),
+                    ckpt_every=pick("ckpt_every"), log_every=pick("log_every"),
+                    seed=pick("seed"),
+                    out=args.out or (resume_run_dir(args.resume) if args.resume else None)
+                    or "runs/train",
+                    data=args.data if args.data is not None else was.get("data"),
+                    tokenizer=args.tokenizer_given or was.get("tokenizer") or "cl100k_base",
+                    resume=args.resume, init=args.checkpoint, model_note=note,
+                    backend=pick("backend"),
+                    fsdp=args.fsdp,
+                    freeze=list(args.freeze) if args.freeze is not None
+                    else list(was.get("freeze") or []),
+                    precision=args.precision or was.get("precision"), device=args.device,
+                    overwrite=args.overwrite, progress=not args.no_progress)
+    s = train(args.file, preset, overrides, c)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     val = s.get("val_loss")
@@ -192,21 +221,61 @@ def _checkpoint_dir(path: str) -> str:
                    "nor a ckpt-* directory holding model.safetensors")
 
 
-def _read_meta(path: str) -> dict:
+def _read_meta(path: str, flag: str = "--checkpoint") -> dict:
     """A checkpoint's meta.json (model, preset, overrides, tokenizer), checked."""
     try:
         with open(path, encoding="utf-8") as f:
             meta = json.load(f)
     except (OSError, ValueError) as e:
-        raise LmcError(f"--checkpoint {path}: unreadable ({e})") from None
+        raise LmcError(f"{flag} {path}: unreadable ({e})") from None
     ok = isinstance(meta, dict) and isinstance(meta.get("preset"), (str, type(None))) \
         and isinstance(meta.get("tokenizer", ""), str) and (
             meta.get("overrides") is None or (isinstance(meta["overrides"], list) and all(
                 isinstance(o, str) for o in meta["overrides"])))
     if not ok:
-        raise LmcError(f"--checkpoint {path}: not an lmc checkpoint's meta.json (expected "
+        raise LmcError(f"{flag} {path}: not an lmc checkpoint's meta.json (expected "
                        "preset, overrides as a list of key=value strings, tokenizer)")
     return meta
+
+
+def _training_source(args):
+    """(preset, overrides, the resumed run's settings, a note) for `lmc run --train`. With
+    --resume or --checkpoint and no --preset, the model is the one the checkpoint was trained
+    as (its preset and --set, then this --set on top); with --resume, settings not given are
+    the run's (`RUN_DEFAULTS` otherwise). The note says how the model differs from the
+    checkpoint's (another model file, preset or --set), or is None."""
+    from .runtime.train import latest_checkpoint, run_settings
+
+    source = args.resume or args.checkpoint
+    if not source:
+        return args.preset, args.set, {}, None
+    flag = "--resume" if args.resume else "--checkpoint"
+    ck = latest_checkpoint(args.resume) if args.resume else _checkpoint_dir(args.checkpoint)
+    meta_path = os.path.join(ck, "meta.json")
+    meta = _read_meta(meta_path, flag) if os.path.isfile(meta_path) else {}
+    preset, overrides = args.preset, list(args.set or [])
+    ran = list(meta.get("overrides") or [])
+    if preset is None and meta:
+        preset, overrides = meta.get("preset"), ran + overrides
+    notes = [_other_model(meta, args.file)]
+    if meta and (preset != meta.get("preset") or _overrides_dict(overrides) !=
+                 _overrides_dict(ran)):
+        notes.append(f"the checkpoint was trained as --preset {meta.get('preset')} --set "
+                     f"{' '.join(ran) or '(none)'}; this run: --preset {preset} --set "
+                     f"{' '.join(overrides) or '(none)'}")
+    note = "; ".join(n for n in notes if n) or None
+    if args.resume:
+        return preset, overrides or None, run_settings(ck, flag), note
+    return preset, overrides or None, ({"tokenizer": meta["tokenizer"]}
+                                       if meta.get("tokenizer") else {}), note
+
+
+def _other_model(meta: dict, path: str) -> Optional[str]:
+    """'the checkpoint was trained from FILE' when that is not `path`."""
+    model = meta.get("model")
+    if isinstance(model, str) and os.path.realpath(model) != os.path.realpath(path):
+        return f"the checkpoint was trained from {model}"
+    return None
 
 
 def _generate(args) -> int:
@@ -217,6 +286,7 @@ def _generate(args) -> int:
     import torch
 
     from .driver import load
+    from .passes.loss import logits_vocab
     from .runtime.data import get_tokenizer
     from .runtime.decoder import Decoder
 
@@ -227,6 +297,7 @@ def _generate(args) -> int:
         ck = _checkpoint_dir(args.checkpoint)
         meta_path = os.path.join(ck, "meta.json")
         meta = _read_meta(meta_path) if os.path.isfile(meta_path) else {}
+        other = _other_model(meta, args.file)
         if preset is None:    # the model the checkpoint was trained as, --set on top
             preset = meta.get("preset")
             overrides = (meta.get("overrides") or []) + list(overrides or []) or None
@@ -239,18 +310,20 @@ def _generate(args) -> int:
         raise LmcError("--temperature must be >= 0 and --top-p in (0, 1]")
     model = load(args.file, preset, backend=args.backend, seed=args.seed,
                  **_overrides_dict(overrides)).eval()
+    vocab = logits_vocab(model.graph, "lmc run --generate")
     if ck is not None:
         from .runtime.train import check_fits, read_weights
         weights = read_weights(ck, "--checkpoint")
-        check_fits(weights, model.state_dict(), ck, "--checkpoint")
+        check_fits(weights, model.state_dict(), ck, "--checkpoint", other)
         model.load_state_dict(weights)
+        if other:
+            print(f"lmc: note: --checkpoint {args.checkpoint}: {other}", file=sys.stderr)
     else:
         print("lmc: note: no --checkpoint, so the weights are random", file=sys.stderr)
     enc = get_tokenizer(tokenizer)
     prompt = enc.encode_ordinary(args.prompt)
     if not prompt:
         raise LmcError("--prompt is empty")
-    vocab = int(model.graph.outputs["logits"].type.shape[-1])
     if max(prompt) >= vocab:
         raise LmcError(f"the prompt holds token {max(prompt)}, outside the model's vocab {vocab}"
                        f" (tokenizer {tokenizer!r})")
@@ -509,10 +582,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--out", metavar="DIR",
                    help="write the IR, summary.json, and the generated kernels and wrapper "
                         "programs (kernels_*.py, program_*.py) to DIR")
-    c.add_argument("--print-ir", action="store_true",
+    out_form = c.add_mutually_exclusive_group()
+    out_form.add_argument("--print-ir", action="store_true",
                    help="print the IR after all passes (with --mode decode: the decode step's "
                         "graph)")
-    c.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    out_form.add_argument("--json", action="store_true",
+                          help="print the summary as one JSON object")
     c.add_argument("--explain", action="store_true",
                    help="list every fusion site: what fused, and why the rest did not")
     c.add_argument("--import", dest="imports", action="append", metavar="PY",
@@ -534,18 +609,19 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--generate", action="store_true", help="stream a continuation of --prompt")
     r.add_argument("--preset")
     r.add_argument("--set", nargs="+", action="extend", metavar="KEY=VALUE")
-    r.add_argument("--steps", type=int, default=200)
-    r.add_argument("--batch-size", type=int, default=8, help="global batch, in sequences")
-    r.add_argument("--seq-len", type=int, default=128)
-    r.add_argument("--grad-accum", type=int, default=1)
-    r.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (cosine to lr/10)")
-    r.add_argument("--warmup", type=int, default=20)
-    r.add_argument("--eval-every", type=int, default=50)
-    r.add_argument("--ckpt-every", type=int, default=100)
-    r.add_argument("--log-every", type=int, default=10, help="metrics.jsonl record interval")
-    r.add_argument("--seed", type=_seed, default=0)
+    # (None: the --resume'd run's value, else RUN_DEFAULTS)
+    r.add_argument("--steps", type=int, help="total optimizer steps (default 200)")
+    r.add_argument("--batch-size", type=int, help="global batch, in sequences (default 8)")
+    r.add_argument("--seq-len", type=int, help="default 128")
+    r.add_argument("--grad-accum", type=int, help="default 1")
+    r.add_argument("--lr", type=float, help="peak learning rate, cosine to lr/10 (default 3e-3)")
+    r.add_argument("--warmup", type=int, help="warm-up steps (default 20, at most steps/10)")
+    r.add_argument("--eval-every", type=int, help="default 50")
+    r.add_argument("--ckpt-every", type=int, help="default 100")
+    r.add_argument("--log-every", type=int, help="metrics.jsonl record interval (default 10)")
+    r.add_argument("--seed", type=_seed, help="default 0")
     r.add_argument("--data", help="text file, directory of text files, or uint32 .bin tokens")
-    r.add_argument("--tokenizer", dest="tokenizer_given", default=None,
+    r.add_argument("--tokenizer", dest="tokenizer_given", default=None, metavar="NAME",
                    help="tiktoken encoding name (default cl100k_base, or the checkpoint's)")
     g = r.add_argument_group("generation (--generate)")
     g.add_argument("--prompt", default="def ", help="text to continue")
@@ -556,20 +632,25 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
     g.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest (0: all)")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
-    g.add_argument("--checkpoint", metavar="DIR", help="a run directory or a ckpt-* directory")
     r.add_argument("--out", default=None,
                    help="run directory (default: the --resume directory, else runs/train)")
+    r.add_argument("--checkpoint", metavar="DIR",
+                   help="a run directory (its latest checkpoint) or a ckpt-* directory: "
+                        "--generate from its weights; --train a new run starting from them "
+                        "(step 0, a fresh optimizer). The model is the one it was trained as "
+                        "unless --preset is given (--set applies on top)")
     r.add_argument("--resume", metavar="DIR",
-                   help="continue the run in DIR (exactly with its settings; a setting that "
-                        "differs is named on stderr)")
+                   help="continue the run in DIR from its latest checkpoint, or from a ckpt-* "
+                        "directory of it: the model and every setting not given are the "
+                        "run's; a setting given that differs is named on stderr")
     r.add_argument("--overwrite", action="store_true",
                    help="replace the run already in --out (its checkpoints and metrics) "
                         "at the new run's first write; without it such an --out is refused")
     r.add_argument("--device", choices=["cpu", "cuda"],
                    help="where to train or generate (default: cuda when available)")
-    r.add_argument("--backend", default="torch", choices=["torch", "triton"],
+    r.add_argument("--backend", choices=["torch", "triton"],
                    help="triton: generated Triton kernels (interpreter on CPU), torch for "
-                        "views and indexing")
+                        "views and indexing (default torch)")
     r.add_argument("--precision", choices=["f32", "bf16", "f16"],
                    help="compute dtype of matmuls (training: fp32 master weights; "
                         "--generate: the weights stored in it); fp32 accumulation; default "
@@ -663,8 +744,23 @@ def main(argv: Optional[List[str]] = None) -> int:
         if os.environ.get("LMC_DEBUG", "") not in ("", "0"):
             raise
         where = f"{e.filename}: " if e.filename else ""
-        print(f"lmc: error: {where}{e.strerror or e}", file=sys.stderr)
+        # makedirs on a file's path (exist_ok or not) says "File exists"
+        why = "exists and is not a directory" if isinstance(e, FileExistsError) else \
+            e.strerror or e
+        print(f"lmc: error: {where}{why}{_env_dir(e.filename)}", file=sys.stderr)
         return 2
+
+
+def _env_dir(path) -> str:
+    """Which environment variable chose the directory `path` is in, as a hint."""
+    if not isinstance(path, (str, bytes, os.PathLike)):
+        return ""
+    path = os.path.abspath(os.fsdecode(path))
+    for var in ("LMC_CACHE", "TIKTOKEN_CACHE_DIR", "XDG_CACHE_HOME"):
+        v = os.environ.get(var)
+        if v and (path + os.sep).startswith(os.path.abspath(v) + os.sep):
+            return f" (a path under {var}={v})"
+    return ""
 
 
 if __name__ == "__main__":

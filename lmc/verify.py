@@ -17,6 +17,7 @@ import torch
 
 from .errors import InterpreterBf16Error, LmcError, UsageError
 from .ir.ops import Op
+from .passes.loss import logits_vocab
 
 
 @dataclass
@@ -351,9 +352,7 @@ def verify(path: str, preset: Optional[str] = None, overrides: Sequence[str] = (
     g = compiled.graph
     if len(g.inputs) != 1 or g.inputs[0].type.dtype.value != "i64":
         raise LmcError("lmc verify needs a model with one int64 token input")
-    if "logits" not in g.outputs:
-        raise LmcError(f"lmc verify needs a 'logits' output (outputs: {', '.join(g.outputs)})")
-    vocab = int(g.outputs["logits"].type.shape[-1])
+    vocab = logits_vocab(g, "lmc verify")
     max_seq = g.meta.get("config", {}).get("max_seq")
     T = min(seq, int(max_seq)) if max_seq else seq
     if T < 2:

@@ -344,3 +344,56 @@ def test_load_refuses_what_is_not_a_model_path():
     with pytest.raises(LmcError, match="preset must be a name"):
         lmc.load(LLAMA, preset=["tiny"])
     assert lmc.load(pathlib.Path(LLAMA), preset="tiny") is not None
+
+
+@pytest.mark.parametrize("logits,want", [
+    ("- out = rmsnorm(x, name='norm') @ lm_head\n  outputs: [out]",
+     "needs a 'logits' output (outputs: out)"),
+    ("- logits = sum(rmsnorm(x, name='norm') @ lm_head, -1, keepdim=False)\n"
+     "  outputs: [logits]", "needs logits shaped [B, T, vocab] in a float dtype")])
+def test_logits_that_are_not_scores_per_token_are_one_line(tmp_path, capsys, logits, want):
+    """run --train, run --generate and verify read the logits' vocab: a model without
+    logits of [B, T, vocab] is one error line (with the logits' line), not a traceback."""
+    src = open(LLAMA).read()
+    old = "- logits = rmsnorm(x, name='norm') @ lm_head\n  outputs: [logits]"
+    assert old in src
+    path = tmp_path / "bad.yaml"
+    path.write_text(src.replace(old, logits))
+    data = tmp_path / "c.txt"
+    data.write_text("def f(x):\n    return x + 1\n" * 200)
+    for purpose, argv in (
+            ("training", ["run", str(path), "--train", "--preset", "tiny", "--set",
+                          "vocab=100352", "--steps", "1", "--batch-size", "2", "--seq-len",
+                          "8", "--data", str(data), "--out", str(tmp_path / "r"),
+                          "--no-progress"]),
+            ("lmc run --generate", ["run", str(path), "--generate", "--preset", "tiny",
+                                    "--prompt", "x", "--max-new-tokens", "1"]),
+            ("lmc verify", ["verify", str(path)])):
+        capsys.readouterr()
+        assert main(argv) == 2, purpose
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"error: {purpose} {want}" in err[0], (purpose, err)
+        if "shaped" in want:
+            assert err[0].startswith(f"{path}:"), err       # the line of the logits
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_cache_variable_naming_a_file_is_named_in_the_error(tmp_path, capsys, monkeypatch):
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    monkeypatch.setenv("LMC_CACHE", str(afile))
+    data = tmp_path / "c.txt"
+    data.write_text("def f(x):\n    return x + 1\n" * 200)
+    assert main(["run", LLAMA, "--train", "--preset", "tiny", "--set", "vocab=100352",
+                 "--steps", "1", "--data", str(data), "--out", str(tmp_path / "r"),
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].endswith(f"(a path under LMC_CACHE={afile})"), err
+    assert afile.read_text() == "mine"
+
+
+def test_compile_takes_print_ir_or_json_not_both(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["compile", LLAMA, "--print-ir", "--json"])
+    assert e.value.code == 2
+    assert "--json: not allowed with argument --print-ir" in capsys.readouterr().err

@@ -30,11 +30,11 @@ _CMPOPS = {
     ast.Eq: operator.eq, ast.NotEq: operator.ne,
 }
 _REFUSED = {
-    ast.Attribute: "attribute access", ast.Lambda: "lambda", ast.ListComp: "comprehensions",
-    ast.DictComp: "comprehensions", ast.SetComp: "comprehensions",
-    ast.GeneratorExp: "comprehensions", ast.Starred: "starred arguments",
+    ast.Attribute: "attribute access", ast.Lambda: "lambda", ast.ListComp: "a comprehension",
+    ast.DictComp: "a comprehension", ast.SetComp: "a comprehension",
+    ast.GeneratorExp: "a comprehension", ast.Starred: "a starred argument",
     ast.Await: "await", ast.Yield: "yield", ast.YieldFrom: "yield", ast.NamedExpr: ":=",
-    ast.JoinedStr: "f-strings", ast.Dict: "dict literals", ast.Set: "set literals",
+    ast.JoinedStr: "an f-string", ast.Dict: "a dict literal", ast.Set: "a set literal",
 }
 
 # Functions usable on static numbers (config values, shapes).

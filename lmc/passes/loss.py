@@ -25,12 +25,28 @@ from ..frontend.builder import Builder, Tensor
 from ..ir.graph import Graph
 
 
-def with_loss(g: Graph, logits: str = "logits") -> Graph:
+def logits_vocab(g: Graph, purpose: str, logits: str = "logits") -> int:
+    """The vocabulary of g's logits output, checked to be one row of scores per token:
+    [*token input's shape, vocab] in a float dtype, vocab a number. `purpose` begins the
+    error ("training", "lmc run --generate", ...)."""
     if logits not in g.outputs:
-        raise LmcError(f"model has no {logits!r} output to train on (outputs: "
+        raise LmcError(f"{purpose} needs a {logits!r} output (outputs: "
                        f"{', '.join(g.outputs)})")
+    lg = g.outputs[logits]
+    ids = g.inputs[0] if g.inputs else None
+    if ids is None or lg.type.dtype.value not in ("f32", "f16", "bf16", "f64") or \
+            lg.type.rank != ids.type.rank + 1 or lg.type.shape[:-1] != ids.type.shape or \
+            not isinstance(lg.type.shape[-1], int):
+        want = ", ".join(map(str, ids.type.shape)) if ids is not None else "B, T"
+        raise LmcError(f"{purpose} needs {logits} shaped [{want}, vocab] in a float dtype "
+                       f"(one row of scores per token, vocab a number), got {lg.type}", lg.loc)
+    return lg.type.shape[-1]
+
+
+def with_loss(g: Graph, logits: str = "logits") -> Graph:
     if g.meta.get("loss_appended"):    # appended already
         return g
+    logits_vocab(g, "training", logits)
     for name in ("loss", "ce_loss", "targets"):
         if name in g.outputs:
             raise LmcError(f"an output may not be named {name!r}: training appends it "
@@ -41,11 +57,6 @@ def with_loss(g: Graph, logits: str = "logits") -> Graph:
                            "(rename the input)", n.loc)
     lg = g.outputs[logits]
     ids = g.inputs[0]
-    if lg.type.dtype.value not in ("f32", "f16", "bf16", "f64") or lg.type.rank != \
-            ids.type.rank + 1 or lg.type.shape[:-1] != ids.type.shape:
-        raise LmcError(f"training needs logits shaped [{', '.join(map(str, ids.type.shape))}"
-                       f", vocab] in a float dtype (one row of scores per token), got "
-                       f"{lg.type}", lg.loc)
     b = Builder({}, {})
     b.nodes = list(g.nodes)
     b.scope = "loss"

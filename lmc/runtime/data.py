@@ -157,7 +157,8 @@ class Corpus:
     def split(ids: np.ndarray, source: str, tokenizer: str) -> "Corpus":
         n_val = max(int(len(ids) * VAL_FRACTION), 2)
         if len(ids) - n_val < 2:
-            raise LmcError(f"corpus {source} has only {len(ids)} tokens; too few to train on")
+            raise LmcError(f"corpus {source} has only {len(ids)} token"
+                           f"{'' if len(ids) == 1 else 's'}; too few to train on")
         return Corpus(ids[:-n_val], ids[-n_val:], source, tokenizer, int(ids.max()))
 
 

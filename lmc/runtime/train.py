@@ -58,7 +58,10 @@ class TrainConfig:
     out: str = "runs/train"
     data: Optional[str] = None
     tokenizer: str = "cl100k_base"
-    resume: Optional[str] = None
+    resume: Optional[str] = None     # a run directory (its latest checkpoint) or a ckpt-* one
+    init: Optional[str] = None       # a checkpoint whose weights a new run starts from
+    model_note: Optional[str] = None  # how the model differs from the checkpoint's (said
+    #                                   once it loads, or as the reason it does not fit)
     backend: str = "torch"
     precision: Optional[str] = None  # f32 | bf16 | f16; None: bf16 on CUDA, f32 on CPU
     device: Optional[str] = None     # cpu | cuda; None: cuda when available
@@ -217,8 +220,12 @@ def apply_updates(model: torch.nn.Module, updates: List[dict], stats: Dict[str, 
 
 # -- checkpoints ---------------------------------------------------------------------------------
 def save_checkpoint(out: str, step: int, model, opt, cfg: TrainConfig, d: Dist,
-                    extra: Dict[str, Any], scaler=None) -> Optional[str]:
-    """Write ckpt-<step>/ via a temp dir + rename, then point `latest` at it (atomic)."""
+                    extra: Dict[str, Any], scaler=None,
+                    ours: Optional[set] = None) -> Optional[str]:
+    """Write ckpt-<step>/ via a temp dir + rename, then point `latest` at it (atomic).
+    `ours`: the steps of this run's checkpoints in `out` (step is added), the only ones
+    pruned: a run resumed from an earlier checkpoint leaves the later ones of the
+    continuation it replaces alone."""
     from safetensors.torch import save_file
 
     fsdp = d.world > 1 and cfg.fsdp
@@ -233,7 +240,7 @@ def save_checkpoint(out: str, step: int, model, opt, cfg: TrainConfig, d: Dist,
     save_file({k: v.detach().cpu().contiguous() for k, v in state.items()},
               os.path.join(tmp, "model.safetensors"))
     with open(os.path.join(tmp, "meta.json"), "w") as f:  # readable without unpickling
-        json.dump({"step": step, **extra}, f)
+        json.dump({"step": step, **extra, "config": _settings(cfg)}, f)
     torch.save({"step": step, "optimizer": optim, "config": asdict(cfg), "extra": extra,
                 "grad_scaler": scaler.state_dict() if scaler is not None and
                 scaler.is_enabled() else None,
@@ -244,8 +251,11 @@ def save_checkpoint(out: str, step: int, model, opt, cfg: TrainConfig, d: Dist,
     os.replace(tmp, final)
     atomic_write(os.path.join(out, "latest"), os.path.basename(final) + "\n")
     # keep the last two by step, never the one just written (a resume may find later ones)
+    if ours is not None:
+        ours.add(step)
     steps = sorted((int(p[5:]), p) for p in os.listdir(out)
-                   if p.startswith("ckpt-") and p[5:].isdigit() and int(p[5:]) <= step)
+                   if p.startswith("ckpt-") and p[5:].isdigit() and int(p[5:]) <= step
+                   and (ours is None or int(p[5:]) in ours))
     for _, old in steps[:-2]:
         shutil.rmtree(os.path.join(out, old), ignore_errors=True)
     return final
@@ -283,7 +293,24 @@ def read_latest(run_dir: str, flag: str) -> str:
         raise LmcError(f"{flag} {pointer}: unreadable ({e})") from None
 
 
+def is_checkpoint(path: str) -> bool:
+    """A ckpt-* directory (weights and training state), not a run directory."""
+    return os.path.isfile(os.path.join(path, "state.pt")) and \
+        os.path.isfile(os.path.join(path, "model.safetensors"))
+
+
+def resume_run_dir(path: str) -> str:
+    """The run directory --resume continues: the one given, or a ckpt-* directory's run."""
+    return (os.path.dirname(os.path.normpath(path)) or ".") if is_checkpoint(path) else path
+
+
 def latest_checkpoint(run_dir: str) -> str:
+    """The checkpoint --resume continues from: the run's latest, or the ckpt-* directory
+    given."""
+    if is_checkpoint(run_dir):
+        return run_dir
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise LmcError(f"--resume {run_dir}: a file, not a run directory")
     if not os.path.exists(os.path.join(run_dir, "latest")):
         raise LmcError(f"--resume {run_dir}: no checkpoint there (no 'latest' file)")
     path = read_latest(run_dir, "--resume")
@@ -310,9 +337,13 @@ def check_config(c: TrainConfig) -> None:
         raise LmcError(f"--seed must be in [0, 2**32), got {c.seed}")
     if c.resume is not None and os.path.exists(c.resume) and not os.path.isdir(c.resume):
         raise LmcError(f"--resume {c.resume}: a file, not a run directory")
+    if c.resume is not None and c.init is not None:
+        raise LmcError("--checkpoint starts a new run from a checkpoint's weights and --resume "
+                       "continues a run: give one")
     if os.path.exists(c.out) and not os.path.isdir(c.out):
         raise LmcError(f"--out {c.out}: exists and is not a directory")
-    same = c.resume is not None and os.path.realpath(c.resume) == os.path.realpath(c.out)
+    same = c.resume is not None and os.path.realpath(resume_run_dir(c.resume)) == \
+        os.path.realpath(c.out)
     if same and c.overwrite:
         raise LmcError(f"--overwrite with --resume {c.resume}: the run would be continued and "
                        "replaced at once (drop one)")
@@ -328,6 +359,26 @@ def check_config(c: TrainConfig) -> None:
 RESUMED_SETTINGS = ("batch_size", "seq_len", "grad_accum", "lr", "min_lr", "warmup",
                     "weight_decay", "grad_clip", "seed", "data", "tokenizer", "precision",
                     "backend")
+# what --resume takes from the run when not given (the above and the run's schedule)
+RUN_SETTINGS = RESUMED_SETTINGS + ("steps", "eval_every", "ckpt_every", "log_every", "freeze")
+
+
+def _settings(c: TrainConfig) -> Dict[str, Any]:
+    d = asdict(c)
+    return {k: d[k] for k in RUN_SETTINGS}
+
+
+def run_settings(ck: str, flag: str) -> Dict[str, Any]:
+    """The settings of the run checkpoint ck belongs to: from its meta.json, or (written
+    before meta.json held them) its state.pt."""
+    try:
+        with open(os.path.join(ck, "meta.json"), encoding="utf-8") as f:
+            got = json.load(f).get("config")
+    except (OSError, ValueError, AttributeError):
+        got = None
+    if not isinstance(got, dict):
+        got = read_state(ck, flag).get("config") or {}
+    return {k: got[k] for k in RUN_SETTINGS if k in got}
 
 
 def _note_changed_settings(was: Dict[str, Any], c: TrainConfig, main: bool) -> None:
@@ -373,8 +424,15 @@ def run_files(out: str) -> List[str]:
 
 def _unreadable(flag: str, path: str, e: Exception) -> LmcError:
     why = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    return LmcError(f"{flag} {path}: unreadable ({why}): a damaged checkpoint; an earlier "
-                    "ckpt-* directory may be intact")
+    ck = os.path.dirname(path)
+    run = os.path.dirname(ck)
+    step = re.fullmatch(r"ckpt-(\d{7,})", os.path.basename(ck))
+    earlier = sorted((int(m.group(1)), p) for p in (os.listdir(run) if step and os.path.isdir(
+        run) else []) if (m := re.fullmatch(r"ckpt-(\d{7,})", p)) and int(m.group(1)) < int(
+        step.group(1)))
+    hint = f"; the checkpoint before it: {flag} {os.path.join(run, earlier[-1][1])}" \
+        if earlier else ""
+    return LmcError(f"{flag} {path}: unreadable ({why}): a damaged checkpoint{hint}")
 
 
 def read_weights(ck: str, flag: str, device: str = "cpu") -> Dict[str, torch.Tensor]:
@@ -402,8 +460,9 @@ def read_state(ck: str, flag: str) -> Dict[str, Any]:
 
 
 def check_fits(weights: Dict[str, torch.Tensor], mine: Dict[str, torch.Tensor], ck: str,
-               flag: str) -> None:
-    """The checkpoint's tensors are the model's, name for name and shape for shape."""
+               flag: str, why: Optional[str] = None) -> None:
+    """The checkpoint's tensors are the model's, name for name and shape for shape; `why`:
+    how the model was chosen differently from the checkpoint's, said when they differ."""
     bad = sorted(set(mine) ^ set(weights)) or [
         k for k in mine if tuple(mine[k].shape) != tuple(weights[k].shape)]
     if bad:
@@ -411,8 +470,8 @@ def check_fits(weights: Dict[str, torch.Tensor], mine: Dict[str, torch.Tensor], 
         have = tuple(weights[k].shape) if k in weights else "absent"
         want = tuple(mine[k].shape) if k in mine else "absent"
         raise LmcError(f"{flag} {ck} does not fit this model ({len(bad)} tensor(s) differ; "
-                       f"{k}: checkpoint {have}, model {want}): pass the --preset/--set it "
-                       "was trained with")
+                       f"{k}: checkpoint {have}, model {want}): "
+                       + (why or "pass the --preset/--set it was trained with"))
 
 
 # -- the loop ------------------------------------------------------------------------------------
@@ -438,8 +497,8 @@ def train(path: str, preset: Optional[str], overrides, c: TrainConfig) -> Dict[s
     compiled = compile_model(path, preset, overrides)
     cfg = compiled.graph.meta["config"]
     enc = get_tokenizer(c.tokenizer)
-    vocab = compiled.graph.outputs["logits"].type.shape[-1] if "logits" in \
-        compiled.graph.outputs else cfg.get("vocab")
+    from ..passes.loss import logits_vocab
+    vocab = logits_vocab(compiled.graph, "training")
     pretokenized = c.data is not None and c.data.endswith(".bin")  # checked by its ids below
     if vocab < enc.n_vocab and not pretokenized:
         raise LmcError(f"the model's vocab ({vocab}) is smaller than tokenizer "
@@ -460,8 +519,8 @@ def train(path: str, preset: Optional[str], overrides, c: TrainConfig) -> Dict[s
             raise LmcError(f"the corpus's {split} split holds {len(ids)} tokens, fewer than "
                            f"--seq-len {c.seq_len} + 1")
     if corpus.max_id >= vocab:
-        raise LmcError(f"the data holds token id {corpus.max_id}, outside the model's vocab "
-                       f"{vocab}")
+        raise LmcError(f"{corpus.source}: the data holds token id {corpus.max_id}, outside "
+                       f"the model's vocab {vocab}")
 
     # mixed precision is a pass over the graph (torch.autocast's policy, written in): both
     # backends run the same program, and parameters and optimizer state stay fp32
@@ -482,6 +541,14 @@ def train(path: str, preset: Optional[str], overrides, c: TrainConfig) -> Dict[s
     if len(model.frozen) == len(model._param_names):
         raise LmcError("every parameter is frozen (--freeze, trainable: false): nothing to "
                        "train")
+    if c.init is not None:     # a new run from a checkpoint's weights (fresh optimizer, step 0)
+        ck = c.init if os.path.isfile(os.path.join(c.init, "model.safetensors")) else \
+            read_latest(c.init, "--checkpoint")
+        weights = read_weights(ck, "--checkpoint", device=str(d.device))
+        check_fits(weights, model.state_dict(), ck, "--checkpoint", c.model_note)
+        model.load_state_dict(weights)
+        if c.model_note and d.main:
+            print(f"lmc: note: {c.model_note}", file=sys.stderr)
     raw = model
     if d.world > 1:
         if c.fsdp:  # FSDP2: parameters sharded across ranks, gathered for each forward
@@ -517,7 +584,9 @@ def train(path: str, preset: Optional[str], overrides, c: TrainConfig) -> Dict[s
         ck = latest_checkpoint(c.resume)
         weights = read_weights(ck, "--resume", device=str(d.device))
         st = read_state(ck, "--resume")
-        check_fits(weights, raw.state_dict(), ck, "--resume")
+        check_fits(weights, raw.state_dict(), ck, "--resume", c.model_note)
+        if c.model_note and d.main:
+            print(f"lmc: note: {c.model_note}", file=sys.stderr)
         was = sorted((st.get("config") or {}).get("freeze") or [])
         if was != sorted(c.freeze):
             how = f"with --freeze {' '.join(was)}" if was else "without --freeze"
@@ -546,7 +615,12 @@ def train(path: str, preset: Optional[str], overrides, c: TrainConfig) -> Dict[s
             raise LmcError(f"--resume {c.resume}: the run is at step {start} already; --steps "
                            f"{c.steps} asks for no more (--steps counts from the run's start)")
     metrics_path = os.path.join(c.out, "metrics.jsonl")
-    same = c.resume is not None and os.path.realpath(c.resume) == os.path.realpath(c.out)
+    same = c.resume is not None and os.path.realpath(resume_run_dir(c.resume)) == \
+        os.path.realpath(c.out)
+    # the checkpoints of this run's history: with --resume into its own directory, those up
+    # to the step it continues from (run_files: ckpt-<7+ digits>)
+    ours = {int(p[5:]) for p in run_files(c.out) if p.startswith("ckpt-") and
+            int(p[5:]) <= start} if same else set()
     if d.main and same:
         _truncate_metrics(metrics_path, start)
     # --overwrite: the old run in `out` goes at this run's first write (its first metrics
@@ -681,7 +755,7 @@ def train(path: str, preset: Optional[str], overrides, c: TrainConfig) -> Dict[s
             if step % c.ckpt_every == 0 or step == c.steps:
                 clear_old()
                 last_ckpt = save_checkpoint(c.out, step, model, opt, c, d,
-                                            ckpt_meta, scaler) or last_ckpt
+                                            ckpt_meta, scaler, ours) or last_ckpt
                 if d.main:
                     plot_losses(metrics_path, os.path.join(c.out, "loss.png"))
             if stop["signal"] is not None:
@@ -689,7 +763,7 @@ def train(path: str, preset: Optional[str], overrides, c: TrainConfig) -> Dict[s
                 if d.main and not logged:   # the checkpoint's step ends the curve
                     log()
                 last_ckpt = save_checkpoint(c.out, step, model, opt, c, d,
-                                            ckpt_meta, scaler) or last_ckpt
+                                            ckpt_meta, scaler, ours) or last_ckpt
                 if d.main:
                     plot_losses(metrics_path, os.path.join(c.out, "loss.png"))
                 summary["interrupted"] = True

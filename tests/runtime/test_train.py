@@ -565,9 +565,11 @@ def test_frozen_parameters_keep_their_values_and_resume_needs_the_same_freeze(
     assert held == len(got) - len(frozen)
     before = sorted(os.listdir(out))
     capsys.readouterr()
-    assert main(["run", *_args(out, corpus, "--steps", "4", "--resume", str(out))]) == 2
+    # (--resume without --freeze continues with the run's)
+    assert main(["run", *_args(out, corpus, "--steps", "4", "--resume", str(out),
+                               "--freeze", "embed")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "the run froze embed layers.*.attn.*, this run nothing" in err[0] \
+    assert len(err) == 1 and "the run froze embed layers.*.attn.*, this run embed" in err[0] \
         and "resume with --freeze embed layers.*.attn.*" in err[0], err
     assert sorted(os.listdir(out)) == before
     # a pattern matching nothing, and freezing everything
@@ -577,3 +579,61 @@ def test_frozen_parameters_keep_their_values_and_resume_needs_the_same_freeze(
     assert main(["run", *_args(tmp_path / "c", corpus, "--steps", "1", "--freeze", "*")]) == 2
     assert "every parameter is frozen" in capsys.readouterr().err
     assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+
+
+def test_resume_takes_the_runs_model_and_settings_and_an_earlier_checkpoint(
+        tmp_path, corpus, capsys):
+    """--resume DIR alone continues the run as it was started (model, schedule, data); a
+    damaged latest checkpoint names the one before it, and --resume that ckpt-* directory
+    rewinds the run to it: the same losses as a run never interrupted."""
+    full, a = tmp_path / "full", tmp_path / "a"
+    run = ["--steps", "5", "--ckpt-every", "2", "--eval-every", "100", "--warmup", "3"]
+    assert main(["run", *_args(full, corpus, *run)]) == 0
+    want = {r["step"]: r["train_loss"] for r in _metrics(full)}
+    assert main(["run", *_args(a, corpus, *run)]) == 0
+    assert sorted(p.name for p in a.iterdir() if p.name.startswith("ckpt-")) == \
+        ["ckpt-0000004", "ckpt-0000005"]
+    (a / "ckpt-0000005" / "state.pt").write_bytes(b"garbage\n")
+    capsys.readouterr()
+    resume = ["run", LLAMA, "--train", "--no-progress", "--resume"]
+    assert main([*resume, str(a)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].endswith(
+        f"a damaged checkpoint; the checkpoint before it: --resume {a / 'ckpt-0000004'}"), err
+    # no --preset, --set, --steps, --data, --lr, ...: the run's (its model does not fit
+    # the file's default preset, its corpus is not the default one)
+    assert main([*resume, str(a / "ckpt-0000004")]) == 0
+    out = capsys.readouterr()
+    assert "note:" not in out.err and "trained     5 steps (from 4)" in out.out, out
+    got = {r["step"]: r["train_loss"] for r in _metrics(a)}
+    assert got == want                                   # bitwise, steps 1 to 5
+    assert (a / "latest").read_text().strip() == "ckpt-0000005"
+    assert main(["run", *_args(a, corpus, "--resume", str(a), "--steps", "6")]) == 0
+    # a model that differs from the run's (not in shape: rope_base) is named
+    capsys.readouterr()
+    assert main([*resume, str(a), "--steps", "7", "--set", "rope_base=500"]) == 0
+    err = capsys.readouterr().err
+    assert "the checkpoint was trained as --preset tiny --set vocab=100352 d=32 heads=2 " \
+           "ffn=64; this run: --preset tiny --set vocab=100352 d=32 heads=2 ffn=64 " \
+           "rope_base=500" in err, err
+
+
+def test_train_from_a_checkpoint_starts_a_new_run_at_its_weights(tmp_path, corpus, capsys):
+    from safetensors.torch import load_file
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    assert main(["run", *_args(a, corpus, "--steps", "3")]) == 0
+    src = load_file(str(a / "ckpt-0000003" / "model.safetensors"))
+    # no --preset/--set: the checkpoint's model; a learning rate too small to move it
+    new = ["run", LLAMA, "--train", "--data", corpus, "--batch-size", "4", "--seq-len", "16",
+           "--no-progress", "--steps", "1", "--lr", "1e-12"]
+    assert main([*new, "--checkpoint", str(a), "--out", str(b)]) == 0
+    assert "trained     1 steps (from 0)" in capsys.readouterr().out
+    got = load_file(str(b / "ckpt-0000001" / "model.safetensors"))
+    assert set(got) == set(src)
+    assert max((got[k] - src[k]).abs().max().item() for k in src) < 1e-9
+    # the same run without it starts from the initialisation, far from those weights
+    assert main([*new, *TINY, "--out", str(c)]) == 0
+    fresh = load_file(str(c / "ckpt-0000001" / "model.safetensors"))
+    assert max((fresh[k] - src[k]).abs().max().item() for k in src) > 1e-3
+    assert main([*new, "--checkpoint", str(a), "--resume", str(a)]) == 2
+    assert "give one" in capsys.readouterr().err
