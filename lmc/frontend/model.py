@@ -445,6 +445,10 @@ def declare_params(spec, b: Builder, scope: Scope, where: Loc) -> Dict[str, Tens
                         f"init: '{s['init']}, ...)')")
             raise LmcError(f"unknown key {k!r} for parameter {name!r}{hint}", s.key_loc(k))
         shape = eval_shape(s["shape"], scope, s.val_loc("shape"), allow_symbols=False)
+        if any(isinstance(d, int) and d < 1 for d in shape):
+            raise LmcError(f"parameter {name!r} has shape [{', '.join(map(str, shape))}]: "
+                           "every dimension must be at least 1 (a config value of 0 or less?)",
+                           s.val_loc("shape"))
         init = s.get("init", "normal(0.02)")
         if isinstance(init, str) and init.strip() in YAML_INITS:
             try:

@@ -512,6 +512,15 @@ def test_negative_dim_from_set(tmp_path, capsys):
           extra=("--set", "d=-32"))
 
 
+def test_zero_dim_param_from_set(tmp_path, capsys):
+    """vocab=0 was an error at the first reshape that met the empty axis (the logits' line,
+    about a -1 the file never wrote)."""
+    p = write(tmp_path, BASE)
+    line, col = find(p, "embed: [vocab, d]")
+    check(capsys, p, line, col + len("embed: "), "parameter 'embed' has shape [0, ",
+          "every dimension must be at least 1", extra=("--set", "vocab=0"))
+
+
 def test_huge_param_refused(tmp_path, capsys):
     p, line = variant(tmp_path, "    embed: [vocab, d]", "    embed: [100000, 100000]")
     msg = check(capsys, p, line, None, "2^31")
