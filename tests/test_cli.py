@@ -346,6 +346,15 @@ def test_load_refuses_what_is_not_a_model_path():
     assert lmc.load(pathlib.Path(LLAMA), preset="tiny") is not None
 
 
+def test_a_model_called_with_float_ids_says_so():
+    import lmc
+    from lmc.errors import LmcError
+    m = lmc.load(LLAMA, preset="tiny")
+    with pytest.raises(LmcError, match="input 'ids' holds i64 values, got a float32 tensor"):
+        m(torch.zeros(1, 4))
+    assert m(torch.zeros(1, 4, dtype=torch.int32)).shape == (1, 4, 512)
+
+
 @pytest.mark.parametrize("logits,want", [
     ("- out = rmsnorm(x, name='norm') @ lm_head\n  outputs: [out]",
      "needs a 'logits' output (outputs: out)"),
