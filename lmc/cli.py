@@ -146,6 +146,9 @@ def cmd_run(args) -> int:
     if args.generate and args.train:
         raise LmcError("lmc run takes --train or --generate, not both")
     if args.generate:
+        if args.resume:
+            raise LmcError("--resume continues a training run; --generate reads a "
+                           "checkpoint's weights with --checkpoint DIR")
         for k in ("seed", "backend"):
             if getattr(args, k) is None:
                 setattr(args, k, RUN_DEFAULTS[k])

@@ -318,6 +318,9 @@ def test_generate_refuses_damaged_checkpoint_files(tmp_path, capsys):
     assert main(["run", LLAMA, "--generate", "--checkpoint", str(out), "--max-new-tokens",
                  "2", "--temperature", "nan"]) == 2
     assert "--temperature" in capsys.readouterr().err
+    assert main(["run", LLAMA, "--generate", "--resume", str(out)]) == 2
+    assert "--generate reads a checkpoint's weights with --checkpoint DIR" in \
+        capsys.readouterr().err
 
 
 def test_bench_fails_when_lmc_itself_fails(tmp_path, capsys, monkeypatch):
