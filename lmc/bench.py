@@ -42,7 +42,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from .errors import LmcError
+from .errors import LmcError, UsageError
 
 SCHEMA_VERSION = 1
 DECODE_PROMPT = 16     # tokens of the decode benchmark's prompt, before --decode-tokens steps
@@ -533,7 +533,7 @@ def run(args, command: str) -> Dict[str, Any]:
     from .codegen.program import fusion_names
     bad = [p for p in args.disable if p not in fusion_names()]
     if bad:
-        raise LmcError(f"--disable {bad[0]}: not a fusion pass (fusion passes: "
+        raise UsageError(f"--disable {bad[0]}: not a fusion pass (fusion passes: "
                        f"{', '.join(fusion_names())})")
     compiled = compile_model(args.file, args.preset, args.set)
     _check_up_front(args, compiled.graph.meta.get("config", {}).get("max_seq"))

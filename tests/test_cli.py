@@ -292,6 +292,12 @@ def test_usage_and_os_errors_are_one_line_and_leave_nothing(tmp_path, capsys):
     assert "--import takes a Python file" in capsys.readouterr().err
     assert main(["compile", LLAMA, "--preset", "tiny", "--disable", "inline"]) == 2
     assert "inlining is not optional" in capsys.readouterr().err
+    # a flag's value, not a line of the model file
+    for argv in (["compile", LLAMA, "--disable", "fuse_decode_attention"],
+                 ["bench", LLAMA, "--quick", "--disable", "cse"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("lmc: error: "), err
 
 
 def test_generate_refuses_damaged_checkpoint_files(tmp_path, capsys):

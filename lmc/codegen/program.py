@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import Dict, List, Sequence, Set, Tuple
 
-from ..errors import LmcError
+from ..errors import UsageError
 from ..ir.graph import Graph, Node
 from ..ir.ops import Kind, Op
 from ..passes.fuse_column_sums import fuse_column_sums
@@ -96,7 +96,7 @@ def fuse(g: Graph, disable: Sequence[str] = (), cache_writes: bool = False,
     names = set(fusion_names())
     unknown = set(disable) - names
     if unknown:
-        raise LmcError(f"unknown fusion pass {sorted(unknown)[0]!r} (fusion passes: "
+        raise UsageError(f"unknown fusion pass {sorted(unknown)[0]!r} (fusion passes: "
                        f"{', '.join(n for n, _ in FUSION_PASSES)})")
     g = verify(sink_scalar_ops(split_widening_casts(sink_recomputations(
         drop_broadcast_expands(g)))), inlined=True)

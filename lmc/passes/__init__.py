@@ -44,12 +44,12 @@ def run_pipeline(g: Graph, passes: Optional[Sequence[Pass]] = None,
     unknown = set(disable) - {name for name, _ in passes}
     if unknown:
         from ..codegen.program import fusion_names
-        from ..errors import LmcError
-        raise LmcError(f"unknown pass {sorted(unknown)[0]!r} (passes: "
+        from ..errors import UsageError  # a flag's value: not a line of the model file
+        raise UsageError(f"unknown pass {sorted(unknown)[0]!r} (passes: "
                        f"{', '.join([n for n, _ in passes] + fusion_names())})")
     if "inline" in disable and any(name == "inline" for name, _ in passes):
-        from ..errors import LmcError
-        raise LmcError("--disable inline: inlining is not optional (every pass after it, "
+        from ..errors import UsageError
+        raise UsageError("--disable inline: inlining is not optional (every pass after it, "
                        "autodiff and codegen take primitives only)")
     debug = debugging()
     history = list(g.meta.get("history", []))
