@@ -432,7 +432,7 @@ def _attn_bwd_dkdv(Q, K, V, COS_Q, SIN_Q, COS_K, SIN_K, SLOPES, DO, LSE, DELTA, 
                    HEAD_DIM: tl.constexpr, ROT: tl.constexpr, INTERLEAVED: tl.constexpr,
                    PAIRED: tl.constexpr, ROPE_K: tl.constexpr, CAUSAL: tl.constexpr,
                    HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
-              BLOCK_D: tl.constexpr,
+                   BLOCK_D: tl.constexpr,
                    BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, DOT_PREC: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    HEAD_DV: tl.constexpr):
@@ -582,7 +582,7 @@ def _attn_bwd_dq(Q, K, V, COS_Q, SIN_Q, COS_K, SIN_K, SLOPES, DO, LSE, DELTA, DQ
                  HEAD_DIM: tl.constexpr, ROT: tl.constexpr, INTERLEAVED: tl.constexpr,
                  PAIRED: tl.constexpr, ROPE_K: tl.constexpr, CAUSAL: tl.constexpr,
                  HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
-              BLOCK_D: tl.constexpr,
+                 BLOCK_D: tl.constexpr,
                  BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, DOT_PREC: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  HEAD_DV: tl.constexpr):
