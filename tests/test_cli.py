@@ -364,6 +364,31 @@ def test_a_model_called_with_float_ids_says_so():
     assert m(torch.zeros(1, 4, dtype=torch.int32)).shape == (1, 4, 512)
 
 
+def test_a_model_call_checks_its_inputs_and_parameters():
+    """Keyword inputs that are not the graph's were ignored (or, named like a parameter,
+    replaced its weights); a parameter replaced with another shape or cast by .half() ran
+    (broadcast, or failed deep in a matmul)."""
+    import lmc
+    from lmc.errors import LmcError
+    ids = torch.randint(0, 512, (1, 4))
+    m = lmc.load(LLAMA, preset="tiny")
+    want = m(ids)
+    for kwargs, msg in (({"targets": ids}, "'targets' is not an input of the model"),
+                        ({"embed": torch.zeros(512, 64)}, "'embed' is a parameter, not an input")):
+        with pytest.raises(LmcError, match=msg):
+            m(ids, **kwargs)
+    with pytest.raises(LmcError, match="input 'ids' must be a torch tensor, got list"):
+        m([[1, 2]])
+    with pytest.raises(LmcError, match=r"parameter 'lm_head' is float32 \[64, 100\], the "
+                                       r"model's is f32 \[64, 512\]"):
+        m.lm_head = torch.nn.Parameter(torch.zeros(64, 100))
+        m(ids)
+    m = lmc.load(LLAMA, preset="tiny")
+    with pytest.raises(LmcError, match="parameter 'embed' is float16"):
+        m.half()(ids)
+    assert m.float()(ids).shape == want.shape                  # cast back (values rounded)
+
+
 @pytest.mark.parametrize("logits,want", [
     ("- out = rmsnorm(x, name='norm') @ lm_head\n  outputs: [out]",
      "needs a 'logits' output (outputs: out)"),

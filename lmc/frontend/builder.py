@@ -66,6 +66,16 @@ class Tensor:
     def __rpow__(self, o): return self.b.pow(o, self)
     def __matmul__(self, o): return self.b.matmul(self, o)
     def __neg__(self): return self.b.neg(self)
+    # == and != build eq / ne as in YAML (and as torch does); anything but a tensor or a
+    # number compares by identity. Hashing stays by identity: a Tensor is a handle.
+    def __eq__(self, o):
+        return self.b.eq(self, o) if isinstance(o, (Tensor, Number)) else NotImplemented
+
+    def __ne__(self, o):
+        return self.b.ne(self, o) if isinstance(o, (Tensor, Number)) else NotImplemented
+
+    __hash__ = object.__hash__
+
     def __lt__(self, o): return self.b.lt(self, o)
     def __le__(self, o): return self.b.le(self, o)
     def __gt__(self, o): return self.b.gt(self, o)
@@ -84,6 +94,17 @@ class Tensor:
 
     def __repr__(self):
         return f"Tensor({self.node.type})"
+
+
+def _exact_in(x: Number, dt: DType) -> bool:
+    """Whether the number x is a value of the integer or bool dtype dt (1.0 is an int; 0.5,
+    inf and nan are not; a bool tensor takes 0 and 1)."""
+    try:
+        if dt is DType.bool:
+            return x in (0, 1)
+        return float(x).is_integer()
+    except (TypeError, ValueError, OverflowError):
+        return False
 
 
 def describe(v) -> str:
@@ -160,7 +181,13 @@ class Builder:
         if isinstance(x, bool):
             return self.const(x, DType.bool)
         if isinstance(x, Number):
-            return self.const(x, like.dtype if like is not None else self.default_dtype)
+            dt = like.dtype if like is not None else self.default_dtype
+            if not dt.is_float and not _exact_in(x, dt):
+                # an int or bool tensor takes a number as its own dtype: 0.5 would become 0
+                art = "an" if dt.value[0] in "aeiou" else "a"
+                self._fail(f"the number {x!r} with {art} {dt.value} tensor would become "
+                           f"{dt.value} too: cast the tensor first, e.g. cast(x, 'f32') * {x!r}")
+            return self.const(x, dt)
         raise LmcError(f"expected a tensor or a number, got {describe(x)}", self._where())
 
     def _pair(self, a, b):
@@ -234,6 +261,16 @@ class Builder:
                                         "dtype": DType.of(dtype)})
 
     def param(self, name: str, shape, init: inits.Init = inits.normal(0.02), dtype=None) -> Tensor:
+        if not isinstance(name, str) or not name.isidentifier():
+            self._fail(f"param: the name must be an identifier, got {describe(name)}")
+        shape = self._dims("param", shape)
+        if not all(isinstance(d, int) for d in shape):
+            self._fail(f"param {name!r}: the shape must be static (numbers and config values, "
+                       f"not B or T), got [{', '.join(map(str, shape))}]")
+        if not isinstance(init, inits.Init):
+            hint = " (call it: lmc.init.zeros())" if callable(init) else ""
+            self._fail(f"param {name!r}: init must be an initialiser such as "
+                       f"lmc.init.normal(0.02), got {describe(init)}{hint}")
         full = f"{self.scope}.{name}" if self.scope else name
         if full in self.params:
             raise LmcError(f"duplicate parameter name {full!r}", self._where())

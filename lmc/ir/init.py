@@ -5,7 +5,9 @@ In YAML an init is an expression over the config, so depth scaling is just arith
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Optional
 
 
 @dataclass(frozen=True)
@@ -46,8 +48,17 @@ class Init:
         raise ValueError(f"unknown init {self.kind!r}")
 
 
+def _num(what: str, v, low: Optional[float] = None) -> float:
+    """An initialiser's argument, checked when it is written (not by torch at load)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ValueError(f"{what} must be a finite number, got {v!r}")
+    if low is not None and v < low:
+        raise ValueError(f"{what} must be >= {low:g}, got {v:g}")
+    return float(v)
+
+
 def normal(std: float = 0.02, mean: float = 0.0) -> Init:
-    return Init("normal", (float(std), float(mean)))
+    return Init("normal", (_num("normal: std", std, low=0), _num("normal: mean", mean)))
 
 
 def zeros() -> Init:
@@ -59,15 +70,18 @@ def ones() -> Init:
 
 
 def constant(value: float) -> Init:
-    return Init("constant", (float(value),))
+    return Init("constant", (_num("constant: value", value),))
 
 
 def uniform(lo: float, hi: float) -> Init:
-    return Init("uniform", (float(lo), float(hi)))
+    lo, hi = _num("uniform: lo", lo), _num("uniform: hi", hi)
+    if lo > hi:
+        raise ValueError(f"uniform: lo must be <= hi, got lo={lo:g} > hi={hi:g}")
+    return Init("uniform", (lo, hi))
 
 
 def orthogonal(gain: float = 1.0) -> Init:
-    return Init("orthogonal", (float(gain),))
+    return Init("orthogonal", (_num("orthogonal: gain", gain),))
 
 
 INITS = {f.__name__: f for f in (normal, zeros, ones, constant, uniform, orthogonal)}

@@ -42,7 +42,10 @@ class LmcModel(nn.Module):
         # "lmc": gradients come from the autodiff pass's backward graph (the default);
         # "torch": torch autograd differentiates the op-by-op execution (the oracle)
         self.autodiff = autodiff
-        self.rng_step = 0  # set by the training loop: dropout/noise draw anew at each value
+        # random ops (dropout, router noise) in train mode draw from (seed, rng_step): the same
+        # masks until it changes, so a run replays exactly; a training loop sets it before
+        # each forward (lmc run --train: step, micro-batch and rank)
+        self.rng_step = 0
         self.disable = ()  # fusion passes left out of the triton backend (lmc bench)
         self._program = None
         unknown = [n for n in grad_outputs or () if n not in graph.outputs]
@@ -90,6 +93,7 @@ class LmcModel(nn.Module):
             inputs[first] = ids
         max_seq = self.config.get("max_seq")
         bound = dict(self.named_parameters())
+        self._check_call(bound, inputs)
         bound.update(inputs)
         dims = bind_dims(self.graph, bound)
         if max_seq is not None and dims.get("T", 0) > max_seq:
@@ -98,6 +102,7 @@ class LmcModel(nn.Module):
         ctx = RefCtx(dims=dims, device=dev, training=self.training, rng_step=self.rng_step)
         if self.autodiff == "lmc" and torch.is_grad_enabled() and any(
                 v.requires_grad for v in bound.values()):
+            self._follow_requires_grad()
             names = list(bound)
             results = GraphFunction.apply(self.program(), names, ctx,
                                           *[bound[n] for n in names])
@@ -107,6 +112,39 @@ class LmcModel(nn.Module):
         else:
             outs = run_graph(self.graph, bound, ctx)
         return next(iter(outs.values())) if len(outs) == 1 else outs
+
+    def _check_call(self, params: Dict[str, Any], inputs: Dict[str, Any]) -> None:
+        """The keyword inputs are the graph's inputs, as tensors, and the parameters still
+        have the graph's shapes and dtypes (one was replaced, or model.half() cast them: lmc
+        compiles a precision into the graph, `--precision` / mixed_precision)."""
+        names = [n.attrs["name"] for n in self.graph.inputs]
+        for k, v in inputs.items():
+            if k not in names:
+                what = "a parameter, not an input" if k in params else "not an input"
+                raise LmcError(f"{k!r} is {what} of the model (inputs: {', '.join(names)})")
+            if not isinstance(v, torch.Tensor):
+                raise LmcError(f"input {k!r} must be a torch tensor, got "
+                               f"{type(v).__name__}")
+        for p in self.graph.params:
+            name = p.attrs["name"]
+            t = params.get(name)
+            want = tuple(int(d) for d in p.type.shape)
+            if t is None or tuple(t.shape) != want or t.dtype != p.type.dtype.torch():
+                got = "missing" if t is None else \
+                    f"{str(t.dtype).replace('torch.', '')} {list(t.shape)}"
+                raise LmcError(f"parameter {name!r} is {got}, the model's is "
+                               f"{p.type.dtype.value} {list(want)} (a parameter replaced, or "
+                               "the model cast: set a precision with --precision / "
+                               "passes.mixed_precision instead of .half())")
+
+    def _follow_requires_grad(self) -> None:
+        """A parameter frozen or unfrozen after construction (requires_grad_) changes what the
+        backward graph differentiates: the program is built again for the new set (else an
+        unfrozen parameter silently got no gradient)."""
+        now = {n for n, p in self.named_parameters() if not p.requires_grad}
+        if now != self.frozen:
+            self.frozen = now
+            self._program = None
 
     def program(self):
         """The differentiated program (forward' + backward), built on first use."""

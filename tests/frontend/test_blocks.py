@@ -168,3 +168,89 @@ def test_a_block_the_file_defines_takes_precedence_over_a_python_block(tmp_path)
         assert any(n.startswith("layers.0.ffn.w1") for n, _ in m.named_parameters())
     finally:
         unregister("geglu_yaml")
+
+
+SMALL = """
+name: cmp_test
+config: {vocab: 32, d: 16, max_seq: 16}
+model:
+  inputs: {ids: [B, T]}
+  params: {embed: [vocab, d]}
+  body:
+    - x = embedding(embed, ids)
+    - y = BODY
+  outputs: [y]
+"""
+
+
+def test_equality_in_python_blocks_builds_eq_and_ne(tmp_path):
+    """x == y in a Python block is eq (as in YAML and torch); it compared the handles and
+    handed where() a Python bool."""
+    @lmc.block(name="cmp_eq")
+    def cmp_eq(b, x):
+        return b.where(x == x * 1.0, x, 0.0) + b.where(x != x * 1.0, 1.0, 0.0) + \
+            b.where(x == 0.25, 100.0, 0.0)
+    try:
+        path = tmp_path / "m.yaml"
+        path.write_text(SMALL.replace("BODY", "cmp_eq(x)"))
+        m = lmc.load(str(path))
+        with torch.no_grad():
+            m.embed[3, 0] = 0.25
+        ids = torch.tensor([[1, 3]])
+        want = m.embed[ids].detach().clone()
+        want[0, 1, 0] += 100.0
+        assert torch.equal(m(ids), want)
+    finally:
+        unregister("cmp_eq")
+
+
+@pytest.mark.parametrize("body,ok", [
+    ("cast(ids * 0.5, 'f32')", False), ("cast(0.5 * ids, 'f32')", False),
+    ("cast(ids >= 10.5, 'f32')", False), ("cast(ids + 1.7, 'f32')", False),
+    ("cast((ids > 3) * 0.5, 'f32')", False), ("cast(ids * 2.0 + 1, 'f32')", True),
+    ("cast(ids, 'f32') * 0.5", True)])
+def test_a_fraction_with_an_integer_tensor_is_an_error(tmp_path, body, ok):
+    """A number takes the tensor's dtype: with an int or bool tensor 0.5 silently became 0
+    (ids * 0.5 was all zeros); a number the dtype holds exactly is still fine."""
+    path = tmp_path / "m.yaml"
+    path.write_text(SMALL.replace("BODY", body))
+    if ok:
+        ids = torch.tensor([[3, 10, 11]])
+        got = lmc.load(str(path))(ids)
+        assert torch.equal(got, eval(body.replace("cast(", "torch.Tensor.to(").replace(
+            "'f32'", "torch.float32"), {"torch": torch, "ids": ids}))
+        return
+    with pytest.raises(lmc.LmcError, match="tensor would become .*: cast the tensor first"):
+        lmc.load(str(path))
+
+
+@pytest.mark.parametrize("make,msg", [
+    (lambda b, x: b.param("w", [16], init=lmc.init.zeros),
+     r"init must be an initialiser .*got a function \(call it: lmc.init.zeros\(\)\)"),
+    (lambda b, x: b.param("w", [16], init=0.02), "init must be an initialiser"),
+    (lambda b, x: b.param("w", [x.shape[1], 16]), r"the shape must be static .*got \[T, 16\]"),
+    (lambda b, x: b.param("", [16]), "the name must be an identifier, got the string ''"),
+    (lambda b, x: b.param(3, [16]), "the name must be an identifier, got the number 3")])
+def test_python_param_mistakes_are_errors_at_the_call(tmp_path, make, msg):
+    """b.param's init, shape and name are checked where the block calls it; they failed at
+    load with an AttributeError / TypeError inside the runtime, or registered 'blk.3'."""
+    @lmc.block(name="bad_param")
+    def bad_param(b, x):
+        return x * make(b, x)
+    try:
+        path = tmp_path / "m.yaml"
+        path.write_text(SMALL.replace("BODY", "bad_param(x)"))
+        with pytest.raises(lmc.LmcError, match=msg) as e:
+            lmc.load(str(path))
+        assert "test_blocks.py:" in str(e.value)        # the block's line, in Python
+    finally:
+        unregister("bad_param")
+
+
+def test_init_arguments_are_checked_when_written():
+    for f, msg in ((lambda: lmc.init.normal(-1), "normal: std must be >= 0, got -1"),
+                   (lambda: lmc.init.normal(float("nan")), "std must be a finite number"),
+                   (lambda: lmc.init.uniform(1, 0), "lo must be <= hi"),
+                   (lambda: lmc.init.constant("a"), "value must be a finite number")):
+        with pytest.raises(ValueError, match=msg):
+            f()

@@ -77,3 +77,22 @@ def test_a_pattern_matching_nothing_is_refused():
     g = lmc.load(LLAMA, preset="tiny").graph
     with pytest.raises(LmcError, match=r"--freeze layers\.\*\.mlp: no parameter matches"):
         LmcModel(g, freeze=["layers.*.mlp"])
+
+
+def test_requires_grad_changed_after_construction_is_followed():
+    """Unfreezing (or freezing) a parameter after the model is built rebuilds the backward
+    graph for the new set; an unfrozen parameter silently got no gradient."""
+    g = lmc.compile_model(LLAMA, "tiny").graph
+    ids = torch.randint(0, 512, (2, 5), generator=torch.Generator().manual_seed(0))
+    m = LmcModel(g, freeze=["embed"])
+    m(ids).square().mean().backward()
+    assert m.embed.grad is None and m.lm_head.grad is not None
+    m.embed.requires_grad_(True)
+    m.lm_head.requires_grad_(False)
+    m.lm_head.grad = None
+    m(ids).square().mean().backward()
+    ref = LmcModel(g, autodiff="torch")
+    ref.load_state_dict(m.state_dict())
+    ref(ids).square().mean().backward()
+    assert m.lm_head.grad is None
+    torch.testing.assert_close(m.embed.grad, ref.embed.grad, rtol=1e-5, atol=1e-7)
