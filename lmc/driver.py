@@ -127,6 +127,10 @@ def compile_model(path: str, preset: Optional[str] = None, overrides=None, *,
                        "write it to a file)")
     if preset is not None and not isinstance(preset, str):
         raise LmcError(f"preset must be a name, got {preset!r}")
+    if isinstance(overrides, str):          # one "key=value" (a string is not read char by char)
+        overrides = [overrides]
+    if isinstance(disable, str):
+        disable = [disable]
     t0 = time.perf_counter()
     source = load_graph(path, preset, overrides)
     t1 = time.perf_counter()

@@ -30,7 +30,16 @@ REGISTRY: Dict[str, BlockDef] = {}
 def block(fn: Optional[Callable] = None, *, name: Optional[str] = None):
     """Register `fn(b, *tensors, **options)` as a block (usable as @block or @block(name=))."""
     def register(f: Callable) -> Callable:
-        sig = inspect.signature(f)
+        if not callable(f) or inspect.isbuiltin(f) or inspect.isclass(f):
+            raise LmcError(f"lmc.block takes a function (def or lambda), got {f!r}")
+        if name is None and not isinstance(getattr(f, "__name__", None), str):
+            raise LmcError(f"lmc.block: {f!r} has no __name__: give one, "
+                           "lmc.block(name='...')(f)")
+        try:
+            sig = inspect.signature(f)
+        except (TypeError, ValueError):
+            raise LmcError(f"lmc.block: cannot read the parameters of {f!r} (a builtin?): "
+                           "define the block with def") from None
         params = list(sig.parameters.values())
         if not params or params[0].kind not in (inspect.Parameter.POSITIONAL_ONLY,
                                                 inspect.Parameter.POSITIONAL_OR_KEYWORD):

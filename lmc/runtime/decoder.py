@@ -41,8 +41,10 @@ from .positions import Tables
 
 
 class State(dict):
-    """The decode state: tensors by name, and how many tokens it has seen."""
+    """The decode state: tensors by name, how many tokens it has seen, and the decoder that
+    made it (a state's layout is its decoder's: static or not, max_len)."""
     past: int = 0
+    owner: Optional[int] = None
 
 
 def _index_copy_inplace(ctx, xs, attrs):
@@ -64,6 +66,12 @@ class Decoder:
         """static: preallocated caches and in-place writes (see the module docstring);
         max_len: their length (static only; default the model's max_seq); cuda_graph: capture
         and replay the T = 1 step (static only; default: on where possible)."""
+        from .module import LmcModel
+        if not isinstance(model, LmcModel):
+            raise LmcError(f"Decoder takes a model from lmc.load (an LmcModel), got "
+                           f"{type(model).__name__}")
+        if not isinstance(static, bool):
+            raise LmcError(f"Decoder: static must be True or False, got {static!r}")
         self.model = model
         self.static = bool(static)
         self.max_seq = model.config.get("max_seq")
@@ -157,7 +165,13 @@ class Decoder:
             shape = s.concrete(batch, 0, self.max_len or 0)
             st[s.name] = torch.zeros(shape, dtype=s.dtype.torch(), device=device)
         st.past = 0
+        st.owner = self._layout()
         return st
+
+    def _layout(self) -> int:
+        """What a state must match: this step's states and, static, the caches' length."""
+        return hash((self.static, self.max_len if self.static else None,
+                     tuple(s.name for s in self.step.states)))
 
     # -- steps ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -171,6 +185,9 @@ class Decoder:
         if not isinstance(state, State):
             raise LmcError(f"decode takes a State (Decoder.init_state), got "
                            f"{type(state).__name__}")
+        if state.owner != self._layout():
+            raise LmcError("this state was made by another decoder (static or not, or another "
+                           "max_len): use this decoder's init_state")
         end = state.past + ids.shape[1]
         if ids.shape[1] == 0:     # no new token (an empty prompt's prefill): no step
             lt = self.step.graph.outputs[self.step.logits].type
@@ -213,6 +230,7 @@ class Decoder:
         outs = run_graph(self.graph, bound, ctx, self.impl)
         new = State({s.name: outs[s.out] for s in self.step.states})
         new.past = state.past + ids.shape[1]
+        new.owner = state.owner
         return outs[self.step.logits], new
 
     def _static(self, ids, state, past):
@@ -301,7 +319,8 @@ class Decoder:
 
     def generate(self, prompt: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
                  top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> Iterator[int]:
-        """Yield new token ids for one prompt [T] (prefill, then one step per token)."""
+        """Yield new token ids for one prompt [T] (prefill, then one step per token). The
+        arguments are checked at the call, before the first token is asked for."""
         for name, v, ok in (("max_new_tokens", max_new_tokens, lambda v: v >= 0),
                             ("temperature", temperature, lambda v: v >= 0),   # nan: refused
                             ("top_k", top_k, lambda v: v >= 0),
@@ -310,9 +329,21 @@ class Decoder:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not ok(v) or (
                     name in ("max_new_tokens", "top_k", "seed") and not isinstance(v, int)):
                 raise LmcError(f"generate: bad {name}={v!r}")
+        if not isinstance(prompt, torch.Tensor):
+            raise LmcError(f"generate: the prompt must be a 1-D tensor of token ids, got "
+                           f"{type(prompt).__name__}")
         if prompt.dim() != 1 or prompt.numel() == 0:
             raise LmcError(f"generate: the prompt must be a non-empty 1-D tensor of token ids, "
                            f"got shape {list(prompt.shape)}")
+        end = prompt.numel() + max_new_tokens
+        for limit, what in ((self.max_seq, "the model's max_seq"),
+                            (self.max_len if self.static else None, "the decoder's max_len")):
+            if limit is not None and end > limit + 1:  # the last token is never fed back
+                raise LmcError(f"generate: the prompt ({prompt.numel()} tokens) + "
+                               f"{max_new_tokens} new ones exceed {what} {limit}")
+        return self._generate(prompt, max_new_tokens, temperature, top_k, top_p, seed)
+
+    def _generate(self, prompt, max_new_tokens, temperature, top_k, top_p, seed):
         gen = torch.Generator(device=prompt.device).manual_seed(seed)
         state = self.init_state(1, prompt.device)
         ids = prompt.reshape(1, -1)

@@ -32,6 +32,13 @@ class LmcModel(nn.Module):
         they are nn.Parameters with requires_grad False, and the backward graph computes no
         gradient for them (a frozen head's weight-gradient product is not run)."""
         super().__init__()
+        if not isinstance(graph, Graph):
+            hint = " (pass its .graph, or use lmc.load)" if hasattr(graph, "graph") else ""
+            raise LmcError(f"LmcModel takes a Graph, got {type(graph).__name__}{hint}")
+        if isinstance(freeze, str):              # one pattern
+            freeze = [freeze]
+        if isinstance(grad_outputs, str):
+            grad_outputs = [grad_outputs]
         if backend not in ("torch", "triton"):
             raise LmcError(f"unknown backend {backend!r} (available: torch, triton)")
         self.backend = backend
