@@ -155,9 +155,6 @@ def cmd_run(args) -> int:
         return _generate(args)
     if not args.train:
         raise LmcError("lmc run needs --train or --generate")
-    if args.resume and args.checkpoint:
-        raise LmcError("--checkpoint starts a new run from a checkpoint's weights and --resume "
-                       "continues a run: give one")
     preset, overrides, was, note = _training_source(args)
 
     def pick(k):
@@ -209,21 +206,6 @@ def cmd_run(args) -> int:
     return 0
 
 
-def _checkpoint_dir(path: str) -> str:
-    """A run directory (its `latest`) or one ckpt-* directory."""
-    if os.path.isfile(os.path.join(path, "model.safetensors")):
-        return path
-    if os.path.isfile(os.path.join(path, "latest")):
-        from .runtime.train import read_latest
-        ck = read_latest(path, "--checkpoint")
-        if os.path.isfile(os.path.join(ck, "model.safetensors")):
-            return ck
-        raise LmcError(f"--checkpoint {path}: 'latest' names {ck}, which holds no "
-                       "model.safetensors")
-    raise LmcError(f"--checkpoint {path}: neither a run directory with a 'latest' checkpoint "
-                   "nor a ckpt-* directory holding model.safetensors")
-
-
 def _read_meta(path: str, flag: str = "--checkpoint") -> dict:
     """A checkpoint's meta.json (model, preset, overrides, tokenizer), checked."""
     try:
@@ -247,13 +229,13 @@ def _training_source(args):
     as (its preset and --set, then this --set on top); with --resume, settings not given are
     the run's (`RUN_DEFAULTS` otherwise). The note says how the model differs from the
     checkpoint's (another model file, preset or --set), or is None."""
-    from .runtime.train import latest_checkpoint, run_settings
+    from .runtime.train import checkpoint_dir, latest_checkpoint, run_settings
 
     source = args.resume or args.checkpoint
     if not source:
         return args.preset, args.set, {}, None
     flag = "--resume" if args.resume else "--checkpoint"
-    ck = latest_checkpoint(args.resume) if args.resume else _checkpoint_dir(args.checkpoint)
+    ck = latest_checkpoint(args.resume) if args.resume else checkpoint_dir(args.checkpoint)
     meta_path = os.path.join(ck, "meta.json")
     meta = _read_meta(meta_path, flag) if os.path.isfile(meta_path) else {}
     preset, overrides = args.preset, list(args.set or [])
@@ -292,12 +274,13 @@ def _generate(args) -> int:
     from .passes.loss import logits_vocab
     from .runtime.data import get_tokenizer
     from .runtime.decoder import Decoder
+    from .runtime.train import checkpoint_dir
 
     preset, overrides = args.preset, args.set
     tokenizer = args.tokenizer_given or "cl100k_base"
     ck = None
     if args.checkpoint:
-        ck = _checkpoint_dir(args.checkpoint)
+        ck = checkpoint_dir(args.checkpoint)
         meta_path = os.path.join(ck, "meta.json")
         meta = _read_meta(meta_path) if os.path.isfile(meta_path) else {}
         other = _other_model(meta, args.file)

@@ -253,9 +253,8 @@ def save_checkpoint(out: str, step: int, model, opt, cfg: TrainConfig, d: Dist,
     # keep the last two by step, never the one just written (a resume may find later ones)
     if ours is not None:
         ours.add(step)
-    steps = sorted((int(p[5:]), p) for p in os.listdir(out)
-                   if p.startswith("ckpt-") and p[5:].isdigit() and int(p[5:]) <= step
-                   and (ours is None or int(p[5:]) in ours))
+    steps = sorted((n, p) for p in os.listdir(out) if (n := ckpt_step(p)) is not None
+                   and n <= step and (ours is None or n in ours))
     for _, old in steps[:-2]:
         shutil.rmtree(os.path.join(out, old), ignore_errors=True)
     return final
@@ -291,6 +290,27 @@ def read_latest(run_dir: str, flag: str) -> str:
             return os.path.join(run_dir, f.read().strip())
     except (OSError, UnicodeDecodeError) as e:
         raise LmcError(f"{flag} {pointer}: unreadable ({e})") from None
+
+
+def ckpt_step(name: str) -> Optional[int]:
+    """The step of a run's checkpoint directory name, ckpt-<7+ digits> (a user's ckpt-best
+    beside them is not the run's), else None."""
+    m = re.fullmatch(r"ckpt-(\d{7,})", name)
+    return int(m.group(1)) if m else None
+
+
+def checkpoint_dir(path: str, flag: str = "--checkpoint") -> str:
+    """The checkpoint a run directory's `latest` names, or the ckpt-* directory given."""
+    if os.path.isfile(os.path.join(path, "model.safetensors")):
+        return path
+    if os.path.isfile(os.path.join(path, "latest")):
+        ck = read_latest(path, flag)
+        if os.path.isfile(os.path.join(ck, "model.safetensors")):
+            return ck
+        raise LmcError(f"{flag} {path}: 'latest' names {ck}, which holds no "
+                       "model.safetensors")
+    raise LmcError(f"{flag} {path}: neither a run directory with a 'latest' checkpoint "
+                   "nor a ckpt-* directory holding model.safetensors")
 
 
 def is_checkpoint(path: str) -> bool:
@@ -417,19 +437,15 @@ def run_files(out: str) -> List[str]:
     """What a run left in `out`: its checkpoints, `latest`, metrics and curve."""
     if not os.path.isdir(out):
         return []
-    # checkpoints are ckpt-<step, 7 digits>: a user's ckpt-best beside them is not the run's
-    return sorted(p for p in os.listdir(out) if p in RUN_FILES or re.fullmatch(
-        r"ckpt-\d{7,}", p))
+    return sorted(p for p in os.listdir(out) if p in RUN_FILES or ckpt_step(p) is not None)
 
 
 def _unreadable(flag: str, path: str, e: Exception) -> LmcError:
     why = (str(e).strip().splitlines() or [type(e).__name__])[0]
     ck = os.path.dirname(path)
-    run = os.path.dirname(ck)
-    step = re.fullmatch(r"ckpt-(\d{7,})", os.path.basename(ck))
-    earlier = sorted((int(m.group(1)), p) for p in (os.listdir(run) if step and os.path.isdir(
-        run) else []) if (m := re.fullmatch(r"ckpt-(\d{7,})", p)) and int(m.group(1)) < int(
-        step.group(1)))
+    run, step = os.path.dirname(ck), ckpt_step(os.path.basename(ck))
+    earlier = sorted((n, p) for p in (os.listdir(run) if step is not None and os.path.isdir(
+        run) else []) if (n := ckpt_step(p)) is not None and n < step)
     hint = f"; the checkpoint before it: {flag} {os.path.join(run, earlier[-1][1])}" \
         if earlier else ""
     return LmcError(f"{flag} {path}: unreadable ({why}): a damaged checkpoint{hint}")
@@ -542,8 +558,7 @@ def train(path: str, preset: Optional[str], overrides, c: TrainConfig) -> Dict[s
         raise LmcError("every parameter is frozen (--freeze, trainable: false): nothing to "
                        "train")
     if c.init is not None:     # a new run from a checkpoint's weights (fresh optimizer, step 0)
-        ck = c.init if os.path.isfile(os.path.join(c.init, "model.safetensors")) else \
-            read_latest(c.init, "--checkpoint")
+        ck = checkpoint_dir(c.init)
         weights = read_weights(ck, "--checkpoint", device=str(d.device))
         check_fits(weights, model.state_dict(), ck, "--checkpoint", c.model_note)
         model.load_state_dict(weights)
@@ -619,8 +634,8 @@ def train(path: str, preset: Optional[str], overrides, c: TrainConfig) -> Dict[s
         os.path.realpath(c.out)
     # the checkpoints of this run's history: with --resume into its own directory, those up
     # to the step it continues from (run_files: ckpt-<7+ digits>)
-    ours = {int(p[5:]) for p in run_files(c.out) if p.startswith("ckpt-") and
-            int(p[5:]) <= start} if same else set()
+    ours = {n for p in run_files(c.out) if (n := ckpt_step(p)) is not None and n <= start} \
+        if same else set()
     if d.main and same:
         _truncate_metrics(metrics_path, start)
     # --overwrite: the old run in `out` goes at this run's first write (its first metrics
