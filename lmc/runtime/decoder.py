@@ -44,7 +44,7 @@ class State(dict):
     """The decode state: tensors by name, how many tokens it has seen, and the decoder that
     made it (a state's layout is its decoder's: static or not, max_len)."""
     past: int = 0
-    owner: Optional[int] = None
+    owner: Optional[tuple] = None
 
 
 def _index_copy_inplace(ctx, xs, attrs):
@@ -168,10 +168,10 @@ class Decoder:
         st.owner = self._layout()
         return st
 
-    def _layout(self) -> int:
+    def _layout(self) -> tuple:
         """What a state must match: this step's states and, static, the caches' length."""
-        return hash((self.static, self.max_len if self.static else None,
-                     tuple(s.name for s in self.step.states)))
+        return (self.static, self.max_len if self.static else None,
+                tuple(s.name for s in self.step.states))
 
     # -- steps ---------------------------------------------------------------------------
     @torch.no_grad()

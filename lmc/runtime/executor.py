@@ -25,6 +25,8 @@ def bind_dims(g: Graph, bound: Mapping[str, torch.Tensor]) -> Dict[str, int]:
         if name not in bound:
             continue
         t = bound[name]
+        if not isinstance(t, torch.Tensor):
+            raise LmcError(f"input {name!r} must be a torch tensor, got {type(t).__name__}")
         if not n.type.dtype.is_float and (t.dtype.is_floating_point or t.dtype.is_complex):
             raise LmcError(f"input {name!r} holds {n.type.dtype.value} values, got "
                            f"a {str(t.dtype).replace('torch.', '')} tensor")

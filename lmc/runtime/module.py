@@ -121,17 +121,15 @@ class LmcModel(nn.Module):
         return next(iter(outs.values())) if len(outs) == 1 else outs
 
     def _check_call(self, params: Dict[str, Any], inputs: Dict[str, Any]) -> None:
-        """The keyword inputs are the graph's inputs, as tensors, and the parameters still
-        have the graph's shapes and dtypes (one was replaced, or model.half() cast them: lmc
-        compiles a precision into the graph, `--precision` / mixed_precision)."""
+        """The keyword inputs are the graph's inputs (their values: bind_dims), and the
+        parameters still have the graph's shapes and dtypes (one was replaced, or
+        model.half() cast them: lmc compiles a precision into the graph, `--precision` /
+        mixed_precision)."""
         names = [n.attrs["name"] for n in self.graph.inputs]
-        for k, v in inputs.items():
+        for k in inputs:
             if k not in names:
                 what = "a parameter, not an input" if k in params else "not an input"
                 raise LmcError(f"{k!r} is {what} of the model (inputs: {', '.join(names)})")
-            if not isinstance(v, torch.Tensor):
-                raise LmcError(f"input {k!r} must be a torch tensor, got "
-                               f"{type(v).__name__}")
         for p in self.graph.params:
             name = p.attrs["name"]
             t = params.get(name)
