@@ -18,6 +18,9 @@ uses, so the block inlines to primitives and nothing downstream knows it was a b
 from __future__ import annotations
 
 import inspect
+import os
+import sys
+import warnings
 from typing import Callable, Dict, Optional
 
 from ..errors import LmcError, Loc
@@ -64,11 +67,37 @@ def block(fn: Optional[Callable] = None, *, name: Optional[str] = None):
         if bname in BUILTIN_NAMES:
             raise LmcError(f"block name {bname!r} shadows a built-in function", where)
         bdef = BlockDef(bname, f, args, options, None, required)
+        _warn_if_redefined(REGISTRY.get(bname), where)
         REGISTRY[bname] = bdef
         f.lmc_block = bdef
         return f
 
     return register(fn) if fn is not None else register
+
+
+def _where(bdef: BlockDef) -> Optional[Loc]:
+    code = getattr(bdef.fn, "__code__", None)
+    return Loc(code.co_filename, code.co_firstlineno, 1) if code is not None else None
+
+
+def _warn_if_redefined(old: Optional[BlockDef], where: Optional[Loc]) -> None:
+    """A second definition of a name replaces the first. Running the same definition again
+    (a module reloaded, a notebook cell re-run) is quiet; one from elsewhere is worth a word,
+    since two libraries may both call their block ``geglu``."""
+    if old is None:
+        return
+    was = _where(old)
+    if was is not None and where is not None and (was.file, was.line) == (where.file,
+                                                                           where.line):
+        return
+    at = f" at {was.file}:{was.line}" if was is not None else ""
+    # reported at the user's @lmc.block line, however many of our frames are between
+    here = os.path.dirname(__file__) + os.sep
+    level, f = 1, sys._getframe(0)
+    while f is not None and f.f_code.co_filename.startswith(here):
+        level, f = level + 1, f.f_back
+    warnings.warn(f"block {old.name!r} redefined (the definition{at} is replaced; "
+                  f"lmc.block(name=...) gives a block another name)", stacklevel=level)
 
 
 def unregister(name: str) -> None:

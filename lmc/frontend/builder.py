@@ -8,6 +8,7 @@ bodies into the parent, so nothing downstream depends on block names.
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence
@@ -129,9 +130,10 @@ def describe(v) -> str:
 
 
 def _caller_loc() -> Optional[Loc]:
-    """The first stack frame outside lmc's frontend: where a Python block called us."""
+    """The first stack frame outside the lmc package: where a Python block called us (not
+    lmc/ops/scan.py, which builds a scan for the block's ``b.scan``)."""
     f = sys._getframe(2)
-    here = __file__.rsplit("/", 1)[0]
+    here = os.path.dirname(os.path.dirname(__file__)) + os.sep
     while f is not None and f.f_code.co_filename.startswith(here):
         f = f.f_back
     return Loc(f.f_code.co_filename, f.f_lineno, 1) if f is not None else None
@@ -250,6 +252,12 @@ class Builder:
             self._fail(f"{fn}: {what} must be True or False, got {describe(v)}")
         return v
 
+    def _dtype(self, fn: str, v) -> DType:
+        try:
+            return DType.of(v)
+        except ValueError as e:
+            self._fail(f"{fn}: {e}")
+
     def _seed(self, fn: str, seed):
         if isinstance(seed, Tensor):
             return seed
@@ -258,7 +266,7 @@ class Builder:
     # -- sources -----------------------------------------------------------------------------
     def input(self, name: str, shape, dtype="i64") -> Tensor:
         return self.node(Op.INPUT, (), {"name": name, "shape": tuple(shape),
-                                        "dtype": DType.of(dtype)})
+                                        "dtype": self._dtype("input", dtype)})
 
     def param(self, name: str, shape, init: inits.Init = inits.normal(0.02), dtype=None) -> Tensor:
         if not isinstance(name, str) or not name.isidentifier():
@@ -275,18 +283,49 @@ class Builder:
         if full in self.params:
             raise LmcError(f"duplicate parameter name {full!r}", self._where())
         t = self.node(Op.PARAM, (), {"name": full, "shape": tuple(shape),
-                                     "dtype": DType.of(dtype or self.default_dtype),
+                                     "dtype": self._dtype(f"param {name!r}",
+                                                          dtype or self.default_dtype),
                                      "init": init})
         self.params[full] = t.node
         return t
 
     def const(self, value, dtype=None) -> Tensor:
-        dt = DType.of(dtype) if dtype is not None else self.default_dtype
+        dt = self._dtype("const", dtype) if dtype is not None else self.default_dtype
+        # a number, a torch tensor or nested lists of numbers (or a size, which autodiff
+        # divides by); checked here, not when the graph first runs
+        if not isinstance(value, Dim):
+            self._const_value(value, dt)
         return self.node(Op.CONST, (), {"value": value, "dtype": dt})
+
+    def _const_value(self, value, dt: DType) -> None:
+        import torch
+        what = "a number, a torch tensor or nested lists of numbers"
+        if isinstance(value, torch.Tensor):
+            t = value
+        elif isinstance(value, Number):
+            if not dt.is_float and not _exact_in(value, dt):
+                self._fail(f"const: {value!r} is not a {dt.value} value")
+            return
+        elif isinstance(value, (list, tuple)):
+            try:
+                t = torch.tensor(value, dtype=torch.float64)
+            except (TypeError, ValueError, RuntimeError, OverflowError):
+                self._fail(f"const: the value must be {what}, got a {type(value).__name__} "
+                           "that is not (ragged, or not numbers)")
+        else:
+            self._fail(f"const: the value must be {what}, got {describe(value)}")
+        if t.is_complex():
+            self._fail(f"const: the value must be {what}, got a complex tensor")
+        if not dt.is_float:
+            ok = not t.is_floating_point() or bool((t.isfinite() & (t == t.round())).all())
+            if dt is DType.bool and t.dtype is not torch.bool:
+                ok = ok and bool(((t == 0) | (t == 1)).all())
+            if not ok:
+                self._fail(f"const: the value holds numbers that are not {dt.value} values")
 
     def iota(self, length, dtype="i64") -> Tensor:
         return self.node(Op.IOTA, (), {"length": self._dim("iota", "the length", length),
-                                       "dtype": DType.of(dtype)})
+                                       "dtype": self._dtype("iota", dtype)})
 
     def causal_mask(self, rows, cols=None, window: int = 0) -> Tensor:
         rows = self._dim("causal_mask", "rows", rows)
@@ -336,7 +375,7 @@ class Builder:
         return self._unary(Op.CLAMP, x, lo=lo, hi=hi)
 
     def cast(self, x, dtype):
-        return self._unary(Op.CAST, x, dtype=DType.of(dtype))
+        return self._unary(Op.CAST, x, dtype=self._dtype("cast", dtype))
 
     def add(self, a, b): return self._binary(Op.ADD, a, b)
     def sub(self, a, b): return self._binary(Op.SUB, a, b)

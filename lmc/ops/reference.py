@@ -12,6 +12,7 @@ from typing import Callable, Dict
 import torch
 import torch.nn.functional as F
 
+from ..errors import LmcError
 from ..ir.dims import Dim, evaluate
 from ..ir.ops import Op
 from ..ir.types import DType
@@ -238,7 +239,15 @@ def _concat(ctx, xs, attrs):
 # -- indexing --------------------------------------------------------------------------
 @ref(Op.EMBEDDING)
 def _embedding(ctx, xs, attrs):
-    return F.embedding(xs[1], xs[0])
+    try:
+        return F.embedding(xs[1], xs[0])
+    except IndexError:
+        # (on CPU; on a GPU an id out of range is a device-side assert, not caught here:
+        # checking every call would cost a host synchronisation)
+        ids, rows = xs[1], xs[0].shape[0]
+        bad = ids.min() if ids.min() < 0 else ids.max()
+        raise LmcError(f"token id {int(bad)} is out of range: the embedding table has {rows} "
+                       f"rows (ids 0..{rows - 1})") from None
 
 
 @ref(Op.GATHER)

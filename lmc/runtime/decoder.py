@@ -45,6 +45,7 @@ class State(dict):
     made it (a state's layout is its decoder's: static or not, max_len)."""
     past: int = 0
     owner: Optional[tuple] = None
+    batch: Optional[int] = None
 
 
 def _index_copy_inplace(ctx, xs, attrs):
@@ -166,6 +167,7 @@ class Decoder:
             st[s.name] = torch.zeros(shape, dtype=s.dtype.torch(), device=device)
         st.past = 0
         st.owner = self._layout()
+        st.batch = batch
         return st
 
     def _layout(self) -> tuple:
@@ -188,6 +190,9 @@ class Decoder:
         if state.owner != self._layout():
             raise LmcError("this state was made by another decoder (static or not, or another "
                            "max_len): use this decoder's init_state")
+        if state.batch is not None and ids.shape[0] != state.batch:
+            raise LmcError(f"the ids hold {ids.shape[0]} sequence(s) but the state was made "
+                           f"for {state.batch}: init_state({ids.shape[0]})")
         end = state.past + ids.shape[1]
         if ids.shape[1] == 0:     # no new token (an empty prompt's prefill): no step
             lt = self.step.graph.outputs[self.step.logits].type
@@ -230,7 +235,7 @@ class Decoder:
         outs = run_graph(self.graph, bound, ctx, self.impl)
         new = State({s.name: outs[s.out] for s in self.step.states})
         new.past = state.past + ids.shape[1]
-        new.owner = state.owner
+        new.owner, new.batch = state.owner, state.batch
         return outs[self.step.logits], new
 
     def _static(self, ids, state, past):

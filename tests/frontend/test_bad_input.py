@@ -1,6 +1,10 @@
 """Bad input found by a sweep: each case is one line ``FILE:LINE:COL: error: MESSAGE`` in the
 user's terms (exit 2, no traceback), never a hang. Built on the minimal model of test_errors."""
+import re
+import warnings
+
 import pytest
+import torch
 from test_errors import BASE, H, check, find, variant, write
 
 import lmc
@@ -290,3 +294,77 @@ def test_an_init_call_split_by_a_flow_mapping_comma_gets_a_hint(tmp_path, capsys
     p, line = variant(tmp_path, "w1: [d, 4 * d]",
                       "      w1: {shape: [d, 4 * d], init: uniform(-0.1, 0.1)}")
     check(capsys, p, line, None, "unknown key '0.1)'", "quote the init")
+
+
+# --- the Python API: errors at the user's line, values checked when built ------------------------
+def test_a_scan_error_points_at_the_blocks_line_not_lmcs():
+    from lmc.frontend.builder import BlockDef, Builder
+    from lmc.ir.dims import Dim
+
+    def cell(b, h, x):
+        return h + x, h
+    b = Builder({}, {"cell": BlockDef("cell", cell, ["h", "x"], {})})
+    x = b.input("x", [Dim.sym("B"), Dim.sym("T"), 4], "f32")
+    for args, msg in ((("cell", "nope", x, 1), "carry must be a tensor"),
+                      (("cell", x[:, 0], x, 7), "scan axis 7 out of range")):
+        with pytest.raises(LmcError, match=msg) as e:
+            b.scan(*args)
+        assert e.value.loc is not None and e.value.loc.file == __file__, e.value.format()
+
+
+@pytest.mark.parametrize("value,dtype,msg", [
+    ("abc", None, "got the string 'abc'"),
+    ([[1, 2], [3]], "f32", "const: the value must be a number, a torch tensor or nested lists "
+                           "of numbers, got a list that is not (ragged, or not numbers)"),
+    (["a"], "f32", "got a list that is not (ragged, or not numbers)"),
+    (None, "i64", "const: the value must be a number, a torch tensor or nested lists of "
+                  "numbers, got None"),
+    (1j, None, "got a complex"),
+    (torch.tensor([1j]), None, "got a complex tensor"),
+    ([0.5, 1], "i64", "const: the value holds numbers that are not i64 values"),
+    (torch.tensor([0, 2]), "bool", "const: the value holds numbers that are not bool values"),
+    (0.5, "i64", "const: 0.5 is not a i64 value"),
+    (2, "bool", "const: 2 is not a bool value"),
+    (1, "float8", "const: unknown dtype 'float8'"),
+])
+def test_a_bad_const_is_refused_where_it_is_built(value, dtype, msg):
+    from lmc.frontend.builder import Builder
+    b = Builder({}, {})
+    with pytest.raises(LmcError, match=re.escape(msg)) as e:
+        b.const(value, dtype)
+    assert e.value.loc.file == __file__
+    for good, dt in ((1, "i64"), (True, "bool"), ([[1.0, 2], [3, 4]], "i64"), ([], "f32"),
+                     (torch.tensor([True, False]), "bool"), (torch.arange(3.0), "f32")):
+        assert b.const(good, dt).dtype.value == dt
+
+
+def test_a_bad_dtype_name_is_one_error_naming_the_function():
+    from lmc.frontend.builder import Builder
+    b = Builder({}, {})
+    x = b.input("x", [2], "f32")
+    for call, fn in ((lambda: b.cast(x, "f8"), "cast"), (lambda: b.input("y", [2], "int3"),
+                                                         "input"),
+                     (lambda: b.param("w", [2], dtype="fp32x"), "param 'w'"),
+                     (lambda: b.iota(3, "x"), "iota")):
+        with pytest.raises(LmcError, match=rf"error: {re.escape(fn)}: unknown dtype"):
+            call()
+
+
+def test_a_block_redefined_elsewhere_warns_and_a_rerun_does_not():
+    from lmc.blocks import REGISTRY, unregister
+    try:
+        for _ in range(2):                 # the same definition run again: quiet
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+
+                @lmc.block
+                def twice_defined(b, x):
+                    return x
+        with pytest.warns(UserWarning, match=r"block 'twice_defined' redefined \(the "
+                                             r"definition at .*test_bad_input.py:\d+ is "
+                                             r"replaced") as w:
+            lmc.block(name="twice_defined")(lambda b, x: x * 2)
+        assert w[0].filename == __file__            # reported at the user's line
+        assert REGISTRY["twice_defined"].fn(None, 3) == 6
+    finally:
+        unregister("twice_defined")

@@ -63,3 +63,28 @@ def test_wrong_objects_and_strings_for_lists():
         LmcModel(c)
     m = LmcModel(c.graph, freeze="embed", grad_outputs="logits")
     assert m.frozen == {"embed"} and m.grad_outputs == ["logits"]
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_ids_and_state_batch_must_agree(model, static):
+    dec = Decoder(model, static=True, max_len=8) if static else Decoder(model)
+    state = dec.init_state(2)
+    with pytest.raises(LmcError, match=r"the ids hold 3 sequence\(s\) but the state was made "
+                                       r"for 2: init_state\(3\)"):
+        dec(torch.zeros(3, 2, dtype=torch.long), state)
+    logits, state = dec(torch.zeros(2, 2, dtype=torch.long), state)   # the state is untouched
+    assert logits.shape == (2, 2, 512) and state.past == 2 and state.batch == 2
+
+
+@pytest.mark.parametrize("bad", [512, 10**6, -1])
+def test_a_token_id_out_of_the_vocabulary_is_named(model, bad):
+    ids = torch.tensor([[1, bad, 2]])
+    msg = rf"token id {bad} is out of range: the embedding table has 512 rows \(ids 0\.\.511\)"
+    with pytest.raises(LmcError, match=msg):
+        model(ids)
+    dec = Decoder(model)
+    with pytest.raises(LmcError, match=msg):
+        dec(ids, dec.init_state(1))
+    with pytest.raises(LmcError, match=msg):
+        list(dec.generate(ids[0], 1))
+    model(ids.clamp(0, 511))        # in range: runs
