@@ -147,6 +147,12 @@ class _Body:
     def rope(self, n: Node) -> dict:
         need(n.op is Op.ADD, f"{n.op.value} where rope's x * cos + rot(x) * sin was expected")
         why = "not x * cos + rot(x) * sin"
+        made = [self.outer[x] for x in n.inputs if x.op is Op.INPUT]
+        made = [x.inputs[0] if x.op is Op.GETITEM else x for x in made]
+        made = [x for x in made if x.op is Op.FUSED]
+        if made:      # a term computed by the kernel before (a QK-norm's reduction kernel)
+            why = (f"x * cos + rot(x) * sin with a term computed by the {made[0].attrs['kind']}"
+                   f" kernel {made[0].attrs['kernel']}, not from a projection's products")
         for p, q in (n.inputs, n.inputs[::-1]):
             if p.op is not Op.MUL or q.op is not Op.MUL:
                 break

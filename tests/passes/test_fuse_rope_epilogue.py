@@ -293,3 +293,17 @@ def test_medit_one_heads_rotated_by_their_index(monkeypatch):
     assert not _rope_kernels(dec.graph)
     got, _ = _decode(dec, ids, 3)
     assert (got - want).abs().max().item() < TOL
+
+
+def test_a_qk_normed_rotation_says_which_kernel_computes_its_term():
+    """gemma2's q and k are RMS-normed per head before RoPE: the norm's reduction kernel
+    computes x * cos in its epilogue, so the rope kernel does not rotate a projection's
+    products, and --explain names that kernel (it used to say only "not x * cos + rot(x) *
+    sin", which the kernel is)."""
+    path = os.path.join(os.path.dirname(ZOO), "examples", "gemma2.yaml")
+    m = lmc.load(path, preset="small", backend="triton", layers=1).eval()
+    dec = Decoder(m, backend="triton", static=True, max_len=8)
+    why = [r["reason"] for r in dec.graph.meta["fusions"] if r["pass"] == "fuse_rope_epilogue"]
+    assert len(why) == 2 and all(
+        "with a term computed by the reduction kernel lmc_red_" in w and
+        "not from a projection's products" in w for w in why), why
