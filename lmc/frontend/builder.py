@@ -8,6 +8,7 @@ bodies into the parent, so nothing downstream depends on block names.
 from __future__ import annotations
 
 import contextlib
+import numbers
 import os
 import sys
 from dataclasses import dataclass, field
@@ -302,7 +303,7 @@ class Builder:
         what = "a number, a torch tensor or nested lists of numbers"
         if isinstance(value, torch.Tensor):
             t = value
-        elif isinstance(value, Number):
+        elif isinstance(value, numbers.Real):        # numpy's scalars too
             if not dt.is_float and not _exact_in(value, dt):
                 self._fail(f"const: {value!r} is not a {dt.value} value")
             return
