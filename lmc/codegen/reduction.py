@@ -18,6 +18,14 @@ decode step's cache write (fuse_cache_writes) stores a row output into the cache
 the row's slot along the write axis is pos[i_w], loaded once per row. A cumsum along the
 kernel's axis is a row value: in each pass that needs it a per-row fp32 carry starts at 0
 and each chunk adds its inclusive prefix (`tl.cumsum`) to it.
+
+Slices of a row value along the reduced axis that a concat puts back together (RoPE's
+rotate-half after a per-head QK-norm: ``concat([-x2, x1])``) are *pieces*
+(fuse_reductions._pieces): never stored, each evaluated where the concat reads it, at the
+chunk's columns shifted by the piece's offset and the slice's start (`shifted`), its loads
+masked to the piece's columns and `tl.where` choosing by column. A piece recomputes the
+row value it slices at those columns (x * rstd * w: the row's elements at the partner
+columns, the per-row rstd as it is).
 """
 from __future__ import annotations
 
@@ -40,6 +48,9 @@ COL_BLOCK_MAX = 2048
 COL_PROGRAMS_PER_SM = 8
 INTERPRET_COL_PROGRAMS = 3
 INTERPRET_COL_ROWS = 0
+# the chunk width of a row kernel under the interpreter (0: the whole row, up to 4096; tests
+# set a small one so a row takes several chunks and a concat's pieces cross chunk edges)
+INTERPRET_BLOCK_N = 0
 # a scan along the kernel's axis: a row value computed in the pass loop, the chunks walked in
 # order with a per-row carry
 SCAN_OPS = (Op.CUMSUM,)
@@ -90,6 +101,12 @@ class Plan:
             if n.op in RED_OPS:
                 self.level[n] = "per_row"
                 self.depth[n] = self.depth[n.inputs[0]] + 1
+            elif n.op is Op.SLICE or any(self.level.get(x) == "piece" for x in n.inputs):
+                # narrower along the axis: computed only where a concat of the row space
+                # reads it, at the shifted column (fuse_reductions._pieces)
+                self.level[n] = "row" if n.op is Op.CONCAT and n.type.shape == self.space \
+                    else "piece"
+                self.depth[n] = max(self.depth[x] for x in n.inputs)
             else:
                 self.level[n] = "row" if n.type.shape == self.space else "per_row"
                 self.depth[n] = max([self.depth[x] for x in n.inputs] or [0])
@@ -103,14 +120,17 @@ class Plan:
                 continue
             for x in n.inputs:
                 if x.op is Op.INPUT:
-                    # a reduction reads its input per element
-                    lvl = "row" if n.op in RED_OPS else self.level[n]
-                    self.input_levels[x].add(lvl)
+                    self.input_levels[x].add(self.read_level(n))
         self.passes = max([self.depth[n] for n in reds]
                           + [self.depth[o] + 1 for o in self.outputs
                              if self.level.get(o) == "row"]
                           + [self.depth[o] for o in self.columns])
         self.scans = [n for n in body.nodes if n.op in SCAN_OPS]
+
+    def read_level(self, n: Node) -> str:
+        """The level at which n reads its inputs: per element ("row") for a reduction and a
+        piece (a piece's element is a row element at a shifted column)."""
+        return "row" if n.op in RED_OPS or self.level[n] == "piece" else self.level[n]
 
     def write_axis(self, o: Node) -> Optional[int]:
         """For a cache write output, its axis among the row dims (`_row_dims`)."""
@@ -122,8 +142,7 @@ class Plan:
         """The shape an input is broadcast to at a level (its users' shape there)."""
         for n in body.nodes:
             if x in n.inputs:
-                lvl = "row" if n.op in RED_OPS else self.level[n]
-                if lvl == level:
+                if self.read_level(n) == level:
                     return self.space if n.op in RED_OPS else n.type.shape
         raise AssertionError("no user at that level")
 
@@ -284,6 +303,61 @@ def generate(body: Graph, name: str) -> str:
             if p.level.get(o) == "per_row" and p.depth[o] == depth:
                 store_per_row(o, "    ")
 
+    at_shift: Dict[tuple, str] = {}
+
+    def shifted(m: Node, shift: int, mask: str, ind: str) -> str:
+        """m's value at the chunk's columns + `shift` (a concat's piece: its columns, and a
+        slice's source at the slice's start), loads masked by `mask`; the row values at the
+        chunk's own columns are the ones already computed. The column is in range wherever
+        the mask is on: a concat's piece mask keeps the piece's own columns."""
+        if m.op is Op.CONST:
+            return literal(m)
+        if m.op is not Op.INPUT and p.level[m] == "per_row":
+            return f"{val[m]}[:, None]"
+        if shift == 0 and m in rowval:
+            return rowval[m]
+        key = (m, shift, mask)
+        if key in at_shift:
+            return at_shift[key]
+        col = "cols" if shift == 0 else f"(cols {'+' if shift > 0 else '-'} {abs(shift)})"
+        t = f"{index[m]}_{'m' if shift < 0 else ''}{abs(shift)}"
+        if m.op is Op.INPUT:
+            i = p.inputs.index(m)
+            t = f"{i}_{'m' if shift < 0 else ''}{abs(shift)}"      # v<input>_<shift>
+            load = (f"tl.load(in{i}_ptr + (in{i}_row[:, None] + {col}[None, :] * in{i}_sax), "
+                    f"mask={mask}, other=0)")
+            if m.type.dtype in (DType.f16, DType.bf16):
+                load += ".to(tl.float32)"
+            lines.append(f"{ind}v{t} = {load}")
+            at_shift[key] = f"v{t}"
+            return at_shift[key]
+        if m.op is Op.SLICE:
+            at_shift[key] = shifted(m.inputs[0], shift + m.attrs["start"], mask, ind)
+            return at_shift[key]
+        if m.op is Op.CONCAT:
+            ax = m.attrs["axis"] % m.type.rank
+            bounds = [0]
+            for x in m.inputs:
+                bounds.append(bounds[-1] + x.type.shape[ax])
+            pieces = []
+            for j, x in enumerate(m.inputs):
+                lo, hi = bounds[j], bounds[j + 1]
+                lines.append(f"{ind}m{t}_{j} = {mask} & (({col} >= {lo}) & ({col} < {hi}))"
+                             f"[None, :]  # concat piece [{lo}, {hi}) along axis {ax}")
+                pieces.append(shifted(x, shift - lo, f"m{t}_{j}", ind))
+            expr = pieces[-1]
+            for v, lo in zip(reversed(pieces[:-1]), reversed(bounds[1:-1])):
+                expr = f"tl.where(({col} < {lo})[None, :], {v}, {expr})"
+            lines.append(f"{ind}c{t} = {expr}  # concat -> {m.type}")
+            at_shift[key] = f"c{t}"
+            return at_shift[key]
+        if m.op in RED_OPS or m.op in SCAN_OPS:
+            raise AssertionError(f"internal: a {m.op.value} at shifted columns")
+        e = _expr(m, [shifted(x, shift, mask, ind) for x in m.inputs])
+        lines.append(f"{ind}s{t} = {e}  # {m.op.value} -> {m.type}")
+        at_shift[key] = f"s{t}"
+        return at_shift[key]
+
     emit_per_row(0)
     for k in range(1, p.passes + 1):
         reds = [m for m in body.nodes if m.op in RED_OPS and p.depth[m] == k
@@ -326,10 +400,13 @@ def generate(body: Graph, name: str) -> str:
                 lines.append(f"{ind}v{i} = {load}")
                 rowval[m] = f"v{i}"
                 continue
+            t = index[m]
+            if m.op is Op.CONCAT:      # each piece at its shifted columns
+                rowval[m] = shifted(m, 0, "m2", ind)
+                continue
             a = [rowval[x] if x in rowval and (x.op is Op.CONST or x.op is Op.INPUT
                                                or p.level[x] == "row")
                  else f"{val[x]}[:, None]" for x in m.inputs]
-            t = index[m]
             if m.op is Op.CUMSUM:    # inclusive prefix within the chunk, plus the carry
                 lines.append(f"{ind}x{t} = tl.where(m2, ({a[0]}).to(tl.float32), 0.0)")
                 lines.append(f"{ind}t{t} = carry{t}[:, None] + tl.cumsum(x{t}, 1)  "
@@ -352,6 +429,7 @@ def generate(body: Graph, name: str) -> str:
         # element values are loop-local: forget them before the next pass
         for m in needed:
             rowval.pop(m, None)
+        at_shift.clear()
         emit_per_row(k)
     if p.columns:
         lines = ["    " + ln for ln in lines]
@@ -440,7 +518,7 @@ def launch(kernel, xs, outs, body: Graph, ctx, interpret: bool) -> None:
                 finish(w, t, interpret)
         return
     if interpret and interpreter_blocks():  # the interpreter pays per program and loop trip
-        bn = min(triton.next_power_of_2(max(N, 1)), 4096)
+        bn = INTERPRET_BLOCK_N or min(triton.next_power_of_2(max(N, 1)), 4096)
         br = max(1, min(triton.next_power_of_2(R), 16384 // bn))
     elif along:
         bn = min(triton.next_power_of_2(max(N, 1)), 2048)

@@ -196,6 +196,84 @@ def _merge_leftover(k: int, groups: List[_Group], group_of: Dict[Node, int], lev
     return False
 
 
+def _piece_of(n: Node, grp: _Group) -> bool:
+    """n has the row space's shape but for a static, narrower size along the reduced axis."""
+    sp, sh = grp.space, n.type.shape
+    ax = grp.axis
+    return len(sh) == len(sp) and all(a == b for i, (a, b) in enumerate(zip(sh, sp))
+                                      if i != ax) and isinstance(sh[ax], int) and \
+        isinstance(sp[ax], int) and sh[ax] < sp[ax]
+
+
+def _pieces(x: Node, grp: _Group, users, outputs, group_of, order) -> Optional[List[Node]]:
+    """Slices of row value x along the reduced axis that come back together in the kernel
+    (RoPE's rotate-half of a QK-normed q or k: ``x1, x2 = split(x)``, ``concat([-x2, x1])``),
+    in topological order: the slices, the pointwise ops on them (*pieces*, narrower along
+    the axis) and the concats along the axis that make rows again. The kernel computes a
+    concat's row by evaluating each piece at the shifted column (lmc/codegen/reduction.py),
+    so pieces are never stored: None unless every reader of a piece is a piece or such a
+    concat, no piece is a graph output, and every piece reads only pieces, x, sources,
+    per-row values of the group, or values before it. Slices of a row value that a scan
+    (cumsum) computes are left out: the kernel has a scan only at its own columns."""
+    if grp.axis is None or x.type.shape != grp.space or x.op is Op.CUMSUM:
+        return None
+    seen, stack = set(), [x]          # x's row-level ancestry in the group: no scan
+    while stack:
+        m = stack.pop()
+        if m in seen or group_of.get(m) is not group_of.get(x):
+            continue
+        seen.add(m)
+        if m.op is Op.CUMSUM or m.op is Op.DROPOUT:
+            return None
+        if m.type.shape == grp.space:
+            stack.extend(m.inputs)
+    ax = grp.axis
+
+    def slice_ok(s: Node, of: Node) -> bool:
+        a = s.attrs
+        return s.op is Op.SLICE and s.inputs[0] is of and a["axis"] % s.type.rank == ax and \
+            a.get("step", 1) == 1 and isinstance(a["start"], int) and a["start"] >= 0 and \
+            _piece_of(s, grp)
+    found: List[Node] = [s for s in users[x] if slice_ok(s, x)]
+    inside = set(found)
+    concats: List[Node] = []
+    i = 0
+    while i < len(found):
+        m = found[i]
+        i += 1
+        if m in outputs:
+            return None
+        for u in users[m]:
+            if u in inside or u in concats:
+                continue
+            if u.op is Op.CONCAT and u.attrs["axis"] % u.type.rank == ax and \
+                    u.type.shape == grp.space:
+                concats.append(u)
+            elif u.op is Op.CONCAT and u.attrs["axis"] % u.type.rank == ax and \
+                    _piece_of(u, grp):      # a narrower concat: partial RoPE's rotation
+                inside.add(u)
+                found.append(u)
+            elif slice_ok(u, m) or (u.op.kind is Kind.POINTWISE and fusible(u)[0]
+                                    and _piece_of(u, grp)):   # (a slice of a piece too)
+                inside.add(u)
+                found.append(u)
+            else:
+                return None
+    if not concats:
+        return None
+    first = grp.first
+    for m in found:
+        for y in m.inputs:
+            if not (y in inside or y is x or is_source(y) or order[y] < first or (
+                    group_of.get(y) is group_of.get(x) and y.type.shape != grp.space
+                    and y.type.shape in per_row_shapes(grp.space, ax))):
+                return None
+    if not all(y in inside for c in concats + [m for m in found if m.op is Op.CONCAT]
+               for y in c.inputs):
+        return None
+    return sorted(found + concats, key=order.__getitem__)
+
+
 def fuse_reductions(g: Graph) -> Graph:
     g = _expand_softmax(g)
     order = {n: i for i, n in enumerate(g.nodes)}
@@ -229,6 +307,15 @@ def fuse_reductions(g: Graph) -> Graph:
         return None
 
     for n in g.nodes:
+        if n in group_of:            # joined ahead of its turn (_pieces)
+            continue
+        if n.op is Op.SLICE and n.inputs[0] in group_of:
+            gid = group_of[n.inputs[0]]
+            pieces = _pieces(n.inputs[0], groups[gid], users, outputs, group_of, order)
+            if pieces is not None:
+                for m in pieces:
+                    add(m, gid, "row" if m.op is Op.CONCAT else "piece")
+            continue
         if n.op is Op.CUMPROD or (n.op is Op.CUMSUM and (
                 n.type.dtype.value not in ("f32", "f16", "bf16") or n.type.rank == 0)):
             declined.append((n, "cumsum of a scalar is the identity" if n.type.rank == 0
