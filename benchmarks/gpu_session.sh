@@ -96,10 +96,10 @@ for phase in "$@"; do
                  | tee "$OUT/moe_bench.log" ;;
     moe:deepseek) ${LIMIT[@]+"${LIMIT[@]}"} $PY benchmarks/moe_bench.py --router deepseek \
                  --out "$OUT/moe_bench_deepseek.json" 2>&1 | tee "$OUT/moe_bench_deepseek.log" ;;
-    bench)     ${LIMIT[@]+"${LIMIT[@]}"} $PY -m lmc.cli bench zoo/llama.yaml --out "$OUT/bench_llama" 2>&1 \
+    bench)     ${LIMIT[@]+"${LIMIT[@]}"} $PY -m lmc.cli bench zoo/llama.yaml --overwrite --out "$OUT/bench_llama" 2>&1 \
                  | tee "$OUT/bench_llama.log" ;;
     bench:*)   m=${phase#bench:}
-               ${LIMIT[@]+"${LIMIT[@]}"} $PY -m lmc.cli bench "zoo/$m.yaml" --out "$OUT/bench_$m" 2>&1 \
+               ${LIMIT[@]+"${LIMIT[@]}"} $PY -m lmc.cli bench "zoo/$m.yaml" --overwrite --out "$OUT/bench_$m" 2>&1 \
                  | tee "$OUT/bench_$m.log" ;;
     *)         echo "unknown phase $phase" >&2; exit 2 ;;
   esac

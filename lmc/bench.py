@@ -32,11 +32,13 @@ and DIR/bench_train.png, bench_decode.png, bench_kernels.png.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
 import platform
 import statistics
+import sys
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -91,17 +93,21 @@ class Clock:
 
 def device_peaks(clock: Clock, quick: bool) -> Dict[str, float]:
     """A copy (bytes read + written per second) and a matmul (FLOP/s) timed on this device:
-    the yardsticks the per-kernel figures are read against."""
+    the yardsticks the per-kernel figures are read against. Sized to the device: on a GPU a
+    1 GiB copy and an 8192^3 bf16 matmul; on a CPU a 64 MiB copy and a 1024^3 fp32 matmul
+    (an 8192^3 one takes minutes there, and tiny sizes time thread start-up, not peaks)."""
     dev = clock.device
-    n = (1 << 20) if quick else (1 << 28)
+    gpu = dev.type != "cpu"
+    n = (1 << 28) if gpu else (1 << 24)
     x = torch.empty(n, dtype=torch.float32, device=dev)
     y = torch.empty_like(x)
-    t = statistics.median(clock.repeat(lambda i: y.copy_(x), 3 if quick else 10, 1))
-    m = 256 if quick else 8192
-    dt = torch.float32 if dev.type == "cpu" else torch.bfloat16
+    reps = 3 if quick else 10
+    t = statistics.median(clock.repeat(lambda i: y.copy_(x), reps, 1))
+    m = 8192 if gpu else 1024
+    dt = torch.bfloat16 if gpu else torch.float32
     a = torch.randn(m, m, device=dev, dtype=dt)
     b = torch.randn(m, m, device=dev, dtype=dt)
-    tm = statistics.median(clock.repeat(lambda i: a @ b, 3 if quick else 10, 1))
+    tm = statistics.median(clock.repeat(lambda i: a @ b, reps, 1))
     return {"copy_GBps": 2 * n * 4 / t / 1e9, "matmul_TFLOPs": 2 * m ** 3 / tm / 1e12,
             "matmul_dtype": str(dt).replace("torch.", "")}
 
@@ -158,14 +164,7 @@ def _fusion_kernel_profile(model, step, clock: Clock, peaks) -> List[Dict[str, A
                 r["launches"] += 1
                 r["bytes"] += sum(x.numel() * x.element_size() for x in list(xs) + list(outs)
                                   if isinstance(x, torch.Tensor))
-                for m in node.attrs["body"].nodes:
-                    if m.op is Op.MATMUL:
-                        shape = m.type.concrete(ctx.dims)
-                        k = ctx.dim(m.inputs[0].type.shape[-1])
-                        n = 1
-                        for s in shape:
-                            n *= s
-                        r["flops"] += 2 * n * k
+                r["flops"] += kernel_flops(node, ctx)
             return launch
         program._launch = {k: make(k, go) for k, go in orig.items()}
         return orig
@@ -191,7 +190,37 @@ def _fusion_kernel_profile(model, step, clock: Clock, peaks) -> List[Dict[str, A
     return out
 
 
-def bench_train(path, preset, sets, args, clock: Clock, peaks) -> Dict[str, Any]:
+def kernel_flops(node, ctx) -> int:
+    """2 * M * N * K for each matmul of a fused kernel's body, at the launch's sizes. An MoE
+    kernel's body is the dense form (every expert on every token: the oracle's), while its
+    kernels run each token through its k chosen experts: a matmul with the expert axis
+    ([.., E, ..] at axis 1) counts k/E of its dense work (tokens dropped over a capacity
+    still counted). Attention counts the full T x T scores (no halving for the mask)."""
+    from .ir.ops import Op
+
+    body = node.attrs["body"]
+    opts = body.meta.get("options") or {}
+    routed = node.attrs["kind"].startswith("moe") and "E" in opts and "k" in opts
+    total = 0
+    for m in body.nodes:
+        if m.op is not Op.MATMUL:
+            continue
+        shape = m.type.concrete(ctx.dims)
+        k = ctx.dim(m.inputs[0].type.shape[-1])
+        n = 1
+        for d in shape:
+            n *= d
+        f = 2 * n * k
+        if routed and any(len(t.type.shape) == 4 and t.type.shape[1] == opts["E"]
+                          for t in (m, *m.inputs)):
+            f = f * min(opts["k"], opts["E"]) // opts["E"]
+        total += f
+    return total
+
+
+def bench_train(path, preset, sets, args, clock: Clock, peaks,
+                on_row: Callable[[str, Dict[str, Any]], None] = lambda mode, row: None,
+                into: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     from .codegen.program import PATTERN_PASSES, apply_patterns, fusion_names
     from .driver import compile_model
     from .runtime.module import LmcModel
@@ -215,7 +244,10 @@ def bench_train(path, preset, sets, args, clock: Clock, peaks) -> Dict[str, Any]
     if "compile" in args.compare:
         configs.append({"name": "oracle torch.compile", "backend": "torch", "disable": [],
                         "compile": True})
-    rows, kernels = [], []
+    rows: List[Dict[str, Any]] = []
+    kernels: List[Dict[str, Any]] = []
+    out = into if into is not None else {}
+    out.update(batch_size=B, seq_len=T, tokens_per_step=tokens, configs=rows, kernels=kernels)
     lmc_fused = None      # the fusion passes that fused something in the lmc program
     for c in configs:
         if not worth_timing(c, lmc_fused):
@@ -227,22 +259,52 @@ def bench_train(path, preset, sets, args, clock: Clock, peaks) -> Dict[str, Any]
             model.disable = c["disable"]
             fwd = torch.compile(model) if c.get("compile") else None
             step = _train_step(model, batches, fwd)
-            times = clock.repeat(step, args.steps, args.warmup)
+            with _quiet_dynamo():
+                times = clock.repeat(step, args.steps, args.warmup)
             med = statistics.median(times)
             row.update(median_step_s=med, min_step_s=min(times), tokens_per_s=tokens / med,
                        peak_gib=clock.peak_gib(), steps=len(times))
             if c["name"] == "lmc":
-                kernels = _fusion_kernel_profile(model, step, clock, peaks)
+                kernels += _fusion_kernel_profile(model, step, clock, peaks)
                 prog = model.program()
                 lmc_fused = fused_passes(prog.forward_exec.graph, prog.backward_exec.graph)
             del model, step, fwd
         except Exception as e:  # a baseline that cannot run here is reported, not fatal
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
         rows.append(row)
+        on_row("train", row)
         if clock.cuda:
             torch.cuda.empty_cache()
-    return {"batch_size": B, "seq_len": T, "tokens_per_step": tokens, "configs": rows,
-            "kernels": kernels}
+    return out
+
+
+def _decode_times(step_fn, dec, ids, new: int, warmup: int, clock: Clock) -> List[float]:
+    """Seconds of each of `new` single-token steps after prefilling `ids`, from the last of
+    warmup + 1 rounds (each from a fresh state)."""
+    per_token: List[float] = []
+    for _ in range(warmup + 1):
+        state = dec.init_state(ids.shape[0])
+        logits, state = step_fn(ids, state)
+        nxt = logits[:, -1:].argmax(-1)
+        per_token = []
+        for _ in range(new):
+            def one():
+                nonlocal logits, state
+                logits, state = step_fn(nxt, state)
+            per_token.append(clock.time(one))
+            nxt = logits[:, -1:].argmax(-1)
+    return per_token
+
+
+@contextlib.contextmanager
+def _quiet_dynamo():
+    """torch.compile's Dynamo warns, once per frame, about what it cannot trace in lmc's
+    Python (the oracle's program is built on first call, inside the compiled region): a
+    screenful per baseline that says nothing about the measurement."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\._dynamo.*")
+        yield
 
 
 def fused_passes(*graphs) -> set:
@@ -323,7 +385,9 @@ def step_weight_bytes(graph, batch: int = 1, itemsize: int = 2) -> int:
     return total
 
 
-def bench_decode(path, preset, sets, args, clock: Clock) -> Dict[str, Any]:
+def bench_decode(path, preset, sets, args, clock: Clock,
+                 on_row: Callable[[str, Dict[str, Any]], None] = lambda mode, row: None,
+                 into: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     from .driver import compile_model
     from .passes.mixed_precision import low_precision_weights
     from .runtime.decoder import Decoder
@@ -340,16 +404,22 @@ def bench_decode(path, preset, sets, args, clock: Clock) -> Dict[str, Any]:
         configs.append(("oracle eager", "torch", False))
     if "compile" in args.compare:
         configs.append(("oracle torch.compile", "torch", True))
+    out = into if into is not None else {}
+    out.update(prompt=prompt, new_tokens=new, configs=rows)
     for name, backend, compiled in configs:
         for B in batches:
-            row = {"name": name, "batch": B}
+            # --disable: lmc's decode step leaves the passes out too (the Decoder fuses its
+            # step graph with the model's `disable`)
+            disable = list(args.disable) if backend == "triton" else []
+            row = {"name": name, "batch": B, "disable": disable}
             try:
                 model = LmcModel(graph, seed=0, backend=backend,
                                  device=clock.device).eval()
+                model.disable = disable
                 # on CUDA: the static step (preallocated caches, fixed shapes), lmc's under
                 # its CUDA graph, the oracle's under torch.compile's
                 static = clock.cuda
-                dec = Decoder(model, backend=backend, static=True, max_len=prompt + new + 1,
+                dec = Decoder(model, backend=backend, static=True, max_len=prompt + new,
                               cuda_graph=not compiled) if static else Decoder(model, backend)
                 row["static"] = static
                 row["ops_per_step"] = step_ops(dec.graph, dec.step.aux)
@@ -360,19 +430,8 @@ def bench_decode(path, preset, sets, args, clock: Clock) -> Dict[str, Any]:
                 vocab = model.graph.outputs["logits"].type.shape[-1]
                 g = torch.Generator().manual_seed(1)
                 ids = torch.randint(0, vocab, (B, prompt), generator=g).to(clock.device)
-                per_token: List[float] = []
-                for rep in range(args.warmup + 1):
-                    state = dec.init_state(B)
-                    logits, state = step_fn(ids, state)
-                    nxt = logits[:, -1:].argmax(-1)
-                    times = []
-                    for _ in range(new):
-                        def one():
-                            nonlocal logits, state
-                            logits, state = step_fn(nxt, state)
-                        times.append(clock.time(one))
-                        nxt = logits[:, -1:].argmax(-1)
-                    per_token = times
+                with _quiet_dynamo():
+                    per_token = _decode_times(step_fn, dec, ids, new, args.warmup, clock)
                 med = statistics.median(per_token)
                 if static:
                     row["cuda_graph"] = bool(dec.cuda_graph)
@@ -382,53 +441,77 @@ def bench_decode(path, preset, sets, args, clock: Clock) -> Dict[str, Any]:
             except Exception as e:
                 row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
             rows.append(row)
-    return {"prompt": prompt, "configs": rows}
+            on_row("decode", row)
+    return out
 
 
 # -- report ------------------------------------------------------------------------------------
 def table(result: Dict[str, Any]) -> str:
     m = result["machine"]
-    lines = [f"lmc bench  {result['model']}  preset={result['preset']}  on {m['device']} "
-             f"({m['timing']}; torch {m['torch']}, triton {m['triton']}, {result['date']})",
-             f"device peaks: copy {result['peaks']['copy_GBps']:.1f} GB/s, matmul "
-             f"{result['peaks']['matmul_TFLOPs']:.3f} TFLOP/s ({result['peaks']['matmul_dtype']})"]
+    p = result["peaks"]
+    lines = [f"lmc bench  {result['model']}  preset={result['preset']}  "
+             f"precision={result['precision']}"
+             + (f"  --disable {','.join(result['disable'])}" if result.get("disable") else ""),
+             f"on {m['device']}: {m['timing']}; torch {m['torch']}, triton {m['triton']}; "
+             f"{result['date']}",
+             f"device peaks: copy {p['copy_GBps']:.1f} GB/s, matmul "
+             f"{p['matmul_TFLOPs']:.3f} TFLOP/s ({p['matmul_dtype']})"]
+    if result.get("quick"):
+        lines.append("--quick: one step per configuration and no warm-up: these figures check "
+                     "the harness, they do not compare configurations (the first row also "
+                     "pays one-off start-up)")
+    lmc_name = "lmc" + (f" (-{','.join(result['disable'])})" if result.get("disable") else "")
     if "train" in result:
         t = result["train"]
         base = next((r for r in t["configs"] if r["name"] == "lmc" and "error" not in r), None)
-        lines += ["", f"train  B={t['batch_size']} T={t['seq_len']}",
+        lines += ["", f"train  B={t['batch_size']} T={t['seq_len']}: median of "
+                  f"{result['steps']} step(s) after {result['warmup']} warm-up; vs lmc: the "
+                  "row's tokens/s over lmc's (above 1 on an 'lmc -PASS' row: the pass slows "
+                  "the step)",
                   f"  {'configuration':<32}{'tokens/s':>12}{'step ms':>10}{'peak GiB':>10}"
                   f"{'vs lmc':>8}"]
         for r in t["configs"]:
+            name = lmc_name if r["name"] == "lmc" else r["name"]
             if "error" in r:
-                lines.append(f"  {r['name']:<32}  failed: {r['error']}")
+                lines.append(f"  {name:<32}  failed: {r['error']}")
                 continue
             rel = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else ""
             pk = f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "-"
-            lines.append(f"  {r['name']:<32}{r['tokens_per_s']:>12,.0f}"
+            lines.append(f"  {name:<32}{_rate(r['tokens_per_s']):>12}"
                          f"{r['median_step_s'] * 1e3:>10.1f}{pk:>10}{rel:>8}")
+        if not any(r.get("peak_gib") is not None for r in t["configs"]):
+            lines.append("  (peak GiB: measured by CUDA's allocator, on a GPU only)")
         if t["kernels"]:
-            lines += ["", "  top kernels of one lmc step (share of step, achieved bandwidth, "
-                      "FLOP/s; fraction of device peak)"]
+            lines += ["", "  top kernels of one lmc step, each launch timed alone (fwd/bwd: "
+                      "forward or backward graph; launches; achieved bandwidth and FLOP/s, "
+                      "as a fraction of the device peaks)",
+                      f"  {'share':>6}  {'kernel':<40} {'graph':<5} {'launch':>6} "
+                      f"{'bandwidth':>10}"]
             for r in t["kernels"][:10]:
                 fl = (f"  {r['TFLOPs']:.3g} TFLOP/s ({r['flops_of_peak']:.1%})"
                       if r["TFLOPs"] else "")
-                lines.append(f"  {r['share']:>6.1%}  {r['kernel']:<40} {r['graph'][:3]} "
-                             f"{r['launches']:>3}x {r['GBps']:9.3g} GB/s "
-                             f"({r['bandwidth_of_peak']:.1%}){fl}")
+                lines.append(f"  {r['share']:>6.1%}  {r['kernel']:<40} "
+                             f"{r['graph'][0] + 'wd':<5} {r['launches']:>6} "
+                             f"{r['GBps']:6.3g} GB/s ({r['bandwidth_of_peak']:.1%}){fl}")
     if "decode" in result:
-        lines += ["", f"decode  prompt {result['decode']['prompt']} tokens, then one at a time",
+        d = result["decode"]
+        lines += ["", f"decode  a {d['prompt']}-token prompt, then {d.get('new_tokens', '?')} "
+                  "tokens one at a time (median per token"
+                  + (f", after {result['warmup']} warm-up round(s)" if result['warmup'] else "")
+                  + ")",
                   f"  {'configuration':<32}{'batch':>6}{'tokens/s':>12}{'ms/token':>10}"
                   f"{'ops/step (fused + torch)':>27}"]
-        for r in result["decode"]["configs"]:
+        for r in d["configs"]:
+            name = lmc_name if r["name"] == "lmc" else r["name"]
             if "error" in r:
-                lines.append(f"  {r['name']:<32}{r['batch']:>6}  failed: {r['error']}")
+                lines.append(f"  {name:<32}{r['batch']:>6}  failed: {r['error']}")
                 continue
             ops = r.get("ops_per_step")
             copies = ops.get("state_copies", 0) if ops and r.get("static") else 0
             pos = ops.get("positions", 0) if ops and r.get("static") else 0
             ops = (f"{ops['fused']} + {ops['torch']}" + (f" + {pos} pos" if pos else "")
                    + (f" + {copies} copies" if copies else "") if ops else "-")
-            lines.append(f"  {r['name']:<32}{r['batch']:>6}{r['tokens_per_s']:>12,.1f}"
+            lines.append(f"  {name:<32}{r['batch']:>6}{_rate(r['tokens_per_s']):>12}"
                          f"{r['latency_ms']:>10.2f}{ops:>27}")
     return "\n".join(lines)
 
@@ -456,10 +539,16 @@ def charts(result: Dict[str, Any], out: str) -> List[str]:
         if ks:
             fig, ax = plt.subplots(figsize=(9, 0.5 + 0.35 * len(ks)))
             colors = {"matmul": "#dd8452", "reduction": "#55a868", "pointwise": "#4c72b0"}
+            other = "#8172b3"        # attention, MoE and the other templates
             ax.barh([f"{k['kernel'][:40]} ({k['graph'][0]})" for k in ks],
                     [100 * k["share"] for k in ks],
-                    color=[colors.get(k["kind"], "#8172b3") for k in ks])
+                    color=[colors.get(k["kind"], other) for k in ks])
             ax.invert_yaxis()
+            from matplotlib.patches import Patch
+            kinds = dict.fromkeys(k["kind"] if k["kind"] in colors else "template"
+                                  for k in ks)
+            ax.legend(handles=[Patch(color=colors.get(kd, other), label=kd) for kd in kinds],
+                      fontsize=8, loc="lower right")
             ax.set_xlabel("% of one lmc training step (f: forward, b: backward)")
             ax.set_title(f"{result['model']}: top kernels\n{note}", fontsize=9)
             fig.tight_layout()
@@ -491,10 +580,17 @@ def report_md(result: Dict[str, Any], pngs: Sequence[str]) -> str:
 
 
 # -- entry -------------------------------------------------------------------------------------
-def _check_up_front(args, max_seq) -> None:
-    """What would fail only after minutes of measuring: sizes past the model's max_seq, an
-    --out that cannot be written (the CLI has checked the counts and an --out that is a
-    file)."""
+OUR_FILES = ("bench.json", "report.md", "bench_train.png", "bench_kernels.png",
+             "bench_decode.png")
+
+
+def _check_up_front(args, max_seq, clock: Clock) -> None:
+    """What would fail only after minutes of measuring: sizes past the model's max_seq, bf16
+    on a CPU, an --out that cannot be written or holds an earlier run (the CLI has checked
+    the counts and an --out that is a file)."""
+    if not clock.cuda and args.precision == "bf16":
+        raise UsageError("--precision bf16 needs a GPU: Triton's interpreter computes bf16 on "
+                         "its bit patterns (on a CPU use f16 or f32)")
     if max_seq is not None:
         if args.mode in ("train", "both") and args.seq_len > max_seq:
             raise LmcError(f"--seq-len {args.seq_len} exceeds the model's max_seq {max_seq}")
@@ -502,6 +598,10 @@ def _check_up_front(args, max_seq) -> None:
             raise LmcError(f"--decode-tokens {args.decode_tokens} after the "
                            f"{DECODE_PROMPT}-token prompt exceeds the model's max_seq "
                            f"{max_seq}")
+    held = [f for f in OUR_FILES if os.path.exists(os.path.join(args.out, f))]
+    if held and not args.overwrite:
+        raise UsageError(f"--out {args.out} holds an earlier run ({held[0]}): give another "
+                         "--out, or --overwrite to replace it")
     try:
         os.makedirs(args.out, exist_ok=True)
     except OSError as e:
@@ -511,11 +611,10 @@ def _check_up_front(args, max_seq) -> None:
 
 
 def run(args, command: str) -> Dict[str, Any]:
-    import triton
-
     from .driver import compile_model
 
     if args.quick:
+        args.quick_preset = args.preset is None
         args.preset = args.preset or "tiny"
         args.batch_size = args.batch_size or 2
         args.seq_len = args.seq_len or 16
@@ -535,29 +634,104 @@ def run(args, command: str) -> Dict[str, Any]:
     if bad:
         raise UsageError(f"--disable {bad[0]}: not a fusion pass (fusion passes: "
                        f"{', '.join(fusion_names())})")
-    compiled = compile_model(args.file, args.preset, args.set)
-    _check_up_front(args, compiled.graph.meta.get("config", {}).get("max_seq"))
+    try:
+        compiled = compile_model(args.file, args.preset, args.set)
+    except LmcError as e:
+        if getattr(args, "quick_preset", False) and "unknown preset 'tiny'" in e.message:
+            raise LmcError(f"{e.message}; --quick takes the tiny preset: name another with "
+                           "--preset", e.loc) from None
+        raise
+    _check_up_front(args, compiled.graph.meta.get("config", {}).get("max_seq"), clock)
     result: Dict[str, Any] = {
         "schema": SCHEMA_VERSION, "model": compiled.graph.name, "file": args.file,
         "preset": args.preset, "set": list(args.set or []), "command": command,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "precision": args.precision,
-        "machine": {"device": torch.cuda.get_device_name() if clock.cuda else
-                    f"CPU ({platform.machine()}, {os.cpu_count()} cores)",
-                    "timing": clock.label, "torch": torch.__version__,
-                    "triton": triton.__version__, "python": platform.python_version()},
+        "precision": args.precision, "mode": args.mode, "quick": bool(args.quick),
+        "disable": list(args.disable), "compare": list(args.compare),
+        "machine": _machine(clock),
+        "lmc": _lmc_version(),
         "steps": args.steps, "warmup": args.warmup,
+        "decode_tokens": args.decode_tokens, "decode_batch": args.decode_batch,
+        "complete": False,
     }
+    path = os.path.join(args.out, "bench.json")
+
+    def save():
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(result, f, indent=2)
+        os.replace(tmp, path)
+
+    def on_row(mode: str, row: Dict[str, Any]):
+        """Each configuration as it is measured: a line on stderr and bench.json rewritten,
+        so a run cut short (a time limit) keeps what it measured."""
+        if "error" in row:
+            what = f"failed: {row['error']}"
+        else:
+            what = f"{_rate(row['tokens_per_s'])} tokens/s"
+        at = f" B={row['batch']}" if "batch" in row else ""
+        print(f"bench: {mode} {row['name']}{at}: {what}", file=sys.stderr, flush=True)
+        save()
+
+    for f in OUR_FILES:            # an earlier run's files (--overwrite) go first: a chart
+        fp = os.path.join(args.out, f)      # this run does not draw must not stay beside it
+        if os.path.exists(fp):
+            os.remove(fp)
     result["peaks"] = device_peaks(clock, args.quick)
+    save()
     if args.mode in ("train", "both"):
-        result["train"] = bench_train(args.file, args.preset, args.set, args, clock,
-                                      result["peaks"])
+        result["train"] = {}        # filled as each configuration is measured
+        bench_train(args.file, args.preset, args.set, args, clock, result["peaks"], on_row,
+                    result["train"])
     if args.mode in ("decode", "both"):
-        result["decode"] = bench_decode(args.file, args.preset, args.set, args, clock)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "bench.json"), "w") as f:
-        json.dump(result, f, indent=2)
+        result["decode"] = {}
+        bench_decode(args.file, args.preset, args.set, args, clock, on_row, result["decode"])
+    result["complete"] = True
+    save()
     pngs = charts(result, args.out)
     with open(os.path.join(args.out, "report.md"), "w") as f:
         f.write(report_md(result, pngs))
     return result
+
+
+def _rate(x: float) -> str:
+    """A tokens/s figure: whole numbers when large, three significant digits when small (a
+    CPU's few tokens/s)."""
+    return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
+
+
+def _machine(clock: Clock) -> Dict[str, Any]:
+    import triton
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f
+                        if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"device": torch.cuda.get_device_name() if clock.cuda else
+            f"CPU ({platform.machine()}, {os.cpu_count()} cores)",
+            "cpu": cpu, "torch_threads": torch.get_num_threads(),
+            "timing": clock.label, "torch": torch.__version__,
+            "triton": triton.__version__, "python": platform.python_version()}
+
+
+def _lmc_version() -> Dict[str, Any]:
+    """lmc's version and, in a git checkout, its commit (and whether the tree had changes)."""
+    import subprocess
+
+    from . import __version__
+    out: Dict[str, Any] = {"version": __version__}
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True,
+                              text=True, timeout=10)
+        if head.returncode == 0:
+            out["commit"] = head.stdout.strip()
+            dirty = subprocess.run(["git", "-C", here, "status", "--porcelain",
+                                    "--untracked-files=no"], capture_output=True, text=True,
+                                   timeout=10)
+            out["dirty"] = bool(dirty.stdout.strip()) if dirty.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return out

@@ -457,16 +457,22 @@ def cmd_bench(args) -> int:
     _import_blocks(args.imports)
     if args.compare is None:
         args.compare = "eager" if args.quick else "eager,compile"
-    args.compare = [c.strip() for c in args.compare.split(",") if c.strip()]
-    bad = [c for c in args.compare if c not in ("eager", "compile")]
-    if bad:
-        raise LmcError(f"--compare {bad[0]!r}: choose from eager, compile")
+    args.compare = [c.strip() for c in args.compare.split(",")]
+    if args.compare == ["none"]:
+        args.compare = []
+    else:
+        bad = [c for c in args.compare if c not in ("eager", "compile")]
+        if bad:
+            raise UsageError(f"--compare {bad[0]!r}: choose from eager, compile (or none)")
     for name, v, lo in (("--batch-size", args.batch_size, 1), ("--seq-len", args.seq_len, 1),
                         ("--steps", args.steps, 1), ("--warmup", args.warmup, 0),
                         ("--decode-tokens", args.decode_tokens, 1),
                         ("--decode-batch", args.decode_batch, 1)):
         if v is not None and v < lo:
             raise LmcError(f"{name} must be >= {lo}, got {v}")
+    if args.out is None:
+        args.out = os.path.join("runs", "bench",
+                                os.path.splitext(os.path.basename(args.file))[0])
     if os.path.exists(args.out) and not os.path.isdir(args.out):   # before measuring
         raise LmcError(f"--out {args.out}: exists and is not a directory")
     command = "lmc " + " ".join(shlex.quote(a) for a in args.argv)
@@ -663,28 +669,38 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="measure what fusion buys: lmc vs eager vs torch.compile, "
                        "each fusion pass's share, top kernels", description=cmd_bench.__doc__)
     b.add_argument("file", help="model YAML file")
-    b.add_argument("--preset")
+    b.add_argument("--preset", help="a named override set of the file (default: none; "
+                                    "--quick: tiny)")
     b.add_argument("--set", nargs="+", action="extend", metavar="KEY=VALUE")
-    b.add_argument("--mode", choices=["train", "decode", "both"], default="both")
+    b.add_argument("--mode", choices=["train", "decode", "both"], default="both",
+                   help="what to measure (default both)")
     b.add_argument("--batch-size", type=int, help="training batch (default 16; --quick 2)")
     b.add_argument("--seq-len", type=int, help="training length (default 1024; --quick 16)")
     b.add_argument("--disable", action="append", default=[], metavar="PASS",
                    help="leave a fusion pass out of every lmc configuration")
     b.add_argument("--compare", default=None,
-                   help="baselines: the oracle in eager torch and/or under torch.compile "
-                        "(default eager,compile; with --quick eager: Dynamo traces the "
-                        "oracle for minutes on a CPU)")
+                   help="baselines: the oracle in eager torch and/or under torch.compile, "
+                        "or none (default eager,compile; with --quick eager: Dynamo traces "
+                        "the oracle for minutes on a CPU)")
     b.add_argument("--precision", choices=["f32", "bf16", "f16"],
                    help="default bf16 on CUDA, f32 on CPU")
     b.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
-    b.add_argument("--warmup", type=int, default=3)
+    b.add_argument("--warmup", type=int, default=3,
+                   help="untimed steps first (default 3; decode: rounds)")
     b.add_argument("--decode-tokens", type=int, default=64, help="timed decode steps")
     b.add_argument("--decode-batch", type=int, default=8, help="the larger decode batch")
-    b.add_argument("--out", default="runs/bench", metavar="DIR")
+    b.add_argument("--out", metavar="DIR",
+                   help="where bench.json, report.md and the charts go (default "
+                        "runs/bench/<model file's name>); one holding an earlier run is "
+                        "refused unless --overwrite. bench.json is rewritten as each "
+                        "configuration is measured")
+    b.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier run's files in --out")
     b.add_argument("--quick", action="store_true",
-                   help="the tiny preset, B=2 T=16, 1 timed step and no warm-up, 2 decode "
-                        "tokens (overrides --steps/--warmup): checks the harness in well "
-                        "under a minute on a CPU")
+                   help="the tiny preset, B=2 T=16, 1 timed step and no warm-up, at most 2 "
+                        "decode tokens and a decode batch of 2 (overrides --steps, --warmup, "
+                        "--decode-tokens, --decode-batch): checks the harness on a CPU "
+                        "(llama about 25 s); its figures do not compare configurations")
     b.add_argument("--import", dest="imports", action="append", metavar="PY")
     b.set_defaults(fn=cmd_bench)
 

@@ -162,3 +162,95 @@ def test_decode_runs_in_the_given_precision(tmp_path, capsys, monkeypatch):
     assert r["precision"] == "f16"
     assert all("error" not in c and c["tokens_per_s"] > 0 for c in r["decode"]["configs"])
     assert len(seen) == 4 and all(s == {"f16"} for s in seen), seen
+
+
+def test_an_earlier_run_is_kept_unless_overwrite_and_decode_honours_disable(tmp_path, capsys):
+    """An --out holding a run is refused before measuring (nothing touched); --overwrite
+    replaces it, removing an earlier chart this run does not draw and nothing else. --disable
+    applies to lmc's decode step too (it used to be silently ignored there)."""
+    import lmc
+    from lmc.bench import step_ops
+    from lmc.runtime.decoder import Decoder
+
+    out = tmp_path / "b"
+    out.mkdir()
+    (out / "bench.json").write_text("earlier")
+    (out / "bench_train.png").write_text("earlier chart")
+    (out / "notes.txt").write_text("mine")
+    args = ["bench", LLAMA, "--quick", "--mode", "decode", "--compare", "none",
+            "--disable", "fuse_matmul", "--out", str(out)]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds an earlier run (bench.json)" in err[0] \
+        and "--overwrite" in err[0], err
+    assert (out / "bench.json").read_text() == "earlier"
+    assert main(args + ["--overwrite"]) == 0
+    r = json.loads((out / "bench.json").read_text())
+    assert r["complete"] and r["disable"] == ["fuse_matmul"] and r["compare"] == []
+    assert r["lmc"]["version"] and r["machine"]["torch_threads"] >= 1
+    assert not (out / "bench_train.png").exists() and (out / "bench_decode.png").exists()
+    assert (out / "notes.txt").read_text() == "mine"
+    rows = r["decode"]["configs"]
+    assert [c["name"] for c in rows] == ["lmc", "lmc"]
+    m = lmc.load(LLAMA, preset="tiny", backend="triton").eval()
+    full = step_ops(Decoder(m, backend="triton").graph)
+    m.disable = ("fuse_matmul",)
+    without = step_ops(Decoder(m, backend="triton").graph)
+    assert without != full
+    assert all(c["disable"] == ["fuse_matmul"] and
+               {k: c["ops_per_step"][k] for k in without} == without for c in rows), rows
+    assert "lmc (-fuse_matmul)" in capsys.readouterr().out
+
+
+def test_bf16_on_a_cpu_is_refused_before_measuring(tmp_path, capsys):
+    out = tmp_path / "b"
+    assert main(["bench", LLAMA, "--quick", "--precision", "bf16", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--precision bf16 needs a GPU" in err[0], err
+    assert not (out / "bench.json").exists()
+
+
+def test_a_run_cut_short_keeps_the_rows_it_measured(tmp_path, monkeypatch, capsys):
+    """bench.json is rewritten after each configuration (a phase under a time limit keeps what
+    it measured): cut during the second decode row, the first is there, marked incomplete."""
+    from lmc import bench
+
+    real, calls = bench._decode_times, []
+
+    def cut(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(bench, "_decode_times", cut)
+    out = tmp_path / "b"
+    assert main(["bench", LLAMA, "--quick", "--mode", "decode", "--out", str(out)]) != 0
+    r = json.loads((out / "bench.json").read_text())
+    assert r["complete"] is False
+    assert [(c["name"], c["batch"]) for c in r["decode"]["configs"]] == [("lmc", 1)]
+    assert r["decode"]["configs"][0]["tokens_per_s"] > 0
+    assert "bench: decode lmc B=1: " in capsys.readouterr().err
+
+
+def test_moe_kernel_flops_count_the_routed_tokens_only():
+    """An MoE kernel's body is the dense oracle form; its flops count k of E experts per
+    token (blues01 tiny: E=4, k=2), the router in full."""
+    import lmc
+    from lmc.bench import kernel_flops
+    from lmc.ir.ops import Op
+    from lmc.ops.reference import RefCtx
+    from lmc.passes.loss import with_loss
+    from lmc.runtime.module import LmcModel
+
+    base = lmc.load(os.path.join(ZOO, "blues01.yaml"), preset="tiny")
+    m = LmcModel(with_loss(base.graph), grad_outputs=["loss"], backend="triton")
+    fwd = m.program().forward_exec.graph
+    moe = next(n for n in fwd.nodes if n.op is Op.FUSED and n.attrs["kind"] == "moe_layer")
+    opts = moe.attrs["body"].meta["options"]
+    assert (opts["E"], opts["k"]) == (4, 2)
+    ctx = RefCtx(dims={"B": 2, "T": 8})
+    d = 64
+    N = 16
+    router = 2 * N * d * opts["E"]
+    experts = 3 * 2 * N * d * d * opts["k"]     # gate, up and down per chosen expert
+    assert kernel_flops(moe, ctx) == router + experts

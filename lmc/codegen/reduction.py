@@ -304,6 +304,23 @@ def generate(body: Graph, name: str) -> str:
                 store_per_row(o, "    ")
 
     at_shift: Dict[tuple, str] = {}
+    names: Set[str] = set()
+
+    def load_row(x: Node, col: str, mask: str) -> str:
+        """Input x's elements of the block's rows at columns `col`, in fp32."""
+        i = p.inputs.index(x)
+        load = (f"tl.load(in{i}_ptr + (in{i}_row[:, None] + {col}[None, :] * in{i}_sax), "
+                f"mask={mask}, other=0)")
+        return load + ".to(tl.float32)" if x.type.dtype in (DType.f16, DType.bf16) else load
+
+    def fresh(name: str) -> str:
+        """A name not yet given in this pass (a value at one shift under two masks)."""
+        k, out = 0, name
+        while out in names:
+            k += 1
+            out = f"{name}_{k}"
+        names.add(out)
+        return out
 
     def shifted(m: Node, shift: int, mask: str, ind: str) -> str:
         """m's value at the chunk's columns + `shift` (a concat's piece: its columns, and a
@@ -320,17 +337,12 @@ def generate(body: Graph, name: str) -> str:
         if key in at_shift:
             return at_shift[key]
         col = "cols" if shift == 0 else f"(cols {'+' if shift > 0 else '-'} {abs(shift)})"
-        t = f"{index[m]}_{'m' if shift < 0 else ''}{abs(shift)}"
+        at = f"{'m' if shift < 0 else ''}{abs(shift)}"     # names: <value>_<shift>
         if m.op is Op.INPUT:
-            i = p.inputs.index(m)
-            t = f"{i}_{'m' if shift < 0 else ''}{abs(shift)}"      # v<input>_<shift>
-            load = (f"tl.load(in{i}_ptr + (in{i}_row[:, None] + {col}[None, :] * in{i}_sax), "
-                    f"mask={mask}, other=0)")
-            if m.type.dtype in (DType.f16, DType.bf16):
-                load += ".to(tl.float32)"
-            lines.append(f"{ind}v{t} = {load}")
-            at_shift[key] = f"v{t}"
-            return at_shift[key]
+            v = fresh(f"v{p.inputs.index(m)}_{at}")
+            lines.append(f"{ind}{v} = {load_row(m, col, mask)}")
+            at_shift[key] = v
+            return v
         if m.op is Op.SLICE:
             at_shift[key] = shifted(m.inputs[0], shift + m.attrs["start"], mask, ind)
             return at_shift[key]
@@ -342,21 +354,24 @@ def generate(body: Graph, name: str) -> str:
             pieces = []
             for j, x in enumerate(m.inputs):
                 lo, hi = bounds[j], bounds[j + 1]
-                lines.append(f"{ind}m{t}_{j} = {mask} & (({col} >= {lo}) & ({col} < {hi}))"
+                mj = fresh(f"m{index[m]}_{at}_{j}")
+                lines.append(f"{ind}{mj} = {mask} & (({col} >= {lo}) & ({col} < {hi}))"
                              f"[None, :]  # concat piece [{lo}, {hi}) along axis {ax}")
-                pieces.append(shifted(x, shift - lo, f"m{t}_{j}", ind))
+                pieces.append(shifted(x, shift - lo, mj, ind))
             expr = pieces[-1]
             for v, lo in zip(reversed(pieces[:-1]), reversed(bounds[1:-1])):
                 expr = f"tl.where(({col} < {lo})[None, :], {v}, {expr})"
-            lines.append(f"{ind}c{t} = {expr}  # concat -> {m.type}")
-            at_shift[key] = f"c{t}"
-            return at_shift[key]
+            c = fresh(f"c{index[m]}_{at}")
+            lines.append(f"{ind}{c} = {expr}  # concat -> {m.type}")
+            at_shift[key] = c
+            return c
         if m.op in RED_OPS or m.op in SCAN_OPS:
             raise AssertionError(f"internal: a {m.op.value} at shifted columns")
         e = _expr(m, [shifted(x, shift, mask, ind) for x in m.inputs])
-        lines.append(f"{ind}s{t} = {e}  # {m.op.value} -> {m.type}")
-        at_shift[key] = f"s{t}"
-        return at_shift[key]
+        v = fresh(f"s{index[m]}_{at}")
+        lines.append(f"{ind}{v} = {e}  # {m.op.value} -> {m.type}")
+        at_shift[key] = v
+        return v
 
     emit_per_row(0)
     for k in range(1, p.passes + 1):
@@ -393,11 +408,7 @@ def generate(body: Graph, name: str) -> str:
                 continue
             if m.op is Op.INPUT:
                 i = p.inputs.index(m)
-                load = (f"tl.load(in{i}_ptr + (in{i}_row[:, None] + cols[None, :] * in{i}_sax),"
-                        f" mask=m2, other=0)")
-                if m.type.dtype in (DType.f16, DType.bf16):
-                    load += ".to(tl.float32)"
-                lines.append(f"{ind}v{i} = {load}")
+                lines.append(f"{ind}v{i} = {load_row(m, 'cols', 'm2')}")
                 rowval[m] = f"v{i}"
                 continue
             t = index[m]
@@ -430,6 +441,7 @@ def generate(body: Graph, name: str) -> str:
         for m in needed:
             rowval.pop(m, None)
         at_shift.clear()
+        names.clear()
         emit_per_row(k)
     if p.columns:
         lines = ["    " + ln for ln in lines]
