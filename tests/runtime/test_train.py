@@ -179,7 +179,33 @@ def test_vocab_smaller_than_tokenizer_is_refused(tmp_path, corpus, capsys):
                str(tmp_path / "v"), "--steps", "1"])
     err = capsys.readouterr().err
     assert rc == 2 and "vocab (512) is smaller than tokenizer 'cl100k_base'" in err
-    assert "--set vocab=100288" in err
+    assert "--set vocab=100288" in err and "(bytes: 257 tokens)" in err
+
+
+def test_the_bytes_tokenizer_trains_and_generates_a_tiny_preset(tmp_path, corpus, capsys):
+    """--tokenizer bytes (UTF-8 bytes, 257 ids): the tiny preset (vocab 512) trains with no
+    --set vocab, the checkpoint records it, and --generate decodes what it samples (ids the
+    tokenizer lacks, 257..511, are never sampled: random weights would pick them half the
+    time)."""
+    from lmc.runtime.data import get_tokenizer
+    enc = get_tokenizer("bytes")
+    text = "héllo\n"
+    assert enc.encode_ordinary(text) == list(text.encode()) and enc.n_vocab == 257
+    assert enc.decode(enc.encode_ordinary(text) + [enc.eot_token]) == text
+    out = tmp_path / "b"
+    small = ["--preset", "tiny", "--set", "d=32", "heads=2", "ffn=64"]     # vocab 512
+    assert main(["run", LLAMA, "--train", *small, "--data", corpus, "--out", str(out),
+                 "--batch-size", "4", "--seq-len", "16", "--no-progress", "--steps", "2",
+                 "--tokenizer", "bytes"]) == 0
+    capsys.readouterr()
+    meta = json.loads((out / "ckpt-0000002" / "meta.json").read_text())
+    assert meta["tokenizer"] == "bytes"
+    for ck in ([], ["--checkpoint", str(out)]):   # random weights, then the trained ones
+        assert main(["run", LLAMA, "--generate", *small, "--tokenizer", "bytes", "--prompt",
+                     "ab", "--max-new-tokens", "40", "--seed", "1", "--temperature", "1",
+                     *ck]) == 0, ck
+        got = capsys.readouterr()
+        assert got.out.startswith("ab") and "40 tokens in" in got.err, got
 
 
 def test_unavailable_tokenizer_names_the_cache_dir(tmp_path, corpus, capsys, monkeypatch):
