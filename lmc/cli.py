@@ -140,8 +140,11 @@ def cmd_run(args) -> int:
     --prompt from it (--generate, a checkpoint's weights with --checkpoint)."""
     import math
 
-    from .runtime.train import TrainConfig, resume_run_dir, train
+    from .runtime.train import TrainConfig, recorded_imports, resume_run_dir, train
 
+    if not args.imports and (args.resume or args.checkpoint):   # the run's Python blocks
+        args.imports = recorded_imports(args.resume or args.checkpoint,
+                                        "--resume" if args.resume else "--checkpoint")
     _import_blocks(args.imports)
     if args.generate and args.train:
         raise LmcError("lmc run takes --train or --generate, not both")
@@ -182,7 +185,8 @@ def cmd_run(args) -> int:
                     freeze=list(args.freeze) if args.freeze is not None
                     else list(was.get("freeze") or []),
                     precision=args.precision or was.get("precision"), device=args.device,
-                    overwrite=args.overwrite, progress=not args.no_progress)
+                    overwrite=args.overwrite, progress=not args.no_progress,
+                    imports=[os.path.abspath(p) for p in args.imports or []])
     s = train(args.file, preset, overrides, c)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
@@ -340,6 +344,8 @@ def _generate(args) -> int:
         dec = Decoder(model, static=True, max_len=len(prompt) + args.max_new_tokens)
     else:
         dec = Decoder(model)
+    if static:
+        dec._tell()    # why there is no CUDA graph, now: not on stderr inside the streamed text
     out = codecs.getincrementaldecoder("utf-8")(errors="replace")
     sys.stdout.write(args.prompt)
     sys.stdout.flush()

@@ -140,6 +140,23 @@ def _caller_loc() -> Optional[Loc]:
     return Loc(f.f_code.co_filename, f.f_lineno, 1) if f is not None else None
 
 
+def _block_error(name: str, e: Exception, called: Optional[Loc]) -> LmcError:
+    """A Python exception from a block's function, as one error at the block's line that
+    raised it (the innermost frame outside lmc), naming where the block was called."""
+    import traceback
+    here = os.path.dirname(os.path.dirname(__file__)) + os.sep
+    frames = [f for f in traceback.extract_tb(e.__traceback__)
+              if not f.filename.startswith(here)]
+    msg = f"block {name} raised {type(e).__name__}: {e}"
+    if not frames:
+        return LmcError(msg, called)
+    f = frames[-1]
+    at = Loc(f.filename, f.lineno or 1, (getattr(f, "colno", None) or 0) + 1)   # (3.11+)
+    if called is not None and called.file != at.file:
+        msg += f" (called at {os.path.basename(called.file)}:{called.line})"
+    return LmcError(msg, at)
+
+
 class Builder:
     """Creates nodes in one scope (the model, or one block instance)."""
 
@@ -606,7 +623,7 @@ class Builder:
         except LmcError:
             raise
         except Exception as e:  # a bug in a user's Python block: say where, not a traceback
-            raise LmcError(f"block {bdef.name} raised {type(e).__name__}: {e}", where) from e
+            raise _block_error(bdef.name, e, where) from e
         multi = isinstance(result, (tuple, list))
         outs = list(result) if multi else [result]
         for o in outs:

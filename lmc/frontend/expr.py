@@ -224,7 +224,12 @@ class Evaluator:
         name = node.func.id
         fn = self.funcs.get(name)
         if fn is None:
-            raise self.error(node.func, f"unknown function {name!r}")
+            import difflib
+            close = difflib.get_close_matches(name, list(self.funcs), n=1, cutoff=0.8)
+            hint = (f"did you mean {close[0]!r}?" if close else
+                    "not a built-in or a block of this file; a Python block's file is given "
+                    "with --import")
+            raise self.error(node.func, f"unknown function {name!r} ({hint})")
         args = [self.eval(a) for a in node.args]
         kwargs = {}
         for kw in node.keywords:

@@ -69,6 +69,7 @@ class TrainConfig:
     freeze: List[str] = field(default_factory=list)   # fnmatch patterns of frozen parameters
     overwrite: bool = False          # replace a run already in `out` (else refused)
     progress: bool = True
+    imports: List[str] = field(default_factory=list)   # --import files (absolute), recorded
     extra: Dict[str, Any] = field(default_factory=dict)
 
 
@@ -313,6 +314,24 @@ def checkpoint_dir(path: str, flag: str = "--checkpoint") -> str:
                    "nor a ckpt-* directory holding model.safetensors")
 
 
+def recorded_imports(path: str, flag: str) -> List[str]:
+    """The --import files the run at `path` (a run or ckpt-* directory) was trained with,
+    from its checkpoint's meta.json: a resumed run, or --generate from it, needs its Python
+    blocks again. One that is gone is an error naming it."""
+    try:
+        with open(os.path.join(checkpoint_dir(path, flag), "meta.json"), encoding="utf-8") as f:
+            got = json.load(f).get("imports") or []
+    except (OSError, ValueError, AttributeError, LmcError):
+        return []           # no such checkpoint, or an older one: the later checks say so
+    if not isinstance(got, list) or not all(isinstance(x, str) for x in got):
+        return []
+    for p in got:
+        if not os.path.isfile(p):
+            raise LmcError(f"{flag} {path}: the run imported its blocks from {p}, which is "
+                           "gone: give the file's new place with --import")
+    return got
+
+
 def is_checkpoint(path: str) -> bool:
     """A ckpt-* directory (weights and training state), not a run directory."""
     return os.path.isfile(os.path.join(path, "state.pt")) and \
@@ -496,7 +515,7 @@ def train(path: str, preset: Optional[str], overrides, c: TrainConfig) -> Dict[s
     sets = [f"{k}={v}" for k, v in overrides.items()] if isinstance(overrides, dict) \
         else list(overrides or [])
     ckpt_meta = {"tokenizer": c.tokenizer, "model": os.path.abspath(path), "preset": preset,
-                 "overrides": sets}
+                 "overrides": sets, "imports": list(c.imports)}
 
     from ..driver import compile_model
     from .module import LmcModel

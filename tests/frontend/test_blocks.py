@@ -90,6 +90,26 @@ def test_python_block_error_points_at_python_line(tmp_path):
         unregister("bad_block")
 
 
+def test_a_python_exception_in_a_block_points_at_its_line(tmp_path):
+    """A plain Python mistake in a block (a misspelt builder method) is reported at the
+    block's line that raised it, naming the YAML call site (it was the call site alone)."""
+    import inspect
+
+    @lmc.block
+    def typo_block(b, x):
+        return b.gleu(x)
+    line = inspect.getsourcelines(typo_block)[1] + 2
+    try:
+        path = _write(tmp_path, MODEL.replace("BLOCK", "typo_block"))
+        with pytest.raises(lmc.LmcError) as e:
+            lmc.load(path)
+        assert e.value.loc.file == __file__ and e.value.loc.line == line, e.value.format()
+        assert "block typo_block raised AttributeError" in e.value.message
+        assert "'gleu'" in e.value.message and "(called at m.yaml:" in e.value.message
+    finally:
+        unregister("typo_block")
+
+
 def test_builder_api_without_yaml():
     """The same builder builds graphs directly from Python."""
     from lmc.frontend.builder import Builder

@@ -300,7 +300,12 @@ def body_error(tmp_path, capsys, old, new, at, *words):
 
 def test_unknown_function(tmp_path, capsys):
     body_error(tmp_path, capsys, H, "      - h = frobnicate(x @ w1)", "frobnicate",
-               "unknown function 'frobnicate'")
+               "unknown function 'frobnicate'", "a Python block's file is given with --import")
+
+
+def test_a_misspelt_function_gets_the_closest_name(tmp_path, capsys):
+    body_error(tmp_path, capsys, H, "      - h = softmx(x @ w1)", "softmx",
+               "unknown function 'softmx' (did you mean 'softmax'?)")
 
 
 def test_unknown_function_in_config(tmp_path, capsys):

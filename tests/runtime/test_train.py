@@ -663,3 +663,38 @@ def test_train_from_a_checkpoint_starts_a_new_run_at_its_weights(tmp_path, corpu
     assert max((fresh[k] - src[k]).abs().max().item() for k in src) > 1e-3
     assert main([*new, "--checkpoint", str(a), "--resume", str(a)]) == 2
     assert "give one" in capsys.readouterr().err
+
+
+def test_a_run_remembers_the_python_blocks_it_imported(tmp_path, corpus, capsys):
+    """A model using a Python block trains with --import; --resume and --generate
+    --checkpoint import the same file again without being told (they failed with "unknown
+    function"); a file that has gone is named."""
+    blocks = tmp_path / "my_blocks.py"
+    blocks.write_text("import lmc\n\n\n@lmc.block\ndef scaled_ffn(b, x, *, d):\n"
+                      "    w = b.param('w', [d, d])\n    return b.silu(x @ w) * 0.5\n")
+    model = tmp_path / "m.yaml"
+    src = open(LLAMA).read()
+    old = "        - x = x + swiglu(rmsnorm(x, name='ffn_norm'), name='ffn')\n"
+    assert old in src
+    model.write_text(src.replace(old, "        - x = x + scaled_ffn(x, name='ffn')\n"))
+    out = tmp_path / "run"
+    common = [str(model), *TINY, "--data", corpus, "--batch-size", "2", "--seq-len", "16",
+              "--no-progress"]
+    from lmc.blocks import REGISTRY, unregister
+    try:
+        assert main(["run", "--train", *common, "--out", str(out), "--steps", "2",
+                     "--import", str(blocks)]) == 0
+        for call in (["run", "--train", *common, "--resume", str(out), "--steps", "3"],
+                     ["run", str(model), "--generate", "--checkpoint", str(out),
+                      "--max-new-tokens", "3"]):
+            unregister("scaled_ffn")          # a new process would not have it
+            assert main(call) == 0, call
+            assert "scaled_ffn" in REGISTRY
+        capsys.readouterr()
+        unregister("scaled_ffn")
+        blocks.rename(tmp_path / "moved.py")
+        assert main(["run", "--train", *common, "--resume", str(out), "--steps", "4"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"imported its blocks from {blocks}, which is gone" in err[0]
+    finally:
+        unregister("scaled_ffn")
