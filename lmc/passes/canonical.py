@@ -32,6 +32,16 @@ set of values,
 (lam constant along the keys: a scalar or [.., 1]; any sum or difference of such terms), so
 each map is an ordinary attention that fuse_rope_attention makes one flash-attention op and
 the decode pass reads over the cache, instead of two [B, H, T, T] maps stored and subtracted.
+
+A fixed decay written from positions (RetNet's D_ts = gamma^(t - s)):
+
+    L * (p_t - p_s),  p = [cast] iota(T),  L: [.., 1, 1] (a log-decay per head)
+
+becomes G_t - G_s with G = cumsum(expand(L, [.., T]), -1) (G_t = (t + 1) L), and a decay
+masked after its exp, where(causal_mask, exp(x), 0), becomes exp(where(causal_mask, x, -inf))
+(exp(-inf) = 0; the gradient no longer multiplies 0 by the exp of a large masked exponent):
+the canonical decayed linear attention fuse_linear_attention makes chunked and the decode pass
+decodes with a d_k x d_v state instead of a cache.
 """
 from __future__ import annotations
 
@@ -119,16 +129,84 @@ def _padded_window(n: Node):
     return pad, x, a, j, P
 
 
+def _positions(n: Node):
+    """n = [cast] iota(T) in a float dtype: T, else None."""
+    if n.op is Op.CAST and n.type.dtype.is_float:
+        n = n.inputs[0]
+    return n.attrs["length"] if n.op is Op.IOTA else None
+
+
+def _position_decay(n: Node):
+    """n = L * (reshape(p, [T, 1]) - reshape(p, [1, T])) (either order), p positions of
+    length T, L a float [.., 1, 1] with n of shape L's leading dims + [T, T]: (L, T)."""
+    if n.op is not Op.MUL or not n.type.dtype.is_float:
+        return None
+    for L, d in (n.inputs, n.inputs[::-1]):
+        if d.op is not Op.SUB or L.type.rank < 2 or tuple(L.type.shape[-2:]) != (1, 1):
+            continue
+        a, b = d.inputs
+        if a.op is not Op.RESHAPE or b.op is not Op.RESHAPE or a.inputs[0] is not b.inputs[0]:
+            continue
+        T = _positions(a.inputs[0])
+        if T is None or a.inputs[0].type.rank != 1 or \
+                tuple(a.type.shape) != (T, 1) or tuple(b.type.shape) != (1, T):
+            continue
+        if tuple(n.type.shape) != tuple(L.type.shape[:-2]) + (T, T) or \
+                L.type.dtype != n.type.dtype:
+            continue
+        return L, T
+    return None
+
+
+def _masked_after_exp(n: Node, users):
+    """n = where(causal_mask, exp(x), 0), the exp read by n only: (mask, x), else None."""
+    if n.op is not Op.WHERE:
+        return None
+    c, e, z = n.inputs
+    if c.op is not Op.CAUSAL_MASK or e.op is not Op.EXP or len(users.get(e, [])) != 1:
+        return None
+    if z.op is not Op.CONST or z.type.rank != 0 or hasattr(z.attrs["value"], "shape") or \
+            isinstance(z.attrs["value"], Dim) or float(z.attrs["value"]) != 0.0:
+        return None
+    return c, e.inputs[0]
+
+
 def canonicalize(g: Graph) -> Graph:
     users = g.users()
     found = {n: m for n in g.nodes if (m := _sink_slice(n, users)) is not None}
     diff = {n: m for n in g.nodes if (m := _differential(n, users)) is not None}
     windows = {n: m for n in g.nodes if (m := _padded_window(n)) is not None}
-    if not found and not diff and not windows:
+    decays = {n: m for n in g.nodes if (m := _position_decay(n)) is not None}
+    after_exp = {n: m for n in g.nodes if (m := _masked_after_exp(n, users)) is not None}
+    if not found and not diff and not windows and not decays and not after_exp:
         return g
     new: Dict[Node, Node] = {}
     nodes: List[Node] = []
     for n in g.nodes:
+        if n in decays:        # L (t - s) = G_t - G_s, G = cumsum of L along time
+            L, T = decays[n]
+            L = new[L]
+            mk = lambda op, ins, attrs: Node.make(op, ins, attrs, n.loc, n.scope)  # noqa: E731
+            lead = tuple(L.type.shape[:-2])
+            r = len(lead)
+            col = mk(Op.RESHAPE, (L,), {"shape": lead + (1,)})
+            per_step = mk(Op.EXPAND, (col,), {"shape": lead + (T,)})
+            G = mk(Op.CUMSUM, (per_step,), {"axis": r})
+            gt = mk(Op.RESHAPE, (G,), {"shape": lead + (T, 1)})
+            gs = mk(Op.RESHAPE, (G,), {"shape": lead + (1, T)})
+            out = mk(Op.SUB, (gt, gs), {})
+            nodes += [col, per_step, G, gt, gs, out]
+            new[n] = out
+            continue
+        if n in after_exp:     # where(mask, exp(x), 0) = exp(where(mask, x, -inf))
+            c, x = (new[v] for v in after_exp[n])
+            mk = lambda op, ins, attrs: Node.make(op, ins, attrs, n.loc, n.scope)  # noqa: E731
+            ninf = mk(Op.CONST, (), {"value": float("-inf"), "dtype": x.type.dtype})
+            w = mk(Op.WHERE, (c, x, ninf), {})
+            out = mk(Op.EXP, (w,), {})
+            nodes += [ninf, w, out]
+            new[n] = out
+            continue
         if n in windows:       # a window of [pad | x]: x shifted, the pad's tail in front
             pad, x, a, j, P = windows[n]
             pad, x = new[pad], new[x]

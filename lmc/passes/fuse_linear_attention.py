@@ -34,8 +34,10 @@ run by lmc/codegen/gated_linear_attention.py's chunked kernels (d_k <= 128).
 It runs before autodiff on the program being trained or run on the triton backend, not in the
 compile pipeline: the decode pass derives its step from the unfused graph. Where a candidate
 almost matches, a declined record names the failed condition (`lmc compile --explain`).
-Not matched: a sliding-window decay mask (the kernels carry the whole past), masks filled
-with 0 after the exp (`where(mask, exp(.), 0)`), decays not from a cumsum along time, a
+Not matched: a sliding-window decay mask (the kernels carry the whole past), masks other than
+a causal_mask filled with 0 after the exp (canonicalize rewrites where(causal_mask, exp(.), 0),
+and a fixed decay written from positions, L * (p_t - p_s), into this form), decays not from a
+cumsum along time, a
 scale that is a tensor, casts between q/k/v and the products, q, k, v of different dtypes,
 q and k of different shapes (GQA through an expand), normalised forms (retention's row
 normalisation by sum |Q K^T * D|), and intermediates read outside the region (a D shared by

@@ -70,3 +70,61 @@ def test_softmaxes_over_features_are_not_distributed():
     y = (b.softmax(a, -1) - b.softmax(c, -1) * 0.5) @ w
     g = run_pipeline(Graph("mix", b.nodes, {"y": y.node}))
     assert sum(n.op is Op.MATMUL for n in g.nodes) == 1
+
+
+def _retention(form, lg_shape=(H, 1, 1), disable=()):
+    """RetNet's parallel retention with a fixed per-head decay written from positions:
+    D = gamma^(t - s), as exp(where(mask, L (p_t - p_s), -inf)) (form "exp") or
+    where(mask, exp(L (p_t - p_s)), 0) (form "masked"); L a log-decay input."""
+    b = Builder({}, {})
+    q, k, v = (b.input(n, [B, H, T, D], "f32") for n in ("q", "k", "v"))
+    L = b.input("L", list(lg_shape), "f32")
+    pos = b.cast(b.iota(T), "f32")
+    diff = L * (b.reshape(pos, [T, 1]) - b.reshape(pos, [1, T]))
+    mask = b.causal_mask(T, T)
+    if form == "exp":
+        Dm = b.exp(b.where(mask, diff, -float("inf")))
+    else:
+        Dm = b.where(mask, b.exp(diff), 0.0)
+    o = ((q @ b.transpose(k, -2, -1)) * Dm) @ v
+    return run_pipeline(Graph("ret", b.nodes, {"o": o.node}), disable=disable)
+
+
+@pytest.mark.parametrize("form", ["exp", "masked"])
+@pytest.mark.parametrize("lg_shape", [(H, 1, 1), (1, H, 1, 1)])
+def test_a_decay_written_from_positions_becomes_the_cumsum_form(form, lg_shape):
+    """L (t - s) becomes G_t - G_s with G = cumsum of L (and a mask after the exp moves before
+    it): the same values, and fuse_linear_attention then makes it one chunked op (it declined
+    both spellings: 'the decay exponent is mul' / 'the factor beside q @ k^T is where')."""
+    from lmc.passes.fuse_linear_attention import fuse_linear_attention
+
+    g = _retention(form, lg_shape)
+    raw = _retention(form, lg_shape, disable=["canonicalize"])
+    assert any(n.op is Op.CUMSUM for n in g.nodes)
+    assert not any(n.op is Op.CUMSUM for n in raw.nodes)
+    gen = torch.Generator().manual_seed(2)
+    for t in (1, 5, 37):
+        vals = {n: torch.randn(2, H, t, D, generator=gen) for n in ("q", "k", "v")}
+        vals["L"] = torch.log(torch.tensor([0.9, 0.5])).reshape(lg_shape)
+        ctx = RefCtx(dims=bind_dims(g, vals))
+        torch.testing.assert_close(run_graph(g, vals, ctx)["o"], run_graph(raw, vals, ctx)["o"],
+                                   rtol=1e-5, atol=1e-5)
+    recs = [r for r in fuse_linear_attention(g).meta["fusions"]
+            if r["pass"] == "fuse_linear_attention"]
+    assert [r["status"] for r in recs] == ["fused"], recs
+    raw_recs = [r for r in fuse_linear_attention(raw).meta["fusions"]
+                if r["pass"] == "fuse_linear_attention"]
+    assert [r["status"] for r in raw_recs] == ["declined"], raw_recs
+
+
+def test_positions_against_a_non_position_or_a_varying_factor_are_left_alone():
+    """Only L (p_t - p_s) with p an iota and L constant along both time axes is a decay."""
+    b = Builder({}, {})
+    L = b.input("L", [H, 1, 1], "f32")
+    p = b.input("p", [T], "f32")                  # not positions: any vector
+    x = b.input("x", [H, T, T], "f32")
+    pos = b.cast(b.iota(T), "f32")
+    a = L * (b.reshape(p, [T, 1]) - b.reshape(p, [1, T]))
+    c = x * (b.reshape(pos, [T, 1]) - b.reshape(pos, [1, T]))      # varies along t, s
+    g = run_pipeline(Graph("g", b.nodes, {"a": a.node, "c": c.node}))
+    assert not any(n.op is Op.CUMSUM for n in g.nodes)
