@@ -371,7 +371,8 @@ def _rstd_of(r: Node, x: Node):
     return None
 
 
-def _take_prologues(groups: List["_Group"], users, outputs: Set[Node]) -> None:
+def _take_prologues(groups: List["_Group"], users, outputs: Set[Node],
+                    declined: Optional[list] = None) -> None:
     """Each group whose matmuls share an A computed by a norm that nothing else reads takes
     the norm's nodes in (NormPrologue): a LayerNorm whole where its centring is read by
     nothing else either, else the RMSNorm part. Where the norm's output is read elsewhere too
@@ -387,9 +388,21 @@ def _take_prologues(groups: List["_Group"], users, outputs: Set[Node]) -> None:
     for grp in groups:
         if not grp.members or grp.vertical:
             continue
-        pro = next((p for p in norm_prologues(grp.matmuls[0].inputs[0]) if alone(p, grp)),
-                   None)
+        found = norm_prologues(grp.matmuls[0].inputs[0])
+        pro = next((p for p in found if alone(p, grp)), None)
         if pro is None:
+            # said where other matmul kernels read the norm too (a parallel block's one norm
+            # feeding attention's q, k, v and a gated MLP: two launches sharing A), the case
+            # a model's layout decides; a norm saved for the backward is the usual rule
+            mine = set(grp.matmuls)
+            others = {u for p in found[:1] for m in p.members for u in users[m]
+                      if u.op is Op.MATMUL and u not in mine}
+            if found and others and declined is not None:
+                declined.append((grp.matmuls[0],
+                                 f"the {found[0].kind} computing A is also read by "
+                                 f"{len(others)} matmul(s) of another kernel (a gated pair or "
+                                 f"another product group): it stays its own kernel, a "
+                                 f"prologue being computed by one kernel"))
             continue
         if alone(with_weight_cast(pro), grp):
             pro = with_weight_cast(pro)
@@ -781,7 +794,7 @@ def fuse_matmul(g: Graph) -> Graph:
     # product's epilogue whole), and a merged group takes the RMSNorm its products share
     _trim_epilogues(groups, users, outputs, declined)
     hoist = _merge_siblings(groups, order, users, outputs, declined)
-    _take_prologues(groups, users, outputs)
+    _take_prologues(groups, users, outputs, declined)
     for grp in groups:      # the static values a group reads, moved up to its first matmul
         if not grp.members:
             continue

@@ -268,6 +268,37 @@ def test_siblings_with_epilogues_take_their_shared_rmsnorm(monkeypatch):
     assert rec.startswith("rmsnorm prologue + 3 matmuls sharing A, one launch + "), rec
 
 
+def test_a_norm_read_by_two_matmul_kernels_says_why_it_is_its_own_kernel():
+    """A parallel block: one RMSNorm feeding three projections and a gated pair (SwiGLU):
+    two launches share A, so the norm is not a prologue, and --explain says so for each
+    (it said nothing). Equal to the oracle."""
+    b = Builder({}, {})
+    K = 19
+    x = b.input("x", [B, T, K], "f32")
+    w = b.input("w", [K], "f32")
+    h = _rmsnorm(b, x, w)
+    qkv = [b.input(f"w{i}", [K, 8], "f32") for i in range(3)]
+    wg, wu = b.input("wg", [K, 6], "f32"), b.input("wu", [K, 6], "f32")
+    outs = {f"p{i}": (h @ wi).node for i, wi in enumerate(qkv)}
+    outs["mlp"] = (b.silu(h @ wg) * (h @ wu)).node
+    g = Graph("parallel", b.nodes, outs)
+    gen = torch.Generator().manual_seed(3)
+    vals = {"x": rand(2, 5, K, gen=gen), "w": rand(K, gen=gen),
+            **{f"w{i}": rand(K, 8, gen=gen) for i in range(3)},
+            "wg": rand(K, 6, gen=gen), "wu": rand(K, 6, gen=gen)}
+    p = check(g, vals)
+    why = [f["reason"] for f in p.graph.meta["fusions"]
+           if f["pass"] == "fuse_matmul" and f["status"] == "declined"
+           and "computing A is also read by" in f["reason"]]
+    assert sorted(why) == sorted([
+        "the rmsnorm computing A is also read by 2 matmul(s) of another kernel (a gated "
+        "pair or another product group): it stays its own kernel, a prologue being computed "
+        "by one kernel",
+        "the rmsnorm computing A is also read by 3 matmul(s) of another kernel (a gated "
+        "pair or another product group): it stays its own kernel, a prologue being computed "
+        "by one kernel"]), why
+
+
 def test_a_late_epilogue_node_leaves_the_sibling_launch():
     """sigmoid(x @ Wg) * s where s is computed from the first sibling's product (an
     attention output gated by a projection of the same input): the sigmoid runs in the one
