@@ -293,18 +293,22 @@ def _plain_products(body: Graph, rotated: List[Tuple[Node, Node]]) -> bool:
         for n in body.nodes)
 
 
-def _only_read_by(g_users, mm: Node, js, f: Node) -> bool:
-    """The kernel mm's outputs js are read only through views ending in f."""
+def _other_reader(g_users, mm: Node, js, f: Node) -> Optional[str]:
+    """What else reads the kernel mm's outputs js, through views, besides f (None: nothing):
+    the reader's op, or "a graph output"."""
     stack = [u for u in g_users[mm] if u.op is Op.GETITEM and u.attrs["index"] in js]
     while stack:
         n = stack.pop()
         for u in g_users[n]:
             if u is f:
                 continue
-            if u is None or u.op not in _VIEWS:
-                return False
+            if u is None:
+                return "a graph output"
+            if u.op not in _VIEWS:
+                return (f"the {u.attrs['kind']} kernel {u.attrs['kernel']}"
+                        if u.op is Op.FUSED else u.op.value)
             stack.append(u)
-    return True
+    return None
 
 
 def _positions_first(g: Graph) -> Graph:
@@ -344,8 +348,10 @@ def fuse_rope_epilogue(g: Graph) -> Graph:
             continue                 # not a rope kernel: no record
         try:
             mm, specs = _match(f)
-            need(_only_read_by(users, mm, {s["j"] for s in specs}, f),
-                 "a rotated product is also read elsewhere")
+            other = _other_reader(users, mm, {s["j"] for s in specs}, f)
+            need(other is None, f"a rotated product is also read by {other}, outside the "
+                                "rope kernel (as partial rotary's pass-through columns are): "
+                                "the product is stored, the rotation its own kernel")
         except NoMatch as e:
             records.append({"pass": PASS, "status": "declined", "where": f.scope or "<model>",
                             "reason": str(e)})

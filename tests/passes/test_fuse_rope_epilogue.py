@@ -62,7 +62,7 @@ CASES = [
                                               # cross-decoder q: a one-product projection
     ("optimus_prime", {}, 4, []),             # MLA: k_R one head [B, 1, T, D]; layer
                                               # 0's tables moved before its projection
-    ("minimax", {}, 1, ["also read elsewhere"]),  # partial rotary q: concat(rope, pass)
+    ("minimax", {}, 1, ["also read by"]),     # partial rotary: the pass-through columns
     ("medit_one", {}, 4, []),                 # [B, T, H, D] heads, no permute; tables
                                               # [H, D] (a head's position is its index)
     ("medit_one", {"d": 48, "d_embed": 96}, 4, []),  # head dim 12: tiles cross head boundaries
