@@ -15,7 +15,8 @@ Configurations (each a fresh model with the same weights seed):
            backward, AdamW; tokens/s from the median step time and the peak memory.
   decode   prefill a 16-token prompt, then single-token steps: tokens/s and per-token latency at
            batch 1 and a larger batch, for lmc (triton), the oracle eagerly and under
-           torch.compile (mode="reduce-overhead" on CUDA), with the ops one step runs
+           torch.compile (mode="reduce-overhead" on CUDA), lmc with each fusion pass that
+           fused something in its step left out in turn (batch 1), with the ops one step runs
            (`ops_per_step`: lmc's fused ops + the torch ops left between them; the oracle's
            ops; a static step's state copies back into their buffers after it, when any),
            which at batch 1 bound a CUDA-graph step as much as the bytes it reads.
@@ -396,21 +397,26 @@ def bench_decode(path, preset, sets, args, clock: Clock,
     # --precision: the weights stored in that dtype, matmuls in it (lmc and the oracle alike)
     graph = low_precision_weights(compile_model(path, preset, sets).graph, args.precision)
 
+    from .codegen.program import fusion_names
+
     prompt, new = DECODE_PROMPT, args.decode_tokens
-    rows = []
+    rows: List[Dict[str, Any]] = []
     batches = [1] + ([args.decode_batch] if args.decode_batch > 1 else [])
-    configs = [("lmc", "triton", False)]
+    # (name, backend, under torch.compile, passes left out, batches); --disable: lmc's decode
+    # step leaves the passes out too (the Decoder fuses its step graph with model.disable).
+    # After lmc: lmc with each fusion pass that fused something in its step left out, at
+    # batch 1 (the pass's own contribution to a token's latency)
+    configs = [("lmc", "triton", False, list(args.disable), batches)]
     if "eager" in args.compare:
-        configs.append(("oracle eager", "torch", False))
+        configs.append(("oracle eager", "torch", False, [], batches))
     if "compile" in args.compare:
-        configs.append(("oracle torch.compile", "torch", True))
+        configs.append(("oracle torch.compile", "torch", True, [], batches))
     out = into if into is not None else {}
     out.update(prompt=prompt, new_tokens=new, configs=rows)
-    for name, backend, compiled in configs:
-        for B in batches:
-            # --disable: lmc's decode step leaves the passes out too (the Decoder fuses its
-            # step graph with the model's `disable`)
-            disable = list(args.disable) if backend == "triton" else []
+    lmc_fused = None
+    while configs:
+        name, backend, compiled, disable, these = configs.pop(0)
+        for B in these:
             row = {"name": name, "batch": B, "disable": disable}
             try:
                 model = LmcModel(graph, seed=0, backend=backend,
@@ -423,6 +429,11 @@ def bench_decode(path, preset, sets, args, clock: Clock,
                               cuda_graph=not compiled) if static else Decoder(model, backend)
                 row["static"] = static
                 row["ops_per_step"] = step_ops(dec.graph, dec.step.aux)
+                if name == "lmc" and lmc_fused is None:
+                    lmc_fused = fused_passes(dec.graph)
+                    configs[0:0] = [(f"lmc -{p}", "triton", False, list(args.disable) + [p],
+                                     [1]) for p in fusion_names()
+                                    if p not in args.disable and p in lmc_fused]
                 step_fn = dec
                 if compiled:
                     mode = "reduce-overhead" if clock.cuda else "default"
@@ -500,7 +511,8 @@ def table(result: Dict[str, Any]) -> str:
                   + (f", after {result['warmup']} warm-up round(s)" if result['warmup'] else "")
                   + ")",
                   f"  {'configuration':<32}{'batch':>6}{'tokens/s':>12}{'ms/token':>10}"
-                  f"{'ops/step (fused + torch)':>27}"]
+                  f"{'ops/step (fused + torch)':>27}{'vs lmc':>8}"]
+        base = {r["batch"]: r for r in d["configs"] if r["name"] == "lmc" and "error" not in r}
         for r in d["configs"]:
             name = lmc_name if r["name"] == "lmc" else r["name"]
             if "error" in r:
@@ -511,8 +523,10 @@ def table(result: Dict[str, Any]) -> str:
             pos = ops.get("positions", 0) if ops and r.get("static") else 0
             ops = (f"{ops['fused']} + {ops['torch']}" + (f" + {pos} pos" if pos else "")
                    + (f" + {copies} copies" if copies else "") if ops else "-")
+            b = base.get(r["batch"])
+            rel = f"{r['tokens_per_s'] / b['tokens_per_s']:.2f}x" if b else ""
             lines.append(f"  {name:<32}{r['batch']:>6}{_rate(r['tokens_per_s']):>12}"
-                         f"{r['latency_ms']:>10.2f}{ops:>27}")
+                         f"{r['latency_ms']:>10.2f}{ops:>27}{rel:>8}")
     return "\n".join(lines)
 
 
