@@ -92,7 +92,8 @@ class Tensor:
                        "expected here)", self.b._where())
 
     def __bool__(self):
-        raise LmcError("a tensor has no truth value at compile time (use where(...))")
+        raise LmcError("a tensor has no truth value at compile time (use where(...); "
+                       "maximum(a, b) for max(a, b))", self.b._where())
 
     def __repr__(self):
         return f"Tensor({self.node.type})"

@@ -9,6 +9,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
+from ..ir.dims import Dim
 from ..ir.graph import Graph, Node, toposort
 from ..ir.ops import Kind, Op
 
@@ -92,7 +93,9 @@ def fold_constants(g: Graph) -> Graph:
         # random ops depend on the mode (training or not), which folding cannot know
         if n.op in _NO_FOLD or n.op.kind in (Kind.STRUCTURAL, Kind.RANDOM):
             return None
-        if not all(i.op is Op.CONST for i in n.inputs):
+        # (a constant holding a symbolic size, const(T), is known only when the graph runs)
+        if not all(i.op is Op.CONST and not isinstance(i.attrs["value"], Dim)
+                   for i in n.inputs):
             return None
         if not n.type.is_static() or n.type.numel() > FOLD_MAX_ELEMENTS:
             return None

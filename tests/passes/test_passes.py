@@ -162,3 +162,22 @@ def test_pipeline_preserves_semantics(gb):
     after = _run(run_pipeline(Graph(g.name, g.nodes, g.outputs)), **xs)
     for k in before:
         torch.testing.assert_close(after[k], before[k], rtol=1e-6, atol=1e-6, equal_nan=True)
+
+
+def test_a_constant_holding_a_symbolic_size_is_not_folded():
+    """b.const(T) (T symbolic) is known only when the graph runs: fold_constants left it
+    alone only as an input of nothing foldable, and cast(const(T)) raised a raw KeyError."""
+    import torch
+
+    from lmc.frontend.builder import Builder
+    from lmc.ir.dims import Dim
+    from lmc.runtime.module import LmcModel
+    B, T = Dim.sym("B"), Dim.sym("T")
+    b = Builder({}, {})
+    x = b.input("x", [B, T, 4], "f32")
+    y = b.cumsum(x, 1) / b.cast(b.const(T, "i64"), "f32") + x / b.const(T, "f32")
+    m = LmcModel(run_pipeline(Graph("g", b.nodes, {"y": y.node})))
+    for t in (1, 5):
+        v = torch.randn(2, t, 4)
+        with torch.no_grad():
+            torch.testing.assert_close(m(x=v), v.cumsum(1) / t + v / t)
