@@ -38,6 +38,8 @@ def block(fn: Optional[Callable] = None, *, name: Optional[str] = None):
         if name is None and not isinstance(getattr(f, "__name__", None), str):
             raise LmcError(f"lmc.block: {f!r} has no __name__: give one, "
                            "lmc.block(name='...')(f)")
+        code = getattr(f, "__code__", None)
+        where = Loc(code.co_filename, code.co_firstlineno, 1) if code is not None else None
         try:
             sig = inspect.signature(f)
         except (TypeError, ValueError):
@@ -46,7 +48,8 @@ def block(fn: Optional[Callable] = None, *, name: Optional[str] = None):
         params = list(sig.parameters.values())
         if not params or params[0].kind not in (inspect.Parameter.POSITIONAL_ONLY,
                                                 inspect.Parameter.POSITIONAL_OR_KEYWORD):
-            raise LmcError(f"block {f.__name__}: the first parameter must be the builder")
+            raise LmcError(f"block {f.__name__}: the first parameter must be the builder",
+                           where)
         args, options, required = [], {}, []
         for p in params[1:]:
             if p.kind in (inspect.Parameter.POSITIONAL_ONLY,
@@ -58,10 +61,8 @@ def block(fn: Optional[Callable] = None, *, name: Optional[str] = None):
                 else:
                     options[p.name] = p.default
             else:
-                raise LmcError(f"block {f.__name__}: *args/**kwargs are not supported")
+                raise LmcError(f"block {f.__name__}: *args/**kwargs are not supported", where)
         bname = name or f.__name__
-        code = getattr(f, "__code__", None)
-        where = Loc(code.co_filename, code.co_firstlineno, 1) if code is not None else None
         if not isinstance(bname, str) or not bname.isidentifier():
             raise LmcError(f"block name {bname!r} must be an identifier", where)
         if bname in BUILTIN_NAMES:

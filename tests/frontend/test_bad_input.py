@@ -368,3 +368,14 @@ def test_a_block_redefined_elsewhere_warns_and_a_rerun_does_not():
         assert REGISTRY["twice_defined"].fn(None, 3) == 6
     finally:
         unregister("twice_defined")
+
+
+def test_a_block_signature_mistake_points_at_the_function():
+    for src, msg in (("def f(*a):\n    return a", "the first parameter must be the builder"),
+                     ("def g(b, *a):\n    return a", "*args/**kwargs are not supported")):
+        ns: dict = {}
+        exec(compile(src, __file__, "exec"), ns)
+        fn = next(v for k, v in ns.items() if k in "fg")
+        with pytest.raises(LmcError, match=re.escape(msg)) as e:
+            lmc.block(fn)
+        assert e.value.loc is not None and e.value.loc.file == __file__
