@@ -102,7 +102,7 @@ def resolve_config(doc: YMap, path: str, preset: Optional[str],
                            presets.val_loc(preset))
         apply(p, f"preset {preset!r}", p.val_loc)
     cfg_loc = doc.key_loc("config") if "config" in doc else Loc(path, 1, 1)
-    apply(overrides, "--set", lambda k: cfg_loc)
+    apply(overrides, "an override (--set)", lambda k: cfg_loc)
     set_keys = set(overrides)
 
     done: Dict[str, Any] = {}
