@@ -262,16 +262,23 @@ def test_near_misses_say_why():
     o = ((q @ b.transpose(k, -2, -1)) * _decay_matrix(b, ld, window=8)) @ v
     (r,) = _records(fuse_linear_attention(run_pipeline(Graph("w", b.nodes, {"o": o.node}))))
     assert r["status"] == "declined" and r["reason"].startswith("sliding-window decay mask")
-    # masked after the exp (where(mask, exp(diff), 0)): not the -inf form
-    b = Builder({}, {})
-    q, k, v = (b.input(n, [B, H, T, DK], "f32") for n in "qkv")
-    G = b.cumsum(b.input("ld", [B, H, T], "f32"), -1)
-    diff = b.reshape(G, [B, H, T, 1]) - b.reshape(G, [B, H, 1, T])
-    D = b.where(b.causal_mask(T, T), b.exp(diff), 0.0)
-    o = ((q @ b.transpose(k, -2, -1)) * D) @ v
-    (r,) = _records(fuse_linear_attention(run_pipeline(Graph("z", b.nodes, {"o": o.node}))))
-    assert r["status"] == "declined" and r["reason"].startswith(
-        "the factor beside q @ k^T is where, not a decay mask")
+    # masked after the exp, where(mask, exp(diff), 0): canonicalize rewrites it into the
+    # -inf form when the mask is a causal_mask (fused); any other mask is a near miss
+    for causal in (True, False):
+        b = Builder({}, {})
+        q, k, v = (b.input(n, [B, H, T, DK], "f32") for n in "qkv")
+        G = b.cumsum(b.input("ld", [B, H, T], "f32"), -1)
+        diff = b.reshape(G, [B, H, T, 1]) - b.reshape(G, [B, H, 1, T])
+        mask = b.causal_mask(T, T) if causal else b.input("m", [T, T], "bool")
+        D = b.where(mask, b.exp(diff), 0.0)
+        o = ((q @ b.transpose(k, -2, -1)) * D) @ v
+        (r,) = _records(fuse_linear_attention(run_pipeline(Graph("z", b.nodes,
+                                                                 {"o": o.node}))))
+        if causal:
+            assert r["status"] == "fused", r
+        else:
+            assert r["status"] == "declined" and r["reason"].startswith(
+                "the factor beside q @ k^T is where, not a decay mask"), r
     # the decay matrix also read outside the attention
     b = Builder({}, {})
     q, k, v = (b.input(n, [B, H, T, DK], "f32") for n in "qkv")
