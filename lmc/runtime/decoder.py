@@ -138,15 +138,20 @@ class Decoder:
                                    "write", n.loc)
 
     def _graph_plan(self, wanted: Optional[bool]):
-        """(whether to capture the T = 1 step, why not)."""
+        """(whether to capture the T = 1 step, why not). cuda_graph=True asks for it: where
+        it cannot be (not on CUDA, the interpreter) that is an error, not a quiet fallback."""
         if wanted is False:
             return False, "turned off (cuda_graph=False)"
         device = next(self.model.parameters()).device
+        why = None
         if device.type != "cuda":
-            return False, f"the model is on {device.type}; CUDA graphs need a CUDA device"
-        if self.interpret:
-            return False, "the triton backend runs its kernels in Triton's interpreter"
-        return True, None
+            why = f"the model is on {device.type}; CUDA graphs need a CUDA device"
+        elif self.interpret:
+            why = "the triton backend runs its kernels in Triton's interpreter"
+        if why and wanted:
+            raise LmcError(f"cuda_graph=True, but {why} (cuda_graph=None captures where it "
+                           "can)")
+        return why is None, why
 
     def _const(self, ctx, xs, attrs):
         """Constants are made once per size: creating a tensor from Python values copies from

@@ -88,3 +88,15 @@ def test_a_token_id_out_of_the_vocabulary_is_named(model, bad):
     with pytest.raises(LmcError, match=msg):
         list(dec.generate(ids[0], 1))
     model(ids.clamp(0, 511))        # in range: runs
+
+
+def test_cuda_graph_true_where_none_can_be_captured_is_an_error(model):
+    """cuda_graph=True asks for the capture: on a CPU it is refused at once (it used to
+    behave as None, falling back quietly); None falls back and says why."""
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA machine can capture")
+    with pytest.raises(LmcError, match=r"cuda_graph=True, but the model is on cpu; CUDA "
+                                       r"graphs need a CUDA device"):
+        Decoder(model, static=True, max_len=8, cuda_graph=True)
+    dec = Decoder(model, static=True, max_len=8)
+    assert dec.cuda_graph is False and "CUDA device" in dec.cuda_graph_off
