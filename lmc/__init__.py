@@ -32,4 +32,16 @@ from .ir import init  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["block", "compile_model", "load", "Compiled", "LmcError", "Builder", "Tensor",
-           "init"]
+           "init", "LmcModel", "Decoder"]
+
+
+def __getattr__(name):
+    """lmc.LmcModel and lmc.Decoder, imported on first use (the runtime is not needed to
+    compile or to define blocks)."""
+    if name == "LmcModel":
+        from .runtime.module import LmcModel
+        return LmcModel
+    if name == "Decoder":
+        from .runtime.decoder import Decoder
+        return Decoder
+    raise AttributeError(f"module 'lmc' has no attribute {name!r}")

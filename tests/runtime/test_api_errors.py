@@ -100,3 +100,9 @@ def test_cuda_graph_true_where_none_can_be_captured_is_an_error(model):
         Decoder(model, static=True, max_len=8, cuda_graph=True)
     dec = Decoder(model, static=True, max_len=8)
     assert dec.cuda_graph is False and "CUDA device" in dec.cuda_graph_off
+
+
+def test_lmc_exports_the_model_and_the_decoder():
+    assert lmc.Decoder is Decoder and lmc.LmcModel is LmcModel
+    with pytest.raises(AttributeError, match="no attribute 'Decodr'"):
+        lmc.Decodr
