@@ -41,3 +41,14 @@ def test_the_python_api_page_examples_run(tmp_path):
     p = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0 and p.stdout.strip().endswith("ok"), p.stderr[-3000:]
+
+
+def test_the_readme_library_example_runs(tmp_path):
+    """README's "Library API" block, as written (a block defined, llama tiny loaded, called,
+    decoded dynamic and static)."""
+    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    block = re.search(r"## Library API.*?```python\n(.*?)```", text, re.S).group(1)
+    env = dict(os.environ, PYTHONPATH=ROOT, LMC_CACHE=str(tmp_path / "cache"))
+    p = subprocess.run([sys.executable, "-c", block + "\nprint('ok')"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0 and p.stdout.strip().endswith("ok"), p.stderr[-3000:]
