@@ -131,12 +131,15 @@ def describe(v) -> str:
     return f"a {type(v).__name__}"
 
 
+# lmc's own source files: a user's line is the first frame outside them
+_LMC_SOURCES = os.path.dirname(os.path.dirname(__file__)) + os.sep
+
+
 def _caller_loc() -> Optional[Loc]:
     """The first stack frame outside the lmc package: where a Python block called us (not
     lmc/ops/scan.py, which builds a scan for the block's ``b.scan``)."""
     f = sys._getframe(2)
-    here = os.path.dirname(os.path.dirname(__file__)) + os.sep
-    while f is not None and f.f_code.co_filename.startswith(here):
+    while f is not None and f.f_code.co_filename.startswith(_LMC_SOURCES):
         f = f.f_back
     return Loc(f.f_code.co_filename, f.f_lineno, 1) if f is not None else None
 
@@ -145,9 +148,8 @@ def _block_error(name: str, e: Exception, called: Optional[Loc]) -> LmcError:
     """A Python exception from a block's function, as one error at the block's line that
     raised it (the innermost frame outside lmc), naming where the block was called."""
     import traceback
-    here = os.path.dirname(os.path.dirname(__file__)) + os.sep
     frames = [f for f in traceback.extract_tb(e.__traceback__)
-              if not f.filename.startswith(here)]
+              if not f.filename.startswith(_LMC_SOURCES)]
     msg = f"block {name} raised {type(e).__name__}: {e}"
     if not frames:
         return LmcError(msg, called)

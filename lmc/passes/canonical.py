@@ -50,6 +50,7 @@ from typing import Dict, List
 from ..ir.dims import Dim, norm
 from ..ir.graph import Graph, Node
 from ..ir.ops import Op
+from .patterns import const_value
 
 
 def _sink_slice(n: Node, users: Dict[Node, List[Node]]):
@@ -165,8 +166,7 @@ def _masked_after_exp(n: Node, users):
     c, e, z = n.inputs
     if c.op is not Op.CAUSAL_MASK or e.op is not Op.EXP or len(users.get(e, [])) != 1:
         return None
-    if z.op is not Op.CONST or z.type.rank != 0 or hasattr(z.attrs["value"], "shape") or \
-            isinstance(z.attrs["value"], Dim) or float(z.attrs["value"]) != 0.0:
+    if const_value(z) != 0.0:
         return None
     return c, e.inputs[0]
 

@@ -217,10 +217,11 @@ def _pieces(x: Node, grp: _Group, users, outputs, group_of, order) -> Optional[L
     (cumsum) computes are left out: the kernel has a scan only at its own columns."""
     if grp.axis is None or x.type.shape != grp.space or x.op is Op.CUMSUM:
         return None
+    gid = group_of[x]
     seen, stack = set(), [x]          # x's row-level ancestry in the group: no scan
     while stack:
         m = stack.pop()
-        if m in seen or group_of.get(m) is not group_of.get(x):
+        if m in seen or group_of.get(m) != gid:
             continue
         seen.add(m)
         if m.op is Op.CUMSUM or m.op is Op.DROPOUT:
@@ -265,7 +266,7 @@ def _pieces(x: Node, grp: _Group, users, outputs, group_of, order) -> Optional[L
     for m in found:
         for y in m.inputs:
             if not (y in inside or y is x or is_source(y) or order[y] < first or (
-                    group_of.get(y) is group_of.get(x) and y.type.shape != grp.space
+                    group_of.get(y) == gid and y.type.shape != grp.space
                     and y.type.shape in per_row_shapes(grp.space, ax))):
                 return None
     if not all(y in inside for c in concats + [m for m in found if m.op is Op.CONCAT]

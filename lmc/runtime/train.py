@@ -314,15 +314,26 @@ def checkpoint_dir(path: str, flag: str = "--checkpoint") -> str:
                    "nor a ckpt-* directory holding model.safetensors")
 
 
+def _meta_json(ck: str) -> Dict[str, Any]:
+    """A checkpoint's meta.json as a dict, or {} where it is missing or unreadable (the
+    fields read from it have older or stricter sources: state.pt, cli._read_meta)."""
+    try:
+        with open(os.path.join(ck, "meta.json"), encoding="utf-8") as f:
+            got = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return got if isinstance(got, dict) else {}
+
+
 def recorded_imports(path: str, flag: str) -> List[str]:
     """The --import files the run at `path` (a run or ckpt-* directory) was trained with,
     from its checkpoint's meta.json: a resumed run, or --generate from it, needs its Python
     blocks again. One that is gone is an error naming it."""
     try:
-        with open(os.path.join(checkpoint_dir(path, flag), "meta.json"), encoding="utf-8") as f:
-            got = json.load(f).get("imports") or []
-    except (OSError, ValueError, AttributeError, LmcError):
-        return []           # no such checkpoint, or an older one: the later checks say so
+        ck = checkpoint_dir(path, flag)
+    except LmcError:
+        return []           # no such checkpoint: the later checks say so
+    got = _meta_json(ck).get("imports") or []     # (none in an older checkpoint)
     if not isinstance(got, list) or not all(isinstance(x, str) for x in got):
         return []
     for p in got:
@@ -410,11 +421,7 @@ def _settings(c: TrainConfig) -> Dict[str, Any]:
 def run_settings(ck: str, flag: str) -> Dict[str, Any]:
     """The settings of the run checkpoint ck belongs to: from its meta.json, or (written
     before meta.json held them) its state.pt."""
-    try:
-        with open(os.path.join(ck, "meta.json"), encoding="utf-8") as f:
-            got = json.load(f).get("config")
-    except (OSError, ValueError, AttributeError):
-        got = None
+    got = _meta_json(ck).get("config")
     if not isinstance(got, dict):
         got = read_state(ck, flag).get("config") or {}
     return {k: got[k] for k in RUN_SETTINGS if k in got}
