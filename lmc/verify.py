@@ -350,9 +350,9 @@ def verify(path: str, preset: Optional[str] = None, overrides: Sequence[str] = (
         preset = "tiny"
     compiled = compile_model(path, preset, list(overrides))
     g = compiled.graph
-    if len(g.inputs) != 1 or g.inputs[0].type.dtype.value != "i64":
-        raise LmcError("lmc verify needs a model with one int64 token input")
-    vocab = logits_vocab(g, "lmc verify")
+    vocab = logits_vocab(g, "lmc verify")     # one token input, one row of scores per token
+    if g.inputs[0].type.dtype.value != "i64":
+        raise LmcError("lmc verify needs a model with one int64 token input", g.inputs[0].loc)
     max_seq = g.meta.get("config", {}).get("max_seq")
     T = min(seq, int(max_seq)) if max_seq else seq
     if T < 2:

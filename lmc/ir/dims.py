@@ -69,6 +69,28 @@ class Dim:
 
     __rmul__ = __mul__
 
+    def __truediv__(self, other):
+        """Exact division (``T*B / B``, ``2*T // 2``): a shape is never rounded, so a
+        remainder is an error naming both sides, as in a YAML expression."""
+        if isinstance(other, bool) or not isinstance(other, (int, Dim)):
+            return NotImplemented
+        q = self.exact_div(other)
+        if q is None:
+            raise ValueError(f"symbolic dimension {self} is not divisible by {other}")
+        return q
+
+    __floordiv__ = __truediv__
+
+    def __rtruediv__(self, other):
+        if isinstance(other, bool) or not isinstance(other, int):
+            return NotImplemented
+        q = as_dim(other).exact_div(self)
+        if q is None:
+            raise ValueError(f"{other} is not divisible by symbolic dimension {self}")
+        return q
+
+    __rfloordiv__ = __rtruediv__
+
     def exact_div(self, other):
         """self / other when the quotient is a polynomial with integer coefficients; None
         otherwise (a remainder, a fractional coefficient, or division by zero)."""

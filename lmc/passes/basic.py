@@ -9,6 +9,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
+from ..errors import LmcError
 from ..ir.dims import Dim
 from ..ir.graph import Graph, Node, toposort
 from ..ir.ops import Kind, Op
@@ -42,13 +43,44 @@ def _copy(n: Node, inputs) -> Node:
 
 # -- inline ------------------------------------------------------------------------------------
 def inline(g: Graph) -> Graph:
-    """Splice every BLOCK node's body into its parent; GETITEMs become the body outputs."""
+    """Splice every BLOCK node's body into its parent; GETITEMs become the body outputs.
+
+    A block may declare a model input of its own (`b.input` in a Python block: a mask every
+    layer reads): the instances of one name become one input, so a block called in a loop
+    declares it once; the same name with another type is an error at the second."""
+    return _merge_inputs(_inline(g))
+
+
+def _merge_inputs(g: Graph) -> Graph:
+    first: Dict[str, Node] = {}
+    new: Dict[Node, Node] = {}
+    nodes: List[Node] = []
+    for n in g.nodes:
+        if n.op is Op.INPUT:
+            seen = first.setdefault(n.attrs["name"], n)
+            if seen is not n:
+                if seen.type != n.type:
+                    at = f" ({seen.loc})" if seen.loc is not None else ""
+                    raise LmcError(f"input {n.attrs['name']!r} is declared twice with "
+                                   f"different types: {seen.type}{at} and {n.type}", n.loc)
+                new[n] = seen
+                continue
+        ins = tuple(new.get(i, i) for i in n.inputs)
+        c = n if ins == n.inputs else _copy(n, ins)
+        new[n] = c
+        nodes.append(c)
+    if not any(c is not n for n, c in new.items()):
+        return g
+    return g.with_nodes(nodes, {k: new.get(v, v) for k, v in g.outputs.items()})
+
+
+def _inline(g: Graph) -> Graph:
     nodes: List[Node] = []
     new: Dict[Node, object] = {}
     for n in g.nodes:
         ins = tuple(new[i] for i in n.inputs)
         if n.op is Op.BLOCK:
-            body = inline(n.attrs["body"])
+            body = _inline(n.attrs["body"])
             sub: Dict[Node, Node] = {}
             placeholders = [m for m in body.nodes if m.op is Op.INPUT]
             for ph, actual in zip(placeholders, ins):

@@ -34,6 +34,12 @@ def logits_vocab(g: Graph, purpose: str, logits: str = "logits") -> int:
                        f"{', '.join(g.outputs)})")
     lg = g.outputs[logits]
     ids = g.inputs[0] if g.inputs else None
+    extra = [n for n in g.inputs[1:] if n.attrs.get("name") != "targets"]
+    if extra:
+        names = ", ".join(repr(n.attrs["name"]) for n in extra)
+        raise LmcError(f"{purpose} feeds the model its token ids only, and it also reads "
+                       f"{names} (the Python API passes more: model(ids, "
+                       f"{extra[0].attrs['name']}=...))", extra[0].loc)
     if ids is None or lg.type.dtype.value not in ("f32", "f16", "bf16", "f64") or \
             lg.type.rank != ids.type.rank + 1 or lg.type.shape[:-1] != ids.type.shape or \
             not isinstance(lg.type.shape[-1], int):

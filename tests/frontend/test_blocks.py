@@ -110,6 +110,79 @@ def test_a_python_exception_in_a_block_points_at_its_line(tmp_path):
         unregister("typo_block")
 
 
+def test_dims_divide_exactly_in_python_blocks(tmp_path):
+    """`B * T // B`, `2 * T / 2` in a block are exact dims; a remainder (T // 2) is an error
+    at the block's line naming both sides (it was a TypeError saying nothing of dims)."""
+    import inspect
+
+    @lmc.block
+    def fold_block(b, x):
+        B, T, d = x.shape
+        flat = b.reshape(x, [B * T, d])
+        n = flat.shape[0] // B                   # == T
+        back = b.reshape(b.concat([flat, flat], 0), [2 * B, (2 * n * B) / (2 * B), d])
+        return b.slice(back, 0, 0, B) * 0.5
+
+    @lmc.block
+    def halve_block(b, x):
+        B, T, d = x.shape
+        return b.reshape(x, [B, T // 2, 2 * d])
+    line = inspect.getsourcelines(halve_block)[1] + 3
+    try:
+        m = lmc.load(_write(tmp_path, MODEL.replace("BLOCK", "fold_block")), seed=1)
+        ids = torch.randint(0, 61, (2, 7))
+        with torch.no_grad():
+            assert m(ids).shape == (2, 7, 61)
+        with pytest.raises(lmc.LmcError) as e:
+            lmc.load(_write(tmp_path, MODEL.replace("BLOCK", "halve_block"), "h.yaml"))
+        assert e.value.loc.file == __file__ and e.value.loc.line == line, e.value.format()
+        assert "symbolic dimension T is not divisible by 2" in e.value.message
+    finally:
+        unregister("fold_block")
+        unregister("halve_block")
+
+
+def test_an_input_a_block_declares_is_one_model_input(tmp_path):
+    """b.input in a block called per layer is one model input (it was a 'duplicate input'
+    error from the second layer on); the same name with another type is an error at the
+    block's line; training, which feeds token ids only, says what else the model reads."""
+    import inspect
+
+    @lmc.block
+    def masked_ffn(b, x, *, d):
+        B, T, _ = x.shape
+        keep = b.input("keep", [B, T, 1], "f32")
+        return b.tanh(x @ b.param("w", [d, d])) * keep
+
+    @lmc.block
+    def clash_block(b, x):
+        return x * b.input("ids", [x.shape[0], x.shape[1], 1], "f32")
+    line = inspect.getsourcelines(clash_block)[1] + 2
+    try:
+        path = _write(tmp_path, MODEL.replace("BLOCK", "masked_ffn"))
+        m = lmc.load(path, seed=2)
+        assert [n.attrs["name"] for n in m.graph.inputs] == ["ids", "keep"]
+        ids = torch.randint(0, 61, (2, 9))
+        keep = (torch.rand(2, 9, 1) > 0.5).float()
+        with torch.no_grad():
+            out = m(ids, keep=keep)
+            x = m.get_parameter("embed")[ids]
+            for i in range(3):
+                x = x + torch.tanh(x @ m.get_parameter(f"layers.{i}.ffn.w")) * keep
+            assert torch.allclose(out, x @ m.get_parameter("head"), atol=1e-5)
+        with pytest.raises(lmc.LmcError) as e:
+            lmc.load(_write(tmp_path, MODEL.replace("BLOCK", "clash_block"), "c.yaml"))
+        assert e.value.loc.file == __file__ and e.value.loc.line == line, e.value.format()
+        assert "input 'ids' is declared twice with different types" in e.value.message
+        from lmc.passes.loss import with_loss
+        with pytest.raises(lmc.LmcError, match="training feeds the model its token ids only, "
+                                               "and it also reads 'keep'"):
+            with_loss(m.graph)
+    finally:
+        unregister("masked_ffn")
+        unregister("clash_block")
+
+
 def test_builder_api_without_yaml():
     """The same builder builds graphs directly from Python."""
     from lmc.frontend.builder import Builder

@@ -1,4 +1,6 @@
 """Symbolic dimensions (integer polynomials over B and T) and tensor types."""
+import re
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -62,6 +64,26 @@ def test_exact_division():
     # zero
     assert as_dim(0).exact_div(T) == 0
     assert T.exact_div(0) is None and as_dim(0).exact_div(0) is None
+
+
+def test_division_operators_are_exact():
+    """`/` and `//` on dims: the exact quotient (a Dim or an int), or ValueError naming both
+    sides; never a rounded shape."""
+    assert (B * T * 6) / 3 == 2 * B * T and (2 * T) // 2 == T and (B * T) // T == B
+    assert isinstance((B * T) // (B * T), int) and 12 // as_dim(4) == 3
+    assert 0 // T == 0 and (T * T - 1) / (T + 1) == T - 1
+    for a, b, msg in ((T, 2, "symbolic dimension T is not divisible by 2"),
+                      (T + 1, T, "symbolic dimension T+1 is not divisible by T"),
+                      (T, 0, "not divisible by 0"),
+                      (6, T, "6 is not divisible by symbolic dimension T")):
+        with pytest.raises(ValueError, match=re.escape(msg)):
+            a // b
+        with pytest.raises(ValueError, match=re.escape(msg)):
+            a / b
+    with pytest.raises(TypeError):
+        T / 2.0
+    with pytest.raises(TypeError):
+        T / True
 
 
 def _poly():
