@@ -7,7 +7,8 @@ SSD, decayed linear attention with q and k shared by the heads; a gpt-oss-style 
 attention sinks, sliding-window layers; a Differential Transformer: the difference of two
 attention maps weighting one set of values; a GLA model: linear attention with per-channel
 data-dependent decays; an RWKV-6-style model: exclusive decays and a bonus, data-dependent
-token shifts; a Falcon-style model: the parallel block, multi-query attention). `lmc verify`
+token shifts; a Falcon-style model: the parallel block, multi-query attention; a RetNet-style
+model: retention with a fixed decay per head written as the paper writes it). `lmc verify`
 passes on each,
 and the fusions fire on what they hold: plain causal attention with no RoPE, soft-capped
 scores, ALiBi in both forms, sigmoid routing, SSD as chunked linear attention, in training and
@@ -34,7 +35,8 @@ SETS = {"gemma2.yaml": ["attn_cap=1.5"]}
 DECODE = {"gpt2.yaml": "", "gemma2.yaml": ", scores soft-capped at 1.5", "mpt.yaml": ", ALiBi",
           "bloom.yaml": ", ALiBi", "deepseek_moe.yaml": ", scale 0.25", "mamba2.yaml": None,
           "gpt_oss.yaml": ", attention sinks", "diff_transformer.yaml": ", scale 0.25",
-          "gla.yaml": None, "rwkv6.yaml": None, "falcon.yaml": ", scale 0.25"}
+          "gla.yaml": None, "rwkv6.yaml": None, "falcon.yaml": ", scale 0.25",
+          "retnet.yaml": None}
 # what the fused attention records say per layer (tiny presets)
 ATTENTION = {
     "gpt2.yaml": ["no rope: causal attention, scale 0.25"] * 2,
@@ -50,6 +52,7 @@ ATTENTION = {
     "mamba2.yaml": [],      # no attention (SSD: tests below)
     "gla.yaml": [],         # no softmax attention (gated linear attention: below)
     "rwkv6.yaml": [],       # the same (below)
+    "retnet.yaml": [],      # retention: decayed linear attention (below)
     # two attention maps per layer, each its own flash attention
     "diff_transformer.yaml": ["rope + causal attention, scale 0.25"] * 4,
     "falcon.yaml": ["rope + causal MQA attention (4 heads, 1 kv), scale 0.25"] * 2,
@@ -85,12 +88,13 @@ def test_verify_passes(path, sets):
              "mamba2.yaml": " (2 decode_linear_attention)",
              "diff_transformer.yaml": " (4 decode_attention)",
              "gla.yaml": " (2 decode_gated_linear_attention)",
+             "retnet.yaml": " (2 decode_linear_attention)",
              "rwkv6.yaml": " (2 decode_gated_linear_attention)"}.get(os.path.basename(path),
                                                                   " (2 decode_attention)")
     assert f"triton k in [1, 5]{fused}:" in rows[-1].detail, rows[-1].detail
     if "window=5" in sets or "mamba2" in path:  # rings; SSD and convolution states: no growth
         assert "state 4 tensors, 0 B/token + " in rows[-1].detail, rows[-1].detail
-    if "gla" in path:       # one d_k x d_v state per layer, no cache
+    if "gla" in path or "retnet" in path:   # one d_k x d_v state per layer, no cache
         assert "state 2 tensors, 0 B/token + " in rows[-1].detail, rows[-1].detail
     if "rwkv6" in path:     # per layer the state and five shifted inputs (x twice, k, v, g)
         assert "state 12 tensors, 0 B/token + 10,752 B/sequence" in rows[-1].detail, \
@@ -291,6 +295,24 @@ def test_gla_runs_chunked_kernels_in_training_and_a_constant_state_in_decode():
             "fusions"] if r["pass"] == "fuse_linear_attention")
     recs = _decode_runs_recurrent_ops(model.graph, [("state", (1, 2, 16, 32))] * 2)
     assert all(r["reason"].startswith("gated: 2 heads, state 16x32") for r in recs)
+
+
+def test_retnet_paper_form_retention_runs_chunked_kernels_and_a_constant_state():
+    """retnet: D_ts = gamma^(t-s) written from positions and masked after the exp (the paper's
+    form) is rewritten by canonicalize into the cumsum form, so each layer's retention is one
+    chunked linear attention in training (f32 and bf16; fixed per-head decays) and one
+    recurrent op over a d_k x d_v state per head in the decode step."""
+    from lmc.passes.mixed_precision import mixed_precision
+    model = lmc.load(os.path.join(EXAMPLES, "retnet.yaml"), preset="tiny")
+    for g in (model.graph, mixed_precision(model.graph, "bf16")):
+        prog = _linear_attention_program(g, "linear_attention_bwd")
+        recs = [r for r in prog.forward_exec.graph.meta["fusions"]
+                if r["pass"] == "fuse_linear_attention"]
+        assert all("G = cumsum of fixed per-head decay [2, T]" in r["reason"]
+                   for r in recs), recs
+    recs = _decode_runs_recurrent_ops(model.graph, [("state", (1, 2, 32, 32))] * 2)
+    assert all(r["reason"] == "2 heads, state 32x32 per head, log-decays [2, T]"
+               for r in recs), recs
 
 
 def test_gla_long_prompt_chunks_continue_the_state(monkeypatch):
