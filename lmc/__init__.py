@@ -9,7 +9,13 @@ Define blocks in Python with `@lmc.block` and use them from YAML by name.
 import os as _os
 import sys as _sys
 
-import torch as _torch
+try:
+    import torch as _torch
+except KeyboardInterrupt:       # Ctrl-C while the `lmc` command starts: no traceback
+    if _os.path.basename(_sys.argv[0] if _sys.argv else "") == "lmc":
+        print("lmc: interrupted", file=_sys.stderr)
+        raise SystemExit(130) from None
+    raise
 
 # Triton decides at import time whether its own library functions (tl.sigmoid, tl.sum, ...)
 # run in the interpreter, so on a machine without CUDA the switch must be set before anything
@@ -24,11 +30,17 @@ if "triton" not in _sys.modules and not _torch.cuda.is_available():
 _sys.setrecursionlimit(max(_sys.getrecursionlimit(),
                            60_000 if _sys.version_info >= (3, 11) else 8_000))
 
-from .blocks import block  # noqa: E402
-from .driver import Compiled, compile_model, load  # noqa: E402
-from .errors import LmcError  # noqa: E402
-from .frontend.builder import Builder, Tensor  # noqa: E402
-from .ir import init  # noqa: E402
+try:
+    from .blocks import block  # noqa: E402
+    from .driver import Compiled, compile_model, load  # noqa: E402
+    from .errors import LmcError  # noqa: E402
+    from .frontend.builder import Builder, Tensor  # noqa: E402
+    from .ir import init  # noqa: E402
+except KeyboardInterrupt:
+    if _os.path.basename(_sys.argv[0] if _sys.argv else "") == "lmc":
+        print("lmc: interrupted", file=_sys.stderr)
+        raise SystemExit(130) from None
+    raise
 
 __version__ = "0.1.0"
 __all__ = ["block", "compile_model", "load", "Compiled", "LmcError", "Builder", "Tensor",

@@ -63,16 +63,17 @@ def cmd_compile(args) -> int:
     s["codegen_s"] = k["codegen_s"]
     s["fusions"] = s["fusions"] + [dict(f, graph=g) for g in ("forward", "backward")
                                    for f in k[g]["fusions"]]
+    files: dict = {}    # what -o writes, once everything compiled (a failure writes nothing)
     if args.out:
         if os.path.exists(args.out) and not os.path.isdir(args.out):
             raise UsageError(f"-o {args.out}: exists and is not a directory")
-        os.makedirs(args.out, exist_ok=True)
-        _write(os.path.join(args.out, "ir_source.txt"), format_graph(c.source) + "\n")
-        _write(os.path.join(args.out, "ir.txt"), format_graph(c.graph) + "\n")
-        _write(os.path.join(args.out, "summary.json"), json.dumps(s, indent=2, default=str) + "\n")
+        files["ir_source.txt"] = format_graph(c.source) + "\n"
+        files["ir.txt"] = format_graph(c.graph) + "\n"
+        if train:   # the graph the training program differentiates (loss, precision casts)
+            files["ir_train.txt"] = format_graph(c.training_graph(train)) + "\n"
         for g in ("forward", "backward"):
-            _write(os.path.join(args.out, f"kernels_{g}.py"), k[g]["source"])
-            _write(os.path.join(args.out, f"program_{g}.py"), k[g]["program"])
+            files[f"kernels_{g}.py"] = k[g]["source"]
+            files[f"program_{g}.py"] = k[g]["program"]
     step = None
     if args.mode == "decode":
         from .codegen.program import DECODE_PATTERN_PASSES, apply_decode_patterns
@@ -105,15 +106,16 @@ def cmd_compile(args) -> int:
                 from .codegen import wrapper
                 from .codegen.program import module_source
                 name = graph.replace(" ", "_")
-                _write(os.path.join(args.out, f"kernels_{name}.py"), module_source(fused))
-                _write(os.path.join(args.out, f"program_{name}.py"),
-                       wrapper.generate(fused, "decode step"))
+                files[f"kernels_{name}.py"] = module_source(fused)
+                files[f"program_{name}.py"] = wrapper.generate(fused, "decode step")
         if args.out:
-            _write(os.path.join(args.out, "ir_decode.txt"), format_graph(step.graph) + "\n")
-            _write(os.path.join(args.out, "summary.json"),
-                   json.dumps(s, indent=2, default=str) + "\n")
+            files["ir_decode.txt"] = format_graph(step.graph) + "\n"
+    if args.out:
+        files["summary.json"] = json.dumps(s, indent=2, default=str) + "\n"
+        _write_compile_out(args.out, files, args.overwrite)
     if args.print_ir:
-        print(format_graph(step.graph if step else c.graph))
+        print(format_graph(step.graph if step else c.training_graph(train) if train
+                           else c.graph))
         return 0
     if args.json:
         print(json.dumps(s, default=str))
@@ -125,8 +127,40 @@ def cmd_compile(args) -> int:
         graphs = "forward,backward" + (",decode,decode_static" if step is not None else "")
         print(f"wrote       {os.path.join(args.out, '')}ir_source.txt, ir.txt, summary.json, "
               f"kernels_{{{graphs}}}.py, program_{{{graphs}}}.py"
-              + (", ir_decode.txt" if step is not None else ""))
+              + (", ir_decode.txt" if step is not None else "")
+              + (", ir_train.txt" if train else ""))
     return 0
+
+
+COMPILE_MANIFEST = ".lmc-compile"     # the files the last `lmc compile -o` wrote there
+
+
+def _write_compile_out(out: str, files: dict, overwrite: bool) -> None:
+    """Write `lmc compile -o`'s files into `out`. Files an earlier `lmc compile -o` wrote
+    there (its manifest) are replaced, and those this compile does not write (another
+    --mode's kernels) removed, so the directory describes one compile. Another file of the
+    same name (a user's) is refused unless --overwrite; other files are left alone."""
+    manifest = os.path.join(out, COMPILE_MANIFEST)
+    ours: list = []
+    if os.path.isfile(manifest):
+        try:
+            with open(manifest, encoding="utf-8") as f:
+                ours = [ln.strip() for ln in f if ln.strip() and "/" not in ln
+                        and ln.strip() != COMPILE_MANIFEST]
+        except (OSError, UnicodeDecodeError):
+            ours = []
+    clash = sorted(n for n in files if os.path.exists(os.path.join(out, n)) and n not in ours)
+    if clash and not overwrite:
+        raise UsageError(f"-o {out}: holds {', '.join(clash[:3])}"
+                         f"{', ...' if len(clash) > 3 else ''}, not written by lmc compile: "
+                         "choose another directory, or replace them with --overwrite")
+    os.makedirs(out, exist_ok=True)
+    for name, text in files.items():
+        _write(os.path.join(out, name), text)
+    for name in ours:
+        if name not in files and os.path.isfile(os.path.join(out, name)):
+            os.remove(os.path.join(out, name))
+    _write(manifest, "".join(n + "\n" for n in sorted(files)))
 
 
 # `lmc run --train`'s defaults; with --resume a setting not given is the run's
@@ -148,6 +182,11 @@ def cmd_run(args) -> int:
     _import_blocks(args.imports)
     if args.generate and args.train:
         raise LmcError("lmc run takes --train or --generate, not both")
+    unused = _flags_given(args.argv, TRAIN_ONLY if args.generate else
+                          GENERATE_ONLY if args.train else ())
+    if unused:
+        print(f"lmc: note: {', '.join(unused)} {'is' if len(unused) == 1 else 'are'} for "
+              f"{'--train' if args.generate else '--generate'}: ignored", file=sys.stderr)
     if args.generate:
         if args.resume:
             raise LmcError("--resume continues a training run; --generate reads a "
@@ -166,6 +205,9 @@ def cmd_run(args) -> int:
     steps, lr = pick("steps"), pick("lr")
     if args.warmup is not None or "warmup" not in was:
         warmup = min(pick("warmup"), max(steps // 10, 1))
+        if args.warmup is not None and warmup < args.warmup:
+            print(f"lmc: note: --warmup {args.warmup} is capped at a tenth of --steps: "
+                  f"warming up over {warmup} steps", file=sys.stderr)
     else:
         warmup = was["warmup"]
     c = TrainConfig(steps=steps, batch_size=pick("batch_size"), seq_len=pick("seq_len"),
@@ -177,7 +219,9 @@ def cmd_run(args) -> int:
                     seed=pick("seed"),
                     out=args.out or (resume_run_dir(args.resume) if args.resume else None)
                     or "runs/train",
-                    data=args.data if args.data is not None else was.get("data"),
+                    # absolute: a resume from another directory reads the same data
+                    data=os.path.abspath(args.data) if args.data is not None
+                    else was.get("data"),
                     tokenizer=args.tokenizer_given or was.get("tokenizer") or "cl100k_base",
                     resume=args.resume, init=args.checkpoint, model_note=note,
                     backend=pick("backend"),
@@ -201,13 +245,37 @@ def cmd_run(args) -> int:
               "scale, which was halved (metrics.jsonl: loss_scale, skipped)")
     wrote = [p for p in (f"{s['out']}/metrics.jsonl", f"{s['out']}/loss.png")
              if os.path.exists(p)] + ([s["checkpoint"]] if s["checkpoint"] else [])
-    if wrote:
+    if wrote and not s.get("nothing_written"):
         print("wrote       " + ", ".join(wrote))
+    if s.get("nothing_written"):
+        print(f"interrupted at step {s['steps']}, before this run's first write: nothing "
+              f"saved, and {s['out']} is as it was", file=sys.stderr)
+        return 130
     if s.get("interrupted"):
         print("interrupted: checkpoint saved; continue with --resume " + s["out"],
               file=sys.stderr)
         return 130
     return 0
+
+
+TRAIN_ONLY = ("--steps", "--batch-size", "--seq-len", "--grad-accum", "--lr", "--warmup",
+              "--eval-every", "--ckpt-every", "--log-every", "--data", "--out", "--overwrite",
+              "--fsdp", "--freeze", "--no-progress")
+GENERATE_ONLY = ("--prompt", "--static", "--no-static", "--max-new-tokens", "--temperature",
+                 "--top-k", "--top-p")
+
+
+def _flags_given(argv: List[str], flags) -> List[str]:
+    """Which of `flags` the command line gave (as written or abbreviated, as argparse takes
+    them), by their full names."""
+    got = []
+    for tok in argv:
+        if tok == "--":
+            break
+        name = tok.split("=", 1)[0]
+        if name.startswith("--") and len(name) > 2:
+            got += [f for f in flags if f.startswith(name) and f not in got]
+    return got
 
 
 def _read_meta(path: str, flag: str = "--checkpoint") -> dict:
@@ -216,7 +284,8 @@ def _read_meta(path: str, flag: str = "--checkpoint") -> dict:
         with open(path, encoding="utf-8") as f:
             meta = json.load(f)
     except (OSError, ValueError) as e:
-        raise LmcError(f"{flag} {path}: unreadable ({e})") from None
+        from .runtime.train import _unreadable
+        raise _unreadable(flag, path, e) from None
     ok = isinstance(meta, dict) and isinstance(meta.get("preset"), (str, type(None))) \
         and isinstance(meta.get("tokenizer", ""), str) and (
             meta.get("overrides") is None or (isinstance(meta["overrides"], list) and all(
@@ -351,14 +420,20 @@ def _generate(args) -> int:
     sys.stdout.flush()
     t0 = time.perf_counter()
     n = 0
-    for tok in dec.generate(torch.tensor(prompt, device=device), args.max_new_tokens,
-                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                            seed=args.seed, vocab=min(enc.n_vocab, vocab)):
-        if tok == enc.eot_token:
-            break
-        n += 1
-        sys.stdout.write(out.decode(enc.decode_single_token_bytes(tok)))
+    try:
+        for tok in dec.generate(torch.tensor(prompt, device=device), args.max_new_tokens,
+                                temperature=args.temperature, top_k=args.top_k,
+                                top_p=args.top_p, seed=args.seed,
+                                vocab=min(enc.n_vocab, vocab)):
+            if tok == enc.eot_token:
+                break
+            n += 1
+            sys.stdout.write(out.decode(enc.decode_single_token_bytes(tok)))
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        sys.stdout.write("\n")     # "lmc: interrupted" on a line of its own
         sys.stdout.flush()
+        raise
     sys.stdout.write(out.decode(b"", final=True) + "\n")
     dt = time.perf_counter() - t0
     mode = ("static step, CUDA graph" if dec.cuda_graph else
@@ -579,11 +654,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override config values (after the preset), e.g. --set d=128 layers=2")
     c.add_argument("-o", "--out", metavar="DIR",
                    help="write the IR, summary.json, and the generated kernels and wrapper "
-                        "programs (kernels_*.py, program_*.py) to DIR")
+                        "programs (kernels_*.py, program_*.py) to DIR (an earlier compile's "
+                        "files there are replaced; a file of the same name it did not write "
+                        "is refused unless --overwrite)")
+    c.add_argument("--overwrite", action="store_true",
+                   help="with -o: replace files of the same names lmc compile did not write")
     out_form = c.add_mutually_exclusive_group()
     out_form.add_argument("--print-ir", action="store_true",
                    help="print the IR after all passes (with --mode decode: the decode step's "
-                        "graph)")
+                        "graph; with --mode train: the training graph, the loss appended and "
+                        "the precision's casts)")
     out_form.add_argument("--json", action="store_true",
                           help="print the summary as one JSON object")
     c.add_argument("--explain", action="store_true",
@@ -642,7 +722,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--resume", metavar="DIR",
                    help="continue the run in DIR from its latest checkpoint, or from a ckpt-* "
                         "directory of it: the model and every setting not given are the "
-                        "run's; a setting given that differs is named on stderr")
+                        "run's; a setting given that changes the training (--lr, "
+                        "--batch-size, --data, ...) is named on stderr (--steps and the "
+                        "--*-every intervals may change)")
     r.add_argument("--overwrite", action="store_true",
                    help="replace the run already in --out (its checkpoints and metrics) "
                         "at the new run's first write; without it such an --out is refused")
@@ -724,15 +806,19 @@ def build_parser() -> argparse.ArgumentParser:
                     help="draw every layer (by default repeated layers are drawn once, ×N)")
     gr.add_argument("--import", dest="imports", action="append", metavar="PY")
     gr.set_defaults(fn=cmd_graph)
+    p.subcommands = sub.choices     # name -> its parser: usage errors name the subcommand
     return p
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    here = parser.subcommands[args.command]
+    if extra:
+        here.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "compile" and args.precision and args.mode != "train":
-        parser.error("--precision is for lmc compile --mode train (the training program's "
-                     "mixed precision)")
+        here.error("--precision is for lmc compile --mode train (the training program's "
+                   "mixed precision)")
     args.argv = list(argv) if argv is not None else sys.argv[1:]
     try:
         return args.fn(args)

@@ -360,8 +360,11 @@ def verify(path: str, preset: Optional[str] = None, overrides: Sequence[str] = (
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (batch, T), generator=gen)
     s = Subject(path, preset, list(overrides), compiled, vocab, ids, seed)
-    rows = [Row("compiles", True, f"{compiled.summary()['params']:,} params"
-                f"{' (preset ' + preset + ')' if preset else ''}; B={batch} T={T}")]
+    which = f" (preset {preset})" if preset else \
+        " (no preset: the file has no tiny one, so its config as written" + \
+        (" with --set" if overrides else "") + ")"
+    rows = [Row("compiles", True, f"{compiled.summary()['params']:,} params{which}; "
+                f"B={batch} T={T}")]
     for name, label, check in CHECKS:
         if name in skip:
             rows.append(Row(label, True, "--skip " + name, skipped=True))

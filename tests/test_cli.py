@@ -282,6 +282,9 @@ def test_usage_and_os_errors_are_one_line_and_leave_nothing(tmp_path, capsys):
     (out / "summary.json").mkdir(parents=True)
     assert main(["compile", LLAMA, "--preset", "tiny", "-o", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds summary.json, not written by lmc compile" in err[0], err
+    assert main(["compile", LLAMA, "--preset", "tiny", "-o", str(out), "--overwrite"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"lmc: error: {out / 'summary.json'}: Is a directory"], err
     assert not [p for p in os.listdir(out) if ".tmp." in p]
     (tmp_path / "g.svg").mkdir()
@@ -442,3 +445,74 @@ def test_compile_takes_print_ir_or_json_not_both(capsys):
         main(["compile", LLAMA, "--print-ir", "--json"])
     assert e.value.code == 2
     assert "--json: not allowed with argument --print-ir" in capsys.readouterr().err
+
+
+def test_compile_out_replaces_its_own_files_only_and_writes_nothing_on_failure(tmp_path,
+                                                                                capsys):
+    """-o DIR: a second compile replaces the first's files and removes those it does not
+    write (a decode compile's kernels), so DIR describes one compile; a user's file of the
+    same name is refused unless --overwrite, other files are left alone; a compile that
+    fails writes nothing."""
+    out = tmp_path / "o"
+    assert main(["compile", LLAMA, "--preset", "tiny", "--mode", "decode", "-o", str(out)]) == 0
+    assert (out / "kernels_decode.py").exists() and (out / "ir_decode.txt").exists()
+    (out / "notes.md").write_text("mine\n")
+    assert main(["compile", LLAMA, "--preset", "tiny", "-o", str(out)]) == 0
+    names = set(os.listdir(out))
+    assert "kernels_decode.py" not in names and "ir_decode.txt" not in names, names
+    assert {"kernels_forward.py", "summary.json", "notes.md"} <= names
+    assert json.loads((out / "summary.json").read_text())["model"] == "llama"
+    user = tmp_path / "u"
+    user.mkdir()
+    (user / "ir.txt").write_text("my notes\n")
+    capsys.readouterr()
+    assert main(["compile", LLAMA, "--preset", "tiny", "-o", str(user)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds ir.txt, not written by lmc compile" in err[0] and \
+        "--overwrite" in err[0], err
+    assert os.listdir(user) == ["ir.txt"] and (user / "ir.txt").read_text() == "my notes\n"
+    assert main(["compile", LLAMA, "--preset", "tiny", "-o", str(user), "--overwrite"]) == 0
+    assert (user / "ir.txt").read_text().startswith("graph llama")
+    # a decode step that cannot be derived: an error, and no directory
+    bad = tmp_path / "future.yaml"
+    bad.write_text(open(LLAMA).read().replace(
+        "    - logits = ", "    - x = x + concat([x[:, 1:], x[:, :1]], 1)\n    - logits = ", 1))
+    assert main(["compile", str(bad), "--preset", "tiny", "--mode", "decode", "-o",
+                 str(tmp_path / "f")]) == 2
+    assert "cannot derive the decode step" in capsys.readouterr().err
+    assert not (tmp_path / "f").exists()
+
+
+def test_usage_errors_name_the_subcommand_and_ignored_flags_are_said(tmp_path, capsys):
+    for argv, sub in ((["run", LLAMA, "--stepz", "3"], "run"),
+                      (["verify", LLAMA, "--only", "x"], "verify"),
+                      (["compile", LLAMA, "--precision", "bf16"], "compile")):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"lmc {sub}: error: ") and \
+            err[0].endswith(f"(see lmc {sub} --help)"), err
+    # a training flag under --generate, generation flags (one abbreviated) under --train
+    assert main(["run", LLAMA, "--generate", "--preset", "tiny", "--tokenizer", "bytes",
+                 "--steps", "3", "--max-new-tokens", "2", "--temperature", "0"]) == 0
+    assert "lmc: note: --steps is for --train: ignored" in capsys.readouterr().err
+    import sysconfig
+    data = os.path.join(sysconfig.get_paths()["stdlib"], "textwrap.py")
+    assert main(["run", LLAMA, "--train", "--preset", "tiny", "--tokenizer", "bytes",
+                 "--data", data, "--steps", "2", "--warmup", "5", "--batch-size", "2",
+                 "--seq-len", "8", "--no-progress", "--out", str(tmp_path / "r"),
+                 "--prompt", "hi", "--temp", "0"]) == 0
+    err = capsys.readouterr().err
+    assert "lmc: note: --prompt, --temperature are for --generate: ignored" in err, err
+    assert "lmc: note: --warmup 5 is capped at a tenth of --steps: warming up over 1 " \
+           "steps" in err, err
+
+
+def test_compile_train_mode_prints_and_writes_the_training_graph(tmp_path, capsys):
+    assert main(["compile", LLAMA, "--preset", "tiny", "--mode", "train", "--print-ir"]) == 0
+    ir = capsys.readouterr().out
+    assert "targets" in ir and "loss" in ir and "cast" in ir
+    assert main(["compile", LLAMA, "--preset", "tiny", "--mode", "train", "-o",
+                 str(tmp_path / "o")]) == 0
+    assert (tmp_path / "o" / "ir_train.txt").read_text() == ir

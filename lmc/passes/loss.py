@@ -66,6 +66,7 @@ def with_loss(g: Graph, logits: str = "logits") -> Graph:
     b = Builder({}, {})
     b.nodes = list(g.nodes)
     b.scope = "loss"
+    b.loc = lg.loc          # the loss's nodes point at the logits' line (not a Python caller)
     x = Tensor(lg, b)
     targets = b.input("targets", ids.type.shape, "i64")
     vocab = x.shape[-1]

@@ -354,6 +354,18 @@ def resume_run_dir(path: str) -> str:
     return (os.path.dirname(os.path.normpath(path)) or ".") if is_checkpoint(path) else path
 
 
+def _is_run_of(run_dir: str, ck: str) -> bool:
+    """run_dir is a run and ck one of its checkpoints: its `latest` names a ckpt-<step>
+    directory in it, and ck is a ckpt-<step> directory in it."""
+    try:
+        with open(os.path.join(run_dir, "latest"), encoding="utf-8") as f:
+            name = f.read().strip()
+    except (OSError, UnicodeDecodeError):
+        return False
+    return ckpt_step(name) is not None and os.path.isdir(os.path.join(run_dir, name)) and \
+        ckpt_step(os.path.basename(os.path.normpath(ck))) is not None
+
+
 def latest_checkpoint(run_dir: str) -> str:
     """The checkpoint --resume continues from: the run's latest, or the ckpt-* directory
     given."""
@@ -394,6 +406,10 @@ def check_config(c: TrainConfig) -> None:
         raise LmcError(f"--out {c.out}: exists and is not a directory")
     same = c.resume is not None and os.path.realpath(resume_run_dir(c.resume)) == \
         os.path.realpath(c.out)
+    if same and is_checkpoint(c.resume) and not _is_run_of(c.out, c.resume):
+        raise LmcError(f"--resume {c.resume}: {c.out} is not its run (no 'latest' there "
+                       f"naming a checkpoint beside it), and the continuation would write "
+                       f"there: give it a run directory of its own with --out DIR")
     if same and c.overwrite:
         raise LmcError(f"--overwrite with --resume {c.resume}: the run would be continued and "
                        "replaced at once (drop one)")
@@ -431,8 +447,10 @@ def _note_changed_settings(was: Dict[str, Any], c: TrainConfig, main: bool) -> N
     """Say (once, on stderr) which settings differ from the run being resumed: it continues,
     but not as the run it resumes would have."""
     now = asdict(c)
-    diff = [f"--{k.replace('_', '-')} {now[k]} (the run: {was[k]})" for k in RESUMED_SETTINGS
-            if k in was and was[k] != now[k]]
+    flag = {"min_lr": "min_lr (lr/10, from --lr)"}
+    show = lambda v: f"{v:.6g}" if isinstance(v, float) else v    # noqa: E731
+    diff = [f"{flag.get(k, '--' + k.replace('_', '-'))} {show(now[k])} (the run: "
+            f"{show(was[k])})" for k in RESUMED_SETTINGS if k in was and was[k] != now[k]]
     if diff and main:
         print("lmc: note: resuming with other settings than the run's: " + ", ".join(diff)
               + "; the continuation differs from the run it resumes", file=sys.stderr)
@@ -484,9 +502,16 @@ def read_weights(ck: str, flag: str, device: str = "cpu") -> Dict[str, torch.Ten
 
     path = os.path.join(ck, "model.safetensors")
     try:
-        return load_file(path, device=device)
+        weights = load_file(path, device=device)
     except Exception as e:  # safetensors raises its own error type, OSError, ...
         raise _unreadable(flag, path, e) from None
+    bad = [k for k, v in weights.items() if v.is_floating_point() and
+           not bool(torch.isfinite(v).all())]
+    if bad:     # (lmc no longer writes such a checkpoint: an older one, or another tool's)
+        raise LmcError(f"{flag} {ck}: {len(bad)} of {len(weights)} weights hold inf or nan "
+                       f"({bad[0]}{', ...' if len(bad) > 1 else ''}): training diverged "
+                       f"before this checkpoint; use an earlier one")
+    return weights
 
 
 def read_state(ck: str, flag: str) -> Dict[str, Any]:
@@ -564,6 +589,7 @@ def train(path: str, preset: Optional[str], overrides, c: TrainConfig) -> Dict[s
     if corpus.max_id >= vocab:
         raise LmcError(f"{corpus.source}: the data holds token id {corpus.max_id}, outside "
                        f"the model's vocab {vocab}")
+    ckpt_meta["train_tokens"] = int(len(corpus.train))    # a resume checks it is the same
 
     # mixed precision is a pass over the graph (torch.autocast's policy, written in): both
     # backends run the same program, and parameters and optimizer state stay fp32
@@ -653,6 +679,11 @@ def train(path: str, preset: Optional[str], overrides, c: TrainConfig) -> Dict[s
         torch.set_rng_state(st["rng"]["torch"])
         start = st["step"]
         _note_changed_settings(st.get("config") or {}, c, d.main)
+        had = _meta_json(ck).get("train_tokens")
+        if isinstance(had, int) and had != len(corpus.train) and d.main:
+            print(f"lmc: note: the data ({corpus.source}) now holds {len(corpus.train):,} "
+                  f"training tokens, the run's held {had:,}: the continuation reads another "
+                  f"corpus", file=sys.stderr)
         if start >= c.steps:
             raise LmcError(f"--resume {c.resume}: the run is at step {start} already; --steps "
                            f"{c.steps} asks for no more (--steps counts from the run's start)")
@@ -663,16 +694,23 @@ def train(path: str, preset: Optional[str], overrides, c: TrainConfig) -> Dict[s
     # to the step it continues from (run_files: ckpt-<7+ digits>)
     ours = {n for p in run_files(c.out) if (n := ckpt_step(p)) is not None and n <= start} \
         if same else set()
-    if d.main and same:
-        _truncate_metrics(metrics_path, start)
-    # --overwrite: the old run in `out` goes at this run's first write (its first metrics
-    # record or checkpoint), so a run failing before it (a check, the first step) loses nothing
+    # resumed from an earlier checkpoint of its run: the records past it are cut from the
+    # metrics, and with --overwrite the old run in `out` goes; both at this run's first write
+    # (its first metrics record or checkpoint), so a run failing before it (a check, the
+    # first step) or interrupted before it loses nothing
+    kept = {"metrics": _kept_metrics(metrics_path, start) if d.main and same else None}
     replaced = run_files(c.out) if d.main and c.overwrite else []
 
     def clear_old():
+        if kept["metrics"] is not None:
+            atomic_write(metrics_path, kept["metrics"])
+            kept["metrics"] = None
         while replaced:
             q = os.path.join(c.out, replaced.pop())
             shutil.rmtree(q, ignore_errors=True) if os.path.isdir(q) else os.remove(q)
+
+    def nothing_written():
+        return bool(replaced) or kept["metrics"] is not None
     os.makedirs(c.out, exist_ok=True)
 
     local = c.batch_size // (d.world * c.grad_accum)
@@ -714,10 +752,30 @@ def train(path: str, preset: Optional[str], overrides, c: TrainConfig) -> Dict[s
         bar = tqdm(total=c.steps, initial=start, unit="step", dynamic_ncols=True,
                    file=sys.stderr)
     tokens_per_step = c.batch_size * c.seq_len
-    last_ckpt = None
+    last_ckpt = ck if c.resume else None     # the last checkpoint of this run with sound weights
+    wrote = {"ckpt": None}                   # the last one this invocation wrote
     summary: Dict[str, Any] = {"start_step": start}
     t_last = time.perf_counter()
     step = start
+
+    def last_good() -> str:
+        return (f"; the last good checkpoint is {last_ckpt}" if last_ckpt else
+                " (no checkpoint of this run was written yet)")
+
+    def check_weights():
+        """A checkpoint holds finite weights: an update can make them inf or nan from a
+        finite loss (a learning rate far too high), and the next step's loss says so only
+        after they were saved."""
+        bad = torch.zeros((), dtype=torch.float32, device=d.device)
+        for p in raw.parameters():
+            local = p.to_local() if hasattr(p, "to_local") else p    # (an FSDP shard)
+            bad += (~torch.isfinite(local.detach())).any().float()
+        if d.world > 1:
+            _sum_over_ranks(bad)
+        if bad.item():
+            raise LmcError(f"the weights became inf or nan at step {step} (the update of a "
+                           f"finite loss: a learning rate too high? try a lower --lr): "
+                           f"stopping without saving them{last_good()}")
     model.train()
     finished = False
     try:
@@ -748,10 +806,8 @@ def train(path: str, preset: Optional[str], overrides, c: TrainConfig) -> Dict[s
             parts_logged = all_reduce(parts, d, mean=True)
             stats_logged = all_reduce(stats, d, mean=False)
             if not math.isfinite(train_loss):
-                where = f"; the last good checkpoint is {last_ckpt}" if last_ckpt else \
-                    " (no checkpoint was written yet)"
                 raise LmcError(f"loss became {train_loss} at step {step + 1}: stopping before "
-                               f"the update{where}")
+                               f"the update{last_good()}")
             scaler.unscale_(opt)      # (nothing without loss scaling)
             if c.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
@@ -795,20 +851,28 @@ def train(path: str, preset: Optional[str], overrides, c: TrainConfig) -> Dict[s
                 bar.update(1)
                 bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
             if step % c.ckpt_every == 0 or step == c.steps:
+                check_weights()
                 clear_old()
-                last_ckpt = save_checkpoint(c.out, step, model, opt, c, d,
-                                            ckpt_meta, scaler, ours) or last_ckpt
+                saved = save_checkpoint(c.out, step, model, opt, c, d, ckpt_meta, scaler, ours)
+                last_ckpt = wrote["ckpt"] = saved or last_ckpt
                 if d.main:
                     plot_losses(metrics_path, os.path.join(c.out, "loss.png"))
             if stop["signal"] is not None:
+                summary["interrupted"] = True
+                if nothing_written():
+                    # interrupted before this run's first write: the run it would replace
+                    # (--overwrite) or cut back (a resume from an earlier checkpoint) stays
+                    # as it was, and nothing is saved
+                    summary["nothing_written"] = True
+                    break
+                check_weights()
                 clear_old()
                 if d.main and not logged:   # the checkpoint's step ends the curve
                     log()
-                last_ckpt = save_checkpoint(c.out, step, model, opt, c, d,
-                                            ckpt_meta, scaler, ours) or last_ckpt
+                saved = save_checkpoint(c.out, step, model, opt, c, d, ckpt_meta, scaler, ours)
+                last_ckpt = wrote["ckpt"] = saved or last_ckpt
                 if d.main:
                     plot_losses(metrics_path, os.path.join(c.out, "loss.png"))
-                summary["interrupted"] = True
                 break
         finished = stop["signal"] is None    # every rank ran the same collectives
     finally:
@@ -818,7 +882,7 @@ def train(path: str, preset: Optional[str], overrides, c: TrainConfig) -> Dict[s
             signal.signal(s, h)
         if d.world > 1:
             _leave_process_group(finished)
-    summary.update({"steps": step, "checkpoint": last_ckpt, "out": c.out,
+    summary.update({"steps": step, "checkpoint": wrote["ckpt"], "out": c.out,
                     "corpus": corpus.source, "train_tokens": int(len(corpus.train)),
                     "vocab": vocab})
     return summary
@@ -832,14 +896,16 @@ class _null:
         return False
 
 
-def _truncate_metrics(path: str, step: int) -> None:
-    """On resume, drop records past the checkpoint so the curve has each step once. A
-    damaged file is an LmcError naming it, left as it is."""
+def _kept_metrics(path: str, step: int) -> Optional[str]:
+    """On resume, the metrics without the records past the checkpoint (the curve has each
+    step once), to be written at the run's first write; None where nothing is cut. A damaged
+    file is an LmcError naming it, left as it is."""
     if step == 0 or not os.path.exists(path):
-        return
+        return None
     try:
         with open(path, encoding="utf-8") as f:
-            lines = [ln for ln in f if ln.strip()]
+            raw = f.read()
+        lines = [ln for ln in raw.splitlines(keepends=True) if ln.strip()]
         keep = []
         for i, ln in enumerate(lines):
             try:
@@ -853,7 +919,8 @@ def _truncate_metrics(path: str, step: int) -> None:
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise LmcError(f"--resume: {path} is unreadable ({type(e).__name__}: "
                        f"{(str(e).splitlines() or [''])[0]}); move it aside to resume") from None
-    atomic_write(path, "".join(keep))
+    text = "".join(keep)
+    return None if text == raw else text
 
 
 def plot_losses(metrics_path: str, png: str) -> None:
@@ -864,16 +931,26 @@ def plot_losses(metrics_path: str, png: str) -> None:
 
     if not os.path.exists(metrics_path):   # a checkpoint before the first record
         return
-    recs = [json.loads(ln) for ln in open(metrics_path) if ln.strip()]
+    recs = []
+    with open(metrics_path, encoding="utf-8", errors="replace") as f:
+        for ln in f:
+            try:
+                r = json.loads(ln)
+            except ValueError:      # a torn last record (a kill mid-append)
+                continue
+            if isinstance(r, dict) and all(isinstance(r.get(k), (int, float))
+                                           for k in ("step", "train_loss")):
+                recs.append(r)
     if not recs:
         return
     fig, ax = plt.subplots(figsize=(7, 4))
-    aux = all("ce_loss" in r for r in recs)  # with aux losses: train = CE + sum coef * aux
+    # with aux losses: train = CE + sum coef * aux
+    aux = all(isinstance(r.get("ce_loss"), (int, float)) for r in recs)
     ax.plot([r["step"] for r in recs], [r["train_loss"] for r in recs],
             label="train (CE + aux losses)" if aux else "train")
     if aux:
         ax.plot([r["step"] for r in recs], [r["ce_loss"] for r in recs], label="train CE")
-    val = [r for r in recs if "val_loss" in r]
+    val = [r for r in recs if isinstance(r.get("val_loss"), (int, float))]
     if val:
         ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="val")
     ax.set_xlabel("step")

@@ -98,17 +98,55 @@ def test_resume_after_sigkill_is_bitwise(tmp_path, corpus):
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, corpus, capsys):
+    """A learning rate far too high: the run stops at the first non-finite loss or weights
+    (an update can make the weights inf from a finite loss, and the next loss says so only
+    after a checkpoint would have saved them), and every checkpoint it left, the one named
+    last good included, holds finite weights; a resume of it stops the same way, naming the
+    checkpoint it resumed."""
+    from safetensors.torch import load_file
     out = tmp_path / "nan"
-    # a learning rate of 1e6 overflows the residual stream within a few steps
     rc = main(["run", *_args(out, corpus, "--steps", "20", "--ckpt-every", "1", "--lr", "1e6")])
     err = capsys.readouterr().err.strip()
-    assert rc == 2 and len(err.splitlines()) == 1
-    assert "loss became nan" in err or "loss became inf" in err
-    bad_step = int(err.split(" at step ")[1].split(":")[0])
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert "loss became nan" in err or "loss became inf" in err or \
+        "the weights became inf or nan" in err, err
     latest = (out / "latest").read_text().strip()
-    assert int(latest.split("-")[1]) == bad_step - 1  # the state before the bad update
-    recs = _metrics(out)
-    assert all(np.isfinite(r["train_loss"]) for r in recs)
+    assert err.endswith(f"the last good checkpoint is {out / latest}"), err
+    for ck in (p for p in out.iterdir() if p.name.startswith("ckpt-")):
+        w = load_file(str(ck / "model.safetensors"))
+        assert all(torch.isfinite(v).all() for v in w.values()), ck
+    assert all(np.isfinite(r["train_loss"]) for r in _metrics(out))
+    assert main(["run", LLAMA, "--train", "--no-progress", "--resume", str(out)]) == 2
+    err2 = capsys.readouterr().err.strip()
+    assert err2.endswith(f"the last good checkpoint is {out / latest}"), err2
+
+
+def test_the_weights_check_names_an_earlier_checkpoint_and_reading_nan_weights_is_refused(
+        tmp_path, corpus, capsys):
+    """lr 1e3 on this model: the step-2 update makes the weights non-finite while the loss
+    it followed was finite (it was saved as good before the check); a checkpoint holding
+    non-finite weights (written by an older lmc, or another tool) is refused by --generate,
+    --resume and --checkpoint in one line."""
+    from safetensors.torch import load_file, save_file
+    out = tmp_path / "w"
+    rc = main(["run", *_args(out, corpus, "--steps", "20", "--ckpt-every", "1", "--lr", "1e3",
+                             "--warmup", "0")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2, err
+    assert "the weights became inf or nan at step" in err, err
+    step = int(err.split(" at step ")[1].split(" ")[0])
+    assert (out / "latest").read_text().strip() == f"ckpt-{step - 1:07d}"
+    assert err.endswith(f"the last good checkpoint is {out / f'ckpt-{step - 1:07d}'}"), err
+    ck = out / f"ckpt-{step - 1:07d}"
+    w = load_file(str(ck / "model.safetensors"))
+    w["embed"][0, 0] = float("nan")
+    save_file(w, str(ck / "model.safetensors"))
+    for cmd in (["run", LLAMA, "--generate", "--checkpoint", str(ck), "--max-new-tokens", "2"],
+                ["run", LLAMA, "--train", "--no-progress", "--resume", str(out)]):
+        assert main(cmd) == 2
+        e = capsys.readouterr().err.strip()
+        assert len(e.splitlines()) == 1 and "1 of " in e and "weights hold inf or nan " \
+            "(embed): training diverged before this checkpoint; use an earlier one" in e, e
 
 
 def _torchrun(logs, *args):
@@ -698,3 +736,103 @@ def test_a_run_remembers_the_python_blocks_it_imported(tmp_path, corpus, capsys)
         assert len(err) == 1 and f"imported its blocks from {blocks}, which is gone" in err[0]
     finally:
         unregister("scaled_ffn")
+
+
+def test_ctrl_c_before_the_first_write_leaves_the_replaced_run_alone(tmp_path, corpus, capsys,
+                                                                       monkeypatch):
+    """--overwrite, interrupted before the new run's first write (a mistaken command stopped
+    at once): the old run is untouched and nothing is saved; the same for a resume from an
+    earlier checkpoint, whose cut of the metrics waits for that first write too."""
+    import lmc.runtime.train as tr
+    a = tmp_path / "a"
+    assert main(["run", *_args(a, corpus, "--steps", "4", "--ckpt-every", "2")]) == 0
+    before = {str(p.relative_to(a)): p.read_bytes() for p in a.rglob("*") if p.is_file()}
+    real = tr.get_batch
+    calls = {"n": 0}
+
+    def interrupted(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:     # during the second step: Ctrl-C
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*a, **k)
+    monkeypatch.setattr(tr, "get_batch", interrupted)
+    capsys.readouterr()
+    args = _args(a, corpus, "--steps", "50", "--overwrite", "--ckpt-every", "1000")
+    args[args.index("--log-every") + 1] = "1000"
+    assert main(["run", *args]) == 130
+    err = capsys.readouterr().err
+    assert "before this run's first write: nothing saved, and" in err, err
+    assert {str(p.relative_to(a)): p.read_bytes() for p in a.rglob("*") if p.is_file()} == \
+        before
+    # a rewind to ckpt-2, interrupted before its first write: the records of steps 3, 4 stay
+    calls["n"] = 0
+    args = ["run", LLAMA, "--train", "--no-progress", "--resume", str(a / "ckpt-0000002"),
+            "--steps", "50", "--log-every", "1000", "--ckpt-every", "1000"]
+    assert main(args) == 130
+    assert {str(p.relative_to(a)): p.read_bytes() for p in a.rglob("*") if p.is_file()} == \
+        before
+    # and one that fails before it (a loss gone nan) as well
+    monkeypatch.setattr(tr, "get_batch", real)
+    assert main(["run", LLAMA, "--train", "--no-progress", "--resume", str(a / "ckpt-0000002"),
+                 "--lr", "1e30"]) == 2
+    assert [r["step"] for r in _metrics(a)] == [1, 2, 3, 4]
+    assert (a / "latest").read_text().strip() == "ckpt-0000004"
+
+
+def test_resume_from_a_checkpoint_outside_its_run_needs_an_out(tmp_path, corpus, capsys):
+    """A ckpt-* directory copied elsewhere: continuing it into that directory would write
+    beside a user's files there (their metrics cut, their `latest` replaced): refused,
+    naming --out; with --out the continuation is a run of its own. A foreign record in a
+    run's metrics does not break the curve."""
+    from lmc.runtime.train import plot_losses
+    a = tmp_path / "a"
+    assert main(["run", *_args(a, corpus, "--steps", "2", "--ckpt-every", "2")]) == 0
+    dl = tmp_path / "downloads"
+    dl.mkdir()
+    import shutil
+    shutil.copytree(a / "ckpt-0000002", dl / "ckpt-0000002")
+    (dl / "metrics.jsonl").write_text('{"step": 50, "mine": true}\n')
+    (dl / "latest").write_text("my notes\n")
+    capsys.readouterr()
+    resume = ["run", LLAMA, "--train", "--no-progress", "--steps", "3", "--resume",
+              str(dl / "ckpt-0000002")]
+    assert main(resume) == 2
+    err = capsys.readouterr().err.strip()
+    assert "is not its run" in err and "--out DIR" in err, err
+    assert (dl / "metrics.jsonl").read_text() == '{"step": 50, "mine": true}\n'
+    assert (dl / "latest").read_text() == "my notes\n"
+    assert main([*resume, "--out", str(tmp_path / "b")]) == 0
+    assert (tmp_path / "b" / "ckpt-0000003").is_dir()
+    with open(a / "metrics.jsonl", "a") as f:
+        f.write('{"step": 9, "mine": true}\n')
+    plot_losses(str(a / "metrics.jsonl"), str(tmp_path / "c.png"))
+    assert (tmp_path / "c.png").stat().st_size > 1000
+
+
+def test_a_run_records_its_data_absolutely_and_a_resume_says_when_it_changed(
+        tmp_path, corpus, capsys, monkeypatch):
+    """--data given relative to where the run started: a resume from another directory
+    reads the same file; a resume whose data now holds another number of tokens says so."""
+    import shutil
+    work = tmp_path / "work"
+    work.mkdir()
+    shutil.copy(corpus, work / "data.txt")
+    monkeypatch.chdir(work)
+    a = tmp_path / "a"
+    args = _args(a, "data.txt", "--steps", "2")
+    assert main(["run", *args]) == 0
+    meta = json.loads((a / "ckpt-0000002" / "meta.json").read_text())
+    assert meta["config"]["data"] == str(work / "data.txt")
+    assert meta["train_tokens"] > 1000
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    resume = ["run", LLAMA, "--train", "--no-progress", "--resume", str(a)]
+    assert main([*resume, "--steps", "3"]) == 0
+    assert "note:" not in capsys.readouterr().err
+    with open(work / "data.txt", "a") as f:
+        f.write(open(corpus).read()[:20000])
+    assert main([*resume, "--steps", "4"]) == 0
+    err = capsys.readouterr().err
+    assert f"note: the data ({work / 'data.txt'}) now holds" in err and \
+        f"the run's held {meta['train_tokens']:,}: the continuation reads another corpus" \
+        in err, err
