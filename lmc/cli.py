@@ -619,7 +619,7 @@ def cmd_graph(args) -> int:
 
     _import_blocks(args.imports)
     out = graph_command(args.file, args.stage, args.out, args.preset, args.set or (),
-                        fold=not args.no_fold)
+                        fold=not args.no_fold, overwrite=args.overwrite)
     print(f"wrote       {out}")
     return 0
 
@@ -742,7 +742,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train without these parameters (dotted names, shell patterns: "
                         "embed 'layers.*.attn.*'): no gradient, no update")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
-    r.add_argument("--import", dest="imports", action="append", metavar="PY")
+    r.add_argument("--import", dest="imports", action="append", metavar="PY",
+                   help="a Python file defining blocks with @lmc.block (repeatable)")
     r.set_defaults(fn=cmd_run)
 
     v = sub.add_parser("verify", help="check a model's invariants (causality, gradients, "
@@ -750,10 +751,12 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("file", help="model YAML file")
     v.add_argument("--preset", help="a named override set (default: tiny; --set applies on top)")
     v.add_argument("--set", nargs="+", action="extend", metavar="KEY=VALUE")
-    v.add_argument("--seed", type=_seed, default=0)
+    v.add_argument("--seed", type=_seed, default=0, help="the random draws' seed (default 0)")
     v.add_argument("--skip", action="append", metavar="CHECK",
-                   help="leave out a check: passes, causal, grads, triton, decode")
-    v.add_argument("--import", dest="imports", action="append", metavar="PY")
+                   help="leave out a check: passes, causal, grads, triton, decode "
+                        "(repeatable: --skip triton --skip grads)")
+    v.add_argument("--import", dest="imports", action="append", metavar="PY",
+                   help="a Python file defining blocks with @lmc.block (repeatable)")
     v.set_defaults(fn=cmd_verify)
 
     b = sub.add_parser("bench", help="measure what fusion buys: lmc vs eager vs torch.compile, "
@@ -791,20 +794,28 @@ def build_parser() -> argparse.ArgumentParser:
                         "decode tokens and a decode batch of 2 (overrides --steps, --warmup, "
                         "--decode-tokens, --decode-batch): checks the harness on a CPU "
                         "(llama about 25 s); its figures do not compare configurations")
-    b.add_argument("--import", dest="imports", action="append", metavar="PY")
+    b.add_argument("--import", dest="imports", action="append", metavar="PY",
+                   help="a Python file defining blocks with @lmc.block (repeatable)")
     b.set_defaults(fn=cmd_bench)
 
     gr = sub.add_parser("graph", help="draw the model or what the compiler did to it",
                         description=cmd_graph.__doc__)
     gr.add_argument("file", help="model YAML file")
-    gr.add_argument("--preset")
-    gr.add_argument("--set", nargs="+", action="extend", metavar="KEY=VALUE")
+    gr.add_argument("--preset", help="a named override set from the file's presets section")
+    gr.add_argument("--set", nargs="+", action="extend", metavar="KEY=VALUE",
+                    help="override config values (after the preset)")
     gr.add_argument("--stage", default="source", metavar="STAGE",
                     help="source (default), fused, kernels or decode")
-    gr.add_argument("-o", "--out", metavar="FILE", help=".svg, .png, .html or .dot")
+    gr.add_argument("-o", "--out", metavar="FILE",
+                    help=".svg, .png, .html or .dot (default <model>-<stage>.svg); a file "
+                         "an earlier lmc graph wrote is replaced, another is refused unless "
+                         "--overwrite")
+    gr.add_argument("--overwrite", action="store_true",
+                    help="replace an existing -o file lmc graph did not write")
     gr.add_argument("--no-fold", action="store_true",
                     help="draw every layer (by default repeated layers are drawn once, ×N)")
-    gr.add_argument("--import", dest="imports", action="append", metavar="PY")
+    gr.add_argument("--import", dest="imports", action="append", metavar="PY",
+                    help="a Python file defining blocks with @lmc.block (repeatable)")
     gr.set_defaults(fn=cmd_graph)
     p.subcommands = sub.choices     # name -> its parser: usage errors name the subcommand
     return p

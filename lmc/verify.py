@@ -118,11 +118,18 @@ def check_passes(s: Subject) -> Row:
                f"max rel diff {d:.1e} (tol {FWD_TOL:.0e})")
 
 
+def _in_place(n: int) -> str:
+    return f", {n} state{'s' if n > 1 else ''} updated in place" if n else ""
+
+
 def check_causal(s: Subject) -> Row:
-    """Perturbing token t+1 leaves every output at positions <= t unchanged, and changes t+1."""
+    """Perturbing token t+1 leaves every output at positions <= t unchanged, and changes t+1;
+    the first t+1 tokens alone give the same logits there (a model reading the length T,
+    a mean over the whole sequence say, passes the first test and fails this one)."""
     m = s.model().eval()
     T = s.ids.shape[1]
     ts = sorted({0, T // 2 - 1, T - 2} - {-1})
+    worst, short = 0.0, []
     with torch.no_grad():
         base = _outputs(m, s.ids)["logits"]
         for t in ts:
@@ -136,7 +143,22 @@ def check_causal(s: Subject) -> Row:
             if torch.equal(out[:, t + 1], base[:, t + 1]):
                 return Row("causal", False, f"changing token {t + 1} left its own logits "
                            "unchanged: the model ignores its input")
-    return Row("causal", True, f"token t+1 changed for t in {ts}: logits <= t bitwise equal")
+        for t in ts:
+            try:
+                pre = _outputs(m, s.ids[:, : t + 1])["logits"]
+            except (LmcError, RuntimeError):   # a model that needs more tokens (a pad of s
+                short.append(t + 1)            # positions wider than the sequence)
+                continue
+            d = _max_rel(pre, base[:, : t + 1])
+            worst = max(worst, d)
+            if d > FWD_TOL:
+                return Row("causal", False, f"the first {t + 1} tokens alone gave other logits "
+                           f"at positions <= {t} than the whole sequence (max rel diff "
+                           f"{d:.1e}, tol {FWD_TOL:.0e}): the model reads the sequence's "
+                           "length or later positions")
+    runs = "" if not short else f" (it does not run on {', '.join(map(str, short))} tokens)"
+    return Row("causal", True, f"token t+1 changed for t in {ts}: logits <= t bitwise equal; "
+               f"the first t+1 tokens alone: max rel diff {worst:.1e}{runs}")
 
 
 def _grads(model, ids, cotangents, seed) -> Dict[str, torch.Tensor]:
@@ -313,7 +335,7 @@ def check_decode(s: Subject) -> Row:
                f"prefill k in {ks} then steps: max |diff| {worst:.1e}; triton k in {tks}"
                f"{' (' + fused + ')' if fused else ''}: "
                f"{tworst:.1e}; triton static k {T // 2} ({writes} cache writes stored by "
-               f"kernels{f', {in_place} states updated in place' if in_place else ''}): "
+               f"kernels{_in_place(in_place)}): "
                f"{sworst:.1e} (tol {DECODE_TOL:.0e}); state "
                f"{len(dec.step.states)} tensors, {per_tok:,} B/token + {fixed:,} B/sequence")
 

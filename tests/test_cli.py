@@ -289,7 +289,7 @@ def test_usage_and_os_errors_are_one_line_and_leave_nothing(tmp_path, capsys):
     assert not [p for p in os.listdir(out) if ".tmp." in p]
     (tmp_path / "g.svg").mkdir()
     assert main(["graph", LLAMA, "--preset", "tiny", "-o", str(tmp_path / "g.svg")]) == 2
-    assert capsys.readouterr().err.strip().endswith("g.svg: Is a directory")
+    assert capsys.readouterr().err.strip().endswith("g.svg: is a directory")
     # --import of something that is not a Python file; --disable of a pass that is not optional
     assert main(["compile", LLAMA, "--import", LLAMA]) == 2
     assert "--import takes a Python file" in capsys.readouterr().err

@@ -88,6 +88,31 @@ def test_deep_model_folds_to_one_layer():
     assert dot.count("attention ·") == 1          # one attention block box, not twelve
     view, _ = stage_view(c, "source", fold=False)
     assert view.dot().count("attention ·") == 12
+    # after fusion too: the causal mask CSE'd into layer 0 and read by every layer's
+    # attention kernel does not make each layer look different (it did: only two folded)
+    view, notes = stage_view(c, "fused")
+    dot = view.dot()
+    assert "layers.0 … layers.11" in dot and "×12" in dot, [
+        ln for ln in dot.splitlines() if "<b>layers." in ln]
+    assert dot.count("· rope_attention") == 1
+    assert "11 repeated layers folded" in notes[-1], notes
+
+
+def test_fused_stage_folds_layers_sharing_values_computed_once():
+    """yoco's cross layers read one global K, V (its repeat for the heads CSE'd into the
+    first cross layer) and minimax's MoE layers capacity positions from one iota: the
+    layers still fold (cross layer 0 shares its input norm's statistics with the global
+    K, V norm, and minimax's first layer starts the aux-loss statistics: those differ)."""
+    import re
+    for model, want in (("yoco", ["self_layers.0 … self_layers.11", "cross_layers.0",
+                                  "cross_layers.1 … cross_layers.11"]),
+                        ("minimax", ["layers.0", "layers.1 … layers.6", "layers.7",
+                                     "layers.8 … layers.14", "layers.15"])):
+        c = compile_model(os.path.join(ROOT, "zoo", f"{model}.yaml"))
+        dot = stage_view(c, "fused")[0].dot()
+        got = sorted(set(re.findall(r"<b>([a-z_]*layers\.\d+(?: … [a-z_]*layers\.\d+)?)</b>",
+                                    dot)))
+        assert got == sorted(want), (model, got)
 
 
 def test_fold_sequences():
@@ -149,3 +174,35 @@ def test_unknown_model_file_is_one_line(tmp_path, capsys):
     assert cli.main(["graph", str(tmp_path)]) == 2      # a directory: said so, as compile does
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"{tmp_path}:1:1: error: is a directory, expected a YAML file"]
+
+
+def test_an_existing_file_is_replaced_only_if_lmc_graph_wrote_it(tmp_path, capsys):
+    """-o over a user's file (or a link) is refused before compiling unless --overwrite;
+    a file an earlier lmc graph wrote, in each format, is replaced; an -o whose directory is
+    a file says so."""
+    path = os.path.join(ROOT, "zoo", "llama.yaml")
+    mine = tmp_path / "mine.html"
+    mine.write_text("my notes\n")
+    assert cli.main(["graph", path, "--preset", "tiny", "-o", str(mine)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "exists, and lmc graph did not write it" in err[0] and \
+        "--overwrite" in err[0], err
+    assert mine.read_text() == "my notes\n"
+    link = tmp_path / "link.svg"
+    link.symlink_to(mine)
+    assert cli.main(["graph", path, "--preset", "tiny", "-o", str(link)]) == 2
+    assert "exists, and lmc graph did not write it" in capsys.readouterr().err
+    assert mine.read_text() == "my notes\n"
+    assert cli.main(["graph", path, "--preset", "tiny", "-o", str(mine), "--overwrite"]) == 0
+    for ext in ("svg", "png", "html", "dot"):
+        out = tmp_path / f"g.{ext}"
+        for _ in range(2):      # the second run replaces the first's file
+            assert cli.main(["graph", path, "--preset", "tiny", "-o", str(out)]) == 0, \
+                capsys.readouterr().err
+        assert b"written by lmc graph" in out.read_bytes()
+    png = (tmp_path / "g.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and png.endswith(b"IEND\xaeB`\x82")
+    (tmp_path / "afile").write_text("x")
+    capsys.readouterr()
+    assert cli.main(["graph", path, "-o", str(tmp_path / "afile" / "x.svg")]) == 2
+    assert capsys.readouterr().err.strip().endswith("afile is not a directory")

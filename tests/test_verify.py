@@ -44,6 +44,25 @@ def test_a_model_without_its_causal_mask_fails_causality(tmp_path, capsys):
     assert not rows["causal"].ok and rows["gradients = oracle"].ok
 
 
+def test_a_model_reading_the_sequence_length_fails_causality(tmp_path):
+    """Logits that depend on T (here a mean of iota(T) added to the residual stream): no
+    perturbation of a later token moves them, but the first t+1 tokens alone give others
+    (this passed the causal check: only decode = forward caught it, and not with --skip
+    decode)."""
+    lenT = tmp_path / "lenT.yaml"
+    src = open(LLAMA).read()
+    old = "    - logits = "
+    assert old in src
+    lenT.write_text(src.replace(old, "    - x = x + mean(cast(iota(T), 'f32'), -1, keepdim=False)"
+                                " * 0.1\n" + old, 1))
+    rows = _rows(str(lenT), skip=["triton", "decode", "grads"])
+    assert not rows["causal"].ok and "the first 1 tokens alone gave other logits at " \
+        "positions <= 0 than the whole sequence" in rows["causal"].detail, rows["causal"]
+    rows = _rows(LLAMA, skip=["triton", "decode", "grads", "passes"])
+    assert rows["causal"].ok and "the first t+1 tokens alone: max rel diff" in \
+        rows["causal"].detail
+
+
 def test_a_wrong_vjp_rule_fails_the_gradient_check(monkeypatch):
     from lmc.ir.ops import Op
     from lmc.passes import autodiff

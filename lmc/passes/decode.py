@@ -67,7 +67,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 from ..errors import LmcError
 from ..ir.dims import Dim, norm
 from ..ir.graph import Graph, Node
-from ..ir.ops import Kind, Op
+from ..ir.ops import COMPARISONS, Kind, Op
 from ..ir.types import DType
 from .patterns import NoMatch, gated_linear_attention, narrowing, sink_logit, uncast
 
@@ -131,6 +131,10 @@ class StepGraph:
     static: bool = False
 
 
+_UNMASKED = ("reduces over key positions that no causal mask reached: each position would read "
+             "later ones (mask the scores with causal_mask(T) before the softmax)")
+
+
 def _err(n: Node, why: str) -> LmcError:
     return LmcError(f"cannot derive the decode step: {n.op.value} {why}", n.loc)
 
@@ -153,6 +157,7 @@ class _Labels:
         self.keyuse = set()      # (node, input index)
         self.shifts: Dict[Node, Tuple[Node, int, int]] = {}   # concat -> (x, axis, s)
         self._cut: Dict[Node, Tuple[Node, int, int]] = {}     # x[:T-s] along time, read by
+        self.masked: Dict[Node, bool] = {}
         for n in g.nodes:                                     # a shift's concat only
             for x in n.inputs:
                 if x in self._cut and self._shift(n) is None:
@@ -160,6 +165,10 @@ class _Labels:
                                "is a causal shift, concat([pad, x[:, :T - s]], axis) with a "
                                "pad of s positions")
             self.lab[n] = self._label(n)
+            # reached by a mask: a causal_mask, or a comparison of positions giving a query x
+            # key tensor (iota(T)[:, None] >= iota(T)[None, :] written by hand)
+            self.masked[n] = n.op is Op.CAUSAL_MASK or any(self.masked[x] for x in n.inputs) \
+                or (n.op in COMPARISONS and K in self.lab[n])
 
     def _shift(self, n: Node) -> Optional[Tuple[Node, int, int]]:
         """n = concat([pad, x[..:T-s]], time axis), pad s positions that depend on no token:
@@ -216,6 +225,8 @@ class _Labels:
                            "later ones; only causal mixing can be decoded")
             if src and src[ax] in (K, F) and op is Op.CUMSUM:
                 raise _err(n, "accumulates along a key or flattened axis")
+            if src and src[ax] == K and not self.masked[ins[0]]:
+                raise _err(n, _UNMASKED)
             if op in (Op.SOFTMAX, Op.CUMSUM) or not src:
                 return src
             if n.attrs.get("keepdim", True):
@@ -331,6 +342,8 @@ class _Labels:
         if la[-1] == Q or la[-1] == F:
             raise _err(n, "contracts over the query positions (a sum over the whole sequence)")
         if la[-1] == K and lb[-2] == Q:
+            if not self.masked[a]:
+                raise _err(n, _UNMASKED)
             self.keyuse.add((n, 1))
         batch: List[Optional[str]] = [None] * (r - 2)
         for x, lx in ((a, la), (b, lb)):

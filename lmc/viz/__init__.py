@@ -15,7 +15,7 @@ import os
 from typing import List, Optional, Sequence, Tuple
 
 from ..errors import LmcError, Loc
-from .render import View, output_format, write
+from .render import View, check_out, output_format, write  # noqa: F401
 from .stages import STAGES
 
 __all__ = ["STAGES", "build", "graph_command", "stage_view", "write"]
@@ -49,14 +49,16 @@ def build(path: str, stage: str, preset: Optional[str] = None, overrides=None, *
 
 
 def graph_command(path: str, stage: str, out: Optional[str], preset: Optional[str] = None,
-                  overrides: Sequence[str] = (), *, fold: bool = True) -> str:
+                  overrides: Sequence[str] = (), *, fold: bool = True,
+                  overwrite: bool = False) -> str:
     """Draw `stage` of the model at `path` into `out` (default <model>-<stage>.svg);
-    returns the path written."""
+    returns the path written. An existing file there is replaced only if lmc graph wrote
+    it, or with `overwrite`."""
     if stage not in STAGES:
         raise LmcError(f"unknown stage {stage!r} (stages: {', '.join(STAGES)})")
     if out is None:
         out = f"{os.path.splitext(os.path.basename(path))[0]}-{stage}.svg"
-    output_format(out)                      # a bad extension fails before compiling
+    check_out(out, overwrite)   # a bad extension or place fails before compiling
     view, notes = build(path, stage, preset, overrides, fold=fold)
-    write(view, out, notes)
+    write(view, out, notes, overwrite)
     return out

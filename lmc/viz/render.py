@@ -162,19 +162,61 @@ def output_format(path: str) -> str:
     return ext
 
 
-def write(view: View, path: str, notes: Optional[List[str]] = None) -> None:
-    """Lay out and write `view` to `path` (.svg, .png, .html or .dot), atomically."""
-    fmt = output_format(path)
+MARK = "written by lmc graph"     # in every file `write` makes: a later run may replace it
+
+
+def check_out(path: str, overwrite: bool = False) -> None:
+    """Refuse, before anything is compiled, an output path in no directory, or an existing
+    file lmc graph did not write (a user's, or a link) unless `overwrite`."""
+    output_format(path)
     d = os.path.dirname(path)
     if d and not os.path.isdir(d):
-        raise LmcError(f"-o {path}: directory {d} does not exist")
+        why = "is not a directory" if os.path.exists(d) else "does not exist"
+        raise LmcError(f"-o {path}: {d} {why}")
+    if os.path.isdir(path):
+        raise LmcError(f"-o {path}: is a directory")
+    if overwrite or not os.path.lexists(path):
+        return
+    if not os.path.islink(path):
+        try:
+            with open(path, "rb") as f:
+                if MARK.encode() in f.read(16 << 20):
+                    return
+        except OSError:
+            pass
+    raise LmcError(f"-o {path}: exists, and lmc graph did not write it: choose another "
+                   "name, or replace it with --overwrite")
+
+
+def _png_mark(png: bytes) -> bytes:
+    """png with a tEXt chunk (Software: MARK) before its IEND."""
+    import struct
+    import zlib
+    i = png.rfind(b"IEND")
+    if i < 4:
+        return png
+    body = b"tEXt" + b"Software\x00" + MARK.encode()
+    chunk = struct.pack(">I", len(body) - 4) + body + struct.pack(">I", zlib.crc32(body))
+    return png[:i - 4] + chunk + png[i - 4:]
+
+
+def write(view: View, path: str, notes: Optional[List[str]] = None,
+          overwrite: bool = False) -> None:
+    """Lay out and write `view` to `path` (.svg, .png, .html or .dot), atomically; each
+    format carries MARK (a comment, a PNG text chunk)."""
+    fmt = output_format(path)
+    check_out(path, overwrite)
     text = view.dot()
     if fmt == "dot":
-        data = text.encode()
+        data = (text.rstrip("\n") + f"\n// {MARK}\n").encode()
     elif fmt == "html":
         data = _html(view.title, layout(text, "svg").decode(), notes or []).encode()
+    elif fmt == "svg":
+        svg = layout(text, fmt).decode()
+        i = svg.find("<svg")
+        data = (svg[:i] + f"<!-- {MARK} -->\n" + svg[i:] if i >= 0 else svg).encode()
     else:
-        data = layout(text, fmt)
+        data = _png_mark(layout(text, fmt))
     from ..ioutil import atomic_write
     atomic_write(path, data)
 
@@ -233,6 +275,7 @@ def _html(title: str, svg: str, notes: List[str]) -> str:
     svg = svg[i:] if i >= 0 else svg
     items = "".join(f"<li>{esc(n)}</li>" for n in notes)
     return ("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\">"
+            f"<meta name=\"generator\" content=\"{MARK}\">"
             f"<title>{esc(title)}</title><style>{_CSS}</style></head><body>"
             f"<header><h1>{esc(title)}</h1><button id=\"fit\">fit / full size</button></header>"
             + (f"<ul class=\"notes\">{items}</ul>" if items else "")

@@ -109,10 +109,13 @@ _SYMBOL = {Op.ADD: "+", Op.MUL: "×", Op.SUB: "−", Op.DIV: "÷"}
 _KIND_COLOURS = {"pointwise": ("#ffe6c2", "#d9822b"), "reduction": ("#d8ecff", "#2f7fc1"),
                  "matmul": ("#daf5dc", "#3b9a47")}
 _EXTRA = [("#f1e0ff", "#8a4fc7"), ("#ffe0ea", "#c0406e"), ("#e0f7f7", "#2a9a9a"),
-          ("#fff4b8", "#a88a00"), ("#e8e8e8", "#666666")]
+          ("#fff4b8", "#a88a00")]       # (grey is torch ops')
 
 
 def kind_colours(kind: str) -> Tuple[str, str]:
+    """A kernel kind's (fill, line) colours; a backward kind (rope_attention_bwd) takes its
+    forward kind's."""
+    kind = kind[:-len("_bwd")] if kind.endswith("_bwd") else kind
     if kind in _KIND_COLOURS:
         return _KIND_COLOURS[kind]
     h = int(hashlib.sha256(kind.encode()).hexdigest(), 16)
@@ -178,10 +181,37 @@ class _Flat:
         self.fusions: Dict[int, Fusion] = {}
         self.fused_outs: Dict[int, Dict[int, Optional[str]]] = {}
         self.inputs_of: Dict[str, List[str]] = {}
+        self.loops: Dict[Node, frozenset] = {}
         for n in g.nodes:
             self._node(n)
         for name, n in g.outputs.items():
             self._output(name, n)
+
+    def _loops(self, x: Node) -> frozenset:
+        """The loops (`layers`, ...) whose parameters or state x is computed from (see
+        _op_unit); ops drawn as units are entered there, in order."""
+        got = self.loops.get(x)
+        if got is not None:
+            return got
+        if x.op in (Op.PARAM, Op.INPUT):
+            k = layer_key(str(x.attrs.get("name"))) or (
+                layer_key(x.scope) if x.op is Op.INPUT else None)
+            got = frozenset([k[0]]) if k else frozenset()
+        elif x.op is Op.GETITEM and x.inputs[0].op is Op.FUSED:   # the kernel's output's
+            f = x.inputs[0]
+            body = f.attrs["body"]
+            out = body.outputs.get(str(x.attrs["index"]))
+            holders = [m for m in body.nodes if m.op is Op.INPUT]
+            if out in holders:
+                got = self._loops(f.inputs[holders.index(out)])
+            else:
+                got = self.loops.get(out) if out is not None else None
+            if got is None:
+                got = self._loops(f)
+        else:   # CONST; GETITEM, FUSED from their inputs
+            got = frozenset().union(*(self._loops(i) for i in x.inputs))
+        self.loops[x] = got
+        return got
 
     # -- units --------------------------------------------------------------------------
     def _add(self, uid: str, n: Optional[Node], key, scope: str, sig: tuple, attrs: dict,
@@ -245,7 +275,14 @@ class _Flat:
         tip = [f"{op} -> [{fmt_shape(n.type)}]", f"scope {n.scope or '(model)'}",
                full_loc(n.loc)] + ([extra] if extra else []) + tips
         attrs.update(label=label, tooltip="\n".join(tip))
-        sig = ("op", op, _rel_scope(n.scope, key), shape_sig(n.type),
+        # an op computed from none of its loop's parameters (a causal mask, capacity
+        # positions from an iota, the cross-decoder's shared K, V) is CSE'd across the
+        # layers and keeps the first one's scope: which layer that is says nothing
+        loops = self.loops[n] = frozenset().union(*(self._loops(x) for x in ins))
+        own = layer_key(n.scope)
+        rel = (strip_layer(n.scope, own), 0) if own is not None and own[0] not in loops \
+            else _rel_scope(n.scope, key)
+        sig = ("op", op, rel, shape_sig(n.type),
                tuple(sorted(k for k in n.attrs if k != "body")), tuple(psig))
         return self._add(uid, n, key, scope, sig, attrs, fusion)
 
@@ -934,9 +971,11 @@ def _kernel_column(view: View, name: str, g: Graph, anchor, fold_layers: bool):
     keys_of = _graph_keys(g, anchor)
     launches = _launches(g, lambda n: keys_of.get(n))
     n_k = sum(1 for ln in launches if ln.kernel)
+    n_t = sum(len(ln.parts) for ln in launches if not ln.kernel)   # as lmc compile counts
     col = (f"c:{name}",)
-    view.cluster(col, f"<<b>{esc(name)}</b>: {len(launches)} launches, {n_k} Triton kernels, "
-                      f"{len(launches) - n_k} torch ops>",
+    view.cluster(col, f"<<b>{esc(name)}</b>: {n_k} Triton kernels, {n_t} ops run by torch "
+                      f"(consecutive views share a row); a table per layer, in order of its "
+                      f"first launch>",
                  style="rounded", color="#8b95a7", fontsize=12)
     by_layer: Dict[Tuple[str, int], List[Launch]] = {}
     for ln in launches:
@@ -992,7 +1031,8 @@ def _kernel_column(view: View, name: str, g: Graph, anchor, fold_layers: bool):
     for a, b in zip(tables, tables[1:]):
         view.edge(a, b)
     folded = sum(1 for k, r in rep_layer.items() if k != r)
-    return {"launches": len(launches), "kernels": n_k, "folded_layers": folded}
+    return {"launches": len(launches), "kernels": n_k, "torch_ops": n_t,
+            "folded_layers": folded}
 
 
 def _layer_list(keys: List[Tuple[str, int]]) -> str:
@@ -1020,8 +1060,8 @@ def kernels_view(c, fold_layers: bool = True):
     view.graph_attrs.update(nodesep=0.5, ranksep=0.25)
     a = _kernel_column(view, "forward", fwd, _forward_anchor, fold_layers)
     b = _kernel_column(view, "backward", bwd, _backward_anchor(prog.forward), fold_layers)
-    notes = [f"forward: {a['launches']} launches ({a['kernels']} kernels); backward: "
-             f"{b['launches']} launches ({b['kernels']} kernels); grey rows run as torch ops",
+    notes = [f"forward: {a['kernels']} Triton kernels and {a['torch_ops']} ops run by torch; "
+             f"backward: {b['kernels']} and {b['torch_ops']}; grey rows run as torch ops",
              f"folded layers: forward {a['folded_layers']}, backward {b['folded_layers']}"]
     return view, notes
 

@@ -103,6 +103,38 @@ def test_a_mean_over_the_sequence_is_a_compile_error_with_its_line(tmp_path):
     assert f"{bad}:" in msg and "mean" in msg and "sequence axis" in msg
 
 
+@pytest.mark.parametrize("old, new, op", [
+    # the mask left out: softmax over every key
+    ("softmax(where(causal_mask(T), scores, -inf), -1)", "softmax(scores, -1)", "softmax"),
+    # probabilities from a sigmoid, no mask: the p @ v contraction reads every key
+    ("softmax(where(causal_mask(T), scores, -inf), -1)", "sigmoid(scores)", "matmul"),
+])
+def test_attention_over_unmasked_keys_is_a_compile_error_with_its_line(tmp_path, old, new, op):
+    """Unmasked attention reads later positions: its step (one query over the cache) would
+    not be its forward. It was derived as if masked and differed from the forward silently
+    (lmc verify's checks failed; lmc compile --mode decode and lmc graph said nothing)."""
+    src = open(LLAMA).read()
+    assert old in src
+    bad = tmp_path / "unmasked.yaml"
+    bad.write_text(src.replace(old, new))
+    c = lmc.compile_model(str(bad), "tiny")
+    line = next(i for i, ln in enumerate(src.splitlines(), 1) if old in ln)
+    with pytest.raises(LmcError) as e:
+        decode_step(c.graph)
+    assert e.value.loc.file == str(bad), e.value.format()
+    assert f"cannot derive the decode step: {op} reduces over key positions that no causal " \
+           "mask reached" in e.value.message
+    if op == "softmax":
+        assert e.value.loc.line == line, e.value.format()
+    # a mask written by hand as a comparison of positions is a mask
+    hand = ("softmax(where(reshape(iota(T), [T, 1]) >= reshape(iota(T), [1, T]), scores, "
+            "-inf), -1)")
+    ok = tmp_path / "hand.yaml"
+    ok.write_text(src.replace(old, hand))
+    m = lmc.load(str(ok), preset="tiny").eval()
+    assert _decode_matches(m, torch.randint(0, 64, (1, 7)), 3) < 1e-4
+
+
 # a model of two residual layers of a block `mixer` (the files below define it)
 _MIXER_MODEL = """
 model:

@@ -46,6 +46,6 @@ def test_verify_passes(path):
     assert (f"triton k in [1, 5] ({want}):" if want else "triton k in [1, 5]:") in decode
     writes = CACHE_WRITES[os.path.basename(path)]
     n = IN_PLACE.get(os.path.basename(path))
-    states = f", {n} states updated in place" if n else ""
+    states = f", {n} state{'s' if n and n > 1 else ''} updated in place" if n else ""
     assert f"triton static k 5 ({writes} cache writes stored by kernels{states}):" in decode, \
         decode
