@@ -157,6 +157,8 @@ class Evaluator:
             out = int(out)  # d / heads with exact division stays an int
         if isinstance(out, (int, float)) and not isinstance(out, bool) and abs(out) > MAX_NUMBER:
             raise self.error(node, f"number too large: {out:.3g}")
+        if isinstance(out, float) and out != out:      # 0 * inf, inf - inf
+            raise self.error(node, f"{a} {_opname(op)} {b} is not a number (nan)")
         return out
 
     def _UnaryOp(self, node):

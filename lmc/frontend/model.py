@@ -704,9 +704,10 @@ def param_updates(model: YMap, outputs: Dict[str, Any], params, scope: Scope) ->
         if not pats or not all(isinstance(p, str) for p in pats):
             raise LmcError("params must be a name pattern or a list of them "
                            "(e.g. 'layers.*.moe.balance')", u.val_loc("params"))
+        dead = [p for p in pats if not any(fnmatch.fnmatchcase(n, p) for n in by_name)]
+        if dead:    # each pattern matches something (a misspelt one among others would hide)
+            raise LmcError(f"params {dead[0]}: no parameter matches", u.val_loc("params"))
         names = [n for n in by_name if any(fnmatch.fnmatchcase(n, p) for p in pats)]
-        if not names:
-            raise LmcError(f"params {', '.join(pats)}: no parameter matches", u.val_loc("params"))
         for n in names:
             if by_name[n].attrs.get("trainable", True) is not False:
                 raise LmcError(f"parameter {n} has an update rule and is also trained by "

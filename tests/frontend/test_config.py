@@ -279,3 +279,11 @@ def test_load_graph_raises_lmc_error(model):
     with pytest.raises(LmcError) as e:
         load_graph(model(), overrides=["d=1/0"])
     assert e.value.loc is not None and "division by zero" in e.value.message
+
+
+def test_a_nan_config_value_is_an_error(model):
+    """0 * inf in a config expression: an error at its line (it became a nan that
+    `lmc compile --json` then printed as NaN, which is not JSON)."""
+    with pytest.raises(LmcError) as e:
+        load_graph(model(), overrides=["eps=0 * inf"])
+    assert "0 * inf is not a number (nan)" in e.value.message, e.value.format()

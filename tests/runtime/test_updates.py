@@ -109,6 +109,9 @@ model:
      27, "unknown update rule 'balance' (rules: load_balance)"),
     ("rule: load_balance, params: 'layers.*.x', load: load, rate: 0.1",
      27, "params layers.*.x: no parameter matches"),
+    # one dead pattern among live ones (it was accepted, or blamed on the load's size)
+    ("rule: load_balance, params: ['layers.*.g.bias', 'layer.*.g.bias'], load: load, "
+     "rate: 0.1", 27, "params layer.*.g.bias: no parameter matches"),
     ("rule: load_balance, params: 'layers.*.g.w', load: load, rate: 0.1",
      27, "parameter layers.0.g.w has an update rule and is also trained by gradient"),
     ("rule: load_balance, params: 'layers.0.g.bias', load: load, rate: 0.1",
