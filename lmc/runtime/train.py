@@ -776,6 +776,19 @@ def train(path: str, preset: Optional[str], overrides, c: TrainConfig) -> Dict[s
             raise LmcError(f"the weights became inf or nan at step {step} (the update of a "
                            f"finite loss: a learning rate too high? try a lower --lr): "
                            f"stopping without saving them{last_good()}")
+
+    def checkpoint(at: int, first=None):
+        """Save the weights (checked finite) as this run's checkpoint at step `at`, after
+        `first` (the interrupted step's metrics record), and redraw the curve."""
+        nonlocal last_ckpt
+        check_weights()
+        clear_old()
+        if first is not None:
+            first()
+        saved = save_checkpoint(c.out, at, model, opt, c, d, ckpt_meta, scaler, ours)
+        last_ckpt = wrote["ckpt"] = saved or last_ckpt
+        if d.main:
+            plot_losses(metrics_path, os.path.join(c.out, "loss.png"))
     model.train()
     finished = False
     try:
@@ -851,12 +864,7 @@ def train(path: str, preset: Optional[str], overrides, c: TrainConfig) -> Dict[s
                 bar.update(1)
                 bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
             if step % c.ckpt_every == 0 or step == c.steps:
-                check_weights()
-                clear_old()
-                saved = save_checkpoint(c.out, step, model, opt, c, d, ckpt_meta, scaler, ours)
-                last_ckpt = wrote["ckpt"] = saved or last_ckpt
-                if d.main:
-                    plot_losses(metrics_path, os.path.join(c.out, "loss.png"))
+                checkpoint(step)
             if stop["signal"] is not None:
                 summary["interrupted"] = True
                 if nothing_written():
@@ -865,14 +873,8 @@ def train(path: str, preset: Optional[str], overrides, c: TrainConfig) -> Dict[s
                     # as it was, and nothing is saved
                     summary["nothing_written"] = True
                     break
-                check_weights()
-                clear_old()
-                if d.main and not logged:   # the checkpoint's step ends the curve
-                    log()
-                saved = save_checkpoint(c.out, step, model, opt, c, d, ckpt_meta, scaler, ours)
-                last_ckpt = wrote["ckpt"] = saved or last_ckpt
-                if d.main:
-                    plot_losses(metrics_path, os.path.join(c.out, "loss.png"))
+                # the checkpoint's step ends the curve
+                checkpoint(step, log if d.main and not logged else None)
                 break
         finished = stop["signal"] is None    # every rank ran the same collectives
     finally:

@@ -15,7 +15,7 @@ import os
 from typing import List, Optional, Sequence, Tuple
 
 from ..errors import LmcError, Loc
-from .render import View, check_out, output_format, write  # noqa: F401
+from .render import View, check_out, write
 from .stages import STAGES
 
 __all__ = ["STAGES", "build", "graph_command", "stage_view", "write"]
