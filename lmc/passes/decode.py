@@ -263,8 +263,13 @@ class _Labels:
             if sh is not None:
                 self.shifts[n] = sh
                 return self.lab[sh[0]]
-            if any(lb[n.attrs["axis"]] for lb in L):
-                raise _err(n, "concatenates along the sequence axis")
+            along = {lb[n.attrs["axis"]] for lb in L if lb[n.attrs["axis"]]}
+            if along:
+                what = "the key axis (the positions attended to)" if K in along and Q not in \
+                    along else "the sequence axis"
+                raise _err(n, f"concatenates along {what}; the forms that decode are a causal "
+                           "shift concat([pad, x[:, :T - s]]) and an attention sink appended "
+                           "after the scores, softmax(concat([s, z], -1))[..., :S]")
             return self._broadcast(n, list(range(len(ins))))
         if op is Op.EMBEDDING:
             return L[1] + (None,)

@@ -65,6 +65,56 @@ def _last_uses(g: Graph) -> List[List[Node]]:
     return free
 
 
+def _lengths(g: Graph) -> List[tuple]:
+    """Each distinct symbolic length of g's values (and slice bounds) that can be negative,
+    with the first node that has it: (Dim, Node)."""
+    seen: Dict[Dim, Node] = {}
+    stack = [g]
+    while stack:
+        for n in stack.pop().nodes:
+            if isinstance(n.attrs.get("body"), Graph):      # a fused group's, a scan's
+                stack.append(n.attrs["body"])
+            _note_lengths(n, seen)
+    return list(seen.items())
+
+
+def _note_lengths(n: Node, seen: Dict[Dim, Node]) -> None:
+    types = n.type if isinstance(n.type, tuple) else (n.type,)
+    ds = [d for t in types for d in getattr(t, "shape", ())]
+    if n.op is Op.SLICE:
+        ds += [n.attrs["start"], n.attrs["stop"]]
+    for d in ds:
+        if isinstance(d, Dim) and any(c < 0 for c in d.terms.values()):
+            seen.setdefault(d, n)      # (all-positive terms are never negative)
+
+
+def check_lengths(g: Graph, dims: Mapping[str, int]) -> None:
+    """Refuse sizes at which a value of g would have a negative length: a causal shift
+    written concat([pad, x[:, :T - s]], 1) (or a convolution's padded windows, which
+    canonicalize rewrites so) has no meaning for T < s, where torch would count the slice
+    from the end and return a wrong-sized result. Checked once per distinct dims."""
+    key = (len(g.nodes), tuple(sorted(dims.items())))
+    cached = g.meta.get("_lengths")
+    if cached is None or cached[0] != len(g.nodes):
+        cached = g.meta["_lengths"] = (len(g.nodes), _lengths(g), set())
+    if not cached[1] or key in cached[2]:
+        return
+    bad = [(d, n) for d, n in cached[1]
+           if d.symbols() <= dims.keys() and d.evaluate(dims) < 0]
+    if bad:
+        d, n = bad[0]
+        at = ", ".join(f"{k}={v}" for k, v in sorted(dims.items()) if k in d.symbols())
+        need = [next((t for t in range(dims["T"], 1 << 16) if e.evaluate({"T": t}) >= 0), 0)
+                for e, _ in cached[1] if e.symbols() == {"T"} and "T" in dims]
+        need = f": this model needs T >= {max(need)}" if need and max(need) else ""
+        raise LmcError(f"{n.op.value} has a length {d} = {d.evaluate(dims)} at {at}{need} "
+                       "(a causal shift x[:, :T - s], or a window xp[:, j:T + j] of a "
+                       "sequence padded by s, is defined for T >= s)", n.loc)
+    if len(cached[2]) > 4096:       # a decode step's P is new every step
+        cached[2].clear()
+    cached[2].add(key)
+
+
 def run_graph(g: Graph, bound: Mapping[str, torch.Tensor], ctx: RefCtx,
               impl: Mapping[Op, object] = None) -> Dict[str, torch.Tensor]:
     """Evaluate `g` with `bound` values for its inputs and params (by name). `impl` overrides
@@ -77,6 +127,7 @@ def run_graph(g: Graph, bound: Mapping[str, torch.Tensor], ctx: RefCtx,
     if cached is None or cached[0] != key:
         cached = g.meta["_free"] = (key, _last_uses(g))
     free = cached[1]
+    check_lengths(g, ctx.dims)
     env: Dict[Node, torch.Tensor] = {}
     for idx, n in enumerate(g.nodes):
         if n.op is Op.INPUT or n.op is Op.PARAM:

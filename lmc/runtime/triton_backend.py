@@ -17,6 +17,7 @@ from ..errors import InterpreterBf16Error, LmcError
 from ..ir.graph import Graph
 from ..ir.ops import Op
 from ..ops.reference import REFERENCE
+from .executor import check_lengths
 
 
 def _interpret() -> bool:
@@ -131,6 +132,7 @@ class TritonProgram:
                    if n.op in (Op.INPUT, Op.PARAM) and n.attrs["name"] not in bound]
         if missing:
             raise LmcError(f"no value given for {missing[0]!r}")
+        check_lengths(self.graph, ctx.dims)
         if warm.wanted(self, ctx):      # first run for these dims on a GPU: compile ahead
             with warm.WarmPass() as w:
                 w.program(self, bound, ctx)

@@ -227,6 +227,47 @@ def test_a_convolution_over_a_padded_sequence_decodes_as_shifts(tmp_path):
     assert _static_worst(m, ids, 1) < 1e-5
 
 
+def test_a_forward_shorter_than_the_pad_is_refused_at_its_line(tmp_path):
+    """The windows' rewrite, x[:, :T - (P - j)], holds for T >= P - j only (at T = 1 torch
+    would count the slice from the end and return a wrong-sized result): a shorter forward
+    is one error naming the line and the least T, on both backends; T = 3 runs."""
+    p = tmp_path / "conv_pad.yaml"
+    p.write_text(PADDED_CONV)
+    for backend in ("torch", "triton"):
+        run = lmc.load(str(p), seed=6, backend=backend).eval()
+        for T in (1, 2):
+            with pytest.raises(LmcError, match=r"conv_pad.yaml:12:.*length T-\d = -\d at "
+                                               rf"T={T}: this model needs T >= 3"):
+                run(torch.randint(0, 37, (2, T)))
+        assert run(torch.randint(0, 37, (2, 3))).shape == (2, 3, 37)
+
+
+SINK_FIRST = """
+name: sink_first
+config: {vocab: 37, d: 16, layers: 1, eps: 1.0e-5}
+blocks:
+  mixer:
+    args: [x]
+    params: {wq: [d, d], wk: [d, d], wv: [d, d], z: [1]}
+    body:
+      - s = where(causal_mask(T), (x @ wq) @ transpose(x @ wk, -2, -1), -inf)
+      - p = softmax(concat([expand(reshape(z, [1, 1, 1]), [B, T, 1]), s], -1), -1)
+      - return p[..., 1:] @ (x @ wv)
+""" + _MIXER_MODEL
+
+
+def test_a_concat_along_the_keys_is_named_so_with_the_forms_that_decode(tmp_path):
+    """An attention sink written first (the mirror of gpt-oss's sink-last form, which
+    canonicalize rewrites) cannot be decoded: the error says the key axis (it said the
+    sequence axis) and names the forms that do decode."""
+    p = tmp_path / "sink_first.yaml"
+    p.write_text(SINK_FIRST)
+    m = lmc.load(str(p)).eval()
+    with pytest.raises(LmcError, match=r"sink_first.yaml:10:.*concatenates along the key axis"
+                                       r".*causal shift.*attention sink appended after"):
+        decode_step(m.graph)
+
+
 GLA_YAML = """
 name: gla
 config: {vocab: 37, d: 32, layers: 2, heads: 2, dk: 8, dv: 16, eps: 1.0e-5}
