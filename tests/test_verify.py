@@ -209,3 +209,45 @@ def test_constant_initialised_parameters_are_checked_off_their_init(monkeypatch)
     rows = _rows(os.path.join(os.path.dirname(ZOO), "examples", "deepseek_moe.yaml"),
                  overrides=["layers=1"], skip=["decode", "grads", "causal"])
     assert rows["triton = oracle"].ok, rows["triton = oracle"].detail
+
+
+LEARNED_CAP = """
+name: capped
+config: {vocab: 31, d: 32, heads: 4, head_dim: 8, max_seq: 64}
+presets: {tiny: {}}
+blocks:
+  heads_of:
+    args: [x]
+    body:
+      - return permute(reshape(x, [B, T, heads, head_dim]), [0, 2, 1, 3])
+model:
+  inputs: {ids: [B, T]}
+  params:
+    embed: [vocab, d]
+    head: [d, vocab]
+    wq: [d, d]
+    wk: [d, d]
+    wv: [d, d]
+    cap: {shape: [1], init: constant(2.0)}
+    spare: {shape: [4], init: zeros}
+  body:
+    - x = embedding(embed, ids)
+    - s = (heads_of(x @ wq) @ transpose(heads_of(x @ wk), -2, -1)) * head_dim ** -0.5
+    - p = softmax(where(causal_mask(T), tanh(s / cap) * cap, -inf), -1)
+    - x = x + reshape(permute(p @ heads_of(x @ wv), [0, 2, 1, 3]), [B, T, d])
+    - logits = x @ head
+  outputs: [logits]
+"""
+
+
+def test_the_fp64_tie_break_passes_over_an_unused_parameter(tmp_path):
+    """A learned soft-cap's gradient cancels in fp32 (the tie-break decides it); a parameter
+    no output reads (zeros from lmc, None from torch) is skipped there as in the fp32
+    comparison (it used to end the tie-break, failing the check)."""
+    p = tmp_path / "capped.yaml"
+    p.write_text(LEARNED_CAP)
+    rows = _rows(str(p), skip=["causal", "decode"])
+    for check in ("gradients = oracle", "triton = oracle"):
+        assert rows[check].ok, rows[check].detail
+        assert "unused (zero gradient): spare" in rows[check].detail
+    assert "against the oracle in fp64" in rows["gradients = oracle"].detail
