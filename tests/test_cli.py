@@ -225,6 +225,43 @@ def test_generate_bad_input_is_one_line(tmp_path, capsys):
         assert msg in err[-1], (extra, err)
 
 
+def test_generate_says_what_differs_from_the_checkpoint_and_why_it_stopped(tmp_path, capsys,
+                                                                            monkeypatch):
+    """Another --tokenizer than the checkpoint's is noted (it was taken silently); a meta.json
+    naming an unknown tokenizer says where the name came from; a stop at the end of text
+    is said; prompt + new tokens may reach max_seq + 1 (the last is never fed back)."""
+    from lmc.runtime.decoder import Decoder
+    out = _tiny_run(tmp_path)
+    capsys.readouterr()
+    args = ["run", LLAMA, "--generate", "--checkpoint", str(out), "--prompt", "ab",
+            "--max-new-tokens", "3", "--temperature", "0"]
+    assert main(args + ["--tokenizer", "bytes"]) == 0
+    assert "trained with --tokenizer cl100k_base; generating with bytes" in \
+        capsys.readouterr().err
+    real = Decoder.generate
+
+    def ends(self, *a, **k):
+        yield from list(real(self, *a, **k))[:1]
+        yield 256                                   # bytes: the end of text
+    monkeypatch.setattr(Decoder, "generate", ends)
+    assert main(args + ["--tokenizer", "bytes"]) == 0
+    assert "lmc: 1 tokens (then the end of text)" in capsys.readouterr().err
+    monkeypatch.setattr(Decoder, "generate", real)
+    # the tiny preset's max_seq is 128: a 2-token prompt and 127 new tokens fit
+    for static in ("--no-static", "--static"):
+        assert main(args[:-4] + ["--max-new-tokens", "127", "--tokenizer", "bytes",
+                                 static]) == 0
+        assert "tokens/s" in capsys.readouterr().err
+    assert main(args[:-4] + ["--max-new-tokens", "128", "--tokenizer", "bytes"]) == 2
+    assert "exceeds the model's max_seq 128 + 1" in capsys.readouterr().err
+    ck = sorted(p for p in os.listdir(out) if p.startswith("ckpt-"))[-1]
+    meta = out / ck / "meta.json"
+    meta.write_text(meta.read_text().replace('"cl100k_base"', '"nope"'))
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "unknown tokenizer 'nope'" in err and "meta.json names" in err, err
+
+
 def test_compile_mode_decode_reports_the_state(tmp_path, capsys):
     assert main(["compile", LLAMA, "--preset", "tiny", "--mode", "decode", "--json"]) == 0
     s = json.loads(capsys.readouterr().out)

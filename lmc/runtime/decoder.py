@@ -27,8 +27,9 @@ interpreter, or capture raising) the static step runs eagerly: `cuda_graph` is F
 """
 from __future__ import annotations
 
+import math
 import sys
-from typing import Iterator, Optional, Tuple
+from typing import Iterator, Optional, Sequence, Tuple
 
 import torch
 
@@ -167,9 +168,18 @@ class Decoder:
             raise LmcError(f"init_state: batch must be a positive integer, got {batch!r}")
         device = device or next(self.model.parameters()).device
         st = State()
-        for s in self.step.states:
-            shape = s.concrete(batch, 0, self.max_len or 0)
-            st[s.name] = torch.zeros(shape, dtype=s.dtype.torch(), device=device)
+        shapes = [(s, s.concrete(batch, 0, self.max_len or 0)) for s in self.step.states]
+        try:
+            for s, shape in shapes:
+                st[s.name] = torch.zeros(shape, dtype=s.dtype.torch(), device=device)
+        except (RuntimeError, MemoryError) as e:    # (torch.OutOfMemoryError included)
+            st.clear()
+            need = sum(math.prod(shape) * s.dtype.torch().itemsize for s, shape in shapes)
+            raise LmcError(f"the decode state for batch {batch}"
+                           + (f" and max_len {self.max_len}" if self.static else "")
+                           + f" needs {need / 2 ** 30:.2f} GiB on {device}, which could not "
+                           f"be allocated ({(str(e).strip().splitlines() or [''])[0][:120]})"
+                           ) from None
         st.past = 0
         st.owner = self._layout()
         st.batch = batch
@@ -329,11 +339,12 @@ class Decoder:
 
     def generate(self, prompt: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
                  top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-                 vocab: Optional[int] = None) -> Iterator[int]:
+                 vocab: Optional[int] = None, exclude: Sequence[int] = ()) -> Iterator[int]:
         """Yield new token ids for one prompt [T] (prefill, then one step per token). The
         arguments are checked at the call, before the first token is asked for. `vocab`:
         sample among the ids below it only (a tokenizer smaller than the model's vocabulary,
-        whose ids past it decode to nothing)."""
+        whose ids past it decode to nothing); `exclude`: ids never sampled (a tokenizer's
+        unassigned ids and special tokens)."""
         for name, v, ok in (("max_new_tokens", max_new_tokens, lambda v: v >= 0),
                             ("vocab", 1 if vocab is None else vocab, lambda v: v >= 1),
                             ("temperature", temperature, lambda v: v >= 0),   # nan: refused
@@ -356,15 +367,26 @@ class Decoder:
             if limit is not None and end > limit + 1:  # the last token is never fed back
                 raise LmcError(f"generate: the prompt ({prompt.numel()} tokens) + "
                                f"{max_new_tokens} new ones exceed {what} {limit}")
-        return self._generate(prompt, max_new_tokens, temperature, top_k, top_p, seed, vocab)
+        exclude = sorted({int(i) for i in exclude
+                          if int(i) >= 0 and (vocab is None or int(i) < vocab)})
+        if vocab is not None and len(exclude) >= vocab:
+            raise LmcError("generate: exclude leaves no token to sample")
+        state = self.init_state(1, prompt.device)    # at the call too: one that cannot be
+        return self._generate(prompt, max_new_tokens, temperature, top_k, top_p, seed, vocab,
+                              exclude, state)     # allocated is an error before any token
 
-    def _generate(self, prompt, max_new_tokens, temperature, top_k, top_p, seed, vocab=None):
+    def _generate(self, prompt, max_new_tokens, temperature, top_k, top_p, seed, vocab=None,
+                  exclude=(), state=None):
         gen = torch.Generator(device=prompt.device).manual_seed(seed)
-        state = self.init_state(1, prompt.device)
+        state = state if state is not None else self.init_state(1, prompt.device)
         ids = prompt.reshape(1, -1)
+        banned = torch.tensor(exclude, dtype=torch.int64, device=prompt.device)
         for _ in range(max_new_tokens):
             logits, state = self(ids, state)
-            tok = sample(logits[0, -1, :vocab].float(), temperature, top_k, top_p, gen)
+            row = logits[0, -1, :vocab].float()
+            if len(exclude):
+                row = row.index_fill(0, banned, float("-inf"))
+            tok = sample(row, temperature, top_k, top_p, gen)
             yield tok
             ids = torch.tensor([[tok]], device=prompt.device)
 
@@ -378,7 +400,8 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
     # in fp64 and relative to the largest logit: a tiny temperature sends the others to
     # -inf (greedy, in the limit) instead of overflowing to inf - inf = nan
     logits = logits.double()
-    logits = (logits - logits.max()) / temperature
+    # (an excluded id's -inf stays -inf: -inf / inf would be nan)
+    logits = torch.where(logits == float("-inf"), logits, (logits - logits.max()) / temperature)
     if 0 < top_k < logits.numel():
         kth = torch.topk(logits, top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))

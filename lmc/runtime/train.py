@@ -566,7 +566,8 @@ def train(path: str, preset: Optional[str], overrides, c: TrainConfig) -> Dict[s
     enc = get_tokenizer(c.tokenizer)
     from ..passes.loss import logits_vocab
     vocab = logits_vocab(compiled.graph, "training")
-    pretokenized = c.data is not None and c.data.endswith(".bin")  # checked by its ids below
+    # (a .bin corpus is checked by its ids below)
+    pretokenized = c.data is not None and c.data.lower().endswith(".bin")
     if vocab < enc.n_vocab and not pretokenized:
         raise LmcError(f"the model's vocab ({vocab}) is smaller than tokenizer "
                        f"{c.tokenizer!r} ({enc.n_vocab} tokens): use --set vocab="
@@ -584,12 +585,14 @@ def train(path: str, preset: Optional[str], overrides, c: TrainConfig) -> Dict[s
     corpus = Corpus.load(c.data, c.tokenizer, enc)
     for split, ids in (("train", corpus.train), ("validation", corpus.val)):
         if len(ids) < c.seq_len + 1:     # checked here, before a step (get_batch checks too)
-            raise LmcError(f"the corpus's {split} split holds {len(ids)} tokens, fewer than "
-                           f"--seq-len {c.seq_len} + 1")
+            raise LmcError(f"the corpus's {split} split ({corpus.source}) holds {len(ids)} "
+                           f"tokens, fewer than --seq-len {c.seq_len} + 1")
     if corpus.max_id >= vocab:
         raise LmcError(f"{corpus.source}: the data holds token id {corpus.max_id}, outside "
                        f"the model's vocab {vocab}")
     ckpt_meta["train_tokens"] = int(len(corpus.train))    # a resume checks it is the same
+    if corpus.note and d.main:
+        print(f"lmc: note: {corpus.source}: {corpus.note}", file=sys.stderr)
 
     # mixed precision is a pass over the graph (torch.autocast's policy, written in): both
     # backends run the same program, and parameters and optimizer state stay fp32

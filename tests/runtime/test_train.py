@@ -701,6 +701,11 @@ def test_train_from_a_checkpoint_starts_a_new_run_at_its_weights(tmp_path, corpu
     assert max((fresh[k] - src[k]).abs().max().item() for k in src) > 1e-3
     assert main([*new, "--checkpoint", str(a), "--resume", str(a)]) == 2
     assert "give one" in capsys.readouterr().err
+    # another tokenizer than the checkpoint's is noted (it was taken silently)
+    d = tmp_path / "d"
+    assert main([*new, "--checkpoint", str(a), "--out", str(d), "--tokenizer", "bytes"]) == 0
+    assert "was trained with --tokenizer cl100k_base; this run uses bytes" in \
+        capsys.readouterr().err
 
 
 def test_a_run_remembers_the_python_blocks_it_imported(tmp_path, corpus, capsys):
