@@ -42,12 +42,38 @@ masked after its exp, where(causal_mask, exp(x), 0), becomes exp(where(causal_ma
 (exp(-inf) = 0; the gradient no longer multiplies 0 by the exp of a large masked exponent):
 the canonical decayed linear attention fuse_linear_attention makes chunked and the decode pass
 decodes with a d_k x d_v state instead of a cache.
+
+An additive mask (Hugging Face's): s + where(m, 0, -inf), either operand order, the where
+possibly cast between float dtypes, reshaped or expanded to broadcast (mask[None, None]) and
+its condition likewise, becomes where(m, s, -inf) (s + 0 = s; a masked score is -inf either
+way, and softmax's gradient there is 0 in both), the masked scores fuse_rope_attention and
+the decode pass read. Only a true branch of constant 0.0 and a false branch of constant -inf
+(a finite fill such as finfo.min is not the same values), and only where the sum has s's
+shape and dtype (the mask broadcasts to s, never s to the mask).
+
+RoPE with half-width tables (GPT-NeoX's and many reference implementations'): c, s of width
+R/2 (cos and sin of the angles, broadcast over x's leading axes), x1 = x[..., :R/2],
+x2 = x[..., R/2:],
+
+    concat([x1*c - x2*s, x2*c + x1*s], -1)   becomes   concat([-x2, x1], -1) * S + x * C
+
+with C = concat([c, c], -1), S likewise, pushed through cos/sin, casts and leading-unit
+reshapes to the angles: C = cos(concat([a, a], -1)), the full-width table fuse_rope_attention
+and the decode pass read (x1*c - x2*s = x1*c + (-x2)*s exactly, so the values are the same
+bitwise; the rotated term comes first in the sum so torch lays it out as the concat was, and
+the products after it stay bitwise too). The interleaved form, x1 = x[..., 0::2],
+x2 = x[..., 1::2] and the two halves stacked as pairs (reshape(concat([reshape(lo,
+[.., R/2, 1]), reshape(hi, [.., R/2, 1])], -1), x's shape)), becomes the interleaved
+rotation with each table entry repeated twice. Products in either order, the terms of a sum in
+either order, the minus as a subtraction or a negation; only the two halves of one x (up to
+duplicate computations cse would merge), tables exactly R/2 wide, and the same c and s in
+both halves.
 """
 from __future__ import annotations
 
 from typing import Dict, List
 
-from ..ir.dims import Dim, norm
+from ..ir.dims import Dim, dims_equal, norm
 from ..ir.graph import Graph, Node
 from ..ir.ops import Op
 from .patterns import const_value
@@ -171,6 +197,180 @@ def _masked_after_exp(n: Node, users):
     return c, e.inputs[0]
 
 
+def _broadcast_only(n: Node) -> Node:
+    """n without views that only broadcast it (an expand; a reshape that adds or drops leading
+    unit dims): against an operand it broadcasts to, the same values."""
+    while True:
+        if n.op is Op.EXPAND:
+            n = n.inputs[0]
+        elif n.op is Op.RESHAPE and _no_leading_ones(n.type.shape) == _no_leading_ones(
+                n.inputs[0].type.shape):
+            n = n.inputs[0]
+        else:
+            return n
+
+
+def _no_leading_ones(shape) -> tuple:
+    shape = [norm(d) for d in shape]
+    while shape and dims_equal(shape[0], 1):
+        shape.pop(0)
+    return tuple(shape)
+
+
+def _broadcasts(small, big) -> bool:
+    """A tensor of shape `small` broadcasts to `big` (and is no wider)."""
+    return len(small) <= len(big) and all(
+        dims_equal(a, 1) or dims_equal(a, b) for a, b in zip(small[::-1], big[::-1]))
+
+
+def _additive_mask(n: Node):
+    """n = s + where(m, 0, -inf) (either order; the where possibly cast between float dtypes,
+    reshaped or expanded to broadcast, and m likewise), n of s's shape and dtype: (m, s) with
+    the views stripped, else None."""
+    if n.op is not Op.ADD or not n.type.dtype.is_float:
+        return None
+    for s, w in (n.inputs, n.inputs[::-1]):
+        while True:
+            w = _broadcast_only(w)
+            if w.op is Op.CAST and w.type.dtype.is_float and w.inputs[0].type.dtype.is_float:
+                w = w.inputs[0]      # 0 and -inf are exact in every float dtype
+                continue
+            break
+        if w.op is not Op.WHERE or s.type.dtype != n.type.dtype or \
+                len(s.type.shape) != len(n.type.shape) or \
+                not all(dims_equal(a, b) for a, b in zip(s.type.shape, n.type.shape)):
+            continue
+        m, zero, fill = w.inputs
+        if const_value(zero) != 0.0 or const_value(fill) != float("-inf"):
+            continue
+        m = _broadcast_only(m)
+        if _broadcasts(tuple(m.type.shape), tuple(n.type.shape)):
+            return m, s
+    return None
+
+
+# -- RoPE with half-width tables -------------------------------------------------------------
+def _classes(g: Graph) -> Dict[Node, Node]:
+    """Each node's representative among the nodes computing the same thing (cse's key: op,
+    inputs' representatives, attrs), before cse has merged them: x[..., :R/2] written twice,
+    or one table computed per use, count as one."""
+    from .basic import _freeze
+    rep: Dict[Node, Node] = {}
+    seen: Dict[tuple, Node] = {}
+    for n in g.nodes:
+        rep[n] = n
+        if n.op in (Op.INPUT, Op.PARAM, Op.BLOCK, Op.FUSED):
+            continue
+        key = (n.op, tuple(id(rep[i]) for i in n.inputs),
+               tuple(sorted((k, _freeze(v)) for k, v in n.attrs.items())))
+        try:
+            rep[n] = seen.setdefault(key, n)
+        except TypeError:    # an unhashable attr: itself only
+            pass
+    return rep
+
+
+def _products(a: Node, sign: int = 1):
+    """a = a sum or difference of products u * t (negations anywhere: on a product or on a
+    factor): [(sign, [(u, t), (t, u)])] per product, both operand orders, else None."""
+    if a.op in (Op.ADD, Op.SUB):
+        left = _products(a.inputs[0], sign)
+        right = _products(a.inputs[1], sign if a.op is Op.ADD else -sign)
+        return None if left is None or right is None else left + right
+    if a.op is Op.NEG:
+        return _products(a.inputs[0], -sign)
+    if a.op is not Op.MUL:
+        return None
+    u, t = a.inputs
+    if u.op is Op.NEG:
+        u, sign = u.inputs[0], -sign
+    if t.op is Op.NEG:
+        t, sign = t.inputs[0], -sign
+    return [(sign, a, [(u, t), (t, u)])]
+
+
+def _half_rope(n: Node, rep: Dict[Node, Node]):
+    """n = rope(x) with half-width tables c, s ([.., R/2], broadcast over x's leading axes):
+
+        rotate-half:  concat([x1*c - x2*s, x2*c + x1*s], -1)       x1, x2 = x[:R/2], x[R/2:]
+        interleaved:  reshape(concat([reshape(x1*c - x2*s, [.., R/2, 1]),
+                                      reshape(x2*c + x1*s, [.., R/2, 1])], -1), x's shape)
+                                                                  x1, x2 = x[0::2], x[1::2]
+
+    (products in either order, the terms of each sum in either order, the minus as a
+    subtraction or a negation): (interleaved, x1, x2, c, s), else None."""
+    interleaved = n.op is Op.RESHAPE
+    c = n.inputs[0] if interleaved else n
+    if c.op is not Op.CONCAT or len(c.inputs) != 2 or \
+            c.attrs["axis"] % c.type.rank != c.type.rank - 1:
+        return None
+    lo, hi = c.inputs
+    if interleaved:
+        if lo.op is not Op.RESHAPE or hi.op is not Op.RESHAPE or \
+                tuple(c.type.shape[-1:]) != (2,) or \
+                tuple(lo.type.shape) != tuple(lo.inputs[0].type.shape) + (1,) or \
+                tuple(hi.type.shape) != tuple(hi.inputs[0].type.shape) + (1,):
+            return None
+        lo, hi = lo.inputs[0], hi.inputs[0]
+    R = n.type.shape[-1]
+    if not isinstance(R, int) or R % 2 or lo.type != hi.type or \
+            tuple(lo.type.shape) != tuple(n.type.shape[:-1]) + (R // 2,):
+        return None
+    first, second = _products(lo), _products(hi)
+    if first is None or second is None or len(first) != 2 or len(second) != 2 or \
+            sorted(sg for sg, _, _ in first) != [-1, 1] or \
+            [sg for sg, _, _ in second] != [1, 1]:
+        return None
+    starts, step = ((0, 1), 2) if interleaved else ((0, R // 2), 1)
+
+    def half(u, start):       # u = x[..., start::step] (R/2 of x's R last entries): x
+        if u.op is not Op.SLICE or u.attrs["axis"] % u.type.rank != u.type.rank - 1 or \
+                u.attrs.get("step", 1) != step or u.attrs.get("start", 0) != start or \
+                u.type != lo.type:
+            return None
+        x = u.inputs[0]
+        return x if tuple(x.type.shape) == tuple(n.type.shape) and \
+            x.type.dtype == n.type.dtype else None
+
+    def table(t):             # [.., R/2], broadcasting to the halves
+        return t.type.shape[-1] == R // 2 and t.type.rank <= lo.type.rank and \
+            _broadcasts(tuple(t.type.shape), tuple(lo.type.shape))
+
+    def read(terms):          # {(sign, which half, table rep)} per operand order choice
+        out = []
+        for sg, prod, orders in terms:
+            if prod.type != lo.type:
+                return []
+            opts = []
+            for u, t in orders:
+                for i, start in enumerate(starts):
+                    x = half(u, start)
+                    if x is not None and table(t):
+                        opts.append((sg, i, rep[x], u, t))
+            out.append(opts)
+        return out
+    a, b = read(first), read(second)
+    if len(a) != 2 or len(b) != 2:
+        return None
+    # x1*c - x2*s, then x2*c + x1*s: the same x, c and s (up to cse) in all four products
+    for p in a[0]:
+        for q in a[1]:
+            plus, minus = (p, q) if p[0] > 0 else (q, p)
+            if plus[0] != 1 or minus[0] != -1 or plus[1] != 0 or minus[1] != 1 or \
+                    plus[2] is not minus[2]:
+                continue
+            x1, cos, x2, sin = plus[3], plus[4], minus[3], minus[4]
+            if rep[cos] is rep[sin] or cos.type != sin.type:
+                continue
+            want = {(1, rep[x2], rep[cos]), (0, rep[x1], rep[sin])}
+            for r in b[0]:
+                for w in b[1]:
+                    if r[2] is plus[2] and w[2] is plus[2] and \
+                            {(r[1], rep[r[3]], rep[r[4]]), (w[1], rep[w[3]], rep[w[4]])} == want:
+                        return interleaved, x1, x2, cos, sin
+    return None
+
+
 def canonicalize(g: Graph) -> Graph:
     users = g.users()
     found = {n: m for n in g.nodes if (m := _sink_slice(n, users)) is not None}
@@ -178,11 +378,69 @@ def canonicalize(g: Graph) -> Graph:
     windows = {n: m for n in g.nodes if (m := _padded_window(n)) is not None}
     decays = {n: m for n in g.nodes if (m := _position_decay(n)) is not None}
     after_exp = {n: m for n in g.nodes if (m := _masked_after_exp(n, users)) is not None}
-    if not found and not diff and not windows and not decays and not after_exp:
+    additive = {n: m for n in g.nodes if (m := _additive_mask(n)) is not None}
+    rep = _classes(g)
+    ropes = {n: m for n in g.nodes if n.op in (Op.CONCAT, Op.RESHAPE) and
+             (m := _half_rope(n, rep)) is not None}
+    if not found and not diff and not windows and not decays and not after_exp and \
+            not additive and not ropes:
         return g
     new: Dict[Node, Node] = {}
     nodes: List[Node] = []
+    wide: Dict[tuple, Node] = {}
+
+    def widen(t: Node, pairs: bool, mk) -> Node:
+        """concat([t, t], -1) (pairs: each entry twice, interleaved), pushed through the
+        elementwise ops and leading-unit reshapes over t's angles: cos(concat([a, a], -1)),
+        the full-width table fuse_rope_attention reads."""
+        key = (t, pairs)
+        if key in wide:
+            return wide[key]
+        shape = tuple(t.type.shape)
+        full = shape[:-1] + (2 * shape[-1],)
+        if t.op in (Op.COS, Op.SIN, Op.NEG, Op.CAST) and t.inputs[0].type.rank >= 1 and \
+                t.inputs[0].type.shape[-1] == shape[-1]:
+            out = mk(t.op, (widen(t.inputs[0], pairs, mk),), t.attrs)
+        elif t.op is Op.RESHAPE and t.inputs[0].type.rank >= 1 and \
+                t.inputs[0].type.shape[-1] == shape[-1] and \
+                _no_leading_ones(shape) == _no_leading_ones(t.inputs[0].type.shape):
+            out = mk(Op.RESHAPE, (widen(t.inputs[0], pairs, mk),), {"shape": full})
+        elif pairs:
+            col = mk(Op.RESHAPE, (t,), {"shape": shape + (1,)})
+            out = mk(Op.RESHAPE, (mk(Op.CONCAT, (col, col), {"axis": len(shape)}),),
+                     {"shape": full})
+        else:
+            out = mk(Op.CONCAT, (t, t), {"axis": len(shape) - 1})
+        wide[key] = out
+        return out
+
     for n in g.nodes:
+        if n in ropes:         # x*C + rot(x)*S, C and S the half tables each entry twice
+            pairs, x1, x2, c, s = ropes[n]
+            made: List[Node] = []
+
+            def mk(op, ins, attrs, made=made, n=n):
+                made.append(Node.make(op, ins, attrs, n.loc, n.scope))
+                return made[-1]
+            x = new[x1.inputs[0]]
+            h1 = new[x1]
+            h2 = new[x2] if x2.inputs[0] is x1.inputs[0] else mk(Op.SLICE, (x,), x2.attrs)
+            C, S = widen(new[c], pairs, mk), widen(new[s], pairs, mk)
+            if pairs:       # (-x[2i+1], x[2i]) per pair
+                col = tuple(h1.type.shape) + (1,)
+                rot = mk(Op.RESHAPE, (mk(Op.CONCAT, (
+                    mk(Op.RESHAPE, (mk(Op.NEG, (h2,), {}),), {"shape": col}),
+                    mk(Op.RESHAPE, (h1,), {"shape": col})), {"axis": len(col) - 1}),),
+                    {"shape": tuple(x.type.shape)})
+            else:
+                rot = mk(Op.CONCAT, (mk(Op.NEG, (h2,), {}), h1), {"axis": x.type.rank - 1})
+            # rot(x) * S first: the sum is laid out as that contiguous operand (as the
+            # concat was), not as x (often a permuted view): the product with it after
+            # then runs the same matmul, so the torch backend's forward stays bitwise
+            out = mk(Op.ADD, (mk(Op.MUL, (rot, S), {}), mk(Op.MUL, (x, C), {})), {})
+            nodes += made
+            new[n] = out
+            continue
         if n in decays:        # L (t - s) = G_t - G_s, G = cumsum of L along time
             L, T = decays[n]
             L = new[L]
@@ -196,6 +454,14 @@ def canonicalize(g: Graph) -> Graph:
             gs = mk(Op.RESHAPE, (G,), {"shape": lead + (1, T)})
             out = mk(Op.SUB, (gt, gs), {})
             nodes += [col, per_step, G, gt, gs, out]
+            new[n] = out
+            continue
+        if n in additive:      # s + where(m, 0, -inf) = where(m, s, -inf)
+            m, s = (new[v] for v in additive[n])
+            mk = lambda op, ins, attrs: Node.make(op, ins, attrs, n.loc, n.scope)  # noqa: E731
+            ninf = mk(Op.CONST, (), {"value": float("-inf"), "dtype": s.type.dtype})
+            out = mk(Op.WHERE, (m, s, ninf), {})
+            nodes += [ninf, out]
             new[n] = out
             continue
         if n in after_exp:     # where(mask, exp(x), 0) = exp(where(mask, x, -inf))

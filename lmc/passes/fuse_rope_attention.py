@@ -3,8 +3,10 @@
 Matched on primitives (no block names): from each softmax over the last axis, the pass walks
 
     out = softmax(where(causal_mask(T, T, window), cap((q' @ k'^T) * scale), -inf)) @ v'
-          (the where may be absent: not causal; the scale a constant, or absent; cap(s) a
-          soft cap cap * tanh(s / cap), Gemma 2's, or absent; ALiBi's bias may be added
+          (the where may be absent: not causal; the scale a constant, or absent, and a
+          constant scalar on q' or k' before the product, `(q * d ** -0.5) @ k^T`, q / c,
+          rope(q * c) (RoPE is linear), joins it; cap(s) a soft cap cap * tanh(s / cap),
+          Gemma 2's, or absent; ALiBi's bias may be added
           after it: + slopes * (kpos - qpos), slopes a static [H, 1, 1] tensor, the
           distance over positions iota(T), also written -(qpos - kpos) or, causal,
           -|qpos - kpos|, or BLOOM's slopes * kpos alone: `patterns.alibi`, the slopes an
@@ -65,11 +67,12 @@ to v's dtype for the dot, as that program does.
 It runs before autodiff on the program being trained or run on the triton backend, not in the
 compile pipeline: the decode pass derives its step from the unfused graph. Where a region
 almost matches, a declined record says which condition failed (`lmc compile --explain`).
-Not matched: k rotated where q is not, a mask other than causal_mask, a scale that is a
-tensor, queries and keys of different lengths (T != S), RoPE tables
-that depend on the input, RoPE on several parts of a head, kv heads tiled (query head h reading
-kv head h mod n_kv), a softmax over anything but q @ k^T (medit_one's feature attention), and
-probabilities used other than once as probs @ v.
+Not matched: k rotated where q is not, a mask other than causal_mask (an additive
+where(causal_mask, 0, -inf) is rewritten to it by canonicalize), a scale that is a tensor
+(on the scores, or on q or k: the record names it), queries and keys of different lengths
+(T != S), RoPE tables that depend on the input, RoPE on several parts of a head, kv heads
+tiled (query head h reading kv head h mod n_kv), a softmax over anything but q @ k^T
+(medit_one's feature attention), and probabilities used other than once as probs @ v.
 """
 from __future__ import annotations
 
@@ -269,14 +272,35 @@ def _part(p: Node, static, users) -> dict:
     return part
 
 
-def _side(x: Node, static, users) -> List[dict]:
+def _const_scale(x: Node) -> Tuple[Node, float]:
+    """x = y * c, c * y or y / c (repeatedly), c a constant scalar (finite, nonzero): (y, the
+    product of the factors). A scale on q or k before the product (`(q * d ** -0.5) @ k^T`)
+    is a scale of the scores: the kernel's."""
+    f = 1.0
+    while x.op in (Op.MUL, Op.DIV):
+        a, c = x.inputs
+        if x.op is Op.MUL and const_value(a) is not None:
+            a, c = c, a
+        cv = const_value(c)
+        if cv is None or cv == 0.0 or cv != cv or abs(cv) == float("inf") or \
+                tuple(a.type.shape) != tuple(x.type.shape) or a.type.dtype != x.type.dtype:
+            break
+        f, x = (f * cv if x.op is Op.MUL else f / cv), a
+    return x, f
+
+
+def _side(x: Node, static, users) -> Tuple[List[dict], float]:
+    """q' or k' as its parts along the head dim, and a constant scale taken off it (before
+    or after a broadcast over the query heads)."""
+    x, f = _const_scale(x)
     x, g = _heads(x)
+    x, f2 = _const_scale(x)
     ps = list(x.inputs) if x.op is Op.CONCAT and x.attrs["axis"] == _last(x) else [x]
     parts = [_part(p, static, users) for p in ps]
     for p in parts:
         p["g"] *= g
         p["g_side"] = g
-    return parts
+    return parts, f * f2
 
 
 def _as_given(p: dict) -> dict:
@@ -348,22 +372,41 @@ def match(sm: Node, users: Dict[Node, List[Node]], static, order: Dict[Node, int
     # bf16 product) are cast down for the products; the kernels take them cast, as the
     # fused op's inputs (new nodes, which fuse into their producers' kernels)
     qr, kt = _narrowed(qr), _narrowed(kt)
+    kt, f = _const_scale(kt)          # q @ (k^T * c): c a scale of the scores
+    scale *= f
     need(qr.type.rank == 4, "scores are not [B, H, T, S]")
     need(kt.op is Op.PERMUTE and tuple(kt.attrs["perm"]) == (0, 1, 3, 2),
           "keys are not transposed from [B, H, S, D]")
     kr = kt.inputs[0]
     need(isinstance(qr.type.shape[1], int), "head count is not static")
 
-    qparts = _side(qr, static, users)
-    kparts = _side(kr, static, users)
-    try:
-        m = _assemble(sm, pv, qr, kr, qparts, kparts, users, static, order, causal, window,
-                      scale, slopes, sink, given=False)
-    except _Shared:
-        # the k part's RoPE is computed outside this attention too (a rotated K shared by
-        # several attentions, as YOCO's cross-decoder's): take it as given
-        m = _assemble(sm, pv, qr, kr, qparts, kparts, users, static, order, causal, window,
-                      scale, slopes, sink, given=True)
+    # (q * c) @ k^T, rope(q) * c, q / c (and likewise k): c joins the kernel's scale; the
+    # product stays in the body (the region), so the oracle is unchanged
+    qparts, f = _side(qr, static, users)
+    scale *= f
+    kparts, f = _side(kr, static, users)
+    scale *= f
+    why = "; ".join(w for w in (_tensor_scale(qr, "q", static), _tensor_scale(kr, "k", static))
+                    if w)
+
+    def assemble(qparts, scale):
+        try:
+            return _assemble(sm, pv, qr, kr, qparts, kparts, users, static, order, causal,
+                             window, scale, slopes, sink, why, given=False)
+        except _Shared:
+            # the k part's RoPE is computed outside this attention too (a rotated K shared by
+            # several attentions, as YOCO's cross-decoder's): take it as given
+            return _assemble(sm, pv, qr, kr, qparts, kparts, users, static, order, causal,
+                             window, scale, slopes, sink, why, given=True)
+    peeled = _unscaled_sources(qparts, kparts)
+    m = None
+    if peeled is not None:     # rope(q * c): the kernel reads q and takes c into its scale
+        try:
+            m = assemble(peeled[0], scale * peeled[1])
+        except NoMatch:        # (say, q * c read outside too): c stays in the op's input
+            m = None
+    if m is None:
+        m = assemble(qparts, scale)
     if cap is not None:
         m["opts"]["softcap"] = cap
     if keys_only:
@@ -375,13 +418,45 @@ class _Shared(NoMatch):
     pass
 
 
+def _tensor_scale(x: Node, name: str, static) -> str:
+    """Why q' (or k') is not read as RoPE's parts when it is multiplied (or divided) by a
+    broadcast tensor that is neither a constant scalar (the kernel's scale) nor a position
+    table (XPos): said in a declined record; "" otherwise."""
+    x, _ = _const_scale(_heads(_const_scale(x)[0])[0])
+    if x.op not in (Op.MUL, Op.DIV):
+        return ""
+    for a, t in ((x.inputs, x.inputs[::-1]) if x.op is Op.MUL else (x.inputs,)):
+        if tuple(a.type.shape) == tuple(x.type.shape) and \
+                tuple(t.type.shape) != tuple(x.type.shape) and \
+                const_value(t) is None and not _is_table(t, static):
+            return (f"{name} is {'multiplied' if x.op is Op.MUL else 'divided'} by a "
+                    f"{list(t.type.shape)} tensor before the product: only a constant scalar "
+                    f"joins the kernel's scale")
+    return ""
+
+
+def _unscaled_sources(qparts: List[dict], kparts: List[dict]):
+    """q's parts all cut from sources scaled by one constant c (`rope(q * c)`, or q * c split
+    for partial rotary): (the parts cut from the unscaled sources, c), else None. RoPE is
+    linear, so rope(c q) = c rope(q): c is a scale of the scores."""
+    fs, out = set(), []
+    for p in qparts:
+        src, f = _const_scale(p["src"])
+        if f == 1.0 or src.op is Op.CONST or any(p["src"] is k["src"] or p["src"] is k["top"]
+                                                 for k in kparts):
+            return None
+        fs.add(f)
+        out.append(dict(p, src=src))
+    return (out, fs.pop()) if len(fs) == 1 else None
+
+
 def _narrowed(x: Node) -> Node:
     """x without a narrowing cast (mixed precision's, before a product)."""
     return x.inputs[0] if narrowing(x) else x
 
 
 def _assemble(sm, pv, qr, kr, qparts, kparts, users, static, order, causal, window, scale,
-              slopes, sink, given: bool) -> dict:
+              slopes, sink, why: str, given: bool) -> dict:
     H, T = qr.type.shape[1], qr.type.shape[2]
     S = kr.type.shape[2]
     kparts = list(kparts)
@@ -390,18 +465,21 @@ def _assemble(sm, pv, qr, kr, qparts, kparts, users, static, order, causal, wind
     need(len(roped) <= 1, "RoPE on several parts of q's head dim")
     need(len(qparts) == len(kparts) and all(
         a["width"] == b["width"] for a, b in zip(qparts, kparts)),
-        "q and k are not split alike along the head dim (their rotated parts do not face)")
+        f"q and k are not split alike along the head dim (q in parts "
+        f"{[p['width'] for p in qparts]}, k in {[p['width'] for p in kparts]}"
+        + (f"; {why})" if why else ": their rotated parts do not face)"))
     need(all(p["g"] == 1 for p in qparts), "queries broadcast over heads")
     if not roped:
         # no RoPE (learned or no positions, ALiBi-free GPT-2 style): plain flash attention;
         # a k rotated where q is not is not RoPE (the rotations would not cancel)
-        need(not any(p["rope"] for p in kparts), "k rotated in columns where q is not")
+        need(not any(p["rope"] for p in kparts), "k rotated in columns where q is not"
+             + (f" ({why})" if why else ""))
         j = 0
         note = "; ".join(p["why"] for p in qparts + kparts if p["arith"] and p["why"])
     else:
         j, note = roped[0], ""
         need(not any(p["rope"] for i, p in enumerate(kparts) if i != j),
-              "k rotated in columns where q is not")
+              "k rotated in columns where q is not" + (f" ({why})" if why else ""))
     qp, kp = qparts[j], kparts[j]
     if kp["rope"] and (given or len(users.get(kp["top"], [])) > 1):
         # a rotated K shared by several attentions (YOCO's cross-decoder): taken as given

@@ -128,3 +128,287 @@ def test_positions_against_a_non_position_or_a_varying_factor_are_left_alone():
     c = x * (b.reshape(pos, [T, 1]) - b.reshape(pos, [1, T]))      # varies along t, s
     g = run_pipeline(Graph("g", b.nodes, {"a": a.node, "c": c.node}))
     assert not any(n.op is Op.CUMSUM for n in g.nodes)
+
+
+def _additive(form, disable=()):
+    """Attention masked the Hugging Face way, by adding where(mask, 0, -inf) to the scores,
+    in the spellings models use; o = softmax(...) @ v."""
+    b = Builder({}, {})
+    q, k, v = (b.input(n, [B, H, T, D], "f32") for n in ("q", "k", "v"))
+    s = (q @ b.transpose(k, -2, -1)) * D ** -0.5
+    ninf = -float("inf")
+    m = b.causal_mask(T, T)
+    if form == "scores-first":
+        a = s + b.where(m, 0.0, ninf)
+    elif form == "mask-first":
+        a = b.where(m, 0.0, ninf) + s
+    elif form == "mask-4d":            # mask[None, None] expanded over batch and heads
+        w = b.reshape(b.where(m, 0.0, ninf), [1, 1, T, T])
+        a = s + b.expand(w, [B, 1, T, T])
+    elif form == "cond-4d":            # the bool mask reshaped before the where
+        a = b.where(b.reshape(m, [1, 1, T, T]), 0.0, ninf) + s
+    elif form == "cast":               # a mask built in another float dtype
+        a = s + b.cast(b.where(m, b.cast(b.const(0.0), "bf16"), b.cast(b.const(ninf), "bf16")),
+                       "f32")
+    elif form == "padding":            # any bool mask: [B, 1, 1, T] of an input
+        keep = b.input("keep", [B, 1, 1, T], "bool")
+        a = s + b.where(keep, 0.0, ninf)
+    else:
+        raise ValueError(form)
+    o = b.softmax(a, -1) @ v
+    return run_pipeline(Graph("additive", b.nodes, {"o": o.node}), disable=disable)
+
+
+@pytest.mark.parametrize("form", ["scores-first", "mask-first", "mask-4d", "cond-4d", "cast",
+                                  "padding"])
+def test_an_additive_mask_becomes_the_masked_scores(form):
+    """s + where(m, 0, -inf) is where(m, s, -inf) (s + 0 = s; a masked score is -inf either
+    way): rewritten so, equal forward and gradients, and (a causal mask) fused as flash
+    attention, which the additive spelling was not ('scores plus a term that is not
+    ALiBi's')."""
+    from lmc.passes.autodiff import differentiate
+
+    g = _additive(form)
+    raw = _additive(form, disable=["canonicalize"])
+    (sm,) = [n for n in g.nodes if n.op is Op.SOFTMAX]
+    w = sm.inputs[0]
+    assert w.op is Op.WHERE and w.inputs[1].op is Op.MUL and \
+        w.inputs[0].op is (Op.INPUT if form == "padding" else Op.CAUSAL_MASK)
+    gen = torch.Generator().manual_seed(3)
+    for t in (1, 6, 19):
+        vals = {n: torch.randn(2, H, t, D, generator=gen) for n in ("q", "k", "v")}
+        if form == "padding":
+            vals["keep"] = torch.rand(2, 1, 1, t, generator=gen) < 0.7
+            vals["keep"][..., 0] = True
+        ctx = RefCtx(dims=bind_dims(g, vals))
+        torch.testing.assert_close(run_graph(g, vals, ctx)["o"], run_graph(raw, vals, ctx)["o"],
+                                   rtol=0, atol=0)
+        gy = torch.randn(2, H, t, D, generator=gen)
+        grads = []
+        for graph in (g, raw):
+            prog = differentiate(graph, ["q", "k", "v"])
+            fw = run_graph(prog.forward, vals, ctx)
+            bound = {s: fw[s] for s in prog.saved}
+            bound["grad:o"] = gy
+            grads.append(run_graph(run_pipeline(prog.backward), bound, ctx))
+        for n in ("grad:q", "grad:k", "grad:v"):
+            torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-6, atol=1e-6)
+    if form != "padding":
+        recs = [r for r in fuse_rope_attention(g).meta["fusions"]
+                if r["pass"] == "fuse_rope_attention"]
+        assert [r["status"] for r in recs] == ["fused"], recs
+
+
+def test_additive_masks_other_than_zero_or_minus_inf_are_left_alone():
+    """Only where(m, 0.0, -inf) added to a tensor of the sum's own shape is a mask: a finite
+    fill (finfo.min, -1e4: s + fill is not fill), another kept value, the branches swapped,
+    or a mask that broadcasts the scores up stay as written."""
+    b = Builder({}, {})
+    s = b.input("s", [B, H, T, T], "f32")
+    s1 = b.input("s1", [1, H, T, T], "f32")
+    keep = b.input("keep", [B, 1, T, T], "bool")
+    m = b.causal_mask(T, T)
+    outs = {"finite": s + b.where(m, 0.0, -1e4), "one": s + b.where(m, 1.0, -float("inf")),
+            "swapped": s + b.where(m, -float("inf"), 0.0),
+            "wider": s1 + b.where(keep, 0.0, -float("inf"))}
+    g = run_pipeline(Graph("g", b.nodes, {k: v.node for k, v in outs.items()}))
+    assert all(g.outputs[k].op is Op.ADD for k in outs)
+
+
+def _half_rope(b, x, c, s, form, Dh, other=False):
+    """RoPE with half-width tables c, s ([T, Dh/2]) as reference code writes it (other: the
+    second spelling of a form)."""
+    if form == "interleaved":                          # pairs (x[2i], x[2i+1])
+        x1, x2 = b.slice(x, 3, 0, Dh, 2), b.slice(x, 3, 1, Dh, 2)
+    else:
+        x1, x2 = b.slice(x, 3, 0, Dh // 2), b.slice(x, 3, Dh // 2, Dh)
+    if form == "operands-swapped":                     # c * x1, terms of the sum swapped
+        lo, hi = c * x1 - s * x2, s * x1 + c * x2
+    elif form == "negated":                            # -(x2 * s) + x1 * c, (-x2) * s
+        lo = x1 * c + (-x2) * s if other else -(x2 * s) + x1 * c
+        hi = x2 * c + x1 * s
+    else:
+        lo, hi = x1 * c - x2 * s, x2 * c + x1 * s
+    if form == "interleaved":                          # stack([lo, hi], -1), flattened
+        col = [B, H, T, Dh // 2, 1]
+        return b.reshape(b.concat([b.reshape(lo, col), b.reshape(hi, col)], -1), [B, H, T, Dh])
+    return b.concat([lo, hi], -1)
+
+
+def _half_rope_attention(form, disable=()):
+    """softmax(causal(rope(q) @ rope(k)^T * scale)) @ v, RoPE with half-width tables."""
+    b = Builder({}, {})
+    Dh = 2 * D
+    q, k, v = (b.input(n, [B, H, T, Dh], "f32") for n in "qkv")
+    inv = b.const(torch.tensor([1.0 / 10000 ** (2 * i / Dh) for i in range(Dh // 2)]))
+    ang = b.reshape(b.cast(b.iota(T), "f32"), [T, 1]) * b.reshape(inv, [1, Dh // 2])
+    c, s = b.cos(ang), b.sin(ang)
+    if form == "tables-4d":                            # cos[None, None]
+        c, s = b.reshape(c, [1, 1, T, Dh // 2]), b.reshape(s, [1, 1, T, Dh // 2])
+    sc = _half_rope(b, q, c, s, form, Dh) @ b.transpose(
+        _half_rope(b, k, c, s, form, Dh, other=True), -2, -1)
+    o = b.softmax(b.where(b.causal_mask(T, T), sc * Dh ** -0.5, -float("inf")), -1) @ v
+    return run_pipeline(Graph("half_rope", b.nodes, {"o": o.node}), disable=disable)
+
+
+@pytest.mark.parametrize("form", ["plain", "operands-swapped", "negated", "tables-4d",
+                                  "interleaved"])
+def test_rope_with_half_width_tables_becomes_the_full_width_form(form):
+    """concat([x1*c - x2*s, x2*c + x1*s], -1) (GPT-NeoX's half tables; interleaved: the pairs
+    stacked) is x * C + rot(x) * S with C = cos(concat([a, a])) the full-width table: the
+    same values bitwise (a - b*s = a + (-b)*s), gradients equal, and fuse_rope_attention
+    then takes RoPE into the kernel (before: 'their RoPE not matched: not x*cos +
+    rot(x)*sin')."""
+    from lmc.passes.autodiff import differentiate
+
+    g = _half_rope_attention(form)
+    raw = _half_rope_attention(form, disable=["canonicalize"])
+    (cos,) = [n for n in g.nodes if n.op is Op.COS]
+    assert cos.type.shape[-1] == 2 * D          # one full-width table, read by x * C
+    assert [n.op for n in raw.nodes if n.op is Op.COS and n.type.shape[-1] == D] == [Op.COS]
+    assert not any(n.op is Op.SUB for n in g.nodes)
+    gen = torch.Generator().manual_seed(5)
+    for t in (1, 7, 23):
+        vals = {n: torch.randn(2, H, t, 2 * D, generator=gen) for n in "qkv"}
+        ctx = RefCtx(dims=bind_dims(g, vals))
+        assert torch.equal(run_graph(g, vals, ctx)["o"], run_graph(raw, vals, ctx)["o"])
+        gy = torch.randn(2, H, t, 2 * D, generator=gen)
+        grads = []
+        for graph in (g, raw):
+            prog = differentiate(graph, ["q", "k", "v"])
+            fw = run_graph(prog.forward, vals, ctx)
+            bound = {s: fw[s] for s in prog.saved}
+            bound["grad:o"] = gy
+            grads.append(run_graph(run_pipeline(prog.backward), bound, ctx))
+        for n in ("grad:q", "grad:k", "grad:v"):
+            torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-6, atol=1e-6)
+    (r,) = [r for r in fuse_rope_attention(g).meta["fusions"]
+            if r["pass"] == "fuse_rope_attention"]
+    assert r["status"] == "fused" and r["reason"].startswith(
+        "interleaved rope + causal" if form == "interleaved" else "rope + causal"), r
+    (r,) = [r for r in fuse_rope_attention(raw).meta["fusions"]
+            if r["pass"] == "fuse_rope_attention"]
+    assert r["reason"].startswith("no rope"), r
+
+
+def test_near_misses_of_half_table_rope_are_left_alone():
+    """Not RoPE, or not provably the same values as the full-width form: another table in
+    the second half, halves of different tensors, the sign on the wrong term, the halves'
+    roles swapped, a third part in the concat: left as written."""
+    b = Builder({}, {})
+    x, y = (b.input(n, [B, H, T, D], "f32") for n in "xy")
+    c, c2, s = (b.input(n, [T, D // 2], "f32") for n in ("c", "c2", "s"))
+    x1, x2 = b.slice(x, 3, 0, D // 2), b.slice(x, 3, D // 2, D)
+    y2 = b.slice(y, 3, D // 2, D)
+    outs = {
+        "other-cos": b.concat([x1 * c - x2 * s, x2 * c2 + x1 * s], -1),
+        "other-tensor": b.concat([x1 * c - y2 * s, y2 * c + x1 * s], -1),
+        "sign": b.concat([x1 * c + x2 * s, x2 * c - x1 * s], -1),
+        "three-parts": b.concat([x1 * c - x2 * s, x2 * c + x1 * s, x1], -1),
+        "swapped-halves": b.concat([x2 * c - x1 * s, x1 * c + x2 * s], -1),
+    }
+    g = run_pipeline(Graph("g", b.nodes, {k: v.node for k, v in outs.items()}))
+    rewritten = [k for k in outs if not (g.outputs[k].op is Op.CONCAT and any(
+        i.op is Op.SUB for i in g.outputs[k].inputs))]
+    assert rewritten == []
+
+
+_HALF_YAML = """
+name: half_rope
+config: {vocab: 64, d: 64, layers: 2, heads: 2, head_dim: d / heads, max_seq: 32}
+blocks:
+  rope_tables:                      # half width: cos, sin [T, head_dim / 2]
+    args: []
+    body:
+      - inv_freq = 1.0 / 10000 ** (cast(iota(head_dim / 2), 'f32') * 2 / head_dim)
+      - freqs = reshape(cast(iota(T), 'f32'), [T, 1]) * reshape(inv_freq, [1, head_dim / 2])
+      - return cos(freqs), sin(freqs)
+  rope:
+    args: [x, cos, sin]
+    body:
+      ROPE
+  attention:
+    args: [x, cos, sin]
+    params: {wq: [d, d], wk: [d, d], wv: [d, d], wo: [d, d]}
+    body:
+      - q = permute(reshape(x @ wq, [B, T, heads, head_dim]), [0, 2, 1, 3])
+      - k = permute(reshape(x @ wk, [B, T, heads, head_dim]), [0, 2, 1, 3])
+      - v = permute(reshape(x @ wv, [B, T, heads, head_dim]), [0, 2, 1, 3])
+      - q = rope(q, cos, sin)
+      - k = rope(k, cos, sin)
+      - scores = (q @ transpose(k, -2, -1)) * head_dim ** -0.5
+      - probs = softmax(where(causal_mask(T), scores, -inf), -1)
+      - return reshape(permute(probs @ v, [0, 2, 1, 3]), [B, T, d]) @ wo
+model:
+  inputs: {ids: [B, T]}
+  params: {embed: [vocab, d], head: [d, vocab]}
+  body:
+    - x = embedding(embed, ids)
+    - cos, sin = rope_tables()
+    - for: i
+      in: layers
+      body:
+        - x = x + attention(x, cos, sin, name='attn')
+    - logits = x @ head
+  outputs: [logits]
+"""
+_HALF_ROPES = {
+    "rotate-half": "- x1, x2 = split(x, 2, -1)\n"
+                   "      - return concat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)",
+    "interleaved": "- x1 = slice(x, -1, 0, head_dim, 2)\n"
+                   "      - x2 = slice(x, -1, 1, head_dim, 2)\n"
+                   "      - lo = reshape(x1 * cos - x2 * sin, [B, heads, T, head_dim / 2, 1])\n"
+                   "      - hi = reshape(x1 * sin + x2 * cos, [B, heads, T, head_dim / 2, 1])\n"
+                   "      - return reshape(concat([lo, hi], -1), [B, heads, T, head_dim])",
+}
+
+
+@pytest.mark.parametrize("form", list(_HALF_ROPES))
+def test_a_model_with_half_width_rope_tables_fuses_in_training_and_decode(form, tmp_path,
+                                                                          monkeypatch):
+    """A llama-like model whose RoPE reads half-width tables (before: 'no rope: ... their
+    RoPE not matched: not x*cos + rot(x)*sin', RoPE run outside the kernel): the passes equal
+    the model as written bitwise, one rope_attention per layer with RoPE inside, triton
+    forward and gradients equal to the primitives, and one decode_attention per layer in the
+    dynamic and the static step, decode = forward."""
+    from conftest import decode_worst
+
+    import lmc
+    from lmc.driver import compile_model
+    from lmc.runtime.decoder import Decoder
+    from lmc.runtime.module import LmcModel
+
+    monkeypatch.setenv("LMC_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / f"{form}.yaml"
+    path.write_text(_HALF_YAML.replace("ROPE", _HALF_ROPES[form]))
+    m = lmc.load(str(path), seed=1)
+    tri = lmc.load(str(path), backend="triton", seed=1)
+    tri.load_state_dict(m.state_dict())
+    recs = [r for r in tri.pattern_graph().meta["fusions"] if r["pass"] == "fuse_rope_attention"]
+    want_why = ("interleaved rope" if form == "interleaved" else "rope") + \
+        " + causal attention, scale 0.1768"
+    assert [(r["status"], r["reason"]) for r in recs] == [("fused", want_why)] * 2, recs
+    kinds = [n.attrs["kind"] for n in tri.pattern_graph().nodes if n.op is Op.FUSED]
+    assert kinds == ["rope_attention"] * 2
+    raw = LmcModel(compile_model(str(path), disable=["canonicalize"]).graph, seed=1)
+    raw.load_state_dict(m.state_dict())
+    gen = torch.Generator().manual_seed(6)
+    for t in (1, 5, 11, 23):      # bitwise, whatever the lengths
+        ids = torch.randint(0, 64, (2, t), generator=gen)
+        assert torch.equal(raw(ids), m(ids)), t
+    ids = torch.randint(0, 64, (2, 11), generator=gen)
+    want = m(ids)
+    got = tri(ids)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    gy = torch.randn(want.shape, generator=gen)
+    (want * gy).sum().backward()
+    (got * gy).sum().backward()
+    for (name, p), q in zip(m.named_parameters(), tri.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
+    with torch.no_grad():
+        full = m(ids)
+    for static in (False, True):
+        dec = Decoder(tri.eval(), "triton", static=static, **({"max_len": 16} if static else {}))
+        kinds = [n.attrs["kind"] for n in dec.graph.nodes if n.op is Op.FUSED]
+        assert kinds.count("decode_attention") == 2, kinds
+        assert decode_worst(dec, ids, full, 4) < 1e-4

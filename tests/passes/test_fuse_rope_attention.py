@@ -577,3 +577,181 @@ def test_q_and_k_slices_of_one_input_accumulate_into_its_gradient(monkeypatch):
     f, _ = _fused_records(g)
     _check_triton_equals_oracle(g, f, {"qk": (2, 2, TQ, 2 * D), "v": (2, 2, TQ, D)})
     assert calls
+
+
+# -- a constant scale on q or k before the product (`(q * d ** -0.5) @ k^T`, rope(q * c),
+# q / c, both by d ** -0.25) is a scale of the scores: it joins the kernel's
+@pytest.mark.parametrize("form,H,HKV,rot", [
+    ("after", 2, 2, 32), ("before", 2, 2, 32), ("div", 2, 2, 32), ("k", 2, 2, 32),
+    ("both", 2, 2, 32), ("k-transposed", 2, 2, 32), ("after", 2, 2, 16), ("before", 2, 2, 16),
+    ("k", 4, 1, 32), ("before", 4, 2, 32), ("none-after", 2, 2, 0)])
+def test_a_constant_scale_on_q_or_k_joins_the_kernels_scale(form, H, HKV, rot):
+    """Written so, RoPE'd attention declined ('k rotated in columns where q is not', with
+    partial rotary 'q and k are not split alike'), which was untrue."""
+    D = 32
+    c = D ** -0.5
+    b = Builder({}, {})
+    q = b.input("q", [B, H, T, D], "f32")
+    k, v = (b.input(n, [B, HKV, T, D], "f32") for n in "kv")
+    cos, sin = _tables_for(b, rot) if rot else (None, None)
+
+    def rope(x):
+        if not rot:
+            return x
+        if rot == D:
+            return _rope_any(b, x, cos, sin, False)
+        xr, xp = b.split(x, [rot, D - rot], -1)
+        return b.concat([_rope_any(b, xr, cos, sin, False), xp], -1)
+    qs, ks = {"after": (rope(q) * c, rope(k)), "none-after": (rope(q) * c, rope(k)),
+              "before": (rope(q * c), rope(k)), "div": (rope(q) / D ** 0.5, rope(k)),
+              "k": (rope(q), rope(k) * c), "both": (rope(q) * c ** 0.5, rope(k) * c ** 0.5),
+              "k-transposed": (rope(q), rope(k))}[form]
+    kt = b.transpose(_gqa(b, ks, H), -2, -1)
+    if form == "k-transposed":
+        kt = kt * c
+    s = b.where(b.causal_mask(T, T), qs @ kt, -float("inf"))
+    o = b.softmax(s, -1) @ _gqa(b, v, H)
+    g = run_pipeline(Graph("a", b.nodes, {"o": o.node}))
+    f, (r,) = _fused_records(g)
+    (op,) = [n for n in f.nodes if n.op is Op.FUSED]
+    assert math.isclose(op.attrs["body"].meta["options"]["scale"], c, rel_tol=1e-6)
+    assert r["reason"].startswith("rope" if rot else "no rope") and "scale 0.1768" in r["reason"]
+    if form == "before":            # the op reads q itself, not q * c
+        assert op.inputs[0].op is Op.INPUT
+    _check_triton_equals_oracle(g, f, {"q": (1, H, 21, D), "k": (1, HKV, 21, D),
+                                       "v": (1, HKV, 21, D)})
+
+
+def test_a_tensor_scale_on_q_is_named_in_the_record():
+    """q multiplied by a per-head tensor after its RoPE is no kernel scale: declined, and the
+    record says so (whole-head and partial rotary)."""
+    for rot in (16, 8):
+        b = Builder({}, {})
+        q, k, v = (b.input(n, [B, 2, T, 16], "f32") for n in "qkv")
+        w = b.input("w", [1, 2, 1, 1], "f32")
+        cos, sin = _tables_for(b, rot)
+
+        def rope(x):
+            if rot == 16:
+                return _rope_any(b, x, cos, sin, False)
+            xr, xp = b.split(x, [rot, 16 - rot], -1)
+            return b.concat([_rope_any(b, xr, cos, sin, False), xp], -1)
+        s = (rope(q) * w) @ b.transpose(rope(k), -2, -1)
+        o = b.softmax(b.where(b.causal_mask(T, T), s, -float("inf")), -1) @ v
+        (r,) = _records(fuse_rope_attention(run_pipeline(Graph("a", b.nodes,
+                                                               {"o": o.node}))))
+        assert r["status"] == "declined" and \
+            "q is multiplied by a [1, 2, 1, 1] tensor before the product" in r["reason"]
+        if rot == 8:
+            assert "q in parts [16], k in [8, 8]" in r["reason"]
+
+
+# -- the same from a model file: attention as other code bases write it fuses in training
+# (triton forward and gradients = the primitives) and in the decode step (decode = forward)
+_FORMS_YAML = """
+name: forms
+config: {vocab: 64, d: 64, layers: 2, heads: 2, head_dim: d / heads, rot: ROT, max_seq: 32}
+blocks:
+  rope_tables:
+    args: []
+    body:
+      - inv_freq = 1.0 / 10000 ** (cast(iota(rot / 2), 'f32') * 2 / rot)
+      - freqs = reshape(cast(iota(T), 'f32'), [T, 1]) * reshape(inv_freq, [1, rot / 2])
+      - emb = concat([freqs, freqs], -1)
+      - return cos(emb), sin(emb)
+  rope:
+    args: [x, cos, sin]
+    body:
+      ROPE
+  attention:
+    args: [x, cos, sin]
+    params: {wq: [d, d], wk: [d, d], wv: [d, d], wo: [d, d]}
+    body:
+      - q = permute(reshape(x @ wq, [B, T, heads, head_dim]), [0, 2, 1, 3])
+      - k = permute(reshape(x @ wk, [B, T, heads, head_dim]), [0, 2, 1, 3])
+      - v = permute(reshape(x @ wv, [B, T, heads, head_dim]), [0, 2, 1, 3])
+      - q = rope(q, cos, sin)
+      - k = rope(k, cos, sin)
+      - SCORES
+      - PROBS
+      - return reshape(permute(probs @ v, [0, 2, 1, 3]), [B, T, d]) @ wo
+model:
+  inputs: {ids: [B, T]}
+  params: {embed: [vocab, d], head: [d, vocab]}
+  body:
+    - x = embedding(embed, ids)
+    - cos, sin = rope_tables()
+    - for: i
+      in: layers
+      body:
+        - x = x + attention(x, cos, sin, name='attn')
+    - logits = x @ head
+  outputs: [logits]
+"""
+_WHOLE = "- x1, x2 = split(x, 2, -1)\n      - return x * cos + concat([-x2, x1], -1) * sin"
+_PARTIAL = ("- xr, xp = split(x, [rot, head_dim - rot], -1)\n      - x1, x2 = split(xr, 2, -1)\n"
+            "      - return concat([xr * cos + concat([-x2, x1], -1) * sin, xp], -1)")
+_SCALED = "scores = (q @ transpose(k, -2, -1)) * head_dim ** -0.5"
+_MASKED = "probs = softmax(where(causal_mask(T), scores, -inf), -1)"
+_FORMS = {
+    "additive-mask": (_WHOLE, 32, _SCALED,
+                      "probs = softmax(scores + where(causal_mask(T), 0.0, -inf), -1)"),
+    "additive-mask-4d": (_WHOLE, 32, _SCALED, "probs = softmax(reshape(where(causal_mask(T), "
+                                              "0.0, -inf), [1, 1, T, T]) + scores, -1)"),
+    "prescaled-q": (_WHOLE, 32, "scores = (q * head_dim ** -0.5) @ transpose(k, -2, -1)",
+                    _MASKED),
+    "prescaled-q-partial-rotary": (_PARTIAL, 16, "scores = (q * head_dim ** -0.5) @ "
+                                                 "transpose(k, -2, -1)", _MASKED),
+}
+
+
+@pytest.mark.parametrize("form", list(_FORMS))
+def test_attention_as_other_code_bases_write_it_fuses_in_training_and_decode(form, tmp_path):
+    """An additive causal mask (s + where(causal_mask(T), 0.0, -inf), Hugging Face's; before:
+    'scores plus a term that is not ALiBi's ...', and the decode step unfused) and q scaled
+    before the product (before: 'k rotated in columns where q is not' / 'q and k are not
+    split alike'): one rope_attention per layer, forward and gradients equal to the
+    primitives (1e-5 / 1e-4), the passes equal to the model as written, and one
+    decode_attention per layer in the dynamic and the static step, decode = forward."""
+    from conftest import decode_worst
+
+    import lmc
+    from lmc.driver import compile_model
+    from lmc.runtime.decoder import Decoder
+    from lmc.runtime.module import LmcModel
+
+    rope, rot, scores, probs = _FORMS[form]
+    path = tmp_path / f"{form}.yaml"
+    path.write_text(_FORMS_YAML.replace("ROPE", rope).replace("ROT", str(rot))
+                    .replace("SCORES", scores).replace("PROBS", probs))
+    m = lmc.load(str(path), seed=1)
+    tri = lmc.load(str(path), backend="triton", seed=1)
+    tri.load_state_dict(m.state_dict())
+    recs = _records(tri.pattern_graph())
+    assert [r["status"] for r in recs] == ["fused"] * 2, recs
+    assert not any(n.op is Op.SOFTMAX for n in tri.pattern_graph().nodes)
+    assert all(r["reason"].startswith("rope" + (" on 16 of 32 dims" if rot == 16 else "")) and
+               r["reason"].endswith("causal attention, scale 0.1768") for r in recs), recs
+    # the passes (canonicalize's rewrite) equal the model as written
+    raw = LmcModel(compile_model(str(path), disable=["canonicalize"]).graph, seed=1)
+    raw.load_state_dict(m.state_dict())
+    gen = torch.Generator().manual_seed(4)
+    ids = torch.randint(0, 64, (2, 11), generator=gen)
+    with torch.no_grad():
+        torch.testing.assert_close(raw(ids), m(ids), rtol=0, atol=0)
+    # triton (the fused kernels) = the primitives, forward and gradients
+    want, got = m(ids), tri(ids)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    gy = torch.randn(want.shape, generator=gen)
+    (want * gy).sum().backward()
+    (got * gy).sum().backward()
+    for (name, p), q in zip(m.named_parameters(), tri.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
+    # the decode step: fused over the cache, and decode = forward
+    with torch.no_grad():
+        full = m(ids)
+    for static in (False, True):
+        dec = Decoder(tri.eval(), "triton", static=static, **({"max_len": 16} if static else {}))
+        kinds = [n.attrs["kind"] for n in dec.graph.nodes if n.op is Op.FUSED]
+        assert kinds.count("decode_attention") == 2, kinds
+        assert decode_worst(dec, ids, full, 4) < 1e-4
