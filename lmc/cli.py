@@ -166,7 +166,7 @@ def _write_compile_out(out: str, files: dict, overwrite: bool) -> None:
 # `lmc run --train`'s defaults; with --resume a setting not given is the run's
 RUN_DEFAULTS = {"steps": 200, "batch_size": 8, "seq_len": 128, "grad_accum": 1, "lr": 3e-3,
                 "warmup": 20, "eval_every": 50, "ckpt_every": 100, "log_every": 10, "seed": 0,
-                "backend": "torch"}
+                "backend": "torch", "val_fraction": 0.05}
 
 
 def cmd_run(args) -> int:
@@ -220,7 +220,7 @@ def cmd_run(args) -> int:
                     else was["min_lr"],
                     warmup=warmup, eval_every=pick("eval_every"),
                     ckpt_every=pick("ckpt_every"), log_every=pick("log_every"),
-                    seed=pick("seed"),
+                    seed=pick("seed"), val_fraction=pick("val_fraction"),
                     out=args.out or (resume_run_dir(args.resume) if args.resume else None)
                     or "runs/train",
                     # absolute: a resume from another directory reads the same data
@@ -263,8 +263,8 @@ def cmd_run(args) -> int:
 
 
 TRAIN_ONLY = ("--steps", "--batch-size", "--seq-len", "--grad-accum", "--lr", "--warmup",
-              "--eval-every", "--ckpt-every", "--log-every", "--data", "--out", "--overwrite",
-              "--fsdp", "--freeze", "--no-progress")
+              "--eval-every", "--val-fraction", "--ckpt-every", "--log-every", "--data", "--out",
+              "--overwrite", "--fsdp", "--freeze", "--no-progress")
 GENERATE_ONLY = ("--prompt", "--static", "--no-static", "--max-new-tokens", "--temperature",
                  "--top-k", "--top-p")
 
@@ -431,17 +431,19 @@ def _generate(args) -> int:
     if static:
         dec._tell()    # why there is no CUDA graph, now: not on stderr inside the streamed text
     out = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    if hasattr(sys.stdout, "reconfigure"):    # a terminal or pipe not in UTF-8: ? for the rest
-        sys.stdout.reconfigure(errors="replace")
+    exclude = unsampled_ids(enc)
     t0 = time.perf_counter()
     tokens = dec.generate(torch.tensor(prompt, device=device), args.max_new_tokens,
                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                          seed=args.seed, vocab=min(enc.n_vocab, vocab),
-                          exclude=unsampled_ids(enc))
-    sys.stdout.write(args.prompt)
-    sys.stdout.flush()
+                          seed=args.seed, vocab=min(enc.n_vocab, vocab), exclude=exclude)
+    # a terminal or pipe not in UTF-8: ? for what it cannot show (as it was after)
+    errors = getattr(sys.stdout, "errors", None)
+    if errors and hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="replace")
     n, ended = 0, False
     try:
+        sys.stdout.write(args.prompt)
+        sys.stdout.flush()
         for tok in tokens:
             if tok == enc.eot_token:
                 ended = True
@@ -449,11 +451,14 @@ def _generate(args) -> int:
             n += 1
             sys.stdout.write(out.decode(enc.decode_single_token_bytes(tok)))
             sys.stdout.flush()
+        sys.stdout.write(out.decode(b"", final=True) + "\n")
     except KeyboardInterrupt:
         sys.stdout.write("\n")     # "lmc: interrupted" on a line of its own
         sys.stdout.flush()
         raise
-    sys.stdout.write(out.decode(b"", final=True) + "\n")
+    finally:
+        if errors and hasattr(sys.stdout, "reconfigure"):
+            sys.stdout.reconfigure(errors=errors)
     dt = time.perf_counter() - t0
     mode = ("static step, CUDA graph" if dec.cuda_graph else
             f"static step without a CUDA graph: {dec.cuda_graph_off}") if static else \
@@ -723,6 +728,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--lr", type=float, help="peak learning rate, cosine to lr/10 (default 3e-3)")
     r.add_argument("--warmup", type=int, help="warm-up steps (default 20, at most steps/10)")
     r.add_argument("--eval-every", type=int, help="default 50")
+    r.add_argument("--val-fraction", type=float, metavar="F",
+                   help="the corpus's last F held out for validation (default 0.05)")
     r.add_argument("--ckpt-every", type=int, help="default 100")
     r.add_argument("--log-every", type=int, help="metrics.jsonl record interval (default 10)")
     r.add_argument("--seed", type=_seed, help="default 0")

@@ -289,12 +289,12 @@ def _const_scale(x: Node) -> Tuple[Node, float]:
     return x, f
 
 
-def _side(x: Node, static, users) -> Tuple[List[dict], float]:
-    """q' or k' as its parts along the head dim, and a constant scale taken off it (before
-    or after a broadcast over the query heads)."""
-    x, f = _const_scale(x)
+def _side(x: Node, static, users, strip: bool = True) -> Tuple[List[dict], float]:
+    """q' or k' as its parts along the head dim, and (strip) a constant scale taken off it
+    (before or after a broadcast over the query heads)."""
+    x, f = _const_scale(x) if strip else (x, 1.0)
     x, g = _heads(x)
-    x, f2 = _const_scale(x)
+    x, f2 = _const_scale(x) if strip else (x, 1.0)
     ps = list(x.inputs) if x.op is Op.CONCAT and x.attrs["axis"] == _last(x) else [x]
     parts = [_part(p, static, users) for p in ps]
     for p in parts:
@@ -372,19 +372,41 @@ def match(sm: Node, users: Dict[Node, List[Node]], static, order: Dict[Node, int
     # bf16 product) are cast down for the products; the kernels take them cast, as the
     # fused op's inputs (new nodes, which fuse into their producers' kernels)
     qr, kt = _narrowed(qr), _narrowed(kt)
-    kt, f = _const_scale(kt)          # q @ (k^T * c): c a scale of the scores
-    scale *= f
     need(qr.type.rank == 4, "scores are not [B, H, T, S]")
+    try:
+        m = _sides(sm, pv, qr, kt, users, static, order, causal, window, scale, slopes,
+                   sink, strip=True)
+    except NoMatch as e:
+        # a scaled q (or k) read outside this attention too (two attentions sharing it, an
+        # output) cannot be taken inside: the scaled tensor is then the op's input
+        try:
+            m = _sides(sm, pv, qr, kt, users, static, order, causal, window, scale, slopes,
+                       sink, strip=False)
+        except NoMatch:
+            raise e from None
+    if cap is not None:
+        m["opts"]["softcap"] = cap
+    if keys_only:
+        m["opts"]["alibi_keys_only"] = True
+    return m
+
+
+def _sides(sm, pv, qr, kt, users, static, order, causal, window, scale, slopes, sink,
+           strip: bool) -> dict:
+    """The region from q' and k^T on. strip: a constant scalar on q or k before the
+    product, (q * c) @ k^T, rope(q) * c, q / c, q @ (k^T * c) (and rope(q * c), RoPE being
+    linear), joins the kernel's scale; the product stays in the body (the region), so the
+    oracle is unchanged."""
+    if strip:
+        kt, f = _const_scale(kt)
+        scale *= f
     need(kt.op is Op.PERMUTE and tuple(kt.attrs["perm"]) == (0, 1, 3, 2),
           "keys are not transposed from [B, H, S, D]")
     kr = kt.inputs[0]
     need(isinstance(qr.type.shape[1], int), "head count is not static")
-
-    # (q * c) @ k^T, rope(q) * c, q / c (and likewise k): c joins the kernel's scale; the
-    # product stays in the body (the region), so the oracle is unchanged
-    qparts, f = _side(qr, static, users)
+    qparts, f = _side(qr, static, users, strip)
     scale *= f
-    kparts, f = _side(kr, static, users)
+    kparts, f = _side(kr, static, users, strip)
     scale *= f
     why = "; ".join(w for w in (_tensor_scale(qr, "q", static), _tensor_scale(kr, "k", static))
                     if w)
@@ -398,20 +420,13 @@ def match(sm: Node, users: Dict[Node, List[Node]], static, order: Dict[Node, int
             # several attentions, as YOCO's cross-decoder's): take it as given
             return _assemble(sm, pv, qr, kr, qparts, kparts, users, static, order, causal,
                              window, scale, slopes, sink, why, given=True)
-    peeled = _unscaled_sources(qparts, kparts)
-    m = None
+    peeled = _unscaled_sources(qparts, kparts) if strip else None
     if peeled is not None:     # rope(q * c): the kernel reads q and takes c into its scale
         try:
-            m = assemble(peeled[0], scale * peeled[1])
+            return assemble(peeled[0], scale * peeled[1])
         except NoMatch:        # (say, q * c read outside too): c stays in the op's input
-            m = None
-    if m is None:
-        m = assemble(qparts, scale)
-    if cap is not None:
-        m["opts"]["softcap"] = cap
-    if keys_only:
-        m["opts"]["alibi_keys_only"] = True
-    return m
+            pass
+    return assemble(qparts, scale)
 
 
 class _Shared(NoMatch):

@@ -186,7 +186,8 @@ class Corpus:
     note: Optional[str] = None     # what the tokenization replaced (undecodable bytes)
 
     @staticmethod
-    def load(data: Optional[str], tokenizer_name: str, enc=None) -> "Corpus":
+    def load(data: Optional[str], tokenizer_name: str, enc=None,
+             val_fraction: float = VAL_FRACTION) -> "Corpus":
         if data is not None and not os.path.exists(data):
             raise LmcError("no such file or directory", Loc(data, 1, 1))
         if data is not None and data.lower().endswith(".bin"):
@@ -195,7 +196,7 @@ class Corpus:
                 raise LmcError(f"a .bin corpus holds uint32 tokens; {size} bytes is not a "
                                f"positive multiple of 4", Loc(data, 1, 1))
             ids = np.memmap(data, dtype=np.uint32, mode="r")
-            return Corpus.split(ids, data, tokenizer_name)
+            return Corpus.split(ids, data, tokenizer_name, val_fraction)
         files = stdlib_files() if data is None else text_files(data)
         if not files:
             raise LmcError("no text files found (text suffixes: "
@@ -220,10 +221,13 @@ class Corpus:
                 with open(f, "rb") as fh:
                     raw = fh.read()
                 try:
-                    texts.append(raw.decode("utf-8"))
+                    text = raw.decode("utf-8")
                 except UnicodeDecodeError:
-                    texts.append(raw.decode("utf-8", errors="replace"))
+                    text = raw.decode("utf-8", errors="replace")
                     bad.append(f)
+                # universal newlines, as a text-mode read gives (and gave: the cache key is
+                # the bytes, so the tokens must not change)
+                texts.append(text.replace("\r\n", "\n").replace("\r", "\n"))
             chunks = enc.encode_ordinary_batch(texts, num_threads=max(os.cpu_count() or 1, 1))
             eot = enc.eot_token
             ids = np.fromiter((t for c in chunks for t in (*c, eot)), dtype=np.uint32)
@@ -235,7 +239,7 @@ class Corpus:
                     "not_utf8": [len(bad), bad[0] if bad else None]}
             atomic_write(os.path.join(where, "meta.json"), json.dumps(meta))
         ids = np.memmap(bin_path, dtype=np.uint32, mode="r")
-        corpus = Corpus.split(ids, data or "python stdlib", tokenizer_name)
+        corpus = Corpus.split(ids, data or "python stdlib", tokenizer_name, val_fraction)
         try:
             with open(os.path.join(where, "meta.json"), encoding="utf-8") as f:
                 n_bad, first = json.load(f).get("not_utf8") or (0, None)
@@ -247,8 +251,10 @@ class Corpus:
         return corpus
 
     @staticmethod
-    def split(ids: np.ndarray, source: str, tokenizer: str) -> "Corpus":
-        n_val = max(int(len(ids) * VAL_FRACTION), 2)
+    def split(ids: np.ndarray, source: str, tokenizer: str,
+              val_fraction: float = VAL_FRACTION) -> "Corpus":
+        """The last val_fraction of the tokens (at least 2) held out for validation."""
+        n_val = max(int(len(ids) * val_fraction), 2)
         if len(ids) - n_val < 2:
             raise LmcError(f"corpus {source} has only {len(ids)} token"
                            f"{'' if len(ids) == 1 else 's'}; too few to train on")

@@ -173,6 +173,9 @@ class Decoder:
             for s, shape in shapes:
                 st[s.name] = torch.zeros(shape, dtype=s.dtype.torch(), device=device)
         except (RuntimeError, MemoryError) as e:    # (torch.OutOfMemoryError included)
+            if not isinstance(e, (MemoryError, torch.OutOfMemoryError)) and \
+                    "alloc" not in str(e).lower():
+                raise                  # (an earlier asynchronous CUDA error, say)
             st.clear()
             need = sum(math.prod(shape) * s.dtype.torch().itemsize for s, shape in shapes)
             raise LmcError(f"the decode state for batch {batch}"
@@ -367,13 +370,18 @@ class Decoder:
             if limit is not None and end > limit + 1:  # the last token is never fed back
                 raise LmcError(f"generate: the prompt ({prompt.numel()} tokens) + "
                                f"{max_new_tokens} new ones exceed {what} {limit}")
+        width = self.step.graph.outputs[self.step.logits].type.shape[-1]
+        width = min(vocab, width) if vocab is not None and isinstance(width, int) else \
+            vocab if vocab is not None else width
         exclude = sorted({int(i) for i in exclude
-                          if int(i) >= 0 and (vocab is None or int(i) < vocab)})
-        if vocab is not None and len(exclude) >= vocab:
+                          if int(i) >= 0 and (not isinstance(width, int) or int(i) < width)})
+        if isinstance(width, int) and len(exclude) >= width:
             raise LmcError("generate: exclude leaves no token to sample")
-        state = self.init_state(1, prompt.device)    # at the call too: one that cannot be
+        # the state is made at the call (held until the generator goes): one that cannot be
+        # allocated is an error before any token
+        state = self.init_state(1, prompt.device)
         return self._generate(prompt, max_new_tokens, temperature, top_k, top_p, seed, vocab,
-                              exclude, state)     # allocated is an error before any token
+                              exclude, state)
 
     def _generate(self, prompt, max_new_tokens, temperature, top_k, top_p, seed, vocab=None,
                   exclude=(), state=None):

@@ -93,10 +93,12 @@ def check_lengths(g: Graph, dims: Mapping[str, int]) -> None:
     written concat([pad, x[:, :T - s]], 1) (or a convolution's padded windows, which
     canonicalize rewrites so) has no meaning for T < s, where torch would count the slice
     from the end and return a wrong-sized result. Checked once per distinct dims."""
-    key = (len(g.nodes), tuple(sorted(dims.items())))
+    key = tuple(sorted(dims.items()))
     cached = g.meta.get("_lengths")
-    if cached is None or cached[0] != len(g.nodes):
-        cached = g.meta["_lengths"] = (len(g.nodes), _lengths(g), set())
+    # keyed on the node list itself: a graph built from this one copies its meta
+    if cached is None or cached[0] is not g.nodes or cached[1] != len(g.nodes):
+        cached = g.meta["_lengths"] = (g.nodes, len(g.nodes), _lengths(g), set())
+    cached = cached[1:]
     if not cached[1] or key in cached[2]:
         return
     bad = [(d, n) for d, n in cached[1]
@@ -105,7 +107,7 @@ def check_lengths(g: Graph, dims: Mapping[str, int]) -> None:
         d, n = bad[0]
         at = ", ".join(f"{k}={v}" for k, v in sorted(dims.items()) if k in d.symbols())
         need = [next((t for t in range(dims["T"], 1 << 16) if e.evaluate({"T": t}) >= 0), 0)
-                for e, _ in cached[1] if e.symbols() == {"T"} and "T" in dims]
+                for e, _ in cached[1] if e.symbols() == {"T"}] if d.symbols() == {"T"} else []
         need = f": this model needs T >= {max(need)}" if need and max(need) else ""
         raise LmcError(f"{n.op.value} has a length {d} = {d.evaluate(dims)} at {at}{need} "
                        "(a causal shift x[:, :T - s], or a window xp[:, j:T + j] of a "

@@ -52,6 +52,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     eval_every: int = 50
     eval_batches: int = 4
+    val_fraction: float = 0.05       # the corpus's tail held out for validation
     log_every: int = 10
     ckpt_every: int = 100
     seed: int = 0
@@ -389,6 +390,8 @@ def check_config(c: TrainConfig) -> None:
                         ("--ckpt-every", c.ckpt_every, 1), ("--log-every", c.log_every, 1)):
         if v < lo:
             raise LmcError(f"{flag} must be >= {lo}, got {v}")
+    if not 0 < c.val_fraction < 1:     # (nan fails too)
+        raise LmcError(f"--val-fraction must be in (0, 1), got {c.val_fraction}")
     if not (math.isfinite(c.lr) and c.lr > 0):
         raise LmcError(f"--lr must be a positive number, got {c.lr}")
     if not (math.isfinite(c.min_lr) and 0 <= c.min_lr <= c.lr):
@@ -424,7 +427,7 @@ def check_config(c: TrainConfig) -> None:
 # may grow: extending a run is what resume is for)
 RESUMED_SETTINGS = ("batch_size", "seq_len", "grad_accum", "lr", "min_lr", "warmup",
                     "weight_decay", "grad_clip", "seed", "data", "tokenizer", "precision",
-                    "backend")
+                    "backend", "val_fraction")
 # what --resume takes from the run when not given (the above and the run's schedule)
 RUN_SETTINGS = RESUMED_SETTINGS + ("steps", "eval_every", "ckpt_every", "log_every", "freeze")
 
@@ -582,11 +585,13 @@ def train(path: str, preset: Optional[str], overrides, c: TrainConfig) -> Dict[s
             raise LmcError(f"--seq-len {c.seq_len} is too short for the aux loss {name!r}: "
                            f"it predicts {p['ahead']} tokens ahead (--seq-len >= "
                            f"{p['ahead']})")
-    corpus = Corpus.load(c.data, c.tokenizer, enc)
+    corpus = Corpus.load(c.data, c.tokenizer, enc, c.val_fraction)
     for split, ids in (("train", corpus.train), ("validation", corpus.val)):
         if len(ids) < c.seq_len + 1:     # checked here, before a step (get_batch checks too)
+            hint = " (a larger --val-fraction holds out more)" if split == "validation" \
+                else ""
             raise LmcError(f"the corpus's {split} split ({corpus.source}) holds {len(ids)} "
-                           f"tokens, fewer than --seq-len {c.seq_len} + 1")
+                           f"tokens, fewer than --seq-len {c.seq_len} + 1{hint}")
     if corpus.max_id >= vocab:
         raise LmcError(f"{corpus.source}: the data holds token id {corpus.max_id}, outside "
                        f"the model's vocab {vocab}")

@@ -242,6 +242,26 @@ def test_a_forward_shorter_than_the_pad_is_refused_at_its_line(tmp_path):
         assert run(torch.randint(0, 37, (2, 3))).shape == (2, 3, 37)
 
 
+def test_the_length_check_is_not_carried_to_a_rebuilt_graph():
+    """A pass's rebuilt graph copies meta: the lengths checked for the old node list must
+    not stand for the new one (x[:T - 5] at T=3 ran and returned 4 rows)."""
+    from lmc.frontend.builder import Builder
+    from lmc.ir.graph import Graph
+    from lmc.ops.reference import RefCtx
+    from lmc.runtime.executor import run_graph
+
+    def sliced(s):
+        b = Builder({}, {})
+        x = b.input("x", [Dim.sym("T"), 4], "f32")
+        return Graph("g", b.nodes, {"y": b.slice(x, 0, 0, Dim.sym("T") - s).node})
+    g1, x = sliced(1), torch.randn(3, 4)
+    assert run_graph(g1, {"x": x}, RefCtx(dims={"T": 3}))["y"].shape == (2, 4)
+    g2 = sliced(5)
+    g2 = g1.with_nodes(g2.nodes, g2.outputs)
+    with pytest.raises(LmcError, match="length T-5 = -2 at T=3: this model needs T >= 5"):
+        run_graph(g2, {"x": x}, RefCtx(dims={"T": 3}))
+
+
 SINK_FIRST = """
 name: sink_first
 config: {vocab: 37, d: 16, layers: 1, eps: 1.0e-5}

@@ -622,6 +622,43 @@ def test_a_constant_scale_on_q_or_k_joins_the_kernels_scale(form, H, HKV, rot):
                                        "v": (1, HKV, 21, D)})
 
 
+@pytest.mark.parametrize("case", ["q-shared", "q-output", "k-shared"])
+def test_a_scaled_q_or_k_read_elsewhere_still_fuses_with_it_as_input(case):
+    """A scaled q (or k) read outside the attention too (two attentions sharing it, or an
+    output of the graph) cannot be taken inside the op: the match falls back to the scaled
+    tensor as the op's input (scale 1), as before the scale was folded (it declined:
+    'also used outside')."""
+    D = 16
+    c = D ** -0.5
+    b = Builder({}, {})
+    q, k, v, w = (b.input(n, [B, 2, T, D], "f32") for n in ("q", "k", "v", "w"))
+    outs = {}
+    if case == "k-shared":
+        ks = k * c
+        pairs = [(q, ks), (w, ks)]
+    else:
+        qs = q * c
+        pairs = [(qs, k), (qs, w)] if case == "q-shared" else [(qs, k)]
+        if case == "q-output":
+            outs["qs"] = qs.node
+    for i, (a, kk) in enumerate(pairs):
+        s = b.where(b.causal_mask(T, T), a @ b.transpose(kk, -2, -1), -float("inf"))
+        outs[f"o{i}"] = (b.softmax(s, -1) @ v).node
+    g = run_pipeline(Graph("a", b.nodes, outs))
+    n = len(pairs)
+    f = fuse_rope_attention(g)
+    recs = _records(f)
+    assert [r["status"] for r in recs] == ["fused"] * n, recs
+    for op in (x for x in f.nodes if x.op is Op.FUSED):
+        assert op.attrs["body"].meta["options"]["scale"] == 1.0
+    gen = torch.Generator().manual_seed(3)
+    vals = {x: torch.randn(1, 2, 13, D, generator=gen) for x in ("q", "k", "v", "w")}
+    ctx = RefCtx(dims=bind_dims(g, vals))
+    want, got = run_graph(g, vals, ctx), TritonProgram(f).run(vals, ctx)
+    for o in g.outputs:
+        torch.testing.assert_close(got[o], want[o], rtol=1e-5, atol=1e-5)
+
+
 def test_a_tensor_scale_on_q_is_named_in_the_record():
     """q multiplied by a per-head tensor after its RoPE is no kernel scale: declined, and the
     record says so (whole-head and partial rotary)."""

