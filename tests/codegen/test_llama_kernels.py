@@ -84,6 +84,33 @@ def test_identical_kernels_are_one_function():
                 assert f"\n{k} = {names[0]}\n" in p.source
 
 
+def test_a_kernel_module_holds_the_helpers_it_calls_and_names_its_templates():
+    """Only the device helpers a module's kernels call (through another helper too) are in
+    it (every module held all four); template launches, whose kernels are hand-written, are
+    listed with their file and the YAML lines they came from."""
+    import re
+
+    from lmc.codegen.program import module_source
+    for path, called, absent in ((LLAMA, set(), {"_tanh", "_softplus", "_round_half_even"}),
+                                 (os.path.join(ZOO, "..", "examples", "gemma2.yaml"),
+                                  {"_tanh"}, {"_softplus", "_log1p"})):
+        model = LmcModel(lmc.load(path, preset="tiny").graph, backend="triton", seed=0)
+        for p in (model.program().forward_exec, model.program().backward_exec):
+            src = module_source(p.graph)
+            defined = set(re.findall(r"(?m)^def (_\w+)\(", src))
+            assert defined == called and not defined & absent, defined
+            for name in defined:
+                assert re.search(rf"(?m)^def lmc_[\s\S]*\b{name}\(", src)
+            assert "# launched from hand-written templates" in src
+            assert re.search(r"#   lmc_rope_attention_0(_bwd)?: rope_attention(_bwd)? in "
+                             r"lmc/codegen/attention\.py, from \w+\.yaml lines \d+", src), src
+    # a helper reached only through another (_softplus calls _log1p) comes with it
+    from lmc.codegen.pointwise import HELPERS
+    from lmc.codegen.program import _used_helpers
+    got = _used_helpers([HELPERS], "x = _softplus(y)")
+    assert "def _softplus(" in got and "def _log1p(" in got and "def _tanh(" not in got
+
+
 def test_the_loss_logsumexp_is_in_the_head_matmul_kernel():
     """Training forward: cross-entropy's logsumexp over the vocabulary is computed by the
     head's matmul kernel (fuse_matmul_reductions), which still stores the logits (the
