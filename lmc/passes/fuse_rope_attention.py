@@ -338,21 +338,13 @@ def match(sm: Node, users: Dict[Node, List[Node]], static, order: Dict[Node, int
     cap = softcap(x)            # Gemma 2's cap * tanh(s / cap) on the scaled scores
     if cap is not None:
         cap, x = cap
-    scale = 1.0
+    x, scale = _const_scale(x)  # (q @ k^T) * c, / c: the kernel's scale
     if x.op in (Op.MUL, Op.DIV):
-        a, c = x.inputs
-        if x.op is Op.MUL and const_value(a) is not None:
-            a, c = c, a
-        cv = const_value(c)
-        if cv is not None:
-            scale = cv if x.op is Op.MUL else 1.0 / cv
-            x = a
-        else:
-            need(x.op is not Op.MUL or any(
-                tuple(i.type.shape) != tuple(x.type.shape) for i in x.inputs),
-                f"scores are an elementwise product of two {list(x.type.shape)} tensors, not "
-                f"q @ k^T (a softmax over features, not attention across positions)")
-            raise NoMatch("scores scaled by a tensor")
+        need(x.op is not Op.MUL or any(
+            tuple(i.type.shape) != tuple(x.type.shape) for i in x.inputs),
+            f"scores are an elementwise product of two {list(x.type.shape)} tensors, not "
+            f"q @ k^T (a softmax over features, not attention across positions)")
+        raise NoMatch("scores scaled by a tensor")
     need(x.op is Op.MATMUL, f"{x.op.value} where q @ k^T was expected (softmax over "
                              f"{list(sm.type.shape)} is not over scores of queries and keys)")
     mm = x

@@ -371,8 +371,8 @@ class Decoder:
                 raise LmcError(f"generate: the prompt ({prompt.numel()} tokens) + "
                                f"{max_new_tokens} new ones exceed {what} {limit}")
         width = self.step.graph.outputs[self.step.logits].type.shape[-1]
-        width = min(vocab, width) if vocab is not None and isinstance(width, int) else \
-            vocab if vocab is not None else width
+        if vocab is not None:
+            width = min(vocab, width) if isinstance(width, int) else vocab
         exclude = sorted({int(i) for i in exclude
                           if int(i) >= 0 and (not isinstance(width, int) or int(i) < width)})
         if isinstance(width, int) and len(exclude) >= width:
