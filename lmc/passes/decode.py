@@ -88,7 +88,8 @@ class StateSpec:
     """One state tensor of the step graph: its input name, output name and layout."""
     name: str            # the input; the output carrying its next value is name + "'"
     kind: str            # "cache" (P positions, grows by T; L slots in a static step),
-    #                      "ring" (W slots), "shift" (S slots), "sum", "state", "carry":
+    #                      "ring" (W slots), "shift" (S slots), "sum", "prod", "state",
+    #                      "carry":
     #                      constant size
     shape: tuple         # symbolic, over B and P (L for a static cache)
     dtype: DType
@@ -212,22 +213,17 @@ class _Labels:
             return self._broadcast(n, list(range(len(ins))))
         if op is Op.MATMUL:
             return self._matmul(n)
-        if op is Op.CUMPROD:    # along a feature axis it is position-wise
-            if L[0] and L[0][n.attrs["axis"]]:
-                raise _err(n, "runs along the sequence axis; a cumprod there has no "
-                              "single-step form yet")
-            return L[0]
-        if op in TIME_REDUCE or op is Op.CUMSUM:
+        if op in TIME_REDUCE or op in (Op.CUMSUM, Op.CUMPROD):
             ax = n.attrs["axis"]
             src = L[0]
-            if src and src[ax] in (Q, F) and op is not Op.CUMSUM:
+            if src and src[ax] in (Q, F) and op not in (Op.CUMSUM, Op.CUMPROD):
                 raise _err(n, "reduces over the sequence axis, so an early position would see "
                            "later ones; only causal mixing can be decoded")
-            if src and src[ax] in (K, F) and op is Op.CUMSUM:
+            if src and src[ax] in (K, F) and op in (Op.CUMSUM, Op.CUMPROD):
                 raise _err(n, "accumulates along a key or flattened axis")
             if src and src[ax] == K and not self.masked[ins[0]]:
                 raise _err(n, _UNMASKED)
-            if op in (Op.SOFTMAX, Op.CUMSUM) or not src:
+            if op in (Op.SOFTMAX, Op.CUMSUM, Op.CUMPROD) or not src:
                 return src
             if n.attrs.get("keepdim", True):
                 return src[:ax] + (None,) + src[ax + 1:]
@@ -877,6 +873,9 @@ class _Builder:
             if n.op is Op.CUMSUM and lab[n] and lab[n][attrs["axis"]] == Q:
                 self.new[n] = self._running_sum(n, ins[0], attrs["axis"])
                 continue
+            if n.op is Op.CUMPROD and lab[n] and lab[n][attrs["axis"]] == Q:
+                self.new[n] = self._running_prod(n, ins[0], attrs["axis"])
+                continue
             self.new[n] = self.add(n.op, ins, attrs, n)
             if K in lab[n]:
                 self.layout[n] = keys
@@ -1027,6 +1026,25 @@ class _Builder:
         out = self.add(Op.ADD, (part, carry), {}, n)
         total = self.add(Op.SUM, (x,), {"axis": ax, "keepdim": True}, n)
         self.state_out[self.states[-1].out] = self.add(Op.ADD, (carry, total), {}, n)
+        return out
+
+    def _running_prod(self, n: Node, x: Node, ax: int) -> Node:
+        """cumprod along time: the product of the positions before, carried as state. States
+        start at zero, so the first call of a sequence (position 0) uses 1 in its place; the
+        next carry is the last of the new tokens' products (a product, unlike a sum, has no
+        reduction op to total the new tokens with)."""
+        shape = list(n.type.shape)
+        shape[ax] = 1
+        carry = self.state(n, "prod", shape, None)
+        first = self.add(Op.SLICE, (self.qpos(),), {"axis": 0, "start": 0, "stop": 1}, n)
+        first = self.add(Op.RESHAPE, (first,), {"shape": ()}, n)       # P, as a tensor
+        fresh = self.add(Op.EQ, (first, self.add(Op.CONST, (), {"value": 0, "dtype": DType.i64},
+                                                 n)), {}, n)
+        one = self.add(Op.CONST, (), {"value": 1.0, "dtype": carry.type.dtype}, n)
+        carry = self.add(Op.WHERE, (fresh, one, carry), {}, n)
+        out = self.add(Op.MUL, (self.add(Op.CUMPROD, (x,), {"axis": ax}, n), carry), {}, n)
+        self.state_out[self.states[-1].out] = self.add(
+            Op.SLICE, (out,), {"axis": ax, "start": norm(T - 1), "stop": T, "step": 1}, n)
         return out
 
 
