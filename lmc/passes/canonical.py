@@ -7,7 +7,8 @@ and a slice of the probabilities back to the real keys:
 
     p = slice(softmax(concat([s, z], -1), -1), -1, 0, S)        z: [.., 1] on the key axis
 
-becomes, with lse = logsumexp(s, -1) (keepdim),
+(or the sink first: slice(softmax(concat([z, s], -1), -1), -1, 1, 1 + S)) becomes, with
+lse = logsumexp(s, -1) (keepdim),
 
     p = softmax(s, -1) * sigmoid(lse - z)
 
@@ -80,9 +81,10 @@ from .patterns import const_value
 
 
 def _sink_slice(n: Node, users: Dict[Node, List[Node]]):
-    """n = slice(softmax(concat([s, z], -1), -1), -1, 0, S) as above: (s, z), else None."""
+    """n = slice(softmax(concat([s, z], -1), -1), -1, 0, S) as above, or its mirror with the
+    sink first, slice(softmax(concat([z, s], -1), -1), -1, 1, 1 + S): (s, z), else None."""
     if n.op is not Op.SLICE or n.attrs["axis"] % n.type.rank != n.type.rank - 1 or \
-            n.attrs["start"] != 0 or n.attrs.get("step", 1) != 1:
+            n.attrs.get("step", 1) != 1:
         return None
     sm = n.inputs[0]
     if sm.op is not Op.SOFTMAX or sm.attrs["axis"] % sm.type.rank != sm.type.rank - 1 or \
@@ -92,8 +94,10 @@ def _sink_slice(n: Node, users: Dict[Node, List[Node]]):
     if c.op is not Op.CONCAT or len(c.inputs) != 2 or \
             c.attrs["axis"] % c.type.rank != c.type.rank - 1 or len(users.get(c, [])) != 1:
         return None
-    s, z = c.inputs
-    if z.type.shape[-1] != 1 or norm(n.attrs["stop"]) != norm(s.type.shape[-1]):
+    start = n.attrs["start"]
+    s, z = c.inputs if start == 0 else c.inputs[::-1]
+    if start not in (0, 1) or z.type.shape[-1] != 1 or \
+            norm(n.attrs["stop"]) != norm(start + s.type.shape[-1]):
         return None
     return s, z
 

@@ -264,8 +264,9 @@ class _Labels:
                 what = "the key axis (the positions attended to)" if K in along and Q not in \
                     along else "the sequence axis"
                 raise _err(n, f"concatenates along {what}; the forms that decode are a causal "
-                           "shift concat([pad, x[:, :T - s]]) and an attention sink appended "
-                           "after the scores, softmax(concat([s, z], -1))[..., :S]")
+                           "shift concat([pad, x[:, :T - s]]) and an attention sink after or "
+                           "before the scores, softmax(concat([s, z], -1))[..., :S] or "
+                           "softmax(concat([z, s], -1))[..., 1:]")
             return self._broadcast(n, list(range(len(ins))))
         if op is Op.EMBEDDING:
             return L[1] + (None,)

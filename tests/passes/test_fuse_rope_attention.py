@@ -178,8 +178,9 @@ def _variant(H, HKV, D, *, rot=None, k_rot=None, interleaved=False, window=0, xp
     ALiBi's bias written as "sub" (kpos - qpos), "neg" (-(qpos - kpos)), "abs"
     (-|qpos - kpos|) or "keys" (BLOOM's slopes * kpos alone); sinks: attention sinks as
     gpt-oss writes them (an input "sinks" concatenated to the scores as one more column,
-    the softmax, the column sliced off), "head" one logit per head, "query" one per head
-    and query (not a sink the kernels take). disable: pipeline passes left out."""
+    the softmax, the column sliced off), "head" one logit per head, "head-first" the same
+    concatenated before the scores, "query" one per head and query (not a sink the kernels
+    take). disable: pipeline passes left out."""
     b = Builder({}, {})
     rot = D if rot is None else rot
     k_rot = rot if k_rot is None else k_rot
@@ -202,7 +203,7 @@ def _variant(H, HKV, D, *, rot=None, k_rot=None, interleaved=False, window=0, xp
     ins["k"] = b.input("k", [B, HKV, T, D], "f32")
     ins["v"] = b.input("v", [B, HKV, T, D], "f32")
     if sinks:
-        ins["sinks"] = b.input("sinks", [H] if sinks == "head" else [H, T], "f32")
+        ins["sinks"] = b.input("sinks", [H] if sinks.startswith("head") else [H, T], "f32")
     cos, sin = _tables_for(b, rot, base=base, offset=offset, interleaved=interleaved) \
         if rot else (None, None)
     kcos, ksin = (cos, sin) if k_rot == rot else _tables_for(b, k_rot, base=base,
@@ -241,9 +242,12 @@ def _variant(H, HKV, D, *, rot=None, k_rot=None, interleaved=False, window=0, xp
         if causal:
             s = b.where(b.causal_mask(T, T, window=window), s, -float("inf"))
         if sinks:
-            z = b.reshape(ins["sinks"], [1, H, 1, 1] if sinks == "head" else [1, H, T, 1])
-            s = b.concat([s, b.expand(z, [B, H, T, 1])], -1)
-            p = b.slice(b.softmax(s, -1), -1, 0, T)
+            z = b.reshape(ins["sinks"], [1, H, T, 1] if sinks == "query" else [1, H, 1, 1])
+            z = b.expand(z, [B, H, T, 1])
+            if sinks == "head-first":
+                p = b.slice(b.softmax(b.concat([z, s], -1), -1), -1, 1, T + 1)
+            else:
+                p = b.slice(b.softmax(b.concat([s, z], -1), -1), -1, 0, T)
         else:
             p = b.softmax(s, -1)
         o = p @ _gqa(b, ins["v"], H, tiled)
@@ -360,19 +364,22 @@ def test_soft_capped_scores():
     assert r["status"] == "declined" and "tanh where q @ k^T was expected" in r["reason"]
 
 
-@pytest.mark.parametrize("rot,window,causal", [(32, 20, True), (0, 0, False)],
-                         ids=["rope-gqa-window", "no-rope-not-causal"])
-def test_attention_sinks(rot, window, causal):
-    """gpt-oss's sinks (a logit per head joining each row's softmax): the pipeline writes the
+@pytest.mark.parametrize("rot,window,causal,sinks", [(32, 20, True, "head"),
+                                                     (0, 0, False, "head"),
+                                                     (32, 0, True, "head-first")],
+                         ids=["rope-gqa-window", "no-rope-not-causal", "sink-first"])
+def test_attention_sinks(rot, window, causal, sinks):
+    """gpt-oss's sinks (a logit per head joining each row's softmax), after the scores or
+    before them (the sink-first form was left as written, unfused): the pipeline writes the
     concat/softmax/slice as softmax(s) * sigmoid(logsumexp(s) - z), equal to it; the kernels
     take the sinks as an input, and their gradient matches the primitives'."""
     shapes = {"q": (2, 4, TQ, 32), "k": (2, 2, TQ, 32), "v": (2, 2, TQ, 32), "sinks": (4,)}
-    g = _variant(4, 2, 32, rot=rot, window=window, causal=causal, sinks="head")
+    g = _variant(4, 2, 32, rot=rot, window=window, causal=causal, sinks=sinks)
     assert not any(n.type.rank == 4 and n.type.shape[-1] == T + 1
                    for n in g.nodes)                           # no [.., T, T + 1] scores
     assert any(n.type.shape[-1] == T + 1 for n in _variant(
-        4, 2, 32, sinks="head", disable=["canonicalize"]).nodes if n.type.rank == 4)
-    raw = _variant(4, 2, 32, rot=rot, window=window, causal=causal, sinks="head",
+        4, 2, 32, sinks=sinks, disable=["canonicalize"]).nodes if n.type.rank == 4)
+    raw = _variant(4, 2, 32, rot=rot, window=window, causal=causal, sinks=sinks,
                    disable=["canonicalize"])
     gen = torch.Generator().manual_seed(2)
     vals = {n: torch.randn(*sh, generator=gen) * (3.0 if n == "sinks" else 1.0)
