@@ -156,6 +156,7 @@ class _Labels:
     def __init__(self, g: Graph):
         self.lab: Dict[Node, Tuple] = {}
         self.keyuse = set()      # (node, input index)
+        self.keyrole: Dict[Tuple[Node, int], str] = {}  # "k" (q @ k^T), "v" (probs @ v)
         self.shifts: Dict[Node, Tuple[Node, int, int]] = {}   # concat -> (x, axis, s)
         self._cut: Dict[Node, Tuple[Node, int, int]] = {}     # x[:T-s] along time, read by
         self.masked: Dict[Node, bool] = {}
@@ -347,6 +348,7 @@ class _Labels:
             if not self.masked[a]:
                 raise _err(n, _UNMASKED)
             self.keyuse.add((n, 1))
+            self.keyrole[(n, 1)] = "v"
         batch: List[Optional[str]] = [None] * (r - 2)
         for x, lx in ((a, la), (b, lb)):
             off = (r - 2) - (len(lx) - 2)
@@ -358,6 +360,7 @@ class _Labels:
         m, nn = la[-2], lb[-1]
         if m == Q and nn == Q:  # scores: the right operand's positions are keys
             self.keyuse.add((n, 1))
+            self.keyrole[(n, 1)] = "k"
             nn = K
         return self._two_q(n, tuple(batch) + (m, nn), [])
 
@@ -605,6 +608,7 @@ class _Builder:
     aux: Dict[str, Callable] = field(default_factory=dict)
     aux_nodes: Dict[str, Node] = field(default_factory=dict)
     memo: Dict[tuple, Node] = field(default_factory=dict)      # (what, node, keys) -> node
+    _roles: Optional[Dict[Node, tuple]] = None     # _cache_name: node -> (roles, scope)
     layout: Dict[Node, _Keys] = field(default_factory=dict)    # keys of a "k"-labelled node
     deferred: set = field(default_factory=set)  # "k" nodes made of masks: built per layout
     edge_keys: Dict[Tuple[Node, int], _Keys] = field(default_factory=dict)
@@ -614,8 +618,11 @@ class _Builder:
         self.nodes.append(n)
         return n
 
-    def state(self, like: Node, kind: str, shape, axis, dtype: Optional[DType] = None) -> Node:
-        base = f"{like.scope or 'model'}.{kind}"
+    def state(self, like: Node, kind: str, shape, axis, dtype: Optional[DType] = None,
+              name: Optional[str] = None) -> Node:
+        """A state input named `scope.kind` (name.kind with a name: `layers.0.attn.k.cache`),
+        numbered from 2 on a repeat."""
+        base = f"{name or like.scope or 'model'}.{kind}"
         name, k = base, 1
         while any(s.name == name for s in self.states):
             k += 1
@@ -769,11 +776,12 @@ class _Builder:
 
     def _cache(self, n: Node, ax: int, keys: _Keys) -> Node:
         """The state holding n's past positions, and n at every key position of the layout."""
+        name = self._cache_name(n)
         def shape(size):
             return [_subst(d, {"B": B_, "T": size, "P": P}) for d in n.type.shape]
         if keys.kind == "ring":  # W slots, position a in slot a mod W
             W = keys.window
-            ring = self.state(n, "ring", shape(W), ax)
+            ring = self.state(n, "ring", shape(W), ax, name=name)
             spec = self.states[-1]
             out = self.add(Op.CONCAT, [ring, self.new[n]], {"axis": ax}, n)   # [ring | new]
             src = self.aux_input(f"decode.ring{W}.src", (W,), _ring_src_fn(W))
@@ -784,14 +792,45 @@ class _Builder:
             self.state_out[spec.out] = self.add(Op.GATHER, (out, idx), {"axis": ax}, n)
             return out
         if self.static:          # L preallocated slots, the new entries written in place
-            cache = self.state(n, "cache", shape(L), ax)
+            cache = self.state(n, "cache", shape(L), ax, name=name)
             out = self.add(Op.INDEX_COPY, (cache, self.qpos(), self.new[n]), {"axis": ax}, n)
             self.state_out[self.states[-1].out] = out
             return out
-        past = self.state(n, "cache", shape(P), ax)  # past positions, the new ones appended
+        past = self.state(n, "cache", shape(P), ax, name=name)  # past, the new ones appended
         out = self.add(Op.CONCAT, [past, self.new[n]], {"axis": ax}, n)
         self.state_out[self.states[-1].out] = out
         return out
+
+    def _cache_name(self, n: Node) -> Optional[str]:
+        """A cache's name by what it holds: `scope.k` (the keys of q @ k^T), `scope.v` (the
+        values of probs @ v), `scope.kv` (both: MLA's latent), scope the longest one the
+        value and its first attention share (`layers.0.attn`, not the RoPE helper's
+        `layers.0.attn.rope_1`), else the value's outermost one (yoco's shared `cross_kv`);
+        None (the value's scope) for other key uses (decays, biases)."""
+        if self._roles is None:           # each key use's operand, walked back as key_side
+            self._roles = {}               # walks (layouts, concats, projections)
+            for (u, k), role in self.labels.keyrole.items():
+                stack = [u.inputs[k]]
+                while stack:
+                    x = stack.pop()
+                    roles, _ = self._roles.setdefault(x, (set(), u.scope))
+                    if role in roles:
+                        continue
+                    roles.add(role)
+                    if x.op in LAYOUT and not narrowing(x) or x.op is Op.CONCAT:
+                        stack.extend(x.inputs[:1] if x.op in LAYOUT else x.inputs)
+                    elif x.op is Op.MATMUL and _is_param(x.inputs[1]):
+                        stack.append(x.inputs[0])
+        got = self._roles.get(n)
+        if got is None:
+            return None
+        roles, owner = got
+        mine, theirs = (n.scope or "").split("."), owner.split(".")
+        k = 0
+        while k < min(len(mine), len(theirs)) and mine[k] == theirs[k] and mine[k]:
+            k += 1
+        scope = ".".join(mine[:k]) or mine[0] or "model"
+        return f"{scope}.{''.join(sorted(roles))}"
 
     def _timed(self, n: Node) -> bool:
         return any(self.labels.lab[n])

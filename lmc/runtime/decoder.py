@@ -5,7 +5,7 @@
     logits, state = dec(prompt_ids, state)       # prefill: the whole prompt in parallel form
     logits, state = dec(next_id[:, None], state) # then one token at a time
 
-The state is a dict of tensors named after where they come from (``layers.0.attn.cache``);
+The state is a dict of tensors named after where they come from (``layers.0.attn.k.cache``);
 the number of past tokens is held by the state object (`past`) and checked against the
 caches' lengths.
 

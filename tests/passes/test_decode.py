@@ -47,6 +47,10 @@ def _decode_matches(model, ids, k):
 def test_llama_caches_k_after_rope_and_v_per_layer():
     states = _states(LLAMA)
     assert [s.kind for s in states] == ["cache"] * 4  # K and V, two layers
+    # named by what they hold, in the attention's scope (K's was its RoPE helper's,
+    # layers.0.attn.rope_1.cache, and V's layers.0.attn.cache)
+    assert [s.name for s in states] == [f"layers.{i}.attn.{kv}.cache" for i in range(2)
+                                        for kv in "kv"]
     d, heads = 64, 4
     assert sum(s.bytes_per_token() for s in states) == 2 * 2 * d * 4  # 2 layers x (K+V) x f32
     k = [s for s in states if len(s.shape) == 4]
@@ -500,8 +504,8 @@ def test_sliding_window_keeps_a_w_slot_ring_per_layer():
     assert all(s.bytes_per_token() == 0 and W in s.shape for s in rings)
     k = [s for s in rings if len(s.shape) == 4]   # [B, heads, W, head_dim]: per head, not per q
     assert k and all(s.shape[1:] == (cfg["ret_heads"], W, cfg["ret_head_dim"]) for s in k)
-    assert {s.name for s in states if s.kind == "cache"} == {"cross_kv.rope.cache",
-                                                             "cross_kv.proj_1.cache"}
+    assert {s.name for s in states if s.kind == "cache"} == {"cross_kv.k.cache",
+                                                             "cross_kv.v.cache"}
 
 
 def test_compile_reports_the_ring_as_constant_per_sequence(capsys):

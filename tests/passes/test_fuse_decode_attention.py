@@ -427,9 +427,9 @@ def test_optimus_prime_triton_decode_reads_the_two_caches_in_place(static, monke
         calls += 1
         got = seen[-2:]
         assert [c["k"] for c in got] == [c["v"] for c in got] == [
-            st[f"layers.{i}.attn.kv_norm.cache"].data_ptr() for i in range(2)]
+            st[f"layers.{i}.attn.kv.cache"].data_ptr() for i in range(2)]
         assert [c["k2"] for c in got] == [
-            st[f"layers.{i}.attn.rope.cache"].data_ptr() for i in range(2)]
+            st[f"layers.{i}.attn.k.cache"].data_ptr() for i in range(2)]
     print(f"optimus_prime {'static' if static else 'dynamic'}: max abs diff {worst:.1e}")
     assert worst < TOL and len(seen) == 2 * calls
 
