@@ -44,6 +44,18 @@ masked after its exp, where(causal_mask, exp(x), 0), becomes exp(where(causal_ma
 the canonical decayed linear attention fuse_linear_attention makes chunked and the decode pass
 decodes with a d_k x d_v state instead of a cache.
 
+That decay's G_t - G_s written with unit dims: G = cumsum(x, a) over a tensor whose other
+non-unit dims are lead's and whose dims after a are all 1 ([B, H, T, 1], cumsum along T),
+read through views that only add, drop or move unit dims (reshapes, transposes: G -
+transpose(G, -2, -1) for a [.., T, 1] G, or reshape(cumsum(x4, 2), [B, H, T]) then the
+usual reshapes), as a: lead + [T, 1] minus b: lead + [1, T], becomes
+
+    reshape(G', lead + [T, 1]) - reshape(G', lead + [1, T]),  G' = cumsum(x', len(lead))
+
+with x' = x over lead + [T] (its unit views dropped, an expand, a fixed per-head decay's,
+kept outermost): the same sums in the same order, so the same values bitwise. Views that move
+a non-unit dim and a cumsum along any other axis (a unit one: no sum at all) are left alone.
+
 An additive mask (Hugging Face's): s + where(m, 0, -inf), either operand order, the where
 possibly cast between float dtypes, reshaped or expanded to broadcast (mask[None, None]) and
 its condition likewise, becomes where(m, s, -inf) (s + 0 = s; a masked score is -inf either
@@ -74,7 +86,7 @@ from __future__ import annotations
 
 from typing import Dict, List
 
-from ..ir.dims import Dim, dims_equal, norm
+from ..ir.dims import Dim, dims_equal, norm, unit_axes_only
 from ..ir.graph import Graph, Node
 from ..ir.ops import Op
 from .patterns import const_value
@@ -199,6 +211,88 @@ def _masked_after_exp(n: Node, users):
     if const_value(z) != 0.0:
         return None
     return c, e.inputs[0]
+
+
+def _unit_view(n: Node) -> bool:
+    """n is a reshape or permute that only adds, drops or moves unit dims: the other dims keep
+    their order, so n holds its input's values in the same row-major order."""
+    if n.op is Op.RESHAPE:
+        return unit_axes_only(n.type.shape, n.inputs[0].type.shape)
+    if n.op is Op.PERMUTE:
+        src = n.inputs[0].type.shape
+        kept = [p for p in n.attrs["perm"] if not dims_equal(src[p], 1)]
+        return kept == sorted(kept)
+    return False
+
+
+def _unit_base(n: Node) -> Node:
+    while _unit_view(n):
+        n = n.inputs[0]
+    return n
+
+
+def _same_shape(a, b) -> bool:
+    return len(a) == len(b) and all(dims_equal(x, y) for x, y in zip(a, b))
+
+
+def unit_decay_views(n: Node):
+    """n = a - b, a: lead + [T, 1] and b: lead + [1, T] (T not 1), both views of one tensor G
+    through reshapes and permutes that only add, drop or move unit dims, G's non-unit dims
+    lead's then T: (G, lead, T), else None. (fuse_linear_attention reads it to say why such a
+    difference is not a decay when G is not a cumsum along T.)"""
+    if n.op is not Op.SUB or not n.type.dtype.is_float or n.type.rank < 2:
+        return None
+    a, b = n.inputs
+    if a.type.rank != n.type.rank or b.type.rank != n.type.rank:
+        return None
+    T, lead = a.type.shape[-2], tuple(a.type.shape[:-2])
+    if dims_equal(T, 1) or not dims_equal(a.type.shape[-1], 1) or \
+            not _same_shape(b.type.shape, lead + (1, T)):
+        return None
+    G = _unit_base(a)
+    if G is not _unit_base(b) or not unit_axes_only(G.type.shape, lead + (T,)):
+        return None
+    return G, lead, T
+
+
+def is_time_cumsum(G: Node, T) -> bool:
+    """G = cumsum(x, a) with x's dim a of length T and every dim after it 1 (so a is the last
+    non-unit dim: the one a view of G as lead + [T] calls time)."""
+    if G.op is not Op.CUMSUM:
+        return False
+    ax, shape = G.attrs["axis"], G.type.shape
+    return dims_equal(shape[ax], T) and all(dims_equal(d, 1) for d in shape[ax + 1:])
+
+
+def _unit_decay(n: Node):
+    """n = G_t - G_s written with unit dims, G = cumsum along T (module docstring), not
+    already the canonical reshape(G, lead + [T, 1]) - reshape(G, lead + [1, T]) of a
+    lead + [T] G: (G, lead, T), else None."""
+    m = unit_decay_views(n)
+    if m is None or not is_time_cumsum(m[0], m[2]):
+        return None
+    G, lead, T = m
+    a, b = n.inputs
+    if a.op is Op.RESHAPE and b.op is Op.RESHAPE and a.inputs[0] is G and b.inputs[0] is G \
+            and _same_shape(G.type.shape, lead + (T,)):
+        return None
+    return m
+
+
+def _squeezed(x: Node, target: tuple, new: Dict[Node, Node], mk) -> Node:
+    """x (non-unit dims target's) as a tensor of shape target: x behind its unit views, an
+    expand kept outermost (expand(reshape(y, ..), target): a fixed per-head decay stays the
+    broadcast fuse_linear_attention reads as one), else a reshape of it."""
+    x = _unit_base(x)
+    if _same_shape(x.type.shape, target):
+        return new[x]
+    if x.op is Op.EXPAND:
+        y, S = x.inputs[0], tuple(x.type.shape)
+        ys = (1,) * (len(S) - y.type.rank) + tuple(y.type.shape)
+        src = iter([i for i, d in enumerate(S) if not dims_equal(d, 1)])
+        inner = tuple(1 if dims_equal(d, 1) else ys[next(src)] for d in target)
+        return mk(Op.EXPAND, (_squeezed(y, inner, new, mk),), {"shape": target})
+    return mk(Op.RESHAPE, (new[x],), {"shape": target})
 
 
 def _broadcast_only(n: Node) -> Node:
@@ -381,13 +475,14 @@ def canonicalize(g: Graph) -> Graph:
     diff = {n: m for n in g.nodes if (m := _differential(n, users)) is not None}
     windows = {n: m for n in g.nodes if (m := _padded_window(n)) is not None}
     decays = {n: m for n in g.nodes if (m := _position_decay(n)) is not None}
+    unit_decays = {n: m for n in g.nodes if (m := _unit_decay(n)) is not None}
     after_exp = {n: m for n in g.nodes if (m := _masked_after_exp(n, users)) is not None}
     additive = {n: m for n in g.nodes if (m := _additive_mask(n)) is not None}
     rep = _classes(g)
     ropes = {n: m for n in g.nodes if n.op in (Op.CONCAT, Op.RESHAPE) and
              (m := _half_rope(n, rep)) is not None}
     if not found and not diff and not windows and not decays and not after_exp and \
-            not additive and not ropes:
+            not additive and not ropes and not unit_decays:
         return g
     new: Dict[Node, Node] = {}
     nodes: List[Node] = []
@@ -458,6 +553,20 @@ def canonicalize(g: Graph) -> Graph:
             gs = mk(Op.RESHAPE, (G,), {"shape": lead + (1, T)})
             out = mk(Op.SUB, (gt, gs), {})
             nodes += [col, per_step, G, gt, gs, out]
+            new[n] = out
+            continue
+        if n in unit_decays:   # G_t - G_s over unit dims: the same cumsum over lead + [T]
+            G, lead, T = unit_decays[n]
+            made = []
+
+            def mk(op, ins, attrs, made=made, n=n):
+                made.append(Node.make(op, ins, attrs, n.loc, n.scope))
+                return made[-1]
+            cum = mk(Op.CUMSUM, (_squeezed(G.inputs[0], lead + (T,), new, mk),),
+                     {"axis": len(lead)})
+            out = mk(Op.SUB, (mk(Op.RESHAPE, (cum,), {"shape": lead + (T, 1)}),
+                              mk(Op.RESHAPE, (cum,), {"shape": lead + (1, T)})), {})
+            nodes += made
             new[n] = out
             continue
         if n in additive:      # s + where(m, 0, -inf) = where(m, s, -inf)

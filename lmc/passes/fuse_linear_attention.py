@@ -36,8 +36,9 @@ compile pipeline: the decode pass derives its step from the unfused graph. Where
 almost matches, a declined record names the failed condition (`lmc compile --explain`).
 Not matched: a sliding-window decay mask (the kernels carry the whole past), masks other than
 a causal_mask filled with 0 after the exp (canonicalize rewrites where(causal_mask, exp(.), 0),
-and a fixed decay written from positions, L * (p_t - p_s), into this form), decays not from a
-cumsum along time, a
+a fixed decay written from positions, L * (p_t - p_s), and G_t - G_s written with unit dims,
+G - transpose(G, -2, -1) of a [.., T, 1] G or a cumsum reshaped to [.., T], into this form),
+decays not from a cumsum along time (a cumsum along a unit axis is named), a
 scale that is a tensor, casts between q/k/v and the products, q, k, v of different dtypes,
 q and k of different shapes (GQA through an expand), normalised forms (retention's row
 normalisation by sum |Q K^T * D|), and intermediates read outside the region (a D shared by
@@ -50,6 +51,7 @@ from typing import Dict, List, Optional, Tuple
 from ..ir.graph import Graph, Node, toposort
 from ..ir.ops import Op
 from ..ir.types import DType
+from .canonical import is_time_cumsum, unit_decay_views
 from .fuse_pointwise import _where
 from .patterns import (
     Body,
@@ -126,6 +128,11 @@ def _decay(d: Node, region: List[Node]) -> Tuple[Node, Node]:
           "masked decay exponents are not set to -inf (exp(-inf) = 0)")
     need(diff.op is Op.SUB, f"the decay exponent is {diff.op.value}, not G_t - G_s")
     gt, gs = diff.inputs
+    views = unit_decay_views(diff)
+    if views is not None and not (gt.op is Op.RESHAPE and gs.op is Op.RESHAPE and
+                                  gt.inputs[0] is gs.inputs[0] and
+                                  gt.inputs[0].op is Op.CUMSUM):
+        _unit_views(*views)
     need(gt.op is Op.RESHAPE and gs.op is Op.RESHAPE and gt.inputs[0] is gs.inputs[0],
           "G_t - G_s is not a difference of two reshapes of one G")
     G = gt.inputs[0]
@@ -139,6 +146,19 @@ def _decay(d: Node, region: List[Node]) -> Tuple[Node, Node]:
           "G_t - G_s is not G[.., t, None] - G[.., None, s] (query rows, key columns)")
     region += [d, w, diff, gt, gs, G]
     return G.inputs[0], mask
+
+
+def _unit_views(G: Node, lead, T) -> None:
+    """Why G_t - G_s read through views of G that only add, drop or move unit dims
+    (G - transpose(G, -2, -1) of a [.., T, 1] G, reshapes of reshape(G, [.., T])) is no
+    decay (raises NoMatch): canonicalize rewrites them into the reshapes of a cumsum over
+    [.., T] when G is a cumsum along T; here they name what else G is."""
+    need(G.op is Op.CUMSUM, f"G is {G.op.value}, not a cumsum of log-decays")
+    dims = "[" + ", ".join(str(d) for d in G.type.shape) + "]"
+    need(is_time_cumsum(G, T), f"G is a cumsum along axis {G.attrs['axis']} of {dims}, not "
+                               f"along time (the axis of length {T}, only unit dims after it)")
+    raise NoMatch("G_t - G_s reads G through transposes or unit-dim reshapes, which "
+                  "canonicalize rewrites into reshapes of a cumsum over [.., T] (disabled?)")
 
 
 def match(out: Node, static) -> dict:

@@ -503,3 +503,212 @@ def test_f16_fp32_product_gradients_are_as_close_as_the_primitives():
         e_fused, e_prims = (rel(x[f"grad:{w}"], exact[f"grad:{w}"]) for x in (fused, prims))
         print(w, f"f16 fused {e_fused:.1e}, f16 primitives {e_prims:.1e}")
         assert e_fused < 4e-3 and e_fused <= 1.5 * e_prims + 1e-4, (w, e_fused, e_prims)
+
+
+# -- G_t - G_s written with unit dims (canonicalize rewrites it into the reshapes above) -------
+def _unit_dim_linear_attention(spelling, gates="token", disable=()):
+    """((q @ k^T) * D) @ v with the decay written over a [.., T, 1] cumsum:
+    "transpose": G = cumsum(ld4, 2) of a [.., T, 1] ld4, D = exp(where(mask, G - G^T, -inf));
+    "reshaped": reshape(cumsum(ld4, 2), [.., T]) then the usual reshapes;
+    "cumsum-of-reshape": G = cumsum(reshape(ld, [B, H, T, 1]), 2) of the [B, H, T] input, then
+    G - G^T. ld4 is the input ld [B, H, T, 1] (per-token gates) or a fixed per-head decay
+    expand([1, H, 1, 1] constant, [1, H, T, 1])."""
+    b = Builder({}, {})
+    q, k = (b.input(n, [B, H, T, DK], "f32") for n in "qk")
+    v = b.input("v", [B, H, T, DV], "f32")
+    lead = [B, H] if gates == "token" else [1, H]
+    if gates == "token" and spelling == "cumsum-of-reshape":
+        ld4 = b.reshape(b.input("ld", [B, H, T], "f32"), [B, H, T, 1])
+    elif gates == "token":
+        ld4 = b.input("ld", [B, H, T, 1], "f32")
+    else:
+        ld4 = b.expand(b.const(torch.tensor([-0.3, -0.02]).view(1, H, 1, 1)), [1, H, T, 1])
+    G = b.cumsum(ld4, 2)
+    if spelling == "reshaped":
+        G = b.reshape(G, lead + [T])
+        diff = b.reshape(G, lead + [T, 1]) - b.reshape(G, lead + [1, T])
+    else:
+        diff = G - b.transpose(G, -2, -1)
+    D = b.exp(b.where(b.causal_mask(T, T), diff, -float("inf")))
+    o = ((q @ b.transpose(k, -2, -1)) * D) @ v
+    return run_pipeline(Graph("la4", b.nodes, {"o": o.node}), disable=disable)
+
+
+@pytest.mark.parametrize("spelling,gates", [
+    ("transpose", "token"), ("transpose", "head"), ("reshaped", "token"),
+    ("reshaped", "head"), ("cumsum-of-reshape", "token")])
+def test_a_decay_over_unit_dims_fuses_and_equals_the_model_as_written(spelling, gates):
+    """The decay over a [B, H, T, 1] cumsum (G - transpose(G, -2, -1), or the cumsum reshaped
+    to [B, H, T]): canonicalize makes it the reshapes of a [B, H, T] cumsum (bitwise the same
+    forward as written), so the pass fuses it (before: declined, 'G_t - G_s is not a
+    difference of two reshapes of one G' / 'G is reshape, not a cumsum of log-decays'), and
+    the kernels equal the graph as written, forward and every gradient."""
+    raw = _unit_dim_linear_attention(spelling, gates, disable=["canonicalize"])
+    g = _unit_dim_linear_attention(spelling, gates)
+    (r,) = _records(fuse_linear_attention(raw))
+    assert r["status"] == "declined" and r["reason"] == \
+        "G_t - G_s reads G through transposes or unit-dim reshapes, which canonicalize " \
+        "rewrites into reshapes of a cumsum over [.., T] (disabled?)", r
+    (cum,) = [n for n in g.nodes if n.op is Op.CUMSUM]
+    assert cum.type.rank == 3 and not any(n.op is Op.PERMUTE and n.type.shape[-1] == T
+                                          and n.type.shape[-2] == 1 for n in g.nodes)
+    f = fuse_linear_attention(g, chunk=16)
+    (r,) = _records(f)
+    assert r["status"] == "fused", r
+    want = ("per-token log-decays [B, 2, T] (learned)" if gates == "token" else
+            "fixed per-head decay [1, 2, T]")
+    assert want in r["reason"], r
+    (fused,) = [n for n in f.nodes if n.op is Op.FUSED]
+    assert fused.attrs["body"].meta["options"]["decay"] == \
+        ("per_token" if gates == "token" else "per_head")
+    vals, gen = _values(37, gates, seed=11)
+    if gates == "token" and spelling != "cumsum-of-reshape":
+        vals["ld"] = vals["ld"][..., None]
+    ctx = RefCtx(dims=bind_dims(raw, vals))
+    assert torch.equal(run_graph(g, vals, ctx)["o"], run_graph(raw, vals, ctx)["o"])
+    wrt = ["q", "k", "v"] + (["ld"] if gates == "token" else [])
+    got, want, gg, gw, kinds = _run_both(raw, f, vals, wrt, gen)
+    assert kinds == {"linear_attention_bwd"}
+    errs = {"o": rel(got, want)}
+    for w in wrt:
+        assert gg[f"grad:{w}"].shape == vals[w].shape
+        floor = (vals["q"] * gw["grad:q"]).sum(-1).abs().max().item() if w == "ld" else 0.0
+        errs[w] = rel(gg[f"grad:{w}"], gw[f"grad:{w}"], floor)
+    assert max(errs.values()) < 1e-5, errs
+
+
+def _near_miss(case):
+    b = Builder({}, {})
+    q, k, v = (b.input(n, [B, H, T, DK], "f32") for n in "qkv")
+    if case == "unit-axis":         # cumsum along the trailing unit axis: no sum over time
+        G = b.cumsum(b.input("ld", [B, H, T, 1], "f32"), -1)
+    elif case == "reshaped-unit-axis":      # the same, reshaped to [B, H, T] before G_t - G_s
+        G = b.reshape(b.cumsum(b.input("ld", [B, H, T, 1], "f32"), -1), [B, H, T])
+        diff = b.reshape(G, [B, H, T, 1]) - b.reshape(G, [B, H, 1, T])
+    elif case == "cumprod":
+        G = b.cumprod(b.input("ld", [B, H, T, 1], "f32"), 2)
+    else:                           # "non-unit": a [B, T, H, 1] cumsum over T, heads swapped in
+        G = b.transpose(b.cumsum(b.input("ld", [B, T, H, 1], "f32"), 1), 1, 2)
+    if case != "reshaped-unit-axis":
+        diff = G - b.transpose(G, -2, -1)
+    D = b.exp(b.where(b.causal_mask(T, T), diff, -float("inf")))
+    o = ((q @ b.transpose(k, -2, -1)) * D) @ v
+    return run_pipeline(Graph("nm", b.nodes, {"o": o.node}))
+
+
+@pytest.mark.parametrize("case,reason", [
+    ("unit-axis", "G is a cumsum along axis 3 of [B, 2, T, 1], not along time (the axis of "
+                  "length T, only unit dims after it)"),
+    ("reshaped-unit-axis", "G is a cumsum along axis 3 of [B, 2, T, 1], not along time (the "
+                           "axis of length T, only unit dims after it)"),
+    ("cumprod", "G is cumprod, not a cumsum of log-decays"),
+    ("non-unit", "G is permute, not a cumsum of log-decays")])
+def test_unit_dim_decays_that_are_not_a_cumsum_over_time_decline(case, reason):
+    """Only views that add, drop or move unit dims of a cumsum along T are rewritten: a
+    cumsum along the unit axis, a cumprod, or a transpose that swaps heads and time before
+    G - G^T keep their graph and decline, the record naming why."""
+    g = _near_miss(case)
+    assert not any(n.op is Op.CUMSUM and n.type.rank == 3 for n in g.nodes)
+    (r,) = _records(fuse_linear_attention(g))
+    assert r["status"] == "declined" and r["reason"] == reason, r
+
+
+# the hand-written model with its decays over [.., T, 1] cumsums: GATED and FIXED are each
+# mixer's two lines computing the exponent `diff` (per-token gates ld4 [B, heads, T, 1];
+# a fixed per-head decay lam [1, heads, T, 1])
+UNIT_DIMS = """\
+name: unit_dim_decays
+config: {vocab: 48, d: 16, heads: 2, hd: 8, layers: 1, max_seq: 256}
+blocks:
+  gated:
+    args: [x]
+    params: {wq: [d, d], wk: [d, d], wv: [d, d], wgate: [d, heads], wo: [d, d]}
+    body:
+      - q = permute(reshape(x @ wq, [B, T, heads, hd]), [0, 2, 1, 3])
+      - k = permute(reshape(x @ wk, [B, T, heads, hd]), [0, 2, 1, 3]) * hd ** -0.5
+      - v = permute(reshape(x @ wv, [B, T, heads, hd]), [0, 2, 1, 3])
+      - ld4 = reshape(permute(logsigmoid(x @ wgate), [0, 2, 1]), [B, heads, T, 1])
+      GATED
+      - D = exp(where(causal_mask(T), diff, -inf))
+      - o = ((q @ transpose(k, -2, -1)) * D) @ v
+      - return reshape(permute(o, [0, 2, 1, 3]), [B, T, d]) @ wo
+  fixed:
+    args: [x]
+    params: {wq: [d, d], wk: [d, d], wv: [d, d], wo: [d, d]}
+    body:
+      - q = silu(permute(reshape(x @ wq, [B, T, heads, hd]), [0, 2, 1, 3]))
+      - k = silu(permute(reshape(x @ wk, [B, T, heads, hd]), [0, 2, 1, 3]))
+      - v = permute(reshape(x @ wv, [B, T, heads, hd]), [0, 2, 1, 3])
+      - lam = reshape(-(2.0 ** (-cast(iota(heads) + 1, 'f32'))), [1, heads, 1, 1])
+      FIXED
+      - E = exp(where(causal_mask(T), diff, -inf))
+      - o = ((q @ transpose(k, -2, -1)) * E) @ v
+      - return reshape(permute(o, [0, 2, 1, 3]), [B, T, d]) @ wo
+model:
+  inputs: {ids: [B, T]}
+  params: {embed: [vocab, d], head: [d, vocab]}
+  body:
+    - x = embedding(embed, ids)
+    - for: i
+      in: layers
+      body:
+        - x = x + gated(x, name='mix')
+        - x = x + fixed(x, name='mix2')
+    - logits = x @ head
+  outputs: [logits]
+"""
+_UNIT_SPELLINGS = {   # name: (GATED, FIXED)
+    "transpose": ("- G = cumsum(ld4, 2)\n      - diff = G - transpose(G, -2, -1)",
+                  "- F = cumsum(expand(lam, [1, heads, T, 1]), 2)\n"
+                  "      - diff = F - transpose(F, -2, -1)"),
+    "reshaped": ("- G = reshape(cumsum(ld4, 2), [B, heads, T])\n"
+                 "      - diff = reshape(G, [B, heads, T, 1]) - reshape(G, [B, heads, 1, T])",
+                 "- F = reshape(cumsum(expand(lam, [1, heads, T, 1]), 2), [1, heads, T])\n"
+                 "      - diff = reshape(F, [1, heads, T, 1]) - reshape(F, [1, heads, 1, T])"),
+}
+
+
+@pytest.mark.parametrize("spelling", list(_UNIT_SPELLINGS))
+def test_a_model_with_unit_dim_decays_fuses_in_training_and_decode(tmp_path, spelling):
+    """A YAML model whose two mixers write the decay over [B, H, T, 1] cumsums: the passes'
+    forward equals the model as written bitwise, both mixers fuse (lmc compile --explain), the
+    triton model equals the torch one in logits and gradients, and lmc verify's decode check
+    passes with one decode_linear_attention per mixer and no per-token cache for them
+    (before: both declined, and decode kept the decays' G per token)."""
+    from lmc.driver import compile_model
+    from lmc.runtime.module import LmcModel
+    from lmc.verify import format_rows, verify
+
+    gated, fixed = _UNIT_SPELLINGS[spelling]
+    path = tmp_path / f"{spelling}.yaml"
+    path.write_text(UNIT_DIMS.replace("GATED", gated).replace("FIXED", fixed))
+    c = lmc.compile_model(str(path))
+    recs = _records(fuse_linear_attention(c.graph))
+    assert [r["status"] for r in recs] == ["fused", "fused"], recs
+    assert "per-token log-decays [B, 2, T]" in recs[0]["reason"] and \
+        "scale" not in recs[0]["reason"]
+    assert "fixed per-head decay [1, 2, T]" in recs[1]["reason"]
+    ref = lmc.load(str(path), seed=1)
+    ref.autodiff = "torch"
+    raw = LmcModel(compile_model(str(path), disable=["canonicalize"]).graph, seed=1)
+    raw.load_state_dict(ref.state_dict())
+    tri = lmc.load(str(path), backend="triton", seed=1)
+    tri.load_state_dict(ref.state_dict())
+    gen = torch.Generator().manual_seed(3)
+    for t in (1, 7, 40):
+        ids = torch.randint(0, 48, (2, t), generator=gen)
+        assert torch.equal(raw(ids), ref(ids)), t
+    yt, yr = tri(ids), ref(ids)
+    assert rel(yt, yr) < 1e-5
+    up = torch.randn(yr.shape, generator=gen)
+    (yt * up).sum().backward()
+    (yr * up).sum().backward()
+    pr = dict(ref.named_parameters())
+    top = max(p.grad.abs().max().item() for p in pr.values())
+    for n, p in tri.named_parameters():
+        assert rel(p.grad, pr[n].grad, 1e-3 * top) < 1e-4, n
+    rows = verify(str(path), skip=["causal", "grads", "triton"])
+    assert all(r.ok for r in rows), format_rows(rows)
+    assert "(2 decode_linear_attention)" in rows[-1].detail, rows[-1].detail
+    assert "0 B/token" in rows[-1].detail, rows[-1].detail
+    assert main(["compile", str(path), "--explain"]) == 0
