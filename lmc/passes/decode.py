@@ -69,7 +69,14 @@ from ..ir.dims import Dim, norm
 from ..ir.graph import Graph, Node
 from ..ir.ops import COMPARISONS, Kind, Op
 from ..ir.types import DType
-from .patterns import NoMatch, gated_linear_attention, narrowing, sink_logit, uncast
+from .patterns import (
+    NoMatch,
+    const_scale,
+    gated_linear_attention,
+    narrowing,
+    sink_logit,
+    uncast,
+)
 
 Q, K, F = "q", "k", "f"
 B_ = Dim.sym("B")
@@ -392,6 +399,7 @@ class _LinAttn:
     v: Node
     ld: Node
     gated: bool = False     # ld per key channel [.., T, d_k] (gated linear attention)
+    scale: float = 1.0      # a constant on the scores, (q @ k^T) * c: applied to q
 
 
 def _is_last_two_swap(n: Node) -> bool:
@@ -406,7 +414,8 @@ def _match_linear_attention(o: Node) -> Optional[_LinAttn]:
         return None
     a, v = uncast(o.inputs[0]), o.inputs[1]
     for scores, dmat in (a.inputs, a.inputs[::-1]):
-        scores, dmat = uncast(scores), uncast(dmat)
+        (scores, scale), dmat = const_scale(uncast(scores)), uncast(dmat)
+        scores = uncast(scores)
         if not (scores.op is Op.MATMUL and _is_last_two_swap(scores.inputs[1])
                 and dmat.op is Op.EXP and dmat.inputs[0].op is Op.WHERE):
             continue
@@ -426,7 +435,7 @@ def _match_linear_attention(o: Node) -> Optional[_LinAttn]:
                 and tuple(gs.type.shape) == tuple(g.type.shape[:-1]) + (1, T)):
             continue
         q, kt = scores.inputs
-        return _LinAttn(o, q, kt.inputs[0], v, g.inputs[0])
+        return _LinAttn(o, q, kt.inputs[0], v, g.inputs[0], scale=scale)
     return None
 
 
@@ -969,6 +978,8 @@ class _Builder:
         at = m.out
         add = lambda op, ins, attrs=None: self.add(op, ins, attrs or {}, at)  # noqa: E731
         low = q.type.dtype
+        if m.scale != 1.0:     # (q @ k^T) * c = (q * c) @ k^T
+            q = add(Op.MUL, (q, add(Op.CONST, (), {"value": m.scale, "dtype": low})))
 
         def lowc(x: Node) -> Node:
             """A decay factor (fp32 under mixed precision: the log-decays' cumsum is fp32)

@@ -87,6 +87,7 @@ from .patterns import (
     NoMatch,
     Region,
     alibi,
+    const_scale,
     const_value,
     narrowing,
     need,
@@ -272,29 +273,12 @@ def _part(p: Node, static, users) -> dict:
     return part
 
 
-def _const_scale(x: Node) -> Tuple[Node, float]:
-    """x = y * c, c * y or y / c (repeatedly), c a constant scalar (finite, nonzero): (y, the
-    product of the factors). A scale on q or k before the product (`(q * d ** -0.5) @ k^T`)
-    is a scale of the scores: the kernel's."""
-    f = 1.0
-    while x.op in (Op.MUL, Op.DIV):
-        a, c = x.inputs
-        if x.op is Op.MUL and const_value(a) is not None:
-            a, c = c, a
-        cv = const_value(c)
-        if cv is None or cv == 0.0 or cv != cv or abs(cv) == float("inf") or \
-                tuple(a.type.shape) != tuple(x.type.shape) or a.type.dtype != x.type.dtype:
-            break
-        f, x = (f * cv if x.op is Op.MUL else f / cv), a
-    return x, f
-
-
 def _side(x: Node, static, users, strip: bool = True) -> Tuple[List[dict], float]:
     """q' or k' as its parts along the head dim, and (strip) a constant scale taken off it
     (before or after a broadcast over the query heads)."""
-    x, f = _const_scale(x) if strip else (x, 1.0)
+    x, f = const_scale(x) if strip else (x, 1.0)
     x, g = _heads(x)
-    x, f2 = _const_scale(x) if strip else (x, 1.0)
+    x, f2 = const_scale(x) if strip else (x, 1.0)
     ps = list(x.inputs) if x.op is Op.CONCAT and x.attrs["axis"] == _last(x) else [x]
     parts = [_part(p, static, users) for p in ps]
     for p in parts:
@@ -338,7 +322,7 @@ def match(sm: Node, users: Dict[Node, List[Node]], static, order: Dict[Node, int
     cap = softcap(x)            # Gemma 2's cap * tanh(s / cap) on the scaled scores
     if cap is not None:
         cap, x = cap
-    x, scale = _const_scale(x)  # (q @ k^T) * c, / c: the kernel's scale
+    x, scale = const_scale(x)  # (q @ k^T) * c, / c: the kernel's scale
     if x.op in (Op.MUL, Op.DIV):
         need(x.op is not Op.MUL or any(
             tuple(i.type.shape) != tuple(x.type.shape) for i in x.inputs),
@@ -390,7 +374,7 @@ def _sides(sm, pv, qr, kt, users, static, order, causal, window, scale, slopes, 
     linear), joins the kernel's scale; the product stays in the body (the region), so the
     oracle is unchanged."""
     if strip:
-        kt, f = _const_scale(kt)
+        kt, f = const_scale(kt)
         scale *= f
     need(kt.op is Op.PERMUTE and tuple(kt.attrs["perm"]) == (0, 1, 3, 2),
           "keys are not transposed from [B, H, S, D]")
@@ -429,7 +413,7 @@ def _tensor_scale(x: Node, name: str, static) -> str:
     """Why q' (or k') is not read as RoPE's parts when it is multiplied (or divided) by a
     broadcast tensor that is neither a constant scalar (the kernel's scale) nor a position
     table (XPos): said in a declined record; "" otherwise."""
-    x, _ = _const_scale(_heads(_const_scale(x)[0])[0])
+    x, _ = const_scale(_heads(const_scale(x)[0])[0])
     if x.op not in (Op.MUL, Op.DIV):
         return ""
     for a, t in ((x.inputs, x.inputs[::-1]) if x.op is Op.MUL else (x.inputs,)):
@@ -448,7 +432,7 @@ def _unscaled_sources(qparts: List[dict], kparts: List[dict]):
     linear, so rope(c q) = c rope(q): c is a scale of the scores."""
     fs, out = set(), []
     for p in qparts:
-        src, f = _const_scale(p["src"])
+        src, f = const_scale(p["src"])
         if f == 1.0 or src.op is Op.CONST or any(p["src"] is k["src"] or p["src"] is k["top"]
                                                  for k in kparts):
             return None

@@ -13,7 +13,7 @@ node), everything else in its old order.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Set
+from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 from ..errors import LmcError
 from ..ir.graph import Graph, Node
@@ -38,6 +38,23 @@ def const_value(n: Node) -> Optional[float]:
         except (TypeError, ValueError):
             return None
     return None
+
+
+def const_scale(x: Node) -> Tuple[Node, float]:
+    """x = y * c, c * y or y / c (repeatedly), c a constant scalar (finite, nonzero): (y, the
+    product of the factors). A scale on q or k before the product (`(q * d ** -0.5) @ k^T`)
+    is a scale of the scores: the kernel's."""
+    f = 1.0
+    while x.op in (Op.MUL, Op.DIV):
+        a, c = x.inputs
+        if x.op is Op.MUL and const_value(a) is not None:
+            a, c = c, a
+        cv = const_value(c)
+        if cv is None or cv == 0.0 or cv != cv or abs(cv) == float("inf") or \
+                tuple(a.type.shape) != tuple(x.type.shape) or a.type.dtype != x.type.dtype:
+            break
+        f, x = (f * cv if x.op is Op.MUL else f / cv), a
+    return x, f
 
 
 def widened(x: Node) -> bool:

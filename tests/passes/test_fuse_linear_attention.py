@@ -472,6 +472,36 @@ def test_hand_written_model_triton_equals_torch(tmp_path, t):
 
 
 
+def test_hand_written_model_decodes_with_a_constant_state(tmp_path):
+    """The decode step of the hand-written YAML: the mixer whose scale is on the scores,
+    ((q @ k^T) * c * D) @ v, keeps a d_k x d_v state as the unscaled one does (it was decoded
+    as softmax-free attention over K, V and G caches growing per token: 136 B/token), one
+    decode_linear_attention each, and decode = forward on both backends, dynamic and static."""
+    from conftest import decode_worst
+
+    from lmc.passes.decode import decode_step
+    from lmc.runtime.decoder import Decoder
+
+    path = tmp_path / "hand.yaml"
+    path.write_text(HAND)
+    ref = lmc.load(str(path), seed=2).eval()
+    tri = lmc.load(str(path), backend="triton", seed=2).eval()
+    tri.load_state_dict(ref.state_dict())
+    states = decode_step(ref.graph).states
+    assert [(s.kind, s.bytes_per_token()) for s in states] == [("state", 0)] * 2
+    ids = torch.randint(0, 48, (2, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full = ref(ids)
+    for model, backend in ((ref, "torch"), (tri, "triton")):
+        for static in (False, True):
+            dec = Decoder(model, backend, static=static, **({"max_len": 12} if static else {}))
+            if backend == "triton":
+                kinds = [n.attrs["kind"] for n in dec.graph.nodes if n.op is Op.FUSED]
+                assert kinds.count("decode_linear_attention") == 2, kinds
+            for k in (0, 1, 4):
+                assert decode_worst(dec, ids, full, k) < 1e-5, (backend, static, k)
+
+
 def test_f16_fp32_product_gradients_are_as_close_as_the_primitives():
     """The mixed-precision form's gradients (q, k, v, the learned gates): the fused backward
     kernels and the f16 primitives, each against the fp32 program's."""
