@@ -74,6 +74,32 @@ def triton_step_equals_torch(graph, ids, targets):
 
 
 # -- shared by the decode tests -------------------------------------------------------------------
+def unit_init(model, seed=0):
+    """Re-draw a model's matrices at unit scale (embeddings N(0, 1), a [n, m] weight
+    N(0, 1 / n)), in place, so attention scores are O(1): a small default init leaves them
+    near 0, where the attention (RoPE, the mask) barely moves the logits and a test of it
+    could not fail. Vectors (norm gains) are left as they are."""
+    import torch
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                std = 1.0 if "embed" in name else p.shape[-2] ** -0.5
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+    return model
+
+
+def assert_grads_close(model, ref, rel=1e-5):
+    """Every parameter's gradient of `model` equals `ref`'s within rel of its own largest
+    magnitude (an absolute floor that stays meaningful whatever the gradients' scale)."""
+    import torch
+    for (name, p), (_, q) in zip(ref.named_parameters(), model.named_parameters()):
+        assert p.grad is not None and q.grad is not None, name
+        top = p.grad.abs().max().item()
+        assert top > 0, name
+        torch.testing.assert_close(q.grad, p.grad, rtol=rel, atol=rel * top, msg=name)
+
+
 def decode_worst(dec, ids, full, k, state=None):
     """Prefill k tokens, then one step per token: the worst logit difference to `full` (the
     full forward's logits), inf if any is NaN (lmc.verify's decode check)."""

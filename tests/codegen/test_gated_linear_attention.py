@@ -80,7 +80,7 @@ def test_strong_decays_do_not_overflow():
 
 def test_fp16():
     errs = _errors(1, 2, 45, 16, 16, seed=7, dtype=torch.float16)
-    assert max(errs.values()) < 2e-2, errs
+    assert max(errs.values()) < 2e-3, errs      # measured 8.5e-4 (dv): fp16 rounding
 
 
 def _recurrence(q, k, v, g, s0):

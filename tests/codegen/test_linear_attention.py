@@ -19,7 +19,7 @@ from conftest import ROOT, ZOO
 import lmc
 from lmc.codegen import linear_attention as la
 
-TOL = 1e-4
+TOL = 3e-5      # fp32 against the fp64 recurrence: the worst case measured 1.2e-5
 
 
 REPORT = {}

@@ -277,7 +277,7 @@ def test_layer_fp16():
     yr, ref = moe.moe_reference(*[t.float() for t in h], k=2, act="silu")
     assert torch.equal(g.idx.long(), ref["top"])
     assert y.dtype == torch.float16
-    assert rel(y, yr) < 5e-3
+    assert rel(y, yr) < 2e-3        # measured 5.4e-4: about one fp16 rounding
 
 
 def _grouped_and_direct(x, wr, wg, w1, w2, noise, k, cap, T, act):
@@ -429,3 +429,6 @@ def test_bench_tiny(tmp_path, router):
     data = json.loads(out.read_text())
     assert {row["contender"] for row in data["rows"]} >= {"lmc", "eager"}
     assert all(row["max_rel_err"] is None or row["max_rel_err"] < 1e-4 for row in data["rows"])
+    for row in data["rows"]:       # a contender that crashed while timed is recorded, not run
+        assert not [k for k in row if k.endswith("_error")], row
+        assert row["fwd_ms"] > 0 and row["fwd_bwd_ms"] > 0, row

@@ -371,7 +371,7 @@ def test_a_model_with_half_width_rope_tables_fuses_in_training_and_decode(form, 
     the model as written bitwise, one rope_attention per layer with RoPE inside, triton
     forward and gradients equal to the primitives, and one decode_attention per layer in the
     dynamic and the static step, decode = forward."""
-    from conftest import decode_worst
+    from conftest import assert_grads_close, decode_worst, unit_init
 
     import lmc
     from lmc.driver import compile_model
@@ -381,7 +381,7 @@ def test_a_model_with_half_width_rope_tables_fuses_in_training_and_decode(form, 
     monkeypatch.setenv("LMC_CACHE", str(tmp_path / "cache"))
     path = tmp_path / f"{form}.yaml"
     path.write_text(_HALF_YAML.replace("ROPE", _HALF_ROPES[form]))
-    m = lmc.load(str(path), seed=1)
+    m = unit_init(lmc.load(str(path), seed=1))      # scores O(1): RoPE moves the logits
     tri = lmc.load(str(path), backend="triton", seed=1)
     tri.load_state_dict(m.state_dict())
     recs = [r for r in tri.pattern_graph().meta["fusions"] if r["pass"] == "fuse_rope_attention"]
@@ -399,16 +399,16 @@ def test_a_model_with_half_width_rope_tables_fuses_in_training_and_decode(form, 
     ids = torch.randint(0, 64, (2, 11), generator=gen)
     want = m(ids)
     got = tri(ids)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    top = want.abs().max().item()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * top)
     gy = torch.randn(want.shape, generator=gen)
     (want * gy).sum().backward()
     (got * gy).sum().backward()
-    for (name, p), q in zip(m.named_parameters(), tri.parameters()):
-        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
+    assert_grads_close(tri, m)
     with torch.no_grad():
         full = m(ids)
     for static in (False, True):
         dec = Decoder(tri.eval(), "triton", static=static, **({"max_len": 16} if static else {}))
         kinds = [n.attrs["kind"] for n in dec.graph.nodes if n.op is Op.FUSED]
         assert kinds.count("decode_attention") == 2, kinds
-        assert decode_worst(dec, ids, full, 4) < 1e-4
+        assert decode_worst(dec, ids, full, 4) < 1e-6 * top

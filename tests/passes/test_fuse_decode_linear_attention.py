@@ -20,7 +20,7 @@ from lmc.passes.fuse_decode_linear_attention import fuse_decode_linear_attention
 from lmc.runtime.decoder import Decoder
 from lmc.runtime.executor import run_graph
 
-TOL = 1e-4     # fp32, max abs difference of logits (issue 6's bound)
+TOL = 1e-5     # fp32, max abs difference of logits (issue 6 asks 1e-4; measured <= 3e-7)
 PASS = "fuse_decode_linear_attention"
 KIND = "decode_linear_attention"
 

@@ -15,7 +15,7 @@ from lmc.passes.decode import decode_step
 from lmc.passes.fuse_moe_gating import fuse_moe_gating
 from lmc.runtime.decoder import Decoder
 
-TOL = 1e-4     # fp32, max abs difference of logits (issue 6's bound)
+TOL = 1e-5     # fp32, max abs difference of logits (issue 6 asks 1e-4; measured <= 3e-7)
 
 
 @pytest.fixture(autouse=True)

@@ -14,7 +14,7 @@ from lmc.codegen import matmul
 from lmc.ir.ops import Op
 from lmc.runtime.decoder import Decoder
 
-TOL = 1e-4
+TOL = 1e-5
 
 
 @pytest.fixture(autouse=True)

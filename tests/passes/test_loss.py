@@ -212,7 +212,6 @@ def test_training_from_the_loss_alone_equals_every_output_taking_a_cotangent():
         out = m(ids, targets=targets)
         out["loss"].backward()
         grads.append({k: p.grad for k, p in m.named_parameters()})
-    assert not out["logits"].requires_grad or oracle is m
     assert not ours(ids, targets=targets)["logits"].requires_grad
     assert "grad:logits" not in {n.attrs["name"] for n in ours.program().backward.inputs}
     assert "grad:logits" in {n.attrs["name"] for n in every.program().backward.inputs}

@@ -17,7 +17,7 @@ from lmc.runtime.decoder import Decoder
 
 FILES = sorted(glob.glob(os.path.join(ZOO, "*.yaml")))
 LLAMA = os.path.join(ZOO, "llama.yaml")
-TOL = 1e-4  # fp32, max abs difference of logits
+TOL = 1e-5  # fp32, max abs difference of logits (issue 6 asks 1e-4; measured <= 3e-7)
 
 
 def _forward(m, ids):

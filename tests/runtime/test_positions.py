@@ -83,5 +83,5 @@ def test_a_static_decoder_on_the_kernel_tables_equals_the_forward(monkeypatch):
     with torch.no_grad():
         full = m(ids)
     dec = Decoder(m, "triton", static=True, max_len=16)
-    assert decode_worst(dec, ids, full, 3) < 1e-4
+    assert decode_worst(dec, ids, full, 3) < 1e-5
     assert calls[:2] == [3, 1] and len(calls) == 14 - 3 + 1
