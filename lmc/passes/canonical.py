@@ -64,6 +64,13 @@ the decode pass read. Only a true branch of constant 0.0 and a false branch of c
 (a finite fill such as finfo.min is not the same values), and only where the sum has s's
 shape and dtype (the mask broadcasts to s, never s to the mask).
 
+A bias added after the mask (MPT's combined bias, s + (alibi + mask), once the additive mask
+is rewritten; or where(m, s, -inf) + b written directly): where(m, x, -inf) + b, either order,
+the where read by the sum alone, becomes where(m, x + b, -inf), the bias inside the mask where
+fuse_rope_attention reads ALiBi (x + b is the unmasked sum; a masked entry is -inf + b = -inf
+for every finite b, the one value change an inf or NaN bias would make), repeatedly for a chain
+of biases.
+
 RoPE with half-width tables (GPT-NeoX's and many reference implementations'): c, s of width
 R/2 (cos and sin of the angles, broadcast over x's leading axes), x1 = x[..., :R/2],
 x2 = x[..., R/2:],
@@ -321,6 +328,22 @@ def _broadcasts(small, big) -> bool:
         dims_equal(a, 1) or dims_equal(a, b) for a, b in zip(small[::-1], big[::-1]))
 
 
+def _masked_sum(n: Node, users, masked: set, outs: set):
+    """n = w + b or b + w, w = where(m, x, -inf) (or a node canonicalize rewrites into one:
+    in `masked`) read by n alone (not a graph output), b of n's dtype and not itself masked:
+    (w, b), else None."""
+    if n.op is not Op.ADD or not n.type.dtype.is_float:
+        return None
+    for w, b in (n.inputs, n.inputs[::-1]):
+        if b.type.dtype != n.type.dtype or b in masked or len(users.get(w, [])) != 1 or \
+                w in outs:
+            continue
+        if w in masked or (w.op is Op.WHERE and w.type.dtype == n.type.dtype and
+                           const_value(w.inputs[2]) == float("-inf")):
+            return w, b
+    return None
+
+
 def _additive_mask(n: Node):
     """n = s + where(m, 0, -inf) (either order; the where possibly cast between float dtypes,
     reshaped or expanded to broadcast, and m likewise), n of s's shape and dtype: (m, s) with
@@ -478,11 +501,16 @@ def canonicalize(g: Graph) -> Graph:
     unit_decays = {n: m for n in g.nodes if (m := _unit_decay(n)) is not None}
     after_exp = {n: m for n in g.nodes if (m := _masked_after_exp(n, users)) is not None}
     additive = {n: m for n in g.nodes if (m := _additive_mask(n)) is not None}
+    masked, masked_sums, outs = set(additive), {}, set(g.outputs.values())
+    for n in g.nodes:           # in order: a chain of biases after the mask, each in turn
+        if n not in additive and (m := _masked_sum(n, users, masked, outs)) is not None:
+            masked_sums[n] = m
+            masked.add(n)
     rep = _classes(g)
     ropes = {n: m for n in g.nodes if n.op in (Op.CONCAT, Op.RESHAPE) and
              (m := _half_rope(n, rep)) is not None}
     if not found and not diff and not windows and not decays and not after_exp and \
-            not additive and not ropes and not unit_decays:
+            not additive and not ropes and not unit_decays and not masked_sums:
         return g
     new: Dict[Node, Node] = {}
     nodes: List[Node] = []
@@ -575,6 +603,16 @@ def canonicalize(g: Graph) -> Graph:
             ninf = mk(Op.CONST, (), {"value": float("-inf"), "dtype": s.type.dtype})
             out = mk(Op.WHERE, (m, s, ninf), {})
             nodes += [ninf, out]
+            new[n] = out
+            continue
+        w = new[masked_sums[n][0]] if n in masked_sums else None
+        if w is not None and w.op is Op.WHERE:   # where(m, x, -inf) + b = where(m, x + b, -inf)
+            m, x, fill = w.inputs
+            mk = lambda op, ins, attrs: Node.make(op, ins, attrs, n.loc, n.scope)  # noqa: E731
+            b = new[masked_sums[n][1]]
+            total = mk(Op.ADD, (x, b) if n.inputs[0] is masked_sums[n][0] else (b, x), {})
+            out = mk(Op.WHERE, (m, total, fill), {})
+            nodes += [total, out]
             new[n] = out
             continue
         if n in after_exp:     # where(mask, exp(x), 0) = exp(where(mask, x, -inf))

@@ -153,6 +153,15 @@ def _additive(form, disable=()):
     elif form == "padding":            # any bool mask: [B, 1, 1, T] of an input
         keep = b.input("keep", [B, 1, 1, T], "bool")
         a = s + b.where(keep, 0.0, ninf)
+    elif form.startswith("alibi-"):    # ALiBi's bias added with the mask, in four orders
+        slopes = b.const(torch.tensor([2.0 ** (-8.0 * (h + 1) / H) for h in range(H)]
+                                      ).reshape(H, 1, 1))
+        pos = b.cast(b.iota(T), "f32")
+        alibi = slopes * (b.reshape(pos, [1, T]) - b.reshape(pos, [T, 1]))
+        a = {"alibi-after-mask": lambda: (s + b.where(m, 0.0, ninf)) + alibi,   # (s+mask)+alibi
+             "alibi-combined": lambda: s + (alibi + b.where(m, 0.0, ninf)),     # MPT's bias
+             "alibi-first": lambda: alibi + (b.where(m, 0.0, ninf) + s),
+             "alibi-after-where": lambda: b.where(m, s, ninf) + alibi}[form]()
     else:
         raise ValueError(form)
     o = b.softmax(a, -1) @ v
@@ -199,10 +208,45 @@ def test_an_additive_mask_becomes_the_masked_scores(form):
         assert [r["status"] for r in recs] == ["fused"], recs
 
 
+@pytest.mark.parametrize("form", ["alibi-after-mask", "alibi-combined", "alibi-first",
+                                  "alibi-after-where"])
+def test_a_bias_added_after_the_mask_moves_inside_it(form):
+    """ALiBi's bias added with or after the mask ((s + mask) + alibi; MPT's combined bias
+    s + (alibi + mask); where(m, s, -inf) + alibi) is where(m, s + alibi, -inf), bitwise the
+    same forward; it fuses as flash attention with ALiBi (before: declined)."""
+    g = _additive(form)
+    raw = _additive(form, disable=["canonicalize"])
+    (sm,) = [n for n in g.nodes if n.op is Op.SOFTMAX]
+    w = sm.inputs[0]
+    assert w.op is Op.WHERE and w.inputs[0].op is Op.CAUSAL_MASK and w.inputs[1].op is Op.ADD
+    gen = torch.Generator().manual_seed(5)
+    for t in (1, 6, 19):
+        vals = {n: torch.randn(2, H, t, D, generator=gen) for n in ("q", "k", "v")}
+        ctx = RefCtx(dims=bind_dims(g, vals))
+        assert torch.equal(run_graph(g, vals, ctx)["o"], run_graph(raw, vals, ctx)["o"]), t
+    for graph, want in ((g, "fused"), (raw, "declined")):
+        recs = [r for r in fuse_rope_attention(graph).meta["fusions"]
+                if r["pass"] == "fuse_rope_attention"]
+        assert [r["status"] for r in recs] == [want], recs
+        assert want == "declined" or "alibi" in recs[0]["reason"].lower(), recs
+
+
+def test_a_bias_after_a_mask_read_elsewhere_or_masked_twice_is_left_alone():
+    """The where read by something else besides the sum stays (moving the bias would need
+    the where twice); a second additive mask is the additive rewrite's, not a bias."""
+    b = Builder({}, {})
+    s = b.input("s", [B, H, T, T], "f32")
+    bias = b.input("bias", [1, H, T, T], "f32")
+    w = b.where(b.causal_mask(T, T), s, -float("inf"))
+    g = run_pipeline(Graph("g", b.nodes, {"a": (w + bias).node, "w": w.node}))
+    assert g.outputs["a"].op is Op.ADD
+
+
 def test_additive_masks_other_than_zero_or_minus_inf_are_left_alone():
     """Only where(m, 0.0, -inf) added to a tensor of the sum's own shape is a mask: a finite
-    fill (finfo.min, -1e4: s + fill is not fill), another kept value, the branches swapped,
-    or a mask that broadcasts the scores up stay as written."""
+    fill (finfo.min, -1e4: s + fill is not fill) and the branches swapped stay as written;
+    another kept value, or a mask that broadcasts the scores up, are a bias added after a
+    mask (where(m, 1 + s, -inf), where(keep, 0 + s1, -inf)), the same values."""
     b = Builder({}, {})
     s = b.input("s", [B, H, T, T], "f32")
     s1 = b.input("s1", [1, H, T, T], "f32")
@@ -212,7 +256,16 @@ def test_additive_masks_other_than_zero_or_minus_inf_are_left_alone():
             "swapped": s + b.where(m, -float("inf"), 0.0),
             "wider": s1 + b.where(keep, 0.0, -float("inf"))}
     g = run_pipeline(Graph("g", b.nodes, {k: v.node for k, v in outs.items()}))
-    assert all(g.outputs[k].op is Op.ADD for k in outs)
+    raw = run_pipeline(Graph("g", b.nodes, {k: v.node for k, v in outs.items()}),
+                       disable=["canonicalize"])
+    assert [g.outputs[k].op for k in outs] == [Op.ADD, Op.WHERE, Op.ADD, Op.WHERE]
+    gen = torch.Generator().manual_seed(2)
+    vals = {"s": torch.randn(2, H, 5, 5, generator=gen),
+            "s1": torch.randn(1, H, 5, 5, generator=gen),
+            "keep": torch.rand(2, 1, 5, 5, generator=gen) < 0.5}
+    ctx = RefCtx(dims=bind_dims(g, vals))
+    got, want = run_graph(g, vals, ctx), run_graph(raw, vals, ctx)
+    assert all(torch.equal(got[k], want[k]) for k in outs)
 
 
 def _half_rope(b, x, c, s, form, Dh, other=False):
