@@ -32,9 +32,14 @@ finishes last. The horizontal form's tile helpers do the same per product (each 
 its own region of the workspace; a rotated product's partner accumulator too).
 
     @triton.jit
-    def lmc_mm_matmul_add_0(in0_ptr, in1_ptr, in2_ptr, out0_ptr, M, N, K, Z0,
+    def lmc_mm_matmul_add_0(in0_ptr, in1_ptr, in2_ptr, out0_ptr, M, N, K,
                             a_s0, a_sm, a_sk, b0_s0, b0_sk, b0_sn, e2_s0, e2_sm, e2_sn,
-                            BLOCK_M: tl.constexpr, ..., GROUP_M: tl.constexpr): ...
+                            ws_ptr, cnt_ptr, ZM, SPLIT_MAX,
+                            BLOCK_M: tl.constexpr, ..., SPLIT_K: tl.constexpr): ...
+
+A kernel declares the parameters its body reads (`params.prune`; here not Z0, the one batch
+axis's size: its index is the flat batch index) and the autotuner's key (SPLIT_MAX, which
+only the autotuner reads, said in a comment).
 """
 from __future__ import annotations
 
@@ -48,7 +53,14 @@ from ..ir.ops import Kind, Op
 from ..ir.types import DType
 from ..passes.fuse_matmul import norm_prologue, with_weight_cast
 from ..passes.fuse_matmul_reductions import row_reduction
-from .pointwise import HELPERS, TL_DTYPE, _expr, literal  # noqa: F401  (HELPERS: program.py)
+from . import params
+from .pointwise import (  # noqa: F401  (HELPERS: program.py)
+    HELPERS,
+    TL_DTYPE,
+    _expr,
+    literal,
+    split_index,
+)
 from .reduction import fold_init, fold_step, fold_value
 
 _HALF = (DType.f16, DType.bf16)
@@ -323,14 +335,35 @@ def _site(m: Node) -> str:
     return m.op.value + (f"@{m.loc.file.rsplit('/', 1)[-1]}:{m.loc.line}" if m.loc else "")
 
 
-def _head(name: str, args: List[str], body: Graph, split: bool = False) -> List[str]:
-    """The @triton.jit signature of a matmul kernel and its IR-nodes comment."""
-    return ["@triton.jit",
-            f"def {name}({', '.join(args)},",
-            "        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, "
-            "GROUP_M: tl.constexpr" + (", SPLIT_K: tl.constexpr):" if split else "):"),
+# where `_head` leaves the signature for `_finish`, which knows what the body reads
+_SIGNATURE = "    <signature>"
+# the GPU autotuner's key (and SPLIT_MAX for a kernel that may split K): kernel arguments
+_KEY = ("M", "N", "K")
+
+
+def _head(body: Graph) -> List[str]:
+    """The @triton.jit line of a matmul kernel, its signature's place and its IR-nodes
+    comment."""
+    return ["@triton.jit", _SIGNATURE,
             "    # IR nodes: " + ", ".join(_site(m) for m in body.nodes
                                           if m.op not in (Op.INPUT, Op.CONST))]
+
+
+def _finish(lines: List[str], name: str, every: List[str], split: bool) -> str:
+    """The kernel's source: `lines` with its signature in `_head`'s place, declaring the
+    parameters of `every` that the body reads, and the GPU autotuner's key (M, N, K, and
+    SPLIT_MAX where the launch may split K) whether the body reads it or not."""
+    at = lines.index(_SIGNATURE)
+    code = "\n".join(lines[at + 1:])
+    args = params.prune(every, code, _KEY + (("SPLIT_MAX",) if split else ()))
+    key_only = params.unread(args, code)
+    lines[at:at + 1] = [
+        f"def {name}({', '.join(args)},",
+        "        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, "
+        "GROUP_M: tl.constexpr" + (", SPLIT_K: tl.constexpr):" if split else "):")] + ([
+            f"    # {', '.join(key_only)}: not read here, the GPU autotuner's key"]
+        if key_only else [])
+    return "\n".join(lines) + "\n"
 
 
 def _ranges() -> List[str]:
@@ -344,7 +377,12 @@ def _ranges() -> List[str]:
 
 def _batch_offset(nb: int):
     """prefix -> a tensor's batch offset: its stride on each batch axis times the index."""
-    return lambda prefix: "".join(f" + z{d} * {prefix}_s{d}" for d in range(nb))
+    return lambda prefix: "".join(f" + {_z(d, nb)} * {prefix}_s{d}" for d in range(nb))
+
+
+def _z(d: int, nb: int) -> str:
+    """The index along batch axis d: the flat batch index z itself when there is one axis."""
+    return "z" if nb == 1 else f"z{d}"
 
 
 def _run_tiles(kernel, args, nbatch: int, M: int, N: int, K: int, interpret: bool,
@@ -413,9 +451,9 @@ def _split_buffers(device):
 
 
 def _tile_order(nb: int) -> List[str]:
-    """From pid, num_m and num_n: the batch entry z (and its axes z0, z1, ...) and the tile
-    (pid_m, pid_n), in grouped order: GROUP_M row tiles walk the column tiles together, so
-    the B tiles they share stay in L2."""
+    """From pid, num_m and num_n: the batch entry z (and, with several batch axes, its
+    index along each, z0, z1, ...) and the tile (pid_m, pid_n), in grouped order: GROUP_M
+    row tiles walk the column tiles together, so the B tiles they share stay in L2."""
     lines = [
         "    z = (pid // (num_m * num_n)).to(tl.int64)  # flat batch index",
         "    t = pid % (num_m * num_n)",
@@ -426,14 +464,7 @@ def _tile_order(nb: int) -> List[str]:
         "    pid_m = first_m + (t % per_group) % rows",
         "    pid_n = (t % per_group) // rows",
     ]
-    if nb == 1:
-        lines.append("    z0 = z")
-    elif nb:
-        lines.append("    rem = z")
-        for d in reversed(range(1, nb)):
-            lines += [f"    z{d} = rem % Z{d}", f"    rem = rem // Z{d}"]
-        lines.append("    z0 = rem")
-    return lines
+    return lines + (split_index("z", "z", "Z", nb) if nb > 1 else [])
 
 
 # per body graph (immutable once fused): horizontal()'s answer and _segments()'s, which
@@ -577,6 +608,7 @@ def _rope_tile_helper(tile: str, pro, idx, dot_ty: str, prod_ty: str, prec: str,
     rnd = "" if prod_ty == "tl.float32" else f".to({prod_ty}).to(tl.float32)"
     biased = r.get("bias") is not None
     heads = bool(r.get("heads"))      # tables varying along the heads: read at [t, h, d]
+    part = R < D                      # partial rotary: columns d >= R are stored as they are
     ch, sh = ("cos_sh, ", "sin_sh, ") if heads else ("", "")
 
     def table(name: str) -> str:      # where the tile reads table `name` (cos or sin)
@@ -587,7 +619,8 @@ def _rope_tile_helper(tile: str, pro, idx, dot_ty: str, prod_ty: str, prec: str,
         "@triton.jit",
         f"def {tile}(a_rows, a_sk, mask_m, rm, z, b_ptr, b_sk, b_sn, o_ptr, tile_n, M, N, K,",
         f"        {w_args}cos_ptr, cos_st, {ch}cos_sd, sin_ptr, sin_st, {sh}sin_sd, T, o_sb, o_sh, "
-        f"o_st, o_sd, pos_ptr, pos_s, {'bias_ptr, bias_s, ' if biased else ''}{_SPLIT_PARAMS}",
+        f"o_st, o_sd, pos_ptr, pos_s, {'bias_ptr, bias_s, ' if biased else ''}"
+        f"{_SPLIT_PARAMS.rstrip()}",
         "        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, "
         "SPLIT_K: tl.constexpr, CACHE: tl.constexpr):",
         "    # one BLOCK_M x BLOCK_N tile of P = A @ B"
@@ -599,9 +632,10 @@ def _rope_tile_helper(tile: str, pro, idx, dot_ty: str, prod_ty: str, prec: str,
         "    mask_n = rn < N",
         f"    h = rn // {D}",
         f"    d = rn % {D}",
-        f"    rot = d < {R}",
+    ] + ([f"    rot = d < {R}"] if part else []) + [
         f"    # rotate-half: partner d + {half} (sign -1) below {half}, d - {half} (+1) up to {R}",
-        f"    pn = h * {D} + tl.where(d < {half}, d + {half}, tl.where(rot, d - {half}, d))",
+        f"    pn = h * {D} + tl.where(d < {half}, d + {half}, "
+        + (f"tl.where(rot, d - {half}, d))" if part else f"d - {half})"),
         "    b_cols = b_ptr + rn[None, :] * b_sn",
         "    p_cols = b_ptr + pn[None, :] * b_sn",
         "    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)",
@@ -627,11 +661,12 @@ def _rope_tile_helper(tile: str, pro, idx, dot_ty: str, prod_ty: str, prec: str,
     ] if biased else []) + [
         "    r = z * M + rm  # the row of [B * T]: batch entry r // T, new position r % T",
         "    t = r % T",
-        "    tmask = mask_m[:, None] & (mask_n & rot)[None, :]",
+        "    tmask = mask_m[:, None] & "
+        + ("(mask_n & rot)[None, :]" if part else "mask_n[None, :]"),
         f"    c = tl.load({table('cos')}, mask=tmask, other=0.0){cast}",
         f"    s = tl.load({table('sin')}, mask=tmask, other=0.0){cast}",
         f"    xr = tl.where((d < {half})[None, :], -xp, xp)",
-        "    y = tl.where(rot[None, :], x * c + xr * s, x)",
+        "    y = " + ("tl.where(rot[None, :], x * c + xr * s, x)" if part else "x * c + xr * s"),
     ] + ([f"    y = y * {float(r['scale'])!r}  # the rotated value's scale"]
          if r.get("scale") is not None else []) + [
         "    if CACHE:",
@@ -641,7 +676,7 @@ def _rope_tile_helper(tile: str, pro, idx, dot_ty: str, prod_ty: str, prec: str,
         "    out = (r // T)[:, None] * o_sb + h[None, :] * o_sh + tt[:, None] * o_st + "
         "d[None, :] * o_sd",
         f"    tl.store(o_ptr + out, y.to({out_ty}), mask=mask_m[:, None] & "
-        f"(mask_n & (d < {W}))[None, :])",
+        + (f"(mask_n & (d < {W}))[None, :])" if W < D else "mask_n[None, :])"),
     ]
     return lines
 
@@ -757,28 +792,6 @@ def _generate_horizontal(body: Graph, name: str) -> str:
     idx = {p: i for i, p in enumerate(inputs)}
     seg = _segments(body, mms, pro)
     nb = mms[0].type.rank - 2
-    zs = [f"Z{d}" for d in range(nb)]
-    ns = [f"N{j}" for j in range(len(mms))]
-    args = [f"in{i}_ptr" for i in range(len(inputs))] + \
-        [f"out{k}_ptr" for k in range(len(body.outputs))] + ["M", "N", "K"] + ns + zs + \
-        [f"a_s{d}" for d in range(nb)] + ["a_sm", "a_sk"] + \
-        [f"b{j}_s{x}" for j in range(len(mms)) for x in "kn"] + _norm_stride_args(pro)
-    for j, sg in enumerate(seg):
-        if sg[0] == "rope":     # a rotation: T, the tables' and the output's strides
-            hs = [f"cs{j}_h", f"sn{j}_h"] if sg[1].get("heads") else []
-            args += [f"T{j}", f"cs{j}_t", *hs[:1], f"cs{j}_d", f"sn{j}_t", *hs[1:],
-                     f"sn{j}_d"] + \
-                [f"o{j}_s{x}" for x in range(4)] + [f"p{j}_s"] + \
-                ([f"bias{j}_s"] if sg[1].get("bias") is not None else [])
-        elif sg[0] == "cache":
-            args += [f"T{j}", f"p{j}_s", f"c{j}_s0", f"c{j}_s1", f"c{j}_s2"]
-        elif sg[0] == "epi":    # each epilogue input's strides over [*batch, M, N{j}]
-            for x in _epi_inputs(body, sg[1]):
-                args += [f"e{j}_{idx[x]}_s{d}" for d in range(nb)] + \
-                    [f"e{j}_{idx[x]}_sm", f"e{j}_{idx[x]}_sn"]
-            if sg[1]["cache"] is not None:      # and a cache write's, as "cache" has
-                args += [f"T{j}", f"p{j}_s", f"c{j}_s0", f"c{j}_s1", f"c{j}_s2"]
-    args += ["ws_ptr", "cnt_ptr", "ZM", "SPLIT_MAX"]
     fp32 = mms[0].type.dtype is DType.f32
     prec = ', input_precision="ieee"' if fp32 else ""
     dot_ty = TL_DTYPE[mms[0].inputs[0].type.dtype]
@@ -825,7 +838,7 @@ def _generate_horizontal(body: Graph, name: str) -> str:
                 f"A @ {w} {m.inputs[1].type}" + (
                     "" if cw is None else f" (out{cw} written into "
                     f"in{idx[outs[cw].inputs[0]]} at rows in{idx[outs[cw].inputs[1]]})"))
-    lines += _head(name, args, body, split=True) + [
+    lines += _head(body) + [
         f"    # A = in{idx[a]} {a.type}; "
         + "; ".join(what(j, m, sg) for j, (m, sg) in enumerate(zip(mms, seg))),
         "    # the column tiles of the first product, then of the second, ...: one launch",
@@ -844,7 +857,7 @@ def _generate_horizontal(body: Graph, name: str) -> str:
         lines.append(f"    nt{j} = (N{j} + BLOCK_N - 1) // BLOCK_N")
     lines.append("    num_n = " + " + ".join(f"nt{j}" for j in range(len(mms))))
     lines += _tile_order(nb)
-    boff = "".join(f" + z{d} * a_s{d}" for d in range(nb))
+    boff = _batch_offset(nb)("a")
     lines += [
         "    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)",
         "    mask_m = rm < M",
@@ -889,7 +902,39 @@ def _generate_horizontal(body: Graph, name: str) -> str:
             call += _product_epilogue(body, j, m, sg[1], idx, _batch_offset(nb))
         lines += [head] + call
         start = stop
-    return "\n".join(lines) + "\n"
+    return _finish(lines, name, _horizontal_params(body), split=True)
+
+
+def _horizontal_params(body: Graph) -> List[str]:
+    """Every parameter a horizontal-form kernel of `body` may read, in order: pointers, M,
+    N (all products' columns: the autotuner's key), K, each product's N, the batch sizes,
+    A's and the weights' strides, the norm prologue's, each product's own (a rotation's T,
+    tables and output strides; a cache write's; its epilogue inputs'), then split-K's
+    workspace, tile counters, ZM and SPLIT_MAX."""
+    inputs, mms, _, _, pro = _layout(body)
+    idx = {p: i for i, p in enumerate(inputs)}
+    nb = mms[0].type.rank - 2
+    args = [f"in{i}_ptr" for i in range(len(inputs))] + \
+        [f"out{k}_ptr" for k in range(len(body.outputs))] + ["M", "N", "K"] + \
+        [f"N{j}" for j in range(len(mms))] + [f"Z{d}" for d in range(nb)] + \
+        [f"a_s{d}" for d in range(nb)] + ["a_sm", "a_sk"] + \
+        [f"b{j}_s{x}" for j in range(len(mms)) for x in "kn"] + _norm_stride_args(pro)
+    for j, sg in enumerate(_segments(body, mms, pro)):
+        if sg[0] == "rope":     # a rotation: T, the tables' and the output's strides
+            hs = [f"cs{j}_h", f"sn{j}_h"] if sg[1].get("heads") else []
+            args += [f"T{j}", f"cs{j}_t", *hs[:1], f"cs{j}_d", f"sn{j}_t", *hs[1:],
+                     f"sn{j}_d"] + \
+                [f"o{j}_s{x}" for x in range(4)] + [f"p{j}_s"] + \
+                ([f"bias{j}_s"] if sg[1].get("bias") is not None else [])
+        elif sg[0] == "cache":
+            args += [f"T{j}", f"p{j}_s", f"c{j}_s0", f"c{j}_s1", f"c{j}_s2"]
+        elif sg[0] == "epi":    # each epilogue input's strides over [*batch, M, N{j}]
+            for x in _epi_inputs(body, sg[1]):
+                args += [f"e{j}_{idx[x]}_s{d}" for d in range(nb)] + \
+                    [f"e{j}_{idx[x]}_sm", f"e{j}_{idx[x]}_sn"]
+            if sg[1]["cache"] is not None:      # and a cache write's, as "cache" has
+                args += [f"T{j}", f"p{j}_s", f"c{j}_s0", f"c{j}_s1", f"c{j}_s2"]
+    return args + ["ws_ptr", "cnt_ptr", "ZM", "SPLIT_MAX"]
 
 
 def generate(body: Graph, name: str) -> str:
@@ -903,18 +948,8 @@ def generate(body: Graph, name: str) -> str:
     outputs = list(body.outputs.values())
     idx = {p: i for i, p in enumerate(inputs)}
     nb = mms[0].type.rank - 2
-    zs = [f"Z{d}" for d in range(nb)]
-    args = [f"in{i}_ptr" for i in range(len(inputs))] + \
-        [f"out{i}_ptr" for i in range(len(outputs))] + ["M", "N", "K"] + zs
-    args += _operand_args(a, pa, idx, "a", ("sm", "sk"), nb)
-    for j, m in enumerate(mms):
-        args += _operand_args(m.inputs[1], pb.get(j, []), idx, f"b{j}", ("sk", "sn"), nb)
-    for p in epi:
-        args += [f"e{idx[p]}_s{d}" for d in range(nb)] + [f"e{idx[p]}_sm", f"e{idx[p]}_sn"]
-    args += _norm_stride_args(pro)
-    args += ["ws_ptr", "cnt_ptr", "ZM", "SPLIT_MAX"]
-    if row_reduction(body) is not None:
-        args += ["rw_ptr", "RW"]      # the row reduction's partials [ZM, RW]
+    # a kernel with a row reduction never splits K (its launch cannot: see _run_tiles)
+    split = row_reduction(body) is None
     skip = set(pro.members if pro else pa).union(*pb.values())
     fp32 = mms[0].type.dtype is DType.f32
     prec = ', input_precision="ieee"' if fp32 else ""  # fp32 as torch computes it: no TF32
@@ -926,14 +961,16 @@ def generate(body: Graph, name: str) -> str:
             return f"in{idx[v]} {v.type}"
         return (f"{v.type} computed from " + ", ".join(f"in{idx[x]}" for x in _cone_inputs(cone))
                 + " (" + "+".join(dict.fromkeys(n.op.value for n in cone)) + ")")
-    lines = _head(name, args, body, split=True) + [
+    lines = _head(body) + [
         f"    # A = {_norm_comment(pro, idx, a)}"
         f"{operand(a, pa)}; " + "; ".join(
             f"acc{j} = A @ {operand(m.inputs[1], pb.get(j, []))}" for j, m in enumerate(mms))
         + ("; epilogue reads " + ", ".join(f"in{idx[p]} {p.type}" for p in epi) if epi else ""),
         "    pid = tl.program_id(0)",
+    ] + ([
         "    split = pid % SPLIT_K  # this program's slice of K (split-K: see _split_code)",
         "    pid = pid // SPLIT_K",
+    ] if split else []) + [
         "    num_m = (M + BLOCK_M - 1) // BLOCK_M",
         "    num_n = (N + BLOCK_N - 1) // BLOCK_N",
     ] + _tile_order(nb) + _ranges() + ([] if pa else [
@@ -946,7 +983,8 @@ def generate(body: Graph, name: str) -> str:
         lines.append(f"    acc{j} = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)")
     pre, inside, post = _prologue_code(pro, idx, dot_ty, accs, "        ") if pro else \
         ([], [], [])
-    lines += pre + _K_SLICE + (_operand_code(pa, idx, "a", dot_ty, boff) if pa else [
+    lines += pre + (_K_SLICE if split else _K_WHOLE) + (
+        _operand_code(pa, idx, "a", dot_ty, boff) if pa else [
         "        a = tl.load(a_rows + kk[None, :] * a_sk, mask=mask_m[:, None] & mask_k[None, :],"
         " other=0.0)",
     ])
@@ -960,11 +998,40 @@ def generate(body: Graph, name: str) -> str:
                          f"mask=mask_k[:, None] & mask_n[None, :], other=0.0)")
         lines.append(f"        acc{j} = tl.dot(a, b{j}, acc=acc{j}{prec})")
     # the single-loop prologue's sums of squares are partial too; the f16 one read all of K
-    lines += _split_code(accs, bool(post))
+    lines += _split_code(accs, bool(post)) if split else []
     lines += post
     lines += _epilogue(body, {m: f"acc{j}" for j, m in enumerate(mms)}, skip, epi, idx,
                        outputs, boff)
-    return "\n".join(lines) + "\n"
+    return _finish(lines, name, _plain_params(body), split)
+
+
+def _every(body: Graph, make) -> List[str]:
+    """make(body), a form's whole parameter list, once per body (every launch asks)."""
+    return params.of_body(body, make.__name__, lambda: make(body))
+
+
+def _plain_params(body: Graph) -> List[str]:
+    """Every parameter a plain-form matmul kernel of `body` may read, in order (the kernel
+    declares those it reads, `launch` passes values for all): pointers, M, N, K, the batch
+    sizes, the operands' strides (a prologue's inputs'), the epilogue inputs' and the norm
+    prologue's, then split-K's workspace, tile counters, ZM and SPLIT_MAX, or, with a row
+    reduction, the counters and the partials' workspace [ZM, RW]."""
+    inputs, mms, a, epi, pro = _layout(body)
+    pa, pb = operand_prologues(body)
+    idx = {p: i for i, p in enumerate(inputs)}
+    nb = mms[0].type.rank - 2
+    args = [f"in{i}_ptr" for i in range(len(inputs))] + \
+        [f"out{i}_ptr" for i in range(len(body.outputs))] + ["M", "N", "K"] + \
+        [f"Z{d}" for d in range(nb)]
+    args += _operand_args(a, pa, idx, "a", ("sm", "sk"), nb)
+    for j, m in enumerate(mms):
+        args += _operand_args(m.inputs[1], pb.get(j, []), idx, f"b{j}", ("sk", "sn"), nb)
+    for p in epi:
+        args += [f"e{idx[p]}_s{d}" for d in range(nb)] + [f"e{idx[p]}_sm", f"e{idx[p]}_sn"]
+    args += _norm_stride_args(pro)
+    if row_reduction(body) is None:
+        return args + ["ws_ptr", "cnt_ptr", "ZM", "SPLIT_MAX"]
+    return args + ["cnt_ptr", "rw_ptr", "RW"]      # the row reduction's partials [ZM, RW]
 
 
 # a horizontal tile helper's split-K parameters (its product's workspace region, the tile
@@ -976,6 +1043,12 @@ _K_SLICE = [
     "    for k0 in range(split * k_per, k_end, BLOCK_K):",
     "        kk = k0 + rk",
     "        mask_k = kk < k_end",
+]
+# a kernel that never splits K (a row reduction's) walks all of it
+_K_WHOLE = [
+    "    for k0 in range(0, K, BLOCK_K):",
+    "        kk = k0 + rk",
+    "        mask_k = kk < K",
 ]
 
 
@@ -1123,15 +1196,6 @@ def _generate_vertical(body: Graph, name: str) -> str:
     idx = {p: i for i, p in enumerate(inputs)}
     skip = (set(mms) | set(chain)).union(*pas.values(), *pbs.values())
     nb = mms[0].type.rank - 2
-    zs = [f"Z{d}" for d in range(nb)]
-    args = [f"in{i}_ptr" for i in range(len(inputs))] + \
-        [f"out{i}_ptr" for i in range(len(outputs))] + ["M", "N", "K"] + \
-        [f"K{j}" for j in range(len(mms))] + zs
-    for j, m in enumerate(mms):
-        args += _operand_args(m.inputs[0], pas.get(j, []), idx, f"a{j}", ("sm", "sk"), nb)
-        args += _operand_args(m.inputs[1], pbs.get(j, []), idx, f"b{j}", ("sk", "sn"), nb)
-    for p in epi:
-        args += [f"e{idx[p]}_s{d}" for d in range(nb)] + [f"e{idx[p]}_sm", f"e{idx[p]}_sn"]
     prec = ', input_precision="ieee"' if mms[0].type.dtype is DType.f32 else ""
     boff = _batch_offset(nb)
     def of(cones, j: int, v: Node) -> str:
@@ -1139,7 +1203,7 @@ def _generate_vertical(body: Graph, name: str) -> str:
             return f"in{idx[v]}"
         return "(" + "+".join(dict.fromkeys(n.op.value for n in cones[j])) + " of " + \
             ", ".join(f"in{idx[x]}" for x in _cone_inputs(cones[j])) + ")"
-    lines = _head(name, args, body) + [
+    lines = _head(body) + [
         "    # acc = " + " + ".join(f"{of(pas, j, m.inputs[0])} @ {of(pbs, j, m.inputs[1])}"
                                    for j, m in enumerate(mms))
         + ": one K loop per product into one accumulator"
@@ -1173,7 +1237,26 @@ def _generate_vertical(body: Graph, name: str) -> str:
             f"        acc = tl.dot(a, b, acc=acc{prec})",
         ]
     lines += _epilogue(body, {total: "acc"}, skip, epi, idx, outputs, boff)
-    return "\n".join(lines) + "\n"
+    return _finish(lines, name, _vertical_params(body), split=False)
+
+
+def _vertical_params(body: Graph) -> List[str]:
+    """Every parameter a vertical-form kernel of `body` may read, in order: pointers, M, N,
+    K (the products' total: the autotuner's key), each product's K, the batch sizes, each
+    product's operand strides, the epilogue inputs'."""
+    inputs, mms, _, _, epi = _vertical_layout(body)
+    pas, pbs = a_prologues(body), operand_prologues(body)[1]
+    idx = {p: i for i, p in enumerate(inputs)}
+    nb = mms[0].type.rank - 2
+    args = [f"in{i}_ptr" for i in range(len(inputs))] + \
+        [f"out{i}_ptr" for i in range(len(body.outputs))] + ["M", "N", "K"] + \
+        [f"K{j}" for j in range(len(mms))] + [f"Z{d}" for d in range(nb)]
+    for j, m in enumerate(mms):
+        args += _operand_args(m.inputs[0], pas.get(j, []), idx, f"a{j}", ("sm", "sk"), nb)
+        args += _operand_args(m.inputs[1], pbs.get(j, []), idx, f"b{j}", ("sk", "sn"), nb)
+    for p in epi:
+        args += [f"e{idx[p]}_s{d}" for d in range(nb)] + [f"e{idx[p]}_sm", f"e{idx[p]}_sn"]
+    return args
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): a handful for the GPU autotuner; those
@@ -1251,7 +1334,7 @@ def _autotuned(kernel, split: bool = False):
 
     hit = _TUNED.get(id(kernel))
     if hit is None or hit[0] is not kernel:
-        key = ["M", "N", "K"] + (["SPLIT_MAX"] if split else [])
+        key = list(_KEY) + (["SPLIT_MAX"] if split else [])
         hit = (kernel, autotune(kernel, gpu_configs(split), key, prune=prune_configs))
         _TUNED[id(kernel)] = hit
     return hit[1]
@@ -1342,26 +1425,26 @@ def launch(kernel, xs, outs, body: Graph, ctx, interpret: bool) -> None:
         args += _split_args(outs[0].device, nbatch, M, N, len(mms), K)
     else:
         args += _row_reduction_args(outs[0].device, nbatch, M, N, K, interpret)
-    _run_tiles(kernel, args, nbatch, M, N, K, interpret,
-               split_max=args[-1] if red is None else 1)
+    _run_tiles(kernel, params.bind(kernel, _every(body, _plain_params), args), nbatch, M, N, K,
+               interpret, split_max=args[-1] if red is None else 0)
 
 
 def _row_reduction_args(device, nbatch: int, M: int, N: int, K: int, interpret: bool):
-    """The last kernel arguments of a matmul with a row reduction: no split-K (a stand-in
-    workspace, the tile counters, ZM, SPLIT_MAX = 1), then the partials' workspace and its
-    row stride RW: one partial per column tile, at most ceil(N / RED_MIN_BN) (the pruner
-    keeps the configs whose BLOCK_N gives no more; the interpreter's one BLOCK_N sets it)."""
+    """The last kernel arguments of a matmul with a row reduction (which never splits K):
+    the row tile counters, then the partials' workspace and its row stride RW: one partial
+    per column tile, at most ceil(N / RED_MIN_BN) (the pruner keeps the configs whose
+    BLOCK_N gives no more; the interpreter's one BLOCK_N sets it)."""
     import torch
     import triton
 
-    dummy, counters = _split_buffers(device)
+    counters = _split_buffers(device)[1]
     rows = nbatch * triton.cdiv(M, 16)          # row tiles at the smallest BLOCK_M
     if rows > SPLIT_TILES:
         counters = torch.zeros(rows, dtype=torch.int32, device=device)
     bn = interpret_blocks(M, N, K)[1] if interpret else RED_MIN_BN
     rw = triton.cdiv(N, bn)
     ws = torch.empty(nbatch * M * rw, dtype=torch.float32, device=device)
-    return [dummy, counters, nbatch * M, 1, ws, rw]
+    return [counters, ws, rw]
 
 
 def _launch_vertical(kernel, xs, outs, body: Graph, ctx, interpret: bool) -> None:
@@ -1390,7 +1473,8 @@ def _launch_vertical(kernel, xs, outs, body: Graph, ctx, interpret: bool) -> Non
         args += [x for s in sa + sb for x in s]
     for s in e_st:
         args += s
-    _run_tiles(kernel, args, nbatch, M, N, max(ks), interpret)
+    _run_tiles(kernel, params.bind(kernel, _every(body, _vertical_params), args), nbatch, M, N,
+               max(ks), interpret)
 
 
 def _launch_horizontal(kernel, xs, outs, body: Graph, interpret: bool) -> None:
@@ -1448,11 +1532,14 @@ def _launch_horizontal(kernel, xs, outs, body: Graph, interpret: bool) -> None:
     args += _split_args(x.device, nbatch, M, sum(ns), 1, K, zm * sum(
         (2 if sg[0] == "rope" else 1) * n + 1 for sg, n in zip(seg, ns)))   # per slice
 
+    split_max = args[-1]
+    args = params.bind(kernel, _every(body, _horizontal_params), args)
+
     def tiles(bm, bn):
         return nbatch * triton.cdiv(M, bm) * sum(triton.cdiv(n, bn) for n in ns)
     if interpret:
         bm, bn, bk = interpret_blocks(M, max(ns), K)
-        sk = INTERPRET_SPLIT_K if INTERPRET_SPLIT_K <= args[-1] else 1
+        sk = INTERPRET_SPLIT_K if INTERPRET_SPLIT_K <= split_max else 1
         kernel[(tiles(bm, bn) * sk,)](*args, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
                                       GROUP_M=GROUP_M, SPLIT_K=sk)
         return

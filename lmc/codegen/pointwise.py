@@ -7,11 +7,15 @@ Sizes and strides are kernel arguments: a new batch size or length reuses the sa
 Floating-point values are computed in fp32 whatever they are stored as.
 
     @triton.jit
-    def lmc_fused_add_rsqrt_2(in0_ptr, out0_ptr, N, S0, S1, S2, in0_s0, in0_s1, in0_s2,
+    def lmc_fused_add_rsqrt_2(in0_ptr, out0_ptr, N, S1, S2, in0_s0, in0_s1, in0_s2,
                               BLOCK: tl.constexpr): ...
+
+The kernel declares only the parameters its body reads (`params.prune`: here not S0, the
+outermost size, which the flat index's split never needs).
 """
 from __future__ import annotations
 
+import re
 from typing import Dict, List
 
 from ..errors import LmcError
@@ -19,7 +23,7 @@ from ..ir.dims import as_dim
 from ..ir.graph import Graph, Node
 from ..ir.ops import Op
 from ..ir.types import DType
-from . import interpreter_blocks, tlmath
+from . import interpreter_blocks, params, tlmath
 
 TL_DTYPE = {DType.f32: "tl.float32", DType.f16: "tl.float16", DType.bf16: "tl.bfloat16",
             DType.i64: "tl.int64", DType.i32: "tl.int32", DType.bool: "tl.int1"}
@@ -125,15 +129,8 @@ def generate(body: Graph, name: str) -> str:
     inputs = [n for n in body.nodes if n.op is Op.INPUT]
     outputs = list(body.outputs.values())
     rank = max(_space(outputs[0]).type.rank, 1)
-    sizes = [f"S{d}" for d in range(rank)]
     drops = dropouts(body)
     strided = sorted(body.meta.get("strided_outputs", ()))   # stored in a permuted layout
-    args = [f"in{i}_ptr" for i in range(len(inputs))] + \
-        [f"out{i}_ptr" for i in range(len(outputs))] + ["N"] + sizes + \
-        [f"in{i}_s{d}" for i in range(len(inputs)) for d in range(rank)] + \
-        [f"out{i}_s{d}" for i in strided for d in range(rank)] + \
-        [f"{a}{j}" + (": tl.int64" if a == "seed" else "")
-         for j in range(len(drops)) for a in ("seed", "p", "q")]
     src_nodes = [m for m in body.nodes if m.op is not Op.INPUT and m.op is not Op.CONST]
     # a dropout's seed changes every step: no specialisation on its value, and always int64
     # (a literal seed at step 0 fits int32, the draws after it do not: one variant, which
@@ -142,18 +139,13 @@ def generate(body: Graph, name: str) -> str:
         f'"seed{j}"' for j in range(len(drops))) + "])"
     lines = [
         jit,
-        f"def {name}({', '.join(args)}, BLOCK: tl.constexpr):",
+        "",       # the signature: the parameters the body reads (params.prune), below
         "    # IR nodes: " + ", ".join(
             f"{m.op.value}" + (f"@{m.loc.file.rsplit('/', 1)[-1]}:{m.loc.line}" if m.loc else "")
             for m in src_nodes),
         "    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # int64: large N",
         "    mask = offs < N",
-        "    rem = offs",
-    ]
-    for d in reversed(range(1, rank)):
-        lines.append(f"    i{d} = rem % S{d}")
-        lines.append(f"    rem = rem // S{d}")
-    lines.append("    i0 = rem")
+    ] + split_index("offs", "i", "S", rank)
     input_no = {n: i for i, n in enumerate(inputs)}
     memo: Dict[tuple, str] = {}
     fresh = iter(range(1 << 30))
@@ -173,6 +165,8 @@ def generate(body: Graph, name: str) -> str:
             off = " + ".join(f"{idx[d]} * in{i}_s{d}" for d in range(rank))
             if all(d == "0" for d in idx):      # one element for every lane (a block load)
                 off = "offs * 0"
+            elif all(_const_index(d) is not None for d in idx):    # likewise, not the first
+                off = f"offs * 0 + {off}"
             load = f"tl.load(in{i}_ptr + ({off}), mask={msk}, other=0)"
             if m.type.dtype in (DType.f16, DType.bf16):
                 load += ".to(tl.float32)"  # compute in fp32
@@ -206,6 +200,14 @@ def generate(body: Graph, name: str) -> str:
         elif m.op is Op.CONCAT:
             ax = rank - m.type.rank + m.attrs["axis"]
             offsets = _concat_offsets(m, ax, _space(outputs[0]))
+            c = _const_index(idx[ax])
+            if c is not None and all(isinstance(o, int) for o in offsets) and \
+                    offsets[0] <= c < offsets[-1]:
+                # read at one index along its axis (a size-1 slice of it): that piece alone
+                j = max(j for j, o in enumerate(offsets[:-1]) if o <= c)
+                shifted = idx[:ax] + (str(c - offsets[j]),) + idx[ax + 1:]
+                memo[key] = emit(m.inputs[j], (shifted, msk))
+                return memo[key]
             pieces = []
             for j, x in enumerate(m.inputs):
                 start, stop = offsets[j], offsets[j + 1]
@@ -246,7 +248,50 @@ def generate(body: Graph, name: str) -> str:
             f"i{d} * out{i}_s{d}" for d in range(rank)) + ")"
         lines.append(f"    tl.store(out{i}_ptr + {off}, ({v}).to({TL_DTYPE[o.type.dtype]}), "
                      f"mask=mask)" + ("  # a permuted layout" if i in strided else ""))
+    args = params.prune(_params(body), "\n".join(lines[2:]))
+    lines[1] = f"def {name}({', '.join(args)}, BLOCK: tl.constexpr):"
     return "\n".join(lines) + "\n"
+
+
+def split_index(flat: str, idx: str, size: str, rank: int, ind: str = "    ") -> List[str]:
+    """Lines splitting the flat index `flat` into per-axis indices idx0 .. idx{rank-1}, the
+    last fastest, with the sizes size1 .. size{rank-1} (the outermost size is not needed)."""
+    if rank <= 1:
+        return [f"{ind}{idx}0 = {flat}"]
+    lines, rem = [], flat
+    for d in reversed(range(1, rank)):
+        lines.append(f"{ind}{idx}{d} = {rem} % {size}{d}")
+        if d == 1:
+            lines.append(f"{ind}{idx}0 = {rem} // {size}1")
+        else:
+            lines.append(f"{ind}rem = {rem} // {size}{d}")
+            rem = "rem"
+    return lines
+
+
+def _params(body: Graph) -> List[str]:
+    """Every parameter a pointwise kernel of `body` may read, in order: pointers, N, the
+    output's sizes, the inputs' strides (and the strided outputs'), each dropout's seed, p
+    and q. The kernel declares those it reads; `launch` passes values for all of them."""
+    n_in = sum(m.op is Op.INPUT for m in body.nodes)
+    outputs = list(body.outputs.values())
+    rank = max(_space(outputs[0]).type.rank, 1)
+    strided = sorted(body.meta.get("strided_outputs", ()))
+    return [f"in{i}_ptr" for i in range(n_in)] + \
+        [f"out{i}_ptr" for i in range(len(outputs))] + ["N"] + \
+        [f"S{d}" for d in range(rank)] + \
+        [f"in{i}_s{d}" for i in range(n_in) for d in range(rank)] + \
+        [f"out{i}_s{d}" for i in strided for d in range(rank)] + \
+        [f"{a}{j}" + (": tl.int64" if a == "seed" else "")
+         for j in range(len(dropouts(body))) for a in ("seed", "p", "q")]
+
+
+def _const_index(e: str) -> "int | None":
+    """The value of index expression `e` when it is the same for every lane (numbers added
+    and subtracted: a size-1 axis's "0", a slice's start added to it), else None."""
+    if not re.fullmatch(r"[\d\s()+-]+", e):
+        return None
+    return int(eval(e))       # digits, parentheses, + and - only
 
 
 def _concat_offsets(m: Node, ax: int, space: Node) -> List:
@@ -338,5 +383,8 @@ def launch(kernel, xs, outs, body: Graph, ctx, interpret: bool) -> None:
         raise LmcError(f"dropout over {n} elements: at most 2^31 - 1 (int32 mask counters)")
     out_strides = [s for i in sorted(body.meta.get("strided_outputs", ()))
                    for s in outs[i].stride()]
-    kernel[(triton.cdiv(n, block),)](*xs, *outs, n, *sizes, *strides, *out_strides,
-                                     *_dropout_args(body, ctx), BLOCK=block)
+    every = params.of_body(body, ("pointwise", tuple(body.meta.get("strided_outputs", ()))),
+                           lambda: _params(body))
+    args = params.bind(kernel, every, [*xs, *outs, n, *sizes, *strides, *out_strides,
+                                       *_dropout_args(body, ctx)])
+    kernel[(triton.cdiv(n, block),)](*args, BLOCK=block)

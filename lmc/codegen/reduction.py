@@ -34,8 +34,14 @@ from typing import Dict, List, Optional, Set
 from ..ir.graph import Graph, Node
 from ..ir.ops import Op
 from ..ir.types import DType
-from . import interpreter_blocks
-from .pointwise import HELPERS, TL_DTYPE, _expr, literal  # noqa: F401  (HELPERS: the module)
+from . import interpreter_blocks, params
+from .pointwise import (  # noqa: F401  (HELPERS: the module)
+    HELPERS,
+    TL_DTYPE,
+    _expr,
+    literal,
+    split_index,
+)
 
 RED_OPS = (Op.SUM, Op.MEAN, Op.AMAX, Op.LOGSUMEXP)
 # a kernel with column sums (fuse_column_sums): a row is one chunk of at most COL_BLOCK_MAX
@@ -195,29 +201,10 @@ def generate(body: Graph, name: str) -> str:
     p = Plan(body)
     rows = _row_dims(p.rank, p.axis)
     L = len(rows)
-    args: List[str] = []
-    args += [f"in{i}_ptr" for i in range(len(p.inputs))]
-    args += [f"out{j}_ptr" for j in range(len(p.outputs))]
-    args += ["R", "N"] + [f"RS{k}" for k in range(L)]
-    for i, x in enumerate(p.inputs):
-        for lvl in sorted(p.input_levels[x]):
-            if lvl == "pos":
-                args.append(f"in{i}_s0")
-                continue
-            tag = "r" if lvl == "row" else "p"
-            args += [f"in{i}_{tag}s{k}" for k in range(L)]
-            if lvl == "row":
-                args.append(f"in{i}_sax")
-    for j, o in enumerate(p.outputs):
-        if o in p.columns:       # a [programs, N] fp32 workspace, contiguous
-            continue
-        args += [f"out{j}_s{k}" for k in range(L)]
-        if p.level[o] == "row":
-            args.append(f"out{j}_sax")
     src_nodes = [m for m in body.nodes if m.op is not Op.INPUT and m.op is not Op.CONST]
     head = [
         "@triton.jit",
-        f"def {name}({', '.join(args)}, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):",
+        "",       # the signature: the parameters the body reads (params.prune), below
         "    # IR nodes: " + ", ".join(
             f"{m.op.value}" + (f"@{m.loc.file.rsplit('/', 1)[-1]}:{m.loc.line}" if m.loc else "")
             for m in src_nodes),
@@ -238,13 +225,7 @@ def generate(body: Graph, name: str) -> str:
     lines = [
         f"    rows = {first}",
         "    rmask = rows < R",
-        "    rem = rows",
-    ]
-    for k in reversed(range(1, L)):
-        lines.append(f"    i{k} = rem % RS{k}")
-        lines.append(f"    rem = rem // RS{k}")
-    if L:
-        lines.append("    i0 = rem")
+    ] + (split_index("rows", "i", "RS", L) if L else [])
 
     def row_off(prefix: str) -> str:
         return " + ".join(f"i{k} * {prefix}{k}" for k in range(L)) if L else "rows * 0"
@@ -447,7 +428,35 @@ def generate(body: Graph, name: str) -> str:
         lines = ["    " + ln for ln in lines]
         lines += [f"    tl.store(out{out_index[o]}_ptr + tl.program_id(0) * N + cols0, "
                   f"colacc{out_index[o]}, mask=cols0 < N)" for o in p.columns]
+    args = params.prune(_params(p), "\n".join(head[2:] + lines))
+    head[1] = f"def {name}({', '.join(args)}, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):"
     return "\n".join(head + lines) + "\n"
+
+
+def _params(p: Plan) -> List[str]:
+    """Every parameter a reduction kernel of plan `p` may read, in order: pointers, R, N,
+    the row sizes, each input's strides per level it is read at, the outputs' strides. The
+    kernel declares those it reads; `launch` passes values for all of them."""
+    L = len(_row_dims(p.rank, p.axis))
+    args = [f"in{i}_ptr" for i in range(len(p.inputs))]
+    args += [f"out{j}_ptr" for j in range(len(p.outputs))]
+    args += ["R", "N"] + [f"RS{k}" for k in range(L)]
+    for i, x in enumerate(p.inputs):
+        for lvl in sorted(p.input_levels[x]):
+            if lvl == "pos":
+                args.append(f"in{i}_s0")
+                continue
+            tag = "r" if lvl == "row" else "p"
+            args += [f"in{i}_{tag}s{k}" for k in range(L)]
+            if lvl == "row":
+                args.append(f"in{i}_sax")
+    for j, o in enumerate(p.outputs):
+        if o in p.columns:       # a [programs, N] fp32 workspace, contiguous
+            continue
+        args += [f"out{j}_s{k}" for k in range(L)]
+        if p.level[o] == "row":
+            args.append(f"out{j}_sax")
+    return args
 
 
 def _value(o: Node) -> Node:
@@ -522,6 +531,7 @@ def launch(kernel, xs, outs, body: Graph, ctx, interpret: bool) -> None:
     # (a column sum): many rows per program so neighbouring rows make coalesced loads
     along = all(st == 1 for st in [t.stride()[-1] if t.dim() else 1 for t in xs[:1]]) \
         and p.axis == p.rank - 1
+    args = params.bind(kernel, params.of_body(body, "reduction", lambda: _params(p)), args)
     if programs:
         kernel[(programs,)](*args, BLOCK_R=br, BLOCK_N=bn)
         from .colsum import finish

@@ -27,7 +27,7 @@ from typing import Dict, List, Set
 
 from ..ir.dims import Dim, unit_axes_only
 from ..ir.graph import Graph, Node
-from ..ir.ops import Op
+from ..ir.ops import Kind, Op
 
 
 def py_dim(d) -> str:
@@ -241,8 +241,15 @@ def generate(g: Graph, label: str) -> str:
     syms = sorted({s for n in g.nodes for d in (n.type.shape if not isinstance(n.type, tuple)
                                                   else ()) if isinstance(d, Dim)
                    for s in d.symbols()})
+    readers = g.users()
+    outputs = set(g.outputs.values())
+    # a source no one reads (a constant a kernel inlined, a saved value the backward's
+    # kernels no longer need) is not loaded or computed; random ops always run (they draw)
+    unread = {n for n in g.nodes if not n.inputs and n.op is not Op.FUSED and
+              n.op.kind is not Kind.RANDOM and not readers.get(n) and n not in outputs}
     kernels = sum(n.op is Op.FUSED for n in g.nodes)
-    torch_ops = sum(n.op not in (Op.FUSED, Op.GETITEM, Op.INPUT, Op.PARAM) for n in g.nodes)
+    torch_ops = sum(n.op not in (Op.FUSED, Op.GETITEM, Op.INPUT, Op.PARAM) and n not in unread
+                    for n in g.nodes)
     lines = [
         f'"""lmc program for graph {g.name!r} ({label}): {kernels} kernel launches, '
         f'{torch_ops} torch ops,',
@@ -259,7 +266,6 @@ def generate(g: Graph, label: str) -> str:
         lines.append(f"    {s} = ctx.dims[{s!r}]")
     allocated: Set[int] = set()
     pos = {n: i for i, n in enumerate(g.nodes)}
-    readers = g.users()
     into: Dict[Node, tuple] = {}          # a kernel output written into a concat's buffer
     for c, pieces in concat_aliases(g).items():
         for y, (off, size, steps) in pieces:
@@ -271,10 +277,12 @@ def generate(g: Graph, label: str) -> str:
             gets.setdefault(n.inputs[0], []).append(n)
     for i, n in enumerate(g.nodes):
         ins = ", ".join(name.get(x, "") for x in n.inputs)
-        where = f"{n.loc.file.rsplit('/', 1)[-1]}:{n.loc.line}" if n.loc else ""
-        if n.op in (Op.INPUT, Op.PARAM):
+        where = yaml_lines([n])
+        if n in unread:
+            pass
+        elif n.op in (Op.INPUT, Op.PARAM):
             name[n] = f"v{i}"
-            lines.append(f"    v{i} = env[{n.attrs['name']!r}]")
+            lines.append(f"    v{i} = env[{n.attrs['name']!r}]" + _saved_note(n))
         elif n.op is Op.FUSED:
             # one entry per body output, None where nothing reads it (a template op's
             # output only a backward needs, in a program with no backward)
@@ -323,6 +331,9 @@ def generate(g: Graph, label: str) -> str:
             for k, j in n.attrs.get("inplace", {}).items():
                 if outs[k] == "None":            # a cache written in place, read by no one
                     outs[k] = name[n.inputs[j]]
+            # the YAML lines of every node the kernel holds, not only of its first
+            where = yaml_lines([m for m in n.attrs["body"].nodes
+                                if m.op not in (Op.INPUT, Op.CONST)]) or where
             lines.append(f"    LAUNCH[{n.attrs['kind']!r}](K[{n.attrs['kernel']!r}], [{ins}], "
                          f"[{', '.join(outs)}], NODES[{i}], ctx)  # {n.attrs['kind']} {where}")
         elif n in name or n in skip:     # a kernel output, or a concat its pieces wrote
@@ -338,6 +349,37 @@ def generate(g: Graph, label: str) -> str:
     lines.append("    return {" + ", ".join(f"{k!r}: {name[v]}" for k, v in g.outputs.items())
                  + "}")
     return "\n".join(lines) + "\n"
+
+
+def yaml_lines(nodes) -> str:
+    """Where `nodes` come from: per file, their lines, runs of three or more as ranges
+    ("llama.yaml:38,62-64"); "" when none has a place."""
+    by_file: Dict[str, Set[int]] = {}
+    for m in nodes:
+        if m.loc:
+            by_file.setdefault(m.loc.file.rsplit("/", 1)[-1], set()).add(m.loc.line)
+    parts = []
+    for f, ls in by_file.items():
+        runs: List[List[int]] = []
+        for ln in sorted(ls):
+            if runs and ln == runs[-1][-1] + 1:
+                runs[-1].append(ln)
+            else:
+                runs.append([ln])
+        parts.append(f + ":" + ",".join(
+            f"{r[0]}-{r[-1]}" if len(r) > 2 else ",".join(map(str, r)) for r in runs))
+    return " ".join(parts)
+
+
+def _saved_note(n: Node) -> str:
+    """For a backward's input holding a value the forward saved ("saved:<k>"): a comment
+    with its type and the block (and YAML line) whose gradient reads it."""
+    if not str(n.attrs.get("name", "")).startswith("saved:"):
+        return ""
+    line = yaml_lines([n])
+    if n.scope:
+        return f"  # {n.type}, for the gradient of {n.scope}" + (f" ({line})" if line else "")
+    return f"  # {n.type}" + (f", for the gradient at {line}" if line else "")
 
 
 # kinds whose kernels write every output through its strides (rope attention's lse is

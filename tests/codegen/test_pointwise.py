@@ -619,3 +619,18 @@ def test_a_unit_reshape_of_a_symbolic_shape_joins_its_reader():
         torch.testing.assert_close(got["sin"], torch.cat([fr, fr], -1).sin())
         torch.testing.assert_close(got["y"], vals["x"].exp()[:, None, :] * vals["w"])
     assert p.launches == 4
+
+
+@pytest.mark.parametrize("start", [0, 1, 2])
+def test_a_size_one_window_of_a_concat_reads_one_piece(start):
+    """slice(concat([tanh(r), r * 0.5, r]), start, start + 1) of a [1] r (the random graphs'
+    "window" at last = 1): the index along the concat is one number for every lane, so the
+    kernel evaluates the one piece holding it (a pointer, not a block of them, met a block
+    mask in Triton's interpreter)."""
+    b = Builder({}, {})
+    r = b.input("r", [1], "f32")
+    y = b.exp(b.slice(b.concat([b.tanh(r), r * 0.5, r], -1), -1, start, start + 1))
+    g = Graph("window", b.nodes, {"y": y.node})
+    vals = {"r": torch.tensor([0.3])}
+    p = triton_matches_oracle(g, vals)
+    assert "tl.where" not in p.source.split("def lmc_")[-1]
