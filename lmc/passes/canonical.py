@@ -84,10 +84,12 @@ bitwise; the rotated term comes first in the sum so torch lays it out as the con
 the products after it stay bitwise too). The interleaved form, x1 = x[..., 0::2],
 x2 = x[..., 1::2] and the two halves stacked as pairs (reshape(concat([reshape(lo,
 [.., R/2, 1]), reshape(hi, [.., R/2, 1])], -1), x's shape)), becomes the interleaved
-rotation with each table entry repeated twice. Products in either order, the terms of a sum in
-either order, the minus as a subtraction or a negation; only the two halves of one x (up to
-duplicate computations cse would merge), tables exactly R/2 wide, and the same c and s in
-both halves.
+rotation with each table entry repeated twice; its halves may also be read as Meta's Llama
+reads them, through x viewed as pairs: x1 = reshape(xp[..., 0:1], [.., R/2]), x2 likewise
+from 1:2, xp = reshape(x, [.., R/2, 2]) (the rotation then reads those xp[..., j:j+1]).
+Products in either order, the terms of a sum in either order, the minus as a subtraction or
+a negation; only the two halves of one x (up to duplicate computations cse would merge),
+tables exactly R/2 wide, and the same c and s in both halves.
 """
 from __future__ import annotations
 
@@ -410,6 +412,14 @@ def _products(a: Node, sign: int = 1):
     return [(sign, a, [(u, t), (t, u)])]
 
 
+def _rope_half_base(u: Node):
+    """A half _half_rope accepted: (x, None) for x[..., j::step], (x, xp[..., j:j+1]) for
+    Meta's reshape(xp[..., j:j+1], [.., R/2]) with xp = reshape(x, [.., R/2, 2])."""
+    if u.op is Op.SLICE:
+        return u.inputs[0], None
+    return u.inputs[0].inputs[0].inputs[0], u.inputs[0]
+
+
 def _half_rope(n: Node, rep: Dict[Node, Node]):
     """n = rope(x) with half-width tables c, s ([.., R/2], broadcast over x's leading axes):
 
@@ -417,6 +427,8 @@ def _half_rope(n: Node, rep: Dict[Node, Node]):
         interleaved:  reshape(concat([reshape(x1*c - x2*s, [.., R/2, 1]),
                                       reshape(x2*c + x1*s, [.., R/2, 1])], -1), x's shape)
                                                                   x1, x2 = x[0::2], x[1::2]
+                      (or x1 = reshape(xp[..., 0:1], [.., R/2]), x2 from 1:2,
+                       xp = reshape(x, [.., R/2, 2]): Meta's Llama)
 
     (products in either order, the terms of each sum in either order, the minus as a
     subtraction or a negation): (interleaved, x1, x2, c, s), else None."""
@@ -445,7 +457,17 @@ def _half_rope(n: Node, rep: Dict[Node, Node]):
     starts, step = ((0, 1), 2) if interleaved else ((0, R // 2), 1)
 
     def half(u, start):       # u = x[..., start::step] (R/2 of x's R last entries): x
-        if u.op is not Op.SLICE or u.attrs["axis"] % u.type.rank != u.type.rank - 1 or \
+        if interleaved and u.op is Op.RESHAPE and u.type == lo.type:
+            # Meta's pairs: reshape(reshape(x, [.., R/2, 2])[..., j:j+1], [.., R/2])
+            p = u.inputs[0]
+            if p.op is not Op.SLICE or p.attrs["axis"] % p.type.rank != p.type.rank - 1 or \
+                    p.attrs.get("step", 1) != 1 or p.attrs.get("start", 0) != start or \
+                    tuple(p.type.shape) != tuple(lo.type.shape) + (1,) or \
+                    p.inputs[0].op is not Op.RESHAPE or \
+                    tuple(p.inputs[0].type.shape) != tuple(lo.type.shape) + (2,):
+                return None
+            u = p.inputs[0]
+        elif u.op is not Op.SLICE or u.attrs["axis"] % u.type.rank != u.type.rank - 1 or \
                 u.attrs.get("step", 1) != step or u.attrs.get("start", 0) != start or \
                 u.type != lo.type:
             return None
@@ -549,17 +571,29 @@ def canonicalize(g: Graph) -> Graph:
             def mk(op, ins, attrs, made=made, n=n):
                 made.append(Node.make(op, ins, attrs, n.loc, n.scope))
                 return made[-1]
-            x = new[x1.inputs[0]]
-            h1 = new[x1]
-            h2 = new[x2] if x2.inputs[0] is x1.inputs[0] else mk(Op.SLICE, (x,), x2.attrs)
+            base = _rope_half_base(x1)[0]
+            x = new[base]
             C, S = widen(new[c], pairs, mk), widen(new[s], pairs, mk)
-            if pairs:       # (-x[2i+1], x[2i]) per pair
-                col = tuple(h1.type.shape) + (1,)
-                rot = mk(Op.RESHAPE, (mk(Op.CONCAT, (
-                    mk(Op.RESHAPE, (mk(Op.NEG, (h2,), {}),), {"shape": col}),
-                    mk(Op.RESHAPE, (h1,), {"shape": col})), {"axis": len(col) - 1}),),
-                    {"shape": tuple(x.type.shape)})
+            if pairs:       # (-x[2i+1], x[2i]) per pair, each half a [.., R/2, 1] column
+                col = tuple(x1.type.shape) + (1,)
+
+                def column(u, neg):  # the column fuse_rope_attention reads as that half
+                    y, pair = _rope_half_base(u)
+                    if pair is None:             # x[..., j::2]
+                        h = new[u] if y is base else mk(Op.SLICE, (x,), u.attrs)
+                        if neg:
+                            h = mk(Op.NEG, (h,), {})
+                        return mk(Op.RESHAPE, (h,), {"shape": col})
+                    h = new[pair] if y is base else mk(Op.SLICE, (mk(
+                        Op.RESHAPE, (x,), {"shape": tuple(pair.inputs[0].type.shape)}),),
+                        pair.attrs)              # xp[..., j:j+1], xp = x as pairs
+                    return mk(Op.NEG, (h,), {}) if neg else h
+                rot = mk(Op.RESHAPE, (mk(Op.CONCAT, (column(x2, True), column(x1, False)),
+                                         {"axis": len(col) - 1}),),
+                         {"shape": tuple(x.type.shape)})
             else:
+                h1 = new[x1]
+                h2 = new[x2] if x2.inputs[0] is x1.inputs[0] else mk(Op.SLICE, (x,), x2.attrs)
                 rot = mk(Op.CONCAT, (mk(Op.NEG, (h2,), {}), h1), {"axis": x.type.rank - 1})
             # rot(x) * S first: the sum is laid out as that contiguous operand (as the
             # concat was), not as x (often a permuted view): the product with it after

@@ -273,6 +273,9 @@ def _half_rope(b, x, c, s, form, Dh, other=False):
     second spelling of a form)."""
     if form == "interleaved":                          # pairs (x[2i], x[2i+1])
         x1, x2 = b.slice(x, 3, 0, Dh, 2), b.slice(x, 3, 1, Dh, 2)
+    elif form == "interleaved-pairs":                  # Meta's: x viewed as pairs
+        xp, half = b.reshape(x, [B, H, T, Dh // 2, 2]), [B, H, T, Dh // 2]
+        x1, x2 = (b.reshape(b.slice(xp, -1, j, j + 1), half) for j in (0, 1))
     else:
         x1, x2 = b.slice(x, 3, 0, Dh // 2), b.slice(x, 3, Dh // 2, Dh)
     if form == "operands-swapped":                     # c * x1, terms of the sum swapped
@@ -282,7 +285,7 @@ def _half_rope(b, x, c, s, form, Dh, other=False):
         hi = x2 * c + x1 * s
     else:
         lo, hi = x1 * c - x2 * s, x2 * c + x1 * s
-    if form == "interleaved":                          # stack([lo, hi], -1), flattened
+    if form.startswith("interleaved"):                 # stack([lo, hi], -1), flattened
         col = [B, H, T, Dh // 2, 1]
         return b.reshape(b.concat([b.reshape(lo, col), b.reshape(hi, col)], -1), [B, H, T, Dh])
     return b.concat([lo, hi], -1)
@@ -305,7 +308,7 @@ def _half_rope_attention(form, disable=()):
 
 
 @pytest.mark.parametrize("form", ["plain", "operands-swapped", "negated", "tables-4d",
-                                  "interleaved"])
+                                  "interleaved", "interleaved-pairs"])
 def test_rope_with_half_width_tables_becomes_the_full_width_form(form):
     """concat([x1*c - x2*s, x2*c + x1*s], -1) (GPT-NeoX's half tables; interleaved: the pairs
     stacked) is x * C + rot(x) * S with C = cos(concat([a, a])) the full-width table: the
@@ -338,7 +341,7 @@ def test_rope_with_half_width_tables_becomes_the_full_width_form(form):
     (r,) = [r for r in fuse_rope_attention(g).meta["fusions"]
             if r["pass"] == "fuse_rope_attention"]
     assert r["status"] == "fused" and r["reason"].startswith(
-        "interleaved rope + causal" if form == "interleaved" else "rope + causal"), r
+        "interleaved rope + causal" if form.startswith("interleaved") else "rope + causal"), r
     (r,) = [r for r in fuse_rope_attention(raw).meta["fusions"]
             if r["pass"] == "fuse_rope_attention"]
     assert r["reason"].startswith("no rope"), r
@@ -364,6 +367,39 @@ def test_near_misses_of_half_table_rope_are_left_alone():
     rewritten = [k for k in outs if not (g.outputs[k].op is Op.CONCAT and any(
         i.op is Op.SUB for i in g.outputs[k].inputs))]
     assert rewritten == []
+
+
+def test_near_misses_of_meta_pair_rope_are_left_alone():
+    """Meta's pairs spelling, reshape(reshape(x, [.., R/2, 2])[..., j:j+1], [.., R/2]), near
+    missed: x viewed as its halves ([.., 2, R/2], the same unit slices on that axis), x2
+    from another tensor's pairs, x2 the pairs' first entry again: left as written (the
+    strided-slice spelling's near misses: the test above)."""
+    b = Builder({}, {})
+    x, y = (b.input(n, [B, H, T, D], "f32") for n in "xy")
+    c, s = (b.input(n, [T, D // 2], "f32") for n in ("c", "s"))
+    half, col = [B, H, T, D // 2], [B, H, T, D // 2, 1]
+
+    def pair(t, j):
+        return b.reshape(b.slice(b.reshape(t, [B, H, T, D // 2, 2]), -1, j, j + 1), half)
+
+    def halves(t, j):
+        return b.reshape(b.slice(b.reshape(t, [B, H, T, 2, D // 2]), -2, j, j + 1), half)
+
+    def rope(x1, x2):
+        lo, hi = x1 * c - x2 * s, x2 * c + x1 * s
+        return b.reshape(b.concat([b.reshape(lo, col), b.reshape(hi, col)], -1), [B, H, T, D])
+    outs = {
+        "meta": rope(pair(x, 0), pair(x, 1)),      # the form itself: rewritten
+        "halves-layout": rope(halves(x, 0), halves(x, 1)),
+        "other-tensor": rope(pair(x, 0), pair(y, 1)),
+        "same-entry": rope(pair(x, 0), pair(x, 0)),
+    }
+    g = run_pipeline(Graph("g", b.nodes, {k: v.node for k, v in outs.items()}))
+
+    def as_written(o):      # reshape(concat([reshape(lo), reshape(hi)])), lo a difference
+        return o.op is Op.RESHAPE and o.inputs[0].op is Op.CONCAT and any(
+            i.op is Op.RESHAPE and i.inputs[0].op is Op.SUB for i in o.inputs[0].inputs)
+    assert [k for k in outs if not as_written(g.outputs[k])] == ["meta"]
 
 
 _HALF_YAML = """
@@ -413,6 +449,13 @@ _HALF_ROPES = {
                    "      - lo = reshape(x1 * cos - x2 * sin, [B, heads, T, head_dim / 2, 1])\n"
                    "      - hi = reshape(x1 * sin + x2 * cos, [B, heads, T, head_dim / 2, 1])\n"
                    "      - return reshape(concat([lo, hi], -1), [B, heads, T, head_dim])",
+    "interleaved-pairs":                # Meta's Llama: x viewed as pairs
+        "- xp = reshape(x, [B, heads, T, head_dim / 2, 2])\n"
+        "      - x1 = reshape(slice(xp, -1, 0, 1), [B, heads, T, head_dim / 2])\n"
+        "      - x2 = reshape(slice(xp, -1, 1, 2), [B, heads, T, head_dim / 2])\n"
+        "      - lo = reshape(x1 * cos - x2 * sin, [B, heads, T, head_dim / 2, 1])\n"
+        "      - hi = reshape(x2 * cos + x1 * sin, [B, heads, T, head_dim / 2, 1])\n"
+        "      - return reshape(concat([lo, hi], -1), [B, heads, T, head_dim])",
 }
 
 
@@ -438,7 +481,7 @@ def test_a_model_with_half_width_rope_tables_fuses_in_training_and_decode(form, 
     tri = lmc.load(str(path), backend="triton", seed=1)
     tri.load_state_dict(m.state_dict())
     recs = [r for r in tri.pattern_graph().meta["fusions"] if r["pass"] == "fuse_rope_attention"]
-    want_why = ("interleaved rope" if form == "interleaved" else "rope") + \
+    want_why = ("interleaved rope" if form.startswith("interleaved") else "rope") + \
         " + causal attention, scale 0.1768"
     assert [(r["status"], r["reason"]) for r in recs] == [("fused", want_why)] * 2, recs
     kinds = [n.attrs["kind"] for n in tri.pattern_graph().nodes if n.op is Op.FUSED]
