@@ -100,6 +100,31 @@ def assert_grads_close(model, ref, rel=1e-5):
         torch.testing.assert_close(q.grad, p.grad, rtol=rel, atol=rel * top, msg=name)
 
 
+def assert_fused_model_matches(m, tri, ids, gen, decode_kind="decode_attention", count=2):
+    """The triton model `tri` (fused kernels) against `m` (the primitives, same weights) on
+    `ids`: forward within 1e-6 of the largest logit, every gradient under random upstream
+    gradients (`assert_grads_close`), and the dynamic and the static decode steps, each with
+    `count` fused `decode_kind` ops, prefill 4 then steps equal to the forward."""
+    import torch
+
+    from lmc.ir.ops import Op
+    from lmc.runtime.decoder import Decoder
+    want, got = m(ids), tri(ids)
+    top = want.abs().max().item()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * top)
+    gy = torch.randn(want.shape, generator=gen)
+    (want * gy).sum().backward()
+    (got * gy).sum().backward()
+    assert_grads_close(tri, m)
+    with torch.no_grad():
+        full = m(ids)
+    for static in (False, True):
+        dec = Decoder(tri.eval(), "triton", static=static, **({"max_len": 16} if static else {}))
+        kinds = [n.attrs["kind"] for n in dec.graph.nodes if n.op is Op.FUSED]
+        assert kinds.count(decode_kind) == count, kinds
+        assert decode_worst(dec, ids, full, 4) < 1e-6 * top
+
+
 def decode_worst(dec, ids, full, k, state=None):
     """Prefill k tokens, then one step per token: the worst logit difference to `full` (the
     full forward's logits), inf if any is NaN (lmc.verify's decode check)."""

@@ -1016,14 +1016,19 @@ class _Builder:
         self.state_out[self.states[-1].out] = new_state
         return add(Op.ADD, (intra, inter))
 
+    def fresh(self, like: Node) -> Node:
+        """P == 0 as a bool scalar tensor: no token seen yet (a carried state is still the
+        zeros `init_state` made; the first call starts from the state's initial value)."""
+        first = self.add(Op.SLICE, (self.qpos(),), {"axis": 0, "start": 0, "stop": 1}, like)
+        first = self.add(Op.RESHAPE, (first,), {"shape": ()}, like)       # P, as a tensor
+        zero = self.add(Op.CONST, (), {"value": 0, "dtype": DType.i64}, like)
+        return self.add(Op.EQ, (first, zero), {}, like)
+
     def _scan_step(self, n: Node, ins: List[Node]) -> Node:
         """The scan over the new tokens, starting from the carried state (from carry0 when no
         token has been seen: P == 0)."""
         nc = n.attrs["n_carry"]
-        first = self.add(Op.SLICE, (self.qpos(),), {"axis": 0, "start": 0, "stop": 1}, n)
-        first = self.add(Op.RESHAPE, (first,), {"shape": ()}, n)       # P, as a tensor
-        fresh = self.add(Op.EQ, (first, self.add(Op.CONST, (), {"value": 0, "dtype": DType.i64},
-                                                 n)), {}, n)
+        fresh = self.fresh(n)
         starts, carries = [], []
         for c0 in ins[:nc]:
             st = self.state(n, "carry", tuple(c0.type.shape), None, c0.type.dtype)
@@ -1087,10 +1092,7 @@ class _Builder:
         shape = list(n.type.shape)
         shape[ax] = 1
         carry = self.state(n, "prod", shape, None)
-        first = self.add(Op.SLICE, (self.qpos(),), {"axis": 0, "start": 0, "stop": 1}, n)
-        first = self.add(Op.RESHAPE, (first,), {"shape": ()}, n)       # P, as a tensor
-        fresh = self.add(Op.EQ, (first, self.add(Op.CONST, (), {"value": 0, "dtype": DType.i64},
-                                                 n)), {}, n)
+        fresh = self.fresh(n)
         one = self.add(Op.CONST, (), {"value": 1.0, "dtype": carry.type.dtype}, n)
         carry = self.add(Op.WHERE, (fresh, one, carry), {}, n)
         out = self.add(Op.MUL, (self.add(Op.CUMPROD, (x,), {"axis": ax}, n), carry), {}, n)

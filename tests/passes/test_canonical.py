@@ -130,6 +130,17 @@ def test_positions_against_a_non_position_or_a_varying_factor_are_left_alone():
     assert not any(n.op is Op.CUMSUM for n in g.nodes)
 
 
+def _grads(graph, vals, ctx, gy):
+    """The gradients of q, k and v under the cotangent gy of output "o" (lmc's autodiff, the
+    backward run op by op)."""
+    from lmc.passes.autodiff import differentiate
+    prog = differentiate(graph, ["q", "k", "v"])
+    fw = run_graph(prog.forward, vals, ctx)
+    bound = {s: fw[s] for s in prog.saved}
+    bound["grad:o"] = gy
+    return run_graph(run_pipeline(prog.backward), bound, ctx)
+
+
 def _additive(form, disable=()):
     """Attention masked the Hugging Face way, by adding where(mask, 0, -inf) to the scores,
     in the spellings models use; o = softmax(...) @ v."""
@@ -175,7 +186,6 @@ def test_an_additive_mask_becomes_the_masked_scores(form):
     way): rewritten so, equal forward and gradients, and (a causal mask) fused as flash
     attention, which the additive spelling was not ('scores plus a term that is not
     ALiBi's')."""
-    from lmc.passes.autodiff import differentiate
 
     g = _additive(form)
     raw = _additive(form, disable=["canonicalize"])
@@ -193,13 +203,7 @@ def test_an_additive_mask_becomes_the_masked_scores(form):
         torch.testing.assert_close(run_graph(g, vals, ctx)["o"], run_graph(raw, vals, ctx)["o"],
                                    rtol=0, atol=0)
         gy = torch.randn(2, H, t, D, generator=gen)
-        grads = []
-        for graph in (g, raw):
-            prog = differentiate(graph, ["q", "k", "v"])
-            fw = run_graph(prog.forward, vals, ctx)
-            bound = {s: fw[s] for s in prog.saved}
-            bound["grad:o"] = gy
-            grads.append(run_graph(run_pipeline(prog.backward), bound, ctx))
+        grads = [_grads(graph, vals, ctx, gy) for graph in (g, raw)]
         for n in ("grad:q", "grad:k", "grad:v"):
             torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-6, atol=1e-6)
     if form != "padding":
@@ -315,7 +319,6 @@ def test_rope_with_half_width_tables_becomes_the_full_width_form(form):
     same values bitwise (a - b*s = a + (-b)*s), gradients equal, and fuse_rope_attention
     then takes RoPE into the kernel (before: 'their RoPE not matched: not x*cos +
     rot(x)*sin')."""
-    from lmc.passes.autodiff import differentiate
 
     g = _half_rope_attention(form)
     raw = _half_rope_attention(form, disable=["canonicalize"])
@@ -329,13 +332,7 @@ def test_rope_with_half_width_tables_becomes_the_full_width_form(form):
         ctx = RefCtx(dims=bind_dims(g, vals))
         assert torch.equal(run_graph(g, vals, ctx)["o"], run_graph(raw, vals, ctx)["o"])
         gy = torch.randn(2, H, t, 2 * D, generator=gen)
-        grads = []
-        for graph in (g, raw):
-            prog = differentiate(graph, ["q", "k", "v"])
-            fw = run_graph(prog.forward, vals, ctx)
-            bound = {s: fw[s] for s in prog.saved}
-            bound["grad:o"] = gy
-            grads.append(run_graph(run_pipeline(prog.backward), bound, ctx))
+        grads = [_grads(graph, vals, ctx, gy) for graph in (g, raw)]
         for n in ("grad:q", "grad:k", "grad:v"):
             torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-6, atol=1e-6)
     (r,) = [r for r in fuse_rope_attention(g).meta["fusions"]
@@ -467,11 +464,10 @@ def test_a_model_with_half_width_rope_tables_fuses_in_training_and_decode(form, 
     the model as written bitwise, one rope_attention per layer with RoPE inside, triton
     forward and gradients equal to the primitives, and one decode_attention per layer in the
     dynamic and the static step, decode = forward."""
-    from conftest import assert_grads_close, decode_worst, unit_init
+    from conftest import assert_fused_model_matches, unit_init
 
     import lmc
     from lmc.driver import compile_model
-    from lmc.runtime.decoder import Decoder
     from lmc.runtime.module import LmcModel
 
     monkeypatch.setenv("LMC_CACHE", str(tmp_path / "cache"))
@@ -493,18 +489,4 @@ def test_a_model_with_half_width_rope_tables_fuses_in_training_and_decode(form, 
         ids = torch.randint(0, 64, (2, t), generator=gen)
         assert torch.equal(raw(ids), m(ids)), t
     ids = torch.randint(0, 64, (2, 11), generator=gen)
-    want = m(ids)
-    got = tri(ids)
-    top = want.abs().max().item()
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * top)
-    gy = torch.randn(want.shape, generator=gen)
-    (want * gy).sum().backward()
-    (got * gy).sum().backward()
-    assert_grads_close(tri, m)
-    with torch.no_grad():
-        full = m(ids)
-    for static in (False, True):
-        dec = Decoder(tri.eval(), "triton", static=static, **({"max_len": 16} if static else {}))
-        kinds = [n.attrs["kind"] for n in dec.graph.nodes if n.op is Op.FUSED]
-        assert kinds.count("decode_attention") == 2, kinds
-        assert decode_worst(dec, ids, full, 4) < 1e-6 * top
+    assert_fused_model_matches(m, tri, ids, gen)

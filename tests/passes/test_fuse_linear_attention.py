@@ -122,6 +122,19 @@ def _run_both(g, f, vals, wrt, gen):
     return got, want, grads[1], grads[0], kinds
 
 
+def _errors(got, want, gg, gw, vals, wrt, shapes=False):
+    """The output's and each gradient's error relative to the oracle's; the decay's measured
+    against the largest |q . dq| (its gradient is a difference of such terms; shapes: each
+    gradient of its input's shape)."""
+    errs = {"o": rel(got, want)}
+    for w in wrt:
+        if shapes:
+            assert gg[f"grad:{w}"].shape == vals[w].shape
+        floor = (vals["q"] * gw["grad:q"]).sum(-1).abs().max().item() if w == "ld" else 0.0
+        errs[w] = rel(gg[f"grad:{w}"], gw[f"grad:{w}"], floor)
+    return errs
+
+
 CASES = [  # T, chunk, gates, scale: chunks that do (32/16, 64/32) and do not divide T
     (63, 16, "token", None),
     (200, 32, "token", 0.5),
@@ -152,10 +165,7 @@ def test_fused_equals_primitives_forward_and_gradients(t, chunk, gates, scale):
     wrt = ["q", "k", "v"] + (["ld"] if gates == "token" else [])
     got, want, gg, gw, kinds = _run_both(g, f, vals, wrt, gen)
     assert kinds == {"linear_attention_bwd"}
-    errs = {"o": rel(got, want)}
-    for w in wrt:
-        floor = (vals["q"] * gw["grad:q"]).sum(-1).abs().max().item() if w == "ld" else 0.0
-        errs[w] = rel(gg[f"grad:{w}"], gw[f"grad:{w}"], floor)
+    errs = _errors(got, want, gg, gw, vals, wrt)
     ERRORS[(t, chunk, gates, scale)] = errs
     print((t, chunk, gates, scale), " ".join(f"{k}={v:.1e}" for k, v in errs.items()))
     assert max(errs.values()) < 1e-5, errs
@@ -174,11 +184,7 @@ def test_q_and_k_shared_by_every_head_fuse(t, chunk, gates):
     wrt = ["q", "k", "v"] + (["ld"] if gates == "token" else [])
     got, want, gg, gw, kinds = _run_both(g, f, vals, wrt, gen)
     assert kinds == {"linear_attention_bwd"} and got.shape == (2, H, t, DV)
-    errs = {"o": rel(got, want)}
-    for w in wrt:
-        assert gg[f"grad:{w}"].shape == vals[w].shape
-        floor = (vals["q"] * gw["grad:q"]).sum(-1).abs().max().item() if w == "ld" else 0.0
-        errs[w] = rel(gg[f"grad:{w}"], gw[f"grad:{w}"], floor)
+    errs = _errors(got, want, gg, gw, vals, wrt, shapes=True)
     assert max(errs.values()) < 1e-5, errs
 
 
@@ -599,11 +605,7 @@ def test_a_decay_over_unit_dims_fuses_and_equals_the_model_as_written(spelling, 
     wrt = ["q", "k", "v"] + (["ld"] if gates == "token" else [])
     got, want, gg, gw, kinds = _run_both(raw, f, vals, wrt, gen)
     assert kinds == {"linear_attention_bwd"}
-    errs = {"o": rel(got, want)}
-    for w in wrt:
-        assert gg[f"grad:{w}"].shape == vals[w].shape
-        floor = (vals["q"] * gw["grad:q"]).sum(-1).abs().max().item() if w == "ld" else 0.0
-        errs[w] = rel(gg[f"grad:{w}"], gw[f"grad:{w}"], floor)
+    errs = _errors(got, want, gg, gw, vals, wrt, shapes=True)
     assert max(errs.values()) < 1e-5, errs
 
 

@@ -758,11 +758,10 @@ def test_attention_as_other_code_bases_write_it_fuses_in_training_and_decode(for
     primitives (within 1e-6 and 1e-5 of the largest, the weights drawn at unit scale so that
     RoPE moves the logits), the passes equal to the model as written, and one
     decode_attention per layer in the dynamic and the static step, decode = forward."""
-    from conftest import assert_grads_close, decode_worst, unit_init
+    from conftest import assert_fused_model_matches, unit_init
 
     import lmc
     from lmc.driver import compile_model
-    from lmc.runtime.decoder import Decoder
     from lmc.runtime.module import LmcModel
 
     rope, rot, scores, probs = _FORMS[form]
@@ -784,19 +783,6 @@ def test_attention_as_other_code_bases_write_it_fuses_in_training_and_decode(for
     ids = torch.randint(0, 64, (2, 11), generator=gen)
     with torch.no_grad():
         torch.testing.assert_close(raw(ids), m(ids), rtol=0, atol=0)
-    # triton (the fused kernels) = the primitives, forward and gradients
-    want, got = m(ids), tri(ids)
-    top = want.abs().max().item()
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * top)
-    gy = torch.randn(want.shape, generator=gen)
-    (want * gy).sum().backward()
-    (got * gy).sum().backward()
-    assert_grads_close(tri, m)
-    # the decode step: fused over the cache, and decode = forward
-    with torch.no_grad():
-        full = m(ids)
-    for static in (False, True):
-        dec = Decoder(tri.eval(), "triton", static=static, **({"max_len": 16} if static else {}))
-        kinds = [n.attrs["kind"] for n in dec.graph.nodes if n.op is Op.FUSED]
-        assert kinds.count("decode_attention") == 2, kinds
-        assert decode_worst(dec, ids, full, 4) < 1e-6 * top
+    # triton (the fused kernels) = the primitives, forward and gradients, and the decode
+    # step: fused over the cache, decode = forward
+    assert_fused_model_matches(m, tri, ids, gen)
