@@ -47,7 +47,7 @@ MODELS = {"llama": {}, "blues01": {}, "minimax": {}, "yoco": {},
           "mamba2": {}, "gpt_oss": {},
           "diff_transformer": {}, "gla": {},
           "rwkv6": {"d": 128, "head_size": 64},     # the default head size
-          "falcon": {}, "retnet": {}}
+          "falcon": {}, "retnet": {}, "llama3_meta": {}}
 LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
 SMEM_LIMIT = {90: 232448, 80: 166912, 89: 101376}      # bytes per block (opt-in maximum)
 

@@ -8,7 +8,9 @@ attention sinks, sliding-window layers; a Differential Transformer: the differen
 attention maps weighting one set of values; a GLA model: linear attention with per-channel
 data-dependent decays; an RWKV-6-style model: exclusive decays and a bonus, data-dependent
 token shifts; a Falcon-style model: the parallel block, multi-query attention; a RetNet-style
-model: retention with a fixed decay per head written as the paper writes it). `lmc verify`
+model: retention with a fixed decay per head written as the paper writes it; Llama 3 as Meta's
+reference code writes it: RoPE as complex pairs and the kv heads' repeat in the [B, T, H, D]
+layout, before the transpose). `lmc verify`
 passes on each,
 and the fusions fire on what they hold: plain causal attention with no RoPE, soft-capped
 scores, ALiBi in both forms, sigmoid routing, SSD as chunked linear attention, in training and
@@ -36,7 +38,7 @@ DECODE = {"gpt2.yaml": "", "gemma2.yaml": ", scores soft-capped at 1.5", "mpt.ya
           "bloom.yaml": ", ALiBi", "deepseek_moe.yaml": ", scale 0.25", "mamba2.yaml": None,
           "gpt_oss.yaml": ", attention sinks", "diff_transformer.yaml": ", scale 0.25",
           "gla.yaml": None, "rwkv6.yaml": None, "falcon.yaml": ", scale 0.25",
-          "retnet.yaml": None}
+          "retnet.yaml": None, "llama3_meta.yaml": ", scale 0.25"}
 # what the fused attention records say per layer (tiny presets)
 ATTENTION = {
     "gpt2.yaml": ["no rope: causal attention, scale 0.25"] * 2,
@@ -56,6 +58,9 @@ ATTENTION = {
     # two attention maps per layer, each its own flash attention
     "diff_transformer.yaml": ["rope + causal attention, scale 0.25"] * 4,
     "falcon.yaml": ["rope + causal MQA attention (4 heads, 1 kv), scale 0.25"] * 2,
+    # RoPE (as pairs) and the kv repeat before the heads' transpose: moved by canonicalize
+    "llama3_meta.yaml": ["interleaved rope + causal GQA attention (4 heads, 2 kv), "
+                         "scale 0.25"] * 2,
     "gpt_oss.yaml": ["rope + causal window 5 GQA attention (4 heads, 2 kv) with attention "
                      "sinks, scale 0.25",
                      "rope + causal GQA attention (4 heads, 2 kv) with attention sinks, "

@@ -90,6 +90,22 @@ from 1:2, xp = reshape(x, [.., R/2, 2]) (the rotation then reads those xp[..., j
 Products in either order, the terms of a sum in either order, the minus as a subtraction or
 a negation; only the two halves of one x (up to duplicate computations cse would merge),
 tables exactly R/2 wide, and the same c and s in both halves.
+
+RoPE and the kv heads' repeat computed before the heads permute, in the [B, T, H, D] layout
+(Meta's Llama: rope on q, k viewed as [B, T, H, D] with tables [T, 1, R] or [1, T, 1, R],
+repeat_kv's reshape(expand(reshape(k, [B, T, n, 1, D]), [B, T, n, G, D]), [B, T, n*G, D]),
+then transpose(x, 1, 2)): a first step moves permute(y, [0, 2, 1, 3]) down through y, each op
+rebuilt on its operands swapped the same way (rank-5 views of the last axis swap their first
+three axes alike): RoPE's arithmetic on a position table (static, computed from cos or sin)
+and its sums, negations, casts, slices and concats along the head dim, reshapes of the head
+dim alone, expands, and the repeat (rebuilt as the [B, n, 1, T, D] -> [B, n, G, T, D] ->
+[B, n*G, T, D] repeat of the swapped k); a table is laid out again by a reshape (a unit dim
+moves: [T, 1, R] becomes [T, R], the table fuse_rope_attention reads); anything else (the
+projection's reshape, a norm before RoPE) is permuted where RoPE reads it. Elementwise ops
+on permuted operands give the same values, so q' and k' are bitwise as before (the scores'
+matmul may round differently: it reads them in another memory layout). Then the rewrites
+above run on that graph (a half-table RoPE so laid out is widened like any other). Only a
+permute whose y nothing else reads and that moves past a table product or a repeat.
 """
 from __future__ import annotations
 
@@ -514,7 +530,140 @@ def _half_rope(n: Node, rep: Dict[Node, Node]):
     return None
 
 
+_ARITH = (Op.ADD, Op.SUB, Op.MUL, Op.DIV)
+
+
+def _swap_perm(rank: int) -> tuple:
+    return (0, 2, 1) + tuple(range(3, rank))
+
+
+def _swap_dims(shape) -> tuple:
+    return (shape[0], shape[2], shape[1]) + tuple(shape[3:])
+
+
+def _same_lead(a: Node, b: Node) -> bool:
+    return a.type.rank == b.type.rank and all(
+        dims_equal(x, y) for x, y in zip(a.type.shape[:3], b.type.shape[:3]))
+
+
+def _head_repeat(m: Node):
+    """m = reshape(expand(reshape(s, [B, T, n, 1, D]), [B, T, n, G, D]), [B, T, n*G, D]),
+    the heads of s each repeated G times (Meta's repeat_kv): s, else None."""
+    if m.op is not Op.RESHAPE or m.type.rank != 4 or m.inputs[0].op is not Op.EXPAND:
+        return None
+    e = m.inputs[0]
+    r = e.inputs[0]
+    if r.op is not Op.RESHAPE or r.inputs[0].type.rank != 4:
+        return None
+    s = r.inputs[0]
+    b, t, n, d = s.type.shape
+    G = e.type.shape[3]
+    ok = _same_shape(r.type.shape, (b, t, n, 1, d)) and _same_shape(
+        e.type.shape, (b, t, n, G, d)) and _same_shape(m.type.shape, (b, t, norm(n * G), d))
+    return s if ok else None
+
+
+def _sink_heads_permutes(g: Graph) -> Graph:
+    """permute(y, [0, 2, 1, 3]) over RoPE and a repeat of the kv heads computed in the
+    [B, T, H, D] layout (as Meta's Llama computes them) becomes the same computation on
+    permute(x, [0, 2, 1, 3]) of the tensors they read: see the module docstring."""
+    users = g.users()
+    outs = set(g.outputs.values())
+    static: Dict[Node, bool] = {}
+    table: Dict[Node, bool] = {}      # static, computed from cos or sin: a position table
+    rotary: Dict[Node, bool] = {}     # arithmetic on such a table (x * cos, their sum, ...)
+    for n in g.nodes:
+        static[n] = n.op not in (Op.INPUT, Op.PARAM) and all(static[i] for i in n.inputs)
+        table[n] = static[n] and (n.op in (Op.COS, Op.SIN) or any(table[i] for i in n.inputs))
+        rotary[n] = n.op in _ARITH and not static[n] and any(
+            table[i] or rotary[i] for i in n.inputs)
+    new: Dict[Node, Node] = {}
+    nodes: List[Node] = []
+    changed = False
+    for n in g.nodes:
+        y = n.inputs[0] if n.inputs else None
+        if n.op is Op.PERMUTE and n.type.rank == 4 and tuple(n.attrs["perm"]) == \
+                _swap_perm(4) and len(users.get(y, [])) == 1 and y not in outs:
+            made: List[Node] = []
+            memo: Dict[Node, Node] = {}
+            gain = [0]
+
+            def mk(op, ins, attrs, src, made=made):
+                made.append(Node.make(op, ins, dict(attrs), src.loc, src.scope))
+                return made[-1]
+
+            def relay(o: Node, like: Node, made=made) -> Node:
+                """o, an operand broadcast against `like`, laid out for swap(like)."""
+                r = like.type.rank
+                po = (1,) * (r - o.type.rank) + tuple(o.type.shape)
+                if all(dims_equal(d, 1) for d in po[:3]):
+                    return new[o]                   # broadcasts along both: as it is
+                target = _swap_dims(po)
+                if dims_equal(po[1], 1) or dims_equal(po[2], 1):    # a unit dim moves
+                    shape = _no_leading_ones(target)
+                    base = o.inputs[0] if o.op is Op.RESHAPE else o
+                    if _same_shape(base.type.shape, shape):
+                        return new[base]
+                    return mk(Op.RESHAPE, (new[base],), {"shape": shape}, o)
+                full = new[o] if o.type.rank == r else mk(Op.RESHAPE, (new[o],),
+                                                          {"shape": po}, o)
+                return mk(Op.PERMUTE, (full,), {"perm": _swap_perm(r)}, o)
+
+            def swap(m: Node) -> Node:
+                """A node equal to permute(m, [0, 2, 1, 3, ..]) (m of rank >= 4)."""
+                if m in memo:
+                    return memo[m]
+                r, op = m.type.rank, m.op
+                src = _head_repeat(m)
+                if src is not None:         # the repeat of swap(src)'s heads, [B, n*G, T, D]
+                    b, t, n_, d = src.type.shape
+                    G = m.inputs[0].type.shape[3]
+                    x = mk(Op.RESHAPE, (swap(src),), {"shape": (b, n_, 1, t, d)}, m.inputs[0])
+                    x = mk(Op.EXPAND, (x,), {"shape": (b, n_, G, t, d)}, m.inputs[0])
+                    out = mk(Op.RESHAPE, (x,), {"shape": _swap_dims(m.type.shape)}, m)
+                    gain[0] += 1
+                elif op is Op.EXPAND and m.inputs[0].type.rank == r:
+                    out = mk(op, (swap(m.inputs[0]),), {"shape": _swap_dims(m.type.shape)}, m)
+                    gain[0] += not dims_equal(m.inputs[0].type.shape[2], m.type.shape[2])
+                elif op in _ARITH and rotary[m]:
+                    ins = tuple(swap(i) if _same_lead(i, m) else relay(i, m)
+                                for i in m.inputs)
+                    out = mk(op, ins, m.attrs, m)
+                    gain[0] += any(table[i] for i in m.inputs)
+                elif op in (Op.NEG, Op.CAST) or (op in (Op.SLICE, Op.CONCAT)
+                                                 and m.attrs["axis"] >= 3):
+                    out = mk(op, tuple(swap(i) for i in m.inputs), m.attrs, m)
+                elif op is Op.RESHAPE and m.inputs[0].type.rank >= 4 and \
+                        all(dims_equal(a, b) for a, b in zip(m.inputs[0].type.shape[:3],
+                                                           m.type.shape[:3])):
+                    out = mk(op, (swap(m.inputs[0]),), {"shape": _swap_dims(m.type.shape)}, m)
+                elif op is Op.PERMUTE and tuple(m.attrs["perm"]) == _swap_perm(r):
+                    out = new[m.inputs[0]]              # swapped twice: as it was
+                else:
+                    out = mk(Op.PERMUTE, (new[m],), {"perm": _swap_perm(r)}, m)
+                memo[m] = out
+                return out
+            out = swap(y)
+            if gain[0]:
+                nodes += made
+                new[n] = out
+                changed = True
+                continue
+        ins = tuple(new[i] for i in n.inputs)
+        cur = n if ins == n.inputs else Node(n.op, ins, n.attrs, n.type, n.loc, n.scope)
+        new[n] = cur
+        nodes.append(cur)
+    if not changed:
+        return g
+    from .basic import dce
+    return dce(g.with_nodes(nodes, {k: new[v] for k, v in g.outputs.items()}))
+
+
 def canonicalize(g: Graph) -> Graph:
+    return _rewrite(_sink_heads_permutes(g))
+
+
+def _rewrite(g: Graph) -> Graph:
     users = g.users()
     found = {n: m for n in g.nodes if (m := _sink_slice(n, users)) is not None}
     diff = {n: m for n in g.nodes if (m := _differential(n, users)) is not None}

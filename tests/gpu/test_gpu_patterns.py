@@ -53,6 +53,8 @@ MODELS = [
     ("examples/rwkv6.yaml", {}, {"gated_linear_attention"}, False),
     # the parallel block with MQA (LayerNorm prologues, both output projections summed)
     ("examples/falcon.yaml", {}, {"rope_attention"}, False),
+    # RoPE as pairs and the kv repeat before the heads' transpose (canonicalize moves it)
+    ("examples/llama3_meta.yaml", {}, {"rope_attention"}, False),
 ]
 IDS = [f"{os.path.basename(f)[:-5]}{''.join(f'-{k}{v}' for k, v in o.items())}"
        for f, o, _, _ in MODELS]

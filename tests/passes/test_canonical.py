@@ -490,3 +490,141 @@ def test_a_model_with_half_width_rope_tables_fuses_in_training_and_decode(form, 
         assert torch.equal(raw(ids), m(ids)), t
     ids = torch.randint(0, 64, (2, 11), generator=gen)
     assert_fused_model_matches(m, tri, ids, gen)
+
+
+_META_YAML = """
+name: meta_layout
+config: {vocab: 64, d: 64, layers: 2, heads: 4, kv_heads: KV, head_dim: d / heads,
+         max_seq: 32}
+blocks:
+  rope_tables:                      # TABLES, laid out for x: [B, T, heads, head_dim]
+    args: []
+    body:
+      - inv_freq = 1.0 / 10000 ** (cast(iota(head_dim / 2), 'f32') * 2 / head_dim)
+      - freqs = reshape(cast(iota(T), 'f32'), [T, 1]) * reshape(inv_freq, [1, head_dim / 2])
+      TABLE_BODY
+  rope:                             # on x: [B, T, n, head_dim], before the heads permute
+    args: [x, cos, sin]
+    body:
+      ROPE
+  repeat_kv:                        # [B, T, kv_heads, head_dim] -> [B, T, heads, head_dim]
+    args: [x]
+    body:
+      - x = reshape(x, [B, T, kv_heads, 1, head_dim])
+      - x = expand(x, [B, T, kv_heads, heads / kv_heads, head_dim])
+      - return reshape(x, [B, T, heads, head_dim])
+  attention:
+    args: [x, cos, sin]
+    params: {wq: [d, d], wk: [d, kv_heads * head_dim], wv: [d, kv_heads * head_dim],
+             wo: [d, d]}
+    body:
+      - q = rope(reshape(x @ wq, [B, T, heads, head_dim]), cos, sin)
+      - k = rope(reshape(x @ wk, [B, T, kv_heads, head_dim]), cos, sin)
+      - v = reshape(x @ wv, [B, T, kv_heads, head_dim])
+      - q = transpose(q, 1, 2)
+      - k = transpose(repeat_kv(k), 1, 2)
+      - v = transpose(repeat_kv(v), 1, 2)
+      - scores = (q @ transpose(k, -2, -1)) * head_dim ** -0.5
+      - probs = softmax(where(causal_mask(T), scores, -inf), -1)
+      - return reshape(transpose(probs @ v, 1, 2), [B, T, d]) @ wo
+""" + _HALF_YAML[_HALF_YAML.index("\nmodel:") + 1:]   # the same model around it
+_META_ROPES = {
+    # full-width tables [T, 1, head_dim], rotate-half
+    "rotate-half": ("- emb = concat([freqs, freqs], -1)\n"
+                    "      - return reshape(cos(emb), [T, 1, head_dim]), "
+                    "reshape(sin(emb), [T, 1, head_dim])",
+                    "- x1, x2 = split(x, 2, -1)\n"
+                    "      - return x * cos + concat([-x2, x1], -1) * sin"),
+    # Meta's Llama: half tables [1, T, 1, head_dim / 2], x viewed as pairs
+    "meta-pairs": ("- return reshape(cos(freqs), [1, T, 1, head_dim / 2]), "
+                   "reshape(sin(freqs), [1, T, 1, head_dim / 2])",
+                   "- xp = reshape(x, [B, T, -1, head_dim / 2, 2])\n"
+                   "      - half = [B, T, -1, head_dim / 2]\n"
+                   "      - x1 = reshape(slice(xp, -1, 0, 1), half)\n"
+                   "      - x2 = reshape(slice(xp, -1, 1, 2), half)\n"
+                   "      - lo = reshape(x1 * cos - x2 * sin, [B, T, -1, head_dim / 2, 1])\n"
+                   "      - hi = reshape(x2 * cos + x1 * sin, [B, T, -1, head_dim / 2, 1])\n"
+                   "      - return reshape(concat([lo, hi], -1), [B, T, -1, head_dim])"),
+}
+
+
+@pytest.mark.parametrize("form,kv", [("rotate-half", 2), ("meta-pairs", 1)],
+                         ids=["rotate-half-gqa", "meta-pairs-mqa"])
+def test_rope_and_kv_repeat_before_the_heads_permute_fuse(form, kv, tmp_path, monkeypatch):
+    """RoPE and the kv heads' repeat computed in the [B, T, H, D] layout, then transposed
+    (Meta's Llama): canonicalize moves the permute under them, the same values (q' and k'
+    bitwise; the logits to the matmul's rounding, torch laying q' out differently), so
+    one rope_attention per layer takes RoPE and GQA/MQA into the kernel (before: 'no rope:
+    causal attention', RoPE run outside and k, v copied to all query heads), gradients equal
+    the primitives', and decode caches k and v at the kv heads and equals the forward."""
+    from conftest import assert_fused_model_matches, unit_init
+
+    import lmc
+    from lmc.driver import compile_model
+    from lmc.passes.decode import decode_step
+    from lmc.runtime.module import LmcModel
+
+    monkeypatch.setenv("LMC_CACHE", str(tmp_path / "cache"))
+    tables, rope = _META_ROPES[form]
+    path = tmp_path / f"{form}.yaml"
+    path.write_text(_META_YAML.replace("TABLE_BODY", tables).replace("ROPE", rope)
+                    .replace("KV", str(kv)))
+    m = unit_init(lmc.load(str(path), seed=1))
+    tri = lmc.load(str(path), backend="triton", seed=1)
+    tri.load_state_dict(m.state_dict())
+    recs = [r for r in tri.pattern_graph().meta["fusions"] if r["pass"] == "fuse_rope_attention"]
+    want = ("interleaved rope" if form == "meta-pairs" else "rope") + " + causal " + \
+        ("MQA" if kv == 1 else "GQA") + f" attention (4 heads, {kv} kv), scale 0.25"
+    assert [(r["status"], r["reason"]) for r in recs] == [("fused", want)] * 2, recs
+    raw_graph = compile_model(str(path), disable=["canonicalize"]).graph
+    raw_recs = [r for r in fuse_rope_attention(raw_graph).meta["fusions"]
+                if r["pass"] == "fuse_rope_attention"]
+    assert all(r["reason"].startswith("no rope: causal attention,") for r in raw_recs)
+    raw = LmcModel(raw_graph, seed=1)
+    raw.load_state_dict(m.state_dict())
+    gen = torch.Generator().manual_seed(6)
+    for t in (1, 5, 11, 23):      # q', k' bitwise (the last test); the scores' matmul
+        ids = torch.randint(0, 64, (2, t), generator=gen)   # reads them in another layout
+        want = raw(ids)
+        torch.testing.assert_close(m(ids), want, rtol=0, atol=1e-6 * want.abs().max().item())
+    states = decode_step(compile_model(str(path)).graph).states
+    assert sum(s.bytes_per_token() for s in states) == 2 * 2 * kv * 16 * 4   # kv heads only
+    ids = torch.randint(0, 64, (2, 11), generator=gen)
+    assert_fused_model_matches(m, tri, ids, gen)
+
+
+def test_heads_permute_is_left_where_nothing_is_gained():
+    """Only RoPE or a kv repeat under the permute moves it: a permute of plain arithmetic, of
+    a RoPE also read elsewhere, or another permutation stays as written; a norm before RoPE
+    stays whole before the permute (its weight is not a position table)."""
+    b = Builder({}, {})
+    x, y = (b.input(n, [B, T, H, D], "f32") for n in "xy")
+    w = b.input("w", [D], "f32")
+    ang = b.reshape(b.cast(b.iota(T), "f32"), [T, 1, 1]) * b.reshape(
+        b.const(torch.linspace(0.1, 1.0, D)), [1, 1, D])
+    c, s = b.cos(ang), b.sin(ang)
+
+    def rope(u):
+        u1, u2 = b.slice(u, 3, 0, D // 2), b.slice(u, 3, D // 2, D)
+        return u * c + b.concat([-u2, u1], -1) * s
+    shared = rope(y)
+    normed = x * b.rsqrt(b.mean(x * x, -1) + 1e-5) * w
+    outs = {"plain": b.permute(x * y + x, [0, 2, 1, 3]),
+            "shared": b.permute(shared, [0, 2, 1, 3]), "shared-too": shared * 2.0,
+            "other-perm": b.permute(rope(x), [2, 1, 0, 3]),
+            "normed": b.permute(rope(normed), [0, 2, 1, 3])}
+    g = run_pipeline(Graph("g", b.nodes, {k: v.node for k, v in outs.items()}))
+    raw = run_pipeline(Graph("g", b.nodes, {k: v.node for k, v in outs.items()}),
+                       disable=["canonicalize"])
+    assert [k for k in outs if g.outputs[k].op is Op.PERMUTE] == [
+        "plain", "shared", "other-perm"]
+    # the normed x is permuted whole: RoPE reads permute(x * rstd * w)
+    perms = [n for n in g.nodes if n.op is Op.PERMUTE and n.inputs[0].op is Op.MUL
+             and any(i.op is Op.INPUT and i.attrs["name"] == "w" for i in n.inputs[0].inputs)]
+    assert len(perms) == 1
+    gen = torch.Generator().manual_seed(3)
+    vals = {"x": torch.randn(2, 7, H, D, generator=gen),
+            "y": torch.randn(2, 7, H, D, generator=gen), "w": torch.randn(D, generator=gen)}
+    ctx = RefCtx(dims=bind_dims(g, vals))
+    got, want = run_graph(g, vals, ctx), run_graph(raw, vals, ctx)
+    assert all(torch.equal(got[k], want[k]) for k in outs)
