@@ -206,6 +206,17 @@ def differentiate(g: Graph, wrt: Optional[Sequence[str]] = None,
             nodes += new_items.get(n, [])
     order = {n: i for i, n in enumerate(nodes)}
     bnodes, grads_out, kept = _rematerialize(b.nodes, grads_out, saved_nodes, fwd_memo, order)
+    # a VJP rule also builds the cotangent of an input that takes none (the loss's count);
+    # the values only such dead nodes read are not saved (forward' would return them)
+    live, stack = set(), list(grads_out.values())
+    while stack:
+        n = stack.pop()
+        if n not in live:
+            live.add(n)
+            stack.extend(n.inputs)
+    dead = {fwd_memo[n].node for n in kept if fwd_memo[n].node not in live}
+    bnodes = [n for n in bnodes if n in live or (n.op is Op.INPUT and n not in dead)]
+    kept = {n for n in kept if fwd_memo[n].node not in dead}
     backward = Graph(f"{g.name}.backward", bnodes, grads_out, {"config": g.meta.get("config")})
     fwd_outputs = dict(g.outputs)
     saved_names = []

@@ -235,6 +235,23 @@ def test_a_widening_cast_is_recomputed_not_saved():
     assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("zoo", ["llama.yaml", "minimax.yaml"])
+def test_forward_saves_only_what_the_backward_reads(zoo):
+    """A VJP rule also builds the cotangent of an input that takes none (the loss's division
+    by the token count): what only such dead nodes read is not saved. Before, forward'
+    returned the loss's sum and a [B, T] difference nothing in the backward read, and its
+    kernel stored them."""
+    from lmc.passes.loss import with_loss
+    g = run_pipeline(with_loss(lmc.load(os.path.join(ZOO, zoo), preset="tiny").graph))
+    prog = differentiate(g, outputs=["loss"])
+    bwd = run_pipeline(prog.backward)
+    users = bwd.users()
+    read = {n.attrs["name"] for n in bwd.nodes if n.op is Op.INPUT and users.get(n)}
+    assert prog.saved and set(prog.saved) <= read, sorted(set(prog.saved) - read)
+    assert sorted(k for k in prog.forward.outputs if k.startswith("saved:")) == \
+        sorted(prog.saved)
+
+
 @pytest.mark.parametrize("sizes,used", [((16, 16, 16), (0, 1, 2)), ((8, 24, 16), (0, 2)),
                                         ((8, 24, 16), (1,)), ((5, 11), (0, 1))])
 def test_slices_gradients_accumulate_as_one_concatenation(sizes, used):
