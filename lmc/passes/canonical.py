@@ -105,7 +105,14 @@ projection's reshape, a norm before RoPE) is permuted where RoPE reads it. Eleme
 on permuted operands give the same values, so q' and k' are bitwise as before (the scores'
 matmul may round differently: it reads them in another memory layout). Then the rewrites
 above run on that graph (a half-table RoPE so laid out is widened like any other). Only a
-permute whose y nothing else reads and that moves past a table product or a repeat.
+permute whose y nothing else reads and that moves past a table product or a repeat (a table:
+computed from cos or sin and not folded to a constant; a node inside RoPE that something
+else also reads stays for that reader, its work done twice).
+
+Likewise a cumsum (or cumprod) computed before a permute, permute(cumsum(x, a), p), becomes
+cumsum(permute(x, p), p.index(a)) (an expand of x kept outermost): log-decays summed along T
+in the [B, T, H] layout and then moved to [B, H, T] are the cumsum along the last axis the
+decay rewrites above and fuse_linear_attention read (the same sums in the same order).
 """
 from __future__ import annotations
 
@@ -577,22 +584,15 @@ def _sink_heads_permutes(g: Graph) -> Graph:
         table[n] = static[n] and (n.op in (Op.COS, Op.SIN) or any(table[i] for i in n.inputs))
         rotary[n] = n.op in _ARITH and not static[n] and any(
             table[i] or rotary[i] for i in n.inputs)
-    new: Dict[Node, Node] = {}
-    nodes: List[Node] = []
-    changed = False
-    for n in g.nodes:
+
+    def rewrite(n: Node, new: Dict[Node, Node], mk):
         y = n.inputs[0] if n.inputs else None
         if n.op is Op.PERMUTE and n.type.rank == 4 and tuple(n.attrs["perm"]) == \
                 _swap_perm(4) and len(users.get(y, [])) == 1 and y not in outs:
-            made: List[Node] = []
             memo: Dict[Node, Node] = {}
             gain = [0]
 
-            def mk(op, ins, attrs, src, made=made):
-                made.append(Node.make(op, ins, dict(attrs), src.loc, src.scope))
-                return made[-1]
-
-            def relay(o: Node, like: Node, made=made) -> Node:
+            def relay(o: Node, like: Node) -> Node:
                 """o, an operand broadcast against `like`, laid out for swap(like)."""
                 r = like.type.rank
                 po = (1,) * (r - o.type.rank) + tuple(o.type.shape)
@@ -626,8 +626,8 @@ def _sink_heads_permutes(g: Graph) -> Graph:
                     out = mk(op, (swap(m.inputs[0]),), {"shape": _swap_dims(m.type.shape)}, m)
                     gain[0] += not dims_equal(m.inputs[0].type.shape[2], m.type.shape[2])
                 elif op in _ARITH and rotary[m]:
-                    ins = tuple(swap(i) if _same_lead(i, m) else relay(i, m)
-                                for i in m.inputs)
+                    ins = tuple(swap(i) if _same_lead(i, m) and not table[i] else
+                                relay(i, m) for i in m.inputs)
                     out = mk(op, ins, m.attrs, m)
                     gain[0] += any(table[i] for i in m.inputs)
                 elif op in (Op.NEG, Op.CAST) or (op in (Op.SLICE, Op.CONCAT)
@@ -644,11 +644,57 @@ def _sink_heads_permutes(g: Graph) -> Graph:
                 memo[m] = out
                 return out
             out = swap(y)
-            if gain[0]:
-                nodes += made
-                new[n] = out
-                changed = True
-                continue
+            return out if gain[0] else None
+        return None
+    return _rebuild(g, rewrite)
+
+
+def _permuted_cumsums(g: Graph) -> Graph:
+    """permute(cumsum(x, a), p) becomes cumsum(permute(x, p), p.index(a)) (cumprod alike; an
+    expand of x stays outermost, expand(permute(y, p)), as a fixed per-head decay's): a
+    decay summed along T in the [B, T, H] layout and then moved to [B, H, T] is the cumsum of
+    log-decays along the last axis that fuse_linear_attention reads and the decode pass keeps
+    a constant state for. The same sums in the same order: bitwise. Only a cumsum read by
+    that permute alone."""
+    users = g.users()
+    outs = set(g.outputs.values())
+
+    def rewrite(n: Node, new: Dict[Node, Node], mk):
+        c = n.inputs[0] if n.op is Op.PERMUTE else None
+        if c is None or c.op not in (Op.CUMSUM, Op.CUMPROD) or len(users[c]) != 1 or \
+                c in outs:
+            return None
+        perm = tuple(n.attrs["perm"])
+        x = c.inputs[0]
+        if x.op is Op.EXPAND and x.inputs[0].type.rank == x.type.rank:
+            # an expand stays outermost (a fixed per-head decay's broadcast is read as one)
+            y = mk(Op.PERMUTE, (new[x.inputs[0]],), {"perm": perm}, x)
+            x = mk(Op.EXPAND, (y,), {"shape": tuple(x.type.shape[p] for p in perm)}, x)
+        else:
+            x = mk(Op.PERMUTE, (new[x],), {"perm": perm}, x)
+        return mk(c.op, (x,), {**c.attrs, "axis": perm.index(c.attrs["axis"])}, c)
+    return _rebuild(g, rewrite)
+
+
+def _rebuild(g: Graph, rewrite) -> Graph:
+    """g with each node n for which rewrite(n, new, mk) gives a node replaced by it (new: the
+    rebuilt nodes so far, by original; mk(op, inputs, attrs, src=n) makes a node, placed
+    before the replacement, with src's YAML place and scope); g itself when none is."""
+    new: Dict[Node, Node] = {}
+    nodes: List[Node] = []
+    changed = False
+    for n in g.nodes:
+        made: List[Node] = []
+
+        def mk(op, ins, attrs, src=n, made=made):
+            made.append(Node.make(op, ins, dict(attrs), src.loc, src.scope))
+            return made[-1]
+        out = rewrite(n, new, mk)
+        if out is not None:
+            nodes += made
+            new[n] = out
+            changed = True
+            continue
         ins = tuple(new[i] for i in n.inputs)
         cur = n if ins == n.inputs else Node(n.op, ins, n.attrs, n.type, n.loc, n.scope)
         new[n] = cur
@@ -660,7 +706,7 @@ def _sink_heads_permutes(g: Graph) -> Graph:
 
 
 def canonicalize(g: Graph) -> Graph:
-    return _rewrite(_sink_heads_permutes(g))
+    return _rewrite(_permuted_cumsums(_sink_heads_permutes(g)))
 
 
 def _rewrite(g: Graph) -> Graph:

@@ -556,12 +556,14 @@ def test_rope_and_kv_repeat_before_the_heads_permute_fuse(form, kv, tmp_path, mo
     bitwise; the logits to the matmul's rounding, torch laying q' out differently), so
     one rope_attention per layer takes RoPE and GQA/MQA into the kernel (before: 'no rope:
     causal attention', RoPE run outside and k, v copied to all query heads), gradients equal
-    the primitives', and decode caches k and v at the kv heads and equals the forward."""
+    the primitives', and the decode step's attention reads the kv heads' cache (before: the
+    cache copied to every query head each step), decode = forward."""
     from conftest import assert_fused_model_matches, unit_init
 
     import lmc
     from lmc.driver import compile_model
     from lmc.passes.decode import decode_step
+    from lmc.passes.fuse_decode_attention import fuse_decode_attention
     from lmc.runtime.module import LmcModel
 
     monkeypatch.setenv("LMC_CACHE", str(tmp_path / "cache"))
@@ -587,8 +589,13 @@ def test_rope_and_kv_repeat_before_the_heads_permute_fuse(form, kv, tmp_path, mo
         ids = torch.randint(0, 64, (2, t), generator=gen)   # reads them in another layout
         want = raw(ids)
         torch.testing.assert_close(m(ids), want, rtol=0, atol=1e-6 * want.abs().max().item())
-    states = decode_step(compile_model(str(path)).graph).states
-    assert sum(s.bytes_per_token() for s in states) == 2 * 2 * kv * 16 * 4   # kv heads only
+    # decode: the attention kernel reads the kv heads' cache as GQA/MQA (before: a copy of
+    # the whole cache broadcast to the 4 query heads each step)
+    for graph, want in ((compile_model(str(path)).graph, f"4 heads over {kv} kv heads,"),
+                        (raw_graph, "4 heads,")):
+        step = fuse_decode_attention(decode_step(graph).graph)
+        recs = [r["reason"] for r in step.meta["fusions"] if r["pass"] == "fuse_decode_attention"]
+        assert len(recs) == 2 and all(want in r for r in recs), recs
     ids = torch.randint(0, 64, (2, 11), generator=gen)
     assert_fused_model_matches(m, tri, ids, gen)
 
@@ -628,3 +635,80 @@ def test_heads_permute_is_left_where_nothing_is_gained():
     ctx = RefCtx(dims=bind_dims(g, vals))
     got, want = run_graph(g, vals, ctx), run_graph(raw, vals, ctx)
     assert all(torch.equal(got[k], want[k]) for k in outs)
+
+
+def test_yoco_with_its_decays_summed_before_the_heads_permute_fuses_and_decodes(tmp_path):
+    """zoo/yoco with the retention's log-decays summed along T in the [B, T, H] layout and
+    then permuted, permute(cumsum(ld, 1), [0, 2, 1]): canonicalize sums after the permute
+    (bitwise the same forward), so the chunked linear attention fuses (before: declined, 'G
+    is permute, not a cumsum of log-decays') and the decode step keeps the d_k x d_v state,
+    the same state as the zoo's yoco, decode = forward."""
+    from conftest import ZOO, decode_worst, unit_init
+
+    import lmc
+    from lmc.driver import compile_model
+    from lmc.passes.decode import decode_step
+    from lmc.passes.fuse_linear_attention import fuse_linear_attention
+    from lmc.runtime.decoder import Decoder
+    from lmc.runtime.module import LmcModel
+
+    src = open(f"{ZOO}/yoco.yaml").read()
+    for a, b in (("      - G = cumsum(ld, -1)", "      - G = permute(cumsum(ld, 1), [0, 2, 1])"),
+                 ("      - ld = permute(logsigmoid(a), [0, 2, 1]) / gate_norm",
+                  "      - ld = logsigmoid(a) / gate_norm")):
+        assert src.count(a) == 1
+        src = src.replace(a, b)
+    path = tmp_path / "yoco_bth.yaml"
+    path.write_text(src)
+
+    def records(g):
+        return [(r["status"], r["reason"].split(" (")[0] if r["status"] == "fused"
+                 else r["reason"]) for r in fuse_linear_attention(g).meta["fusions"]
+                if r["pass"] == "fuse_linear_attention"]
+    g = compile_model(str(path), "tiny").graph
+    raw = compile_model(str(path), "tiny", disable=["canonicalize"]).graph
+    assert records(g) == records(compile_model(f"{ZOO}/yoco.yaml", "tiny").graph)
+    assert {s for s, _ in records(g)} == {"fused"}
+    assert {r for _, r in records(raw)} == {"G is permute, not a cumsum of log-decays"}
+    states = {s.name: (s.shape, s.bytes_per_token()) for s in decode_step(g).states}
+    zoo = {s.name: (s.shape, s.bytes_per_token())
+           for s in decode_step(compile_model(f"{ZOO}/yoco.yaml", "tiny").graph).states}
+    assert states == zoo
+    m = unit_init(lmc.load(str(path), preset="tiny", seed=2))
+    r = LmcModel(raw, seed=2)
+    r.load_state_dict(m.state_dict())
+    gen = torch.Generator().manual_seed(4)
+    ids = torch.randint(0, 512, (2, 13), generator=gen)
+    with torch.no_grad():
+        full = m(ids)
+        assert torch.equal(full, r(ids))
+        assert decode_worst(Decoder(m.eval()), ids, full, 4) < 1e-5 * full.abs().max().item()
+
+
+def test_a_table_with_the_shape_of_x_is_laid_out_again_not_permuted():
+    """Static batch 1 and one head: the [1, T, 1, D] table has x's own leading dims, and is
+    still re-laid to [T, D] (a table the RoPE patterns read), not permuted with x; the
+    attention then fuses with RoPE on q and k (before: 'q only; k given', or 'no rope')."""
+    b = Builder({}, {})
+    q, k, v = (b.input(n, [1, T, 1, D], "f32") for n in "qkv")
+    ang = b.reshape(b.cast(b.iota(T), "f32"), [1, T, 1, 1]) * b.reshape(
+        b.const(torch.linspace(0.1, 1.0, D)), [1, 1, 1, D])
+    c, s = b.cos(ang), b.sin(ang)
+
+    def rope(u):
+        u1, u2 = b.slice(u, 3, 0, D // 2), b.slice(u, 3, D // 2, D)
+        return b.permute(u * c + b.concat([-u2, u1], -1) * s, [0, 2, 1, 3])
+    sc = (rope(q) @ b.transpose(rope(k), -2, -1)) * D ** -0.5
+    o = b.softmax(b.where(b.causal_mask(T, T), sc, -float("inf")), -1) @ b.permute(
+        v, [0, 2, 1, 3])
+    g = run_pipeline(Graph("b1", b.nodes, {"o": o.node}))
+    assert not any(n.op is Op.PERMUTE and n.inputs[0].op is Op.COS for n in g.nodes)
+    (r,) = [r for r in fuse_rope_attention(g).meta["fusions"]
+            if r["pass"] == "fuse_rope_attention"]
+    assert r["status"] == "fused" and r["reason"].startswith("rope + causal attention"), r
+    raw = run_pipeline(Graph("b1", b.nodes, {"o": o.node}), disable=["canonicalize"])
+    gen = torch.Generator().manual_seed(8)
+    vals = {n: torch.randn(1, 9, 1, D, generator=gen) for n in "qkv"}
+    ctx = RefCtx(dims=bind_dims(g, vals))
+    torch.testing.assert_close(run_graph(g, vals, ctx)["o"], run_graph(raw, vals, ctx)["o"],
+                               rtol=0, atol=1e-6)

@@ -547,19 +547,24 @@ def _unit_dim_linear_attention(spelling, gates="token", disable=()):
     "transpose": G = cumsum(ld4, 2) of a [.., T, 1] ld4, D = exp(where(mask, G - G^T, -inf));
     "reshaped": reshape(cumsum(ld4, 2), [.., T]) then the usual reshapes;
     "cumsum-of-reshape": G = cumsum(reshape(ld, [B, H, T, 1]), 2) of the [B, H, T] input, then
-    G - G^T. ld4 is the input ld [B, H, T, 1] (per-token gates) or a fixed per-head decay
-    expand([1, H, 1, 1] constant, [1, H, T, 1])."""
+    G - G^T; "heads-swapped": G = transpose(cumsum(ld4, 1), 1, 2) of a [B, T, H, 1] ld4 (the
+    gates summed in the projection's layout), then G - G^T. ld4 is the input ld [B, H, T, 1]
+    ([B, T, H, 1] heads-swapped; per-token gates) or a fixed per-head decay expand([1, H, 1, 1]
+    constant, [1, H, T, 1]) (likewise)."""
     b = Builder({}, {})
     q, k = (b.input(n, [B, H, T, DK], "f32") for n in "qk")
     v = b.input("v", [B, H, T, DV], "f32")
     lead = [B, H] if gates == "token" else [1, H]
+    swapped = spelling == "heads-swapped"
     if gates == "token" and spelling == "cumsum-of-reshape":
         ld4 = b.reshape(b.input("ld", [B, H, T], "f32"), [B, H, T, 1])
     elif gates == "token":
-        ld4 = b.input("ld", [B, H, T, 1], "f32")
+        ld4 = b.input("ld", [B, T, H, 1] if swapped else [B, H, T, 1], "f32")
     else:
-        ld4 = b.expand(b.const(torch.tensor([-0.3, -0.02]).view(1, H, 1, 1)), [1, H, T, 1])
-    G = b.cumsum(ld4, 2)
+        decay = torch.tensor([-0.3, -0.02])
+        ld4 = b.expand(b.const(decay.view(1, 1, H, 1)), [1, T, H, 1]) if swapped else \
+            b.expand(b.const(decay.view(1, H, 1, 1)), [1, H, T, 1])
+    G = b.transpose(b.cumsum(ld4, 1), 1, 2) if swapped else b.cumsum(ld4, 2)
     if spelling == "reshaped":
         G = b.reshape(G, lead + [T])
         diff = b.reshape(G, lead + [T, 1]) - b.reshape(G, lead + [1, T])
@@ -572,19 +577,23 @@ def _unit_dim_linear_attention(spelling, gates="token", disable=()):
 
 @pytest.mark.parametrize("spelling,gates", [
     ("transpose", "token"), ("transpose", "head"), ("reshaped", "token"),
-    ("reshaped", "head"), ("cumsum-of-reshape", "token")])
+    ("reshaped", "head"), ("cumsum-of-reshape", "token"), ("heads-swapped", "token"),
+    ("heads-swapped", "head")])
 def test_a_decay_over_unit_dims_fuses_and_equals_the_model_as_written(spelling, gates):
     """The decay over a [B, H, T, 1] cumsum (G - transpose(G, -2, -1), or the cumsum reshaped
     to [B, H, T]): canonicalize makes it the reshapes of a [B, H, T] cumsum (bitwise the same
     forward as written), so the pass fuses it (before: declined, 'G_t - G_s is not a
     difference of two reshapes of one G' / 'G is reshape, not a cumsum of log-decays'), and
-    the kernels equal the graph as written, forward and every gradient."""
+    the kernels equal the graph as written, forward and every gradient. Summed along T in
+    the [B, T, H, 1] layout and then transposed, the cumsum is moved after the transpose
+    first (before: 'G is permute, not a cumsum of log-decays')."""
     raw = _unit_dim_linear_attention(spelling, gates, disable=["canonicalize"])
     g = _unit_dim_linear_attention(spelling, gates)
     (r,) = _records(fuse_linear_attention(raw))
-    assert r["status"] == "declined" and r["reason"] == \
-        "G_t - G_s reads G through transposes or unit-dim reshapes, which canonicalize " \
-        "rewrites into reshapes of a cumsum over [.., T] (disabled?)", r
+    assert r["status"] == "declined" and r["reason"] == (
+        "G is permute, not a cumsum of log-decays" if spelling == "heads-swapped" else
+        "G_t - G_s reads G through transposes or unit-dim reshapes, which canonicalize "
+        "rewrites into reshapes of a cumsum over [.., T] (disabled?)"), r
     (cum,) = [n for n in g.nodes if n.op is Op.CUMSUM]
     assert cum.type.rank == 3 and not any(n.op is Op.PERMUTE and n.type.shape[-1] == T
                                           and n.type.shape[-2] == 1 for n in g.nodes)
@@ -600,6 +609,8 @@ def test_a_decay_over_unit_dims_fuses_and_equals_the_model_as_written(spelling, 
     vals, gen = _values(37, gates, seed=11)
     if gates == "token" and spelling != "cumsum-of-reshape":
         vals["ld"] = vals["ld"][..., None]
+    if gates == "token" and spelling == "heads-swapped":
+        vals["ld"] = vals["ld"].transpose(1, 2).contiguous()
     ctx = RefCtx(dims=bind_dims(raw, vals))
     assert torch.equal(run_graph(g, vals, ctx)["o"], run_graph(raw, vals, ctx)["o"])
     wrt = ["q", "k", "v"] + (["ld"] if gates == "token" else [])
@@ -617,10 +628,8 @@ def _near_miss(case):
     elif case == "reshaped-unit-axis":      # the same, reshaped to [B, H, T] before G_t - G_s
         G = b.reshape(b.cumsum(b.input("ld", [B, H, T, 1], "f32"), -1), [B, H, T])
         diff = b.reshape(G, [B, H, T, 1]) - b.reshape(G, [B, H, 1, T])
-    elif case == "cumprod":
+    else:                           # "cumprod"
         G = b.cumprod(b.input("ld", [B, H, T, 1], "f32"), 2)
-    else:                           # "non-unit": a [B, T, H, 1] cumsum over T, heads swapped in
-        G = b.transpose(b.cumsum(b.input("ld", [B, T, H, 1], "f32"), 1), 1, 2)
     if case != "reshaped-unit-axis":
         diff = G - b.transpose(G, -2, -1)
     D = b.exp(b.where(b.causal_mask(T, T), diff, -float("inf")))
@@ -633,12 +642,12 @@ def _near_miss(case):
                   "length T, only unit dims after it)"),
     ("reshaped-unit-axis", "G is a cumsum along axis 3 of [B, 2, T, 1], not along time (the "
                            "axis of length T, only unit dims after it)"),
-    ("cumprod", "G is cumprod, not a cumsum of log-decays"),
-    ("non-unit", "G is permute, not a cumsum of log-decays")])
+    ("cumprod", "G is cumprod, not a cumsum of log-decays")])
 def test_unit_dim_decays_that_are_not_a_cumsum_over_time_decline(case, reason):
     """Only views that add, drop or move unit dims of a cumsum along T are rewritten: a
-    cumsum along the unit axis, a cumprod, or a transpose that swaps heads and time before
-    G - G^T keep their graph and decline, the record naming why."""
+    cumsum along the unit axis or a cumprod keep their graph and decline, the record naming
+    why. (A transpose that swaps heads and time after the cumsum is moved before it: the
+    heads-swapped spelling above.)"""
     g = _near_miss(case)
     assert not any(n.op is Op.CUMSUM and n.type.rank == 3 for n in g.nodes)
     (r,) = _records(fuse_linear_attention(g))
