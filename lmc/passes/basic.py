@@ -110,12 +110,26 @@ _NO_FOLD = {Op.INPUT, Op.PARAM, Op.CONST, Op.DROPOUT, Op.BLOCK, Op.GETITEM,
 def fold_constants(g: Graph) -> Graph:
     """Evaluate nodes whose inputs are all constants (and whose shape is concrete and small)
     with the reference implementation, replacing them by CONST nodes; dropout with p = 0
-    and gaussian_noise with std = 0 become their input."""
+    and gaussian_noise with std = 0 become their input. Positions iota(N) of a table that is
+    sliced to the first T rows (RoPE tables precomputed for max_seq, sliced as Meta's
+    freqs_cis[:T]) stay unfolded: canonicalize makes the table one over iota(T)."""
     from ..ops.reference import REFERENCE, RefCtx
 
     ctx = RefCtx()
+    static_iotas: Dict[Node, set] = {}     # node -> the iota nodes it is computed from
+    keep = set()
+    for n in g.nodes:
+        if n.op is Op.IOTA:
+            static_iotas[n] = {n}
+        elif n.inputs and all(i in static_iotas or i.op is Op.CONST for i in n.inputs):
+            static_iotas[n] = set().union(*(static_iotas.get(i, set()) for i in n.inputs))
+        if n.op is Op.SLICE and n.inputs[0] in static_iotas and \
+                not isinstance(n.attrs.get("stop"), int):
+            keep |= static_iotas[n.inputs[0]]
 
     def fold(n: Node):
+        if n in keep:
+            return None
         # dropout with p = 0 and noise with std = 0 are the identity in every mode (GPT-2's
         # configs turn dropout off so): no kernel, no random draw
         if (n.op is Op.DROPOUT and n.attrs["p"] == 0) or (

@@ -109,6 +109,13 @@ permute whose y nothing else reads and that moves past a table product or a repe
 computed from cos or sin and not folded to a constant; a node inside RoPE that something
 else also reads stays for that reader, its work done twice).
 
+Before all of these, a table over positions sliced to the first T rows, slice(X, a, 0, T)
+with X computed from iota(N) (RoPE's cos and sin precomputed for max_seq positions, as Meta's
+freqs_cis[:T]; fold_constants leaves that iota unfolded), becomes X computed from iota(T):
+the slice pushed through elementwise ops, casts, concats along other axes and unit-dim
+reshapes down to the iota (the same values bitwise): the [T, R] table the RoPE patterns and
+the decode pass read.
+
 Likewise a cumsum (or cumprod) computed before a permute, permute(cumsum(x, a), p), becomes
 cumsum(permute(x, p), p.index(a)) (an expand of x kept outermost): log-decays summed along T
 in the [B, T, H] layout and then moved to [B, H, T] are the cumsum along the last axis the
@@ -120,8 +127,8 @@ from typing import Dict, List
 
 from ..ir.dims import Dim, dims_equal, norm, unit_axes_only
 from ..ir.graph import Graph, Node
-from ..ir.ops import Op
-from .patterns import const_value
+from ..ir.ops import Kind, Op
+from .patterns import NoMatch, const_value
 
 
 def _sink_slice(n: Node, users: Dict[Node, List[Node]]):
@@ -676,6 +683,62 @@ def _permuted_cumsums(g: Graph) -> Graph:
     return _rebuild(g, rewrite)
 
 
+def _position_slices(g: Graph) -> Graph:
+    """slice(X, a, 0, T), X [.., N, ..] computed from positions iota(N) (a static table, say
+    cos and sin over max_seq positions, as Meta's freqs_cis[:T] reads them), becomes X
+    computed from iota(T): the slice pushed through X's elementwise ops, casts, concats along
+    other axes and reshapes that only add or drop unit dims, down to the iota. The same
+    values bitwise for T <= N (the table's first T rows); the table the RoPE patterns and the
+    decode pass read. fold_constants leaves such an iota unfolded; anything else under the
+    slice (a folded constant along a) and the slice stays."""
+    def rewrite(n: Node, new: Dict[Node, Node], mk):
+        stop = n.attrs.get("stop")
+        if n.op is not Op.SLICE or isinstance(stop, int) or stop is None or \
+                n.attrs.get("start", 0) != 0 or n.attrs.get("step", 1) != 1:
+            return None
+        memo: Dict[tuple, Node] = {}
+
+        def cut(m: Node, a: int) -> Node:
+            """A node equal to slice(m, a, 0, stop)."""
+            key = (m, a)
+            if key in memo:
+                return memo[key]
+            N = m.type.shape[a]
+            if not isinstance(N, int):
+                raise NoMatch("not a static length")
+            if m.op is Op.IOTA:
+                out = mk(Op.IOTA, (), {**m.attrs, "length": stop}, m)
+            elif m.op.kind is Kind.POINTWISE:
+                ins = []
+                for i in m.inputs:
+                    ai = a - (m.type.rank - i.type.rank)
+                    if ai < 0 or dims_equal(i.type.shape[ai], 1):
+                        ins.append(new[i])        # broadcast along a: as it is
+                    else:
+                        ins.append(cut(i, ai))
+                out = mk(m.op, tuple(ins), m.attrs, m)
+            elif m.op is Op.CONCAT and m.attrs["axis"] != a:
+                out = mk(m.op, tuple(cut(i, a) for i in m.inputs), m.attrs, m)
+            elif m.op is Op.RESHAPE:
+                src, dst = tuple(m.inputs[0].type.shape), tuple(m.type.shape)
+                big = [i for i, d in enumerate(dst) if not dims_equal(d, 1)]
+                big_in = [i for i, d in enumerate(src) if not dims_equal(d, 1)]
+                if [dst[i] for i in big] != [src[i] for i in big_in] or a not in big:
+                    raise NoMatch("a reshape that does more than add or drop unit dims")
+                shape = dst[:a] + (stop,) + dst[a + 1:]
+                out = mk(Op.RESHAPE, (cut(m.inputs[0], big_in[big.index(a)]),),
+                         {"shape": shape}, m)
+            else:
+                raise NoMatch(f"{m.op.value} under the slice")
+            memo[key] = out
+            return out
+        try:
+            return cut(n.inputs[0], n.attrs["axis"])
+        except NoMatch:
+            return None
+    return _rebuild(g, rewrite)
+
+
 def _rebuild(g: Graph, rewrite) -> Graph:
     """g with each node n for which rewrite(n, new, mk) gives a node replaced by it (new: the
     rebuilt nodes so far, by original; mk(op, inputs, attrs, src=n) makes a node, placed
@@ -706,7 +769,7 @@ def _rebuild(g: Graph, rewrite) -> Graph:
 
 
 def canonicalize(g: Graph) -> Graph:
-    return _rewrite(_permuted_cumsums(_sink_heads_permutes(g)))
+    return _rewrite(_permuted_cumsums(_sink_heads_permutes(_position_slices(g))))
 
 
 def _rewrite(g: Graph) -> Graph:

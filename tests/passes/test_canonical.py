@@ -712,3 +712,64 @@ def test_a_table_with_the_shape_of_x_is_laid_out_again_not_permuted():
     ctx = RefCtx(dims=bind_dims(g, vals))
     torch.testing.assert_close(run_graph(g, vals, ctx)["o"], run_graph(raw, vals, ctx)["o"],
                                rtol=0, atol=1e-6)
+
+
+_MAX_SEQ_TABLES = {
+    # the zoo's layout: [T, head_dim] tables, rotate-half
+    "zoo": (_HALF_YAML.replace("ROPE", "- x1, x2 = split(x, 2, -1)\n"
+                               "      - return x * cos + concat([-x2, x1], -1) * sin"),
+            "      - return cos(freqs), sin(freqs)",
+            "      - emb = concat([freqs, freqs], -1)\n"
+            "      - return slice(cos(emb), 0, 0, T), slice(sin(emb), 0, 0, T)"),
+    # Meta's: half tables over max_seq positions sliced, then [1, T, 1, head_dim / 2]
+    "meta": (_META_YAML.replace("ROPE", _META_ROPES["meta-pairs"][1]).replace("KV", "2"),
+             "      TABLE_BODY",
+             "      - c = reshape(slice(cos(freqs), 0, 0, T), [1, T, 1, head_dim / 2])\n"
+             "      - return c, reshape(slice(sin(freqs), 0, 0, T), [1, T, 1, head_dim / 2])"),
+}
+
+
+@pytest.mark.parametrize("layout", list(_MAX_SEQ_TABLES))
+def test_rope_tables_precomputed_for_max_seq_and_sliced_fuse_and_decode(layout, tmp_path,
+                                                                       monkeypatch):
+    """RoPE tables computed over max_seq positions and sliced to the first T rows (Meta's
+    freqs_cis[:T], llama2.c's freq_cis[:T]): fold_constants leaves their positions unfolded
+    and canonicalize pushes the slice down to iota(T), the same values bitwise, so RoPE fuses
+    into the attention kernel (before: 'no rope', 'rope tables are not cos/sin of the same
+    angles' in the zoo's layout) and
+    the decode step indexes the tables by position (before, in Meta's layout: 'cannot derive
+    the decode step: reshape creates a sequence axis from a tensor without one')."""
+    from conftest import assert_fused_model_matches, unit_init
+
+    import lmc
+    from lmc.driver import compile_model
+    from lmc.runtime.module import LmcModel
+
+    monkeypatch.setenv("LMC_CACHE", str(tmp_path / "cache"))
+    src, old, tables = _MAX_SEQ_TABLES[layout]
+    src = src.replace("freqs = reshape(cast(iota(T), 'f32'), [T, 1])",
+                      "freqs = reshape(cast(iota(max_seq), 'f32'), [max_seq, 1])")
+    assert src.count(old) == 1 and "iota(max_seq)" in src
+    path = tmp_path / f"{layout}.yaml"
+    path.write_text(src.replace(old, tables))
+    m = unit_init(lmc.load(str(path), seed=1))
+    tri = lmc.load(str(path), backend="triton", seed=1)
+    tri.load_state_dict(m.state_dict())
+    recs = [r for r in tri.pattern_graph().meta["fusions"] if r["pass"] == "fuse_rope_attention"]
+    assert [r["status"] for r in recs] == ["fused"] * 2 and all(
+        "rope + causal" in r["reason"] and "not matched" not in r["reason"] for r in recs), recs
+    raw_graph = compile_model(str(path), disable=["canonicalize"]).graph
+    raw_recs = [r for r in fuse_rope_attention(raw_graph).meta["fusions"]
+                if r["pass"] == "fuse_rope_attention"]
+    assert len(raw_recs) == 2 and all(r["reason"].startswith("no rope") and (
+        layout == "meta" or "rope tables are not cos/sin of the same angles" in r["reason"])
+        for r in raw_recs), raw_recs
+    raw = LmcModel(raw_graph, seed=1)
+    raw.load_state_dict(m.state_dict())
+    gen = torch.Generator().manual_seed(6)
+    for t in (1, 11, 32):       # up to max_seq
+        ids = torch.randint(0, 64, (2, t), generator=gen)
+        want = raw(ids)
+        torch.testing.assert_close(m(ids), want, rtol=0, atol=1e-6 * want.abs().max().item())
+    ids = torch.randint(0, 64, (2, 11), generator=gen)
+    assert_fused_model_matches(m, tri, ids, gen)
