@@ -1,9 +1,19 @@
-"""`lmc verify`: the invariants every architecture must hold, checked on small random weights.
+"""`lmc verify`: the invariants every architecture must hold, checked on random weights.
 
 Each check compares the compiled program with the oracle — the source graph (before any
 pass) run op by op in torch and differentiated by torch autograd — or tests a property of
 the model itself. A check that raises is a failure with its one-line reason; the others
 still run. Later issues append checks to CHECKS (decode = forward).
+
+The weights (`Subject.model`, shared by the oracle): the model's own init, then
+`off_default` (constant-initialised parameters, biases and norm weights, moved off their
+constant) and `unit_scale` (every projection matrix drawn from a normal init re-drawn at
+N(0, 1/fan_in), embedding tables at N(0, 1)), so attention scores are O(1) and the scores'
+ops (RoPE, scale, soft cap, masks) move the logits; MoE routers, vectors and parameters with
+a uniform, orthogonal or constant init keep the model's values. An untied logits head is then
+scaled down where the largest logit exceeds LOGIT_BOUND (a model without norms grows its
+activations at unit scale), which keeps decode = forward's absolute tolerance meaningful.
+Deterministic from the seed.
 
     rows = verify("zoo/llama.yaml")            # the file's tiny preset
     all(r.ok for r in rows)
@@ -16,7 +26,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .errors import InterpreterBf16Error, LmcError, UsageError
-from .ir.ops import Op
+from .ir.ops import Kind, Op
 from .passes.loss import logits_vocab
 
 
@@ -44,10 +54,42 @@ class Subject:
     seed: int
 
     def model(self, *, autodiff: str = "lmc", backend: str = "torch"):
+        """The compiled model holding verify's weights: its own init, then `off_default`
+        (constants perturbed) and `unit_scale` (projections and embeddings re-drawn at unit
+        scale, an untied logits head scaled down to LOGIT_BOUND)."""
         from .runtime.module import LmcModel
         m = LmcModel(self.compiled.graph, seed=self.seed, autodiff=autodiff, backend=backend)
         off_default(m, self.seed)
+        roles, head = self._roles()
+        unit_scale(m, self.seed, roles)
+        if head is not None:
+            factor = self._head_factor(head)
+            if factor < 1.0:
+                with torch.no_grad():
+                    m.get_parameter(head).mul_(factor)
         return m
+
+    def _roles(self) -> Tuple[Dict[str, str], Optional[str]]:
+        got = getattr(self, "_roles_cache", None)
+        if got is None:
+            from .passes.basic import inline
+            g = inline(self.compiled.source)
+            got = self._roles_cache = (param_roles(g), logits_head(g))
+        return got
+
+    def _head_factor(self, head: str) -> float:
+        """What scales the head so the largest logit on `ids` (eval forward, torch backend)
+        is at most LOGIT_BOUND: 1 when it is already."""
+        f = getattr(self, "_head_factor_cache", None)
+        if f is None:
+            from .runtime.module import LmcModel
+            m = LmcModel(self.compiled.graph, seed=self.seed)
+            off_default(m, self.seed)
+            unit_scale(m, self.seed, self._roles()[0])
+            with torch.no_grad():
+                top = _outputs(m.eval(), self.ids)["logits"].abs().max().item()
+            f = self._head_factor_cache = min(1.0, LOGIT_BOUND / top) if top > 0 else 1.0
+        return f
 
     def oracle(self):
         """The source graph with blocks spliced in and no other pass, run op by op and
@@ -77,6 +119,89 @@ def off_default(model, seed: int) -> None:
             c = {"zeros": 0.0, "ones": 1.0}[init.kind] if not init.args else init.args[0]
             t.add_(torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t.dtype),
                    alpha=0.1 * (abs(c) if c else 1.0))
+
+
+def param_roles(graph) -> Dict[str, str]:
+    """What `unit_scale` does with each parameter of `graph` (the source graph, blocks
+    spliced in): "table" for an embedding table (the table an embedding op reads), "router"
+    for a matrix whose product reaches a top-k before any other matmul (an MoE router: its
+    scale is the model's routing, left as it is), "projection" for any other matrix or
+    stack of matrices (2-D or more) drawn from a normal init; the rest are not named."""
+    users = graph.users()
+    roles: Dict[str, str] = {}
+    for p in graph.params:
+        name, init = p.attrs["name"], p.attrs["init"]
+        if len(p.type.shape) < 2 or init.kind != "normal" or not init.args[0] > 0:
+            continue
+        if any(u.op is Op.EMBEDDING and u.inputs[0] is p for u in users.get(p, ())):
+            roles[name] = "table"
+            continue
+        seen, todo, router = set(), [(p, 0)], False
+        while todo and not router:
+            n, matmuls = todo.pop()
+            for u in users.get(n, ()):
+                m = matmuls + (u.op is Op.MATMUL)
+                if u.op is Op.TOPK:
+                    router = True
+                elif m <= 1 and u not in seen:
+                    seen.add(u)
+                    todo.append((u, m))
+        roles[name] = "router" if router else "projection"
+    return roles
+
+
+# the largest logit verify's weights give (on its ids): an untied head larger than this is
+# scaled down, so DECODE_TOL (absolute) stays 1e-5 of the largest logit, FWD_TOL
+LOGIT_BOUND = 10.0
+
+
+def logits_head(graph) -> Optional[str]:
+    """The parameter W of an untied logits head, logits = f(x @ W) with f ops of one
+    tensor input (a soft cap, a cast) and W (or a view of it) read by nothing else: scaling
+    it scales the logits alone. None for a tied head (an embedding table) or another form."""
+    n = graph.outputs.get("logits")
+    users = graph.users()
+
+    def one_input(node):
+        ins = [i for i in node.inputs if i.op is not Op.CONST]
+        return ins[0] if len(ins) == 1 else None
+
+    while n is not None and n.op is not Op.MATMUL:
+        n = one_input(n) if n.op not in (Op.PARAM, Op.INPUT) else None
+    if n is None:
+        return None
+    w = n.inputs[1]
+    while w.op.kind is Kind.VIEW and len(users.get(w, ())) == 1:
+        w = one_input(w)
+        if w is None:
+            return None
+    if w.op is not Op.PARAM or len(users.get(w, ())) != 1:
+        return None
+    return w.attrs["name"]
+
+
+def unit_scale(model, seed: int, roles: Dict[str, str]) -> None:
+    """Re-draw every projection at unit scale, N(mean, 1 / fan_in) with fan_in the
+    weight's input size (lmc stores weights [in, out], y = x @ W: fan_in is shape[-2]), and
+    every embedding table at N(mean, 1) (the roles of `param_roles`): at the models' own
+    small inits (N(0, 0.02)) attention scores are near 0 and its softmax near uniform, so a
+    kernel that computes the scores wrong (RoPE, the mask, the scale) barely moves the
+    logits; a model without norms has scores ~1e-5 and a check of them cannot fail. At unit
+    scale the scores are O(1) and every op moves the outputs. Left as they are: MoE routers
+    (their scale is the routing), vectors (norm gains, biases: `off_default`'s) and
+    parameters with a specific init (uniform: decay rates, dt biases, convolution taps,
+    mixing coefficients; orthogonal; constants). Deterministic from the seed."""
+    gen = torch.Generator().manual_seed(seed + 11)
+    inits = {p.attrs["name"]: p.attrs["init"] for p in model.graph.params}
+    with torch.no_grad():
+        for name, t in model.named_parameters():
+            role = roles.get(name)
+            if role not in ("table", "projection") or name not in inits:
+                continue
+            mean = (inits[name].args + (0.0,))[1]
+            std = 1.0 if role == "table" else t.shape[-2] ** -0.5
+            t.copy_((mean + std * torch.randn(t.shape, generator=gen,
+                                              dtype=torch.float64)).to(t.dtype))
 
 
 def _outputs(model, ids) -> Dict[str, torch.Tensor]:
