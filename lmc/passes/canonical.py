@@ -116,6 +116,12 @@ the slice pushed through elementwise ops, casts, concats along other axes and un
 reshapes down to the iota (the same values bitwise): the [T, R] table the RoPE patterns and
 the decode pass read.
 
+A full-width table made by repeating the half table after its cos or sin (GPT-J's
+repeat_interleave of sin and cos, reshape(expand(reshape(cos(a), [.., n, 1]), [.., n, 2]),
+[.., 2n]), or concat([cos(a), cos(b)], -1)) becomes cos of the angles so repeated (the same
+values bitwise): the cos and sin of one angles tensor the RoPE patterns read. Broadcasts
+over other axes keep cos(a) at the table's size.
+
 Likewise a cumsum (or cumprod) computed before a permute, permute(cumsum(x, a), p), becomes
 cumsum(permute(x, p), p.index(a)) (an expand of x kept outermost): log-decays summed along T
 in the [B, T, H] layout and then moved to [B, H, T] are the cumsum along the last axis the
@@ -739,6 +745,47 @@ def _position_slices(g: Graph) -> Graph:
     return _rebuild(g, rewrite)
 
 
+def _trig_of(x: Node):
+    """x = reshape(..(f(a))) with f cos or sin, the reshapes only: (f node, the reshapes
+    outermost first), else None."""
+    views = []
+    while x.op is Op.RESHAPE:
+        views.append(x)
+        x = x.inputs[0]
+    return (x, views) if x.op in (Op.COS, Op.SIN) else None
+
+
+def _repeated_tables(g: Graph) -> Graph:
+    """A table whose entries are repeated after its cos or sin (GPT-J's repeat_interleave of
+    sin and cos: reshape(expand(reshape(cos(a), [.., n, 1]), [.., n, 2]), [.., 2n]); or
+    concat([cos(a), cos(b)], -1)) becomes cos of the angles so repeated, cos(reshape(expand(
+    reshape(a, ..)))) or cos(concat([a, b], -1)): the same values bitwise, and the cos / sin
+    of one angles tensor the RoPE patterns read."""
+    def rewrite(n: Node, new: Dict[Node, Node], mk):
+        if n.op is Op.RESHAPE and n.inputs[0].op is Op.EXPAND:
+            e = n.inputs[0]
+            got = _trig_of(e.inputs[0])
+            es, xs = tuple(e.type.shape), tuple(e.inputs[0].type.shape)
+            if got is None or len(es) != len(xs) or not _same_shape(es[:-1], xs[:-1]) or \
+                    not dims_equal(xs[-1], 1) or not _same_shape(
+                        n.type.shape, es[:-2] + (norm(es[-2] * es[-1]),)):
+                return None          # only a repeat of each entry along the last axis
+            f, views = got
+            y = new[f.inputs[0]]
+            for v in reversed(views):
+                y = mk(Op.RESHAPE, (y,), v.attrs, v)
+            y = mk(Op.RESHAPE, (mk(Op.EXPAND, (y,), e.attrs, e),), n.attrs)
+            return mk(f.op, (y,), f.attrs, f)
+        if n.op is Op.CONCAT and n.attrs["axis"] == n.type.rank - 1:
+            got = [_trig_of(i) for i in n.inputs]
+            if any(t is None or t[1] or t[0].op is not got[0][0].op for t in got):
+                return None
+            y = mk(Op.CONCAT, tuple(new[t[0].inputs[0]] for t in got), n.attrs)
+            return mk(got[0][0].op, (y,), got[0][0].attrs, got[0][0])
+        return None
+    return _rebuild(g, rewrite)
+
+
 def _rebuild(g: Graph, rewrite) -> Graph:
     """g with each node n for which rewrite(n, new, mk) gives a node replaced by it (new: the
     rebuilt nodes so far, by original; mk(op, inputs, attrs, src=n) makes a node, placed
@@ -769,7 +816,8 @@ def _rebuild(g: Graph, rewrite) -> Graph:
 
 
 def canonicalize(g: Graph) -> Graph:
-    return _rewrite(_permuted_cumsums(_sink_heads_permutes(_position_slices(g))))
+    return _rewrite(_permuted_cumsums(_sink_heads_permutes(_repeated_tables(
+        _position_slices(g)))))
 
 
 def _rewrite(g: Graph) -> Graph:

@@ -773,3 +773,82 @@ def test_rope_tables_precomputed_for_max_seq_and_sliced_fuse_and_decode(layout, 
         torch.testing.assert_close(m(ids), want, rtol=0, atol=1e-6 * want.abs().max().item())
     ids = torch.randint(0, 64, (2, 11), generator=gen)
     assert_fused_model_matches(m, tri, ids, gen)
+
+
+_REPEATED_TABLES = {
+    # GPT-J: sin and cos repeat_interleave'd (each entry twice), x rotated every two
+    "gptj-repeat": (
+        "      - c = reshape(expand(reshape(cos(freqs), [T, head_dim / 2, 1]), "
+        "[T, head_dim / 2, 2]), [T, head_dim])\n"
+        "      - return c, reshape(expand(reshape(sin(freqs), [T, head_dim / 2, 1]), "
+        "[T, head_dim / 2, 2]), [T, head_dim])",
+        "- x1 = slice(x, -1, 0, head_dim, 2)\n"
+        "      - x2 = slice(x, -1, 1, head_dim, 2)\n"
+        "      - col = [B, heads, T, head_dim / 2, 1]\n"
+        "      - rot = reshape(concat([reshape(-x2, col), reshape(x1, col)], -1), "
+        "[B, heads, T, head_dim])\n"
+        "      - return x * cos + rot * sin", "interleaved rope"),
+    # the halves' cos and sin concatenated after the cos: concat([cos(f), cos(f)], -1)
+    "concat-after-cos": (
+        "      - return concat([cos(freqs), cos(freqs)], -1), concat([sin(freqs), sin(freqs)], -1)",
+        "- x1, x2 = split(x, 2, -1)\n"
+        "      - return x * cos + concat([-x2, x1], -1) * sin", "rope"),
+}
+
+
+@pytest.mark.parametrize("form", list(_REPEATED_TABLES))
+def test_rope_tables_repeated_after_their_cos_fuse(form, tmp_path, monkeypatch):
+    """Full-width tables made by repeating cos(f) and sin(f) (GPT-J's repeat_interleave, or a
+    concat of the halves' cos): canonicalize takes the repeat inside the cos, cos(repeat(f)),
+    the same values bitwise, so RoPE fuses into the attention kernel (before: 'rope tables
+    are not cos/sin of the same angles'), gradients and decode as the primitives'."""
+    from conftest import assert_fused_model_matches, unit_init
+
+    import lmc
+    from lmc.driver import compile_model
+    from lmc.runtime.module import LmcModel
+
+    monkeypatch.setenv("LMC_CACHE", str(tmp_path / "cache"))
+    tables, rope, kind = _REPEATED_TABLES[form]
+    old = "      - return cos(freqs), sin(freqs)"
+    assert _HALF_YAML.count(old) == 1
+    path = tmp_path / f"{form}.yaml"
+    path.write_text(_HALF_YAML.replace(old, tables).replace("ROPE", rope))
+    m = unit_init(lmc.load(str(path), seed=1))
+    tri = lmc.load(str(path), backend="triton", seed=1)
+    tri.load_state_dict(m.state_dict())
+    recs = [r for r in tri.pattern_graph().meta["fusions"] if r["pass"] == "fuse_rope_attention"]
+    assert [(r["status"], r["reason"]) for r in recs] == \
+        [("fused", f"{kind} + causal attention, scale 0.1768")] * 2, recs
+    raw_graph = compile_model(str(path), disable=["canonicalize"]).graph
+    raw_recs = [r for r in fuse_rope_attention(raw_graph).meta["fusions"]
+                if r["pass"] == "fuse_rope_attention"]
+    assert len(raw_recs) == 2 and all(
+        "rope tables are not cos/sin of the same angles" in r["reason"] for r in raw_recs)
+    raw = LmcModel(raw_graph, seed=1)
+    raw.load_state_dict(m.state_dict())
+    gen = torch.Generator().manual_seed(6)
+    for t in (1, 11, 23):
+        ids = torch.randint(0, 64, (2, t), generator=gen)
+        assert torch.equal(raw(ids), m(ids)), t
+    ids = torch.randint(0, 64, (2, 11), generator=gen)
+    assert_fused_model_matches(m, tri, ids, gen)
+
+
+def test_broadcasts_of_a_table_keep_their_cos_inside():
+    """Only a repeat of each entry along the last axis (and a concat along it) moves inside
+    the cos: a table expanded over a batch or over a new leading axis keeps cos(a) computed
+    once, at the table's size."""
+    b = Builder({}, {})
+    a = b.reshape(b.cast(b.iota(T), "f32"), [T, 1]) * b.reshape(
+        b.const(torch.linspace(0.1, 1.0, D // 2)), [1, D // 2])
+    c = b.cos(a)
+    outs = {"batch": b.expand(b.reshape(c, [1, T, D // 2]), [B, T, D // 2]),
+            "middle": b.reshape(b.expand(b.reshape(c, [T, 1, D // 2]), [T, 2, D // 2]),
+                                [T, D]),
+            "repeat": b.reshape(b.expand(b.reshape(c, [T, D // 2, 1]), [T, D // 2, 2]),
+                                [T, D])}
+    g = run_pipeline(Graph("g", b.nodes, {k: v.node for k, v in outs.items()}))
+    assert [k for k in outs if g.outputs[k].op is Op.COS] == ["repeat"]
+    assert all(n.type.shape[-1] == D // 2 for n in g.nodes if n.op is Op.COS and
+               n is not g.outputs["repeat"])
