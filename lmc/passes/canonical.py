@@ -105,7 +105,8 @@ projection's reshape, a norm before RoPE) is permuted where RoPE reads it. Eleme
 on permuted operands give the same values, so q' and k' are bitwise as before (the scores'
 matmul may round differently: it reads them in another memory layout). Then the rewrites
 above run on that graph (a half-table RoPE so laid out is widened like any other). Only a
-permute whose y nothing else reads and that moves past a table product or a repeat (a table:
+permute whose y nothing else reads (but the same permute) and that moves past a table
+product or a repeat (a table:
 computed from cos or sin and not folded to a constant; a node inside RoPE that something
 else also reads stays for that reader, its work done twice).
 
@@ -601,7 +602,9 @@ def _sink_heads_permutes(g: Graph) -> Graph:
     def rewrite(n: Node, new: Dict[Node, Node], mk):
         y = n.inputs[0] if n.inputs else None
         if n.op is Op.PERMUTE and n.type.rank == 4 and tuple(n.attrs["perm"]) == \
-                _swap_perm(4) and len(users.get(y, [])) == 1 and y not in outs:
+                _swap_perm(4) and y not in outs and all(   # (several: cse merges them)
+                    u.op is Op.PERMUTE and u.attrs["perm"] == n.attrs["perm"]
+                    for u in users.get(y, [])):
             memo: Dict[Node, Node] = {}
             gain = [0]
 

@@ -602,8 +602,9 @@ def test_rope_and_kv_repeat_before_the_heads_permute_fuse(form, kv, tmp_path, mo
 
 def test_heads_permute_is_left_where_nothing_is_gained():
     """Only RoPE or a kv repeat under the permute moves it: a permute of plain arithmetic, of
-    a RoPE also read elsewhere, or another permutation stays as written; a norm before RoPE
-    stays whole before the permute (its weight is not a position table)."""
+    a RoPE also read elsewhere, or another permutation stays as written (a RoPE read by two
+    equal permutes moves under both, merged into one); a norm before RoPE stays whole before
+    the permute (its weight is not a position table)."""
     b = Builder({}, {})
     x, y = (b.input(n, [B, T, H, D], "f32") for n in "xy")
     w = b.input("w", [D], "f32")
@@ -616,7 +617,9 @@ def test_heads_permute_is_left_where_nothing_is_gained():
         return u * c + b.concat([-u2, u1], -1) * s
     shared = rope(y)
     normed = x * b.rsqrt(b.mean(x * x, -1) + 1e-5) * w
+    twice = rope(x + 1.0)
     outs = {"plain": b.permute(x * y + x, [0, 2, 1, 3]),
+            "twice-a": b.permute(twice, [0, 2, 1, 3]), "twice-b": b.permute(twice, [0, 2, 1, 3]),
             "shared": b.permute(shared, [0, 2, 1, 3]), "shared-too": shared * 2.0,
             "other-perm": b.permute(rope(x), [2, 1, 0, 3]),
             "normed": b.permute(rope(normed), [0, 2, 1, 3])}
@@ -625,6 +628,7 @@ def test_heads_permute_is_left_where_nothing_is_gained():
                        disable=["canonicalize"])
     assert [k for k in outs if g.outputs[k].op is Op.PERMUTE] == [
         "plain", "shared", "other-perm"]
+    assert g.outputs["twice-a"] is g.outputs["twice-b"]
     # the normed x is permuted whole: RoPE reads permute(x * rstd * w)
     perms = [n for n in g.nodes if n.op is Op.PERMUTE and n.inputs[0].op is Op.MUL
              and any(i.op is Op.INPUT and i.attrs["name"] == "w" for i in n.inputs[0].inputs)]
