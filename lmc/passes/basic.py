@@ -107,12 +107,28 @@ _NO_FOLD = {Op.INPUT, Op.PARAM, Op.CONST, Op.DROPOUT, Op.BLOCK, Op.GETITEM,
             Op.CAUSAL_MASK}  # masks stay visible as masks for the attention patterns
 
 
+def first_rows(n: Node, g: Graph) -> Optional[int]:
+    """N when n = slice(X, a, 0, T) takes the first T of X's N rows along a, T symbolic and N
+    at least the model's max_seq (the runtime refuses T > max_seq, so T <= N wherever the
+    graph runs); else None."""
+    if n.op is not Op.SLICE or isinstance(n.attrs.get("stop"), int) or \
+            n.attrs.get("stop") is None or n.attrs.get("start", 0) != 0 or \
+            n.attrs.get("step", 1) != 1:
+        return None
+    N = n.inputs[0].type.shape[n.attrs["axis"]]
+    max_seq = (g.meta.get("config") or {}).get("max_seq")
+    if not isinstance(N, int) or not isinstance(max_seq, int) or N < max_seq:
+        return None
+    return N
+
+
 def fold_constants(g: Graph) -> Graph:
     """Evaluate nodes whose inputs are all constants (and whose shape is concrete and small)
     with the reference implementation, replacing them by CONST nodes; dropout with p = 0
-    and gaussian_noise with std = 0 become their input. Positions iota(N) of a table that is
-    sliced to the first T rows (RoPE tables precomputed for max_seq, sliced as Meta's
-    freqs_cis[:T]) stay unfolded: canonicalize makes the table one over iota(T)."""
+    and gaussian_noise with std = 0 become their input. The positions iota(N) of a table
+    sliced to its first T rows (`first_rows`: RoPE tables precomputed for max_seq, sliced as
+    Meta's freqs_cis[:T]) stay unfolded, for canonicalize to make the table one over
+    iota(T) (where it cannot push the slice down, the table is computed each run)."""
     from ..ops.reference import REFERENCE, RefCtx
 
     ctx = RefCtx()
@@ -123,9 +139,9 @@ def fold_constants(g: Graph) -> Graph:
             static_iotas[n] = {n}
         elif n.inputs and all(i in static_iotas or i.op is Op.CONST for i in n.inputs):
             static_iotas[n] = set().union(*(static_iotas.get(i, set()) for i in n.inputs))
-        if n.op is Op.SLICE and n.inputs[0] in static_iotas and \
-                not isinstance(n.attrs.get("stop"), int):
-            keep |= static_iotas[n.inputs[0]]
+        N = first_rows(n, g) if n.op is Op.SLICE and n.inputs[0] in static_iotas else None
+        if N is not None:          # the positions (an iota over the N rows), not the others
+            keep |= {i for i in static_iotas[n.inputs[0]] if i.type.shape[0] == N}
 
     def fold(n: Node):
         if n in keep:

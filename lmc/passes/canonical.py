@@ -111,13 +111,14 @@ computed from cos or sin and not folded to a constant; a node inside RoPE that s
 else also reads stays for that reader, its work done twice).
 
 Before all of these, a table over positions sliced to the first T rows, slice(X, a, 0, T)
-with X computed from iota(N) (RoPE's cos and sin precomputed for max_seq positions, as Meta's
-freqs_cis[:T]; fold_constants leaves that iota unfolded), becomes X computed from iota(T):
-the slice pushed through elementwise ops, casts, concats along other axes and unit-dim
-reshapes down to the iota (the same values bitwise): the [T, R] table the RoPE patterns and
-the decode pass read.
+with X computed from iota(N), N >= max_seq (RoPE's cos and sin precomputed for max_seq
+positions, as Meta's freqs_cis[:T]; fold_constants leaves that iota unfolded), becomes X
+computed from iota(T): the slice pushed through elementwise ops, casts, concats along other
+axes and unit-dim reshapes down to the iota (the same values bitwise, T <= max_seq <= N at
+run time): the [T, R] table the RoPE patterns and the decode pass read.
 
-A full-width table made by repeating the half table after its cos or sin (GPT-J's
+A full-width table (static: no input or parameter) made by repeating the half table after
+its cos or sin (GPT-J's
 repeat_interleave of sin and cos, reshape(expand(reshape(cos(a), [.., n, 1]), [.., n, 2]),
 [.., 2n]), or concat([cos(a), cos(b)], -1)) becomes cos of the angles so repeated (the same
 values bitwise): the cos and sin of one angles tensor the RoPE patterns read. Broadcasts
@@ -698,13 +699,16 @@ def _position_slices(g: Graph) -> Graph:
     computed from iota(T): the slice pushed through X's elementwise ops, casts, concats along
     other axes and reshapes that only add or drop unit dims, down to the iota. The same
     values bitwise for T <= N (the table's first T rows); the table the RoPE patterns and the
-    decode pass read. fold_constants leaves such an iota unfolded; anything else under the
-    slice (a folded constant along a) and the slice stays."""
+    decode pass read. Only where N is at least the model's max_seq (`basic.first_rows`; the
+    runtime refuses T > max_seq, so the table is never extended past its N rows).
+    fold_constants leaves such an iota unfolded; anything else under the slice (a folded
+    constant along a) and the slice stays."""
+    from .basic import first_rows
+
     def rewrite(n: Node, new: Dict[Node, Node], mk):
-        stop = n.attrs.get("stop")
-        if n.op is not Op.SLICE or isinstance(stop, int) or stop is None or \
-                n.attrs.get("start", 0) != 0 or n.attrs.get("step", 1) != 1:
+        if first_rows(n, g) is None:
             return None
+        stop = n.attrs["stop"]
         memo: Dict[tuple, Node] = {}
 
         def cut(m: Node, a: int) -> Node:
@@ -763,8 +767,15 @@ def _repeated_tables(g: Graph) -> Graph:
     sin and cos: reshape(expand(reshape(cos(a), [.., n, 1]), [.., n, 2]), [.., 2n]); or
     concat([cos(a), cos(b)], -1)) becomes cos of the angles so repeated, cos(reshape(expand(
     reshape(a, ..)))) or cos(concat([a, b], -1)): the same values bitwise, and the cos / sin
-    of one angles tensor the RoPE patterns read."""
+    of one angles tensor the RoPE patterns read. Tables only (computed from no input or
+    parameter)."""
+    static: Dict[Node, bool] = {}
+    for n in g.nodes:
+        static[n] = n.op not in (Op.INPUT, Op.PARAM) and all(static[i] for i in n.inputs)
+
     def rewrite(n: Node, new: Dict[Node, Node], mk):
+        if not static[n]:
+            return None
         if n.op is Op.RESHAPE and n.inputs[0].op is Op.EXPAND:
             e = n.inputs[0]
             got = _trig_of(e.inputs[0])

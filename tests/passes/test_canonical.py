@@ -856,3 +856,36 @@ def test_broadcasts_of_a_table_keep_their_cos_inside():
     assert [k for k in outs if g.outputs[k].op is Op.COS] == ["repeat"]
     assert all(n.type.shape[-1] == D // 2 for n in g.nodes if n.op is Op.COS and
                n is not g.outputs["repeat"])
+
+
+@pytest.mark.parametrize("max_seq,rewritten", [(8, True), (12, False), (None, False)])
+def test_a_table_sliced_to_t_is_rebuilt_only_over_at_least_max_seq_rows(max_seq, rewritten):
+    """slice(cos(f(iota(8))), 0, 0, T) becomes cos(f(iota(T))) only where the model's max_seq
+    is at most the table's 8 rows (the runtime refuses T > max_seq): a shorter table, or a
+    graph with no max_seq, keeps its slice, folded, and a T past its end still fails rather
+    than extending the table; a cos of an activation repeated per entry is not a table and
+    keeps its cos inside."""
+    b = Builder({}, {})
+    x = b.input("x", [T, D], "f32")
+    pos = b.reshape(b.cast(b.iota(8), "f32"), [8, 1]) * b.reshape(
+        b.const(torch.linspace(0.1, 1.0, D)), [1, D])
+    act = b.reshape(b.expand(b.reshape(b.cos(x), [T, D, 1]), [T, D, 2]), [T, 2 * D])
+    outs = {"o": x * b.slice(b.cos(pos), 0, 0, T), "act": act}
+    meta = {"config": {"max_seq": max_seq}} if max_seq else {}
+    g = run_pipeline(Graph("g", b.nodes, {k: v.node for k, v in outs.items()}, meta))
+    iotas = [n for n in g.nodes if n.op is Op.IOTA]
+    assert ([str(n.type.shape[0]) for n in iotas] == ["T"]) == rewritten, iotas
+    assert rewritten or any(n.op is Op.SLICE for n in g.nodes)
+    assert g.outputs["act"].op is Op.RESHAPE       # cos(x) stays at x's size
+    gen = torch.Generator().manual_seed(1)
+    for t in (5, 8, 9):
+        vals = {"x": torch.randn(t, D, generator=gen)}
+        ctx = RefCtx(dims=bind_dims(g, vals))
+        if t > 8 and not rewritten:
+            with pytest.raises(RuntimeError):
+                run_graph(g, vals, ctx)
+            continue
+        raw = run_pipeline(Graph("g", b.nodes, {k: v.node for k, v in outs.items()}, meta),
+                           disable=["canonicalize"])
+        if t <= 8:
+            assert torch.equal(run_graph(g, vals, ctx)["o"], run_graph(raw, vals, ctx)["o"])
