@@ -124,6 +124,10 @@ repeat_interleave of sin and cos, reshape(expand(reshape(cos(a), [.., n, 1]), [.
 values bitwise): the cos and sin of one angles tensor the RoPE patterns read. Broadcasts
 over other axes keep cos(a) at the table's size.
 
+Keys transposed straight from the [B, T, H, D] layout, q @ permute(k, [0, 2, 3, 1]) (older
+GPT-2 code), become q @ transpose(permute(k, [0, 2, 1, 3]), -2, -1), the same view, before
+the step above (so RoPE and the kv repeat on k move under that heads permute too).
+
 Likewise a cumsum (or cumprod) computed before a permute, permute(cumsum(x, a), p), becomes
 cumsum(permute(x, p), p.index(a)) (an expand of x kept outermost): log-decays summed along T
 in the [B, T, H] layout and then moved to [B, H, T] are the cumsum along the last axis the
@@ -666,6 +670,22 @@ def _sink_heads_permutes(g: Graph) -> Graph:
     return _rebuild(g, rewrite)
 
 
+def _split_key_permutes(g: Graph) -> Graph:
+    """k^T taken straight from the [B, T, H, D] layout, q @ permute(k, [0, 2, 3, 1]) (older
+    GPT-2 code splits the keys' heads so), becomes q @ transpose(permute(k, [0, 2, 1, 3]),
+    -2, -1): the same view, as the heads permute and the transpose the attention patterns
+    (and the step above, for RoPE on k) read."""
+    def rewrite(n: Node, new: Dict[Node, Node], mk):
+        if n.op is not Op.MATMUL or n.inputs[1].op is not Op.PERMUTE or \
+                n.inputs[1].type.rank != 4 or tuple(n.inputs[1].attrs["perm"]) != (0, 2, 3, 1):
+            return None
+        kt = n.inputs[1]
+        heads = mk(Op.PERMUTE, (new[kt.inputs[0]],), {"perm": (0, 2, 1, 3)}, kt)
+        t = mk(Op.PERMUTE, (heads,), {"perm": (0, 1, 3, 2)}, kt)
+        return mk(Op.MATMUL, (new[n.inputs[0]], t), n.attrs)
+    return _rebuild(g, rewrite)
+
+
 def _permuted_cumsums(g: Graph) -> Graph:
     """permute(cumsum(x, a), p) becomes cumsum(permute(x, p), p.index(a)) (cumprod alike; an
     expand of x stays outermost, expand(permute(y, p)), as a fixed per-head decay's): a
@@ -830,8 +850,8 @@ def _rebuild(g: Graph, rewrite) -> Graph:
 
 
 def canonicalize(g: Graph) -> Graph:
-    return _rewrite(_permuted_cumsums(_sink_heads_permutes(_repeated_tables(
-        _position_slices(g)))))
+    return _rewrite(_permuted_cumsums(_sink_heads_permutes(_split_key_permutes(
+        _repeated_tables(_position_slices(g))))))
 
 
 def _rewrite(g: Graph) -> Graph:

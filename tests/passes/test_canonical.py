@@ -1,6 +1,8 @@
 """canonicalize: differential attention, (softmax(s1) - lam * softmax(s2)) @ v, is written as
 two attentions (equal values, both then fused); a factor that varies along the keys is not
 a row scale and is left alone. (Attention sinks: tests/passes/test_fuse_rope_attention.py.)"""
+import re
+
 import pytest
 import torch
 
@@ -889,3 +891,53 @@ def test_a_table_sliced_to_t_is_rebuilt_only_over_at_least_max_seq_rows(max_seq,
                            disable=["canonicalize"])
         if t <= 8:
             assert torch.equal(run_graph(g, vals, ctx)["o"], run_graph(raw, vals, ctx)["o"])
+
+
+@pytest.mark.parametrize("rope", [False, True], ids=["no-rope", "meta-rope-gqa"])
+def test_keys_transposed_straight_from_the_token_layout_fuse(rope, tmp_path, monkeypatch):
+    """q @ permute(k, [0, 2, 3, 1]), k^T taken straight from [B, T, H, D] (older GPT-2 code
+    splits the keys' heads so; here also after Meta's RoPE and kv repeat): canonicalize
+    writes it as the heads permute then the transpose, the same view, so the attention fuses
+    (before: declined, 'keys are not transposed from [B, H, S, D]'), RoPE and GQA inside it."""
+    from conftest import assert_fused_model_matches, unit_init
+
+    import lmc
+    from lmc.driver import compile_model
+    from lmc.runtime.module import LmcModel
+
+    monkeypatch.setenv("LMC_CACHE", str(tmp_path / "cache"))
+    if rope:
+        src = _META_YAML.replace("TABLE_BODY", _META_ROPES["rotate-half"][0]).replace(
+            "ROPE", _META_ROPES["rotate-half"][1]).replace("KV", "2")
+        want = "rope + causal GQA attention (4 heads, 2 kv), scale 0.25"
+    else:
+        src = _HALF_YAML.replace("ROPE", "- return x")
+        want = "no rope: causal attention, scale 0.1768"
+    for a, b in ((re.compile(r"- k = (?:transpose|permute)\((.*), (?:1, 2|\[0, 2, 1, 3\])\)"),
+                  r"- kt = permute(\1, [0, 2, 3, 1])"),
+                 (re.compile(r"q @ transpose\(k, -2, -1\)"), "q @ kt")):
+        src, count = a.subn(b, src)
+        assert count == 1, a
+    src = re.sub(r" *- k = rope\(k, cos, sin\)\n", "", src)     # RoPE'd before, or none
+    path = tmp_path / "kt.yaml"
+    path.write_text(src)
+    m = unit_init(lmc.load(str(path), seed=1))
+    tri = lmc.load(str(path), backend="triton", seed=1)
+    tri.load_state_dict(m.state_dict())
+    recs = [r for r in tri.pattern_graph().meta["fusions"] if r["pass"] == "fuse_rope_attention"]
+    assert [(r["status"], r["reason"]) for r in recs] == [("fused", want)] * 2, recs
+    raw_graph = compile_model(str(path), disable=["canonicalize"]).graph
+    raw_recs = [r for r in fuse_rope_attention(raw_graph).meta["fusions"]
+                if r["pass"] == "fuse_rope_attention"]
+    assert [(r["status"], r["reason"]) for r in raw_recs] == [
+        ("declined", "keys are not transposed from [B, H, S, D]")] * 2, raw_recs
+    raw = LmcModel(raw_graph, seed=1)
+    raw.load_state_dict(m.state_dict())
+    gen = torch.Generator().manual_seed(6)
+    for t in (1, 11, 23):
+        ids = torch.randint(0, 64, (2, t), generator=gen)
+        want_logits = raw(ids)
+        torch.testing.assert_close(m(ids), want_logits, rtol=0,
+                                   atol=1e-6 * want_logits.abs().max().item())
+    ids = torch.randint(0, 64, (2, 11), generator=gen)
+    assert_fused_model_matches(m, tri, ids, gen)
