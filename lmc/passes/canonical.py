@@ -140,7 +140,7 @@ from typing import Dict, List
 from ..ir.dims import Dim, dims_equal, norm, unit_axes_only
 from ..ir.graph import Graph, Node
 from ..ir.ops import Kind, Op
-from .patterns import NoMatch, const_value
+from .patterns import NoMatch, const_value, static_nodes
 
 
 def _sink_slice(n: Node, users: Dict[Node, List[Node]]):
@@ -595,11 +595,10 @@ def _sink_heads_permutes(g: Graph) -> Graph:
     permute(x, [0, 2, 1, 3]) of the tensors they read: see the module docstring."""
     users = g.users()
     outs = set(g.outputs.values())
-    static: Dict[Node, bool] = {}
+    static = static_nodes(g)
     table: Dict[Node, bool] = {}      # static, computed from cos or sin: a position table
     rotary: Dict[Node, bool] = {}     # arithmetic on such a table (x * cos, their sum, ...)
     for n in g.nodes:
-        static[n] = n.op not in (Op.INPUT, Op.PARAM) and all(static[i] for i in n.inputs)
         table[n] = static[n] and (n.op in (Op.COS, Op.SIN) or any(table[i] for i in n.inputs))
         rotary[n] = n.op in _ARITH and not static[n] and any(
             table[i] or rotary[i] for i in n.inputs)
@@ -789,9 +788,7 @@ def _repeated_tables(g: Graph) -> Graph:
     reshape(a, ..)))) or cos(concat([a, b], -1)): the same values bitwise, and the cos / sin
     of one angles tensor the RoPE patterns read. Tables only (computed from no input or
     parameter)."""
-    static: Dict[Node, bool] = {}
-    for n in g.nodes:
-        static[n] = n.op not in (Op.INPUT, Op.PARAM) and all(static[i] for i in n.inputs)
+    static = static_nodes(g)
 
     def rewrite(n: Node, new: Dict[Node, Node], mk):
         if not static[n]:
@@ -822,16 +819,17 @@ def _repeated_tables(g: Graph) -> Graph:
 
 def _rebuild(g: Graph, rewrite) -> Graph:
     """g with each node n for which rewrite(n, new, mk) gives a node replaced by it (new: the
-    rebuilt nodes so far, by original; mk(op, inputs, attrs, src=n) makes a node, placed
-    before the replacement, with src's YAML place and scope); g itself when none is."""
+    rebuilt nodes so far, by original; mk(op, inputs, attrs={}, src=n) makes a node, placed
+    before the replacement, with src's YAML place and scope), then dce; g itself when none
+    is. Every step of canonicalize is such a rewrite."""
     new: Dict[Node, Node] = {}
     nodes: List[Node] = []
     changed = False
     for n in g.nodes:
         made: List[Node] = []
 
-        def mk(op, ins, attrs, src=n, made=made):
-            made.append(Node.make(op, ins, dict(attrs), src.loc, src.scope))
+        def mk(op, ins, attrs=None, src=n, made=made):
+            made.append(Node.make(op, ins, dict(attrs or {}), src.loc, src.scope))
             return made[-1]
         out = rewrite(n, new, mk)
         if out is not None:
@@ -874,8 +872,6 @@ def _rewrite(g: Graph) -> Graph:
     if not found and not diff and not windows and not decays and not after_exp and \
             not additive and not ropes and not unit_decays and not masked_sums:
         return g
-    new: Dict[Node, Node] = {}
-    nodes: List[Node] = []
     wide: Dict[tuple, Node] = {}
 
     def widen(t: Node, pairs: bool, mk) -> Node:
@@ -903,14 +899,9 @@ def _rewrite(g: Graph) -> Graph:
         wide[key] = out
         return out
 
-    for n in g.nodes:
+    def rewrite(n: Node, new: Dict[Node, Node], mk):
         if n in ropes:         # x*C + rot(x)*S, C and S the half tables each entry twice
             pairs, x1, x2, c, s = ropes[n]
-            made: List[Node] = []
-
-            def mk(op, ins, attrs, made=made, n=n):
-                made.append(Node.make(op, ins, attrs, n.loc, n.scope))
-                return made[-1]
             base = _rope_half_base(x1)[0]
             x = new[base]
             C, S = widen(new[c], pairs, mk), widen(new[s], pairs, mk)
@@ -939,13 +930,10 @@ def _rewrite(g: Graph) -> Graph:
             # concat was), not as x (often a permuted view): the product with it after
             # then runs the same matmul, so the torch backend's forward stays bitwise
             out = mk(Op.ADD, (mk(Op.MUL, (rot, S), {}), mk(Op.MUL, (x, C), {})), {})
-            nodes += made
-            new[n] = out
-            continue
+            return out
         if n in decays:        # L (t - s) = G_t - G_s, G = cumsum of L along time
             L, T = decays[n]
             L = new[L]
-            mk = lambda op, ins, attrs: Node.make(op, ins, attrs, n.loc, n.scope)  # noqa: E731
             lead = tuple(L.type.shape[:-2])
             r = len(lead)
             col = mk(Op.RESHAPE, (L,), {"shape": lead + (1,)})
@@ -954,100 +942,63 @@ def _rewrite(g: Graph) -> Graph:
             gt = mk(Op.RESHAPE, (G,), {"shape": lead + (T, 1)})
             gs = mk(Op.RESHAPE, (G,), {"shape": lead + (1, T)})
             out = mk(Op.SUB, (gt, gs), {})
-            nodes += [col, per_step, G, gt, gs, out]
-            new[n] = out
-            continue
+            return out
         if n in unit_decays:   # G_t - G_s over unit dims: the same cumsum over lead + [T]
             G, lead, T = unit_decays[n]
-            made = []
-
-            def mk(op, ins, attrs, made=made, n=n):
-                made.append(Node.make(op, ins, attrs, n.loc, n.scope))
-                return made[-1]
             cum = mk(Op.CUMSUM, (_squeezed(G.inputs[0], lead + (T,), new, mk),),
                      {"axis": len(lead)})
             out = mk(Op.SUB, (mk(Op.RESHAPE, (cum,), {"shape": lead + (T, 1)}),
                               mk(Op.RESHAPE, (cum,), {"shape": lead + (1, T)})), {})
-            nodes += made
-            new[n] = out
-            continue
+            return out
         if n in additive:      # s + where(m, 0, -inf) = where(m, s, -inf)
             m, s = (new[v] for v in additive[n])
-            mk = lambda op, ins, attrs: Node.make(op, ins, attrs, n.loc, n.scope)  # noqa: E731
             ninf = mk(Op.CONST, (), {"value": float("-inf"), "dtype": s.type.dtype})
             out = mk(Op.WHERE, (m, s, ninf), {})
-            nodes += [ninf, out]
-            new[n] = out
-            continue
+            return out
         w = new[masked_sums[n][0]] if n in masked_sums else None
         if w is not None and w.op is Op.WHERE:   # where(m, x, -inf) + b = where(m, x + b, -inf)
             m, x, fill = w.inputs
-            mk = lambda op, ins, attrs: Node.make(op, ins, attrs, n.loc, n.scope)  # noqa: E731
             b = new[masked_sums[n][1]]
             total = mk(Op.ADD, (x, b) if n.inputs[0] is masked_sums[n][0] else (b, x), {})
             out = mk(Op.WHERE, (m, total, fill), {})
-            nodes += [total, out]
-            new[n] = out
-            continue
+            return out
         if n in after_exp:     # where(mask, exp(x), 0) = exp(where(mask, x, -inf))
             c, x = (new[v] for v in after_exp[n])
-            mk = lambda op, ins, attrs: Node.make(op, ins, attrs, n.loc, n.scope)  # noqa: E731
             ninf = mk(Op.CONST, (), {"value": float("-inf"), "dtype": x.type.dtype})
             w = mk(Op.WHERE, (c, x, ninf), {})
             out = mk(Op.EXP, (w,), {})
-            nodes += [ninf, w, out]
-            new[n] = out
-            continue
+            return out
         if n in windows:       # a window of [pad | x]: x shifted, the pad's tail in front
             pad, x, a, j, P = windows[n]
             pad, x = new[pad], new[x]
             if j == P:
-                new[n] = x
-                continue
-            mk = lambda op, ins, attrs: Node.make(op, ins, attrs, n.loc, n.scope)  # noqa: E731
+                return x
             head = mk(Op.SLICE, (pad,), {"axis": a, "start": j, "stop": P, "step": 1})
             cut = mk(Op.SLICE, (x,), {"axis": a, "start": 0,
                                       "stop": norm(x.type.shape[a] - (P - j)), "step": 1})
             out = mk(Op.CONCAT, (head, cut), {"axis": a})
-            nodes += [head, cut, out]
-            new[n] = out
-            continue
+            return out
         if n in diff:          # (p1 - lam p2) @ v = p1 @ v - lam (p2 @ v): one attention each
-            mk = lambda op, ins, attrs=None: Node.make(op, ins, attrs or {}, n.loc,  # noqa: E731
-                                                      n.scope)
             v = new[n.inputs[1]]
             out = None
             for sign, c, p in diff[n]:
                 t = mk(Op.MATMUL, (new[p], v))
-                nodes.append(t)
                 if c is not None:
                     t = mk(Op.MUL, (new[c], t))
-                    nodes.append(t)
                 if out is None:
                     if sign < 0:
                         t = mk(Op.NEG, (t,))
-                        nodes.append(t)
                     out = t
                 else:
                     out = mk(Op.ADD if sign > 0 else Op.SUB, (out, t))
-                    nodes.append(out)
-            new[n] = out
-            continue
+            return out
         if n in found:
             s, z = (new[x] for x in found[n])
-            mk = lambda op, ins, attrs=None: Node.make(op, ins, attrs or {}, n.loc,  # noqa: E731
-                                                      n.scope)
             r = s.type.rank - 1
             lse = mk(Op.LOGSUMEXP, (s,), {"axis": r, "keepdim": True})
             sm = mk(Op.SOFTMAX, (s,), {"axis": r})
             gate = mk(Op.SIGMOID, (mk(Op.SUB, (lse, z)),))
             out = mk(Op.MUL, (sm, gate))
-            nodes += [lse, sm, gate.inputs[0], gate, out]
-            new[n] = out
-            continue
-        ins = tuple(new[i] for i in n.inputs)
-        cur = n if ins == n.inputs else Node(n.op, ins, n.attrs, n.type, n.loc, n.scope)
-        new[n] = cur
-        nodes.append(cur)
-    from .basic import dce
-    return dce(g.with_nodes(nodes, {k: new[v] for k, v in g.outputs.items()}))
+            return out
+        return None
+    return _rebuild(g, rewrite)

@@ -46,7 +46,7 @@ two attentions is fine when both are fused: each body recomputes it).
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 from ..ir.graph import Graph, Node, toposort
 from ..ir.ops import Op
@@ -62,6 +62,7 @@ from .patterns import (
     is_swap,
     need,
     splice,
+    static_nodes,
     upstream,
     widened,
 )
@@ -300,9 +301,7 @@ def fuse_linear_attention(g: Graph, chunk: int = DEFAULT_CHUNK) -> Graph:
     if chunk < 16 or chunk & (chunk - 1):
         raise ValueError(f"chunk must be a power of two >= 16, got {chunk}")
     users = g.users()
-    static: Dict[Node, bool] = {}
-    for n in g.nodes:
-        static[n] = n.op not in (Op.INPUT, Op.PARAM) and all(static[i] for i in n.inputs)
+    static = static_nodes(g)
     records: List[dict] = []
     matches: List[dict] = []
     for n in g.nodes:

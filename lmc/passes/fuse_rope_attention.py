@@ -94,6 +94,7 @@ from .patterns import (
     sink_gate,
     softcap,
     splice,
+    static_nodes,
     upstream,
     widened,
 )
@@ -648,10 +649,8 @@ def fuse_rope_attention(g: Graph) -> Graph:
     users = g.users()
     for o in g.outputs.values():       # a graph output is a use outside any region
         users.setdefault(o, []).append(_OUTPUT)
-    static: Dict[Node, bool] = {}
+    static = static_nodes(g)
     order = {n: i for i, n in enumerate(g.nodes)}
-    for n in g.nodes:
-        static[n] = n.op not in (Op.INPUT, Op.PARAM) and all(static[i] for i in n.inputs)
     records, matches = [], []
     for n in g.nodes:
         # candidates: softmaxes over the keys of [B, H, T, S] scores (a router's softmax

@@ -30,6 +30,15 @@ def need(cond: bool, why: str) -> None:
         raise NoMatch(why)
 
 
+def static_nodes(g: Graph) -> Dict[Node, bool]:
+    """For each node of g: is it computed from no input and no parameter (constants, iota,
+    masks: a position table, a fixed decay)?"""
+    static: Dict[Node, bool] = {}
+    for n in g.nodes:
+        static[n] = n.op not in (Op.INPUT, Op.PARAM) and all(static[i] for i in n.inputs)
+    return static
+
+
 def const_value(n: Node) -> Optional[float]:
     """The value of a scalar constant node, else None."""
     if n.op is Op.CONST and n.type.rank == 0 and not hasattr(n.attrs["value"], "shape"):
