@@ -151,6 +151,30 @@ def triton_matches_oracle(g, vals, rtol=1e-5, atol=2e-6):
     return p
 
 
+def minimax_variant(tmp_path, kind):
+    """zoo/minimax.yaml with its partial-rotary keys written another way, as a file in
+    tmp_path: "decoupled", the pass-through columns from a projection of their own (the
+    keys are then two caches, scores in two parts); "reshaped", the pass-through slice
+    reshaped there and back (two caches again, both cut from one product)."""
+    src = open(os.path.join(ZOO, "minimax.yaml")).read()
+    split = "      - k_rot, k_pass = split(k, [rope_dim, head_dim - rope_dim], -1)\n"
+    wv = "      wv: [d, kv_heads * head_dim]\n"
+    assert split in src and wv in src
+    if kind == "decoupled":
+        src = src.replace(split, "      - k_rot = slice(k, -1, 0, rope_dim)\n"
+                          "      - k_pass = permute(reshape(x @ wkp, [B, T, kv_heads, "
+                          "head_dim - rope_dim]), [0, 2, 1, 3])\n")
+        src = src.replace(wv, wv + "      wkp: [d, kv_heads * (head_dim - rope_dim)]\n")
+    else:
+        assert kind == "reshaped", kind
+        src = src.replace(split, split + "      - k_pass = reshape(reshape(k_pass, [B, "
+                          "kv_heads, T, 2, (head_dim - rope_dim) / 2]), [B, kv_heads, T, "
+                          "head_dim - rope_dim])\n")
+    path = tmp_path / f"minimax_{kind}.yaml"
+    path.write_text(src)
+    return str(path)
+
+
 # -- shared by the training tests ----------------------------------------------------------------
 @pytest.fixture
 def small_ids(tmp_path):

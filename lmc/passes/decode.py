@@ -19,7 +19,9 @@ How it is derived, with no knowledge of blocks or model names:
    the input depends on no token (RoPE tables, fixed decays); reached through layout ops
    (permute, reshape, expand, cast, concat off the time axis) and through a projection by a
    parameter that widens the value (so MLA caches its latent [c_KV | k_R] and GQA its n_kv
-   heads); otherwise cached: the state holds it for the past positions (a K,V cache).
+   heads); otherwise cached: the state holds it for the past positions (a K,V cache). A
+   concat whose pieces would each be cached as they are is cached whole (partial rotary's
+   [rope(k[:R]) | k[R:]]: one cache, one write per step).
    Where the keys live is the attention's *key layout*:
    - full, dynamic step: the cache holds the P past positions and the step concatenates the
      T new ones (S = P + T keys); `causal_mask(T, T)` becomes `causal_mask(T, S)`.
@@ -772,7 +774,8 @@ class _Builder:
         if n.op in LAYOUT and self._timed(n.inputs[0]) and not narrowing(n):
             attrs = {k: _subst_attr(v, env) for k, v in n.attrs.items()}
             out = self.add(n.op, [self.key_side(n.inputs[0], keys)], attrs, n)
-        elif n.op is Op.CONCAT and self.labels.lab[n][n.attrs["axis"]] is None:
+        elif n.op is Op.CONCAT and self.labels.lab[n][n.attrs["axis"]] is None and \
+                not all(self._cached_as_is(i) for i in n.inputs):
             out = self.add(Op.CONCAT, [self.key_side(i, keys) for i in n.inputs],
                            dict(n.attrs), n)
         elif n.op is Op.MATMUL and self._widening_projection(n):
@@ -843,6 +846,20 @@ class _Builder:
 
     def _timed(self, n: Node) -> bool:
         return any(self.labels.lab[n])
+
+    def _cached_as_is(self, n: Node) -> bool:
+        """key_side would hold n itself in a cache: a concat off the time axis of such
+        values only (partial rotary's [rope(k[:R]) | k[R:]]) is cached whole, one cache and
+        one write per step, not one per piece (MLA's [up-projected latent | k_R] is not:
+        its latent is cached, the narrower value)."""
+        lab = self.labels.lab[n]
+        if not any(lab) or self.is_token_free(n):
+            return False
+        if n.op in LAYOUT and self._timed(n.inputs[0]) and not narrowing(n):
+            return False
+        if n.op is Op.CONCAT and lab[n.attrs["axis"]] is None:
+            return False
+        return not (n.op is Op.MATMUL and self._widening_projection(n))
 
     def _widening_projection(self, n: Node) -> bool:
         a, w = n.inputs

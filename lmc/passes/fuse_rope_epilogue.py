@@ -350,7 +350,8 @@ def fuse_rope_epilogue(g: Graph) -> Graph:
             mm, specs = _match(f)
             other = _other_reader(users, mm, {s["j"] for s in specs}, f)
             need(other is None, f"a rotated product is also read by {other}, outside the "
-                                "rope kernel (as partial rotary's pass-through columns are): "
+                                "rope kernel (pass-through columns cached apart from "
+                                "the rotated ones, say): "
                                 "the product is stored, the rotation its own kernel")
         except NoMatch as e:
             records.append({"pass": PASS, "status": "declined", "where": f.scope or "<model>",

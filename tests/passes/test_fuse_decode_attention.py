@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from conftest import ZOO, decode_worst
+from conftest import ZOO, decode_worst, minimax_variant
 
 import lmc
 from lmc.codegen import attention as attn
@@ -82,17 +82,29 @@ def test_llama_fires_once_per_layer(static):
 
 
 @pytest.mark.parametrize("static", [False, True])
-def test_zoo_fires_and_declines(static):
+def test_zoo_fires_and_declines(static, tmp_path):
     # GQA through reshape/expand (2 kv heads for 4 query heads)
     _, recs = _records("blues01", static)
     assert [r["status"] for r in recs] == ["fused", "fused"]
     assert all("4 heads over 2 kv heads" in r["reason"] for r in recs)
-    # minimax: the softmax layer (partial rotary: k is the concat of its two caches); the
-    # lightning layer is linear attention, no softmax
+    # minimax: the softmax layer (partial rotary: k is [rope(k[:R]) | k[R:]], one cache);
+    # the lightning layer is linear attention, no softmax
     g, recs = _records("minimax", static)
     assert [(r["status"], r["where"].split()[0]) for r in recs] == [("fused", "layers.1.attn")]
-    # ... read as two score parts (rotated and pass-through halves) from the two caches, the
-    # values from their own: no per-step concat of the caches is left
+    assert "4 heads over 2 kv heads, scale" in recs[0]["reason"]
+    (att,) = [n for n in g.nodes if n.op is Op.FUSED]
+    assert att.attrs["body"].meta["options"]["parts"] == 1
+    assert len(att.inputs) == (4 if static else 3)         # q, k, v [, pos]
+    # the pass-through keys from a projection of their own: two caches, read as two score
+    # parts (rotated and pass-through) in place, the values from their own cache; no
+    # per-step concat of the caches is left
+    dec = decode_step(lmc.load(minimax_variant(tmp_path, "decoupled"), preset="tiny").graph,
+                      static=static)
+    assert [s.name for s in dec.states if s.name.startswith("layers.1.attn.")] == [
+        "layers.1.attn.k.cache", "layers.1.attn.k.cache2", "layers.1.attn.v.cache"]
+    g = fuse_decode_attention(dec.graph)
+    recs = [r for r in g.meta["fusions"] if r["pass"] == "fuse_decode_attention"]
+    assert [(r["status"], r["where"].split()[0]) for r in recs] == [("fused", "layers.1.attn")]
     assert "scores in 2 parts over separate caches (read in place), values a cache of their " \
         "own" in recs[0]["reason"]
     (att,) = [n for n in g.nodes if n.op is Op.FUSED]
@@ -387,13 +399,19 @@ def _kernel_only(dec):
 @pytest.mark.parametrize("name,over", [
     ("llama", {}), ("blues01", {}),
     pytest.param("yoco", {"layers": 4}, marks=pytest.mark.slow),
-    pytest.param("minimax", {}, marks=pytest.mark.slow), ("optimus_prime", {})])
+    pytest.param("minimax", {}, marks=pytest.mark.slow), ("minimax_decoupled", {}),
+    ("optimus_prime", {})])
 @pytest.mark.parametrize("static", [False, True])
-def test_decode_equals_forward_kernel_only(name, over, static, monkeypatch):
+def test_decode_equals_forward_kernel_only(name, over, static, monkeypatch, tmp_path):
     """blues01, yoco (two cross layers over the shared cache), minimax: 2 kv heads for 4
-    query heads; optimus_prime: MLA's absorbed form (one latent kv head, scores in parts)."""
+    query heads; minimax with the pass-through keys projected apart: scores in two parts
+    over two caches, values their own; optimus_prime: MLA's absorbed form (one latent kv
+    head, scores in parts, values the latent)."""
     calls = _count_kernel_calls(monkeypatch)
-    m = _zoo(name, **over)
+    if name == "minimax_decoupled":
+        m = lmc.load(minimax_variant(tmp_path, "decoupled"), preset="tiny").eval()
+    else:
+        m = _zoo(name, **over)
     ids = torch.randint(0, 512, (1, 7), generator=torch.Generator().manual_seed(1))
     full = _forward(m, ids)
     dec = _kernel_only(Decoder(m, "torch", static=static,

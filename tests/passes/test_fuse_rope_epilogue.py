@@ -62,7 +62,8 @@ CASES = [
                                               # cross-decoder q: a one-product projection
     ("optimus_prime", {}, 4, []),             # MLA: k_R one head [B, 1, T, D]; layer
                                               # 0's tables moved before its projection
-    ("minimax", {}, 1, ["also read by"]),     # partial rotary: the pass-through columns
+    ("minimax", {}, 2, []),                   # partial rotary: [rope(k[:R]) | k[R:]] is
+                                              # one cache the projection's tiles write
     ("medit_one", {}, 4, []),                 # [B, T, H, D] heads, no permute; tables
                                               # [H, D] (a head's position is its index)
     ("medit_one", {"d": 48, "d_embed": 96}, 4, []),  # head dim 12: tiles cross head boundaries
@@ -100,15 +101,32 @@ def test_zoo_rope_joins_the_projection(name, sets, merged, declined, monkeypatch
         assert (got - want).abs().max().item() < TOL
 
 
-def test_a_rotated_product_read_elsewhere_keeps_its_kernel():
-    """minimax's k: the rope kernel writes the rotated part into one cache while the
-    pass-through part goes to another: the product is read besides the rotation, so that
-    rope kernel stays (and says so)."""
-    m = lmc.load(os.path.join(ZOO, "minimax.yaml"), preset="tiny", seed=5,
+def test_a_rotated_product_read_elsewhere_keeps_its_kernel(tmp_path):
+    """minimax with its pass-through keys reshaped there and back: they are a cache of their
+    own (the decode pass splits the concat), written from the product besides the rotation,
+    so that rope kernel stays (and says so); the query's rotation still joins the
+    projection, and decode equals the forward."""
+    from conftest import minimax_variant
+
+    m = lmc.load(minimax_variant(tmp_path, "reshaped"), preset="tiny", seed=5,
                  backend="triton").eval()
-    dec = Decoder(m, backend="triton", static=True, max_len=12)
-    (k,) = _rope_kernels(dec.graph)
-    assert any(b.op is Op.INDEX_COPY for b in k.attrs["body"].nodes)
+    ids = torch.randint(0, 512, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = m(ids)
+    want = want["logits"] if isinstance(want, dict) else want
+    for static in (False, True):
+        dec = Decoder(m, backend="triton", static=static, max_len=12 if static else None)
+        rec = [(r["status"], r["where"]) for r in dec.graph.meta["fusions"]
+               if r["pass"] == "fuse_rope_epilogue"]
+        assert sorted(rec) == [("declined", "layers.1.attn.rope_1"),
+                               ("fused", "layers.1.attn.rope")], rec
+        assert "also read by" in next(r["reason"] for r in dec.graph.meta["fusions"]
+                                      if r["status"] == "declined"
+                                      and r["pass"] == "fuse_rope_epilogue")
+        (k,) = _rope_kernels(dec.graph)
+        assert any(b.op is Op.INDEX_COPY for b in k.attrs["body"].nodes) is static
+        got, _ = _decode(dec, ids, 4)
+        assert (got - want).abs().max().item() < TOL
 
 
 def test_f16_rotation_in_the_epilogue_equals_the_rope_kernel_bitwise(monkeypatch):

@@ -26,7 +26,8 @@ DECODE_FUSED = {"llama.yaml": "2 decode_attention",
 
 # the static triton step's cache writes stored by the kernels computing the values (k and v
 # per attention layer; blues01's fused W_qkv product is split into one output per slice).
-# A value that is a view stays an index_copy (minimax's unrotated key part); MLA's latent
+# (minimax's keys, rotated and pass-through columns, are one cache its projection's tiles
+# write, the rotation in their epilogue); MLA's latent
 # (a norm's output) is stored by its reduction kernel, its k_R by the rope kernel
 CACHE_WRITES = {"llama.yaml": 4, "blues01.yaml": 4, "minimax.yaml": 2, "yoco.yaml": 2,
                 "optimus_prime.yaml": 4, "medit_one.yaml": 0}
