@@ -609,6 +609,7 @@ def _rope_tile_helper(tile: str, pro, idx, dot_ty: str, prod_ty: str, prec: str,
     biased = r.get("bias") is not None
     heads = bool(r.get("heads"))      # tables varying along the heads: read at [t, h, d]
     part = R < D                      # partial rotary: columns d >= R are stored as they are
+    pairs = bool(r.get("pairs"))      # interleaved: columns (2i, 2i + 1) rotate together
     ch, sh = ("cos_sh, ", "sin_sh, ") if heads else ("", "")
 
     def table(name: str) -> str:      # where the tile reads table `name` (cos or sin)
@@ -625,17 +626,22 @@ def _rope_tile_helper(tile: str, pro, idx, dot_ty: str, prod_ty: str, prec: str,
         "SPLIT_K: tl.constexpr, CACHE: tl.constexpr):",
         "    # one BLOCK_M x BLOCK_N tile of P = A @ B"
         + (f", A = {pro.kind}(x) * w computed here" if pro else "")
-        + f", stored as RoPE of its heads (head dim {D}, rotate-half over the first {R}, "
+        + f", stored as RoPE of its heads (head dim {D}, "
+          f"{'interleaved pairs' if pairs else 'rotate-half'} over the first {R}, "
           f"{W} stored): y[d] = x[d] cos[t, d] + sign(d) x[partner(d)] sin[t, d]",
         "    rn = (tile_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)",
         "    rk = tl.arange(0, BLOCK_K).to(tl.int64)",
         "    mask_n = rn < N",
         f"    h = rn // {D}",
         f"    d = rn % {D}",
-    ] + ([f"    rot = d < {R}"] if part else []) + [
+    ] + ([f"    rot = d < {R}"] if part else []) + ([
+        "    # interleaved pairs: partner d ^ 1, sign -1 at even d, +1 at odd",
+        f"    pn = h * {D} + " + ("tl.where(rot, d ^ 1, d)" if part else "(d ^ 1)"),
+    ] if pairs else [
         f"    # rotate-half: partner d + {half} (sign -1) below {half}, d - {half} (+1) up to {R}",
         f"    pn = h * {D} + tl.where(d < {half}, d + {half}, "
         + (f"tl.where(rot, d - {half}, d))" if part else f"d - {half})"),
+    ]) + [
         "    b_cols = b_ptr + rn[None, :] * b_sn",
         "    p_cols = b_ptr + pn[None, :] * b_sn",
         "    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)",
@@ -665,7 +671,8 @@ def _rope_tile_helper(tile: str, pro, idx, dot_ty: str, prod_ty: str, prec: str,
         + ("(mask_n & rot)[None, :]" if part else "mask_n[None, :]"),
         f"    c = tl.load({table('cos')}, mask=tmask, other=0.0){cast}",
         f"    s = tl.load({table('sin')}, mask=tmask, other=0.0){cast}",
-        f"    xr = tl.where((d < {half})[None, :], -xp, xp)",
+        ("    xr = tl.where((d % 2 == 0)[None, :], -xp, xp)" if pairs else
+         f"    xr = tl.where((d < {half})[None, :], -xp, xp)"),
         "    y = " + ("tl.where(rot[None, :], x * c + xr * s, x)" if part else "x * c + xr * s"),
     ] + ([f"    y = y * {float(r['scale'])!r}  # the rotated value's scale"]
          if r.get("scale") is not None else []) + [

@@ -15,14 +15,15 @@ columns, from L1/L2 since the tile's own columns are the same rows of W), and st
     y[b, h, t, d] = x[d]                                                  (R <= d < W)
 
 with x[d] = P[b, t, h D + d] rounded to P's dtype first (as the unfused kernel read it);
-rotate-half: partner(d) = d + R/2 with sign -1 below R/2, d - R/2 with sign +1 above. The
-store goes to the rotated output [B, H, T, W] through its strides, or into the cache
-[B, H, L, W] at rows pos[t] where the pointwise kernel wrote it there (the [B, H, T, W]
-layouts only).
+rotate-half: partner(d) = d + R/2 with sign -1 below R/2, d - R/2 with sign +1 above;
+interleaved pairs: partner(d) = d ^ 1, sign -1 at even d, +1 at odd. The store goes to
+the rotated output [B, H, T, W] through its strides, or into the cache [B, H, L, W] at rows
+pos[t] where the pointwise kernel wrote it there (the [B, H, T, W] layouts only).
 
 Matched on the fused graph: a pointwise kernel every node of which is one of
 
     rope = x * c + concat(-x[R/2:R], x[:R/2]) * s        (either operand order)
+         | x * c + rot * s                               (interleaved pairs)
     y    = rope | concat(rope, x[R:D]), either optionally times a scalar constant
     out  = y | index_copy(cache, pos, y)
 
@@ -33,7 +34,12 @@ T, H, D]))``: medit_one's attention across the heads of one token, which rotates
 its index), x covers columns [0, R) of the head, and c, s are tables that broadcast against
 x without varying along B: [T, R] for the first two, [H, R] for the third (any values: the
 kernel reads them at (t, h, d) through strides, 0 along a broadcast axis; a cast of a table
-inside the kernel is kept). The products it rotates must be read by nothing else. Several
+inside the kernel is kept). For interleaved pairs, rot is an input of the kernel,
+reshape(Q, [.., R]) of a kernel Q computing only concat(-x5[.., 1:2], x5[.., 0:1]) with
+x5 = reshape(x, [.., R/2, 2]) (canonicalize's spelling of the pairs; a pointwise kernel
+does not read through a reshape that splits an axis, so the rotation was a kernel of its
+own): Q is read by that reshape alone and goes too. The products it rotates must be read
+by nothing else (but those kernels). Several
 rope kernels of one projection merge together (GQA: q and k differ in heads, so they were
 two kernels). The merged kernel keeps the matmul's other outputs (v, its cache write) and is
 emitted right after the last value it reads (the projection's place: values computed from
@@ -41,8 +47,8 @@ the step's inputs alone, the position tables, are moved to the front of the step
 what the projection and the rope kernels give to anything else must be read after that
 point.
 Anything else is declined with the failed condition (`lmc compile --mode decode --explain`,
-graphs "decode" and "decode static"). Interleaved pairs and XPos scaling are declined
-(left to the pointwise kernel). A rotated product may carry a bias (``P + b``, b a [N]
+graphs "decode" and "decode static"). XPos scaling is declined (left to the pointwise
+kernel). A rotated product may carry a bias (``P + b``, b a [N]
 vector: Qwen2's and gpt-oss's biased q and k): the tile adds b at its columns and at the
 partner columns, rounded as the projection's epilogue rounded the sum, before rotating.
 """
@@ -158,10 +164,13 @@ class _Body:
                 break
             for x, c in (p.inputs, p.inputs[::-1]):
                 for r, s in (q.inputs, q.inputs[::-1]):
-                    if x.op is not Op.INPUT or r.op is not Op.CONCAT:
+                    pairs = r.op is Op.INPUT and _pair_kernel(self.outer[r]) is not None
+                    if x.op is not Op.INPUT or (r.op is not Op.CONCAT and not pairs):
                         continue
                     used = set(self.used)
                     try:
+                        if pairs:
+                            return self._rope_pairs(n, p, q, x, c, r, s)
                         return self._rope(n, p, q, x, c, r, s)
                     except NoMatch as e:
                         self.used = used            # a failed reading claims nothing
@@ -184,7 +193,24 @@ class _Body:
         need(ccast == scast, "the rope tables are cast differently")
         self.used.update((n, p, q, r, r.inputs[0]))
         return {"mm": mm, "j": j, "H": H, "D": D, "R": R, "W": R, "cos": cos, "sin": sin,
-                "cast": ccast, "layout": lay, "heads": ch or sh}
+                "cast": ccast, "layout": lay, "heads": ch or sh, "pairs": None}
+
+    def _rope_pairs(self, n, p, q, x, c, r, s) -> dict:
+        """Interleaved pairs: r reads, through a reshape, the pair kernel's
+        concat(-x[.., 1::2], x[.., 0::2]) over [.., R/2, 2] of the rotated x itself."""
+        mm, j, H, D, c0, c1, lay = self.view(x)
+        R = c1 - c0
+        need(c0 == 0 and R % 2 == 0, "the rotated columns are not the first R of the head")
+        k1, odd, even = _pair_kernel(self.outer[r])
+        v = _head_view(odd.inputs[0].inputs[0])
+        need(v is not None and v[:4] == (mm, j, H, D) and v[4:] == (0, R, lay),
+             "the pairs' rotation is not of the rotated x's own columns")
+        cos, ccast, ch = self.table(c, R, self.outer[x], lay)
+        sin, scast, sh = self.table(s, R, self.outer[x], lay)
+        need(ccast == scast, "the rope tables are cast differently")
+        self.used.update((n, p, q, r))
+        return {"mm": mm, "j": j, "H": H, "D": D, "R": R, "W": R, "cos": cos, "sin": sin,
+                "cast": ccast, "layout": lay, "heads": ch or sh, "pairs": k1}
 
     def output(self, o: Node) -> dict:
         cache = None
@@ -223,6 +249,47 @@ class _Body:
         spec["cache"] = cache
         spec["scale"] = scale
         return spec
+
+
+def _pair_kernel(v: Node):
+    """(kernel, odd, even) when v is interleaved RoPE's rotation computed by a pointwise
+    kernel of its own and seen whole: reshape(kernel's [.., R/2, 2] output, [.., R]), the
+    kernel computing only concat(-odd, even) on its last axis, odd and even the size-1
+    slices [1:2] and [0:1] of one reshape(x, [.., R/2, 2]) (canonicalize's spelling of the
+    pairs' rotation, rot[2i] = -x[2i+1], rot[2i+1] = x[2i]); else None. The kernel stays
+    apart from the one reading it because the reshape splits an axis, which a pointwise
+    kernel's index does not."""
+    if v.op is not Op.RESHAPE or v.inputs[0].op is not Op.GETITEM:
+        return None
+    k1 = v.inputs[0].inputs[0]
+    if k1.op is not Op.FUSED or k1.attrs["kind"] != "pointwise":
+        return None
+    body = k1.attrs["body"]
+    outs = list(body.outputs.values())
+    src, dst = tuple(v.inputs[0].type.shape), tuple(v.type.shape)
+    if len(outs) != 1 or len(src) != len(dst) + 1 or src[:-2] != dst[:-1] or \
+            src[-1] != 2 or not isinstance(src[-2], int) or dst[-1] != 2 * src[-2]:
+        return None
+    o = outs[0]
+    if o.op is not Op.CONCAT or o.attrs["axis"] not in (-1, len(src) - 1) or \
+            len(o.inputs) != 2 or o.inputs[0].op is not Op.NEG:
+        return None
+    a, b = o.inputs[0].inputs[0], o.inputs[1]
+    if a.op is not Op.INPUT or b.op is not Op.INPUT or \
+            len([m for m in body.nodes if m.op not in (Op.INPUT, Op.CONST)]) != 2:
+        return None
+    outer = dict(zip([m for m in body.nodes if m.op is Op.INPUT], k1.inputs))
+    odd, even = outer[a], outer[b]
+    for h in (odd, even):
+        if h.op is not Op.SLICE or h.attrs["axis"] not in (-1, len(src) - 1) or \
+                h.attrs.get("step", 1) != 1 or h.type.shape[-1] != 1 or \
+                h.inputs[0].op is not Op.RESHAPE or h.inputs[0] is not odd.inputs[0] or \
+                tuple(h.inputs[0].type.shape) != src or \
+                tuple(h.inputs[0].inputs[0].type.shape) != dst:
+            return None
+    if (odd.attrs.get("start") or 0) != 1 or (even.attrs.get("start") or 0) != 0:
+        return None
+    return k1, odd, even
 
 
 def _match(f: Node) -> Tuple[Node, List[dict]]:
@@ -293,14 +360,14 @@ def _plain_products(body: Graph, rotated: List[Tuple[Node, Node]]) -> bool:
         for n in body.nodes)
 
 
-def _other_reader(g_users, mm: Node, js, f: Node) -> Optional[str]:
-    """What else reads the kernel mm's outputs js, through views, besides f (None: nothing):
-    the reader's op, or "a graph output"."""
+def _other_reader(g_users, mm: Node, js, fs: set) -> Optional[str]:
+    """What else reads the kernel mm's outputs js, through views, besides the kernels fs
+    (None: nothing): the reader's op, or "a graph output"."""
     stack = [u for u in g_users[mm] if u.op is Op.GETITEM and u.attrs["index"] in js]
     while stack:
         n = stack.pop()
         for u in g_users[n]:
-            if u is f:
+            if u in fs:
                 continue
             if u is None:
                 return "a graph output"
@@ -339,16 +406,27 @@ def fuse_rope_epilogue(g: Graph) -> Graph:
     order = {n: i for i, n in enumerate(g.nodes)}
     records = []
     cands: Dict[Node, List[Tuple[Node, List[dict]]]] = {}   # matmul kernel -> rope kernels
+    # interleaved pairs' rotations, each its own kernel before its reader's reshape: the
+    # reader's record speaks for both
+    pair_kernels = {_pair_kernel(x)[0] for f in g.nodes if f.op is Op.FUSED
+                    for x in f.inputs if _pair_kernel(x)}
     for f in g.nodes:
-        if f.op is not Op.FUSED or f.attrs["kind"] != "pointwise":
+        if f.op is not Op.FUSED or f.attrs["kind"] != "pointwise" or f in pair_kernels:
             continue
         body = f.attrs["body"]
-        if not any(n.op is Op.CONCAT for n in body.nodes) or \
-                not any(n.op is Op.NEG for n in body.nodes):
+        if (not any(n.op is Op.CONCAT for n in body.nodes) or
+                not any(n.op is Op.NEG for n in body.nodes)) and \
+                not any(_pair_kernel(x) for x in f.inputs):
             continue                 # not a rope kernel: no record
         try:
             mm, specs = _match(f)
-            other = _other_reader(users, mm, {s["j"] for s in specs}, f)
+            pk = {s["pairs"] for s in specs} - {None}
+            for k1 in pk:            # the pair kernels: read by f alone, through a reshape
+                need(all(u is not None and u.op is Op.GETITEM and
+                         all(r is not None and r.op is Op.RESHAPE and
+                             users[r] == [f] for r in users[u]) for u in users[k1]),
+                     "the pairs' rotation is read besides the rope kernel")
+            other = _other_reader(users, mm, {s["j"] for s in specs}, {f} | pk)
             need(other is None, f"a rotated product is also read by {other}, outside the "
                                 "rope kernel (pass-through columns cached apart from "
                                 "the rotated ones, say): "
@@ -368,7 +446,7 @@ def fuse_rope_epilogue(g: Graph) -> Graph:
             # itself, or a table or cache the rope kernels read): what the projection and
             # the rope kernels give to anything else must be read after that
             outer = [x for f, _ in fs for x in f.inputs
-                     if (_head_view(x) or (None,))[0] is not mm]
+                     if (_head_view(x) or (None,))[0] is not mm and not _pair_kernel(x)]
             anchor = max([mm] + outer, key=order.get)
             given = [gi for gi in users[mm] if gi is not None and
                      gi.attrs.get("index") not in rotated] + \
@@ -412,13 +490,29 @@ def _merged(mm: Node, fs: List[Tuple[Node, List[dict]]]):
                                 x.scope)
                 b.nodes.append(views[x])
         return views[x]
+    def pairs(x: Node, k1: Node) -> Node:    # the pair kernel's body, then its reshape
+        kb = k1.attrs["body"]
+        kenv = {ph: reroot(y) for ph, y in
+                zip([n for n in kb.nodes if n.op is Op.INPUT], k1.inputs)}
+        for n in kb.nodes:
+            if n.op is not Op.INPUT:
+                kenv[n] = Node(n.op, tuple(kenv[i] for i in n.inputs), n.attrs, n.type,
+                               n.loc, n.scope)
+                b.nodes.append(kenv[n])
+        (o,) = kb.outputs.values()
+        out = Node(x.op, (kenv[o],), x.attrs, x.type, x.loc, x.scope)
+        b.nodes.append(out)
+        return out
     for f, _ in fs:
         env = envs[f] = {}
         fbody = f.attrs["body"]
         for p, x in zip([n for n in fbody.nodes if n.op is Op.INPUT], f.inputs):
             v = _head_view(x)
+            pk = _pair_kernel(x)
             if v is not None and v[0] is mm:
                 env[p] = reroot(x)
+            elif pk is not None and any(s["pairs"] is pk[0] for s in dict(fs)[f]):
+                env[p] = pairs(x, pk[0])
             elif x in shared:
                 env[p] = shared[x]
             else:
@@ -457,7 +551,7 @@ def _merged(mm: Node, fs: List[Tuple[Node, List[dict]]]):
             "heads": s["heads"], "cos": pos_of[env[s["cos"]]],
             "sin": pos_of[env[s["sin"]]],
             "cast": s["cast"].value if s["cast"] is not None else None,
-            "scale": s["scale"],
+            "scale": s["scale"], "pairs": s["pairs"] is not None,
             "cache": None if c is None else pos_of[env[c[0]]],
             "pos": None if c is None else pos_of[env[c[1]]],
             "bias": None if s["bias"] is None else pos_of[s["bias"]]})
@@ -485,9 +579,14 @@ def _rewrite(g: Graph, merges, users) -> Graph:
             drop.add(v)
             views += users[v]
         drop.add(mm)
-        for f, _ in fs:
+        for f, specs in fs:
             drop.add(f)
             drop.update(u for u in users[f] if u is not None)
+            for k1 in {s["pairs"] for s in specs} - {None}:   # the pair kernels, reshapes
+                drop.add(k1)
+                for gi in users[k1]:
+                    drop.add(gi)
+                    drop.update(users[gi])
     new: Dict[Node, Node] = {}
     nodes: List[Node] = []
     for n in g.nodes:

@@ -190,10 +190,10 @@ def test_rotations_with_split_k(name, sets, monkeypatch):
     assert not counters.any()
 
 
-def test_interleaved_pairs_keep_their_kernel(tmp_path):
-    """llama with RoPE written by hand as interleaved pairs ((x0, x1) -> (-x1, x0), tables with
-    each angle twice side by side): the rotation is not rotate-half, so the rope kernel stays
-    (declined, with the reason) and the decode still equals the forward."""
+def _pairs_llama(tmp_path, partial=False) -> str:
+    """llama with RoPE written by hand as interleaved pairs ((x0, x1) -> (-x1, x0), tables
+    with each angle twice side by side); partial: on the first half of each head's columns
+    only, the rest passed through (tables cut to that width)."""
     src = open(os.path.join(ZOO, "llama.yaml")).read()
     src = src.replace(
         "      - emb = concat([freqs, freqs], -1)\n",
@@ -202,24 +202,76 @@ def test_interleaved_pairs_keep_their_kernel(tmp_path):
     src = src.replace(
         "      - x1, x2 = split(x, 2, -1)\n"
         "      - return x * cos + concat([-x2, x1], -1) * sin\n",
-        "      - x1, x2 = split(reshape(x, [B, heads, T, head_dim / 2, 2]), 2, -1)\n"
-        "      - return x * cos + reshape(concat([-x2, x1], -1), [B, heads, T, head_dim]) * sin\n")
-    assert src.count("head_dim / 2, 2]") == 1
-    path = tmp_path / "llama_pairs.yaml"
+        "      - x1, x2 = split(reshape(x, [B, heads, T, -1, 2]), 2, -1)\n"
+        "      - return x * cos + reshape(concat([-x2, x1], -1), [B, heads, T, -1]) * sin\n")
+    assert src.count("T, -1, 2]") == 1
+    if partial:
+        for p in ("q", "k"):
+            old = f"      - {p} = rope({p}, cos, sin)\n"
+            assert old in src
+            src = src.replace(old, (
+                f"      - {p} = concat([rope(slice({p}, -1, 0, head_dim / 2), "
+                "slice(cos, -1, 0, head_dim / 2), slice(sin, -1, 0, head_dim / 2)), "
+                f"slice({p}, -1, head_dim / 2, head_dim)], -1)\n"))
+    path = tmp_path / f"llama_pairs{'_partial' if partial else ''}.yaml"
     path.write_text(src)
-    m = lmc.load(str(path), preset="tiny", seed=3, backend="triton").eval()
-    dec = Decoder(m, backend="triton", static=True, max_len=10)
-    rec = [r for r in dec.graph.meta["fusions"] if r["pass"] == "fuse_rope_epilogue"]
-    assert rec and all(r["status"] == "declined" and "interleaved" in r["reason"]
-                       for r in rec), rec
-    assert not any(n.attrs["body"].meta.get("rope") for n in dec.graph.nodes
-                   if n.op is Op.FUSED)
+    return str(path)
+
+
+@pytest.mark.parametrize("partial", [False, True], ids=["whole", "partial"])
+def test_interleaved_pairs_rotate_in_the_projection(tmp_path, monkeypatch, partial):
+    """llama with RoPE written as interleaved pairs: the pairs' rotation (its own kernel,
+    before a reshape no pointwise kernel reads through) and the rope kernel reading it both
+    go, the projection's tiles rotating each column with its partner d ^ 1 (16-column tiles
+    crossing heads); on the whole head or its first half; the decode equals the forward,
+    dynamic and static."""
+    _small_tiles(monkeypatch, 64)
+    path = _pairs_llama(tmp_path, partial)
+    m = lmc.load(path, preset="tiny", seed=3, backend="triton").eval()
     ids = torch.randint(0, 512, (2, 8), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        want = lmc.load(str(path), preset="tiny", seed=3).eval()(ids)
+        want = lmc.load(path, preset="tiny", seed=3).eval()(ids)
     want = want["logits"] if isinstance(want, dict) else want
-    got, _ = _decode(dec, ids, 3)
-    assert (got - want).abs().max().item() < TOL
+    for static in (False, True):
+        dec = Decoder(m, backend="triton", static=static, max_len=10 if static else None)
+        rec = [r for r in dec.graph.meta["fusions"] if r["pass"] == "fuse_rope_epilogue"]
+        assert rec and all(r["status"] == "fused" for r in rec), rec
+        assert not [n for n in dec.graph.nodes if n.op is Op.FUSED and
+                    n.attrs["kind"] == "pointwise" and
+                    Op.NEG in {b.op for b in n.attrs["body"].nodes}]
+        ropes = [r for n in dec.graph.nodes if n.op is Op.FUSED
+                 for r in n.attrs["body"].meta.get("rope", ())]
+        assert len(ropes) == 4 and all(r["pairs"] for r in ropes)
+        assert all((r["R"], r["W"]) == ((8, 16) if partial else (16, 16)) for r in ropes)
+        got, _ = _decode(dec, ids, 3)
+        assert (got - want).abs().max().item() < TOL
+
+
+def test_f16_interleaved_rotation_equals_the_pair_kernels_bitwise(tmp_path, monkeypatch):
+    """Mixed precision, interleaved pairs: the tiles' rotation gives the bits the pair and
+    rope kernels gave, logits and caches."""
+    from lmc.passes import fuse_rope_epilogue as fre
+    from lmc.passes.mixed_precision import mixed_precision
+    from lmc.runtime.module import LmcModel
+
+    m = lmc.load(_pairs_llama(tmp_path), preset="tiny", seed=2, backend="triton")
+    model = LmcModel(mixed_precision(m.graph, "f16"), backend="triton")
+    model.load_state_dict(m.state_dict())
+    model.eval()
+    ids = torch.randint(0, 512, (2, 8), generator=torch.Generator().manual_seed(4))
+    fused = Decoder(model, backend="triton", static=True, max_len=10)
+    rec = [r["status"] for r in fused.graph.meta["fusions"] if r["pass"] == "fuse_rope_epilogue"]
+    assert rec and set(rec) == {"fused"}, rec
+    assert len([r for n in fused.graph.nodes if n.op is Op.FUSED
+                for r in n.attrs["body"].meta.get("rope", ())]) == 4
+    got, st = _decode(fused, ids, 3)
+    monkeypatch.setattr(fre, "fuse_rope_epilogue", lambda g: g)
+    plain = Decoder(model, backend="triton", static=True, max_len=10)
+    assert len(_rope_kernels(plain.graph)) >= 2           # the pairs' rotations
+    want, st_want = _decode(plain, ids, 3)
+    assert got.dtype == want.dtype and torch.equal(got, want)
+    for s in fused.step.states:
+        assert torch.equal(st[s.name], st_want[s.name])
 
 
 def _biased_llama(tmp_path) -> str:
