@@ -81,20 +81,69 @@ def get_tokenizer(name: str = "cl100k_base"):
     names = set(registry.list_encoding_names())
     if name + "_offline" in names:
         return tiktoken.get_encoding(name + "_offline")
-    try:
-        return tiktoken.get_encoding(name)
-    except ValueError:
+    if name not in names:
         raise LmcError(f"unknown tokenizer {name!r} (tiktoken encodings: "
                        f"{', '.join(sorted(n for n in names if not n.endswith('_offline')))}"
-                       "; or bytes)") from None
+                       "; or bytes)")
+    wanted: list = []
+    try:
+        with _kept_cache_files(wanted):
+            return tiktoken.get_encoding(name)
+    except LmcError:
+        raise
     except Exception as e:  # network: the encoding file is not cached here
         where = os.environ.get("TIKTOKEN_CACHE_DIR")
+        files = "; ".join(f"{path} (sha1 of {url}), sha256 {sha}" for path, sha, url in wanted)
         raise LmcError(f"tokenizer {name!r} is not available offline ({type(e).__name__}); "
                        "tiktoken reads it from the directory TIKTOKEN_CACHE_DIR names"
-                       + (f" ({where})" if where else " (unset)") + ", under the name "
-                       "sha1(its download URL).hexdigest() and with the content hash tiktoken "
-                       "expects (a file that does not match is deleted), or use the bundled "
-                       "cl100k_base") from None
+                       + (f" ({where})" if where else " (unset)")
+                       + (f": {files}" if files else ", under the name sha1(its download "
+                          "URL).hexdigest()") + "; or use the bundled cl100k_base") from None
+
+
+class _kept_cache_files:
+    """While it is entered, tiktoken's cached-file reader refuses a cached encoding file
+    whose content is not the one tiktoken expects, with an LmcError naming it, instead of
+    deleting it and downloading again (a user's file is never deleted); each file tiktoken
+    asks for is noted in `wanted` as (path, expected sha256, URL). The path is tiktoken's:
+    TIKTOKEN_CACHE_DIR (or DATA_GYM_CACHE_DIR, else <tmp>/data-gym-cache) / sha1(URL)."""
+
+    def __init__(self, wanted: list):
+        self.wanted = wanted
+
+    def __enter__(self):
+        from tiktoken import load
+
+        self.load, self.real = load, getattr(load, "read_file_cached", None)
+        if self.real is None:     # another tiktoken: nothing to guard
+            return self
+        real, wanted = self.real, self.wanted
+
+        def guarded(blobpath, expected_hash=None):
+            import tempfile
+
+            if "TIKTOKEN_CACHE_DIR" in os.environ:
+                where = os.environ["TIKTOKEN_CACHE_DIR"]
+            elif "DATA_GYM_CACHE_DIR" in os.environ:
+                where = os.environ["DATA_GYM_CACHE_DIR"]
+            else:
+                where = os.path.join(tempfile.gettempdir(), "data-gym-cache")
+            if where:                      # "": tiktoken caches nothing
+                path = os.path.join(where, hashlib.sha1(blobpath.encode()).hexdigest())
+                wanted.append((path, expected_hash, blobpath))
+                if expected_hash and os.path.isfile(path) and \
+                        _file_sha256(path) != expected_hash:
+                    raise LmcError(f"{path}: not the file tiktoken expects for {blobpath} "
+                                   f"(its sha256 is not {expected_hash}); left as it is: "
+                                   "replace it, or use the bundled cl100k_base")
+            return real(blobpath, expected_hash)
+        load.read_file_cached = guarded
+        return self
+
+    def __exit__(self, *exc):
+        if self.real is not None:
+            self.load.read_file_cached = self.real
+        return False
 
 
 def unsampled_ids(enc) -> List[int]:

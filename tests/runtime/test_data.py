@@ -72,6 +72,33 @@ def test_tokenizer_names(capsys):
     assert "--tokenizer: is empty" in capsys.readouterr().err
 
 
+def test_a_cached_encoding_file_that_does_not_match_is_kept_and_named(tmp_path, monkeypatch):
+    """tiktoken deletes a cached encoding file whose hash is not the one it expects, then
+    downloads again; lmc refuses the file instead, naming it, and leaves it as it is.
+    Offline (tiktoken's fetch raises here), the error names the file tiktoken wants and the
+    hash it must have."""
+    import re
+
+    from tiktoken import load
+
+    def offline(url):
+        raise ConnectionError(url)
+    monkeypatch.setattr(load, "read_file", offline)
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
+    with pytest.raises(LmcError, match="not available offline") as e:
+        get_tokenizer("r50k_base")
+    path, sha = re.search(r"(\S+) \(sha1 of \S+\), sha256 ([0-9a-f]{64})", str(e.value)).groups()
+    assert os.path.dirname(path) == str(tmp_path) and not os.path.exists(path)
+    with open(path, "w") as f:
+        f.write("not an encoding")
+    with pytest.raises(LmcError, match="left as it is") as e:
+        get_tokenizer("r50k_base")
+    assert f"{path}: not the file tiktoken expects" in str(e.value) and sha in str(e.value)
+    with open(path) as f:
+        assert f.read() == "not an encoding"
+    assert load.read_file_cached.__name__ == "read_file_cached"     # tiktoken's again
+
+
 def test_carriage_returns_read_as_newlines_as_before(tmp_path):
     """Files are read as bytes (to note the ones not UTF-8) with universal newlines, as the
     text-mode read before: CRLF and CR give the tokens LF gives (the cache key is the bytes,
