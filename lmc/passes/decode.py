@@ -19,7 +19,10 @@ How it is derived, with no knowledge of blocks or model names:
    the input depends on no token (RoPE tables, fixed decays); reached through layout ops
    (permute, reshape, expand, cast, concat off the time axis) and through a projection by a
    parameter that widens the value (so MLA caches its latent [c_KV | k_R] and GQA its n_kv
-   heads); otherwise cached: the state holds it for the past positions (a K,V cache). A
+   heads; a widening projection only where `absorb` then moves it onto the query or the
+   attention's output: one left in the step would run over every cached position each
+   step, so the step is derived again with that projection's output cached); otherwise
+   cached: the state holds it for the past positions (a K,V cache). A
    concat whose pieces would each be cached as they are is cached whole (partial rotary's
    [rope(k[:R]) | k[R:]]: one cache, one write per step).
    Where the keys live is the attention's *key layout*:
@@ -623,6 +626,10 @@ class _Builder:
     layout: Dict[Node, _Keys] = field(default_factory=dict)    # keys of a "k"-labelled node
     deferred: set = field(default_factory=set)  # "k" nodes made of masks: built per layout
     edge_keys: Dict[Tuple[Node, int], _Keys] = field(default_factory=dict)
+    # widening projections walked through (the step's matmul over the keys -> the forward's
+    # node), and those to cache instead (their up-projection was not absorbed: decode_step)
+    widened: Dict[Node, Node] = field(default_factory=dict)
+    keep_widening: set = field(default_factory=set)
 
     def add(self, op: Op, inputs, attrs, like: Node) -> Node:
         n = Node.make(op, inputs, attrs, like.loc, like.scope)
@@ -781,6 +788,7 @@ class _Builder:
         elif n.op is Op.MATMUL and self._widening_projection(n):
             a, w = n.inputs
             out = self.add(Op.MATMUL, [self.key_side(a, keys), self.new[w]], dict(n.attrs), n)
+            self.widened[out] = n
         else:
             out = self._cache(n, lab.index(Q), keys)
         self.memo[("key", n, keys)] = out
@@ -862,6 +870,8 @@ class _Builder:
         return not (n.op is Op.MATMUL and self._widening_projection(n))
 
     def _widening_projection(self, n: Node) -> bool:
+        if n in self.keep_widening:
+            return False
         a, w = n.inputs
         if not _is_param(w) or not self._timed(a) or self._timed(w):
             return False
@@ -1268,14 +1278,24 @@ def decode_step(g: Graph, logits: str = "logits", *, absorb_projections: bool = 
     from .basic import dce
     g = dce(g.with_nodes(g.nodes, {logits: g.outputs[logits]}))  # aux losses are not decoded
     labels = _Labels(g)
-    b = _Builder(g, labels, static=static)
-    b.build()
-    outputs = {logits: b.new[g.outputs[logits]]}
-    outputs.update(b.state_out)
-    step = dce(Graph(g.name, b.nodes, outputs, dict(g.meta)))  # inputs stay: ids first
-    if absorb_projections:
-        step, n_abs = absorb(step)
-        step.meta["absorbed"] = n_abs
+    keep: set = set()
+    while True:
+        b = _Builder(g, labels, static=static, keep_widening=set(keep))
+        b.build()
+        outputs = {logits: b.new[g.outputs[logits]]}
+        outputs.update(b.state_out)
+        step = dce(Graph(g.name, b.nodes, outputs, dict(g.meta)))  # inputs stay: ids first
+        if absorb_projections:
+            step, n_abs = absorb(step)
+            step.meta["absorbed"] = n_abs
+        # a widening projection's input is cached (the narrower value) only where absorb
+        # moved the up-projection onto the query or the output (MLA); one left in the step
+        # would run over every cached position each step: its output is cached instead
+        # (absorb_projections=False: the unabsorbed form, kept to check the absorbed one)
+        left = {b.widened[n] for n in step.nodes if n in b.widened}
+        if not absorb_projections or not left or left <= keep:
+            break
+        keep |= left
     if static:
         _check_no_past(step)
     return StepGraph(step, b.states, logits, dict(b.aux), static)

@@ -426,6 +426,35 @@ def test_projections_of_new_tokens_only_are_not_absorbed():
             assert decode_step(m.graph, static=static).graph.meta["absorbed"] == 0, path
 
 
+@pytest.mark.parametrize("static", [False, True])
+def test_a_widening_projection_that_is_not_absorbed_caches_its_output(static):
+    """Gemma 2 with kv_heads * head_dim (128) above d (64), as in Gemma-7B: the value
+    projection widens, but its up-projection cannot be absorbed (the kv heads' broadcast
+    stands between it and the attention), so the cache holds v itself, not the normalised
+    input with v recomputed from it over every cached position each step (as it did); the
+    keys were cached after RoPE either way. No projection reads the cache; decode = forward;
+    the triton step fuses both attentions."""
+    from lmc.ir.ops import Op
+    path = os.path.join(os.path.dirname(ZOO), "examples", "gemma2.yaml")
+    m = lmc.load(path, preset="tiny", seed=1, kv_heads=4, head_dim=32).eval()
+    step = decode_step(m.graph, static=static)
+    assert step.graph.meta["absorbed"] == 0
+    v = [s for s in step.states if ".v." in s.name]
+    assert [s.name for s in v] == ["layers.0.attn.v.ring", "layers.1.attn.v.cache"]
+    assert all(s.shape[-1] == 128 and s.source.startswith("matmul") for s in v), v
+    assert not [n for n in step.graph.nodes if n.op is Op.MATMUL
+                and any(x.op in (Op.CONCAT, Op.INDEX_COPY) for x in n.inputs)
+                and n.inputs[1].op is Op.PARAM]
+    ids = torch.randint(0, 512, (2, 9), generator=torch.Generator().manual_seed(0))
+    worst = _static_worst(m, ids, 4) if static else _decode_matches(m, ids, 4)
+    assert worst < 1e-5
+    tri = lmc.load(path, preset="tiny", seed=1, kv_heads=4, head_dim=32,
+                   backend="triton").eval()
+    dec = Decoder(tri, backend="triton", static=static, max_len=12 if static else None)
+    assert [r["status"] for r in dec.graph.meta["fusions"]
+            if r["pass"] == "fuse_decode_attention"] == ["fused", "fused"]
+
+
 def test_mla_absorbs_w_uk_into_the_query_and_w_uv_into_the_output():
     """The step graph never up-projects the cached latent: W_UK multiplies the query and
     W_UV the attention-weighted latent; equal to the unabsorbed step graph and to forward."""
