@@ -155,7 +155,8 @@ def minimax_variant(tmp_path, kind):
     """zoo/minimax.yaml with its partial-rotary keys written another way, as a file in
     tmp_path: "decoupled", the pass-through columns from a projection of their own (the
     keys are then two caches, scores in two parts); "reshaped", the pass-through slice
-    reshaped there and back (two caches again, both cut from one product)."""
+    reshaped there and back (two caches again, both cut from one product); "shared", the
+    values [k_pass | k_pass] (the pass-through piece read by two concats)."""
     src = open(os.path.join(ZOO, "minimax.yaml")).read()
     split = "      - k_rot, k_pass = split(k, [rope_dim, head_dim - rope_dim], -1)\n"
     wv = "      wv: [d, kv_heads * head_dim]\n"
@@ -165,6 +166,10 @@ def minimax_variant(tmp_path, kind):
                           "      - k_pass = permute(reshape(x @ wkp, [B, T, kv_heads, "
                           "head_dim - rope_dim]), [0, 2, 1, 3])\n")
         src = src.replace(wv, wv + "      wkp: [d, kv_heads * (head_dim - rope_dim)]\n")
+    elif kind == "shared":
+        kc = "      - k = concat([k_rot, k_pass], -1)\n"
+        assert kc in src
+        src = src.replace(kc, kc + "      - v = concat([k_pass, k_pass], -1)\n")
     else:
         assert kind == "reshaped", kind
         src = src.replace(split, split + "      - k_pass = reshape(reshape(k_pass, [B, "

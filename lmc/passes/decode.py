@@ -23,8 +23,9 @@ How it is derived, with no knowledge of blocks or model names:
    attention's output: one left in the step would run over every cached position each
    step, so the step is derived again with that projection's output cached); otherwise
    cached: the state holds it for the past positions (a K,V cache). A
-   concat whose pieces would each be cached as they are is cached whole (partial rotary's
-   [rope(k[:R]) | k[R:]]: one cache, one write per step).
+   concat whose pieces would each be cached as they are, each read by the concat alone,
+   is cached whole (partial rotary's [rope(k[:R]) | k[R:]]: one cache, one write per
+   step, the same bytes).
    Where the keys live is the attention's *key layout*:
    - full, dynamic step: the cache holds the P past positions and the step concatenates the
      T new ones (S = P + T keys); `causal_mask(T, T)` becomes `causal_mask(T, S)`.
@@ -630,6 +631,7 @@ class _Builder:
     # node), and those to cache instead (their up-projection was not absorbed: decode_step)
     widened: Dict[Node, Node] = field(default_factory=dict)
     keep_widening: set = field(default_factory=set)
+    _users: Optional[Dict[Node, list]] = None       # _cached_whole: the forward's readers
 
     def add(self, op: Op, inputs, attrs, like: Node) -> Node:
         n = Node.make(op, inputs, attrs, like.loc, like.scope)
@@ -782,7 +784,7 @@ class _Builder:
             attrs = {k: _subst_attr(v, env) for k, v in n.attrs.items()}
             out = self.add(n.op, [self.key_side(n.inputs[0], keys)], attrs, n)
         elif n.op is Op.CONCAT and self.labels.lab[n][n.attrs["axis"]] is None and \
-                not all(self._cached_as_is(i) for i in n.inputs):
+                not self._cached_whole(n):
             out = self.add(Op.CONCAT, [self.key_side(i, keys) for i in n.inputs],
                            dict(n.attrs), n)
         elif n.op is Op.MATMUL and self._widening_projection(n):
@@ -855,11 +857,23 @@ class _Builder:
     def _timed(self, n: Node) -> bool:
         return any(self.labels.lab[n])
 
+    def _cached_whole(self, n: Node) -> bool:
+        """A concat off the time axis is cached whole, one cache and one write per step, when
+        each piece would be a cache of its own otherwise and is read by this concat alone,
+        once (partial rotary's [rope(k[:R]) | k[R:]]): the same bytes. A piece reached
+        through layouts or a widening projection (MLA's [up-projected latent | k_R]: the
+        latent is cached, the narrower value), or read elsewhere (another key use would
+        share its cache; a cache of the concat would hold it twice), keeps a cache per
+        piece."""
+        if self._users is None:
+            self._users = self.g.users()
+            for o in self.g.outputs.values():
+                self._users.setdefault(o, []).append(None)
+        return len(set(n.inputs)) == len(n.inputs) and all(
+            self._cached_as_is(i) and self._users.get(i) == [n] for i in n.inputs)
+
     def _cached_as_is(self, n: Node) -> bool:
-        """key_side would hold n itself in a cache: a concat off the time axis of such
-        values only (partial rotary's [rope(k[:R]) | k[R:]]) is cached whole, one cache and
-        one write per step, not one per piece (MLA's [up-projected latent | k_R] is not:
-        its latent is cached, the narrower value)."""
+        """key_side would hold n itself in a cache."""
         lab = self.labels.lab[n]
         if not any(lab) or self.is_token_free(n):
             return False

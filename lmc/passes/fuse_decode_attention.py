@@ -28,15 +28,16 @@ the latent), or written as one product of concatenations along the head dim,
 
     q @ [k4_1 | k4_2]^T,   values their own cache      (q_1, q_2: q's two slices)
 
-which is partial RoPE's with the pass-through keys cached apart (projected by a parameter
-of their own, say: two caches; minimax's [rope(k[:R]) | k[R:]], cut from one product, is
-one cache the decode pass writes whole; q comes whole, its kernel unchanged, options
-q_split the first part's width): the decode kernel takes keys in two parts from two
-tensors, so the launch hands it both caches where the decode pass keeps them (k_1 and
-k_2, the values the part they are, q_1 and q_2 likewise) and the score is the sum of the two
-partial products: no per-step copy of a cache (only a long dynamic prefill, on the forward
-kernel, runs on [q_1 | q_2] against [k_1 | k_2], copied once). The mask is one of the
-decode pass's three key layouts:
+which is partial RoPE's with the pass-through keys cached apart (the decode pass keeps a
+cache per piece where a piece reaches the concat through layout ops, a projection of its
+own reshaped into heads, say, or is read elsewhere; minimax's [rope(k[:R]) | k[R:]], each
+piece read by the concat alone, is one cache written whole; q comes whole, its kernel
+unchanged, options q_split the first part's width): the decode kernel takes keys in two
+parts from two tensors, so the launch hands it both caches where the decode pass keeps
+them (k_1 and k_2, the values the part they are, q_1 and q_2 likewise) and the score is
+the sum of the two partial products: no per-step copy of a cache (only a long dynamic
+prefill, on the forward kernel, runs on [q_1 | q_2] against [k_1 | k_2], copied once). The
+mask is one of the decode pass's three key layouts:
 
     dynamic step: causal_mask(rows T, cols S, window)  with S = P + T (cache ++ new keys):
                   query i sits at position S - T + i, key j at j (read from the shapes);

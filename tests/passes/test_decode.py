@@ -426,6 +426,24 @@ def test_projections_of_new_tokens_only_are_not_absorbed():
             assert decode_step(m.graph, static=static).graph.meta["absorbed"] == 0, path
 
 
+def test_a_concat_of_keys_is_cached_whole_only_when_its_pieces_are_its_alone(tmp_path):
+    """minimax's keys [rope(k[:R]) | k[R:]]: one cache of the concat (the pieces read by
+    it alone). With values [k[R:] | k[R:]] the pass-through piece is read twice: a cache per
+    piece, the values' and the keys' shared, as before (a whole cache of each concat would
+    hold it three times). Decode = forward both ways."""
+    from conftest import minimax_variant
+    for path, want in [(os.path.join(ZOO, "minimax.yaml"),
+                        [("layers.1.attn.k.cache", 16), ("layers.1.attn.v.cache", 32)]),
+                       (minimax_variant(tmp_path, "shared"),
+                        [("layers.1.attn.k.cache", 8), ("layers.1.attn.kv.cache", 8)])]:
+        m = lmc.load(path, preset="tiny", seed=4).eval()
+        states = decode_step(m.graph).states
+        assert [(s.name, s.shape[-1]) for s in states if ".attn." in s.name
+                and "decayed" not in s.name] == want
+        ids = torch.randint(0, 512, (2, 9), generator=torch.Generator().manual_seed(0))
+        assert _decode_matches(m, ids, 4) < 1e-5
+
+
 @pytest.mark.parametrize("static", [False, True])
 def test_a_widening_projection_that_is_not_absorbed_caches_its_output(static):
     """Gemma 2 with kv_heads * head_dim (128) above d (64), as in Gemma-7B: the value
