@@ -153,6 +153,7 @@ class _Body:
     def rope(self, n: Node) -> dict:
         need(n.op is Op.ADD, f"{n.op.value} where rope's x * cos + rot(x) * sin was expected")
         why = "not x * cos + rot(x) * sin"
+        pairs_why = None
         made = [self.outer[x] for x in n.inputs if x.op is Op.INPUT]
         made = [x.inputs[0] if x.op is Op.GETITEM else x for x in made]
         made = [x for x in made if x.op is Op.FUSED]
@@ -174,7 +175,11 @@ class _Body:
                         return self._rope(n, p, q, x, c, r, s)
                     except NoMatch as e:
                         self.used = used            # a failed reading claims nothing
-                        why = str(e)
+                        # a pairs' rotation beside a head view x that does not match
+                        # it says more than the other operand orders' reasons
+                        if pairs and _head_view(self.outer[x]) is not None:
+                            pairs_why = str(e)
+                        why = pairs_why or str(e)
         raise NoMatch(why)
 
     def _rope(self, n, p, q, x, c, r, s) -> dict:
@@ -182,7 +187,7 @@ class _Body:
         R = c1 - c0
         need(c0 == 0 and R % 2 == 0, "the rotated columns are not the first R of the head")
         need(r.attrs["axis"] in (3, -1) and len(r.inputs) == 2 and r.inputs[0].op is Op.NEG,
-             "rotation is not concat(-x2, x1) (interleaved pairs stay their own kernel)")
+             "rotation is not concat(-x2, x1) over the head dim")
         hi, lo = r.inputs[0].inputs[0], r.inputs[1]
         vh, vl = self.view(hi), self.view(lo)
         need(vh[:4] == (mm, j, H, D) and vh[4:] == (R // 2, R, lay) and
@@ -231,8 +236,9 @@ class _Body:
                     o = v
                     break
         if o.op is Op.CONCAT:
-            need(o.type.rank == 4, "a concat of pairs (interleaved RoPE's rotation) stays "
-                                   "its own kernel")
+            need(o.type.rank == 4, "a concat over [.., R/2, 2] that is not interleaved "
+                                   "RoPE's rotation read whole by a rope kernel "
+                                   "(x * cos + rot * sin)")
             need(o.attrs["axis"] in (3, -1) and len(o.inputs) == 2,
                  "a concat other than [rope | pass-through] on the head dim")
             spec = self.rope(o.inputs[0])
@@ -409,7 +415,7 @@ def fuse_rope_epilogue(g: Graph) -> Graph:
     # interleaved pairs' rotations, each its own kernel before its reader's reshape: the
     # reader's record speaks for both
     pair_kernels = {_pair_kernel(x)[0] for f in g.nodes if f.op is Op.FUSED
-                    for x in f.inputs if _pair_kernel(x)}
+                    and f.attrs["kind"] == "pointwise" for x in f.inputs if _pair_kernel(x)}
     for f in g.nodes:
         if f.op is not Op.FUSED or f.attrs["kind"] != "pointwise" or f in pair_kernels:
             continue

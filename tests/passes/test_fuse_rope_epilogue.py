@@ -247,6 +247,38 @@ def test_interleaved_pairs_rotate_in_the_projection(tmp_path, monkeypatch, parti
         assert (got - want).abs().max().item() < TOL
 
 
+def test_pairs_of_another_tensor_are_declined_with_the_reason(tmp_path):
+    """k rotated with the pairs of q's product (x * cos + rot(q) * sin: not RoPE of k): the
+    records say the pairs are not of the rotated x's own columns (q's rotation shares k's
+    kernel, so it stays there too), and the decode equals the forward."""
+    src = open(_pairs_llama(tmp_path)).read()
+    old = ("      - q = rope(q, cos, sin)\n"
+           "      - k = rope(k, cos, sin)\n")
+    assert old in src
+    src = src.replace(old, "      - k = rope_other(k, q, cos, sin)\n"
+                           "      - q = rope(q, cos, sin)\n")
+    src = src.replace("  rope:", "  rope_other:\n"
+                      "    args: [x, y, cos, sin]\n"
+                      "    body:\n"
+                      "      - y1, y2 = split(reshape(y, [B, heads, T, -1, 2]), 2, -1)\n"
+                      "      - return x * cos + reshape(concat([-y2, y1], -1), "
+                      "[B, heads, T, -1]) * sin\n\n  rope:", 1)
+    path = tmp_path / "llama_pairs_other.yaml"
+    path.write_text(src)
+    m = lmc.load(str(path), preset="tiny", seed=3, backend="triton").eval()
+    dec = Decoder(m, backend="triton", static=True, max_len=10)
+    rec = [r for r in dec.graph.meta["fusions"] if r["pass"] == "fuse_rope_epilogue"]
+    why = {r["reason"] for r in rec if r["status"] == "declined"}
+    assert rec and why == {"the pairs' rotation is not of the rotated x's own columns"} and \
+        all(r["status"] == "declined" for r in rec), rec
+    ids = torch.randint(0, 512, (2, 8), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = lmc.load(str(path), preset="tiny", seed=3).eval()(ids)
+    want = want["logits"] if isinstance(want, dict) else want
+    got, _ = _decode(dec, ids, 3)
+    assert (got - want).abs().max().item() < TOL
+
+
 def test_f16_interleaved_rotation_equals_the_pair_kernels_bitwise(tmp_path, monkeypatch):
     """Mixed precision, interleaved pairs: the tiles' rotation gives the bits the pair and
     rope kernels gave, logits and caches."""
