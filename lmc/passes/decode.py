@@ -1258,10 +1258,12 @@ def _absorb_matmul(n: Node) -> Optional[Node]:
     return None
 
 
-def absorb(g: Graph) -> Tuple[Graph, int]:
+def absorb(g: Graph, moved: Optional[Dict[Node, Node]] = None) -> Tuple[Graph, int]:
     """Rewrite attention over an up-projected cached latent so the up-projections act on the
-    query and on the attention output instead of on every cached position."""
-    new: Dict[Node, Node] = {}
+    query and on the attention output instead of on every cached position. `moved`, when
+    given, receives each node's counterpart in the result (a node whose inputs changed is a
+    new one; one that went dead is not in the result's nodes)."""
+    new: Dict[Node, Node] = {} if moved is None else moved
     count = 0
     for n in g.nodes:
         ins = tuple(new[i] for i in n.inputs)
@@ -1299,15 +1301,19 @@ def decode_step(g: Graph, logits: str = "logits", *, absorb_projections: bool = 
         outputs = {logits: b.new[g.outputs[logits]]}
         outputs.update(b.state_out)
         step = dce(Graph(g.name, b.nodes, outputs, dict(g.meta)))  # inputs stay: ids first
-        if absorb_projections:
-            step, n_abs = absorb(step)
-            step.meta["absorbed"] = n_abs
+        if not absorb_projections:     # the unabsorbed form, kept to check the absorbed one
+            break
+        moved: Dict[Node, Node] = {}
+        step, n_abs = absorb(step, moved)
+        step.meta["absorbed"] = n_abs
         # a widening projection's input is cached (the narrower value) only where absorb
         # moved the up-projection onto the query or the output (MLA); one left in the step
-        # would run over every cached position each step: its output is cached instead
-        # (absorb_projections=False: the unabsorbed form, kept to check the absorbed one)
-        left = {b.widened[n] for n in step.nodes if n in b.widened}
-        if not absorb_projections or not left or left <= keep:
+        # (itself, or its copy where an earlier layer's absorb changed what it reads) would
+        # run over every cached position each step: its output is cached instead. A kept
+        # projection is never walked through again, so this ends.
+        live = set(step.nodes)
+        left = {b.widened[o] for o, n in moved.items() if o in b.widened and n in live}
+        if not left:
             break
         keep |= left
     if static:
