@@ -162,18 +162,21 @@ def _same_bits_as_the_rope_kernels(model, ids, monkeypatch):
         assert torch.equal(st[s.name], st_want[s.name])
 
 
-@pytest.mark.parametrize("name,sets", [("llama", {"d": 72, "heads": 3}), ("blues01", {})])
-def test_rotations_with_split_k(name, sets, monkeypatch):
+@pytest.mark.parametrize("name,sets", [("llama", {"d": 72, "heads": 3}), ("blues01", {}),
+                                       ("llama_pairs", {})])
+def test_rotations_with_split_k(name, sets, monkeypatch, tmp_path):
     """The projection kernel splits K at decode's few rows like the plain form (3 slices
     forced here, 16-column tiles crossing heads): the partner accumulator and the RMSNorm
-    sums of squares are split too; logits equal the forward, counters back at zero."""
+    sums of squares are split too; logits equal the forward, counters back at zero. (Also
+    with interleaved pairs: partner d ^ 1.)"""
     monkeypatch.setattr(matmul, "INTERPRET_SPLIT_K", 3)
     _small_tiles(monkeypatch, sets.get("d", 64))
     splits = []
     real = matmul._split_args
     monkeypatch.setattr(matmul, "_split_args", lambda *a: splits.append(real(*a)[-1])
                         or real(*a))
-    path = os.path.join(ZOO, f"{name}.yaml")
+    path = _pairs_llama(tmp_path) if name == "llama_pairs" else \
+        os.path.join(ZOO, f"{name}.yaml")
     m = lmc.load(path, preset="tiny", seed=6, backend="triton", **sets).eval()
     vocab = m.graph.outputs["logits"].type.shape[-1]
     ids = torch.randint(0, vocab, (1, 7), generator=torch.Generator().manual_seed(2))
