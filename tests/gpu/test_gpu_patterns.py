@@ -42,6 +42,8 @@ MODELS = [
     # attention sinks, differential attention, gated linear attention (GLA's, RWKV-6's)
     ("examples/gpt2.yaml", {}, {"rope_attention"}, False),
     ("examples/gemma2.yaml", {"attn_cap": 1.5}, {"rope_attention"}, False),
+    # kv width (4 x 32) above d (64): v cached by its projection's output, not recomputed
+    ("examples/gemma2.yaml", {"kv_heads": 4, "head_dim": 32}, {"rope_attention"}, False),
     ("examples/mpt.yaml", {}, {"rope_attention"}, False),
     ("examples/mpt.yaml", {"window": 5}, {"rope_attention"}, False),
     ("examples/bloom.yaml", {}, {"rope_attention"}, False),
