@@ -490,7 +490,9 @@ def decode_summary(step, max_seq) -> dict:
     fixed = sum(x["bytes_per_sequence"] for x in states)
     return {"nodes": len(step.graph.nodes), "states": states, "bytes_per_token": per_tok,
             "bytes_per_sequence": fixed, "max_seq": max_seq,
-            "bytes_at_max_seq": per_tok * max_seq + fixed if max_seq else None}
+            "bytes_at_max_seq": per_tok * max_seq + fixed if max_seq else None,
+            "absorbed": step.graph.meta.get("absorbed", 0),
+            "widening_cached": step.graph.meta.get("widening_cached", [])}
 
 
 def format_decode(d: dict) -> str:
@@ -508,6 +510,18 @@ def format_decode(d: dict) -> str:
     if d["bytes_at_max_seq"] is not None:
         total += f"; {d['bytes_at_max_seq']:,} B at max_seq {d['max_seq']}"
     lines.append(total)
+    if d.get("absorbed"):
+        lines.append(f"absorbed    {d['absorbed']} up-projection{'s' if d['absorbed'] != 1 else ''}"
+                     " of a cached latent moved onto the query or the attention's output "
+                     "(the latent is the cache, MLA's form)")
+    if d.get("widening_cached"):
+        from collections import Counter
+        seen = Counter(d["widening_cached"])
+        n = len(d["widening_cached"])
+        lines.append(f"cached      {n} widening projection{'s' if n != 1 else ''} by "
+                     f"{'their outputs' if n != 1 else 'its output'}, not absorbable (else "
+                     "recomputed over the cache every step): " + ", ".join(
+                         w + (f" (x{c})" if c > 1 else "") for w, c in seen.items()))
     st = d.get("static_step")
     if st:      # the triton backend's static (CUDA-graph) step
         n = st.get("state_copies", 0)

@@ -1316,6 +1316,9 @@ def decode_step(g: Graph, logits: str = "logits", *, absorb_projections: bool = 
         if not left:
             break
         keep |= left
+    # the widening projections cached by their outputs (lmc compile --mode decode lists them)
+    step.meta["widening_cached"] = sorted(
+        f"{n.op.value}" + (f" at {n.loc}" if n.loc else "") for n in keep)
     if static:
         _check_no_past(step)
     return StepGraph(step, b.states, logits, dict(b.aux), static)

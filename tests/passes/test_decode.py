@@ -555,6 +555,32 @@ def test_a_widening_projection_that_is_not_absorbed_caches_its_output(static):
     dec = Decoder(tri, backend="triton", static=static, max_len=12 if static else None)
     assert [r["status"] for r in dec.graph.meta["fusions"]
             if r["pass"] == "fuse_decode_attention"] == ["fused", "fused"]
+    cached = step.graph.meta["widening_cached"]
+    assert len(cached) == 2 and all(w.endswith("examples/gemma2.yaml:71:29") for w in cached)
+
+
+def test_compile_says_which_projections_are_absorbed_or_cached_by_their_outputs(capsys):
+    """lmc compile --mode decode: MLA's up-projections absorbed (optimus_prime), gemma2's
+    widening value projections (kv width 128 above d 64) cached by their outputs; neither
+    line for llama; the JSON's decode section has both figures."""
+    import json
+
+    from lmc.cli import main
+    gemma2 = os.path.join(os.path.dirname(ZOO), "examples", "gemma2.yaml")
+    for args, absorbed, cached in [
+            ([os.path.join(ZOO, "optimus_prime.yaml")], 4, []),
+            ([gemma2, "--set", "kv_heads=4", "head_dim=32"], 0, ["gemma2.yaml:71:29"] * 2),
+            ([LLAMA], 0, [])]:
+        assert main(["compile", *args, "--preset", "tiny", "--mode", "decode"]) == 0
+        out = capsys.readouterr().out
+        assert ("absorbed    4 up-projections of a cached latent" in out) == (absorbed > 0)
+        assert ("cached      2 widening projections by their outputs, not absorbable" in out) \
+            == bool(cached), out
+        assert main(["compile", *args, "--preset", "tiny", "--mode", "decode", "--json"]) == 0
+        d = json.loads(capsys.readouterr().out)["decode"]
+        assert d["absorbed"] == absorbed and len(d["widening_cached"]) == len(cached)
+        assert all(w.startswith("matmul at ") and w.endswith(c)
+                   for w, c in zip(d["widening_cached"], cached))
 
 
 def test_mla_absorbs_w_uk_into_the_query_and_w_uv_into_the_output():
