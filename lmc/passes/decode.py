@@ -777,17 +777,17 @@ class _Builder:
             return self.new[n]
         if K in lab or F in lab or lab.count(Q) != 1:
             raise _err(n, "is needed at every position but is not a per-position tensor")
-        if self.is_token_free(n):
+        route = self._route(n)
+        if route == "free":
             return self.clone_over_keys(n, keys)
         env = self.env(keys)
-        if n.op in LAYOUT and self._timed(n.inputs[0]) and not narrowing(n):
+        if route == "layout":
             attrs = {k: _subst_attr(v, env) for k, v in n.attrs.items()}
             out = self.add(n.op, [self.key_side(n.inputs[0], keys)], attrs, n)
-        elif n.op is Op.CONCAT and self.labels.lab[n][n.attrs["axis"]] is None and \
-                not self._cached_whole(n):
+        elif route == "concat" and not self._cached_whole(n):
             out = self.add(Op.CONCAT, [self.key_side(i, keys) for i in n.inputs],
                            dict(n.attrs), n)
-        elif n.op is Op.MATMUL and self._widening_projection(n):
+        elif route == "widen":
             a, w = n.inputs
             out = self.add(Op.MATMUL, [self.key_side(a, keys), self.new[w]], dict(n.attrs), n)
             self.widened[out] = n
@@ -870,18 +870,23 @@ class _Builder:
             for o in self.g.outputs.values():
                 self._users.setdefault(o, []).append(None)
         return len(set(n.inputs)) == len(n.inputs) and all(
-            self._cached_as_is(i) and self._users.get(i) == [n] for i in n.inputs)
+            any(self.labels.lab[i]) and self._route(i) == "cache" and self._users.get(i) == [n]
+            for i in n.inputs)
 
-    def _cached_as_is(self, n: Node) -> bool:
-        """key_side would hold n itself in a cache."""
-        lab = self.labels.lab[n]
-        if not any(lab) or self.is_token_free(n):
-            return False
+    def _route(self, n: Node) -> str:
+        """How key_side reaches a per-position n at every key: "free" (recomputed: it
+        depends on no token), "layout" (through a layout op), "concat" (off the time axis:
+        through its pieces, unless cached whole), "widen" (through a widening projection),
+        or "cache"."""
+        if self.is_token_free(n):
+            return "free"
         if n.op in LAYOUT and self._timed(n.inputs[0]) and not narrowing(n):
-            return False
-        if n.op is Op.CONCAT and lab[n.attrs["axis"]] is None:
-            return False
-        return not (n.op is Op.MATMUL and self._widening_projection(n))
+            return "layout"
+        if n.op is Op.CONCAT and self.labels.lab[n][n.attrs["axis"]] is None:
+            return "concat"
+        if n.op is Op.MATMUL and self._widening_projection(n):
+            return "widen"
+        return "cache"
 
     def _widening_projection(self, n: Node) -> bool:
         if n in self.keep_widening:

@@ -193,12 +193,9 @@ class _Body:
         need(vh[:4] == (mm, j, H, D) and vh[4:] == (R // 2, R, lay) and
              vl[:4] == (mm, j, H, D) and vl[4:] == (0, R // 2, lay),
              "the rotation's halves are not x[R/2:R] and x[:R/2] of the rotated x")
-        cos, ccast, ch = self.table(c, R, self.outer[x], lay)
-        sin, scast, sh = self.table(s, R, self.outer[x], lay)
-        need(ccast == scast, "the rope tables are cast differently")
+        spec = self._spec(x, c, s, (mm, j, H, D, R, lay), None)
         self.used.update((n, p, q, r, r.inputs[0]))
-        return {"mm": mm, "j": j, "H": H, "D": D, "R": R, "W": R, "cos": cos, "sin": sin,
-                "cast": ccast, "layout": lay, "heads": ch or sh, "pairs": None}
+        return spec
 
     def _rope_pairs(self, n, p, q, x, c, r, s) -> dict:
         """Interleaved pairs: r reads, through a reshape, the pair kernel's
@@ -210,12 +207,18 @@ class _Body:
         v = _head_view(odd.inputs[0].inputs[0])
         need(v is not None and v[:4] == (mm, j, H, D) and v[4:] == (0, R, lay),
              "the pairs' rotation is not of the rotated x's own columns")
+        spec = self._spec(x, c, s, (mm, j, H, D, R, lay), k1)
+        self.used.update((n, p, q, r))
+        return spec
+
+    def _spec(self, x, c, s, view, pairs) -> dict:
+        """The rotation's spec, its tables c (cos) and s (sin) read against x."""
+        mm, j, H, D, R, lay = view
         cos, ccast, ch = self.table(c, R, self.outer[x], lay)
         sin, scast, sh = self.table(s, R, self.outer[x], lay)
         need(ccast == scast, "the rope tables are cast differently")
-        self.used.update((n, p, q, r))
         return {"mm": mm, "j": j, "H": H, "D": D, "R": R, "W": R, "cos": cos, "sin": sin,
-                "cast": ccast, "layout": lay, "heads": ch or sh, "pairs": k1}
+                "cast": ccast, "layout": lay, "heads": ch or sh, "pairs": pairs}
 
     def output(self, o: Node) -> dict:
         cache = None
@@ -496,15 +499,19 @@ def _merged(mm: Node, fs: List[Tuple[Node, List[dict]]]):
                                 x.scope)
                 b.nodes.append(views[x])
         return views[x]
+
+    def inline(body: Graph, env: Dict[Node, Node]) -> None:   # placeholders bound in env
+        for n in body.nodes:
+            if n.op is not Op.INPUT:
+                env[n] = Node(n.op, tuple(env[i] for i in n.inputs), n.attrs, n.type, n.loc,
+                              n.scope)
+                b.nodes.append(env[n])
+
     def pairs(x: Node, k1: Node) -> Node:    # the pair kernel's body, then its reshape
         kb = k1.attrs["body"]
         kenv = {ph: reroot(y) for ph, y in
                 zip([n for n in kb.nodes if n.op is Op.INPUT], k1.inputs)}
-        for n in kb.nodes:
-            if n.op is not Op.INPUT:
-                kenv[n] = Node(n.op, tuple(kenv[i] for i in n.inputs), n.attrs, n.type,
-                               n.loc, n.scope)
-                b.nodes.append(kenv[n])
+        inline(kb, kenv)
         (o,) = kb.outputs.values()
         out = Node(x.op, (kenv[o],), x.attrs, x.type, x.loc, x.scope)
         b.nodes.append(out)
@@ -525,11 +532,7 @@ def _merged(mm: Node, fs: List[Tuple[Node, List[dict]]]):
                 env[p] = shared[x] = b.input(f"in{n_in}", x.type.shape, x.type.dtype).node
                 n_in += 1
                 inputs.append(x)
-        for n in fbody.nodes:
-            if n.op is not Op.INPUT:
-                env[n] = Node(n.op, tuple(env[i] for i in n.inputs), n.attrs, n.type, n.loc,
-                              n.scope)
-                b.nodes.append(env[n])
+        inline(fbody, env)
     rotated = set(prods)
     outs: Dict[str, Node] = {}
     where: Dict[Tuple[Node, int], int] = {}

@@ -14,6 +14,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -101,49 +102,42 @@ def get_tokenizer(name: str = "cl100k_base"):
                           "URL).hexdigest()") + "; or use the bundled cl100k_base") from None
 
 
-class _kept_cache_files:
+@contextlib.contextmanager
+def _kept_cache_files(wanted: list):
     """While it is entered, tiktoken's cached-file reader refuses a cached encoding file
     whose content is not the one tiktoken expects, with an LmcError naming it, instead of
     deleting it and downloading again (a user's file is never deleted); each file tiktoken
     asks for is noted in `wanted` as (path, expected sha256, URL). The path is tiktoken's:
     TIKTOKEN_CACHE_DIR (or DATA_GYM_CACHE_DIR, else <tmp>/data-gym-cache) / sha1(URL)."""
+    from tiktoken import load
 
-    def __init__(self, wanted: list):
-        self.wanted = wanted
+    real = getattr(load, "read_file_cached", None)
+    if real is None:              # another tiktoken: nothing to guard
+        yield
+        return
 
-    def __enter__(self):
-        from tiktoken import load
+    def guarded(blobpath, expected_hash=None):
+        import tempfile
 
-        self.load, self.real = load, getattr(load, "read_file_cached", None)
-        if self.real is None:     # another tiktoken: nothing to guard
-            return self
-        real, wanted = self.real, self.wanted
-
-        def guarded(blobpath, expected_hash=None):
-            import tempfile
-
-            if "TIKTOKEN_CACHE_DIR" in os.environ:
-                where = os.environ["TIKTOKEN_CACHE_DIR"]
-            elif "DATA_GYM_CACHE_DIR" in os.environ:
-                where = os.environ["DATA_GYM_CACHE_DIR"]
-            else:
-                where = os.path.join(tempfile.gettempdir(), "data-gym-cache")
-            if where:                      # "": tiktoken caches nothing
-                path = os.path.join(where, hashlib.sha1(blobpath.encode()).hexdigest())
-                wanted.append((path, expected_hash, blobpath))
-                if expected_hash and os.path.isfile(path) and \
-                        _file_sha256(path) != expected_hash:
-                    raise LmcError(f"{path}: not the file tiktoken expects for {blobpath} "
-                                   f"(its sha256 is not {expected_hash}); left as it is: "
-                                   "replace it, or use the bundled cl100k_base")
-            return real(blobpath, expected_hash)
-        load.read_file_cached = guarded
-        return self
-
-    def __exit__(self, *exc):
-        if self.real is not None:
-            self.load.read_file_cached = self.real
-        return False
+        if "TIKTOKEN_CACHE_DIR" in os.environ:
+            where = os.environ["TIKTOKEN_CACHE_DIR"]
+        elif "DATA_GYM_CACHE_DIR" in os.environ:
+            where = os.environ["DATA_GYM_CACHE_DIR"]
+        else:
+            where = os.path.join(tempfile.gettempdir(), "data-gym-cache")
+        if where:                      # "": tiktoken caches nothing
+            path = os.path.join(where, hashlib.sha1(blobpath.encode()).hexdigest())
+            wanted.append((path, expected_hash, blobpath))
+            if expected_hash and os.path.isfile(path) and _file_sha256(path) != expected_hash:
+                raise LmcError(f"{path}: not the file tiktoken expects for {blobpath} "
+                               f"(its sha256 is not {expected_hash}); left as it is: "
+                               "replace it, or use the bundled cl100k_base")
+        return real(blobpath, expected_hash)
+    load.read_file_cached = guarded
+    try:
+        yield
+    finally:
+        load.read_file_cached = real
 
 
 def unsampled_ids(enc) -> List[int]:
